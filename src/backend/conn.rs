@@ -1,0 +1,401 @@
+//! One authenticated connection to a PostgreSQL node.
+//!
+//! [`BackendConn::connect`] performs the startup exchange as the client's user:
+//! it answers whatever the server asks (SCRAM-SHA-256, MD5, cleartext or trust)
+//! with the password from the configuration, and records the server's
+//! ParameterStatus values and BackendKeyData. Afterwards the session relays
+//! raw frames through [`BackendConn::stream`].
+
+use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
+use std::time::{Duration, Instant};
+
+use bytes::{Buf, BytesMut};
+use postgres_protocol::authentication::sasl::{ChannelBinding, SCRAM_SHA_256, ScramSha256};
+use postgres_protocol::message::frontend;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::time::timeout;
+
+use super::BackendError;
+use crate::protocol::frame::{ErrorFields, next_frame};
+use crate::protocol::{TxStatus, tag};
+
+/// Largest message accepted from a node during startup.
+const MAX_STARTUP_MESSAGE: usize = 1 << 20;
+
+/// Where and as whom to connect.
+#[derive(Debug, Clone)]
+pub struct ConnectParams<'a> {
+    /// Node id (for errors and metrics).
+    pub node: usize,
+    /// Host name or address.
+    pub host: &'a str,
+    /// Port.
+    pub port: u16,
+    /// Startup parameters (must include `user` and `database`).
+    pub startup: &'a [(String, String)],
+    /// Password for the user, if the server asks for one.
+    pub password: Option<&'a str>,
+    /// TCP connect timeout.
+    pub connect_timeout: Duration,
+    /// Timeout for the whole authentication exchange.
+    pub auth_timeout: Duration,
+}
+
+/// An open, authenticated connection to one node.
+#[derive(Debug)]
+pub struct BackendConn {
+    /// Node id this connection belongs to.
+    pub node: usize,
+    /// The socket. The session reads and writes raw frames on it.
+    pub stream: TcpStream,
+    /// Read buffer; bytes received but not yet forwarded.
+    pub buf: BytesMut,
+    /// Role this connection logs in as (the MD5 response mixes it in).
+    pub user: String,
+    /// Server address, for CancelRequest.
+    pub addr: SocketAddr,
+    /// Server process id (BackendKeyData), for CancelRequest and for logs.
+    pub pid: i32,
+    /// Server cancel secret (BackendKeyData).
+    pub secret: i32,
+    /// Current ParameterStatus values, replayed to each new client of this connection.
+    pub params: Vec<(String, String)>,
+    /// Transaction status from the last ReadyForQuery; only `Idle` connections are pooled.
+    pub status: TxStatus,
+    /// When the connection was opened.
+    pub created: Instant,
+    /// When it was last returned to the pool (idle expiry).
+    pub last_used: Instant,
+}
+
+impl BackendConn {
+    /// Open and authenticate a connection.
+    pub async fn connect(p: &ConnectParams<'_>) -> Result<BackendConn, BackendError> {
+        let node = p.node;
+        let addr_str = format!("{}:{}", p.host, p.port);
+        let stream = match timeout(p.connect_timeout, TcpStream::connect(&addr_str)).await {
+            Err(_) => {
+                return Err(BackendError::Timeout {
+                    node,
+                    what: "connecting to",
+                });
+            }
+            Ok(Err(source)) => {
+                return Err(BackendError::Connect {
+                    node,
+                    addr: addr_str,
+                    source,
+                });
+            }
+            Ok(Ok(s)) => s,
+        };
+        let _ = stream.set_nodelay(true);
+        set_keepalive(&stream);
+        let addr = stream.peer_addr().map_err(|source| BackendError::Io { node, source })?;
+        let mut conn = BackendConn {
+            node,
+            stream,
+            buf: BytesMut::with_capacity(16 * 1024),
+            user: p
+                .startup
+                .iter()
+                .find(|(k, _)| k == "user")
+                .map(|(_, v)| v.clone())
+                .unwrap_or_default(),
+            addr,
+            pid: 0,
+            secret: 0,
+            params: Vec::new(),
+            status: TxStatus::Idle,
+            created: Instant::now(),
+            last_used: Instant::now(),
+        };
+        match timeout(p.auth_timeout, conn.startup(p)).await {
+            Ok(r) => r.map(|()| conn),
+            Err(_) => Err(BackendError::Timeout {
+                node,
+                what: "logging in to",
+            }),
+        }
+    }
+
+    async fn startup(&mut self, p: &ConnectParams<'_>) -> Result<(), BackendError> {
+        let node = self.node;
+        let mut out = BytesMut::new();
+        frontend::startup_message(p.startup.iter().map(|(k, v)| (k.as_str(), v.as_str())), &mut out)
+            .map_err(|source| BackendError::Io { node, source })?;
+        self.send(&out).await?;
+        let mut scram: Option<ScramSha256> = None;
+        loop {
+            let (t, body) = self.read_message().await?;
+            match t {
+                tag::AUTHENTICATION => {
+                    let reply = self.answer_auth(&body, p.password, &mut scram)?;
+                    if let Some(reply) = reply {
+                        self.send(&reply).await?;
+                    }
+                }
+                tag::PARAMETER_STATUS => {
+                    let mut parts = body.split(|b| *b == 0);
+                    let k = String::from_utf8_lossy(parts.next().unwrap_or_default()).into_owned();
+                    let v = String::from_utf8_lossy(parts.next().unwrap_or_default()).into_owned();
+                    self.set_param(k, v);
+                }
+                tag::BACKEND_KEY_DATA if body.len() >= 8 => {
+                    self.pid = i32::from_be_bytes([body[0], body[1], body[2], body[3]]);
+                    self.secret = i32::from_be_bytes([body[4], body[5], body[6], body[7]]);
+                }
+                tag::READY_FOR_QUERY => {
+                    self.status = TxStatus::from_byte(body.first().copied().unwrap_or(b'T'));
+                    return Ok(());
+                }
+                tag::ERROR_RESPONSE => {
+                    return Err(BackendError::Server {
+                        node,
+                        fields: ErrorFields::parse(&body),
+                    });
+                }
+                tag::NOTICE_RESPONSE | tag::NEGOTIATE_PROTOCOL_VERSION => {}
+                other => {
+                    return Err(BackendError::Protocol {
+                        node,
+                        message: format!("unexpected message {:?} during startup", other as char),
+                    });
+                }
+            }
+        }
+    }
+
+    /// Build the reply to an Authentication request, if one is needed.
+    fn answer_auth(
+        &self,
+        body: &[u8],
+        password: Option<&str>,
+        scram: &mut Option<ScramSha256>,
+    ) -> Result<Option<BytesMut>, BackendError> {
+        let node = self.node;
+        if body.len() < 4 {
+            return Err(BackendError::Protocol {
+                node,
+                message: "short authentication message".into(),
+            });
+        }
+        let code = i32::from_be_bytes([body[0], body[1], body[2], body[3]]);
+        let data = &body[4..];
+        let need_password = || {
+            password.ok_or_else(|| BackendError::Auth {
+                node,
+                message: "the server asks for a password but none is configured for this user"
+                    .into(),
+            })
+        };
+        let io = |source| BackendError::Io { node, source };
+        let mut out = BytesMut::new();
+        match code {
+            0 => return Ok(None),
+            3 => frontend::password_message(need_password()?.as_bytes(), &mut out).map_err(io)?,
+            5 => {
+                let salt: [u8; 4] = data.get(..4).and_then(|s| s.try_into().ok()).ok_or(
+                    BackendError::Protocol {
+                        node,
+                        message: "short MD5 salt".into(),
+                    },
+                )?;
+                let hashed = md5_response(&self.user, need_password()?, salt);
+                frontend::password_message(hashed.as_bytes(), &mut out).map_err(io)?;
+            }
+            10 => {
+                let offers_scram = data
+                    .split(|b| *b == 0)
+                    .any(|m| m == SCRAM_SHA_256.as_bytes());
+                if !offers_scram {
+                    return Err(BackendError::Auth {
+                        node,
+                        message: "the server offers no supported SASL mechanism".into(),
+                    });
+                }
+                let s = ScramSha256::new(need_password()?.as_bytes(), ChannelBinding::unsupported());
+                frontend::sasl_initial_response(SCRAM_SHA_256, s.message(), &mut out).map_err(io)?;
+                *scram = Some(s);
+            }
+            11 => {
+                let s = scram.as_mut().ok_or(BackendError::Protocol {
+                    node,
+                    message: "SASL continue without SASL start".into(),
+                })?;
+                s.update(data).map_err(|e| BackendError::Auth {
+                    node,
+                    message: format!("SCRAM: {e}"),
+                })?;
+                frontend::sasl_response(s.message(), &mut out).map_err(io)?;
+            }
+            12 => {
+                let s = scram.as_mut().ok_or(BackendError::Protocol {
+                    node,
+                    message: "SASL final without SASL start".into(),
+                })?;
+                s.finish(data).map_err(|e| BackendError::Auth {
+                    node,
+                    message: format!("SCRAM server signature: {e}"),
+                })?;
+                return Ok(None);
+            }
+            other => {
+                return Err(BackendError::Auth {
+                    node,
+                    message: format!("unsupported authentication request {other}"),
+                });
+            }
+        }
+        Ok(Some(out))
+    }
+
+    async fn send(&mut self, bytes: &[u8]) -> Result<(), BackendError> {
+        let node = self.node;
+        self.stream
+            .write_all(bytes)
+            .await
+            .map_err(|source| BackendError::Io { node, source })
+    }
+
+    /// Read one whole message (type, body) into memory. Used for startup and reset only.
+    pub async fn read_message(&mut self) -> Result<(u8, Vec<u8>), BackendError> {
+        let node = self.node;
+        loop {
+            match next_frame(&mut self.buf, MAX_STARTUP_MESSAGE) {
+                Ok(Some(f)) => {
+                    let body = f.body(&self.buf).to_vec();
+                    self.buf.advance(f.wire_len);
+                    return Ok((f.tag, body));
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    return Err(BackendError::Protocol {
+                        node,
+                        message: e.to_string(),
+                    });
+                }
+            }
+            let n = self
+                .stream
+                .read_buf(&mut self.buf)
+                .await
+                .map_err(|source| BackendError::Io { node, source })?;
+            if n == 0 {
+                return Err(BackendError::Io {
+                    node,
+                    source: std::io::ErrorKind::UnexpectedEof.into(),
+                });
+            }
+        }
+    }
+
+    /// Record a ParameterStatus value.
+    pub fn set_param(&mut self, name: String, value: String) {
+        match self.params.iter_mut().find(|(k, _)| *k == name) {
+            Some(slot) => slot.1 = value,
+            None => self.params.push((name, value)),
+        }
+    }
+
+    /// Run a simple query whose results are discarded (used for the reset between
+    /// sessions). Succeeds only if the server ends idle without an error.
+    pub async fn run_discarding(&mut self, sql: &str, limit: Duration) -> Result<(), BackendError> {
+        let node = self.node;
+        let mut out = BytesMut::new();
+        frontend::query(sql, &mut out).map_err(|source| BackendError::Io { node, source })?;
+        let work = async {
+            self.send(&out).await?;
+            let mut failed = None;
+            loop {
+                let (t, body) = self.read_message().await?;
+                match t {
+                    tag::ERROR_RESPONSE => failed = Some(ErrorFields::parse(&body)),
+                    tag::PARAMETER_STATUS => {
+                        let mut parts = body.split(|b| *b == 0);
+                        let k = String::from_utf8_lossy(parts.next().unwrap_or_default()).into_owned();
+                        let v = String::from_utf8_lossy(parts.next().unwrap_or_default()).into_owned();
+                        self.set_param(k, v);
+                    }
+                    tag::READY_FOR_QUERY => {
+                        self.status = TxStatus::from_byte(body.first().copied().unwrap_or(b'T'));
+                        break;
+                    }
+                    _ => {}
+                }
+            }
+            match failed {
+                Some(fields) => Err(BackendError::Server { node, fields }),
+                None if self.status != TxStatus::Idle => Err(BackendError::Protocol {
+                    node,
+                    message: "connection not idle after reset".into(),
+                }),
+                None => Ok(()),
+            }
+        };
+        timeout(limit, work).await.unwrap_or(Err(BackendError::Timeout {
+            node,
+            what: "resetting a connection to",
+        }))
+    }
+
+    /// True if the socket is still open and has no unread bytes (an idle server sends
+    /// nothing; bytes mean e.g. a FATAL from pg_terminate_backend).
+    pub fn is_healthy_idle(&self) -> bool {
+        if !self.buf.is_empty() {
+            return false;
+        }
+        let mut byte = 0u8;
+        // SAFETY: recv on our own open socket into a 1-byte stack buffer.
+        let n = unsafe {
+            libc::recv(
+                self.stream.as_raw_fd(),
+                (&mut byte as *mut u8).cast(),
+                1,
+                libc::MSG_PEEK | libc::MSG_DONTWAIT,
+            )
+        };
+        n < 0 && std::io::Error::last_os_error().kind() == std::io::ErrorKind::WouldBlock
+    }
+}
+
+/// libpq's MD5 response: `"md5" + md5(md5(password + user) + salt)`.
+fn md5_response(user: &str, password: &str, salt: [u8; 4]) -> String {
+    use md5::{Digest, Md5};
+    let inner = postgres_protocol::password::md5(password.as_bytes(), user);
+    let mut h = Md5::new();
+    h.update(&inner.as_bytes()[3..]);
+    h.update(salt);
+    let digest = h.finalize();
+    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+    format!("md5{hex}")
+}
+
+/// Turn on TCP keepalive so a silently vanished peer is noticed.
+pub fn set_keepalive(stream: &TcpStream) {
+    let ka = socket2::TcpKeepalive::new()
+        .with_time(Duration::from_secs(30))
+        .with_interval(Duration::from_secs(10));
+    let _ = socket2::SockRef::from(stream).set_tcp_keepalive(&ka);
+}
+
+/// Send a CancelRequest for (`pid`, `secret`) to the server at `addr`.
+pub async fn send_cancel(addr: SocketAddr, pid: i32, secret: i32, limit: Duration) {
+    let work = async {
+        let mut s = TcpStream::connect(addr).await?;
+        let mut buf = BytesMut::new();
+        frontend::cancel_request(pid, secret, &mut buf);
+        s.write_all(&buf).await?;
+        // The server closes the connection when done; wait for that briefly.
+        let mut sink = [0u8; 16];
+        let _ = s.read(&mut sink).await;
+        Ok::<_, std::io::Error>(())
+    };
+    match timeout(limit, work).await {
+        Ok(Ok(())) => tracing::debug!(%addr, pid, "cancel request sent"),
+        Ok(Err(e)) => tracing::warn!(%addr, pid, error = %e, "cancel request failed"),
+        Err(_) => tracing::warn!(%addr, pid, "cancel request timed out"),
+    }
+}

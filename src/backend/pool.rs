@@ -1,0 +1,284 @@
+//! The backend connection pool.
+//!
+//! Connections are pooled per [`PoolKey`]: node, user, database and the client's
+//! other startup parameters, so a reused connection is indistinguishable from a
+//! fresh one opened for the same client. Each node has a cap on open connections
+//! (idle + in use). A session that finds no idle connection and no free slot
+//! evicts an idle connection of another key on that node, or waits (up to
+//! `pool.acquire_timeout`) to be woken by a release.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use tokio::sync::Notify;
+
+use super::conn::{BackendConn, ConnectParams};
+use super::BackendError;
+
+/// Which connections are interchangeable.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct PoolKey {
+    /// Node id.
+    pub node: usize,
+    /// Startup parameters sent to the node, in a canonical order (user and database
+    /// first, then the rest sorted by name).
+    pub startup: Vec<(String, String)>,
+}
+
+impl PoolKey {
+    /// Build the key (and the startup parameters) for a client's parameters on a node.
+    pub fn new(node: usize, user: &str, database: &str, extra: &[(String, String)]) -> PoolKey {
+        let mut rest: Vec<(String, String)> = extra
+            .iter()
+            .filter(|(k, _)| k != "user" && k != "database")
+            .cloned()
+            .collect();
+        rest.sort();
+        let mut startup = vec![
+            ("user".to_string(), user.to_string()),
+            ("database".to_string(), database.to_string()),
+        ];
+        startup.extend(rest);
+        PoolKey { node, startup }
+    }
+
+    /// The user name in the key.
+    pub fn user(&self) -> &str {
+        &self.startup[0].1
+    }
+}
+
+/// Counts of one node's connections, for admin views and metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct NodePoolStats {
+    /// Open connections (idle and in use).
+    pub open: usize,
+    /// Idle connections waiting in the pool.
+    pub idle: usize,
+}
+
+/// Mutable state of one node's pool.
+#[derive(Default)]
+struct NodeState {
+    /// Open connections, idle or in use; bounded by the per-node cap.
+    open: usize,
+    /// Idle connections per key; the most recently used at the end (reused first).
+    idle: HashMap<PoolKey, Vec<PooledConn>>,
+}
+
+/// One node's pool. Shared with each connection's slot guard.
+#[derive(Default)]
+struct NodePool {
+    state: Mutex<NodeState>,
+    /// Woken whenever a slot is freed or a connection returns to idle.
+    released: Notify,
+}
+
+impl NodePool {
+    fn lock(&self) -> MutexGuard<'_, NodeState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Holds one of a node's connection slots; frees it when dropped.
+struct Slot(Arc<NodePool>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.lock().open -= 1;
+        self.0.released.notify_waiters();
+    }
+}
+
+/// A connection checked out of (or belonging to) the pool.
+pub struct PooledConn {
+    /// The connection itself.
+    pub conn: BackendConn,
+    /// The key it was opened with; where it returns.
+    pub key: PoolKey,
+    /// Its slot in the node's cap: dropping the connection frees it.
+    _slot: Slot,
+}
+
+impl std::ops::Deref for PooledConn {
+    type Target = BackendConn;
+    fn deref(&self) -> &BackendConn {
+        &self.conn
+    }
+}
+
+impl std::ops::DerefMut for PooledConn {
+    fn deref_mut(&mut self) -> &mut BackendConn {
+        &mut self.conn
+    }
+}
+
+/// Limits and login settings the pool needs for one acquisition.
+#[derive(Debug, Clone)]
+pub struct AcquireSettings<'a> {
+    /// Node host.
+    pub host: &'a str,
+    /// Node port.
+    pub port: u16,
+    /// Password for the user.
+    pub password: Option<&'a str>,
+    /// Per-node cap.
+    pub max_per_node: usize,
+    /// How long to wait for a slot.
+    pub acquire_timeout: Duration,
+    /// TCP connect timeout.
+    pub connect_timeout: Duration,
+    /// Login timeout.
+    pub auth_timeout: Duration,
+}
+
+/// All nodes' pools.
+pub struct Pool {
+    /// Indexed by node id.
+    nodes: Vec<Arc<NodePool>>,
+}
+
+impl Pool {
+    /// A pool for `nodes` nodes.
+    pub fn new(nodes: usize) -> Pool {
+        Pool {
+            nodes: (0..nodes).map(|_| Arc::new(NodePool::default())).collect(),
+        }
+    }
+
+    /// Get a connection for `key`: an idle one if any is healthy, else a new one.
+    /// Returns whether the connection is newly opened (for metrics).
+    pub async fn acquire(
+        &self,
+        key: &PoolKey,
+        s: &AcquireSettings<'_>,
+    ) -> Result<PooledConn, BackendError> {
+        let np = self.nodes.get(key.node).ok_or(BackendError::NoPrimary)?;
+        let deadline = tokio::time::Instant::now() + s.acquire_timeout;
+        loop {
+            let notified = np.released.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let mut discard = Vec::new();
+            let mut open_new = false;
+            {
+                let mut st = np.lock();
+                if let Some(c) = st.idle.get_mut(key).and_then(|v| v.pop()) {
+                    drop(st);
+                    if c.is_healthy_idle() {
+                        return Ok(c);
+                    }
+                    tracing::debug!(node = key.node, pid = c.pid, "dropping a dead idle connection");
+                    drop(c);
+                    continue;
+                }
+                if st.open < s.max_per_node {
+                    st.open += 1;
+                    open_new = true;
+                } else if let Some(victim) = evict_one(&mut st) {
+                    // Full of idle connections of other keys: close one, then retry.
+                    discard.push(victim);
+                }
+            }
+            if open_new {
+                let slot = Slot(np.clone());
+                let params = ConnectParams {
+                    node: key.node,
+                    host: s.host,
+                    port: s.port,
+                    startup: &key.startup,
+                    password: s.password,
+                    connect_timeout: s.connect_timeout,
+                    auth_timeout: s.auth_timeout,
+                };
+                let conn = BackendConn::connect(&params).await?;
+                tracing::debug!(node = key.node, pid = conn.pid, "opened backend connection");
+                return Ok(PooledConn {
+                    conn,
+                    key: key.clone(),
+                    _slot: slot,
+                });
+            }
+            if !discard.is_empty() {
+                drop(discard);
+                continue;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return Err(BackendError::PoolTimeout {
+                    node: key.node,
+                    waited: s.acquire_timeout,
+                });
+            }
+        }
+    }
+
+    /// Return an idle, reset connection to the pool.
+    pub fn put_idle(&self, mut conn: PooledConn) {
+        let Some(np) = self.nodes.get(conn.key.node) else {
+            return;
+        };
+        conn.last_used = Instant::now();
+        np.lock().idle.entry(conn.key.clone()).or_default().push(conn);
+        np.released.notify_waiters();
+    }
+
+    /// Close idle connections unused for longer than `idle_timeout`. Returns how many.
+    pub fn expire_idle(&self, idle_timeout: Duration) -> usize {
+        let mut closed = 0;
+        for np in &self.nodes {
+            let mut expired = Vec::new();
+            {
+                let mut st = np.lock();
+                for conns in st.idle.values_mut() {
+                    let (old, keep): (Vec<_>, Vec<_>) = std::mem::take(conns)
+                        .into_iter()
+                        .partition(|c| c.last_used.elapsed() > idle_timeout);
+                    *conns = keep;
+                    expired.extend(old);
+                }
+                st.idle.retain(|_, v| !v.is_empty());
+            }
+            closed += expired.len();
+        }
+        closed
+    }
+
+    /// Close every idle connection of one node (e.g. when it went down).
+    pub fn close_idle(&self, node: usize) {
+        if let Some(np) = self.nodes.get(node) {
+            let idle = std::mem::take(&mut np.lock().idle);
+            drop(idle);
+        }
+    }
+
+    /// Open and idle counts for a node.
+    pub fn stats(&self, node: usize) -> NodePoolStats {
+        self.nodes
+            .get(node)
+            .map(|np| {
+                let st = np.lock();
+                NodePoolStats {
+                    open: st.open,
+                    idle: st.idle.values().map(Vec::len).sum(),
+                }
+            })
+            .unwrap_or_default()
+    }
+}
+
+/// Take the least recently used idle connection of the node, whatever its key.
+fn evict_one(st: &mut NodeState) -> Option<PooledConn> {
+    let key = st
+        .idle
+        .iter()
+        .filter_map(|(k, v)| v.first().map(|c| (k, c.last_used)))
+        .min_by_key(|(_, t)| *t)
+        .map(|(k, _)| k.clone())?;
+    let v = st.idle.get_mut(&key)?;
+    let c = v.remove(0);
+    if v.is_empty() {
+        st.idle.remove(&key);
+    }
+    Some(c)
+}

@@ -1,0 +1,470 @@
+//! Configuration: the TOML schema, defaults, and validation at load.
+//!
+//! Every key is documented in `conf/pgpilot.toml`. Unknown keys are rejected
+//! (`deny_unknown_fields`) and every value is checked by [`Config::validate`],
+//! whose errors name the offending key. Durations are written as `"500ms"`,
+//! `"5s"`, `"2m"`, `"1h"`, or a bare number of seconds; `0` turns an optional
+//! timeout off.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer};
+
+use crate::protocol::auth::ScramVerifier;
+
+/// A configuration that could not be loaded; the message names the key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// Path given on the command line.
+        path: PathBuf,
+        /// Underlying I/O error.
+        source: std::io::Error,
+    },
+    /// TOML syntax error, unknown key or wrong type (toml's message names the key).
+    #[error("{0}")]
+    Parse(String),
+    /// A value is out of range or inconsistent.
+    #[error("invalid value for `{key}`: {message}")]
+    Invalid {
+        /// Dotted key path, e.g. `backends[1].port`.
+        key: String,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.into(),
+        message: message.into(),
+    }
+}
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Address:port clients connect to.
+    #[serde(default = "default_listen")]
+    pub listen: String,
+    /// Most client connections at once; the next gets SQLSTATE 53300.
+    #[serde(default = "default_max_client_conn")]
+    pub max_client_conn: usize,
+    /// Largest message (bytes) accepted from a client; checked on the length prefix.
+    #[serde(default = "default_max_message_size")]
+    pub max_message_size: usize,
+    /// Backend connection pool settings.
+    #[serde(default)]
+    pub pool: PoolConfig,
+    /// Network timeouts.
+    #[serde(default)]
+    pub timeouts: Timeouts,
+    /// The PostgreSQL nodes; `node_id` is the position in this list.
+    pub backends: Vec<Backend>,
+    /// Users allowed to connect through pgpilot.
+    #[serde(default)]
+    pub users: Vec<User>,
+    /// Role used by pgpilot's own checks of the nodes.
+    #[serde(default)]
+    pub monitor: Monitor,
+}
+
+/// Backend connection pool settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PoolConfig {
+    /// Most backend connections pgpilot opens to one node (all users and databases).
+    pub max_connections_per_node: usize,
+    /// Idle pooled connections older than this are closed.
+    #[serde(deserialize_with = "duration")]
+    pub idle_timeout: Duration,
+    /// How long a session waits for a backend connection before SQLSTATE 53300.
+    #[serde(deserialize_with = "duration")]
+    pub acquire_timeout: Duration,
+    /// Statement that resets a connection a session used before it is reused.
+    pub reset_query: String,
+}
+
+impl Default for PoolConfig {
+    fn default() -> Self {
+        PoolConfig {
+            max_connections_per_node: 90,
+            idle_timeout: Duration::from_secs(600),
+            acquire_timeout: Duration::from_secs(5),
+            reset_query: "DISCARD ALL".into(),
+        }
+    }
+}
+
+/// Network timeouts. Zero disables the optional ones.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Timeouts {
+    /// TCP connect to a node.
+    #[serde(deserialize_with = "duration")]
+    pub connect: Duration,
+    /// Whole startup + authentication exchange, with a client or with a node.
+    #[serde(deserialize_with = "duration")]
+    pub auth: Duration,
+    /// A write to a client or node that makes no progress for this long fails.
+    #[serde(deserialize_with = "duration")]
+    pub write: Duration,
+    /// Close a client idle (between transactions) this long; 0 = never.
+    #[serde(deserialize_with = "duration")]
+    pub client_idle: Duration,
+    /// Close a client idle inside a transaction this long; 0 = never.
+    #[serde(deserialize_with = "duration")]
+    pub idle_in_transaction: Duration,
+    /// Resetting a released connection (`reset_query`); on timeout it is closed.
+    #[serde(deserialize_with = "duration")]
+    pub reset: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts {
+            connect: Duration::from_secs(5),
+            auth: Duration::from_secs(15),
+            write: Duration::from_secs(60),
+            client_idle: Duration::ZERO,
+            idle_in_transaction: Duration::ZERO,
+            reset: Duration::from_secs(5),
+        }
+    }
+}
+
+/// One PostgreSQL node.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Backend {
+    /// Host name or IP address.
+    pub host: String,
+    /// TCP port.
+    #[serde(default = "default_pg_port")]
+    pub port: u16,
+    /// Relative load-balance weight (0 = never used for balanced reads).
+    #[serde(default = "default_weight")]
+    pub weight: f64,
+    /// `application_name` the node uses in `primary_conninfo` (pg_stat_replication).
+    #[serde(default)]
+    pub application_name: String,
+    /// Data directory on the node's host, for failover hooks (`%D`, `%R`).
+    #[serde(default)]
+    pub data_directory: String,
+}
+
+/// Client authentication method for a user.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+pub enum AuthMethod {
+    /// SCRAM-SHA-256 (default).
+    #[default]
+    #[serde(rename = "scram-sha-256")]
+    ScramSha256,
+    /// MD5 challenge (needs `password`).
+    #[serde(rename = "md5")]
+    Md5,
+    /// No password asked.
+    #[serde(rename = "trust")]
+    Trust,
+}
+
+/// A user allowed through pgpilot.
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct User {
+    /// Role name, as clients send it and as used on the nodes.
+    pub name: String,
+    /// Password pgpilot uses to log in to the nodes (and to check clients when no
+    /// verifier is given).
+    #[serde(default)]
+    pub password: Option<String>,
+    /// SCRAM-SHA-256 verifier (as in `pg_authid`) to check clients against.
+    #[serde(default)]
+    pub scram_verifier: Option<String>,
+    /// How clients authenticate.
+    #[serde(default)]
+    pub auth: AuthMethod,
+    /// Parsed verifier, derived at load (from `scram_verifier` or `password`).
+    #[serde(skip)]
+    pub verifier: Option<ScramVerifier>,
+}
+
+impl std::fmt::Debug for User {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("User")
+            .field("name", &self.name)
+            .field("auth", &self.auth)
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
+}
+
+/// Role used for pgpilot's own queries to the nodes (roles, health, replication).
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Monitor {
+    /// Role name.
+    pub user: String,
+    /// Its password (empty for trust).
+    pub password: String,
+    /// Database it connects to.
+    pub database: String,
+    /// How often each node's role (`pg_is_in_recovery()`) is checked.
+    #[serde(deserialize_with = "duration")]
+    pub role_check_period: Duration,
+    /// Timeout for one check (connect + query).
+    #[serde(deserialize_with = "duration")]
+    pub timeout: Duration,
+}
+
+impl std::fmt::Debug for Monitor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Monitor")
+            .field("user", &self.user)
+            .field("database", &self.database)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for Monitor {
+    fn default() -> Self {
+        Monitor {
+            user: "postgres".into(),
+            password: String::new(),
+            database: "postgres".into(),
+            role_check_period: Duration::from_secs(2),
+            timeout: Duration::from_secs(3),
+        }
+    }
+}
+
+fn default_listen() -> String {
+    "0.0.0.0:9999".into()
+}
+fn default_max_client_conn() -> usize {
+    1000
+}
+fn default_max_message_size() -> usize {
+    256 << 20
+}
+fn default_pg_port() -> u16 {
+    5432
+}
+fn default_weight() -> f64 {
+    1.0
+}
+
+/// Parse `"250ms"`, `"5s"`, `"2m"`, `"1h"` or a number of seconds.
+pub fn parse_duration(s: &str) -> Option<Duration> {
+    let s = s.trim();
+    let split = s.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: f64 = num.parse().ok()?;
+    let secs = match unit.trim() {
+        "" | "s" => n,
+        "ms" => n / 1000.0,
+        "m" | "min" => n * 60.0,
+        "h" => n * 3600.0,
+        _ => return None,
+    };
+    (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs))
+}
+
+fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        Int(u64),
+        Float(f64),
+        Str(String),
+    }
+    let err = |what: &str| {
+        serde::de::Error::custom(format!(
+            "invalid duration {what}: use e.g. \"500ms\", \"5s\", \"2m\" or a number of seconds"
+        ))
+    };
+    match Raw::deserialize(d)? {
+        Raw::Int(n) => Ok(Duration::from_secs(n)),
+        Raw::Float(f) if f.is_finite() && f >= 0.0 => Ok(Duration::from_secs_f64(f)),
+        Raw::Float(f) => Err(err(&f.to_string())),
+        Raw::Str(s) => parse_duration(&s).ok_or_else(|| err(&format!("{s:?}"))),
+    }
+}
+
+impl Config {
+    /// Read, parse and validate a file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Config::from_toml(&text)
+    }
+
+    /// Parse and validate TOML text.
+    pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
+        let mut cfg: Config = toml::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// The listen address, parsed.
+    pub fn listen_addr(&self) -> Result<SocketAddr, ConfigError> {
+        self.listen
+            .parse()
+            .map_err(|e| invalid("listen", format!("{:?} is not address:port ({e})", self.listen)))
+    }
+
+    /// Look a user up by name.
+    pub fn user(&self, name: &str) -> Option<&User> {
+        self.users.iter().find(|u| u.name == name)
+    }
+
+    /// Check every value, and derive what is derived at load (SCRAM verifiers).
+    pub fn validate(&mut self) -> Result<(), ConfigError> {
+        self.listen_addr()?;
+        if self.max_client_conn == 0 {
+            return Err(invalid("max_client_conn", "must be at least 1"));
+        }
+        if self.max_message_size < 1024 || self.max_message_size > i32::MAX as usize {
+            return Err(invalid(
+                "max_message_size",
+                "must be between 1024 and 2147483647 bytes",
+            ));
+        }
+        if self.pool.max_connections_per_node == 0 {
+            return Err(invalid("pool.max_connections_per_node", "must be at least 1"));
+        }
+        if self.pool.acquire_timeout.is_zero() {
+            return Err(invalid("pool.acquire_timeout", "must be greater than 0"));
+        }
+        for (key, d) in [
+            ("timeouts.connect", self.timeouts.connect),
+            ("timeouts.auth", self.timeouts.auth),
+            ("timeouts.write", self.timeouts.write),
+            ("timeouts.reset", self.timeouts.reset),
+            ("monitor.timeout", self.monitor.timeout),
+            ("monitor.role_check_period", self.monitor.role_check_period),
+        ] {
+            if d.is_zero() {
+                return Err(invalid(key, "must be greater than 0"));
+            }
+        }
+        if self.backends.is_empty() {
+            return Err(invalid("backends", "at least one [[backends]] entry is required"));
+        }
+        for (i, b) in self.backends.iter().enumerate() {
+            if b.host.trim().is_empty() {
+                return Err(invalid(format!("backends[{i}].host"), "must not be empty"));
+            }
+            if b.port == 0 {
+                return Err(invalid(format!("backends[{i}].port"), "must be 1..65535"));
+            }
+            if !(b.weight.is_finite() && b.weight >= 0.0) {
+                return Err(invalid(format!("backends[{i}].weight"), "must be a number >= 0"));
+            }
+            if self.backends[..i]
+                .iter()
+                .any(|o| o.host == b.host && o.port == b.port)
+            {
+                return Err(invalid(
+                    format!("backends[{i}]"),
+                    format!("{}:{} is listed twice", b.host, b.port),
+                ));
+            }
+        }
+        for i in 0..self.users.len() {
+            let key = |f: &str| format!("users[{i}].{f}");
+            let name = self.users[i].name.clone();
+            if name.is_empty() {
+                return Err(invalid(key("name"), "must not be empty"));
+            }
+            if self.users[..i].iter().any(|u| u.name == name) {
+                return Err(invalid(key("name"), format!("user {name:?} is listed twice")));
+            }
+            let u = &mut self.users[i];
+            if u.password.is_none() && u.scram_verifier.is_none() && u.auth != AuthMethod::Trust {
+                return Err(invalid(
+                    key("password"),
+                    "a password (or scram_verifier) is required unless auth = \"trust\"",
+                ));
+            }
+            if u.auth == AuthMethod::Md5 && u.password.is_none() {
+                return Err(invalid(key("password"), "auth = \"md5\" needs the password"));
+            }
+            u.verifier = match (&u.scram_verifier, &u.password) {
+                (Some(v), _) => Some(ScramVerifier::parse(v).ok_or_else(|| {
+                    invalid(
+                        key("scram_verifier"),
+                        "expected SCRAM-SHA-256$<iterations>:<salt>$<StoredKey>:<ServerKey>",
+                    )
+                })?),
+                (None, Some(p)) if u.auth == AuthMethod::ScramSha256 => {
+                    Some(ScramVerifier::from_password(p))
+                }
+                _ => None,
+            };
+        }
+        if self.monitor.user.is_empty() {
+            return Err(invalid("monitor.user", "must not be empty"));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+        listen = "127.0.0.1:9999"
+        [[backends]]
+        host = "127.0.0.1"
+        port = 5432
+        [[users]]
+        name = "app"
+        password = "secret"
+    "#;
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let c = Config::from_toml(MINIMAL).unwrap();
+        assert_eq!(c.backends[0].weight, 1.0);
+        assert_eq!(c.pool.acquire_timeout, Duration::from_secs(5));
+        assert!(c.users[0].verifier.is_some());
+        assert_eq!(c.monitor.user, "postgres");
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_name_the_key() {
+        let e = Config::from_toml(&format!("{MINIMAL}\nbogus = 1")).unwrap_err();
+        assert!(e.to_string().contains("bogus"), "{e}");
+        let e = Config::from_toml(&MINIMAL.replace("port = 5432", "port = 0")).unwrap_err();
+        assert!(e.to_string().contains("backends[0].port"), "{e}");
+        let e = Config::from_toml(&format!("{MINIMAL}\n[pool]\nacquire_timeout = \"5 parsecs\""))
+            .unwrap_err();
+        assert!(e.to_string().contains("acquire_timeout"), "{e}");
+        let e = Config::from_toml(&MINIMAL.replace("password = \"secret\"", "")).unwrap_err();
+        assert!(e.to_string().contains("users[0].password"), "{e}");
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("250ms"), Some(Duration::from_millis(250)));
+        assert_eq!(parse_duration("2m"), Some(Duration::from_secs(120)));
+        assert_eq!(parse_duration("1.5"), Some(Duration::from_millis(1500)));
+        assert_eq!(parse_duration("-1s"), None);
+        assert_eq!(parse_duration("5 parsecs"), None);
+    }
+
+    #[test]
+    fn shipped_example_config_is_valid() {
+        let text = include_str!("../conf/pgpilot.toml");
+        Config::from_toml(text).unwrap();
+    }
+}

@@ -1,0 +1,89 @@
+//! State shared by every task of one running proxy.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI32, AtomicUsize, Ordering};
+
+use arc_swap::ArcSwap;
+use tokio::sync::watch;
+
+use crate::backend::Pool;
+use crate::cluster::Cluster;
+use crate::config::Config;
+use crate::session::cancel::CancelRegistry;
+
+/// Everything sessions and background tasks share.
+pub struct ProxyContext {
+    /// Current configuration; replaced on reload (SIGHUP). Sessions take a snapshot at start.
+    pub config: Arc<ArcSwap<Config>>,
+    /// Node state (roles, reachability).
+    pub cluster: Arc<Cluster>,
+    /// Backend connection pool.
+    pub pool: Pool,
+    /// Client cancel keys → server connections.
+    pub cancels: CancelRegistry,
+    /// Connected, logged-in clients (bounded by `max_client_conn`).
+    pub clients: AtomicUsize,
+    /// Random per-process secret: mock SCRAM salts for unknown users.
+    pub server_secret: [u8; 32],
+    /// Next BackendKeyData pid to hand out.
+    next_pid: AtomicI32,
+    /// Turns true when the proxy stops; sessions end.
+    pub shutdown: watch::Receiver<bool>,
+}
+
+impl ProxyContext {
+    /// Build the shared state for `config`.
+    pub fn new(config: Config, shutdown: watch::Receiver<bool>) -> ProxyContext {
+        let cluster = Arc::new(Cluster::new(&config.backends));
+        let pool = Pool::new(config.backends.len());
+        ProxyContext {
+            config: Arc::new(ArcSwap::from_pointee(config)),
+            cluster,
+            pool,
+            cancels: CancelRegistry::default(),
+            clients: AtomicUsize::new(0),
+            server_secret: rand::random(),
+            next_pid: AtomicI32::new(rand::random_range(1..1 << 20)),
+            shutdown,
+        }
+    }
+
+    /// A fresh (pid, secret) for a client's BackendKeyData, registered for cancels.
+    pub fn new_client_key(&self) -> (i32, i32) {
+        loop {
+            let pid = self.next_pid.fetch_add(1, Ordering::Relaxed) & 0x3fff_ffff;
+            let secret: i32 = rand::random();
+            if pid != 0 && self.cancels.register(pid, secret) {
+                return (pid, secret);
+            }
+        }
+    }
+}
+
+/// One client counted against `max_client_conn`; released on drop.
+pub struct ClientSlot(Arc<ProxyContext>);
+
+impl ClientSlot {
+    /// Take a slot if fewer than `max` clients are connected.
+    pub fn try_acquire(ctx: &Arc<ProxyContext>, max: usize) -> Option<ClientSlot> {
+        let mut cur = ctx.clients.load(Ordering::Relaxed);
+        loop {
+            if cur >= max {
+                return None;
+            }
+            match ctx
+                .clients
+                .compare_exchange(cur, cur + 1, Ordering::AcqRel, Ordering::Relaxed)
+            {
+                Ok(_) => return Some(ClientSlot(ctx.clone())),
+                Err(now) => cur = now,
+            }
+        }
+    }
+}
+
+impl Drop for ClientSlot {
+    fn drop(&mut self) {
+        self.0.clients.fetch_sub(1, Ordering::AcqRel);
+    }
+}

@@ -1,0 +1,125 @@
+//! The one place where failures become what a client sees: a PostgreSQL
+//! ErrorResponse with a SQLSTATE.
+//!
+//! Each layer has its own `thiserror` enum ([`crate::protocol::frame::FrameError`],
+//! [`crate::protocol::auth::AuthError`], [`crate::backend::BackendError`],
+//! [`crate::session::SessionError`]); this module maps them all.
+
+use crate::backend::BackendError;
+use crate::protocol::auth::AuthError;
+use crate::protocol::frame::FrameError;
+use crate::protocol::messages::{PgError, Severity};
+use crate::session::SessionError;
+
+/// SQLSTATE codes pgpilot itself raises.
+pub mod sqlstate {
+    /// Feature not supported (e.g. protocol 2).
+    pub const FEATURE_NOT_SUPPORTED: &str = "0A000";
+    /// Client could not get a connection established.
+    pub const CONNECTION_FAILURE: &str = "08006";
+    /// Server unable to establish a connection.
+    pub const SQLCLIENT_UNABLE_TO_ESTABLISH: &str = "08001";
+    /// Protocol violation (bad framing, oversized message).
+    pub const PROTOCOL_VIOLATION: &str = "08P01";
+    /// Invalid authorization specification (no user name, ...).
+    pub const INVALID_AUTHORIZATION: &str = "28000";
+    /// Wrong password or unknown user.
+    pub const INVALID_PASSWORD: &str = "28P01";
+    /// Too many connections (client limit or pool exhausted).
+    pub const TOO_MANY_CONNECTIONS: &str = "53300";
+    /// Cannot connect now (no primary known).
+    pub const CANNOT_CONNECT_NOW: &str = "57P03";
+    /// Administrator shutdown (pgpilot stopping).
+    pub const ADMIN_SHUTDOWN: &str = "57P01";
+    /// Idle-session / idle-in-transaction timeouts.
+    pub const IDLE_SESSION_TIMEOUT: &str = "57P05";
+    /// Idle in transaction timeout.
+    pub const IDLE_IN_TRANSACTION_TIMEOUT: &str = "25P03";
+    /// Internal error.
+    pub const INTERNAL: &str = "XX000";
+}
+
+use sqlstate::*;
+
+/// Convert a layer error into the ErrorResponse the client receives.
+pub trait ToPgError {
+    /// The client-facing error.
+    fn to_pg_error(&self) -> PgError;
+}
+
+impl ToPgError for FrameError {
+    fn to_pg_error(&self) -> PgError {
+        PgError::fatal(PROTOCOL_VIOLATION, format!("invalid message: {self}"))
+    }
+}
+
+impl ToPgError for AuthError {
+    fn to_pg_error(&self) -> PgError {
+        match self {
+            // The user name is added by the session, which knows it.
+            AuthError::Failed => PgError::fatal(INVALID_PASSWORD, "password authentication failed"),
+            AuthError::Malformed(m) => {
+                PgError::fatal(PROTOCOL_VIOLATION, format!("malformed authentication message: {m}"))
+            }
+        }
+    }
+}
+
+impl ToPgError for BackendError {
+    fn to_pg_error(&self) -> PgError {
+        let e = match self {
+            BackendError::Server { fields, .. } => {
+                // Relay the node's own verdict (e.g. 3D000 database does not exist).
+                let valid = fields.code.len() == 5 && fields.code.bytes().all(|b| b.is_ascii_alphanumeric());
+                let code = if valid { fields.code.clone().into() } else { INTERNAL.into() };
+                return PgError {
+                    severity: if fields.severity == "FATAL" {
+                        Severity::Fatal
+                    } else {
+                        Severity::Error
+                    },
+                    code,
+                    message: fields.message.clone(),
+                    detail: None,
+                    hint: None,
+                };
+            }
+            BackendError::PoolTimeout { .. } => PgError::error(TOO_MANY_CONNECTIONS, self.to_string())
+                .with_hint("raise pool.max_connections_per_node or pool.acquire_timeout, or reduce concurrent sessions"),
+            BackendError::NoPrimary => PgError::error(CANNOT_CONNECT_NOW, self.to_string()),
+            BackendError::Connect { .. } | BackendError::Timeout { .. } => {
+                PgError::error(SQLCLIENT_UNABLE_TO_ESTABLISH, self.to_string())
+            }
+            BackendError::Auth { .. } => PgError::error(INVALID_AUTHORIZATION, self.to_string()),
+            BackendError::Io { .. } | BackendError::Protocol { .. } => {
+                PgError::error(CONNECTION_FAILURE, self.to_string())
+            }
+        };
+        e
+    }
+}
+
+impl ToPgError for SessionError {
+    fn to_pg_error(&self) -> PgError {
+        match self {
+            SessionError::Frame(e) => e.to_pg_error(),
+            SessionError::Backend(e) => {
+                let mut e = e.to_pg_error();
+                e.severity = Severity::Fatal;
+                e
+            }
+            SessionError::BackendLost { .. } => PgError::fatal(CONNECTION_FAILURE, self.to_string())
+                .with_hint("the session's server connection closed; reconnect to continue"),
+            SessionError::IdleTimeout => PgError::fatal(IDLE_SESSION_TIMEOUT, self.to_string()),
+            SessionError::IdleInTransactionTimeout => {
+                PgError::fatal(IDLE_IN_TRANSACTION_TIMEOUT, self.to_string())
+            }
+            SessionError::UnexpectedMessage(_) => PgError::fatal(PROTOCOL_VIOLATION, self.to_string()),
+            SessionError::Shutdown => PgError::fatal(ADMIN_SHUTDOWN, self.to_string()),
+            SessionError::ClientIo(_) | SessionError::WriteTimeout => {
+                PgError::fatal(CONNECTION_FAILURE, self.to_string())
+            }
+        }
+    }
+}
+

@@ -1,0 +1,20 @@
+//! pgpilot: a PostgreSQL-aware proxy and connection pooler for a primary with
+//! streaming-replication hot standbys.
+//!
+//! Data path, top to bottom: [`server`] accepts clients → [`session`] runs one
+//! task per client → [`router`] decides the node → [`backend`] pools server
+//! connections → [`cluster`] owns node state. [`protocol`] (wire format),
+//! [`config`] and [`error`] are used by all. [`localcluster`] builds real
+//! PostgreSQL clusters for `pgpilot demo` and the tests.
+
+pub mod backend;
+pub mod cluster;
+pub mod config;
+pub mod context;
+pub mod demo;
+pub mod error;
+pub mod localcluster;
+pub mod protocol;
+pub mod router;
+pub mod server;
+pub mod session;

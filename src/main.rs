@@ -1,0 +1,114 @@
+//! The `pgpilot` command line: run the proxy, check a config, or run a demo.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use pgpilot::config::Config;
+use pgpilot::server::Proxy;
+
+/// A PostgreSQL-aware proxy and connection pooler for a primary with hot standbys.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    /// Configuration file (same as `run --config`).
+    #[arg(short, long, global = true)]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the proxy (the default).
+    Run,
+    /// Validate the configuration file and exit.
+    Check,
+    /// Start a throwaway local primary + standbys with pgpilot in front, until Ctrl-C.
+    Demo {
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1:9999")]
+        listen: String,
+        /// Number of streaming standbys.
+        #[arg(long, default_value_t = 2)]
+        standbys: usize,
+    },
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("PGPILOT_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("pgpilot: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match cli.command.unwrap_or(Command::Run) {
+        Command::Demo { listen, standbys } => match runtime.block_on(pgpilot::demo::run(&listen, standbys)) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("pgpilot demo: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Check => {
+            let Some(path) = cli.config else {
+                eprintln!("pgpilot check: --config FILE is required");
+                return ExitCode::from(2);
+            };
+            match Config::load(&path) {
+                Ok(c) => {
+                    println!(
+                        "{}: OK ({} backends, {} users, listen {})",
+                        path.display(),
+                        c.backends.len(),
+                        c.users.len(),
+                        c.listen
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("{}: {e}", path.display());
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Run => {
+            let Some(path) = cli.config else {
+                eprintln!("pgpilot: --config FILE is required (or try `pgpilot demo`)");
+                return ExitCode::from(2);
+            };
+            let config = match Config::load(&path) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("{}: {e}", path.display());
+                    return ExitCode::FAILURE;
+                }
+            };
+            runtime.block_on(async {
+                match Proxy::bind(config).await {
+                    Ok(p) => {
+                        p.with_reload_from(path)
+                            .run(async {
+                                let _ = tokio::signal::ctrl_c().await;
+                            })
+                            .await;
+                        ExitCode::SUCCESS
+                    }
+                    Err(e) => {
+                        eprintln!("pgpilot: {e}");
+                        ExitCode::FAILURE
+                    }
+                }
+            })
+        }
+    }
+}

@@ -1,0 +1,287 @@
+//! Server-side password checks for clients: SCRAM-SHA-256 (RFC 5802/7677 as
+//! PostgreSQL uses it, without channel binding) and MD5.
+//!
+//! The client side (pgpilot logging in to a PostgreSQL node) lives in
+//! `backend::conn` and uses `postgres-protocol`.
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as B64;
+use hmac::{Hmac, KeyInit, Mac};
+use md5::Md5;
+use sha2::{Digest, Sha256};
+
+use super::frame::cstr;
+
+type HmacSha256 = Hmac<Sha256>;
+
+/// Why a client could not be authenticated. Every variant is reported to the
+/// client as the same 28P01 message so that user names cannot be probed.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum AuthError {
+    /// Wrong password, unknown user, or a proof that does not verify.
+    #[error("password authentication failed")]
+    Failed,
+    /// The client sent something that is not a valid SASL/password message.
+    #[error("malformed authentication message: {0}")]
+    Malformed(&'static str),
+}
+
+/// A parsed SCRAM-SHA-256 verifier (`SCRAM-SHA-256$iter:salt$StoredKey:ServerKey`).
+#[derive(Clone, PartialEq, Eq)]
+pub struct ScramVerifier {
+    /// PBKDF2 iteration count announced to the client.
+    pub iterations: u32,
+    /// Salt announced to the client.
+    pub salt: Vec<u8>,
+    /// H(ClientKey): checks the client's proof.
+    pub stored_key: [u8; 32],
+    /// Signs the server-final message so the client knows we hold the verifier.
+    pub server_key: [u8; 32],
+}
+
+impl std::fmt::Debug for ScramVerifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print key material.
+        write!(f, "ScramVerifier(iterations={})", self.iterations)
+    }
+}
+
+impl ScramVerifier {
+    /// Parse PostgreSQL's verifier format, as stored in `pg_authid.rolpassword`.
+    pub fn parse(s: &str) -> Option<ScramVerifier> {
+        let rest = s.strip_prefix("SCRAM-SHA-256$")?;
+        let (params, keys) = rest.split_once('$')?;
+        let (iter, salt) = params.split_once(':')?;
+        let (stored, server) = keys.split_once(':')?;
+        let iterations: u32 = iter.parse().ok().filter(|i| *i > 0)?;
+        let salt = B64.decode(salt).ok()?;
+        let stored_key: [u8; 32] = B64.decode(stored).ok()?.try_into().ok()?;
+        let server_key: [u8; 32] = B64.decode(server).ok()?.try_into().ok()?;
+        Some(ScramVerifier {
+            iterations,
+            salt,
+            stored_key,
+            server_key,
+        })
+    }
+
+    /// Derive a verifier from a plain password (random salt, 4096 iterations).
+    pub fn from_password(password: &str) -> ScramVerifier {
+        let v = postgres_protocol::password::scram_sha_256(password.as_bytes());
+        ScramVerifier::parse(&v).expect("postgres-protocol produces valid verifiers")
+    }
+
+    /// A verifier no password matches, with a salt that is stable per user name, so
+    /// that an unknown user goes through the same exchange as a known one.
+    pub fn mock(user: &str, server_secret: &[u8]) -> ScramVerifier {
+        let salt = hmac(server_secret, user.as_bytes())[..16].to_vec();
+        ScramVerifier {
+            iterations: 4096,
+            salt,
+            stored_key: hmac(server_secret, b"stored"),
+            server_key: hmac(server_secret, b"server"),
+        }
+    }
+}
+
+fn hmac(key: &[u8], data: &[u8]) -> [u8; 32] {
+    let mut mac = HmacSha256::new_from_slice(key).expect("HMAC accepts any key length");
+    mac.update(data);
+    let mut out = [0u8; 32];
+    out.copy_from_slice(&mac.finalize().into_bytes());
+    out
+}
+
+fn sha256(data: &[u8]) -> [u8; 32] {
+    let mut out = [0u8; 32];
+    out.copy_from_slice(&Sha256::digest(data));
+    out
+}
+
+fn ct_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Server state of one SCRAM-SHA-256 exchange.
+pub struct ScramServer {
+    /// The verifier the proof is checked against.
+    verifier: ScramVerifier,
+    /// Combined client+server nonce, once the first message is seen.
+    nonce: String,
+    /// `client-first-message-bare`, part of the signed AuthMessage.
+    client_first_bare: String,
+    /// Our `server-first-message`, part of the signed AuthMessage.
+    server_first: String,
+    /// GS2 header the client sent; echoed base64-encoded in `c=`.
+    gs2_header: String,
+}
+
+impl ScramServer {
+    /// Start an exchange against `verifier`.
+    pub fn new(verifier: ScramVerifier) -> ScramServer {
+        ScramServer {
+            verifier,
+            nonce: String::new(),
+            client_first_bare: String::new(),
+            server_first: String::new(),
+            gs2_header: String::new(),
+        }
+    }
+
+    /// Handle the SASLInitialResponse body; returns the server-first-message.
+    pub fn client_first(&mut self, body: &[u8]) -> Result<Vec<u8>, AuthError> {
+        let (mechanism, rest) = cstr(body).ok_or(AuthError::Malformed("no mechanism"))?;
+        if mechanism != b"SCRAM-SHA-256" {
+            return Err(AuthError::Malformed("unsupported SASL mechanism"));
+        }
+        if rest.len() < 4 {
+            return Err(AuthError::Malformed("missing SASL data length"));
+        }
+        let len = i32::from_be_bytes([rest[0], rest[1], rest[2], rest[3]]);
+        let data = &rest[4..];
+        if len < 0 || len as usize != data.len() {
+            return Err(AuthError::Malformed("bad SASL data length"));
+        }
+        let msg = std::str::from_utf8(data).map_err(|_| AuthError::Malformed("not UTF-8"))?;
+        // gs2-header: "n,," or "y,," (no channel binding); "p=" asks for binding we lack.
+        let (cbind, rest) = msg.split_once(',').ok_or(AuthError::Malformed("no gs2 header"))?;
+        if cbind != "n" && cbind != "y" {
+            return Err(AuthError::Malformed("channel binding is not supported"));
+        }
+        let (_authzid, bare) = rest.split_once(',').ok_or(AuthError::Malformed("no gs2 header"))?;
+        self.gs2_header = msg[..msg.len() - bare.len()].to_string();
+        let client_nonce = bare
+            .split(',')
+            .find_map(|a| a.strip_prefix("r="))
+            .filter(|n| !n.is_empty())
+            .ok_or(AuthError::Malformed("no client nonce"))?;
+        let mut server_nonce = [0u8; 18];
+        rand::fill(&mut server_nonce);
+        self.nonce = format!("{client_nonce}{}", B64.encode(server_nonce));
+        self.client_first_bare = bare.to_string();
+        self.server_first = format!(
+            "r={},s={},i={}",
+            self.nonce,
+            B64.encode(&self.verifier.salt),
+            self.verifier.iterations
+        );
+        Ok(self.server_first.clone().into_bytes())
+    }
+
+    /// Handle the SASLResponse body; returns the server-final-message when the proof verifies.
+    pub fn client_final(&mut self, body: &[u8]) -> Result<Vec<u8>, AuthError> {
+        let msg = std::str::from_utf8(body).map_err(|_| AuthError::Malformed("not UTF-8"))?;
+        let (without_proof, proof) = msg
+            .rsplit_once(",p=")
+            .ok_or(AuthError::Malformed("no proof"))?;
+        let mut binding = None;
+        let mut nonce = None;
+        for attr in without_proof.split(',') {
+            if let Some(v) = attr.strip_prefix("c=") {
+                binding = Some(v);
+            } else if let Some(v) = attr.strip_prefix("r=") {
+                nonce = Some(v);
+            }
+        }
+        if binding != Some(B64.encode(self.gs2_header.as_bytes()).as_str()) {
+            return Err(AuthError::Malformed("channel binding mismatch"));
+        }
+        if nonce != Some(self.nonce.as_str()) {
+            return Err(AuthError::Malformed("nonce mismatch"));
+        }
+        let proof = B64
+            .decode(proof)
+            .map_err(|_| AuthError::Malformed("proof is not base64"))?;
+        if proof.len() != 32 {
+            return Err(AuthError::Failed);
+        }
+        let auth_message = format!(
+            "{},{},{}",
+            self.client_first_bare, self.server_first, without_proof
+        );
+        let client_signature = hmac(&self.verifier.stored_key, auth_message.as_bytes());
+        let mut client_key = [0u8; 32];
+        for i in 0..32 {
+            client_key[i] = proof[i] ^ client_signature[i];
+        }
+        if !ct_eq(&sha256(&client_key), &self.verifier.stored_key) {
+            return Err(AuthError::Failed);
+        }
+        let server_signature = hmac(&self.verifier.server_key, auth_message.as_bytes());
+        Ok(format!("v={}", B64.encode(server_signature)).into_bytes())
+    }
+}
+
+/// PostgreSQL's stored MD5 form: `"md5" + hex(md5(password + user))`.
+pub fn md5_stored(user: &str, password: &str) -> String {
+    postgres_protocol::password::md5(password.as_bytes(), user)
+}
+
+/// Check a client's MD5 PasswordMessage body against the stored MD5 form.
+pub fn md5_check(stored: &str, salt: [u8; 4], body: &[u8]) -> bool {
+    let Some((response, _)) = cstr(body) else {
+        return false;
+    };
+    let Some(inner) = stored.strip_prefix("md5") else {
+        return false;
+    };
+    let mut h = Md5::new();
+    h.update(inner.as_bytes());
+    h.update(salt);
+    let expected = format!("md5{}", hex(&h.finalize()));
+    ct_eq(expected.as_bytes(), response)
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
+
+    fn exchange(verifier: ScramVerifier, password: &str) -> Result<(), AuthError> {
+        let mut client = ScramSha256::new(password.as_bytes(), ChannelBinding::unsupported());
+        let mut server = ScramServer::new(verifier);
+        let mut initial = b"SCRAM-SHA-256\0".to_vec();
+        initial.extend_from_slice(&(client.message().len() as i32).to_be_bytes());
+        initial.extend_from_slice(client.message());
+        let first = server.client_first(&initial)?;
+        client.update(&first).unwrap();
+        let last = server.client_final(client.message())?;
+        client.finish(&last).expect("client accepts the server signature");
+        Ok(())
+    }
+
+    #[test]
+    fn scram_accepts_the_right_password_only() {
+        let v = ScramVerifier::from_password("secret");
+        assert_eq!(exchange(v.clone(), "secret"), Ok(()));
+        assert_eq!(exchange(v, "wrong"), Err(AuthError::Failed));
+        let mock = ScramVerifier::mock("nobody", b"k");
+        assert_eq!(exchange(mock, ""), Err(AuthError::Failed));
+    }
+
+    #[test]
+    fn verifier_parsing() {
+        assert!(ScramVerifier::parse("SCRAM-SHA-256$4096:c2FsdA==$x:y").is_none());
+        assert!(ScramVerifier::parse("md5abc").is_none());
+        let v = ScramVerifier::from_password("p");
+        assert_eq!(v.iterations, 4096);
+    }
+
+    #[test]
+    fn md5_matches_libpq() {
+        let stored = md5_stored("app", "secret");
+        let salt = [1, 2, 3, 4];
+        let mut h = Md5::new();
+        h.update(&stored.as_bytes()[3..]);
+        h.update(salt);
+        let mut body = format!("md5{}", hex(&h.finalize())).into_bytes();
+        body.push(0);
+        assert!(md5_check(&stored, salt, &body));
+        body[5] ^= 1;
+        assert!(!md5_check(&stored, salt, &body));
+    }
+}

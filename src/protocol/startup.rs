@@ -1,0 +1,143 @@
+//! The untyped first packet a client sends: SSLRequest, GSSENCRequest,
+//! CancelRequest or StartupMessage.
+
+use super::frame::cstr;
+
+/// Largest startup packet accepted (PostgreSQL uses the same limit).
+pub const MAX_STARTUP_PACKET: usize = 10_000;
+
+const SSL_REQUEST: i32 = 80877103;
+const GSSENC_REQUEST: i32 = 80877104;
+const CANCEL_REQUEST: i32 = 80877102;
+
+/// What the client opened with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum InitialPacket {
+    /// SSLRequest: answered `N` until TLS is configured.
+    Ssl,
+    /// GSSENCRequest: answered `N`.
+    GssEnc,
+    /// CancelRequest carrying the key pgpilot issued.
+    Cancel {
+        /// Process id from BackendKeyData.
+        pid: i32,
+        /// Secret from BackendKeyData.
+        secret: i32,
+    },
+    /// StartupMessage, protocol 3.x.
+    Startup(StartupMessage),
+    /// A protocol version pgpilot does not speak (e.g. 2.0).
+    Unsupported {
+        /// Requested major version.
+        major: u16,
+        /// Requested minor version.
+        minor: u16,
+    },
+}
+
+/// A v3 StartupMessage.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct StartupMessage {
+    /// Requested minor version (pgpilot negotiates down to 0).
+    pub minor: u16,
+    /// Parameters in the order sent, excluding `_pq_.` protocol options.
+    pub params: Vec<(String, String)>,
+    /// `_pq_.` options the client asked for; reported back as unrecognised.
+    pub protocol_options: Vec<String>,
+}
+
+impl StartupMessage {
+    /// Value of a startup parameter.
+    pub fn get(&self, name: &str) -> Option<&str> {
+        self.params
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// Parse the packet body (everything after the 4-byte length).
+pub fn parse_initial(body: &[u8]) -> Result<InitialPacket, &'static str> {
+    if body.len() < 4 {
+        return Err("startup packet too short");
+    }
+    let code = i32::from_be_bytes([body[0], body[1], body[2], body[3]]);
+    let rest = &body[4..];
+    match code {
+        SSL_REQUEST => return Ok(InitialPacket::Ssl),
+        GSSENC_REQUEST => return Ok(InitialPacket::GssEnc),
+        CANCEL_REQUEST => {
+            if rest.len() < 8 {
+                return Err("cancel request too short");
+            }
+            return Ok(InitialPacket::Cancel {
+                pid: i32::from_be_bytes([rest[0], rest[1], rest[2], rest[3]]),
+                secret: i32::from_be_bytes([rest[4], rest[5], rest[6], rest[7]]),
+            });
+        }
+        _ => {}
+    }
+    let major = (code >> 16) as u16;
+    let minor = (code & 0xffff) as u16;
+    if major != 3 {
+        return Ok(InitialPacket::Unsupported { major, minor });
+    }
+    let mut msg = StartupMessage {
+        minor,
+        ..Default::default()
+    };
+    let mut rest = rest;
+    loop {
+        let (key, tail) = cstr(rest).ok_or("startup packet has an unterminated parameter name")?;
+        if key.is_empty() {
+            break;
+        }
+        let (value, tail) = cstr(tail).ok_or("startup packet has an unterminated parameter value")?;
+        let key = std::str::from_utf8(key).map_err(|_| "startup parameter name is not UTF-8")?;
+        let value = std::str::from_utf8(value).map_err(|_| "startup parameter value is not UTF-8")?;
+        if key.starts_with("_pq_.") {
+            msg.protocol_options.push(key.to_string());
+        } else {
+            msg.params.push((key.to_string(), value.to_string()));
+        }
+        rest = tail;
+    }
+    Ok(InitialPacket::Startup(msg))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn packet(code: i32, tail: &[u8]) -> Vec<u8> {
+        let mut v = code.to_be_bytes().to_vec();
+        v.extend_from_slice(tail);
+        v
+    }
+
+    #[test]
+    fn startup_parameters_are_read_in_order() {
+        let p = parse_initial(&packet(196608, b"user\0app\0database\0db\0_pq_.x\0y\0\0")).unwrap();
+        let InitialPacket::Startup(m) = p else {
+            panic!("not a startup")
+        };
+        assert_eq!(m.get("user"), Some("app"));
+        assert_eq!(m.get("database"), Some("db"));
+        assert_eq!(m.protocol_options, vec!["_pq_.x".to_string()]);
+    }
+
+    #[test]
+    fn other_packets() {
+        assert_eq!(parse_initial(&packet(SSL_REQUEST, b"")), Ok(InitialPacket::Ssl));
+        assert_eq!(
+            parse_initial(&packet(CANCEL_REQUEST, &[0, 0, 0, 7, 0, 0, 0, 9])),
+            Ok(InitialPacket::Cancel { pid: 7, secret: 9 })
+        );
+        assert_eq!(
+            parse_initial(&packet(2 << 16, b"")),
+            Ok(InitialPacket::Unsupported { major: 2, minor: 0 })
+        );
+        assert!(parse_initial(&packet(196608, b"user\0app")).is_err());
+        assert!(parse_initial(b"\0\0").is_err());
+    }
+}

@@ -1,0 +1,85 @@
+//! CancelRequest routing.
+//!
+//! Each client gets pgpilot's own (pid, secret) in BackendKeyData. The registry maps
+//! that key to the server connection currently serving the client, so a cancel
+//! arriving on a fresh connection is forwarded to the right server process. A
+//! wrong secret is ignored silently, as PostgreSQL does.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use crate::backend::conn::send_cancel;
+
+/// The server process a cancel should reach.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CancelTarget {
+    /// Server address.
+    pub addr: SocketAddr,
+    /// Server process id.
+    pub pid: i32,
+    /// Server cancel secret.
+    pub secret: i32,
+}
+
+#[derive(Debug)]
+struct Entry {
+    /// The secret pgpilot issued to the client.
+    secret: i32,
+    /// The server connection currently serving the client, if any.
+    target: Option<CancelTarget>,
+}
+
+/// Client key → current server connection.
+#[derive(Debug, Default)]
+pub struct CancelRegistry {
+    entries: Mutex<HashMap<i32, Entry>>,
+}
+
+impl CancelRegistry {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<i32, Entry>> {
+        self.entries.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Register a new client key; returns false if the pid is already in use.
+    pub fn register(&self, pid: i32, secret: i32) -> bool {
+        let mut m = self.lock();
+        if m.contains_key(&pid) {
+            return false;
+        }
+        m.insert(
+            pid,
+            Entry {
+                secret,
+                target: None,
+            },
+        );
+        true
+    }
+
+    /// Point a client key at the server connection now serving it.
+    pub fn set_target(&self, pid: i32, target: Option<CancelTarget>) {
+        if let Some(e) = self.lock().get_mut(&pid) {
+            e.target = target;
+        }
+    }
+
+    /// Forget a client key (session ended).
+    pub fn unregister(&self, pid: i32) {
+        self.lock().remove(&pid);
+    }
+
+    /// Handle a CancelRequest from a client: forward it if the key matches.
+    pub async fn cancel(&self, pid: i32, secret: i32, limit: Duration) {
+        let target = self
+            .lock()
+            .get(&pid)
+            .filter(|e| e.secret == secret)
+            .and_then(|e| e.target);
+        match target {
+            Some(t) => send_cancel(t.addr, t.pid, t.secret, limit).await,
+            None => tracing::debug!(pid, "cancel request with an unknown key ignored"),
+        }
+    }
+}
