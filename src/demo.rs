@@ -12,8 +12,9 @@ pub const DEMO_USER: &str = "demo";
 /// Demo password.
 pub const DEMO_PASSWORD: &str = "demo";
 
-/// Build the pgpilot configuration for a running local cluster.
-pub fn config_for(cluster: &LocalCluster, listen: &str) -> Config {
+/// Build the pgpilot configuration for a running local cluster, with `users`
+/// (name, password) allowed through.
+pub fn config_for(cluster: &LocalCluster, listen: &str, users: &[(&str, &str)]) -> Config {
     let mut toml = format!("listen = \"{listen}\"\n");
     for n in &cluster.nodes {
         toml.push_str(&format!(
@@ -23,10 +24,12 @@ pub fn config_for(cluster: &LocalCluster, listen: &str) -> Config {
             n.data_dir.display()
         ));
     }
-    toml.push_str(&format!(
-        "[[users]]\nname = \"{DEMO_USER}\"\npassword = \"{DEMO_PASSWORD}\"\n[monitor]\nuser = \"{}\"\n",
-        cluster.superuser()
-    ));
+    for (name, password) in users {
+        toml.push_str(&format!(
+            "[[users]]\nname = \"{name}\"\npassword = \"{password}\"\n"
+        ));
+    }
+    toml.push_str(&format!("[monitor]\nuser = \"{}\"\n", cluster.superuser()));
     Config::from_toml(&toml).expect("the demo configuration is valid")
 }
 
@@ -52,7 +55,7 @@ pub async fn run(listen: &str, standbys: usize) -> Result<(), String> {
             n.data_dir.display()
         );
     }
-    let config = config_for(&cluster, listen);
+    let config = config_for(&cluster, listen, &[(DEMO_USER, DEMO_PASSWORD)]);
     let proxy = match Proxy::bind(config).await {
         Ok(p) => p,
         Err(e) => return Err(e.to_string()),

@@ -1,0 +1,162 @@
+//! Shared test harness: one real PostgreSQL cluster (primary + 2 streaming
+//! standbys) per test binary, and pgpilot instances running in-process on
+//! loopback in front of it.
+//!
+//! The cluster is built on first use and stopped (and its files removed) when
+//! the test process exits, through an `atexit` hook: Rust never drops statics.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::sync::{Mutex, OnceLock};
+use std::time::Duration;
+
+use pgpilot::config::Config;
+use pgpilot::localcluster::{ClusterSpec, LocalCluster};
+use pgpilot::server::Proxy;
+
+/// The application role tests log in as.
+pub const USER: &str = "app";
+/// Its password.
+pub const PASSWORD: &str = "secret";
+/// Its database.
+pub const DB: &str = "app";
+
+/// A shared cluster and a default pgpilot in front of it.
+pub struct Harness {
+    /// The cluster; behind a mutex so the exit hook can shut it down.
+    pub cluster: Mutex<LocalCluster>,
+    /// Ports of the nodes (node id order).
+    pub ports: Vec<u16>,
+    /// Address of the default pgpilot instance.
+    pub proxy: SocketAddr,
+    /// Directory of the PostgreSQL binaries (pgbench, psql).
+    pub bindir: std::path::PathBuf,
+}
+
+static HARNESS: OnceLock<Harness> = OnceLock::new();
+
+extern "C" fn stop_cluster_at_exit() {
+    if let Some(h) = HARNESS.get() {
+        let mut c = h.cluster.lock().unwrap_or_else(|p| p.into_inner());
+        c.shutdown();
+    }
+}
+
+/// The shared harness, built on first call.
+pub fn harness() -> &'static Harness {
+    HARNESS.get_or_init(|| {
+        let _ = tracing_subscriber_init();
+        let spec = ClusterSpec {
+            standbys: 2,
+            users: vec![(USER.into(), PASSWORD.into())],
+            databases: vec![(DB.into(), USER.into())],
+            extra_conf: vec!["max_connections = 150".into()],
+            synchronous: false,
+        };
+        let cluster = LocalCluster::start(spec).expect("start a local PostgreSQL cluster");
+        // SAFETY: registering a plain extern "C" fn with no captured state.
+        unsafe {
+            libc::atexit(stop_cluster_at_exit);
+        }
+        let ports = cluster.nodes.iter().map(|n| n.port).collect();
+        let bindir = cluster.bindir.clone();
+        let config = base_config(&cluster);
+        let proxy = spawn_proxy(config);
+        Harness {
+            cluster: Mutex::new(cluster),
+            ports,
+            proxy,
+            bindir,
+        }
+    })
+}
+
+/// Logs from pgpilot during tests: set PGPILOT_LOG=debug to see them.
+fn tracing_subscriber_init() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("PGPILOT_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_test_writer()
+        .try_init()
+}
+
+fn base_config(cluster: &LocalCluster) -> Config {
+    let mut c = pgpilot::demo::config_for(cluster, "127.0.0.1:0", &[(USER, PASSWORD)]);
+    c.pool.max_connections_per_node = 60;
+    c
+}
+
+impl Harness {
+    /// A config for this cluster that tests may adjust before [`spawn_proxy`].
+    pub fn config(&self) -> Config {
+        base_config(&self.cluster.lock().unwrap())
+    }
+
+    /// Run SQL on a node as the superuser through psql.
+    pub fn psql(&self, node: usize, sql: &str) -> String {
+        self.cluster
+            .lock()
+            .unwrap()
+            .psql(node, sql)
+            .expect("psql on a node")
+    }
+
+    /// tokio-postgres connection string to a pgpilot address.
+    pub fn conninfo(addr: SocketAddr, extra: &str) -> String {
+        format!(
+            "host={} port={} user={USER} password={PASSWORD} dbname={DB} connect_timeout=10 {extra}",
+            addr.ip(),
+            addr.port()
+        )
+    }
+}
+
+/// Start a pgpilot with `config` on its own runtime thread; returns its address.
+/// It runs until the test process exits.
+pub fn spawn_proxy(config: Config) -> SocketAddr {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async move {
+            let proxy = Proxy::bind(config).await.expect("bind pgpilot");
+            tx.send(proxy.local_addr()).expect("report address");
+            proxy.run(std::future::pending()).await;
+        });
+    });
+    rx.recv_timeout(Duration::from_secs(30))
+        .expect("pgpilot started")
+}
+
+/// Connect to pgpilot at `addr` with tokio-postgres, driving the connection in a task.
+pub async fn connect(addr: SocketAddr, extra: &str) -> tokio_postgres::Client {
+    let (client, conn) = tokio_postgres::connect(&Harness::conninfo(addr, extra), tokio_postgres::NoTls)
+        .await
+        .expect("connect through pgpilot");
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    client
+}
+
+/// Like [`connect`] but returns the error instead of panicking.
+pub async fn try_connect(
+    addr: SocketAddr,
+    extra: &str,
+) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+    let (client, conn) =
+        tokio_postgres::connect(&Harness::conninfo(addr, extra), tokio_postgres::NoTls).await?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Ok(client)
+}
+
+/// The SQLSTATE of a tokio-postgres error, if the server (or pgpilot) sent one.
+pub fn sqlstate(e: &tokio_postgres::Error) -> Option<String> {
+    e.as_db_error().map(|d| d.code().code().to_string())
+}

@@ -1,0 +1,525 @@
+//! End-to-end tests of the core proxy against a real primary + 2 standbys.
+//! Everything here speaks to pgpilot on loopback: with tokio-postgres, with raw
+//! protocol bytes, and with pgbench.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{DB, PASSWORD, USER, connect, harness, spawn_proxy, sqlstate, try_connect};
+use futures_util::{SinkExt, StreamExt, TryStreamExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+#[tokio::test]
+async fn select_insert_update_round_trips() {
+    let h = harness();
+    let c = connect(h.proxy, "").await;
+    c.batch_execute("DROP TABLE IF EXISTS rt; CREATE TABLE rt (id int primary key, v text)")
+        .await
+        .unwrap();
+    c.execute("INSERT INTO rt VALUES ($1, $2)", &[&1i32, &"one"]).await.unwrap();
+    let n = c.execute("UPDATE rt SET v = 'uno' WHERE id = 1", &[]).await.unwrap();
+    assert_eq!(n, 1);
+    let row = c.query_one("SELECT v FROM rt WHERE id = $1", &[&1i32]).await.unwrap();
+    assert_eq!(row.get::<_, &str>(0), "uno");
+    // The write went to the primary.
+    let node: String = c
+        .query_one("SELECT current_setting('cluster_name')", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(node, "node0");
+}
+
+#[tokio::test]
+async fn multi_statement_simple_query() {
+    let h = harness();
+    let c = connect(h.proxy, "").await;
+    let msgs = c
+        .simple_query("SELECT 1 AS a; SELECT 'x' AS b, 2 AS c; SELECT generate_series(1,3)")
+        .await
+        .unwrap();
+    let rows: Vec<_> = msgs
+        .iter()
+        .filter_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => Some(r.get(0).unwrap().to_string()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(rows, vec!["1", "x", "1", "2", "3"]);
+    // An error in the middle stops the rest, and the session stays usable.
+    let e = c
+        .simple_query("SELECT 1; SELECT 1/0; SELECT 2")
+        .await
+        .unwrap_err();
+    assert_eq!(sqlstate(&e).as_deref(), Some("22012"));
+    assert_eq!(c.query_one("SELECT 41 + 1", &[]).await.unwrap().get::<_, i32>(0), 42);
+}
+
+#[tokio::test]
+async fn extended_protocol_named_statements_portals_and_pipelining() {
+    let h = harness();
+    let mut c = connect(h.proxy, "").await;
+    // Named prepared statement, executed several times.
+    let stmt = c.prepare("SELECT $1::int * 2").await.unwrap();
+    for i in 0..5i32 {
+        let v: i32 = c.query_one(&stmt, &[&i]).await.unwrap().get(0);
+        assert_eq!(v, i * 2);
+    }
+    // A portal fetched in chunks inside a transaction.
+    let tx = c.transaction().await.unwrap();
+    let s = tx.prepare("SELECT generate_series(1, 25)").await.unwrap();
+    let portal = tx.bind(&s, &[]).await.unwrap();
+    let mut seen = 0;
+    loop {
+        let rows = tx.query_portal(&portal, 10).await.unwrap();
+        if rows.is_empty() {
+            break;
+        }
+        seen += rows.len();
+    }
+    assert_eq!(seen, 25);
+    tx.commit().await.unwrap();
+    // A pipelined batch: all requests are written before any result is read.
+    let (a, b, d) = tokio::join!(
+        c.query_one("SELECT 1::int", &[]),
+        c.query_one("SELECT $1::text", &[&"two"]),
+        c.query("SELECT generate_series(1, 100)", &[]),
+    );
+    assert_eq!(a.unwrap().get::<_, i32>(0), 1);
+    assert_eq!(b.unwrap().get::<_, &str>(0), "two");
+    assert_eq!(d.unwrap().len(), 100);
+    // An error inside a pipeline fails that request only.
+    let (ok, bad, ok2) = tokio::join!(
+        c.query_one("SELECT 1::int", &[]),
+        c.query_one("SELECT * FROM no_such_table", &[]),
+        c.query_one("SELECT 3::int", &[]),
+    );
+    assert!(ok.is_ok() && ok2.is_ok());
+    assert_eq!(sqlstate(&bad.unwrap_err()).as_deref(), Some("42P01"));
+}
+
+#[tokio::test]
+async fn copy_in_and_out_100k_rows() {
+    let h = harness();
+    let c = connect(h.proxy, "").await;
+    c.batch_execute("DROP TABLE IF EXISTS copyt; CREATE TABLE copyt (id int, t text)")
+        .await
+        .unwrap();
+    let mut data = String::new();
+    for i in 0..100_000 {
+        data.push_str(&format!("{i}\trow number {i} \\\\ tab\\there\n"));
+    }
+    let sink = c.copy_in("COPY copyt FROM STDIN").await.unwrap();
+    futures_util::pin_mut!(sink);
+    for chunk in data.as_bytes().chunks(64 * 1024) {
+        sink.send(bytes::Bytes::copy_from_slice(chunk)).await.unwrap();
+    }
+    let n = sink.finish().await.unwrap();
+    assert_eq!(n, 100_000);
+    let out: Vec<bytes::Bytes> = c
+        .copy_out("COPY (SELECT * FROM copyt ORDER BY id) TO STDOUT")
+        .await
+        .unwrap()
+        .try_collect()
+        .await
+        .unwrap();
+    let out: Vec<u8> = out.concat();
+    assert_eq!(out.len(), data.len());
+    assert!(out == data.as_bytes(), "COPY OUT differs from what went in");
+}
+
+#[tokio::test]
+async fn notices_and_notifications_are_delivered() {
+    let h = harness();
+    let (client, mut conn) = tokio_postgres::connect(
+        &common::Harness::conninfo(h.proxy, ""),
+        tokio_postgres::NoTls,
+    )
+    .await
+    .unwrap();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let mut stream = futures_util::stream::poll_fn(move |cx| conn.poll_message(cx));
+        while let Some(Ok(m)) = stream.next().await {
+            let _ = tx.send(m);
+        }
+    });
+    client
+        .batch_execute("DO $$ BEGIN RAISE NOTICE 'hello from the server'; END $$")
+        .await
+        .unwrap();
+    client.batch_execute("LISTEN pgpilot_chan").await.unwrap();
+    let other = connect(h.proxy, "").await;
+    other
+        .batch_execute("NOTIFY pgpilot_chan, 'payload-1'")
+        .await
+        .unwrap();
+    let mut got_notice = false;
+    let mut got_notification = false;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !(got_notice && got_notification) && Instant::now() < deadline {
+        // Notifications arrive asynchronously; a query nudges the connection.
+        let m = tokio::time::timeout(Duration::from_millis(500), rx.recv()).await;
+        match m {
+            Ok(Some(tokio_postgres::AsyncMessage::Notice(n))) => {
+                got_notice |= n.message() == "hello from the server";
+            }
+            Ok(Some(tokio_postgres::AsyncMessage::Notification(n))) => {
+                got_notification |= n.channel() == "pgpilot_chan" && n.payload() == "payload-1";
+            }
+            Ok(Some(_)) => {}
+            Ok(None) => break,
+            Err(_) => {
+                client.batch_execute("SELECT 1").await.unwrap();
+            }
+        }
+    }
+    assert!(got_notice, "NOTICE not delivered");
+    assert!(got_notification, "NOTIFY not delivered");
+}
+
+#[tokio::test]
+async fn cancel_request_reaches_the_server() {
+    let h = harness();
+    let c = connect(h.proxy, "").await;
+    let token = c.cancel_token();
+    let started = Instant::now();
+    let canceller = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        token.cancel_query(tokio_postgres::NoTls).await
+    });
+    let e = c.query("SELECT pg_sleep(10)", &[]).await.unwrap_err();
+    canceller.await.unwrap().unwrap();
+    assert_eq!(sqlstate(&e).as_deref(), Some("57014"), "{e}");
+    assert!(
+        started.elapsed() < Duration::from_millis(1300),
+        "cancel took {:?}",
+        started.elapsed()
+    );
+    // The session is still usable after the cancel.
+    assert_eq!(c.query_one("SELECT 7", &[]).await.unwrap().get::<_, i32>(0), 7);
+}
+
+#[tokio::test]
+async fn wrong_password_and_unknown_user_get_28p01() {
+    let h = harness();
+    let addr = h.proxy;
+    let bad = format!(
+        "host={} port={} user={USER} password=wrong dbname={DB}",
+        addr.ip(),
+        addr.port()
+    );
+    let e = tokio_postgres::connect(&bad, tokio_postgres::NoTls).await.err().unwrap();
+    assert_eq!(sqlstate(&e).as_deref(), Some("28P01"), "{e}");
+    let unknown = format!(
+        "host={} port={} user=nobody password={PASSWORD} dbname={DB}",
+        addr.ip(),
+        addr.port()
+    );
+    let e2 = tokio_postgres::connect(&unknown, tokio_postgres::NoTls).await.err().unwrap();
+    assert_eq!(sqlstate(&e2).as_deref(), Some("28P01"), "{e2}");
+    // Same message shape for both: no user enumeration.
+    let m1 = e.as_db_error().unwrap().message().replace(USER, "U");
+    let m2 = e2.as_db_error().unwrap().message().replace("nobody", "U");
+    assert_eq!(m1, m2);
+}
+
+/// Read one backend message from a raw socket: (type, body).
+async fn read_msg(s: &mut TcpStream) -> std::io::Result<(u8, Vec<u8>)> {
+    let t = s.read_u8().await?;
+    let len = s.read_i32().await? as usize;
+    let mut body = vec![0; len.saturating_sub(4)];
+    s.read_exact(&mut body).await?;
+    Ok((t, body))
+}
+
+fn sqlstate_of(body: &[u8]) -> String {
+    pgpilot::protocol::frame::ErrorFields::parse(body).code
+}
+
+#[tokio::test]
+async fn malformed_input_is_rejected_while_others_keep_working() {
+    let h = harness();
+    let survivor = connect(h.proxy, "").await;
+    // 1. A startup packet with a nonsense length.
+    let mut s = TcpStream::connect(h.proxy).await.unwrap();
+    s.write_all(&[0x7f, 0xff, 0xff, 0xff, 0, 3, 0, 0]).await.unwrap();
+    let (t, body) = read_msg(&mut s).await.unwrap();
+    assert_eq!(t, b'E');
+    assert_eq!(sqlstate_of(&body), "08P01");
+    // 2. A truncated parameter list.
+    let mut s = TcpStream::connect(h.proxy).await.unwrap();
+    let mut pkt = vec![];
+    pkt.extend_from_slice(&196608i32.to_be_bytes());
+    pkt.extend_from_slice(b"user\0app");
+    let mut framed = ((pkt.len() + 4) as i32).to_be_bytes().to_vec();
+    framed.extend(pkt);
+    s.write_all(&framed).await.unwrap();
+    let (t, body) = read_msg(&mut s).await.unwrap();
+    assert_eq!((t, sqlstate_of(&body).as_str()), (b'E', "08P01"));
+    // 3. Protocol 2.0 is refused with a clear error.
+    let mut s = TcpStream::connect(h.proxy).await.unwrap();
+    let mut v2 = 8i32.to_be_bytes().to_vec();
+    v2.extend_from_slice(&(2i32 << 16).to_be_bytes());
+    s.write_all(&v2).await.unwrap();
+    let (t, body) = read_msg(&mut s).await.unwrap();
+    assert_eq!((t, sqlstate_of(&body).as_str()), (b'E', "0A000"));
+    // 4. A logged-in client announcing a 2 GiB message.
+    let mut s = login_raw(h.proxy).await;
+    s.write_all(&[b'Q', 0x7f, 0xff, 0xff, 0xff]).await.unwrap();
+    let (t, body) = loop {
+        let m = read_msg(&mut s).await.unwrap();
+        if m.0 == b'E' {
+            break m;
+        }
+    };
+    assert_eq!((t, sqlstate_of(&body).as_str()), (b'E', "08P01"));
+    let mut rest = vec![];
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut rest))
+        .await
+        .expect("connection closed after the error")
+        .unwrap_or(0);
+    assert_eq!(n, 0);
+    // 5. An unknown message type after login.
+    let mut s = login_raw(h.proxy).await;
+    s.write_all(&[b'?', 0, 0, 0, 4]).await.unwrap();
+    let (t, body) = read_msg(&mut s).await.unwrap();
+    assert_eq!((t, sqlstate_of(&body).as_str()), (b'E', "08P01"));
+    // 6. SSLRequest is answered 'N' and the client may go on in the clear.
+    let mut s = TcpStream::connect(h.proxy).await.unwrap();
+    s.write_all(&[0, 0, 0, 8, 4, 0xd2, 0x16, 0x2f]).await.unwrap();
+    assert_eq!(s.read_u8().await.unwrap(), b'N');
+    // Meanwhile the other client was never disturbed.
+    let v: i32 = survivor.query_one("SELECT 5", &[]).await.unwrap().get(0);
+    assert_eq!(v, 5);
+}
+
+/// Log in over a raw socket with trust-free SCRAM via postgres-protocol; returns
+/// the socket positioned after the first ReadyForQuery.
+async fn login_raw(addr: std::net::SocketAddr) -> TcpStream {
+    use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
+    use postgres_protocol::message::frontend;
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    let mut buf = bytes::BytesMut::new();
+    frontend::startup_message([("user", USER), ("database", DB)], &mut buf).unwrap();
+    s.write_all(&buf).await.unwrap();
+    let mut scram = ScramSha256::new(PASSWORD.as_bytes(), ChannelBinding::unsupported());
+    loop {
+        let (t, body) = read_msg(&mut s).await.unwrap();
+        buf.clear();
+        match (t, i32::from_be_bytes(body[..4.min(body.len())].try_into().unwrap_or([0; 4]))) {
+            (b'R', 10) => {
+                frontend::sasl_initial_response("SCRAM-SHA-256", scram.message(), &mut buf).unwrap();
+                s.write_all(&buf).await.unwrap();
+            }
+            (b'R', 11) => {
+                scram.update(&body[4..]).unwrap();
+                frontend::sasl_response(scram.message(), &mut buf).unwrap();
+                s.write_all(&buf).await.unwrap();
+            }
+            (b'R', 12) => scram.finish(&body[4..]).unwrap(),
+            (b'Z', _) => return s,
+            (b'E', _) => panic!("login failed: {}", sqlstate_of(&body)),
+            _ => {}
+        }
+    }
+}
+
+#[tokio::test]
+async fn backend_connection_is_reused_across_sessions() {
+    let h = harness();
+    // A dedicated application_name gives this test its own pool key.
+    let extra = "application_name=reuse_test";
+    let c1 = connect(h.proxy, extra).await;
+    c1.batch_execute("SET work_mem = '7MB'").await.unwrap();
+    let pid1: i32 = c1.query_one("SELECT pg_backend_pid()", &[]).await.unwrap().get(0);
+    drop(c1);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let c2 = connect(h.proxy, extra).await;
+    let pid2: i32 = c2.query_one("SELECT pg_backend_pid()", &[]).await.unwrap().get(0);
+    assert_eq!(pid1, pid2, "the pooled server connection was not reused");
+    // ... and it was reset: the previous session's SET is gone, startup parameters stay.
+    let wm: String = c2.query_one("SHOW work_mem", &[]).await.unwrap().get(0);
+    assert_eq!(wm, "4MB");
+    let app: String = c2.query_one("SHOW application_name", &[]).await.unwrap().get(0);
+    assert_eq!(app, "reuse_test");
+}
+
+#[tokio::test]
+async fn startup_parameters_reach_the_server() {
+    let h = harness();
+    let c = connect(
+        h.proxy,
+        "application_name=pilot_params options='-c search_path=custom_path -c statement_timeout=4321'",
+    )
+    .await;
+    let row = c
+        .query_one(
+            "SELECT current_setting('application_name'), current_setting('search_path'), current_setting('statement_timeout')",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, &str>(0), "pilot_params");
+    assert_eq!(row.get::<_, &str>(1), "custom_path");
+    assert_eq!(row.get::<_, &str>(2), "4321ms");
+}
+
+#[tokio::test]
+async fn pool_exhaustion_gives_53300_after_the_wait() {
+    let h = harness();
+    let mut cfg = h.config();
+    cfg.pool.max_connections_per_node = 2;
+    cfg.pool.acquire_timeout = Duration::from_millis(800);
+    let addr = spawn_proxy(cfg);
+    let a = connect(addr, "").await;
+    let b = connect(addr, "").await;
+    let started = Instant::now();
+    let e = try_connect(addr, "").await.err().expect("third session must not get a connection");
+    let waited = started.elapsed();
+    assert_eq!(sqlstate(&e).as_deref(), Some("53300"), "{e}");
+    assert!(waited >= Duration::from_millis(700), "failed too early: {waited:?}");
+    // Once a session ends, its connection serves the next one.
+    drop(a);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let c = connect(addr, "").await;
+    assert_eq!(c.query_one("SELECT 1", &[]).await.unwrap().get::<_, i32>(0), 1);
+    drop(b);
+}
+
+#[tokio::test]
+async fn client_limit_gives_53300() {
+    let h = harness();
+    let mut cfg = h.config();
+    cfg.max_client_conn = 2;
+    let addr = spawn_proxy(cfg);
+    let _a = connect(addr, "").await;
+    let _b = connect(addr, "").await;
+    let e = try_connect(addr, "").await.err().expect("third client refused");
+    assert_eq!(sqlstate(&e).as_deref(), Some("53300"), "{e}");
+}
+
+/// Send a simple Query on a raw socket.
+async fn send_query(s: &mut TcpStream, sql: &str) {
+    let mut buf = bytes::BytesMut::new();
+    postgres_protocol::message::frontend::query(sql, &mut buf).unwrap();
+    s.write_all(&buf).await.unwrap();
+}
+
+/// Read messages until ReadyForQuery; returns the DataRow values of the first column.
+async fn until_ready(s: &mut TcpStream) -> Vec<String> {
+    let mut vals = vec![];
+    loop {
+        let (t, body) = read_msg(s).await.unwrap();
+        match t {
+            b'D' => {
+                let len = i32::from_be_bytes(body[2..6].try_into().unwrap());
+                vals.push(String::from_utf8_lossy(&body[6..6 + len as usize]).into_owned());
+            }
+            b'Z' => return vals,
+            _ => {}
+        }
+    }
+}
+
+#[tokio::test]
+async fn client_vanishing_mid_transaction_never_pools_a_dirty_connection() {
+    let h = harness();
+    let c = connect(h.proxy, "").await;
+    c.batch_execute("CREATE TABLE IF NOT EXISTS vanish (v int)").await.unwrap();
+    // A raw client (same pool key for all raw logins) opens a transaction, writes,
+    // starts a long query, and vanishes without Terminate.
+    let mut s = login_raw(h.proxy).await;
+    send_query(&mut s, "BEGIN; INSERT INTO vanish VALUES (1); SELECT pg_backend_pid()").await;
+    let pid: i32 = until_ready(&mut s).await[0].parse().unwrap();
+    send_query(&mut s, "SELECT pg_sleep(30)").await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    drop(s);
+    // The server process goes away (cancelled and closed), and nothing was committed.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let alive = h.psql(0, &format!("SELECT count(*) FROM pg_stat_activity WHERE pid = {pid}"));
+        if alive == "0" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "server process {pid} still alive");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let n: i64 = c.query_one("SELECT count(*) FROM vanish", &[]).await.unwrap().get(0);
+    assert_eq!(n, 0);
+    // A client vanishing while idle inside a transaction: its connection is not reused
+    // (a new raw session must not inherit the open transaction).
+    let mut s = login_raw(h.proxy).await;
+    send_query(&mut s, "BEGIN; INSERT INTO vanish VALUES (2); SELECT pg_backend_pid()").await;
+    let pid2: i32 = until_ready(&mut s).await[0].parse().unwrap();
+    drop(s);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut s = login_raw(h.proxy).await;
+    send_query(&mut s, "SELECT pg_backend_pid()::text || ':' || (now() = statement_timestamp())::text").await;
+    let v = until_ready(&mut s).await;
+    assert_ne!(v[0], format!("{pid2}:false"), "new session inherited an open transaction");
+    assert!(v[0].ends_with(":true"), "{v:?}");
+    let n: i64 = c.query_one("SELECT count(*) FROM vanish", &[]).await.unwrap().get(0);
+    assert_eq!(n, 0);
+}
+
+#[tokio::test]
+async fn server_dying_mid_session_gives_an_error_not_a_hang() {
+    let h = harness();
+    let c = connect(h.proxy, "application_name=dying_test").await;
+    let pid: i32 = c.query_one("SELECT pg_backend_pid()", &[]).await.unwrap().get(0);
+    h.psql(0, &format!("SELECT pg_terminate_backend({pid})"));
+    let r = tokio::time::timeout(Duration::from_secs(5), c.query_one("SELECT 1", &[])).await;
+    let e = r.expect("no hang").unwrap_err();
+    // Either the server's own FATAL 57P01 or pgpilot's 08006, never silence.
+    assert!(e.as_db_error().is_some() || e.is_closed(), "{e}");
+    // The proxy still serves new sessions.
+    let c2 = connect(h.proxy, "").await;
+    assert_eq!(c2.query_one("SELECT 2", &[]).await.unwrap().get::<_, i32>(0), 2);
+}
+
+fn pgbench(args: &[&str]) -> String {
+    let h = harness();
+    let exe = h.bindir.join("pgbench");
+    let out = std::process::Command::new(exe)
+        .args(args)
+        .args([
+            "-h",
+            &h.proxy.ip().to_string(),
+            "-p",
+            &h.proxy.port().to_string(),
+            "-U",
+            USER,
+            DB,
+        ])
+        .env("PGPASSWORD", PASSWORD)
+        .output()
+        .expect("run pgbench");
+    let text = format!(
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "pgbench {args:?} failed:\n{text}");
+    text
+}
+
+#[test]
+fn pgbench_all_protocols_complete_without_failures() {
+    pgbench(&["-i", "-s", "1", "-q"]);
+    for mode in ["simple", "extended", "prepared"] {
+        for workload in [&["-S"][..], &[][..]] {
+            let mut args = vec!["-M", mode, "-c", "4", "-j", "2", "-T", "2"];
+            args.extend_from_slice(workload);
+            let text = pgbench(&args);
+            assert!(
+                text.contains("number of failed transactions: 0 (0.000%)"),
+                "pgbench {args:?}:\n{text}"
+            );
+            let tps_line = text.lines().find(|l| l.starts_with("tps")).unwrap_or("");
+            eprintln!("pgbench -M {mode} {workload:?}: {tps_line}");
+        }
+    }
+}
