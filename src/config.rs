@@ -262,7 +262,9 @@ fn default_weight() -> f64 {
 /// Parse `"250ms"`, `"5s"`, `"2m"`, `"1h"` or a number of seconds.
 pub fn parse_duration(s: &str) -> Option<Duration> {
     let s = s.trim();
-    let split = s.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(s.len());
+    let split = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(s.len());
     let (num, unit) = s.split_at(split);
     let n: f64 = num.parse().ok()?;
     let secs = match unit.trim() {
@@ -308,16 +310,20 @@ impl Config {
 
     /// Parse and validate TOML text.
     pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
-        let mut cfg: Config = toml::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))?;
+        let mut cfg: Config =
+            toml::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))?;
         cfg.validate()?;
         Ok(cfg)
     }
 
     /// The listen address, parsed.
     pub fn listen_addr(&self) -> Result<SocketAddr, ConfigError> {
-        self.listen
-            .parse()
-            .map_err(|e| invalid("listen", format!("{:?} is not address:port ({e})", self.listen)))
+        self.listen.parse().map_err(|e| {
+            invalid(
+                "listen",
+                format!("{:?} is not address:port ({e})", self.listen),
+            )
+        })
     }
 
     /// Look a user up by name.
@@ -338,7 +344,10 @@ impl Config {
             ));
         }
         if self.pool.max_connections_per_node == 0 {
-            return Err(invalid("pool.max_connections_per_node", "must be at least 1"));
+            return Err(invalid(
+                "pool.max_connections_per_node",
+                "must be at least 1",
+            ));
         }
         if self.pool.acquire_timeout.is_zero() {
             return Err(invalid("pool.acquire_timeout", "must be greater than 0"));
@@ -356,7 +365,10 @@ impl Config {
             }
         }
         if self.backends.is_empty() {
-            return Err(invalid("backends", "at least one [[backends]] entry is required"));
+            return Err(invalid(
+                "backends",
+                "at least one [[backends]] entry is required",
+            ));
         }
         for (i, b) in self.backends.iter().enumerate() {
             if b.host.trim().is_empty() {
@@ -366,7 +378,10 @@ impl Config {
                 return Err(invalid(format!("backends[{i}].port"), "must be 1..65535"));
             }
             if !(b.weight.is_finite() && b.weight >= 0.0) {
-                return Err(invalid(format!("backends[{i}].weight"), "must be a number >= 0"));
+                return Err(invalid(
+                    format!("backends[{i}].weight"),
+                    "must be a number >= 0",
+                ));
             }
             if self.backends[..i]
                 .iter()
@@ -385,7 +400,10 @@ impl Config {
                 return Err(invalid(key("name"), "must not be empty"));
             }
             if self.users[..i].iter().any(|u| u.name == name) {
-                return Err(invalid(key("name"), format!("user {name:?} is listed twice")));
+                return Err(invalid(
+                    key("name"),
+                    format!("user {name:?} is listed twice"),
+                ));
             }
             let u = &mut self.users[i];
             if u.password.is_none() && u.scram_verifier.is_none() && u.auth != AuthMethod::Trust {
@@ -395,7 +413,10 @@ impl Config {
                 ));
             }
             if u.auth == AuthMethod::Md5 && u.password.is_none() {
-                return Err(invalid(key("password"), "auth = \"md5\" needs the password"));
+                return Err(invalid(
+                    key("password"),
+                    "auth = \"md5\" needs the password",
+                ));
             }
             u.verifier = match (&u.scram_verifier, &u.password) {
                 (Some(v), _) => Some(ScramVerifier::parse(v).ok_or_else(|| {
@@ -446,8 +467,10 @@ mod tests {
         assert!(e.to_string().contains("bogus"), "{e}");
         let e = Config::from_toml(&MINIMAL.replace("port = 5432", "port = 0")).unwrap_err();
         assert!(e.to_string().contains("backends[0].port"), "{e}");
-        let e = Config::from_toml(&format!("{MINIMAL}\n[pool]\nacquire_timeout = \"5 parsecs\""))
-            .unwrap_err();
+        let e = Config::from_toml(&format!(
+            "{MINIMAL}\n[pool]\nacquire_timeout = \"5 parsecs\""
+        ))
+        .unwrap_err();
         assert!(e.to_string().contains("acquire_timeout"), "{e}");
         let e = Config::from_toml(&MINIMAL.replace("password = \"secret\"", "")).unwrap_err();
         assert!(e.to_string().contains("users[0].password"), "{e}");

@@ -41,7 +41,9 @@ pub async fn run(listen: &str, standbys: usize) -> Result<(), String> {
         databases: vec![(DEMO_USER.into(), DEMO_USER.into())],
         ..ClusterSpec::default()
     };
-    println!("pgpilot demo: creating a primary and {standbys} streaming standbys (real PostgreSQL) ...");
+    println!(
+        "pgpilot demo: creating a primary and {standbys} streaming standbys (real PostgreSQL) ..."
+    );
     let cluster = tokio::task::spawn_blocking(move || LocalCluster::start(spec))
         .await
         .map_err(|e| e.to_string())?

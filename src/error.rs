@@ -58,21 +58,22 @@ impl ToPgError for AuthError {
         match self {
             // The user name is added by the session, which knows it.
             AuthError::Failed => PgError::fatal(INVALID_PASSWORD, "password authentication failed"),
-            AuthError::Malformed(m) => {
-                PgError::fatal(PROTOCOL_VIOLATION, format!("malformed authentication message: {m}"))
-            }
+            AuthError::Malformed(m) => PgError::fatal(
+                PROTOCOL_VIOLATION,
+                format!("malformed authentication message: {m}"),
+            ),
         }
     }
 }
 
 impl ToPgError for BackendError {
     fn to_pg_error(&self) -> PgError {
-        let e = match self {
+        match self {
             BackendError::Server { fields, .. } => {
                 // Relay the node's own verdict (e.g. 3D000 database does not exist).
                 let valid = fields.code.len() == 5 && fields.code.bytes().all(|b| b.is_ascii_alphanumeric());
                 let code = if valid { fields.code.clone().into() } else { INTERNAL.into() };
-                return PgError {
+                PgError {
                     severity: if fields.severity == "FATAL" {
                         Severity::Fatal
                     } else {
@@ -82,7 +83,7 @@ impl ToPgError for BackendError {
                     message: fields.message.clone(),
                     detail: None,
                     hint: None,
-                };
+                }
             }
             BackendError::PoolTimeout { .. } => PgError::error(TOO_MANY_CONNECTIONS, self.to_string())
                 .with_hint("raise pool.max_connections_per_node or pool.acquire_timeout, or reduce concurrent sessions"),
@@ -94,8 +95,7 @@ impl ToPgError for BackendError {
             BackendError::Io { .. } | BackendError::Protocol { .. } => {
                 PgError::error(CONNECTION_FAILURE, self.to_string())
             }
-        };
-        e
+        }
     }
 }
 
@@ -108,13 +108,17 @@ impl ToPgError for SessionError {
                 e.severity = Severity::Fatal;
                 e
             }
-            SessionError::BackendLost { .. } => PgError::fatal(CONNECTION_FAILURE, self.to_string())
-                .with_hint("the session's server connection closed; reconnect to continue"),
+            SessionError::BackendLost { .. } => {
+                PgError::fatal(CONNECTION_FAILURE, self.to_string())
+                    .with_hint("the session's server connection closed; reconnect to continue")
+            }
             SessionError::IdleTimeout => PgError::fatal(IDLE_SESSION_TIMEOUT, self.to_string()),
             SessionError::IdleInTransactionTimeout => {
                 PgError::fatal(IDLE_IN_TRANSACTION_TIMEOUT, self.to_string())
             }
-            SessionError::UnexpectedMessage(_) => PgError::fatal(PROTOCOL_VIOLATION, self.to_string()),
+            SessionError::UnexpectedMessage(_) => {
+                PgError::fatal(PROTOCOL_VIOLATION, self.to_string())
+            }
             SessionError::Shutdown => PgError::fatal(ADMIN_SHUTDOWN, self.to_string()),
             SessionError::ClientIo(_) | SessionError::WriteTimeout => {
                 PgError::fatal(CONNECTION_FAILURE, self.to_string())
@@ -122,4 +126,3 @@ impl ToPgError for SessionError {
         }
     }
 }
-

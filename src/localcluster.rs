@@ -51,8 +51,11 @@ const SUPERUSER: &str = "postgres";
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(120);
 /// Upper bound for one psql call inside a polling loop.
 const POLL_TIMEOUT: Duration = Duration::from_secs(10);
-/// Outer bound for pg_ctl, which itself waits at most `-t 60` seconds.
-const PG_CTL_TIMEOUT: Duration = Duration::from_secs(90);
+/// Seconds `pg_ctl -w -t` waits for a start, stop or promotion.
+const PG_CTL_WAIT: u64 = 60;
+/// Seconds `pg_ctl -w -t` waits for the immediate stop in `shutdown`, so a
+/// wedged server delays cleanup by no more than this before it gets SIGKILL.
+const SHUTDOWN_WAIT: u64 = 10;
 /// Binaries a bindir must hold to be usable.
 const REQUIRED_BINARIES: [&str; 5] = ["initdb", "pg_ctl", "pg_basebackup", "postgres", "psql"];
 
@@ -329,14 +332,14 @@ impl LocalCluster {
     /// Stops `node` with `pg_ctl stop -m <mode> -w` (`mode`: "smart", "fast" or
     /// "immediate").
     pub fn stop_node(&self, node: usize, mode: &str) -> Result<(), ClusterError> {
-        self.pg_ctl(node, &format!("stop -m {mode}"))
+        self.pg_ctl(node, &format!("stop -m {mode}"), PG_CTL_WAIT)
     }
 
     /// Starts `node` with `pg_ctl start -w`, logging to its `postgres.log`, and waits
     /// (30 s) until it accepts connections.
     pub fn start_node(&self, node: usize) -> Result<(), ClusterError> {
         let log = path_str(&self.node(node).log_file());
-        self.pg_ctl(node, &format!("start -l {log}"))?;
+        self.pg_ctl(node, &format!("start -l {log}"), PG_CTL_WAIT)?;
         wait_until(
             Duration::from_secs(30),
             &format!("node{node} to accept connections"),
@@ -357,7 +360,7 @@ impl LocalCluster {
 
     /// Promotes standby `node` to primary (`pg_ctl promote -w`).
     pub fn promote(&self, node: usize) -> Result<(), ClusterError> {
-        self.pg_ctl(node, "promote")
+        self.pg_ctl(node, "promote", PG_CTL_WAIT)
     }
 
     /// Index of a node that accepts connections and is not in recovery, if any.
@@ -581,6 +584,7 @@ impl LocalCluster {
             .map(|out| out == "t")
     }
 
+    /// psql on `node`/`db` (see [`LocalCluster::psql`]) with a custom time limit.
     fn psql_timeout(
         &self,
         node: usize,
@@ -594,11 +598,12 @@ impl LocalCluster {
         Ok(self.run("psql", &args, timeout)?.trim().to_string())
     }
 
-    /// `pg_ctl <action> -D <data> -w -t 60`; errors carry the node's log tail.
-    fn pg_ctl(&self, node: usize, action: &str) -> Result<(), ClusterError> {
+    /// `pg_ctl <action> -D <data> -w -t <wait_secs>`; errors carry the node's log tail.
+    fn pg_ctl(&self, node: usize, action: &str, wait_secs: u64) -> Result<(), ClusterError> {
         let data = path_str(&self.node(node).data_dir);
-        let args = format!("{action} -D {data} -w -t 60");
-        let result = self.run("pg_ctl", &words(&args), PG_CTL_TIMEOUT);
+        let args = format!("{action} -D {data} -w -t {wait_secs}");
+        let timeout = Duration::from_secs(wait_secs + 30); // pg_ctl's own limit plus slack
+        let result = self.run("pg_ctl", &words(&args), timeout);
         result.map(drop).map_err(|e| self.with_log(node, e))
     }
 
@@ -670,7 +675,7 @@ impl LocalCluster {
         if !pid_file.exists() {
             return;
         }
-        if let Err(e) = self.stop_node(i, "immediate") {
+        if let Err(e) = self.pg_ctl(i, "stop -m immediate", SHUTDOWN_WAIT) {
             tracing::warn!(node = i, error = %e, "pg_ctl stop failed; killing the postmaster");
         }
         let pid = fs::read_to_string(&pid_file)

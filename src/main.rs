@@ -44,7 +44,10 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("pgpilot: cannot start the runtime: {e}");
@@ -52,13 +55,15 @@ fn main() -> ExitCode {
         }
     };
     match cli.command.unwrap_or(Command::Run) {
-        Command::Demo { listen, standbys } => match runtime.block_on(pgpilot::demo::run(&listen, standbys)) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("pgpilot demo: {e}");
-                ExitCode::FAILURE
+        Command::Demo { listen, standbys } => {
+            match runtime.block_on(pgpilot::demo::run(&listen, standbys)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("pgpilot demo: {e}");
+                    ExitCode::FAILURE
+                }
             }
-        },
+        }
         Command::Check => {
             let Some(path) = cli.config else {
                 eprintln!("pgpilot check: --config FILE is required");

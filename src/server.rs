@@ -161,13 +161,17 @@ async fn reload_on_sighup(ctx: Arc<ProxyContext>, path: PathBuf) {
                         .zip(&old.backends)
                         .any(|(a, b)| a.host != b.host || a.port != b.port);
                 if restart_needed {
-                    tracing::warn!("config reload: `listen` or the backend list changed; restart pgpilot to apply; nothing reloaded");
+                    tracing::warn!(
+                        "config reload: `listen` or the backend list changed; restart pgpilot to apply; nothing reloaded"
+                    );
                     continue;
                 }
                 ctx.config.store(Arc::new(new));
                 tracing::info!(path = %path.display(), "configuration reloaded");
             }
-            Err(e) => tracing::error!(error = %e, "config reload failed; keeping the old configuration"),
+            Err(e) => {
+                tracing::error!(error = %e, "config reload failed; keeping the old configuration")
+            }
         }
     }
 }

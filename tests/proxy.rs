@@ -18,10 +18,18 @@ async fn select_insert_update_round_trips() {
     c.batch_execute("DROP TABLE IF EXISTS rt; CREATE TABLE rt (id int primary key, v text)")
         .await
         .unwrap();
-    c.execute("INSERT INTO rt VALUES ($1, $2)", &[&1i32, &"one"]).await.unwrap();
-    let n = c.execute("UPDATE rt SET v = 'uno' WHERE id = 1", &[]).await.unwrap();
+    c.execute("INSERT INTO rt VALUES ($1, $2)", &[&1i32, &"one"])
+        .await
+        .unwrap();
+    let n = c
+        .execute("UPDATE rt SET v = 'uno' WHERE id = 1", &[])
+        .await
+        .unwrap();
     assert_eq!(n, 1);
-    let row = c.query_one("SELECT v FROM rt WHERE id = $1", &[&1i32]).await.unwrap();
+    let row = c
+        .query_one("SELECT v FROM rt WHERE id = $1", &[&1i32])
+        .await
+        .unwrap();
     assert_eq!(row.get::<_, &str>(0), "uno");
     // The write went to the primary.
     let node: String = c
@@ -54,7 +62,13 @@ async fn multi_statement_simple_query() {
         .await
         .unwrap_err();
     assert_eq!(sqlstate(&e).as_deref(), Some("22012"));
-    assert_eq!(c.query_one("SELECT 41 + 1", &[]).await.unwrap().get::<_, i32>(0), 42);
+    assert_eq!(
+        c.query_one("SELECT 41 + 1", &[])
+            .await
+            .unwrap()
+            .get::<_, i32>(0),
+        42
+    );
 }
 
 #[tokio::test]
@@ -114,7 +128,9 @@ async fn copy_in_and_out_100k_rows() {
     let sink = c.copy_in("COPY copyt FROM STDIN").await.unwrap();
     futures_util::pin_mut!(sink);
     for chunk in data.as_bytes().chunks(64 * 1024) {
-        sink.send(bytes::Bytes::copy_from_slice(chunk)).await.unwrap();
+        sink.send(bytes::Bytes::copy_from_slice(chunk))
+            .await
+            .unwrap();
     }
     let n = sink.finish().await.unwrap();
     assert_eq!(n, 100_000);
@@ -199,7 +215,10 @@ async fn cancel_request_reaches_the_server() {
         started.elapsed()
     );
     // The session is still usable after the cancel.
-    assert_eq!(c.query_one("SELECT 7", &[]).await.unwrap().get::<_, i32>(0), 7);
+    assert_eq!(
+        c.query_one("SELECT 7", &[]).await.unwrap().get::<_, i32>(0),
+        7
+    );
 }
 
 #[tokio::test]
@@ -211,14 +230,20 @@ async fn wrong_password_and_unknown_user_get_28p01() {
         addr.ip(),
         addr.port()
     );
-    let e = tokio_postgres::connect(&bad, tokio_postgres::NoTls).await.err().unwrap();
+    let e = tokio_postgres::connect(&bad, tokio_postgres::NoTls)
+        .await
+        .err()
+        .unwrap();
     assert_eq!(sqlstate(&e).as_deref(), Some("28P01"), "{e}");
     let unknown = format!(
         "host={} port={} user=nobody password={PASSWORD} dbname={DB}",
         addr.ip(),
         addr.port()
     );
-    let e2 = tokio_postgres::connect(&unknown, tokio_postgres::NoTls).await.err().unwrap();
+    let e2 = tokio_postgres::connect(&unknown, tokio_postgres::NoTls)
+        .await
+        .err()
+        .unwrap();
     assert_eq!(sqlstate(&e2).as_deref(), Some("28P01"), "{e2}");
     // Same message shape for both: no user enumeration.
     let m1 = e.as_db_error().unwrap().message().replace(USER, "U");
@@ -245,7 +270,9 @@ async fn malformed_input_is_rejected_while_others_keep_working() {
     let survivor = connect(h.proxy, "").await;
     // 1. A startup packet with a nonsense length.
     let mut s = TcpStream::connect(h.proxy).await.unwrap();
-    s.write_all(&[0x7f, 0xff, 0xff, 0xff, 0, 3, 0, 0]).await.unwrap();
+    s.write_all(&[0x7f, 0xff, 0xff, 0xff, 0, 3, 0, 0])
+        .await
+        .unwrap();
     let (t, body) = read_msg(&mut s).await.unwrap();
     assert_eq!(t, b'E');
     assert_eq!(sqlstate_of(&body), "08P01");
@@ -289,7 +316,9 @@ async fn malformed_input_is_rejected_while_others_keep_working() {
     assert_eq!((t, sqlstate_of(&body).as_str()), (b'E', "08P01"));
     // 6. SSLRequest is answered 'N' and the client may go on in the clear.
     let mut s = TcpStream::connect(h.proxy).await.unwrap();
-    s.write_all(&[0, 0, 0, 8, 4, 0xd2, 0x16, 0x2f]).await.unwrap();
+    s.write_all(&[0, 0, 0, 8, 4, 0xd2, 0x16, 0x2f])
+        .await
+        .unwrap();
     assert_eq!(s.read_u8().await.unwrap(), b'N');
     // Meanwhile the other client was never disturbed.
     let v: i32 = survivor.query_one("SELECT 5", &[]).await.unwrap().get(0);
@@ -309,9 +338,13 @@ async fn login_raw(addr: std::net::SocketAddr) -> TcpStream {
     loop {
         let (t, body) = read_msg(&mut s).await.unwrap();
         buf.clear();
-        match (t, i32::from_be_bytes(body[..4.min(body.len())].try_into().unwrap_or([0; 4]))) {
+        match (
+            t,
+            i32::from_be_bytes(body[..4.min(body.len())].try_into().unwrap_or([0; 4])),
+        ) {
             (b'R', 10) => {
-                frontend::sasl_initial_response("SCRAM-SHA-256", scram.message(), &mut buf).unwrap();
+                frontend::sasl_initial_response("SCRAM-SHA-256", scram.message(), &mut buf)
+                    .unwrap();
                 s.write_all(&buf).await.unwrap();
             }
             (b'R', 11) => {
@@ -334,16 +367,28 @@ async fn backend_connection_is_reused_across_sessions() {
     let extra = "application_name=reuse_test";
     let c1 = connect(h.proxy, extra).await;
     c1.batch_execute("SET work_mem = '7MB'").await.unwrap();
-    let pid1: i32 = c1.query_one("SELECT pg_backend_pid()", &[]).await.unwrap().get(0);
+    let pid1: i32 = c1
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
     drop(c1);
     tokio::time::sleep(Duration::from_millis(300)).await;
     let c2 = connect(h.proxy, extra).await;
-    let pid2: i32 = c2.query_one("SELECT pg_backend_pid()", &[]).await.unwrap().get(0);
+    let pid2: i32 = c2
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
     assert_eq!(pid1, pid2, "the pooled server connection was not reused");
     // ... and it was reset: the previous session's SET is gone, startup parameters stay.
     let wm: String = c2.query_one("SHOW work_mem", &[]).await.unwrap().get(0);
     assert_eq!(wm, "4MB");
-    let app: String = c2.query_one("SHOW application_name", &[]).await.unwrap().get(0);
+    let app: String = c2
+        .query_one("SHOW application_name", &[])
+        .await
+        .unwrap()
+        .get(0);
     assert_eq!(app, "reuse_test");
 }
 
@@ -377,15 +422,24 @@ async fn pool_exhaustion_gives_53300_after_the_wait() {
     let a = connect(addr, "").await;
     let b = connect(addr, "").await;
     let started = Instant::now();
-    let e = try_connect(addr, "").await.err().expect("third session must not get a connection");
+    let e = match try_connect(addr, "").await {
+        Ok(_) => panic!("third session must not get a connection"),
+        Err(e) => e,
+    };
     let waited = started.elapsed();
     assert_eq!(sqlstate(&e).as_deref(), Some("53300"), "{e}");
-    assert!(waited >= Duration::from_millis(700), "failed too early: {waited:?}");
+    assert!(
+        waited >= Duration::from_millis(700),
+        "failed too early: {waited:?}"
+    );
     // Once a session ends, its connection serves the next one.
     drop(a);
     tokio::time::sleep(Duration::from_millis(200)).await;
     let c = connect(addr, "").await;
-    assert_eq!(c.query_one("SELECT 1", &[]).await.unwrap().get::<_, i32>(0), 1);
+    assert_eq!(
+        c.query_one("SELECT 1", &[]).await.unwrap().get::<_, i32>(0),
+        1
+    );
     drop(b);
 }
 
@@ -397,7 +451,10 @@ async fn client_limit_gives_53300() {
     let addr = spawn_proxy(cfg);
     let _a = connect(addr, "").await;
     let _b = connect(addr, "").await;
-    let e = try_connect(addr, "").await.err().expect("third client refused");
+    let e = match try_connect(addr, "").await {
+        Ok(_) => panic!("third client refused"),
+        Err(e) => e,
+    };
     assert_eq!(sqlstate(&e).as_deref(), Some("53300"), "{e}");
 }
 
@@ -428,11 +485,17 @@ async fn until_ready(s: &mut TcpStream) -> Vec<String> {
 async fn client_vanishing_mid_transaction_never_pools_a_dirty_connection() {
     let h = harness();
     let c = connect(h.proxy, "").await;
-    c.batch_execute("CREATE TABLE IF NOT EXISTS vanish (v int)").await.unwrap();
+    c.batch_execute("CREATE TABLE IF NOT EXISTS vanish (v int)")
+        .await
+        .unwrap();
     // A raw client (same pool key for all raw logins) opens a transaction, writes,
     // starts a long query, and vanishes without Terminate.
     let mut s = login_raw(h.proxy).await;
-    send_query(&mut s, "BEGIN; INSERT INTO vanish VALUES (1); SELECT pg_backend_pid()").await;
+    send_query(
+        &mut s,
+        "BEGIN; INSERT INTO vanish VALUES (1); SELECT pg_backend_pid()",
+    )
+    .await;
     let pid: i32 = until_ready(&mut s).await[0].parse().unwrap();
     send_query(&mut s, "SELECT pg_sleep(30)").await;
     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -440,28 +503,54 @@ async fn client_vanishing_mid_transaction_never_pools_a_dirty_connection() {
     // The server process goes away (cancelled and closed), and nothing was committed.
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let alive = h.psql(0, &format!("SELECT count(*) FROM pg_stat_activity WHERE pid = {pid}"));
+        let alive = h.psql(
+            0,
+            &format!("SELECT count(*) FROM pg_stat_activity WHERE pid = {pid}"),
+        );
         if alive == "0" {
             break;
         }
-        assert!(Instant::now() < deadline, "server process {pid} still alive");
+        assert!(
+            Instant::now() < deadline,
+            "server process {pid} still alive"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let n: i64 = c.query_one("SELECT count(*) FROM vanish", &[]).await.unwrap().get(0);
+    let n: i64 = c
+        .query_one("SELECT count(*) FROM vanish", &[])
+        .await
+        .unwrap()
+        .get(0);
     assert_eq!(n, 0);
     // A client vanishing while idle inside a transaction: its connection is not reused
     // (a new raw session must not inherit the open transaction).
     let mut s = login_raw(h.proxy).await;
-    send_query(&mut s, "BEGIN; INSERT INTO vanish VALUES (2); SELECT pg_backend_pid()").await;
+    send_query(
+        &mut s,
+        "BEGIN; INSERT INTO vanish VALUES (2); SELECT pg_backend_pid()",
+    )
+    .await;
     let pid2: i32 = until_ready(&mut s).await[0].parse().unwrap();
     drop(s);
     tokio::time::sleep(Duration::from_millis(300)).await;
     let mut s = login_raw(h.proxy).await;
-    send_query(&mut s, "SELECT pg_backend_pid()::text || ':' || (now() = statement_timestamp())::text").await;
+    send_query(
+        &mut s,
+        "SELECT pg_backend_pid()::text || ':' || (now() = statement_timestamp())::text",
+    )
+    .await;
     let v = until_ready(&mut s).await;
-    assert_ne!(v[0], format!("{pid2}:false"), "new session inherited an open transaction");
+    assert_ne!(
+        v[0],
+        format!("{pid2}:false"),
+        "new session inherited an open transaction"
+    );
     assert!(v[0].ends_with(":true"), "{v:?}");
-    let n: i64 = c.query_one("SELECT count(*) FROM vanish", &[]).await.unwrap().get(0);
+    let n: i64 = c
+        .query_one("SELECT count(*) FROM vanish", &[])
+        .await
+        .unwrap()
+        .get(0);
     assert_eq!(n, 0);
 }
 
@@ -469,7 +558,11 @@ async fn client_vanishing_mid_transaction_never_pools_a_dirty_connection() {
 async fn server_dying_mid_session_gives_an_error_not_a_hang() {
     let h = harness();
     let c = connect(h.proxy, "application_name=dying_test").await;
-    let pid: i32 = c.query_one("SELECT pg_backend_pid()", &[]).await.unwrap().get(0);
+    let pid: i32 = c
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
     h.psql(0, &format!("SELECT pg_terminate_backend({pid})"));
     let r = tokio::time::timeout(Duration::from_secs(5), c.query_one("SELECT 1", &[])).await;
     let e = r.expect("no hang").unwrap_err();
@@ -477,7 +570,13 @@ async fn server_dying_mid_session_gives_an_error_not_a_hang() {
     assert!(e.as_db_error().is_some() || e.is_closed(), "{e}");
     // The proxy still serves new sessions.
     let c2 = connect(h.proxy, "").await;
-    assert_eq!(c2.query_one("SELECT 2", &[]).await.unwrap().get::<_, i32>(0), 2);
+    assert_eq!(
+        c2.query_one("SELECT 2", &[])
+            .await
+            .unwrap()
+            .get::<_, i32>(0),
+        2
+    );
 }
 
 fn pgbench(args: &[&str]) -> String {

@@ -93,7 +93,9 @@ impl BackendConn {
         };
         let _ = stream.set_nodelay(true);
         set_keepalive(&stream);
-        let addr = stream.peer_addr().map_err(|source| BackendError::Io { node, source })?;
+        let addr = stream
+            .peer_addr()
+            .map_err(|source| BackendError::Io { node, source })?;
         let mut conn = BackendConn {
             node,
             stream,
@@ -124,8 +126,11 @@ impl BackendConn {
     async fn startup(&mut self, p: &ConnectParams<'_>) -> Result<(), BackendError> {
         let node = self.node;
         let mut out = BytesMut::new();
-        frontend::startup_message(p.startup.iter().map(|(k, v)| (k.as_str(), v.as_str())), &mut out)
-            .map_err(|source| BackendError::Io { node, source })?;
+        frontend::startup_message(
+            p.startup.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+            &mut out,
+        )
+        .map_err(|source| BackendError::Io { node, source })?;
         self.send(&out).await?;
         let mut scram: Option<ScramSha256> = None;
         loop {
@@ -216,8 +221,10 @@ impl BackendConn {
                         message: "the server offers no supported SASL mechanism".into(),
                     });
                 }
-                let s = ScramSha256::new(need_password()?.as_bytes(), ChannelBinding::unsupported());
-                frontend::sasl_initial_response(SCRAM_SHA_256, s.message(), &mut out).map_err(io)?;
+                let s =
+                    ScramSha256::new(need_password()?.as_bytes(), ChannelBinding::unsupported());
+                frontend::sasl_initial_response(SCRAM_SHA_256, s.message(), &mut out)
+                    .map_err(io)?;
                 *scram = Some(s);
             }
             11 => {
@@ -315,8 +322,10 @@ impl BackendConn {
                     tag::ERROR_RESPONSE => failed = Some(ErrorFields::parse(&body)),
                     tag::PARAMETER_STATUS => {
                         let mut parts = body.split(|b| *b == 0);
-                        let k = String::from_utf8_lossy(parts.next().unwrap_or_default()).into_owned();
-                        let v = String::from_utf8_lossy(parts.next().unwrap_or_default()).into_owned();
+                        let k =
+                            String::from_utf8_lossy(parts.next().unwrap_or_default()).into_owned();
+                        let v =
+                            String::from_utf8_lossy(parts.next().unwrap_or_default()).into_owned();
                         self.set_param(k, v);
                     }
                     tag::READY_FOR_QUERY => {
@@ -335,10 +344,12 @@ impl BackendConn {
                 None => Ok(()),
             }
         };
-        timeout(limit, work).await.unwrap_or(Err(BackendError::Timeout {
-            node,
-            what: "resetting a connection to",
-        }))
+        timeout(limit, work)
+            .await
+            .unwrap_or(Err(BackendError::Timeout {
+                node,
+                what: "resetting a connection to",
+            }))
     }
 
     /// True if the socket is still open and has no unread bytes (an idle server sends

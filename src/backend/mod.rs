@@ -66,7 +66,9 @@ pub enum BackendError {
         source: std::io::Error,
     },
     /// Every connection slot of the node stayed busy for the whole wait.
-    #[error("no connection to node {node} became available within {waited:?} (pool.max_connections_per_node reached)")]
+    #[error(
+        "no connection to node {node} became available within {waited:?} (pool.max_connections_per_node reached)"
+    )]
     PoolTimeout {
         /// Node id.
         node: usize,
@@ -82,7 +84,10 @@ impl BackendError {
     /// Whether trying again (another connection, a little later) may succeed.
     /// Used by callers that decide to retry; login refusals are final.
     pub fn retryable(&self) -> bool {
-        !matches!(self, BackendError::Server { .. } | BackendError::Auth { .. })
+        !matches!(
+            self,
+            BackendError::Server { .. } | BackendError::Auth { .. }
+        )
     }
 
     /// Whether this error says something about the node's health (as opposed to the

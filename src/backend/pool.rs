@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::Notify;
 
-use super::conn::{BackendConn, ConnectParams};
 use super::BackendError;
+use super::conn::{BackendConn, ConnectParams};
 
 /// Which connections are interchangeable.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -169,7 +169,11 @@ impl Pool {
                     if c.is_healthy_idle() {
                         return Ok(c);
                     }
-                    tracing::debug!(node = key.node, pid = c.pid, "dropping a dead idle connection");
+                    tracing::debug!(
+                        node = key.node,
+                        pid = c.pid,
+                        "dropping a dead idle connection"
+                    );
                     drop(c);
                     continue;
                 }
@@ -219,7 +223,11 @@ impl Pool {
             return;
         };
         conn.last_used = Instant::now();
-        np.lock().idle.entry(conn.key.clone()).or_default().push(conn);
+        np.lock()
+            .idle
+            .entry(conn.key.clone())
+            .or_default()
+            .push(conn);
         np.released.notify_waiters();
     }
 

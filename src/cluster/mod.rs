@@ -148,7 +148,11 @@ impl Cluster {
             let (status, role, err) = match probe {
                 Probe::Reached { in_recovery } => (
                     NodeStatus::Up,
-                    if *in_recovery { Role::Standby } else { Role::Primary },
+                    if *in_recovery {
+                        Role::Standby
+                    } else {
+                        Role::Primary
+                    },
                     None,
                 ),
                 Probe::Failed(e) => (NodeStatus::Down, node.role, Some(e.clone())),

@@ -144,11 +144,15 @@ impl ScramServer {
         }
         let msg = std::str::from_utf8(data).map_err(|_| AuthError::Malformed("not UTF-8"))?;
         // gs2-header: "n,," or "y,," (no channel binding); "p=" asks for binding we lack.
-        let (cbind, rest) = msg.split_once(',').ok_or(AuthError::Malformed("no gs2 header"))?;
+        let (cbind, rest) = msg
+            .split_once(',')
+            .ok_or(AuthError::Malformed("no gs2 header"))?;
         if cbind != "n" && cbind != "y" {
             return Err(AuthError::Malformed("channel binding is not supported"));
         }
-        let (_authzid, bare) = rest.split_once(',').ok_or(AuthError::Malformed("no gs2 header"))?;
+        let (_authzid, bare) = rest
+            .split_once(',')
+            .ok_or(AuthError::Malformed("no gs2 header"))?;
         self.gs2_header = msg[..msg.len() - bare.len()].to_string();
         let client_nonce = bare
             .split(',')
@@ -250,7 +254,9 @@ mod tests {
         let first = server.client_first(&initial)?;
         client.update(&first).unwrap();
         let last = server.client_final(client.message())?;
-        client.finish(&last).expect("client accepts the server signature");
+        client
+            .finish(&last)
+            .expect("client accepts the server signature");
         Ok(())
     }
 

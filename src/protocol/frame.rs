@@ -279,7 +279,10 @@ mod tests {
             next_frame(&mut huge, 1 << 20),
             Err(FrameError::TooLarge { .. })
         ));
-        assert!(huge.capacity() < 1 << 20, "no allocation for a rejected frame");
+        assert!(
+            huge.capacity() < 1 << 20,
+            "no allocation for a rejected frame"
+        );
         let mut bad = BytesMut::from(&[b'Q', 0, 0, 0, 2][..]);
         assert_eq!(next_frame(&mut bad, 100), Err(FrameError::BadLength(2)));
         let mut partial = BytesMut::from(&msg(b'Q', b"select 1\0")[..6]);

@@ -113,7 +113,13 @@ impl PgError {
 
 impl std::fmt::Display for PgError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{} {}: {}", self.severity.as_str(), self.code, self.message)
+        write!(
+            f,
+            "{} {}: {}",
+            self.severity.as_str(),
+            self.code,
+            self.message
+        )
     }
 }
 
@@ -154,7 +160,10 @@ pub fn auth_sasl_continue(buf: &mut BytesMut, data: &[u8]) {
 
 /// AuthenticationSASLFinal.
 pub fn auth_sasl_final(buf: &mut BytesMut, data: &[u8]) {
-    encode(buf, &Authentication::SASLFinal(Bytes::copy_from_slice(data)));
+    encode(
+        buf,
+        &Authentication::SASLFinal(Bytes::copy_from_slice(data)),
+    );
 }
 
 /// ParameterStatus.

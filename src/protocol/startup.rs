@@ -92,9 +92,11 @@ pub fn parse_initial(body: &[u8]) -> Result<InitialPacket, &'static str> {
         if key.is_empty() {
             break;
         }
-        let (value, tail) = cstr(tail).ok_or("startup packet has an unterminated parameter value")?;
+        let (value, tail) =
+            cstr(tail).ok_or("startup packet has an unterminated parameter value")?;
         let key = std::str::from_utf8(key).map_err(|_| "startup parameter name is not UTF-8")?;
-        let value = std::str::from_utf8(value).map_err(|_| "startup parameter value is not UTF-8")?;
+        let value =
+            std::str::from_utf8(value).map_err(|_| "startup parameter value is not UTF-8")?;
         if key.starts_with("_pq_.") {
             msg.protocol_options.push(key.to_string());
         } else {
@@ -128,7 +130,10 @@ mod tests {
 
     #[test]
     fn other_packets() {
-        assert_eq!(parse_initial(&packet(SSL_REQUEST, b"")), Ok(InitialPacket::Ssl));
+        assert_eq!(
+            parse_initial(&packet(SSL_REQUEST, b"")),
+            Ok(InitialPacket::Ssl)
+        );
         assert_eq!(
             parse_initial(&packet(CANCEL_REQUEST, &[0, 0, 0, 7, 0, 0, 0, 9])),
             Ok(InitialPacket::Cancel { pid: 7, secret: 9 })

@@ -3,14 +3,38 @@
 
 /// Statement starts that leave no session state behind by themselves.
 const STATELESS_STARTS: &[&str] = &[
-    "select", "insert", "update", "delete", "with", "values", "table", "show", "begin", "commit",
-    "rollback", "end", "start", "abort", "explain", "copy", "savepoint", "release", "merge",
+    "select",
+    "insert",
+    "update",
+    "delete",
+    "with",
+    "values",
+    "table",
+    "show",
+    "begin",
+    "commit",
+    "rollback",
+    "end",
+    "start",
+    "abort",
+    "explain",
+    "copy",
+    "savepoint",
+    "release",
+    "merge",
 ];
 
 /// Words that, anywhere in a statement, may create session state (temp tables,
 /// advisory locks, `set_config`, prepared statements, cursors, LISTEN).
 const STATEFUL_WORDS: &[&str] = &[
-    "temp", "advisory", "set_config", "prepare", "listen", "declare", "cursor", "hold",
+    "temp",
+    "advisory",
+    "set_config",
+    "prepare",
+    "listen",
+    "declare",
+    "cursor",
+    "hold",
 ];
 
 /// Conservative: `false` only when every statement in `sql` surely leaves no session
@@ -43,8 +67,12 @@ mod tests {
 
     #[test]
     fn plain_dml_is_stateless() {
-        assert!(!may_leave_session_state(b"SELECT abalance FROM pgbench_accounts WHERE aid = 1;"));
-        assert!(!may_leave_session_state(b"BEGIN; UPDATE t SET a = 1; COMMIT"));
+        assert!(!may_leave_session_state(
+            b"SELECT abalance FROM pgbench_accounts WHERE aid = 1;"
+        ));
+        assert!(!may_leave_session_state(
+            b"BEGIN; UPDATE t SET a = 1; COMMIT"
+        ));
         assert!(!may_leave_session_state(b"insert into t values (1)\0"));
     }
 

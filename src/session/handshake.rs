@@ -53,7 +53,9 @@ pub async fn read_opening(stream: &mut TcpStream) -> Result<Opening, PgError> {
                 // TLS/GSS not configured: the client may go on in the clear.
                 stream.write_all(b"N").await.map_err(io_err)?;
             }
-            Ok(InitialPacket::Cancel { pid, secret }) => return Ok(Opening::Cancel { pid, secret }),
+            Ok(InitialPacket::Cancel { pid, secret }) => {
+                return Ok(Opening::Cancel { pid, secret });
+            }
             Ok(InitialPacket::Startup(m)) => return Ok(Opening::Startup(m)),
             Ok(InitialPacket::Unsupported { major, minor }) => {
                 return Err(PgError::fatal(
@@ -69,7 +71,10 @@ pub async fn read_opening(stream: &mut TcpStream) -> Result<Opening, PgError> {
 }
 
 /// Read one password-family message ('p') during authentication.
-async fn read_password_message(stream: &mut TcpStream, buf: &mut BytesMut) -> Result<Vec<u8>, PgError> {
+async fn read_password_message(
+    stream: &mut TcpStream,
+    buf: &mut BytesMut,
+) -> Result<Vec<u8>, PgError> {
     loop {
         match next_frame(buf, MAX_STARTUP_PACKET) {
             Ok(Some(f)) if f.tag == tag::PASSWORD => {

@@ -24,7 +24,9 @@ use crate::config::Config;
 use crate::context::{ClientSlot, ProxyContext};
 use crate::error::ToPgError;
 use crate::error::sqlstate::*;
-use crate::protocol::frame::{BackendEvent, BackendScanner, FrameError, cstr, missing_bytes, peek_frame};
+use crate::protocol::frame::{
+    BackendEvent, BackendScanner, FrameError, cstr, missing_bytes, peek_frame,
+};
 use crate::protocol::messages::{self, PgError};
 use crate::protocol::startup::StartupMessage;
 use crate::protocol::{TxStatus, tag};
@@ -76,7 +78,10 @@ pub async fn serve(ctx: Arc<ProxyContext>, mut stream: TcpStream) {
         Ok(Ok(o)) => o,
         Ok(Err(e)) => return send_fatal(&mut stream, &e, &cfg).await,
         Err(_) => {
-            let e = PgError::fatal(PROTOCOL_VIOLATION, "timeout while waiting for a startup packet");
+            let e = PgError::fatal(
+                PROTOCOL_VIOLATION,
+                "timeout while waiting for a startup packet",
+            );
             return send_fatal(&mut stream, &e, &cfg).await;
         }
     };
@@ -95,7 +100,10 @@ pub async fn serve(ctx: Arc<ProxyContext>, mut stream: TcpStream) {
     let user = match startup.get("user") {
         Some(u) if !u.is_empty() => u.to_string(),
         _ => {
-            let e = PgError::fatal(INVALID_AUTHORIZATION, "no PostgreSQL user name specified in startup packet");
+            let e = PgError::fatal(
+                INVALID_AUTHORIZATION,
+                "no PostgreSQL user name specified in startup packet",
+            );
             return send_fatal(&mut stream, &e, &cfg).await;
         }
     };
@@ -262,13 +270,20 @@ impl Session {
                 .await
                 .ok_or(BackendError::NoPrimary)?,
         };
-        let database = self.startup.get("database").unwrap_or(&self.user).to_string();
+        let database = self
+            .startup
+            .get("database")
+            .unwrap_or(&self.user)
+            .to_string();
         let key = PoolKey::new(node, &self.user, &database, &self.startup.params);
         let b = &self.cfg.backends[node];
         let settings = AcquireSettings {
             host: &b.host,
             port: b.port,
-            password: self.cfg.user(&self.user).and_then(|u| u.password.as_deref()),
+            password: self
+                .cfg
+                .user(&self.user)
+                .and_then(|u| u.password.as_deref()),
             max_per_node: self.cfg.pool.max_connections_per_node,
             acquire_timeout: self.cfg.pool.acquire_timeout,
             connect_timeout: self.cfg.timeouts.connect,
@@ -457,11 +472,15 @@ impl Session {
             let dirty = self.dirty;
             tokio::spawn(async move {
                 let mut conn = conn;
-                if dirty {
-                    if let Err(e) = conn.run_discarding(&cfg.pool.reset_query, cfg.timeouts.reset).await {
-                        tracing::info!(node = conn.node, error = %e, "reset failed; closing the connection");
-                        return;
-                    }
+                let reset = if dirty {
+                    conn.run_discarding(&cfg.pool.reset_query, cfg.timeouts.reset)
+                        .await
+                } else {
+                    Ok(())
+                };
+                if let Err(e) = reset {
+                    tracing::info!(node = conn.node, error = %e, "reset failed; closing the connection");
+                    return;
                 }
                 ctx.pool.put_idle(conn);
             });
@@ -470,7 +489,8 @@ impl Session {
             if self.outstanding > 0 || self.in_batch {
                 let (addr, pid, secret) = (conn.addr, conn.pid, conn.secret);
                 tokio::spawn(async move {
-                    crate::backend::conn::send_cancel(addr, pid, secret, cfg.timeouts.connect).await;
+                    crate::backend::conn::send_cancel(addr, pid, secret, cfg.timeouts.connect)
+                        .await;
                 });
             }
             drop(conn);

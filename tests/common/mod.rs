@@ -134,9 +134,10 @@ pub fn spawn_proxy(config: Config) -> SocketAddr {
 
 /// Connect to pgpilot at `addr` with tokio-postgres, driving the connection in a task.
 pub async fn connect(addr: SocketAddr, extra: &str) -> tokio_postgres::Client {
-    let (client, conn) = tokio_postgres::connect(&Harness::conninfo(addr, extra), tokio_postgres::NoTls)
-        .await
-        .expect("connect through pgpilot");
+    let (client, conn) =
+        tokio_postgres::connect(&Harness::conninfo(addr, extra), tokio_postgres::NoTls)
+            .await
+            .expect("connect through pgpilot");
     tokio::spawn(async move {
         let _ = conn.await;
     });
