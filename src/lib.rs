@@ -14,6 +14,7 @@ pub mod context;
 pub mod demo;
 pub mod error;
 pub mod localcluster;
+pub mod net;
 pub mod protocol;
 pub mod router;
 pub mod server;

@@ -622,3 +622,43 @@ fn pgbench_all_protocols_complete_without_failures() {
         }
     }
 }
+
+#[tokio::test]
+async fn large_pipelines_flow_both_ways_without_deadlock() {
+    // A client that writes a long pipeline while reading results concurrently (as
+    // libpq's pipeline mode and JDBC batches do). Results are much larger than the
+    // socket buffers, so a proxy that blocks on one direction would stall here.
+    let h = harness();
+    let s = login_raw(h.proxy).await;
+    let (mut rd, mut wr) = s.into_split();
+    const N: usize = 3000;
+    let writer = tokio::spawn(async move {
+        let mut buf = bytes::BytesMut::new();
+        for _ in 0..N {
+            postgres_protocol::message::frontend::query("SELECT repeat('x', 20000)", &mut buf)
+                .unwrap();
+        }
+        wr.write_all(&buf).await.unwrap();
+        wr
+    });
+    let reader = async {
+        let mut ready = 0;
+        let mut bytes_seen = 0usize;
+        while ready < N {
+            let t = rd.read_u8().await.unwrap();
+            let len = rd.read_i32().await.unwrap() as usize;
+            let mut body = vec![0; len - 4];
+            rd.read_exact(&mut body).await.unwrap();
+            bytes_seen += len;
+            if t == b'Z' {
+                ready += 1;
+            }
+        }
+        bytes_seen
+    };
+    let seen = tokio::time::timeout(Duration::from_secs(60), reader)
+        .await
+        .expect("pipeline stalled");
+    assert!(seen > N * 20_000);
+    let _ = writer.await.unwrap();
+}

@@ -9,12 +9,12 @@
 
 pub mod cancel;
 pub mod handshake;
+mod relay;
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use bytes::BytesMut;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::time::timeout;
 
@@ -24,13 +24,12 @@ use crate::config::Config;
 use crate::context::{ClientSlot, ProxyContext};
 use crate::error::ToPgError;
 use crate::error::sqlstate::*;
-use crate::protocol::frame::{
-    BackendEvent, BackendScanner, FrameError, cstr, missing_bytes, peek_frame,
-};
+use crate::net::{Outbox, WriteError, write_all_timeout};
+use crate::protocol::TxStatus;
+use crate::protocol::frame::{BackendEvent, BackendScanner, FrameError};
 use crate::protocol::messages::{self, PgError};
 use crate::protocol::startup::StartupMessage;
-use crate::protocol::{TxStatus, tag};
-use crate::router::{self, lexer};
+use crate::router;
 use cancel::CancelTarget;
 use handshake::Opening;
 
@@ -152,8 +151,13 @@ struct Session {
     cfg: Arc<Config>,
     /// The client socket.
     client: TcpStream,
-    /// Bytes read from the client and not yet forwarded.
+    /// Bytes read from the client and not yet forwarded (at most one partial frame
+    /// between reads).
     cbuf: BytesMut,
+    /// Bytes for the client that its socket has not taken yet.
+    to_client: Outbox,
+    /// Bytes for the server that its socket has not taken yet.
+    to_backend: Outbox,
     /// Role name from the startup packet.
     user: String,
     /// Startup packet; its parameters are sent to every node the session uses.
@@ -207,6 +211,8 @@ impl Session {
             cfg,
             client,
             cbuf: BytesMut::with_capacity(16 * 1024),
+            to_client: Outbox::default(),
+            to_backend: Outbox::default(),
             user,
             startup,
             key_pid,
@@ -226,9 +232,8 @@ impl Session {
     /// Finish startup (server connection, parameters, key), relay, then clean up.
     async fn run(&mut self, mut out: BytesMut) {
         if let Err(e) = self.connect_primary().await {
-            let e = e.to_pg_error();
-            tracing::warn!(user = %self.user, error = %e, "could not get a server connection");
-            let mut fatal = e;
+            let mut fatal = e.to_pg_error();
+            tracing::warn!(user = %self.user, error = %fatal, "could not get a server connection");
             fatal.severity = messages::Severity::Fatal;
             fatal.encode(&mut out);
             let _ = self.write_client(&out).await;
@@ -303,155 +308,18 @@ impl Session {
         Ok(())
     }
 
-    /// The relay loop.
-    async fn relay(&mut self) -> End {
-        let mut shutdown = self.ctx.shutdown.clone();
-        loop {
-            let idle_limit = if self.outstanding > 0 || self.in_batch {
-                Duration::ZERO
-            } else if self.status == TxStatus::Idle {
-                self.cfg.timeouts.client_idle
-            } else {
-                self.cfg.timeouts.idle_in_transaction
-            };
-            let Some(backend) = self.backend.as_mut() else {
-                return End::Error(SessionError::BackendLost { node: 0 });
-            };
-            let node = backend.node;
-            let conn = &mut backend.conn;
-            tokio::select! {
-                _ = shutdown.changed() => return End::Error(SessionError::Shutdown),
-                r = self.client.read_buf(&mut self.cbuf) => match r {
-                    Ok(0) => return End::ClientGone,
-                    Ok(_) => match self.on_client_data().await {
-                        Ok(true) => {}
-                        Ok(false) => return End::ClientGone,
-                        Err(e) => return End::Error(e),
-                    },
-                    Err(e) => return End::Error(SessionError::ClientIo(e)),
-                },
-                r = conn.stream.read_buf(&mut conn.buf) => match r {
-                    Ok(0) | Err(_) => {
-                        tracing::info!(node, user = %self.user, "server closed the session's connection");
-                        return End::Error(SessionError::BackendLost { node });
-                    }
-                    Ok(_) => {
-                        if let Err(e) = self.on_backend_data().await {
-                            return End::Error(e);
-                        }
-                    }
-                },
-                _ = sleep_unless_zero(idle_limit) => {
-                    return End::Error(if self.status == TxStatus::Idle {
-                        SessionError::IdleTimeout
-                    } else {
-                        SessionError::IdleInTransactionTimeout
-                    });
-                }
-            }
-        }
-    }
-
-    /// Frame what the client sent, account for it, and forward it in one write.
-    /// Returns false when the client sent Terminate.
-    async fn on_client_data(&mut self) -> Result<bool, SessionError> {
-        let max = self.cfg.max_message_size;
-        let mut pos = 0;
-        let mut keep_going = true;
-        while let Some(f) = peek_frame(&self.cbuf[pos..], max)? {
-            let body = &self.cbuf[pos + 5..pos + f.wire_len];
-            match f.tag {
-                tag::QUERY => {
-                    self.outstanding += 1;
-                    self.dirty |= lexer::may_leave_session_state(body);
-                }
-                tag::PARSE => {
-                    self.in_batch = true;
-                    let (name, rest) = cstr(body).unwrap_or_default();
-                    let sql = cstr(rest).map(|(q, _)| q).unwrap_or_default();
-                    self.dirty |= !name.is_empty() || lexer::may_leave_session_state(sql);
-                }
-                tag::BIND | tag::EXECUTE | tag::DESCRIBE | tag::CLOSE | tag::FLUSH => {
-                    self.in_batch = true;
-                }
-                tag::SYNC => {
-                    self.in_batch = false;
-                    self.outstanding += 1;
-                }
-                tag::FUNCTION_CALL => {
-                    self.outstanding += 1;
-                    self.dirty = true;
-                }
-                tag::COPY_DATA | tag::COPY_DONE | tag::COPY_FAIL => {}
-                tag::TERMINATE => {
-                    keep_going = false;
-                    break;
-                }
-                other => return Err(SessionError::UnexpectedMessage(other)),
-            }
-            pos += f.wire_len;
-        }
-        if pos > 0 {
-            let chunk = self.cbuf.split_to(pos);
-            self.write_backend(&chunk).await?;
-        }
-        if keep_going {
-            let need = missing_bytes(&self.cbuf);
-            self.cbuf.reserve(need.max(4096));
-        }
-        Ok(keep_going)
-    }
-
-    /// Scan what the server sent, track its state, and forward it in one write.
-    async fn on_backend_data(&mut self) -> Result<(), SessionError> {
-        let Some(b) = self.backend.as_mut() else {
-            return Ok(());
-        };
-        let node = b.node;
-        let n = self.scanner.scan(&b.buf, &mut self.events).map_err(|e| {
-            tracing::warn!(node, error = %e, "unframeable data from server");
-            SessionError::BackendLost { node }
-        })?;
-        for ev in self.events.drain(..) {
-            match ev {
-                BackendEvent::ReadyForQuery(s) => {
-                    self.outstanding = self.outstanding.saturating_sub(1);
-                    self.status = TxStatus::from_byte(s);
-                    b.status = self.status;
-                }
-                BackendEvent::Error { fatal, .. } => self.saw_fatal |= fatal,
-                BackendEvent::ParameterStatus(k, v) => {
-                    b.set_param(k, v);
-                    self.dirty = true;
-                }
-                BackendEvent::CopyStarted(_) => {}
-            }
-        }
-        if n > 0 {
-            let chunk = b.buf.split_to(n);
-            self.write_client(&chunk).await?;
-        }
-        Ok(())
-    }
-
+    /// Bounded blocking write to the client, after anything queued: used at startup
+    /// and for the final error message.
     async fn write_client(&mut self, bytes: &[u8]) -> Result<(), SessionError> {
-        match timeout(self.cfg.timeouts.write, self.client.write_all(bytes)).await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(SessionError::ClientIo(e)),
-            Err(_) => Err(SessionError::WriteTimeout),
+        let limit = self.cfg.timeouts.write;
+        let mut r = self.to_client.drain(&mut self.client, limit).await;
+        if r.is_ok() {
+            r = write_all_timeout(&mut self.client, bytes, limit).await;
         }
-    }
-
-    async fn write_backend(&mut self, bytes: &[u8]) -> Result<(), SessionError> {
-        let Some(b) = self.backend.as_mut() else {
-            return Err(SessionError::BackendLost { node: 0 });
-        };
-        let node = b.node;
-        match timeout(self.cfg.timeouts.write, b.stream.write_all(bytes)).await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(_)) => Err(SessionError::BackendLost { node }),
-            Err(_) => Err(SessionError::WriteTimeout),
-        }
+        r.map_err(|e| match e {
+            WriteError::Io(e) => SessionError::ClientIo(e),
+            WriteError::Timeout => SessionError::WriteTimeout,
+        })
     }
 
     /// Give the server connection back (reset if needed) or discard it.
@@ -465,6 +333,7 @@ impl Session {
             && self.status == TxStatus::Idle
             && self.scanner.at_boundary()
             && conn.buf.is_empty()
+            && self.to_backend.is_empty()
             && !self.saw_fatal;
         let ctx = self.ctx.clone();
         let cfg = self.cfg.clone();
@@ -478,15 +347,16 @@ impl Session {
                 } else {
                     Ok(())
                 };
-                if let Err(e) = reset {
-                    tracing::info!(node = conn.node, error = %e, "reset failed; closing the connection");
-                    return;
+                match reset {
+                    Ok(()) => ctx.pool.put_idle(conn),
+                    Err(e) => {
+                        tracing::info!(node = conn.node, error = %e, "reset failed; closing the connection")
+                    }
                 }
-                ctx.pool.put_idle(conn);
             });
         } else {
             // Mid-request or mid-transaction: never pooled. Cancel what runs, then close.
-            if self.outstanding > 0 || self.in_batch {
+            if self.outstanding > 0 || self.in_batch || !self.to_backend.is_empty() {
                 let (addr, pid, secret) = (conn.addr, conn.pid, conn.secret);
                 tokio::spawn(async move {
                     crate::backend::conn::send_cancel(addr, pid, secret, cfg.timeouts.connect)
@@ -495,13 +365,5 @@ impl Session {
             }
             drop(conn);
         }
-    }
-}
-
-async fn sleep_unless_zero(d: Duration) {
-    if d.is_zero() {
-        std::future::pending::<()>().await;
-    } else {
-        tokio::time::sleep(d).await;
     }
 }
