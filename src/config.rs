@@ -58,6 +58,9 @@ pub struct Config {
     /// Largest message (bytes) accepted from a client; checked on the length prefix.
     #[serde(default = "default_max_message_size")]
     pub max_message_size: usize,
+    /// Runtime worker threads; 0 = one per CPU core. Needs a restart to change.
+    #[serde(default)]
+    pub worker_threads: usize,
     /// Backend connection pool settings.
     #[serde(default)]
     pub pool: PoolConfig,

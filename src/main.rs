@@ -44,19 +44,9 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("pgpilot: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
     match cli.command.unwrap_or(Command::Run) {
         Command::Demo { listen, standbys } => {
-            match runtime.block_on(pgpilot::demo::run(&listen, standbys)) {
+            match runtime(0).and_then(|rt| rt.block_on(pgpilot::demo::run(&listen, standbys))) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("pgpilot demo: {e}");
@@ -98,14 +88,17 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            runtime.block_on(async {
+            let rt = match runtime(config.worker_threads) {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("pgpilot: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            rt.block_on(async {
                 match Proxy::bind(config).await {
                     Ok(p) => {
-                        p.with_reload_from(path)
-                            .run(async {
-                                let _ = tokio::signal::ctrl_c().await;
-                            })
-                            .await;
+                        p.with_reload_from(path).run(stop_signal()).await;
                         ExitCode::SUCCESS
                     }
                     Err(e) => {
@@ -114,6 +107,33 @@ fn main() -> ExitCode {
                     }
                 }
             })
+        }
+    }
+}
+
+/// The tokio runtime: `workers` threads, or one per core when 0.
+fn runtime(workers: usize) -> Result<tokio::runtime::Runtime, String> {
+    let mut b = tokio::runtime::Builder::new_multi_thread();
+    if workers > 0 {
+        b.worker_threads(workers);
+    }
+    b.enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the runtime: {e}"))
+}
+
+/// Completes on SIGINT (Ctrl-C) or SIGTERM.
+async fn stop_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
         }
     }
 }
