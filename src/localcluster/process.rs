@@ -1,0 +1,212 @@
+//! Process plumbing for [`LocalCluster`](super::LocalCluster): how server
+//! binaries are launched (directly, or as the `postgres` OS user via `runuser` or
+//! `su` when we are root), running a command with captured output and a time
+//! limit, polling, ownership of created files, and killing a postmaster found
+//! through its pid file.
+
+use std::fs;
+use std::io::{self, Read};
+use std::os::unix::fs::chown;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use super::{ClusterError, SUPERUSER};
+
+/// How server binaries are launched.
+#[derive(Debug, Clone)]
+pub(super) enum RunAs {
+    /// Directly (we are not root).
+    Current,
+    /// `runuser -u postgres -- <cmd>` (we are root).
+    Runuser(PathBuf),
+    /// `su postgres -s /bin/sh -c '<cmd>'` (we are root and runuser is missing).
+    Su,
+}
+
+impl RunAs {
+    /// How this process launches server binaries, and the `(uid, gid)` of the
+    /// `postgres` OS user to own what we create when we are root (`None` otherwise).
+    pub(super) fn detect() -> Result<(RunAs, Option<(u32, u32)>), ClusterError> {
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        if unsafe { libc::geteuid() } != 0 {
+            return Ok((RunAs::Current, None));
+        }
+        let no_user = "we are root, but there is no `postgres` OS user to run servers as";
+        let owner = postgres_account().ok_or(ClusterError::BinariesNotFound(no_user.into()))?;
+        let runuser = ["/usr/sbin", "/sbin", "/usr/bin", "/bin"]
+            .map(|dir| Path::new(dir).join("runuser"))
+            .into_iter()
+            .find(|p| p.is_file());
+        Ok((runuser.map_or(RunAs::Su, RunAs::Runuser), Some(owner)))
+    }
+
+    /// Builds the command `exe args...` (as the `postgres` OS user when root), in
+    /// `cwd`, without PG* environment variables that could redirect it. Returns it
+    /// with its label: the command line as given, for logs and errors.
+    pub(super) fn command(&self, exe: &str, args: &[&str], cwd: &Path) -> (Command, String) {
+        let mut argv = vec![exe];
+        argv.extend(args);
+        let label = argv.join(" ");
+        let mut cmd = match self {
+            RunAs::Current => Command::new(exe),
+            RunAs::Runuser(runuser) => Command::new(runuser),
+            RunAs::Su => Command::new("su"),
+        };
+        match self {
+            RunAs::Current => cmd.args(args),
+            RunAs::Runuser(_) => cmd.args(["-u", SUPERUSER, "--"]).args(argv),
+            RunAs::Su => {
+                let line: Vec<String> = argv.into_iter().map(sh_quote).collect();
+                cmd.args([SUPERUSER, "-s", "/bin/sh", "-c", &line.join(" ")])
+            }
+        };
+        cmd.current_dir(cwd);
+        for (key, _) in std::env::vars_os() {
+            if key.to_string_lossy().starts_with("PG") {
+                cmd.env_remove(key);
+            }
+        }
+        (cmd, label)
+    }
+}
+
+/// `(uid, gid)` of the `postgres` OS user.
+fn postgres_account() -> Option<(u32, u32)> {
+    // SAFETY: getpwnam_r only writes into `pwd`, `buf` (with its true length) and
+    // `result`, all owned here; the fields we read are plain integers.
+    unsafe {
+        let mut pwd: libc::passwd = std::mem::zeroed();
+        let mut buf = vec![0 as libc::c_char; 16384];
+        let mut result = std::ptr::null_mut();
+        let name = c"postgres".as_ptr();
+        let rc = libc::getpwnam_r(name, &mut pwd, buf.as_mut_ptr(), buf.len(), &mut result);
+        (rc == 0 && !result.is_null()).then_some((pwd.pw_uid, pwd.pw_gid))
+    }
+}
+
+/// Gives `path` to `owner` (the `postgres` OS user when we are root); does
+/// nothing when `owner` is `None`.
+pub(super) fn chown_to(path: &Path, owner: Option<(u32, u32)>) -> io::Result<()> {
+    owner.map_or(Ok(()), |(uid, gid)| chown(path, Some(uid), Some(gid)))
+}
+
+/// SIGKILLs the postmaster named in `<data_dir>/postmaster.pid` if it is still
+/// alive, and waits (5 s) for it to exit. Does nothing without a pid file.
+pub(super) fn kill_postmaster(data_dir: &Path) {
+    let pid = fs::read_to_string(data_dir.join("postmaster.pid"))
+        .ok()
+        .and_then(|s| s.lines().next()?.trim().parse().ok());
+    if let Some(pid) = pid.filter(|&pid| pid > 0 && postmaster_alive(pid, data_dir)) {
+        // SAFETY: plain kill(2) of a pid just checked to be a postmaster of our data dir.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+        let gone = || Ok(!postmaster_alive(pid, data_dir));
+        let _ = wait_until(Duration::from_secs(5), "the postmaster to exit", gone);
+    }
+}
+
+/// True while `pid` is a live process whose working directory is `data_dir` (a
+/// postmaster chdirs there), so we never signal an unrelated, reused pid.
+fn postmaster_alive(pid: i32, data_dir: &Path) -> bool {
+    let cwd = fs::read_link(format!("/proc/{pid}/cwd"));
+    matches!((cwd, fs::canonicalize(data_dir)), (Ok(cwd), Ok(data)) if cwd == data)
+}
+
+/// Calls `check` every 100 ms until it returns `Ok(true)` or `timeout` passes.
+/// Errors from `check` count as "not yet"; the last one is reported on timeout.
+pub(super) fn wait_until(
+    timeout: Duration,
+    what: &str,
+    mut check: impl FnMut() -> Result<bool, ClusterError>,
+) -> Result<(), ClusterError> {
+    let deadline = Instant::now() + timeout;
+    let mut last_error = String::new();
+    loop {
+        match check() {
+            Ok(true) => return Ok(()),
+            Ok(false) => {}
+            Err(e) => last_error = format!("; last error: {e}"),
+        }
+        if Instant::now() >= deadline {
+            return Err(ClusterError::Timeout(format!(
+                "waited {timeout:?} for {what}{last_error}"
+            )));
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Runs `cmd` in its own process group with stdin closed, capturing stdout
+/// (returned) and stderr. After `timeout` the group gets SIGTERM, then SIGKILL.
+pub(super) fn run_command(
+    mut cmd: Command,
+    label: &str,
+    timeout: Duration,
+) -> Result<String, ClusterError> {
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0);
+    let mut child = cmd.spawn().map_err(|e| ClusterError::Command {
+        cmd: label.to_string(),
+        status: "could not be started".into(),
+        output: e.to_string(),
+    })?;
+    // Drain both pipes on threads so a chatty child cannot block on a full pipe.
+    let (tx, rx) = mpsc::channel();
+    let pipes: [Box<dyn Read + Send>; 2] = [
+        Box::new(child.stdout.take().expect("stdout is piped")),
+        Box::new(child.stderr.take().expect("stderr is piped")),
+    ];
+    for (index, mut pipe) in pipes.into_iter().enumerate() {
+        let tx = tx.clone();
+        thread::spawn(move || {
+            let mut bytes = Vec::new();
+            let _ = pipe.read_to_end(&mut bytes);
+            let _ = tx.send((index, bytes));
+        });
+    }
+    drop(tx); // so the receive loop below ends once both readers are done
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break status;
+        }
+        if Instant::now() >= deadline {
+            let group = -(child.id() as i32);
+            for signal in [libc::SIGTERM, libc::SIGKILL] {
+                // SAFETY: signals only the process group created for this child.
+                unsafe { libc::kill(group, signal) };
+                thread::sleep(Duration::from_millis(500));
+            }
+            let _ = child.wait();
+            return Err(ClusterError::Timeout(format!(
+                "`{label}` did not finish within {timeout:?}"
+            )));
+        }
+        thread::sleep(Duration::from_millis(10));
+    };
+    // A grandchild might hold a pipe open; do not wait for it forever.
+    let mut output = [Vec::new(), Vec::new()];
+    while let Ok((index, bytes)) = rx.recv_timeout(Duration::from_secs(5)) {
+        output[index] = bytes;
+    }
+    let [stdout, stderr] = output.map(|bytes| String::from_utf8_lossy(&bytes).into_owned());
+    if status.success() {
+        return Ok(stdout);
+    }
+    let (cmd, status) = (label.to_string(), status.to_string());
+    Err(ClusterError::Command {
+        cmd,
+        status,
+        output: stderr + &stdout,
+    })
+}
+
+/// POSIX shell single-quoting, for the `su -c` fallback.
+fn sh_quote(arg: &str) -> String {
+    format!("'{}'", arg.replace('\'', r"'\''"))
+}
