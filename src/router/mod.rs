@@ -4,7 +4,13 @@
 //! snapshot), so the policy can be tested without sockets. The core proxy sends
 //! every statement to the primary; read/write splitting plugs in here.
 
+pub mod cache;
+pub mod catalog;
+pub mod chooser;
+pub mod classify;
 pub mod lexer;
+pub mod normalize;
+pub mod policy;
 
 use crate::cluster::ClusterSnapshot;
 

@@ -1,0 +1,49 @@
+//! Classifier benchmarks: the cache hit path and cold parses.
+
+use std::hint::black_box;
+
+use criterion::{Criterion, criterion_group, criterion_main};
+use pgpilot::router::cache::ClassifyCache;
+use pgpilot::router::classify::{Classifier, FunctionPolicy, SqlParserClassifier};
+
+/// A ~100-character pgbench-like read.
+fn pgbench(aid: u32) -> String {
+    format!(
+        "SELECT abalance FROM pgbench_accounts WHERE aid = {aid} AND bid = 1 ORDER BY aid LIMIT 10 /*x*/"
+    )
+}
+
+/// A ~400-character join with a CTE.
+const JOIN_CTE: &str = "WITH recent AS (SELECT o.customer_id, sum(o.amount) AS total, count(*) AS n \
+     FROM orders o WHERE o.created_at > now() - interval '30 days' AND o.status IN ('paid', 'shipped') \
+     GROUP BY o.customer_id HAVING count(*) > 2) \
+     SELECT c.id, c.name, r.total, r.n, coalesce(a.city, 'unknown') AS city \
+     FROM customers c JOIN recent r ON r.customer_id = c.id \
+     LEFT JOIN addresses a ON a.customer_id = c.id AND a.is_primary \
+     WHERE c.active AND lower(c.email) LIKE '%@example.com' ORDER BY r.total DESC LIMIT 50";
+
+fn benches(c: &mut Criterion) {
+    let classifier = SqlParserClassifier::new(FunctionPolicy::default());
+    let statements: Vec<String> = (0..1024).map(|i| pgbench(48_213 + i * 7)).collect();
+
+    let cache = ClassifyCache::new(10_000);
+    cache.classify(&statements[0], &classifier);
+    let mut i = 0usize;
+    c.bench_function("normalize+cache hit", |b| {
+        b.iter(|| {
+            i = (i + 1) & 1023;
+            black_box(cache.classify(black_box(&statements[i]), &classifier))
+        })
+    });
+
+    c.bench_function("cold parse pgbench", |b| {
+        b.iter(|| black_box(classifier.classify(black_box(&statements[0]))))
+    });
+
+    c.bench_function("cold parse join+cte", |b| {
+        b.iter(|| black_box(classifier.classify(black_box(JOIN_CTE))))
+    });
+}
+
+criterion_group!(classify, benches);
+criterion_main!(classify);

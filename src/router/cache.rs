@@ -1,0 +1,455 @@
+//! A bounded, sharded LRU of classifications keyed by normalised SQL text.
+//!
+//! This module owns the cache in front of the [`Classifier`]: the key is
+//! [`normalize`]'s output (literals folded, comments dropped), so `WHERE aid = 17`
+//! and `WHERE aid = 42` share one entry. That is sound because classification is
+//! a pure function of the normalised text: the only literal-dependent cases
+//! (`SET default_transaction_read_only = on|off` and friends) keep their literals
+//! in the key (see [`normalize`]), `set_config` is judged without looking at its
+//! string arguments, and `EXPLAIN (ANALYZE <literal>)` counts as ANALYZE.
+//!
+//! Comments are not in the key, so a `/* pgpilot:... */` hint must be applied by
+//! the caller from the raw text ([`super::normalize::hint`]), not from the cache.
+//!
+//! The hit path is: normalise into a thread-local buffer, hash once, lock one of
+//! 16 shards, look up, relink, count, clone an `Arc`. Hit/miss counters live in
+//! the shards (under the lock already held), not in one contended atomic. Keys longer than
+//! [`MAX_KEY_BYTES`] are never cached (classified every time).
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::hash::{BuildHasher, RandomState};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use super::classify::{Classification, Classifier};
+use super::normalize::normalize;
+
+/// Normalised statements longer than this are not cached (bounds memory use).
+pub const MAX_KEY_BYTES: usize = 8 * 1024;
+
+/// Number of independently locked shards (for capacities of at least 64).
+const SHARDS: usize = 16;
+
+/// The thread-local key buffer is shrunk back if a huge statement grew it past this.
+const BUFFER_KEEP: usize = 64 * 1024;
+
+thread_local! {
+    static KEY: RefCell<String> = RefCell::new(String::with_capacity(512));
+}
+
+/// A bounded LRU cache of classifications with hit/miss counters.
+pub struct ClassifyCache {
+    shards: Box<[Mutex<Lru>]>,
+    enabled: bool,
+    hasher: RandomState,
+    /// Misses not counted by a shard (caching disabled, key too long).
+    uncached: AtomicU64,
+}
+
+impl std::fmt::Debug for ClassifyCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClassifyCache")
+            .field("len", &self.len())
+            .field("hits", &self.hits())
+            .field("misses", &self.misses())
+            .finish()
+    }
+}
+
+impl ClassifyCache {
+    /// A cache holding at most `capacity` classifications (0 disables caching).
+    pub fn new(capacity: usize) -> Self {
+        let shards = if capacity >= 4 * SHARDS { SHARDS } else { 1 };
+        let per_shard = capacity.div_ceil(shards);
+        Self {
+            shards: (0..shards)
+                .map(|_| Mutex::new(Lru::new(per_shard)))
+                .collect(),
+            enabled: capacity > 0,
+            hasher: RandomState::new(),
+            uncached: AtomicU64::new(0),
+        }
+    }
+
+    /// Classify `sql`: normalise it (into a thread-local buffer), look the key up,
+    /// and on a miss call `classifier.classify(sql)` and remember the result.
+    pub fn classify(&self, sql: &str, classifier: &dyn Classifier) -> Arc<Classification> {
+        let found = KEY.try_with(|cell| {
+            let Ok(mut key) = cell.try_borrow_mut() else {
+                self.uncached.fetch_add(1, Ordering::Relaxed);
+                return Err(None);
+            };
+            normalize(sql, &mut key);
+            let result = self.lookup(&key);
+            if key.capacity() > BUFFER_KEEP {
+                *key = String::with_capacity(512);
+            }
+            result
+        });
+        let key = match found {
+            Ok(Ok(hit)) => return hit,
+            Ok(Err(key)) => key,
+            // No usable thread-local buffer (re-entered, or thread exiting).
+            Err(_) => {
+                let mut key = String::new();
+                normalize(sql, &mut key);
+                match self.lookup(&key) {
+                    Ok(hit) => return hit,
+                    Err(key) => key,
+                }
+            }
+        };
+        let class = Arc::new(classifier.classify(sql));
+        if let Some((hash, key)) = key {
+            self.shard(hash).insert(hash, key, class.clone());
+        }
+        class
+    }
+
+    /// Look `key` up (counting the hit or miss): `Ok(hit)`, or
+    /// `Err((hash, key) to insert after classifying)` (`None` if not to be cached).
+    #[allow(clippy::type_complexity)]
+    fn lookup(&self, key: &str) -> Result<Arc<Classification>, Option<(u64, Arc<str>)>> {
+        if key.len() > MAX_KEY_BYTES || !self.enabled {
+            self.uncached.fetch_add(1, Ordering::Relaxed);
+            return Err(None);
+        }
+        let hash = self.hasher.hash_one(key);
+        match self.shard(hash).get(hash, key) {
+            Some(hit) => Ok(hit),
+            None => Err(Some((hash, Arc::from(key)))),
+        }
+    }
+
+    fn shard(&self, hash: u64) -> MutexGuard<'_, Lru> {
+        // The high bits pick the shard; the map inside uses all of them.
+        lock(&self.shards[(hash >> 60) as usize % self.shards.len()])
+    }
+
+    /// Lookups answered from the cache.
+    pub fn hits(&self) -> u64 {
+        self.shards.iter().map(|s| lock(s).hits).sum()
+    }
+
+    /// Lookups that had to classify.
+    pub fn misses(&self) -> u64 {
+        let counted: u64 = self.shards.iter().map(|s| lock(s).misses).sum();
+        counted + self.uncached.load(Ordering::Relaxed)
+    }
+
+    /// Classifications currently cached.
+    pub fn len(&self) -> usize {
+        self.shards.iter().map(|s| lock(s).map.len()).sum()
+    }
+
+    /// True if nothing is cached.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Lock a shard; a poisoned shard (a panic while held) is still consistent enough
+/// to use, since every operation leaves the structure valid between statements.
+fn lock(m: &Mutex<Lru>) -> MutexGuard<'_, Lru> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+const NIL: u32 = u32::MAX;
+
+/// One cached entry, linked into the recency list.
+struct Node {
+    key: Arc<str>,
+    hash: u64,
+    value: Arc<Classification>,
+    prev: u32,
+    next: u32,
+}
+
+/// A small LRU: a hash map from key hash to slot(s), slots in a vector linked
+/// most- to least-recently used. The map is keyed by the precomputed 64-bit hash
+/// (so the key is hashed once per lookup); keys are compared on every hit, and
+/// the rare 64-bit collision keeps several slots under one hash.
+struct Lru {
+    map: HashMap<u64, Slots, IdentityHash>,
+    nodes: Vec<Node>,
+    head: u32,
+    tail: u32,
+    capacity: usize,
+    /// Counted under the shard's lock (no shared atomic on the hit path).
+    hits: u64,
+    misses: u64,
+}
+
+/// The slots whose keys share one 64-bit hash (almost always exactly one).
+enum Slots {
+    One(u32),
+    Many(Vec<u32>),
+}
+
+impl Slots {
+    fn iter(&self) -> impl Iterator<Item = u32> + '_ {
+        let (one, many) = match self {
+            Slots::One(s) => (Some(*s), &[][..]),
+            Slots::Many(v) => (None, &v[..]),
+        };
+        one.into_iter().chain(many.iter().copied())
+    }
+
+    fn push(&mut self, slot: u32) {
+        *self = match std::mem::replace(self, Slots::Many(Vec::new())) {
+            Slots::One(s) => Slots::Many(vec![s, slot]),
+            Slots::Many(mut v) => {
+                v.push(slot);
+                Slots::Many(v)
+            }
+        };
+    }
+
+    /// Remove `slot`; true if no slot is left.
+    fn remove(&mut self, slot: u32) -> bool {
+        match self {
+            Slots::One(s) => *s == slot,
+            Slots::Many(v) => {
+                v.retain(|&s| s != slot);
+                v.is_empty()
+            }
+        }
+    }
+}
+
+/// The keys of [`Lru::map`] are already hashes.
+#[derive(Default, Clone, Copy)]
+struct IdentityHash;
+
+impl BuildHasher for IdentityHash {
+    type Hasher = IdentityHasher;
+    fn build_hasher(&self) -> IdentityHasher {
+        IdentityHasher(0)
+    }
+}
+
+struct IdentityHasher(u64);
+
+impl std::hash::Hasher for IdentityHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(b);
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+}
+
+impl Lru {
+    fn new(capacity: usize) -> Self {
+        Self {
+            map: HashMap::with_hasher(IdentityHash),
+            nodes: Vec::new(),
+            head: NIL,
+            tail: NIL,
+            capacity: capacity.min(NIL as usize - 1),
+            hits: 0,
+            misses: 0,
+        }
+    }
+
+    fn find(&self, hash: u64, key: &str) -> Option<u32> {
+        self.map
+            .get(&hash)?
+            .iter()
+            .find(|&s| &*self.nodes[s as usize].key == key)
+    }
+
+    /// Look up and count a hit or a miss.
+    fn get(&mut self, hash: u64, key: &str) -> Option<Arc<Classification>> {
+        let Some(slot) = self.find(hash, key) else {
+            self.misses += 1;
+            return None;
+        };
+        self.hits += 1;
+        self.move_to_front(slot);
+        Some(self.nodes[slot as usize].value.clone())
+    }
+
+    fn insert(&mut self, hash: u64, key: Arc<str>, value: Arc<Classification>) {
+        if self.capacity == 0 {
+            return;
+        }
+        if let Some(slot) = self.find(hash, &key) {
+            self.nodes[slot as usize].value = value;
+            self.move_to_front(slot);
+            return;
+        }
+        let slot = if self.nodes.len() < self.capacity {
+            self.nodes.push(Node {
+                key,
+                hash,
+                value,
+                prev: NIL,
+                next: NIL,
+            });
+            (self.nodes.len() - 1) as u32
+        } else {
+            // Evict the least recently used entry and reuse its slot.
+            let slot = self.tail;
+            self.unlink(slot);
+            let old_hash = self.nodes[slot as usize].hash;
+            if let Some(list) = self.map.get_mut(&old_hash)
+                && list.remove(slot)
+            {
+                self.map.remove(&old_hash);
+            }
+            let node = &mut self.nodes[slot as usize];
+            node.key = key;
+            node.hash = hash;
+            node.value = value;
+            slot
+        };
+        self.link_front(slot);
+        match self.map.get_mut(&hash) {
+            Some(list) => list.push(slot),
+            None => {
+                self.map.insert(hash, Slots::One(slot));
+            }
+        }
+    }
+
+    fn unlink(&mut self, slot: u32) {
+        let (prev, next) = {
+            let n = &self.nodes[slot as usize];
+            (n.prev, n.next)
+        };
+        if prev == NIL {
+            self.head = next;
+        } else {
+            self.nodes[prev as usize].next = next;
+        }
+        if next == NIL {
+            self.tail = prev;
+        } else {
+            self.nodes[next as usize].prev = prev;
+        }
+    }
+
+    fn link_front(&mut self, slot: u32) {
+        let old = self.head;
+        {
+            let n = &mut self.nodes[slot as usize];
+            n.prev = NIL;
+            n.next = old;
+        }
+        if old == NIL {
+            self.tail = slot;
+        } else {
+            self.nodes[old as usize].prev = slot;
+        }
+        self.head = slot;
+    }
+
+    fn move_to_front(&mut self, slot: u32) {
+        if self.head != slot {
+            self.unlink(slot);
+            self.link_front(slot);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::router::classify::{Access, SqlParserClassifier};
+
+    #[test]
+    fn hits_share_entries_across_literals() {
+        let cache = ClassifyCache::new(100);
+        let cl = SqlParserClassifier::default();
+        let a = cache.classify("SELECT * FROM t WHERE aid = 17", &cl);
+        let b = cache.classify("select *  from t where aid=42 /* x */", &cl);
+        assert!(Arc::ptr_eq(&a, &b));
+        assert_eq!((cache.hits(), cache.misses(), cache.len()), (1, 1, 1));
+        let w = cache.classify("SELECT * FROM t WHERE aid = 17 FOR UPDATE", &cl);
+        assert_eq!(w.access, Access::Write);
+        assert_eq!((cache.hits(), cache.misses(), cache.len()), (1, 2, 2));
+    }
+
+    #[test]
+    fn literal_dependent_set_is_not_folded() {
+        let cache = ClassifyCache::new(100);
+        let cl = SqlParserClassifier::default();
+        let on = cache.classify("SET default_transaction_read_only = 'on'", &cl);
+        let off = cache.classify("SET default_transaction_read_only = 'off'", &cl);
+        assert_eq!(on.sets_read_only_default, Some(true));
+        assert_eq!(off.sets_read_only_default, Some(false));
+        assert!(off.sticky_primary && !on.sticky_primary);
+    }
+
+    #[test]
+    fn least_recently_used_is_evicted() {
+        let cache = ClassifyCache::new(2);
+        let cl = SqlParserClassifier::default();
+        cache.classify("SELECT a FROM t1", &cl);
+        cache.classify("SELECT a FROM t2", &cl);
+        cache.classify("SELECT a FROM t1", &cl); // t1 is now the most recent
+        cache.classify("SELECT a FROM t3", &cl); // evicts t2
+        assert_eq!(cache.len(), 2);
+        let misses = cache.misses();
+        cache.classify("SELECT a FROM t1", &cl);
+        assert_eq!(cache.misses(), misses);
+        cache.classify("SELECT a FROM t2", &cl);
+        assert_eq!(cache.misses(), misses + 1);
+    }
+
+    #[test]
+    fn many_entries_stay_bounded_and_consistent() {
+        let cache = ClassifyCache::new(100);
+        let cl = SqlParserClassifier::default();
+        for round in 0..3 {
+            for i in 0..300 {
+                let class = cache.classify(&format!("SELECT c FROM t{i} WHERE x = {round}"), &cl);
+                assert_eq!(class.access, Access::Read);
+            }
+        }
+        assert!(cache.len() <= 100 + SHARDS);
+        assert_eq!(cache.hits() + cache.misses(), 900);
+    }
+
+    #[test]
+    fn zero_capacity_and_huge_keys_are_not_cached() {
+        let cl = SqlParserClassifier::default();
+        let cache = ClassifyCache::new(0);
+        cache.classify("SELECT 1", &cl);
+        cache.classify("SELECT 1", &cl);
+        assert_eq!((cache.hits(), cache.misses(), cache.len()), (0, 2, 0));
+        let cache = ClassifyCache::new(10);
+        let huge = format!("SELECT {} FROM t", vec!["a"; MAX_KEY_BYTES].join(", "));
+        cache.classify(&huge, &cl);
+        cache.classify(&huge, &cl);
+        assert_eq!((cache.hits(), cache.misses(), cache.len()), (0, 2, 0));
+    }
+
+    #[test]
+    fn hash_collisions_keep_both_entries() {
+        let mut lru = Lru::new(4);
+        let class = |a| {
+            Arc::new(Classification {
+                access: a,
+                ..Classification::empty()
+            })
+        };
+        lru.insert(7, Arc::from("a"), class(Access::Read));
+        lru.insert(7, Arc::from("b"), class(Access::Write));
+        assert_eq!(lru.get(7, "a").unwrap().access, Access::Read);
+        assert_eq!(lru.get(7, "b").unwrap().access, Access::Write);
+        assert!(lru.get(7, "c").is_none());
+        for (i, k) in ["c", "d", "e", "f"].into_iter().enumerate() {
+            lru.insert(i as u64, Arc::from(k), class(Access::Read));
+        }
+        assert!(lru.get(7, "a").is_none() && lru.get(7, "b").is_none());
+        assert_eq!(lru.map.len(), 4);
+    }
+}

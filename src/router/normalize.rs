@@ -1,0 +1,714 @@
+//! Cheap lexing of SQL text: routing hints and the classification cache key.
+//!
+//! This module owns everything that looks at SQL *without* parsing it:
+//!
+//! * [`hint`] reads a leading `/* pgpilot:primary */` or `/* pgpilot:standby */`
+//!   comment.
+//! * [`normalize`] turns a statement into the key of the classification cache
+//!   (see [`crate::router::cache`]).
+//! * [`Lexer`] is the single-pass tokenizer both are built on; the classifier
+//!   uses it to split a query string into statements the way PostgreSQL does.
+//!
+//! The lexer follows PostgreSQL's rules (standard_conforming_strings = on):
+//! `--` and nested `/* */` comments, `'...'` strings with doubled quotes,
+//! `E'...'` strings with backslash escapes, `B'..'`, `X'..'`, `N'..'`, `U&'..'`,
+//! `$tag$...$tag$` dollar quotes, `"quoted"` identifiers, `$1` parameters.
+//! It never allocates, never panics, and treats anything unterminated as running
+//! to the end of the input.
+//!
+//! # Hints and the cache key
+//! Comments are not part of the cache key, so a hint comment does not change the
+//! key: the caller must apply [`hint`] to the raw text *separately* from the
+//! (cached) classification, e.g. `hint(sql)` first, then the cache.
+
+/// A routing hint given by the client in a leading comment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Hint {
+    /// `/* pgpilot:primary */`: run on the primary.
+    Primary,
+    /// `/* pgpilot:standby */`: a standby may run it (writes still go to the primary).
+    Standby,
+}
+
+/// The hint carried by a leading `/* pgpilot:primary */` or `/* pgpilot:standby */`
+/// comment, if the comment is the first token of `sql` (whitespace around the words
+/// and any letter case are accepted).
+pub fn hint(sql: &str) -> Option<Hint> {
+    let rest = sql.trim_start_matches(is_space_char);
+    let body = rest.strip_prefix("/*")?;
+    let end = body.find("*/")?;
+    let inner = body.get(..end)?.trim_matches(is_space_char);
+    let (word, target) = inner.split_once(':')?;
+    if !word
+        .trim_end_matches(is_space_char)
+        .eq_ignore_ascii_case("pgpilot")
+    {
+        return None;
+    }
+    let target = target.trim_start_matches(is_space_char);
+    if target.eq_ignore_ascii_case("primary") {
+        Some(Hint::Primary)
+    } else if target.eq_ignore_ascii_case("standby") {
+        Some(Hint::Standby)
+    } else {
+        None
+    }
+}
+
+/// Write the cache key of `sql` into `out` (cleared first).
+///
+/// The key is the token sequence of `sql`, one space between tokens, with:
+/// comments removed; unquoted identifiers and keywords in ASCII lower case;
+/// `"quoted"` identifiers, `$1` parameters, operators and punctuation verbatim;
+/// numeric literals, string literals (all prefixes) and dollar-quoted strings
+/// replaced by `?`. So `WHERE aid = 17` and `where  aid=42` share a key.
+///
+/// Literals are kept verbatim where replacing them could change what the
+/// statement means to the classifier:
+/// * in statements whose first word is `SET` or `RESET` (the value of
+///   `default_transaction_read_only` decides the classification), so such
+///   statements are cached per value;
+/// * string literals containing a backslash, and unterminated literals (their
+///   extent depends on escaping rules, so they are never folded together);
+/// * numbers immediately followed by identifier characters (`123abc`).
+///
+/// Comments are dropped: apply [`hint`] to the raw text separately.
+pub fn normalize(sql: &str, out: &mut String) {
+    out.clear();
+    let mut stmt_start = true;
+    let mut keep_literals = false;
+    for tok in Lexer::new(sql) {
+        if !out.is_empty() {
+            out.push(' ');
+        }
+        match tok.kind {
+            Kind::Word => {
+                let start = out.len();
+                out.push_str(tok.text);
+                if let Some(s) = out.get_mut(start..) {
+                    s.make_ascii_lowercase();
+                }
+                if stmt_start {
+                    keep_literals = tok.is_word("set") || tok.is_word("reset");
+                }
+            }
+            Kind::Number | Kind::Str | Kind::Dollar => {
+                if keep_literals || tok.verbatim {
+                    out.push_str(tok.text);
+                } else {
+                    out.push('?');
+                }
+            }
+            Kind::QuotedIdent | Kind::Param | Kind::Op | Kind::Punct => out.push_str(tok.text),
+        }
+        if tok.text == ";" && tok.kind == Kind::Punct {
+            stmt_start = true;
+            keep_literals = false;
+        } else {
+            if stmt_start && tok.kind != Kind::Word {
+                keep_literals = false;
+            }
+            stmt_start = false;
+        }
+    }
+}
+
+/// The kind of a [`Token`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// An unquoted identifier or keyword.
+    Word,
+    /// A `"quoted"` (or `U&"..."`) identifier, quotes included.
+    QuotedIdent,
+    /// A numeric literal.
+    Number,
+    /// A string literal with any prefix (`'..'`, `E'..'`, `B'..'`, `X'..'`, `N'..'`, `U&'..'`).
+    Str,
+    /// A dollar-quoted string `$tag$...$tag$`.
+    Dollar,
+    /// A positional parameter `$n`.
+    Param,
+    /// A run of operator characters (`<=`, `->>`, `=`, ...).
+    Op,
+    /// Any other single character (`(`, `)`, `,`, `;`, `.`, ...) or `::`.
+    Punct,
+}
+
+/// One token of SQL text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Token<'a> {
+    /// What the token is.
+    pub kind: Kind,
+    /// The token's text, exactly as in the input.
+    pub text: &'a str,
+    /// Byte offset of the token in the input.
+    pub start: usize,
+    /// A literal whose extent depends on escaping rules (contains a backslash) or
+    /// that is unterminated, or a number with trailing identifier characters: it
+    /// must not be folded into `?`.
+    pub verbatim: bool,
+}
+
+impl Token<'_> {
+    /// True if this is the unquoted word `w` (ASCII case-insensitive; `w` lower case).
+    pub fn is_word(&self, w: &str) -> bool {
+        self.kind == Kind::Word && self.text.eq_ignore_ascii_case(w)
+    }
+
+    /// True if this is the punctuation `p`.
+    pub fn is_punct(&self, p: &str) -> bool {
+        self.kind == Kind::Punct && self.text == p
+    }
+}
+
+/// A single-pass SQL tokenizer that skips whitespace and comments.
+#[derive(Debug, Clone)]
+pub struct Lexer<'a> {
+    src: &'a str,
+    pos: usize,
+}
+
+impl<'a> Lexer<'a> {
+    /// Tokenize `src`.
+    pub fn new(src: &'a str) -> Self {
+        Self { src, pos: 0 }
+    }
+
+    fn byte(&self, i: usize) -> u8 {
+        self.src.as_bytes().get(i).copied().unwrap_or(0)
+    }
+
+    fn len(&self) -> usize {
+        self.src.len()
+    }
+
+    /// Skip whitespace and comments.
+    fn skip_trivia(&mut self) {
+        loop {
+            let b = self.byte(self.pos);
+            if self.pos < self.len() && is_space(b) {
+                self.pos += 1;
+            } else if b == b'-' && self.byte(self.pos + 1) == b'-' {
+                self.pos = match self.src.as_bytes()[self.pos..]
+                    .iter()
+                    .position(|&c| c == b'\n')
+                {
+                    Some(n) => self.pos + n + 1,
+                    None => self.len(),
+                };
+            } else if b == b'/' && self.byte(self.pos + 1) == b'*' {
+                self.skip_block_comment();
+            } else {
+                return;
+            }
+        }
+    }
+
+    /// Skip a (nested) block comment starting at `pos`.
+    fn skip_block_comment(&mut self) {
+        let mut depth = 0usize;
+        let mut i = self.pos;
+        while i < self.len() {
+            let (b, n) = (self.byte(i), self.byte(i + 1));
+            if b == b'/' && n == b'*' {
+                depth += 1;
+                i += 2;
+            } else if b == b'*' && n == b'/' {
+                depth -= 1;
+                i += 2;
+                if depth == 0 {
+                    self.pos = i;
+                    return;
+                }
+            } else {
+                i += 1;
+            }
+        }
+        self.pos = self.len();
+    }
+
+    /// Scan a quoted literal whose opening quote is at `q`; returns (end, verbatim).
+    fn scan_quoted(&self, q: usize, quote: u8, backslash_escapes: bool) -> (usize, bool) {
+        let mut i = q + 1;
+        let mut saw_backslash = false;
+        while i < self.len() {
+            let b = self.byte(i);
+            if b == b'\\' {
+                saw_backslash = true;
+                i += if backslash_escapes { 2 } else { 1 };
+            } else if b == quote {
+                if self.byte(i + 1) == quote {
+                    i += 2;
+                } else {
+                    return (i + 1, saw_backslash);
+                }
+            } else {
+                i += 1;
+            }
+        }
+        (self.len(), true)
+    }
+
+    /// Scan a dollar quote whose opening `$tag$` spans `open`; returns (end, terminated).
+    fn scan_dollar(&self, start: usize, tag_end: usize) -> (usize, bool) {
+        let tag = &self.src.as_bytes()[start..tag_end];
+        let body = &self.src.as_bytes()[tag_end..];
+        match body.windows(tag.len()).position(|w| w == tag) {
+            Some(p) => (tag_end + p + tag.len(), true),
+            None => (self.len(), false),
+        }
+    }
+
+    fn scan_number(&self, start: usize) -> (usize, bool) {
+        let mut i = start;
+        let radix_prefix =
+            self.byte(i) == b'0' && matches!(self.byte(i + 1) | 0x20, b'x' | b'o' | b'b');
+        if radix_prefix && self.byte(i + 2).is_ascii_alphanumeric() {
+            i += 2;
+            while self.byte(i).is_ascii_alphanumeric() || self.byte(i) == b'_' {
+                i += 1;
+            }
+        } else {
+            while self.byte(i).is_ascii_digit() || self.byte(i) == b'_' {
+                i += 1;
+            }
+            if self.byte(i) == b'.' && self.byte(i + 1) != b'.' {
+                i += 1;
+                while self.byte(i).is_ascii_digit() || self.byte(i) == b'_' {
+                    i += 1;
+                }
+            }
+            if self.byte(i) | 0x20 == b'e' {
+                let mut j = i + 1;
+                if matches!(self.byte(j), b'+' | b'-') {
+                    j += 1;
+                }
+                if self.byte(j).is_ascii_digit() {
+                    i = j;
+                    while self.byte(i).is_ascii_digit() {
+                        i += 1;
+                    }
+                }
+            }
+        }
+        // Trailing junk (`123abc`): one verbatim token.
+        let mut junk = false;
+        while i < self.len() && is_ident_cont(self.byte(i)) {
+            junk = true;
+            i += 1;
+        }
+        (i, junk)
+    }
+
+    fn make(&mut self, kind: Kind, start: usize, end: usize, verbatim: bool) -> Token<'a> {
+        let end = end.min(self.len()).max(start);
+        self.pos = end;
+        Token {
+            kind,
+            text: self.src.get(start..end).unwrap_or(""),
+            start,
+            verbatim,
+        }
+    }
+}
+
+impl<'a> Iterator for Lexer<'a> {
+    type Item = Token<'a>;
+
+    fn next(&mut self) -> Option<Token<'a>> {
+        self.skip_trivia();
+        let start = self.pos;
+        if start >= self.len() {
+            return None;
+        }
+        let b = self.byte(start);
+        let n = self.byte(start + 1);
+        if is_ident_start(b) && n != b'\'' && n != b'&' {
+            // Fast path: a plain identifier or keyword.
+            let bytes = self.src.as_bytes();
+            let mut i = start + 1;
+            while i < bytes.len() && is_ident_cont(bytes[i]) {
+                i += 1;
+            }
+            return Some(self.make(Kind::Word, start, i, false));
+        }
+        Some(match b {
+            b'\'' => {
+                let (end, v) = self.scan_quoted(start, b'\'', false);
+                self.make(Kind::Str, start, end, v)
+            }
+            b'"' => {
+                let (end, v) = self.scan_quoted(start, b'"', false);
+                self.make(Kind::QuotedIdent, start, end, v)
+            }
+            b'$' if n.is_ascii_digit() => {
+                let mut i = start + 1;
+                while self.byte(i).is_ascii_digit() {
+                    i += 1;
+                }
+                self.make(Kind::Param, start, i, false)
+            }
+            b'$' => {
+                let mut i = start + 1;
+                if is_ident_start(self.byte(i)) {
+                    while is_ident_start(self.byte(i)) || self.byte(i).is_ascii_digit() {
+                        i += 1;
+                    }
+                }
+                if i < self.len() && self.byte(i) == b'$' {
+                    let (end, terminated) = self.scan_dollar(start, i + 1);
+                    self.make(Kind::Dollar, start, end, !terminated)
+                } else {
+                    self.make(Kind::Punct, start, start + 1, false)
+                }
+            }
+            b'0'..=b'9' => {
+                let (end, junk) = self.scan_number(start);
+                self.make(Kind::Number, start, end, junk)
+            }
+            b'.' if n.is_ascii_digit() => {
+                let (end, junk) = self.scan_number(start);
+                self.make(Kind::Number, start, end, junk)
+            }
+            _ if is_ident_start(b) => {
+                // String prefixes: E'..' (escapes), B'..', X'..', N'..', U&'..', U&"..".
+                match (b | 0x20, n) {
+                    (b'e', b'\'') => {
+                        let (end, v) = self.scan_quoted(start + 1, b'\'', true);
+                        return Some(self.make(Kind::Str, start, end, v));
+                    }
+                    (b'b' | b'x' | b'n', b'\'') => {
+                        let (end, v) = self.scan_quoted(start + 1, b'\'', false);
+                        return Some(self.make(Kind::Str, start, end, v));
+                    }
+                    (b'u', b'&') if matches!(self.byte(start + 2), b'\'' | b'"') => {
+                        let q = self.byte(start + 2);
+                        let (end, v) = self.scan_quoted(start + 2, q, false);
+                        let kind = if q == b'"' {
+                            Kind::QuotedIdent
+                        } else {
+                            Kind::Str
+                        };
+                        return Some(self.make(kind, start, end, v));
+                    }
+                    _ => {}
+                }
+                let mut i = start + 1;
+                while i < self.len() && is_ident_cont(self.byte(i)) {
+                    i += 1;
+                }
+                self.make(Kind::Word, start, i, false)
+            }
+            b':' if n == b':' => self.make(Kind::Punct, start, start + 2, false),
+            _ if is_op_char(b) => {
+                let mut i = start + 1;
+                while i < self.len() && is_op_char(self.byte(i)) {
+                    let (c, d) = (self.byte(i), self.byte(i + 1));
+                    if (c == b'-' && d == b'-') || (c == b'/' && d == b'*') {
+                        break;
+                    }
+                    i += 1;
+                }
+                self.make(Kind::Op, start, i, false)
+            }
+            _ => self.make(Kind::Punct, start, start + 1, false),
+        })
+    }
+}
+
+/// How many leading tokens [`Statement::head`] keeps.
+pub const HEAD_TOKENS: usize = 16;
+
+/// Words that build left-deep expression chains in a parser (see [`Statement::chain`]).
+#[rustfmt::skip]
+const CHAIN_WORDS: &[&str] = &[
+    "and", "between", "collate", "except", "ilike", "in", "intersect", "is", "like", "not",
+    "or", "overlaps", "similar", "union",
+];
+
+/// One statement of a query string, as split by [`split_statements`].
+#[derive(Debug, Clone)]
+pub struct Statement<'a> {
+    /// The statement's text, from its first token up to (not including) its `;`.
+    pub text: &'a str,
+    /// Its first [`HEAD_TOKENS`] tokens.
+    pub head: Vec<Token<'a>>,
+    /// Number of operator-like tokens (operators, `::`, `[`, AND/OR/UNION/...):
+    /// a bound on how deep a parser's expression tree for it can get.
+    pub chain: usize,
+}
+
+impl Statement<'_> {
+    /// True if the first token is the word `w` (lower case).
+    pub fn starts_with_word(&self, w: &str) -> bool {
+        self.head.first().is_some_and(|t| t.is_word(w))
+    }
+}
+
+/// Split `sql` into its non-empty statements at top-level `;`, as PostgreSQL's
+/// psql does: `;` inside literals, quoted identifiers, comments, or the
+/// `BEGIN ATOMIC ... END` body of `CREATE [OR REPLACE] FUNCTION|PROCEDURE` does
+/// not end a statement.
+pub fn split_statements(sql: &str) -> Vec<Statement<'_>> {
+    let mut out = Vec::new();
+    let mut cur: Option<Statement<'_>> = None;
+    let mut depth = 0usize;
+    for tok in Lexer::new(sql) {
+        if tok.is_punct(";") && depth == 0 {
+            if let Some(mut st) = cur.take() {
+                st.text = sql.get(st.head[0].start..tok.start).unwrap_or("");
+                out.push(st);
+            }
+            continue;
+        }
+        let st = cur.get_or_insert_with(|| Statement {
+            text: "",
+            head: Vec::with_capacity(HEAD_TOKENS),
+            chain: 0,
+        });
+        if st.head.len() < HEAD_TOKENS {
+            st.head.push(tok);
+        }
+        match tok.kind {
+            Kind::Op => st.chain += 1,
+            Kind::Punct if tok.text == "::" || tok.text == "[" => st.chain += 1,
+            Kind::Word => {
+                if CHAIN_WORDS.iter().any(|w| tok.text.eq_ignore_ascii_case(w)) {
+                    st.chain += 1;
+                }
+                if tok.is_word("begin") {
+                    if is_routine(&st.head) {
+                        depth += 1;
+                    }
+                } else if tok.is_word("case") {
+                    if depth > 0 {
+                        depth += 1;
+                    }
+                } else if tok.is_word("end") {
+                    depth = depth.saturating_sub(1);
+                }
+            }
+            _ => {}
+        }
+    }
+    if let Some(mut st) = cur.take() {
+        st.text = sql.get(st.head[0].start..).unwrap_or("");
+        out.push(st);
+    }
+    out
+}
+
+/// `CREATE [OR REPLACE] FUNCTION|PROCEDURE`: a body may be `BEGIN ATOMIC ... END`.
+fn is_routine(head: &[Token<'_>]) -> bool {
+    let routine =
+        |t: Option<&Token<'_>>| t.is_some_and(|t| t.is_word("function") || t.is_word("procedure"));
+    let Some(first) = head.first() else {
+        return false;
+    };
+    first.is_word("create")
+        && (routine(head.get(1))
+            || (head.get(1).is_some_and(|t| t.is_word("or"))
+                && head.get(2).is_some_and(|t| t.is_word("replace"))
+                && routine(head.get(3))))
+}
+
+const SPACE: u8 = 1;
+const IDENT_START: u8 = 2;
+const IDENT_CONT: u8 = 4;
+const OP: u8 = 8;
+
+/// Character classes of bytes, as PostgreSQL's lexer sees them.
+static CLASS: [u8; 256] = classes();
+
+const fn classes() -> [u8; 256] {
+    let mut t = [0u8; 256];
+    let mut i = 0;
+    while i < 256 {
+        let b = i as u8;
+        let mut c = 0;
+        if matches!(b, b' ' | b'\t' | b'\n' | b'\r' | 0x0b | 0x0c) {
+            c |= SPACE;
+        }
+        // Identifier start: letters, `_`, and any non-ASCII byte.
+        if b.is_ascii_alphabetic() || b == b'_' || b >= 0x80 {
+            c |= IDENT_START | IDENT_CONT;
+        }
+        if b.is_ascii_digit() || b == b'$' {
+            c |= IDENT_CONT;
+        }
+        #[rustfmt::skip]
+        let op = matches!(
+            b,
+            b'+' | b'-' | b'*' | b'/' | b'<' | b'>' | b'=' | b'~' | b'!' | b'@' | b'#' | b'%' | b'^'
+                | b'&' | b'|' | b'`' | b'?'
+        );
+        if op {
+            c |= OP;
+        }
+        t[i] = c;
+        i += 1;
+    }
+    t
+}
+
+fn is_space(b: u8) -> bool {
+    CLASS[b as usize] & SPACE != 0
+}
+
+fn is_space_char(c: char) -> bool {
+    c.is_ascii() && is_space(c as u8)
+}
+
+fn is_ident_start(b: u8) -> bool {
+    CLASS[b as usize] & IDENT_START != 0
+}
+
+fn is_ident_cont(b: u8) -> bool {
+    CLASS[b as usize] & IDENT_CONT != 0
+}
+
+fn is_op_char(b: u8) -> bool {
+    CLASS[b as usize] & OP != 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(sql: &str) -> String {
+        let mut s = String::new();
+        normalize(sql, &mut s);
+        s
+    }
+
+    #[test]
+    fn literals_and_whitespace_are_folded() {
+        assert_eq!(
+            key("SELECT * FROM t WHERE aid = 17"),
+            key("select *  from t\nwhere aid=42")
+        );
+        assert_eq!(key("WHERE aid = 17"), "where aid = ?");
+        assert_eq!(
+            key("x = 'a''b' AND y = E'\\n' AND z = $f$ ; $f$"),
+            "x = ? and y = E'\\n' and z = ?"
+        );
+        assert_eq!(key("a = 1.5e-3 + .5 + 0x1F + 1_000"), "a = ? + ? + ? + ?");
+        assert_eq!(
+            key("b = B'0101' OR c = X'ff' OR d = U&'x'"),
+            "b = ? or c = ? or d = ?"
+        );
+    }
+
+    #[test]
+    fn different_tables_and_identifiers_differ() {
+        assert_ne!(
+            key("SELECT a FROM t1 WHERE x = 1"),
+            key("SELECT a FROM t2 WHERE x = 1")
+        );
+        assert_ne!(key(r#"SELECT "A" FROM t"#), key("SELECT a FROM t"));
+        assert_eq!(
+            key(r#"SELECT "A"."b c" FROM t"#),
+            r#"select "A" . "b c" from t"#
+        );
+    }
+
+    #[test]
+    fn comments_are_dropped_and_separate_tokens() {
+        assert_eq!(
+            key("/* pgpilot:standby */ SELECT 1 -- x\n FROM/*a /* nested */ b*/t"),
+            "select ? from t"
+        );
+        assert_eq!(key("a/**/b"), "a b");
+        assert_eq!(key("a--x"), "a");
+    }
+
+    #[test]
+    fn classification_relevant_tokens_are_kept() {
+        assert_eq!(
+            key("SELECT nextval('s') FROM t FOR UPDATE"),
+            "select nextval ( ? ) from t for update"
+        );
+        assert_eq!(key("SELECT $1::int, $2"), "select $1 :: int , $2");
+        assert_eq!(key("a <= b AND c->>'k'"), "a <= b and c ->> ?");
+    }
+
+    #[test]
+    fn set_statements_keep_literals() {
+        assert_eq!(
+            key("SET default_transaction_read_only = 'off'"),
+            "set default_transaction_read_only = 'off'"
+        );
+        assert_ne!(
+            key("select 1; set default_transaction_read_only = 1"),
+            key("select 1; set default_transaction_read_only = 0")
+        );
+        assert_eq!(key("SELECT 1; SELECT 2"), "select ? ; select ?");
+        assert_eq!(key("UPDATE t SET a = 1"), "update t set a = ?");
+    }
+
+    #[test]
+    fn backslash_and_unterminated_literals_stay_verbatim() {
+        assert_eq!(
+            key(r"SELECT 'a\'; DELETE FROM t; --'"),
+            r"select 'a\' ; delete from t ;"
+        );
+        assert_eq!(key("SELECT 'abc"), "select 'abc");
+        assert_eq!(key("SELECT $q$abc"), "select $q$abc");
+        assert_eq!(key("SELECT \"abc"), "select \"abc");
+        assert_eq!(key("SELECT 1 /* open"), "select ?");
+        assert_eq!(key("SELECT 123abc"), "select 123abc");
+    }
+
+    #[test]
+    fn hint_is_read_only_from_a_leading_comment() {
+        assert_eq!(hint("/* pgpilot:primary */ SELECT 1"), Some(Hint::Primary));
+        assert_eq!(hint("  /*PGPILOT : Standby*/SELECT 1"), Some(Hint::Standby));
+        assert_eq!(hint("\n/*  pgpilot:standby  */"), Some(Hint::Standby));
+        assert_eq!(hint("SELECT 1 /* pgpilot:primary */"), None);
+        assert_eq!(hint("-- x\n/* pgpilot:primary */ SELECT 1"), None);
+        assert_eq!(hint("/* pgpilot:other */ SELECT 1"), None);
+        assert_eq!(hint("/* pgpilot:primary"), None);
+        assert_eq!(hint(""), None);
+    }
+
+    #[test]
+    fn lexer_never_panics_on_odd_input() {
+        #[rustfmt::skip]
+        let inputs = [
+            "'", "\"", "$", "$a", "$a$", "$a$x$a", "E'\\", "U&", "u&'", "/*", "/* /* */", "--",
+            "0x", "1e", "1e+", ".", "..", "::", ":", "é'ü'", "\u{0}\u{1}", "$1$2", "1.2.3",
+            "$é$x$é$",
+        ];
+        for s in inputs {
+            let mut out = String::new();
+            normalize(s, &mut out);
+            let total: usize = Lexer::new(s).map(|t| t.text.len()).sum();
+            assert!(total <= s.len());
+        }
+    }
+
+    #[test]
+    fn statements_are_split_at_top_level_semicolons() {
+        let texts = |sql: &str| -> Vec<String> {
+            split_statements(sql)
+                .into_iter()
+                .map(|s| s.text.to_string())
+                .collect()
+        };
+        assert_eq!(
+            texts("BEGIN; SELECT ';'; -- ;\n COMMIT;"),
+            ["BEGIN", "SELECT ';'", "COMMIT"]
+        );
+        assert_eq!(texts(" ; ;; /* ; */ "), Vec::<String>::new());
+        assert_eq!(
+            texts("SELECT $$;$$; SELECT \";\""),
+            ["SELECT $$;$$", "SELECT \";\""]
+        );
+        let f = "CREATE FUNCTION f() RETURNS int LANGUAGE sql BEGIN ATOMIC SELECT 1; SELECT CASE WHEN true THEN 2 END; END";
+        assert_eq!(texts(&format!("{f}; END")), [f, "END"]);
+        assert_eq!(
+            split_statements("SELECT a + b::int FROM t WHERE x AND y")[0].chain,
+            3
+        );
+    }
+}
