@@ -192,18 +192,28 @@ fn choose_primary(nodes: &[NodeView], current: Option<usize>) -> Option<usize> {
     }
 }
 
-/// Ask one node `pg_is_in_recovery()` as the monitor role.
-pub async fn probe(backend: &Backend, monitor: &Monitor) -> Probe {
+/// tokio-postgres settings for connecting to `backend` as the monitor role.
+pub fn monitor_conn_config(
+    backend: &Backend,
+    monitor: &Monitor,
+    application_name: &str,
+) -> tokio_postgres::Config {
     let mut cfg = tokio_postgres::Config::new();
     cfg.host(&backend.host)
         .port(backend.port)
         .user(&monitor.user)
         .dbname(&monitor.database)
-        .application_name("pgpilot-monitor")
+        .application_name(application_name)
         .connect_timeout(monitor.timeout);
     if !monitor.password.is_empty() {
         cfg.password(&monitor.password);
     }
+    cfg
+}
+
+/// Ask one node `pg_is_in_recovery()` as the monitor role.
+pub async fn probe(backend: &Backend, monitor: &Monitor) -> Probe {
+    let cfg = monitor_conn_config(backend, monitor, "pgpilot-monitor");
     let work = async {
         let (client, conn) = cfg.connect(tokio_postgres::NoTls).await?;
         let conn_task = tokio::spawn(conn);

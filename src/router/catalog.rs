@@ -75,16 +75,7 @@ async fn lookup(
     primary: &Backend,
     monitor: &Monitor,
 ) -> Result<HashMap<String, bool>, String> {
-    let mut cfg = tokio_postgres::Config::new();
-    cfg.host(&primary.host)
-        .port(primary.port)
-        .user(&monitor.user)
-        .dbname(&monitor.database)
-        .application_name("pgpilot-catalog")
-        .connect_timeout(monitor.timeout);
-    if !monitor.password.is_empty() {
-        cfg.password(&monitor.password);
-    }
+    let cfg = crate::cluster::monitor_conn_config(primary, monitor, "pgpilot-catalog");
     let work = async {
         let (client, conn) = cfg.connect(tokio_postgres::NoTls).await?;
         let task = tokio::spawn(conn);

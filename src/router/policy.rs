@@ -130,16 +130,8 @@ mod tests {
     fn class(access: Access) -> Classification {
         Classification {
             access,
-            session_state: false,
-            sticky_primary: false,
-            sets_read_only_default: None,
-            tx: None,
-            prepare: None,
-            execute: None,
-            deallocate: None,
             statements: 1,
-            parse_failed: false,
-            unknown_functions: vec![],
+            ..Classification::empty()
         }
     }
 
