@@ -113,13 +113,14 @@ impl Session {
             match f.tag {
                 tag::QUERY => {
                     self.outstanding += 1;
-                    self.dirty |= lexer::may_leave_session_state(body);
+                    self.dirty = self.dirty || lexer::may_leave_session_state(body);
                 }
                 tag::PARSE => {
                     self.in_batch = true;
                     let (name, rest) = cstr(body).unwrap_or_default();
                     let sql = cstr(rest).map(|(q, _)| q).unwrap_or_default();
-                    self.dirty |= !name.is_empty() || lexer::may_leave_session_state(sql);
+                    self.dirty =
+                        self.dirty || !name.is_empty() || lexer::may_leave_session_state(sql);
                 }
                 tag::BIND | tag::EXECUTE | tag::DESCRIBE | tag::CLOSE | tag::FLUSH => {
                     self.in_batch = true;
