@@ -75,6 +75,73 @@ pub struct Config {
     /// Role used by pgpilot's own checks of the nodes.
     #[serde(default)]
     pub monitor: Monitor,
+    /// Read/write routing.
+    #[serde(default)]
+    pub routing: Routing,
+}
+
+/// What to do with a function called by a read that is on no list.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum UnknownFunctions {
+    /// Look up `pg_proc.provolatile` once (cached): volatile → primary (pgpool's default).
+    #[default]
+    Lookup,
+    /// Treat every unknown function as a write (primary).
+    Write,
+    /// Treat unknown functions as read-only (standby allowed).
+    Read,
+}
+
+/// Read/write routing settings (`[routing]`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Routing {
+    /// Send reads to standbys at all; false = everything on the primary.
+    pub load_balance: bool,
+    /// Let the primary serve balanced reads too, with its own `weight`.
+    pub primary_in_read_pool: bool,
+    /// `"off"`: a read-write transaction runs wholly on the primary. `"transaction"`:
+    /// pgpool's behaviour, reads in a transaction go to the standby until its first write.
+    pub disable_load_balance_on_write: crate::router::policy::BalanceInTransaction,
+    /// Functions that write, in addition to the built-in list.
+    pub write_functions: Vec<String>,
+    /// If non-empty, allow-list mode: only these (and built-in read-only functions) may
+    /// run on a standby; any other function call sends the statement to the primary.
+    pub read_only_functions: Vec<String>,
+    /// Functions on no list: `"lookup"` (pg_proc volatility), `"write"` or `"read"`.
+    pub unknown_functions: UnknownFunctions,
+    /// Classifications cached (by normalised statement text); 0 disables the cache.
+    pub cache_size: usize,
+}
+
+impl Default for Routing {
+    fn default() -> Self {
+        Routing {
+            load_balance: true,
+            primary_in_read_pool: false,
+            disable_load_balance_on_write: Default::default(),
+            write_functions: Vec::new(),
+            read_only_functions: Vec::new(),
+            unknown_functions: UnknownFunctions::Lookup,
+            cache_size: 10_000,
+        }
+    }
+}
+
+impl Routing {
+    /// The classifier's function policy for these settings.
+    pub fn function_policy(&self) -> crate::router::classify::FunctionPolicy {
+        use crate::router::classify::{FunctionPolicy, UnknownIs};
+        let unknown = match self.unknown_functions {
+            UnknownFunctions::Lookup => UnknownIs::Lookup,
+            UnknownFunctions::Write => UnknownIs::Write,
+            UnknownFunctions::Read => UnknownIs::Read,
+        };
+        let allow =
+            (!self.read_only_functions.is_empty()).then(|| self.read_only_functions.clone());
+        FunctionPolicy::with_lists(self.write_functions.iter().cloned(), allow, unknown)
+    }
 }
 
 /// Backend connection pool settings.
@@ -436,6 +503,20 @@ impl Config {
         }
         if self.monitor.user.is_empty() {
             return Err(invalid("monitor.user", "must not be empty"));
+        }
+        for (key, list) in [
+            ("routing.write_functions", &self.routing.write_functions),
+            (
+                "routing.read_only_functions",
+                &self.routing.read_only_functions,
+            ),
+        ] {
+            if let Some(bad) = list.iter().find(|f| f.trim().is_empty() || f.contains('.')) {
+                return Err(invalid(
+                    key,
+                    format!("{bad:?}: give plain function names (no schema, not empty)"),
+                ));
+            }
         }
         Ok(())
     }

@@ -9,6 +9,9 @@ use tokio::sync::watch;
 use crate::backend::Pool;
 use crate::cluster::Cluster;
 use crate::config::Config;
+use crate::router::cache::ClassifyCache;
+use crate::router::catalog::FunctionCatalog;
+use crate::router::classify::SqlParserClassifier;
 use crate::session::cancel::CancelRegistry;
 
 /// Everything sessions and background tasks share.
@@ -19,6 +22,12 @@ pub struct ProxyContext {
     pub cluster: Arc<Cluster>,
     /// Backend connection pool.
     pub pool: Pool,
+    /// The statement classifier; rebuilt when a reload changes the function lists.
+    pub classifier: ArcSwap<SqlParserClassifier>,
+    /// Classifications by normalised statement text (hit ratio exported as metrics).
+    pub classify_cache: ClassifyCache,
+    /// `pg_proc` volatility of functions on no list, looked up once each.
+    pub catalog: FunctionCatalog,
     /// Client cancel keys → server connections.
     pub cancels: CancelRegistry,
     /// Connected, logged-in clients (bounded by `max_client_conn`).
@@ -36,16 +45,37 @@ impl ProxyContext {
     pub fn new(config: Config, shutdown: watch::Receiver<bool>) -> ProxyContext {
         let cluster = Arc::new(Cluster::new(&config.backends));
         let pool = Pool::new(config.backends.len());
+        let classifier = SqlParserClassifier::new(config.routing.function_policy());
+        let classify_cache = ClassifyCache::new(config.routing.cache_size);
         ProxyContext {
             config: Arc::new(ArcSwap::from_pointee(config)),
             cluster,
             pool,
+            classifier: ArcSwap::from_pointee(classifier),
+            classify_cache,
+            catalog: FunctionCatalog::default(),
             cancels: CancelRegistry::default(),
             clients: AtomicUsize::new(0),
             server_secret: rand::random(),
             next_pid: AtomicI32::new(rand::random_range(1..1 << 20)),
             shutdown,
         }
+    }
+
+    /// Apply a reloaded configuration: new sessions see it; a change of the function
+    /// lists rebuilds the classifier and empties the caches that depend on it.
+    pub fn reload(&self, new: Config) {
+        let old = self.config.load();
+        let lists_changed = old.routing.write_functions != new.routing.write_functions
+            || old.routing.read_only_functions != new.routing.read_only_functions
+            || old.routing.unknown_functions != new.routing.unknown_functions;
+        if lists_changed {
+            let classifier = SqlParserClassifier::new(new.routing.function_policy());
+            self.classifier.store(Arc::new(classifier));
+            self.classify_cache.clear();
+            self.catalog.clear();
+        }
+        self.config.store(Arc::new(new));
     }
 
     /// A fresh (pid, secret) for a client's BackendKeyData, registered for cancels.

@@ -166,7 +166,7 @@ async fn reload_on_sighup(ctx: Arc<ProxyContext>, path: PathBuf) {
                     );
                     continue;
                 }
-                ctx.config.store(Arc::new(new));
+                ctx.reload(new);
                 tracing::info!(path = %path.display(), "configuration reloaded");
             }
             Err(e) => {

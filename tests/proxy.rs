@@ -26,18 +26,23 @@ async fn select_insert_update_round_trips() {
         .await
         .unwrap();
     assert_eq!(n, 1);
+    // Read it back on the primary (a standby may not have replayed it yet).
     let row = c
-        .query_one("SELECT v FROM rt WHERE id = $1", &[&1i32])
+        .query_one(
+            "/* pgpilot:primary */ SELECT v, current_setting('cluster_name') FROM rt WHERE id = $1",
+            &[&1i32],
+        )
         .await
         .unwrap();
     assert_eq!(row.get::<_, &str>(0), "uno");
-    // The write went to the primary.
-    let node: String = c
-        .query_one("SELECT current_setting('cluster_name')", &[])
-        .await
+    assert_eq!(row.get::<_, &str>(1), "node0");
+    // The writes went to the primary.
+    let on_primary = h
+        .cluster
+        .lock()
         .unwrap()
-        .get(0);
-    assert_eq!(node, "node0");
+        .psql_db(0, DB, "SELECT v FROM rt WHERE id = 1");
+    assert_eq!(on_primary.unwrap(), "uno");
 }
 
 #[tokio::test]
@@ -135,7 +140,7 @@ async fn copy_in_and_out_100k_rows() {
     let n = sink.finish().await.unwrap();
     assert_eq!(n, 100_000);
     let out: Vec<bytes::Bytes> = c
-        .copy_out("COPY (SELECT * FROM copyt ORDER BY id) TO STDOUT")
+        .copy_out("/* pgpilot:primary */ COPY (SELECT * FROM copyt ORDER BY id) TO STDOUT")
         .await
         .unwrap()
         .try_collect()
@@ -368,15 +373,15 @@ async fn backend_connection_is_reused_across_sessions() {
     let c1 = connect(h.proxy, extra).await;
     c1.batch_execute("SET work_mem = '7MB'").await.unwrap();
     let pid1: i32 = c1
-        .query_one("SELECT pg_backend_pid()", &[])
+        .query_one("/* pgpilot:primary */ SELECT pg_backend_pid()", &[])
         .await
         .unwrap()
         .get(0);
     drop(c1);
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
     let c2 = connect(h.proxy, extra).await;
     let pid2: i32 = c2
-        .query_one("SELECT pg_backend_pid()", &[])
+        .query_one("/* pgpilot:primary */ SELECT pg_backend_pid()", &[])
         .await
         .unwrap()
         .get(0);
@@ -559,12 +564,16 @@ async fn server_dying_mid_session_gives_an_error_not_a_hang() {
     let h = harness();
     let c = connect(h.proxy, "application_name=dying_test").await;
     let pid: i32 = c
-        .query_one("SELECT pg_backend_pid()", &[])
+        .query_one("/* pgpilot:primary */ SELECT pg_backend_pid()", &[])
         .await
         .unwrap()
         .get(0);
     h.psql(0, &format!("SELECT pg_terminate_backend({pid})"));
-    let r = tokio::time::timeout(Duration::from_secs(5), c.query_one("SELECT 1", &[])).await;
+    let r = tokio::time::timeout(
+        Duration::from_secs(5),
+        c.query_one("/* pgpilot:primary */ SELECT 1", &[]),
+    )
+    .await;
     let e = r.expect("no hang").unwrap_err();
     // Either the server's own FATAL 57P01 or pgpilot's 08006, never silence.
     assert!(e.as_db_error().is_some() || e.is_closed(), "{e}");

@@ -313,13 +313,37 @@ impl BackendConn {
         let node = self.node;
         let mut out = BytesMut::new();
         frontend::query(sql, &mut out).map_err(|source| BackendError::Io { node, source })?;
+        let errors = self.exchange_discarding(&out, 1, limit).await?;
+        match errors.into_iter().next() {
+            Some(fields) => Err(BackendError::Server { node, fields }),
+            None if self.status != TxStatus::Idle => Err(BackendError::Protocol {
+                node,
+                message: "connection not idle after reset".into(),
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// Send ready-made protocol messages (`rfqs` requests, each ending in a
+    /// ReadyForQuery: simple Queries, or extended messages closed by Sync) and read
+    /// the answers up to the last ReadyForQuery, discarding them. Returns the errors
+    /// the server reported. Used to bring a connection up to a session's state
+    /// (replayed SETs, prepared statements) before the session uses it.
+    pub async fn exchange_discarding(
+        &mut self,
+        messages: &[u8],
+        rfqs: usize,
+        limit: Duration,
+    ) -> Result<Vec<ErrorFields>, BackendError> {
+        let node = self.node;
         let work = async {
-            self.send(&out).await?;
-            let mut failed = None;
-            loop {
+            self.send(messages).await?;
+            let mut errors = Vec::new();
+            let mut left = rfqs;
+            while left > 0 {
                 let (t, body) = self.read_message().await?;
                 match t {
-                    tag::ERROR_RESPONSE => failed = Some(ErrorFields::parse(&body)),
+                    tag::ERROR_RESPONSE => errors.push(ErrorFields::parse(&body)),
                     tag::PARAMETER_STATUS => {
                         let mut parts = body.split(|b| *b == 0);
                         let k =
@@ -330,25 +354,18 @@ impl BackendConn {
                     }
                     tag::READY_FOR_QUERY => {
                         self.status = TxStatus::from_byte(body.first().copied().unwrap_or(b'T'));
-                        break;
+                        left -= 1;
                     }
                     _ => {}
                 }
             }
-            match failed {
-                Some(fields) => Err(BackendError::Server { node, fields }),
-                None if self.status != TxStatus::Idle => Err(BackendError::Protocol {
-                    node,
-                    message: "connection not idle after reset".into(),
-                }),
-                None => Ok(()),
-            }
+            Ok(errors)
         };
         timeout(limit, work)
             .await
             .unwrap_or(Err(BackendError::Timeout {
                 node,
-                what: "resetting a connection to",
+                what: "preparing a connection to",
             }))
     }
 

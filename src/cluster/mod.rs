@@ -107,6 +107,8 @@ pub struct Cluster {
     snapshot: ArcSwap<ClusterSnapshot>,
     /// Woken when a snapshot is published (sessions waiting for a primary).
     changed: Notify,
+    /// Woken when a session saw a connection-level failure: check now.
+    check_now: Notify,
 }
 
 impl Cluster {
@@ -115,7 +117,15 @@ impl Cluster {
         Cluster {
             snapshot: ArcSwap::from_pointee(ClusterSnapshot::initial(backends)),
             changed: Notify::new(),
+            check_now: Notify::new(),
         }
+    }
+
+    /// A session could not reach `node` (refused, reset): probe the nodes now
+    /// rather than at the next period. Never a verdict by itself.
+    pub fn report_session_error(&self, node: usize) {
+        tracing::debug!(node, "session reported a connection failure; checking now");
+        self.check_now.notify_one();
     }
 
     /// The current snapshot (cheap: an `Arc` clone).
@@ -262,6 +272,7 @@ pub async fn run_monitor(
         check_all(&cluster, &cfg).await;
         tokio::select! {
             _ = tokio::time::sleep(period) => {}
+            _ = cluster.check_now.notified() => {}
             _ = shutdown.changed() => return,
         }
     }

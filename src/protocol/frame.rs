@@ -6,7 +6,9 @@
 //! * Server → client: [`BackendScanner`] walks the stream message by message
 //!   without buffering large messages (a 100 MB DataRow streams through), and
 //!   reports only the few messages pgpilot must understand (ReadyForQuery,
-//!   ErrorResponse, ParameterStatus, COPY mode changes).
+//!   ErrorResponse, ParameterStatus, COPY mode changes, and ParseComplete /
+//!   CloseComplete, which a session swallows for statements it prepared itself),
+//!   each with its position so the caller can drop or patch it.
 
 use bytes::BytesMut;
 
@@ -105,6 +107,21 @@ pub enum BackendEvent {
     ParameterStatus(String, String),
     /// CopyInResponse / CopyOutResponse / CopyBothResponse.
     CopyStarted(u8),
+    /// ParseComplete.
+    ParseComplete,
+    /// CloseComplete.
+    CloseComplete,
+}
+
+/// A decoded server message and where it lies in the scanned buffer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Scanned {
+    /// What it says.
+    pub event: BackendEvent,
+    /// Offset of its type byte.
+    pub start: usize,
+    /// Offset just past its end.
+    pub end: usize,
 }
 
 /// Incremental scanner for the server → client stream.
@@ -129,6 +146,8 @@ fn decoded(t: u8) -> bool {
             | tag::COPY_IN_RESPONSE
             | tag::COPY_OUT_RESPONSE
             | tag::COPY_BOTH_RESPONSE
+            | tag::PARSE_COMPLETE
+            | tag::CLOSE_COMPLETE
     )
 }
 
@@ -142,13 +161,10 @@ impl BackendScanner {
         self.remaining == 0
     }
 
-    /// Scan `buf` from the start, pushing events, and return the number of bytes that
-    /// can be forwarded now. Bytes after that are an incomplete decoded message.
-    pub fn scan(
-        &mut self,
-        buf: &[u8],
-        events: &mut Vec<BackendEvent>,
-    ) -> Result<usize, FrameError> {
+    /// Scan `buf` from the start, pushing events (with their offsets in `buf`), and
+    /// return the number of bytes that can be forwarded now. Bytes after that are an
+    /// incomplete decoded message.
+    pub fn scan(&mut self, buf: &[u8], events: &mut Vec<Scanned>) -> Result<usize, FrameError> {
         let mut pos = 0;
         loop {
             if self.remaining > 0 {
@@ -179,7 +195,11 @@ impl BackendScanner {
                 if rest.len() < wire_len {
                     return Ok(pos);
                 }
-                events.push(decode_event(t, &rest[5..wire_len]));
+                events.push(Scanned {
+                    event: decode_event(t, &rest[5..wire_len]),
+                    start: pos,
+                    end: pos + wire_len,
+                });
                 pos += wire_len;
             } else {
                 let take = wire_len.min(rest.len());
@@ -208,6 +228,8 @@ fn decode_event(t: u8, body: &[u8]) -> BackendEvent {
             let value = String::from_utf8_lossy(parts.next().unwrap_or_default()).into_owned();
             BackendEvent::ParameterStatus(name, value)
         }
+        tag::PARSE_COMPLETE => BackendEvent::ParseComplete,
+        tag::CLOSE_COMPLETE => BackendEvent::CloseComplete,
         other => BackendEvent::CopyStarted(other),
     }
 }
@@ -307,6 +329,7 @@ mod tests {
             pending.drain(..n);
         }
         assert_eq!(forwarded, stream.len());
+        let events: Vec<BackendEvent> = events.into_iter().map(|s| s.event).collect();
         assert_eq!(
             events,
             vec![
@@ -318,6 +341,21 @@ mod tests {
                 BackendEvent::ReadyForQuery(b'I'),
             ]
         );
+    }
+
+    #[test]
+    fn scanner_reports_offsets() {
+        let mut stream = msg(b'1', b"");
+        stream.extend(msg(b'D', b"abc"));
+        stream.extend(msg(b'Z', b"T"));
+        let mut events = vec![];
+        let n = BackendScanner::default()
+            .scan(&stream, &mut events)
+            .unwrap();
+        assert_eq!(n, stream.len());
+        assert_eq!(events[0].event, BackendEvent::ParseComplete);
+        assert_eq!((events[0].start, events[0].end), (0, 5));
+        assert_eq!((events[1].start, events[1].end), (13, 19));
     }
 
     #[test]

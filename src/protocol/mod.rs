@@ -59,6 +59,10 @@ pub mod tag {
     pub const COPY_OUT_RESPONSE: u8 = b'H';
     /// Backend: CopyBothResponse.
     pub const COPY_BOTH_RESPONSE: u8 = b'W';
+    /// Backend: ParseComplete.
+    pub const PARSE_COMPLETE: u8 = b'1';
+    /// Backend: CloseComplete.
+    pub const CLOSE_COMPLETE: u8 = b'3';
     /// Backend: NegotiateProtocolVersion.
     pub const NEGOTIATE_PROTOCOL_VERSION: u8 = b'v';
 }

@@ -127,6 +127,19 @@ impl ClassifyCache {
         lock(&self.shards[(hash >> 60) as usize % self.shards.len()])
     }
 
+    /// Forget every cached classification (after the function lists changed on a
+    /// reload). Counters keep counting; the capacity stays as built.
+    pub fn clear(&self) {
+        for shard in self.shards.iter() {
+            let mut lru = lock(shard);
+            let fresh = Lru::new(lru.capacity);
+            lru.map = fresh.map;
+            lru.nodes = fresh.nodes;
+            lru.head = NIL;
+            lru.tail = NIL;
+        }
+    }
+
     /// Lookups answered from the cache.
     pub fn hits(&self) -> u64 {
         self.shards.iter().map(|s| lock(s).hits).sum()

@@ -59,6 +59,29 @@ impl FunctionCatalog {
         }
     }
 
+    /// The cached answer for `names`: `Some(true)` if any is known volatile,
+    /// `Some(false)` if all are known not to be, `None` if a lookup is needed.
+    pub fn cached(&self, names: &[String]) -> Option<bool> {
+        let cache = self.volatile.lock().unwrap_or_else(|p| p.into_inner());
+        let mut all_known = true;
+        for n in names {
+            match cache.get(n) {
+                Some(true) => return Some(true),
+                Some(false) => {}
+                None => all_known = false,
+            }
+        }
+        all_known.then_some(false)
+    }
+
+    /// Forget every answer (after a configuration reload).
+    pub fn clear(&self) {
+        self.volatile
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+    }
+
     /// Cached entries (for tests and admin views).
     pub fn len(&self) -> usize {
         self.volatile.lock().map(|c| c.len()).unwrap_or(0)

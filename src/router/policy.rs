@@ -6,7 +6,9 @@
 //!    (one snapshot per transaction). With `disable_load_balance_on_write =
 //!    "transaction"` (pgpool's behaviour) reads before the transaction's first
 //!    write run on the standby instead — outside the transaction's snapshot.
-//! 2. A `/* pgpilot:primary */` or `/* pgpilot:standby */` leading comment wins.
+//! 2. A `/* pgpilot:primary */` leading comment wins; `/* pgpilot:standby */` wins
+//!    for a statement that is structurally a read (it overrides the judgement of
+//!    unknown or volatile functions, never a write).
 //! 3. `SET pgpilot.route = 'primary'`, and sessions made sticky (temp tables,
 //!    LISTEN, session advisory locks …) use the primary.
 //! 4. BEGIN / START TRANSACTION: READ ONLY transactions (explicit, or by the
@@ -104,7 +106,9 @@ pub fn decide(
     }
     match hint {
         Some(Hint::Primary) => return to_primary(),
-        Some(Hint::Standby) if class.tx.is_none() => return to_standby(),
+        Some(Hint::Standby) if class.tx.is_none() && class.access == Access::Read => {
+            return to_standby();
+        }
         _ => {}
     }
     if state.forced_primary || state.sticky_primary || !policy.load_balance {
@@ -241,6 +245,7 @@ mod tests {
             decide(&P, &st(), &r, Some(Hint::Primary), false, Some(0)),
             Decision::Node(0)
         );
+        // The standby hint never sends a write to a standby.
         assert_eq!(
             decide(
                 &P,
@@ -250,6 +255,12 @@ mod tests {
                 false,
                 Some(0)
             ),
+            Decision::Node(0)
+        );
+        let mut sticky_read = st();
+        sticky_read.sticky_primary = true;
+        assert_eq!(
+            decide(&P, &sticky_read, &r, Some(Hint::Standby), false, Some(0)),
             Decision::Node(2)
         );
         let mut sticky = st();

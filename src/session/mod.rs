@@ -1,15 +1,21 @@
 //! One task per client connection: handshake, then one `select!` loop relaying
-//! raw frames between the client and the server connection serving it.
+//! raw frames between the client and the server connections serving it.
 //!
-//! The session decodes only what it must: frame boundaries and types from the
-//! client (to count requests, see Terminate, and enforce the size limit), and
-//! ReadyForQuery / ErrorResponse / ParameterStatus from the server (to know when
-//! the connection is idle and whether it can be reused). Everything else passes
-//! through as the bytes that arrived, batched per read.
+//! A session holds at most one server connection per node ([`link`]): the
+//! primary's, opened at login, and a standby's, opened when the first read is
+//! routed there. [`route`] decides the node of each request; [`state`] keeps
+//! the settings and prepared statements every connection must share; [`relay`]
+//! is the loop. The session decodes only what it must: frame boundaries, Query
+//! and Parse text, Bind/Close names from the client; ReadyForQuery,
+//! ErrorResponse, ParameterStatus and ParseComplete from the servers. Everything
+//! else passes through as the bytes that arrived, batched per read.
 
 pub mod cancel;
 pub mod handshake;
+mod link;
 mod relay;
+mod route;
+mod state;
 
 use std::sync::Arc;
 
@@ -18,7 +24,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::time::timeout;
 
-use crate::backend::pool::{AcquireSettings, PooledConn};
+use crate::backend::pool::AcquireSettings;
 use crate::backend::{BackendError, PoolKey};
 use crate::config::Config;
 use crate::context::{ClientSlot, ProxyContext};
@@ -26,12 +32,15 @@ use crate::error::ToPgError;
 use crate::error::sqlstate::*;
 use crate::net::{Outbox, WriteError, write_all_timeout};
 use crate::protocol::TxStatus;
-use crate::protocol::frame::{BackendEvent, BackendScanner, FrameError};
+use crate::protocol::frame::{FrameError, Scanned};
 use crate::protocol::messages::{self, PgError};
 use crate::protocol::startup::StartupMessage;
-use crate::router;
+use crate::router::classify::Classification;
+use crate::router::policy::{Policy, RouteState};
 use cancel::CancelTarget;
 use handshake::Opening;
+use link::{Done, Link};
+use state::SessionState;
 
 /// Why a session ended abnormally.
 #[derive(Debug, thiserror::Error)]
@@ -145,45 +154,62 @@ async fn send_fatal(stream: &mut TcpStream, e: &PgError, cfg: &Config) {
 
 /// A logged-in client.
 struct Session {
-    /// Proxy-wide state (pool, cluster, cancels).
+    /// Proxy-wide state (pool, cluster, cancels, classifier).
     ctx: Arc<ProxyContext>,
     /// Configuration as of session start (a reload applies to new sessions).
     cfg: Arc<Config>,
+    /// Routing knobs from `cfg`.
+    policy: Policy,
     /// The client socket.
     client: TcpStream,
-    /// Bytes read from the client and not yet forwarded (at most one partial frame
-    /// between reads).
+    /// Bytes read from the client and not yet forwarded: at most one partial frame,
+    /// or requests waiting for their node ([`route::Step::Blocked`]).
     cbuf: BytesMut,
     /// Bytes for the client that its socket has not taken yet.
     to_client: Outbox,
-    /// Bytes for the server that its socket has not taken yet.
-    to_backend: Outbox,
     /// Role name from the startup packet.
     user: String,
+    /// Database from the startup packet (defaults to the user name).
+    database: String,
     /// Startup packet; its parameters are sent to every node the session uses.
     startup: StartupMessage,
     /// pgpilot's BackendKeyData pid for this client (key of the cancel registry).
     key_pid: i32,
     /// pgpilot's BackendKeyData secret for this client.
     key_secret: i32,
-    /// The server connection serving this session.
-    backend: Option<PooledConn>,
-    /// Position in the server's message stream.
-    scanner: BackendScanner,
+    /// Server connections by node id (at most one per node).
+    links: Vec<Option<Link>>,
+    /// The node whose answers the client is waiting for (the last one sent to);
+    /// only it can have requests in flight.
+    active: usize,
+    /// Node of the extended-protocol batch being forwarded (until its Sync).
+    batch: Option<usize>,
+    /// Settings and prepared statements shared by every connection of the session.
+    state: SessionState,
+    /// Routing state: the session's standby, sticky/forced primary, transaction node.
+    route: RouteState,
+    /// Inside a transaction block, as predicted from what was sent and corrected
+    /// by every ReadyForQuery of the transaction's node.
+    in_tx: bool,
+    /// The prediction is unreliable until in-flight requests are answered.
+    tx_uncertain: bool,
+    /// Classification of the request just routed (reused when it is sent).
+    pending_class: Option<Arc<Classification>>,
+    /// Route the next read to the primary: preparing it on the standby failed.
+    avoid_standby_once: Option<usize>,
+    /// The last `pg_proc` lookup failed: judge the next request's functions volatile.
+    lookup_failed: bool,
+    /// Standbys this session failed to use, not retried before the instant.
+    shunned_until: Vec<Option<tokio::time::Instant>>,
+    /// Client data may be routable now (new bytes, or a node became free).
+    recheck: bool,
     /// Scratch space for scanner events (reused to avoid allocation).
-    events: Vec<BackendEvent>,
-    /// Requests sent that will each end with a ReadyForQuery not yet received
-    /// (Query, Sync, FunctionCall). Zero means the server is waiting for us.
-    outstanding: usize,
-    /// Extended-protocol messages sent since the last Sync.
-    in_batch: bool,
+    events: Vec<Scanned>,
+    /// Scratch space for settled response bookkeeping.
+    done: Vec<Done>,
     /// Whether the session may have left state (SET, PREPARE, temp tables...) that
-    /// must be reset before another client reuses the connection.
+    /// must be reset before another client reuses its connections.
     dirty: bool,
-    /// Transaction status from the last ReadyForQuery.
-    status: TxStatus,
-    /// The server sent a FATAL error; it is about to close the connection.
-    saw_fatal: bool,
     /// Counts this client against `max_client_conn` until dropped.
     _slot: ClientSlot,
 }
@@ -192,9 +218,12 @@ struct Session {
 enum End {
     /// Terminate message or the client closed the socket.
     ClientGone,
-    /// An error; the client is told (if still there) and the server connection dropped.
+    /// An error; the client is told (if still there) and the server connections dropped.
     Error(SessionError),
 }
+
+/// How long a standby that failed a session is left alone by that session.
+const SHUN: std::time::Duration = std::time::Duration::from_secs(5);
 
 impl Session {
     fn new(
@@ -206,30 +235,44 @@ impl Session {
         slot: ClientSlot,
     ) -> Session {
         let (key_pid, key_secret) = ctx.new_client_key();
+        let nodes = cfg.backends.len();
+        let database = startup.get("database").unwrap_or(&user).to_string();
+        let policy = Policy {
+            load_balance: cfg.routing.load_balance,
+            in_transaction: cfg.routing.disable_load_balance_on_write,
+        };
         Session {
             ctx,
             cfg,
+            policy,
             client,
             cbuf: BytesMut::with_capacity(16 * 1024),
             to_client: Outbox::default(),
-            to_backend: Outbox::default(),
             user,
+            database,
             startup,
             key_pid,
             key_secret,
-            backend: None,
-            scanner: BackendScanner::default(),
+            links: (0..nodes).map(|_| None).collect(),
+            active: 0,
+            batch: None,
+            state: SessionState::default(),
+            route: RouteState::default(),
+            in_tx: false,
+            tx_uncertain: false,
+            pending_class: None,
+            avoid_standby_once: None,
+            lookup_failed: false,
+            shunned_until: vec![None; nodes],
+            recheck: false,
             events: Vec::with_capacity(8),
-            outstanding: 0,
-            in_batch: false,
+            done: Vec::with_capacity(8),
             dirty: false,
-            status: TxStatus::Idle,
-            saw_fatal: false,
             _slot: slot,
         }
     }
 
-    /// Finish startup (server connection, parameters, key), relay, then clean up.
+    /// Finish startup (primary connection, parameters, key), relay, then clean up.
     async fn run(&mut self, mut out: BytesMut) {
         if let Err(e) = self.connect_primary().await {
             let mut fatal = e.to_pg_error();
@@ -240,8 +283,8 @@ impl Session {
             self.cleanup();
             return;
         }
-        if let Some(b) = &self.backend {
-            for (k, v) in &b.params {
+        if let Some(l) = &self.links[self.active] {
+            for (k, v) in &l.conn.params {
                 messages::parameter_status(&mut out, k, v);
             }
         }
@@ -254,7 +297,8 @@ impl Session {
         if let End::Error(e) = &end {
             let lost_client = matches!(e, SessionError::ClientIo(_) | SessionError::WriteTimeout);
             tracing::debug!(user = %self.user, error = %e, "session ended with an error");
-            if !lost_client && !self.saw_fatal {
+            let server_said_fatal = self.links.iter().flatten().any(|l| l.saw_fatal);
+            if !lost_client && !server_said_fatal {
                 let mut buf = BytesMut::new();
                 e.to_pg_error().encode(&mut buf);
                 let _ = self.write_client(&buf).await;
@@ -263,10 +307,9 @@ impl Session {
         self.cleanup();
     }
 
-    /// Get a connection to the current primary for this session's key.
+    /// Open the session's connection to the current primary.
     async fn connect_primary(&mut self) -> Result<(), BackendError> {
-        let snapshot = self.ctx.cluster.snapshot();
-        let node = match router::resolve(router::Target::Primary, &snapshot) {
+        let node = match self.ctx.cluster.snapshot().primary {
             Some(n) => n,
             None => self
                 .ctx
@@ -275,12 +318,15 @@ impl Session {
                 .await
                 .ok_or(BackendError::NoPrimary)?,
         };
-        let database = self
-            .startup
-            .get("database")
-            .unwrap_or(&self.user)
-            .to_string();
-        let key = PoolKey::new(node, &self.user, &database, &self.startup.params);
+        let link = self.open_link(node).await?;
+        self.links[node] = Some(link);
+        self.set_active(node);
+        Ok(())
+    }
+
+    /// A new (or pooled) connection to `node` for this session's user and database.
+    async fn open_link(&self, node: usize) -> Result<Link, BackendError> {
+        let key = PoolKey::new(node, &self.user, &self.database, &self.startup.params);
         let b = &self.cfg.backends[node];
         let settings = AcquireSettings {
             host: &b.host,
@@ -295,17 +341,257 @@ impl Session {
             auth_timeout: self.cfg.timeouts.auth,
         };
         let conn = self.ctx.pool.acquire(&key, &settings).await?;
-        self.ctx.cancels.set_target(
-            self.key_pid,
-            Some(CancelTarget {
-                addr: conn.addr,
-                pid: conn.pid,
-                secret: conn.secret,
-            }),
-        );
-        self.status = conn.status;
-        self.backend = Some(conn);
+        Ok(Link::new(conn))
+    }
+
+    /// Connect to `node` if needed, and bring its connection up to the session's
+    /// state: replay settings it has not seen, close statements the session
+    /// forgot, prepare the statements in `needs`. A standby that cannot be used is
+    /// shunned for a while and the request is routed again (reads then go
+    /// elsewhere); failing to reach the primary ends the session.
+    async fn prepare_node(&mut self, node: usize, needs: Vec<Vec<u8>>) -> Result<(), SessionError> {
+        let primary = self.ctx.cluster.snapshot().primary;
+        let must_use = Some(node) == primary || (self.in_tx && self.route.tx_node == Some(node));
+        let fresh = match &self.links[node] {
+            Some(l) => !l.busy() && node != self.active && !l.conn.is_healthy_idle(),
+            None => true,
+        };
+        if fresh {
+            if self.links[node].take().is_some() {
+                tracing::debug!(node, "idle server connection went away; reconnecting");
+            }
+            match self.open_link(node).await {
+                Ok(l) => self.links[node] = Some(l),
+                Err(e) if !must_use && e.retryable() => {
+                    tracing::info!(node, error = %e, "standby unusable for this session; reads go elsewhere");
+                    self.shun(node);
+                    return Ok(());
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        let limit = self.cfg.timeouts.reset;
+        let Some(link) = self.links[node].as_mut() else {
+            return Ok(());
+        };
+        // 1. Settings and closes: failure means this connection's state differs.
+        let mut msgs = BytesMut::new();
+        let mut rfqs = 0;
+        let mut discards = false;
+        for q in self.state.log_since(link.applied) {
+            msgs.extend_from_slice(q);
+            rfqs += 1;
+            discards |= crate::router::session_cmd::is_discard_all(
+                std::str::from_utf8(&q[5..q.len() - 1]).unwrap_or(""),
+            );
+        }
+        if !link.pending_close.is_empty() {
+            for name in link.pending_close.drain(..) {
+                state::close_statement_message(&mut msgs, &name);
+            }
+            state::sync_message(&mut msgs);
+            rfqs += 1;
+        }
+        if rfqs > 0 {
+            let errors = link.conn.exchange_discarding(&msgs, rfqs, limit).await?;
+            link.applied = self.state.log_end();
+            if discards {
+                link.statements.clear();
+            }
+            if let Some(e) = errors.first() {
+                tracing::warn!(node, error = %e.message, "replaying the session's settings failed; the session stays on the primary");
+                self.state.overflowed = true;
+            }
+        }
+        // 2. Statements the request executes.
+        let mut msgs = BytesMut::new();
+        let mut rfqs = 0;
+        let mut parses = false;
+        let mut made = Vec::new();
+        for name in needs {
+            if link.statements.contains(&name) {
+                continue;
+            }
+            match self.state.stmts.get(&name).map(|s| &s.source) {
+                Some(state::StmtSource::Parse(f)) => {
+                    msgs.extend_from_slice(f);
+                    parses = true;
+                }
+                Some(state::StmtSource::Sql(q)) => {
+                    msgs.extend_from_slice(q);
+                    rfqs += 1;
+                }
+                None => continue,
+            }
+            made.push(name);
+        }
+        if parses {
+            state::sync_message(&mut msgs);
+            rfqs += 1;
+        }
+        if rfqs > 0 {
+            let errors = link.conn.exchange_discarding(&msgs, rfqs, limit).await?;
+            if errors.is_empty() {
+                link.statements.extend(made);
+            } else if !must_use {
+                // E.g. a table created on the primary has not reached this standby.
+                tracing::debug!(node, error = %errors[0].message, "statement not preparable here; using the primary");
+                self.avoid_standby_once = Some(node);
+            } else {
+                // Let the server report its own error when the request runs.
+                link.statements.extend(made);
+            }
+        }
         Ok(())
+    }
+
+    /// Leave standby `node` alone for a while: reads go to another node.
+    fn shun(&mut self, node: usize) {
+        self.shunned_until[node] = Some(tokio::time::Instant::now() + SHUN);
+        if self.route.standby == Some(node) {
+            self.route.standby = None;
+        }
+        self.links[node] = None;
+        self.ctx.cluster.report_session_error(node);
+    }
+
+    /// Whether this session currently avoids node `node`.
+    fn shunned(&self, node: usize) -> bool {
+        self.shunned_until[node].is_some_and(|t| tokio::time::Instant::now() < t)
+    }
+
+    /// Make `node` the one whose answers are awaited; cancels go to its server.
+    fn set_active(&mut self, node: usize) {
+        let changed = self.active != node;
+        self.active = node;
+        if let Some(l) = &self.links[node]
+            && (changed || l.sent == 0)
+        {
+            self.ctx.cancels.set_target(
+                self.key_pid,
+                Some(CancelTarget {
+                    addr: l.conn.addr,
+                    pid: l.conn.pid,
+                    secret: l.conn.secret,
+                }),
+            );
+        }
+    }
+
+    /// The link to `node`, which routing made sure exists.
+    fn link_mut(&mut self, node: usize) -> Result<&mut Link, SessionError> {
+        self.links
+            .get_mut(node)
+            .and_then(Option::as_mut)
+            .ok_or(SessionError::BackendLost { node })
+    }
+
+    /// Apply what the response stream of `node` settled.
+    fn settle(&mut self, node: usize) {
+        let mut done = std::mem::take(&mut self.done);
+        for d in done.drain(..) {
+            match d {
+                Done::Effects(e, ok) => {
+                    if ok {
+                        self.apply_effects(node, *e);
+                    }
+                }
+                Done::ParseFailed(name) => {
+                    if let Some(l) = self.links[node].as_mut() {
+                        l.statements.remove(&name);
+                    }
+                    if let Some(state::Stmt {
+                        source: state::StmtSource::Parse(_),
+                        ..
+                    }) = self.state.stmts.get(&name)
+                    {
+                        self.state.stmts.remove(&name);
+                    }
+                }
+                Done::ParamChanged => self.dirty = true,
+                Done::Ready { status, drained } => {
+                    let tx_link = self.route.tx_node.is_none_or(|t| t == node);
+                    if tx_link && status == TxStatus::Idle {
+                        self.state.pending_tx.clear();
+                    }
+                    if drained {
+                        if tx_link {
+                            self.in_tx = status != TxStatus::Idle;
+                            self.route.tx_node = self.in_tx.then_some(node);
+                            if !self.in_tx {
+                                self.route.tx_wrote = false;
+                            }
+                        }
+                        self.tx_uncertain = false;
+                        self.recheck = true;
+                    }
+                }
+            }
+        }
+        self.done = done;
+    }
+
+    /// A request's effects, confirmed by the server.
+    fn apply_effects(&mut self, node: usize, e: state::Effects) {
+        use crate::router::classify::TxControl;
+        let c = &e.class;
+        if let Some(ro) = c.sets_read_only_default {
+            self.route.read_only_default = ro;
+        }
+        if let Some(primary) = e.route {
+            self.route.forced_primary = primary;
+        }
+        if let (Some((name, access)), Some(q)) = (&c.prepare, &e.sql_prepare) {
+            let mut inner = (**c).clone();
+            inner.access = *access;
+            inner.prepare = None;
+            inner.session_state = false;
+            let name = name.as_bytes().to_vec();
+            self.state.stmts.insert(
+                name.clone(),
+                state::Stmt {
+                    source: state::StmtSource::Sql(q.clone()),
+                    class: Arc::new(inner),
+                    hint: None,
+                },
+            );
+            if let Some(l) = self.links[node].as_mut() {
+                l.statements.insert(name);
+            }
+        }
+        match &c.deallocate {
+            Some(None) => self.forget_all_statements(node),
+            Some(Some(name)) => self.forget_statement(node, name.as_bytes()),
+            None => {}
+        }
+        if e.discard_all {
+            self.forget_all_statements(node);
+        }
+        let mut logged = Vec::new();
+        if let Some(q) = e.replay {
+            if e.in_tx_block {
+                self.state.pending_tx.push(q);
+            } else {
+                logged.push(q);
+            }
+        }
+        if matches!(c.tx, Some(TxControl::Commit)) {
+            logged.append(&mut self.state.pending_tx);
+        }
+        for q in logged {
+            let was_current = self.links[node]
+                .as_ref()
+                .is_some_and(|l| l.applied == self.state.log_end());
+            let text = std::str::from_utf8(&q[5..q.len() - 1]).unwrap_or("");
+            let resets = crate::router::session_cmd::resets_all(text);
+            self.state.log_setting(q, resets);
+            if was_current && let Some(l) = self.links[node].as_mut() {
+                l.applied = self.state.log_end();
+            }
+        }
+        if self.state.overflowed {
+            self.route.sticky_primary = true;
+        }
     }
 
     /// Bounded blocking write to the client, after anything queued: used at startup
@@ -322,48 +608,37 @@ impl Session {
         })
     }
 
-    /// Give the server connection back (reset if needed) or discard it.
+    /// Give each server connection back (reset if needed) or discard it.
     fn cleanup(&mut self) {
         self.ctx.cancels.unregister(self.key_pid);
-        let Some(conn) = self.backend.take() else {
-            return;
-        };
-        let reusable = self.outstanding == 0
-            && !self.in_batch
-            && self.status == TxStatus::Idle
-            && self.scanner.at_boundary()
-            && conn.buf.is_empty()
-            && self.to_backend.is_empty()
-            && !self.saw_fatal;
-        let ctx = self.ctx.clone();
-        let cfg = self.cfg.clone();
-        if reusable {
-            let dirty = self.dirty;
-            tokio::spawn(async move {
-                let mut conn = conn;
-                let reset = if dirty {
-                    conn.run_discarding(&cfg.pool.reset_query, cfg.timeouts.reset)
-                        .await
-                } else {
-                    Ok(())
-                };
-                match reset {
-                    Ok(()) => ctx.pool.put_idle(conn),
-                    Err(e) => {
-                        tracing::info!(node = conn.node, error = %e, "reset failed; closing the connection")
+        for link in self.links.iter_mut().filter_map(Option::take) {
+            let ctx = self.ctx.clone();
+            let cfg = self.cfg.clone();
+            if link.reusable() {
+                let dirty = self.dirty || !link.statements.is_empty();
+                tokio::spawn(async move {
+                    let mut conn = link.conn;
+                    let reset = if dirty {
+                        conn.run_discarding(&cfg.pool.reset_query, cfg.timeouts.reset)
+                            .await
+                    } else {
+                        Ok(())
+                    };
+                    match reset {
+                        Ok(()) => ctx.pool.put_idle(conn),
+                        Err(e) => {
+                            tracing::info!(node = conn.node, error = %e, "reset failed; closing the connection")
+                        }
                     }
-                }
-            });
-        } else {
-            // Mid-request or mid-transaction: never pooled. Cancel what runs, then close.
-            if self.outstanding > 0 || self.in_batch || !self.to_backend.is_empty() {
-                let (addr, pid, secret) = (conn.addr, conn.pid, conn.secret);
+                });
+            } else if link.busy() {
+                // Mid-request: never pooled. Cancel what runs, then close.
+                let (addr, pid, secret) = (link.conn.addr, link.conn.pid, link.conn.secret);
                 tokio::spawn(async move {
                     crate::backend::conn::send_cancel(addr, pid, secret, cfg.timeouts.connect)
                         .await;
                 });
             }
-            drop(conn);
         }
     }
 }

@@ -1,20 +1,25 @@
 //! The relay loop of a logged-in session: one `select!` over the client socket,
-//! the server socket, pending writes, timeouts and shutdown.
+//! the active server connection, pending writes, timeouts and shutdown.
 //!
 //! Writes never block the loop: what a socket will not take now waits in an
 //! [`Outbox`](crate::net::Outbox) and is flushed when the socket is writable,
 //! while the other direction keeps flowing. Reading from a side pauses only
 //! while the queue towards the other side is above a high-water mark, so memory
 //! stays bounded and neither peer can deadlock the other.
+//!
+//! Only one server connection — the active one — can have requests in flight
+//! (see [`super::route`]), so the loop reads from that one alone. Steps that need
+//! I/O before a request can be routed (connecting, replaying settings, catalog
+//! lookups, waiting for a primary) are awaited here, between turns.
 
 use std::time::Duration;
 
 use tokio::io::AsyncReadExt;
 
+use super::route::Step;
 use super::{End, Session, SessionError};
-use crate::protocol::frame::{BackendEvent, cstr, missing_bytes, peek_frame};
-use crate::protocol::{TxStatus, tag};
-use crate::router::lexer;
+use crate::backend::BackendError;
+use crate::protocol::TxStatus;
 
 /// Stop reading a side while this many bytes wait to be written to the other.
 const HIGH_WATER: usize = 1 << 20;
@@ -27,30 +32,39 @@ impl Session {
         let stopping = shutdown.changed();
         tokio::pin!(stopping);
         loop {
-            let idle_limit = if self.outstanding > 0 || self.in_batch {
+            if std::mem::take(&mut self.recheck) {
+                match self.advance().await {
+                    Ok(true) => {
+                        self.recheck = true;
+                        continue;
+                    }
+                    Ok(false) => {}
+                    Err(None) => return End::ClientGone,
+                    Err(Some(e)) => return End::Error(e),
+                }
+            }
+            let busy = self.links.iter().flatten().any(|l| l.busy());
+            let idle_limit = if busy {
                 Duration::ZERO
-            } else if self.status == TxStatus::Idle {
+            } else if !self.in_tx {
                 self.cfg.timeouts.client_idle
             } else {
                 self.cfg.timeouts.idle_in_transaction
             };
             let write_limit = self.cfg.timeouts.write;
-            let stalled = match (
-                self.to_client.stalled_since(),
-                self.to_backend.stalled_since(),
-            ) {
+            let node = self.active;
+            let Some(link) = self.links[node].as_mut() else {
+                return End::Error(SessionError::BackendLost { node });
+            };
+            let stalled = match (self.to_client.stalled_since(), link.out.stalled_since()) {
                 (Some(a), Some(b)) => Some(a.min(b)),
                 (a, b) => a.or(b),
             };
-            let Some(backend) = self.backend.as_mut() else {
-                return End::Error(SessionError::BackendLost { node: 0 });
-            };
-            let node = backend.node;
-            let conn = &mut backend.conn;
-            let (mut server_rd, server_wr) = conn.stream.split();
-            let (mut client_rd, client_wr) = self.client.split();
-            let read_client = self.to_backend.len() < HIGH_WATER;
+            let read_client = link.out.len() < HIGH_WATER && self.cbuf.len() < HIGH_WATER;
             let read_server = self.to_client.len() < HIGH_WATER;
+            let server_pending = !link.out.is_empty();
+            let (mut server_rd, server_wr) = link.conn.conn.stream.split();
+            let (mut client_rd, client_wr) = self.client.split();
             tokio::select! {
                 biased;
                 _ = &mut stopping => return End::Error(SessionError::Shutdown),
@@ -59,40 +73,36 @@ impl Session {
                         return End::Error(SessionError::ClientIo(e));
                     }
                 }
-                r = server_wr.as_ref().writable(), if !self.to_backend.is_empty() => {
-                    let flushed = r.and_then(|()| {
-                        let b = self.backend.as_ref().map(|b| &b.conn.stream);
-                        b.map_or(Ok(()), |s| self.to_backend.flush(s))
+                r = server_wr.as_ref().writable(), if server_pending => {
+                    let flushed = r.and_then(|()| match self.links[node].as_mut() {
+                        Some(l) => l.out.flush(&l.conn.conn.stream),
+                        None => Ok(()),
                     });
                     if flushed.is_err() {
-                        return End::Error(SessionError::BackendLost { node });
+                        return End::Error(self.lost(node));
                     }
                 }
-                r = server_rd.read_buf(&mut conn.buf), if read_server => match r {
+                r = server_rd.read_buf(&mut link.conn.conn.buf), if read_server => match r {
                     Ok(0) | Err(_) => {
                         tracing::info!(node, user = %self.user, "server closed the session's connection");
-                        return End::Error(SessionError::BackendLost { node });
+                        return End::Error(self.lost(node));
                     }
                     Ok(_) => {
-                        if let Err(e) = self.on_backend_data() {
+                        if let Err(e) = self.on_backend_data(node) {
                             return End::Error(e);
                         }
                     }
                 },
                 r = client_rd.read_buf(&mut self.cbuf), if read_client => match r {
                     Ok(0) => return End::ClientGone,
-                    Ok(_) => match self.on_client_data() {
-                        Ok(true) => {}
-                        Ok(false) => return End::ClientGone,
-                        Err(e) => return End::Error(e),
-                    },
+                    Ok(_) => self.recheck = true,
                     Err(e) => return End::Error(SessionError::ClientIo(e)),
                 },
                 _ = sleep_until_stall_limit(stalled, write_limit) => {
                     return End::Error(SessionError::WriteTimeout);
                 }
                 _ = sleep_unless_zero(idle_limit) => {
-                    return End::Error(if self.status == TxStatus::Idle {
+                    return End::Error(if !self.in_tx {
                         SessionError::IdleTimeout
                     } else {
                         SessionError::IdleInTransactionTimeout
@@ -102,94 +112,68 @@ impl Session {
         }
     }
 
-    /// Frame what the client sent, account for it, and pass the whole frames on in
-    /// one write. Returns false when the client sent Terminate.
-    fn on_client_data(&mut self) -> Result<bool, SessionError> {
-        let max = self.cfg.max_message_size;
-        let mut pos = 0;
-        let mut keep_going = true;
-        while let Some(f) = peek_frame(&self.cbuf[pos..], max)? {
-            let body = &self.cbuf[pos + 5..pos + f.wire_len];
-            match f.tag {
-                tag::QUERY => {
-                    self.outstanding += 1;
-                    self.dirty = self.dirty || lexer::may_leave_session_state(body);
-                }
-                tag::PARSE => {
-                    self.in_batch = true;
-                    let (name, rest) = cstr(body).unwrap_or_default();
-                    let sql = cstr(rest).map(|(q, _)| q).unwrap_or_default();
-                    self.dirty =
-                        self.dirty || !name.is_empty() || lexer::may_leave_session_state(sql);
-                }
-                tag::BIND | tag::EXECUTE | tag::DESCRIBE | tag::CLOSE | tag::FLUSH => {
-                    self.in_batch = true;
-                }
-                tag::SYNC => {
-                    self.in_batch = false;
-                    self.outstanding += 1;
-                }
-                tag::FUNCTION_CALL => {
-                    self.outstanding += 1;
-                    self.dirty = true;
-                }
-                tag::COPY_DATA | tag::COPY_DONE | tag::COPY_FAIL => {}
-                tag::TERMINATE => {
-                    keep_going = false;
-                    break;
-                }
-                other => return Err(SessionError::UnexpectedMessage(other)),
+    /// Route what the client sent and perform the step routing asks for.
+    /// `Ok(true)`: route again now; `Ok(false)`: wait for I/O; `Err(None)`: the
+    /// client said goodbye.
+    async fn advance(&mut self) -> Result<bool, Option<SessionError>> {
+        match self.on_client_data().map_err(Some)? {
+            Step::Idle | Step::Blocked => Ok(false),
+            Step::Terminate => Err(None),
+            Step::Prepare { node, needs } => {
+                self.prepare_node(node, needs).await.map_err(Some)?;
+                Ok(true)
             }
-            pos += f.wire_len;
+            Step::NeedPrimary => {
+                let wait = self.cfg.pool.acquire_timeout;
+                match self.ctx.cluster.wait_primary(wait).await {
+                    Some(_) => Ok(true),
+                    None => Err(Some(SessionError::Backend(BackendError::NoPrimary))),
+                }
+            }
+            Step::Lookup(names) => {
+                let snapshot = self.ctx.cluster.snapshot();
+                let primary = snapshot.primary.unwrap_or(self.active);
+                let backend = &self.cfg.backends[primary];
+                // Cached on success; on failure the answer is "volatile" (primary),
+                // remembered for this request only.
+                if self
+                    .ctx
+                    .catalog
+                    .any_volatile(&names, backend, &self.cfg.monitor)
+                    .await
+                    && self.ctx.catalog.cached(&names).is_none()
+                {
+                    self.lookup_failed = true;
+                }
+                Ok(true)
+            }
         }
-        if pos > 0 {
-            let Some(b) = self.backend.as_ref() else {
-                return Err(SessionError::BackendLost { node: 0 });
-            };
-            let node = b.node;
-            self.to_backend
-                .send(&b.conn.stream, &self.cbuf[..pos])
-                .map_err(|_| SessionError::BackendLost { node })?;
-            bytes::Buf::advance(&mut self.cbuf, pos);
-        }
-        if keep_going {
-            let need = missing_bytes(&self.cbuf);
-            self.cbuf.reserve(need.max(4096));
-        }
-        Ok(keep_going)
     }
 
-    /// Scan what the server sent, track its state, and pass it on in one write.
-    fn on_backend_data(&mut self) -> Result<(), SessionError> {
-        let Some(b) = self.backend.as_mut() else {
+    /// The server connection to `node` broke: tell the cluster (it probes; a
+    /// session's error is never a verdict by itself) and end the session.
+    fn lost(&mut self, node: usize) -> SessionError {
+        self.ctx.cluster.report_session_error(node);
+        SessionError::BackendLost { node }
+    }
+
+    /// Scan what `node` sent, settle bookkeeping, pass it on in one write.
+    fn on_backend_data(&mut self, node: usize) -> Result<(), SessionError> {
+        // A read balanced off the transaction's node must not end the client's
+        // transaction in its eyes.
+        let patch = (self.in_tx && self.route.tx_node.is_some_and(|t| t != node))
+            .then_some(TxStatus::InTransaction.as_byte());
+        let Some(link) = self.links[node].as_mut() else {
             return Ok(());
         };
-        let node = b.node;
-        let n = self.scanner.scan(&b.buf, &mut self.events).map_err(|e| {
-            tracing::warn!(node, error = %e, "unframeable data from server");
-            SessionError::BackendLost { node }
-        })?;
-        for ev in self.events.drain(..) {
-            match ev {
-                BackendEvent::ReadyForQuery(s) => {
-                    self.outstanding = self.outstanding.saturating_sub(1);
-                    self.status = TxStatus::from_byte(s);
-                    b.status = self.status;
-                }
-                BackendEvent::Error { fatal, .. } => self.saw_fatal |= fatal,
-                BackendEvent::ParameterStatus(k, v) => {
-                    b.set_param(k, v);
-                    self.dirty = true;
-                }
-                BackendEvent::CopyStarted(_) => {}
-            }
-        }
-        if n > 0 {
-            self.to_client
-                .send(&self.client, &b.buf[..n])
-                .map_err(SessionError::ClientIo)?;
-            bytes::Buf::advance(&mut b.buf, n);
-        }
+        link.on_data(
+            &self.client,
+            &mut self.to_client,
+            &mut self.events,
+            &mut self.done,
+            patch,
+        )?;
+        self.settle(node);
         Ok(())
     }
 }

@@ -1,0 +1,214 @@
+//! One server connection held by a session (at most one per node), and the
+//! bookkeeping of its response stream.
+//!
+//! Server bytes are forwarded as they arrive; the few messages pgpilot decodes
+//! (ReadyForQuery, ErrorResponse, ParameterStatus, ParseComplete) settle what the
+//! session recorded when it sent the request: a setting is logged only when its
+//! request ends without an error, a prepared statement is forgotten when its
+//! Parse fails.
+
+use std::collections::{HashSet, VecDeque};
+
+use tokio::net::TcpStream;
+
+use super::SessionError;
+use super::state::Effects;
+use crate::backend::pool::PooledConn;
+use crate::net::Outbox;
+use crate::protocol::TxStatus;
+use crate::protocol::frame::{BackendEvent, BackendScanner, Scanned};
+
+/// Something the response stream settled, for the session to apply.
+#[derive(Debug)]
+pub enum Done {
+    /// The effects of a request, and whether it succeeded.
+    Effects(Box<Effects>, bool),
+    /// A client Parse of this statement name failed or was skipped.
+    ParseFailed(Vec<u8>),
+    /// The server reported a new parameter value.
+    ParamChanged,
+    /// A request ended with this transaction status; `drained` when nothing else is
+    /// outstanding on the connection.
+    Ready {
+        /// Status byte of the ReadyForQuery.
+        status: TxStatus,
+        /// No other request is in flight on this connection.
+        drained: bool,
+    },
+}
+
+/// A session's connection to one node.
+pub struct Link {
+    /// The pooled server connection (socket, read buffer, parameters).
+    pub conn: PooledConn,
+    /// Position in the server's message stream.
+    pub scanner: BackendScanner,
+    /// Bytes for the server its socket has not taken yet.
+    pub out: Outbox,
+    /// Requests sent (Query, Sync, FunctionCall) whose ReadyForQuery has not come.
+    pub outstanding: usize,
+    /// Extended-protocol messages sent since the last Sync.
+    pub in_batch: bool,
+    /// Requests sent so far; request `k` ends with the `k`-th ReadyForQuery.
+    pub sent: u64,
+    /// ReadyForQuery messages received so far.
+    pub received: u64,
+    /// The request being answered has reported an error.
+    batch_error: bool,
+    /// Client Parses awaiting ParseComplete: (request number, statement name).
+    pub parses: VecDeque<(u64, Vec<u8>)>,
+    /// Effects awaiting the end of their request: (request number, effects).
+    pub effects: VecDeque<(u64, Box<Effects>)>,
+    /// Prepared statements that exist on this connection.
+    pub statements: HashSet<Vec<u8>>,
+    /// Statements the session forgot that still exist here (closed before next use).
+    pub pending_close: Vec<Vec<u8>>,
+    /// How much of the session's settings log this connection has applied.
+    pub applied: u64,
+    /// The server sent FATAL: it is about to close the connection.
+    pub saw_fatal: bool,
+    /// The server is in COPY FROM STDIN mode (CopyInResponse seen, the client's
+    /// CopyDone/CopyFail not yet forwarded): it ignores Syncs until then.
+    pub copy_in: bool,
+    /// Syncs forwarded since the last Execute or Query. If that Execute turns out
+    /// to start a COPY FROM STDIN, the server ignored them (no ReadyForQuery).
+    pub syncs_since_execute: usize,
+}
+
+impl Link {
+    /// Wrap a freshly acquired connection (it has applied none of the session's log).
+    pub fn new(conn: PooledConn) -> Link {
+        Link {
+            conn,
+            scanner: BackendScanner::default(),
+            out: Outbox::default(),
+            outstanding: 0,
+            in_batch: false,
+            sent: 0,
+            received: 0,
+            batch_error: false,
+            parses: VecDeque::new(),
+            effects: VecDeque::new(),
+            statements: HashSet::new(),
+            pending_close: Vec::new(),
+            applied: 0,
+            saw_fatal: false,
+            copy_in: false,
+            syncs_since_execute: 0,
+        }
+    }
+
+    /// A request is in flight (its answer has not fully arrived).
+    pub fn busy(&self) -> bool {
+        self.outstanding > 0 || self.in_batch || !self.out.is_empty()
+    }
+
+    /// Safe to give back to the pool: idle, nothing in flight or half-read.
+    pub fn reusable(&self) -> bool {
+        !self.busy()
+            && self.conn.status == TxStatus::Idle
+            && self.scanner.at_boundary()
+            && self.conn.buf.is_empty()
+            && !self.saw_fatal
+    }
+
+    /// Send `bytes` to the server (queued if its socket is full).
+    pub fn send(&mut self, bytes: &[u8]) -> Result<(), SessionError> {
+        let node = self.conn.node;
+        self.out
+            .send(&self.conn.stream, bytes)
+            .map_err(|_| SessionError::BackendLost { node })
+    }
+
+    /// Scan what the server sent, settle bookkeeping into `done`, and forward it to
+    /// the client in one write. `patch_idle` rewrites a ReadyForQuery `I` to that
+    /// status byte (a read balanced off the transaction's node must not tell the
+    /// client its transaction ended).
+    pub fn on_data(
+        &mut self,
+        client: &TcpStream,
+        to_client: &mut Outbox,
+        events: &mut Vec<Scanned>,
+        done: &mut Vec<Done>,
+        patch_idle: Option<u8>,
+    ) -> Result<(), SessionError> {
+        let node = self.conn.node;
+        let n = self.scanner.scan(&self.conn.buf, events).map_err(|e| {
+            tracing::warn!(node, error = %e, "unframeable data from server");
+            SessionError::BackendLost { node }
+        })?;
+        for ev in events.drain(..) {
+            match ev.event {
+                BackendEvent::ReadyForQuery(s) => {
+                    if let Some(p) = patch_idle.filter(|_| s == b'I') {
+                        self.conn.buf[ev.start + 5] = p;
+                    }
+                    self.on_ready(TxStatus::from_byte(s), done);
+                }
+                BackendEvent::Error { fatal, .. } => {
+                    self.saw_fatal |= fatal;
+                    self.batch_error = true;
+                    // The server skips the rest of the request: its Parses never complete.
+                    let current = self.received + 1;
+                    while self.parses.front().is_some_and(|(k, _)| *k == current) {
+                        if let Some((_, name)) = self.parses.pop_front() {
+                            done.push(Done::ParseFailed(name));
+                        }
+                    }
+                }
+                BackendEvent::ParseComplete => {
+                    self.parses.pop_front();
+                }
+                BackendEvent::ParameterStatus(k, v) => {
+                    self.conn.set_param(k, v);
+                    done.push(Done::ParamChanged);
+                }
+                BackendEvent::CopyStarted(crate::protocol::tag::COPY_IN_RESPONSE) => {
+                    // Syncs the client sent after the COPY's Execute are ignored by
+                    // the server while it reads COPY data: no ReadyForQuery for them.
+                    let ignored = std::mem::take(&mut self.syncs_since_execute);
+                    self.outstanding = self.outstanding.saturating_sub(ignored);
+                    self.sent -= ignored as u64;
+                    self.copy_in = true;
+                }
+                BackendEvent::CloseComplete | BackendEvent::CopyStarted(_) => {}
+            }
+        }
+        if n > 0 {
+            to_client
+                .send(client, &self.conn.buf[..n])
+                .map_err(SessionError::ClientIo)?;
+            bytes::Buf::advance(&mut self.conn.buf, n);
+        }
+        Ok(())
+    }
+
+    fn on_ready(&mut self, status: TxStatus, done: &mut Vec<Done>) {
+        self.outstanding = self.outstanding.saturating_sub(1);
+        self.received += 1;
+        self.conn.status = status;
+        let ok = !std::mem::take(&mut self.batch_error);
+        while self
+            .effects
+            .front()
+            .is_some_and(|(k, _)| *k <= self.received)
+        {
+            if let Some((_, e)) = self.effects.pop_front() {
+                done.push(Done::Effects(e, ok));
+            }
+        }
+        while self
+            .parses
+            .front()
+            .is_some_and(|(k, _)| *k <= self.received)
+        {
+            if let Some((_, name)) = self.parses.pop_front() {
+                done.push(Done::ParseFailed(name));
+            }
+        }
+        done.push(Done::Ready {
+            status,
+            drained: self.outstanding == 0,
+        });
+    }
+}

@@ -1,0 +1,607 @@
+//! Client → server: cut the client's stream into requests, decide each request's
+//! node, and forward the raw frames there.
+//!
+//! The unit of routing is a *request*: a simple Query (or FunctionCall), or an
+//! extended-protocol batch from its first message to its Sync. A batch goes to
+//! one node as a whole, so Bind/Execute never reach a node that did not get
+//! their Parse, and the client sees exactly one ReadyForQuery per Sync. The
+//! batch is judged on the messages already received: if its Sync has not
+//! arrived yet the batch might still write, so it goes to the primary.
+//!
+//! Responses must reach the client in request order, so a request for another
+//! node waits ([`Step::Blocked`]) until every in-flight request has been
+//! answered; requests for the node already in use are pipelined. The session's
+//! transaction state is predicted when a request is sent (BEGIN/COMMIT) and
+//! corrected from ReadyForQuery, which always arrives before a request is routed
+//! elsewhere.
+//!
+//! Work that needs I/O before a request can be sent (connecting to a node,
+//! replaying settings, preparing a statement, a `pg_proc` lookup, waiting for a
+//! primary) is returned as a [`Step`] for the relay loop to await; the request is
+//! then routed again from scratch.
+
+use std::sync::Arc;
+
+use super::state::{SessionState, StmtSource};
+use super::{Session, SessionError};
+use crate::config::UnknownFunctions;
+use crate::protocol::frame::{cstr, peek_frame};
+use crate::protocol::tag;
+use crate::router::chooser;
+use crate::router::classify::{Access, Classification, TxControl};
+use crate::router::normalize::{self, Hint};
+use crate::router::policy::{self, Decision};
+
+/// What the relay loop must do after client data was processed.
+#[derive(Debug)]
+pub enum Step {
+    /// Every complete request was forwarded; wait for more input.
+    Idle,
+    /// The next request waits until in-flight requests are answered.
+    Blocked,
+    /// The client sent Terminate.
+    Terminate,
+    /// Connect to / bring up to date this node, with these statements prepared.
+    Prepare {
+        /// Node id.
+        node: usize,
+        /// Statement names the request executes.
+        needs: Vec<Vec<u8>>,
+    },
+    /// No primary is known; wait for one.
+    NeedPrimary,
+    /// Look these functions up in `pg_proc` before routing.
+    Lookup(Vec<String>),
+}
+
+/// A request's route, or why it cannot be sent yet.
+type Planned = Result<usize, Step>;
+
+/// The classification of a FunctionCall message (it runs a function by OID: assume
+/// it writes and leaves state).
+fn function_call_class() -> Arc<Classification> {
+    Arc::new(Classification {
+        access: Access::Write,
+        sticky_primary: false,
+        statements: 1,
+        ..Classification::empty()
+    })
+}
+
+/// `name`, `query` of a Parse body.
+fn parse_fields(body: &[u8]) -> (&[u8], &[u8]) {
+    let (name, rest) = cstr(body).unwrap_or_default();
+    let query = cstr(rest).map(|(q, _)| q).unwrap_or_default();
+    (name, query)
+}
+
+/// Statement name of a Bind body.
+fn bind_statement(body: &[u8]) -> &[u8] {
+    let rest = cstr(body).map(|(_, r)| r).unwrap_or_default();
+    cstr(rest).map(|(s, _)| s).unwrap_or_default()
+}
+
+impl Session {
+    /// Route and forward every complete request in the client buffer.
+    pub(super) fn on_client_data(&mut self) -> Result<Step, SessionError> {
+        let buf = std::mem::take(&mut self.cbuf);
+        let mut pos = 0;
+        // Frames [start, pos) not yet written, all for `node`.
+        let mut span: Option<(usize, usize)> = None;
+        let result = self.route_frames(&buf, &mut pos, &mut span);
+        let flushed = self.flush_span(&buf, span, pos);
+        self.cbuf = buf;
+        bytes::Buf::advance(&mut self.cbuf, pos);
+        let need = crate::protocol::frame::missing_bytes(&self.cbuf);
+        self.cbuf.reserve(need.max(4096));
+        let step = result?;
+        flushed?;
+        Ok(step)
+    }
+
+    fn flush_span(
+        &mut self,
+        buf: &[u8],
+        span: Option<(usize, usize)>,
+        end: usize,
+    ) -> Result<(), SessionError> {
+        match span {
+            Some((node, start)) if end > start => self.link_mut(node)?.send(&buf[start..end]),
+            _ => Ok(()),
+        }
+    }
+
+    fn route_frames(
+        &mut self,
+        buf: &[u8],
+        pos: &mut usize,
+        span: &mut Option<(usize, usize)>,
+    ) -> Result<Step, SessionError> {
+        let max = self.cfg.max_message_size;
+        while let Some(f) = peek_frame(&buf[*pos..], max)? {
+            let frame = &buf[*pos..*pos + f.wire_len];
+            let node = match f.tag {
+                tag::TERMINATE => return Ok(Step::Terminate),
+                tag::COPY_DATA => self.active,
+                tag::COPY_DONE | tag::COPY_FAIL => {
+                    let node = self.active;
+                    self.link_mut(node)?.copy_in = false;
+                    node
+                }
+                tag::QUERY | tag::FUNCTION_CALL => {
+                    let planned = match self.batch {
+                        // A Query inside an open batch goes with the batch.
+                        Some(n) => Ok(n),
+                        None => self.plan_simple(f.tag, frame)?,
+                    };
+                    match planned {
+                        Ok(n) => n,
+                        Err(step) => return Ok(step),
+                    }
+                }
+                tag::PARSE
+                | tag::BIND
+                | tag::DESCRIBE
+                | tag::EXECUTE
+                | tag::CLOSE
+                | tag::FLUSH
+                | tag::SYNC => {
+                    let node = match self.batch {
+                        Some(n) => n,
+                        None => match self.plan_batch(&buf[*pos..])? {
+                            Ok(n) => {
+                                self.batch = Some(n);
+                                n
+                            }
+                            Err(step) => return Ok(step),
+                        },
+                    };
+                    self.track_extended(node, f.tag, frame)?;
+                    node
+                }
+                other => return Err(SessionError::UnexpectedMessage(other)),
+            };
+            if f.tag == tag::QUERY || f.tag == tag::FUNCTION_CALL {
+                self.track_simple(node, f.tag, frame)?;
+            }
+            match *span {
+                Some((n, _)) if n == node => {}
+                _ => {
+                    self.flush_span(buf, *span, *pos)?;
+                    *span = Some((node, *pos));
+                    self.set_active(node);
+                }
+            }
+            *pos += f.wire_len;
+        }
+        Ok(Step::Idle)
+    }
+
+    /// The node for a simple Query or FunctionCall (not inside a batch).
+    fn plan_simple(&mut self, t: u8, frame: &[u8]) -> Result<Planned, SessionError> {
+        if t == tag::FUNCTION_CALL {
+            return Ok(self.decide_and_check(&function_call_class(), None, &[]));
+        }
+        let sql = &frame[5..frame.len() - 1];
+        let (class, hint) = self.classify(sql);
+        let mut needs = Vec::new();
+        let mut force_write = false;
+        let mut hint = hint;
+        if let Some(name) = &class.execute {
+            match self.state.stmts.get(name.as_bytes()) {
+                Some(st) => {
+                    force_write = st.class.access == Access::Write;
+                    hint = hint.or(st.hint);
+                    needs.push(name.as_bytes().to_vec());
+                }
+                None => force_write = true,
+            }
+        }
+        // A standby hint overrides the judgement of functions, not the statement.
+        if hint != Some(Hint::Standby) {
+            match self.judge_functions(&class) {
+                Ok(volatile) => force_write |= volatile,
+                Err(step) => return Ok(Err(step)),
+            }
+        }
+        if force_write && class.access == Access::Read {
+            let mut c = (*class).clone();
+            c.access = Access::Write;
+            return Ok(self.decide_and_check(&Arc::new(c), hint, &needs));
+        }
+        Ok(self.decide_and_check(&class, hint, &needs))
+    }
+
+    /// The node for an extended-protocol batch starting at the front of `rest`,
+    /// judged on every message of the batch already received.
+    fn plan_batch(&mut self, rest: &[u8]) -> Result<Planned, SessionError> {
+        let max = self.cfg.max_message_size;
+        let mut classes: Vec<Arc<Classification>> = Vec::new();
+        let mut defined: Vec<&[u8]> = Vec::new();
+        let mut needs: Vec<Vec<u8>> = Vec::new();
+        let mut hint = None;
+        let mut complete = false;
+        let mut unknown_statement = false;
+        let mut p = 0;
+        while let Some(f) = peek_frame(&rest[p..], max)? {
+            let body = &rest[p + 5..p + f.wire_len];
+            match f.tag {
+                tag::PARSE => {
+                    let (name, query) = parse_fields(body);
+                    let (class, h) = self.classify(query);
+                    hint = hint.or(h);
+                    classes.push(class);
+                    defined.push(name);
+                }
+                tag::BIND | tag::DESCRIBE => {
+                    let name = if f.tag == tag::BIND {
+                        Some(bind_statement(body))
+                    } else {
+                        body.split_first()
+                            .filter(|(k, _)| **k == b'S')
+                            .and_then(|(_, n)| cstr(n).map(|(n, _)| n))
+                    };
+                    if let Some(name) = name.filter(|n| !defined.contains(n)) {
+                        match self.state.stmts.get(name) {
+                            Some(st) => {
+                                if f.tag == tag::BIND {
+                                    classes.push(st.class.clone());
+                                    hint = hint.or(st.hint);
+                                }
+                                if !needs.iter().any(|n| n == name) {
+                                    needs.push(name.to_vec());
+                                }
+                            }
+                            None if f.tag == tag::BIND => unknown_statement = true,
+                            None => {}
+                        }
+                    }
+                }
+                tag::SYNC => {
+                    complete = true;
+                    break;
+                }
+                tag::EXECUTE | tag::CLOSE | tag::FLUSH => {}
+                _ => break,
+            }
+            p += f.wire_len;
+        }
+        let mut class = match classes.len() {
+            // Close / Describe / Sync only: nothing runs; stay where the session is.
+            0 if complete => {
+                let node = self
+                    .route
+                    .tx_node
+                    .filter(|_| self.in_tx)
+                    .unwrap_or(self.active);
+                return Ok(self.check_ready(node, &needs).map(|()| node));
+            }
+            1 => classes
+                .pop()
+                .unwrap_or_else(|| Arc::new(Classification::empty())),
+            _ => Arc::new(merge(&classes)),
+        };
+        let mut force_write = unknown_statement || (!complete && !self.in_tx);
+        match self.judge_functions(&class) {
+            Ok(volatile) => force_write |= volatile,
+            Err(step) => return Ok(Err(step)),
+        }
+        if force_write && class.access == Access::Read {
+            let mut c = (*class).clone();
+            c.access = Access::Write;
+            class = Arc::new(c);
+        }
+        Ok(self.decide_and_check(&class, hint, &needs))
+    }
+
+    /// Classify statement text (raw bytes as sent), through the cache.
+    fn classify(&self, sql: &[u8]) -> (Arc<Classification>, Option<Hint>) {
+        match std::str::from_utf8(sql) {
+            Ok(text) => {
+                let classifier = self.ctx.classifier.load();
+                let class = self.ctx.classify_cache.classify(text, &**classifier);
+                (class, normalize::hint(text))
+            }
+            // Not UTF-8 (a client encoding pgpilot does not parse): the primary.
+            Err(_) => {
+                let mut c = Classification::empty();
+                c.access = Access::Write;
+                c.statements = 1;
+                c.parse_failed = true;
+                (Arc::new(c), None)
+            }
+        }
+    }
+
+    /// Whether unknown functions called by a read make it a write: `Ok(true)` if
+    /// some is volatile, or a lookup step when the answer is not cached yet.
+    fn judge_functions(&mut self, class: &Classification) -> Result<bool, Step> {
+        if class.access == Access::Write || class.unknown_functions.is_empty() {
+            return Ok(false);
+        }
+        if std::mem::take(&mut self.lookup_failed) {
+            return Ok(true);
+        }
+        match self.cfg.routing.unknown_functions {
+            UnknownFunctions::Read => Ok(false),
+            UnknownFunctions::Write => Ok(true),
+            UnknownFunctions::Lookup => match self.ctx.catalog.cached(&class.unknown_functions) {
+                Some(volatile) => Ok(volatile),
+                None => Err(Step::Lookup(class.unknown_functions.clone())),
+            },
+        }
+    }
+
+    /// Apply the routing policy, then check the node can take the request now.
+    fn decide_and_check(
+        &mut self,
+        class: &Arc<Classification>,
+        hint: Option<Hint>,
+        needs: &[Vec<u8>],
+    ) -> Planned {
+        let snapshot = self.ctx.cluster.snapshot();
+        self.refresh_standby(&snapshot);
+        let mut route = self.route.clone();
+        route.sticky_primary |= self.state.overflowed;
+        if self.avoid_standby_once.take().is_some() {
+            route.standby = None;
+        }
+        let node = match policy::decide(
+            &self.policy,
+            &route,
+            class,
+            hint,
+            self.in_tx,
+            snapshot.primary,
+        ) {
+            Decision::Node(n) => n,
+            Decision::NoPrimary => return Err(Step::NeedPrimary),
+        };
+        tracing::trace!(
+            node,
+            access = ?class.access,
+            tx = ?class.tx,
+            in_tx = self.in_tx,
+            standby = ?route.standby,
+            "routed"
+        );
+        self.check_ready(node, needs)?;
+        self.pending_class = Some(class.clone());
+        Ok(node)
+    }
+
+    /// Keep the session's standby while it stays usable; otherwise pick again by
+    /// weight (lag-aware weights come from the cluster snapshot).
+    fn refresh_standby(&mut self, snapshot: &crate::cluster::ClusterSnapshot) {
+        if !self.policy.load_balance {
+            self.route.standby = None;
+            return;
+        }
+        let include_primary = self.cfg.routing.primary_in_read_pool;
+        if let Some(s) = self.route.standby
+            && chooser::still_usable(snapshot, s, include_primary)
+        {
+            return;
+        }
+        if self.route.tx_node.is_some() && self.in_tx {
+            return;
+        }
+        let weights = chooser::read_weights(snapshot, include_primary);
+        let weights: Vec<f64> = weights
+            .iter()
+            .enumerate()
+            .map(|(i, w)| if self.shunned(i) { 0.0 } else { *w })
+            .collect();
+        self.route.standby = chooser::pick(&weights, rand::random::<f64>());
+    }
+
+    /// Whether `node` can take a request now: no other node has one in flight, and
+    /// the connection exists, is healthy and carries the session's state.
+    fn check_ready(&self, node: usize, needs: &[Vec<u8>]) -> Result<(), Step> {
+        let others_busy = self
+            .links
+            .iter()
+            .enumerate()
+            .any(|(i, l)| i != node && l.as_ref().is_some_and(|l| l.busy()));
+        let busy_here = self.links[node].as_ref().is_some_and(|l| l.busy());
+        if others_busy || (self.tx_uncertain && busy_here) {
+            return Err(Step::Blocked);
+        }
+        let prepare = || Step::Prepare {
+            node,
+            needs: needs.to_vec(),
+        };
+        let Some(link) = &self.links[node] else {
+            return Err(prepare());
+        };
+        let stale = link.applied < self.state.log_end()
+            || !link.pending_close.is_empty()
+            || needs.iter().any(|n| !link.statements.contains(n))
+            || (node != self.active && !busy_here && !link.conn.is_healthy_idle());
+        match (stale, busy_here) {
+            (false, _) => Ok(()),
+            (true, true) => Err(Step::Blocked),
+            (true, false) => Err(prepare()),
+        }
+    }
+
+    /// Bookkeeping for a Query or FunctionCall sent to `node`.
+    fn track_simple(&mut self, node: usize, t: u8, frame: &[u8]) -> Result<(), SessionError> {
+        let class = match self.pending_class.take() {
+            Some(c) => c,
+            None if t == tag::FUNCTION_CALL => function_call_class(),
+            None => self.classify(&frame[5..frame.len() - 1]).0,
+        };
+        let effects = if t == tag::QUERY {
+            SessionState::effects_for(&class, &frame[5..frame.len() - 1], Some(frame), self.in_tx)
+        } else {
+            self.dirty = true;
+            None
+        };
+        let link = self.link_mut(node)?;
+        link.outstanding += 1;
+        link.sent += 1;
+        link.syncs_since_execute = 0;
+        if let Some(e) = effects {
+            let k = link.sent;
+            link.effects.push_back((k, e));
+        }
+        self.note_sent(node, &class);
+        Ok(())
+    }
+
+    /// Bookkeeping for one extended-protocol message sent to `node`.
+    fn track_extended(&mut self, node: usize, t: u8, frame: &[u8]) -> Result<(), SessionError> {
+        let body = &frame[5..];
+        self.pending_class = None;
+        match t {
+            tag::PARSE => {
+                let (name, query) = parse_fields(body);
+                let (class, hint) = self.classify(query);
+                if name.is_empty() {
+                    for l in self.links.iter_mut().flatten() {
+                        l.statements.remove(name);
+                    }
+                } else {
+                    self.dirty = true;
+                }
+                let stmt = super::state::Stmt {
+                    source: StmtSource::Parse(bytes::Bytes::copy_from_slice(frame)),
+                    class,
+                    hint,
+                };
+                self.state.stmts.insert(name.to_vec(), stmt);
+                let link = self.link_mut(node)?;
+                link.statements.insert(name.to_vec());
+                let k = link.sent + 1;
+                link.parses.push_back((k, name.to_vec()));
+            }
+            tag::BIND => {
+                let name = bind_statement(body);
+                if let Some(st) = self.state.stmts.get(name) {
+                    let class = st.class.clone();
+                    let effects = match &st.source {
+                        StmtSource::Parse(f) => {
+                            let (_, query) = parse_fields(&f[5..]);
+                            SessionState::effects_for(&class, query, None, self.in_tx)
+                        }
+                        StmtSource::Sql(_) => None,
+                    };
+                    let link = self.link_mut(node)?;
+                    if let Some(e) = effects {
+                        let k = link.sent + 1;
+                        link.effects.push_back((k, e));
+                    }
+                    self.note_sent(node, &class);
+                }
+            }
+            tag::CLOSE => {
+                if let Some((b'S', rest)) = body.split_first() {
+                    let name = cstr(rest).map(|(n, _)| n).unwrap_or_default();
+                    self.forget_statement(node, name);
+                }
+            }
+            tag::EXECUTE => self.link_mut(node)?.syncs_since_execute = 0,
+            tag::SYNC => {
+                let link = self.link_mut(node)?;
+                if !link.copy_in {
+                    // (Ignored by a server reading COPY data: no ReadyForQuery.)
+                    link.outstanding += 1;
+                    link.sent += 1;
+                    link.syncs_since_execute += 1;
+                }
+                link.in_batch = false;
+                self.batch = None;
+                return Ok(());
+            }
+            _ => {}
+        }
+        self.link_mut(node)?.in_batch = true;
+        Ok(())
+    }
+
+    /// Routing state after a statement of class `class` was sent to `node`.
+    fn note_sent(&mut self, node: usize, class: &Classification) {
+        if SessionState::pins_primary(class) {
+            self.route.sticky_primary = true;
+        }
+        self.dirty |= class.session_state
+            || class.sticky_primary
+            || class.prepare.is_some()
+            || class.parse_failed;
+        match class.tx {
+            Some(TxControl::Begin { .. }) if !self.in_tx => {
+                self.in_tx = true;
+                self.route.tx_node = Some(node);
+                self.route.tx_wrote = false;
+            }
+            Some(TxControl::Commit | TxControl::Rollback | TxControl::PrepareTransaction) => {
+                self.in_tx = false;
+                self.route.tx_node = None;
+                self.route.tx_wrote = false;
+            }
+            _ => {}
+        }
+        if class.tx.is_some() && class.statements > 1 {
+            // "COMMIT; BEGIN" and the like: trust only the server's ReadyForQuery.
+            self.tx_uncertain = true;
+        }
+        if self.in_tx && class.access == Access::Write {
+            self.route.tx_wrote = true;
+        }
+    }
+
+    /// The client closed statement `name` (or DEALLOCATE'd it) on `node`: forget
+    /// it, and close it later on the other connections that have it.
+    pub(super) fn forget_statement(&mut self, node: usize, name: &[u8]) {
+        self.state.stmts.remove(name);
+        for (i, l) in self.links.iter_mut().enumerate() {
+            if let Some(l) = l
+                && l.statements.remove(name)
+                && i != node
+                && !name.is_empty()
+            {
+                l.pending_close.push(name.to_vec());
+            }
+        }
+    }
+
+    /// DEALLOCATE ALL / DISCARD ALL ran on `node`: every statement is gone there.
+    pub(super) fn forget_all_statements(&mut self, node: usize) {
+        self.state.stmts.clear();
+        for (i, l) in self.links.iter_mut().enumerate() {
+            if let Some(l) = l {
+                let names = std::mem::take(&mut l.statements);
+                if i != node {
+                    l.pending_close
+                        .extend(names.into_iter().filter(|n| !n.is_empty()));
+                }
+            }
+        }
+    }
+}
+
+/// One classification for several statements of a batch: a read only if all are.
+fn merge(classes: &[Arc<Classification>]) -> Classification {
+    let mut m = Classification::empty();
+    for c in classes {
+        if c.access == Access::Write {
+            m.access = Access::Write;
+        }
+        m.session_state |= c.session_state;
+        m.sticky_primary |= c.sticky_primary;
+        m.parse_failed |= c.parse_failed;
+        if c.sets_read_only_default.is_some() {
+            m.sets_read_only_default = c.sets_read_only_default;
+        }
+        if m.tx.is_none() {
+            m.tx = c.tx.clone();
+        }
+        m.statements += c.statements;
+        m.unknown_functions
+            .extend(c.unknown_functions.iter().cloned());
+    }
+    m.unknown_functions.sort_unstable();
+    m.unknown_functions.dedup();
+    m
+}

@@ -1,0 +1,215 @@
+//! What a client has told "the server" that must hold on every node the session
+//! uses: session settings, prepared statements, and the routing state that
+//! follows from them.
+//!
+//! A session may hold one connection per node. PostgreSQL keeps settings and
+//! prepared statements per connection, so pgpilot keeps the session's view here
+//! and brings each connection up to it before using it:
+//!
+//! * **Settings** (`SET`, `RESET`, `DISCARD`, `SET SESSION CHARACTERISTICS` …) that
+//!   succeeded are appended, in order, to a log; a connection replays the entries
+//!   it has not seen before its next statement. A `SET` inside a transaction block
+//!   is logged only when the transaction commits; `SET LOCAL` never is.
+//! * **Prepared statements** (protocol Parse and SQL `PREPARE`) are remembered with
+//!   their classification and the bytes that created them, and are prepared on
+//!   another node only when something executes them there.
+//!
+//! Effects are applied when the server confirms them (at the ReadyForQuery that
+//! ends the request, if no error came first), never on the client's word alone.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use bytes::{BufMut, Bytes, BytesMut};
+
+use crate::protocol::tag;
+use crate::router::classify::{Classification, TxControl};
+use crate::router::normalize::Hint;
+use crate::router::session_cmd;
+
+/// The most settings a session may log; past it the session stays on the primary
+/// (its state could no longer be replayed faithfully elsewhere).
+pub const MAX_LOG: usize = 10_000;
+
+/// How a prepared statement is created on a node that lacks it.
+#[derive(Debug, Clone)]
+pub enum StmtSource {
+    /// The client's Parse message, whole, as it arrived.
+    Parse(Bytes),
+    /// A Query message carrying the client's SQL `PREPARE`.
+    Sql(Bytes),
+}
+
+/// A prepared statement of the session.
+#[derive(Debug, Clone)]
+pub struct Stmt {
+    /// How to create it elsewhere.
+    pub source: StmtSource,
+    /// What executing it needs (routes Bind and `EXECUTE`).
+    pub class: Arc<Classification>,
+    /// A routing hint in its text, which applies to every execution.
+    pub hint: Option<Hint>,
+}
+
+/// What a request does to the session once the server confirms it.
+#[derive(Debug)]
+pub struct Effects {
+    /// The request's classification.
+    pub class: Arc<Classification>,
+    /// A Query message that replays the request's setting on other connections
+    /// (`None` if there is nothing to replay).
+    pub replay: Option<Bytes>,
+    /// The request was sent inside a transaction block (settings wait for COMMIT).
+    pub in_tx_block: bool,
+    /// The Query message of an SQL `PREPARE`, to create the statement elsewhere.
+    pub sql_prepare: Option<Bytes>,
+    /// `SET pgpilot.route`: `Some(true)` = primary only, `Some(false)` = automatic.
+    pub route: Option<bool>,
+    /// `DISCARD ALL`: prepared statements are gone too.
+    pub discard_all: bool,
+}
+
+/// The session-wide state replayed on, or tracked per, connection.
+#[derive(Debug, Default)]
+pub struct SessionState {
+    /// Prepared statements by name (the unnamed one under the empty name).
+    pub stmts: HashMap<Vec<u8>, Stmt>,
+    /// Settings to replay, oldest first: Query messages. `log_base` is the sequence
+    /// number of `log[0]`; a connection has applied all entries below its own mark.
+    pub log: Vec<Bytes>,
+    /// Sequence number of `log[0]` (grows when `DISCARD ALL`/`RESET ALL` voids the past).
+    pub log_base: u64,
+    /// Settings made inside the open transaction block, logged if it commits.
+    pub pending_tx: Vec<Bytes>,
+    /// The log overflowed or a setting could not be replayed: stay on the primary.
+    pub overflowed: bool,
+}
+
+impl SessionState {
+    /// Sequence number the next log entry gets (a connection at this mark is current).
+    pub fn log_end(&self) -> u64 {
+        self.log_base + self.log.len() as u64
+    }
+
+    /// The entries a connection at mark `applied` has not seen.
+    pub fn log_since(&self, applied: u64) -> &[Bytes] {
+        let from = applied.saturating_sub(self.log_base) as usize;
+        self.log.get(from..).unwrap_or_default()
+    }
+
+    /// Append a confirmed setting. `DISCARD ALL`/`RESET ALL` void the earlier entries.
+    pub fn log_setting(&mut self, query: Bytes, resets_all: bool) {
+        if resets_all {
+            self.log_base = self.log_end();
+            self.log.clear();
+        }
+        if self.log.len() >= MAX_LOG {
+            self.overflowed = true;
+            return;
+        }
+        self.log.push(query);
+    }
+
+    /// The effects to record for a request, or `None` if it has none.
+    /// `sql` is the statement text, `frame` the Query message that carried it (for
+    /// extended-protocol statements, `None`: a Query is built from `sql`).
+    pub fn effects_for(
+        class: &Arc<Classification>,
+        sql: &[u8],
+        frame: Option<&[u8]>,
+        in_tx_block: bool,
+    ) -> Option<Box<Effects>> {
+        let commits = matches!(class.tx, Some(TxControl::Commit));
+        let interesting = class.session_state
+            || class.prepare.is_some()
+            || class.deallocate.is_some()
+            || class.sets_read_only_default.is_some()
+            || commits;
+        if !interesting {
+            return None;
+        }
+        let text = std::str::from_utf8(sql).unwrap_or("");
+        let query = || match frame {
+            Some(f) => Bytes::copy_from_slice(f),
+            None => query_message(sql),
+        };
+        // Only a single statement can be replayed faithfully; a string mixing a
+        // setting with other statements pins the session to the primary instead
+        // (see `pins_primary`).
+        let replay = (class.session_state
+            && class.statements == 1
+            && class.deallocate.is_none()
+            && !session_cmd::is_transaction_scoped_set(text))
+        .then(query);
+        Some(Box::new(Effects {
+            class: class.clone(),
+            replay,
+            in_tx_block,
+            sql_prepare: class.prepare.as_ref().map(|_| query()),
+            route: session_cmd::route_setting(text),
+            discard_all: session_cmd::is_discard_all(text),
+        }))
+    }
+
+    /// A statement string whose session effects cannot be replayed elsewhere: it
+    /// pins the session to the primary when it succeeds.
+    pub fn pins_primary(class: &Classification) -> bool {
+        class.sticky_primary || (class.session_state && class.statements > 1)
+    }
+}
+
+/// A Query message for `sql` (bytes as given: no re-encoding).
+pub fn query_message(sql: &[u8]) -> Bytes {
+    let mut b = BytesMut::with_capacity(sql.len() + 6);
+    b.put_u8(tag::QUERY);
+    b.put_i32((sql.len() + 5) as i32);
+    b.put_slice(sql);
+    b.put_u8(0);
+    b.freeze()
+}
+
+/// The Close-statement message for `name`.
+pub fn close_statement_message(out: &mut BytesMut, name: &[u8]) {
+    out.put_u8(tag::CLOSE);
+    out.put_i32((name.len() + 6) as i32);
+    out.put_u8(b'S');
+    out.put_slice(name);
+    out.put_u8(0);
+}
+
+/// The Sync message.
+pub fn sync_message(out: &mut BytesMut) {
+    out.put_u8(tag::SYNC);
+    out.put_i32(4);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn log_replays_from_a_mark_and_resets_void_the_past() {
+        let mut s = SessionState::default();
+        s.log_setting(query_message(b"SET a = 1"), false);
+        s.log_setting(query_message(b"SET b = 2"), false);
+        assert_eq!(s.log_since(0).len(), 2);
+        assert_eq!(s.log_since(1).len(), 1);
+        assert_eq!(s.log_since(2).len(), 0);
+        s.log_setting(query_message(b"RESET ALL"), true);
+        assert_eq!(s.log_base, 2);
+        assert_eq!(s.log_end(), 3);
+        // A connection that saw nothing replays only the reset.
+        assert_eq!(s.log_since(0).len(), 1);
+        assert_eq!(&s.log_since(0)[0][5..], b"RESET ALL\0");
+    }
+
+    #[test]
+    fn query_messages_carry_the_bytes_verbatim() {
+        let q = query_message(&[0xff, b'x']);
+        assert_eq!(&q[..], &[b'Q', 0, 0, 0, 7, 0xff, b'x', 0]);
+        let mut b = BytesMut::new();
+        close_statement_message(&mut b, b"s1");
+        sync_message(&mut b);
+        assert_eq!(&b[..], b"C\0\0\0\x08Ss1\0S\0\0\0\x04");
+    }
+}
