@@ -2,21 +2,34 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI32, AtomicUsize, Ordering};
+use std::time::Instant;
 
 use arc_swap::ArcSwap;
 use tokio::sync::watch;
 
+use crate::admin::registry::SessionRegistry;
 use crate::backend::Pool;
 use crate::cluster::Cluster;
 use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::router::cache::ClassifyCache;
 use crate::session::cancel::CancelRegistry;
 
 /// Everything sessions and background tasks share.
 pub struct ProxyContext {
     /// Current configuration; replaced on reload (SIGHUP). Sessions take a snapshot at start.
     pub config: Arc<ArcSwap<Config>>,
-    /// Node state (roles, reachability).
+    /// Node state (roles, reachability, lag, weights); read via snapshots.
     pub cluster: Arc<Cluster>,
+    /// Prometheus metrics and the counters behind `SHOW POOL_*`.
+    pub metrics: Metrics,
+    /// Logged-in client sessions, for `SHOW POOL_PROCESSES` / `POOL_POOLS`.
+    pub sessions: SessionRegistry,
+    /// Statement classification cache shared by all sessions (its hit/miss
+    /// counters are exported at scrape time).
+    pub classify_cache: ClassifyCache,
+    /// When the proxy started (uptime metric).
+    pub started: Instant,
     /// Backend connection pool.
     pub pool: Pool,
     /// Client cancel keys → server connections.
@@ -34,11 +47,16 @@ pub struct ProxyContext {
 impl ProxyContext {
     /// Build the shared state for `config`.
     pub fn new(config: Config, shutdown: watch::Receiver<bool>) -> ProxyContext {
+        let nodes = config.backends.len();
         let cluster = Arc::new(Cluster::new(&config.backends));
-        let pool = Pool::new(config.backends.len());
+        let pool = Pool::with_cluster(nodes, cluster.clone());
         ProxyContext {
             config: Arc::new(ArcSwap::from_pointee(config)),
             cluster,
+            metrics: Metrics::new(nodes),
+            sessions: SessionRegistry::default(),
+            classify_cache: ClassifyCache::new(10_000),
+            started: Instant::now(),
             pool,
             cancels: CancelRegistry::default(),
             clients: AtomicUsize::new(0),
@@ -75,7 +93,10 @@ impl ClientSlot {
                 .clients
                 .compare_exchange(cur, cur + 1, Ordering::AcqRel, Ordering::Relaxed)
             {
-                Ok(_) => return Some(ClientSlot(ctx.clone())),
+                Ok(_) => {
+                    ctx.metrics.client_connected();
+                    return Some(ClientSlot(ctx.clone()));
+                }
                 Err(now) => cur = now,
             }
         }
@@ -85,5 +106,6 @@ impl ClientSlot {
 impl Drop for ClientSlot {
     fn drop(&mut self) {
         self.0.clients.fetch_sub(1, Ordering::AcqRel);
+        self.0.metrics.client_disconnected();
     }
 }

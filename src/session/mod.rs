@@ -18,6 +18,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::time::timeout;
 
+use crate::admin::registry::{SessionHandle, SessionState};
 use crate::backend::pool::{AcquireSettings, PooledConn};
 use crate::backend::{BackendError, PoolKey};
 use crate::config::Config;
@@ -184,6 +185,8 @@ struct Session {
     status: TxStatus,
     /// The server sent a FATAL error; it is about to close the connection.
     saw_fatal: bool,
+    /// This session in `ctx.sessions` (SHOW POOL_PROCESSES); unregisters on drop.
+    registration: SessionHandle,
     /// Counts this client against `max_client_conn` until dropped.
     _slot: ClientSlot,
 }
@@ -206,6 +209,13 @@ impl Session {
         slot: ClientSlot,
     ) -> Session {
         let (key_pid, key_secret) = ctx.new_client_key();
+        let registration = ctx.sessions.register(
+            key_pid,
+            &user,
+            startup.get("database").unwrap_or(&user),
+            startup.get("application_name").unwrap_or_default(),
+            client.peer_addr().ok(),
+        );
         Session {
             ctx,
             cfg,
@@ -225,6 +235,7 @@ impl Session {
             dirty: false,
             status: TxStatus::Idle,
             saw_fatal: false,
+            registration,
             _slot: slot,
         }
     }
@@ -252,6 +263,11 @@ impl Session {
             Err(e) => End::Error(e),
         };
         if let End::Error(e) = &end {
+            // A lost server connection asks for an early health probe of that
+            // node; the probe, not this error, decides whether it is down.
+            if let SessionError::BackendLost { node } = e {
+                self.ctx.cluster.report_session_error(*node);
+            }
             let lost_client = matches!(e, SessionError::ClientIo(_) | SessionError::WriteTimeout);
             tracing::debug!(user = %self.user, error = %e, "session ended with an error");
             if !lost_client && !self.saw_fatal {
@@ -294,7 +310,17 @@ impl Session {
             connect_timeout: self.cfg.timeouts.connect,
             auth_timeout: self.cfg.timeouts.auth,
         };
-        let conn = self.ctx.pool.acquire(&key, &settings).await?;
+        let conn = match self.ctx.pool.acquire(&key, &settings).await {
+            Ok(c) => c,
+            Err(e) => {
+                if e.is_connection_failure() {
+                    self.ctx.cluster.report_session_error(node);
+                }
+                return Err(e);
+            }
+        };
+        self.registration.set_backend(node, conn.pid, conn.created);
+        self.registration.set_state(SessionState::Idle);
         self.ctx.cancels.set_target(
             self.key_pid,
             Some(CancelTarget {

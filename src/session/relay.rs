@@ -11,8 +11,12 @@ use std::time::Duration;
 
 use tokio::io::AsyncReadExt;
 
+use bytes::BytesMut;
+
 use super::{End, Session, SessionError};
+use crate::admin::{self, AdminCaller, AdminCommand};
 use crate::protocol::frame::{BackendEvent, cstr, missing_bytes, peek_frame};
+use crate::protocol::messages;
 use crate::protocol::{TxStatus, tag};
 use crate::router::lexer;
 
@@ -111,6 +115,20 @@ impl Session {
         while let Some(f) = peek_frame(&self.cbuf[pos..], max)? {
             let body = &self.cbuf[pos + 5..pos + f.wire_len];
             match f.tag {
+                // Admin hook (cluster-state branch; the session rewrite re-homes
+                // it): `SHOW POOL_NODES` and friends are answered by pgpilot
+                // itself when nothing is in flight and the Query is the first
+                // frame of this read, so no forwarded bytes precede the answer.
+                tag::QUERY if pos == 0 && self.outstanding == 0 && !self.in_batch => {
+                    if let Some(cmd) = admin::parse_bytes(body) {
+                        let len = f.wire_len;
+                        self.answer_admin(&cmd)?;
+                        bytes::Buf::advance(&mut self.cbuf, len);
+                        continue;
+                    }
+                    self.outstanding += 1;
+                    self.dirty = self.dirty || lexer::may_leave_session_state(body);
+                }
                 tag::QUERY => {
                     self.outstanding += 1;
                     self.dirty = self.dirty || lexer::may_leave_session_state(body);
@@ -157,6 +175,26 @@ impl Session {
             self.cbuf.reserve(need.max(4096));
         }
         Ok(keep_going)
+    }
+
+    /// Answer an admin command locally: result set (or 42501) + ReadyForQuery.
+    fn answer_admin(&mut self, cmd: &AdminCommand) -> Result<(), SessionError> {
+        let who = AdminCaller {
+            user: self.user.clone(),
+            load_balance_node: None,
+        };
+        let mut out = BytesMut::new();
+        match admin::execute(&self.ctx, cmd, &who) {
+            Ok(rs) => {
+                rs.encode_row_description(&mut out);
+                rs.encode_rows_and_complete(&mut out);
+            }
+            Err(e) => e.encode(&mut out),
+        }
+        messages::ready_for_query(&mut out, self.status);
+        self.to_client
+            .send(&self.client, &out)
+            .map_err(SessionError::ClientIo)
     }
 
     /// Scan what the server sent, track its state, and pass it on in one write.

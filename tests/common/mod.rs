@@ -84,6 +84,8 @@ fn tracing_subscriber_init() -> Result<(), Box<dyn std::error::Error + Send + Sy
 fn base_config(cluster: &LocalCluster) -> Config {
     let mut c = pgpilot::demo::config_for(cluster, "127.0.0.1:0", &[(USER, PASSWORD)]);
     c.pool.max_connections_per_node = 60;
+    // An ephemeral port per proxy: tests run many proxies at once.
+    c.metrics.listen = "127.0.0.1:0".into();
     c
 }
 
