@@ -688,9 +688,15 @@ mod tests {
         for (extra, key) in [
             ("[health_check]\nperiod = 0", "health_check.period"),
             ("[health_check]\ntimeout = 0", "health_check.timeout"),
-            ("[health_check]\nmax_retries = 1000", "health_check.max_retries"),
+            (
+                "[health_check]\nmax_retries = 1000",
+                "health_check.max_retries",
+            ),
             ("[sr_check]\nperiod = \"10ms\"", "sr_check.period"),
-            ("[sr_check]\ndelay_threshold = \"12 parsecs\"", "delay_threshold"),
+            (
+                "[sr_check]\ndelay_threshold = \"12 parsecs\"",
+                "delay_threshold",
+            ),
             ("[sr_check]\nbogus = 1", "bogus"),
             ("[metrics]\nlisten = \"nowhere\"", "metrics.listen"),
             ("[monitor]\nrole_check_period = \"2s\"", "role_check_period"),

@@ -178,7 +178,10 @@ async fn close_idle_of_down_nodes(ctx: Arc<ProxyContext>) {
         for n in &snap.nodes {
             let now = n.status.is_usable() || n.status == NodeStatus::Unknown;
             if usable[n.id] && !now {
-                tracing::info!(node = n.id, "node out of service; closing its idle connections");
+                tracing::info!(
+                    node = n.id,
+                    "node out of service; closing its idle connections"
+                );
                 ctx.pool.close_idle(n.id);
             }
             usable[n.id] = now;

@@ -23,7 +23,9 @@ pub fn local_time(t: SystemTime) -> String {
             tm.tm_sec
         )
     } else {
-        utc_time(secs as i64)
+        // time_t is i64 on 64-bit Linux, i32 elsewhere.
+        #[allow(clippy::useless_conversion)]
+        utc_time(secs.into())
     }
 }
 

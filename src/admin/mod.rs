@@ -137,7 +137,10 @@ pub fn parse_bytes(sql: &[u8]) -> Option<AdminCommand> {
     if text.contains(';') {
         return None;
     }
-    let words: Vec<String> = text.split_whitespace().map(str::to_ascii_lowercase).collect();
+    let words: Vec<String> = text
+        .split_whitespace()
+        .map(str::to_ascii_lowercase)
+        .collect();
     let words: Vec<&str> = words.iter().map(String::as_str).collect();
     let cmd = match words.as_slice() {
         ["show", w] => match *w {
@@ -198,7 +201,10 @@ mod tests {
             ("show pool_nodes;", AdminCommand::PoolNodes),
             ("  Show\t Pool_Nodes ;; \n", AdminCommand::PoolNodes),
             ("SHOW POOL_VERSION", AdminCommand::PoolVersion),
-            ("show pool_health_check_stats", AdminCommand::PoolHealthCheckStats),
+            (
+                "show pool_health_check_stats",
+                AdminCommand::PoolHealthCheckStats,
+            ),
             ("SHOW pool_backend_stats", AdminCommand::PoolBackendStats),
             ("SHOW POOL_POOLS", AdminCommand::PoolPools),
             ("SHOW POOL_PROCESSES", AdminCommand::PoolProcesses),
@@ -241,10 +247,7 @@ mod tests {
     fn result_set_encodes_row_description_rows_and_tag() {
         let rs = ResultSet::new(
             &["a", "bb"],
-            vec![
-                vec!["1".into(), "".into()],
-                vec!["x".into(), "yz".into()],
-            ],
+            vec![vec!["1".into(), "".into()], vec!["x".into(), "yz".into()]],
         );
         assert_eq!(rs.command_tag, "SELECT 2");
         let mut buf = BytesMut::new();
@@ -271,7 +274,8 @@ mod tests {
                     let mut vals = Vec::new();
                     let mut p = 2;
                     for _ in 0..n {
-                        let l = i32::from_be_bytes([body[p], body[p + 1], body[p + 2], body[p + 3]]);
+                        let l =
+                            i32::from_be_bytes([body[p], body[p + 1], body[p + 2], body[p + 3]]);
                         assert!(l >= 0, "no NULLs");
                         p += 4;
                         vals.push(String::from_utf8(body[p..p + l as usize].to_vec()).unwrap());

@@ -107,7 +107,13 @@ impl SessionInfo {
         let node = self.node.load(Ordering::Relaxed);
         let pid = self.backend_pid.load(Ordering::Relaxed);
         let opened = self.backend_opened_ms.load(Ordering::Relaxed);
-        (node >= 0).then(|| (node as usize, pid, UNIX_EPOCH + Duration::from_millis(opened)))
+        (node >= 0).then(|| {
+            (
+                node as usize,
+                pid,
+                UNIX_EPOCH + Duration::from_millis(opened),
+            )
+        })
     }
 
     /// What the session is doing.

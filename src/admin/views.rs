@@ -311,7 +311,10 @@ pub(super) fn pool_pools(ctx: &ProxyContext) -> ResultSet {
             "idle".into(),
             String::new(),
             String::new(),
-            now_i.saturating_duration_since(c.last_used).as_secs().to_string(),
+            now_i
+                .saturating_duration_since(c.last_used)
+                .as_secs()
+                .to_string(),
         ]);
     }
     rows.sort_by(|a, b| (&a[0], &a[5]).cmp(&(&b[0], &b[5])));
@@ -421,18 +424,66 @@ fn pgpool_settings(cfg: &Config) -> Vec<(String, String, &'static str)> {
     let hc = &cfg.health_check;
     let sr = &cfg.sr_check;
     let mut v: Vec<(String, String, &'static str)> = vec![
-        ("listen_addresses".into(), cfg.listen.clone(), "pgpilot: listen"),
-        ("health_check_period".into(), secs(hc.period), "health_check.period (seconds)"),
-        ("health_check_timeout".into(), secs(hc.timeout), "health_check.timeout (seconds)"),
-        ("health_check_max_retries".into(), hc.max_retries.to_string(), "health_check.max_retries"),
-        ("health_check_retry_delay".into(), secs(hc.retry_delay), "health_check.retry_delay (seconds)"),
-        ("health_check_user".into(), cfg.monitor.user.clone(), "monitor.user"),
-        ("health_check_database".into(), cfg.monitor.database.clone(), "monitor.database"),
-        ("auto_failback".into(), on_off(hc.auto_failback), "health_check.auto_failback"),
-        ("sr_check_period".into(), secs(sr.period), "sr_check.period (seconds)"),
-        ("sr_check_user".into(), cfg.monitor.user.clone(), "monitor.user"),
-        ("sr_check_database".into(), cfg.monitor.database.clone(), "monitor.database"),
-        ("delay_threshold".into(), sr.delay_threshold.to_string(), "sr_check.delay_threshold (bytes)"),
+        (
+            "listen_addresses".into(),
+            cfg.listen.clone(),
+            "pgpilot: listen",
+        ),
+        (
+            "health_check_period".into(),
+            secs(hc.period),
+            "health_check.period (seconds)",
+        ),
+        (
+            "health_check_timeout".into(),
+            secs(hc.timeout),
+            "health_check.timeout (seconds)",
+        ),
+        (
+            "health_check_max_retries".into(),
+            hc.max_retries.to_string(),
+            "health_check.max_retries",
+        ),
+        (
+            "health_check_retry_delay".into(),
+            secs(hc.retry_delay),
+            "health_check.retry_delay (seconds)",
+        ),
+        (
+            "health_check_user".into(),
+            cfg.monitor.user.clone(),
+            "monitor.user",
+        ),
+        (
+            "health_check_database".into(),
+            cfg.monitor.database.clone(),
+            "monitor.database",
+        ),
+        (
+            "auto_failback".into(),
+            on_off(hc.auto_failback),
+            "health_check.auto_failback",
+        ),
+        (
+            "sr_check_period".into(),
+            secs(sr.period),
+            "sr_check.period (seconds)",
+        ),
+        (
+            "sr_check_user".into(),
+            cfg.monitor.user.clone(),
+            "monitor.user",
+        ),
+        (
+            "sr_check_database".into(),
+            cfg.monitor.database.clone(),
+            "monitor.database",
+        ),
+        (
+            "delay_threshold".into(),
+            sr.delay_threshold.to_string(),
+            "sr_check.delay_threshold (bytes)",
+        ),
         (
             "delay_threshold_by_time".into(),
             sr.delay_threshold_by_time.as_millis().to_string(),
@@ -443,12 +494,28 @@ fn pgpool_settings(cfg: &Config) -> Vec<(String, String, &'static str)> {
             on_off(sr.prefer_lower_delay_standby),
             "sr_check.prefer_lower_delay_standby",
         ),
-        ("load_balance_mode".into(), "on".into(), "always on in pgpilot"),
+        (
+            "load_balance_mode".into(),
+            "on".into(),
+            "always on in pgpilot",
+        ),
     ];
     for (i, b) in cfg.backends.iter().enumerate() {
-        v.push((format!("backend_hostname{i}"), b.host.clone(), "backends[].host"));
-        v.push((format!("backend_port{i}"), b.port.to_string(), "backends[].port"));
-        v.push((format!("backend_weight{i}"), b.weight.to_string(), "backends[].weight"));
+        v.push((
+            format!("backend_hostname{i}"),
+            b.host.clone(),
+            "backends[].host",
+        ));
+        v.push((
+            format!("backend_port{i}"),
+            b.port.to_string(),
+            "backends[].port",
+        ));
+        v.push((
+            format!("backend_weight{i}"),
+            b.weight.to_string(),
+            "backends[].weight",
+        ));
         v.push((
             format!("backend_application_name{i}"),
             b.application_name.clone(),
@@ -476,13 +543,16 @@ pub(super) fn pgpool_show(cfg: &Config, name: Option<&str>) -> Result<ResultSet,
                 .collect(),
         )),
         Some(name) => {
-            let (n, v, _) = settings.into_iter().find(|(n, _, _)| n == name).ok_or_else(|| {
-                PgError::error(
-                    UNDEFINED_OBJECT,
-                    format!("unrecognized configuration parameter \"{name}\""),
-                )
-                .with_hint("PGPOOL SHOW ALL lists the parameters pgpilot knows")
-            })?;
+            let (n, v, _) = settings
+                .into_iter()
+                .find(|(n, _, _)| n == name)
+                .ok_or_else(|| {
+                    PgError::error(
+                        UNDEFINED_OBJECT,
+                        format!("unrecognized configuration parameter \"{name}\""),
+                    )
+                    .with_hint("PGPOOL SHOW ALL lists the parameters pgpilot knows")
+                })?;
             let mut rs = ResultSet::new(&[n.as_str()], vec![vec![v]]);
             rs.command_tag = "SHOW".into();
             Ok(rs)
@@ -505,7 +575,10 @@ mod tests {
         assert_eq!(rs.rows, vec![vec!["1500".to_string()]]);
         let rs = pgpool_show(&cfg, Some("health_check_period")).unwrap();
         assert_eq!(rs.rows[0][0], "2");
-        assert_eq!(pgpool_show(&cfg, Some("backend_port0")).unwrap().rows[0][0], "5432");
+        assert_eq!(
+            pgpool_show(&cfg, Some("backend_port0")).unwrap().rows[0][0],
+            "5432"
+        );
         let all = pgpool_show(&cfg, None).unwrap();
         assert_eq!(all.columns, vec!["item", "value", "description"]);
         assert!(all.rows.len() > 15);

@@ -138,7 +138,8 @@ impl Cluster {
 /// A kept connection to one node.
 struct SrConn {
     client: tokio_postgres::Client,
-    task: JoinHandle<()>,
+    /// Drives the connection; aborted shortly after the client is dropped.
+    task: Option<JoinHandle<()>>,
 }
 
 impl SrConn {
@@ -152,15 +153,24 @@ impl SrConn {
         let task = tokio::spawn(async move {
             let _ = conn.await;
         });
-        Ok(SrConn { client, task })
+        Ok(SrConn {
+            client,
+            task: Some(task),
+        })
     }
 }
 
 impl Drop for SrConn {
     fn drop(&mut self) {
-        // Only dropped after an error or timeout (or at shutdown): the
-        // connection is not trusted any more.
-        self.task.abort();
+        // Dropping the client (right after this) sends Terminate and lets the
+        // connection task end; a connection stuck on a dead peer is aborted a
+        // moment later so it cannot linger.
+        if let (Some(task), Ok(rt)) = (self.task.take(), tokio::runtime::Handle::try_current()) {
+            rt.spawn(async move {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                task.abort();
+            });
+        }
     }
 }
 
@@ -282,7 +292,7 @@ fn parse_messages(msgs: &[SimpleQueryMessage]) -> Result<NodeSample, String> {
     Ok(s)
 }
 
-fn col<'a>(r: &'a SimpleQueryRow, i: usize) -> Option<&'a str> {
+fn col(r: &SimpleQueryRow, i: usize) -> Option<&str> {
     r.try_get(i).ok().flatten()
 }
 
@@ -377,7 +387,10 @@ fn conninfo_value(conninfo: &str, key: &str) -> Option<String> {
         }
         out
     } else {
-        rest.split_whitespace().next().unwrap_or_default().to_string()
+        rest.split_whitespace()
+            .next()
+            .unwrap_or_default()
+            .to_string()
     };
     (!value.is_empty()).then_some(value)
 }

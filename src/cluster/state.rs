@@ -188,7 +188,12 @@ impl Owner {
                     Role::Primary
                 };
                 if role != n.role {
-                    tracing::info!(node, from = n.role.as_str(), to = role.as_str(), "node role changed");
+                    tracing::info!(
+                        node,
+                        from = n.role.as_str(),
+                        to = role.as_str(),
+                        "node role changed"
+                    );
                     n.role = role;
                     n.last_change = now;
                 }
@@ -199,7 +204,10 @@ impl Owner {
                 n.held_out = None;
                 book.healthy_since = None;
                 if n.status != NodeStatus::Down {
-                    tracing::warn!(node, "node is down: no answer after all health-check retries");
+                    tracing::warn!(
+                        node,
+                        "node is down: no answer after all health-check retries"
+                    );
                     n.status = NodeStatus::Down;
                     n.last_change = now;
                 }
@@ -236,7 +244,12 @@ impl Owner {
 
     /// Apply a replication round. Returns nodes whose role looked different
     /// from the health check's view (to be probed now).
-    pub fn apply_replication(&mut self, round: &SrRound, adm: Admission, now: SystemTime) -> Vec<usize> {
+    pub fn apply_replication(
+        &mut self,
+        round: &SrRound,
+        adm: Admission,
+        now: SystemTime,
+    ) -> Vec<usize> {
         let mut recheck = Vec::new();
         let primary = self.snap.primary;
         let primary_sample = primary.and_then(|p| match round.checks.get(p) {
@@ -469,7 +482,11 @@ impl Owner {
 
     fn admit(&mut self, i: usize, now: SystemTime) {
         let n = &mut self.snap.nodes[i];
-        tracing::info!(node = i, role = n.role.as_str(), "node admitted (waiting for traffic)");
+        tracing::info!(
+            node = i,
+            role = n.role.as_str(),
+            "node admitted (waiting for traffic)"
+        );
         n.status = NodeStatus::Waiting;
         n.held_out = None;
         n.last_change = now;

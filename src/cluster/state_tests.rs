@@ -167,7 +167,10 @@ fn returning_standby_needs_streaming_evidence_newer_than_its_recovery() {
     let r = round(
         Instant::now(),
         vec![
-            NodeCheck::Sample(primary_sample(100, &[("node1", "streaming"), ("node2", "streaming")])),
+            NodeCheck::Sample(primary_sample(
+                100,
+                &[("node1", "streaming"), ("node2", "streaming")],
+            )),
             NodeCheck::Sample(standby_sample(100)),
             NodeCheck::Sample(standby_sample(100)),
         ],
@@ -188,7 +191,13 @@ fn auto_failback_off_keeps_a_returning_standby_down_and_sr_off_admits_at_once() 
     o.round_finished(1, failed(), SystemTime::now(), off.clone());
     o.round_finished(1, ok(true), SystemTime::now(), off.clone());
     assert_eq!(o.snap.nodes[1].status, NodeStatus::Down);
-    assert!(o.snap.nodes[1].held_out.as_deref().unwrap().contains("auto_failback"));
+    assert!(
+        o.snap.nodes[1]
+            .held_out
+            .as_deref()
+            .unwrap()
+            .contains("auto_failback")
+    );
 
     let mut no_sr = adm(3);
     no_sr.sr_enabled = false;
@@ -205,7 +214,13 @@ fn a_second_primary_is_never_admitted() {
     o.round_finished(2, ok(false), SystemTime::now(), adm(3));
     assert_eq!(o.snap.primary, Some(0));
     assert_eq!(o.snap.nodes[2].status, NodeStatus::Down);
-    assert!(o.snap.nodes[2].held_out.as_deref().unwrap().contains("false primary"));
+    assert!(
+        o.snap.nodes[2]
+            .held_out
+            .as_deref()
+            .unwrap()
+            .contains("false primary")
+    );
     assert_eq!(o.snap.nodes[2].effective_weight, 0.0);
     // Even when the real primary goes away, the false one stays out.
     o.round_finished(0, failed(), SystemTime::now(), adm(3));
@@ -237,7 +252,10 @@ fn lag_lowers_weights_and_thresholds_cut_them() {
     let r = round(
         t0,
         vec![
-            NodeCheck::Sample(primary_sample(10 << 20, &[("node1", "streaming"), ("node2", "streaming")])),
+            NodeCheck::Sample(primary_sample(
+                10 << 20,
+                &[("node1", "streaming"), ("node2", "streaming")],
+            )),
             NodeCheck::Sample(standby_sample(10 << 20)),
             NodeCheck::Sample(standby_sample(5 << 20)),
         ],
@@ -268,21 +286,39 @@ fn time_lag_grows_while_a_standby_is_stuck() {
     let t0 = Instant::now();
     let checks = |p: u64, s: u64| {
         vec![
-            NodeCheck::Sample(primary_sample(p, &[("node1", "streaming"), ("node2", "streaming")])),
+            NodeCheck::Sample(primary_sample(
+                p,
+                &[("node1", "streaming"), ("node2", "streaming")],
+            )),
             NodeCheck::Sample(standby_sample(p)),
             NodeCheck::Sample(standby_sample(s)),
         ]
     };
     o.apply_replication(&round(t0, checks(100, 100)), adm(3), SystemTime::now());
-    o.apply_replication(&round(t0 + Duration::from_secs(2), checks(200, 100)), adm(3), SystemTime::now());
+    o.apply_replication(
+        &round(t0 + Duration::from_secs(2), checks(200, 100)),
+        adm(3),
+        SystemTime::now(),
+    );
     assert_eq!(o.snap.nodes[2].repl.lag_seconds, Some(0.0));
-    o.apply_replication(&round(t0 + Duration::from_secs(5), checks(300, 100)), adm(3), SystemTime::now());
+    o.apply_replication(
+        &round(t0 + Duration::from_secs(5), checks(300, 100)),
+        adm(3),
+        SystemTime::now(),
+    );
     let s = o.snap.nodes[2].repl.lag_seconds.unwrap();
     assert!((s - 3.0).abs() < 1e-6, "{s}");
     // Time lag of 3 s with half weight 1 s: f = 1 / (1 + 9).
     assert!((o.snap.nodes[2].effective_weight - 0.1).abs() < 1e-3);
-    o.apply_replication(&round(t0 + Duration::from_secs(14), checks(400, 100)), adm(3), SystemTime::now());
-    assert_eq!(o.snap.nodes[2].effective_weight, 0.0, "over delay_threshold_by_time");
+    o.apply_replication(
+        &round(t0 + Duration::from_secs(14), checks(400, 100)),
+        adm(3),
+        SystemTime::now(),
+    );
+    assert_eq!(
+        o.snap.nodes[2].effective_weight, 0.0,
+        "over delay_threshold_by_time"
+    );
 }
 
 #[test]
@@ -293,16 +329,33 @@ fn timeline_and_role_mismatches_are_recorded() {
     let r = round(
         Instant::now(),
         vec![
-            NodeCheck::Sample(primary_sample(100, &[("node1", "streaming"), ("node2", "streaming")])),
+            NodeCheck::Sample(primary_sample(
+                100,
+                &[("node1", "streaming"), ("node2", "streaming")],
+            )),
             NodeCheck::Sample(primary_sample(100, &[])),
             NodeCheck::Sample(diverged),
         ],
     );
     let recheck = o.apply_replication(&r, adm(3), SystemTime::now());
     assert_eq!(recheck, vec![1]);
-    assert!(o.snap.nodes[1].repl.issue.as_deref().unwrap().contains("role mismatch"));
+    assert!(
+        o.snap.nodes[1]
+            .repl
+            .issue
+            .as_deref()
+            .unwrap()
+            .contains("role mismatch")
+    );
     assert!(o.snap.nodes[2].repl.timeline_mismatch);
-    assert!(o.snap.nodes[2].repl.issue.as_deref().unwrap().contains("timeline"));
+    assert!(
+        o.snap.nodes[2]
+            .repl
+            .issue
+            .as_deref()
+            .unwrap()
+            .contains("timeline")
+    );
     assert_eq!(o.snap.nodes[2].effective_weight, 0.0);
     // A failed or skipped check: lag unknown, weight as configured.
     let r = round(
@@ -316,7 +369,14 @@ fn timeline_and_role_mismatches_are_recorded() {
     o.apply_replication(&r, adm(3), SystemTime::now());
     assert_eq!(o.snap.nodes[1].repl.lag_bytes, None);
     assert_eq!(o.snap.nodes[1].effective_weight, 1.0);
-    assert!(o.snap.nodes[2].repl.issue.as_deref().unwrap().contains("unreachable"));
+    assert!(
+        o.snap.nodes[2]
+            .repl
+            .issue
+            .as_deref()
+            .unwrap()
+            .contains("unreachable")
+    );
 }
 
 #[test]

@@ -69,17 +69,29 @@ pub fn healthz(snapshot: &ClusterSnapshot) -> (u16, &'static str) {
 async fn handle(mut stream: TcpStream, ctx: &ProxyContext) -> std::io::Result<()> {
     let head = match tokio::time::timeout(IO_TIMEOUT, read_head(&mut stream)).await {
         Ok(Ok(Some(h))) => h,
-        Ok(Ok(None)) => return respond(&mut stream, 400, "text/plain", b"bad request\n", false).await,
+        Ok(Ok(None)) => {
+            return respond(&mut stream, 400, "text/plain", b"bad request\n", false).await;
+        }
         Ok(Err(e)) => return Err(e),
         Err(_) => return Ok(()),
     };
     let line = head.lines().next().unwrap_or_default();
     let mut parts = line.split_whitespace();
-    let (method, target) = (parts.next().unwrap_or_default(), parts.next().unwrap_or_default());
+    let (method, target) = (
+        parts.next().unwrap_or_default(),
+        parts.next().unwrap_or_default(),
+    );
     let path = target.split('?').next().unwrap_or_default();
     let head_only = method == "HEAD";
     if method != "GET" && !head_only {
-        return respond(&mut stream, 405, "text/plain", b"only GET and HEAD\n", false).await;
+        return respond(
+            &mut stream,
+            405,
+            "text/plain",
+            b"only GET and HEAD\n",
+            false,
+        )
+        .await;
     }
     match path {
         "/metrics" => {
@@ -97,7 +109,16 @@ async fn handle(mut stream: TcpStream, ctx: &ProxyContext) -> std::io::Result<()
             let (code, body) = healthz(&ctx.cluster.snapshot());
             respond(&mut stream, code, "text/plain", body.as_bytes(), head_only).await
         }
-        _ => respond(&mut stream, 404, "text/plain", b"not found: try /metrics or /healthz\n", head_only).await,
+        _ => {
+            respond(
+                &mut stream,
+                404,
+                "text/plain",
+                b"not found: try /metrics or /healthz\n",
+                head_only,
+            )
+            .await
+        }
     }
 }
 
@@ -156,5 +177,19 @@ async fn respond(
             std::io::ErrorKind::TimedOut,
             "metrics response write timed out",
         )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cluster::Cluster;
+    use crate::config::Config;
+
+    #[test]
+    fn healthz_is_503_until_a_primary_is_known() {
+        let cfg = Config::from_toml("[[backends]]\nhost = \"h\"\n").unwrap();
+        let cluster = Cluster::new(&cfg.backends);
+        assert_eq!(healthz(&cluster.snapshot()).0, 503);
     }
 }

@@ -149,7 +149,10 @@ fn reg<C: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: C) -> 
 
 macro_rules! metric {
     ($reg:expr, $ty:ident, $name:expr, $help:expr) => {
-        reg($reg, $ty::with_opts(opts($name, $help)).expect("valid metric"))
+        reg(
+            $reg,
+            $ty::with_opts(opts($name, $help)).expect("valid metric"),
+        )
     };
     ($reg:expr, $ty:ident, $name:expr, $help:expr, $labels:expr) => {
         reg(
@@ -403,30 +406,136 @@ impl Metrics {
 impl ScrapeGauges {
     fn new(r: &Registry) -> ScrapeGauges {
         ScrapeGauges {
-            node_up: metric!(r, IntGaugeVec, "pgpilot_node_up", "1 when the node is in service (status up or waiting).", &["node"]),
-            node_reachable: metric!(r, IntGaugeVec, "pgpilot_node_reachable", "1 when the latest health-check attempt reached the node (pg_status).", &["node"]),
-            node_role: metric!(r, IntGaugeVec, "pgpilot_node_role", "1 for the role the node reports (pg_is_in_recovery()); one series per role.", &["node", "role"]),
-            node_primary: metric!(r, IntGaugeVec, "pgpilot_node_primary", "1 for the node pgpilot sends writes to.", &["node"]),
-            lag_bytes: metric!(r, GaugeVec, "pgpilot_node_replication_lag_bytes", "WAL bytes the node has not replayed yet (primary LSN - replay LSN); absent when unknown.", &["node"]),
-            lag_seconds: metric!(r, GaugeVec, "pgpilot_node_replication_lag_seconds", "How far behind the node is in time; absent when unknown.", &["node"]),
-            effective_weight: metric!(r, GaugeVec, "pgpilot_node_effective_weight", "Read weight after lag (0 = gets no reads).", &["node"]),
-            replay_paused: metric!(r, IntGaugeVec, "pgpilot_node_replay_paused", "1 when WAL replay is paused on the standby.", &["node"]),
-            backend_conns: metric!(r, IntGaugeVec, "pgpilot_backend_connections", "Server connections per node: idle in the pool, or active (serving a session).", &["node", "state"]),
-            backend_opened: metric!(r, IntCounterVec, "pgpilot_backend_connections_opened_total", "Server connections opened.", &["node"]),
-            cache_hits: metric!(r, IntCounter, "pgpilot_classify_cache_hits_total", "Statement classifications served from the cache."),
-            cache_misses: metric!(r, IntCounter, "pgpilot_classify_cache_misses_total", "Statement classifications computed (cache misses)."),
-            primary_available: metric!(r, IntGauge, "pgpilot_primary_available", "1 when a primary is known and in service (what /healthz reports)."),
-            health_checks: metric!(r, IntCounterVec, "pgpilot_health_checks_total", "Health-check rounds (first attempt plus retries), by result.", &["node", "result"]),
-            health_down_verdicts: metric!(r, IntCounterVec, "pgpilot_health_check_down_total", "Rounds where every attempt failed (the node was declared down).", &["node"]),
-            info: metric!(r, IntGaugeVec, "pgpilot_node_info", "Always 1; labels give each node's host and port.", &["node", "host", "port"]),
-            uptime: metric!(r, Gauge, "pgpilot_uptime_seconds", "Seconds since pgpilot started."),
+            node_up: metric!(
+                r,
+                IntGaugeVec,
+                "pgpilot_node_up",
+                "1 when the node is in service (status up or waiting).",
+                &["node"]
+            ),
+            node_reachable: metric!(
+                r,
+                IntGaugeVec,
+                "pgpilot_node_reachable",
+                "1 when the latest health-check attempt reached the node (pg_status).",
+                &["node"]
+            ),
+            node_role: metric!(
+                r,
+                IntGaugeVec,
+                "pgpilot_node_role",
+                "1 for the role the node reports (pg_is_in_recovery()); one series per role.",
+                &["node", "role"]
+            ),
+            node_primary: metric!(
+                r,
+                IntGaugeVec,
+                "pgpilot_node_primary",
+                "1 for the node pgpilot sends writes to.",
+                &["node"]
+            ),
+            lag_bytes: metric!(
+                r,
+                GaugeVec,
+                "pgpilot_node_replication_lag_bytes",
+                "WAL bytes the node has not replayed yet (primary LSN - replay LSN); absent when unknown.",
+                &["node"]
+            ),
+            lag_seconds: metric!(
+                r,
+                GaugeVec,
+                "pgpilot_node_replication_lag_seconds",
+                "How far behind the node is in time; absent when unknown.",
+                &["node"]
+            ),
+            effective_weight: metric!(
+                r,
+                GaugeVec,
+                "pgpilot_node_effective_weight",
+                "Read weight after lag (0 = gets no reads).",
+                &["node"]
+            ),
+            replay_paused: metric!(
+                r,
+                IntGaugeVec,
+                "pgpilot_node_replay_paused",
+                "1 when WAL replay is paused on the standby.",
+                &["node"]
+            ),
+            backend_conns: metric!(
+                r,
+                IntGaugeVec,
+                "pgpilot_backend_connections",
+                "Server connections per node: idle in the pool, or active (serving a session).",
+                &["node", "state"]
+            ),
+            backend_opened: metric!(
+                r,
+                IntCounterVec,
+                "pgpilot_backend_connections_opened_total",
+                "Server connections opened.",
+                &["node"]
+            ),
+            cache_hits: metric!(
+                r,
+                IntCounter,
+                "pgpilot_classify_cache_hits_total",
+                "Statement classifications served from the cache."
+            ),
+            cache_misses: metric!(
+                r,
+                IntCounter,
+                "pgpilot_classify_cache_misses_total",
+                "Statement classifications computed (cache misses)."
+            ),
+            primary_available: metric!(
+                r,
+                IntGauge,
+                "pgpilot_primary_available",
+                "1 when a primary is known and in service (what /healthz reports)."
+            ),
+            health_checks: metric!(
+                r,
+                IntCounterVec,
+                "pgpilot_health_checks_total",
+                "Health-check rounds (first attempt plus retries), by result.",
+                &["node", "result"]
+            ),
+            health_down_verdicts: metric!(
+                r,
+                IntCounterVec,
+                "pgpilot_health_check_down_total",
+                "Rounds where every attempt failed (the node was declared down).",
+                &["node"]
+            ),
+            info: metric!(
+                r,
+                IntGaugeVec,
+                "pgpilot_node_info",
+                "Always 1; labels give each node's host and port.",
+                &["node", "host", "port"]
+            ),
+            uptime: metric!(
+                r,
+                Gauge,
+                "pgpilot_uptime_seconds",
+                "Seconds since pgpilot started."
+            ),
         }
     }
 
     fn fill(&self, ctx: &ProxyContext) {
         let snap = ctx.cluster.snapshot();
         let stats = ctx.cluster.health_stats();
-        for v in [&self.node_up, &self.node_reachable, &self.node_role, &self.node_primary, &self.replay_paused, &self.backend_conns, &self.info] {
+        for v in [
+            &self.node_up,
+            &self.node_reachable,
+            &self.node_role,
+            &self.node_primary,
+            &self.replay_paused,
+            &self.backend_conns,
+            &self.info,
+        ] {
             v.reset();
         }
         for v in [&self.lag_bytes, &self.lag_seconds, &self.effective_weight] {
@@ -471,11 +580,23 @@ impl ScrapeGauges {
             self.backend_conns
                 .with_label_values(&[id, "active"])
                 .set(pool.open.saturating_sub(pool.idle) as i64);
-            sync_counter(&self.backend_opened.with_label_values(&[id]), pool.opened_total);
+            sync_counter(
+                &self.backend_opened.with_label_values(&[id]),
+                pool.opened_total,
+            );
             if let Some(s) = stats.get(n.id) {
-                sync_counter(&self.health_checks.with_label_values(&[id, "success"]), s.success_count);
-                sync_counter(&self.health_checks.with_label_values(&[id, "failure"]), s.fail_count);
-                sync_counter(&self.health_down_verdicts.with_label_values(&[id]), s.fail_count);
+                sync_counter(
+                    &self.health_checks.with_label_values(&[id, "success"]),
+                    s.success_count,
+                );
+                sync_counter(
+                    &self.health_checks.with_label_values(&[id, "failure"]),
+                    s.fail_count,
+                );
+                sync_counter(
+                    &self.health_down_verdicts.with_label_values(&[id]),
+                    s.fail_count,
+                );
             }
         }
         self.primary_available.set(snap.has_primary().into());
