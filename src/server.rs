@@ -230,6 +230,11 @@ async fn reload_on_sighup(ctx: Arc<ProxyContext>, path: PathBuf) {
                     );
                     continue;
                 }
+                if new.metrics.listen != old.metrics.listen {
+                    tracing::warn!(
+                        "config reload: `metrics.listen` changed; the endpoint moves only after a restart"
+                    );
+                }
                 ctx.config.store(Arc::new(new));
                 tracing::info!(path = %path.display(), "configuration reloaded");
             }

@@ -190,6 +190,12 @@ async fn run_round(
 ) -> Option<Round> {
     let hc = &cfg.health_check;
     let backend = cfg.backends.get(node)?;
+    // A node already down fails every round: keep the log quiet about it.
+    let was_down = cluster
+        .snapshot()
+        .nodes
+        .get(node)
+        .is_some_and(|n| !n.status.is_usable());
     let started = Instant::now();
     let mut retries = 0;
     loop {
@@ -205,7 +211,11 @@ async fn run_round(
                 });
             }
             Err(e) if retries < hc.max_retries => {
-                tracing::info!(node, attempt = retries + 1, error = %e, "health check failed; retrying");
+                if was_down {
+                    tracing::debug!(node, attempt = retries + 1, error = %e, "health check failed; retrying");
+                } else {
+                    tracing::info!(node, attempt = retries + 1, error = %e, "health check failed; retrying");
+                }
                 cluster.record_attempt_failure(node, &e);
                 retries += 1;
                 tokio::select! {
@@ -247,11 +257,20 @@ pub async fn run_node(
             _ = shutdown.changed() => return,
         }
         let cfg = config.load_full();
+        let was_usable = cluster
+            .snapshot()
+            .nodes
+            .get(node)
+            .is_some_and(|n| n.status.is_usable());
         let Some(round) = run_round(node, &cluster, &cfg, &observer, &mut shutdown).await else {
             return;
         };
         if let Err(e) = &round.outcome {
-            tracing::warn!(node, retries = round.retries, error = %e, "health check failed after all retries");
+            if was_usable {
+                tracing::warn!(node, retries = round.retries, error = %e, "health check failed after all retries");
+            } else {
+                tracing::debug!(node, error = %e, "node still unreachable");
+            }
         }
         cluster.record_round(node, round, &cfg);
         last_end = tokio::time::Instant::now();

@@ -297,8 +297,13 @@ impl Cluster {
     /// its retries) fails, so a client killing its own backend, a FATAL from a
     /// statement or a vanished client cannot take a healthy node down.
     pub fn report_session_error(&self, node: usize) {
+        tracing::debug!(node, "session reported a connection error; probing early");
+        self.request_probe(node);
+    }
+
+    /// Ask `node`'s health task for a round now (coalesced).
+    fn request_probe(&self, node: usize) {
         if let Some(n) = self.probe_requests.get(node) {
-            tracing::debug!(node, "session reported a connection error; probing early");
             n.notify_one();
         }
     }

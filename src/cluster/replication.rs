@@ -124,7 +124,7 @@ impl Cluster {
         let mut recheck = Vec::new();
         self.update(|o| recheck = o.apply_replication(&round, adm, SystemTime::now()));
         for node in recheck {
-            self.report_session_error(node);
+            self.request_probe(node);
         }
     }
 

@@ -35,9 +35,15 @@ const HISTORY_CAP: usize = 4096;
 /// so a reload of weights or application names applies).
 #[derive(Debug, Clone, PartialEq)]
 pub(super) struct NodeSettings {
+    /// `backends[].weight`: base of the effective weight.
     pub weight: f64,
+    /// `backends[].host`: matched against a standby's WAL sender host, the
+    /// fallback evidence that it streams from the primary.
     pub host: String,
+    /// `backends[].port`: likewise.
     pub port: u16,
+    /// `backends[].application_name`: finds the standby's row in the primary's
+    /// `pg_stat_replication` (detected from the standby when empty).
     pub application_name: String,
 }
 
@@ -139,6 +145,7 @@ pub(super) struct Owner {
 }
 
 impl Owner {
+    /// State for a fresh snapshot (every node unknown).
     pub fn new(snap: ClusterSnapshot) -> Owner {
         let books = snap.nodes.iter().map(|_| NodeBook::default()).collect();
         Owner {
@@ -154,6 +161,7 @@ impl Owner {
         self.snap.clone()
     }
 
+    /// Health-check counters per node.
     pub fn health_stats(&self) -> Vec<HealthStats> {
         self.books.iter().map(|b| b.stats.clone()).collect()
     }
