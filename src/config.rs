@@ -78,6 +78,19 @@ pub struct Config {
     /// Read/write routing.
     #[serde(default)]
     pub routing: Routing,
+    /// Users allowed to run admin commands (`SHOW POOL_NODES` ...) on the client
+    /// port; `"*"` allows every user. Empty (the default): nobody.
+    #[serde(default)]
+    pub admin_users: Vec<String>,
+    /// Per-node health checks (reachability, role, hysteresis before `down`).
+    #[serde(default)]
+    pub health_check: HealthCheck,
+    /// Replication checks (LSNs, lag) and lag-weighted balancing.
+    #[serde(default)]
+    pub sr_check: SrCheck,
+    /// Prometheus `/metrics` and `/healthz` over HTTP.
+    #[serde(default)]
+    pub metrics: MetricsConfig,
 }
 
 /// What to do with a function called by a read that is on no list.
@@ -141,6 +154,104 @@ impl Routing {
         let allow =
             (!self.read_only_functions.is_empty()).then(|| self.read_only_functions.clone());
         FunctionPolicy::with_lists(self.write_functions.iter().cloned(), allow, unknown)
+    }
+}
+
+/// Per-node health checks: every `period` a new connection as the `[monitor]`
+/// role runs `SELECT pg_is_in_recovery()` within `timeout`; a failure is retried
+/// `max_retries` times `retry_delay` apart before the node is declared down.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HealthCheck {
+    /// Time between two checks of a node (a session error triggers one sooner).
+    #[serde(deserialize_with = "duration")]
+    pub period: Duration,
+    /// Limit for one attempt: connect + log in + query.
+    #[serde(deserialize_with = "duration")]
+    pub timeout: Duration,
+    /// Failed attempts retried before the verdict `down` (hysteresis: one lost
+    /// packet must not take a node out of service).
+    pub max_retries: u32,
+    /// Pause between retries.
+    #[serde(deserialize_with = "duration")]
+    pub retry_delay: Duration,
+    /// Re-admit a standby that was down once it is healthy again and streams
+    /// from the current primary. Off: it stays down until pgpilot restarts.
+    pub auto_failback: bool,
+}
+
+impl Default for HealthCheck {
+    fn default() -> Self {
+        HealthCheck {
+            period: Duration::from_secs(2),
+            timeout: Duration::from_secs(3),
+            max_retries: 2,
+            retry_delay: Duration::from_secs(1),
+            auto_failback: true,
+        }
+    }
+}
+
+/// Replication checks (pgpool's `sr_check`) and the lag-weighted balancing curve.
+///
+/// A standby's effective read weight is `weight × f(bytes) × f(seconds)` with
+/// `f(x) = 1 / (1 + (x / half)²)` (1 at zero lag, ½ at the half-weight lag,
+/// falling smoothly), and 0 above either threshold. A half-weight of 0 turns
+/// that factor off; a threshold of 0 turns that cut-off off.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SrCheck {
+    /// Time between two rounds; 0 turns replication checks off (lag unknown,
+    /// configured weights used as they are).
+    #[serde(deserialize_with = "duration")]
+    pub period: Duration,
+    /// Limit for one node's queries in a round (including reconnecting).
+    #[serde(deserialize_with = "duration")]
+    pub timeout: Duration,
+    /// A standby more than this many bytes of WAL behind gets no reads; 0 = no limit.
+    #[serde(deserialize_with = "byte_size")]
+    pub delay_threshold: u64,
+    /// A standby more than this far behind in time gets no reads; 0 = no limit.
+    #[serde(deserialize_with = "duration")]
+    pub delay_threshold_by_time: Duration,
+    /// Byte lag at which a standby's weight is halved; 0 = bytes do not lower weights.
+    #[serde(deserialize_with = "byte_size")]
+    pub half_weight_lag_bytes: u64,
+    /// Time lag at which a standby's weight is halved; 0 = time does not lower weights.
+    #[serde(deserialize_with = "duration")]
+    pub half_weight_lag: Duration,
+    /// When a session's standby crosses a threshold, move its reads to another
+    /// standby (lower lag preferred) rather than straight to the primary.
+    pub prefer_lower_delay_standby: bool,
+}
+
+impl Default for SrCheck {
+    fn default() -> Self {
+        SrCheck {
+            period: Duration::from_secs(1),
+            timeout: Duration::from_secs(2),
+            delay_threshold: 0,
+            delay_threshold_by_time: Duration::from_secs(10),
+            half_weight_lag_bytes: 16 << 20,
+            half_weight_lag: Duration::from_secs(1),
+            prefer_lower_delay_standby: true,
+        }
+    }
+}
+
+/// The HTTP endpoint for Prometheus and load balancers.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// Address:port serving `/metrics` and `/healthz`; empty = off.
+    pub listen: String,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig {
+            listen: "127.0.0.1:9930".into(),
+        }
     }
 }
 
@@ -284,10 +395,8 @@ pub struct Monitor {
     pub password: String,
     /// Database it connects to.
     pub database: String,
-    /// How often each node's role (`pg_is_in_recovery()`) is checked.
-    #[serde(deserialize_with = "duration")]
-    pub role_check_period: Duration,
-    /// Timeout for one check (connect + query).
+    /// Timeout for pgpilot's other lookups as this role (`pg_proc` volatility).
+    /// Health and replication checks have their own timeouts.
     #[serde(deserialize_with = "duration")]
     pub timeout: Duration,
 }
@@ -307,7 +416,6 @@ impl Default for Monitor {
             user: "postgres".into(),
             password: String::new(),
             database: "postgres".into(),
-            role_check_period: Duration::from_secs(2),
             timeout: Duration::from_secs(3),
         }
     }
@@ -345,6 +453,41 @@ pub fn parse_duration(s: &str) -> Option<Duration> {
         _ => return None,
     };
     (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs))
+}
+
+/// Parse a byte size: `"16MB"`, `"512kB"`, `"1GiB"`, `"100"` (bytes). Units
+/// are binary as in postgresql.conf (`kB` = 1024 bytes).
+pub fn parse_byte_size(s: &str) -> Option<u64> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num.parse().ok()?;
+    let mult: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "kB" | "KB" | "KiB" => 1 << 10,
+        "MB" | "MiB" => 1 << 20,
+        "GB" | "GiB" => 1 << 30,
+        "TB" | "TiB" => 1 << 40,
+        _ => return None,
+    };
+    n.checked_mul(mult)
+}
+
+fn byte_size<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        Int(u64),
+        Str(String),
+    }
+    match Raw::deserialize(d)? {
+        Raw::Int(n) => Ok(n),
+        Raw::Str(s) => parse_byte_size(&s).ok_or_else(|| {
+            serde::de::Error::custom(format!(
+                "invalid size {s:?}: use e.g. \"16MB\", \"512kB\" or a number of bytes"
+            ))
+        }),
+    }
 }
 
 fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
@@ -428,7 +571,9 @@ impl Config {
             ("timeouts.write", self.timeouts.write),
             ("timeouts.reset", self.timeouts.reset),
             ("monitor.timeout", self.monitor.timeout),
-            ("monitor.role_check_period", self.monitor.role_check_period),
+            ("health_check.period", self.health_check.period),
+            ("health_check.timeout", self.health_check.timeout),
+            ("sr_check.timeout", self.sr_check.timeout),
         ] {
             if d.is_zero() {
                 return Err(invalid(key, "must be greater than 0"));
@@ -518,7 +663,44 @@ impl Config {
                 ));
             }
         }
+        if self.health_check.max_retries > 100 {
+            return Err(invalid("health_check.max_retries", "must be 0..100"));
+        }
+        if !self.sr_check.period.is_zero() && self.sr_check.period < Duration::from_millis(100) {
+            return Err(invalid(
+                "sr_check.period",
+                "must be 0 (off) or at least 100ms",
+            ));
+        }
+        if self.health_check.period < Duration::from_millis(100) {
+            return Err(invalid("health_check.period", "must be at least 100ms"));
+        }
+        for (i, u) in self.admin_users.iter().enumerate() {
+            if u.is_empty() {
+                return Err(invalid(format!("admin_users[{i}]"), "must not be empty"));
+            }
+        }
+        self.metrics_addr()?;
         Ok(())
+    }
+
+    /// The metrics listen address, parsed; `None` when `metrics.listen` is empty.
+    pub fn metrics_addr(&self) -> Result<Option<SocketAddr>, ConfigError> {
+        let l = self.metrics.listen.trim();
+        if l.is_empty() {
+            return Ok(None);
+        }
+        l.parse().map(Some).map_err(|e| {
+            invalid(
+                "metrics.listen",
+                format!("{l:?} is not address:port or empty ({e})"),
+            )
+        })
+    }
+
+    /// Whether `user` may run admin commands (`admin_users`, `"*"` = everyone).
+    pub fn is_admin(&self, user: &str) -> bool {
+        self.admin_users.iter().any(|u| u == "*" || u == user)
     }
 }
 
@@ -558,6 +740,63 @@ mod tests {
         assert!(e.to_string().contains("acquire_timeout"), "{e}");
         let e = Config::from_toml(&MINIMAL.replace("password = \"secret\"", "")).unwrap_err();
         assert!(e.to_string().contains("users[0].password"), "{e}");
+    }
+
+    #[test]
+    fn monitoring_sections_have_defaults_and_checked_values() {
+        let c = Config::from_toml(MINIMAL).unwrap();
+        assert_eq!(c.health_check.period, Duration::from_secs(2));
+        assert_eq!(c.health_check.max_retries, 2);
+        assert!(c.health_check.auto_failback);
+        assert_eq!(c.sr_check.period, Duration::from_secs(1));
+        assert_eq!(c.sr_check.half_weight_lag_bytes, 16 << 20);
+        assert_eq!(c.sr_check.delay_threshold, 0);
+        assert_eq!(
+            c.metrics_addr().unwrap(),
+            Some("127.0.0.1:9930".parse().unwrap())
+        );
+        assert!(!c.is_admin("app"));
+
+        let c = Config::from_toml(&format!(
+            "admin_users = [\"ops\"]\n{MINIMAL}\n[sr_check]\ndelay_threshold = \"1MB\"\nperiod = 0\n[metrics]\nlisten = \"\""
+        ))
+        .unwrap();
+        assert_eq!(c.sr_check.delay_threshold, 1 << 20);
+        assert!(c.sr_check.period.is_zero());
+        assert_eq!(c.metrics_addr().unwrap(), None);
+        assert!(c.is_admin("ops") && !c.is_admin("app"));
+
+        for (extra, key) in [
+            ("[health_check]\nperiod = 0", "health_check.period"),
+            ("[health_check]\ntimeout = 0", "health_check.timeout"),
+            (
+                "[health_check]\nmax_retries = 1000",
+                "health_check.max_retries",
+            ),
+            ("[sr_check]\nperiod = \"10ms\"", "sr_check.period"),
+            (
+                "[sr_check]\ndelay_threshold = \"12 parsecs\"",
+                "delay_threshold",
+            ),
+            ("[sr_check]\nbogus = 1", "bogus"),
+            ("[metrics]\nlisten = \"nowhere\"", "metrics.listen"),
+            ("[monitor]\nrole_check_period = \"2s\"", "role_check_period"),
+        ] {
+            let e = Config::from_toml(&format!("{MINIMAL}\n{extra}")).unwrap_err();
+            assert!(e.to_string().contains(key), "{extra}: {e}");
+        }
+        let e = Config::from_toml(&format!("admin_users = [\"\"]\n{MINIMAL}")).unwrap_err();
+        assert!(e.to_string().contains("admin_users[0]"), "{e}");
+    }
+
+    #[test]
+    fn byte_sizes() {
+        assert_eq!(parse_byte_size("100"), Some(100));
+        assert_eq!(parse_byte_size("16MB"), Some(16 << 20));
+        assert_eq!(parse_byte_size("512 kB"), Some(512 << 10));
+        assert_eq!(parse_byte_size("1GiB"), Some(1 << 30));
+        assert_eq!(parse_byte_size("1.5MB"), None);
+        assert_eq!(parse_byte_size("-1"), None);
     }
 
     #[test]

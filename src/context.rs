@@ -2,13 +2,16 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI32, AtomicUsize, Ordering};
+use std::time::Instant;
 
 use arc_swap::ArcSwap;
 use tokio::sync::watch;
 
+use crate::admin::registry::SessionRegistry;
 use crate::backend::Pool;
 use crate::cluster::Cluster;
 use crate::config::Config;
+use crate::metrics::Metrics;
 use crate::router::cache::ClassifyCache;
 use crate::router::catalog::FunctionCatalog;
 use crate::router::classify::SqlParserClassifier;
@@ -18,13 +21,20 @@ use crate::session::cancel::CancelRegistry;
 pub struct ProxyContext {
     /// Current configuration; replaced on reload (SIGHUP). Sessions take a snapshot at start.
     pub config: Arc<ArcSwap<Config>>,
-    /// Node state (roles, reachability).
+    /// Node state (roles, reachability, lag, weights); read via snapshots.
     pub cluster: Arc<Cluster>,
+    /// Prometheus metrics and the counters behind `SHOW POOL_*`.
+    pub metrics: Metrics,
+    /// Logged-in client sessions, for `SHOW POOL_PROCESSES` / `POOL_POOLS`.
+    pub sessions: SessionRegistry,
+    /// When the proxy started (uptime metric).
+    pub started: Instant,
     /// Backend connection pool.
     pub pool: Pool,
     /// The statement classifier; rebuilt when a reload changes the function lists.
     pub classifier: ArcSwap<SqlParserClassifier>,
-    /// Classifications by normalised statement text (hit ratio exported as metrics).
+    /// Classifications by normalised statement text, shared by all sessions (hit
+    /// and miss counters are exported at scrape time).
     pub classify_cache: ClassifyCache,
     /// `pg_proc` volatility of functions on no list, looked up once each.
     pub catalog: FunctionCatalog,
@@ -43,13 +53,17 @@ pub struct ProxyContext {
 impl ProxyContext {
     /// Build the shared state for `config`.
     pub fn new(config: Config, shutdown: watch::Receiver<bool>) -> ProxyContext {
+        let nodes = config.backends.len();
         let cluster = Arc::new(Cluster::new(&config.backends));
-        let pool = Pool::new(config.backends.len());
+        let pool = Pool::with_cluster(nodes, cluster.clone());
         let classifier = SqlParserClassifier::new(config.routing.function_policy());
         let classify_cache = ClassifyCache::new(config.routing.cache_size);
         ProxyContext {
             config: Arc::new(ArcSwap::from_pointee(config)),
             cluster,
+            metrics: Metrics::new(nodes),
+            sessions: SessionRegistry::default(),
+            started: Instant::now(),
             pool,
             classifier: ArcSwap::from_pointee(classifier),
             classify_cache,
@@ -105,7 +119,10 @@ impl ClientSlot {
                 .clients
                 .compare_exchange(cur, cur + 1, Ordering::AcqRel, Ordering::Relaxed)
             {
-                Ok(_) => return Some(ClientSlot(ctx.clone())),
+                Ok(_) => {
+                    ctx.metrics.client_connected();
+                    return Some(ClientSlot(ctx.clone()));
+                }
                 Err(now) => cur = now,
             }
         }
@@ -115,5 +132,6 @@ impl ClientSlot {
 impl Drop for ClientSlot {
     fn drop(&mut self) {
         self.0.clients.fetch_sub(1, Ordering::AcqRel);
+        self.0.metrics.client_disconnected();
     }
 }

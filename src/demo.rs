@@ -13,9 +13,11 @@ pub const DEMO_USER: &str = "demo";
 pub const DEMO_PASSWORD: &str = "demo";
 
 /// Build the pgpilot configuration for a running local cluster, with `users`
-/// (name, password) allowed through.
+/// (name, password) allowed through and allowed to run admin commands.
 pub fn config_for(cluster: &LocalCluster, listen: &str, users: &[(&str, &str)]) -> Config {
     let mut toml = format!("listen = \"{listen}\"\n");
+    let admins: Vec<String> = users.iter().map(|(n, _)| format!("\"{n}\"")).collect();
+    toml.push_str(&format!("admin_users = [{}]\n", admins.join(", ")));
     for n in &cluster.nodes {
         toml.push_str(&format!(
             "[[backends]]\nhost = \"127.0.0.1\"\nport = {}\napplication_name = \"{}\"\ndata_directory = \"{}\"\n",
@@ -63,6 +65,7 @@ pub async fn run(listen: &str, standbys: usize) -> Result<(), String> {
         Err(e) => return Err(e.to_string()),
     };
     let addr = proxy.local_addr();
+    let metrics = proxy.metrics_addr();
     println!();
     println!("pgpilot is listening on {addr}. Connect with:");
     println!(
@@ -70,6 +73,10 @@ pub async fn run(listen: &str, standbys: usize) -> Result<(), String> {
         addr.ip(),
         addr.port()
     );
+    println!("  then: SHOW POOL_NODES;  SHOW PGPILOT_NODES;");
+    if let Some(m) = metrics {
+        println!("Metrics: curl http://{m}/metrics   Health: curl http://{m}/healthz");
+    }
     println!("Press Ctrl-C to stop; the cluster and its files are removed.");
     proxy
         .run(async {

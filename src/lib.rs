@@ -3,10 +3,13 @@
 //!
 //! Data path, top to bottom: [`server`] accepts clients → [`session`] runs one
 //! task per client → [`router`] decides the node → [`backend`] pools server
-//! connections → [`cluster`] owns node state. [`protocol`] (wire format),
+//! connections → [`cluster`] owns node state (health, replication lag,
+//! weights). [`admin`] answers `SHOW POOL_*` from that state and [`metrics`]
+//! exports it to Prometheus. [`protocol`] (wire format),
 //! [`config`] and [`error`] are used by all. [`localcluster`] builds real
 //! PostgreSQL clusters for `pgpilot demo` and the tests.
 
+pub mod admin;
 pub mod backend;
 pub mod cluster;
 pub mod config;
@@ -14,6 +17,7 @@ pub mod context;
 pub mod demo;
 pub mod error;
 pub mod localcluster;
+pub mod metrics;
 pub mod net;
 pub mod protocol;
 pub mod router;

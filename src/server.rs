@@ -1,5 +1,7 @@
 //! The listener: accept clients, spawn a session each, run the background tasks
-//! (role monitor, idle-connection reaper), reload on SIGHUP, stop on request.
+//! (a health check per node, replication checks, the metrics endpoint, pool
+//! cleanup when a node goes down, the idle-connection reaper), reload on
+//! SIGHUP, stop on request.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -10,7 +12,7 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::cluster;
+use crate::cluster::{self, NodeStatus, health::CheckObserver};
 use crate::config::{Config, ConfigError};
 use crate::context::ProxyContext;
 use crate::session;
@@ -34,6 +36,8 @@ pub enum ServerError {
 /// A bound, not yet running proxy.
 pub struct Proxy {
     listener: TcpListener,
+    /// `/metrics` and `/healthz`, when `metrics.listen` is set.
+    metrics_listener: Option<TcpListener>,
     ctx: Arc<ProxyContext>,
     /// Flipped to true to stop sessions and background tasks.
     shutdown_tx: watch::Sender<bool>,
@@ -48,10 +52,19 @@ impl Proxy {
         let listener = TcpListener::bind(addr)
             .await
             .map_err(|source| ServerError::Bind { addr, source })?;
+        let metrics_listener = match config.metrics_addr()? {
+            Some(addr) => Some(
+                TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| ServerError::Bind { addr, source })?,
+            ),
+            None => None,
+        };
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
         let ctx = Arc::new(ProxyContext::new(config, shutdown_rx));
         Ok(Proxy {
             listener,
+            metrics_listener,
             ctx,
             shutdown_tx,
             config_path: None,
@@ -71,6 +84,13 @@ impl Proxy {
             .expect("a bound listener has an address")
     }
 
+    /// The address `/metrics` and `/healthz` are served on, if enabled.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_listener
+            .as_ref()
+            .and_then(|l| l.local_addr().ok())
+    }
+
     /// Shared state, for embedding and tests.
     pub fn context(&self) -> Arc<ProxyContext> {
         self.ctx.clone()
@@ -80,18 +100,37 @@ impl Proxy {
     pub async fn run(self, stop: impl Future<Output = ()>) {
         let Proxy {
             listener,
+            metrics_listener,
             ctx,
             shutdown_tx,
             config_path,
         } = self;
+        let observer: CheckObserver = {
+            let ctx = ctx.clone();
+            Arc::new(move |node, took, ok| ctx.metrics.health_checked(node, took, ok))
+        };
         // Know the primary before the first client arrives.
-        cluster::check_all(&ctx.cluster, &ctx.config.load()).await;
+        cluster::health::initial_check(&ctx.cluster, &ctx.config.load(), &observer).await;
         let mut tasks = tokio::task::JoinSet::new();
-        tasks.spawn(cluster::run_monitor(
+        for node in 0..ctx.config.load().backends.len() {
+            tasks.spawn(cluster::health::run_node(
+                node,
+                ctx.cluster.clone(),
+                ctx.config.clone(),
+                observer.clone(),
+                ctx.shutdown.clone(),
+            ));
+        }
+        tasks.spawn(cluster::replication::run(
             ctx.cluster.clone(),
             ctx.config.clone(),
             ctx.shutdown.clone(),
         ));
+        if let Some(l) = metrics_listener {
+            tracing::info!(addr = %l.local_addr().map(|a| a.to_string()).unwrap_or_default(), "metrics endpoint listening");
+            tasks.spawn(crate::metrics::http::serve(l, ctx.clone()));
+        }
+        tasks.spawn(close_idle_of_down_nodes(ctx.clone()));
         tasks.spawn(reap_idle(ctx.clone()));
         if let Some(path) = config_path {
             tasks.spawn(reload_on_sighup(ctx.clone(), path));
@@ -125,6 +164,31 @@ impl Proxy {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         tasks.abort_all();
+    }
+}
+
+/// When a node leaves service, close its idle pooled connections: they would
+/// fail (node down) or serve a node that must not get traffic (held out).
+async fn close_idle_of_down_nodes(ctx: Arc<ProxyContext>) {
+    let mut changes = ctx.cluster.subscribe();
+    let mut usable: Vec<bool> = Vec::new();
+    loop {
+        let snap = ctx.cluster.snapshot();
+        usable.resize(snap.nodes.len(), true);
+        for n in &snap.nodes {
+            let now = n.status.is_usable() || n.status == NodeStatus::Unknown;
+            if usable[n.id] && !now {
+                tracing::info!(
+                    node = n.id,
+                    "node out of service; closing its idle connections"
+                );
+                ctx.pool.close_idle(n.id);
+            }
+            usable[n.id] = now;
+        }
+        if changes.changed().await.is_err() {
+            return;
+        }
     }
 }
 
@@ -165,6 +229,11 @@ async fn reload_on_sighup(ctx: Arc<ProxyContext>, path: PathBuf) {
                         "config reload: `listen` or the backend list changed; restart pgpilot to apply; nothing reloaded"
                     );
                     continue;
+                }
+                if new.metrics.listen != old.metrics.listen {
+                    tracing::warn!(
+                        "config reload: `metrics.listen` changed; the endpoint moves only after a restart"
+                    );
                 }
                 ctx.reload(new);
                 tracing::info!(path = %path.display(), "configuration reloaded");

@@ -8,6 +8,7 @@
 //! `pool.acquire_timeout`) to be woken by a release.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -15,6 +16,7 @@ use tokio::sync::Notify;
 
 use super::BackendError;
 use super::conn::{BackendConn, ConnectParams};
+use crate::cluster::Cluster;
 
 /// Which connections are interchangeable.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -56,6 +58,25 @@ pub struct NodePoolStats {
     pub open: usize,
     /// Idle connections waiting in the pool.
     pub idle: usize,
+    /// Connections opened since start (a counter, for metrics).
+    pub opened_total: u64,
+}
+
+/// One idle pooled connection, for `SHOW POOL_POOLS`.
+#[derive(Debug, Clone)]
+pub struct IdleConnInfo {
+    /// Node id.
+    pub node: usize,
+    /// User it is logged in as.
+    pub user: String,
+    /// Database it is connected to.
+    pub database: String,
+    /// The server process id.
+    pub pid: i32,
+    /// When it was opened.
+    pub created: Instant,
+    /// When it was last returned to the pool.
+    pub last_used: Instant,
 }
 
 /// Mutable state of one node's pool.
@@ -73,6 +94,8 @@ struct NodePool {
     state: Mutex<NodeState>,
     /// Woken whenever a slot is freed or a connection returns to idle.
     released: Notify,
+    /// Connections opened since start (exported as a metric).
+    opened_total: AtomicU64,
 }
 
 impl NodePool {
@@ -137,6 +160,9 @@ pub struct AcquireSettings<'a> {
 pub struct Pool {
     /// Indexed by node id.
     nodes: Vec<Arc<NodePool>>,
+    /// Told about the first connection to a node after it was admitted
+    /// (`waiting` → `up`); none in unit tests.
+    cluster: Option<Arc<Cluster>>,
 }
 
 impl Pool {
@@ -144,6 +170,16 @@ impl Pool {
     pub fn new(nodes: usize) -> Pool {
         Pool {
             nodes: (0..nodes).map(|_| Arc::new(NodePool::default())).collect(),
+            cluster: None,
+        }
+    }
+
+    /// A pool that reports opened connections to `cluster` (so a node's status
+    /// turns from `waiting` to `up` on first use).
+    pub fn with_cluster(nodes: usize, cluster: Arc<Cluster>) -> Pool {
+        Pool {
+            cluster: Some(cluster),
+            ..Pool::new(nodes)
         }
     }
 
@@ -198,6 +234,10 @@ impl Pool {
                 };
                 let conn = BackendConn::connect(&params).await?;
                 tracing::debug!(node = key.node, pid = conn.pid, "opened backend connection");
+                np.opened_total.fetch_add(1, Ordering::Relaxed);
+                if let Some(c) = &self.cluster {
+                    c.note_backend_connected(key.node);
+                }
                 return Ok(PooledConn {
                     conn,
                     key: key.clone(),
@@ -269,9 +309,37 @@ impl Pool {
                 NodePoolStats {
                     open: st.open,
                     idle: st.idle.values().map(Vec::len).sum(),
+                    opened_total: np.opened_total.load(Ordering::Relaxed),
                 }
             })
             .unwrap_or_default()
+    }
+
+    /// Number of nodes.
+    pub fn nodes(&self) -> usize {
+        self.nodes.len()
+    }
+
+    /// Every idle connection of every node (for `SHOW POOL_POOLS`).
+    pub fn idle_connections(&self) -> Vec<IdleConnInfo> {
+        let mut out = Vec::new();
+        for np in &self.nodes {
+            let st = np.lock();
+            for (key, conns) in &st.idle {
+                for c in conns {
+                    out.push(IdleConnInfo {
+                        node: key.node,
+                        user: key.user().to_string(),
+                        database: key.startup.get(1).map(|p| p.1.clone()).unwrap_or_default(),
+                        pid: c.pid,
+                        created: c.created,
+                        last_used: c.last_used,
+                    });
+                }
+            }
+        }
+        out.sort_by_key(|c| (c.node, c.pid));
+        out
     }
 }
 

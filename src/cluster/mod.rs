@@ -1,32 +1,99 @@
-//! The one owner of node state: which node is the primary, which are up.
+//! The one owner of node state: which node is the primary, which nodes take
+//! traffic, how far each standby lags, and what each node's read weight is.
 //!
-//! A monitor task asks every node `pg_is_in_recovery()` (tokio-postgres, as the
-//! `[monitor]` role, with timeouts) at start and every
-//! `monitor.role_check_period`, and publishes an immutable [`ClusterSnapshot`]
-//! through `arc-swap`. Sessions and the router read snapshots without locks;
-//! nothing outside this module changes node state. Health checks, replication
-//! lag and failover plug in here.
+//! Three kinds of tasks feed it, all through [`Cluster`]'s methods, which
+//! serialise every change under one lock and publish a new immutable
+//! [`ClusterSnapshot`] through `arc-swap`:
+//!
+//! * [`health`]: one task per node. Every `health_check.period` it opens a new
+//!   connection as the `[monitor]` role and asks `pg_is_in_recovery()` (so the
+//!   role is part of the health probe), retrying `max_retries` times before the
+//!   verdict `down`. Client sessions that see a connection to a node fail call
+//!   [`Cluster::report_session_error`], which only *requests* an early probe:
+//!   the probe, with its retries, is the verdict, never the session's error.
+//! * [`replication`]: one task running pgpool's `sr_check` every
+//!   `sr_check.period`: LSNs, `pg_stat_replication`, replay state; it computes
+//!   lag and, through [`lag`], each standby's effective read weight.
+//! * the backend pool, which reports the first connection to a node
+//!   ([`Cluster::note_backend_connected`]) so `waiting` turns `up`.
+//!
+//! Sessions, the router, admin commands and metrics only read snapshots (an
+//! `Arc` load, no lock). The state machine itself (admission, false primaries,
+//! auto_failback, weights) lives in `state.rs` as plain functions over data, so
+//! it is unit-tested without a network.
 
-use std::sync::Arc;
+pub mod health;
+pub mod lag;
+pub mod replication;
+mod state;
+
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
 use tokio::sync::{Notify, watch};
 
-use crate::config::{Backend, Config, Monitor};
+use crate::config::{Backend, Monitor};
+pub use health::HealthStats;
+pub use lag::LagPolicy;
+use state::Owner;
 
-/// Reachability as pgpilot sees it.
+/// pgpilot's own view of a node: does it get traffic?
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum NodeStatus {
-    /// Not checked yet.
+    /// Not checked yet (before the first health check finished).
     Unknown,
-    /// Answered the last check.
+    /// In service and serving client traffic.
     Up,
-    /// Did not answer the last check; gets no traffic.
+    /// In service (healthy) but no client session has used it yet since it was
+    /// admitted: pgpool's `waiting`. Gets traffic like `Up`.
+    Waiting,
+    /// Out of service: unreachable after all retries, or held out (a false
+    /// primary, a standby not yet re-admitted). Gets no traffic.
     Down,
 }
 
-/// Role as reported by `pg_is_in_recovery()`.
+impl NodeStatus {
+    /// Whether the node may get traffic (`Up` or `Waiting`).
+    pub fn is_usable(self) -> bool {
+        matches!(self, NodeStatus::Up | NodeStatus::Waiting)
+    }
+
+    /// pgpool's spelling: `up`, `waiting`, `down` (`Unknown` shows as `down`:
+    /// it gets no traffic).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NodeStatus::Up => "up",
+            NodeStatus::Waiting => "waiting",
+            NodeStatus::Down | NodeStatus::Unknown => "down",
+        }
+    }
+}
+
+/// Live reachability: the result of the latest health-check attempt
+/// (pgpool's `pg_status`). Unlike [`NodeStatus`] it has no hysteresis.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PgStatus {
+    /// Never checked.
+    Unknown,
+    /// The latest attempt connected and got an answer.
+    Up,
+    /// The latest attempt failed.
+    Down,
+}
+
+impl PgStatus {
+    /// `up`, `down` or `unknown`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PgStatus::Up => "up",
+            PgStatus::Down => "down",
+            PgStatus::Unknown => "unknown",
+        }
+    }
+}
+
+/// Role as reported by `pg_is_in_recovery()` (the node's own claim).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Role {
     /// Not known (never reached).
@@ -35,6 +102,56 @@ pub enum Role {
     Primary,
     /// In recovery (hot standby).
     Standby,
+}
+
+impl Role {
+    /// `primary`, `standby` or `unknown`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Primary => "primary",
+            Role::Standby => "standby",
+            Role::Unknown => "unknown",
+        }
+    }
+}
+
+/// What the latest replication check found on one node. Every field is
+/// `None`/empty when unknown (sr_check off, node unreachable, query failed).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ReplicationView {
+    /// When this node was last asked (wall clock, for display).
+    pub checked_at: Option<SystemTime>,
+    /// Primary: `pg_current_wal_lsn()`. Standby: `pg_last_wal_replay_lsn()`.
+    pub lsn: Option<u64>,
+    /// Standby: `pg_last_wal_receive_lsn()` (received, maybe not replayed).
+    pub receive_lsn: Option<u64>,
+    /// Standby: primary LSN − replay LSN (0 for the primary).
+    pub lag_bytes: Option<u64>,
+    /// Standby: how far behind in time (0 for the primary; see
+    /// `replication.rs` for how it is estimated).
+    pub lag_seconds: Option<f64>,
+    /// Standby: `pg_is_wal_replay_paused()`.
+    pub replay_paused: Option<bool>,
+    /// Standby: `pg_last_xact_replay_timestamp()`.
+    pub last_replay_at: Option<SystemTime>,
+    /// `pg_stat_replication.state` for this standby on the primary
+    /// (`streaming`, `catchup` …), matched by application name; empty if none.
+    pub state: String,
+    /// `pg_stat_replication.sync_state` (`async`, `sync`, `potential`, `quorum`).
+    pub sync_state: String,
+    /// Timeline: the primary's current one, or the standby's received one.
+    pub timeline: Option<u32>,
+    /// The name the standby shows in `pg_stat_replication` (configured
+    /// `application_name`, else detected from its WAL receiver).
+    pub application_name: String,
+    /// Whether the primary shows this standby streaming (auto_failback needs it).
+    pub streaming_from_primary: bool,
+    /// The standby is on another timeline than the primary: it diverged and
+    /// gets no reads.
+    pub timeline_mismatch: bool,
+    /// Why the data is missing or suspicious (query error, role or timeline
+    /// mismatch); shown in `SHOW PGPILOT_NODES`.
+    pub issue: Option<String>,
 }
 
 /// One node as of a snapshot.
@@ -48,14 +165,25 @@ pub struct NodeView {
     pub port: u16,
     /// Configured weight.
     pub weight: f64,
-    /// Reachability.
+    /// pgpilot's view: does the node get traffic (with hysteresis).
     pub status: NodeStatus,
-    /// Live role.
+    /// Live reachability from the latest health-check attempt.
+    pub pg_status: PgStatus,
+    /// Live role from the latest successful health check (the node's claim;
+    /// the chosen primary is [`ClusterSnapshot::primary`]).
     pub role: Role,
-    /// When status or role last changed.
+    /// When `status` or `role` last changed.
     pub last_change: SystemTime,
-    /// Last check error, shown to operators.
+    /// Latest health-check error, shown to operators (cleared on success).
     pub last_error: Option<String>,
+    /// Why a reachable node is kept out of service (false primary, waiting for
+    /// auto_failback); `None` when it is not held out.
+    pub held_out: Option<String>,
+    /// Read weight after lag: `weight × f(lag)` for an in-service standby,
+    /// `weight` for the chosen primary, 0 when the node must not get reads.
+    pub effective_weight: f64,
+    /// Latest replication check.
+    pub repl: ReplicationView,
 }
 
 /// An immutable picture of the cluster.
@@ -63,8 +191,12 @@ pub struct NodeView {
 pub struct ClusterSnapshot {
     /// All configured nodes, by id.
     pub nodes: Vec<NodeView>,
-    /// The node writes go to, if one is known and up.
+    /// The node writes go to, if one is known and in service.
     pub primary: Option<usize>,
+    /// The lag curve and thresholds the weights were computed with.
+    pub lag_policy: LagPolicy,
+    /// Increases with every published snapshot.
+    pub generation: u64,
 }
 
 impl ClusterSnapshot {
@@ -79,26 +211,30 @@ impl ClusterSnapshot {
                     port: b.port,
                     weight: b.weight,
                     status: NodeStatus::Unknown,
+                    pg_status: PgStatus::Unknown,
                     role: Role::Unknown,
                     last_change: SystemTime::now(),
                     last_error: None,
+                    held_out: None,
+                    effective_weight: 0.0,
+                    repl: ReplicationView {
+                        application_name: b.application_name.clone(),
+                        ..ReplicationView::default()
+                    },
                 })
                 .collect(),
             primary: None,
+            lag_policy: LagPolicy::default(),
+            generation: 0,
         }
     }
-}
 
-/// Result of checking one node.
-#[derive(Debug, Clone)]
-pub enum Probe {
-    /// Reached; `in_recovery` from `pg_is_in_recovery()`.
-    Reached {
-        /// True for a standby.
-        in_recovery: bool,
-    },
-    /// Not reached or the query failed.
-    Failed(String),
+    /// Whether a primary is known and in service (what `/healthz` reports).
+    pub fn has_primary(&self) -> bool {
+        self.primary
+            .and_then(|p| self.nodes.get(p))
+            .is_some_and(|n| n.status.is_usable())
+    }
 }
 
 /// Shared cluster state.
@@ -107,25 +243,26 @@ pub struct Cluster {
     snapshot: ArcSwap<ClusterSnapshot>,
     /// Woken when a snapshot is published (sessions waiting for a primary).
     changed: Notify,
-    /// Woken when a session saw a connection-level failure: check now.
-    check_now: Notify,
+    /// Snapshot generation, for tasks that react to changes (pool cleanup).
+    generation: watch::Sender<u64>,
+    /// The mutable state behind the snapshots; every change goes through it.
+    owner: Mutex<Owner>,
+    /// One per node: a session saw a connection failure; probe now. A `Notify`
+    /// holds at most one permit, so a burst of errors costs one probe.
+    probe_requests: Vec<Notify>,
 }
 
 impl Cluster {
     /// State for the configured backends, all unknown.
     pub fn new(backends: &[Backend]) -> Cluster {
+        let snap = ClusterSnapshot::initial(backends);
         Cluster {
-            snapshot: ArcSwap::from_pointee(ClusterSnapshot::initial(backends)),
+            snapshot: ArcSwap::from_pointee(snap.clone()),
             changed: Notify::new(),
-            check_now: Notify::new(),
+            generation: watch::Sender::new(0),
+            owner: Mutex::new(Owner::new(snap)),
+            probe_requests: backends.iter().map(|_| Notify::new()).collect(),
         }
-    }
-
-    /// A session could not reach `node` (refused, reset): probe the nodes now
-    /// rather than at the next period. Never a verdict by itself.
-    pub fn report_session_error(&self, node: usize) {
-        tracing::debug!(node, "session reported a connection failure; checking now");
-        self.check_now.notify_one();
     }
 
     /// The current snapshot (cheap: an `Arc` clone).
@@ -149,60 +286,74 @@ impl Cluster {
         }
     }
 
-    /// Apply one round of probes (index = node id) and publish the new snapshot.
-    pub fn apply_probes(&self, probes: &[Probe]) {
-        let old = self.snapshot.load_full();
-        let mut next = (*old).clone();
-        let now = SystemTime::now();
-        for (node, probe) in next.nodes.iter_mut().zip(probes) {
-            let (status, role, err) = match probe {
-                Probe::Reached { in_recovery } => (
-                    NodeStatus::Up,
-                    if *in_recovery {
-                        Role::Standby
-                    } else {
-                        Role::Primary
-                    },
-                    None,
-                ),
-                Probe::Failed(e) => (NodeStatus::Down, node.role, Some(e.clone())),
-            };
-            if status != node.status || role != node.role {
-                tracing::info!(node = node.id, ?status, ?role, "node state changed");
-                node.last_change = now;
-            }
-            node.status = status;
-            node.role = role;
-            node.last_error = err;
+    /// Changes whenever a snapshot is published.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.generation.subscribe()
+    }
+
+    /// A session saw its connection to `node` refused, reset or time out.
+    /// Non-blocking and coalesced: asks that node's health task to probe now.
+    /// Never a verdict by itself: the node goes down only if the probe (with
+    /// its retries) fails, so a client killing its own backend, a FATAL from a
+    /// statement or a vanished client cannot take a healthy node down.
+    pub fn report_session_error(&self, node: usize) {
+        tracing::debug!(node, "session reported a connection error; probing early");
+        self.request_probe(node);
+    }
+
+    /// Ask `node`'s health task for a round now (coalesced).
+    fn request_probe(&self, node: usize) {
+        if let Some(n) = self.probe_requests.get(node) {
+            n.notify_one();
         }
-        next.primary = choose_primary(&next.nodes, old.primary);
-        if next.primary != old.primary {
-            tracing::info!(old = ?old.primary, new = ?next.primary, "primary changed");
+    }
+
+    /// The pool opened a connection to `node`: a `waiting` node is now `up`.
+    /// Cheap when the node is already up (one snapshot load).
+    pub fn note_backend_connected(&self, node: usize) {
+        let waiting = self
+            .snapshot
+            .load()
+            .nodes
+            .get(node)
+            .is_some_and(|n| n.status == NodeStatus::Waiting);
+        if waiting {
+            self.update(|o| o.backend_connected(node));
         }
-        self.snapshot.store(Arc::new(next));
+    }
+
+    /// Health-check statistics per node (for `SHOW POOL_HEALTH_CHECK_STATS`).
+    pub fn health_stats(&self) -> Vec<HealthStats> {
+        self.lock().health_stats()
+    }
+
+    /// Wait until a session asks for an early probe of `node`.
+    pub(crate) async fn probe_requested(&self, node: usize) {
+        match self.probe_requests.get(node) {
+            Some(n) => n.notified().await,
+            None => std::future::pending().await,
+        }
+    }
+
+    /// Run `f` on the owner state and publish the resulting snapshot.
+    fn update(&self, f: impl FnOnce(&mut Owner)) {
+        let mut owner = self.lock();
+        f(&mut owner);
+        let snap = owner.publishable();
+        let generation = snap.generation;
+        self.snapshot.store(Arc::new(snap));
+        drop(owner);
         self.changed.notify_waiters();
+        self.generation.send_replace(generation);
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Owner> {
+        self.owner.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
-/// The primary is an up node that is not in recovery. If several claim it, the
-/// current one keeps the role (the failover issue adds fencing); otherwise the
-/// lowest id.
-fn choose_primary(nodes: &[NodeView], current: Option<usize>) -> Option<usize> {
-    let claims: Vec<usize> = nodes
-        .iter()
-        .filter(|n| n.status == NodeStatus::Up && n.role == Role::Primary)
-        .map(|n| n.id)
-        .collect();
-    if claims.len() > 1 {
-        tracing::warn!(?claims, "more than one node reports it is a primary");
-    }
-    match current {
-        Some(c) if claims.contains(&c) => Some(c),
-        _ => claims.first().copied(),
-    }
-}
-
-/// tokio-postgres settings for connecting to `backend` as the monitor role.
+/// tokio-postgres settings for connecting to `backend` as the monitor role,
+/// with `monitor.timeout` as the connect timeout.
 pub fn monitor_conn_config(
     backend: &Backend,
     monitor: &Monitor,
@@ -219,61 +370,4 @@ pub fn monitor_conn_config(
         cfg.password(&monitor.password);
     }
     cfg
-}
-
-/// Ask one node `pg_is_in_recovery()` as the monitor role.
-pub async fn probe(backend: &Backend, monitor: &Monitor) -> Probe {
-    let cfg = monitor_conn_config(backend, monitor, "pgpilot-monitor");
-    let work = async {
-        let (client, conn) = cfg.connect(tokio_postgres::NoTls).await?;
-        let conn_task = tokio::spawn(conn);
-        let row = client.query_one("SELECT pg_is_in_recovery()", &[]).await;
-        drop(client);
-        conn_task.abort();
-        row.map(|r| r.get::<_, bool>(0))
-    };
-    match tokio::time::timeout(monitor.timeout, work).await {
-        Ok(Ok(in_recovery)) => Probe::Reached { in_recovery },
-        Ok(Err(e)) => Probe::Failed(e.to_string()),
-        Err(_) => Probe::Failed(format!("no answer within {:?}", monitor.timeout)),
-    }
-}
-
-/// Probe every node once, concurrently, and apply the results.
-pub async fn check_all(cluster: &Cluster, config: &Config) {
-    let tasks: Vec<_> = config
-        .backends
-        .iter()
-        .cloned()
-        .map(|b| {
-            let m = config.monitor.clone();
-            tokio::spawn(async move { probe(&b, &m).await })
-        })
-        .collect();
-    let mut probes = Vec::with_capacity(tasks.len());
-    for t in tasks {
-        probes.push(
-            t.await
-                .unwrap_or_else(|e| Probe::Failed(format!("check task failed: {e}"))),
-        );
-    }
-    cluster.apply_probes(&probes);
-}
-
-/// Run role checks until `shutdown` turns true.
-pub async fn run_monitor(
-    cluster: Arc<Cluster>,
-    config: Arc<ArcSwap<Config>>,
-    mut shutdown: watch::Receiver<bool>,
-) {
-    loop {
-        let cfg = config.load_full();
-        let period = cfg.monitor.role_check_period;
-        check_all(&cluster, &cfg).await;
-        tokio::select! {
-            _ = tokio::time::sleep(period) => {}
-            _ = cluster.check_now.notified() => {}
-            _ = shutdown.changed() => return,
-        }
-    }
 }

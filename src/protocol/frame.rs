@@ -111,6 +111,8 @@ pub enum BackendEvent {
     ParseComplete,
     /// CloseComplete.
     CloseComplete,
+    /// CommandComplete (its tag lies in the message, see [`Scanned`] offsets).
+    CommandComplete,
 }
 
 /// A decoded server message and where it lies in the scanned buffer.
@@ -148,6 +150,7 @@ fn decoded(t: u8) -> bool {
             | tag::COPY_BOTH_RESPONSE
             | tag::PARSE_COMPLETE
             | tag::CLOSE_COMPLETE
+            | tag::COMMAND_COMPLETE
     )
 }
 
@@ -230,6 +233,7 @@ fn decode_event(t: u8, body: &[u8]) -> BackendEvent {
         }
         tag::PARSE_COMPLETE => BackendEvent::ParseComplete,
         tag::CLOSE_COMPLETE => BackendEvent::CloseComplete,
+        tag::COMMAND_COMPLETE => BackendEvent::CommandComplete,
         other => BackendEvent::CopyStarted(other),
     }
 }

@@ -220,6 +220,20 @@ pub fn data_row_text<S: AsRef<str>>(buf: &mut BytesMut, values: &[S]) {
     encode(buf, &DataRow::new(data, values.len() as i16));
 }
 
+/// A message with no body (ParseComplete `1`, BindComplete `2`, CloseComplete
+/// `3`, NoData `n`).
+pub fn empty_message(buf: &mut BytesMut, tag: u8) {
+    buf.put_u8(tag);
+    buf.put_i32(4);
+}
+
+/// ParameterDescription for a statement without parameters.
+pub fn no_parameters(buf: &mut BytesMut) {
+    buf.put_u8(b't');
+    buf.put_i32(6);
+    buf.put_i16(0);
+}
+
 /// CommandComplete with the given tag (e.g. `SELECT 3`).
 pub fn command_complete(buf: &mut BytesMut, tag: &str) {
     encode(buf, &CommandComplete::new(tag.into()));

@@ -1,24 +1,34 @@
-//! Choosing a session's load-balance node: weighted random over usable nodes.
+//! Choosing a session's load-balance node: weighted random over usable nodes,
+//! with the weights the cluster owner derived from replication lag.
 //!
-//! Takes the cluster snapshot as input, so replication-lag weighting can change
-//! the effective weights without touching the session.
+//! The snapshot carries each node's effective weight (configured weight ×
+//! the lag curve of `cluster::lag`, 0 for a node that must not get reads), so
+//! lag changes routing without touching the session. A session picks its node
+//! once ([`pick`] over [`read_weights`]), checks it before each read
+//! ([`still_usable`]) and, when it no longer qualifies (down, or over a delay
+//! threshold), asks [`reroute`] where the read goes instead.
 
-use crate::cluster::{ClusterSnapshot, NodeStatus, Role};
+use crate::cluster::{ClusterSnapshot, Role};
 
-/// The effective read weight of each node (0 = not eligible): configured weight
-/// for up standbys; the primary only when `include_primary` is set.
+/// The effective read weight of each node (0 = not eligible): the lag-adjusted
+/// weight of in-service standbys; the primary's weight only when
+/// `include_primary` is set. Down nodes, held-out nodes, standbys over a delay
+/// threshold or on another timeline get 0.
 pub fn read_weights(snapshot: &ClusterSnapshot, include_primary: bool) -> Vec<f64> {
     snapshot
         .nodes
         .iter()
         .map(|n| {
-            let usable = n.status == NodeStatus::Up
-                && match n.role {
-                    Role::Standby => true,
-                    Role::Primary => include_primary && Some(n.id) == snapshot.primary,
-                    Role::Unknown => false,
-                };
-            if usable { n.weight.max(0.0) } else { 0.0 }
+            let eligible = if Some(n.id) == snapshot.primary {
+                include_primary
+            } else {
+                n.role == Role::Standby
+            };
+            if eligible && n.status.is_usable() {
+                n.effective_weight.max(0.0)
+            } else {
+                0.0
+            }
         })
         .collect()
 }
@@ -49,10 +59,25 @@ pub fn still_usable(snapshot: &ClusterSnapshot, node: usize, include_primary: bo
         .is_some_and(|w| *w > 0.0)
 }
 
+/// Where a read goes when the session's chosen node is no longer usable
+/// (pgpool's `prefer_lower_delay_standby`): with the setting on (default),
+/// another node picked by effective weight — lower lag weighs more — and the
+/// primary when none qualifies; with it off, straight to the primary. `None`
+/// only when there is no primary either. The session may adopt the result as
+/// its new load-balance node.
+pub fn reroute(snapshot: &ClusterSnapshot, include_primary: bool, r: f64) -> Option<usize> {
+    if snapshot.lag_policy.prefer_lower_delay_standby
+        && let Some(n) = pick(&read_weights(snapshot, include_primary), r)
+    {
+        return Some(n);
+    }
+    snapshot.primary
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cluster::NodeView;
+    use crate::cluster::{LagPolicy, NodeStatus, NodeView, PgStatus, ReplicationView};
     use std::time::SystemTime;
 
     fn snap() -> ClusterSnapshot {
@@ -62,9 +87,13 @@ mod tests {
             port: 1,
             weight,
             status: NodeStatus::Up,
+            pg_status: PgStatus::Up,
             role,
             last_change: SystemTime::now(),
             last_error: None,
+            held_out: None,
+            effective_weight: weight,
+            repl: ReplicationView::default(),
         };
         ClusterSnapshot {
             nodes: vec![
@@ -73,17 +102,28 @@ mod tests {
                 node(2, Role::Standby, 3.0),
             ],
             primary: Some(0),
+            lag_policy: LagPolicy::default(),
+            generation: 1,
         }
     }
 
     #[test]
-    fn weights_follow_roles_and_status() {
+    fn weights_follow_roles_status_and_lag() {
         let mut s = snap();
         assert_eq!(read_weights(&s, false), vec![0.0, 1.0, 3.0]);
         assert_eq!(read_weights(&s, true), vec![1.0, 1.0, 3.0]);
+        s.nodes[1].status = NodeStatus::Waiting;
+        assert_eq!(read_weights(&s, false), vec![0.0, 1.0, 3.0]);
         s.nodes[2].status = NodeStatus::Down;
         assert_eq!(read_weights(&s, false), vec![0.0, 1.0, 0.0]);
         assert!(!still_usable(&s, 2, false));
+        // The owner lowered node 1's weight for lag.
+        s.nodes[2].status = NodeStatus::Up;
+        s.nodes[1].effective_weight = 0.25;
+        assert_eq!(read_weights(&s, false), vec![0.0, 0.25, 3.0]);
+        // A false primary (not the chosen one) gets no reads.
+        s.nodes[1].role = Role::Primary;
+        assert_eq!(read_weights(&s, true), vec![1.0, 0.0, 3.0]);
     }
 
     #[test]
@@ -96,5 +136,20 @@ mod tests {
         assert_eq!(counts, [0, 1000, 3000]);
         assert_eq!(pick(&[0.0, 0.0], 0.5), None);
         assert_eq!(pick(&[], 0.5), None);
+    }
+
+    #[test]
+    fn reroute_prefers_another_standby_then_the_primary() {
+        let mut s = snap();
+        s.nodes[2].effective_weight = 0.0; // over a threshold
+        assert!(!still_usable(&s, 2, false));
+        assert_eq!(reroute(&s, false, 0.9), Some(1));
+        s.nodes[1].effective_weight = 0.0;
+        assert_eq!(reroute(&s, false, 0.9), Some(0));
+        s.nodes[1].effective_weight = 1.0;
+        s.lag_policy.prefer_lower_delay_standby = false;
+        assert_eq!(reroute(&s, false, 0.9), Some(0));
+        s.primary = None;
+        assert_eq!(reroute(&s, false, 0.9), None);
     }
 }

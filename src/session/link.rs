@@ -9,11 +9,14 @@
 
 use std::collections::{HashSet, VecDeque};
 
+use std::time::Instant;
+
 use tokio::net::TcpStream;
 
 use super::SessionError;
 use super::state::Effects;
 use crate::backend::pool::PooledConn;
+use crate::metrics::{ErrorSeverity, Metrics};
 use crate::net::Outbox;
 use crate::protocol::TxStatus;
 use crate::protocol::frame::{BackendEvent, BackendScanner, Scanned};
@@ -73,6 +76,8 @@ pub struct Link {
     /// Syncs forwarded since the last Execute or Query. If that Execute turns out
     /// to start a COPY FROM STDIN, the server ignored them (no ReadyForQuery).
     pub syncs_since_execute: usize,
+    /// When the first request now in flight was sent (query duration metric).
+    started: Option<Instant>,
 }
 
 impl Link {
@@ -95,6 +100,14 @@ impl Link {
             saw_fatal: false,
             copy_in: false,
             syncs_since_execute: 0,
+            started: None,
+        }
+    }
+
+    /// The client starts a request on this connection (timed until idle again).
+    pub fn begin_request(&mut self) {
+        if self.started.is_none() && !self.busy() {
+            self.started = Some(Instant::now());
         }
     }
 
@@ -131,6 +144,7 @@ impl Link {
         events: &mut Vec<Scanned>,
         done: &mut Vec<Done>,
         patch_idle: Option<u8>,
+        metrics: &Metrics,
     ) -> Result<(), SessionError> {
         let node = self.conn.node;
         let n = self.scanner.scan(&self.conn.buf, events).map_err(|e| {
@@ -144,8 +158,24 @@ impl Link {
                         self.conn.buf[ev.start + 5] = p;
                     }
                     self.on_ready(TxStatus::from_byte(s), done);
+                    if self.outstanding == 0
+                        && let Some(t) = self.started.take()
+                    {
+                        metrics.query_finished(node, t.elapsed().as_secs_f64());
+                    }
                 }
-                BackendEvent::Error { fatal, .. } => {
+                BackendEvent::CommandComplete => {
+                    let tag = &self.conn.buf[ev.start + 5..ev.end.saturating_sub(1)];
+                    metrics.command_completed(node, tag);
+                }
+                BackendEvent::Error { fatal, sqlstate } => {
+                    metrics.server_error(&sqlstate);
+                    let severity = if fatal {
+                        ErrorSeverity::Fatal
+                    } else {
+                        ErrorSeverity::Error
+                    };
+                    metrics.node_error(node, severity);
                     self.saw_fatal |= fatal;
                     self.batch_error = true;
                     // The server skips the rest of the request: its Parses never complete.

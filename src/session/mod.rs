@@ -13,6 +13,7 @@
 pub mod cancel;
 pub mod handshake;
 mod link;
+mod local;
 mod relay;
 mod route;
 mod state;
@@ -24,6 +25,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::time::timeout;
 
+use crate::admin::registry::{self, SessionHandle};
 use crate::backend::pool::AcquireSettings;
 use crate::backend::{BackendError, PoolKey};
 use crate::config::Config;
@@ -210,6 +212,10 @@ struct Session {
     /// Whether the session may have left state (SET, PREPARE, temp tables...) that
     /// must be reset before another client reuses its connections.
     dirty: bool,
+    /// This session in `ctx.sessions` (SHOW POOL_PROCESSES); unregisters on drop.
+    registration: SessionHandle,
+    /// Admin statements prepared through the extended protocol.
+    local: local::LocalStatements,
     /// Counts this client against `max_client_conn` until dropped.
     _slot: ClientSlot,
 }
@@ -241,6 +247,13 @@ impl Session {
             load_balance: cfg.routing.load_balance,
             in_transaction: cfg.routing.disable_load_balance_on_write,
         };
+        let registration = ctx.sessions.register(
+            key_pid,
+            &user,
+            startup.get("database").unwrap_or(&user),
+            startup.get("application_name").unwrap_or_default(),
+            client.peer_addr().ok(),
+        );
         Session {
             ctx,
             cfg,
@@ -268,6 +281,8 @@ impl Session {
             events: Vec::with_capacity(8),
             done: Vec::with_capacity(8),
             dirty: false,
+            registration,
+            local: local::LocalStatements::default(),
             _slot: slot,
         }
     }
@@ -295,6 +310,11 @@ impl Session {
             Err(e) => End::Error(e),
         };
         if let End::Error(e) = &end {
+            // A lost server connection asks for an early health probe of that
+            // node; the probe, not this error, decides whether it is down.
+            if let SessionError::BackendLost { node } = e {
+                self.ctx.cluster.report_session_error(*node);
+            }
             let lost_client = matches!(e, SessionError::ClientIo(_) | SessionError::WriteTimeout);
             tracing::debug!(user = %self.user, error = %e, "session ended with an error");
             let server_said_fatal = self.links.iter().flatten().any(|l| l.saw_fatal);
@@ -340,7 +360,15 @@ impl Session {
             connect_timeout: self.cfg.timeouts.connect,
             auth_timeout: self.cfg.timeouts.auth,
         };
-        let conn = self.ctx.pool.acquire(&key, &settings).await?;
+        let conn = match self.ctx.pool.acquire(&key, &settings).await {
+            Ok(c) => c,
+            Err(e) => {
+                if e.is_connection_failure() {
+                    self.ctx.cluster.report_session_error(node);
+                }
+                return Err(e);
+            }
+        };
         Ok(Link::new(conn))
     }
 
@@ -467,6 +495,8 @@ impl Session {
         if let Some(l) = &self.links[node]
             && (changed || l.sent == 0)
         {
+            self.registration
+                .set_backend(node, l.conn.pid, l.conn.created);
             self.ctx.cancels.set_target(
                 self.key_pid,
                 Some(CancelTarget {
@@ -524,6 +554,11 @@ impl Session {
                         }
                         self.tx_uncertain = false;
                         self.recheck = true;
+                        self.registration.set_state(match status {
+                            TxStatus::Idle => registry::SessionState::Idle,
+                            TxStatus::InTransaction => registry::SessionState::IdleInTransaction,
+                            TxStatus::Failed => registry::SessionState::FailedTransaction,
+                        });
                     }
                 }
             }

@@ -172,6 +172,7 @@ impl Session {
             &mut self.events,
             &mut self.done,
             patch,
+            &self.ctx.metrics,
         )?;
         self.settle(node);
         Ok(())

@@ -57,6 +57,9 @@ pub enum Step {
 /// A request's route, or why it cannot be sent yet.
 type Planned = Result<usize, Step>;
 
+/// The batch "node" of an extended batch pgpilot answers itself.
+pub const LOCAL: usize = usize::MAX;
+
 /// The classification of a FunctionCall message (it runs a function by OID: assume
 /// it writes and leaves state).
 fn function_call_class() -> Arc<Classification> {
@@ -128,6 +131,20 @@ impl Session {
                     self.link_mut(node)?.copy_in = false;
                     node
                 }
+                tag::QUERY if self.batch.is_none() => {
+                    if let Some(cmd) = crate::admin::parse_bytes(&frame[5..]) {
+                        if self.links.iter().flatten().any(|l| l.busy()) {
+                            return Ok(Step::Blocked);
+                        }
+                        self.answer_admin_query(&cmd)?;
+                        *pos += f.wire_len;
+                        continue;
+                    }
+                    match self.plan_simple(f.tag, frame)? {
+                        Ok(n) => n,
+                        Err(step) => return Ok(step),
+                    }
+                }
                 tag::QUERY | tag::FUNCTION_CALL => {
                     let planned = match self.batch {
                         // A Query inside an open batch goes with the batch.
@@ -148,6 +165,13 @@ impl Session {
                 | tag::SYNC => {
                     let node = match self.batch {
                         Some(n) => n,
+                        None if self.starts_local_batch(f.tag, &frame[5..]) => {
+                            if self.links.iter().flatten().any(|l| l.busy()) {
+                                return Ok(Step::Blocked);
+                            }
+                            self.batch = Some(LOCAL);
+                            LOCAL
+                        }
                         None => match self.plan_batch(&buf[*pos..])? {
                             Ok(n) => {
                                 self.batch = Some(n);
@@ -156,6 +180,11 @@ impl Session {
                             Err(step) => return Ok(step),
                         },
                     };
+                    if node == LOCAL {
+                        self.local_extended(f.tag, frame)?;
+                        *pos += f.wire_len;
+                        continue;
+                    }
                     self.track_extended(node, f.tag, frame)?;
                     node
                 }
@@ -439,6 +468,7 @@ impl Session {
             None
         };
         let link = self.link_mut(node)?;
+        link.begin_request();
         link.outstanding += 1;
         link.sent += 1;
         link.syncs_since_execute = 0;
@@ -454,6 +484,7 @@ impl Session {
     fn track_extended(&mut self, node: usize, t: u8, frame: &[u8]) -> Result<(), SessionError> {
         let body = &frame[5..];
         self.pending_class = None;
+        self.link_mut(node)?.begin_request();
         match t {
             tag::PARSE => {
                 let (name, query) = parse_fields(body);
@@ -499,6 +530,7 @@ impl Session {
                 if let Some((b'S', rest)) = body.split_first() {
                     let name = cstr(rest).map(|(n, _)| n).unwrap_or_default();
                     self.forget_statement(node, name);
+                    self.local.stmts.remove(name);
                 }
             }
             tag::EXECUTE => self.link_mut(node)?.syncs_since_execute = 0,
@@ -522,6 +554,16 @@ impl Session {
 
     /// Routing state after a statement of class `class` was sent to `node`.
     fn note_sent(&mut self, node: usize, class: &Classification) {
+        let kind = if class.tx.is_some() {
+            "transaction"
+        } else if class.session_state {
+            "session"
+        } else if class.access == Access::Read {
+            "read"
+        } else {
+            "write"
+        };
+        self.ctx.metrics.statement_routed(node, kind);
         if SessionState::pins_primary(class) {
             self.route.sticky_primary = true;
         }
@@ -549,6 +591,8 @@ impl Session {
         if self.in_tx && class.access == Access::Write {
             self.route.tx_wrote = true;
         }
+        self.registration
+            .set_state(crate::admin::registry::SessionState::Active);
     }
 
     /// The client closed statement `name` (or DEALLOCATE'd it) on `node`: forget

@@ -7,10 +7,11 @@
 #![allow(dead_code)]
 
 use std::net::SocketAddr;
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use pgpilot::config::Config;
+use pgpilot::context::ProxyContext;
 use pgpilot::localcluster::{ClusterSpec, LocalCluster};
 use pgpilot::server::Proxy;
 
@@ -84,6 +85,8 @@ fn tracing_subscriber_init() -> Result<(), Box<dyn std::error::Error + Send + Sy
 fn base_config(cluster: &LocalCluster) -> Config {
     let mut c = pgpilot::demo::config_for(cluster, "127.0.0.1:0", &[(USER, PASSWORD)]);
     c.pool.max_connections_per_node = 60;
+    // An ephemeral port per proxy: tests run many proxies at once.
+    c.metrics.listen = "127.0.0.1:0".into();
     c
 }
 
@@ -130,6 +133,86 @@ pub fn spawn_proxy(config: Config) -> SocketAddr {
     });
     rx.recv_timeout(Duration::from_secs(30))
         .expect("pgpilot started")
+}
+
+/// A pgpilot started by [`spawn_proxy_full`].
+pub struct Spawned {
+    /// Client address.
+    pub addr: SocketAddr,
+    /// `/metrics` and `/healthz` address, if enabled.
+    pub metrics: Option<SocketAddr>,
+    /// Its shared state (cluster snapshots, metrics, registry).
+    pub ctx: Arc<ProxyContext>,
+}
+
+/// Like [`spawn_proxy`], also returning the metrics address and the context.
+pub fn spawn_proxy_full(config: Config) -> Spawned {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async move {
+            let proxy = Proxy::bind(config).await.expect("bind pgpilot");
+            let spawned = Spawned {
+                addr: proxy.local_addr(),
+                metrics: proxy.metrics_addr(),
+                ctx: proxy.context(),
+            };
+            tx.send(spawned).expect("report address");
+            proxy.run(std::future::pending()).await;
+        });
+    });
+    rx.recv_timeout(Duration::from_secs(30))
+        .expect("pgpilot started")
+}
+
+/// A plain HTTP/1.1 GET on loopback: (status code, body).
+pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let work = async {
+        let mut s = tokio::net::TcpStream::connect(addr)
+            .await
+            .expect("connect to /metrics");
+        let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+        s.write_all(req.as_bytes()).await.expect("send request");
+        let mut buf = Vec::new();
+        s.read_to_end(&mut buf).await.expect("read response");
+        let text = String::from_utf8_lossy(&buf).into_owned();
+        let (head, body) = text.split_once("\r\n\r\n").expect("HTTP head");
+        let code = head
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .expect("status code");
+        (code, body.to_string())
+    };
+    tokio::time::timeout(Duration::from_secs(10), work)
+        .await
+        .expect("HTTP answer in time")
+}
+
+/// Columns and rows of the first result set in a simple-query answer.
+pub fn result_set(msgs: &[tokio_postgres::SimpleQueryMessage]) -> (Vec<String>, Vec<Vec<String>>) {
+    use tokio_postgres::SimpleQueryMessage as M;
+    let mut cols = Vec::new();
+    let mut rows = Vec::new();
+    for m in msgs {
+        match m {
+            M::RowDescription(c) if cols.is_empty() => {
+                cols = c.iter().map(|c| c.name().to_string()).collect();
+            }
+            M::Row(r) => rows.push(
+                (0..r.len())
+                    .map(|i| r.get(i).expect("no NULLs").to_string())
+                    .collect(),
+            ),
+            _ => {}
+        }
+    }
+    (cols, rows)
 }
 
 /// Connect to pgpilot at `addr` with tokio-postgres, driving the connection in a task.

@@ -1,0 +1,294 @@
+//! Admin commands answered by pgpilot itself on the client port, as ordinary
+//! result sets (every column `text`, no NULLs, `SELECT n`), so psql and
+//! drivers print them like any query:
+//!
+//! | command | what |
+//! | --- | --- |
+//! | `SHOW POOL_NODES` | pgpool 4.3+'s 14 columns, pgpool's order and formats |
+//! | `SHOW POOL_VERSION` | `pool_version` |
+//! | `SHOW POOL_HEALTH_CHECK_STATS` | pgpool's 20 columns |
+//! | `SHOW POOL_BACKEND_STATS` | pgpool's 14 columns |
+//! | `SHOW POOL_PROCESSES` | one row per client session (pgpilot's model) |
+//! | `SHOW POOL_POOLS` | one row per server connection (pgpilot's model) |
+//! | `SHOW PGPILOT_NODES` | what pgpool lacks: effective weight, lag in bytes and seconds, replay paused, timeline, LSNs, last error |
+//! | `PGPOOL SHOW name` / `PGPOOL SHOW ALL` | pgpool-named settings and their values |
+//!
+//! Only users listed in `admin_users` may run them; others get SQLSTATE
+//! 42501. The session decides *when* to answer (simple Query, or the extended
+//! protocol's Parse/Describe/Execute); this module only parses and builds
+//! result sets. Column meanings are in `views.rs` and the README.
+
+pub mod format;
+pub mod registry;
+mod views;
+
+use bytes::BytesMut;
+
+use crate::context::ProxyContext;
+use crate::protocol::messages::{self, PgError};
+
+/// SQLSTATE for a user not allowed to run admin commands.
+pub const INSUFFICIENT_PRIVILEGE: &str = "42501";
+
+/// An admin command pgpilot answers itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AdminCommand {
+    /// `SHOW POOL_NODES`.
+    PoolNodes,
+    /// `SHOW POOL_VERSION`.
+    PoolVersion,
+    /// `SHOW POOL_HEALTH_CHECK_STATS`.
+    PoolHealthCheckStats,
+    /// `SHOW POOL_BACKEND_STATS`.
+    PoolBackendStats,
+    /// `SHOW POOL_POOLS`.
+    PoolPools,
+    /// `SHOW POOL_PROCESSES`.
+    PoolProcesses,
+    /// `SHOW PGPILOT_NODES`.
+    PgpilotNodes,
+    /// `PGPOOL SHOW name` (lower-cased), or `None` for `PGPOOL SHOW ALL`.
+    PgpoolShow(Option<String>),
+}
+
+impl AdminCommand {
+    /// The command as a user would write it (for messages).
+    pub fn name(&self) -> String {
+        match self {
+            AdminCommand::PoolNodes => "SHOW POOL_NODES".into(),
+            AdminCommand::PoolVersion => "SHOW POOL_VERSION".into(),
+            AdminCommand::PoolHealthCheckStats => "SHOW POOL_HEALTH_CHECK_STATS".into(),
+            AdminCommand::PoolBackendStats => "SHOW POOL_BACKEND_STATS".into(),
+            AdminCommand::PoolPools => "SHOW POOL_POOLS".into(),
+            AdminCommand::PoolProcesses => "SHOW POOL_PROCESSES".into(),
+            AdminCommand::PgpilotNodes => "SHOW PGPILOT_NODES".into(),
+            AdminCommand::PgpoolShow(None) => "PGPOOL SHOW ALL".into(),
+            AdminCommand::PgpoolShow(Some(n)) => format!("PGPOOL SHOW {n}"),
+        }
+    }
+}
+
+/// Who asks: the session's user, and its load-balance node (for the
+/// `load_balance_node` column of `SHOW POOL_NODES`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdminCaller {
+    /// The client's user name.
+    pub user: String,
+    /// The node the session balances reads to, if it has one.
+    pub load_balance_node: Option<usize>,
+}
+
+/// A result set of text columns.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResultSet {
+    /// Column names, in order.
+    pub columns: Vec<String>,
+    /// Rows; every row has one value per column (empty string for "none").
+    pub rows: Vec<Vec<String>>,
+    /// CommandComplete tag, e.g. `SELECT 3`.
+    pub command_tag: String,
+}
+
+impl ResultSet {
+    /// A result set with tag `SELECT <rows>`.
+    pub fn new(columns: &[&str], rows: Vec<Vec<String>>) -> ResultSet {
+        ResultSet {
+            columns: columns.iter().map(|c| c.to_string()).collect(),
+            command_tag: format!("SELECT {}", rows.len()),
+            rows,
+        }
+    }
+
+    /// Append the RowDescription (every column `text`).
+    pub fn encode_row_description(&self, buf: &mut BytesMut) {
+        let cols: Vec<&str> = self.columns.iter().map(String::as_str).collect();
+        messages::row_description_text(buf, &cols);
+    }
+
+    /// Append one DataRow per row, then CommandComplete.
+    pub fn encode_rows_and_complete(&self, buf: &mut BytesMut) {
+        for row in &self.rows {
+            messages::data_row_text(buf, row);
+        }
+        messages::command_complete(buf, &self.command_tag);
+    }
+}
+
+/// Recognise an admin command in a query string: case-insensitive, any
+/// whitespace between words, optional trailing `;`. Anything else (including
+/// several statements) is `None` and goes to PostgreSQL as usual.
+pub fn parse(sql: &str) -> Option<AdminCommand> {
+    parse_bytes(sql.as_bytes())
+}
+
+/// [`parse`] on raw query bytes (as in a Query message, with or without the
+/// terminating NUL). Rejects ordinary SQL after looking at its first word,
+/// before any UTF-8 check, so it is cheap on the hot path.
+pub fn parse_bytes(sql: &[u8]) -> Option<AdminCommand> {
+    let sql = sql.strip_suffix(b"\0").unwrap_or(sql);
+    let start = sql.iter().position(|b| !b.is_ascii_whitespace())?;
+    let head = &sql[start..];
+    let starts = |w: &[u8]| head.len() >= w.len() && head[..w.len()].eq_ignore_ascii_case(w);
+    if !starts(b"show") && !starts(b"pgpool") {
+        return None;
+    }
+    let text = std::str::from_utf8(head).ok()?.trim_end();
+    let text = text.trim_end_matches(|c: char| c == ';' || c.is_whitespace());
+    if text.contains(';') {
+        return None;
+    }
+    let words: Vec<String> = text
+        .split_whitespace()
+        .map(str::to_ascii_lowercase)
+        .collect();
+    let words: Vec<&str> = words.iter().map(String::as_str).collect();
+    let cmd = match words.as_slice() {
+        ["show", w] => match *w {
+            "pool_nodes" => AdminCommand::PoolNodes,
+            "pool_version" => AdminCommand::PoolVersion,
+            "pool_health_check_stats" => AdminCommand::PoolHealthCheckStats,
+            "pool_backend_stats" => AdminCommand::PoolBackendStats,
+            "pool_pools" => AdminCommand::PoolPools,
+            "pool_processes" => AdminCommand::PoolProcesses,
+            "pgpilot_nodes" => AdminCommand::PgpilotNodes,
+            _ => return None,
+        },
+        ["pgpool", "show", "all"] => AdminCommand::PgpoolShow(None),
+        ["pgpool", "show", name] => AdminCommand::PgpoolShow(Some(name.to_string())),
+        _ => return None,
+    };
+    Some(cmd)
+}
+
+/// Run an admin command for `who`: 42501 unless the user is in
+/// `admin_users`. Never blocks (reads snapshots and counters).
+pub fn execute(
+    ctx: &ProxyContext,
+    cmd: &AdminCommand,
+    who: &AdminCaller,
+) -> Result<ResultSet, PgError> {
+    let cfg = ctx.config.load();
+    if !cfg.is_admin(&who.user) {
+        return Err(PgError::error(
+            INSUFFICIENT_PRIVILEGE,
+            format!(
+                "permission denied: {} is for pgpilot admin users",
+                cmd.name()
+            ),
+        )
+        .with_hint("list the user in admin_users in pgpilot's configuration"));
+    }
+    match cmd {
+        AdminCommand::PoolNodes => Ok(views::pool_nodes(ctx, who)),
+        AdminCommand::PoolVersion => Ok(views::pool_version()),
+        AdminCommand::PoolHealthCheckStats => Ok(views::health_check_stats(ctx)),
+        AdminCommand::PoolBackendStats => Ok(views::backend_stats(ctx)),
+        AdminCommand::PoolPools => Ok(views::pool_pools(ctx)),
+        AdminCommand::PoolProcesses => Ok(views::pool_processes(ctx)),
+        AdminCommand::PgpilotNodes => Ok(views::pgpilot_nodes(ctx)),
+        AdminCommand::PgpoolShow(name) => views::pgpool_show(&cfg, name.as_deref()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_every_command_case_and_whitespace_insensitively() {
+        let cases = [
+            ("SHOW POOL_NODES", AdminCommand::PoolNodes),
+            ("show pool_nodes;", AdminCommand::PoolNodes),
+            ("  Show\t Pool_Nodes ;; \n", AdminCommand::PoolNodes),
+            ("SHOW POOL_VERSION", AdminCommand::PoolVersion),
+            (
+                "show pool_health_check_stats",
+                AdminCommand::PoolHealthCheckStats,
+            ),
+            ("SHOW pool_backend_stats", AdminCommand::PoolBackendStats),
+            ("SHOW POOL_POOLS", AdminCommand::PoolPools),
+            ("SHOW POOL_PROCESSES", AdminCommand::PoolProcesses),
+            ("SHOW PGPILOT_NODES;", AdminCommand::PgpilotNodes),
+            ("PGPOOL SHOW ALL", AdminCommand::PgpoolShow(None)),
+            (
+                "pgpool show Health_Check_Period;",
+                AdminCommand::PgpoolShow(Some("health_check_period".into())),
+            ),
+        ];
+        for (sql, want) in cases {
+            assert_eq!(parse(sql), Some(want.clone()), "{sql:?}");
+            let mut msg = sql.as_bytes().to_vec();
+            msg.push(0);
+            assert_eq!(parse_bytes(&msg), Some(want), "{sql:?} with NUL");
+        }
+    }
+
+    #[test]
+    fn ordinary_sql_is_not_admin() {
+        for sql in [
+            "SELECT 1",
+            "SHOW search_path",
+            "SHOW",
+            "",
+            "   ",
+            "SHOW POOL_NODES; SELECT 1",
+            "SHOW POOL_NODES extra",
+            "showpool_nodes",
+            "PGPOOL",
+            "PGPOOL SHOW",
+            "/* c */ SHOW POOL_NODES",
+        ] {
+            assert_eq!(parse(sql), None, "{sql:?}");
+        }
+        assert_eq!(parse_bytes(b"SHOW \xff\xfe"), None);
+    }
+
+    #[test]
+    fn result_set_encodes_row_description_rows_and_tag() {
+        let rs = ResultSet::new(
+            &["a", "bb"],
+            vec![vec!["1".into(), "".into()], vec!["x".into(), "yz".into()]],
+        );
+        assert_eq!(rs.command_tag, "SELECT 2");
+        let mut buf = BytesMut::new();
+        rs.encode_row_description(&mut buf);
+        rs.encode_rows_and_complete(&mut buf);
+        // RowDescription: 'T', len, field count 2, then "a\0" + 18 bytes ...
+        assert_eq!(buf[0], b'T');
+        let t_len = u32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]) as usize;
+        assert_eq!(u16::from_be_bytes([buf[5], buf[6]]), 2);
+        assert_eq!(&buf[7..9], b"a\0");
+        // type OID of the first column: text (25)
+        assert_eq!(u32::from_be_bytes([buf[15], buf[16], buf[17], buf[18]]), 25);
+        let mut pos = 1 + t_len;
+        let mut rows = Vec::new();
+        let mut tag = String::new();
+        while pos < buf.len() {
+            let t = buf[pos];
+            let len = u32::from_be_bytes([buf[pos + 1], buf[pos + 2], buf[pos + 3], buf[pos + 4]])
+                as usize;
+            let body = &buf[pos + 5..pos + 1 + len];
+            match t {
+                b'D' => {
+                    let n = u16::from_be_bytes([body[0], body[1]]) as usize;
+                    let mut vals = Vec::new();
+                    let mut p = 2;
+                    for _ in 0..n {
+                        let l =
+                            i32::from_be_bytes([body[p], body[p + 1], body[p + 2], body[p + 3]]);
+                        assert!(l >= 0, "no NULLs");
+                        p += 4;
+                        vals.push(String::from_utf8(body[p..p + l as usize].to_vec()).unwrap());
+                        p += l as usize;
+                    }
+                    rows.push(vals);
+                }
+                b'C' => tag = String::from_utf8(body[..body.len() - 1].to_vec()).unwrap(),
+                other => panic!("unexpected message {other}"),
+            }
+            pos += 1 + len;
+        }
+        assert_eq!(rows, rs.rows);
+        assert_eq!(tag, "SELECT 2");
+    }
+}

@@ -1,0 +1,231 @@
+//! Who is connected: one entry per client session, for `SHOW POOL_PROCESSES`
+//! and `SHOW POOL_POOLS`.
+//!
+//! A session registers once after login ([`SessionRegistry::register`]) and
+//! keeps the returned [`SessionHandle`]; dropping it unregisters. The handle's
+//! mutable fields are atomics, so a session can report its current backend
+//! and state on every statement without a lock; only register/unregister and
+//! admin listings take the registry's mutex.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicI32, AtomicI64, AtomicU8, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+/// What a session is doing (pgpool's process status).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum SessionState {
+    /// Logged in, waiting for its first server connection.
+    Connecting = 0,
+    /// Idle between transactions.
+    Idle = 1,
+    /// A request is being executed.
+    Active = 2,
+    /// Idle inside a transaction.
+    IdleInTransaction = 3,
+    /// Idle inside a failed transaction.
+    FailedTransaction = 4,
+}
+
+impl SessionState {
+    fn from_u8(v: u8) -> SessionState {
+        match v {
+            1 => SessionState::Idle,
+            2 => SessionState::Active,
+            3 => SessionState::IdleInTransaction,
+            4 => SessionState::FailedTransaction,
+            _ => SessionState::Connecting,
+        }
+    }
+
+    /// pgpool's wording (`Idle`, `Execute command`, `Idle in transaction` …).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SessionState::Connecting => "Connecting",
+            SessionState::Idle => "Idle",
+            SessionState::Active => "Execute command",
+            SessionState::IdleInTransaction => "Idle in transaction",
+            SessionState::FailedTransaction => "Idle in transaction (aborted)",
+        }
+    }
+}
+
+/// One client session, as admin commands see it.
+#[derive(Debug)]
+pub struct SessionInfo {
+    /// pgpilot's BackendKeyData pid for this client (its `pool_pid`).
+    pub pid: i32,
+    /// User name from the startup packet.
+    pub user: String,
+    /// Database from the startup packet.
+    pub database: String,
+    /// `application_name` from the startup packet (empty if none).
+    pub application_name: String,
+    /// The client's address.
+    pub client_addr: Option<SocketAddr>,
+    /// When the session logged in.
+    pub started: SystemTime,
+    /// Node of the server connection currently serving the session; -1 = none.
+    node: AtomicI64,
+    /// That connection's server process id; 0 = none.
+    backend_pid: AtomicI32,
+    /// When that connection was opened (ms since the epoch); 0 = none.
+    backend_opened_ms: AtomicU64,
+    /// [`SessionState`] as a byte.
+    state: AtomicU8,
+}
+
+impl SessionInfo {
+    /// The session now uses the server connection `pid` on `node`, opened at
+    /// `created` (`BackendConn::created`).
+    pub fn set_backend(&self, node: usize, pid: i32, created: Instant) {
+        let opened = SystemTime::now()
+            .checked_sub(created.elapsed())
+            .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+            .map_or(0, |d| d.as_millis() as u64);
+        self.node.store(node as i64, Ordering::Relaxed);
+        self.backend_pid.store(pid, Ordering::Relaxed);
+        self.backend_opened_ms.store(opened, Ordering::Relaxed);
+    }
+
+    /// The session holds no server connection now.
+    pub fn clear_backend(&self) {
+        self.node.store(-1, Ordering::Relaxed);
+        self.backend_pid.store(0, Ordering::Relaxed);
+        self.backend_opened_ms.store(0, Ordering::Relaxed);
+    }
+
+    /// Report what the session is doing.
+    pub fn set_state(&self, s: SessionState) {
+        self.state.store(s as u8, Ordering::Relaxed);
+    }
+
+    /// Current node, backend pid and when that connection was opened, if any.
+    pub fn backend(&self) -> Option<(usize, i32, SystemTime)> {
+        let node = self.node.load(Ordering::Relaxed);
+        let pid = self.backend_pid.load(Ordering::Relaxed);
+        let opened = self.backend_opened_ms.load(Ordering::Relaxed);
+        (node >= 0).then(|| {
+            (
+                node as usize,
+                pid,
+                UNIX_EPOCH + Duration::from_millis(opened),
+            )
+        })
+    }
+
+    /// What the session is doing.
+    pub fn state(&self) -> SessionState {
+        SessionState::from_u8(self.state.load(Ordering::Relaxed))
+    }
+}
+
+type Entries = Arc<Mutex<HashMap<u64, Arc<SessionInfo>>>>;
+
+/// All connected client sessions.
+#[derive(Debug, Default)]
+pub struct SessionRegistry {
+    entries: Entries,
+    next_id: AtomicU64,
+}
+
+/// A session's registration; unregisters when dropped. Derefs to its
+/// [`SessionInfo`] for the atomic setters.
+#[derive(Debug)]
+pub struct SessionHandle {
+    id: u64,
+    info: Arc<SessionInfo>,
+    entries: Entries,
+}
+
+impl std::ops::Deref for SessionHandle {
+    type Target = SessionInfo;
+    fn deref(&self) -> &SessionInfo {
+        &self.info
+    }
+}
+
+impl Drop for SessionHandle {
+    fn drop(&mut self) {
+        lock(&self.entries).remove(&self.id);
+    }
+}
+
+fn lock(e: &Entries) -> MutexGuard<'_, HashMap<u64, Arc<SessionInfo>>> {
+    e.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl SessionRegistry {
+    /// Register a logged-in session.
+    pub fn register(
+        &self,
+        pid: i32,
+        user: &str,
+        database: &str,
+        application_name: &str,
+        client_addr: Option<SocketAddr>,
+    ) -> SessionHandle {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let info = Arc::new(SessionInfo {
+            pid,
+            user: user.to_string(),
+            database: database.to_string(),
+            application_name: application_name.to_string(),
+            client_addr,
+            started: SystemTime::now(),
+            node: AtomicI64::new(-1),
+            backend_pid: AtomicI32::new(0),
+            backend_opened_ms: AtomicU64::new(0),
+            state: AtomicU8::new(SessionState::Connecting as u8),
+        });
+        lock(&self.entries).insert(id, info.clone());
+        SessionHandle {
+            id,
+            info,
+            entries: self.entries.clone(),
+        }
+    }
+
+    /// Every registered session, oldest first.
+    pub fn list(&self) -> Vec<Arc<SessionInfo>> {
+        let mut v: Vec<_> = lock(&self.entries).values().cloned().collect();
+        v.sort_by_key(|s| (s.started, s.pid));
+        v
+    }
+
+    /// Number of registered sessions.
+    pub fn len(&self) -> usize {
+        lock(&self.entries).len()
+    }
+
+    /// Whether no session is registered.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn register_update_and_unregister_on_drop() {
+        let r = SessionRegistry::default();
+        let h = r.register(42, "app", "db", "psql", "127.0.0.1:5000".parse().ok());
+        assert_eq!(r.len(), 1);
+        assert_eq!(h.state(), SessionState::Connecting);
+        assert_eq!(h.backend(), None);
+        h.set_backend(1, 777, Instant::now());
+        h.set_state(SessionState::Active);
+        let listed = r.list();
+        assert_eq!(listed[0].pid, 42);
+        assert_eq!(listed[0].backend().map(|b| (b.0, b.1)), Some((1, 777)));
+        assert_eq!(listed[0].state().as_str(), "Execute command");
+        h.clear_backend();
+        assert_eq!(h.backend(), None);
+        drop(h);
+        assert!(r.is_empty());
+    }
+}

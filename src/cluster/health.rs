@@ -1,0 +1,337 @@
+//! Health checks: one task per node, with hysteresis.
+//!
+//! A check is a *new* connection as the `[monitor]` role (that the node accepts
+//! connections is the point) running `SELECT pg_is_in_recovery()`, all within
+//! `health_check.timeout`. The answer also gives the node's role, so there is
+//! one mechanism for reachability and roles. A failed attempt is retried
+//! `max_retries` times, `retry_delay` apart; only when every attempt of the
+//! round failed is the node declared `down`. A failed attempt on its own only
+//! turns the live `pg_status` down.
+//!
+//! Rounds run every `period`, or sooner when a session reports a connection
+//! error ([`Cluster::report_session_error`]); such early rounds are spaced at
+//! least [`MIN_EARLY_GAP`] (or `retry_delay`, if smaller) apart so a client
+//! killing its own backends in a loop cannot turn checks into a flood. Settings
+//! are re-read every round, so a reload applies at the next one.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use arc_swap::ArcSwap;
+use tokio::sync::watch;
+
+use super::Cluster;
+use super::state::Admission;
+use crate::config::{Backend, Config, Monitor};
+
+/// Longest spacing between two session-triggered rounds of one node.
+pub const MIN_EARLY_GAP: Duration = Duration::from_millis(500);
+
+/// Called after every attempt with (node, attempt duration, success): how the
+/// metrics layer observes checks without the cluster depending on it.
+pub type CheckObserver = Arc<dyn Fn(usize, Duration, bool) + Send + Sync>;
+
+/// Counters of one node's health checks, with pgpool's meanings: a *check* is a
+/// round (first attempt plus retries).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct HealthStats {
+    /// Rounds run.
+    pub total_count: u64,
+    /// Rounds that ended with an answer.
+    pub success_count: u64,
+    /// Rounds where every attempt failed (each one a `down` verdict).
+    pub fail_count: u64,
+    /// Rounds skipped (pgpilot never skips: always 0, kept for pgpool's column).
+    pub skip_count: u64,
+    /// Retries, all rounds together.
+    pub retry_count: u64,
+    /// Most retries in one round.
+    pub max_retry_count: u32,
+    /// Sum of round durations (for the average).
+    pub total_duration: Duration,
+    /// Longest round.
+    pub max_duration: Duration,
+    /// Shortest round (`None` before the first).
+    pub min_duration: Option<Duration>,
+    /// When the latest round ended.
+    pub last_health_check: Option<SystemTime>,
+    /// When the latest successful round ended.
+    pub last_successful_health_check: Option<SystemTime>,
+    /// When the latest failed round ended.
+    pub last_failed_health_check: Option<SystemTime>,
+    /// When a round was last skipped (never).
+    pub last_skip_health_check: Option<SystemTime>,
+}
+
+impl HealthStats {
+    /// Count one finished round.
+    pub(super) fn record(&mut self, ok: bool, retries: u32, duration: Duration, at: SystemTime) {
+        self.total_count += 1;
+        if ok {
+            self.success_count += 1;
+            self.last_successful_health_check = Some(at);
+        } else {
+            self.fail_count += 1;
+            self.last_failed_health_check = Some(at);
+        }
+        self.retry_count += u64::from(retries);
+        self.max_retry_count = self.max_retry_count.max(retries);
+        self.total_duration += duration;
+        self.max_duration = self.max_duration.max(duration);
+        self.min_duration = Some(self.min_duration.map_or(duration, |m| m.min(duration)));
+        self.last_health_check = Some(at);
+    }
+
+    /// Mean retries per round.
+    pub fn average_retry_count(&self) -> f64 {
+        let n = self.total_count - self.skip_count;
+        if n == 0 {
+            0.0
+        } else {
+            self.retry_count as f64 / n as f64
+        }
+    }
+
+    /// Mean round duration.
+    pub fn average_duration(&self) -> Duration {
+        let n = self.total_count - self.skip_count;
+        if n == 0 {
+            Duration::ZERO
+        } else {
+            self.total_duration / n as u32
+        }
+    }
+}
+
+/// How one round ended.
+#[derive(Debug, Clone)]
+pub(super) struct Round {
+    /// `Ok(in_recovery)` or the last attempt's error.
+    pub outcome: Result<bool, String>,
+    /// Attempts after the first.
+    pub retries: u32,
+    /// From the first attempt's start to the end.
+    pub duration: Duration,
+}
+
+impl Cluster {
+    /// An attempt failed and will be retried: live status only, no verdict.
+    fn record_attempt_failure(&self, node: usize, error: &str) {
+        self.update(|o| o.attempt_failed(node, error));
+    }
+
+    /// A round finished: update status (with admission rules) and statistics.
+    fn record_round(&self, node: usize, round: Round, config: &Config) {
+        let adm = Admission::from(config);
+        self.update(|o| o.round_finished(node, round, SystemTime::now(), adm));
+    }
+}
+
+/// One attempt: connect (new connection) and ask `pg_is_in_recovery()`, all
+/// within `limit`. Returns the answer or a one-line error (no password in it).
+pub async fn probe_once(
+    backend: &Backend,
+    monitor: &Monitor,
+    limit: Duration,
+) -> Result<bool, String> {
+    let mut cfg = super::monitor_conn_config(backend, monitor, "pgpilot-health");
+    cfg.connect_timeout(limit);
+    let work = async {
+        let (client, conn) = cfg
+            .connect(tokio_postgres::NoTls)
+            .await
+            .map_err(|e| describe(&e))?;
+        let conn_task = tokio::spawn(conn);
+        let row = client
+            .query_one("SELECT pg_is_in_recovery()", &[])
+            .await
+            .map_err(|e| describe(&e));
+        // Dropping the client sends Terminate; let the connection finish so the
+        // node does not log an unexpected EOF for every check.
+        drop(client);
+        if tokio::time::timeout(Duration::from_secs(1), conn_task)
+            .await
+            .is_err()
+        {
+            tracing::debug!(node = %backend.host, "health connection did not close in time");
+        }
+        row.and_then(|r| r.try_get::<_, bool>(0).map_err(|e| describe(&e)))
+    };
+    match tokio::time::timeout(limit, work).await {
+        Ok(r) => r,
+        Err(_) => Err(format!("no answer within {limit:?}")),
+    }
+}
+
+/// A tokio-postgres error as one line, with the server's SQLSTATE when it sent one.
+pub(super) fn describe(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => format!("{} {}: {}", db.severity(), db.code().code(), db.message()),
+        None => {
+            let mut s = e.to_string();
+            let mut src = std::error::Error::source(e);
+            while let Some(inner) = src {
+                s.push_str(": ");
+                s.push_str(&inner.to_string());
+                src = inner.source();
+            }
+            s
+        }
+    }
+}
+
+/// One round: first attempt plus up to `max_retries` retries.
+async fn run_round(
+    node: usize,
+    cluster: &Cluster,
+    cfg: &Config,
+    observer: &CheckObserver,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Option<Round> {
+    let hc = &cfg.health_check;
+    let backend = cfg.backends.get(node)?;
+    // A node already down fails every round: keep the log quiet about it.
+    let was_down = cluster
+        .snapshot()
+        .nodes
+        .get(node)
+        .is_some_and(|n| !n.status.is_usable());
+    let started = Instant::now();
+    let mut retries = 0;
+    loop {
+        let t0 = Instant::now();
+        let r = probe_once(backend, &cfg.monitor, hc.timeout).await;
+        observer(node, t0.elapsed(), r.is_ok());
+        match r {
+            Ok(in_recovery) => {
+                return Some(Round {
+                    outcome: Ok(in_recovery),
+                    retries,
+                    duration: started.elapsed(),
+                });
+            }
+            Err(e) if retries < hc.max_retries => {
+                if was_down {
+                    tracing::debug!(node, attempt = retries + 1, error = %e, "health check failed; retrying");
+                } else {
+                    tracing::info!(node, attempt = retries + 1, error = %e, "health check failed; retrying");
+                }
+                cluster.record_attempt_failure(node, &e);
+                retries += 1;
+                tokio::select! {
+                    _ = tokio::time::sleep(hc.retry_delay) => {}
+                    _ = shutdown.changed() => return None,
+                }
+            }
+            Err(e) => {
+                return Some(Round {
+                    outcome: Err(e),
+                    retries,
+                    duration: started.elapsed(),
+                });
+            }
+        }
+    }
+}
+
+/// Check `node` every `health_check.period` (or early on request) until shutdown.
+pub async fn run_node(
+    node: usize,
+    cluster: Arc<Cluster>,
+    config: Arc<ArcSwap<Config>>,
+    observer: CheckObserver,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut next_due = tokio::time::Instant::now() + config.load().health_check.period;
+    let mut last_end = tokio::time::Instant::now();
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep_until(next_due) => {}
+            _ = cluster.probe_requested(node) => {
+                let gap = MIN_EARLY_GAP.min(config.load().health_check.retry_delay);
+                tokio::select! {
+                    _ = tokio::time::sleep_until(last_end + gap) => {}
+                    _ = shutdown.changed() => return,
+                }
+            }
+            _ = shutdown.changed() => return,
+        }
+        let cfg = config.load_full();
+        let was_usable = cluster
+            .snapshot()
+            .nodes
+            .get(node)
+            .is_some_and(|n| n.status.is_usable());
+        let Some(round) = run_round(node, &cluster, &cfg, &observer, &mut shutdown).await else {
+            return;
+        };
+        if let Err(e) = &round.outcome {
+            if was_usable {
+                tracing::warn!(node, retries = round.retries, error = %e, "health check failed after all retries");
+            } else {
+                tracing::debug!(node, error = %e, "node still unreachable");
+            }
+        }
+        cluster.record_round(node, round, &cfg);
+        last_end = tokio::time::Instant::now();
+        next_due = last_end + cfg.health_check.period;
+    }
+}
+
+/// Check every node once, concurrently and without retries, before clients are
+/// accepted, so the primary is known from the start. A node that does not
+/// answer is marked down at once (it never was in service); its health task
+/// re-admits it when it answers.
+pub async fn initial_check(cluster: &Cluster, config: &Config, observer: &CheckObserver) {
+    let tasks: Vec<_> = config
+        .backends
+        .iter()
+        .cloned()
+        .map(|b| {
+            let m = config.monitor.clone();
+            let limit = config.health_check.timeout;
+            tokio::spawn(async move {
+                let t0 = Instant::now();
+                let r = probe_once(&b, &m, limit).await;
+                (r, t0.elapsed())
+            })
+        })
+        .collect();
+    for (node, t) in tasks.into_iter().enumerate() {
+        let (outcome, duration) = t
+            .await
+            .unwrap_or_else(|e| (Err(format!("check task failed: {e}")), Duration::ZERO));
+        observer(node, duration, outcome.is_ok());
+        if let Err(e) = &outcome {
+            tracing::warn!(node, error = %e, "node did not answer the initial health check");
+        }
+        let round = Round {
+            outcome,
+            retries: 0,
+            duration,
+        };
+        cluster.record_round(node, round, config);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stats_follow_pgpool_meanings() {
+        let mut s = HealthStats::default();
+        let t = SystemTime::now();
+        s.record(true, 0, Duration::from_millis(4), t);
+        s.record(true, 2, Duration::from_millis(10), t);
+        s.record(false, 2, Duration::from_millis(16), t);
+        assert_eq!((s.total_count, s.success_count, s.fail_count), (3, 2, 1));
+        assert_eq!((s.retry_count, s.max_retry_count), (4, 2));
+        assert!((s.average_retry_count() - 4.0 / 3.0).abs() < 1e-9);
+        assert_eq!(s.average_duration(), Duration::from_millis(10));
+        assert_eq!(s.min_duration, Some(Duration::from_millis(4)));
+        assert_eq!(s.max_duration, Duration::from_millis(16));
+        assert!(s.last_failed_health_check.is_some());
+        assert_eq!(HealthStats::default().average_retry_count(), 0.0);
+    }
+}

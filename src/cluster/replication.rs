@@ -1,0 +1,434 @@
+//! Replication checks (pgpool's `sr_check`): one task, one round per
+//! `sr_check.period`, every reachable node asked concurrently, each within
+//! `sr_check.timeout`.
+//!
+//! Every node gets the same round trip, two statements in one simple query:
+//! `pg_is_in_recovery()`, `pg_current_wal_lsn()` (primary) or
+//! `pg_last_wal_receive_lsn()` / `pg_last_wal_replay_lsn()` /
+//! `pg_last_xact_replay_timestamp()` / `pg_is_wal_replay_paused()` (standby),
+//! the timeline, the WAL receiver's state; then `pg_stat_replication` (only the
+//! chosen primary's rows are used). Connections are kept between rounds (one
+//! per node, reopened after any error or timeout), unlike health checks, whose
+//! point is to open one.
+//!
+//! Lag for a standby:
+//! * bytes: primary LSN − standby replay LSN (clamped at 0);
+//! * seconds: 0 when the byte lag is 0; otherwise the larger of
+//!   `pg_stat_replication.replay_lag` (matched by application name) and the
+//!   age of the oldest primary LSN sample, kept by pgpilot each round, that the
+//!   standby has not replayed yet. The second estimate keeps growing while
+//!   replay is paused or the WAL receiver is stuck (replay_lag then freezes at
+//!   its last value), and unlike `now() − pg_last_xact_replay_timestamp()` it
+//!   does not report an idle primary as lag. Its resolution is one period.
+//!
+//! The monitor role needs `pg_monitor` (or superuser) to see
+//! `pg_stat_replication` and `pg_stat_wal_receiver` in full.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use arc_swap::ArcSwap;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_postgres::{SimpleQueryMessage, SimpleQueryRow};
+
+use super::health::describe;
+use super::state::Admission;
+use super::{Cluster, PgStatus};
+use crate::config::{Backend, Config};
+
+/// One round trip per node: its own state, then `pg_stat_replication`.
+const NODE_QUERY: &str = "\
+SELECT pg_is_in_recovery(), \
+ CASE WHEN pg_is_in_recovery() THEN NULL ELSE pg_current_wal_lsn() END, \
+ pg_last_wal_receive_lsn(), \
+ pg_last_wal_replay_lsn(), \
+ extract(epoch FROM pg_last_xact_replay_timestamp()), \
+ CASE WHEN pg_is_in_recovery() THEN pg_is_wal_replay_paused() END, \
+ CASE WHEN pg_is_in_recovery() THEN (SELECT received_tli FROM pg_stat_wal_receiver)::text \
+      ELSE pg_walfile_name(pg_current_wal_lsn()) END, \
+ (SELECT status FROM pg_stat_wal_receiver), \
+ (SELECT sender_host FROM pg_stat_wal_receiver), \
+ (SELECT sender_port FROM pg_stat_wal_receiver), \
+ (SELECT conninfo FROM pg_stat_wal_receiver), \
+ current_setting('cluster_name'); \
+SELECT application_name, state, sync_state, extract(epoch FROM replay_lag) \
+ FROM pg_stat_replication";
+
+/// What one node answered in a round.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct NodeSample {
+    /// `pg_is_in_recovery()`.
+    pub in_recovery: bool,
+    /// Primary: `pg_current_wal_lsn()`.
+    pub current_lsn: Option<u64>,
+    /// Standby: `pg_last_wal_receive_lsn()`.
+    pub receive_lsn: Option<u64>,
+    /// Standby: `pg_last_wal_replay_lsn()`.
+    pub replay_lsn: Option<u64>,
+    /// Standby: `pg_last_xact_replay_timestamp()`.
+    pub last_replay_at: Option<SystemTime>,
+    /// Standby: `pg_is_wal_replay_paused()`.
+    pub replay_paused: Option<bool>,
+    /// Primary: current timeline; standby: the WAL receiver's received timeline.
+    pub timeline: Option<u32>,
+    /// Standby: `pg_stat_wal_receiver.status` (`streaming` …).
+    pub receiver_status: Option<String>,
+    /// Standby: where the WAL receiver is connected (`sender_host`, `sender_port`).
+    pub sender: Option<(String, u16)>,
+    /// Standby: the application name its WAL receiver reports to the primary
+    /// (`application_name` in its conninfo, else `cluster_name`).
+    pub receiver_application_name: Option<String>,
+    /// `pg_stat_replication` rows (meaningful on the primary).
+    pub replication: Vec<ReplicationRow>,
+}
+
+/// One row of the primary's `pg_stat_replication`.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ReplicationRow {
+    /// `application_name`.
+    pub application_name: String,
+    /// `state`.
+    pub state: String,
+    /// `sync_state`.
+    pub sync_state: String,
+    /// `replay_lag` in seconds (NULL when caught up and idle).
+    pub replay_lag: Option<f64>,
+}
+
+/// The result of asking one node.
+#[derive(Debug, Clone, PartialEq)]
+pub enum NodeCheck {
+    /// Not asked: the latest health check could not reach it.
+    Skipped,
+    /// Asked; the query or connection failed.
+    Failed(String),
+    /// Answered.
+    Sample(NodeSample),
+}
+
+/// A whole round, indexed by node id.
+#[derive(Debug, Clone)]
+pub struct SrRound {
+    /// When the round's answers were collected.
+    pub at: Instant,
+    /// Per node.
+    pub checks: Vec<NodeCheck>,
+}
+
+impl Cluster {
+    /// Apply a round: lag, weights, auto_failback; probe nodes whose role
+    /// looks different from what pgpilot believes.
+    fn record_replication(&self, round: SrRound, config: &Config) {
+        let adm = Admission::from(config);
+        let mut recheck = Vec::new();
+        self.update(|o| recheck = o.apply_replication(&round, adm, SystemTime::now()));
+        for node in recheck {
+            self.request_probe(node);
+        }
+    }
+
+    /// Replication checks are off: forget lag, use configured weights.
+    fn clear_replication(&self, config: &Config) {
+        let adm = Admission::from(config);
+        self.update(|o| o.clear_replication(adm));
+    }
+}
+
+/// A kept connection to one node.
+struct SrConn {
+    client: tokio_postgres::Client,
+    /// Drives the connection; aborted shortly after the client is dropped.
+    task: Option<JoinHandle<()>>,
+}
+
+impl SrConn {
+    async fn open(backend: &Backend, cfg: &Config) -> Result<SrConn, String> {
+        let mut pg = super::monitor_conn_config(backend, &cfg.monitor, "pgpilot-sr-check");
+        pg.connect_timeout(cfg.sr_check.timeout);
+        let (client, conn) = pg
+            .connect(tokio_postgres::NoTls)
+            .await
+            .map_err(|e| describe(&e))?;
+        let task = tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        Ok(SrConn {
+            client,
+            task: Some(task),
+        })
+    }
+}
+
+impl Drop for SrConn {
+    fn drop(&mut self) {
+        // Dropping the client (right after this) sends Terminate and lets the
+        // connection task end; a connection stuck on a dead peer is aborted a
+        // moment later so it cannot linger.
+        if let (Some(task), Ok(rt)) = (self.task.take(), tokio::runtime::Handle::try_current()) {
+            rt.spawn(async move {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                task.abort();
+            });
+        }
+    }
+}
+
+/// Ask one node, reusing `conn` when it is there; returns the connection to
+/// keep (none after a failure) and the result.
+async fn check_node(
+    conn: Option<SrConn>,
+    backend: Backend,
+    cfg: Arc<Config>,
+) -> (Option<SrConn>, NodeCheck) {
+    let work = async {
+        let conn = match conn {
+            Some(c) if !c.client.is_closed() => c,
+            _ => SrConn::open(&backend, &cfg).await?,
+        };
+        let msgs = conn
+            .client
+            .simple_query(NODE_QUERY)
+            .await
+            .map_err(|e| describe(&e))?;
+        Ok::<_, String>((conn, parse_messages(&msgs)?))
+    };
+    match tokio::time::timeout(cfg.sr_check.timeout, work).await {
+        Ok(Ok((conn, sample))) => (Some(conn), NodeCheck::Sample(sample)),
+        Ok(Err(e)) => (None, NodeCheck::Failed(e)),
+        Err(_) => (
+            None,
+            NodeCheck::Failed(format!("no answer within {:?}", cfg.sr_check.timeout)),
+        ),
+    }
+}
+
+/// Run replication checks until shutdown.
+pub async fn run(
+    cluster: Arc<Cluster>,
+    config: Arc<ArcSwap<Config>>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut conns: Vec<Option<SrConn>> = Vec::new();
+    let mut was_off = false;
+    loop {
+        let cfg = config.load_full();
+        let period = cfg.sr_check.period;
+        let started = tokio::time::Instant::now();
+        if period.is_zero() {
+            if !was_off {
+                tracing::info!("replication checks are off (sr_check.period = 0)");
+                conns.clear();
+                cluster.clear_replication(&cfg);
+                was_off = true;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                _ = shutdown.changed() => return,
+            }
+            continue;
+        }
+        was_off = false;
+        conns.resize_with(cfg.backends.len(), || None);
+        let snap = cluster.snapshot();
+        let mut tasks = Vec::with_capacity(cfg.backends.len());
+        for (node, backend) in cfg.backends.iter().enumerate() {
+            let reachable = snap
+                .nodes
+                .get(node)
+                .is_some_and(|n| n.pg_status == PgStatus::Up);
+            if !reachable {
+                conns[node] = None;
+                tasks.push(None);
+                continue;
+            }
+            let conn = conns[node].take();
+            tasks.push(Some(tokio::spawn(check_node(
+                conn,
+                backend.clone(),
+                cfg.clone(),
+            ))));
+        }
+        let mut checks = Vec::with_capacity(tasks.len());
+        for (node, t) in tasks.into_iter().enumerate() {
+            let check = match t {
+                None => NodeCheck::Skipped,
+                Some(t) => match t.await {
+                    Ok((conn, check)) => {
+                        conns[node] = conn;
+                        check
+                    }
+                    Err(e) => NodeCheck::Failed(format!("check task failed: {e}")),
+                },
+            };
+            if let NodeCheck::Failed(e) = &check {
+                tracing::debug!(node, error = %e, "replication check failed");
+            }
+            checks.push(check);
+        }
+        cluster.record_replication(
+            SrRound {
+                at: Instant::now(),
+                checks,
+            },
+            &cfg,
+        );
+        tokio::select! {
+            _ = tokio::time::sleep_until(started + period) => {}
+            _ = shutdown.changed() => return,
+        }
+    }
+}
+
+/// Turn the two result sets of [`NODE_QUERY`] into a sample.
+fn parse_messages(msgs: &[SimpleQueryMessage]) -> Result<NodeSample, String> {
+    let mut rows = msgs.iter().filter_map(|m| match m {
+        SimpleQueryMessage::Row(r) => Some(r),
+        _ => None,
+    });
+    let first = rows.next().ok_or("replication check returned no row")?;
+    let mut s = parse_node_row(first)?;
+    s.replication = rows.map(parse_replication_row).collect();
+    Ok(s)
+}
+
+fn col(r: &SimpleQueryRow, i: usize) -> Option<&str> {
+    r.try_get(i).ok().flatten()
+}
+
+fn parse_node_row(r: &SimpleQueryRow) -> Result<NodeSample, String> {
+    let in_recovery = match col(r, 0) {
+        Some("t") => true,
+        Some("f") => false,
+        other => return Err(format!("unexpected pg_is_in_recovery() value {other:?}")),
+    };
+    let timeline = col(r, 6).and_then(|t| {
+        if in_recovery {
+            t.parse().ok()
+        } else {
+            walfile_timeline(t)
+        }
+    });
+    let sender = match (col(r, 8), col(r, 9).and_then(|p| p.parse().ok())) {
+        (Some(h), Some(p)) => Some((h.to_string(), p)),
+        _ => None,
+    };
+    let receiver_application_name = col(r, 10)
+        .and_then(conninfo_application_name)
+        .or_else(|| col(r, 11).filter(|c| !c.is_empty()).map(str::to_string));
+    Ok(NodeSample {
+        in_recovery,
+        current_lsn: col(r, 1).and_then(parse_lsn),
+        receive_lsn: col(r, 2).and_then(parse_lsn),
+        replay_lsn: col(r, 3).and_then(parse_lsn),
+        last_replay_at: col(r, 4)
+            .and_then(|e| e.parse::<f64>().ok())
+            .filter(|e| e.is_finite() && *e >= 0.0)
+            .map(|e| UNIX_EPOCH + Duration::from_secs_f64(e)),
+        replay_paused: col(r, 5).map(|v| v == "t"),
+        timeline,
+        receiver_status: col(r, 7).map(str::to_string),
+        sender,
+        receiver_application_name: in_recovery.then_some(receiver_application_name).flatten(),
+        replication: Vec::new(),
+    })
+}
+
+fn parse_replication_row(r: &SimpleQueryRow) -> ReplicationRow {
+    ReplicationRow {
+        application_name: col(r, 0).unwrap_or_default().to_string(),
+        state: col(r, 1).unwrap_or_default().to_string(),
+        sync_state: col(r, 2).unwrap_or_default().to_string(),
+        replay_lag: col(r, 3).and_then(|v| v.parse().ok()),
+    }
+}
+
+/// Parse a `pg_lsn` text (`16/B374D848`) into a byte position.
+pub fn parse_lsn(s: &str) -> Option<u64> {
+    let (hi, lo) = s.trim().split_once('/')?;
+    let hi = u64::from_str_radix(hi, 16).ok()?;
+    let lo = u64::from_str_radix(lo, 16).ok()?;
+    (hi <= u32::MAX as u64 && lo <= u32::MAX as u64).then_some((hi << 32) | lo)
+}
+
+/// Format a byte position as `pg_lsn` text.
+pub fn format_lsn(lsn: u64) -> String {
+    format!("{:X}/{:X}", lsn >> 32, lsn & 0xffff_ffff)
+}
+
+/// The timeline of a WAL file name (its first 8 hex digits).
+fn walfile_timeline(name: &str) -> Option<u32> {
+    u32::from_str_radix(name.get(..8)?, 16).ok()
+}
+
+/// The value of `key` in a libpq conninfo string as shown in
+/// `pg_stat_wal_receiver.conninfo` (values may be quoted).
+fn conninfo_value(conninfo: &str, key: &str) -> Option<String> {
+    let pat = format!("{key}=");
+    let mut from = 0;
+    let start = loop {
+        let at = from + conninfo[from..].find(&pat)?;
+        let at_word = at == 0 || conninfo[..at].ends_with(char::is_whitespace);
+        if at_word {
+            break at + pat.len();
+        }
+        from = at + pat.len();
+    };
+    let rest = &conninfo[start..];
+    let value = if let Some(q) = rest.strip_prefix('\'') {
+        let mut out = String::new();
+        let mut chars = q.chars();
+        while let Some(c) = chars.next() {
+            match c {
+                '\\' => out.extend(chars.next()),
+                '\'' => break,
+                c => out.push(c),
+            }
+        }
+        out
+    } else {
+        rest.split_whitespace()
+            .next()
+            .unwrap_or_default()
+            .to_string()
+    };
+    (!value.is_empty()).then_some(value)
+}
+
+/// The name a WAL receiver reports to the primary: `application_name`, else
+/// the `fallback_application_name` PostgreSQL set (its `cluster_name`).
+fn conninfo_application_name(conninfo: &str) -> Option<String> {
+    conninfo_value(conninfo, "application_name")
+        .or_else(|| conninfo_value(conninfo, "fallback_application_name"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lsn_text_round_trips() {
+        assert_eq!(parse_lsn("0/0"), Some(0));
+        assert_eq!(parse_lsn("16/B374D848"), Some(0x16_B374_D848));
+        assert_eq!(format_lsn(0x16_B374_D848), "16/B374D848");
+        assert_eq!(parse_lsn("nonsense"), None);
+        assert_eq!(parse_lsn("1/FFFFFFFFF"), None);
+    }
+
+    #[test]
+    fn timeline_and_application_name_are_extracted() {
+        assert_eq!(walfile_timeline("000000020000000000000003"), Some(2));
+        assert_eq!(walfile_timeline("0000"), None);
+        let ci = "user=postgres passfile=/x channel_binding=prefer dbname=replication host=127.0.0.1 port=5432 application_name=node1 fallback_application_name=walreceiver sslmode=prefer";
+        assert_eq!(conninfo_application_name(ci).as_deref(), Some("node1"));
+        assert_eq!(
+            conninfo_application_name("host=h application_name='a b\\'c' port=1").as_deref(),
+            Some("a b'c")
+        );
+        assert_eq!(conninfo_application_name("host=h port=1"), None);
+        assert_eq!(
+            conninfo_application_name("host=h fallback_application_name=node2").as_deref(),
+            Some("node2")
+        );
+    }
+}

@@ -1,0 +1,415 @@
+//! Unit tests of the cluster state machine (`state.rs`).
+
+use std::time::{Duration, Instant, SystemTime};
+
+use super::*;
+use crate::cluster::replication::{NodeSample, ReplicationRow};
+use crate::config::Backend;
+
+fn backends(n: usize) -> Vec<Backend> {
+    (0..n)
+        .map(|i| Backend {
+            host: "127.0.0.1".into(),
+            port: 5000 + i as u16,
+            weight: 1.0,
+            application_name: format!("node{i}"),
+            data_directory: String::new(),
+        })
+        .collect()
+}
+
+fn adm(n: usize) -> Admission {
+    Admission {
+        auto_failback: true,
+        sr_enabled: true,
+        policy: LagPolicy {
+            delay_threshold_bytes: 1 << 20,
+            delay_threshold_time: Duration::from_secs(10),
+            half_weight_lag_bytes: 16 << 20,
+            half_weight_lag: Duration::from_secs(1),
+            prefer_lower_delay_standby: true,
+        },
+        nodes: backends(n)
+            .into_iter()
+            .map(|b| NodeSettings {
+                weight: b.weight,
+                host: b.host,
+                port: b.port,
+                application_name: b.application_name,
+            })
+            .collect(),
+    }
+}
+
+fn ok(in_recovery: bool) -> Round {
+    Round {
+        outcome: Ok(in_recovery),
+        retries: 0,
+        duration: Duration::from_millis(3),
+    }
+}
+
+fn failed() -> Round {
+    Round {
+        outcome: Err("connection refused".into()),
+        retries: 2,
+        duration: Duration::from_millis(9),
+    }
+}
+
+/// Primary 0, standbys 1 and 2, all checked once.
+fn started() -> Owner {
+    let mut o = Owner::new(ClusterSnapshot::initial(&backends(3)));
+    let now = SystemTime::now();
+    o.round_finished(0, ok(false), now, adm(3));
+    o.round_finished(1, ok(true), now, adm(3));
+    o.round_finished(2, ok(true), now, adm(3));
+    o
+}
+
+fn primary_sample(lsn: u64, standbys: &[(&str, &str)]) -> NodeSample {
+    NodeSample {
+        in_recovery: false,
+        current_lsn: Some(lsn),
+        timeline: Some(1),
+        replication: standbys
+            .iter()
+            .map(|(name, state)| ReplicationRow {
+                application_name: name.to_string(),
+                state: state.to_string(),
+                sync_state: "async".into(),
+                replay_lag: None,
+            })
+            .collect(),
+        ..NodeSample::default()
+    }
+}
+
+fn standby_sample(replay: u64) -> NodeSample {
+    NodeSample {
+        in_recovery: true,
+        receive_lsn: Some(replay),
+        replay_lsn: Some(replay),
+        replay_paused: Some(false),
+        timeline: Some(1),
+        receiver_status: Some("streaming".into()),
+        ..NodeSample::default()
+    }
+}
+
+fn round(at: Instant, checks: Vec<NodeCheck>) -> SrRound {
+    SrRound { at, checks }
+}
+
+fn weights(o: &Owner) -> Vec<f64> {
+    o.snap.nodes.iter().map(|n| n.effective_weight).collect()
+}
+
+#[test]
+fn startup_admits_primary_and_standbys_as_waiting() {
+    let mut o = started();
+    assert_eq!(o.snap.primary, Some(0));
+    assert!(o.snap.has_primary());
+    for n in &o.snap.nodes {
+        assert_eq!(n.status, NodeStatus::Waiting);
+        assert_eq!(n.pg_status, PgStatus::Up);
+    }
+    assert_eq!(o.snap.nodes[1].role, Role::Standby);
+    assert_eq!(weights(&o), vec![1.0, 1.0, 1.0]);
+    o.backend_connected(0);
+    assert_eq!(o.snap.nodes[0].status, NodeStatus::Up);
+    assert_eq!(o.health_stats()[0].success_count, 1);
+}
+
+#[test]
+fn failed_attempts_are_not_a_verdict_only_a_failed_round_is() {
+    let mut o = started();
+    o.attempt_failed(1, "connection refused");
+    assert_eq!(o.snap.nodes[1].pg_status, PgStatus::Down);
+    assert_eq!(o.snap.nodes[1].status, NodeStatus::Waiting);
+    assert_eq!(weights(&o), vec![1.0, 1.0, 1.0]);
+    // The retry succeeds: nothing happened.
+    o.round_finished(1, ok(true), SystemTime::now(), adm(3));
+    assert_eq!(o.snap.nodes[1].status, NodeStatus::Waiting);
+    assert_eq!(o.snap.nodes[1].last_error, None);
+    // Every retry fails: down.
+    o.round_finished(1, failed(), SystemTime::now(), adm(3));
+    assert_eq!(o.snap.nodes[1].status, NodeStatus::Down);
+    assert_eq!(weights(&o), vec![1.0, 0.0, 1.0]);
+    assert_eq!(o.health_stats()[1].fail_count, 1);
+    assert_eq!(o.health_stats()[1].retry_count, 2);
+    // A failed primary leaves no primary.
+    o.round_finished(0, failed(), SystemTime::now(), adm(3));
+    assert_eq!(o.snap.primary, None);
+    assert!(!o.snap.has_primary());
+}
+
+#[test]
+fn returning_standby_needs_streaming_evidence_newer_than_its_recovery() {
+    let mut o = started();
+    o.round_finished(2, failed(), SystemTime::now(), adm(3));
+    o.round_finished(2, ok(true), SystemTime::now(), adm(3));
+    assert_eq!(o.snap.nodes[2].status, NodeStatus::Down);
+    assert!(o.snap.nodes[2].held_out.is_some());
+    assert_eq!(o.snap.nodes[2].effective_weight, 0.0);
+    // The primary does not show it yet.
+    let r = round(
+        Instant::now(),
+        vec![
+            NodeCheck::Sample(primary_sample(100, &[("node1", "streaming")])),
+            NodeCheck::Sample(standby_sample(100)),
+            NodeCheck::Sample(standby_sample(90)),
+        ],
+    );
+    o.apply_replication(&r, adm(3), SystemTime::now());
+    assert_eq!(o.snap.nodes[2].status, NodeStatus::Down);
+    // Now it streams: admitted.
+    let r = round(
+        Instant::now(),
+        vec![
+            NodeCheck::Sample(primary_sample(
+                100,
+                &[("node1", "streaming"), ("node2", "streaming")],
+            )),
+            NodeCheck::Sample(standby_sample(100)),
+            NodeCheck::Sample(standby_sample(100)),
+        ],
+    );
+    o.apply_replication(&r, adm(3), SystemTime::now());
+    assert_eq!(o.snap.nodes[2].status, NodeStatus::Waiting);
+    assert_eq!(o.snap.nodes[2].held_out, None);
+    assert_eq!(o.snap.nodes[2].repl.state, "streaming");
+    assert_eq!(o.snap.nodes[2].repl.sync_state, "async");
+    assert!(o.snap.nodes[2].effective_weight > 0.99);
+}
+
+#[test]
+fn auto_failback_off_keeps_a_returning_standby_down_and_sr_off_admits_at_once() {
+    let mut off = adm(3);
+    off.auto_failback = false;
+    let mut o = started();
+    o.round_finished(1, failed(), SystemTime::now(), off.clone());
+    o.round_finished(1, ok(true), SystemTime::now(), off.clone());
+    assert_eq!(o.snap.nodes[1].status, NodeStatus::Down);
+    assert!(
+        o.snap.nodes[1]
+            .held_out
+            .as_deref()
+            .unwrap()
+            .contains("auto_failback")
+    );
+
+    let mut no_sr = adm(3);
+    no_sr.sr_enabled = false;
+    let mut o = started();
+    o.round_finished(1, failed(), SystemTime::now(), no_sr.clone());
+    o.round_finished(1, ok(true), SystemTime::now(), no_sr);
+    assert_eq!(o.snap.nodes[1].status, NodeStatus::Waiting);
+}
+
+#[test]
+fn a_second_primary_is_never_admitted() {
+    let mut o = started();
+    // Standby 2 is promoted behind pgpilot's back.
+    o.round_finished(2, ok(false), SystemTime::now(), adm(3));
+    assert_eq!(o.snap.primary, Some(0));
+    assert_eq!(o.snap.nodes[2].status, NodeStatus::Down);
+    assert!(
+        o.snap.nodes[2]
+            .held_out
+            .as_deref()
+            .unwrap()
+            .contains("false primary")
+    );
+    assert_eq!(o.snap.nodes[2].effective_weight, 0.0);
+    // Even when the real primary goes away, the false one stays out.
+    o.round_finished(0, failed(), SystemTime::now(), adm(3));
+    o.round_finished(2, ok(false), SystemTime::now(), adm(3));
+    assert_eq!(o.snap.primary, None);
+    assert_eq!(o.snap.nodes[2].status, NodeStatus::Down);
+    // The old primary comes back: it is the primary again.
+    o.round_finished(0, ok(false), SystemTime::now(), adm(3));
+    assert_eq!(o.snap.primary, Some(0));
+    assert_eq!(o.snap.nodes[0].status, NodeStatus::Waiting);
+}
+
+#[test]
+fn promoted_standby_becomes_primary_when_the_primary_is_gone() {
+    let mut o = started();
+    o.round_finished(0, failed(), SystemTime::now(), adm(3));
+    o.round_finished(1, ok(false), SystemTime::now(), adm(3));
+    assert_eq!(o.snap.primary, Some(1));
+    // The old primary returning as a primary is a false primary.
+    o.round_finished(0, ok(false), SystemTime::now(), adm(3));
+    assert_eq!(o.snap.primary, Some(1));
+    assert_eq!(o.snap.nodes[0].status, NodeStatus::Down);
+}
+
+#[test]
+fn lag_lowers_weights_and_thresholds_cut_them() {
+    let mut o = started();
+    let t0 = Instant::now();
+    let r = round(
+        t0,
+        vec![
+            NodeCheck::Sample(primary_sample(
+                10 << 20,
+                &[("node1", "streaming"), ("node2", "streaming")],
+            )),
+            NodeCheck::Sample(standby_sample(10 << 20)),
+            NodeCheck::Sample(standby_sample(5 << 20)),
+        ],
+    );
+    o.apply_replication(&r, adm(3), SystemTime::now());
+    let n1 = &o.snap.nodes[1].repl;
+    assert_eq!((n1.lag_bytes, n1.lag_seconds), (Some(0), Some(0.0)));
+    assert_eq!(o.snap.nodes[2].repl.lag_bytes, Some(5 << 20));
+    assert_eq!(weights(&o), vec![1.0, 1.0, 0.0]);
+    assert_eq!(o.snap.nodes[0].repl.lag_bytes, Some(0));
+    // Caught up again: weight returns.
+    let r = round(
+        t0 + Duration::from_secs(1),
+        vec![
+            NodeCheck::Sample(primary_sample(11 << 20, &[])),
+            NodeCheck::Sample(standby_sample(11 << 20)),
+            NodeCheck::Sample(standby_sample((11 << 20) - 1000)),
+        ],
+    );
+    o.apply_replication(&r, adm(3), SystemTime::now());
+    let w = weights(&o);
+    assert!(w[2] > 0.99 && w[2] < 1.0, "{w:?}");
+}
+
+#[test]
+fn time_lag_grows_while_a_standby_is_stuck() {
+    let mut o = started();
+    let t0 = Instant::now();
+    let checks = |p: u64, s: u64| {
+        vec![
+            NodeCheck::Sample(primary_sample(
+                p,
+                &[("node1", "streaming"), ("node2", "streaming")],
+            )),
+            NodeCheck::Sample(standby_sample(p)),
+            NodeCheck::Sample(standby_sample(s)),
+        ]
+    };
+    o.apply_replication(&round(t0, checks(100, 100)), adm(3), SystemTime::now());
+    o.apply_replication(
+        &round(t0 + Duration::from_secs(2), checks(200, 100)),
+        adm(3),
+        SystemTime::now(),
+    );
+    assert_eq!(o.snap.nodes[2].repl.lag_seconds, Some(0.0));
+    o.apply_replication(
+        &round(t0 + Duration::from_secs(5), checks(300, 100)),
+        adm(3),
+        SystemTime::now(),
+    );
+    let s = o.snap.nodes[2].repl.lag_seconds.unwrap();
+    assert!((s - 3.0).abs() < 1e-6, "{s}");
+    // Time lag of 3 s with half weight 1 s: f = 1 / (1 + 9).
+    assert!((o.snap.nodes[2].effective_weight - 0.1).abs() < 1e-3);
+    o.apply_replication(
+        &round(t0 + Duration::from_secs(14), checks(400, 100)),
+        adm(3),
+        SystemTime::now(),
+    );
+    assert_eq!(
+        o.snap.nodes[2].effective_weight, 0.0,
+        "over delay_threshold_by_time"
+    );
+}
+
+#[test]
+fn timeline_and_role_mismatches_are_recorded() {
+    let mut o = started();
+    let mut diverged = standby_sample(100);
+    diverged.timeline = Some(2);
+    let r = round(
+        Instant::now(),
+        vec![
+            NodeCheck::Sample(primary_sample(
+                100,
+                &[("node1", "streaming"), ("node2", "streaming")],
+            )),
+            NodeCheck::Sample(primary_sample(100, &[])),
+            NodeCheck::Sample(diverged),
+        ],
+    );
+    let recheck = o.apply_replication(&r, adm(3), SystemTime::now());
+    assert_eq!(recheck, vec![1]);
+    assert!(
+        o.snap.nodes[1]
+            .repl
+            .issue
+            .as_deref()
+            .unwrap()
+            .contains("role mismatch")
+    );
+    assert!(o.snap.nodes[2].repl.timeline_mismatch);
+    assert!(
+        o.snap.nodes[2]
+            .repl
+            .issue
+            .as_deref()
+            .unwrap()
+            .contains("timeline")
+    );
+    assert_eq!(o.snap.nodes[2].effective_weight, 0.0);
+    // A failed or skipped check: lag unknown, weight as configured.
+    let r = round(
+        Instant::now(),
+        vec![
+            NodeCheck::Sample(primary_sample(100, &[("node1", "streaming")])),
+            NodeCheck::Failed("timeout".into()),
+            NodeCheck::Skipped,
+        ],
+    );
+    o.apply_replication(&r, adm(3), SystemTime::now());
+    assert_eq!(o.snap.nodes[1].repl.lag_bytes, None);
+    assert_eq!(o.snap.nodes[1].effective_weight, 1.0);
+    assert!(
+        o.snap.nodes[2]
+            .repl
+            .issue
+            .as_deref()
+            .unwrap()
+            .contains("unreachable")
+    );
+}
+
+#[test]
+fn application_name_is_detected_when_not_configured() {
+    let mut a = adm(3);
+    a.nodes[1].application_name.clear();
+    let mut o = started();
+    let mut s = standby_sample(100);
+    s.receiver_application_name = Some("node1".into());
+    let r = round(
+        Instant::now(),
+        vec![
+            NodeCheck::Sample(primary_sample(100, &[("node1", "catchup")])),
+            NodeCheck::Sample(s),
+            NodeCheck::Skipped,
+        ],
+    );
+    o.apply_replication(&r, a, SystemTime::now());
+    assert_eq!(o.snap.nodes[1].repl.application_name, "node1");
+    assert_eq!(o.snap.nodes[1].repl.state, "catchup");
+}
+
+#[test]
+fn history_finds_when_the_primary_passed_an_lsn() {
+    let mut h = LsnHistory::default();
+    let t = Instant::now();
+    h.push(0, t, 10);
+    h.push(0, t + Duration::from_secs(1), 10);
+    h.push(0, t + Duration::from_secs(2), 20);
+    assert_eq!(h.behind_since(5), Some(t));
+    assert_eq!(h.behind_since(10), Some(t + Duration::from_secs(2)));
+    assert_eq!(h.behind_since(20), None);
+    // A new primary starts a new history.
+    h.push(1, t + Duration::from_secs(3), 5);
+    assert_eq!(h.samples.len(), 1);
+}

@@ -1,0 +1,679 @@
+//! Prometheus metrics: the registry, the cheap counters sessions bump on the
+//! hot path, and the gauges filled from cluster state at scrape time.
+//!
+//! Names use the `pgpilot_` prefix and base units (`_seconds`, `_bytes`);
+//! counters end in `_total`. Hot-path methods ([`Metrics::statement_routed`],
+//! [`Metrics::query_finished`] …) touch pre-resolved per-node children: an
+//! atomic add, no lock, no label hashing. Everything derived from cluster
+//! state (node up, role, lag, effective weight, backend connections, cache
+//! counters) is read when Prometheus scrapes ([`Metrics::render`]), so it can
+//! never go stale between scrapes.
+//!
+//! The HTTP endpoint (`/metrics`, `/healthz`) is in [`http`].
+
+pub mod http;
+
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use prometheus::{
+    Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
+    IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+use crate::cluster::Role;
+use crate::context::ProxyContext;
+
+/// Statement kinds sessions report, in counter order.
+pub const KINDS: [&str; 5] = ["read", "write", "transaction", "session", "admin"];
+
+/// Command kinds counted from CommandComplete tags (pgpool's backend stats).
+const COMMANDS: [&str; 5] = ["insert", "update", "delete", "ddl", "other"];
+
+/// Buckets for statement durations (0.5 ms … 30 s).
+const QUERY_BUCKETS: [f64; 15] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+
+/// Buckets for health-check attempts (1 ms … 10 s).
+const HEALTH_BUCKETS: [f64; 13] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+/// Per-node counters kept outside Prometheus as well, for `SHOW POOL_*`.
+#[derive(Debug, Default)]
+struct NodeCounts {
+    /// Reads routed here (`select_cnt`).
+    selects: AtomicU64,
+    /// insert, update, delete, ddl, other (CommandComplete tags).
+    commands: [AtomicU64; 5],
+    /// ERROR, FATAL, PANIC responses from this node.
+    errors: [AtomicU64; 3],
+}
+
+/// Per-node counts for `SHOW POOL_BACKEND_STATS`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct NodeStatementCounts {
+    /// Reads routed to the node.
+    pub select: u64,
+    /// INSERT commands completed.
+    pub insert: u64,
+    /// UPDATE commands completed.
+    pub update: u64,
+    /// DELETE commands completed.
+    pub delete: u64,
+    /// CREATE/ALTER/DROP/… commands completed.
+    pub ddl: u64,
+    /// Other commands completed.
+    pub other: u64,
+    /// ErrorResponses with severity PANIC.
+    pub panic: u64,
+    /// ErrorResponses with severity FATAL.
+    pub fatal: u64,
+    /// ErrorResponses with severity ERROR.
+    pub error: u64,
+}
+
+/// Severity of an ErrorResponse a node sent, for [`Metrics::node_error`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorSeverity {
+    /// ERROR: the statement failed.
+    Error,
+    /// FATAL: the server closes the connection.
+    Fatal,
+    /// PANIC: the server restarts.
+    Panic,
+}
+
+/// The registry and every metric pgpilot exports.
+pub struct Metrics {
+    registry: Registry,
+    counts: Vec<NodeCounts>,
+    /// `pgpilot_statements_routed_total{node,kind}`, children by [node][kind].
+    routed: Vec<[IntCounter; 5]>,
+    /// `pgpilot_query_duration_seconds{node}`.
+    query_seconds: Vec<Histogram>,
+    /// `pgpilot_server_errors_total{class}` (SQLSTATE class, first 2 chars).
+    errors_by_class: IntCounterVec,
+    /// `pgpilot_node_server_errors_total{node,severity}`.
+    node_errors: Vec<[IntCounter; 3]>,
+    /// `pgpilot_node_commands_total{node,command}`.
+    commands: Vec<[IntCounter; 5]>,
+    /// `pgpilot_client_connections`.
+    clients: IntGauge,
+    /// `pgpilot_client_connections_total`.
+    clients_total: IntCounter,
+    /// `pgpilot_health_check_duration_seconds{node}`.
+    health_seconds: Vec<Histogram>,
+    /// `pgpilot_health_check_failures_total{node}` (failed attempts).
+    health_failures: Vec<IntCounter>,
+    scrape: ScrapeGauges,
+    /// Serialises scrapes (scrape-time gauges are reset and refilled).
+    scrape_lock: Mutex<()>,
+}
+
+/// Metrics filled at scrape time from cluster and pool state.
+struct ScrapeGauges {
+    node_up: IntGaugeVec,
+    node_reachable: IntGaugeVec,
+    node_role: IntGaugeVec,
+    node_primary: IntGaugeVec,
+    lag_bytes: GaugeVec,
+    lag_seconds: GaugeVec,
+    effective_weight: GaugeVec,
+    replay_paused: IntGaugeVec,
+    backend_conns: IntGaugeVec,
+    backend_opened: IntCounterVec,
+    cache_hits: IntCounter,
+    cache_misses: IntCounter,
+    primary_available: IntGauge,
+    health_checks: IntCounterVec,
+    health_down_verdicts: IntCounterVec,
+    info: IntGaugeVec,
+    uptime: Gauge,
+}
+
+fn opts(name: &str, help: &str) -> Opts {
+    Opts::new(name, help)
+}
+
+/// Register a metric; names and labels are constants, so failure is a bug
+/// caught by the unit tests, and the metric then simply is not exported.
+fn reg<C: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: C) -> C {
+    if let Err(e) = r.register(Box::new(c.clone())) {
+        tracing::error!(error = %e, "cannot register a metric");
+    }
+    c
+}
+
+macro_rules! metric {
+    ($reg:expr, $ty:ident, $name:expr, $help:expr) => {
+        reg(
+            $reg,
+            $ty::with_opts(opts($name, $help)).expect("valid metric"),
+        )
+    };
+    ($reg:expr, $ty:ident, $name:expr, $help:expr, $labels:expr) => {
+        reg(
+            $reg,
+            $ty::new(opts($name, $help), $labels).expect("valid metric"),
+        )
+    };
+}
+
+impl Metrics {
+    /// Metrics for a cluster of `nodes` nodes.
+    pub fn new(nodes: usize) -> Metrics {
+        let r = Registry::new();
+        let routed_vec = metric!(
+            &r,
+            IntCounterVec,
+            "pgpilot_statements_routed_total",
+            "Statements sent to a node, by routing kind (read, write, transaction, session, admin).",
+            &["node", "kind"]
+        );
+        let query_vec = reg(
+            &r,
+            HistogramVec::new(
+                HistogramOpts::new(
+                    "pgpilot_query_duration_seconds",
+                    "Time from forwarding a statement to its completion, per node.",
+                )
+                .buckets(QUERY_BUCKETS.to_vec()),
+                &["node"],
+            )
+            .expect("valid metric"),
+        );
+        let node_err_vec = metric!(
+            &r,
+            IntCounterVec,
+            "pgpilot_node_server_errors_total",
+            "ErrorResponses sent by a node, by severity.",
+            &["node", "severity"]
+        );
+        let cmd_vec = metric!(
+            &r,
+            IntCounterVec,
+            "pgpilot_node_commands_total",
+            "Commands completed on a node, by kind (insert, update, delete, ddl, other).",
+            &["node", "command"]
+        );
+        let health_vec = reg(
+            &r,
+            HistogramVec::new(
+                HistogramOpts::new(
+                    "pgpilot_health_check_duration_seconds",
+                    "Duration of one health-check attempt (connect, log in, pg_is_in_recovery()).",
+                )
+                .buckets(HEALTH_BUCKETS.to_vec()),
+                &["node"],
+            )
+            .expect("valid metric"),
+        );
+        let health_fail_vec = metric!(
+            &r,
+            IntCounterVec,
+            "pgpilot_health_check_failures_total",
+            "Failed health-check attempts (each retry counts).",
+            &["node"]
+        );
+        let ids: Vec<String> = (0..nodes).map(|i| i.to_string()).collect();
+        let children3 = |v: &IntCounterVec, labels: [&str; 3], id: &str| {
+            labels.map(|l| v.with_label_values(&[id, l]))
+        };
+        Metrics {
+            counts: (0..nodes).map(|_| NodeCounts::default()).collect(),
+            routed: ids
+                .iter()
+                .map(|id| KINDS.map(|k| routed_vec.with_label_values(&[id, k])))
+                .collect(),
+            query_seconds: ids
+                .iter()
+                .map(|id| query_vec.with_label_values(&[id]))
+                .collect(),
+            errors_by_class: metric!(
+                &r,
+                IntCounterVec,
+                "pgpilot_server_errors_total",
+                "ErrorResponses relayed to clients, by SQLSTATE class (first two characters).",
+                &["class"]
+            ),
+            node_errors: ids
+                .iter()
+                .map(|id| children3(&node_err_vec, ["error", "fatal", "panic"], id))
+                .collect(),
+            commands: ids
+                .iter()
+                .map(|id| COMMANDS.map(|c| cmd_vec.with_label_values(&[id, c])))
+                .collect(),
+            clients: metric!(
+                &r,
+                IntGauge,
+                "pgpilot_client_connections",
+                "Logged-in client connections."
+            ),
+            clients_total: metric!(
+                &r,
+                IntCounter,
+                "pgpilot_client_connections_total",
+                "Client connections accepted past the connection limit since start."
+            ),
+            health_seconds: ids
+                .iter()
+                .map(|id| health_vec.with_label_values(&[id]))
+                .collect(),
+            health_failures: ids
+                .iter()
+                .map(|id| health_fail_vec.with_label_values(&[id]))
+                .collect(),
+            scrape: ScrapeGauges::new(&r),
+            registry: r,
+            scrape_lock: Mutex::new(()),
+        }
+    }
+
+    /// A statement was sent to `node`. `kind` is one of [`KINDS`]; `read` also
+    /// counts as the node's `select_cnt`. Unknown kinds and nodes are ignored.
+    pub fn statement_routed(&self, node: usize, kind: &'static str) {
+        let Some(children) = self.routed.get(node) else {
+            return;
+        };
+        let i = match kind {
+            "read" => {
+                self.counts[node].selects.fetch_add(1, Ordering::Relaxed);
+                0
+            }
+            "write" => 1,
+            "transaction" => 2,
+            "session" => 3,
+            "admin" => 4,
+            _ => return,
+        };
+        children[i].inc();
+    }
+
+    /// A statement on `node` completed after `seconds`.
+    pub fn query_finished(&self, node: usize, seconds: f64) {
+        if let Some(h) = self.query_seconds.get(node) {
+            h.observe(seconds);
+        }
+    }
+
+    /// An ErrorResponse with this SQLSTATE reached a client (counted by class).
+    pub fn server_error(&self, sqlstate: &[u8; 5]) {
+        let class = [sqlstate[0], sqlstate[1]];
+        let class = if class.iter().all(u8::is_ascii_alphanumeric) {
+            std::str::from_utf8(&class).unwrap_or("XX")
+        } else {
+            "XX"
+        };
+        self.errors_by_class.with_label_values(&[class]).inc();
+    }
+
+    /// `node` sent an ErrorResponse of this severity (pgpool's error/fatal/panic counts).
+    pub fn node_error(&self, node: usize, severity: ErrorSeverity) {
+        let i = match severity {
+            ErrorSeverity::Error => 0,
+            ErrorSeverity::Fatal => 1,
+            ErrorSeverity::Panic => 2,
+        };
+        if let (Some(c), Some(n)) = (self.counts.get(node), self.node_errors.get(node)) {
+            c.errors[i].fetch_add(1, Ordering::Relaxed);
+            n[i].inc();
+        }
+    }
+
+    /// `node` completed a command with this CommandComplete tag (`INSERT 0 1`,
+    /// `CREATE TABLE` …): feeds insert/update/delete/ddl/other counts. SELECT
+    /// is not counted here (reads are counted when routed).
+    pub fn command_completed(&self, node: usize, tag: &[u8]) {
+        let word = tag.split(|b| *b == b' ').next().unwrap_or_default();
+        let i = match word {
+            b"SELECT" => return,
+            b"INSERT" => 0,
+            b"UPDATE" => 1,
+            b"DELETE" => 2,
+            b"CREATE" | b"ALTER" | b"DROP" | b"TRUNCATE" | b"COMMENT" | b"GRANT" | b"REVOKE" => 3,
+            _ => 4,
+        };
+        if let (Some(c), Some(m)) = (self.counts.get(node), self.commands.get(node)) {
+            c.commands[i].fetch_add(1, Ordering::Relaxed);
+            m[i].inc();
+        }
+    }
+
+    /// A client logged in (maintained by `context::ClientSlot`).
+    pub fn client_connected(&self) {
+        self.clients.inc();
+        self.clients_total.inc();
+    }
+
+    /// A client left.
+    pub fn client_disconnected(&self) {
+        self.clients.dec();
+    }
+
+    /// One health-check attempt of `node` finished.
+    pub fn health_checked(&self, node: usize, took: Duration, ok: bool) {
+        if let Some(h) = self.health_seconds.get(node) {
+            h.observe(took.as_secs_f64());
+        }
+        if !ok && let Some(c) = self.health_failures.get(node) {
+            c.inc();
+        }
+    }
+
+    /// Reads routed to `node` since start (pgpool's `select_cnt`).
+    pub fn select_count(&self, node: usize) -> u64 {
+        self.counts
+            .get(node)
+            .map_or(0, |c| c.selects.load(Ordering::Relaxed))
+    }
+
+    /// Per-node statement and error counts.
+    pub fn node_counts(&self, node: usize) -> NodeStatementCounts {
+        let Some(c) = self.counts.get(node) else {
+            return NodeStatementCounts::default();
+        };
+        let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        NodeStatementCounts {
+            select: l(&c.selects),
+            insert: l(&c.commands[0]),
+            update: l(&c.commands[1]),
+            delete: l(&c.commands[2]),
+            ddl: l(&c.commands[3]),
+            other: l(&c.commands[4]),
+            error: l(&c.errors[0]),
+            fatal: l(&c.errors[1]),
+            panic: l(&c.errors[2]),
+        }
+    }
+
+    /// The Prometheus text exposition of every metric, with cluster, pool and
+    /// cache state read now.
+    pub fn render(&self, ctx: &ProxyContext) -> String {
+        let _guard = self.scrape_lock.lock().unwrap_or_else(|p| p.into_inner());
+        self.scrape.fill(ctx);
+        let mut out = Vec::with_capacity(16 * 1024);
+        if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut out) {
+            tracing::error!(error = %e, "cannot encode metrics");
+        }
+        String::from_utf8(out).unwrap_or_default()
+    }
+}
+
+impl ScrapeGauges {
+    fn new(r: &Registry) -> ScrapeGauges {
+        ScrapeGauges {
+            node_up: metric!(
+                r,
+                IntGaugeVec,
+                "pgpilot_node_up",
+                "1 when the node is in service (status up or waiting).",
+                &["node"]
+            ),
+            node_reachable: metric!(
+                r,
+                IntGaugeVec,
+                "pgpilot_node_reachable",
+                "1 when the latest health-check attempt reached the node (pg_status).",
+                &["node"]
+            ),
+            node_role: metric!(
+                r,
+                IntGaugeVec,
+                "pgpilot_node_role",
+                "1 for the role the node reports (pg_is_in_recovery()); one series per role.",
+                &["node", "role"]
+            ),
+            node_primary: metric!(
+                r,
+                IntGaugeVec,
+                "pgpilot_node_primary",
+                "1 for the node pgpilot sends writes to.",
+                &["node"]
+            ),
+            lag_bytes: metric!(
+                r,
+                GaugeVec,
+                "pgpilot_node_replication_lag_bytes",
+                "WAL bytes the node has not replayed yet (primary LSN - replay LSN); absent when unknown.",
+                &["node"]
+            ),
+            lag_seconds: metric!(
+                r,
+                GaugeVec,
+                "pgpilot_node_replication_lag_seconds",
+                "How far behind the node is in time; absent when unknown.",
+                &["node"]
+            ),
+            effective_weight: metric!(
+                r,
+                GaugeVec,
+                "pgpilot_node_effective_weight",
+                "Read weight after lag (0 = gets no reads).",
+                &["node"]
+            ),
+            replay_paused: metric!(
+                r,
+                IntGaugeVec,
+                "pgpilot_node_replay_paused",
+                "1 when WAL replay is paused on the standby.",
+                &["node"]
+            ),
+            backend_conns: metric!(
+                r,
+                IntGaugeVec,
+                "pgpilot_backend_connections",
+                "Server connections per node: idle in the pool, or active (serving a session).",
+                &["node", "state"]
+            ),
+            backend_opened: metric!(
+                r,
+                IntCounterVec,
+                "pgpilot_backend_connections_opened_total",
+                "Server connections opened.",
+                &["node"]
+            ),
+            cache_hits: metric!(
+                r,
+                IntCounter,
+                "pgpilot_classify_cache_hits_total",
+                "Statement classifications served from the cache."
+            ),
+            cache_misses: metric!(
+                r,
+                IntCounter,
+                "pgpilot_classify_cache_misses_total",
+                "Statement classifications computed (cache misses)."
+            ),
+            primary_available: metric!(
+                r,
+                IntGauge,
+                "pgpilot_primary_available",
+                "1 when a primary is known and in service (what /healthz reports)."
+            ),
+            health_checks: metric!(
+                r,
+                IntCounterVec,
+                "pgpilot_health_checks_total",
+                "Health-check rounds (first attempt plus retries), by result.",
+                &["node", "result"]
+            ),
+            health_down_verdicts: metric!(
+                r,
+                IntCounterVec,
+                "pgpilot_health_check_down_total",
+                "Rounds where every attempt failed (the node was declared down).",
+                &["node"]
+            ),
+            info: metric!(
+                r,
+                IntGaugeVec,
+                "pgpilot_node_info",
+                "Always 1; labels give each node's host and port.",
+                &["node", "host", "port"]
+            ),
+            uptime: metric!(
+                r,
+                Gauge,
+                "pgpilot_uptime_seconds",
+                "Seconds since pgpilot started."
+            ),
+        }
+    }
+
+    fn fill(&self, ctx: &ProxyContext) {
+        let snap = ctx.cluster.snapshot();
+        let stats = ctx.cluster.health_stats();
+        for v in [
+            &self.node_up,
+            &self.node_reachable,
+            &self.node_role,
+            &self.node_primary,
+            &self.replay_paused,
+            &self.backend_conns,
+            &self.info,
+        ] {
+            v.reset();
+        }
+        for v in [&self.lag_bytes, &self.lag_seconds, &self.effective_weight] {
+            v.reset();
+        }
+        for n in &snap.nodes {
+            let id = n.id.to_string();
+            let id = id.as_str();
+            self.info
+                .with_label_values(&[id, &n.host, &n.port.to_string()])
+                .set(1);
+            self.node_up
+                .with_label_values(&[id])
+                .set(n.status.is_usable().into());
+            self.node_reachable
+                .with_label_values(&[id])
+                .set((n.pg_status == crate::cluster::PgStatus::Up).into());
+            for role in [Role::Primary, Role::Standby, Role::Unknown] {
+                self.node_role
+                    .with_label_values(&[id, role.as_str()])
+                    .set((n.role == role).into());
+            }
+            self.node_primary
+                .with_label_values(&[id])
+                .set((snap.primary == Some(n.id)).into());
+            if let Some(b) = n.repl.lag_bytes {
+                self.lag_bytes.with_label_values(&[id]).set(b as f64);
+            }
+            if let Some(s) = n.repl.lag_seconds {
+                self.lag_seconds.with_label_values(&[id]).set(s);
+            }
+            self.effective_weight
+                .with_label_values(&[id])
+                .set(n.effective_weight);
+            if let Some(p) = n.repl.replay_paused {
+                self.replay_paused.with_label_values(&[id]).set(p.into());
+            }
+            let pool = ctx.pool.stats(n.id);
+            self.backend_conns
+                .with_label_values(&[id, "idle"])
+                .set(pool.idle as i64);
+            self.backend_conns
+                .with_label_values(&[id, "active"])
+                .set(pool.open.saturating_sub(pool.idle) as i64);
+            sync_counter(
+                &self.backend_opened.with_label_values(&[id]),
+                pool.opened_total,
+            );
+            if let Some(s) = stats.get(n.id) {
+                sync_counter(
+                    &self.health_checks.with_label_values(&[id, "success"]),
+                    s.success_count,
+                );
+                sync_counter(
+                    &self.health_checks.with_label_values(&[id, "failure"]),
+                    s.fail_count,
+                );
+                sync_counter(
+                    &self.health_down_verdicts.with_label_values(&[id]),
+                    s.fail_count,
+                );
+            }
+        }
+        self.primary_available.set(snap.has_primary().into());
+        sync_counter(&self.cache_hits, ctx.classify_cache.hits());
+        sync_counter(&self.cache_misses, ctx.classify_cache.misses());
+        self.uptime.set(ctx.started.elapsed().as_secs_f64());
+    }
+}
+
+/// Bring a Prometheus counter up to a monotonic count kept elsewhere.
+fn sync_counter(c: &IntCounter, value: u64) {
+    let cur = c.get();
+    if value > cur {
+        c.inc_by(value - cur);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hot_path_counters_feed_admin_counts() {
+        let m = Metrics::new(2);
+        m.statement_routed(1, "read");
+        m.statement_routed(1, "read");
+        m.statement_routed(0, "write");
+        m.statement_routed(7, "read"); // unknown node: ignored
+        m.statement_routed(0, "bogus");
+        assert_eq!(m.select_count(1), 2);
+        assert_eq!(m.select_count(0), 0);
+        m.command_completed(0, b"INSERT 0 1");
+        m.command_completed(0, b"CREATE TABLE");
+        m.command_completed(0, b"SELECT 3");
+        m.command_completed(0, b"VACUUM");
+        m.node_error(0, ErrorSeverity::Fatal);
+        let c = m.node_counts(0);
+        assert_eq!((c.insert, c.ddl, c.other, c.fatal), (1, 1, 1, 1));
+        m.server_error(b"23505");
+        m.server_error(b"\0\0\0\0\0");
+        m.query_finished(0, 0.002);
+        m.health_checked(1, Duration::from_millis(3), false);
+        m.client_connected();
+        let text = String::from_utf8({
+            let mut out = Vec::new();
+            TextEncoder::new()
+                .encode(&m.registry.gather(), &mut out)
+                .unwrap();
+            out
+        })
+        .unwrap();
+        for line in [
+            "pgpilot_statements_routed_total{kind=\"read\",node=\"1\"} 2",
+            "pgpilot_server_errors_total{class=\"23\"} 1",
+            "pgpilot_server_errors_total{class=\"XX\"} 1",
+            "pgpilot_client_connections 1",
+            "pgpilot_health_check_failures_total{node=\"1\"} 1",
+            "pgpilot_query_duration_seconds_count{node=\"0\"} 1",
+        ] {
+            assert!(text.contains(line), "missing {line} in\n{text}");
+        }
+    }
+
+    #[test]
+    fn every_metric_registers() {
+        // A duplicate or malformed name would be logged and dropped; count them.
+        let m = Metrics::new(1);
+        m.scrape.primary_available.set(1);
+        m.scrape.node_up.with_label_values(&["0"]).set(1);
+        let names: Vec<String> = m
+            .registry
+            .gather()
+            .iter()
+            .map(|f| f.name().to_string())
+            .collect();
+        assert!(names.iter().all(|n| n.starts_with("pgpilot_")), "{names:?}");
+        assert!(names.contains(&"pgpilot_primary_available".to_string()));
+        assert!(names.contains(&"pgpilot_node_up".to_string()));
+    }
+}
