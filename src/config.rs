@@ -106,6 +106,19 @@ pub enum UnknownFunctions {
     Read,
 }
 
+/// Read-your-writes guarantee for reads sent to standbys.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum ConsistencyMode {
+    /// A session's reads see its own committed writes (default).
+    #[default]
+    Session,
+    /// Every read sees every write pgpilot acknowledged to any client before it.
+    Global,
+    /// Reads go to standbys by weight and lag only; they may see the past.
+    Eventual,
+}
+
 /// Read/write routing settings (`[routing]`).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -126,6 +139,12 @@ pub struct Routing {
     pub unknown_functions: UnknownFunctions,
     /// Classifications cached (by normalised statement text); 0 disables the cache.
     pub cache_size: usize,
+    /// `"session"`, `"global"` or `"eventual"` (see [`ConsistencyMode`]).
+    pub consistency: ConsistencyMode,
+    /// How long a read may wait for a standby to replay what it must see before it
+    /// is sent to the primary instead; 0 = never wait.
+    #[serde(deserialize_with = "duration")]
+    pub consistency_wait: Duration,
 }
 
 impl Default for Routing {
@@ -138,6 +157,8 @@ impl Default for Routing {
             read_only_functions: Vec::new(),
             unknown_functions: UnknownFunctions::Lookup,
             cache_size: 10_000,
+            consistency: ConsistencyMode::Session,
+            consistency_wait: Duration::from_millis(20),
         }
     }
 }

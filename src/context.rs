@@ -11,6 +11,7 @@ use crate::admin::registry::SessionRegistry;
 use crate::backend::Pool;
 use crate::cluster::Cluster;
 use crate::config::Config;
+use crate::consistency::Consistency;
 use crate::metrics::Metrics;
 use crate::router::cache::ClassifyCache;
 use crate::router::catalog::FunctionCatalog;
@@ -31,6 +32,8 @@ pub struct ProxyContext {
     pub started: Instant,
     /// Backend connection pool.
     pub pool: Pool,
+    /// WAL positions for read-your-writes routing.
+    pub lsns: Arc<Consistency>,
     /// The statement classifier; rebuilt when a reload changes the function lists.
     pub classifier: ArcSwap<SqlParserClassifier>,
     /// Classifications by normalised statement text, shared by all sessions (hit
@@ -65,6 +68,7 @@ impl ProxyContext {
             sessions: SessionRegistry::default(),
             started: Instant::now(),
             pool,
+            lsns: Arc::new(Consistency::new(nodes)),
             classifier: ArcSwap::from_pointee(classifier),
             classify_cache,
             catalog: FunctionCatalog::default(),

@@ -35,6 +35,8 @@ pub mod sqlstate {
     pub const IDLE_SESSION_TIMEOUT: &str = "57P05";
     /// Idle in transaction timeout.
     pub const IDLE_IN_TRANSACTION_TIMEOUT: &str = "25P03";
+    /// Invalid text representation (a bad `pgpilot.min_lsn`).
+    pub const INVALID_TEXT_REPRESENTATION: &str = "22P02";
     /// Internal error.
     pub const INTERNAL: &str = "XX000";
 }

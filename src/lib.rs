@@ -13,6 +13,7 @@ pub mod admin;
 pub mod backend;
 pub mod cluster;
 pub mod config;
+pub mod consistency;
 pub mod context;
 pub mod demo;
 pub mod error;

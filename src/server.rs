@@ -132,6 +132,18 @@ impl Proxy {
         }
         tasks.spawn(close_idle_of_down_nodes(ctx.clone()));
         tasks.spawn(reap_idle(ctx.clone()));
+        tasks.spawn(crate::consistency::run_replay_poller(
+            ctx.lsns.clone(),
+            ctx.cluster.clone(),
+            ctx.config.clone(),
+            ctx.shutdown.clone(),
+        ));
+        tasks.spawn(crate::consistency::run_primary_fetcher(
+            ctx.lsns.clone(),
+            ctx.cluster.clone(),
+            ctx.config.clone(),
+            ctx.shutdown.clone(),
+        ));
         if let Some(path) = config_path {
             tasks.spawn(reload_on_sighup(ctx.clone(), path));
         }

@@ -108,6 +108,13 @@ pub struct Metrics {
     health_seconds: Vec<Histogram>,
     /// `pgpilot_health_check_failures_total{node}` (failed attempts).
     health_failures: Vec<IntCounter>,
+    /// `pgpilot_consistency_primary_reads_total`: reads sent to the primary because
+    /// no standby had replayed what they must see.
+    consistency_primary: IntCounter,
+    /// `pgpilot_consistency_waits_total`: reads that waited for a standby to catch up.
+    consistency_waits: IntCounter,
+    /// `pgpilot_consistency_wait_seconds`: how long those waits took.
+    consistency_wait_seconds: Histogram,
     scrape: ScrapeGauges,
     /// Serialises scrapes (scrape-time gauges are reset and refilled).
     scrape_lock: Mutex<()>,
@@ -223,6 +230,29 @@ impl Metrics {
             labels.map(|l| v.with_label_values(&[id, l]))
         };
         Metrics {
+            consistency_primary: metric!(
+                &r,
+                IntCounter,
+                "pgpilot_consistency_primary_reads_total",
+                "Reads sent to the primary because no standby had replayed what the read must see."
+            ),
+            consistency_waits: metric!(
+                &r,
+                IntCounter,
+                "pgpilot_consistency_waits_total",
+                "Reads that waited for a standby to replay what they must see."
+            ),
+            consistency_wait_seconds: reg(
+                &r,
+                Histogram::with_opts(
+                    HistogramOpts::new(
+                        "pgpilot_consistency_wait_seconds",
+                        "Time reads waited for a standby to catch up.",
+                    )
+                    .buckets(QUERY_BUCKETS.to_vec()),
+                )
+                .expect("valid metric"),
+            ),
             counts: (0..nodes).map(|_| NodeCounts::default()).collect(),
             routed: ids
                 .iter()
@@ -291,6 +321,17 @@ impl Metrics {
             _ => return,
         };
         children[i].inc();
+    }
+
+    /// A read went to the primary for read-your-writes consistency.
+    pub fn consistency_routed_to_primary(&self) {
+        self.consistency_primary.inc();
+    }
+
+    /// A read waited `seconds` for a standby to catch up.
+    pub fn consistency_waited(&self, seconds: f64) {
+        self.consistency_waits.inc();
+        self.consistency_wait_seconds.observe(seconds);
     }
 
     /// A statement on `node` completed after `seconds`.

@@ -86,6 +86,64 @@ pub fn route_setting(sql: &str) -> Option<bool> {
     Some(text.eq_ignore_ascii_case("primary"))
 }
 
+/// pgpilot's own session commands, answered by pgpilot (never sent to a node).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PgpilotCommand {
+    /// `SHOW pgpilot.last_commit_lsn`: the session's last commit position.
+    ShowLastCommitLsn,
+    /// `SHOW pgpilot.min_lsn`.
+    ShowMinLsn,
+    /// `SET pgpilot.min_lsn = '<lsn>'`: reads must see this position. `Err` holds
+    /// the text that is not an LSN.
+    SetMinLsn(Result<u64, String>),
+    /// `RESET pgpilot.min_lsn` / `SET pgpilot.min_lsn TO DEFAULT`.
+    ResetMinLsn,
+}
+
+/// Recognise one of [`PgpilotCommand`] (a single statement, `;` allowed at the end).
+pub fn pgpilot_command(sql: &str) -> Option<PgpilotCommand> {
+    let (t, n) = head::<8>(sql);
+    let name_at = |i: usize, name: &str| {
+        word(&t[i], "pgpilot") && t[i + 1].is_some_and(|t| t.is_punct(".")) && word(&t[i + 2], name)
+    };
+    let ends_at = |i: usize| n == i || (n == i + 1 && t[i].is_some_and(|t| t.is_punct(";")));
+    if word(&t[0], "show") && ends_at(4) {
+        if name_at(1, "last_commit_lsn") {
+            return Some(PgpilotCommand::ShowLastCommitLsn);
+        }
+        if name_at(1, "min_lsn") {
+            return Some(PgpilotCommand::ShowMinLsn);
+        }
+        return None;
+    }
+    if word(&t[0], "reset") && name_at(1, "min_lsn") && ends_at(4) {
+        return Some(PgpilotCommand::ResetMinLsn);
+    }
+    if !word(&t[0], "set") {
+        return None;
+    }
+    let i = if word(&t[1], "session") { 2 } else { 1 };
+    if !name_at(i, "min_lsn") {
+        return None;
+    }
+    let assign = t[i + 3].is_some_and(|t| (t.kind == Kind::Op && t.text == "=") || t.is_word("to"));
+    let value = t.get(i + 4).copied().flatten();
+    if !assign || !ends_at(i + 5) {
+        return Some(PgpilotCommand::SetMinLsn(Err(sql.trim().to_string())));
+    }
+    let value = value?;
+    if value.is_word("default") {
+        return Some(PgpilotCommand::ResetMinLsn);
+    }
+    let text = match value.kind {
+        Kind::Str => value.text.trim_start_matches(['E', 'e']).trim_matches('\''),
+        _ => value.text,
+    };
+    Some(PgpilotCommand::SetMinLsn(
+        crate::cluster::replication::parse_lsn(text).ok_or_else(|| text.to_string()),
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -103,6 +161,39 @@ mod tests {
         assert!(!resets_all("RESET search_path"));
         assert!(is_discard_all("discard all"));
         assert!(!is_discard_all("reset all"));
+    }
+
+    #[test]
+    fn pgpilot_commands() {
+        use PgpilotCommand::*;
+        assert_eq!(
+            pgpilot_command("SHOW pgpilot.last_commit_lsn"),
+            Some(ShowLastCommitLsn)
+        );
+        assert_eq!(pgpilot_command("show pgpilot.min_lsn;"), Some(ShowMinLsn));
+        assert_eq!(
+            pgpilot_command("SET pgpilot.min_lsn = '0/16B3748'"),
+            Some(SetMinLsn(Ok(0x16B_3748)))
+        );
+        assert_eq!(
+            pgpilot_command("SET pgpilot.min_lsn TO '1/0'"),
+            Some(SetMinLsn(Ok(1 << 32)))
+        );
+        assert_eq!(
+            pgpilot_command("SET pgpilot.min_lsn = 'banana'"),
+            Some(SetMinLsn(Err("banana".into())))
+        );
+        assert_eq!(pgpilot_command("RESET pgpilot.min_lsn"), Some(ResetMinLsn));
+        assert_eq!(
+            pgpilot_command("SET pgpilot.min_lsn TO DEFAULT"),
+            Some(ResetMinLsn)
+        );
+        assert_eq!(pgpilot_command("SHOW search_path"), None);
+        assert_eq!(pgpilot_command("SET pgpilot.route = 'primary'"), None);
+        assert_eq!(
+            pgpilot_command("SHOW pgpilot.last_commit_lsn; SELECT 1"),
+            None
+        );
     }
 
     #[test]

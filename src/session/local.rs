@@ -1,7 +1,8 @@
 //! Requests pgpilot answers itself instead of a node: admin commands
-//! (`SHOW POOL_NODES` and friends, see [`crate::admin`]), through the simple
-//! protocol and through the extended protocol (Parse / Bind / Describe /
-//! Execute / Close / Sync, as drivers send them).
+//! (`SHOW POOL_NODES` and friends, see [`crate::admin`]) and the session's
+//! `pgpilot.*` commands (`SHOW pgpilot.last_commit_lsn`, `SET pgpilot.min_lsn`),
+//! through the simple protocol and through the extended protocol (Parse / Bind
+//! / Describe / Execute / Close / Sync, as drivers send them).
 //!
 //! A local answer is written straight to the client, so it is only given when no
 //! request is in flight on any node (the router waits otherwise): answers stay
@@ -13,31 +14,90 @@ use bytes::BytesMut;
 
 use super::{Session, SessionError};
 use crate::admin::{self, AdminCaller, AdminCommand, ResultSet};
-use crate::error::sqlstate::FEATURE_NOT_SUPPORTED;
+use crate::cluster::replication::format_lsn;
+use crate::error::sqlstate::{FEATURE_NOT_SUPPORTED, INVALID_TEXT_REPRESENTATION};
 use crate::protocol::frame::cstr;
 use crate::protocol::messages::{self, PgError};
 use crate::protocol::{TxStatus, tag};
+use crate::router::session_cmd::{self, PgpilotCommand};
+
+/// A statement pgpilot answers itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LocalCommand {
+    /// `SHOW POOL_NODES` and the other admin commands.
+    Admin(AdminCommand),
+    /// `SHOW pgpilot.last_commit_lsn`, `SET pgpilot.min_lsn` …
+    Session(PgpilotCommand),
+}
+
+/// What a local command produced.
+enum Outcome {
+    /// A result set.
+    Rows(ResultSet),
+    /// A command without rows, with its CommandComplete tag.
+    Done(&'static str),
+}
+
+/// Recognise a local command in statement text (raw bytes, no NUL).
+pub fn parse_local(sql: &[u8]) -> Option<LocalCommand> {
+    if let Some(cmd) = admin::parse_bytes(sql) {
+        return Some(LocalCommand::Admin(cmd));
+    }
+    let head = sql.iter().position(|b| !b.is_ascii_whitespace())?;
+    // Cheap pre-check before any UTF-8 work: only SET / SHOW / RESET can match.
+    if !matches!(sql[head].to_ascii_lowercase(), b's' | b'r') {
+        return None;
+    }
+    let text = std::str::from_utf8(sql).ok()?;
+    session_cmd::pgpilot_command(text).map(LocalCommand::Session)
+}
 
 /// Admin statements and portals a client prepared through the extended protocol.
 #[derive(Debug, Default)]
 pub struct LocalStatements {
     /// Prepared statement name → command.
-    pub stmts: HashMap<Vec<u8>, AdminCommand>,
+    pub stmts: HashMap<Vec<u8>, LocalCommand>,
     /// Portal name → command (until the batch's Sync).
-    portals: HashMap<Vec<u8>, AdminCommand>,
+    portals: HashMap<Vec<u8>, LocalCommand>,
     /// An error occurred in the current local batch: skip to Sync.
     failed: bool,
 }
 
 impl Session {
-    /// The result of `cmd` for this session's user (or the error to send).
-    fn run_admin(&self, cmd: &AdminCommand) -> Result<ResultSet, PgError> {
-        let who = AdminCaller {
-            user: self.user.clone(),
-            load_balance_node: self.route.standby,
-        };
-        self.ctx.metrics.statement_routed(self.active, "admin");
-        admin::execute(&self.ctx, cmd, &who)
+    /// Run `cmd` for this session (or say what error to send).
+    fn run_local(&mut self, cmd: &LocalCommand) -> Result<Outcome, PgError> {
+        let one =
+            |name: &str, value: String| Outcome::Rows(ResultSet::new(&[name], vec![vec![value]]));
+        match cmd {
+            LocalCommand::Admin(cmd) => {
+                let who = AdminCaller {
+                    user: self.user.clone(),
+                    load_balance_node: self.route.standby,
+                };
+                self.ctx.metrics.statement_routed(self.active, "admin");
+                admin::execute(&self.ctx, cmd, &who).map(Outcome::Rows)
+            }
+            LocalCommand::Session(PgpilotCommand::ShowLastCommitLsn) => Ok(one(
+                "last_commit_lsn",
+                format_lsn(self.fresh.last_commit_lsn),
+            )),
+            LocalCommand::Session(PgpilotCommand::ShowMinLsn) => {
+                Ok(one("min_lsn", format_lsn(self.fresh.min_lsn)))
+            }
+            LocalCommand::Session(PgpilotCommand::SetMinLsn(Ok(lsn))) => {
+                self.fresh.min_lsn = *lsn;
+                Ok(Outcome::Done("SET"))
+            }
+            LocalCommand::Session(PgpilotCommand::SetMinLsn(Err(text))) => Err(PgError::error(
+                INVALID_TEXT_REPRESENTATION,
+                format!("invalid input syntax for type pg_lsn: \"{text}\""),
+            )
+            .with_hint("write a WAL position as returned by SHOW pgpilot.last_commit_lsn, e.g. '0/16B3748'")),
+            LocalCommand::Session(PgpilotCommand::ResetMinLsn) => {
+                self.fresh.min_lsn = 0;
+                Ok(Outcome::Done("RESET"))
+            }
+        }
     }
 
     fn client_status(&self) -> TxStatus {
@@ -53,14 +113,15 @@ impl Session {
             .map_err(SessionError::ClientIo)
     }
 
-    /// Answer a simple Query carrying `cmd`: result set (or error), ReadyForQuery.
-    pub(super) fn answer_admin_query(&mut self, cmd: &AdminCommand) -> Result<(), SessionError> {
+    /// Answer a simple Query carrying `cmd`: result (or error), ReadyForQuery.
+    pub(super) fn answer_local_query(&mut self, cmd: &LocalCommand) -> Result<(), SessionError> {
         let mut out = BytesMut::new();
-        match self.run_admin(cmd) {
-            Ok(rs) => {
+        match self.run_local(cmd) {
+            Ok(Outcome::Rows(rs)) => {
                 rs.encode_row_description(&mut out);
                 rs.encode_rows_and_complete(&mut out);
             }
+            Ok(Outcome::Done(tag)) => messages::command_complete(&mut out, tag),
             Err(e) => e.encode(&mut out),
         }
         messages::ready_for_query(&mut out, self.client_status());
@@ -73,7 +134,7 @@ impl Session {
             tag::PARSE => {
                 let (_, rest) = cstr(body).unwrap_or_default();
                 let query = cstr(rest).map(|(q, _)| q).unwrap_or_default();
-                admin::parse_bytes(query).is_some()
+                parse_local(query).is_some()
             }
             tag::BIND => {
                 let rest = cstr(body).map(|(_, r)| r).unwrap_or_default();
@@ -109,7 +170,7 @@ impl Session {
             tag::PARSE => {
                 let (name, rest) = cstr(body).unwrap_or_default();
                 let query = cstr(rest).map(|(q, _)| q).unwrap_or_default();
-                match admin::parse_bytes(query) {
+                match parse_local(query) {
                     Some(cmd) => {
                         self.local.stmts.insert(name.to_vec(), cmd);
                         messages::empty_message(&mut out, b'1');
@@ -137,12 +198,23 @@ impl Session {
                     b'S' => self.local.stmts.get(name).cloned(),
                     _ => self.local.portals.get(name).cloned(),
                 };
-                match cmd.map(|c| self.run_admin(&c)) {
-                    Some(Ok(rs)) => {
+                let described = match &cmd {
+                    // Describing a SET must not run it.
+                    Some(LocalCommand::Session(
+                        PgpilotCommand::SetMinLsn(_) | PgpilotCommand::ResetMinLsn,
+                    )) => Some(Ok(Outcome::Done("SET"))),
+                    Some(c) => Some(self.run_local(c)),
+                    None => None,
+                };
+                match described {
+                    Some(Ok(result)) => {
                         if *kind == b'S' {
                             messages::no_parameters(&mut out);
                         }
-                        rs.encode_row_description(&mut out);
+                        match result {
+                            Outcome::Rows(rs) => rs.encode_row_description(&mut out),
+                            Outcome::Done(_) => messages::empty_message(&mut out, b'n'),
+                        }
                         Ok(())
                     }
                     Some(Err(e)) => Err(e),
@@ -151,15 +223,14 @@ impl Session {
             }
             tag::EXECUTE => {
                 let name = cstr(body).map(|(n, _)| n).unwrap_or_default();
-                match self
-                    .local
-                    .portals
-                    .get(name)
-                    .cloned()
-                    .map(|c| self.run_admin(&c))
-                {
-                    Some(Ok(rs)) => {
+                let cmd = self.local.portals.get(name).cloned();
+                match cmd.map(|c| self.run_local(&c)) {
+                    Some(Ok(Outcome::Rows(rs))) => {
                         rs.encode_rows_and_complete(&mut out);
+                        Ok(())
+                    }
+                    Some(Ok(Outcome::Done(tag))) => {
+                        messages::command_complete(&mut out, tag);
                         Ok(())
                     }
                     Some(Err(e)) => Err(e),

@@ -11,6 +11,7 @@
 //! else passes through as the bytes that arrived, batched per read.
 
 pub mod cancel;
+mod fresh;
 pub mod handshake;
 mod link;
 mod local;
@@ -216,6 +217,8 @@ struct Session {
     registration: SessionHandle,
     /// Admin statements prepared through the extended protocol.
     local: local::LocalStatements,
+    /// Read-your-writes state: what the session's reads must see.
+    fresh: fresh::Freshness,
     /// Counts this client against `max_client_conn` until dropped.
     _slot: ClientSlot,
 }
@@ -230,6 +233,10 @@ enum End {
 
 /// How long a standby that failed a session is left alone by that session.
 const SHUN: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// How long a standby that refused the session's login (database or role not
+/// replicated yet) is left alone.
+const SHUN_REFUSED: std::time::Duration = std::time::Duration::from_millis(500);
 
 impl Session {
     fn new(
@@ -283,6 +290,7 @@ impl Session {
             dirty: false,
             registration,
             local: local::LocalStatements::default(),
+            fresh: fresh::Freshness::default(),
             _slot: slot,
         }
     }
@@ -390,9 +398,17 @@ impl Session {
             }
             match self.open_link(node).await {
                 Ok(l) => self.links[node] = Some(l),
-                Err(e) if !must_use && e.retryable() => {
+                Err(e) if !must_use => {
+                    // A standby that refuses the login (a database or role created
+                    // on the primary that it has not replayed yet) or cannot be
+                    // reached: this session reads elsewhere for a while.
                     tracing::info!(node, error = %e, "standby unusable for this session; reads go elsewhere");
-                    self.shun(node);
+                    let (pause, report) = if e.is_connection_failure() {
+                        (SHUN, true)
+                    } else {
+                        (SHUN_REFUSED, false)
+                    };
+                    self.shun(node, pause, report);
                     return Ok(());
                 }
                 Err(e) => return Err(e.into()),
@@ -473,14 +489,17 @@ impl Session {
         Ok(())
     }
 
-    /// Leave standby `node` alone for a while: reads go to another node.
-    fn shun(&mut self, node: usize) {
-        self.shunned_until[node] = Some(tokio::time::Instant::now() + SHUN);
+    /// Leave standby `node` alone for `pause`: reads go to another node.
+    /// `report`: the failure was connection-level (the cluster probes the node).
+    fn shun(&mut self, node: usize, pause: std::time::Duration, report: bool) {
+        self.shunned_until[node] = Some(tokio::time::Instant::now() + pause);
         if self.route.standby == Some(node) {
             self.route.standby = None;
         }
         self.links[node] = None;
-        self.ctx.cluster.report_session_error(node);
+        if report {
+            self.ctx.cluster.report_session_error(node);
+        }
     }
 
     /// Whether this session currently avoids node `node`.
@@ -543,6 +562,12 @@ impl Session {
                     let tx_link = self.route.tx_node.is_none_or(|t| t == node);
                     if tx_link && status == TxStatus::Idle {
                         self.state.pending_tx.clear();
+                    }
+                    if status == TxStatus::Idle
+                        && self.fresh.write_pending
+                        && Some(node) == self.ctx.cluster.snapshot().primary
+                    {
+                        self.writes_acknowledged();
                     }
                     if drained {
                         if tx_link {

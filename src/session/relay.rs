@@ -130,6 +130,30 @@ impl Session {
                     None => Err(Some(SessionError::Backend(BackendError::NoPrimary))),
                 }
             }
+            Step::FetchLsn => {
+                let limit = self.cfg.monitor.timeout;
+                let lsn = self.ctx.lsns.fresh_primary_lsn(limit).await;
+                if let Err(e) = &lsn {
+                    tracing::debug!(error = %e, "no fresh primary position; reading on the primary");
+                }
+                self.primary_lsn_fetched(lsn.ok());
+                Ok(true)
+            }
+            Step::WaitReplay {
+                nodes,
+                target,
+                deadline,
+            } => {
+                let started = tokio::time::Instant::now();
+                let found = self.ctx.lsns.wait_replay(&nodes, target, deadline).await;
+                self.ctx
+                    .metrics
+                    .consistency_waited(started.elapsed().as_secs_f64());
+                if found.is_none() {
+                    self.fresh.to_primary_once = true;
+                }
+                Ok(true)
+            }
             Step::Lookup(names) => {
                 let snapshot = self.ctx.cluster.snapshot();
                 let primary = snapshot.primary.unwrap_or(self.active);

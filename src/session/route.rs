@@ -52,6 +52,17 @@ pub enum Step {
     NeedPrimary,
     /// Look these functions up in `pg_proc` before routing.
     Lookup(Vec<String>),
+    /// Learn a fresh primary WAL position (read-your-writes) before routing.
+    FetchLsn,
+    /// Wait until one of `nodes` has replayed `target`, or `deadline`.
+    WaitReplay {
+        /// Standbys that may serve the read.
+        nodes: Vec<usize>,
+        /// WAL position the read must see.
+        target: u64,
+        /// Give up (read on the primary) then.
+        deadline: tokio::time::Instant,
+    },
 }
 
 /// A request's route, or why it cannot be sent yet.
@@ -132,11 +143,14 @@ impl Session {
                     node
                 }
                 tag::QUERY if self.batch.is_none() => {
-                    if let Some(cmd) = crate::admin::parse_bytes(&frame[5..]) {
+                    if let Some(cmd) = super::local::parse_local(&frame[5..frame.len() - 1]) {
                         if self.links.iter().flatten().any(|l| l.busy()) {
                             return Ok(Step::Blocked);
                         }
-                        self.answer_admin_query(&cmd)?;
+                        if self.fresh.lsn_unknown {
+                            return Ok(Step::FetchLsn);
+                        }
+                        self.answer_local_query(&cmd)?;
                         *pos += f.wire_len;
                         continue;
                     }
@@ -169,12 +183,16 @@ impl Session {
                             if self.links.iter().flatten().any(|l| l.busy()) {
                                 return Ok(Step::Blocked);
                             }
+                            if self.fresh.lsn_unknown {
+                                return Ok(Step::FetchLsn);
+                            }
                             self.batch = Some(LOCAL);
                             LOCAL
                         }
                         None => match self.plan_batch(&buf[*pos..])? {
                             Ok(n) => {
                                 self.batch = Some(n);
+                                self.fresh_request_sent();
                                 n
                             }
                             Err(step) => return Ok(step),
@@ -395,6 +413,16 @@ impl Session {
             "routed"
         );
         self.check_ready(node, needs)?;
+        let in_tx_here = self.in_tx && self.route.tx_node == Some(node);
+        let node = if Some(node) != snapshot.primary && !in_tx_here {
+            let fresh = self.fresh_read_node(node, &snapshot)?;
+            if fresh != node {
+                self.check_ready(fresh, needs)?;
+            }
+            fresh
+        } else {
+            node
+        };
         self.pending_class = Some(class.clone());
         Ok(node)
     }
@@ -467,6 +495,7 @@ impl Session {
             self.dirty = true;
             None
         };
+        self.fresh_request_sent();
         let link = self.link_mut(node)?;
         link.begin_request();
         link.outstanding += 1;
@@ -590,6 +619,9 @@ impl Session {
         }
         if self.in_tx && class.access == Access::Write {
             self.route.tx_wrote = true;
+        }
+        if class.access == Access::Write {
+            self.fresh.write_pending = true;
         }
         self.registration
             .set_state(crate::admin::registry::SessionState::Active);

@@ -1,0 +1,355 @@
+//! Read-your-writes by LSN: the positions that decide whether a standby may
+//! serve a read without showing the past.
+//!
+//! Two numbers matter, both WAL positions (LSNs):
+//!
+//! * **What a read must see.** After a write is acknowledged, any
+//!   `pg_current_wal_lsn()` the primary reports *afterwards* is at or past that
+//!   write's commit record. [`Consistency::fresh_primary_lsn`] gets one: a single
+//!   fetcher task asks the primary on behalf of every session that needs it, and
+//!   a fetch only counts for a session if it *started* after the session asked
+//!   (so requests arriving together share one round trip). In `global` mode the
+//!   proxy also counts every acknowledged write; a fetch that started after the
+//!   last one covers them all, for every session.
+//! * **What each standby has replayed.** A poller keeps `pg_last_wal_replay_lsn()`
+//!   of every standby, every [`IDLE_POLL`] when nobody waits and back to back
+//!   while some session waits for a standby to catch up
+//!   ([`Consistency::wait_replay`]).
+//!
+//! The session compares the two (see `session::route`): a read goes to a
+//! standby only if it has replayed what the read must see; otherwise the session
+//! waits up to `routing.consistency_wait` or sends the read to the primary.
+//! Writes that bypass pgpilot are invisible to it: a client that wrote elsewhere
+//! can carry the position itself (`SET pgpilot.min_lsn`).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use tokio::sync::{Notify, watch};
+use tokio::time::Instant;
+
+use crate::cluster::replication::parse_lsn;
+use crate::cluster::{Cluster, Role, monitor_conn_config};
+use crate::config::Config;
+
+/// Replay positions are refreshed this often when no session waits.
+pub const IDLE_POLL: Duration = Duration::from_millis(50);
+
+/// Pause between polls while a session waits (keeps a busy standby's load bounded).
+const BUSY_POLL: Duration = Duration::from_micros(500);
+
+/// Shared LSN state; one per proxy.
+pub struct Consistency {
+    /// Last seen `pg_last_wal_replay_lsn()` per node (0 = unknown / not a standby).
+    replayed: Vec<AtomicU64>,
+    /// Woken when a replay position advances.
+    replay_changed: Notify,
+    /// Sessions currently waiting for replay: the poller polls back to back.
+    waiters: AtomicUsize,
+    /// Wakes the poller at once (a session starts waiting).
+    poll_now: Notify,
+    /// Result of the last completed primary fetch (0 before the first).
+    primary_lsn: AtomicU64,
+    /// Generation of the last fetch started; a fetch with a larger generation
+    /// started after anything that read this value.
+    fetch_started: AtomicU64,
+    /// Generation of the last fetch completed (successfully or not).
+    fetch_done: AtomicU64,
+    /// Whether the last completed fetch failed.
+    fetch_failed: AtomicBool,
+    /// Highest generation some session waits for.
+    fetch_wanted: AtomicU64,
+    /// Wakes the fetcher.
+    fetch_request: Notify,
+    /// Wakes sessions waiting for a fetch.
+    fetch_completed: Notify,
+    /// Writes acknowledged to clients so far (global mode).
+    acked_writes: AtomicU64,
+    /// `acked_writes` as read just before the last completed fetch started:
+    /// `primary_lsn` covers all of them.
+    covered_writes: AtomicU64,
+}
+
+/// Why a fresh primary position could not be had.
+#[derive(Debug, thiserror::Error)]
+pub enum LsnError {
+    /// No answer within the wait.
+    #[error("no primary WAL position within {0:?}")]
+    Timeout(Duration),
+    /// The fetch failed (primary unreachable …).
+    #[error("asking the primary for its WAL position failed")]
+    Failed,
+}
+
+impl Consistency {
+    /// State for `nodes` nodes, nothing known yet.
+    pub fn new(nodes: usize) -> Consistency {
+        Consistency {
+            replayed: (0..nodes).map(|_| AtomicU64::new(0)).collect(),
+            replay_changed: Notify::new(),
+            waiters: AtomicUsize::new(0),
+            poll_now: Notify::new(),
+            primary_lsn: AtomicU64::new(0),
+            fetch_started: AtomicU64::new(0),
+            fetch_done: AtomicU64::new(0),
+            fetch_failed: AtomicBool::new(false),
+            fetch_wanted: AtomicU64::new(0),
+            fetch_request: Notify::new(),
+            fetch_completed: Notify::new(),
+            acked_writes: AtomicU64::new(0),
+            covered_writes: AtomicU64::new(0),
+        }
+    }
+
+    /// The replay position last seen on `node`.
+    pub fn replayed(&self, node: usize) -> u64 {
+        self.replayed
+            .get(node)
+            .map_or(0, |a| a.load(Ordering::Acquire))
+    }
+
+    /// Record a replay position (from the poller, or any other fresh source).
+    pub fn set_replayed(&self, node: usize, lsn: u64) {
+        if let Some(a) = self.replayed.get(node)
+            && a.fetch_max(lsn, Ordering::AcqRel) < lsn
+        {
+            self.replay_changed.notify_waiters();
+        }
+    }
+
+    /// A write was acknowledged to a client (counts for `global` mode).
+    pub fn write_acknowledged(&self) {
+        self.acked_writes.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// In `global` mode: the position covering every write acknowledged so far,
+    /// or `None` if a fetch is needed first.
+    pub fn global_lsn(&self) -> Option<u64> {
+        let acked = self.acked_writes.load(Ordering::Acquire);
+        (self.covered_writes.load(Ordering::Acquire) >= acked)
+            .then(|| self.primary_lsn.load(Ordering::Acquire))
+    }
+
+    /// A primary WAL position taken after this call began (so at or past every
+    /// commit acknowledged before it), waiting at most `limit`.
+    pub async fn fresh_primary_lsn(&self, limit: Duration) -> Result<u64, LsnError> {
+        let want = self.fetch_started.load(Ordering::Acquire) + 1;
+        self.fetch_wanted.fetch_max(want, Ordering::AcqRel);
+        let deadline = Instant::now() + limit;
+        loop {
+            let done = self.fetch_completed.notified();
+            tokio::pin!(done);
+            done.as_mut().enable();
+            self.fetch_request.notify_one();
+            if self.fetch_done.load(Ordering::Acquire) >= want {
+                if self.fetch_failed.load(Ordering::Acquire) {
+                    return Err(LsnError::Failed);
+                }
+                return Ok(self.primary_lsn.load(Ordering::Acquire));
+            }
+            if tokio::time::timeout_at(deadline, done).await.is_err() {
+                return Err(LsnError::Timeout(limit));
+            }
+        }
+    }
+
+    /// Wait until one of `nodes` has replayed `target`, or `deadline`; returns the
+    /// first node that has (in the order given).
+    pub async fn wait_replay(
+        &self,
+        nodes: &[usize],
+        target: u64,
+        deadline: Instant,
+    ) -> Option<usize> {
+        let caught_up = || nodes.iter().copied().find(|n| self.replayed(*n) >= target);
+        if let Some(n) = caught_up() {
+            return Some(n);
+        }
+        self.waiters.fetch_add(1, Ordering::AcqRel);
+        self.poll_now.notify_one();
+        let found = loop {
+            let changed = self.replay_changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if let Some(n) = caught_up() {
+                break Some(n);
+            }
+            if tokio::time::timeout_at(deadline, changed).await.is_err() {
+                break caught_up();
+            }
+        };
+        self.waiters.fetch_sub(1, Ordering::AcqRel);
+        found
+    }
+}
+
+/// Keep every standby's replay position fresh until shutdown.
+pub async fn run_replay_poller(
+    lsns: Arc<Consistency>,
+    cluster: Arc<Cluster>,
+    config: Arc<ArcSwap<Config>>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut conns: Vec<Option<tokio_postgres::Client>> = Vec::new();
+    loop {
+        let cfg = config.load_full();
+        conns.resize_with(cfg.backends.len(), || None);
+        let snapshot = cluster.snapshot();
+        let mut polls = Vec::new();
+        for (node, conn) in conns.iter_mut().enumerate() {
+            let standby = snapshot
+                .nodes
+                .get(node)
+                .is_some_and(|n| n.role == Role::Standby && n.status.is_usable());
+            if !standby {
+                *conn = None;
+                continue;
+            }
+            polls.push(poll_one(node, conn, &cfg, &lsns));
+        }
+        futures_util::future::join_all(polls).await;
+        let pause = if lsns.waiters.load(Ordering::Acquire) > 0 {
+            BUSY_POLL
+        } else {
+            IDLE_POLL
+        };
+        tokio::select! {
+            _ = tokio::time::sleep(pause) => {}
+            _ = lsns.poll_now.notified() => {}
+            _ = shutdown.changed() => return,
+        }
+    }
+}
+
+/// Ask one standby its replay position on the poller's own connection.
+async fn poll_one(
+    node: usize,
+    conn: &mut Option<tokio_postgres::Client>,
+    cfg: &Config,
+    lsns: &Consistency,
+) {
+    let limit = cfg.monitor.timeout;
+    if conn.as_ref().is_none_or(|c| c.is_closed()) {
+        let pg = monitor_conn_config(&cfg.backends[node], &cfg.monitor, "pgpilot-lsn");
+        match tokio::time::timeout(limit, pg.connect(tokio_postgres::NoTls)).await {
+            Ok(Ok((client, connection))) => {
+                tokio::spawn(connection);
+                *conn = Some(client);
+            }
+            _ => return,
+        }
+    }
+    let Some(client) = conn.as_ref() else {
+        return;
+    };
+    let q = client.simple_query("SELECT pg_last_wal_replay_lsn()");
+    match tokio::time::timeout(limit, q).await {
+        Ok(Ok(msgs)) => {
+            let lsn = msgs.iter().find_map(|m| match m {
+                tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).and_then(parse_lsn),
+                _ => None,
+            });
+            if let Some(lsn) = lsn {
+                lsns.set_replayed(node, lsn);
+            }
+        }
+        _ => *conn = None,
+    }
+}
+
+/// Answer requests for a fresh primary position until shutdown.
+pub async fn run_primary_fetcher(
+    lsns: Arc<Consistency>,
+    cluster: Arc<Cluster>,
+    config: Arc<ArcSwap<Config>>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut conn: Option<(usize, tokio_postgres::Client)> = None;
+    loop {
+        while lsns.fetch_wanted.load(Ordering::Acquire) <= lsns.fetch_done.load(Ordering::Acquire) {
+            tokio::select! {
+                _ = lsns.fetch_request.notified() => {}
+                _ = shutdown.changed() => return,
+            }
+        }
+        let generation = lsns.fetch_started.fetch_add(1, Ordering::AcqRel) + 1;
+        let covered = lsns.acked_writes.load(Ordering::Acquire);
+        let cfg = config.load_full();
+        let result = fetch_once(&mut conn, &cluster, &cfg).await;
+        match result {
+            Some(lsn) => {
+                lsns.primary_lsn.fetch_max(lsn, Ordering::AcqRel);
+                lsns.covered_writes.fetch_max(covered, Ordering::AcqRel);
+                lsns.fetch_failed.store(false, Ordering::Release);
+            }
+            None => {
+                conn = None;
+                lsns.fetch_failed.store(true, Ordering::Release);
+            }
+        }
+        lsns.fetch_done.store(generation, Ordering::Release);
+        lsns.fetch_completed.notify_waiters();
+    }
+}
+
+/// `pg_current_wal_lsn()` of the current primary, on a kept connection.
+async fn fetch_once(
+    conn: &mut Option<(usize, tokio_postgres::Client)>,
+    cluster: &Cluster,
+    cfg: &Config,
+) -> Option<u64> {
+    let primary = cluster.snapshot().primary?;
+    let limit = cfg.monitor.timeout;
+    let stale = conn
+        .as_ref()
+        .is_none_or(|(n, c)| *n != primary || c.is_closed());
+    if stale {
+        let pg = monitor_conn_config(&cfg.backends[primary], &cfg.monitor, "pgpilot-lsn");
+        let (client, connection) = tokio::time::timeout(limit, pg.connect(tokio_postgres::NoTls))
+            .await
+            .ok()?
+            .ok()?;
+        tokio::spawn(connection);
+        *conn = Some((primary, client));
+    }
+    let (_, client) = conn.as_ref()?;
+    let msgs = tokio::time::timeout(limit, client.simple_query("SELECT pg_current_wal_lsn()"))
+        .await
+        .ok()?
+        .ok()?;
+    msgs.iter().find_map(|m| match m {
+        tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).and_then(parse_lsn),
+        _ => None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn wait_replay_returns_the_first_node_caught_up() {
+        let c = Consistency::new(3);
+        c.set_replayed(1, 100);
+        c.set_replayed(2, 300);
+        let soon = Instant::now() + Duration::from_millis(50);
+        assert_eq!(c.wait_replay(&[1, 2], 200, soon).await, Some(2));
+        assert_eq!(c.wait_replay(&[1], 200, soon).await, None);
+        // Positions never go backwards.
+        c.set_replayed(2, 10);
+        assert_eq!(c.replayed(2), 300);
+    }
+
+    #[test]
+    fn global_position_needs_a_fetch_after_each_acknowledged_write() {
+        let c = Consistency::new(1);
+        assert_eq!(c.global_lsn(), Some(0));
+        c.write_acknowledged();
+        assert_eq!(c.global_lsn(), None);
+        c.covered_writes.store(1, Ordering::Release);
+        c.primary_lsn.store(42, Ordering::Release);
+        assert_eq!(c.global_lsn(), Some(42));
+    }
+}

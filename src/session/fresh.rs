@@ -1,0 +1,135 @@
+//! Read-your-writes for one session: may this standby serve the session's next
+//! read without showing it the past?
+//!
+//! The session keeps the WAL position its reads must see: its own last commit
+//! (`session` mode, learned lazily — only when a read next wants a standby, so
+//! write-only traffic pays nothing), the proxy-wide position of every
+//! acknowledged write (`global` mode), and any `SET pgpilot.min_lsn` token. A
+//! standby that has replayed it serves the read; otherwise another standby that
+//! has, or a short wait (`routing.consistency_wait`), or the primary. The
+//! positions come from [`crate::consistency`].
+
+use super::Session;
+use super::route::Step;
+use crate::cluster::ClusterSnapshot;
+use crate::config::ConsistencyMode;
+use crate::router::chooser;
+
+/// Per-session read-your-writes state.
+#[derive(Debug, Default)]
+pub struct Freshness {
+    /// Position the session's reads must see (its commits and tokens so far).
+    pub read_lsn: u64,
+    /// `SET pgpilot.min_lsn`.
+    pub min_lsn: u64,
+    /// The session's last commit position, as far as known (`SHOW pgpilot.last_commit_lsn`).
+    pub last_commit_lsn: u64,
+    /// A write was acknowledged whose position is not known yet.
+    pub lsn_unknown: bool,
+    /// A write was sent and not yet acknowledged (its transaction is open).
+    pub write_pending: bool,
+    /// `global` mode: a primary position fetched for the request being routed.
+    pub request_lsn: Option<u64>,
+    /// The request being routed waits for replay until then.
+    pub replay_deadline: Option<tokio::time::Instant>,
+    /// The request being routed goes to the primary (waiting did not help).
+    pub to_primary_once: bool,
+}
+
+impl Session {
+    /// The node a read decided for `node` (a standby) should run on, given what
+    /// the session must see: `node`, another standby that is caught up, or the
+    /// primary — or a step to learn a position or wait for replay first.
+    pub(super) fn fresh_read_node(
+        &mut self,
+        node: usize,
+        snapshot: &ClusterSnapshot,
+    ) -> Result<usize, Step> {
+        let Some(primary) = snapshot.primary else {
+            return Ok(node);
+        };
+        if self.fresh.to_primary_once {
+            self.ctx.metrics.consistency_routed_to_primary();
+            return Ok(primary);
+        }
+        let target = self.read_target()?;
+        let lsns = &self.ctx.lsns;
+        if target == 0 || lsns.replayed(node) >= target {
+            return Ok(node);
+        }
+        let weights = chooser::read_weights(snapshot, self.cfg.routing.primary_in_read_pool);
+        let candidates: Vec<usize> = (0..weights.len())
+            .filter(|&n| weights[n] > 0.0 && n != primary && !self.shunned(n))
+            .collect();
+        if let Some(&other) = candidates.iter().find(|&&n| lsns.replayed(n) >= target) {
+            return Ok(other);
+        }
+        let wait = self.cfg.routing.consistency_wait;
+        if wait.is_zero() || candidates.is_empty() {
+            self.ctx.metrics.consistency_routed_to_primary();
+            return Ok(primary);
+        }
+        let deadline = *self
+            .fresh
+            .replay_deadline
+            .get_or_insert_with(|| tokio::time::Instant::now() + wait);
+        Err(Step::WaitReplay {
+            nodes: candidates,
+            target,
+            deadline,
+        })
+    }
+
+    /// The position the next read must see, or the step that learns it.
+    fn read_target(&self) -> Result<u64, Step> {
+        let f = &self.fresh;
+        let mut target = f.min_lsn.max(f.read_lsn);
+        match self.cfg.routing.consistency {
+            ConsistencyMode::Eventual => {}
+            ConsistencyMode::Session => {
+                if f.lsn_unknown {
+                    return Err(Step::FetchLsn);
+                }
+            }
+            ConsistencyMode::Global => match f.request_lsn.or_else(|| self.ctx.lsns.global_lsn()) {
+                Some(g) => target = target.max(g),
+                None => return Err(Step::FetchLsn),
+            },
+        }
+        Ok(target)
+    }
+
+    /// A fresh primary position arrived (`Step::FetchLsn`), or `None` if it could
+    /// not be had: then this request's read goes to the primary.
+    pub(super) fn primary_lsn_fetched(&mut self, lsn: Option<u64>) {
+        let f = &mut self.fresh;
+        match lsn {
+            Some(lsn) => {
+                if f.lsn_unknown {
+                    f.lsn_unknown = false;
+                    f.last_commit_lsn = f.last_commit_lsn.max(lsn);
+                    f.read_lsn = f.read_lsn.max(lsn);
+                }
+                f.request_lsn = Some(lsn);
+            }
+            None => f.to_primary_once = true,
+        }
+    }
+
+    /// The request being routed was sent: its one-shot routing state ends.
+    pub(super) fn fresh_request_sent(&mut self) {
+        let f = &mut self.fresh;
+        f.request_lsn = None;
+        f.replay_deadline = None;
+        f.to_primary_once = false;
+    }
+
+    /// A request ended on the primary with the session outside a transaction:
+    /// any write it carried is now acknowledged (committed).
+    pub(super) fn writes_acknowledged(&mut self) {
+        if std::mem::take(&mut self.fresh.write_pending) {
+            self.fresh.lsn_unknown = true;
+            self.ctx.lsns.write_acknowledged();
+        }
+    }
+}
