@@ -15,22 +15,26 @@ use crate::cluster::{ClusterSnapshot, Role};
 /// `include_primary` is set. Down nodes, held-out nodes, standbys over a delay
 /// threshold or on another timeline get 0.
 pub fn read_weights(snapshot: &ClusterSnapshot, include_primary: bool) -> Vec<f64> {
-    snapshot
-        .nodes
-        .iter()
-        .map(|n| {
-            let eligible = if Some(n.id) == snapshot.primary {
-                include_primary
-            } else {
-                n.role == Role::Standby
-            };
-            if eligible && n.status.is_usable() {
-                n.effective_weight.max(0.0)
-            } else {
-                0.0
-            }
-        })
+    (0..snapshot.nodes.len())
+        .map(|i| read_weight(snapshot, i, include_primary))
         .collect()
+}
+
+/// The effective read weight of one node (see [`read_weights`]).
+pub fn read_weight(snapshot: &ClusterSnapshot, node: usize, include_primary: bool) -> f64 {
+    let Some(n) = snapshot.nodes.get(node) else {
+        return 0.0;
+    };
+    let eligible = if Some(n.id) == snapshot.primary {
+        include_primary
+    } else {
+        n.role == Role::Standby
+    };
+    if eligible && n.status.is_usable() {
+        n.effective_weight.max(0.0)
+    } else {
+        0.0
+    }
 }
 
 /// Pick a node by weight; `r` is a uniform random number in [0, 1).
@@ -54,9 +58,7 @@ pub fn pick(weights: &[f64], r: f64) -> Option<usize> {
 
 /// Whether `node` may still serve the session's reads.
 pub fn still_usable(snapshot: &ClusterSnapshot, node: usize, include_primary: bool) -> bool {
-    read_weights(snapshot, include_primary)
-        .get(node)
-        .is_some_and(|w| *w > 0.0)
+    read_weight(snapshot, node, include_primary) > 0.0
 }
 
 /// Where a read goes when the session's chosen node is no longer usable

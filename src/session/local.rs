@@ -43,9 +43,17 @@ pub fn parse_local(sql: &[u8]) -> Option<LocalCommand> {
     if let Some(cmd) = admin::parse_bytes(sql) {
         return Some(LocalCommand::Admin(cmd));
     }
-    let head = sql.iter().position(|b| !b.is_ascii_whitespace())?;
+    let start = sql.iter().position(|b| !b.is_ascii_whitespace())?;
     // Cheap pre-check before any UTF-8 work: only SET / SHOW / RESET can match.
-    if !matches!(sql[head].to_ascii_lowercase(), b's' | b'r') {
+    let word_end = sql[start..]
+        .iter()
+        .position(|b| !b.is_ascii_alphabetic())
+        .map_or(sql.len(), |n| start + n);
+    let word = &sql[start..word_end];
+    let candidate = [&b"set"[..], b"show", b"reset"]
+        .iter()
+        .any(|w| word.eq_ignore_ascii_case(w));
+    if !candidate {
         return None;
     }
     let text = std::str::from_utf8(sql).ok()?;

@@ -204,6 +204,8 @@ struct Session {
     lookup_failed: bool,
     /// Standbys this session failed to use, not retried before the instant.
     shunned_until: Vec<Option<tokio::time::Instant>>,
+    /// The session has picked a load-balance node once (later picks are moves).
+    standby_picked: bool,
     /// Client data may be routable now (new bytes, or a node became free).
     recheck: bool,
     /// Scratch space for scanner events (reused to avoid allocation).
@@ -284,6 +286,7 @@ impl Session {
             avoid_standby_once: None,
             lookup_failed: false,
             shunned_until: vec![None; nodes],
+            standby_picked: false,
             recheck: false,
             events: Vec::with_capacity(8),
             done: Vec::with_capacity(8),

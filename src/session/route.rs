@@ -427,8 +427,11 @@ impl Session {
         Ok(node)
     }
 
-    /// Keep the session's standby while it stays usable; otherwise pick again by
-    /// weight (lag-aware weights come from the cluster snapshot).
+    /// Keep the session's standby while it stays usable. The first read picks one
+    /// by weight (lag-aware weights come from the cluster snapshot); when the
+    /// chosen one stops qualifying (down, over a delay threshold), reads move to
+    /// another standby by weight (`prefer_lower_delay_standby`, the default) or
+    /// to the primary.
     fn refresh_standby(&mut self, snapshot: &crate::cluster::ClusterSnapshot) {
         if !self.policy.load_balance {
             self.route.standby = None;
@@ -437,14 +440,20 @@ impl Session {
         let include_primary = self.cfg.routing.primary_in_read_pool;
         if let Some(s) = self.route.standby
             && chooser::still_usable(snapshot, s, include_primary)
+            && !self.shunned(s)
         {
             return;
         }
         if self.route.tx_node.is_some() && self.in_tx {
             return;
         }
-        let weights = chooser::read_weights(snapshot, include_primary);
-        let weights: Vec<f64> = weights
+        let first_pick = !self.standby_picked;
+        self.standby_picked = true;
+        if !first_pick && !snapshot.lag_policy.prefer_lower_delay_standby {
+            self.route.standby = None;
+            return;
+        }
+        let weights: Vec<f64> = chooser::read_weights(snapshot, include_primary)
             .iter()
             .enumerate()
             .map(|(i, w)| if self.shunned(i) { 0.0 } else { *w })
