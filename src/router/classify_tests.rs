@@ -231,14 +231,14 @@ fn transaction_control_is_read_with_tx() {
     let begin = |read_only| Some(TxControl::Begin { read_only });
     assert_eq!(tx("BEGIN"), begin(false));
     assert_eq!(tx("BEGIN READ ONLY"), begin(true));
-    assert_eq!(
-        tx("BEGIN TRANSACTION ISOLATION LEVEL SERIALIZABLE, READ ONLY, DEFERRABLE"),
-        begin(true)
-    );
-    assert_eq!(tx("START TRANSACTION READ WRITE"), begin(false));
+    assert_eq!(tx("BEGIN READ ONLY DEFERRABLE"), begin(true));
     assert_eq!(
         tx("START TRANSACTION ISOLATION LEVEL REPEATABLE READ"),
         begin(false)
+    );
+    assert_eq!(
+        tx("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY"),
+        begin(true)
     );
     assert_eq!(tx("COMMIT"), Some(TxControl::Commit));
     assert_eq!(tx("END"), Some(TxControl::Commit));
@@ -250,6 +250,82 @@ fn transaction_control_is_read_with_tx() {
     assert_eq!(tx("RELEASE a"), Some(TxControl::Savepoint));
     assert_eq!(tx("ROLLBACK TO SAVEPOINT a"), Some(TxControl::Savepoint));
     assert_eq!(tx("ROLLBACK TO a"), Some(TxControl::Savepoint));
+}
+
+#[test]
+fn begins_a_standby_cannot_start_are_write() {
+    // READ WRITE (which wins over READ ONLY) and SERIALIZABLE: a hot standby
+    // refuses both, so they need the primary even in a read-only-default session.
+    for (sql, read_only) in [
+        ("START TRANSACTION READ WRITE", false),
+        ("BEGIN READ ONLY, READ WRITE", false),
+        ("BEGIN ISOLATION LEVEL SERIALIZABLE", false),
+        ("BEGIN ISOLATION LEVEL SERIALIZABLE READ ONLY", true),
+        (
+            "BEGIN TRANSACTION ISOLATION LEVEL SERIALIZABLE, READ ONLY, DEFERRABLE",
+            true,
+        ),
+        (
+            "begin isolation level serializable read only deferrable",
+            true,
+        ),
+        (
+            "START TRANSACTION READ ONLY ISOLATION LEVEL SERIALIZABLE",
+            true,
+        ),
+        ("START TRANSACTION READ WRITE, NOT DEFERRABLE", false),
+    ] {
+        let class = c(sql);
+        assert_eq!(class.access, Access::Write, "{sql}");
+        assert_eq!(class.tx, Some(TxControl::Begin { read_only }), "{sql}");
+        assert!(!class.sticky_primary, "{sql}");
+    }
+}
+
+#[test]
+fn serializable_default_isolation_is_sticky() {
+    sticky("SET default_transaction_isolation = 'serializable'", true);
+    sticky("SET default_transaction_isolation TO serializable", true);
+    sticky(
+        "SET SESSION default_transaction_isolation = 'SERIALIZABLE'",
+        true,
+    );
+    sticky("SET default_transaction_isolation = $$serializable$$", true);
+    sticky(
+        "SET SESSION CHARACTERISTICS AS TRANSACTION ISOLATION LEVEL SERIALIZABLE",
+        true,
+    );
+    sticky(
+        "SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY, ISOLATION LEVEL SERIALIZABLE",
+        true,
+    );
+    sticky(
+        "SET default_transaction_isolation = 'repeatable read'",
+        false,
+    );
+    sticky(
+        "SET default_transaction_isolation TO 'read committed'",
+        false,
+    );
+    sticky("SET default_transaction_isolation TO DEFAULT", false);
+    sticky("RESET default_transaction_isolation", false);
+    sticky(
+        "SET LOCAL default_transaction_isolation = 'serializable'",
+        false,
+    );
+    sticky(
+        "SET SESSION CHARACTERISTICS AS TRANSACTION ISOLATION LEVEL REPEATABLE READ",
+        false,
+    );
+    // Not parsed by sqlparser: judged by its words.
+    sticky(
+        "SET default_transaction_isolation = serializable garbage",
+        true,
+    );
+    for sql in ["SET default_transaction_isolation = 'serializable'"] {
+        let class = c(sql);
+        assert!(class.access == Access::Read && class.session_state, "{sql}");
+    }
 }
 
 #[test]
