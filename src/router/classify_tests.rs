@@ -2,7 +2,8 @@
 
 use super::*;
 use crate::router::cache::ClassifyCache;
-use crate::router::normalize::{Kind, Lexer};
+use crate::router::normalize::{Hint, Kind, split_statements};
+use crate::router::policy::{BalanceInTransaction, Decision, Policy, RouteState, decide};
 
 fn c(sql: &str) -> Classification {
     SqlParserClassifier::default().classify(sql)
@@ -322,10 +323,8 @@ fn serializable_default_isolation_is_sticky() {
         "SET default_transaction_isolation = serializable garbage",
         true,
     );
-    for sql in ["SET default_transaction_isolation = 'serializable'"] {
-        let class = c(sql);
-        assert!(class.access == Access::Read && class.session_state, "{sql}");
-    }
+    let class = c("SET default_transaction_isolation = 'serializable'");
+    assert!(class.access == Access::Read && class.session_state);
 }
 
 #[test]
@@ -682,17 +681,62 @@ impl Rng {
 }
 
 const WRITE_STARTS: &[&str] = &[
-    "insert", "update", "delete", "merge", "truncate", "create", "alter", "drop", "grant",
-    "revoke", "vacuum", "call", "do", "lock", "listen", "notify", "refresh", "cluster", "reindex",
+    "insert",
+    "update",
+    "delete",
+    "merge",
+    "truncate",
+    "create",
+    "alter",
+    "drop",
+    "grant",
+    "revoke",
+    "vacuum",
+    "analyze",
+    "call",
+    "do",
+    "lock",
+    "listen",
+    "unlisten",
+    "notify",
+    "refresh",
+    "cluster",
+    "reindex",
+    "checkpoint",
     "comment",
+    "declare",
+    "fetch",
+    "move",
+    "close",
+    "security",
+    "import",
+    "reassign",
+    "load",
 ];
 
-/// The first word after whitespace and comments, if it is a word.
-fn first_word(sql: &str) -> Option<String> {
-    let t = Lexer::new(sql).next()?;
-    (t.kind == Kind::Word).then(|| t.text.to_ascii_lowercase())
+/// The write keyword starting one of the statements of `sql` (split at top-level
+/// `;` as PostgreSQL splits them), if any.
+fn write_start(sql: &str) -> Option<String> {
+    split_statements(sql).iter().find_map(|st| {
+        let t = st.head.first()?;
+        let w = t.text.to_ascii_lowercase();
+        (t.kind == Kind::Word && WRITE_STARTS.contains(&w.as_str())).then_some(w)
+    })
 }
 
+const BALANCED: Policy = Policy {
+    load_balance: true,
+    in_transaction: BalanceInTransaction::Off,
+};
+const PGPOOL: Policy = Policy {
+    load_balance: true,
+    in_transaction: BalanceInTransaction::Transaction,
+};
+
+/// Random SQL-ish strings: the classifier never panics, a string with a write
+/// keyword at the start of any of its statements is a write (cached or not),
+/// and the routing policy never sends a write to a standby outside a
+/// transaction, whatever the session state and hint.
 #[test]
 fn random_sql_never_panics_and_write_starts_are_write() {
     #[rustfmt::skip]
@@ -710,6 +754,7 @@ fn random_sql_never_panics_and_write_starts_are_write() {
     let classifier = SqlParserClassifier::default();
     let cache = ClassifyCache::new(512);
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    let mut writes = 0;
     for i in 0..20_000 {
         let mut sql = String::new();
         if i % 3 == 0 {
@@ -721,16 +766,47 @@ fn random_sql_never_panics_and_write_starts_are_write() {
             sql.push_str(rng.pick(pieces));
             sql.push_str(rng.pick(&[" ", "", " ", "\n"]));
         }
+        if i % 5 == 0 {
+            // A write keyword starting a later statement of the string.
+            sql.push_str(rng.pick(&["; ", ";\n", "; /* c */ "]));
+            sql.push_str(rng.pick(WRITE_STARTS));
+            sql.push_str(rng.pick(&[" t", " (", "", " 'x' $$"]));
+        }
         let direct = classifier.classify(&sql);
         let cached = cache.classify(&sql, &classifier);
-        if let Some(w) = first_word(&sql).filter(|w| WRITE_STARTS.contains(&w.as_str())) {
+        if let Some(w) = write_start(&sql) {
+            writes += 1;
             assert_eq!(direct.access, Access::Write, "{w}: {sql:?}");
             assert_eq!(cached.access, Access::Write, "{w}: {sql:?}");
         }
         if direct.access == Access::Write {
             // The cache never turns a write into a read.
             assert_eq!(cached.access, Access::Write, "{sql:?}");
+            // Outside a transaction, no session state or hint routes a write
+            // to the standby (node 1; the primary is node 0).
+            let state = RouteState {
+                standby: Some(1),
+                sticky_primary: rng.next().is_multiple_of(4),
+                forced_primary: rng.next().is_multiple_of(4),
+                read_only_default: rng.next().is_multiple_of(2),
+                ..RouteState::default()
+            };
+            let hint = [None, Some(Hint::Primary), Some(Hint::Standby)][(rng.next() % 3) as usize];
+            for policy in [BALANCED, PGPOOL] {
+                let node = decide(&policy, &state, &cached, hint, false, Some(0));
+                assert_eq!(node, Decision::Node(0), "{sql:?} {state:?} {hint:?}");
+                // Nor inside a read-write transaction (on the primary), even
+                // before its first write in pgpool mode.
+                let in_tx = RouteState {
+                    tx_node: Some(0),
+                    ..state.clone()
+                };
+                let node = decide(&policy, &in_tx, &cached, hint, true, Some(0));
+                assert_eq!(node, Decision::Node(0), "{sql:?} in a transaction");
+            }
         }
     }
+    // The generator does produce statement-starting write keywords.
+    assert!(writes > 5_000, "{writes}");
     assert_eq!(cache.hits() + cache.misses(), 20_000);
 }
