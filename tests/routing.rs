@@ -642,10 +642,14 @@ async fn select_into_locking_clauses_writable_ctes_and_explain_analyze_run_on_th
         "FOR KEY SHARE",
         "FOR UPDATE OF l_t NOWAIT",
         "FOR SHARE SKIP LOCKED",
+        "ORDER BY 1 LIMIT 1 FOR UPDATE",
     ] {
         let sql = format!("SELECT {WHERE} FROM l_t WHERE id = 1 {lock}");
         assert_eq!(s.expect(&n, &sql, None, On::Primary).await, p, "{sql}");
     }
+    s.expect(&n, "TABLE l_t FOR UPDATE", None, On::Primary)
+        .await;
+    s.expect(&n, "TABLE l_t", None, On::Standby).await;
     let nested = format!("SELECT {WHERE} FROM l_t WHERE id IN (SELECT id FROM l_t FOR SHARE)");
     assert_eq!(s.expect(&n, &nested, None, On::Primary).await, p);
     let in_cte = format!("WITH c AS (SELECT id FROM l_t FOR KEY SHARE) SELECT {WHERE} FROM c");
@@ -927,6 +931,50 @@ async fn reads_run_on_the_sessions_standby() {
             .await
             .unwrap();
     assert_eq!(row.get::<_, &str>(0), standby);
+}
+
+/// Requests for different nodes, pipelined: each answer reaches the client in
+/// request order (a request for another node waits for the ones in flight).
+#[tokio::test]
+async fn pipelined_reads_and_writes_are_answered_in_order() {
+    let addr = proxy().await;
+    let n = nodes().await;
+    n.setup("CREATE TABLE pl_t (i int, node text)").await;
+    let c = connect(addr, "").await;
+    let standby: String = c
+        .query_one(&format!("SELECT {WHERE}"), &[])
+        .await
+        .unwrap()
+        .get(0);
+    let read = c
+        .prepare(&format!("SELECT $1::int, {WHERE}"))
+        .await
+        .unwrap();
+    let write = c
+        .prepare(&format!(
+            "INSERT INTO pl_t VALUES ($1, {WHERE}) RETURNING i, node"
+        ))
+        .await
+        .unwrap();
+    let mut pending = Vec::new();
+    for i in 0..40i32 {
+        let stmt = if i % 3 == 2 { &write } else { &read };
+        let c = &c;
+        pending.push(async move { c.query_one(stmt, &[&i]).await });
+    }
+    let rows = futures_util::future::join_all(pending).await;
+    for (i, row) in rows.into_iter().enumerate() {
+        let row = row.unwrap();
+        let want = if i % 3 == 2 {
+            PRIMARY
+        } else {
+            standby.as_str()
+        };
+        assert_eq!(
+            (row.get::<_, i32>(0), row.get::<_, &str>(1)),
+            (i as i32, want)
+        );
+    }
 }
 
 #[tokio::test]
