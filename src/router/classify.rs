@@ -52,6 +52,8 @@ pub enum Access {
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum TxControl {
     /// `BEGIN` / `START TRANSACTION` with any modes; `read_only` only if `READ ONLY` is given.
+    /// A BEGIN giving `READ WRITE` or `ISOLATION LEVEL SERIALIZABLE` is also a write:
+    /// a hot standby can start neither.
     Begin {
         /// `READ ONLY` was given (and `READ WRITE` was not).
         read_only: bool,
@@ -80,8 +82,10 @@ pub struct Classification {
     /// After this statement the session must stay on the primary for its life:
     /// temporary objects, LISTEN, session-level advisory locks, `set_config` (unless
     /// `is_local` is literally `true`), DECLARE ... WITH HOLD, SET/RESET of
-    /// `transaction_read_only` or `session_replication_role`, and
-    /// `default_transaction_read_only` set to off (or to an unknown value).
+    /// `transaction_read_only` or `session_replication_role`,
+    /// `default_transaction_read_only` set to off (or to an unknown value), and a
+    /// serializable default isolation (`default_transaction_isolation`, `SET SESSION
+    /// CHARACTERISTICS`), since a hot standby cannot run serializable transactions.
     pub sticky_primary: bool,
     /// `SET default_transaction_read_only = on` or `SET SESSION CHARACTERISTICS AS
     /// TRANSACTION READ ONLY`: `Some(true)`; set to off, to DEFAULT, RESET, RESET ALL,

@@ -9,7 +9,8 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 use sqlparser::ast::{
     ContextModifier, CopyTarget, DescribeAlias, DiscardObject, Expr, FunctionArg, FunctionArgExpr,
     FunctionArguments, Ident, ObjectName, Query, Reset, Select, Set, Statement, TableFactor,
-    TransactionAccessMode, TransactionMode, UtilityOption, Value, Visit, Visitor,
+    TransactionAccessMode, TransactionIsolationLevel, TransactionMode, UtilityOption, Value, Visit,
+    Visitor,
 };
 use sqlparser::dialect::PostgreSqlDialect;
 use sqlparser::parser::Parser;
@@ -95,7 +96,11 @@ impl SqlParserClassifier {
                     return Part::write();
                 }
                 let read_only = read_only_mode(modes) == Some(true);
-                Part::tx(TxControl::Begin { read_only })
+                let mut part = Part::tx(TxControl::Begin { read_only });
+                // A hot standby can start neither a READ WRITE transaction nor a
+                // SERIALIZABLE one (READ ONLY or not): such a BEGIN needs the primary.
+                part.write = read_only_mode(modes) == Some(false) || serializable(modes);
+                part
             }
             Statement::Commit { .. } => Part::tx(TxControl::Commit),
             Statement::Rollback {
@@ -378,6 +383,17 @@ fn read_only_mode(modes: &[TransactionMode]) -> Option<bool> {
     mode
 }
 
+/// `ISOLATION LEVEL SERIALIZABLE` among transaction modes (a hot standby refuses
+/// serializable transactions: 0A000 "cannot use serializable mode in a hot standby").
+fn serializable(modes: &[TransactionMode]) -> bool {
+    modes.iter().any(|m| {
+        matches!(
+            m,
+            TransactionMode::IsolationLevel(TransactionIsolationLevel::Serializable)
+        )
+    })
+}
+
 /// Session state and stickiness of a `SET`.
 fn apply_set(set: &Set, part: &mut Part) {
     part.session_state = true;
@@ -405,14 +421,18 @@ fn apply_set(set: &Set, part: &mut Part) {
             modes,
             session: true,
             ..
-        } => match read_only_mode(modes) {
-            Some(true) => part.read_only_default = Some(true),
-            Some(false) => {
-                part.read_only_default = Some(false);
-                part.sticky = true;
+        } => {
+            match read_only_mode(modes) {
+                Some(true) => part.read_only_default = Some(true),
+                Some(false) => {
+                    part.read_only_default = Some(false);
+                    part.sticky = true;
+                }
+                None => {}
             }
-            None => {}
-        },
+            // Every later transaction is serializable: none can run on a standby.
+            part.sticky |= serializable(modes);
+        }
         Set::SetSessionParam(_) => part.write = true,
         _ => {}
     }
@@ -439,9 +459,34 @@ fn setting(part: &mut Part, name: &ObjectName, value: Option<&[Expr]>, local: bo
                 }
             }
         }
+    } else if name == "default_transaction_isolation" {
+        // Serializable by default: every later transaction (and every read in
+        // autocommit) would fail on a standby. RESET / DEFAULT restore the
+        // configured default, which is not taken to be serializable.
+        if !local && value.is_some_and(|v| !known_non_serializable(v)) {
+            part.sticky = true;
+        }
     } else if STICKY_SETTINGS.contains(&name.as_str()) {
         part.sticky = true;
     }
+}
+
+/// A `default_transaction_isolation` value known not to be `serializable`
+/// (unreadable values count as serializable).
+fn known_non_serializable(values: &[Expr]) -> bool {
+    let text = match values {
+        [Expr::Value(v)] => match &v.value {
+            Value::SingleQuotedString(s) => s.as_str(),
+            _ => return false,
+        },
+        [Expr::Identifier(id)] => id.value.as_str(),
+        _ => return false,
+    };
+    let text = text.trim().to_ascii_lowercase();
+    matches!(
+        text.as_str(),
+        "read committed" | "read uncommitted" | "repeatable read" | "default"
+    )
 }
 
 /// A boolean setting value as PostgreSQL's `parse_bool` reads it.

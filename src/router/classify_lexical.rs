@@ -27,6 +27,9 @@ struct Words {
     advisory_lock: bool,
     set_config: bool,
     sticky_setting: bool,
+    /// `serializable` or `default_transaction_isolation` (a SET of them may make
+    /// every later transaction serializable).
+    serializable: bool,
 }
 
 fn words(text: &str) -> Words {
@@ -55,6 +58,7 @@ fn words(text: &str) -> Words {
         w.advisory_lock |= SESSION_ADVISORY_LOCKS.iter().any(|f| is(f));
         w.set_config |= is("set_config");
         w.sticky_setting |= STICKY_SETTINGS.iter().any(|s| is(s));
+        w.serializable |= is("serializable") || is("default_transaction_isolation");
         prev = ident;
     }
     w
@@ -88,7 +92,7 @@ pub(super) fn fallback(piece: &Piece<'_>) -> Part {
         parse_failed: true,
         tx: loose_tx(&piece.head),
         session_state: set || first("discard") || first("deallocate"),
-        sticky: w.advisory_lock || w.set_config || (set && w.sticky_setting),
+        sticky: w.advisory_lock || w.set_config || (set && (w.sticky_setting || w.serializable)),
         deallocate: if first("deallocate") {
             lexical_deallocate(&piece.head)
         } else {
@@ -133,13 +137,15 @@ impl Cursor<'_, '_> {
         Some(())
     }
 
-    /// Transaction modes; returns true if READ ONLY (and not READ WRITE).
-    fn modes(&mut self) -> Option<bool> {
-        let (mut ro, mut rw) = (false, false);
+    /// Transaction modes: (READ ONLY and not READ WRITE, needs the primary:
+    /// READ WRITE or SERIALIZABLE, which a hot standby cannot start).
+    fn modes(&mut self) -> Option<(bool, bool)> {
+        let (mut ro, mut rw, mut serializable) = (false, false, false);
         while !self.done() {
             if self.eat("isolation") {
                 self.eat("level").then_some(())?;
-                let ok = self.eat("serializable")
+                serializable |= self.eat("serializable");
+                let ok = serializable
                     || (self.eat("repeatable") && self.eat("read"))
                     || (self.eat("read") && (self.eat("committed") || self.eat("uncommitted")));
                 ok.then_some(())?;
@@ -157,7 +163,7 @@ impl Cursor<'_, '_> {
                 self.i += 1;
             }
         }
-        Some(ro && !rw)
+        Some((ro && !rw, rw || serializable))
     }
 }
 
@@ -171,16 +177,17 @@ fn exact_tx(text: &str) -> Option<Part> {
     }
     let c = &mut Cursor { toks: &toks, i: 0 };
     let name = [Kind::Word, Kind::QuotedIdent];
+    let mut needs_primary = false;
     let tx = if c.eat("begin") {
         let _ = c.eat("work") || c.eat("transaction");
-        TxControl::Begin {
-            read_only: c.modes()?,
-        }
+        let (read_only, primary) = c.modes()?;
+        needs_primary = primary;
+        TxControl::Begin { read_only }
     } else if c.eat("start") {
         c.eat("transaction").then_some(())?;
-        TxControl::Begin {
-            read_only: c.modes()?,
-        }
+        let (read_only, primary) = c.modes()?;
+        needs_primary = primary;
+        TxControl::Begin { read_only }
     } else if c.eat("commit") || c.eat("end") || c.eat("abort") || c.eat("rollback") {
         let commit = c.toks[0].is_word("commit") || c.toks[0].is_word("end");
         let rollback = c.toks[0].is_word("rollback");
@@ -215,7 +222,11 @@ fn exact_tx(text: &str) -> Option<Part> {
     } else {
         return None;
     };
-    c.done().then(|| Part::tx(tx))
+    c.done().then(|| {
+        let mut part = Part::tx(tx);
+        part.write |= needs_primary;
+        part
+    })
 }
 
 /// Transaction control guessed from the first words of a statement that did not

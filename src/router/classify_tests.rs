@@ -2,7 +2,8 @@
 
 use super::*;
 use crate::router::cache::ClassifyCache;
-use crate::router::normalize::{Kind, Lexer};
+use crate::router::normalize::{Hint, Kind, split_statements};
+use crate::router::policy::{BalanceInTransaction, Decision, Policy, RouteState, decide};
 
 fn c(sql: &str) -> Classification {
     SqlParserClassifier::default().classify(sql)
@@ -231,14 +232,14 @@ fn transaction_control_is_read_with_tx() {
     let begin = |read_only| Some(TxControl::Begin { read_only });
     assert_eq!(tx("BEGIN"), begin(false));
     assert_eq!(tx("BEGIN READ ONLY"), begin(true));
-    assert_eq!(
-        tx("BEGIN TRANSACTION ISOLATION LEVEL SERIALIZABLE, READ ONLY, DEFERRABLE"),
-        begin(true)
-    );
-    assert_eq!(tx("START TRANSACTION READ WRITE"), begin(false));
+    assert_eq!(tx("BEGIN READ ONLY DEFERRABLE"), begin(true));
     assert_eq!(
         tx("START TRANSACTION ISOLATION LEVEL REPEATABLE READ"),
         begin(false)
+    );
+    assert_eq!(
+        tx("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY"),
+        begin(true)
     );
     assert_eq!(tx("COMMIT"), Some(TxControl::Commit));
     assert_eq!(tx("END"), Some(TxControl::Commit));
@@ -250,6 +251,80 @@ fn transaction_control_is_read_with_tx() {
     assert_eq!(tx("RELEASE a"), Some(TxControl::Savepoint));
     assert_eq!(tx("ROLLBACK TO SAVEPOINT a"), Some(TxControl::Savepoint));
     assert_eq!(tx("ROLLBACK TO a"), Some(TxControl::Savepoint));
+}
+
+#[test]
+fn begins_a_standby_cannot_start_are_write() {
+    // READ WRITE (which wins over READ ONLY) and SERIALIZABLE: a hot standby
+    // refuses both, so they need the primary even in a read-only-default session.
+    for (sql, read_only) in [
+        ("START TRANSACTION READ WRITE", false),
+        ("BEGIN READ ONLY, READ WRITE", false),
+        ("BEGIN ISOLATION LEVEL SERIALIZABLE", false),
+        ("BEGIN ISOLATION LEVEL SERIALIZABLE READ ONLY", true),
+        (
+            "BEGIN TRANSACTION ISOLATION LEVEL SERIALIZABLE, READ ONLY, DEFERRABLE",
+            true,
+        ),
+        (
+            "begin isolation level serializable read only deferrable",
+            true,
+        ),
+        (
+            "START TRANSACTION READ ONLY ISOLATION LEVEL SERIALIZABLE",
+            true,
+        ),
+        ("START TRANSACTION READ WRITE, NOT DEFERRABLE", false),
+    ] {
+        let class = c(sql);
+        assert_eq!(class.access, Access::Write, "{sql}");
+        assert_eq!(class.tx, Some(TxControl::Begin { read_only }), "{sql}");
+        assert!(!class.sticky_primary, "{sql}");
+    }
+}
+
+#[test]
+fn serializable_default_isolation_is_sticky() {
+    sticky("SET default_transaction_isolation = 'serializable'", true);
+    sticky("SET default_transaction_isolation TO serializable", true);
+    sticky(
+        "SET SESSION default_transaction_isolation = 'SERIALIZABLE'",
+        true,
+    );
+    sticky("SET default_transaction_isolation = $$serializable$$", true);
+    sticky(
+        "SET SESSION CHARACTERISTICS AS TRANSACTION ISOLATION LEVEL SERIALIZABLE",
+        true,
+    );
+    sticky(
+        "SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY, ISOLATION LEVEL SERIALIZABLE",
+        true,
+    );
+    sticky(
+        "SET default_transaction_isolation = 'repeatable read'",
+        false,
+    );
+    sticky(
+        "SET default_transaction_isolation TO 'read committed'",
+        false,
+    );
+    sticky("SET default_transaction_isolation TO DEFAULT", false);
+    sticky("RESET default_transaction_isolation", false);
+    sticky(
+        "SET LOCAL default_transaction_isolation = 'serializable'",
+        false,
+    );
+    sticky(
+        "SET SESSION CHARACTERISTICS AS TRANSACTION ISOLATION LEVEL REPEATABLE READ",
+        false,
+    );
+    // Not parsed by sqlparser: judged by its words.
+    sticky(
+        "SET default_transaction_isolation = serializable garbage",
+        true,
+    );
+    let class = c("SET default_transaction_isolation = 'serializable'");
+    assert!(class.access == Access::Read && class.session_state);
 }
 
 #[test]
@@ -606,17 +681,62 @@ impl Rng {
 }
 
 const WRITE_STARTS: &[&str] = &[
-    "insert", "update", "delete", "merge", "truncate", "create", "alter", "drop", "grant",
-    "revoke", "vacuum", "call", "do", "lock", "listen", "notify", "refresh", "cluster", "reindex",
+    "insert",
+    "update",
+    "delete",
+    "merge",
+    "truncate",
+    "create",
+    "alter",
+    "drop",
+    "grant",
+    "revoke",
+    "vacuum",
+    "analyze",
+    "call",
+    "do",
+    "lock",
+    "listen",
+    "unlisten",
+    "notify",
+    "refresh",
+    "cluster",
+    "reindex",
+    "checkpoint",
     "comment",
+    "declare",
+    "fetch",
+    "move",
+    "close",
+    "security",
+    "import",
+    "reassign",
+    "load",
 ];
 
-/// The first word after whitespace and comments, if it is a word.
-fn first_word(sql: &str) -> Option<String> {
-    let t = Lexer::new(sql).next()?;
-    (t.kind == Kind::Word).then(|| t.text.to_ascii_lowercase())
+/// The write keyword starting one of the statements of `sql` (split at top-level
+/// `;` as PostgreSQL splits them), if any.
+fn write_start(sql: &str) -> Option<String> {
+    split_statements(sql).iter().find_map(|st| {
+        let t = st.head.first()?;
+        let w = t.text.to_ascii_lowercase();
+        (t.kind == Kind::Word && WRITE_STARTS.contains(&w.as_str())).then_some(w)
+    })
 }
 
+const BALANCED: Policy = Policy {
+    load_balance: true,
+    in_transaction: BalanceInTransaction::Off,
+};
+const PGPOOL: Policy = Policy {
+    load_balance: true,
+    in_transaction: BalanceInTransaction::Transaction,
+};
+
+/// Random SQL-ish strings: the classifier never panics, a string with a write
+/// keyword at the start of any of its statements is a write (cached or not),
+/// and the routing policy never sends a write to a standby outside a
+/// transaction, whatever the session state and hint.
 #[test]
 fn random_sql_never_panics_and_write_starts_are_write() {
     #[rustfmt::skip]
@@ -634,6 +754,7 @@ fn random_sql_never_panics_and_write_starts_are_write() {
     let classifier = SqlParserClassifier::default();
     let cache = ClassifyCache::new(512);
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    let mut writes = 0;
     for i in 0..20_000 {
         let mut sql = String::new();
         if i % 3 == 0 {
@@ -645,16 +766,47 @@ fn random_sql_never_panics_and_write_starts_are_write() {
             sql.push_str(rng.pick(pieces));
             sql.push_str(rng.pick(&[" ", "", " ", "\n"]));
         }
+        if i % 5 == 0 {
+            // A write keyword starting a later statement of the string.
+            sql.push_str(rng.pick(&["; ", ";\n", "; /* c */ "]));
+            sql.push_str(rng.pick(WRITE_STARTS));
+            sql.push_str(rng.pick(&[" t", " (", "", " 'x' $$"]));
+        }
         let direct = classifier.classify(&sql);
         let cached = cache.classify(&sql, &classifier);
-        if let Some(w) = first_word(&sql).filter(|w| WRITE_STARTS.contains(&w.as_str())) {
+        if let Some(w) = write_start(&sql) {
+            writes += 1;
             assert_eq!(direct.access, Access::Write, "{w}: {sql:?}");
             assert_eq!(cached.access, Access::Write, "{w}: {sql:?}");
         }
         if direct.access == Access::Write {
             // The cache never turns a write into a read.
             assert_eq!(cached.access, Access::Write, "{sql:?}");
+            // Outside a transaction, no session state or hint routes a write
+            // to the standby (node 1; the primary is node 0).
+            let state = RouteState {
+                standby: Some(1),
+                sticky_primary: rng.next().is_multiple_of(4),
+                forced_primary: rng.next().is_multiple_of(4),
+                read_only_default: rng.next().is_multiple_of(2),
+                ..RouteState::default()
+            };
+            let hint = [None, Some(Hint::Primary), Some(Hint::Standby)][(rng.next() % 3) as usize];
+            for policy in [BALANCED, PGPOOL] {
+                let node = decide(&policy, &state, &cached, hint, false, Some(0));
+                assert_eq!(node, Decision::Node(0), "{sql:?} {state:?} {hint:?}");
+                // Nor inside a read-write transaction (on the primary), even
+                // before its first write in pgpool mode.
+                let in_tx = RouteState {
+                    tx_node: Some(0),
+                    ..state.clone()
+                };
+                let node = decide(&policy, &in_tx, &cached, hint, true, Some(0));
+                assert_eq!(node, Decision::Node(0), "{sql:?} in a transaction");
+            }
         }
     }
+    // The generator does produce statement-starting write keywords.
+    assert!(writes > 5_000, "{writes}");
     assert_eq!(cache.hits() + cache.misses(), 20_000);
 }

@@ -13,7 +13,8 @@
 //!    LISTEN, session advisory locks …) use the primary.
 //! 4. BEGIN / START TRANSACTION: READ ONLY transactions (explicit, or by the
 //!    session's `default_transaction_read_only`) run on the session's standby,
-//!    all others on the primary.
+//!    all others on the primary — as do those whose BEGIN is classified Write
+//!    (`READ WRITE` or `SERIALIZABLE`, which a hot standby cannot start).
 //! 5. Writes (and anything the classifier is not sure of) → primary.
 //! 6. Reads → the session's standby when load balancing is on and one is usable,
 //!    else the primary.
@@ -115,7 +116,9 @@ pub fn decide(
         return to_primary();
     }
     if let Some(TxControl::Begin { read_only }) = &class.tx {
-        return if *read_only || state.read_only_default {
+        // A BEGIN classified Write (READ WRITE, SERIALIZABLE) cannot start on a standby.
+        let read_only = *read_only || state.read_only_default;
+        return if read_only && class.access == Access::Read {
             to_standby()
         } else {
             to_primary()
@@ -192,6 +195,26 @@ mod tests {
         ro.tx = Some(TxControl::Begin { read_only: true });
         assert_eq!(
             decide(&P, &st(), &ro, None, false, Some(0)),
+            Decision::Node(2)
+        );
+        // A read-only BEGIN classified Write (SERIALIZABLE, READ WRITE) needs the
+        // primary, also in a session whose default is read-only.
+        let mut serializable = class(Access::Write);
+        serializable.tx = Some(TxControl::Begin { read_only: true });
+        assert_eq!(
+            decide(&P, &st(), &serializable, None, false, Some(0)),
+            Decision::Node(0)
+        );
+        let mut ro_session = st();
+        ro_session.read_only_default = true;
+        let mut read_write = class(Access::Write);
+        read_write.tx = Some(TxControl::Begin { read_only: false });
+        assert_eq!(
+            decide(&P, &ro_session, &read_write, None, false, Some(0)),
+            Decision::Node(0)
+        );
+        assert_eq!(
+            decide(&P, &ro_session, &begin, None, false, Some(0)),
             Decision::Node(2)
         );
         let mut in_tx = st();
