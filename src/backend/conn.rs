@@ -324,6 +324,46 @@ impl BackendConn {
         }
     }
 
+    /// Run a simple query returning one row of text values and return them
+    /// (`None` for NULL). Used for pgpilot's own small questions on a session's
+    /// idle connection.
+    pub async fn query_row(
+        &mut self,
+        sql: &str,
+        limit: Duration,
+    ) -> Result<Vec<Option<String>>, BackendError> {
+        let node = self.node;
+        let mut out = BytesMut::new();
+        frontend::query(sql, &mut out).map_err(|source| BackendError::Io { node, source })?;
+        let work = async {
+            self.send(&out).await?;
+            let mut row = None;
+            let mut failed = None;
+            loop {
+                let (t, body) = self.read_message().await?;
+                match t {
+                    tag::DATA_ROW if row.is_none() => row = Some(decode_data_row(&body)),
+                    tag::ERROR_RESPONSE => failed = Some(ErrorFields::parse(&body)),
+                    tag::READY_FOR_QUERY => {
+                        self.status = TxStatus::from_byte(body.first().copied().unwrap_or(b'T'));
+                        break;
+                    }
+                    _ => {}
+                }
+            }
+            match (failed, row) {
+                (Some(fields), _) => Err(BackendError::Server { node, fields }),
+                (None, row) => Ok(row.unwrap_or_default()),
+            }
+        };
+        timeout(limit, work)
+            .await
+            .unwrap_or(Err(BackendError::Timeout {
+                node,
+                what: "querying",
+            }))
+    }
+
     /// Send ready-made protocol messages (`rfqs` requests, each ending in a
     /// ReadyForQuery: simple Queries, or extended messages closed by Sync) and read
     /// the answers up to the last ReadyForQuery, discarding them. Returns the errors
@@ -387,6 +427,34 @@ impl BackendConn {
         };
         n < 0 && std::io::Error::last_os_error().kind() == std::io::ErrorKind::WouldBlock
     }
+}
+
+/// The text values of a DataRow body (`None` for NULL); malformed → what parsed.
+fn decode_data_row(body: &[u8]) -> Vec<Option<String>> {
+    let mut out = Vec::new();
+    let Some(n) = body.get(..2).map(|b| i16::from_be_bytes([b[0], b[1]])) else {
+        return out;
+    };
+    let mut rest = &body[2..];
+    for _ in 0..n.max(0) {
+        let Some(len) = rest
+            .get(..4)
+            .map(|b| i32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+        else {
+            break;
+        };
+        rest = &rest[4..];
+        if len < 0 {
+            out.push(None);
+            continue;
+        }
+        let Some(v) = rest.get(..len as usize) else {
+            break;
+        };
+        out.push(Some(String::from_utf8_lossy(v).into_owned()));
+        rest = &rest[len as usize..];
+    }
+    out
 }
 
 /// libpq's MD5 response: `"md5" + md5(md5(password + user) + salt)`.

@@ -61,6 +61,8 @@ pub mod tag {
     pub const COPY_BOTH_RESPONSE: u8 = b'W';
     /// Backend: ParseComplete.
     pub const PARSE_COMPLETE: u8 = b'1';
+    /// Backend: DataRow (same byte as frontend Describe).
+    pub const DATA_ROW: u8 = b'D';
     /// Backend: CommandComplete (same byte as frontend Close).
     pub const COMMAND_COMPLETE: u8 = b'C';
     /// Backend: CloseComplete.

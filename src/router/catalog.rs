@@ -1,17 +1,20 @@
 //! Catalog-aware function classification: a function on no list is looked up
-//! once in `pg_proc` (on the primary, as the monitor role) and treated as a write
-//! when it is volatile — pgpool-II's default. Answers are cached for the life of
-//! the process; a failed lookup is not cached and counts as "volatile".
+//! once in `pg_proc` (on the primary, as the monitor role, in the session's
+//! database) and treated as a write when it is volatile — pgpool-II's default.
+//! Answers are cached per (database, function) for the life of the process
+//! (a name `pg_proc` does not know is remembered as volatile: the call fails on
+//! the primary with PostgreSQL's own error); a failed lookup is not cached and
+//! counts as "volatile".
 
 use std::collections::HashMap;
 use std::sync::Mutex;
 
 use crate::config::{Backend, Monitor};
 
-/// Cache of `pg_proc.provolatile = 'v'` per function name.
+/// Cache of `pg_proc.provolatile = 'v'` per (database, function name).
 #[derive(Debug, Default)]
 pub struct FunctionCatalog {
-    volatile: Mutex<HashMap<String, bool>>,
+    volatile: Mutex<HashMap<(String, String), bool>>,
 }
 
 impl FunctionCatalog {
@@ -19,25 +22,27 @@ impl FunctionCatalog {
     /// failed): then the statement must run on the primary.
     pub async fn any_volatile(
         &self,
+        database: &str,
         names: &[String],
         primary: &Backend,
         monitor: &Monitor,
     ) -> bool {
+        let key = |n: &String| (database.to_string(), n.clone());
         let missing: Vec<String> = {
             let cache = self.volatile.lock().unwrap_or_else(|p| p.into_inner());
-            if names.iter().any(|n| cache.get(n) == Some(&true)) {
+            if names.iter().any(|n| cache.get(&key(n)) == Some(&true)) {
                 return true;
             }
             names
                 .iter()
-                .filter(|n| !cache.contains_key(*n))
+                .filter(|n| !cache.contains_key(&key(n)))
                 .cloned()
                 .collect()
         };
         if missing.is_empty() {
             return false;
         }
-        match lookup(&missing, primary, monitor).await {
+        match lookup(database, &missing, primary, monitor).await {
             Ok(found) => {
                 let mut cache = self.volatile.lock().unwrap_or_else(|p| p.into_inner());
                 let mut any = false;
@@ -46,9 +51,7 @@ impl FunctionCatalog {
                     // will fail anyway; the primary reports it).
                     let v = found.get(n).copied().unwrap_or(true);
                     any |= v;
-                    if found.contains_key(n) {
-                        cache.insert(n.clone(), v);
-                    }
+                    cache.insert(key(n), v);
                 }
                 any
             }
@@ -61,11 +64,11 @@ impl FunctionCatalog {
 
     /// The cached answer for `names`: `Some(true)` if any is known volatile,
     /// `Some(false)` if all are known not to be, `None` if a lookup is needed.
-    pub fn cached(&self, names: &[String]) -> Option<bool> {
+    pub fn cached(&self, database: &str, names: &[String]) -> Option<bool> {
         let cache = self.volatile.lock().unwrap_or_else(|p| p.into_inner());
         let mut all_known = true;
         for n in names {
-            match cache.get(n) {
+            match cache.get(&(database.to_string(), n.clone())) {
                 Some(true) => return Some(true),
                 Some(false) => {}
                 None => all_known = false,
@@ -94,11 +97,13 @@ impl FunctionCatalog {
 }
 
 async fn lookup(
+    database: &str,
     names: &[String],
     primary: &Backend,
     monitor: &Monitor,
 ) -> Result<HashMap<String, bool>, String> {
-    let cfg = crate::cluster::monitor_conn_config(primary, monitor, "pgpilot-catalog");
+    let mut cfg = crate::cluster::monitor_conn_config(primary, monitor, "pgpilot-catalog");
+    cfg.dbname(database);
     let work = async {
         let (client, conn) = cfg.connect(tokio_postgres::NoTls).await?;
         let task = tokio::spawn(conn);

@@ -86,6 +86,53 @@ pub fn route_setting(sql: &str) -> Option<bool> {
     Some(text.eq_ignore_ascii_case("primary"))
 }
 
+/// A savepoint command and its (folded) name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SavepointOp {
+    /// `SAVEPOINT name`.
+    Set(String),
+    /// `ROLLBACK [WORK | TRANSACTION] TO [SAVEPOINT] name`.
+    RollbackTo(String),
+    /// `RELEASE [SAVEPOINT] name`.
+    Release(String),
+}
+
+/// Recognise a savepoint command.
+pub fn savepoint_op(sql: &str) -> Option<SavepointOp> {
+    let (t, n) = head::<6>(sql);
+    let name = |i: usize| -> Option<String> {
+        let tok = t.get(i).copied().flatten()?;
+        match tok.kind {
+            Kind::Word => Some(tok.text.to_ascii_lowercase()),
+            Kind::QuotedIdent => Some(tok.text.trim_matches('"').replace("\"\"", "\"")),
+            _ => None,
+        }
+    };
+    let _ = n;
+    if word(&t[0], "savepoint") {
+        return name(1).map(SavepointOp::Set);
+    }
+    if word(&t[0], "release") {
+        let i = if word(&t[1], "savepoint") { 2 } else { 1 };
+        return name(i).map(SavepointOp::Release);
+    }
+    if word(&t[0], "rollback") {
+        let mut i = 1;
+        if word(&t[i], "work") || word(&t[i], "transaction") {
+            i += 1;
+        }
+        if !word(&t[i], "to") {
+            return None;
+        }
+        i += 1;
+        if word(&t[i], "savepoint") {
+            i += 1;
+        }
+        return name(i).map(SavepointOp::RollbackTo);
+    }
+    None
+}
+
 /// pgpilot's own session commands, answered by pgpilot (never sent to a node).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PgpilotCommand {
@@ -161,6 +208,25 @@ mod tests {
         assert!(!resets_all("RESET search_path"));
         assert!(is_discard_all("discard all"));
         assert!(!is_discard_all("reset all"));
+    }
+
+    #[test]
+    fn savepoints() {
+        use SavepointOp::*;
+        assert_eq!(savepoint_op("SAVEPOINT a"), Some(Set("a".into())));
+        assert_eq!(savepoint_op("savepoint \"B c\""), Some(Set("B c".into())));
+        assert_eq!(savepoint_op("ROLLBACK TO a"), Some(RollbackTo("a".into())));
+        assert_eq!(
+            savepoint_op("rollback work to savepoint A"),
+            Some(RollbackTo("a".into()))
+        );
+        assert_eq!(
+            savepoint_op("RELEASE SAVEPOINT a"),
+            Some(Release("a".into()))
+        );
+        assert_eq!(savepoint_op("RELEASE a"), Some(Release("a".into())));
+        assert_eq!(savepoint_op("ROLLBACK"), None);
+        assert_eq!(savepoint_op("SELECT 1"), None);
     }
 
     #[test]

@@ -57,27 +57,29 @@ impl Session {
         if target == 0 || lsns.replayed(node) >= target {
             return Ok(node);
         }
+        // The session's own standby first (its reads stay monotonic while it
+        // catches up, usually within a millisecond), for up to consistency_wait.
+        let wait = self.cfg.routing.consistency_wait;
+        let now = tokio::time::Instant::now();
+        let deadline = *self.fresh.replay_deadline.get_or_insert(now + wait);
+        if now < deadline {
+            return Err(Step::WaitReplay {
+                nodes: vec![node],
+                target,
+                deadline,
+            });
+        }
+        // Then another standby that has caught up: it becomes the session's.
         let weights = chooser::read_weights(snapshot, self.cfg.routing.primary_in_read_pool);
-        let candidates: Vec<usize> = (0..weights.len())
-            .filter(|&n| weights[n] > 0.0 && n != primary && !self.shunned(n))
-            .collect();
-        if let Some(&other) = candidates.iter().find(|&&n| lsns.replayed(n) >= target) {
+        let caught_up = (0..weights.len()).find(|&n| {
+            weights[n] > 0.0 && n != primary && !self.shunned(n) && lsns.replayed(n) >= target
+        });
+        if let Some(other) = caught_up {
+            self.route.standby = Some(other);
             return Ok(other);
         }
-        let wait = self.cfg.routing.consistency_wait;
-        if wait.is_zero() || candidates.is_empty() {
-            self.ctx.metrics.consistency_routed_to_primary();
-            return Ok(primary);
-        }
-        let deadline = *self
-            .fresh
-            .replay_deadline
-            .get_or_insert_with(|| tokio::time::Instant::now() + wait);
-        Err(Step::WaitReplay {
-            nodes: candidates,
-            target,
-            deadline,
-        })
+        self.ctx.metrics.consistency_routed_to_primary();
+        Ok(primary)
     }
 
     /// The position the next read must see, or the step that learns it.

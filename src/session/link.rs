@@ -20,6 +20,7 @@ use crate::metrics::{ErrorSeverity, Metrics};
 use crate::net::Outbox;
 use crate::protocol::TxStatus;
 use crate::protocol::frame::{BackendEvent, BackendScanner, Scanned};
+use crate::router::classify::TxControl;
 
 /// Something the response stream settled, for the session to apply.
 #[derive(Debug)]
@@ -56,8 +57,12 @@ pub struct Link {
     pub sent: u64,
     /// ReadyForQuery messages received so far.
     pub received: u64,
-    /// The request being answered has reported an error.
+    /// The request being answered has reported an error: its effects do not apply.
     batch_error: bool,
+    /// The request being answered completed a command tagged `ROLLBACK` (a
+    /// COMMIT of a failed transaction is answered so): a COMMIT's effects do
+    /// not apply.
+    rolled_back: bool,
     /// Client Parses awaiting ParseComplete: (request number, statement name).
     pub parses: VecDeque<(u64, Vec<u8>)>,
     /// Effects awaiting the end of their request: (request number, effects).
@@ -92,6 +97,7 @@ impl Link {
             sent: 0,
             received: 0,
             batch_error: false,
+            rolled_back: false,
             parses: VecDeque::new(),
             effects: VecDeque::new(),
             statements: HashSet::new(),
@@ -167,6 +173,7 @@ impl Link {
                 BackendEvent::CommandComplete => {
                     let tag = &self.conn.buf[ev.start + 5..ev.end.saturating_sub(1)];
                     metrics.command_completed(node, tag);
+                    self.rolled_back |= tag == b"ROLLBACK";
                 }
                 BackendEvent::Error { fatal, sqlstate } => {
                     metrics.server_error(&sqlstate);
@@ -218,13 +225,15 @@ impl Link {
         self.received += 1;
         self.conn.status = status;
         let ok = !std::mem::take(&mut self.batch_error);
+        let rolled_back = std::mem::take(&mut self.rolled_back);
         while self
             .effects
             .front()
             .is_some_and(|(k, _)| *k <= self.received)
         {
             if let Some((_, e)) = self.effects.pop_front() {
-                done.push(Done::Effects(e, ok));
+                let commit = matches!(e.class.tx, Some(TxControl::Commit));
+                done.push(Done::Effects(e, ok && !(commit && rolled_back)));
             }
         }
         while self

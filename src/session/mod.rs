@@ -206,6 +206,8 @@ struct Session {
     shunned_until: Vec<Option<tokio::time::Instant>>,
     /// The session has picked a load-balance node once (later picks are moves).
     standby_picked: bool,
+    /// The session's transaction defaults were read from the primary connection.
+    defaults_probed: bool,
     /// Client data may be routable now (new bytes, or a node became free).
     recheck: bool,
     /// Scratch space for scanner events (reused to avoid allocation).
@@ -287,6 +289,7 @@ impl Session {
             lookup_failed: false,
             shunned_until: vec![None; nodes],
             standby_picked: false,
+            defaults_probed: false,
             recheck: false,
             events: Vec::with_capacity(8),
             done: Vec::with_capacity(8),
@@ -492,6 +495,39 @@ impl Session {
         Ok(())
     }
 
+    /// Read the session's transaction defaults on its primary connection: a
+    /// serializable default keeps the session on the primary (a hot standby cannot
+    /// run serializable transactions), a read-only default makes its transactions
+    /// read-only (standby). Startup options and `ALTER ROLE/DATABASE … SET` set
+    /// these without any statement pgpilot could see.
+    async fn probe_defaults(&mut self) -> Result<(), SessionError> {
+        self.defaults_probed = true;
+        let primary = self.ctx.cluster.snapshot().primary;
+        let Some(link) = primary.and_then(|p| self.links[p].as_mut()) else {
+            return Ok(());
+        };
+        let sql = "SELECT current_setting('default_transaction_isolation'), \
+                   current_setting('default_transaction_read_only')";
+        match link.conn.query_row(sql, self.cfg.timeouts.reset).await {
+            Ok(row) => {
+                let value = |i: usize| row.get(i).cloned().flatten().unwrap_or_default();
+                if value(0) == "serializable" {
+                    self.route.sticky_primary = true;
+                }
+                if value(1) == "on" {
+                    self.route.read_only_default = true;
+                }
+                Ok(())
+            }
+            Err(e) if e.is_connection_failure() => Err(e.into()),
+            Err(e) => {
+                tracing::debug!(error = %e, "reading transaction defaults failed; staying on the primary");
+                self.route.sticky_primary = true;
+                Ok(())
+            }
+        }
+    }
+
     /// Leave standby `node` alone for `pause`: reads go to another node.
     /// `report`: the failure was connection-level (the cluster probes the node).
     fn shun(&mut self, node: usize, pause: std::time::Duration, report: bool) {
@@ -630,16 +666,19 @@ impl Session {
         if e.discard_all {
             self.forget_all_statements(node);
         }
+        if let Some(op) = &e.savepoint {
+            self.state.savepoint(op);
+        }
         let mut logged = Vec::new();
         if let Some(q) = e.replay {
             if e.in_tx_block {
-                self.state.pending_tx.push(q);
+                self.state.pending_tx.push(state::Pending::Setting(q));
             } else {
                 logged.push(q);
             }
         }
         if matches!(c.tx, Some(TxControl::Commit)) {
-            logged.append(&mut self.state.pending_tx);
+            logged.append(&mut self.state.take_committed());
         }
         for q in logged {
             let was_current = self.links[node]

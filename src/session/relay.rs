@@ -130,6 +130,10 @@ impl Session {
                     None => Err(Some(SessionError::Backend(BackendError::NoPrimary))),
                 }
             }
+            Step::ProbeDefaults => {
+                self.probe_defaults().await.map_err(Some)?;
+                Ok(true)
+            }
             Step::FetchLsn => {
                 let limit = self.cfg.monitor.timeout;
                 let lsn = self.ctx.lsns.fresh_primary_lsn(limit).await;
@@ -144,14 +148,13 @@ impl Session {
                 target,
                 deadline,
             } => {
+                // On time-out the request is routed again: past its deadline it
+                // goes to a caught-up standby or the primary.
                 let started = tokio::time::Instant::now();
-                let found = self.ctx.lsns.wait_replay(&nodes, target, deadline).await;
+                self.ctx.lsns.wait_replay(&nodes, target, deadline).await;
                 self.ctx
                     .metrics
                     .consistency_waited(started.elapsed().as_secs_f64());
-                if found.is_none() {
-                    self.fresh.to_primary_once = true;
-                }
                 Ok(true)
             }
             Step::Lookup(names) => {
@@ -163,9 +166,9 @@ impl Session {
                 if self
                     .ctx
                     .catalog
-                    .any_volatile(&names, backend, &self.cfg.monitor)
+                    .any_volatile(&self.database, &names, backend, &self.cfg.monitor)
                     .await
-                    && self.ctx.catalog.cached(&names).is_none()
+                    && self.ctx.catalog.cached(&self.database, &names).is_none()
                 {
                     self.lookup_failed = true;
                 }

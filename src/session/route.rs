@@ -54,6 +54,9 @@ pub enum Step {
     Lookup(Vec<String>),
     /// Learn a fresh primary WAL position (read-your-writes) before routing.
     FetchLsn,
+    /// Ask the primary connection for the session's transaction defaults (from
+    /// startup options, ALTER ROLE/DATABASE … SET) before its first standby read.
+    ProbeDefaults,
     /// Wait until one of `nodes` has replayed `target`, or `deadline`.
     WaitReplay {
         /// Standbys that may serve the read.
@@ -372,7 +375,11 @@ impl Session {
         match self.cfg.routing.unknown_functions {
             UnknownFunctions::Read => Ok(false),
             UnknownFunctions::Write => Ok(true),
-            UnknownFunctions::Lookup => match self.ctx.catalog.cached(&class.unknown_functions) {
+            UnknownFunctions::Lookup => match self
+                .ctx
+                .catalog
+                .cached(&self.database, &class.unknown_functions)
+            {
                 Some(volatile) => Ok(volatile),
                 None => Err(Step::Lookup(class.unknown_functions.clone())),
             },
@@ -414,6 +421,9 @@ impl Session {
         );
         self.check_ready(node, needs)?;
         let in_tx_here = self.in_tx && self.route.tx_node == Some(node);
+        if Some(node) != snapshot.primary && !self.defaults_probed {
+            return Err(Step::ProbeDefaults);
+        }
         let node = if Some(node) != snapshot.primary && !in_tx_here {
             let fresh = self.fresh_read_node(node, &snapshot)?;
             if fresh != node {

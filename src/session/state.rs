@@ -67,6 +67,18 @@ pub struct Effects {
     pub route: Option<bool>,
     /// `DISCARD ALL`: prepared statements are gone too.
     pub discard_all: bool,
+    /// `SAVEPOINT` / `ROLLBACK TO` / `RELEASE`: which settings of the open
+    /// transaction survive.
+    pub savepoint: Option<session_cmd::SavepointOp>,
+}
+
+/// A setting made inside the open transaction block, or a savepoint marker.
+#[derive(Debug, Clone)]
+pub enum Pending {
+    /// A setting (Query message), logged if the transaction commits.
+    Setting(Bytes),
+    /// A savepoint: `ROLLBACK TO` it drops the settings made after it.
+    Savepoint(String),
 }
 
 /// The session-wide state replayed on, or tracked per, connection.
@@ -79,8 +91,9 @@ pub struct SessionState {
     pub log: Vec<Bytes>,
     /// Sequence number of `log[0]` (grows when `DISCARD ALL`/`RESET ALL` voids the past).
     pub log_base: u64,
-    /// Settings made inside the open transaction block, logged if it commits.
-    pub pending_tx: Vec<Bytes>,
+    /// Settings made inside the open transaction block (with savepoint markers),
+    /// logged if it commits.
+    pub pending_tx: Vec<Pending>,
     /// The log overflowed or a setting could not be replayed: stay on the primary.
     pub overflowed: bool,
 }
@@ -120,11 +133,13 @@ impl SessionState {
         in_tx_block: bool,
     ) -> Option<Box<Effects>> {
         let commits = matches!(class.tx, Some(TxControl::Commit));
+        let savepoint = matches!(class.tx, Some(TxControl::Savepoint));
         let interesting = class.session_state
             || class.prepare.is_some()
             || class.deallocate.is_some()
             || class.sets_read_only_default.is_some()
-            || commits;
+            || commits
+            || savepoint;
         if !interesting {
             return None;
         }
@@ -148,7 +163,46 @@ impl SessionState {
             sql_prepare: class.prepare.as_ref().map(|_| query()),
             route: session_cmd::route_setting(text),
             discard_all: session_cmd::is_discard_all(text),
+            savepoint: savepoint.then(|| session_cmd::savepoint_op(text)).flatten(),
         }))
+    }
+
+    /// Apply a confirmed savepoint command to the open transaction's settings.
+    pub fn savepoint(&mut self, op: &session_cmd::SavepointOp) {
+        use session_cmd::SavepointOp::*;
+        let find = |name: &str, p: &[Pending]| {
+            p.iter()
+                .rposition(|x| matches!(x, Pending::Savepoint(n) if n == name))
+        };
+        match op {
+            Set(name) => self.pending_tx.push(Pending::Savepoint(name.clone())),
+            RollbackTo(name) => {
+                if let Some(i) = find(name, &self.pending_tx) {
+                    self.pending_tx.truncate(i + 1);
+                }
+            }
+            Release(name) => {
+                if let Some(i) = find(name, &self.pending_tx) {
+                    let kept: Vec<Pending> = self
+                        .pending_tx
+                        .drain(i..)
+                        .filter(|x| matches!(x, Pending::Setting(_)))
+                        .collect();
+                    self.pending_tx.extend(kept);
+                }
+            }
+        }
+    }
+
+    /// The settings of a committed transaction, in order.
+    pub fn take_committed(&mut self) -> Vec<Bytes> {
+        std::mem::take(&mut self.pending_tx)
+            .into_iter()
+            .filter_map(|p| match p {
+                Pending::Setting(q) => Some(q),
+                Pending::Savepoint(_) => None,
+            })
+            .collect()
     }
 
     /// A statement string whose session effects cannot be replayed elsewhere: it
@@ -201,6 +255,21 @@ mod tests {
         // A connection that saw nothing replays only the reset.
         assert_eq!(s.log_since(0).len(), 1);
         assert_eq!(&s.log_since(0)[0][5..], b"RESET ALL\0");
+    }
+
+    #[test]
+    fn savepoints_decide_which_settings_commit() {
+        use session_cmd::SavepointOp::*;
+        let mut s = SessionState::default();
+        let set = |q: &[u8]| Pending::Setting(query_message(q));
+        s.pending_tx.push(set(b"SET a = 1"));
+        s.savepoint(&Set("x".into()));
+        s.pending_tx.push(set(b"SET b = 2"));
+        s.savepoint(&RollbackTo("x".into()));
+        s.pending_tx.push(set(b"SET c = 3"));
+        s.savepoint(&Release("x".into()));
+        let kept: Vec<_> = s.take_committed().iter().map(|q| q[5..].to_vec()).collect();
+        assert_eq!(kept, vec![b"SET a = 1\0".to_vec(), b"SET c = 3\0".to_vec()]);
     }
 
     #[test]
