@@ -19,6 +19,7 @@ THREADS=${THREADS:-2}
 SCALE=${SCALE:-10}
 MODE=${MODE:-simple}
 EXTRA=${EXTRA:--S}   # pgbench workload flags; EXTRA="" for TPC-B-like
+WORKERS=${WORKERS:-0} # pgpilot runtime threads (0 = one per core)
 
 for bin in pgbouncer; do
     command -v "$bin" >/dev/null || { echo "installing $bin"; apt-get install -y -qq pgbouncer >/dev/null; }
@@ -43,7 +44,7 @@ cleanup() {
 trap cleanup EXIT
 
 PILOT_PORT=$(free_port)
-PGPILOT_LOG=warn ./target/release/pgpilot demo --listen "127.0.0.1:$PILOT_PORT" >"$WORK/demo.log" 2>&1 &
+PGPILOT_LOG=warn ./target/release/pgpilot demo --workers "$WORKERS" --listen "127.0.0.1:$PILOT_PORT" >"$WORK/demo.log" 2>&1 &
 DEMO_PID=$!
 for _ in $(seq 1 300); do grep -q "pgpilot is listening" "$WORK/demo.log" && break; sleep 0.2; done
 grep -q "pgpilot is listening" "$WORK/demo.log" || { cat "$WORK/demo.log"; exit 1; }
@@ -78,24 +79,43 @@ sleep 1
 export PGPASSWORD=demo
 "$PGBENCH" -i -q -s "$SCALE" -h 127.0.0.1 -p "$PRIMARY_PORT" -U demo demo >/dev/null 2>&1
 
-run() { # name port -> tps
-    "$PGBENCH" $EXTRA -M "$MODE" -c "$CLIENTS" -j "$THREADS" -T "$DURATION" -h 127.0.0.1 -p "$2" -U demo demo 2>&1 \
-        | tee "$WORK/$1.last" | sed -n 's/^tps = \([0-9.]*\).*/\1/p'
+cpu_ticks() { # pid -> utime+stime of the process (all threads), in clock ticks
+    awk '{print $14 + $15}' "/proc/$1/stat" 2>/dev/null || echo 0
+}
+TICK_US=$(awk -v hz="$(getconf CLK_TCK)" 'BEGIN { print 1000000 / hz }')
+
+run() { # name port pid -> "tps cpu_us_per_transaction"
+    local before after
+    before=$(cpu_ticks "$3")
+    "$PGBENCH" $EXTRA -M "$MODE" -c "$CLIENTS" -j "$THREADS" -T "$DURATION" -h 127.0.0.1 -p "$2" -U demo demo >"$WORK/$1.last" 2>&1
+    after=$(cpu_ticks "$3")
+    local tps txns
+    tps=$(sed -n 's/^tps = \([0-9.]*\).*/\1/p' "$WORK/$1.last")
+    txns=$(sed -n 's/^number of transactions actually processed: \([0-9]*\).*/\1/p' "$WORK/$1.last")
+    awk -v t="$tps" -v n="$txns" -v d="$((after - before))" -v u="$TICK_US" \
+        'BEGIN { if (t == "") exit; printf "%s %.2f\n", t, (n > 0 && d > 0 ? d * u / n : 0) }'
 }
 
-declare -A RESULTS
+BOUNCER_REAL_PID=$(cat "$WORK/pgbouncer.pid" 2>/dev/null || echo "$BOUNCER_PID")
+declare -A RESULTS CPU
 for r in $(seq 1 "$ROUNDS"); do
     for target in direct pgbouncer pgpilot; do
         case $target in
-            direct) port=$PRIMARY_PORT ;;
-            pgbouncer) port=$BOUNCER_PORT ;;
-            pgpilot) port=$PILOT_PORT ;;
+            direct) port=$PRIMARY_PORT; pid=0 ;;
+            pgbouncer) port=$BOUNCER_PORT; pid=$BOUNCER_REAL_PID ;;
+            pgpilot) port=$PILOT_PORT; pid=$DEMO_PID ;;
         esac
-        tps=$(run "$target" "$port")
-        if [ -z "$tps" ]; then echo "pgbench through $target failed:"; cat "$WORK/$target.last"; exit 1; fi
+        out=$(run "$target" "$port" "$pid")
+        tps=${out%% *}; cpu=${out##* }
+        if [ -z "$out" ]; then echo "pgbench through $target failed:"; cat "$WORK/$target.last"; exit 1; fi
         grep -q "number of failed transactions: 0 " "$WORK/$target.last" || { echo "$target had failed transactions"; cat "$WORK/$target.last"; exit 1; }
         RESULTS[$target]="${RESULTS[$target]:-} $tps"
-        printf 'round %d  %-9s %10.0f tps\n' "$r" "$target" "$tps"
+        CPU[$target]="${CPU[$target]:-} $cpu"
+        if [ "$target" = direct ]; then
+            printf 'round %d  %-9s %10.0f tps\n' "$r" "$target" "$tps"
+        else
+            printf 'round %d  %-9s %10.0f tps   proxy CPU %6.1f us/transaction\n' "$r" "$target" "$tps" "$cpu"
+        fi
     done
 done
 
@@ -103,7 +123,13 @@ median() { tr ' ' '\n' | grep -v '^$' | sort -g | awk '{a[NR]=$1} END {print (NR
 DIRECT=$(echo "${RESULTS[direct]}" | median)
 echo
 echo "pgbench $EXTRA -M $MODE -c $CLIENTS -j $THREADS -T $DURATION, scale $SCALE, $ROUNDS rounds (median):"
+BOUNCER=$(echo "${RESULTS[pgbouncer]}" | median)
+BOUNCER_CPU=$(echo "${CPU[pgbouncer]}" | median)
 for target in direct pgbouncer pgpilot; do
     m=$(echo "${RESULTS[$target]}" | median)
-    awk -v t="$target" -v m="$m" -v d="$DIRECT" 'BEGIN { printf "  %-9s %10.0f tps   %.3f x direct\n", t, m, m/d }'
+    c=$(echo "${CPU[$target]}" | median)
+    awk -v t="$target" -v m="$m" -v d="$DIRECT" -v b="$BOUNCER" -v c="$c" -v bc="$BOUNCER_CPU" 'BEGIN {
+        printf "  %-9s %10.0f tps   %.3f x direct   %.3f x pgbouncer", t, m, m/d, m/b
+        if (t != "direct") printf "   proxy CPU %.1f us/transaction (%.2f x pgbouncer)", c, c/bc
+        printf "\n" }'
 done

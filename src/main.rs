@@ -32,6 +32,9 @@ enum Command {
         /// Number of streaming standbys.
         #[arg(long, default_value_t = 2)]
         standbys: usize,
+        /// Runtime worker threads (0 = one per core), as `worker_threads` in a config.
+        #[arg(long, default_value_t = 0)]
+        workers: usize,
     },
 }
 
@@ -45,8 +48,13 @@ fn main() -> ExitCode {
         .init();
     let cli = Cli::parse();
     match cli.command.unwrap_or(Command::Run) {
-        Command::Demo { listen, standbys } => {
-            match runtime(0).and_then(|rt| rt.block_on(pgpilot::demo::run(&listen, standbys))) {
+        Command::Demo {
+            listen,
+            standbys,
+            workers,
+        } => {
+            let demo = pgpilot::demo::run(&listen, standbys);
+            match runtime(workers).and_then(|rt| rt.block_on(demo)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("pgpilot demo: {e}");
