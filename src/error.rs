@@ -37,6 +37,8 @@ pub mod sqlstate {
     pub const IDLE_IN_TRANSACTION_TIMEOUT: &str = "25P03";
     /// Invalid text representation (a bad `pgpilot.min_lsn`).
     pub const INVALID_TEXT_REPRESENTATION: &str = "22P02";
+    /// In failed SQL transaction (pgpool mode: a balanced read failed).
+    pub const IN_FAILED_SQL_TRANSACTION: &str = "25P02";
     /// Internal error.
     pub const INTERNAL: &str = "XX000";
 }

@@ -1358,7 +1358,6 @@ async fn transaction_mode_balances_reads_until_the_first_write() {
 /// transaction, as PostgreSQL would: status `E`, later statements 25P02, and
 /// COMMIT rolls back.
 #[tokio::test]
-#[ignore = "pgpilot bug: an error in a read balanced to the standby inside a transaction leaves the client's transaction usable (status T, later writes commit)"]
 async fn transaction_mode_an_error_in_a_balanced_read_fails_the_transaction() {
     let n = nodes().await;
     n.setup("CREATE TABLE tme_t (id int)").await;
@@ -1380,7 +1379,11 @@ async fn transaction_mode_an_error_in_a_balanced_read_fails_the_transaction() {
         (&["25P02".to_string()][..], 'E'),
         "{r:?}"
     );
-    raw.query("COMMIT").await;
+    // COMMIT of a failed transaction rolls it back, as PostgreSQL does.
+    let r = raw.query("COMMIT").await;
+    assert_eq!((r.errors.len(), r.status), (0, 'I'), "{r:?}");
+    let r = raw.query("SELECT 1").await;
+    assert_eq!((r.errors.len(), r.status), (0, 'I'), "{r:?}");
     let rows: i64 = n
         .app
         .query_one("SELECT count(*) FROM tme_t", &[])

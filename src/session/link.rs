@@ -38,6 +38,8 @@ pub enum Done {
         status: TxStatus,
         /// No other request is in flight on this connection.
         drained: bool,
+        /// The request reported an error.
+        failed: bool,
     },
 }
 
@@ -161,7 +163,12 @@ impl Link {
             match ev.event {
                 BackendEvent::ReadyForQuery(s) => {
                     if let Some(p) = patch_idle.filter(|_| s == b'I') {
-                        self.conn.buf[ev.start + 5] = p;
+                        // An error here fails the client's transaction too.
+                        self.conn.buf[ev.start + 5] = if self.batch_error {
+                            TxStatus::Failed.as_byte()
+                        } else {
+                            p
+                        };
                     }
                     self.on_ready(TxStatus::from_byte(s), done);
                     if self.outstanding == 0
@@ -224,7 +231,8 @@ impl Link {
         self.outstanding = self.outstanding.saturating_sub(1);
         self.received += 1;
         self.conn.status = status;
-        let ok = !std::mem::take(&mut self.batch_error);
+        let failed = std::mem::take(&mut self.batch_error);
+        let ok = !failed;
         let rolled_back = std::mem::take(&mut self.rolled_back);
         while self
             .effects
@@ -248,6 +256,7 @@ impl Link {
         done.push(Done::Ready {
             status,
             drained: self.outstanding == 0,
+            failed,
         });
     }
 }

@@ -15,10 +15,13 @@ use bytes::BytesMut;
 use super::{Session, SessionError};
 use crate::admin::{self, AdminCaller, AdminCommand, ResultSet};
 use crate::cluster::replication::format_lsn;
-use crate::error::sqlstate::{FEATURE_NOT_SUPPORTED, INVALID_TEXT_REPRESENTATION};
+use crate::error::sqlstate::{
+    FEATURE_NOT_SUPPORTED, IN_FAILED_SQL_TRANSACTION, INVALID_TEXT_REPRESENTATION,
+};
 use crate::protocol::frame::cstr;
 use crate::protocol::messages::{self, PgError};
 use crate::protocol::{TxStatus, tag};
+use crate::router::classify::TxControl;
 use crate::router::session_cmd::{self, PgpilotCommand};
 
 /// A statement pgpilot answers itself.
@@ -68,7 +71,7 @@ pub struct LocalStatements {
     /// Portal name → command (until the batch's Sync).
     portals: HashMap<Vec<u8>, LocalCommand>,
     /// An error occurred in the current local batch: skip to Sync.
-    failed: bool,
+    pub failed: bool,
 }
 
 impl Session {
@@ -109,10 +112,62 @@ impl Session {
     }
 
     fn client_status(&self) -> TxStatus {
+        if self.tx_aborted {
+            return TxStatus::Failed;
+        }
         match self.links[self.active].as_ref() {
             Some(l) if self.in_tx => l.conn.status,
             _ => TxStatus::Idle,
         }
+    }
+
+    /// A simple Query while the client's transaction is aborted (see
+    /// `Session::tx_aborted`): `None` to route it (ROLLBACK), or what to do.
+    pub(super) fn aborted_tx_query(&self, sql: &[u8]) -> Option<AbortedTx> {
+        let text = std::str::from_utf8(sql).unwrap_or("");
+        let class = self
+            .ctx
+            .classify_cache
+            .classify(text, &**self.ctx.classifier.load());
+        match class.tx {
+            Some(TxControl::Rollback) if class.statements == 1 => None,
+            Some(TxControl::Savepoint)
+                if matches!(
+                    session_cmd::savepoint_op(text),
+                    Some(session_cmd::SavepointOp::RollbackTo(_))
+                ) =>
+            {
+                None
+            }
+            Some(TxControl::Commit) if class.statements == 1 => Some(AbortedTx::RollBack),
+            _ => Some(AbortedTx::Refuse),
+        }
+    }
+
+    /// Whether `sql` ends an aborted transaction (ROLLBACK / ROLLBACK TO).
+    pub(super) fn aborted_tx_query_is_rollback(&self, sql: &[u8]) -> bool {
+        self.aborted_tx_query(sql).is_none()
+    }
+
+    /// Refuse a request in an aborted transaction: 25P02, and (simple protocol)
+    /// ReadyForQuery `E`.
+    pub(super) fn refuse_in_aborted_tx(&mut self, ready: bool) -> Result<(), SessionError> {
+        let mut out = BytesMut::new();
+        PgError::error(
+            IN_FAILED_SQL_TRANSACTION,
+            "current transaction is aborted, commands ignored until end of transaction block",
+        )
+        .encode(&mut out);
+        if ready {
+            messages::ready_for_query(&mut out, TxStatus::Failed);
+        }
+        self.send_local(&out)
+    }
+
+    /// Start a local batch that only reports the aborted transaction.
+    pub(super) fn start_refused_batch(&mut self) -> Result<(), SessionError> {
+        self.local.failed = true;
+        self.refuse_in_aborted_tx(false)
     }
 
     fn send_local(&mut self, out: &[u8]) -> Result<(), SessionError> {
@@ -265,6 +320,14 @@ impl Session {
         }
         self.send_local(&out)
     }
+}
+
+/// What to do with a request while the client's transaction is aborted.
+pub enum AbortedTx {
+    /// COMMIT: roll the transaction back instead, as PostgreSQL does.
+    RollBack,
+    /// Anything but ROLLBACK: 25P02.
+    Refuse,
 }
 
 /// The error for a batch mixing pgpilot's commands with SQL for the nodes.

@@ -196,6 +196,10 @@ struct Session {
     in_tx: bool,
     /// The prediction is unreliable until in-flight requests are answered.
     tx_uncertain: bool,
+    /// pgpool mode: a read balanced off the transaction's node failed, so the
+    /// client's transaction is aborted although the primary's is not: pgpilot
+    /// refuses statements (25P02) until ROLLBACK, and turns COMMIT into ROLLBACK.
+    tx_aborted: bool,
     /// Classification of the request just routed (reused when it is sent).
     pending_class: Option<Arc<Classification>>,
     /// Route the next read to the primary: preparing it on the standby failed.
@@ -284,6 +288,7 @@ impl Session {
             route: RouteState::default(),
             in_tx: false,
             tx_uncertain: false,
+            tx_aborted: false,
             pending_class: None,
             avoid_standby_once: None,
             lookup_failed: false,
@@ -597,10 +602,20 @@ impl Session {
                     }
                 }
                 Done::ParamChanged => self.dirty = true,
-                Done::Ready { status, drained } => {
+                Done::Ready {
+                    status,
+                    drained,
+                    failed,
+                } => {
                     let tx_link = self.route.tx_node.is_none_or(|t| t == node);
+                    if failed && !tx_link && self.in_tx {
+                        // A read balanced off the transaction's node failed: in
+                        // PostgreSQL the transaction would now be aborted.
+                        self.tx_aborted = true;
+                    }
                     if tx_link && status == TxStatus::Idle {
                         self.state.pending_tx.clear();
+                        self.tx_aborted = false;
                     }
                     if status == TxStatus::Idle
                         && self.fresh.write_pending
@@ -668,6 +683,9 @@ impl Session {
         }
         if let Some(op) = &e.savepoint {
             self.state.savepoint(op);
+            if matches!(op, crate::router::session_cmd::SavepointOp::RollbackTo(_)) {
+                self.tx_aborted = false;
+            }
         }
         let mut logged = Vec::new();
         if let Some(q) = e.replay {

@@ -145,6 +145,35 @@ impl Session {
                     self.link_mut(node)?.copy_in = false;
                     node
                 }
+                tag::QUERY if self.batch.is_none() && self.tx_aborted => {
+                    if self.links.iter().flatten().any(|l| l.busy()) {
+                        return Ok(Step::Blocked);
+                    }
+                    match self.aborted_tx_query(&frame[5..frame.len() - 1]) {
+                        None => match self.plan_simple(f.tag, frame)? {
+                            Ok(n) => n,
+                            Err(step) => return Ok(step),
+                        },
+                        Some(super::local::AbortedTx::Refuse) => {
+                            self.refuse_in_aborted_tx(true)?;
+                            *pos += f.wire_len;
+                            continue;
+                        }
+                        Some(super::local::AbortedTx::RollBack) => {
+                            // The client's COMMIT ends an aborted transaction:
+                            // the primary gets ROLLBACK (answered "ROLLBACK").
+                            let node = self.route.tx_node.unwrap_or(self.active);
+                            self.flush_span(buf, *span, *pos)?;
+                            *span = None;
+                            let rollback = super::state::query_message(b"ROLLBACK");
+                            self.track_simple(node, tag::QUERY, &rollback)?;
+                            self.set_active(node);
+                            self.link_mut(node)?.send(&rollback)?;
+                            *pos += f.wire_len;
+                            continue;
+                        }
+                    }
+                }
                 tag::QUERY if self.batch.is_none() => {
                     if let Some(cmd) = super::local::parse_local(&frame[5..frame.len() - 1]) {
                         if self.links.iter().flatten().any(|l| l.busy()) {
@@ -182,6 +211,16 @@ impl Session {
                 | tag::SYNC => {
                     let node = match self.batch {
                         Some(n) => n,
+                        None if self.tx_aborted
+                            && !self.batch_ends_aborted_tx(f.tag, &frame[5..]) =>
+                        {
+                            if self.links.iter().flatten().any(|l| l.busy()) {
+                                return Ok(Step::Blocked);
+                            }
+                            self.batch = Some(LOCAL);
+                            self.start_refused_batch()?;
+                            LOCAL
+                        }
                         None if self.starts_local_batch(f.tag, &frame[5..]) => {
                             if self.links.iter().flatten().any(|l| l.busy()) {
                                 return Ok(Step::Blocked);
@@ -342,6 +381,23 @@ impl Session {
             class = Arc::new(c);
         }
         Ok(self.decide_and_check(&class, hint, &needs))
+    }
+
+    /// Whether an extended batch starting with this message rolls the aborted
+    /// transaction back (ROLLBACK or ROLLBACK TO SAVEPOINT), so it may proceed.
+    fn batch_ends_aborted_tx(&self, t: u8, body: &[u8]) -> bool {
+        let query: &[u8] = match t {
+            tag::PARSE => parse_fields(body).1,
+            tag::BIND => match self.state.stmts.get(bind_statement(body)) {
+                Some(st) => match &st.source {
+                    StmtSource::Parse(f) => parse_fields(&f[5..]).1,
+                    StmtSource::Sql(_) => return false,
+                },
+                None => return false,
+            },
+            _ => return false,
+        };
+        self.aborted_tx_query_is_rollback(query)
     }
 
     /// Classify statement text (raw bytes as sent), through the cache.
