@@ -574,7 +574,7 @@ mod tests {
         assert_eq!(rs.columns, vec!["delay_threshold_by_time"]);
         assert_eq!(rs.rows, vec![vec!["1500".to_string()]]);
         let rs = pgpool_show(&cfg, Some("health_check_period")).unwrap();
-        assert_eq!(rs.rows[0][0], "2");
+        assert_eq!(rs.rows[0][0], "1");
         assert_eq!(
             pgpool_show(&cfg, Some("backend_port0")).unwrap().rows[0][0],
             "5432"
