@@ -40,6 +40,16 @@ impl Session {
         admin::execute(&self.ctx, cmd, &who)
     }
 
+    /// What `cmd` returns, for Describe: no side effects (ATTACH/DETACH/PROMOTE
+    /// run at Execute only).
+    fn describe_admin(&self, cmd: &AdminCommand) -> Result<ResultSet, PgError> {
+        let who = AdminCaller {
+            user: self.user.clone(),
+            load_balance_node: self.route.standby,
+        };
+        admin::describe(&self.ctx, cmd, &who)
+    }
+
     fn client_status(&self) -> TxStatus {
         match self.links[self.active].as_ref() {
             Some(l) if self.in_tx => l.conn.status,
@@ -137,7 +147,7 @@ impl Session {
                     b'S' => self.local.stmts.get(name).cloned(),
                     _ => self.local.portals.get(name).cloned(),
                 };
-                match cmd.map(|c| self.run_admin(&c)) {
+                match cmd.map(|c| self.describe_admin(&c)) {
                     Some(Ok(rs)) => {
                         if *kind == b'S' {
                             messages::no_parameters(&mut out);
