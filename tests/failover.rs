@@ -1,0 +1,525 @@
+//! Failover against real PostgreSQL: each destructive test builds its own
+//! cluster (primary + standbys, real servers on loopback) and its own
+//! pgpilot, stops the primary with `pg_ctl stop -m immediate` or switches it
+//! over, and checks what clients saw and where the data is. Tests that only
+//! change pgpilot's view (detach/attach, client misbehaviour) share the
+//! binary's cluster from `common::harness`.
+//!
+//! Destructive tests run one at a time ([`SERIAL`]): the machine has few
+//! cores and the downtime measured should not depend on a neighbour's
+//! initdb.
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use common::{
+    DB, PASSWORD, StoppableProxy, USER, connect, harness, http_get, result_set, spawn_proxy_full,
+    spawn_proxy_stoppable, sqlstate, try_connect,
+};
+use pgpilot::cluster::events::Event;
+use pgpilot::config::{Config, FailoverMode};
+use pgpilot::localcluster::{ClusterSpec, LocalCluster};
+
+/// One destructive test at a time in this binary.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    tokio::task::spawn_blocking(f).await.expect("blocking task")
+}
+
+/// A primary and `standbys` standbys with the test role and database.
+async fn new_cluster(standbys: usize, synchronous: bool, extra: &[&str]) -> Arc<LocalCluster> {
+    common::init_logs();
+    let spec = ClusterSpec {
+        standbys,
+        users: vec![(USER.into(), PASSWORD.into())],
+        databases: vec![(DB.into(), USER.into())],
+        extra_conf: extra.iter().map(|s| s.to_string()).collect(),
+        synchronous,
+    };
+    let c = blocking(move || LocalCluster::start(spec))
+        .await
+        .expect("start a local cluster");
+    Arc::new(c)
+}
+
+/// pgpilot's configuration for `c` with default failover settings.
+fn config_for(c: &LocalCluster) -> Config {
+    let mut cfg = pgpilot::demo::config_for(c, "127.0.0.1:0", &[(USER, PASSWORD)]);
+    cfg.metrics.listen = "127.0.0.1:0".into();
+    cfg
+}
+
+/// psql as the superuser in the test database on `node`.
+async fn psql(c: &Arc<LocalCluster>, node: usize, sql: &str) -> String {
+    psql_in(c, node, DB, sql).await
+}
+
+/// psql as the superuser in database `db` on `node`.
+async fn psql_in(c: &Arc<LocalCluster>, node: usize, db: &str, sql: &str) -> String {
+    let (c, db, sql) = (c.clone(), db.to_string(), sql.to_string());
+    blocking(move || c.psql_db(node, &db, &sql))
+        .await
+        .unwrap_or_else(|e| panic!("psql on node {node}: {e}"))
+}
+
+/// Transactions and sessions in the test database on `node`, read from the
+/// `postgres` database (so the reading does not count).
+async fn activity(c: &Arc<LocalCluster>, node: usize) -> String {
+    let sql = "SELECT (SELECT xact_commit + xact_rollback FROM pg_stat_database WHERE datname = 'app')                || '/' || (SELECT count(*) FROM pg_stat_activity WHERE datname = 'app')";
+    psql_in(c, node, "postgres", sql).await
+}
+
+/// Poll `f` every 50 ms until it returns `Some`, or panic after `limit`.
+async fn wait_for<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {limit:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Every node in service, `primary` the primary, every standby streaming.
+async fn all_in_service(p: &StoppableProxy, primary: usize) {
+    let ctx = p.ctx.clone();
+    wait_for(
+        "every node in service and streaming",
+        Duration::from_secs(30),
+        || {
+            let s = ctx.cluster.snapshot();
+            let ok = s.primary == Some(primary)
+                && s.nodes.iter().all(|n| n.status.is_usable())
+                && s.nodes
+                    .iter()
+                    .filter(|n| n.id != primary)
+                    .all(|n| n.repl.state == "streaming");
+            ok.then_some(())
+        },
+    )
+    .await;
+}
+
+async fn show(c: &tokio_postgres::Client, sql: &str) -> (Vec<String>, Vec<Vec<String>>) {
+    result_set(
+        &c.simple_query(sql)
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}")),
+    )
+}
+
+/// One acknowledged write.
+#[derive(Debug, Clone)]
+struct Ack {
+    key: String,
+    port: u16,
+    at: Instant,
+}
+
+/// What one client saw.
+#[derive(Debug, Default)]
+struct Seen {
+    acks: Vec<Ack>,
+    /// (when, SQLSTATE, message)
+    errors: Vec<(Instant, String, String)>,
+}
+
+/// Clients writing (or reading) through pgpilot until stopped.
+struct Load {
+    stop: Arc<AtomicBool>,
+    tasks: Vec<tokio::task::JoinHandle<Seen>>,
+}
+
+impl Load {
+    /// `writers` autocommit clients inserting `(writer, seq)` rows, one
+    /// every `pause`; with `reconnect`, a client whose connection broke
+    /// reconnects (as applications do), else it keeps its one connection.
+    fn writers(
+        addr: std::net::SocketAddr,
+        writers: usize,
+        pause: Duration,
+        reconnect: bool,
+    ) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let tasks = (0..writers)
+            .map(|w| {
+                let stop = stop.clone();
+                tokio::spawn(async move { write_loop(addr, w, pause, reconnect, stop).await })
+            })
+            .collect();
+        Load { stop, tasks }
+    }
+
+    async fn finish(self) -> Vec<Seen> {
+        self.stop.store(true, Ordering::Relaxed);
+        let mut out = Vec::new();
+        for t in self.tasks {
+            out.push(t.await.expect("client task"));
+        }
+        out
+    }
+}
+
+fn record(seen: &mut Seen, e: &tokio_postgres::Error) {
+    let msg = e
+        .as_db_error()
+        .map(|d| d.message().to_string())
+        .unwrap_or_else(|| e.to_string());
+    seen.errors
+        .push((Instant::now(), sqlstate(e).unwrap_or_default(), msg));
+}
+
+async fn write_loop(
+    addr: std::net::SocketAddr,
+    w: usize,
+    pause: Duration,
+    reconnect: bool,
+    stop: Arc<AtomicBool>,
+) -> Seen {
+    let mut seen = Seen::default();
+    let mut client: Option<tokio_postgres::Client> = None;
+    let mut seq = 0u64;
+    while !stop.load(Ordering::Relaxed) {
+        if client.is_none() {
+            match try_connect(addr, "application_name=writer").await {
+                Ok(c) => client = Some(c),
+                Err(e) => {
+                    record(&mut seen, &e);
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    continue;
+                }
+            }
+        }
+        let c = client.as_ref().expect("connected");
+        let key = format!("{w}:{seq}");
+        seq += 1;
+        let sql = format!("INSERT INTO t (k) VALUES ('{key}') RETURNING inet_server_port()");
+        match c.simple_query(&sql).await {
+            Ok(msgs) => {
+                let (_, rows) = result_set(&msgs);
+                let port = rows[0][0].parse().expect("port");
+                seen.acks.push(Ack {
+                    key,
+                    port,
+                    at: Instant::now(),
+                });
+            }
+            Err(e) => {
+                record(&mut seen, &e);
+                if reconnect || c.is_closed() {
+                    client = None;
+                }
+            }
+        }
+        tokio::time::sleep(pause).await;
+    }
+    seen
+}
+
+/// A client reading in autocommit every 20 ms on one connection.
+fn reader(addr: std::net::SocketAddr, stop: Arc<AtomicBool>) -> tokio::task::JoinHandle<Seen> {
+    tokio::spawn(async move {
+        let mut seen = Seen::default();
+        let c = connect(addr, "application_name=reader").await;
+        while !stop.load(Ordering::Relaxed) {
+            match c
+                .simple_query("SELECT count(*), inet_server_port() FROM t")
+                .await
+            {
+                Ok(msgs) => {
+                    let (_, rows) = result_set(&msgs);
+                    seen.acks.push(Ack {
+                        key: String::new(),
+                        port: rows[0][1].parse().expect("port"),
+                        at: Instant::now(),
+                    });
+                }
+                Err(e) => record(&mut seen, &e),
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        seen
+    })
+}
+
+/// Table `t` (one text key per acknowledged write), owned by the test role.
+async fn create_table(c: &Arc<LocalCluster>) {
+    psql(
+        c,
+        0,
+        "CREATE TABLE t (k text PRIMARY KEY); ALTER TABLE t OWNER TO app",
+    )
+    .await;
+}
+
+/// Keys present in table `t` on `node`.
+async fn keys_on(c: &Arc<LocalCluster>, node: usize) -> HashSet<String> {
+    psql(c, node, "SELECT k FROM t")
+        .await
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+/// `name{labels}` → value of a Prometheus text exposition.
+async fn metrics(p: &StoppableProxy) -> HashMap<String, f64> {
+    let (code, body) = http_get(p.metrics.expect("metrics on"), "/metrics").await;
+    assert_eq!(code, 200);
+    body.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (k, v) = l.rsplit_once(' ')?;
+            Some((k.to_string(), v.parse().ok()?))
+        })
+        .collect()
+}
+
+/// Wait until the write `key` (made through pgpilot after a failover) is on
+/// `node`: it streams from the new primary.
+async fn replicated_to(c: &Arc<LocalCluster>, node: usize, key: &str) -> Duration {
+    let t0 = Instant::now();
+    loop {
+        let sql = format!("SELECT count(*) FROM t WHERE k = '{key}'");
+        let (c2, sql2) = (c.clone(), sql.clone());
+        let got = blocking(move || c2.psql_db(node, DB, &sql2)).await;
+        if got.as_deref().ok() == Some("1") {
+            return t0.elapsed();
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(40),
+            "row {key} never reached node {node}: {got:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn killing_the_primary_under_write_load_promotes_the_most_advanced_standby() {
+    let _serial = SERIAL.lock().await;
+    let cluster = new_cluster(2, true, &[]).await;
+    create_table(&cluster).await;
+    let p = spawn_proxy_stoppable(config_for(&cluster));
+    all_in_service(&p, 0).await;
+    let ports: Vec<u16> = cluster.nodes.iter().map(|n| n.port).collect();
+
+    let load = Load::writers(p.addr, 4, Duration::from_millis(5), true);
+    let stop_reader = Arc::new(AtomicBool::new(false));
+    let reads = reader(p.addr, stop_reader.clone());
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+
+    let killed = Instant::now();
+    let c = cluster.clone();
+    blocking(move || c.stop_node(0, "immediate"))
+        .await
+        .expect("stop the primary");
+    let ctx = p.ctx.clone();
+    let new = wait_for("a new primary", Duration::from_secs(30), || {
+        ctx.cluster.snapshot().primary.filter(|&n| n != 0)
+    })
+    .await;
+    let published = killed.elapsed();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let seen = load.finish().await;
+    stop_reader.store(true, Ordering::Relaxed);
+    let read_seen = reads.await.unwrap();
+
+    // Downtime: kill → first write acknowledged by the new primary.
+    let first_new = seen
+        .iter()
+        .flat_map(|s| &s.acks)
+        .filter(|a| a.port == ports[new] && a.at > killed)
+        .map(|a| a.at)
+        .min()
+        .unwrap_or_else(|| {
+            let ports: Vec<(u16, usize)> = seen
+                .iter()
+                .map(|s| (s.acks.last().map_or(0, |a| a.port), s.acks.len()))
+                .collect();
+            panic!(
+                "writes did not resume on node {new}: last ports/acks {ports:?}; errors {:?}",
+                seen.iter()
+                    .map(|s| s.errors.iter().rev().take(3).collect::<Vec<_>>())
+                    .collect::<Vec<_>>()
+            )
+        });
+    let downtime = first_new - killed;
+    let acked: Vec<&Ack> = seen.iter().flat_map(|s| &s.acks).collect();
+    let on_new = keys_on(&cluster, new).await;
+    let lost: Vec<&str> = acked
+        .iter()
+        .filter(|a| !on_new.contains(&a.key))
+        .map(|a| a.key.as_str())
+        .collect();
+    let errors: Vec<_> = seen.iter().flat_map(|s| &s.errors).collect();
+    eprintln!(
+        "failover to node {new}: new primary published {published:?} after the kill, \
+         write downtime {downtime:?}; {} writes acknowledged, {} lost; {} client errors; \
+         reader: {} reads, {} errors",
+        acked.len(),
+        lost.len(),
+        errors.len(),
+        read_seen.acks.len(),
+        read_seen.errors.len()
+    );
+    assert!(
+        lost.is_empty(),
+        "acknowledged writes missing on the new primary: {lost:?}"
+    );
+    assert!(downtime < Duration::from_secs(10), "downtime {downtime:?}");
+    // Sessions whose backend died were told a failover is in progress.
+    assert!(
+        errors
+            .iter()
+            .any(|(_, code, msg)| code == "57P01" && msg.contains("failover in progress")),
+        "{errors:?}"
+    );
+    for (_, code, msg) in &errors {
+        assert!(
+            ["57P01", "08006", ""].contains(&code.as_str()),
+            "unexpected client error {code} {msg}"
+        );
+    }
+    assert!(
+        read_seen.errors.is_empty(),
+        "reader errors: {:?}",
+        read_seen.errors
+    );
+    assert!(read_seen.acks.iter().any(|a| a.at > killed + published));
+
+    // The most advanced standby (with synchronous replication both are
+    // complete; ties go to the lower id) was promoted; the other follows.
+    let other = 3 - new;
+    let s = p.ctx.cluster.snapshot();
+    assert_eq!(s.primary, Some(new));
+    let c = connect(p.addr, "").await;
+    c.simple_query("INSERT INTO t VALUES ('after-failover')")
+        .await
+        .unwrap();
+    let took = replicated_to(&cluster, other, "after-failover").await;
+    eprintln!("node {other} follows node {new}: a new row arrived after {took:?}");
+    wait_for(
+        "the other standby to serve reads again",
+        Duration::from_secs(30),
+        || {
+            let n = &ctx.cluster.snapshot().nodes[other];
+            (n.status.is_usable() && n.effective_weight > 0.0 && !n.repl.timeline_mismatch)
+                .then_some(())
+        },
+    )
+    .await;
+    let r = connect(p.addr, "").await;
+    let (_, rows) = show(
+        &r,
+        "SELECT inet_server_port(), count(*) FROM t WHERE k = 'after-failover'",
+    )
+    .await;
+    assert_eq!(rows[0], vec![ports[other].to_string(), "1".to_string()]);
+
+    // The old primary restarted as it was is fenced: a false primary.
+    let c2 = cluster.clone();
+    blocking(move || c2.start_node(0))
+        .await
+        .expect("restart node 0");
+    wait_for(
+        "node 0 fenced as a false primary",
+        Duration::from_secs(30),
+        || {
+            let n = &ctx.cluster.snapshot().nodes[0];
+            n.held_out
+                .as_deref()
+                .filter(|h| h.starts_with("false primary") && !n.status.is_usable())
+                .map(|_| ())
+        },
+    )
+    .await;
+    let before = activity(&cluster, 0).await;
+    assert!(
+        before.ends_with("/0"),
+        "sessions in the fenced node: {before}"
+    );
+    for i in 0..10 {
+        let c = connect(p.addr, "").await;
+        c.simple_query(&format!("INSERT INTO t VALUES ('fenced-{i}')"))
+            .await
+            .unwrap();
+        c.simple_query("SELECT count(*) FROM t").await.unwrap();
+        c.simple_query("/* pgpilot:primary */ SELECT 1")
+            .await
+            .unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let after = activity(&cluster, 0).await;
+    assert_eq!(before, after, "a statement reached the fenced old primary");
+    assert_eq!(psql_in(&cluster, 0, "postgres", "SELECT 1").await, "1");
+    assert_eq!(
+        psql(
+            &cluster,
+            0,
+            "SELECT count(*) FROM t WHERE k LIKE 'fenced-%'"
+        )
+        .await,
+        "0"
+    );
+    assert_eq!(
+        psql(
+            &cluster,
+            new,
+            "SELECT count(*) FROM t WHERE k LIKE 'fenced-%'"
+        )
+        .await,
+        "10"
+    );
+
+    // What operators see.
+    let (_, rows) = show(&c, "SHOW POOL_NODES").await;
+    assert_eq!(
+        (&*rows[0][3], &*rows[0][7]),
+        ("down", "primary"),
+        "{rows:?}"
+    );
+    assert_eq!(rows[new][6], "primary");
+    let (cols, rows) = show(&c, "SHOW PGPILOT_NODES").await;
+    let held = cols.iter().position(|c| c == "held_out").unwrap();
+    assert!(rows[0][held].contains("false primary") && rows[0][held].contains("ATTACH NODE 0"));
+    let (cols, rows) = show(&c, "SHOW PGPILOT_FAILOVER").await;
+    let col = |n: &str| rows[0][cols.iter().position(|c| c == n).unwrap()].clone();
+    assert_eq!((col("state"), col("phase")), ("idle".into(), "done".into()));
+    assert_eq!(
+        (col("old_primary"), col("new_primary")),
+        ("0".into(), new.to_string())
+    );
+    let e = c.simple_query("ATTACH NODE 0").await.unwrap_err();
+    assert_eq!(sqlstate(&e).as_deref(), Some("55000"), "{e}");
+    let m = metrics(&p).await;
+    for (event, want) in [
+        ("failover_started", 1.0),
+        ("failover_finished", 1.0),
+        ("promotion", 1.0),
+    ] {
+        assert_eq!(
+            m[&format!("pgpilot_failover_events_total{{event=\"{event}\"}}")],
+            want,
+            "{event}"
+        );
+    }
+    assert!(m["pgpilot_failover_events_total{event=\"fenced\"}"] >= 1.0);
+    assert!(m["pgpilot_failover_events_total{event=\"follow\"}"] >= 1.0);
+    assert_eq!(m["pgpilot_failover_in_progress"], 0.0);
+    assert_eq!(
+        p.ctx
+            .cluster
+            .failover_report()
+            .counts
+            .get(Event::FailoverFailed),
+        0
+    );
+}
