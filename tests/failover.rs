@@ -664,24 +664,33 @@ async fn none_mode_waits_for_an_outside_promotion_and_clients_wait_too() {
     cfg.failover.mode = FailoverMode::None;
     let p = spawn_proxy_stoppable(cfg);
     all_in_service(&p, 0).await;
+    // A session whose last request ran on the standby.
+    let reading = connect(p.addr, "").await;
+    let (_, rows) = show(&reading, "SELECT inet_server_port()").await;
+    assert_eq!(rows[0][0], cluster.nodes[1].port.to_string());
     let killed = kill_primary(&cluster, &p).await;
     let ctx = p.ctx.clone();
     wait_for("a failover in progress", Duration::from_secs(10), || {
         ctx.cluster.failover_in_progress().then_some(())
     })
     .await;
-    // A client that needs the primary waits instead of failing.
-    let addr = p.addr;
-    let waiting = tokio::spawn(async move {
-        let c = connect(addr, "").await;
+    // Its next write, and a new connection, wait for a primary instead of failing.
+    let insert = |c: tokio_postgres::Client, key: &'static str| async move {
         let t0 = Instant::now();
-        let r = c
-            .simple_query("INSERT INTO t VALUES ('waited') RETURNING inet_server_port()")
-            .await;
+        let sql = format!("INSERT INTO t VALUES ('{key}') RETURNING inet_server_port()");
+        let r = c.simple_query(&sql).await;
         (r.map(|m| result_set(&m).1[0][0].clone()), t0.elapsed())
+    };
+    let old_session = tokio::spawn(insert(reading, "old-session"));
+    let addr = p.addr;
+    let new_session = tokio::spawn(async move {
+        let t0 = Instant::now();
+        let c = connect(addr, "").await;
+        let (r, _) = insert(c, "new-session").await;
+        (r, t0.elapsed())
     });
     tokio::time::sleep(Duration::from_secs(2)).await;
-    assert!(!waiting.is_finished());
+    assert!(!old_session.is_finished() && !new_session.is_finished());
     assert_eq!(
         psql(&cluster, 1, "SELECT pg_is_in_recovery()").await,
         "t",
@@ -693,14 +702,18 @@ async fn none_mode_waits_for_an_outside_promotion_and_clients_wait_too() {
         .await
         .expect("promote by hand");
     let took = new_primary(&p, 1, killed, Duration::from_secs(30)).await;
-    let (port, waited) = waiting.await.unwrap();
-    eprintln!(
-        "none mode: node 1 noticed {took:?} after the kill; the waiting write took {waited:?}"
-    );
-    assert_eq!(
-        port.expect("the waiting write succeeded"),
-        cluster.nodes[1].port.to_string()
-    );
+    let port = cluster.nodes[1].port.to_string();
+    for (what, task) in [
+        ("existing session", old_session),
+        ("new session", new_session),
+    ] {
+        let (r, waited) = task.await.unwrap();
+        eprintln!(
+            "none mode: node 1 noticed {took:?} after the kill; the {what}'s write waited {waited:?}"
+        );
+        assert_eq!(r.unwrap_or_else(|e| panic!("{what}: {e}")), port);
+        assert!(waited > Duration::from_secs(2), "{what} waited {waited:?}");
+    }
     let last = ctx.cluster.failover_report().last.unwrap();
     assert_eq!((last.old_primary, last.target), (Some(0), Some(1)));
 }
