@@ -397,18 +397,7 @@ impl Cluster {
 
     /// The primary's id, waiting up to `wait` for one to be known.
     pub async fn wait_primary(&self, wait: Duration) -> Option<usize> {
-        let deadline = tokio::time::Instant::now() + wait;
-        loop {
-            let notified = self.changed.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            if let Some(p) = self.snapshot.load().primary {
-                return Some(p);
-            }
-            if tokio::time::timeout_at(deadline, notified).await.is_err() {
-                return self.snapshot.load().primary;
-            }
-        }
+        self.wait_primary_for(wait, wait).await
     }
 
     /// Changes whenever a snapshot is published.

@@ -6,6 +6,8 @@
 //! the test process exits, through an `atexit` hook: Rust never drops statics.
 #![allow(dead_code)]
 
+pub mod load;
+
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
