@@ -474,6 +474,8 @@ async fn command_mode_runs_pgpool_scripts_with_placeholders_expanded() {
     cfg.failover.mode = FailoverMode::Command;
     cfg.failover.command = format!("{d}/failover.sh %d %h %p %D %m %H %M %P %r %R %N %S %%");
     cfg.failover.follow_primary_command = format!("{d}/follow.sh %d %h %p %D %m %H %M %P %r %R");
+    // Node 1 may never be promoted: node 2 is the candidate.
+    cfg.backends[1].no_failover = true;
     cfg.validate().expect("valid config");
     let p = spawn_proxy_stoppable(cfg);
     all_in_service(&p, 0).await;
@@ -487,6 +489,7 @@ async fn command_mode_runs_pgpool_scripts_with_placeholders_expanded() {
         "command mode: node {new} primary {:?} after the kill",
         killed.elapsed()
     );
+    assert_eq!(new, 2, "node 1 has no_failover = true");
     let n = |i: usize| &cluster.nodes[i];
     let args = std::fs::read_to_string(dir.path().join("failover.args")).unwrap();
     let want = format!(
