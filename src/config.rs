@@ -14,6 +14,9 @@ use serde::{Deserialize, Deserializer};
 
 use crate::protocol::auth::ScramVerifier;
 
+mod failover;
+pub use failover::{Failover, FailoverMode};
+
 /// A configuration that could not be loaded; the message names the key.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -91,6 +94,9 @@ pub struct Config {
     /// Prometheus `/metrics` and `/healthz` over HTTP.
     #[serde(default)]
     pub metrics: MetricsConfig,
+    /// Replacing a failed primary: detection, promotion, following, client waits.
+    #[serde(default)]
+    pub failover: Failover,
 }
 
 /// What to do with a function called by a read that is on no list.
@@ -204,7 +210,7 @@ pub struct HealthCheck {
 impl Default for HealthCheck {
     fn default() -> Self {
         HealthCheck {
-            period: Duration::from_secs(2),
+            period: Duration::from_secs(1),
             timeout: Duration::from_secs(3),
             max_retries: 2,
             retry_delay: Duration::from_secs(1),
@@ -358,6 +364,15 @@ pub struct Backend {
     /// Data directory on the node's host, for failover hooks (`%D`, `%R`).
     #[serde(default)]
     pub data_directory: String,
+    /// Never promote this node automatically (pgpool's
+    /// `DISALLOW_TO_FAILOVER`): e.g. a standby in another data centre or one
+    /// without the hardware for the write load.
+    #[serde(default)]
+    pub no_failover: bool,
+    /// `promote_trigger_file` of this node (PostgreSQL ≤ 15), for
+    /// `failover.mode = "trigger_file"`; relative to `data_directory`.
+    #[serde(default)]
+    pub trigger_file: String,
 }
 
 /// Client authentication method for a user.
@@ -702,6 +717,7 @@ impl Config {
             }
         }
         self.metrics_addr()?;
+        self.validate_failover()?;
         Ok(())
     }
 
@@ -766,7 +782,7 @@ mod tests {
     #[test]
     fn monitoring_sections_have_defaults_and_checked_values() {
         let c = Config::from_toml(MINIMAL).unwrap();
-        assert_eq!(c.health_check.period, Duration::from_secs(2));
+        assert_eq!(c.health_check.period, Duration::from_secs(1));
         assert_eq!(c.health_check.max_retries, 2);
         assert!(c.health_check.auto_failback);
         assert_eq!(c.sr_check.period, Duration::from_secs(1));

@@ -45,6 +45,19 @@ pub mod sqlstate {
 
 use sqlstate::*;
 
+/// What a session whose server connection died during a failover tells its
+/// client: 57P01, like a server shut down under it, so drivers and poolers
+/// reconnect; new connections wait for the new primary.
+pub fn failover_in_progress(node: usize) -> PgError {
+    PgError::fatal(
+        ADMIN_SHUTDOWN,
+        format!(
+            "terminating connection: failover in progress (the connection to node {node} was lost)"
+        ),
+    )
+    .with_hint("reconnect: new connections wait for the new primary (failover.client_wait_timeout)")
+}
+
 /// Convert a layer error into the ErrorResponse the client receives.
 pub trait ToPgError {
     /// The client-facing error.

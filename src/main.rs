@@ -1,9 +1,14 @@
-//! The `pgpilot` command line: run the proxy, check a config, or run a demo.
+//! The `pgpilot` command line: run the proxy, check a config, run a demo, or
+//! send admin commands to a running pgpilot (`nodes`, `attach`, `detach`,
+//! `promote`).
+
+use std::time::Duration;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
+use pgpilot::admin::cli::{Action, Target};
 use pgpilot::config::Config;
 use pgpilot::server::Proxy;
 
@@ -36,6 +41,90 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         workers: usize,
     },
+    /// Show the nodes of a running pgpilot (SHOW POOL_NODES).
+    Nodes {
+        #[command(flatten)]
+        to: Connect,
+    },
+    /// Lift node N's hold (detached, fenced old primary, cannot follow): ATTACH NODE N.
+    Attach {
+        /// Node id.
+        node: usize,
+        #[command(flatten)]
+        to: Connect,
+    },
+    /// Take standby N out of service until it is attached: DETACH NODE N.
+    Detach {
+        /// Node id.
+        node: usize,
+        #[command(flatten)]
+        to: Connect,
+    },
+    /// Switch the primary over to standby N (PROMOTE NODE N) and follow it to the end.
+    Promote {
+        /// Node id.
+        node: usize,
+        /// Return once the switchover has started.
+        #[arg(long)]
+        no_wait: bool,
+        /// Give up following the switchover after this many seconds.
+        #[arg(long, default_value_t = 300)]
+        timeout: u64,
+        #[command(flatten)]
+        to: Connect,
+    },
+}
+
+/// How the admin subcommands reach the running pgpilot (defaults from --config).
+#[derive(Args)]
+struct Connect {
+    /// pgpilot's host (default: from `listen`; a wildcard means 127.0.0.1).
+    #[arg(long)]
+    host: Option<String>,
+    /// pgpilot's client port (default: from `listen`).
+    #[arg(long)]
+    port: Option<u16>,
+    /// Admin user (default: the first of `admin_users` that is a configured user).
+    #[arg(long)]
+    user: Option<String>,
+    /// Database (default: the user name).
+    #[arg(long)]
+    dbname: Option<String>,
+}
+
+impl Connect {
+    fn target(self) -> Target {
+        Target {
+            host: self.host,
+            port: self.port,
+            user: self.user,
+            dbname: self.dbname,
+        }
+    }
+}
+
+/// Run an admin subcommand against the pgpilot configured in `path`.
+fn admin(path: Option<PathBuf>, to: Connect, action: Action) -> ExitCode {
+    let Some(path) = path else {
+        eprintln!("pgpilot: --config FILE is required (it says where pgpilot listens)");
+        return ExitCode::from(2);
+    };
+    let config = match Config::load(&path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{}: {e}", path.display());
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime(1)
+        .and_then(|rt| rt.block_on(pgpilot::admin::cli::run(&config, &to.target(), action)));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("pgpilot: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 fn main() -> ExitCode {
@@ -48,6 +137,18 @@ fn main() -> ExitCode {
         .init();
     let cli = Cli::parse();
     match cli.command.unwrap_or(Command::Run) {
+        Command::Nodes { to } => admin(cli.config, to, Action::Nodes),
+        Command::Attach { node, to } => admin(cli.config, to, Action::Attach(node)),
+        Command::Detach { node, to } => admin(cli.config, to, Action::Detach(node)),
+        Command::Promote {
+            node,
+            no_wait,
+            timeout,
+            to,
+        } => {
+            let wait = (!no_wait).then(|| Duration::from_secs(timeout));
+            admin(cli.config, to, Action::Promote(node, wait))
+        }
         Command::Demo {
             listen,
             standbys,

@@ -126,6 +126,11 @@ impl Proxy {
             ctx.config.clone(),
             ctx.shutdown.clone(),
         ));
+        tasks.spawn(cluster::failover::run(
+            ctx.cluster.clone(),
+            ctx.config.clone(),
+            ctx.shutdown.clone(),
+        ));
         if let Some(l) = metrics_listener {
             tracing::info!(addr = %l.local_addr().map(|a| a.to_string()).unwrap_or_default(), "metrics endpoint listening");
             tasks.spawn(crate::metrics::http::serve(l, ctx.clone()));

@@ -493,6 +493,9 @@ async fn a_stopped_standby_goes_down_within_the_bound_and_comes_back() {
     cfg.metrics.listen = "127.0.0.1:0".into();
     let mut cfg = fast(cfg);
     cfg.health_check.period = Duration::from_secs(1);
+    // This test checks what pgpilot shows without a primary: no failover
+    // (tests/failover.rs covers failover).
+    cfg.failover.mode = pgpilot::config::FailoverMode::None;
     let hc = cfg.health_check.clone();
     let bound = hc.period * (hc.max_retries + 1) + hc.timeout;
     let p = spawn_proxy_full(cfg);

@@ -12,12 +12,23 @@
 //! | `SHOW POOL_POOLS` | one row per server connection (pgpilot's model) |
 //! | `SHOW PGPILOT_NODES` | what pgpool lacks: effective weight, lag in bytes and seconds, replay paused, timeline, LSNs, last error |
 //! | `PGPOOL SHOW name` / `PGPOOL SHOW ALL` | pgpool-named settings and their values |
+//! | `SHOW PGPILOT_FAILOVER` | the failover or switchover in progress, or the last one |
+//! | `ATTACH NODE n` | lift node n's hold (detached, fenced old primary, cannot follow) |
+//! | `DETACH NODE n` | no traffic to standby n until `ATTACH NODE n` |
+//! | `PROMOTE NODE n` | switchover to standby n (or the candidate of a waiting failover) |
+//!
+//! `ATTACH`/`DETACH`/`PROMOTE` answer one row (`node_id`, `result`); a
+//! refusal is an error with SQLSTATE 55000 and the reason. `PROMOTE NODE`
+//! returns once the switchover has started; `SHOW PGPILOT_FAILOVER` (or
+//! `pgpilot promote`, which polls it) follows it to the end.
 //!
 //! Only users listed in `admin_users` may run them; others get SQLSTATE
 //! 42501. The session decides *when* to answer (simple Query, or the extended
 //! protocol's Parse/Describe/Execute); this module only parses and builds
 //! result sets. Column meanings are in `views.rs` and the README.
 
+pub mod cli;
+mod failover;
 pub mod format;
 pub mod registry;
 mod views;
@@ -49,6 +60,14 @@ pub enum AdminCommand {
     PgpilotNodes,
     /// `PGPOOL SHOW name` (lower-cased), or `None` for `PGPOOL SHOW ALL`.
     PgpoolShow(Option<String>),
+    /// `SHOW PGPILOT_FAILOVER`.
+    PgpilotFailover,
+    /// `ATTACH NODE n`.
+    AttachNode(usize),
+    /// `DETACH NODE n`.
+    DetachNode(usize),
+    /// `PROMOTE NODE n`.
+    PromoteNode(usize),
 }
 
 impl AdminCommand {
@@ -64,7 +83,22 @@ impl AdminCommand {
             AdminCommand::PgpilotNodes => "SHOW PGPILOT_NODES".into(),
             AdminCommand::PgpoolShow(None) => "PGPOOL SHOW ALL".into(),
             AdminCommand::PgpoolShow(Some(n)) => format!("PGPOOL SHOW {n}"),
+            AdminCommand::PgpilotFailover => "SHOW PGPILOT_FAILOVER".into(),
+            AdminCommand::AttachNode(n) => format!("ATTACH NODE {n}"),
+            AdminCommand::DetachNode(n) => format!("DETACH NODE {n}"),
+            AdminCommand::PromoteNode(n) => format!("PROMOTE NODE {n}"),
         }
+    }
+
+    /// Whether running the command changes something (so describing it
+    /// through the extended protocol must not run it).
+    pub fn has_effects(&self) -> bool {
+        matches!(
+            self,
+            AdminCommand::AttachNode(_)
+                | AdminCommand::DetachNode(_)
+                | AdminCommand::PromoteNode(_)
+        )
     }
 }
 
@@ -129,7 +163,12 @@ pub fn parse_bytes(sql: &[u8]) -> Option<AdminCommand> {
     let start = sql.iter().position(|b| !b.is_ascii_whitespace())?;
     let head = &sql[start..];
     let starts = |w: &[u8]| head.len() >= w.len() && head[..w.len()].eq_ignore_ascii_case(w);
-    if !starts(b"show") && !starts(b"pgpool") {
+    if !starts(b"show")
+        && !starts(b"pgpool")
+        && !starts(b"attach")
+        && !starts(b"detach")
+        && !starts(b"promote")
+    {
         return None;
     }
     let text = std::str::from_utf8(head).ok()?.trim_end();
@@ -151,8 +190,18 @@ pub fn parse_bytes(sql: &[u8]) -> Option<AdminCommand> {
             "pool_pools" => AdminCommand::PoolPools,
             "pool_processes" => AdminCommand::PoolProcesses,
             "pgpilot_nodes" => AdminCommand::PgpilotNodes,
+            "pgpilot_failover" => AdminCommand::PgpilotFailover,
             _ => return None,
         },
+        [verb, "node", n] => {
+            let n: usize = n.parse().ok()?;
+            match *verb {
+                "attach" => AdminCommand::AttachNode(n),
+                "detach" => AdminCommand::DetachNode(n),
+                "promote" => AdminCommand::PromoteNode(n),
+                _ => return None,
+            }
+        }
         ["pgpool", "show", "all"] => AdminCommand::PgpoolShow(None),
         ["pgpool", "show", name] => AdminCommand::PgpoolShow(Some(name.to_string())),
         _ => return None,
@@ -161,13 +210,56 @@ pub fn parse_bytes(sql: &[u8]) -> Option<AdminCommand> {
 }
 
 /// Run an admin command for `who`: 42501 unless the user is in
-/// `admin_users`. Never blocks (reads snapshots and counters).
+/// `admin_users`. Never blocks: `SHOW` reads snapshots and counters;
+/// `ATTACH`/`DETACH` change node state under the cluster's lock;
+/// `PROMOTE NODE` validates and starts a switchover task.
 pub fn execute(
     ctx: &ProxyContext,
     cmd: &AdminCommand,
     who: &AdminCaller,
 ) -> Result<ResultSet, PgError> {
     let cfg = ctx.config.load();
+    check_admin(&cfg, cmd, who)?;
+    match cmd {
+        AdminCommand::PoolNodes => Ok(views::pool_nodes(ctx, who)),
+        AdminCommand::PoolVersion => Ok(views::pool_version()),
+        AdminCommand::PoolHealthCheckStats => Ok(views::health_check_stats(ctx)),
+        AdminCommand::PoolBackendStats => Ok(views::backend_stats(ctx)),
+        AdminCommand::PoolPools => Ok(views::pool_pools(ctx)),
+        AdminCommand::PoolProcesses => Ok(views::pool_processes(ctx)),
+        AdminCommand::PgpilotNodes => Ok(views::pgpilot_nodes(ctx)),
+        AdminCommand::PgpoolShow(name) => views::pgpool_show(&cfg, name.as_deref()),
+        AdminCommand::PgpilotFailover => Ok(failover::status(ctx)),
+        AdminCommand::AttachNode(n) => failover::node_result(*n, ctx.cluster.attach(*n, &cfg)),
+        AdminCommand::DetachNode(n) => failover::node_result(*n, ctx.cluster.detach(*n, &cfg)),
+        AdminCommand::PromoteNode(n) => failover::node_result(
+            *n,
+            crate::cluster::switchover::start(ctx.cluster.clone(), ctx.config.clone(), *n),
+        ),
+    }
+}
+
+/// The result set `cmd` would return, for the extended protocol's Describe:
+/// like [`execute`] for `SHOW` commands, the columns only (no effect) for
+/// `ATTACH`/`DETACH`/`PROMOTE`.
+pub fn describe(
+    ctx: &ProxyContext,
+    cmd: &AdminCommand,
+    who: &AdminCaller,
+) -> Result<ResultSet, PgError> {
+    if cmd.has_effects() {
+        check_admin(&ctx.config.load(), cmd, who)?;
+        return Ok(failover::node_columns());
+    }
+    execute(ctx, cmd, who)
+}
+
+/// 42501 unless `who` is an admin user.
+fn check_admin(
+    cfg: &crate::config::Config,
+    cmd: &AdminCommand,
+    who: &AdminCaller,
+) -> Result<(), PgError> {
     if !cfg.is_admin(&who.user) {
         return Err(PgError::error(
             INSUFFICIENT_PRIVILEGE,
@@ -178,16 +270,7 @@ pub fn execute(
         )
         .with_hint("list the user in admin_users in pgpilot's configuration"));
     }
-    match cmd {
-        AdminCommand::PoolNodes => Ok(views::pool_nodes(ctx, who)),
-        AdminCommand::PoolVersion => Ok(views::pool_version()),
-        AdminCommand::PoolHealthCheckStats => Ok(views::health_check_stats(ctx)),
-        AdminCommand::PoolBackendStats => Ok(views::backend_stats(ctx)),
-        AdminCommand::PoolPools => Ok(views::pool_pools(ctx)),
-        AdminCommand::PoolProcesses => Ok(views::pool_processes(ctx)),
-        AdminCommand::PgpilotNodes => Ok(views::pgpilot_nodes(ctx)),
-        AdminCommand::PgpoolShow(name) => views::pgpool_show(&cfg, name.as_deref()),
-    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -210,6 +293,10 @@ mod tests {
             ("SHOW POOL_PROCESSES", AdminCommand::PoolProcesses),
             ("SHOW PGPILOT_NODES;", AdminCommand::PgpilotNodes),
             ("PGPOOL SHOW ALL", AdminCommand::PgpoolShow(None)),
+            ("SHOW PGPILOT_FAILOVER", AdminCommand::PgpilotFailover),
+            ("attach node 2", AdminCommand::AttachNode(2)),
+            ("DETACH  NODE 1;", AdminCommand::DetachNode(1)),
+            ("Promote Node 0", AdminCommand::PromoteNode(0)),
             (
                 "pgpool show Health_Check_Period;",
                 AdminCommand::PgpoolShow(Some("health_check_period".into())),
@@ -237,6 +324,12 @@ mod tests {
             "PGPOOL",
             "PGPOOL SHOW",
             "/* c */ SHOW POOL_NODES",
+            "ATTACH NODE",
+            "ATTACH NODE x",
+            "DETACH NODE -1",
+            "PROMOTE NODE 1 2",
+            "promote node1",
+            "ATTACH PARTITION p FOR VALUES IN (1)",
         ] {
             assert_eq!(parse(sql), None, "{sql:?}");
         }

@@ -49,7 +49,7 @@ fn pg_role(n: &NodeView) -> &'static str {
     }
 }
 
-fn opt<T: ToString>(v: Option<T>) -> String {
+pub(super) fn opt<T: ToString>(v: Option<T>) -> String {
     v.map(|v| v.to_string()).unwrap_or_default()
 }
 
@@ -499,6 +499,31 @@ fn pgpool_settings(cfg: &Config) -> Vec<(String, String, &'static str)> {
             "on".into(),
             "always on in pgpilot",
         ),
+        (
+            "failover_command".into(),
+            cfg.failover.command.clone(),
+            "failover.command (failover.mode = \"command\")",
+        ),
+        (
+            "follow_primary_command".into(),
+            cfg.failover.follow_primary_command.clone(),
+            "failover.follow_primary_command",
+        ),
+        (
+            "search_primary_node_timeout".into(),
+            secs(cfg.failover.search_primary_timeout),
+            "failover.search_primary_timeout (seconds)",
+        ),
+        (
+            "failover_on_backend_error".into(),
+            on_off(cfg.failover.detect_on_session_error),
+            "failover.detect_on_session_error (confirmed by a direct probe)",
+        ),
+        (
+            "detach_false_primary".into(),
+            "on".into(),
+            "always on in pgpilot",
+        ),
     ];
     for (i, b) in cfg.backends.iter().enumerate() {
         v.push((
@@ -525,6 +550,16 @@ fn pgpool_settings(cfg: &Config) -> Vec<(String, String, &'static str)> {
             format!("backend_data_directory{i}"),
             b.data_directory.clone(),
             "backends[].data_directory",
+        ));
+        v.push((
+            format!("backend_flag{i}"),
+            if b.no_failover {
+                "DISALLOW_TO_FAILOVER"
+            } else {
+                "ALLOW_TO_FAILOVER"
+            }
+            .into(),
+            "backends[].no_failover",
         ));
     }
     v
@@ -574,7 +609,7 @@ mod tests {
         assert_eq!(rs.columns, vec!["delay_threshold_by_time"]);
         assert_eq!(rs.rows, vec![vec!["1500".to_string()]]);
         let rs = pgpool_show(&cfg, Some("health_check_period")).unwrap();
-        assert_eq!(rs.rows[0][0], "2");
+        assert_eq!(rs.rows[0][0], "1");
         assert_eq!(
             pgpool_show(&cfg, Some("backend_port0")).unwrap().rows[0][0],
             "5432"

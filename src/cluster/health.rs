@@ -108,10 +108,49 @@ impl HealthStats {
 pub(super) struct Round {
     /// `Ok(in_recovery)` or the last attempt's error.
     pub outcome: Result<bool, String>,
+    /// On failure: the last attempt got an error *answer* from a running
+    /// server ([`ProbeError::alive`]); such a primary is not failed over.
+    pub alive: bool,
     /// Attempts after the first.
     pub retries: u32,
     /// From the first attempt's start to the end.
     pub duration: Duration,
+    /// When the last attempt started: a role it reports is older than any
+    /// direct observation made after this instant.
+    pub started: Instant,
+}
+
+/// A failed probe.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProbeError {
+    /// One line, without passwords.
+    pub message: String,
+    /// The node answered with an error that shows a server running and
+    /// serving (too many connections, authentication, missing database …),
+    /// as opposed to no answer, or `57P0x` (shutting down, starting up,
+    /// recovering from a crash) and `08xxx`. Why it matters: a client can
+    /// make a healthy primary refuse connections (exhaust `max_connections`);
+    /// that must never start a failover.
+    pub alive: bool,
+}
+
+impl std::fmt::Display for ProbeError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl ProbeError {
+    fn from_pg(e: &tokio_postgres::Error) -> ProbeError {
+        let alive = e.as_db_error().is_some_and(|db| {
+            let code = db.code().code();
+            !(code.starts_with("57P") || code.starts_with("08"))
+        });
+        ProbeError {
+            message: describe(e),
+            alive,
+        }
+    }
 }
 
 impl Cluster {
@@ -133,19 +172,19 @@ pub async fn probe_once(
     backend: &Backend,
     monitor: &Monitor,
     limit: Duration,
-) -> Result<bool, String> {
+) -> Result<bool, ProbeError> {
     let mut cfg = super::monitor_conn_config(backend, monitor, "pgpilot-health");
     cfg.connect_timeout(limit);
     let work = async {
         let (client, conn) = cfg
             .connect(tokio_postgres::NoTls)
             .await
-            .map_err(|e| describe(&e))?;
+            .map_err(|e| ProbeError::from_pg(&e))?;
         let conn_task = tokio::spawn(conn);
         let row = client
             .query_one("SELECT pg_is_in_recovery()", &[])
             .await
-            .map_err(|e| describe(&e));
+            .map_err(|e| ProbeError::from_pg(&e));
         // Dropping the client sends Terminate; let the connection finish so the
         // node does not log an unexpected EOF for every check.
         drop(client);
@@ -155,11 +194,14 @@ pub async fn probe_once(
         {
             tracing::debug!(node = %backend.host, "health connection did not close in time");
         }
-        row.and_then(|r| r.try_get::<_, bool>(0).map_err(|e| describe(&e)))
+        row.and_then(|r| r.try_get::<_, bool>(0).map_err(|e| ProbeError::from_pg(&e)))
     };
     match tokio::time::timeout(limit, work).await {
         Ok(r) => r,
-        Err(_) => Err(format!("no answer within {limit:?}")),
+        Err(_) => Err(ProbeError {
+            message: format!("no answer within {limit:?}"),
+            alive: false,
+        }),
     }
 }
 
@@ -206,8 +248,10 @@ async fn run_round(
             Ok(in_recovery) => {
                 return Some(Round {
                     outcome: Ok(in_recovery),
+                    alive: true,
                     retries,
                     duration: started.elapsed(),
+                    started: t0,
                 });
             }
             Err(e) if retries < hc.max_retries => {
@@ -216,7 +260,7 @@ async fn run_round(
                 } else {
                     tracing::info!(node, attempt = retries + 1, error = %e, "health check failed; retrying");
                 }
-                cluster.record_attempt_failure(node, &e);
+                cluster.record_attempt_failure(node, &e.message);
                 retries += 1;
                 tokio::select! {
                     _ = tokio::time::sleep(hc.retry_delay) => {}
@@ -225,9 +269,11 @@ async fn run_round(
             }
             Err(e) => {
                 return Some(Round {
-                    outcome: Err(e),
+                    outcome: Err(e.message),
+                    alive: e.alive,
                     retries,
                     duration: started.elapsed(),
+                    started: t0,
                 });
             }
         }
@@ -293,22 +339,29 @@ pub async fn initial_check(cluster: &Cluster, config: &Config, observer: &CheckO
             tokio::spawn(async move {
                 let t0 = Instant::now();
                 let r = probe_once(&b, &m, limit).await;
-                (r, t0.elapsed())
+                (r, t0, t0.elapsed())
             })
         })
         .collect();
     for (node, t) in tasks.into_iter().enumerate() {
-        let (outcome, duration) = t
-            .await
-            .unwrap_or_else(|e| (Err(format!("check task failed: {e}")), Duration::ZERO));
+        let (outcome, t0, duration) = t.await.unwrap_or_else(|e| {
+            let e = ProbeError {
+                message: format!("check task failed: {e}"),
+                alive: false,
+            };
+            (Err(e), Instant::now(), Duration::ZERO)
+        });
         observer(node, duration, outcome.is_ok());
         if let Err(e) = &outcome {
             tracing::warn!(node, error = %e, "node did not answer the initial health check");
         }
+        let alive = outcome.as_ref().err().is_none_or(|e| e.alive);
         let round = Round {
-            outcome,
+            outcome: outcome.map_err(|e| e.message),
+            alive,
             retries: 0,
             duration,
+            started: t0,
         };
         cluster.record_round(node, round, config);
     }

@@ -16,27 +16,42 @@
 //!   lag and, through [`lag`], each standby's effective read weight.
 //! * the backend pool, which reports the first connection to a node
 //!   ([`Cluster::note_backend_connected`]) so `waiting` turns `up`.
+//! * [`failover`]: the coordinator. When the chosen primary is lost it
+//!   picks the most advanced standby, promotes it ([`promote`], by
+//!   `failover.mode`), waits for exactly one primary, publishes it and
+//!   re-points the other standbys ([`follow`]); the old primary is fenced.
+//!   [`switchover`] runs `PROMOTE NODE` (planned), and admin commands attach
+//!   and detach nodes. Why this never publishes two primaries is written
+//!   down in `state/transition.rs`.
 //!
 //! Sessions, the router, admin commands and metrics only read snapshots (an
 //! `Arc` load, no lock). The state machine itself (admission, false primaries,
 //! auto_failback, weights) lives in `state.rs` as plain functions over data, so
 //! it is unit-tested without a network.
 
+pub mod events;
+pub mod failover;
+pub mod follow;
 pub mod health;
+pub mod hooks;
 pub mod lag;
+pub mod promote;
 pub mod replication;
 mod state;
+pub mod switchover;
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
 use tokio::sync::{Notify, watch};
 
-use crate::config::{Backend, Monitor};
+use crate::config::{Backend, Config, Monitor};
+pub use events::FailoverReport;
 pub use health::HealthStats;
 pub use lag::LagPolicy;
-use state::Owner;
+use state::{Admission, Owner};
 
 /// pgpilot's own view of a node: does it get traffic?
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -250,7 +265,25 @@ pub struct Cluster {
     /// One per node: a session saw a connection failure; probe now. A `Notify`
     /// holds at most one permit, so a burst of errors costs one probe.
     probe_requests: Vec<Notify>,
+    /// A failover or switchover is in progress (mirrors the owner, so the
+    /// sessions' check is one atomic load).
+    in_transition: AtomicBool,
+    /// A session lost its connection to the primary: the failover
+    /// coordinator probes it directly (`failover.detect_on_session_error`).
+    suspect: Notify,
+    /// Counts the coordinator's finished direct probes, so a session can wait
+    /// for the verdict on the connection it lost.
+    verdicts: watch::Sender<u64>,
+    /// `failover.detect_on_session_error`, mirrored by the coordinator.
+    fast_detect: AtomicBool,
+    /// Held while a failover or switchover runs: one at a time.
+    transition_lock: tokio::sync::Mutex<()>,
 }
+
+/// How long a session whose primary connection broke waits for the
+/// coordinator's verdict before it tells its client (only with
+/// `detect_on_session_error`; a refused connection answers in milliseconds).
+const VERDICT_WAIT: Duration = Duration::from_secs(1);
 
 impl Cluster {
     /// State for the configured backends, all unknown.
@@ -262,7 +295,99 @@ impl Cluster {
             generation: watch::Sender::new(0),
             owner: Mutex::new(Owner::new(snap)),
             probe_requests: backends.iter().map(|_| Notify::new()).collect(),
+            in_transition: AtomicBool::new(false),
+            suspect: Notify::new(),
+            verdicts: watch::Sender::new(0),
+            fast_detect: AtomicBool::new(false),
+            transition_lock: tokio::sync::Mutex::new(()),
         }
+    }
+
+    /// Whether a failover or switchover is in progress (one atomic load).
+    pub fn failover_in_progress(&self) -> bool {
+        self.in_transition.load(Ordering::Acquire)
+    }
+
+    /// The primary's id, waiting up to `normal` for one — or up to
+    /// `during_failover` (`failover.client_wait_timeout`) while a failover
+    /// or switchover is in progress, re-judged on every change.
+    pub async fn wait_primary_for(
+        &self,
+        normal: Duration,
+        during_failover: Duration,
+    ) -> Option<usize> {
+        let start = tokio::time::Instant::now();
+        loop {
+            let notified = self.changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if let Some(p) = self.snapshot.load().primary {
+                return Some(p);
+            }
+            let limit = if self.failover_in_progress() {
+                normal.max(during_failover)
+            } else {
+                normal
+            };
+            let deadline = start + limit;
+            if tokio::time::Instant::now() >= deadline {
+                return None;
+            }
+            let _ = tokio::time::timeout_at(deadline, notified).await;
+        }
+    }
+
+    /// A session's server connection to `node` broke (or was refused). Asks
+    /// for probes like [`Cluster::report_session_error`]; when `node` is the
+    /// primary and `detect_on_session_error` is on, waits (≤ 1 s) for the
+    /// coordinator's direct probe. Returns whether a failover is in progress,
+    /// so the session can tell its client so.
+    pub async fn session_lost(&self, node: usize) -> bool {
+        if self.failover_in_progress() {
+            self.report_session_error(node);
+            return true;
+        }
+        let was_primary = self.snapshot.load().primary == Some(node);
+        let mut verdicts = self.verdicts.subscribe();
+        verdicts.borrow_and_update();
+        self.report_session_error(node);
+        if !was_primary || !self.fast_detect.load(Ordering::Relaxed) {
+            return false;
+        }
+        let verdict = async {
+            while !self.failover_in_progress() {
+                if verdicts.changed().await.is_err() {
+                    break;
+                }
+                if !self.failover_in_progress() {
+                    // The probe found it alive.
+                    return false;
+                }
+            }
+            self.failover_in_progress()
+        };
+        tokio::time::timeout(VERDICT_WAIT, verdict)
+            .await
+            .unwrap_or_else(|_| self.failover_in_progress())
+    }
+
+    /// Failover status and event counters (`SHOW PGPILOT_FAILOVER`, metrics).
+    pub fn failover_report(&self) -> FailoverReport {
+        self.lock().report()
+    }
+
+    /// `ATTACH NODE n`: lift the node's hold (detached, fenced, cannot
+    /// follow) and admit it. The message says what happened.
+    pub fn attach(&self, node: usize, config: &Config) -> Result<String, String> {
+        let adm = Admission::from(config);
+        self.update_with(|o| o.attach(node, &adm))
+    }
+
+    /// `DETACH NODE n`: no traffic to the node until `ATTACH NODE n`.
+    /// Refused for the primary (use `PROMOTE NODE` to move it first).
+    pub fn detach(&self, node: usize, config: &Config) -> Result<String, String> {
+        let adm = Admission::from(config);
+        self.update_with(|o| o.detach(node, &adm))
     }
 
     /// The current snapshot (cheap: an `Arc` clone).
@@ -272,18 +397,7 @@ impl Cluster {
 
     /// The primary's id, waiting up to `wait` for one to be known.
     pub async fn wait_primary(&self, wait: Duration) -> Option<usize> {
-        let deadline = tokio::time::Instant::now() + wait;
-        loop {
-            let notified = self.changed.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            if let Some(p) = self.snapshot.load().primary {
-                return Some(p);
-            }
-            if tokio::time::timeout_at(deadline, notified).await.is_err() {
-                return self.snapshot.load().primary;
-            }
-        }
+        self.wait_primary_for(wait, wait).await
     }
 
     /// Changes whenever a snapshot is published.
@@ -299,6 +413,9 @@ impl Cluster {
     pub fn report_session_error(&self, node: usize) {
         tracing::debug!(node, "session reported a connection error; probing early");
         self.request_probe(node);
+        if self.snapshot.load().primary == Some(node) {
+            self.suspect.notify_one();
+        }
     }
 
     /// Ask `node`'s health task for a round now (coalesced).
@@ -322,6 +439,66 @@ impl Cluster {
         }
     }
 
+    // ---- steps of the failover coordinator (see `state/transition.rs`) ----
+
+    /// The failover step that is due, if any.
+    fn transition_due(&self, retry: Duration) -> Option<events::TransitionStatus> {
+        self.lock().transition_due(retry)
+    }
+
+    /// Record the phase of transition `id`.
+    fn set_phase(&self, id: u64, phase: events::Phase, detail: String) -> Result<(), String> {
+        self.update_with(|o| o.set_phase(id, phase, detail))
+    }
+
+    /// The direct probe confirmed the primary cannot be reached.
+    fn primary_unreachable(&self, node: usize, reason: String, config: &Config) {
+        let adm = Admission::from(config);
+        self.update(|o| o.primary_unreachable(node, reason, &adm));
+    }
+
+    /// A role seen directly by the coordinator.
+    fn observe_role(&self, node: usize, in_recovery: bool) {
+        self.update(|o| o.observe_role(node, in_recovery));
+    }
+
+    /// The point of no return of transition `id` (fences the old primary).
+    fn promotion_started(&self, id: u64, candidate: usize) -> Result<(), String> {
+        self.update_with(|o| o.promotion_started(id, candidate))
+    }
+
+    /// Publish `new` as the primary, ending transition `id`.
+    fn finish(&self, id: u64, new: usize, config: &Config) -> Result<(), String> {
+        let adm = Admission::from(config);
+        self.update_with(|o| o.finish(id, new, &adm))
+    }
+
+    /// Transition `id` gives up.
+    fn fail(&self, id: u64, reason: String, config: &Config) -> Result<(), String> {
+        let adm = Admission::from(config);
+        self.update_with(|o| o.fail(id, reason, &adm))
+    }
+
+    /// Count a failover event.
+    fn count(&self, e: events::Event) {
+        self.lock().count(e);
+    }
+
+    /// Whether `node` is held out (detached, fenced, cannot follow).
+    fn is_held(&self, node: usize) -> bool {
+        self.lock().is_held(node)
+    }
+
+    /// The last WAL position seen on `node` while it was the primary.
+    fn last_primary_lsn(&self, node: usize) -> Option<u64> {
+        self.lock().last_primary_lsn(node)
+    }
+
+    /// A standby could not follow the new primary.
+    fn cannot_follow(&self, node: usize, reason: String) {
+        self.update(|o| o.cannot_follow(node, reason));
+    }
+
     /// Health-check statistics per node (for `SHOW POOL_HEALTH_CHECK_STATS`).
     pub fn health_stats(&self) -> Vec<HealthStats> {
         self.lock().health_stats()
@@ -337,14 +514,24 @@ impl Cluster {
 
     /// Run `f` on the owner state and publish the resulting snapshot.
     fn update(&self, f: impl FnOnce(&mut Owner)) {
+        self.update_with(f)
+    }
+
+    /// [`Cluster::update`] returning `f`'s result.
+    fn update_with<R>(&self, f: impl FnOnce(&mut Owner) -> R) -> R {
         let mut owner = self.lock();
-        f(&mut owner);
+        let r = f(&mut owner);
+        // Before the snapshot: a session that sees `primary: None` also sees
+        // whether a failover is why.
+        self.in_transition
+            .store(owner.in_transition(), Ordering::Release);
         let snap = owner.publishable();
         let generation = snap.generation;
         self.snapshot.store(Arc::new(snap));
         drop(owner);
         self.changed.notify_waiters();
         self.generation.send_replace(generation);
+        r
     }
 
     fn lock(&self) -> MutexGuard<'_, Owner> {

@@ -19,14 +19,23 @@
 //!   the current one if it still qualifies, else the lowest id.
 //! * Effective weights: configured weight for the primary, `weight × f(lag)`
 //!   for in-service standbys on the primary's timeline, 0 otherwise.
+//! * A node under a *hold* (detached by an operator, fenced old primary,
+//!   standby that could not follow a new primary) gets no traffic and is
+//!   never chosen as primary; `ATTACH NODE` lifts the hold.
+//! * While a failover or switchover is in progress no primary is published;
+//!   losing the chosen primary starts a failover (see `state/transition.rs`,
+//!   which also holds the reasoning why writes never reach two primaries).
 
 use std::collections::VecDeque;
 use std::time::{Instant, SystemTime};
 
+use super::events::{EventCounts, TransitionStatus};
 use super::health::{HealthStats, Round};
 use super::replication::{NodeCheck, SrRound};
 use super::{ClusterSnapshot, LagPolicy, NodeStatus, PgStatus, ReplicationView, Role};
 use crate::config::Config;
+
+mod transition;
 
 /// Primary LSN samples kept for time-lag estimates (about an hour at 1 s).
 const HISTORY_CAP: usize = 4096;
@@ -93,6 +102,43 @@ struct NodeBook {
     false_primary: bool,
     /// Health-check counters.
     stats: HealthStats,
+    /// Kept out of service until an operator (or, for `CannotFollow`,
+    /// streaming evidence) lifts it.
+    hold: Option<Hold>,
+    /// `ATTACH NODE` vouched for it: a returning standby is admitted without
+    /// waiting for streaming evidence (the operator rebuilt it).
+    attached: bool,
+    /// When the failover coordinator last saw this node's role directly:
+    /// health rounds that started earlier must not overwrite it (a round
+    /// started before a promotion would otherwise report "standby" after it).
+    role_seen_at: Option<Instant>,
+    /// The latest failed round got an error *answer* from a running server
+    /// (too many connections, authentication …): the node is alive, so it
+    /// must not be failed over automatically.
+    failure_alive: bool,
+}
+
+/// Why a node is held out of service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum HoldKind {
+    /// `DETACH NODE`.
+    Detached,
+    /// An old primary replaced by a failover or switchover: its data may
+    /// have diverged, so only an operator (`ATTACH NODE`, after pg_rewind or
+    /// pg_basebackup) may bring it back.
+    Fenced,
+    /// A standby that could not follow the new primary; lifted when it is
+    /// seen streaming from the primary on its timeline (or by `ATTACH NODE`).
+    CannotFollow,
+}
+
+/// A hold and the reason shown to operators.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct Hold {
+    /// What kind of hold.
+    pub kind: HoldKind,
+    /// Shown in `SHOW PGPILOT_NODES` (`held_out`).
+    pub reason: String,
 }
 
 /// The chosen primary's LSN over time: when did it first pass a given LSN?
@@ -142,6 +188,23 @@ pub(super) struct Owner {
     books: Vec<NodeBook>,
     /// Primary LSN samples.
     history: LsnHistory,
+    /// The failover or switchover in progress: while it is set no primary is
+    /// published.
+    transition: Option<TransitionStatus>,
+    /// The last finished transition (for `SHOW PGPILOT_FAILOVER`).
+    last_transition: Option<TransitionStatus>,
+    /// The most recently chosen primary, kept after it is lost until a
+    /// failover settles what replaces it: losing it is what starts one.
+    last_primary: Option<usize>,
+    /// Why the lost primary is not failed over (it answers: alive).
+    blocked: Option<String>,
+    /// Failover event counters.
+    counts: EventCounts,
+    /// Id of the next transition.
+    next_id: u64,
+    /// The latest `pg_current_wal_lsn()` of the chosen primary, kept after
+    /// it is lost: `failover.max_lag_bytes` measures candidates against it.
+    last_primary_lsn: Option<(usize, u64)>,
 }
 
 impl Owner {
@@ -152,6 +215,13 @@ impl Owner {
             snap,
             books,
             history: LsnHistory::default(),
+            transition: None,
+            last_transition: None,
+            last_primary: None,
+            blocked: None,
+            counts: EventCounts::default(),
+            next_id: 1,
+            last_primary_lsn: None,
         }
     }
 
@@ -159,6 +229,13 @@ impl Owner {
     pub fn publishable(&mut self) -> ClusterSnapshot {
         self.snap.generation += 1;
         self.snap.clone()
+    }
+
+    /// The last WAL position seen on `node` while it was the primary.
+    pub fn last_primary_lsn(&self, node: usize) -> Option<u64> {
+        self.last_primary_lsn
+            .filter(|(p, _)| *p == node)
+            .map(|(_, lsn)| lsn)
     }
 
     /// Health-check counters per node.
@@ -190,12 +267,14 @@ impl Owner {
                 }
                 n.pg_status = PgStatus::Up;
                 n.last_error = None;
+                book.failure_alive = false;
                 let role = if in_recovery {
                     Role::Standby
                 } else {
                     Role::Primary
                 };
-                if role != n.role {
+                let stale = book.role_seen_at.is_some_and(|t| round.started < t);
+                if role != n.role && !stale {
                     tracing::info!(
                         node,
                         from = n.role.as_str(),
@@ -209,8 +288,9 @@ impl Owner {
             Err(e) => {
                 n.pg_status = PgStatus::Down;
                 n.last_error = Some(e);
-                n.held_out = None;
+                n.held_out = book.hold.as_ref().map(|h| h.reason.clone());
                 book.healthy_since = None;
+                book.failure_alive = round.alive;
                 if n.status != NodeStatus::Down {
                     tracing::warn!(
                         node,
@@ -267,7 +347,10 @@ impl Owner {
         let primary_lsn = primary_sample.and_then(|s| s.current_lsn);
         let primary_tli = primary_sample.and_then(|s| s.timeline);
         match (primary, primary_lsn) {
-            (Some(p), Some(lsn)) => self.history.push(p, round.at, lsn),
+            (Some(p), Some(lsn)) => {
+                self.history.push(p, round.at, lsn);
+                self.last_primary_lsn = Some((p, lsn));
+            }
             (None, _) => self.history.clear(),
             _ => {}
         }
@@ -404,15 +487,22 @@ impl Owner {
                 self.snap.nodes[p].last_change = now;
             }
         }
+        self.watch_primary(now);
         self.recompute_weights();
     }
 
-    /// The in-service node claiming primary that is not a false primary: the
-    /// current one if it still qualifies, else the lowest id.
+    /// The in-service node claiming primary that is not a false primary and
+    /// not held: the current one if it still qualifies, else the lowest id.
+    /// None at all while a failover or switchover is in progress: the
+    /// coordinator alone decides the next primary (see `transition.rs`).
     fn choose_primary(&self) -> Option<usize> {
+        if self.transition.is_some() {
+            return None;
+        }
         let claims = |i: &usize| {
             let n = &self.snap.nodes[*i];
-            n.status.is_usable() && n.role == Role::Primary && !self.books[*i].false_primary
+            let b = &self.books[*i];
+            n.status.is_usable() && n.role == Role::Primary && !b.false_primary && b.hold.is_none()
         };
         match self.snap.primary {
             Some(c) if c < self.snap.nodes.len() && claims(&c) => Some(c),
@@ -425,6 +515,10 @@ impl Owner {
         if n.pg_status != PgStatus::Up {
             return;
         }
+        if self.held(i, now) {
+            return;
+        }
+        let n = &self.snap.nodes[i];
         let in_service = n.status.is_usable();
         match n.role {
             Role::Primary => {
@@ -434,6 +528,7 @@ impl Owner {
                     .filter(|&p| p != i && self.snap.nodes[p].status.is_usable());
                 if let Some(p) = other {
                     if !self.books[i].false_primary {
+                        self.counts.add(super::events::Event::Fenced);
                         tracing::warn!(
                             node = i,
                             primary = p,
@@ -465,14 +560,15 @@ impl Owner {
                 let fresh_streaming = n.repl.streaming_from_primary
                     && matches!((b.sr_seen_at, b.healthy_since), (Some(s), Some(h)) if s >= h);
                 if n.status == NodeStatus::Unknown
+                    || b.attached
                     || (adm.auto_failback && (!adm.sr_enabled || fresh_streaming))
                 {
+                    self.books[i].attached = false;
                     self.admit(i, now);
                 } else if !adm.auto_failback {
                     self.hold(
                         i,
-                        "healthy again, but auto_failback is off: stays down until pgpilot restarts"
-                            .into(),
+                        format!("healthy again, but auto_failback is off: stays down until ATTACH NODE {i}"),
                         now,
                     );
                 } else {

@@ -3,6 +3,7 @@
 use std::time::{Duration, Instant, SystemTime};
 
 use super::*;
+use crate::cluster::events::{Event, Phase};
 use crate::cluster::replication::{NodeSample, ReplicationRow};
 use crate::config::Backend;
 
@@ -14,6 +15,8 @@ fn backends(n: usize) -> Vec<Backend> {
             weight: 1.0,
             application_name: format!("node{i}"),
             data_directory: String::new(),
+            no_failover: false,
+            trigger_file: String::new(),
         })
         .collect()
 }
@@ -44,16 +47,20 @@ fn adm(n: usize) -> Admission {
 fn ok(in_recovery: bool) -> Round {
     Round {
         outcome: Ok(in_recovery),
+        alive: true,
         retries: 0,
         duration: Duration::from_millis(3),
+        started: Instant::now(),
     }
 }
 
 fn failed() -> Round {
     Round {
         outcome: Err("connection refused".into()),
+        alive: false,
         retries: 2,
         duration: Duration::from_millis(9),
+        started: Instant::now(),
     }
 }
 
@@ -234,15 +241,31 @@ fn a_second_primary_is_never_admitted() {
 }
 
 #[test]
-fn promoted_standby_becomes_primary_when_the_primary_is_gone() {
+fn promoted_standby_becomes_primary_only_when_the_failover_publishes_it() {
     let mut o = started();
     o.round_finished(0, failed(), SystemTime::now(), adm(3));
+    let t = o
+        .transition_due(Duration::from_secs(1))
+        .expect("a failover started");
+    assert_eq!((t.old_primary, t.phase), (Some(0), Phase::Detected));
+    assert!(o.in_transition());
+    // A node claiming primary is not published behind the coordinator's back.
     o.round_finished(1, ok(false), SystemTime::now(), adm(3));
+    assert_eq!(o.snap.primary, None);
+    o.promotion_started(t.id, 1).unwrap();
+    o.finish(t.id, 1, &adm(3)).unwrap();
     assert_eq!(o.snap.primary, Some(1));
-    // The old primary returning as a primary is a false primary.
+    assert!(!o.in_transition());
+    // The old primary returning as a primary is fenced: a false primary.
     o.round_finished(0, ok(false), SystemTime::now(), adm(3));
     assert_eq!(o.snap.primary, Some(1));
     assert_eq!(o.snap.nodes[0].status, NodeStatus::Down);
+    let why = o.snap.nodes[0].held_out.clone().unwrap();
+    assert!(
+        why.starts_with("false primary") && why.contains("ATTACH NODE 0"),
+        "{why}"
+    );
+    assert_eq!(o.report().counts.get(Event::Fenced), 1);
 }
 
 #[test]
@@ -412,4 +435,150 @@ fn history_finds_when_the_primary_passed_an_lsn() {
     // A new primary starts a new history.
     h.push(1, t + Duration::from_secs(3), 5);
     assert_eq!(h.samples.len(), 1);
+}
+
+#[test]
+fn a_primary_that_answers_with_errors_is_not_failed_over() {
+    let mut o = started();
+    let mut r = failed();
+    r.outcome = Err("FATAL 53300: sorry, too many clients already".into());
+    r.alive = true;
+    o.round_finished(0, r, SystemTime::now(), adm(3));
+    assert_eq!(o.snap.primary, None);
+    assert!(!o.in_transition());
+    assert!(o.report().blocked.unwrap().contains("not failed over"));
+    // Back to normal: it is the primary again, nothing was promoted.
+    o.round_finished(0, ok(false), SystemTime::now(), adm(3));
+    assert_eq!(o.snap.primary, Some(0));
+    assert!(o.report().blocked.is_none());
+}
+
+#[test]
+fn the_old_primary_back_before_promotion_cancels_the_failover() {
+    let mut o = started();
+    o.primary_unreachable(0, "connection refused".into(), &adm(3));
+    let t = o.transition_due(Duration::from_secs(1)).unwrap();
+    o.set_phase(t.id, Phase::Waiting, "refused: lag".into())
+        .unwrap();
+    o.round_finished(0, ok(false), SystemTime::now(), adm(3));
+    assert_eq!(o.snap.primary, Some(0));
+    assert!(!o.in_transition());
+    let last = o.report().last.unwrap();
+    assert_eq!(last.phase, Phase::Failed);
+    assert!(last.detail.contains("cancelled"));
+    // A step of the cancelled failover changes nothing.
+    assert!(o.promotion_started(t.id, 1).is_err());
+    assert!(o.finish(t.id, 1, &adm(3)).is_err());
+    assert_eq!(o.snap.primary, Some(0));
+    assert!(o.books[0].hold.is_none());
+}
+
+#[test]
+fn after_promotion_the_old_primary_cannot_come_back_by_itself() {
+    let mut o = started();
+    o.primary_unreachable(0, "connection refused".into(), &adm(3));
+    let t = o.transition_due(Duration::from_secs(1)).unwrap();
+    o.promotion_started(t.id, 1).unwrap();
+    // It answers again while the search runs: fenced, never published.
+    o.round_finished(0, ok(false), SystemTime::now(), adm(3));
+    assert_eq!(o.snap.primary, None);
+    assert_eq!(o.snap.nodes[0].status, NodeStatus::Down);
+    o.finish(t.id, 1, &adm(3)).unwrap();
+    assert_eq!(o.snap.primary, Some(1));
+    // Rebuilt as a standby: still held until an operator attaches it.
+    o.round_finished(0, ok(true), SystemTime::now(), adm(3));
+    assert_eq!(o.snap.nodes[0].status, NodeStatus::Down);
+    let e = o.finish(t.id, 0, &adm(3)).unwrap_err();
+    assert!(e.contains("held") || e.contains("no longer"), "{e}");
+    let msg = o.attach(0, &adm(3)).unwrap();
+    assert!(msg.contains("in service"), "{msg}");
+    assert!(o.snap.nodes[0].status.is_usable());
+    assert_eq!(o.snap.primary, Some(1));
+}
+
+#[test]
+fn attach_refuses_a_second_primary_and_detach_refuses_the_primary() {
+    let mut o = started();
+    o.round_finished(2, ok(false), SystemTime::now(), adm(3));
+    let e = o.attach(2, &adm(3)).unwrap_err();
+    assert!(e.contains("rebuild it as a standby"), "{e}");
+    let e = o.detach(0, &adm(3)).unwrap_err();
+    assert!(e.contains("PROMOTE NODE"), "{e}");
+    // Detach a standby: no traffic, reason shown; attach brings it back.
+    let mut o = started();
+    o.detach(1, &adm(3)).unwrap();
+    assert_eq!(o.snap.nodes[1].status, NodeStatus::Down);
+    assert_eq!(o.snap.nodes[1].effective_weight, 0.0);
+    assert!(
+        o.snap.nodes[1]
+            .held_out
+            .as_deref()
+            .unwrap()
+            .contains("detached")
+    );
+    o.round_finished(1, ok(true), SystemTime::now(), adm(3));
+    assert_eq!(o.snap.nodes[1].status, NodeStatus::Down, "stays detached");
+    o.attach(1, &adm(3)).unwrap();
+    assert_eq!(o.snap.nodes[1].status, NodeStatus::Waiting);
+    let c = o.report().counts;
+    assert_eq!((c.get(Event::Detach), c.get(Event::Attach)), (1, 1));
+}
+
+#[test]
+fn stale_health_rounds_do_not_undo_a_role_seen_directly() {
+    let mut o = started();
+    o.primary_unreachable(0, "refused".into(), &adm(3));
+    let t = o.transition_due(Duration::from_secs(1)).unwrap();
+    let mut stale = ok(true);
+    stale.started = Instant::now();
+    o.promotion_started(t.id, 1).unwrap();
+    o.observe_role(1, false);
+    o.finish(t.id, 1, &adm(3)).unwrap();
+    // A round that started before the promotion was seen reports "standby".
+    o.round_finished(1, stale, SystemTime::now(), adm(3));
+    assert_eq!(o.snap.primary, Some(1));
+    assert_eq!(o.snap.nodes[1].role, Role::Primary);
+    assert!(!o.in_transition());
+}
+
+#[test]
+fn a_switchover_holds_writes_and_an_abort_restores_the_primary() {
+    let mut o = started();
+    let (id, old) = o.begin_switchover(1, &adm(3)).unwrap();
+    assert_eq!(old, 0);
+    assert_eq!(o.snap.primary, None);
+    assert!(o.begin_switchover(2, &adm(3)).is_err());
+    // A switchover is not a failover the coordinator picks up.
+    assert!(o.transition_due(Duration::ZERO).is_none());
+    o.fail(id, "target did not catch up".into(), &adm(3))
+        .unwrap();
+    assert_eq!(o.snap.primary, Some(0));
+    assert_eq!(o.report().counts.get(Event::SwitchoverFailed), 1);
+}
+
+#[test]
+fn a_standby_that_cannot_follow_is_held_until_it_streams() {
+    let mut o = started();
+    o.cannot_follow(2, "cannot follow node 0: diverged".into());
+    assert_eq!(o.snap.nodes[2].status, NodeStatus::Down);
+    o.round_finished(2, ok(true), SystemTime::now(), adm(3));
+    assert_eq!(o.snap.nodes[2].status, NodeStatus::Down);
+    let t = Instant::now() + Duration::from_millis(5);
+    let r = round(
+        t,
+        vec![
+            NodeCheck::Sample(primary_sample(
+                100,
+                &[("node1", "streaming"), ("node2", "streaming")],
+            )),
+            NodeCheck::Sample(standby_sample(100)),
+            NodeCheck::Sample(standby_sample(100)),
+        ],
+    );
+    o.apply_replication(&r, adm(3), SystemTime::now());
+    assert!(
+        o.snap.nodes[2].status.is_usable(),
+        "{:?}",
+        o.snap.nodes[2].held_out
+    );
 }

@@ -139,6 +139,9 @@ struct ScrapeGauges {
     health_down_verdicts: IntCounterVec,
     info: IntGaugeVec,
     uptime: Gauge,
+    failover_events: IntCounterVec,
+    failover_in_progress: IntGauge,
+    failover_last_duration: Gauge,
 }
 
 fn opts(name: &str, help: &str) -> Opts {
@@ -562,6 +565,25 @@ impl ScrapeGauges {
                 "pgpilot_uptime_seconds",
                 "Seconds since pgpilot started."
             ),
+            failover_events: metric!(
+                r,
+                IntCounterVec,
+                "pgpilot_failover_events_total",
+                "Failover events: failover/switchover started, finished, failed; candidate refused; promotion; follow; fenced; attach; detach.",
+                &["event"]
+            ),
+            failover_in_progress: metric!(
+                r,
+                IntGauge,
+                "pgpilot_failover_in_progress",
+                "1 while a failover or switchover is in progress (no primary takes writes)."
+            ),
+            failover_last_duration: metric!(
+                r,
+                Gauge,
+                "pgpilot_failover_last_duration_seconds",
+                "Duration of the last finished failover or switchover (detection to new primary in service)."
+            ),
         }
     }
 
@@ -644,6 +666,14 @@ impl ScrapeGauges {
         sync_counter(&self.cache_hits, ctx.classify_cache.hits());
         sync_counter(&self.cache_misses, ctx.classify_cache.misses());
         self.uptime.set(ctx.started.elapsed().as_secs_f64());
+        let f = ctx.cluster.failover_report();
+        for (event, n) in f.counts.all() {
+            sync_counter(&self.failover_events.with_label_values(&[event]), n);
+        }
+        self.failover_in_progress.set(f.current.is_some().into());
+        if let Some(d) = f.last.as_ref().and_then(|t| t.duration) {
+            self.failover_last_duration.set(d.as_secs_f64());
+        }
     }
 }
 

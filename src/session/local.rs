@@ -111,6 +111,16 @@ impl Session {
         }
     }
 
+    /// What `cmd` returns, for Describe: no side effects (ATTACH/DETACH/PROMOTE
+    /// run at Execute only).
+    fn describe_admin(&self, cmd: &AdminCommand) -> Result<ResultSet, PgError> {
+        let who = AdminCaller {
+            user: self.user.clone(),
+            load_balance_node: self.route.standby,
+        };
+        admin::describe(&self.ctx, cmd, &who)
+    }
+
     fn client_status(&self) -> TxStatus {
         if self.tx_aborted {
             return TxStatus::Failed;
@@ -266,6 +276,8 @@ impl Session {
                     Some(LocalCommand::Session(
                         PgpilotCommand::SetMinLsn(_) | PgpilotCommand::ResetMinLsn,
                     )) => Some(Ok(Outcome::Done("SET"))),
+                    // ATTACH / DETACH / PROMOTE NODE run only at Execute.
+                    Some(LocalCommand::Admin(a)) => Some(self.describe_admin(a).map(Outcome::Rows)),
                     Some(c) => Some(self.run_local(c)),
                     None => None,
                 };

@@ -330,37 +330,63 @@ impl Session {
         };
         if let End::Error(e) = &end {
             // A lost server connection asks for an early health probe of that
-            // node; the probe, not this error, decides whether it is down.
-            if let SessionError::BackendLost { node } = e {
-                self.ctx.cluster.report_session_error(*node);
-            }
+            // node; the probe, not this error, decides whether it is down
+            // (or, for the primary, whether a failover starts).
+            let failover = match e {
+                SessionError::BackendLost { node } => self.ctx.cluster.session_lost(*node).await,
+                _ => false,
+            };
             let lost_client = matches!(e, SessionError::ClientIo(_) | SessionError::WriteTimeout);
             tracing::debug!(user = %self.user, error = %e, "session ended with an error");
             let server_said_fatal = self.links.iter().flatten().any(|l| l.saw_fatal);
             if !lost_client && !server_said_fatal {
                 let mut buf = BytesMut::new();
-                e.to_pg_error().encode(&mut buf);
+                match e {
+                    SessionError::BackendLost { node } if failover => {
+                        crate::error::failover_in_progress(*node)
+                    }
+                    _ => e.to_pg_error(),
+                }
+                .encode(&mut buf);
                 let _ = self.write_client(&buf).await;
             }
         }
         self.cleanup();
     }
 
-    /// Open the session's connection to the current primary.
+    /// Open the session's connection to the current primary. During a
+    /// failover (or when the primary's connection is refused and the
+    /// failover starts) wait up to `failover.client_wait_timeout` for the
+    /// new one instead of failing the login.
     async fn connect_primary(&mut self) -> Result<(), BackendError> {
-        let node = match self.ctx.cluster.snapshot().primary {
-            Some(n) => n,
-            None => self
+        let (wait, failover) = (
+            self.cfg.pool.acquire_timeout,
+            self.cfg.failover.client_wait_timeout,
+        );
+        let mut retried = false;
+        loop {
+            let node = self
                 .ctx
                 .cluster
-                .wait_primary(self.cfg.pool.acquire_timeout)
+                .wait_primary_for(wait, failover)
                 .await
-                .ok_or(BackendError::NoPrimary)?,
-        };
-        let link = self.open_link(node).await?;
-        self.links[node] = Some(link);
-        self.set_active(node);
-        Ok(())
+                .ok_or(BackendError::NoPrimary)?;
+            match self.open_link(node).await {
+                Ok(link) => {
+                    self.links[node] = Some(link);
+                    self.set_active(node);
+                    return Ok(());
+                }
+                Err(e)
+                    if !retried
+                        && e.is_connection_failure()
+                        && self.ctx.cluster.session_lost(node).await =>
+                {
+                    retried = true;
+                }
+                Err(e) => return Err(e),
+            }
+        }
     }
 
     /// A new (or pooled) connection to `node` for this session's user and database.

@@ -124,8 +124,12 @@ impl Session {
                 Ok(true)
             }
             Step::NeedPrimary => {
-                let wait = self.cfg.pool.acquire_timeout;
-                match self.ctx.cluster.wait_primary(wait).await {
+                // During a failover, wait up to failover.client_wait_timeout.
+                let (wait, failover) = (
+                    self.cfg.pool.acquire_timeout,
+                    self.cfg.failover.client_wait_timeout,
+                );
+                match self.ctx.cluster.wait_primary_for(wait, failover).await {
                     Some(_) => Ok(true),
                     None => Err(Some(SessionError::Backend(BackendError::NoPrimary))),
                 }

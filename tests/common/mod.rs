@@ -6,6 +6,8 @@
 //! the test process exits, through an `atexit` hook: Rust never drops statics.
 #![allow(dead_code)]
 
+pub mod load;
+
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
@@ -243,4 +245,73 @@ pub async fn try_connect(
 /// The SQLSTATE of a tokio-postgres error, if the server (or pgpilot) sent one.
 pub fn sqlstate(e: &tokio_postgres::Error) -> Option<String> {
     e.as_db_error().map(|d| d.code().code().to_string())
+}
+
+/// A pgpilot on its own runtime thread that stops when dropped (sessions get
+/// 57P01, background tasks end): for tests that own a cluster, so nothing
+/// keeps probing it after it is gone.
+pub struct StoppableProxy {
+    /// Client address, metrics address and shared state.
+    pub spawned: Spawned,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl std::ops::Deref for StoppableProxy {
+    type Target = Spawned;
+    fn deref(&self) -> &Spawned {
+        &self.spawned
+    }
+}
+
+impl Drop for StoppableProxy {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Like [`spawn_proxy_full`], stopped when the result is dropped.
+pub fn spawn_proxy_stoppable(config: Config) -> StoppableProxy {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let thread = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async move {
+            let proxy = Proxy::bind(config).await.expect("bind pgpilot");
+            let spawned = Spawned {
+                addr: proxy.local_addr(),
+                metrics: proxy.metrics_addr(),
+                ctx: proxy.context(),
+            };
+            tx.send(spawned).expect("report address");
+            proxy
+                .run(async {
+                    let _ = stop_rx.await;
+                })
+                .await;
+        });
+    });
+    let spawned = rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("pgpilot started");
+    StoppableProxy {
+        spawned,
+        stop: Some(stop_tx),
+        thread: Some(thread),
+    }
+}
+
+/// Route pgpilot's logs to the test output (`PGPILOT_LOG`, default `warn`)
+/// for tests that do not use [`harness`].
+pub fn init_logs() {
+    let _ = tracing_subscriber_init();
 }

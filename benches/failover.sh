@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Failover benchmark: the kill-the-primary scenario of tests/failover.rs, run
+# ROUNDS times with synchronous and with asynchronous replication, pgpilot
+# with default settings. Each round builds a fresh primary + 2 standbys (real
+# PostgreSQL on loopback), runs WRITERS autocommit clients inserting through
+# pgpilot, stops the primary with `pg_ctl stop -m immediate`, and measures the
+# write downtime (kill -> first write acknowledged by the new primary) and the
+# acknowledged writes missing on the new primary. Prints each round and the
+# medians.
+#
+#   ROUNDS=5 WRITERS=4 MODES="sync async" DETECT=session benches/failover.sh
+# DETECT=health turns failover.detect_on_session_error off (detection by the
+# health checks' retries alone: period 1s, 2 retries 1s apart).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROUNDS=${ROUNDS:-5}
+WRITERS=${WRITERS:-4}
+MODES=${MODES:-"sync async"}
+DETECT=${DETECT:-session}
+cargo build --release --quiet --example failover_bench
+for mode in $MODES; do
+    echo "== $mode replication, $ROUNDS rounds, $WRITERS writers, detection: $DETECT"
+    PGPILOT_LOG=${PGPILOT_LOG:-error} target/release/examples/failover_bench "$mode" "$ROUNDS" "$WRITERS" "$DETECT"
+done

@@ -1,0 +1,220 @@
+//! The failover benchmark behind `benches/failover.sh`: `ROUNDS` times, build
+//! a real cluster (primary + 2 standbys, synchronous or asynchronous
+//! replication), put pgpilot with default settings in front, run `WRITERS`
+//! autocommit clients inserting through pgpilot, stop the primary with
+//! `pg_ctl stop -m immediate`, and measure
+//! * downtime: the kill → the first write acknowledged by the new primary;
+//! * lost writes: acknowledged writes missing on the new primary.
+//!
+//! Prints one line per round and the medians. Usage:
+//! `cargo run --release --example failover_bench -- [sync|async] [rounds] [writers] [session|health]`
+//! (`health`: `failover.detect_on_session_error = false`, detection by the
+//! health checks' retries alone).
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use pgpilot::localcluster::{ClusterSpec, LocalCluster};
+use pgpilot::server::Proxy;
+use tokio_postgres::SimpleQueryMessage;
+
+const USER: &str = "bench";
+const PASSWORD: &str = "bench";
+
+/// One acknowledged write: its key, the port of the node that acknowledged
+/// it, and when.
+type Ack = (String, u16, Instant);
+
+#[tokio::main]
+async fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let sync = args.first().is_none_or(|a| a != "async");
+    let rounds: usize = args.get(1).and_then(|a| a.parse().ok()).unwrap_or(5);
+    let writers: usize = args.get(2).and_then(|a| a.parse().ok()).unwrap_or(4);
+    let fast = args.get(3).is_none_or(|a| a != "health");
+    let label = match (sync, fast) {
+        (true, true) => "sync",
+        (false, true) => "async",
+        (true, false) => "sync, health-check detection",
+        (false, false) => "async, health-check detection",
+    };
+    let mut downtimes = Vec::new();
+    let mut losses = Vec::new();
+    for round in 1..=rounds {
+        match run_round(sync, writers, fast).await {
+            Ok((downtime, lost, acked)) => {
+                println!(
+                    "{label} round {round}: downtime {:.0} ms, {lost} of {acked} acknowledged writes lost",
+                    downtime.as_secs_f64() * 1000.0
+                );
+                downtimes.push(downtime);
+                losses.push(lost);
+            }
+            Err(e) => println!("{label} round {round}: failed: {e}"),
+        }
+    }
+    downtimes.sort();
+    losses.sort();
+    if let (Some(d), Some(l)) = (
+        downtimes.get(downtimes.len() / 2),
+        losses.get(losses.len() / 2),
+    ) {
+        println!(
+            "{label}: median downtime {:.0} ms (min {:.0}, max {:.0}); lost acknowledged writes: median {l}, max {} ({} rounds)",
+            d.as_secs_f64() * 1000.0,
+            downtimes[0].as_secs_f64() * 1000.0,
+            downtimes[downtimes.len() - 1].as_secs_f64() * 1000.0,
+            losses[losses.len() - 1],
+            downtimes.len()
+        );
+    }
+}
+
+async fn run_round(
+    sync: bool,
+    writers: usize,
+    fast: bool,
+) -> Result<(Duration, usize, usize), String> {
+    let spec = ClusterSpec {
+        standbys: 2,
+        users: vec![(USER.into(), PASSWORD.into())],
+        databases: vec![(USER.into(), USER.into())],
+        extra_conf: Vec::new(),
+        synchronous: sync,
+    };
+    let cluster = Arc::new(
+        tokio::task::spawn_blocking(move || LocalCluster::start(spec))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?,
+    );
+    let c = cluster.clone();
+    tokio::task::spawn_blocking(move || {
+        c.psql_db(
+            0,
+            USER,
+            "CREATE TABLE t (k text PRIMARY KEY); ALTER TABLE t OWNER TO bench",
+        )
+    })
+    .await
+    .map_err(|e| e.to_string())?
+    .map_err(|e| e.to_string())?;
+    let mut cfg = pgpilot::demo::config_for(&cluster, "127.0.0.1:0", &[(USER, PASSWORD)]);
+    cfg.metrics.listen = String::new();
+    cfg.failover.detect_on_session_error = fast;
+    let proxy = Proxy::bind(cfg).await.map_err(|e| e.to_string())?;
+    let addr = proxy.local_addr();
+    let ctx = proxy.context();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(proxy.run(async {
+        let _ = stop_rx.await;
+    }));
+    // Every node in service and streaming.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let s = ctx.cluster.snapshot();
+        let ready = s.primary == Some(0)
+            && s.nodes.iter().all(|n| n.status.is_usable())
+            && s.nodes[1..].iter().all(|n| n.repl.state == "streaming");
+        if ready {
+            break;
+        }
+        if Instant::now() > deadline {
+            return Err("cluster not in service".into());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let tasks: Vec<_> = (0..writers)
+        .map(|w| tokio::spawn(write_loop(addr.to_string(), w, stop.clone())))
+        .collect();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let killed = Instant::now();
+    let c = cluster.clone();
+    tokio::task::spawn_blocking(move || c.stop_node(0, "immediate"))
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let new = loop {
+        if let Some(p) = ctx.cluster.snapshot().primary.filter(|&p| p != 0) {
+            break p;
+        }
+        if Instant::now() > deadline {
+            return Err("no new primary within 30 s".into());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut acks: Vec<Ack> = Vec::new();
+    for t in tasks {
+        acks.extend(t.await.map_err(|e| e.to_string())?);
+    }
+    let new_port = cluster.nodes[new].port;
+    let first = acks
+        .iter()
+        .filter(|(_, port, at)| *port == new_port && *at > killed)
+        .map(|(_, _, at)| *at)
+        .min()
+        .ok_or("writes did not resume")?;
+    let c = cluster.clone();
+    let present: HashSet<String> =
+        tokio::task::spawn_blocking(move || c.psql_db(new, USER, "SELECT k FROM t"))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?
+            .lines()
+            .map(str::to_string)
+            .collect();
+    let lost = acks.iter().filter(|(k, _, _)| !present.contains(k)).count();
+    let _ = stop_tx.send(());
+    let _ = server.await;
+    let mut cluster = Arc::try_unwrap(cluster).map_err(|_| "cluster still shared")?;
+    tokio::task::spawn_blocking(move || cluster.shutdown())
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok((first - killed, lost, acks.len()))
+}
+
+/// Insert rows until stopped, reconnecting after errors as applications do.
+async fn write_loop(addr: String, w: usize, stop: Arc<AtomicBool>) -> Vec<Ack> {
+    let (host, port) = addr.rsplit_once(':').unwrap_or((&addr, "9999"));
+    let conninfo = format!(
+        "host={host} port={port} user={USER} password={PASSWORD} dbname={USER} connect_timeout=10"
+    );
+    let mut acks = Vec::new();
+    let mut client: Option<tokio_postgres::Client> = None;
+    let mut seq = 0u64;
+    while !stop.load(Ordering::Relaxed) {
+        if client.is_none() {
+            match tokio_postgres::connect(&conninfo, tokio_postgres::NoTls).await {
+                Ok((c, conn)) => {
+                    tokio::spawn(conn);
+                    client = Some(c);
+                }
+                Err(_) => {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                }
+            }
+        }
+        let key = format!("{w}:{seq}");
+        seq += 1;
+        let sql = format!("INSERT INTO t VALUES ('{key}') RETURNING inet_server_port()");
+        let Some(c) = client.as_ref() else { continue };
+        match c.simple_query(&sql).await {
+            Ok(msgs) => {
+                let port = msgs.iter().find_map(|m| match m {
+                    SimpleQueryMessage::Row(r) => r.get(0).and_then(|p| p.parse().ok()),
+                    _ => None,
+                });
+                acks.push((key, port.unwrap_or(0), Instant::now()));
+            }
+            Err(_) => client = None,
+        }
+    }
+    acks
+}

@@ -1,0 +1,217 @@
+//! `pgpilot nodes | attach N | detach N | promote N`: admin commands sent to a
+//! running pgpilot over its client port, as an admin user, with the simple
+//! query protocol (tokio-postgres `simple_query`), printed as a table.
+//!
+//! The address comes from the configuration's `listen` (a wildcard address
+//! means 127.0.0.1), the user from `admin_users` (the first one that is a
+//! configured user), its password from `[[users]]` (or `PGPASSWORD`);
+//! `--host`, `--port`, `--user`, `--dbname` override them. Like any client,
+//! the admin session logs in to the primary, so during a failover its login
+//! waits for the new primary (`failover.client_wait_timeout`).
+
+use std::time::{Duration, Instant};
+
+use tokio_postgres::SimpleQueryMessage;
+
+use crate::config::Config;
+
+/// Where and as whom to connect.
+#[derive(Debug, Clone, Default)]
+pub struct Target {
+    /// Host; default from `listen`.
+    pub host: Option<String>,
+    /// Port; default from `listen`.
+    pub port: Option<u16>,
+    /// Admin user; default: the first `admin_users` entry that is a user.
+    pub user: Option<String>,
+    /// Database; default: the user name.
+    pub dbname: Option<String>,
+}
+
+/// What to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    /// `SHOW POOL_NODES`.
+    Nodes,
+    /// `ATTACH NODE n`.
+    Attach(usize),
+    /// `DETACH NODE n`.
+    Detach(usize),
+    /// `PROMOTE NODE n`, then follow `SHOW PGPILOT_FAILOVER` until it ends
+    /// (unless `wait` is `None`).
+    Promote(usize, Option<Duration>),
+}
+
+/// A result set: columns and rows.
+type Table = (Vec<String>, Vec<Vec<String>>);
+
+/// Run `action` against the pgpilot configured in `cfg`; prints results and
+/// returns an error message on failure.
+pub async fn run(cfg: &Config, target: &Target, action: Action) -> Result<(), String> {
+    let client = connect(cfg, target).await?;
+    match action {
+        Action::Nodes => print_table(&query(&client, "SHOW POOL_NODES").await?),
+        Action::Attach(n) => print_table(&query(&client, &format!("ATTACH NODE {n}")).await?),
+        Action::Detach(n) => print_table(&query(&client, &format!("DETACH NODE {n}")).await?),
+        Action::Promote(n, wait) => {
+            let before = query(&client, "SHOW PGPILOT_FAILOVER").await?;
+            let finished_before = column(&before, "finished");
+            print_table(&query(&client, &format!("PROMOTE NODE {n}")).await?);
+            let Some(limit) = wait else { return Ok(()) };
+            let deadline = Instant::now() + limit;
+            let mut shown = String::new();
+            loop {
+                let t = query(&client, "SHOW PGPILOT_FAILOVER").await?;
+                let line = format!(
+                    "{} {}: {}",
+                    column(&t, "state"),
+                    column(&t, "phase"),
+                    column(&t, "detail")
+                );
+                if line != shown {
+                    println!("{line}");
+                    shown = line;
+                }
+                let idle = column(&t, "state") == "idle";
+                if idle && column(&t, "finished") != finished_before {
+                    print_table(&query(&client, "SHOW POOL_NODES").await?);
+                    return match column(&t, "phase").as_str() {
+                        "done" => Ok(()),
+                        other => Err(format!(
+                            "the switchover ended {other}: {}",
+                            column(&t, "detail")
+                        )),
+                    };
+                }
+                if Instant::now() >= deadline {
+                    return Err(format!("still in progress after {limit:?}"));
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn connect(cfg: &Config, t: &Target) -> Result<tokio_postgres::Client, String> {
+    let listen = cfg.listen_addr().map_err(|e| e.to_string())?;
+    let host = t.host.clone().unwrap_or_else(|| {
+        if listen.ip().is_unspecified() {
+            "127.0.0.1".into()
+        } else {
+            listen.ip().to_string()
+        }
+    });
+    let port = t.port.unwrap_or(listen.port());
+    let user = match &t.user {
+        Some(u) => u.clone(),
+        None => cfg
+            .admin_users
+            .iter()
+            .find_map(|a| {
+                if a == "*" {
+                    cfg.users.first().map(|u| u.name.clone())
+                } else {
+                    cfg.user(a).map(|u| u.name.clone())
+                }
+            })
+            .ok_or("no admin user: list one of [[users]] in admin_users, or pass --user")?,
+    };
+    let password = std::env::var("PGPASSWORD")
+        .ok()
+        .or_else(|| cfg.user(&user).and_then(|u| u.password.clone()));
+    let mut pg = tokio_postgres::Config::new();
+    pg.host(&host)
+        .port(port)
+        .user(&user)
+        .dbname(t.dbname.as_deref().unwrap_or(&user))
+        .application_name("pgpilot-cli")
+        .connect_timeout(Duration::from_secs(10));
+    if let Some(p) = &password {
+        pg.password(p);
+    }
+    let (client, conn) = pg.connect(tokio_postgres::NoTls).await.map_err(|e| {
+        format!(
+            "cannot connect to pgpilot at {host}:{port} as {user}: {}",
+            pg_message(&e)
+        )
+    })?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Ok(client)
+}
+
+fn pg_message(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => format!("{} ({})", db.message(), db.code().code()),
+        None => e.to_string(),
+    }
+}
+
+async fn query(client: &tokio_postgres::Client, sql: &str) -> Result<Table, String> {
+    let msgs = client
+        .simple_query(sql)
+        .await
+        .map_err(|e| format!("{sql}: {}", pg_message(&e)))?;
+    let mut cols = Vec::new();
+    let mut rows = Vec::new();
+    for m in &msgs {
+        match m {
+            SimpleQueryMessage::RowDescription(c) if cols.is_empty() => {
+                cols = c.iter().map(|c| c.name().to_string()).collect();
+            }
+            SimpleQueryMessage::Row(r) => rows.push(
+                (0..r.len())
+                    .map(|i| r.get(i).unwrap_or_default().to_string())
+                    .collect(),
+            ),
+            _ => {}
+        }
+    }
+    Ok((cols, rows))
+}
+
+/// The first row's value in column `name` (empty if none).
+fn column(t: &Table, name: &str) -> String {
+    t.0.iter()
+        .position(|c| c == name)
+        .and_then(|i| t.1.first().and_then(|r| r.get(i)).cloned())
+        .unwrap_or_default()
+}
+
+/// psql-like aligned output.
+fn print_table((cols, rows): &Table) {
+    let mut width: Vec<usize> = cols.iter().map(|c| c.chars().count()).collect();
+    for r in rows {
+        for (w, v) in width.iter_mut().zip(r) {
+            *w = (*w).max(v.chars().count());
+        }
+    }
+    let line = |vals: &[String]| {
+        vals.iter()
+            .zip(&width)
+            .map(|(v, w)| format!(" {v:<w$} "))
+            .collect::<Vec<_>>()
+            .join("|")
+            .trim_end()
+            .to_string()
+    };
+    println!("{}", line(cols));
+    println!(
+        "{}",
+        width
+            .iter()
+            .map(|w| "-".repeat(w + 2))
+            .collect::<Vec<_>>()
+            .join("+")
+    );
+    for r in rows {
+        println!("{}", line(r));
+    }
+    println!(
+        "({} row{})",
+        rows.len(),
+        if rows.len() == 1 { "" } else { "s" }
+    );
+}

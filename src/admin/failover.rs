@@ -1,0 +1,83 @@
+//! `SHOW PGPILOT_FAILOVER` and the results of `ATTACH`/`DETACH`/`PROMOTE
+//! NODE`.
+//!
+//! `SHOW PGPILOT_FAILOVER` is one row: `state` (`idle`, `failover`,
+//! `switchover`), `phase` (see `cluster::events::Phase`), `old_primary`,
+//! `new_primary` (the candidate while in progress), `started`, `finished`,
+//! `duration_ms` (detection to the new primary taking writes), `detail` (the
+//! latest step, or why it waits or failed), `blocked` (why a lost primary
+//! is not failed over), then counters `failovers`, `switchovers`,
+//! `promotions`, `follows`, `fenced`. With nothing in progress the columns
+//! describe the last transition (empty when there was none).
+
+use super::format::opt_local_time;
+use super::{ResultSet, views::opt};
+use crate::cluster::events::{Event, TransitionStatus};
+use crate::context::ProxyContext;
+use crate::protocol::messages::PgError;
+
+/// SQLSTATE for a refused node command (object not in prerequisite state).
+const NOT_IN_PREREQUISITE_STATE: &str = "55000";
+
+const NODE_COLUMNS: [&str; 2] = ["node_id", "result"];
+
+/// The (empty) result set of a node command: what Describe announces.
+pub(super) fn node_columns() -> ResultSet {
+    ResultSet::new(&NODE_COLUMNS, Vec::new())
+}
+
+/// A node command's outcome: one row, or 55000 with the reason.
+pub(super) fn node_result(node: usize, r: Result<String, String>) -> Result<ResultSet, PgError> {
+    match r {
+        Ok(msg) => Ok(ResultSet::new(
+            &NODE_COLUMNS,
+            vec![vec![node.to_string(), msg]],
+        )),
+        Err(why) => Err(PgError::error(NOT_IN_PREREQUISITE_STATE, why)),
+    }
+}
+
+/// `SHOW PGPILOT_FAILOVER`.
+pub(super) fn status(ctx: &ProxyContext) -> ResultSet {
+    let r = ctx.cluster.failover_report();
+    let (state, t): (&str, Option<&TransitionStatus>) = match (&r.current, &r.last) {
+        (Some(t), _) => (t.kind.as_str(), Some(t)),
+        (None, last) => ("idle", last.as_ref()),
+    };
+    let c = &r.counts;
+    let row = vec![
+        state.to_string(),
+        t.map(|t| t.phase.as_str().to_string()).unwrap_or_default(),
+        opt(t.and_then(|t| t.old_primary)),
+        opt(t.and_then(|t| t.target)),
+        opt_local_time(t.map(|t| t.started)),
+        opt_local_time(t.and_then(|t| t.finished)),
+        opt(t.and_then(|t| t.duration).map(|d| d.as_millis())),
+        t.map(|t| t.detail.clone()).unwrap_or_default(),
+        r.blocked.clone().unwrap_or_default(),
+        c.get(Event::FailoverFinished).to_string(),
+        c.get(Event::SwitchoverFinished).to_string(),
+        c.get(Event::Promotion).to_string(),
+        c.get(Event::Follow).to_string(),
+        c.get(Event::Fenced).to_string(),
+    ];
+    ResultSet::new(
+        &[
+            "state",
+            "phase",
+            "old_primary",
+            "new_primary",
+            "started",
+            "finished",
+            "duration_ms",
+            "detail",
+            "blocked",
+            "failovers",
+            "switchovers",
+            "promotions",
+            "follows",
+            "fenced",
+        ],
+        vec![row],
+    )
+}

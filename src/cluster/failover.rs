@@ -1,0 +1,272 @@
+//! The failover coordinator: one task that turns "the primary is lost" into
+//! "another node is the primary".
+//!
+//! Detection. The cluster owner starts a failover in the update that loses
+//! the chosen primary: its health round failed after all retries and it
+//! could not be reached (a primary that *answers* with an error — too many
+//! connections, authentication — is alive and is never failed over). With
+//! `failover.detect_on_session_error` a session that sees its primary
+//! connection refused or reset wakes this task, which probes the primary at
+//! once; only if that probe cannot reach it is the primary declared failed.
+//! A client terminating its own backend, a FATAL, a cancel or a vanished
+//! client leave a reachable primary, so they cannot start a failover.
+//!
+//! A failover then, in order:
+//! 1. chooses the candidate ([`super::promote::choose_candidate`]); if none
+//!    is acceptable the failover waits (phase `waiting`) and retries every
+//!    second — the old primary answering again cancels it, `PROMOTE NODE n`
+//!    forces a candidate;
+//! 2. looks at the old primary once more (a short probe): if it answers as a
+//!    primary, nothing is promoted and it is kept;
+//! 3. records the promotion, which fences the old primary, then promotes by
+//!    `failover.mode` (`none`: promotes nothing);
+//! 4. searches (≤ `search_primary_timeout`) until exactly one node that is
+//!    not held reports `pg_is_in_recovery() = false`, and only then
+//!    publishes it as the primary;
+//! 5. re-points the remaining standbys in the background ([`super::follow`]).
+//!
+//! With `failover.mode = "command"`, pgpool's `failover_command` also runs
+//! when a standby fails (with `%d` the standby), as pgpool does; scripts
+//! usually exit early in that case.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use tokio::sync::watch;
+
+use super::events::{Event, Phase, TransitionStatus};
+use super::health::probe_once;
+use super::hooks::{self, HookNodes};
+use super::{Cluster, NodeStatus, PgStatus, Role, follow, promote};
+use crate::config::{Config, FailoverMode};
+
+/// How often a waiting failover retries its candidate choice.
+const RETRY: Duration = Duration::from_secs(1);
+/// Least spacing of direct probes triggered by session errors (a client
+/// killing its own backend in a loop costs at most this many probes).
+const SUSPECT_GAP: Duration = Duration::from_millis(100);
+/// The last look at the old primary before the point of no return.
+const LAST_LOOK: Duration = Duration::from_millis(300);
+/// Pause between two rounds of the search for the new primary.
+const SEARCH_PAUSE: Duration = Duration::from_millis(100);
+
+/// Run the coordinator until shutdown.
+pub async fn run(
+    cluster: Arc<Cluster>,
+    config: Arc<ArcSwap<Config>>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut changes = cluster.subscribe();
+    let mut last_probe = Instant::now() - SUSPECT_GAP;
+    let mut standbys = StandbyWatch::default();
+    loop {
+        let cfg = config.load_full();
+        cluster
+            .fast_detect
+            .store(cfg.failover.detect_on_session_error, Ordering::Relaxed);
+        if cluster.transition_due(RETRY).is_some() {
+            let _one_at_a_time = cluster.transition_lock.lock().await;
+            if let Some(t) = cluster.transition_due(RETRY) {
+                run_failover(&cluster, &cfg, t).await;
+            }
+            continue;
+        }
+        standbys.check(&cluster, &cfg);
+        tokio::select! {
+            r = changes.changed() => {
+                if r.is_err() {
+                    return;
+                }
+            }
+            _ = cluster.suspect.notified() => {
+                if cfg.failover.detect_on_session_error {
+                    let wait = SUSPECT_GAP.saturating_sub(last_probe.elapsed());
+                    tokio::time::sleep(wait).await;
+                    confirm_primary_failure(&cluster, &cfg).await;
+                    last_probe = Instant::now();
+                }
+                cluster.verdicts.send_modify(|v| *v += 1);
+            }
+            _ = tokio::time::sleep(RETRY) => {}
+            _ = shutdown.changed() => return,
+        }
+    }
+}
+
+/// A session lost its primary connection: probe the primary now; declare it
+/// failed only if it cannot be reached.
+async fn confirm_primary_failure(cluster: &Cluster, cfg: &Config) {
+    let Some(p) = cluster.snapshot().primary else {
+        return;
+    };
+    let Some(backend) = cfg.backends.get(p) else {
+        return;
+    };
+    match probe_once(backend, &cfg.monitor, cfg.health_check.timeout).await {
+        Err(e) if !e.alive => {
+            tracing::warn!(node = p, error = %e, "sessions lost the primary and a direct probe cannot reach it");
+            cluster.primary_unreachable(
+                p,
+                format!("sessions lost their connections and a direct probe failed: {e}"),
+                cfg,
+            );
+        }
+        Err(e) => tracing::info!(node = p, error = %e, "primary answers (alive); no failover"),
+        Ok(_) => tracing::debug!(
+            node = p,
+            "session error, but the primary answers; no failover"
+        ),
+    }
+}
+
+/// Steps 1–5 of the module docs for transition `t`.
+async fn run_failover(cluster: &Arc<Cluster>, cfg: &Arc<Config>, t: TransitionStatus) {
+    let id = t.id;
+    let old = t.old_primary;
+    let mut switch_lsn = None;
+    if !t.search_only && cfg.failover.mode != FailoverMode::None {
+        let chosen = match t.forced {
+            Some(n) => promote::position(cfg, n, cfg.health_check.timeout).await,
+            None => promote::choose_candidate(cluster, cfg, old).await,
+        };
+        let candidate = match chosen {
+            Ok(p) => p,
+            Err(why) => {
+                if t.phase != Phase::Waiting || t.detail != why {
+                    tracing::warn!(reason = %why, "failover waits: no acceptable candidate");
+                    cluster.count(Event::CandidateRefused);
+                }
+                let _ = cluster.set_phase(id, Phase::Waiting, why);
+                return;
+            }
+        };
+        if let Some(o) = old
+            && let Some(b) = cfg.backends.get(o)
+            && let Ok(false) = probe_once(b, &cfg.monitor, LAST_LOOK).await
+        {
+            cluster.observe_role(o, false);
+            let _ = cluster.fail(
+                id,
+                format!("cancelled: node {o} answers as a primary again; nothing was promoted"),
+                cfg,
+            );
+            return;
+        }
+        if let Err(e) = cluster.promotion_started(id, candidate.node) {
+            tracing::info!(error = %e, "failover superseded before promotion");
+            return;
+        }
+        switch_lsn = Some(candidate.lsn);
+        tracing::warn!(
+            node = candidate.node,
+            mode = cfg.failover.mode.as_str(),
+            "promoting"
+        );
+        match promote::promote(cfg, candidate.node, old).await {
+            Ok(msg) => {
+                tracing::warn!(node = candidate.node, "{msg}");
+                cluster.count(Event::Promotion);
+            }
+            Err(e) => {
+                tracing::error!(node = candidate.node, error = %e, "promotion failed; still searching for a primary");
+                cluster.count(Event::PromotionFailed);
+            }
+        }
+    }
+    let timeout = cfg.failover.search_primary_timeout;
+    match search(cluster, cfg, id, timeout).await {
+        Ok(new) => {
+            if cluster.finish(id, new, cfg).is_ok() {
+                follow::spawn_all(cluster.clone(), cfg.clone(), new, old, switch_lsn, false);
+            }
+        }
+        Err(why) => {
+            let _ = cluster.fail(id, why, cfg);
+        }
+    }
+}
+
+/// Probe every node not held, every [`SEARCH_PAUSE`], until exactly one
+/// reports not-in-recovery (its id), or `timeout`.
+pub(super) async fn search(
+    cluster: &Cluster,
+    cfg: &Config,
+    id: u64,
+    timeout: Duration,
+) -> Result<usize, String> {
+    let deadline = Instant::now() + timeout;
+    let limit = cfg.health_check.timeout.min(Duration::from_secs(2));
+    loop {
+        let asks: Vec<_> = (0..cfg.backends.len())
+            .filter(|&n| !cluster.is_held(n))
+            .map(|n| {
+                let b = cfg.backends[n].clone();
+                let m = cfg.monitor.clone();
+                (
+                    n,
+                    tokio::spawn(async move { probe_once(&b, &m, limit).await }),
+                )
+            })
+            .collect();
+        let mut primaries = Vec::new();
+        for (n, ask) in asks {
+            if let Ok(Ok(in_recovery)) = ask.await {
+                cluster.observe_role(n, in_recovery);
+                if !in_recovery {
+                    primaries.push(n);
+                }
+            }
+        }
+        let detail = match primaries.as_slice() {
+            [one] => return Ok(*one),
+            [] => "searching: no node reports pg_is_in_recovery() = false yet".to_string(),
+            many => format!(
+                "searching: nodes {many:?} all report pg_is_in_recovery() = false; waiting until exactly one does"
+            ),
+        };
+        cluster.set_phase(id, Phase::Searching, detail.clone())?;
+        if Instant::now() >= deadline {
+            return Err(format!(
+                "no single primary within {timeout:?} ({detail}); pgpilot keeps watching: a node that reports primary is admitted"
+            ));
+        }
+        tokio::time::sleep(SEARCH_PAUSE).await;
+    }
+}
+
+/// Standby failures seen by the coordinator, for pgpool's habit of running
+/// `failover_command` on every node failure (mode `command` only).
+#[derive(Default)]
+struct StandbyWatch {
+    /// Per node: in service as a standby at the last look.
+    serving: Vec<bool>,
+}
+
+impl StandbyWatch {
+    fn check(&mut self, cluster: &Cluster, cfg: &Arc<Config>) {
+        let snap = cluster.snapshot();
+        self.serving.resize(snap.nodes.len(), false);
+        for n in &snap.nodes {
+            let serving = n.status.is_usable() && n.role == Role::Standby;
+            let failed = self.serving[n.id]
+                && n.status == NodeStatus::Down
+                && n.pg_status == PgStatus::Down
+                && Some(n.id) != snap.primary;
+            self.serving[n.id] = serving;
+            if failed && cfg.failover.mode == FailoverMode::Command {
+                let nodes = HookNodes {
+                    failed: Some(n.id),
+                    new_primary: snap.primary,
+                    old_primary: snap.primary,
+                };
+                let line = hooks::expand(&cfg.failover.command, cfg, nodes);
+                let limit = cfg.failover.promote_timeout;
+                tokio::spawn(async move {
+                    let _ = hooks::run("failover_command (standby down)", &line, limit).await;
+                });
+            }
+        }
+    }
+}

@@ -1,0 +1,288 @@
+//! Following the new primary: after a promotion the remaining standbys are
+//! re-pointed at it, without SSH.
+//!
+//! Built in (PostgreSQL 13+, where `primary_conninfo` is reloadable): as
+//! the `[monitor]` role, read the standby's `primary_conninfo`, replace its
+//! `host`/`port` with the new primary's (keeping user, application_name,
+//! passfile, sslmode …), `ALTER SYSTEM SET primary_conninfo = '…'` and
+//! `SELECT pg_reload_conf()`. The WAL receiver restarts against the new
+//! primary and, with `recovery_target_timeline = 'latest'` (the default
+//! since PostgreSQL 12), follows its new timeline. The role needs superuser,
+//! or `GRANT ALTER SYSTEM ON PARAMETER primary_conninfo` (PostgreSQL 15+)
+//! and `GRANT EXECUTE ON FUNCTION pg_reload_conf()`.
+//!
+//! With `failover.follow_primary_command` set, that command runs instead,
+//! once per standby, with pgpool's placeholders (`%d` the standby).
+//!
+//! Either way the standby must then be seen streaming from the new primary
+//! (`pg_stat_wal_receiver`) within `failover.follow_timeout`. A standby that
+//! replayed past the new primary's switch point (it diverged: it cannot
+//! follow that timeline), or that does not stream in time, is held out with
+//! the reason shown; it comes back once it streams from the primary again
+//! (e.g. after pg_rewind), or with `ATTACH NODE`. Standbys keep serving
+//! reads while they are re-pointed (their data is consistent, if older);
+//! the lag-weighted balancing keeps reads off them while their timeline
+//! differs from the primary's.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::events::Event;
+use super::hooks::{self, HookNodes};
+use super::promote::monitor_query;
+use super::replication::{format_lsn, parse_lsn};
+use super::{Cluster, PgStatus};
+use crate::config::Config;
+
+/// Re-point every reachable standby except `new` (and `old`, unless
+/// `include_old`) at `new`, each in its own task. `switch_lsn` is where the
+/// new primary's timeline forked, when known.
+pub fn spawn_all(
+    cluster: Arc<Cluster>,
+    cfg: Arc<Config>,
+    new: usize,
+    old: Option<usize>,
+    switch_lsn: Option<u64>,
+    include_old: bool,
+) {
+    let snap = cluster.snapshot();
+    for n in &snap.nodes {
+        let is_old = Some(n.id) == old;
+        if n.id == new || (is_old && !include_old) || (!is_old && cluster.is_held(n.id)) {
+            continue;
+        }
+        if n.pg_status != PgStatus::Up {
+            tracing::info!(
+                node = n.id,
+                "standby unreachable; not re-pointed (it will not be re-admitted until it streams from the new primary)"
+            );
+            continue;
+        }
+        let (cluster, cfg) = (cluster.clone(), cfg.clone());
+        let node = n.id;
+        tokio::spawn(async move {
+            match follow_one(&cfg, node, new, old, switch_lsn).await {
+                Ok(()) => {
+                    tracing::warn!(node, primary = new, "standby follows the new primary");
+                    cluster.count(Event::Follow);
+                }
+                Err(why) if is_old => {
+                    tracing::warn!(node, reason = %why, "old primary not re-pointed; it stays fenced")
+                }
+                Err(why) => cluster.cannot_follow(node, why),
+            }
+        });
+    }
+}
+
+/// Re-point standby `node` at `new`, then wait until it streams from it.
+async fn follow_one(
+    cfg: &Config,
+    node: usize,
+    new: usize,
+    old: Option<usize>,
+    switch_lsn: Option<u64>,
+) -> Result<(), String> {
+    let f = &cfg.failover;
+    if !f.follow_primary_command.trim().is_empty() {
+        let nodes = HookNodes {
+            failed: Some(node),
+            new_primary: Some(new),
+            old_primary: old,
+        };
+        let line = hooks::expand(&f.follow_primary_command, cfg, nodes);
+        hooks::run("follow_primary_command", &line, f.follow_timeout).await?;
+    } else {
+        repoint(cfg, node, new, switch_lsn).await?;
+    }
+    wait_streaming(cfg, node, new, f.follow_timeout).await
+}
+
+/// The built-in re-pointing (see the module docs).
+async fn repoint(
+    cfg: &Config,
+    node: usize,
+    new: usize,
+    switch_lsn: Option<u64>,
+) -> Result<(), String> {
+    let limit = cfg.health_check.timeout;
+    let sql = "SELECT pg_is_in_recovery(), current_setting('primary_conninfo'), \
+               pg_last_wal_replay_lsn(), current_setting('recovery_target_timeline')";
+    let rows = monitor_query(cfg, node, sql, limit).await?;
+    let row = rows.first().ok_or("no row")?;
+    let col = |i: usize| row.get(i).cloned().flatten().unwrap_or_default();
+    if col(0) != "t" {
+        return Err(format!("node {node} is not in recovery: it cannot follow"));
+    }
+    if let (Some(switch), Some(replay)) = (switch_lsn, parse_lsn(&col(2)))
+        && replay > switch
+    {
+        return Err(format!(
+            "diverged: replayed up to {} past the new primary's timeline switch at {}; rebuild it (pg_rewind or pg_basebackup), then ATTACH NODE {node}",
+            format_lsn(replay),
+            format_lsn(switch)
+        ));
+    }
+    let timeline = col(3);
+    if timeline != "latest" {
+        return Err(format!(
+            "recovery_target_timeline is {timeline:?}, not 'latest': it cannot follow the new timeline (set it to 'latest' and restart it)"
+        ));
+    }
+    let current = col(1);
+    let b = &cfg.backends[new];
+    let app = &cfg.backends[node].application_name;
+    let wanted = repointed_conninfo(&current, &b.host, b.port, app)
+        .ok_or_else(|| format!("cannot rewrite primary_conninfo {current:?} (a URI?): use failover.follow_primary_command"))?;
+    if wanted != current {
+        let alter = format!(
+            "ALTER SYSTEM SET primary_conninfo = '{}'",
+            wanted.replace('\'', "''")
+        );
+        monitor_query(cfg, node, &alter, limit).await?;
+        monitor_query(cfg, node, "SELECT pg_reload_conf()", limit).await?;
+        tracing::info!(
+            node,
+            primary = new,
+            "primary_conninfo re-pointed and reloaded"
+        );
+    }
+    Ok(())
+}
+
+/// Wait until `node`'s WAL receiver streams from `new`.
+async fn wait_streaming(
+    cfg: &Config,
+    node: usize,
+    new: usize,
+    limit: Duration,
+) -> Result<(), String> {
+    let deadline = Instant::now() + limit;
+    let b = &cfg.backends[new];
+    let sql = "SELECT status, sender_host, sender_port FROM pg_stat_wal_receiver";
+    loop {
+        let last = match monitor_query(cfg, node, sql, Duration::from_secs(2)).await {
+            Ok(rows) => match rows.first() {
+                Some(r) => {
+                    let col = |i: usize| r.get(i).cloned().flatten().unwrap_or_default();
+                    if col(0) == "streaming" && col(1) == b.host && col(2) == b.port.to_string() {
+                        return Ok(());
+                    }
+                    format!("WAL receiver {} from {}:{}", col(0), col(1), col(2))
+                }
+                None => "no WAL receiver running".into(),
+            },
+            Err(e) => e,
+        };
+        if Instant::now() >= deadline {
+            return Err(format!(
+                "cannot follow node {new}: not streaming from it after {limit:?} ({last}); a diverged timeline? rebuild it (pg_rewind or pg_basebackup), then ATTACH NODE {node}"
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// `conninfo` with `host`/`port` replaced (and `hostaddr` dropped, as it
+/// would win over `host`); `application_name` added when missing and
+/// configured. `None` for a URI or an unparsable string.
+pub fn repointed_conninfo(conninfo: &str, host: &str, port: u16, app: &str) -> Option<String> {
+    let t = conninfo.trim_start();
+    if t.starts_with("postgres://") || t.starts_with("postgresql://") {
+        return None;
+    }
+    let mut pairs = parse_conninfo(conninfo)?;
+    pairs.retain(|(k, _)| k != "hostaddr");
+    let mut set = |key: &str, value: String, only_if_missing: bool| match pairs
+        .iter_mut()
+        .find(|(k, _)| k == key)
+    {
+        Some(p) if !only_if_missing => p.1 = value,
+        Some(_) => {}
+        None => pairs.push((key.to_string(), value)),
+    };
+    set("host", host.to_string(), false);
+    set("port", port.to_string(), false);
+    if !app.is_empty() {
+        set("application_name", app.to_string(), true);
+    }
+    Some(
+        pairs
+            .iter()
+            .map(|(k, v)| format!("{k}={}", quote_value(v)))
+            .collect::<Vec<_>>()
+            .join(" "),
+    )
+}
+
+/// libpq key/value pairs: `key = value`, values bare or single-quoted with
+/// backslash escapes.
+fn parse_conninfo(s: &str) -> Option<Vec<(String, String)>> {
+    let mut out = Vec::new();
+    let mut chars = s.chars().peekable();
+    loop {
+        while chars.next_if(|c| c.is_whitespace()).is_some() {}
+        if chars.peek().is_none() {
+            return Some(out);
+        }
+        let mut key = String::new();
+        while let Some(c) = chars.next_if(|c| *c != '=' && !c.is_whitespace()) {
+            key.push(c);
+        }
+        while chars.next_if(|c| c.is_whitespace()).is_some() {}
+        if chars.next() != Some('=') || key.is_empty() {
+            return None;
+        }
+        while chars.next_if(|c| c.is_whitespace()).is_some() {}
+        let mut value = String::new();
+        if chars.next_if_eq(&'\'').is_some() {
+            loop {
+                match chars.next()? {
+                    '\\' => value.push(chars.next()?),
+                    '\'' => break,
+                    c => value.push(c),
+                }
+            }
+        } else {
+            while let Some(c) = chars.next_if(|c| !c.is_whitespace()) {
+                if c == '\\' {
+                    value.push(chars.next()?);
+                } else {
+                    value.push(c);
+                }
+            }
+        }
+        out.push((key, value));
+    }
+}
+
+fn quote_value(v: &str) -> String {
+    let plain = !v.is_empty() && !v.contains(|c: char| c.is_whitespace() || c == '\'' || c == '\\');
+    if plain {
+        v.to_string()
+    } else {
+        format!("'{}'", v.replace('\\', "\\\\").replace('\'', "\\'"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn conninfo_is_repointed_keeping_the_rest() {
+        let ci = "user=postgres passfile='/var/lib/postgresql/.pgpass' channel_binding=prefer host=10.0.0.1 hostaddr=10.0.0.1 port=5432 sslmode=prefer application_name=node2";
+        assert_eq!(
+            repointed_conninfo(ci, "10.0.0.2", 5433, "ignored").unwrap(),
+            "user=postgres passfile=/var/lib/postgresql/.pgpass channel_binding=prefer host=10.0.0.2 port=5433 sslmode=prefer application_name=node2"
+        );
+        assert_eq!(
+            repointed_conninfo("host = h port=1 password='a b\\'c'", "n", 2, "node1").unwrap(),
+            "host=n port=2 password='a b\\'c' application_name=node1"
+        );
+        assert_eq!(repointed_conninfo("", "n", 2, "").unwrap(), "host=n port=2");
+        assert_eq!(repointed_conninfo("postgresql://h:1/db", "n", 2, ""), None);
+        assert_eq!(repointed_conninfo("host", "n", 2, ""), None);
+        assert_eq!(repointed_conninfo("a='unterminated", "n", 2, ""), None);
+    }
+}

@@ -1,0 +1,531 @@
+//! Failover and switchover as state: when a transition starts, what it may
+//! change, and the holds (detached, fenced, cannot follow) that keep nodes
+//! out of service. The I/O (probes, promotion, re-pointing) is in
+//! `failover.rs`, `promote.rs`, `follow.rs` and `switchover.rs`; they report
+//! each step here, tagged with the transition's id.
+//!
+//! # Why writes never reach two primaries
+//!
+//! Sessions send writes to `snapshot.primary` only (and finish an open
+//! transaction where it began); `None` makes them wait. So the invariant is
+//! about what this owner publishes, and every publication goes through
+//! [`Owner::choose_primary`] or [`Owner::finish`], under the owner's lock:
+//!
+//! 1. `choose_primary` returns `None` while a transition is in progress, and
+//!    never returns a node under a hold or marked false primary. At most one
+//!    node is ever published (it is one `Option`).
+//! 2. A failover starts in the same update that loses the primary, so the
+//!    snapshot that drops the old primary is also the one that says "failover
+//!    in progress" — no snapshot in between can name another node.
+//! 3. The old primary is fenced ([`HoldKind::Fenced`]) in the update that
+//!    records the promotion ([`Owner::promotion_started`]), which the
+//!    coordinator makes *before* it sends `pg_promote`, touches the trigger
+//!    file or runs the command. From then on it can come back only through
+//!    `ATTACH NODE`, which refuses while it claims to be a primary next to
+//!    another one. Before that point nothing was promoted, so the old
+//!    primary returning simply cancels the failover
+//!    ([`Owner::watch_primary`]).
+//! 4. `finish` publishes the new primary only after the coordinator saw
+//!    exactly one non-held node report `pg_is_in_recovery() = false`, and
+//!    only if the transition is still the one the coordinator started (ids);
+//!    any other node claiming primary afterwards is a false primary (held).
+//! 5. A switchover publishes `None` first (new writes wait), drains open
+//!    transactions on the old primary (terminating what is left after the
+//!    timeout) and makes it read-only before the target is promoted; a
+//!    session that routed a write just before the switch reaches the old
+//!    primary either before the drain check (waited for, and replicated
+//!    before promotion) or after it (refused: read-only).
+//!
+//! Whatever order health rounds, replication rounds, session reports,
+//! admin commands and coordinator steps arrive in, each is applied under the
+//! lock and re-derives the published primary from these rules, so no
+//! interleaving publishes two primaries or a fenced one. What pgpilot cannot
+//! do is stop a primary it cannot reach: a client connected to the old
+//! primary *directly* can still write there (fence it at the network or with
+//! STONITH if that matters).
+
+use std::time::{Instant, SystemTime};
+
+use super::super::events::{Event, FailoverReport, Phase, TransitionKind, TransitionStatus};
+use super::{Admission, Hold, HoldKind, NodeStatus, Owner, PgStatus, Role};
+
+impl Owner {
+    /// Whether node `i` is held (and keep it out of service if so). A
+    /// `CannotFollow` hold is lifted by fresh evidence that the standby
+    /// streams from the primary on its timeline.
+    pub(super) fn held(&mut self, i: usize, now: SystemTime) -> bool {
+        let Some(h) = self.books[i].hold.clone() else {
+            return false;
+        };
+        let n = &self.snap.nodes[i];
+        if h.kind == HoldKind::CannotFollow
+            && n.role == Role::Standby
+            && n.repl.streaming_from_primary
+            && !n.repl.timeline_mismatch
+            && self.snap.primary.is_some()
+        {
+            tracing::info!(
+                node = i,
+                "standby streams from the primary again; hold lifted"
+            );
+            self.books[i].hold = None;
+            return false;
+        }
+        let reason = match (h.kind, n.role, self.snap.primary) {
+            (HoldKind::Fenced, Role::Primary, Some(p)) if p != i => format!(
+                "false primary: not in recovery, but node {p} is the primary; {}",
+                h.reason
+            ),
+            (HoldKind::Fenced, Role::Primary, _) => format!("false primary; {}", h.reason),
+            _ => h.reason,
+        };
+        self.hold(i, reason, now);
+        true
+    }
+
+    /// After every change: remember the chosen primary; when it is lost,
+    /// start a failover (or say why not); cancel a failover whose old
+    /// primary is back before anything was promoted.
+    pub(super) fn watch_primary(&mut self, now: SystemTime) {
+        if let Some(p) = self.snap.primary {
+            self.last_primary = Some(p);
+            self.blocked = None;
+            return;
+        }
+        if let Some(t) = &self.transition {
+            let Some(old) = t.old_primary else { return };
+            let back = {
+                let n = &self.snap.nodes[old];
+                n.status.is_usable()
+                    && n.pg_status == PgStatus::Up
+                    && n.role == Role::Primary
+                    && self.books[old].hold.is_none()
+            };
+            let cancellable = t.kind == TransitionKind::Failover
+                && !t.promoted
+                && !t.search_only
+                && matches!(t.phase, Phase::Detected | Phase::Waiting);
+            if back && cancellable {
+                let msg = format!(
+                    "cancelled: node {old} answers as a primary again before anything was promoted"
+                );
+                tracing::warn!(node = old, "{msg}");
+                self.close_transition(Phase::Failed, msg, now);
+                self.counts.add(Event::FailoverFailed);
+                self.snap.primary = self.choose_primary();
+                if let Some(p) = self.snap.primary {
+                    self.last_primary = Some(p);
+                }
+            }
+            return;
+        }
+        let Some(p) = self.last_primary else { return };
+        let n = &self.snap.nodes[p];
+        if n.pg_status == PgStatus::Up && n.role == Role::Standby {
+            let reason = format!(
+                "node {p} now reports pg_is_in_recovery() = true: demoted by someone else; searching for the new primary"
+            );
+            self.begin_failover(p, true, reason, now);
+        } else if n.status == NodeStatus::Down && n.pg_status == PgStatus::Down {
+            let err = n.last_error.clone().unwrap_or_default();
+            if self.books[p].failure_alive {
+                let reason = format!(
+                    "node {p} answers but refuses health checks ({err}); a running primary is not failed over automatically (PROMOTE NODE n forces a switchover)"
+                );
+                if self.blocked.as_deref() != Some(reason.as_str()) {
+                    tracing::warn!(node = p, "{reason}");
+                }
+                self.blocked = Some(reason);
+            } else {
+                self.begin_failover(p, false, format!("primary node {p} failed: {err}"), now);
+            }
+        }
+    }
+
+    fn begin_failover(&mut self, old: usize, search_only: bool, reason: String, now: SystemTime) {
+        tracing::warn!(node = old, %reason, "failover started");
+        self.start_transition(
+            TransitionKind::Failover,
+            old,
+            None,
+            search_only,
+            reason,
+            now,
+        );
+        self.counts.add(Event::FailoverStarted);
+    }
+
+    fn start_transition(
+        &mut self,
+        kind: TransitionKind,
+        old: usize,
+        target: Option<usize>,
+        search_only: bool,
+        detail: String,
+        now: SystemTime,
+    ) -> u64 {
+        let id = self.next_id;
+        self.next_id += 1;
+        self.blocked = None;
+        self.transition = Some(TransitionStatus {
+            id,
+            kind,
+            phase: if kind == TransitionKind::Switchover {
+                Phase::Draining
+            } else {
+                Phase::Detected
+            },
+            old_primary: Some(old),
+            target,
+            forced: None,
+            search_only,
+            promoted: false,
+            started: now,
+            started_at: Instant::now(),
+            finished: None,
+            duration: None,
+            detail,
+            attempted_at: None,
+        });
+        id
+    }
+
+    /// End the transition in progress (it moves to `last_transition`).
+    fn close_transition(&mut self, phase: Phase, detail: String, now: SystemTime) {
+        if let Some(mut t) = self.transition.take() {
+            t.phase = phase;
+            t.detail = detail;
+            t.finished = Some(now);
+            t.duration = Some(t.started_at.elapsed());
+            self.last_transition = Some(t);
+        }
+    }
+
+    /// The transition `id`, if it is still the one in progress.
+    fn current(&mut self, id: u64) -> Result<&mut TransitionStatus, String> {
+        match self.transition.as_mut() {
+            Some(t) if t.id == id => Ok(t),
+            _ => Err(format!("transition {id} is no longer in progress")),
+        }
+    }
+
+    /// A failover step is due: a new one, or a waiting one whose retry time
+    /// came (or that an operator gave a candidate).
+    pub fn transition_due(&self, retry: std::time::Duration) -> Option<TransitionStatus> {
+        let t = self.transition.as_ref()?;
+        let due = t.kind == TransitionKind::Failover
+            && match t.phase {
+                Phase::Detected => true,
+                Phase::Waiting => {
+                    t.forced.is_some() || t.attempted_at.is_none_or(|a| a.elapsed() >= retry)
+                }
+                _ => false,
+            };
+        due.then(|| t.clone())
+    }
+
+    /// Record the phase and detail of transition `id`.
+    pub fn set_phase(&mut self, id: u64, phase: Phase, detail: String) -> Result<(), String> {
+        let t = self.current(id)?;
+        t.phase = phase;
+        t.detail = detail;
+        t.attempted_at = Some(Instant::now());
+        Ok(())
+    }
+
+    /// The session-error fast path confirmed that the chosen primary cannot be
+    /// reached: declare it down now (a failover starts in the same update).
+    pub fn primary_unreachable(&mut self, node: usize, reason: String, adm: &Admission) {
+        if self.snap.primary != Some(node) {
+            return;
+        }
+        let now = SystemTime::now();
+        let n = &mut self.snap.nodes[node];
+        n.pg_status = PgStatus::Down;
+        n.status = NodeStatus::Down;
+        n.last_change = now;
+        n.last_error = Some(reason);
+        let b = &mut self.books[node];
+        b.failure_alive = false;
+        b.healthy_since = None;
+        self.settle(adm, now);
+    }
+
+    /// The coordinator asked `node` directly: record its role now, so older
+    /// health rounds do not overwrite it.
+    pub fn observe_role(&mut self, node: usize, in_recovery: bool) {
+        let Some(n) = self.snap.nodes.get_mut(node) else {
+            return;
+        };
+        let role = if in_recovery {
+            Role::Standby
+        } else {
+            Role::Primary
+        };
+        if n.role != role {
+            tracing::info!(
+                node,
+                to = role.as_str(),
+                "node role changed (seen by the failover coordinator)"
+            );
+            n.role = role;
+            n.last_change = SystemTime::now();
+        }
+        if n.pg_status != PgStatus::Up {
+            self.books[node].healthy_since = Some(Instant::now());
+        }
+        n.pg_status = PgStatus::Up;
+        self.books[node].role_seen_at = Some(Instant::now());
+    }
+
+    /// The point of no return: `candidate` is about to be promoted. Fences
+    /// the old primary first (rule 3 of the module docs).
+    pub fn promotion_started(&mut self, id: u64, candidate: usize) -> Result<(), String> {
+        let now = SystemTime::now();
+        let t = self.current(id)?;
+        t.promoted = true;
+        t.target = Some(candidate);
+        t.phase = Phase::Promoting;
+        t.detail = format!("promoting node {candidate}");
+        let (kind, old) = (t.kind, t.old_primary);
+        if let Some(old) = old {
+            let reason = format!(
+                "fenced: old primary, replaced by node {candidate} in a {}; rebuild it as a standby of the new primary (pg_rewind or pg_basebackup), then ATTACH NODE {old}",
+                kind.as_str()
+            );
+            tracing::warn!(node = old, "{reason}");
+            self.books[old].hold = Some(Hold {
+                kind: HoldKind::Fenced,
+                reason: reason.clone(),
+            });
+            self.books[old].attached = false;
+            self.hold(old, reason, now);
+            self.counts.add(Event::Fenced);
+        }
+        Ok(())
+    }
+
+    /// Publish `new` as the primary: the coordinator saw it, and no other
+    /// non-held node, report not-in-recovery (rule 4).
+    pub fn finish(&mut self, id: u64, new: usize, adm: &Admission) -> Result<(), String> {
+        let now = SystemTime::now();
+        if self.books[new].hold.is_some() {
+            return Err(format!("node {new} is held out of service"));
+        }
+        let t = self.current(id)?;
+        t.target = Some(new);
+        let kind = t.kind;
+        let detail = format!("node {new} is the primary");
+        self.close_transition(Phase::Done, detail, now);
+        self.counts.add(match kind {
+            TransitionKind::Failover => Event::FailoverFinished,
+            TransitionKind::Switchover => Event::SwitchoverFinished,
+        });
+        let n = &mut self.snap.nodes[new];
+        n.role = Role::Primary;
+        n.pg_status = PgStatus::Up;
+        n.last_change = now;
+        if !n.status.is_usable() {
+            n.status = NodeStatus::Waiting;
+            n.held_out = None;
+        }
+        let b = &mut self.books[new];
+        b.false_primary = false;
+        b.role_seen_at = Some(Instant::now());
+        self.snap.primary = Some(new);
+        self.last_primary = Some(new);
+        tracing::warn!(node = new, kind = kind.as_str(), "new primary in service");
+        self.settle(adm, now);
+        Ok(())
+    }
+
+    /// Transition `id` gives up. A failover forgets the old primary (no
+    /// retry loop; pgpilot keeps watching: a node that reports primary is
+    /// admitted by the usual rules); an aborted switchover leaves the old
+    /// primary as it was (chosen again if healthy, failed over if not).
+    pub fn fail(&mut self, id: u64, reason: String, adm: &Admission) -> Result<(), String> {
+        let now = SystemTime::now();
+        let kind = self.current(id)?.kind;
+        tracing::error!(kind = kind.as_str(), %reason, "transition failed");
+        self.close_transition(Phase::Failed, reason, now);
+        match kind {
+            TransitionKind::Failover => {
+                self.counts.add(Event::FailoverFailed);
+                self.last_primary = None;
+            }
+            TransitionKind::Switchover => self.counts.add(Event::SwitchoverFailed),
+        }
+        self.settle(adm, now);
+        Ok(())
+    }
+
+    /// Start a switchover from the current primary to `target`: publishes no
+    /// primary (new writes wait) until [`Owner::finish`] or [`Owner::fail`].
+    pub fn begin_switchover(
+        &mut self,
+        target: usize,
+        adm: &Admission,
+    ) -> Result<(u64, usize), String> {
+        let now = SystemTime::now();
+        if let Some(t) = &self.transition {
+            return Err(format!("a {} is already in progress", t.kind.as_str()));
+        }
+        let old = self
+            .snap
+            .primary
+            .ok_or("there is no primary in service to switch over from")?;
+        let detail = format!("switchover from node {old} to node {target}: holding new writes");
+        tracing::warn!(old, target, "switchover started");
+        let id = self.start_transition(
+            TransitionKind::Switchover,
+            old,
+            Some(target),
+            false,
+            detail,
+            now,
+        );
+        self.counts.add(Event::SwitchoverStarted);
+        self.settle(adm, now);
+        Ok((id, old))
+    }
+
+    /// `PROMOTE NODE n` while a failover waits for a candidate: use `n`.
+    pub fn force_candidate(&mut self, node: usize) -> Result<(), String> {
+        match self.transition.as_mut() {
+            Some(t)
+                if t.kind == TransitionKind::Failover
+                    && !t.promoted
+                    && !t.search_only
+                    && matches!(t.phase, Phase::Waiting | Phase::Detected) =>
+            {
+                t.forced = Some(node);
+                Ok(())
+            }
+            Some(t) => Err(format!(
+                "a {} is in progress ({})",
+                t.kind.as_str(),
+                t.phase.as_str()
+            )),
+            None => Err("no failover is waiting for a candidate".into()),
+        }
+    }
+
+    /// A standby could not follow the new primary: hold it with `reason`.
+    pub fn cannot_follow(&mut self, node: usize, reason: String) {
+        let now = SystemTime::now();
+        tracing::error!(node, %reason, "standby cannot follow the new primary");
+        self.books[node].hold = Some(Hold {
+            kind: HoldKind::CannotFollow,
+            reason: reason.clone(),
+        });
+        self.hold(node, reason, now);
+        self.counts.add(Event::FollowFailed);
+        self.recompute_weights();
+    }
+
+    /// Count an event the coordinator observed.
+    pub fn count(&mut self, e: Event) {
+        self.counts.add(e);
+    }
+
+    /// `ATTACH NODE n`: lift any hold, forget a false-primary mark and admit
+    /// the node as a standby without waiting for streaming evidence.
+    pub fn attach(&mut self, node: usize, adm: &Admission) -> Result<String, String> {
+        let now = SystemTime::now();
+        let n = self
+            .snap
+            .nodes
+            .get(node)
+            .ok_or(format!("there is no node {node}"))?;
+        if let Some(t) = &self.transition
+            && (t.old_primary == Some(node) || t.target == Some(node))
+        {
+            return Err(format!(
+                "node {node} is part of the {} in progress",
+                t.kind.as_str()
+            ));
+        }
+        if let Some(p) = self.snap.primary
+            && p != node
+            && n.pg_status == PgStatus::Up
+            && n.role == Role::Primary
+        {
+            return Err(format!(
+                "node {node} reports pg_is_in_recovery() = false while node {p} is the primary: rebuild it as a standby of node {p} (pg_rewind or pg_basebackup), then attach it"
+            ));
+        }
+        let b = &mut self.books[node];
+        let lifted = b.hold.take();
+        b.false_primary = false;
+        b.attached = true;
+        self.counts.add(Event::Attach);
+        tracing::warn!(node, lifted = ?lifted.map(|h| h.reason), "node attached by operator");
+        self.settle(adm, now);
+        let n = &self.snap.nodes[node];
+        Ok(if n.status.is_usable() {
+            format!("node {node} attached: in service as {}", n.role.as_str())
+        } else if n.pg_status != PgStatus::Up {
+            format!("node {node} attached: it takes traffic once a health check reaches it")
+        } else {
+            format!(
+                "node {node} attached, not yet in service: {}",
+                n.held_out.clone().unwrap_or_default()
+            )
+        })
+    }
+
+    /// `DETACH NODE n`: keep a standby out of service until `ATTACH NODE n`.
+    pub fn detach(&mut self, node: usize, adm: &Admission) -> Result<String, String> {
+        let now = SystemTime::now();
+        if node >= self.snap.nodes.len() {
+            return Err(format!("there is no node {node}"));
+        }
+        if self.snap.primary == Some(node) {
+            return Err(format!(
+                "node {node} is the primary: move the primary first with PROMOTE NODE <standby>"
+            ));
+        }
+        if let Some(t) = &self.transition
+            && (t.old_primary == Some(node) || t.target == Some(node))
+        {
+            return Err(format!(
+                "node {node} is part of the {} in progress",
+                t.kind.as_str()
+            ));
+        }
+        let reason = format!("detached by operator; ATTACH NODE {node} brings it back");
+        let b = &mut self.books[node];
+        b.attached = false;
+        b.hold = Some(Hold {
+            kind: HoldKind::Detached,
+            reason: reason.clone(),
+        });
+        self.hold(node, reason, now);
+        self.counts.add(Event::Detach);
+        tracing::warn!(node, "node detached by operator");
+        self.settle(adm, now);
+        Ok(format!(
+            "node {node} detached: no traffic until ATTACH NODE {node}"
+        ))
+    }
+
+    /// Whether a hold keeps `node` out (the coordinator skips such nodes).
+    pub fn is_held(&self, node: usize) -> bool {
+        self.books.get(node).is_some_and(|b| b.hold.is_some())
+    }
+
+    /// What `SHOW PGPILOT_FAILOVER` and metrics show.
+    pub fn report(&self) -> FailoverReport {
+        FailoverReport {
+            current: self.transition.clone(),
+            last: self.last_transition.clone(),
+            blocked: self.blocked.clone(),
+            counts: self.counts.clone(),
+        }
+    }
+
+    /// Whether a failover or switchover is in progress.
+    pub fn in_transition(&self) -> bool {
+        self.transition.is_some()
+    }
+}

@@ -1,0 +1,230 @@
+//! `PROMOTE NODE n`: a planned switchover from the healthy primary to
+//! standby `n`, or — while a failover waits for an acceptable candidate —
+//! the operator's choice of candidate.
+//!
+//! The switchover, in the background once the command was accepted:
+//! 1. publish no primary: new write requests and new sessions *wait* (up to
+//!    `failover.client_wait_timeout`) instead of failing;
+//! 2. wait (≤ `switchover_timeout`) until the old primary has no open
+//!    client transaction (`pg_stat_activity.xact_start`), then make it
+//!    read-only (`ALTER SYSTEM SET default_transaction_read_only = on` +
+//!    reload) and terminate transactions still open after the timeout;
+//! 3. note the old primary's `pg_current_wal_lsn()` and wait (≤
+//!    `switchover_timeout`) until the target has received it — so no
+//!    acknowledged commit is lost;
+//! 4. fence the old primary, promote the target by `failover.mode`, wait for
+//!    exactly one primary, publish it (the waiting requests proceed there);
+//! 5. re-point the other standbys; `follow_primary_command`, when set, also
+//!    runs for the old primary (as pgpool does), which otherwise stays
+//!    running, read-only and fenced until rebuilt and attached.
+//!
+//! A client between transactions sees no error: its next write waits in
+//! step 1–4 and runs on the new primary. A failure before step 4 (target
+//! does not catch up, old primary unreachable) aborts: the read-only setting
+//! is reset and the old primary is published again (or failed over, if it
+//! is gone).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+
+use super::events::{Event, Phase};
+use super::promote::{self, monitor_query};
+use super::replication::format_lsn;
+use super::{Cluster, Role, failover, follow};
+use crate::config::{Config, FailoverMode};
+
+/// Let sessions that routed a write just before the switch deliver it.
+const GRACE: Duration = Duration::from_millis(50);
+
+/// Open client transactions on a node (pgpilot's own checks excluded).
+const OPEN_TRANSACTIONS: &str = "FROM pg_stat_activity WHERE backend_type = 'client backend' \
+     AND xact_start IS NOT NULL AND pid <> pg_backend_pid() \
+     AND application_name NOT IN ('pgpilot-health', 'pgpilot-sr-check', 'pgpilot-failover')";
+
+/// Validate `PROMOTE NODE target` and start it; the switchover continues in
+/// the background. The message says what was started.
+pub fn start(
+    cluster: Arc<Cluster>,
+    config: Arc<ArcSwap<Config>>,
+    target: usize,
+) -> Result<String, String> {
+    let cfg = config.load_full();
+    if cfg.failover.mode == FailoverMode::None {
+        return Err(
+            "failover.mode = \"none\": pgpilot promotes nothing (promote the node yourself; pgpilot notices)"
+                .into(),
+        );
+    }
+    let snap = cluster.snapshot();
+    let n = snap
+        .nodes
+        .get(target)
+        .ok_or_else(|| format!("there is no node {target}"))?;
+    if snap.primary == Some(target) {
+        return Err(format!("node {target} is already the primary"));
+    }
+    let standby = n.status.is_usable() && n.role == Role::Standby && !cluster.is_held(target);
+    if !standby {
+        return Err(format!(
+            "node {target} is not an in-service standby (status {}, role {})",
+            n.status.as_str(),
+            n.role.as_str()
+        ));
+    }
+    if cluster.failover_in_progress() {
+        cluster.update_with(|o| o.force_candidate(target))?;
+        return Ok(format!(
+            "the failover in progress will promote node {target}"
+        ));
+    }
+    let adm = super::state::Admission::from(&*cfg);
+    let (id, old) = cluster.update_with(|o| o.begin_switchover(target, &adm))?;
+    tokio::spawn(async move {
+        let _one_at_a_time = cluster.transition_lock.lock().await;
+        run(&cluster, &cfg, id, old, target).await;
+    });
+    Ok(format!(
+        "switchover from node {old} to node {target} started; SHOW PGPILOT_FAILOVER shows its progress"
+    ))
+}
+
+/// Steps 2–5 of the module docs.
+async fn run(cluster: &Arc<Cluster>, cfg: &Arc<Config>, id: u64, old: usize, target: usize) {
+    let mut read_only = false;
+    let result = prepare(cluster, cfg, id, old, target, &mut read_only).await;
+    let switch_lsn = match result {
+        Ok(lsn) => lsn,
+        Err(why) => {
+            if read_only && let Err(e) = set_read_only(cfg, old, false).await {
+                tracing::error!(node = old, error = %e, "could not reset default_transaction_read_only");
+            }
+            let _ = cluster.fail(id, format!("switchover aborted: {why}"), cfg);
+            return;
+        }
+    };
+    if cluster.promotion_started(id, target).is_err() {
+        return;
+    }
+    match promote::promote(cfg, target, Some(old)).await {
+        Ok(msg) => {
+            tracing::warn!(node = target, "{msg}");
+            cluster.count(Event::Promotion);
+        }
+        Err(e) => {
+            tracing::error!(node = target, error = %e, "promotion failed; still searching for a primary");
+            cluster.count(Event::PromotionFailed);
+        }
+    }
+    match failover::search(cluster, cfg, id, cfg.failover.search_primary_timeout).await {
+        Ok(new) => {
+            if cluster.finish(id, new, cfg).is_ok() {
+                let include_old = !cfg.failover.follow_primary_command.trim().is_empty();
+                follow::spawn_all(
+                    cluster.clone(),
+                    cfg.clone(),
+                    new,
+                    Some(old),
+                    Some(switch_lsn),
+                    include_old,
+                );
+            }
+        }
+        Err(why) => {
+            let _ = cluster.fail(id, why, cfg);
+        }
+    }
+}
+
+/// Drain, make read-only, catch up. Returns the old primary's final LSN.
+async fn prepare(
+    cluster: &Cluster,
+    cfg: &Config,
+    id: u64,
+    old: usize,
+    target: usize,
+    read_only: &mut bool,
+) -> Result<u64, String> {
+    let limit = cfg.health_check.timeout;
+    let timeout = cfg.failover.switchover_timeout;
+    tokio::time::sleep(GRACE).await;
+    let deadline = Instant::now() + timeout;
+    let count = format!("SELECT count(*) {OPEN_TRANSACTIONS}");
+    loop {
+        let open = first_value(monitor_query(cfg, old, &count, limit).await?);
+        if open.as_deref() == Some("0") {
+            break;
+        }
+        if !*read_only {
+            // Nothing routes here any more; refuse writes from late arrivals.
+            set_read_only(cfg, old, true).await?;
+            *read_only = true;
+        }
+        if Instant::now() >= deadline {
+            let kill = format!("SELECT count(pg_terminate_backend(pid)) {OPEN_TRANSACTIONS}");
+            let killed = first_value(monitor_query(cfg, old, &kill, limit).await?);
+            tracing::warn!(node = old, terminated = ?killed, "open transactions did not finish in time; terminated");
+            break;
+        }
+        cluster.set_phase(
+            id,
+            Phase::Draining,
+            format!(
+                "waiting for {} open transaction(s) on node {old}",
+                open.unwrap_or_default()
+            ),
+        )?;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    if !*read_only {
+        set_read_only(cfg, old, true).await?;
+        *read_only = true;
+    }
+    let lsn = first_value(monitor_query(cfg, old, "SELECT pg_current_wal_lsn()", limit).await?)
+        .as_deref()
+        .and_then(super::replication::parse_lsn)
+        .ok_or("cannot read the old primary's WAL position")?;
+    cluster.set_phase(
+        id,
+        Phase::CatchingUp,
+        format!("waiting for node {target} to receive {}", format_lsn(lsn)),
+    )?;
+    let deadline = Instant::now() + timeout;
+    loop {
+        let p = promote::position(cfg, target, limit).await?;
+        if p.lsn >= lsn {
+            return Ok(p.lsn);
+        }
+        if Instant::now() >= deadline {
+            return Err(format!(
+                "node {target} did not catch up: at {}, old primary at {}",
+                format_lsn(p.lsn),
+                format_lsn(lsn)
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// `ALTER SYSTEM SET default_transaction_read_only` (or RESET) and reload.
+async fn set_read_only(cfg: &Config, node: usize, on: bool) -> Result<(), String> {
+    let limit = cfg.health_check.timeout;
+    let sql = if on {
+        "ALTER SYSTEM SET default_transaction_read_only = on"
+    } else {
+        "ALTER SYSTEM RESET default_transaction_read_only"
+    };
+    monitor_query(cfg, node, sql, limit).await?;
+    monitor_query(cfg, node, "SELECT pg_reload_conf()", limit).await?;
+    tracing::info!(
+        node,
+        on,
+        "default_transaction_read_only set on the old primary"
+    );
+    Ok(())
+}
+
+fn first_value(rows: Vec<Vec<Option<String>>>) -> Option<String> {
+    rows.into_iter().next()?.into_iter().next().flatten()
+}
