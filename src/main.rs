@@ -103,18 +103,28 @@ impl Connect {
     }
 }
 
-/// Run an admin subcommand against the pgpilot configured in `path`.
-fn admin(path: Option<PathBuf>, to: Connect, action: Action) -> ExitCode {
+/// Load and validate the `--config` file, printing what is wrong (naming the
+/// key) and giving the exit code on failure. `hint` completes the message for a
+/// missing `--config`.
+fn load_config(path: Option<PathBuf>, hint: &str) -> Result<(PathBuf, Config), ExitCode> {
     let Some(path) = path else {
-        eprintln!("pgpilot: --config FILE is required (it says where pgpilot listens)");
-        return ExitCode::from(2);
+        eprintln!("pgpilot: --config FILE is required{hint}");
+        return Err(ExitCode::from(2));
     };
-    let config = match Config::load(&path) {
-        Ok(c) => c,
+    match Config::load(&path) {
+        Ok(c) => Ok((path, c)),
         Err(e) => {
             eprintln!("{}: {e}", path.display());
-            return ExitCode::FAILURE;
+            Err(ExitCode::FAILURE)
         }
+    }
+}
+
+/// Run an admin subcommand against the pgpilot configured in `path`.
+fn admin(path: Option<PathBuf>, to: Connect, action: Action) -> ExitCode {
+    let (_, config) = match load_config(path, " (it says where pgpilot listens)") {
+        Ok(loaded) => loaded,
+        Err(code) => return code,
     };
     let result = runtime(1)
         .and_then(|rt| rt.block_on(pgpilot::admin::cli::run(&config, &to.target(), action)));
@@ -163,39 +173,23 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Check => {
-            let Some(path) = cli.config else {
-                eprintln!("pgpilot check: --config FILE is required");
-                return ExitCode::from(2);
-            };
-            match Config::load(&path) {
-                Ok(c) => {
-                    println!(
-                        "{}: OK ({} backends, {} users, listen {})",
-                        path.display(),
-                        c.backends.len(),
-                        c.users.len(),
-                        c.listen
-                    );
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    eprintln!("{}: {e}", path.display());
-                    ExitCode::FAILURE
-                }
+        Command::Check => match load_config(cli.config, "") {
+            Ok((path, c)) => {
+                println!(
+                    "{}: OK ({} backends, {} users, listen {})",
+                    path.display(),
+                    c.backends.len(),
+                    c.users.len(),
+                    c.listen
+                );
+                ExitCode::SUCCESS
             }
-        }
+            Err(code) => code,
+        },
         Command::Run => {
-            let Some(path) = cli.config else {
-                eprintln!("pgpilot: --config FILE is required (or try `pgpilot demo`)");
-                return ExitCode::from(2);
-            };
-            let config = match Config::load(&path) {
-                Ok(c) => c,
-                Err(e) => {
-                    eprintln!("{}: {e}", path.display());
-                    return ExitCode::FAILURE;
-                }
+            let (path, config) = match load_config(cli.config, " (or try `pgpilot demo`)") {
+                Ok(loaded) => loaded,
+                Err(code) => return code,
             };
             let rt = match runtime(config.worker_threads) {
                 Ok(rt) => rt,

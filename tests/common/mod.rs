@@ -120,8 +120,17 @@ impl Harness {
 /// Start a pgpilot with `config` on its own runtime thread; returns its address.
 /// It runs until the test process exits.
 pub fn spawn_proxy(config: Config) -> SocketAddr {
+    spawn_proxy_full(config).addr
+}
+
+/// Run a pgpilot on its own runtime thread until `stop` completes; returns
+/// what it bound and the thread.
+fn spawn_until(
+    config: Config,
+    stop: impl std::future::Future<Output = ()> + Send + 'static,
+) -> (Spawned, std::thread::JoinHandle<()>) {
     let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
+    let thread = std::thread::spawn(move || {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
@@ -129,12 +138,19 @@ pub fn spawn_proxy(config: Config) -> SocketAddr {
             .expect("runtime");
         rt.block_on(async move {
             let proxy = Proxy::bind(config).await.expect("bind pgpilot");
-            tx.send(proxy.local_addr()).expect("report address");
-            proxy.run(std::future::pending()).await;
+            let spawned = Spawned {
+                addr: proxy.local_addr(),
+                metrics: proxy.metrics_addr(),
+                ctx: proxy.context(),
+            };
+            tx.send(spawned).expect("report address");
+            proxy.run(stop).await;
         });
     });
-    rx.recv_timeout(Duration::from_secs(30))
-        .expect("pgpilot started")
+    let spawned = rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("pgpilot started");
+    (spawned, thread)
 }
 
 /// A pgpilot started by [`spawn_proxy_full`].
@@ -149,26 +165,7 @@ pub struct Spawned {
 
 /// Like [`spawn_proxy`], also returning the metrics address and the context.
 pub fn spawn_proxy_full(config: Config) -> Spawned {
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .expect("runtime");
-        rt.block_on(async move {
-            let proxy = Proxy::bind(config).await.expect("bind pgpilot");
-            let spawned = Spawned {
-                addr: proxy.local_addr(),
-                metrics: proxy.metrics_addr(),
-                ctx: proxy.context(),
-            };
-            tx.send(spawned).expect("report address");
-            proxy.run(std::future::pending()).await;
-        });
-    });
-    rx.recv_timeout(Duration::from_secs(30))
-        .expect("pgpilot started")
+    spawn_until(config, std::future::pending()).0
 }
 
 /// A plain HTTP/1.1 GET on loopback: (status code, body).
@@ -277,32 +274,10 @@ impl Drop for StoppableProxy {
 
 /// Like [`spawn_proxy_full`], stopped when the result is dropped.
 pub fn spawn_proxy_stoppable(config: Config) -> StoppableProxy {
-    let (tx, rx) = std::sync::mpsc::channel();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let thread = std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .expect("runtime");
-        rt.block_on(async move {
-            let proxy = Proxy::bind(config).await.expect("bind pgpilot");
-            let spawned = Spawned {
-                addr: proxy.local_addr(),
-                metrics: proxy.metrics_addr(),
-                ctx: proxy.context(),
-            };
-            tx.send(spawned).expect("report address");
-            proxy
-                .run(async {
-                    let _ = stop_rx.await;
-                })
-                .await;
-        });
+    let (spawned, thread) = spawn_until(config, async {
+        let _ = stop_rx.await;
     });
-    let spawned = rx
-        .recv_timeout(Duration::from_secs(30))
-        .expect("pgpilot started");
     StoppableProxy {
         spawned,
         stop: Some(stop_tx),
