@@ -10,12 +10,20 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::{Deserialize, Deserializer};
+use serde::Deserialize;
 
 use crate::protocol::auth::ScramVerifier;
 
+mod checks;
 mod failover;
+mod routing;
+mod units;
+
+pub use checks::{HealthCheck, MetricsConfig, SrCheck};
 pub use failover::{Failover, FailoverMode};
+pub use routing::{ConsistencyMode, Routing, UnknownFunctions};
+use units::{byte_size, duration};
+pub use units::{parse_byte_size, parse_duration};
 
 /// A configuration that could not be loaded; the message names the key.
 #[derive(Debug, thiserror::Error)]
@@ -97,189 +105,6 @@ pub struct Config {
     /// Replacing a failed primary: detection, promotion, following, client waits.
     #[serde(default)]
     pub failover: Failover,
-}
-
-/// What to do with a function called by a read that is on no list.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
-#[serde(rename_all = "snake_case")]
-pub enum UnknownFunctions {
-    /// Look up `pg_proc.provolatile` once (cached): volatile → primary (pgpool's default).
-    #[default]
-    Lookup,
-    /// Treat every unknown function as a write (primary).
-    Write,
-    /// Treat unknown functions as read-only (standby allowed).
-    Read,
-}
-
-/// Read-your-writes guarantee for reads sent to standbys.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
-#[serde(rename_all = "snake_case")]
-pub enum ConsistencyMode {
-    /// A session's reads see its own committed writes (default).
-    #[default]
-    Session,
-    /// Every read sees every write pgpilot acknowledged to any client before it.
-    Global,
-    /// Reads go to standbys by weight and lag only; they may see the past.
-    Eventual,
-}
-
-/// Read/write routing settings (`[routing]`).
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct Routing {
-    /// Send reads to standbys at all; false = everything on the primary.
-    pub load_balance: bool,
-    /// Let the primary serve balanced reads too, with its own `weight`.
-    pub primary_in_read_pool: bool,
-    /// `"off"`: a read-write transaction runs wholly on the primary. `"transaction"`:
-    /// pgpool's behaviour, reads in a transaction go to the standby until its first write.
-    pub disable_load_balance_on_write: crate::router::policy::BalanceInTransaction,
-    /// Functions that write, in addition to the built-in list.
-    pub write_functions: Vec<String>,
-    /// If non-empty, allow-list mode: only these (and built-in read-only functions) may
-    /// run on a standby; any other function call sends the statement to the primary.
-    pub read_only_functions: Vec<String>,
-    /// Functions on no list: `"lookup"` (pg_proc volatility), `"write"` or `"read"`.
-    pub unknown_functions: UnknownFunctions,
-    /// Classifications cached (by normalised statement text); 0 disables the cache.
-    pub cache_size: usize,
-    /// `"session"`, `"global"` or `"eventual"` (see [`ConsistencyMode`]).
-    pub consistency: ConsistencyMode,
-    /// How long a read may wait for a standby to replay what it must see before it
-    /// is sent to the primary instead; 0 = never wait.
-    #[serde(deserialize_with = "duration")]
-    pub consistency_wait: Duration,
-}
-
-impl Default for Routing {
-    fn default() -> Self {
-        Routing {
-            load_balance: true,
-            primary_in_read_pool: false,
-            disable_load_balance_on_write: Default::default(),
-            write_functions: Vec::new(),
-            read_only_functions: Vec::new(),
-            unknown_functions: UnknownFunctions::Lookup,
-            cache_size: 10_000,
-            consistency: ConsistencyMode::Session,
-            consistency_wait: Duration::from_millis(20),
-        }
-    }
-}
-
-impl Routing {
-    /// The classifier's function policy for these settings.
-    pub fn function_policy(&self) -> crate::router::classify::FunctionPolicy {
-        use crate::router::classify::{FunctionPolicy, UnknownIs};
-        let unknown = match self.unknown_functions {
-            UnknownFunctions::Lookup => UnknownIs::Lookup,
-            UnknownFunctions::Write => UnknownIs::Write,
-            UnknownFunctions::Read => UnknownIs::Read,
-        };
-        let allow =
-            (!self.read_only_functions.is_empty()).then(|| self.read_only_functions.clone());
-        FunctionPolicy::with_lists(self.write_functions.iter().cloned(), allow, unknown)
-    }
-}
-
-/// Per-node health checks: every `period` a new connection as the `[monitor]`
-/// role runs `SELECT pg_is_in_recovery()` within `timeout`; a failure is retried
-/// `max_retries` times `retry_delay` apart before the node is declared down.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct HealthCheck {
-    /// Time between two checks of a node (a session error triggers one sooner).
-    #[serde(deserialize_with = "duration")]
-    pub period: Duration,
-    /// Limit for one attempt: connect + log in + query.
-    #[serde(deserialize_with = "duration")]
-    pub timeout: Duration,
-    /// Failed attempts retried before the verdict `down` (hysteresis: one lost
-    /// packet must not take a node out of service).
-    pub max_retries: u32,
-    /// Pause between retries.
-    #[serde(deserialize_with = "duration")]
-    pub retry_delay: Duration,
-    /// Re-admit a standby that was down once it is healthy again and streams
-    /// from the current primary. Off: it stays down until pgpilot restarts.
-    pub auto_failback: bool,
-}
-
-impl Default for HealthCheck {
-    fn default() -> Self {
-        HealthCheck {
-            period: Duration::from_secs(1),
-            timeout: Duration::from_secs(3),
-            max_retries: 2,
-            retry_delay: Duration::from_secs(1),
-            auto_failback: true,
-        }
-    }
-}
-
-/// Replication checks (pgpool's `sr_check`) and the lag-weighted balancing curve.
-///
-/// A standby's effective read weight is `weight × f(bytes) × f(seconds)` with
-/// `f(x) = 1 / (1 + (x / half)²)` (1 at zero lag, ½ at the half-weight lag,
-/// falling smoothly), and 0 above either threshold. A half-weight of 0 turns
-/// that factor off; a threshold of 0 turns that cut-off off.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct SrCheck {
-    /// Time between two rounds; 0 turns replication checks off (lag unknown,
-    /// configured weights used as they are).
-    #[serde(deserialize_with = "duration")]
-    pub period: Duration,
-    /// Limit for one node's queries in a round (including reconnecting).
-    #[serde(deserialize_with = "duration")]
-    pub timeout: Duration,
-    /// A standby more than this many bytes of WAL behind gets no reads; 0 = no limit.
-    #[serde(deserialize_with = "byte_size")]
-    pub delay_threshold: u64,
-    /// A standby more than this far behind in time gets no reads; 0 = no limit.
-    #[serde(deserialize_with = "duration")]
-    pub delay_threshold_by_time: Duration,
-    /// Byte lag at which a standby's weight is halved; 0 = bytes do not lower weights.
-    #[serde(deserialize_with = "byte_size")]
-    pub half_weight_lag_bytes: u64,
-    /// Time lag at which a standby's weight is halved; 0 = time does not lower weights.
-    #[serde(deserialize_with = "duration")]
-    pub half_weight_lag: Duration,
-    /// When a session's standby crosses a threshold, move its reads to another
-    /// standby (lower lag preferred) rather than straight to the primary.
-    pub prefer_lower_delay_standby: bool,
-}
-
-impl Default for SrCheck {
-    fn default() -> Self {
-        SrCheck {
-            period: Duration::from_secs(1),
-            timeout: Duration::from_secs(2),
-            delay_threshold: 0,
-            delay_threshold_by_time: Duration::from_secs(10),
-            half_weight_lag_bytes: 16 << 20,
-            half_weight_lag: Duration::from_secs(1),
-            prefer_lower_delay_standby: true,
-        }
-    }
-}
-
-/// The HTTP endpoint for Prometheus and load balancers.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct MetricsConfig {
-    /// Address:port serving `/metrics` and `/healthz`; empty = off.
-    pub listen: String,
-}
-
-impl Default for MetricsConfig {
-    fn default() -> Self {
-        MetricsConfig {
-            listen: "127.0.0.1:9930".into(),
-        }
-    }
 }
 
 /// Backend connection pool settings.
@@ -471,80 +296,6 @@ fn default_pg_port() -> u16 {
 }
 fn default_weight() -> f64 {
     1.0
-}
-
-/// Parse `"250ms"`, `"5s"`, `"2m"`, `"1h"` or a number of seconds.
-pub fn parse_duration(s: &str) -> Option<Duration> {
-    let s = s.trim();
-    let split = s
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let n: f64 = num.parse().ok()?;
-    let secs = match unit.trim() {
-        "" | "s" => n,
-        "ms" => n / 1000.0,
-        "m" | "min" => n * 60.0,
-        "h" => n * 3600.0,
-        _ => return None,
-    };
-    (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs))
-}
-
-/// Parse a byte size: `"16MB"`, `"512kB"`, `"1GiB"`, `"100"` (bytes). Units
-/// are binary as in postgresql.conf (`kB` = 1024 bytes).
-pub fn parse_byte_size(s: &str) -> Option<u64> {
-    let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let n: u64 = num.parse().ok()?;
-    let mult: u64 = match unit.trim() {
-        "" | "B" => 1,
-        "kB" | "KB" | "KiB" => 1 << 10,
-        "MB" | "MiB" => 1 << 20,
-        "GB" | "GiB" => 1 << 30,
-        "TB" | "TiB" => 1 << 40,
-        _ => return None,
-    };
-    n.checked_mul(mult)
-}
-
-fn byte_size<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum Raw {
-        Int(u64),
-        Str(String),
-    }
-    match Raw::deserialize(d)? {
-        Raw::Int(n) => Ok(n),
-        Raw::Str(s) => parse_byte_size(&s).ok_or_else(|| {
-            serde::de::Error::custom(format!(
-                "invalid size {s:?}: use e.g. \"16MB\", \"512kB\" or a number of bytes"
-            ))
-        }),
-    }
-}
-
-fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum Raw {
-        Int(u64),
-        Float(f64),
-        Str(String),
-    }
-    let err = |what: &str| {
-        serde::de::Error::custom(format!(
-            "invalid duration {what}: use e.g. \"500ms\", \"5s\", \"2m\" or a number of seconds"
-        ))
-    };
-    match Raw::deserialize(d)? {
-        Raw::Int(n) => Ok(Duration::from_secs(n)),
-        Raw::Float(f) if f.is_finite() && f >= 0.0 => Ok(Duration::from_secs_f64(f)),
-        Raw::Float(f) => Err(err(&f.to_string())),
-        Raw::Str(s) => parse_duration(&s).ok_or_else(|| err(&format!("{s:?}"))),
-    }
 }
 
 impl Config {
@@ -847,7 +598,7 @@ mod tests {
 
     #[test]
     fn shipped_example_config_is_valid() {
-        let text = include_str!("../conf/pgpilot.toml");
+        let text = include_str!("../../conf/pgpilot.toml");
         Config::from_toml(text).unwrap();
     }
 }
