@@ -5,8 +5,9 @@
 #   writers: pgbench TPC-B-like (-N: no branch/teller contention), WRITERS clients
 #   readers: pgbench -S (select-only), READERS clients, at the same time
 # For each mode (eventual, session, global; ROUNDS rounds, interleaved) it prints
-# writer TPS and latency, reader TPS, and the share of reads that standbys
-# served (from pgpilot's /metrics), then the medians and the ratios to eventual.
+# writer TPS and latency, reader TPS, and the share of the select-only readers'
+# statements that standbys served (from pgpilot's /metrics), then the medians
+# and the ratios to eventual.
 #
 #   benches/consistency.sh                 # defaults: 3 rounds x 10 s, 4 writers, 12 readers
 #   ROUNDS=5 DURATION=20 benches/consistency.sh
@@ -92,11 +93,14 @@ for r in $(seq 1 "$ROUNDS"); do
         wl=$(sed -n 's/^latency average = \([0-9.]*\) ms/\1/p' "$WORK/w.out")
         rt=$(sed -n 's/^tps = \([0-9.]*\).*/\1/p' "$WORK/r.out")
         read -r sr tr < <(reads_by_standbys)
-        share=$(awk -v s="$sr" -v t="$tr" 'BEGIN { printf "%.4f", (t ? s / t : 0) }')
+        # pgbench -N runs one SELECT per transaction, inside it (on the primary):
+        # the select-only readers' share is standby reads / (reads - writer txns).
+        wn=$(sed -n 's/^number of transactions actually processed: \([0-9]*\).*/\1/p' "$WORK/w.out")
+        share=$(awk -v s="$sr" -v t="$tr" -v w="$wn" 'BEGIN { r = t - w; printf "%.4f", (r > 0 ? s / r : 0) }')
         kill "$PILOT_PID"; wait "$PILOT_PID" 2>/dev/null || true; PILOT_PID=""
         W_TPS[$mode]="${W_TPS[$mode]:-} $wt"; W_LAT[$mode]="${W_LAT[$mode]:-} $wl"
         R_TPS[$mode]="${R_TPS[$mode]:-} $rt"; SHARE[$mode]="${SHARE[$mode]:-} $share"
-        printf 'round %d  %-8s writers %7.0f tps %6.2f ms   readers %7.0f tps   reads on standbys %5.1f%%\n' \
+        printf 'round %d  %-8s writers %7.0f tps %6.2f ms   readers %7.0f tps   select-only reads on standbys %5.1f%%\n' \
             "$r" "$mode" "$wt" "$wl" "$rt" "$(awk -v s="$share" 'BEGIN{print s*100}')"
     done
 done
@@ -110,6 +114,6 @@ for mode in $MODES; do
     wt=$(echo "${W_TPS[$mode]}" | median); wl=$(echo "${W_LAT[$mode]}" | median)
     rt=$(echo "${R_TPS[$mode]}" | median); sh=$(echo "${SHARE[$mode]}" | median)
     awk -v m="$mode" -v wt="$wt" -v wl="$wl" -v rt="$rt" -v sh="$sh" -v bw="$BASE_W" -v br="$BASE_R" -v bl="$BASE_L" 'BEGIN {
-        printf "  %-8s writers %7.0f tps (%.3f x eventual), latency %.2f ms (%+.2f ms)   readers %7.0f tps (%.3f x eventual)   reads on standbys %.1f%%\n",
+        printf "  %-8s writers %7.0f tps (%.3f x eventual), latency %.2f ms (%+.2f ms)   readers %7.0f tps (%.3f x eventual)   select-only reads on standbys %.1f%%\n",
             m, wt, wt/bw, wl, wl-bl, rt, rt/br, sh*100 }'
 done

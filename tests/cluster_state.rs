@@ -231,6 +231,28 @@ async fn show_pool_nodes_has_pgpool_columns_and_values() {
         assert_eq!((&*r[11], &*r[12]), ("streaming", "async"));
     }
 
+    // select_cnt grows on the node that served this session's reads, which is
+    // its load_balance_node.
+    let before: Vec<u64> = rows.iter().map(|r| r[8].parse().unwrap()).collect();
+    let mut served = String::new();
+    for _ in 0..6 {
+        served = node_of_read(&c).await;
+    }
+    let i = served.trim_start_matches("node").parse::<usize>().unwrap();
+    assert!(i > 0, "a plain read ran on the primary");
+    let (_, rows) = show(&c, "SHOW POOL_NODES").await;
+    let after: u64 = rows[i][8].parse().unwrap();
+    assert!(
+        after >= before[i] + 6,
+        "select_cnt {} -> {after}",
+        before[i]
+    );
+    assert_eq!(rows[i][9], "true", "{:?}", rows[i]);
+    assert_eq!(
+        rows[i][3], "up",
+        "a standby that served reads is no longer waiting"
+    );
+
     // The same through psql, which prints what it got.
     let conninfo = format!(
         "host=127.0.0.1 port={} user={USER} dbname={DB} password={PASSWORD} connect_timeout=10",
@@ -285,7 +307,8 @@ async fn show_pool_nodes_has_pgpool_columns_and_values() {
     assert_eq!(cols[0], "pool_pid");
     let mine: Vec<_> = rows
         .iter()
-        .filter(|r| r[3] == USER && r[6] == "0")
+        // (The node this session used last: after its reads, a standby.)
+        .filter(|r| r[3] == USER && r[6].parse::<usize>().is_ok_and(|n| n < 3))
         .collect();
     assert!(!mine.is_empty(), "{rows:?}");
     let (cols, rows) = show(&c, "SHOW POOL_POOLS").await;
@@ -361,6 +384,14 @@ async fn a_paused_standby_loses_its_weight_and_gets_it_back() {
     })
     .await;
 
+    // Sessions that picked their standby before the pause (some picked node 2).
+    let mut early = Vec::new();
+    for _ in 0..10 {
+        let c = connect(p.addr, "").await;
+        node_of_read(&c).await;
+        early.push(c);
+    }
+
     h.psql(2, "SELECT pg_wal_replay_pause()");
     let _resume = ResumeReplay(2);
     let table = format!("lag_filler_{}", std::process::id());
@@ -393,6 +424,22 @@ async fn a_paused_standby_loses_its_weight_and_gets_it_back() {
     let total: f64 = w.iter().sum();
     assert!(w[1] / total >= 0.95, "weights {w:?}");
 
+    // Reads through pgpilot now: new sessions, and the sessions that had picked
+    // node 2 before (they move to the other standby), ≥ 95% on node 1.
+    let mut by_node: HashMap<String, u32> = HashMap::new();
+    for _ in 0..100 {
+        let c = connect(p.addr, "").await;
+        *by_node.entry(node_of_read(&c).await).or_default() += 1;
+    }
+    for c in &early {
+        for _ in 0..10 {
+            *by_node.entry(node_of_read(c).await).or_default() += 1;
+        }
+    }
+    eprintln!("reads with node 2 lagging: {by_node:?}");
+    let on_node1 = by_node.get("node1").copied().unwrap_or(0);
+    assert!(on_node1 * 100 >= 95 * 200, "{by_node:?}");
+
     // The lag shows in SHOW PGPILOT_NODES and in /metrics.
     let c = connect(p.addr, "").await;
     let (cols, rows) = show(&c, "SHOW PGPILOT_NODES").await;
@@ -414,7 +461,25 @@ async fn a_paused_standby_loses_its_weight_and_gets_it_back() {
         || (ctx.cluster.snapshot().nodes[2].effective_weight > 0.9).then_some(()),
     )
     .await;
+    // Traffic returns: new sessions read on node 2 again.
+    let mut back = 0;
+    for _ in 0..60 {
+        let c = connect(p.addr, "").await;
+        if node_of_read(&c).await == "node2" {
+            back += 1;
+        }
+    }
+    eprintln!("after resume: {back}/60 new sessions read on node 2");
+    assert!(back > 5, "reads did not return to node 2");
     h.psql(0, &format!("DROP TABLE {table}"));
+}
+
+/// Where a plain read of this session runs.
+async fn node_of_read(c: &tokio_postgres::Client) -> String {
+    c.query_one("SELECT current_setting('cluster_name')", &[])
+        .await
+        .unwrap()
+        .get(0)
 }
 
 /// `name{labels}` → value, for every sample line of a text exposition.

@@ -75,6 +75,10 @@ pub struct SessionInfo {
     backend_opened_ms: AtomicU64,
     /// [`SessionState`] as a byte.
     state: AtomicU8,
+    /// Every server connection the session holds (one per node at most):
+    /// (node, server pid, opened). Changes only when a connection is opened or
+    /// dropped, so a lock is cheap here.
+    held: Mutex<Vec<(usize, i32, SystemTime)>>,
 }
 
 impl SessionInfo {
@@ -114,6 +118,27 @@ impl SessionInfo {
                 UNIX_EPOCH + Duration::from_millis(opened),
             )
         })
+    }
+
+    /// The session now holds server connection `pid` on `node`, opened at `created`.
+    pub fn hold(&self, node: usize, pid: i32, created: Instant) {
+        let opened = SystemTime::now()
+            .checked_sub(created.elapsed())
+            .unwrap_or(UNIX_EPOCH);
+        let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        held.retain(|(n, _, _)| *n != node);
+        held.push((node, pid, opened));
+    }
+
+    /// The session no longer holds a connection to `node`.
+    pub fn release(&self, node: usize) {
+        let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        held.retain(|(n, _, _)| *n != node);
+    }
+
+    /// The server connections the session holds: (node, pid, opened).
+    pub fn held(&self) -> Vec<(usize, i32, SystemTime)> {
+        self.held.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// What the session is doing.
@@ -179,6 +204,7 @@ impl SessionRegistry {
             backend_pid: AtomicI32::new(0),
             backend_opened_ms: AtomicU64::new(0),
             state: AtomicU8::new(SessionState::Connecting as u8),
+            held: Mutex::new(Vec::new()),
         });
         lock(&self.entries).insert(id, info.clone());
         SessionHandle {

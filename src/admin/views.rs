@@ -278,7 +278,7 @@ pub(super) fn pool_pools(ctx: &ProxyContext) -> ResultSet {
     };
     let mut rows = Vec::new();
     for si in ctx.sessions.list() {
-        if let Some((node, pid, opened)) = si.backend() {
+        for (node, pid, opened) in si.held() {
             let (host, port) = node_addr(node);
             rows.push(vec![
                 node.to_string(),

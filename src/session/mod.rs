@@ -373,7 +373,7 @@ impl Session {
                 .ok_or(BackendError::NoPrimary)?;
             match self.open_link(node).await {
                 Ok(link) => {
-                    self.links[node] = Some(link);
+                    self.install_link(node, Some(link));
                     self.set_active(node);
                     return Ok(());
                 }
@@ -430,11 +430,12 @@ impl Session {
             None => true,
         };
         if fresh {
-            if self.links[node].take().is_some() {
+            if self.links[node].is_some() {
                 tracing::debug!(node, "idle server connection went away; reconnecting");
+                self.install_link(node, None);
             }
             match self.open_link(node).await {
-                Ok(l) => self.links[node] = Some(l),
+                Ok(l) => self.install_link(node, Some(l)),
                 Err(e) if !must_use => {
                     // A standby that refuses the login (a database or role created
                     // on the primary that it has not replayed yet) or cannot be
@@ -559,6 +560,16 @@ impl Session {
         }
     }
 
+    /// Hold `link` as the session's connection to `node` (or drop it), and say so
+    /// in the session registry (SHOW POOL_POOLS).
+    fn install_link(&mut self, node: usize, link: Option<Link>) {
+        match &link {
+            Some(l) => self.registration.hold(node, l.conn.pid, l.conn.created),
+            None => self.registration.release(node),
+        }
+        self.links[node] = link;
+    }
+
     /// Leave standby `node` alone for `pause`: reads go to another node.
     /// `report`: the failure was connection-level (the cluster probes the node).
     fn shun(&mut self, node: usize, pause: std::time::Duration, report: bool) {
@@ -566,7 +577,7 @@ impl Session {
         if self.route.standby == Some(node) {
             self.route.standby = None;
         }
-        self.links[node] = None;
+        self.install_link(node, None);
         if report {
             self.ctx.cluster.report_session_error(node);
         }
