@@ -231,6 +231,13 @@ async fn show_pool_nodes_has_pgpool_columns_and_values() {
         assert_eq!((&*r[11], &*r[12]), ("streaming", "async"));
     }
 
+    // The extended protocol (tokio-postgres `query`) gets the same result set.
+    let ext = c.query("SHOW POOL_NODES", &[]).await.unwrap();
+    assert_eq!(ext.len(), 3);
+    assert_eq!(ext[0].columns().len(), 14);
+    assert_eq!(ext[0].columns()[13].name(), "last_status_change");
+    assert_eq!(ext[1].get::<_, &str>(6), "standby");
+
     // select_cnt grows on the node that served this session's reads, which is
     // its load_balance_node.
     let before: Vec<u64> = rows.iter().map(|r| r[8].parse().unwrap()).collect();
