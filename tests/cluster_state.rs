@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use common::{
     DB, Harness, PASSWORD, Spawned, USER, connect, harness, http_get, result_set, spawn_proxy_full,
-    sqlstate,
+    sqlstate, wait_for,
 };
 use pgpilot::config::Config;
 use pgpilot::localcluster::{ClusterSpec, LocalCluster};
@@ -46,21 +46,6 @@ fn fast(mut c: Config) -> Config {
     c.health_check.retry_delay = Duration::from_millis(300);
     c.sr_check.period = Duration::from_millis(500);
     c
-}
-
-/// Poll `f` every 50 ms until it returns `Some`, or panic after `limit`.
-async fn wait_for<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {limit:?} waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 /// Wait until every node of `p` is in service and the primary is node 0.

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use common::load::{Ack, Load, reader};
 use common::{
     DB, PASSWORD, StoppableProxy, USER, connect, harness, http_get, result_set,
-    spawn_proxy_stoppable, sqlstate,
+    spawn_proxy_stoppable, sqlstate, wait_for,
 };
 use pgpilot::cluster::events::Event;
 use pgpilot::config::{Config, FailoverMode};
@@ -73,21 +73,6 @@ async fn psql_in(c: &Arc<LocalCluster>, node: usize, db: &str, sql: &str) -> Str
 async fn activity(c: &Arc<LocalCluster>, node: usize) -> String {
     let sql = "SELECT (SELECT xact_commit + xact_rollback FROM pg_stat_database WHERE datname = 'app')                || '/' || (SELECT count(*) FROM pg_stat_activity WHERE datname = 'app')";
     psql_in(c, node, "postgres", sql).await
-}
-
-/// Poll `f` every 50 ms until it returns `Some`, or panic after `limit`.
-async fn wait_for<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {limit:?} waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 /// Every node in service, `primary` the primary, every standby streaming.

@@ -290,3 +290,18 @@ pub fn spawn_proxy_stoppable(config: Config) -> StoppableProxy {
 pub fn init_logs() {
     let _ = tracing_subscriber_init();
 }
+
+/// Poll `f` every 50 ms until it returns `Some`, or panic after `limit`.
+pub async fn wait_for<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out after {limit:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -1,0 +1,253 @@
+//! The session's server connections: opening them (the primary's at login, a
+//! standby's at the first read routed there) and bringing each up to the
+//! session's state before it is used — settings replayed, forgotten statements
+//! closed, the statements a request executes prepared, the transaction defaults
+//! read. A standby that cannot serve the session is shunned for a while; the
+//! request is then routed again and reads go elsewhere.
+
+use bytes::BytesMut;
+
+use super::link::Link;
+use super::{SHUN, SHUN_REFUSED, Session, SessionError, state};
+use crate::backend::pool::AcquireSettings;
+use crate::backend::{BackendError, PoolKey};
+
+impl Session {
+    /// Open the session's connection to the current primary. During a
+    /// failover (or when the primary's connection is refused and the
+    /// failover starts) wait up to `failover.client_wait_timeout` for the
+    /// new one instead of failing the login.
+    pub(super) async fn connect_primary(&mut self) -> Result<(), BackendError> {
+        let (wait, failover) = (
+            self.cfg.pool.acquire_timeout,
+            self.cfg.failover.client_wait_timeout,
+        );
+        let mut retried = false;
+        loop {
+            let node = self
+                .ctx
+                .cluster
+                .wait_primary_for(wait, failover)
+                .await
+                .ok_or(BackendError::NoPrimary)?;
+            match self.open_link(node).await {
+                Ok(link) => {
+                    self.install_link(node, Some(link));
+                    self.set_active(node);
+                    return Ok(());
+                }
+                Err(e)
+                    if !retried
+                        && e.is_connection_failure()
+                        && self.ctx.cluster.session_lost(node).await =>
+                {
+                    retried = true;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// A new (or pooled) connection to `node` for this session's user and database.
+    async fn open_link(&self, node: usize) -> Result<Link, BackendError> {
+        let key = PoolKey::new(node, &self.user, &self.database, &self.startup.params);
+        let b = &self.cfg.backends[node];
+        let settings = AcquireSettings {
+            host: &b.host,
+            port: b.port,
+            password: self
+                .cfg
+                .user(&self.user)
+                .and_then(|u| u.password.as_deref()),
+            max_per_node: self.cfg.pool.max_connections_per_node,
+            acquire_timeout: self.cfg.pool.acquire_timeout,
+            connect_timeout: self.cfg.timeouts.connect,
+            auth_timeout: self.cfg.timeouts.auth,
+        };
+        let conn = match self.ctx.pool.acquire(&key, &settings).await {
+            Ok(c) => c,
+            Err(e) => {
+                if e.is_connection_failure() {
+                    self.ctx.cluster.report_session_error(node);
+                }
+                return Err(e);
+            }
+        };
+        Ok(Link::new(conn))
+    }
+
+    /// Connect to `node` if needed, and bring its connection up to the session's
+    /// state: replay settings it has not seen, close statements the session
+    /// forgot, prepare the statements in `needs`. A standby that cannot be used is
+    /// shunned for a while and the request is routed again (reads then go
+    /// elsewhere); failing to reach the primary ends the session.
+    pub(super) async fn prepare_node(
+        &mut self,
+        node: usize,
+        needs: Vec<Vec<u8>>,
+    ) -> Result<(), SessionError> {
+        let primary = self.ctx.cluster.snapshot().primary;
+        let must_use = Some(node) == primary || (self.in_tx && self.route.tx_node == Some(node));
+        let fresh = match &self.links[node] {
+            Some(l) => !l.busy() && node != self.active && !l.conn.is_healthy_idle(),
+            None => true,
+        };
+        if fresh {
+            if self.links[node].is_some() {
+                tracing::debug!(node, "idle server connection went away; reconnecting");
+                self.install_link(node, None);
+            }
+            match self.open_link(node).await {
+                Ok(l) => self.install_link(node, Some(l)),
+                Err(e) if !must_use => {
+                    // A standby that refuses the login (a database or role created
+                    // on the primary that it has not replayed yet) or cannot be
+                    // reached: this session reads elsewhere for a while.
+                    tracing::info!(node, error = %e, "standby unusable for this session; reads go elsewhere");
+                    let (pause, report) = if e.is_connection_failure() {
+                        (SHUN, true)
+                    } else {
+                        (SHUN_REFUSED, false)
+                    };
+                    self.shun(node, pause, report);
+                    return Ok(());
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        let limit = self.cfg.timeouts.reset;
+        let Some(link) = self.links[node].as_mut() else {
+            return Ok(());
+        };
+        // 1. Settings and closes: failure means this connection's state differs.
+        let mut msgs = BytesMut::new();
+        let mut rfqs = 0;
+        let mut discards = false;
+        for q in self.state.log_since(link.applied) {
+            msgs.extend_from_slice(q);
+            rfqs += 1;
+            discards |= crate::router::session_cmd::is_discard_all(
+                std::str::from_utf8(&q[5..q.len() - 1]).unwrap_or(""),
+            );
+        }
+        if !link.pending_close.is_empty() {
+            for name in link.pending_close.drain(..) {
+                state::close_statement_message(&mut msgs, &name);
+            }
+            state::sync_message(&mut msgs);
+            rfqs += 1;
+        }
+        if rfqs > 0 {
+            let errors = link.conn.exchange_discarding(&msgs, rfqs, limit).await?;
+            link.applied = self.state.log_end();
+            if discards {
+                link.statements.clear();
+            }
+            if let Some(e) = errors.first() {
+                tracing::warn!(node, error = %e.message, "replaying the session's settings failed; the session stays on the primary");
+                self.state.overflowed = true;
+            }
+        }
+        // 2. Statements the request executes.
+        let mut msgs = BytesMut::new();
+        let mut rfqs = 0;
+        let mut parses = false;
+        let mut made = Vec::new();
+        for name in needs {
+            if link.statements.contains(&name) {
+                continue;
+            }
+            match self.state.stmts.get(&name).map(|s| &s.source) {
+                Some(state::StmtSource::Parse(f)) => {
+                    msgs.extend_from_slice(f);
+                    parses = true;
+                }
+                Some(state::StmtSource::Sql(q)) => {
+                    msgs.extend_from_slice(q);
+                    rfqs += 1;
+                }
+                None => continue,
+            }
+            made.push(name);
+        }
+        if parses {
+            state::sync_message(&mut msgs);
+            rfqs += 1;
+        }
+        if rfqs > 0 {
+            let errors = link.conn.exchange_discarding(&msgs, rfqs, limit).await?;
+            if errors.is_empty() {
+                link.statements.extend(made);
+            } else if !must_use {
+                // E.g. a table created on the primary has not reached this standby.
+                tracing::debug!(node, error = %errors[0].message, "statement not preparable here; using the primary");
+                self.avoid_standby_once = Some(node);
+            } else {
+                // Let the server report its own error when the request runs.
+                link.statements.extend(made);
+            }
+        }
+        Ok(())
+    }
+
+    /// Read the session's transaction defaults on its primary connection: a
+    /// serializable default keeps the session on the primary (a hot standby cannot
+    /// run serializable transactions), a read-only default makes its transactions
+    /// read-only (standby). Startup options and `ALTER ROLE/DATABASE … SET` set
+    /// these without any statement pgpilot could see.
+    pub(super) async fn probe_defaults(&mut self) -> Result<(), SessionError> {
+        self.defaults_probed = true;
+        let primary = self.ctx.cluster.snapshot().primary;
+        let Some(link) = primary.and_then(|p| self.links[p].as_mut()) else {
+            return Ok(());
+        };
+        let sql = "SELECT current_setting('default_transaction_isolation'), \
+                   current_setting('default_transaction_read_only')";
+        match link.conn.query_row(sql, self.cfg.timeouts.reset).await {
+            Ok(row) => {
+                let value = |i: usize| row.get(i).cloned().flatten().unwrap_or_default();
+                if value(0) == "serializable" {
+                    self.route.sticky_primary = true;
+                }
+                if value(1) == "on" {
+                    self.route.read_only_default = true;
+                }
+                Ok(())
+            }
+            Err(e) if e.is_connection_failure() => Err(e.into()),
+            Err(e) => {
+                tracing::debug!(error = %e, "reading transaction defaults failed; staying on the primary");
+                self.route.sticky_primary = true;
+                Ok(())
+            }
+        }
+    }
+
+    /// Hold `link` as the session's connection to `node` (or drop it), and say so
+    /// in the session registry (SHOW POOL_POOLS).
+    pub(super) fn install_link(&mut self, node: usize, link: Option<Link>) {
+        match &link {
+            Some(l) => self.registration.hold(node, l.conn.pid, l.conn.created),
+            None => self.registration.release(node),
+        }
+        self.links[node] = link;
+    }
+
+    /// Leave standby `node` alone for `pause`: reads go to another node.
+    /// `report`: the failure was connection-level (the cluster probes the node).
+    pub(super) fn shun(&mut self, node: usize, pause: std::time::Duration, report: bool) {
+        self.shunned_until[node] = Some(tokio::time::Instant::now() + pause);
+        if self.route.standby == Some(node) {
+            self.route.standby = None;
+        }
+        self.install_link(node, None);
+        if report {
+            self.ctx.cluster.report_session_error(node);
+        }
+    }
+
+    /// Whether this session currently avoids node `node`.
+    pub(super) fn shunned(&self, node: usize) -> bool {
+        self.shunned_until[node].is_some_and(|t| tokio::time::Instant::now() < t)
+    }
+}
