@@ -319,7 +319,22 @@ async fn malformed_input_is_rejected_while_others_keep_working() {
     s.write_all(&[b'?', 0, 0, 0, 4]).await.unwrap();
     let (t, body) = read_msg(&mut s).await.unwrap();
     assert_eq!((t, sqlstate_of(&body).as_str()), (b'E', "08P01"));
-    // 6. SSLRequest is answered 'N' and the client may go on in the clear.
+    // 6. A Query (and a Parse) with an empty body: an error from the node, no
+    // panic, and the proxy keeps serving.
+    for bad in [[b'Q', 0, 0, 0, 4], [b'P', 0, 0, 0, 4]] {
+        let mut s = login_raw(h.proxy).await;
+        s.write_all(&bad).await.unwrap();
+        if bad[0] == b'P' {
+            s.write_all(&[b'S', 0, 0, 0, 4]).await.unwrap();
+        }
+        let (t, body) = tokio::time::timeout(Duration::from_secs(5), read_msg(&mut s))
+            .await
+            .expect("an answer, not a hang")
+            .unwrap();
+        assert_eq!(t, b'E', "{:?}", String::from_utf8_lossy(&body));
+        assert_eq!(sqlstate_of(&body), "08P01");
+    }
+    // 7. SSLRequest is answered 'N' and the client may go on in the clear.
     let mut s = TcpStream::connect(h.proxy).await.unwrap();
     s.write_all(&[0, 0, 0, 8, 4, 0xd2, 0x16, 0x2f])
         .await

@@ -162,7 +162,7 @@ impl Link {
         for ev in events.drain(..) {
             match ev.event {
                 BackendEvent::ReadyForQuery(s) => {
-                    if let Some(p) = patch_idle.filter(|_| s == b'I') {
+                    if let Some(p) = patch_idle.filter(|_| s == b'I' && ev.end > ev.start + 5) {
                         // An error here fails the client's transaction too.
                         self.conn.buf[ev.start + 5] = if self.batch_error {
                             TxStatus::Failed.as_byte()
@@ -178,7 +178,11 @@ impl Link {
                     }
                 }
                 BackendEvent::CommandComplete => {
-                    let tag = &self.conn.buf[ev.start + 5..ev.end.saturating_sub(1)];
+                    let tag = self
+                        .conn
+                        .buf
+                        .get(ev.start + 5..ev.end.saturating_sub(1))
+                        .unwrap_or_default();
                     metrics.command_completed(node, tag);
                     self.rolled_back |= tag == b"ROLLBACK";
                 }

@@ -92,6 +92,13 @@ fn parse_fields(body: &[u8]) -> (&[u8], &[u8]) {
     (name, query)
 }
 
+/// The SQL of a Query message (`frame` whole), without its terminating NUL.
+/// Tolerates a malformed, empty body (PostgreSQL reports it).
+fn query_sql(frame: &[u8]) -> &[u8] {
+    let body = frame.get(5..).unwrap_or_default();
+    body.strip_suffix(&[0]).unwrap_or(body)
+}
+
 /// Statement name of a Bind body.
 fn bind_statement(body: &[u8]) -> &[u8] {
     let rest = cstr(body).map(|(_, r)| r).unwrap_or_default();
@@ -149,7 +156,7 @@ impl Session {
                     if self.links.iter().flatten().any(|l| l.busy()) {
                         return Ok(Step::Blocked);
                     }
-                    match self.aborted_tx_query(&frame[5..frame.len() - 1]) {
+                    match self.aborted_tx_query(query_sql(frame)) {
                         None => match self.plan_simple(f.tag, frame)? {
                             Ok(n) => n,
                             Err(step) => return Ok(step),
@@ -175,7 +182,7 @@ impl Session {
                     }
                 }
                 tag::QUERY if self.batch.is_none() => {
-                    if let Some(cmd) = super::local::parse_local(&frame[5..frame.len() - 1]) {
+                    if let Some(cmd) = super::local::parse_local(query_sql(frame)) {
                         if self.links.iter().flatten().any(|l| l.busy()) {
                             return Ok(Step::Blocked);
                         }
@@ -271,7 +278,7 @@ impl Session {
         if t == tag::FUNCTION_CALL {
             return Ok(self.decide_and_check(&function_call_class(), None, &[]));
         }
-        let sql = &frame[5..frame.len() - 1];
+        let sql = query_sql(frame);
         let (class, hint) = self.classify(sql);
         let mut needs = Vec::new();
         let mut force_write = false;
@@ -562,10 +569,10 @@ impl Session {
         let class = match self.pending_class.take() {
             Some(c) => c,
             None if t == tag::FUNCTION_CALL => function_call_class(),
-            None => self.classify(&frame[5..frame.len() - 1]).0,
+            None => self.classify(query_sql(frame)).0,
         };
         let effects = if t == tag::QUERY {
-            SessionState::effects_for(&class, &frame[5..frame.len() - 1], Some(frame), self.in_tx)
+            SessionState::effects_for(&class, query_sql(frame), Some(frame), self.in_tx)
         } else {
             self.dirty = true;
             None
