@@ -192,7 +192,7 @@ pub async fn run_replay_poller(
     config: Arc<ArcSwap<Config>>,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let mut conns: Vec<Option<tokio_postgres::Client>> = Vec::new();
+    let mut conns: Vec<Option<(usize, tokio_postgres::Client)>> = Vec::new();
     loop {
         let cfg = config.load_full();
         conns.resize_with(cfg.backends.len(), || None);
@@ -226,37 +226,50 @@ pub async fn run_replay_poller(
 /// Ask one standby its replay position on the poller's own connection.
 async fn poll_one(
     node: usize,
-    conn: &mut Option<tokio_postgres::Client>,
+    conn: &mut Option<(usize, tokio_postgres::Client)>,
     cfg: &Config,
     lsns: &Consistency,
 ) {
+    if let Some(lsn) = ask_lsn(conn, node, cfg, "SELECT pg_last_wal_replay_lsn()").await {
+        lsns.set_replayed(node, lsn);
+    }
+}
+
+/// Run `sql` (one LSN column) on `node` over a kept monitor-role connection,
+/// (re)opening it when it is missing, closed or to another node; a failure
+/// drops it. Every step is bounded by `monitor.timeout`.
+async fn ask_lsn(
+    conn: &mut Option<(usize, tokio_postgres::Client)>,
+    node: usize,
+    cfg: &Config,
+    sql: &str,
+) -> Option<u64> {
     let limit = cfg.monitor.timeout;
-    if conn.as_ref().is_none_or(|c| c.is_closed()) {
+    let stale = conn
+        .as_ref()
+        .is_none_or(|(n, c)| *n != node || c.is_closed());
+    if stale {
+        *conn = None;
         let pg = monitor_conn_config(&cfg.backends[node], &cfg.monitor, "pgpilot-lsn");
-        match tokio::time::timeout(limit, pg.connect(tokio_postgres::NoTls)).await {
-            Ok(Ok((client, connection))) => {
-                tokio::spawn(connection);
-                *conn = Some(client);
-            }
-            _ => return,
-        }
+        let (client, connection) = tokio::time::timeout(limit, pg.connect(tokio_postgres::NoTls))
+            .await
+            .ok()?
+            .ok()?;
+        tokio::spawn(connection);
+        *conn = Some((node, client));
     }
-    let Some(client) = conn.as_ref() else {
-        return;
+    let (_, client) = conn.as_ref()?;
+    let msgs = match tokio::time::timeout(limit, client.simple_query(sql)).await {
+        Ok(Ok(msgs)) => msgs,
+        _ => {
+            *conn = None;
+            return None;
+        }
     };
-    let q = client.simple_query("SELECT pg_last_wal_replay_lsn()");
-    match tokio::time::timeout(limit, q).await {
-        Ok(Ok(msgs)) => {
-            let lsn = msgs.iter().find_map(|m| match m {
-                tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).and_then(parse_lsn),
-                _ => None,
-            });
-            if let Some(lsn) = lsn {
-                lsns.set_replayed(node, lsn);
-            }
-        }
-        _ => *conn = None,
-    }
+    msgs.iter().find_map(|m| match m {
+        tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).and_then(parse_lsn),
+        _ => None,
+    })
 }
 
 /// Answer requests for a fresh primary position until shutdown.
@@ -301,28 +314,7 @@ async fn fetch_once(
     cfg: &Config,
 ) -> Option<u64> {
     let primary = cluster.snapshot().primary?;
-    let limit = cfg.monitor.timeout;
-    let stale = conn
-        .as_ref()
-        .is_none_or(|(n, c)| *n != primary || c.is_closed());
-    if stale {
-        let pg = monitor_conn_config(&cfg.backends[primary], &cfg.monitor, "pgpilot-lsn");
-        let (client, connection) = tokio::time::timeout(limit, pg.connect(tokio_postgres::NoTls))
-            .await
-            .ok()?
-            .ok()?;
-        tokio::spawn(connection);
-        *conn = Some((primary, client));
-    }
-    let (_, client) = conn.as_ref()?;
-    let msgs = tokio::time::timeout(limit, client.simple_query("SELECT pg_current_wal_lsn()"))
-        .await
-        .ok()?
-        .ok()?;
-    msgs.iter().find_map(|m| match m {
-        tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).and_then(parse_lsn),
-        _ => None,
-    })
+    ask_lsn(conn, primary, cfg, "SELECT pg_current_wal_lsn()").await
 }
 
 #[cfg(test)]

@@ -181,7 +181,7 @@ impl Session {
             } else if !must_use {
                 // E.g. a table created on the primary has not reached this standby.
                 tracing::debug!(node, error = %errors[0].message, "statement not preparable here; using the primary");
-                self.avoid_standby_once = Some(node);
+                self.avoid_standby_once = true;
             } else {
                 // Let the server report its own error when the request runs.
                 link.statements.extend(made);

@@ -135,10 +135,7 @@ impl Session {
     /// `Session::tx_aborted`): `None` to route it (ROLLBACK), or what to do.
     pub(super) fn aborted_tx_query(&self, sql: &[u8]) -> Option<AbortedTx> {
         let text = std::str::from_utf8(sql).unwrap_or("");
-        let class = self
-            .ctx
-            .classify_cache
-            .classify(text, &**self.ctx.classifier.load());
+        let (class, _) = self.classify(sql);
         match class.tx {
             Some(TxControl::Rollback) if class.statements == 1 => None,
             Some(TxControl::Savepoint)

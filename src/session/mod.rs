@@ -202,8 +202,12 @@ struct Session {
     tx_aborted: bool,
     /// Classification of the request just routed (reused when it is sent).
     pending_class: Option<Arc<Classification>>,
+    /// Classifications of the Parses of the batch just routed, in order (reused
+    /// when each Parse is forwarded, so a statement is classified once).
+    parsed_ahead:
+        std::collections::VecDeque<(Arc<Classification>, Option<crate::router::normalize::Hint>)>,
     /// Route the next read to the primary: preparing it on the standby failed.
-    avoid_standby_once: Option<usize>,
+    avoid_standby_once: bool,
     /// The last `pg_proc` lookup failed: judge the next request's functions volatile.
     lookup_failed: bool,
     /// Standbys this session failed to use, not retried before the instant.
@@ -290,7 +294,8 @@ impl Session {
             tx_uncertain: false,
             tx_aborted: false,
             pending_class: None,
-            avoid_standby_once: None,
+            parsed_ahead: std::collections::VecDeque::new(),
+            avoid_standby_once: false,
             lookup_failed: false,
             shunned_until: vec![None; nodes],
             standby_picked: false,

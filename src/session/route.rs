@@ -313,6 +313,7 @@ impl Session {
     fn plan_batch(&mut self, rest: &[u8]) -> Result<Planned, SessionError> {
         let max = self.cfg.max_message_size;
         let mut classes: Vec<Arc<Classification>> = Vec::new();
+        let mut parsed = std::collections::VecDeque::new();
         let mut defined: Vec<&[u8]> = Vec::new();
         let mut needs: Vec<Vec<u8>> = Vec::new();
         let mut hint = None;
@@ -326,6 +327,7 @@ impl Session {
                     let (name, query) = parse_fields(body);
                     let (class, h) = self.classify(query);
                     hint = hint.or(h);
+                    parsed.push_back((class.clone(), h));
                     classes.push(class);
                     defined.push(name);
                 }
@@ -362,6 +364,8 @@ impl Session {
             }
             p += f.wire_len;
         }
+        // The batch's Parses, classified once: `track_extended` reuses them.
+        self.parsed_ahead = parsed;
         let mut class = match classes.len() {
             // Close / Describe / Sync only: nothing runs; stay where the session is.
             0 if complete => {
@@ -408,7 +412,7 @@ impl Session {
     }
 
     /// Classify statement text (raw bytes as sent), through the cache.
-    fn classify(&self, sql: &[u8]) -> (Arc<Classification>, Option<Hint>) {
+    pub(super) fn classify(&self, sql: &[u8]) -> (Arc<Classification>, Option<Hint>) {
         match std::str::from_utf8(sql) {
             Ok(text) => {
                 let classifier = self.ctx.classifier.load();
@@ -460,7 +464,7 @@ impl Session {
         self.refresh_standby(&snapshot);
         let mut route = self.route.clone();
         route.sticky_primary |= self.state.overflowed;
-        if self.avoid_standby_once.take().is_some() {
+        if std::mem::take(&mut self.avoid_standby_once) {
             route.standby = None;
         }
         let node = match policy::decide(
@@ -599,7 +603,12 @@ impl Session {
         match t {
             tag::PARSE => {
                 let (name, query) = parse_fields(body);
-                let (class, hint) = self.classify(query);
+                // Classified already when the batch was routed, unless this Parse
+                // arrived after that.
+                let (class, hint) = match self.parsed_ahead.pop_front() {
+                    Some(c) => c,
+                    None => self.classify(query),
+                };
                 if name.is_empty() {
                     for l in self.links.iter_mut().flatten() {
                         l.statements.remove(name);
@@ -655,6 +664,7 @@ impl Session {
                 }
                 link.in_batch = false;
                 self.batch = None;
+                self.parsed_ahead.clear();
                 return Ok(());
             }
             _ => {}
