@@ -1,11 +1,19 @@
 #!/usr/bin/env bash
 # End-to-end throughput benchmark (not a test): pgbench select-only against
-#   direct   - the primary itself
-#   pgbouncer - Debian's PgBouncer, transaction pooling, in front of the primary
-#   pgpilot  - this proxy (release build), in front of the same cluster
-# interleaved for ROUNDS rounds; prints the median TPS of each and its ratio to
-# direct. Everything runs on loopback; the cluster is `pgpilot demo`'s (real
-# PostgreSQL, primary + 2 streaming standbys in a temp dir), removed at the end.
+#   direct          - the primary itself
+#   direct-split    - half the clients straight to each standby: a read splitter
+#                     that costs nothing, to show what standby reads cost
+#                     PostgreSQL on this machine
+#   pgbouncer       - Debian's PgBouncer, transaction pooling, in front of the primary
+#   pgpilot-primary - this proxy with load_balance = false (everything on the
+#                     primary: the core proxy, same path as PgBouncer)
+#   pgpilot         - this proxy with routing on: reads spread over the standbys
+# interleaved for ROUNDS rounds; prints the median TPS of each, its ratio to
+# direct and to PgBouncer, the proxy's CPU per transaction and PostgreSQL's
+# (all server processes, reaped connections included). Everything runs on
+# loopback; the cluster is `pgpilot demo`'s (real PostgreSQL, primary + 2
+# streaming standbys in a temp dir), removed at the end. Both pgpilots and
+# PgBouncer get one thread (WORKERS=1), as PgBouncer has.
 #
 #   benches/e2e.sh                      # defaults: 3 rounds x 10 s, 16 clients, simple protocol
 #   ROUNDS=5 DURATION=20 MODE=prepared benches/e2e.sh
@@ -19,7 +27,7 @@ THREADS=${THREADS:-2}
 SCALE=${SCALE:-10}
 MODE=${MODE:-simple}
 EXTRA=${EXTRA:--S}   # pgbench workload flags; EXTRA="" for TPC-B-like
-WORKERS=${WORKERS:-0} # pgpilot runtime threads (0 = one per core)
+WORKERS=${WORKERS:-1} # pgpilot runtime threads (0 = one per core)
 
 for bin in pgbouncer; do
     command -v "$bin" >/dev/null || { echo "installing $bin"; apt-get install -y -qq pgbouncer >/dev/null; }
@@ -32,9 +40,10 @@ free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",
 cargo build --release --quiet
 WORK=$(mktemp -d /tmp/pgpilot-bench.XXXXXX)
 chmod 755 "$WORK"
-DEMO_PID=""; BOUNCER_PID=""
+DEMO_PID=""; BOUNCER_PID=""; PRIMARY_ONLY_PID=""
 cleanup() {
     [ -n "$BOUNCER_PID" ] && kill "$BOUNCER_PID" 2>/dev/null || true
+    [ -n "$PRIMARY_ONLY_PID" ] && kill "$PRIMARY_ONLY_PID" 2>/dev/null || true
     if [ -n "$DEMO_PID" ]; then
         kill -INT "$DEMO_PID" 2>/dev/null || true
         for _ in $(seq 1 100); do kill -0 "$DEMO_PID" 2>/dev/null || break; sleep 0.2; done
@@ -48,7 +57,26 @@ PGPILOT_LOG=warn ./target/release/pgpilot demo --workers "$WORKERS" --listen "12
 DEMO_PID=$!
 for _ in $(seq 1 300); do grep -q "pgpilot is listening" "$WORK/demo.log" && break; sleep 0.2; done
 grep -q "pgpilot is listening" "$WORK/demo.log" || { cat "$WORK/demo.log"; exit 1; }
-PRIMARY_PORT=$(sed -n 's/.*node 0: 127\.0\.0\.1:\([0-9]*\).*/\1/p' "$WORK/demo.log")
+node_port() { sed -n "s/.*node $1: 127\\.0\\.0\\.1:\\([0-9]*\\).*/\\1/p" "$WORK/demo.log"; }
+PRIMARY_PORT=$(node_port 0)
+STANDBY1_PORT=$(node_port 1)
+STANDBY2_PORT=$(node_port 2)
+
+# The same proxy with read routing off, in front of the same cluster.
+PRIMARY_ONLY_PORT=$(free_port)
+{
+    echo "listen = \"127.0.0.1:$PRIMARY_ONLY_PORT\""
+    echo "worker_threads = $WORKERS"
+    for p in "$PRIMARY_PORT" "$STANDBY1_PORT" "$STANDBY2_PORT"; do
+        printf '[[backends]]\nhost = "127.0.0.1"\nport = %s\n' "$p"
+    done
+    printf '[[users]]\nname = "demo"\npassword = "demo"\n'
+    printf '[monitor]\nuser = "postgres"\n'
+    printf '[metrics]\nlisten = "127.0.0.1:%s"\n' "$(free_port)"
+    printf '[routing]\nload_balance = false\n'
+} >"$WORK/primary-only.toml"
+PGPILOT_LOG=warn ./target/release/pgpilot run --config "$WORK/primary-only.toml" >"$WORK/primary-only.log" 2>&1 &
+PRIMARY_ONLY_PID=$!
 
 BOUNCER_PORT=$(free_port)
 cat >"$WORK/pgbouncer.ini" <<INI
@@ -69,9 +97,9 @@ INI
 echo '"demo" "demo"' >"$WORK/userlist.txt"
 chown -R postgres "$WORK" 2>/dev/null || true
 if [ "$(id -u)" = 0 ]; then
-    runuser -u postgres -- pgbouncer "$WORK/pgbouncer.ini" &
+    runuser -u postgres -- pgbouncer "$WORK/pgbouncer.ini" >/dev/null 2>&1 &
 else
-    pgbouncer "$WORK/pgbouncer.ini" &
+    pgbouncer "$WORK/pgbouncer.ini" >/dev/null 2>&1 &
 fi
 BOUNCER_PID=$!
 sleep 1
@@ -83,39 +111,57 @@ cpu_ticks() { # pid -> utime+stime of the process (all threads), in clock ticks
     awk '{print $14 + $15}' "/proc/$1/stat" 2>/dev/null || echo 0
 }
 TICK_US=$(awk -v hz="$(getconf CLK_TCK)" 'BEGIN { print 1000000 / hz }')
+pg_ticks() { # CPU of every PostgreSQL process, plus what the postmasters reaped
+    cat /proc/[0-9]*/stat 2>/dev/null | awk '$2 == "(postgres)" { s += $14 + $15 + $16 + $17 } END { print s + 0 }'
+}
 
-run() { # name port pid -> "tps cpu_us_per_transaction"
-    local before after
-    before=$(cpu_ticks "$3")
-    "$PGBENCH" $EXTRA -M "$MODE" -c "$CLIENTS" -j "$THREADS" -T "$DURATION" -h 127.0.0.1 -p "$2" -U demo demo >"$WORK/$1.last" 2>&1
-    after=$(cpu_ticks "$3")
-    local tps txns
+pgbench() { # name port clients
+    "$PGBENCH" $EXTRA -M "$MODE" -c "$3" -j "$THREADS" -T "$DURATION" -h 127.0.0.1 -p "$2" -U demo demo >"$WORK/$1.last" 2>&1
+}
+run() { # name port pid -> "tps proxy_cpu_us_per_transaction pg_cpu_us_per_transaction"
+    local before after pg_before pg_after tps txns
+    before=$(cpu_ticks "$3"); pg_before=$(pg_ticks)
+    if [ "$1" = direct-split ]; then # half the clients to each standby, at once
+        pgbench split2 "$STANDBY2_PORT" $((CLIENTS / 2)) &
+        pgbench "$1" "$2" $((CLIENTS - CLIENTS / 2))
+        wait
+    else
+        pgbench "$1" "$2" "$CLIENTS"
+    fi
+    after=$(cpu_ticks "$3"); pg_after=$(pg_ticks)
     tps=$(sed -n 's/^tps = \([0-9.]*\).*/\1/p' "$WORK/$1.last")
     txns=$(sed -n 's/^number of transactions actually processed: \([0-9]*\).*/\1/p' "$WORK/$1.last")
-    awk -v t="$tps" -v n="$txns" -v d="$((after - before))" -v u="$TICK_US" \
-        'BEGIN { if (t == "") exit; printf "%s %.2f\n", t, (n > 0 && d > 0 ? d * u / n : 0) }'
+    if [ "$1" = direct-split ]; then
+        grep -q "number of failed transactions: 0 " "$WORK/split2.last" || { cat "$WORK/split2.last"; return; }
+        tps=$(awk -v a="$tps" -v b="$(sed -n 's/^tps = \([0-9.]*\).*/\1/p' "$WORK/split2.last")" 'BEGIN { print a + b }')
+        txns=$((txns + $(sed -n 's/^number of transactions actually processed: \([0-9]*\).*/\1/p' "$WORK/split2.last")))
+    fi
+    awk -v t="$tps" -v n="$txns" -v d="$((after - before))" -v g="$((pg_after - pg_before))" -v u="$TICK_US" \
+        'BEGIN { if (t == "") exit; printf "%s %.2f %.2f\n", t, (n > 0 && d > 0 ? d * u / n : 0), (n > 0 ? g * u / n : 0) }'
 }
 
 BOUNCER_REAL_PID=$(cat "$WORK/pgbouncer.pid" 2>/dev/null || echo "$BOUNCER_PID")
-declare -A RESULTS CPU
+TARGETS="direct direct-split pgbouncer pgpilot-primary pgpilot"
+declare -A RESULTS CPU PG
 for r in $(seq 1 "$ROUNDS"); do
-    for target in direct pgbouncer pgpilot; do
+    for target in $TARGETS; do
         case $target in
             direct) port=$PRIMARY_PORT; pid=0 ;;
+            direct-split) port=$STANDBY1_PORT; pid=0 ;;
             pgbouncer) port=$BOUNCER_PORT; pid=$BOUNCER_REAL_PID ;;
+            pgpilot-primary) port=$PRIMARY_ONLY_PORT; pid=$PRIMARY_ONLY_PID ;;
             pgpilot) port=$PILOT_PORT; pid=$DEMO_PID ;;
         esac
         out=$(run "$target" "$port" "$pid")
-        tps=${out%% *}; cpu=${out##* }
         if [ -z "$out" ]; then echo "pgbench through $target failed:"; cat "$WORK/$target.last"; exit 1; fi
+        read -r tps cpu pg <<<"$out"
         grep -q "number of failed transactions: 0 " "$WORK/$target.last" || { echo "$target had failed transactions"; cat "$WORK/$target.last"; exit 1; }
         RESULTS[$target]="${RESULTS[$target]:-} $tps"
         CPU[$target]="${CPU[$target]:-} $cpu"
-        if [ "$target" = direct ]; then
-            printf 'round %d  %-9s %10.0f tps\n' "$r" "$target" "$tps"
-        else
-            printf 'round %d  %-9s %10.0f tps   proxy CPU %6.1f us/transaction\n' "$r" "$target" "$tps" "$cpu"
-        fi
+        PG[$target]="${PG[$target]:-} $pg"
+        printf 'round %d  %-15s %8.0f tps   PostgreSQL CPU %6.1f us/transaction' "$r" "$target" "$tps" "$pg"
+        [ "$pid" != 0 ] && printf '   proxy CPU %5.1f us/transaction' "$cpu"
+        printf '\n'
     done
 done
 
@@ -125,11 +171,12 @@ echo
 echo "pgbench $EXTRA -M $MODE -c $CLIENTS -j $THREADS -T $DURATION, scale $SCALE, $ROUNDS rounds (median):"
 BOUNCER=$(echo "${RESULTS[pgbouncer]}" | median)
 BOUNCER_CPU=$(echo "${CPU[pgbouncer]}" | median)
-for target in direct pgbouncer pgpilot; do
+for target in $TARGETS; do
     m=$(echo "${RESULTS[$target]}" | median)
     c=$(echo "${CPU[$target]}" | median)
-    awk -v t="$target" -v m="$m" -v d="$DIRECT" -v b="$BOUNCER" -v c="$c" -v bc="$BOUNCER_CPU" 'BEGIN {
-        printf "  %-9s %10.0f tps   %.3f x direct   %.3f x pgbouncer", t, m, m/d, m/b
-        if (t != "direct") printf "   proxy CPU %.1f us/transaction (%.2f x pgbouncer)", c, c/bc
+    g=$(echo "${PG[$target]}" | median)
+    awk -v t="$target" -v m="$m" -v d="$DIRECT" -v b="$BOUNCER" -v c="$c" -v bc="$BOUNCER_CPU" -v g="$g" 'BEGIN {
+        printf "  %-15s %8.0f tps   %.3f x direct   %.3f x pgbouncer   PostgreSQL CPU %5.1f us/tx", t, m, m/d, m/b, g
+        if (t !~ /^direct/) printf "   proxy CPU %5.1f us/tx (%.2f x pgbouncer)", c, c/bc
         printf "\n" }'
 done
