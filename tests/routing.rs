@@ -1784,6 +1784,17 @@ async fn routing_hints_and_pgpilot_route() {
             .await,
         standby
     );
+    // The same over the extended protocol (a batch).
+    for (sql, want) in [
+        ("SELECT fn_volatile_noop()", PRIMARY),
+        (
+            "/* pgpilot:standby */ SELECT fn_volatile_noop()",
+            standby.as_str(),
+        ),
+    ] {
+        let row = s.c.query_one(sql, &[]).await.unwrap();
+        assert_eq!(row.get::<_, &str>(0), want, "{sql}, extended protocol");
+    }
     // SET pgpilot.route = 'primary' … RESET pgpilot.route.
     s.c.batch_execute("SET pgpilot.route = 'primary'")
         .await

@@ -293,19 +293,33 @@ impl Session {
                 None => force_write = true,
             }
         }
-        // A standby hint overrides the judgement of functions, not the statement.
+        Ok(self.decide_judged(class, hint, force_write, &needs))
+    }
+
+    /// Judge the functions `class` calls (unless a standby hint vouches for
+    /// them: it overrides the judgement of functions, never the statement),
+    /// treat it as a write if that or `force_write` says so, then decide.
+    fn decide_judged(
+        &mut self,
+        class: Arc<Classification>,
+        hint: Option<Hint>,
+        mut force_write: bool,
+        needs: &[Vec<u8>],
+    ) -> Planned {
         if hint != Some(Hint::Standby) {
             match self.judge_functions(&class) {
                 Ok(volatile) => force_write |= volatile,
-                Err(step) => return Ok(Err(step)),
+                Err(step) => return Err(step),
             }
         }
-        if force_write && class.access == Access::Read {
+        let class = if force_write && class.access == Access::Read {
             let mut c = (*class).clone();
             c.access = Access::Write;
-            return Ok(self.decide_and_check(&Arc::new(c), hint, &needs));
-        }
-        Ok(self.decide_and_check(&class, hint, &needs))
+            Arc::new(c)
+        } else {
+            class
+        };
+        self.decide_and_check(&class, hint, needs)
     }
 
     /// The node for an extended-protocol batch starting at the front of `rest`,
@@ -366,7 +380,7 @@ impl Session {
         }
         // The batch's Parses, classified once: `track_extended` reuses them.
         self.parsed_ahead = parsed;
-        let mut class = match classes.len() {
+        let class = match classes.len() {
             // Close / Describe / Sync only: nothing runs; stay where the session is.
             0 if complete => {
                 let node = self
@@ -381,17 +395,8 @@ impl Session {
                 .unwrap_or_else(|| Arc::new(Classification::empty())),
             _ => Arc::new(merge(&classes)),
         };
-        let mut force_write = unknown_statement || (!complete && !self.in_tx);
-        match self.judge_functions(&class) {
-            Ok(volatile) => force_write |= volatile,
-            Err(step) => return Ok(Err(step)),
-        }
-        if force_write && class.access == Access::Read {
-            let mut c = (*class).clone();
-            c.access = Access::Write;
-            class = Arc::new(c);
-        }
-        Ok(self.decide_and_check(&class, hint, &needs))
+        let force_write = unknown_statement || (!complete && !self.in_tx);
+        Ok(self.decide_judged(class, hint, force_write, &needs))
     }
 
     /// Whether an extended batch starting with this message rolls the aborted
