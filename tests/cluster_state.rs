@@ -13,7 +13,7 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use common::{
-    DB, Harness, PASSWORD, Spawned, USER, connect, harness, http_get, result_set, spawn_proxy_full,
+    DB, PASSWORD, Spawned, USER, connect, harness, http_get, result_set, spawn_proxy_full,
     sqlstate, wait_for,
 };
 use pgpilot::config::Config;
@@ -112,23 +112,10 @@ async fn killed_backends_fatal_errors_and_vanishing_clients_leave_every_node_up(
     let p = spawn_proxy_full(fast(h.config()));
     all_in_service(&p).await;
 
-    // 1. A client kills its own backend.
-    let c = connect(p.addr, "").await;
-    let e = c
-        .simple_query("SELECT pg_terminate_backend(pg_backend_pid())")
-        .await
-        .unwrap_err();
-    assert_eq!(sqlstate(&e).as_deref(), Some("57P01"), "{e}");
+    // A client kills its own backend, provokes a FATAL, vanishes mid-query.
+    common::client_misbehaviour(p.addr, "").await;
 
-    // 2. A FATAL raised by the server for the session (idle_session_timeout).
-    let c = connect(p.addr, "").await;
-    c.batch_execute("SET idle_session_timeout = '200ms'")
-        .await
-        .unwrap();
-    tokio::time::sleep(Duration::from_millis(800)).await;
-    assert!(c.simple_query("SELECT 1").await.is_err());
-
-    // 3. An administrator terminates sessions' backends.
+    // An administrator terminates sessions' backends.
     let victim = format!("victim{}", std::process::id());
     let v1 = connect(p.addr, &format!("application_name={victim}")).await;
     let v2 = connect(p.addr, &format!("application_name={victim}")).await;
@@ -146,17 +133,6 @@ async fn killed_backends_fatal_errors_and_vanishing_clients_leave_every_node_up(
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert!(v1.simple_query(on_primary).await.is_err());
     assert!(v2.simple_query(on_primary).await.is_err());
-
-    // 4. A client vanishes in the middle of a query.
-    let (client, conn) =
-        tokio_postgres::connect(&Harness::conninfo(p.addr, ""), tokio_postgres::NoTls)
-            .await
-            .unwrap();
-    let conn_task = tokio::spawn(conn);
-    let query = tokio::spawn(async move { client.simple_query("SELECT pg_sleep(5)").await });
-    tokio::time::sleep(Duration::from_millis(400)).await;
-    conn_task.abort();
-    query.abort();
 
     // Several health periods later, nothing went down.
     tokio::time::sleep(Duration::from_millis(2500)).await;

@@ -785,23 +785,10 @@ async fn nothing_a_client_does_fails_over_a_healthy_primary() {
     all_in_service(&p, 0).await;
     let primary = "/* pgpilot:primary */";
 
-    // 1. A client terminates its own backend on the primary.
-    let c = connect(p.addr, "").await;
-    let e = c
-        .simple_query(&format!(
-            "{primary} SELECT pg_terminate_backend(pg_backend_pid())"
-        ))
-        .await
-        .unwrap_err();
-    assert_eq!(sqlstate(&e).as_deref(), Some("57P01"), "{e}");
-    // 2. A FATAL from the server for the session.
-    let c = connect(p.addr, "").await;
-    c.batch_execute("SET idle_session_timeout = '200ms'")
-        .await
-        .unwrap();
-    tokio::time::sleep(Duration::from_millis(600)).await;
-    assert!(c.simple_query("SELECT 1").await.is_err());
-    // 3. A cancel of a query on the primary.
+    // A client kills its own backend on the primary, provokes a FATAL,
+    // vanishes mid-query.
+    common::client_misbehaviour(p.addr, primary).await;
+    // A cancel of a query on the primary.
     let c = connect(p.addr, "").await;
     let token = c.cancel_token();
     let q = tokio::spawn(async move {
@@ -812,23 +799,7 @@ async fn nothing_a_client_does_fails_over_a_healthy_primary() {
     token.cancel_query(tokio_postgres::NoTls).await.unwrap();
     let e = q.await.unwrap().unwrap_err();
     assert_eq!(sqlstate(&e).as_deref(), Some("57014"), "{e}");
-    // 4. A client vanishing mid-query.
-    let (client, conn) = tokio_postgres::connect(
-        &common::Harness::conninfo(p.addr, ""),
-        tokio_postgres::NoTls,
-    )
-    .await
-    .unwrap();
-    let conn_task = tokio::spawn(conn);
-    let q = tokio::spawn(async move {
-        client
-            .simple_query(&format!("{primary} SELECT pg_sleep(5)"))
-            .await
-    });
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    conn_task.abort();
-    q.abort();
-    // 5. Many clients terminating their backends at once.
+    // Many clients terminating their backends at once.
     let mut kills = Vec::new();
     for _ in 0..10 {
         let addr = p.addr;

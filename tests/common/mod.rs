@@ -244,6 +244,41 @@ pub fn sqlstate(e: &tokio_postgres::Error) -> Option<String> {
     e.as_db_error().map(|d| d.code().code().to_string())
 }
 
+/// What a client can do to its own server connections through pgpilot at
+/// `addr`, each step checked: terminate its backend (57P01), provoke a FATAL
+/// (`idle_session_timeout`), and vanish in the middle of a query. `prefix`
+/// goes before the statements that run on a node (e.g. a routing hint). None of
+/// this may take a node down or fail one over.
+pub async fn client_misbehaviour(addr: SocketAddr, prefix: &str) {
+    // 1. A client kills its own backend.
+    let c = connect(addr, "").await;
+    let e = c
+        .simple_query(&format!(
+            "{prefix} SELECT pg_terminate_backend(pg_backend_pid())"
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(sqlstate(&e).as_deref(), Some("57P01"), "{e}");
+    // 2. A FATAL raised by the server for the session.
+    let c = connect(addr, "").await;
+    c.batch_execute("SET idle_session_timeout = '200ms'")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert!(c.simple_query("SELECT 1").await.is_err());
+    // 3. A client vanishes in the middle of a query.
+    let (client, conn) =
+        tokio_postgres::connect(&Harness::conninfo(addr, ""), tokio_postgres::NoTls)
+            .await
+            .unwrap();
+    let conn_task = tokio::spawn(conn);
+    let sql = format!("{prefix} SELECT pg_sleep(5)");
+    let query = tokio::spawn(async move { client.simple_query(&sql).await });
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    conn_task.abort();
+    query.abort();
+}
+
 /// A pgpilot on its own runtime thread that stops when dropped (sessions get
 /// 57P01, background tasks end): for tests that own a cluster, so nothing
 /// keeps probing it after it is gone.
