@@ -1909,22 +1909,6 @@ async fn weight_zero_load_balance_off_and_primary_in_read_pool() {
 // 6. A randomised mixed workload
 // ---------------------------------------------------------------------------
 
-/// Deterministic xorshift64* generator.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
-
 /// What one workload client saw.
 #[derive(Debug, Default)]
 struct Tally {
@@ -1975,7 +1959,9 @@ const WORKLOAD_PER_SESSION: usize = 300;
 
 async fn workload_client(addr: SocketAddr, id: i32, target: usize) -> Tally {
     let mut t = Tally::default();
-    let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ (id as u64 + 1).wrapping_mul(0x1234_5678_9abc));
+    let mut rng = fastrand::Rng::with_seed(
+        0x9e37_79b9_7f4a_7c15 ^ (id as u64 + 1).wrapping_mul(0x1234_5678_9abc),
+    );
     let q = format!("SELECT {WHERE}, count(*) FROM wl_t WHERE client = {id}");
     while t.statements < target {
         t.sessions += 1;
@@ -1998,7 +1984,7 @@ async fn workload_client(addr: SocketAddr, id: i32, target: usize) -> Tally {
             .unwrap();
         t.statements += 1;
         // Some sessions keep to the primary (temp table): all their reads too.
-        let sticky = rng.below(8) == 0;
+        let sticky = rng.u64(..8) == 0;
         if sticky {
             c.batch_execute("CREATE TEMP TABLE wl_tmp (a int)")
                 .await
@@ -2009,9 +1995,9 @@ async fn workload_client(addr: SocketAddr, id: i32, target: usize) -> Tally {
         let mut node: Option<String> = sticky.then(|| PRIMARY.to_string());
         let mut done = 0;
         while done < WORKLOAD_PER_SESSION && t.statements < target {
-            let k = rng.below(40) as i32;
+            let k = rng.u64(..40) as i32;
             let before = t.statements;
-            let op = rng.below(100);
+            let op = rng.u64(..100);
             match op {
                 // Simple-protocol read.
                 0..=24 => match c.simple_query(&q).await {
@@ -2066,7 +2052,7 @@ async fn workload_client(addr: SocketAddr, id: i32, target: usize) -> Tally {
                 // Explicit read-write transaction (tokio-postgres): all on the primary.
                 68..=77 => {
                     t.statements += 5; // BEGIN, read, write, read, COMMIT
-                    let commit = rng.below(4) != 0;
+                    let commit = rng.u64(..4) != 0;
                     let r: Result<(), tokio_postgres::Error> = async {
                         let tx = c.transaction().await?;
                         let a: String = tx.query_one(&read, &[&id, &k]).await?.get(0);
@@ -2137,8 +2123,8 @@ async fn workload_client(addr: SocketAddr, id: i32, target: usize) -> Tally {
                 }
                 // SET (plain or in a committed transaction), seen on both nodes.
                 91..=94 => {
-                    let mb = 1 + rng.below(60);
-                    let in_tx = rng.below(2) == 0;
+                    let mb = 1 + rng.u64(..60);
+                    let in_tx = rng.u64(..2) == 0;
                     let r: Result<(String, String), tokio_postgres::Error> = async {
                         if in_tx {
                             c.batch_execute("BEGIN").await?;

@@ -664,20 +664,9 @@ fn built_in_lists_are_sorted_and_disjoint() {
     }
 }
 
-/// Deterministic xorshift64* generator.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    fn pick<'a>(&mut self, items: &[&'a str]) -> &'a str {
-        items[(self.next() % items.len() as u64) as usize]
-    }
+/// One of `items`, chosen by `rng`.
+fn pick<'a>(rng: &mut fastrand::Rng, items: &[&'a str]) -> &'a str {
+    items[rng.usize(..items.len())]
 }
 
 const WRITE_STARTS: &[&str] = &[
@@ -753,24 +742,24 @@ fn random_sql_never_panics_and_write_starts_are_write() {
     ];
     let classifier = SqlParserClassifier::default();
     let cache = ClassifyCache::new(512);
-    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    let mut rng = fastrand::Rng::with_seed(0x9e37_79b9_7f4a_7c15);
     let mut writes = 0;
     for i in 0..20_000 {
         let mut sql = String::new();
         if i % 3 == 0 {
-            sql.push_str(rng.pick(&["", " ", "/* x */ ", "-- c\n", "\t"]));
-            sql.push_str(rng.pick(WRITE_STARTS));
+            sql.push_str(pick(&mut rng, &["", " ", "/* x */ ", "-- c\n", "\t"]));
+            sql.push_str(pick(&mut rng, WRITE_STARTS));
             sql.push(' ');
         }
-        for _ in 0..rng.next() % 12 {
-            sql.push_str(rng.pick(pieces));
-            sql.push_str(rng.pick(&[" ", "", " ", "\n"]));
+        for _ in 0..rng.usize(..12) {
+            sql.push_str(pick(&mut rng, pieces));
+            sql.push_str(pick(&mut rng, &[" ", "", " ", "\n"]));
         }
         if i % 5 == 0 {
             // A write keyword starting a later statement of the string.
-            sql.push_str(rng.pick(&["; ", ";\n", "; /* c */ "]));
-            sql.push_str(rng.pick(WRITE_STARTS));
-            sql.push_str(rng.pick(&[" t", " (", "", " 'x' $$"]));
+            sql.push_str(pick(&mut rng, &["; ", ";\n", "; /* c */ "]));
+            sql.push_str(pick(&mut rng, WRITE_STARTS));
+            sql.push_str(pick(&mut rng, &[" t", " (", "", " 'x' $$"]));
         }
         let direct = classifier.classify(&sql);
         let cached = cache.classify(&sql, &classifier);
@@ -786,12 +775,12 @@ fn random_sql_never_panics_and_write_starts_are_write() {
             // to the standby (node 1; the primary is node 0).
             let state = RouteState {
                 standby: Some(1),
-                sticky_primary: rng.next().is_multiple_of(4),
-                forced_primary: rng.next().is_multiple_of(4),
-                read_only_default: rng.next().is_multiple_of(2),
+                sticky_primary: rng.usize(..4) == 0,
+                forced_primary: rng.usize(..4) == 0,
+                read_only_default: rng.bool(),
                 ..RouteState::default()
             };
-            let hint = [None, Some(Hint::Primary), Some(Hint::Standby)][(rng.next() % 3) as usize];
+            let hint = [None, Some(Hint::Primary), Some(Hint::Standby)][rng.usize(..3)];
             for policy in [BALANCED, PGPOOL] {
                 let node = decide(&policy, &state, &cached, hint, false, Some(0));
                 assert_eq!(node, Decision::Node(0), "{sql:?} {state:?} {hint:?}");
