@@ -10,8 +10,12 @@ use super::normalize::{Kind, Lexer, Token};
 fn head<const N: usize>(sql: &str) -> ([Option<Token<'_>>; N], usize) {
     let mut out = [None; N];
     let mut n = 0;
-    for (slot, tok) in out.iter_mut().zip(Lexer::new(sql)) {
-        *slot = Some(tok);
+    // Count one token past N, so `n > N` says "more follows" (a trailing
+    // statement must never pass for the end of a command).
+    for tok in Lexer::new(sql).take(N + 1) {
+        if let Some(slot) = out.get_mut(n) {
+            *slot = Some(tok);
+        }
         n += 1;
     }
     (out, n)
@@ -99,7 +103,7 @@ pub enum SavepointOp {
 
 /// Recognise a savepoint command.
 pub fn savepoint_op(sql: &str) -> Option<SavepointOp> {
-    let (t, n) = head::<6>(sql);
+    let (t, _) = head::<6>(sql);
     let name = |i: usize| -> Option<String> {
         let tok = t.get(i).copied().flatten()?;
         match tok.kind {
@@ -108,7 +112,6 @@ pub fn savepoint_op(sql: &str) -> Option<SavepointOp> {
             _ => None,
         }
     };
-    let _ = n;
     if word(&t[0], "savepoint") {
         return name(1).map(SavepointOp::Set);
     }
@@ -259,6 +262,23 @@ mod tests {
         assert_eq!(
             pgpilot_command("SHOW pgpilot.last_commit_lsn; SELECT 1"),
             None
+        );
+        // A statement after the command is never taken for its end (it would
+        // be answered by pgpilot and never run).
+        for sql in [
+            "SET SESSION pgpilot.min_lsn = '0/1'; DELETE FROM t",
+            "SET SESSION pgpilot.min_lsn TO DEFAULT; DELETE FROM t",
+            "SET pgpilot.min_lsn = '0/1'; DELETE FROM t",
+        ] {
+            assert!(
+                matches!(pgpilot_command(sql), None | Some(SetMinLsn(Err(_)))),
+                "{sql}"
+            );
+        }
+        assert_eq!(pgpilot_command("RESET pgpilot.min_lsn; DELETE FROM t"), None);
+        assert_eq!(
+            pgpilot_command("SET SESSION pgpilot.min_lsn = '0/1';"),
+            Some(SetMinLsn(Ok(1)))
         );
     }
 
