@@ -22,7 +22,7 @@ use common::{
     spawn_proxy_stoppable, sqlstate, wait_for,
 };
 use pgpilot::cluster::events::Event;
-use pgpilot::config::{Config, FailoverMode};
+use pgpilot::config::{Config, ConsistencyMode, FailoverMode};
 use pgpilot::localcluster::{ClusterSpec, LocalCluster};
 
 /// One destructive test at a time in this binary.
@@ -517,11 +517,23 @@ async fn none_mode_waits_for_an_outside_promotion_and_clients_wait_too() {
     create_table(&cluster).await;
     let mut cfg = config_for(&cluster);
     cfg.failover.mode = FailoverMode::None;
+    // Eventual reads: a session can write and then read on the standby without
+    // learning its commit position first (the admin session below).
+    cfg.routing.consistency = ConsistencyMode::Eventual;
     let p = spawn_proxy_stoppable(cfg);
     all_in_service(&p, 0).await;
     // A session whose last request ran on the standby.
     let reading = connect(p.addr, "").await;
     let (_, rows) = show(&reading, "SELECT inet_server_port()").await;
+    assert_eq!(rows[0][0], cluster.nodes[1].port.to_string());
+    // An admin session that wrote (its commit position is then unknown) and
+    // then read on the standby (so the primary's death does not end it).
+    let admin = connect(p.addr, "").await;
+    admin
+        .batch_execute("INSERT INTO t VALUES ('admin-wrote')")
+        .await
+        .unwrap();
+    let (_, rows) = show(&admin, "SELECT inet_server_port()").await;
     assert_eq!(rows[0][0], cluster.nodes[1].port.to_string());
     let killed = kill_primary(&cluster, &p).await;
     let ctx = p.ctx.clone();
@@ -529,6 +541,16 @@ async fn none_mode_waits_for_an_outside_promotion_and_clients_wait_too() {
         ctx.cluster.failover_in_progress().then_some(())
     })
     .await;
+    // With no primary to ask its position, admin commands are still answered.
+    let t0 = Instant::now();
+    let (_, nodes) = tokio::time::timeout(Duration::from_secs(10), show(&admin, "SHOW POOL_NODES"))
+        .await
+        .expect("SHOW POOL_NODES answered without a primary");
+    assert_eq!(nodes.len(), 2);
+    eprintln!(
+        "none mode: SHOW POOL_NODES without a primary took {:?}",
+        t0.elapsed()
+    );
     // Its next write, and a new connection, wait for a primary instead of failing.
     let insert = |c: tokio_postgres::Client, key: &'static str| async move {
         let t0 = Instant::now();

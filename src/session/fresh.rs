@@ -101,6 +101,14 @@ impl Session {
         Ok(target)
     }
 
+    /// A local command (admin or `pgpilot.*`) should first learn the session's
+    /// commit position, so `SHOW pgpilot.last_commit_lsn` is exact. Not again
+    /// after a failed fetch (no primary, e.g. during a failover): the command is
+    /// answered with what is known rather than asking in a loop.
+    pub(super) fn local_wants_lsn(&self) -> bool {
+        self.fresh.lsn_unknown && !self.fresh.to_primary_once
+    }
+
     /// A fresh primary position arrived (`Step::FetchLsn`), or `None` if it could
     /// not be had: then this request's read goes to the primary.
     pub(super) fn primary_lsn_fetched(&mut self, lsn: Option<u64>) {

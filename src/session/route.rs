@@ -186,7 +186,7 @@ impl Session {
                         if self.links.iter().flatten().any(|l| l.busy()) {
                             return Ok(Step::Blocked);
                         }
-                        if self.fresh.lsn_unknown {
+                        if self.local_wants_lsn() {
                             return Ok(Step::FetchLsn);
                         }
                         self.answer_local_query(&cmd)?;
@@ -232,7 +232,7 @@ impl Session {
                             if self.links.iter().flatten().any(|l| l.busy()) {
                                 return Ok(Step::Blocked);
                             }
-                            if self.fresh.lsn_unknown {
+                            if self.local_wants_lsn() {
                                 return Ok(Step::FetchLsn);
                             }
                             self.batch = Some(LOCAL);
