@@ -46,6 +46,30 @@ async fn select_insert_update_round_trips() {
 }
 
 #[tokio::test]
+async fn messages_larger_than_the_relay_buffer_get_through() {
+    let h = harness();
+    let c = connect(h.proxy, "").await;
+    // A 3 MiB statement (simple protocol) and a 3 MiB parameter (Bind): each
+    // frame is larger than the relay's 1 MiB high-water mark.
+    let big = "x".repeat(3 << 20);
+    let sql = format!("SELECT length('{big}')");
+    let rows = tokio::time::timeout(Duration::from_secs(30), c.simple_query(&sql))
+        .await
+        .expect("a 3 MiB query is relayed, not stalled")
+        .unwrap();
+    assert_eq!(common::result_set(&rows).1[0][0], (3 << 20).to_string());
+    let n: i32 = tokio::time::timeout(
+        Duration::from_secs(30),
+        c.query_one("SELECT length($1::text)", &[&big]),
+    )
+    .await
+    .expect("a 3 MiB parameter is relayed, not stalled")
+    .unwrap()
+    .get(0);
+    assert_eq!(n, 3 << 20);
+}
+
+#[tokio::test]
 async fn multi_statement_simple_query() {
     let h = harness();
     let c = connect(h.proxy, "").await;

@@ -60,7 +60,12 @@ impl Session {
                 (Some(a), Some(b)) => Some(a.min(b)),
                 (a, b) => a.or(b),
             };
-            let read_client = link.out.len() < HIGH_WATER && self.cbuf.len() < HIGH_WATER;
+            // A frame not yet whole is always read to its end (its length was
+            // checked against max_message_size); whole requests waiting to be
+            // routed pause reading past the high-water mark.
+            let read_client = link.out.len() < HIGH_WATER
+                && (self.cbuf.len() < HIGH_WATER
+                    || crate::protocol::frame::missing_bytes(&self.cbuf) > 0);
             let read_server = self.to_client.len() < HIGH_WATER;
             let server_pending = !link.out.is_empty();
             let (mut server_rd, server_wr) = link.conn.conn.stream.split();
