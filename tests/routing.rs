@@ -1314,6 +1314,45 @@ async fn transaction_mode_balances_reads_until_the_first_write() {
     raw.query("INSERT INTO tm_t VALUES (2, 'gone')").await;
     let r = raw.query("ROLLBACK").await;
     assert_eq!(r.status, 'I');
+    // A batch whose Sync comes later (Flush-driven) is judged before its
+    // write arrives: it must not be balanced, or the write follows it to the
+    // standby (25006).
+    raw.query("BEGIN").await;
+    {
+        use postgres_protocol::message::frontend;
+        let pbe = |sql: &str, buf: &mut bytes::BytesMut| {
+            frontend::parse("", sql, std::iter::empty(), buf).unwrap();
+            frontend::bind(
+                "",
+                "",
+                std::iter::empty(),
+                std::iter::empty::<Option<&[u8]>>(),
+                |_, _| Ok(postgres_protocol::IsNull::Yes),
+                std::iter::empty(),
+                buf,
+            )
+            .map_err(|_| "bind")
+            .unwrap();
+            frontend::execute("", 0, buf).unwrap();
+        };
+        let mut buf = bytes::BytesMut::new();
+        pbe(&q, &mut buf);
+        frontend::flush(&mut buf);
+        raw.s.write_all(&buf).await.unwrap();
+        while read_msg(&mut raw.s).await.0 != b'C' {}
+        buf.clear();
+        pbe(
+            &format!("INSERT INTO tm_t VALUES (4, {WHERE}) RETURNING node"),
+            &mut buf,
+        );
+        frontend::sync(&mut buf);
+        raw.s.write_all(&buf).await.unwrap();
+        let r = raw.until_ready().await;
+        assert_eq!((r.errors.as_slice(), r.status), (&[][..], 'T'), "{r:?}");
+        assert_eq!(r.values, vec![PRIMARY.to_string()]);
+    }
+    let r = raw.query("COMMIT").await;
+    assert_eq!((r.errors.len(), r.status), (0, 'I'));
     // tokio-postgres Transaction (extended protocol).
     let mut c = connect(addr, "").await;
     let standby = c.query_one(&q, &[]).await.unwrap().get::<_, String>(0);
@@ -1344,7 +1383,10 @@ async fn transaction_mode_balances_reads_until_the_first_write() {
         .iter()
         .map(|r| (r.get(0), r.get(1)))
         .collect();
-    assert_eq!(rows, vec![(1, PRIMARY.into()), (3, "x".into())]);
+    assert_eq!(
+        rows,
+        vec![(1, PRIMARY.into()), (3, "x".into()), (4, PRIMARY.into())]
+    );
     // READ ONLY transactions still run wholly on the standby.
     let mut raw = Raw::login(addr).await;
     let standby = raw.query(&q).await.values[0].clone();

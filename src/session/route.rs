@@ -395,7 +395,10 @@ impl Session {
                 .unwrap_or_else(|| Arc::new(Classification::empty())),
             _ => Arc::new(merge(&classes)),
         };
-        let force_write = unknown_statement || (!complete && !self.in_tx);
+        // A batch whose Sync has not arrived is judged on its beginning alone,
+        // and whatever follows goes where it went: never balance it (inside a
+        // transaction a write simply stays on the transaction's node).
+        let force_write = unknown_statement || !complete;
         Ok(self.decide_judged(class, hint, force_write, &needs))
     }
 
