@@ -1,9 +1,9 @@
 //! Catalog-aware function classification: a function on no list is looked up
 //! once in `pg_proc` (on the primary, as the monitor role, in the session's
 //! database) and treated as a write when it is volatile — pgpool-II's default.
-//! Answers are cached per (database, function) for the life of the process
-//! (a name `pg_proc` does not know is remembered as volatile: the call fails on
-//! the primary with PostgreSQL's own error); a failed lookup is not cached and
+//! Answers are cached per (database, function), up to a bound (a name
+//! `pg_proc` does not know is remembered as volatile: the call fails on the
+//! primary with PostgreSQL's own error); a failed lookup is not cached and
 //! counts as "volatile".
 
 use std::collections::HashMap;
@@ -11,13 +11,60 @@ use std::sync::Mutex;
 
 use crate::config::{Backend, Monitor};
 
+/// At most this many answers are kept; past it the cache starts again, so
+/// clients calling ever new (e.g. nonexistent) function names cannot grow it
+/// without bound.
+const MAX_ENTRIES: usize = 10_000;
+
 /// Cache of `pg_proc.provolatile = 'v'` per (database, function name).
 #[derive(Debug, Default)]
 pub struct FunctionCatalog {
-    volatile: Mutex<HashMap<(String, String), bool>>,
+    volatile: Mutex<Answers>,
+}
+
+/// Answers by database, then function name (looked up without allocating).
+#[derive(Debug, Default)]
+struct Answers {
+    by_db: HashMap<String, HashMap<String, bool>>,
+    /// Answers held, over all databases.
+    entries: usize,
+}
+
+impl Answers {
+    fn get(&self, database: &str, name: &str) -> Option<bool> {
+        self.by_db.get(database)?.get(name).copied()
+    }
+
+    fn insert(&mut self, database: &str, name: &str, volatile: bool) {
+        if self.entries >= MAX_ENTRIES {
+            *self = Answers::default();
+        }
+        let names = self.by_db.entry(database.to_string()).or_default();
+        if names.insert(name.to_string(), volatile).is_none() {
+            self.entries += 1;
+        }
+    }
+
+    /// `Some(true)` if any of `names` is known volatile, `Some(false)` if all
+    /// are known not to be, `None` if a lookup is needed.
+    fn verdict(&self, database: &str, names: &[String]) -> Option<bool> {
+        let mut all_known = true;
+        for n in names {
+            match self.get(database, n) {
+                Some(true) => return Some(true),
+                Some(false) => {}
+                None => all_known = false,
+            }
+        }
+        all_known.then_some(false)
+    }
 }
 
 impl FunctionCatalog {
+    fn answers(&self) -> std::sync::MutexGuard<'_, Answers> {
+        self.volatile.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// True if any of `names` is volatile (or unknown to the catalog, or the lookup
     /// failed): then the statement must run on the primary.
     pub async fn any_volatile(
@@ -27,15 +74,14 @@ impl FunctionCatalog {
         primary: &Backend,
         monitor: &Monitor,
     ) -> bool {
-        let key = |n: &String| (database.to_string(), n.clone());
         let missing: Vec<String> = {
-            let cache = self.volatile.lock().unwrap_or_else(|p| p.into_inner());
-            if names.iter().any(|n| cache.get(&key(n)) == Some(&true)) {
+            let answers = self.answers();
+            if answers.verdict(database, names) == Some(true) {
                 return true;
             }
             names
                 .iter()
-                .filter(|n| !cache.contains_key(&key(n)))
+                .filter(|n| answers.get(database, n).is_none())
                 .cloned()
                 .collect()
         };
@@ -44,14 +90,14 @@ impl FunctionCatalog {
         }
         match lookup(database, &missing, primary, monitor).await {
             Ok(found) => {
-                let mut cache = self.volatile.lock().unwrap_or_else(|p| p.into_inner());
+                let mut answers = self.answers();
                 let mut any = false;
                 for n in &missing {
                     // A name pg_proc does not know is treated as volatile (the call
                     // will fail anyway; the primary reports it).
                     let v = found.get(n).copied().unwrap_or(true);
                     any |= v;
-                    cache.insert(key(n), v);
+                    answers.insert(database, n, v);
                 }
                 any
             }
@@ -65,29 +111,17 @@ impl FunctionCatalog {
     /// The cached answer for `names`: `Some(true)` if any is known volatile,
     /// `Some(false)` if all are known not to be, `None` if a lookup is needed.
     pub fn cached(&self, database: &str, names: &[String]) -> Option<bool> {
-        let cache = self.volatile.lock().unwrap_or_else(|p| p.into_inner());
-        let mut all_known = true;
-        for n in names {
-            match cache.get(&(database.to_string(), n.clone())) {
-                Some(true) => return Some(true),
-                Some(false) => {}
-                None => all_known = false,
-            }
-        }
-        all_known.then_some(false)
+        self.answers().verdict(database, names)
     }
 
     /// Forget every answer (after a configuration reload).
     pub fn clear(&self) {
-        self.volatile
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clear();
+        *self.answers() = Answers::default();
     }
 
     /// Cached entries (for tests and admin views).
     pub fn len(&self) -> usize {
-        self.volatile.lock().map(|c| c.len()).unwrap_or(0)
+        self.answers().entries
     }
 
     /// No cached entries.
@@ -126,4 +160,30 @@ async fn lookup(
         .iter()
         .map(|r| (r.get::<_, String>(0), r.get::<_, bool>(1)))
         .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn answers_are_per_database_and_bounded() {
+        let mut a = Answers::default();
+        a.insert("db1", "f", false);
+        a.insert("db1", "g", true);
+        a.insert("db2", "f", true);
+        let names = |n: &[&str]| n.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(a.verdict("db1", &names(&["f"])), Some(false));
+        assert_eq!(a.verdict("db1", &names(&["f", "g"])), Some(true));
+        assert_eq!(a.verdict("db2", &names(&["f"])), Some(true));
+        assert_eq!(a.verdict("db1", &names(&["f", "h"])), None);
+        assert_eq!(a.entries, 3);
+        // Ever new names never hold more than MAX_ENTRIES answers.
+        for i in 0..3 * MAX_ENTRIES {
+            a.insert("db1", &format!("junk_{i}"), true);
+            assert!(a.entries <= MAX_ENTRIES);
+        }
+        let held: usize = a.by_db.values().map(HashMap::len).sum();
+        assert_eq!(held, a.entries);
+    }
 }
