@@ -510,7 +510,7 @@ impl Session {
             let was_current = self.links[node]
                 .as_ref()
                 .is_some_and(|l| l.applied == self.state.log_end());
-            let text = std::str::from_utf8(&q[5..q.len() - 1]).unwrap_or("");
+            let text = std::str::from_utf8(route::query_sql(&q)).unwrap_or("");
             let resets = crate::router::session_cmd::resets_all(text);
             self.state.log_setting(q, resets);
             if was_current && let Some(l) = self.links[node].as_mut() {

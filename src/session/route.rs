@@ -94,7 +94,7 @@ fn parse_fields(body: &[u8]) -> (&[u8], &[u8]) {
 
 /// The SQL of a Query message (`frame` whole), without its terminating NUL.
 /// Tolerates a malformed, empty body (PostgreSQL reports it).
-fn query_sql(frame: &[u8]) -> &[u8] {
+pub(super) fn query_sql(frame: &[u8]) -> &[u8] {
     let body = frame.get(5..).unwrap_or_default();
     body.strip_suffix(&[0]).unwrap_or(body)
 }
