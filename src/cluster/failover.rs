@@ -7,7 +7,10 @@
 //! connections, authentication — is alive and is never failed over). With
 //! `failover.detect_on_session_error` a session that sees its primary
 //! connection refused or reset wakes this task, which probes the primary at
-//! once; only if that probe cannot reach it is the primary declared failed.
+//! once; only if it cannot be reached is the primary declared failed. A
+//! refused connection is decisive at once; a probe that times out (the
+//! primary may be merely busy) is repeated up to `health_check.max_retries`
+//! times, as in a health round, so this path is no easier to trigger.
 //! A client terminating its own backend, a FATAL, a cancel or a vanished
 //! client leave a reachable primary, so they cannot start a failover.
 //!
@@ -15,9 +18,11 @@
 //! 1. chooses the candidate ([`super::promote::choose_candidate`]); if none
 //!    is acceptable the failover waits (phase `waiting`) and retries every
 //!    second — the old primary answering again cancels it, `PROMOTE NODE n`
-//!    forces a candidate;
-//! 2. looks at the old primary once more (a short probe): if it answers as a
-//!    primary, nothing is promoted and it is kept;
+//!    forces a candidate (tried at once, then every second while it fails);
+//! 2. looks at the old primary once more (one probe within
+//!    `health_check.timeout`): if it answers as a primary, or answers at all
+//!    with an error (too many connections, authentication …), nothing is
+//!    promoted and the failover is cancelled;
 //! 3. records the promotion, which fences the old primary, then promotes by
 //!    `failover.mode` (`none`: promotes nothing);
 //! 4. searches (≤ `search_primary_timeout`) until exactly one node that is
@@ -47,8 +52,9 @@ const RETRY: Duration = Duration::from_secs(1);
 /// Least spacing of direct probes triggered by session errors (a client
 /// killing its own backend in a loop costs at most this many probes).
 const SUSPECT_GAP: Duration = Duration::from_millis(100);
-/// The last look at the old primary before the point of no return.
-const LAST_LOOK: Duration = Duration::from_millis(300);
+/// Longest pause between two probes of the session-error fast path (a
+/// long `health_check.retry_delay` is shortened to this).
+const CONFIRM_PAUSE: Duration = Duration::from_millis(500);
 /// Pause between two rounds of the search for the new primary.
 const SEARCH_PAUSE: Duration = Duration::from_millis(100);
 
@@ -84,7 +90,10 @@ pub async fn run(
                 if cfg.failover.detect_on_session_error {
                     let wait = SUSPECT_GAP.saturating_sub(last_probe.elapsed());
                     tokio::time::sleep(wait).await;
-                    confirm_primary_failure(&cluster, &cfg).await;
+                    tokio::select! {
+                        _ = confirm_primary_failure(&cluster, &cfg) => {}
+                        _ = shutdown.changed() => return,
+                    }
                     last_probe = Instant::now();
                 }
                 cluster.verdicts.send_modify(|v| *v += 1);
@@ -96,7 +105,11 @@ pub async fn run(
 }
 
 /// A session lost its primary connection: probe the primary now; declare it
-/// failed only if it cannot be reached.
+/// failed only if it cannot be reached. A refused (or reset) connection is
+/// decisive; a probe that timed out is repeated up to
+/// `health_check.max_retries` times, `retry_delay` (at most
+/// [`CONFIRM_PAUSE`]) apart, like the attempts of a health round, so a busy
+/// primary that misses one probe is not failed over.
 async fn confirm_primary_failure(cluster: &Cluster, cfg: &Config) {
     let Some(p) = cluster.snapshot().primary else {
         return;
@@ -104,20 +117,39 @@ async fn confirm_primary_failure(cluster: &Cluster, cfg: &Config) {
     let Some(backend) = cfg.backends.get(p) else {
         return;
     };
-    match probe_once(backend, &cfg.monitor, cfg.health_check.timeout).await {
-        Err(e) if !e.alive => {
-            tracing::warn!(node = p, error = %e, "sessions lost the primary and a direct probe cannot reach it");
-            cluster.primary_unreachable(
-                p,
-                format!("sessions lost their connections and a direct probe failed: {e}"),
-                cfg,
-            );
+    let hc = &cfg.health_check;
+    let mut retries = 0;
+    loop {
+        match probe_once(backend, &cfg.monitor, hc.timeout).await {
+            Err(e) if !e.alive && e.timed_out && retries < hc.max_retries => {
+                retries += 1;
+                tracing::info!(node = p, attempt = retries, error = %e, "sessions lost the primary and a direct probe timed out; probing again");
+                tokio::time::sleep(hc.retry_delay.min(CONFIRM_PAUSE)).await;
+                if cluster.snapshot().primary != Some(p) {
+                    return;
+                }
+            }
+            Err(e) if !e.alive => {
+                tracing::warn!(node = p, retries, error = %e, "sessions lost the primary and a direct probe cannot reach it");
+                cluster.primary_unreachable(
+                    p,
+                    format!("sessions lost their connections and a direct probe failed: {e}"),
+                    cfg,
+                );
+                return;
+            }
+            Err(e) => {
+                tracing::info!(node = p, error = %e, "primary answers (alive); no failover");
+                return;
+            }
+            Ok(_) => {
+                tracing::debug!(
+                    node = p,
+                    "session error, but the primary answers; no failover"
+                );
+                return;
+            }
         }
-        Err(e) => tracing::info!(node = p, error = %e, "primary answers (alive); no failover"),
-        Ok(_) => tracing::debug!(
-            node = p,
-            "session error, but the primary answers; no failover"
-        ),
     }
 }
 
@@ -134,25 +166,42 @@ async fn run_failover(cluster: &Arc<Cluster>, cfg: &Arc<Config>, t: TransitionSt
         let candidate = match chosen {
             Ok(p) => p,
             Err(why) => {
+                let why = match t.forced {
+                    Some(n) => format!(
+                        "forced candidate node {n} cannot be promoted: {why}; retrying every {RETRY:?} (PROMOTE NODE m chooses another)"
+                    ),
+                    None => why,
+                };
                 if t.phase != Phase::Waiting || t.detail != why {
                     tracing::warn!(reason = %why, "failover waits: no acceptable candidate");
                     cluster.count(Event::CandidateRefused);
                 }
-                let _ = cluster.set_phase(id, Phase::Waiting, why);
+                let _ = cluster.candidate_refused(id, t.forced, why);
                 return;
             }
         };
+        // The last look: an answering primary is never failed over.
         if let Some(o) = old
             && let Some(b) = cfg.backends.get(o)
-            && let Ok(false) = probe_once(b, &cfg.monitor, LAST_LOOK).await
         {
-            cluster.observe_role(o, false);
-            let _ = cluster.fail(
-                id,
-                format!("cancelled: node {o} answers as a primary again; nothing was promoted"),
-                cfg,
-            );
-            return;
+            match probe_once(b, &cfg.monitor, cfg.health_check.timeout).await {
+                Ok(false) => {
+                    cluster.observe_role(o, false);
+                    let _ = cluster.fail(
+                        id,
+                        format!(
+                            "cancelled: node {o} answers as a primary again; nothing was promoted"
+                        ),
+                        cfg,
+                    );
+                    return;
+                }
+                Err(e) if e.alive => {
+                    let _ = cluster.primary_answers(id, o, e.message, cfg);
+                    return;
+                }
+                Ok(true) | Err(_) => {}
+            }
         }
         if let Err(e) = cluster.promotion_started(id, candidate.node) {
             tracing::info!(error = %e, "failover superseded before promotion");

@@ -132,6 +132,10 @@ pub struct ProbeError {
     /// make a healthy primary refuse connections (exhaust `max_connections`);
     /// that must never start a failover.
     pub alive: bool,
+    /// No answer within the limit (the connect or the whole probe timed
+    /// out): the node may be merely busy, so one such failure is not
+    /// decisive. A refused or reset connection is not a timeout.
+    pub timed_out: bool,
 }
 
 impl std::fmt::Display for ProbeError {
@@ -146,9 +150,18 @@ impl ProbeError {
             let code = db.code().code();
             !(code.starts_with("57P") || code.starts_with("08"))
         });
+        let mut timed_out = false;
+        let mut src = std::error::Error::source(e);
+        while let Some(inner) = src {
+            if let Some(io) = inner.downcast_ref::<std::io::Error>() {
+                timed_out |= io.kind() == std::io::ErrorKind::TimedOut;
+            }
+            src = inner.source();
+        }
         ProbeError {
             message: describe(e),
             alive,
+            timed_out,
         }
     }
 }
@@ -201,6 +214,7 @@ pub async fn probe_once(
         Err(_) => Err(ProbeError {
             message: format!("no answer within {limit:?}"),
             alive: false,
+            timed_out: true,
         }),
     }
 }
@@ -348,6 +362,7 @@ pub async fn initial_check(cluster: &Cluster, config: &Config, observer: &CheckO
             let e = ProbeError {
                 message: format!("check task failed: {e}"),
                 alive: false,
+                timed_out: false,
             };
             (Err(e), Instant::now(), Duration::ZERO)
         });

@@ -451,6 +451,23 @@ impl Cluster {
         self.update_with(|o| o.set_phase(id, phase, detail))
     }
 
+    /// Failover `id` found no candidate (having tried `tried`, if forced).
+    fn candidate_refused(&self, id: u64, tried: Option<usize>, why: String) -> Result<(), String> {
+        self.update_with(|o| o.candidate_refused(id, tried, why))
+    }
+
+    /// The last look found the old primary answering: cancel failover `id`.
+    fn primary_answers(
+        &self,
+        id: u64,
+        node: usize,
+        error: String,
+        config: &Config,
+    ) -> Result<(), String> {
+        let adm = Admission::from(config);
+        self.update_with(|o| o.primary_answers(id, node, error, &adm))
+    }
+
     /// The direct probe confirmed the primary cannot be reached.
     fn primary_unreachable(&self, node: usize, reason: String, config: &Config) {
         let adm = Admission::from(config);

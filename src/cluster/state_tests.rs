@@ -474,6 +474,60 @@ fn the_old_primary_back_before_promotion_cancels_the_failover() {
 }
 
 #[test]
+fn a_forced_candidate_is_tried_at_once_then_waits_like_any_attempt() {
+    let retry = Duration::from_secs(1);
+    let mut o = started();
+    o.primary_unreachable(0, "connection refused".into(), &adm(3));
+    let t = o.transition_due(retry).unwrap();
+    o.candidate_refused(t.id, None, "refused: lag".into())
+        .unwrap();
+    assert!(o.transition_due(retry).is_none());
+    // PROMOTE NODE 1: due at once.
+    o.force_candidate(1).unwrap();
+    let t = o.transition_due(retry).unwrap();
+    assert_eq!(t.forced, Some(1));
+    // Node 1 refuses: the next attempt waits the retry time (no busy loop),
+    // still for node 1.
+    o.candidate_refused(t.id, Some(1), "connection refused".into())
+        .unwrap();
+    assert!(o.transition_due(retry).is_none());
+    assert_eq!(o.report().current.unwrap().forced, Some(1));
+    assert!(o.transition_due(Duration::ZERO).is_some());
+    // Forced again while an attempt for node 1 runs: node 2 is due at once.
+    o.force_candidate(2).unwrap();
+    o.candidate_refused(t.id, Some(1), "connection refused".into())
+        .unwrap();
+    assert_eq!(o.transition_due(retry).unwrap().forced, Some(2));
+}
+
+#[test]
+fn an_old_primary_that_answers_at_the_last_look_cancels_the_failover() {
+    let mut o = started();
+    o.primary_unreachable(0, "connection refused".into(), &adm(3));
+    let t = o.transition_due(Duration::from_secs(1)).unwrap();
+    o.primary_answers(
+        t.id,
+        0,
+        "FATAL 53300: sorry, too many clients already".into(),
+        &adm(3),
+    )
+    .unwrap();
+    // Cancelled, and no new failover starts: it is a running primary.
+    assert!(!o.in_transition());
+    let last = o.report().last.unwrap();
+    assert_eq!(last.phase, Phase::Failed);
+    assert!(last.detail.contains("cancelled"), "{}", last.detail);
+    assert!(o.report().blocked.unwrap().contains("not failed over"));
+    assert!(o.promotion_started(t.id, 1).is_err());
+    // Answers normally again: the primary, nothing was promoted.
+    o.round_finished(0, ok(false), SystemTime::now(), adm(3));
+    assert_eq!(o.snap.primary, Some(0));
+    // Unreachable later: failed over after all.
+    o.round_finished(0, failed(), SystemTime::now(), adm(3));
+    assert!(o.in_transition());
+}
+
+#[test]
 fn after_promotion_the_old_primary_cannot_come_back_by_itself() {
     let mut o = started();
     o.primary_unreachable(0, "connection refused".into(), &adm(3));

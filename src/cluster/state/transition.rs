@@ -210,18 +210,69 @@ impl Owner {
     }
 
     /// A failover step is due: a new one, or a waiting one whose retry time
-    /// came (or that an operator gave a candidate).
+    /// came. `PROMOTE NODE n` clears the time of the last attempt, so the
+    /// forced candidate is tried at once; if that attempt fails, the next
+    /// waits `retry` like any other (no busy loop on a node that refuses).
     pub fn transition_due(&self, retry: std::time::Duration) -> Option<TransitionStatus> {
         let t = self.transition.as_ref()?;
         let due = t.kind == TransitionKind::Failover
             && match t.phase {
                 Phase::Detected => true,
-                Phase::Waiting => {
-                    t.forced.is_some() || t.attempted_at.is_none_or(|a| a.elapsed() >= retry)
-                }
+                Phase::Waiting => t.attempted_at.is_none_or(|a| a.elapsed() >= retry),
                 _ => false,
             };
         due.then(|| t.clone())
+    }
+
+    /// The attempt of waiting failover `id` that tried the forced candidate
+    /// `tried` (`None`: the automatic choice) found none: wait, with `why`.
+    /// If an operator forced another candidate while that attempt ran, the
+    /// next attempt is due at once (for that candidate); otherwise it waits
+    /// the retry time.
+    pub fn candidate_refused(
+        &mut self,
+        id: u64,
+        tried: Option<usize>,
+        why: String,
+    ) -> Result<(), String> {
+        let t = self.current(id)?;
+        t.phase = Phase::Waiting;
+        t.detail = why;
+        t.attempted_at = (t.forced == tried).then(Instant::now);
+        Ok(())
+    }
+
+    /// The last look before promotion found the old primary `node` alive
+    /// (it answered, with `error`: too many connections, authentication …):
+    /// an answering primary is never failed over, so failover `id` ends
+    /// before anything is promoted. `node` stays the remembered primary,
+    /// down until a health round admits it again, and is failed over if
+    /// a later round finds it unreachable.
+    pub fn primary_answers(
+        &mut self,
+        id: u64,
+        node: usize,
+        error: String,
+        adm: &Admission,
+    ) -> Result<(), String> {
+        let now = SystemTime::now();
+        let t = self.current(id)?;
+        if t.promoted {
+            return Err(format!("transition {id} already promoted a node"));
+        }
+        let msg = format!(
+            "cancelled: node {node} answers ({error}); a running primary is not failed over, nothing was promoted"
+        );
+        tracing::warn!(node, "{msg}");
+        self.close_transition(Phase::Failed, msg, now);
+        self.counts.add(Event::FailoverFailed);
+        if let Some(n) = self.snap.nodes.get_mut(node) {
+            n.last_error = Some(error);
+            self.books[node].failure_alive = true;
+            self.last_primary = Some(node);
+        }
+        self.settle(adm, now);
+        Ok(())
     }
 
     /// Record the phase and detail of transition `id`.
@@ -399,6 +450,8 @@ impl Owner {
                     && matches!(t.phase, Phase::Waiting | Phase::Detected) =>
             {
                 t.forced = Some(node);
+                // Tried at once, not at the next retry time.
+                t.attempted_at = None;
                 Ok(())
             }
             Some(t) => Err(format!(
