@@ -324,18 +324,6 @@ async fn admin_commands_need_an_admin_user() {
     assert_eq!(rows, vec![vec!["1".to_string()]]);
 }
 
-/// Resumes replay on the node when dropped, even if the test fails.
-struct ResumeReplay(usize);
-
-impl Drop for ResumeReplay {
-    fn drop(&mut self) {
-        let _ = harness()
-            .cluster
-            .lock()
-            .map(|c| c.psql(self.0, "SELECT pg_wal_replay_resume()"));
-    }
-}
-
 #[tokio::test]
 async fn a_paused_standby_loses_its_weight_and_gets_it_back() {
     let h = harness();
@@ -361,7 +349,7 @@ async fn a_paused_standby_loses_its_weight_and_gets_it_back() {
     }
 
     h.psql(2, "SELECT pg_wal_replay_pause()");
-    let _resume = ResumeReplay(2);
+    let _resume = common::ResumeReplay(2);
     let table = format!("lag_filler_{}", std::process::id());
     h.psql(
         0,

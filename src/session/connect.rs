@@ -127,7 +127,7 @@ impl Session {
             msgs.extend_from_slice(q);
             rfqs += 1;
             discards |= crate::router::session_cmd::is_discard_all(
-                std::str::from_utf8(super::route::query_sql(&q)).unwrap_or(""),
+                std::str::from_utf8(super::route::query_sql(q)).unwrap_or(""),
             );
         }
         if !link.pending_close.is_empty() {

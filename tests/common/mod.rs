@@ -279,6 +279,18 @@ pub async fn client_misbehaviour(addr: SocketAddr, prefix: &str) {
     query.abort();
 }
 
+/// Resumes replay on the node when dropped, even if the test fails.
+pub struct ResumeReplay(pub usize);
+
+impl Drop for ResumeReplay {
+    fn drop(&mut self) {
+        let _ = harness()
+            .cluster
+            .lock()
+            .map(|c| c.psql(self.0, "SELECT pg_wal_replay_resume()"));
+    }
+}
+
 /// A pgpilot on its own runtime thread that stops when dropped (sessions get
 /// 57P01, background tasks end): for tests that own a cluster, so nothing
 /// keeps probing it after it is gone.
