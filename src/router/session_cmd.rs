@@ -275,7 +275,10 @@ mod tests {
                 "{sql}"
             );
         }
-        assert_eq!(pgpilot_command("RESET pgpilot.min_lsn; DELETE FROM t"), None);
+        assert_eq!(
+            pgpilot_command("RESET pgpilot.min_lsn; DELETE FROM t"),
+            None
+        );
         assert_eq!(
             pgpilot_command("SET SESSION pgpilot.min_lsn = '0/1';"),
             Some(SetMinLsn(Ok(1)))
