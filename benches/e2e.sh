@@ -127,6 +127,7 @@ run() { # name port pid -> "tps proxy_cpu_us_per_transaction pg_cpu_us_per_trans
     local before after pg_before pg_after tps txns
     before=$(cpu_ticks "$3"); pg_before=$(pg_ticks)
     if [ "$1" = direct-split ]; then # half the clients to each standby, at once
+        # (pgbench ends by itself after DURATION, interrupted or not.)
         pgbench split2 "$STANDBY2_PORT" $((CLIENTS / 2)) &
         pgbench "$1" "$2" $((CLIENTS - CLIENTS / 2))
         wait
@@ -145,7 +146,8 @@ run() { # name port pid -> "tps proxy_cpu_us_per_transaction pg_cpu_us_per_trans
         'BEGIN { if (t == "") exit; printf "%s %.2f %.2f\n", t, (n > 0 && d > 0 ? d * u / n : 0), (n > 0 ? g * u / n : 0) }'
 }
 
-BOUNCER_REAL_PID=$(cat "$WORK/pgbouncer.pid" 2>/dev/null || echo "$BOUNCER_PID")
+for _ in $(seq 1 50); do [ -s "$WORK/pgbouncer.pid" ] && break; sleep 0.1; done
+BOUNCER_REAL_PID=$(cat "$WORK/pgbouncer.pid" 2>/dev/null) || { echo "PgBouncer did not start"; cat "$WORK/pgbouncer.log"; exit 1; }
 TARGETS="direct direct-split pgbouncer pgpilot-primary pgpilot"
 declare -A RESULTS CPU PG
 for r in $(seq 1 "$ROUNDS"); do
@@ -182,6 +184,6 @@ for target in $TARGETS; do
     g=$(echo "${PG[$target]}" | median)
     awk -v t="$target" -v m="$m" -v d="$DIRECT" -v b="$BOUNCER" -v c="$c" -v bc="$BOUNCER_CPU" -v g="$g" 'BEGIN {
         printf "  %-15s %8.0f tps   %.3f x direct   %.3f x pgbouncer   PostgreSQL CPU %5.1f us/tx", t, m, m/d, m/b, g
-        if (t !~ /^direct/) printf "   proxy CPU %5.1f us/tx (%.2f x pgbouncer)", c, c/bc
+        if (t !~ /^direct/) printf "   proxy CPU %5.1f us/tx (%.2f x pgbouncer)", c, (bc > 0 ? c/bc : 0)
         printf "\n" }'
 done

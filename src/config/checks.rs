@@ -26,7 +26,7 @@ pub struct HealthCheck {
     #[serde(deserialize_with = "duration")]
     pub retry_delay: Duration,
     /// Re-admit a standby that was down once it is healthy again and streams
-    /// from the current primary. Off: it stays down until pgpilot restarts.
+    /// from the current primary. Off: it stays down until `ATTACH NODE n`.
     pub auto_failback: bool,
 }
 

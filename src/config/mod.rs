@@ -256,7 +256,8 @@ pub struct Monitor {
     pub password: String,
     /// Database it connects to.
     pub database: String,
-    /// Timeout for pgpilot's other lookups as this role (`pg_proc` volatility).
+    /// Timeout for pgpilot's other queries as this role (`pg_proc` volatility,
+    /// the WAL positions behind read-your-writes).
     /// Health and replication checks have their own timeouts.
     #[serde(deserialize_with = "duration")]
     pub timeout: Duration,
