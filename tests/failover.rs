@@ -640,12 +640,23 @@ async fn promote_node_switches_over_without_client_errors() {
     let _serial = SERIAL.lock().await;
     let cluster = new_cluster(2, false, &[]).await;
     create_table(&cluster).await;
-    let p = spawn_proxy_stoppable(config_for(&cluster));
+    let mut cfg = config_for(&cluster);
+    cfg.failover.switchover_timeout = Duration::from_secs(2);
+    let p = spawn_proxy_stoppable(cfg);
     all_in_service(&p, 0).await;
     let ports: Vec<u16> = cluster.nodes.iter().map(|n| n.port).collect();
     let dir = tempfile::tempdir().unwrap();
     let conf = cli_config(dir.path(), &p, &ports);
     let conf = conf.to_str().unwrap();
+
+    // A client that names itself like pgpilot's own checks and holds a write
+    // transaction open: the drain must not overlook it (it is terminated at
+    // switchover_timeout, so it never commits on the old primary).
+    let sneaky = connect(p.addr, "application_name=pgpilot-health").await;
+    sneaky
+        .batch_execute("BEGIN; INSERT INTO t VALUES ('sneaky')")
+        .await
+        .unwrap();
 
     // Light load: clients between transactions most of the time.
     let load = Load::writers(p.addr, 3, Duration::from_millis(20), false);
@@ -699,6 +710,14 @@ async fn promote_node_switches_over_without_client_errors() {
     );
     assert_eq!(primaries, ["0", "none", "1"]);
     assert!(out.contains("done"), "{out}");
+    assert!(
+        sneaky.batch_execute("COMMIT").await.is_err(),
+        "a transaction open across the switchover committed"
+    );
+    assert_eq!(
+        psql(&cluster, 0, "SELECT count(*) FROM t WHERE k = 'sneaky'").await,
+        "0"
+    );
 
     // The old primary is fenced and read-only; node 2 follows node 1.
     let n0 = p.ctx.cluster.snapshot().nodes[0].clone();

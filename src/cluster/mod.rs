@@ -395,11 +395,6 @@ impl Cluster {
         self.snapshot.load_full()
     }
 
-    /// The primary's id, waiting up to `wait` for one to be known.
-    pub async fn wait_primary(&self, wait: Duration) -> Option<usize> {
-        self.wait_primary_for(wait, wait).await
-    }
-
     /// Changes whenever a snapshot is published.
     pub fn subscribe(&self) -> watch::Receiver<u64> {
         self.generation.subscribe()

@@ -38,10 +38,13 @@ use crate::config::{Config, FailoverMode};
 /// Let sessions that routed a write just before the switch deliver it.
 const GRACE: Duration = Duration::from_millis(50);
 
-/// Open client transactions on a node (pgpilot's own checks excluded).
+/// Open client transactions on a node. pgpilot's own checks are excluded by
+/// role as well as name (they run as the monitor role, as this query does): a
+/// client may call itself anything, so a name alone would let its transaction
+/// escape the drain and commit on the old primary.
 const OPEN_TRANSACTIONS: &str = "FROM pg_stat_activity WHERE backend_type = 'client backend' \
      AND xact_start IS NOT NULL AND pid <> pg_backend_pid() \
-     AND application_name NOT IN ('pgpilot-health', 'pgpilot-sr-check', 'pgpilot-failover')";
+     AND NOT (usename = current_user AND application_name LIKE 'pgpilot-%')";
 
 /// Validate `PROMOTE NODE target` and start it; the switchover continues in
 /// the background. The message says what was started.
@@ -149,7 +152,8 @@ async fn prepare(
     let limit = cfg.health_check.timeout;
     let timeout = cfg.failover.switchover_timeout;
     tokio::time::sleep(GRACE).await;
-    let deadline = Instant::now() + timeout;
+    let mut deadline = Instant::now() + timeout;
+    let mut terminated = false;
     let count = format!("SELECT count(*) {OPEN_TRANSACTIONS}");
     loop {
         let open = first_value(monitor_query(cfg, old, &count, limit).await?);
@@ -162,10 +166,20 @@ async fn prepare(
             *read_only = true;
         }
         if Instant::now() >= deadline {
+            if terminated {
+                return Err(format!(
+                    "transactions on node {old} were terminated but did not end"
+                ));
+            }
+            // Terminate, then keep counting until the backends are gone: a
+            // terminated backend writes its abort record as it exits, and the
+            // position read below must include it (or a standby still
+            // streaming from the old primary would be ahead of the target).
             let kill = format!("SELECT count(pg_terminate_backend(pid)) {OPEN_TRANSACTIONS}");
             let killed = first_value(monitor_query(cfg, old, &kill, limit).await?);
             tracing::warn!(node = old, terminated = ?killed, "open transactions did not finish in time; terminated");
-            break;
+            terminated = true;
+            deadline = Instant::now() + limit;
         }
         cluster.set_phase(
             id,
@@ -181,10 +195,14 @@ async fn prepare(
         set_read_only(cfg, old, true).await?;
         *read_only = true;
     }
-    let lsn = first_value(monitor_query(cfg, old, "SELECT pg_current_wal_lsn()", limit).await?)
-        .as_deref()
-        .and_then(super::replication::parse_lsn)
-        .ok_or("cannot read the old primary's WAL position")?;
+    // The insert position: records not yet written out (an abort's is not
+    // flushed at once) count too, or a standby still streaming from the old
+    // primary could receive them after the target was promoted without them.
+    let lsn =
+        first_value(monitor_query(cfg, old, "SELECT pg_current_wal_insert_lsn()", limit).await?)
+            .as_deref()
+            .and_then(super::replication::parse_lsn)
+            .ok_or("cannot read the old primary's WAL position")?;
     cluster.set_phase(
         id,
         Phase::CatchingUp,
