@@ -110,10 +110,12 @@ impl Consistency {
             .map_or(0, |a| a.load(Ordering::Acquire))
     }
 
-    /// Record a replay position (from the poller, or any other fresh source).
+    /// Record `node`'s replay position as last polled. It replaces the old one
+    /// even when lower: a standby that restarted (or was rebuilt) replays from
+    /// an earlier point, and believing the old figure would serve stale reads.
     pub fn set_replayed(&self, node: usize, lsn: u64) {
         if let Some(a) = self.replayed.get(node)
-            && a.fetch_max(lsn, Ordering::AcqRel) < lsn
+            && a.swap(lsn, Ordering::AcqRel) < lsn
         {
             self.replay_changed.notify_waiters();
         }
@@ -204,7 +206,10 @@ pub async fn run_replay_poller(
                 .get(node)
                 .is_some_and(|n| n.role == Role::Standby && n.status.is_usable());
             if !standby {
+                // Not a usable standby (down, promoted, held): nothing known
+                // until it is polled again as one.
                 *conn = None;
+                lsns.set_replayed(node, 0);
                 continue;
             }
             polls.push(poll_one(node, conn, &cfg, &lsns));
@@ -293,7 +298,9 @@ pub async fn run_primary_fetcher(
         let result = fetch_once(&mut conn, &cluster, &cfg).await;
         match result {
             Some(lsn) => {
-                lsns.primary_lsn.fetch_max(lsn, Ordering::AcqRel);
+                // Replaced, not maxed: after a failover the new primary may be
+                // behind what the old one reported.
+                lsns.primary_lsn.store(lsn, Ordering::Release);
                 lsns.covered_writes.fetch_max(covered, Ordering::AcqRel);
                 lsns.fetch_failed.store(false, Ordering::Release);
             }
@@ -329,9 +336,12 @@ mod tests {
         let soon = Instant::now() + Duration::from_millis(50);
         assert_eq!(c.wait_replay(&[1, 2], 200, soon).await, Some(2));
         assert_eq!(c.wait_replay(&[1], 200, soon).await, None);
-        // Positions never go backwards.
+        // A position that went back (the standby restarted) is believed.
         c.set_replayed(2, 10);
-        assert_eq!(c.replayed(2), 300);
+        assert_eq!(c.replayed(2), 10);
+        let soon = Instant::now() + Duration::from_millis(50);
+        assert_eq!(c.wait_replay(&[2], 200, soon).await, None);
+        assert_eq!(c.wait_replay(&[2], 5, soon).await, Some(2));
     }
 
     #[test]
