@@ -13,8 +13,8 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use common::{
-    DB, PASSWORD, Spawned, USER, connect, harness, http_get, result_set, spawn_proxy_full,
-    sqlstate, wait_for,
+    DB, PASSWORD, Spawned, USER, connect, harness, http_get, nodes_in_service, parse_metrics, show,
+    spawn_proxy_full, sqlstate, wait_for,
 };
 use pgpilot::config::Config;
 use pgpilot::localcluster::{ClusterSpec, LocalCluster};
@@ -48,24 +48,6 @@ fn fast(mut c: Config) -> Config {
     c
 }
 
-/// Wait until every node of `p` is in service and the primary is node 0.
-async fn all_in_service(p: &Spawned) {
-    let ctx = p.ctx.clone();
-    wait_for("every node in service", Duration::from_secs(30), || {
-        let s = ctx.cluster.snapshot();
-        (s.primary == Some(0) && s.nodes.iter().all(|n| n.status.is_usable())).then_some(())
-    })
-    .await;
-}
-
-async fn show(c: &tokio_postgres::Client, sql: &str) -> (Vec<String>, Vec<Vec<String>>) {
-    result_set(
-        &c.simple_query(sql)
-            .await
-            .unwrap_or_else(|e| panic!("{sql}: {e}")),
-    )
-}
-
 fn assert_no_node_went_down(p: &Spawned) {
     let s = p.ctx.cluster.snapshot();
     assert_eq!(s.primary, Some(0));
@@ -86,7 +68,7 @@ async fn a_session_error_triggers_an_early_probe_but_is_no_verdict() {
     let mut cfg = h.config();
     cfg.health_check.period = Duration::from_secs(600);
     let p = spawn_proxy_full(cfg);
-    all_in_service(&p).await;
+    nodes_in_service(&p).await;
     let before = p.ctx.cluster.health_stats()[0].total_count;
     let c = connect(p.addr, "").await;
     let e = c
@@ -110,7 +92,7 @@ async fn a_session_error_triggers_an_early_probe_but_is_no_verdict() {
 async fn killed_backends_fatal_errors_and_vanishing_clients_leave_every_node_up() {
     let h = harness();
     let p = spawn_proxy_full(fast(h.config()));
-    all_in_service(&p).await;
+    nodes_in_service(&p).await;
 
     // A client kills its own backend, provokes a FATAL, vanishes mid-query.
     common::client_misbehaviour(p.addr, "").await;
@@ -149,7 +131,7 @@ async fn killed_backends_fatal_errors_and_vanishing_clients_leave_every_node_up(
 async fn show_pool_nodes_has_pgpool_columns_and_values() {
     let h = harness();
     let p = spawn_proxy_full(fast(h.config()));
-    all_in_service(&p).await;
+    nodes_in_service(&p).await;
     let ctx = p.ctx.clone();
     wait_for(
         "both standbys streaming in pg_stat_replication",
@@ -332,7 +314,7 @@ async fn a_paused_standby_loses_its_weight_and_gets_it_back() {
     cfg.sr_check.period = period;
     cfg.sr_check.delay_threshold = 1 << 20;
     let p = spawn_proxy_full(cfg);
-    all_in_service(&p).await;
+    nodes_in_service(&p).await;
     let ctx = p.ctx.clone();
     wait_for("lag known for node 2", Duration::from_secs(30), || {
         let s = ctx.cluster.snapshot();
@@ -438,22 +420,11 @@ async fn node_of_read(c: &tokio_postgres::Client) -> String {
         .get(0)
 }
 
-/// `name{labels}` → value, for every sample line of a text exposition.
-fn parse_metrics(text: &str) -> HashMap<String, f64> {
-    text.lines()
-        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
-        .filter_map(|l| {
-            let (k, v) = l.rsplit_once(' ')?;
-            Some((k.to_string(), v.parse().ok()?))
-        })
-        .collect()
-}
-
 #[tokio::test]
 async fn metrics_and_healthz_over_http() {
     let h = harness();
     let p = spawn_proxy_full(fast(h.config()));
-    all_in_service(&p).await;
+    nodes_in_service(&p).await;
     let ctx = p.ctx.clone();
     wait_for("a replication check", Duration::from_secs(30), || {
         ctx.cluster.snapshot().nodes[1].repl.lag_bytes.map(|_| ())

@@ -18,8 +18,8 @@ use std::time::{Duration, Instant};
 
 use common::load::{Ack, Load, reader};
 use common::{
-    DB, PASSWORD, StoppableProxy, USER, connect, harness, http_get, result_set,
-    spawn_proxy_stoppable, sqlstate, wait_for,
+    DB, PASSWORD, StoppableProxy, USER, connect, harness, http_get, parse_metrics, result_set,
+    show, spawn_proxy_stoppable, sqlstate, wait_for,
 };
 use pgpilot::cluster::events::Event;
 use pgpilot::config::{Config, ConsistencyMode, FailoverMode};
@@ -95,14 +95,6 @@ async fn all_in_service(p: &StoppableProxy, primary: usize) {
     .await;
 }
 
-async fn show(c: &tokio_postgres::Client, sql: &str) -> (Vec<String>, Vec<Vec<String>>) {
-    result_set(
-        &c.simple_query(sql)
-            .await
-            .unwrap_or_else(|e| panic!("{sql}: {e}")),
-    )
-}
-
 /// Table `t` (one text key per acknowledged write), owned by the test role.
 async fn create_table(c: &Arc<LocalCluster>) {
     psql(
@@ -126,13 +118,7 @@ async fn keys_on(c: &Arc<LocalCluster>, node: usize) -> HashSet<String> {
 async fn metrics(p: &StoppableProxy) -> HashMap<String, f64> {
     let (code, body) = http_get(p.metrics.expect("metrics on"), "/metrics").await;
     assert_eq!(code, 200);
-    body.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter_map(|l| {
-            let (k, v) = l.rsplit_once(' ')?;
-            Some((k.to_string(), v.parse().ok()?))
-        })
-        .collect()
+    parse_metrics(&body)
 }
 
 /// Wait until the write `key` (made through pgpilot after a failover) is on

@@ -29,7 +29,9 @@ use std::sync::OnceLock;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{DB, PASSWORD, Spawned, USER, connect, harness, spawn_proxy_full, sqlstate};
+use common::{
+    DB, PASSWORD, Spawned, USER, connect, harness, nodes_in_service, spawn_proxy_full, sqlstate,
+};
 use futures_util::{SinkExt, TryStreamExt};
 use pgpilot::config::Config;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -44,24 +46,10 @@ const WHERE: &str = "current_setting('cluster_name')";
 // Harness helpers
 // ---------------------------------------------------------------------------
 
-/// Wait until `p` sees node 0 as the primary and every node in service, so the
-/// first sessions do not race the first health checks.
-async fn in_service(p: &Spawned) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let s = p.ctx.cluster.snapshot();
-        if s.primary == Some(0) && s.nodes.iter().all(|n| n.status.is_usable()) {
-            return;
-        }
-        assert!(Instant::now() < deadline, "nodes not in service: {s:?}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 /// A pgpilot with `cfg`, in service.
 async fn proxy_with(cfg: Config) -> SocketAddr {
     let p = spawn_proxy_full(cfg);
-    in_service(&p).await;
+    nodes_in_service(&p).await;
     p.addr
 }
 
@@ -80,7 +68,7 @@ fn routing_config() -> Config {
 async fn proxy() -> SocketAddr {
     static PROXY: OnceLock<Spawned> = OnceLock::new();
     let p = PROXY.get_or_init(|| spawn_proxy_full(routing_config()));
-    in_service(p).await;
+    nodes_in_service(p).await;
     p.addr
 }
 

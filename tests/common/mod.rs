@@ -214,6 +214,43 @@ pub fn result_set(msgs: &[tokio_postgres::SimpleQueryMessage]) -> (Vec<String>, 
     (cols, rows)
 }
 
+/// Run `sql` as a simple query on `c`: columns and rows of its first result set.
+pub async fn show(c: &tokio_postgres::Client, sql: &str) -> (Vec<String>, Vec<Vec<String>>) {
+    result_set(
+        &c.simple_query(sql)
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}")),
+    )
+}
+
+/// `name{labels}` → value, for every sample line of a Prometheus text exposition.
+pub fn parse_metrics(text: &str) -> std::collections::HashMap<String, f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .filter_map(|l| {
+            let (k, v) = l.rsplit_once(' ')?;
+            Some((k.to_string(), v.parse().ok()?))
+        })
+        .collect()
+}
+
+/// Wait until `p` sees node 0 as the primary and every node in service, so the
+/// first sessions do not race the first health checks.
+pub async fn nodes_in_service(p: &Spawned) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let s = p.ctx.cluster.snapshot();
+        if s.primary == Some(0) && s.nodes.iter().all(|n| n.status.is_usable()) {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "nodes not in service: {s:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// Connect to pgpilot at `addr` with tokio-postgres, driving the connection in a task.
 pub async fn connect(addr: SocketAddr, extra: &str) -> tokio_postgres::Client {
     let (client, conn) =
