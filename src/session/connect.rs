@@ -43,7 +43,12 @@ impl Session {
                 {
                     retried = true;
                 }
-                Err(e) => return Err(e),
+                Err(e) => {
+                    if retried && e.is_connection_failure() {
+                        self.ctx.cluster.report_session_error(node);
+                    }
+                    return Err(e);
+                }
             }
         }
     }
@@ -64,15 +69,8 @@ impl Session {
             connect_timeout: self.cfg.timeouts.connect,
             auth_timeout: self.cfg.timeouts.auth,
         };
-        let conn = match self.ctx.pool.acquire(&key, &settings).await {
-            Ok(c) => c,
-            Err(e) => {
-                if e.is_connection_failure() {
-                    self.ctx.cluster.report_session_error(node);
-                }
-                return Err(e);
-            }
-        };
+        // Callers report a connection failure to the cluster (once each).
+        let conn = self.ctx.pool.acquire(&key, &settings).await?;
         Ok(Link::new(conn))
     }
 
@@ -112,7 +110,12 @@ impl Session {
                     self.shun(node, pause, report);
                     return Ok(());
                 }
-                Err(e) => return Err(e.into()),
+                Err(e) => {
+                    if e.is_connection_failure() {
+                        self.ctx.cluster.report_session_error(node);
+                    }
+                    return Err(e.into());
+                }
             }
         }
         let limit = self.cfg.timeouts.reset;

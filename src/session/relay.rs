@@ -84,13 +84,13 @@ impl Session {
                         None => Ok(()),
                     });
                     if flushed.is_err() {
-                        return End::Error(self.lost(node));
+                        return End::Error(SessionError::BackendLost { node });
                     }
                 }
                 r = server_rd.read_buf(&mut link.conn.conn.buf), if read_server => match r {
                     Ok(0) | Err(_) => {
                         tracing::info!(node, user = %self.user, "server closed the session's connection");
-                        return End::Error(self.lost(node));
+                        return End::Error(SessionError::BackendLost { node });
                     }
                     Ok(_) => {
                         if let Err(e) = self.on_backend_data(node) {
@@ -184,13 +184,6 @@ impl Session {
                 Ok(true)
             }
         }
-    }
-
-    /// The server connection to `node` broke: tell the cluster (it probes; a
-    /// session's error is never a verdict by itself) and end the session.
-    fn lost(&mut self, node: usize) -> SessionError {
-        self.ctx.cluster.report_session_error(node);
-        SessionError::BackendLost { node }
     }
 
     /// Scan what `node` sent, settle bookkeeping, pass it on in one write.
