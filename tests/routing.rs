@@ -1000,7 +1000,10 @@ async fn a_multi_statement_query_is_routed_as_a_whole() {
         match s.c.simple_query(&sql).await {
             Ok(msgs) => assert_eq!(first(&msgs).as_deref(), Some(PRIMARY), "{sql}"),
             // nextval of a missing sequence fails, after the first statement ran.
-            Err(e) => assert_eq!(sqlstate(&e).as_deref(), Some("42P01"), "{sql}"),
+            Err(e) if sql.contains("ms_seq_missing") => {
+                assert_eq!(sqlstate(&e).as_deref(), Some("42P01"), "{sql}")
+            }
+            Err(e) => panic!("{sql}: {e}"),
         }
         s.assert_ran(&n, &sql, On::Primary).await;
     }
