@@ -186,6 +186,17 @@ async fn global_mode_covers_a_write_seen_through_another_connection() {
     assert!(on_standby > 500, "{on_standby} of 1000 reads on standbys");
 }
 
+/// A new session through pgpilot and the node its first read ran on.
+async fn new_session(addr: std::net::SocketAddr) -> (tokio_postgres::Client, String) {
+    let c = connect(addr, "").await;
+    let node: String = c
+        .query_one("SELECT current_setting('cluster_name')", &[])
+        .await
+        .unwrap()
+        .get(0);
+    (c, node)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_paused_standby_never_serves_a_session_that_just_wrote() {
     let _serial = SERIAL.lock().await;
@@ -196,12 +207,7 @@ async fn a_paused_standby_never_serves_a_session_that_just_wrote() {
     // A session whose standby is the one about to be paused.
     let mut found = None;
     for _ in 0..50 {
-        let c = connect(addr, "").await;
-        let node: String = c
-            .query_one("SELECT current_setting('cluster_name')", &[])
-            .await
-            .unwrap()
-            .get(0);
+        let (c, node) = new_session(addr).await;
         if node == "node2" {
             found = Some(c);
             break;
@@ -236,13 +242,7 @@ async fn a_paused_standby_never_serves_a_session_that_just_wrote() {
     let mut seen = std::collections::HashSet::new();
     while Instant::now() < deadline && !(seen.contains("node1") && seen.contains("node2")) {
         // A new session picks its standby by weight: both get reads.
-        let s = connect(addr, "").await;
-        let node: String = s
-            .query_one("SELECT current_setting('cluster_name')", &[])
-            .await
-            .unwrap()
-            .get(0);
-        seen.insert(node);
+        seen.insert(new_session(addr).await.1);
     }
     assert!(
         seen.contains("node2"),

@@ -351,27 +351,32 @@ impl Raw {
 
     /// One extended-protocol batch: Parse/Bind/Execute of each statement, one Sync.
     async fn batch(&mut self, sqls: &[&str]) -> Reply {
-        use postgres_protocol::message::frontend;
         let mut buf = bytes::BytesMut::new();
         for sql in sqls {
-            frontend::parse("", sql, std::iter::empty(), &mut buf).unwrap();
-            frontend::bind(
-                "",
-                "",
-                std::iter::empty(),
-                std::iter::empty::<Option<&[u8]>>(),
-                |_, _| Ok(postgres_protocol::IsNull::Yes),
-                std::iter::empty(),
-                &mut buf,
-            )
-            .map_err(|_| "bind")
-            .unwrap();
-            frontend::execute("", 0, &mut buf).unwrap();
+            parse_bind_execute(sql, &mut buf);
         }
-        frontend::sync(&mut buf);
+        postgres_protocol::message::frontend::sync(&mut buf);
         self.s.write_all(&buf).await.unwrap();
         self.until_ready().await
     }
+}
+
+/// Parse, Bind and Execute of `sql` (unnamed statement and portal, no parameters).
+fn parse_bind_execute(sql: &str, buf: &mut bytes::BytesMut) {
+    use postgres_protocol::message::frontend;
+    frontend::parse("", sql, std::iter::empty(), buf).unwrap();
+    frontend::bind(
+        "",
+        "",
+        std::iter::empty(),
+        std::iter::empty::<Option<&[u8]>>(),
+        |_, _| Ok(postgres_protocol::IsNull::Yes),
+        std::iter::empty(),
+        buf,
+    )
+    .map_err(|_| "bind")
+    .unwrap();
+    frontend::execute("", 0, buf).unwrap();
 }
 
 async fn read_msg(s: &mut TcpStream) -> (u8, Vec<u8>) {
@@ -1311,28 +1316,13 @@ async fn transaction_mode_balances_reads_until_the_first_write() {
     raw.query("BEGIN").await;
     {
         use postgres_protocol::message::frontend;
-        let pbe = |sql: &str, buf: &mut bytes::BytesMut| {
-            frontend::parse("", sql, std::iter::empty(), buf).unwrap();
-            frontend::bind(
-                "",
-                "",
-                std::iter::empty(),
-                std::iter::empty::<Option<&[u8]>>(),
-                |_, _| Ok(postgres_protocol::IsNull::Yes),
-                std::iter::empty(),
-                buf,
-            )
-            .map_err(|_| "bind")
-            .unwrap();
-            frontend::execute("", 0, buf).unwrap();
-        };
         let mut buf = bytes::BytesMut::new();
-        pbe(&q, &mut buf);
+        parse_bind_execute(&q, &mut buf);
         frontend::flush(&mut buf);
         raw.s.write_all(&buf).await.unwrap();
         while read_msg(&mut raw.s).await.0 != b'C' {}
         buf.clear();
-        pbe(
+        parse_bind_execute(
             &format!("INSERT INTO tm_t VALUES (4, {WHERE}) RETURNING node"),
             &mut buf,
         );
