@@ -14,7 +14,11 @@
 //! * **What each standby has replayed.** A poller keeps `pg_last_wal_replay_lsn()`
 //!   of every standby, every [`IDLE_POLL`] when nobody waits and back to back
 //!   while some session waits for a standby to catch up
-//!   ([`Consistency::wait_replay`]).
+//!   ([`Consistency::wait_replay`]). When no session has needed the positions
+//!   for [`DORMANT_AFTER`] (write-free or primary-only traffic), the poller
+//!   forgets them and sleeps until a session waits: positions it does not keep
+//!   fresh must not be trusted, and polling nobody needs costs every standby
+//!   a query every 50 ms.
 //!
 //! The session compares the two (see `session::route`): a read goes to a
 //! standby only if it has replayed what the read must see; otherwise the session
@@ -30,8 +34,9 @@ use arc_swap::ArcSwap;
 use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 
+use crate::cluster::monitor_conn::MonitorConn;
 use crate::cluster::replication::parse_lsn;
-use crate::cluster::{Cluster, Role, monitor_conn_config};
+use crate::cluster::{Cluster, Role};
 use crate::config::Config;
 
 /// Replay positions are refreshed this often when no session waits.
@@ -39,6 +44,9 @@ pub const IDLE_POLL: Duration = Duration::from_millis(50);
 
 /// Pause between polls while a session waits (keeps a busy standby's load bounded).
 const BUSY_POLL: Duration = Duration::from_micros(500);
+
+/// The poller goes dormant after this long without a session needing positions.
+pub const DORMANT_AFTER: Duration = Duration::from_secs(5);
 
 /// Shared LSN state; one per proxy.
 pub struct Consistency {
@@ -50,6 +58,9 @@ pub struct Consistency {
     waiters: AtomicUsize,
     /// Wakes the poller at once (a session starts waiting).
     poll_now: Notify,
+    /// A session compared a position with `replayed` since the poller last
+    /// looked: keep polling.
+    demand: AtomicBool,
     /// Result of the last completed primary fetch (0 before the first).
     primary_lsn: AtomicU64,
     /// Generation of the last fetch started; a fetch with a larger generation
@@ -91,6 +102,7 @@ impl Consistency {
             replay_changed: Notify::new(),
             waiters: AtomicUsize::new(0),
             poll_now: Notify::new(),
+            demand: AtomicBool::new(false),
             primary_lsn: AtomicU64::new(0),
             fetch_started: AtomicU64::new(0),
             fetch_done: AtomicU64::new(0),
@@ -108,6 +120,15 @@ impl Consistency {
         self.replayed
             .get(node)
             .map_or(0, |a| a.load(Ordering::Acquire))
+    }
+
+    /// A session is about to compare a position with [`Self::replayed`]: the
+    /// poller must keep them fresh. (A plain load first: the flag is usually
+    /// set already, and a store on every read would bounce the cache line.)
+    pub fn note_demand(&self) {
+        if !self.demand.load(Ordering::Relaxed) {
+            self.demand.store(true, Ordering::Relaxed);
+        }
     }
 
     /// Record `node`'s replay position as last polled. It replaces the old one
@@ -194,7 +215,8 @@ pub async fn run_replay_poller(
     config: Arc<ArcSwap<Config>>,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let mut conns: Vec<Option<(usize, tokio_postgres::Client)>> = Vec::new();
+    let mut conns: Vec<Option<MonitorConn>> = Vec::new();
+    let mut quiet_since = Instant::now();
     loop {
         let cfg = config.load_full();
         conns.resize_with(cfg.backends.len(), || None);
@@ -215,11 +237,25 @@ pub async fn run_replay_poller(
             polls.push(poll_one(node, conn, &cfg, &lsns));
         }
         futures_util::future::join_all(polls).await;
-        let pause = if lsns.waiters.load(Ordering::Acquire) > 0 {
-            BUSY_POLL
-        } else {
-            IDLE_POLL
-        };
+        let waiting = lsns.waiters.load(Ordering::Acquire) > 0;
+        if lsns.demand.swap(false, Ordering::Relaxed) || waiting {
+            quiet_since = Instant::now();
+        } else if quiet_since.elapsed() >= DORMANT_AFTER {
+            // Nobody needs positions: forget them (unpolled, they would turn
+            // stale) and sleep until a session waits for one. The connections
+            // stay open: reopening costs the standby a backend start-up.
+            for node in 0..conns.len() {
+                lsns.set_replayed(node, 0);
+            }
+            tracing::debug!("replay positions unused; poller dormant");
+            tokio::select! {
+                _ = lsns.poll_now.notified() => {}
+                _ = shutdown.changed() => return,
+            }
+            quiet_since = Instant::now();
+            continue;
+        }
+        let pause = if waiting { BUSY_POLL } else { IDLE_POLL };
         tokio::select! {
             _ = tokio::time::sleep(pause) => {}
             _ = lsns.poll_now.notified() => {}
@@ -229,12 +265,7 @@ pub async fn run_replay_poller(
 }
 
 /// Ask one standby its replay position on the poller's own connection.
-async fn poll_one(
-    node: usize,
-    conn: &mut Option<(usize, tokio_postgres::Client)>,
-    cfg: &Config,
-    lsns: &Consistency,
-) {
+async fn poll_one(node: usize, conn: &mut Option<MonitorConn>, cfg: &Config, lsns: &Consistency) {
     if let Some(lsn) = ask_lsn(conn, node, cfg, "SELECT pg_last_wal_replay_lsn()").await {
         lsns.set_replayed(node, lsn);
     }
@@ -244,26 +275,19 @@ async fn poll_one(
 /// (re)opening it when it is missing, closed or to another node; a failure
 /// drops it. Every step is bounded by `monitor.timeout`.
 async fn ask_lsn(
-    conn: &mut Option<(usize, tokio_postgres::Client)>,
+    conn: &mut Option<MonitorConn>,
     node: usize,
     cfg: &Config,
     sql: &str,
 ) -> Option<u64> {
     let limit = cfg.monitor.timeout;
-    let stale = conn
-        .as_ref()
-        .is_none_or(|(n, c)| *n != node || c.is_closed());
-    if stale {
+    let backend = cfg.backends.get(node)?;
+    if !conn.as_ref().is_some_and(|c| c.serves(backend)) {
         *conn = None;
-        let pg = monitor_conn_config(&cfg.backends[node], &cfg.monitor, "pgpilot-lsn");
-        let (client, connection) = tokio::time::timeout(limit, pg.connect(tokio_postgres::NoTls))
-            .await
-            .ok()?
-            .ok()?;
-        tokio::spawn(connection);
-        *conn = Some((node, client));
+        let open = MonitorConn::open(backend, &cfg.monitor, "pgpilot-lsn");
+        *conn = Some(tokio::time::timeout(limit, open).await.ok()?.ok()?);
     }
-    let (_, client) = conn.as_ref()?;
+    let client = conn.as_ref()?.client();
     let msgs = match tokio::time::timeout(limit, client.simple_query(sql)).await {
         Ok(Ok(msgs)) => msgs,
         _ => {
@@ -284,7 +308,7 @@ pub async fn run_primary_fetcher(
     config: Arc<ArcSwap<Config>>,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let mut conn: Option<(usize, tokio_postgres::Client)> = None;
+    let mut conn: Option<MonitorConn> = None;
     loop {
         while lsns.fetch_wanted.load(Ordering::Acquire) <= lsns.fetch_done.load(Ordering::Acquire) {
             tokio::select! {
@@ -316,7 +340,7 @@ pub async fn run_primary_fetcher(
 
 /// `pg_current_wal_lsn()` of the current primary, on a kept connection.
 async fn fetch_once(
-    conn: &mut Option<(usize, tokio_postgres::Client)>,
+    conn: &mut Option<MonitorConn>,
     cluster: &Cluster,
     cfg: &Config,
 ) -> Option<u64> {

@@ -1,8 +1,9 @@
 //! Health checks: one task per node, with hysteresis.
 //!
-//! A check is a *new* connection as the `[monitor]` role (that the node accepts
-//! connections is the point) running `SELECT pg_is_in_recovery()`, all within
-//! `health_check.timeout`. The answer also gives the node's role, so there is
+//! A check runs `SELECT pg_is_in_recovery()` as the `[monitor]` role within
+//! `health_check.timeout`, on the node task's kept connection; a new connection
+//! replaces it every `health_check.connection_lifetime` (so the checks keep
+//! proving the node accepts connections) and whenever it fails. The answer also gives the node's role, so there is
 //! one mechanism for reachability and roles. A failed attempt is retried
 //! `max_retries` times, `retry_delay` apart; only when every attempt of the
 //! round failed is the node declared `down`. A failed attempt on its own only
@@ -21,6 +22,7 @@ use arc_swap::ArcSwap;
 use tokio::sync::watch;
 
 use super::Cluster;
+use super::monitor_conn::MonitorConn;
 use super::state::Admission;
 use crate::config::{Backend, Config, Monitor};
 
@@ -179,44 +181,82 @@ impl Cluster {
     }
 }
 
-/// One attempt: connect (new connection) and ask `pg_is_in_recovery()`, all
-/// within `limit`. Returns the answer or a one-line error (no password in it).
+/// One attempt on a new connection, closed afterwards: connect and ask
+/// `pg_is_in_recovery()`, all within `limit`. Returns the answer or a one-line
+/// error (no password in it). Failover uses it for its last looks.
 pub async fn probe_once(
     backend: &Backend,
     monitor: &Monitor,
     limit: Duration,
 ) -> Result<bool, ProbeError> {
-    let mut cfg = super::monitor_conn_config(backend, monitor, "pgpilot-health");
-    cfg.connect_timeout(limit);
+    let mut none = None;
+    probe(&mut none, backend, monitor, limit, Duration::ZERO).await
+}
+
+/// One attempt of a node's health task: `SELECT pg_is_in_recovery()` on the
+/// task's kept connection while it is open and younger than `lifetime`;
+/// otherwise, or when the kept connection turns out closed or terminated (a
+/// client may `pg_terminate_backend` it), on a new connection, which is kept
+/// for the next checks (closed at once when `lifetime` is 0). All within
+/// `limit`. Renewing the connection every `lifetime` keeps proving that the
+/// node accepts connections, at a fraction of the cost of one per check.
+async fn probe(
+    kept: &mut Option<MonitorConn>,
+    backend: &Backend,
+    monitor: &Monitor,
+    limit: Duration,
+    lifetime: Duration,
+) -> Result<bool, ProbeError> {
     let work = async {
-        let (client, conn) = cfg
-            .connect(tokio_postgres::NoTls)
+        if let Some(conn) = kept.take() {
+            if conn.serves(backend) && conn.age() < lifetime {
+                match ask_role(&conn).await {
+                    Ok(in_recovery) => {
+                        *kept = Some(conn);
+                        return Ok(in_recovery);
+                    }
+                    Err(e) => {
+                        tracing::debug!(node = %backend.host, error = %e, "kept health connection failed; trying a new one")
+                    }
+                }
+            } else {
+                tokio::spawn(conn.close());
+            }
+        }
+        let conn = MonitorConn::open(backend, monitor, "pgpilot-health")
             .await
             .map_err(|e| ProbeError::from_pg(&e))?;
-        let conn_task = tokio::spawn(conn);
-        let row = client
-            .query_one("SELECT pg_is_in_recovery()", &[])
-            .await
-            .map_err(|e| ProbeError::from_pg(&e));
-        // Dropping the client sends Terminate; let the connection finish so the
-        // node does not log an unexpected EOF for every check.
-        drop(client);
-        if tokio::time::timeout(Duration::from_secs(1), conn_task)
-            .await
-            .is_err()
-        {
-            tracing::debug!(node = %backend.host, "health connection did not close in time");
+        let answer = ask_role(&conn).await;
+        if answer.is_ok() && !lifetime.is_zero() {
+            *kept = Some(conn);
+        } else {
+            tokio::spawn(conn.close());
         }
-        row.and_then(|r| r.try_get::<_, bool>(0).map_err(|e| ProbeError::from_pg(&e)))
+        answer
     };
     match tokio::time::timeout(limit, work).await {
         Ok(r) => r,
-        Err(_) => Err(ProbeError {
-            message: format!("no answer within {limit:?}"),
-            alive: false,
-            timed_out: true,
-        }),
+        Err(_) => {
+            // Whatever was in flight is abandoned with the connection.
+            *kept = None;
+            Err(ProbeError {
+                message: format!("no answer within {limit:?}"),
+                alive: false,
+                timed_out: true,
+            })
+        }
     }
+}
+
+/// `SELECT pg_is_in_recovery()` on `conn`.
+async fn ask_role(conn: &MonitorConn) -> Result<bool, ProbeError> {
+    let row = conn
+        .client()
+        .query_one("SELECT pg_is_in_recovery()", &[])
+        .await
+        .map_err(|e| ProbeError::from_pg(&e))?;
+    row.try_get::<_, bool>(0)
+        .map_err(|e| ProbeError::from_pg(&e))
 }
 
 /// A tokio-postgres error as one line, with the server's SQLSTATE when it sent one.
@@ -239,6 +279,7 @@ pub(super) fn describe(e: &tokio_postgres::Error) -> String {
 /// One round: first attempt plus up to `max_retries` retries.
 async fn run_round(
     node: usize,
+    kept: &mut Option<MonitorConn>,
     cluster: &Cluster,
     cfg: &Config,
     observer: &CheckObserver,
@@ -256,7 +297,14 @@ async fn run_round(
     let mut retries = 0;
     loop {
         let t0 = Instant::now();
-        let r = probe_once(backend, &cfg.monitor, hc.timeout).await;
+        let r = probe(
+            kept,
+            backend,
+            &cfg.monitor,
+            hc.timeout,
+            hc.connection_lifetime,
+        )
+        .await;
         observer(node, t0.elapsed(), r.is_ok());
         match r {
             Ok(in_recovery) => {
@@ -304,6 +352,7 @@ pub async fn run_node(
 ) {
     let mut next_due = tokio::time::Instant::now() + config.load().health_check.period;
     let mut last_end = tokio::time::Instant::now();
+    let mut kept = None;
     loop {
         tokio::select! {
             _ = tokio::time::sleep_until(next_due) => {}
@@ -322,7 +371,9 @@ pub async fn run_node(
             .nodes
             .get(node)
             .is_some_and(|n| n.status.is_usable());
-        let Some(round) = run_round(node, &cluster, &cfg, &observer, &mut shutdown).await else {
+        let Some(round) =
+            run_round(node, &mut kept, &cluster, &cfg, &observer, &mut shutdown).await
+        else {
             return;
         };
         if let Err(e) = &round.outcome {

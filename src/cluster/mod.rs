@@ -5,9 +5,10 @@
 //! serialise every change under one lock and publish a new immutable
 //! [`ClusterSnapshot`] through `arc-swap`:
 //!
-//! * [`health`]: one task per node. Every `health_check.period` it opens a new
-//!   connection as the `[monitor]` role and asks `pg_is_in_recovery()` (so the
-//!   role is part of the health probe), retrying `max_retries` times before the
+//! * [`health`]: one task per node. Every `health_check.period` it asks
+//!   `pg_is_in_recovery()` as the `[monitor]` role (so the role is part of the
+//!   health probe) on a connection renewed every
+//!   `health_check.connection_lifetime`, retrying `max_retries` times before the
 //!   verdict `down`. Client sessions that see a connection to a node fail call
 //!   [`Cluster::report_session_error`], which only *requests* an early probe:
 //!   the probe, with its retries, is the verdict, never the session's error.
@@ -35,6 +36,7 @@ pub mod follow;
 pub mod health;
 pub mod hooks;
 pub mod lag;
+pub mod monitor_conn;
 pub mod promote;
 pub mod replication;
 mod state;

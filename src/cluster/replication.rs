@@ -2,14 +2,14 @@
 //! `sr_check.period`, every reachable node asked concurrently, each within
 //! `sr_check.timeout`.
 //!
-//! Every node gets the same round trip, two statements in one simple query:
+//! Every node gets the same round trip, two prepared statements pipelined:
 //! `pg_is_in_recovery()`, `pg_current_wal_lsn()` (primary) or
 //! `pg_last_wal_receive_lsn()` / `pg_last_wal_replay_lsn()` /
 //! `pg_last_xact_replay_timestamp()` / `pg_is_wal_replay_paused()` (standby),
 //! the timeline, the WAL receiver's state; then `pg_stat_replication` (only the
 //! chosen primary's rows are used). Connections are kept between rounds (one
-//! per node, reopened after any error or timeout), unlike health checks, whose
-//! point is to open one.
+//! per node, reopened after any error or timeout) with both statements
+//! prepared once, so a round costs a node no parsing or planning.
 //!
 //! Lag for a standby:
 //! * bytes: primary LSN − standby replay LSN (clamped at 0);
@@ -29,31 +29,32 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwap;
 use tokio::sync::watch;
-use tokio::task::JoinHandle;
-use tokio_postgres::{SimpleQueryMessage, SimpleQueryRow};
 
 use super::health::describe;
+use super::monitor_conn::MonitorConn;
 use super::state::Admission;
 use super::{Cluster, PgStatus};
 use crate::config::{Backend, Config};
 
-/// One round trip per node: its own state, then `pg_stat_replication`.
+/// A node's own state; every column as text (so one parser reads them).
+/// One scan of `pg_stat_wal_receiver`, joined to a single row.
 const NODE_QUERY: &str = "\
-SELECT pg_is_in_recovery(), \
- CASE WHEN pg_is_in_recovery() THEN NULL ELSE pg_current_wal_lsn() END, \
- pg_last_wal_receive_lsn(), \
- pg_last_wal_replay_lsn(), \
- extract(epoch FROM pg_last_xact_replay_timestamp()), \
- CASE WHEN pg_is_in_recovery() THEN pg_is_wal_replay_paused() END, \
- CASE WHEN pg_is_in_recovery() THEN (SELECT received_tli FROM pg_stat_wal_receiver)::text \
+SELECT pg_is_in_recovery()::text, \
+ (CASE WHEN pg_is_in_recovery() THEN NULL ELSE pg_current_wal_lsn() END)::text, \
+ pg_last_wal_receive_lsn()::text, \
+ pg_last_wal_replay_lsn()::text, \
+ extract(epoch FROM pg_last_xact_replay_timestamp())::text, \
+ (CASE WHEN pg_is_in_recovery() THEN pg_is_wal_replay_paused() END)::text, \
+ CASE WHEN pg_is_in_recovery() THEN r.received_tli::text \
       ELSE pg_walfile_name(pg_current_wal_lsn()) END, \
- (SELECT status FROM pg_stat_wal_receiver), \
- (SELECT sender_host FROM pg_stat_wal_receiver), \
- (SELECT sender_port FROM pg_stat_wal_receiver), \
- (SELECT conninfo FROM pg_stat_wal_receiver), \
- current_setting('cluster_name'); \
-SELECT application_name, state, sync_state, extract(epoch FROM replay_lag) \
- FROM pg_stat_replication";
+ r.status::text, r.sender_host::text, r.sender_port::text, r.conninfo::text, \
+ current_setting('cluster_name') \
+ FROM (SELECT) AS one LEFT JOIN pg_stat_wal_receiver AS r ON true";
+
+/// The node's walsenders (only the chosen primary's rows are used).
+const REPLICATION_QUERY: &str = "\
+SELECT application_name::text, state::text, sync_state::text, \
+ extract(epoch FROM replay_lag)::text FROM pg_stat_replication";
 
 /// What one node answered in a round.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -135,42 +136,27 @@ impl Cluster {
     }
 }
 
-/// A kept connection to one node.
+/// A kept connection with both queries prepared on it: a round then costs
+/// the node no parsing or planning (planning the `pg_stat_replication` view
+/// costs more than running it).
 struct SrConn {
-    client: tokio_postgres::Client,
-    /// Drives the connection; aborted shortly after the client is dropped.
-    task: Option<JoinHandle<()>>,
+    conn: MonitorConn,
+    node: tokio_postgres::Statement,
+    replication: tokio_postgres::Statement,
 }
 
 impl SrConn {
-    async fn open(backend: &Backend, cfg: &Config) -> Result<SrConn, String> {
-        let mut pg = super::monitor_conn_config(backend, &cfg.monitor, "pgpilot-sr-check");
-        pg.connect_timeout(cfg.sr_check.timeout);
-        let (client, conn) = pg
-            .connect(tokio_postgres::NoTls)
-            .await
-            .map_err(|e| describe(&e))?;
-        let task = tokio::spawn(async move {
-            let _ = conn.await;
-        });
+    async fn open(backend: &Backend, cfg: &Config) -> Result<SrConn, tokio_postgres::Error> {
+        let conn = MonitorConn::open(backend, &cfg.monitor, "pgpilot-sr-check").await?;
+        let (node, replication) = tokio::try_join!(
+            conn.client().prepare(NODE_QUERY),
+            conn.client().prepare(REPLICATION_QUERY)
+        )?;
         Ok(SrConn {
-            client,
-            task: Some(task),
+            conn,
+            node,
+            replication,
         })
-    }
-}
-
-impl Drop for SrConn {
-    fn drop(&mut self) {
-        // Dropping the client (right after this) sends Terminate and lets the
-        // connection task end; a connection stuck on a dead peer is aborted a
-        // moment later so it cannot linger.
-        if let (Some(task), Ok(rt)) = (self.task.take(), tokio::runtime::Handle::try_current()) {
-            rt.spawn(async move {
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                task.abort();
-            });
-        }
     }
 }
 
@@ -183,15 +169,25 @@ async fn check_node(
 ) -> (Option<SrConn>, NodeCheck) {
     let work = async {
         let conn = match conn {
-            Some(c) if !c.client.is_closed() => c,
-            _ => SrConn::open(&backend, &cfg).await?,
+            Some(c) if c.conn.serves(&backend) => c,
+            _ => SrConn::open(&backend, &cfg)
+                .await
+                .map_err(|e| describe(&e))?,
         };
-        let msgs = conn
-            .client
-            .simple_query(NODE_QUERY)
-            .await
-            .map_err(|e| describe(&e))?;
-        Ok::<_, String>((conn, parse_messages(&msgs)?))
+        // Both in one pipelined round trip.
+        let client = conn.conn.client();
+        let (node, replication) = tokio::try_join!(
+            client.query(&conn.node, &[]),
+            client.query(&conn.replication, &[])
+        )
+        .map_err(|e| describe(&e))?;
+        let first = node.first().ok_or("replication check returned no row")?;
+        let mut sample = parse_node_row(|i| text(first, i))?;
+        sample.replication = replication
+            .iter()
+            .map(|r| parse_replication_row(|i| text(r, i)))
+            .collect();
+        Ok::<_, String>((conn, sample))
     };
     match tokio::time::timeout(cfg.sr_check.timeout, work).await {
         Ok(Ok((conn, sample))) => (Some(conn), NodeCheck::Sample(sample)),
@@ -280,66 +276,67 @@ pub async fn run(
     }
 }
 
-/// Turn the two result sets of [`NODE_QUERY`] into a sample.
-fn parse_messages(msgs: &[SimpleQueryMessage]) -> Result<NodeSample, String> {
-    let mut rows = msgs.iter().filter_map(|m| match m {
-        SimpleQueryMessage::Row(r) => Some(r),
-        _ => None,
-    });
-    let first = rows.next().ok_or("replication check returned no row")?;
-    let mut s = parse_node_row(first)?;
-    s.replication = rows.map(parse_replication_row).collect();
-    Ok(s)
-}
-
-fn col(r: &SimpleQueryRow, i: usize) -> Option<&str> {
+/// Column `i` of a row of text columns.
+fn text(r: &tokio_postgres::Row, i: usize) -> Option<&str> {
     r.try_get(i).ok().flatten()
 }
 
-fn parse_node_row(r: &SimpleQueryRow) -> Result<NodeSample, String> {
-    let in_recovery = match col(r, 0) {
-        Some("t") => true,
-        Some("f") => false,
-        other => return Err(format!("unexpected pg_is_in_recovery() value {other:?}")),
+/// A boolean as text: `true`/`false` (a cast) or `t`/`f`.
+fn truth(v: &str) -> Option<bool> {
+    match v {
+        "t" | "true" => Some(true),
+        "f" | "false" => Some(false),
+        _ => None,
+    }
+}
+
+/// A [`NODE_QUERY`] row, column by column.
+fn parse_node_row<'a>(col: impl Fn(usize) -> Option<&'a str>) -> Result<NodeSample, String> {
+    let in_recovery = match col(0).and_then(truth) {
+        Some(v) => v,
+        None => {
+            return Err(format!("unexpected pg_is_in_recovery() value {:?}", col(0)));
+        }
     };
-    let timeline = col(r, 6).and_then(|t| {
+    let timeline = col(6).and_then(|t| {
         if in_recovery {
             t.parse().ok()
         } else {
             walfile_timeline(t)
         }
     });
-    let sender = match (col(r, 8), col(r, 9).and_then(|p| p.parse().ok())) {
+    let sender = match (col(8), col(9).and_then(|p| p.parse().ok())) {
         (Some(h), Some(p)) => Some((h.to_string(), p)),
         _ => None,
     };
-    let receiver_application_name = col(r, 10)
+    let receiver_application_name = col(10)
         .and_then(conninfo_application_name)
-        .or_else(|| col(r, 11).filter(|c| !c.is_empty()).map(str::to_string));
+        .or_else(|| col(11).filter(|c| !c.is_empty()).map(str::to_string));
     Ok(NodeSample {
         in_recovery,
-        current_lsn: col(r, 1).and_then(parse_lsn),
-        receive_lsn: col(r, 2).and_then(parse_lsn),
-        replay_lsn: col(r, 3).and_then(parse_lsn),
-        last_replay_at: col(r, 4)
+        current_lsn: col(1).and_then(parse_lsn),
+        receive_lsn: col(2).and_then(parse_lsn),
+        replay_lsn: col(3).and_then(parse_lsn),
+        last_replay_at: col(4)
             .and_then(|e| e.parse::<f64>().ok())
             .filter(|e| e.is_finite() && *e >= 0.0)
             .map(|e| UNIX_EPOCH + Duration::from_secs_f64(e)),
-        replay_paused: col(r, 5).map(|v| v == "t"),
+        replay_paused: col(5).and_then(truth),
         timeline,
-        receiver_status: col(r, 7).map(str::to_string),
+        receiver_status: col(7).map(str::to_string),
         sender,
         receiver_application_name: in_recovery.then_some(receiver_application_name).flatten(),
         replication: Vec::new(),
     })
 }
 
-fn parse_replication_row(r: &SimpleQueryRow) -> ReplicationRow {
+/// A [`REPLICATION_QUERY`] row, column by column.
+fn parse_replication_row<'a>(col: impl Fn(usize) -> Option<&'a str>) -> ReplicationRow {
     ReplicationRow {
-        application_name: col(r, 0).unwrap_or_default().to_string(),
-        state: col(r, 1).unwrap_or_default().to_string(),
-        sync_state: col(r, 2).unwrap_or_default().to_string(),
-        replay_lag: col(r, 3).and_then(|v| v.parse().ok()),
+        application_name: col(0).unwrap_or_default().to_string(),
+        state: col(1).unwrap_or_default().to_string(),
+        sync_state: col(2).unwrap_or_default().to_string(),
+        replay_lag: col(3).and_then(|v| v.parse().ok()),
     }
 }
 

@@ -25,6 +25,12 @@ pub struct HealthCheck {
     /// Pause between retries.
     #[serde(deserialize_with = "duration")]
     pub retry_delay: Duration,
+    /// How long a check's connection is reused before a new one replaces it.
+    /// A new connection per check costs the node a backend start-up (a fork,
+    /// milliseconds of CPU); renewing it this often still proves the node
+    /// accepts connections. 0 = a new connection for every check (pgpool-II).
+    #[serde(deserialize_with = "duration")]
+    pub connection_lifetime: Duration,
     /// Re-admit a standby that was down once it is healthy again and streams
     /// from the current primary. Off: it stays down until `ATTACH NODE n`.
     pub auto_failback: bool,
@@ -37,6 +43,7 @@ impl Default for HealthCheck {
             timeout: Duration::from_secs(3),
             max_retries: 2,
             retry_delay: Duration::from_secs(1),
+            connection_lifetime: Duration::from_secs(30),
             auto_failback: true,
         }
     }

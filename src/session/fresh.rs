@@ -53,8 +53,12 @@ impl Session {
             return Ok(primary);
         }
         let target = self.read_target()?;
+        if target == 0 {
+            return Ok(node);
+        }
         let lsns = &self.ctx.lsns;
-        if target == 0 || lsns.replayed(node) >= target {
+        lsns.note_demand();
+        if lsns.replayed(node) >= target {
             return Ok(node);
         }
         // The session's own standby first (its reads stay monotonic while it
