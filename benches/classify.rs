@@ -5,6 +5,8 @@ use std::hint::black_box;
 use criterion::{Criterion, criterion_group, criterion_main};
 use pgpilot::router::cache::ClassifyCache;
 use pgpilot::router::classify::{Classifier, FunctionPolicy, SqlParserClassifier};
+use pgpilot::router::normalize::normalize;
+use pgpilot::router::normalize_fast::normalize_plain;
 
 /// A ~100-character pgbench-like read.
 fn pgbench(aid: u32) -> String {
@@ -33,6 +35,40 @@ fn benches(c: &mut Criterion) {
         b.iter(|| {
             i = (i + 1) & 1023;
             black_box(cache.classify(black_box(&statements[i]), &classifier))
+        })
+    });
+
+    // pgbench -S's statement exactly: no comment, one literal.
+    let plain: Vec<String> = (0..1024)
+        .map(|i| {
+            format!(
+                "SELECT abalance FROM pgbench_accounts WHERE aid = {};",
+                48_213 + i * 7
+            )
+        })
+        .collect();
+    cache.classify(&plain[0], &classifier);
+    c.bench_function("normalize+cache hit, pgbench -S", |b| {
+        b.iter(|| {
+            i = (i + 1) & 1023;
+            black_box(cache.classify(black_box(&plain[i]), &classifier))
+        })
+    });
+
+    // The key alone: the general lexer against the plain-statement fast path.
+    let mut key = String::with_capacity(512);
+    c.bench_function("key, general lexer, pgbench -S", |b| {
+        b.iter(|| {
+            i = (i + 1) & 1023;
+            normalize(black_box(&plain[i]), &mut key);
+            black_box(key.len())
+        })
+    });
+    c.bench_function("key, fast path, pgbench -S", |b| {
+        b.iter(|| {
+            i = (i + 1) & 1023;
+            black_box(normalize_plain(black_box(&plain[i]), &mut key));
+            black_box(key.len())
         })
     });
 

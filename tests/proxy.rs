@@ -6,6 +6,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
+use common::raw::{login_raw, read_msg, send_query, sqlstate_of, until_ready};
 use common::{DB, PASSWORD, USER, connect, harness, spawn_proxy, sqlstate, try_connect};
 use futures_util::{SinkExt, StreamExt, TryStreamExt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -280,19 +281,6 @@ async fn wrong_password_and_unknown_user_get_28p01() {
     assert_eq!(m1, m2);
 }
 
-/// Read one backend message from a raw socket: (type, body).
-async fn read_msg(s: &mut TcpStream) -> std::io::Result<(u8, Vec<u8>)> {
-    let t = s.read_u8().await?;
-    let len = s.read_i32().await? as usize;
-    let mut body = vec![0; len.saturating_sub(4)];
-    s.read_exact(&mut body).await?;
-    Ok((t, body))
-}
-
-fn sqlstate_of(body: &[u8]) -> String {
-    pgpilot::protocol::frame::ErrorFields::parse(body).code
-}
-
 #[tokio::test]
 async fn malformed_input_is_rejected_while_others_keep_working() {
     let h = harness();
@@ -367,41 +355,6 @@ async fn malformed_input_is_rejected_while_others_keep_working() {
     // Meanwhile the other client was never disturbed.
     let v: i32 = survivor.query_one("SELECT 5", &[]).await.unwrap().get(0);
     assert_eq!(v, 5);
-}
-
-/// Log in over a raw socket with trust-free SCRAM via postgres-protocol; returns
-/// the socket positioned after the first ReadyForQuery.
-async fn login_raw(addr: std::net::SocketAddr) -> TcpStream {
-    use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
-    use postgres_protocol::message::frontend;
-    let mut s = TcpStream::connect(addr).await.unwrap();
-    let mut buf = bytes::BytesMut::new();
-    frontend::startup_message([("user", USER), ("database", DB)], &mut buf).unwrap();
-    s.write_all(&buf).await.unwrap();
-    let mut scram = ScramSha256::new(PASSWORD.as_bytes(), ChannelBinding::unsupported());
-    loop {
-        let (t, body) = read_msg(&mut s).await.unwrap();
-        buf.clear();
-        match (
-            t,
-            i32::from_be_bytes(body[..4.min(body.len())].try_into().unwrap_or([0; 4])),
-        ) {
-            (b'R', 10) => {
-                frontend::sasl_initial_response("SCRAM-SHA-256", scram.message(), &mut buf)
-                    .unwrap();
-                s.write_all(&buf).await.unwrap();
-            }
-            (b'R', 11) => {
-                scram.update(&body[4..]).unwrap();
-                frontend::sasl_response(scram.message(), &mut buf).unwrap();
-                s.write_all(&buf).await.unwrap();
-            }
-            (b'R', 12) => scram.finish(&body[4..]).unwrap(),
-            (b'Z', _) => return s,
-            (b'E', _) => panic!("login failed: {}", sqlstate_of(&body)),
-            _ => {}
-        }
-    }
 }
 
 #[tokio::test]
@@ -500,29 +453,6 @@ async fn client_limit_gives_53300() {
         Err(e) => e,
     };
     assert_eq!(sqlstate(&e).as_deref(), Some("53300"), "{e}");
-}
-
-/// Send a simple Query on a raw socket.
-async fn send_query(s: &mut TcpStream, sql: &str) {
-    let mut buf = bytes::BytesMut::new();
-    postgres_protocol::message::frontend::query(sql, &mut buf).unwrap();
-    s.write_all(&buf).await.unwrap();
-}
-
-/// Read messages until ReadyForQuery; returns the DataRow values of the first column.
-async fn until_ready(s: &mut TcpStream) -> Vec<String> {
-    let mut vals = vec![];
-    loop {
-        let (t, body) = read_msg(s).await.unwrap();
-        match t {
-            b'D' => {
-                let len = i32::from_be_bytes(body[2..6].try_into().unwrap());
-                vals.push(String::from_utf8_lossy(&body[6..6 + len as usize]).into_owned());
-            }
-            b'Z' => return vals,
-            _ => {}
-        }
-    }
 }
 
 #[tokio::test]
@@ -709,4 +639,90 @@ async fn large_pipelines_flow_both_ways_without_deadlock() {
         .expect("pipeline stalled");
     assert!(seen > N * 20_000);
     let _ = writer.await.unwrap();
+}
+
+/// Wait (at most `limit`) for the session to be ended by pgpilot with an
+/// ErrorResponse; returns its SQLSTATE.
+async fn ended_with(s: &mut TcpStream, limit: Duration) -> String {
+    tokio::time::timeout(limit, async {
+        loop {
+            match read_msg(s).await {
+                Ok((b'E', body)) => return sqlstate_of(&body),
+                Ok(_) => {}
+                Err(e) => panic!("closed without an error message: {e}"),
+            }
+        }
+    })
+    .await
+    .expect("the session was not ended in time")
+}
+
+#[tokio::test]
+async fn idle_limits_end_idle_sessions_but_never_busy_ones() {
+    let h = harness();
+    let mut cfg = h.config();
+    cfg.timeouts.client_idle = Duration::from_millis(1500);
+    cfg.timeouts.idle_in_transaction = Duration::from_millis(1000);
+    let addr = spawn_proxy(cfg);
+    // A query running longer than the idle limit is not idleness.
+    let mut busy = login_raw(addr).await;
+    send_query(&mut busy, "SELECT pg_sleep(2)::text").await;
+    assert_eq!(until_ready(&mut busy).await, vec![String::new()]);
+    // Then nothing: 57P05 after the idle limit, measured from the last answer.
+    let quiet = Instant::now();
+    assert_eq!(ended_with(&mut busy, Duration::from_secs(5)).await, "57P05");
+    assert!(
+        quiet.elapsed() >= Duration::from_millis(1400),
+        "{:?}",
+        quiet.elapsed()
+    );
+    // Idle inside a transaction has its own, shorter limit.
+    let mut in_tx = login_raw(addr).await;
+    send_query(&mut in_tx, "BEGIN").await;
+    until_ready(&mut in_tx).await;
+    let quiet = Instant::now();
+    assert_eq!(
+        ended_with(&mut in_tx, Duration::from_secs(5)).await,
+        "25P03"
+    );
+    let waited = quiet.elapsed();
+    assert!(
+        waited >= Duration::from_millis(900) && waited < Duration::from_millis(1400),
+        "{waited:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_client_that_stops_reading_is_cut_off_after_the_write_limit() {
+    let h = harness();
+    let mut cfg = h.config();
+    cfg.timeouts.write = Duration::from_secs(1);
+    let addr = spawn_proxy(cfg);
+    let mut s = login_raw(addr).await;
+    // About 64 MB of answer, far more than the socket buffers hold.
+    send_query(
+        &mut s,
+        "/* pgpilot:primary */ SELECT repeat('x', 65536) FROM generate_series(1, 1024)",
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    // What was buffered still arrives, then the connection ends early.
+    let mut rows = 0;
+    let read_all = tokio::time::timeout(Duration::from_secs(20), async {
+        while let Ok((t, _)) = read_msg(&mut s).await {
+            rows += usize::from(t == b'D');
+            assert_ne!(
+                t, b'Z',
+                "the whole answer was delivered to a client that stopped reading"
+            );
+        }
+    });
+    read_all.await.expect("the connection was not closed");
+    assert!(rows < 1024, "{rows} rows");
+    // The proxy keeps serving.
+    let c = connect(addr, "").await;
+    assert_eq!(
+        c.query_one("SELECT 1", &[]).await.unwrap().get::<_, i32>(0),
+        1
+    );
 }

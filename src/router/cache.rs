@@ -18,12 +18,13 @@
 
 use std::cell::RefCell;
 use std::collections::HashMap;
-use std::hash::{BuildHasher, RandomState};
+use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use super::classify::{Classification, Classifier};
 use super::normalize::normalize;
+use super::normalize_fast::normalize_plain;
 
 /// Normalised statements longer than this are not cached (bounds memory use).
 pub const MAX_KEY_BYTES: usize = 8 * 1024;
@@ -42,7 +43,9 @@ thread_local! {
 pub struct ClassifyCache {
     shards: Box<[Mutex<Lru>]>,
     enabled: bool,
-    hasher: RandomState,
+    /// Seeded per process (keys come from clients); fast on short keys, where
+    /// SipHash was a visible part of every query's cost.
+    hasher: foldhash::fast::RandomState,
     /// Misses not counted by a shard (caching disabled, key too long).
     uncached: AtomicU64,
 }
@@ -67,7 +70,7 @@ impl ClassifyCache {
                 .map(|_| Mutex::new(Lru::new(per_shard)))
                 .collect(),
             enabled: capacity > 0,
-            hasher: RandomState::new(),
+            hasher: foldhash::fast::RandomState::default(),
             uncached: AtomicU64::new(0),
         }
     }
@@ -80,7 +83,9 @@ impl ClassifyCache {
                 self.uncached.fetch_add(1, Ordering::Relaxed);
                 return Err(None);
             };
-            normalize(sql, &mut key);
+            if !normalize_plain(sql, &mut key) {
+                normalize(sql, &mut key);
+            }
             let result = self.lookup(&key);
             if key.capacity() > BUFFER_KEEP {
                 *key = String::with_capacity(512);

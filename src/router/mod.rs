@@ -11,5 +11,6 @@ pub mod catalog;
 pub mod chooser;
 pub mod classify;
 pub mod normalize;
+pub mod normalize_fast;
 pub mod policy;
 pub mod session_cmd;

@@ -551,7 +551,7 @@ const fn classes() -> [u8; 256] {
     t
 }
 
-fn is_space(b: u8) -> bool {
+pub(super) fn is_space(b: u8) -> bool {
     CLASS[b as usize] & SPACE != 0
 }
 
@@ -559,15 +559,15 @@ fn is_space_char(c: char) -> bool {
     c.is_ascii() && is_space(c as u8)
 }
 
-fn is_ident_start(b: u8) -> bool {
+pub(super) fn is_ident_start(b: u8) -> bool {
     CLASS[b as usize] & IDENT_START != 0
 }
 
-fn is_ident_cont(b: u8) -> bool {
+pub(super) fn is_ident_cont(b: u8) -> bool {
     CLASS[b as usize] & IDENT_CONT != 0
 }
 
-fn is_op_char(b: u8) -> bool {
+pub(super) fn is_op_char(b: u8) -> bool {
     CLASS[b as usize] & OP != 0
 }
 

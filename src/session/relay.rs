@@ -28,10 +28,21 @@ impl Session {
     /// Relay until the client leaves, an error occurs, or pgpilot stops.
     pub(super) async fn relay(&mut self) -> End {
         let mut shutdown = self.ctx.shutdown.clone();
-        // One long-lived future: re-registering a watcher on every turn costs a lock.
+        // Checked at every turn: an atomic load, so a session that is never idle
+        // still stops.
+        let stop_flag = shutdown.clone();
+        if *stop_flag.borrow() {
+            return End::Error(SessionError::Shutdown);
+        }
+        // Wakes an idle session. One long-lived future: re-registering a watcher
+        // on every turn costs a lock, and it is polled last, only when nothing
+        // else is ready (polling it takes a lock too).
         let stopping = shutdown.changed();
         tokio::pin!(stopping);
         loop {
+            if stop_flag.has_changed().unwrap_or(true) {
+                return End::Error(SessionError::Shutdown);
+            }
             if std::mem::take(&mut self.recheck) {
                 match self.advance().await {
                     Ok(true) => {
@@ -72,7 +83,6 @@ impl Session {
             let (mut client_rd, client_wr) = self.client.split();
             tokio::select! {
                 biased;
-                _ = &mut stopping => return End::Error(SessionError::Shutdown),
                 r = client_wr.as_ref().writable(), if !self.to_client.is_empty() => {
                     if let Err(e) = r.and_then(|()| self.to_client.flush(&self.client)) {
                         return End::Error(SessionError::ClientIo(e));
@@ -113,6 +123,7 @@ impl Session {
                         SessionError::IdleInTransactionTimeout
                     });
                 }
+                _ = &mut stopping => return End::Error(SessionError::Shutdown),
             }
         }
     }

@@ -7,6 +7,7 @@
 #![allow(dead_code)]
 
 pub mod load;
+pub mod raw;
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, OnceLock};
