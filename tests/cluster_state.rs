@@ -557,3 +557,44 @@ async fn a_stopped_standby_goes_down_within_the_bound_and_comes_back() {
         .await
         .unwrap();
 }
+
+#[tokio::test]
+async fn health_checks_keep_their_connection_renew_it_and_shrug_off_its_loss() {
+    let h = harness();
+    let mut cfg = fast(h.config());
+    cfg.health_check.connection_lifetime = Duration::from_secs(3);
+    let role = common::own_monitor_role(h, &mut cfg, "mon_hc");
+    let p = spawn_proxy_full(cfg);
+    nodes_in_service(&p).await;
+    let pid_of = || -> Vec<String> {
+        common::monitor_backends(h, 0, &role, "pgpilot-health")
+            .iter()
+            .map(|l| l.split(' ').next().unwrap_or_default().to_string())
+            .collect()
+    };
+    // The first periodic check opens a connection (the initial one closes
+    // its own); it then serves check after check.
+    let first = wait_for("a kept health connection", Duration::from_secs(5), || {
+        let now = pid_of();
+        (now.len() == 1).then_some(now)
+    })
+    .await;
+    let checks = p.ctx.cluster.health_stats()[0].total_count;
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert!(p.ctx.cluster.health_stats()[0].total_count >= checks + 2);
+    assert_eq!(pid_of(), first, "a check opened a new connection");
+    // Killing it costs nothing: the next check opens another at once.
+    h.psql(0, &format!("SELECT pg_terminate_backend({})", first[0]));
+    let replaced = wait_for("a new health connection", Duration::from_secs(5), || {
+        let now = pid_of();
+        (now.len() == 1 && now != first).then_some(now)
+    })
+    .await;
+    // It is renewed after connection_lifetime, proving new connections still work.
+    wait_for("the connection renewed", Duration::from_secs(6), || {
+        let now = pid_of();
+        (now.len() == 1 && now != replaced).then_some(())
+    })
+    .await;
+    assert_no_node_went_down(&p);
+}

@@ -388,3 +388,45 @@ async fn causal_tokens() {
     // The session is still usable.
     other.batch_execute("SELECT 1").await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_replay_poller_sleeps_when_unneeded_and_wakes_for_a_read() {
+    let _serial = SERIAL.lock().await;
+    let h = harness();
+    let mut cfg = config(ConsistencyMode::Session);
+    let role = own_monitor_role(h, &mut cfg, "mon_lsn");
+    let addr = spawn_proxy(cfg);
+    let c = connect(addr, "").await;
+    c.batch_execute("DROP TABLE IF EXISTS dormant; CREATE TABLE dormant (id int)")
+        .await
+        .unwrap();
+    let read = "SELECT count(*)::int FROM dormant";
+    // A read after a write needs positions: the poller runs.
+    c.execute("INSERT INTO dormant VALUES (1)", &[])
+        .await
+        .unwrap();
+    assert_eq!(c.query_one(read, &[]).await.unwrap().get::<_, i32>(0), 1);
+    let lsn_conns = |node| monitor_backends(h, node, &role, "pgpilot-lsn");
+    assert!(!lsn_conns(1).is_empty() || !lsn_conns(2).is_empty());
+    // Nobody needs them for longer than DORMANT_AFTER: it stops asking.
+    tokio::time::sleep(pgpilot::consistency::DORMANT_AFTER + Duration::from_secs(1)).await;
+    let before = (lsn_conns(1), lsn_conns(2));
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(
+        (lsn_conns(1), lsn_conns(2)),
+        before,
+        "the poller kept polling"
+    );
+    // The next read after a write wakes it, and still sees the write.
+    for i in 2..=20 {
+        c.execute("INSERT INTO dormant VALUES ($1)", &[&i])
+            .await
+            .unwrap();
+        assert_eq!(c.query_one(read, &[]).await.unwrap().get::<_, i32>(0), i);
+    }
+    assert_ne!(
+        (lsn_conns(1), lsn_conns(2)),
+        before,
+        "the poller did not wake"
+    );
+}

@@ -390,3 +390,53 @@ pub async fn wait_for<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Opt
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// A superuser role of its own for one pgpilot's `[monitor]`, so a test can
+/// tell that pgpilot's check connections from every other proxy's in
+/// `pg_stat_activity` (name `<prefix>_<pid>`; it replicates to the standbys).
+pub fn own_monitor_role(h: &Harness, cfg: &mut Config, prefix: &str) -> String {
+    let role = format!("{prefix}_{}", std::process::id());
+    h.psql(
+        0,
+        &format!(
+            "DO $$BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '{role}') THEN \
+             CREATE ROLE {role} LOGIN SUPERUSER PASSWORD 'monpw'; END IF; END$$"
+        ),
+    );
+    // Usable on every node before pgpilot's first check.
+    let exists = format!("SELECT count(*) FROM pg_roles WHERE rolname = '{role}'");
+    for node in 1..h.ports.len() {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while h.psql(node, &exists) != "1" {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "role not replicated to node {node}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    cfg.monitor.user = role.clone();
+    cfg.monitor.password = "monpw".into();
+    role
+}
+
+/// Backend pids (and last state change, as text) of `role`'s connections named
+/// `application_name` on `node`.
+pub fn monitor_backends(
+    h: &Harness,
+    node: usize,
+    role: &str,
+    application_name: &str,
+) -> Vec<String> {
+    let out = h.psql(
+        node,
+        &format!(
+            "SELECT pid || ' ' || coalesce(state_change::text, '') FROM pg_stat_activity \
+             WHERE usename = '{role}' AND application_name = '{application_name}' ORDER BY pid"
+        ),
+    );
+    out.lines()
+        .map(str::to_string)
+        .filter(|l| !l.is_empty())
+        .collect()
+}
