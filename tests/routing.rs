@@ -34,7 +34,7 @@ use common::{
 };
 use futures_util::{SinkExt, TryStreamExt};
 use pgpilot::config::Config;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio_postgres::{Client, NoTls, SimpleQueryMessage};
 
@@ -283,35 +283,8 @@ struct Reply {
 
 impl Raw {
     async fn login(addr: SocketAddr) -> Raw {
-        use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
-        use postgres_protocol::message::frontend;
-        let mut s = TcpStream::connect(addr).await.unwrap();
-        let mut buf = bytes::BytesMut::new();
-        frontend::startup_message([("user", USER), ("database", DB)], &mut buf).unwrap();
-        s.write_all(&buf).await.unwrap();
-        let mut scram = ScramSha256::new(PASSWORD.as_bytes(), ChannelBinding::unsupported());
-        loop {
-            let (t, body) = read_msg(&mut s).await;
-            buf.clear();
-            let code = body
-                .get(..4)
-                .map(|b| i32::from_be_bytes(b.try_into().unwrap()));
-            match (t, code) {
-                (b'R', Some(10)) => {
-                    frontend::sasl_initial_response("SCRAM-SHA-256", scram.message(), &mut buf)
-                        .unwrap();
-                    s.write_all(&buf).await.unwrap();
-                }
-                (b'R', Some(11)) => {
-                    scram.update(&body[4..]).unwrap();
-                    frontend::sasl_response(scram.message(), &mut buf).unwrap();
-                    s.write_all(&buf).await.unwrap();
-                }
-                (b'R', Some(12)) => scram.finish(&body[4..]).unwrap(),
-                (b'Z', _) => return Raw { s },
-                (b'E', _) => panic!("login failed"),
-                _ => {}
-            }
+        Raw {
+            s: common::raw::login_raw(addr).await,
         }
     }
 
@@ -379,18 +352,12 @@ fn parse_bind_execute(sql: &str, buf: &mut bytes::BytesMut) {
     frontend::execute("", 0, buf).unwrap();
 }
 
+/// One message, within 20 s.
 async fn read_msg(s: &mut TcpStream) -> (u8, Vec<u8>) {
-    let work = async {
-        let t = s.read_u8().await?;
-        let len = s.read_i32().await? as usize;
-        let mut body = vec![0; len.saturating_sub(4)];
-        s.read_exact(&mut body).await?;
-        Ok::<_, std::io::Error>((t, body))
-    };
-    tokio::time::timeout(Duration::from_secs(20), work)
+    tokio::time::timeout(Duration::from_secs(20), common::raw::read_msg(s))
         .await
         .expect("an answer in time")
-        .expect("read a message")
+        .expect("a message")
 }
 
 // ---------------------------------------------------------------------------

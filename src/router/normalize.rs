@@ -206,25 +206,7 @@ impl<'a> Lexer<'a> {
 
     /// Skip a (nested) block comment starting at `pos`.
     fn skip_block_comment(&mut self) {
-        let mut depth = 0usize;
-        let mut i = self.pos;
-        while i < self.len() {
-            let (b, n) = (self.byte(i), self.byte(i + 1));
-            if b == b'/' && n == b'*' {
-                depth += 1;
-                i += 2;
-            } else if b == b'*' && n == b'/' {
-                depth -= 1;
-                i += 2;
-                if depth == 0 {
-                    self.pos = i;
-                    return;
-                }
-            } else {
-                i += 1;
-            }
-        }
-        self.pos = self.len();
+        self.pos = block_comment_end(self.src.as_bytes(), self.pos);
     }
 
     /// Scan a quoted literal whose opening quote is at `q`; returns (end, verbatim).
@@ -516,6 +498,29 @@ const SPACE: u8 = 1;
 const IDENT_START: u8 = 2;
 const IDENT_CONT: u8 = 4;
 const OP: u8 = 8;
+
+/// End of the (nested) block comment opening at `start`, or the end of `b` if
+/// it never closes.
+pub(super) fn block_comment_end(b: &[u8], start: usize) -> usize {
+    let at = |i: usize| b.get(i).copied().unwrap_or(0);
+    let mut depth = 0usize;
+    let mut i = start;
+    while i < b.len() {
+        if at(i) == b'/' && at(i + 1) == b'*' {
+            depth += 1;
+            i += 2;
+        } else if at(i) == b'*' && at(i + 1) == b'/' {
+            depth -= 1;
+            i += 2;
+            if depth == 0 {
+                return i;
+            }
+        } else {
+            i += 1;
+        }
+    }
+    b.len()
+}
 
 /// Character classes of bytes, as PostgreSQL's lexer sees them.
 static CLASS: [u8; 256] = classes();

@@ -10,7 +10,7 @@
 //! it decline, and the caller runs the general lexer. Declining is always
 //! safe; a test checks the two agree wherever the fast path accepts.
 
-use super::normalize::{is_ident_cont, is_ident_start, is_op_char, is_space};
+use super::normalize::{block_comment_end, is_ident_cont, is_ident_start, is_op_char, is_space};
 
 /// Write the cache key of `sql` into `out` (cleared first) and return true, or
 /// return false (leaving `out` unspecified) if `sql` needs the general lexer.
@@ -130,25 +130,7 @@ fn skip_trivia(b: &[u8], mut i: usize) -> usize {
                 None => b.len(),
             };
         } else if c == b'/' && n == b'*' {
-            let mut depth = 0usize;
-            let mut j = i;
-            i = b.len();
-            while j < b.len() {
-                let (x, y) = (at(j), at(j + 1));
-                if x == b'/' && y == b'*' {
-                    depth += 1;
-                    j += 2;
-                } else if x == b'*' && y == b'/' {
-                    depth -= 1;
-                    j += 2;
-                    if depth == 0 {
-                        i = j;
-                        break;
-                    }
-                } else {
-                    j += 1;
-                }
-            }
+            i = block_comment_end(b, i);
         } else {
             return i;
         }
