@@ -30,6 +30,7 @@ use tokio_postgres::SimpleQueryMessage;
 use super::Cluster;
 use super::health::describe;
 use super::hooks::{self, HookNodes};
+use super::monitor_conn::MonitorConn;
 use super::replication::{format_lsn, parse_lsn};
 use crate::config::{Config, FailoverMode};
 
@@ -56,17 +57,16 @@ pub(super) async fn monitor_query(
         .backends
         .get(node)
         .ok_or_else(|| format!("no node {node}"))?;
-    let mut pg = super::monitor_conn_config(backend, &cfg.monitor, "pgpilot-failover");
-    pg.connect_timeout(limit);
     let work = async {
-        let (client, conn) = pg
-            .connect(tokio_postgres::NoTls)
+        let conn = MonitorConn::open(backend, &cfg.monitor, "pgpilot-failover")
             .await
             .map_err(|e| describe(&e))?;
-        let task = tokio::spawn(conn);
-        let msgs = client.simple_query(sql).await.map_err(|e| describe(&e));
-        drop(client);
-        let _ = tokio::time::timeout(Duration::from_secs(1), task).await;
+        let msgs = conn
+            .client()
+            .simple_query(sql)
+            .await
+            .map_err(|e| describe(&e));
+        conn.close().await;
         let rows = msgs?
             .into_iter()
             .filter_map(|m| match m {
