@@ -3,8 +3,9 @@
 //! A check runs `SELECT pg_is_in_recovery()` as the `[monitor]` role within
 //! `health_check.timeout`, on the node task's kept connection; a new connection
 //! replaces it every `health_check.connection_lifetime` (so the checks keep
-//! proving the node accepts connections) and whenever it fails. The answer also gives the node's role, so there is
-//! one mechanism for reachability and roles. A failed attempt is retried
+//! proving the node accepts connections) and whenever it fails. The answer
+//! also gives the node's role, so there is one mechanism for reachability and
+//! roles. A failed attempt is retried
 //! `max_retries` times, `retry_delay` apart; only when every attempt of the
 //! round failed is the node declared `down`. A failed attempt on its own only
 //! turns the live `pg_status` down.

@@ -182,11 +182,8 @@ async fn check_node(
         )
         .map_err(|e| describe(&e))?;
         let first = node.first().ok_or("replication check returned no row")?;
-        let mut sample = parse_node_row(|i| text(first, i))?;
-        sample.replication = replication
-            .iter()
-            .map(|r| parse_replication_row(|i| text(r, i)))
-            .collect();
+        let mut sample = parse_node_row(first)?;
+        sample.replication = replication.iter().map(parse_replication_row).collect();
         Ok::<_, String>((conn, sample))
     };
     match tokio::time::timeout(cfg.sr_check.timeout, work).await {
@@ -281,17 +278,18 @@ fn text(r: &tokio_postgres::Row, i: usize) -> Option<&str> {
     r.try_get(i).ok().flatten()
 }
 
-/// A boolean as text: `true`/`false` (a cast) or `t`/`f`.
+/// A boolean cast to text.
 fn truth(v: &str) -> Option<bool> {
     match v {
-        "t" | "true" => Some(true),
-        "f" | "false" => Some(false),
+        "true" => Some(true),
+        "false" => Some(false),
         _ => None,
     }
 }
 
 /// A [`NODE_QUERY`] row, column by column.
-fn parse_node_row<'a>(col: impl Fn(usize) -> Option<&'a str>) -> Result<NodeSample, String> {
+fn parse_node_row(r: &tokio_postgres::Row) -> Result<NodeSample, String> {
+    let col = |i| text(r, i);
     let in_recovery = match col(0).and_then(truth) {
         Some(v) => v,
         None => {
@@ -331,7 +329,8 @@ fn parse_node_row<'a>(col: impl Fn(usize) -> Option<&'a str>) -> Result<NodeSamp
 }
 
 /// A [`REPLICATION_QUERY`] row, column by column.
-fn parse_replication_row<'a>(col: impl Fn(usize) -> Option<&'a str>) -> ReplicationRow {
+fn parse_replication_row(r: &tokio_postgres::Row) -> ReplicationRow {
+    let col = |i| text(r, i);
     ReplicationRow {
         application_name: col(0).unwrap_or_default().to_string(),
         state: col(1).unwrap_or_default().to_string(),

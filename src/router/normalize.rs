@@ -184,51 +184,12 @@ impl<'a> Lexer<'a> {
 
     /// Skip whitespace and comments.
     fn skip_trivia(&mut self) {
-        loop {
-            let b = self.byte(self.pos);
-            if self.pos < self.len() && is_space(b) {
-                self.pos += 1;
-            } else if b == b'-' && self.byte(self.pos + 1) == b'-' {
-                self.pos = match self.src.as_bytes()[self.pos..]
-                    .iter()
-                    .position(|&c| c == b'\n')
-                {
-                    Some(n) => self.pos + n + 1,
-                    None => self.len(),
-                };
-            } else if b == b'/' && self.byte(self.pos + 1) == b'*' {
-                self.skip_block_comment();
-            } else {
-                return;
-            }
-        }
-    }
-
-    /// Skip a (nested) block comment starting at `pos`.
-    fn skip_block_comment(&mut self) {
-        self.pos = block_comment_end(self.src.as_bytes(), self.pos);
+        self.pos = trivia_end(self.src.as_bytes(), self.pos);
     }
 
     /// Scan a quoted literal whose opening quote is at `q`; returns (end, verbatim).
     fn scan_quoted(&self, q: usize, quote: u8, backslash_escapes: bool) -> (usize, bool) {
-        let mut i = q + 1;
-        let mut saw_backslash = false;
-        while i < self.len() {
-            let b = self.byte(i);
-            if b == b'\\' {
-                saw_backslash = true;
-                i += if backslash_escapes { 2 } else { 1 };
-            } else if b == quote {
-                if self.byte(i + 1) == quote {
-                    i += 2;
-                } else {
-                    return (i + 1, saw_backslash);
-                }
-            } else {
-                i += 1;
-            }
-        }
-        (self.len(), true)
+        quoted_end(self.src.as_bytes(), q, quote, backslash_escapes)
     }
 
     /// Scan a dollar quote whose opening `$tag$` spans `open`; returns (end, terminated).
@@ -242,44 +203,7 @@ impl<'a> Lexer<'a> {
     }
 
     fn scan_number(&self, start: usize) -> (usize, bool) {
-        let mut i = start;
-        let radix_prefix =
-            self.byte(i) == b'0' && matches!(self.byte(i + 1) | 0x20, b'x' | b'o' | b'b');
-        if radix_prefix && self.byte(i + 2).is_ascii_alphanumeric() {
-            i += 2;
-            while self.byte(i).is_ascii_alphanumeric() || self.byte(i) == b'_' {
-                i += 1;
-            }
-        } else {
-            while self.byte(i).is_ascii_digit() || self.byte(i) == b'_' {
-                i += 1;
-            }
-            if self.byte(i) == b'.' && self.byte(i + 1) != b'.' {
-                i += 1;
-                while self.byte(i).is_ascii_digit() || self.byte(i) == b'_' {
-                    i += 1;
-                }
-            }
-            if self.byte(i) | 0x20 == b'e' {
-                let mut j = i + 1;
-                if matches!(self.byte(j), b'+' | b'-') {
-                    j += 1;
-                }
-                if self.byte(j).is_ascii_digit() {
-                    i = j;
-                    while self.byte(i).is_ascii_digit() {
-                        i += 1;
-                    }
-                }
-            }
-        }
-        // Trailing junk (`123abc`): one verbatim token.
-        let mut junk = false;
-        while i < self.len() && is_ident_cont(self.byte(i)) {
-            junk = true;
-            i += 1;
-        }
-        (i, junk)
+        number_end(self.src.as_bytes(), start)
     }
 
     fn make(&mut self, kind: Kind, start: usize, end: usize, verbatim: bool) -> Token<'a> {
@@ -499,9 +423,96 @@ const IDENT_START: u8 = 2;
 const IDENT_CONT: u8 = 4;
 const OP: u8 = 8;
 
+/// End of the whitespace and comments (`--` to the end of the line, nested
+/// `/* */`) starting at `i`.
+pub(super) fn trivia_end(b: &[u8], mut i: usize) -> usize {
+    let at = |i: usize| b.get(i).copied().unwrap_or(0);
+    loop {
+        if i < b.len() && is_space(b[i]) {
+            i += 1;
+        } else if at(i) == b'-' && at(i + 1) == b'-' {
+            i = match b[i..].iter().position(|&c| c == b'\n') {
+                Some(n) => i + n + 1,
+                None => b.len(),
+            };
+        } else if at(i) == b'/' && at(i + 1) == b'*' {
+            i = block_comment_end(b, i);
+        } else {
+            return i;
+        }
+    }
+}
+
+/// Scan a quoted literal or identifier whose opening quote is at `q`; returns
+/// (end, verbatim). Verbatim: it holds a backslash (its extent depends on
+/// escaping rules) or never ends.
+pub(super) fn quoted_end(b: &[u8], q: usize, quote: u8, backslash_escapes: bool) -> (usize, bool) {
+    let mut i = q + 1;
+    let mut saw_backslash = false;
+    while i < b.len() {
+        let c = b[i];
+        if c == b'\\' {
+            saw_backslash = true;
+            i += if backslash_escapes { 2 } else { 1 };
+        } else if c == quote {
+            if b.get(i + 1) == Some(&quote) {
+                i += 2;
+            } else {
+                return (i + 1, saw_backslash);
+            }
+        } else {
+            i += 1;
+        }
+    }
+    (b.len(), true)
+}
+
+/// Scan a number starting at `start` (radix prefixes, `_`, a fraction, an
+/// exponent); returns (end, junk): identifier characters right after it
+/// (`123abc`) are swallowed and make it one verbatim token.
+pub(super) fn number_end(b: &[u8], start: usize) -> (usize, bool) {
+    let at = |i: usize| b.get(i).copied().unwrap_or(0);
+    let mut i = start;
+    let radix_prefix = at(i) == b'0' && matches!(at(i + 1) | 0x20, b'x' | b'o' | b'b');
+    if radix_prefix && at(i + 2).is_ascii_alphanumeric() {
+        i += 2;
+        while at(i).is_ascii_alphanumeric() || at(i) == b'_' {
+            i += 1;
+        }
+    } else {
+        while at(i).is_ascii_digit() || at(i) == b'_' {
+            i += 1;
+        }
+        if at(i) == b'.' && at(i + 1) != b'.' {
+            i += 1;
+            while at(i).is_ascii_digit() || at(i) == b'_' {
+                i += 1;
+            }
+        }
+        if at(i) | 0x20 == b'e' {
+            let mut j = i + 1;
+            if matches!(at(j), b'+' | b'-') {
+                j += 1;
+            }
+            if at(j).is_ascii_digit() {
+                i = j;
+                while at(i).is_ascii_digit() {
+                    i += 1;
+                }
+            }
+        }
+    }
+    let mut junk = false;
+    while i < b.len() && is_ident_cont(b[i]) {
+        junk = true;
+        i += 1;
+    }
+    (i, junk)
+}
+
 /// End of the (nested) block comment opening at `start`, or the end of `b` if
 /// it never closes.
-pub(super) fn block_comment_end(b: &[u8], start: usize) -> usize {
+fn block_comment_end(b: &[u8], start: usize) -> usize {
     let at = |i: usize| b.get(i).copied().unwrap_or(0);
     let mut depth = 0usize;
     let mut i = start;

@@ -10,7 +10,9 @@
 //! it decline, and the caller runs the general lexer. Declining is always
 //! safe; a test checks the two agree wherever the fast path accepts.
 
-use super::normalize::{block_comment_end, is_ident_cont, is_ident_start, is_op_char, is_space};
+use super::normalize::{
+    is_ident_cont, is_ident_start, is_op_char, number_end, quoted_end, trivia_end,
+};
 
 /// Write the cache key of `sql` into `out` (cleared first) and return true, or
 /// return false (leaving `out` unspecified) if `sql` needs the general lexer.
@@ -22,7 +24,7 @@ pub fn normalize_plain(sql: &str, out: &mut String) -> bool {
     let mut i = 0;
     let mut stmt_start = true;
     loop {
-        i = skip_trivia(b, i);
+        i = trivia_end(b, i);
         if i >= len {
             return true;
         }
@@ -58,9 +60,11 @@ pub fn normalize_plain(sql: &str, out: &mut String) -> bool {
         }
         match c {
             b'\'' | b'"' => {
-                let Some(end) = quoted_end(b, i, c) else {
+                // Verbatim (a backslash, or never closed): the general lexer's.
+                let (end, verbatim) = quoted_end(b, i, c, false);
+                if verbatim {
                     return false;
-                };
+                }
                 if c == b'\'' {
                     out.push('?');
                 } else {
@@ -83,9 +87,13 @@ pub fn normalize_plain(sql: &str, out: &mut String) -> bool {
                 }
             }
             b'0'..=b'9' | b'.' if c != b'.' || n.is_ascii_digit() => {
-                let Some(end) = number_end(b, i) else {
+                // Radix prefixes and trailing identifier characters stay
+                // verbatim in the general lexer's key.
+                let radix = c == b'0' && matches!(n | 0x20, b'x' | b'o' | b'b');
+                let (end, junk) = number_end(b, i);
+                if radix || junk {
                     return false;
-                };
+                }
                 out.push('?');
                 i = end;
             }
@@ -116,27 +124,6 @@ pub fn normalize_plain(sql: &str, out: &mut String) -> bool {
     }
 }
 
-/// Skip whitespace and comments (`--` to the end of the line, nested `/* */`)
-/// from `i`, as the general lexer does.
-fn skip_trivia(b: &[u8], mut i: usize) -> usize {
-    let at = |i: usize| b.get(i).copied().unwrap_or(0);
-    loop {
-        let (c, n) = (at(i), at(i + 1));
-        if i < b.len() && is_space(c) {
-            i += 1;
-        } else if c == b'-' && n == b'-' {
-            i = match b[i..].iter().position(|&x| x == b'\n') {
-                Some(p) => i + p + 1,
-                None => b.len(),
-            };
-        } else if c == b'/' && n == b'*' {
-            i = block_comment_end(b, i);
-        } else {
-            return i;
-        }
-    }
-}
-
 /// Append `sql[start..end]`; false if that is not a character boundary.
 fn push_slice(out: &mut String, sql: &str, start: usize, end: usize) -> bool {
     match sql.get(start..end) {
@@ -146,63 +133,6 @@ fn push_slice(out: &mut String, sql: &str, start: usize, end: usize) -> bool {
         }
         None => false,
     }
-}
-
-/// End of the literal or quoted identifier opened by `quote` at `q`; `None` if
-/// it holds a backslash (its extent depends on escaping rules) or never ends.
-fn quoted_end(b: &[u8], q: usize, quote: u8) -> Option<usize> {
-    let mut i = q + 1;
-    while i < b.len() {
-        let x = b[i];
-        if x == b'\\' {
-            return None;
-        }
-        if x == quote {
-            if b.get(i + 1) == Some(&quote) {
-                i += 2;
-                continue;
-            }
-            return Some(i + 1);
-        }
-        i += 1;
-    }
-    None
-}
-
-/// End of a plain decimal number starting at `start` (digits, `_`, a fraction,
-/// an exponent); `None` for radix prefixes and identifier characters right
-/// after it (the general lexer keeps those verbatim).
-fn number_end(b: &[u8], start: usize) -> Option<usize> {
-    let at = |i: usize| b.get(i).copied().unwrap_or(0);
-    let mut i = start;
-    if at(i) == b'0' && matches!(at(i + 1) | 0x20, b'x' | b'o' | b'b') {
-        return None;
-    }
-    while at(i).is_ascii_digit() || at(i) == b'_' {
-        i += 1;
-    }
-    if at(i) == b'.' && at(i + 1) != b'.' {
-        i += 1;
-        while at(i).is_ascii_digit() || at(i) == b'_' {
-            i += 1;
-        }
-    }
-    if at(i) | 0x20 == b'e' {
-        let mut j = i + 1;
-        if matches!(at(j), b'+' | b'-') {
-            j += 1;
-        }
-        if at(j).is_ascii_digit() {
-            i = j;
-            while at(i).is_ascii_digit() {
-                i += 1;
-            }
-        }
-    }
-    if i < b.len() && is_ident_cont(b[i]) {
-        return None;
-    }
-    Some(i)
 }
 
 #[cfg(test)]
