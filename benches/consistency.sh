@@ -40,7 +40,7 @@ cleanup() {
 trap cleanup EXIT
 
 DEMO_PORT=$(free_port)
-PGPILOT_LOG=warn ./target/release/pgpilot demo --listen "127.0.0.1:$DEMO_PORT" >"$WORK/demo.log" 2>&1 &
+PGPILOT_LOG=warn ./target/release/pgpilot demo --listen "127.0.0.1:$DEMO_PORT" --metrics-listen "" >"$WORK/demo.log" 2>&1 &
 DEMO_PID=$!
 for _ in $(seq 1 300); do grep -q "pgpilot is listening" "$WORK/demo.log" && break; sleep 0.2; done
 grep -q "pgpilot is listening" "$WORK/demo.log" || { cat "$WORK/demo.log"; exit 1; }

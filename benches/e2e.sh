@@ -58,7 +58,7 @@ cleanup() {
 trap cleanup EXIT
 
 PILOT_PORT=$(free_port)
-PGPILOT_LOG=warn setsid ./target/release/pgpilot demo --workers "$WORKERS" --listen "127.0.0.1:$PILOT_PORT" >"$WORK/demo.log" 2>&1 &
+PGPILOT_LOG=warn setsid ./target/release/pgpilot demo --workers "$WORKERS" --listen "127.0.0.1:$PILOT_PORT" --metrics-listen "127.0.0.1:$(free_port)" >"$WORK/demo.log" 2>&1 &
 DEMO_PID=$!
 for _ in $(seq 1 300); do grep -q "pgpilot is listening" "$WORK/demo.log" && break; sleep 0.2; done
 grep -q "pgpilot is listening" "$WORK/demo.log" || { cat "$WORK/demo.log"; exit 1; }

@@ -35,8 +35,15 @@ pub fn config_for(cluster: &LocalCluster, listen: &str, users: &[(&str, &str)]) 
     Config::from_toml(&toml).expect("the demo configuration is valid")
 }
 
-/// Run the demo until Ctrl-C. Returns an error message for the CLI to print.
-pub async fn run(listen: &str, standbys: usize) -> Result<(), String> {
+/// Run the demo until Ctrl-C, serving metrics on `metrics_listen` ("" = off).
+/// Returns an error message for the CLI to print.
+pub async fn run(listen: &str, metrics_listen: &str, standbys: usize) -> Result<(), String> {
+    let m = metrics_listen.trim();
+    if !m.is_empty() && m.parse::<std::net::SocketAddr>().is_err() {
+        return Err(format!(
+            "--metrics-listen {m:?} is not address:port or empty"
+        ));
+    }
     let spec = ClusterSpec {
         standbys,
         users: vec![(DEMO_USER.into(), DEMO_PASSWORD.into())],
@@ -59,7 +66,8 @@ pub async fn run(listen: &str, standbys: usize) -> Result<(), String> {
             n.data_dir.display()
         );
     }
-    let config = config_for(&cluster, listen, &[(DEMO_USER, DEMO_PASSWORD)]);
+    let mut config = config_for(&cluster, listen, &[(DEMO_USER, DEMO_PASSWORD)]);
+    config.metrics.listen = metrics_listen.to_string();
     let proxy = match Proxy::bind(config).await {
         Ok(p) => p,
         Err(e) => return Err(e.to_string()),

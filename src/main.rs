@@ -34,6 +34,9 @@ enum Command {
         /// Address to listen on.
         #[arg(long, default_value = "127.0.0.1:9999")]
         listen: String,
+        /// Address for `/metrics` and `/healthz` ("" = off), as `metrics.listen`.
+        #[arg(long, default_value = "127.0.0.1:9930")]
+        metrics_listen: String,
         /// Number of streaming standbys.
         #[arg(long, default_value_t = 2)]
         standbys: usize,
@@ -161,10 +164,11 @@ fn main() -> ExitCode {
         }
         Command::Demo {
             listen,
+            metrics_listen,
             standbys,
             workers,
         } => {
-            let demo = pgpilot::demo::run(&listen, standbys);
+            let demo = pgpilot::demo::run(&listen, &metrics_listen, standbys);
             match runtime(workers).and_then(|rt| rt.block_on(demo)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
