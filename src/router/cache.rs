@@ -36,7 +36,15 @@ const SHARDS: usize = 16;
 const BUFFER_KEEP: usize = 64 * 1024;
 
 thread_local! {
-    static KEY: RefCell<String> = RefCell::new(String::with_capacity(512));
+    static KEY: RefCell<Vec<u8>> = RefCell::new(Vec::with_capacity(512));
+}
+
+/// A key looked up: found, not found (with the entry to insert, if cacheable),
+/// or not UTF-8 (never classified).
+enum Keyed {
+    Hit(Arc<Classification>),
+    Miss(Option<(u64, Arc<[u8]>)>),
+    NotUtf8,
 }
 
 /// A bounded LRU cache of classifications with hit/miss counters.
@@ -75,47 +83,61 @@ impl ClassifyCache {
         }
     }
 
-    /// Classify `sql`: normalise it (into a thread-local buffer), look the key up,
-    /// and on a miss call `classifier.classify(sql)` and remember the result.
-    pub fn classify(&self, sql: &str, classifier: &dyn Classifier) -> Arc<Classification> {
-        let found = KEY.try_with(|cell| {
-            let Ok(mut key) = cell.try_borrow_mut() else {
-                self.uncached.fetch_add(1, Ordering::Relaxed);
-                return Err(None);
-            };
-            if !normalize_plain(sql, &mut key) {
-                normalize(sql, &mut key);
-            }
-            let result = self.lookup(&key);
-            if key.capacity() > BUFFER_KEEP {
-                *key = String::with_capacity(512);
-            }
-            result
-        });
-        let key = match found {
-            Ok(Ok(hit)) => return hit,
-            Ok(Err(key)) => key,
-            // No usable thread-local buffer (re-entered, or thread exiting).
-            Err(_) => {
-                let mut key = String::new();
-                normalize(sql, &mut key);
-                match self.lookup(&key) {
-                    Ok(hit) => return hit,
-                    Err(key) => key,
+    /// Classify `sql` (raw bytes as the client sent them): normalise it (into a
+    /// thread-local buffer), look the key up, and on a miss call
+    /// `classifier.classify(sql)` and remember the result. `None` if `sql` is not
+    /// UTF-8 (a client encoding pgpilot does not parse).
+    pub fn classify(&self, sql: &[u8], classifier: &dyn Classifier) -> Option<Arc<Classification>> {
+        let keyed = KEY
+            .try_with(|cell| match cell.try_borrow_mut() {
+                Ok(mut key) => {
+                    let keyed = self.key_and_lookup(sql, &mut key);
+                    if key.capacity() > BUFFER_KEEP {
+                        *key = Vec::with_capacity(512);
+                    }
+                    keyed
                 }
+                // Re-entered: a buffer of its own.
+                Err(_) => self.key_and_lookup(sql, &mut Vec::new()),
+            })
+            // The thread is exiting.
+            .unwrap_or_else(|_| self.key_and_lookup(sql, &mut Vec::new()));
+        match keyed {
+            Keyed::Hit(class) => Some(class),
+            Keyed::NotUtf8 => None,
+            Keyed::Miss(entry) => {
+                let text = std::str::from_utf8(sql).ok()?;
+                let class = Arc::new(classifier.classify(text));
+                if let Some((hash, key)) = entry {
+                    self.shard(hash).insert(hash, key, class.clone());
+                }
+                Some(class)
             }
-        };
-        let class = Arc::new(classifier.classify(sql));
-        if let Some((hash, key)) = key {
-            self.shard(hash).insert(hash, key, class.clone());
         }
-        class
+    }
+
+    /// Build `sql`'s key in `key` and look it up.
+    fn key_and_lookup(&self, sql: &[u8], key: &mut Vec<u8>) -> Keyed {
+        // The plain-statement path accepts only valid UTF-8: no separate check.
+        if !normalize_plain(sql, key) {
+            let Ok(text) = std::str::from_utf8(sql) else {
+                return Keyed::NotUtf8;
+            };
+            key.clear();
+            let mut k = String::from_utf8(std::mem::take(key)).unwrap_or_default();
+            normalize(text, &mut k);
+            *key = k.into_bytes();
+        }
+        match self.lookup(key) {
+            Ok(hit) => Keyed::Hit(hit),
+            Err(entry) => Keyed::Miss(entry),
+        }
     }
 
     /// Look `key` up (counting the hit or miss): `Ok(hit)`, or
     /// `Err((hash, key) to insert after classifying)` (`None` if not to be cached).
     #[allow(clippy::type_complexity)]
-    fn lookup(&self, key: &str) -> Result<Arc<Classification>, Option<(u64, Arc<str>)>> {
+    fn lookup(&self, key: &[u8]) -> Result<Arc<Classification>, Option<(u64, Arc<[u8]>)>> {
         if key.len() > MAX_KEY_BYTES || !self.enabled {
             self.uncached.fetch_add(1, Ordering::Relaxed);
             return Err(None);
@@ -177,7 +199,7 @@ const NIL: u32 = u32::MAX;
 
 /// One cached entry, linked into the recency list.
 struct Node {
-    key: Arc<str>,
+    key: Arc<[u8]>,
     hash: u64,
     value: Arc<Classification>,
     prev: u32,
@@ -276,7 +298,7 @@ impl Lru {
         }
     }
 
-    fn find(&self, hash: u64, key: &str) -> Option<u32> {
+    fn find(&self, hash: u64, key: &[u8]) -> Option<u32> {
         self.map
             .get(&hash)?
             .iter()
@@ -284,7 +306,7 @@ impl Lru {
     }
 
     /// Look up and count a hit or a miss.
-    fn get(&mut self, hash: u64, key: &str) -> Option<Arc<Classification>> {
+    fn get(&mut self, hash: u64, key: &[u8]) -> Option<Arc<Classification>> {
         let Some(slot) = self.find(hash, key) else {
             self.misses += 1;
             return None;
@@ -294,7 +316,7 @@ impl Lru {
         Some(self.nodes[slot as usize].value.clone())
     }
 
-    fn insert(&mut self, hash: u64, key: Arc<str>, value: Arc<Classification>) {
+    fn insert(&mut self, hash: u64, key: Arc<[u8]>, value: Arc<Classification>) {
         if self.capacity == 0 {
             return;
         }
@@ -382,15 +404,20 @@ mod tests {
     use super::*;
     use crate::router::classify::{Access, SqlParserClassifier};
 
+    /// Classify UTF-8 text through `cache`.
+    fn classify(cache: &ClassifyCache, sql: &str, cl: &SqlParserClassifier) -> Arc<Classification> {
+        cache.classify(sql.as_bytes(), cl).expect("UTF-8")
+    }
+
     #[test]
     fn hits_share_entries_across_literals() {
         let cache = ClassifyCache::new(100);
         let cl = SqlParserClassifier::default();
-        let a = cache.classify("SELECT * FROM t WHERE aid = 17", &cl);
-        let b = cache.classify("select *  from t where aid=42 /* x */", &cl);
+        let a = classify(&cache, "SELECT * FROM t WHERE aid = 17", &cl);
+        let b = classify(&cache, "select *  from t where aid=42 /* x */", &cl);
         assert!(Arc::ptr_eq(&a, &b));
         assert_eq!((cache.hits(), cache.misses(), cache.len()), (1, 1, 1));
-        let w = cache.classify("SELECT * FROM t WHERE aid = 17 FOR UPDATE", &cl);
+        let w = classify(&cache, "SELECT * FROM t WHERE aid = 17 FOR UPDATE", &cl);
         assert_eq!(w.access, Access::Write);
         assert_eq!((cache.hits(), cache.misses(), cache.len()), (1, 2, 2));
     }
@@ -399,8 +426,8 @@ mod tests {
     fn literal_dependent_set_is_not_folded() {
         let cache = ClassifyCache::new(100);
         let cl = SqlParserClassifier::default();
-        let on = cache.classify("SET default_transaction_read_only = 'on'", &cl);
-        let off = cache.classify("SET default_transaction_read_only = 'off'", &cl);
+        let on = classify(&cache, "SET default_transaction_read_only = 'on'", &cl);
+        let off = classify(&cache, "SET default_transaction_read_only = 'off'", &cl);
         assert_eq!(on.sets_read_only_default, Some(true));
         assert_eq!(off.sets_read_only_default, Some(false));
         assert!(off.sticky_primary && !on.sticky_primary);
@@ -410,15 +437,15 @@ mod tests {
     fn least_recently_used_is_evicted() {
         let cache = ClassifyCache::new(2);
         let cl = SqlParserClassifier::default();
-        cache.classify("SELECT a FROM t1", &cl);
-        cache.classify("SELECT a FROM t2", &cl);
-        cache.classify("SELECT a FROM t1", &cl); // t1 is now the most recent
-        cache.classify("SELECT a FROM t3", &cl); // evicts t2
+        classify(&cache, "SELECT a FROM t1", &cl);
+        classify(&cache, "SELECT a FROM t2", &cl);
+        classify(&cache, "SELECT a FROM t1", &cl); // t1 is now the most recent
+        classify(&cache, "SELECT a FROM t3", &cl); // evicts t2
         assert_eq!(cache.len(), 2);
         let misses = cache.misses();
-        cache.classify("SELECT a FROM t1", &cl);
+        classify(&cache, "SELECT a FROM t1", &cl);
         assert_eq!(cache.misses(), misses);
-        cache.classify("SELECT a FROM t2", &cl);
+        classify(&cache, "SELECT a FROM t2", &cl);
         assert_eq!(cache.misses(), misses + 1);
     }
 
@@ -428,7 +455,11 @@ mod tests {
         let cl = SqlParserClassifier::default();
         for round in 0..3 {
             for i in 0..300 {
-                let class = cache.classify(&format!("SELECT c FROM t{i} WHERE x = {round}"), &cl);
+                let class = classify(
+                    &cache,
+                    &format!("SELECT c FROM t{i} WHERE x = {round}"),
+                    &cl,
+                );
                 assert_eq!(class.access, Access::Read);
             }
         }
@@ -440,13 +471,15 @@ mod tests {
     fn zero_capacity_and_huge_keys_are_not_cached() {
         let cl = SqlParserClassifier::default();
         let cache = ClassifyCache::new(0);
-        cache.classify("SELECT 1", &cl);
-        cache.classify("SELECT 1", &cl);
+        classify(&cache, "SELECT 1", &cl);
+        classify(&cache, "SELECT 1", &cl);
         assert_eq!((cache.hits(), cache.misses(), cache.len()), (0, 2, 0));
         let cache = ClassifyCache::new(10);
+        assert!(cache.classify(b"SELECT '\xff'", &cl).is_none());
+        assert!(cache.classify(b"SELECT 1 /* \xfe */", &cl).is_none());
         let huge = format!("SELECT {} FROM t", vec!["a"; MAX_KEY_BYTES].join(", "));
-        cache.classify(&huge, &cl);
-        cache.classify(&huge, &cl);
+        classify(&cache, &huge, &cl);
+        classify(&cache, &huge, &cl);
         assert_eq!((cache.hits(), cache.misses(), cache.len()), (0, 2, 0));
     }
 
@@ -459,15 +492,15 @@ mod tests {
                 ..Classification::empty()
             })
         };
-        lru.insert(7, Arc::from("a"), class(Access::Read));
-        lru.insert(7, Arc::from("b"), class(Access::Write));
-        assert_eq!(lru.get(7, "a").unwrap().access, Access::Read);
-        assert_eq!(lru.get(7, "b").unwrap().access, Access::Write);
-        assert!(lru.get(7, "c").is_none());
+        lru.insert(7, Arc::from(&b"a"[..]), class(Access::Read));
+        lru.insert(7, Arc::from(&b"b"[..]), class(Access::Write));
+        assert_eq!(lru.get(7, b"a").unwrap().access, Access::Read);
+        assert_eq!(lru.get(7, b"b").unwrap().access, Access::Write);
+        assert!(lru.get(7, b"c").is_none());
         for (i, k) in ["c", "d", "e", "f"].into_iter().enumerate() {
-            lru.insert(i as u64, Arc::from(k), class(Access::Read));
+            lru.insert(i as u64, Arc::from(k.as_bytes()), class(Access::Read));
         }
-        assert!(lru.get(7, "a").is_none() && lru.get(7, "b").is_none());
+        assert!(lru.get(7, b"a").is_none() && lru.get(7, b"b").is_none());
         assert_eq!(lru.map.len(), 4);
     }
 }

@@ -33,22 +33,25 @@ pub enum Hint {
 /// The hint carried by a leading `/* pgpilot:primary */` or `/* pgpilot:standby */`
 /// comment, if the comment is the first token of `sql` (whitespace around the words
 /// and any letter case are accepted).
-pub fn hint(sql: &str) -> Option<Hint> {
-    let rest = sql.trim_start_matches(is_space_char);
-    let body = rest.strip_prefix("/*")?;
-    let end = body.find("*/")?;
-    let inner = body.get(..end)?.trim_matches(is_space_char);
-    let (word, target) = inner.split_once(':')?;
-    if !word
-        .trim_end_matches(is_space_char)
-        .eq_ignore_ascii_case("pgpilot")
-    {
+pub fn hint(sql: &[u8]) -> Option<Hint> {
+    let trim_start =
+        |b: &[u8]| -> usize { b.iter().position(|&c| !is_space(c)).unwrap_or(b.len()) };
+    let trim_end =
+        |b: &[u8]| -> usize { b.iter().rposition(|&c| !is_space(c)).map_or(0, |n| n + 1) };
+    let body = sql[trim_start(sql)..].strip_prefix(b"/*")?;
+    let inner = &body[..body.windows(2).position(|w| w == b"*/")?];
+    let colon = inner.iter().position(|&c| c == b':')?;
+    let (word, target) = (&inner[..colon], &inner[colon + 1..]);
+    let word = &word[trim_start(word)..];
+    let word = &word[..trim_end(word)];
+    let target = &target[trim_start(target)..];
+    let target = &target[..trim_end(target)];
+    if !word.eq_ignore_ascii_case(b"pgpilot") {
         return None;
     }
-    let target = target.trim_start_matches(is_space_char);
-    if target.eq_ignore_ascii_case("primary") {
+    if target.eq_ignore_ascii_case(b"primary") {
         Some(Hint::Primary)
-    } else if target.eq_ignore_ascii_case("standby") {
+    } else if target.eq_ignore_ascii_case(b"standby") {
         Some(Hint::Standby)
     } else {
         None
@@ -571,10 +574,6 @@ pub(super) fn is_space(b: u8) -> bool {
     CLASS[b as usize] & SPACE != 0
 }
 
-fn is_space_char(c: char) -> bool {
-    c.is_ascii() && is_space(c as u8)
-}
-
 pub(super) fn is_ident_start(b: u8) -> bool {
     CLASS[b as usize] & IDENT_START != 0
 }
@@ -677,14 +676,17 @@ mod tests {
 
     #[test]
     fn hint_is_read_only_from_a_leading_comment() {
-        assert_eq!(hint("/* pgpilot:primary */ SELECT 1"), Some(Hint::Primary));
-        assert_eq!(hint("  /*PGPILOT : Standby*/SELECT 1"), Some(Hint::Standby));
-        assert_eq!(hint("\n/*  pgpilot:standby  */"), Some(Hint::Standby));
-        assert_eq!(hint("SELECT 1 /* pgpilot:primary */"), None);
-        assert_eq!(hint("-- x\n/* pgpilot:primary */ SELECT 1"), None);
-        assert_eq!(hint("/* pgpilot:other */ SELECT 1"), None);
-        assert_eq!(hint("/* pgpilot:primary"), None);
-        assert_eq!(hint(""), None);
+        assert_eq!(hint(b"/* pgpilot:primary */ SELECT 1"), Some(Hint::Primary));
+        assert_eq!(
+            hint(b"  /*PGPILOT : Standby*/SELECT 1"),
+            Some(Hint::Standby)
+        );
+        assert_eq!(hint(b"\n/*  pgpilot:standby  */"), Some(Hint::Standby));
+        assert_eq!(hint(b"SELECT 1 /* pgpilot:primary */"), None);
+        assert_eq!(hint(b"-- x\n/* pgpilot:primary */ SELECT 1"), None);
+        assert_eq!(hint(b"/* pgpilot:other */ SELECT 1"), None);
+        assert_eq!(hint(b"/* pgpilot:primary"), None);
+        assert_eq!(hint(b""), None);
     }
 
     #[test]

@@ -11,50 +11,66 @@
 //! safe; a test checks the two agree wherever the fast path accepts.
 
 use super::normalize::{
-    is_ident_cont, is_ident_start, is_op_char, number_end, quoted_end, trivia_end,
+    is_ident_cont, is_ident_start, is_op_char, is_space, number_end, quoted_end, trivia_end,
 };
 
 /// Write the cache key of `sql` into `out` (cleared first) and return true, or
 /// return false (leaving `out` unspecified) if `sql` needs the general lexer.
-pub fn normalize_plain(sql: &str, out: &mut String) -> bool {
+///
+/// Works on raw bytes, one pass, writing the key byte by byte (most tokens
+/// are a few bytes long: a call to copy each would cost more than the copy).
+/// It accepts only valid UTF-8 — ASCII outside literals and quoted
+/// identifiers, valid UTF-8 inside them — so the key is valid UTF-8 and the
+/// statement is what [`super::normalize::normalize`] would see as `&str`.
+pub fn normalize_plain(b: &[u8], out: &mut Vec<u8>) -> bool {
     out.clear();
-    let b = sql.as_bytes();
+    // A key is at most one byte per input byte plus one space per token.
+    out.reserve(2 * b.len());
     let len = b.len();
     let at = |i: usize| b.get(i).copied().unwrap_or(0);
     let mut i = 0;
     let mut stmt_start = true;
     loop {
-        i = trivia_end(b, i);
+        // Whitespace inline; comments (rare) through the shared scanner.
+        while i < len && is_space(b[i]) {
+            i += 1;
+        }
+        if matches!((at(i), at(i + 1)), (b'-', b'-') | (b'/', b'*')) {
+            let end = trivia_end(b, i);
+            let comments = &b[i..end];
+            if !comments.is_ascii() && std::str::from_utf8(comments).is_err() {
+                return false;
+            }
+            i = end;
+        }
         if i >= len {
             return true;
         }
         let start = i;
         let (c, n) = (b[i], at(i + 1));
         if !out.is_empty() {
-            out.push(' ');
+            out.push(b' ');
         }
         let first = std::mem::replace(&mut stmt_start, false);
         if is_ident_start(c) {
-            if n == b'\'' || n == b'&' {
-                return false;
-            }
-            i += 1;
-            while i < len && is_ident_cont(b[i]) {
-                i += 1;
-            }
-            let word = &b[start..i];
-            if !word.is_ascii()
-                || (first
-                    && (word.eq_ignore_ascii_case(b"set") || word.eq_ignore_ascii_case(b"reset")))
-            {
+            // Non-ASCII identifiers, and prefixed strings (E'', B'', X'', N'',
+            // U&'', U&""), are the general lexer's.
+            if !c.is_ascii() || n == b'\'' || n == b'&' {
                 return false;
             }
             let from = out.len();
-            if !push_slice(out, sql, start, i) {
-                return false;
+            out.push(c.to_ascii_lowercase());
+            i += 1;
+            while i < len && is_ident_cont(b[i]) {
+                if !b[i].is_ascii() {
+                    return false;
+                }
+                out.push(b[i].to_ascii_lowercase());
+                i += 1;
             }
-            if let Some(w) = out.get_mut(from..) {
-                w.make_ascii_lowercase();
+            // SET / RESET keep their literals (their values decide the class).
+            if first && matches!(&out[from..], b"set" | b"reset") {
+                return false;
             }
             continue;
         }
@@ -62,15 +78,14 @@ pub fn normalize_plain(sql: &str, out: &mut String) -> bool {
             b'\'' | b'"' => {
                 // Verbatim (a backslash, or never closed): the general lexer's.
                 let (end, verbatim) = quoted_end(b, i, c, false);
-                if verbatim {
+                let inner = &b[start..end];
+                if verbatim || (!inner.is_ascii() && std::str::from_utf8(inner).is_err()) {
                     return false;
                 }
                 if c == b'\'' {
-                    out.push('?');
+                    out.push(b'?');
                 } else {
-                    if !push_slice(out, sql, start, end) {
-                        return false;
-                    }
+                    out.extend_from_slice(inner);
                 }
                 i = end;
             }
@@ -78,12 +93,11 @@ pub fn normalize_plain(sql: &str, out: &mut String) -> bool {
                 if !n.is_ascii_digit() {
                     return false;
                 }
+                out.push(b'$');
                 i += 1;
                 while at(i).is_ascii_digit() {
+                    out.push(b[i]);
                     i += 1;
-                }
-                if !push_slice(out, sql, start, i) {
-                    return false;
                 }
             }
             b'0'..=b'9' | b'.' if c != b'.' || n.is_ascii_digit() => {
@@ -94,44 +108,32 @@ pub fn normalize_plain(sql: &str, out: &mut String) -> bool {
                 if radix || junk {
                     return false;
                 }
-                out.push('?');
+                out.push(b'?');
                 i = end;
             }
             b':' if n == b':' => {
-                out.push_str("::");
+                out.extend_from_slice(b"::");
                 i += 2;
             }
             _ if is_op_char(c) => {
+                out.push(c);
                 i += 1;
                 while i < len && is_op_char(b[i]) {
                     let (x, y) = (b[i], at(i + 1));
                     if (x == b'-' && y == b'-') || (x == b'/' && y == b'*') {
                         break;
                     }
+                    out.push(x);
                     i += 1;
-                }
-                if !push_slice(out, sql, start, i) {
-                    return false;
                 }
             }
             _ if c.is_ascii() => {
-                out.push(c as char);
+                out.push(c);
                 i += 1;
                 stmt_start = c == b';';
             }
             _ => return false,
         }
-    }
-}
-
-/// Append `sql[start..end]`; false if that is not a character boundary.
-fn push_slice(out: &mut String, sql: &str, start: usize, end: usize) -> bool {
-    match sql.get(start..end) {
-        Some(t) => {
-            out.push_str(t);
-            true
-        }
-        None => false,
     }
 }
 
@@ -142,11 +144,15 @@ mod tests {
 
     /// Where the fast path accepts, its key is the general lexer's.
     fn agrees(sql: &str) -> bool {
-        let (mut fast, mut slow) = (String::new(), String::new());
+        let (mut fast, mut slow) = (Vec::new(), String::new());
         normalize(sql, &mut slow);
-        let accepted = normalize_plain(sql, &mut fast);
+        let accepted = normalize_plain(sql.as_bytes(), &mut fast);
         if accepted {
-            assert_eq!(fast, slow, "keys differ for {sql:?}");
+            assert_eq!(
+                String::from_utf8(fast).unwrap(),
+                slow,
+                "keys differ for {sql:?}"
+            );
         }
         accepted
     }
@@ -214,5 +220,51 @@ mod tests {
             accepted += usize::from(agrees(&sql));
         }
         assert!(accepted > 5_000, "the fast path accepted only {accepted}");
+    }
+
+    #[test]
+    fn accepts_only_valid_utf8() {
+        let mut key = Vec::new();
+        for bad in [
+            &b"SELECT '\xff'"[..],
+            b"SELECT \"\xc3\" FROM t",
+            b"SELECT 1 /* \xfe */",
+            b"SELECT 1 -- \xe2\x82\n",
+            b"SELECT \xff",
+        ] {
+            assert!(!normalize_plain(bad, &mut key), "accepted {bad:?}");
+        }
+        assert!(normalize_plain(
+            "SELECT 'é' /* ü */ FROM t".as_bytes(),
+            &mut key
+        ));
+        // Random byte soups: whatever is accepted is UTF-8 (so the key is too).
+        let mut rng = fastrand::Rng::with_seed(11);
+        const PIECES: &[&[u8]] = &[
+            b"SELECT ",
+            b"'",
+            b"\"",
+            b"/*",
+            b"*/",
+            b"--",
+            b"\n",
+            b" x ",
+            b"1",
+            b"\xff",
+            b"\xc3",
+            b"\xa9",
+            "é".as_bytes(),
+            b";",
+        ];
+        for _ in 0..20_000 {
+            let n = rng.usize(1..10);
+            let sql: Vec<u8> = (0..n)
+                .flat_map(|_| PIECES[rng.usize(..PIECES.len())].iter().copied())
+                .collect();
+            if normalize_plain(&sql, &mut key) {
+                assert!(std::str::from_utf8(&sql).is_ok(), "accepted {sql:?}");
+                assert!(std::str::from_utf8(&key).is_ok());
+            }
+        }
     }
 }

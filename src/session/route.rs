@@ -421,14 +421,11 @@ impl Session {
 
     /// Classify statement text (raw bytes as sent), through the cache.
     pub(super) fn classify(&self, sql: &[u8]) -> (Arc<Classification>, Option<Hint>) {
-        match std::str::from_utf8(sql) {
-            Ok(text) => {
-                let classifier = self.ctx.classifier.load();
-                let class = self.ctx.classify_cache.classify(text, &**classifier);
-                (class, normalize::hint(text))
-            }
+        let classifier = self.ctx.classifier.load();
+        match self.ctx.classify_cache.classify(sql, &**classifier) {
+            Some(class) => (class, normalize::hint(sql)),
             // Not UTF-8 (a client encoding pgpilot does not parse): the primary.
-            Err(_) => {
+            None => {
                 let mut c = Classification::empty();
                 c.access = Access::Write;
                 c.statements = 1;
