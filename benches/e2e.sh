@@ -150,8 +150,15 @@ for _ in $(seq 1 50); do [ -s "$WORK/pgbouncer.pid" ] && break; sleep 0.1; done
 BOUNCER_REAL_PID=$(cat "$WORK/pgbouncer.pid" 2>/dev/null) || { echo "PgBouncer did not start"; cat "$WORK/pgbouncer.log"; exit 1; }
 TARGETS="direct direct-split pgbouncer pgpilot-primary pgpilot"
 declare -A RESULTS CPU PG
+# Each round starts one target later than the last, so no target always runs
+# right after the same neighbour (or in the same slot of a round).
+rotate() { # round -> TARGETS rotated left by round-1
+    local -a t=($TARGETS)
+    local n=${#t[@]} k=$(($1 - 1)) i
+    for ((i = 0; i < n; i++)); do printf '%s ' "${t[$(((i + k) % n))]}"; done
+}
 for r in $(seq 1 "$ROUNDS"); do
-    for target in $TARGETS; do
+    for target in $(rotate "$r"); do
         case $target in
             direct) port=$PRIMARY_PORT; pid=0 ;;
             direct-split) port=$STANDBY1_PORT; pid=0 ;;
@@ -186,4 +193,12 @@ for target in $TARGETS; do
         printf "  %-15s %8.0f tps   %.3f x direct   %.3f x pgbouncer   PostgreSQL CPU %5.1f us/tx", t, m, m/d, m/b, g
         if (t !~ /^direct/) printf "   proxy CPU %5.1f us/tx (%.2f x pgbouncer)", c, (bc > 0 ? c/bc : 0)
         printf "\n" }'
+done
+# The same comparison paired by round (each target against PgBouncer's run in
+# the same round), which is less sensitive to a round where the machine was slow.
+echo "per round, x pgbouncer (median):"
+for target in $TARGETS; do
+    ratios=$(paste -d' ' <(echo "${RESULTS[$target]}" | tr ' ' '\n' | grep -v '^$') \
+        <(echo "${RESULTS[pgbouncer]}" | tr ' ' '\n' | grep -v '^$') | awk '{ printf "%.3f ", $1 / $2 }')
+    printf '  %-15s %s  median %s\n' "$target" "$ratios" "$(echo "$ratios" | median)"
 done

@@ -173,6 +173,7 @@ impl Proxy {
         tracing::info!("pgpilot stopping");
         drop(listener);
         let _ = shutdown_tx.send(true);
+        ctx.sessions.wake_all();
         // Give sessions a moment to send their goodbye.
         let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
         while ctx.clients.load(std::sync::atomic::Ordering::Relaxed) > 0

@@ -726,3 +726,27 @@ async fn a_client_that_stops_reading_is_cut_off_after_the_write_limit() {
         1
     );
 }
+
+#[tokio::test]
+async fn stopping_pgpilot_ends_idle_sessions_with_57p01() {
+    let h = harness();
+    let p = common::spawn_proxy_stoppable(h.config());
+    let mut idle = login_raw(p.addr).await;
+    let mut in_tx = login_raw(p.addr).await;
+    send_query(&mut in_tx, "BEGIN").await;
+    until_ready(&mut in_tx).await;
+    // Both sessions now wait for their client; only the stop can wake them.
+    let started = Instant::now();
+    let stopper = tokio::task::spawn_blocking(move || drop(p));
+    assert_eq!(ended_with(&mut idle, Duration::from_secs(2)).await, "57P01");
+    assert_eq!(
+        ended_with(&mut in_tx, Duration::from_secs(2)).await,
+        "57P01"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        started.elapsed()
+    );
+    stopper.await.unwrap();
+}

@@ -13,6 +13,8 @@ use std::sync::atomic::{AtomicI32, AtomicI64, AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use futures_util::task::AtomicWaker;
+
 /// What a session is doing (pgpool's process status).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
@@ -79,6 +81,10 @@ pub struct SessionInfo {
     /// (node, server pid, opened). Changes only when a connection is opened or
     /// dropped, so a lock is cheap here.
     held: Mutex<Vec<(usize, i32, SystemTime)>>,
+    /// Wakes the session's relay when pgpilot stops. An idle session registers
+    /// its waker here on every turn, which costs no lock (a watch channel's
+    /// change future would take one each time).
+    stop: AtomicWaker,
 }
 
 impl SessionInfo {
@@ -141,6 +147,21 @@ impl SessionInfo {
         self.held.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
+    /// Wait until `stopped()` is true, woken by [`SessionRegistry::wake_all`].
+    pub async fn stopping(&self, stopped: impl Fn() -> bool) {
+        std::future::poll_fn(|cx| {
+            // Register first: a wake between the check and the registration
+            // would otherwise be lost.
+            self.stop.register(cx.waker());
+            if stopped() {
+                std::task::Poll::Ready(())
+            } else {
+                std::task::Poll::Pending
+            }
+        })
+        .await
+    }
+
     /// What the session is doing.
     pub fn state(&self) -> SessionState {
         SessionState::from_u8(self.state.load(Ordering::Relaxed))
@@ -163,6 +184,13 @@ pub struct SessionHandle {
     id: u64,
     info: Arc<SessionInfo>,
     entries: Entries,
+}
+
+impl SessionHandle {
+    /// The registered entry, shared.
+    pub fn info(&self) -> Arc<SessionInfo> {
+        self.info.clone()
+    }
 }
 
 impl std::ops::Deref for SessionHandle {
@@ -205,6 +233,7 @@ impl SessionRegistry {
             backend_opened_ms: AtomicU64::new(0),
             state: AtomicU8::new(SessionState::Connecting as u8),
             held: Mutex::new(Vec::new()),
+            stop: AtomicWaker::new(),
         });
         lock(&self.entries).insert(id, info.clone());
         SessionHandle {
@@ -219,6 +248,13 @@ impl SessionRegistry {
         let mut v: Vec<_> = lock(&self.entries).values().cloned().collect();
         v.sort_by_key(|s| (s.started, s.pid));
         v
+    }
+
+    /// Wake every session waiting in [`SessionInfo::stopping`] (pgpilot stops).
+    pub fn wake_all(&self) {
+        for s in lock(&self.entries).values() {
+            s.stop.wake();
+        }
     }
 
     /// Number of registered sessions.

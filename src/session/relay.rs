@@ -27,20 +27,16 @@ const HIGH_WATER: usize = 1 << 20;
 impl Session {
     /// Relay until the client leaves, an error occurs, or pgpilot stops.
     pub(super) async fn relay(&mut self) -> End {
-        let mut shutdown = self.ctx.shutdown.clone();
         // Checked at every turn: an atomic load, so a session that is never idle
-        // still stops.
-        let stop_flag = shutdown.clone();
+        // still stops. An idle one is woken through its registration.
+        let stop_flag = self.ctx.shutdown.clone();
         if *stop_flag.borrow() {
             return End::Error(SessionError::Shutdown);
         }
-        // Wakes an idle session. One long-lived future: re-registering a watcher
-        // on every turn costs a lock, and it is polled last, only when nothing
-        // else is ready (polling it takes a lock too).
-        let stopping = shutdown.changed();
-        tokio::pin!(stopping);
+        let stopped = || stop_flag.has_changed().unwrap_or(true);
+        let info = self.registration.info();
         loop {
-            if stop_flag.has_changed().unwrap_or(true) {
+            if stopped() {
                 return End::Error(SessionError::Shutdown);
             }
             if std::mem::take(&mut self.recheck) {
@@ -123,7 +119,7 @@ impl Session {
                         SessionError::IdleInTransactionTimeout
                     });
                 }
-                _ = &mut stopping => return End::Error(SessionError::Shutdown),
+                () = info.stopping(stopped) => return End::Error(SessionError::Shutdown),
             }
         }
     }
