@@ -60,7 +60,7 @@ trap cleanup EXIT
 PILOT_PORT=$(free_port)
 PGPILOT_LOG=warn setsid ./target/release/pgpilot demo --workers "$WORKERS" --listen "127.0.0.1:$PILOT_PORT" --metrics-listen "127.0.0.1:$(free_port)" >"$WORK/demo.log" 2>&1 &
 DEMO_PID=$!
-for _ in $(seq 1 300); do grep -q "pgpilot is listening" "$WORK/demo.log" && break; sleep 0.2; done
+for _ in $(seq 1 300); do grep -qs "pgpilot is listening" "$WORK/demo.log" && break; sleep 0.2; done
 grep -q "pgpilot is listening" "$WORK/demo.log" || { cat "$WORK/demo.log"; exit 1; }
 node_port() { sed -n "s/.*node $1: 127\\.0\\.0\\.1:\\([0-9]*\\).*/\\1/p" "$WORK/demo.log"; }
 PRIMARY_PORT=$(node_port 0)
