@@ -29,12 +29,12 @@ fn benches(c: &mut Criterion) {
     let statements: Vec<String> = (0..1024).map(|i| pgbench(48_213 + i * 7)).collect();
 
     let cache = ClassifyCache::new(10_000);
-    cache.classify(statements[0].as_bytes(), &classifier);
+    cache.classify(statements[0].as_bytes(), || &classifier);
     let mut i = 0usize;
     c.bench_function("normalize+cache hit", |b| {
         b.iter(|| {
             i = (i + 1) & 1023;
-            black_box(cache.classify(black_box(statements[i].as_bytes()), &classifier))
+            black_box(cache.classify(black_box(statements[i].as_bytes()), || &classifier))
         })
     });
 
@@ -47,11 +47,11 @@ fn benches(c: &mut Criterion) {
             )
         })
         .collect();
-    cache.classify(plain[0].as_bytes(), &classifier);
+    cache.classify(plain[0].as_bytes(), || &classifier);
     c.bench_function("normalize+cache hit, pgbench -S", |b| {
         b.iter(|| {
             i = (i + 1) & 1023;
-            black_box(cache.classify(black_box(plain[i].as_bytes()), &classifier))
+            black_box(cache.classify(black_box(plain[i].as_bytes()), || &classifier))
         })
     });
 

@@ -15,6 +15,11 @@
 //! 16 shards, look up, relink, count, clone an `Arc`. Hit/miss counters live in
 //! the shards (under the lock already held), not in one contended atomic. Keys longer than
 //! [`MAX_KEY_BYTES`] are never cached (classified every time).
+//!
+//! A reload that changes the function lists swaps the classifier and then
+//! [`ClassifyCache::clear`]s the cache. A classification still running with the
+//! old classifier is not stored afterwards (a generation counter, read before
+//! the classifier is loaded, says it is stale).
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -56,6 +61,11 @@ pub struct ClassifyCache {
     hasher: foldhash::fast::RandomState,
     /// Misses not counted by a shard (caching disabled, key too long).
     uncached: AtomicU64,
+    /// Bumped by [`ClassifyCache::clear`]. A miss classified with a classifier
+    /// loaded before a reload must not be stored after that reload emptied the
+    /// cache: it is stored only if the generation read before the classifier was
+    /// loaded is still current.
+    generation: AtomicU64,
 }
 
 impl std::fmt::Debug for ClassifyCache {
@@ -80,14 +90,26 @@ impl ClassifyCache {
             enabled: capacity > 0,
             hasher: foldhash::fast::RandomState::default(),
             uncached: AtomicU64::new(0),
+            generation: AtomicU64::new(0),
         }
     }
 
     /// Classify `sql` (raw bytes as the client sent them): normalise it (into a
-    /// thread-local buffer), look the key up, and on a miss call
-    /// `classifier.classify(sql)` and remember the result. `None` if `sql` is not
-    /// UTF-8 (a client encoding pgpilot does not parse).
-    pub fn classify(&self, sql: &[u8], classifier: &dyn Classifier) -> Option<Arc<Classification>> {
+    /// thread-local buffer), look the key up, and on a miss classify it with
+    /// the classifier `classifier()` returns (loaded only then) and remember the
+    /// result. `None` if `sql` is not UTF-8 (a client encoding pgpilot does not
+    /// parse).
+    pub fn classify<C, G>(
+        &self,
+        sql: &[u8],
+        classifier: impl FnOnce() -> G,
+    ) -> Option<Arc<Classification>>
+    where
+        C: Classifier + ?Sized,
+        G: std::ops::Deref<Target = C>,
+    {
+        // Before the classifier is loaded: see `generation`.
+        let generation = self.generation.load(Ordering::SeqCst);
         let keyed = KEY
             .try_with(|cell| match cell.try_borrow_mut() {
                 Ok(mut key) => {
@@ -107,9 +129,14 @@ impl ClassifyCache {
             Keyed::NotUtf8 => None,
             Keyed::Miss(entry) => {
                 let text = std::str::from_utf8(sql).ok()?;
-                let class = Arc::new(classifier.classify(text));
+                let class = Arc::new(classifier().classify(text));
                 if let Some((hash, key)) = entry {
-                    self.shard(hash).insert(hash, key, class.clone());
+                    let mut shard = self.shard(hash);
+                    // Checked under the shard's lock: `clear` bumps the
+                    // generation before it empties the shards.
+                    if self.generation.load(Ordering::SeqCst) == generation {
+                        shard.insert(hash, key, class.clone());
+                    }
                 }
                 Some(class)
             }
@@ -157,6 +184,7 @@ impl ClassifyCache {
     /// Forget every cached classification (after the function lists changed on a
     /// reload). Counters keep counting; the capacity stays as built.
     pub fn clear(&self) {
+        self.generation.fetch_add(1, Ordering::SeqCst);
         for shard in self.shards.iter() {
             let mut lru = lock(shard);
             let fresh = Lru::new(lru.capacity);
@@ -406,7 +434,7 @@ mod tests {
 
     /// Classify UTF-8 text through `cache`.
     fn classify(cache: &ClassifyCache, sql: &str, cl: &SqlParserClassifier) -> Arc<Classification> {
-        cache.classify(sql.as_bytes(), cl).expect("UTF-8")
+        cache.classify(sql.as_bytes(), || cl).expect("UTF-8")
     }
 
     #[test]
@@ -420,6 +448,28 @@ mod tests {
         let w = classify(&cache, "SELECT * FROM t WHERE aid = 17 FOR UPDATE", &cl);
         assert_eq!(w.access, Access::Write);
         assert_eq!((cache.hits(), cache.misses(), cache.len()), (1, 2, 2));
+    }
+
+    /// Empties the cache while it classifies, as a reload can in another thread.
+    struct ReloadingClassifier<'a>(&'a ClassifyCache, SqlParserClassifier);
+
+    impl Classifier for ReloadingClassifier<'_> {
+        fn classify(&self, sql: &str) -> Classification {
+            self.0.clear();
+            self.1.classify(sql)
+        }
+    }
+
+    #[test]
+    fn a_classification_overtaken_by_a_clear_is_not_stored() {
+        let cache = ClassifyCache::new(100);
+        let reloading = ReloadingClassifier(&cache, SqlParserClassifier::default());
+        let class = cache.classify(b"SELECT a FROM t", || &reloading);
+        assert_eq!(class.map(|c| c.access), Some(Access::Read));
+        assert_eq!(cache.len(), 0, "a result from before the reload was cached");
+        // The next miss is classified after the clear, and stored.
+        classify(&cache, "SELECT a FROM t", &SqlParserClassifier::default());
+        assert_eq!(cache.len(), 1);
     }
 
     #[test]
@@ -475,8 +525,8 @@ mod tests {
         classify(&cache, "SELECT 1", &cl);
         assert_eq!((cache.hits(), cache.misses(), cache.len()), (0, 2, 0));
         let cache = ClassifyCache::new(10);
-        assert!(cache.classify(b"SELECT '\xff'", &cl).is_none());
-        assert!(cache.classify(b"SELECT 1 /* \xfe */", &cl).is_none());
+        assert!(cache.classify(b"SELECT '\xff'", || &cl).is_none());
+        assert!(cache.classify(b"SELECT 1 /* \xfe */", || &cl).is_none());
         let huge = format!("SELECT {} FROM t", vec!["a"; MAX_KEY_BYTES].join(", "));
         classify(&cache, &huge, &cl);
         classify(&cache, &huge, &cl);

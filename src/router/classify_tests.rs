@@ -762,7 +762,9 @@ fn random_sql_never_panics_and_write_starts_are_write() {
             sql.push_str(pick(&mut rng, &[" t", " (", "", " 'x' $$"]));
         }
         let direct = classifier.classify(&sql);
-        let cached = cache.classify(sql.as_bytes(), &classifier).expect("UTF-8");
+        let cached = cache
+            .classify(sql.as_bytes(), || &classifier)
+            .expect("UTF-8");
         if let Some(w) = write_start(&sql) {
             writes += 1;
             assert_eq!(direct.access, Access::Write, "{w}: {sql:?}");

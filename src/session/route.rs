@@ -421,8 +421,11 @@ impl Session {
 
     /// Classify statement text (raw bytes as sent), through the cache.
     pub(super) fn classify(&self, sql: &[u8]) -> (Arc<Classification>, Option<Hint>) {
-        let classifier = self.ctx.classifier.load();
-        match self.ctx.classify_cache.classify(sql, &**classifier) {
+        let ctx = &self.ctx;
+        match ctx
+            .classify_cache
+            .classify(sql, || ctx.classifier.load_full())
+        {
             Some(class) => (class, normalize::hint(sql)),
             // Not UTF-8 (a client encoding pgpilot does not parse): the primary.
             None => {
