@@ -5,6 +5,9 @@
 #                     that costs nothing, to show what standby reads cost
 #                     PostgreSQL on this machine
 #   pgbouncer       - Debian's PgBouncer, transaction pooling, in front of the primary
+#                     (the baseline every ratio is taken against)
+#   pgbouncer-session - the same PgBouncer build in session pooling mode, which is
+#                     how pgpilot pools: shows what the pooling mode alone costs
 #   pgpilot-primary - this proxy with load_balance = false (everything on the
 #                     primary: the core proxy, same path as PgBouncer)
 #   pgpilot         - this proxy with routing on: reads spread over the standbys
@@ -45,9 +48,9 @@ free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",
 cargo build --release --quiet
 WORK=$(mktemp -d /tmp/pgpilot-bench.XXXXXX)
 chmod 755 "$WORK"
-DEMO_PID=""; BOUNCER_PID=""; PRIMARY_ONLY_PID=""
+DEMO_PID=""; BOUNCER_PIDS=""; PRIMARY_ONLY_PID=""
 cleanup() {
-    [ -n "$BOUNCER_PID" ] && kill "$BOUNCER_PID" 2>/dev/null || true
+    for pid in $BOUNCER_PIDS; do kill "$pid" 2>/dev/null || true; done
     [ -n "$PRIMARY_ONLY_PID" ] && kill "$PRIMARY_ONLY_PID" 2>/dev/null || true
     if [ -n "$DEMO_PID" ]; then
         kill -INT "$DEMO_PID" 2>/dev/null || true
@@ -83,30 +86,35 @@ PRIMARY_ONLY_PORT=$(free_port)
 PGPILOT_LOG=warn setsid ./target/release/pgpilot run --config "$WORK/primary-only.toml" >"$WORK/primary-only.log" 2>&1 &
 PRIMARY_ONLY_PID=$!
 
-BOUNCER_PORT=$(free_port)
-cat >"$WORK/pgbouncer.ini" <<INI
+echo '"demo" "demo"' >"$WORK/userlist.txt"
+start_bouncer() { # name pool_mode port -> starts PgBouncer in its own session
+    cat >"$WORK/$1.ini" <<INI
 [databases]
 demo = host=127.0.0.1 port=$PRIMARY_PORT dbname=demo
 [pgbouncer]
 listen_addr = 127.0.0.1
-listen_port = $BOUNCER_PORT
+listen_port = $3
 unix_socket_dir =
 auth_type = scram-sha-256
 auth_file = $WORK/userlist.txt
-pool_mode = transaction
+pool_mode = $2
 default_pool_size = $CLIENTS
 max_client_conn = 200
-logfile = $WORK/pgbouncer.log
-pidfile = $WORK/pgbouncer.pid
+logfile = $WORK/$1.log
+pidfile = $WORK/$1.pid
 INI
-echo '"demo" "demo"' >"$WORK/userlist.txt"
-chown -R postgres "$WORK" 2>/dev/null || true
-if [ "$(id -u)" = 0 ]; then
-    setsid runuser -u postgres -- pgbouncer "$WORK/pgbouncer.ini" >/dev/null 2>&1 &
-else
-    setsid pgbouncer "$WORK/pgbouncer.ini" >/dev/null 2>&1 &
-fi
-BOUNCER_PID=$!
+    chown -R postgres "$WORK" 2>/dev/null || true
+    if [ "$(id -u)" = 0 ]; then
+        setsid runuser -u postgres -- pgbouncer "$WORK/$1.ini" >/dev/null 2>&1 &
+    else
+        setsid pgbouncer "$WORK/$1.ini" >/dev/null 2>&1 &
+    fi
+    BOUNCER_PIDS="$BOUNCER_PIDS $!"
+}
+BOUNCER_PORT=$(free_port)
+SESSION_BOUNCER_PORT=$(free_port)
+start_bouncer pgbouncer transaction "$BOUNCER_PORT"
+start_bouncer pgbouncer-session session "$SESSION_BOUNCER_PORT"
 sleep 1
 
 export PGPASSWORD=demo
@@ -146,9 +154,13 @@ run() { # name port pid -> "tps proxy_cpu_us_per_transaction pg_cpu_us_per_trans
         'BEGIN { if (t == "") exit; printf "%s %.2f %.2f\n", t, (n > 0 && d > 0 ? d * u / n : 0), (n > 0 ? g * u / n : 0) }'
 }
 
-for _ in $(seq 1 50); do [ -s "$WORK/pgbouncer.pid" ] && break; sleep 0.1; done
-BOUNCER_REAL_PID=$(cat "$WORK/pgbouncer.pid" 2>/dev/null) || { echo "PgBouncer did not start"; cat "$WORK/pgbouncer.log"; exit 1; }
-TARGETS="direct direct-split pgbouncer pgpilot-primary pgpilot"
+bouncer_pid() { # name -> PgBouncer's own pid (for its CPU time)
+    for _ in $(seq 1 50); do [ -s "$WORK/$1.pid" ] && break; sleep 0.1; done
+    cat "$WORK/$1.pid" 2>/dev/null || { echo "PgBouncer ($1) did not start" >&2; cat "$WORK/$1.log" >&2; exit 1; }
+}
+BOUNCER_REAL_PID=$(bouncer_pid pgbouncer)
+SESSION_BOUNCER_REAL_PID=$(bouncer_pid pgbouncer-session)
+TARGETS="direct direct-split pgbouncer pgbouncer-session pgpilot-primary pgpilot"
 declare -A RESULTS CPU PG
 # Each round starts one target later than the last, so no target always runs
 # right after the same neighbour (or in the same slot of a round).
@@ -163,6 +175,7 @@ for r in $(seq 1 "$ROUNDS"); do
             direct) port=$PRIMARY_PORT; pid=0 ;;
             direct-split) port=$STANDBY1_PORT; pid=0 ;;
             pgbouncer) port=$BOUNCER_PORT; pid=$BOUNCER_REAL_PID ;;
+            pgbouncer-session) port=$SESSION_BOUNCER_PORT; pid=$SESSION_BOUNCER_REAL_PID ;;
             pgpilot-primary) port=$PRIMARY_ONLY_PORT; pid=$PRIMARY_ONLY_PID ;;
             pgpilot) port=$PILOT_PORT; pid=$DEMO_PID ;;
         esac
@@ -173,7 +186,7 @@ for r in $(seq 1 "$ROUNDS"); do
         RESULTS[$target]="${RESULTS[$target]:-} $tps"
         CPU[$target]="${CPU[$target]:-} $cpu"
         PG[$target]="${PG[$target]:-} $pg"
-        printf 'round %d  %-15s %8.0f tps   PostgreSQL CPU %6.1f us/transaction' "$r" "$target" "$tps" "$pg"
+        printf 'round %d  %-17s %8.0f tps   PostgreSQL CPU %6.1f us/transaction' "$r" "$target" "$tps" "$pg"
         [ "$pid" != 0 ] && printf '   proxy CPU %5.1f us/transaction' "$cpu"
         printf '\n'
     done
@@ -190,7 +203,7 @@ for target in $TARGETS; do
     c=$(echo "${CPU[$target]}" | median)
     g=$(echo "${PG[$target]}" | median)
     awk -v t="$target" -v m="$m" -v d="$DIRECT" -v b="$BOUNCER" -v c="$c" -v bc="$BOUNCER_CPU" -v g="$g" 'BEGIN {
-        printf "  %-15s %8.0f tps   %.3f x direct   %.3f x pgbouncer   PostgreSQL CPU %5.1f us/tx", t, m, m/d, m/b, g
+        printf "  %-17s %8.0f tps   %.3f x direct   %.3f x pgbouncer   PostgreSQL CPU %5.1f us/tx", t, m, m/d, m/b, g
         if (t !~ /^direct/) printf "   proxy CPU %5.1f us/tx (%.2f x pgbouncer)", c, (bc > 0 ? c/bc : 0)
         printf "\n" }'
 done
@@ -200,5 +213,5 @@ echo "per round, x pgbouncer (median):"
 for target in $TARGETS; do
     ratios=$(paste -d' ' <(echo "${RESULTS[$target]}" | tr ' ' '\n' | grep -v '^$') \
         <(echo "${RESULTS[pgbouncer]}" | tr ' ' '\n' | grep -v '^$') | awk '{ printf "%.3f ", $1 / $2 }')
-    printf '  %-15s %s  median %s\n' "$target" "$ratios" "$(echo "$ratios" | median)"
+    printf '  %-17s %s  median %s\n' "$target" "$ratios" "$(echo "$ratios" | median)"
 done

@@ -111,6 +111,9 @@ pub struct Config {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PoolConfig {
+    /// When a session gives its server connections back: at its end, or after
+    /// each transaction while it holds no session state.
+    pub mode: PoolMode,
     /// Most backend connections pgpilot opens to one node (all users and databases).
     pub max_connections_per_node: usize,
     /// Idle pooled connections older than this are closed.
@@ -126,12 +129,25 @@ pub struct PoolConfig {
 impl Default for PoolConfig {
     fn default() -> Self {
         PoolConfig {
+            mode: PoolMode::Session,
             max_connections_per_node: 90,
             idle_timeout: Duration::from_secs(600),
             acquire_timeout: Duration::from_secs(5),
             reset_query: "DISCARD ALL".into(),
         }
     }
+}
+
+/// How long a session keeps its server connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PoolMode {
+    /// For the whole client session (pgpool's and PgBouncer's session pooling).
+    Session,
+    /// Between transactions a session holds no server connection, unless it
+    /// has session state (a setting, a prepared statement, a temporary table,
+    /// LISTEN, an advisory lock …): from then on it keeps its connections.
+    Transaction,
 }
 
 /// Network timeouts. Zero disables the optional ones.

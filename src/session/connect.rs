@@ -199,8 +199,14 @@ impl Session {
     /// read-only (standby). Startup options and `ALTER ROLE/DATABASE … SET` set
     /// these without any statement pgpilot could see.
     pub(super) async fn probe_defaults(&mut self) -> Result<(), SessionError> {
-        self.defaults_probed = true;
         let primary = self.ctx.cluster.snapshot().primary;
+        if let Some(p) = primary
+            && self.links[p].is_none()
+        {
+            // Transaction pooling gave it back between transactions.
+            self.prepare_node(p, Vec::new()).await?;
+        }
+        self.defaults_probed = true;
         let Some(link) = primary.and_then(|p| self.links[p].as_mut()) else {
             return Ok(());
         };
@@ -233,7 +239,13 @@ impl Session {
             Some(l) => self.registration.hold(node, l.conn.pid, l.conn.created),
             None => self.registration.release(node),
         }
+        let serving = link.is_some() && node == self.active;
         self.links[node] = link;
+        if serving {
+            // A new connection for the active node (transaction pooling took
+            // the last one back): cancels go to it from now on.
+            self.serving_now(node);
+        }
     }
 
     /// Leave standby `node` alone for `pause`: reads go to another node.

@@ -19,6 +19,7 @@ mod local;
 mod relay;
 mod route;
 mod state;
+mod txpool;
 
 use std::sync::Arc;
 
@@ -363,9 +364,14 @@ impl Session {
     fn set_active(&mut self, node: usize) {
         let changed = self.active != node;
         self.active = node;
-        if let Some(l) = &self.links[node]
-            && (changed || l.sent == 0)
-        {
+        if changed || self.links[node].as_ref().is_some_and(|l| l.sent == 0) {
+            self.serving_now(node);
+        }
+    }
+
+    /// Point cancels and the registry at the session's connection to `node`.
+    fn serving_now(&mut self, node: usize) {
+        if let Some(l) = &self.links[node] {
             self.registration
                 .set_backend(node, l.conn.pid, l.conn.created);
             self.ctx.cancels.set_target(

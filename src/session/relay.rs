@@ -50,6 +50,7 @@ impl Session {
                     Err(Some(e)) => return End::Error(e),
                 }
             }
+            self.release_between_transactions();
             let busy = self.links.iter().flatten().any(|l| l.busy());
             let idle_limit = if busy {
                 Duration::ZERO
@@ -61,6 +62,16 @@ impl Session {
             let write_limit = self.cfg.timeouts.write;
             let node = self.active;
             let Some(link) = self.links[node].as_mut() else {
+                if self.released() {
+                    // Transaction pooling, between transactions: only the client.
+                    match self
+                        .wait_for_client(idle_limit, write_limit, &info, stopped)
+                        .await
+                    {
+                        Some(end) => return end,
+                        None => continue,
+                    }
+                }
                 return End::Error(SessionError::BackendLost { node });
             };
             let stalled = match (self.to_client.stalled_since(), link.out.stalled_since()) {
@@ -122,6 +133,41 @@ impl Session {
                 () = info.stopping(stopped) => return End::Error(SessionError::Shutdown),
             }
         }
+    }
+
+    /// One turn while the session holds no server connection (transaction
+    /// pooling): read from the client, flush what it has not taken, time out.
+    /// `None`: go on; `Some`: the session ends.
+    async fn wait_for_client(
+        &mut self,
+        idle_limit: Duration,
+        write_limit: Duration,
+        info: &crate::admin::registry::SessionInfo,
+        stopped: impl Fn() -> bool,
+    ) -> Option<End> {
+        let stalled = self.to_client.stalled_since();
+        let (mut client_rd, client_wr) = self.client.split();
+        tokio::select! {
+            biased;
+            r = client_wr.as_ref().writable(), if !self.to_client.is_empty() => {
+                if let Err(e) = r.and_then(|()| self.to_client.flush(&self.client)) {
+                    return Some(End::Error(SessionError::ClientIo(e)));
+                }
+            }
+            r = client_rd.read_buf(&mut self.cbuf), if self.cbuf.len() < HIGH_WATER => match r {
+                Ok(0) => return Some(End::ClientGone),
+                Ok(_) => self.recheck = true,
+                Err(e) => return Some(End::Error(SessionError::ClientIo(e))),
+            },
+            _ = sleep_until_stall_limit(stalled, write_limit) => {
+                return Some(End::Error(SessionError::WriteTimeout));
+            }
+            _ = sleep_unless_zero(idle_limit) => {
+                return Some(End::Error(SessionError::IdleTimeout));
+            }
+            () = info.stopping(stopped) => return Some(End::Error(SessionError::Shutdown)),
+        }
+        None
     }
 
     /// Route what the client sent and perform the step routing asks for.

@@ -1,0 +1,57 @@
+//! Transaction pooling (`pool.mode = "transaction"`): between transactions a
+//! session gives its server connections back to the pool, so the next request
+//! (its own or another client's) takes whichever idle connection is warmest.
+//!
+//! Only a session with nothing to lose does so. Anything that leaves state on
+//! a server connection — a setting, a prepared statement, a temporary table,
+//! LISTEN, an advisory lock, a WITH HOLD cursor, a statement pgpilot could not
+//! parse, a FunctionCall — marks the session dirty, and a dirty session keeps
+//! its connections to the end, exactly as in session pooling. So a released
+//! connection never carries anything of the session's, and needs no reset.
+
+use super::Session;
+use crate::config::PoolMode;
+
+impl Session {
+    /// In transaction pooling, give every server connection back if the
+    /// session is between transactions and holds no session state.
+    pub(super) fn release_between_transactions(&mut self) {
+        if self.cfg.pool.mode != PoolMode::Transaction || !self.may_release() {
+            return;
+        }
+        for node in 0..self.links.len() {
+            let Some(link) = self.links[node].take() else {
+                continue;
+            };
+            self.registration.release(node);
+            self.ctx.pool.put_idle(link.conn);
+        }
+        // A cancel must never reach a connection now serving someone else.
+        self.ctx.cancels.set_target(self.key_pid, None);
+        self.registration.clear_backend();
+    }
+
+    /// Between transactions, nothing in flight, no session state anywhere.
+    fn may_release(&self) -> bool {
+        !self.in_tx
+            && !self.tx_aborted
+            && !self.tx_uncertain
+            && self.batch.is_none()
+            && !self.dirty
+            && !self.state.overflowed
+            && self.state.pending_tx.is_empty()
+            && !self.route.sticky_primary
+            && !self.route.forced_primary
+            && self.links.iter().any(Option::is_some)
+            && self.links.iter().flatten().all(|l| {
+                // The unnamed statement is the only one a clean session can
+                // leave; a connection holding it is not given to anyone else.
+                l.reusable() && l.statements.is_empty() && l.pending_close.is_empty()
+            })
+    }
+
+    /// Whether the session holds no server connection because it gave them back.
+    pub(super) fn released(&self) -> bool {
+        self.cfg.pool.mode == PoolMode::Transaction && self.links.iter().all(Option::is_none)
+    }
+}

@@ -1,0 +1,182 @@
+//! Transaction pooling (`pool.mode = "transaction"`) against a real primary +
+//! 2 standbys: clean sessions share server connections between transactions,
+//! a transaction keeps its connection, session state pins one, a cancel never
+//! reaches a connection that now serves someone else, and pgbench completes.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use common::{DB, PASSWORD, USER, connect, harness, result_set, spawn_proxy, sqlstate};
+use pgpilot::config::{Config, PoolMode};
+
+/// A transaction-pooling pgpilot with `per_node` server connections per node,
+/// everything on the primary (so every statement shares one pool).
+fn tx_config(per_node: usize, acquire: Duration) -> Config {
+    let mut cfg = harness().config();
+    cfg.pool.mode = PoolMode::Transaction;
+    cfg.pool.max_connections_per_node = per_node;
+    cfg.pool.acquire_timeout = acquire;
+    cfg.routing.load_balance = false;
+    cfg
+}
+
+/// The first column of the first row of a simple query.
+async fn one(c: &tokio_postgres::Client, sql: &str) -> String {
+    let msgs = c.simple_query(sql).await.expect(sql);
+    let (_, rows) = result_set(&msgs);
+    rows[0][0].clone()
+}
+
+/// Connect, retrying while the pool is still busy (e.g. resetting a connection).
+async fn connect_within(addr: SocketAddr, limit: Duration) -> tokio_postgres::Client {
+    let deadline = Instant::now() + limit;
+    loop {
+        match common::try_connect(addr, "").await {
+            Ok(c) => return c,
+            Err(e) if Instant::now() < deadline => {
+                eprintln!("retrying: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("could not connect: {e}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn clean_sessions_share_one_server_connection() {
+    let addr = spawn_proxy(tx_config(1, Duration::from_secs(5)));
+    // One server connection for the node, two clients, turns taken.
+    let a = connect(addr, "").await;
+    let b = connect(addr, "").await;
+    let pid = one(&a, "SELECT pg_backend_pid()").await;
+    for _ in 0..3 {
+        assert_eq!(one(&b, "SELECT pg_backend_pid()").await, pid);
+        assert_eq!(one(&a, "SELECT pg_backend_pid()").await, pid);
+    }
+    // Writes and multi-statement strings too.
+    a.simple_query("CREATE TABLE IF NOT EXISTS txpool_t (v int); INSERT INTO txpool_t VALUES (1)")
+        .await
+        .unwrap();
+    assert_ne!(one(&b, "SELECT count(*) FROM txpool_t").await, "0");
+}
+
+#[tokio::test]
+async fn a_transaction_keeps_its_connection_and_others_wait() {
+    let addr = spawn_proxy(tx_config(1, Duration::from_secs(5)));
+    let a = connect(addr, "").await;
+    let b = connect(addr, "").await;
+    a.simple_query("BEGIN").await.unwrap();
+    let in_tx = one(&a, "SELECT pg_backend_pid()").await;
+    let started = Instant::now();
+    let waiting = tokio::spawn(async move { one(&b, "SELECT pg_backend_pid()").await });
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert!(
+        !waiting.is_finished(),
+        "ran while another client's transaction held the connection"
+    );
+    // Still the same connection inside the transaction.
+    assert_eq!(one(&a, "SELECT pg_backend_pid()").await, in_tx);
+    a.simple_query("COMMIT").await.unwrap();
+    assert_eq!(waiting.await.unwrap(), in_tx);
+    assert!(started.elapsed() >= Duration::from_millis(400));
+}
+
+#[tokio::test]
+async fn session_state_pins_the_connection_until_the_session_ends() {
+    let addr = spawn_proxy(tx_config(1, Duration::from_millis(500)));
+    let a = connect(addr, "").await;
+    a.simple_query("SET application_name = 'pinned'")
+        .await
+        .unwrap();
+    let pid = one(&a, "SELECT pg_backend_pid()").await;
+    // The setting survives transactions because the connection stays A's ...
+    a.simple_query("BEGIN; SELECT 1; COMMIT").await.unwrap();
+    assert_eq!(one(&a, "SHOW application_name").await, "pinned");
+    assert_eq!(one(&a, "SELECT pg_backend_pid()").await, pid);
+    // ... so nobody else gets it: a second client waits, then gets 53300.
+    let e = match common::try_connect(addr, "").await {
+        Ok(b) => b.simple_query("SELECT 1").await.unwrap_err(),
+        Err(e) => e,
+    };
+    assert_eq!(sqlstate(&e).as_deref(), Some("53300"), "{e}");
+    // When A leaves, its connection is reset before anyone else uses it.
+    drop(a);
+    let c = connect_within(addr, Duration::from_secs(5)).await;
+    assert_eq!(one(&c, "SELECT pg_backend_pid()").await, pid);
+    assert_ne!(one(&c, "SHOW application_name").await, "pinned");
+}
+
+#[tokio::test]
+async fn a_cancel_after_release_never_reaches_another_session() {
+    let addr = spawn_proxy(tx_config(1, Duration::from_secs(5)));
+    let a = connect(addr, "").await;
+    let b = connect(addr, "").await;
+    a.simple_query("SELECT 1").await.unwrap();
+    let a_cancel = a.cancel_token();
+    // B now runs on the connection A used; A's cancel must not touch it.
+    let slow = tokio::spawn(async move {
+        let r = b.simple_query("SELECT pg_sleep(1.5)").await;
+        (b, r)
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    a_cancel.cancel_query(tokio_postgres::NoTls).await.unwrap();
+    let (b, r) = slow.await.unwrap();
+    assert!(
+        r.is_ok(),
+        "another client's cancel stopped this query: {r:?}"
+    );
+    // A cancel still stops its own client's running query.
+    let b_cancel = b.cancel_token();
+    let own = tokio::spawn(async move { b.simple_query("SELECT pg_sleep(10)").await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    b_cancel.cancel_query(tokio_postgres::NoTls).await.unwrap();
+    let e = tokio::time::timeout(Duration::from_secs(2), own)
+        .await
+        .expect("cancelled within 2 s")
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(sqlstate(&e).as_deref(), Some("57014"), "{e}");
+}
+
+fn pgbench(addr: SocketAddr, args: &[&str]) -> String {
+    let exe = harness().bindir.join("pgbench");
+    let out = std::process::Command::new(exe)
+        .args(args)
+        .args(["-h", &addr.ip().to_string(), "-p", &addr.port().to_string()])
+        .args(["-U", USER, DB])
+        .env("PGPASSWORD", PASSWORD)
+        .output()
+        .expect("run pgbench");
+    let text = format!(
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "pgbench {args:?} failed:\n{text}");
+    text
+}
+
+#[test]
+fn pgbench_completes_with_more_clients_than_server_connections() {
+    let addr = spawn_proxy(tx_config(3, Duration::from_secs(10)));
+    pgbench(addr, &["-i", "-s", "1", "-q"]);
+    // 8 clients over 3 server connections: only transaction pooling can.
+    for mode in ["simple", "extended"] {
+        for workload in [&["-S"][..], &[][..]] {
+            let mut args = vec!["-M", mode, "-c", "8", "-j", "2", "-T", "2"];
+            args.extend_from_slice(workload);
+            if mode == "extended" {
+                // Extended-protocol sessions keep their connection once they
+                // have prepared a statement: as many clients as connections.
+                args[3] = "3";
+            }
+            let text = pgbench(addr, &args);
+            assert!(
+                text.contains("number of failed transactions: 0 (0.000%)"),
+                "pgbench {args:?}:\n{text}"
+            );
+        }
+    }
+}
