@@ -5,17 +5,18 @@
 #                     that costs nothing, to show what standby reads cost
 #                     PostgreSQL on this machine
 #   pgbouncer       - Debian's PgBouncer, transaction pooling, in front of the primary
-#                     (the baseline every ratio is taken against)
+#                     (the baseline of every "x pgbouncer" ratio)
 #   pgbouncer-session - the same PgBouncer build in session pooling mode, which is
-#                     how pgpilot pools: shows what the pooling mode alone costs
+#                     how pgpilot-primary pools: what the pooling mode alone costs
 #   pgpilot-primary - this proxy with load_balance = false (everything on the
 #                     primary: the core proxy, same path as PgBouncer)
+#   pgpilot-tx      - the same with pool.mode = "transaction", as PgBouncer pools
 #   pgpilot         - this proxy with routing on: reads spread over the standbys
 # interleaved for ROUNDS rounds; prints the median TPS of each, its ratio to
 # direct and to PgBouncer, the proxy's CPU per transaction and PostgreSQL's
 # (all server processes, reaped connections included). Everything runs on
 # loopback; the cluster is `pgpilot demo`'s (real PostgreSQL, primary + 2
-# streaming standbys in a temp dir), removed at the end. Both pgpilots and
+# streaming standbys in a temp dir), removed at the end. Every pgpilot and
 # PgBouncer get one thread (WORKERS=1), as PgBouncer has.
 # Each proxy and pgbench run in their own session (setsid). Linux's scheduler
 # autogroups share CPU between sessions, so a proxy that shared pgbench's
@@ -48,10 +49,9 @@ free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",
 cargo build --release --quiet
 WORK=$(mktemp -d /tmp/pgpilot-bench.XXXXXX)
 chmod 755 "$WORK"
-DEMO_PID=""; BOUNCER_PIDS=""; PRIMARY_ONLY_PID=""
+DEMO_PID=""; BOUNCER_PIDS=""; PROXY_PIDS=""
 cleanup() {
-    for pid in $BOUNCER_PIDS; do kill "$pid" 2>/dev/null || true; done
-    [ -n "$PRIMARY_ONLY_PID" ] && kill "$PRIMARY_ONLY_PID" 2>/dev/null || true
+    for pid in $BOUNCER_PIDS $PROXY_PIDS; do kill "$pid" 2>/dev/null || true; done
     if [ -n "$DEMO_PID" ]; then
         kill -INT "$DEMO_PID" 2>/dev/null || true
         for _ in $(seq 1 100); do kill -0 "$DEMO_PID" 2>/dev/null || break; sleep 0.2; done
@@ -70,21 +70,31 @@ PRIMARY_PORT=$(node_port 0)
 STANDBY1_PORT=$(node_port 1)
 STANDBY2_PORT=$(node_port 2)
 
-# The same proxy with read routing off, in front of the same cluster.
+# The same proxy with read routing off, in front of the same cluster, pooling
+# per session and per transaction.
+start_primary_only() { # name pool_mode port
+    {
+        echo "listen = \"127.0.0.1:$3\""
+        echo "worker_threads = $WORKERS"
+        for p in "$PRIMARY_PORT" "$STANDBY1_PORT" "$STANDBY2_PORT"; do
+            printf '[[backends]]\nhost = "127.0.0.1"\nport = %s\n' "$p"
+        done
+        printf '[[users]]\nname = "demo"\npassword = "demo"\n'
+        printf '[monitor]\nuser = "postgres"\n'
+        printf '[metrics]\nlisten = "127.0.0.1:%s"\n' "$(free_port)"
+        printf '[routing]\nload_balance = false\n'
+        printf '[pool]\nmode = "%s"\n' "$2"
+    } >"$WORK/$1.toml"
+    PGPILOT_LOG=warn setsid ./target/release/pgpilot run --config "$WORK/$1.toml" >"$WORK/$1.log" 2>&1 &
+    PROXY_PIDS="$PROXY_PIDS $!"
+    LAST_PID=$!
+}
 PRIMARY_ONLY_PORT=$(free_port)
-{
-    echo "listen = \"127.0.0.1:$PRIMARY_ONLY_PORT\""
-    echo "worker_threads = $WORKERS"
-    for p in "$PRIMARY_PORT" "$STANDBY1_PORT" "$STANDBY2_PORT"; do
-        printf '[[backends]]\nhost = "127.0.0.1"\nport = %s\n' "$p"
-    done
-    printf '[[users]]\nname = "demo"\npassword = "demo"\n'
-    printf '[monitor]\nuser = "postgres"\n'
-    printf '[metrics]\nlisten = "127.0.0.1:%s"\n' "$(free_port)"
-    printf '[routing]\nload_balance = false\n'
-} >"$WORK/primary-only.toml"
-PGPILOT_LOG=warn setsid ./target/release/pgpilot run --config "$WORK/primary-only.toml" >"$WORK/primary-only.log" 2>&1 &
-PRIMARY_ONLY_PID=$!
+start_primary_only pgpilot-primary session "$PRIMARY_ONLY_PORT"
+PRIMARY_ONLY_PID=$LAST_PID
+TX_PORT=$(free_port)
+start_primary_only pgpilot-tx transaction "$TX_PORT"
+TX_PID=$LAST_PID
 
 echo '"demo" "demo"' >"$WORK/userlist.txt"
 start_bouncer() { # name pool_mode port -> starts PgBouncer in its own session
@@ -160,7 +170,7 @@ bouncer_pid() { # name -> PgBouncer's own pid (for its CPU time)
 }
 BOUNCER_REAL_PID=$(bouncer_pid pgbouncer)
 SESSION_BOUNCER_REAL_PID=$(bouncer_pid pgbouncer-session)
-TARGETS="direct direct-split pgbouncer pgbouncer-session pgpilot-primary pgpilot"
+TARGETS="direct direct-split pgbouncer pgbouncer-session pgpilot-primary pgpilot-tx pgpilot"
 declare -A RESULTS CPU PG
 # Each round starts one target later than the last, so no target always runs
 # right after the same neighbour (or in the same slot of a round).
@@ -177,6 +187,7 @@ for r in $(seq 1 "$ROUNDS"); do
             pgbouncer) port=$BOUNCER_PORT; pid=$BOUNCER_REAL_PID ;;
             pgbouncer-session) port=$SESSION_BOUNCER_PORT; pid=$SESSION_BOUNCER_REAL_PID ;;
             pgpilot-primary) port=$PRIMARY_ONLY_PORT; pid=$PRIMARY_ONLY_PID ;;
+            pgpilot-tx) port=$TX_PORT; pid=$TX_PID ;;
             pgpilot) port=$PILOT_PORT; pid=$DEMO_PID ;;
         esac
         out=$(run "$target" "$port" "$pid")

@@ -9,8 +9,8 @@ use bytes::BytesMut;
 
 use super::link::Link;
 use super::{SHUN, SHUN_REFUSED, Session, SessionError, state};
+use crate::backend::BackendError;
 use crate::backend::pool::AcquireSettings;
-use crate::backend::{BackendError, PoolKey};
 
 impl Session {
     /// Open the session's connection to the current primary. During a
@@ -55,7 +55,7 @@ impl Session {
 
     /// A new (or pooled) connection to `node` for this session's user and database.
     async fn open_link(&self, node: usize) -> Result<Link, BackendError> {
-        let key = PoolKey::new(node, &self.user, &self.database, &self.startup.params);
+        let key = &self.pool_keys[node];
         let b = &self.cfg.backends[node];
         let settings = AcquireSettings {
             host: &b.host,
@@ -70,7 +70,7 @@ impl Session {
             auth_timeout: self.cfg.timeouts.auth,
         };
         // Callers report a connection failure to the cluster (once each).
-        let conn = self.ctx.pool.acquire(&key, &settings).await?;
+        let conn = self.ctx.pool.acquire(key, &settings).await?;
         Ok(Link::new(conn))
     }
 

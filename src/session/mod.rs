@@ -175,8 +175,10 @@ struct Session {
     user: String,
     /// Database from the startup packet (defaults to the user name).
     database: String,
-    /// Startup packet; its parameters are sent to every node the session uses.
-    startup: StartupMessage,
+    /// The pool key of each node for this session: user, database and the
+    /// startup parameters sent to every node the session uses. Built once,
+    /// since transaction pooling acquires a connection per request.
+    pool_keys: Vec<crate::backend::PoolKey>,
     /// pgpilot's BackendKeyData pid for this client (key of the cancel registry).
     key_pid: i32,
     /// pgpilot's BackendKeyData secret for this client.
@@ -274,16 +276,19 @@ impl Session {
             startup.get("application_name").unwrap_or_default(),
             client.peer_addr().ok(),
         );
+        let pool_keys = (0..nodes)
+            .map(|n| crate::backend::PoolKey::new(n, &user, &database, &startup.params))
+            .collect();
         Session {
             ctx,
             cfg,
             policy,
             client,
+            pool_keys,
             cbuf: BytesMut::with_capacity(16 * 1024),
             to_client: Outbox::default(),
             user,
             database,
-            startup,
             key_pid,
             key_secret,
             links: (0..nodes).map(|_| None).collect(),
