@@ -48,6 +48,9 @@ pub async fn run(listen: &str, metrics_listen: &str, standbys: usize) -> Result<
         standbys,
         users: vec![(DEMO_USER.into(), DEMO_PASSWORD.into())],
         databases: vec![(DEMO_USER.into(), DEMO_USER.into())],
+        // Room for pgpilot's pools beside other poolers and direct clients
+        // (benches/e2e.sh runs several against one demo cluster).
+        extra_conf: vec!["max_connections = 200".into()],
         ..ClusterSpec::default()
     };
     println!(

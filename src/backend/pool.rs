@@ -198,15 +198,7 @@ impl Pool {
         s: &AcquireSettings<'_>,
     ) -> Result<PooledConn, BackendError> {
         let np = self.nodes.get(key.node).ok_or(BackendError::NoPrimary)?;
-        // The common case under transaction pooling: an idle connection,
-        // released moments ago, is there. No waiter to register, no check.
-        let recent = np.lock().idle.get_mut(key).and_then(|v| {
-            v.last()
-                .is_some_and(|c| c.last_used.elapsed() < RECENTLY_USED)
-                .then(|| v.pop())
-                .flatten()
-        });
-        if let Some(c) = recent {
+        if let Some(c) = self.take_recent(key) {
             return Ok(c);
         }
         let deadline = tokio::time::Instant::now() + s.acquire_timeout;
@@ -272,6 +264,20 @@ impl Pool {
                     waited: s.acquire_timeout,
                 });
             }
+        }
+    }
+
+    /// An idle connection for `key` given back under [`RECENTLY_USED`] ago, if
+    /// the most recently given back one is that: no waiting, no liveness check.
+    /// The common case under transaction pooling.
+    pub fn take_recent(&self, key: &PoolKey) -> Option<PooledConn> {
+        let np = self.nodes.get(key.node)?;
+        let mut st = np.lock();
+        let conns = st.idle.get_mut(key)?;
+        if conns.last()?.last_used.elapsed() < RECENTLY_USED {
+            conns.pop()
+        } else {
+            None
         }
     }
 

@@ -548,7 +548,7 @@ impl Session {
 
     /// Whether `node` can take a request now: no other node has one in flight, and
     /// the connection exists, is healthy and carries the session's state.
-    fn check_ready(&self, node: usize, needs: &[Vec<u8>]) -> Result<(), Step> {
+    fn check_ready(&mut self, node: usize, needs: &[Vec<u8>]) -> Result<(), Step> {
         let others_busy = self
             .links
             .iter()
@@ -562,6 +562,11 @@ impl Session {
             node,
             needs: needs.to_vec(),
         };
+        if self.links[node].is_none() {
+            // Transaction pooling: a connection given back a moment ago is
+            // taken now, without an I/O step (nothing to replay on it).
+            self.adopt_recent_connection(node);
+        }
         let Some(link) = &self.links[node] else {
             return Err(prepare());
         };

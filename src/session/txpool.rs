@@ -50,6 +50,18 @@ impl Session {
             })
     }
 
+    /// Take an idle connection to `node` given back a moment ago, if there is
+    /// one (transaction pooling only; otherwise the request's I/O step opens or
+    /// waits for a connection).
+    pub(super) fn adopt_recent_connection(&mut self, node: usize) {
+        if self.cfg.pool.mode != PoolMode::Transaction {
+            return;
+        }
+        if let Some(conn) = self.ctx.pool.take_recent(&self.pool_keys[node]) {
+            self.install_link(node, Some(super::link::Link::new(conn)));
+        }
+    }
+
     /// Whether the session holds no server connection because it gave them back.
     pub(super) fn released(&self) -> bool {
         self.cfg.pool.mode == PoolMode::Transaction && self.links.iter().all(Option::is_none)
