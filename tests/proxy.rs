@@ -558,29 +558,7 @@ async fn server_dying_mid_session_gives_an_error_not_a_hang() {
 }
 
 fn pgbench(args: &[&str]) -> String {
-    let h = harness();
-    let exe = h.bindir.join("pgbench");
-    let out = std::process::Command::new(exe)
-        .args(args)
-        .args([
-            "-h",
-            &h.proxy.ip().to_string(),
-            "-p",
-            &h.proxy.port().to_string(),
-            "-U",
-            USER,
-            DB,
-        ])
-        .env("PGPASSWORD", PASSWORD)
-        .output()
-        .expect("run pgbench");
-    let text = format!(
-        "{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.status.success(), "pgbench {args:?} failed:\n{text}");
-    text
+    common::pgbench_at(harness().proxy, args)
 }
 
 #[test]

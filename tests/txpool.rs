@@ -8,7 +8,7 @@ mod common;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use common::{DB, PASSWORD, USER, connect, harness, result_set, spawn_proxy, sqlstate};
+use common::{connect, harness, result_set, spawn_proxy, sqlstate};
 use pgpilot::config::{Config, PoolMode};
 
 /// A transaction-pooling pgpilot with `per_node` server connections per node,
@@ -140,28 +140,10 @@ async fn a_cancel_after_release_never_reaches_another_session() {
     assert_eq!(sqlstate(&e).as_deref(), Some("57014"), "{e}");
 }
 
-fn pgbench(addr: SocketAddr, args: &[&str]) -> String {
-    let exe = harness().bindir.join("pgbench");
-    let out = std::process::Command::new(exe)
-        .args(args)
-        .args(["-h", &addr.ip().to_string(), "-p", &addr.port().to_string()])
-        .args(["-U", USER, DB])
-        .env("PGPASSWORD", PASSWORD)
-        .output()
-        .expect("run pgbench");
-    let text = format!(
-        "{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.status.success(), "pgbench {args:?} failed:\n{text}");
-    text
-}
-
 #[test]
 fn pgbench_completes_with_more_clients_than_server_connections() {
     let addr = spawn_proxy(tx_config(3, Duration::from_secs(10)));
-    pgbench(addr, &["-i", "-s", "1", "-q"]);
+    common::pgbench_at(addr, &["-i", "-s", "1", "-q"]);
     // 8 clients over 3 server connections: only transaction pooling can.
     for mode in ["simple", "extended"] {
         for workload in [&["-S"][..], &[][..]] {
@@ -172,7 +154,7 @@ fn pgbench_completes_with_more_clients_than_server_connections() {
                 // have prepared a statement: as many clients as connections.
                 args[3] = "3";
             }
-            let text = pgbench(addr, &args);
+            let text = common::pgbench_at(addr, &args);
             assert!(
                 text.contains("number of failed transactions: 0 (0.000%)"),
                 "pgbench {args:?}:\n{text}"

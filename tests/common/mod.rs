@@ -440,3 +440,23 @@ pub fn monitor_backends(
         .filter(|l| !l.is_empty())
         .collect()
 }
+
+/// Run the cluster's pgbench against `addr` as the test user; panics (with its
+/// output) if pgbench fails, else returns its output.
+pub fn pgbench_at(addr: SocketAddr, args: &[&str]) -> String {
+    let exe = harness().bindir.join("pgbench");
+    let out = std::process::Command::new(exe)
+        .args(args)
+        .args(["-h", &addr.ip().to_string(), "-p", &addr.port().to_string()])
+        .args(["-U", USER, DB])
+        .env("PGPASSWORD", PASSWORD)
+        .output()
+        .expect("run pgbench");
+    let text = format!(
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "pgbench {args:?} failed:\n{text}");
+    text
+}
