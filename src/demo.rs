@@ -38,12 +38,13 @@ pub fn config_for(cluster: &LocalCluster, listen: &str, users: &[(&str, &str)]) 
 /// Run the demo until Ctrl-C, serving metrics on `metrics_listen` ("" = off).
 /// Returns an error message for the CLI to print.
 pub async fn run(listen: &str, metrics_listen: &str, standbys: usize) -> Result<(), String> {
-    let m = metrics_listen.trim();
-    if !m.is_empty() && m.parse::<std::net::SocketAddr>().is_err() {
-        return Err(format!(
-            "--metrics-listen {m:?} is not address:port or empty"
-        ));
-    }
+    // Checked before the cluster is built.
+    let metrics = crate::config::MetricsConfig {
+        listen: metrics_listen.to_string(),
+    };
+    metrics
+        .addr()
+        .map_err(|e| format!("--metrics-listen: {e}"))?;
     let spec = ClusterSpec {
         standbys,
         users: vec![(DEMO_USER.into(), DEMO_PASSWORD.into())],
@@ -70,7 +71,7 @@ pub async fn run(listen: &str, metrics_listen: &str, standbys: usize) -> Result<
         );
     }
     let mut config = config_for(&cluster, listen, &[(DEMO_USER, DEMO_PASSWORD)]);
-    config.metrics.listen = metrics_listen.to_string();
+    config.metrics = metrics;
     let proxy = match Proxy::bind(config).await {
         Ok(p) => p,
         Err(e) => return Err(e.to_string()),

@@ -15,6 +15,8 @@ use std::time::{Duration, Instant};
 use tokio::sync::Notify;
 
 use super::BackendError;
+use super::conn::{BackendConn, ConnectParams};
+use crate::cluster::Cluster;
 
 /// A connection given back less than this long ago is handed out again
 /// without the liveness check (a non-blocking peek, one system call): under
@@ -22,8 +24,6 @@ use super::BackendError;
 /// rarely dies in the moment between two transactions. (PgBouncer's
 /// `server_check_delay`, 30 s by default, plays the same role.)
 const RECENTLY_USED: Duration = Duration::from_secs(1);
-use super::conn::{BackendConn, ConnectParams};
-use crate::cluster::Cluster;
 
 /// Which connections are interchangeable.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]

@@ -138,6 +138,22 @@ impl Default for PoolConfig {
     }
 }
 
+impl MetricsConfig {
+    /// `listen`, parsed; `None` when it is empty (metrics off).
+    pub fn addr(&self) -> Result<Option<SocketAddr>, ConfigError> {
+        let l = self.listen.trim();
+        if l.is_empty() {
+            return Ok(None);
+        }
+        l.parse().map(Some).map_err(|e| {
+            invalid(
+                "metrics.listen",
+                format!("{l:?} is not address:port or empty ({e})"),
+            )
+        })
+    }
+}
+
 /// How long a session keeps its server connections.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -491,16 +507,7 @@ impl Config {
 
     /// The metrics listen address, parsed; `None` when `metrics.listen` is empty.
     pub fn metrics_addr(&self) -> Result<Option<SocketAddr>, ConfigError> {
-        let l = self.metrics.listen.trim();
-        if l.is_empty() {
-            return Ok(None);
-        }
-        l.parse().map(Some).map_err(|e| {
-            invalid(
-                "metrics.listen",
-                format!("{l:?} is not address:port or empty ({e})"),
-            )
-        })
+        self.metrics.addr()
     }
 
     /// Whether `user` may run admin commands (`admin_users`, `"*"` = everyone).

@@ -34,18 +34,10 @@ pub enum Hint {
 /// comment, if the comment is the first token of `sql` (whitespace around the words
 /// and any letter case are accepted).
 pub fn hint(sql: &[u8]) -> Option<Hint> {
-    let trim_start =
-        |b: &[u8]| -> usize { b.iter().position(|&c| !is_space(c)).unwrap_or(b.len()) };
-    let trim_end =
-        |b: &[u8]| -> usize { b.iter().rposition(|&c| !is_space(c)).map_or(0, |n| n + 1) };
-    let body = sql[trim_start(sql)..].strip_prefix(b"/*")?;
+    let body = trim_space(sql).strip_prefix(b"/*")?;
     let inner = &body[..body.windows(2).position(|w| w == b"*/")?];
     let colon = inner.iter().position(|&c| c == b':')?;
-    let (word, target) = (&inner[..colon], &inner[colon + 1..]);
-    let word = &word[trim_start(word)..];
-    let word = &word[..trim_end(word)];
-    let target = &target[trim_start(target)..];
-    let target = &target[..trim_end(target)];
+    let (word, target) = (trim_space(&inner[..colon]), trim_space(&inner[colon + 1..]));
     if !word.eq_ignore_ascii_case(b"pgpilot") {
         return None;
     }
@@ -568,6 +560,16 @@ const fn classes() -> [u8; 256] {
         i += 1;
     }
     t
+}
+
+/// `b` without SQL whitespace at either end.
+fn trim_space(b: &[u8]) -> &[u8] {
+    let start = b.iter().position(|&c| !is_space(c)).unwrap_or(b.len());
+    let end = b
+        .iter()
+        .rposition(|&c| !is_space(c))
+        .map_or(start, |n| n + 1);
+    &b[start..end]
 }
 
 pub(super) fn is_space(b: u8) -> bool {

@@ -20,11 +20,10 @@ impl Session {
             return;
         }
         for node in 0..self.links.len() {
-            let Some(link) = self.links[node].take() else {
-                continue;
-            };
-            self.registration.release(node);
-            self.ctx.pool.put_idle(link.conn);
+            if let Some(link) = self.links[node].take() {
+                self.install_link(node, None);
+                self.ctx.pool.put_idle(link.conn);
+            }
         }
         // A cancel must never reach a connection now serving someone else.
         self.ctx.cancels.set_target(self.key_pid, None);
