@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use super::{connect, result_set, sqlstate, try_connect};
+use super::{Harness, connect, result_set, sqlstate};
 
 /// One acknowledged write.
 #[derive(Debug, Clone)]
@@ -70,6 +70,32 @@ fn record(seen: &mut Seen, e: &tokio_postgres::Error) {
         .push((Instant::now(), sqlstate(e).unwrap_or_default(), msg));
 }
 
+/// The connection task of a client: its result is an error the server sent
+/// while no query was waiting (pgpilot's FATAL between two writes), which
+/// the client's next query reports only as "connection closed".
+type ConnTask = tokio::task::JoinHandle<Result<(), tokio_postgres::Error>>;
+
+/// Connect a writer, keeping its connection task's result.
+async fn connect_writer(
+    addr: SocketAddr,
+) -> Result<(tokio_postgres::Client, ConnTask), tokio_postgres::Error> {
+    let info = Harness::conninfo(addr, "application_name=writer");
+    let (client, conn) = tokio_postgres::connect(&info, tokio_postgres::NoTls).await?;
+    Ok((client, tokio::spawn(conn)))
+}
+
+/// Record `e`, or, if the connection had closed, the error that closed it.
+async fn record_query_error(seen: &mut Seen, e: &tokio_postgres::Error, task: &mut ConnTask) {
+    if e.is_closed()
+        && let Ok(Ok(Err(cause))) = tokio::time::timeout(Duration::from_secs(1), task).await
+        && cause.as_db_error().is_some()
+    {
+        record(seen, &cause);
+    } else {
+        record(seen, e);
+    }
+}
+
 async fn write_loop(
     addr: SocketAddr,
     w: usize,
@@ -78,11 +104,11 @@ async fn write_loop(
     stop: Arc<AtomicBool>,
 ) -> Seen {
     let mut seen = Seen::default();
-    let mut client: Option<tokio_postgres::Client> = None;
+    let mut client: Option<(tokio_postgres::Client, ConnTask)> = None;
     let mut seq = 0u64;
     while !stop.load(Ordering::Relaxed) {
         if client.is_none() {
-            match try_connect(addr, "application_name=writer").await {
+            match connect_writer(addr).await {
                 Ok(c) => client = Some(c),
                 Err(e) => {
                     record(&mut seen, &e);
@@ -91,7 +117,7 @@ async fn write_loop(
                 }
             }
         }
-        let c = client.as_ref().expect("connected");
+        let (c, task) = client.as_mut().expect("connected");
         let key = format!("{w}:{seq}");
         seq += 1;
         let sql = format!("INSERT INTO t (k) VALUES ('{key}') RETURNING inet_server_port()");
@@ -106,7 +132,7 @@ async fn write_loop(
                 });
             }
             Err(e) => {
-                record(&mut seen, &e);
+                record_query_error(&mut seen, &e, task).await;
                 if reconnect || c.is_closed() {
                     client = None;
                 }
