@@ -138,12 +138,16 @@ pg_ticks() { # CPU of every PostgreSQL process, plus what the postmasters reaped
     cat /proc/[0-9]*/stat 2>/dev/null | awk '$2 == "(postgres)" { s += $14 + $15 + $16 + $17 } END { print s + 0 }'
 }
 
+machine_ticks() { # -> "busy total steal": all CPUs, in clock ticks, from /proc/stat
+    awk '/^cpu / { b = $2 + $3 + $4 + $7 + $8; t = 0; for (i = 2; i <= NF; i++) t += $i; print b, t, $9 }' /proc/stat
+}
+
 pgbench() { # name port clients
     setsid -w "$PGBENCH" $EXTRA -M "$MODE" -c "$3" -j "$THREADS" -T "$DURATION" -h 127.0.0.1 -p "$2" -U demo demo >"$WORK/$1.last" 2>&1
 }
-run() { # name port pid -> "tps proxy_cpu_us_per_transaction pg_cpu_us_per_transaction"
-    local before after pg_before pg_after tps txns
-    before=$(cpu_ticks "$3"); pg_before=$(pg_ticks)
+run() { # name port pid -> "tps proxy_cpu pg_cpu machine_cpu (us per transaction) steal_percent"
+    local before after pg_before pg_after tps txns m_before m_after
+    before=$(cpu_ticks "$3"); pg_before=$(pg_ticks); m_before=$(machine_ticks)
     if [ "$1" = direct-split ]; then # half the clients to each standby, at once
         # (pgbench ends by itself after DURATION, interrupted or not.)
         pgbench split2 "$STANDBY2_PORT" $((CLIENTS / 2)) &
@@ -152,7 +156,7 @@ run() { # name port pid -> "tps proxy_cpu_us_per_transaction pg_cpu_us_per_trans
     else
         pgbench "$1" "$2" "$CLIENTS"
     fi
-    after=$(cpu_ticks "$3"); pg_after=$(pg_ticks)
+    after=$(cpu_ticks "$3"); pg_after=$(pg_ticks); m_after=$(machine_ticks)
     tps=$(sed -n 's/^tps = \([0-9.]*\).*/\1/p' "$WORK/$1.last")
     txns=$(sed -n 's/^number of transactions actually processed: \([0-9]*\).*/\1/p' "$WORK/$1.last")
     if [ "$1" = direct-split ]; then
@@ -161,7 +165,12 @@ run() { # name port pid -> "tps proxy_cpu_us_per_transaction pg_cpu_us_per_trans
         txns=$((txns + $(sed -n 's/^number of transactions actually processed: \([0-9]*\).*/\1/p' "$WORK/split2.last")))
     fi
     awk -v t="$tps" -v n="$txns" -v d="$((after - before))" -v g="$((pg_after - pg_before))" -v u="$TICK_US" \
-        'BEGIN { if (t == "") exit; printf "%s %.2f %.2f\n", t, (n > 0 && d > 0 ? d * u / n : 0), (n > 0 ? g * u / n : 0) }'
+        -v m0="$m_before" -v m1="$m_after" 'BEGIN {
+            if (t == "") exit
+            split(m0, a, " "); split(m1, b, " ")
+            busy = b[1] - a[1]; total = b[2] - a[2]; steal = b[3] - a[3]
+            printf "%s %.2f %.2f %.2f %.1f\n", t, (n > 0 && d > 0 ? d * u / n : 0), (n > 0 ? g * u / n : 0),
+                (n > 0 ? busy * u / n : 0), (total > 0 ? 100 * steal / total : 0) }'
 }
 
 bouncer_pid() { # name -> PgBouncer's own pid (for its CPU time)
@@ -171,7 +180,7 @@ bouncer_pid() { # name -> PgBouncer's own pid (for its CPU time)
 BOUNCER_REAL_PID=$(bouncer_pid pgbouncer)
 SESSION_BOUNCER_REAL_PID=$(bouncer_pid pgbouncer-session)
 TARGETS="direct direct-split pgbouncer pgbouncer-session pgpilot-primary pgpilot-tx pgpilot"
-declare -A RESULTS CPU PG
+declare -A RESULTS CPU PG MACHINE
 # Each round starts one target later than the last, so no target always runs
 # right after the same neighbour (or in the same slot of a round).
 rotate() { # round -> TARGETS rotated left by round-1
@@ -192,14 +201,15 @@ for r in $(seq 1 "$ROUNDS"); do
         esac
         out=$(run "$target" "$port" "$pid")
         if [ -z "$out" ]; then echo "pgbench through $target failed:"; cat "$WORK/$target.last"; exit 1; fi
-        read -r tps cpu pg <<<"$out"
+        read -r tps cpu pg machine steal <<<"$out"
         grep -q "number of failed transactions: 0 " "$WORK/$target.last" || { echo "$target had failed transactions"; cat "$WORK/$target.last"; exit 1; }
         RESULTS[$target]="${RESULTS[$target]:-} $tps"
         CPU[$target]="${CPU[$target]:-} $cpu"
         PG[$target]="${PG[$target]:-} $pg"
-        printf 'round %d  %-17s %8.0f tps   PostgreSQL CPU %6.1f us/transaction' "$r" "$target" "$tps" "$pg"
-        [ "$pid" != 0 ] && printf '   proxy CPU %5.1f us/transaction' "$cpu"
-        printf '\n'
+        MACHINE[$target]="${MACHINE[$target]:-} $machine"
+        printf 'round %d  %-17s %8.0f tps   machine CPU %6.1f   PostgreSQL CPU %6.1f' "$r" "$target" "$tps" "$machine" "$pg"
+        [ "$pid" != 0 ] && printf '   proxy CPU %5.1f' "$cpu"
+        printf ' us/transaction   steal %4.1f%%\n' "$steal"
     done
 done
 
@@ -213,16 +223,30 @@ for target in $TARGETS; do
     m=$(echo "${RESULTS[$target]}" | median)
     c=$(echo "${CPU[$target]}" | median)
     g=$(echo "${PG[$target]}" | median)
-    awk -v t="$target" -v m="$m" -v d="$DIRECT" -v b="$BOUNCER" -v c="$c" -v bc="$BOUNCER_CPU" -v g="$g" 'BEGIN {
-        printf "  %-17s %8.0f tps   %.3f x direct   %.3f x pgbouncer   PostgreSQL CPU %5.1f us/tx", t, m, m/d, m/b, g
+    w=$(echo "${MACHINE[$target]}" | median)
+    awk -v t="$target" -v m="$m" -v d="$DIRECT" -v b="$BOUNCER" -v c="$c" -v bc="$BOUNCER_CPU" -v g="$g" -v w="$w" 'BEGIN {
+        printf "  %-17s %8.0f tps   %.3f x direct   %.3f x pgbouncer   machine CPU %5.1f us/tx   PostgreSQL CPU %5.1f us/tx", t, m, m/d, m/b, w, g
         if (t !~ /^direct/) printf "   proxy CPU %5.1f us/tx (%.2f x pgbouncer)", c, (bc > 0 ? c/bc : 0)
         printf "\n" }'
 done
 # The same comparison paired by round (each target against PgBouncer's run in
 # the same round), which is less sensitive to a round where the machine was slow.
-echo "per round, x pgbouncer (median):"
-for target in $TARGETS; do
-    ratios=$(paste -d' ' <(echo "${RESULTS[$target]}" | tr ' ' '\n' | grep -v '^$') \
-        <(echo "${RESULTS[pgbouncer]}" | tr ' ' '\n' | grep -v '^$') | awk '{ printf "%.3f ", $1 / $2 }')
-    printf '  %-17s %s  median %s\n' "$target" "$ratios" "$(echo "$ratios" | median)"
-done
+per_round() { # array-name invert -> per target: its ratios to PgBouncer's run in the same round (inverted when invert=1), and their median
+    local -n values=$1
+    for target in $TARGETS; do
+        ratios=$(paste -d' ' <(echo "${values[$target]}" | tr ' ' '\n' | grep -v '^$') \
+            <(echo "${values[pgbouncer]}" | tr ' ' '\n' | grep -v '^$') | awk -v inv="$2" '{ printf "%.3f ", (inv ? $2 / $1 : $1 / $2) }')
+        printf '  %-17s %s  median %s\n' "$target" "$ratios" "$(echo "$ratios" | median)"
+    done
+}
+echo "per round, TPS x pgbouncer (median):"
+per_round RESULTS 0
+# This VM's CPUs are shared: its steal time (printed per run above) swings
+# between 0 and 40% from one minute to the next, and TPS with it. The whole
+# machine's busy CPU per transaction (every process: pgbench, PostgreSQL, the
+# proxy, the kernel; steal excluded) moves with steal too, but about a third as
+# much (measured: direct ran 14.6k-20.9k TPS at 97-106 us/tx), so it compares
+# the proxies' efficiency more steadily: PgBouncer's CPU per transaction over
+# the target's, above 1 when the target needs less CPU for the same work.
+echo "per round, transactions per CPU-second x pgbouncer (median):"
+per_round MACHINE 1

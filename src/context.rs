@@ -16,6 +16,7 @@ use crate::metrics::Metrics;
 use crate::router::cache::ClassifyCache;
 use crate::router::catalog::FunctionCatalog;
 use crate::router::classify::SqlParserClassifier;
+use crate::session::ServerParams;
 use crate::session::cancel::CancelRegistry;
 
 /// Everything sessions and background tasks share.
@@ -47,6 +48,9 @@ pub struct ProxyContext {
     pub clients: AtomicUsize,
     /// Random per-process secret: mock SCRAM salts for unknown users.
     pub server_secret: [u8; 32],
+    /// The last primary connection's server-wide ParameterStatus values, for
+    /// admin logins while no primary can be reached.
+    pub server_params: ServerParams,
     /// Next BackendKeyData pid to hand out.
     next_pid: AtomicI32,
     /// Turns true when the proxy stops; sessions end.
@@ -75,6 +79,7 @@ impl ProxyContext {
             cancels: CancelRegistry::default(),
             clients: AtomicUsize::new(0),
             server_secret: rand::random(),
+            server_params: ServerParams::default(),
             next_pid: AtomicI32::new(rand::random_range(1..1 << 20)),
             shutdown,
         }

@@ -537,6 +537,20 @@ async fn none_mode_waits_for_an_outside_promotion_and_clients_wait_too() {
         "none mode: SHOW POOL_NODES without a primary took {:?}",
         t0.elapsed()
     );
+    // An admin who logs in now is let in at once, with no server connection,
+    // and sees the dead primary (a login waits up to client_wait_timeout for a
+    // primary otherwise: 30 s by default).
+    let t0 = Instant::now();
+    let late_admin = tokio::time::timeout(Duration::from_secs(10), connect(p.addr, ""))
+        .await
+        .expect("an admin logs in while there is no primary");
+    let (cols, nodes) = show(&late_admin, "SHOW POOL_NODES").await;
+    let status = cols.iter().position(|c| c == "status").unwrap();
+    assert_eq!(nodes[0][status], "down", "{nodes:?}");
+    eprintln!(
+        "none mode: an admin login and SHOW POOL_NODES without a primary took {:?}",
+        t0.elapsed()
+    );
     // Its next write, and a new connection, wait for a primary instead of failing.
     let insert = |c: tokio_postgres::Client, key: &'static str| async move {
         let t0 = Instant::now();
@@ -579,6 +593,13 @@ async fn none_mode_waits_for_an_outside_promotion_and_clients_wait_too() {
     }
     let last = ctx.cluster.failover_report().last.unwrap();
     assert_eq!((last.old_primary, last.target), (Some(0), Some(1)));
+    // The admin who logged in without a server writes on the new primary.
+    let (_, rows) = show(
+        &late_admin,
+        "INSERT INTO t VALUES ('late-admin') RETURNING inet_server_port()",
+    )
+    .await;
+    assert_eq!(rows[0][0], port);
 }
 
 /// A configuration file for the CLI to reach `p`.

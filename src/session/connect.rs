@@ -54,7 +54,7 @@ impl Session {
     }
 
     /// A new (or pooled) connection to `node` for this session's user and database.
-    async fn open_link(&self, node: usize) -> Result<Link, BackendError> {
+    pub(super) async fn open_link(&self, node: usize) -> Result<Link, BackendError> {
         let key = &self.pool_keys[node];
         let b = &self.cfg.backends[node];
         let settings = AcquireSettings {

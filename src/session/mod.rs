@@ -12,6 +12,8 @@
 
 pub mod cancel;
 mod connect;
+mod detached;
+pub use detached::ServerParams;
 mod fresh;
 pub mod handshake;
 mod link;
@@ -141,8 +143,8 @@ pub async fn serve(ctx: Arc<ProxyContext>, mut stream: TcpStream) {
         }
     }
     messages::auth_ok(&mut out);
-    let mut session = Session::new(ctx, cfg, stream, user, startup, slot);
-    session.run(out).await;
+    let mut session = Session::new(ctx, cfg, stream, user, &startup, slot);
+    session.run(out, &startup).await;
 }
 
 /// Write a FATAL error and close, bounded by the write timeout.
@@ -234,6 +236,9 @@ struct Session {
     local: local::LocalStatements,
     /// Read-your-writes state: what the session's reads must see.
     fresh: fresh::Freshness,
+    /// Logged in without a server connection (an admin user while no primary
+    /// could be reached): the session may hold none until a request needs one.
+    detached: bool,
     /// Counts this client against `max_client_conn` until dropped.
     _slot: ClientSlot,
 }
@@ -259,7 +264,7 @@ impl Session {
         cfg: Arc<Config>,
         client: TcpStream,
         user: String,
-        startup: StartupMessage,
+        startup: &StartupMessage,
         slot: ClientSlot,
     ) -> Session {
         let (key_pid, key_secret) = ctx.new_client_key();
@@ -313,24 +318,35 @@ impl Session {
             registration,
             local: local::LocalStatements::default(),
             fresh: fresh::Freshness::default(),
+            detached: false,
             _slot: slot,
         }
     }
 
     /// Finish startup (primary connection, parameters, key), relay, then clean up.
-    async fn run(&mut self, mut out: BytesMut) {
-        if let Err(e) = self.connect_primary().await {
-            let mut fatal = e.to_pg_error();
-            tracing::warn!(user = %self.user, error = %fatal, "could not get a server connection");
-            fatal.severity = messages::Severity::Fatal;
-            fatal.encode(&mut out);
-            let _ = self.write_client(&out).await;
-            self.cleanup();
-            return;
-        }
-        if let Some(l) = &self.links[self.active] {
-            for (k, v) in &l.conn.params {
-                messages::parameter_status(&mut out, k, v);
+    async fn run(&mut self, mut out: BytesMut, startup: &StartupMessage) {
+        match self.attach_at_login().await {
+            Ok(true) => {
+                if let Some(l) = &self.links[self.active] {
+                    self.ctx.server_params.remember(&l.conn.params);
+                    for (k, v) in &l.conn.params {
+                        messages::parameter_status(&mut out, k, v);
+                    }
+                }
+            }
+            Ok(false) => {
+                for (k, v) in self.ctx.server_params.for_login(startup, &self.user) {
+                    messages::parameter_status(&mut out, &k, &v);
+                }
+            }
+            Err(e) => {
+                let mut fatal = e.to_pg_error();
+                tracing::warn!(user = %self.user, error = %fatal, "could not get a server connection");
+                fatal.severity = messages::Severity::Fatal;
+                fatal.encode(&mut out);
+                let _ = self.write_client(&out).await;
+                self.cleanup();
+                return;
             }
         }
         messages::backend_key_data(&mut out, self.key_pid, self.key_secret);

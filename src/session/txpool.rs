@@ -61,8 +61,10 @@ impl Session {
         }
     }
 
-    /// Whether the session holds no server connection because it gave them back.
+    /// Whether the session holds no server connection because it gave them
+    /// back, or logged in without one ([`super::detached`]).
     pub(super) fn released(&self) -> bool {
-        self.cfg.pool.mode == PoolMode::Transaction && self.links.iter().all(Option::is_none)
+        (self.cfg.pool.mode == PoolMode::Transaction || self.detached)
+            && self.links.iter().all(Option::is_none)
     }
 }
