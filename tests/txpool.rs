@@ -1,7 +1,8 @@
 //! Transaction pooling (`pool.mode = "transaction"`) against a real primary +
 //! 2 standbys: clean sessions share server connections between transactions,
 //! a transaction keeps its connection, session state pins one, a cancel never
-//! reaches a connection that now serves someone else, and pgbench completes.
+//! reaches a connection that now serves someone else, waiting sessions are
+//! served in arrival order, and pgbench completes.
 
 mod common;
 
@@ -138,6 +139,55 @@ async fn a_cancel_after_release_never_reaches_another_session() {
         .unwrap()
         .unwrap_err();
     assert_eq!(sqlstate(&e).as_deref(), Some("57014"), "{e}");
+}
+
+#[tokio::test]
+async fn waiting_sessions_are_served_in_arrival_order() {
+    let addr = spawn_proxy(tx_config(1, Duration::from_secs(20)));
+    // Everyone logs in first (a login uses the connection for a moment).
+    let holder = connect(addr, "").await;
+    let mut clients = Vec::new();
+    for _ in 0..4 {
+        clients.push(connect(addr, "").await);
+    }
+    holder.simple_query("BEGIN; SELECT 1").await.unwrap();
+    // Four sessions queue for the one connection, 150 ms apart; each holds it
+    // for 50 ms once served, so they finish in the order they were served.
+    let served = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let mut tasks = Vec::new();
+    for (i, c) in clients.into_iter().enumerate() {
+        let served = served.clone();
+        tasks.push(tokio::spawn(async move {
+            c.simple_query("SELECT pg_sleep(0.05)").await.unwrap();
+            served.lock().unwrap().push(i);
+        }));
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    assert!(
+        served.lock().unwrap().is_empty(),
+        "ran during another's transaction"
+    );
+    holder.simple_query("COMMIT").await.unwrap();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    assert_eq!(*served.lock().unwrap(), vec![0, 1, 2, 3]);
+}
+
+#[tokio::test]
+async fn a_waiter_that_gave_up_costs_no_connection() {
+    let addr = spawn_proxy(tx_config(1, Duration::from_millis(300)));
+    let holder = connect(addr, "").await;
+    let quitter = connect(addr, "").await;
+    let next = connect(addr, "").await;
+    holder.simple_query("BEGIN").await.unwrap();
+    let pid = one(&holder, "SELECT pg_backend_pid()").await;
+    let e = quitter.simple_query("SELECT 1").await.unwrap_err();
+    assert_eq!(sqlstate(&e).as_deref(), Some("53300"), "{e}");
+    holder.simple_query("COMMIT").await.unwrap();
+    // The connection was not handed to the session that left the queue.
+    assert_eq!(one(&next, "SELECT pg_backend_pid()").await, pid);
+    assert_eq!(one(&holder, "SELECT pg_backend_pid()").await, pid);
 }
 
 #[test]

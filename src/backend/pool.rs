@@ -4,15 +4,18 @@
 //! other startup parameters, so a reused connection is indistinguishable from a
 //! fresh one opened for the same client. Each node has a cap on open connections
 //! (idle + in use). A session that finds no idle connection and no free slot
-//! evicts an idle connection of another key on that node, or waits (up to
-//! `pool.acquire_timeout`) to be woken by a release.
+//! evicts an idle connection of another key on that node, or queues (up to
+//! `pool.acquire_timeout`). Queued sessions are served in arrival order: a
+//! connection given back goes straight to the longest waiter for its key, and
+//! a freed slot to the longest waiter of any key, so no newcomer overtakes
+//! them and a release wakes one session, not all.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use tokio::sync::Notify;
+use tokio::sync::oneshot;
 
 use super::BackendError;
 use super::conn::{BackendConn, ConnectParams};
@@ -67,6 +70,8 @@ pub struct NodePoolStats {
     pub idle: usize,
     /// Connections opened since start (a counter, for metrics).
     pub opened_total: u64,
+    /// Sessions queued for a connection.
+    pub waiting: usize,
 }
 
 /// One idle pooled connection, for `SHOW POOL_POOLS`.
@@ -92,15 +97,35 @@ struct NodeState {
     /// Open connections, idle or in use; bounded by the per-node cap.
     open: usize,
     /// Idle connections per key; the most recently used at the end (reused first).
+    /// Never holds a key some waiter wants: a given-back connection goes to it.
     idle: HashMap<PoolKey, Vec<PooledConn>>,
+    /// Sessions waiting for a connection, longest first. Only queued while
+    /// every slot is taken; a waiter that gave up is skipped (its receiver is
+    /// closed) and pruned.
+    waiters: VecDeque<Waiter>,
+}
+
+/// A session queued for a connection.
+struct Waiter {
+    /// The connection it can use.
+    key: PoolKey,
+    /// Where its grant goes.
+    tx: oneshot::Sender<Grant>,
+}
+
+/// What a queued session is handed.
+enum Grant {
+    /// A connection of its key, given back by the session it served (boxed:
+    /// the grant is moved through a channel).
+    Conn(Box<PooledConn>),
+    /// A freed slot: the waiter opens a new connection in it.
+    Slot(Slot),
 }
 
 /// One node's pool. Shared with each connection's slot guard.
 #[derive(Default)]
 struct NodePool {
     state: Mutex<NodeState>,
-    /// Woken whenever a slot is freed or a connection returns to idle.
-    released: Notify,
     /// Connections opened since start (exported as a metric).
     opened_total: AtomicU64,
 }
@@ -111,13 +136,28 @@ impl NodePool {
     }
 }
 
-/// Holds one of a node's connection slots; frees it when dropped.
+/// Holds one of a node's connection slots; when dropped, passes it to the
+/// longest waiter or frees it. Never dropped under the node's lock.
 struct Slot(Arc<NodePool>);
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        self.0.lock().open -= 1;
-        self.0.released.notify_waiters();
+        let np = &self.0;
+        let mut st = np.lock();
+        while let Some(w) = st.waiters.pop_front() {
+            if w.tx.is_closed() {
+                continue;
+            }
+            // The slot passes on: the count of open connections is unchanged.
+            if let Err(unsent) = w.tx.send(Grant::Slot(Slot(np.clone()))) {
+                // It gave up just now: dropping the grant frees the slot
+                // again, for the next waiter.
+                drop(st);
+                drop(unsent);
+            }
+            return;
+        }
+        st.open -= 1;
     }
 }
 
@@ -190,8 +230,9 @@ impl Pool {
         }
     }
 
-    /// Get a connection for `key`: an idle one if any is healthy, else a new one.
-    /// Returns whether the connection is newly opened (for metrics).
+    /// Get a connection for `key`: an idle one if any is healthy, else a new
+    /// one, else the next one given back (or slot freed) after the sessions
+    /// already waiting, within `acquire_timeout`.
     pub async fn acquire(
         &self,
         key: &PoolKey,
@@ -202,69 +243,72 @@ impl Pool {
             return Ok(c);
         }
         let deadline = tokio::time::Instant::now() + s.acquire_timeout;
-        loop {
-            let notified = np.released.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            let mut discard = Vec::new();
-            let mut open_new = false;
-            {
+        let slot = loop {
+            // Decided under the lock; connections are dropped after it.
+            let next = {
                 let mut st = np.lock();
-                if let Some(c) = st.idle.get_mut(key).and_then(|v| v.pop()) {
-                    drop(st);
-                    if c.is_healthy_idle() {
-                        return Ok(c);
-                    }
+                if let Some(c) = st.idle.get_mut(key).and_then(Vec::pop) {
+                    Next::Idle(c)
+                } else if st.open < s.max_per_node {
+                    st.open += 1;
+                    Next::Open(Slot(np.clone()))
+                } else if let Some(victim) = evict_one(&mut st) {
+                    Next::Evicted(victim)
+                } else {
+                    let (tx, rx) = oneshot::channel();
+                    st.waiters.push_back(Waiter {
+                        key: key.clone(),
+                        tx,
+                    });
+                    Next::Wait(rx)
+                }
+            };
+            match next {
+                Next::Idle(c) if c.is_healthy_idle() => return Ok(c),
+                Next::Idle(c) => {
                     tracing::debug!(
                         node = key.node,
                         pid = c.pid,
                         "dropping a dead idle connection"
                     );
-                    drop(c);
-                    continue;
                 }
-                if st.open < s.max_per_node {
-                    st.open += 1;
-                    open_new = true;
-                } else if let Some(victim) = evict_one(&mut st) {
-                    // Full of idle connections of other keys: close one, then retry.
-                    discard.push(victim);
-                }
+                Next::Open(slot) => break slot,
+                // Full of idle connections of other keys: one is closed (its
+                // slot goes to a session queued earlier, if any), then retry.
+                Next::Evicted(victim) => drop(victim),
+                Next::Wait(rx) => match wait_for_grant(rx, deadline).await {
+                    Some(Grant::Conn(c)) => return Ok(*c),
+                    Some(Grant::Slot(slot)) => break slot,
+                    None => {
+                        return Err(BackendError::PoolTimeout {
+                            node: key.node,
+                            waited: s.acquire_timeout,
+                        });
+                    }
+                },
             }
-            if open_new {
-                let slot = Slot(np.clone());
-                let params = ConnectParams {
-                    node: key.node,
-                    host: s.host,
-                    port: s.port,
-                    startup: &key.startup,
-                    password: s.password,
-                    connect_timeout: s.connect_timeout,
-                    auth_timeout: s.auth_timeout,
-                };
-                let conn = BackendConn::connect(&params).await?;
-                tracing::debug!(node = key.node, pid = conn.pid, "opened backend connection");
-                np.opened_total.fetch_add(1, Ordering::Relaxed);
-                if let Some(c) = &self.cluster {
-                    c.note_backend_connected(key.node);
-                }
-                return Ok(PooledConn {
-                    conn,
-                    key: key.clone(),
-                    _slot: slot,
-                });
-            }
-            if !discard.is_empty() {
-                drop(discard);
-                continue;
-            }
-            if tokio::time::timeout_at(deadline, notified).await.is_err() {
-                return Err(BackendError::PoolTimeout {
-                    node: key.node,
-                    waited: s.acquire_timeout,
-                });
-            }
+        };
+        let params = ConnectParams {
+            node: key.node,
+            host: s.host,
+            port: s.port,
+            startup: &key.startup,
+            password: s.password,
+            connect_timeout: s.connect_timeout,
+            auth_timeout: s.auth_timeout,
+        };
+        // On failure the slot is dropped: it passes to the next waiter.
+        let conn = BackendConn::connect(&params).await?;
+        tracing::debug!(node = key.node, pid = conn.pid, "opened backend connection");
+        np.opened_total.fetch_add(1, Ordering::Relaxed);
+        if let Some(c) = &self.cluster {
+            c.note_backend_connected(key.node);
         }
+        Ok(PooledConn {
+            conn,
+            key: key.clone(),
+            _slot: slot,
+        })
     }
 
     /// An idle connection for `key` given back under [`RECENTLY_USED`] ago, if
@@ -281,21 +325,40 @@ impl Pool {
         }
     }
 
-    /// Return an idle, reset connection to the pool.
+    /// Return an idle, reset connection to the pool: to the longest waiter for
+    /// its key if there is one; closed, so its slot goes to the longest waiter,
+    /// if only sessions of other keys wait; otherwise idle.
     pub fn put_idle(&self, mut conn: PooledConn) {
         let Some(np) = self.nodes.get(conn.key.node) else {
             return;
         };
         conn.last_used = Instant::now();
         let mut st = np.lock();
+        st.waiters.retain(|w| !w.tx.is_closed());
+        if let Some(i) = st.waiters.iter().position(|w| w.key == conn.key) {
+            let waiter = st.waiters.remove(i);
+            drop(st);
+            if let Some(w) = waiter
+                && let Err(Grant::Conn(unsent)) = w.tx.send(Grant::Conn(Box::new(conn)))
+            {
+                // It gave up just now: the next waiter, or idle.
+                self.put_idle(*unsent);
+            }
+            return;
+        }
+        if !st.waiters.is_empty() {
+            // Only sessions of other keys wait, for a slot: closing this
+            // connection passes its slot to the longest of them.
+            drop(st);
+            drop(conn);
+            return;
+        }
         match st.idle.get_mut(&conn.key) {
             Some(conns) => conns.push(conn),
             None => {
                 st.idle.insert(conn.key.clone(), vec![conn]);
             }
         }
-        drop(st);
-        np.released.notify_waiters();
     }
 
     /// Close idle connections unused for longer than `idle_timeout`. Returns how many.
@@ -337,6 +400,7 @@ impl Pool {
                     open: st.open,
                     idle: st.idle.values().map(Vec::len).sum(),
                     opened_total: np.opened_total.load(Ordering::Relaxed),
+                    waiting: st.waiters.iter().filter(|w| !w.tx.is_closed()).count(),
                 }
             })
             .unwrap_or_default()
@@ -367,6 +431,33 @@ impl Pool {
         }
         out.sort_by_key(|c| (c.node, c.pid));
         out
+    }
+}
+
+/// What an acquisition does next, decided under the node's lock.
+enum Next {
+    /// Reuse this idle connection if it is still alive.
+    Idle(PooledConn),
+    /// Open a new connection in this slot.
+    Open(Slot),
+    /// Close this idle connection of another key, then look again.
+    Evicted(PooledConn),
+    /// Queued: wait for a grant.
+    Wait(oneshot::Receiver<Grant>),
+}
+
+/// A queued session's grant, or `None` when `deadline` passed first. A grant
+/// sent in the instant the deadline passed is still taken (not lost).
+async fn wait_for_grant(
+    mut rx: oneshot::Receiver<Grant>,
+    deadline: tokio::time::Instant,
+) -> Option<Grant> {
+    match tokio::time::timeout_at(deadline, &mut rx).await {
+        Ok(grant) => grant.ok(),
+        Err(_) => {
+            rx.close();
+            rx.try_recv().ok()
+        }
     }
 }
 

@@ -131,6 +131,7 @@ struct ScrapeGauges {
     effective_weight: GaugeVec,
     replay_paused: IntGaugeVec,
     backend_conns: IntGaugeVec,
+    pool_waiting: IntGaugeVec,
     backend_opened: IntCounterVec,
     cache_hits: IntCounter,
     cache_misses: IntCounter,
@@ -513,6 +514,13 @@ impl ScrapeGauges {
                 "Server connections per node: idle in the pool, or active (serving a session).",
                 &["node", "state"]
             ),
+            pool_waiting: metric!(
+                r,
+                IntGaugeVec,
+                "pgpilot_pool_waiting_clients",
+                "Sessions queued for a server connection to a node (every slot taken).",
+                &["node"]
+            ),
             backend_opened: metric!(
                 r,
                 IntCounterVec,
@@ -597,6 +605,7 @@ impl ScrapeGauges {
             &self.node_primary,
             &self.replay_paused,
             &self.backend_conns,
+            &self.pool_waiting,
             &self.info,
         ] {
             v.reset();
@@ -643,6 +652,9 @@ impl ScrapeGauges {
             self.backend_conns
                 .with_label_values(&[id, "active"])
                 .set(pool.open.saturating_sub(pool.idle) as i64);
+            self.pool_waiting
+                .with_label_values(&[id])
+                .set(pool.waiting as i64);
             sync_counter(
                 &self.backend_opened.with_label_values(&[id]),
                 pool.opened_total,
