@@ -2,7 +2,8 @@
 //! 2 standbys: clean sessions share server connections between transactions,
 //! a transaction keeps its connection, session state pins one, a cancel never
 //! reaches a connection that now serves someone else, waiting sessions are
-//! served in arrival order, and pgbench completes.
+//! served in arrival order, unnamed statements never cross sessions, and
+//! pgbench completes.
 
 mod common;
 
@@ -190,20 +191,110 @@ async fn a_waiter_that_gave_up_costs_no_connection() {
     assert_eq!(one(&holder, "SELECT pg_backend_pid()").await, pid);
 }
 
+/// One extended-protocol request on a raw socket: an optional unnamed Parse,
+/// then Bind/Execute of the unnamed statement, Sync. The first column of each
+/// row, or the SQLSTATE of the error.
+async fn unnamed_request(
+    s: &mut tokio::net::TcpStream,
+    parse: Option<&str>,
+) -> Result<Vec<String>, String> {
+    use postgres_protocol::message::frontend;
+    use tokio::io::AsyncWriteExt;
+    let mut buf = bytes::BytesMut::new();
+    if let Some(sql) = parse {
+        frontend::parse("", sql, std::iter::empty(), &mut buf).unwrap();
+    }
+    frontend::bind(
+        "",
+        "",
+        std::iter::empty::<i16>(),
+        std::iter::empty::<i32>(),
+        |_: i32,
+         _: &mut bytes::BytesMut|
+         -> Result<postgres_protocol::IsNull, Box<dyn std::error::Error + Sync + Send>> {
+            unreachable!()
+        },
+        Some(0),
+        &mut buf,
+    )
+    .map_err(|_| "bind")
+    .unwrap();
+    frontend::execute("", 0, &mut buf).unwrap();
+    frontend::sync(&mut buf);
+    s.write_all(&buf).await.unwrap();
+    let mut rows = Vec::new();
+    let mut error = None;
+    loop {
+        let (t, body) = common::raw::read_msg(s).await.unwrap();
+        match t {
+            b'D' => {
+                let len = i32::from_be_bytes(body[2..6].try_into().unwrap());
+                rows.push(String::from_utf8_lossy(&body[6..6 + len as usize]).into_owned());
+            }
+            b'E' => error = Some(common::raw::sqlstate_of(&body)),
+            b'Z' => return error.map_or(Ok(rows), Err),
+            _ => {}
+        }
+    }
+}
+
+#[tokio::test]
+async fn unnamed_statements_share_connections_and_never_cross_sessions() {
+    let addr = spawn_proxy(tx_config(1, Duration::from_secs(2)));
+    let mut a = common::raw::login_raw(addr).await;
+    let mut b = common::raw::login_raw(addr).await;
+    // Both run extended-protocol requests on the one server connection.
+    let pid = unnamed_request(&mut a, Some("SELECT pg_backend_pid()::text")).await;
+    assert_eq!(
+        unnamed_request(&mut b, Some("SELECT pg_backend_pid()::text")).await,
+        pid
+    );
+    // A parses a statement; C, which never parsed one, cannot run it: the
+    // connection's unnamed statement is closed before C's Bind.
+    let mut c = common::raw::login_raw(addr).await;
+    unnamed_request(&mut a, Some("SELECT 'secret of a'"))
+        .await
+        .unwrap();
+    assert_eq!(
+        unnamed_request(&mut c, None).await,
+        Err("26000".to_string())
+    );
+    // B's Bind alone runs B's own earlier statement, re-parsed.
+    unnamed_request(&mut a, Some("SELECT 'secret of a'"))
+        .await
+        .unwrap();
+    assert_eq!(unnamed_request(&mut b, None).await, pid);
+    // B parses its own; A's Bind alone runs A's statement again (re-parsed
+    // on the connection B's statement replaced).
+    assert_eq!(
+        unnamed_request(&mut b, Some("SELECT 'of b'")).await,
+        Ok(vec!["of b".to_string()])
+    );
+    assert_eq!(
+        unnamed_request(&mut a, None).await,
+        Ok(vec!["secret of a".to_string()])
+    );
+    // And again with nobody in between: the statement found on the connection.
+    assert_eq!(
+        unnamed_request(&mut a, None).await,
+        Ok(vec!["secret of a".to_string()])
+    );
+    assert_eq!(
+        unnamed_request(&mut b, None).await,
+        Ok(vec!["of b".to_string()])
+    );
+}
+
 #[test]
 fn pgbench_completes_with_more_clients_than_server_connections() {
     let addr = spawn_proxy(tx_config(3, Duration::from_secs(10)));
     common::pgbench_at(addr, &["-i", "-s", "1", "-q"]);
-    // 8 clients over 3 server connections: only transaction pooling can.
+    // 8 clients over 3 server connections: only transaction pooling can
+    // (extended: unnamed statements, which do not pin a session).
     for mode in ["simple", "extended"] {
         for workload in [&["-S"][..], &[][..]] {
             let mut args = vec!["-M", mode, "-c", "8", "-j", "2", "-T", "2"];
             args.extend_from_slice(workload);
-            if mode == "extended" {
-                // Extended-protocol sessions keep their connection once they
-                // have prepared a statement: as many clients as connections.
-                args[3] = "3";
-            }
             let text = common::pgbench_at(addr, &args);
             assert!(
                 text.contains("number of failed transactions: 0 (0.000%)"),

@@ -68,6 +68,23 @@ pub struct BackendConn {
     pub created: Instant,
     /// When it was last returned to the pool (idle expiry).
     pub last_used: Instant,
+    /// The unnamed prepared statement it holds between two sessions'
+    /// transactions (transaction pooling gives connections back with one).
+    pub unnamed: Unnamed,
+}
+
+/// What a pooled connection's unnamed prepared statement is.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum Unnamed {
+    /// None (or none that anyone can use).
+    #[default]
+    Absent,
+    /// The statement this Parse message (name, query, parameter types) made:
+    /// a session whose own unnamed statement was parsed from the same bytes
+    /// can use it as is.
+    Parsed(bytes::Bytes),
+    /// One of unknown origin.
+    Unknown,
 }
 
 impl BackendConn {
@@ -113,6 +130,7 @@ impl BackendConn {
             status: TxStatus::Idle,
             created: Instant::now(),
             last_used: Instant::now(),
+            unnamed: Unnamed::Absent,
         };
         match timeout(p.auth_timeout, conn.startup(p)).await {
             Ok(r) => r.map(|()| conn),

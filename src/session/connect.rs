@@ -10,6 +10,7 @@ use bytes::BytesMut;
 use super::link::Link;
 use super::{SHUN, SHUN_REFUSED, Session, SessionError, state};
 use crate::backend::BackendError;
+use crate::backend::conn::Unnamed;
 use crate::backend::pool::AcquireSettings;
 
 impl Session {
@@ -126,6 +127,7 @@ impl Session {
         let mut msgs = BytesMut::new();
         let mut rfqs = 0;
         let mut discards = false;
+        let replayed = !self.state.log_since(link.applied).is_empty();
         for q in self.state.log_since(link.applied) {
             msgs.extend_from_slice(q);
             rfqs += 1;
@@ -143,6 +145,11 @@ impl Session {
         if rfqs > 0 {
             let errors = link.conn.exchange_discarding(&msgs, rfqs, limit).await?;
             link.applied = self.state.log_end();
+            if replayed {
+                // Settings are replayed as simple Queries, which drop the
+                // server's unnamed statement.
+                link.unnamed = Unnamed::Absent;
+            }
             if discards {
                 link.statements.clear();
             }
@@ -156,6 +163,7 @@ impl Session {
         let mut rfqs = 0;
         let mut parses = false;
         let mut made = Vec::new();
+        let mut unnamed = None;
         for name in needs {
             if link.statements.contains(&name) {
                 continue;
@@ -164,10 +172,22 @@ impl Session {
                 Some(state::StmtSource::Parse(f)) => {
                     msgs.extend_from_slice(f);
                     parses = true;
+                    if name.is_empty() {
+                        unnamed = Some(Unnamed::Parsed(f.clone()));
+                    }
                 }
                 Some(state::StmtSource::Sql(q)) => {
                     msgs.extend_from_slice(q);
                     rfqs += 1;
+                }
+                None if name.is_empty() && link.unnamed != Unnamed::Absent => {
+                    // The request uses an unnamed statement the session has not
+                    // made: close the one left here (another session's), so the
+                    // server reports it missing rather than running it.
+                    state::close_statement_message(&mut msgs, b"");
+                    parses = true;
+                    unnamed = Some(Unnamed::Absent);
+                    continue;
                 }
                 None => continue,
             }
@@ -179,6 +199,11 @@ impl Session {
         }
         if rfqs > 0 {
             let errors = link.conn.exchange_discarding(&msgs, rfqs, limit).await?;
+            link.unnamed = match unnamed {
+                Some(u) if errors.is_empty() => u,
+                Some(_) => Unnamed::Unknown,
+                None => std::mem::take(&mut link.unnamed),
+            };
             if errors.is_empty() {
                 link.statements.extend(made);
             } else if !must_use {
@@ -212,7 +237,10 @@ impl Session {
         };
         let sql = "SELECT current_setting('default_transaction_isolation'), \
                    current_setting('default_transaction_read_only')";
-        match link.conn.query_row(sql, self.cfg.timeouts.reset).await {
+        let row = link.conn.query_row(sql, self.cfg.timeouts.reset).await;
+        // A simple Query: the server's unnamed statement is gone.
+        link.unnamed = Unnamed::Absent;
+        match row {
             Ok(row) => {
                 let value = |i: usize| row.get(i).cloned().flatten().unwrap_or_default();
                 if value(0) == "serializable" {

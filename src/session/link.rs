@@ -15,6 +15,7 @@ use tokio::net::TcpStream;
 
 use super::SessionError;
 use super::state::Effects;
+use crate::backend::conn::Unnamed;
 use crate::backend::pool::PooledConn;
 use crate::metrics::{ErrorSeverity, Metrics};
 use crate::net::Outbox;
@@ -73,6 +74,10 @@ pub struct Link {
     pub statements: HashSet<Vec<u8>>,
     /// Statements the session forgot that still exist here (closed before next use).
     pub pending_close: Vec<Vec<u8>>,
+    /// The unnamed prepared statement the server holds, whoever made it (this
+    /// session, or one that used the connection before). `statements` has the
+    /// empty name only while it is the session's own current one.
+    pub unnamed: Unnamed,
     /// How much of the session's settings log this connection has applied.
     pub applied: u64,
     /// The server sent FATAL: it is about to close the connection.
@@ -89,7 +94,8 @@ pub struct Link {
 
 impl Link {
     /// Wrap a freshly acquired connection (it has applied none of the session's log).
-    pub fn new(conn: PooledConn) -> Link {
+    pub fn new(mut conn: PooledConn) -> Link {
+        let unnamed = std::mem::take(&mut conn.unnamed);
         Link {
             conn,
             scanner: BackendScanner::default(),
@@ -104,6 +110,7 @@ impl Link {
             effects: VecDeque::new(),
             statements: HashSet::new(),
             pending_close: Vec::new(),
+            unnamed,
             applied: 0,
             saw_fatal: false,
             copy_in: false,
@@ -200,7 +207,7 @@ impl Link {
                     let current = self.received + 1;
                     while self.parses.front().is_some_and(|(k, _)| *k == current) {
                         if let Some((_, name)) = self.parses.pop_front() {
-                            done.push(Done::ParseFailed(name));
+                            self.parse_failed(name, done);
                         }
                     }
                 }
@@ -231,6 +238,15 @@ impl Link {
         Ok(())
     }
 
+    /// A Parse failed: its statement does not exist here (a failed unnamed
+    /// Parse has also dropped the unnamed statement it would have replaced).
+    fn parse_failed(&mut self, name: Vec<u8>, done: &mut Vec<Done>) {
+        if name.is_empty() {
+            self.unnamed = Unnamed::Unknown;
+        }
+        done.push(Done::ParseFailed(name));
+    }
+
     fn on_ready(&mut self, status: TxStatus, done: &mut Vec<Done>) {
         self.outstanding = self.outstanding.saturating_sub(1);
         self.received += 1;
@@ -254,7 +270,7 @@ impl Link {
             .is_some_and(|(k, _)| *k <= self.received)
         {
             if let Some((_, name)) = self.parses.pop_front() {
-                done.push(Done::ParseFailed(name));
+                self.parse_failed(name, done);
             }
         }
         done.push(Done::Ready {

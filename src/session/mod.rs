@@ -32,6 +32,7 @@ use tokio::time::timeout;
 
 use crate::admin::registry::{self, SessionHandle};
 use crate::backend::BackendError;
+use crate::backend::conn::Unnamed;
 use crate::config::Config;
 use crate::context::{ClientSlot, ProxyContext};
 use crate::error::ToPgError;
@@ -570,9 +571,13 @@ impl Session {
             let ctx = self.ctx.clone();
             let cfg = self.cfg.clone();
             if link.reusable() {
-                let dirty = self.dirty || !link.statements.is_empty();
+                // An unnamed statement needs no reset: the connection's next
+                // user re-parses its own or closes it (see `Link::unnamed`).
+                let dirty = self.dirty || link.statements.iter().any(|n| !n.is_empty());
                 tokio::spawn(async move {
                     let mut conn = link.conn;
+                    // The reset (a simple Query) drops an unnamed statement.
+                    conn.unnamed = if dirty { Unnamed::Absent } else { link.unnamed };
                     let reset = if dirty {
                         conn.run_discarding(&cfg.pool.reset_query, cfg.timeouts.reset)
                             .await

@@ -24,6 +24,7 @@ use std::sync::Arc;
 
 use super::state::{SessionState, StmtSource};
 use super::{Session, SessionError};
+use crate::backend::conn::Unnamed;
 use crate::config::UnknownFunctions;
 use crate::protocol::frame::{cstr, peek_frame};
 use crate::protocol::tag;
@@ -364,8 +365,14 @@ impl Session {
                                     needs.push(name.to_vec());
                                 }
                             }
-                            None if f.tag == tag::BIND => unknown_statement = true,
-                            None => {}
+                            None => {
+                                unknown_statement |= f.tag == tag::BIND;
+                                // Another session's unnamed statement may be on
+                                // the connection: it is closed first.
+                                if name.is_empty() && !needs.iter().any(|n| n.is_empty()) {
+                                    needs.push(Vec::new());
+                                }
+                            }
                         }
                     }
                 }
@@ -567,17 +574,39 @@ impl Session {
             // taken now, without an I/O step (nothing to replay on it).
             self.adopt_recent_connection(node);
         }
+        if needs.iter().any(|n| n.is_empty()) {
+            self.recognise_unnamed(node);
+        }
         let Some(link) = &self.links[node] else {
             return Err(prepare());
         };
+        let missing = |n: &Vec<u8>| {
+            !link.statements.contains(n)
+                && (self.state.stmts.contains_key(n)
+                    || (n.is_empty() && link.unnamed != Unnamed::Absent))
+        };
         let stale = link.applied < self.state.log_end()
             || !link.pending_close.is_empty()
-            || needs.iter().any(|n| !link.statements.contains(n))
+            || needs.iter().any(missing)
             || (node != self.active && !busy_here && !link.conn.is_healthy_idle());
         match (stale, busy_here) {
             (false, _) => Ok(()),
             (true, true) => Err(Step::Blocked),
             (true, false) => Err(prepare()),
+        }
+    }
+
+    /// The connection to `node` holds an unnamed statement parsed from the
+    /// same bytes as the session's own (given back and taken again, or left
+    /// by a session running the same statement): it serves as the session's.
+    fn recognise_unnamed(&mut self, node: usize) {
+        let Some(StmtSource::Parse(own)) = self.state.stmts.get(&b""[..]).map(|s| &s.source) else {
+            return;
+        };
+        if let Some(l) = self.links[node].as_mut()
+            && matches!(&l.unnamed, Unnamed::Parsed(b) if b == own)
+        {
+            l.statements.insert(Vec::new());
         }
     }
 
@@ -600,6 +629,10 @@ impl Session {
         link.outstanding += 1;
         link.sent += 1;
         link.syncs_since_execute = 0;
+        if t == tag::QUERY {
+            // A simple Query drops the server's unnamed statement.
+            link.unnamed = Unnamed::Absent;
+        }
         if let Some(e) = effects {
             let k = link.sent;
             link.effects.push_back((k, e));
@@ -622,15 +655,17 @@ impl Session {
                     Some(c) => c,
                     None => self.classify(query),
                 };
+                let source = bytes::Bytes::copy_from_slice(frame);
                 if name.is_empty() {
                     for l in self.links.iter_mut().flatten() {
                         l.statements.remove(name);
                     }
+                    self.link_mut(node)?.unnamed = Unnamed::Parsed(source.clone());
                 } else {
                     self.dirty = true;
                 }
                 let stmt = super::state::Stmt {
-                    source: StmtSource::Parse(bytes::Bytes::copy_from_slice(frame)),
+                    source: StmtSource::Parse(source),
                     class,
                     hint,
                 };
@@ -736,6 +771,11 @@ impl Session {
     /// it, and close it later on the other connections that have it.
     pub(super) fn forget_statement(&mut self, node: usize, name: &[u8]) {
         self.state.stmts.remove(name);
+        if name.is_empty()
+            && let Some(l) = self.links[node].as_mut()
+        {
+            l.unnamed = Unnamed::Absent;
+        }
         for (i, l) in self.links.iter_mut().enumerate() {
             if let Some(l) = l
                 && l.statements.remove(name)

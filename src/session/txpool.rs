@@ -3,7 +3,7 @@
 //! (its own or another client's) takes whichever idle connection is warmest.
 //!
 //! Only a session with nothing to lose does so. Anything that leaves state on
-//! a server connection — a setting, a prepared statement, a temporary table,
+//! a server connection — a setting, a named prepared statement, a temporary table,
 //! LISTEN, an advisory lock, a WITH HOLD cursor, a statement pgpilot could not
 //! parse, a FunctionCall — marks the session dirty, and a dirty session keeps
 //! its connections to the end, exactly as in session pooling. So a released
@@ -22,7 +22,10 @@ impl Session {
         for node in 0..self.links.len() {
             if let Some(link) = self.links[node].take() {
                 self.install_link(node, None);
-                self.ctx.pool.put_idle(link.conn);
+                let mut conn = link.conn;
+                // What the next user of the connection must know of it.
+                conn.unnamed = link.unnamed;
+                self.ctx.pool.put_idle(conn);
             }
         }
         // A cancel must never reach a connection now serving someone else.
@@ -44,8 +47,12 @@ impl Session {
             && self.links.iter().any(Option::is_some)
             && self.links.iter().flatten().all(|l| {
                 // The unnamed statement is the only one a clean session can
-                // leave; a connection holding it is not given to anyone else.
-                l.reusable() && l.statements.is_empty() && l.pending_close.is_empty()
+                // leave. The connection's next user re-parses its own (or
+                // finds the same one there) before using one, and closes this
+                // one first if it has none: it never runs another's.
+                l.reusable()
+                    && l.statements.iter().all(|n| n.is_empty())
+                    && l.pending_close.is_empty()
             })
     }
 
