@@ -26,6 +26,7 @@
 #
 #   benches/e2e.sh                      # defaults: 3 rounds x 10 s, 16 clients, simple protocol
 #   ROUNDS=5 DURATION=20 MODE=prepared benches/e2e.sh
+#   ROUNDS=15 TARGETS="pgpilot-primary" benches/e2e.sh   # a long paired A/B
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -179,8 +180,13 @@ bouncer_pid() { # name -> PgBouncer's own pid (for its CPU time)
 }
 BOUNCER_REAL_PID=$(bouncer_pid pgbouncer)
 SESSION_BOUNCER_REAL_PID=$(bouncer_pid pgbouncer-session)
-TARGETS="direct direct-split pgbouncer pgbouncer-session pgpilot-primary pgpilot-tx pgpilot"
-declare -A RESULTS CPU PG MACHINE
+# TARGETS: a subset for a longer focused run; direct and pgbouncer are the
+# baselines of the ratios and always run.
+TARGETS=${TARGETS:-"direct direct-split pgbouncer pgbouncer-session pgpilot-primary pgpilot-tx pgpilot"}
+for base in pgbouncer direct; do
+    case " $TARGETS " in *" $base "*) ;; *) TARGETS="$base $TARGETS" ;; esac
+done
+declare -A RESULTS CPU PG MACHINE STEAL
 # Each round starts one target later than the last, so no target always runs
 # right after the same neighbour (or in the same slot of a round).
 rotate() { # round -> TARGETS rotated left by round-1
@@ -207,6 +213,7 @@ for r in $(seq 1 "$ROUNDS"); do
         CPU[$target]="${CPU[$target]:-} $cpu"
         PG[$target]="${PG[$target]:-} $pg"
         MACHINE[$target]="${MACHINE[$target]:-} $machine"
+        STEAL[$target]="${STEAL[$target]:-} $steal"
         printf 'round %d  %-17s %8.0f tps   machine CPU %6.1f   PostgreSQL CPU %6.1f' "$r" "$target" "$tps" "$machine" "$pg"
         [ "$pid" != 0 ] && printf '   proxy CPU %5.1f' "$cpu"
         printf ' us/transaction   steal %4.1f%%\n' "$steal"
@@ -231,12 +238,17 @@ for target in $TARGETS; do
 done
 # The same comparison paired by round (each target against PgBouncer's run in
 # the same round), which is less sensitive to a round where the machine was slow.
-per_round() { # array-name invert -> per target: its ratios to PgBouncer's run in the same round (inverted when invert=1), and their median
+per_round() { # array-name invert [max_steal] -> per target: its ratios to PgBouncer's run in the
+    # same round (inverted when invert=1) and their median; with max_steal, only
+    # the rounds where both runs saw at most that much steal
     local -n values=$1
     for target in $TARGETS; do
         ratios=$(paste -d' ' <(echo "${values[$target]}" | tr ' ' '\n' | grep -v '^$') \
-            <(echo "${values[pgbouncer]}" | tr ' ' '\n' | grep -v '^$') | awk -v inv="$2" '{ printf "%.3f ", (inv ? $2 / $1 : $1 / $2) }')
-        printf '  %-17s %s  median %s\n' "$target" "$ratios" "$(echo "$ratios" | median)"
+            <(echo "${values[pgbouncer]}" | tr ' ' '\n' | grep -v '^$') \
+            <(echo "${STEAL[$target]}" | tr ' ' '\n' | grep -v '^$') \
+            <(echo "${STEAL[pgbouncer]}" | tr ' ' '\n' | grep -v '^$') |
+            awk -v inv="$2" -v max="${3:-100}" '$3 <= max && $4 <= max { printf "%.3f ", (inv ? $2 / $1 : $1 / $2) }')
+        printf '  %-17s %s  median %s\n' "$target" "${ratios:-(none)}" "$(echo "$ratios" | median)"
     done
 }
 echo "per round, TPS x pgbouncer (median):"
@@ -250,3 +262,6 @@ per_round RESULTS 0
 # the target's, above 1 when the target needs less CPU for the same work.
 echo "per round, transactions per CPU-second x pgbouncer (median):"
 per_round MACHINE 1
+# The plainest correction: only the rounds in which neither run was robbed.
+echo "per round, TPS x pgbouncer, rounds where both runs saw <= ${QUIET_STEAL:=5}% steal (median):"
+per_round RESULTS 0 "$QUIET_STEAL"

@@ -79,9 +79,9 @@ pub enum Unnamed {
     /// None (or none that anyone can use).
     #[default]
     Absent,
-    /// The statement this Parse message (name, query, parameter types) made:
-    /// a session whose own unnamed statement was parsed from the same bytes
-    /// can use it as is.
+    /// The statement this Parse message made (the session's own record of it,
+    /// shared: the session that made it recognises it by identity and uses it
+    /// as is).
     Parsed(bytes::Bytes),
     /// One of unknown origin.
     Unknown,

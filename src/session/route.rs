@@ -596,15 +596,18 @@ impl Session {
         }
     }
 
-    /// The connection to `node` holds an unnamed statement parsed from the
-    /// same bytes as the session's own (given back and taken again, or left
-    /// by a session running the same statement): it serves as the session's.
+    /// The connection to `node` holds the session's own current unnamed
+    /// statement (it gave the connection back and took it again): no re-parse.
+    /// Identity, not equal bytes: the same text parsed by another session could
+    /// mean something else (a search_path set by its role, a changed table).
+    /// The record is shared, not copied, so its address identifies it (and
+    /// cannot be reused while the connection still refers to it).
     fn recognise_unnamed(&mut self, node: usize) {
         let Some(StmtSource::Parse(own)) = self.state.stmts.get(&b""[..]).map(|s| &s.source) else {
             return;
         };
         if let Some(l) = self.links[node].as_mut()
-            && matches!(&l.unnamed, Unnamed::Parsed(b) if b == own)
+            && matches!(&l.unnamed, Unnamed::Parsed(b) if b.as_ptr() == own.as_ptr() && b.len() == own.len())
         {
             l.statements.insert(Vec::new());
         }
