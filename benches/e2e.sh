@@ -256,10 +256,10 @@ per_round RESULTS 0
 # This VM's CPUs are shared: its steal time (printed per run above) swings
 # between 0 and 40% from one minute to the next, and TPS with it. The whole
 # machine's busy CPU per transaction (every process: pgbench, PostgreSQL, the
-# proxy, the kernel; steal excluded) moves with steal too, but about a third as
-# much (measured: direct ran 14.6k-20.9k TPS at 97-106 us/tx), so it compares
-# the proxies' efficiency more steadily: PgBouncer's CPU per transaction over
-# the target's, above 1 when the target needs less CPU for the same work.
+# proxy, the kernel; steal excluded) is, on a saturated machine, the CPU it
+# actually had over the transactions done: its inverse is TPS corrected for
+# steal. PgBouncer's CPU per transaction over the target's, above 1 when the
+# target did more with the CPU it had.
 echo "per round, transactions per CPU-second x pgbouncer (median):"
 per_round MACHINE 1
 # The plainest correction: only the rounds in which neither run was robbed.
