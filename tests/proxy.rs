@@ -441,6 +441,34 @@ async fn pool_exhaustion_gives_53300_after_the_wait() {
 }
 
 #[tokio::test]
+async fn without_a_primary_an_admin_logs_in_and_only_its_request_fails() {
+    // pgpilot in front of a single node that is not there.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = dead.local_addr().unwrap().port();
+    drop(dead);
+    let mut cfg = harness().config();
+    cfg.backends.truncate(1);
+    cfg.backends[0].port = port;
+    cfg.pool.acquire_timeout = Duration::from_millis(500);
+    let addr = spawn_proxy(cfg);
+    let admin = tokio::time::timeout(Duration::from_secs(5), connect(addr, ""))
+        .await
+        .expect("an admin logs in without a primary");
+    let (_, nodes) = common::show(&admin, "SHOW POOL_NODES").await;
+    assert_eq!(nodes.len(), 1);
+    // A statement that needs a server fails after the wait, as an error: the
+    // session holds no connection, so it goes on.
+    for _ in 0..2 {
+        let e = admin.simple_query("SELECT 1").await.unwrap_err();
+        assert_eq!(sqlstate(&e).as_deref(), Some("57P03"), "{e}");
+        let e = admin.query("SELECT $1::int", &[&1i32]).await.unwrap_err();
+        assert_eq!(sqlstate(&e).as_deref(), Some("57P03"), "{e}");
+    }
+    let (_, nodes) = common::show(&admin, "SHOW POOL_NODES").await;
+    assert_eq!(nodes.len(), 1);
+}
+
+#[tokio::test]
 async fn client_limit_gives_53300() {
     let h = harness();
     let mut cfg = h.config();

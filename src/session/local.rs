@@ -171,6 +171,27 @@ impl Session {
         self.send_local(&out)
     }
 
+    /// Answer the request at the front of the client's buffer with `err`
+    /// instead of running it: a Query or FunctionCall is consumed and answered
+    /// with the error and ReadyForQuery; an extended batch gets the error and
+    /// is skipped up to its Sync, which gets ReadyForQuery.
+    pub(super) fn refuse_request(&mut self, err: PgError) -> Result<(), SessionError> {
+        let Some(f) = crate::protocol::frame::peek_frame(&self.cbuf, self.cfg.max_message_size)?
+        else {
+            return Ok(());
+        };
+        let mut out = BytesMut::new();
+        err.encode(&mut out);
+        if f.tag == tag::QUERY || f.tag == tag::FUNCTION_CALL {
+            bytes::Buf::advance(&mut self.cbuf, f.wire_len);
+            messages::ready_for_query(&mut out, self.client_status());
+        } else {
+            self.batch = Some(super::route::LOCAL);
+            self.local.failed = true;
+        }
+        self.send_local(&out)
+    }
+
     /// Start a local batch that only reports the aborted transaction.
     pub(super) fn start_refused_batch(&mut self) -> Result<(), SessionError> {
         self.local.failed = true;

@@ -189,6 +189,14 @@ impl Session {
                 );
                 match self.ctx.cluster.wait_primary_for(wait, failover).await {
                     Some(_) => Ok(true),
+                    // A session that holds no server connection (between
+                    // transactions under transaction pooling, or an admin who
+                    // logged in without a primary) loses only this request.
+                    None if !self.in_tx && self.links.iter().all(Option::is_none) => {
+                        let e = crate::error::ToPgError::to_pg_error(&BackendError::NoPrimary);
+                        self.refuse_request(e).map_err(Some)?;
+                        Ok(true)
+                    }
                     None => Err(Some(SessionError::Backend(BackendError::NoPrimary))),
                 }
             }
