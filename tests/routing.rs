@@ -1181,6 +1181,60 @@ async fn read_only_transactions_run_entirely_on_the_standby() {
 }
 
 #[tokio::test]
+async fn set_transaction_a_standby_cannot_take_moves_a_fresh_read_only_transaction() {
+    // On the primary, a READ ONLY transaction that has run nothing yet may
+    // still become SERIALIZABLE or READ WRITE. On a hot standby both fail
+    // (0A000, 25006), so pgpilot moves such a transaction to the primary.
+    let addr = proxy().await;
+    let n = nodes().await;
+    n.setup("CREATE TABLE ro_move (id int)").await;
+    let s = sess(addr, "ro_move").await;
+    assert!(is_standby(&s.read_node().await));
+    s.expect(&n, "BEGIN READ ONLY", None, On::Standby).await;
+    s.c.batch_execute("SET TRANSACTION ISOLATION LEVEL SERIALIZABLE")
+        .await
+        .unwrap_or_else(|e| panic!("{}", describe(&e)));
+    assert_eq!(s.read_node().await, PRIMARY);
+    assert_eq!(s.one("SHOW transaction_isolation").await, "serializable");
+    assert_eq!(s.one("SHOW transaction_read_only").await, "on");
+    s.c.batch_execute("COMMIT").await.unwrap();
+    s.expect(&n, "START TRANSACTION READ ONLY", None, On::Standby)
+        .await;
+    s.c.batch_execute("SET TRANSACTION READ WRITE")
+        .await
+        .unwrap_or_else(|e| panic!("{}", describe(&e)));
+    s.c.batch_execute("INSERT INTO ro_move VALUES (1)")
+        .await
+        .unwrap();
+    s.c.batch_execute("COMMIT").await.unwrap();
+    let on_primary: i64 = n.su[0]
+        .query_one("SELECT count(*) FROM ro_move", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(on_primary, 1);
+    // Back to the standby for the next read, and a read-only SET TRANSACTION
+    // keeps the transaction where it is.
+    assert!(is_standby(&s.read_node().await));
+    s.expect(&n, "BEGIN READ ONLY", None, On::Standby).await;
+    s.c.batch_execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        .await
+        .unwrap();
+    assert!(is_standby(&s.read_node().await));
+    s.c.batch_execute("COMMIT").await.unwrap();
+    // Once the transaction has run a statement it has a snapshot: it stays,
+    // and the server says why the mode cannot change.
+    s.expect(&n, "BEGIN READ ONLY", None, On::Standby).await;
+    assert!(is_standby(&s.read_node().await));
+    let e =
+        s.c.batch_execute("SET TRANSACTION READ WRITE")
+            .await
+            .unwrap_err();
+    assert_eq!(sqlstate(&e).as_deref(), Some("25001"), "{}", describe(&e));
+    s.c.batch_execute("ROLLBACK").await.unwrap();
+}
+
+#[tokio::test]
 async fn serializable_transactions_never_run_on_a_standby() {
     // A hot standby cannot run SERIALIZABLE transactions (0A000 "cannot use
     // serializable mode in a hot standby"): they need the primary even when READ

@@ -32,6 +32,25 @@ pub fn is_transaction_scoped_set(sql: &str) -> bool {
     word(&t[0], "set") && (word(&t[1], "local") || word(&t[1], "transaction"))
 }
 
+/// `SET TRANSACTION` asking for what a hot standby cannot give: `ISOLATION
+/// LEVEL SERIALIZABLE` or `READ WRITE` (a single statement; later statements
+/// in the same string are not looked at, they run where it runs).
+pub fn tx_mode_needs_primary(sql: &str) -> bool {
+    let mut toks = Lexer::new(sql);
+    let (set, tx) = (toks.next(), toks.next());
+    if !word(&set, "set") || !word(&tx, "transaction") {
+        return false;
+    }
+    let mut prev: Option<Token<'_>> = None;
+    for t in toks.take_while(|t| !t.is_punct(";")) {
+        if t.is_word("serializable") || (t.is_word("write") && word(&prev, "read")) {
+            return true;
+        }
+        prev = Some(t);
+    }
+    false
+}
+
 /// `DISCARD ALL` or `RESET ALL`: every earlier setting is void afterwards.
 pub fn resets_all(sql: &str) -> bool {
     let (t, n) = head::<3>(sql);
@@ -197,6 +216,28 @@ pub fn pgpilot_command(sql: &str) -> Option<PgpilotCommand> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn set_transaction_modes_a_standby_cannot_take() {
+        for sql in [
+            "SET TRANSACTION ISOLATION LEVEL SERIALIZABLE",
+            "set transaction read write",
+            "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ WRITE;",
+            "SET TRANSACTION /* x */ READ ONLY, ISOLATION LEVEL SERIALIZABLE",
+        ] {
+            assert!(tx_mode_needs_primary(sql), "{sql}");
+        }
+        for sql in [
+            "SET TRANSACTION READ ONLY",
+            "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ",
+            "SET TRANSACTION SNAPSHOT '00000003-0000001B-1'",
+            "SET SESSION CHARACTERISTICS AS TRANSACTION ISOLATION LEVEL SERIALIZABLE",
+            "SET TRANSACTION READ ONLY; SELECT 'serializable'",
+            "SELECT 1",
+        ] {
+            assert!(!tx_mode_needs_primary(sql), "{sql}");
+        }
+    }
 
     #[test]
     fn scopes() {

@@ -218,6 +218,42 @@ impl Session {
         Ok(())
     }
 
+    /// Move the transaction begun on a standby, which has run nothing but its
+    /// BEGIN (so it has no snapshot yet), to the primary: ROLLBACK there,
+    /// the same BEGIN here, both answered to pgpilot alone. Without a primary
+    /// the transaction stays (its next statement gets the standby's error).
+    pub(super) async fn move_fresh_tx_to_primary(&mut self) -> Result<(), SessionError> {
+        let (Some(begin), Some(standby)) = (self.fresh_tx_begin.take(), self.route.tx_node) else {
+            return Ok(());
+        };
+        let Some(primary) = self.ctx.cluster.snapshot().primary else {
+            return Ok(());
+        };
+        let limit = self.cfg.timeouts.reset;
+        if let Some(link) = self.links[standby].as_mut() {
+            let rollback = state::query_message(b"ROLLBACK");
+            link.conn.exchange_discarding(&rollback, 1, limit).await?;
+            link.unnamed = Unnamed::Absent;
+        }
+        self.prepare_node(primary, Vec::new()).await?;
+        let link = self.link_mut(primary)?;
+        let errors = link.conn.exchange_discarding(&begin, 1, limit).await?;
+        link.unnamed = Unnamed::Absent;
+        if let Some(e) = errors.first() {
+            // The client believes it is in a transaction that now exists nowhere.
+            tracing::warn!(error = %e.message, "BEGIN failed on the primary");
+            return Err(SessionError::BackendLost { node: primary });
+        }
+        tracing::debug!(
+            standby,
+            primary,
+            "read-only transaction moved to the primary for SET TRANSACTION"
+        );
+        self.route.tx_node = Some(primary);
+        self.set_active(primary);
+        Ok(())
+    }
+
     /// Read the session's transaction defaults on its primary connection: a
     /// serializable default keeps the session on the primary (a hot standby cannot
     /// run serializable transactions), a read-only default makes its transactions

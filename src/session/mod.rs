@@ -237,6 +237,10 @@ struct Session {
     local: local::LocalStatements,
     /// Read-your-writes state: what the session's reads must see.
     fresh: fresh::Freshness,
+    /// The open transaction was begun on a standby by this Query and has run
+    /// nothing else: a `SET TRANSACTION` only the primary can take moves it
+    /// there ([`route::Step::MoveTxToPrimary`]).
+    fresh_tx_begin: Option<bytes::Bytes>,
     /// Logged in without a server connection (an admin user while no primary
     /// could be reached): the session may hold none until a request needs one.
     detached: bool,
@@ -319,6 +323,7 @@ impl Session {
             registration,
             local: local::LocalStatements::default(),
             fresh: fresh::Freshness::default(),
+            fresh_tx_begin: None,
             detached: false,
             _slot: slot,
         }

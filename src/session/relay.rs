@@ -200,6 +200,10 @@ impl Session {
                     None => Err(Some(SessionError::Backend(BackendError::NoPrimary))),
                 }
             }
+            Step::MoveTxToPrimary => {
+                self.move_fresh_tx_to_primary().await.map_err(Some)?;
+                Ok(true)
+            }
             Step::ProbeDefaults => {
                 self.probe_defaults().await.map_err(Some)?;
                 Ok(true)

@@ -58,6 +58,9 @@ pub enum Step {
     /// Ask the primary connection for the session's transaction defaults (from
     /// startup options, ALTER ROLE/DATABASE … SET) before its first standby read.
     ProbeDefaults,
+    /// Move the read-only transaction just begun on a standby to the primary:
+    /// its next statement is a `SET TRANSACTION` only the primary can take.
+    MoveTxToPrimary,
     /// Wait until one of `nodes` has replayed `target`, or `deadline`.
     WaitReplay {
         /// Standbys that may serve the read.
@@ -193,6 +196,12 @@ impl Session {
                         self.answer_local_query(&cmd)?;
                         *pos += f.wire_len;
                         continue;
+                    }
+                    if self.moves_fresh_tx(frame) {
+                        if self.links.iter().flatten().any(|l| l.busy()) {
+                            return Ok(Step::Blocked);
+                        }
+                        return Ok(Step::MoveTxToPrimary);
                     }
                     match self.plan_simple(f.tag, frame)? {
                         Ok(n) => n,
@@ -641,7 +650,26 @@ impl Session {
             link.effects.push_back((k, e));
         }
         self.note_sent(node, &class);
+        if t == tag::QUERY
+            && matches!(class.tx, Some(TxControl::Begin { .. }))
+            && class.statements == 1
+            && self.in_tx
+            && self.route.tx_node == Some(node)
+            && self.ctx.cluster.snapshot().primary != Some(node)
+        {
+            self.fresh_tx_begin = Some(bytes::Bytes::copy_from_slice(frame));
+        }
         Ok(())
+    }
+
+    /// Whether this Query is a `SET TRANSACTION` a standby cannot take, sent
+    /// as the first statement of a transaction begun on a standby: PostgreSQL
+    /// on the primary would accept it, so the transaction moves there.
+    fn moves_fresh_tx(&self, frame: &[u8]) -> bool {
+        self.fresh_tx_begin.is_some()
+            && self.in_tx
+            && std::str::from_utf8(query_sql(frame))
+                .is_ok_and(crate::router::session_cmd::tx_mode_needs_primary)
     }
 
     /// Bookkeeping for one extended-protocol message sent to `node`.
@@ -726,6 +754,8 @@ impl Session {
 
     /// Routing state after a statement of class `class` was sent to `node`.
     fn note_sent(&mut self, node: usize, class: &Classification) {
+        // Whatever runs now, the transaction has run more than its BEGIN.
+        self.fresh_tx_begin = None;
         let kind = if class.tx.is_some() {
             "transaction"
         } else if class.session_state {
