@@ -3,9 +3,11 @@
 //!
 //! A session holds at most one server connection per node ([`link`]): the
 //! primary's, opened at login, and a standby's, opened when the first read is
-//! routed there. [`route`] decides the node of each request; [`state`] keeps
-//! the settings and prepared statements every connection must share; [`relay`]
-//! is the loop. The session decodes only what it must: frame boundaries, Query
+//! routed there. [`route`] decides the node of each request and [`track`]
+//! records what sending it did; [`state`] keeps the settings and prepared
+//! statements every connection must share; [`relay`] is the loop. [`txpool`]
+//! gives connections back between transactions (transaction pooling), and
+//! [`detached`] lets an admin in while no primary can be reached. The session decodes only what it must: frame boundaries, Query
 //! and Parse text, Bind/Close names from the client; ReadyForQuery,
 //! ErrorResponse, ParameterStatus and ParseComplete from the servers. Everything
 //! else passes through as the bytes that arrived, batched per read.
@@ -21,6 +23,7 @@ mod local;
 mod relay;
 mod route;
 mod state;
+mod track;
 mod txpool;
 
 use std::sync::Arc;

@@ -22,14 +22,14 @@
 
 use std::sync::Arc;
 
-use super::state::{SessionState, StmtSource};
+use super::state::StmtSource;
 use super::{Session, SessionError};
 use crate::backend::conn::Unnamed;
 use crate::config::UnknownFunctions;
 use crate::protocol::frame::{cstr, peek_frame};
 use crate::protocol::tag;
 use crate::router::chooser;
-use crate::router::classify::{Access, Classification, TxControl};
+use crate::router::classify::{Access, Classification};
 use crate::router::normalize::{self, Hint};
 use crate::router::policy::{self, Decision};
 
@@ -80,7 +80,7 @@ pub const LOCAL: usize = usize::MAX;
 
 /// The classification of a FunctionCall message (it runs a function by OID: assume
 /// it writes and leaves state).
-fn function_call_class() -> Arc<Classification> {
+pub(super) fn function_call_class() -> Arc<Classification> {
     Arc::new(Classification {
         access: Access::Write,
         sticky_primary: false,
@@ -90,7 +90,7 @@ fn function_call_class() -> Arc<Classification> {
 }
 
 /// `name`, `query` of a Parse body.
-fn parse_fields(body: &[u8]) -> (&[u8], &[u8]) {
+pub(super) fn parse_fields(body: &[u8]) -> (&[u8], &[u8]) {
     let (name, rest) = cstr(body).unwrap_or_default();
     let query = cstr(rest).map(|(q, _)| q).unwrap_or_default();
     (name, query)
@@ -104,7 +104,7 @@ pub(super) fn query_sql(frame: &[u8]) -> &[u8] {
 }
 
 /// Statement name of a Bind body.
-fn bind_statement(body: &[u8]) -> &[u8] {
+pub(super) fn bind_statement(body: &[u8]) -> &[u8] {
     let rest = cstr(body).map(|(_, r)| r).unwrap_or_default();
     cstr(rest).map(|(s, _)| s).unwrap_or_default()
 }
@@ -602,235 +602,6 @@ impl Session {
             (false, _) => Ok(()),
             (true, true) => Err(Step::Blocked),
             (true, false) => Err(prepare()),
-        }
-    }
-
-    /// The connection to `node` holds the session's own current unnamed
-    /// statement (it gave the connection back and took it again): no re-parse.
-    /// Identity, not equal bytes: the same text parsed by another session could
-    /// mean something else (a search_path set by its role, a changed table).
-    /// The record is shared, not copied, so its address identifies it (and
-    /// cannot be reused while the connection still refers to it).
-    fn recognise_unnamed(&mut self, node: usize) {
-        let Some(StmtSource::Parse(own)) = self.state.stmts.get(&b""[..]).map(|s| &s.source) else {
-            return;
-        };
-        if let Some(l) = self.links[node].as_mut()
-            && matches!(&l.unnamed, Unnamed::Parsed(b) if b.as_ptr() == own.as_ptr() && b.len() == own.len())
-        {
-            l.statements.insert(Vec::new());
-        }
-    }
-
-    /// Bookkeeping for a Query or FunctionCall sent to `node`.
-    fn track_simple(&mut self, node: usize, t: u8, frame: &[u8]) -> Result<(), SessionError> {
-        let class = match self.pending_class.take() {
-            Some(c) => c,
-            None if t == tag::FUNCTION_CALL => function_call_class(),
-            None => self.classify(query_sql(frame)).0,
-        };
-        let effects = if t == tag::QUERY {
-            SessionState::effects_for(&class, query_sql(frame), Some(frame), self.in_tx)
-        } else {
-            self.dirty = true;
-            None
-        };
-        self.fresh_request_sent();
-        let link = self.link_mut(node)?;
-        link.begin_request();
-        link.outstanding += 1;
-        link.sent += 1;
-        link.syncs_since_execute = 0;
-        if t == tag::QUERY {
-            // A simple Query drops the server's unnamed statement.
-            link.unnamed = Unnamed::Absent;
-        }
-        if let Some(e) = effects {
-            let k = link.sent;
-            link.effects.push_back((k, e));
-        }
-        self.note_sent(node, &class);
-        if t == tag::QUERY
-            && matches!(class.tx, Some(TxControl::Begin { .. }))
-            && class.statements == 1
-            && self.in_tx
-            && self.route.tx_node == Some(node)
-            && self.ctx.cluster.snapshot().primary != Some(node)
-        {
-            self.fresh_tx_begin = Some(bytes::Bytes::copy_from_slice(frame));
-        }
-        Ok(())
-    }
-
-    /// Whether this Query is a `SET TRANSACTION` a standby cannot take, sent
-    /// as the first statement of a transaction begun on a standby: PostgreSQL
-    /// on the primary would accept it, so the transaction moves there.
-    fn moves_fresh_tx(&self, frame: &[u8]) -> bool {
-        self.fresh_tx_begin.is_some()
-            && self.in_tx
-            && std::str::from_utf8(query_sql(frame))
-                .is_ok_and(crate::router::session_cmd::tx_mode_needs_primary)
-    }
-
-    /// Bookkeeping for one extended-protocol message sent to `node`.
-    fn track_extended(&mut self, node: usize, t: u8, frame: &[u8]) -> Result<(), SessionError> {
-        let body = &frame[5..];
-        self.pending_class = None;
-        self.link_mut(node)?.begin_request();
-        match t {
-            tag::PARSE => {
-                let (name, query) = parse_fields(body);
-                // Classified already when the batch was routed, unless this Parse
-                // arrived after that.
-                let (class, hint) = match self.parsed_ahead.pop_front() {
-                    Some(c) => c,
-                    None => self.classify(query),
-                };
-                let source = bytes::Bytes::copy_from_slice(frame);
-                if name.is_empty() {
-                    for l in self.links.iter_mut().flatten() {
-                        l.statements.remove(name);
-                    }
-                    self.link_mut(node)?.unnamed = Unnamed::Parsed(source.clone());
-                } else {
-                    self.dirty = true;
-                }
-                let stmt = super::state::Stmt {
-                    source: StmtSource::Parse(source),
-                    class,
-                    hint,
-                };
-                self.state.stmts.insert(name.to_vec(), stmt);
-                let link = self.link_mut(node)?;
-                link.statements.insert(name.to_vec());
-                let k = link.sent + 1;
-                link.parses.push_back((k, name.to_vec()));
-            }
-            tag::BIND => {
-                let name = bind_statement(body);
-                if let Some(st) = self.state.stmts.get(name) {
-                    let class = st.class.clone();
-                    let effects = match &st.source {
-                        StmtSource::Parse(f) => {
-                            let (_, query) = parse_fields(&f[5..]);
-                            SessionState::effects_for(&class, query, None, self.in_tx)
-                        }
-                        StmtSource::Sql(_) => None,
-                    };
-                    let link = self.link_mut(node)?;
-                    if let Some(e) = effects {
-                        let k = link.sent + 1;
-                        link.effects.push_back((k, e));
-                    }
-                    self.note_sent(node, &class);
-                }
-            }
-            tag::CLOSE => {
-                if let Some((b'S', rest)) = body.split_first() {
-                    let name = cstr(rest).map(|(n, _)| n).unwrap_or_default();
-                    self.forget_statement(node, name);
-                    self.local.stmts.remove(name);
-                }
-            }
-            tag::EXECUTE => self.link_mut(node)?.syncs_since_execute = 0,
-            tag::SYNC => {
-                let link = self.link_mut(node)?;
-                if !link.copy_in {
-                    // (Ignored by a server reading COPY data: no ReadyForQuery.)
-                    link.outstanding += 1;
-                    link.sent += 1;
-                    link.syncs_since_execute += 1;
-                }
-                link.in_batch = false;
-                self.batch = None;
-                self.parsed_ahead.clear();
-                return Ok(());
-            }
-            _ => {}
-        }
-        self.link_mut(node)?.in_batch = true;
-        Ok(())
-    }
-
-    /// Routing state after a statement of class `class` was sent to `node`.
-    fn note_sent(&mut self, node: usize, class: &Classification) {
-        // Whatever runs now, the transaction has run more than its BEGIN.
-        self.fresh_tx_begin = None;
-        let kind = if class.tx.is_some() {
-            "transaction"
-        } else if class.session_state {
-            "session"
-        } else if class.access == Access::Read {
-            "read"
-        } else {
-            "write"
-        };
-        self.ctx.metrics.statement_routed(node, kind);
-        if SessionState::pins_primary(class) {
-            self.route.sticky_primary = true;
-        }
-        self.dirty |= class.session_state
-            || class.sticky_primary
-            || class.prepare.is_some()
-            || class.parse_failed;
-        match class.tx {
-            Some(TxControl::Begin { .. }) if !self.in_tx => {
-                self.in_tx = true;
-                self.route.tx_node = Some(node);
-                self.route.tx_wrote = false;
-            }
-            Some(TxControl::Commit | TxControl::Rollback | TxControl::PrepareTransaction) => {
-                self.in_tx = false;
-                self.route.tx_node = None;
-                self.route.tx_wrote = false;
-            }
-            _ => {}
-        }
-        if class.tx.is_some() && class.statements > 1 {
-            // "COMMIT; BEGIN" and the like: trust only the server's ReadyForQuery.
-            self.tx_uncertain = true;
-        }
-        if self.in_tx && class.access == Access::Write {
-            self.route.tx_wrote = true;
-        }
-        if class.access == Access::Write {
-            self.fresh.write_pending = true;
-        }
-        self.registration
-            .set_state(crate::admin::registry::SessionState::Active);
-    }
-
-    /// The client closed statement `name` (or DEALLOCATE'd it) on `node`: forget
-    /// it, and close it later on the other connections that have it.
-    pub(super) fn forget_statement(&mut self, node: usize, name: &[u8]) {
-        self.state.stmts.remove(name);
-        if name.is_empty()
-            && let Some(l) = self.links[node].as_mut()
-        {
-            l.unnamed = Unnamed::Absent;
-        }
-        for (i, l) in self.links.iter_mut().enumerate() {
-            if let Some(l) = l
-                && l.statements.remove(name)
-                && i != node
-                && !name.is_empty()
-            {
-                l.pending_close.push(name.to_vec());
-            }
-        }
-    }
-
-    /// DEALLOCATE ALL / DISCARD ALL ran on `node`: every statement is gone there.
-    pub(super) fn forget_all_statements(&mut self, node: usize) {
-        self.state.stmts.clear();
-        for (i, l) in self.links.iter_mut().enumerate() {
-            if let Some(l) = l {
-                let names = std::mem::take(&mut l.statements);
-                if i != node {
-                    l.pending_close
-                        .extend(names.into_iter().filter(|n| !n.is_empty()));
-                }
-            }
         }
     }
 }
