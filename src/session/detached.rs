@@ -93,7 +93,8 @@ impl Session {
         let cluster = &self.ctx.cluster;
         let primary = cluster.snapshot().primary;
         let Some(node) = primary.filter(|_| !cluster.failover_in_progress()) else {
-            return Ok(self.detach());
+            self.detached = true;
+            return Ok(false);
         };
         match self.open_link(node).await {
             Ok(link) => {
@@ -105,15 +106,11 @@ impl Session {
                 tracing::info!(user = %self.user, node, error = %e, "admin login without a primary connection");
                 // An early health probe decides whether the primary is down.
                 self.ctx.cluster.report_session_error(node);
-                Ok(self.detach())
+                self.detached = true;
+                Ok(false)
             }
             Err(e) => Err(e),
         }
-    }
-
-    fn detach(&mut self) -> bool {
-        self.detached = true;
-        false
     }
 }
 
