@@ -2,8 +2,8 @@
 //! 2 standbys: clean sessions share server connections between transactions,
 //! a transaction keeps its connection, session state pins one, a cancel never
 //! reaches a connection that now serves someone else, waiting sessions are
-//! served in arrival order, unnamed statements never cross sessions, and
-//! pgbench completes.
+//! served in arrival order, prepared statements (unnamed and named) are shared
+//! but never cross sessions, and pgbench completes.
 
 mod common;
 
@@ -198,15 +198,24 @@ async fn unnamed_request(
     s: &mut tokio::net::TcpStream,
     parse: Option<&str>,
 ) -> Result<Vec<String>, String> {
+    stmt_request(s, "", parse).await
+}
+
+/// Like [`unnamed_request`] for the statement `name`.
+async fn stmt_request(
+    s: &mut tokio::net::TcpStream,
+    name: &str,
+    parse: Option<&str>,
+) -> Result<Vec<String>, String> {
     use postgres_protocol::message::frontend;
     use tokio::io::AsyncWriteExt;
     let mut buf = bytes::BytesMut::new();
     if let Some(sql) = parse {
-        frontend::parse("", sql, std::iter::empty(), &mut buf).unwrap();
+        frontend::parse(name, sql, std::iter::empty(), &mut buf).unwrap();
     }
     frontend::bind(
         "",
-        "",
+        name,
         std::iter::empty::<i16>(),
         std::iter::empty::<i32>(),
         |_: i32,
@@ -222,6 +231,18 @@ async fn unnamed_request(
     frontend::execute("", 0, &mut buf).unwrap();
     frontend::sync(&mut buf);
     s.write_all(&buf).await.unwrap();
+    rows_or_error(s).await
+}
+
+/// A simple Query on a raw socket: first column of each row, or the SQLSTATE.
+async fn raw_query(s: &mut tokio::net::TcpStream, sql: &str) -> Result<Vec<String>, String> {
+    common::raw::send_query(s, sql).await;
+    rows_or_error(s).await
+}
+
+/// Read until ReadyForQuery: the first column of each row, or the SQLSTATE of
+/// the error.
+async fn rows_or_error(s: &mut tokio::net::TcpStream) -> Result<Vec<String>, String> {
     let mut rows = Vec::new();
     let mut error = None;
     loop {
@@ -236,6 +257,10 @@ async fn unnamed_request(
             _ => {}
         }
     }
+}
+
+fn one_row(v: &str) -> Result<Vec<String>, String> {
+    Ok(vec![v.to_string()])
 }
 
 #[tokio::test]
@@ -285,14 +310,126 @@ async fn unnamed_statements_share_connections_and_never_cross_sessions() {
     );
 }
 
+#[tokio::test]
+async fn named_statements_share_connections_and_never_cross_sessions() {
+    let addr = spawn_proxy(tx_config(1, Duration::from_secs(2)));
+    let mut a = common::raw::login_raw(addr).await;
+    let mut b = common::raw::login_raw(addr).await;
+    let mut c = common::raw::login_raw(addr).await;
+    // Same name, different statements, one server connection: B's Parse is
+    // not refused (A's is closed first), and each Bind runs its own client's.
+    assert_eq!(
+        stmt_request(&mut a, "s1", Some("SELECT 'of a'")).await,
+        one_row("of a")
+    );
+    assert_eq!(
+        stmt_request(&mut b, "s1", Some("SELECT 'of b'")).await,
+        one_row("of b")
+    );
+    for _ in 0..2 {
+        assert_eq!(stmt_request(&mut a, "s1", None).await, one_row("of a"));
+        assert_eq!(stmt_request(&mut a, "s1", None).await, one_row("of a"));
+        assert_eq!(stmt_request(&mut b, "s1", None).await, one_row("of b"));
+    }
+    // C never prepared s1: neither its Bind nor an SQL EXECUTE runs B's.
+    assert_eq!(
+        stmt_request(&mut c, "s1", None).await,
+        Err("26000".to_string())
+    );
+    assert_eq!(stmt_request(&mut b, "s1", None).await, one_row("of b"));
+    assert_eq!(
+        raw_query(&mut c, "EXECUTE s1").await,
+        Err("26000".to_string())
+    );
+    assert_eq!(stmt_request(&mut b, "s1", None).await, one_row("of b"));
+    assert_eq!(
+        raw_query(&mut c, "EXPLAIN (COSTS OFF) EXECUTE s1").await,
+        Err("26000".to_string())
+    );
+    // The identical statement is shared: once both clients prepared it, their
+    // Binds run the one on the server, never parsed again.
+    let prepared_at = async |s: &mut tokio::net::TcpStream| {
+        raw_query(
+            s,
+            "SELECT prepare_time::text FROM pg_prepared_statements WHERE name = 'same'",
+        )
+        .await
+        .unwrap()
+    };
+    assert_eq!(
+        stmt_request(&mut a, "same", Some("SELECT 'same'")).await,
+        one_row("same")
+    );
+    assert_eq!(
+        stmt_request(&mut b, "same", Some("SELECT 'same'")).await,
+        one_row("same")
+    );
+    let made = prepared_at(&mut a).await;
+    assert_eq!(made.len(), 1);
+    for _ in 0..2 {
+        assert_eq!(stmt_request(&mut a, "same", None).await, one_row("same"));
+        assert_eq!(stmt_request(&mut b, "same", None).await, one_row("same"));
+    }
+    assert_eq!(prepared_at(&mut b).await, made);
+    // C's statement of that name differs: A's Bind parses A's again.
+    assert_eq!(
+        stmt_request(&mut c, "same", Some("SELECT 'other'")).await,
+        one_row("other")
+    );
+    assert_eq!(stmt_request(&mut a, "same", None).await, one_row("same"));
+    let by_a = prepared_at(&mut a).await;
+    assert_ne!(by_a, made);
+    // A setting makes B's context differ from A's: B parses its own.
+    raw_query(&mut b, "SET search_path = public").await.unwrap();
+    assert_eq!(stmt_request(&mut b, "same", None).await, one_row("same"));
+    assert_ne!(prepared_at(&mut b).await, by_a);
+    assert_eq!(stmt_request(&mut b, "s1", None).await, one_row("of b"));
+}
+
+#[tokio::test]
+async fn a_connection_keeps_at_most_max_prepared_statements() {
+    let mut cfg = tx_config(1, Duration::from_secs(2));
+    cfg.pool.max_prepared_statements = 2;
+    let addr = spawn_proxy(cfg);
+    let mut a = common::raw::login_raw(addr).await;
+    for i in 0..5 {
+        let sql = format!("SELECT 'v{i}'");
+        assert_eq!(
+            stmt_request(&mut a, &format!("s{i}"), Some(&sql)).await,
+            one_row(&format!("v{i}"))
+        );
+    }
+    // Every statement still runs: the evicted ones are parsed again, unseen.
+    for _ in 0..2 {
+        for i in 0..5 {
+            assert_eq!(
+                stmt_request(&mut a, &format!("s{i}"), None).await,
+                one_row(&format!("v{i}"))
+            );
+        }
+    }
+    let held = raw_query(&mut a, "SELECT count(*)::text FROM pg_prepared_statements").await;
+    assert_eq!(held, one_row("2"));
+}
+
 #[test]
 fn pgbench_completes_with_more_clients_than_server_connections() {
-    let addr = spawn_proxy(tx_config(3, Duration::from_secs(10)));
+    let p = common::spawn_proxy_full(tx_config(3, Duration::from_secs(10)));
+    let addr = p.addr;
     common::pgbench_at(addr, &["-i", "-s", "1", "-q"]);
     // 8 clients over 3 server connections: only transaction pooling can
-    // (extended: unnamed statements, which do not pin a session).
-    for mode in ["simple", "extended"] {
-        for workload in [&["-S"][..], &[][..]] {
+    // (extended and prepared: protocol-level statements do not pin a session).
+    // Not TPC-B in prepared mode: pgbench prepares each statement with a
+    // blocking PQprepare at its first use, inside the client's first
+    // transaction, so one thread's client waiting for a connection stops that
+    // thread's clients that hold one (through any transaction pooler).
+    for mode in ["simple", "extended", "prepared"] {
+        let workloads = if mode == "prepared" {
+            &[&["-S"][..]][..]
+        } else {
+            &[&["-S"][..], &[][..]][..]
+        };
+        for workload in workloads {
             let mut args = vec!["-M", mode, "-c", "8", "-j", "2", "-T", "2"];
             args.extend_from_slice(workload);
             let text = common::pgbench_at(addr, &args);
@@ -302,4 +439,12 @@ fn pgbench_completes_with_more_clients_than_server_connections() {
             );
         }
     }
+    // The clients' identical statements were shared, not parsed for each.
+    let m = common::parse_metrics(&p.ctx.metrics.render(&p.ctx));
+    let reused = m["pgpilot_prepared_statements_total{event=\"reused\"}"];
+    let prepared = m["pgpilot_prepared_statements_total{event=\"prepared\"}"];
+    assert!(
+        reused > 10.0 * prepared.max(1.0),
+        "reused {reused}, prepared {prepared}"
+    );
 }

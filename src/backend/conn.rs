@@ -71,6 +71,9 @@ pub struct BackendConn {
     /// The unnamed prepared statement it holds between two sessions'
     /// transactions (transaction pooling gives connections back with one).
     pub unnamed: Unnamed,
+    /// The named prepared statements the server holds, whoever made them
+    /// (transaction pooling passes connections between sessions with them).
+    pub held: super::statements::HeldStatements,
 }
 
 /// What a pooled connection's unnamed prepared statement is.
@@ -131,6 +134,7 @@ impl BackendConn {
             created: Instant::now(),
             last_used: Instant::now(),
             unnamed: Unnamed::Absent,
+            held: Default::default(),
         };
         match timeout(p.auth_timeout, conn.startup(p)).await {
             Ok(r) => r.map(|()| conn),

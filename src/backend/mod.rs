@@ -1,9 +1,11 @@
 //! Connections to PostgreSQL nodes: opening and authenticating one
 //! ([`conn`]) and pooling them per (node, user, database, startup parameters)
-//! ([`pool`]). Nothing here knows about client sockets.
+//! ([`pool`]), and what prepared statements each holds ([`statements`]).
+//! Nothing here knows about client sockets.
 
 pub mod conn;
 pub mod pool;
+pub mod statements;
 
 pub use conn::BackendConn;
 pub use pool::{Pool, PoolKey};

@@ -124,6 +124,9 @@ pub struct PoolConfig {
     pub acquire_timeout: Duration,
     /// Statement that resets a connection a session used before it is reused.
     pub reset_query: String,
+    /// Most named prepared statements one server connection keeps; past this
+    /// the least recently used are closed (they cost server memory per connection).
+    pub max_prepared_statements: usize,
 }
 
 impl Default for PoolConfig {
@@ -134,6 +137,7 @@ impl Default for PoolConfig {
             idle_timeout: Duration::from_secs(600),
             acquire_timeout: Duration::from_secs(5),
             reset_query: "DISCARD ALL".into(),
+            max_prepared_statements: 200,
         }
     }
 }
@@ -379,6 +383,12 @@ impl Config {
         if self.pool.max_connections_per_node == 0 {
             return Err(invalid(
                 "pool.max_connections_per_node",
+                "must be at least 1",
+            ));
+        }
+        if self.pool.max_prepared_statements == 0 {
+            return Err(invalid(
+                "pool.max_prepared_statements",
                 "must be at least 1",
             ));
         }

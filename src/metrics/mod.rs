@@ -28,6 +28,9 @@ use crate::context::ProxyContext;
 /// Statement kinds sessions report, in counter order.
 pub const KINDS: [&str; 5] = ["read", "write", "transaction", "session", "admin"];
 
+/// Events of `pgpilot_prepared_statements_total`.
+pub const STATEMENT_EVENTS: [&str; 4] = ["reused", "prepared", "closed", "evicted"];
+
 /// Command kinds counted from CommandComplete tags (pgpool's backend stats).
 const COMMANDS: [&str; 5] = ["insert", "update", "delete", "ddl", "other"];
 
@@ -115,6 +118,8 @@ pub struct Metrics {
     consistency_waits: IntCounter,
     /// `pgpilot_consistency_wait_seconds`: how long those waits took.
     consistency_wait_seconds: Histogram,
+    /// `pgpilot_prepared_statements_total{event}`, children by [`STATEMENT_EVENTS`].
+    prepared: [IntCounter; 4],
     scrape: ScrapeGauges,
     /// Serialises scrapes (scrape-time gauges are reset and refilled).
     scrape_lock: Mutex<()>,
@@ -257,6 +262,16 @@ impl Metrics {
                 )
                 .expect("valid metric"),
             ),
+            prepared: {
+                let v = metric!(
+                    &r,
+                    IntCounterVec,
+                    "pgpilot_prepared_statements_total",
+                    "Named prepared statements on server connections, by event: reused (a connection already held the session's statement), prepared (parsed again for a session), closed (another session's, in the way), evicted (over pool.max_prepared_statements).",
+                    &["event"]
+                );
+                STATEMENT_EVENTS.map(|e| v.with_label_values(&[e]))
+            },
             counts: (0..nodes).map(|_| NodeCounts::default()).collect(),
             routed: ids
                 .iter()
@@ -325,6 +340,14 @@ impl Metrics {
             _ => return,
         };
         children[i].inc();
+    }
+
+    /// `n` named prepared statements had `event` (one of [`STATEMENT_EVENTS`])
+    /// on a server connection. Unknown events are ignored.
+    pub fn prepared_statements(&self, event: &'static str, n: usize) {
+        if let Some(i) = STATEMENT_EVENTS.iter().position(|e| *e == event) {
+            self.prepared[i].inc_by(n as u64);
+        }
     }
 
     /// A read went to the primary for read-your-writes consistency.

@@ -1,13 +1,14 @@
 //! The session's server connections: opening them (the primary's at login, a
 //! standby's at the first read routed there) and bringing each up to the
 //! session's state before it is used — settings replayed, forgotten statements
-//! closed, the statements a request executes prepared, the transaction defaults
-//! read. A standby that cannot serve the session is shunned for a while; the
+//! closed, the statements a request uses prepared ([`super::statements`]), the
+//! transaction defaults read. A standby that cannot serve the session is shunned for a while; the
 //! request is then routed again and reads go elsewhere.
 
 use bytes::BytesMut;
 
 use super::link::Link;
+use super::statements::Needs;
 use super::{SHUN, SHUN_REFUSED, Session, SessionError, state};
 use crate::backend::BackendError;
 use crate::backend::conn::Unnamed;
@@ -83,7 +84,7 @@ impl Session {
     pub(super) async fn prepare_node(
         &mut self,
         node: usize,
-        needs: Vec<Vec<u8>>,
+        needs: Needs,
     ) -> Result<(), SessionError> {
         let primary = self.ctx.cluster.snapshot().primary;
         let must_use = Some(node) == primary || (self.in_tx && self.route.tx_node == Some(node));
@@ -135,15 +136,23 @@ impl Session {
                 std::str::from_utf8(super::route::query_sql(q)).unwrap_or(""),
             );
         }
-        if !link.pending_close.is_empty() {
-            for name in link.pending_close.drain(..) {
-                state::close_statement_message(&mut msgs, &name);
+        let closes = std::mem::take(&mut link.pending_close);
+        if !closes.is_empty() {
+            for name in &closes {
+                state::close_statement_message(&mut msgs, name);
             }
             state::sync_message(&mut msgs);
             rfqs += 1;
         }
         if rfqs > 0 {
             let errors = link.conn.exchange_discarding(&msgs, rfqs, limit).await?;
+            for name in &closes {
+                if errors.is_empty() {
+                    link.conn.held.closed(name);
+                } else {
+                    link.conn.held.unknown(name);
+                }
+            }
             link.applied = self.state.log_end();
             if replayed {
                 // Settings are replayed as simple Queries, which drop the
@@ -152,70 +161,15 @@ impl Session {
             }
             if discards {
                 link.statements.clear();
+                link.conn.held.clear();
             }
             if let Some(e) = errors.first() {
                 tracing::warn!(node, error = %e.message, "replaying the session's settings failed; the session stays on the primary");
                 self.state.overflowed = true;
             }
         }
-        // 2. Statements the request executes.
-        let mut msgs = BytesMut::new();
-        let mut rfqs = 0;
-        let mut parses = false;
-        let mut made = Vec::new();
-        let mut unnamed = None;
-        for name in needs {
-            if link.statements.contains(&name) {
-                continue;
-            }
-            match self.state.stmts.get(&name).map(|s| &s.source) {
-                Some(state::StmtSource::Parse(f)) => {
-                    msgs.extend_from_slice(f);
-                    parses = true;
-                    if name.is_empty() {
-                        unnamed = Some(Unnamed::Parsed(f.clone()));
-                    }
-                }
-                Some(state::StmtSource::Sql(q)) => {
-                    msgs.extend_from_slice(q);
-                    rfqs += 1;
-                }
-                None if name.is_empty() && link.unnamed != Unnamed::Absent => {
-                    // The request uses an unnamed statement the session has not
-                    // made: close the one left here (another session's), so the
-                    // server reports it missing rather than running it.
-                    state::close_statement_message(&mut msgs, b"");
-                    parses = true;
-                    unnamed = Some(Unnamed::Absent);
-                    continue;
-                }
-                None => continue,
-            }
-            made.push(name);
-        }
-        if parses {
-            state::sync_message(&mut msgs);
-            rfqs += 1;
-        }
-        if rfqs > 0 {
-            let errors = link.conn.exchange_discarding(&msgs, rfqs, limit).await?;
-            link.unnamed = match unnamed {
-                Some(u) if errors.is_empty() => u,
-                Some(_) => Unnamed::Unknown,
-                None => std::mem::take(&mut link.unnamed),
-            };
-            if errors.is_empty() {
-                link.statements.extend(made);
-            } else if !must_use {
-                // E.g. a table created on the primary has not reached this standby.
-                tracing::debug!(node, error = %errors[0].message, "statement not preparable here; using the primary");
-                self.avoid_standby_once = true;
-            } else {
-                // Let the server report its own error when the request runs.
-                link.statements.extend(made);
-            }
-        }
-        Ok(())
+        // 2. Statements the request uses.
+        self.prepare_statements(node, &needs, must_use).await
     }
 
     /// Move the transaction begun on a standby, which has run nothing but its
@@ -235,7 +189,7 @@ impl Session {
             link.conn.exchange_discarding(&rollback, 1, limit).await?;
             link.unnamed = Unnamed::Absent;
         }
-        self.prepare_node(primary, Vec::new()).await?;
+        self.prepare_node(primary, Needs::none()).await?;
         let link = self.link_mut(primary)?;
         let errors = link.conn.exchange_discarding(&begin, 1, limit).await?;
         link.unnamed = Unnamed::Absent;
@@ -265,7 +219,7 @@ impl Session {
             && self.links[p].is_none()
         {
             // Transaction pooling gave it back between transactions.
-            self.prepare_node(p, Vec::new()).await?;
+            self.prepare_node(p, Needs::none()).await?;
         }
         self.defaults_probed = true;
         let Some(link) = primary.and_then(|p| self.links[p].as_mut()) else {

@@ -44,6 +44,20 @@ pub enum Done {
     },
 }
 
+/// A client Parse sent on a connection, awaiting its ParseComplete.
+#[derive(Debug)]
+pub struct PendingParse {
+    /// Number of the request (Sync) it belongs to.
+    pub request: u64,
+    /// Statement name (empty: the unnamed statement).
+    pub name: Vec<u8>,
+    /// The Parse frame (the session's record of the statement).
+    pub frame: bytes::Bytes,
+    /// Sent by a session that had changed no setting (see
+    /// [`HeldStatements`](crate::backend::statements::HeldStatements)).
+    pub shareable: bool,
+}
+
 /// A session's connection to one node.
 pub struct Link {
     /// The pooled server connection (socket, read buffer, parameters).
@@ -66,11 +80,15 @@ pub struct Link {
     /// COMMIT of a failed transaction is answered so): a COMMIT's effects do
     /// not apply.
     rolled_back: bool,
-    /// Client Parses awaiting ParseComplete: (request number, statement name).
-    pub parses: VecDeque<(u64, Vec<u8>)>,
+    /// Client Parses awaiting ParseComplete.
+    pub parses: VecDeque<PendingParse>,
+    /// Client Closes awaiting CloseComplete: (request number, the statement's
+    /// name, `None` for a portal).
+    pub closes: VecDeque<(u64, Option<Vec<u8>>)>,
     /// Effects awaiting the end of their request: (request number, effects).
     pub effects: VecDeque<(u64, Box<Effects>)>,
-    /// Prepared statements that exist on this connection.
+    /// The session's prepared statements that exist on this connection as the
+    /// session made them.
     pub statements: HashSet<Vec<u8>>,
     /// Statements the session forgot that still exist here (closed before next use).
     pub pending_close: Vec<Vec<u8>>,
@@ -107,6 +125,7 @@ impl Link {
             batch_error: false,
             rolled_back: false,
             parses: VecDeque::new(),
+            closes: VecDeque::new(),
             effects: VecDeque::new(),
             statements: HashSet::new(),
             pending_close: Vec::new(),
@@ -205,14 +224,27 @@ impl Link {
                     self.batch_error = true;
                     // The server skips the rest of the request: its Parses never complete.
                     let current = self.received + 1;
-                    while self.parses.front().is_some_and(|(k, _)| *k == current) {
-                        if let Some((_, name)) = self.parses.pop_front() {
-                            self.parse_failed(name, done);
+                    while self.parses.front().is_some_and(|p| p.request == current) {
+                        if let Some(p) = self.parses.pop_front() {
+                            self.parse_failed(p.name, done);
                         }
+                    }
+                    // Its Closes are skipped too: their statements stay as they were.
+                    while self.closes.front().is_some_and(|(k, _)| *k == current) {
+                        self.closes.pop_front();
                     }
                 }
                 BackendEvent::ParseComplete => {
-                    self.parses.pop_front();
+                    if let Some(p) = self.parses.pop_front()
+                        && !p.name.is_empty()
+                    {
+                        self.conn.held.made(&p.name, p.frame, p.shareable);
+                    }
+                }
+                BackendEvent::CloseComplete => {
+                    if let Some((_, Some(name))) = self.closes.pop_front() {
+                        self.conn.held.closed(&name);
+                    }
                 }
                 BackendEvent::ParameterStatus(k, v) => {
                     self.conn.set_param(k, v);
@@ -226,7 +258,7 @@ impl Link {
                     self.sent -= ignored as u64;
                     self.copy_in = true;
                 }
-                BackendEvent::CloseComplete | BackendEvent::CopyStarted(_) => {}
+                BackendEvent::CopyStarted(_) => {}
             }
         }
         if n > 0 {
@@ -267,11 +299,18 @@ impl Link {
         while self
             .parses
             .front()
+            .is_some_and(|p| p.request <= self.received)
+        {
+            if let Some(p) = self.parses.pop_front() {
+                self.parse_failed(p.name, done);
+            }
+        }
+        while self
+            .closes
+            .front()
             .is_some_and(|(k, _)| *k <= self.received)
         {
-            if let Some((_, name)) = self.parses.pop_front() {
-                self.parse_failed(name, done);
-            }
+            self.closes.pop_front();
         }
         done.push(Done::Ready {
             status,

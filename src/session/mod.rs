@@ -23,6 +23,7 @@ mod local;
 mod relay;
 mod route;
 mod state;
+mod statements;
 mod track;
 mod txpool;
 
@@ -579,16 +580,32 @@ impl Session {
             let ctx = self.ctx.clone();
             let cfg = self.cfg.clone();
             if link.reusable() {
-                // An unnamed statement needs no reset: the connection's next
-                // user re-parses its own or closes it (see `Link::unnamed`).
-                let dirty = self.dirty || link.statements.iter().any(|n| !n.is_empty());
+                // Prepared statements need no reset: the connection's next user
+                // finds its own there or closes them first (`super::statements`).
+                // Session pooling resets a connection that has named ones: its
+                // next session parses its own anyway.
+                let dirty = self.dirty
+                    || (cfg.pool.mode == crate::config::PoolMode::Session
+                        && !link.conn.held.is_empty());
                 tokio::spawn(async move {
                     let mut conn = link.conn;
                     // The reset (a simple Query) drops an unnamed statement.
                     conn.unnamed = if dirty { Unnamed::Absent } else { link.unnamed };
                     let reset = if dirty {
-                        conn.run_discarding(&cfg.pool.reset_query, cfg.timeouts.reset)
-                            .await
+                        let r = conn
+                            .run_discarding(&cfg.pool.reset_query, cfg.timeouts.reset)
+                            .await;
+                        // Unless reset_query is something else than DISCARD ALL,
+                        // nothing is left; if it is, what is left is unknown.
+                        if crate::router::session_cmd::is_discard_all(&cfg.pool.reset_query) {
+                            conn.held.clear();
+                        } else {
+                            let names = conn.held.names();
+                            for n in names {
+                                conn.held.unknown(&n);
+                            }
+                        }
+                        r
                     } else {
                         Ok(())
                     };

@@ -23,8 +23,8 @@
 use std::sync::Arc;
 
 use super::state::StmtSource;
+use super::statements::{Needs, mentions_execute};
 use super::{Session, SessionError};
-use crate::backend::conn::Unnamed;
 use crate::config::UnknownFunctions;
 use crate::protocol::frame::{cstr, peek_frame};
 use crate::protocol::tag;
@@ -46,8 +46,8 @@ pub enum Step {
     Prepare {
         /// Node id.
         node: usize,
-        /// Statement names the request executes.
-        needs: Vec<Vec<u8>>,
+        /// Statements the request uses.
+        needs: Needs,
     },
     /// No primary is known; wait for one.
     NeedPrimary,
@@ -286,11 +286,14 @@ impl Session {
     /// The node for a simple Query or FunctionCall (not inside a batch).
     fn plan_simple(&mut self, t: u8, frame: &[u8]) -> Result<Planned, SessionError> {
         if t == tag::FUNCTION_CALL {
-            return Ok(self.decide_and_check(&function_call_class(), None, &[]));
+            return Ok(self.decide_and_check(&function_call_class(), None, &Needs::none()));
         }
         let sql = query_sql(frame);
         let (class, hint) = self.classify(sql);
-        let mut needs = Vec::new();
+        let mut needs = Needs {
+            purge_others: mentions_execute(sql),
+            ..Needs::none()
+        };
         let mut force_write = false;
         let mut hint = hint;
         if let Some(name) = &class.execute {
@@ -298,7 +301,7 @@ impl Session {
                 Some(st) => {
                     force_write = st.class.access == Access::Write;
                     hint = hint.or(st.hint);
-                    needs.push(name.as_bytes().to_vec());
+                    needs.add(name.as_bytes());
                 }
                 None => force_write = true,
             }
@@ -314,7 +317,7 @@ impl Session {
         class: Arc<Classification>,
         hint: Option<Hint>,
         mut force_write: bool,
-        needs: &[Vec<u8>],
+        needs: &Needs,
     ) -> Planned {
         if hint != Some(Hint::Standby) {
             match self.judge_functions(&class) {
@@ -339,7 +342,7 @@ impl Session {
         let mut classes: Vec<Arc<Classification>> = Vec::new();
         let mut parsed = std::collections::VecDeque::new();
         let mut defined: Vec<&[u8]> = Vec::new();
-        let mut needs: Vec<Vec<u8>> = Vec::new();
+        let mut needs = Needs::none();
         let mut hint = None;
         let mut complete = false;
         let mut unknown_statement = false;
@@ -353,6 +356,14 @@ impl Session {
                     hint = hint.or(h);
                     parsed.push_back((class.clone(), h));
                     classes.push(class);
+                    if !name.is_empty()
+                        && !self.state.stmts.contains_key(name)
+                        && !defined.contains(&name)
+                    {
+                        // Another session's statement of that name may be on
+                        // the connection: it is closed first.
+                        needs.add(name);
+                    }
                     defined.push(name);
                 }
                 tag::BIND | tag::DESCRIBE => {
@@ -370,17 +381,13 @@ impl Session {
                                     classes.push(st.class.clone());
                                     hint = hint.or(st.hint);
                                 }
-                                if !needs.iter().any(|n| n == name) {
-                                    needs.push(name.to_vec());
-                                }
+                                needs.add(name);
                             }
                             None => {
                                 unknown_statement |= f.tag == tag::BIND;
-                                // Another session's unnamed statement may be on
-                                // the connection: it is closed first.
-                                if name.is_empty() && !needs.iter().any(|n| n.is_empty()) {
-                                    needs.push(Vec::new());
-                                }
+                                // Another session's statement of that name may
+                                // be on the connection: it is closed first.
+                                needs.add(name);
                             }
                         }
                     }
@@ -396,6 +403,9 @@ impl Session {
         }
         // The batch's Parses, classified once: `track_extended` reuses them.
         self.parsed_ahead = parsed;
+        // What follows may name any statement: nothing of another session's
+        // may be on the connection it runs on.
+        needs.purge_others = !complete;
         let class = match classes.len() {
             // Close / Describe / Sync only: nothing runs; stay where the session is.
             0 if complete => {
@@ -482,7 +492,7 @@ impl Session {
         &mut self,
         class: &Arc<Classification>,
         hint: Option<Hint>,
-        needs: &[Vec<u8>],
+        needs: &Needs,
     ) -> Planned {
         let snapshot = self.ctx.cluster.snapshot();
         self.refresh_standby(&snapshot);
@@ -564,7 +574,7 @@ impl Session {
 
     /// Whether `node` can take a request now: no other node has one in flight, and
     /// the connection exists, is healthy and carries the session's state.
-    fn check_ready(&mut self, node: usize, needs: &[Vec<u8>]) -> Result<(), Step> {
+    fn check_ready(&mut self, node: usize, needs: &Needs) -> Result<(), Step> {
         let others_busy = self
             .links
             .iter()
@@ -576,27 +586,23 @@ impl Session {
         }
         let prepare = || Step::Prepare {
             node,
-            needs: needs.to_vec(),
+            needs: needs.clone(),
         };
         if self.links[node].is_none() {
             // Transaction pooling: a connection given back a moment ago is
             // taken now, without an I/O step (nothing to replay on it).
             self.adopt_recent_connection(node);
         }
-        if needs.iter().any(|n| n.is_empty()) {
+        if needs.names.iter().any(|n| n.is_empty()) {
             self.recognise_unnamed(node);
         }
+        self.recognise_statements(node, needs);
         let Some(link) = &self.links[node] else {
             return Err(prepare());
         };
-        let missing = |n: &Vec<u8>| {
-            !link.statements.contains(n)
-                && (self.state.stmts.contains_key(n)
-                    || (n.is_empty() && link.unnamed != Unnamed::Absent))
-        };
         let stale = link.applied < self.state.log_end()
             || !link.pending_close.is_empty()
-            || needs.iter().any(missing)
+            || self.statements_stale(node, needs)
             || (node != self.active && !busy_here && !link.conn.is_healthy_idle());
         match (stale, busy_here) {
             (false, _) => Ok(()),

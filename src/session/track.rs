@@ -110,9 +110,14 @@ impl Session {
                         l.statements.remove(name);
                     }
                     self.link_mut(node)?.unnamed = Unnamed::Parsed(source.clone());
-                } else {
-                    self.dirty = true;
                 }
+                let shareable = !self.dirty;
+                let pending = super::link::PendingParse {
+                    request: 0,
+                    name: name.to_vec(),
+                    frame: source.clone(),
+                    shareable,
+                };
                 let stmt = super::state::Stmt {
                     source: StmtSource::Parse(source),
                     class,
@@ -121,8 +126,10 @@ impl Session {
                 self.state.stmts.insert(name.to_vec(), stmt);
                 let link = self.link_mut(node)?;
                 link.statements.insert(name.to_vec());
-                let k = link.sent + 1;
-                link.parses.push_back((k, name.to_vec()));
+                link.parses.push_back(super::link::PendingParse {
+                    request: link.sent + 1,
+                    ..pending
+                });
             }
             tag::BIND => {
                 let name = bind_statement(body);
@@ -144,11 +151,23 @@ impl Session {
                 }
             }
             tag::CLOSE => {
-                if let Some((b'S', rest)) = body.split_first() {
-                    let name = cstr(rest).map(|(n, _)| n).unwrap_or_default();
-                    self.forget_statement(node, name);
-                    self.local.stmts.remove(name);
+                let statement = match body.split_first() {
+                    Some((b'S', rest)) => {
+                        let name = cstr(rest).map(|(n, _)| n).unwrap_or_default();
+                        self.forget_statement(node, name);
+                        self.local.stmts.remove(name);
+                        Some(name.to_vec())
+                    }
+                    _ => None,
+                };
+                let link = self.link_mut(node)?;
+                if let Some(name) = &statement
+                    && link.conn.held.contains(name)
+                {
+                    // Gone once its CloseComplete comes; until then, maybe not.
+                    link.conn.held.unknown(name);
                 }
+                link.closes.push_back((link.sent + 1, statement));
             }
             tag::EXECUTE => self.link_mut(node)?.syncs_since_execute = 0,
             tag::SYNC => {
@@ -241,6 +260,9 @@ impl Session {
     /// DEALLOCATE ALL / DISCARD ALL ran on `node`: every statement is gone there.
     pub(super) fn forget_all_statements(&mut self, node: usize) {
         self.state.stmts.clear();
+        if let Some(l) = self.links[node].as_mut() {
+            l.conn.held.clear();
+        }
         for (i, l) in self.links.iter_mut().enumerate() {
             if let Some(l) = l {
                 let names = std::mem::take(&mut l.statements);

@@ -3,11 +3,13 @@
 //! (its own or another client's) takes whichever idle connection is warmest.
 //!
 //! Only a session with nothing to lose does so. Anything that leaves state on
-//! a server connection — a setting, a named prepared statement, a temporary table,
+//! a server connection — a setting, an SQL-level PREPARE, a temporary table,
 //! LISTEN, an advisory lock, a WITH HOLD cursor, a statement pgpilot could not
 //! parse, a FunctionCall — marks the session dirty, and a dirty session keeps
 //! its connections to the end, exactly as in session pooling. So a released
-//! connection never carries anything of the session's, and needs no reset.
+//! connection carries nothing of the session's but protocol-level prepared
+//! statements, which the next sessions use only where they are identical to
+//! their own and close otherwise ([`super::statements`]); it needs no reset.
 
 use super::Session;
 use crate::config::PoolMode;
@@ -46,13 +48,9 @@ impl Session {
             && !self.route.forced_primary
             && self.links.iter().any(Option::is_some)
             && self.links.iter().flatten().all(|l| {
-                // The unnamed statement is the only one a clean session can
-                // leave. The connection's next user re-parses its own (or
-                // finds the same one there) before using one, and closes this
-                // one first if it has none: it never runs another's.
-                l.reusable()
-                    && l.statements.iter().all(|n| n.is_empty())
-                    && l.pending_close.is_empty()
+                // Prepared statements may stay: the connection's next user
+                // finds its own there or closes them first (never runs another's).
+                l.reusable() && l.pending_close.is_empty()
             })
     }
 

@@ -1,0 +1,264 @@
+//! Making a server connection hold the prepared statements a request uses.
+//!
+//! A session keeps its own record of every statement it prepared (the client's
+//! Parse frames, [`super::state`]); a server connection knows which statements
+//! its server holds, whoever made them
+//! ([`HeldStatements`](crate::backend::statements::HeldStatements)). Before a
+//! request runs on a connection, each name it uses must be the session's own
+//! statement there, or absent when the session has none under that name:
+//!
+//! * a statement already there as the session made it counts as there
+//!   ([`Session::recognise_statements`]): no Parse;
+//! * otherwise whatever the server holds under the name is closed and the
+//!   session's record parsed again ([`Session::prepare_statements`]), all in
+//!   one exchange answered to pgpilot alone;
+//! * a request that may name statements pgpilot cannot see (SQL mentioning
+//!   EXECUTE, a batch routed before its Sync) first has every statement of
+//!   other sessions closed on its connection;
+//! * a connection over `pool.max_prepared_statements` has its least recently
+//!   used statements closed.
+//!
+//! So one client never runs another's statement, and named statements do not
+//! pin a session to its connection under transaction pooling.
+
+use bytes::{Bytes, BytesMut};
+
+use super::state::{self, StmtSource};
+use super::{Session, SessionError};
+use crate::backend::conn::Unnamed;
+
+/// What a request needs of the connection it runs on, statement-wise.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Needs {
+    /// Names the request uses (Bind, Describe, EXECUTE) or makes (a Parse of
+    /// a name the session has not prepared): under each, the connection must
+    /// hold the session's own statement, or none if the session has none.
+    pub names: Vec<Vec<u8>>,
+    /// The request may reach statements by names pgpilot did not see: every
+    /// statement of another session on the connection is closed first.
+    pub purge_others: bool,
+}
+
+impl Needs {
+    /// Needs of a request that names no statement.
+    pub fn none() -> Needs {
+        Needs::default()
+    }
+
+    /// Add `name` once.
+    pub fn add(&mut self, name: &[u8]) {
+        if !self.names.iter().any(|n| n == name) {
+            self.names.push(name.to_vec());
+        }
+    }
+}
+
+/// Whether SQL text may name a prepared statement (`EXECUTE`, `EXPLAIN
+/// EXECUTE`, `CREATE TABLE … AS EXECUTE` …): any mention of the word counts.
+pub fn mentions_execute(sql: &[u8]) -> bool {
+    memchr::memchr2_iter(b'e', b'E', sql).any(|i| {
+        sql.get(i..i + 7)
+            .is_some_and(|w| w.eq_ignore_ascii_case(b"execute"))
+    })
+}
+
+impl Session {
+    /// Count the needed statements the connection to `node` already holds as
+    /// this session made them (or as an identical Parse from another session
+    /// in the same clean context) as there: no Parse needed.
+    pub(super) fn recognise_statements(&mut self, node: usize, needs: &Needs) {
+        let clean = !self.dirty;
+        let Some(link) = self.links[node].as_mut() else {
+            return;
+        };
+        let mut reused = 0;
+        for name in &needs.names {
+            if name.is_empty() || link.statements.contains(name) {
+                continue;
+            }
+            if let Some(state::Stmt {
+                source: StmtSource::Parse(own),
+                ..
+            }) = self.state.stmts.get(name)
+                && link.conn.held.is(name, own, clean)
+            {
+                link.statements.insert(name.clone());
+                reused += 1;
+            }
+        }
+        if reused > 0 {
+            self.ctx.metrics.prepared_statements("reused", reused);
+        }
+    }
+
+    /// Whether the connection to `node` must be brought up to date,
+    /// statement-wise, before the request runs there.
+    pub(super) fn statements_stale(&self, node: usize, needs: &Needs) -> bool {
+        let Some(link) = &self.links[node] else {
+            return true;
+        };
+        let held = &link.conn.held;
+        let missing = |n: &Vec<u8>| {
+            !link.statements.contains(n)
+                && (self.state.stmts.contains_key(n)
+                    || if n.is_empty() {
+                        link.unnamed != Unnamed::Absent
+                    } else {
+                        held.contains(n)
+                    })
+        };
+        needs.names.iter().any(missing)
+            || (needs.purge_others && held.has_others(&link.statements))
+            || (held.len() > self.cfg.pool.max_prepared_statements
+                && !held
+                    .excess(self.cfg.pool.max_prepared_statements, &needs.names)
+                    .is_empty())
+    }
+
+    /// Bring the connection to `node` to what `needs` says, in one exchange:
+    /// first close what stands in the way (other sessions' statements under a
+    /// needed name, all of them when `purge_others`, the least recently used
+    /// past the cap), then parse the session's records again. `must_use`: the
+    /// request runs here even if that fails (the server reports its own
+    /// error); otherwise a failure sends it elsewhere.
+    pub(super) async fn prepare_statements(
+        &mut self,
+        node: usize,
+        needs: &Needs,
+        must_use: bool,
+    ) -> Result<(), SessionError> {
+        // The connection may be one just taken from the pool.
+        if needs.names.iter().any(|n| n.is_empty()) {
+            self.recognise_unnamed(node);
+        }
+        self.recognise_statements(node, needs);
+        let limit = self.cfg.timeouts.reset;
+        let cap = self.cfg.pool.max_prepared_statements;
+        let clean = !self.dirty;
+        let Some(link) = self.links[node].as_mut() else {
+            return Ok(());
+        };
+        let mut closes: Vec<Vec<u8>> = Vec::new();
+        if needs.purge_others {
+            closes.extend(link.conn.held.others(&link.statements));
+        }
+        let in_the_way = closes.len();
+        let evicted = link.conn.held.excess(cap, &needs.names);
+        for name in &evicted {
+            if !closes.contains(name) {
+                closes.push(name.clone());
+            }
+        }
+        let evicted = closes.len() - in_the_way;
+        let mut msgs = BytesMut::new();
+        let mut rfqs = 0;
+        let mut parses = false;
+        let mut made: Vec<(Vec<u8>, Option<Bytes>)> = Vec::new();
+        let mut unnamed = None;
+        for name in &needs.names {
+            if link.statements.contains(name) {
+                continue;
+            }
+            let held_here = !name.is_empty() && link.conn.held.contains(name);
+            if held_here && !closes.contains(name) {
+                closes.push(name.clone());
+            }
+            match self.state.stmts.get(name).map(|s| &s.source) {
+                Some(StmtSource::Parse(f)) => {
+                    msgs.extend_from_slice(f);
+                    parses = true;
+                    if name.is_empty() {
+                        unnamed = Some(Unnamed::Parsed(f.clone()));
+                    }
+                    made.push((name.clone(), Some(f.clone())));
+                }
+                Some(StmtSource::Sql(q)) => {
+                    msgs.extend_from_slice(q);
+                    rfqs += 1;
+                    made.push((name.clone(), None));
+                }
+                None if name.is_empty() && link.unnamed != Unnamed::Absent => {
+                    // The request uses an unnamed statement the session has not
+                    // made: close the one left here (another session's), so the
+                    // server reports it missing rather than running it.
+                    state::close_statement_message(&mut msgs, b"");
+                    parses = true;
+                    unnamed = Some(Unnamed::Absent);
+                }
+                None => {}
+            }
+        }
+        let mut out = BytesMut::new();
+        for name in &closes {
+            state::close_statement_message(&mut out, name);
+        }
+        if !closes.is_empty() {
+            state::sync_message(&mut out);
+            rfqs += 1;
+        }
+        if parses {
+            state::sync_message(&mut msgs);
+            rfqs += 1;
+        }
+        if rfqs == 0 {
+            return Ok(());
+        }
+        out.extend_from_slice(&msgs);
+        let errors = link.conn.exchange_discarding(&out, rfqs, limit).await?;
+        let ok = errors.is_empty();
+        // Whatever failed, the server's state is known only on success.
+        for name in &closes {
+            link.statements.remove(name);
+            if ok {
+                link.conn.held.closed(name);
+            } else {
+                link.conn.held.unknown(name);
+            }
+        }
+        link.unnamed = match unnamed {
+            Some(u) if ok => u,
+            Some(_) => Unnamed::Unknown,
+            None => std::mem::take(&mut link.unnamed),
+        };
+        for (name, frame) in &made {
+            match frame {
+                _ if name.is_empty() => {}
+                Some(f) if ok => link.conn.held.made(name, f.clone(), clean),
+                _ => link.conn.held.unknown(name),
+            }
+        }
+        let reparsed = made
+            .iter()
+            .filter(|(n, f)| !n.is_empty() && f.is_some())
+            .count();
+        let names = made.into_iter().map(|(n, _)| n);
+        if ok || must_use {
+            // On failure, the server reports its own error when the request runs.
+            link.statements.extend(names);
+        } else {
+            // E.g. a table created on the primary has not reached this standby.
+            tracing::debug!(node, error = %errors[0].message, "statement not preparable here; using the primary");
+            self.avoid_standby_once = true;
+        }
+        let metrics = &self.ctx.metrics;
+        metrics.prepared_statements("prepared", reparsed);
+        metrics.prepared_statements("closed", closes.len() - evicted);
+        metrics.prepared_statements("evicted", evicted);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn execute_is_found_in_any_case_and_position() {
+        assert!(mentions_execute(b"EXECUTE s1(1)"));
+        assert!(mentions_execute(b"explain execute s1"));
+        assert!(mentions_execute(b"create table t as eXeCuTe s1"));
+        assert!(!mentions_execute(b"select 1"));
+        assert!(!mentions_execute(b"select exec, e, ute from t"));
+        assert!(!mentions_execute(b"execut"));
+    }
+}
