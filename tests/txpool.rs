@@ -387,6 +387,70 @@ async fn named_statements_share_connections_and_never_cross_sessions() {
 }
 
 #[tokio::test]
+async fn a_statement_that_no_longer_parses_fails_without_stalling_the_session() {
+    use postgres_protocol::message::frontend;
+    use tokio::io::AsyncWriteExt;
+    let addr = spawn_proxy(tx_config(1, Duration::from_secs(2)));
+    let mut a = common::raw::login_raw(addr).await;
+    let mut b = common::raw::login_raw(addr).await;
+    raw_query(
+        &mut a,
+        "DROP TABLE IF EXISTS txpool_gone; CREATE TABLE txpool_gone (x int)",
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        stmt_request(&mut a, "q", Some("SELECT x FROM txpool_gone")).await,
+        Ok(vec![])
+    );
+    // B leaves its own "q" and a "zz" on the connection, then drops the table.
+    assert_eq!(
+        stmt_request(&mut b, "zz", Some("SELECT 'zz'")).await,
+        one_row("zz")
+    );
+    assert_eq!(
+        stmt_request(&mut b, "q", Some("SELECT 'b'")).await,
+        one_row("b")
+    );
+    raw_query(&mut b, "DROP TABLE txpool_gone").await.unwrap();
+    // A's request needs B's "zz" closed and its own "q" parsed again, which
+    // now fails: the server's own errors come back, and the session goes on.
+    let mut buf = bytes::BytesMut::new();
+    frontend::describe(b'S', "zz", &mut buf).unwrap();
+    frontend::bind(
+        "",
+        "q",
+        std::iter::empty::<i16>(),
+        std::iter::empty::<i32>(),
+        |_: i32,
+         _: &mut bytes::BytesMut|
+         -> Result<postgres_protocol::IsNull, Box<dyn std::error::Error + Sync + Send>> {
+            unreachable!()
+        },
+        Some(0),
+        &mut buf,
+    )
+    .map_err(|_| "bind")
+    .unwrap();
+    frontend::execute("", 0, &mut buf).unwrap();
+    frontend::sync(&mut buf);
+    a.write_all(&buf).await.unwrap();
+    let answer = tokio::time::timeout(Duration::from_secs(10), rows_or_error(&mut a)).await;
+    assert_eq!(
+        answer.expect("an answer, not a stall"),
+        Err("26000".to_string())
+    );
+    let answer =
+        tokio::time::timeout(Duration::from_secs(10), stmt_request(&mut a, "q", None)).await;
+    assert!(answer.expect("an answer, not a stall").is_err());
+    assert_eq!(
+        raw_query(&mut a, "SELECT 'still here'").await,
+        one_row("still here")
+    );
+    assert_eq!(stmt_request(&mut b, "q", None).await, one_row("b"));
+}
+
+#[tokio::test]
 async fn a_connection_keeps_at_most_max_prepared_statements() {
     let mut cfg = tx_config(1, Duration::from_secs(2));
     cfg.pool.max_prepared_statements = 2;

@@ -146,12 +146,9 @@ impl Session {
         }
         if rfqs > 0 {
             let errors = link.conn.exchange_discarding(&msgs, rfqs, limit).await?;
+            // A Close never fails, whatever else did.
             for name in &closes {
-                if errors.is_empty() {
-                    link.conn.held.closed(name);
-                } else {
-                    link.conn.held.unknown(name);
-                }
+                link.conn.held.closed(name);
             }
             link.applied = self.state.log_end();
             if replayed {

@@ -206,14 +206,12 @@ impl Session {
         out.extend_from_slice(&msgs);
         let errors = link.conn.exchange_discarding(&out, rfqs, limit).await?;
         let ok = errors.is_empty();
-        // Whatever failed, the server's state is known only on success.
+        // A Close never fails (a missing statement is no error, an aborted
+        // transaction does not refuse it) and ours come first, so whatever
+        // failed after them, they are done.
         for name in &closes {
             link.statements.remove(name);
-            if ok {
-                link.conn.held.closed(name);
-            } else {
-                link.conn.held.unknown(name);
-            }
+            link.conn.held.closed(name);
         }
         link.unnamed = match unnamed {
             Some(u) if ok => u,
