@@ -595,8 +595,8 @@ impl Session {
                         let r = conn
                             .run_discarding(&cfg.pool.reset_query, cfg.timeouts.reset)
                             .await;
-                        // Unless reset_query is something else than DISCARD ALL,
-                        // nothing is left; if it is, what is left is unknown.
+                        // DISCARD ALL drops every statement; another reset
+                        // query may leave some (which ones is unknown).
                         if crate::router::session_cmd::is_discard_all(&cfg.pool.reset_query) {
                             conn.held.clear();
                         } else {

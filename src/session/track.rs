@@ -111,13 +111,10 @@ impl Session {
                     }
                     self.link_mut(node)?.unnamed = Unnamed::Parsed(source.clone());
                 }
+                // Usable by other sessions only if made
+                // before any setting changed (see backend::statements).
                 let shareable = !self.dirty;
-                let pending = super::link::PendingParse {
-                    request: 0,
-                    name: name.to_vec(),
-                    frame: source.clone(),
-                    shareable,
-                };
+                let frame = source.clone();
                 let stmt = super::state::Stmt {
                     source: StmtSource::Parse(source),
                     class,
@@ -128,7 +125,9 @@ impl Session {
                 link.statements.insert(name.to_vec());
                 link.parses.push_back(super::link::PendingParse {
                     request: link.sent + 1,
-                    ..pending
+                    name: name.to_vec(),
+                    frame,
+                    shareable,
                 });
             }
             tag::BIND => {
