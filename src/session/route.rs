@@ -248,6 +248,12 @@ impl Session {
                             self.batch = Some(LOCAL);
                             LOCAL
                         }
+                        None if self.batch_moves_fresh_tx(&buf[*pos..]) => {
+                            if self.links.iter().flatten().any(|l| l.busy()) {
+                                return Ok(Step::Blocked);
+                            }
+                            return Ok(Step::MoveTxToPrimary);
+                        }
                         None => match self.plan_batch(&buf[*pos..])? {
                             Ok(n) => {
                                 self.batch = Some(n);

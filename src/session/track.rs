@@ -85,6 +85,47 @@ impl Session {
                 .is_ok_and(crate::router::session_cmd::tx_mode_needs_primary)
     }
 
+    /// The same for an extended-protocol batch starting at the front of
+    /// `rest`: whether one of its Binds runs such a `SET TRANSACTION` (parsed
+    /// in the batch or before).
+    pub(super) fn batch_moves_fresh_tx(&self, rest: &[u8]) -> bool {
+        if self.fresh_tx_begin.is_none() || !self.in_tx {
+            return false;
+        }
+        let max = self.cfg.max_message_size;
+        let mut parsed: Vec<(&[u8], &[u8])> = Vec::new();
+        let mut p = 0;
+        while let Ok(Some(f)) = crate::protocol::frame::peek_frame(&rest[p..], max) {
+            let body = &rest[p + 5..p + f.wire_len];
+            let sql = match f.tag {
+                tag::PARSE => {
+                    parsed.push(parse_fields(body));
+                    None
+                }
+                tag::BIND => {
+                    let name = bind_statement(body);
+                    match parsed.iter().rev().find(|(n, _)| *n == name) {
+                        Some((_, q)) => Some(*q),
+                        None => match self.state.stmts.get(name).map(|s| &s.source) {
+                            Some(StmtSource::Parse(f)) => Some(parse_fields(&f[5..]).1),
+                            _ => None,
+                        },
+                    }
+                }
+                tag::SYNC => break,
+                _ => None,
+            };
+            if sql
+                .and_then(|q| std::str::from_utf8(q).ok())
+                .is_some_and(crate::router::session_cmd::tx_mode_needs_primary)
+            {
+                return true;
+            }
+            p += f.wire_len;
+        }
+        false
+    }
+
     /// Bookkeeping for one extended-protocol message sent to `node`.
     pub(super) fn track_extended(
         &mut self,
