@@ -56,9 +56,12 @@ impl Needs {
 /// Whether SQL text may name a prepared statement (`EXECUTE`, `EXPLAIN
 /// EXECUTE`, `CREATE TABLE … AS EXECUTE` …): any mention of the word counts.
 pub fn mentions_execute(sql: &[u8]) -> bool {
-    memchr::memchr2_iter(b'e', b'E', sql).any(|i| {
-        sql.get(i..i + 7)
-            .is_some_and(|w| w.eq_ignore_ascii_case(b"execute"))
+    // Look for the rare 'x' (every simple Query passes here), then around it.
+    memchr::memchr2_iter(b'x', b'X', sql).any(|i| {
+        i >= 1
+            && sql
+                .get(i - 1..i + 6)
+                .is_some_and(|w| w.eq_ignore_ascii_case(b"execute"))
     })
 }
 
@@ -258,5 +261,8 @@ mod tests {
         assert!(!mentions_execute(b"select 1"));
         assert!(!mentions_execute(b"select exec, e, ute from t"));
         assert!(!mentions_execute(b"execut"));
+        assert!(!mentions_execute(b"xecute"));
+        assert!(mentions_execute(b"EXECUTE"));
+        assert!(mentions_execute(b"select 1;execute"));
     }
 }
