@@ -213,6 +213,15 @@ async fn stmt_request(
     if let Some(sql) = parse {
         frontend::parse(name, sql, std::iter::empty(), &mut buf).unwrap();
     }
+    bind_execute_sync(&mut buf, name);
+    s.write_all(&buf).await.unwrap();
+    rows_or_error(s).await
+}
+
+/// Bind statement `name` (no parameters, text results) to the unnamed portal,
+/// Execute it, Sync.
+fn bind_execute_sync(buf: &mut bytes::BytesMut, name: &str) {
+    use postgres_protocol::message::frontend;
     frontend::bind(
         "",
         name,
@@ -224,14 +233,12 @@ async fn stmt_request(
             unreachable!()
         },
         Some(0),
-        &mut buf,
+        buf,
     )
     .map_err(|_| "bind")
     .unwrap();
-    frontend::execute("", 0, &mut buf).unwrap();
-    frontend::sync(&mut buf);
-    s.write_all(&buf).await.unwrap();
-    rows_or_error(s).await
+    frontend::execute("", 0, buf).unwrap();
+    frontend::sync(buf);
 }
 
 /// A simple Query on a raw socket: first column of each row, or the SQLSTATE.
@@ -417,23 +424,7 @@ async fn a_statement_that_no_longer_parses_fails_without_stalling_the_session() 
     // now fails: the server's own errors come back, and the session goes on.
     let mut buf = bytes::BytesMut::new();
     frontend::describe(b'S', "zz", &mut buf).unwrap();
-    frontend::bind(
-        "",
-        "q",
-        std::iter::empty::<i16>(),
-        std::iter::empty::<i32>(),
-        |_: i32,
-         _: &mut bytes::BytesMut|
-         -> Result<postgres_protocol::IsNull, Box<dyn std::error::Error + Sync + Send>> {
-            unreachable!()
-        },
-        Some(0),
-        &mut buf,
-    )
-    .map_err(|_| "bind")
-    .unwrap();
-    frontend::execute("", 0, &mut buf).unwrap();
-    frontend::sync(&mut buf);
+    bind_execute_sync(&mut buf, "q");
     a.write_all(&buf).await.unwrap();
     let answer = tokio::time::timeout(Duration::from_secs(10), rows_or_error(&mut a)).await;
     assert_eq!(

@@ -56,9 +56,12 @@ impl HeldStatements {
         self.map.is_empty()
     }
 
-    /// Every name that may exist on the server.
-    pub fn names(&self) -> Vec<Vec<u8>> {
-        self.map.keys().cloned().collect()
+    /// The names may still exist, but what they hold is no longer known (a
+    /// reset query other than DISCARD ALL ran): each is closed before use.
+    pub fn forget_contents(&mut self) {
+        for h in self.map.values_mut() {
+            h.made_by = None;
+        }
     }
 
     /// Whether a statement may exist under `name`.
@@ -152,7 +155,7 @@ impl HeldStatements {
 
     /// Names that may exist here other than `own` (statements of other
     /// sessions, or unknown ones).
-    pub fn others<'a>(&'a self, own: &'a std::collections::HashSet<Vec<u8>>) -> Vec<Vec<u8>> {
+    pub fn others(&self, own: &std::collections::HashSet<Vec<u8>>) -> Vec<Vec<u8>> {
         self.map
             .keys()
             .filter(|n| !own.contains(*n))
@@ -207,6 +210,10 @@ mod tests {
         assert!(!h.is(b"S1", &frame("select 1"), true));
         h.closed(b"S1");
         assert!(!h.contains(b"S1"));
+        h.made(b"S2", frame("select 2"), true);
+        h.forget_contents();
+        assert!(h.contains(b"S2"));
+        assert!(!h.is(b"S2", &frame("select 2"), true));
     }
 
     #[test]

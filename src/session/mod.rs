@@ -600,10 +600,7 @@ impl Session {
                         if crate::router::session_cmd::is_discard_all(&cfg.pool.reset_query) {
                             conn.held.clear();
                         } else {
-                            let names = conn.held.names();
-                            for n in names {
-                                conn.held.unknown(&n);
-                            }
+                            conn.held.forget_contents();
                         }
                         r
                     } else {

@@ -599,9 +599,6 @@ impl Session {
             // taken now, without an I/O step (nothing to replay on it).
             self.adopt_recent_connection(node);
         }
-        if needs.names.iter().any(|n| n.is_empty()) {
-            self.recognise_unnamed(node);
-        }
         self.recognise_statements(node, needs);
         let Some(link) = &self.links[node] else {
             return Err(prepare());

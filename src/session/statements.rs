@@ -68,8 +68,12 @@ pub fn mentions_execute(sql: &[u8]) -> bool {
 impl Session {
     /// Count the needed statements the connection to `node` already holds as
     /// this session made them (or as an identical Parse from another session
-    /// in the same clean context) as there: no Parse needed.
+    /// in the same clean context) as there: no Parse needed. The unnamed one
+    /// only by identity ([`Session::recognise_unnamed`]).
     pub(super) fn recognise_statements(&mut self, node: usize, needs: &Needs) {
+        if needs.names.iter().any(|n| n.is_empty()) {
+            self.recognise_unnamed(node);
+        }
         let clean = !self.dirty;
         let Some(link) = self.links[node].as_mut() else {
             return;
@@ -131,9 +135,6 @@ impl Session {
         must_use: bool,
     ) -> Result<(), SessionError> {
         // The connection may be one just taken from the pool.
-        if needs.names.iter().any(|n| n.is_empty()) {
-            self.recognise_unnamed(node);
-        }
         self.recognise_statements(node, needs);
         let limit = self.cfg.timeouts.reset;
         let cap = self.cfg.pool.max_prepared_statements;
