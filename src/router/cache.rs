@@ -28,8 +28,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use super::classify::{Classification, Classifier};
+use super::memo::StatementMemo;
 use super::normalize::normalize;
-use super::normalize_fast::normalize_plain;
+use super::normalize_fast::normalize_plain_literals;
 
 /// Normalised statements longer than this are not cached (bounds memory use).
 pub const MAX_KEY_BYTES: usize = 8 * 1024;
@@ -40,15 +41,20 @@ const SHARDS: usize = 16;
 /// The thread-local key buffer is shrunk back if a huge statement grew it past this.
 const BUFFER_KEEP: usize = 64 * 1024;
 
+/// The key being built, and where the statement's literals are.
+type Buffers = (Vec<u8>, Vec<(usize, usize)>);
+
 thread_local! {
-    static KEY: RefCell<Vec<u8>> = RefCell::new(Vec::with_capacity(512));
+    static KEY: RefCell<Buffers> =
+        RefCell::new((Vec::with_capacity(512), Vec::with_capacity(16)));
 }
 
 /// A key looked up: found, not found (with the entry to insert, if cacheable),
-/// or not UTF-8 (never classified).
+/// or not UTF-8 (never classified). `plain`: the plain-statement fast path
+/// built the key (and found the literals).
 enum Keyed {
-    Hit(Arc<Classification>),
-    Miss(Option<(u64, Arc<[u8]>)>),
+    Hit(Arc<Classification>, bool),
+    Miss(Option<(u64, Arc<[u8]>)>, bool),
     NotUtf8,
 }
 
@@ -61,6 +67,8 @@ pub struct ClassifyCache {
     hasher: foldhash::fast::RandomState,
     /// Misses not counted by a shard (caching disabled, key too long).
     uncached: AtomicU64,
+    /// Hits answered by a session's [`StatementMemo`] (never reached a shard).
+    memo_hits: AtomicU64,
     /// Bumped by [`ClassifyCache::clear`]. A miss classified with a classifier
     /// loaded before a reload must not be stored after that reload emptied the
     /// cache: it is stored only if the generation read before the classifier was
@@ -90,6 +98,7 @@ impl ClassifyCache {
             enabled: capacity > 0,
             hasher: foldhash::fast::RandomState::default(),
             uncached: AtomicU64::new(0),
+            memo_hits: AtomicU64::new(0),
             generation: AtomicU64::new(0),
         }
     }
@@ -108,45 +117,98 @@ impl ClassifyCache {
         C: Classifier + ?Sized,
         G: std::ops::Deref<Target = C>,
     {
-        // Before the classifier is loaded: see `generation`.
         let generation = self.generation.load(Ordering::SeqCst);
-        let keyed = KEY
-            .try_with(|cell| match cell.try_borrow_mut() {
-                Ok(mut key) => {
-                    let keyed = self.key_and_lookup(sql, &mut key);
-                    if key.capacity() > BUFFER_KEEP {
-                        *key = Vec::with_capacity(512);
-                    }
-                    keyed
-                }
-                // Re-entered: a buffer of its own.
-                Err(_) => self.key_and_lookup(sql, &mut Vec::new()),
-            })
-            // The thread is exiting.
-            .unwrap_or_else(|_| self.key_and_lookup(sql, &mut Vec::new()));
-        match keyed {
-            Keyed::Hit(class) => Some(class),
-            Keyed::NotUtf8 => None,
-            Keyed::Miss(entry) => {
-                let text = std::str::from_utf8(sql).ok()?;
-                let class = Arc::new(classifier().classify(text));
-                if let Some((hash, key)) = entry {
-                    let mut shard = self.shard(hash);
-                    // Checked under the shard's lock: `clear` bumps the
-                    // generation before it empties the shards.
-                    if self.generation.load(Ordering::SeqCst) == generation {
-                        shard.insert(hash, key, class.clone());
-                    }
-                }
-                Some(class)
-            }
+        self.classify_at(generation, sql, classifier, None)
+    }
+
+    /// [`ClassifyCache::classify`] for a session: first ask the session's
+    /// `memo` (a statement of the same shape as a recent one is answered
+    /// without building its key), and teach it the statements it did not know.
+    pub fn classify_remembering<C, G>(
+        &self,
+        memo: &mut StatementMemo,
+        sql: &[u8],
+        classifier: impl FnOnce() -> G,
+    ) -> Option<Arc<Classification>>
+    where
+        C: Classifier + ?Sized,
+        G: std::ops::Deref<Target = C>,
+    {
+        let generation = self.generation.load(Ordering::SeqCst);
+        if let Some(class) = memo.find(sql, generation) {
+            self.memo_hits.fetch_add(1, Ordering::Relaxed);
+            return Some(class);
         }
+        self.classify_at(generation, sql, classifier, Some(memo))
+    }
+
+    /// Classify through the cache; `generation` was read before anything else
+    /// (see the field). With a memo, a statement the fast path keyed is
+    /// remembered there.
+    fn classify_at<C, G>(
+        &self,
+        generation: u64,
+        sql: &[u8],
+        classifier: impl FnOnce() -> G,
+        memo: Option<&mut StatementMemo>,
+    ) -> Option<Arc<Classification>>
+    where
+        C: Classifier + ?Sized,
+        G: std::ops::Deref<Target = C>,
+    {
+        let (mut classifier, mut memo) = (Some(classifier), memo);
+        // Run once, with the thread's buffers or (rarely) fresh ones.
+        let mut keyed = |(key, literals): &mut Buffers| {
+            let keyed = self.key_and_lookup(sql, key, literals);
+            let plain = matches!(keyed, Keyed::Hit(_, true) | Keyed::Miss(_, true));
+            let class = match keyed {
+                Keyed::NotUtf8 => return None,
+                Keyed::Hit(class, _) => class,
+                Keyed::Miss(entry, _) => {
+                    let text = std::str::from_utf8(sql).ok()?;
+                    let classifier = classifier.take()?;
+                    let class = Arc::new(classifier().classify(text));
+                    if let Some((hash, key)) = entry {
+                        let mut shard = self.shard(hash);
+                        // Checked under the shard's lock: `clear` bumps the
+                        // generation before it empties the shards.
+                        if self.generation.load(Ordering::SeqCst) == generation {
+                            shard.insert(hash, key, class.clone());
+                        }
+                    }
+                    class
+                }
+            };
+            if let Some(memo) = memo.take().filter(|_| plain) {
+                memo.remember(sql, literals, class.clone(), generation);
+            }
+            Some(class)
+        };
+        KEY.try_with(|cell| match cell.try_borrow_mut() {
+            Ok(mut buffers) => {
+                let class = keyed(&mut buffers);
+                if buffers.0.capacity() > BUFFER_KEEP {
+                    *buffers = (Vec::with_capacity(512), Vec::with_capacity(16));
+                }
+                class
+            }
+            // Re-entered: buffers of its own.
+            Err(_) => keyed(&mut Default::default()),
+        })
+        // The thread is exiting.
+        .unwrap_or_else(|_| keyed(&mut Default::default()))
     }
 
     /// Build `sql`'s key in `key` and look it up.
-    fn key_and_lookup(&self, sql: &[u8], key: &mut Vec<u8>) -> Keyed {
+    fn key_and_lookup(
+        &self,
+        sql: &[u8],
+        key: &mut Vec<u8>,
+        literals: &mut Vec<(usize, usize)>,
+    ) -> Keyed {
         // The plain-statement path accepts only valid UTF-8: no separate check.
-        if !normalize_plain(sql, key) {
+        let plain = normalize_plain_literals(sql, key, Some(literals));
+        if !plain {
             let Ok(text) = std::str::from_utf8(sql) else {
                 return Keyed::NotUtf8;
             };
@@ -156,8 +218,8 @@ impl ClassifyCache {
             *key = k.into_bytes();
         }
         match self.lookup(key) {
-            Ok(hit) => Keyed::Hit(hit),
-            Err(entry) => Keyed::Miss(entry),
+            Ok(hit) => Keyed::Hit(hit, plain),
+            Err(entry) => Keyed::Miss(entry, plain),
         }
     }
 
@@ -197,7 +259,8 @@ impl ClassifyCache {
 
     /// Lookups answered from the cache.
     pub fn hits(&self) -> u64 {
-        self.shards.iter().map(|s| lock(s).hits).sum()
+        let counted: u64 = self.shards.iter().map(|s| lock(s).hits).sum();
+        counted + self.memo_hits.load(Ordering::Relaxed)
     }
 
     /// Lookups that had to classify.

@@ -10,6 +10,7 @@ pub mod cache;
 pub mod catalog;
 pub mod chooser;
 pub mod classify;
+pub mod memo;
 pub mod normalize;
 pub mod normalize_fast;
 pub mod policy;

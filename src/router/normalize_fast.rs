@@ -23,6 +23,21 @@ use super::normalize::{
 /// identifiers, valid UTF-8 inside them — so the key is valid UTF-8 and the
 /// statement is what [`super::normalize::normalize`] would see as `&str`.
 pub fn normalize_plain(b: &[u8], out: &mut Vec<u8>) -> bool {
+    normalize_plain_literals(b, out, None)
+}
+
+/// [`normalize_plain`], also recording in `literals` (cleared first) where the
+/// literals it replaced by `?` are in `b`, as `[start, end)` byte ranges: what
+/// a [`super::memo::StatementMemo`] needs to recognise a statement of the same
+/// shape without building its key.
+pub fn normalize_plain_literals(
+    b: &[u8],
+    out: &mut Vec<u8>,
+    mut literals: Option<&mut Vec<(usize, usize)>>,
+) -> bool {
+    if let Some(l) = literals.as_deref_mut() {
+        l.clear();
+    }
     out.clear();
     // A key is at most one byte per input byte plus one space per token.
     out.reserve(2 * b.len());
@@ -75,18 +90,24 @@ pub fn normalize_plain(b: &[u8], out: &mut Vec<u8>) -> bool {
             continue;
         }
         match c {
-            b'\'' | b'"' => {
+            _ if literal_start(c, n) => {
+                let Some(end) = plain_literal(b, i) else {
+                    return false;
+                };
+                out.push(b'?');
+                if let Some(l) = literals.as_deref_mut() {
+                    l.push((start, end));
+                }
+                i = end;
+            }
+            b'"' => {
                 // Verbatim (a backslash, or never closed): the general lexer's.
                 let (end, verbatim) = quoted_end(b, i, c, false);
                 let inner = &b[start..end];
                 if verbatim || (!inner.is_ascii() && std::str::from_utf8(inner).is_err()) {
                     return false;
                 }
-                if c == b'\'' {
-                    out.push(b'?');
-                } else {
-                    out.extend_from_slice(inner);
-                }
+                out.extend_from_slice(inner);
                 i = end;
             }
             b'$' => {
@@ -99,17 +120,6 @@ pub fn normalize_plain(b: &[u8], out: &mut Vec<u8>) -> bool {
                     out.push(b[i]);
                     i += 1;
                 }
-            }
-            b'0'..=b'9' | b'.' if c != b'.' || n.is_ascii_digit() => {
-                // Radix prefixes and trailing identifier characters stay
-                // verbatim in the general lexer's key.
-                let radix = c == b'0' && matches!(n | 0x20, b'x' | b'o' | b'b');
-                let (end, junk) = number_end(b, i);
-                if radix || junk {
-                    return false;
-                }
-                out.push(b'?');
-                i = end;
             }
             b':' if n == b':' => {
                 out.extend_from_slice(b"::");
@@ -134,6 +144,37 @@ pub fn normalize_plain(b: &[u8], out: &mut Vec<u8>) -> bool {
             }
             _ => return false,
         }
+    }
+}
+
+/// Whether a literal the plain path replaces by `?` starts with `c` (followed
+/// by `n`): a simple string literal or a number.
+pub(super) fn literal_start(c: u8, n: u8) -> bool {
+    c == b'\'' || c.is_ascii_digit() || (c == b'.' && n.is_ascii_digit())
+}
+
+/// The end of the literal starting at `i` (where [`literal_start`] holds), or
+/// `None` if it is one the general lexer must handle: a string with a
+/// backslash, never closed or not UTF-8; a number with a radix prefix
+/// (`0x1F`) or trailing identifier characters (`123abc`), which stay verbatim
+/// in the general lexer's key.
+pub(super) fn plain_literal(b: &[u8], i: usize) -> Option<usize> {
+    let c = b[i];
+    if c == b'\'' {
+        let (end, verbatim) = quoted_end(b, i, c, false);
+        let inner = &b[i..end];
+        if verbatim || (!inner.is_ascii() && std::str::from_utf8(inner).is_err()) {
+            return None;
+        }
+        return Some(end);
+    }
+    let n = b.get(i + 1).copied().unwrap_or(0);
+    if c == b'0' && matches!(n | 0x20, b'x' | b'o' | b'b') {
+        return None;
+    }
+    match number_end(b, i) {
+        (_, true) => None,
+        (end, false) => Some(end),
     }
 }
 

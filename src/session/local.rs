@@ -43,20 +43,29 @@ enum Outcome {
 
 /// Recognise a local command in statement text (raw bytes, no NUL).
 pub fn parse_local(sql: &[u8]) -> Option<LocalCommand> {
-    if let Some(cmd) = admin::parse_bytes(sql) {
-        return Some(LocalCommand::Admin(cmd));
-    }
+    // Every query passes here: first a cheap look at the first word, which
+    // is all most statements need. Admin commands start with SHOW, PGPOOL,
+    // ATTACH, DETACH or PROMOTE; pgpilot's own settings with SET, SHOW or RESET.
     let start = sql.iter().position(|b| !b.is_ascii_whitespace())?;
-    // Cheap pre-check before any UTF-8 work: only SET / SHOW / RESET can match.
     let word_end = sql[start..]
         .iter()
         .position(|b| !b.is_ascii_alphabetic())
         .map_or(sql.len(), |n| start + n);
-    let word = &sql[start..word_end];
-    let candidate = [&b"set"[..], b"show", b"reset"]
-        .iter()
-        .any(|w| word.eq_ignore_ascii_case(w));
-    if !candidate {
+    let mut word = [0u8; 8];
+    let len = word_end - start;
+    if len > word.len() {
+        return None;
+    }
+    word[..len].copy_from_slice(&sql[start..word_end]);
+    word.make_ascii_lowercase();
+    match &word[..len] {
+        b"show" | b"pgpool" | b"attach" | b"detach" | b"promote" | b"set" | b"reset" => {}
+        _ => return None,
+    }
+    if let Some(cmd) = admin::parse_bytes(sql) {
+        return Some(LocalCommand::Admin(cmd));
+    }
+    if !matches!(&word[..len], b"set" | b"show" | b"reset") {
         return None;
     }
     let text = std::str::from_utf8(sql).ok()?;
@@ -135,7 +144,7 @@ impl Session {
     /// `Session::tx_aborted`): `None` to route it (ROLLBACK), or what to do.
     pub(super) fn aborted_tx_query(&self, sql: &[u8]) -> Option<AbortedTx> {
         let text = std::str::from_utf8(sql).unwrap_or("");
-        let (class, _) = self.classify(sql);
+        let (class, _) = self.classify_unremembered(sql);
         match class.tx {
             Some(TxControl::Rollback) if class.statements == 1 => None,
             Some(TxControl::Savepoint)

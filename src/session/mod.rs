@@ -216,6 +216,9 @@ struct Session {
     /// when each Parse is forwarded, so a statement is classified once).
     parsed_ahead:
         std::collections::VecDeque<(Arc<Classification>, Option<crate::router::normalize::Hint>)>,
+    /// The shapes of the statements the session sent last: most statements
+    /// are classified by recognising one of them (see [`crate::router::memo`]).
+    memo: crate::router::memo::StatementMemo,
     /// Route the next read to the primary: preparing it on the standby failed.
     avoid_standby_once: bool,
     /// The last `pg_proc` lookup failed: judge the next request's functions volatile.
@@ -315,6 +318,7 @@ impl Session {
             tx_aborted: false,
             pending_class: None,
             parsed_ahead: std::collections::VecDeque::new(),
+            memo: Default::default(),
             avoid_standby_once: false,
             lookup_failed: false,
             shunned_until: vec![None; nodes],
@@ -477,7 +481,9 @@ impl Session {
                             }
                         }
                         self.tx_uncertain = false;
-                        self.recheck = true;
+                        // Requests held back while the node was busy can go now
+                        // (with none waiting, there is nothing to route).
+                        self.recheck |= !self.cbuf.is_empty();
                         self.registration.set_state(match status {
                             TxStatus::Idle => registry::SessionState::Idle,
                             TxStatus::InTransaction => registry::SessionState::IdleInTransaction,

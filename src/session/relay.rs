@@ -40,14 +40,18 @@ impl Session {
                 return End::Error(SessionError::Shutdown);
             }
             if std::mem::take(&mut self.recheck) {
-                match self.advance().await {
-                    Ok(true) => {
-                        self.recheck = true;
-                        continue;
-                    }
-                    Ok(false) => {}
-                    Err(None) => return End::ClientGone,
-                    Err(Some(e)) => return End::Error(e),
+                // Routing itself never waits; only some steps it asks for do.
+                match self.on_client_data() {
+                    Ok(Step::Idle | Step::Blocked) => {}
+                    Ok(Step::Terminate) => return End::ClientGone,
+                    Ok(step) => match self.perform(step).await {
+                        Ok(()) => {
+                            self.recheck = true;
+                            continue;
+                        }
+                        Err(e) => return End::Error(e),
+                    },
+                    Err(e) => return End::Error(e),
                 }
             }
             self.release_between_transactions();
@@ -120,10 +124,10 @@ impl Session {
                     Ok(_) => self.recheck = true,
                     Err(e) => return End::Error(SessionError::ClientIo(e)),
                 },
-                _ = sleep_until_stall_limit(stalled, write_limit) => {
+                _ = sleep_until_stall_limit(stalled, write_limit), if stalled.is_some() => {
                     return End::Error(SessionError::WriteTimeout);
                 }
-                _ = sleep_unless_zero(idle_limit) => {
+                _ = sleep_unless_zero(idle_limit), if !idle_limit.is_zero() => {
                     return End::Error(if !self.in_tx {
                         SessionError::IdleTimeout
                     } else {
@@ -159,10 +163,10 @@ impl Session {
                 Ok(_) => self.recheck = true,
                 Err(e) => return Some(End::Error(SessionError::ClientIo(e))),
             },
-            _ = sleep_until_stall_limit(stalled, write_limit) => {
+            _ = sleep_until_stall_limit(stalled, write_limit), if stalled.is_some() => {
                 return Some(End::Error(SessionError::WriteTimeout));
             }
-            _ = sleep_unless_zero(idle_limit) => {
+            _ = sleep_unless_zero(idle_limit), if !idle_limit.is_zero() => {
                 return Some(End::Error(SessionError::IdleTimeout));
             }
             () = info.stopping(stopped) => return Some(End::Error(SessionError::Shutdown)),
@@ -170,17 +174,12 @@ impl Session {
         None
     }
 
-    /// Route what the client sent and perform the step routing asks for.
-    /// `Ok(true)`: route again now; `Ok(false)`: wait for I/O; `Err(None)`: the
-    /// client said goodbye.
-    async fn advance(&mut self) -> Result<bool, Option<SessionError>> {
-        match self.on_client_data().map_err(Some)? {
-            Step::Idle | Step::Blocked => Ok(false),
-            Step::Terminate => Err(None),
-            Step::Prepare { node, needs } => {
-                self.prepare_node(node, needs).await.map_err(Some)?;
-                Ok(true)
-            }
+    /// Perform a step routing asked for (I/O before a request can be routed);
+    /// then the client's data is routed again.
+    async fn perform(&mut self, step: Step) -> Result<(), SessionError> {
+        match step {
+            Step::Idle | Step::Blocked | Step::Terminate => Ok(()),
+            Step::Prepare { node, needs } => self.prepare_node(node, needs).await,
             Step::NeedPrimary => {
                 // During a failover, wait up to failover.client_wait_timeout.
                 let (wait, failover) = (
@@ -188,26 +187,19 @@ impl Session {
                     self.cfg.failover.client_wait_timeout,
                 );
                 match self.ctx.cluster.wait_primary_for(wait, failover).await {
-                    Some(_) => Ok(true),
+                    Some(_) => Ok(()),
                     // A session that holds no server connection (between
                     // transactions under transaction pooling, or an admin who
                     // logged in without a primary) loses only this request.
                     None if !self.in_tx && self.links.iter().all(Option::is_none) => {
                         let e = crate::error::ToPgError::to_pg_error(&BackendError::NoPrimary);
-                        self.refuse_request(e).map_err(Some)?;
-                        Ok(true)
+                        self.refuse_request(e)
                     }
-                    None => Err(Some(SessionError::Backend(BackendError::NoPrimary))),
+                    None => Err(SessionError::Backend(BackendError::NoPrimary)),
                 }
             }
-            Step::MoveTxToPrimary => {
-                self.move_fresh_tx_to_primary().await.map_err(Some)?;
-                Ok(true)
-            }
-            Step::ProbeDefaults => {
-                self.probe_defaults().await.map_err(Some)?;
-                Ok(true)
-            }
+            Step::MoveTxToPrimary => self.move_fresh_tx_to_primary().await,
+            Step::ProbeDefaults => self.probe_defaults().await,
             Step::FetchLsn => {
                 let limit = self.cfg.monitor.timeout;
                 let lsn = self.ctx.lsns.fresh_primary_lsn(limit).await;
@@ -215,7 +207,7 @@ impl Session {
                     tracing::debug!(error = %e, "no fresh primary position; reading on the primary");
                 }
                 self.primary_lsn_fetched(lsn.ok());
-                Ok(true)
+                Ok(())
             }
             Step::WaitReplay {
                 nodes,
@@ -229,7 +221,7 @@ impl Session {
                 self.ctx
                     .metrics
                     .consistency_waited(started.elapsed().as_secs_f64());
-                Ok(true)
+                Ok(())
             }
             Step::Lookup(names) => {
                 let snapshot = self.ctx.cluster.snapshot();
@@ -246,7 +238,7 @@ impl Session {
                 {
                     self.lookup_failed = true;
                 }
-                Ok(true)
+                Ok(())
             }
         }
     }

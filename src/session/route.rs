@@ -451,23 +451,24 @@ impl Session {
         self.aborted_tx_query_is_rollback(query)
     }
 
-    /// Classify statement text (raw bytes as sent), through the cache.
-    pub(super) fn classify(&self, sql: &[u8]) -> (Arc<Classification>, Option<Hint>) {
+    /// Classify statement text (raw bytes as sent), through the session's
+    /// memo and the cache.
+    pub(super) fn classify(&mut self, sql: &[u8]) -> (Arc<Classification>, Option<Hint>) {
         let ctx = &self.ctx;
-        match ctx
+        let class = ctx
             .classify_cache
-            .classify(sql, || ctx.classifier.load_full())
-        {
-            Some(class) => (class, normalize::hint(sql)),
-            // Not UTF-8 (a client encoding pgpilot does not parse): the primary.
-            None => {
-                let mut c = Classification::empty();
-                c.access = Access::Write;
-                c.statements = 1;
-                c.parse_failed = true;
-                (Arc::new(c), None)
-            }
-        }
+            .classify_remembering(&mut self.memo, sql, || ctx.classifier.load_full());
+        with_hint(class, sql)
+    }
+
+    /// [`Session::classify`] without the session's memo (for `&self` callers,
+    /// off the hot path).
+    pub(super) fn classify_unremembered(&self, sql: &[u8]) -> (Arc<Classification>, Option<Hint>) {
+        let ctx = &self.ctx;
+        let class = ctx
+            .classify_cache
+            .classify(sql, || ctx.classifier.load_full());
+        with_hint(class, sql)
     }
 
     /// Whether unknown functions called by a read make it a write: `Ok(true)` if
@@ -638,4 +639,22 @@ fn merge(classes: &[Arc<Classification>]) -> Classification {
     m.unknown_functions.sort_unstable();
     m.unknown_functions.dedup();
     m
+}
+
+/// A classification with the statement's `/* pgpilot:… */` hint; text that is
+/// not UTF-8 (a client encoding pgpilot does not parse) goes to the primary.
+fn with_hint(
+    class: Option<Arc<Classification>>,
+    sql: &[u8],
+) -> (Arc<Classification>, Option<Hint>) {
+    match class {
+        Some(class) => (class, normalize::hint(sql)),
+        None => {
+            let mut c = Classification::empty();
+            c.access = Access::Write;
+            c.statements = 1;
+            c.parse_failed = true;
+            (Arc::new(c), None)
+        }
+    }
 }
