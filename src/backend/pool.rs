@@ -11,6 +11,7 @@
 //! them and a release wakes one session, not all.
 
 use std::collections::{HashMap, VecDeque};
+use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -29,18 +30,28 @@ use crate::cluster::Cluster;
 const RECENTLY_USED: Duration = Duration::from_secs(1);
 
 /// Which connections are interchangeable.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+///
+/// Hashed and compared on every transaction under transaction pooling (a
+/// connection given back, one taken), so the hash of the startup parameters
+/// is computed once, when the session builds its key, and the parameters are
+/// shared: the copies the pool keeps compare by pointer first.
+#[derive(Debug, Clone)]
 pub struct PoolKey {
     /// Node id.
     pub node: usize,
     /// Startup parameters sent to the node, in a canonical order (user and database
     /// first, then the rest sorted by name).
-    pub startup: Vec<(String, String)>,
+    pub startup: Arc<[(String, String)]>,
+    /// Hash of `node` and `startup` (with a per-process random key: clients
+    /// choose the parameters).
+    hash: u64,
 }
 
 impl PoolKey {
     /// Build the key (and the startup parameters) for a client's parameters on a node.
     pub fn new(node: usize, user: &str, database: &str, extra: &[(String, String)]) -> PoolKey {
+        static SEED: std::sync::OnceLock<std::collections::hash_map::RandomState> =
+            std::sync::OnceLock::new();
         let mut rest: Vec<(String, String)> = extra
             .iter()
             .filter(|(k, _)| k != "user" && k != "database")
@@ -52,12 +63,35 @@ impl PoolKey {
             ("database".to_string(), database.to_string()),
         ];
         startup.extend(rest);
-        PoolKey { node, startup }
+        let hash = SEED
+            .get_or_init(Default::default)
+            .hash_one((node, &startup));
+        PoolKey {
+            node,
+            startup: startup.into(),
+            hash,
+        }
     }
 
     /// The user name in the key.
     pub fn user(&self) -> &str {
         &self.startup[0].1
+    }
+}
+
+impl PartialEq for PoolKey {
+    fn eq(&self, other: &PoolKey) -> bool {
+        self.hash == other.hash
+            && self.node == other.node
+            && (Arc::ptr_eq(&self.startup, &other.startup) || self.startup == other.startup)
+    }
+}
+
+impl Eq for PoolKey {}
+
+impl std::hash::Hash for PoolKey {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        state.write_u64(self.hash);
     }
 }
 
@@ -98,7 +132,7 @@ struct NodeState {
     open: usize,
     /// Idle connections per key; the most recently used at the end (reused first).
     /// Never holds a key some waiter wants: a given-back connection goes to it.
-    idle: HashMap<PoolKey, Vec<PooledConn>>,
+    idle: HashMap<PoolKey, Vec<PooledConn>, foldhash::fast::RandomState>,
     /// Sessions waiting for a connection, longest first. Only queued while
     /// every slot is taken; a waiter that gave up is skipped (its receiver is
     /// closed) and pruned.
@@ -163,8 +197,9 @@ impl Drop for Slot {
 
 /// A connection checked out of (or belonging to) the pool.
 pub struct PooledConn {
-    /// The connection itself.
-    pub conn: BackendConn,
+    /// The connection itself (boxed: under transaction pooling a connection
+    /// moves between the pool and sessions on every transaction).
+    pub conn: Box<BackendConn>,
     /// The key it was opened with; where it returns.
     pub key: PoolKey,
     /// Its slot in the node's cap: dropping the connection frees it.
@@ -305,7 +340,7 @@ impl Pool {
             c.note_backend_connected(key.node);
         }
         Ok(PooledConn {
-            conn,
+            conn: Box::new(conn),
             key: key.clone(),
             _slot: slot,
         })
@@ -353,10 +388,17 @@ impl Pool {
             drop(conn);
             return;
         }
-        match st.idle.get_mut(&conn.key) {
-            Some(conns) => conns.push(conn),
-            None => {
-                st.idle.insert(conn.key.clone(), vec![conn]);
+        match st.idle.entry(conn.key.clone()) {
+            std::collections::hash_map::Entry::Occupied(mut e) => {
+                // Share the pool's copy of the parameters: the next
+                // comparisons are a pointer comparison.
+                if !Arc::ptr_eq(&e.key().startup, &conn.key.startup) {
+                    conn.key = e.key().clone();
+                }
+                e.get_mut().push(conn);
+            }
+            std::collections::hash_map::Entry::Vacant(e) => {
+                e.insert(vec![conn]);
             }
         }
     }

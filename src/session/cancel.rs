@@ -34,11 +34,11 @@ struct Entry {
 /// Client key → current server connection.
 #[derive(Debug, Default)]
 pub struct CancelRegistry {
-    entries: Mutex<HashMap<i32, Entry>>,
+    entries: Mutex<HashMap<i32, Entry, foldhash::fast::RandomState>>,
 }
 
 impl CancelRegistry {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<i32, Entry>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<i32, Entry, foldhash::fast::RandomState>> {
         self.entries.lock().unwrap_or_else(|p| p.into_inner())
     }
 

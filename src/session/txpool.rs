@@ -62,6 +62,9 @@ impl Session {
             return;
         }
         if let Some(conn) = self.ctx.pool.take_recent(&self.pool_keys[node]) {
+            // An equal key: take its copy of the parameters, which the pool
+            // shares (see `PoolKey`), so later lookups compare pointers.
+            self.pool_keys[node] = conn.key.clone();
             self.install_link(node, Some(super::link::Link::new(conn)));
         }
     }
