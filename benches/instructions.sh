@@ -1,0 +1,128 @@
+#!/usr/bin/env bash
+# Userland instructions per transaction (a benchmark, not a test): pgpilot and
+# PgBouncer each run under valgrind's callgrind while pgbench -S pushes
+# transactions through them; the instruction count of the proxy process per
+# transaction is exact and repeatable, unlike TPS on a shared machine (see
+# e2e.sh, whose ratios swing with steal). It counts only the proxy's own code
+# and libraries, not the kernel's work for its system calls (the same
+# calls for both: 2 sends and 2 receives per transaction) nor PostgreSQL's.
+#
+# Each target runs twice, with T1 and T2 transactions per client; the
+# difference of the totals over the difference of the transactions leaves out
+# start-up, log-in (SCRAM) and shut-down.
+#   pgbouncer       - Debian's PgBouncer, transaction pooling
+#   pgpilot-primary - pgpilot, load_balance = false, session pooling
+#   pgpilot-tx      - the same with pool.mode = "transaction"
+#
+#   benches/instructions.sh              # 16 clients, T1=200, T2=1200
+#   CLIENTS=4 T2=3000 benches/instructions.sh
+#   KEEP=/tmp/cg benches/instructions.sh  # keep callgrind's files (callgrind_annotate)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+CLIENTS=${CLIENTS:-16}
+T1=${T1:-200}
+T2=${T2:-1200}
+TARGETS=${TARGETS:-"pgbouncer pgpilot-primary pgpilot-tx"}
+
+for pkg in valgrind pgbouncer; do
+    command -v "$pkg" >/dev/null || { echo "installing $pkg"; apt-get install -y -qq "$pkg" >/dev/null; }
+done
+PGBIN=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1)
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+
+cargo build --release --quiet
+WORK=$(mktemp -d /tmp/pgpilot-instr.XXXXXX)
+chmod 777 "$WORK"
+DEMO_PID=""
+cleanup() {
+    pkill -INT -f "callgrind-out-file=$WORK/" 2>/dev/null || true
+    if [ -n "$DEMO_PID" ]; then
+        kill -INT "$DEMO_PID" 2>/dev/null || true
+        for _ in $(seq 1 100); do kill -0 "$DEMO_PID" 2>/dev/null || break; sleep 0.2; done
+    fi
+    rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+# The cluster: pgpilot demo's (real PostgreSQL, a primary and two standbys).
+PGPILOT_LOG=warn setsid ./target/release/pgpilot demo --workers 1 --listen "127.0.0.1:$(free_port)" --metrics-listen "" >"$WORK/demo.log" 2>&1 &
+DEMO_PID=$!
+for _ in $(seq 1 300); do grep -qs "pgpilot is listening" "$WORK/demo.log" && break; sleep 0.2; done
+grep -q "pgpilot is listening" "$WORK/demo.log" || { cat "$WORK/demo.log"; exit 1; }
+node_port() { sed -n "s/.*node $1: 127\\.0\\.0\\.1:\\([0-9]*\\).*/\\1/p" "$WORK/demo.log"; }
+PRIMARY=$(node_port 0)
+export PGPASSWORD=demo
+"$PGBIN/pgbench" -i -q -s 10 -h 127.0.0.1 -p "$PRIMARY" -U demo demo >/dev/null 2>&1
+
+PORT=$(free_port)
+echo '"demo" "demo"' >"$WORK/userlist.txt"
+cat >"$WORK/pgbouncer.ini" <<INI
+[databases]
+demo = host=127.0.0.1 port=$PRIMARY dbname=demo
+[pgbouncer]
+listen_addr = 127.0.0.1
+listen_port = $PORT
+unix_socket_dir =
+auth_type = scram-sha-256
+auth_file = $WORK/userlist.txt
+pool_mode = transaction
+default_pool_size = $CLIENTS
+max_client_conn = 200
+logfile = $WORK/pgbouncer.log
+pidfile = $WORK/pgbouncer.pid
+INI
+for mode in session transaction; do
+    {
+        echo "listen = \"127.0.0.1:$PORT\""
+        echo "worker_threads = 1"
+        for n in 0 1 2; do printf '[[backends]]\nhost = "127.0.0.1"\nport = %s\n' "$(node_port $n)"; done
+        printf '[[users]]\nname = "demo"\npassword = "demo"\n'
+        printf '[monitor]\nuser = "postgres"\n'
+        printf '[routing]\nload_balance = false\n'
+        printf '[pool]\nmode = "%s"\n' "$mode"
+        # Checks are time-driven, not per transaction: rarely, so the two
+        # runs' different durations hardly count.
+        printf '[health_check]\nperiod = "60s"\n[sr_check]\nperiod = "60s"\n'
+    } >"$WORK/$mode.toml"
+done
+chown -R postgres "$WORK" 2>/dev/null || true
+
+total() { # target transactions_per_client -> instructions of the proxy process
+    local out="$WORK/$1.$2.out"
+    case $1 in
+        pgbouncer)
+            if [ "$(id -u)" = 0 ]; then
+                setsid runuser -u postgres -- valgrind --tool=callgrind --callgrind-out-file="$out" pgbouncer "$WORK/pgbouncer.ini" >"$WORK/vg.log" 2>&1 &
+            else
+                setsid valgrind --tool=callgrind --callgrind-out-file="$out" pgbouncer "$WORK/pgbouncer.ini" >"$WORK/vg.log" 2>&1 &
+            fi ;;
+        pgpilot-primary) PGPILOT_LOG=warn setsid valgrind --tool=callgrind --callgrind-out-file="$out" ./target/release/pgpilot run --config "$WORK/session.toml" >"$WORK/vg.log" 2>&1 & ;;
+        pgpilot-tx) PGPILOT_LOG=warn setsid valgrind --tool=callgrind --callgrind-out-file="$out" ./target/release/pgpilot run --config "$WORK/transaction.toml" >"$WORK/vg.log" 2>&1 & ;;
+    esac
+    for _ in $(seq 1 300); do (echo >"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null && break; sleep 0.2; done
+    "$PGBIN/pgbench" -S -M simple -c "$CLIENTS" -j 1 -t "$2" -h 127.0.0.1 -p "$PORT" -U demo demo >"$WORK/pgbench.log" 2>&1 ||
+        { cat "$WORK/pgbench.log" "$WORK/vg.log" >&2; exit 1; }
+    grep -q "number of failed transactions: 0 " "$WORK/pgbench.log" || { cat "$WORK/pgbench.log" >&2; exit 1; }
+    pkill -INT -f "callgrind-out-file=$out"
+    for _ in $(seq 1 300); do pgrep -f "callgrind-out-file=$out" >/dev/null || break; sleep 0.2; done
+    if [ -n "${KEEP:-}" ]; then mkdir -p "$KEEP" && cp "$out" "$KEEP/"; fi
+    sed -n 's/^\(summary\|totals\): *\([0-9]*\).*/\2/p' "$out" | head -1
+}
+
+declare -A PER_TX
+for target in $TARGETS; do
+    a=$(total "$target" "$T1")
+    b=$(total "$target" "$T2")
+    PER_TX[$target]=$(( (b - a) / (CLIENTS * (T2 - T1)) ))
+    echo "$target: $a instructions for $T1 transactions per client, $b for $T2: ${PER_TX[$target]} per transaction"
+done
+echo
+echo "pgbench -S -M simple -c $CLIENTS, userland instructions per transaction (callgrind):"
+for target in $TARGETS; do
+    if [ -n "${PER_TX[pgbouncer]:-}" ]; then
+        awk -v t="$target" -v n="${PER_TX[$target]}" -v b="${PER_TX[pgbouncer]}" 'BEGIN { printf "  %-16s %7d   %.2f x pgbouncer\n", t, n, n / b }'
+    else
+        printf '  %-16s %7d\n' "$target" "${PER_TX[$target]}"
+    fi
+done
