@@ -135,6 +135,10 @@ impl ClassifyCache {
         G: std::ops::Deref<Target = C>,
     {
         let generation = self.generation.load(Ordering::SeqCst);
+        if !self.enabled {
+            // Caching is off: every statement is classified.
+            return self.classify_at(generation, sql, classifier, None);
+        }
         if let Some(class) = memo.find(sql, generation) {
             self.memo_hits.fetch_add(1, Ordering::Relaxed);
             return Some(class);
@@ -511,6 +515,47 @@ mod tests {
         let w = classify(&cache, "SELECT * FROM t WHERE aid = 17 FOR UPDATE", &cl);
         assert_eq!(w.access, Access::Write);
         assert_eq!((cache.hits(), cache.misses(), cache.len()), (1, 2, 2));
+    }
+
+    #[test]
+    fn a_session_memo_answers_its_repeated_shapes_until_a_reload() {
+        let cache = ClassifyCache::new(100);
+        let cl = SqlParserClassifier::default();
+        let mut memo = StatementMemo::default();
+        let mut run = |memo: &mut StatementMemo, sql: &str| {
+            cache
+                .classify_remembering(memo, sql.as_bytes(), || &cl)
+                .expect("UTF-8")
+        };
+        let a = run(&mut memo, "SELECT * FROM t WHERE aid = 17");
+        let b = run(&mut memo, "SELECT * FROM t WHERE aid = 42");
+        assert!(Arc::ptr_eq(&a, &b));
+        // The second was the memo's: the shards saw one lookup, a miss.
+        assert_eq!(cache.shards.iter().map(|s| lock(s).hits).sum::<u64>(), 0);
+        assert_eq!((cache.hits(), cache.misses()), (1, 1));
+        // Another shape is the cache's business.
+        let w = run(&mut memo, "SELECT * FROM t WHERE aid = 17 FOR UPDATE");
+        assert_eq!(w.access, Access::Write);
+        // After a reload the memo's classifications are stale.
+        cache.clear();
+        let c = run(&mut memo, "SELECT * FROM t WHERE aid = 5");
+        assert!(!Arc::ptr_eq(&a, &c));
+        assert_eq!((cache.hits(), cache.misses()), (1, 3));
+        // SET keeps its literals in the key: never the memo's.
+        let on = run(&mut memo, "SET default_transaction_read_only = on");
+        let off = run(&mut memo, "SET default_transaction_read_only = off");
+        assert_eq!((cache.hits(), cache.misses()), (1, 5));
+        assert_eq!(
+            (on.sets_read_only_default, off.sets_read_only_default),
+            (Some(true), Some(false))
+        );
+        // With caching off, nothing is remembered either.
+        let off = ClassifyCache::new(0);
+        let mut memo = StatementMemo::default();
+        for _ in 0..2 {
+            off.classify_remembering(&mut memo, b"SELECT 1", || &cl);
+        }
+        assert_eq!((off.hits(), off.misses()), (0, 2));
     }
 
     /// Empties the cache while it classifies, as a reload can in another thread.
