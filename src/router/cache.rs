@@ -522,7 +522,7 @@ mod tests {
         let cache = ClassifyCache::new(100);
         let cl = SqlParserClassifier::default();
         let mut memo = StatementMemo::default();
-        let mut run = |memo: &mut StatementMemo, sql: &str| {
+        let run = |memo: &mut StatementMemo, sql: &str| {
             cache
                 .classify_remembering(memo, sql.as_bytes(), || &cl)
                 .expect("UTF-8")
