@@ -1241,6 +1241,16 @@ async fn set_transaction_a_standby_cannot_take_moves_a_fresh_read_only_transacti
     assert_eq!(s.read_node().await, PRIMARY);
     assert_eq!(s.one("SHOW transaction_isolation").await, "serializable");
     s.c.batch_execute("COMMIT").await.unwrap();
+    // And with the BEGIN itself sent through the extended protocol.
+    assert!(is_standby(&s.read_node().await));
+    s.c.execute("BEGIN READ ONLY", &[]).await.unwrap();
+    s.c.execute("SET TRANSACTION ISOLATION LEVEL SERIALIZABLE", &[])
+        .await
+        .unwrap_or_else(|e| panic!("{}", describe(&e)));
+    assert_eq!(s.read_node().await, PRIMARY);
+    assert_eq!(s.one("SHOW transaction_isolation").await, "serializable");
+    assert_eq!(s.one("SHOW transaction_read_only").await, "on");
+    s.c.batch_execute("COMMIT").await.unwrap();
 }
 
 #[tokio::test]

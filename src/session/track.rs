@@ -63,16 +63,30 @@ impl Session {
             link.effects.push_back((k, e));
         }
         self.note_sent(node, &class);
-        if t == tag::QUERY
-            && matches!(class.tx, Some(TxControl::Begin { .. }))
+        if t == tag::QUERY {
+            self.note_fresh_begin(node, &class, || bytes::Bytes::copy_from_slice(frame));
+        }
+        Ok(())
+    }
+
+    /// After a lone BEGIN was sent to a standby, remember it (a Query
+    /// message to run on the primary) in case the transaction's first
+    /// statement is a `SET TRANSACTION` only the primary can take
+    /// ([`Session::moves_fresh_tx`]).
+    fn note_fresh_begin(
+        &mut self,
+        node: usize,
+        class: &Classification,
+        begin: impl FnOnce() -> bytes::Bytes,
+    ) {
+        if matches!(class.tx, Some(TxControl::Begin { .. }))
             && class.statements == 1
             && self.in_tx
             && self.route.tx_node == Some(node)
             && self.ctx.cluster.snapshot().primary != Some(node)
         {
-            self.fresh_tx_begin = Some(bytes::Bytes::copy_from_slice(frame));
+            self.fresh_tx_begin = Some(begin());
         }
-        Ok(())
     }
 
     /// Whether this Query is a `SET TRANSACTION` a standby cannot take, sent
@@ -182,12 +196,25 @@ impl Session {
                         }
                         StmtSource::Sql(_) => None,
                     };
+                    // A BEGIN through the extended protocol is replayed on
+                    // the primary as a Query of the same text.
+                    let begin = match &st.source {
+                        StmtSource::Parse(f)
+                            if matches!(class.tx, Some(TxControl::Begin { .. })) =>
+                        {
+                            Some(super::state::query_message(parse_fields(&f[5..]).1))
+                        }
+                        _ => None,
+                    };
                     let link = self.link_mut(node)?;
                     if let Some(e) = effects {
                         let k = link.sent + 1;
                         link.effects.push_back((k, e));
                     }
                     self.note_sent(node, &class);
+                    if let Some(begin) = begin {
+                        self.note_fresh_begin(node, &class, || begin);
+                    }
                 }
             }
             tag::CLOSE => {
