@@ -117,16 +117,16 @@ impl ClassifyCache {
         C: Classifier + ?Sized,
         G: std::ops::Deref<Target = C>,
     {
-        let generation = self.generation.load(Ordering::SeqCst);
-        self.classify_at(generation, sql, classifier, None)
+        self.classify_remembering(None, sql, classifier)
     }
 
     /// [`ClassifyCache::classify`] for a session: first ask the session's
     /// `memo` (a statement of the same shape as a recent one is answered
     /// without building its key), and teach it the statements it did not know.
+    /// With caching off the memo is not used either.
     pub fn classify_remembering<C, G>(
         &self,
-        memo: &mut StatementMemo,
+        memo: Option<&mut StatementMemo>,
         sql: &[u8],
         classifier: impl FnOnce() -> G,
     ) -> Option<Arc<Classification>>
@@ -134,33 +134,14 @@ impl ClassifyCache {
         C: Classifier + ?Sized,
         G: std::ops::Deref<Target = C>,
     {
+        // Before the classifier is loaded: see `generation`.
         let generation = self.generation.load(Ordering::SeqCst);
-        if !self.enabled {
-            // Caching is off: every statement is classified.
-            return self.classify_at(generation, sql, classifier, None);
-        }
-        if let Some(class) = memo.find(sql, generation) {
+        let mut memo = memo.filter(|_| self.enabled);
+        if let Some(class) = memo.as_mut().and_then(|m| m.find(sql, generation)) {
             self.memo_hits.fetch_add(1, Ordering::Relaxed);
             return Some(class);
         }
-        self.classify_at(generation, sql, classifier, Some(memo))
-    }
-
-    /// Classify through the cache; `generation` was read before anything else
-    /// (see the field). With a memo, a statement the fast path keyed is
-    /// remembered there.
-    fn classify_at<C, G>(
-        &self,
-        generation: u64,
-        sql: &[u8],
-        classifier: impl FnOnce() -> G,
-        memo: Option<&mut StatementMemo>,
-    ) -> Option<Arc<Classification>>
-    where
-        C: Classifier + ?Sized,
-        G: std::ops::Deref<Target = C>,
-    {
-        let (mut classifier, mut memo) = (Some(classifier), memo);
+        let mut classifier = Some(classifier);
         // Run once, with the thread's buffers or (rarely) fresh ones.
         let mut keyed = |(key, literals): &mut Buffers| {
             let keyed = self.key_and_lookup(sql, key, literals);
@@ -524,7 +505,7 @@ mod tests {
         let mut memo = StatementMemo::default();
         let run = |memo: &mut StatementMemo, sql: &str| {
             cache
-                .classify_remembering(memo, sql.as_bytes(), || &cl)
+                .classify_remembering(Some(memo), sql.as_bytes(), || &cl)
                 .expect("UTF-8")
         };
         let a = run(&mut memo, "SELECT * FROM t WHERE aid = 17");
@@ -553,7 +534,7 @@ mod tests {
         let off = ClassifyCache::new(0);
         let mut memo = StatementMemo::default();
         for _ in 0..2 {
-            off.classify_remembering(&mut memo, b"SELECT 1", || &cl);
+            off.classify_remembering(Some(&mut memo), b"SELECT 1", || &cl);
         }
         assert_eq!((off.hits(), off.misses()), (0, 2));
     }

@@ -457,7 +457,7 @@ impl Session {
         let ctx = &self.ctx;
         let class = ctx
             .classify_cache
-            .classify_remembering(&mut self.memo, sql, || ctx.classifier.load_full());
+            .classify_remembering(Some(&mut self.memo), sql, || ctx.classifier.load_full());
         with_hint(class, sql)
     }
 
