@@ -155,6 +155,9 @@ pub fn parse(sql: &str) -> Option<AdminCommand> {
     parse_bytes(sql.as_bytes())
 }
 
+/// The words an admin command can start with (lower case).
+pub const FIRST_WORDS: [&[u8]; 5] = [b"show", b"pgpool", b"attach", b"detach", b"promote"];
+
 /// [`parse`] on raw query bytes (as in a Query message, with or without the
 /// terminating NUL). Rejects ordinary SQL after looking at its first word,
 /// before any UTF-8 check, so it is cheap on the hot path.
@@ -163,12 +166,7 @@ pub fn parse_bytes(sql: &[u8]) -> Option<AdminCommand> {
     let start = sql.iter().position(|b| !b.is_ascii_whitespace())?;
     let head = &sql[start..];
     let starts = |w: &[u8]| head.len() >= w.len() && head[..w.len()].eq_ignore_ascii_case(w);
-    if !starts(b"show")
-        && !starts(b"pgpool")
-        && !starts(b"attach")
-        && !starts(b"detach")
-        && !starts(b"promote")
-    {
+    if !FIRST_WORDS.iter().any(|w| starts(w)) {
         return None;
     }
     let text = std::str::from_utf8(head).ok()?.trim_end();

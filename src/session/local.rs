@@ -44,8 +44,8 @@ enum Outcome {
 /// Recognise a local command in statement text (raw bytes, no NUL).
 pub fn parse_local(sql: &[u8]) -> Option<LocalCommand> {
     // Every query passes here: first a cheap look at the first word, which
-    // is all most statements need. Admin commands start with SHOW, PGPOOL,
-    // ATTACH, DETACH or PROMOTE; pgpilot's own settings with SET, SHOW or RESET.
+    // is all most statements need (admin commands start with one of
+    // `admin::FIRST_WORDS`; pgpilot's own settings with SET, SHOW or RESET).
     let start = sql.iter().position(|b| !b.is_ascii_whitespace())?;
     let word_end = sql[start..]
         .iter()
@@ -58,14 +58,13 @@ pub fn parse_local(sql: &[u8]) -> Option<LocalCommand> {
     }
     word[..len].copy_from_slice(&sql[start..word_end]);
     word.make_ascii_lowercase();
-    match &word[..len] {
-        b"show" | b"pgpool" | b"attach" | b"detach" | b"promote" | b"set" | b"reset" => {}
-        _ => return None,
-    }
-    if let Some(cmd) = admin::parse_bytes(sql) {
+    let word = &word[..len];
+    if admin::FIRST_WORDS.contains(&word)
+        && let Some(cmd) = admin::parse_bytes(sql)
+    {
         return Some(LocalCommand::Admin(cmd));
     }
-    if !matches!(&word[..len], b"set" | b"show" | b"reset") {
+    if !matches!(word, b"set" | b"show" | b"reset") {
         return None;
     }
     let text = std::str::from_utf8(sql).ok()?;
