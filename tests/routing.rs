@@ -1233,24 +1233,23 @@ async fn set_transaction_a_standby_cannot_take_moves_a_fresh_read_only_transacti
     assert_eq!(sqlstate(&e).as_deref(), Some("25001"), "{}", describe(&e));
     s.c.batch_execute("ROLLBACK").await.unwrap();
     // The same through the extended protocol (tokio-postgres parses the
-    // statement in one batch, binds and executes it in the next).
-    s.expect(&n, "BEGIN READ ONLY", None, On::Standby).await;
-    s.c.execute("SET TRANSACTION ISOLATION LEVEL SERIALIZABLE", &[])
-        .await
-        .unwrap_or_else(|e| panic!("{}", describe(&e)));
-    assert_eq!(s.read_node().await, PRIMARY);
-    assert_eq!(s.one("SHOW transaction_isolation").await, "serializable");
-    s.c.batch_execute("COMMIT").await.unwrap();
-    // And with the BEGIN itself sent through the extended protocol.
-    assert!(is_standby(&s.read_node().await));
-    s.c.execute("BEGIN READ ONLY", &[]).await.unwrap();
-    s.c.execute("SET TRANSACTION ISOLATION LEVEL SERIALIZABLE", &[])
-        .await
-        .unwrap_or_else(|e| panic!("{}", describe(&e)));
-    assert_eq!(s.read_node().await, PRIMARY);
-    assert_eq!(s.one("SHOW transaction_isolation").await, "serializable");
-    assert_eq!(s.one("SHOW transaction_read_only").await, "on");
-    s.c.batch_execute("COMMIT").await.unwrap();
+    // statement in one batch, binds and executes it in the next), after a
+    // simple-protocol BEGIN, then with the BEGIN itself extended too.
+    for extended_begin in [false, true] {
+        if extended_begin {
+            assert!(is_standby(&s.read_node().await));
+            s.c.execute("BEGIN READ ONLY", &[]).await.unwrap();
+        } else {
+            s.expect(&n, "BEGIN READ ONLY", None, On::Standby).await;
+        }
+        s.c.execute("SET TRANSACTION ISOLATION LEVEL SERIALIZABLE", &[])
+            .await
+            .unwrap_or_else(|e| panic!("extended BEGIN {extended_begin}: {}", describe(&e)));
+        assert_eq!(s.read_node().await, PRIMARY);
+        assert_eq!(s.one("SHOW transaction_isolation").await, "serializable");
+        assert_eq!(s.one("SHOW transaction_read_only").await, "on");
+        s.c.batch_execute("COMMIT").await.unwrap();
+    }
 }
 
 #[tokio::test]

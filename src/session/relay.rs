@@ -178,7 +178,11 @@ impl Session {
     /// then the client's data is routed again.
     async fn perform(&mut self, step: Step) -> Result<(), SessionError> {
         match step {
-            Step::Idle | Step::Blocked | Step::Terminate => Ok(()),
+            // Not I/O steps: the relay loop handles them before calling this.
+            Step::Idle | Step::Blocked | Step::Terminate => {
+                debug_assert!(false, "perform called with {step:?}");
+                Ok(())
+            }
             Step::Prepare { node, needs } => self.prepare_node(node, needs).await,
             Step::NeedPrimary => {
                 // During a failover, wait up to failover.client_wait_timeout.

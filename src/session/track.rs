@@ -202,7 +202,7 @@ impl Session {
                         StmtSource::Parse(f)
                             if matches!(class.tx, Some(TxControl::Begin { .. })) =>
                         {
-                            Some(super::state::query_message(parse_fields(&f[5..]).1))
+                            Some(f.clone())
                         }
                         _ => None,
                     };
@@ -212,8 +212,10 @@ impl Session {
                         link.effects.push_back((k, e));
                     }
                     self.note_sent(node, &class);
-                    if let Some(begin) = begin {
-                        self.note_fresh_begin(node, &class, || begin);
+                    if let Some(parse) = begin {
+                        self.note_fresh_begin(node, &class, || {
+                            super::state::query_message(parse_fields(&parse[5..]).1)
+                        });
                     }
                 }
             }
