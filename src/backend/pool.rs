@@ -518,3 +518,76 @@ fn evict_one(st: &mut NodeState) -> Option<PooledConn> {
     }
     Some(c)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::PoolKey;
+    use std::hash::BuildHasher;
+
+    fn p(k: &str, v: &str) -> (String, String) {
+        (k.to_string(), v.to_string())
+    }
+
+    #[test]
+    fn keys_are_equal_exactly_when_their_parameters_are() {
+        let a = PoolKey::new(
+            0,
+            "app",
+            "db",
+            &[p("TimeZone", "UTC"), p("application_name", "x")],
+        );
+        // Same parameters in another order, built separately (not shared).
+        let b = PoolKey::new(
+            0,
+            "app",
+            "db",
+            &[p("application_name", "x"), p("TimeZone", "UTC")],
+        );
+        assert!(!std::sync::Arc::ptr_eq(&a.startup, &b.startup));
+        assert_eq!(a, b);
+        let h = foldhash::fast::RandomState::default();
+        assert_eq!(h.hash_one(&a), h.hash_one(&b));
+        for other in [
+            PoolKey::new(
+                1,
+                "app",
+                "db",
+                &[p("TimeZone", "UTC"), p("application_name", "x")],
+            ),
+            PoolKey::new(
+                0,
+                "bob",
+                "db",
+                &[p("TimeZone", "UTC"), p("application_name", "x")],
+            ),
+            PoolKey::new(
+                0,
+                "app",
+                "db2",
+                &[p("TimeZone", "UTC"), p("application_name", "x")],
+            ),
+            PoolKey::new(
+                0,
+                "app",
+                "db",
+                &[p("TimeZone", "UTC"), p("application_name", "y")],
+            ),
+            PoolKey::new(0, "app", "db", &[p("TimeZone", "UTC")]),
+        ] {
+            assert_ne!(a, other, "{other:?}");
+        }
+        // A user/database given again among the extras does not count twice.
+        assert_eq!(a.user(), "app");
+        let c = PoolKey::new(
+            0,
+            "app",
+            "db",
+            &[
+                p("user", "z"),
+                p("TimeZone", "UTC"),
+                p("application_name", "x"),
+            ],
+        );
+        assert_eq!(a, c);
+    }
+}
