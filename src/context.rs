@@ -17,7 +17,7 @@ use crate::router::cache::ClassifyCache;
 use crate::router::catalog::FunctionCatalog;
 use crate::router::classify::SqlParserClassifier;
 use crate::session::ServerParams;
-use crate::session::cancel::CancelRegistry;
+use crate::session::cancel::{CancelRegistry, CancelSlot};
 
 /// Everything sessions and background tasks share.
 pub struct ProxyContext {
@@ -101,13 +101,16 @@ impl ProxyContext {
         self.config.store(Arc::new(new));
     }
 
-    /// A fresh (pid, secret) for a client's BackendKeyData, registered for cancels.
-    pub fn new_client_key(&self) -> (i32, i32) {
+    /// A fresh (pid, secret) for a client's BackendKeyData, registered for
+    /// cancels, and the slot that says where its cancels go.
+    pub fn new_client_key(&self) -> (i32, i32, CancelSlot) {
         loop {
             let pid = self.next_pid.fetch_add(1, Ordering::Relaxed) & 0x3fff_ffff;
             let secret: i32 = rand::random();
-            if pid != 0 && self.cancels.register(pid, secret) {
-                return (pid, secret);
+            if pid != 0
+                && let Some(slot) = self.cancels.register(pid, secret)
+            {
+                return (pid, secret, slot);
             }
         }
     }

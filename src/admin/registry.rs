@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicI32, AtomicI64, AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures_util::task::AtomicWaker;
 
@@ -89,11 +89,10 @@ pub struct SessionInfo {
 
 impl SessionInfo {
     /// The session now uses the server connection `pid` on `node`, opened at
-    /// `created` (`BackendConn::created`).
-    pub fn set_backend(&self, node: usize, pid: i32, created: Instant) {
-        let opened = SystemTime::now()
-            .checked_sub(created.elapsed())
-            .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+    /// `opened` (`BackendConn::opened`).
+    pub fn set_backend(&self, node: usize, pid: i32, opened: SystemTime) {
+        let opened = opened
+            .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64);
         self.node.store(node as i64, Ordering::Relaxed);
         self.backend_pid.store(pid, Ordering::Relaxed);
@@ -126,11 +125,8 @@ impl SessionInfo {
         })
     }
 
-    /// The session now holds server connection `pid` on `node`, opened at `created`.
-    pub fn hold(&self, node: usize, pid: i32, created: Instant) {
-        let opened = SystemTime::now()
-            .checked_sub(created.elapsed())
-            .unwrap_or(UNIX_EPOCH);
+    /// The session now holds server connection `pid` on `node`, opened at `opened`.
+    pub fn hold(&self, node: usize, pid: i32, opened: SystemTime) {
         let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
         held.retain(|(n, _, _)| *n != node);
         held.push((node, pid, opened));
@@ -279,7 +275,7 @@ mod tests {
         assert_eq!(r.len(), 1);
         assert_eq!(h.state(), SessionState::Connecting);
         assert_eq!(h.backend(), None);
-        h.set_backend(1, 777, Instant::now());
+        h.set_backend(1, 777, SystemTime::now());
         h.set_state(SessionState::Active);
         let listed = r.list();
         assert_eq!(listed[0].pid, 42);

@@ -8,7 +8,7 @@
 
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use bytes::{Buf, BytesMut};
 use postgres_protocol::authentication::sasl::{ChannelBinding, SCRAM_SHA_256, ScramSha256};
@@ -66,6 +66,9 @@ pub struct BackendConn {
     pub status: TxStatus,
     /// When the connection was opened.
     pub created: Instant,
+    /// The same moment by the wall clock, for the admin views (taken once
+    /// here: a session reports it at every transaction under transaction pooling).
+    pub opened: SystemTime,
     /// When it was last returned to the pool (idle expiry).
     pub last_used: Instant,
     /// The unnamed prepared statement it holds between two sessions'
@@ -132,6 +135,7 @@ impl BackendConn {
             params: Vec::new(),
             status: TxStatus::Idle,
             created: Instant::now(),
+            opened: SystemTime::now(),
             last_used: Instant::now(),
             unnamed: Unnamed::Absent,
             held: Default::default(),

@@ -274,7 +274,7 @@ impl Pool {
         s: &AcquireSettings<'_>,
     ) -> Result<PooledConn, BackendError> {
         let np = self.nodes.get(key.node).ok_or(BackendError::NoPrimary)?;
-        if let Some(c) = self.take_recent(key) {
+        if let Some(c) = self.take_recent(key, Instant::now()) {
             return Ok(c);
         }
         let deadline = tokio::time::Instant::now() + s.acquire_timeout;
@@ -349,11 +349,11 @@ impl Pool {
     /// An idle connection for `key` given back under [`RECENTLY_USED`] ago, if
     /// the most recently given back one is that: no waiting, no liveness check.
     /// The common case under transaction pooling.
-    pub fn take_recent(&self, key: &PoolKey) -> Option<PooledConn> {
+    pub fn take_recent(&self, key: &PoolKey, now: Instant) -> Option<PooledConn> {
         let np = self.nodes.get(key.node)?;
         let mut st = np.lock();
         let conns = st.idle.get_mut(key)?;
-        if conns.last()?.last_used.elapsed() < RECENTLY_USED {
+        if now.saturating_duration_since(conns.last()?.last_used) < RECENTLY_USED {
             conns.pop()
         } else {
             None
@@ -363,11 +363,11 @@ impl Pool {
     /// Return an idle, reset connection to the pool: to the longest waiter for
     /// its key if there is one; closed, so its slot goes to the longest waiter,
     /// if only sessions of other keys wait; otherwise idle.
-    pub fn put_idle(&self, mut conn: PooledConn) {
+    pub fn put_idle(&self, mut conn: PooledConn, now: Instant) {
         let Some(np) = self.nodes.get(conn.key.node) else {
             return;
         };
-        conn.last_used = Instant::now();
+        conn.last_used = now;
         let mut st = np.lock();
         st.waiters.retain(|w| !w.tx.is_closed());
         if let Some(i) = st.waiters.iter().position(|w| w.key == conn.key) {
@@ -377,7 +377,7 @@ impl Pool {
                 && let Err(Grant::Conn(unsent)) = w.tx.send(Grant::Conn(Box::new(conn)))
             {
                 // It gave up just now: the next waiter, or idle.
-                self.put_idle(*unsent);
+                self.put_idle(*unsent, now);
             }
             return;
         }

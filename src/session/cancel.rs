@@ -4,10 +4,15 @@
 //! that key to the server connection currently serving the client, so a cancel
 //! arriving on a fresh connection is forwarded to the right server process. A
 //! wrong secret is ignored silently, as PostgreSQL does.
+//!
+//! Each client's target lives in a slot of its own, shared by the registry and
+//! the session ([`CancelSlot`]): under transaction pooling the session points it
+//! at a new server connection at every transaction, and that must not take the
+//! registry-wide lock (every runtime thread's sessions would contend on it).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::backend::conn::send_cancel;
@@ -28,7 +33,23 @@ struct Entry {
     /// The secret pgpilot issued to the client.
     secret: i32,
     /// The server connection currently serving the client, if any.
-    target: Option<CancelTarget>,
+    target: CancelSlot,
+}
+
+/// Where one client's cancels go, set by its session (cheap to clone: shared).
+#[derive(Debug, Clone, Default)]
+pub struct CancelSlot(Arc<Mutex<Option<CancelTarget>>>);
+
+impl CancelSlot {
+    /// Point the client's cancels at `target` (`None`: nowhere, between
+    /// transactions under transaction pooling).
+    pub fn set(&self, target: Option<CancelTarget>) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = target;
+    }
+
+    fn get(&self) -> Option<CancelTarget> {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 /// Client key → current server connection.
@@ -42,27 +63,22 @@ impl CancelRegistry {
         self.entries.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Register a new client key; returns false if the pid is already in use.
-    pub fn register(&self, pid: i32, secret: i32) -> bool {
+    /// Register a new client key and return the slot its session sets; `None`
+    /// if the pid is already in use.
+    pub fn register(&self, pid: i32, secret: i32) -> Option<CancelSlot> {
         let mut m = self.lock();
         if m.contains_key(&pid) {
-            return false;
+            return None;
         }
+        let target = CancelSlot::default();
         m.insert(
             pid,
             Entry {
                 secret,
-                target: None,
+                target: target.clone(),
             },
         );
-        true
-    }
-
-    /// Point a client key at the server connection now serving it.
-    pub fn set_target(&self, pid: i32, target: Option<CancelTarget>) {
-        if let Some(e) = self.lock().get_mut(&pid) {
-            e.target = target;
-        }
+        Some(target)
     }
 
     /// Forget a client key (session ended).
@@ -76,7 +92,7 @@ impl CancelRegistry {
             .lock()
             .get(&pid)
             .filter(|e| e.secret == secret)
-            .and_then(|e| e.target);
+            .and_then(|e| e.target.get());
         match target {
             Some(t) => send_cancel(t.addr, t.pid, t.secret, limit).await,
             None => tracing::debug!(pid, "cancel request with an unknown key ignored"),

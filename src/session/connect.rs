@@ -56,7 +56,7 @@ impl Session {
     }
 
     /// A new (or pooled) connection to `node` for this session's user and database.
-    pub(super) async fn open_link(&self, node: usize) -> Result<Link, BackendError> {
+    pub(super) async fn open_link(&self, node: usize) -> Result<Box<Link>, BackendError> {
         let key = &self.pool_keys[node];
         let b = &self.cfg.backends[node];
         let settings = AcquireSettings {
@@ -249,9 +249,9 @@ impl Session {
 
     /// Hold `link` as the session's connection to `node` (or drop it), and say so
     /// in the session registry (SHOW POOL_POOLS).
-    pub(super) fn install_link(&mut self, node: usize, link: Option<Link>) {
+    pub(super) fn install_link(&mut self, node: usize, link: Option<Box<Link>>) {
         match &link {
-            Some(l) => self.registration.hold(node, l.conn.pid, l.conn.created),
+            Some(l) => self.registration.hold(node, l.conn.pid, l.conn.opened),
             None => self.registration.release(node),
         }
         let serving = link.is_some() && node == self.active;

@@ -32,6 +32,12 @@ pub enum Done {
     ParseFailed(Vec<u8>),
     /// The server reported a new parameter value.
     ParamChanged,
+    /// Every request in flight is answered; the first was sent at `since`
+    /// (the query-duration metric).
+    Answered {
+        /// When the first of them was sent.
+        since: Instant,
+    },
     /// A request ended with this transaction status; `drained` when nothing else is
     /// outstanding on the connection.
     Ready {
@@ -111,10 +117,12 @@ pub struct Link {
 }
 
 impl Link {
-    /// Wrap a freshly acquired connection (it has applied none of the session's log).
-    pub fn new(mut conn: PooledConn) -> Link {
+    /// Wrap a freshly acquired connection (it has applied none of the session's
+    /// log). Boxed: a link moves into and out of the session at every
+    /// transaction under transaction pooling, and it is several hundred bytes.
+    pub fn new(mut conn: PooledConn) -> Box<Link> {
         let unnamed = std::mem::take(&mut conn.unnamed);
-        Link {
+        Box::new(Link {
             conn,
             scanner: BackendScanner::default(),
             out: Outbox::default(),
@@ -135,13 +143,14 @@ impl Link {
             copy_in: false,
             syncs_since_execute: 0,
             started: None,
-        }
+        })
     }
 
-    /// The client starts a request on this connection (timed until idle again).
-    pub fn begin_request(&mut self) {
+    /// The client starts a request on this connection at `now` (timed until
+    /// idle again).
+    pub fn begin_request(&mut self, now: Instant) {
         if self.started.is_none() && !self.busy() {
-            self.started = Some(Instant::now());
+            self.started = Some(now);
         }
     }
 
@@ -200,7 +209,7 @@ impl Link {
                     if self.outstanding == 0
                         && let Some(t) = self.started.take()
                     {
-                        metrics.query_finished(node, t.elapsed().as_secs_f64());
+                        done.push(Done::Answered { since: t });
                     }
                 }
                 BackendEvent::CommandComplete => {

@@ -13,6 +13,7 @@
 //! else passes through as the bytes that arrived, batched per read.
 
 pub mod cancel;
+mod clock;
 mod connect;
 mod detached;
 pub use detached::ServerParams;
@@ -48,7 +49,7 @@ use crate::protocol::messages::{self, PgError};
 use crate::protocol::startup::StartupMessage;
 use crate::router::classify::Classification;
 use crate::router::policy::{Policy, RouteState};
-use cancel::CancelTarget;
+use cancel::{CancelSlot, CancelTarget};
 use handshake::Opening;
 use link::{Done, Link};
 use state::SessionState;
@@ -190,8 +191,13 @@ struct Session {
     key_pid: i32,
     /// pgpilot's BackendKeyData secret for this client.
     key_secret: i32,
+    /// The time of the current relay turn, read once per turn (see [`clock`]).
+    clock: clock::TurnClock,
+    /// Where this client's cancels go: the registry reads it, the session
+    /// points it at whichever server connection serves it now.
+    cancel: CancelSlot,
     /// Server connections by node id (at most one per node).
-    links: Vec<Option<Link>>,
+    links: Vec<Option<Box<Link>>>,
     /// The node whose answers the client is waiting for (the last one sent to);
     /// only it can have requests in flight.
     active: usize,
@@ -279,7 +285,7 @@ impl Session {
         startup: &StartupMessage,
         slot: ClientSlot,
     ) -> Session {
-        let (key_pid, key_secret) = ctx.new_client_key();
+        let (key_pid, key_secret, cancel) = ctx.new_client_key();
         let nodes = cfg.backends.len();
         let database = startup.get("database").unwrap_or(&user).to_string();
         let policy = Policy {
@@ -308,6 +314,8 @@ impl Session {
             database,
             key_pid,
             key_secret,
+            cancel,
+            clock: clock::TurnClock::default(),
             links: (0..nodes).map(|_| None).collect(),
             active: 0,
             batch: None,
@@ -408,15 +416,12 @@ impl Session {
     fn serving_now(&mut self, node: usize) {
         if let Some(l) = &self.links[node] {
             self.registration
-                .set_backend(node, l.conn.pid, l.conn.created);
-            self.ctx.cancels.set_target(
-                self.key_pid,
-                Some(CancelTarget {
-                    addr: l.conn.addr,
-                    pid: l.conn.pid,
-                    secret: l.conn.secret,
-                }),
-            );
+                .set_backend(node, l.conn.pid, l.conn.opened);
+            self.cancel.set(Some(CancelTarget {
+                addr: l.conn.addr,
+                pid: l.conn.pid,
+                secret: l.conn.secret,
+            }));
         }
     }
 
@@ -424,7 +429,7 @@ impl Session {
     fn link_mut(&mut self, node: usize) -> Result<&mut Link, SessionError> {
         self.links
             .get_mut(node)
-            .and_then(Option::as_mut)
+            .and_then(Option::as_deref_mut)
             .ok_or(SessionError::BackendLost { node })
     }
 
@@ -451,6 +456,10 @@ impl Session {
                     }
                 }
                 Done::ParamChanged => self.dirty = true,
+                Done::Answered { since } => {
+                    let took = self.clock.now().saturating_duration_since(since);
+                    self.ctx.metrics.query_finished(node, took.as_secs_f64());
+                }
                 Done::Ready {
                     status,
                     drained,
@@ -613,7 +622,7 @@ impl Session {
                         Ok(())
                     };
                     match reset {
-                        Ok(()) => ctx.pool.put_idle(conn),
+                        Ok(()) => ctx.pool.put_idle(conn, std::time::Instant::now()),
                         Err(e) => {
                             tracing::info!(node = conn.node, error = %e, "reset failed; closing the connection")
                         }

@@ -46,6 +46,7 @@ impl Session {
                     Ok(Step::Terminate) => return End::ClientGone,
                     Ok(step) => match self.perform(step).await {
                         Ok(()) => {
+                            self.clock.tick();
                             self.recheck = true;
                             continue;
                         }
@@ -68,10 +69,11 @@ impl Session {
             let Some(link) = self.links[node].as_mut() else {
                 if self.released() {
                     // Transaction pooling, between transactions: only the client.
-                    match self
+                    let waited = self
                         .wait_for_client(idle_limit, write_limit, &info, stopped)
-                        .await
-                    {
+                        .await;
+                    self.clock.tick();
+                    match waited {
                         Some(end) => return end,
                         None => continue,
                     }
@@ -92,6 +94,9 @@ impl Session {
             let server_pending = !link.out.is_empty();
             let (mut server_rd, server_wr) = link.conn.conn.stream.split();
             let (mut client_rd, client_wr) = self.client.split();
+            // Whatever wakes the select starts a new turn (nothing reads the
+            // clock between here and the await).
+            self.clock.tick();
             tokio::select! {
                 biased;
                 r = client_wr.as_ref().writable(), if !self.to_client.is_empty() => {

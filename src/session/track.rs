@@ -49,8 +49,9 @@ impl Session {
             None
         };
         self.fresh_request_sent();
+        let now = self.clock.now();
         let link = self.link_mut(node)?;
-        link.begin_request();
+        link.begin_request(now);
         link.outstanding += 1;
         link.sent += 1;
         link.syncs_since_execute = 0;
@@ -149,7 +150,8 @@ impl Session {
     ) -> Result<(), SessionError> {
         let body = &frame[5..];
         self.pending_class = None;
-        self.link_mut(node)?.begin_request();
+        let now = self.clock.now();
+        self.link_mut(node)?.begin_request(now);
         match t {
             tag::PARSE => {
                 let (name, query) = parse_fields(body);

@@ -27,11 +27,11 @@ impl Session {
                 let mut conn = link.conn;
                 // What the next user of the connection must know of it.
                 conn.unnamed = link.unnamed;
-                self.ctx.pool.put_idle(conn);
+                self.ctx.pool.put_idle(conn, self.clock.now());
             }
         }
         // A cancel must never reach a connection now serving someone else.
-        self.ctx.cancels.set_target(self.key_pid, None);
+        self.cancel.set(None);
         self.registration.clear_backend();
     }
 
@@ -61,7 +61,11 @@ impl Session {
         if self.cfg.pool.mode != PoolMode::Transaction {
             return;
         }
-        if let Some(conn) = self.ctx.pool.take_recent(&self.pool_keys[node]) {
+        if let Some(conn) = self
+            .ctx
+            .pool
+            .take_recent(&self.pool_keys[node], self.clock.now())
+        {
             // An equal key: take its copy of the parameters, which the pool
             // shares (see `PoolKey`), so later lookups compare pointers.
             self.pool_keys[node] = conn.key.clone();
