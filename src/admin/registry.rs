@@ -77,23 +77,35 @@ pub struct SessionInfo {
     backend_opened_ms: AtomicU64,
     /// [`SessionState`] as a byte.
     state: AtomicU8,
-    /// Every server connection the session holds (one per node at most):
-    /// (node, server pid, opened). Changes only when a connection is opened or
-    /// dropped, so a lock is cheap here.
-    held: Mutex<Vec<(usize, i32, SystemTime)>>,
+    /// The server connection the session holds on each node, if any. Under
+    /// transaction pooling it changes twice per transaction, so it takes no lock.
+    held: Box<[HeldSlot]>,
     /// Wakes the session's relay when pgpilot stops. An idle session registers
     /// its waker here on every turn, which costs no lock (a watch channel's
     /// change future would take one each time).
     stop: AtomicWaker,
 }
 
+/// One node's server connection held by a session.
+#[derive(Debug, Default)]
+struct HeldSlot {
+    /// Server process id; 0 = none held. Written after `opened_ms`.
+    pid: AtomicI32,
+    /// When that connection was opened (ms since the epoch).
+    opened_ms: AtomicU64,
+}
+
+/// Milliseconds since the epoch (0 for a time before it).
+fn epoch_ms(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
 impl SessionInfo {
     /// The session now uses the server connection `pid` on `node`, opened at
     /// `opened` (`BackendConn::opened`).
     pub fn set_backend(&self, node: usize, pid: i32, opened: SystemTime) {
-        let opened = opened
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64);
+        let opened = epoch_ms(opened);
         self.node.store(node as i64, Ordering::Relaxed);
         self.backend_pid.store(pid, Ordering::Relaxed);
         self.backend_opened_ms.store(opened, Ordering::Relaxed);
@@ -127,20 +139,33 @@ impl SessionInfo {
 
     /// The session now holds server connection `pid` on `node`, opened at `opened`.
     pub fn hold(&self, node: usize, pid: i32, opened: SystemTime) {
-        let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
-        held.retain(|(n, _, _)| *n != node);
-        held.push((node, pid, opened));
+        if let Some(slot) = self.held.get(node) {
+            slot.opened_ms.store(epoch_ms(opened), Ordering::Relaxed);
+            slot.pid.store(pid, Ordering::Release);
+        }
     }
 
     /// The session no longer holds a connection to `node`.
     pub fn release(&self, node: usize) {
-        let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
-        held.retain(|(n, _, _)| *n != node);
+        if let Some(slot) = self.held.get(node) {
+            slot.pid.store(0, Ordering::Release);
+        }
     }
 
-    /// The server connections the session holds: (node, pid, opened).
+    /// The server connections the session holds: (node, pid, opened). A
+    /// listing taken while the session swaps connections may pair a new pid
+    /// with the previous one's opening time, which a view can live with.
     pub fn held(&self) -> Vec<(usize, i32, SystemTime)> {
-        self.held.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.held
+            .iter()
+            .enumerate()
+            .filter_map(|(node, slot)| {
+                let pid = slot.pid.load(Ordering::Acquire);
+                let opened =
+                    UNIX_EPOCH + Duration::from_millis(slot.opened_ms.load(Ordering::Relaxed));
+                (pid != 0).then_some((node, pid, opened))
+            })
+            .collect()
     }
 
     /// Wait until `stopped()` is true, woken by [`SessionRegistry::wake_all`].
@@ -207,9 +232,10 @@ fn lock(e: &Entries) -> MutexGuard<'_, HashMap<u64, Arc<SessionInfo>>> {
 }
 
 impl SessionRegistry {
-    /// Register a logged-in session.
+    /// Register a logged-in session of a cluster of `nodes` nodes.
     pub fn register(
         &self,
+        nodes: usize,
         pid: i32,
         user: &str,
         database: &str,
@@ -228,7 +254,7 @@ impl SessionRegistry {
             backend_pid: AtomicI32::new(0),
             backend_opened_ms: AtomicU64::new(0),
             state: AtomicU8::new(SessionState::Connecting as u8),
-            held: Mutex::new(Vec::new()),
+            held: (0..nodes).map(|_| HeldSlot::default()).collect(),
             stop: AtomicWaker::new(),
         });
         lock(&self.entries).insert(id, info.clone());
@@ -271,7 +297,7 @@ mod tests {
     #[test]
     fn register_update_and_unregister_on_drop() {
         let r = SessionRegistry::default();
-        let h = r.register(42, "app", "db", "psql", "127.0.0.1:5000".parse().ok());
+        let h = r.register(3, 42, "app", "db", "psql", "127.0.0.1:5000".parse().ok());
         assert_eq!(r.len(), 1);
         assert_eq!(h.state(), SessionState::Connecting);
         assert_eq!(h.backend(), None);
@@ -283,6 +309,14 @@ mod tests {
         assert_eq!(listed[0].state().as_str(), "Execute command");
         h.clear_backend();
         assert_eq!(h.backend(), None);
+        let opened = UNIX_EPOCH + Duration::from_millis(1_700_000_000_123);
+        h.hold(2, 900, opened);
+        h.hold(0, 901, opened);
+        h.hold(7, 902, opened); // no such node: ignored
+        assert_eq!(h.held(), vec![(0, 901, opened), (2, 900, opened)]);
+        h.release(2);
+        h.hold(0, 903, opened);
+        assert_eq!(h.held(), vec![(0, 903, opened)]);
         drop(h);
         assert!(r.is_empty());
     }

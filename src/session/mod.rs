@@ -293,6 +293,7 @@ impl Session {
             in_transaction: cfg.routing.disable_load_balance_on_write,
         };
         let registration = ctx.sessions.register(
+            nodes,
             key_pid,
             &user,
             startup.get("database").unwrap_or(&user),
