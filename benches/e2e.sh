@@ -27,6 +27,7 @@
 #   benches/e2e.sh                      # defaults: 3 rounds x 10 s, 16 clients, simple protocol
 #   ROUNDS=5 DURATION=20 MODE=prepared benches/e2e.sh
 #   ROUNDS=15 TARGETS="pgpilot-primary" benches/e2e.sh   # a long paired A/B
+#   RACE=1 ROUNDS=5 TARGETS="pgpilot-tx" benches/e2e.sh   # head to head with PgBouncer (see RACE below)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -194,17 +195,76 @@ rotate() { # round -> TARGETS rotated left by round-1
     local n=${#t[@]} k=$(($1 - 1)) i
     for ((i = 0; i < n; i++)); do printf '%s ' "${t[$(((i + k) % n))]}"; done
 }
+locate() { # target -> sets port (where pgbench connects) and pid (the proxy's; 0 = none)
+    case $1 in
+        direct) port=$PRIMARY_PORT; pid=0 ;;
+        direct-split) port=$STANDBY1_PORT; pid=0 ;;
+        pgbouncer) port=$BOUNCER_PORT; pid=$BOUNCER_REAL_PID ;;
+        pgbouncer-session) port=$SESSION_BOUNCER_PORT; pid=$SESSION_BOUNCER_REAL_PID ;;
+        pgpilot-primary) port=$PRIMARY_ONLY_PORT; pid=$PRIMARY_ONLY_PID ;;
+        pgpilot-tx) port=$TX_PORT; pid=$TX_PID ;;
+        pgpilot) port=$PILOT_PORT; pid=$DEMO_PID ;;
+    esac
+}
+median() { tr ' ' '\n' | grep -v '^$' | sort -g | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
+
+# RACE=1: each proxy target runs at the same time as PgBouncer, CLIENTS/2
+# clients each, instead of one target after another. Both then see the same
+# machine: the steal and speed swings that dominate the sequential ratios hit
+# both at once. They share PostgreSQL, the bottleneck, and its throughput
+# splits between them by each proxy's latency, which on a saturated machine
+# follows its CPU per transaction (a proxy that needs more CPU waits longer
+# for a CPU each time it wakes). Besides the TPS ratio it prints each proxy's
+# CPU and run-queue wait per transaction, from the kernel's schedstat.
+if [ "${RACE:-0}" = 1 ]; then
+    schedstat() { # pid -> "run_ns wait_ns" over all its threads
+        cat /proc/"$1"/task/*/schedstat 2>/dev/null | awk '{ r += $1; w += $2 } END { print r + 0, w + 0 }'
+    }
+    txns_of() { sed -n 's/^number of transactions actually processed: \([0-9]*\).*/\1/p' "$WORK/$1.last"; }
+    declare -A RATIO RUN WAIT
+    RACERS=$(for t in $TARGETS; do case $t in direct* | pgbouncer) ;; *) printf '%s ' "$t" ;; esac; done)
+    locate pgbouncer; BPORT=$port; BPID=$pid
+    for r in $(seq 1 "$ROUNDS"); do
+        for target in $RACERS; do
+            locate "$target"
+            read -r br0 bw0 <<<"$(schedstat "$BPID")"; read -r tr0 tw0 <<<"$(schedstat "$pid")"
+            # Alternate which one is launched first.
+            if ((r % 2)); then
+                pgbench race-pgbouncer "$BPORT" $((CLIENTS / 2)) &
+                pgbench "race-$target" "$port" $((CLIENTS / 2))
+            else
+                pgbench "race-$target" "$port" $((CLIENTS / 2)) &
+                pgbench race-pgbouncer "$BPORT" $((CLIENTS / 2))
+            fi
+            wait
+            read -r br1 bw1 <<<"$(schedstat "$BPID")"; read -r tr1 tw1 <<<"$(schedstat "$pid")"
+            for n in race-pgbouncer "race-$target"; do
+                grep -q "number of failed transactions: 0 " "$WORK/$n.last" || { echo "$n failed"; cat "$WORK/$n.last"; exit 1; }
+            done
+            bn=$(txns_of race-pgbouncer); tn=$(txns_of "race-$target")
+            line=$(awk -v bn="$bn" -v tn="$tn" -v br=$((br1 - br0)) -v bw=$((bw1 - bw0)) -v tr=$((tr1 - tr0)) -v tw=$((tw1 - tw0)) 'BEGIN {
+                printf "%.3f %.1f %.1f %.1f %.1f", tn / bn, br / bn / 1000, bw / bn / 1000, tr / tn / 1000, tw / tn / 1000 }')
+            read -r ratio brun bwait trun twait <<<"$line"
+            RATIO[$target]="${RATIO[$target]:-} $ratio"
+            RUN[$target]="${RUN[$target]:-} $trun"; WAIT[$target]="${WAIT[$target]:-} $twait"
+            RUN[pgbouncer]="${RUN[pgbouncer]:-} $brun"; WAIT[pgbouncer]="${WAIT[pgbouncer]:-} $bwait"
+            printf 'round %d  %-17s %.3f x pgbouncer (%s vs %s transactions)   CPU %5.1f vs %5.1f, run-queue wait %5.1f vs %5.1f us/transaction\n' \
+                "$r" "$target" "$ratio" "$tn" "$bn" "$trun" "$brun" "$twait" "$bwait"
+        done
+    done
+    echo
+    echo "race: pgbench $EXTRA -M $MODE, $((CLIENTS / 2)) clients through each proxy at once, -T $DURATION, $ROUNDS rounds (median):"
+    for target in $RACERS; do
+        printf '  %-17s %.3f x pgbouncer   CPU %5.1f us/tx, run-queue wait %5.1f us/tx   (pgbouncer: %5.1f, %5.1f)   rounds: %s\n' "$target" \
+            "$(echo "${RATIO[$target]}" | median)" "$(echo "${RUN[$target]}" | median)" "$(echo "${WAIT[$target]}" | median)" \
+            "$(echo "${RUN[pgbouncer]}" | median)" "$(echo "${WAIT[pgbouncer]}" | median)" "${RATIO[$target]# }"
+    done
+    exit 0
+fi
+
 for r in $(seq 1 "$ROUNDS"); do
     for target in $(rotate "$r"); do
-        case $target in
-            direct) port=$PRIMARY_PORT; pid=0 ;;
-            direct-split) port=$STANDBY1_PORT; pid=0 ;;
-            pgbouncer) port=$BOUNCER_PORT; pid=$BOUNCER_REAL_PID ;;
-            pgbouncer-session) port=$SESSION_BOUNCER_PORT; pid=$SESSION_BOUNCER_REAL_PID ;;
-            pgpilot-primary) port=$PRIMARY_ONLY_PORT; pid=$PRIMARY_ONLY_PID ;;
-            pgpilot-tx) port=$TX_PORT; pid=$TX_PID ;;
-            pgpilot) port=$PILOT_PORT; pid=$DEMO_PID ;;
-        esac
+        locate "$target"
         out=$(run "$target" "$port" "$pid")
         if [ -z "$out" ]; then echo "pgbench through $target failed:"; cat "$WORK/$target.last"; exit 1; fi
         read -r tps cpu pg machine steal <<<"$out"
@@ -220,7 +280,6 @@ for r in $(seq 1 "$ROUNDS"); do
     done
 done
 
-median() { tr ' ' '\n' | grep -v '^$' | sort -g | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
 DIRECT=$(echo "${RESULTS[direct]}" | median)
 echo
 echo "pgbench $EXTRA -M $MODE -c $CLIENTS -j $THREADS -T $DURATION, scale $SCALE, $ROUNDS rounds (median):"
