@@ -18,7 +18,7 @@
 //! `pool_pid` and `client_connection_time` of the session using it (empty
 //! when idle), `idle_duration` (seconds in the pool; empty when in use).
 
-use std::time::{Instant, SystemTime};
+use std::time::Instant;
 
 use super::format::{delay_seconds, f6, local_time, millis, opt_local_time};
 use super::{AdminCaller, ResultSet};
@@ -296,10 +296,8 @@ pub(super) fn pool_pools(ctx: &ProxyContext) -> ResultSet {
         }
     }
     let now_i = Instant::now();
-    let now_s = SystemTime::now();
     for c in ctx.pool.idle_connections() {
         let (host, port) = node_addr(c.node);
-        let opened = now_s.checked_sub(now_i.saturating_duration_since(c.created));
         rows.push(vec![
             c.node.to_string(),
             host,
@@ -307,7 +305,7 @@ pub(super) fn pool_pools(ctx: &ProxyContext) -> ResultSet {
             c.database,
             c.user,
             c.pid.to_string(),
-            opt_local_time(opened),
+            local_time(c.opened),
             "idle".into(),
             String::new(),
             String::new(),

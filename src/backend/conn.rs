@@ -64,10 +64,9 @@ pub struct BackendConn {
     pub params: Vec<(String, String)>,
     /// Transaction status from the last ReadyForQuery; only `Idle` connections are pooled.
     pub status: TxStatus,
-    /// When the connection was opened.
-    pub created: Instant,
-    /// The same moment by the wall clock, for the admin views (taken once
-    /// here: a session reports it at every transaction under transaction pooling).
+    /// When the connection was opened, by the wall clock (the admin views
+    /// show it; a session reports it at every transaction under transaction
+    /// pooling, so it is taken once, here).
     pub opened: SystemTime,
     /// When it was last returned to the pool (idle expiry).
     pub last_used: Instant,
@@ -134,7 +133,6 @@ impl BackendConn {
             secret: 0,
             params: Vec::new(),
             status: TxStatus::Idle,
-            created: Instant::now(),
             opened: SystemTime::now(),
             last_used: Instant::now(),
             unnamed: Unnamed::Absent,

@@ -119,8 +119,8 @@ pub struct IdleConnInfo {
     pub database: String,
     /// The server process id.
     pub pid: i32,
-    /// When it was opened.
-    pub created: Instant,
+    /// When it was opened (wall clock).
+    pub opened: std::time::SystemTime,
     /// When it was last returned to the pool.
     pub last_used: Instant,
 }
@@ -465,7 +465,7 @@ impl Pool {
                         user: key.user().to_string(),
                         database: key.startup.get(1).map(|p| p.1.clone()).unwrap_or_default(),
                         pid: c.pid,
-                        created: c.created,
+                        opened: c.opened,
                         last_used: c.last_used,
                     });
                 }
