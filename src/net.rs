@@ -123,3 +123,182 @@ impl Outbox {
         write_all_timeout(stream, &pending, limit).await
     }
 }
+
+/// Read wake-ups of one socket, tracked so that a wait need not poll a
+/// socket whose last poll registered for readiness and has not been woken
+/// since: nothing can have arrived on it.
+///
+/// A relay turn waits on the client and on a server connection; most turns
+/// are woken by one of them, and polling the other again only re-registers
+/// the same waker (tokio keeps one reader waker per socket until it fires).
+/// The watch hands the socket a waker of its own, which records that this
+/// socket fired before waking the task.
+///
+/// Sound only while nothing else polls the socket's read side: whoever does
+/// replaces the watch's waker, so the owner calls [`ReadWatch::forget`]
+/// after any such use.
+pub struct ReadWatch {
+    /// Shared with the waker the socket holds.
+    inner: std::sync::Arc<WatchInner>,
+    /// That waker (built once: the socket keeps it while it stays the same).
+    waker: std::task::Waker,
+    /// The last poll returned `Pending`, so the socket holds `waker`.
+    armed: bool,
+    /// The task waker last given to `inner.task`, which still holds it
+    /// unless the socket fired since (a wake takes it).
+    task: std::task::Waker,
+}
+
+/// What a [`ReadWatch`]'s waker shares with the watch.
+struct WatchInner {
+    /// The socket fired since the watch last polled it.
+    woken: std::sync::atomic::AtomicBool,
+    /// The task to wake when it does.
+    task: futures_util::task::AtomicWaker,
+}
+
+impl std::task::Wake for WatchInner {
+    fn wake(self: std::sync::Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &std::sync::Arc<Self>) {
+        self.woken.store(true, std::sync::atomic::Ordering::Release);
+        self.task.wake();
+    }
+}
+
+impl Default for ReadWatch {
+    fn default() -> Self {
+        let inner = std::sync::Arc::new(WatchInner {
+            woken: std::sync::atomic::AtomicBool::new(false),
+            task: futures_util::task::AtomicWaker::new(),
+        });
+        ReadWatch {
+            waker: std::task::Waker::from(inner.clone()),
+            inner,
+            armed: false,
+            task: std::task::Waker::noop().clone(),
+        }
+    }
+}
+
+impl ReadWatch {
+    /// Run `read` (a poll of the socket's read side) with the watch's waker,
+    /// unless the socket is known to have nothing: then `Pending` at once.
+    pub fn poll<T>(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+        read: impl FnOnce(&mut std::task::Context<'_>) -> std::task::Poll<T>,
+    ) -> std::task::Poll<T> {
+        use std::sync::atomic::Ordering;
+        // Only a wake of this socket sets the flag, and it takes the task
+        // waker from `inner.task` in the same go; the socket cannot fire
+        // again before it is polled again, so clearing the flag loses nothing.
+        let fired = self.inner.woken.load(Ordering::Acquire);
+        if fired {
+            self.inner.woken.store(false, Ordering::Relaxed);
+        }
+        // Hand the task waker over (before polling: the socket may fire as
+        // soon as it is polled) unless `inner.task` still holds this one.
+        if fired || !self.task.will_wake(cx.waker()) {
+            self.inner.task.register(cx.waker());
+            self.task.clone_from(cx.waker());
+        }
+        if self.armed && !fired {
+            return std::task::Poll::Pending;
+        }
+        let r = read(&mut std::task::Context::from_waker(&self.waker));
+        self.armed = r.is_pending();
+        r
+    }
+
+    /// Something else may have polled the socket (or it is a new one): poll
+    /// it next time.
+    pub fn forget(&mut self) {
+        self.armed = false;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::task::Poll;
+    use tokio::io::AsyncWriteExt;
+
+    /// One poll of `b` through `watch`: its result, and whether the socket
+    /// itself was polled.
+    async fn poll_once(
+        watch: &mut ReadWatch,
+        b: &mut TcpStream,
+        buf: &mut bytes::BytesMut,
+    ) -> (Poll<usize>, bool) {
+        std::future::poll_fn(|cx| {
+            let mut polled = false;
+            let r = watch.poll(cx, |cx| {
+                polled = true;
+                tokio_util::io::poll_read_buf(std::pin::Pin::new(&mut *b), cx, buf)
+            });
+            Poll::Ready((r.map(|r| r.unwrap()), polled))
+        })
+        .await
+    }
+
+    /// A watch skips the socket only between a `Pending` poll and the
+    /// socket's next wake-up, and polls it again after `forget`.
+    #[tokio::test]
+    async fn read_watch_skips_only_a_quiet_registered_socket() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut a = TcpStream::connect(addr).await.unwrap();
+        let (mut b, _) = listener.accept().await.unwrap();
+        let mut watch = ReadWatch::default();
+        let mut buf = bytes::BytesMut::with_capacity(64);
+        // Nothing there: the socket is polled and registers.
+        assert_eq!(
+            poll_once(&mut watch, &mut b, &mut buf).await,
+            (Poll::Pending, true)
+        );
+        // Still nothing: skipped.
+        assert_eq!(
+            poll_once(&mut watch, &mut b, &mut buf).await,
+            (Poll::Pending, false)
+        );
+        // Data arrives: the socket's wake-up makes the next wait poll it.
+        a.write_all(b"hello").await.unwrap();
+        let n = std::future::poll_fn(|cx| {
+            watch.poll(cx, |cx| {
+                tokio_util::io::poll_read_buf(std::pin::Pin::new(&mut b), cx, &mut buf)
+            })
+        })
+        .await
+        .unwrap();
+        assert_eq!(n, 5);
+        assert_eq!(&buf[..], b"hello");
+        // After a read the socket is polled again (to register).
+        assert_eq!(
+            poll_once(&mut watch, &mut b, &mut buf).await,
+            (Poll::Pending, true)
+        );
+        assert_eq!(
+            poll_once(&mut watch, &mut b, &mut buf).await,
+            (Poll::Pending, false)
+        );
+        // forget(): polled although registered and quiet.
+        watch.forget();
+        assert_eq!(
+            poll_once(&mut watch, &mut b, &mut buf).await,
+            (Poll::Pending, true)
+        );
+        // The peer closing wakes it too: end of stream.
+        drop(a);
+        let n = std::future::poll_fn(|cx| {
+            watch.poll(cx, |cx| {
+                tokio_util::io::poll_read_buf(std::pin::Pin::new(&mut b), cx, &mut buf)
+            })
+        })
+        .await
+        .unwrap();
+        assert_eq!(n, 0);
+    }
+}

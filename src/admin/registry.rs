@@ -96,16 +96,22 @@ struct HeldSlot {
 }
 
 /// Milliseconds since the epoch (0 for a time before it).
-fn epoch_ms(t: SystemTime) -> u64 {
+/// A wall-clock time as milliseconds since the epoch (0 before it).
+pub fn epoch_ms(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
 }
 
+/// The inverse of [`epoch_ms`].
+pub fn from_epoch_ms(ms: u64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_millis(ms)
+}
+
 impl SessionInfo {
     /// The session now uses the server connection `pid` on `node`, opened at
-    /// `opened` (`BackendConn::opened`).
-    pub fn set_backend(&self, node: usize, pid: i32, opened: SystemTime) {
-        let opened = epoch_ms(opened);
+    /// `opened_ms` (`BackendConn::opened_ms`).
+    pub fn set_backend(&self, node: usize, pid: i32, opened_ms: u64) {
+        let opened = opened_ms;
         self.node.store(node as i64, Ordering::Relaxed);
         self.backend_pid.store(pid, Ordering::Relaxed);
         self.backend_opened_ms.store(opened, Ordering::Relaxed);
@@ -128,19 +134,14 @@ impl SessionInfo {
         let node = self.node.load(Ordering::Relaxed);
         let pid = self.backend_pid.load(Ordering::Relaxed);
         let opened = self.backend_opened_ms.load(Ordering::Relaxed);
-        (node >= 0).then(|| {
-            (
-                node as usize,
-                pid,
-                UNIX_EPOCH + Duration::from_millis(opened),
-            )
-        })
+        (node >= 0).then(|| (node as usize, pid, from_epoch_ms(opened)))
     }
 
-    /// The session now holds server connection `pid` on `node`, opened at `opened`.
-    pub fn hold(&self, node: usize, pid: i32, opened: SystemTime) {
+    /// The session now holds server connection `pid` on `node`, opened at
+    /// `opened_ms` ([`epoch_ms`]).
+    pub fn hold(&self, node: usize, pid: i32, opened_ms: u64) {
         if let Some(slot) = self.held.get(node) {
-            slot.opened_ms.store(epoch_ms(opened), Ordering::Relaxed);
+            slot.opened_ms.store(opened_ms, Ordering::Relaxed);
             slot.pid.store(pid, Ordering::Release);
         }
     }
@@ -161,26 +162,27 @@ impl SessionInfo {
             .enumerate()
             .filter_map(|(node, slot)| {
                 let pid = slot.pid.load(Ordering::Acquire);
-                let opened =
-                    UNIX_EPOCH + Duration::from_millis(slot.opened_ms.load(Ordering::Relaxed));
+                let opened = from_epoch_ms(slot.opened_ms.load(Ordering::Relaxed));
                 (pid != 0).then_some((node, pid, opened))
             })
             .collect()
     }
 
-    /// Wait until `stopped()` is true, woken by [`SessionRegistry::wake_all`].
-    pub async fn stopping(&self, stopped: impl Fn() -> bool) {
-        std::future::poll_fn(|cx| {
-            // Register first: a wake between the check and the registration
-            // would otherwise be lost.
-            self.stop.register(cx.waker());
-            if stopped() {
-                std::task::Poll::Ready(())
-            } else {
-                std::task::Poll::Pending
-            }
-        })
-        .await
+    /// Ready once `stopped()` is true; until then the task is woken by
+    /// [`SessionRegistry::wake_all`].
+    pub fn poll_stopping(
+        &self,
+        cx: &mut std::task::Context<'_>,
+        stopped: impl Fn() -> bool,
+    ) -> std::task::Poll<()> {
+        // Register first: a wake between the check and the registration
+        // would otherwise be lost.
+        self.stop.register(cx.waker());
+        if stopped() {
+            std::task::Poll::Ready(())
+        } else {
+            std::task::Poll::Pending
+        }
     }
 
     /// What the session is doing.
@@ -272,7 +274,7 @@ impl SessionRegistry {
         v
     }
 
-    /// Wake every session waiting in [`SessionInfo::stopping`] (pgpilot stops).
+    /// Wake every session waiting in [`SessionInfo::poll_stopping`] (pgpilot stops).
     pub fn wake_all(&self) {
         for s in lock(&self.entries).values() {
             s.stop.wake();
@@ -301,7 +303,7 @@ mod tests {
         assert_eq!(r.len(), 1);
         assert_eq!(h.state(), SessionState::Connecting);
         assert_eq!(h.backend(), None);
-        h.set_backend(1, 777, SystemTime::now());
+        h.set_backend(1, 777, epoch_ms(SystemTime::now()));
         h.set_state(SessionState::Active);
         let listed = r.list();
         assert_eq!(listed[0].pid, 42);
@@ -310,12 +312,12 @@ mod tests {
         h.clear_backend();
         assert_eq!(h.backend(), None);
         let opened = UNIX_EPOCH + Duration::from_millis(1_700_000_000_123);
-        h.hold(2, 900, opened);
-        h.hold(0, 901, opened);
-        h.hold(7, 902, opened); // no such node: ignored
+        h.hold(2, 900, epoch_ms(opened));
+        h.hold(0, 901, epoch_ms(opened));
+        h.hold(7, 902, epoch_ms(opened)); // no such node: ignored
         assert_eq!(h.held(), vec![(0, 901, opened), (2, 900, opened)]);
         h.release(2);
-        h.hold(0, 903, opened);
+        h.hold(0, 903, epoch_ms(opened));
         assert_eq!(h.held(), vec![(0, 903, opened)]);
         drop(h);
         assert!(r.is_empty());

@@ -64,10 +64,11 @@ pub struct BackendConn {
     pub params: Vec<(String, String)>,
     /// Transaction status from the last ReadyForQuery; only `Idle` connections are pooled.
     pub status: TxStatus,
-    /// When the connection was opened, by the wall clock (the admin views
-    /// show it; a session reports it at every transaction under transaction
-    /// pooling, so it is taken once, here).
-    pub opened: SystemTime,
+    /// When the connection was opened, by the wall clock, in milliseconds
+    /// since the epoch (the admin views show it; a session reports it at
+    /// every transaction under transaction pooling, so it is taken and
+    /// converted once, here).
+    pub opened_ms: u64,
     /// When it was last returned to the pool (idle expiry).
     pub last_used: Instant,
     /// The unnamed prepared statement it holds between two sessions'
@@ -133,7 +134,7 @@ impl BackendConn {
             secret: 0,
             params: Vec::new(),
             status: TxStatus::Idle,
-            opened: SystemTime::now(),
+            opened_ms: crate::admin::registry::epoch_ms(SystemTime::now()),
             last_used: Instant::now(),
             unnamed: Unnamed::Absent,
             held: Default::default(),

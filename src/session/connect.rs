@@ -250,8 +250,9 @@ impl Session {
     /// Hold `link` as the session's connection to `node` (or drop it), and say so
     /// in the session registry (SHOW POOL_POOLS).
     pub(super) fn install_link(&mut self, node: usize, link: Option<Box<Link>>) {
+        self.server_reads[node].forget();
         match &link {
-            Some(l) => self.registration.hold(node, l.conn.pid, l.conn.opened),
+            Some(l) => self.registration.hold(node, l.conn.pid, l.conn.opened_ms),
             None => self.registration.release(node),
         }
         let serving = link.is_some() && node == self.active;

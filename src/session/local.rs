@@ -46,29 +46,54 @@ pub fn parse_local(sql: &[u8]) -> Option<LocalCommand> {
     // Every query passes here: first a cheap look at the first word, which
     // is all most statements need (admin commands start with one of
     // `admin::FIRST_WORDS`; pgpilot's own settings with SET, SHOW or RESET).
-    let start = sql.iter().position(|b| !b.is_ascii_whitespace())?;
-    let word_end = sql[start..]
-        .iter()
-        .position(|b| !b.is_ascii_alphabetic())
-        .map_or(sql.len(), |n| start + n);
-    let mut word = [0u8; 8];
-    let len = word_end - start;
-    if len > word.len() {
-        return None;
-    }
-    word[..len].copy_from_slice(&sql[start..word_end]);
-    word.make_ascii_lowercase();
-    let word = &word[..len];
-    if admin::FIRST_WORDS.contains(&word)
+    let word = first_word(sql)?;
+    if matches!(word, SHOW | PGPOOL | ATTACH | DETACH | PROMOTE)
         && let Some(cmd) = admin::parse_bytes(sql)
     {
         return Some(LocalCommand::Admin(cmd));
     }
-    if !matches!(word, b"set" | b"show" | b"reset") {
+    if !matches!(word, SET | SHOW | RESET) {
         return None;
     }
     let text = std::str::from_utf8(sql).ok()?;
     session_cmd::pgpilot_command(text).map(LocalCommand::Session)
+}
+
+/// A word of up to 8 ASCII letters, lowercased, packed into an integer (so
+/// the hot path compares words as integers).
+const fn pack(word: &[u8]) -> u64 {
+    let mut code = 0u64;
+    let mut i = 0;
+    while i < word.len() {
+        code = (code << 8) | word[i].to_ascii_lowercase() as u64;
+        i += 1;
+    }
+    code
+}
+
+const SHOW: u64 = pack(b"show");
+const SET: u64 = pack(b"set");
+const RESET: u64 = pack(b"reset");
+const PGPOOL: u64 = pack(b"pgpool");
+const ATTACH: u64 = pack(b"attach");
+const DETACH: u64 = pack(b"detach");
+const PROMOTE: u64 = pack(b"promote");
+
+/// The statement's first word ([`pack`]ed): the run of ASCII letters after
+/// leading whitespace. `None` when there is none or it is longer than 8.
+fn first_word(sql: &[u8]) -> Option<u64> {
+    let start = sql.iter().position(|b| !b.is_ascii_whitespace())?;
+    let mut code = 0u64;
+    for (i, &b) in sql[start..].iter().enumerate() {
+        if !b.is_ascii_alphabetic() {
+            return (i > 0).then_some(code);
+        }
+        if i == 8 {
+            return None;
+        }
+        code = (code << 8) | (b | 0x20) as u64;
+    }
+    (sql.len() > start).then_some(code)
 }
 
 /// Admin statements and portals a client prepared through the extended protocol.
@@ -375,4 +400,60 @@ fn mixed() -> PgError {
         "pgpilot admin commands cannot be combined with other statements in one batch",
     )
     .with_hint("send the admin command in its own Sync-terminated batch")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn first_word_is_the_leading_run_of_letters_lowercased() {
+        assert_eq!(first_word(b"  SELECT 1"), Some(pack(b"select")));
+        assert_eq!(first_word(b"\n\tShow pool_nodes"), Some(pack(b"show")));
+        assert_eq!(first_word(b"set"), Some(pack(b"set")));
+        assert_eq!(first_word(b"reset;"), Some(pack(b"reset")));
+        assert_eq!(first_word(b"PROMOTE"), Some(pack(b"promote")));
+        assert_eq!(first_word(b"   "), None);
+        assert_eq!(first_word(b""), None);
+        assert_eq!(first_word(b"(select 1)"), None);
+        // Longer than 8 letters: no local command starts so.
+        assert_eq!(first_word(b"checkpoint"), None);
+        assert_eq!(first_word(b"abcdefgh x"), Some(pack(b"abcdefgh")));
+    }
+
+    #[test]
+    fn every_admin_first_word_is_recognised() {
+        for w in admin::FIRST_WORDS {
+            assert!(
+                matches!(
+                    first_word(w),
+                    Some(SHOW | PGPOOL | ATTACH | DETACH | PROMOTE)
+                ),
+                "{}",
+                String::from_utf8_lossy(w)
+            );
+        }
+    }
+
+    #[test]
+    fn ordinary_sql_is_not_local() {
+        for q in [
+            &b"SELECT abalance FROM pgbench_accounts WHERE aid = 1"[..],
+            b"SET search_path = public",
+            b"SHOW search_path",
+            b"RESET ALL",
+            b"showx",
+            b"",
+        ] {
+            assert_eq!(parse_local(q), None, "{}", String::from_utf8_lossy(q));
+        }
+        assert!(matches!(
+            parse_local(b"show pool_nodes"),
+            Some(LocalCommand::Admin(_))
+        ));
+        assert!(matches!(
+            parse_local(b"  SHOW pgpilot.last_commit_lsn"),
+            Some(LocalCommand::Session(_))
+        ));
+    }
 }

@@ -198,6 +198,12 @@ struct Session {
     cancel: CancelSlot,
     /// Server connections by node id (at most one per node).
     links: Vec<Option<Box<Link>>>,
+    /// Read wake-ups of the client socket: a relay turn woken by a server
+    /// skips re-polling a client that is known to be quiet.
+    client_reads: crate::net::ReadWatch,
+    /// The same for each node's server connection (forgotten when the
+    /// connection changes or a step did I/O on it).
+    server_reads: Vec<crate::net::ReadWatch>,
     /// The node whose answers the client is waiting for (the last one sent to);
     /// only it can have requests in flight.
     active: usize,
@@ -318,6 +324,8 @@ impl Session {
             cancel,
             clock: clock::TurnClock::default(),
             links: (0..nodes).map(|_| None).collect(),
+            client_reads: Default::default(),
+            server_reads: (0..nodes).map(|_| Default::default()).collect(),
             active: 0,
             batch: None,
             state: SessionState::default(),
@@ -417,7 +425,7 @@ impl Session {
     fn serving_now(&mut self, node: usize) {
         if let Some(l) = &self.links[node] {
             self.registration
-                .set_backend(node, l.conn.pid, l.conn.opened);
+                .set_backend(node, l.conn.pid, l.conn.opened_ms);
             self.cancel.set(Some(CancelTarget {
                 addr: l.conn.addr,
                 pid: l.conn.pid,

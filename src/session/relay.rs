@@ -14,11 +14,16 @@
 
 use std::time::Duration;
 
-use tokio::io::AsyncReadExt;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use tokio_util::io::poll_read_buf;
 
 use super::route::Step;
 use super::{End, Session, SessionError};
 use crate::backend::BackendError;
+use crate::net::ReadWatch;
 use crate::protocol::TxStatus;
 
 /// Stop reading a side while this many bytes wait to be written to the other.
@@ -35,6 +40,7 @@ impl Session {
         }
         let stopped = || stop_flag.has_changed().unwrap_or(true);
         let info = self.registration.info();
+        let mut timers = Timers::default();
         loop {
             if stopped() {
                 return End::Error(SessionError::Shutdown);
@@ -46,6 +52,9 @@ impl Session {
                     Ok(Step::Terminate) => return End::ClientGone,
                     Ok(step) => match self.perform(step).await {
                         Ok(()) => {
+                            // The step may have read from the sockets itself.
+                            self.client_reads.forget();
+                            self.server_reads.iter_mut().for_each(ReadWatch::forget);
                             self.clock.tick();
                             self.recheck = true;
                             continue;
@@ -66,11 +75,11 @@ impl Session {
             };
             let write_limit = self.cfg.timeouts.write;
             let node = self.active;
-            let Some(link) = self.links[node].as_mut() else {
+            let Some(link) = self.links[node].as_deref_mut() else {
                 if self.released() {
                     // Transaction pooling, between transactions: only the client.
                     let waited = self
-                        .wait_for_client(idle_limit, write_limit, &info, stopped)
+                        .wait_for_client(idle_limit, write_limit, &info, &mut timers, &stopped)
                         .await;
                     self.clock.tick();
                     match waited {
@@ -84,6 +93,11 @@ impl Session {
                 (Some(a), Some(b)) => Some(a.min(b)),
                 (a, b) => a.or(b),
             };
+            timers.arm(
+                stalled.map(|t| t + write_limit),
+                idle_limit,
+                &mut self.clock,
+            );
             // A frame not yet whole is always read to its end (its length was
             // checked against max_message_size); whole requests waiting to be
             // routed pause reading past the high-water mark.
@@ -91,55 +105,77 @@ impl Session {
                 && (self.cbuf.len() < HIGH_WATER
                     || crate::protocol::frame::missing_bytes(&self.cbuf) > 0);
             let read_server = self.to_client.len() < HIGH_WATER;
+            let client_pending = !self.to_client.is_empty();
             let server_pending = !link.out.is_empty();
-            let (mut server_rd, server_wr) = link.conn.conn.stream.split();
-            let (mut client_rd, client_wr) = self.client.split();
-            // Whatever wakes the select starts a new turn (nothing reads the
+            let client = &mut self.client;
+            let cbuf = &mut self.cbuf;
+            let server = &mut link.conn.conn;
+            let client_reads = &mut self.client_reads;
+            let server_reads = &mut self.server_reads[node];
+            // Whatever wakes the wait starts a new turn (nothing reads the
             // clock between here and the await).
             self.clock.tick();
-            tokio::select! {
-                biased;
-                r = client_wr.as_ref().writable(), if !self.to_client.is_empty() => {
-                    if let Err(e) = r.and_then(|()| self.to_client.flush(&self.client)) {
+            // One wait over everything the turn may react to, checked in this
+            // order (writes first, so queues drain before more is read).
+            let woke = std::future::poll_fn(|cx| {
+                if client_pending && client.poll_write_ready(cx).is_ready() {
+                    return Poll::Ready(Wake::ClientWritable);
+                }
+                if server_pending && server.stream.poll_write_ready(cx).is_ready() {
+                    return Poll::Ready(Wake::ServerWritable);
+                }
+                if read_server
+                    && let Poll::Ready(r) = server_reads.poll(cx, |cx| {
+                        poll_read_buf(Pin::new(&mut server.stream), cx, &mut server.buf)
+                    })
+                {
+                    return Poll::Ready(Wake::ServerRead(r));
+                }
+                if read_client
+                    && let Poll::Ready(r) =
+                        client_reads.poll(cx, |cx| poll_read_buf(Pin::new(&mut *client), cx, cbuf))
+                {
+                    return Poll::Ready(Wake::ClientRead(r));
+                }
+                timers.poll(cx, &info, stopped)
+            })
+            .await;
+            match woke {
+                Wake::ClientWritable => {
+                    if let Err(e) = self.to_client.flush(&self.client) {
                         return End::Error(SessionError::ClientIo(e));
                     }
                 }
-                r = server_wr.as_ref().writable(), if server_pending => {
-                    let flushed = r.and_then(|()| match self.links[node].as_mut() {
+                Wake::ServerWritable => {
+                    let flushed = match self.links[node].as_mut() {
                         Some(l) => l.out.flush(&l.conn.conn.stream),
                         None => Ok(()),
-                    });
+                    };
                     if flushed.is_err() {
                         return End::Error(SessionError::BackendLost { node });
                     }
                 }
-                r = server_rd.read_buf(&mut link.conn.conn.buf), if read_server => match r {
-                    Ok(0) | Err(_) => {
-                        tracing::info!(node, user = %self.user, "server closed the session's connection");
-                        return End::Error(SessionError::BackendLost { node });
-                    }
-                    Ok(_) => {
-                        if let Err(e) = self.on_backend_data(node) {
-                            return End::Error(e);
-                        }
-                    }
-                },
-                r = client_rd.read_buf(&mut self.cbuf), if read_client => match r {
-                    Ok(0) => return End::ClientGone,
-                    Ok(_) => self.recheck = true,
-                    Err(e) => return End::Error(SessionError::ClientIo(e)),
-                },
-                _ = sleep_until_stall_limit(stalled, write_limit), if stalled.is_some() => {
-                    return End::Error(SessionError::WriteTimeout);
+                Wake::ServerRead(Ok(0) | Err(_)) => {
+                    tracing::info!(node, user = %self.user, "server closed the session's connection");
+                    return End::Error(SessionError::BackendLost { node });
                 }
-                _ = sleep_unless_zero(idle_limit), if !idle_limit.is_zero() => {
+                Wake::ServerRead(Ok(_)) => {
+                    if let Err(e) = self.on_backend_data(node) {
+                        return End::Error(e);
+                    }
+                }
+                Wake::ClientRead(Ok(0)) => return End::ClientGone,
+                Wake::ClientRead(Ok(_)) => self.recheck = true,
+                Wake::ClientRead(Err(e)) => return End::Error(SessionError::ClientIo(e)),
+                Wake::WriteStalled => return End::Error(SessionError::WriteTimeout),
+                Wake::Idle => {
                     return End::Error(if !self.in_tx {
                         SessionError::IdleTimeout
                     } else {
                         SessionError::IdleInTransactionTimeout
                     });
                 }
-                () = info.stopping(stopped) => return End::Error(SessionError::Shutdown),
+                Wake::Stop => return End::Error(SessionError::Shutdown),
             }
         }
     }
@@ -152,29 +188,47 @@ impl Session {
         idle_limit: Duration,
         write_limit: Duration,
         info: &crate::admin::registry::SessionInfo,
-        stopped: impl Fn() -> bool,
+        timers: &mut Timers,
+        stopped: &impl Fn() -> bool,
     ) -> Option<End> {
         let stalled = self.to_client.stalled_since();
-        let (mut client_rd, client_wr) = self.client.split();
-        tokio::select! {
-            biased;
-            r = client_wr.as_ref().writable(), if !self.to_client.is_empty() => {
-                if let Err(e) = r.and_then(|()| self.to_client.flush(&self.client)) {
+        timers.arm(
+            stalled.map(|t| t + write_limit),
+            idle_limit,
+            &mut self.clock,
+        );
+        let client_pending = !self.to_client.is_empty();
+        let read_client = self.cbuf.len() < HIGH_WATER;
+        let client = &mut self.client;
+        let cbuf = &mut self.cbuf;
+        let client_reads = &mut self.client_reads;
+        let woke = std::future::poll_fn(|cx| {
+            if client_pending && client.poll_write_ready(cx).is_ready() {
+                return Poll::Ready(Wake::ClientWritable);
+            }
+            if read_client
+                && let Poll::Ready(r) =
+                    client_reads.poll(cx, |cx| poll_read_buf(Pin::new(&mut *client), cx, cbuf))
+            {
+                return Poll::Ready(Wake::ClientRead(r));
+            }
+            timers.poll(cx, info, stopped)
+        })
+        .await;
+        match woke {
+            Wake::ClientWritable => {
+                if let Err(e) = self.to_client.flush(&self.client) {
                     return Some(End::Error(SessionError::ClientIo(e)));
                 }
             }
-            r = client_rd.read_buf(&mut self.cbuf), if self.cbuf.len() < HIGH_WATER => match r {
-                Ok(0) => return Some(End::ClientGone),
-                Ok(_) => self.recheck = true,
-                Err(e) => return Some(End::Error(SessionError::ClientIo(e))),
-            },
-            _ = sleep_until_stall_limit(stalled, write_limit), if stalled.is_some() => {
-                return Some(End::Error(SessionError::WriteTimeout));
-            }
-            _ = sleep_unless_zero(idle_limit), if !idle_limit.is_zero() => {
-                return Some(End::Error(SessionError::IdleTimeout));
-            }
-            () = info.stopping(stopped) => return Some(End::Error(SessionError::Shutdown)),
+            Wake::ClientRead(Ok(0)) => return Some(End::ClientGone),
+            Wake::ClientRead(Ok(_)) => self.recheck = true,
+            Wake::ClientRead(Err(e)) => return Some(End::Error(SessionError::ClientIo(e))),
+            Wake::WriteStalled => return Some(End::Error(SessionError::WriteTimeout)),
+            Wake::Idle => return Some(End::Error(SessionError::IdleTimeout)),
+            Wake::Stop => return Some(End::Error(SessionError::Shutdown)),
+            // Not waited for here.
+            Wake::ServerWritable | Wake::ServerRead(_) => {}
         }
         None
     }
@@ -274,17 +328,87 @@ impl Session {
     }
 }
 
-async fn sleep_unless_zero(d: Duration) {
-    if d.is_zero() {
-        std::future::pending::<()>().await;
-    } else {
-        tokio::time::sleep(d).await;
+/// What ended a relay turn's wait.
+enum Wake {
+    /// The client socket can take queued bytes.
+    ClientWritable,
+    /// The server socket can take queued bytes.
+    ServerWritable,
+    /// A read from the server: bytes read (0: it closed), or the error.
+    ServerRead(std::io::Result<usize>),
+    /// A read from the client: bytes read (0: it closed), or the error.
+    ClientRead(std::io::Result<usize>),
+    /// A queue towards a peer has not moved for `timeouts.write`.
+    WriteStalled,
+    /// The idle (or idle-in-transaction) timeout elapsed.
+    Idle,
+    /// pgpilot is stopping.
+    Stop,
+}
+
+/// The relay loop's timers, kept across turns: a turn re-arms them only when
+/// a limit applies, so a busy session with the idle timeouts off (the
+/// default) touches no timer at all.
+#[derive(Default)]
+struct Timers {
+    /// Fires when a write queue has been stuck for `timeouts.write`.
+    stall: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// Whether `stall` applies to this turn.
+    stall_armed: bool,
+    /// Fires when the client has been idle for the applicable idle timeout.
+    idle: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// Whether `idle` applies to this turn.
+    idle_armed: bool,
+}
+
+impl Timers {
+    /// Arm for one turn: the stall deadline, if a queue is stuck, and the idle
+    /// timeout counted from now, unless it is zero (off).
+    fn arm(
+        &mut self,
+        stall_deadline: Option<tokio::time::Instant>,
+        idle_limit: Duration,
+        clock: &mut super::clock::TurnClock,
+    ) {
+        self.stall_armed = stall_deadline.is_some();
+        if let Some(deadline) = stall_deadline {
+            set_deadline(&mut self.stall, deadline);
+        }
+        self.idle_armed = !idle_limit.is_zero();
+        if self.idle_armed {
+            let deadline = tokio::time::Instant::from_std(clock.now()) + idle_limit;
+            set_deadline(&mut self.idle, deadline);
+        }
+    }
+
+    /// The timer part of a turn's wait: a timer that fired, or shutdown.
+    fn poll(
+        &mut self,
+        cx: &mut Context<'_>,
+        info: &crate::admin::registry::SessionInfo,
+        stopped: impl Fn() -> bool,
+    ) -> Poll<Wake> {
+        if self.stall_armed
+            && let Some(t) = &mut self.stall
+            && t.as_mut().poll(cx).is_ready()
+        {
+            return Poll::Ready(Wake::WriteStalled);
+        }
+        if self.idle_armed
+            && let Some(t) = &mut self.idle
+            && t.as_mut().poll(cx).is_ready()
+        {
+            return Poll::Ready(Wake::Idle);
+        }
+        info.poll_stopping(cx, stopped).map(|()| Wake::Stop)
     }
 }
 
-async fn sleep_until_stall_limit(stalled: Option<tokio::time::Instant>, limit: Duration) {
-    match stalled {
-        Some(since) => tokio::time::sleep_until(since + limit).await,
-        None => std::future::pending::<()>().await,
+/// Point `timer` at `deadline`, creating it the first time.
+fn set_deadline(timer: &mut Option<Pin<Box<tokio::time::Sleep>>>, deadline: tokio::time::Instant) {
+    match timer {
+        Some(t) if t.deadline() == deadline => {}
+        Some(t) => t.as_mut().reset(deadline),
+        None => *timer = Some(Box::pin(tokio::time::sleep_until(deadline))),
     }
 }
