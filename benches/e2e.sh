@@ -153,8 +153,9 @@ run() { # name port pid -> "tps proxy_cpu pg_cpu machine_cpu (us per transaction
     if [ "$1" = direct-split ]; then # half the clients to each standby, at once
         # (pgbench ends by itself after DURATION, interrupted or not.)
         pgbench split2 "$STANDBY2_PORT" $((CLIENTS / 2)) &
+        local split2=$!
         pgbench "$1" "$2" $((CLIENTS - CLIENTS / 2))
-        wait
+        wait "$split2"
     else
         pgbench "$1" "$2" "$CLIENTS"
     fi
@@ -218,7 +219,7 @@ median() { tr ' ' '\n' | grep -v '^$' | sort -g | awk '{a[NR]=$1} END {print (NR
 # CPU and run-queue wait per transaction, from the kernel's schedstat.
 if [ "${RACE:-0}" = 1 ]; then
     schedstat() { # pid -> "run_ns wait_ns" over all its threads
-        cat /proc/"$1"/task/*/schedstat 2>/dev/null | awk '{ r += $1; w += $2 } END { print r + 0, w + 0 }'
+        cat /proc/"$1"/task/*/schedstat 2>/dev/null | awk '{ r += $1; w += $2 } END { printf "%.0f %.0f\n", r, w }'
     }
     txns_of() { sed -n 's/^number of transactions actually processed: \([0-9]*\).*/\1/p' "$WORK/$1.last"; }
     declare -A RATIO RUN WAIT
@@ -229,14 +230,18 @@ if [ "${RACE:-0}" = 1 ]; then
             locate "$target"
             read -r br0 bw0 <<<"$(schedstat "$BPID")"; read -r tr0 tw0 <<<"$(schedstat "$pid")"
             # Alternate which one is launched first.
+            # (`wait` on the background pgbench alone: the proxies are
+            # background jobs of this script too, and never end.)
             if ((r % 2)); then
                 pgbench race-pgbouncer "$BPORT" $((CLIENTS / 2)) &
+                first=$!
                 pgbench "race-$target" "$port" $((CLIENTS / 2))
             else
                 pgbench "race-$target" "$port" $((CLIENTS / 2)) &
+                first=$!
                 pgbench race-pgbouncer "$BPORT" $((CLIENTS / 2))
             fi
-            wait
+            wait "$first"
             read -r br1 bw1 <<<"$(schedstat "$BPID")"; read -r tr1 tw1 <<<"$(schedstat "$pid")"
             for n in race-pgbouncer "race-$target"; do
                 grep -q "number of failed transactions: 0 " "$WORK/$n.last" || { echo "$n failed"; cat "$WORK/$n.last"; exit 1; }
