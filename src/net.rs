@@ -144,8 +144,8 @@ pub struct ReadWatch {
     waker: std::task::Waker,
     /// The last poll returned `Pending`, so the socket holds `waker`.
     armed: bool,
-    /// The task waker last given to `inner.task`, which still holds it
-    /// unless the socket fired since (a wake takes it).
+    /// The task waker last given to `inner.task` (compared, to hand it over
+    /// only when it changes).
     task: std::task::Waker,
 }
 
@@ -153,8 +153,10 @@ pub struct ReadWatch {
 struct WatchInner {
     /// The socket fired since the watch last polled it.
     woken: std::sync::atomic::AtomicBool,
-    /// The task to wake when it does.
-    task: futures_util::task::AtomicWaker,
+    /// The task to wake when it does. Woken by reference, never taken: it
+    /// stays valid however wake-ups and polls interleave across threads
+    /// (replaced only when the task's waker changes).
+    task: std::sync::Mutex<std::task::Waker>,
 }
 
 impl std::task::Wake for WatchInner {
@@ -164,7 +166,9 @@ impl std::task::Wake for WatchInner {
 
     fn wake_by_ref(self: &std::sync::Arc<Self>) {
         self.woken.store(true, std::sync::atomic::Ordering::Release);
-        self.task.wake();
+        // (Nothing panics while holding the lock; a poisoned one is still sound.)
+        let task = self.task.lock().unwrap_or_else(|e| e.into_inner());
+        task.wake_by_ref();
     }
 }
 
@@ -172,7 +176,7 @@ impl Default for ReadWatch {
     fn default() -> Self {
         let inner = std::sync::Arc::new(WatchInner {
             woken: std::sync::atomic::AtomicBool::new(false),
-            task: futures_util::task::AtomicWaker::new(),
+            task: std::sync::Mutex::new(std::task::Waker::noop().clone()),
         });
         ReadWatch {
             waker: std::task::Waker::from(inner.clone()),
@@ -192,21 +196,23 @@ impl ReadWatch {
         read: impl FnOnce(&mut std::task::Context<'_>) -> std::task::Poll<T>,
     ) -> std::task::Poll<T> {
         use std::sync::atomic::Ordering;
-        // Only a wake of this socket sets the flag, and it takes the task
-        // waker from `inner.task` in the same go; the socket cannot fire
-        // again before it is polled again, so clearing the flag loses nothing.
-        let fired = self.inner.woken.load(Ordering::Acquire);
-        if fired {
-            self.inner.woken.store(false, Ordering::Relaxed);
-        }
-        // Hand the task waker over (before polling: the socket may fire as
-        // soon as it is polled) unless `inner.task` still holds this one.
-        if fired || !self.task.will_wake(cx.waker()) {
-            self.inner.task.register(cx.waker());
+        // Hand the task waker over first (the socket may fire as soon as it
+        // is polled), unless the watch has it already.
+        if !self.task.will_wake(cx.waker()) {
+            let mut task = self.inner.task.lock().unwrap_or_else(|e| e.into_inner());
+            task.clone_from(cx.waker());
+            drop(task);
             self.task.clone_from(cx.waker());
         }
+        let fired = self.inner.woken.load(Ordering::Acquire);
         if self.armed && !fired {
             return std::task::Poll::Pending;
+        }
+        // Consume the flag (a swap, so it also synchronises with the latest
+        // wake-up: the poll below sees the readiness that caused it). A
+        // wake-up after this sets it again.
+        if fired {
+            self.inner.woken.swap(false, Ordering::AcqRel);
         }
         let r = read(&mut std::task::Context::from_waker(&self.waker));
         self.armed = r.is_pending();
@@ -300,5 +306,83 @@ mod tests {
         .await
         .unwrap();
         assert_eq!(n, 0);
+    }
+
+    /// Ping-pong through a watched socket on a multi-threaded runtime, with
+    /// a second watched socket the echo task also waits on (as the relay
+    /// waits on client and server): wake-ups and polls then interleave
+    /// across threads, and a lost wake-up shows as a stall.
+    #[test]
+    fn read_watch_loses_no_wake_up_across_threads() {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            let mut a = TcpStream::connect(addr).await.unwrap();
+            let (mut b, _) = listener.accept().await.unwrap();
+            let mut c = TcpStream::connect(addr).await.unwrap();
+            let (mut d, _) = listener.accept().await.unwrap();
+            const ROUNDS: usize = 20_000;
+            let echo = tokio::spawn(async move {
+                let (mut wb, mut wd) = (ReadWatch::default(), ReadWatch::default());
+                let (mut bb, mut bd) = (bytes::BytesMut::new(), bytes::BytesMut::new());
+                let mut echoed = 0;
+                while echoed < ROUNDS {
+                    let from_b = std::future::poll_fn(|cx| {
+                        if let Poll::Ready(r) = wb.poll(cx, |cx| {
+                            tokio_util::io::poll_read_buf(std::pin::Pin::new(&mut b), cx, &mut bb)
+                        }) {
+                            return Poll::Ready((true, r.unwrap()));
+                        }
+                        wd.poll(cx, |cx| {
+                            tokio_util::io::poll_read_buf(std::pin::Pin::new(&mut d), cx, &mut bd)
+                        })
+                        .map(|r| (false, r.unwrap()))
+                    })
+                    .await;
+                    if from_b.0 {
+                        b.write_all(&bb).await.unwrap();
+                        echoed += bb.len();
+                        bb.clear();
+                    } else {
+                        d.write_all(&bd).await.unwrap();
+                        bd.clear();
+                    }
+                }
+            });
+            // A second client keeps the other socket waking now and then.
+            let noise = tokio::spawn(async move {
+                let mut byte = [0u8; 1];
+                for _ in 0..ROUNDS / 10 {
+                    if c.write_all(b"n").await.is_err() {
+                        break;
+                    }
+                    if tokio::io::AsyncReadExt::read(&mut c, &mut byte)
+                        .await
+                        .is_err()
+                    {
+                        break;
+                    }
+                }
+            });
+            let pingpong = async {
+                let mut byte = [0u8; 1];
+                for _ in 0..ROUNDS {
+                    a.write_all(b"x").await.unwrap();
+                    tokio::io::AsyncReadExt::read_exact(&mut a, &mut byte)
+                        .await
+                        .unwrap();
+                }
+            };
+            tokio::time::timeout(std::time::Duration::from_secs(60), pingpong)
+                .await
+                .expect("a round trip stalled: a wake-up was lost");
+            echo.await.unwrap();
+            noise.abort();
+        });
     }
 }

@@ -79,12 +79,19 @@ const ATTACH: u64 = pack(b"attach");
 const DETACH: u64 = pack(b"detach");
 const PROMOTE: u64 = pack(b"promote");
 
-/// The statement's first word ([`pack`]ed): the run of ASCII letters after
-/// leading whitespace. `None` when there is none or it is longer than 8.
+/// The statement's first word ([`pack`]ed) if it may start a local command:
+/// the run of ASCII letters after leading whitespace. `None` when there is
+/// none, it is longer than 8, or its first three letters start no local
+/// command (so `SELECT`, `INSERT`, `BEGIN` … are turned away early).
 fn first_word(sql: &[u8]) -> Option<u64> {
     let start = sql.iter().position(|b| !b.is_ascii_whitespace())?;
+    let word = &sql[start..];
+    let prefix = pack(word.get(..3).unwrap_or(word));
+    if !matches!(prefix, SHO | SET | RES | PGP | ATT | DET | PRO) {
+        return None;
+    }
     let mut code = 0u64;
-    for (i, &b) in sql[start..].iter().enumerate() {
+    for (i, &b) in word.iter().enumerate() {
         if !b.is_ascii_alphabetic() {
             return (i > 0).then_some(code);
         }
@@ -93,8 +100,17 @@ fn first_word(sql: &[u8]) -> Option<u64> {
         }
         code = (code << 8) | (b | 0x20) as u64;
     }
-    (sql.len() > start).then_some(code)
+    Some(code)
 }
+
+/// The first three letters of each local command's first word (`SET` is
+/// one already).
+const SHO: u64 = pack(b"sho");
+const RES: u64 = pack(b"res");
+const PGP: u64 = pack(b"pgp");
+const ATT: u64 = pack(b"att");
+const DET: u64 = pack(b"det");
+const PRO: u64 = pack(b"pro");
 
 /// Admin statements and portals a client prepared through the extended protocol.
 #[derive(Debug, Default)]
@@ -408,7 +424,12 @@ mod tests {
 
     #[test]
     fn first_word_is_the_leading_run_of_letters_lowercased() {
-        assert_eq!(first_word(b"  SELECT 1"), Some(pack(b"select")));
+        // Words that start no local command are turned away.
+        assert_eq!(first_word(b"  SELECT 1"), None);
+        assert_eq!(first_word(b"select"), None);
+        assert_eq!(first_word(b"se"), None);
+        assert_eq!(first_word(b"setting"), Some(pack(b"setting")));
+        assert_eq!(first_word(b"Set search_path"), Some(pack(b"set")));
         assert_eq!(first_word(b"\n\tShow pool_nodes"), Some(pack(b"show")));
         assert_eq!(first_word(b"set"), Some(pack(b"set")));
         assert_eq!(first_word(b"reset;"), Some(pack(b"reset")));
@@ -418,7 +439,7 @@ mod tests {
         assert_eq!(first_word(b"(select 1)"), None);
         // Longer than 8 letters: no local command starts so.
         assert_eq!(first_word(b"checkpoint"), None);
-        assert_eq!(first_word(b"abcdefgh x"), Some(pack(b"abcdefgh")));
+        assert_eq!(first_word(b"showxxxx y"), Some(pack(b"showxxxx")));
     }
 
     #[test]

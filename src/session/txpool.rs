@@ -68,7 +68,9 @@ impl Session {
         {
             // An equal key: take its copy of the parameters, which the pool
             // shares (see `PoolKey`), so later lookups compare pointers.
-            self.pool_keys[node] = conn.key.clone();
+            if !std::sync::Arc::ptr_eq(&self.pool_keys[node].startup, &conn.key.startup) {
+                self.pool_keys[node] = conn.key.clone();
+            }
             self.install_link(node, Some(super::link::Link::new(conn)));
         }
     }
