@@ -166,6 +166,15 @@ impl std::task::Wake for WatchInner {
 
     fn wake_by_ref(self: &std::sync::Arc<Self>) {
         self.woken.store(true, std::sync::atomic::Ordering::Release);
+        self.wake_task();
+    }
+}
+
+impl WatchInner {
+    /// A wake-up's second half, after setting `woken`. A poll of the watch
+    /// may come in between (on another thread); the task must stay
+    /// registered whatever the order.
+    fn wake_task(&self) {
         // (Nothing panics while holding the lock; a poisoned one is still sound.)
         let task = self.task.lock().unwrap_or_else(|e| e.into_inner());
         task.wake_by_ref();
@@ -306,6 +315,73 @@ mod tests {
         .await
         .unwrap();
         assert_eq!(n, 0);
+    }
+
+    /// Counts the wake-ups of a task.
+    struct CountingTask(std::sync::atomic::AtomicUsize);
+
+    impl std::task::Wake for CountingTask {
+        fn wake(self: std::sync::Arc<Self>) {
+            self.wake_by_ref();
+        }
+        fn wake_by_ref(self: &std::sync::Arc<Self>) {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    /// The interleaving that once lost a wake-up, played in order on one
+    /// thread: a wake-up sets the flag, the task polls (consuming it and
+    /// re-arming), and only then does the wake-up wake the task. A later
+    /// readiness must still wake the task. (With a waker slot that a wake-up
+    /// empties, the second half took the registration the poll had just
+    /// made, and the last readiness woke nobody.)
+    #[test]
+    fn a_wake_up_split_by_a_poll_leaves_the_task_registered() {
+        let counter = std::sync::Arc::new(CountingTask(Default::default()));
+        let task = std::task::Waker::from(counter.clone());
+        let mut cx = std::task::Context::from_waker(&task);
+        let mut watch = ReadWatch::default();
+        // What the socket holds after a Pending read.
+        let mut socket: Option<std::task::Waker> = None;
+        let mut pending_read = |cx: &mut std::task::Context<'_>| {
+            socket = Some(cx.waker().clone());
+            Poll::<()>::Pending
+        };
+        assert!(watch.poll(&mut cx, &mut pending_read).is_pending());
+        // Readiness, first half of the wake-up.
+        watch
+            .inner
+            .woken
+            .store(true, std::sync::atomic::Ordering::Release);
+        // The task polls in between: the socket is polled again, still empty.
+        assert!(watch.poll(&mut cx, &mut pending_read).is_pending());
+        // The wake-up's second half.
+        watch.inner.wake_task();
+        assert_eq!(counter.0.load(std::sync::atomic::Ordering::SeqCst), 1);
+        // The task polls after that wake: nothing new, the socket is not polled.
+        let mut polled = false;
+        assert!(
+            watch
+                .poll(&mut cx, |_| {
+                    polled = true;
+                    Poll::<()>::Pending
+                })
+                .is_pending()
+        );
+        assert!(!polled);
+        // New data: the socket wakes the waker it holds; the task must hear it.
+        socket.take().unwrap().wake();
+        assert_eq!(counter.0.load(std::sync::atomic::Ordering::SeqCst), 2);
+        let mut polled = false;
+        assert!(
+            watch
+                .poll(&mut cx, |_| {
+                    polled = true;
+                    Poll::Ready(())
+                })
+                .is_ready()
+        );
+        assert!(polled);
     }
 
     /// Ping-pong through a watched socket on a multi-threaded runtime, with
