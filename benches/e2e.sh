@@ -221,6 +221,9 @@ if [ "${RACE:-0}" = 1 ]; then
     schedstat() { # pid -> "run_ns wait_ns" over all its threads
         cat /proc/"$1"/task/*/schedstat 2>/dev/null | awk '{ r += $1; w += $2 } END { printf "%.0f %.0f\n", r, w }'
     }
+    user_sys() { # pid -> "utime stime" of the process, in clock ticks
+        awk '{print $14, $15}' "/proc/$1/stat" 2>/dev/null || echo "0 0"
+    }
     txns_of() { sed -n 's/^number of transactions actually processed: \([0-9]*\).*/\1/p' "$WORK/$1.last"; }
     declare -A RATIO RUN WAIT
     RACERS=$(for t in $TARGETS; do case $t in direct* | pgbouncer) ;; *) printf '%s ' "$t" ;; esac; done)
@@ -229,6 +232,7 @@ if [ "${RACE:-0}" = 1 ]; then
         for target in $RACERS; do
             locate "$target"
             read -r br0 bw0 <<<"$(schedstat "$BPID")"; read -r tr0 tw0 <<<"$(schedstat "$pid")"
+            read -r bu0 bs0 <<<"$(user_sys "$BPID")"; read -r tu0 ts0 <<<"$(user_sys "$pid")"
             # Alternate which one is launched first.
             # (`wait` on the background pgbench alone: the proxies are
             # background jobs of this script too, and never end.)
@@ -243,6 +247,7 @@ if [ "${RACE:-0}" = 1 ]; then
             fi
             wait "$first"
             read -r br1 bw1 <<<"$(schedstat "$BPID")"; read -r tr1 tw1 <<<"$(schedstat "$pid")"
+            read -r bu1 bs1 <<<"$(user_sys "$BPID")"; read -r tu1 ts1 <<<"$(user_sys "$pid")"
             for n in race-pgbouncer "race-$target"; do
                 grep -q "number of failed transactions: 0 " "$WORK/$n.last" || { echo "$n failed"; cat "$WORK/$n.last"; exit 1; }
             done
@@ -253,8 +258,10 @@ if [ "${RACE:-0}" = 1 ]; then
             RATIO[$target]="${RATIO[$target]:-} $ratio"
             RUN[$target]="${RUN[$target]:-} $trun"; WAIT[$target]="${WAIT[$target]:-} $twait"
             RUN[pgbouncer]="${RUN[pgbouncer]:-} $brun"; WAIT[pgbouncer]="${WAIT[pgbouncer]:-} $bwait"
-            printf 'round %d  %-17s %.3f x pgbouncer (%s vs %s transactions)   CPU %5.1f vs %5.1f, run-queue wait %5.1f vs %5.1f us/transaction\n' \
-                "$r" "$target" "$ratio" "$tn" "$bn" "$trun" "$brun" "$twait" "$bwait"
+            split=$(awk -v t="$TICK_US" -v bn="$bn" -v tn="$tn" -v bu=$((bu1 - bu0)) -v bs=$((bs1 - bs0)) -v tu=$((tu1 - tu0)) -v ts=$((ts1 - ts0)) 'BEGIN {
+                printf "user %.1f vs %.1f, system %.1f vs %.1f", tu * t / tn, bu * t / bn, ts * t / tn, bs * t / bn }')
+            printf 'round %d  %-17s %.3f x pgbouncer (%s vs %s transactions)   CPU %5.1f vs %5.1f (%s), run-queue wait %5.1f vs %5.1f us/transaction\n' \
+                "$r" "$target" "$ratio" "$tn" "$bn" "$trun" "$brun" "$split" "$twait" "$bwait"
         done
     done
     echo
