@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Failover benchmark: the kill-the-primary scenario of tests/failover.rs, run
+# Failover benchmark: the kill-the-primary scenario of tests/failover/under_load.rs, run
 # ROUNDS times with synchronous and with asynchronous replication, pgpilot
 # with default settings. Each round builds a fresh primary + 2 standbys (real
 # PostgreSQL on loopback), runs WRITERS autocommit clients inserting through
