@@ -169,15 +169,23 @@ impl SessionInfo {
     }
 
     /// Ready once `stopped()` is true; until then the task is woken by
-    /// [`SessionRegistry::wake_all`].
+    /// [`SessionRegistry::wake_all`]. `registered` is the caller's record of
+    /// the waker it registered last: the same waker is not registered again.
+    /// That is sound because only `wake_all` takes a registered waker, and it
+    /// runs after the stop is visible to `stopped()` (which is checked every
+    /// time), so a taken waker is never needed again.
     pub fn poll_stopping(
         &self,
         cx: &mut std::task::Context<'_>,
+        registered: &mut Option<std::task::Waker>,
         stopped: impl Fn() -> bool,
     ) -> std::task::Poll<()> {
         // Register first: a wake between the check and the registration
         // would otherwise be lost.
-        self.stop.register(cx.waker());
+        if !registered.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+            self.stop.register(cx.waker());
+            *registered = Some(cx.waker().clone());
+        }
         if stopped() {
             std::task::Poll::Ready(())
         } else {
@@ -274,7 +282,9 @@ impl SessionRegistry {
         v
     }
 
-    /// Wake every session waiting in [`SessionInfo::poll_stopping`] (pgpilot stops).
+    /// Wake every session waiting in [`SessionInfo::poll_stopping`] (pgpilot
+    /// stops). Call it only once the stop is visible to their `stopped()`
+    /// checks: it takes their wakers, which they do not register again.
     pub fn wake_all(&self) {
         for s in lock(&self.entries).values() {
             s.stop.wake();

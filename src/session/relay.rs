@@ -359,6 +359,9 @@ struct Timers {
     idle: Option<Pin<Box<tokio::time::Sleep>>>,
     /// Whether `idle` applies to this turn.
     idle_armed: bool,
+    /// The task waker last registered for the stop signal (registered again
+    /// only when it changes).
+    stop_waker: Option<std::task::Waker>,
 }
 
 impl Timers {
@@ -400,7 +403,8 @@ impl Timers {
         {
             return Poll::Ready(Wake::Idle);
         }
-        info.poll_stopping(cx, stopped).map(|()| Wake::Stop)
+        info.poll_stopping(cx, &mut self.stop_waker, stopped)
+            .map(|()| Wake::Stop)
     }
 }
 
