@@ -6,7 +6,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::raw::{login_raw, read_msg, send_query, sqlstate_of, until_ready};
+use common::raw::{ended_with, login_raw, read_msg, send_query, sqlstate_of, until_ready};
 use common::{DB, PASSWORD, USER, connect, harness, spawn_proxy, sqlstate, try_connect};
 use futures_util::{SinkExt, StreamExt, TryStreamExt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -645,22 +645,6 @@ async fn large_pipelines_flow_both_ways_without_deadlock() {
         .expect("pipeline stalled");
     assert!(seen > N * 20_000);
     let _ = writer.await.unwrap();
-}
-
-/// Wait (at most `limit`) for the session to be ended by pgpilot with an
-/// ErrorResponse; returns its SQLSTATE.
-async fn ended_with(s: &mut TcpStream, limit: Duration) -> String {
-    tokio::time::timeout(limit, async {
-        loop {
-            match read_msg(s).await {
-                Ok((b'E', body)) => return sqlstate_of(&body),
-                Ok(_) => {}
-                Err(e) => panic!("closed without an error message: {e}"),
-            }
-        }
-    })
-    .await
-    .expect("the session was not ended in time")
 }
 
 #[tokio::test]

@@ -10,6 +10,7 @@ mod common;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use common::raw::{ended_with, login_raw, send_query, until_ready};
 use common::{connect, harness, result_set, spawn_proxy, sqlstate};
 use pgpilot::config::{Config, PoolMode};
 
@@ -62,6 +63,40 @@ async fn clean_sessions_share_one_server_connection() {
         .await
         .unwrap();
     assert_ne!(one(&b, "SELECT count(*) FROM txpool_t").await, "0");
+}
+
+/// Between transactions a session holds no server connection and waits on
+/// its client alone: the idle limit and pgpilot's stop still end it, with
+/// their own SQLSTATEs, and its connection serves others meanwhile.
+#[tokio::test]
+async fn a_session_between_transactions_still_times_out_and_stops() {
+    let mut cfg = tx_config(1, Duration::from_secs(5));
+    cfg.timeouts.client_idle = Duration::from_millis(1000);
+    let addr = spawn_proxy(cfg);
+    let mut idle = login_raw(addr).await;
+    send_query(&mut idle, "SELECT 1").await;
+    until_ready(&mut idle).await;
+    // Released: another client gets the node's only connection at once.
+    let other = connect_within(addr, Duration::from_millis(500)).await;
+    assert_eq!(one(&other, "SELECT 2").await, "2");
+    let quiet = Instant::now();
+    assert_eq!(ended_with(&mut idle, Duration::from_secs(5)).await, "57P05");
+    assert!(
+        quiet.elapsed() >= Duration::from_millis(900),
+        "{:?}",
+        quiet.elapsed()
+    );
+
+    let p = common::spawn_proxy_stoppable(tx_config(1, Duration::from_secs(5)));
+    let mut waiting = login_raw(p.addr).await;
+    send_query(&mut waiting, "SELECT 1").await;
+    until_ready(&mut waiting).await;
+    let stopper = tokio::task::spawn_blocking(move || drop(p));
+    assert_eq!(
+        ended_with(&mut waiting, Duration::from_secs(2)).await,
+        "57P01"
+    );
+    stopper.await.unwrap();
 }
 
 #[tokio::test]

@@ -75,21 +75,14 @@ impl Session {
             };
             let write_limit = self.cfg.timeouts.write;
             let node = self.active;
-            let Some(link) = self.links[node].as_deref_mut() else {
-                if self.released() {
-                    // Transaction pooling, between transactions: only the client.
-                    let waited = self
-                        .wait_for_client(idle_limit, write_limit, &info, &mut timers, &stopped)
-                        .await;
-                    self.clock.tick();
-                    match waited {
-                        Some(end) => return end,
-                        None => continue,
-                    }
-                }
+            // Between transactions under transaction pooling the session holds
+            // no server connection: the turn waits on the client only.
+            if self.links[node].is_none() && !self.released() {
                 return End::Error(SessionError::BackendLost { node });
-            };
-            let stalled = match (self.to_client.stalled_since(), link.out.stalled_since()) {
+            }
+            let link = self.links[node].as_deref_mut();
+            let server_stalled = link.as_ref().and_then(|l| l.out.stalled_since());
+            let stalled = match (self.to_client.stalled_since(), server_stalled) {
                 (Some(a), Some(b)) => Some(a.min(b)),
                 (a, b) => a.or(b),
             };
@@ -101,15 +94,15 @@ impl Session {
             // A frame not yet whole is always read to its end (its length was
             // checked against max_message_size); whole requests waiting to be
             // routed pause reading past the high-water mark.
-            let read_client = link.out.len() < HIGH_WATER
+            let read_client = link.as_ref().is_none_or(|l| l.out.len() < HIGH_WATER)
                 && (self.cbuf.len() < HIGH_WATER
                     || crate::protocol::frame::missing_bytes(&self.cbuf) > 0);
             let read_server = self.to_client.len() < HIGH_WATER;
             let client_pending = !self.to_client.is_empty();
-            let server_pending = !link.out.is_empty();
+            let server_pending = link.as_ref().is_some_and(|l| !l.out.is_empty());
             let client = &mut self.client;
             let cbuf = &mut self.cbuf;
-            let server = &mut link.conn.conn;
+            let mut server = link.map(|l| &mut l.conn.conn);
             let client_reads = &mut self.client_reads;
             let server_reads = &mut self.server_reads[node];
             // Whatever wakes the wait starts a new turn (nothing reads the
@@ -121,15 +114,17 @@ impl Session {
                 if client_pending && client.poll_write_ready(cx).is_ready() {
                     return Poll::Ready(Wake::ClientWritable);
                 }
-                if server_pending && server.stream.poll_write_ready(cx).is_ready() {
-                    return Poll::Ready(Wake::ServerWritable);
-                }
-                if read_server
-                    && let Poll::Ready(r) = server_reads.poll(cx, |cx| {
-                        poll_read_buf(Pin::new(&mut server.stream), cx, &mut server.buf)
-                    })
-                {
-                    return Poll::Ready(Wake::ServerRead(r));
+                if let Some(server) = server.as_deref_mut() {
+                    if server_pending && server.stream.poll_write_ready(cx).is_ready() {
+                        return Poll::Ready(Wake::ServerWritable);
+                    }
+                    if read_server
+                        && let Poll::Ready(r) = server_reads.poll(cx, |cx| {
+                            poll_read_buf(Pin::new(&mut server.stream), cx, &mut server.buf)
+                        })
+                    {
+                        return Poll::Ready(Wake::ServerRead(r));
+                    }
                 }
                 if read_client
                     && let Poll::Ready(r) =
@@ -178,59 +173,6 @@ impl Session {
                 Wake::Stop => return End::Error(SessionError::Shutdown),
             }
         }
-    }
-
-    /// One turn while the session holds no server connection (transaction
-    /// pooling): read from the client, flush what it has not taken, time out.
-    /// `None`: go on; `Some`: the session ends.
-    async fn wait_for_client(
-        &mut self,
-        idle_limit: Duration,
-        write_limit: Duration,
-        info: &crate::admin::registry::SessionInfo,
-        timers: &mut Timers,
-        stopped: &impl Fn() -> bool,
-    ) -> Option<End> {
-        let stalled = self.to_client.stalled_since();
-        timers.arm(
-            stalled.map(|t| t + write_limit),
-            idle_limit,
-            &mut self.clock,
-        );
-        let client_pending = !self.to_client.is_empty();
-        let read_client = self.cbuf.len() < HIGH_WATER;
-        let client = &mut self.client;
-        let cbuf = &mut self.cbuf;
-        let client_reads = &mut self.client_reads;
-        let woke = std::future::poll_fn(|cx| {
-            if client_pending && client.poll_write_ready(cx).is_ready() {
-                return Poll::Ready(Wake::ClientWritable);
-            }
-            if read_client
-                && let Poll::Ready(r) =
-                    client_reads.poll(cx, |cx| poll_read_buf(Pin::new(&mut *client), cx, cbuf))
-            {
-                return Poll::Ready(Wake::ClientRead(r));
-            }
-            timers.poll(cx, info, stopped)
-        })
-        .await;
-        match woke {
-            Wake::ClientWritable => {
-                if let Err(e) = self.to_client.flush(&self.client) {
-                    return Some(End::Error(SessionError::ClientIo(e)));
-                }
-            }
-            Wake::ClientRead(Ok(0)) => return Some(End::ClientGone),
-            Wake::ClientRead(Ok(_)) => self.recheck = true,
-            Wake::ClientRead(Err(e)) => return Some(End::Error(SessionError::ClientIo(e))),
-            Wake::WriteStalled => return Some(End::Error(SessionError::WriteTimeout)),
-            Wake::Idle => return Some(End::Error(SessionError::IdleTimeout)),
-            Wake::Stop => return Some(End::Error(SessionError::Shutdown)),
-            // Not waited for here.
-            Wake::ServerWritable | Wake::ServerRead(_) => {}
-        }
-        None
     }
 
     /// Perform a step routing asked for (I/O before a request can be routed);

@@ -19,6 +19,22 @@ pub fn sqlstate_of(body: &[u8]) -> String {
     pgpilot::protocol::frame::ErrorFields::parse(body).code
 }
 
+/// Wait (at most `limit`) for the session to be ended by pgpilot with an
+/// ErrorResponse; returns its SQLSTATE.
+pub async fn ended_with(s: &mut TcpStream, limit: std::time::Duration) -> String {
+    tokio::time::timeout(limit, async {
+        loop {
+            match read_msg(s).await {
+                Ok((b'E', body)) => return sqlstate_of(&body),
+                Ok(_) => {}
+                Err(e) => panic!("closed without an error message: {e}"),
+            }
+        }
+    })
+    .await
+    .expect("the session was not ended in time")
+}
+
 /// Log in over a raw socket with trust-free SCRAM via postgres-protocol; returns
 /// the socket positioned after the first ReadyForQuery.
 pub async fn login_raw(addr: std::net::SocketAddr) -> TcpStream {
