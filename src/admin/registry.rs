@@ -11,9 +11,11 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicI32, AtomicI64, AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::SystemTime;
 
 use futures_util::task::AtomicWaker;
+
+use crate::backend::conn::from_epoch_ms;
 
 /// What a session is doing (pgpool's process status).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -95,26 +97,13 @@ struct HeldSlot {
     opened_ms: AtomicU64,
 }
 
-/// Milliseconds since the epoch (0 for a time before it).
-/// A wall-clock time as milliseconds since the epoch (0 before it).
-pub fn epoch_ms(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
-
-/// The inverse of [`epoch_ms`].
-pub fn from_epoch_ms(ms: u64) -> SystemTime {
-    UNIX_EPOCH + Duration::from_millis(ms)
-}
-
 impl SessionInfo {
     /// The session now uses the server connection `pid` on `node`, opened at
     /// `opened_ms` (`BackendConn::opened_ms`).
     pub fn set_backend(&self, node: usize, pid: i32, opened_ms: u64) {
-        let opened = opened_ms;
         self.node.store(node as i64, Ordering::Relaxed);
         self.backend_pid.store(pid, Ordering::Relaxed);
-        self.backend_opened_ms.store(opened, Ordering::Relaxed);
+        self.backend_opened_ms.store(opened_ms, Ordering::Relaxed);
     }
 
     /// The session holds no server connection now.
@@ -305,6 +294,8 @@ impl SessionRegistry {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backend::conn::epoch_ms;
+    use std::time::{Duration, UNIX_EPOCH};
 
     #[test]
     fn register_update_and_unregister_on_drop() {

@@ -8,7 +8,7 @@
 
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::{Buf, BytesMut};
 use postgres_protocol::authentication::sasl::{ChannelBinding, SCRAM_SHA_256, ScramSha256};
@@ -41,6 +41,19 @@ pub struct ConnectParams<'a> {
     pub connect_timeout: Duration,
     /// Timeout for the whole authentication exchange.
     pub auth_timeout: Duration,
+}
+
+/// A wall-clock time as milliseconds since the epoch (0 before it): how a
+/// connection's opening time is kept and shared (one atomic word in the
+/// session registry).
+pub fn epoch_ms(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// The inverse of [`epoch_ms`].
+pub fn from_epoch_ms(ms: u64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_millis(ms)
 }
 
 /// An open, authenticated connection to one node.
@@ -134,7 +147,7 @@ impl BackendConn {
             secret: 0,
             params: Vec::new(),
             status: TxStatus::Idle,
-            opened_ms: crate::admin::registry::epoch_ms(SystemTime::now()),
+            opened_ms: epoch_ms(SystemTime::now()),
             last_used: Instant::now(),
             unnamed: Unnamed::Absent,
             held: Default::default(),

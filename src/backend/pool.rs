@@ -465,7 +465,7 @@ impl Pool {
                         user: key.user().to_string(),
                         database: key.startup.get(1).map(|p| p.1.clone()).unwrap_or_default(),
                         pid: c.pid,
-                        opened: crate::admin::registry::from_epoch_ms(c.opened_ms),
+                        opened: super::conn::from_epoch_ms(c.opened_ms),
                         last_used: c.last_used,
                     });
                 }
