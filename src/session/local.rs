@@ -78,6 +78,13 @@ const PGPOOL: u64 = pack(b"pgpool");
 const ATTACH: u64 = pack(b"attach");
 const DETACH: u64 = pack(b"detach");
 const PROMOTE: u64 = pack(b"promote");
+/// The first three letters of each of those words (`SET` is one already).
+const SHO: u64 = pack(b"sho");
+const RES: u64 = pack(b"res");
+const PGP: u64 = pack(b"pgp");
+const ATT: u64 = pack(b"att");
+const DET: u64 = pack(b"det");
+const PRO: u64 = pack(b"pro");
 
 /// The statement's first word ([`pack`]ed) if it may start a local command:
 /// the run of ASCII letters after leading whitespace. `None` when there is
@@ -85,32 +92,21 @@ const PROMOTE: u64 = pack(b"promote");
 /// command (so `SELECT`, `INSERT`, `BEGIN` … are turned away early).
 fn first_word(sql: &[u8]) -> Option<u64> {
     let start = sql.iter().position(|b| !b.is_ascii_whitespace())?;
-    let word = &sql[start..];
-    let prefix = pack(word.get(..3).unwrap_or(word));
-    if !matches!(prefix, SHO | SET | RES | PGP | ATT | DET | PRO) {
+    let rest = &sql[start..];
+    if !matches!(
+        pack(rest.get(..3).unwrap_or(rest)),
+        SHO | SET | RES | PGP | ATT | DET | PRO
+    ) {
         return None;
     }
-    let mut code = 0u64;
-    for (i, &b) in word.iter().enumerate() {
-        if !b.is_ascii_alphabetic() {
-            return (i > 0).then_some(code);
-        }
-        if i == 8 {
-            return None;
-        }
-        code = (code << 8) | (b | 0x20) as u64;
-    }
-    Some(code)
+    // Nine letters (or more) make no local command.
+    let len = rest
+        .iter()
+        .take(9)
+        .position(|b| !b.is_ascii_alphabetic())
+        .unwrap_or(rest.len().min(9));
+    (len <= 8).then(|| pack(&rest[..len]))
 }
-
-/// The first three letters of each local command's first word (`SET` is
-/// one already).
-const SHO: u64 = pack(b"sho");
-const RES: u64 = pack(b"res");
-const PGP: u64 = pack(b"pgp");
-const ATT: u64 = pack(b"att");
-const DET: u64 = pack(b"det");
-const PRO: u64 = pack(b"pro");
 
 /// Admin statements and portals a client prepared through the extended protocol.
 #[derive(Debug, Default)]
