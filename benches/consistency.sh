@@ -23,7 +23,7 @@ MODES=${MODES:-eventual session global}
 
 PGBIN=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1)
 PGBENCH="$PGBIN/pgbench"
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+. benches/lib.sh
 
 cargo build --release --quiet
 WORK=$(mktemp -d /tmp/pgpilot-ryw.XXXXXX)
@@ -31,20 +31,14 @@ chmod 755 "$WORK"
 DEMO_PID=""; PILOT_PID=""
 cleanup() {
     [ -n "$PILOT_PID" ] && kill "$PILOT_PID" 2>/dev/null || true
-    if [ -n "$DEMO_PID" ]; then
-        kill -INT "$DEMO_PID" 2>/dev/null || true
-        for _ in $(seq 1 100); do kill -0 "$DEMO_PID" 2>/dev/null || break; sleep 0.2; done
-    fi
+    stop_demo
     rm -rf "$WORK"
 }
 trap cleanup EXIT
 
 DEMO_PORT=$(free_port)
-PGPILOT_LOG=warn ./target/release/pgpilot demo --listen "127.0.0.1:$DEMO_PORT" --metrics-listen "" >"$WORK/demo.log" 2>&1 &
-DEMO_PID=$!
-for _ in $(seq 1 300); do grep -q "pgpilot is listening" "$WORK/demo.log" && break; sleep 0.2; done
-grep -q "pgpilot is listening" "$WORK/demo.log" || { cat "$WORK/demo.log"; exit 1; }
-PORTS=($(sed -n 's/.*node [0-9]*: 127\.0\.0\.1:\([0-9]*\).*/\1/p' "$WORK/demo.log"))
+start_demo "$WORK/demo.log" --listen "127.0.0.1:$DEMO_PORT" --metrics-listen ""
+PORTS=("$(node_port 0)" "$(node_port 1)" "$(node_port 2)")
 
 export PGPASSWORD=demo
 "$PGBENCH" -i -q -s "$SCALE" -h 127.0.0.1 -p "${PORTS[0]}" -U demo demo >/dev/null 2>&1

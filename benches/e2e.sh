@@ -46,7 +46,7 @@ done
 PGBIN=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1)
 PGBENCH="$PGBIN/pgbench"
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+. benches/lib.sh
 
 cargo build --release --quiet
 WORK=$(mktemp -d /tmp/pgpilot-bench.XXXXXX)
@@ -54,20 +54,13 @@ chmod 755 "$WORK"
 DEMO_PID=""; BOUNCER_PIDS=""; PROXY_PIDS=""
 cleanup() {
     for pid in $BOUNCER_PIDS $PROXY_PIDS; do kill "$pid" 2>/dev/null || true; done
-    if [ -n "$DEMO_PID" ]; then
-        kill -INT "$DEMO_PID" 2>/dev/null || true
-        for _ in $(seq 1 100); do kill -0 "$DEMO_PID" 2>/dev/null || break; sleep 0.2; done
-    fi
+    stop_demo
     rm -rf "$WORK"
 }
 trap cleanup EXIT
 
 PILOT_PORT=$(free_port)
-PGPILOT_LOG=warn setsid ./target/release/pgpilot demo --workers "$WORKERS" --listen "127.0.0.1:$PILOT_PORT" --metrics-listen "127.0.0.1:$(free_port)" >"$WORK/demo.log" 2>&1 &
-DEMO_PID=$!
-for _ in $(seq 1 300); do grep -qs "pgpilot is listening" "$WORK/demo.log" && break; sleep 0.2; done
-grep -q "pgpilot is listening" "$WORK/demo.log" || { cat "$WORK/demo.log"; exit 1; }
-node_port() { sed -n "s/.*node $1: 127\\.0\\.0\\.1:\\([0-9]*\\).*/\\1/p" "$WORK/demo.log"; }
+start_demo "$WORK/demo.log" --workers "$WORKERS" --listen "127.0.0.1:$PILOT_PORT" --metrics-listen "127.0.0.1:$(free_port)"
 PRIMARY_PORT=$(node_port 0)
 STANDBY1_PORT=$(node_port 1)
 STANDBY2_PORT=$(node_port 2)

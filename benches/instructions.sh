@@ -29,7 +29,7 @@ for pkg in valgrind pgbouncer; do
     command -v "$pkg" >/dev/null || { echo "installing $pkg"; apt-get install -y -qq "$pkg" >/dev/null; }
 done
 PGBIN=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1)
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+. benches/lib.sh
 
 cargo build --release --quiet
 WORK=$(mktemp -d /tmp/pgpilot-instr.XXXXXX)
@@ -37,20 +37,13 @@ chmod 777 "$WORK"
 DEMO_PID=""
 cleanup() {
     pkill -INT -f "callgrind-out-file=$WORK/" 2>/dev/null || true
-    if [ -n "$DEMO_PID" ]; then
-        kill -INT "$DEMO_PID" 2>/dev/null || true
-        for _ in $(seq 1 100); do kill -0 "$DEMO_PID" 2>/dev/null || break; sleep 0.2; done
-    fi
+    stop_demo
     rm -rf "$WORK"
 }
 trap cleanup EXIT
 
 # The cluster: pgpilot demo's (real PostgreSQL, a primary and two standbys).
-PGPILOT_LOG=warn setsid ./target/release/pgpilot demo --workers 1 --listen "127.0.0.1:$(free_port)" --metrics-listen "" >"$WORK/demo.log" 2>&1 &
-DEMO_PID=$!
-for _ in $(seq 1 300); do grep -qs "pgpilot is listening" "$WORK/demo.log" && break; sleep 0.2; done
-grep -q "pgpilot is listening" "$WORK/demo.log" || { cat "$WORK/demo.log"; exit 1; }
-node_port() { sed -n "s/.*node $1: 127\\.0\\.0\\.1:\\([0-9]*\\).*/\\1/p" "$WORK/demo.log"; }
+start_demo "$WORK/demo.log" --workers 1 --listen "127.0.0.1:$(free_port)" --metrics-listen ""
 PRIMARY=$(node_port 0)
 export PGPASSWORD=demo
 "$PGBIN/pgbench" -i -q -s 10 -h 127.0.0.1 -p "$PRIMARY" -U demo demo >/dev/null 2>&1
