@@ -256,6 +256,13 @@ async fn stmt_request(
 /// Bind statement `name` (no parameters, text results) to the unnamed portal,
 /// Execute it, Sync.
 fn bind_execute_sync(buf: &mut bytes::BytesMut, name: &str) {
+    bind_execute(buf, name);
+    postgres_protocol::message::frontend::sync(buf);
+}
+
+/// Bind statement `name` (no parameters, text results) to the unnamed portal
+/// and Execute it (no Sync: the batch goes on).
+fn bind_execute(buf: &mut bytes::BytesMut, name: &str) {
     use postgres_protocol::message::frontend;
     frontend::bind(
         "",
@@ -273,7 +280,6 @@ fn bind_execute_sync(buf: &mut bytes::BytesMut, name: &str) {
     .map_err(|_| "bind")
     .unwrap();
     frontend::execute("", 0, buf).unwrap();
-    frontend::sync(buf);
 }
 
 /// A simple Query on a raw socket: first column of each row, or the SQLSTATE.
@@ -474,6 +480,70 @@ async fn a_statement_that_no_longer_parses_fails_without_stalling_the_session() 
         one_row("still here")
     );
     assert_eq!(stmt_request(&mut b, "q", None).await, one_row("b"));
+}
+
+/// A batch that arrives in two reads starts on a connection that lacks the
+/// session's statements (another session's of the same name are closed); the
+/// statement its second part binds is parsed again before it starts, even
+/// though another of the session's statements no longer parses.
+#[tokio::test]
+async fn a_batch_split_across_reads_binds_the_sessions_own_statement() {
+    use postgres_protocol::message::frontend;
+    use tokio::io::AsyncWriteExt;
+    let addr = spawn_proxy(tx_config(1, Duration::from_secs(2)));
+    let mut a = common::raw::login_raw(addr).await;
+    let mut b = common::raw::login_raw(addr).await;
+    raw_query(
+        &mut a,
+        "DROP TABLE IF EXISTS txpool_split; CREATE TABLE txpool_split (x int)",
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        stmt_request(&mut a, "gone", Some("SELECT x FROM txpool_split")).await,
+        Ok(vec![])
+    );
+    assert_eq!(
+        stmt_request(&mut a, "s1", Some("SELECT 'of a'")).await,
+        one_row("of a")
+    );
+    assert_eq!(
+        stmt_request(&mut b, "s1", Some("SELECT 'of b'")).await,
+        one_row("of b")
+    );
+    assert_eq!(
+        stmt_request(&mut b, "gone", Some("SELECT 'b gone'")).await,
+        one_row("b gone")
+    );
+    raw_query(&mut b, "DROP TABLE txpool_split").await.unwrap();
+    // The first part, answered (Flush) before the second is sent.
+    let mut buf = bytes::BytesMut::new();
+    frontend::parse("", "SELECT 'first'", std::iter::empty(), &mut buf).unwrap();
+    bind_execute(&mut buf, "");
+    frontend::flush(&mut buf);
+    a.write_all(&buf).await.unwrap();
+    loop {
+        let (t, body) = common::raw::read_msg(&mut a).await.unwrap();
+        match t {
+            b'C' => break,
+            b'E' => panic!("first part failed: {}", common::raw::sqlstate_of(&body)),
+            _ => {}
+        }
+    }
+    buf.clear();
+    bind_execute_sync(&mut buf, "s1");
+    a.write_all(&buf).await.unwrap();
+    let answer = tokio::time::timeout(Duration::from_secs(10), rows_or_error(&mut a)).await;
+    assert_eq!(answer.expect("an answer, not a stall"), one_row("of a"));
+    // Each session still runs its own.
+    assert_eq!(stmt_request(&mut b, "s1", None).await, one_row("of b"));
+    assert_eq!(stmt_request(&mut b, "gone", None).await, one_row("b gone"));
+    assert_eq!(stmt_request(&mut a, "s1", None).await, one_row("of a"));
+    assert!(stmt_request(&mut a, "gone", None).await.is_err());
+    assert_eq!(
+        raw_query(&mut a, "SELECT 'still here'").await,
+        one_row("still here")
+    );
 }
 
 #[tokio::test]

@@ -165,8 +165,12 @@ impl Session {
                 self.state.overflowed = true;
             }
         }
-        // 2. Statements the request uses.
-        self.prepare_statements(node, &needs, must_use).await
+        // 2. Statements the request uses, then those it may use.
+        self.prepare_statements(node, &needs, must_use).await?;
+        if !needs.ahead.is_empty() && !self.ahead_tried {
+            self.prepare_ahead(node, &needs.ahead).await?;
+        }
+        Ok(())
     }
 
     /// Move the transaction begun on a standby, which has run nothing but its

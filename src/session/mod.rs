@@ -233,6 +233,10 @@ struct Session {
     memo: crate::router::memo::StatementMemo,
     /// Route the next read to the primary: preparing it on the standby failed.
     avoid_standby_once: bool,
+    /// The statements a batch routed before its Sync may still use were
+    /// prepared once for it ([`Needs::ahead`](statements::Needs)): those that
+    /// failed are not tried again for the same batch.
+    ahead_tried: bool,
     /// The last `pg_proc` lookup failed: judge the next request's functions volatile.
     lookup_failed: bool,
     /// Standbys this session failed to use, not retried before the instant.
@@ -337,6 +341,7 @@ impl Session {
             parsed_ahead: std::collections::VecDeque::new(),
             memo: Default::default(),
             avoid_standby_once: false,
+            ahead_tried: false,
             lookup_failed: false,
             shunned_until: vec![None; nodes],
             standby_picked: false,

@@ -257,6 +257,7 @@ impl Session {
                         None => match self.plan_batch(&buf[*pos..])? {
                             Ok(n) => {
                                 self.batch = Some(n);
+                                self.ahead_tried = false;
                                 self.fresh_request_sent();
                                 n
                             }
@@ -412,6 +413,20 @@ impl Session {
         // What follows may name any statement: nothing of another session's
         // may be on the connection it runs on.
         needs.purge_others = !complete;
+        if !complete {
+            // A later read may bind any statement the session has made, on
+            // whatever node it went to: each is made present here as well.
+            let cap = self.cfg.pool.max_prepared_statements;
+            needs.ahead = self
+                .state
+                .stmts
+                .keys()
+                .filter(|n| !n.is_empty() && !needs.names.contains(n))
+                .filter(|n| !defined.contains(&n.as_slice()))
+                .take(cap)
+                .cloned()
+                .collect();
+        }
         let class = match classes.len() {
             // Close / Describe / Sync only: nothing runs; stay where the session is.
             0 if complete => {

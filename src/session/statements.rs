@@ -37,6 +37,11 @@ pub struct Needs {
     /// The request may reach statements by names pgpilot did not see: every
     /// statement of another session on the connection is closed first.
     pub purge_others: bool,
+    /// Statements of the session the request may still use: a batch routed
+    /// before its Sync arrived may bind any of them in a later read, so each is
+    /// made present as well, on a best-effort basis (see
+    /// [`Session::prepare_ahead`]).
+    pub ahead: Vec<Vec<u8>>,
 }
 
 impl Needs {
@@ -79,7 +84,7 @@ impl Session {
             return;
         };
         let mut reused = 0;
-        for name in &needs.names {
+        for name in needs.names.iter().chain(&needs.ahead) {
             if name.is_empty() || link.statements.contains(name) {
                 continue;
             }
@@ -115,6 +120,7 @@ impl Session {
                     })
         };
         needs.names.iter().any(missing)
+            || (!self.ahead_tried && needs.ahead.iter().any(|n| !link.statements.contains(n)))
             || (needs.purge_others && held.has_others(&link.statements))
             || (held.len() > self.cfg.pool.max_prepared_statements
                 && !held
@@ -246,6 +252,83 @@ impl Session {
         metrics.prepared_statements("prepared", reparsed);
         metrics.prepared_statements("closed", closes.len() - evicted);
         metrics.prepared_statements("evicted", evicted);
+        Ok(())
+    }
+
+    /// Make the session's statements `ahead` present on the connection to
+    /// `node` as well: a batch routed before its Sync arrived may bind any of
+    /// them in a later read. Each is its own request (Sync), so one whose text
+    /// no longer prepares spoils no other; it is left absent (its Bind gets
+    /// the server's error) and not tried again for this batch. Not inside a
+    /// transaction block: a failed Parse there would abort the client's
+    /// transaction for a statement it may never use.
+    pub(super) async fn prepare_ahead(
+        &mut self,
+        node: usize,
+        ahead: &[Vec<u8>],
+    ) -> Result<(), SessionError> {
+        self.ahead_tried = true;
+        let limit = self.cfg.timeouts.reset;
+        let clean = !self.dirty;
+        let Some(link) = self.links[node].as_mut() else {
+            return Ok(());
+        };
+        if link.conn.status != crate::protocol::TxStatus::Idle {
+            return Ok(());
+        }
+        let mut out = BytesMut::new();
+        let mut rfqs = 0;
+        // (name, its Parse frame (None: SQL PREPARE), number of its request)
+        let mut made: Vec<(&[u8], Option<&Bytes>, usize)> = Vec::new();
+        for name in ahead {
+            let Some(st) = self.state.stmts.get(name) else {
+                continue;
+            };
+            if link.statements.contains(name) {
+                continue;
+            }
+            if link.conn.held.contains(name) {
+                // Another session's statement (or an old one) under the name.
+                state::close_statement_message(&mut out, name);
+                state::sync_message(&mut out);
+                rfqs += 1;
+            }
+            match &st.source {
+                StmtSource::Parse(f) => {
+                    out.extend_from_slice(f);
+                    state::sync_message(&mut out);
+                    made.push((name, Some(f), rfqs));
+                }
+                StmtSource::Sql(q) => {
+                    out.extend_from_slice(q);
+                    made.push((name, None, rfqs));
+                }
+            }
+            rfqs += 1;
+        }
+        if rfqs == 0 {
+            return Ok(());
+        }
+        let errors = link.conn.exchange_numbering(&out, rfqs, limit).await?;
+        let mut parsed = 0;
+        for (name, frame, request) in made {
+            // Whatever the name held was closed first: it is now absent, or
+            // the session's statement.
+            if let Some((_, e)) = errors.iter().find(|(k, _)| *k == request) {
+                tracing::debug!(node, error = %e.message, "a statement of the session no longer prepares");
+                link.conn.held.closed(name);
+                continue;
+            }
+            match frame {
+                Some(f) => {
+                    link.conn.held.made(name, f.clone(), clean);
+                    parsed += 1;
+                }
+                None => link.conn.held.unknown(name),
+            }
+            link.statements.insert(name.to_vec());
+        }
+        self.ctx.metrics.prepared_statements("prepared", parsed);
         Ok(())
     }
 }

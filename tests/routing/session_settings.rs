@@ -427,3 +427,79 @@ async fn routing_hints_and_pgpilot_route() {
     assert_eq!(s.one(&q).await, PRIMARY);
     assert_eq!(s.one(&format!("/* pgpilot:standby */ {q}")).await, standby);
 }
+
+/// A batch that arrives in two reads is routed on its first part (to the
+/// primary: it might still write). A named statement its second part binds,
+/// which the session had prepared on its standby only, is prepared on the
+/// primary before the batch starts, so the Bind finds it there.
+#[tokio::test]
+async fn a_batch_split_across_reads_binds_a_statement_prepared_on_another_node() {
+    use postgres_protocol::message::frontend;
+    let addr = proxy().await;
+    let mut raw = Raw::login(addr).await;
+    let mut buf = bytes::BytesMut::new();
+    // Prepared by a read-only batch: on the session's standby alone.
+    frontend::parse(
+        "split_s",
+        &format!("SELECT {WHERE}"),
+        std::iter::empty(),
+        &mut buf,
+    )
+    .unwrap();
+    frontend::sync(&mut buf);
+    raw.s.write_all(&buf).await.unwrap();
+    let r = raw.until_ready().await;
+    assert_eq!((r.errors.as_slice(), r.status), (&[][..], 'I'), "{r:?}");
+    let bind_execute = |buf: &mut bytes::BytesMut| {
+        frontend::bind(
+            "",
+            "split_s",
+            std::iter::empty(),
+            std::iter::empty::<Option<&[u8]>>(),
+            |_, _| Ok(postgres_protocol::IsNull::Yes),
+            std::iter::empty(),
+            buf,
+        )
+        .map_err(|_| "bind")
+        .unwrap();
+        frontend::execute("", 0, buf).unwrap();
+    };
+    buf.clear();
+    bind_execute(&mut buf);
+    frontend::sync(&mut buf);
+    raw.s.write_all(&buf).await.unwrap();
+    let r = raw.until_ready().await;
+    assert_eq!(r.errors, Vec::<String>::new());
+    assert!(is_standby(&r.values[0]), "{r:?}");
+    // The batch's first part, answered (Flush) before its second is sent.
+    buf.clear();
+    parse_bind_execute(&format!("SELECT {WHERE}"), &mut buf);
+    frontend::flush(&mut buf);
+    raw.s.write_all(&buf).await.unwrap();
+    let mut first = Vec::new();
+    loop {
+        let (t, body) = read_msg(&mut raw.s).await;
+        match t {
+            b'C' => break,
+            b'D' => first.push(String::from_utf8_lossy(&body[6..]).into_owned()),
+            b'E' => panic!("first part failed: {:?}", common::raw::sqlstate_of(&body)),
+            _ => {}
+        }
+    }
+    assert_eq!(first, vec![PRIMARY.to_string()]);
+    buf.clear();
+    bind_execute(&mut buf);
+    frontend::sync(&mut buf);
+    raw.s.write_all(&buf).await.unwrap();
+    let r = raw.until_ready().await;
+    assert_eq!((r.errors.as_slice(), r.status), (&[][..], 'I'), "{r:?}");
+    assert_eq!(r.values, vec![PRIMARY.to_string()]);
+    // And the session's statement still runs on its standby afterwards.
+    buf.clear();
+    bind_execute(&mut buf);
+    frontend::sync(&mut buf);
+    raw.s.write_all(&buf).await.unwrap();
+    let r = raw.until_ready().await;
+    assert_eq!(r.errors, Vec::<String>::new());
+    assert!(is_standby(&r.values[0]), "{r:?}");
+}
