@@ -329,3 +329,25 @@ per_round MACHINE 1
 # The plainest correction: only the rounds in which neither run was robbed.
 echo "per round, TPS x pgbouncer, rounds where both runs saw <= ${QUIET_STEAL:=5}% steal (median):"
 per_round RESULTS 0 "$QUIET_STEAL"
+# Whether a difference stands out of this machine's noise: the geometric mean
+# of the per-round TPS ratios with a 95% bootstrap interval. An interval that
+# holds 1 means the run cannot tell the target from PgBouncer; more rounds
+# narrow it (ROUNDS=15 gave about +-3% here).
+echo "per round, TPS x pgbouncer: geometric mean [95% bootstrap interval], rounds above 1:"
+for target in $TARGETS; do
+    [ "$target" = pgbouncer ] && continue
+    paste -d' ' <(echo "${RESULTS[$target]}" | tr ' ' '\n' | grep -v '^$') \
+        <(echo "${RESULTS[pgbouncer]}" | tr ' ' '\n' | grep -v '^$') |
+        python3 -c '
+import math, random, statistics, sys
+t = sys.argv[1]
+r = [a / b for a, b in (map(float, l.split()) for l in sys.stdin if l.strip())]
+if not r:
+    sys.exit(print(f"  {t:<17} (no rounds)"))
+logs = [math.log(x) for x in r]
+rng = random.Random(1)
+means = sorted(statistics.fmean(rng.choices(logs, k=len(logs))) for _ in range(10000))
+lo, hi = math.exp(means[250]), math.exp(means[9749])
+print(f"  {t:<17} {math.exp(statistics.fmean(logs)):.3f} [{lo:.3f}, {hi:.3f}]   {sum(x > 1 for x in r)}/{len(r)}")
+' "$target"
+done
