@@ -74,7 +74,10 @@ impl ToPgError for AuthError {
     fn to_pg_error(&self) -> PgError {
         match self {
             // The user name is added by the session, which knows it.
-            AuthError::Failed => PgError::fatal(INVALID_PASSWORD, "password authentication failed"),
+            // (A mismatched verifier is a node's answer to pgpilot, never a client's.)
+            AuthError::Failed | AuthError::VerifierMismatch => {
+                PgError::fatal(INVALID_PASSWORD, "password authentication failed")
+            }
             AuthError::Malformed(m) => PgError::fatal(
                 PROTOCOL_VIOLATION,
                 format!("malformed authentication message: {m}"),

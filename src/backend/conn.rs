@@ -18,6 +18,7 @@ use tokio::net::TcpStream;
 use tokio::time::timeout;
 
 use super::BackendError;
+use crate::protocol::auth::{ScramKeyClient, ScramKeys};
 use crate::protocol::frame::{ErrorFields, next_frame};
 use crate::protocol::{TxStatus, tag};
 
@@ -37,10 +38,22 @@ pub struct ConnectParams<'a> {
     pub startup: &'a [(String, String)],
     /// Password for the user, if the server asks for one.
     pub password: Option<&'a str>,
+    /// Without a password: the keys of the client's SCRAM login, for a server
+    /// that asks for SCRAM and stores the same verifier (pass-through).
+    pub scram_keys: Option<&'a ScramKeys>,
     /// TCP connect timeout.
     pub connect_timeout: Duration,
     /// Timeout for the whole authentication exchange.
     pub auth_timeout: Duration,
+}
+
+/// A SCRAM-SHA-256 login in progress: with the password, or with the keys
+/// of the client's own SCRAM login.
+enum Scram {
+    /// postgres-protocol's client, from the configured password.
+    Password(ScramSha256),
+    /// Pass-through: the client's proven keys.
+    Keys(ScramKeyClient),
 }
 
 /// A wall-clock time as milliseconds since the epoch (0 before it): how a
@@ -170,12 +183,12 @@ impl BackendConn {
         )
         .map_err(|source| BackendError::Io { node, source })?;
         self.send(&out).await?;
-        let mut scram: Option<ScramSha256> = None;
+        let mut scram: Option<Scram> = None;
         loop {
             let (t, body) = self.read_message().await?;
             match t {
                 tag::AUTHENTICATION => {
-                    let reply = self.answer_auth(&body, p.password, &mut scram)?;
+                    let reply = self.answer_auth(&body, p, &mut scram)?;
                     if let Some(reply) = reply {
                         self.send(&reply).await?;
                     }
@@ -215,9 +228,10 @@ impl BackendConn {
     fn answer_auth(
         &self,
         body: &[u8],
-        password: Option<&str>,
-        scram: &mut Option<ScramSha256>,
+        p: &ConnectParams<'_>,
+        scram: &mut Option<Scram>,
     ) -> Result<Option<BytesMut>, BackendError> {
+        let password = p.password;
         let node = self.node;
         if body.len() < 4 {
             return Err(BackendError::Protocol {
@@ -230,8 +244,13 @@ impl BackendConn {
         let need_password = || {
             password.ok_or_else(|| BackendError::Auth {
                 node,
-                message: "the server asks for a password but none is configured for this user"
-                    .into(),
+                message: if p.scram_keys.is_some() {
+                    "the server asks for an MD5 or cleartext password, but this user has only a \
+                     scram_verifier (which logs in to servers that ask for SCRAM-SHA-256)"
+                        .into()
+                } else {
+                    "the server asks for a password but none is configured for this user".into()
+                },
             })
         };
         let io = |source| BackendError::Io { node, source };
@@ -259,10 +278,21 @@ impl BackendConn {
                         message: "the server offers no supported SASL mechanism".into(),
                     });
                 }
-                let s =
-                    ScramSha256::new(need_password()?.as_bytes(), ChannelBinding::unsupported());
-                frontend::sasl_initial_response(SCRAM_SHA_256, s.message(), &mut out)
-                    .map_err(io)?;
+                let s = match (password, p.scram_keys) {
+                    (None, Some(keys)) => {
+                        let (client, first) = ScramKeyClient::new(keys.clone());
+                        frontend::sasl_initial_response(SCRAM_SHA_256, &first, &mut out)
+                            .map_err(io)?;
+                        Scram::Keys(client)
+                    }
+                    _ => {
+                        let password = need_password()?.as_bytes();
+                        let s = ScramSha256::new(password, ChannelBinding::unsupported());
+                        frontend::sasl_initial_response(SCRAM_SHA_256, s.message(), &mut out)
+                            .map_err(io)?;
+                        Scram::Password(s)
+                    }
+                };
                 *scram = Some(s);
             }
             11 => {
@@ -270,18 +300,33 @@ impl BackendConn {
                     node,
                     message: "SASL continue without SASL start".into(),
                 })?;
-                s.update(data).map_err(|e| BackendError::Auth {
+                let scram_error = |message: String| BackendError::Auth {
                     node,
-                    message: format!("SCRAM: {e}"),
-                })?;
-                frontend::sasl_response(s.message(), &mut out).map_err(io)?;
+                    message: format!("SCRAM: {message}"),
+                };
+                match s {
+                    Scram::Password(s) => {
+                        s.update(data).map_err(|e| scram_error(e.to_string()))?;
+                        frontend::sasl_response(s.message(), &mut out).map_err(io)?;
+                    }
+                    Scram::Keys(c) => {
+                        let last = c
+                            .server_first(data)
+                            .map_err(|e| scram_error(e.to_string()))?;
+                        frontend::sasl_response(&last, &mut out).map_err(io)?;
+                    }
+                }
             }
             12 => {
                 let s = scram.as_mut().ok_or(BackendError::Protocol {
                     node,
                     message: "SASL final without SASL start".into(),
                 })?;
-                s.finish(data).map_err(|e| BackendError::Auth {
+                let checked = match s {
+                    Scram::Password(s) => s.finish(data).map_err(|e| e.to_string()),
+                    Scram::Keys(c) => c.server_final(data).map_err(|e| e.to_string()),
+                };
+                checked.map_err(|e| BackendError::Auth {
                     node,
                     message: format!("SCRAM server signature: {e}"),
                 })?;

@@ -21,6 +21,7 @@ use tokio::sync::oneshot;
 use super::BackendError;
 use super::conn::{BackendConn, ConnectParams};
 use crate::cluster::Cluster;
+use crate::protocol::auth::ScramKeys;
 
 /// A connection given back less than this long ago is handed out again
 /// without the liveness check (a non-blocking peek, one system call): under
@@ -228,6 +229,8 @@ pub struct AcquireSettings<'a> {
     pub port: u16,
     /// Password for the user.
     pub password: Option<&'a str>,
+    /// Without a password: the keys of the client's SCRAM login.
+    pub scram_keys: Option<&'a ScramKeys>,
     /// Per-node cap.
     pub max_per_node: usize,
     /// How long to wait for a slot.
@@ -329,6 +332,7 @@ impl Pool {
             port: s.port,
             startup: &key.startup,
             password: s.password,
+            scram_keys: s.scram_keys,
             connect_timeout: s.connect_timeout,
             auth_timeout: s.auth_timeout,
         };

@@ -2,7 +2,10 @@
 //! PostgreSQL uses it, without channel binding) and MD5.
 //!
 //! The client side (pgpilot logging in to a PostgreSQL node) lives in
-//! `backend::conn` and uses `postgres-protocol`.
+//! `backend::conn` and uses `postgres-protocol` when pgpilot has the user's
+//! password. For a user configured with only a SCRAM verifier, a client's
+//! SCRAM login to pgpilot yields the keys ([`ScramKeys`]) that log in to a node
+//! storing the same verifier, and [`ScramKeyClient`] does that exchange.
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
@@ -24,6 +27,12 @@ pub enum AuthError {
     /// The client sent something that is not a valid SASL/password message.
     #[error("malformed authentication message: {0}")]
     Malformed(&'static str),
+    /// A node announced another salt or iteration count than the verifier the
+    /// keys came from: it stores another verifier for the user.
+    #[error(
+        "the server's SCRAM verifier for this user differs from the configured scram_verifier (salt or iteration count); copy it from pg_authid.rolpassword"
+    )]
+    VerifierMismatch,
 }
 
 /// A parsed SCRAM-SHA-256 verifier (`SCRAM-SHA-256$iter:salt$StoredKey:ServerKey`).
@@ -102,10 +111,113 @@ fn ct_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
+/// What a client's SCRAM-SHA-256 login proved: its ClientKey, with the
+/// verifier it matched. A server that stores the same verifier for the user
+/// accepts a login with these keys (SCRAM pass-through), no password needed.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ScramKeys {
+    /// The client's ClientKey (H(ClientKey) is the verifier's StoredKey).
+    pub client_key: [u8; 32],
+    /// The verifier the login matched: its salt and iteration count must be
+    /// what the server announces, its ServerKey checks the server.
+    pub verifier: ScramVerifier,
+}
+
+impl std::fmt::Debug for ScramKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print key material.
+        write!(f, "ScramKeys({:?})", self.verifier)
+    }
+}
+
+/// Client state of one SCRAM-SHA-256 login with [`ScramKeys`] instead of a
+/// password.
+pub struct ScramKeyClient {
+    /// The keys that make the proof.
+    keys: ScramKeys,
+    /// Our nonce; the server's extends it.
+    nonce: String,
+    /// `client-first-message-bare`, part of the signed AuthMessage.
+    client_first_bare: String,
+    /// The AuthMessage, once the server-first message is seen.
+    auth_message: String,
+}
+
+impl ScramKeyClient {
+    /// Start a login; also returns the client-first message (for
+    /// SASLInitialResponse).
+    pub fn new(keys: ScramKeys) -> (ScramKeyClient, Vec<u8>) {
+        let mut raw = [0u8; 18];
+        rand::fill(&mut raw);
+        let nonce = B64.encode(raw);
+        // PostgreSQL takes the user from the startup packet, not from `n=`.
+        let client_first_bare = format!("n=,r={nonce}");
+        let first = format!("n,,{client_first_bare}").into_bytes();
+        let client = ScramKeyClient {
+            keys,
+            nonce,
+            client_first_bare,
+            auth_message: String::new(),
+        };
+        (client, first)
+    }
+
+    /// Handle the server-first message; returns the client-final message.
+    pub fn server_first(&mut self, data: &[u8]) -> Result<Vec<u8>, AuthError> {
+        let msg = std::str::from_utf8(data).map_err(|_| AuthError::Malformed("not UTF-8"))?;
+        let (mut nonce, mut salt, mut iterations) = (None, None, None);
+        for attr in msg.split(',') {
+            if let Some(v) = attr.strip_prefix("r=") {
+                nonce = Some(v);
+            } else if let Some(v) = attr.strip_prefix("s=") {
+                salt = B64.decode(v).ok();
+            } else if let Some(v) = attr.strip_prefix("i=") {
+                iterations = v.parse::<u32>().ok();
+            }
+        }
+        let nonce = nonce
+            .filter(|n| n.len() > self.nonce.len() && n.starts_with(&self.nonce))
+            .ok_or(AuthError::Malformed("server nonce does not extend ours"))?;
+        let (salt, iterations) = salt
+            .zip(iterations)
+            .ok_or(AuthError::Malformed("no salt or iteration count"))?;
+        let v = &self.keys.verifier;
+        if salt != v.salt || iterations != v.iterations {
+            return Err(AuthError::VerifierMismatch);
+        }
+        // "biws" is base64("n,,"): no channel binding.
+        let without_proof = format!("c=biws,r={nonce}");
+        self.auth_message = format!("{},{msg},{without_proof}", self.client_first_bare);
+        let signature = hmac(&v.stored_key, self.auth_message.as_bytes());
+        let mut proof = self.keys.client_key;
+        for (p, s) in proof.iter_mut().zip(signature) {
+            *p ^= s;
+        }
+        Ok(format!("{without_proof},p={}", B64.encode(proof)).into_bytes())
+    }
+
+    /// Check the server-final message: the server holds the verifier.
+    pub fn server_final(&self, data: &[u8]) -> Result<(), AuthError> {
+        let msg = std::str::from_utf8(data).map_err(|_| AuthError::Malformed("not UTF-8"))?;
+        let signature = msg
+            .split(',')
+            .find_map(|a| a.strip_prefix("v="))
+            .and_then(|v| B64.decode(v).ok())
+            .ok_or(AuthError::Malformed("no server signature"))?;
+        let expected = hmac(&self.keys.verifier.server_key, self.auth_message.as_bytes());
+        if self.auth_message.is_empty() || !ct_eq(&signature, &expected) {
+            return Err(AuthError::Failed);
+        }
+        Ok(())
+    }
+}
+
 /// Server state of one SCRAM-SHA-256 exchange.
 pub struct ScramServer {
     /// The verifier the proof is checked against.
     verifier: ScramVerifier,
+    /// The client's key, once its proof verified.
+    client_key: Option<[u8; 32]>,
     /// Combined client+server nonce, once the first message is seen.
     nonce: String,
     /// `client-first-message-bare`, part of the signed AuthMessage.
@@ -121,6 +233,7 @@ impl ScramServer {
     pub fn new(verifier: ScramVerifier) -> ScramServer {
         ScramServer {
             verifier,
+            client_key: None,
             nonce: String::new(),
             client_first_bare: String::new(),
             server_first: String::new(),
@@ -211,8 +324,17 @@ impl ScramServer {
         if !ct_eq(&sha256(&client_key), &self.verifier.stored_key) {
             return Err(AuthError::Failed);
         }
+        self.client_key = Some(client_key);
         let server_signature = hmac(&self.verifier.server_key, auth_message.as_bytes());
         Ok(format!("v={}", B64.encode(server_signature)).into_bytes())
+    }
+
+    /// What the client proved, once [`ScramServer::client_final`] succeeded.
+    pub fn proven_keys(&self) -> Option<ScramKeys> {
+        self.client_key.map(|client_key| ScramKeys {
+            client_key,
+            verifier: self.verifier.clone(),
+        })
     }
 }
 
@@ -267,6 +389,46 @@ mod tests {
         assert_eq!(exchange(v, "wrong"), Err(AuthError::Failed));
         let mock = ScramVerifier::mock("nobody", b"k");
         assert_eq!(exchange(mock, ""), Err(AuthError::Failed));
+    }
+
+    #[test]
+    fn proven_keys_log_in_to_a_server_with_the_same_verifier_only() {
+        let v = ScramVerifier::from_password("secret");
+        // A client logs in to pgpilot with the password…
+        let mut client = ScramSha256::new(b"secret", ChannelBinding::unsupported());
+        let mut server = ScramServer::new(v.clone());
+        let mut initial = b"SCRAM-SHA-256\0".to_vec();
+        initial.extend_from_slice(&(client.message().len() as i32).to_be_bytes());
+        initial.extend_from_slice(client.message());
+        client
+            .update(&server.client_first(&initial).unwrap())
+            .unwrap();
+        assert_eq!(server.proven_keys(), None);
+        server.client_final(client.message()).unwrap();
+        let keys = server.proven_keys().expect("keys after a good proof");
+        // …and pgpilot logs in with its keys to a node storing that verifier.
+        let login = |verifier: ScramVerifier, keys: ScramKeys| {
+            let (mut c, first) = ScramKeyClient::new(keys);
+            let mut node = ScramServer::new(verifier);
+            let mut initial = b"SCRAM-SHA-256\0".to_vec();
+            initial.extend_from_slice(&(first.len() as i32).to_be_bytes());
+            initial.extend_from_slice(&first);
+            let last = c.server_first(&node.client_first(&initial)?)?;
+            c.server_final(&node.client_final(&last)?)
+        };
+        assert_eq!(login(v.clone(), keys.clone()), Ok(()));
+        // Another verifier of the same password (another salt) is told apart.
+        let other = ScramVerifier::from_password("secret");
+        assert_eq!(login(other, keys.clone()), Err(AuthError::VerifierMismatch));
+        // Wrong keys, or a server that does not hold the verifier, fail.
+        let mut wrong = keys.clone();
+        wrong.client_key[0] ^= 1;
+        assert_eq!(login(v.clone(), wrong), Err(AuthError::Failed));
+        let impostor = ScramVerifier {
+            server_key: [7; 32],
+            ..v.clone()
+        };
+        assert_eq!(login(impostor, keys), Err(AuthError::Failed));
     }
 
     #[test]

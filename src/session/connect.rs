@@ -66,6 +66,7 @@ impl Session {
                 .cfg
                 .user(&self.user)
                 .and_then(|u| u.password.as_deref()),
+            scram_keys: self.scram_keys.as_ref(),
             max_per_node: self.cfg.pool.max_connections_per_node,
             acquire_timeout: self.cfg.pool.acquire_timeout,
             connect_timeout: self.cfg.timeouts.connect,

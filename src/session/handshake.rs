@@ -12,7 +12,9 @@ use tokio::net::TcpStream;
 use crate::config::{AuthMethod, Config};
 use crate::error::ToPgError;
 use crate::error::sqlstate::*;
-use crate::protocol::auth::{AuthError, ScramServer, ScramVerifier, md5_check, md5_stored};
+use crate::protocol::auth::{
+    AuthError, ScramKeys, ScramServer, ScramVerifier, md5_check, md5_stored,
+};
 use crate::protocol::frame::next_frame;
 use crate::protocol::messages::{self, PgError};
 use crate::protocol::startup::{InitialPacket, MAX_STARTUP_PACKET, StartupMessage, parse_initial};
@@ -113,18 +115,20 @@ fn map_auth(e: AuthError, user: &str) -> PgError {
 
 /// Authenticate `user` per its configured method. On success nothing has been
 /// written yet beyond the exchange itself; the caller sends AuthenticationOk.
+/// A SCRAM login returns what it proved: the keys log in to nodes for a user
+/// configured without a password.
 pub async fn authenticate(
     stream: &mut TcpStream,
     config: &Config,
     user: &str,
     server_secret: &[u8],
-) -> Result<(), PgError> {
+) -> Result<Option<ScramKeys>, PgError> {
     let mut inbuf = BytesMut::new();
     let mut out = BytesMut::new();
     let known = config.user(user);
     let method = known.map(|u| u.auth).unwrap_or(AuthMethod::ScramSha256);
     match method {
-        AuthMethod::Trust => Ok(()),
+        AuthMethod::Trust => Ok(None),
         AuthMethod::Md5 => {
             let stored = known
                 .and_then(|u| u.password.as_deref())
@@ -135,7 +139,7 @@ pub async fn authenticate(
             stream.write_all(&out).await.map_err(io_err)?;
             let body = read_password_message(stream, &mut inbuf).await?;
             if known.is_some() && md5_check(&stored, salt, &body) {
-                Ok(())
+                Ok(None)
             } else {
                 Err(failed(user))
             }
@@ -160,7 +164,7 @@ pub async fn authenticate(
             }
             messages::auth_sasl_final(&mut out, &server_final);
             stream.write_all(&out).await.map_err(io_err)?;
-            Ok(())
+            Ok(scram.proven_keys())
         }
     }
 }

@@ -137,8 +137,8 @@ pub async fn serve(ctx: Arc<ProxyContext>, mut stream: TcpStream) {
         out.clear();
     }
     let auth = handshake::authenticate(&mut stream, &cfg, &user, &ctx.server_secret);
-    match timeout(cfg.timeouts.auth, auth).await {
-        Ok(Ok(())) => {}
+    let scram_keys = match timeout(cfg.timeouts.auth, auth).await {
+        Ok(Ok(keys)) => keys,
         Ok(Err(e)) => {
             tracing::info!(user = %user, code = %e.code, "client authentication failed");
             return send_fatal(&mut stream, &e, &cfg).await;
@@ -147,9 +147,10 @@ pub async fn serve(ctx: Arc<ProxyContext>, mut stream: TcpStream) {
             let e = PgError::fatal(PROTOCOL_VIOLATION, "authentication timed out");
             return send_fatal(&mut stream, &e, &cfg).await;
         }
-    }
+    };
     messages::auth_ok(&mut out);
     let mut session = Session::new(ctx, cfg, stream, user, &startup, slot);
+    session.scram_keys = scram_keys;
     session.run(out, &startup).await;
 }
 
@@ -181,6 +182,9 @@ struct Session {
     to_client: Outbox,
     /// Role name from the startup packet.
     user: String,
+    /// What the client's SCRAM login proved: how pgpilot logs in to nodes as
+    /// this user when its config has a `scram_verifier` but no `password`.
+    scram_keys: Option<crate::protocol::auth::ScramKeys>,
     /// Database from the startup packet (defaults to the user name).
     database: String,
     /// The pool key of each node for this session: user, database and the
@@ -322,6 +326,7 @@ impl Session {
             cbuf: BytesMut::with_capacity(16 * 1024),
             to_client: Outbox::default(),
             user,
+            scram_keys: None,
             database,
             key_pid,
             key_secret,
