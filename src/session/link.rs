@@ -222,26 +222,7 @@ impl Link {
                     self.rolled_back |= tag == b"ROLLBACK";
                 }
                 BackendEvent::Error { fatal, sqlstate } => {
-                    metrics.server_error(&sqlstate);
-                    let severity = if fatal {
-                        ErrorSeverity::Fatal
-                    } else {
-                        ErrorSeverity::Error
-                    };
-                    metrics.node_error(node, severity);
-                    self.saw_fatal |= fatal;
-                    self.batch_error = true;
-                    // The server skips the rest of the request: its Parses never complete.
-                    let current = self.received + 1;
-                    while self.parses.front().is_some_and(|p| p.request == current) {
-                        if let Some(p) = self.parses.pop_front() {
-                            self.parse_failed(p.name, done);
-                        }
-                    }
-                    // Its Closes are skipped too: their statements stay as they were.
-                    while self.closes.front().is_some_and(|(k, _)| *k == current) {
-                        self.closes.pop_front();
-                    }
+                    self.on_error(fatal, &sqlstate, done, metrics);
                 }
                 BackendEvent::ParseComplete => {
                     if let Some(p) = self.parses.pop_front()
@@ -260,12 +241,7 @@ impl Link {
                     done.push(Done::ParamChanged);
                 }
                 BackendEvent::CopyStarted(crate::protocol::tag::COPY_IN_RESPONSE) => {
-                    // Syncs the client sent after the COPY's Execute are ignored by
-                    // the server while it reads COPY data: no ReadyForQuery for them.
-                    let ignored = std::mem::take(&mut self.syncs_since_execute);
-                    self.outstanding = self.outstanding.saturating_sub(ignored);
-                    self.sent -= ignored as u64;
-                    self.copy_in = true;
+                    self.on_copy_in();
                 }
                 BackendEvent::CopyStarted(_) => {}
             }
@@ -277,6 +253,52 @@ impl Link {
             bytes::Buf::advance(&mut self.conn.buf, n);
         }
         Ok(())
+    }
+
+    /// The request being answered reported an error (rare: kept out of the
+    /// scan loop's code).
+    #[cold]
+    #[inline(never)]
+    fn on_error(
+        &mut self,
+        fatal: bool,
+        sqlstate: &[u8; 5],
+        done: &mut Vec<Done>,
+        metrics: &Metrics,
+    ) {
+        let node = self.conn.node;
+        metrics.server_error(sqlstate);
+        let severity = if fatal {
+            ErrorSeverity::Fatal
+        } else {
+            ErrorSeverity::Error
+        };
+        metrics.node_error(node, severity);
+        self.saw_fatal |= fatal;
+        self.batch_error = true;
+        // The server skips the rest of the request: its Parses never complete.
+        let current = self.received + 1;
+        while self.parses.front().is_some_and(|p| p.request == current) {
+            if let Some(p) = self.parses.pop_front() {
+                self.parse_failed(p.name, done);
+            }
+        }
+        // Its Closes are skipped too: their statements stay as they were.
+        while self.closes.front().is_some_and(|(k, _)| *k == current) {
+            self.closes.pop_front();
+        }
+    }
+
+    /// The server entered COPY FROM STDIN mode.
+    #[cold]
+    #[inline(never)]
+    fn on_copy_in(&mut self) {
+        // Syncs the client sent after the COPY's Execute are ignored by the
+        // server while it reads COPY data: no ReadyForQuery for them.
+        let ignored = std::mem::take(&mut self.syncs_since_execute);
+        self.outstanding = self.outstanding.saturating_sub(ignored);
+        self.sent -= ignored as u64;
+        self.copy_in = true;
     }
 
     /// A Parse failed: its statement does not exist here (a failed unnamed

@@ -238,6 +238,8 @@ impl Session {
     }
 
     /// Start a local batch that only reports the aborted transaction.
+    #[cold]
+    #[inline(never)]
     pub(super) fn start_refused_batch(&mut self) -> Result<(), SessionError> {
         self.local.failed = true;
         self.refuse_in_aborted_tx(false)
@@ -250,6 +252,8 @@ impl Session {
     }
 
     /// Answer a simple Query carrying `cmd`: result (or error), ReadyForQuery.
+    #[cold]
+    #[inline(never)]
     pub(super) fn answer_local_query(&mut self, cmd: &LocalCommand) -> Result<(), SessionError> {
         let mut out = BytesMut::new();
         match self.run_local(cmd) {
@@ -265,6 +269,7 @@ impl Session {
     }
 
     /// Whether an extended batch starting with this message is for pgpilot itself.
+    #[inline(never)]
     pub(super) fn starts_local_batch(&self, t: u8, body: &[u8]) -> bool {
         match t {
             tag::PARSE => {
@@ -289,6 +294,8 @@ impl Session {
     }
 
     /// Answer one message of a local extended batch.
+    #[cold]
+    #[inline(never)]
     pub(super) fn local_extended(&mut self, t: u8, frame: &[u8]) -> Result<(), SessionError> {
         let body = &frame[5..];
         let mut out = BytesMut::new();

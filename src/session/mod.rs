@@ -462,18 +462,7 @@ impl Session {
                         self.apply_effects(node, *e);
                     }
                 }
-                Done::ParseFailed(name) => {
-                    if let Some(l) = self.links[node].as_mut() {
-                        l.statements.remove(&name);
-                    }
-                    if let Some(state::Stmt {
-                        source: state::StmtSource::Parse(_),
-                        ..
-                    }) = self.state.stmts.get(&name)
-                    {
-                        self.state.stmts.remove(&name);
-                    }
-                }
+                Done::ParseFailed(name) => self.parse_failed(node, &name),
                 Done::ParamChanged => self.dirty = true,
                 Done::Answered { since } => {
                     let took = self.clock.now().saturating_duration_since(since);
@@ -524,7 +513,24 @@ impl Session {
         self.done = done;
     }
 
+    /// A client's Parse of `name` failed on `node`: the statement does not exist.
+    #[cold]
+    #[inline(never)]
+    fn parse_failed(&mut self, node: usize, name: &[u8]) {
+        if let Some(l) = self.links[node].as_mut() {
+            l.statements.remove(name);
+        }
+        if let Some(state::Stmt {
+            source: state::StmtSource::Parse(_),
+            ..
+        }) = self.state.stmts.get(name)
+        {
+            self.state.stmts.remove(name);
+        }
+    }
+
     /// A request's effects, confirmed by the server.
+    #[inline(never)]
     fn apply_effects(&mut self, node: usize, e: state::Effects) {
         use crate::router::classify::TxControl;
         let c = &e.class;

@@ -344,6 +344,7 @@ impl Session {
 
     /// The node for an extended-protocol batch starting at the front of `rest`,
     /// judged on every message of the batch already received.
+    #[inline(never)]
     fn plan_batch(&mut self, rest: &[u8]) -> Result<Planned, SessionError> {
         let max = self.cfg.max_message_size;
         let mut classes: Vec<Arc<Classification>> = Vec::new();
@@ -451,6 +452,8 @@ impl Session {
 
     /// Whether an extended batch starting with this message rolls the aborted
     /// transaction back (ROLLBACK or ROLLBACK TO SAVEPOINT), so it may proceed.
+    #[cold]
+    #[inline(never)]
     fn batch_ends_aborted_tx(&self, t: u8, body: &[u8]) -> bool {
         let query: &[u8] = match t {
             tag::PARSE => parse_fields(body).1,

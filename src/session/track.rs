@@ -103,6 +103,7 @@ impl Session {
     /// The same for an extended-protocol batch starting at the front of
     /// `rest`: whether one of its Binds runs such a `SET TRANSACTION` (parsed
     /// in the batch or before).
+    #[inline(never)]
     pub(super) fn batch_moves_fresh_tx(&self, rest: &[u8]) -> bool {
         if self.fresh_tx_begin.is_none() || !self.in_tx {
             return false;
@@ -142,6 +143,7 @@ impl Session {
     }
 
     /// Bookkeeping for one extended-protocol message sent to `node`.
+    #[inline(never)]
     pub(super) fn track_extended(
         &mut self,
         node: usize,
