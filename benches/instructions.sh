@@ -16,7 +16,8 @@
 #
 #   benches/instructions.sh              # 16 clients, T1=200, T2=1200
 #   CLIENTS=4 T2=3000 benches/instructions.sh
-#   KEEP=/tmp/cg benches/instructions.sh  # keep callgrind's files (callgrind_annotate)
+#   KEEP=/tmp/cg benches/instructions.sh  # keep callgrind's files (callgrind_annotate,
+#                                          # e.g. --show=I1mr --sort=I1mr for cache misses)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -86,12 +87,12 @@ total() { # target transactions_per_client -> instructions of the proxy process
     case $1 in
         pgbouncer)
             if [ "$(id -u)" = 0 ]; then
-                setsid runuser -u postgres -- valgrind --tool=callgrind --callgrind-out-file="$out" pgbouncer "$WORK/pgbouncer.ini" >"$WORK/vg.log" 2>&1 &
+                setsid runuser -u postgres -- valgrind --tool=callgrind --cache-sim=yes --callgrind-out-file="$out" pgbouncer "$WORK/pgbouncer.ini" >"$WORK/vg.log" 2>&1 &
             else
-                setsid valgrind --tool=callgrind --callgrind-out-file="$out" pgbouncer "$WORK/pgbouncer.ini" >"$WORK/vg.log" 2>&1 &
+                setsid valgrind --tool=callgrind --cache-sim=yes --callgrind-out-file="$out" pgbouncer "$WORK/pgbouncer.ini" >"$WORK/vg.log" 2>&1 &
             fi ;;
-        pgpilot-primary) PGPILOT_LOG=warn setsid valgrind --tool=callgrind --callgrind-out-file="$out" ./target/release/pgpilot run --config "$WORK/session.toml" >"$WORK/vg.log" 2>&1 & ;;
-        pgpilot-tx) PGPILOT_LOG=warn setsid valgrind --tool=callgrind --callgrind-out-file="$out" ./target/release/pgpilot run --config "$WORK/transaction.toml" >"$WORK/vg.log" 2>&1 & ;;
+        pgpilot-primary) PGPILOT_LOG=warn setsid valgrind --tool=callgrind --cache-sim=yes --callgrind-out-file="$out" ./target/release/pgpilot run --config "$WORK/session.toml" >"$WORK/vg.log" 2>&1 & ;;
+        pgpilot-tx) PGPILOT_LOG=warn setsid valgrind --tool=callgrind --cache-sim=yes --callgrind-out-file="$out" ./target/release/pgpilot run --config "$WORK/transaction.toml" >"$WORK/vg.log" 2>&1 & ;;
     esac
     for _ in $(seq 1 300); do (echo >"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null && break; sleep 0.2; done
     "$PGBIN/pgbench" -S -M simple -c "$CLIENTS" -j 1 -t "$2" -h 127.0.0.1 -p "$PORT" -U demo demo >"$WORK/pgbench.log" 2>&1 ||
@@ -100,22 +101,26 @@ total() { # target transactions_per_client -> instructions of the proxy process
     pkill -INT -f "callgrind-out-file=$out"
     for _ in $(seq 1 300); do pgrep -f "callgrind-out-file=$out" >/dev/null || break; sleep 0.2; done
     if [ -n "${KEEP:-}" ]; then mkdir -p "$KEEP" && cp "$out" "$KEEP/"; fi
-    sed -n 's/^\(summary\|totals\): *\([0-9]*\).*/\2/p' "$out" | head -1
+    # Instructions and simulated L1 instruction-cache misses (events Ir, I1mr).
+    awk '/^(summary|totals):/ { print $2, $5; exit }' "$out"
 }
 
-declare -A PER_TX
+declare -A PER_TX MISSES
 for target in $TARGETS; do
-    a=$(total "$target" "$T1")
-    b=$(total "$target" "$T2")
+    read -r a ma <<<"$(total "$target" "$T1")"
+    read -r b mb <<<"$(total "$target" "$T2")"
     PER_TX[$target]=$(( (b - a) / (CLIENTS * (T2 - T1)) ))
+    MISSES[$target]=$(awk -v a="$ma" -v b="$mb" -v n=$((CLIENTS * (T2 - T1))) 'BEGIN { printf "%.1f", (b - a) / n }')
     echo "$target: $a instructions for $T1 transactions per client, $b for $T2: ${PER_TX[$target]} per transaction"
 done
 echo
-echo "pgbench -S -M simple -c $CLIENTS, userland instructions per transaction (callgrind):"
+# The L1i misses are callgrind's simulation of this CPU's instruction cache
+# for the proxy alone (no other process evicts its code): they show whether
+# the per-transaction code fits the cache, not real miss counts.
+echo "pgbench -S -M simple -c $CLIENTS, userland instructions and simulated L1i misses per transaction (callgrind):"
 for target in $TARGETS; do
-    if [ -n "${PER_TX[pgbouncer]:-}" ]; then
-        awk -v t="$target" -v n="${PER_TX[$target]}" -v b="${PER_TX[pgbouncer]}" 'BEGIN { printf "  %-16s %7d   %.2f x pgbouncer\n", t, n, n / b }'
-    else
-        printf '  %-16s %7d\n' "$target" "${PER_TX[$target]}"
-    fi
+    awk -v t="$target" -v n="${PER_TX[$target]}" -v b="${PER_TX[pgbouncer]:-0}" -v m="${MISSES[$target]}" 'BEGIN {
+        printf "  %-16s %7d", t, n
+        if (b > 0) printf "   %.2f x pgbouncer", n / b
+        printf "   L1i misses %6.1f\n", m }'
 done
