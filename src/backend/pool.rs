@@ -165,6 +165,23 @@ struct NodePool {
     opened_total: AtomicU64,
 }
 
+/// Keep `conn` idle under its key, the most recently used last.
+fn keep_idle(st: &mut NodeState, mut conn: PooledConn) {
+    match st.idle.entry(conn.key.clone()) {
+        std::collections::hash_map::Entry::Occupied(mut e) => {
+            // Share the pool's copy of the parameters: the next comparisons
+            // are a pointer comparison.
+            if !Arc::ptr_eq(&e.key().startup, &conn.key.startup) {
+                conn.key = e.key().clone();
+            }
+            e.get_mut().push(conn);
+        }
+        std::collections::hash_map::Entry::Vacant(e) => {
+            e.insert(vec![conn]);
+        }
+    }
+}
+
 impl NodePool {
     fn lock(&self) -> MutexGuard<'_, NodeState> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
@@ -373,6 +390,18 @@ impl Pool {
         };
         conn.last_used = now;
         let mut st = np.lock();
+        if st.waiters.is_empty() {
+            keep_idle(&mut st, conn);
+        } else {
+            self.hand_over(st, conn, now);
+        }
+    }
+
+    /// [`Pool::put_idle`] while sessions wait (rare, and kept out of the
+    /// common path's code).
+    #[cold]
+    #[inline(never)]
+    fn hand_over(&self, mut st: MutexGuard<'_, NodeState>, conn: PooledConn, now: Instant) {
         st.waiters.retain(|w| !w.tx.is_closed());
         if let Some(i) = st.waiters.iter().position(|w| w.key == conn.key) {
             let waiter = st.waiters.remove(i);
@@ -392,19 +421,7 @@ impl Pool {
             drop(conn);
             return;
         }
-        match st.idle.entry(conn.key.clone()) {
-            std::collections::hash_map::Entry::Occupied(mut e) => {
-                // Share the pool's copy of the parameters: the next
-                // comparisons are a pointer comparison.
-                if !Arc::ptr_eq(&e.key().startup, &conn.key.startup) {
-                    conn.key = e.key().clone();
-                }
-                e.get_mut().push(conn);
-            }
-            std::collections::hash_map::Entry::Vacant(e) => {
-                e.insert(vec![conn]);
-            }
-        }
+        keep_idle(&mut st, conn);
     }
 
     /// Close idle connections unused for longer than `idle_timeout`. Returns how many.

@@ -76,6 +76,9 @@ impl Session {
     /// in the same clean context) as there: no Parse needed. The unnamed one
     /// only by identity ([`Session::recognise_unnamed`]).
     pub(super) fn recognise_statements(&mut self, node: usize, needs: &Needs) {
+        if needs.names.is_empty() && needs.ahead.is_empty() {
+            return;
+        }
         if needs.names.iter().any(|n| n.is_empty()) {
             self.recognise_unnamed(node);
         }
