@@ -14,7 +14,8 @@
 #   pgpilot         - this proxy with routing on: reads spread over the standbys
 # interleaved for ROUNDS rounds; prints the median TPS of each, its ratio to
 # direct and to PgBouncer, the proxy's CPU per transaction and PostgreSQL's
-# (all server processes, reaped connections included). Everything runs on
+# (all server processes, reaped connections included), and the per-round
+# ratios to PgBouncer with their geometric mean and a 95% bootstrap interval. Everything runs on
 # loopback; the cluster is `pgpilot demo`'s (real PostgreSQL, primary + 2
 # streaming standbys in a temp dir), removed at the end. Every pgpilot and
 # PgBouncer get one thread (WORKERS=1), as PgBouncer has.
