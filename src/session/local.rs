@@ -78,13 +78,25 @@ const PGPOOL: u64 = pack(b"pgpool");
 const ATTACH: u64 = pack(b"attach");
 const DETACH: u64 = pack(b"detach");
 const PROMOTE: u64 = pack(b"promote");
-/// The first three letters of each of those words (`SET` is one already).
-const SHO: u64 = pack(b"sho");
-const RES: u64 = pack(b"res");
-const PGP: u64 = pack(b"pgp");
-const ATT: u64 = pack(b"att");
-const DET: u64 = pack(b"det");
-const PRO: u64 = pack(b"pro");
+/// The first three letters of each of those words, derived from them.
+const PREFIXES: [u64; 7] = [
+    first3(SHOW),
+    first3(SET),
+    first3(RESET),
+    first3(PGPOOL),
+    first3(ATTACH),
+    first3(DETACH),
+    first3(PROMOTE),
+];
+
+/// The first three letters of a [`pack`]ed word (its letters are non-zero
+/// bytes, the first the most significant).
+const fn first3(mut code: u64) -> u64 {
+    while code >= 1 << 24 {
+        code >>= 8;
+    }
+    code
+}
 
 /// The statement's first word ([`pack`]ed) if it may start a local command:
 /// the run of ASCII letters after leading whitespace. `None` when there is
@@ -93,10 +105,7 @@ const PRO: u64 = pack(b"pro");
 fn first_word(sql: &[u8]) -> Option<u64> {
     let start = sql.iter().position(|b| !b.is_ascii_whitespace())?;
     let rest = &sql[start..];
-    if !matches!(
-        pack(rest.get(..3).unwrap_or(rest)),
-        SHO | SET | RES | PGP | ATT | DET | PRO
-    ) {
+    if !PREFIXES.contains(&pack(rest.get(..3).unwrap_or(rest))) {
         return None;
     }
     // Nine letters (or more) make no local command.
