@@ -345,11 +345,16 @@ impl Raw {
 
 /// Parse, Bind and Execute of `sql` (unnamed statement and portal, no parameters).
 fn parse_bind_execute(sql: &str, buf: &mut bytes::BytesMut) {
+    postgres_protocol::message::frontend::parse("", sql, std::iter::empty(), buf).unwrap();
+    bind_execute("", buf);
+}
+
+/// Bind and Execute of statement `name` (unnamed portal, no parameters).
+fn bind_execute(name: &str, buf: &mut bytes::BytesMut) {
     use postgres_protocol::message::frontend;
-    frontend::parse("", sql, std::iter::empty(), buf).unwrap();
     frontend::bind(
         "",
-        "",
+        name,
         std::iter::empty(),
         std::iter::empty::<Option<&[u8]>>(),
         |_, _| Ok(postgres_protocol::IsNull::Yes),

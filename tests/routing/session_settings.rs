@@ -450,22 +450,8 @@ async fn a_batch_split_across_reads_binds_a_statement_prepared_on_another_node()
     raw.s.write_all(&buf).await.unwrap();
     let r = raw.until_ready().await;
     assert_eq!((r.errors.as_slice(), r.status), (&[][..], 'I'), "{r:?}");
-    let bind_execute = |buf: &mut bytes::BytesMut| {
-        frontend::bind(
-            "",
-            "split_s",
-            std::iter::empty(),
-            std::iter::empty::<Option<&[u8]>>(),
-            |_, _| Ok(postgres_protocol::IsNull::Yes),
-            std::iter::empty(),
-            buf,
-        )
-        .map_err(|_| "bind")
-        .unwrap();
-        frontend::execute("", 0, buf).unwrap();
-    };
     buf.clear();
-    bind_execute(&mut buf);
+    bind_execute("split_s", &mut buf);
     frontend::sync(&mut buf);
     raw.s.write_all(&buf).await.unwrap();
     let r = raw.until_ready().await;
@@ -488,7 +474,7 @@ async fn a_batch_split_across_reads_binds_a_statement_prepared_on_another_node()
     }
     assert_eq!(first, vec![PRIMARY.to_string()]);
     buf.clear();
-    bind_execute(&mut buf);
+    bind_execute("split_s", &mut buf);
     frontend::sync(&mut buf);
     raw.s.write_all(&buf).await.unwrap();
     let r = raw.until_ready().await;
@@ -496,7 +482,7 @@ async fn a_batch_split_across_reads_binds_a_statement_prepared_on_another_node()
     assert_eq!(r.values, vec![PRIMARY.to_string()]);
     // And the session's statement still runs on its standby afterwards.
     buf.clear();
-    bind_execute(&mut buf);
+    bind_execute("split_s", &mut buf);
     frontend::sync(&mut buf);
     raw.s.write_all(&buf).await.unwrap();
     let r = raw.until_ready().await;
