@@ -69,18 +69,7 @@ STANDBY2_PORT=$(node_port 2)
 # The same proxy with read routing off, in front of the same cluster, pooling
 # per session and per transaction.
 start_primary_only() { # name pool_mode port
-    {
-        echo "listen = \"127.0.0.1:$3\""
-        echo "worker_threads = $WORKERS"
-        for p in "$PRIMARY_PORT" "$STANDBY1_PORT" "$STANDBY2_PORT"; do
-            printf '[[backends]]\nhost = "127.0.0.1"\nport = %s\n' "$p"
-        done
-        printf '[[users]]\nname = "demo"\npassword = "demo"\n'
-        printf '[monitor]\nuser = "postgres"\n'
-        printf '[metrics]\nlisten = "127.0.0.1:%s"\n' "$(free_port)"
-        printf '[routing]\nload_balance = false\n'
-        printf '[pool]\nmode = "%s"\n' "$2"
-    } >"$WORK/$1.toml"
+    proxy_config "$3" "$2" "$WORKERS" >"$WORK/$1.toml"
     PGPILOT_LOG=warn setsid ./target/release/pgpilot run --config "$WORK/$1.toml" >"$WORK/$1.log" 2>&1 &
     PROXY_PIDS="$PROXY_PIDS $!"
     LAST_PID=$!

@@ -68,13 +68,7 @@ pidfile = $WORK/pgbouncer.pid
 INI
 for mode in session transaction; do
     {
-        echo "listen = \"127.0.0.1:$PORT\""
-        echo "worker_threads = 1"
-        for n in 0 1 2; do printf '[[backends]]\nhost = "127.0.0.1"\nport = %s\n' "$(node_port $n)"; done
-        printf '[[users]]\nname = "demo"\npassword = "demo"\n'
-        printf '[monitor]\nuser = "postgres"\n'
-        printf '[routing]\nload_balance = false\n'
-        printf '[pool]\nmode = "%s"\n' "$mode"
+        proxy_config "$PORT" "$mode" 1
         # Checks are time-driven, not per transaction: rarely, so the two
         # runs' different durations hardly count.
         printf '[health_check]\nperiod = "60s"\n[sr_check]\nperiod = "60s"\n'

@@ -51,16 +51,7 @@ DEMO_PORT=$(free_port)
 start_demo "$WORK/demo.log" --workers "$WORKERS" --listen "127.0.0.1:$DEMO_PORT" --metrics-listen "127.0.0.1:$(free_port)"
 
 start_proxy() { # name pool_mode port
-    {
-        echo "listen = \"127.0.0.1:$3\""
-        echo "worker_threads = $WORKERS"
-        for n in 0 1 2; do printf '[[backends]]\nhost = "127.0.0.1"\nport = %s\n' "$(node_port $n)"; done
-        printf '[[users]]\nname = "demo"\npassword = "demo"\n'
-        printf '[monitor]\nuser = "postgres"\n'
-        printf '[metrics]\nlisten = "127.0.0.1:%s"\n' "$(free_port)"
-        printf '[routing]\nload_balance = false\n'
-        printf '[pool]\nmode = "%s"\n' "$2"
-    } >"$WORK/$1.toml"
+    proxy_config "$3" "$2" "$WORKERS" >"$WORK/$1.toml"
     PGPILOT_LOG=warn setsid ./target/release/pgpilot run --config "$WORK/$1.toml" >"$WORK/$1.log" 2>&1 &
     PROXY_PIDS="$PROXY_PIDS $!"
 }
