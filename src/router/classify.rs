@@ -33,6 +33,9 @@ use lexical::{fallback, lexical_sticky, may_read};
 
 #[path = "classify_ast.rs"]
 mod ast;
+#[cfg(test)]
+#[path = "classify_fuzz_tests.rs"]
+mod fuzz_tests;
 #[path = "classify_lexical.rs"]
 mod lexical;
 #[cfg(test)]
