@@ -166,11 +166,8 @@ impl Session {
                 self.state.overflowed = true;
             }
         }
-        // 2. Statements the request uses, then those it may use.
+        // 2. Statements the request uses.
         self.prepare_statements(node, &needs, must_use).await?;
-        if !needs.ahead.is_empty() && !self.ahead_tried {
-            self.prepare_ahead(node, &needs.ahead).await?;
-        }
         Ok(())
     }
 

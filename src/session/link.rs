@@ -62,6 +62,22 @@ pub struct PendingParse {
     /// Sent by a session that had changed no setting (see
     /// [`HeldStatements`](crate::backend::statements::HeldStatements)).
     pub shareable: bool,
+    /// pgpilot's own, put in front of a message that uses the statement
+    /// ([`Session::supply_statement`](super::Session)): its ParseComplete is
+    /// not forwarded, and its failure leaves the session's record alone.
+    pub injected: bool,
+}
+
+/// A Close sent on a connection, awaiting its CloseComplete.
+#[derive(Debug)]
+pub struct PendingClose {
+    /// Number of the request (Sync) it belongs to.
+    pub request: u64,
+    /// The statement's name; `None` for a portal.
+    pub statement: Option<Vec<u8>>,
+    /// pgpilot's own (see [`PendingParse::injected`]): its CloseComplete is
+    /// not forwarded.
+    pub injected: bool,
 }
 
 /// A session's connection to one node.
@@ -88,9 +104,8 @@ pub struct Link {
     rolled_back: bool,
     /// Client Parses awaiting ParseComplete.
     pub parses: VecDeque<PendingParse>,
-    /// Client Closes awaiting CloseComplete: (request number, the statement's
-    /// name, `None` for a portal).
-    pub closes: VecDeque<(u64, Option<Vec<u8>>)>,
+    /// Closes awaiting CloseComplete.
+    pub closes: VecDeque<PendingClose>,
     /// Effects awaiting the end of their request: (request number, effects).
     pub effects: VecDeque<(u64, Box<Effects>)>,
     /// The session's prepared statements that exist on this connection as the
@@ -194,6 +209,8 @@ impl Link {
             tracing::warn!(node, error = %e, "unframeable data from server");
             SessionError::BackendLost { node }
         })?;
+        // Answers to pgpilot's own messages, cut from what the client gets.
+        let mut cuts: Option<Vec<(usize, usize)>> = None;
         for ev in events.drain(..) {
             match ev.event {
                 BackendEvent::ReadyForQuery(s) => {
@@ -225,15 +242,23 @@ impl Link {
                     self.on_error(fatal, &sqlstate, done, metrics);
                 }
                 BackendEvent::ParseComplete => {
-                    if let Some(p) = self.parses.pop_front()
-                        && !p.name.is_empty()
-                    {
-                        self.conn.held.made(&p.name, p.frame, p.shareable);
+                    if let Some(p) = self.parses.pop_front() {
+                        if p.injected {
+                            cuts.get_or_insert_default().push((ev.start, ev.end));
+                        }
+                        if !p.name.is_empty() {
+                            self.conn.held.made(&p.name, p.frame, p.shareable);
+                        }
                     }
                 }
                 BackendEvent::CloseComplete => {
-                    if let Some((_, Some(name))) = self.closes.pop_front() {
-                        self.conn.held.closed(&name);
+                    if let Some(c) = self.closes.pop_front() {
+                        if c.injected {
+                            cuts.get_or_insert_default().push((ev.start, ev.end));
+                        }
+                        if let Some(name) = c.statement {
+                            self.conn.held.closed(&name);
+                        }
                     }
                 }
                 BackendEvent::ParameterStatus(k, v) => {
@@ -246,7 +271,10 @@ impl Link {
                 BackendEvent::CopyStarted(_) => {}
             }
         }
-        if n > 0 {
+        if let Some(cuts) = cuts {
+            forward_cut(client, to_client, &self.conn.buf[..n], &cuts)?;
+            bytes::Buf::advance(&mut self.conn.buf, n);
+        } else if n > 0 {
             to_client
                 .send(client, &self.conn.buf[..n])
                 .map_err(SessionError::ClientIo)?;
@@ -280,11 +308,11 @@ impl Link {
         let current = self.received + 1;
         while self.parses.front().is_some_and(|p| p.request == current) {
             if let Some(p) = self.parses.pop_front() {
-                self.parse_failed(p.name, done);
+                self.parse_failed(p, done);
             }
         }
         // Its Closes are skipped too: their statements stay as they were.
-        while self.closes.front().is_some_and(|(k, _)| *k == current) {
+        while self.closes.front().is_some_and(|c| c.request == current) {
             self.closes.pop_front();
         }
     }
@@ -301,13 +329,19 @@ impl Link {
         self.copy_in = true;
     }
 
-    /// A Parse failed: its statement does not exist here (a failed unnamed
-    /// Parse has also dropped the unnamed statement it would have replaced).
-    fn parse_failed(&mut self, name: Vec<u8>, done: &mut Vec<Done>) {
-        if name.is_empty() {
+    /// A Parse failed or was skipped: its statement does not exist here (a
+    /// failed unnamed Parse has also dropped the unnamed statement it would
+    /// have replaced). A client's Parse tells the session; pgpilot's own only
+    /// leaves this connection without the session's statement.
+    fn parse_failed(&mut self, p: PendingParse, done: &mut Vec<Done>) {
+        if p.name.is_empty() {
             self.unnamed = Unnamed::Unknown;
         }
-        done.push(Done::ParseFailed(name));
+        if p.injected {
+            self.statements.remove(&p.name);
+        } else {
+            done.push(Done::ParseFailed(p.name));
+        }
     }
 
     fn on_ready(&mut self, status: TxStatus, done: &mut Vec<Done>) {
@@ -333,13 +367,13 @@ impl Link {
             .is_some_and(|p| p.request <= self.received)
         {
             if let Some(p) = self.parses.pop_front() {
-                self.parse_failed(p.name, done);
+                self.parse_failed(p, done);
             }
         }
         while self
             .closes
             .front()
-            .is_some_and(|(k, _)| *k <= self.received)
+            .is_some_and(|c| c.request <= self.received)
         {
             self.closes.pop_front();
         }
@@ -349,4 +383,29 @@ impl Link {
             failed,
         });
     }
+}
+
+/// Forward `bytes` to the client without the ranges `cuts` (answers to
+/// messages pgpilot put in the client's stream), in one write.
+#[cold]
+#[inline(never)]
+fn forward_cut(
+    client: &TcpStream,
+    to_client: &mut Outbox,
+    bytes: &[u8],
+    cuts: &[(usize, usize)],
+) -> Result<(), SessionError> {
+    let mut kept = Vec::with_capacity(bytes.len());
+    let mut from = 0;
+    for &(start, end) in cuts {
+        kept.extend_from_slice(&bytes[from..start]);
+        from = end;
+    }
+    kept.extend_from_slice(&bytes[from..]);
+    if kept.is_empty() {
+        return Ok(());
+    }
+    to_client
+        .send(client, &kept)
+        .map_err(SessionError::ClientIo)
 }

@@ -7,10 +7,12 @@
 //! records what sending it did; [`state`] keeps the settings and prepared
 //! statements every connection must share; [`relay`] is the loop. [`txpool`]
 //! gives connections back between transactions (transaction pooling), and
-//! [`detached`] lets an admin in while no primary can be reached. The session decodes only what it must: frame boundaries, Query
-//! and Parse text, Bind/Close names from the client; ReadyForQuery,
-//! ErrorResponse, ParameterStatus and ParseComplete from the servers. Everything
-//! else passes through as the bytes that arrived, batched per read.
+//! [`detached`] lets an admin in while no primary can be reached.
+//!
+//! The session decodes only what it must: frame boundaries, Query and Parse
+//! text, Bind/Close names from the client; ReadyForQuery, ErrorResponse,
+//! ParameterStatus and ParseComplete from the servers. Everything else passes
+//! through as the bytes that arrived, batched per read.
 
 pub mod cancel;
 mod clock;
@@ -237,10 +239,10 @@ struct Session {
     memo: crate::router::memo::StatementMemo,
     /// Route the next read to the primary: preparing it on the standby failed.
     avoid_standby_once: bool,
-    /// The statements a batch routed before its Sync may still use were
-    /// prepared once for it ([`Needs::ahead`](statements::Needs)): those that
-    /// failed are not tried again for the same batch.
-    ahead_tried: bool,
+    /// The open batch was routed in an earlier read: its messages arriving
+    /// now were not seen then, so the statements they use are supplied as
+    /// they come ([`Session::supply_statement`]).
+    batch_unseen: bool,
     /// The last `pg_proc` lookup failed: judge the next request's functions volatile.
     lookup_failed: bool,
     /// Standbys this session failed to use, not retried before the instant.
@@ -346,7 +348,7 @@ impl Session {
             parsed_ahead: std::collections::VecDeque::new(),
             memo: Default::default(),
             avoid_standby_once: false,
-            ahead_tried: false,
+            batch_unseen: false,
             lookup_failed: false,
             shunned_until: vec![None; nodes],
             standby_picked: false,

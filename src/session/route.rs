@@ -109,6 +109,18 @@ pub(super) fn bind_statement(body: &[u8]) -> &[u8] {
     cstr(rest).map(|(s, _)| s).unwrap_or_default()
 }
 
+/// The prepared statement a Bind, or a Describe of a statement, uses.
+fn used_statement(t: u8, body: &[u8]) -> Option<&[u8]> {
+    match t {
+        tag::BIND => Some(bind_statement(body)),
+        tag::DESCRIBE => body
+            .split_first()
+            .filter(|(k, _)| **k == b'S')
+            .and_then(|(_, n)| cstr(n).map(|(n, _)| n)),
+        _ => None,
+    }
+}
+
 impl Session {
     /// Route and forward every complete request in the client buffer.
     pub(super) fn on_client_data(&mut self) -> Result<Step, SessionError> {
@@ -118,6 +130,8 @@ impl Session {
         let mut span: Option<(usize, usize)> = None;
         let result = self.route_frames(&buf, &mut pos, &mut span);
         let flushed = self.flush_span(&buf, span, pos);
+        // What arrives of a batch still open was not there when it was routed.
+        self.batch_unseen = self.batch.is_some_and(|n| n != LOCAL);
         self.cbuf = buf;
         bytes::Buf::advance(&mut self.cbuf, pos);
         let need = crate::protocol::frame::missing_bytes(&self.cbuf);
@@ -257,7 +271,7 @@ impl Session {
                         None => match self.plan_batch(&buf[*pos..])? {
                             Ok(n) => {
                                 self.batch = Some(n);
-                                self.ahead_tried = false;
+                                self.batch_unseen = false;
                                 self.fresh_request_sent();
                                 n
                             }
@@ -268,6 +282,15 @@ impl Session {
                         self.local_extended(f.tag, frame)?;
                         *pos += f.wire_len;
                         continue;
+                    }
+                    if self.batch_unseen
+                        && let Some(name) = used_statement(f.tag, &frame[5..])
+                        && let Some(msgs) = self.supply_statement(node, name)?
+                    {
+                        // In front of this message, after those before it.
+                        self.flush_span(buf, *span, *pos)?;
+                        *span = None;
+                        self.link_mut(node)?.send(&msgs)?;
                     }
                     self.track_extended(node, f.tag, frame)?;
                     node
@@ -375,13 +398,7 @@ impl Session {
                     defined.push(name);
                 }
                 tag::BIND | tag::DESCRIBE => {
-                    let name = if f.tag == tag::BIND {
-                        Some(bind_statement(body))
-                    } else {
-                        body.split_first()
-                            .filter(|(k, _)| **k == b'S')
-                            .and_then(|(_, n)| cstr(n).map(|(n, _)| n))
-                    };
+                    let name = used_statement(f.tag, body);
                     if let Some(name) = name.filter(|n| !defined.contains(n)) {
                         match self.state.stmts.get(name) {
                             Some(st) => {
@@ -412,22 +429,9 @@ impl Session {
         // The batch's Parses, classified once: `track_extended` reuses them.
         self.parsed_ahead = parsed;
         // What follows may name any statement: nothing of another session's
-        // may be on the connection it runs on.
+        // may be on the connection it runs on. (The session's own are supplied
+        // as their Binds arrive, `supply_statement`.)
         needs.purge_others = !complete;
-        if !complete {
-            // A later read may bind any statement the session has made, on
-            // whatever node it went to: each is made present here as well.
-            let cap = self.cfg.pool.max_prepared_statements;
-            needs.ahead = self
-                .state
-                .stmts
-                .keys()
-                .filter(|n| !n.is_empty() && !needs.names.contains(n))
-                .filter(|n| !defined.contains(&n.as_slice()))
-                .take(cap)
-                .cloned()
-                .collect();
-        }
         let class = match classes.len() {
             // Close / Describe / Sync only: nothing runs; stay where the session is.
             0 if complete => {

@@ -15,6 +15,9 @@
 //! * a request that may name statements pgpilot cannot see (SQL mentioning
 //!   EXECUTE, a batch routed before its Sync) first has every statement of
 //!   other sessions closed on its connection;
+//! * a Bind or Describe arriving in a later read of a batch already routed
+//!   gets the session's statement put in front of it, in the same stream
+//!   ([`Session::supply_statement`]);
 //! * a connection over `pool.max_prepared_statements` has its least recently
 //!   used statements closed.
 //!
@@ -37,11 +40,6 @@ pub struct Needs {
     /// The request may reach statements by names pgpilot did not see: every
     /// statement of another session on the connection is closed first.
     pub purge_others: bool,
-    /// Statements of the session the request may still use: a batch routed
-    /// before its Sync arrived may bind any of them in a later read, so each is
-    /// made present as well, on a best-effort basis (see
-    /// [`Session::prepare_ahead`]).
-    pub ahead: Vec<Vec<u8>>,
 }
 
 impl Needs {
@@ -76,7 +74,7 @@ impl Session {
     /// in the same clean context) as there: no Parse needed. The unnamed one
     /// only by identity ([`Session::recognise_unnamed`]).
     pub(super) fn recognise_statements(&mut self, node: usize, needs: &Needs) {
-        if needs.names.is_empty() && needs.ahead.is_empty() {
+        if needs.names.is_empty() {
             return;
         }
         if needs.names.iter().any(|n| n.is_empty()) {
@@ -87,7 +85,7 @@ impl Session {
             return;
         };
         let mut reused = 0;
-        for name in needs.names.iter().chain(&needs.ahead) {
+        for name in &needs.names {
             if name.is_empty() || link.statements.contains(name) {
                 continue;
             }
@@ -123,7 +121,6 @@ impl Session {
                     })
         };
         needs.names.iter().any(missing)
-            || (!self.ahead_tried && needs.ahead.iter().any(|n| !link.statements.contains(n)))
             || (needs.purge_others && held.has_others(&link.statements))
             || (held.len() > self.cfg.pool.max_prepared_statements
                 && !held
@@ -258,81 +255,79 @@ impl Session {
         Ok(())
     }
 
-    /// Make the session's statements `ahead` present on the connection to
-    /// `node` as well: a batch routed before its Sync arrived may bind any of
-    /// them in a later read. Each is its own request (Sync), so one whose text
-    /// no longer prepares spoils no other; it is left absent (its Bind gets
-    /// the server's error) and not tried again for this batch. Not inside a
-    /// transaction block: a failed Parse there would abort the client's
-    /// transaction for a statement it may never use.
-    pub(super) async fn prepare_ahead(
+    /// A Bind or Describe of statement `name` goes to `node` in a batch that
+    /// was routed before it arrived (a later read of the batch), so nothing
+    /// made sure the connection holds the session's statement of that name.
+    /// Where it does not, returns the messages to send first, in the same
+    /// stream: a Close of whatever else holds the name, then the session's
+    /// own Parse (or the Close alone when the session has no such statement,
+    /// so the server reports it missing rather than running another's).
+    /// Their answers are pgpilot's ([`Link::on_data`](super::link::Link)
+    /// cuts them); if the Parse fails there, the client gets that error for
+    /// its batch, as for a Parse of its own.
+    pub(super) fn supply_statement(
         &mut self,
         node: usize,
-        ahead: &[Vec<u8>],
-    ) -> Result<(), SessionError> {
-        self.ahead_tried = true;
-        let limit = self.cfg.timeouts.reset;
-        let clean = !self.dirty;
-        let Some(link) = self.links[node].as_mut() else {
-            return Ok(());
+        name: &[u8],
+    ) -> Result<Option<BytesMut>, SessionError> {
+        let own = match self.state.stmts.get(name).map(|s| &s.source) {
+            Some(StmtSource::Parse(f)) => Some(f.clone()),
+            // An SQL PREPARE keeps the session on its connections.
+            Some(StmtSource::Sql(_)) => return Ok(None),
+            None => None,
         };
-        if link.conn.status != crate::protocol::TxStatus::Idle {
-            return Ok(());
+        if name.is_empty() {
+            self.recognise_unnamed(node);
         }
+        let clean = !self.dirty;
+        let link = self.link_mut(node)?;
+        if link.statements.contains(name) {
+            return Ok(None);
+        }
+        let held = if name.is_empty() {
+            link.unnamed != Unnamed::Absent
+        } else {
+            link.conn.held.contains(name)
+        };
+        if let Some(f) = &own
+            && !name.is_empty()
+            && link.conn.held.is(name, f, clean)
+        {
+            link.statements.insert(name.to_vec());
+            return Ok(None);
+        }
+        let request = link.sent + 1;
         let mut out = BytesMut::new();
-        let mut rfqs = 0;
-        // (name, its Parse frame (None: SQL PREPARE), number of its request)
-        let mut made: Vec<(&[u8], Option<&Bytes>, usize)> = Vec::new();
-        for name in ahead {
-            let Some(st) = self.state.stmts.get(name) else {
-                continue;
-            };
-            if link.statements.contains(name) {
-                continue;
+        // An unnamed Parse replaces whatever was there: no Close needed.
+        if held && (own.is_none() || !name.is_empty()) {
+            state::close_statement_message(&mut out, name);
+            if name.is_empty() {
+                link.unnamed = Unnamed::Absent;
+            } else {
+                link.conn.held.unknown(name);
             }
-            if link.conn.held.contains(name) {
-                // Another session's statement (or an old one) under the name.
-                state::close_statement_message(&mut out, name);
-                state::sync_message(&mut out);
-                rfqs += 1;
-            }
-            match &st.source {
-                StmtSource::Parse(f) => {
-                    out.extend_from_slice(f);
-                    state::sync_message(&mut out);
-                    made.push((name, Some(f), rfqs));
-                }
-                StmtSource::Sql(q) => {
-                    out.extend_from_slice(q);
-                    made.push((name, None, rfqs));
-                }
-            }
-            rfqs += 1;
+            link.closes.push_back(super::link::PendingClose {
+                request,
+                statement: Some(name.to_vec()),
+                injected: true,
+            });
         }
-        if rfqs == 0 {
-            return Ok(());
-        }
-        let errors = link.conn.exchange_numbering(&out, rfqs, limit).await?;
-        let mut parsed = 0;
-        for (name, frame, request) in made {
-            // Whatever the name held was closed first: it is now absent, or
-            // the session's statement.
-            if let Some((_, e)) = errors.iter().find(|(k, _)| *k == request) {
-                tracing::debug!(node, error = %e.message, "a statement of the session no longer prepares");
-                link.conn.held.closed(name);
-                continue;
-            }
-            match frame {
-                Some(f) => {
-                    link.conn.held.made(name, f.clone(), clean);
-                    parsed += 1;
-                }
-                None => link.conn.held.unknown(name),
+        if let Some(f) = own {
+            out.extend_from_slice(&f);
+            if name.is_empty() {
+                link.unnamed = Unnamed::Parsed(f.clone());
             }
             link.statements.insert(name.to_vec());
+            link.parses.push_back(super::link::PendingParse {
+                request,
+                name: name.to_vec(),
+                frame: f,
+                shareable: clean,
+                injected: true,
+            });
+            self.ctx.metrics.prepared_statements("prepared", 1);
         }
-        self.ctx.metrics.prepared_statements("prepared", parsed);
-        Ok(())
+        Ok((!out.is_empty()).then_some(out))
     }
 }
 

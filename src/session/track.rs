@@ -187,6 +187,7 @@ impl Session {
                     name: name.to_vec(),
                     frame,
                     shareable,
+                    injected: false,
                 });
             }
             tag::BIND => {
@@ -240,7 +241,11 @@ impl Session {
                     // Gone once its CloseComplete comes; until then, maybe not.
                     link.conn.held.unknown(name);
                 }
-                link.closes.push_back((link.sent + 1, statement));
+                link.closes.push_back(super::link::PendingClose {
+                    request: link.sent + 1,
+                    statement,
+                    injected: false,
+                });
             }
             tag::EXECUTE => self.link_mut(node)?.syncs_since_execute = 0,
             tag::SYNC => {

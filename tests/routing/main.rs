@@ -288,6 +288,8 @@ struct Reply {
     errors: Vec<String>,
     /// The ReadyForQuery status byte.
     status: char,
+    /// The type byte of every message, in order.
+    tags: Vec<u8>,
 }
 
 impl Raw {
@@ -301,16 +303,9 @@ impl Raw {
         let mut r = Reply::default();
         loop {
             let (t, body) = read_msg(&mut self.s).await;
+            r.tags.push(t);
             match t {
-                b'D' => {
-                    let len = i32::from_be_bytes(body[2..6].try_into().unwrap());
-                    let v = if len < 0 {
-                        "NULL".to_string()
-                    } else {
-                        String::from_utf8_lossy(&body[6..6 + len as usize]).into_owned()
-                    };
-                    r.values.push(v);
-                }
+                b'D' => r.values.push(first_value(&body)),
                 b'E' => r
                     .errors
                     .push(pgpilot::protocol::frame::ErrorFields::parse(&body).code),
@@ -332,6 +327,29 @@ impl Raw {
     }
 
     /// One extended-protocol batch: Parse/Bind/Execute of each statement, one Sync.
+    /// Read up to the next CommandComplete (what a Flush got of a batch):
+    /// the first-column values. Panics on an error.
+    async fn until_complete(&mut self) -> Vec<String> {
+        let mut values = Vec::new();
+        loop {
+            let (t, body) = read_msg(&mut self.s).await;
+            match t {
+                b'C' => return values,
+                b'D' => values.push(first_value(&body)),
+                b'E' => panic!("error: {:?}", common::raw::sqlstate_of(&body)),
+                _ => {}
+            }
+        }
+    }
+
+    /// A simple Query of `sql`.
+    async fn simple(&mut self, sql: &str) -> Reply {
+        let mut buf = bytes::BytesMut::new();
+        postgres_protocol::message::frontend::query(sql, &mut buf).unwrap();
+        self.s.write_all(&buf).await.unwrap();
+        self.until_ready().await
+    }
+
     async fn batch(&mut self, sqls: &[&str]) -> Reply {
         let mut buf = bytes::BytesMut::new();
         for sql in sqls {
@@ -340,6 +358,16 @@ impl Raw {
         postgres_protocol::message::frontend::sync(&mut buf);
         self.s.write_all(&buf).await.unwrap();
         self.until_ready().await
+    }
+}
+
+/// The first column of a DataRow body, as text ("NULL" for null).
+fn first_value(body: &[u8]) -> String {
+    let len = i32::from_be_bytes(body[2..6].try_into().unwrap());
+    if len < 0 {
+        "NULL".to_string()
+    } else {
+        String::from_utf8_lossy(&body[6..6 + len as usize]).into_owned()
     }
 }
 

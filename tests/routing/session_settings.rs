@@ -462,17 +462,7 @@ async fn a_batch_split_across_reads_binds_a_statement_prepared_on_another_node()
     parse_bind_execute(&format!("SELECT {WHERE}"), &mut buf);
     frontend::flush(&mut buf);
     raw.s.write_all(&buf).await.unwrap();
-    let mut first = Vec::new();
-    loop {
-        let (t, body) = read_msg(&mut raw.s).await;
-        match t {
-            b'C' => break,
-            b'D' => first.push(String::from_utf8_lossy(&body[6..]).into_owned()),
-            b'E' => panic!("first part failed: {:?}", common::raw::sqlstate_of(&body)),
-            _ => {}
-        }
-    }
-    assert_eq!(first, vec![PRIMARY.to_string()]);
+    assert_eq!(raw.until_complete().await, vec![PRIMARY.to_string()]);
     buf.clear();
     bind_execute("split_s", &mut buf);
     frontend::sync(&mut buf);
@@ -488,4 +478,64 @@ async fn a_batch_split_across_reads_binds_a_statement_prepared_on_another_node()
     let r = raw.until_ready().await;
     assert_eq!(r.errors, Vec::<String>::new());
     assert!(is_standby(&r.values[0]), "{r:?}");
+}
+
+/// A batch split across reads inside a transaction block (on the primary)
+/// binds, in its second read, a named statement and the unnamed one that
+/// the session prepared on its standby alone: pgpilot puts the session's
+/// Parses in front of the Binds, and the client sees only its own answers.
+#[tokio::test]
+async fn a_split_batch_in_a_transaction_binds_named_and_unnamed_statements_from_a_standby() {
+    use postgres_protocol::message::frontend;
+    let addr = proxy().await;
+    let mut raw = Raw::login(addr).await;
+    let mut buf = bytes::BytesMut::new();
+    // A Parse-only batch reads nothing: it goes to the session's standby.
+    for (name, sql) in [
+        ("tx_split_a", format!("SELECT {WHERE}")),
+        ("tx_split_b", format!("SELECT 'b ' || {WHERE}")),
+        ("", format!("SELECT 'unnamed ' || {WHERE}")),
+    ] {
+        frontend::parse(name, &sql, std::iter::empty(), &mut buf).unwrap();
+    }
+    frontend::sync(&mut buf);
+    raw.s.write_all(&buf).await.unwrap();
+    let r = raw.until_ready().await;
+    assert_eq!((r.errors.as_slice(), r.status), (&[][..], 'I'), "{r:?}");
+    // Simple Queries: an unnamed Parse would replace the session's.
+    let r = raw.simple("BEGIN").await;
+    assert_eq!((r.errors.as_slice(), r.status), (&[][..], 'T'), "{r:?}");
+    // The batch's first part, answered (Flush) before its second is sent.
+    buf.clear();
+    bind_execute("tx_split_a", &mut buf);
+    frontend::flush(&mut buf);
+    raw.s.write_all(&buf).await.unwrap();
+    assert_eq!(raw.until_complete().await, vec![PRIMARY.to_string()]);
+    buf.clear();
+    bind_execute("tx_split_b", &mut buf);
+    bind_execute("", &mut buf);
+    frontend::sync(&mut buf);
+    raw.s.write_all(&buf).await.unwrap();
+    let r = raw.until_ready().await;
+    assert_eq!((r.errors.as_slice(), r.status), (&[][..], 'T'), "{r:?}");
+    assert_eq!(
+        r.values,
+        vec![format!("b {PRIMARY}"), format!("unnamed {PRIMARY}")]
+    );
+    // BindComplete, DataRow, CommandComplete twice: no answer of pgpilot's
+    // own Parses reaches the client.
+    assert_eq!(r.tags, b"2DC2DCZ".to_vec(), "{r:?}");
+    let r = raw.simple("COMMIT").await;
+    assert_eq!((r.errors.as_slice(), r.status), (&[][..], 'I'), "{r:?}");
+    // The session's statements still run, on its standby.
+    for (name, want) in [("tx_split_b", "b "), ("", "unnamed ")] {
+        buf.clear();
+        bind_execute(name, &mut buf);
+        frontend::sync(&mut buf);
+        raw.s.write_all(&buf).await.unwrap();
+        let r = raw.until_ready().await;
+        assert_eq!(r.errors, Vec::<String>::new(), "{name:?}");
+        let node = r.values[0].strip_prefix(want).unwrap_or_default();
+        assert!(is_standby(node), "{name:?}: {r:?}");
+    }
 }
