@@ -56,7 +56,7 @@ impl Session {
     }
 
     /// A new (or pooled) connection to `node` for this session's user and database.
-    pub(super) async fn open_link(&self, node: usize) -> Result<Box<Link>, BackendError> {
+    pub(super) async fn open_link(&self, node: usize) -> Result<Link, BackendError> {
         let key = &self.pool_keys[node];
         let b = &self.cfg.backends[node];
         let settings = AcquireSettings {
@@ -74,7 +74,7 @@ impl Session {
         };
         // Callers report a connection failure to the cluster (once each).
         let conn = self.ctx.pool.acquire(key, &settings).await?;
-        Ok(Link::new(conn))
+        Ok(Link::new(conn, None))
     }
 
     /// Connect to `node` if needed, and bring its connection up to the session's
@@ -251,7 +251,7 @@ impl Session {
 
     /// Hold `link` as the session's connection to `node` (or drop it), and say so
     /// in the session registry (SHOW POOL_POOLS).
-    pub(super) fn install_link(&mut self, node: usize, link: Option<Box<Link>>) {
+    pub(super) fn install_link(&mut self, node: usize, link: Option<Link>) {
         self.server_reads[node].forget();
         match &link {
             Some(l) => self.registration.hold(node, l.conn.pid, l.conn.opened_ms),

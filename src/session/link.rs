@@ -80,10 +80,35 @@ pub struct PendingClose {
     pub injected: bool,
 }
 
-/// A session's connection to one node.
+/// A session's connection to one node: the pooled server connection and the
+/// session's bookkeeping of it. Reads of the bookkeeping go through `Deref`
+/// (`link.outstanding`); code that also borrows `conn` names `link.st`.
 pub struct Link {
     /// The pooled server connection (socket, read buffer, parameters).
     pub conn: PooledConn,
+    /// The session's bookkeeping of the connection. Boxed and recycled: under
+    /// transaction pooling a link is made and unmade at every transaction, and
+    /// the session keeps the box of the last one for the next
+    /// ([`Link::new`], [`Link::into_parts`]).
+    pub st: Box<LinkState>,
+}
+
+impl std::ops::Deref for Link {
+    type Target = LinkState;
+    fn deref(&self) -> &LinkState {
+        &self.st
+    }
+}
+
+impl std::ops::DerefMut for Link {
+    fn deref_mut(&mut self) -> &mut LinkState {
+        &mut self.st
+    }
+}
+
+/// What a session knows of the server connection it holds: where the response
+/// stream is, what is in flight, which of its statements the server holds.
+pub struct LinkState {
     /// Position in the server's message stream.
     pub scanner: BackendScanner,
     /// Bytes for the server its socket has not taken yet.
@@ -131,14 +156,9 @@ pub struct Link {
     started: Option<Instant>,
 }
 
-impl Link {
-    /// Wrap a freshly acquired connection (it has applied none of the session's
-    /// log). Boxed: a link moves into and out of the session at every
-    /// transaction under transaction pooling, and it is several hundred bytes.
-    pub fn new(mut conn: PooledConn) -> Box<Link> {
-        let unnamed = std::mem::take(&mut conn.unnamed);
-        Box::new(Link {
-            conn,
+impl LinkState {
+    fn new(unnamed: Unnamed) -> LinkState {
+        LinkState {
             scanner: BackendScanner::default(),
             out: Outbox::default(),
             outstanding: 0,
@@ -158,35 +178,105 @@ impl Link {
             copy_in: false,
             syncs_since_execute: 0,
             started: None,
-        })
+        }
+    }
+
+    /// Make a recycled box as [`LinkState::new`] would, keeping the
+    /// collections' memory. Every field is named: a new one must be reset here.
+    fn reset(&mut self, unnamed: Unnamed) {
+        let LinkState {
+            scanner,
+            out,
+            outstanding,
+            in_batch,
+            sent,
+            received,
+            batch_error,
+            rolled_back,
+            parses,
+            closes,
+            effects,
+            statements,
+            pending_close,
+            unnamed: held_unnamed,
+            applied,
+            saw_fatal,
+            copy_in,
+            syncs_since_execute,
+            started,
+        } = self;
+        *scanner = BackendScanner::default();
+        *out = Outbox::default();
+        *outstanding = 0;
+        *in_batch = false;
+        *sent = 0;
+        *received = 0;
+        *batch_error = false;
+        *rolled_back = false;
+        parses.clear();
+        closes.clear();
+        effects.clear();
+        statements.clear();
+        pending_close.clear();
+        *held_unnamed = unnamed;
+        *applied = 0;
+        *saw_fatal = false;
+        *copy_in = false;
+        *syncs_since_execute = 0;
+        *started = None;
+    }
+}
+
+impl Link {
+    /// Wrap a freshly acquired connection (it has applied none of the
+    /// session's log), in `spare` if the session kept one from its last link.
+    pub fn new(mut conn: PooledConn, spare: Option<Box<LinkState>>) -> Link {
+        let unnamed = std::mem::take(&mut conn.unnamed);
+        let st = match spare {
+            Some(mut st) => {
+                st.reset(unnamed);
+                st
+            }
+            None => Box::new(LinkState::new(unnamed)),
+        };
+        Link { conn, st }
+    }
+
+    /// The connection, to give back to the pool (knowing what unnamed statement
+    /// it holds), and the bookkeeping's box, for the session's next link.
+    pub fn into_parts(self) -> (PooledConn, Box<LinkState>) {
+        let Link { mut conn, mut st } = self;
+        conn.unnamed = std::mem::take(&mut st.unnamed);
+        (conn, st)
     }
 
     /// The client starts a request on this connection at `now` (timed until
     /// idle again).
     pub fn begin_request(&mut self, now: Instant) {
-        if self.started.is_none() && !self.busy() {
-            self.started = Some(now);
+        if self.st.started.is_none() && !self.busy() {
+            self.st.started = Some(now);
         }
     }
 
     /// A request is in flight (its answer has not fully arrived).
     pub fn busy(&self) -> bool {
-        self.outstanding > 0 || self.in_batch || !self.out.is_empty()
+        self.st.outstanding > 0 || self.st.in_batch || !self.st.out.is_empty()
     }
 
     /// Safe to give back to the pool: idle, nothing in flight or half-read.
     pub fn reusable(&self) -> bool {
         !self.busy()
             && self.conn.status == TxStatus::Idle
-            && self.scanner.at_boundary()
+            && self.st.scanner.at_boundary()
             && self.conn.buf.is_empty()
-            && !self.saw_fatal
+            && !self.st.saw_fatal
     }
 
     /// Send `bytes` to the server (queued if its socket is full).
     pub fn send(&mut self, bytes: &[u8]) -> Result<(), SessionError> {
         let node = self.conn.node;
-        self.out
+        self.st
+            .out
             .send(&self.conn.stream, bytes)
             .map_err(|_| SessionError::BackendLost { node })
     }
@@ -205,7 +295,7 @@ impl Link {
         metrics: &Metrics,
     ) -> Result<(), SessionError> {
         let node = self.conn.node;
-        let n = self.scanner.scan(&self.conn.buf, events).map_err(|e| {
+        let n = self.st.scanner.scan(&self.conn.buf, events).map_err(|e| {
             tracing::warn!(node, error = %e, "unframeable data from server");
             SessionError::BackendLost { node }
         })?;
@@ -216,15 +306,15 @@ impl Link {
                 BackendEvent::ReadyForQuery(s) => {
                     if let Some(p) = patch_idle.filter(|_| s == b'I' && ev.end > ev.start + 5) {
                         // An error here fails the client's transaction too.
-                        self.conn.buf[ev.start + 5] = if self.batch_error {
+                        self.conn.buf[ev.start + 5] = if self.st.batch_error {
                             TxStatus::Failed.as_byte()
                         } else {
                             p
                         };
                     }
                     self.on_ready(TxStatus::from_byte(s), done);
-                    if self.outstanding == 0
-                        && let Some(t) = self.started.take()
+                    if self.st.outstanding == 0
+                        && let Some(t) = self.st.started.take()
                     {
                         done.push(Done::Answered { since: t });
                     }
@@ -236,13 +326,13 @@ impl Link {
                         .get(ev.start + 5..ev.end.saturating_sub(1))
                         .unwrap_or_default();
                     metrics.command_completed(node, tag);
-                    self.rolled_back |= tag == b"ROLLBACK";
+                    self.st.rolled_back |= tag == b"ROLLBACK";
                 }
                 BackendEvent::Error { fatal, sqlstate } => {
                     self.on_error(fatal, &sqlstate, done, metrics);
                 }
                 BackendEvent::ParseComplete => {
-                    if let Some(p) = self.parses.pop_front() {
+                    if let Some(p) = self.st.parses.pop_front() {
                         if p.injected {
                             cuts.get_or_insert_default().push((ev.start, ev.end));
                         }
@@ -252,7 +342,7 @@ impl Link {
                     }
                 }
                 BackendEvent::CloseComplete => {
-                    if let Some(c) = self.closes.pop_front() {
+                    if let Some(c) = self.st.closes.pop_front() {
                         if c.injected {
                             cuts.get_or_insert_default().push((ev.start, ev.end));
                         }
@@ -302,18 +392,18 @@ impl Link {
             ErrorSeverity::Error
         };
         metrics.node_error(node, severity);
-        self.saw_fatal |= fatal;
-        self.batch_error = true;
+        self.st.saw_fatal |= fatal;
+        self.st.batch_error = true;
         // The server skips the rest of the request: its Parses never complete.
-        let current = self.received + 1;
-        while self.parses.front().is_some_and(|p| p.request == current) {
-            if let Some(p) = self.parses.pop_front() {
+        let current = self.st.received + 1;
+        while self.st.parses.front().is_some_and(|p| p.request == current) {
+            if let Some(p) = self.st.parses.pop_front() {
                 self.parse_failed(p, done);
             }
         }
         // Its Closes are skipped too: their statements stay as they were.
-        while self.closes.front().is_some_and(|c| c.request == current) {
-            self.closes.pop_front();
+        while self.st.closes.front().is_some_and(|c| c.request == current) {
+            self.st.closes.pop_front();
         }
     }
 
@@ -323,10 +413,10 @@ impl Link {
     fn on_copy_in(&mut self) {
         // Syncs the client sent after the COPY's Execute are ignored by the
         // server while it reads COPY data: no ReadyForQuery for them.
-        let ignored = std::mem::take(&mut self.syncs_since_execute);
-        self.outstanding = self.outstanding.saturating_sub(ignored);
-        self.sent -= ignored as u64;
-        self.copy_in = true;
+        let ignored = std::mem::take(&mut self.st.syncs_since_execute);
+        self.st.outstanding = self.st.outstanding.saturating_sub(ignored);
+        self.st.sent -= ignored as u64;
+        self.st.copy_in = true;
     }
 
     /// A Parse failed or was skipped: its statement does not exist here (a
@@ -335,28 +425,28 @@ impl Link {
     /// leaves this connection without the session's statement.
     fn parse_failed(&mut self, p: PendingParse, done: &mut Vec<Done>) {
         if p.name.is_empty() {
-            self.unnamed = Unnamed::Unknown;
+            self.st.unnamed = Unnamed::Unknown;
         }
         if p.injected {
-            self.statements.remove(&p.name);
+            self.st.statements.remove(&p.name);
         } else {
             done.push(Done::ParseFailed(p.name));
         }
     }
 
     fn on_ready(&mut self, status: TxStatus, done: &mut Vec<Done>) {
-        self.outstanding = self.outstanding.saturating_sub(1);
-        self.received += 1;
+        self.st.outstanding = self.st.outstanding.saturating_sub(1);
+        self.st.received += 1;
         self.conn.status = status;
-        let failed = std::mem::take(&mut self.batch_error);
+        let failed = std::mem::take(&mut self.st.batch_error);
         let ok = !failed;
-        let rolled_back = std::mem::take(&mut self.rolled_back);
+        let rolled_back = std::mem::take(&mut self.st.rolled_back);
         while self
             .effects
             .front()
-            .is_some_and(|(k, _)| *k <= self.received)
+            .is_some_and(|(k, _)| *k <= self.st.received)
         {
-            if let Some((_, e)) = self.effects.pop_front() {
+            if let Some((_, e)) = self.st.effects.pop_front() {
                 let commit = matches!(e.class.tx, Some(TxControl::Commit));
                 done.push(Done::Effects(e, ok && !(commit && rolled_back)));
             }
@@ -364,22 +454,22 @@ impl Link {
         while self
             .parses
             .front()
-            .is_some_and(|p| p.request <= self.received)
+            .is_some_and(|p| p.request <= self.st.received)
         {
-            if let Some(p) = self.parses.pop_front() {
+            if let Some(p) = self.st.parses.pop_front() {
                 self.parse_failed(p, done);
             }
         }
         while self
             .closes
             .front()
-            .is_some_and(|c| c.request <= self.received)
+            .is_some_and(|c| c.request <= self.st.received)
         {
-            self.closes.pop_front();
+            self.st.closes.pop_front();
         }
         done.push(Done::Ready {
             status,
-            drained: self.outstanding == 0,
+            drained: self.st.outstanding == 0,
             failed,
         });
     }

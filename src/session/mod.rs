@@ -203,7 +203,10 @@ struct Session {
     /// points it at whichever server connection serves it now.
     cancel: CancelSlot,
     /// Server connections by node id (at most one per node).
-    links: Vec<Option<Box<Link>>>,
+    links: Vec<Option<Link>>,
+    /// The bookkeeping box of the last link given up, for the next
+    /// (transaction pooling makes and unmakes a link at every transaction).
+    spare_link: Option<Box<link::LinkState>>,
     /// Read wake-ups of the client socket: a relay turn woken by a server
     /// skips re-polling a client that is known to be quiet.
     client_reads: crate::net::ReadWatch,
@@ -335,6 +338,7 @@ impl Session {
             cancel,
             clock: clock::TurnClock::default(),
             links: (0..nodes).map(|_| None).collect(),
+            spare_link: None,
             client_reads: Default::default(),
             server_reads: (0..nodes).map(|_| Default::default()).collect(),
             active: 0,
@@ -450,7 +454,7 @@ impl Session {
     fn link_mut(&mut self, node: usize) -> Result<&mut Link, SessionError> {
         self.links
             .get_mut(node)
-            .and_then(Option::as_deref_mut)
+            .and_then(Option::as_mut)
             .ok_or(SessionError::BackendLost { node })
     }
 
@@ -630,9 +634,11 @@ impl Session {
                     || (cfg.pool.mode == crate::config::PoolMode::Session
                         && !link.conn.held.is_empty());
                 tokio::spawn(async move {
-                    let mut conn = link.conn;
+                    let (mut conn, _) = link.into_parts();
                     // The reset (a simple Query) drops an unnamed statement.
-                    conn.unnamed = if dirty { Unnamed::Absent } else { link.unnamed };
+                    if dirty {
+                        conn.unnamed = Unnamed::Absent;
+                    }
                     let reset = if dirty {
                         let r = conn
                             .run_discarding(&cfg.pool.reset_query, cfg.timeouts.reset)

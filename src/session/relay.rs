@@ -80,7 +80,7 @@ impl Session {
             if self.links[node].is_none() && !self.released() {
                 return End::Error(SessionError::BackendLost { node });
             }
-            let link = self.links[node].as_deref_mut();
+            let link = self.links[node].as_mut();
             let server_stalled = link.as_ref().and_then(|l| l.out.stalled_since());
             let stalled = match (self.to_client.stalled_since(), server_stalled) {
                 (Some(a), Some(b)) => Some(a.min(b)),
@@ -143,7 +143,7 @@ impl Session {
                 }
                 Wake::ServerWritable => {
                     let flushed = match self.links[node].as_mut() {
-                        Some(l) => l.out.flush(&l.conn.conn.stream),
+                        Some(l) => l.st.out.flush(&l.conn.conn.stream),
                         None => Ok(()),
                     };
                     if flushed.is_err() {

@@ -141,6 +141,30 @@ impl Session {
         Ok(step)
     }
 
+    /// `frame`, at `pos` in `buf`, is a message of a batch routed before it
+    /// arrived, about to go to `node`: if it uses a statement the connection
+    /// lacks, send what makes it present first
+    /// ([`Session::supply_statement`]), after the messages before it (`span`).
+    #[cold]
+    #[inline(never)]
+    fn supply_unseen(
+        &mut self,
+        node: usize,
+        frame: &[u8],
+        buf: &[u8],
+        pos: usize,
+        span: &mut Option<(usize, usize)>,
+    ) -> Result<(), SessionError> {
+        if let Some(name) = used_statement(frame[0], &frame[5..])
+            && let Some(msgs) = self.supply_statement(node, name)?
+        {
+            self.flush_span(buf, *span, pos)?;
+            *span = None;
+            self.link_mut(node)?.send(&msgs)?;
+        }
+        Ok(())
+    }
+
     fn flush_span(
         &mut self,
         buf: &[u8],
@@ -283,14 +307,8 @@ impl Session {
                         *pos += f.wire_len;
                         continue;
                     }
-                    if self.batch_unseen
-                        && let Some(name) = used_statement(f.tag, &frame[5..])
-                        && let Some(msgs) = self.supply_statement(node, name)?
-                    {
-                        // In front of this message, after those before it.
-                        self.flush_span(buf, *span, *pos)?;
-                        *span = None;
-                        self.link_mut(node)?.send(&msgs)?;
+                    if self.batch_unseen {
+                        self.supply_unseen(node, frame, buf, *pos, span)?;
                     }
                     self.track_extended(node, f.tag, frame)?;
                     node

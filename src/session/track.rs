@@ -182,8 +182,9 @@ impl Session {
                 self.state.stmts.insert(name.to_vec(), stmt);
                 let link = self.link_mut(node)?;
                 link.statements.insert(name.to_vec());
+                let request = link.sent + 1;
                 link.parses.push_back(super::link::PendingParse {
-                    request: link.sent + 1,
+                    request,
                     name: name.to_vec(),
                     frame,
                     shareable,
@@ -241,8 +242,9 @@ impl Session {
                     // Gone once its CloseComplete comes; until then, maybe not.
                     link.conn.held.unknown(name);
                 }
+                let request = link.sent + 1;
                 link.closes.push_back(super::link::PendingClose {
-                    request: link.sent + 1,
+                    request,
                     statement,
                     injected: false,
                 });

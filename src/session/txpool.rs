@@ -24,9 +24,8 @@ impl Session {
         for node in 0..self.links.len() {
             if let Some(link) = self.links[node].take() {
                 self.install_link(node, None);
-                let mut conn = link.conn;
-                // What the next user of the connection must know of it.
-                conn.unnamed = link.unnamed;
+                let (conn, st) = link.into_parts();
+                self.spare_link = Some(st);
                 self.ctx.pool.put_idle(conn, self.clock.now());
             }
         }
@@ -71,7 +70,8 @@ impl Session {
             if !std::sync::Arc::ptr_eq(&self.pool_keys[node].startup, &conn.key.startup) {
                 self.pool_keys[node] = conn.key.clone();
             }
-            self.install_link(node, Some(super::link::Link::new(conn)));
+            let spare = self.spare_link.take();
+            self.install_link(node, Some(super::link::Link::new(conn, spare)));
         }
     }
 
