@@ -458,19 +458,6 @@ impl BackendConn {
         rfqs: usize,
         limit: Duration,
     ) -> Result<Vec<ErrorFields>, BackendError> {
-        let errors = self.exchange_numbering(messages, rfqs, limit).await?;
-        Ok(errors.into_iter().map(|(_, e)| e).collect())
-    }
-
-    /// Like [`BackendConn::exchange_discarding`], with each error numbered by
-    /// the request it ended (0 for the first): which of several independent
-    /// requests failed.
-    pub async fn exchange_numbering(
-        &mut self,
-        messages: &[u8],
-        rfqs: usize,
-        limit: Duration,
-    ) -> Result<Vec<(usize, ErrorFields)>, BackendError> {
         let node = self.node;
         let work = async {
             self.send(messages).await?;
@@ -479,7 +466,7 @@ impl BackendConn {
             while left > 0 {
                 let (t, body) = self.read_message().await?;
                 match t {
-                    tag::ERROR_RESPONSE => errors.push((rfqs - left, ErrorFields::parse(&body))),
+                    tag::ERROR_RESPONSE => errors.push(ErrorFields::parse(&body)),
                     tag::PARAMETER_STATUS => {
                         let mut parts = body.split(|b| *b == 0);
                         let k =

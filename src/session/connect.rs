@@ -167,8 +167,7 @@ impl Session {
             }
         }
         // 2. Statements the request uses.
-        self.prepare_statements(node, &needs, must_use).await?;
-        Ok(())
+        self.prepare_statements(node, &needs, must_use).await
     }
 
     /// Move the transaction begun on a standby, which has run nothing but its

@@ -276,9 +276,12 @@ impl Session {
             Some(StmtSource::Sql(_)) => return Ok(None),
             None => None,
         };
-        if name.is_empty() {
-            self.recognise_unnamed(node);
-        }
+        // Already there as the session made it (or an identical Parse is).
+        let needs = Needs {
+            names: vec![name.to_vec()],
+            ..Needs::none()
+        };
+        self.recognise_statements(node, &needs);
         let clean = !self.dirty;
         let link = self.link_mut(node)?;
         if link.statements.contains(name) {
@@ -289,13 +292,6 @@ impl Session {
         } else {
             link.conn.held.contains(name)
         };
-        if let Some(f) = &own
-            && !name.is_empty()
-            && link.conn.held.is(name, f, clean)
-        {
-            link.statements.insert(name.to_vec());
-            return Ok(None);
-        }
         let request = link.sent + 1;
         let mut out = BytesMut::new();
         // An unnamed Parse replaces whatever was there: no Close needed.
