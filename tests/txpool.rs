@@ -311,6 +311,28 @@ fn one_row(v: &str) -> Result<Vec<String>, String> {
     Ok(vec![v.to_string()])
 }
 
+/// A statement to prepare, its text and what running it returns.
+type Prepared<'a> = (&'a str, &'a str, Result<Vec<String>, String>);
+
+/// Create `table`; session A prepares and runs its statements, then B its own
+/// (so B's are what the shared connection holds under their names); then B
+/// drops the table, so A's statements that read it no longer parse.
+async fn prepare_then_drop(
+    (a, b): (&mut tokio::net::TcpStream, &mut tokio::net::TcpStream),
+    table: &str,
+    by_a: &[Prepared<'_>],
+    by_b: &[Prepared<'_>],
+) {
+    let create = format!("DROP TABLE IF EXISTS {table}; CREATE TABLE {table} (x int)");
+    raw_query(a, &create).await.unwrap();
+    for (s, stmts) in [(&mut *a, by_a), (&mut *b, by_b)] {
+        for (name, sql, rows) in stmts {
+            assert_eq!(&stmt_request(s, name, Some(sql)).await, rows, "{name}");
+        }
+    }
+    raw_query(b, &format!("DROP TABLE {table}")).await.unwrap();
+}
+
 #[tokio::test]
 async fn unnamed_statements_share_connections_and_never_cross_sessions() {
     let addr = spawn_proxy(tx_config(1, Duration::from_secs(2)));
@@ -441,26 +463,17 @@ async fn a_statement_that_no_longer_parses_fails_without_stalling_the_session() 
     let addr = spawn_proxy(tx_config(1, Duration::from_secs(2)));
     let mut a = common::raw::login_raw(addr).await;
     let mut b = common::raw::login_raw(addr).await;
-    raw_query(
-        &mut a,
-        "DROP TABLE IF EXISTS txpool_gone; CREATE TABLE txpool_gone (x int)",
-    )
-    .await
-    .unwrap();
-    assert_eq!(
-        stmt_request(&mut a, "q", Some("SELECT x FROM txpool_gone")).await,
-        Ok(vec![])
-    );
     // B leaves its own "q" and a "zz" on the connection, then drops the table.
-    assert_eq!(
-        stmt_request(&mut b, "zz", Some("SELECT 'zz'")).await,
-        one_row("zz")
-    );
-    assert_eq!(
-        stmt_request(&mut b, "q", Some("SELECT 'b'")).await,
-        one_row("b")
-    );
-    raw_query(&mut b, "DROP TABLE txpool_gone").await.unwrap();
+    prepare_then_drop(
+        (&mut a, &mut b),
+        "txpool_gone",
+        &[("q", "SELECT x FROM txpool_gone", Ok(vec![]))],
+        &[
+            ("zz", "SELECT 'zz'", one_row("zz")),
+            ("q", "SELECT 'b'", one_row("b")),
+        ],
+    )
+    .await;
     // A's request needs B's "zz" closed and its own "q" parsed again, which
     // now fails: the server's own errors come back, and the session goes on.
     let mut buf = bytes::BytesMut::new();
@@ -484,8 +497,8 @@ async fn a_statement_that_no_longer_parses_fails_without_stalling_the_session() 
 
 /// A batch that arrives in two reads starts on a connection that lacks the
 /// session's statements (another session's of the same name are closed); the
-/// statement its second part binds is parsed again before it starts, even
-/// though another of the session's statements no longer parses.
+/// statement its second part binds is parsed in front of that Bind, and
+/// another of the session's statements, which no longer parses, is left alone.
 #[tokio::test]
 async fn a_batch_split_across_reads_binds_the_sessions_own_statement() {
     use postgres_protocol::message::frontend;
@@ -493,29 +506,19 @@ async fn a_batch_split_across_reads_binds_the_sessions_own_statement() {
     let addr = spawn_proxy(tx_config(1, Duration::from_secs(2)));
     let mut a = common::raw::login_raw(addr).await;
     let mut b = common::raw::login_raw(addr).await;
-    raw_query(
-        &mut a,
-        "DROP TABLE IF EXISTS txpool_split; CREATE TABLE txpool_split (x int)",
+    prepare_then_drop(
+        (&mut a, &mut b),
+        "txpool_split",
+        &[
+            ("gone", "SELECT x FROM txpool_split", Ok(vec![])),
+            ("s1", "SELECT 'of a'", one_row("of a")),
+        ],
+        &[
+            ("s1", "SELECT 'of b'", one_row("of b")),
+            ("gone", "SELECT 'b gone'", one_row("b gone")),
+        ],
     )
-    .await
-    .unwrap();
-    assert_eq!(
-        stmt_request(&mut a, "gone", Some("SELECT x FROM txpool_split")).await,
-        Ok(vec![])
-    );
-    assert_eq!(
-        stmt_request(&mut a, "s1", Some("SELECT 'of a'")).await,
-        one_row("of a")
-    );
-    assert_eq!(
-        stmt_request(&mut b, "s1", Some("SELECT 'of b'")).await,
-        one_row("of b")
-    );
-    assert_eq!(
-        stmt_request(&mut b, "gone", Some("SELECT 'b gone'")).await,
-        one_row("b gone")
-    );
-    raw_query(&mut b, "DROP TABLE txpool_split").await.unwrap();
+    .await;
     // The first part, answered (Flush) before the second is sent.
     let mut buf = bytes::BytesMut::new();
     frontend::parse("", "SELECT 'first'", std::iter::empty(), &mut buf).unwrap();

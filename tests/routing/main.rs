@@ -342,6 +342,15 @@ impl Raw {
         }
     }
 
+    /// Bind and Execute of statement `name`, then Sync: its answer.
+    async fn run_statement(&mut self, name: &str) -> Reply {
+        let mut buf = bytes::BytesMut::new();
+        bind_execute(name, &mut buf);
+        postgres_protocol::message::frontend::sync(&mut buf);
+        self.s.write_all(&buf).await.unwrap();
+        self.until_ready().await
+    }
+
     /// A simple Query of `sql`.
     async fn simple(&mut self, sql: &str) -> Reply {
         let mut buf = bytes::BytesMut::new();

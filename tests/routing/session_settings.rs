@@ -450,11 +450,7 @@ async fn a_batch_split_across_reads_binds_a_statement_prepared_on_another_node()
     raw.s.write_all(&buf).await.unwrap();
     let r = raw.until_ready().await;
     assert_eq!((r.errors.as_slice(), r.status), (&[][..], 'I'), "{r:?}");
-    buf.clear();
-    bind_execute("split_s", &mut buf);
-    frontend::sync(&mut buf);
-    raw.s.write_all(&buf).await.unwrap();
-    let r = raw.until_ready().await;
+    let r = raw.run_statement("split_s").await;
     assert_eq!(r.errors, Vec::<String>::new());
     assert!(is_standby(&r.values[0]), "{r:?}");
     // The batch's first part, answered (Flush) before its second is sent.
@@ -463,19 +459,11 @@ async fn a_batch_split_across_reads_binds_a_statement_prepared_on_another_node()
     frontend::flush(&mut buf);
     raw.s.write_all(&buf).await.unwrap();
     assert_eq!(raw.until_complete().await, vec![PRIMARY.to_string()]);
-    buf.clear();
-    bind_execute("split_s", &mut buf);
-    frontend::sync(&mut buf);
-    raw.s.write_all(&buf).await.unwrap();
-    let r = raw.until_ready().await;
+    let r = raw.run_statement("split_s").await;
     assert_eq!((r.errors.as_slice(), r.status), (&[][..], 'I'), "{r:?}");
     assert_eq!(r.values, vec![PRIMARY.to_string()]);
     // And the session's statement still runs on its standby afterwards.
-    buf.clear();
-    bind_execute("split_s", &mut buf);
-    frontend::sync(&mut buf);
-    raw.s.write_all(&buf).await.unwrap();
-    let r = raw.until_ready().await;
+    let r = raw.run_statement("split_s").await;
     assert_eq!(r.errors, Vec::<String>::new());
     assert!(is_standby(&r.values[0]), "{r:?}");
 }
@@ -529,11 +517,7 @@ async fn a_split_batch_in_a_transaction_binds_named_and_unnamed_statements_from_
     assert_eq!((r.errors.as_slice(), r.status), (&[][..], 'I'), "{r:?}");
     // The session's statements still run, on its standby.
     for (name, want) in [("tx_split_b", "b "), ("", "unnamed ")] {
-        buf.clear();
-        bind_execute(name, &mut buf);
-        frontend::sync(&mut buf);
-        raw.s.write_all(&buf).await.unwrap();
-        let r = raw.until_ready().await;
+        let r = raw.run_statement(name).await;
         assert_eq!(r.errors, Vec::<String>::new(), "{name:?}");
         let node = r.values[0].strip_prefix(want).unwrap_or_default();
         assert!(is_standby(node), "{name:?}: {r:?}");
