@@ -29,6 +29,8 @@
 #   ROUNDS=5 DURATION=20 MODE=prepared benches/e2e.sh
 #   ROUNDS=15 TARGETS="pgpilot-primary" benches/e2e.sh   # a long paired A/B
 #   RACE=1 ROUNDS=5 TARGETS="pgpilot-tx" benches/e2e.sh   # head to head with PgBouncer (see RACE below)
+#   BASE_BIN=/path/to/old/pgpilot benches/e2e.sh   # before/after: adds base-primary, base-tx
+#                     and base (the old binary as pgpilot-primary, pgpilot-tx, pgpilot)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -68,9 +70,9 @@ STANDBY2_PORT=$(node_port 2)
 
 # The same proxy with read routing off, in front of the same cluster, pooling
 # per session and per transaction.
-start_primary_only() { # name pool_mode port
-    proxy_config "$3" "$2" "$WORKERS" >"$WORK/$1.toml"
-    PGPILOT_LOG=warn setsid ./target/release/pgpilot run --config "$WORK/$1.toml" >"$WORK/$1.log" 2>&1 &
+start_primary_only() { # name pool_mode port [binary] [load_balance]
+    proxy_config "$3" "$2" "$WORKERS" "${5:-false}" >"$WORK/$1.toml"
+    PGPILOT_LOG=warn setsid "${4:-./target/release/pgpilot}" run --config "$WORK/$1.toml" >"$WORK/$1.log" 2>&1 &
     PROXY_PIDS="$PROXY_PIDS $!"
     LAST_PID=$!
 }
@@ -80,6 +82,19 @@ PRIMARY_ONLY_PID=$LAST_PID
 TX_PORT=$(free_port)
 start_primary_only pgpilot-tx transaction "$TX_PORT"
 TX_PID=$LAST_PID
+BASE_TARGETS=""
+if [ -n "${BASE_BIN:-}" ]; then
+    BASE_PRIMARY_PORT=$(free_port)
+    start_primary_only base-primary session "$BASE_PRIMARY_PORT" "$BASE_BIN"
+    BASE_PRIMARY_PID=$LAST_PID
+    BASE_TX_PORT=$(free_port)
+    start_primary_only base-tx transaction "$BASE_TX_PORT" "$BASE_BIN"
+    BASE_TX_PID=$LAST_PID
+    BASE_PORT=$(free_port)
+    start_primary_only base session "$BASE_PORT" "$BASE_BIN" true
+    BASE_PID=$LAST_PID
+    BASE_TARGETS=" base-primary base-tx base"
+fi
 
 echo '"demo" "demo"' >"$WORK/userlist.txt"
 start_bouncer() { # name pool_mode port -> starts PgBouncer in its own session
@@ -167,7 +182,7 @@ BOUNCER_REAL_PID=$(bouncer_pid pgbouncer)
 SESSION_BOUNCER_REAL_PID=$(bouncer_pid pgbouncer-session)
 # TARGETS: a subset for a longer focused run; direct and pgbouncer are the
 # baselines of the ratios and always run.
-TARGETS=${TARGETS:-"direct direct-split pgbouncer pgbouncer-session pgpilot-primary pgpilot-tx pgpilot"}
+TARGETS=${TARGETS:-"direct direct-split pgbouncer pgbouncer-session pgpilot-primary pgpilot-tx pgpilot$BASE_TARGETS"}
 for base in pgbouncer direct; do
     case " $TARGETS " in *" $base "*) ;; *) TARGETS="$base $TARGETS" ;; esac
 done
@@ -188,6 +203,9 @@ locate() { # target -> sets port (where pgbench connects) and pid (the proxy's; 
         pgpilot-primary) port=$PRIMARY_ONLY_PORT; pid=$PRIMARY_ONLY_PID ;;
         pgpilot-tx) port=$TX_PORT; pid=$TX_PID ;;
         pgpilot) port=$PILOT_PORT; pid=$DEMO_PID ;;
+        base-primary) port=$BASE_PRIMARY_PORT; pid=$BASE_PRIMARY_PID ;;
+        base-tx) port=$BASE_TX_PORT; pid=$BASE_TX_PID ;;
+        base) port=$BASE_PORT; pid=$BASE_PID ;;
     esac
 }
 median() { tr ' ' '\n' | grep -v '^$' | sort -g | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }

@@ -20,9 +20,10 @@ start_demo() {
 # node_port N: the port of the demo's node N (0 is the primary).
 node_port() { sed -n "s/.*node $1: 127\\.0\\.0\\.1:\\([0-9]*\\).*/\\1/p" "$DEMO_LOG"; }
 
-# proxy_config PORT POOL_MODE [WORKERS]: the TOML of a pgpilot on PORT in
-# front of the demo's three nodes, read routing off (everything on the
-# primary, PgBouncer's path), pooling per POOL_MODE, as the demo user.
+# proxy_config PORT POOL_MODE [WORKERS] [LOAD_BALANCE]: the TOML of a pgpilot
+# on PORT in front of the demo's three nodes, pooling per POOL_MODE, as the
+# demo user; read routing off (everything on the primary, PgBouncer's path)
+# unless LOAD_BALANCE is true (then the demo's own configuration).
 proxy_config() {
     echo "listen = \"127.0.0.1:$1\""
     echo "worker_threads = ${3:-1}"
@@ -30,7 +31,7 @@ proxy_config() {
     printf '[[users]]\nname = "demo"\npassword = "demo"\n'
     printf '[monitor]\nuser = "postgres"\n'
     printf '[metrics]\nlisten = "127.0.0.1:%s"\n' "$(free_port)"
-    printf '[routing]\nload_balance = false\n'
+    printf '[routing]\nload_balance = %s\n' "${4:-false}"
     printf '[pool]\nmode = "%s"\n' "$2"
 }
 
