@@ -3,7 +3,7 @@
 # through pgpilots with several runtime threads while busy loops load the CPUs,
 # until one run does not finish. Timing bugs in the relay (a lost wake-up
 # leaves a session waiting on a socket that holds data) show here long before
-# they show in the test suite: the lost wake-up of session 10's ReadWatch hung
+# they show in the test suite: a lost wake-up in the relay's readiness watch hung
 # this within 1-18 iterations, and never in an idle run of the tests.
 #
 # Targets, on one `pgpilot demo` cluster (primary + 2 streaming standbys,

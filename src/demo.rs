@@ -1,6 +1,7 @@
 //! `pgpilot demo`: a live local cluster (primary + streaming standbys, real
 //! PostgreSQL in a temp dir on loopback) with pgpilot in front, until Ctrl-C.
 
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use crate::config::Config;
@@ -61,6 +62,7 @@ pub async fn run(listen: &str, metrics_listen: &str, standbys: usize) -> Result<
         .await
         .map_err(|e| e.to_string())?
         .map_err(|e| e.to_string())?;
+    println!("  PostgreSQL binaries: {}", cluster.bindir.display());
     for n in &cluster.nodes {
         println!(
             "  node {}: 127.0.0.1:{} ({}) data in {}",
@@ -76,20 +78,11 @@ pub async fn run(listen: &str, metrics_listen: &str, standbys: usize) -> Result<
         Ok(p) => p,
         Err(e) => return Err(e.to_string()),
     };
-    let addr = proxy.local_addr();
-    let metrics = proxy.metrics_addr();
-    println!();
-    println!("pgpilot is listening on {addr}. Connect with:");
-    println!(
-        "  psql \"host={} port={} user={DEMO_USER} password={DEMO_PASSWORD} dbname={DEMO_USER}\"",
-        addr.ip(),
-        addr.port()
+    let stop_primary = cluster.stop_command_line(0, "immediate");
+    print!(
+        "{}",
+        banner(proxy.local_addr(), proxy.metrics_addr(), &stop_primary)
     );
-    println!("  then: SHOW POOL_NODES;  SHOW PGPILOT_NODES;");
-    if let Some(m) = metrics {
-        println!("Metrics: curl http://{m}/metrics   Health: curl http://{m}/healthz");
-    }
-    println!("Press Ctrl-C to stop; the cluster and its files are removed.");
     proxy
         .run(async {
             let _ = tokio::signal::ctrl_c().await;
@@ -104,5 +97,68 @@ pub async fn run(listen: &str, metrics_listen: &str, standbys: usize) -> Result<
     .await
     .map_err(|_| "timed out stopping the cluster".to_string())?
     .map_err(|e| e.to_string())?;
+    println!("pgpilot demo: stopped; the cluster and its files are removed.");
     Ok(())
+}
+
+/// What the demo prints once pgpilot listens: how to connect, that the demo
+/// user is an admin, where metrics and health are served, how to stop the
+/// primary (`stop_primary`, the exact command for this machine) and what a
+/// failover then looks like to clients, and how to stop the demo.
+fn banner(addr: SocketAddr, metrics: Option<SocketAddr>, stop_primary: &str) -> String {
+    let (ip, port) = (addr.ip(), addr.port());
+    let mut b = format!(
+        "\npgpilot is listening on {addr}. Connect with:\n  \
+         psql \"host={ip} port={port} user={DEMO_USER} password={DEMO_PASSWORD} dbname={DEMO_USER}\"\n\
+         The demo user is an admin user (admin_users = [\"{DEMO_USER}\"]), so it may also run\n  \
+         SHOW POOL_NODES;  SHOW PGPILOT_NODES;  SHOW PGPILOT_FAILOVER;\n"
+    );
+    if let Some(m) = metrics {
+        b.push_str(&format!(
+            "Metrics: curl http://{m}/metrics   Health: curl http://{m}/healthz\n"
+        ));
+    }
+    b.push_str(&format!(
+        "\nTo watch a failover, stop the primary (node 0) in another terminal:\n  \
+         {stop_primary}\n\
+         A standby is promoted within about a second and writes go on there. Sessions that\n\
+         were connected get FATAL 57P01 (psql reconnects by itself). The old primary is fenced:\n\
+         SHOW POOL_NODES shows node 0 down, SHOW PGPILOT_NODES shows its role as fenced and,\n\
+         in held_out, how it comes back (rebuilt as a standby, then ATTACH NODE 0).\n\
+         \nPress Ctrl-C to stop; the cluster and its files are removed.\n"
+    ));
+    b
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The banner answers what a newcomer would otherwise guess: the admin
+    /// user, the metrics and health URLs, the exact stop command, what a
+    /// failover does to open sessions, and how to stop.
+    #[test]
+    fn banner_says_what_to_expect() {
+        let stop =
+            "runuser -u postgres -- /opt/pg/bin/pg_ctl stop -m immediate -D /tmp/x/node0/data";
+        let b = banner(
+            "127.0.0.1:9999".parse().unwrap(),
+            Some("127.0.0.1:9930".parse().unwrap()),
+            stop,
+        );
+        for want in [
+            "psql \"host=127.0.0.1 port=9999 user=demo password=demo dbname=demo\"",
+            "admin_users = [\"demo\"]",
+            "http://127.0.0.1:9930/metrics",
+            "http://127.0.0.1:9930/healthz",
+            stop,
+            "57P01",
+            "ATTACH NODE 0",
+            "Ctrl-C",
+        ] {
+            assert!(b.contains(want), "banner lacks {want:?}:\n{b}");
+        }
+        let b = banner("127.0.0.1:9999".parse().unwrap(), None, stop);
+        assert!(!b.contains("/metrics"), "{b}");
+    }
 }

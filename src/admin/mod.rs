@@ -25,7 +25,7 @@
 //! Only users listed in `admin_users` may run them; others get SQLSTATE
 //! 42501. The session decides *when* to answer (simple Query, or the extended
 //! protocol's Parse/Describe/Execute); this module only parses and builds
-//! result sets. Column meanings are in `views.rs` and the README.
+//! result sets. Column meanings are in `views.rs` and docs/monitoring.md.
 
 pub mod cli;
 mod failover;

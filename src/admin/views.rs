@@ -23,7 +23,7 @@ use std::time::Instant;
 use super::format::{delay_seconds, f6, local_time, millis, opt_local_time};
 use super::{AdminCaller, ResultSet};
 use crate::cluster::replication::format_lsn;
-use crate::cluster::{ClusterSnapshot, NodeView, PgStatus};
+use crate::cluster::{ClusterSnapshot, HoldKind, NodeView, PgStatus};
 use crate::config::Config;
 use crate::context::ProxyContext;
 use crate::protocol::messages::PgError;
@@ -37,6 +37,17 @@ fn proxy_role(s: &ClusterSnapshot, n: &NodeView) -> &'static str {
         "primary"
     } else {
         "standby"
+    }
+}
+
+/// `SHOW PGPILOT_NODES`' `role`: pgpool's `role`, except that a fenced old
+/// primary (`hold`) shows as `fenced`. pgpool's column calls every node that is
+/// not the primary `standby`, which `SHOW POOL_NODES` keeps for pgpool's
+/// clients but which reads as if the old primary had become one.
+fn pilot_role(s: &ClusterSnapshot, n: &NodeView, hold: Option<HoldKind>) -> &'static str {
+    match hold {
+        Some(HoldKind::Fenced) if s.primary != Some(n.id) => "fenced",
+        _ => proxy_role(s, n),
     }
 }
 
@@ -338,18 +349,20 @@ pub(super) fn pool_pools(ctx: &ProxyContext) -> ResultSet {
 pub(super) fn pgpilot_nodes(ctx: &ProxyContext) -> ResultSet {
     let s = ctx.cluster.snapshot();
     let stats = ctx.cluster.health_stats();
+    let holds = ctx.cluster.holds();
     let rows = s
         .nodes
         .iter()
         .map(|n| {
             let r = &n.repl;
+            let hold = holds.get(n.id).copied().flatten();
             vec![
                 n.id.to_string(),
                 n.host.clone(),
                 n.port.to_string(),
                 n.status.as_str().into(),
                 n.pg_status.as_str().into(),
-                proxy_role(&s, n).into(),
+                pilot_role(&s, n, hold).into(),
                 pg_role(n).into(),
                 n.weight.to_string(),
                 f6(n.effective_weight),
@@ -596,6 +609,42 @@ pub(super) fn pgpool_show(cfg: &Config, name: Option<&str>) -> Result<ResultSet,
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A fenced old primary is `fenced` in `SHOW PGPILOT_NODES`, and stays
+    /// `standby` in pgpool's `SHOW POOL_NODES` column; other holds keep the role.
+    #[test]
+    fn fenced_old_primary_shows_as_fenced() {
+        use crate::cluster::{LagPolicy, NodeStatus, ReplicationView, Role};
+        let node = |id| NodeView {
+            id,
+            host: "h".into(),
+            port: 1,
+            weight: 1.0,
+            status: NodeStatus::Down,
+            pg_status: PgStatus::Down,
+            role: Role::Unknown,
+            last_change: std::time::SystemTime::now(),
+            last_error: None,
+            held_out: None,
+            effective_weight: 0.0,
+            repl: ReplicationView::default(),
+        };
+        let s = ClusterSnapshot {
+            nodes: vec![node(0), node(1), node(2)],
+            primary: Some(1),
+            lag_policy: LagPolicy::default(),
+            generation: 1,
+        };
+        let (old, new, other) = (&s.nodes[0], &s.nodes[1], &s.nodes[2]);
+        assert_eq!(pilot_role(&s, old, Some(HoldKind::Fenced)), "fenced");
+        assert_eq!(proxy_role(&s, old), "standby");
+        assert_eq!(pilot_role(&s, new, None), "primary");
+        assert_eq!(pilot_role(&s, other, Some(HoldKind::Detached)), "standby");
+        assert_eq!(
+            pilot_role(&s, other, Some(HoldKind::CannotFollow)),
+            "standby"
+        );
+    }
 
     #[test]
     fn pgpool_show_maps_settings() {

@@ -53,6 +53,7 @@ use crate::config::{Backend, Config, Monitor};
 pub use events::FailoverReport;
 pub use health::HealthStats;
 pub use lag::LagPolicy;
+pub(crate) use state::HoldKind;
 use state::{Admission, Owner};
 
 /// pgpilot's own view of a node: does it get traffic?
@@ -511,6 +512,12 @@ impl Cluster {
     /// A standby could not follow the new primary.
     fn cannot_follow(&self, node: usize, reason: String) {
         self.update(|o| o.cannot_follow(node, reason));
+    }
+
+    /// Why each node is held out of service, by node id (`None`: not held):
+    /// `SHOW PGPILOT_NODES` names a fenced old primary by it.
+    pub(crate) fn holds(&self) -> Vec<Option<HoldKind>> {
+        self.lock().holds()
     }
 
     /// Health-check statistics per node (for `SHOW POOL_HEALTH_CHECK_STATS`).

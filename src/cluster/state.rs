@@ -120,7 +120,7 @@ struct NodeBook {
 
 /// Why a node is held out of service.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum HoldKind {
+pub(crate) enum HoldKind {
     /// `DETACH NODE`.
     Detached,
     /// An old primary replaced by a failover or switchover: its data may

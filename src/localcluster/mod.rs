@@ -30,7 +30,10 @@
 //! This is blocking code (it spawns processes and sleeps while polling); call it
 //! from a plain thread or `tokio::task::spawn_blocking`.
 
+mod bindir;
 mod process;
+
+pub use bindir::find_bindir;
 
 use std::collections::BTreeSet;
 use std::collections::hash_map::RandomState;
@@ -40,7 +43,6 @@ use std::io::{self, Write};
 use std::net::TcpListener;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread;
@@ -59,8 +61,6 @@ const PG_CTL_WAIT: u64 = 60;
 /// Seconds `pg_ctl -w -t` waits for the immediate stop in `shutdown`, so a
 /// wedged server delays cleanup by no more than this before it gets SIGKILL.
 const SHUTDOWN_WAIT: u64 = 10;
-/// Binaries a bindir must hold to be usable.
-const REQUIRED_BINARIES: [&str; 5] = ["initdb", "pg_ctl", "pg_basebackup", "postgres", "psql"];
 
 /// Replaces initdb's pg_hba.conf: loopback only; the superuser and replication
 /// are trusted, every other role must use SCRAM.
@@ -172,12 +172,21 @@ pub struct LocalCluster {
 /// Errors from building or driving a [`LocalCluster`].
 #[derive(Debug, thiserror::Error)]
 pub enum ClusterError {
-    /// No usable PostgreSQL server binaries (or, as root, no `postgres` OS user).
+    /// No usable PostgreSQL server binaries; the text says what is missing where.
     #[error(
-        "PostgreSQL server binaries not found: {0}. Install the Debian package `postgresql` \
-         (apt-get install -y postgresql) or set PGPILOT_PG_BINDIR to its bin directory"
+        "PostgreSQL server binaries not found: {0}. Install the PostgreSQL server \
+         (Debian/Ubuntu: apt-get install -y postgresql; Fedora/RHEL: dnf install \
+         postgresql-server; macOS: brew install postgresql) or set PGPILOT_PG_BINDIR \
+         to the directory holding initdb and postgres"
     )]
     BinariesNotFound(String),
+    /// Running as root without a `postgres` OS user to run the servers as.
+    #[error(
+        "running as root, but there is no `postgres` OS user to run the PostgreSQL servers \
+         as (they refuse to run as root): create one (useradd --system --create-home \
+         postgres) or run as an ordinary user"
+    )]
+    NoServerUser,
     /// An external command failed.
     #[error("command `{cmd}` failed ({status}):\n{output}")]
     Command {
@@ -194,50 +203,6 @@ pub enum ClusterError {
     /// Something did not happen in time; the message says what (and shows logs).
     #[error("timed out: {0}")]
     Timeout(String),
-}
-
-/// Finds the PostgreSQL server binaries: `$PGPILOT_PG_BINDIR` if set, else
-/// `pg_config --bindir`, else the highest version of `/usr/lib/postgresql/*/bin`,
-/// else a directory on `PATH`. A directory counts only if it holds initdb,
-/// pg_ctl, pg_basebackup, postgres and psql.
-pub fn find_bindir() -> Result<PathBuf, ClusterError> {
-    if let Some(dir) = std::env::var_os("PGPILOT_PG_BINDIR").filter(|d| !d.is_empty()) {
-        let dir = PathBuf::from(dir);
-        let msg = format!("PGPILOT_PG_BINDIR={dir:?} lacks one of {REQUIRED_BINARIES:?}");
-        return has_binaries(&dir)
-            .then_some(dir)
-            .ok_or(ClusterError::BinariesNotFound(msg));
-    }
-    let mut pg_config = Command::new("pg_config");
-    pg_config.arg("--bindir");
-    let from_pg_config = run_command(pg_config, "pg_config --bindir", POLL_TIMEOUT)
-        .map(|out| PathBuf::from(out.trim()))
-        .into_iter();
-    let mut versioned: Vec<(Vec<u32>, PathBuf)> = fs::read_dir("/usr/lib/postgresql")
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|entry| {
-            let name = entry.file_name().into_string().ok()?;
-            let version = name
-                .split('.')
-                .map(|p| p.parse().ok())
-                .collect::<Option<_>>()?;
-            Some((version, entry.path().join("bin")))
-        })
-        .collect();
-    versioned.sort_by(|a, b| b.cmp(a)); // highest version first
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    from_pg_config
-        .chain(versioned.into_iter().map(|(_, dir)| dir))
-        .chain(std::env::split_paths(&path))
-        .find(|dir| has_binaries(dir))
-        .ok_or_else(|| {
-            ClusterError::BinariesNotFound(format!(
-                "no directory holds all of {REQUIRED_BINARIES:?} (searched PGPILOT_PG_BINDIR, \
-                 pg_config --bindir, /usr/lib/postgresql/*/bin, PATH)"
-            ))
-        })
 }
 
 /// Picks a free TCP port on 127.0.0.1: drawn at random from 20000..32768 (below
@@ -314,6 +279,16 @@ impl LocalCluster {
     /// "immediate").
     pub fn stop_node(&self, node: usize, mode: &str) -> Result<(), ClusterError> {
         self.pg_ctl(node, &format!("stop -m {mode}"), PG_CTL_WAIT)
+    }
+
+    /// The shell command that stops `node` with `pg_ctl stop -m <mode>`, as a
+    /// person types it: this cluster's pg_ctl (whatever its version or
+    /// installation), run as the `postgres` OS user when we are root.
+    pub fn stop_command_line(&self, node: usize, mode: &str) -> String {
+        let exe = path_str(&self.bindir.join("pg_ctl"));
+        let data = path_str(&self.node(node).data_dir);
+        let args = ["stop", "-m", mode, "-D", &data];
+        self.run_as.shell_line(&exe, &args)
     }
 
     /// Starts `node` with `pg_ctl start -w`, logging to its `postgres.log`, and waits
@@ -645,14 +620,6 @@ impl Drop for LocalCluster {
     fn drop(&mut self) {
         self.shutdown()
     }
-}
-
-/// True if `dir` holds every binary in [`REQUIRED_BINARIES`] as an executable file.
-fn has_binaries(dir: &Path) -> bool {
-    REQUIRED_BINARIES.iter().all(|bin| {
-        let meta = fs::metadata(dir.join(bin));
-        meta.is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-    })
 }
 
 /// Creates the private base dir (mode 0700, owned by `owner`) in the temp dir.

@@ -35,8 +35,7 @@ impl RunAs {
         if unsafe { libc::geteuid() } != 0 {
             return Ok((RunAs::Current, None));
         }
-        let no_user = "we are root, but there is no `postgres` OS user to run servers as";
-        let owner = postgres_account().ok_or(ClusterError::BinariesNotFound(no_user.into()))?;
+        let owner = postgres_account().ok_or(ClusterError::NoServerUser)?;
         let runuser = ["/usr/sbin", "/sbin", "/usr/bin", "/bin"]
             .map(|dir| Path::new(dir).join("runuser"))
             .into_iter()
@@ -71,6 +70,39 @@ impl RunAs {
             }
         }
         (cmd, label)
+    }
+
+    /// The shell command line a person types to run `exe args...` the way
+    /// [`RunAs::command`] does (as the `postgres` OS user when root), so what
+    /// the demo prints works as pasted, whatever the PostgreSQL version or
+    /// installation. Arguments are quoted only when the shell would split them.
+    pub(super) fn shell_line(&self, exe: &str, args: &[&str]) -> String {
+        let argv: Vec<String> = std::iter::once(exe)
+            .chain(args.iter().copied())
+            .map(shell_word)
+            .collect();
+        let argv = argv.join(" ");
+        match self {
+            RunAs::Current => argv,
+            RunAs::Runuser(runuser) => {
+                format!(
+                    "{} -u {SUPERUSER} -- {argv}",
+                    shell_word(&runuser.to_string_lossy())
+                )
+            }
+            RunAs::Su => format!("su {SUPERUSER} -s /bin/sh -c {}", sh_quote(&argv)),
+        }
+    }
+}
+
+/// `arg` as one shell word: unchanged when it holds only characters no shell
+/// treats specially, else single-quoted.
+fn shell_word(arg: &str) -> String {
+    let plain = |c: char| c.is_ascii_alphanumeric() || "/._-=:,+@%".contains(c);
+    if !arg.is_empty() && arg.chars().all(plain) {
+        arg.to_string()
+    } else {
+        sh_quote(arg)
     }
 }
 
@@ -209,4 +241,29 @@ pub(super) fn run_command(
 /// POSIX shell single-quoting, for the `su -c` fallback.
 fn sh_quote(arg: &str) -> String {
     format!("'{}'", arg.replace('\'', r"'\''"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The printed command pastes into a shell as is: plain words stay
+    /// plain, anything else is quoted, and under root it runs as `postgres`.
+    #[test]
+    fn shell_line_is_pasteable() {
+        let args = ["stop", "-m", "immediate", "-D", "/tmp/my dir/node0/data"];
+        assert_eq!(
+            RunAs::Current.shell_line("/usr/lib/postgresql/15/bin/pg_ctl", &args),
+            "/usr/lib/postgresql/15/bin/pg_ctl stop -m immediate -D '/tmp/my dir/node0/data'"
+        );
+        let runuser = RunAs::Runuser(PathBuf::from("/usr/sbin/runuser"));
+        assert_eq!(
+            runuser.shell_line("/opt/pg/bin/pg_ctl", &args[..3]),
+            "/usr/sbin/runuser -u postgres -- /opt/pg/bin/pg_ctl stop -m immediate"
+        );
+        assert_eq!(
+            RunAs::Su.shell_line("/opt/pg/bin/pg_ctl", &args[..3]),
+            "su postgres -s /bin/sh -c '/opt/pg/bin/pg_ctl stop -m immediate'"
+        );
+    }
 }

@@ -1,4 +1,4 @@
-//! One task per client connection: handshake, then one `select!` loop relaying
+//! One task per client connection: handshake, then one relay loop forwarding
 //! raw frames between the client and the server connections serving it.
 //!
 //! A session holds at most one server connection per node ([`link`]): the

@@ -1,5 +1,6 @@
-//! The relay loop of a logged-in session: one `select!` over the client socket,
-//! the active server connection, pending writes, timeouts and shutdown.
+//! The relay loop of a logged-in session: each turn waits once, in one
+//! hand-written poll, on the client socket, the active server connection,
+//! pending writes, timeouts and shutdown.
 //!
 //! Writes never block the loop: what a socket will not take now waits in an
 //! [`Outbox`](crate::net::Outbox) and is flushed when the socket is writable,

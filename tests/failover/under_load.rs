@@ -191,6 +191,10 @@ async fn killing_the_primary_under_write_load_promotes_the_most_advanced_standby
     let (cols, rows) = show(&c, "SHOW PGPILOT_NODES").await;
     let held = cols.iter().position(|c| c == "held_out").unwrap();
     assert!(rows[0][held].contains("false primary") && rows[0][held].contains("ATTACH NODE 0"));
+    // pgpool's column says `standby` for every node but the primary; pgpilot's
+    // own view names the fenced old primary.
+    let role = cols.iter().position(|c| c == "role").unwrap();
+    assert_eq!(rows[0][role], "fenced", "{rows:?}");
     let (cols, rows) = show(&c, "SHOW PGPILOT_FAILOVER").await;
     let col = |n: &str| rows[0][cols.iter().position(|c| c == n).unwrap()].clone();
     assert_eq!((col("state"), col("phase")), ("idle".into(), "done".into()));

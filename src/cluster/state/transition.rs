@@ -567,6 +567,14 @@ impl Owner {
         self.books.get(node).is_some_and(|b| b.hold.is_some())
     }
 
+    /// Each node's hold, by node id (`None`: not held).
+    pub fn holds(&self) -> Vec<Option<HoldKind>> {
+        self.books
+            .iter()
+            .map(|b| b.hold.as_ref().map(|h| h.kind))
+            .collect()
+    }
+
     /// What `SHOW PGPILOT_FAILOVER` and metrics show.
     pub fn report(&self) -> FailoverReport {
         FailoverReport {
