@@ -61,17 +61,16 @@ pub struct Consistency {
     /// A session compared a position with `replayed` since the poller last
     /// looked: keep polling.
     demand: AtomicBool,
-    /// Result of the last completed primary fetch (0 before the first).
+    /// Result of the last successful primary fetch (0 before the first).
     primary_lsn: AtomicU64,
-    /// Generation of the last fetch started; a fetch with a larger generation
-    /// started after anything that read this value.
-    fetch_started: AtomicU64,
-    /// Generation of the last fetch completed (successfully or not).
-    fetch_done: AtomicU64,
+    /// Tickets handed out: a session asking for a fresh position takes the
+    /// next one ([`Consistency::fresh_primary_lsn`]).
+    fetch_tickets: AtomicU64,
+    /// The highest ticket the last completed fetch answers: the fetcher read
+    /// `fetch_tickets` before it asked the primary.
+    fetch_answered: AtomicU64,
     /// Whether the last completed fetch failed.
     fetch_failed: AtomicBool,
-    /// Highest generation some session waits for.
-    fetch_wanted: AtomicU64,
     /// Wakes the fetcher.
     fetch_request: Notify,
     /// Wakes sessions waiting for a fetch.
@@ -104,10 +103,9 @@ impl Consistency {
             poll_now: Notify::new(),
             demand: AtomicBool::new(false),
             primary_lsn: AtomicU64::new(0),
-            fetch_started: AtomicU64::new(0),
-            fetch_done: AtomicU64::new(0),
+            fetch_tickets: AtomicU64::new(0),
+            fetch_answered: AtomicU64::new(0),
             fetch_failed: AtomicBool::new(false),
-            fetch_wanted: AtomicU64::new(0),
             fetch_request: Notify::new(),
             fetch_completed: Notify::new(),
             acked_writes: AtomicU64::new(0),
@@ -158,15 +156,22 @@ impl Consistency {
     /// A primary WAL position taken after this call began (so at or past every
     /// commit acknowledged before it), waiting at most `limit`.
     pub async fn fresh_primary_lsn(&self, limit: Duration) -> Result<u64, LsnError> {
-        let want = self.fetch_started.load(Ordering::Acquire) + 1;
-        self.fetch_wanted.fetch_max(want, Ordering::AcqRel);
+        // The ticket is a read-modify-write the fetcher must *read* before
+        // a fetch answers it: that read happens after this call began, and
+        // the fetcher asks the primary after the read. A fetch already in
+        // flight (it read the tickets before this one was taken) does not
+        // count, however recently it started.
+        let ticket = self.fetch_tickets.fetch_add(1, Ordering::AcqRel) + 1;
         let deadline = Instant::now() + limit;
         loop {
             let done = self.fetch_completed.notified();
             tokio::pin!(done);
             done.as_mut().enable();
             self.fetch_request.notify_one();
-            if self.fetch_done.load(Ordering::Acquire) >= want {
+            if self.fetch_answered.load(Ordering::Acquire) >= ticket {
+                // `fetch_failed` and `primary_lsn` are those of the fetch
+                // that answered, or of a later one (stored before
+                // `fetch_answered`): also started after the ticket.
                 if self.fetch_failed.load(Ordering::Acquire) {
                     return Err(LsnError::Failed);
                 }
@@ -310,13 +315,16 @@ pub async fn run_primary_fetcher(
 ) {
     let mut conn: Option<MonitorConn> = None;
     loop {
-        while lsns.fetch_wanted.load(Ordering::Acquire) <= lsns.fetch_done.load(Ordering::Acquire) {
+        let mut answers = lsns.fetch_tickets.load(Ordering::Acquire);
+        while answers <= lsns.fetch_answered.load(Ordering::Acquire) {
             tokio::select! {
                 _ = lsns.fetch_request.notified() => {}
                 _ = shutdown.changed() => return,
             }
+            answers = lsns.fetch_tickets.load(Ordering::Acquire);
         }
-        let generation = lsns.fetch_started.fetch_add(1, Ordering::AcqRel) + 1;
+        // Both read before the primary is asked: the answer covers every
+        // ticket up to `answers` and every write counted up to `covered`.
         let covered = lsns.acked_writes.load(Ordering::Acquire);
         let cfg = config.load_full();
         let result = fetch_once(&mut conn, &cluster, &cfg).await;
@@ -333,7 +341,7 @@ pub async fn run_primary_fetcher(
                 lsns.fetch_failed.store(true, Ordering::Release);
             }
         }
-        lsns.fetch_done.store(generation, Ordering::Release);
+        lsns.fetch_answered.store(answers, Ordering::Release);
         lsns.fetch_completed.notify_waiters();
     }
 }
