@@ -77,13 +77,7 @@ async fn read_row(client: &tokio_postgres::Client, table: &str, id: i64, i: u64,
         let row = client.query_one(&read, &[&id]).await.unwrap();
         (row.get(0), row.get(1))
     };
-    tally.iterations.fetch_add(1, Ordering::Relaxed);
-    if found != 1 {
-        tally.missing.fetch_add(1, Ordering::Relaxed);
-    }
-    if node != "node0" {
-        tally.on_standby.fetch_add(1, Ordering::Relaxed);
-    }
+    tally.record(found, &node);
 }
 
 /// (Re)create `table` (one bigint key) through `addr`.
@@ -95,6 +89,19 @@ async fn fresh_table(addr: std::net::SocketAddr, table: &str) {
         ))
         .await
         .unwrap();
+}
+
+impl Tally {
+    /// A read of one row found `found` rows, on `node` (`cluster_name`).
+    fn record(&self, found: i32, node: &str) {
+        self.iterations.fetch_add(1, Ordering::Relaxed);
+        if found != 1 {
+            self.missing.fetch_add(1, Ordering::Relaxed);
+        }
+        if node != "node0" {
+            self.on_standby.fetch_add(1, Ordering::Relaxed);
+        }
+    }
 }
 
 /// `clients` sessions each insert a row and read it back at once, `per_client`
