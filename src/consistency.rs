@@ -25,6 +25,70 @@
 //! waits up to `routing.consistency_wait` or sends the read to the primary.
 //! Writes that bypass pgpilot are invisible to it: a client that wrote elsewhere
 //! can carry the position itself (`SET pgpilot.min_lsn`).
+//!
+//! # Why a read never misses an acknowledged commit
+//!
+//! Let W be a commit acknowledged to some client before read R arrived at
+//! pgpilot (`global` mode), or a commit of R's own session (`session` mode).
+//! R may run on a standby only if that standby has replayed W. The chain:
+//!
+//! 1. **W is in the primary's WAL before its answer.** PostgreSQL commits a
+//!    simple query's last statement before that statement's CommandComplete,
+//!    and any transaction before ReadyForQuery `I`; with `synchronous_commit`
+//!    on (the default) the commit record is written and flushed first. So every
+//!    `pg_current_wal_lsn()` (the write position) the primary reports after
+//!    pgpilot read that answer is at or past W's commit record.
+//! 2. **The count goes up before the client hears.** The session raises
+//!    `acked_writes` ([`Consistency::write_acknowledged`]) after reading the
+//!    answer from the primary and *before* forwarding it
+//!    (`Session::on_backend_data`: a chunk that `tells_commit`). Whatever the
+//!    client does with the news — a read on another connection, handled by
+//!    another runtime thread — starts after the count was raised, so R's
+//!    session, loading `acked_writes` while routing R, sees a count that
+//!    includes W. (Raised after forwarding, it could be read before the raise
+//!    by a thread that routes R while the forwarding thread is preempted.)
+//! 3. **R's target is a position fetched after W.** Either
+//!    * [`Consistency::global_lsn`]: `covered_writes >= acked_writes`, i.e. the
+//!      fetch behind `primary_lsn` loaded `acked_writes` (before asking the
+//!      primary) and got a count that includes W. Reading the raised value
+//!      means the raise — hence W's answer, hence (1) W — came before that
+//!      load, so before the query: its answer is at or past W. The fetcher
+//!      stores `primary_lsn` before `covered_writes` (release) and R loads them
+//!      in the other order (acquire): R gets that fetch's answer or a later one.
+//!    * or [`Consistency::fresh_primary_lsn`]: R's session takes a ticket (a
+//!      read-modify-write of `fetch_tickets`) after R arrived; the fetch that
+//!      answers it loaded `fetch_tickets` at or past the ticket before asking
+//!      the primary, and loading the value an RMW wrote (acquire/release)
+//!      orders the ticket before that load. A fetch already in flight when R
+//!      arrived read the counter earlier and does not answer the ticket,
+//!      however recently it began.
+//!
+//!    In `session` mode the session learns its own commit position by the
+//!    second way, after its ReadyForQuery and before routing its next read
+//!    (one task: no other thread is involved). A `SET pgpilot.min_lsn`
+//!    token is a position the client got from `SHOW pgpilot.last_commit_lsn`,
+//!    itself fetched after the commit.
+//! 4. **The standby has replayed the target.** `replayed(node)` holds a value
+//!    the standby itself reported (`pg_last_wal_replay_lsn()`, which PostgreSQL
+//!    advances only after applying the record, so W is visible to new
+//!    snapshots there). Replay only moves forward, so however old the poll
+//!    behind it, the standby has replayed at least that much when R runs: an
+//!    old poll result can only be too low (R waits for a newer one or goes to
+//!    the primary), never too high. The exceptions are a standby that goes
+//!    back (restarted, rebuilt) — a lower poll result replaces a higher one —
+//!    and a node that stops being a usable standby (down, promoted), whose
+//!    position the poller forgets (0) at its next turn. This holds whichever
+//!    standby R ends up on: each is compared with the target for itself
+//!    (`Session::fresh_read_node`).
+//!
+//! The same chain covers transaction pooling (the session, not the pooled
+//! connection, keeps the positions) and a session whose standby changes.
+//! A transaction that runs on a standby is checked once, when its BEGIN is
+//! routed: its later statements see what that standby has replayed by then,
+//! at least the target as of the BEGIN. Not covered: a commit made with
+//! `synchronous_commit = off`, which PostgreSQL acknowledges before writing
+//! its WAL, so the write position may still be short of it for up to
+//! `wal_writer_delay` (and no standby has it yet).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
