@@ -66,7 +66,7 @@ async fn insert_row(client: &mut tokio_postgres::Client, table: &str, id: i64, i
 async fn read_row(client: &tokio_postgres::Client, table: &str, id: i64, i: u64, tally: &Tally) {
     let read =
         format!("SELECT count(*)::int, current_setting('cluster_name') FROM {table} WHERE id = $1");
-    let (found, node): (i32, String) = if i % 2 == 0 {
+    let (found, node): (i32, String) = if i.is_multiple_of(2) {
         let msgs = client
             .simple_query(&read.replace("$1", &id.to_string()))
             .await

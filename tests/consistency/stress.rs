@@ -158,7 +158,7 @@ impl Conn {
     /// Read row `id` (simple protocol for even `i`, extended for odd) and
     /// count the outcome in `tally`.
     async fn read(&self, table: &str, id: i64, i: u64, tally: &Tally) {
-        if i % 2 == 0 {
+        if i.is_multiple_of(2) {
             let sql = format!(
                 "SELECT count(*)::int, current_setting('cluster_name') FROM {table} WHERE id = {id}"
             );
