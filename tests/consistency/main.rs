@@ -61,14 +61,19 @@ async fn insert_row(client: &mut tokio_postgres::Client, table: &str, id: i64, i
     }
 }
 
+/// The read of the row whose id is `id` (a literal or `$1`): how many rows
+/// it found, and the node that ran it.
+fn read_sql(table: &str, id: &str) -> String {
+    format!("SELECT count(*)::int, current_setting('cluster_name') FROM {table} WHERE id = {id}")
+}
+
 /// Read row `id` of `table` (simple protocol for even `i`, extended for odd)
 /// and count the outcome in `tally`.
 async fn read_row(client: &tokio_postgres::Client, table: &str, id: i64, i: u64, tally: &Tally) {
-    let read =
-        format!("SELECT count(*)::int, current_setting('cluster_name') FROM {table} WHERE id = $1");
+    let read = read_sql(table, "$1");
     let (found, node): (i32, String) = if i.is_multiple_of(2) {
         let msgs = client
-            .simple_query(&read.replace("$1", &id.to_string()))
+            .simple_query(&read_sql(table, &id.to_string()))
             .await
             .unwrap();
         let (_, rows) = result_set(&msgs);

@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
-use super::{SERIAL, Tally, config, connect, fresh_table, report, result_set};
+use super::{SERIAL, Tally, config, connect, fresh_table, read_sql, report, result_set};
 use pgpilot::config::ConsistencyMode;
 
 /// Hand-offs per test unless `PGPILOT_STRESS_HANDOFFS` says otherwise.
@@ -117,12 +117,7 @@ impl Conn {
             .prepare(&format!("INSERT INTO {table} VALUES ($1)"))
             .await
             .unwrap();
-        let read = client
-            .prepare(&format!(
-                "SELECT count(*)::int, current_setting('cluster_name') FROM {table} WHERE id = $1"
-            ))
-            .await
-            .unwrap();
+        let read = client.prepare(&read_sql(table, "$1")).await.unwrap();
         Conn {
             client,
             insert,
@@ -159,9 +154,7 @@ impl Conn {
     /// count the outcome in `tally`.
     async fn read(&self, table: &str, id: i64, i: u64, tally: &Tally) {
         if i.is_multiple_of(2) {
-            let sql = format!(
-                "SELECT count(*)::int, current_setting('cluster_name') FROM {table} WHERE id = {id}"
-            );
+            let sql = read_sql(table, &id.to_string());
             let msgs = self.client.simple_query(&sql).await.unwrap();
             let (_, rows) = result_set(&msgs);
             tally.record(rows[0][0].parse().unwrap(), &rows[0][1]);
@@ -172,63 +165,84 @@ impl Conn {
     }
 }
 
+/// One stress run: a pgpilot in `mode` in front of a fresh `table`, the
+/// spinning threads, the clock, and the tally the workload fills.
+struct Run {
+    addr: std::net::SocketAddr,
+    table: &'static str,
+    total: u64,
+    tally: Arc<Tally>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    _busy: BusyLoops,
+    started: Instant,
+}
+
+impl Run {
+    async fn start(mode: ConsistencyMode, table: &'static str) -> Run {
+        let addr = super::spawn_proxy(config(mode));
+        fresh_table(addr, table).await;
+        Run {
+            addr,
+            table,
+            total: handoffs(),
+            tally: Arc::new(Tally::default()),
+            tasks: Vec::new(),
+            _busy: busy_loops(),
+            started: Instant::now(),
+        }
+    }
+
+    /// Wait for the workload, then check what it saw.
+    async fn finish(self, name: &str) {
+        for t in self.tasks {
+            t.await.unwrap();
+        }
+        check(name, &self.tally, self.total, self.started.elapsed());
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn global_handoffs_under_cpu_contention_never_miss() {
     let _serial = SERIAL.lock().await;
-    let addr = super::spawn_proxy(config(ConsistencyMode::Global));
-    let table = "stress_global";
-    fresh_table(addr, table).await;
-    let total = handoffs();
+    let mut run = Run::start(ConsistencyMode::Global, "stress_global").await;
+    let (table, total) = (run.table, run.total);
     let per_pair = total.div_ceil(PAIRS);
-    let tally = Arc::new(Tally::default());
-    let _busy = busy_loops();
-    let started = Instant::now();
-    let mut tasks = Vec::new();
     for p in 0..PAIRS {
-        let mut writer = Conn::open(addr, table).await;
-        let reader = Conn::open(addr, table).await;
+        let mut writer = Conn::open(run.addr, table).await;
+        let reader = Conn::open(run.addr, table).await;
         let n = per_pair.min(total.saturating_sub(p * per_pair));
         // One hand-off in flight per pair: each read arrives right after its
         // write's acknowledgement, where a race would show.
         let (tx, mut rx) = tokio::sync::mpsc::channel::<(i64, u64)>(1);
-        tasks.push(tokio::spawn(async move {
+        run.tasks.push(tokio::spawn(async move {
             for i in 0..n {
                 let id = (p * per_pair + i) as i64;
                 writer.insert(table, id, i).await;
                 tx.send((id, i)).await.unwrap();
             }
         }));
-        let tally = tally.clone();
-        tasks.push(tokio::spawn(async move {
+        let tally = run.tally.clone();
+        run.tasks.push(tokio::spawn(async move {
             while let Some((id, i)) = rx.recv().await {
                 reader.read(table, id, i, &tally).await;
             }
         }));
     }
-    for t in tasks {
-        t.await.unwrap();
-    }
-    check("global hand-offs", &tally, total, started.elapsed());
+    run.finish("global hand-offs").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn session_reads_under_cpu_contention_never_miss() {
     let _serial = SERIAL.lock().await;
-    let addr = super::spawn_proxy(config(ConsistencyMode::Session));
-    let table = "stress_session";
-    fresh_table(addr, table).await;
-    let total = handoffs();
+    let mut run = Run::start(ConsistencyMode::Session, "stress_session").await;
+    let (table, total) = (run.table, run.total);
     let conns = 2 * PAIRS;
     let per_conn = total.div_ceil(conns);
-    let tally = Arc::new(Tally::default());
-    let _busy = busy_loops();
-    let started = Instant::now();
-    let mut tasks = Vec::new();
     for c in 0..conns {
-        let mut conn = Conn::open(addr, table).await;
+        let mut conn = Conn::open(run.addr, table).await;
         let n = per_conn.min(total.saturating_sub(c * per_conn));
-        let tally = tally.clone();
-        tasks.push(tokio::spawn(async move {
+        let tally = run.tally.clone();
+        run.tasks.push(tokio::spawn(async move {
             for i in 0..n {
                 let id = (c * per_conn + i) as i64;
                 conn.insert(table, id, i).await;
@@ -236,13 +250,5 @@ async fn session_reads_under_cpu_contention_never_miss() {
             }
         }));
     }
-    for t in tasks {
-        t.await.unwrap();
-    }
-    check(
-        "session same-connection reads",
-        &tally,
-        total,
-        started.elapsed(),
-    );
+    run.finish("session same-connection reads").await;
 }
