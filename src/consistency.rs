@@ -25,6 +25,70 @@
 //! waits up to `routing.consistency_wait` or sends the read to the primary.
 //! Writes that bypass pgpilot are invisible to it: a client that wrote elsewhere
 //! can carry the position itself (`SET pgpilot.min_lsn`).
+//!
+//! # Why a read never misses an acknowledged commit
+//!
+//! Let W be a commit acknowledged to some client before read R arrived at
+//! pgpilot (`global` mode), or a commit of R's own session (`session` mode).
+//! R may run on a standby only if that standby has replayed W. The chain:
+//!
+//! 1. **W is in the primary's WAL before its answer.** PostgreSQL commits a
+//!    simple query's last statement before that statement's CommandComplete,
+//!    and any transaction before ReadyForQuery `I`; with `synchronous_commit`
+//!    on (the default) the commit record is written and flushed first. So every
+//!    `pg_current_wal_lsn()` (the write position) the primary reports after
+//!    pgpilot read that answer is at or past W's commit record.
+//! 2. **The count goes up before the client hears.** The session raises
+//!    `acked_writes` ([`Consistency::write_acknowledged`]) after reading the
+//!    answer from the primary and *before* forwarding it
+//!    (`Session::on_backend_data`: a chunk that `tells_commit`). Whatever the
+//!    client does with the news — a read on another connection, handled by
+//!    another runtime thread — starts after the count was raised, so R's
+//!    session, loading `acked_writes` while routing R, sees a count that
+//!    includes W. (Raised after forwarding, it could be read before the raise
+//!    by a thread that routes R while the forwarding thread is preempted.)
+//! 3. **R's target is a position fetched after W.** Either
+//!    * [`Consistency::global_lsn`]: `covered_writes >= acked_writes`, i.e. the
+//!      fetch behind `primary_lsn` loaded `acked_writes` (before asking the
+//!      primary) and got a count that includes W. Reading the raised value
+//!      means the raise — hence W's answer, hence (1) W — came before that
+//!      load, so before the query: its answer is at or past W. The fetcher
+//!      stores `primary_lsn` before `covered_writes` (release) and R loads them
+//!      in the other order (acquire): R gets that fetch's answer or a later one.
+//!    * or [`Consistency::fresh_primary_lsn`]: R's session takes a ticket (a
+//!      read-modify-write of `fetch_tickets`) after R arrived; the fetch that
+//!      answers it loaded `fetch_tickets` at or past the ticket before asking
+//!      the primary, and loading the value an RMW wrote (acquire/release)
+//!      orders the ticket before that load. A fetch already in flight when R
+//!      arrived read the counter earlier and does not answer the ticket,
+//!      however recently it began.
+//!
+//!    In `session` mode the session learns its own commit position by the
+//!    second way, after its ReadyForQuery and before routing its next read
+//!    (one task: no other thread is involved). A `SET pgpilot.min_lsn`
+//!    token is a position the client got from `SHOW pgpilot.last_commit_lsn`,
+//!    itself fetched after the commit.
+//! 4. **The standby has replayed the target.** `replayed(node)` holds a value
+//!    the standby itself reported (`pg_last_wal_replay_lsn()`, which PostgreSQL
+//!    advances only after applying the record, so W is visible to new
+//!    snapshots there). Replay only moves forward, so however old the poll
+//!    behind it, the standby has replayed at least that much when R runs: an
+//!    old poll result can only be too low (R waits for a newer one or goes to
+//!    the primary), never too high. The exceptions are a standby that goes
+//!    back (restarted, rebuilt) — a lower poll result replaces a higher one —
+//!    and a node that stops being a usable standby (down, promoted), whose
+//!    position the poller forgets (0) at its next turn. This holds whichever
+//!    standby R ends up on: each is compared with the target for itself
+//!    (`Session::fresh_read_node`).
+//!
+//! The same chain covers transaction pooling (the session, not the pooled
+//! connection, keeps the positions) and a session whose standby changes.
+//! A transaction that runs on a standby is checked once, when its BEGIN is
+//! routed: its later statements see what that standby has replayed by then,
+//! at least the target as of the BEGIN. Not covered: a commit made with
+//! `synchronous_commit = off`, which PostgreSQL acknowledges before writing
+//! its WAL, so the write position may still be short of it for up to
+//! `wal_writer_delay` (and no standby has it yet).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -61,17 +125,16 @@ pub struct Consistency {
     /// A session compared a position with `replayed` since the poller last
     /// looked: keep polling.
     demand: AtomicBool,
-    /// Result of the last completed primary fetch (0 before the first).
+    /// Result of the last successful primary fetch (0 before the first).
     primary_lsn: AtomicU64,
-    /// Generation of the last fetch started; a fetch with a larger generation
-    /// started after anything that read this value.
-    fetch_started: AtomicU64,
-    /// Generation of the last fetch completed (successfully or not).
-    fetch_done: AtomicU64,
+    /// Tickets handed out: a session asking for a fresh position takes the
+    /// next one ([`Consistency::fresh_primary_lsn`]).
+    fetch_tickets: AtomicU64,
+    /// The highest ticket the last completed fetch answers: the fetcher read
+    /// `fetch_tickets` before it asked the primary.
+    fetch_answered: AtomicU64,
     /// Whether the last completed fetch failed.
     fetch_failed: AtomicBool,
-    /// Highest generation some session waits for.
-    fetch_wanted: AtomicU64,
     /// Wakes the fetcher.
     fetch_request: Notify,
     /// Wakes sessions waiting for a fetch.
@@ -104,10 +167,9 @@ impl Consistency {
             poll_now: Notify::new(),
             demand: AtomicBool::new(false),
             primary_lsn: AtomicU64::new(0),
-            fetch_started: AtomicU64::new(0),
-            fetch_done: AtomicU64::new(0),
+            fetch_tickets: AtomicU64::new(0),
+            fetch_answered: AtomicU64::new(0),
             fetch_failed: AtomicBool::new(false),
-            fetch_wanted: AtomicU64::new(0),
             fetch_request: Notify::new(),
             fetch_completed: Notify::new(),
             acked_writes: AtomicU64::new(0),
@@ -158,15 +220,22 @@ impl Consistency {
     /// A primary WAL position taken after this call began (so at or past every
     /// commit acknowledged before it), waiting at most `limit`.
     pub async fn fresh_primary_lsn(&self, limit: Duration) -> Result<u64, LsnError> {
-        let want = self.fetch_started.load(Ordering::Acquire) + 1;
-        self.fetch_wanted.fetch_max(want, Ordering::AcqRel);
+        // The ticket is a read-modify-write the fetcher must *read* before
+        // a fetch answers it: that read happens after this call began, and
+        // the fetcher asks the primary after the read. A fetch already in
+        // flight (it read the tickets before this one was taken) does not
+        // count, however recently it started.
+        let ticket = self.fetch_tickets.fetch_add(1, Ordering::AcqRel) + 1;
         let deadline = Instant::now() + limit;
         loop {
             let done = self.fetch_completed.notified();
             tokio::pin!(done);
             done.as_mut().enable();
             self.fetch_request.notify_one();
-            if self.fetch_done.load(Ordering::Acquire) >= want {
+            if self.fetch_answered.load(Ordering::Acquire) >= ticket {
+                // `fetch_failed` and `primary_lsn` are those of the fetch
+                // that answered, or of a later one (stored before
+                // `fetch_answered`): also started after the ticket.
                 if self.fetch_failed.load(Ordering::Acquire) {
                     return Err(LsnError::Failed);
                 }
@@ -310,13 +379,16 @@ pub async fn run_primary_fetcher(
 ) {
     let mut conn: Option<MonitorConn> = None;
     loop {
-        while lsns.fetch_wanted.load(Ordering::Acquire) <= lsns.fetch_done.load(Ordering::Acquire) {
+        let mut answers = lsns.fetch_tickets.load(Ordering::Acquire);
+        while answers <= lsns.fetch_answered.load(Ordering::Acquire) {
             tokio::select! {
                 _ = lsns.fetch_request.notified() => {}
                 _ = shutdown.changed() => return,
             }
+            answers = lsns.fetch_tickets.load(Ordering::Acquire);
         }
-        let generation = lsns.fetch_started.fetch_add(1, Ordering::AcqRel) + 1;
+        // Both read before the primary is asked: the answer covers every
+        // ticket up to `answers` and every write counted up to `covered`.
         let covered = lsns.acked_writes.load(Ordering::Acquire);
         let cfg = config.load_full();
         let result = fetch_once(&mut conn, &cluster, &cfg).await;
@@ -333,7 +405,7 @@ pub async fn run_primary_fetcher(
                 lsns.fetch_failed.store(true, Ordering::Release);
             }
         }
-        lsns.fetch_done.store(generation, Ordering::Release);
+        lsns.fetch_answered.store(answers, Ordering::Release);
         lsns.fetch_completed.notify_waiters();
     }
 }

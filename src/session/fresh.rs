@@ -130,7 +130,8 @@ impl Session {
         }
     }
 
-    /// The request being routed was sent: its one-shot routing state ends.
+    /// The request being routed was sent (or answered by pgpilot itself): its
+    /// one-shot routing state ends.
     pub(super) fn fresh_request_sent(&mut self) {
         let f = &mut self.fresh;
         f.request_lsn = None;
@@ -139,11 +140,12 @@ impl Session {
     }
 
     /// A request ended on the primary with the session outside a transaction:
-    /// any write it carried is now acknowledged (committed).
+    /// any write it carried is now acknowledged (committed), and the session's
+    /// next read must see it. (The proxy-wide count of acknowledged writes went
+    /// up before the client got the answer: `Session::on_backend_data`.)
     pub(super) fn writes_acknowledged(&mut self) {
         if std::mem::take(&mut self.fresh.write_pending) {
             self.fresh.lsn_unknown = true;
-            self.ctx.lsns.write_acknowledged();
         }
     }
 }

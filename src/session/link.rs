@@ -50,6 +50,20 @@ pub enum Done {
     },
 }
 
+/// Whole server messages [`Link::scan`] found at the front of the
+/// connection's buffer, not yet forwarded.
+#[derive(Debug)]
+pub(crate) struct Chunk {
+    /// Their length in bytes.
+    len: usize,
+    /// Answers to pgpilot's own messages among them (byte ranges), not forwarded.
+    cuts: Option<Vec<(usize, usize)>>,
+    /// They may tell the client that a transaction committed: a
+    /// ReadyForQuery `I`, or a CommandComplete outside a transaction block
+    /// or of a COMMIT (more than exactly the commits, never fewer).
+    pub(crate) tells_commit: bool,
+}
+
 /// A client Parse sent on a connection, awaiting its ParseComplete.
 #[derive(Debug)]
 pub struct PendingParse {
@@ -281,19 +295,19 @@ impl Link {
             .map_err(|_| SessionError::BackendLost { node })
     }
 
-    /// Scan what the server sent, settle bookkeeping into `done`, and forward it to
-    /// the client in one write. `patch_idle` rewrites a ReadyForQuery `I` to that
-    /// status byte (a read balanced off the transaction's node must not tell the
-    /// client its transaction ended).
-    pub fn on_data(
+    /// Scan what the server sent and settle bookkeeping into `done`; the
+    /// whole messages found are forwarded by [`Self::forward`], which the
+    /// session calls once it has recorded what they acknowledge (see
+    /// [`Chunk::tells_commit`]). `patch_idle` rewrites a ReadyForQuery `I` to
+    /// that status byte (a read balanced off the transaction's node must not
+    /// tell the client its transaction ended).
+    pub(crate) fn scan(
         &mut self,
-        client: &TcpStream,
-        to_client: &mut Outbox,
         events: &mut Vec<Scanned>,
         done: &mut Vec<Done>,
         patch_idle: Option<u8>,
         metrics: &Metrics,
-    ) -> Result<(), SessionError> {
+    ) -> Result<Chunk, SessionError> {
         let node = self.conn.node;
         let n = self.st.scanner.scan(&self.conn.buf, events).map_err(|e| {
             tracing::warn!(node, error = %e, "unframeable data from server");
@@ -301,9 +315,11 @@ impl Link {
         })?;
         // Answers to pgpilot's own messages, cut from what the client gets.
         let mut cuts: Option<Vec<(usize, usize)>> = None;
+        let mut tells_commit = false;
         for ev in events.drain(..) {
             match ev.event {
                 BackendEvent::ReadyForQuery(s) => {
+                    tells_commit |= s == b'I';
                     if let Some(p) = patch_idle.filter(|_| s == b'I' && ev.end > ev.start + 5) {
                         // An error here fails the client's transaction too.
                         self.conn.buf[ev.start + 5] = if self.st.batch_error {
@@ -327,6 +343,12 @@ impl Link {
                         .unwrap_or_default();
                     metrics.command_completed(node, tag);
                     self.st.rolled_back |= tag == b"ROLLBACK";
+                    // Outside a transaction block (the status as of the last
+                    // ReadyForQuery, updated in stream order) PostgreSQL
+                    // commits a simple query's last statement before its
+                    // CommandComplete; a COMMIT's tag says so itself.
+                    tells_commit |=
+                        self.conn.status == TxStatus::Idle || tag.starts_with(b"COMMIT");
                 }
                 BackendEvent::Error { fatal, sqlstate } => {
                     self.on_error(fatal, &sqlstate, done, metrics);
@@ -361,7 +383,22 @@ impl Link {
                 BackendEvent::CopyStarted(_) => {}
             }
         }
-        if let Some(cuts) = cuts {
+        Ok(Chunk {
+            len: n,
+            cuts,
+            tells_commit,
+        })
+    }
+
+    /// Forward to the client, in one write, what [`Self::scan`] found.
+    pub(crate) fn forward(
+        &mut self,
+        client: &TcpStream,
+        to_client: &mut Outbox,
+        chunk: Chunk,
+    ) -> Result<(), SessionError> {
+        let n = chunk.len;
+        if let Some(cuts) = chunk.cuts {
             forward_cut(client, to_client, &self.conn.buf[..n], &cuts)?;
             bytes::Buf::advance(&mut self.conn.buf, n);
         } else if n > 0 {

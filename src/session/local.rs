@@ -255,6 +255,10 @@ impl Session {
     }
 
     fn send_local(&mut self, out: &[u8]) -> Result<(), SessionError> {
+        // The request is answered here, not sent: its one-shot routing state
+        // (a primary position fetched for it, above all) must not serve the
+        // next request, which may arrive after other sessions' commits.
+        self.fresh_request_sent();
         self.to_client
             .send(&self.client, out)
             .map_err(SessionError::ClientIo)

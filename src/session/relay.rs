@@ -258,14 +258,22 @@ impl Session {
         let Some(link) = self.links[node].as_mut() else {
             return Ok(());
         };
-        link.on_data(
-            &self.client,
-            &mut self.to_client,
-            &mut self.events,
-            &mut self.done,
-            patch,
-            &self.ctx.metrics,
-        )?;
+        let chunk = link.scan(&mut self.events, &mut self.done, patch, &self.ctx.metrics)?;
+        // Global mode's promise: a read sees every commit acknowledged to any
+        // client before the read arrived. The count of acknowledged writes is
+        // what makes other sessions' reads ask the primary for a newer
+        // position, so it goes up *before* the client can learn of the
+        // commit: once these bytes are on its socket, the client may hand
+        // the news to another connection whose read pgpilot routes at once,
+        // on another runtime thread, and that read must find the count
+        // raised (the ordering argument is in `crate::consistency`).
+        if chunk.tells_commit
+            && self.fresh.write_pending
+            && self.ctx.cluster.snapshot().primary == Some(node)
+        {
+            self.ctx.lsns.write_acknowledged();
+        }
+        link.forward(&self.client, &mut self.to_client, chunk)?;
         self.settle(node);
         Ok(())
     }

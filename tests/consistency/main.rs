@@ -1,8 +1,11 @@
 //! Read-your-writes by LSN, against a real primary + 2 streaming standbys with
 //! load balancing on: a session (or, in global mode, anyone) reads back what was
-//! acknowledged, even when the read goes to a standby.
+//! acknowledged, even when the read goes to a standby. `stress.rs` repeats the
+//! hand-offs by the hundred thousand under CPU contention.
 
+#[path = "../common/mod.rs"]
 mod common;
+mod stress;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -29,22 +32,92 @@ struct Tally {
     on_standby: AtomicU64,
 }
 
-/// `clients` sessions each insert a row and read it back at once, `per_client`
-/// times, cycling through: simple autocommit, extended autocommit, simple
+/// Insert row `id` into `table`, acknowledged when this returns; `i` picks
+/// the form, cycling through: simple autocommit, extended autocommit, simple
 /// explicit transaction, extended explicit transaction.
+async fn insert_row(client: &mut tokio_postgres::Client, table: &str, id: i64, i: u64) {
+    match i % 4 {
+        0 => client
+            .simple_query(&format!("INSERT INTO {table} VALUES ({id})"))
+            .await
+            .map(drop)
+            .unwrap(),
+        1 => client
+            .execute(&format!("INSERT INTO {table} VALUES ($1)"), &[&id])
+            .await
+            .map(drop)
+            .unwrap(),
+        2 => client
+            .batch_execute(&format!("BEGIN; INSERT INTO {table} VALUES ({id}); COMMIT"))
+            .await
+            .unwrap(),
+        _ => {
+            let tx = client.transaction().await.unwrap();
+            tx.execute(&format!("INSERT INTO {table} VALUES ($1)"), &[&id])
+                .await
+                .unwrap();
+            tx.commit().await.unwrap();
+        }
+    }
+}
+
+/// The read of the row whose id is `id` (a literal or `$1`): how many rows
+/// it found, and the node that ran it.
+fn read_sql(table: &str, id: &str) -> String {
+    format!("SELECT count(*)::int, current_setting('cluster_name') FROM {table} WHERE id = {id}")
+}
+
+/// Read row `id` of `table` (simple protocol for even `i`, extended for odd)
+/// and count the outcome in `tally`.
+async fn read_row(client: &tokio_postgres::Client, table: &str, id: i64, i: u64, tally: &Tally) {
+    let read = read_sql(table, "$1");
+    let (found, node): (i32, String) = if i.is_multiple_of(2) {
+        let msgs = client
+            .simple_query(&read_sql(table, &id.to_string()))
+            .await
+            .unwrap();
+        let (_, rows) = result_set(&msgs);
+        (rows[0][0].parse().unwrap(), rows[0][1].clone())
+    } else {
+        let row = client.query_one(&read, &[&id]).await.unwrap();
+        (row.get(0), row.get(1))
+    };
+    tally.record(found, &node);
+}
+
+/// (Re)create `table` (one bigint key) through `addr`.
+async fn fresh_table(addr: std::net::SocketAddr, table: &str) {
+    connect(addr, "")
+        .await
+        .batch_execute(&format!(
+            "DROP TABLE IF EXISTS {table}; CREATE TABLE {table} (id bigint primary key)"
+        ))
+        .await
+        .unwrap();
+}
+
+impl Tally {
+    /// A read of one row found `found` rows, on `node` (`cluster_name`).
+    fn record(&self, found: i32, node: &str) {
+        self.iterations.fetch_add(1, Ordering::Relaxed);
+        if found != 1 {
+            self.missing.fetch_add(1, Ordering::Relaxed);
+        }
+        if node != "node0" {
+            self.on_standby.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// `clients` sessions each insert a row and read it back at once, `per_client`
+/// times, cycling through the forms of [`insert_row`] and [`read_row`].
 async fn insert_then_read(
     addr: std::net::SocketAddr,
     table: &str,
     clients: usize,
     per_client: u64,
 ) -> Arc<Tally> {
-    let setup = connect(addr, "").await;
-    setup
-        .batch_execute(&format!(
-            "DROP TABLE IF EXISTS {table}; CREATE TABLE {table} (id bigint primary key)"
-        ))
-        .await
-        .unwrap();
+    fresh_table(addr, table).await;
     let tally = Arc::new(Tally::default());
     let mut tasks = Vec::new();
     for c in 0..clients as u64 {
@@ -52,52 +125,10 @@ async fn insert_then_read(
         let table = table.to_string();
         tasks.push(tokio::spawn(async move {
             let mut client = connect(addr, "").await;
-            let read = format!(
-                "SELECT count(*)::int, current_setting('cluster_name') FROM {table} WHERE id = $1"
-            );
             for i in 0..per_client {
                 let id = (c * per_client + i) as i64;
-                match i % 4 {
-                    0 => client
-                        .simple_query(&format!("INSERT INTO {table} VALUES ({id})"))
-                        .await
-                        .map(drop)
-                        .unwrap(),
-                    1 => client
-                        .execute(&format!("INSERT INTO {table} VALUES ($1)"), &[&id])
-                        .await
-                        .map(drop)
-                        .unwrap(),
-                    2 => client
-                        .batch_execute(&format!("BEGIN; INSERT INTO {table} VALUES ({id}); COMMIT"))
-                        .await
-                        .unwrap(),
-                    _ => {
-                        let tx = client.transaction().await.unwrap();
-                        tx.execute(&format!("INSERT INTO {table} VALUES ($1)"), &[&id])
-                            .await
-                            .unwrap();
-                        tx.commit().await.unwrap();
-                    }
-                }
-                let (found, node): (i32, String) = if i % 2 == 0 {
-                    let msgs = client
-                        .simple_query(&read.replace("$1", &id.to_string()))
-                        .await
-                        .unwrap();
-                    let (_, rows) = result_set(&msgs);
-                    (rows[0][0].parse().unwrap(), rows[0][1].clone())
-                } else {
-                    let row = client.query_one(&read, &[&id]).await.unwrap();
-                    (row.get(0), row.get(1))
-                };
-                tally.iterations.fetch_add(1, Ordering::Relaxed);
-                if found != 1 {
-                    tally.missing.fetch_add(1, Ordering::Relaxed);
-                }
-                if node != "node0" {
-                    tally.on_standby.fetch_add(1, Ordering::Relaxed);
-                }
+                insert_row(&mut client, &table, id, i).await;
+                read_row(&client, &table, id, i, &tally).await;
             }
         }));
     }
@@ -184,6 +215,49 @@ async fn global_mode_covers_a_write_seen_through_another_connection() {
     assert_eq!(missing, 0);
     // Not by sending every read to the primary.
     assert!(on_standby > 500, "{on_standby} of 1000 reads on standbys");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn global_mode_reads_after_a_local_command_see_later_commits() {
+    let _serial = SERIAL.lock().await;
+    let h = harness();
+    let addr = spawn_proxy(config(ConsistencyMode::Global));
+    let a = connect(addr, "").await;
+    let b = connect(addr, "").await;
+    a.batch_execute("DROP TABLE IF EXISTS after_local; CREATE TABLE after_local (id int)")
+        .await
+        .unwrap();
+    // A command pgpilot answers itself, after learning the position of the
+    // session's own write from the primary.
+    a.execute("INSERT INTO after_local VALUES (0)", &[])
+        .await
+        .unwrap();
+    a.simple_query("SHOW pgpilot.last_commit_lsn")
+        .await
+        .unwrap();
+    h.cluster.lock().unwrap().wait_replayed().unwrap();
+    // Another session's commit that no standby replays.
+    let _resume = [1, 2].map(|n| {
+        h.psql(n, "SELECT pg_wal_replay_pause()");
+        ResumeReplay(n)
+    });
+    b.execute("INSERT INTO after_local VALUES (1)", &[])
+        .await
+        .unwrap();
+    // The next read must see it: the position fetched for the local command
+    // is older than that commit.
+    let msgs = a
+        .simple_query(
+            "SELECT count(*)::int, current_setting('cluster_name') FROM after_local WHERE id = 1",
+        )
+        .await
+        .unwrap();
+    let (_, rows) = result_set(&msgs);
+    assert_eq!(
+        rows[0][0], "1",
+        "the read on {} missed the commit",
+        rows[0][1]
+    );
 }
 
 /// A new session through pgpilot and the node its first read ran on.
