@@ -493,6 +493,12 @@ impl Config {
                 ));
             }
         }
+        if self.routing.unlogged_cache_ttl.is_zero() {
+            return Err(invalid(
+                "routing.unlogged_cache_ttl",
+                "must be more than 0 (turn the check off with check_unlogged_tables = false)",
+            ));
+        }
         if self.health_check.max_retries > 100 {
             return Err(invalid("health_check.max_retries", "must be 0..100"));
         }

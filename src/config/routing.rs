@@ -58,6 +58,13 @@ pub struct Routing {
     /// is sent to the primary instead; 0 = never wait.
     #[serde(deserialize_with = "duration")]
     pub consistency_wait: Duration,
+    /// Send reads of unlogged relations (and of views over them) to the primary,
+    /// as pgpool-II's `check_unlogged_table`: a hot standby refuses them.
+    pub check_unlogged_tables: bool,
+    /// How long an answer of the unlogged-relation lookup is trusted (changes
+    /// made around pgpilot; DDL through pgpilot forgets answers at once).
+    #[serde(deserialize_with = "duration")]
+    pub unlogged_cache_ttl: Duration,
 }
 
 impl Default for Routing {
@@ -72,6 +79,8 @@ impl Default for Routing {
             cache_size: 10_000,
             consistency: ConsistencyMode::Session,
             consistency_wait: Duration::from_millis(20),
+            check_unlogged_tables: true,
+            unlogged_cache_ttl: Duration::from_secs(10),
         }
     }
 }

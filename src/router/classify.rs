@@ -29,6 +29,7 @@
 use std::collections::HashSet;
 
 use super::normalize::split_statements;
+use super::relations::RelationName;
 use lexical::{fallback, lexical_sticky, may_read};
 
 #[path = "classify_ast.rs"]
@@ -113,6 +114,15 @@ pub struct Classification {
     /// resolve them in pg_proc (volatile → write). When non-empty and the policy is
     /// [`UnknownIs::Write`] (or allow-list mode), access is already Write.
     pub unknown_functions: Vec<String>,
+    /// Relations named by read statements (tables, views, sequences, and
+    /// anything else in a FROM clause, CTE names included), folded as
+    /// PostgreSQL folds identifiers, deduplicated, sorted. The caller checks
+    /// them for unlogged relations ([`super::relations`]).
+    pub relations: Vec<RelationName>,
+    /// Some statement may change which relations are unlogged (any statement
+    /// other than a query or plain DML, including ones that did not parse):
+    /// cached relation answers are forgotten when it runs.
+    pub catalog_change: bool,
 }
 
 impl Classification {
@@ -130,6 +140,8 @@ impl Classification {
             statements: 0,
             parse_failed: false,
             unknown_functions: Vec::new(),
+            relations: Vec::new(),
+            catalog_change: false,
         }
     }
 }
@@ -377,6 +389,8 @@ impl Classifier for SqlParserClassifier {
         }
         c.unknown_functions.sort_unstable();
         c.unknown_functions.dedup();
+        c.relations.sort_unstable();
+        c.relations.dedup();
         c
     }
 }
@@ -397,6 +411,8 @@ struct Part {
     deallocate: Option<Option<String>>,
     parse_failed: bool,
     unknown: Vec<String>,
+    relations: Vec<RelationName>,
+    catalog_change: bool,
 }
 
 impl Part {
@@ -442,6 +458,7 @@ fn merge(c: &mut Classification, part: Part) {
         c.tx = part.tx;
     }
     c.parse_failed |= part.parse_failed;
+    c.catalog_change |= part.catalog_change;
     // Only one PREPARE/EXECUTE/DEALLOCATE of each kind can be reported: a second
     // one makes the whole string a write (it runs on the primary).
     merge_once(&mut c.prepare, part.prepare, &mut c.access);
@@ -449,6 +466,7 @@ fn merge(c: &mut Classification, part: Part) {
     merge_once(&mut c.deallocate, part.deallocate, &mut c.access);
     if !part.write {
         c.unknown_functions.extend(part.unknown);
+        c.relations.extend(part.relations);
     }
 }
 

@@ -21,6 +21,7 @@ use super::{
     SqlParserClassifier, TxControl, UnknownIs,
 };
 use crate::router::normalize::Statement as Piece;
+use crate::router::relations::RelationName;
 
 impl SqlParserClassifier {
     /// Parse one statement (never panicking) and classify it; lexical fallback on failure.
@@ -63,7 +64,11 @@ impl SqlParserClassifier {
                 }
                 let analyze = *analyze || options.iter().flatten().any(is_analyze_option);
                 if !analyze {
-                    return Part::default();
+                    // Planning opens the relations: a standby refuses unlogged ones.
+                    return Part {
+                        relations: self.statement(statement).relations,
+                        ..Part::default()
+                    };
                 }
                 // EXPLAIN ANALYZE runs the statement: it is as much a write as it is.
                 let inner = self.statement(statement);
@@ -74,6 +79,8 @@ impl SqlParserClassifier {
                     execute: inner.execute,
                     parse_failed: inner.parse_failed,
                     unknown: inner.unknown,
+                    relations: inner.relations,
+                    catalog_change: inner.catalog_change,
                     ..Part::default()
                 }
             }
@@ -174,6 +181,17 @@ impl SqlParserClassifier {
             other => {
                 let mut part = self.scanned(other);
                 part.write = true;
+                part.catalog_change = !matches!(
+                    other,
+                    Statement::Insert(_)
+                        | Statement::Update(_)
+                        | Statement::Delete(_)
+                        | Statement::Merge(_)
+                        | Statement::Truncate(_)
+                        | Statement::LISTEN { .. }
+                        | Statement::UNLISTEN { .. }
+                        | Statement::NOTIFY { .. }
+                );
                 part.sticky |= match other {
                     Statement::CreateTable(t) => t.temporary || is_pg_temp(&t.name),
                     Statement::CreateView(v) => v.temporary || is_pg_temp(&v.name),
@@ -245,6 +263,18 @@ impl Visitor for Scan<'_> {
             if into.temporary || pg_temp {
                 self.part.sticky = true;
             }
+        }
+        ControlFlow::Continue(())
+    }
+
+    fn pre_visit_relation(&mut self, relation: &ObjectName) -> ControlFlow<()> {
+        let idents: Vec<&Ident> = relation.0.iter().filter_map(|p| p.as_ident()).collect();
+        if let [.., schema, name] | [schema @ name] = idents.as_slice() {
+            let qualified = idents.len() > 1;
+            self.part.relations.push(RelationName {
+                schema: qualified.then(|| fold(schema)),
+                name: fold(name),
+            });
         }
         ControlFlow::Continue(())
     }

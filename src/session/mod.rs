@@ -29,6 +29,7 @@ mod state;
 mod statements;
 mod track;
 mod txpool;
+mod unlogged;
 
 use std::sync::Arc;
 
@@ -248,6 +249,11 @@ struct Session {
     batch_unseen: bool,
     /// The last `pg_proc` lookup failed: judge the next request's functions volatile.
     lookup_failed: bool,
+    /// The last unlogged-relation lookup failed: the next read goes to the primary.
+    relations_failed: bool,
+    /// A request that may change the catalog was sent since the session was
+    /// last idle ([`Session::catalog_settled`]).
+    catalog_changed: bool,
     /// Standbys this session failed to use, not retried before the instant.
     shunned_until: Vec<Option<tokio::time::Instant>>,
     /// The session has picked a load-balance node once (later picks are moves).
@@ -354,6 +360,8 @@ impl Session {
             avoid_standby_once: false,
             batch_unseen: false,
             lookup_failed: false,
+            relations_failed: false,
+            catalog_changed: false,
             shunned_until: vec![None; nodes],
             standby_picked: false,
             defaults_probed: false,
@@ -486,6 +494,7 @@ impl Session {
                         self.tx_aborted = true;
                     }
                     if tx_link && status == TxStatus::Idle {
+                        self.catalog_settled();
                         self.state.pending_tx.clear();
                         self.tx_aborted = false;
                     }

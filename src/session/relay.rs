@@ -228,6 +228,7 @@ impl Session {
                     .consistency_waited(started.elapsed().as_secs_f64());
                 Ok(())
             }
+            Step::LookupRelations(names) => self.look_up_relations(names).await,
             Step::Lookup(names) => {
                 let snapshot = self.ctx.cluster.snapshot();
                 let primary = snapshot.primary.unwrap_or(self.active);

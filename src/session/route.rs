@@ -53,6 +53,8 @@ pub enum Step {
     NeedPrimary,
     /// Look these functions up in `pg_proc` before routing.
     Lookup(Vec<String>),
+    /// Look these relations up (unlogged?) before routing.
+    LookupRelations(Vec<crate::router::relations::RelationName>),
     /// Learn a fresh primary WAL position (read-your-writes) before routing.
     FetchLsn,
     /// Ask the primary connection for the session's transaction defaults (from
@@ -368,10 +370,11 @@ impl Session {
         needs: &Needs,
     ) -> Planned {
         if hint != Some(Hint::Standby) {
-            match self.judge_functions(&class) {
-                Ok(volatile) => force_write |= volatile,
-                Err(step) => return Err(step),
-            }
+            force_write |= self.judge_functions(&class)?;
+        }
+        // A standby hint cannot make a standby serve an unlogged relation.
+        if !force_write {
+            force_write |= self.judge_relations(&class)?;
         }
         let class = if force_write && class.access == Access::Read {
             let mut c = (*class).clone();
@@ -675,9 +678,13 @@ fn merge(classes: &[Arc<Classification>]) -> Classification {
         m.statements += c.statements;
         m.unknown_functions
             .extend(c.unknown_functions.iter().cloned());
+        m.relations.extend(c.relations.iter().cloned());
+        m.catalog_change |= c.catalog_change;
     }
     m.unknown_functions.sort_unstable();
     m.unknown_functions.dedup();
+    m.relations.sort_unstable();
+    m.relations.dedup();
     m
 }
 

@@ -31,6 +31,7 @@ mod balancing;
 mod classifier;
 mod session_settings;
 mod transactions;
+mod unlogged;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
