@@ -123,6 +123,46 @@ pub struct Classification {
     /// other than a query or plain DML, including ones that did not parse):
     /// cached relation answers are forgotten when it runs.
     pub catalog_change: bool,
+    /// A standby refused a statement of this shape as only recovery would:
+    /// it runs on the primary from now on (see [`Learned`]).
+    pub primary_only: Learned,
+}
+
+/// A fact learned about a cached statement shape after it was classified,
+/// shared by every session holding the shape's classification. It is not
+/// part of what a classification says of the text: it never makes two
+/// classifications differ (equality and hashing ignore it).
+#[derive(Debug, Default)]
+pub struct Learned(std::sync::atomic::AtomicBool);
+
+impl Learned {
+    /// Whether it was learned.
+    pub fn get(&self) -> bool {
+        self.0.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Learn it.
+    pub fn set(&self) {
+        self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+impl Clone for Learned {
+    fn clone(&self) -> Self {
+        Learned(self.get().into())
+    }
+}
+
+impl PartialEq for Learned {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl Eq for Learned {}
+
+impl std::hash::Hash for Learned {
+    fn hash<H: std::hash::Hasher>(&self, _: &mut H) {}
 }
 
 impl Classification {
@@ -142,6 +182,7 @@ impl Classification {
             unknown_functions: Vec::new(),
             relations: Vec::new(),
             catalog_change: false,
+            primary_only: Learned::default(),
         }
     }
 }

@@ -14,6 +14,7 @@ use std::time::Instant;
 use tokio::net::TcpStream;
 
 use super::SessionError;
+use super::retry::Watch;
 use super::state::Effects;
 use crate::backend::conn::Unnamed;
 use crate::backend::pool::PooledConn;
@@ -154,6 +155,11 @@ pub struct LinkState {
     pub syncs_since_execute: usize,
     /// When the first request now in flight was sent (query duration metric).
     started: Option<Instant>,
+    /// Whether an armed request's response is being watched for a refusal
+    /// ([`super::retry`]).
+    pub watch: Watch,
+    /// What the watch holds back from the client (reused).
+    pub held: Vec<u8>,
 }
 
 impl LinkState {
@@ -178,6 +184,8 @@ impl LinkState {
             copy_in: false,
             syncs_since_execute: 0,
             started: None,
+            watch: Watch::Off,
+            held: Vec::new(),
         }
     }
 
@@ -204,6 +212,8 @@ impl LinkState {
             copy_in,
             syncs_since_execute,
             started,
+            watch,
+            held,
         } = self;
         *scanner = BackendScanner::default();
         *out = Outbox::default();
@@ -224,6 +234,8 @@ impl LinkState {
         *copy_in = false;
         *syncs_since_execute = 0;
         *started = None;
+        *watch = Watch::Off;
+        held.clear();
     }
 }
 
@@ -360,6 +372,19 @@ impl Link {
                 }
                 BackendEvent::CopyStarted(_) => {}
             }
+        }
+        if self.st.watch != Watch::Off {
+            if cuts.is_none() {
+                self.forward_watched(client, to_client, n)?;
+                bytes::Buf::advance(&mut self.conn.buf, n);
+                return Ok(());
+            }
+            // pgpilot's own messages are in the answer: no retry.
+            self.st.watch = Watch::Off;
+            to_client
+                .send(client, &self.st.held)
+                .map_err(SessionError::ClientIo)?;
+            self.st.held.clear();
         }
         if let Some(cuts) = cuts {
             forward_cut(client, to_client, &self.conn.buf[..n], &cuts)?;

@@ -24,6 +24,7 @@ pub mod handshake;
 mod link;
 mod local;
 mod relay;
+mod retry;
 mod route;
 mod state;
 mod statements;
@@ -251,6 +252,8 @@ struct Session {
     lookup_failed: bool,
     /// The last unlogged-relation lookup failed: the next read goes to the primary.
     relations_failed: bool,
+    /// The request that may run again on the primary if a standby refuses it.
+    retry: retry::RetryNet,
     /// A request that may change the catalog was sent since the session was
     /// last idle ([`Session::catalog_settled`]).
     catalog_changed: bool,
@@ -362,6 +365,7 @@ impl Session {
             lookup_failed: false,
             relations_failed: false,
             catalog_changed: false,
+            retry: retry::RetryNet::default(),
             shunned_until: vec![None; nodes],
             standby_picked: false,
             defaults_probed: false,

@@ -267,6 +267,12 @@ impl Session {
             &self.ctx.metrics,
         )?;
         self.settle(node);
+        if self.links[node]
+            .as_ref()
+            .is_some_and(|l| l.watch == super::retry::Watch::Refused)
+        {
+            self.on_refused(node)?;
+        }
         Ok(())
     }
 }

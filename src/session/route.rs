@@ -244,7 +244,10 @@ impl Session {
                         return Ok(Step::MoveTxToPrimary);
                     }
                     match self.plan_simple(f.tag, frame)? {
-                        Ok(n) => n,
+                        Ok(n) => {
+                            self.arm_retry(n, frame, true);
+                            n
+                        }
                         Err(step) => return Ok(step),
                     }
                 }
@@ -296,6 +299,7 @@ impl Session {
                         }
                         None => match self.plan_batch(&buf[*pos..])? {
                             Ok(n) => {
+                                self.arm_retry(n, &buf[*pos..], false);
                                 self.batch = Some(n);
                                 self.batch_unseen = false;
                                 self.fresh_request_sent();

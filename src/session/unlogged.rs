@@ -16,8 +16,13 @@ impl Session {
     /// lookup step when an answer is missing. No lookup is made for a request
     /// that cannot be balanced anyway.
     pub(super) fn judge_relations(&mut self, class: &Classification) -> Result<bool, Step> {
-        if class.access == Access::Write
-            || class.relations.is_empty()
+        if class.access == Access::Write {
+            return Ok(false);
+        }
+        if class.primary_only.get() {
+            return Ok(true);
+        }
+        if class.relations.is_empty()
             || !self.cfg.routing.check_unlogged_tables
             || !self.may_balance()
         {
