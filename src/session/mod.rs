@@ -387,6 +387,9 @@ impl Session {
         match self.attach_at_login().await {
             Ok(true) => {
                 if let Some(l) = &self.links[self.active] {
+                    // What the server said while it started, as PostgreSQL
+                    // sends it: after AuthenticationOk, before the parameters.
+                    out.extend_from_slice(&l.conn.startup_notices);
                     self.ctx.server_params.remember(&l.conn.params);
                     for (k, v) in &l.conn.params {
                         messages::parameter_status(&mut out, k, v);
