@@ -95,7 +95,8 @@ impl ProxyContext {
         let old = self.config.load();
         let lists_changed = old.routing.write_functions != new.routing.write_functions
             || old.routing.read_only_functions != new.routing.read_only_functions
-            || old.routing.unknown_functions != new.routing.unknown_functions;
+            || old.routing.unknown_functions != new.routing.unknown_functions
+            || old.routing.primary_relations != new.routing.primary_relations;
         if lists_changed {
             let classifier = SqlParserClassifier::new(new.routing.function_policy());
             self.classifier.store(Arc::new(classifier));

@@ -493,6 +493,16 @@ impl Config {
                 ));
             }
         }
+        if let Some(bad) =
+            self.routing.primary_relations.iter().find(|r| {
+                r.split('.').count() > 2 || r.split('.').any(|part| part.trim().is_empty())
+            })
+        {
+            return Err(invalid(
+                "routing.primary_relations",
+                format!("{bad:?}: give \"name\" or \"schema.name\""),
+            ));
+        }
         if self.routing.unlogged_cache_ttl.is_zero() {
             return Err(invalid(
                 "routing.unlogged_cache_ttl",

@@ -50,6 +50,10 @@ pub struct Routing {
     pub read_only_functions: Vec<String>,
     /// Functions on no list: `"lookup"` (pg_proc volatility), `"write"` or `"read"`.
     pub unknown_functions: UnknownFunctions,
+    /// Relations whose reads run on the primary, beyond the built-in node-local
+    /// views (statistics, activity, locks, replication ...): `"name"` (any
+    /// schema) or `"schema.name"`, written as PostgreSQL folds them.
+    pub primary_relations: Vec<String>,
     /// Classifications cached (by normalised statement text); 0 disables the cache.
     pub cache_size: usize,
     /// `"session"`, `"global"` or `"eventual"` (see [`ConsistencyMode`]).
@@ -76,6 +80,7 @@ impl Default for Routing {
             write_functions: Vec::new(),
             read_only_functions: Vec::new(),
             unknown_functions: UnknownFunctions::Lookup,
+            primary_relations: Vec::new(),
             cache_size: 10_000,
             consistency: ConsistencyMode::Session,
             consistency_wait: Duration::from_millis(20),
@@ -96,6 +101,9 @@ impl Routing {
         };
         let allow =
             (!self.read_only_functions.is_empty()).then(|| self.read_only_functions.clone());
-        FunctionPolicy::with_lists(self.write_functions.iter().cloned(), allow, unknown)
+        let mut policy =
+            FunctionPolicy::with_lists(self.write_functions.iter().cloned(), allow, unknown);
+        policy.primary_relations = self.primary_relations.iter().cloned().collect();
+        policy
     }
 }

@@ -17,8 +17,8 @@ use sqlparser::parser::Parser;
 
 use super::lexical::fallback;
 use super::{
-    Access, FunctionPolicy, Part, READ_ONLY_FUNCTIONS, SESSION_ADVISORY_LOCKS, STICKY_SETTINGS,
-    SqlParserClassifier, TxControl, UnknownIs,
+    Access, FunctionPolicy, NODE_LOCAL_FUNCTIONS, NODE_LOCAL_RELATIONS, Part, READ_ONLY_FUNCTIONS,
+    SESSION_ADVISORY_LOCKS, STICKY_SETTINGS, SqlParserClassifier, TxControl, UnknownIs, node_local,
 };
 use crate::router::normalize::Statement as Piece;
 use crate::router::relations::RelationName;
@@ -81,6 +81,7 @@ impl SqlParserClassifier {
                     unknown: inner.unknown,
                     relations: inner.relations,
                     catalog_change: inner.catalog_change,
+                    lists_statements: inner.lists_statements,
                     ..Part::default()
                 }
             }
@@ -271,10 +272,15 @@ impl Visitor for Scan<'_> {
         let idents: Vec<&Ident> = relation.0.iter().filter_map(|p| p.as_ident()).collect();
         if let [.., schema, name] | [schema @ name] = idents.as_slice() {
             let qualified = idents.len() > 1;
-            self.part.relations.push(RelationName {
+            let relation = RelationName {
                 schema: qualified.then(|| fold(schema)),
                 name: fold(name),
-            });
+            };
+            if self.primary_relation(&relation) {
+                self.part.write = true;
+                self.part.lists_statements |= relation.name == "pg_prepared_statements";
+            }
+            self.part.relations.push(relation);
         }
         ControlFlow::Continue(())
     }
@@ -309,6 +315,21 @@ impl Visitor for Scan<'_> {
 }
 
 impl Scan<'_> {
+    /// Whether reading `r` needs the primary: a built-in node-local view, or
+    /// one of `routing.primary_relations`.
+    fn primary_relation(&self, r: &RelationName) -> bool {
+        let catalog = r.schema.as_deref().is_none_or(|s| s == "pg_catalog");
+        if catalog && node_local(&r.name, NODE_LOCAL_RELATIONS) {
+            return true;
+        }
+        let listed = &self.policy.primary_relations;
+        !listed.is_empty()
+            && (listed.contains(&r.name)
+                || r.schema
+                    .as_ref()
+                    .is_some_and(|s| listed.contains(&format!("{s}.{}", r.name))))
+    }
+
     /// Judge a call of `name`.
     fn function(&mut self, name: &ObjectName, args: &[FunctionArg]) {
         let idents: Vec<&Ident> = name.0.iter().filter_map(|p| p.as_ident()).collect();
@@ -333,6 +354,11 @@ impl Scan<'_> {
             2 => fold(idents[0]) == "pg_catalog",
             _ => false,
         };
+        if catalog && node_local(&folded, NODE_LOCAL_FUNCTIONS) {
+            // Describes the node that answers: the primary's is meant.
+            self.part.write = true;
+            return;
+        }
         if catalog && READ_ONLY_FUNCTIONS.binary_search(&folded.as_str()).is_ok() {
             return;
         }

@@ -348,6 +348,9 @@ impl Session {
             purge_others: mentions_execute(sql),
             ..Needs::none()
         };
+        if class.lists_statements {
+            self.need_all_statements(&mut needs);
+        }
         let mut force_write = false;
         let mut hint = hint;
         if let Some(name) = &class.execute {
@@ -457,6 +460,9 @@ impl Session {
         // may be on the connection it runs on. (The session's own are supplied
         // as their Binds arrive, `supply_statement`.)
         needs.purge_others = !complete;
+        if classes.iter().any(|c| c.lists_statements) {
+            self.need_all_statements(&mut needs);
+        }
         let class = match classes.len() {
             // Close / Describe / Sync only: nothing runs; stay where the session is.
             0 if complete => {
@@ -684,6 +690,7 @@ fn merge(classes: &[Arc<Classification>]) -> Classification {
             .extend(c.unknown_functions.iter().cloned());
         m.relations.extend(c.relations.iter().cloned());
         m.catalog_change |= c.catalog_change;
+        m.lists_statements |= c.lists_statements;
     }
     m.unknown_functions.sort_unstable();
     m.unknown_functions.dedup();

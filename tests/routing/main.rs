@@ -29,6 +29,7 @@ mod common;
 
 mod balancing;
 mod classifier;
+mod node_local;
 mod session_settings;
 mod transactions;
 mod unlogged;
