@@ -39,6 +39,10 @@ use crate::router::classify::{Access, Classification};
 /// SQLSTATEs a hot standby answers reads with that the primary would not.
 const REFUSALS: &[&str] = &["0A000", "25006", "55000"];
 
+/// The rest of a read up to this size is joined to what a watch held, so
+/// both go in one write.
+const MAX_JOINED: usize = 8 * 1024;
+
 /// Where a link is in watching an armed request's response.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Watch {
@@ -208,10 +212,20 @@ impl Link {
         if i == n && st.watch != Watch::Off {
             return Ok(());
         }
-        // The watch ends: what was held, then the rest, in one write.
+        // The watch ends: what was held, then the rest (in one write unless
+        // the rest is large: it is not copied then).
         st.watch = Watch::Off;
-        st.held.extend_from_slice(&bytes[i..]);
-        let sent = to_client.send(client, &st.held);
+        let rest = &bytes[i..];
+        let sent = if st.held.is_empty() {
+            to_client.send(client, rest)
+        } else if rest.len() <= MAX_JOINED {
+            st.held.extend_from_slice(rest);
+            to_client.send(client, &st.held)
+        } else {
+            to_client
+                .send(client, &st.held)
+                .and_then(|()| to_client.send(client, rest))
+        };
         st.held.clear();
         sent.map_err(SessionError::ClientIo)
     }
