@@ -730,8 +730,10 @@ fn node_local_views_and_functions_need_the_primary() {
     ] {
         read(sql);
     }
-    let mut p = FunctionPolicy::default();
-    p.primary_relations = ["node_view", "s.other"].map(String::from).into();
+    let p = FunctionPolicy {
+        primary_relations: ["node_view", "s.other"].map(String::from).into(),
+        ..FunctionPolicy::default()
+    };
     for (sql, access) in [
         ("SELECT * FROM node_view", Access::Write),
         ("SELECT * FROM x.node_view", Access::Write),

@@ -46,10 +46,11 @@ impl Session {
 
     /// Whether a read outside a forced route could go to a standby at all.
     fn may_balance(&self) -> bool {
+        let tx_stays = self.in_tx && self.policy.in_transaction == BalanceInTransaction::Off;
         self.policy.load_balance
             && !self.route.sticky_primary
             && !self.route.forced_primary
-            && !(self.in_tx && self.policy.in_transaction == BalanceInTransaction::Off)
+            && !tx_stays
     }
 
     /// Look `names` up on the primary (a routing step). On failure the next
