@@ -21,7 +21,11 @@
 //! catalog runs through pgpilot, both when it is sent and when its session is
 //! next idle (a DDL in a transaction is seen by others only at COMMIT). A lookup
 //! started before such a change is not stored after it (a per-database
-//! generation). A failed lookup is not cached: the read goes to the primary.
+//! generation). After a failed lookup the read goes to the primary, and its
+//! names count as logged until the TTL ends (a lookup is not attempted for
+//! every read while the primary or the monitor role cannot answer); a standby's
+//! refusal of one of them is retried on the primary (the session's safety
+//! net).
 
 use std::collections::HashMap;
 use std::sync::RwLock;
@@ -48,7 +52,8 @@ struct DbAnswers {
     /// Bumped whenever the answers are forgotten (see the module docs).
     generation: u64,
     /// Unlogged (or reads something unlogged), and when that was looked up.
-    by_name: HashMap<RelationName, (bool, Instant)>,
+    /// Every balanced read looks its relations up here: a fast seeded hash.
+    by_name: HashMap<RelationName, (bool, Instant), foldhash::fast::RandomState>,
 }
 
 #[derive(Debug, Default)]
@@ -111,9 +116,9 @@ impl RelationCatalog {
         verdict
     }
 
-    /// Look up the names of `names` not answered (or expired) at `now`, on
-    /// `primary`, and remember the answers. Errors are returned (and logged by
-    /// the caller); nothing is cached then.
+    /// Look up the names of `names` not answered (or expired), on `primary`,
+    /// and remember the answers. Errors are returned (and logged by the
+    /// caller); the names count as logged until the TTL ends then.
     pub async fn look_up(
         &self,
         database: &str,
@@ -139,7 +144,7 @@ impl RelationCatalog {
         if missing.is_empty() {
             return Ok(());
         }
-        let found = lookup(database, &missing, primary, monitor).await?;
+        let found = lookup(database, &missing, primary, monitor).await;
         let mut answers = self.write();
         if answers.entries + missing.len() > MAX_ENTRIES {
             *answers = Answers::default();
@@ -148,14 +153,21 @@ impl RelationCatalog {
         let db = by_db.entry(database.to_string()).or_default();
         if db.generation != generation {
             // The catalog may have changed while the lookup ran.
-            return Ok(());
+            return found.map(drop);
         }
-        for (name, unlogged) in missing.into_iter().zip(found) {
+        // A failed lookup is not repeated for every read until the TTL ends:
+        // the names count as logged meanwhile (the standby's refusal of an
+        // unlogged one is retried on the primary, see session::retry).
+        let verdicts = match &found {
+            Ok(v) => v.clone(),
+            Err(_) => vec![false; missing.len()],
+        };
+        for (name, unlogged) in missing.into_iter().zip(verdicts) {
             if db.by_name.insert(name, (unlogged, now)).is_none() {
                 *entries += 1;
             }
         }
-        Ok(())
+        found.map(drop)
     }
 
     /// Forget `database`'s answers: a statement that may change the catalog
@@ -229,20 +241,14 @@ async fn lookup(
         .map(|n| n.schema.as_deref().unwrap_or(""))
         .collect();
     let rels: Vec<&str> = names.iter().map(|n| n.name.as_str()).collect();
-    let mut cfg = crate::cluster::monitor_conn_config(primary, monitor, "pgpilot-catalog");
-    cfg.dbname(database);
-    let work = async {
-        let (client, conn) = cfg.connect(tokio_postgres::NoTls).await?;
-        let task = tokio::spawn(conn);
-        let rows = client.query(LOOKUP_SQL, &[&schemas, &rels]).await;
-        drop(client);
-        task.abort();
-        rows
-    };
-    let rows = tokio::time::timeout(monitor.timeout, work)
-        .await
-        .map_err(|_| "timed out".to_string())?
-        .map_err(|e| e.to_string())?;
+    let rows = super::catalog::query_primary(
+        database,
+        primary,
+        monitor,
+        LOOKUP_SQL,
+        &[&schemas, &rels],
+    )
+    .await?;
     if rows.len() != names.len() {
         return Err(format!("{} answers for {} names", rows.len(), names.len()));
     }

@@ -64,6 +64,9 @@ pub(super) struct RetryNet {
     frames: Vec<u8>,
     /// The node it went to and its classification, while armed.
     armed: Option<(usize, Arc<Classification>)>,
+    /// The request just routed goes to a node other than the primary (set
+    /// with the routing decision, from the snapshot it used).
+    pub(super) off_primary: bool,
 }
 
 impl Session {
@@ -84,12 +87,7 @@ impl Session {
             && class.execute.is_none()
             && class.deallocate.is_none()
             && !self.in_tx
-            && self
-                .ctx
-                .cluster
-                .snapshot()
-                .primary
-                .is_some_and(|p| p != node)
+            && self.retry.off_primary
             && self.links[node].as_ref().is_some_and(|l| !l.busy());
         if !eligible {
             return;

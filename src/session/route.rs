@@ -595,6 +595,7 @@ impl Session {
             node
         };
         self.pending_class = Some(class.clone());
+        self.retry.off_primary = snapshot.primary.is_some_and(|p| p != node);
         Ok(node)
     }
 

@@ -13,18 +13,28 @@ async fn reading_session(tag: &str) -> (Sess, Nodes) {
     (s, nodes().await)
 }
 
+/// Run each of `sqls` and check it ran on the primary.
+async fn all_on_primary(s: &Sess, n: &Nodes, sqls: &[&str]) {
+    for sql in sqls {
+        s.expect(n, sql, None, On::Primary).await;
+    }
+}
+
 #[tokio::test]
 async fn statistics_views_and_functions_run_on_the_primary() {
     let (s, n) = reading_session("nl_stats").await;
     n.setup("CREATE TABLE nl_stats_t (x int)").await;
-    for sql in [
-        "SELECT count(*) FROM pg_stat_user_tables WHERE relname = 'nl_stats_t'",
-        "SELECT count(*) FROM pg_catalog.pg_statio_user_tables",
-        "SELECT count(*) FROM pg_stat_database",
-        "SELECT pg_stat_get_numscans('nl_stats_t'::regclass)",
-    ] {
-        s.expect(&n, sql, None, On::Primary).await;
-    }
+    all_on_primary(
+        &s,
+        &n,
+        &[
+            "SELECT count(*) FROM pg_stat_user_tables WHERE relname = 'nl_stats_t'",
+            "SELECT count(*) FROM pg_catalog.pg_statio_user_tables",
+            "SELECT count(*) FROM pg_stat_database",
+            "SELECT pg_stat_get_numscans('nl_stats_t'::regclass)",
+        ],
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -49,13 +59,16 @@ async fn locks_prepared_statements_and_cursors_are_the_sessions_own() {
         s.expect(&n, sql, None, On::Primary).await.as_deref(),
         Some("1")
     );
-    for sql in [
-        "SELECT count(*) FROM pg_locks",
-        "SELECT count(*) FROM pg_cursors",
-        "SELECT count(*) FROM pg_prepared_xacts",
-    ] {
-        s.expect(&n, sql, None, On::Primary).await;
-    }
+    all_on_primary(
+        &s,
+        &n,
+        &[
+            "SELECT count(*) FROM pg_locks",
+            "SELECT count(*) FROM pg_cursors",
+            "SELECT count(*) FROM pg_prepared_xacts",
+        ],
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -67,25 +80,31 @@ async fn replication_views_run_on_the_primary() {
         s.expect(&n, sql, None, On::Primary).await.as_deref(),
         Some("2")
     );
-    for sql in [
-        "SELECT count(*) FROM pg_replication_slots",
-        "SELECT count(*) FROM pg_stat_wal_receiver",
-    ] {
-        s.expect(&n, sql, None, On::Primary).await;
-    }
+    all_on_primary(
+        &s,
+        &n,
+        &[
+            "SELECT count(*) FROM pg_replication_slots",
+            "SELECT count(*) FROM pg_stat_wal_receiver",
+        ],
+    )
+    .await;
 }
 
 #[tokio::test]
 async fn wal_and_transaction_functions_run_on_the_primary() {
     let (s, n) = reading_session("nl_wal").await;
-    for sql in [
-        "SELECT pg_current_wal_lsn()",
-        "SELECT pg_current_wal_insert_lsn() IS NOT NULL",
-        "SELECT txid_current_if_assigned() IS NULL",
-        "SELECT pg_current_xact_id_if_assigned() IS NULL",
-    ] {
-        s.expect(&n, sql, None, On::Primary).await;
-    }
+    all_on_primary(
+        &s,
+        &n,
+        &[
+            "SELECT pg_current_wal_lsn()",
+            "SELECT pg_current_wal_insert_lsn() IS NOT NULL",
+            "SELECT txid_current_if_assigned() IS NULL",
+            "SELECT pg_current_xact_id_if_assigned() IS NULL",
+        ],
+    )
+    .await;
 }
 
 #[tokio::test]
