@@ -16,6 +16,7 @@ use crate::metrics::Metrics;
 use crate::router::cache::ClassifyCache;
 use crate::router::catalog::FunctionCatalog;
 use crate::router::classify::SqlParserClassifier;
+use crate::router::relations::RelationCatalog;
 use crate::session::ServerParams;
 use crate::session::cancel::{CancelRegistry, CancelSlot};
 
@@ -42,6 +43,8 @@ pub struct ProxyContext {
     pub classify_cache: ClassifyCache,
     /// `pg_proc` volatility of functions on no list, looked up once each.
     pub catalog: FunctionCatalog,
+    /// Whether relations named by reads are unlogged, looked up on the primary.
+    pub relations: RelationCatalog,
     /// Client cancel keys → server connections.
     pub cancels: CancelRegistry,
     /// Connected, logged-in clients (bounded by `max_client_conn`).
@@ -76,6 +79,7 @@ impl ProxyContext {
             classifier: ArcSwap::from_pointee(classifier),
             classify_cache,
             catalog: FunctionCatalog::default(),
+            relations: RelationCatalog::default(),
             cancels: CancelRegistry::default(),
             clients: AtomicUsize::new(0),
             server_secret: rand::random(),
@@ -91,7 +95,8 @@ impl ProxyContext {
         let old = self.config.load();
         let lists_changed = old.routing.write_functions != new.routing.write_functions
             || old.routing.read_only_functions != new.routing.read_only_functions
-            || old.routing.unknown_functions != new.routing.unknown_functions;
+            || old.routing.unknown_functions != new.routing.unknown_functions
+            || old.routing.primary_relations != new.routing.primary_relations;
         if lists_changed {
             let classifier = SqlParserClassifier::new(new.routing.function_policy());
             self.classifier.store(Arc::new(classifier));

@@ -103,7 +103,15 @@ pub struct BackendConn {
     /// The named prepared statements the server holds, whoever made them
     /// (transaction pooling passes connections between sessions with them).
     pub held: super::statements::HeldStatements,
+    /// The NoticeResponse messages the server sent while the connection
+    /// started (a truncated `application_name`, ...), whole: every client
+    /// that logs in on this connection gets them, as from a direct login.
+    /// Bounded by [`MAX_STARTUP_NOTICES`].
+    pub startup_notices: Vec<u8>,
 }
+
+/// At most this many bytes of start-up notices are kept per connection.
+pub const MAX_STARTUP_NOTICES: usize = 16 * 1024;
 
 /// What a pooled connection's unnamed prepared statement is.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -164,6 +172,7 @@ impl BackendConn {
             last_used: Instant::now(),
             unnamed: Unnamed::Absent,
             held: Default::default(),
+            startup_notices: Vec::new(),
         };
         match timeout(p.auth_timeout, conn.startup(p)).await {
             Ok(r) => r.map(|()| conn),
@@ -213,7 +222,15 @@ impl BackendConn {
                         fields: ErrorFields::parse(&body),
                     });
                 }
-                tag::NOTICE_RESPONSE | tag::NEGOTIATE_PROTOCOL_VERSION => {}
+                tag::NOTICE_RESPONSE => {
+                    if self.startup_notices.len() + body.len() + 5 <= MAX_STARTUP_NOTICES {
+                        let len = (body.len() + 4) as u32;
+                        self.startup_notices.push(t);
+                        self.startup_notices.extend_from_slice(&len.to_be_bytes());
+                        self.startup_notices.extend_from_slice(&body);
+                    }
+                }
+                tag::NEGOTIATE_PROTOCOL_VERSION => {}
                 other => {
                     return Err(BackendError::Protocol {
                         node,

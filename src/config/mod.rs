@@ -493,6 +493,22 @@ impl Config {
                 ));
             }
         }
+        if let Some(bad) =
+            self.routing.primary_relations.iter().find(|r| {
+                r.split('.').count() > 2 || r.split('.').any(|part| part.trim().is_empty())
+            })
+        {
+            return Err(invalid(
+                "routing.primary_relations",
+                format!("{bad:?}: give \"name\" or \"schema.name\""),
+            ));
+        }
+        if self.routing.unlogged_cache_ttl.is_zero() {
+            return Err(invalid(
+                "routing.unlogged_cache_ttl",
+                "must be more than 0 (turn the check off with check_unlogged_tables = false)",
+            ));
+        }
         if self.health_check.max_retries > 100 {
             return Err(invalid("health_check.max_retries", "must be 0..100"));
         }

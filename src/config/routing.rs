@@ -50,6 +50,10 @@ pub struct Routing {
     pub read_only_functions: Vec<String>,
     /// Functions on no list: `"lookup"` (pg_proc volatility), `"write"` or `"read"`.
     pub unknown_functions: UnknownFunctions,
+    /// Relations whose reads run on the primary, beyond the built-in node-local
+    /// views (statistics, activity, locks, replication ...): `"name"` (any
+    /// schema) or `"schema.name"`, written as PostgreSQL folds them.
+    pub primary_relations: Vec<String>,
     /// Classifications cached (by normalised statement text); 0 disables the cache.
     pub cache_size: usize,
     /// `"session"`, `"global"` or `"eventual"` (see [`ConsistencyMode`]).
@@ -58,6 +62,13 @@ pub struct Routing {
     /// is sent to the primary instead; 0 = never wait.
     #[serde(deserialize_with = "duration")]
     pub consistency_wait: Duration,
+    /// Send reads of unlogged relations (and of views over them) to the primary,
+    /// as pgpool-II's `check_unlogged_table`: a hot standby refuses them.
+    pub check_unlogged_tables: bool,
+    /// How long an answer of the unlogged-relation lookup is trusted (changes
+    /// made around pgpilot; DDL through pgpilot forgets answers at once).
+    #[serde(deserialize_with = "duration")]
+    pub unlogged_cache_ttl: Duration,
 }
 
 impl Default for Routing {
@@ -69,9 +80,12 @@ impl Default for Routing {
             write_functions: Vec::new(),
             read_only_functions: Vec::new(),
             unknown_functions: UnknownFunctions::Lookup,
+            primary_relations: Vec::new(),
             cache_size: 10_000,
             consistency: ConsistencyMode::Session,
             consistency_wait: Duration::from_millis(20),
+            check_unlogged_tables: true,
+            unlogged_cache_ttl: Duration::from_secs(10),
         }
     }
 }
@@ -87,6 +101,9 @@ impl Routing {
         };
         let allow =
             (!self.read_only_functions.is_empty()).then(|| self.read_only_functions.clone());
-        FunctionPolicy::with_lists(self.write_functions.iter().cloned(), allow, unknown)
+        let mut policy =
+            FunctionPolicy::with_lists(self.write_functions.iter().cloned(), allow, unknown);
+        policy.primary_relations = self.primary_relations.iter().cloned().collect();
+        policy
     }
 }

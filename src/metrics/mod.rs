@@ -116,6 +116,9 @@ pub struct Metrics {
     consistency_primary: IntCounter,
     /// `pgpilot_consistency_waits_total`: reads that waited for a standby to catch up.
     consistency_waits: IntCounter,
+    /// `pgpilot_standby_refusals_retried_total`: reads a standby refused
+    /// (recovery) that were run again on the primary.
+    refusals_retried: IntCounter,
     /// `pgpilot_consistency_wait_seconds`: how long those waits took.
     consistency_wait_seconds: Histogram,
     /// `pgpilot_prepared_statements_total{event}`, children by [`STATEMENT_EVENTS`].
@@ -251,6 +254,12 @@ impl Metrics {
                 "pgpilot_consistency_waits_total",
                 "Reads that waited for a standby to replay what they must see."
             ),
+            refusals_retried: metric!(
+                &r,
+                IntCounter,
+                "pgpilot_standby_refusals_retried_total",
+                "Reads a standby refused as in recovery, run again on the primary."
+            ),
             consistency_wait_seconds: reg(
                 &r,
                 Histogram::with_opts(
@@ -359,6 +368,11 @@ impl Metrics {
     pub fn consistency_waited(&self, seconds: f64) {
         self.consistency_waits.inc();
         self.consistency_wait_seconds.observe(seconds);
+    }
+
+    /// A read a standby refused was run again on the primary.
+    pub fn refusal_retried(&self) {
+        self.refusals_retried.inc();
     }
 
     /// A statement on `node` completed after `seconds`.

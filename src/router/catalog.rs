@@ -136,30 +136,44 @@ async fn lookup(
     primary: &Backend,
     monitor: &Monitor,
 ) -> Result<HashMap<String, bool>, String> {
+    let rows = query_primary(
+        database,
+        primary,
+        monitor,
+        "SELECT proname::text, bool_or(provolatile = 'v') FROM pg_proc \
+         WHERE proname = ANY($1) GROUP BY proname",
+        &[&names],
+    )
+    .await?;
+    Ok(rows
+        .iter()
+        .map(|r| (r.get::<_, String>(0), r.get::<_, bool>(1)))
+        .collect())
+}
+
+/// Run one catalog query on the primary, in `database`, as the monitor role,
+/// on a connection of its own, within `monitor.timeout`.
+pub(crate) async fn query_primary(
+    database: &str,
+    primary: &Backend,
+    monitor: &Monitor,
+    sql: &str,
+    params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+) -> Result<Vec<tokio_postgres::Row>, String> {
     let mut cfg = crate::cluster::monitor_conn_config(primary, monitor, "pgpilot-catalog");
     cfg.dbname(database);
     let work = async {
         let (client, conn) = cfg.connect(tokio_postgres::NoTls).await?;
         let task = tokio::spawn(conn);
-        let rows = client
-            .query(
-                "SELECT proname::text, bool_or(provolatile = 'v') FROM pg_proc \
-                 WHERE proname = ANY($1) GROUP BY proname",
-                &[&names],
-            )
-            .await;
+        let rows = client.query(sql, params).await;
         drop(client);
         task.abort();
         rows
     };
-    let rows = tokio::time::timeout(monitor.timeout, work)
+    tokio::time::timeout(monitor.timeout, work)
         .await
         .map_err(|_| "timed out".to_string())?
-        .map_err(|e| e.to_string())?;
-    Ok(rows
-        .iter()
-        .map(|r| (r.get::<_, String>(0), r.get::<_, bool>(1)))
-        .collect())
+        .map_err(|e| e.to_string())
 }
 
 #[cfg(test)]

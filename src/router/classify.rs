@@ -29,6 +29,7 @@
 use std::collections::HashSet;
 
 use super::normalize::split_statements;
+use super::relations::RelationName;
 use lexical::{fallback, lexical_sticky, may_read};
 
 #[path = "classify_ast.rs"]
@@ -113,6 +114,59 @@ pub struct Classification {
     /// resolve them in pg_proc (volatile → write). When non-empty and the policy is
     /// [`UnknownIs::Write`] (or allow-list mode), access is already Write.
     pub unknown_functions: Vec<String>,
+    /// Relations named by read statements (tables, views, sequences, and
+    /// anything else in a FROM clause, CTE names included), folded as
+    /// PostgreSQL folds identifiers, deduplicated, sorted. The caller checks
+    /// them for unlogged relations ([`super::relations`]).
+    pub relations: Vec<RelationName>,
+    /// Some statement may change which relations are unlogged (any statement
+    /// other than a query or plain DML, including ones that did not parse):
+    /// cached relation answers are forgotten when it runs.
+    pub catalog_change: bool,
+    /// A standby refused a statement of this shape as only recovery would:
+    /// it runs on the primary from now on (see [`Learned`]).
+    pub primary_only: Learned,
+    /// Some statement reads `pg_prepared_statements`: the session's own
+    /// prepared statements (all of them, and no other session's) must be on
+    /// the connection that runs it.
+    pub lists_statements: bool,
+}
+
+/// A fact learned about a cached statement shape after it was classified,
+/// shared by every session holding the shape's classification. It is not
+/// part of what a classification says of the text: it never makes two
+/// classifications differ (equality and hashing ignore it).
+#[derive(Debug, Default)]
+pub struct Learned(std::sync::atomic::AtomicBool);
+
+impl Learned {
+    /// Whether it was learned.
+    pub fn get(&self) -> bool {
+        self.0.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Learn it.
+    pub fn set(&self) {
+        self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+impl Clone for Learned {
+    fn clone(&self) -> Self {
+        Learned(self.get().into())
+    }
+}
+
+impl PartialEq for Learned {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl Eq for Learned {}
+
+impl std::hash::Hash for Learned {
+    fn hash<H: std::hash::Hasher>(&self, _: &mut H) {}
 }
 
 impl Classification {
@@ -130,6 +184,10 @@ impl Classification {
             statements: 0,
             parse_failed: false,
             unknown_functions: Vec::new(),
+            relations: Vec::new(),
+            catalog_change: false,
+            primary_only: Learned::default(),
+            lists_statements: false,
         }
     }
 }
@@ -219,44 +277,73 @@ pub const READ_ONLY_FUNCTIONS: &[&str] = &[
     "make_timestamp", "make_timestamptz", "max", "md5", "min", "mod", "mode", "name",
     "normalize", "now", "nth_value", "ntile", "nullif", "num_nonnulls", "num_nulls",
     "numeric", "obj_description", "octet_length", "oid", "overlay", "parse_ident",
-    "percent_rank", "percentile_cont", "percentile_disc", "pg_backend_pid",
-    "pg_blocking_pids", "pg_client_encoding", "pg_column_size", "pg_conf_load_time",
-    "pg_current_logfile", "pg_current_snapshot", "pg_current_wal_lsn", "pg_database_size",
-    "pg_encoding_to_char", "pg_function_is_visible", "pg_get_constraintdef", "pg_get_expr",
-    "pg_get_function_arguments", "pg_get_function_identity_arguments",
-    "pg_get_function_result", "pg_get_functiondef", "pg_get_indexdef", "pg_get_keywords",
-    "pg_get_partkeydef", "pg_get_ruledef", "pg_get_serial_sequence",
-    "pg_get_statisticsobjdef", "pg_get_triggerdef", "pg_get_userbyid", "pg_get_viewdef",
-    "pg_get_wal_replay_pause_state", "pg_has_role", "pg_indexes_size", "pg_is_in_recovery",
-    "pg_is_wal_replay_paused", "pg_jit_available", "pg_last_wal_receive_lsn",
-    "pg_last_wal_replay_lsn", "pg_last_xact_replay_timestamp", "pg_listening_channels",
-    "pg_notification_queue_usage", "pg_options_to_table", "pg_postmaster_start_time",
-    "pg_relation_filenode", "pg_relation_filepath", "pg_relation_size",
-    "pg_safe_snapshot_blocking_pids", "pg_size_pretty", "pg_sleep", "pg_sleep_for",
-    "pg_sleep_until", "pg_snapshot_xmax", "pg_snapshot_xmin", "pg_stat_get_activity",
-    "pg_table_is_visible", "pg_table_size", "pg_tablespace_location",
-    "pg_total_relation_size", "pg_type_is_visible", "pg_typeof", "pg_visible_in_snapshot",
-    "pg_wal_lsn_diff", "pg_xact_status", "pi", "position", "power", "quote_ident",
-    "quote_literal", "quote_nullable", "radians", "random", "range_agg",
-    "range_intersect_agg", "range_merge", "rank", "regclass", "regexp_count", "regexp_like",
-    "regexp_match", "regexp_matches", "regexp_replace", "regexp_split_to_array",
-    "regexp_split_to_table", "repeat", "replace", "reverse", "right", "round", "row",
-    "row_number", "row_to_json", "rpad", "rtrim", "session_user", "set_bit", "set_byte",
-    "sha224", "sha256", "sha384", "sha512", "shobj_description", "sign",
-    "similar_to_escape", "sin", "split_part", "sqrt", "starts_with", "statement_timestamp",
-    "stddev", "stddev_pop", "stddev_samp", "string_agg", "string_to_array",
-    "string_to_table", "strpos", "substr", "substring", "sum", "tan", "text", "time",
-    "timeofday", "timestamp", "timestamptz", "timetz", "to_ascii", "to_char", "to_date",
-    "to_hex", "to_json", "to_jsonb", "to_number", "to_regclass", "to_regnamespace",
-    "to_regproc", "to_regprocedure", "to_regrole", "to_regtype", "to_timestamp",
-    "transaction_timestamp", "translate", "trim", "trim_array", "trunc",
-    "txid_current_if_assigned", "txid_current_snapshot", "txid_snapshot_xmax",
-    "txid_snapshot_xmin", "txid_visible_in_snapshot", "unistr", "unnest", "upper",
-    "upper_inc", "user", "uuid", "uuid_extract_timestamp", "uuid_extract_version",
-    "var_pop", "var_samp", "varchar", "variance", "version", "width_bucket",
-    "xml_is_well_formed", "xmlagg", "xmlconcat", "xmlelement", "xmlforest", "xmlparse",
-    "xmlserialize", "xpath", "xpath_exists",
+    "percent_rank", "percentile_cont", "percentile_disc", "pg_client_encoding",
+    "pg_column_size", "pg_conf_load_time", "pg_current_logfile", "pg_current_snapshot",
+    "pg_database_size", "pg_encoding_to_char", "pg_function_is_visible",
+    "pg_get_constraintdef", "pg_get_expr", "pg_get_function_arguments",
+    "pg_get_function_identity_arguments", "pg_get_function_result", "pg_get_functiondef",
+    "pg_get_indexdef", "pg_get_keywords", "pg_get_partkeydef", "pg_get_ruledef",
+    "pg_get_serial_sequence", "pg_get_statisticsobjdef", "pg_get_triggerdef",
+    "pg_get_userbyid", "pg_get_viewdef", "pg_get_wal_replay_pause_state", "pg_has_role",
+    "pg_indexes_size", "pg_is_in_recovery", "pg_is_wal_replay_paused", "pg_jit_available",
+    "pg_last_wal_receive_lsn", "pg_last_wal_replay_lsn", "pg_last_xact_replay_timestamp",
+    "pg_listening_channels", "pg_notification_queue_usage", "pg_options_to_table",
+    "pg_postmaster_start_time", "pg_relation_filenode", "pg_relation_filepath",
+    "pg_relation_size", "pg_size_pretty", "pg_sleep", "pg_sleep_for", "pg_sleep_until",
+    "pg_snapshot_xmax", "pg_snapshot_xmin", "pg_table_is_visible", "pg_table_size",
+    "pg_tablespace_location", "pg_total_relation_size", "pg_type_is_visible", "pg_typeof",
+    "pg_visible_in_snapshot", "pg_wal_lsn_diff", "pg_xact_status", "pi", "position",
+    "power", "quote_ident", "quote_literal", "quote_nullable", "radians", "random",
+    "range_agg", "range_intersect_agg", "range_merge", "rank", "regclass", "regexp_count",
+    "regexp_like", "regexp_match", "regexp_matches", "regexp_replace",
+    "regexp_split_to_array", "regexp_split_to_table", "repeat", "replace", "reverse",
+    "right", "round", "row", "row_number", "row_to_json", "rpad", "rtrim", "session_user",
+    "set_bit", "set_byte", "sha224", "sha256", "sha384", "sha512", "shobj_description",
+    "sign", "similar_to_escape", "sin", "split_part", "sqrt", "starts_with",
+    "statement_timestamp", "stddev", "stddev_pop", "stddev_samp", "string_agg",
+    "string_to_array", "string_to_table", "strpos", "substr", "substring", "sum", "tan",
+    "text", "time", "timeofday", "timestamp", "timestamptz", "timetz", "to_ascii",
+    "to_char", "to_date", "to_hex", "to_json", "to_jsonb", "to_number", "to_regclass",
+    "to_regnamespace", "to_regproc", "to_regprocedure", "to_regrole", "to_regtype",
+    "to_timestamp", "transaction_timestamp", "translate", "trim", "trim_array", "trunc",
+    "txid_current_snapshot", "txid_snapshot_xmax", "txid_snapshot_xmin",
+    "txid_visible_in_snapshot", "unistr", "unnest", "upper", "upper_inc", "user", "uuid",
+    "uuid_extract_timestamp", "uuid_extract_version", "var_pop", "var_samp", "varchar",
+    "variance", "version", "width_bucket", "xml_is_well_formed", "xmlagg", "xmlconcat",
+    "xmlelement", "xmlforest", "xmlparse", "xmlserialize", "xpath", "xpath_exists",
 ];
+
+/// Views that describe the node that answers (statistics, activity, locks,
+/// the session's own prepared statements and cursors, replication), beyond the
+/// families of [`NODE_LOCAL_PREFIXES`]: a read of one runs on the primary
+/// (when named unqualified or as `pg_catalog.x`). `routing.primary_relations`
+/// adds more. Kept sorted (binary search).
+#[rustfmt::skip]
+pub const NODE_LOCAL_RELATIONS: &[&str] = &[
+    "pg_backend_memory_contexts", "pg_cursors", "pg_locks", "pg_prepared_statements",
+    "pg_prepared_xacts", "pg_replication_origin_status", "pg_replication_slots",
+    "pg_shmem_allocations",
+];
+
+/// Functions that describe the node that answers (its backend, its WAL, its
+/// transaction, who blocks whom there), beyond the families of
+/// [`NODE_LOCAL_PREFIXES`]: a call sends the statement to the primary. Kept
+/// sorted (binary search).
+#[rustfmt::skip]
+pub const NODE_LOCAL_FUNCTIONS: &[&str] = &[
+    "pg_backend_pid", "pg_blocking_pids", "pg_current_wal_flush_lsn",
+    "pg_current_wal_insert_lsn", "pg_current_wal_lsn", "pg_current_xact_id_if_assigned",
+    "pg_safe_snapshot_blocking_pids", "txid_current_if_assigned",
+];
+
+/// Name prefixes of node-local views (`pg_stat_*`, `pg_statio_*`) and
+/// functions (`pg_stat_get_*` and the rest of `pg_stat_`).
+pub const NODE_LOCAL_PREFIXES: &[&str] = &["pg_stat_", "pg_statio_"];
+
+/// Whether a built-in relation or function name describes the answering node.
+pub fn node_local(name: &str, list: &[&str]) -> bool {
+    NODE_LOCAL_PREFIXES.iter().any(|p| name.starts_with(p)) || list.binary_search(&name).is_ok()
+}
 
 /// Session-level advisory locks: held past the transaction, so the session must
 /// keep its primary connection.
@@ -304,6 +391,10 @@ pub struct FunctionPolicy {
     pub read_only_functions: Option<HashSet<String>>,
     /// What to do with a function on no list.
     pub unknown: UnknownIs,
+    /// Relations whose reads run on the primary beyond the built-in node-local
+    /// views (`routing.primary_relations`): `name` (any schema) or
+    /// `schema.name`, as PostgreSQL folds them.
+    pub primary_relations: HashSet<String>,
 }
 
 impl Default for FunctionPolicy {
@@ -316,6 +407,7 @@ impl Default for FunctionPolicy {
                 .collect(),
             read_only_functions: None,
             unknown: UnknownIs::Lookup,
+            primary_relations: HashSet::new(),
         }
     }
 }
@@ -377,6 +469,8 @@ impl Classifier for SqlParserClassifier {
         }
         c.unknown_functions.sort_unstable();
         c.unknown_functions.dedup();
+        c.relations.sort_unstable();
+        c.relations.dedup();
         c
     }
 }
@@ -397,6 +491,9 @@ struct Part {
     deallocate: Option<Option<String>>,
     parse_failed: bool,
     unknown: Vec<String>,
+    relations: Vec<RelationName>,
+    catalog_change: bool,
+    lists_statements: bool,
 }
 
 impl Part {
@@ -442,6 +539,8 @@ fn merge(c: &mut Classification, part: Part) {
         c.tx = part.tx;
     }
     c.parse_failed |= part.parse_failed;
+    c.catalog_change |= part.catalog_change;
+    c.lists_statements |= part.lists_statements;
     // Only one PREPARE/EXECUTE/DEALLOCATE of each kind can be reported: a second
     // one makes the whole string a write (it runs on the primary).
     merge_once(&mut c.prepare, part.prepare, &mut c.access);
@@ -449,6 +548,7 @@ fn merge(c: &mut Classification, part: Part) {
     merge_once(&mut c.deallocate, part.deallocate, &mut c.access);
     if !part.write {
         c.unknown_functions.extend(part.unknown);
+        c.relations.extend(part.relations);
     }
 }
 

@@ -17,10 +17,11 @@ use sqlparser::parser::Parser;
 
 use super::lexical::fallback;
 use super::{
-    Access, FunctionPolicy, Part, READ_ONLY_FUNCTIONS, SESSION_ADVISORY_LOCKS, STICKY_SETTINGS,
-    SqlParserClassifier, TxControl, UnknownIs,
+    Access, FunctionPolicy, NODE_LOCAL_FUNCTIONS, NODE_LOCAL_RELATIONS, Part, READ_ONLY_FUNCTIONS,
+    SESSION_ADVISORY_LOCKS, STICKY_SETTINGS, SqlParserClassifier, TxControl, UnknownIs, node_local,
 };
 use crate::router::normalize::Statement as Piece;
+use crate::router::relations::RelationName;
 
 impl SqlParserClassifier {
     /// Parse one statement (never panicking) and classify it; lexical fallback on failure.
@@ -63,7 +64,11 @@ impl SqlParserClassifier {
                 }
                 let analyze = *analyze || options.iter().flatten().any(is_analyze_option);
                 if !analyze {
-                    return Part::default();
+                    // Planning opens the relations: a standby refuses unlogged ones.
+                    return Part {
+                        relations: self.statement(statement).relations,
+                        ..Part::default()
+                    };
                 }
                 // EXPLAIN ANALYZE runs the statement: it is as much a write as it is.
                 let inner = self.statement(statement);
@@ -74,6 +79,9 @@ impl SqlParserClassifier {
                     execute: inner.execute,
                     parse_failed: inner.parse_failed,
                     unknown: inner.unknown,
+                    relations: inner.relations,
+                    catalog_change: inner.catalog_change,
+                    lists_statements: inner.lists_statements,
                     ..Part::default()
                 }
             }
@@ -174,6 +182,17 @@ impl SqlParserClassifier {
             other => {
                 let mut part = self.scanned(other);
                 part.write = true;
+                part.catalog_change = !matches!(
+                    other,
+                    Statement::Insert(_)
+                        | Statement::Update(_)
+                        | Statement::Delete(_)
+                        | Statement::Merge(_)
+                        | Statement::Truncate(_)
+                        | Statement::LISTEN { .. }
+                        | Statement::UNLISTEN { .. }
+                        | Statement::NOTIFY { .. }
+                );
                 part.sticky |= match other {
                     Statement::CreateTable(t) => t.temporary || is_pg_temp(&t.name),
                     Statement::CreateView(v) => v.temporary || is_pg_temp(&v.name),
@@ -249,6 +268,23 @@ impl Visitor for Scan<'_> {
         ControlFlow::Continue(())
     }
 
+    fn pre_visit_relation(&mut self, relation: &ObjectName) -> ControlFlow<()> {
+        let idents: Vec<&Ident> = relation.0.iter().filter_map(|p| p.as_ident()).collect();
+        if let [.., schema, name] | [schema @ name] = idents.as_slice() {
+            let qualified = idents.len() > 1;
+            let relation = RelationName {
+                schema: qualified.then(|| fold(schema)),
+                name: fold(name),
+            };
+            if self.primary_relation(&relation) {
+                self.part.write = true;
+                self.part.lists_statements |= relation.name == "pg_prepared_statements";
+            }
+            self.part.relations.push(relation);
+        }
+        ControlFlow::Continue(())
+    }
+
     fn pre_visit_table_factor(&mut self, factor: &TableFactor) -> ControlFlow<()> {
         match factor {
             TableFactor::Table {
@@ -279,6 +315,21 @@ impl Visitor for Scan<'_> {
 }
 
 impl Scan<'_> {
+    /// Whether reading `r` needs the primary: a built-in node-local view, or
+    /// one of `routing.primary_relations`.
+    fn primary_relation(&self, r: &RelationName) -> bool {
+        let catalog = r.schema.as_deref().is_none_or(|s| s == "pg_catalog");
+        if catalog && node_local(&r.name, NODE_LOCAL_RELATIONS) {
+            return true;
+        }
+        let listed = &self.policy.primary_relations;
+        !listed.is_empty()
+            && (listed.contains(&r.name)
+                || r.schema
+                    .as_ref()
+                    .is_some_and(|s| listed.contains(&format!("{s}.{}", r.name))))
+    }
+
     /// Judge a call of `name`.
     fn function(&mut self, name: &ObjectName, args: &[FunctionArg]) {
         let idents: Vec<&Ident> = name.0.iter().filter_map(|p| p.as_ident()).collect();
@@ -303,6 +354,11 @@ impl Scan<'_> {
             2 => fold(idents[0]) == "pg_catalog",
             _ => false,
         };
+        if catalog && node_local(&folded, NODE_LOCAL_FUNCTIONS) {
+            // Describes the node that answers: the primary's is meant.
+            self.part.write = true;
+            return;
+        }
         if catalog && READ_ONLY_FUNCTIONS.binary_search(&folded.as_str()).is_ok() {
             return;
         }

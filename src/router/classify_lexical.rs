@@ -90,6 +90,8 @@ pub(super) fn fallback(piece: &Piece<'_>) -> Part {
     Part {
         write: true,
         parse_failed: true,
+        // What did not parse may be DDL.
+        catalog_change: true,
         tx: loose_tx(&piece.head),
         session_state: set || first("discard") || first("deallocate"),
         sticky: w.advisory_lock || w.set_config || (set && (w.sticky_setting || w.serializable)),

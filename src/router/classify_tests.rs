@@ -2,6 +2,7 @@
 //! in `classify_fuzz_tests.rs`).
 
 use super::*;
+use crate::router::relations::RelationName;
 
 fn c(sql: &str) -> Classification {
     SqlParserClassifier::default().classify(sql)
@@ -659,5 +660,87 @@ fn built_in_lists_are_sorted_and_disjoint() {
     assert!(DEFAULT_WRITE_FUNCTIONS.windows(2).all(|w| w[0] < w[1]));
     for f in DEFAULT_WRITE_FUNCTIONS {
         assert!(!READ_ONLY_FUNCTIONS.contains(f), "{f}");
+    }
+}
+
+#[test]
+fn relations_of_reads_are_reported_and_ddl_is_a_catalog_change() {
+    let rel = |schema: Option<&str>, name: &str| RelationName {
+        schema: schema.map(str::to_string),
+        name: name.to_string(),
+    };
+    let class = c("SELECT * FROM b JOIN s.\"A\" USING (x) WHERE y IN (SELECT y FROM a.b.c)");
+    assert_eq!(
+        class.relations,
+        [rel(None, "b"), rel(Some("b"), "c"), rel(Some("s"), "A")]
+    );
+    assert_eq!(c("EXPLAIN SELECT * FROM t").relations, [rel(None, "t")]);
+    assert!(c("INSERT INTO t SELECT * FROM u").relations.is_empty());
+    for ddl in [
+        "ALTER TABLE t SET UNLOGGED",
+        "CREATE UNLOGGED TABLE t (a int)",
+        "DROP TABLE t",
+        "CREATE VIEW v AS SELECT 1",
+        "DO $$ BEGIN END $$",
+        "ALTER TABLE t SET UNLOGGED garbage (",
+    ] {
+        assert!(c(ddl).catalog_change, "{ddl}");
+    }
+    for dml in [
+        "SELECT 1",
+        "INSERT INTO t VALUES (1)",
+        "UPDATE t SET a = 1",
+        "TRUNCATE t",
+    ] {
+        assert!(!c(dml).catalog_change, "{dml}");
+    }
+}
+
+#[test]
+fn node_local_views_and_functions_need_the_primary() {
+    for sql in [
+        "SELECT * FROM pg_stat_activity",
+        "SELECT * FROM pg_catalog.pg_stat_user_tables",
+        "SELECT * FROM pg_statio_user_tables",
+        "SELECT count(*) FROM pg_locks",
+        "SELECT * FROM pg_prepared_statements",
+        "SELECT * FROM pg_cursors",
+        "SELECT * FROM pg_prepared_xacts",
+        "SELECT * FROM pg_replication_slots",
+        "SELECT * FROM pg_stat_replication",
+        "SELECT * FROM pg_stat_wal_receiver",
+        "SELECT pg_stat_get_numscans(1)",
+        "SELECT pg_backend_pid()",
+        "SELECT pg_catalog.pg_current_wal_lsn()",
+        "SELECT txid_current_if_assigned()",
+        "SELECT pg_current_xact_id_if_assigned()",
+        "SELECT 1 WHERE EXISTS (SELECT 1 FROM pg_locks)",
+    ] {
+        write(sql);
+    }
+    assert!(c("SELECT name FROM pg_catalog.pg_prepared_statements").lists_statements);
+    assert!(!c("SELECT * FROM pg_locks").lists_statements);
+    // Replicated catalogs, and user objects of those names in other schemas.
+    for sql in [
+        "SELECT * FROM pg_stats",
+        "SELECT * FROM pg_statistic_ext",
+        "SELECT * FROM app.pg_locks",
+        "SELECT app.pg_backend_pid()",
+        "SELECT pg_is_in_recovery()",
+    ] {
+        read(sql);
+    }
+    let p = FunctionPolicy {
+        primary_relations: ["node_view", "s.other"].map(String::from).into(),
+        ..FunctionPolicy::default()
+    };
+    for (sql, access) in [
+        ("SELECT * FROM node_view", Access::Write),
+        ("SELECT * FROM x.node_view", Access::Write),
+        ("SELECT * FROM s.other", Access::Write),
+        ("SELECT * FROM other", Access::Read),
+        ("SELECT * FROM t.other", Access::Read),
+    ] {
+        assert_eq!(with(p.clone(), sql).access, access, "{sql}");
     }
 }

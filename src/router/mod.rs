@@ -14,4 +14,5 @@ pub mod memo;
 pub mod normalize;
 pub mod normalize_fast;
 pub mod policy;
+pub mod relations;
 pub mod session_cmd;

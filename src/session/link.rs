@@ -14,6 +14,7 @@ use std::time::Instant;
 use tokio::net::TcpStream;
 
 use super::SessionError;
+use super::retry::Watch;
 use super::state::Effects;
 use crate::backend::conn::Unnamed;
 use crate::backend::pool::PooledConn;
@@ -168,6 +169,11 @@ pub struct LinkState {
     pub syncs_since_execute: usize,
     /// When the first request now in flight was sent (query duration metric).
     started: Option<Instant>,
+    /// Whether an armed request's response is being watched for a refusal
+    /// ([`super::retry`]).
+    pub watch: Watch,
+    /// What the watch holds back from the client (reused).
+    pub held: Vec<u8>,
 }
 
 impl LinkState {
@@ -192,6 +198,8 @@ impl LinkState {
             copy_in: false,
             syncs_since_execute: 0,
             started: None,
+            watch: Watch::Off,
+            held: Vec::new(),
         }
     }
 
@@ -218,6 +226,8 @@ impl LinkState {
             copy_in,
             syncs_since_execute,
             started,
+            watch,
+            held,
         } = self;
         *scanner = BackendScanner::default();
         *out = Outbox::default();
@@ -238,6 +248,8 @@ impl LinkState {
         *copy_in = false;
         *syncs_since_execute = 0;
         *started = None;
+        *watch = Watch::Off;
+        held.clear();
     }
 }
 
@@ -390,7 +402,8 @@ impl Link {
         })
     }
 
-    /// Forward to the client, in one write, what [`Self::scan`] found.
+    /// Forward to the client, in one write, what [`Self::scan`] found (or
+    /// hold it while the request is watched for a standby's refusal).
     pub(crate) fn forward(
         &mut self,
         client: &TcpStream,
@@ -398,6 +411,19 @@ impl Link {
         chunk: Chunk,
     ) -> Result<(), SessionError> {
         let n = chunk.len;
+        if self.st.watch != Watch::Off {
+            if chunk.cuts.is_none() {
+                self.forward_watched(client, to_client, n)?;
+                bytes::Buf::advance(&mut self.conn.buf, n);
+                return Ok(());
+            }
+            // pgpilot's own messages are in the answer: no retry.
+            self.st.watch = Watch::Off;
+            to_client
+                .send(client, &self.st.held)
+                .map_err(SessionError::ClientIo)?;
+            self.st.held.clear();
+        }
         if let Some(cuts) = chunk.cuts {
             forward_cut(client, to_client, &self.conn.buf[..n], &cuts)?;
             bytes::Buf::advance(&mut self.conn.buf, n);

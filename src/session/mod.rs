@@ -24,11 +24,13 @@ pub mod handshake;
 mod link;
 mod local;
 mod relay;
+mod retry;
 mod route;
 mod state;
 mod statements;
 mod track;
 mod txpool;
+mod unlogged;
 
 use std::sync::Arc;
 
@@ -248,6 +250,13 @@ struct Session {
     batch_unseen: bool,
     /// The last `pg_proc` lookup failed: judge the next request's functions volatile.
     lookup_failed: bool,
+    /// The last unlogged-relation lookup failed: the next read goes to the primary.
+    relations_failed: bool,
+    /// The request that may run again on the primary if a standby refuses it.
+    retry: retry::RetryNet,
+    /// A request that may change the catalog was sent since the session was
+    /// last idle ([`Session::catalog_settled`]).
+    catalog_changed: bool,
     /// Standbys this session failed to use, not retried before the instant.
     shunned_until: Vec<Option<tokio::time::Instant>>,
     /// The session has picked a load-balance node once (later picks are moves).
@@ -354,6 +363,9 @@ impl Session {
             avoid_standby_once: false,
             batch_unseen: false,
             lookup_failed: false,
+            relations_failed: false,
+            catalog_changed: false,
+            retry: retry::RetryNet::default(),
             shunned_until: vec![None; nodes],
             standby_picked: false,
             defaults_probed: false,
@@ -375,6 +387,9 @@ impl Session {
         match self.attach_at_login().await {
             Ok(true) => {
                 if let Some(l) = &self.links[self.active] {
+                    // What the server said while it started, as PostgreSQL
+                    // sends it: after AuthenticationOk, before the parameters.
+                    out.extend_from_slice(&l.conn.startup_notices);
                     self.ctx.server_params.remember(&l.conn.params);
                     for (k, v) in &l.conn.params {
                         messages::parameter_status(&mut out, k, v);
@@ -486,6 +501,7 @@ impl Session {
                         self.tx_aborted = true;
                     }
                     if tx_link && status == TxStatus::Idle {
+                        self.catalog_settled();
                         self.state.pending_tx.clear();
                         self.tx_aborted = false;
                     }

@@ -229,6 +229,7 @@ impl Session {
                     .consistency_waited(started.elapsed().as_secs_f64());
                 Ok(())
             }
+            Step::LookupRelations(names) => self.look_up_relations(names).await,
             Step::Lookup(names) => {
                 let snapshot = self.ctx.cluster.snapshot();
                 let primary = snapshot.primary.unwrap_or(self.active);
@@ -275,6 +276,12 @@ impl Session {
         }
         link.forward(&self.client, &mut self.to_client, chunk)?;
         self.settle(node);
+        if self.links[node]
+            .as_ref()
+            .is_some_and(|l| l.watch == super::retry::Watch::Refused)
+        {
+            self.on_refused(node)?;
+        }
         Ok(())
     }
 }

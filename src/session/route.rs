@@ -53,6 +53,8 @@ pub enum Step {
     NeedPrimary,
     /// Look these functions up in `pg_proc` before routing.
     Lookup(Vec<String>),
+    /// Look these relations up (unlogged?) before routing.
+    LookupRelations(Vec<crate::router::relations::RelationName>),
     /// Learn a fresh primary WAL position (read-your-writes) before routing.
     FetchLsn,
     /// Ask the primary connection for the session's transaction defaults (from
@@ -242,7 +244,10 @@ impl Session {
                         return Ok(Step::MoveTxToPrimary);
                     }
                     match self.plan_simple(f.tag, frame)? {
-                        Ok(n) => n,
+                        Ok(n) => {
+                            self.arm_retry(n, frame, true);
+                            n
+                        }
                         Err(step) => return Ok(step),
                     }
                 }
@@ -294,6 +299,7 @@ impl Session {
                         }
                         None => match self.plan_batch(&buf[*pos..])? {
                             Ok(n) => {
+                                self.arm_retry(n, &buf[*pos..], false);
                                 self.batch = Some(n);
                                 self.batch_unseen = false;
                                 self.fresh_request_sent();
@@ -342,6 +348,9 @@ impl Session {
             purge_others: mentions_execute(sql),
             ..Needs::none()
         };
+        if class.lists_statements {
+            self.need_all_statements(&mut needs);
+        }
         let mut force_write = false;
         let mut hint = hint;
         if let Some(name) = &class.execute {
@@ -368,10 +377,11 @@ impl Session {
         needs: &Needs,
     ) -> Planned {
         if hint != Some(Hint::Standby) {
-            match self.judge_functions(&class) {
-                Ok(volatile) => force_write |= volatile,
-                Err(step) => return Err(step),
-            }
+            force_write |= self.judge_functions(&class)?;
+        }
+        // A standby hint cannot make a standby serve an unlogged relation.
+        if !force_write {
+            force_write |= self.judge_relations(&class)?;
         }
         let class = if force_write && class.access == Access::Read {
             let mut c = (*class).clone();
@@ -450,6 +460,9 @@ impl Session {
         // may be on the connection it runs on. (The session's own are supplied
         // as their Binds arrive, `supply_statement`.)
         needs.purge_others = !complete;
+        if classes.iter().any(|c| c.lists_statements) {
+            self.need_all_statements(&mut needs);
+        }
         let class = match classes.len() {
             // Close / Describe / Sync only: nothing runs; stay where the session is.
             0 if complete => {
@@ -582,6 +595,7 @@ impl Session {
             node
         };
         self.pending_class = Some(class.clone());
+        self.retry.off_primary = snapshot.primary.is_some_and(|p| p != node);
         Ok(node)
     }
 
@@ -675,9 +689,14 @@ fn merge(classes: &[Arc<Classification>]) -> Classification {
         m.statements += c.statements;
         m.unknown_functions
             .extend(c.unknown_functions.iter().cloned());
+        m.relations.extend(c.relations.iter().cloned());
+        m.catalog_change |= c.catalog_change;
+        m.lists_statements |= c.lists_statements;
     }
     m.unknown_functions.sort_unstable();
     m.unknown_functions.dedup();
+    m.relations.sort_unstable();
+    m.relations.dedup();
     m
 }
 

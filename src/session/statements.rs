@@ -69,6 +69,16 @@ pub fn mentions_execute(sql: &[u8]) -> bool {
 }
 
 impl Session {
+    /// A request lists the prepared statements of the connection it runs on
+    /// (`pg_prepared_statements`): it needs all of the session's, and none
+    /// of another session's.
+    pub(super) fn need_all_statements(&self, needs: &mut Needs) {
+        needs.purge_others = true;
+        for name in self.state.stmts.keys().filter(|n| !n.is_empty()) {
+            needs.add(name);
+        }
+    }
+
     /// Count the needed statements the connection to `node` already holds as
     /// this session made them (or as an identical Parse from another session
     /// in the same clean context) as there: no Parse needed. The unnamed one

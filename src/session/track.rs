@@ -273,6 +273,7 @@ impl Session {
     pub(super) fn note_sent(&mut self, node: usize, class: &Classification) {
         // Whatever runs now, the transaction has run more than its BEGIN.
         self.fresh_tx_begin = None;
+        self.catalog_may_change(class);
         let kind = if class.tx.is_some() {
             "transaction"
         } else if class.session_state {

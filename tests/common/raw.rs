@@ -38,13 +38,25 @@ pub async fn ended_with(s: &mut TcpStream, limit: std::time::Duration) -> String
 /// Log in over a raw socket with trust-free SCRAM via postgres-protocol; returns
 /// the socket positioned after the first ReadyForQuery.
 pub async fn login_raw(addr: std::net::SocketAddr) -> TcpStream {
+    login_raw_with(addr, &[]).await.0
+}
+
+/// [`login_raw`] with more startup parameters; also returns every message
+/// the login received after authentication (type, body), ReadyForQuery included.
+pub async fn login_raw_with(
+    addr: std::net::SocketAddr,
+    params: &[(&str, &str)],
+) -> (TcpStream, Vec<(u8, Vec<u8>)>) {
     use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
     use postgres_protocol::message::frontend;
     let mut s = TcpStream::connect(addr).await.unwrap();
     let mut buf = bytes::BytesMut::new();
-    frontend::startup_message([("user", USER), ("database", DB)], &mut buf).unwrap();
+    let mut startup = vec![("user", USER), ("database", DB)];
+    startup.extend_from_slice(params);
+    frontend::startup_message(startup, &mut buf).unwrap();
     s.write_all(&buf).await.unwrap();
     let mut scram = ScramSha256::new(PASSWORD.as_bytes(), ChannelBinding::unsupported());
+    let mut after_auth = Vec::new();
     loop {
         let (t, body) = read_msg(&mut s).await.unwrap();
         buf.clear();
@@ -63,9 +75,13 @@ pub async fn login_raw(addr: std::net::SocketAddr) -> TcpStream {
                 s.write_all(&buf).await.unwrap();
             }
             (b'R', 12) => scram.finish(&body[4..]).unwrap(),
-            (b'Z', _) => return s,
+            (b'R', _) => {}
+            (b'Z', _) => {
+                after_auth.push((t, body));
+                return (s, after_auth);
+            }
             (b'E', _) => panic!("login failed: {}", sqlstate_of(&body)),
-            _ => {}
+            _ => after_auth.push((t, body)),
         }
     }
 }

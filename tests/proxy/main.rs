@@ -713,3 +713,56 @@ async fn stopping_pgpilot_ends_idle_sessions_with_57p01() {
     );
     stopper.await.unwrap();
 }
+
+/// The kinds of a login's messages, notices as `N:<SQLSTATE>`, parameter
+/// statuses as one `S` (their order among themselves is not the point).
+fn login_shape(msgs: &[(u8, Vec<u8>)]) -> Vec<String> {
+    let mut shape: Vec<String> = Vec::new();
+    for (t, body) in msgs {
+        let kind = match t {
+            b'N' => format!("N:{}", common::raw::sqlstate_of(body)),
+            t => (*t as char).to_string(),
+        };
+        if shape.last() != Some(&kind) || kind != "S" {
+            shape.push(kind);
+        }
+    }
+    shape
+}
+
+/// A NoticeResponse PostgreSQL sends while a connection starts (here the
+/// truncation of a 70-byte application_name) reaches the client at its
+/// login, where a direct login has it, also when the server connection
+/// comes from the pool.
+#[tokio::test]
+async fn startup_notices_reach_the_client() {
+    let h = harness();
+    let app = format!("startup_notice_{}", "x".repeat(56));
+    let params = [("application_name", app.as_str())];
+    let direct_addr = std::net::SocketAddr::from(([127, 0, 0, 1], h.ports[0]));
+    let (_, direct) = common::raw::login_raw_with(direct_addr, &params).await;
+    let direct = login_shape(&direct);
+    assert!(direct.contains(&"N:42622".to_string()), "{direct:?}");
+    let pid_sql = "/* pgpilot:primary */ SELECT pg_backend_pid()";
+    let (mut s, first) = common::raw::login_raw_with(h.proxy, &params).await;
+    assert_eq!(login_shape(&first), direct);
+    common::raw::send_query(&mut s, pid_sql).await;
+    let pid = common::raw::until_ready(&mut s).await;
+    drop(s);
+    // Log in again until the same server connection serves the login (it is
+    // given back to the pool when the first session ends).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (mut s, again) = common::raw::login_raw_with(h.proxy, &params).await;
+        assert_eq!(login_shape(&again), direct);
+        common::raw::send_query(&mut s, pid_sql).await;
+        if common::raw::until_ready(&mut s).await == pid {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the pooled connection never came back"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

@@ -29,8 +29,10 @@ mod common;
 
 mod balancing;
 mod classifier;
+mod node_local;
 mod session_settings;
 mod transactions;
+mod unlogged;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
