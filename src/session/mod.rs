@@ -276,6 +276,9 @@ struct Session {
     /// Logged in without a server connection (an admin user while no primary
     /// could be reached): the session may hold none until a request needs one.
     detached: bool,
+    /// Databases whose connections the pool closes rather than keeps until
+    /// the statement sent for them (`DROP DATABASE` …) is answered.
+    retiring: Vec<String>,
     /// Counts this client against `max_client_conn` until dropped.
     _slot: ClientSlot,
 }
@@ -366,6 +369,7 @@ impl Session {
             fresh: fresh::Freshness::default(),
             fresh_tx_begin: None,
             detached: false,
+            retiring: Vec::new(),
             _slot: slot,
         }
     }
@@ -496,6 +500,11 @@ impl Session {
                         self.writes_acknowledged();
                     }
                     if drained {
+                        if !self.retiring.is_empty()
+                            && !self.links.iter().flatten().any(|l| l.busy())
+                        {
+                            self.end_retiring();
+                        }
                         if tx_link {
                             self.in_tx = status != TxStatus::Idle;
                             self.route.tx_node = self.in_tx.then_some(node);
@@ -622,6 +631,7 @@ impl Session {
     /// Give each server connection back (reset if needed) or discard it.
     fn cleanup(&mut self) {
         self.ctx.cancels.unregister(self.key_pid);
+        self.end_retiring();
         for link in self.links.iter_mut().filter_map(Option::take) {
             let ctx = self.ctx.clone();
             let cfg = self.cfg.clone();

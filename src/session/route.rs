@@ -666,6 +666,7 @@ fn merge(classes: &[Arc<Classification>]) -> Classification {
         m.session_state |= c.session_state;
         m.sticky_primary |= c.sticky_primary;
         m.parse_failed |= c.parse_failed;
+        m.exclusive_database |= c.exclusive_database;
         if c.sets_read_only_default.is_some() {
             m.sets_read_only_default = c.sets_read_only_default;
         }

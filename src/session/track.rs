@@ -42,6 +42,9 @@ impl Session {
             None if t == tag::FUNCTION_CALL => function_call_class(),
             None => self.classify(query_sql(frame)).0,
         };
+        if class.exclusive_database {
+            self.free_databases(query_sql(frame));
+        }
         let effects = if t == tag::QUERY {
             SessionState::effects_for(&class, query_sql(frame), Some(frame), self.in_tx)
         } else {
@@ -193,6 +196,16 @@ impl Session {
             }
             tag::BIND => {
                 let name = bind_statement(body);
+                if let Some(super::state::Stmt {
+                    source: StmtSource::Parse(f),
+                    class,
+                    ..
+                }) = self.state.stmts.get(name)
+                    && class.exclusive_database
+                {
+                    let f = f.clone();
+                    self.free_databases(parse_fields(&f[5..]).1);
+                }
                 if let Some(st) = self.state.stmts.get(name) {
                     let class = st.class.clone();
                     let effects = match &st.source {
@@ -267,6 +280,41 @@ impl Session {
         }
         self.link_mut(node)?.in_batch = true;
         Ok(())
+    }
+
+    /// `sql` is about to be sent and fails while other sessions use a
+    /// database it names (`DROP DATABASE d` …): pgpilot's idle pooled
+    /// connections to it, on every node, are not such sessions for the
+    /// client, so they are closed first. Connections other clients use stay
+    /// (PostgreSQL's error is theirs to cause).
+    #[cold]
+    #[inline(never)]
+    fn free_databases(&mut self, sql: &[u8]) {
+        let Ok(text) = std::str::from_utf8(sql) else {
+            return;
+        };
+        for database in crate::router::database_cmd::exclusive_databases(text) {
+            let closed = self
+                .ctx
+                .pool
+                .close_idle_database(&database, std::time::Instant::now());
+            tracing::debug!(
+                database,
+                closed,
+                "closed idle connections before a statement that needs the database alone"
+            );
+            self.retiring.push(database);
+        }
+    }
+
+    /// The statements that retired databases ended (or never will: the
+    /// session ends): their connections may be pooled again.
+    #[cold]
+    #[inline(never)]
+    pub(super) fn end_retiring(&mut self) {
+        for database in self.retiring.drain(..) {
+            self.ctx.pool.end_retiring(&database);
+        }
     }
 
     /// Routing state after a statement of class `class` was sent to `node`.
