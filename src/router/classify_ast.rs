@@ -62,11 +62,16 @@ impl SqlParserClassifier {
                     return Part::write();
                 }
                 let analyze = *analyze || options.iter().flatten().any(is_analyze_option);
+                let inner = self.statement(statement);
                 if !analyze {
-                    return Part::default();
+                    // Not run, but `EXPLAIN EXECUTE q` plans the session's
+                    // statement: it needs `q` where it runs.
+                    return Part {
+                        execute: inner.execute,
+                        ..Part::default()
+                    };
                 }
                 // EXPLAIN ANALYZE runs the statement: it is as much a write as it is.
-                let inner = self.statement(statement);
                 Part {
                     write: inner.write,
                     unknown_write: inner.unknown_write,
@@ -256,6 +261,12 @@ impl Visitor for Scan<'_> {
                 args: Some(a),
                 ..
             } => self.function(name, &a.args),
+            // The session's SQL-prepared statements are all on the primary
+            // (it prepares them at once, other nodes lazily): its view of them
+            // is the only complete one.
+            TableFactor::Table {
+                name, args: None, ..
+            } if is_catalog_object(name, "pg_prepared_statements") => self.part.write = true,
             TableFactor::Function { name, args, .. } => self.function(name, args),
             TableFactor::Pivot { .. }
             | TableFactor::Unpivot { .. }
@@ -319,6 +330,16 @@ impl Scan<'_> {
                 self.part.unknown.push(folded);
             }
         }
+    }
+}
+
+/// Whether `name` is `object` or `pg_catalog.object`.
+fn is_catalog_object(name: &ObjectName, object: &str) -> bool {
+    let idents: Vec<&Ident> = name.0.iter().filter_map(|p| p.as_ident()).collect();
+    match idents[..] {
+        [o] => fold(o) == object,
+        [s, o] => fold(s) == "pg_catalog" && fold(o) == object,
+        _ => false,
     }
 }
 

@@ -25,6 +25,7 @@ mod link;
 mod local;
 mod relay;
 mod route;
+mod sql_prepare;
 mod state;
 mod statements;
 mod track;
@@ -569,6 +570,9 @@ impl Session {
                     hint: None,
                 },
             );
+            if !self.state.sql_names.contains(&name) {
+                self.state.sql_names.push(name.clone());
+            }
             if let Some(l) = self.links[node].as_mut() {
                 l.statements.insert(name);
             }

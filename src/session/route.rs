@@ -354,6 +354,9 @@ impl Session {
                 None => force_write = true,
             }
         }
+        if super::sql_prepare::on_primary(&class) {
+            hint = Some(Hint::Primary);
+        }
         Ok(self.decide_judged(class, hint, force_write, &needs))
     }
 
@@ -450,6 +453,7 @@ impl Session {
         // may be on the connection it runs on. (The session's own are supplied
         // as their Binds arrive, `supply_statement`.)
         needs.purge_others = !complete;
+        let prepares = classes.iter().any(|c| super::sql_prepare::on_primary(c));
         let class = match classes.len() {
             // Close / Describe / Sync only: nothing runs; stay where the session is.
             0 if complete => {
@@ -469,6 +473,9 @@ impl Session {
         // and whatever follows goes where it went: never balance it (inside a
         // transaction a write simply stays on the transaction's node).
         let force_write = unknown_statement || !complete;
+        if prepares {
+            hint = Some(Hint::Primary);
+        }
         Ok(self.decide_judged(class, hint, force_write, &needs))
     }
 
@@ -622,6 +629,14 @@ impl Session {
     /// Whether `node` can take a request now: no other node has one in flight, and
     /// the connection exists, is healthy and carries the session's state.
     fn check_ready(&mut self, node: usize, needs: &Needs) -> Result<(), Step> {
+        let with_sql;
+        let needs = match self.sql_statements_needed(node, needs) {
+            Some(n) => {
+                with_sql = n;
+                &with_sql
+            }
+            None => needs,
+        };
         let others_busy = self
             .links
             .iter()

@@ -369,6 +369,9 @@ impl Session {
     /// it, and close it later on the other connections that have it.
     pub(super) fn forget_statement(&mut self, node: usize, name: &[u8]) {
         self.state.stmts.remove(name);
+        if !self.state.sql_names.is_empty() {
+            self.state.sql_names.retain(|n| n != name);
+        }
         if name.is_empty()
             && let Some(l) = self.links[node].as_mut()
         {
@@ -388,6 +391,7 @@ impl Session {
     /// DEALLOCATE ALL / DISCARD ALL ran on `node`: every statement is gone there.
     pub(super) fn forget_all_statements(&mut self, node: usize) {
         self.state.stmts.clear();
+        self.state.sql_names.clear();
         if let Some(l) = self.links[node].as_mut() {
             l.conn.held.clear();
         }

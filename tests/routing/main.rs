@@ -30,6 +30,7 @@ mod common;
 mod balancing;
 mod classifier;
 mod session_settings;
+mod sql_prepare;
 mod transactions;
 
 use std::collections::BTreeMap;
