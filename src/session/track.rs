@@ -196,16 +196,6 @@ impl Session {
             }
             tag::BIND => {
                 let name = bind_statement(body);
-                if let Some(super::state::Stmt {
-                    source: StmtSource::Parse(f),
-                    class,
-                    ..
-                }) = self.state.stmts.get(name)
-                    && class.exclusive_database
-                {
-                    let f = f.clone();
-                    self.free_databases(parse_fields(&f[5..]).1);
-                }
                 if let Some(st) = self.state.stmts.get(name) {
                     let class = st.class.clone();
                     let effects = match &st.source {
@@ -225,6 +215,13 @@ impl Session {
                         }
                         _ => None,
                     };
+                    let exclusive = match &st.source {
+                        StmtSource::Parse(f) if class.exclusive_database => Some(f.clone()),
+                        _ => None,
+                    };
+                    if let Some(f) = exclusive {
+                        self.free_databases(parse_fields(&f[5..]).1);
+                    }
                     let link = self.link_mut(node)?;
                     if let Some(e) = effects {
                         let k = link.sent + 1;
