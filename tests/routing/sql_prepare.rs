@@ -94,13 +94,11 @@ async fn other_sql_of_the_session_uses_its_sql_prepared_statements() {
     .await
     .unwrap();
     // Explained, with or without running it.
-    s.c.simple_query("EXPLAIN EXECUTE u_q(1)").await.unwrap();
-    s.c.simple_query("EXPLAIN ANALYZE EXECUTE u_q(1)")
-        .await
-        .unwrap();
-    s.c.simple_query("EXPLAIN (COSTS OFF) EXECUTE u_q(1)")
-        .await
-        .unwrap();
+    for explain in ["EXPLAIN", "EXPLAIN ANALYZE", "EXPLAIN (COSTS OFF)"] {
+        let sql = format!("{explain} EXECUTE u_q(1)");
+        let plan = s.c.simple_query(&sql).await;
+        plan.unwrap_or_else(|e| panic!("{sql}: {}", describe(&e)));
+    }
     // Run by a function (volatile: the primary) and by a DO block.
     assert_eq!(s.one("SELECT u_run('u_q')").await, "8");
     s.c.batch_execute(
