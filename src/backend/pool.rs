@@ -633,8 +633,30 @@ fn evict_one(st: &mut NodeState) -> Option<PooledConn> {
 
 #[cfg(test)]
 mod tests {
-    use super::PoolKey;
+    use super::{PoolKey, RETIRE_WINDOW, Retiring};
     use std::hash::BuildHasher;
+    use std::time::Instant;
+
+    #[test]
+    fn a_database_retires_until_each_statement_ends_or_the_window_passes() {
+        let r = Retiring::default();
+        let now = Instant::now();
+        assert!(!r.contains("d", now));
+        // Two statements retire it: pooled again after both ended.
+        r.start("d", now);
+        r.start("d", now);
+        assert!(r.contains("d", now));
+        assert!(!r.contains("e", now));
+        r.end("d");
+        assert!(r.contains("d", now));
+        r.end("d");
+        assert!(!r.contains("d", now));
+        // One never ended: over after the window.
+        r.start("d", now);
+        assert!(r.contains("d", now + RETIRE_WINDOW / 2));
+        assert!(!r.contains("d", now + RETIRE_WINDOW));
+        assert!(!r.any.load(std::sync::atomic::Ordering::Relaxed));
+    }
 
     fn p(k: &str, v: &str) -> (String, String) {
         (k.to_string(), v.to_string())
