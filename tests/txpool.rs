@@ -145,6 +145,35 @@ async fn session_state_pins_the_connection_until_the_session_ends() {
     assert_ne!(one(&c, "SHOW application_name").await, "pinned");
 }
 
+/// SQL PREPARE pins the session (as other session state does) and, with
+/// reads balanced, its statements serve every SQL of the session as on one
+/// server, and no other session's.
+#[tokio::test]
+async fn sql_prepared_statements_serve_the_whole_session_and_no_other() {
+    let mut cfg = tx_config(4, Duration::from_secs(5));
+    cfg.routing.load_balance = true;
+    let addr = spawn_proxy(cfg);
+    let a = connect(addr, "").await;
+    let b = connect(addr, "").await;
+    let listed = "SELECT string_agg(name, ',' ORDER BY name) FROM pg_prepared_statements";
+    a.simple_query("PREPARE tp_q(int) AS SELECT $1 + 1")
+        .await
+        .unwrap();
+    assert_eq!(one(&a, "EXECUTE tp_q(1)").await, "2");
+    // Run by a DO block on the primary, listed, deallocated.
+    a.simple_query("DO $$ BEGIN EXECUTE 'EXECUTE tp_q(2)'; END $$")
+        .await
+        .unwrap();
+    assert_eq!(one(&a, listed).await, "tp_q");
+    let e = b.simple_query("EXECUTE tp_q(1)").await.unwrap_err();
+    assert_eq!(sqlstate(&e).as_deref(), Some("26000"), "{e}");
+    let count = "SELECT count(*) FROM pg_prepared_statements";
+    assert_eq!(one(&b, count).await, "0");
+    a.simple_query("DEALLOCATE tp_q").await.unwrap();
+    let e = a.simple_query("EXECUTE tp_q(1)").await.unwrap_err();
+    assert_eq!(sqlstate(&e).as_deref(), Some("26000"), "{e}");
+}
+
 #[tokio::test]
 async fn a_cancel_after_release_never_reaches_another_session() {
     let addr = spawn_proxy(tx_config(1, Duration::from_secs(5)));

@@ -30,6 +30,11 @@ use crate::protocol::auth::ScramKeys;
 /// `server_check_delay`, 30 s by default, plays the same role.)
 const RECENTLY_USED: Duration = Duration::from_secs(1);
 
+/// The longest a database stays retiring ([`Pool::close_idle_database`]) if
+/// the session that retired it never says its statement ended (it normally
+/// does, at the statement's ReadyForQuery or when it ends).
+const RETIRE_WINDOW: Duration = Duration::from_secs(60);
+
 /// Which connections are interchangeable.
 ///
 /// Hashed and compared on every transaction under transaction pooling (a
@@ -77,6 +82,11 @@ impl PoolKey {
     /// The user name in the key.
     pub fn user(&self) -> &str {
         &self.startup[0].1
+    }
+
+    /// The database name in the key.
+    pub fn database(&self) -> &str {
+        &self.startup[1].1
     }
 }
 
@@ -258,10 +268,55 @@ pub struct AcquireSettings<'a> {
     pub auth_timeout: Duration,
 }
 
+/// Databases whose connections are not pooled for a while
+/// ([`Pool::close_idle_database`]).
+#[derive(Default)]
+struct Retiring {
+    /// Whether `until` may hold an entry: the check on every connection given
+    /// back is one relaxed load while no database is retiring.
+    any: std::sync::atomic::AtomicBool,
+    /// Database name → until when its connections are closed when given
+    /// back; one entry per statement that retired it.
+    until: Mutex<Vec<(String, Instant)>>,
+}
+
+impl Retiring {
+    fn start(&self, database: &str, now: Instant) {
+        let mut until = self.until.lock().unwrap_or_else(|p| p.into_inner());
+        until.retain(|(_, t)| *t > now);
+        until.push((database.to_string(), now + RETIRE_WINDOW));
+        self.any.store(true, Ordering::Relaxed);
+    }
+
+    fn end(&self, database: &str) {
+        let mut until = self.until.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(i) = until.iter().position(|(d, _)| d == database) {
+            until.swap_remove(i);
+        }
+        if until.is_empty() {
+            self.any.store(false, Ordering::Relaxed);
+        }
+    }
+
+    fn contains(&self, database: &str, now: Instant) -> bool {
+        if !self.any.load(Ordering::Relaxed) {
+            return false;
+        }
+        let mut until = self.until.lock().unwrap_or_else(|p| p.into_inner());
+        until.retain(|(_, t)| *t > now);
+        if until.is_empty() {
+            self.any.store(false, Ordering::Relaxed);
+        }
+        until.iter().any(|(d, _)| d == database)
+    }
+}
+
 /// All nodes' pools.
 pub struct Pool {
     /// Indexed by node id.
     nodes: Vec<Arc<NodePool>>,
+    /// Databases being dropped (or renamed, or copied).
+    retiring: Retiring,
     /// Told about the first connection to a node after it was admitted
     /// (`waiting` → `up`); none in unit tests.
     cluster: Option<Arc<Cluster>>,
@@ -272,6 +327,7 @@ impl Pool {
     pub fn new(nodes: usize) -> Pool {
         Pool {
             nodes: (0..nodes).map(|_| Arc::new(NodePool::default())).collect(),
+            retiring: Retiring::default(),
             cluster: None,
         }
     }
@@ -388,6 +444,11 @@ impl Pool {
         let Some(np) = self.nodes.get(conn.key.node) else {
             return;
         };
+        if self.retiring.contains(conn.key.database(), now) {
+            // Closed: its slot goes to the longest waiter, if any.
+            drop(conn);
+            return;
+        }
         conn.last_used = now;
         let mut st = np.lock();
         if st.waiters.is_empty() {
@@ -451,6 +512,36 @@ impl Pool {
             let idle = std::mem::take(&mut np.lock().idle);
             drop(idle);
         }
+    }
+
+    /// Close every idle connection to `database` on every node, and close
+    /// rather than pool the connections to it given back until
+    /// [`Pool::end_retiring`] (at most [`RETIRE_WINDOW`]): a statement that
+    /// needs the database without other sessions (`DROP DATABASE` …) is
+    /// about to run, and PostgreSQL lets it wait a few seconds for them to
+    /// leave. Connections in use stay. Returns how many were closed.
+    pub fn close_idle_database(&self, database: &str, now: Instant) -> usize {
+        self.retiring.start(database, now);
+        let mut closed = Vec::new();
+        for np in &self.nodes {
+            let mut st = np.lock();
+            st.idle.retain(|key, conns| {
+                if key.database() == database {
+                    closed.append(conns);
+                    false
+                } else {
+                    true
+                }
+            });
+        }
+        // Dropped outside the nodes' locks (a freed slot takes the lock).
+        closed.len()
+    }
+
+    /// The statement that retired `database` ended: its connections are
+    /// pooled again (unless another statement retired it too).
+    pub fn end_retiring(&self, database: &str) {
+        self.retiring.end(database);
     }
 
     /// Open and idle counts for a node.
@@ -542,8 +633,30 @@ fn evict_one(st: &mut NodeState) -> Option<PooledConn> {
 
 #[cfg(test)]
 mod tests {
-    use super::PoolKey;
+    use super::{PoolKey, RETIRE_WINDOW, Retiring};
     use std::hash::BuildHasher;
+    use std::time::Instant;
+
+    #[test]
+    fn a_database_retires_until_each_statement_ends_or_the_window_passes() {
+        let r = Retiring::default();
+        let now = Instant::now();
+        assert!(!r.contains("d", now));
+        // Two statements retire it: pooled again after both ended.
+        r.start("d", now);
+        r.start("d", now);
+        assert!(r.contains("d", now));
+        assert!(!r.contains("e", now));
+        r.end("d");
+        assert!(r.contains("d", now));
+        r.end("d");
+        assert!(!r.contains("d", now));
+        // One never ended: over after the window.
+        r.start("d", now);
+        assert!(r.contains("d", now + RETIRE_WINDOW / 2));
+        assert!(!r.contains("d", now + RETIRE_WINDOW));
+        assert!(!r.any.load(std::sync::atomic::Ordering::Relaxed));
+    }
 
     fn p(k: &str, v: &str) -> (String, String) {
         (k.to_string(), v.to_string())

@@ -108,6 +108,10 @@ pub struct Classification {
     pub statements: usize,
     /// True if sqlparser failed on some statement (then access = Write).
     pub parse_failed: bool,
+    /// Some statement fails while other sessions use a database it names
+    /// (`DROP DATABASE`, `CREATE DATABASE`, `ALTER DATABASE … RENAME`; see
+    /// [`super::database_cmd`], which reads the name from the text).
+    pub exclusive_database: bool,
     /// Functions called by read statements that are on neither the write list nor a
     /// read-only list: folded as PostgreSQL folds identifiers (unquoted → lower case,
     /// quoted → verbatim), schema stripped, deduplicated, sorted. The caller may
@@ -183,6 +187,7 @@ impl Classification {
             deallocate: None,
             statements: 0,
             parse_failed: false,
+            exclusive_database: false,
             unknown_functions: Vec::new(),
             relations: Vec::new(),
             catalog_change: false,
@@ -465,6 +470,7 @@ impl Classifier for SqlParserClassifier {
                 part.write = true;
             }
             lexical_sticky(&piece, &mut part);
+            c.exclusive_database |= super::database_cmd::is_exclusive(piece.text);
             merge(&mut c, part);
         }
         c.unknown_functions.sort_unstable();

@@ -63,15 +63,18 @@ impl SqlParserClassifier {
                     return Part::write();
                 }
                 let analyze = *analyze || options.iter().flatten().any(is_analyze_option);
+                let inner = self.statement(statement);
                 if !analyze {
-                    // Planning opens the relations: a standby refuses unlogged ones.
+                    // Not run, but planning opens the relations (a standby
+                    // refuses unlogged ones), and `EXPLAIN EXECUTE q` plans
+                    // the session's statement: it needs `q` where it runs.
                     return Part {
-                        relations: self.statement(statement).relations,
+                        relations: inner.relations,
+                        execute: inner.execute,
                         ..Part::default()
                     };
                 }
                 // EXPLAIN ANALYZE runs the statement: it is as much a write as it is.
-                let inner = self.statement(statement);
                 Part {
                     write: inner.write,
                     unknown_write: inner.unknown_write,

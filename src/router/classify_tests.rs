@@ -186,6 +186,21 @@ fn explain_without_analyze_is_read() {
 }
 
 #[test]
+fn explain_execute_names_its_statement_and_the_prepared_statements_view_is_the_primarys() {
+    assert_eq!(c("EXPLAIN EXECUTE q(1)").execute.as_deref(), Some("q"));
+    assert_eq!(
+        c("EXPLAIN (COSTS OFF) EXECUTE \"Q\"").execute.as_deref(),
+        Some("Q")
+    );
+    assert_eq!(c("EXPLAIN ANALYZE EXECUTE q").execute.as_deref(), Some("q"));
+    read("EXPLAIN EXECUTE q(1)");
+    write("SELECT name FROM pg_prepared_statements");
+    write("SELECT * FROM pg_catalog.pg_prepared_statements p JOIN t ON true");
+    write("SELECT (SELECT count(*) FROM PG_PREPARED_STATEMENTS)");
+    read("SELECT * FROM my.pg_prepared_statements");
+}
+
+#[test]
 fn write_functions_anywhere_are_write() {
     write("SELECT nextval('s')");
     write("SELECT pg_catalog.nextval('s')");

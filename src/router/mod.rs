@@ -10,6 +10,7 @@ pub mod cache;
 pub mod catalog;
 pub mod chooser;
 pub mod classify;
+pub mod database_cmd;
 pub mod memo;
 pub mod normalize;
 pub mod normalize_fast;

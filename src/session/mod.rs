@@ -26,6 +26,7 @@ mod local;
 mod relay;
 mod retry;
 mod route;
+mod sql_prepare;
 mod state;
 mod statements;
 mod track;
@@ -285,6 +286,9 @@ struct Session {
     /// Logged in without a server connection (an admin user while no primary
     /// could be reached): the session may hold none until a request needs one.
     detached: bool,
+    /// Databases whose connections the pool closes rather than keeps until
+    /// the statement sent for them (`DROP DATABASE` …) is answered.
+    retiring: Vec<String>,
     /// Counts this client against `max_client_conn` until dropped.
     _slot: ClientSlot,
 }
@@ -378,6 +382,7 @@ impl Session {
             fresh: fresh::Freshness::default(),
             fresh_tx_begin: None,
             detached: false,
+            retiring: Vec::new(),
             _slot: slot,
         }
     }
@@ -512,6 +517,11 @@ impl Session {
                         self.writes_acknowledged();
                     }
                     if drained {
+                        if !self.retiring.is_empty()
+                            && !self.links.iter().flatten().any(|l| l.busy())
+                        {
+                            self.end_retiring();
+                        }
                         if tx_link {
                             self.in_tx = status != TxStatus::Idle;
                             self.route.tx_node = self.in_tx.then_some(node);
@@ -576,6 +586,9 @@ impl Session {
                     hint: None,
                 },
             );
+            if !self.state.sql_names.contains(&name) {
+                self.state.sql_names.push(name.clone());
+            }
             if let Some(l) = self.links[node].as_mut() {
                 l.statements.insert(name);
             }
@@ -638,6 +651,7 @@ impl Session {
     /// Give each server connection back (reset if needed) or discard it.
     fn cleanup(&mut self) {
         self.ctx.cancels.unregister(self.key_pid);
+        self.end_retiring();
         for link in self.links.iter_mut().filter_map(Option::take) {
             let ctx = self.ctx.clone();
             let cfg = self.cfg.clone();

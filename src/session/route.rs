@@ -363,6 +363,9 @@ impl Session {
                 None => force_write = true,
             }
         }
+        if super::sql_prepare::on_primary(&class) {
+            hint = Some(Hint::Primary);
+        }
         Ok(self.decide_judged(class, hint, force_write, &needs))
     }
 
@@ -463,6 +466,7 @@ impl Session {
         if classes.iter().any(|c| c.lists_statements) {
             self.need_all_statements(&mut needs);
         }
+        let prepares = classes.iter().any(|c| super::sql_prepare::on_primary(c));
         let class = match classes.len() {
             // Close / Describe / Sync only: nothing runs; stay where the session is.
             0 if complete => {
@@ -482,6 +486,9 @@ impl Session {
         // and whatever follows goes where it went: never balance it (inside a
         // transaction a write simply stays on the transaction's node).
         let force_write = unknown_statement || !complete;
+        if prepares {
+            hint = Some(Hint::Primary);
+        }
         Ok(self.decide_judged(class, hint, force_write, &needs))
     }
 
@@ -636,6 +643,14 @@ impl Session {
     /// Whether `node` can take a request now: no other node has one in flight, and
     /// the connection exists, is healthy and carries the session's state.
     fn check_ready(&mut self, node: usize, needs: &Needs) -> Result<(), Step> {
+        let with_sql;
+        let needs = match self.sql_statements_needed(node, needs) {
+            Some(n) => {
+                with_sql = n;
+                &with_sql
+            }
+            None => needs,
+        };
         let others_busy = self
             .links
             .iter()
@@ -680,6 +695,7 @@ fn merge(classes: &[Arc<Classification>]) -> Classification {
         m.session_state |= c.session_state;
         m.sticky_primary |= c.sticky_primary;
         m.parse_failed |= c.parse_failed;
+        m.exclusive_database |= c.exclusive_database;
         if c.sets_read_only_default.is_some() {
             m.sets_read_only_default = c.sets_read_only_default;
         }

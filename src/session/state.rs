@@ -12,7 +12,9 @@
 //!   is logged only when the transaction commits; `SET LOCAL` never is.
 //! * **Prepared statements** (protocol Parse and SQL `PREPARE`) are remembered with
 //!   their classification and the bytes that created them, and are prepared on
-//!   another node only when something executes them there.
+//!   another node only when something executes them there. SQL `PREPARE` runs
+//!   on the primary, whose connection always holds every SQL-prepared
+//!   statement of the session ([`super::sql_prepare`]).
 //!
 //! Effects are applied when the server confirms them (at the ReadyForQuery that
 //! ends the request, if no error came first), never on the client's word alone.
@@ -86,6 +88,9 @@ pub enum Pending {
 pub struct SessionState {
     /// Prepared statements by name (the unnamed one under the empty name).
     pub stmts: HashMap<Vec<u8>, Stmt>,
+    /// Names of the SQL-prepared ones among them (a superset: a name is
+    /// checked against `stmts` before use).
+    pub sql_names: Vec<Vec<u8>>,
     /// Settings to replay, oldest first: Query messages. `log_base` is the sequence
     /// number of `log[0]`; a connection has applied all entries below its own mark.
     pub log: Vec<Bytes>,

@@ -42,6 +42,9 @@ impl Session {
             None if t == tag::FUNCTION_CALL => function_call_class(),
             None => self.classify(query_sql(frame)).0,
         };
+        if class.exclusive_database {
+            self.free_databases(query_sql(frame));
+        }
         let effects = if t == tag::QUERY {
             SessionState::effects_for(&class, query_sql(frame), Some(frame), self.in_tx)
         } else {
@@ -212,6 +215,13 @@ impl Session {
                         }
                         _ => None,
                     };
+                    let exclusive = match &st.source {
+                        StmtSource::Parse(f) if class.exclusive_database => Some(f.clone()),
+                        _ => None,
+                    };
+                    if let Some(f) = exclusive {
+                        self.free_databases(parse_fields(&f[5..]).1);
+                    }
                     let link = self.link_mut(node)?;
                     if let Some(e) = effects {
                         let k = link.sent + 1;
@@ -269,6 +279,41 @@ impl Session {
         Ok(())
     }
 
+    /// `sql` is about to be sent and fails while other sessions use a
+    /// database it names (`DROP DATABASE d` …): pgpilot's idle pooled
+    /// connections to it, on every node, are not such sessions for the
+    /// client, so they are closed first. Connections other clients use stay
+    /// (PostgreSQL's error is theirs to cause).
+    #[cold]
+    #[inline(never)]
+    fn free_databases(&mut self, sql: &[u8]) {
+        let Ok(text) = std::str::from_utf8(sql) else {
+            return;
+        };
+        for database in crate::router::database_cmd::exclusive_databases(text) {
+            let closed = self
+                .ctx
+                .pool
+                .close_idle_database(&database, std::time::Instant::now());
+            tracing::debug!(
+                database,
+                closed,
+                "closed idle connections before a statement that needs the database alone"
+            );
+            self.retiring.push(database);
+        }
+    }
+
+    /// The statements that retired databases ended (or never will: the
+    /// session ends): their connections may be pooled again.
+    #[cold]
+    #[inline(never)]
+    pub(super) fn end_retiring(&mut self) {
+        for database in self.retiring.drain(..) {
+            self.ctx.pool.end_retiring(&database);
+        }
+    }
+
     /// Routing state after a statement of class `class` was sent to `node`.
     pub(super) fn note_sent(&mut self, node: usize, class: &Classification) {
         // Whatever runs now, the transaction has run more than its BEGIN.
@@ -322,6 +367,9 @@ impl Session {
     /// it, and close it later on the other connections that have it.
     pub(super) fn forget_statement(&mut self, node: usize, name: &[u8]) {
         self.state.stmts.remove(name);
+        if !self.state.sql_names.is_empty() {
+            self.state.sql_names.retain(|n| n != name);
+        }
         if name.is_empty()
             && let Some(l) = self.links[node].as_mut()
         {
@@ -341,6 +389,7 @@ impl Session {
     /// DEALLOCATE ALL / DISCARD ALL ran on `node`: every statement is gone there.
     pub(super) fn forget_all_statements(&mut self, node: usize) {
         self.state.stmts.clear();
+        self.state.sql_names.clear();
         if let Some(l) = self.links[node].as_mut() {
             l.conn.held.clear();
         }

@@ -6,6 +6,7 @@
 mod common;
 
 mod auth;
+mod databases;
 
 use std::time::{Duration, Instant};
 

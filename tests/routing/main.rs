@@ -31,6 +31,7 @@ mod balancing;
 mod classifier;
 mod node_local;
 mod session_settings;
+mod sql_prepare;
 mod transactions;
 mod unlogged;
 
