@@ -25,6 +25,7 @@ mod link;
 mod local;
 mod relay;
 mod route;
+mod shape_check;
 mod state;
 mod statements;
 mod track;
@@ -246,6 +247,10 @@ struct Session {
     /// now were not seen then, so the statements they use are supplied as
     /// they come ([`Session::supply_statement`]).
     batch_unseen: bool,
+    /// A statement supplied in front of a message of the open batch awaits
+    /// the answer to pgpilot's Describe of it: the batch's next messages wait
+    /// ([`Session::supply_statement`]).
+    shape_wait: bool,
     /// The last `pg_proc` lookup failed: judge the next request's functions volatile.
     lookup_failed: bool,
     /// Standbys this session failed to use, not retried before the instant.
@@ -353,6 +358,7 @@ impl Session {
             memo: Default::default(),
             avoid_standby_once: false,
             batch_unseen: false,
+            shape_wait: false,
             lookup_failed: false,
             shunned_until: vec![None; nodes],
             standby_picked: false,
@@ -470,6 +476,12 @@ impl Session {
                 }
                 Done::ParseFailed(name) => self.parse_failed(node, &name),
                 Done::ParamChanged => self.dirty = true,
+                Done::Described { name, shape } => self.on_described(&name, shape),
+                Done::ShapeChecked {
+                    name,
+                    expected,
+                    got,
+                } => self.on_shape_checked(&name, expected, got),
                 Done::Answered { since } => {
                     let took = self.clock.now().saturating_duration_since(since);
                     self.ctx.metrics.query_finished(node, took.as_secs_f64());
@@ -554,11 +566,7 @@ impl Session {
             let name = name.as_bytes().to_vec();
             self.state.stmts.insert(
                 name.clone(),
-                state::Stmt {
-                    source: state::StmtSource::Sql(q.clone()),
-                    class: Arc::new(inner),
-                    hint: None,
-                },
+                state::Stmt::new(state::StmtSource::Sql(q.clone()), Arc::new(inner), None),
             );
             if let Some(l) = self.links[node].as_mut() {
                 l.statements.insert(name);

@@ -30,6 +30,7 @@ mod common;
 mod balancing;
 mod classifier;
 mod session_settings;
+mod shapes;
 mod transactions;
 
 use std::collections::BTreeMap;
