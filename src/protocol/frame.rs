@@ -114,6 +114,8 @@ pub enum BackendEvent {
     CloseComplete,
     /// CommandComplete (its tag lies in the message, see [`Scanned`] offsets).
     CommandComplete,
+    /// NotificationResponse: the notifying server process's PID (at offset 5).
+    Notification(i32),
     /// ParameterDescription: the first half of the answer to a Describe of a
     /// statement.
     ParameterDescription,
@@ -162,6 +164,7 @@ fn decoded(t: u8) -> bool {
             | tag::PARSE_COMPLETE
             | tag::CLOSE_COMPLETE
             | tag::COMMAND_COMPLETE
+            | tag::NOTIFICATION_RESPONSE
     )
 }
 
@@ -278,6 +281,9 @@ fn decode_event(t: u8, body: &[u8]) -> BackendEvent {
         tag::PARSE_COMPLETE => BackendEvent::ParseComplete,
         tag::CLOSE_COMPLETE => BackendEvent::CloseComplete,
         tag::COMMAND_COMPLETE => BackendEvent::CommandComplete,
+        tag::NOTIFICATION_RESPONSE => BackendEvent::Notification(
+            body.first_chunk::<4>().map_or(0, |b| i32::from_be_bytes(*b)),
+        ),
         other => BackendEvent::CopyStarted(other),
     }
 }

@@ -70,6 +70,15 @@ pub enum Done {
     },
 }
 
+/// The PIDs a client knows sessions by (pgpilot's, from BackendKeyData), for
+/// the server PID a NotificationResponse names.
+pub struct ClientPids<'a> {
+    /// The session's own.
+    pub own: i32,
+    /// Every session's, by the server connections they hold.
+    pub sessions: &'a crate::admin::registry::SessionRegistry,
+}
+
 /// A client Parse sent on a connection, awaiting its ParseComplete.
 #[derive(Debug)]
 pub struct PendingParse {
@@ -339,6 +348,7 @@ impl Link {
         done: &mut Vec<Done>,
         patch_idle: Option<u8>,
         metrics: &Metrics,
+        pids: &ClientPids<'_>,
     ) -> Result<(), SessionError> {
         let node = self.conn.node;
         let n = self.st.scanner.scan(&self.conn.buf, events).map_err(|e| {
@@ -423,6 +433,7 @@ impl Link {
                     self.on_copy_in();
                 }
                 BackendEvent::CopyStarted(_) => {}
+                BackendEvent::Notification(pid) => self.notified_by(pid, ev.start, pids),
             }
         }
         if let Some(cuts) = cuts {
@@ -524,6 +535,25 @@ impl Link {
                 name: d.name,
                 shape,
             }),
+        }
+    }
+
+    /// A NotificationResponse at `at` names server process `pid`: where that
+    /// process serves a session, the client gets that session's pgpilot PID
+    /// (what its BackendKeyData said), so an application recognises its own
+    /// notifications.
+    #[cold]
+    #[inline(never)]
+    fn notified_by(&mut self, pid: i32, at: usize, pids: &ClientPids<'_>) {
+        let client = if pid == self.conn.pid {
+            Some(pids.own)
+        } else {
+            pids.sessions.client_pid_of(self.conn.node, pid)
+        };
+        if let Some(c) = client
+            && let Some(field) = self.conn.buf.get_mut(at + 5..at + 9)
+        {
+            field.copy_from_slice(&c.to_be_bytes());
         }
     }
 

@@ -264,6 +264,10 @@ impl Session {
             &mut self.done,
             patch,
             &self.ctx.metrics,
+            &super::link::ClientPids {
+                own: self.key_pid,
+                sessions: &self.ctx.sessions,
+            },
         )?;
         self.settle(node);
         Ok(())

@@ -38,6 +38,11 @@ pub async fn ended_with(s: &mut TcpStream, limit: std::time::Duration) -> String
 /// Log in over a raw socket with trust-free SCRAM via postgres-protocol; returns
 /// the socket positioned after the first ReadyForQuery.
 pub async fn login_raw(addr: std::net::SocketAddr) -> TcpStream {
+    login_raw_key(addr).await.0
+}
+
+/// [`login_raw`], also returning the PID of the BackendKeyData the client got.
+pub async fn login_raw_key(addr: std::net::SocketAddr) -> (TcpStream, i32) {
     use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
     use postgres_protocol::message::frontend;
     let mut s = TcpStream::connect(addr).await.unwrap();
@@ -45,6 +50,7 @@ pub async fn login_raw(addr: std::net::SocketAddr) -> TcpStream {
     frontend::startup_message([("user", USER), ("database", DB)], &mut buf).unwrap();
     s.write_all(&buf).await.unwrap();
     let mut scram = ScramSha256::new(PASSWORD.as_bytes(), ChannelBinding::unsupported());
+    let mut pid = 0;
     loop {
         let (t, body) = read_msg(&mut s).await.unwrap();
         buf.clear();
@@ -63,7 +69,8 @@ pub async fn login_raw(addr: std::net::SocketAddr) -> TcpStream {
                 s.write_all(&buf).await.unwrap();
             }
             (b'R', 12) => scram.finish(&body[4..]).unwrap(),
-            (b'Z', _) => return s,
+            (b'K', p) => pid = p,
+            (b'Z', _) => return (s, pid),
             (b'E', _) => panic!("login failed: {}", sqlstate_of(&body)),
             _ => {}
         }

@@ -6,6 +6,7 @@
 mod common;
 
 mod auth;
+mod identity;
 
 use std::time::{Duration, Instant};
 
