@@ -282,7 +282,8 @@ fn decode_event(t: u8, body: &[u8]) -> BackendEvent {
         tag::CLOSE_COMPLETE => BackendEvent::CloseComplete,
         tag::COMMAND_COMPLETE => BackendEvent::CommandComplete,
         tag::NOTIFICATION_RESPONSE => BackendEvent::Notification(
-            body.first_chunk::<4>().map_or(0, |b| i32::from_be_bytes(*b)),
+            body.first_chunk::<4>()
+                .map_or(0, |b| i32::from_be_bytes(*b)),
         ),
         other => BackendEvent::CopyStarted(other),
     }

@@ -249,7 +249,7 @@ impl Session {
     }
 
     /// Scan what `node` sent, settle bookkeeping, pass it on in one write.
-    fn on_backend_data(&mut self, node: usize) -> Result<(), SessionError> {
+    pub(super) fn on_backend_data(&mut self, node: usize) -> Result<(), SessionError> {
         // A read balanced off the transaction's node must not end the client's
         // transaction in its eyes.
         let patch = (self.in_tx && self.route.tx_node.is_some_and(|t| t != node))

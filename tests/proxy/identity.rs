@@ -38,3 +38,55 @@ async fn notifications_name_the_notifying_session_by_its_pgpilot_pid() {
     until_ready(&mut b).await;
     assert_eq!(next_notification_pid(&mut a).await, pid_b);
 }
+
+/// Wait (bounded) until server process `pid` is gone from the primary.
+async fn wait_gone(h: &common::Harness, pid: i32) {
+    common::wait_for(
+        "the terminated backend to exit",
+        Duration::from_secs(20),
+        || {
+            let n = h.psql(
+                0,
+                &format!("SELECT count(*) FROM pg_stat_activity WHERE pid = {pid}"),
+            );
+            (n.trim() == "0").then_some(())
+        },
+    )
+    .await;
+}
+
+/// An administrator terminates the server process that carries a session
+/// (its primary connection, idle while the session reads on a standby): the
+/// client gets the server's 57P01 and its connection closes, as with
+/// PostgreSQL, instead of going on silently on a new server process without
+/// its session.
+#[tokio::test]
+async fn a_terminated_backend_ends_the_clients_session() {
+    let h = harness();
+    let c = connect(h.proxy, "application_name=terminated_victim").await;
+    c.batch_execute("SET work_mem = '5MB'").await.unwrap();
+    let pid = c
+        .query_one("/* pgpilot:primary */ SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get::<_, i32>(0);
+    let read: String = c
+        .query_one("SELECT current_setting('cluster_name')", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_ne!(read, "node0", "the read ran on a standby");
+    h.psql(0, &format!("SELECT pg_terminate_backend({pid})"));
+    wait_gone(h, pid).await;
+    let e = c
+        .simple_query("/* pgpilot:primary */ SELECT 1")
+        .await
+        .expect_err("the session's backend is gone");
+    assert_eq!(sqlstate(&e).as_deref(), Some("57P01"), "{e}");
+    common::wait_for(
+        "the client's connection to close",
+        Duration::from_secs(10),
+        || c.is_closed().then_some(()),
+    )
+    .await;
+}
