@@ -70,11 +70,14 @@ pub enum Done {
     },
 }
 
-/// The PIDs a client knows sessions by (pgpilot's, from BackendKeyData), for
-/// the server PID a NotificationResponse names.
-pub struct ClientPids<'a> {
-    /// The session's own.
-    pub own: i32,
+/// What reading a response stream needs beyond the link: the metrics, and
+/// the PIDs clients know sessions by (pgpilot's, from BackendKeyData) for the
+/// server PID a NotificationResponse names.
+pub struct Relaying<'a> {
+    /// The registry of counters.
+    pub metrics: &'a Metrics,
+    /// The session's own PID.
+    pub own_pid: i32,
     /// Every session's, by the server connections they hold.
     pub sessions: &'a crate::admin::registry::SessionRegistry,
 }
@@ -347,9 +350,9 @@ impl Link {
         events: &mut Vec<Scanned>,
         done: &mut Vec<Done>,
         patch_idle: Option<u8>,
-        metrics: &Metrics,
-        pids: &ClientPids<'_>,
+        cx: &Relaying<'_>,
     ) -> Result<(), SessionError> {
+        let metrics = cx.metrics;
         let node = self.conn.node;
         let n = self.st.scanner.scan(&self.conn.buf, events).map_err(|e| {
             tracing::warn!(node, error = %e, "unframeable data from server");
@@ -433,7 +436,7 @@ impl Link {
                     self.on_copy_in();
                 }
                 BackendEvent::CopyStarted(_) => {}
-                BackendEvent::Notification(pid) => self.notified_by(pid, ev.start, pids),
+                BackendEvent::Notification(pid) => self.notified_by(pid, ev.start, cx),
             }
         }
         if let Some(cuts) = cuts {
@@ -544,11 +547,11 @@ impl Link {
     /// notifications.
     #[cold]
     #[inline(never)]
-    fn notified_by(&mut self, pid: i32, at: usize, pids: &ClientPids<'_>) {
+    fn notified_by(&mut self, pid: i32, at: usize, cx: &Relaying<'_>) {
         let client = if pid == self.conn.pid {
-            Some(pids.own)
+            Some(cx.own_pid)
         } else {
-            pids.sessions.client_pid_of(self.conn.node, pid)
+            cx.sessions.client_pid_of(self.conn.node, pid)
         };
         if let Some(c) = client
             && let Some(field) = self.conn.buf.get_mut(at + 5..at + 9)

@@ -263,9 +263,9 @@ impl Session {
             &mut self.events,
             &mut self.done,
             patch,
-            &self.ctx.metrics,
-            &super::link::ClientPids {
-                own: self.key_pid,
+            &super::link::Relaying {
+                metrics: &self.ctx.metrics,
+                own_pid: self.key_pid,
                 sessions: &self.ctx.sessions,
             },
         )?;
