@@ -340,6 +340,27 @@ fn one_row(v: &str) -> Result<Vec<String>, String> {
     Ok(vec![v.to_string()])
 }
 
+/// The first part of a batch (a Parse, Bind and Execute of its own, then
+/// Flush), answered before the rest is sent: the rest is routed as part of a
+/// batch already under way.
+async fn first_part_flushed(a: &mut tokio::net::TcpStream) {
+    use postgres_protocol::message::frontend;
+    use tokio::io::AsyncWriteExt;
+    let mut buf = bytes::BytesMut::new();
+    frontend::parse("", "SELECT 'first'", std::iter::empty(), &mut buf).unwrap();
+    bind_execute(&mut buf, "");
+    frontend::flush(&mut buf);
+    a.write_all(&buf).await.unwrap();
+    loop {
+        let (t, body) = common::raw::read_msg(a).await.unwrap();
+        match t {
+            b'C' => break,
+            b'E' => panic!("first part failed: {}", common::raw::sqlstate_of(&body)),
+            _ => {}
+        }
+    }
+}
+
 /// A statement to prepare, its text and what running it returns.
 type Prepared<'a> = (&'a str, &'a str, Result<Vec<String>, String>);
 
@@ -530,7 +551,6 @@ async fn a_statement_that_no_longer_parses_fails_without_stalling_the_session() 
 /// another of the session's statements, which no longer parses, is left alone.
 #[tokio::test]
 async fn a_batch_split_across_reads_binds_the_sessions_own_statement() {
-    use postgres_protocol::message::frontend;
     use tokio::io::AsyncWriteExt;
     let addr = spawn_proxy(tx_config(1, Duration::from_secs(2)));
     let mut a = common::raw::login_raw(addr).await;
@@ -549,20 +569,8 @@ async fn a_batch_split_across_reads_binds_the_sessions_own_statement() {
     )
     .await;
     // The first part, answered (Flush) before the second is sent.
+    first_part_flushed(&mut a).await;
     let mut buf = bytes::BytesMut::new();
-    frontend::parse("", "SELECT 'first'", std::iter::empty(), &mut buf).unwrap();
-    bind_execute(&mut buf, "");
-    frontend::flush(&mut buf);
-    a.write_all(&buf).await.unwrap();
-    loop {
-        let (t, body) = common::raw::read_msg(&mut a).await.unwrap();
-        match t {
-            b'C' => break,
-            b'E' => panic!("first part failed: {}", common::raw::sqlstate_of(&body)),
-            _ => {}
-        }
-    }
-    buf.clear();
     bind_execute_sync(&mut buf, "s1");
     a.write_all(&buf).await.unwrap();
     let answer = tokio::time::timeout(Duration::from_secs(10), rows_or_error(&mut a)).await;
@@ -639,4 +647,100 @@ fn pgbench_completes_with_more_clients_than_server_connections() {
         reused > 10.0 * prepared.max(1.0),
         "reused {reused}, prepared {prepared}"
     );
+}
+
+/// Parse statement `name` as `sql` and Describe it (what drivers do to learn
+/// a statement's types), Sync: the SQLSTATE of an error, if any.
+async fn parse_describe(
+    s: &mut tokio::net::TcpStream,
+    name: &str,
+    sql: &str,
+) -> Result<(), String> {
+    use postgres_protocol::message::frontend;
+    use tokio::io::AsyncWriteExt;
+    let mut buf = bytes::BytesMut::new();
+    frontend::parse(name, sql, std::iter::empty(), &mut buf).unwrap();
+    frontend::describe(b'S', name, &mut buf).unwrap();
+    frontend::sync(&mut buf);
+    s.write_all(&buf).await.unwrap();
+    rows_or_error(s).await.map(|_| ())
+}
+
+/// Sessions A and B of a transaction-pooling pgpilot with one server
+/// connection. A describes and runs its "q" (`b` is an int); B's "q" takes
+/// its place on the connection; `b` becomes `real`. A's "q" must be parsed
+/// again, and now has another result type.
+async fn describe_then_retype(table: &str) -> (tokio::net::TcpStream, tokio::net::TcpStream) {
+    let addr = spawn_proxy(tx_config(1, Duration::from_secs(2)));
+    let mut a = common::raw::login_raw(addr).await;
+    let mut b = common::raw::login_raw(addr).await;
+    let create = format!(
+        "DROP TABLE IF EXISTS {table}; CREATE TABLE {table} (a int, b int); \
+         INSERT INTO {table} VALUES (1, 2)"
+    );
+    raw_query(&mut a, &create).await.unwrap();
+    let sql = format!("SELECT b FROM {table}");
+    parse_describe(&mut a, "q", &sql).await.unwrap();
+    assert_eq!(stmt_request(&mut a, "q", None).await, one_row("2"));
+    assert_eq!(
+        stmt_request(&mut b, "q", Some("SELECT 'of b'")).await,
+        one_row("of b")
+    );
+    let alter = format!("ALTER TABLE {table} ALTER COLUMN b TYPE real");
+    raw_query(&mut b, &alter).await.unwrap();
+    (a, b)
+}
+
+/// Under transaction pooling, a described statement parsed again on the
+/// connection after its table's column changed type fails with 0A000 (as
+/// PostgreSQL's own cached statement does) at every use, instead of
+/// returning values of another type; parsed again by the client, it runs.
+#[tokio::test]
+async fn a_described_statement_parsed_again_after_a_type_change_fails_with_0a000() {
+    let (mut a, mut b) = describe_then_retype("txpool_retyped").await;
+    for _ in 0..2 {
+        assert_eq!(
+            stmt_request(&mut a, "q", None).await,
+            Err("0A000".to_string())
+        );
+    }
+    assert_eq!(raw_query(&mut a, "SELECT 'on'").await, one_row("on"));
+    // The client closes and prepares it again: the new result.
+    {
+        use postgres_protocol::message::frontend;
+        use tokio::io::AsyncWriteExt;
+        let mut buf = bytes::BytesMut::new();
+        frontend::close(b'S', "q", &mut buf).unwrap();
+        frontend::sync(&mut buf);
+        a.write_all(&buf).await.unwrap();
+        rows_or_error(&mut a).await.unwrap();
+    }
+    parse_describe(&mut a, "q", "SELECT b FROM txpool_retyped")
+        .await
+        .unwrap();
+    assert_eq!(stmt_request(&mut a, "q", None).await, one_row("2"));
+    assert_eq!(stmt_request(&mut b, "q", None).await, one_row("of b"));
+}
+
+/// The same when the statement is supplied in front of its Bind, in a batch
+/// already under way (split across reads): the Bind fails with 0A000 and the
+/// rest of the batch is skipped.
+#[tokio::test]
+async fn a_described_statement_supplied_mid_batch_after_a_type_change_fails_with_0a000() {
+    use postgres_protocol::message::frontend;
+    use tokio::io::AsyncWriteExt;
+    let (mut a, mut b) = describe_then_retype("txpool_retyped_split").await;
+    first_part_flushed(&mut a).await;
+    let mut buf = bytes::BytesMut::new();
+    bind_execute(&mut buf, "q");
+    frontend::parse("", "SELECT 'skipped'", std::iter::empty(), &mut buf).unwrap();
+    bind_execute_sync(&mut buf, "");
+    a.write_all(&buf).await.unwrap();
+    let answer = tokio::time::timeout(Duration::from_secs(10), rows_or_error(&mut a)).await;
+    assert_eq!(
+        answer.expect("an answer, not a stall"),
+        Err("0A000".to_string())
+    );
+    assert_eq!(raw_query(&mut a, "SELECT 'on'").await, one_row("on"));
+    assert_eq!(stmt_request(&mut b, "q", None).await, one_row("of b"));
 }

@@ -280,6 +280,20 @@ impl SessionRegistry {
         }
     }
 
+    /// pgpilot's PID for the client whose session holds server process `pid`
+    /// on `node` (a NotificationResponse names the notifying server process;
+    /// its client knows pgpilot's PID from BackendKeyData).
+    pub fn client_pid_of(&self, node: usize, pid: i32) -> Option<i32> {
+        lock(&self.entries)
+            .values()
+            .find(|s| {
+                s.held
+                    .get(node)
+                    .is_some_and(|h| h.pid.load(Ordering::Acquire) == pid)
+            })
+            .map(|s| s.pid)
+    }
+
     /// Number of registered sessions.
     pub fn len(&self) -> usize {
         lock(&self.entries).len()

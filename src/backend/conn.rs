@@ -20,6 +20,7 @@ use tokio::time::timeout;
 use super::BackendError;
 use crate::protocol::auth::{ScramKeyClient, ScramKeys};
 use crate::protocol::frame::{ErrorFields, next_frame};
+use crate::protocol::shape::{Shape, ShapeHasher};
 use crate::protocol::{TxStatus, tag};
 
 /// Largest message accepted from a node during startup.
@@ -475,11 +476,25 @@ impl BackendConn {
         rfqs: usize,
         limit: Duration,
     ) -> Result<Vec<ErrorFields>, BackendError> {
+        self.exchange_describing(messages, rfqs, limit, &mut Vec::new())
+            .await
+    }
+
+    /// [`Self::exchange_discarding`], keeping in `shapes` the shape of each
+    /// statement a Describe among `messages` described, in order.
+    pub async fn exchange_describing(
+        &mut self,
+        messages: &[u8],
+        rfqs: usize,
+        limit: Duration,
+        shapes: &mut Vec<Shape>,
+    ) -> Result<Vec<ErrorFields>, BackendError> {
         let node = self.node;
         let work = async {
             self.send(messages).await?;
             let mut errors = Vec::new();
             let mut left = rfqs;
+            let mut params = None;
             while left > 0 {
                 let (t, body) = self.read_message().await?;
                 match t {
@@ -491,6 +506,12 @@ impl BackendConn {
                         let v =
                             String::from_utf8_lossy(parts.next().unwrap_or_default()).into_owned();
                         self.set_param(k, v);
+                    }
+                    tag::PARAMETER_DESCRIPTION => params = Some(ShapeHasher::params(&body)),
+                    tag::ROW_DESCRIPTION | tag::NO_DATA => {
+                        if let Some(h) = params.take() {
+                            shapes.push(h.finish((t == tag::ROW_DESCRIPTION).then_some(&body[..])));
+                        }
                     }
                     tag::READY_FOR_QUERY => {
                         self.status = TxStatus::from_byte(body.first().copied().unwrap_or(b'T'));

@@ -20,6 +20,8 @@ use std::collections::HashMap;
 
 use bytes::Bytes;
 
+use crate::protocol::shape::Shape;
+
 /// One statement on the server.
 #[derive(Debug, Clone)]
 struct HeldStmt {
@@ -33,6 +35,8 @@ struct HeldStmt {
     /// Value of the use counter when last made or used (least recently used
     /// statements are closed first).
     last_used: u64,
+    /// Its shape, when a Describe of it was answered here.
+    shape: Option<Shape>,
 }
 
 /// Named prepared statements on one server connection (the unnamed statement
@@ -70,8 +74,9 @@ impl HeldStatements {
     }
 
     /// The server made `name` from `frame` (its ParseComplete came, or an
-    /// exchange that parsed it succeeded).
-    pub fn made(&mut self, name: &[u8], frame: Bytes, shareable: bool) {
+    /// exchange that parsed it succeeded), of `shape` if that exchange
+    /// described it.
+    pub fn made(&mut self, name: &[u8], frame: Bytes, shareable: bool, shape: Option<Shape>) {
         self.clock += 1;
         self.map.insert(
             name.to_vec(),
@@ -79,8 +84,16 @@ impl HeldStatements {
                 made_by: Some(frame),
                 shareable,
                 last_used: self.clock,
+                shape,
             },
         );
+    }
+
+    /// A Describe of `name` answered here with `shape`.
+    pub fn described(&mut self, name: &[u8], shape: Shape) {
+        if let Some(h) = self.map.get_mut(name) {
+            h.shape = Some(shape);
+        }
     }
 
     /// Something under `name` may exist, content unknown: closed before use.
@@ -97,6 +110,7 @@ impl HeldStatements {
                 made_by: None,
                 shareable: false,
                 last_used: clock,
+                shape: None,
             });
     }
 
@@ -114,8 +128,11 @@ impl HeldStatements {
     /// record (the session parsed it on this connection before giving the
     /// connection back), or, when `clean` (the asking session changed no
     /// setting) and it was made in a clean context, an identical Parse.
-    /// Counts as a use.
-    pub fn is(&mut self, name: &[u8], own: &Bytes, clean: bool) -> bool {
+    /// When the session knows its statement's shape (`own_shape`, the client
+    /// described it), the one here must be known to have it too, unless it
+    /// is the session's own record without a known shape (the client parsed
+    /// it here itself, and the server keeps its result fixed). Counts as a use.
+    pub fn is(&mut self, name: &[u8], own: &Bytes, clean: bool, own_shape: Option<Shape>) -> bool {
         self.clock += 1;
         let clock = self.clock;
         let Some(h) = self.map.get_mut(name) else {
@@ -126,6 +143,12 @@ impl HeldStatements {
         };
         let same_record = made_by.as_ptr() == own.as_ptr() && made_by.len() == own.len();
         let same = same_record || (clean && h.shareable && made_by == own);
+        let same = same
+            && match (own_shape, h.shape) {
+                (None, _) => true,
+                (Some(a), Some(b)) => a == b,
+                (Some(_), None) => same_record,
+            };
         if same {
             h.last_used = clock;
         }
@@ -181,49 +204,71 @@ mod tests {
     fn own_record_is_recognised_even_in_a_dirty_session() {
         let mut h = HeldStatements::default();
         let f = frame("select 1");
-        h.made(b"S1", f.clone(), false);
-        assert!(h.is(b"S1", &f, false));
+        h.made(b"S1", f.clone(), false, None);
+        assert!(h.is(b"S1", &f, false, None));
     }
 
     #[test]
     fn an_identical_parse_is_shared_only_between_clean_contexts() {
         let mut h = HeldStatements::default();
-        h.made(b"S1", frame("select 1"), true);
+        h.made(b"S1", frame("select 1"), true, None);
         let mine = frame("select 1");
-        assert!(h.is(b"S1", &mine, true));
+        assert!(h.is(b"S1", &mine, true, None));
         assert!(
-            !h.is(b"S1", &mine, false),
+            !h.is(b"S1", &mine, false, None),
             "the asking session set something"
         );
-        h.made(b"S1", frame("select 1"), false);
-        assert!(!h.is(b"S1", &mine, true), "made after a setting changed");
+        h.made(b"S1", frame("select 1"), false, None);
+        assert!(
+            !h.is(b"S1", &mine, true, None),
+            "made after a setting changed"
+        );
     }
 
     #[test]
     fn a_different_or_unknown_statement_is_not_used() {
         let mut h = HeldStatements::default();
-        h.made(b"S1", frame("select 1"), true);
-        assert!(!h.is(b"S1", &frame("select 2"), true));
-        assert!(!h.is(b"S2", &frame("select 1"), true));
+        h.made(b"S1", frame("select 1"), true, None);
+        assert!(!h.is(b"S1", &frame("select 2"), true, None));
+        assert!(!h.is(b"S2", &frame("select 1"), true, None));
         h.unknown(b"S1");
         assert!(h.contains(b"S1"));
-        assert!(!h.is(b"S1", &frame("select 1"), true));
+        assert!(!h.is(b"S1", &frame("select 1"), true, None));
         h.closed(b"S1");
         assert!(!h.contains(b"S1"));
-        h.made(b"S2", frame("select 2"), true);
+        h.made(b"S2", frame("select 2"), true, None);
         h.forget_contents();
         assert!(h.contains(b"S2"));
-        assert!(!h.is(b"S2", &frame("select 2"), true));
+        assert!(!h.is(b"S2", &frame("select 2"), true, None));
+    }
+
+    #[test]
+    fn a_described_session_uses_only_a_statement_of_its_shape() {
+        let mut h = HeldStatements::default();
+        let a = Shape::from_raw(1);
+        let b = Shape::from_raw(2);
+        // Another session's identical Parse, shape unknown: parsed again.
+        h.made(b"S1", frame("select 1"), true, None);
+        assert!(!h.is(b"S1", &frame("select 1"), true, Some(a)));
+        assert!(h.is(b"S1", &frame("select 1"), true, None));
+        // Once described here, used by sessions of that shape only.
+        h.described(b"S1", a);
+        assert!(h.is(b"S1", &frame("select 1"), true, Some(a)));
+        assert!(!h.is(b"S1", &frame("select 1"), true, Some(b)));
+        // The session's own record without a shape: the server keeps it fixed.
+        let own = frame("select 2");
+        h.made(b"S2", own.clone(), false, None);
+        assert!(h.is(b"S2", &own, false, Some(a)));
     }
 
     #[test]
     fn excess_names_the_least_recently_used_but_never_a_kept_one() {
         let mut h = HeldStatements::default();
         for n in ["a", "b", "c", "d"] {
-            h.made(n.as_bytes(), frame(n), true);
+            h.made(n.as_bytes(), frame(n), true, None);
         }
         // "a" used again: "b" is now the oldest.
-        assert!(h.is(b"a", &frame("a"), true));
+        assert!(h.is(b"a", &frame("a"), true, None));
         assert_eq!(
             h.excess(2, &[b"b".to_vec()]),
             vec![b"c".to_vec(), b"d".to_vec()]

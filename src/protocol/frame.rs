@@ -12,6 +12,7 @@
 
 use bytes::BytesMut;
 
+use super::shape::{Shape, ShapeHasher};
 use super::tag;
 
 /// Why a byte stream could not be framed.
@@ -113,6 +114,14 @@ pub enum BackendEvent {
     CloseComplete,
     /// CommandComplete (its tag lies in the message, see [`Scanned`] offsets).
     CommandComplete,
+    /// NotificationResponse: the notifying server process's PID (at offset 5).
+    Notification(i32),
+    /// ParameterDescription: the first half of the answer to a Describe of a
+    /// statement.
+    ParameterDescription,
+    /// The RowDescription or NoData that follows a ParameterDescription: the
+    /// statement's [`Shape`].
+    StatementDescribed(Shape),
 }
 
 /// A decoded server message and where it lies in the scanned buffer.
@@ -136,6 +145,10 @@ pub struct BackendScanner {
     /// Bytes of the current pass-through message body not yet seen. Lets huge
     /// DataRow/CopyData messages flow without being buffered whole.
     remaining: usize,
+    /// A ParameterDescription was seen: the RowDescription or NoData that
+    /// follows it completes a statement's shape (other RowDescriptions pass
+    /// through undecoded).
+    params: Option<ShapeHasher>,
 }
 
 /// Message types the scanner decodes (and therefore holds until complete).
@@ -151,6 +164,7 @@ fn decoded(t: u8) -> bool {
             | tag::PARSE_COMPLETE
             | tag::CLOSE_COMPLETE
             | tag::COMMAND_COMPLETE
+            | tag::NOTIFICATION_RESPONSE
     )
 }
 
@@ -188,7 +202,9 @@ impl BackendScanner {
                 return Err(FrameError::BadLength(len));
             }
             let wire_len = len as usize + 1;
-            if decoded(t) {
+            let shape_part = t == tag::PARAMETER_DESCRIPTION
+                || (self.params.is_some() && matches!(t, tag::ROW_DESCRIPTION | tag::NO_DATA));
+            if decoded(t) || shape_part {
                 if wire_len > MAX_DECODED_LEN {
                     return Err(FrameError::TooLarge {
                         len: len as u64,
@@ -198,8 +214,18 @@ impl BackendScanner {
                 if rest.len() < wire_len {
                     return Ok(pos);
                 }
+                let body = &rest[5..wire_len];
+                let event = if shape_part {
+                    self.shape_event(t, body)
+                } else {
+                    if matches!(t, tag::ERROR_RESPONSE | tag::READY_FOR_QUERY) {
+                        // A Describe that failed after its ParameterDescription.
+                        self.params = None;
+                    }
+                    decode_event(t, body)
+                };
                 events.push(Scanned {
-                    event: decode_event(t, &rest[5..wire_len]),
+                    event,
                     start: pos,
                     end: pos + wire_len,
                 });
@@ -208,6 +234,27 @@ impl BackendScanner {
                 let take = wire_len.min(rest.len());
                 pos += take;
                 self.remaining = wire_len - take;
+            }
+        }
+    }
+}
+
+impl BackendScanner {
+    /// A message of a statement's Describe answer (rare: kept out of the
+    /// scan loop's code).
+    #[cold]
+    #[inline(never)]
+    fn shape_event(&mut self, t: u8, body: &[u8]) -> BackendEvent {
+        match (t, self.params.take()) {
+            (tag::PARAMETER_DESCRIPTION, _) => {
+                self.params = Some(ShapeHasher::params(body));
+                BackendEvent::ParameterDescription
+            }
+            (tag::ROW_DESCRIPTION, Some(h)) => {
+                BackendEvent::StatementDescribed(h.finish(Some(body)))
+            }
+            (_, h) => {
+                BackendEvent::StatementDescribed(h.unwrap_or(ShapeHasher::params(&[])).finish(None))
             }
         }
     }
@@ -234,6 +281,10 @@ fn decode_event(t: u8, body: &[u8]) -> BackendEvent {
         tag::PARSE_COMPLETE => BackendEvent::ParseComplete,
         tag::CLOSE_COMPLETE => BackendEvent::CloseComplete,
         tag::COMMAND_COMPLETE => BackendEvent::CommandComplete,
+        tag::NOTIFICATION_RESPONSE => BackendEvent::Notification(
+            body.first_chunk::<4>()
+                .map_or(0, |b| i32::from_be_bytes(*b)),
+        ),
         other => BackendEvent::CopyStarted(other),
     }
 }

@@ -9,6 +9,7 @@
 pub mod auth;
 pub mod frame;
 pub mod messages;
+pub mod shape;
 pub mod startup;
 
 /// Message type bytes used by pgpilot (frontend and backend share one space).
@@ -67,6 +68,14 @@ pub mod tag {
     pub const COMMAND_COMPLETE: u8 = b'C';
     /// Backend: CloseComplete.
     pub const CLOSE_COMPLETE: u8 = b'3';
+    /// Backend: ParameterDescription (answers a Describe of a statement).
+    pub const PARAMETER_DESCRIPTION: u8 = b't';
+    /// Backend: RowDescription.
+    pub const ROW_DESCRIPTION: u8 = b'T';
+    /// Backend: NoData.
+    pub const NO_DATA: u8 = b'n';
+    /// Backend: NotificationResponse.
+    pub const NOTIFICATION_RESPONSE: u8 = b'A';
     /// Backend: NegotiateProtocolVersion.
     pub const NEGOTIATE_PROTOCOL_VERSION: u8 = b'v';
 }

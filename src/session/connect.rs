@@ -13,6 +13,7 @@ use super::{SHUN, SHUN_REFUSED, Session, SessionError, state};
 use crate::backend::BackendError;
 use crate::backend::conn::Unnamed;
 use crate::backend::pool::AcquireSettings;
+use crate::config::PoolMode;
 
 impl Session {
     /// Open the session's connection to the current primary. During a
@@ -95,6 +96,9 @@ impl Session {
         };
         if fresh {
             if self.links[node].is_some() {
+                if self.lost_link_ends_session(node, primary) {
+                    return Err(self.end_with_lost_link(node));
+                }
                 tracing::debug!(node, "idle server connection went away; reconnecting");
                 self.install_link(node, None);
             }
@@ -168,6 +172,51 @@ impl Session {
         }
         // 2. Statements the request uses.
         self.prepare_statements(node, &needs, must_use).await
+    }
+
+    /// The session's idle connection to `node` ended (terminated by an
+    /// administrator, `idle_session_timeout`, a server restart): whether the
+    /// client's session ends with it, as it would with PostgreSQL, because it
+    /// may have lost something pgpilot cannot restore on another connection.
+    /// Under session pooling that is the primary's connection (the session's
+    /// own since login: temporary tables, locks, LISTEN live there) or one
+    /// with an open transaction; a standby's connection carries nothing but
+    /// settings and statements pgpilot replays. Under transaction pooling, a
+    /// session with no session state outside a transaction has nothing to
+    /// lose.
+    fn lost_link_ends_session(&self, node: usize, primary: Option<usize>) -> bool {
+        let tx_here = (self.in_tx || self.tx_aborted) && self.route.tx_node == Some(node);
+        match self.cfg.pool.mode {
+            PoolMode::Session => tx_here || primary == Some(node),
+            PoolMode::Transaction => {
+                tx_here
+                    || self.dirty
+                    || self.route.sticky_primary
+                    || self.state.overflowed
+                    || !self.state.pending_tx.is_empty()
+            }
+        }
+    }
+
+    /// End the session for its lost connection to `node`: the client gets
+    /// what the server said before closing it (its FATAL, e.g. `57P01
+    /// terminating connection due to administrator command`), or else 08006,
+    /// then its connection is closed.
+    #[cold]
+    #[inline(never)]
+    fn end_with_lost_link(&mut self, node: usize) -> SessionError {
+        tracing::info!(node, user = %self.user, "the session's server connection ended; ending the session");
+        if let Some(link) = self.links[node].as_mut() {
+            // What the server sent before it closed, read without waiting.
+            let conn = &mut link.conn.conn;
+            while let Ok(1..) = conn.stream.try_read_buf(&mut conn.buf) {}
+        }
+        // Forwarded as it came; without a FATAL among it, the client gets
+        // 08006 when the session ends.
+        match self.on_backend_data(node) {
+            Ok(()) => SessionError::BackendLost { node },
+            Err(e) => e,
+        }
     }
 
     /// Move the transaction begun on a standby, which has run nothing but its

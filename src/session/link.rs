@@ -22,6 +22,7 @@ use crate::metrics::{ErrorSeverity, Metrics};
 use crate::net::Outbox;
 use crate::protocol::TxStatus;
 use crate::protocol::frame::{BackendEvent, BackendScanner, Scanned};
+use crate::protocol::shape::Shape;
 use crate::router::classify::TxControl;
 
 /// Something the response stream settled, for the session to apply.
@@ -33,6 +34,25 @@ pub enum Done {
     ParseFailed(Vec<u8>),
     /// The server reported a new parameter value.
     ParamChanged,
+    /// A client's Describe of statement `name` was answered: what the client
+    /// now knows of its shape.
+    Described {
+        /// Statement name.
+        name: Vec<u8>,
+        /// Its shape.
+        shape: Shape,
+    },
+    /// pgpilot's own Describe of statement `name`, parsed again in front of
+    /// a message that uses it, was answered (`got`), or skipped by an error
+    /// (`None`); the client was told `expected`.
+    ShapeChecked {
+        /// Statement name.
+        name: Vec<u8>,
+        /// The shape the client knows.
+        expected: Shape,
+        /// The shape here, if the Describe was answered.
+        got: Option<Shape>,
+    },
     /// Every request in flight is answered; the first was sent at `since`
     /// (the query-duration metric).
     Answered {
@@ -57,12 +77,24 @@ pub enum Done {
 pub(crate) struct Chunk {
     /// Their length in bytes.
     len: usize,
-    /// Answers to pgpilot's own messages among them (byte ranges), not forwarded.
-    cuts: Option<Vec<(usize, usize)>>,
+    /// Answers to pgpilot's own messages among them, cut (or replaced).
+    cuts: Option<Vec<Cut>>,
     /// They may tell the client that a transaction committed: a
     /// ReadyForQuery `I`, or a CommandComplete outside a transaction block
     /// or of a COMMIT (more than exactly the commits, never fewer).
     pub(crate) tells_commit: bool,
+}
+
+/// What reading a response stream needs beyond the link: the metrics, and
+/// the PIDs clients know sessions by (pgpilot's, from BackendKeyData) for the
+/// server PID a NotificationResponse names.
+pub struct Relaying<'a> {
+    /// The registry of counters.
+    pub metrics: &'a Metrics,
+    /// The session's own PID.
+    pub own_pid: i32,
+    /// Every session's, by the server connections they hold.
+    pub sessions: &'a crate::admin::registry::SessionRegistry,
 }
 
 /// A client Parse sent on a connection, awaiting its ParseComplete.
@@ -93,6 +125,22 @@ pub struct PendingClose {
     /// pgpilot's own (see [`PendingParse::injected`]): its CloseComplete is
     /// not forwarded.
     pub injected: bool,
+    /// pgpilot's marker in front of the message it sent to fail in place of
+    /// a use of a [broken](super::state::Stmt::broken) statement: the error
+    /// that follows its CloseComplete is replaced by PostgreSQL's `0A000`.
+    pub marks_shape_error: bool,
+}
+
+/// A Describe of a statement sent on a connection, awaiting its answer.
+#[derive(Debug)]
+pub struct PendingDescribe {
+    /// Number of the request (Sync) it belongs to.
+    pub request: u64,
+    /// Statement name.
+    pub name: Vec<u8>,
+    /// pgpilot's own check of a statement it parsed again, against the shape
+    /// the client knows: its answer is not forwarded. `None`: the client's.
+    pub check: Option<Shape>,
 }
 
 /// A session's connection to one node: the pooled server connection and the
@@ -146,6 +194,10 @@ pub struct LinkState {
     pub parses: VecDeque<PendingParse>,
     /// Closes awaiting CloseComplete.
     pub closes: VecDeque<PendingClose>,
+    /// Describes of statements awaiting their answer.
+    pub describes: VecDeque<PendingDescribe>,
+    /// A shape-error marker's CloseComplete came: the next error is replaced.
+    shape_error_next: bool,
     /// Effects awaiting the end of their request: (request number, effects).
     pub effects: VecDeque<(u64, Box<Effects>)>,
     /// The session's prepared statements that exist on this connection as the
@@ -189,6 +241,8 @@ impl LinkState {
             rolled_back: false,
             parses: VecDeque::new(),
             closes: VecDeque::new(),
+            describes: VecDeque::new(),
+            shape_error_next: false,
             effects: VecDeque::new(),
             statements: HashSet::new(),
             pending_close: Vec::new(),
@@ -217,6 +271,8 @@ impl LinkState {
             rolled_back,
             parses,
             closes,
+            describes,
+            shape_error_next,
             effects,
             statements,
             pending_close,
@@ -239,6 +295,8 @@ impl LinkState {
         *rolled_back = false;
         parses.clear();
         closes.clear();
+        describes.clear();
+        *shape_error_next = false;
         effects.clear();
         statements.clear();
         pending_close.clear();
@@ -318,15 +376,17 @@ impl Link {
         events: &mut Vec<Scanned>,
         done: &mut Vec<Done>,
         patch_idle: Option<u8>,
-        metrics: &Metrics,
+        cx: &Relaying<'_>,
     ) -> Result<Chunk, SessionError> {
+        let metrics = cx.metrics;
         let node = self.conn.node;
         let n = self.st.scanner.scan(&self.conn.buf, events).map_err(|e| {
             tracing::warn!(node, error = %e, "unframeable data from server");
             SessionError::BackendLost { node }
         })?;
-        // Answers to pgpilot's own messages, cut from what the client gets.
-        let mut cuts: Option<Vec<(usize, usize)>> = None;
+        // Answers to pgpilot's own messages, cut from what the client gets
+        // (or replaced by the bytes given).
+        let mut cuts: Option<Vec<Cut>> = None;
         let mut tells_commit = false;
         for ev in events.drain(..) {
             match ev.event {
@@ -363,23 +423,40 @@ impl Link {
                         self.conn.status == TxStatus::Idle || tag.starts_with(b"COMMIT");
                 }
                 BackendEvent::Error { fatal, sqlstate } => {
-                    self.on_error(fatal, &sqlstate, done, metrics);
+                    if std::mem::take(&mut self.st.shape_error_next) {
+                        cuts.get_or_insert_default()
+                            .push((ev.start, ev.end, shape_error()));
+                        self.on_error(fatal, SHAPE_ERROR_SQLSTATE, done, metrics);
+                    } else {
+                        self.on_error(fatal, &sqlstate, done, metrics);
+                    }
+                }
+                BackendEvent::ParameterDescription => {
+                    if self.st.describes.front().is_some_and(|d| d.check.is_some()) {
+                        cuts.get_or_insert_default().push((ev.start, ev.end, &[]));
+                    }
+                }
+                BackendEvent::StatementDescribed(shape) => {
+                    if let Some(d) = self.st.describes.pop_front() {
+                        self.described(d, shape, done, &mut cuts, (ev.start, ev.end));
+                    }
                 }
                 BackendEvent::ParseComplete => {
                     if let Some(p) = self.st.parses.pop_front() {
                         if p.injected {
-                            cuts.get_or_insert_default().push((ev.start, ev.end));
+                            cuts.get_or_insert_default().push((ev.start, ev.end, &[]));
                         }
                         if !p.name.is_empty() {
-                            self.conn.held.made(&p.name, p.frame, p.shareable);
+                            self.conn.held.made(&p.name, p.frame, p.shareable, None);
                         }
                     }
                 }
                 BackendEvent::CloseComplete => {
                     if let Some(c) = self.st.closes.pop_front() {
                         if c.injected {
-                            cuts.get_or_insert_default().push((ev.start, ev.end));
+                            cuts.get_or_insert_default().push((ev.start, ev.end, &[]));
                         }
+                        self.st.shape_error_next |= c.marks_shape_error;
                         if let Some(name) = c.statement {
                             self.conn.held.closed(&name);
                         }
@@ -393,6 +470,7 @@ impl Link {
                     self.on_copy_in();
                 }
                 BackendEvent::CopyStarted(_) => {}
+                BackendEvent::Notification(pid) => self.notified_by(pid, ev.start, cx),
             }
         }
         Ok(Chunk {
@@ -468,6 +546,81 @@ impl Link {
         while self.st.closes.front().is_some_and(|c| c.request == current) {
             self.st.closes.pop_front();
         }
+        self.skip_describes(current, done);
+    }
+
+    /// The Describes of requests up to `request` were skipped (an error) or
+    /// can no longer be answered: pgpilot's own checks end unanswered.
+    fn skip_describes(&mut self, request: u64, done: &mut Vec<Done>) {
+        while self
+            .st
+            .describes
+            .front()
+            .is_some_and(|d| d.request <= request)
+        {
+            if let Some(PendingDescribe {
+                name,
+                check: Some(expected),
+                ..
+            }) = self.st.describes.pop_front()
+            {
+                done.push(Done::ShapeChecked {
+                    name,
+                    expected,
+                    got: None,
+                });
+            }
+        }
+    }
+
+    /// A Describe of a statement was answered with `shape` (its RowDescription
+    /// or NoData lies at `at`).
+    #[cold]
+    #[inline(never)]
+    fn described(
+        &mut self,
+        d: PendingDescribe,
+        shape: Shape,
+        done: &mut Vec<Done>,
+        cuts: &mut Option<Vec<Cut>>,
+        at: (usize, usize),
+    ) {
+        if !d.name.is_empty() {
+            self.conn.held.described(&d.name, shape);
+        }
+        match d.check {
+            Some(expected) => {
+                cuts.get_or_insert_default().push((at.0, at.1, &[]));
+                done.push(Done::ShapeChecked {
+                    name: d.name,
+                    expected,
+                    got: Some(shape),
+                });
+            }
+            None => done.push(Done::Described {
+                name: d.name,
+                shape,
+            }),
+        }
+    }
+
+    /// A NotificationResponse at `at` names server process `pid`: where that
+    /// process serves a session, the client gets that session's pgpilot PID
+    /// (what its BackendKeyData said), so an application recognises its own
+    /// notifications.
+    #[cold]
+    #[inline(never)]
+    fn notified_by(&mut self, pid: i32, at: usize, cx: &Relaying<'_>) {
+        let client = if pid == self.conn.pid {
+            Some(cx.own_pid)
+        } else {
+            cx.sessions.client_pid_of(self.conn.node, pid)
+        };
+        if let Some(c) = client
+            && let Some(field) = self.conn.buf.get_mut(at + 5..at + 9)
+        {
+            field.copy_from_slice(&c.to_be_bytes());
+        }
     }
 
     /// The server entered COPY FROM STDIN mode.
@@ -530,6 +683,9 @@ impl Link {
         {
             self.st.closes.pop_front();
         }
+        self.st.shape_error_next = false;
+        let received = self.st.received;
+        self.skip_describes(received, done);
         done.push(Done::Ready {
             status,
             drained: self.st.outstanding == 0,
@@ -538,20 +694,54 @@ impl Link {
     }
 }
 
+/// A range of the server's bytes the client does not get, and what it gets
+/// instead (usually nothing).
+type Cut = (usize, usize, &'static [u8]);
+
+/// SQLSTATE of PostgreSQL's error for a cached statement whose result changed.
+const SHAPE_ERROR_SQLSTATE: &[u8; 5] = b"0A000";
+
+/// The ErrorResponse PostgreSQL sends when a cached statement's result type
+/// would change (`RevalidateCachedQuery`).
+fn shape_error() -> &'static [u8] {
+    static ERROR: std::sync::LazyLock<Vec<u8>> = std::sync::LazyLock::new(|| {
+        let mut body = Vec::new();
+        for (code, value) in [
+            (b'S', &b"ERROR"[..]),
+            (b'V', b"ERROR"),
+            (b'C', SHAPE_ERROR_SQLSTATE),
+            (b'M', b"cached plan must not change result type"),
+            (b'R', b"RevalidateCachedQuery"),
+        ] {
+            body.push(code);
+            body.extend_from_slice(value);
+            body.push(0);
+        }
+        body.push(0);
+        let mut msg = vec![crate::protocol::tag::ERROR_RESPONSE];
+        msg.extend_from_slice(&((body.len() + 4) as i32).to_be_bytes());
+        msg.extend_from_slice(&body);
+        msg
+    });
+    &ERROR
+}
+
 /// Forward `bytes` to the client without the ranges `cuts` (answers to
-/// messages pgpilot put in the client's stream), in one write.
+/// messages pgpilot put in the client's stream), or with their replacements,
+/// in one write.
 #[cold]
 #[inline(never)]
 fn forward_cut(
     client: &TcpStream,
     to_client: &mut Outbox,
     bytes: &[u8],
-    cuts: &[(usize, usize)],
+    cuts: &[Cut],
 ) -> Result<(), SessionError> {
     let mut kept = Vec::with_capacity(bytes.len());
     let mut from = 0;
-    for &(start, end) in cuts {
+    for &(start, end, instead) in cuts {
         kept.extend_from_slice(&bytes[from..start]);
+        kept.extend_from_slice(instead);
         from = end;
     }
     kept.extend_from_slice(&bytes[from..]);

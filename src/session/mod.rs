@@ -27,6 +27,7 @@ mod relay;
 mod retry;
 mod route;
 mod sql_prepare;
+mod shape_check;
 mod state;
 mod statements;
 mod track;
@@ -249,6 +250,10 @@ struct Session {
     /// now were not seen then, so the statements they use are supplied as
     /// they come ([`Session::supply_statement`]).
     batch_unseen: bool,
+    /// A statement supplied in front of a message of the open batch awaits
+    /// the answer to pgpilot's Describe of it: the batch's next messages wait
+    /// ([`Session::supply_statement`]).
+    shape_wait: bool,
     /// The last `pg_proc` lookup failed: judge the next request's functions volatile.
     lookup_failed: bool,
     /// The last unlogged-relation lookup failed: the next read goes to the primary.
@@ -366,6 +371,7 @@ impl Session {
             memo: Default::default(),
             avoid_standby_once: false,
             batch_unseen: false,
+            shape_wait: false,
             lookup_failed: false,
             relations_failed: false,
             catalog_changed: false,
@@ -490,6 +496,12 @@ impl Session {
                 }
                 Done::ParseFailed(name) => self.parse_failed(node, &name),
                 Done::ParamChanged => self.dirty = true,
+                Done::Described { name, shape } => self.on_described(&name, shape),
+                Done::ShapeChecked {
+                    name,
+                    expected,
+                    got,
+                } => self.on_shape_checked(&name, expected, got),
                 Done::Answered { since } => {
                     let took = self.clock.now().saturating_duration_since(since);
                     self.ctx.metrics.query_finished(node, took.as_secs_f64());
@@ -580,11 +592,7 @@ impl Session {
             let name = name.as_bytes().to_vec();
             self.state.stmts.insert(
                 name.clone(),
-                state::Stmt {
-                    source: state::StmtSource::Sql(q.clone()),
-                    class: Arc::new(inner),
-                    hint: None,
-                },
+                state::Stmt::new(state::StmtSource::Sql(q.clone()), Arc::new(inner), None),
             );
             if !self.state.sql_names.contains(&name) {
                 self.state.sql_names.push(name.clone());

@@ -251,7 +251,7 @@ impl Session {
     }
 
     /// Scan what `node` sent, settle bookkeeping, pass it on in one write.
-    fn on_backend_data(&mut self, node: usize) -> Result<(), SessionError> {
+    pub(super) fn on_backend_data(&mut self, node: usize) -> Result<(), SessionError> {
         // A read balanced off the transaction's node must not end the client's
         // transaction in its eyes.
         let patch = (self.in_tx && self.route.tx_node.is_some_and(|t| t != node))
@@ -259,7 +259,16 @@ impl Session {
         let Some(link) = self.links[node].as_mut() else {
             return Ok(());
         };
-        let chunk = link.scan(&mut self.events, &mut self.done, patch, &self.ctx.metrics)?;
+        let chunk = link.scan(
+            &mut self.events,
+            &mut self.done,
+            patch,
+            &super::link::Relaying {
+                metrics: &self.ctx.metrics,
+                own_pid: self.key_pid,
+                sessions: &self.ctx.sessions,
+            },
+        )?;
         // Global mode's promise: a read sees every commit acknowledged to any
         // client before the read arrived. The count of acknowledged writes is
         // what makes other sessions' reads ask the primary for a newer

@@ -147,6 +147,7 @@ impl Session {
     /// arrived, about to go to `node`: if it uses a statement the connection
     /// lacks, send what makes it present first
     /// ([`Session::supply_statement`]), after the messages before it (`span`).
+    /// True: `frame` must wait until the statement's shape is checked.
     #[cold]
     #[inline(never)]
     fn supply_unseen(
@@ -156,7 +157,10 @@ impl Session {
         buf: &[u8],
         pos: usize,
         span: &mut Option<(usize, usize)>,
-    ) -> Result<(), SessionError> {
+    ) -> Result<bool, SessionError> {
+        if self.shape_wait {
+            return Ok(true);
+        }
         if let Some(name) = used_statement(frame[0], &frame[5..])
             && let Some(msgs) = self.supply_statement(node, name)?
         {
@@ -164,10 +168,10 @@ impl Session {
             *span = None;
             self.link_mut(node)?.send(&msgs)?;
         }
-        Ok(())
+        Ok(self.shape_wait)
     }
 
-    fn flush_span(
+    pub(super) fn flush_span(
         &mut self,
         buf: &[u8],
         span: Option<(usize, usize)>,
@@ -313,8 +317,14 @@ impl Session {
                         *pos += f.wire_len;
                         continue;
                     }
-                    if self.batch_unseen {
-                        self.supply_unseen(node, frame, buf, *pos, span)?;
+                    if self.state.any_broken && self.uses_broken(f.tag, frame) {
+                        self.fail_broken_use(node, buf, *pos, span)?;
+                        *pos += f.wire_len;
+                        continue;
+                    }
+                    if self.batch_unseen && self.supply_unseen(node, frame, buf, *pos, span)? {
+                        // The statement just supplied is being described.
+                        return Ok(Step::Blocked);
                     }
                     self.track_extended(node, f.tag, frame)?;
                     node

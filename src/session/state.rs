@@ -24,6 +24,7 @@ use std::sync::Arc;
 
 use bytes::{BufMut, Bytes, BytesMut};
 
+use crate::protocol::shape::Shape;
 use crate::protocol::tag;
 use crate::router::classify::{Classification, TxControl};
 use crate::router::normalize::Hint;
@@ -51,6 +52,26 @@ pub struct Stmt {
     pub class: Arc<Classification>,
     /// A routing hint in its text, which applies to every execution.
     pub hint: Option<Hint>,
+    /// What the client was told of it by its first Describe: checked where
+    /// pgpilot parses it again.
+    pub shape: Option<Shape>,
+    /// Parsed again elsewhere, it no longer has that shape: every use fails as
+    /// PostgreSQL's cached statement would (`0A000`), until the client closes
+    /// or parses it again.
+    pub broken: bool,
+}
+
+impl Stmt {
+    /// A statement as the client just made it (no shape known yet).
+    pub fn new(source: StmtSource, class: Arc<Classification>, hint: Option<Hint>) -> Stmt {
+        Stmt {
+            source,
+            class,
+            hint,
+            shape: None,
+            broken: false,
+        }
+    }
 }
 
 /// What a request does to the session once the server confirms it.
@@ -101,6 +122,8 @@ pub struct SessionState {
     pub pending_tx: Vec<Pending>,
     /// The log overflowed or a setting could not be replayed: stay on the primary.
     pub overflowed: bool,
+    /// Some statement may be [`Stmt::broken`] (a cheap test before a lookup).
+    pub any_broken: bool,
 }
 
 impl SessionState {
@@ -227,13 +250,28 @@ pub fn query_message(sql: &[u8]) -> Bytes {
     b.freeze()
 }
 
-/// The Close-statement message for `name`.
+/// Append a Describe of prepared statement `name`.
+pub fn describe_statement_message(out: &mut BytesMut, name: &[u8]) {
+    out.put_u8(tag::DESCRIBE);
+    out.put_i32((4 + 1 + name.len() + 1) as i32);
+    out.put_u8(b'S');
+    out.put_slice(name);
+    out.put_u8(0);
+}
+
+/// Append a Close of prepared statement `name`.
 pub fn close_statement_message(out: &mut BytesMut, name: &[u8]) {
     out.put_u8(tag::CLOSE);
     out.put_i32((name.len() + 6) as i32);
     out.put_u8(b'S');
     out.put_slice(name);
     out.put_u8(0);
+}
+
+/// Append a Flush.
+pub fn flush_message(out: &mut BytesMut) {
+    out.put_u8(tag::FLUSH);
+    out.put_i32(4);
 }
 
 /// The Sync message.

@@ -29,6 +29,7 @@ use bytes::{Bytes, BytesMut};
 use super::state::{self, StmtSource};
 use super::{Session, SessionError};
 use crate::backend::conn::Unnamed;
+use crate::protocol::shape::Shape;
 
 /// What a request needs of the connection it runs on, statement-wise.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -101,9 +102,10 @@ impl Session {
             }
             if let Some(state::Stmt {
                 source: StmtSource::Parse(own),
+                shape,
                 ..
             }) = self.state.stmts.get(name)
-                && link.conn.held.is(name, own, clean)
+                && link.conn.held.is(name, own, clean, *shape)
             {
                 link.statements.insert(name.clone());
                 reused += 1;
@@ -123,6 +125,8 @@ impl Session {
         let held = &link.conn.held;
         let missing = |n: &Vec<u8>| {
             !link.statements.contains(n)
+                // A broken statement's uses never reach the server.
+                && !self.is_broken(n)
                 && (self.state.stmts.contains_key(n)
                     || if n.is_empty() {
                         link.unnamed != Unnamed::Absent
@@ -174,9 +178,13 @@ impl Session {
         let mut rfqs = 0;
         let mut parses = false;
         let mut made: Vec<(Vec<u8>, Option<Bytes>)> = Vec::new();
+        // Statements described after their Parse: name, the shape the client knows.
+        let mut checks: Vec<(Vec<u8>, Shape)> = Vec::new();
         let mut unnamed = None;
         for name in &needs.names {
-            if link.statements.contains(name) {
+            if link.statements.contains(name)
+                || self.state.stmts.get(name).is_some_and(|s| s.broken)
+            {
                 continue;
             }
             let held_here = !name.is_empty() && link.conn.held.contains(name);
@@ -186,6 +194,10 @@ impl Session {
             match self.state.stmts.get(name).map(|s| &s.source) {
                 Some(StmtSource::Parse(f)) => {
                     msgs.extend_from_slice(f);
+                    if let Some(shape) = self.state.stmts.get(name).and_then(|s| s.shape) {
+                        state::describe_statement_message(&mut msgs, name);
+                        checks.push((name.clone(), shape));
+                    }
                     parses = true;
                     if name.is_empty() {
                         unnamed = Some(Unnamed::Parsed(f.clone()));
@@ -224,8 +236,22 @@ impl Session {
             return Ok(());
         }
         out.extend_from_slice(&msgs);
-        let errors = link.conn.exchange_discarding(&out, rfqs, limit).await?;
+        let mut shapes = Vec::new();
+        let errors = link
+            .conn
+            .exchange_describing(&out, rfqs, limit, &mut shapes)
+            .await?;
         let ok = errors.is_empty();
+        // Where a statement's result is no longer what the client was told,
+        // its uses fail as PostgreSQL's cached statement would.
+        let mut broken = Vec::new();
+        if ok {
+            for ((name, expected), got) in checks.iter().zip(&shapes) {
+                if got != expected {
+                    broken.push(name.clone());
+                }
+            }
+        }
         // A Close never fails (a missing statement is no error, an aborted
         // transaction does not refuse it) and ours come first, so whatever
         // failed after them, they are done.
@@ -241,7 +267,13 @@ impl Session {
         for (name, frame) in &made {
             match frame {
                 _ if name.is_empty() => {}
-                Some(f) if ok => link.conn.held.made(name, f.clone(), clean),
+                Some(f) if ok => {
+                    let shape = checks
+                        .iter()
+                        .position(|(n, _)| n == name)
+                        .and_then(|i| shapes.get(i).copied());
+                    link.conn.held.made(name, f.clone(), clean, shape)
+                }
                 _ => link.conn.held.unknown(name),
             }
         }
@@ -257,6 +289,9 @@ impl Session {
             // E.g. a table created on the primary has not reached this standby.
             tracing::debug!(node, error = %errors[0].message, "statement not preparable here; using the primary");
             self.avoid_standby_once = true;
+        }
+        for name in &broken {
+            self.mark_broken(name);
         }
         let metrics = &self.ctx.metrics;
         metrics.prepared_statements("prepared", reparsed);
@@ -280,6 +315,7 @@ impl Session {
         node: usize,
         name: &[u8],
     ) -> Result<Option<BytesMut>, SessionError> {
+        let shape = self.state.stmts.get(name).and_then(|s| s.shape);
         let own = match self.state.stmts.get(name).map(|s| &s.source) {
             Some(StmtSource::Parse(f)) => Some(f.clone()),
             // An SQL PREPARE keeps the session on its connections.
@@ -316,10 +352,21 @@ impl Session {
                 request,
                 statement: Some(name.to_vec()),
                 injected: true,
+                marks_shape_error: false,
             });
         }
         if let Some(f) = own {
             out.extend_from_slice(&f);
+            if let Some(expected) = shape {
+                // The message waits for this answer (Flush: now, not at Sync).
+                state::describe_statement_message(&mut out, name);
+                state::flush_message(&mut out);
+                link.describes.push_back(super::link::PendingDescribe {
+                    request,
+                    name: name.to_vec(),
+                    check: Some(expected),
+                });
+            }
             if name.is_empty() {
                 link.unnamed = Unnamed::Parsed(f.clone());
             }
@@ -332,6 +379,7 @@ impl Session {
                 injected: true,
             });
             self.ctx.metrics.prepared_statements("prepared", 1);
+            self.shape_wait = shape.is_some();
         }
         Ok((!out.is_empty()).then_some(out))
     }

@@ -177,11 +177,7 @@ impl Session {
                 // before any setting changed (see backend::statements).
                 let shareable = !self.dirty;
                 let frame = source.clone();
-                let stmt = super::state::Stmt {
-                    source: StmtSource::Parse(source),
-                    class,
-                    hint,
-                };
+                let stmt = super::state::Stmt::new(StmtSource::Parse(source), class, hint);
                 self.state.stmts.insert(name.to_vec(), stmt);
                 let link = self.link_mut(node)?;
                 link.statements.insert(name.to_vec());
@@ -257,6 +253,18 @@ impl Session {
                     request,
                     statement,
                     injected: false,
+                    marks_shape_error: false,
+                });
+            }
+            tag::DESCRIBE if body.first() == Some(&b'S') => {
+                // Its answer tells the client the statement's shape.
+                let name = cstr(&body[1..]).map(|(n, _)| n).unwrap_or_default();
+                let link = self.link_mut(node)?;
+                let request = link.sent + 1;
+                link.describes.push_back(super::link::PendingDescribe {
+                    request,
+                    name: name.to_vec(),
+                    check: None,
                 });
             }
             tag::EXECUTE => self.link_mut(node)?.syncs_since_execute = 0,

@@ -41,6 +41,17 @@ pub async fn login_raw(addr: std::net::SocketAddr) -> TcpStream {
     login_raw_with(addr, &[]).await.0
 }
 
+/// [`login_raw`], also returning the PID of the BackendKeyData the client got.
+pub async fn login_raw_key(addr: std::net::SocketAddr) -> (TcpStream, i32) {
+    let (s, after_auth) = login_raw_with(addr, &[]).await;
+    let pid = after_auth
+        .iter()
+        .find(|(t, _)| *t == b'K')
+        .map(|(_, body)| i32::from_be_bytes(body[..4].try_into().unwrap()))
+        .expect("no BackendKeyData");
+    (s, pid)
+}
+
 /// [`login_raw`] with more startup parameters; also returns every message
 /// the login received after authentication (type, body), ReadyForQuery included.
 pub async fn login_raw_with(

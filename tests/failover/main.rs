@@ -18,6 +18,7 @@ mod common;
 mod modes;
 mod operator;
 mod safety;
+mod sessions;
 mod under_load;
 
 use std::collections::{HashMap, HashSet};

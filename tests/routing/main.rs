@@ -32,6 +32,7 @@ mod classifier;
 mod node_local;
 mod session_settings;
 mod sql_prepare;
+mod shapes;
 mod transactions;
 mod unlogged;
 
