@@ -590,8 +590,8 @@ async fn a_batch_split_across_reads_binds_the_sessions_own_statement() {
 async fn a_connection_keeps_at_most_max_prepared_statements() {
     let mut cfg = tx_config(1, Duration::from_secs(2));
     cfg.pool.max_prepared_statements = 2;
-    let addr = spawn_proxy(cfg);
-    let mut a = common::raw::login_raw(addr).await;
+    let p = common::spawn_proxy_full(cfg);
+    let mut a = common::raw::login_raw(p.addr).await;
     for i in 0..5 {
         let sql = format!("SELECT 'v{i}'");
         assert_eq!(
@@ -608,8 +608,14 @@ async fn a_connection_keeps_at_most_max_prepared_statements() {
             );
         }
     }
+    // The connection kept at most two: the others were closed to make room.
+    let m = common::parse_metrics(&p.ctx.metrics.render(&p.ctx));
+    let evicted = m["pgpilot_prepared_statements_total{event=\"evicted\"}"];
+    assert!(evicted >= 3.0 + 2.0 * 5.0 - 2.0, "evicted {evicted}");
+    // Listing them shows all of the session's, as on one server: the view
+    // needs every one of them on the connection it is read on.
     let held = raw_query(&mut a, "SELECT count(*)::text FROM pg_prepared_statements").await;
-    assert_eq!(held, one_row("2"));
+    assert_eq!(held, one_row("5"));
 }
 
 #[test]
