@@ -8,6 +8,10 @@
 //! exports it to Prometheus. [`protocol`] (wire format),
 //! [`config`] and [`error`] are used by all. [`localcluster`] builds real
 //! PostgreSQL clusters for `pgpilot demo` and the tests.
+//!
+//! No `unsafe` here: system calls go through safe wrappers (`nix`, `socket2`).
+
+#![forbid(unsafe_code)]
 
 pub mod admin;
 pub mod backend;

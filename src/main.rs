@@ -2,6 +2,8 @@
 //! send admin commands to a running pgpilot (`nodes`, `attach`, `detach`,
 //! `promote`).
 
+#![forbid(unsafe_code)]
+
 use std::time::Duration;
 
 use std::path::PathBuf;

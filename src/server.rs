@@ -11,11 +11,15 @@ use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::sync::watch;
+use tokio_util::task::TaskTracker;
 
 use crate::cluster::{self, NodeStatus, health::CheckObserver};
 use crate::config::{Config, ConfigError};
 use crate::context::ProxyContext;
 use crate::session;
+
+/// How long a stop waits for sessions to send their goodbye and end.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Why the proxy could not start.
 #[derive(Debug, thiserror::Error)]
@@ -153,6 +157,8 @@ impl Proxy {
             tasks.spawn(reload_on_sighup(ctx.clone(), path));
         }
         tracing::info!(addr = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "pgpilot listening");
+        // One task per client; a stop waits for these tasks themselves.
+        let sessions = TaskTracker::new();
         tokio::pin!(stop);
         loop {
             tokio::select! {
@@ -160,7 +166,7 @@ impl Proxy {
                 r = listener.accept() => match r {
                     Ok((stream, peer)) => {
                         tracing::trace!(%peer, "accepted");
-                        tokio::spawn(session::serve(ctx.clone(), stream));
+                        sessions.spawn(session::serve(ctx.clone(), stream));
                     }
                     Err(e) => {
                         // Out of file descriptors and the like: back off, keep serving.
@@ -174,12 +180,17 @@ impl Proxy {
         drop(listener);
         let _ = shutdown_tx.send(true);
         ctx.sessions.wake_all();
-        // Give sessions a moment to send their goodbye.
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-        while ctx.clients.load(std::sync::atomic::Ordering::Relaxed) > 0
-            && tokio::time::Instant::now() < deadline
+        // Give sessions a moment to send their goodbye. Sessions still
+        // running after it are not aborted; they end with the runtime.
+        sessions.close();
+        if tokio::time::timeout(DRAIN_TIMEOUT, sessions.wait())
+            .await
+            .is_err()
         {
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            tracing::debug!(
+                left = sessions.len(),
+                "sessions still ending after the drain timeout"
+            );
         }
         tasks.abort_all();
     }

@@ -2,31 +2,14 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use jiff::Timestamp;
+use jiff::tz::TimeZone;
+
 /// Local time as `YYYY-MM-DD HH:MM:SS` (pgpool's `%F %T`, in the server's time
-/// zone). Falls back to UTC if the local time cannot be computed.
+/// zone: `TZ`, else `/etc/localtime`, as `localtime(3)` finds it). UTC if the
+/// time zone cannot be found.
 pub fn local_time(t: SystemTime) -> String {
-    let secs = match t.duration_since(UNIX_EPOCH) {
-        Ok(d) => d.as_secs() as libc::time_t,
-        Err(_) => 0,
-    };
-    // SAFETY: localtime_r only writes the `tm` we own; `secs` is a plain value.
-    let mut tm: libc::tm = unsafe { std::mem::zeroed() };
-    let ok = unsafe { !libc::localtime_r(&secs, &mut tm).is_null() };
-    if ok {
-        format!(
-            "{:04}-{:02}-{:02} {:02}:{:02}:{:02}",
-            tm.tm_year + 1900,
-            tm.tm_mon + 1,
-            tm.tm_mday,
-            tm.tm_hour,
-            tm.tm_min,
-            tm.tm_sec
-        )
-    } else {
-        // time_t is i64 on 64-bit Linux, i32 elsewhere.
-        #[allow(clippy::useless_conversion)]
-        utc_time(secs.into())
-    }
+    time_in(t, &TimeZone::system())
 }
 
 /// [`local_time`], or an empty string for "never".
@@ -34,25 +17,14 @@ pub fn opt_local_time(t: Option<SystemTime>) -> String {
     t.map(local_time).unwrap_or_default()
 }
 
-/// UTC `YYYY-MM-DD HH:MM:SS` for seconds since the epoch (civil-from-days).
-fn utc_time(secs: i64) -> String {
-    let days = secs.div_euclid(86_400);
-    let rem = secs.rem_euclid(86_400);
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
+/// `t` in whole seconds (a time before the epoch shows the epoch) in `tz`.
+fn time_in(t: SystemTime, tz: &TimeZone) -> String {
+    let secs = t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let ts = i64::try_from(secs)
+        .ok()
+        .and_then(|s| Timestamp::from_second(s).ok())
+        .unwrap_or(Timestamp::UNIX_EPOCH);
+    tz.to_datetime(ts).strftime("%Y-%m-%d %H:%M:%S").to_string()
 }
 
 /// Milliseconds, as an integer (pgpool's `max_duration`, `min_duration`).
@@ -82,8 +54,19 @@ mod tests {
         assert_eq!(s.len(), 19, "{s}");
         assert_eq!(&s[4..5], "-");
         assert_eq!(&s[10..11], " ");
-        assert_eq!(utc_time(0), "1970-01-01 00:00:00");
-        assert_eq!(utc_time(1_614_438_619), "2021-02-27 15:10:19");
+        let at = |secs| UNIX_EPOCH + Duration::from_secs(secs);
+        let utc = TimeZone::UTC;
+        assert_eq!(time_in(UNIX_EPOCH, &utc), "1970-01-01 00:00:00");
+        assert_eq!(time_in(at(1_614_438_619), &utc), "2021-02-27 15:10:19");
+        // Sub-second parts are cut, not rounded; before the epoch is the epoch.
+        let late = at(59) + Duration::from_millis(999);
+        assert_eq!(time_in(late, &utc), "1970-01-01 00:00:59");
+        let early = UNIX_EPOCH - Duration::from_secs(1);
+        assert_eq!(time_in(early, &utc), "1970-01-01 00:00:00");
+        // A zone with daylight saving time, as a POSIX TZ rule (no tz database).
+        let ny = TimeZone::posix("EST5EDT,M3.2.0,M11.1.0").unwrap();
+        assert_eq!(time_in(at(1_614_438_619), &ny), "2021-02-27 10:10:19");
+        assert_eq!(time_in(at(1_625_000_000), &ny), "2021-06-29 16:53:20");
         assert_eq!(opt_local_time(None), "");
     }
 

@@ -6,11 +6,12 @@
 //! ParameterStatus values and BackendKeyData. Afterwards the session relays
 //! raw frames through [`BackendConn::stream`].
 
+use std::mem::MaybeUninit;
 use std::net::SocketAddr;
-use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::{Buf, BytesMut};
+use postgres_protocol::authentication::md5_hash;
 use postgres_protocol::authentication::sasl::{ChannelBinding, SCRAM_SHA_256, ScramSha256};
 use postgres_protocol::message::frontend;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -283,7 +284,8 @@ impl BackendConn {
                         message: "short MD5 salt".into(),
                     },
                 )?;
-                let hashed = md5_response(&self.user, need_password()?, salt);
+                let password = need_password()?;
+                let hashed = md5_hash(self.user.as_bytes(), password.as_bytes(), salt);
                 frontend::password_message(hashed.as_bytes(), &mut out).map_err(io)?;
             }
             10 => {
@@ -536,17 +538,12 @@ impl BackendConn {
         if !self.buf.is_empty() {
             return false;
         }
-        let mut byte = 0u8;
-        // SAFETY: recv on our own open socket into a 1-byte stack buffer.
-        let n = unsafe {
-            libc::recv(
-                self.stream.as_raw_fd(),
-                (&mut byte as *mut u8).cast(),
-                1,
-                libc::MSG_PEEK | libc::MSG_DONTWAIT,
-            )
-        };
-        n < 0 && std::io::Error::last_os_error().kind() == std::io::ErrorKind::WouldBlock
+        let mut byte = [MaybeUninit::<u8>::uninit()];
+        // A peek (recv with MSG_PEEK) leaves any bytes for the relay. Tokio's
+        // sockets are non-blocking, so "nothing to read" is WouldBlock, and
+        // Ok(0) (closed) or Ok(1) (bytes waiting) mean not healthy.
+        let peeked = socket2::SockRef::from(&self.stream).peek(&mut byte);
+        matches!(peeked, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
     }
 }
 
@@ -576,18 +573,6 @@ fn decode_data_row(body: &[u8]) -> Vec<Option<String>> {
         rest = &rest[len as usize..];
     }
     out
-}
-
-/// libpq's MD5 response: `"md5" + md5(md5(password + user) + salt)`.
-fn md5_response(user: &str, password: &str, salt: [u8; 4]) -> String {
-    use md5::{Digest, Md5};
-    let inner = postgres_protocol::password::md5(password.as_bytes(), user);
-    let mut h = Md5::new();
-    h.update(&inner.as_bytes()[3..]);
-    h.update(salt);
-    let digest = h.finalize();
-    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
-    format!("md5{hex}")
 }
 
 /// Turn on TCP keepalive so a silently vanished peer is noticed.

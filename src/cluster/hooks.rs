@@ -20,6 +20,9 @@
 use std::process::Stdio;
 use std::time::Duration;
 
+use nix::sys::signal::{Signal, killpg};
+use nix::unistd::Pid;
+
 use crate::config::Config;
 
 /// The nodes a hook is about.
@@ -97,10 +100,8 @@ pub async fn run(name: &str, command: &str, limit: Duration) -> Result<String, S
         Ok(Err(e)) => return Err(format!("{name}: {e}")),
         Err(_) => {
             if let Some(pid) = pid.and_then(|p| i32::try_from(p).ok()) {
-                // SAFETY: signals the process group we created for the hook.
-                unsafe {
-                    libc::killpg(pid, libc::SIGKILL);
-                }
+                // The process group we created for the hook.
+                let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
             }
             tracing::error!(hook = name, ?limit, "hook timed out; killed");
             return Err(format!("{name} did not finish within {limit:?}; killed"));

@@ -14,6 +14,9 @@ use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
 
+use nix::sys::signal::{Signal, kill, killpg};
+use nix::unistd::{Pid, User, geteuid};
+
 use super::{ClusterError, SUPERUSER};
 
 /// How server binaries are launched.
@@ -31,8 +34,7 @@ impl RunAs {
     /// How this process launches server binaries, and the `(uid, gid)` of the
     /// `postgres` OS user to own what we create when we are root (`None` otherwise).
     pub(super) fn detect() -> Result<(RunAs, Option<(u32, u32)>), ClusterError> {
-        // SAFETY: geteuid has no preconditions and cannot fail.
-        if unsafe { libc::geteuid() } != 0 {
+        if !geteuid().is_root() {
             return Ok((RunAs::Current, None));
         }
         let owner = postgres_account().ok_or(ClusterError::NoServerUser)?;
@@ -108,16 +110,8 @@ fn shell_word(arg: &str) -> String {
 
 /// `(uid, gid)` of the `postgres` OS user.
 fn postgres_account() -> Option<(u32, u32)> {
-    // SAFETY: getpwnam_r only writes into `pwd`, `buf` (with its true length) and
-    // `result`, all owned here; the fields we read are plain integers.
-    unsafe {
-        let mut pwd: libc::passwd = std::mem::zeroed();
-        let mut buf = vec![0 as libc::c_char; 16384];
-        let mut result = std::ptr::null_mut();
-        let name = c"postgres".as_ptr();
-        let rc = libc::getpwnam_r(name, &mut pwd, buf.as_mut_ptr(), buf.len(), &mut result);
-        (rc == 0 && !result.is_null()).then_some((pwd.pw_uid, pwd.pw_gid))
-    }
+    let user = User::from_name("postgres").ok()??;
+    Some((user.uid.as_raw(), user.gid.as_raw()))
 }
 
 /// Gives `path` to `owner` (the `postgres` OS user when we are root); does
@@ -133,8 +127,8 @@ pub(super) fn kill_postmaster(data_dir: &Path) {
         .ok()
         .and_then(|s| s.lines().next()?.trim().parse().ok());
     if let Some(pid) = pid.filter(|&pid| pid > 0 && postmaster_alive(pid, data_dir)) {
-        // SAFETY: plain kill(2) of a pid just checked to be a postmaster of our data dir.
-        unsafe { libc::kill(pid, libc::SIGKILL) };
+        // A pid just checked to be a postmaster of our data dir.
+        let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
         let gone = || Ok(!postmaster_alive(pid, data_dir));
         let _ = wait_until(Duration::from_secs(5), "the postmaster to exit", gone);
     }
@@ -208,10 +202,10 @@ pub(super) fn run_command(
             break status;
         }
         if Instant::now() >= deadline {
-            let group = -(child.id() as i32);
-            for signal in [libc::SIGTERM, libc::SIGKILL] {
-                // SAFETY: signals only the process group created for this child.
-                unsafe { libc::kill(group, signal) };
+            // Only the process group created for this child.
+            let group = Pid::from_raw(child.id() as i32);
+            for signal in [Signal::SIGTERM, Signal::SIGKILL] {
+                let _ = killpg(group, signal);
                 thread::sleep(Duration::from_millis(500));
             }
             let _ = child.wait();

@@ -10,8 +10,9 @@
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
 use hmac::{Hmac, KeyInit, Mac};
-use md5::Md5;
+use postgres_protocol::authentication::md5_hash;
 use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
 
 use super::frame::cstr;
 
@@ -107,8 +108,10 @@ fn sha256(data: &[u8]) -> [u8; 32] {
     out
 }
 
+/// Equality in time independent of the contents (only a length mismatch
+/// returns early), so a proof cannot be guessed byte by byte.
 fn ct_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    a.ct_eq(b).into()
 }
 
 /// What a client's SCRAM-SHA-256 login proved: its ClientKey, with the
@@ -338,28 +341,14 @@ impl ScramServer {
     }
 }
 
-/// PostgreSQL's stored MD5 form: `"md5" + hex(md5(password + user))`.
-pub fn md5_stored(user: &str, password: &str) -> String {
-    postgres_protocol::password::md5(password.as_bytes(), user)
-}
-
-/// Check a client's MD5 PasswordMessage body against the stored MD5 form.
-pub fn md5_check(stored: &str, salt: [u8; 4], body: &[u8]) -> bool {
+/// Check a client's MD5 PasswordMessage body: libpq's response for `user` and
+/// `password` with `salt` (`"md5" + md5(md5(password + user) + salt)`).
+pub fn md5_check(user: &str, password: &str, salt: [u8; 4], body: &[u8]) -> bool {
     let Some((response, _)) = cstr(body) else {
         return false;
     };
-    let Some(inner) = stored.strip_prefix("md5") else {
-        return false;
-    };
-    let mut h = Md5::new();
-    h.update(inner.as_bytes());
-    h.update(salt);
-    let expected = format!("md5{}", hex(&h.finalize()));
+    let expected = md5_hash(user.as_bytes(), password.as_bytes(), salt);
     ct_eq(expected.as_bytes(), response)
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 #[cfg(test)]
@@ -441,15 +430,21 @@ mod tests {
 
     #[test]
     fn md5_matches_libpq() {
-        let stored = md5_stored("app", "secret");
-        let salt = [1, 2, 3, 4];
-        let mut h = Md5::new();
-        h.update(&stored.as_bytes()[3..]);
-        h.update(salt);
-        let mut body = format!("md5{}", hex(&h.finalize())).into_bytes();
-        body.push(0);
-        assert!(md5_check(&stored, salt, &body));
+        // libpq's answer for this user, password and salt (the vector of
+        // postgres-protocol's own test).
+        let salt = [0x2a, 0x3d, 0x8f, 0xe0];
+        let mut body = b"md562af4dd09bbb41884907a838a3233294\0".to_vec();
+        assert!(md5_check("md5_user", "password", salt, &body));
+        assert!(!md5_check("md5_user", "passwore", salt, &body));
+        assert!(!md5_check("md5_usex", "password", salt, &body));
+        assert!(!md5_check(
+            "md5_user",
+            "password",
+            [0x2a, 0x3d, 0x8f, 0xe1],
+            &body
+        ));
         body[5] ^= 1;
-        assert!(!md5_check(&stored, salt, &body));
+        assert!(!md5_check("md5_user", "password", salt, &body));
+        assert!(!md5_check("md5_user", "password", salt, b"no terminator"));
     }
 }

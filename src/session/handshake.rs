@@ -12,9 +12,7 @@ use tokio::net::TcpStream;
 use crate::config::{AuthMethod, Config};
 use crate::error::ToPgError;
 use crate::error::sqlstate::*;
-use crate::protocol::auth::{
-    AuthError, ScramKeys, ScramServer, ScramVerifier, md5_check, md5_stored,
-};
+use crate::protocol::auth::{AuthError, ScramKeys, ScramServer, ScramVerifier, md5_check};
 use crate::protocol::frame::next_frame;
 use crate::protocol::messages::{self, PgError};
 use crate::protocol::startup::{InitialPacket, MAX_STARTUP_PACKET, StartupMessage, parse_initial};
@@ -130,15 +128,12 @@ pub async fn authenticate(
     match method {
         AuthMethod::Trust => Ok(None),
         AuthMethod::Md5 => {
-            let stored = known
-                .and_then(|u| u.password.as_deref())
-                .map(|p| md5_stored(user, p))
-                .unwrap_or_default();
+            let password = known.and_then(|u| u.password.as_deref());
             let salt: [u8; 4] = rand::random();
             messages::auth_md5(&mut out, salt);
             stream.write_all(&out).await.map_err(io_err)?;
             let body = read_password_message(stream, &mut inbuf).await?;
-            if known.is_some() && md5_check(&stored, salt, &body) {
+            if password.is_some_and(|p| md5_check(user, p, salt, &body)) {
                 Ok(None)
             } else {
                 Err(failed(user))

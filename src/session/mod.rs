@@ -100,7 +100,14 @@ pub async fn serve(ctx: Arc<ProxyContext>, mut stream: TcpStream) {
     let _ = stream.set_nodelay(true);
     crate::backend::conn::set_keepalive(&stream);
     let cfg = ctx.config.load_full();
-    let opening = match timeout(cfg.timeouts.auth, handshake::read_opening(&mut stream)).await {
+    // A stop does not wait for a connection that has not sent its first
+    // packet: it holds no client slot and gets no goodbye.
+    let mut stop = ctx.shutdown.clone();
+    let opening = tokio::select! {
+        r = timeout(cfg.timeouts.auth, handshake::read_opening(&mut stream)) => r,
+        _ = stop.wait_for(|stopping| *stopping) => return,
+    };
+    let opening = match opening {
         Ok(Ok(o)) => o,
         Ok(Err(e)) => return send_fatal(&mut stream, &e, &cfg).await,
         Err(_) => {

@@ -696,6 +696,9 @@ async fn a_client_that_stops_reading_is_cut_off_after_the_write_limit() {
 async fn stopping_pgpilot_ends_idle_sessions_with_57p01() {
     let h = harness();
     let p = common::spawn_proxy_stoppable(h.config());
+    // Accepted first, never sends a startup packet: the stop must not wait
+    // the drain timeout (5 s) for it.
+    let _silent = TcpStream::connect(p.addr).await.unwrap();
     let mut idle = login_raw(p.addr).await;
     let mut in_tx = login_raw(p.addr).await;
     send_query(&mut in_tx, "BEGIN").await;
@@ -714,6 +717,11 @@ async fn stopping_pgpilot_ends_idle_sessions_with_57p01() {
         started.elapsed()
     );
     stopper.await.unwrap();
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "the stop took {:?}",
+        started.elapsed()
+    );
 }
 
 /// The kinds of a login's messages, notices as `N:<SQLSTATE>`, parameter
