@@ -176,7 +176,9 @@ async fn run_failover(cluster: &Arc<Cluster>, cfg: &Arc<Config>, t: TransitionSt
                     tracing::warn!(reason = %why, "failover waits: no acceptable candidate");
                     cluster.count(Event::CandidateRefused);
                 }
-                let _ = cluster.candidate_refused(id, t.forced, why);
+                if let Err(e) = cluster.candidate_refused(id, t.forced, why) {
+                    e.log("candidate refused");
+                }
                 return;
             }
         };
@@ -187,24 +189,25 @@ async fn run_failover(cluster: &Arc<Cluster>, cfg: &Arc<Config>, t: TransitionSt
             match probe_once(b, &cfg.monitor, cfg.health_check.timeout).await {
                 Ok(false) => {
                     cluster.observe_role(o, false);
-                    let _ = cluster.fail(
-                        id,
-                        format!(
-                            "cancelled: node {o} answers as a primary again; nothing was promoted"
-                        ),
-                        cfg,
+                    let why = format!(
+                        "cancelled: node {o} answers as a primary again; nothing was promoted"
                     );
+                    if let Err(e) = cluster.fail(id, why, cfg) {
+                        e.log("cancel: old primary answers as a primary");
+                    }
                     return;
                 }
                 Err(e) if e.alive => {
-                    let _ = cluster.primary_answers(id, o, e.message, cfg);
+                    if let Err(e) = cluster.primary_answers(id, o, e.message, cfg) {
+                        e.log("cancel: old primary answers");
+                    }
                     return;
                 }
                 Ok(true) | Err(_) => {}
             }
         }
         if let Err(e) = cluster.promotion_started(id, candidate.node) {
-            tracing::info!(error = %e, "failover superseded before promotion");
+            e.log("promotion");
             return;
         }
         switch_lsn = Some(candidate.lsn);
@@ -226,13 +229,14 @@ async fn run_failover(cluster: &Arc<Cluster>, cfg: &Arc<Config>, t: TransitionSt
     }
     let timeout = cfg.failover.search_primary_timeout;
     match search(cluster, cfg, id, timeout).await {
-        Ok(new) => {
-            if cluster.finish(id, new, cfg).is_ok() {
-                follow::spawn_all(cluster.clone(), cfg.clone(), new, old, switch_lsn, false);
-            }
-        }
+        Ok(new) => match cluster.finish(id, new, cfg) {
+            Ok(()) => follow::spawn_all(cluster.clone(), cfg.clone(), new, old, switch_lsn, false),
+            Err(e) => e.log("publish the new primary"),
+        },
         Err(why) => {
-            let _ = cluster.fail(id, why, cfg);
+            if let Err(e) = cluster.fail(id, why, cfg) {
+                e.log("give up");
+            }
         }
     }
 }
@@ -275,7 +279,9 @@ pub(super) async fn search(
                 "searching: nodes {many:?} all report pg_is_in_recovery() = false; waiting until exactly one does"
             ),
         };
-        cluster.set_phase(id, Phase::Searching, detail.clone())?;
+        cluster
+            .set_phase(id, Phase::Searching, detail.clone())
+            .map_err(|e| e.to_string())?;
         if Instant::now() >= deadline {
             return Err(format!(
                 "no single primary within {timeout:?} ({detail}); pgpilot keeps watching: a node that reports primary is admitted"

@@ -32,7 +32,7 @@ use arc_swap::ArcSwap;
 use super::events::{Event, Phase};
 use super::promote::{self, monitor_query};
 use super::replication::format_lsn;
-use super::{Cluster, Role, failover, follow};
+use super::{Cluster, CommandError, Role, failover, follow};
 use crate::config::{Config, FailoverMode};
 
 /// Let sessions that routed a write just before the switch deliver it.
@@ -52,29 +52,26 @@ pub fn start(
     cluster: Arc<Cluster>,
     config: Arc<ArcSwap<Config>>,
     target: usize,
-) -> Result<String, String> {
+) -> Result<String, CommandError> {
     let cfg = config.load_full();
     if cfg.failover.mode == FailoverMode::None {
-        return Err(
-            "failover.mode = \"none\": pgpilot promotes nothing (promote the node yourself; pgpilot notices)"
-                .into(),
-        );
+        return Err(CommandError::PromotionDisabled);
     }
     let snap = cluster.snapshot();
     let n = snap
         .nodes
         .get(target)
-        .ok_or_else(|| format!("there is no node {target}"))?;
+        .ok_or(CommandError::NoSuchNode { node: target })?;
     if snap.primary == Some(target) {
-        return Err(format!("node {target} is already the primary"));
+        return Err(CommandError::AlreadyPrimary { node: target });
     }
     let standby = n.status.is_usable() && n.role == Role::Standby && !cluster.is_held(target);
     if !standby {
-        return Err(format!(
-            "node {target} is not an in-service standby (status {}, role {})",
-            n.status.as_str(),
-            n.role.as_str()
-        ));
+        return Err(CommandError::NotStandby {
+            node: target,
+            status: n.status,
+            role: n.role,
+        });
     }
     if cluster.failover_in_progress() {
         cluster.update_with(|o| o.force_candidate(target))?;
@@ -103,11 +100,14 @@ async fn run(cluster: &Arc<Cluster>, cfg: &Arc<Config>, id: u64, old: usize, tar
             if read_only && let Err(e) = set_read_only(cfg, old, false).await {
                 tracing::error!(node = old, error = %e, "could not reset default_transaction_read_only");
             }
-            let _ = cluster.fail(id, format!("switchover aborted: {why}"), cfg);
+            if let Err(e) = cluster.fail(id, format!("switchover aborted: {why}"), cfg) {
+                e.log("abort the switchover");
+            }
             return;
         }
     };
-    if cluster.promotion_started(id, target).is_err() {
+    if let Err(e) = cluster.promotion_started(id, target) {
+        e.log("promotion");
         return;
     }
     match promote::promote(cfg, target, Some(old)).await {
@@ -121,8 +121,8 @@ async fn run(cluster: &Arc<Cluster>, cfg: &Arc<Config>, id: u64, old: usize, tar
         }
     }
     match failover::search(cluster, cfg, id, cfg.failover.search_primary_timeout).await {
-        Ok(new) => {
-            if cluster.finish(id, new, cfg).is_ok() {
+        Ok(new) => match cluster.finish(id, new, cfg) {
+            Ok(()) => {
                 let include_old = !cfg.failover.follow_primary_command.trim().is_empty();
                 follow::spawn_all(
                     cluster.clone(),
@@ -133,9 +133,12 @@ async fn run(cluster: &Arc<Cluster>, cfg: &Arc<Config>, id: u64, old: usize, tar
                     include_old,
                 );
             }
-        }
+            Err(e) => e.log("publish the new primary"),
+        },
         Err(why) => {
-            let _ = cluster.fail(id, why, cfg);
+            if let Err(e) = cluster.fail(id, why, cfg) {
+                e.log("give up");
+            }
         }
     }
 }
@@ -181,14 +184,16 @@ async fn prepare(
             terminated = true;
             deadline = Instant::now() + limit;
         }
-        cluster.set_phase(
-            id,
-            Phase::Draining,
-            format!(
-                "waiting for {} open transaction(s) on node {old}",
-                open.unwrap_or_default()
-            ),
-        )?;
+        cluster
+            .set_phase(
+                id,
+                Phase::Draining,
+                format!(
+                    "waiting for {} open transaction(s) on node {old}",
+                    open.unwrap_or_default()
+                ),
+            )
+            .map_err(|e| e.to_string())?;
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     if !*read_only {
@@ -203,11 +208,13 @@ async fn prepare(
             .as_deref()
             .and_then(super::replication::parse_lsn)
             .ok_or("cannot read the old primary's WAL position")?;
-    cluster.set_phase(
-        id,
-        Phase::CatchingUp,
-        format!("waiting for node {target} to receive {}", format_lsn(lsn)),
-    )?;
+    cluster
+        .set_phase(
+            id,
+            Phase::CatchingUp,
+            format!("waiting for node {target} to receive {}", format_lsn(lsn)),
+        )
+        .map_err(|e| e.to_string())?;
     let deadline = Instant::now() + timeout;
     loop {
         let p = promote::position(cfg, target, limit).await?;

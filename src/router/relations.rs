@@ -241,14 +241,9 @@ async fn lookup(
         .map(|n| n.schema.as_deref().unwrap_or(""))
         .collect();
     let rels: Vec<&str> = names.iter().map(|n| n.name.as_str()).collect();
-    let rows = super::catalog::query_primary(
-        database,
-        primary,
-        monitor,
-        LOOKUP_SQL,
-        &[&schemas, &rels],
-    )
-    .await?;
+    let rows =
+        super::catalog::query_primary(database, primary, monitor, LOOKUP_SQL, &[&schemas, &rels])
+            .await?;
     if rows.len() != names.len() {
         return Err(format!("{} answers for {} names", rows.len(), names.len()));
     }

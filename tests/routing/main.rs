@@ -31,8 +31,8 @@ mod balancing;
 mod classifier;
 mod node_local;
 mod session_settings;
-mod sql_prepare;
 mod shapes;
+mod sql_prepare;
 mod transactions;
 mod unlogged;
 
