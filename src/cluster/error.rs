@@ -1,12 +1,65 @@
 //! The cluster layer's errors: why the state machine refused a coordinator
-//! step ([`StepError`]) or an operator's node command ([`CommandError`]).
+//! step ([`StepError`]) or an operator's node command ([`CommandError`]),
+//! and why a query pgpilot ran on a node itself failed ([`NodeQueryError`]).
+//! The steps built on those queries have their own enums next to them
+//! (`promote::PromoteError`, `follow::FollowError`, `hooks::HookError`,
+//! `switchover::SwitchoverError`, `failover::SearchError`).
 //!
 //! Their texts are what operators read (in the answer to `ATTACH`, `DETACH`
 //! and `PROMOTE NODE`, in logs), so a variant's message says what is wrong
 //! and what to do. A refused command reaches its client as an
 //! ErrorResponse; that mapping (SQLSTATE 55000) is in `crate::error`.
 
+use std::time::Duration;
+
 use super::events::{Phase, TransitionKind};
+use super::health::describe;
+
+/// A query the coordinator ran on a node as the `[monitor]` role (its own
+/// connection, closed after) failed. Its text is one line, with the server's
+/// SQLSTATE when the node sent one, and never a password: it is shown in
+/// `SHOW PGPILOT_FAILOVER` and in hold reasons.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeQueryError {
+    /// No backend has that id.
+    #[error("no node {node}")]
+    NoSuchNode {
+        /// The id asked for.
+        node: usize,
+    },
+    /// Connecting (or logging in) failed.
+    #[error("{}", describe(.source))]
+    Connect {
+        /// The node.
+        node: usize,
+        /// What tokio-postgres reported.
+        #[source]
+        source: tokio_postgres::Error,
+    },
+    /// The query failed.
+    #[error("{}", describe(.source))]
+    Query {
+        /// The node.
+        node: usize,
+        /// What tokio-postgres reported.
+        #[source]
+        source: tokio_postgres::Error,
+    },
+    /// Connect and query together took longer than the limit.
+    #[error("node {node}: no answer within {limit:?}")]
+    Timeout {
+        /// The node.
+        node: usize,
+        /// The limit.
+        limit: Duration,
+    },
+    /// The query returned no row where one was expected.
+    #[error("no row")]
+    NoRow {
+        /// The node.
+        node: usize,
+    },
+}
 
 /// A step the failover coordinator reports for transition `id` was refused:
 /// the transition moved on without it. Never a fault of the step itself; the
@@ -182,6 +235,56 @@ mod tests {
         assert_eq!(
             StepError::Superseded { id: 4 }.to_string(),
             "transition 4 is no longer in progress"
+        );
+    }
+
+    #[test]
+    fn io_errors_keep_the_texts_shown_in_details_and_holds() {
+        use crate::cluster::follow::FollowError;
+        use crate::cluster::promote::PromoteError;
+        use crate::cluster::switchover::SwitchoverError;
+        let timeout = NodeQueryError::Timeout {
+            node: 2,
+            limit: Duration::from_secs(1),
+        };
+        assert_eq!(timeout.to_string(), "node 2: no answer within 1s");
+        let none = PromoteError::NoneAnswered {
+            errors: vec![
+                (1, PromoteError::NotInRecovery { node: 1 }),
+                (2, PromoteError::Query(timeout)),
+            ],
+        };
+        assert_eq!(
+            none.to_string(),
+            "no candidate answered: node 1: node 1 is not in recovery; node 2: node 2: no answer within 1s"
+        );
+        let far = PromoteError::TooFarBehind {
+            node: 1,
+            lsn: 0x1_0000_0000,
+            reference: 0x1_0000_0100,
+            behind: 256,
+            max_lag: 16,
+        };
+        assert_eq!(
+            far.to_string(),
+            "refused: the most advanced standby, node 1, is at 1/0, 256 bytes behind the failed primary's last known position 1/100 (failover.max_lag_bytes = 16); waiting (PROMOTE NODE 1 forces it)"
+        );
+        let diverged = FollowError::Diverged {
+            node: 2,
+            replay: 0x30,
+            switch: 0x20,
+        };
+        assert!(diverged.to_string().starts_with(
+            "diverged: replayed up to 0/30 past the new primary's timeline switch at 0/20;"
+        ));
+        let behind = SwitchoverError::NotCaughtUp {
+            node: 1,
+            at: 0x10,
+            wanted: 0x20,
+        };
+        assert_eq!(
+            behind.to_string(),
+            "node 1 did not catch up: at 0/10, old primary at 0/20"
         );
     }
 }

@@ -41,6 +41,7 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwap;
 use tokio::sync::watch;
 
+use super::error::StepError;
 use super::events::{Event, Phase, TransitionStatus};
 use super::health::probe_once;
 use super::hooks::{self, HookNodes};
@@ -170,7 +171,7 @@ async fn run_failover(cluster: &Arc<Cluster>, cfg: &Arc<Config>, t: TransitionSt
                     Some(n) => format!(
                         "forced candidate node {n} cannot be promoted: {why}; retrying every {RETRY:?} (PROMOTE NODE m chooses another)"
                     ),
-                    None => why,
+                    None => why.to_string(),
                 };
                 if t.phase != Phase::Waiting || t.detail != why {
                     tracing::warn!(reason = %why, "failover waits: no acceptable candidate");
@@ -234,11 +235,29 @@ async fn run_failover(cluster: &Arc<Cluster>, cfg: &Arc<Config>, t: TransitionSt
             Err(e) => e.log("publish the new primary"),
         },
         Err(why) => {
-            if let Err(e) = cluster.fail(id, why, cfg) {
+            if let Err(e) = cluster.fail(id, why.to_string(), cfg) {
                 e.log("give up");
             }
         }
     }
+}
+
+/// Why the search for the new primary ended without one.
+#[derive(Debug, thiserror::Error)]
+pub enum SearchError {
+    /// The transition moved on while the search ran.
+    #[error(transparent)]
+    Step(#[from] StepError),
+    /// Not exactly one node reported primary in time.
+    #[error(
+        "no single primary within {timeout:?} ({last}); pgpilot keeps watching: a node that reports primary is admitted"
+    )]
+    NoSinglePrimary {
+        /// `failover.search_primary_timeout`.
+        timeout: Duration,
+        /// What the last round saw.
+        last: String,
+    },
 }
 
 /// Probe every node not held, every [`SEARCH_PAUSE`], until exactly one
@@ -248,7 +267,7 @@ pub(super) async fn search(
     cfg: &Config,
     id: u64,
     timeout: Duration,
-) -> Result<usize, String> {
+) -> Result<usize, SearchError> {
     let deadline = Instant::now() + timeout;
     let limit = cfg.health_check.timeout.min(Duration::from_secs(2));
     loop {
@@ -265,11 +284,16 @@ pub(super) async fn search(
             .collect();
         let mut primaries = Vec::new();
         for (n, ask) in asks {
-            if let Ok(Ok(in_recovery)) = ask.await {
-                cluster.observe_role(n, in_recovery);
-                if !in_recovery {
-                    primaries.push(n);
+            match ask.await {
+                Ok(Ok(in_recovery)) => {
+                    cluster.observe_role(n, in_recovery);
+                    if !in_recovery {
+                        primaries.push(n);
+                    }
                 }
+                // Expected while nodes restart; the detail says what is missing.
+                Ok(Err(e)) => tracing::debug!(node = n, error = %e, "search: node did not answer"),
+                Err(e) => tracing::warn!(node = n, error = %e, "search: probe task failed"),
             }
         }
         let detail = match primaries.as_slice() {
@@ -279,13 +303,12 @@ pub(super) async fn search(
                 "searching: nodes {many:?} all report pg_is_in_recovery() = false; waiting until exactly one does"
             ),
         };
-        cluster
-            .set_phase(id, Phase::Searching, detail.clone())
-            .map_err(|e| e.to_string())?;
+        cluster.set_phase(id, Phase::Searching, detail.clone())?;
         if Instant::now() >= deadline {
-            return Err(format!(
-                "no single primary within {timeout:?} ({detail}); pgpilot keeps watching: a node that reports primary is admitted"
-            ));
+            return Err(SearchError::NoSinglePrimary {
+                timeout,
+                last: detail,
+            });
         }
         tokio::time::sleep(SEARCH_PAUSE).await;
     }
@@ -318,8 +341,15 @@ impl StandbyWatch {
                 };
                 let line = hooks::expand(&cfg.failover.command, cfg, nodes);
                 let limit = cfg.failover.promote_timeout;
+                let node = n.id;
                 tokio::spawn(async move {
-                    let _ = hooks::run("failover_command (standby down)", &line, limit).await;
+                    // A standby's failure changes no primary: the hook's
+                    // outcome is only reported.
+                    if let Err(e) =
+                        hooks::run("failover_command (standby down)", &line, limit).await
+                    {
+                        tracing::warn!(node, error = %e, "failover_command for a failed standby did not succeed");
+                    }
                 });
             }
         }

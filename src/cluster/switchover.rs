@@ -29,8 +29,9 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 
+use super::error::{NodeQueryError, StepError};
 use super::events::{Event, Phase};
-use super::promote::{self, monitor_query};
+use super::promote::{self, PromoteError, monitor_query};
 use super::replication::format_lsn;
 use super::{Cluster, CommandError, Role, failover, follow};
 use crate::config::{Config, FailoverMode};
@@ -45,6 +46,45 @@ const GRACE: Duration = Duration::from_millis(50);
 const OPEN_TRANSACTIONS: &str = "FROM pg_stat_activity WHERE backend_type = 'client backend' \
      AND xact_start IS NOT NULL AND pid <> pg_backend_pid() \
      AND NOT (usename = current_user AND application_name LIKE 'pgpilot-%')";
+
+/// Why a switchover stopped before the promotion (it is then aborted: the
+/// old primary is published again). The text ends up in the transition's
+/// detail as `switchover aborted: …`.
+#[derive(Debug, thiserror::Error)]
+pub enum SwitchoverError {
+    /// Asking or configuring the old primary failed.
+    #[error(transparent)]
+    Query(#[from] NodeQueryError),
+    /// Asking the target where it stands failed (or it left recovery).
+    #[error(transparent)]
+    Target(#[from] PromoteError),
+    /// The transition moved on while it was being prepared.
+    #[error(transparent)]
+    Step(#[from] StepError),
+    /// Open transactions were terminated but their backends stayed.
+    #[error("transactions on node {node} were terminated but did not end")]
+    NotDrained {
+        /// The old primary.
+        node: usize,
+    },
+    /// `pg_current_wal_insert_lsn()` gave no readable answer.
+    #[error("cannot read the old primary's WAL position")]
+    NoWalPosition,
+    /// The target did not receive the old primary's last WAL in time.
+    #[error(
+        "node {node} did not catch up: at {}, old primary at {}",
+        format_lsn(*.at),
+        format_lsn(*.wanted)
+    )]
+    NotCaughtUp {
+        /// The target.
+        node: usize,
+        /// Where it got to.
+        at: u64,
+        /// The old primary's final position.
+        wanted: u64,
+    },
+}
 
 /// Validate `PROMOTE NODE target` and start it; the switchover continues in
 /// the background. The message says what was started.
@@ -136,7 +176,7 @@ async fn run(cluster: &Arc<Cluster>, cfg: &Arc<Config>, id: u64, old: usize, tar
             Err(e) => e.log("publish the new primary"),
         },
         Err(why) => {
-            if let Err(e) = cluster.fail(id, why, cfg) {
+            if let Err(e) = cluster.fail(id, why.to_string(), cfg) {
                 e.log("give up");
             }
         }
@@ -151,7 +191,7 @@ async fn prepare(
     old: usize,
     target: usize,
     read_only: &mut bool,
-) -> Result<u64, String> {
+) -> Result<u64, SwitchoverError> {
     let limit = cfg.health_check.timeout;
     let timeout = cfg.failover.switchover_timeout;
     tokio::time::sleep(GRACE).await;
@@ -170,9 +210,7 @@ async fn prepare(
         }
         if Instant::now() >= deadline {
             if terminated {
-                return Err(format!(
-                    "transactions on node {old} were terminated but did not end"
-                ));
+                return Err(SwitchoverError::NotDrained { node: old });
             }
             // Terminate, then keep counting until the backends are gone: a
             // terminated backend writes its abort record as it exits, and the
@@ -184,16 +222,14 @@ async fn prepare(
             terminated = true;
             deadline = Instant::now() + limit;
         }
-        cluster
-            .set_phase(
-                id,
-                Phase::Draining,
-                format!(
-                    "waiting for {} open transaction(s) on node {old}",
-                    open.unwrap_or_default()
-                ),
-            )
-            .map_err(|e| e.to_string())?;
+        cluster.set_phase(
+            id,
+            Phase::Draining,
+            format!(
+                "waiting for {} open transaction(s) on node {old}",
+                open.unwrap_or_default()
+            ),
+        )?;
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     if !*read_only {
@@ -207,14 +243,12 @@ async fn prepare(
         first_value(monitor_query(cfg, old, "SELECT pg_current_wal_insert_lsn()", limit).await?)
             .as_deref()
             .and_then(super::replication::parse_lsn)
-            .ok_or("cannot read the old primary's WAL position")?;
-    cluster
-        .set_phase(
-            id,
-            Phase::CatchingUp,
-            format!("waiting for node {target} to receive {}", format_lsn(lsn)),
-        )
-        .map_err(|e| e.to_string())?;
+            .ok_or(SwitchoverError::NoWalPosition)?;
+    cluster.set_phase(
+        id,
+        Phase::CatchingUp,
+        format!("waiting for node {target} to receive {}", format_lsn(lsn)),
+    )?;
     let deadline = Instant::now() + timeout;
     loop {
         let p = promote::position(cfg, target, limit).await?;
@@ -222,18 +256,18 @@ async fn prepare(
             return Ok(p.lsn);
         }
         if Instant::now() >= deadline {
-            return Err(format!(
-                "node {target} did not catch up: at {}, old primary at {}",
-                format_lsn(p.lsn),
-                format_lsn(lsn)
-            ));
+            return Err(SwitchoverError::NotCaughtUp {
+                node: target,
+                at: p.lsn,
+                wanted: lsn,
+            });
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
 /// `ALTER SYSTEM SET default_transaction_read_only` (or RESET) and reload.
-async fn set_read_only(cfg: &Config, node: usize, on: bool) -> Result<(), String> {
+async fn set_read_only(cfg: &Config, node: usize, on: bool) -> Result<(), NodeQueryError> {
     let limit = cfg.health_check.timeout;
     let sql = if on {
         "ALTER SYSTEM SET default_transaction_read_only = on"
