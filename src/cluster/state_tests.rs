@@ -5,6 +5,7 @@ use std::time::{Duration, Instant, SystemTime};
 use super::*;
 use crate::cluster::error::{CommandError, StepError};
 use crate::cluster::events::{Event, Phase, TransitionKind};
+use crate::cluster::health::ProbeError;
 use crate::cluster::replication::{NodeSample, ReplicationRow};
 use crate::config::Backend;
 
@@ -45,10 +46,17 @@ fn adm(n: usize) -> Admission {
     }
 }
 
+fn probe_error(message: &str, alive: bool) -> ProbeError {
+    ProbeError {
+        message: message.into(),
+        alive,
+        timed_out: false,
+    }
+}
+
 fn ok(in_recovery: bool) -> Round {
     Round {
         outcome: Ok(in_recovery),
-        alive: true,
         retries: 0,
         duration: Duration::from_millis(3),
         started: Instant::now(),
@@ -57,8 +65,7 @@ fn ok(in_recovery: bool) -> Round {
 
 fn failed() -> Round {
     Round {
-        outcome: Err("connection refused".into()),
-        alive: false,
+        outcome: Err(probe_error("connection refused", false)),
         retries: 2,
         duration: Duration::from_millis(9),
         started: Instant::now(),
@@ -442,8 +449,10 @@ fn history_finds_when_the_primary_passed_an_lsn() {
 fn a_primary_that_answers_with_errors_is_not_failed_over() {
     let mut o = started();
     let mut r = failed();
-    r.outcome = Err("FATAL 53300: sorry, too many clients already".into());
-    r.alive = true;
+    r.outcome = Err(probe_error(
+        "FATAL 53300: sorry, too many clients already",
+        true,
+    ));
     o.round_finished(0, r, SystemTime::now(), adm(3));
     assert_eq!(o.snap.primary, None);
     assert!(!o.in_transition());
