@@ -7,6 +7,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 pub fn local_time(t: SystemTime) -> String {
     let secs = match t.duration_since(UNIX_EPOCH) {
         Ok(d) => d.as_secs() as libc::time_t,
+        // Before 1970 (a clock set wrong): shown as the epoch.
         Err(_) => 0,
     };
     // SAFETY: localtime_r only writes the `tm` we own; `secs` is a plain value.

@@ -204,7 +204,15 @@ async fn run_failover(cluster: &Arc<Cluster>, cfg: &Arc<Config>, t: TransitionSt
                     }
                     return;
                 }
-                Ok(true) | Err(_) => {}
+                Ok(true) => {
+                    tracing::info!(
+                        node = o,
+                        "last look: the old primary is in recovery now; promoting"
+                    )
+                }
+                Err(e) => {
+                    tracing::info!(node = o, error = %e, "last look: the old primary is still unreachable; promoting")
+                }
             }
         }
         if let Err(e) = cluster.promotion_started(id, candidate.node) {
