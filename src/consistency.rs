@@ -354,12 +354,34 @@ async fn ask_lsn(
     if !conn.as_ref().is_some_and(|c| c.serves(backend)) {
         *conn = None;
         let open = MonitorConn::open(backend, &cfg.monitor, "pgpilot-lsn");
-        *conn = Some(tokio::time::timeout(limit, open).await.ok()?.ok()?);
+        // Polled often while reads wait: failures are expected during
+        // failovers and restarts, so they are logged at debug only.
+        match tokio::time::timeout(limit, open).await {
+            Ok(Ok(c)) => *conn = Some(c),
+            Ok(Err(e)) => {
+                tracing::debug!(node, error = %e, "cannot connect to ask the WAL position");
+                return None;
+            }
+            Err(_) => {
+                tracing::debug!(
+                    node,
+                    ?limit,
+                    "no connection to ask the WAL position in time"
+                );
+                return None;
+            }
+        }
     }
     let client = conn.as_ref()?.client();
     let msgs = match tokio::time::timeout(limit, client.simple_query(sql)).await {
         Ok(Ok(msgs)) => msgs,
-        _ => {
+        Ok(Err(e)) => {
+            tracing::debug!(node, error = %e, "asking the WAL position failed");
+            *conn = None;
+            return None;
+        }
+        Err(_) => {
+            tracing::debug!(node, ?limit, "no WAL position in time");
             *conn = None;
             return None;
         }

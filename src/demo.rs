@@ -4,9 +4,29 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use crate::config::Config;
-use crate::localcluster::{ClusterSpec, LocalCluster};
-use crate::server::Proxy;
+use crate::config::{Config, ConfigError};
+use crate::localcluster::{ClusterError, ClusterSpec, LocalCluster};
+use crate::server::{Proxy, ServerError};
+
+/// Why the demo could not run; the CLI prints it after `pgpilot demo: `.
+#[derive(Debug, thiserror::Error)]
+pub enum DemoError {
+    /// `--metrics-listen` is not an address.
+    #[error("--metrics-listen: {0}")]
+    MetricsListen(#[source] ConfigError),
+    /// The local cluster could not be built.
+    #[error(transparent)]
+    Cluster(#[from] ClusterError),
+    /// pgpilot could not listen.
+    #[error(transparent)]
+    Server(#[from] ServerError),
+    /// A blocking task (building or stopping the cluster) panicked.
+    #[error("{0}")]
+    Task(#[from] tokio::task::JoinError),
+    /// Stopping the cluster took longer than a minute.
+    #[error("timed out stopping the cluster")]
+    StopTimeout,
+}
 
 /// Demo user, password and database.
 pub const DEMO_USER: &str = "demo";
@@ -37,15 +57,13 @@ pub fn config_for(cluster: &LocalCluster, listen: &str, users: &[(&str, &str)]) 
 }
 
 /// Run the demo until Ctrl-C, serving metrics on `metrics_listen` ("" = off).
-/// Returns an error message for the CLI to print.
-pub async fn run(listen: &str, metrics_listen: &str, standbys: usize) -> Result<(), String> {
+/// Returns what failed, for the CLI to print.
+pub async fn run(listen: &str, metrics_listen: &str, standbys: usize) -> Result<(), DemoError> {
     // Checked before the cluster is built.
     let metrics = crate::config::MetricsConfig {
         listen: metrics_listen.to_string(),
     };
-    metrics
-        .addr()
-        .map_err(|e| format!("--metrics-listen: {e}"))?;
+    metrics.addr().map_err(DemoError::MetricsListen)?;
     let spec = ClusterSpec {
         standbys,
         users: vec![(DEMO_USER.into(), DEMO_PASSWORD.into())],
@@ -58,10 +76,7 @@ pub async fn run(listen: &str, metrics_listen: &str, standbys: usize) -> Result<
     println!(
         "pgpilot demo: creating a primary and {standbys} streaming standbys (real PostgreSQL) ..."
     );
-    let cluster = tokio::task::spawn_blocking(move || LocalCluster::start(spec))
-        .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| e.to_string())?;
+    let cluster = tokio::task::spawn_blocking(move || LocalCluster::start(spec)).await??;
     println!("  PostgreSQL binaries: {}", cluster.bindir.display());
     for n in &cluster.nodes {
         println!(
@@ -74,10 +89,7 @@ pub async fn run(listen: &str, metrics_listen: &str, standbys: usize) -> Result<
     }
     let mut config = config_for(&cluster, listen, &[(DEMO_USER, DEMO_PASSWORD)]);
     config.metrics = metrics;
-    let proxy = match Proxy::bind(config).await {
-        Ok(p) => p,
-        Err(e) => return Err(e.to_string()),
-    };
+    let proxy = Proxy::bind(config).await?;
     let stop_primary = cluster.stop_command_line(0, "immediate");
     print!(
         "{}",
@@ -85,7 +97,11 @@ pub async fn run(listen: &str, metrics_listen: &str, standbys: usize) -> Result<
     );
     proxy
         .run(async {
-            let _ = tokio::signal::ctrl_c().await;
+            if let Err(e) = tokio::signal::ctrl_c().await {
+                // Without the handler the demo cannot wait for Ctrl-C: it
+                // stops now rather than run with no way to stop it cleanly.
+                tracing::warn!(error = %e, "cannot listen for Ctrl-C; stopping the demo");
+            }
         })
         .await;
     println!("stopping the demo cluster ...");
@@ -95,8 +111,7 @@ pub async fn run(listen: &str, metrics_listen: &str, standbys: usize) -> Result<
         tokio::task::spawn_blocking(move || cluster.shutdown()),
     )
     .await
-    .map_err(|_| "timed out stopping the cluster".to_string())?
-    .map_err(|e| e.to_string())?;
+    .map_err(|_| DemoError::StopTimeout)??;
     println!("pgpilot demo: stopped; the cluster and its files are removed.");
     Ok(())
 }

@@ -3,9 +3,11 @@
 //!
 //! Each layer has its own `thiserror` enum ([`crate::protocol::frame::FrameError`],
 //! [`crate::protocol::auth::AuthError`], [`crate::backend::BackendError`],
-//! [`crate::session::SessionError`]); this module maps them all.
+//! [`crate::session::SessionError`], [`crate::cluster::CommandError`]); this
+//! module maps them all.
 
 use crate::backend::BackendError;
+use crate::cluster::CommandError;
 use crate::protocol::auth::AuthError;
 use crate::protocol::frame::FrameError;
 use crate::protocol::messages::{PgError, Severity};
@@ -39,6 +41,9 @@ pub mod sqlstate {
     pub const INVALID_TEXT_REPRESENTATION: &str = "22P02";
     /// In failed SQL transaction (pgpool mode: a balanced read failed).
     pub const IN_FAILED_SQL_TRANSACTION: &str = "25P02";
+    /// Object not in prerequisite state (a refused `ATTACH` / `DETACH` /
+    /// `PROMOTE NODE`).
+    pub const NOT_IN_PREREQUISITE_STATE: &str = "55000";
     /// Internal error.
     pub const INTERNAL: &str = "XX000";
 }
@@ -116,6 +121,13 @@ impl ToPgError for BackendError {
                 PgError::error(CONNECTION_FAILURE, self.to_string())
             }
         }
+    }
+}
+
+impl ToPgError for CommandError {
+    fn to_pg_error(&self) -> PgError {
+        // Every refusal is about the cluster's state, not the command's form.
+        PgError::error(NOT_IN_PREREQUISITE_STATE, self.to_string())
     }
 }
 

@@ -132,7 +132,8 @@ fn admin(path: Option<PathBuf>, to: Connect, action: Action) -> ExitCode {
         Err(code) => return code,
     };
     let result = runtime(1)
-        .and_then(|rt| rt.block_on(pgpilot::admin::cli::run(&config, &to.target(), action)));
+        .map_err(Failure::from)
+        .and_then(|rt| Ok(rt.block_on(pgpilot::admin::cli::run(&config, &to.target(), action))?));
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -171,7 +172,10 @@ fn main() -> ExitCode {
             workers,
         } => {
             let demo = pgpilot::demo::run(&listen, &metrics_listen, standbys);
-            match runtime(workers).and_then(|rt| rt.block_on(demo)) {
+            match runtime(workers)
+                .map_err(Failure::from)
+                .and_then(|rt| Ok(rt.block_on(demo)?))
+            {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("pgpilot demo: {e}");
@@ -223,7 +227,7 @@ fn main() -> ExitCode {
 /// The tokio runtime: `workers` threads, or one per core when 0. One worker is a
 /// current-thread runtime: no work-stealing, no cross-thread wake-ups and no
 /// scheduler statistics, which measurably lowers CPU per query.
-fn runtime(workers: usize) -> Result<tokio::runtime::Runtime, String> {
+fn runtime(workers: usize) -> Result<tokio::runtime::Runtime, RuntimeError> {
     let mut b = if workers == 1 {
         tokio::runtime::Builder::new_current_thread()
     } else {
@@ -232,10 +236,17 @@ fn runtime(workers: usize) -> Result<tokio::runtime::Runtime, String> {
     if workers > 1 {
         b.worker_threads(workers);
     }
-    b.enable_all()
-        .build()
-        .map_err(|e| format!("cannot start the runtime: {e}"))
+    b.enable_all().build().map_err(RuntimeError)
 }
+
+/// What a command that needs a runtime reports: its own error or the
+/// runtime's, printed as it is.
+type Failure = Box<dyn std::error::Error>;
+
+/// The tokio runtime could not be built.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot start the runtime: {0}")]
+struct RuntimeError(#[source] std::io::Error);
 
 /// Completes on SIGINT (Ctrl-C) or SIGTERM.
 async fn stop_signal() {
@@ -247,8 +258,12 @@ async fn stop_signal() {
                 _ = term.recv() => {}
             }
         }
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot listen for SIGTERM; stopping on Ctrl-C only");
+            if let Err(e) = tokio::signal::ctrl_c().await {
+                // As before, no signal handler means stop now, not never.
+                tracing::error!(error = %e, "cannot listen for Ctrl-C either; stopping");
+            }
         }
     }
 }

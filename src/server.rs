@@ -178,7 +178,10 @@ impl Proxy {
         }
         tracing::info!("pgpilot stopping");
         drop(listener);
-        let _ = shutdown_tx.send(true);
+        if shutdown_tx.send(true).is_err() {
+            // Every background task has already ended: nothing to stop.
+            tracing::debug!("no background task left to stop");
+        }
         ctx.sessions.wake_all();
         // Give sessions a moment to send their goodbye. Sessions still
         // running after it are not aborted; they end with the runtime.

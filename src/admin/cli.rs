@@ -13,7 +13,56 @@ use std::time::{Duration, Instant};
 
 use tokio_postgres::SimpleQueryMessage;
 
-use crate::config::Config;
+use crate::config::{Config, ConfigError};
+
+/// Why a command sent to a running pgpilot failed; the CLI prints the text
+/// after `pgpilot: `.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    /// The configuration's `listen` is unusable.
+    #[error(transparent)]
+    Listen(#[from] ConfigError),
+    /// No admin user is configured and none was given.
+    #[error("no admin user: list one of [[users]] in admin_users, or pass --user")]
+    NoAdminUser,
+    /// pgpilot could not be reached, or refused the login.
+    #[error("cannot connect to pgpilot at {host}:{port} as {user}: {}", pg_message(.source))]
+    Connect {
+        /// Host connected to.
+        host: String,
+        /// Port.
+        port: u16,
+        /// Admin user.
+        user: String,
+        /// What tokio-postgres reported.
+        #[source]
+        source: tokio_postgres::Error,
+    },
+    /// pgpilot answered the command with an error (e.g. 55000 with the
+    /// refusal of `ATTACH NODE`).
+    #[error("{sql}: {}", pg_message(.source))]
+    Command {
+        /// The command sent.
+        sql: String,
+        /// The error, with pgpilot's SQLSTATE.
+        #[source]
+        source: tokio_postgres::Error,
+    },
+    /// The switchover `pgpilot promote` followed did not end `done`.
+    #[error("the switchover ended {phase}: {detail}")]
+    SwitchoverEnded {
+        /// Its final phase (`failed`).
+        phase: String,
+        /// Why, as `SHOW PGPILOT_FAILOVER` says.
+        detail: String,
+    },
+    /// `--wait` ran out before the switchover ended.
+    #[error("still in progress after {limit:?}")]
+    StillInProgress {
+        /// The wait.
+        limit: Duration,
+    },
+}
 
 /// Where and as whom to connect.
 #[derive(Debug, Clone, Default)]
@@ -46,8 +95,8 @@ pub enum Action {
 type Table = (Vec<String>, Vec<Vec<String>>);
 
 /// Run `action` against the pgpilot configured in `cfg`; prints results and
-/// returns an error message on failure.
-pub async fn run(cfg: &Config, target: &Target, action: Action) -> Result<(), String> {
+/// returns what failed.
+pub async fn run(cfg: &Config, target: &Target, action: Action) -> Result<(), CliError> {
     let client = connect(cfg, target).await?;
     match action {
         Action::Nodes => print_table(&query(&client, "SHOW POOL_NODES").await?),
@@ -77,14 +126,14 @@ pub async fn run(cfg: &Config, target: &Target, action: Action) -> Result<(), St
                     print_table(&query(&client, "SHOW POOL_NODES").await?);
                     return match column(&t, "phase").as_str() {
                         "done" => Ok(()),
-                        other => Err(format!(
-                            "the switchover ended {other}: {}",
-                            column(&t, "detail")
-                        )),
+                        other => Err(CliError::SwitchoverEnded {
+                            phase: other.to_string(),
+                            detail: column(&t, "detail"),
+                        }),
                     };
                 }
                 if Instant::now() >= deadline {
-                    return Err(format!("still in progress after {limit:?}"));
+                    return Err(CliError::StillInProgress { limit });
                 }
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
@@ -93,8 +142,8 @@ pub async fn run(cfg: &Config, target: &Target, action: Action) -> Result<(), St
     Ok(())
 }
 
-async fn connect(cfg: &Config, t: &Target) -> Result<tokio_postgres::Client, String> {
-    let listen = cfg.listen_addr().map_err(|e| e.to_string())?;
+async fn connect(cfg: &Config, t: &Target) -> Result<tokio_postgres::Client, CliError> {
+    let listen = cfg.listen_addr()?;
     let host = t.host.clone().unwrap_or_else(|| {
         if listen.ip().is_unspecified() {
             "127.0.0.1".into()
@@ -115,8 +164,9 @@ async fn connect(cfg: &Config, t: &Target) -> Result<tokio_postgres::Client, Str
                     cfg.user(a).map(|u| u.name.clone())
                 }
             })
-            .ok_or("no admin user: list one of [[users]] in admin_users, or pass --user")?,
+            .ok_or(CliError::NoAdminUser)?,
     };
+    // Unset (or not UTF-8): the configured password, if any.
     let password = std::env::var("PGPASSWORD")
         .ok()
         .or_else(|| cfg.user(&user).and_then(|u| u.password.clone()));
@@ -130,14 +180,22 @@ async fn connect(cfg: &Config, t: &Target) -> Result<tokio_postgres::Client, Str
     if let Some(p) = &password {
         pg.password(p);
     }
-    let (client, conn) = pg.connect(tokio_postgres::NoTls).await.map_err(|e| {
-        format!(
-            "cannot connect to pgpilot at {host}:{port} as {user}: {}",
-            pg_message(&e)
-        )
-    })?;
+    let (client, conn) = match pg.connect(tokio_postgres::NoTls).await {
+        Ok(c) => c,
+        Err(source) => {
+            return Err(CliError::Connect {
+                host,
+                port,
+                user,
+                source,
+            });
+        }
+    };
     tokio::spawn(async move {
-        let _ = conn.await;
+        // A broken connection fails the next query, which reports it.
+        if let Err(e) = conn.await {
+            tracing::debug!(error = %e, "connection to pgpilot ended with an error");
+        }
     });
     Ok(client)
 }
@@ -149,11 +207,14 @@ fn pg_message(e: &tokio_postgres::Error) -> String {
     }
 }
 
-async fn query(client: &tokio_postgres::Client, sql: &str) -> Result<Table, String> {
+async fn query(client: &tokio_postgres::Client, sql: &str) -> Result<Table, CliError> {
     let msgs = client
         .simple_query(sql)
         .await
-        .map_err(|e| format!("{sql}: {}", pg_message(&e)))?;
+        .map_err(|source| CliError::Command {
+            sql: sql.to_string(),
+            source,
+        })?;
     let mut cols = Vec::new();
     let mut rows = Vec::new();
     for m in &msgs {

@@ -12,12 +12,11 @@
 
 use super::format::opt_local_time;
 use super::{ResultSet, views::opt};
+use crate::cluster::CommandError;
 use crate::cluster::events::{Event, TransitionStatus};
 use crate::context::ProxyContext;
+use crate::error::ToPgError;
 use crate::protocol::messages::PgError;
-
-/// SQLSTATE for a refused node command (object not in prerequisite state).
-const NOT_IN_PREREQUISITE_STATE: &str = "55000";
 
 const NODE_COLUMNS: [&str; 2] = ["node_id", "result"];
 
@@ -26,14 +25,18 @@ pub(super) fn node_columns() -> ResultSet {
     ResultSet::new(&NODE_COLUMNS, Vec::new())
 }
 
-/// A node command's outcome: one row, or 55000 with the reason.
-pub(super) fn node_result(node: usize, r: Result<String, String>) -> Result<ResultSet, PgError> {
+/// A node command's outcome: one row, or the refusal (55000, see
+/// `crate::error`).
+pub(super) fn node_result(
+    node: usize,
+    r: Result<String, CommandError>,
+) -> Result<ResultSet, PgError> {
     match r {
         Ok(msg) => Ok(ResultSet::new(
             &NODE_COLUMNS,
             vec![vec![node.to_string(), msg]],
         )),
-        Err(why) => Err(PgError::error(NOT_IN_PREREQUISITE_STATE, why)),
+        Err(why) => Err(why.to_pg_error()),
     }
 }
 

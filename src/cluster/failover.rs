@@ -41,6 +41,7 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwap;
 use tokio::sync::watch;
 
+use super::error::StepError;
 use super::events::{Event, Phase, TransitionStatus};
 use super::health::probe_once;
 use super::hooks::{self, HookNodes};
@@ -170,13 +171,15 @@ async fn run_failover(cluster: &Arc<Cluster>, cfg: &Arc<Config>, t: TransitionSt
                     Some(n) => format!(
                         "forced candidate node {n} cannot be promoted: {why}; retrying every {RETRY:?} (PROMOTE NODE m chooses another)"
                     ),
-                    None => why,
+                    None => why.to_string(),
                 };
                 if t.phase != Phase::Waiting || t.detail != why {
                     tracing::warn!(reason = %why, "failover waits: no acceptable candidate");
                     cluster.count(Event::CandidateRefused);
                 }
-                let _ = cluster.candidate_refused(id, t.forced, why);
+                if let Err(e) = cluster.candidate_refused(id, t.forced, why) {
+                    e.log("candidate refused");
+                }
                 return;
             }
         };
@@ -187,24 +190,33 @@ async fn run_failover(cluster: &Arc<Cluster>, cfg: &Arc<Config>, t: TransitionSt
             match probe_once(b, &cfg.monitor, cfg.health_check.timeout).await {
                 Ok(false) => {
                     cluster.observe_role(o, false);
-                    let _ = cluster.fail(
-                        id,
-                        format!(
-                            "cancelled: node {o} answers as a primary again; nothing was promoted"
-                        ),
-                        cfg,
+                    let why = format!(
+                        "cancelled: node {o} answers as a primary again; nothing was promoted"
                     );
+                    if let Err(e) = cluster.fail(id, why, cfg) {
+                        e.log("cancel: old primary answers as a primary");
+                    }
                     return;
                 }
                 Err(e) if e.alive => {
-                    let _ = cluster.primary_answers(id, o, e.message, cfg);
+                    if let Err(e) = cluster.primary_answers(id, o, e.message, cfg) {
+                        e.log("cancel: old primary answers");
+                    }
                     return;
                 }
-                Ok(true) | Err(_) => {}
+                Ok(true) => {
+                    tracing::info!(
+                        node = o,
+                        "last look: the old primary is in recovery now; promoting"
+                    )
+                }
+                Err(e) => {
+                    tracing::info!(node = o, error = %e, "last look: the old primary is still unreachable; promoting")
+                }
             }
         }
         if let Err(e) = cluster.promotion_started(id, candidate.node) {
-            tracing::info!(error = %e, "failover superseded before promotion");
+            e.log("promotion");
             return;
         }
         switch_lsn = Some(candidate.lsn);
@@ -226,15 +238,34 @@ async fn run_failover(cluster: &Arc<Cluster>, cfg: &Arc<Config>, t: TransitionSt
     }
     let timeout = cfg.failover.search_primary_timeout;
     match search(cluster, cfg, id, timeout).await {
-        Ok(new) => {
-            if cluster.finish(id, new, cfg).is_ok() {
-                follow::spawn_all(cluster.clone(), cfg.clone(), new, old, switch_lsn, false);
+        Ok(new) => match cluster.finish(id, new, cfg) {
+            Ok(()) => follow::spawn_all(cluster.clone(), cfg.clone(), new, old, switch_lsn, false),
+            Err(e) => e.log("publish the new primary"),
+        },
+        Err(why) => {
+            if let Err(e) = cluster.fail(id, why.to_string(), cfg) {
+                e.log("give up");
             }
         }
-        Err(why) => {
-            let _ = cluster.fail(id, why, cfg);
-        }
     }
+}
+
+/// Why the search for the new primary ended without one.
+#[derive(Debug, thiserror::Error)]
+pub enum SearchError {
+    /// The transition moved on while the search ran.
+    #[error(transparent)]
+    Step(#[from] StepError),
+    /// Not exactly one node reported primary in time.
+    #[error(
+        "no single primary within {timeout:?} ({last}); pgpilot keeps watching: a node that reports primary is admitted"
+    )]
+    NoSinglePrimary {
+        /// `failover.search_primary_timeout`.
+        timeout: Duration,
+        /// What the last round saw.
+        last: String,
+    },
 }
 
 /// Probe every node not held, every [`SEARCH_PAUSE`], until exactly one
@@ -244,7 +275,7 @@ pub(super) async fn search(
     cfg: &Config,
     id: u64,
     timeout: Duration,
-) -> Result<usize, String> {
+) -> Result<usize, SearchError> {
     let deadline = Instant::now() + timeout;
     let limit = cfg.health_check.timeout.min(Duration::from_secs(2));
     loop {
@@ -261,11 +292,16 @@ pub(super) async fn search(
             .collect();
         let mut primaries = Vec::new();
         for (n, ask) in asks {
-            if let Ok(Ok(in_recovery)) = ask.await {
-                cluster.observe_role(n, in_recovery);
-                if !in_recovery {
-                    primaries.push(n);
+            match ask.await {
+                Ok(Ok(in_recovery)) => {
+                    cluster.observe_role(n, in_recovery);
+                    if !in_recovery {
+                        primaries.push(n);
+                    }
                 }
+                // Expected while nodes restart; the detail says what is missing.
+                Ok(Err(e)) => tracing::debug!(node = n, error = %e, "search: node did not answer"),
+                Err(e) => tracing::warn!(node = n, error = %e, "search: probe task failed"),
             }
         }
         let detail = match primaries.as_slice() {
@@ -277,9 +313,10 @@ pub(super) async fn search(
         };
         cluster.set_phase(id, Phase::Searching, detail.clone())?;
         if Instant::now() >= deadline {
-            return Err(format!(
-                "no single primary within {timeout:?} ({detail}); pgpilot keeps watching: a node that reports primary is admitted"
-            ));
+            return Err(SearchError::NoSinglePrimary {
+                timeout,
+                last: detail,
+            });
         }
         tokio::time::sleep(SEARCH_PAUSE).await;
     }
@@ -312,8 +349,15 @@ impl StandbyWatch {
                 };
                 let line = hooks::expand(&cfg.failover.command, cfg, nodes);
                 let limit = cfg.failover.promote_timeout;
+                let node = n.id;
                 tokio::spawn(async move {
-                    let _ = hooks::run("failover_command (standby down)", &line, limit).await;
+                    // A standby's failure changes no primary: the hook's
+                    // outcome is only reported.
+                    if let Err(e) =
+                        hooks::run("failover_command (standby down)", &line, limit).await
+                    {
+                        tracing::warn!(node, error = %e, "failover_command for a failed standby did not succeed");
+                    }
                 });
             }
         }

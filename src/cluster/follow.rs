@@ -27,12 +27,75 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use super::error::NodeQueryError;
 use super::events::Event;
-use super::hooks::{self, HookNodes};
+use super::hooks::{self, HookError, HookNodes};
 use super::promote::monitor_query;
 use super::replication::{format_lsn, parse_lsn};
 use super::{Cluster, PgStatus};
 use crate::config::Config;
+
+/// Why a standby cannot follow the new primary. The text is the reason its
+/// hold shows (`SHOW PGPILOT_NODES`), so it says how to bring it back.
+#[derive(Debug, thiserror::Error)]
+pub enum FollowError {
+    /// `follow_primary_command` failed.
+    #[error(transparent)]
+    Hook(#[from] HookError),
+    /// Asking or re-pointing the standby failed.
+    #[error(transparent)]
+    Query(#[from] NodeQueryError),
+    /// The node is not a standby.
+    #[error("node {node} is not in recovery: it cannot follow")]
+    NotInRecovery {
+        /// The node.
+        node: usize,
+    },
+    /// It replayed past the point where the new primary's timeline forked.
+    #[error(
+        "diverged: replayed up to {} past the new primary's timeline switch at {}; rebuild it (pg_rewind or pg_basebackup), then ATTACH NODE {node}",
+        format_lsn(*.replay),
+        format_lsn(*.switch)
+    )]
+    Diverged {
+        /// The node.
+        node: usize,
+        /// Its replay position.
+        replay: u64,
+        /// Where the new timeline forked.
+        switch: u64,
+    },
+    /// `recovery_target_timeline` is pinned: it cannot switch timelines.
+    #[error(
+        "recovery_target_timeline is {timeline:?}, not 'latest': it cannot follow the new timeline (set it to 'latest' and restart it)"
+    )]
+    PinnedTimeline {
+        /// The setting's value.
+        timeline: String,
+    },
+    /// `primary_conninfo` is not in key/value form.
+    #[error(
+        "cannot rewrite primary_conninfo {conninfo:?} (a URI?): use failover.follow_primary_command"
+    )]
+    Conninfo {
+        /// The setting's value.
+        conninfo: String,
+    },
+    /// Not seen streaming from the new primary in time.
+    #[error(
+        "cannot follow node {new}: not streaming from it after {limit:?} ({last}); a diverged timeline? rebuild it (pg_rewind or pg_basebackup), then ATTACH NODE {node}"
+    )]
+    NotStreaming {
+        /// The standby.
+        node: usize,
+        /// The new primary.
+        new: usize,
+        /// `failover.follow_timeout`.
+        limit: Duration,
+        /// What the last look saw.
+        last: String,
+    },
+}
 
 /// Re-point every reachable standby except `new` (and `old`, unless
 /// `include_old`) at `new`, each in its own task. `switch_lsn` is where the
@@ -69,7 +132,7 @@ pub fn spawn_all(
                 Err(why) if is_old => {
                     tracing::warn!(node, reason = %why, "old primary not re-pointed; it stays fenced")
                 }
-                Err(why) => cluster.cannot_follow(node, why),
+                Err(why) => cluster.cannot_follow(node, why.to_string()),
             }
         });
     }
@@ -82,7 +145,7 @@ async fn follow_one(
     new: usize,
     old: Option<usize>,
     switch_lsn: Option<u64>,
-) -> Result<(), String> {
+) -> Result<(), FollowError> {
     let f = &cfg.failover;
     if !f.follow_primary_command.trim().is_empty() {
         let nodes = HookNodes {
@@ -104,36 +167,37 @@ async fn repoint(
     node: usize,
     new: usize,
     switch_lsn: Option<u64>,
-) -> Result<(), String> {
+) -> Result<(), FollowError> {
     let limit = cfg.health_check.timeout;
     let sql = "SELECT pg_is_in_recovery(), current_setting('primary_conninfo'), \
                pg_last_wal_replay_lsn(), current_setting('recovery_target_timeline')";
     let rows = monitor_query(cfg, node, sql, limit).await?;
-    let row = rows.first().ok_or("no row")?;
+    let row = rows.first().ok_or(NodeQueryError::NoRow { node })?;
     let col = |i: usize| row.get(i).cloned().flatten().unwrap_or_default();
     if col(0) != "t" {
-        return Err(format!("node {node} is not in recovery: it cannot follow"));
+        return Err(FollowError::NotInRecovery { node });
     }
     if let (Some(switch), Some(replay)) = (switch_lsn, parse_lsn(&col(2)))
         && replay > switch
     {
-        return Err(format!(
-            "diverged: replayed up to {} past the new primary's timeline switch at {}; rebuild it (pg_rewind or pg_basebackup), then ATTACH NODE {node}",
-            format_lsn(replay),
-            format_lsn(switch)
-        ));
+        return Err(FollowError::Diverged {
+            node,
+            replay,
+            switch,
+        });
     }
     let timeline = col(3);
     if timeline != "latest" {
-        return Err(format!(
-            "recovery_target_timeline is {timeline:?}, not 'latest': it cannot follow the new timeline (set it to 'latest' and restart it)"
-        ));
+        return Err(FollowError::PinnedTimeline { timeline });
     }
     let current = col(1);
     let b = &cfg.backends[new];
     let app = &cfg.backends[node].application_name;
-    let wanted = repointed_conninfo(&current, &b.host, b.port, app)
-        .ok_or_else(|| format!("cannot rewrite primary_conninfo {current:?} (a URI?): use failover.follow_primary_command"))?;
+    let wanted = repointed_conninfo(&current, &b.host, b.port, app).ok_or_else(|| {
+        FollowError::Conninfo {
+            conninfo: current.clone(),
+        }
+    })?;
     if wanted != current {
         let alter = format!(
             "ALTER SYSTEM SET primary_conninfo = '{}'",
@@ -156,7 +220,7 @@ async fn wait_streaming(
     node: usize,
     new: usize,
     limit: Duration,
-) -> Result<(), String> {
+) -> Result<(), FollowError> {
     let deadline = Instant::now() + limit;
     let b = &cfg.backends[new];
     let sql = "SELECT status, sender_host, sender_port FROM pg_stat_wal_receiver";
@@ -172,12 +236,15 @@ async fn wait_streaming(
                 }
                 None => "no WAL receiver running".into(),
             },
-            Err(e) => e,
+            Err(e) => e.to_string(),
         };
         if Instant::now() >= deadline {
-            return Err(format!(
-                "cannot follow node {new}: not streaming from it after {limit:?} ({last}); a diverged timeline? rebuild it (pg_rewind or pg_basebackup), then ATTACH NODE {node}"
-            ));
+            return Err(FollowError::NotStreaming {
+                node,
+                new,
+                limit,
+                last,
+            });
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }

@@ -109,11 +109,10 @@ impl HealthStats {
 /// How one round ended.
 #[derive(Debug, Clone)]
 pub(super) struct Round {
-    /// `Ok(in_recovery)` or the last attempt's error.
-    pub outcome: Result<bool, String>,
-    /// On failure: the last attempt got an error *answer* from a running
-    /// server ([`ProbeError::alive`]); such a primary is not failed over.
-    pub alive: bool,
+    /// `Ok(in_recovery)` or the last attempt's error (whose
+    /// [`ProbeError::alive`] says whether a running server answered it: such
+    /// a primary is not failed over).
+    pub outcome: Result<bool, ProbeError>,
     /// Attempts after the first.
     pub retries: u32,
     /// From the first attempt's start to the end.
@@ -123,8 +122,10 @@ pub(super) struct Round {
     pub started: Instant,
 }
 
-/// A failed probe.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A failed probe. Plain data (it is kept in the cluster state and compared
+/// in tests), so the tokio-postgres error is kept as its one-line text.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
 pub struct ProbeError {
     /// One line, without passwords.
     pub message: String,
@@ -139,12 +140,6 @@ pub struct ProbeError {
     /// out): the node may be merely busy, so one such failure is not
     /// decisive. A refused or reset connection is not a timeout.
     pub timed_out: bool,
-}
-
-impl std::fmt::Display for ProbeError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.message)
-    }
 }
 
 impl ProbeError {
@@ -311,7 +306,6 @@ async fn run_round(
             Ok(in_recovery) => {
                 return Some(Round {
                     outcome: Ok(in_recovery),
-                    alive: true,
                     retries,
                     duration: started.elapsed(),
                     started: t0,
@@ -332,8 +326,7 @@ async fn run_round(
             }
             Err(e) => {
                 return Some(Round {
-                    outcome: Err(e.message),
-                    alive: e.alive,
+                    outcome: Err(e),
                     retries,
                     duration: started.elapsed(),
                     started: t0,
@@ -422,10 +415,8 @@ pub async fn initial_check(cluster: &Cluster, config: &Config, observer: &CheckO
         if let Err(e) = &outcome {
             tracing::warn!(node, error = %e, "node did not answer the initial health check");
         }
-        let alive = outcome.as_ref().err().is_none_or(|e| e.alive);
         let round = Round {
-            outcome: outcome.map_err(|e| e.message),
-            alive,
+            outcome,
             retries: 0,
             duration,
             started: t0,

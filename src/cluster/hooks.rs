@@ -17,13 +17,54 @@
 //! its whole process group is killed. Its output is logged line by line, its
 //! exit status decides success.
 
-use std::process::Stdio;
+use std::process::{ExitStatus, Stdio};
 use std::time::Duration;
 
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 
 use crate::config::Config;
+
+/// Why a hook did not succeed; each text starts with the hook's name.
+#[derive(Debug, thiserror::Error)]
+pub enum HookError {
+    /// `sh` could not be started.
+    #[error("{name}: cannot run sh: {source}")]
+    Spawn {
+        /// The hook.
+        name: &'static str,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Waiting for it or reading its output failed.
+    #[error("{name}: {source}")]
+    Wait {
+        /// The hook.
+        name: &'static str,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// It ran past its limit; its process group was killed.
+    #[error("{name} did not finish within {limit:?}; killed")]
+    Timeout {
+        /// The hook.
+        name: &'static str,
+        /// The limit.
+        limit: Duration,
+    },
+    /// It exited with another status than 0.
+    #[error("{name} failed ({status}): {last_stderr}")]
+    Failed {
+        /// The hook.
+        name: &'static str,
+        /// Its exit status.
+        status: ExitStatus,
+        /// The last line it wrote to stderr (empty if none).
+        last_stderr: String,
+    },
+}
 
 /// The nodes a hook is about.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -80,7 +121,7 @@ pub fn expand(template: &str, cfg: &Config, nodes: HookNodes) -> String {
 
 /// Run `command` through `sh -c` within `limit`; `name` labels the logs.
 /// `Ok` with a summary on exit status 0, `Err` with the reason otherwise.
-pub async fn run(name: &str, command: &str, limit: Duration) -> Result<String, String> {
+pub async fn run(name: &'static str, command: &str, limit: Duration) -> Result<String, HookError> {
     tracing::info!(hook = name, %command, "running hook");
     let started = std::time::Instant::now();
     let mut cmd = tokio::process::Command::new("sh");
@@ -93,18 +134,18 @@ pub async fn run(name: &str, command: &str, limit: Duration) -> Result<String, S
         .process_group(0);
     let child = cmd
         .spawn()
-        .map_err(|e| format!("{name}: cannot run sh: {e}"))?;
+        .map_err(|source| HookError::Spawn { name, source })?;
     let pid = child.id();
     let out = match tokio::time::timeout(limit, child.wait_with_output()).await {
         Ok(Ok(out)) => out,
-        Ok(Err(e)) => return Err(format!("{name}: {e}")),
+        Ok(Err(source)) => return Err(HookError::Wait { name, source }),
         Err(_) => {
             if let Some(pid) = pid.and_then(|p| i32::try_from(p).ok()) {
                 // The process group we created for the hook.
                 let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
             }
             tracing::error!(hook = name, ?limit, "hook timed out; killed");
-            return Err(format!("{name} did not finish within {limit:?}; killed"));
+            return Err(HookError::Timeout { name, limit });
         }
     };
     for line in String::from_utf8_lossy(&out.stdout).lines() {
@@ -121,7 +162,11 @@ pub async fn run(name: &str, command: &str, limit: Duration) -> Result<String, S
     } else {
         tracing::error!(hook = name, status = %out.status, ?took, "hook failed");
         let last = stderr.lines().last().unwrap_or_default();
-        Err(format!("{name} failed ({}): {last}", out.status))
+        Err(HookError::Failed {
+            name,
+            status: out.status,
+            last_stderr: last.to_string(),
+        })
     }
 }
 
@@ -187,12 +232,17 @@ mod tests {
         let e = run("t", "echo oops >&2; exit 3", Duration::from_secs(5))
             .await
             .unwrap_err();
-        assert!(e.contains("3") && e.contains("oops"), "{e}");
+        assert!(
+            matches!(&e, HookError::Failed { status, last_stderr, .. } if status.code() == Some(3) && last_stderr == "oops"),
+            "{e}"
+        );
+        assert_eq!(e.to_string(), "t failed (exit status: 3): oops");
         let t0 = std::time::Instant::now();
         let e = run("t", "sleep 30", Duration::from_millis(200))
             .await
             .unwrap_err();
-        assert!(e.contains("did not finish"), "{e}");
+        assert!(matches!(e, HookError::Timeout { name: "t", .. }), "{e}");
+        assert!(e.to_string().contains("did not finish"), "{e}");
         assert!(t0.elapsed() < Duration::from_secs(5));
     }
 }

@@ -30,6 +30,7 @@
 //! auto_failback, weights) lives in `state.rs` as plain functions over data, so
 //! it is unit-tested without a network.
 
+pub mod error;
 pub mod events;
 pub mod failover;
 pub mod follow;
@@ -50,6 +51,7 @@ use arc_swap::ArcSwap;
 use tokio::sync::{Notify, watch};
 
 use crate::config::{Backend, Config, Monitor};
+pub use error::{CommandError, StepError};
 pub use events::FailoverReport;
 pub use health::HealthStats;
 pub use lag::LagPolicy;
@@ -381,14 +383,14 @@ impl Cluster {
 
     /// `ATTACH NODE n`: lift the node's hold (detached, fenced, cannot
     /// follow) and admit it. The message says what happened.
-    pub fn attach(&self, node: usize, config: &Config) -> Result<String, String> {
+    pub fn attach(&self, node: usize, config: &Config) -> Result<String, CommandError> {
         let adm = Admission::from(config);
         self.update_with(|o| o.attach(node, &adm))
     }
 
     /// `DETACH NODE n`: no traffic to the node until `ATTACH NODE n`.
     /// Refused for the primary (use `PROMOTE NODE` to move it first).
-    pub fn detach(&self, node: usize, config: &Config) -> Result<String, String> {
+    pub fn detach(&self, node: usize, config: &Config) -> Result<String, CommandError> {
         let adm = Admission::from(config);
         self.update_with(|o| o.detach(node, &adm))
     }
@@ -445,12 +447,17 @@ impl Cluster {
     }
 
     /// Record the phase of transition `id`.
-    fn set_phase(&self, id: u64, phase: events::Phase, detail: String) -> Result<(), String> {
+    fn set_phase(&self, id: u64, phase: events::Phase, detail: String) -> Result<(), StepError> {
         self.update_with(|o| o.set_phase(id, phase, detail))
     }
 
     /// Failover `id` found no candidate (having tried `tried`, if forced).
-    fn candidate_refused(&self, id: u64, tried: Option<usize>, why: String) -> Result<(), String> {
+    fn candidate_refused(
+        &self,
+        id: u64,
+        tried: Option<usize>,
+        why: String,
+    ) -> Result<(), StepError> {
         self.update_with(|o| o.candidate_refused(id, tried, why))
     }
 
@@ -461,7 +468,7 @@ impl Cluster {
         node: usize,
         error: String,
         config: &Config,
-    ) -> Result<(), String> {
+    ) -> Result<(), StepError> {
         let adm = Admission::from(config);
         self.update_with(|o| o.primary_answers(id, node, error, &adm))
     }
@@ -478,18 +485,18 @@ impl Cluster {
     }
 
     /// The point of no return of transition `id` (fences the old primary).
-    fn promotion_started(&self, id: u64, candidate: usize) -> Result<(), String> {
+    fn promotion_started(&self, id: u64, candidate: usize) -> Result<(), StepError> {
         self.update_with(|o| o.promotion_started(id, candidate))
     }
 
     /// Publish `new` as the primary, ending transition `id`.
-    fn finish(&self, id: u64, new: usize, config: &Config) -> Result<(), String> {
+    fn finish(&self, id: u64, new: usize, config: &Config) -> Result<(), StepError> {
         let adm = Admission::from(config);
         self.update_with(|o| o.finish(id, new, &adm))
     }
 
     /// Transition `id` gives up.
-    fn fail(&self, id: u64, reason: String, config: &Config) -> Result<(), String> {
+    fn fail(&self, id: u64, reason: String, config: &Config) -> Result<(), StepError> {
         let adm = Admission::from(config);
         self.update_with(|o| o.fail(id, reason, &adm))
     }

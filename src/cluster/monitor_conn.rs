@@ -40,7 +40,11 @@ impl MonitorConn {
         let pg = super::monitor_conn_config(backend, monitor, application_name);
         let (client, conn) = pg.connect(tokio_postgres::NoTls).await?;
         let driver = tokio::spawn(async move {
-            let _ = conn.await;
+            // The query that was waiting fails with the same error and is
+            // reported by its caller; this only leaves a trace for debugging.
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "monitor connection ended with an error");
+            }
         });
         Ok(MonitorConn {
             client,

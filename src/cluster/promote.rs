@@ -23,16 +23,103 @@
 //! * `command`: `failover.command` with pgpool's placeholders (`%d` the old
 //!   primary, `%m`/`%H`/`%R` the candidate).
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use tokio_postgres::SimpleQueryMessage;
 
 use super::Cluster;
-use super::health::describe;
-use super::hooks::{self, HookNodes};
+use super::error::NodeQueryError;
+use super::hooks::{self, HookError, HookNodes};
 use super::monitor_conn::MonitorConn;
 use super::replication::{format_lsn, parse_lsn};
 use crate::config::{Config, FailoverMode};
+
+/// Why a standby cannot be promoted, or its promotion failed. The texts
+/// become a failover's detail (`SHOW PGPILOT_FAILOVER`) and log lines.
+#[derive(Debug, thiserror::Error)]
+pub enum PromoteError {
+    /// Asking the node failed.
+    #[error(transparent)]
+    Query(#[from] NodeQueryError),
+    /// The node is not a standby (any more).
+    #[error("node {node} is not in recovery")]
+    NotInRecovery {
+        /// The node.
+        node: usize,
+    },
+    /// A task asking one candidate panicked or was cancelled.
+    #[error("{0}")]
+    Task(#[from] tokio::task::JoinError),
+    /// No standby is eligible at all.
+    #[error(
+        "no candidate: no standby is in service (candidates must be up, not no_failover, not detached)"
+    )]
+    NoStandby,
+    /// Every eligible standby failed to say where it stands.
+    #[error("no candidate answered: {}", join_errors(.errors))]
+    NoneAnswered {
+        /// Each standby asked, with its error.
+        errors: Vec<(usize, PromoteError)>,
+    },
+    /// `failover.max_lag_bytes` refuses the most advanced standby.
+    #[error(
+        "refused: the most advanced standby, node {node}, is at {}, {behind} bytes behind the failed primary's last known position {} (failover.max_lag_bytes = {max_lag}); waiting (PROMOTE NODE {node} forces it)",
+        format_lsn(*.lsn),
+        format_lsn(*.reference)
+    )]
+    TooFarBehind {
+        /// The best standby.
+        node: usize,
+        /// Its position.
+        lsn: u64,
+        /// The failed primary's last known position.
+        reference: u64,
+        /// `reference - lsn`.
+        behind: u64,
+        /// `failover.max_lag_bytes`.
+        max_lag: u64,
+    },
+    /// `pg_promote` answered, but not `true`.
+    #[error("pg_promote on node {node} returned {answer:?}: not promoted within {secs}s")]
+    NotPromoted {
+        /// The candidate.
+        node: usize,
+        /// Its answer (`None`: no row or NULL).
+        answer: Option<String>,
+        /// The `wait_seconds` given.
+        secs: u64,
+    },
+    /// `failover.mode = "trigger_file"` without the node's file configured.
+    #[error("backends[{node}].trigger_file is not set")]
+    NoTriggerFile {
+        /// The candidate.
+        node: usize,
+    },
+    /// The trigger file could not be created.
+    #[error("cannot create {}: {source}", .path.display())]
+    TriggerFile {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// `failover.command` failed.
+    #[error(transparent)]
+    Hook(#[from] HookError),
+    /// `failover.mode = "none"`.
+    #[error("failover.mode = \"none\": pgpilot promotes nothing")]
+    Disabled,
+}
+
+fn join_errors(errors: &[(usize, PromoteError)]) -> String {
+    errors
+        .iter()
+        .map(|(n, e)| format!("node {n}: {e}"))
+        .collect::<Vec<_>>()
+        .join("; ")
+}
 
 /// Where one standby stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -52,20 +139,20 @@ pub(super) async fn monitor_query(
     node: usize,
     sql: &str,
     limit: Duration,
-) -> Result<Vec<Vec<Option<String>>>, String> {
+) -> Result<Vec<Vec<Option<String>>>, NodeQueryError> {
     let backend = cfg
         .backends
         .get(node)
-        .ok_or_else(|| format!("no node {node}"))?;
+        .ok_or(NodeQueryError::NoSuchNode { node })?;
     let work = async {
         let conn = MonitorConn::open(backend, &cfg.monitor, "pgpilot-failover")
             .await
-            .map_err(|e| describe(&e))?;
+            .map_err(|source| NodeQueryError::Connect { node, source })?;
         let msgs = conn
             .client()
             .simple_query(sql)
             .await
-            .map_err(|e| describe(&e));
+            .map_err(|source| NodeQueryError::Query { node, source });
         conn.close().await;
         let rows = msgs?
             .into_iter()
@@ -80,17 +167,21 @@ pub(super) async fn monitor_query(
     };
     tokio::time::timeout(limit, work)
         .await
-        .unwrap_or_else(|_| Err(format!("node {node}: no answer within {limit:?}")))
+        .unwrap_or(Err(NodeQueryError::Timeout { node, limit }))
 }
 
 /// The position of standby `node`, asked now; an error if it is not in
 /// recovery or does not answer.
-pub async fn position(cfg: &Config, node: usize, limit: Duration) -> Result<Position, String> {
+pub async fn position(
+    cfg: &Config,
+    node: usize,
+    limit: Duration,
+) -> Result<Position, PromoteError> {
     let sql = "SELECT pg_is_in_recovery(), pg_last_wal_receive_lsn(), pg_last_wal_replay_lsn()";
     let rows = monitor_query(cfg, node, sql, limit).await?;
-    let row = rows.first().ok_or("no row")?;
+    let row = rows.first().ok_or(NodeQueryError::NoRow { node })?;
     if row.first().cloned().flatten().as_deref() != Some("t") {
-        return Err(format!("node {node} is not in recovery"));
+        return Err(PromoteError::NotInRecovery { node });
     }
     let lsn = |i: usize| row.get(i).cloned().flatten().as_deref().and_then(parse_lsn);
     let replay = lsn(2).unwrap_or(0);
@@ -107,7 +198,7 @@ pub async fn choose_candidate(
     cluster: &Cluster,
     cfg: &Config,
     old: Option<usize>,
-) -> Result<Position, String> {
+) -> Result<Position, PromoteError> {
     let snap = cluster.snapshot();
     let eligible: Vec<usize> = snap
         .nodes
@@ -122,10 +213,7 @@ pub async fn choose_candidate(
         .map(|n| n.id)
         .collect();
     if eligible.is_empty() {
-        return Err(
-            "no candidate: no standby is in service (candidates must be up, not no_failover, not detached)"
-                .into(),
-        );
+        return Err(PromoteError::NoStandby);
     }
     let limit = cfg.health_check.timeout;
     let asks: Vec<_> = eligible
@@ -138,7 +226,7 @@ pub async fn choose_candidate(
     let mut best: Option<Position> = None;
     let mut errors = Vec::new();
     for (n, ask) in eligible.iter().zip(asks) {
-        match ask.await.unwrap_or_else(|e| Err(e.to_string())) {
+        match ask.await.unwrap_or_else(|e| Err(e.into())) {
             Ok(p) => {
                 tracing::info!(node = n, lsn = %format_lsn(p.lsn), "failover candidate position");
                 // Highest LSN; on a tie the lower id (asked in id order).
@@ -146,23 +234,23 @@ pub async fn choose_candidate(
                     best = Some(p);
                 }
             }
-            Err(e) => errors.push(format!("node {n}: {e}")),
+            Err(e) => errors.push((*n, e)),
         }
     }
-    let best = best.ok_or_else(|| format!("no candidate answered: {}", errors.join("; ")))?;
+    let best = best.ok_or(PromoteError::NoneAnswered { errors })?;
     let max_lag = cfg.failover.max_lag_bytes;
     if max_lag > 0
         && let Some(reference) = old.and_then(|o| cluster.last_primary_lsn(o))
     {
         let behind = reference.saturating_sub(best.lsn);
         if behind > max_lag {
-            return Err(format!(
-                "refused: the most advanced standby, node {}, is at {}, {behind} bytes behind the failed primary's last known position {} (failover.max_lag_bytes = {max_lag}); waiting (PROMOTE NODE {} forces it)",
-                best.node,
-                format_lsn(best.lsn),
-                format_lsn(reference),
-                best.node
-            ));
+            return Err(PromoteError::TooFarBehind {
+                node: best.node,
+                lsn: best.lsn,
+                reference,
+                behind,
+                max_lag,
+            });
         }
     }
     Ok(best)
@@ -170,7 +258,11 @@ pub async fn choose_candidate(
 
 /// Promote `candidate` by `failover.mode`. `old` is the primary it
 /// replaces (for the command's placeholders).
-pub async fn promote(cfg: &Config, candidate: usize, old: Option<usize>) -> Result<String, String> {
+pub async fn promote(
+    cfg: &Config,
+    candidate: usize,
+    old: Option<usize>,
+) -> Result<String, PromoteError> {
     let f = &cfg.failover;
     match f.mode {
         FailoverMode::PgPromote => {
@@ -186,9 +278,11 @@ pub async fn promote(cfg: &Config, candidate: usize, old: Option<usize>) -> Resu
                 .as_deref()
             {
                 Some("t") => Ok(format!("node {candidate} promoted (pg_promote)")),
-                other => Err(format!(
-                    "pg_promote on node {candidate} returned {other:?}: not promoted within {secs}s"
-                )),
+                other => Err(PromoteError::NotPromoted {
+                    node: candidate,
+                    answer: other.map(str::to_string),
+                    secs,
+                }),
             }
         }
         FailoverMode::TriggerFile => {
@@ -196,7 +290,7 @@ pub async fn promote(cfg: &Config, candidate: usize, old: Option<usize>) -> Resu
                 .backends
                 .get(candidate)
                 .and_then(|b| b.trigger_path())
-                .ok_or_else(|| format!("backends[{candidate}].trigger_file is not set"))?;
+                .ok_or(PromoteError::NoTriggerFile { node: candidate })?;
             let p = path.clone();
             tokio::task::spawn_blocking(move || {
                 std::fs::OpenOptions::new()
@@ -205,9 +299,11 @@ pub async fn promote(cfg: &Config, candidate: usize, old: Option<usize>) -> Resu
                     .write(true)
                     .open(&p)
             })
-            .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| format!("cannot create {}: {e}", path.display()))?;
+            .await?
+            .map_err(|source| PromoteError::TriggerFile {
+                path: path.clone(),
+                source,
+            })?;
             Ok(format!("created trigger file {}", path.display()))
         }
         FailoverMode::Command => {
@@ -217,8 +313,8 @@ pub async fn promote(cfg: &Config, candidate: usize, old: Option<usize>) -> Resu
                 old_primary: old,
             };
             let line = hooks::expand(&f.command, cfg, nodes);
-            hooks::run("failover_command", &line, f.promote_timeout).await
+            Ok(hooks::run("failover_command", &line, f.promote_timeout).await?)
         }
-        FailoverMode::None => Err("failover.mode = \"none\": pgpilot promotes nothing".into()),
+        FailoverMode::None => Err(PromoteError::Disabled),
     }
 }

@@ -97,12 +97,43 @@ pub struct ReplicationRow {
     pub replay_lag: Option<f64>,
 }
 
+/// Why asking one node failed. Its text becomes the node's replication
+/// `issue` in `SHOW PGPILOT_NODES`.
+#[derive(Debug, thiserror::Error)]
+pub enum SrCheckError {
+    /// Connecting, or preparing the queries, failed.
+    #[error("{}", describe(.0))]
+    Connect(#[source] tokio_postgres::Error),
+    /// The queries failed.
+    #[error("{}", describe(.0))]
+    Query(#[source] tokio_postgres::Error),
+    /// The node query returned no row.
+    #[error("replication check returned no row")]
+    NoRow,
+    /// `pg_is_in_recovery()` was neither true nor false.
+    #[error("unexpected pg_is_in_recovery() value {value:?}")]
+    Recovery {
+        /// What came back.
+        value: Option<String>,
+    },
+    /// No answer within `sr_check.timeout`.
+    #[error("no answer within {limit:?}")]
+    Timeout {
+        /// `sr_check.timeout`.
+        limit: Duration,
+    },
+    /// The check's task panicked or was cancelled.
+    #[error("check task failed: {0}")]
+    Task(#[from] tokio::task::JoinError),
+}
+
 /// The result of asking one node.
 #[derive(Debug, Clone, PartialEq)]
 pub enum NodeCheck {
     /// Not asked: the latest health check could not reach it.
     Skipped,
-    /// Asked; the query or connection failed.
+    /// Asked; the query or connection failed (the [`SrCheckError`]'s text:
+    /// a check result is plain data, kept in the state and compared).
     Failed(String),
     /// Answered.
     Sample(NodeSample),
@@ -172,7 +203,7 @@ async fn check_node(
             Some(c) if c.conn.serves(&backend) => c,
             _ => SrConn::open(&backend, &cfg)
                 .await
-                .map_err(|e| describe(&e))?,
+                .map_err(SrCheckError::Connect)?,
         };
         // Both in one pipelined round trip.
         let client = conn.conn.client();
@@ -180,18 +211,19 @@ async fn check_node(
             client.query(&conn.node, &[]),
             client.query(&conn.replication, &[])
         )
-        .map_err(|e| describe(&e))?;
-        let first = node.first().ok_or("replication check returned no row")?;
+        .map_err(SrCheckError::Query)?;
+        let first = node.first().ok_or(SrCheckError::NoRow)?;
         let mut sample = parse_node_row(first)?;
         sample.replication = replication.iter().map(parse_replication_row).collect();
-        Ok::<_, String>((conn, sample))
+        Ok::<_, SrCheckError>((conn, sample))
     };
-    match tokio::time::timeout(cfg.sr_check.timeout, work).await {
+    let limit = cfg.sr_check.timeout;
+    match tokio::time::timeout(limit, work).await {
         Ok(Ok((conn, sample))) => (Some(conn), NodeCheck::Sample(sample)),
-        Ok(Err(e)) => (None, NodeCheck::Failed(e)),
+        Ok(Err(e)) => (None, NodeCheck::Failed(e.to_string())),
         Err(_) => (
             None,
-            NodeCheck::Failed(format!("no answer within {:?}", cfg.sr_check.timeout)),
+            NodeCheck::Failed(SrCheckError::Timeout { limit }.to_string()),
         ),
     }
 }
@@ -251,7 +283,7 @@ pub async fn run(
                         conns[node] = conn;
                         check
                     }
-                    Err(e) => NodeCheck::Failed(format!("check task failed: {e}")),
+                    Err(e) => NodeCheck::Failed(SrCheckError::Task(e).to_string()),
                 },
             };
             if let NodeCheck::Failed(e) = &check {
@@ -288,12 +320,14 @@ fn truth(v: &str) -> Option<bool> {
 }
 
 /// A [`NODE_QUERY`] row, column by column.
-fn parse_node_row(r: &tokio_postgres::Row) -> Result<NodeSample, String> {
+fn parse_node_row(r: &tokio_postgres::Row) -> Result<NodeSample, SrCheckError> {
     let col = |i| text(r, i);
     let in_recovery = match col(0).and_then(truth) {
         Some(v) => v,
         None => {
-            return Err(format!("unexpected pg_is_in_recovery() value {:?}", col(0)));
+            return Err(SrCheckError::Recovery {
+                value: col(0).map(str::to_string),
+            });
         }
     };
     let timeline = col(6).and_then(|t| {

@@ -287,10 +287,10 @@ impl Owner {
             }
             Err(e) => {
                 n.pg_status = PgStatus::Down;
-                n.last_error = Some(e);
+                n.last_error = Some(e.message);
                 n.held_out = book.hold.as_ref().map(|h| h.reason.clone());
                 book.healthy_since = None;
-                book.failure_alive = round.alive;
+                book.failure_alive = e.alive;
                 if n.status != NodeStatus::Down {
                     tracing::warn!(
                         node,

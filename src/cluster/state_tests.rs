@@ -3,7 +3,9 @@
 use std::time::{Duration, Instant, SystemTime};
 
 use super::*;
-use crate::cluster::events::{Event, Phase};
+use crate::cluster::error::{CommandError, StepError};
+use crate::cluster::events::{Event, Phase, TransitionKind};
+use crate::cluster::health::ProbeError;
 use crate::cluster::replication::{NodeSample, ReplicationRow};
 use crate::config::Backend;
 
@@ -44,10 +46,17 @@ fn adm(n: usize) -> Admission {
     }
 }
 
+fn probe_error(message: &str, alive: bool) -> ProbeError {
+    ProbeError {
+        message: message.into(),
+        alive,
+        timed_out: false,
+    }
+}
+
 fn ok(in_recovery: bool) -> Round {
     Round {
         outcome: Ok(in_recovery),
-        alive: true,
         retries: 0,
         duration: Duration::from_millis(3),
         started: Instant::now(),
@@ -56,8 +65,7 @@ fn ok(in_recovery: bool) -> Round {
 
 fn failed() -> Round {
     Round {
-        outcome: Err("connection refused".into()),
-        alive: false,
+        outcome: Err(probe_error("connection refused", false)),
         retries: 2,
         duration: Duration::from_millis(9),
         started: Instant::now(),
@@ -441,8 +449,10 @@ fn history_finds_when_the_primary_passed_an_lsn() {
 fn a_primary_that_answers_with_errors_is_not_failed_over() {
     let mut o = started();
     let mut r = failed();
-    r.outcome = Err("FATAL 53300: sorry, too many clients already".into());
-    r.alive = true;
+    r.outcome = Err(probe_error(
+        "FATAL 53300: sorry, too many clients already",
+        true,
+    ));
     o.round_finished(0, r, SystemTime::now(), adm(3));
     assert_eq!(o.snap.primary, None);
     assert!(!o.in_transition());
@@ -467,8 +477,9 @@ fn the_old_primary_back_before_promotion_cancels_the_failover() {
     assert_eq!(last.phase, Phase::Failed);
     assert!(last.detail.contains("cancelled"));
     // A step of the cancelled failover changes nothing.
-    assert!(o.promotion_started(t.id, 1).is_err());
-    assert!(o.finish(t.id, 1, &adm(3)).is_err());
+    let gone = Err(StepError::Superseded { id: t.id });
+    assert_eq!(o.promotion_started(t.id, 1), gone);
+    assert_eq!(o.finish(t.id, 1, &adm(3)), gone);
     assert_eq!(o.snap.primary, Some(0));
     assert!(o.books[0].hold.is_none());
 }
@@ -518,7 +529,10 @@ fn an_old_primary_that_answers_at_the_last_look_cancels_the_failover() {
     assert_eq!(last.phase, Phase::Failed);
     assert!(last.detail.contains("cancelled"), "{}", last.detail);
     assert!(o.report().blocked.unwrap().contains("not failed over"));
-    assert!(o.promotion_started(t.id, 1).is_err());
+    assert_eq!(
+        o.promotion_started(t.id, 1),
+        Err(StepError::Superseded { id: t.id })
+    );
     // Answers normally again: the primary, nothing was promoted.
     o.round_finished(0, ok(false), SystemTime::now(), adm(3));
     assert_eq!(o.snap.primary, Some(0));
@@ -543,7 +557,7 @@ fn after_promotion_the_old_primary_cannot_come_back_by_itself() {
     o.round_finished(0, ok(true), SystemTime::now(), adm(3));
     assert_eq!(o.snap.nodes[0].status, NodeStatus::Down);
     let e = o.finish(t.id, 0, &adm(3)).unwrap_err();
-    assert!(e.contains("held") || e.contains("no longer"), "{e}");
+    assert_eq!(e, StepError::Held { node: 0 });
     let msg = o.attach(0, &adm(3)).unwrap();
     assert!(msg.contains("in service"), "{msg}");
     assert!(o.snap.nodes[0].status.is_usable());
@@ -555,9 +569,17 @@ fn attach_refuses_a_second_primary_and_detach_refuses_the_primary() {
     let mut o = started();
     o.round_finished(2, ok(false), SystemTime::now(), adm(3));
     let e = o.attach(2, &adm(3)).unwrap_err();
-    assert!(e.contains("rebuild it as a standby"), "{e}");
+    assert_eq!(
+        e,
+        CommandError::SecondPrimary {
+            node: 2,
+            primary: 0
+        }
+    );
+    assert!(e.to_string().contains("rebuild it as a standby"), "{e}");
     let e = o.detach(0, &adm(3)).unwrap_err();
-    assert!(e.contains("PROMOTE NODE"), "{e}");
+    assert_eq!(e, CommandError::DetachPrimary { node: 0 });
+    assert!(e.to_string().contains("PROMOTE NODE"), "{e}");
     // Detach a standby: no traffic, reason shown; attach brings it back.
     let mut o = started();
     o.detach(1, &adm(3)).unwrap();
@@ -601,7 +623,12 @@ fn a_switchover_holds_writes_and_an_abort_restores_the_primary() {
     let (id, old) = o.begin_switchover(1, &adm(3)).unwrap();
     assert_eq!(old, 0);
     assert_eq!(o.snap.primary, None);
-    assert!(o.begin_switchover(2, &adm(3)).is_err());
+    assert_eq!(
+        o.begin_switchover(2, &adm(3)),
+        Err(CommandError::Busy {
+            kind: TransitionKind::Switchover
+        })
+    );
     // A switchover is not a failover the coordinator picks up.
     assert!(o.transition_due(Duration::ZERO).is_none());
     o.fail(id, "target did not catch up".into(), &adm(3))

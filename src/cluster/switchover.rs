@@ -29,10 +29,11 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 
+use super::error::{NodeQueryError, StepError};
 use super::events::{Event, Phase};
-use super::promote::{self, monitor_query};
+use super::promote::{self, PromoteError, monitor_query};
 use super::replication::format_lsn;
-use super::{Cluster, Role, failover, follow};
+use super::{Cluster, CommandError, Role, failover, follow};
 use crate::config::{Config, FailoverMode};
 
 /// Let sessions that routed a write just before the switch deliver it.
@@ -46,35 +47,71 @@ const OPEN_TRANSACTIONS: &str = "FROM pg_stat_activity WHERE backend_type = 'cli
      AND xact_start IS NOT NULL AND pid <> pg_backend_pid() \
      AND NOT (usename = current_user AND application_name LIKE 'pgpilot-%')";
 
+/// Why a switchover stopped before the promotion (it is then aborted: the
+/// old primary is published again). The text ends up in the transition's
+/// detail as `switchover aborted: …`.
+#[derive(Debug, thiserror::Error)]
+pub enum SwitchoverError {
+    /// Asking or configuring the old primary failed.
+    #[error(transparent)]
+    Query(#[from] NodeQueryError),
+    /// Asking the target where it stands failed (or it left recovery).
+    #[error(transparent)]
+    Target(#[from] PromoteError),
+    /// The transition moved on while it was being prepared.
+    #[error(transparent)]
+    Step(#[from] StepError),
+    /// Open transactions were terminated but their backends stayed.
+    #[error("transactions on node {node} were terminated but did not end")]
+    NotDrained {
+        /// The old primary.
+        node: usize,
+    },
+    /// `pg_current_wal_insert_lsn()` gave no readable answer.
+    #[error("cannot read the old primary's WAL position")]
+    NoWalPosition,
+    /// The target did not receive the old primary's last WAL in time.
+    #[error(
+        "node {node} did not catch up: at {}, old primary at {}",
+        format_lsn(*.at),
+        format_lsn(*.wanted)
+    )]
+    NotCaughtUp {
+        /// The target.
+        node: usize,
+        /// Where it got to.
+        at: u64,
+        /// The old primary's final position.
+        wanted: u64,
+    },
+}
+
 /// Validate `PROMOTE NODE target` and start it; the switchover continues in
 /// the background. The message says what was started.
 pub fn start(
     cluster: Arc<Cluster>,
     config: Arc<ArcSwap<Config>>,
     target: usize,
-) -> Result<String, String> {
+) -> Result<String, CommandError> {
     let cfg = config.load_full();
     if cfg.failover.mode == FailoverMode::None {
-        return Err(
-            "failover.mode = \"none\": pgpilot promotes nothing (promote the node yourself; pgpilot notices)"
-                .into(),
-        );
+        return Err(CommandError::PromotionDisabled);
     }
     let snap = cluster.snapshot();
     let n = snap
         .nodes
         .get(target)
-        .ok_or_else(|| format!("there is no node {target}"))?;
+        .ok_or(CommandError::NoSuchNode { node: target })?;
     if snap.primary == Some(target) {
-        return Err(format!("node {target} is already the primary"));
+        return Err(CommandError::AlreadyPrimary { node: target });
     }
     let standby = n.status.is_usable() && n.role == Role::Standby && !cluster.is_held(target);
     if !standby {
-        return Err(format!(
-            "node {target} is not an in-service standby (status {}, role {})",
-            n.status.as_str(),
-            n.role.as_str()
-        ));
+        return Err(CommandError::NotStandby {
+            node: target,
+            status: n.status,
+            role: n.role,
+        });
     }
     if cluster.failover_in_progress() {
         cluster.update_with(|o| o.force_candidate(target))?;
@@ -103,11 +140,14 @@ async fn run(cluster: &Arc<Cluster>, cfg: &Arc<Config>, id: u64, old: usize, tar
             if read_only && let Err(e) = set_read_only(cfg, old, false).await {
                 tracing::error!(node = old, error = %e, "could not reset default_transaction_read_only");
             }
-            let _ = cluster.fail(id, format!("switchover aborted: {why}"), cfg);
+            if let Err(e) = cluster.fail(id, format!("switchover aborted: {why}"), cfg) {
+                e.log("abort the switchover");
+            }
             return;
         }
     };
-    if cluster.promotion_started(id, target).is_err() {
+    if let Err(e) = cluster.promotion_started(id, target) {
+        e.log("promotion");
         return;
     }
     match promote::promote(cfg, target, Some(old)).await {
@@ -121,8 +161,8 @@ async fn run(cluster: &Arc<Cluster>, cfg: &Arc<Config>, id: u64, old: usize, tar
         }
     }
     match failover::search(cluster, cfg, id, cfg.failover.search_primary_timeout).await {
-        Ok(new) => {
-            if cluster.finish(id, new, cfg).is_ok() {
+        Ok(new) => match cluster.finish(id, new, cfg) {
+            Ok(()) => {
                 let include_old = !cfg.failover.follow_primary_command.trim().is_empty();
                 follow::spawn_all(
                     cluster.clone(),
@@ -133,9 +173,12 @@ async fn run(cluster: &Arc<Cluster>, cfg: &Arc<Config>, id: u64, old: usize, tar
                     include_old,
                 );
             }
-        }
+            Err(e) => e.log("publish the new primary"),
+        },
         Err(why) => {
-            let _ = cluster.fail(id, why, cfg);
+            if let Err(e) = cluster.fail(id, why.to_string(), cfg) {
+                e.log("give up");
+            }
         }
     }
 }
@@ -148,7 +191,7 @@ async fn prepare(
     old: usize,
     target: usize,
     read_only: &mut bool,
-) -> Result<u64, String> {
+) -> Result<u64, SwitchoverError> {
     let limit = cfg.health_check.timeout;
     let timeout = cfg.failover.switchover_timeout;
     tokio::time::sleep(GRACE).await;
@@ -167,9 +210,7 @@ async fn prepare(
         }
         if Instant::now() >= deadline {
             if terminated {
-                return Err(format!(
-                    "transactions on node {old} were terminated but did not end"
-                ));
+                return Err(SwitchoverError::NotDrained { node: old });
             }
             // Terminate, then keep counting until the backends are gone: a
             // terminated backend writes its abort record as it exits, and the
@@ -202,7 +243,7 @@ async fn prepare(
         first_value(monitor_query(cfg, old, "SELECT pg_current_wal_insert_lsn()", limit).await?)
             .as_deref()
             .and_then(super::replication::parse_lsn)
-            .ok_or("cannot read the old primary's WAL position")?;
+            .ok_or(SwitchoverError::NoWalPosition)?;
     cluster.set_phase(
         id,
         Phase::CatchingUp,
@@ -215,18 +256,18 @@ async fn prepare(
             return Ok(p.lsn);
         }
         if Instant::now() >= deadline {
-            return Err(format!(
-                "node {target} did not catch up: at {}, old primary at {}",
-                format_lsn(p.lsn),
-                format_lsn(lsn)
-            ));
+            return Err(SwitchoverError::NotCaughtUp {
+                node: target,
+                at: p.lsn,
+                wanted: lsn,
+            });
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
 /// `ALTER SYSTEM SET default_transaction_read_only` (or RESET) and reload.
-async fn set_read_only(cfg: &Config, node: usize, on: bool) -> Result<(), String> {
+async fn set_read_only(cfg: &Config, node: usize, on: bool) -> Result<(), NodeQueryError> {
     let limit = cfg.health_check.timeout;
     let sql = if on {
         "ALTER SYSTEM SET default_transaction_read_only = on"

@@ -535,9 +535,14 @@ impl LocalCluster {
     /// `Some(true)` for a standby, `Some(false)` for a primary, `None` if unreachable.
     fn in_recovery(&self, node: usize) -> Option<bool> {
         let sql = "SELECT pg_is_in_recovery()";
-        self.psql_timeout(node, "postgres", sql, POLL_TIMEOUT)
-            .ok()
-            .map(|out| out == "t")
+        match self.psql_timeout(node, "postgres", sql, POLL_TIMEOUT) {
+            Ok(out) => Some(out == "t"),
+            Err(e) => {
+                // Polled while nodes start and stop: not answering is expected.
+                tracing::debug!(node, error = %e, "node did not answer pg_is_in_recovery()");
+                None
+            }
+        }
     }
 
     /// psql on `node`/`db` (see [`LocalCluster::psql`]) with a custom time limit.

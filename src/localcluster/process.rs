@@ -123,14 +123,21 @@ pub(super) fn chown_to(path: &Path, owner: Option<(u32, u32)>) -> io::Result<()>
 /// SIGKILLs the postmaster named in `<data_dir>/postmaster.pid` if it is still
 /// alive, and waits (5 s) for it to exit. Does nothing without a pid file.
 pub(super) fn kill_postmaster(data_dir: &Path) {
-    let pid = fs::read_to_string(data_dir.join("postmaster.pid"))
-        .ok()
-        .and_then(|s| s.lines().next()?.trim().parse().ok());
+    let pid = match fs::read_to_string(data_dir.join("postmaster.pid")) {
+        Ok(s) => s.lines().next().and_then(|l| l.trim().parse().ok()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+        Err(e) => {
+            tracing::warn!(dir = %data_dir.display(), error = %e, "cannot read postmaster.pid; not killing");
+            None
+        }
+    };
     if let Some(pid) = pid.filter(|&pid| pid > 0 && postmaster_alive(pid, data_dir)) {
         // A pid just checked to be a postmaster of our data dir.
         let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
         let gone = || Ok(!postmaster_alive(pid, data_dir));
-        let _ = wait_until(Duration::from_secs(5), "the postmaster to exit", gone);
+        if let Err(e) = wait_until(Duration::from_secs(5), "the postmaster to exit", gone) {
+            tracing::warn!(pid, error = %e, "postmaster still alive after SIGKILL");
+        }
     }
 }
 
@@ -191,8 +198,15 @@ pub(super) fn run_command(
         let tx = tx.clone();
         thread::spawn(move || {
             let mut bytes = Vec::new();
-            let _ = pipe.read_to_end(&mut bytes);
-            let _ = tx.send((index, bytes));
+            if let Err(e) = pipe.read_to_end(&mut bytes) {
+                // What was read is still reported; the exit status decides.
+                tracing::debug!(index, error = %e, "reading a child's output failed");
+            }
+            // The receiver is gone only when the child timed out (its output
+            // is no longer wanted).
+            if tx.send((index, bytes)).is_err() {
+                tracing::debug!(index, "child output dropped: the command timed out");
+            }
         });
     }
     drop(tx); // so the receive loop below ends once both readers are done
@@ -208,7 +222,9 @@ pub(super) fn run_command(
                 let _ = killpg(group, signal);
                 thread::sleep(Duration::from_millis(500));
             }
-            let _ = child.wait();
+            if let Err(e) = child.wait() {
+                tracing::debug!(error = %e, "reaping a killed child failed");
+            }
             return Err(ClusterError::Timeout(format!(
                 "`{label}` did not finish within {timeout:?}"
             )));

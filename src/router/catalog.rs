@@ -11,6 +11,26 @@ use std::sync::Mutex;
 
 use crate::config::{Backend, Monitor};
 
+/// A catalog lookup on the primary failed; the caller routes to the primary
+/// (and logs this).
+#[derive(Debug, thiserror::Error)]
+pub enum CatalogError {
+    /// Connecting or the query failed.
+    #[error(transparent)]
+    Query(#[from] tokio_postgres::Error),
+    /// No answer within `monitor.timeout`.
+    #[error("timed out")]
+    Timeout,
+    /// The answer does not match the question (one row per name expected).
+    #[error("{rows} answers for {names} names")]
+    WrongCount {
+        /// Rows returned.
+        rows: usize,
+        /// Names asked.
+        names: usize,
+    },
+}
+
 /// At most this many answers are kept; past it the cache starts again, so
 /// clients calling ever new (e.g. nonexistent) function names cannot grow it
 /// without bound.
@@ -135,7 +155,7 @@ async fn lookup(
     names: &[String],
     primary: &Backend,
     monitor: &Monitor,
-) -> Result<HashMap<String, bool>, String> {
+) -> Result<HashMap<String, bool>, CatalogError> {
     let rows = query_primary(
         database,
         primary,
@@ -159,7 +179,7 @@ pub(crate) async fn query_primary(
     monitor: &Monitor,
     sql: &str,
     params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
-) -> Result<Vec<tokio_postgres::Row>, String> {
+) -> Result<Vec<tokio_postgres::Row>, CatalogError> {
     let mut cfg = crate::cluster::monitor_conn_config(primary, monitor, "pgpilot-catalog");
     cfg.dbname(database);
     let work = async {
@@ -170,10 +190,9 @@ pub(crate) async fn query_primary(
         task.abort();
         rows
     };
-    tokio::time::timeout(monitor.timeout, work)
+    Ok(tokio::time::timeout(monitor.timeout, work)
         .await
-        .map_err(|_| "timed out".to_string())?
-        .map_err(|e| e.to_string())
+        .map_err(|_| CatalogError::Timeout)??)
 }
 
 #[cfg(test)]

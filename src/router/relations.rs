@@ -27,6 +27,7 @@
 //! refusal of one of them is retried on the primary (the session's safety
 //! net).
 
+use super::catalog::CatalogError;
 use std::collections::HashMap;
 use std::sync::RwLock;
 use std::time::{Duration, Instant};
@@ -126,7 +127,7 @@ impl RelationCatalog {
         primary: &Backend,
         monitor: &Monitor,
         ttl: Duration,
-    ) -> Result<(), String> {
+    ) -> Result<(), CatalogError> {
         let now = Instant::now();
         let (generation, missing) = {
             let answers = self.read();
@@ -235,7 +236,7 @@ async fn lookup(
     names: &[RelationName],
     primary: &Backend,
     monitor: &Monitor,
-) -> Result<Vec<bool>, String> {
+) -> Result<Vec<bool>, CatalogError> {
     let schemas: Vec<&str> = names
         .iter()
         .map(|n| n.schema.as_deref().unwrap_or(""))
@@ -245,7 +246,10 @@ async fn lookup(
         super::catalog::query_primary(database, primary, monitor, LOOKUP_SQL, &[&schemas, &rels])
             .await?;
     if rows.len() != names.len() {
-        return Err(format!("{} answers for {} names", rows.len(), names.len()));
+        return Err(CatalogError::WrongCount {
+            rows: rows.len(),
+            names: names.len(),
+        });
     }
     Ok(rows.iter().map(|r| r.get::<_, bool>(1)).collect())
 }

@@ -46,6 +46,7 @@
 
 use std::time::{Instant, SystemTime};
 
+use super::super::error::{CommandError, StepError};
 use super::super::events::{Event, FailoverReport, Phase, TransitionKind, TransitionStatus};
 use super::{Admission, Hold, HoldKind, NodeStatus, Owner, PgStatus, Role};
 
@@ -202,10 +203,10 @@ impl Owner {
     }
 
     /// The transition `id`, if it is still the one in progress.
-    fn current(&mut self, id: u64) -> Result<&mut TransitionStatus, String> {
+    fn current(&mut self, id: u64) -> Result<&mut TransitionStatus, StepError> {
         match self.transition.as_mut() {
             Some(t) if t.id == id => Ok(t),
-            _ => Err(format!("transition {id} is no longer in progress")),
+            _ => Err(StepError::Superseded { id }),
         }
     }
 
@@ -234,7 +235,7 @@ impl Owner {
         id: u64,
         tried: Option<usize>,
         why: String,
-    ) -> Result<(), String> {
+    ) -> Result<(), StepError> {
         let t = self.current(id)?;
         t.phase = Phase::Waiting;
         t.detail = why;
@@ -254,11 +255,11 @@ impl Owner {
         node: usize,
         error: String,
         adm: &Admission,
-    ) -> Result<(), String> {
+    ) -> Result<(), StepError> {
         let now = SystemTime::now();
         let t = self.current(id)?;
         if t.promoted {
-            return Err(format!("transition {id} already promoted a node"));
+            return Err(StepError::AlreadyPromoted { id });
         }
         let msg = format!(
             "cancelled: node {node} answers ({error}); a running primary is not failed over, nothing was promoted"
@@ -276,7 +277,7 @@ impl Owner {
     }
 
     /// Record the phase and detail of transition `id`.
-    pub fn set_phase(&mut self, id: u64, phase: Phase, detail: String) -> Result<(), String> {
+    pub fn set_phase(&mut self, id: u64, phase: Phase, detail: String) -> Result<(), StepError> {
         let t = self.current(id)?;
         t.phase = phase;
         t.detail = detail;
@@ -331,7 +332,7 @@ impl Owner {
 
     /// The point of no return: `candidate` is about to be promoted. Fences
     /// the old primary first (rule 3 of the module docs).
-    pub fn promotion_started(&mut self, id: u64, candidate: usize) -> Result<(), String> {
+    pub fn promotion_started(&mut self, id: u64, candidate: usize) -> Result<(), StepError> {
         let now = SystemTime::now();
         let t = self.current(id)?;
         t.promoted = true;
@@ -358,10 +359,10 @@ impl Owner {
 
     /// Publish `new` as the primary: the coordinator saw it, and no other
     /// non-held node, report not-in-recovery (rule 4).
-    pub fn finish(&mut self, id: u64, new: usize, adm: &Admission) -> Result<(), String> {
+    pub fn finish(&mut self, id: u64, new: usize, adm: &Admission) -> Result<(), StepError> {
         let now = SystemTime::now();
         if self.books[new].hold.is_some() {
-            return Err(format!("node {new} is held out of service"));
+            return Err(StepError::Held { node: new });
         }
         let t = self.current(id)?;
         t.target = Some(new);
@@ -394,7 +395,7 @@ impl Owner {
     /// retry loop; pgpilot keeps watching: a node that reports primary is
     /// admitted by the usual rules); an aborted switchover leaves the old
     /// primary as it was (chosen again if healthy, failed over if not).
-    pub fn fail(&mut self, id: u64, reason: String, adm: &Admission) -> Result<(), String> {
+    pub fn fail(&mut self, id: u64, reason: String, adm: &Admission) -> Result<(), StepError> {
         let now = SystemTime::now();
         let kind = self.current(id)?.kind;
         tracing::error!(kind = kind.as_str(), %reason, "transition failed");
@@ -416,15 +417,12 @@ impl Owner {
         &mut self,
         target: usize,
         adm: &Admission,
-    ) -> Result<(u64, usize), String> {
+    ) -> Result<(u64, usize), CommandError> {
         let now = SystemTime::now();
         if let Some(t) = &self.transition {
-            return Err(format!("a {} is already in progress", t.kind.as_str()));
+            return Err(CommandError::Busy { kind: t.kind });
         }
-        let old = self
-            .snap
-            .primary
-            .ok_or("there is no primary in service to switch over from")?;
+        let old = self.snap.primary.ok_or(CommandError::NoPrimary)?;
         let detail = format!("switchover from node {old} to node {target}: holding new writes");
         tracing::warn!(old, target, "switchover started");
         let id = self.start_transition(
@@ -441,7 +439,7 @@ impl Owner {
     }
 
     /// `PROMOTE NODE n` while a failover waits for a candidate: use `n`.
-    pub fn force_candidate(&mut self, node: usize) -> Result<(), String> {
+    pub fn force_candidate(&mut self, node: usize) -> Result<(), CommandError> {
         match self.transition.as_mut() {
             Some(t)
                 if t.kind == TransitionKind::Failover
@@ -454,12 +452,11 @@ impl Owner {
                 t.attempted_at = None;
                 Ok(())
             }
-            Some(t) => Err(format!(
-                "a {} is in progress ({})",
-                t.kind.as_str(),
-                t.phase.as_str()
-            )),
-            None => Err("no failover is waiting for a candidate".into()),
+            Some(t) => Err(CommandError::CandidateTooLate {
+                kind: t.kind,
+                phase: t.phase,
+            }),
+            None => Err(CommandError::NoFailoverWaiting),
         }
     }
 
@@ -483,29 +480,24 @@ impl Owner {
 
     /// `ATTACH NODE n`: lift any hold, forget a false-primary mark and admit
     /// the node as a standby without waiting for streaming evidence.
-    pub fn attach(&mut self, node: usize, adm: &Admission) -> Result<String, String> {
+    pub fn attach(&mut self, node: usize, adm: &Admission) -> Result<String, CommandError> {
         let now = SystemTime::now();
         let n = self
             .snap
             .nodes
             .get(node)
-            .ok_or(format!("there is no node {node}"))?;
+            .ok_or(CommandError::NoSuchNode { node })?;
         if let Some(t) = &self.transition
             && (t.old_primary == Some(node) || t.target == Some(node))
         {
-            return Err(format!(
-                "node {node} is part of the {} in progress",
-                t.kind.as_str()
-            ));
+            return Err(CommandError::PartOfTransition { node, kind: t.kind });
         }
         if let Some(p) = self.snap.primary
             && p != node
             && n.pg_status == PgStatus::Up
             && n.role == Role::Primary
         {
-            return Err(format!(
-                "node {node} reports pg_is_in_recovery() = false while node {p} is the primary: rebuild it as a standby of node {p} (pg_rewind or pg_basebackup), then attach it"
-            ));
+            return Err(CommandError::SecondPrimary { node, primary: p });
         }
         let b = &mut self.books[node];
         let lifted = b.hold.take();
@@ -528,23 +520,18 @@ impl Owner {
     }
 
     /// `DETACH NODE n`: keep a standby out of service until `ATTACH NODE n`.
-    pub fn detach(&mut self, node: usize, adm: &Admission) -> Result<String, String> {
+    pub fn detach(&mut self, node: usize, adm: &Admission) -> Result<String, CommandError> {
         let now = SystemTime::now();
         if node >= self.snap.nodes.len() {
-            return Err(format!("there is no node {node}"));
+            return Err(CommandError::NoSuchNode { node });
         }
         if self.snap.primary == Some(node) {
-            return Err(format!(
-                "node {node} is the primary: move the primary first with PROMOTE NODE <standby>"
-            ));
+            return Err(CommandError::DetachPrimary { node });
         }
         if let Some(t) = &self.transition
             && (t.old_primary == Some(node) || t.target == Some(node))
         {
-            return Err(format!(
-                "node {node} is part of the {} in progress",
-                t.kind.as_str()
-            ));
+            return Err(CommandError::PartOfTransition { node, kind: t.kind });
         }
         let reason = format!("detached by operator; ATTACH NODE {node} brings it back");
         let b = &mut self.books[node];
