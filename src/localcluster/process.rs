@@ -212,7 +212,12 @@ pub(super) fn run_command(
             for signal in [libc::SIGTERM, libc::SIGKILL] {
                 // SAFETY: signals only the process group created for this child.
                 unsafe { libc::kill(group, signal) };
-                thread::sleep(Duration::from_millis(500));
+                // Up to 500 ms for the child to go; the group gets SIGKILL
+                // anyway, for what it may have started.
+                let grace = Instant::now() + Duration::from_millis(500);
+                while matches!(child.try_wait(), Ok(None)) && Instant::now() < grace {
+                    thread::sleep(Duration::from_millis(10));
+                }
             }
             let _ = child.wait();
             return Err(ClusterError::Timeout(format!(
