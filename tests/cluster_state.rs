@@ -569,7 +569,7 @@ async fn health_checks_keep_their_connection_renew_it_and_shrug_off_its_loss() {
     let h = harness();
     let mut cfg = fast(h.config());
     cfg.health_check.connection_lifetime = Duration::from_secs(3);
-    let role = common::own_monitor_role(h, &mut cfg, "mon_hc");
+    let role = common::own_monitor_role(h, &mut cfg, "mon_hc").await;
     let p = spawn_proxy_full(cfg);
     nodes_in_service(&p).await;
     let pid_of = || -> Vec<String> {

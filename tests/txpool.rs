@@ -42,17 +42,16 @@ async fn one(c: &tokio_postgres::Client, sql: &str) -> String {
 
 /// Connect, retrying while the pool is still busy (e.g. resetting a connection).
 async fn connect_within(addr: SocketAddr, limit: Duration) -> tokio_postgres::Client {
-    let deadline = Instant::now() + limit;
-    loop {
+    let mut client = None;
+    wait_until("a session to log in", limit, async || {
         match common::try_connect(addr, "").await {
-            Ok(c) => return c,
-            Err(e) if Instant::now() < deadline => {
-                eprintln!("retrying: {e}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            Err(e) => panic!("could not connect: {e}"),
+            Ok(c) => client = Some(c),
+            Err(e) => eprintln!("retrying: {e}"),
         }
-    }
+        client.is_some()
+    })
+    .await;
+    client.expect("logged in")
 }
 
 #[tokio::test]

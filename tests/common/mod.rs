@@ -481,7 +481,7 @@ pub async fn health_rounds(ctx: &ProxyContext, rounds: u64) {
 /// A superuser role of its own for one pgpilot's `[monitor]`, so a test can
 /// tell that pgpilot's check connections from every other proxy's in
 /// `pg_stat_activity` (name `<prefix>_<pid>`; it replicates to the standbys).
-pub fn own_monitor_role(h: &Harness, cfg: &mut Config, prefix: &str) -> String {
+pub async fn own_monitor_role(h: &Harness, cfg: &mut Config, prefix: &str) -> String {
     let role = format!("{prefix}_{}", std::process::id());
     h.psql(
         0,
@@ -493,14 +493,12 @@ pub fn own_monitor_role(h: &Harness, cfg: &mut Config, prefix: &str) -> String {
     // Usable on every node before pgpilot's first check.
     let exists = format!("SELECT count(*) FROM pg_roles WHERE rolname = '{role}'");
     for node in 1..h.ports.len() {
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while h.psql(node, &exists) != "1" {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "role not replicated to node {node}"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        wait_until(
+            &format!("role {role} on node {node}"),
+            Duration::from_secs(30),
+            async || h.psql(node, &exists) == "1",
+        )
+        .await;
     }
     cfg.monitor.user = role.clone();
     cfg.monitor.password = "monpw".into();

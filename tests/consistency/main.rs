@@ -478,7 +478,7 @@ async fn the_replay_poller_sleeps_when_unneeded_and_wakes_for_a_read() {
     let _serial = SERIAL.lock().await;
     let h = harness();
     let mut cfg = config(ConsistencyMode::Session);
-    let role = own_monitor_role(h, &mut cfg, "mon_lsn");
+    let role = own_monitor_role(h, &mut cfg, "mon_lsn").await;
     let addr = spawn_proxy(cfg);
     let c = connect(addr, "").await;
     c.batch_execute("DROP TABLE IF EXISTS dormant; CREATE TABLE dormant (id int)")
