@@ -224,6 +224,20 @@ pub async fn show(c: &tokio_postgres::Client, sql: &str) -> (Vec<String>, Vec<Ve
     )
 }
 
+/// The status of server connection `pid` in `SHOW POOL_POOLS`, if listed.
+pub async fn pool_status(admin: &tokio_postgres::Client, pid: i32) -> Option<String> {
+    let (cols, rows) = show(admin, "SHOW POOL_POOLS").await;
+    let col = |n: &str| {
+        cols.iter()
+            .position(|c| c == n)
+            .expect("a POOL_POOLS column")
+    };
+    let (backend, status) = (col("pool_backendpid"), col("status"));
+    rows.into_iter()
+        .find(|r| r[backend] == pid.to_string())
+        .map(|r| r[status].clone())
+}
+
 /// `name{labels}` → value, for every sample line of a Prometheus text exposition.
 pub fn parse_metrics(text: &str) -> std::collections::HashMap<String, f64> {
     text.lines()

@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 
 use common::raw::{ended_with, login_raw, read_msg, send_query, sqlstate_of, until_ready};
 use common::{
-    DB, PASSWORD, USER, connect, harness, running, show, spawn_proxy, spawn_proxy_full, sqlstate,
-    superusers, try_connect, wait_until,
+    DB, PASSWORD, USER, connect, harness, pool_status, running, spawn_proxy, spawn_proxy_full,
+    sqlstate, superusers, try_connect, wait_until,
 };
 use futures_util::{SinkExt, StreamExt, TryStreamExt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -340,20 +340,6 @@ async fn malformed_input_is_rejected_while_others_keep_working() {
     // Meanwhile the other client was never disturbed.
     let v: i32 = survivor.query_one("SELECT 5", &[]).await.unwrap().get(0);
     assert_eq!(v, 5);
-}
-
-/// The status of server connection `pid` in `SHOW POOL_POOLS`, if listed.
-async fn pool_status(admin: &tokio_postgres::Client, pid: i32) -> Option<String> {
-    let (cols, rows) = show(admin, "SHOW POOL_POOLS").await;
-    let col = |n: &str| {
-        cols.iter()
-            .position(|c| c == n)
-            .expect("a POOL_POOLS column")
-    };
-    let (backend, status) = (col("pool_backendpid"), col("status"));
-    rows.into_iter()
-        .find(|r| r[backend] == pid.to_string())
-        .map(|r| r[status].clone())
 }
 
 #[tokio::test]
