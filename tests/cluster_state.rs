@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use common::{
     DB, PASSWORD, Spawned, USER, connect, harness, http_get, nodes_in_service, parse_metrics, show,
-    spawn_proxy_full, sqlstate, wait_for,
+    spawn_proxy_full, sqlstate, wait_for, wait_until,
 };
 use pgpilot::config::Config;
 use pgpilot::localcluster::{ClusterSpec, LocalCluster};
@@ -112,12 +112,18 @@ async fn killed_backends_fatal_errors_and_vanishing_clients_leave_every_node_up(
         ),
     );
     assert_eq!(killed, "2");
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    let gone = format!("SELECT count(*) FROM pg_stat_activity WHERE application_name = '{victim}'");
+    wait_until(
+        "the terminated backends to exit",
+        Duration::from_secs(30),
+        async || h.psql(0, &gone) == "0",
+    )
+    .await;
     assert!(v1.simple_query(on_primary).await.is_err());
     assert!(v2.simple_query(on_primary).await.is_err());
 
     // Several health periods later, nothing went down.
-    tokio::time::sleep(Duration::from_millis(2500)).await;
+    common::health_rounds(&p.ctx, 5).await;
     assert_no_node_went_down(&p);
     let c = connect(p.addr, "").await;
     let (_, rows) = show(&c, "SHOW POOL_NODES").await;
@@ -563,7 +569,7 @@ async fn health_checks_keep_their_connection_renew_it_and_shrug_off_its_loss() {
     let h = harness();
     let mut cfg = fast(h.config());
     cfg.health_check.connection_lifetime = Duration::from_secs(3);
-    let role = common::own_monitor_role(h, &mut cfg, "mon_hc");
+    let role = common::own_monitor_role(h, &mut cfg, "mon_hc").await;
     let p = spawn_proxy_full(cfg);
     nodes_in_service(&p).await;
     let pid_of = || -> Vec<String> {
@@ -580,8 +586,11 @@ async fn health_checks_keep_their_connection_renew_it_and_shrug_off_its_loss() {
     })
     .await;
     let checks = p.ctx.cluster.health_stats()[0].total_count;
-    tokio::time::sleep(Duration::from_millis(1200)).await;
-    assert!(p.ctx.cluster.health_stats()[0].total_count >= checks + 2);
+    let ctx = p.ctx.clone();
+    wait_for("two more checks", Duration::from_secs(30), || {
+        (ctx.cluster.health_stats()[0].total_count >= checks + 2).then_some(())
+    })
+    .await;
     assert_eq!(pid_of(), first, "a check opened a new connection");
     // Killing it costs nothing: the next check opens another at once.
     h.psql(0, &format!("SELECT pg_terminate_backend({})", first[0]));

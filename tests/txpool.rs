@@ -11,7 +11,10 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use common::raw::{ended_with, login_raw, send_query, until_ready};
-use common::{connect, harness, result_set, spawn_proxy, sqlstate};
+use common::{
+    Spawned, connect, harness, result_set, running, spawn_proxy, spawn_proxy_full, sqlstate,
+    superusers, wait_until,
+};
 use pgpilot::config::{Config, PoolMode};
 
 /// A transaction-pooling pgpilot with `per_node` server connections per node,
@@ -25,6 +28,11 @@ fn tx_config(per_node: usize, acquire: Duration) -> Config {
     cfg
 }
 
+/// Sessions of `p` queued for a server connection to the primary.
+fn queued(p: &Spawned) -> usize {
+    p.ctx.pool.stats(0).waiting
+}
+
 /// The first column of the first row of a simple query.
 async fn one(c: &tokio_postgres::Client, sql: &str) -> String {
     let msgs = c.simple_query(sql).await.expect(sql);
@@ -34,17 +42,16 @@ async fn one(c: &tokio_postgres::Client, sql: &str) -> String {
 
 /// Connect, retrying while the pool is still busy (e.g. resetting a connection).
 async fn connect_within(addr: SocketAddr, limit: Duration) -> tokio_postgres::Client {
-    let deadline = Instant::now() + limit;
-    loop {
+    let mut client = None;
+    wait_until("a session to log in", limit, async || {
         match common::try_connect(addr, "").await {
-            Ok(c) => return c,
-            Err(e) if Instant::now() < deadline => {
-                eprintln!("retrying: {e}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            Err(e) => panic!("could not connect: {e}"),
+            Ok(c) => client = Some(c),
+            Err(e) => eprintln!("retrying: {e}"),
         }
-    }
+        client.is_some()
+    })
+    .await;
+    client.expect("logged in")
 }
 
 #[tokio::test]
@@ -101,14 +108,18 @@ async fn a_session_between_transactions_still_times_out_and_stops() {
 
 #[tokio::test]
 async fn a_transaction_keeps_its_connection_and_others_wait() {
-    let addr = spawn_proxy(tx_config(1, Duration::from_secs(5)));
-    let a = connect(addr, "").await;
-    let b = connect(addr, "").await;
+    let p = spawn_proxy_full(tx_config(1, Duration::from_secs(5)));
+    let a = connect(p.addr, "").await;
+    let b = connect(p.addr, "").await;
     a.simple_query("BEGIN").await.unwrap();
     let in_tx = one(&a, "SELECT pg_backend_pid()").await;
-    let started = Instant::now();
     let waiting = tokio::spawn(async move { one(&b, "SELECT pg_backend_pid()").await });
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    wait_until(
+        "the other session to queue for the connection",
+        Duration::from_secs(30),
+        async || queued(&p) == 1,
+    )
+    .await;
     assert!(
         !waiting.is_finished(),
         "ran while another client's transaction held the connection"
@@ -117,7 +128,6 @@ async fn a_transaction_keeps_its_connection_and_others_wait() {
     assert_eq!(one(&a, "SELECT pg_backend_pid()").await, in_tx);
     a.simple_query("COMMIT").await.unwrap();
     assert_eq!(waiting.await.unwrap(), in_tx);
-    assert!(started.elapsed() >= Duration::from_millis(400));
 }
 
 #[tokio::test]
@@ -183,10 +193,14 @@ async fn a_cancel_after_release_never_reaches_another_session() {
     let a_cancel = a.cancel_token();
     // B now runs on the connection A used; A's cancel must not touch it.
     let slow = tokio::spawn(async move {
-        let r = b.simple_query("SELECT pg_sleep(1.5)").await;
+        let r = b.simple_query("SELECT pg_sleep(1.5) AS not_a_target").await;
         (b, r)
     });
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let su = superusers().await;
+    wait_until("B's query to run", Duration::from_secs(30), async || {
+        running(&su, "AS not_a_target").await
+    })
+    .await;
     a_cancel.cancel_query(tokio_postgres::NoTls).await.unwrap();
     let (b, r) = slow.await.unwrap();
     assert!(
@@ -195,8 +209,14 @@ async fn a_cancel_after_release_never_reaches_another_session() {
     );
     // A cancel still stops its own client's running query.
     let b_cancel = b.cancel_token();
-    let own = tokio::spawn(async move { b.simple_query("SELECT pg_sleep(10)").await });
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let own =
+        tokio::spawn(async move { b.simple_query("SELECT pg_sleep(10) AS own_target").await });
+    wait_until(
+        "B's own query to run",
+        Duration::from_secs(30),
+        async || running(&su, "AS own_target").await,
+    )
+    .await;
     b_cancel.cancel_query(tokio_postgres::NoTls).await.unwrap();
     let e = tokio::time::timeout(Duration::from_secs(2), own)
         .await
@@ -208,16 +228,17 @@ async fn a_cancel_after_release_never_reaches_another_session() {
 
 #[tokio::test]
 async fn waiting_sessions_are_served_in_arrival_order() {
-    let addr = spawn_proxy(tx_config(1, Duration::from_secs(20)));
+    let p = spawn_proxy_full(tx_config(1, Duration::from_secs(20)));
     // Everyone logs in first (a login uses the connection for a moment).
-    let holder = connect(addr, "").await;
+    let holder = connect(p.addr, "").await;
     let mut clients = Vec::new();
     for _ in 0..4 {
-        clients.push(connect(addr, "").await);
+        clients.push(connect(p.addr, "").await);
     }
     holder.simple_query("BEGIN; SELECT 1").await.unwrap();
-    // Four sessions queue for the one connection, 150 ms apart; each holds it
-    // for 50 ms once served, so they finish in the order they were served.
+    // Four sessions queue for the one connection, each asking once the one
+    // before is queued; each holds it for 50 ms once served, so they finish
+    // in the order they were served.
     let served = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
     let mut tasks = Vec::new();
     for (i, c) in clients.into_iter().enumerate() {
@@ -226,7 +247,12 @@ async fn waiting_sessions_are_served_in_arrival_order() {
             c.simple_query("SELECT pg_sleep(0.05)").await.unwrap();
             served.lock().unwrap().push(i);
         }));
-        tokio::time::sleep(Duration::from_millis(150)).await;
+        wait_until(
+            &format!("session {i} to queue"),
+            Duration::from_secs(30),
+            async || queued(&p) == i + 1,
+        )
+        .await;
     }
     assert!(
         served.lock().unwrap().is_empty(),

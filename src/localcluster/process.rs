@@ -220,7 +220,12 @@ pub(super) fn run_command(
             let group = Pid::from_raw(child.id() as i32);
             for signal in [Signal::SIGTERM, Signal::SIGKILL] {
                 let _ = killpg(group, signal);
-                thread::sleep(Duration::from_millis(500));
+                // Up to 500 ms for the child to go; the group gets SIGKILL
+                // anyway, for what it may have started.
+                let grace = Instant::now() + Duration::from_millis(500);
+                while matches!(child.try_wait(), Ok(None)) && Instant::now() < grace {
+                    thread::sleep(Duration::from_millis(10));
+                }
             }
             if let Err(e) = child.wait() {
                 tracing::debug!(error = %e, "reaping a killed child failed");

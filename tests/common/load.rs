@@ -3,8 +3,8 @@
 //! time) and every error they saw.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::{Harness, connect, result_set, sqlstate};
@@ -29,10 +29,14 @@ pub struct Seen {
     pub errors: Vec<(Instant, String, String)>,
 }
 
+/// What one client has seen so far: it adds to it as it goes, the test
+/// looks at it while the load runs ([`Load::count`]).
+type Shared = Arc<Mutex<Seen>>;
+
 /// Clients writing (or reading) through pgpilot until stopped.
 pub struct Load {
     stop: Arc<AtomicBool>,
-    tasks: Vec<tokio::task::JoinHandle<Seen>>,
+    clients: Vec<(tokio::task::JoinHandle<()>, Shared)>,
 }
 
 impl Load {
@@ -40,34 +44,67 @@ impl Load {
     /// every `pause`; with `reconnect`, a client whose connection broke
     /// reconnects (as applications do), else it keeps its one connection.
     pub fn writers(addr: SocketAddr, writers: usize, pause: Duration, reconnect: bool) -> Load {
+        Load::start(writers, |w, stop, seen| {
+            write_loop(addr, w, pause, reconnect, stop, seen)
+        })
+    }
+
+    /// One client reading in autocommit every 20 ms on one connection.
+    pub fn reader(addr: SocketAddr) -> Load {
+        Load::start(1, |_, stop, seen| read_loop(addr, stop, seen))
+    }
+
+    fn start<F: Future<Output = ()> + Send + 'static>(
+        clients: usize,
+        run: impl Fn(usize, Arc<AtomicBool>, Shared) -> F,
+    ) -> Load {
         let stop = Arc::new(AtomicBool::new(false));
-        let tasks = (0..writers)
-            .map(|w| {
-                let stop = stop.clone();
-                tokio::spawn(async move { write_loop(addr, w, pause, reconnect, stop).await })
+        let clients = (0..clients)
+            .map(|i| {
+                let seen = Shared::default();
+                (tokio::spawn(run(i, stop.clone(), seen.clone())), seen)
             })
             .collect();
-        Load { stop, tasks }
+        Load { stop, clients }
+    }
+
+    /// Per client, how many of its acknowledgements so far match `f`.
+    pub fn count(&self, f: impl Fn(&Ack) -> bool) -> Vec<usize> {
+        self.clients
+            .iter()
+            .map(|(_, seen)| seen.lock().unwrap().acks.iter().filter(|a| f(a)).count())
+            .collect()
     }
 
     /// Stop the clients and collect what they saw.
     pub async fn finish(self) -> Vec<Seen> {
         self.stop.store(true, Ordering::Relaxed);
         let mut out = Vec::new();
-        for t in self.tasks {
-            out.push(t.await.expect("client task"));
+        for (task, seen) in self.clients {
+            task.await.expect("client task");
+            out.push(std::mem::take(&mut *seen.lock().unwrap()));
         }
         out
     }
 }
 
-fn record(seen: &mut Seen, e: &tokio_postgres::Error) {
+fn record(seen: &Shared, e: &tokio_postgres::Error) {
     let msg = e
         .as_db_error()
         .map(|d| d.message().to_string())
         .unwrap_or_else(|| e.to_string());
-    seen.errors
+    seen.lock()
+        .unwrap()
+        .errors
         .push((Instant::now(), sqlstate(e).unwrap_or_default(), msg));
+}
+
+fn ack(seen: &Shared, key: String, port: u16) {
+    seen.lock().unwrap().acks.push(Ack {
+        key,
+        port,
+        at: Instant::now(),
+    });
 }
 
 /// The connection task of a client: its result is an error the server sent
@@ -85,7 +122,7 @@ async fn connect_writer(
 }
 
 /// Record `e`, or, if the connection had closed, the error that closed it.
-async fn record_query_error(seen: &mut Seen, e: &tokio_postgres::Error, task: &mut ConnTask) {
+async fn record_query_error(seen: &Shared, e: &tokio_postgres::Error, task: &mut ConnTask) {
     if e.is_closed()
         && let Ok(Ok(Err(cause))) = tokio::time::timeout(Duration::from_secs(1), task).await
         && cause.as_db_error().is_some()
@@ -102,8 +139,8 @@ async fn write_loop(
     pause: Duration,
     reconnect: bool,
     stop: Arc<AtomicBool>,
-) -> Seen {
-    let mut seen = Seen::default();
+    seen: Shared,
+) {
     let mut client: Option<(tokio_postgres::Client, ConnTask)> = None;
     let mut seq = 0u64;
     while !stop.load(Ordering::Relaxed) {
@@ -111,7 +148,8 @@ async fn write_loop(
             match connect_writer(addr).await {
                 Ok(c) => client = Some(c),
                 Err(e) => {
-                    record(&mut seen, &e);
+                    record(&seen, &e);
+                    // An application's pause before it connects again.
                     tokio::time::sleep(Duration::from_millis(20)).await;
                     continue;
                 }
@@ -124,47 +162,34 @@ async fn write_loop(
         match c.simple_query(&sql).await {
             Ok(msgs) => {
                 let (_, rows) = result_set(&msgs);
-                let port = rows[0][0].parse().expect("port");
-                seen.acks.push(Ack {
-                    key,
-                    port,
-                    at: Instant::now(),
-                });
+                ack(&seen, key, rows[0][0].parse().expect("port"));
             }
             Err(e) => {
-                record_query_error(&mut seen, &e, task).await;
+                record_query_error(&seen, &e, task).await;
                 if reconnect || c.is_closed() {
                     client = None;
                 }
             }
         }
+        // The load's rate: one write per `pause` and client.
         tokio::time::sleep(pause).await;
     }
-    seen
 }
 
-/// A client reading in autocommit every 20 ms on one connection.
-pub fn reader(addr: SocketAddr, stop: Arc<AtomicBool>) -> tokio::task::JoinHandle<Seen> {
-    tokio::spawn(async move {
-        let mut seen = Seen::default();
-        let c = connect(addr, "application_name=reader").await;
-        while !stop.load(Ordering::Relaxed) {
-            match c
-                .simple_query("SELECT count(*), inet_server_port() FROM t")
-                .await
-            {
-                Ok(msgs) => {
-                    let (_, rows) = result_set(&msgs);
-                    seen.acks.push(Ack {
-                        key: String::new(),
-                        port: rows[0][1].parse().expect("port"),
-                        at: Instant::now(),
-                    });
-                }
-                Err(e) => record(&mut seen, &e),
+async fn read_loop(addr: SocketAddr, stop: Arc<AtomicBool>, seen: Shared) {
+    let c = connect(addr, "application_name=reader").await;
+    while !stop.load(Ordering::Relaxed) {
+        match c
+            .simple_query("SELECT count(*), inet_server_port() FROM t")
+            .await
+        {
+            Ok(msgs) => {
+                let (_, rows) = result_set(&msgs);
+                ack(&seen, String::new(), rows[0][1].parse().expect("port"));
             }
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            Err(e) => record(&seen, &e),
         }
-        seen
-    })
+        // The load's rate: one read every 20 ms.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }

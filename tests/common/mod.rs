@@ -224,6 +224,20 @@ pub async fn show(c: &tokio_postgres::Client, sql: &str) -> (Vec<String>, Vec<Ve
     )
 }
 
+/// The status of server connection `pid` in `SHOW POOL_POOLS`, if listed.
+pub async fn pool_status(admin: &tokio_postgres::Client, pid: i32) -> Option<String> {
+    let (cols, rows) = show(admin, "SHOW POOL_POOLS").await;
+    let col = |n: &str| {
+        cols.iter()
+            .position(|c| c == n)
+            .expect("a POOL_POOLS column")
+    };
+    let (backend, status) = (col("pool_backendpid"), col("status"));
+    rows.into_iter()
+        .find(|r| r[backend] == pid.to_string())
+        .map(|r| r[status].clone())
+}
+
 /// `name{labels}` → value, for every sample line of a Prometheus text exposition.
 pub fn parse_metrics(text: &str) -> std::collections::HashMap<String, f64> {
     text.lines()
@@ -238,18 +252,15 @@ pub fn parse_metrics(text: &str) -> std::collections::HashMap<String, f64> {
 /// Wait until `p` sees node 0 as the primary and every node in service, so the
 /// first sessions do not race the first health checks.
 pub async fn nodes_in_service(p: &Spawned) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let s = p.ctx.cluster.snapshot();
-        if s.primary == Some(0) && s.nodes.iter().all(|n| n.status.is_usable()) {
-            return;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "nodes not in service: {s:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_until(
+        "node 0 the primary and every node in service",
+        Duration::from_secs(30),
+        async || {
+            let s = p.ctx.cluster.snapshot();
+            s.primary == Some(0) && s.nodes.iter().all(|n| n.status.is_usable())
+        },
+    )
+    .await;
 }
 
 /// Connect to pgpilot at `addr` with tokio-postgres, driving the connection in a task.
@@ -302,7 +313,13 @@ pub async fn client_misbehaviour(addr: SocketAddr, prefix: &str) {
     c.batch_execute("SET idle_session_timeout = '200ms'")
         .await
         .unwrap();
-    tokio::time::sleep(Duration::from_millis(800)).await;
+    // Its primary connection's FATAL ends the session (as PostgreSQL's would).
+    wait_until(
+        "the idle_session_timeout FATAL to end the session",
+        Duration::from_secs(30),
+        async || c.is_closed(),
+    )
+    .await;
     assert!(c.simple_query("SELECT 1").await.is_err());
     // 3. A client vanishes in the middle of a query.
     let (client, conn) =
@@ -310,9 +327,15 @@ pub async fn client_misbehaviour(addr: SocketAddr, prefix: &str) {
             .await
             .unwrap();
     let conn_task = tokio::spawn(conn);
-    let sql = format!("{prefix} SELECT pg_sleep(5)");
+    let sql = format!("{prefix} SELECT pg_sleep(5) AS vanishing_client");
     let query = tokio::spawn(async move { client.simple_query(&sql).await });
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    let su = superusers().await;
+    wait_until(
+        "the vanishing client's query to run",
+        Duration::from_secs(30),
+        async || running(&su, "AS vanishing_client").await,
+    )
+    .await;
     conn_task.abort();
     query.abort();
 }
@@ -376,7 +399,7 @@ pub fn init_logs() {
     let _ = tracing_subscriber_init();
 }
 
-/// Poll `f` every 50 ms until it returns `Some`, or panic after `limit`.
+/// Poll `f` every 25 ms until it returns `Some`, or panic after `limit`.
 pub async fn wait_for<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>) -> T {
     let deadline = std::time::Instant::now() + limit;
     loop {
@@ -387,14 +410,92 @@ pub async fn wait_for<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Opt
             std::time::Instant::now() < deadline,
             "timed out after {limit:?} waiting for {what}"
         );
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        tokio::time::sleep(POLL).await;
     }
+}
+
+/// How often [`wait_until`] and [`wait_for`] look again.
+const POLL: Duration = Duration::from_millis(25);
+
+/// Wait until `cond` holds, looking every 25 ms; panic naming `what` after
+/// `limit`. For waits on something a test caused (a query running, a
+/// connection given back, a health check run): a fixed sleep is too long on
+/// a quiet machine and too short on a loaded one.
+pub async fn wait_until(what: &str, limit: Duration, mut cond: impl AsyncFnMut() -> bool) {
+    let deadline = std::time::Instant::now() + limit;
+    while !cond().await {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out after {limit:?} waiting for {what}"
+        );
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+/// Direct connections to every node of the shared cluster as the superuser
+/// (no pgpilot in between), in database `postgres`, for [`running`].
+pub async fn superusers() -> Vec<tokio_postgres::Client> {
+    let mut out = Vec::new();
+    for port in &harness().ports {
+        let info = format!("host=127.0.0.1 port={port} user=postgres dbname=postgres");
+        let (client, conn) = tokio_postgres::connect(&info, tokio_postgres::NoTls)
+            .await
+            .unwrap_or_else(|e| panic!("connect to port {port} as the superuser: {e}"));
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        out.push(client);
+    }
+    out
+}
+
+/// Whether a statement whose text contains `marker` is running (state
+/// `active`) on one of the nodes `su` ([`superusers`]) are connected to.
+pub async fn running(su: &[tokio_postgres::Client], marker: &str) -> bool {
+    for c in su {
+        let n: i64 = c
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE state = 'active' \
+                 AND pid <> pg_backend_pid() AND strpos(query, $1) > 0",
+                &[&marker],
+            )
+            .await
+            .expect("read pg_stat_activity")
+            .get(0);
+        if n > 0 {
+            return true;
+        }
+    }
+    false
+}
+
+/// Wait until every node of `ctx`'s cluster has finished `rounds` more health
+/// checks: for an assertion that something does not happen, the chance for it
+/// to happen. The first round may have started before the call.
+pub async fn health_rounds(ctx: &ProxyContext, rounds: u64) {
+    let after: Vec<u64> = ctx
+        .cluster
+        .health_stats()
+        .iter()
+        .map(|s| s.total_count + rounds)
+        .collect();
+    wait_until(
+        &format!("{rounds} more health checks of every node"),
+        Duration::from_secs(30),
+        async || {
+            let now = ctx.cluster.health_stats();
+            now.iter()
+                .zip(&after)
+                .all(|(s, &want)| s.total_count >= want)
+        },
+    )
+    .await;
 }
 
 /// A superuser role of its own for one pgpilot's `[monitor]`, so a test can
 /// tell that pgpilot's check connections from every other proxy's in
 /// `pg_stat_activity` (name `<prefix>_<pid>`; it replicates to the standbys).
-pub fn own_monitor_role(h: &Harness, cfg: &mut Config, prefix: &str) -> String {
+pub async fn own_monitor_role(h: &Harness, cfg: &mut Config, prefix: &str) -> String {
     let role = format!("{prefix}_{}", std::process::id());
     h.psql(
         0,
@@ -406,14 +507,12 @@ pub fn own_monitor_role(h: &Harness, cfg: &mut Config, prefix: &str) -> String {
     // Usable on every node before pgpilot's first check.
     let exists = format!("SELECT count(*) FROM pg_roles WHERE rolname = '{role}'");
     for node in 1..h.ports.len() {
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while h.psql(node, &exists) != "1" {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "role not replicated to node {node}"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        wait_until(
+            &format!("role {role} on node {node}"),
+            Duration::from_secs(30),
+            async || h.psql(node, &exists) == "1",
+        )
+        .await;
     }
     cfg.monitor.user = role.clone();
     cfg.monitor.password = "monpw".into();

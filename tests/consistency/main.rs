@@ -380,7 +380,17 @@ async fn new_databases_and_roles_are_usable_at_once() {
         .get(0);
     assert_eq!(who, role);
     drop((d, r));
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    wait_until(
+        "the sessions of the new database and role to end",
+        Duration::from_secs(30),
+        async || {
+            let (cols, rows) = show(&c, "SHOW POOL_PROCESSES").await;
+            let col = |n: &str| cols.iter().position(|c| c == n).expect("a column");
+            let (database, user) = (col("database"), col("username"));
+            !rows.iter().any(|r| r[database] == db || r[user] == role)
+        },
+    )
+    .await;
     c.batch_execute(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"))
         .await
         .unwrap();
@@ -468,7 +478,7 @@ async fn the_replay_poller_sleeps_when_unneeded_and_wakes_for_a_read() {
     let _serial = SERIAL.lock().await;
     let h = harness();
     let mut cfg = config(ConsistencyMode::Session);
-    let role = own_monitor_role(h, &mut cfg, "mon_lsn");
+    let role = own_monitor_role(h, &mut cfg, "mon_lsn").await;
     let addr = spawn_proxy(cfg);
     let c = connect(addr, "").await;
     c.batch_execute("DROP TABLE IF EXISTS dormant; CREATE TABLE dormant (id int)")
@@ -483,8 +493,10 @@ async fn the_replay_poller_sleeps_when_unneeded_and_wakes_for_a_read() {
     let lsn_conns = |node| monitor_backends(h, node, &role, "pgpilot-lsn");
     assert!(!lsn_conns(1).is_empty() || !lsn_conns(2).is_empty());
     // Nobody needs them for longer than DORMANT_AFTER: it stops asking.
+    // Time itself: the poller must go dormant after DORMANT_AFTER.
     tokio::time::sleep(pgpilot::consistency::DORMANT_AFTER + Duration::from_secs(1)).await;
     let before = (lsn_conns(1), lsn_conns(2));
+    // Time itself: a poller still awake would ask every IDLE_POLL (50 ms).
     tokio::time::sleep(Duration::from_millis(600)).await;
     assert_eq!(
         (lsn_conns(1), lsn_conns(2)),

@@ -26,10 +26,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use common::load::{Ack, Load, reader};
+use common::load::{Ack, Load};
 use common::{
     DB, PASSWORD, StoppableProxy, USER, connect, harness, http_get, parse_metrics, result_set,
-    show, spawn_proxy_stoppable, sqlstate, wait_for,
+    show, spawn_proxy_stoppable, sqlstate, wait_for, wait_until,
 };
 use pgpilot::cluster::events::Event;
 use pgpilot::config::{Config, ConsistencyMode, FailoverMode};
@@ -135,19 +135,18 @@ async fn metrics(p: &StoppableProxy) -> HashMap<String, f64> {
 /// `node`: it streams from the new primary.
 async fn replicated_to(c: &Arc<LocalCluster>, node: usize, key: &str) -> Duration {
     let t0 = Instant::now();
-    loop {
-        let sql = format!("SELECT count(*) FROM t WHERE k = '{key}'");
-        let (c2, sql2) = (c.clone(), sql.clone());
-        let got = blocking(move || c2.psql_db(node, DB, &sql2)).await;
-        if got.as_deref().ok() == Some("1") {
-            return t0.elapsed();
-        }
-        assert!(
-            t0.elapsed() < Duration::from_secs(40),
-            "row {key} never reached node {node}: {got:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let sql = format!("SELECT count(*) FROM t WHERE k = '{key}'");
+    wait_until(
+        &format!("row {key} on node {node}"),
+        Duration::from_secs(40),
+        async || {
+            let (c, sql) = (c.clone(), sql.clone());
+            let got = blocking(move || c.psql_db(node, DB, &sql)).await;
+            got.as_deref().ok() == Some("1")
+        },
+    )
+    .await;
+    t0.elapsed()
 }
 
 /// Kill node 0 while a client holds an idle session (it notices at once).

@@ -175,6 +175,8 @@ async fn none_mode_waits_for_an_outside_promotion_and_clients_wait_too() {
         let (r, _) = insert(c, "new-session").await;
         (r, t0.elapsed())
     });
+    // Time itself: without a primary, writes wait (for 2 s here, asserted
+    // below) instead of failing.
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert!(!old_session.is_finished() && !new_session.is_finished());
     assert_eq!(

@@ -30,34 +30,54 @@ async fn promote_node_switches_over_without_client_errors() {
     let load = Load::writers(p.addr, 3, Duration::from_millis(20), false);
     // What SHOW POOL_NODES says as the switchover goes on.
     let stop = Arc::new(AtomicBool::new(false));
+    let primaries = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
     let watcher = {
-        let (stop, addr) = (stop.clone(), p.addr);
+        let (stop, addr, seen) = (stop.clone(), p.addr, primaries.clone());
         tokio::spawn(async move {
             let c = connect(addr, "").await;
-            let mut seen: Vec<String> = Vec::new();
             while !stop.load(Ordering::Relaxed) {
                 let (_, rows) = show(&c, "SHOW POOL_NODES").await;
                 let primary = rows
                     .iter()
                     .find(|r| r[6] == "primary")
                     .map_or("none".to_string(), |r| r[0].clone());
-                if seen.last() != Some(&primary) {
-                    seen.push(primary);
+                {
+                    let mut seen = seen.lock().unwrap();
+                    if seen.last() != Some(&primary) {
+                        seen.push(primary);
+                    }
                 }
+                // Sampling: often enough to see the moment without a primary.
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
-            seen
         })
     };
-    tokio::time::sleep(Duration::from_millis(800)).await;
+    let last_primary = || primaries.lock().unwrap().last().cloned();
+    wait_until(
+        "every writer's first 10 writes and the watcher's first look",
+        Duration::from_secs(30),
+        async || {
+            load.count(|_| true).iter().all(|&n| n >= 10) && last_primary().as_deref() == Some("0")
+        },
+    )
+    .await;
     let t0 = Instant::now();
     let (ok, out) = cli(&["promote", "1", "--config", conf]).await;
     let took = t0.elapsed();
     assert!(ok, "pgpilot promote failed:\n{out}");
-    tokio::time::sleep(Duration::from_millis(800)).await;
+    wait_until(
+        "every writer's write on node 1 and the watcher to see it the primary",
+        Duration::from_secs(30),
+        async || {
+            load.count(|a| a.port == ports[1]).iter().all(|&n| n > 0)
+                && last_primary().as_deref() == Some("1")
+        },
+    )
+    .await;
     let seen = load.finish().await;
     stop.store(true, Ordering::Relaxed);
-    let primaries = watcher.await.unwrap();
+    watcher.await.unwrap();
+    let primaries = primaries.lock().unwrap().clone();
     let acked: Vec<&Ack> = seen.iter().flat_map(|s| &s.acks).collect();
     let errors: Vec<_> = seen.iter().flat_map(|s| &s.errors).collect();
     let on_new = keys_on(&cluster, 1).await;
@@ -152,7 +172,7 @@ async fn detach_and_attach_a_standby() {
     );
     assert!(ports.contains(&h.ports[1]), "{ports:?}");
     // Still detached after its next health checks.
-    tokio::time::sleep(Duration::from_millis(2500)).await;
+    common::health_rounds(&p.ctx, 3).await;
     assert!(!p.ctx.cluster.snapshot().nodes[2].status.is_usable());
 
     let e = c.simple_query("DETACH NODE 0").await.unwrap_err();

@@ -18,10 +18,16 @@ async fn nothing_a_client_does_fails_over_a_healthy_primary() {
     let c = connect(p.addr, "").await;
     let token = c.cancel_token();
     let q = tokio::spawn(async move {
-        c.simple_query(&format!("{primary} SELECT pg_sleep(5)"))
+        c.simple_query(&format!("{primary} SELECT pg_sleep(5) AS cancel_target"))
             .await
     });
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let su = common::superusers().await;
+    wait_until(
+        "the query to cancel to run",
+        Duration::from_secs(30),
+        async || common::running(&su, "AS cancel_target").await,
+    )
+    .await;
     token.cancel_query(tokio_postgres::NoTls).await.unwrap();
     let e = q.await.unwrap().unwrap_err();
     assert_eq!(sqlstate(&e).as_deref(), Some("57014"), "{e}");
@@ -41,7 +47,8 @@ async fn nothing_a_client_does_fails_over_a_healthy_primary() {
     for k in kills {
         k.await.unwrap();
     }
-    tokio::time::sleep(Duration::from_millis(2500)).await;
+    // Health checks (and the probes session errors trigger) had their chance.
+    common::health_rounds(&p.ctx, 3).await;
     let r = p.ctx.cluster.failover_report();
     assert_eq!(r.counts.get(Event::FailoverStarted), 0, "{r:?}");
     assert!(r.current.is_none() && r.blocked.is_none());
@@ -101,6 +108,8 @@ async fn a_lagging_candidate_is_refused_until_an_operator_promotes_it() {
         detail.contains("refused") && detail.contains("max_lag_bytes"),
         "{detail}"
     );
+    // Time itself: the waiting failover retries its candidate every second;
+    // two seconds of retries must not promote it.
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(psql(&cluster, 1, "SELECT pg_is_in_recovery()").await, "t");
     let (cols, rows) = show(&admin, "SHOW PGPILOT_FAILOVER").await;

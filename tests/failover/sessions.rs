@@ -37,11 +37,12 @@ async fn a_statement_parsed_on_the_new_primary_after_a_failover_keeps_its_shape(
     let p = spawn_proxy_stoppable(cfg);
     all_in_service(&p, 0).await;
     // Node 2 serves the first prepare: it must have replayed the table.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while psql(&cluster, 2, "SELECT to_regclass('shape_f') IS NOT NULL").await != "t" {
-        assert!(Instant::now() < deadline, "node 2 never replayed the table");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_until(
+        "node 2 to replay the table",
+        Duration::from_secs(30),
+        async || psql(&cluster, 2, "SELECT to_regclass('shape_f') IS NOT NULL").await == "t",
+    )
+    .await;
     let c = connect(p.addr, "application_name=shape_failover").await;
     let sql = "SELECT current_setting('cluster_name'), a, b FROM shape_f";
     let stmt = c.prepare(sql).await.unwrap();
@@ -51,15 +52,13 @@ async fn a_statement_parsed_on_the_new_primary_after_a_failover_keeps_its_shape(
     psql(&cluster, 0, "ALTER TABLE shape_f ALTER COLUMN b TYPE real").await;
     // Both standbys replay the ALTER before the primary dies: the statement
     // prepared again afterwards (on node 2) must see the new type.
-    let deadline = Instant::now() + Duration::from_secs(30);
     for node in [1, 2] {
-        while type_of_b(&cluster, node).await != "real" {
-            assert!(
-                Instant::now() < deadline,
-                "node {node} never replayed the ALTER"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        wait_until(
+            &format!("node {node} to replay the ALTER"),
+            Duration::from_secs(30),
+            async || type_of_b(&cluster, node).await == "real",
+        )
+        .await;
     }
     let since = kill_primary(&cluster, &p).await;
     new_primary(&p, 1, since, Duration::from_secs(60)).await;

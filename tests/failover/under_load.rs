@@ -13,9 +13,13 @@ async fn killing_the_primary_under_write_load_promotes_the_most_advanced_standby
     let ports: Vec<u16> = cluster.nodes.iter().map(|n| n.port).collect();
 
     let load = Load::writers(p.addr, 4, Duration::from_millis(5), true);
-    let stop_reader = Arc::new(AtomicBool::new(false));
-    let reads = reader(p.addr, stop_reader.clone());
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let reads = Load::reader(p.addr);
+    wait_until(
+        "every writer's first 25 writes and a read",
+        Duration::from_secs(30),
+        async || load.count(|_| true).iter().all(|&n| n >= 25) && reads.count(|_| true)[0] > 0,
+    )
+    .await;
 
     let killed = Instant::now();
     let c = cluster.clone();
@@ -28,10 +32,18 @@ async fn killing_the_primary_under_write_load_promotes_the_most_advanced_standby
     })
     .await;
     let published = killed.elapsed();
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    wait_until(
+        "every writer's write on the new primary and a read after it was published",
+        Duration::from_secs(30),
+        async || {
+            let on_new = |a: &Ack| a.port == ports[new] && a.at > killed;
+            load.count(on_new).iter().all(|&n| n > 0)
+                && reads.count(|a| a.at > killed + published)[0] > 0
+        },
+    )
+    .await;
     let seen = load.finish().await;
-    stop_reader.store(true, Ordering::Relaxed);
-    let read_seen = reads.await.unwrap();
+    let read_seen = reads.finish().await.remove(0);
 
     // Downtime: kill → first write acknowledged by the new primary.
     let first_new = seen
@@ -157,6 +169,8 @@ async fn killing_the_primary_under_write_load_promotes_the_most_advanced_standby
             .await
             .unwrap();
     }
+    // Time itself: a stray transaction shows in pg_stat_database only once
+    // its backend flushes its statistics (at most once a second).
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let after = activity(&cluster, 0).await;
     assert_eq!(before, after, "a statement reached the fenced old primary");

@@ -45,20 +45,18 @@ async fn a_user_with_only_a_scram_verifier_reaches_primary_and_standby() {
         0,
         "SELECT rolpassword FROM pg_authid WHERE rolname = 'scram_only'",
     );
-    let replayed = |verifier: &str| {
-        let deadline = Instant::now() + Duration::from_secs(30);
+    let replayed = async |verifier: &str| {
+        let sql = "SELECT rolpassword FROM pg_authid WHERE rolname = 'scram_only'";
         for node in 1..3 {
-            let sql = "SELECT rolpassword FROM pg_authid WHERE rolname = 'scram_only'";
-            while h.psql(node, sql).trim() != verifier.trim() {
-                assert!(
-                    Instant::now() < deadline,
-                    "node {node} did not replay the role"
-                );
-                std::thread::sleep(Duration::from_millis(50));
-            }
+            wait_until(
+                &format!("node {node} to replay the role"),
+                Duration::from_secs(30),
+                async || h.psql(node, sql).trim() == verifier.trim(),
+            )
+            .await;
         }
     };
-    replayed(&verifier);
+    replayed(&verifier).await;
     let mut cfg = h.config();
     let mut user = cfg.users[0].clone();
     user.name = "scram_only".into();
@@ -93,7 +91,7 @@ async fn a_user_with_only_a_scram_verifier_reaches_primary_and_standby() {
         "SELECT rolpassword FROM pg_authid WHERE rolname = 'scram_only'",
     );
     assert_ne!(changed, verifier);
-    replayed(&changed);
+    replayed(&changed).await;
     let Err(e) = login("pw1", "postgres").await else {
         panic!("a node with another verifier let pgpilot in");
     };

@@ -24,35 +24,33 @@ async fn pooled(admin: &tokio_postgres::Client, database: &str) -> Vec<(String, 
 /// Wait until pgpilot has idle pooled connections to `database` on the
 /// primary and on a standby.
 async fn wait_idle_on_primary_and_standby(admin: &tokio_postgres::Client, database: &str) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let idle: Vec<String> = pooled(admin, database)
-            .await
-            .into_iter()
-            .filter(|(_, s)| s == "idle")
-            .map(|(n, _)| n)
-            .collect();
-        if idle.iter().any(|n| n == "0") && idle.iter().any(|n| n != "0") {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no idle connections to {database} on the primary and a standby: {idle:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_until(
+        &format!("idle connections to {database} on the primary and a standby"),
+        Duration::from_secs(30),
+        async || {
+            let idle: Vec<String> = pooled(admin, database)
+                .await
+                .into_iter()
+                .filter(|(_, s)| s == "idle")
+                .map(|(n, _)| n)
+                .collect();
+            idle.iter().any(|n| n == "0") && idle.iter().any(|n| n != "0")
+        },
+    )
+    .await;
 }
 
 /// Wait until `database` exists on every standby (a client may be balanced there).
-fn wait_replicated(database: &str) {
+async fn wait_replicated(database: &str) {
     let h = harness();
     let sql = format!("SELECT count(*) FROM pg_database WHERE datname = '{database}'");
     for node in 1..h.ports.len() {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while h.psql(node, &sql) != "1" {
-            assert!(Instant::now() < deadline, "{database} not on node {node}");
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        wait_until(
+            &format!("{database} on node {node}"),
+            Duration::from_secs(30),
+            async || h.psql(node, &sql) == "1",
+        )
+        .await;
     }
 }
 
@@ -83,7 +81,7 @@ async fn a_database_pgpilot_pools_connections_to_can_be_dropped_renamed_and_copi
     // A client used the database and left: pgpilot's idle connections to it
     // do not stop its drop.
     run(format!("CREATE DATABASE {dropped}")).await.unwrap();
-    wait_replicated(dropped);
+    wait_replicated(dropped).await;
     drop(use_database(dropped).await);
     wait_idle_on_primary_and_standby(&admin, dropped).await;
     run(format!("DROP DATABASE {dropped}")).await.unwrap();
@@ -91,7 +89,7 @@ async fn a_database_pgpilot_pools_connections_to_can_be_dropped_renamed_and_copi
     // A client still connected: PostgreSQL's own error, and the client's
     // connections are left alone. Once it leaves, the rename goes through.
     run(format!("CREATE DATABASE {db}")).await.unwrap();
-    wait_replicated(db);
+    wait_replicated(db).await;
     let user = use_database(db).await;
     let e = run(format!("ALTER DATABASE {db} RENAME TO {renamed}"))
         .await
@@ -102,7 +100,7 @@ async fn a_database_pgpilot_pools_connections_to_can_be_dropped_renamed_and_copi
     run(format!("ALTER DATABASE {db} RENAME TO {renamed}"))
         .await
         .unwrap();
-    wait_replicated(renamed);
+    wait_replicated(renamed).await;
 
     // Copied, through the extended protocol.
     drop(use_database(renamed).await);
@@ -122,15 +120,12 @@ async fn a_database_pgpilot_pools_connections_to_can_be_dropped_renamed_and_copi
     run(format!("DROP DATABASE {copy}")).await.unwrap();
     // None kept, on the primary or the standbys (which end their own
     // sessions of a database as they replay its drop).
-    let deadline = Instant::now() + Duration::from_secs(10);
     for d in [dropped, db, renamed, copy] {
-        while !pooled(&admin, d).await.is_empty() {
-            assert!(
-                Instant::now() < deadline,
-                "{d}: {:?}",
-                pooled(&admin, d).await
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        wait_until(
+            &format!("no pooled connection to {d}"),
+            Duration::from_secs(30),
+            async || pooled(&admin, d).await.is_empty(),
+        )
+        .await;
     }
 }

@@ -73,19 +73,19 @@ async fn a_terminated_backend_ends_the_clients_session() {
     // A read on a standby leaves the primary's connection idle. Other tests
     // share the cluster (a standby may lag past the threshold for a moment
     // on a loaded machine), so read until one lands there.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let read: String = c
-            .query_one("SELECT current_setting('cluster_name')", &[])
-            .await
-            .unwrap()
-            .get(0);
-        if read != "node0" {
-            break;
-        }
-        assert!(Instant::now() < deadline, "no read ran on a standby");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    common::wait_until(
+        "a read to run on a standby",
+        Duration::from_secs(30),
+        async || {
+            let read: String = c
+                .query_one("SELECT current_setting('cluster_name')", &[])
+                .await
+                .unwrap()
+                .get(0);
+            read != "node0"
+        },
+    )
+    .await;
     h.psql(0, &format!("SELECT pg_terminate_backend({pid})"));
     wait_gone(h, pid).await;
     let e = c

@@ -12,7 +12,10 @@ mod identity;
 use std::time::{Duration, Instant};
 
 use common::raw::{ended_with, login_raw, read_msg, send_query, sqlstate_of, until_ready};
-use common::{DB, PASSWORD, USER, connect, harness, spawn_proxy, sqlstate, try_connect};
+use common::{
+    DB, PASSWORD, USER, connect, harness, pool_status, running, spawn_proxy, spawn_proxy_full,
+    sqlstate, superusers, try_connect, wait_until,
+};
 use futures_util::{SinkExt, StreamExt, TryStreamExt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -236,18 +239,25 @@ async fn cancel_request_reaches_the_server() {
     let h = harness();
     let c = connect(h.proxy, "").await;
     let token = c.cancel_token();
-    let started = Instant::now();
-    let canceller = tokio::spawn(async move {
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        token.cancel_query(tokio_postgres::NoTls).await
-    });
-    let e = c.query("SELECT pg_sleep(10)", &[]).await.unwrap_err();
-    canceller.await.unwrap().unwrap();
+    let su = superusers().await;
+    let canceller = async {
+        wait_until(
+            "the query to cancel to run",
+            Duration::from_secs(30),
+            async || running(&su, "AS cancel_me").await,
+        )
+        .await;
+        let sent = Instant::now();
+        token.cancel_query(tokio_postgres::NoTls).await.unwrap();
+        sent
+    };
+    let (r, sent) = tokio::join!(c.query("SELECT pg_sleep(10) AS cancel_me", &[]), canceller);
+    let e = r.unwrap_err();
     assert_eq!(sqlstate(&e).as_deref(), Some("57014"), "{e}");
     assert!(
-        started.elapsed() < Duration::from_millis(1300),
+        sent.elapsed() < Duration::from_millis(1000),
         "cancel took {:?}",
-        started.elapsed()
+        sent.elapsed()
     );
     // The session is still usable after the cancel.
     assert_eq!(
@@ -345,7 +355,13 @@ async fn backend_connection_is_reused_across_sessions() {
         .unwrap()
         .get(0);
     drop(c1);
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let admin = connect(h.proxy, "").await;
+    wait_until(
+        "the server connection back in the pool",
+        Duration::from_secs(30),
+        async || pool_status(&admin, pid1).await.as_deref() == Some("idle"),
+    )
+    .await;
     let c2 = connect(h.proxy, extra).await;
     let pid2: i32 = c2
         .query_one("/* pgpilot:primary */ SELECT pg_backend_pid()", &[])
@@ -390,7 +406,8 @@ async fn pool_exhaustion_gives_53300_after_the_wait() {
     let mut cfg = h.config();
     cfg.pool.max_connections_per_node = 2;
     cfg.pool.acquire_timeout = Duration::from_millis(800);
-    let addr = spawn_proxy(cfg);
+    let p = spawn_proxy_full(cfg);
+    let addr = p.addr;
     let a = connect(addr, "").await;
     let b = connect(addr, "").await;
     let started = Instant::now();
@@ -406,7 +423,19 @@ async fn pool_exhaustion_gives_53300_after_the_wait() {
     );
     // Once a session ends, its connection serves the next one.
     drop(a);
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    wait_until(
+        "the first session to end and free its connection",
+        Duration::from_secs(30),
+        async || {
+            let pool = &p.ctx.pool;
+            p.ctx.sessions.len() == 1
+                && (0..pool.nodes()).all(|n| {
+                    let st = pool.stats(n);
+                    st.open - st.idle <= 1
+                })
+        },
+    )
+    .await;
     let c = connect(addr, "").await;
     assert_eq!(
         c.query_one("SELECT 1", &[]).await.unwrap().get::<_, i32>(0),
@@ -475,24 +504,25 @@ async fn client_vanishing_mid_transaction_never_pools_a_dirty_connection() {
     .await;
     let pid: i32 = until_ready(&mut s).await[0].parse().unwrap();
     send_query(&mut s, "SELECT pg_sleep(30)").await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    let sleeping = format!(
+        "SELECT count(*) FROM pg_stat_activity WHERE pid = {pid} AND state = 'active' \
+         AND query = 'SELECT pg_sleep(30)'"
+    );
+    wait_until(
+        "the long query to run",
+        Duration::from_secs(30),
+        async || h.psql(0, &sleeping) == "1",
+    )
+    .await;
     drop(s);
     // The server process goes away (cancelled and closed), and nothing was committed.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let alive = h.psql(
-            0,
-            &format!("SELECT count(*) FROM pg_stat_activity WHERE pid = {pid}"),
-        );
-        if alive == "0" {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "server process {pid} still alive"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let alive = format!("SELECT count(*) FROM pg_stat_activity WHERE pid = {pid}");
+    wait_until(
+        &format!("server process {pid} to exit"),
+        Duration::from_secs(30),
+        async || h.psql(0, &alive) == "0",
+    )
+    .await;
     let n: i64 = c
         .query_one("SELECT count(*) FROM vanish", &[])
         .await
@@ -509,7 +539,16 @@ async fn client_vanishing_mid_transaction_never_pools_a_dirty_connection() {
     .await;
     let pid2: i32 = until_ready(&mut s).await[0].parse().unwrap();
     drop(s);
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // pgpilot noticed: the connection is closed or its transaction rolled back.
+    let in_tx = format!(
+        "SELECT count(*) FROM pg_stat_activity WHERE pid = {pid2} AND state = 'idle in transaction'"
+    );
+    wait_until(
+        &format!("server process {pid2} to leave its transaction"),
+        Duration::from_secs(30),
+        async || h.psql(0, &in_tx) == "0",
+    )
+    .await;
     let mut s = login_raw(h.proxy).await;
     send_query(
         &mut s,
@@ -662,7 +701,8 @@ async fn a_client_that_stops_reading_is_cut_off_after_the_write_limit() {
     let h = harness();
     let mut cfg = h.config();
     cfg.timeouts.write = Duration::from_secs(1);
-    let addr = spawn_proxy(cfg);
+    let p = spawn_proxy_full(cfg);
+    let addr = p.addr;
     let mut s = login_raw(addr).await;
     // About 64 MB of answer, far more than the socket buffers hold.
     send_query(
@@ -670,7 +710,13 @@ async fn a_client_that_stops_reading_is_cut_off_after_the_write_limit() {
         "/* pgpilot:primary */ SELECT repeat('x', 65536) FROM generate_series(1, 1024)",
     )
     .await;
-    tokio::time::sleep(Duration::from_secs(4)).await;
+    // The client reads nothing until pgpilot has ended its session.
+    wait_until(
+        "pgpilot to cut off the client that stopped reading",
+        Duration::from_secs(30),
+        async || p.ctx.sessions.is_empty(),
+    )
+    .await;
     // What was buffered still arrives, then the connection ends early.
     let mut rows = 0;
     let read_all = tokio::time::timeout(Duration::from_secs(20), async {
@@ -761,18 +807,15 @@ async fn startup_notices_reach_the_client() {
     drop(s);
     // Log in again until the same server connection serves the login (it is
     // given back to the pool when the first session ends).
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let (mut s, again) = common::raw::login_raw_with(h.proxy, &params).await;
-        assert_eq!(login_shape(&again), direct);
-        common::raw::send_query(&mut s, pid_sql).await;
-        if common::raw::until_ready(&mut s).await == pid {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the pooled connection never came back"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_until(
+        "the pooled connection to serve a login",
+        Duration::from_secs(30),
+        async || {
+            let (mut s, again) = common::raw::login_raw_with(h.proxy, &params).await;
+            assert_eq!(login_shape(&again), direct);
+            common::raw::send_query(&mut s, pid_sql).await;
+            common::raw::until_ready(&mut s).await == pid
+        },
+    )
+    .await;
 }

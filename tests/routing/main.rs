@@ -44,6 +44,7 @@ use std::time::{Duration, Instant};
 
 use common::{
     DB, PASSWORD, Spawned, USER, connect, harness, nodes_in_service, spawn_proxy_full, sqlstate,
+    wait_until,
 };
 use futures_util::{SinkExt, TryStreamExt};
 use pgpilot::config::Config;
@@ -134,23 +135,21 @@ impl Nodes {
             .await
             .unwrap()
             .get(0);
-        let deadline = Instant::now() + Duration::from_secs(30);
         for s in &self.su[1..] {
-            loop {
-                let done: bool = s
-                    .query_one(
+            wait_until(
+                &format!("a standby to replay {lsn}"),
+                Duration::from_secs(30),
+                async || {
+                    s.query_one(
                         "SELECT coalesce(pg_last_wal_replay_lsn() >= $1::text::pg_lsn, false)",
                         &[&lsn],
                     )
                     .await
                     .unwrap()
-                    .get(0);
-                if done {
-                    break;
-                }
-                assert!(Instant::now() < deadline, "standby did not replay {lsn}");
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
+                    .get(0)
+                },
+            )
+            .await;
         }
     }
 
