@@ -10,6 +10,7 @@
 //! PostgreSQL clusters for `pgpilot demo` and the tests.
 
 pub mod admin;
+pub mod auth;
 pub mod backend;
 pub mod cluster;
 pub mod config;

@@ -1,19 +1,24 @@
 //! The client's side of connection start: the first packet (SSL/GSS refusal,
-//! cancel, protocol version) and password authentication.
+//! cancel, protocol version) and client authentication: the `hba_file` line
+//! the client matches (or, without rules, the user's configured `auth`)
+//! decides the exchange.
 //!
 //! Failures come back as a ready-to-send [`PgError`]; the caller writes it and
 //! closes. Unknown users go through the same SCRAM exchange as known ones and
 //! fail with the same 28P01 message, so user names cannot be probed.
 
+use std::net::IpAddr;
+
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use crate::auth::hba::{Method, Peer};
 use crate::config::{AuthMethod, Config};
 use crate::error::ToPgError;
 use crate::error::sqlstate::*;
 use crate::protocol::auth::{
-    AuthError, ScramKeys, ScramServer, ScramVerifier, md5_check, md5_stored,
+    AuthError, ScramKeys, ScramServer, ScramVerifier, md5_check, md5_stored, scram_password_check,
 };
 use crate::protocol::frame::next_frame;
 use crate::protocol::messages::{self, PgError};
@@ -113,27 +118,152 @@ fn map_auth(e: AuthError, user: &str) -> PgError {
     }
 }
 
-/// Authenticate `user` per its configured method. On success nothing has been
-/// written yet beyond the exchange itself; the caller sends AuthenticationOk.
-/// A SCRAM login returns what it proved: the keys log in to nodes for a user
-/// configured without a password.
+/// Who is logging in, from where, and over what.
+#[derive(Debug, Clone, Copy)]
+pub struct Login<'a> {
+    /// Role name from the startup packet.
+    pub user: &'a str,
+    /// Database from the startup packet (the user name when absent).
+    pub database: &'a str,
+    /// The client's address.
+    pub addr: IpAddr,
+    /// Whether the client connection is TLS-encrypted (never, yet).
+    pub tls: bool,
+}
+
+/// What the client is asked for.
+enum Challenge {
+    /// Nothing: it is in.
+    Trust,
+    /// An MD5 challenge against the stored MD5 form.
+    Md5(String),
+    /// A SCRAM-SHA-256 exchange; `known` is false for the mock verifier of a
+    /// user who cannot log in, whose exchange fails at its end.
+    Scram {
+        /// The verifier the proof is checked against.
+        verifier: ScramVerifier,
+        /// Whether a login may succeed.
+        known: bool,
+    },
+    /// The password in clear text.
+    Cleartext,
+}
+
+/// The connection's encryption as PostgreSQL words it in hba messages.
+fn encryption(login: &Login<'_>) -> &'static str {
+    if login.tls {
+        "SSL encryption"
+    } else {
+        "no encryption"
+    }
+}
+
+/// Decide the challenge: by the matching `hba_file` line when rules are
+/// configured (PostgreSQL's messages when none matches or it rejects), else
+/// by the user's configured `auth`.
+fn challenge(
+    config: &Config,
+    login: &Login<'_>,
+    server_secret: &[u8],
+) -> Result<Challenge, PgError> {
+    let user = login.user;
+    let known = config.user(user);
+    // Unknown users and users without a password go through the same SCRAM
+    // exchange as others and fail at its end, so names cannot be probed.
+    let scram = || match known.and_then(|u| u.verifier.clone()) {
+        Some(verifier) => Challenge::Scram {
+            verifier,
+            known: true,
+        },
+        None => Challenge::Scram {
+            verifier: ScramVerifier::mock(user, server_secret),
+            known: false,
+        },
+    };
+    let Some(rules) = &config.hba else {
+        return Ok(match known.map(|u| u.auth) {
+            Some(AuthMethod::Trust) => Challenge::Trust,
+            Some(AuthMethod::Md5) => Challenge::Md5(
+                known
+                    .and_then(|u| u.password.as_deref())
+                    .map(|p| md5_stored(user, p))
+                    .unwrap_or_default(),
+            ),
+            Some(AuthMethod::ScramSha256) | None => scram(),
+        });
+    };
+    let peer = Peer {
+        addr: login.addr,
+        tls: login.tls,
+        user,
+        database: login.database,
+    };
+    let host = login.addr.to_canonical();
+    let (db, enc) = (login.database, encryption(login));
+    let Some(verdict) = rules.lookup(&peer) else {
+        return Err(PgError::fatal(
+            INVALID_AUTHORIZATION,
+            format!(
+                "no pg_hba.conf entry for host \"{host}\", user \"{user}\", database \"{db}\", {enc}"
+            ),
+        ));
+    };
+    tracing::debug!(user, line = verdict.line, method = ?verdict.method, "hba_file line matched");
+    Ok(match verdict.method {
+        Method::Reject => {
+            return Err(PgError::fatal(
+                INVALID_AUTHORIZATION,
+                format!(
+                    "pg_hba.conf rejects connection for host \"{host}\", user \"{user}\", database \"{db}\", {enc}"
+                ),
+            ));
+        }
+        // pgpilot checks no client certificates (and no connection is TLS yet).
+        Method::Cert => {
+            return Err(PgError::fatal(
+                INVALID_AUTHORIZATION,
+                "connection requires a valid client certificate",
+            ));
+        }
+        Method::Trust if known.is_none() => {
+            return Err(PgError::fatal(
+                INVALID_AUTHORIZATION,
+                format!("role \"{user}\" does not exist"),
+            ));
+        }
+        Method::Trust => Challenge::Trust,
+        // PostgreSQL: an md5 line uses MD5 unless the password is stored as a
+        // SCRAM verifier, then SCRAM. A configured `password` is the clear
+        // text, which MD5 can check (as PgBouncer does with its auth_file).
+        Method::Md5 => match known {
+            Some(u) if u.scram_verifier.is_none() && u.password.is_some() => {
+                Challenge::Md5(md5_stored(user, u.password.as_deref().unwrap_or_default()))
+            }
+            _ => scram(),
+        },
+        Method::ScramSha256 => scram(),
+        Method::Password => Challenge::Cleartext,
+    })
+}
+
+/// Authenticate a client by the `hba_file` line it matches, or by its
+/// configured method without rules. On success nothing has been written yet
+/// beyond the exchange itself; the caller sends AuthenticationOk. A SCRAM (or
+/// clear-text, against a verifier) login returns what it proved: the keys
+/// log in to nodes for a user configured without a password.
 pub async fn authenticate(
     stream: &mut TcpStream,
     config: &Config,
-    user: &str,
+    login: &Login<'_>,
     server_secret: &[u8],
 ) -> Result<Option<ScramKeys>, PgError> {
+    let user = login.user;
     let mut inbuf = BytesMut::new();
     let mut out = BytesMut::new();
     let known = config.user(user);
-    let method = known.map(|u| u.auth).unwrap_or(AuthMethod::ScramSha256);
-    match method {
-        AuthMethod::Trust => Ok(None),
-        AuthMethod::Md5 => {
-            let stored = known
-                .and_then(|u| u.password.as_deref())
-                .map(|p| md5_stored(user, p))
-                .unwrap_or_default();
+    match challenge(config, login, server_secret)? {
+        Challenge::Trust => Ok(None),
+        Challenge::Md5(stored) => {
             let salt: [u8; 4] = rand::random();
             messages::auth_md5(&mut out, salt);
             stream.write_all(&out).await.map_err(io_err)?;
@@ -144,10 +274,32 @@ pub async fn authenticate(
                 Err(failed(user))
             }
         }
-        AuthMethod::ScramSha256 => {
-            let verifier = known
-                .and_then(|u| u.verifier.clone())
-                .unwrap_or_else(|| ScramVerifier::mock(user, server_secret));
+        Challenge::Cleartext => {
+            messages::auth_cleartext(&mut out);
+            stream.write_all(&out).await.map_err(io_err)?;
+            let body = read_password_message(stream, &mut inbuf).await?;
+            let given = crate::protocol::frame::cstr(&body)
+                .map(|(p, _)| p)
+                .ok_or_else(|| PgError::fatal(PROTOCOL_VIOLATION, "invalid password packet"))?;
+            match known {
+                Some(u) if u.password.is_some() => {
+                    let stored = u.password.as_deref().unwrap_or_default().as_bytes();
+                    if ct_eq(stored, given) {
+                        Ok(None)
+                    } else {
+                        Err(failed(user))
+                    }
+                }
+                Some(u) => u
+                    .verifier
+                    .as_ref()
+                    .and_then(|v| scram_password_check(v, given))
+                    .map(Some)
+                    .ok_or_else(|| failed(user)),
+                None => Err(failed(user)),
+            }
+        }
+        Challenge::Scram { verifier, known } => {
             let mut scram = ScramServer::new(verifier);
             messages::auth_sasl(&mut out);
             stream.write_all(&out).await.map_err(io_err)?;
@@ -159,7 +311,7 @@ pub async fn authenticate(
             out.clear();
             let last = read_password_message(stream, &mut inbuf).await?;
             let server_final = scram.client_final(&last).map_err(|e| map_auth(e, user))?;
-            if known.is_none() {
+            if !known {
                 return Err(failed(user));
             }
             messages::auth_sasl_final(&mut out, &server_final);
@@ -167,4 +319,9 @@ pub async fn authenticate(
             Ok(scram.proven_keys())
         }
     }
+}
+
+/// Constant-time comparison: a password check must not leak how much matched.
+fn ct_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
