@@ -325,3 +325,120 @@ pub async fn authenticate(
 fn ct_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A config with a password user, a verifier-only user and a trust user,
+    /// and `rules` as its hba_file when given.
+    fn config(rules: Option<&str>, dir: &std::path::Path) -> Config {
+        let verifier = ScramVerifier::from_password("pw");
+        let v = format!(
+            "SCRAM-SHA-256${}:{}${}:{}",
+            verifier.iterations,
+            base64::Engine::encode(&base64::engine::general_purpose::STANDARD, &verifier.salt),
+            base64::Engine::encode(
+                &base64::engine::general_purpose::STANDARD,
+                verifier.stored_key
+            ),
+            base64::Engine::encode(
+                &base64::engine::general_purpose::STANDARD,
+                verifier.server_key
+            ),
+        );
+        let mut toml = String::new();
+        if let Some(rules) = rules {
+            let path = dir.join("hba.conf");
+            std::fs::write(&path, rules).unwrap();
+            toml.push_str(&format!("hba_file = {:?}\n", path.display().to_string()));
+        }
+        toml.push_str(&format!(
+            "[[backends]]\nhost = \"127.0.0.1\"\n\
+             [[users]]\nname = \"plain\"\npassword = \"pw\"\n\
+             [[users]]\nname = \"verified\"\nscram_verifier = \"{v}\"\n\
+             [[users]]\nname = \"trusted\"\nauth = \"trust\"\n"
+        ));
+        Config::from_toml(&toml).unwrap()
+    }
+
+    fn decide(cfg: &Config, user: &str) -> Result<&'static str, PgError> {
+        let login = Login {
+            user,
+            database: "db",
+            addr: "10.0.0.1".parse().unwrap(),
+            tls: false,
+        };
+        Ok(match challenge(cfg, &login, b"secret")? {
+            Challenge::Trust => "trust",
+            Challenge::Md5(_) => "md5",
+            Challenge::Scram { known: true, .. } => "scram",
+            Challenge::Scram { known: false, .. } => "scram (fails)",
+            Challenge::Cleartext => "password",
+        })
+    }
+
+    #[test]
+    fn md5_lines_use_scram_for_a_scram_stored_password() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = config(Some("host all all all md5\n"), dir.path());
+        assert_eq!(decide(&cfg, "plain").unwrap(), "md5");
+        assert_eq!(decide(&cfg, "verified").unwrap(), "scram");
+        // No password: the same exchange as an unknown user, which fails.
+        assert_eq!(decide(&cfg, "trusted").unwrap(), "scram (fails)");
+        assert_eq!(decide(&cfg, "nobody").unwrap(), "scram (fails)");
+        let cfg = config(Some("host all all all scram-sha-256\n"), dir.path());
+        assert_eq!(decide(&cfg, "plain").unwrap(), "scram");
+        let cfg = config(Some("host all all all password\n"), dir.path());
+        assert_eq!(decide(&cfg, "verified").unwrap(), "password");
+    }
+
+    #[test]
+    fn trust_reject_cert_and_no_match() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = config(
+            Some(
+                "hostssl all verified all cert\n\
+                 host all trusted,plain 10.0.0.0/8 trust\n\
+                 host all nobody all trust\n\
+                 host all verified 10.0.0.1/32 reject\n",
+            ),
+            dir.path(),
+        );
+        assert_eq!(decide(&cfg, "plain").unwrap(), "trust");
+        let e = decide(&cfg, "nobody").unwrap_err();
+        assert_eq!(
+            (&*e.code, e.message.as_str()),
+            ("28000", "role \"nobody\" does not exist")
+        );
+        let e = decide(&cfg, "verified").unwrap_err();
+        assert_eq!(e.code, "28000");
+        assert!(e.message.starts_with("pg_hba.conf rejects connection for host \"10.0.0.1\", user \"verified\", database \"db\""), "{}", e.message);
+        let cfg = config(Some("hostssl all all all cert\n"), dir.path());
+        let e = decide(&cfg, "plain").unwrap_err();
+        assert_eq!(
+            e.message,
+            "no pg_hba.conf entry for host \"10.0.0.1\", user \"plain\", database \"db\", no encryption"
+        );
+        // With TLS the cert line matches, and refuses: pgpilot checks no certificates.
+        let login = Login {
+            user: "plain",
+            database: "db",
+            addr: "10.0.0.1".parse().unwrap(),
+            tls: true,
+        };
+        let Err(e) = challenge(&cfg, &login, b"secret") else {
+            panic!("a cert line let a client in");
+        };
+        assert_eq!(e.message, "connection requires a valid client certificate");
+    }
+
+    #[test]
+    fn without_rules_the_users_auth_decides() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = config(None, dir.path());
+        assert_eq!(decide(&cfg, "plain").unwrap(), "scram");
+        assert_eq!(decide(&cfg, "trusted").unwrap(), "trust");
+        assert_eq!(decide(&cfg, "nobody").unwrap(), "scram (fails)");
+    }
+}
