@@ -140,6 +140,13 @@ pub enum HbaError {
         /// The I/O error.
         source: std::io::Error,
     },
+    /// No rule at all. PostgreSQL refuses such a file too: it would refuse
+    /// every client, and is more likely a file caught half-written.
+    #[error("{path} contains no rules")]
+    Empty {
+        /// The file.
+        path: PathBuf,
+    },
     /// A line is wrong or asks for something pgpilot does not support.
     #[error("{path}, line {line}: {problem}: {content}")]
     Line {
@@ -199,12 +206,18 @@ impl HbaRules {
             path: path.to_path_buf(),
             source,
         })?;
-        HbaRules::parse(&text).map_err(|(line, content, problem)| HbaError::Line {
+        let rules = HbaRules::parse(&text).map_err(|(line, content, problem)| HbaError::Line {
             path: path.to_path_buf(),
             line,
             content,
             problem,
-        })
+        })?;
+        if rules.is_empty() {
+            return Err(HbaError::Empty {
+                path: path.to_path_buf(),
+            });
+        }
+        Ok(rules)
     }
 
     /// Parse the text of a file; an error gives the line number and text.
@@ -252,7 +265,7 @@ impl HbaRules {
         self.rules.len()
     }
 
-    /// Whether the file holds no rule (then every client is refused).
+    /// Whether the text holds no rule ([`HbaRules::load`] refuses that).
     pub fn is_empty(&self) -> bool {
         self.rules.is_empty()
     }

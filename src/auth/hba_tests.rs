@@ -204,9 +204,9 @@ fn load_errors_name_the_file_and_line() {
     assert!(e.contains("host all +g all md5"), "{e}");
     let e = HbaRules::load(&dir.path().join("missing.conf")).unwrap_err();
     assert!(matches!(e, HbaError::Read { .. }), "{e}");
-    // An empty file loads and refuses everyone.
-    std::fs::write(&path, "# nothing\n").unwrap();
-    let rules = HbaRules::load(&path).unwrap();
-    assert!(rules.is_empty());
-    assert_eq!(method_for(&rules, "127.0.0.1", "u", "d"), None);
+    // A file without rules is refused, as PostgreSQL refuses it.
+    std::fs::write(&path, "# nothing\n\n").unwrap();
+    let e = HbaRules::load(&path).unwrap_err();
+    assert!(matches!(e, HbaError::Empty { .. }), "{e}");
+    assert!(HbaRules::parse("# nothing\n").unwrap().is_empty());
 }

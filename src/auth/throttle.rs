@@ -15,8 +15,8 @@
 //!
 //! IPv6 clients are counted per /64, the block one host usually holds:
 //! counting single addresses would let one host rotate through billions.
-//! The map is capped ([`CAPACITY`]); a bucket that has drained is dropped
-//! when the map is full, then the bucket least recently filled.
+//! The map is capped ([`CAPACITY`]): when it is full, drained buckets are
+//! dropped, then the least recently filled eighth.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -98,10 +98,14 @@ impl LoginThrottle {
         let mut buckets = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
         if !buckets.contains_key(&key) && buckets.len() >= self.capacity {
             buckets.retain(|_, b| b.level_at(now, limit) > 0.0);
-            if buckets.len() >= self.capacity
-                && let Some(oldest) = buckets.iter().min_by_key(|(_, b)| b.at).map(|(k, _)| *k)
-            {
-                buckets.remove(&oldest);
+            if buckets.len() >= self.capacity {
+                // Still full of live buckets: drop the least recently filled
+                // eighth at once, so that these scans happen once per that
+                // many new addresses, not for each.
+                let mut ats: Vec<Instant> = buckets.values().map(|b| b.at).collect();
+                let k = (ats.len() / 8).max(1) - 1;
+                let cutoff = *ats.select_nth_unstable(k).1;
+                buckets.retain(|_, b| b.at > cutoff);
             }
         }
         let bucket = buckets.entry(key).or_insert(Bucket {
