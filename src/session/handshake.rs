@@ -135,7 +135,8 @@ pub struct Login<'a> {
 enum Challenge {
     /// Nothing: it is in.
     Trust,
-    /// An MD5 challenge against the stored MD5 form.
+    /// An MD5 challenge against the stored MD5 form (empty: none, which no
+    /// answer matches).
     Md5(String),
     /// A SCRAM-SHA-256 exchange; `known` is false for the mock verifier of a
     /// user who cannot log in, whose exchange fails at its end.
@@ -235,11 +236,17 @@ fn challenge(
         // PostgreSQL: an md5 line uses MD5 unless the password is stored as a
         // SCRAM verifier, then SCRAM. A configured `password` is the clear
         // text, which MD5 can check (as PgBouncer does with its auth_file).
+        // Users without a password, and unknown ones, get the MD5 challenge
+        // that the common case gets, and fail it: the method tells nothing.
         Method::Md5 => match known {
-            Some(u) if u.scram_verifier.is_none() && u.password.is_some() => {
-                Challenge::Md5(md5_stored(user, u.password.as_deref().unwrap_or_default()))
-            }
-            _ => scram(),
+            Some(u) if u.scram_verifier.is_some() => scram(),
+            Some(u) => Challenge::Md5(
+                u.password
+                    .as_deref()
+                    .map(|p| md5_stored(user, p))
+                    .unwrap_or_default(),
+            ),
+            None => Challenge::Md5(String::new()),
         },
         Method::ScramSha256 => scram(),
         Method::Password => Challenge::Cleartext,
@@ -371,6 +378,7 @@ mod tests {
         };
         Ok(match challenge(cfg, &login, b"secret")? {
             Challenge::Trust => "trust",
+            Challenge::Md5(stored) if stored.is_empty() => "md5 (fails)",
             Challenge::Md5(_) => "md5",
             Challenge::Scram { known: true, .. } => "scram",
             Challenge::Scram { known: false, .. } => "scram (fails)",
@@ -384,9 +392,10 @@ mod tests {
         let cfg = config(Some("host all all all md5\n"), dir.path());
         assert_eq!(decide(&cfg, "plain").unwrap(), "md5");
         assert_eq!(decide(&cfg, "verified").unwrap(), "scram");
-        // No password: the same exchange as an unknown user, which fails.
-        assert_eq!(decide(&cfg, "trusted").unwrap(), "scram (fails)");
-        assert_eq!(decide(&cfg, "nobody").unwrap(), "scram (fails)");
+        // No password, or unknown: the MD5 challenge a password user gets
+        // (an empty stored form, which no answer matches).
+        assert_eq!(decide(&cfg, "trusted").unwrap(), "md5 (fails)");
+        assert_eq!(decide(&cfg, "nobody").unwrap(), "md5 (fails)");
         let cfg = config(Some("host all all all scram-sha-256\n"), dir.path());
         assert_eq!(decide(&cfg, "plain").unwrap(), "scram");
         let cfg = config(Some("host all all all password\n"), dir.path());
