@@ -49,6 +49,8 @@ pub struct ProxyContext {
     pub cancels: CancelRegistry,
     /// Connected, logged-in clients (bounded by `max_client_conn`).
     pub clients: AtomicUsize,
+    /// Failed logins per client address (`auth_failure_limit`).
+    pub login_throttle: crate::auth::throttle::LoginThrottle,
     /// Random per-process secret: mock SCRAM salts for unknown users.
     pub server_secret: [u8; 32],
     /// The last primary connection's server-wide ParameterStatus values, for
@@ -82,6 +84,7 @@ impl ProxyContext {
             relations: RelationCatalog::default(),
             cancels: CancelRegistry::default(),
             clients: AtomicUsize::new(0),
+            login_throttle: Default::default(),
             server_secret: rand::random(),
             server_params: ServerParams::default(),
             next_pid: AtomicI32::new(rand::random_range(1..1 << 20)),

@@ -4,9 +4,10 @@
 //! Data path, top to bottom: [`server`] accepts clients → [`session`] runs one
 //! task per client → [`router`] decides the node → [`backend`] pools server
 //! connections → [`cluster`] owns node state (health, replication lag,
-//! weights). [`admin`] answers `SHOW POOL_*` from that state and [`metrics`]
-//! exports it to Prometheus. [`protocol`] (wire format),
-//! [`config`] and [`error`] are used by all. [`localcluster`] builds real
+//! weights). [`auth`] decides who may try to log in, and how fast
+//! (`hba_file` rules, login throttling). [`admin`] answers `SHOW POOL_*`
+//! from that state and [`metrics`] exports it to Prometheus. [`protocol`]
+//! (wire format), [`config`] and [`error`] are used by all. [`localcluster`] builds real
 //! PostgreSQL clusters for `pgpilot demo` and the tests.
 //!
 //! No `unsafe` here: system calls go through safe wrappers (`nix`, `socket2`).
@@ -14,6 +15,7 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod auth;
 pub mod backend;
 pub mod cluster;
 pub mod config;

@@ -185,8 +185,12 @@ fn main() -> ExitCode {
         }
         Command::Check => match load_config(cli.config, "") {
             Ok((path, c)) => {
+                let hba = match &c.hba {
+                    Some(rules) => format!(", {} hba rules", rules.len()),
+                    None => String::new(),
+                };
                 println!(
-                    "{}: OK ({} backends, {} users, listen {})",
+                    "{}: OK ({} backends, {} users{hba}, listen {})",
                     path.display(),
                     c.backends.len(),
                     c.users.len(),

@@ -8,12 +8,15 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::auth::hba::{HbaError, HbaRules};
 use crate::protocol::auth::ScramVerifier;
 
+mod access;
 mod checks;
 mod failover;
 mod routing;
@@ -47,6 +50,9 @@ pub enum ConfigError {
         /// What is wrong.
         message: String,
     },
+    /// `hba_file` could not be read or has a line pgpilot cannot use.
+    #[error("invalid `hba_file`: {0}")]
+    Hba(#[from] HbaError),
 }
 
 fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
@@ -105,6 +111,24 @@ pub struct Config {
     /// Replacing a failed primary: detection, promotion, following, client waits.
     #[serde(default)]
     pub failover: Failover,
+    /// Client authentication rules in pg_hba.conf format, relative to the
+    /// config file's directory. Absent: every listed user, from anywhere, by
+    /// its `auth`.
+    #[serde(default)]
+    pub hba_file: Option<PathBuf>,
+    /// Failed logins a minute from one client address before their answers
+    /// are delayed; 0 turns throttling off.
+    #[serde(default = "access::default_auth_failure_limit")]
+    pub auth_failure_limit: u32,
+    /// The longest such delay (it doubles from 100 ms).
+    #[serde(
+        default = "access::default_auth_failure_max_delay",
+        deserialize_with = "duration"
+    )]
+    pub auth_failure_max_delay: Duration,
+    /// The rules read from `hba_file` at load.
+    #[serde(skip)]
+    pub hba: Option<Arc<HbaRules>>,
 }
 
 /// Backend connection pool settings.
@@ -342,10 +366,21 @@ impl Config {
             path: path.to_path_buf(),
             source,
         })?;
-        Config::from_toml(&text)
+        let mut cfg: Config =
+            toml::from_str(&text).map_err(|e| ConfigError::Parse(e.to_string()))?;
+        // Files the config names are found next to it, wherever pgpilot runs.
+        if let (Some(hba), Some(dir)) = (&cfg.hba_file, path.parent())
+            && hba.is_relative()
+            && !hba.as_os_str().is_empty()
+        {
+            cfg.hba_file = Some(dir.join(hba));
+        }
+        cfg.validate()?;
+        Ok(cfg)
     }
 
-    /// Parse and validate TOML text.
+    /// Parse and validate TOML text (a relative `hba_file` is taken from the
+    /// working directory).
     pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
         let mut cfg: Config =
             toml::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))?;
@@ -470,7 +505,8 @@ impl Config {
                         "expected SCRAM-SHA-256$<iterations>:<salt>$<StoredKey>:<ServerKey>",
                     )
                 })?),
-                (None, Some(p)) if u.auth == AuthMethod::ScramSha256 => {
+                // Under hba rules a scram-sha-256 line may apply to any user.
+                (None, Some(p)) if u.auth == AuthMethod::ScramSha256 || self.hba_file.is_some() => {
                     Some(ScramVerifier::from_password(p))
                 }
                 _ => None,
@@ -528,6 +564,7 @@ impl Config {
         }
         self.metrics_addr()?;
         self.validate_failover()?;
+        self.validate_access()?;
         Ok(())
     }
 

@@ -11,6 +11,7 @@
 //!
 //! The HTTP endpoint (`/metrics`, `/healthz`) is in [`http`].
 
+pub mod auth;
 pub mod http;
 
 use std::sync::Mutex;
@@ -124,6 +125,8 @@ pub struct Metrics {
     /// `pgpilot_prepared_statements_total{event}`, children by [`STATEMENT_EVENTS`].
     prepared: [IntCounter; 4],
     scrape: ScrapeGauges,
+    /// Client logins (delayed failures).
+    pub auth: auth::AuthMetrics,
     /// Serialises scrapes (scrape-time gauges are reset and refilled).
     scrape_lock: Mutex<()>,
 }
@@ -326,6 +329,7 @@ impl Metrics {
                 .map(|id| health_fail_vec.with_label_values(&[id]))
                 .collect(),
             scrape: ScrapeGauges::new(&r),
+            auth: auth::AuthMetrics::new(&r),
             registry: r,
             scrape_lock: Mutex::new(()),
         }

@@ -341,6 +341,25 @@ impl ScramServer {
     }
 }
 
+/// Check a clear-text password against a SCRAM verifier, as PostgreSQL's
+/// `password` method does for a SCRAM-stored password. Both sides of an
+/// exchange run in memory, so the password gets exactly a SCRAM client's
+/// SASLprep and salting; returns the keys the password proves (SCRAM
+/// pass-through to the nodes needs them when no password is configured).
+pub fn scram_password_check(verifier: &ScramVerifier, password: &[u8]) -> Option<ScramKeys> {
+    use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
+    let mut client = ScramSha256::new(password, ChannelBinding::unsupported());
+    let mut server = ScramServer::new(verifier.clone());
+    let data = client.message();
+    let mut first = b"SCRAM-SHA-256\0".to_vec();
+    first.extend_from_slice(&i32::try_from(data.len()).ok()?.to_be_bytes());
+    first.extend_from_slice(data);
+    let server_first = server.client_first(&first).ok()?;
+    client.update(&server_first).ok()?;
+    server.client_final(client.message()).ok()?;
+    server.proven_keys()
+}
+
 /// Check a client's MD5 PasswordMessage body: libpq's response for `user` and
 /// `password` with `salt` (`"md5" + md5(md5(password + user) + salt)`).
 pub fn md5_check(user: &str, password: &str, salt: [u8; 4], body: &[u8]) -> bool {
@@ -426,6 +445,15 @@ mod tests {
         assert!(ScramVerifier::parse("md5abc").is_none());
         let v = ScramVerifier::from_password("p");
         assert_eq!(v.iterations, 4096);
+    }
+
+    #[test]
+    fn clear_text_passwords_check_against_a_verifier() {
+        let v = ScramVerifier::from_password("pässword");
+        let keys = scram_password_check(&v, "pässword".as_bytes()).expect("right password");
+        assert_eq!(sha256(&keys.client_key), v.stored_key);
+        assert!(scram_password_check(&v, b"wrong").is_none());
+        assert!(scram_password_check(&v, b"").is_none());
     }
 
     #[test]

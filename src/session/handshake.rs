@@ -1,18 +1,25 @@
 //! The client's side of connection start: the first packet (SSL/GSS refusal,
-//! cancel, protocol version) and password authentication.
+//! cancel, protocol version) and client authentication: the `hba_file` line
+//! the client matches (or, without rules, the user's configured `auth`)
+//! decides the exchange.
 //!
 //! Failures come back as a ready-to-send [`PgError`]; the caller writes it and
 //! closes. Unknown users go through the same SCRAM exchange as known ones and
 //! fail with the same 28P01 message, so user names cannot be probed.
 
+use std::net::IpAddr;
+
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use crate::auth::hba::{Method, Peer};
 use crate::config::{AuthMethod, Config};
 use crate::error::ToPgError;
 use crate::error::sqlstate::*;
-use crate::protocol::auth::{AuthError, ScramKeys, ScramServer, ScramVerifier, md5_check};
+use crate::protocol::auth::{
+    AuthError, ScramKeys, ScramServer, ScramVerifier, md5_check, scram_password_check,
+};
 use crate::protocol::frame::next_frame;
 use crate::protocol::messages::{self, PgError};
 use crate::protocol::startup::{InitialPacket, MAX_STARTUP_PACKET, StartupMessage, parse_initial};
@@ -111,24 +118,149 @@ fn map_auth(e: AuthError, user: &str) -> PgError {
     }
 }
 
-/// Authenticate `user` per its configured method. On success nothing has been
-/// written yet beyond the exchange itself; the caller sends AuthenticationOk.
-/// A SCRAM login returns what it proved: the keys log in to nodes for a user
-/// configured without a password.
+/// Who is logging in, from where, and over what.
+#[derive(Debug, Clone, Copy)]
+pub struct Login<'a> {
+    /// Role name from the startup packet.
+    pub user: &'a str,
+    /// Database from the startup packet (the user name when absent).
+    pub database: &'a str,
+    /// The client's address.
+    pub addr: IpAddr,
+    /// Whether the client connection is TLS-encrypted (never, yet).
+    pub tls: bool,
+}
+
+/// What the client is asked for.
+enum Challenge<'a> {
+    /// Nothing: it is in.
+    Trust,
+    /// An MD5 challenge, checked against this clear-text password (none: no
+    /// answer matches).
+    Md5(Option<&'a str>),
+    /// A SCRAM-SHA-256 exchange; `known` is false for the mock verifier of a
+    /// user who cannot log in, whose exchange fails at its end.
+    Scram {
+        /// The verifier the proof is checked against.
+        verifier: ScramVerifier,
+        /// Whether a login may succeed.
+        known: bool,
+    },
+    /// The password in clear text.
+    Cleartext,
+}
+
+/// The connection's encryption as PostgreSQL words it in hba messages.
+fn encryption(login: &Login<'_>) -> &'static str {
+    if login.tls {
+        "SSL encryption"
+    } else {
+        "no encryption"
+    }
+}
+
+/// Decide the challenge: by the matching `hba_file` line when rules are
+/// configured (PostgreSQL's messages when none matches or it rejects), else
+/// by the user's configured `auth`.
+fn challenge<'a>(
+    config: &'a Config,
+    login: &Login<'_>,
+    server_secret: &[u8],
+) -> Result<Challenge<'a>, PgError> {
+    let user = login.user;
+    let known = config.user(user);
+    // Unknown users and users without a password go through the same SCRAM
+    // exchange as others and fail at its end, so names cannot be probed.
+    let scram = || match known.and_then(|u| u.verifier.clone()) {
+        Some(verifier) => Challenge::Scram {
+            verifier,
+            known: true,
+        },
+        None => Challenge::Scram {
+            verifier: ScramVerifier::mock(user, server_secret),
+            known: false,
+        },
+    };
+    let Some(rules) = &config.hba else {
+        return Ok(match known.map(|u| u.auth) {
+            Some(AuthMethod::Trust) => Challenge::Trust,
+            Some(AuthMethod::Md5) => Challenge::Md5(known.and_then(|u| u.password.as_deref())),
+            Some(AuthMethod::ScramSha256) | None => scram(),
+        });
+    };
+    let peer = Peer {
+        addr: login.addr,
+        tls: login.tls,
+        user,
+        database: login.database,
+    };
+    let host = login.addr.to_canonical();
+    let (db, enc) = (login.database, encryption(login));
+    let Some(verdict) = rules.lookup(&peer) else {
+        return Err(PgError::fatal(
+            INVALID_AUTHORIZATION,
+            format!(
+                "no pg_hba.conf entry for host \"{host}\", user \"{user}\", database \"{db}\", {enc}"
+            ),
+        ));
+    };
+    tracing::debug!(user, line = verdict.line, method = ?verdict.method, "hba_file line matched");
+    Ok(match verdict.method {
+        Method::Reject => {
+            return Err(PgError::fatal(
+                INVALID_AUTHORIZATION,
+                format!(
+                    "pg_hba.conf rejects connection for host \"{host}\", user \"{user}\", database \"{db}\", {enc}"
+                ),
+            ));
+        }
+        // pgpilot checks no client certificates (and no connection is TLS yet).
+        Method::Cert => {
+            return Err(PgError::fatal(
+                INVALID_AUTHORIZATION,
+                "connection requires a valid client certificate",
+            ));
+        }
+        Method::Trust if known.is_none() => {
+            return Err(PgError::fatal(
+                INVALID_AUTHORIZATION,
+                format!("role \"{user}\" does not exist"),
+            ));
+        }
+        Method::Trust => Challenge::Trust,
+        // PostgreSQL: an md5 line uses MD5 unless the password is stored as a
+        // SCRAM verifier, then SCRAM. A configured `password` is the clear
+        // text, which MD5 can check (as PgBouncer does with its auth_file).
+        // Users without a password, and unknown ones, get the MD5 challenge
+        // that the common case gets, and fail it: the method tells nothing.
+        Method::Md5 => match known {
+            Some(u) if u.scram_verifier.is_some() => scram(),
+            Some(u) => Challenge::Md5(u.password.as_deref()),
+            None => Challenge::Md5(None),
+        },
+        Method::ScramSha256 => scram(),
+        Method::Password => Challenge::Cleartext,
+    })
+}
+
+/// Authenticate a client by the `hba_file` line it matches, or by its
+/// configured method without rules. On success nothing has been written yet
+/// beyond the exchange itself; the caller sends AuthenticationOk. A SCRAM (or
+/// clear-text, against a verifier) login returns what it proved: the keys
+/// log in to nodes for a user configured without a password.
 pub async fn authenticate(
     stream: &mut TcpStream,
     config: &Config,
-    user: &str,
+    login: &Login<'_>,
     server_secret: &[u8],
 ) -> Result<Option<ScramKeys>, PgError> {
+    let user = login.user;
     let mut inbuf = BytesMut::new();
     let mut out = BytesMut::new();
     let known = config.user(user);
-    let method = known.map(|u| u.auth).unwrap_or(AuthMethod::ScramSha256);
-    match method {
-        AuthMethod::Trust => Ok(None),
-        AuthMethod::Md5 => {
-            let password = known.and_then(|u| u.password.as_deref());
+    match challenge(config, login, server_secret)? {
+        Challenge::Trust => Ok(None),
+        Challenge::Md5(password) => {
             let salt: [u8; 4] = rand::random();
             messages::auth_md5(&mut out, salt);
             stream.write_all(&out).await.map_err(io_err)?;
@@ -139,10 +271,32 @@ pub async fn authenticate(
                 Err(failed(user))
             }
         }
-        AuthMethod::ScramSha256 => {
-            let verifier = known
-                .and_then(|u| u.verifier.clone())
-                .unwrap_or_else(|| ScramVerifier::mock(user, server_secret));
+        Challenge::Cleartext => {
+            messages::auth_cleartext(&mut out);
+            stream.write_all(&out).await.map_err(io_err)?;
+            let body = read_password_message(stream, &mut inbuf).await?;
+            let given = crate::protocol::frame::cstr(&body)
+                .map(|(p, _)| p)
+                .ok_or_else(|| PgError::fatal(PROTOCOL_VIOLATION, "invalid password packet"))?;
+            match known {
+                Some(u) if u.password.is_some() => {
+                    let stored = u.password.as_deref().unwrap_or_default().as_bytes();
+                    if ct_eq(stored, given) {
+                        Ok(None)
+                    } else {
+                        Err(failed(user))
+                    }
+                }
+                Some(u) => u
+                    .verifier
+                    .as_ref()
+                    .and_then(|v| scram_password_check(v, given))
+                    .map(Some)
+                    .ok_or_else(|| failed(user)),
+                None => Err(failed(user)),
+            }
+        }
+        Challenge::Scram { verifier, known } => {
             let mut scram = ScramServer::new(verifier);
             messages::auth_sasl(&mut out);
             stream.write_all(&out).await.map_err(io_err)?;
@@ -154,12 +308,136 @@ pub async fn authenticate(
             out.clear();
             let last = read_password_message(stream, &mut inbuf).await?;
             let server_final = scram.client_final(&last).map_err(|e| map_auth(e, user))?;
-            if known.is_none() {
+            if !known {
                 return Err(failed(user));
             }
             messages::auth_sasl_final(&mut out, &server_final);
             stream.write_all(&out).await.map_err(io_err)?;
             Ok(scram.proven_keys())
         }
+    }
+}
+
+/// Constant-time comparison: a password check must not leak how much matched.
+fn ct_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A config with a password user, a verifier-only user and a trust user,
+    /// and `rules` as its hba_file when given.
+    fn config(rules: Option<&str>, dir: &std::path::Path) -> Config {
+        let verifier = ScramVerifier::from_password("pw");
+        let v = format!(
+            "SCRAM-SHA-256${}:{}${}:{}",
+            verifier.iterations,
+            base64::Engine::encode(&base64::engine::general_purpose::STANDARD, &verifier.salt),
+            base64::Engine::encode(
+                &base64::engine::general_purpose::STANDARD,
+                verifier.stored_key
+            ),
+            base64::Engine::encode(
+                &base64::engine::general_purpose::STANDARD,
+                verifier.server_key
+            ),
+        );
+        let mut toml = String::new();
+        if let Some(rules) = rules {
+            let path = dir.join("hba.conf");
+            std::fs::write(&path, rules).unwrap();
+            toml.push_str(&format!("hba_file = {:?}\n", path.display().to_string()));
+        }
+        toml.push_str(&format!(
+            "[[backends]]\nhost = \"127.0.0.1\"\n\
+             [[users]]\nname = \"plain\"\npassword = \"pw\"\n\
+             [[users]]\nname = \"verified\"\nscram_verifier = \"{v}\"\n\
+             [[users]]\nname = \"trusted\"\nauth = \"trust\"\n"
+        ));
+        Config::from_toml(&toml).unwrap()
+    }
+
+    fn decide(cfg: &Config, user: &str) -> Result<&'static str, PgError> {
+        let login = Login {
+            user,
+            database: "db",
+            addr: "10.0.0.1".parse().unwrap(),
+            tls: false,
+        };
+        Ok(match challenge(cfg, &login, b"secret")? {
+            Challenge::Trust => "trust",
+            Challenge::Md5(None) => "md5 (fails)",
+            Challenge::Md5(_) => "md5",
+            Challenge::Scram { known: true, .. } => "scram",
+            Challenge::Scram { known: false, .. } => "scram (fails)",
+            Challenge::Cleartext => "password",
+        })
+    }
+
+    #[test]
+    fn md5_lines_use_scram_for_a_scram_stored_password() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = config(Some("host all all all md5\n"), dir.path());
+        assert_eq!(decide(&cfg, "plain").unwrap(), "md5");
+        assert_eq!(decide(&cfg, "verified").unwrap(), "scram");
+        // No password, or unknown: the MD5 challenge a password user gets
+        // (with no password, which no answer matches).
+        assert_eq!(decide(&cfg, "trusted").unwrap(), "md5 (fails)");
+        assert_eq!(decide(&cfg, "nobody").unwrap(), "md5 (fails)");
+        let cfg = config(Some("host all all all scram-sha-256\n"), dir.path());
+        assert_eq!(decide(&cfg, "plain").unwrap(), "scram");
+        let cfg = config(Some("host all all all password\n"), dir.path());
+        assert_eq!(decide(&cfg, "verified").unwrap(), "password");
+    }
+
+    #[test]
+    fn trust_reject_cert_and_no_match() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = config(
+            Some(
+                "hostssl all verified all cert\n\
+                 host all trusted,plain 10.0.0.0/8 trust\n\
+                 host all nobody all trust\n\
+                 host all verified 10.0.0.1/32 reject\n",
+            ),
+            dir.path(),
+        );
+        assert_eq!(decide(&cfg, "plain").unwrap(), "trust");
+        let e = decide(&cfg, "nobody").unwrap_err();
+        assert_eq!(
+            (&*e.code, e.message.as_str()),
+            ("28000", "role \"nobody\" does not exist")
+        );
+        let e = decide(&cfg, "verified").unwrap_err();
+        assert_eq!(e.code, "28000");
+        assert!(e.message.starts_with("pg_hba.conf rejects connection for host \"10.0.0.1\", user \"verified\", database \"db\""), "{}", e.message);
+        let cfg = config(Some("hostssl all all all cert\n"), dir.path());
+        let e = decide(&cfg, "plain").unwrap_err();
+        assert_eq!(
+            e.message,
+            "no pg_hba.conf entry for host \"10.0.0.1\", user \"plain\", database \"db\", no encryption"
+        );
+        // With TLS the cert line matches, and refuses: pgpilot checks no certificates.
+        let login = Login {
+            user: "plain",
+            database: "db",
+            addr: "10.0.0.1".parse().unwrap(),
+            tls: true,
+        };
+        let Err(e) = challenge(&cfg, &login, b"secret") else {
+            panic!("a cert line let a client in");
+        };
+        assert_eq!(e.message, "connection requires a valid client certificate");
+    }
+
+    #[test]
+    fn without_rules_the_users_auth_decides() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = config(None, dir.path());
+        assert_eq!(decide(&cfg, "plain").unwrap(), "scram");
+        assert_eq!(decide(&cfg, "trusted").unwrap(), "trust");
+        assert_eq!(decide(&cfg, "nobody").unwrap(), "scram (fails)");
     }
 }

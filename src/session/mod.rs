@@ -149,11 +149,25 @@ pub async fn serve(ctx: Arc<ProxyContext>, mut stream: TcpStream) {
         }
         out.clear();
     }
-    let auth = handshake::authenticate(&mut stream, &cfg, &user, &ctx.server_secret);
+    let Ok(peer) = stream.peer_addr() else {
+        return;
+    };
+    let login = handshake::Login {
+        user: &user,
+        database: startup.get("database").unwrap_or(&user),
+        addr: peer.ip(),
+        // No client connection is TLS yet; a TLS listener sets this.
+        tls: false,
+    };
+    let deadline = tokio::time::Instant::now() + cfg.timeouts.auth;
+    let auth = handshake::authenticate(&mut stream, &cfg, &login, &ctx.server_secret);
     let scram_keys = match timeout(cfg.timeouts.auth, auth).await {
         Ok(Ok(keys)) => keys,
         Ok(Err(e)) => {
-            tracing::info!(user = %user, code = %e.code, "client authentication failed");
+            tracing::info!(user = %user, client = %peer.ip(), code = %e.code, message = %e.message, "client authentication failed");
+            if e.code == INVALID_PASSWORD {
+                throttle_failure(&ctx, &cfg, peer.ip(), deadline).await;
+            }
             return send_fatal(&mut stream, &e, &cfg).await;
         }
         Err(_) => {
@@ -165,6 +179,26 @@ pub async fn serve(ctx: Arc<ProxyContext>, mut stream: TcpStream) {
     let mut session = Session::new(ctx, cfg, stream, user, &startup, slot);
     session.scram_keys = scram_keys;
     session.run(out, &startup).await;
+}
+
+/// Hold the answer to a failed login while its address is over
+/// `auth_failure_limit` (see [`crate::auth::throttle`]); the wait ends by the
+/// authentication deadline at the latest.
+async fn throttle_failure(
+    ctx: &ProxyContext,
+    cfg: &Config,
+    addr: std::net::IpAddr,
+    deadline: tokio::time::Instant,
+) {
+    let (limit, max) = (cfg.auth_failure_limit, cfg.auth_failure_max_delay);
+    let delay = ctx
+        .login_throttle
+        .failed(addr, limit, max, std::time::Instant::now());
+    if !delay.is_zero() {
+        ctx.metrics.auth.failure_delayed();
+        tracing::info!(client = %addr, ?delay, "repeated failed logins: answer delayed");
+        tokio::time::sleep_until(deadline.min(tokio::time::Instant::now() + delay)).await;
+    }
 }
 
 /// Write a FATAL error and close, bounded by the write timeout.

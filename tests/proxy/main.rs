@@ -7,6 +7,7 @@ mod common;
 
 mod auth;
 mod databases;
+mod hba;
 mod identity;
 
 use std::time::{Duration, Instant};
