@@ -15,7 +15,7 @@ use crate::consistency::Consistency;
 use crate::metrics::Metrics;
 use crate::router::cache::ClassifyCache;
 use crate::router::catalog::FunctionCatalog;
-use crate::router::classify::SqlParserClassifier;
+use crate::router::classify::{FunctionPolicy, SqlParserClassifier};
 use crate::router::relations::RelationCatalog;
 use crate::session::ServerParams;
 use crate::session::cancel::{CancelRegistry, CancelSlot};
@@ -68,7 +68,7 @@ impl ProxyContext {
         let nodes = config.backends.len();
         let cluster = Arc::new(Cluster::new(&config.backends));
         let pool = Pool::with_cluster(nodes, cluster.clone());
-        let classifier = SqlParserClassifier::new(config.routing.function_policy());
+        let classifier = SqlParserClassifier::new(FunctionPolicy::from_config(&config.routing));
         let classify_cache = ClassifyCache::new(config.routing.cache_size);
         ProxyContext {
             config: Arc::new(ArcSwap::from_pointee(config)),
@@ -101,7 +101,7 @@ impl ProxyContext {
             || old.routing.unknown_functions != new.routing.unknown_functions
             || old.routing.primary_relations != new.routing.primary_relations;
         if lists_changed {
-            let classifier = SqlParserClassifier::new(new.routing.function_policy());
+            let classifier = SqlParserClassifier::new(FunctionPolicy::from_config(&new.routing));
             self.classifier.store(Arc::new(classifier));
             self.classify_cache.clear();
             self.catalog.clear();

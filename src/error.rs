@@ -3,15 +3,50 @@
 //!
 //! Each layer has its own `thiserror` enum ([`crate::protocol::frame::FrameError`],
 //! [`crate::protocol::auth::AuthError`], [`crate::backend::BackendError`],
-//! [`crate::session::SessionError`], [`crate::cluster::CommandError`]); this
-//! module maps them all.
+//! [`crate::cluster::CommandError`]); this module maps them all. The
+//! session's own [`SessionError`] is defined here, next to its mapping, so
+//! that this module imports nothing above it (the session re-exports it).
 
 use crate::backend::BackendError;
 use crate::cluster::CommandError;
 use crate::protocol::auth::AuthError;
 use crate::protocol::frame::FrameError;
 use crate::protocol::messages::{PgError, Severity};
-use crate::session::SessionError;
+
+/// Why a session ended abnormally.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    /// The client's stream could not be framed.
+    #[error(transparent)]
+    Frame(#[from] FrameError),
+    /// Getting or using a server connection failed.
+    #[error(transparent)]
+    Backend(#[from] BackendError),
+    /// The server connection closed or broke mid-session.
+    #[error("server connection to node {node} lost")]
+    BackendLost {
+        /// Node id.
+        node: usize,
+    },
+    /// The client connection broke.
+    #[error("client connection error: {0}")]
+    ClientIo(std::io::Error),
+    /// A write made no progress within `timeouts.write`.
+    #[error("write timed out")]
+    WriteTimeout,
+    /// `timeouts.client_idle` elapsed.
+    #[error("terminating connection due to idle-session timeout")]
+    IdleTimeout,
+    /// `timeouts.idle_in_transaction` elapsed.
+    #[error("terminating connection due to idle-in-transaction timeout")]
+    IdleInTransactionTimeout,
+    /// A message type a client may not send after startup.
+    #[error("invalid frontend message type {0}")]
+    UnexpectedMessage(u8),
+    /// pgpilot is shutting down.
+    #[error("terminating connection due to administrator command")]
+    Shutdown,
+}
 
 /// SQLSTATE codes pgpilot itself raises.
 pub mod sqlstate {
@@ -155,6 +190,27 @@ impl ToPgError for SessionError {
             SessionError::ClientIo(_) | SessionError::WriteTimeout => {
                 PgError::fatal(CONNECTION_FAILURE, self.to_string())
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cluster::events::TransitionKind;
+
+    #[test]
+    fn refused_node_commands_map_to_55000_with_their_text() {
+        for e in [
+            CommandError::NoSuchNode { node: 7 },
+            CommandError::PartOfTransition {
+                node: 1,
+                kind: TransitionKind::Failover,
+            },
+            CommandError::PromotionDisabled,
+        ] {
+            let pg = e.to_pg_error();
+            assert_eq!((&*pg.code, pg.message.as_str()), ("55000", &*e.to_string()));
         }
     }
 }

@@ -1,11 +1,12 @@
 //! Who may try to log in, and how fast: the `hba_file` rules that decide a
-//! client's authentication method ([`hba`]), and the per-address delay after
-//! repeated failed logins ([`throttle`]).
+//! client's authentication method ([`hba`], parsed and held by the
+//! configuration, which is why they live in `config::hba`), and the
+//! per-address delay after repeated failed logins ([`throttle`]).
 //!
 //! Both are policy without I/O of their own: `session::handshake` asks the
 //! rules before it challenges a client, and the session waits out the
 //! throttle's delay before it answers a failed login. The password exchanges
 //! themselves are in `protocol::auth`.
 
-pub mod hba;
+pub use crate::config::hba;
 pub mod throttle;

@@ -8,8 +8,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::hba::HbaRules;
 use super::{Config, ConfigError, invalid};
-use crate::auth::hba::HbaRules;
 
 pub(super) fn default_auth_failure_limit() -> u32 {
     10
@@ -45,7 +45,7 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::auth::hba::{Method, Peer};
+    use crate::config::hba::{Method, Peer};
 
     const BASE: &str = r#"
         listen = "127.0.0.1:9999"

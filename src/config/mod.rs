@@ -13,18 +13,18 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::auth::hba::{HbaError, HbaRules};
-use crate::protocol::auth::ScramVerifier;
+use hba::{HbaError, HbaRules};
 
 mod access;
 mod checks;
 mod failover;
+pub mod hba;
 mod routing;
 mod units;
 
 pub use checks::{HealthCheck, MetricsConfig, SrCheck};
 pub use failover::{Failover, FailoverMode};
-pub use routing::{ConsistencyMode, Routing, UnknownFunctions};
+pub use routing::{BalanceInTransaction, ConsistencyMode, Routing, UnknownFunctions};
 use units::{byte_size, duration};
 pub use units::{parse_byte_size, parse_duration};
 
@@ -291,9 +291,11 @@ pub struct User {
     /// How clients authenticate.
     #[serde(default)]
     pub auth: AuthMethod,
-    /// Parsed verifier, derived at load (from `scram_verifier` or `password`).
+    /// The SCRAM-SHA-256 verifier in PostgreSQL's text form, derived at load
+    /// (from `scram_verifier`, checked, or from `password`); the handshake
+    /// parses it (`protocol::auth::ScramVerifier::parse`).
     #[serde(skip)]
-    pub verifier: Option<ScramVerifier>,
+    pub verifier: Option<String>,
 }
 
 impl std::fmt::Debug for User {
@@ -499,15 +501,16 @@ impl Config {
                 ));
             }
             u.verifier = match (&u.scram_verifier, &u.password) {
-                (Some(v), _) => Some(ScramVerifier::parse(v).ok_or_else(|| {
-                    invalid(
+                (Some(v), _) if is_scram_verifier(v) => Some(v.clone()),
+                (Some(_), _) => {
+                    return Err(invalid(
                         key("scram_verifier"),
                         "expected SCRAM-SHA-256$<iterations>:<salt>$<StoredKey>:<ServerKey>",
-                    )
-                })?),
+                    ));
+                }
                 // Under hba rules a scram-sha-256 line may apply to any user.
                 (None, Some(p)) if u.auth == AuthMethod::ScramSha256 || self.hba_file.is_some() => {
-                    Some(ScramVerifier::from_password(p))
+                    Some(postgres_protocol::password::scram_sha_256(p.as_bytes()))
                 }
                 _ => None,
             };
@@ -577,6 +580,31 @@ impl Config {
     pub fn is_admin(&self, user: &str) -> bool {
         self.admin_users.iter().any(|u| u == "*" || u == user)
     }
+}
+
+/// Whether `s` is a SCRAM-SHA-256 verifier as PostgreSQL stores it
+/// (`SCRAM-SHA-256$<iterations>:<salt>$<StoredKey>:<ServerKey>`, base64, keys
+/// of 32 bytes). The configuration checks the form at load, so a reload with a
+/// bad one is refused; `protocol::auth::ScramVerifier::parse` reads it at login.
+fn is_scram_verifier(s: &str) -> bool {
+    use base64::Engine;
+    use base64::engine::general_purpose::STANDARD as B64;
+    let key = |k: &str| B64.decode(k).is_ok_and(|k| k.len() == 32);
+    let Some((params, keys)) = s
+        .strip_prefix("SCRAM-SHA-256$")
+        .and_then(|rest| rest.split_once('$'))
+    else {
+        return false;
+    };
+    let (Some((iterations, salt)), Some((stored, server))) =
+        (params.split_once(':'), keys.split_once(':'))
+    else {
+        return false;
+    };
+    iterations.parse::<u32>().is_ok_and(|i| i > 0)
+        && B64.decode(salt).is_ok()
+        && key(stored)
+        && key(server)
 }
 
 #[cfg(test)]

@@ -42,7 +42,7 @@ pub struct Routing {
     pub primary_in_read_pool: bool,
     /// `"off"`: a read-write transaction runs wholly on the primary. `"transaction"`:
     /// pgpool's behaviour, reads in a transaction go to the standby until its first write.
-    pub disable_load_balance_on_write: crate::router::policy::BalanceInTransaction,
+    pub disable_load_balance_on_write: BalanceInTransaction,
     /// Functions that write, in addition to the built-in list.
     pub write_functions: Vec<String>,
     /// If non-empty, allow-list mode: only these (and built-in read-only functions) may
@@ -90,20 +90,14 @@ impl Default for Routing {
     }
 }
 
-impl Routing {
-    /// The classifier's function policy for these settings.
-    pub fn function_policy(&self) -> crate::router::classify::FunctionPolicy {
-        use crate::router::classify::{FunctionPolicy, UnknownIs};
-        let unknown = match self.unknown_functions {
-            UnknownFunctions::Lookup => UnknownIs::Lookup,
-            UnknownFunctions::Write => UnknownIs::Write,
-            UnknownFunctions::Read => UnknownIs::Read,
-        };
-        let allow =
-            (!self.read_only_functions.is_empty()).then(|| self.read_only_functions.clone());
-        let mut policy =
-            FunctionPolicy::with_lists(self.write_functions.iter().cloned(), allow, unknown);
-        policy.primary_relations = self.primary_relations.iter().cloned().collect();
-        policy
-    }
+/// pgpool's `disable_load_balance_on_write`, restricted to the two safe-to-explain modes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BalanceInTransaction {
+    /// Default: a read-write transaction runs entirely on the primary.
+    #[default]
+    Off,
+    /// pgpool's default: reads in a transaction go to the standby until its first
+    /// write. The reads do not see the transaction's snapshot or its writes.
+    Transaction,
 }

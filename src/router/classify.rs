@@ -435,6 +435,21 @@ impl FunctionPolicy {
         policy.unknown = unknown;
         policy
     }
+
+    /// The policy the `[routing]` settings ask for.
+    pub fn from_config(routing: &crate::config::Routing) -> Self {
+        use crate::config::UnknownFunctions;
+        let unknown = match routing.unknown_functions {
+            UnknownFunctions::Lookup => UnknownIs::Lookup,
+            UnknownFunctions::Write => UnknownIs::Write,
+            UnknownFunctions::Read => UnknownIs::Read,
+        };
+        let allow =
+            (!routing.read_only_functions.is_empty()).then(|| routing.read_only_functions.clone());
+        let mut policy = Self::with_lists(routing.write_functions.iter().cloned(), allow, unknown);
+        policy.primary_relations = routing.primary_relations.iter().cloned().collect();
+        policy
+    }
 }
 
 /// Classifies SQL strings.

@@ -22,17 +22,8 @@
 use super::classify::{Access, Classification, TxControl};
 use super::normalize::Hint;
 
-/// pgpool's `disable_load_balance_on_write`, restricted to the two safe-to-explain modes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum BalanceInTransaction {
-    /// Default: a read-write transaction runs entirely on the primary.
-    #[default]
-    Off,
-    /// pgpool's default: reads in a transaction go to the standby until its first
-    /// write. The reads do not see the transaction's snapshot or its writes.
-    Transaction,
-}
+/// The setting is read from the configuration; the router only follows it.
+pub use crate::config::BalanceInTransaction;
 
 /// Routing knobs from the configuration.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -171,7 +171,10 @@ fn challenge<'a>(
     let known = config.user(user);
     // Unknown users and users without a password go through the same SCRAM
     // exchange as others and fail at its end, so names cannot be probed.
-    let scram = || match known.and_then(|u| u.verifier.clone()) {
+    let scram = || match known
+        .and_then(|u| u.verifier.as_deref())
+        .and_then(ScramVerifier::parse)
+    {
         Some(verifier) => Challenge::Scram {
             verifier,
             known: true,
@@ -289,8 +292,9 @@ pub async fn authenticate(
                 }
                 Some(u) => u
                     .verifier
-                    .as_ref()
-                    .and_then(|v| scram_password_check(v, given))
+                    .as_deref()
+                    .and_then(ScramVerifier::parse)
+                    .and_then(|v| scram_password_check(&v, given))
                     .map(Some)
                     .ok_or_else(|| failed(user)),
                 None => Err(failed(user)),

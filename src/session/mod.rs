@@ -42,7 +42,6 @@ use tokio::net::TcpStream;
 use tokio::time::timeout;
 
 use crate::admin::registry::{self, SessionHandle};
-use crate::backend::BackendError;
 use crate::backend::conn::Unnamed;
 use crate::config::Config;
 use crate::context::{ClientSlot, ProxyContext};
@@ -50,7 +49,7 @@ use crate::error::ToPgError;
 use crate::error::sqlstate::*;
 use crate::net::{Outbox, WriteError, write_all_timeout};
 use crate::protocol::TxStatus;
-use crate::protocol::frame::{FrameError, Scanned};
+use crate::protocol::frame::Scanned;
 use crate::protocol::messages::{self, PgError};
 use crate::protocol::startup::StartupMessage;
 use crate::router::classify::Classification;
@@ -60,40 +59,8 @@ use handshake::Opening;
 use link::{Done, Link};
 use state::SessionState;
 
-/// Why a session ended abnormally.
-#[derive(Debug, thiserror::Error)]
-pub enum SessionError {
-    /// The client's stream could not be framed.
-    #[error(transparent)]
-    Frame(#[from] FrameError),
-    /// Getting or using a server connection failed.
-    #[error(transparent)]
-    Backend(#[from] BackendError),
-    /// The server connection closed or broke mid-session.
-    #[error("server connection to node {node} lost")]
-    BackendLost {
-        /// Node id.
-        node: usize,
-    },
-    /// The client connection broke.
-    #[error("client connection error: {0}")]
-    ClientIo(std::io::Error),
-    /// A write made no progress within `timeouts.write`.
-    #[error("write timed out")]
-    WriteTimeout,
-    /// `timeouts.client_idle` elapsed.
-    #[error("terminating connection due to idle-session timeout")]
-    IdleTimeout,
-    /// `timeouts.idle_in_transaction` elapsed.
-    #[error("terminating connection due to idle-in-transaction timeout")]
-    IdleInTransactionTimeout,
-    /// A message type a client may not send after startup.
-    #[error("invalid frontend message type {0}")]
-    UnexpectedMessage(u8),
-    /// pgpilot is shutting down.
-    #[error("terminating connection due to administrator command")]
-    Shutdown,
-}
+/// Why a session ended abnormally; defined beside its SQLSTATE mapping.
+pub use crate::error::SessionError;
 
 /// Entry point for an accepted client connection.
 pub async fn serve(ctx: Arc<ProxyContext>, mut stream: TcpStream) {
