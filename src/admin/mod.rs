@@ -30,7 +30,6 @@
 pub mod cli;
 mod failover;
 pub mod format;
-pub mod registry;
 mod views;
 
 use bytes::BytesMut;

@@ -17,8 +17,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 
+use super::Scrape;
 use crate::cluster::ClusterSnapshot;
-use crate::context::ProxyContext;
 
 /// Largest request head accepted.
 pub const MAX_HEAD: usize = 8 * 1024;
@@ -28,9 +28,9 @@ pub const MAX_CONNECTIONS: usize = 16;
 const IO_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Serve `/metrics` and `/healthz` on `listener` until the task is dropped.
-pub async fn serve(listener: TcpListener, ctx: Arc<ProxyContext>) {
+pub async fn serve(listener: TcpListener, ctx: Arc<impl Scrape>) {
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-    let mut shutdown = ctx.shutdown.clone();
+    let mut shutdown = ctx.shutdown();
     loop {
         let Ok(permit) = slots.clone().acquire_owned().await else {
             return;
@@ -66,7 +66,7 @@ pub fn healthz(snapshot: &ClusterSnapshot) -> (u16, &'static str) {
     }
 }
 
-async fn handle(mut stream: TcpStream, ctx: &ProxyContext) -> std::io::Result<()> {
+async fn handle(mut stream: TcpStream, ctx: &impl Scrape) -> std::io::Result<()> {
     let head = match tokio::time::timeout(IO_TIMEOUT, read_head(&mut stream)).await {
         Ok(Ok(Some(h))) => h,
         Ok(Ok(None)) => {
@@ -95,7 +95,7 @@ async fn handle(mut stream: TcpStream, ctx: &ProxyContext) -> std::io::Result<()
     }
     match path {
         "/metrics" => {
-            let body = ctx.metrics.render(ctx);
+            let body = ctx.metrics().render(ctx);
             respond(
                 &mut stream,
                 200,
@@ -106,7 +106,7 @@ async fn handle(mut stream: TcpStream, ctx: &ProxyContext) -> std::io::Result<()
             .await
         }
         "/healthz" => {
-            let (code, body) = healthz(&ctx.cluster.snapshot());
+            let (code, body) = healthz(&ctx.cluster().snapshot());
             respond(&mut stream, code, "text/plain", body.as_bytes(), head_only).await
         }
         _ => {

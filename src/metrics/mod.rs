@@ -23,8 +23,48 @@ use prometheus::{
     IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
-use crate::cluster::Role;
-use crate::context::ProxyContext;
+use crate::backend::Pool;
+use crate::cluster::{Cluster, Role};
+use crate::router::cache::ClassifyCache;
+
+/// What a scrape reads besides the counters. The proxy's shared state
+/// (`context::ProxyContext`) implements it, so this module names nothing
+/// above the layers it reads.
+pub trait Scrape: Send + Sync + 'static {
+    /// The counters and the registry.
+    fn metrics(&self) -> &Metrics;
+    /// Node state.
+    fn cluster(&self) -> &Cluster;
+    /// The backend pool.
+    fn pool(&self) -> &Pool;
+    /// The shared classification cache (hit and miss counters).
+    fn classify_cache(&self) -> &ClassifyCache;
+    /// When the proxy started (uptime).
+    fn started(&self) -> std::time::Instant;
+    /// Turns true when the proxy stops.
+    fn shutdown(&self) -> tokio::sync::watch::Receiver<bool>;
+}
+
+impl<T: Scrape> Scrape for std::sync::Arc<T> {
+    fn metrics(&self) -> &Metrics {
+        (**self).metrics()
+    }
+    fn cluster(&self) -> &Cluster {
+        (**self).cluster()
+    }
+    fn pool(&self) -> &Pool {
+        (**self).pool()
+    }
+    fn classify_cache(&self) -> &ClassifyCache {
+        (**self).classify_cache()
+    }
+    fn started(&self) -> std::time::Instant {
+        (**self).started()
+    }
+    fn shutdown(&self) -> tokio::sync::watch::Receiver<bool> {
+        (**self).shutdown()
+    }
+}
 
 /// Statement kinds sessions report, in counter order.
 pub const KINDS: [&str; 5] = ["read", "write", "transaction", "session", "admin"];
@@ -478,7 +518,7 @@ impl Metrics {
 
     /// The Prometheus text exposition of every metric, with cluster, pool and
     /// cache state read now.
-    pub fn render(&self, ctx: &ProxyContext) -> String {
+    pub fn render(&self, ctx: &impl Scrape) -> String {
         let _guard = self.scrape_lock.lock().unwrap_or_else(|p| p.into_inner());
         self.scrape.fill(ctx);
         let mut out = Vec::with_capacity(16 * 1024);
@@ -636,9 +676,9 @@ impl ScrapeGauges {
         }
     }
 
-    fn fill(&self, ctx: &ProxyContext) {
-        let snap = ctx.cluster.snapshot();
-        let stats = ctx.cluster.health_stats();
+    fn fill(&self, ctx: &impl Scrape) {
+        let snap = ctx.cluster().snapshot();
+        let stats = ctx.cluster().health_stats();
         for v in [
             &self.node_up,
             &self.node_reachable,
@@ -686,7 +726,7 @@ impl ScrapeGauges {
             if let Some(p) = n.repl.replay_paused {
                 self.replay_paused.with_label_values(&[id]).set(p.into());
             }
-            let pool = ctx.pool.stats(n.id);
+            let pool = ctx.pool().stats(n.id);
             self.backend_conns
                 .with_label_values(&[id, "idle"])
                 .set(pool.idle as i64);
@@ -716,10 +756,10 @@ impl ScrapeGauges {
             }
         }
         self.primary_available.set(snap.has_primary().into());
-        sync_counter(&self.cache_hits, ctx.classify_cache.hits());
-        sync_counter(&self.cache_misses, ctx.classify_cache.misses());
-        self.uptime.set(ctx.started.elapsed().as_secs_f64());
-        let f = ctx.cluster.failover_report();
+        sync_counter(&self.cache_hits, ctx.classify_cache().hits());
+        sync_counter(&self.cache_misses, ctx.classify_cache().misses());
+        self.uptime.set(ctx.started().elapsed().as_secs_f64());
+        let f = ctx.cluster().failover_report();
         for (event, n) in f.counts.all() {
             sync_counter(&self.failover_events.with_label_values(&[event]), n);
         }

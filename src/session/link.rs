@@ -94,7 +94,7 @@ pub struct Relaying<'a> {
     /// The session's own PID.
     pub own_pid: i32,
     /// Every session's, by the server connections they hold.
-    pub sessions: &'a crate::admin::registry::SessionRegistry,
+    pub sessions: &'a crate::context::registry::SessionRegistry,
 }
 
 /// A client Parse sent on a connection, awaiting its ParseComplete.

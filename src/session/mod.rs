@@ -14,11 +14,9 @@
 //! ParameterStatus and ParseComplete from the servers. Everything else passes
 //! through as the bytes that arrived, batched per read.
 
-pub mod cancel;
 mod clock;
 mod connect;
 mod detached;
-pub use detached::ServerParams;
 mod fresh;
 pub mod handshake;
 mod link;
@@ -41,9 +39,10 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::time::timeout;
 
-use crate::admin::registry::{self, SessionHandle};
 use crate::backend::conn::Unnamed;
 use crate::config::Config;
+use crate::context::cancel::{CancelSlot, CancelTarget};
+use crate::context::registry::{self, SessionHandle};
 use crate::context::{ClientSlot, ProxyContext};
 use crate::error::ToPgError;
 use crate::error::sqlstate::*;
@@ -54,7 +53,6 @@ use crate::protocol::messages::{self, PgError};
 use crate::protocol::startup::StartupMessage;
 use crate::router::classify::Classification;
 use crate::router::policy::{Policy, RouteState};
-use cancel::{CancelSlot, CancelTarget};
 use handshake::Opening;
 use link::{Done, Link};
 use state::SessionState;

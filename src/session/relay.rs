@@ -355,7 +355,7 @@ impl Timers {
     fn poll(
         &mut self,
         cx: &mut Context<'_>,
-        info: &crate::admin::registry::SessionInfo,
+        info: &crate::context::registry::SessionInfo,
         stopped: impl Fn() -> bool,
     ) -> Poll<Wake> {
         if self.stall_armed

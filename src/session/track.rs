@@ -368,7 +368,7 @@ impl Session {
             self.fresh.write_pending = true;
         }
         self.registration
-            .set_state(crate::admin::registry::SessionState::Active);
+            .set_state(crate::context::registry::SessionState::Active);
     }
 
     /// The client closed statement `name` (or DEALLOCATE'd it) on `node`: forget

@@ -1,4 +1,14 @@
-//! State shared by every task of one running proxy.
+//! State shared by every task of one running proxy: the configuration, the
+//! cluster, the pool, the caches and metrics, and the registries sessions
+//! write and admin commands read (who is connected, where cancels go, the
+//! last primary's server parameters).
+//!
+//! It sits below `session` and `admin`, which both read it, and above the
+//! layers whose parts it holds; it imports neither of the two.
+
+pub mod cancel;
+pub mod registry;
+pub mod server_params;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI32, AtomicUsize, Ordering};
@@ -7,18 +17,18 @@ use std::time::Instant;
 use arc_swap::ArcSwap;
 use tokio::sync::watch;
 
-use crate::admin::registry::SessionRegistry;
 use crate::backend::Pool;
 use crate::cluster::Cluster;
 use crate::config::Config;
 use crate::consistency::Consistency;
+use crate::context::cancel::{CancelRegistry, CancelSlot};
+use crate::context::registry::SessionRegistry;
 use crate::metrics::Metrics;
 use crate::router::cache::ClassifyCache;
 use crate::router::catalog::FunctionCatalog;
 use crate::router::classify::{FunctionPolicy, SqlParserClassifier};
 use crate::router::relations::RelationCatalog;
-use crate::session::ServerParams;
-use crate::session::cancel::{CancelRegistry, CancelSlot};
+use server_params::ServerParams;
 
 /// Everything sessions and background tasks share.
 pub struct ProxyContext {
@@ -121,6 +131,27 @@ impl ProxyContext {
                 return (pid, secret, slot);
             }
         }
+    }
+}
+
+impl crate::metrics::Scrape for ProxyContext {
+    fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+    fn cluster(&self) -> &Cluster {
+        &self.cluster
+    }
+    fn pool(&self) -> &Pool {
+        &self.pool
+    }
+    fn classify_cache(&self) -> &ClassifyCache {
+        &self.classify_cache
+    }
+    fn started(&self) -> Instant {
+        self.started
+    }
+    fn shutdown(&self) -> watch::Receiver<bool> {
+        self.shutdown.clone()
     }
 }
 
