@@ -99,9 +99,9 @@ use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 
 use crate::cluster::monitor_conn::MonitorConn;
-use crate::cluster::replication::parse_lsn;
 use crate::cluster::{Cluster, Role};
 use crate::config::Config;
+use crate::protocol::lsn::parse_lsn;
 
 /// Replay positions are refreshed this often when no session waits.
 pub const IDLE_POLL: Duration = Duration::from_millis(50);

@@ -22,10 +22,10 @@ use std::time::Instant;
 
 use super::format::{delay_seconds, f6, local_time, millis, opt_local_time};
 use super::{AdminCaller, ResultSet};
-use crate::cluster::replication::format_lsn;
 use crate::cluster::{ClusterSnapshot, HoldKind, NodeView, PgStatus};
 use crate::config::Config;
 use crate::context::ProxyContext;
+use crate::protocol::lsn::format_lsn;
 use crate::protocol::messages::PgError;
 
 /// SQLSTATE for an unknown `PGPOOL SHOW` parameter.

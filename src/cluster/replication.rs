@@ -35,6 +35,7 @@ use super::monitor_conn::MonitorConn;
 use super::state::Admission;
 use super::{Cluster, PgStatus};
 use crate::config::{Backend, Config};
+pub use crate::protocol::lsn::{format_lsn, parse_lsn};
 
 /// A node's own state; every column as text (so one parser reads them).
 /// One scan of `pg_stat_wal_receiver`, joined to a single row.
@@ -373,19 +374,6 @@ fn parse_replication_row(r: &tokio_postgres::Row) -> ReplicationRow {
     }
 }
 
-/// Parse a `pg_lsn` text (`16/B374D848`) into a byte position.
-pub fn parse_lsn(s: &str) -> Option<u64> {
-    let (hi, lo) = s.trim().split_once('/')?;
-    let hi = u64::from_str_radix(hi, 16).ok()?;
-    let lo = u64::from_str_radix(lo, 16).ok()?;
-    (hi <= u32::MAX as u64 && lo <= u32::MAX as u64).then_some((hi << 32) | lo)
-}
-
-/// Format a byte position as `pg_lsn` text.
-pub fn format_lsn(lsn: u64) -> String {
-    format!("{:X}/{:X}", lsn >> 32, lsn & 0xffff_ffff)
-}
-
 /// The timeline of a WAL file name (its first 8 hex digits).
 fn walfile_timeline(name: &str) -> Option<u32> {
     u32::from_str_radix(name.get(..8)?, 16).ok()
@@ -435,15 +423,6 @@ fn conninfo_application_name(conninfo: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn lsn_text_round_trips() {
-        assert_eq!(parse_lsn("0/0"), Some(0));
-        assert_eq!(parse_lsn("16/B374D848"), Some(0x16_B374_D848));
-        assert_eq!(format_lsn(0x16_B374_D848), "16/B374D848");
-        assert_eq!(parse_lsn("nonsense"), None);
-        assert_eq!(parse_lsn("1/FFFFFFFFF"), None);
-    }
 
     #[test]
     fn timeline_and_application_name_are_extracted() {

@@ -8,6 +8,7 @@
 
 pub mod auth;
 pub mod frame;
+pub mod lsn;
 pub mod messages;
 pub mod shape;
 pub mod startup;

@@ -5,19 +5,46 @@
 //! `pg_proc` does not know is remembered as volatile: the call fails on the
 //! primary with PostgreSQL's own error); a failed lookup is not cached and
 //! counts as "volatile".
+//!
+//! The router does no I/O: the lookups themselves go through
+//! [`CatalogQueries`], implemented where connections live
+//! (`session::catalog_io`, on a connection of its own as the monitor role).
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::sync::Mutex;
 
-use crate::config::{Backend, Monitor};
+use super::relations::RelationName;
+
+/// The catalog queries the router's caches ([`FunctionCatalog`],
+/// [`RelationCatalog`](super::relations::RelationCatalog)) need answered on
+/// the primary, in the session's database.
+pub trait CatalogQueries: Sync {
+    /// Of `names`, the functions `pg_proc` knows, and whether any function of
+    /// that name is volatile. A name it does not know is absent.
+    fn volatile_functions(
+        &self,
+        database: &str,
+        names: &[String],
+    ) -> impl Future<Output = Result<HashMap<String, bool>, CatalogError>> + Send;
+
+    /// Whether each of `names` (in order) is an unlogged relation or reads
+    /// one, through views' rewrite rules and inheritance (partitions); one
+    /// answer per name.
+    fn unlogged_relations(
+        &self,
+        database: &str,
+        names: &[RelationName],
+    ) -> impl Future<Output = Result<Vec<bool>, CatalogError>> + Send;
+}
 
 /// A catalog lookup on the primary failed; the caller routes to the primary
 /// (and logs this).
 #[derive(Debug, thiserror::Error)]
 pub enum CatalogError {
-    /// Connecting or the query failed.
-    #[error(transparent)]
-    Query(#[from] tokio_postgres::Error),
+    /// Connecting or the query failed (the client library's error).
+    #[error("{0}")]
+    Query(Box<dyn std::error::Error + Send + Sync>),
     /// No answer within `monitor.timeout`.
     #[error("timed out")]
     Timeout,
@@ -91,8 +118,7 @@ impl FunctionCatalog {
         &self,
         database: &str,
         names: &[String],
-        primary: &Backend,
-        monitor: &Monitor,
+        queries: &impl CatalogQueries,
     ) -> bool {
         let missing: Vec<String> = {
             let answers = self.answers();
@@ -108,7 +134,7 @@ impl FunctionCatalog {
         if missing.is_empty() {
             return false;
         }
-        match lookup(database, &missing, primary, monitor).await {
+        match queries.volatile_functions(database, &missing).await {
             Ok(found) => {
                 let mut answers = self.answers();
                 let mut any = false;
@@ -148,51 +174,6 @@ impl FunctionCatalog {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
-}
-
-async fn lookup(
-    database: &str,
-    names: &[String],
-    primary: &Backend,
-    monitor: &Monitor,
-) -> Result<HashMap<String, bool>, CatalogError> {
-    let rows = query_primary(
-        database,
-        primary,
-        monitor,
-        "SELECT proname::text, bool_or(provolatile = 'v') FROM pg_proc \
-         WHERE proname = ANY($1) GROUP BY proname",
-        &[&names],
-    )
-    .await?;
-    Ok(rows
-        .iter()
-        .map(|r| (r.get::<_, String>(0), r.get::<_, bool>(1)))
-        .collect())
-}
-
-/// Run one catalog query on the primary, in `database`, as the monitor role,
-/// on a connection of its own, within `monitor.timeout`.
-pub(crate) async fn query_primary(
-    database: &str,
-    primary: &Backend,
-    monitor: &Monitor,
-    sql: &str,
-    params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
-) -> Result<Vec<tokio_postgres::Row>, CatalogError> {
-    let mut cfg = crate::cluster::monitor_conn_config(primary, monitor, "pgpilot-catalog");
-    cfg.dbname(database);
-    let work = async {
-        let (client, conn) = cfg.connect(tokio_postgres::NoTls).await?;
-        let task = tokio::spawn(conn);
-        let rows = client.query(sql, params).await;
-        drop(client);
-        task.abort();
-        rows
-    };
-    Ok(tokio::time::timeout(monitor.timeout, work)
-        .await
-        .map_err(|_| CatalogError::Timeout)??)
 }
 
 #[cfg(test)]

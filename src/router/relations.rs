@@ -26,13 +26,14 @@
 //! every read while the primary or the monitor role cannot answer); a standby's
 //! refusal of one of them is retried on the primary (the session's safety
 //! net).
+//!
+//! The lookup itself is [`CatalogQueries::unlogged_relations`], implemented
+//! where connections live (`session::catalog_io`); the router does no I/O.
 
-use super::catalog::CatalogError;
+use super::catalog::{CatalogError, CatalogQueries};
 use std::collections::HashMap;
 use std::sync::RwLock;
 use std::time::{Duration, Instant};
-
-use crate::config::{Backend, Monitor};
 
 /// At most this many answers are kept over all databases; past it the cache
 /// starts again (clients naming ever new relations cannot grow it without bound).
@@ -124,8 +125,7 @@ impl RelationCatalog {
         &self,
         database: &str,
         names: &[RelationName],
-        primary: &Backend,
-        monitor: &Monitor,
+        queries: &impl CatalogQueries,
         ttl: Duration,
     ) -> Result<(), CatalogError> {
         let now = Instant::now();
@@ -145,7 +145,19 @@ impl RelationCatalog {
         if missing.is_empty() {
             return Ok(());
         }
-        let found = lookup(database, &missing, primary, monitor).await;
+        let found = queries
+            .unlogged_relations(database, &missing)
+            .await
+            .and_then(|v| {
+                if v.len() == missing.len() {
+                    Ok(v)
+                } else {
+                    Err(CatalogError::WrongCount {
+                        rows: v.len(),
+                        names: missing.len(),
+                    })
+                }
+            });
         let mut answers = self.write();
         if answers.entries + missing.len() > MAX_ENTRIES {
             *answers = Answers::default();
@@ -202,56 +214,6 @@ impl RelationCatalog {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
-}
-
-/// Whether each of `names` (in order) is an unlogged relation or reads one,
-/// through views' rewrite rules and inheritance (partitions).
-const LOOKUP_SQL: &str = "\
-WITH RECURSIVE wanted AS (
-    SELECT s, r, i FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS w(s, r, i)
-), edge AS (
-    SELECT rw.ev_class AS parent, d.refobjid AS child
-      FROM pg_catalog.pg_rewrite rw
-      JOIN pg_catalog.pg_depend d
-        ON d.classid = 'pg_catalog.pg_rewrite'::regclass AND d.objid = rw.oid
-       AND d.refclassid = 'pg_catalog.pg_class'::regclass AND d.refobjid <> rw.ev_class
-    UNION ALL
-    SELECT inhparent, inhrelid FROM pg_catalog.pg_inherits
-), rel(i, oid) AS (
-    SELECT w.i, c.oid FROM wanted w
-      JOIN pg_catalog.pg_class c ON c.relname = w.r
-      JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
-     WHERE w.s = '' OR n.nspname = w.s
-    UNION
-    SELECT rel.i, edge.child FROM rel JOIN edge ON edge.parent = rel.oid
-)
-SELECT w.i, coalesce(bool_or(c.relpersistence = 'u'), false)
-  FROM wanted w
-  LEFT JOIN rel ON rel.i = w.i
-  LEFT JOIN pg_catalog.pg_class c ON c.oid = rel.oid
- GROUP BY w.i ORDER BY w.i";
-
-async fn lookup(
-    database: &str,
-    names: &[RelationName],
-    primary: &Backend,
-    monitor: &Monitor,
-) -> Result<Vec<bool>, CatalogError> {
-    let schemas: Vec<&str> = names
-        .iter()
-        .map(|n| n.schema.as_deref().unwrap_or(""))
-        .collect();
-    let rels: Vec<&str> = names.iter().map(|n| n.name.as_str()).collect();
-    let rows =
-        super::catalog::query_primary(database, primary, monitor, LOOKUP_SQL, &[&schemas, &rels])
-            .await?;
-    if rows.len() != names.len() {
-        return Err(CatalogError::WrongCount {
-            rows: rows.len(),
-            names: names.len(),
-        });
-    }
-    Ok(rows.iter().map(|r| r.get::<_, bool>(1)).collect())
 }
 
 #[cfg(test)]

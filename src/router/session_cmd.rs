@@ -209,7 +209,7 @@ pub fn pgpilot_command(sql: &str) -> Option<PgpilotCommand> {
         _ => value.text,
     };
     Some(PgpilotCommand::SetMinLsn(
-        crate::cluster::replication::parse_lsn(text).ok_or_else(|| text.to_string()),
+        crate::protocol::lsn::parse_lsn(text).ok_or_else(|| text.to_string()),
     ))
 }
 

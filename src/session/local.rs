@@ -14,11 +14,11 @@ use bytes::BytesMut;
 
 use super::{Session, SessionError};
 use crate::admin::{self, AdminCaller, AdminCommand, ResultSet};
-use crate::cluster::replication::format_lsn;
 use crate::error::sqlstate::{
     FEATURE_NOT_SUPPORTED, IN_FAILED_SQL_TRANSACTION, INVALID_TEXT_REPRESENTATION,
 };
 use crate::protocol::frame::cstr;
+use crate::protocol::lsn::format_lsn;
 use crate::protocol::messages::{self, PgError};
 use crate::protocol::{TxStatus, tag};
 use crate::router::classify::TxControl;

@@ -14,6 +14,7 @@
 //! ParameterStatus and ParseComplete from the servers. Everything else passes
 //! through as the bytes that arrived, batched per read.
 
+mod catalog_io;
 mod clock;
 mod connect;
 mod detached;

@@ -233,13 +233,16 @@ impl Session {
             Step::Lookup(names) => {
                 let snapshot = self.ctx.cluster.snapshot();
                 let primary = snapshot.primary.unwrap_or(self.active);
-                let backend = &self.cfg.backends[primary];
+                let catalog = super::catalog_io::PrimaryCatalog {
+                    primary: &self.cfg.backends[primary],
+                    monitor: &self.cfg.monitor,
+                };
                 // Cached on success; on failure the answer is "volatile" (primary),
                 // remembered for this request only.
                 if self
                     .ctx
                     .catalog
-                    .any_volatile(&self.database, &names, backend, &self.cfg.monitor)
+                    .any_volatile(&self.database, &names, &catalog)
                     .await
                     && self.ctx.catalog.cached(&self.database, &names).is_none()
                 {

@@ -61,12 +61,15 @@ impl Session {
     ) -> Result<(), SessionError> {
         let snapshot = self.ctx.cluster.snapshot();
         let primary = snapshot.primary.unwrap_or(self.active);
-        let backend = &self.cfg.backends[primary];
+        let catalog = super::catalog_io::PrimaryCatalog {
+            primary: &self.cfg.backends[primary],
+            monitor: &self.cfg.monitor,
+        };
         let ttl = self.cfg.routing.unlogged_cache_ttl;
         if let Err(e) = self
             .ctx
             .relations
-            .look_up(&self.database, &names, backend, &self.cfg.monitor, ttl)
+            .look_up(&self.database, &names, &catalog, ttl)
             .await
         {
             tracing::warn!(error = %e, "unlogged-relation lookup failed; routing to the primary");
