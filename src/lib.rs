@@ -6,9 +6,13 @@
 //! connections → [`cluster`] owns node state (health, replication lag,
 //! weights). [`auth`] decides who may try to log in, and how fast
 //! (`hba_file` rules, login throttling). [`admin`] answers `SHOW POOL_*`
-//! from that state and [`metrics`] exports it to Prometheus. [`protocol`]
-//! (wire format), [`config`] and [`error`] are used by all. [`localcluster`] builds real
-//! PostgreSQL clusters for `pgpilot demo` and the tests.
+//! from that state and [`metrics`] exports it to Prometheus; [`context`] holds
+//! the state every task shares, and [`error`] turns each layer's failures into
+//! SQLSTATEs. [`protocol`] (wire format), [`config`] and [`net`] are leaves:
+//! they import nothing else of the crate. [`localcluster`] builds real
+//! PostgreSQL clusters for `pgpilot demo` and the tests. Dependencies point
+//! down this list; `tests/layering.rs` checks the layers stated in
+//! `docs/architecture.md`.
 //!
 //! No `unsafe` here: system calls go through safe wrappers (`nix`, `socket2`).
 

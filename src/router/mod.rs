@@ -5,6 +5,11 @@
 //! a statement needs (behind [`cache`]), [`policy`] picks the node, [`chooser`]
 //! picks a session's standby. The session (`crate::session`) applies the
 //! decisions to its connections.
+//!
+//! No I/O here: the catalog lookups the caches of [`catalog`] and
+//! [`relations`] need are asked through [`catalog::CatalogQueries`], which
+//! the session implements on a connection of its own (`tests/layering.rs`
+//! checks that the router names no client library, socket or task).
 
 pub mod cache;
 pub mod catalog;
