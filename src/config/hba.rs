@@ -18,6 +18,11 @@
 //! options (`clientcert=`, `map=` …) and the methods that need an outside
 //! service (`ldap`, `gss`, `ident` …).
 //!
+//! The rules are configuration: read and checked with the rest of it (so a
+//! reload with a broken file keeps the old rules), held in
+//! [`Config::hba`](super::Config::hba), and looked up by the session's
+//! handshake through `auth::hba`, which re-exports this module.
+//!
 //! TLS: [`Peer::tls`] says whether the client connection is encrypted.
 //! Nothing sets it yet, so `hostssl` lines never match and `hostnossl` lines
 //! always do; a TLS listener only has to fill it in.

@@ -380,6 +380,42 @@ mod tests {
         })
     }
 
+    /// The configuration keeps a user's verifier as text and checks its form
+    /// at load; the handshake parses it at login. Both must agree, and a
+    /// verifier derived from a password must check that password.
+    #[test]
+    fn the_configuration_accepts_exactly_the_verifiers_the_handshake_parses() {
+        let good = config(None, std::path::Path::new("."));
+        let text = good.user("verified").unwrap().verifier.clone().unwrap();
+        let (head, keys) = text.rsplit_once('$').unwrap();
+        let (stored, server) = keys.split_once(':').unwrap();
+        let candidates = [
+            text.clone(),
+            format!("{head}${stored}:{}", &server[4..]),
+            format!("{head}${stored}"),
+            text.replacen("SCRAM-SHA-256$", "SCRAM-SHA-1$", 1),
+            text.replacen("$4096:", "$0:", 1),
+            text.replacen("$4096:", "$x:", 1),
+            format!("{head}$!!!!:{server}"),
+            "SCRAM-SHA-256$4096:c2FsdA==$x:y".to_string(),
+            "md5abc".to_string(),
+        ];
+        for v in candidates {
+            let toml = format!(
+                "[[backends]]\nhost = \"h\"\n[[users]]\nname = \"u\"\nscram_verifier = \"{v}\"\n"
+            );
+            assert_eq!(
+                Config::from_toml(&toml).is_ok(),
+                ScramVerifier::parse(&v).is_some(),
+                "{v}"
+            );
+        }
+        let plain = good.user("plain").unwrap().verifier.as_deref();
+        let derived = plain.and_then(ScramVerifier::parse).unwrap();
+        assert!(scram_password_check(&derived, b"pw").is_some());
+        assert!(scram_password_check(&derived, b"other").is_none());
+    }
+
     #[test]
     fn md5_lines_use_scram_for_a_scram_stored_password() {
         let dir = tempfile::tempdir().unwrap();
