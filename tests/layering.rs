@@ -126,7 +126,9 @@ fn raw_string_start(s: &[u8]) -> Option<usize> {
 /// `'\u{1F600}'`), or `None` for a lifetime.
 fn char_literal_len(s: &[u8]) -> Option<usize> {
     if s.get(1) == Some(&b'\\') {
-        return s[2..].iter().position(|&c| c == b'\'').map(|p| p + 3);
+        // The escaped character (maybe a quote) is s[2]; the literal ends at
+        // the next quote after it.
+        return s.get(3..)?.iter().position(|&c| c == b'\'').map(|p| p + 4);
     }
     let text = std::str::from_utf8(&s[1..s.len().min(6)])
         .ok()
@@ -327,7 +329,7 @@ fn every_module_has_a_place() {
 fn the_scanner_sees_code_only() {
     let code = code_only(
         "use crate::a::X; // crate::b\n/* crate::c /* nested */ crate::d */\n\
-         let s = \"crate::e\"; let r = r#\"crate::f\"#; let c = '\"'; fn g<'a>() {}\n\
+         let s = \"crate::e\"; let r = r#\"crate::f\"#; let c = '\"'; let q = '\\''; let d = \"crate::k\"; fn g<'a>() {}\n\
          $crate::h::y(); other_crate::i::z(); crate::j",
     );
     let found: Vec<String> = crate_paths(&code).into_iter().collect();
