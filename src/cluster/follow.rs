@@ -11,8 +11,19 @@
 //! or `GRANT ALTER SYSTEM ON PARAMETER primary_conninfo` (PostgreSQL 15+)
 //! and `GRANT EXECUTE ON FUNCTION pg_reload_conf()`.
 //!
+//! Slots: a standby streaming through a physical replication slot
+//! (`primary_slot_name`, e.g. from `pg_basebackup -R -S nodeN`) would find no
+//! slot on the new primary (slots are not replicated) and never stream
+//! again ("replication slot does not exist"). So before re-pointing it, that
+//! slot is created on the new primary when absent, with
+//! `pg_create_physical_replication_slot(name, true)` (WAL reserved from
+//! then on). This needs the `[monitor]` role to have REPLICATION (or be
+//! superuser) on the new primary. A standby without a slot is re-pointed as
+//! is.
+//!
 //! With `failover.follow_primary_command` set, that command runs instead,
-//! once per standby, with pgpool's placeholders (`%d` the standby).
+//! once per standby, with pgpool's placeholders (`%d` the standby); the
+//! standby's slot is created first all the same.
 //!
 //! Either way the standby must then be seen streaming from the new primary
 //! (`pg_stat_wal_receiver`) within `failover.follow_timeout`. A standby that
@@ -81,6 +92,16 @@ pub enum FollowError {
         /// The setting's value.
         conninfo: String,
     },
+    /// The standby's slot could not be created on the new primary.
+    #[error(
+        "cannot create its replication slot {slot:?} on the new primary: {source} (the monitor role needs REPLICATION or superuser)"
+    )]
+    Slot {
+        /// The slot (the standby's `primary_slot_name`).
+        slot: String,
+        /// Why.
+        source: NodeQueryError,
+    },
     /// Not seen streaming from the new primary in time.
     #[error(
         "cannot follow node {new}: not streaming from it after {limit:?} ({last}); a diverged timeline? rebuild it (pg_rewind or pg_basebackup), then ATTACH NODE {node}"
@@ -148,6 +169,10 @@ async fn follow_one(
 ) -> Result<(), FollowError> {
     let f = &cfg.failover;
     if !f.follow_primary_command.trim().is_empty() {
+        let sql = "SELECT current_setting('primary_slot_name')";
+        let rows = monitor_query(cfg, node, sql, cfg.health_check.timeout).await?;
+        let slot = rows.first().and_then(|r| r.first().cloned().flatten());
+        ensure_slot(cfg, node, new, slot.as_deref().unwrap_or_default()).await?;
         let nodes = HookNodes {
             failed: Some(node),
             new_primary: Some(new),
@@ -170,7 +195,8 @@ async fn repoint(
 ) -> Result<(), FollowError> {
     let limit = cfg.health_check.timeout;
     let sql = "SELECT pg_is_in_recovery(), current_setting('primary_conninfo'), \
-               pg_last_wal_replay_lsn(), current_setting('recovery_target_timeline')";
+               pg_last_wal_replay_lsn(), current_setting('recovery_target_timeline'), \
+               current_setting('primary_slot_name')";
     let rows = monitor_query(cfg, node, sql, limit).await?;
     let row = rows.first().ok_or(NodeQueryError::NoRow { node })?;
     let col = |i: usize| row.get(i).cloned().flatten().unwrap_or_default();
@@ -190,6 +216,9 @@ async fn repoint(
     if timeline != "latest" {
         return Err(FollowError::PinnedTimeline { timeline });
     }
+    // After the checks: a standby that cannot follow gets no slot retaining
+    // WAL on the new primary.
+    ensure_slot(cfg, node, new, &col(4)).await?;
     let current = col(1);
     let b = &cfg.backends[new];
     let app = &cfg.backends[node].application_name;
@@ -209,6 +238,42 @@ async fn repoint(
             node,
             primary = new,
             "primary_conninfo re-pointed and reloaded"
+        );
+    }
+    Ok(())
+}
+
+/// Create physical slot `slot` (standby `node`'s `primary_slot_name`; empty:
+/// none) on `new` unless it exists there, reserving WAL at once so the
+/// standby streams on without a gap.
+async fn ensure_slot(cfg: &Config, node: usize, new: usize, slot: &str) -> Result<(), FollowError> {
+    if slot.is_empty() {
+        return Ok(());
+    }
+    let name = slot.replace('\'', "''");
+    let sql = format!(
+        "SELECT pg_create_physical_replication_slot('{name}', true) \
+         WHERE NOT EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = '{name}')"
+    );
+    let rows = monitor_query(cfg, new, &sql, cfg.health_check.timeout)
+        .await
+        .map_err(|source| FollowError::Slot {
+            slot: slot.to_string(),
+            source,
+        })?;
+    if rows.is_empty() {
+        tracing::info!(
+            node,
+            primary = new,
+            slot,
+            "replication slot already on the new primary"
+        );
+    } else {
+        tracing::warn!(
+            node,
+            primary = new,
+            slot,
+            "replication slot created on the new primary"
         );
     }
     Ok(())
