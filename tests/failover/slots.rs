@@ -110,3 +110,109 @@ async fn a_standby_with_a_slot_streams_from_the_new_primary_after_a_failover() {
     })
     .await;
 }
+
+/// `SHOW PGPILOT_SLOTS` as slot name → (node_id, active, retained_bytes,
+/// stale_seconds).
+async fn slots_view(
+    c: &tokio_postgres::Client,
+) -> HashMap<String, (String, String, String, String)> {
+    let (cols, rows) = show(c, "SHOW PGPILOT_SLOTS").await;
+    assert_eq!(
+        cols,
+        [
+            "slot_name",
+            "node_id",
+            "active",
+            "retained_bytes",
+            "stale_seconds"
+        ]
+    );
+    rows.into_iter()
+        .map(|r| {
+            (
+                r[0].clone(),
+                (r[1].clone(), r[2].clone(), r[3].clone(), r[4].clone()),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn slots_of_nodes_that_are_gone_are_reported_then_dropped() {
+    let _serial = SERIAL.lock().await;
+    let cluster = new_cluster_with(2, false, &[], true).await;
+    let mut cfg = config_for(&cluster);
+    let after = Duration::from_secs(6);
+    cfg.failover.drop_stale_slots_after = after;
+    let p = spawn_proxy_stoppable(cfg);
+    all_in_service(&p, 0).await;
+    // A slot no configured node uses, as an old standby leaves behind.
+    psql_in(
+        &cluster,
+        0,
+        "postgres",
+        "SELECT pg_create_physical_replication_slot('gone', true)",
+    )
+    .await;
+    let c = connect(p.addr, "").await;
+    let mut view = HashMap::new();
+    wait_until(
+        "SHOW PGPILOT_SLOTS lists the standbys' slots and the stale one",
+        Duration::from_secs(15),
+        async || {
+            view = slots_view(&c).await;
+            view.len() == 3 && !view["gone"].3.is_empty()
+        },
+    )
+    .await;
+    assert_eq!(view["node1"].0, "1", "{view:?}");
+    assert_eq!(view["node2"].0, "2", "{view:?}");
+    for s in ["node1", "node2"] {
+        assert_eq!((&*view[s].1, &*view[s].3), ("true", ""), "{view:?}");
+    }
+    assert_eq!((&*view["gone"].0, &*view["gone"].1), ("", "false"));
+    assert!(view["gone"].2.parse::<u64>().is_ok(), "{view:?}");
+
+    // Node 2 goes away: its slot turns stale once it is out of service.
+    let c2 = cluster.clone();
+    blocking(move || c2.stop_node(2, "fast"))
+        .await
+        .expect("stop node 2");
+    let stopped = Instant::now();
+    wait_until(
+        "slot node2 reported stale",
+        Duration::from_secs(30),
+        async || {
+            view = slots_view(&c).await;
+            view.get("node2").is_some_and(|s| !s.3.is_empty())
+        },
+    )
+    .await;
+    let m = metrics(&p).await;
+    assert_eq!(m["pgpilot_replication_slot_stale{slot=\"node2\"}"], 1.0);
+    assert_eq!(m["pgpilot_replication_slot_stale{slot=\"node1\"}"], 0.0);
+    assert!(m.contains_key("pgpilot_replication_slot_retained_bytes{slot=\"node2\"}"));
+
+    // After drop_stale_slots_after, both stale slots are dropped; node 1's stays.
+    let listed = "SELECT string_agg(slot_name || ':' || active, ',' ORDER BY slot_name) \
+                  FROM pg_replication_slots";
+    wait_until(
+        "the stale slots dropped on the primary",
+        Duration::from_secs(30),
+        async || try_psql(&cluster, 0, listed).await.as_deref() == Some("node1:true"),
+    )
+    .await;
+    assert!(
+        stopped.elapsed() >= after,
+        "dropped {:?} after node 2 stopped",
+        stopped.elapsed()
+    );
+    wait_until(
+        "SHOW PGPILOT_SLOTS without the dropped slots",
+        Duration::from_secs(10),
+        async || slots_view(&c).await.into_keys().collect::<Vec<_>>() == ["node1"],
+    )
+    .await;
+    let m = metrics(&p).await;
+    assert!(!m.contains_key("pgpilot_replication_slot_stale{slot=\"node2\"}"));
+}

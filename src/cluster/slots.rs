@@ -1,0 +1,179 @@
+//! Physical replication slots on the primary: which standby uses which, and
+//! slots left behind by nodes that are gone.
+//!
+//! Every [`CHECK_PERIOD`], one task asks the published primary for its
+//! physical slots (`pg_replication_slots`: active or not, and the WAL each
+//! one retains, `pg_current_wal_lsn() - restart_lsn`) and every in-service
+//! standby for its `primary_slot_name` (readable in recovery). A slot that is
+//! inactive and named by no in-service standby is *stale*: it makes the
+//! primary keep WAL without bound. Stale slots are published
+//! ([`Cluster::replication_slots`]) for the metrics and `SHOW
+//! PGPILOT_SLOTS`; with `failover.drop_stale_slots_after` (off by default) a
+//! slot stale for that long is dropped (`pg_drop_replication_slot`, only
+//! while still inactive). A round where a standby does not answer decides
+//! nothing about staleness: its slot could be any of them.
+//!
+//! Creating a standby's slot on a new primary is part of following
+//! (`follow.rs`). Dropping needs the `[monitor]` role to have REPLICATION
+//! (or be superuser).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use tokio::sync::watch;
+
+use super::Cluster;
+use super::promote::monitor_query;
+use crate::config::Config;
+
+/// How often the slots are looked at.
+pub const CHECK_PERIOD: Duration = Duration::from_secs(2);
+
+/// The primary's physical slots; nothing while it is in recovery (where
+/// `pg_current_wal_lsn()` fails).
+const SLOTS_QUERY: &str = "\
+SELECT slot_name::text, active::text, (pg_current_wal_lsn() - restart_lsn)::bigint::text \
+ FROM pg_replication_slots WHERE slot_type = 'physical' AND NOT pg_is_in_recovery() \
+ ORDER BY slot_name";
+
+/// One physical slot on the primary.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SlotInfo {
+    /// `slot_name`.
+    pub name: String,
+    /// A WAL sender streams through it.
+    pub active: bool,
+    /// WAL the slot makes the primary keep (NULL `restart_lsn`: none).
+    pub retained_bytes: Option<u64>,
+    /// The in-service standby whose `primary_slot_name` it is.
+    pub standby: Option<usize>,
+    /// Since when it is stale (inactive, used by no in-service standby).
+    pub stale_since: Option<Instant>,
+}
+
+/// Look at the slots until shutdown.
+pub async fn run(
+    cluster: Arc<Cluster>,
+    config: Arc<ArcSwap<Config>>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut stale_since: HashMap<String, Instant> = HashMap::new();
+    loop {
+        let cfg = config.load_full();
+        let slots = check(&cluster, &cfg, &mut stale_since).await;
+        cluster.slots.store(Arc::new(slots));
+        tokio::select! {
+            _ = tokio::time::sleep(CHECK_PERIOD) => {}
+            _ = shutdown.changed() => return,
+        }
+    }
+}
+
+/// One round: the slots as seen now (empty without a published primary or
+/// when it does not answer), after dropping those stale for too long.
+async fn check(
+    cluster: &Cluster,
+    cfg: &Config,
+    stale_since: &mut HashMap<String, Instant>,
+) -> Vec<SlotInfo> {
+    let snap = cluster.snapshot();
+    let Some(primary) = snap.primary.filter(|_| !cluster.failover_in_progress()) else {
+        stale_since.clear();
+        return Vec::new();
+    };
+    let limit = cfg.health_check.timeout;
+    let rows = match monitor_query(cfg, primary, SLOTS_QUERY, limit).await {
+        Ok(rows) => rows,
+        Err(e) => {
+            tracing::debug!(node = primary, error = %e, "could not list replication slots");
+            return Vec::new();
+        }
+    };
+    // Each in-service standby's slot; `None` when one did not answer.
+    let mut used: Option<HashMap<String, usize>> = Some(HashMap::new());
+    for n in snap
+        .nodes
+        .iter()
+        .filter(|n| n.id != primary && n.status.is_usable())
+    {
+        let sql = "SELECT current_setting('primary_slot_name')";
+        match monitor_query(cfg, n.id, sql, limit).await {
+            Ok(r) => {
+                let name = r.first().and_then(|r| r.first().cloned().flatten());
+                if let (Some(map), Some(name)) = (used.as_mut(), name.filter(|s| !s.is_empty())) {
+                    map.insert(name, n.id);
+                }
+            }
+            Err(e) => {
+                tracing::debug!(node = n.id, error = %e, "could not read primary_slot_name");
+                used = None;
+            }
+        }
+    }
+    let now = Instant::now();
+    let mut slots: Vec<SlotInfo> = rows
+        .iter()
+        .map(|r| {
+            let col = |i: usize| r.get(i).cloned().flatten().unwrap_or_default();
+            let name = col(0);
+            SlotInfo {
+                standby: used.as_ref().and_then(|u| u.get(&name).copied()),
+                active: col(1) == "true" || col(1) == "t",
+                retained_bytes: col(2).parse().ok(),
+                stale_since: None,
+                name,
+            }
+        })
+        .collect();
+    if let Some(used) = &used {
+        let stale = |s: &SlotInfo| !s.active && !used.contains_key(&s.name);
+        stale_since.retain(|name, _| slots.iter().any(|s| &s.name == name && stale(s)));
+        for s in slots.iter_mut().filter(|s| stale(s)) {
+            s.stale_since = Some(*stale_since.entry(s.name.clone()).or_insert(now));
+        }
+    } else {
+        for s in slots.iter_mut().filter(|s| !s.active) {
+            s.stale_since = stale_since.get(&s.name).copied();
+        }
+        return slots;
+    }
+    let after = cfg.failover.drop_stale_slots_after;
+    if after.is_zero() {
+        return slots;
+    }
+    let mut dropped = Vec::new();
+    for s in &slots {
+        let Some(since) = s.stale_since.filter(|t| now.duration_since(*t) >= after) else {
+            continue;
+        };
+        let name = s.name.replace('\'', "''");
+        let sql = format!(
+            "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots \
+             WHERE slot_name = '{name}' AND NOT active"
+        );
+        match monitor_query(cfg, primary, &sql, limit).await {
+            Ok(rows) if rows.is_empty() => {} // in use again meanwhile
+            Ok(_) => {
+                tracing::warn!(
+                    node = primary,
+                    slot = %s.name,
+                    stale_for = ?now.duration_since(since),
+                    retained_bytes = ?s.retained_bytes,
+                    "stale replication slot dropped (failover.drop_stale_slots_after)"
+                );
+                dropped.push(s.name.clone());
+            }
+            Err(e) => tracing::warn!(
+                node = primary,
+                slot = %s.name,
+                error = %e,
+                "could not drop a stale replication slot (the monitor role needs REPLICATION or superuser)"
+            ),
+        }
+    }
+    slots.retain(|s| !dropped.contains(&s.name));
+    stale_since.retain(|name, _| !dropped.contains(name));
+    slots
+}
