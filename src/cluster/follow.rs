@@ -25,6 +25,17 @@
 //! once per standby, with pgpool's placeholders (`%d` the standby); the
 //! standby's slot is created first all the same.
 //!
+//! Standbys that return after a failover ([`watch_returning`]): one that
+//! was down while the others were re-pointed (or that is restarted with an
+//! old `primary_conninfo`) is found every [`RETURNING_PERIOD`]: in
+//! recovery, not held, not streaming from the primary, and, asked itself,
+//! its WAL receiver streams from nobody, or from a fenced node, or on an
+//! older timeline than the primary's. Seen so twice in a row (so a WAL
+//! receiver restarting for a moment is left alone), it is re-pointed as
+//! above, its slot created first. A standby cascading from another standby
+//! is left alone. Nothing is done before pgpilot's first failover or
+//! switchover, or in mode `none`.
+//!
 //! Either way the standby must then be seen streaming from the new primary
 //! (`pg_stat_wal_receiver`) within `failover.follow_timeout`. A standby that
 //! replayed past the new primary's switch point (it diverged: it cannot
@@ -35,16 +46,24 @@
 //! the lag-weighted balancing keeps reads off them while their timeline
 //! differs from the primary's.
 
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use tokio::sync::watch;
 
 use super::error::NodeQueryError;
 use super::events::Event;
 use super::hooks::{self, HookError, HookNodes};
 use super::promote::monitor_query;
 use super::replication::{format_lsn, parse_lsn};
-use super::{Cluster, PgStatus};
-use crate::config::Config;
+use super::state::HoldKind;
+use super::{Cluster, ClusterSnapshot, PgStatus, Role};
+use crate::config::{Config, FailoverMode};
+
+/// How often standbys that returned after a failover are looked for.
+pub const RETURNING_PERIOD: Duration = Duration::from_secs(2);
 
 /// Why a standby cannot follow the new primary. The text is the reason its
 /// hold shows (`SHOW PGPILOT_NODES`), so it says how to bring it back.
@@ -156,6 +175,108 @@ pub fn spawn_all(
                 Err(why) => cluster.cannot_follow(node, why.to_string()),
             }
         });
+    }
+}
+
+/// Re-point standbys that returned after a failover (see the module docs),
+/// until shutdown.
+pub async fn watch_returning(
+    cluster: Arc<Cluster>,
+    config: Arc<ArcSwap<Config>>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut seen_before: HashSet<usize> = HashSet::new();
+    let mut running: HashMap<usize, tokio::task::JoinHandle<()>> = HashMap::new();
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(RETURNING_PERIOD) => {}
+            _ = shutdown.changed() => return,
+        }
+        running.retain(|_, task| !task.is_finished());
+        let cfg = config.load_full();
+        let snap = cluster.snapshot();
+        let report = cluster.failover_report();
+        let primary = match (snap.primary, &report.current, &report.last) {
+            (Some(p), None, Some(_)) if cfg.failover.mode != FailoverMode::None => p,
+            _ => {
+                seen_before.clear();
+                continue;
+            }
+        };
+        let mut seen_now = HashSet::new();
+        for n in &snap.nodes {
+            if n.id == primary
+                || n.pg_status != PgStatus::Up
+                || n.role != Role::Standby
+                || n.repl.streaming_from_primary
+                || running.contains_key(&n.id)
+                || cluster.is_held(n.id)
+            {
+                continue;
+            }
+            let Some(why) = not_following(&cluster, &cfg, &snap, n.id, primary).await else {
+                continue;
+            };
+            if !seen_before.contains(&n.id) {
+                seen_now.insert(n.id);
+                continue;
+            }
+            tracing::warn!(node = n.id, primary, reason = %why, "standby returned; re-pointing it");
+            let (cluster, cfg, node) = (cluster.clone(), cfg.clone(), n.id);
+            let task = tokio::spawn(async move {
+                match follow_one(&cfg, node, primary, None, None).await {
+                    Ok(()) => {
+                        tracing::warn!(node, primary, "returned standby follows the primary");
+                        cluster.count(Event::Follow);
+                    }
+                    Err(why) => cluster.cannot_follow(node, why.to_string()),
+                }
+            });
+            running.insert(node, task);
+        }
+        seen_before = seen_now;
+    }
+}
+
+/// Why standby `node` does not follow `primary` (its WAL receiver streams
+/// from nobody, from a fenced node, or on an older timeline), or `None`
+/// when it does or cannot be asked (then nothing is done).
+async fn not_following(
+    cluster: &Cluster,
+    cfg: &Config,
+    snap: &ClusterSnapshot,
+    node: usize,
+    primary: usize,
+) -> Option<String> {
+    let sql = "SELECT pg_is_in_recovery()::text, r.status::text, r.sender_host::text, \
+               r.sender_port::text, r.received_tli::text \
+               FROM (SELECT) AS one LEFT JOIN pg_stat_wal_receiver AS r ON true";
+    let rows = monitor_query(cfg, node, sql, cfg.health_check.timeout)
+        .await
+        .ok()?;
+    let row = rows.first()?;
+    let col = |i: usize| row.get(i).cloned().flatten().unwrap_or_default();
+    if col(0) != "true" {
+        return None;
+    }
+    if col(1) != "streaming" {
+        return Some("its WAL receiver streams from nobody".into());
+    }
+    let holds = cluster.holds();
+    let fenced = cfg.backends.iter().enumerate().find(|(i, b)| {
+        holds.get(*i) == Some(&Some(HoldKind::Fenced))
+            && b.host == col(2)
+            && b.port.to_string() == col(3)
+    });
+    if let Some((i, _)) = fenced {
+        return Some(format!("it streams from node {i}, a fenced old primary"));
+    }
+    let primary_tli = snap.nodes.get(primary).and_then(|p| p.repl.timeline);
+    match (col(4).parse::<u32>().ok(), primary_tli) {
+        (Some(own), Some(p)) if own < p => Some(format!(
+            "it streams on timeline {own}, the primary is on timeline {p}"
+        )),
+        _ => None,
     }
 }
 

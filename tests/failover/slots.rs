@@ -216,3 +216,65 @@ async fn slots_of_nodes_that_are_gone_are_reported_then_dropped() {
     let m = metrics(&p).await;
     assert!(!m.contains_key("pgpilot_replication_slot_stale{slot=\"node2\"}"));
 }
+
+#[tokio::test]
+async fn a_standby_down_during_a_failover_follows_the_new_primary_when_it_returns() {
+    let _serial = SERIAL.lock().await;
+    let cluster = new_cluster_with(2, false, &[], true).await;
+    create_table(&cluster).await;
+    let p = spawn_proxy_stoppable(config_for(&cluster));
+    all_in_service(&p, 0).await;
+    let ctx = p.ctx.clone();
+
+    // Node 2 is down while node 0 fails and node 1 is promoted.
+    let c = cluster.clone();
+    blocking(move || c.stop_node(2, "fast"))
+        .await
+        .expect("stop node 2");
+    psql(&cluster, 0, "INSERT INTO t VALUES ('before-failover')").await;
+    let c = cluster.clone();
+    blocking(move || c.wait_replayed())
+        .await
+        .expect("node 1 replays");
+    let killed = kill_primary(&cluster, &p).await;
+    new_primary(&p, 1, killed, Duration::from_secs(30)).await;
+    write_lands_on(&p, cluster.nodes[1].port, "after-failover").await;
+
+    // It comes back with its old primary_conninfo (node 0) and slot name.
+    let c = cluster.clone();
+    blocking(move || c.start_node(2))
+        .await
+        .expect("restart node 2");
+    let started = Instant::now();
+    let receiver = "SELECT status || ' from ' || sender_port FROM pg_stat_wal_receiver";
+    let streaming = format!("streaming from {}", cluster.nodes[1].port);
+    let through_slot = "SELECT count(*) FROM pg_stat_replication r JOIN pg_replication_slots s \
+                        ON s.active_pid = r.pid WHERE s.slot_name = 'node2' \
+                        AND r.application_name = 'node2' AND r.state = 'streaming'";
+    wait_until(
+        "node 2 streaming from node 1 through slot node2",
+        Duration::from_secs(30),
+        async || {
+            let got = try_psql(&cluster, 2, receiver).await;
+            got.as_deref() == Some(streaming.as_str())
+                && try_psql(&cluster, 1, through_slot).await.as_deref() == Some("1")
+        },
+    )
+    .await;
+    eprintln!(
+        "node 2 streams from node 1 {:?} after it restarted",
+        started.elapsed()
+    );
+    replicated_to(&cluster, 2, "after-failover").await;
+    wait_for(
+        "node 2 back in service for reads",
+        Duration::from_secs(30),
+        || {
+            let n = &ctx.cluster.snapshot().nodes[2];
+            (n.status.is_usable() && n.effective_weight > 0.0 && !n.repl.timeline_mismatch)
+                .then_some(())
+        },
+    )
+    .await;
+    assert_eq!(ctx.cluster.snapshot().primary, Some(1));
+}
