@@ -376,12 +376,24 @@ async fn ensure_slot(cfg: &Config, node: usize, new: usize, slot: &str) -> Resul
         "SELECT pg_create_physical_replication_slot('{name}', true) \
          WHERE NOT EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = '{name}')"
     );
-    let rows = monitor_query(cfg, new, &sql, cfg.health_check.timeout)
-        .await
-        .map_err(|source| FollowError::Slot {
-            slot: slot.to_string(),
-            source,
-        })?;
+    let limit = cfg.health_check.timeout;
+    let rows = match monitor_query(cfg, new, &sql, limit).await {
+        Ok(rows) => rows,
+        Err(source) => {
+            // Another follow of the same standby (a returning one) may have
+            // created it meanwhile: that is success.
+            let exists = format!("SELECT 1 FROM pg_replication_slots WHERE slot_name = '{name}'");
+            match monitor_query(cfg, new, &exists, limit).await {
+                Ok(r) if !r.is_empty() => Vec::new(),
+                _ => {
+                    return Err(FollowError::Slot {
+                        slot: slot.to_string(),
+                        source,
+                    });
+                }
+            }
+        }
+    };
     if rows.is_empty() {
         tracing::info!(
             node,
