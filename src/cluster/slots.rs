@@ -3,10 +3,11 @@
 //!
 //! Every [`CHECK_PERIOD`], one task asks the published primary for its
 //! physical slots (`pg_replication_slots`: active or not, and the WAL each
-//! one retains, `pg_current_wal_lsn() - restart_lsn`) and every in-service
-//! standby for its `primary_slot_name` (readable in recovery). A slot that is
-//! inactive and named by no in-service standby is *stale*: it makes the
-//! primary keep WAL without bound. Stale slots are published
+//! one retains, `pg_current_wal_lsn() - restart_lsn`, and the WAL sender
+//! using it) and, only when a slot is inactive, every in-service standby not
+//! seen streaming through one for its `primary_slot_name` (readable in
+//! recovery). A slot that is inactive and named by no in-service standby is
+//! *stale*: it makes the primary keep WAL without bound. Stale slots are published
 //! ([`Cluster::replication_slots`]) for the metrics and `SHOW
 //! PGPILOT_SLOTS`; with `failover.drop_stale_slots_after` (off by default) a
 //! slot stale for that long is dropped (`pg_drop_replication_slot`, only
@@ -31,12 +32,14 @@ use crate::config::Config;
 /// How often the slots are looked at.
 pub const CHECK_PERIOD: Duration = Duration::from_secs(2);
 
-/// The primary's physical slots; nothing while it is in recovery (where
+/// The primary's physical slots, with the `application_name` of the WAL
+/// sender using each; nothing while it is in recovery (where
 /// `pg_current_wal_lsn()` fails).
 const SLOTS_QUERY: &str = "\
-SELECT slot_name::text, active::text, (pg_current_wal_lsn() - restart_lsn)::bigint::text \
- FROM pg_replication_slots WHERE slot_type = 'physical' AND NOT pg_is_in_recovery() \
- ORDER BY slot_name";
+SELECT s.slot_name::text, s.active::text, (pg_current_wal_lsn() - s.restart_lsn)::bigint::text, \
+ (SELECT r.application_name::text FROM pg_stat_replication r WHERE r.pid = s.active_pid) \
+ FROM pg_replication_slots s WHERE s.slot_type = 'physical' AND NOT pg_is_in_recovery() \
+ ORDER BY s.slot_name";
 
 /// One physical slot on the primary.
 #[derive(Debug, Clone, PartialEq)]
@@ -91,23 +94,41 @@ async fn check(
             return Vec::new();
         }
     };
-    // Each in-service standby's slot; `None` when one did not answer.
+    let col = |r: &Vec<Option<String>>, i: usize| r.get(i).cloned().flatten().unwrap_or_default();
+    // Each in-service standby's slot; `None` when one did not answer. An
+    // active slot's standby is known from its WAL sender; standbys are only
+    // asked when a slot is inactive (the usual state asks nothing of them).
     let mut used: Option<HashMap<String, usize>> = Some(HashMap::new());
-    for n in snap
+    for r in &rows {
+        let app = col(r, 3);
+        let node = snap
+            .nodes
+            .iter()
+            .find(|n| n.id != primary && !app.is_empty() && n.repl.application_name == app);
+        if let (Some(map), Some(n)) = (used.as_mut(), node) {
+            map.insert(col(r, 0), n.id);
+        }
+    }
+    let any_inactive = rows.iter().any(|r| col(r, 1) != "true");
+    let streaming: Vec<usize> = used.iter().flat_map(|u| u.values().copied()).collect();
+    let asked: Vec<usize> = snap
         .nodes
         .iter()
-        .filter(|n| n.id != primary && n.status.is_usable())
-    {
+        .filter(|n| n.id != primary && n.status.is_usable() && !streaming.contains(&n.id))
+        .map(|n| n.id)
+        .filter(|_| any_inactive)
+        .collect();
+    for id in asked {
         let sql = "SELECT current_setting('primary_slot_name')";
-        match monitor_query(cfg, n.id, sql, limit).await {
+        match monitor_query(cfg, id, sql, limit).await {
             Ok(r) => {
                 let name = r.first().and_then(|r| r.first().cloned().flatten());
                 if let (Some(map), Some(name)) = (used.as_mut(), name.filter(|s| !s.is_empty())) {
-                    map.insert(name, n.id);
+                    map.insert(name, id);
                 }
             }
             Err(e) => {
-                tracing::debug!(node = n.id, error = %e, "could not read primary_slot_name");
+                tracing::debug!(node = id, error = %e, "could not read primary_slot_name");
                 used = None;
             }
         }
@@ -116,12 +137,11 @@ async fn check(
     let mut slots: Vec<SlotInfo> = rows
         .iter()
         .map(|r| {
-            let col = |i: usize| r.get(i).cloned().flatten().unwrap_or_default();
-            let name = col(0);
+            let name = col(r, 0);
             SlotInfo {
                 standby: used.as_ref().and_then(|u| u.get(&name).copied()),
-                active: col(1) == "true" || col(1) == "t",
-                retained_bytes: col(2).parse().ok(),
+                active: col(r, 1) == "true",
+                retained_bytes: col(r, 2).parse().ok(),
                 stale_since: None,
                 name,
             }
