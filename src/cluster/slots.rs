@@ -147,16 +147,7 @@ async fn check(
             }
         })
         .collect();
-    if let Some(used) = &used {
-        let stale = |s: &SlotInfo| !s.active && !used.contains_key(&s.name);
-        stale_since.retain(|name, _| slots.iter().any(|s| &s.name == name && stale(s)));
-        for s in slots.iter_mut().filter(|s| stale(s)) {
-            s.stale_since = Some(*stale_since.entry(s.name.clone()).or_insert(now));
-        }
-    } else {
-        for s in slots.iter_mut().filter(|s| !s.active) {
-            s.stale_since = stale_since.get(&s.name).copied();
-        }
+    if !mark_stale(&mut slots, used.as_ref(), stale_since, now) {
         return slots;
     }
     let after = cfg.failover.drop_stale_slots_after;
@@ -196,4 +187,87 @@ async fn check(
     slots.retain(|s| !dropped.contains(&s.name));
     stale_since.retain(|name, _| !dropped.contains(name));
     slots
+}
+
+/// Set each slot's `stale_since` from `stale_since` (the first round each
+/// was seen stale, updated here). `used`: each in-service standby's slot,
+/// `None` when one did not answer; then nothing new is decided (known stale
+/// slots keep their time) and this returns false.
+fn mark_stale(
+    slots: &mut [SlotInfo],
+    used: Option<&HashMap<String, usize>>,
+    stale_since: &mut HashMap<String, Instant>,
+    now: Instant,
+) -> bool {
+    let Some(used) = used else {
+        for s in slots.iter_mut().filter(|s| !s.active) {
+            s.stale_since = stale_since.get(&s.name).copied();
+        }
+        return false;
+    };
+    let stale = |s: &SlotInfo| !s.active && !used.contains_key(&s.name);
+    stale_since.retain(|name, _| slots.iter().any(|s| &s.name == name && stale(s)));
+    for s in slots.iter_mut().filter(|s| stale(s)) {
+        s.stale_since = Some(*stale_since.entry(s.name.clone()).or_insert(now));
+    }
+    true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn slot(name: &str, active: bool) -> SlotInfo {
+        SlotInfo {
+            name: name.into(),
+            active,
+            retained_bytes: Some(0),
+            standby: None,
+            stale_since: None,
+        }
+    }
+
+    #[test]
+    fn a_slot_is_stale_while_inactive_and_used_by_no_in_service_standby() {
+        let t0 = Instant::now();
+        let used: HashMap<String, usize> = [("node2".to_string(), 2)].into();
+        let mut since = HashMap::new();
+        let round =
+            |active: [bool; 3], used: Option<&HashMap<String, usize>>, since: &mut _, at| {
+                let mut slots = vec![
+                    slot("node1", active[0]),
+                    slot("node2", active[1]),
+                    slot("gone", active[2]),
+                ];
+                let decided = mark_stale(&mut slots, used, since, at);
+                (
+                    decided,
+                    slots.iter().map(|s| s.stale_since).collect::<Vec<_>>(),
+                )
+            };
+        // node1 streams; node2 is restarting (inactive, but its standby is
+        // in service); gone is stale from now on.
+        let t1 = t0 + Duration::from_secs(2);
+        assert_eq!(
+            round([true, false, false], Some(&used), &mut since, t0),
+            (true, vec![None, None, Some(t0)])
+        );
+        // Still stale a round later: since the first round it was.
+        assert_eq!(
+            round([true, false, false], Some(&used), &mut since, t1),
+            (true, vec![None, None, Some(t0)])
+        );
+        // A standby did not answer: nothing new is decided, known times kept.
+        assert_eq!(
+            round([false, false, false], None, &mut since, t1),
+            (false, vec![None, None, Some(t0)])
+        );
+        // gone is used again, node1 is gone: the clock restarts for it.
+        let t2 = t1 + Duration::from_secs(2);
+        assert_eq!(
+            round([false, true, true], Some(&used), &mut since, t2),
+            (true, vec![Some(t2), None, None])
+        );
+        assert_eq!(since.len(), 1);
+    }
 }
