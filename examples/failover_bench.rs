@@ -83,6 +83,7 @@ async fn run_round(
         databases: vec![(USER.into(), USER.into())],
         extra_conf: Vec::new(),
         synchronous: sync,
+        slots: false,
     };
     let cluster = Arc::new(
         tokio::task::spawn_blocking(move || LocalCluster::start(spec))

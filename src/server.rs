@@ -130,6 +130,16 @@ impl Proxy {
             ctx.config.clone(),
             ctx.shutdown.clone(),
         ));
+        tasks.spawn(cluster::follow::watch_returning(
+            ctx.cluster.clone(),
+            ctx.config.clone(),
+            ctx.shutdown.clone(),
+        ));
+        tasks.spawn(cluster::slots::run(
+            ctx.cluster.clone(),
+            ctx.config.clone(),
+            ctx.shutdown.clone(),
+        ));
         tasks.spawn(cluster::failover::run(
             ctx.cluster.clone(),
             ctx.config.clone(),

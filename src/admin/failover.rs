@@ -9,6 +9,13 @@
 //! is not failed over), then counters `failovers`, `switchovers`,
 //! `promotions`, `follows`, `fenced`. With nothing in progress the columns
 //! describe the last transition (empty when there was none).
+//!
+//! `SHOW PGPILOT_SLOTS` is one row per physical replication slot on the
+//! primary (see `cluster::slots`): `slot_name`, `node_id` (the in-service
+//! standby whose `primary_slot_name` it is; empty for none), `active`,
+//! `retained_bytes` (WAL it makes the primary keep), `stale_seconds` (how
+//! long it has been inactive and used by no in-service standby; empty when
+//! it is not stale).
 
 use super::format::opt_local_time;
 use super::{ResultSet, views::opt};
@@ -82,5 +89,33 @@ pub(super) fn status(ctx: &ProxyContext) -> ResultSet {
             "fenced",
         ],
         vec![row],
+    )
+}
+
+/// `SHOW PGPILOT_SLOTS`.
+pub(super) fn slots(ctx: &ProxyContext) -> ResultSet {
+    let rows = ctx
+        .cluster
+        .replication_slots()
+        .iter()
+        .map(|s| {
+            vec![
+                s.name.clone(),
+                opt(s.standby),
+                s.active.to_string(),
+                opt(s.retained_bytes),
+                opt(s.stale_since.map(|t| t.elapsed().as_secs())),
+            ]
+        })
+        .collect();
+    ResultSet::new(
+        &[
+            "slot_name",
+            "node_id",
+            "active",
+            "retained_bytes",
+            "stale_seconds",
+        ],
+        rows,
     )
 }

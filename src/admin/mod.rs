@@ -13,6 +13,7 @@
 //! | `SHOW PGPILOT_NODES` | what pgpool lacks: effective weight, lag in bytes and seconds, replay paused, timeline, LSNs, last error |
 //! | `PGPOOL SHOW name` / `PGPOOL SHOW ALL` | pgpool-named settings and their values |
 //! | `SHOW PGPILOT_FAILOVER` | the failover or switchover in progress, or the last one |
+//! | `SHOW PGPILOT_SLOTS` | the primary's physical replication slots: standby using each, retained WAL, stale ones |
 //! | `ATTACH NODE n` | lift node n's hold (detached, fenced old primary, cannot follow) |
 //! | `DETACH NODE n` | no traffic to standby n until `ATTACH NODE n` |
 //! | `PROMOTE NODE n` | switchover to standby n (or the candidate of a waiting failover) |
@@ -61,6 +62,8 @@ pub enum AdminCommand {
     PgpoolShow(Option<String>),
     /// `SHOW PGPILOT_FAILOVER`.
     PgpilotFailover,
+    /// `SHOW PGPILOT_SLOTS`.
+    PgpilotSlots,
     /// `ATTACH NODE n`.
     AttachNode(usize),
     /// `DETACH NODE n`.
@@ -83,6 +86,7 @@ impl AdminCommand {
             AdminCommand::PgpoolShow(None) => "PGPOOL SHOW ALL".into(),
             AdminCommand::PgpoolShow(Some(n)) => format!("PGPOOL SHOW {n}"),
             AdminCommand::PgpilotFailover => "SHOW PGPILOT_FAILOVER".into(),
+            AdminCommand::PgpilotSlots => "SHOW PGPILOT_SLOTS".into(),
             AdminCommand::AttachNode(n) => format!("ATTACH NODE {n}"),
             AdminCommand::DetachNode(n) => format!("DETACH NODE {n}"),
             AdminCommand::PromoteNode(n) => format!("PROMOTE NODE {n}"),
@@ -188,6 +192,7 @@ pub fn parse_bytes(sql: &[u8]) -> Option<AdminCommand> {
             "pool_processes" => AdminCommand::PoolProcesses,
             "pgpilot_nodes" => AdminCommand::PgpilotNodes,
             "pgpilot_failover" => AdminCommand::PgpilotFailover,
+            "pgpilot_slots" => AdminCommand::PgpilotSlots,
             _ => return None,
         },
         [verb, "node", n] => {
@@ -227,6 +232,7 @@ pub fn execute(
         AdminCommand::PgpilotNodes => Ok(views::pgpilot_nodes(ctx)),
         AdminCommand::PgpoolShow(name) => views::pgpool_show(&cfg, name.as_deref()),
         AdminCommand::PgpilotFailover => Ok(failover::status(ctx)),
+        AdminCommand::PgpilotSlots => Ok(failover::slots(ctx)),
         AdminCommand::AttachNode(n) => failover::node_result(*n, ctx.cluster.attach(*n, &cfg)),
         AdminCommand::DetachNode(n) => failover::node_result(*n, ctx.cluster.detach(*n, &cfg)),
         AdminCommand::PromoteNode(n) => failover::node_result(
@@ -291,6 +297,7 @@ mod tests {
             ("SHOW PGPILOT_NODES;", AdminCommand::PgpilotNodes),
             ("PGPOOL SHOW ALL", AdminCommand::PgpoolShow(None)),
             ("SHOW PGPILOT_FAILOVER", AdminCommand::PgpilotFailover),
+            ("show pgpilot_slots;", AdminCommand::PgpilotSlots),
             ("attach node 2", AdminCommand::AttachNode(2)),
             ("DETACH  NODE 1;", AdminCommand::DetachNode(1)),
             ("Promote Node 0", AdminCommand::PromoteNode(0)),

@@ -11,8 +11,30 @@
 //! or `GRANT ALTER SYSTEM ON PARAMETER primary_conninfo` (PostgreSQL 15+)
 //! and `GRANT EXECUTE ON FUNCTION pg_reload_conf()`.
 //!
+//! Slots: a standby streaming through a physical replication slot
+//! (`primary_slot_name`, e.g. from `pg_basebackup -R -S nodeN`) would find no
+//! slot on the new primary (slots are not replicated) and never stream
+//! again ("replication slot does not exist"). So before re-pointing it, that
+//! slot is created on the new primary when absent, with
+//! `pg_create_physical_replication_slot(name, true)` (WAL reserved from
+//! then on). This needs the `[monitor]` role to have REPLICATION (or be
+//! superuser) on the new primary. A standby without a slot is re-pointed as
+//! is.
+//!
 //! With `failover.follow_primary_command` set, that command runs instead,
-//! once per standby, with pgpool's placeholders (`%d` the standby).
+//! once per standby, with pgpool's placeholders (`%d` the standby); the
+//! standby's slot is created first all the same.
+//!
+//! Standbys that return after a failover ([`watch_returning`]): one that
+//! was down while the others were re-pointed (or that is restarted with an
+//! old `primary_conninfo`) is found every [`RETURNING_PERIOD`]: in
+//! recovery, not held, not streaming from the primary, and, asked itself,
+//! its WAL receiver streams from nobody, or from a fenced node, or on an
+//! older timeline than the primary's. Seen so twice in a row (so a WAL
+//! receiver restarting for a moment is left alone), it is re-pointed as
+//! above, its slot created first. A standby cascading from another standby
+//! is left alone. Nothing is done before pgpilot's first failover or
+//! switchover, or in mode `none`.
 //!
 //! Either way the standby must then be seen streaming from the new primary
 //! (`pg_stat_wal_receiver`) within `failover.follow_timeout`. A standby that
@@ -24,16 +46,24 @@
 //! the lag-weighted balancing keeps reads off them while their timeline
 //! differs from the primary's.
 
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use tokio::sync::watch;
 
 use super::error::NodeQueryError;
 use super::events::Event;
 use super::hooks::{self, HookError, HookNodes};
 use super::promote::monitor_query;
 use super::replication::{format_lsn, parse_lsn};
-use super::{Cluster, PgStatus};
-use crate::config::Config;
+use super::state::HoldKind;
+use super::{Cluster, ClusterSnapshot, PgStatus, Role};
+use crate::config::{Config, FailoverMode};
+
+/// How often standbys that returned after a failover are looked for.
+pub const RETURNING_PERIOD: Duration = Duration::from_secs(2);
 
 /// Why a standby cannot follow the new primary. The text is the reason its
 /// hold shows (`SHOW PGPILOT_NODES`), so it says how to bring it back.
@@ -80,6 +110,16 @@ pub enum FollowError {
     Conninfo {
         /// The setting's value.
         conninfo: String,
+    },
+    /// The standby's slot could not be created on the new primary.
+    #[error(
+        "cannot create its replication slot {slot:?} on the new primary: {source} (the monitor role needs REPLICATION or superuser)"
+    )]
+    Slot {
+        /// The slot (the standby's `primary_slot_name`).
+        slot: String,
+        /// Why.
+        source: NodeQueryError,
     },
     /// Not seen streaming from the new primary in time.
     #[error(
@@ -138,6 +178,108 @@ pub fn spawn_all(
     }
 }
 
+/// Re-point standbys that returned after a failover (see the module docs),
+/// until shutdown.
+pub async fn watch_returning(
+    cluster: Arc<Cluster>,
+    config: Arc<ArcSwap<Config>>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut seen_before: HashSet<usize> = HashSet::new();
+    let mut running: HashMap<usize, tokio::task::JoinHandle<()>> = HashMap::new();
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(RETURNING_PERIOD) => {}
+            _ = shutdown.changed() => return,
+        }
+        running.retain(|_, task| !task.is_finished());
+        let cfg = config.load_full();
+        let snap = cluster.snapshot();
+        let report = cluster.failover_report();
+        let primary = match (snap.primary, &report.current, &report.last) {
+            (Some(p), None, Some(_)) if cfg.failover.mode != FailoverMode::None => p,
+            _ => {
+                seen_before.clear();
+                continue;
+            }
+        };
+        let mut seen_now = HashSet::new();
+        for n in &snap.nodes {
+            if n.id == primary
+                || n.pg_status != PgStatus::Up
+                || n.role != Role::Standby
+                || n.repl.streaming_from_primary
+                || running.contains_key(&n.id)
+                || cluster.is_held(n.id)
+            {
+                continue;
+            }
+            let Some(why) = not_following(&cluster, &cfg, &snap, n.id, primary).await else {
+                continue;
+            };
+            if !seen_before.contains(&n.id) {
+                seen_now.insert(n.id);
+                continue;
+            }
+            tracing::warn!(node = n.id, primary, reason = %why, "standby returned; re-pointing it");
+            let (cluster, cfg, node) = (cluster.clone(), cfg.clone(), n.id);
+            let task = tokio::spawn(async move {
+                match follow_one(&cfg, node, primary, None, None).await {
+                    Ok(()) => {
+                        tracing::warn!(node, primary, "returned standby follows the primary");
+                        cluster.count(Event::Follow);
+                    }
+                    Err(why) => cluster.cannot_follow(node, why.to_string()),
+                }
+            });
+            running.insert(node, task);
+        }
+        seen_before = seen_now;
+    }
+}
+
+/// Why standby `node` does not follow `primary` (its WAL receiver streams
+/// from nobody, from a fenced node, or on an older timeline), or `None`
+/// when it does or cannot be asked (then nothing is done).
+async fn not_following(
+    cluster: &Cluster,
+    cfg: &Config,
+    snap: &ClusterSnapshot,
+    node: usize,
+    primary: usize,
+) -> Option<String> {
+    let sql = "SELECT pg_is_in_recovery()::text, r.status::text, r.sender_host::text, \
+               r.sender_port::text, r.received_tli::text \
+               FROM (SELECT) AS one LEFT JOIN pg_stat_wal_receiver AS r ON true";
+    let rows = monitor_query(cfg, node, sql, cfg.health_check.timeout)
+        .await
+        .ok()?;
+    let row = rows.first()?;
+    let col = |i: usize| row.get(i).cloned().flatten().unwrap_or_default();
+    if col(0) != "true" {
+        return None;
+    }
+    if col(1) != "streaming" {
+        return Some("its WAL receiver streams from nobody".into());
+    }
+    let holds = cluster.holds();
+    let fenced = cfg.backends.iter().enumerate().find(|(i, b)| {
+        holds.get(*i) == Some(&Some(HoldKind::Fenced))
+            && b.host == col(2)
+            && b.port.to_string() == col(3)
+    });
+    if let Some((i, _)) = fenced {
+        return Some(format!("it streams from node {i}, a fenced old primary"));
+    }
+    let primary_tli = snap.nodes.get(primary).and_then(|p| p.repl.timeline);
+    match (col(4).parse::<u32>().ok(), primary_tli) {
+        (Some(own), Some(p)) if own < p => Some(format!(
+            "it streams on timeline {own}, the primary is on timeline {p}"
+        )),
+        _ => None,
+    }
+}
+
 /// Re-point standby `node` at `new`, then wait until it streams from it.
 async fn follow_one(
     cfg: &Config,
@@ -148,6 +290,10 @@ async fn follow_one(
 ) -> Result<(), FollowError> {
     let f = &cfg.failover;
     if !f.follow_primary_command.trim().is_empty() {
+        let sql = "SELECT current_setting('primary_slot_name')";
+        let rows = monitor_query(cfg, node, sql, cfg.health_check.timeout).await?;
+        let slot = rows.first().and_then(|r| r.first().cloned().flatten());
+        ensure_slot(cfg, node, new, slot.as_deref().unwrap_or_default()).await?;
         let nodes = HookNodes {
             failed: Some(node),
             new_primary: Some(new),
@@ -170,7 +316,8 @@ async fn repoint(
 ) -> Result<(), FollowError> {
     let limit = cfg.health_check.timeout;
     let sql = "SELECT pg_is_in_recovery(), current_setting('primary_conninfo'), \
-               pg_last_wal_replay_lsn(), current_setting('recovery_target_timeline')";
+               pg_last_wal_replay_lsn(), current_setting('recovery_target_timeline'), \
+               current_setting('primary_slot_name')";
     let rows = monitor_query(cfg, node, sql, limit).await?;
     let row = rows.first().ok_or(NodeQueryError::NoRow { node })?;
     let col = |i: usize| row.get(i).cloned().flatten().unwrap_or_default();
@@ -190,6 +337,9 @@ async fn repoint(
     if timeline != "latest" {
         return Err(FollowError::PinnedTimeline { timeline });
     }
+    // After the checks: a standby that cannot follow gets no slot retaining
+    // WAL on the new primary.
+    ensure_slot(cfg, node, new, &col(4)).await?;
     let current = col(1);
     let b = &cfg.backends[new];
     let app = &cfg.backends[node].application_name;
@@ -209,6 +359,54 @@ async fn repoint(
             node,
             primary = new,
             "primary_conninfo re-pointed and reloaded"
+        );
+    }
+    Ok(())
+}
+
+/// Create physical slot `slot` (standby `node`'s `primary_slot_name`; empty:
+/// none) on `new` unless it exists there, reserving WAL at once so the
+/// standby streams on without a gap.
+async fn ensure_slot(cfg: &Config, node: usize, new: usize, slot: &str) -> Result<(), FollowError> {
+    if slot.is_empty() {
+        return Ok(());
+    }
+    let name = slot.replace('\'', "''");
+    let sql = format!(
+        "SELECT pg_create_physical_replication_slot('{name}', true) \
+         WHERE NOT EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = '{name}')"
+    );
+    let limit = cfg.health_check.timeout;
+    let rows = match monitor_query(cfg, new, &sql, limit).await {
+        Ok(rows) => rows,
+        Err(source) => {
+            // Another follow of the same standby (a returning one) may have
+            // created it meanwhile: that is success.
+            let exists = format!("SELECT 1 FROM pg_replication_slots WHERE slot_name = '{name}'");
+            match monitor_query(cfg, new, &exists, limit).await {
+                Ok(r) if !r.is_empty() => Vec::new(),
+                _ => {
+                    return Err(FollowError::Slot {
+                        slot: slot.to_string(),
+                        source,
+                    });
+                }
+            }
+        }
+    };
+    if rows.is_empty() {
+        tracing::info!(
+            node,
+            primary = new,
+            slot,
+            "replication slot already on the new primary"
+        );
+    } else {
+        tracing::warn!(
+            node,
+            primary = new,
+            slot,
+            "replication slot created on the new primary"
         );
     }
     Ok(())

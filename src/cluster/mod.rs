@@ -15,6 +15,8 @@
 //! * [`replication`]: one task running pgpool's `sr_check` every
 //!   `sr_check.period`: LSNs, `pg_stat_replication`, replay state; it computes
 //!   lag and, through [`lag`], each standby's effective read weight.
+//! * [`slots`]: one task listing the primary's physical replication slots,
+//!   which standby uses each, and the stale ones (optionally dropped).
 //! * the backend pool, which reports the first connection to a node
 //!   ([`Cluster::note_backend_connected`]) so `waiting` turns `up`.
 //! * [`failover`]: the coordinator. When the chosen primary is lost it
@@ -40,6 +42,7 @@ pub mod lag;
 pub mod monitor_conn;
 pub mod promote;
 pub mod replication;
+pub mod slots;
 mod state;
 pub mod switchover;
 
@@ -283,6 +286,8 @@ pub struct Cluster {
     fast_detect: AtomicBool,
     /// Held while a failover or switchover runs: one at a time.
     transition_lock: tokio::sync::Mutex<()>,
+    /// The primary's physical replication slots, as `slots::run` last saw them.
+    slots: ArcSwap<Vec<slots::SlotInfo>>,
 }
 
 /// How long a session whose primary connection broke waits for the
@@ -305,7 +310,14 @@ impl Cluster {
             verdicts: watch::Sender::new(0),
             fast_detect: AtomicBool::new(false),
             transition_lock: tokio::sync::Mutex::new(()),
+            slots: ArcSwap::from_pointee(Vec::new()),
         }
+    }
+
+    /// The primary's physical replication slots, with the standby using each
+    /// and whether it is stale (see [`slots`]).
+    pub fn replication_slots(&self) -> Arc<Vec<slots::SlotInfo>> {
+        self.slots.load_full()
     }
 
     /// Whether a failover or switchover is in progress (one atomic load).

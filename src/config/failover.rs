@@ -86,6 +86,12 @@ pub struct Failover {
     /// transactions on the old primary, then for the target to catch up.
     #[serde(deserialize_with = "duration")]
     pub switchover_timeout: Duration,
+    /// Drop a physical replication slot on the primary once it has been
+    /// stale this long (inactive, and the `primary_slot_name` of no
+    /// in-service standby), so a node that is gone does not make the primary
+    /// keep WAL without bound; 0 = never (stale slots are only reported).
+    #[serde(deserialize_with = "duration")]
+    pub drop_stale_slots_after: Duration,
 }
 
 impl Default for Failover {
@@ -101,6 +107,7 @@ impl Default for Failover {
             promote_timeout: Duration::from_secs(60),
             follow_timeout: Duration::from_secs(30),
             switchover_timeout: Duration::from_secs(30),
+            drop_stale_slots_after: Duration::ZERO,
         }
     }
 }
@@ -220,6 +227,7 @@ mod tests {
         assert!(f.detect_on_session_error);
         assert_eq!(f.max_lag_bytes, 0);
         assert_eq!(f.client_wait_timeout, Duration::from_secs(30));
+        assert_eq!(f.drop_stale_slots_after, Duration::ZERO);
         assert!(!c.backends[0].no_failover);
         assert_eq!(c.backends[0].trigger_path(), None);
         assert_eq!(
@@ -231,10 +239,11 @@ mod tests {
     #[test]
     fn values_are_checked_and_errors_name_the_key() {
         let c = Config::from_toml(&format!(
-            "{BASE}\n[failover]\nmode = \"command\"\ncommand = \"/x/failover.sh %d %P %H %R %%\"\nmax_lag_bytes = \"16MB\""
+            "{BASE}\n[failover]\nmode = \"command\"\ncommand = \"/x/failover.sh %d %P %H %R %%\"\nmax_lag_bytes = \"16MB\"\ndrop_stale_slots_after = \"1h\""
         ))
         .unwrap();
         assert_eq!(c.failover.mode, FailoverMode::Command);
+        assert_eq!(c.failover.drop_stale_slots_after, Duration::from_secs(3600));
         assert_eq!(c.failover.max_lag_bytes, 16 << 20);
         for (extra, key) in [
             ("[failover]\nmode = \"command\"", "failover.command"),
@@ -249,6 +258,10 @@ mod tests {
                 "failover.client_wait_timeout",
             ),
             ("[failover]\nmax_lag_bytes = \"lots\"", "max_lag_bytes"),
+            (
+                "[failover]\ndrop_stale_slots_after = \"soon\"",
+                "drop_stale_slots_after",
+            ),
             (
                 "[failover]\nmode = \"trigger_file\"",
                 "backends[0].trigger_file",

@@ -107,6 +107,10 @@ pub struct ClusterSpec {
     /// When true, `synchronous_standby_names = 'ANY 1 (node1, ...)'` is set on the
     /// primary once the standbys stream, so commits wait for one standby.
     pub synchronous: bool,
+    /// When true, each standby streams through a physical replication slot
+    /// named after it (`pg_basebackup -R -C -S nodeN`, so `primary_slot_name
+    /// = 'nodeN'`), as production clusters are usually built.
+    pub slots: bool,
 }
 
 impl Default for ClusterSpec {
@@ -118,6 +122,7 @@ impl Default for ClusterSpec {
             databases: Vec::new(),
             extra_conf: Vec::new(),
             synchronous: false,
+            slots: false,
         }
     }
 }
@@ -230,7 +235,8 @@ impl LocalCluster {
     /// Builds and starts a cluster: initdb the primary, configure and start it,
     /// create the spec's roles and databases, clone each standby with
     /// `pg_basebackup -R -X stream` and start it, then wait (60 s) until the
-    /// primary's `pg_stat_replication` shows every standby `streaming`. On error
+    /// primary's `pg_stat_replication` shows every standby `streaming` (with
+    /// [`ClusterSpec::slots`], each through its slot `nodeN`). On error
     /// everything created so far is stopped and removed.
     pub fn start(spec: ClusterSpec) -> Result<LocalCluster, ClusterError> {
         let bindir = find_bindir()?;
@@ -410,9 +416,13 @@ impl LocalCluster {
             self.add_node(id)?;
             let data_dir = self.nodes[id].data_dir.clone();
             let (data, port) = (path_str(&data_dir), self.nodes[0].port);
-            let args = format!(
+            let mut args = format!(
                 "-h 127.0.0.1 -p {port} -U {SUPERUSER} -D {data} -R -X stream -c fast --no-sync"
             );
+            if spec.slots {
+                // -C creates the slot on the primary; -R writes primary_slot_name.
+                args.push_str(&format!(" -C -S {}", self.nodes[id].application_name));
+            }
             let backup = self.run("pg_basebackup", &words(&args), COMMAND_TIMEOUT);
             backup.map_err(|e| self.with_log(0, e))?;
             // The primary's settings were copied; later lines win, so override them.
@@ -427,10 +437,16 @@ impl LocalCluster {
             .map(|n| n.application_name.clone())
             .collect();
         // An array literal ('{node1,node2}'), which also works with no standbys.
-        let streaming = format!(
+        let mut streaming = format!(
             "state = 'streaming' AND application_name = ANY('{{{}}}')",
             names.join(",")
         );
+        if spec.slots {
+            streaming.push_str(
+                " AND pid IN (SELECT active_pid FROM pg_replication_slots \
+                 WHERE slot_name = application_name)",
+            );
+        }
         self.wait_replication(&streaming, names.len(), Duration::from_secs(60))?;
 
         if spec.synchronous && !names.is_empty() {
@@ -515,7 +531,8 @@ impl LocalCluster {
         )
     }
 
-    /// `primary_conninfo` for `standby` streaming from `primary`.
+    /// `primary_conninfo` for `standby` streaming from `primary` (its slot, if
+    /// any, is in `primary_slot_name`, written by `pg_basebackup -R`).
     fn primary_conninfo(&self, standby: usize, primary: usize) -> String {
         let (name, port) = (
             &self.node(standby).application_name,
@@ -710,6 +727,7 @@ mod tests {
             standbys: 1,
             users: vec![("app".into(), "secret".into())],
             databases: vec![("app".into(), "app".into())],
+            slots: true,
             ..ClusterSpec::default()
         };
         let mut cluster = LocalCluster::start(spec).expect("start cluster");
@@ -730,6 +748,10 @@ mod tests {
         assert_eq!(cluster.psql(1, "select pg_is_in_recovery()").unwrap(), "t");
         let name = "SELECT current_setting('cluster_name')";
         assert_eq!(cluster.psql(1, name).unwrap(), "node1");
+        let slot = "SELECT current_setting('primary_slot_name')";
+        assert_eq!(cluster.psql(1, slot).unwrap(), "node1");
+        let active = "SELECT active FROM pg_replication_slots WHERE slot_name = 'node1'";
+        assert_eq!(cluster.psql(0, active).unwrap(), "t");
         assert_eq!(cluster.primary_index(), Some(0));
 
         cluster.stop_node(1, "fast").unwrap();

@@ -13,6 +13,7 @@
 
 pub mod auth;
 pub mod http;
+mod slots;
 
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -194,6 +195,7 @@ struct ScrapeGauges {
     failover_events: IntCounterVec,
     failover_in_progress: IntGauge,
     failover_last_duration: Gauge,
+    slots: slots::SlotMetrics,
 }
 
 fn opts(name: &str, help: &str) -> Opts {
@@ -673,6 +675,7 @@ impl ScrapeGauges {
                 "pgpilot_failover_last_duration_seconds",
                 "Duration of the last finished failover or switchover (detection to new primary in service)."
             ),
+            slots: slots::SlotMetrics::new(r),
         }
     }
 
@@ -767,6 +770,7 @@ impl ScrapeGauges {
         if let Some(d) = f.last.as_ref().and_then(|t| t.duration) {
             self.failover_last_duration.set(d.as_secs_f64());
         }
+        self.slots.fill(&ctx.cluster.replication_slots());
     }
 }
 

@@ -10,7 +10,7 @@
 //! initdb.
 //!
 //! The tests are grouped by what they exercise (`under_load.rs`, `modes.rs`,
-//! `operator.rs`, `safety.rs`); this file holds the shared helpers.
+//! `operator.rs`, `safety.rs`, `slots.rs`); this file holds the shared helpers.
 
 #[path = "../common/mod.rs"]
 mod common;
@@ -19,6 +19,7 @@ mod modes;
 mod operator;
 mod safety;
 mod sessions;
+mod slots;
 mod under_load;
 
 use std::collections::{HashMap, HashSet};
@@ -44,6 +45,17 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
 
 /// A primary and `standbys` standbys with the test role and database.
 async fn new_cluster(standbys: usize, synchronous: bool, extra: &[&str]) -> Arc<LocalCluster> {
+    new_cluster_with(standbys, synchronous, extra, false).await
+}
+
+/// Like [`new_cluster`]; with `slots`, each standby streams through its own
+/// physical replication slot (`pg_basebackup -R -C -S nodeN`).
+async fn new_cluster_with(
+    standbys: usize,
+    synchronous: bool,
+    extra: &[&str],
+    slots: bool,
+) -> Arc<LocalCluster> {
     common::init_logs();
     let spec = ClusterSpec {
         standbys,
@@ -51,6 +63,7 @@ async fn new_cluster(standbys: usize, synchronous: bool, extra: &[&str]) -> Arc<
         databases: vec![(DB.into(), USER.into())],
         extra_conf: extra.iter().map(|s| s.to_string()).collect(),
         synchronous,
+        slots,
     };
     let c = blocking(move || LocalCluster::start(spec))
         .await
