@@ -137,6 +137,21 @@ pub enum FollowError {
     },
 }
 
+impl FollowError {
+    /// The standby itself could not be reached (down, or restarting): not a
+    /// reason to hold it out. It is re-pointed when it returns
+    /// ([`watch_returning`]); a health check that has not yet noticed it
+    /// down must not make it "cannot follow" for good.
+    fn standby_unreachable(&self, standby: usize) -> bool {
+        matches!(
+            self,
+            FollowError::Query(
+                NodeQueryError::Connect { node, .. } | NodeQueryError::Timeout { node, .. }
+            ) if *node == standby
+        )
+    }
+}
+
 /// Re-point every reachable standby except `new` (and `old`, unless
 /// `include_old`) at `new`, each in its own task. `switch_lsn` is where the
 /// new primary's timeline forked, when known.
@@ -172,6 +187,11 @@ pub fn spawn_all(
                 Err(why) if is_old => {
                     tracing::warn!(node, reason = %why, "old primary not re-pointed; it stays fenced")
                 }
+                Err(why) if why.standby_unreachable(node) => tracing::warn!(
+                    node,
+                    reason = %why,
+                    "standby unreachable; re-pointed when it returns"
+                ),
                 Err(why) => cluster.cannot_follow(node, why.to_string()),
             }
         });
@@ -228,6 +248,9 @@ pub async fn watch_returning(
                     Ok(()) => {
                         tracing::warn!(node, primary, "returned standby follows the primary");
                         cluster.count(Event::Follow);
+                    }
+                    Err(why) if why.standby_unreachable(node) => {
+                        tracing::info!(node, reason = %why, "returned standby unreachable again")
                     }
                     Err(why) => cluster.cannot_follow(node, why.to_string()),
                 }
