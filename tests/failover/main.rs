@@ -183,6 +183,26 @@ async fn new_primary(p: &StoppableProxy, node: usize, since: Instant, limit: Dur
     since.elapsed()
 }
 
+/// Stop node 0 (the primary) immediately under whatever load runs, and wait
+/// for another node to be published as the primary: when it was stopped,
+/// the new primary, and how long publishing took.
+async fn fail_primary_over(
+    c: &Arc<LocalCluster>,
+    p: &StoppableProxy,
+) -> (Instant, usize, Duration) {
+    let killed = Instant::now();
+    let c = c.clone();
+    blocking(move || c.stop_node(0, "immediate"))
+        .await
+        .expect("stop the primary");
+    let ctx = p.ctx.clone();
+    let new = wait_for("a new primary", Duration::from_secs(30), || {
+        ctx.cluster.snapshot().primary.filter(|&n| n != 0)
+    })
+    .await;
+    (killed, new, killed.elapsed())
+}
+
 /// A write through pgpilot lands on `port`.
 async fn write_lands_on(p: &StoppableProxy, port: u16, key: &str) {
     let c = connect(p.addr, "").await;

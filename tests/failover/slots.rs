@@ -29,17 +29,8 @@ async fn a_standby_with_a_slot_streams_from_the_new_primary_after_a_failover() {
         async || load.count(|_| true).iter().all(|&n| n >= 25),
     )
     .await;
-    let killed = Instant::now();
-    let c = cluster.clone();
-    blocking(move || c.stop_node(0, "immediate"))
-        .await
-        .expect("stop the primary");
+    let (killed, new, published) = fail_primary_over(&cluster, &p).await;
     let ctx = p.ctx.clone();
-    let new = wait_for("a new primary", Duration::from_secs(30), || {
-        ctx.cluster.snapshot().primary.filter(|&n| n != 0)
-    })
-    .await;
-    let published = killed.elapsed();
     wait_until(
         "every writer's write on the new primary",
         Duration::from_secs(30),

@@ -21,17 +21,8 @@ async fn killing_the_primary_under_write_load_promotes_the_most_advanced_standby
     )
     .await;
 
-    let killed = Instant::now();
-    let c = cluster.clone();
-    blocking(move || c.stop_node(0, "immediate"))
-        .await
-        .expect("stop the primary");
+    let (killed, new, published) = fail_primary_over(&cluster, &p).await;
     let ctx = p.ctx.clone();
-    let new = wait_for("a new primary", Duration::from_secs(30), || {
-        ctx.cluster.snapshot().primary.filter(|&n| n != 0)
-    })
-    .await;
-    let published = killed.elapsed();
     wait_until(
         "every writer's write on the new primary and a read after it was published",
         Duration::from_secs(30),
