@@ -177,12 +177,10 @@ impl Link {
         let bytes = &conn.buf[..n];
         let mut i = 0;
         // Whole messages only: a message split across reads ends the watch.
-        while let Some(head) = bytes.get(i..i + 5) {
-            let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
-            let Some(frame) = bytes.get(i..i + 1 + len) else {
-                break;
-            };
-            match (st.watch, frame[0]) {
+        // Already framed by the link's scanner: no size limit to apply here.
+        while let Ok(Some(f)) = peek_frame(&bytes[i..], usize::MAX) {
+            let frame = &bytes[i..i + f.wire_len];
+            match (st.watch, f.tag) {
                 (Watch::Watching, b'1' | b'2' | b't' | b'n' | b'T') => {
                     st.held.extend_from_slice(frame)
                 }
