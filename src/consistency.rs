@@ -90,6 +90,7 @@
 //! its WAL, so the write position may still be short of it for up to
 //! `wal_writer_delay` (and no standby has it yet).
 
+use crate::config::NodeId;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
@@ -178,9 +179,9 @@ impl Consistency {
     }
 
     /// The replay position last seen on `node`.
-    pub fn replayed(&self, node: usize) -> u64 {
+    pub fn replayed(&self, node: NodeId) -> u64 {
         self.replayed
-            .get(node)
+            .get(node.index())
             .map_or(0, |a| a.load(Ordering::Acquire))
     }
 
@@ -196,8 +197,8 @@ impl Consistency {
     /// Record `node`'s replay position as last polled. It replaces the old one
     /// even when lower: a standby that restarted (or was rebuilt) replays from
     /// an earlier point, and believing the old figure would serve stale reads.
-    pub fn set_replayed(&self, node: usize, lsn: u64) {
-        if let Some(a) = self.replayed.get(node)
+    pub fn set_replayed(&self, node: NodeId, lsn: u64) {
+        if let Some(a) = self.replayed.get(node.index())
             && a.swap(lsn, Ordering::AcqRel) < lsn
         {
             self.replay_changed.notify_waiters();
@@ -251,10 +252,10 @@ impl Consistency {
     /// first node that has (in the order given).
     pub async fn wait_replay(
         &self,
-        nodes: &[usize],
+        nodes: &[NodeId],
         target: u64,
         deadline: Instant,
-    ) -> Option<usize> {
+    ) -> Option<NodeId> {
         let caught_up = || nodes.iter().copied().find(|n| self.replayed(*n) >= target);
         if let Some(n) = caught_up() {
             return Some(n);
@@ -291,10 +292,10 @@ pub async fn run_replay_poller(
         conns.resize_with(cfg.backends.len(), || None);
         let snapshot = cluster.snapshot();
         let mut polls = Vec::new();
-        for (node, conn) in conns.iter_mut().enumerate() {
+        for (node, conn) in NodeId::all(conns.len()).zip(conns.iter_mut()) {
             let standby = snapshot
                 .nodes
-                .get(node)
+                .get(node.index())
                 .is_some_and(|n| n.role == Role::Standby && n.status.is_usable());
             if !standby {
                 // Not a usable standby (down, promoted, held): nothing known
@@ -313,7 +314,7 @@ pub async fn run_replay_poller(
             // Nobody needs positions: forget them (unpolled, they would turn
             // stale) and sleep until a session waits for one. The connections
             // stay open: reopening costs the standby a backend start-up.
-            for node in 0..conns.len() {
+            for node in NodeId::all(conns.len()) {
                 lsns.set_replayed(node, 0);
             }
             tracing::debug!("replay positions unused; poller dormant");
@@ -334,7 +335,7 @@ pub async fn run_replay_poller(
 }
 
 /// Ask one standby its replay position on the poller's own connection.
-async fn poll_one(node: usize, conn: &mut Option<MonitorConn>, cfg: &Config, lsns: &Consistency) {
+async fn poll_one(node: NodeId, conn: &mut Option<MonitorConn>, cfg: &Config, lsns: &Consistency) {
     if let Some(lsn) = ask_lsn(conn, node, cfg, "SELECT pg_last_wal_replay_lsn()").await {
         lsns.set_replayed(node, lsn);
     }
@@ -345,12 +346,12 @@ async fn poll_one(node: usize, conn: &mut Option<MonitorConn>, cfg: &Config, lsn
 /// drops it. Every step is bounded by `monitor.timeout`.
 async fn ask_lsn(
     conn: &mut Option<MonitorConn>,
-    node: usize,
+    node: NodeId,
     cfg: &Config,
     sql: &str,
 ) -> Option<u64> {
     let limit = cfg.monitor.timeout;
-    let backend = cfg.backends.get(node)?;
+    let backend = cfg.backends.get(node.index())?;
     if !conn.as_ref().is_some_and(|c| c.serves(backend)) {
         *conn = None;
         let open = MonitorConn::open(backend, &cfg.monitor, "pgpilot-lsn");
@@ -359,12 +360,12 @@ async fn ask_lsn(
         match tokio::time::timeout(limit, open).await {
             Ok(Ok(c)) => *conn = Some(c),
             Ok(Err(e)) => {
-                tracing::debug!(node, error = %e, "cannot connect to ask the WAL position");
+                tracing::debug!(%node, error = %e, "cannot connect to ask the WAL position");
                 return None;
             }
             Err(_) => {
                 tracing::debug!(
-                    node,
+                    %node,
                     ?limit,
                     "no connection to ask the WAL position in time"
                 );
@@ -376,12 +377,12 @@ async fn ask_lsn(
     let msgs = match tokio::time::timeout(limit, client.simple_query(sql)).await {
         Ok(Ok(msgs)) => msgs,
         Ok(Err(e)) => {
-            tracing::debug!(node, error = %e, "asking the WAL position failed");
+            tracing::debug!(%node, error = %e, "asking the WAL position failed");
             *conn = None;
             return None;
         }
         Err(_) => {
-            tracing::debug!(node, ?limit, "no WAL position in time");
+            tracing::debug!(%node, ?limit, "no WAL position in time");
             *conn = None;
             return None;
         }
@@ -449,17 +450,24 @@ mod tests {
     #[tokio::test]
     async fn wait_replay_returns_the_first_node_caught_up() {
         let c = Consistency::new(3);
-        c.set_replayed(1, 100);
-        c.set_replayed(2, 300);
+        c.set_replayed(NodeId::new(1), 100);
+        c.set_replayed(NodeId::new(2), 300);
         let soon = Instant::now() + Duration::from_millis(50);
-        assert_eq!(c.wait_replay(&[1, 2], 200, soon).await, Some(2));
-        assert_eq!(c.wait_replay(&[1], 200, soon).await, None);
+        assert_eq!(
+            c.wait_replay(&[NodeId::new(1), NodeId::new(2)], 200, soon)
+                .await,
+            Some(NodeId::new(2))
+        );
+        assert_eq!(c.wait_replay(&[NodeId::new(1)], 200, soon).await, None);
         // A position that went back (the standby restarted) is believed.
-        c.set_replayed(2, 10);
-        assert_eq!(c.replayed(2), 10);
+        c.set_replayed(NodeId::new(2), 10);
+        assert_eq!(c.replayed(NodeId::new(2)), 10);
         let soon = Instant::now() + Duration::from_millis(50);
-        assert_eq!(c.wait_replay(&[2], 200, soon).await, None);
-        assert_eq!(c.wait_replay(&[2], 5, soon).await, Some(2));
+        assert_eq!(c.wait_replay(&[NodeId::new(2)], 200, soon).await, None);
+        assert_eq!(
+            c.wait_replay(&[NodeId::new(2)], 5, soon).await,
+            Some(NodeId::new(2))
+        );
     }
 
     #[test]

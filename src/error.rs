@@ -9,6 +9,7 @@
 
 use crate::backend::BackendError;
 use crate::cluster::CommandError;
+use crate::config::NodeId;
 use crate::protocol::auth::AuthError;
 use crate::protocol::frame::FrameError;
 use crate::protocol::messages::{PgError, Severity};
@@ -26,7 +27,7 @@ pub enum SessionError {
     #[error("server connection to node {node} lost")]
     BackendLost {
         /// Node id.
-        node: usize,
+        node: NodeId,
     },
     /// The client connection broke.
     #[error("client connection error: {0}")]
@@ -88,7 +89,7 @@ use sqlstate::*;
 /// What a session whose server connection died during a failover tells its
 /// client: 57P01, like a server shut down under it, so drivers and poolers
 /// reconnect; new connections wait for the new primary.
-pub fn failover_in_progress(node: usize) -> PgError {
+pub fn failover_in_progress(node: NodeId) -> PgError {
     PgError::fatal(
         ADMIN_SHUTDOWN,
         format!(
@@ -202,9 +203,11 @@ mod tests {
     #[test]
     fn refused_node_commands_map_to_55000_with_their_text() {
         for e in [
-            CommandError::NoSuchNode { node: 7 },
+            CommandError::NoSuchNode {
+                node: NodeId::new(7),
+            },
             CommandError::PartOfTransition {
-                node: 1,
+                node: NodeId::new(1),
                 kind: TransitionKind::Failover,
             },
             CommandError::PromotionDisabled,

@@ -9,6 +9,7 @@
 //! the admin session logs in to the primary, so during a failover its login
 //! waits for the new primary (`failover.client_wait_timeout`).
 
+use crate::config::NodeId;
 use std::time::{Duration, Instant};
 
 use tokio_postgres::SimpleQueryMessage;
@@ -83,12 +84,12 @@ pub enum Action {
     /// `SHOW POOL_NODES`.
     Nodes,
     /// `ATTACH NODE n`.
-    Attach(usize),
+    Attach(NodeId),
     /// `DETACH NODE n`.
-    Detach(usize),
+    Detach(NodeId),
     /// `PROMOTE NODE n`, then follow `SHOW PGPILOT_FAILOVER` until it ends
     /// (unless `wait` is `None`).
-    Promote(usize, Option<Duration>),
+    Promote(NodeId, Option<Duration>),
 }
 
 /// A result set: columns and rows.

@@ -28,6 +28,7 @@
 //! protocol's Parse/Describe/Execute); this module only parses and builds
 //! result sets. Column meanings are in `views.rs` and docs/monitoring.md.
 
+use crate::config::NodeId;
 pub mod cli;
 mod failover;
 pub mod format;
@@ -65,11 +66,11 @@ pub enum AdminCommand {
     /// `SHOW PGPILOT_SLOTS`.
     PgpilotSlots,
     /// `ATTACH NODE n`.
-    AttachNode(usize),
+    AttachNode(NodeId),
     /// `DETACH NODE n`.
-    DetachNode(usize),
+    DetachNode(NodeId),
     /// `PROMOTE NODE n`.
-    PromoteNode(usize),
+    PromoteNode(NodeId),
 }
 
 impl AdminCommand {
@@ -112,7 +113,7 @@ pub struct AdminCaller {
     /// The client's user name.
     pub user: String,
     /// The node the session balances reads to, if it has one.
-    pub load_balance_node: Option<usize>,
+    pub load_balance_node: Option<NodeId>,
 }
 
 /// A result set of text columns.
@@ -196,7 +197,7 @@ pub fn parse_bytes(sql: &[u8]) -> Option<AdminCommand> {
             _ => return None,
         },
         [verb, "node", n] => {
-            let n: usize = n.parse().ok()?;
+            let n = NodeId::new(n.parse().ok()?);
             match *verb {
                 "attach" => AdminCommand::AttachNode(n),
                 "detach" => AdminCommand::DetachNode(n),
@@ -298,9 +299,9 @@ mod tests {
             ("PGPOOL SHOW ALL", AdminCommand::PgpoolShow(None)),
             ("SHOW PGPILOT_FAILOVER", AdminCommand::PgpilotFailover),
             ("show pgpilot_slots;", AdminCommand::PgpilotSlots),
-            ("attach node 2", AdminCommand::AttachNode(2)),
-            ("DETACH  NODE 1;", AdminCommand::DetachNode(1)),
-            ("Promote Node 0", AdminCommand::PromoteNode(0)),
+            ("attach node 2", AdminCommand::AttachNode(NodeId::new(2))),
+            ("DETACH  NODE 1;", AdminCommand::DetachNode(NodeId::new(1))),
+            ("Promote Node 0", AdminCommand::PromoteNode(NodeId::new(0))),
             (
                 "pgpool show Health_Check_Period;",
                 AdminCommand::PgpoolShow(Some("health_check_period".into())),

@@ -6,6 +6,7 @@
 //! ParameterStatus values and BackendKeyData. Afterwards the session relays
 //! raw frames through [`BackendConn::stream`].
 
+use crate::config::NodeId;
 use std::mem::MaybeUninit;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -31,7 +32,7 @@ const MAX_STARTUP_MESSAGE: usize = 1 << 20;
 #[derive(Debug, Clone)]
 pub struct ConnectParams<'a> {
     /// Node id (for errors and metrics).
-    pub node: usize,
+    pub node: NodeId,
     /// Host name or address.
     pub host: &'a str,
     /// Port.
@@ -75,7 +76,7 @@ pub fn from_epoch_ms(ms: u64) -> SystemTime {
 #[derive(Debug)]
 pub struct BackendConn {
     /// Node id this connection belongs to.
-    pub node: usize,
+    pub node: NodeId,
     /// The socket. The session reads and writes raw frames on it.
     pub stream: TcpStream,
     /// Read buffer; bytes received but not yet forwarded.

@@ -3,6 +3,7 @@
 //! ([`pool`]), and what prepared statements each holds ([`statements`]).
 //! Nothing here knows about client sockets.
 
+use crate::config::NodeId;
 pub mod conn;
 pub mod pool;
 pub mod statements;
@@ -21,7 +22,7 @@ pub enum BackendError {
     #[error("could not connect to node {node} ({addr}): {source}")]
     Connect {
         /// Node id.
-        node: usize,
+        node: NodeId,
         /// host:port tried.
         addr: String,
         /// Underlying error.
@@ -31,7 +32,7 @@ pub enum BackendError {
     #[error("timed out while {what} node {node}")]
     Timeout {
         /// Node id.
-        node: usize,
+        node: NodeId,
         /// The step, e.g. "connecting to".
         what: &'static str,
     },
@@ -39,7 +40,7 @@ pub enum BackendError {
     #[error("node {node} refused the connection: {}", fields.message)]
     Server {
         /// Node id.
-        node: usize,
+        node: NodeId,
         /// The node's error.
         fields: ErrorFields,
     },
@@ -47,7 +48,7 @@ pub enum BackendError {
     #[error("cannot log in to node {node}: {message}")]
     Auth {
         /// Node id.
-        node: usize,
+        node: NodeId,
         /// Why.
         message: String,
     },
@@ -55,7 +56,7 @@ pub enum BackendError {
     #[error("protocol error from node {node}: {message}")]
     Protocol {
         /// Node id.
-        node: usize,
+        node: NodeId,
         /// What.
         message: String,
     },
@@ -63,7 +64,7 @@ pub enum BackendError {
     #[error("connection to node {node} lost: {source}")]
     Io {
         /// Node id.
-        node: usize,
+        node: NodeId,
         /// Underlying error.
         source: std::io::Error,
     },
@@ -73,7 +74,7 @@ pub enum BackendError {
     )]
     PoolTimeout {
         /// Node id.
-        node: usize,
+        node: NodeId,
         /// How long the session waited.
         waited: Duration,
     },

@@ -10,6 +10,7 @@
 //! a freed slot to the longest waiter of any key, so no newcomer overtakes
 //! them and a release wakes one session, not all.
 
+use crate::config::NodeId;
 use std::collections::{HashMap, VecDeque};
 use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -44,7 +45,7 @@ const RETIRE_WINDOW: Duration = Duration::from_secs(60);
 #[derive(Debug, Clone)]
 pub struct PoolKey {
     /// Node id.
-    pub node: usize,
+    pub node: NodeId,
     /// Startup parameters sent to the node, in a canonical order (user and database
     /// first, then the rest sorted by name).
     pub startup: Arc<[(String, String)]>,
@@ -55,7 +56,7 @@ pub struct PoolKey {
 
 impl PoolKey {
     /// Build the key (and the startup parameters) for a client's parameters on a node.
-    pub fn new(node: usize, user: &str, database: &str, extra: &[(String, String)]) -> PoolKey {
+    pub fn new(node: NodeId, user: &str, database: &str, extra: &[(String, String)]) -> PoolKey {
         static SEED: std::sync::OnceLock<std::collections::hash_map::RandomState> =
             std::sync::OnceLock::new();
         let mut rest: Vec<(String, String)> = extra
@@ -123,7 +124,7 @@ pub struct NodePoolStats {
 #[derive(Debug, Clone)]
 pub struct IdleConnInfo {
     /// Node id.
-    pub node: usize,
+    pub node: NodeId,
     /// User it is logged in as.
     pub user: String,
     /// Database it is connected to.
@@ -349,7 +350,10 @@ impl Pool {
         key: &PoolKey,
         s: &AcquireSettings<'_>,
     ) -> Result<PooledConn, BackendError> {
-        let np = self.nodes.get(key.node).ok_or(BackendError::NoPrimary)?;
+        let np = self
+            .nodes
+            .get(key.node.index())
+            .ok_or(BackendError::NoPrimary)?;
         if let Some(c) = self.take_recent(key, Instant::now()) {
             return Ok(c);
         }
@@ -378,7 +382,7 @@ impl Pool {
                 Next::Idle(c) if c.is_healthy_idle() => return Ok(c),
                 Next::Idle(c) => {
                     tracing::debug!(
-                        node = key.node,
+                        node = %key.node,
                         pid = c.pid,
                         "dropping a dead idle connection"
                     );
@@ -411,7 +415,7 @@ impl Pool {
         };
         // On failure the slot is dropped: it passes to the next waiter.
         let conn = BackendConn::connect(&params).await?;
-        tracing::debug!(node = key.node, pid = conn.pid, "opened backend connection");
+        tracing::debug!(node = %key.node, pid = conn.pid, "opened backend connection");
         np.opened_total.fetch_add(1, Ordering::Relaxed);
         if let Some(c) = &self.cluster {
             c.note_backend_connected(key.node);
@@ -427,7 +431,7 @@ impl Pool {
     /// the most recently given back one is that: no waiting, no liveness check.
     /// The common case under transaction pooling.
     pub fn take_recent(&self, key: &PoolKey, now: Instant) -> Option<PooledConn> {
-        let np = self.nodes.get(key.node)?;
+        let np = self.nodes.get(key.node.index())?;
         let mut st = np.lock();
         let conns = st.idle.get_mut(key)?;
         if now.saturating_duration_since(conns.last()?.last_used) < RECENTLY_USED {
@@ -441,7 +445,7 @@ impl Pool {
     /// its key if there is one; closed, so its slot goes to the longest waiter,
     /// if only sessions of other keys wait; otherwise idle.
     pub fn put_idle(&self, mut conn: PooledConn, now: Instant) {
-        let Some(np) = self.nodes.get(conn.key.node) else {
+        let Some(np) = self.nodes.get(conn.key.node.index()) else {
             return;
         };
         if self.retiring.contains(conn.key.database(), now) {
@@ -507,8 +511,8 @@ impl Pool {
     }
 
     /// Close every idle connection of one node (e.g. when it went down).
-    pub fn close_idle(&self, node: usize) {
-        if let Some(np) = self.nodes.get(node) {
+    pub fn close_idle(&self, node: NodeId) {
+        if let Some(np) = self.nodes.get(node.index()) {
             let idle = std::mem::take(&mut np.lock().idle);
             drop(idle);
         }
@@ -545,9 +549,9 @@ impl Pool {
     }
 
     /// Open and idle counts for a node.
-    pub fn stats(&self, node: usize) -> NodePoolStats {
+    pub fn stats(&self, node: NodeId) -> NodePoolStats {
         self.nodes
-            .get(node)
+            .get(node.index())
             .map(|np| {
                 let st = np.lock();
                 NodePoolStats {
@@ -634,6 +638,7 @@ fn evict_one(st: &mut NodeState) -> Option<PooledConn> {
 #[cfg(test)]
 mod tests {
     use super::{PoolKey, RETIRE_WINDOW, Retiring};
+    use crate::config::NodeId;
     use std::hash::BuildHasher;
     use std::time::Instant;
 
@@ -665,14 +670,14 @@ mod tests {
     #[test]
     fn keys_are_equal_exactly_when_their_parameters_are() {
         let a = PoolKey::new(
-            0,
+            NodeId::new(0),
             "app",
             "db",
             &[p("TimeZone", "UTC"), p("application_name", "x")],
         );
         // Same parameters in another order, built separately (not shared).
         let b = PoolKey::new(
-            0,
+            NodeId::new(0),
             "app",
             "db",
             &[p("application_name", "x"), p("TimeZone", "UTC")],
@@ -683,37 +688,37 @@ mod tests {
         assert_eq!(h.hash_one(&a), h.hash_one(&b));
         for other in [
             PoolKey::new(
-                1,
+                NodeId::new(1),
                 "app",
                 "db",
                 &[p("TimeZone", "UTC"), p("application_name", "x")],
             ),
             PoolKey::new(
-                0,
+                NodeId::new(0),
                 "bob",
                 "db",
                 &[p("TimeZone", "UTC"), p("application_name", "x")],
             ),
             PoolKey::new(
-                0,
+                NodeId::new(0),
                 "app",
                 "db2",
                 &[p("TimeZone", "UTC"), p("application_name", "x")],
             ),
             PoolKey::new(
-                0,
+                NodeId::new(0),
                 "app",
                 "db",
                 &[p("TimeZone", "UTC"), p("application_name", "y")],
             ),
-            PoolKey::new(0, "app", "db", &[p("TimeZone", "UTC")]),
+            PoolKey::new(NodeId::new(0), "app", "db", &[p("TimeZone", "UTC")]),
         ] {
             assert_ne!(a, other, "{other:?}");
         }
         // A user/database given again among the extras does not count twice.
         assert_eq!(a.user(), "app");
         let c = PoolKey::new(
-            0,
+            NodeId::new(0),
             "app",
             "db",
             &[

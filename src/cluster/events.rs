@@ -3,6 +3,7 @@
 //! `pgpilot promote`, and event counters exported as
 //! `pgpilot_failover_events_total{event}`.
 
+use crate::config::NodeId;
 use std::time::{Duration, Instant, SystemTime};
 
 /// A primary change pgpilot drives.
@@ -75,12 +76,12 @@ pub struct TransitionStatus {
     /// Current phase.
     pub phase: Phase,
     /// The primary being replaced.
-    pub old_primary: Option<usize>,
+    pub old_primary: Option<NodeId>,
     /// The node being promoted (candidate), then the new primary.
-    pub target: Option<usize>,
+    pub target: Option<NodeId>,
     /// A node an operator chose with `PROMOTE NODE` while the failover
     /// waited: promoted without the lag check.
-    pub forced: Option<usize>,
+    pub forced: Option<NodeId>,
     /// The old primary was demoted or replaced by someone else: no
     /// promotion, only the search for the new primary.
     pub search_only: bool,

@@ -16,6 +16,7 @@
 //! killing its own backends in a loop cannot turn checks into a flood. Settings
 //! are re-read every round, so a reload applies at the next one.
 
+use crate::config::NodeId;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -32,7 +33,7 @@ pub const MIN_EARLY_GAP: Duration = Duration::from_millis(500);
 
 /// Called after every attempt with (node, attempt duration, success): how the
 /// metrics layer observes checks without the cluster depending on it.
-pub type CheckObserver = Arc<dyn Fn(usize, Duration, bool) + Send + Sync>;
+pub type CheckObserver = Arc<dyn Fn(NodeId, Duration, bool) + Send + Sync>;
 
 /// Counters of one node's health checks, with pgpool's meanings: a *check* is a
 /// round (first attempt plus retries).
@@ -166,12 +167,12 @@ impl ProbeError {
 
 impl Cluster {
     /// An attempt failed and will be retried: live status only, no verdict.
-    fn record_attempt_failure(&self, node: usize, error: &str) {
+    fn record_attempt_failure(&self, node: NodeId, error: &str) {
         self.update(|o| o.attempt_failed(node, error));
     }
 
     /// A round finished: update status (with admission rules) and statistics.
-    fn record_round(&self, node: usize, round: Round, config: &Config) {
+    fn record_round(&self, node: NodeId, round: Round, config: &Config) {
         let adm = Admission::from(config);
         self.update(|o| o.round_finished(node, round, SystemTime::now(), adm));
     }
@@ -274,7 +275,7 @@ pub(super) fn describe(e: &tokio_postgres::Error) -> String {
 
 /// One round: first attempt plus up to `max_retries` retries.
 async fn run_round(
-    node: usize,
+    node: NodeId,
     kept: &mut Option<MonitorConn>,
     cluster: &Cluster,
     cfg: &Config,
@@ -282,12 +283,12 @@ async fn run_round(
     shutdown: &mut watch::Receiver<bool>,
 ) -> Option<Round> {
     let hc = &cfg.health_check;
-    let backend = cfg.backends.get(node)?;
+    let backend = cfg.backends.get(node.index())?;
     // A node already down fails every round: keep the log quiet about it.
     let was_down = cluster
         .snapshot()
         .nodes
-        .get(node)
+        .get(node.index())
         .is_some_and(|n| !n.status.is_usable());
     let started = Instant::now();
     let mut retries = 0;
@@ -313,9 +314,9 @@ async fn run_round(
             }
             Err(e) if retries < hc.max_retries => {
                 if was_down {
-                    tracing::debug!(node, attempt = retries + 1, error = %e, "health check failed; retrying");
+                    tracing::debug!(%node, attempt = retries + 1, error = %e, "health check failed; retrying");
                 } else {
-                    tracing::info!(node, attempt = retries + 1, error = %e, "health check failed; retrying");
+                    tracing::info!(%node, attempt = retries + 1, error = %e, "health check failed; retrying");
                 }
                 cluster.record_attempt_failure(node, &e.message);
                 retries += 1;
@@ -338,7 +339,7 @@ async fn run_round(
 
 /// Check `node` every `health_check.period` (or early on request) until shutdown.
 pub async fn run_node(
-    node: usize,
+    node: NodeId,
     cluster: Arc<Cluster>,
     config: Arc<ArcSwap<Config>>,
     observer: CheckObserver,
@@ -363,7 +364,7 @@ pub async fn run_node(
         let was_usable = cluster
             .snapshot()
             .nodes
-            .get(node)
+            .get(node.index())
             .is_some_and(|n| n.status.is_usable());
         let Some(round) =
             run_round(node, &mut kept, &cluster, &cfg, &observer, &mut shutdown).await
@@ -372,9 +373,9 @@ pub async fn run_node(
         };
         if let Err(e) = &round.outcome {
             if was_usable {
-                tracing::warn!(node, retries = round.retries, error = %e, "health check failed after all retries");
+                tracing::warn!(%node, retries = round.retries, error = %e, "health check failed after all retries");
             } else {
-                tracing::debug!(node, error = %e, "node still unreachable");
+                tracing::debug!(%node, error = %e, "node still unreachable");
             }
         }
         cluster.record_round(node, round, &cfg);
@@ -402,7 +403,7 @@ pub async fn initial_check(cluster: &Cluster, config: &Config, observer: &CheckO
             })
         })
         .collect();
-    for (node, t) in tasks.into_iter().enumerate() {
+    for (node, t) in NodeId::all(tasks.len()).zip(tasks) {
         let (outcome, t0, duration) = t.await.unwrap_or_else(|e| {
             let e = ProbeError {
                 message: format!("check task failed: {e}"),
@@ -413,7 +414,7 @@ pub async fn initial_check(cluster: &Cluster, config: &Config, observer: &CheckO
         });
         observer(node, duration, outcome.is_ok());
         if let Err(e) = &outcome {
-            tracing::warn!(node, error = %e, "node did not answer the initial health check");
+            tracing::warn!(%node, error = %e, "node did not answer the initial health check");
         }
         let round = Round {
             outcome,

@@ -32,6 +32,7 @@
 //! auto_failback, weights) lives in `state.rs` as plain functions over data, so
 //! it is unit-tested without a network.
 
+use crate::config::NodeId;
 pub mod error;
 pub mod events;
 pub mod failover;
@@ -181,7 +182,7 @@ pub struct ReplicationView {
 #[derive(Debug, Clone)]
 pub struct NodeView {
     /// Position in `backends`.
-    pub id: usize,
+    pub id: NodeId,
     /// Configured host.
     pub host: String,
     /// Configured port.
@@ -215,7 +216,7 @@ pub struct ClusterSnapshot {
     /// All configured nodes, by id.
     pub nodes: Vec<NodeView>,
     /// The node writes go to, if one is known and in service.
-    pub primary: Option<usize>,
+    pub primary: Option<NodeId>,
     /// The lag curve and thresholds the weights were computed with.
     pub lag_policy: LagPolicy,
     /// Increases with every published snapshot.
@@ -228,8 +229,8 @@ impl ClusterSnapshot {
             nodes: backends
                 .iter()
                 .enumerate()
-                .map(|(id, b)| NodeView {
-                    id,
+                .map(|(i, b)| NodeView {
+                    id: NodeId::new(i),
                     host: b.host.clone(),
                     port: b.port,
                     weight: b.weight,
@@ -255,7 +256,7 @@ impl ClusterSnapshot {
     /// Whether a primary is known and in service (what `/healthz` reports).
     pub fn has_primary(&self) -> bool {
         self.primary
-            .and_then(|p| self.nodes.get(p))
+            .and_then(|p| self.nodes.get(p.index()))
             .is_some_and(|n| n.status.is_usable())
     }
 }
@@ -332,7 +333,7 @@ impl Cluster {
         &self,
         normal: Duration,
         during_failover: Duration,
-    ) -> Option<usize> {
+    ) -> Option<NodeId> {
         let start = tokio::time::Instant::now();
         loop {
             let notified = self.changed.notified();
@@ -359,7 +360,7 @@ impl Cluster {
     /// primary and `detect_on_session_error` is on, waits (≤ 1 s) for the
     /// coordinator's direct probe. Returns whether a failover is in progress,
     /// so the session can tell its client so.
-    pub async fn session_lost(&self, node: usize) -> bool {
+    pub async fn session_lost(&self, node: NodeId) -> bool {
         if self.failover_in_progress() {
             self.report_session_error(node);
             return true;
@@ -395,14 +396,14 @@ impl Cluster {
 
     /// `ATTACH NODE n`: lift the node's hold (detached, fenced, cannot
     /// follow) and admit it. The message says what happened.
-    pub fn attach(&self, node: usize, config: &Config) -> Result<String, CommandError> {
+    pub fn attach(&self, node: NodeId, config: &Config) -> Result<String, CommandError> {
         let adm = Admission::from(config);
         self.update_with(|o| o.attach(node, &adm))
     }
 
     /// `DETACH NODE n`: no traffic to the node until `ATTACH NODE n`.
     /// Refused for the primary (use `PROMOTE NODE` to move it first).
-    pub fn detach(&self, node: usize, config: &Config) -> Result<String, CommandError> {
+    pub fn detach(&self, node: NodeId, config: &Config) -> Result<String, CommandError> {
         let adm = Admission::from(config);
         self.update_with(|o| o.detach(node, &adm))
     }
@@ -422,8 +423,8 @@ impl Cluster {
     /// Never a verdict by itself: the node goes down only if the probe (with
     /// its retries) fails, so a client killing its own backend, a FATAL from a
     /// statement or a vanished client cannot take a healthy node down.
-    pub fn report_session_error(&self, node: usize) {
-        tracing::debug!(node, "session reported a connection error; probing early");
+    pub fn report_session_error(&self, node: NodeId) {
+        tracing::debug!(%node, "session reported a connection error; probing early");
         self.request_probe(node);
         if self.snapshot.load().primary == Some(node) {
             self.suspect.notify_one();
@@ -431,20 +432,20 @@ impl Cluster {
     }
 
     /// Ask `node`'s health task for a round now (coalesced).
-    fn request_probe(&self, node: usize) {
-        if let Some(n) = self.probe_requests.get(node) {
+    fn request_probe(&self, node: NodeId) {
+        if let Some(n) = self.probe_requests.get(node.index()) {
             n.notify_one();
         }
     }
 
     /// The pool opened a connection to `node`: a `waiting` node is now `up`.
     /// Cheap when the node is already up (one snapshot load).
-    pub fn note_backend_connected(&self, node: usize) {
+    pub fn note_backend_connected(&self, node: NodeId) {
         let waiting = self
             .snapshot
             .load()
             .nodes
-            .get(node)
+            .get(node.index())
             .is_some_and(|n| n.status == NodeStatus::Waiting);
         if waiting {
             self.update(|o| o.backend_connected(node));
@@ -467,7 +468,7 @@ impl Cluster {
     fn candidate_refused(
         &self,
         id: u64,
-        tried: Option<usize>,
+        tried: Option<NodeId>,
         why: String,
     ) -> Result<(), StepError> {
         self.update_with(|o| o.candidate_refused(id, tried, why))
@@ -477,7 +478,7 @@ impl Cluster {
     fn primary_answers(
         &self,
         id: u64,
-        node: usize,
+        node: NodeId,
         error: String,
         config: &Config,
     ) -> Result<(), StepError> {
@@ -486,23 +487,23 @@ impl Cluster {
     }
 
     /// The direct probe confirmed the primary cannot be reached.
-    fn primary_unreachable(&self, node: usize, reason: String, config: &Config) {
+    fn primary_unreachable(&self, node: NodeId, reason: String, config: &Config) {
         let adm = Admission::from(config);
         self.update(|o| o.primary_unreachable(node, reason, &adm));
     }
 
     /// A role seen directly by the coordinator.
-    fn observe_role(&self, node: usize, in_recovery: bool) {
+    fn observe_role(&self, node: NodeId, in_recovery: bool) {
         self.update(|o| o.observe_role(node, in_recovery));
     }
 
     /// The point of no return of transition `id` (fences the old primary).
-    fn promotion_started(&self, id: u64, candidate: usize) -> Result<(), StepError> {
+    fn promotion_started(&self, id: u64, candidate: NodeId) -> Result<(), StepError> {
         self.update_with(|o| o.promotion_started(id, candidate))
     }
 
     /// Publish `new` as the primary, ending transition `id`.
-    fn finish(&self, id: u64, new: usize, config: &Config) -> Result<(), StepError> {
+    fn finish(&self, id: u64, new: NodeId, config: &Config) -> Result<(), StepError> {
         let adm = Admission::from(config);
         self.update_with(|o| o.finish(id, new, &adm))
     }
@@ -519,17 +520,17 @@ impl Cluster {
     }
 
     /// Whether `node` is held out (detached, fenced, cannot follow).
-    fn is_held(&self, node: usize) -> bool {
+    fn is_held(&self, node: NodeId) -> bool {
         self.lock().is_held(node)
     }
 
     /// The last WAL position seen on `node` while it was the primary.
-    fn last_primary_lsn(&self, node: usize) -> Option<u64> {
+    fn last_primary_lsn(&self, node: NodeId) -> Option<u64> {
         self.lock().last_primary_lsn(node)
     }
 
     /// A standby could not follow the new primary.
-    fn cannot_follow(&self, node: usize, reason: String) {
+    fn cannot_follow(&self, node: NodeId, reason: String) {
         self.update(|o| o.cannot_follow(node, reason));
     }
 
@@ -545,8 +546,8 @@ impl Cluster {
     }
 
     /// Wait until a session asks for an early probe of `node`.
-    pub(crate) async fn probe_requested(&self, node: usize) {
-        match self.probe_requests.get(node) {
+    pub(crate) async fn probe_requested(&self, node: NodeId) {
+        match self.probe_requests.get(node.index()) {
             Some(n) => n.notified().await,
             None => std::future::pending().await,
         }

@@ -19,11 +19,13 @@ mod access;
 mod checks;
 mod failover;
 pub mod hba;
+mod node_id;
 mod routing;
 mod units;
 
 pub use checks::{HealthCheck, MetricsConfig, SrCheck};
 pub use failover::{Failover, FailoverMode};
+pub use node_id::NodeId;
 pub use routing::{BalanceInTransaction, ConsistencyMode, Routing, UnknownFunctions};
 use units::{byte_size, duration};
 pub use units::{parse_byte_size, parse_duration};

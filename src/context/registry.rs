@@ -7,6 +7,7 @@
 //! and state on every statement without a lock; only register/unregister and
 //! admin listings take the registry's mutex.
 
+use crate::config::NodeId;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicI32, AtomicI64, AtomicU8, AtomicU64, Ordering};
@@ -100,8 +101,8 @@ struct HeldSlot {
 impl SessionInfo {
     /// The session now uses the server connection `pid` on `node`, opened at
     /// `opened_ms` (`BackendConn::opened_ms`).
-    pub fn set_backend(&self, node: usize, pid: i32, opened_ms: u64) {
-        self.node.store(node as i64, Ordering::Relaxed);
+    pub fn set_backend(&self, node: NodeId, pid: i32, opened_ms: u64) {
+        self.node.store(node.index() as i64, Ordering::Relaxed);
         self.backend_pid.store(pid, Ordering::Relaxed);
         self.backend_opened_ms.store(opened_ms, Ordering::Relaxed);
     }
@@ -119,25 +120,25 @@ impl SessionInfo {
     }
 
     /// Current node, backend pid and when that connection was opened, if any.
-    pub fn backend(&self) -> Option<(usize, i32, SystemTime)> {
+    pub fn backend(&self) -> Option<(NodeId, i32, SystemTime)> {
         let node = self.node.load(Ordering::Relaxed);
         let pid = self.backend_pid.load(Ordering::Relaxed);
         let opened = self.backend_opened_ms.load(Ordering::Relaxed);
-        (node >= 0).then(|| (node as usize, pid, from_epoch_ms(opened)))
+        (node >= 0).then(|| (NodeId::new(node as usize), pid, from_epoch_ms(opened)))
     }
 
     /// The session now holds server connection `pid` on `node`, opened at
     /// `opened_ms` ([`epoch_ms`]).
-    pub fn hold(&self, node: usize, pid: i32, opened_ms: u64) {
-        if let Some(slot) = self.held.get(node) {
+    pub fn hold(&self, node: NodeId, pid: i32, opened_ms: u64) {
+        if let Some(slot) = self.held.get(node.index()) {
             slot.opened_ms.store(opened_ms, Ordering::Relaxed);
             slot.pid.store(pid, Ordering::Release);
         }
     }
 
     /// The session no longer holds a connection to `node`.
-    pub fn release(&self, node: usize) {
-        if let Some(slot) = self.held.get(node) {
+    pub fn release(&self, node: NodeId) {
+        if let Some(slot) = self.held.get(node.index()) {
             slot.pid.store(0, Ordering::Release);
         }
     }
@@ -145,14 +146,14 @@ impl SessionInfo {
     /// The server connections the session holds: (node, pid, opened). A
     /// listing taken while the session swaps connections may pair a new pid
     /// with the previous one's opening time, which a view can live with.
-    pub fn held(&self) -> Vec<(usize, i32, SystemTime)> {
+    pub fn held(&self) -> Vec<(NodeId, i32, SystemTime)> {
         self.held
             .iter()
             .enumerate()
             .filter_map(|(node, slot)| {
                 let pid = slot.pid.load(Ordering::Acquire);
                 let opened = from_epoch_ms(slot.opened_ms.load(Ordering::Relaxed));
-                (pid != 0).then_some((node, pid, opened))
+                (pid != 0).then_some((NodeId::new(node), pid, opened))
             })
             .collect()
     }
@@ -283,12 +284,12 @@ impl SessionRegistry {
     /// pgpilot's PID for the client whose session holds server process `pid`
     /// on `node` (a NotificationResponse names the notifying server process;
     /// its client knows pgpilot's PID from BackendKeyData).
-    pub fn client_pid_of(&self, node: usize, pid: i32) -> Option<i32> {
+    pub fn client_pid_of(&self, node: NodeId, pid: i32) -> Option<i32> {
         lock(&self.entries)
             .values()
             .find(|s| {
                 s.held
-                    .get(node)
+                    .get(node.index())
                     .is_some_and(|h| h.pid.load(Ordering::Acquire) == pid)
             })
             .map(|s| s.pid)
@@ -318,22 +319,28 @@ mod tests {
         assert_eq!(r.len(), 1);
         assert_eq!(h.state(), SessionState::Connecting);
         assert_eq!(h.backend(), None);
-        h.set_backend(1, 777, epoch_ms(SystemTime::now()));
+        h.set_backend(NodeId::new(1), 777, epoch_ms(SystemTime::now()));
         h.set_state(SessionState::Active);
         let listed = r.list();
         assert_eq!(listed[0].pid, 42);
-        assert_eq!(listed[0].backend().map(|b| (b.0, b.1)), Some((1, 777)));
+        assert_eq!(
+            listed[0].backend().map(|b| (b.0, b.1)),
+            Some((NodeId::new(1), 777))
+        );
         assert_eq!(listed[0].state().as_str(), "Execute command");
         h.clear_backend();
         assert_eq!(h.backend(), None);
         let opened = UNIX_EPOCH + Duration::from_millis(1_700_000_000_123);
-        h.hold(2, 900, epoch_ms(opened));
-        h.hold(0, 901, epoch_ms(opened));
-        h.hold(7, 902, epoch_ms(opened)); // no such node: ignored
-        assert_eq!(h.held(), vec![(0, 901, opened), (2, 900, opened)]);
-        h.release(2);
-        h.hold(0, 903, epoch_ms(opened));
-        assert_eq!(h.held(), vec![(0, 903, opened)]);
+        h.hold(NodeId::new(2), 900, epoch_ms(opened));
+        h.hold(NodeId::new(0), 901, epoch_ms(opened));
+        h.hold(NodeId::new(7), 902, epoch_ms(opened)); // no such node: ignored
+        assert_eq!(
+            h.held(),
+            vec![(NodeId::new(0), 901, opened), (NodeId::new(2), 900, opened)]
+        );
+        h.release(NodeId::new(2));
+        h.hold(NodeId::new(0), 903, epoch_ms(opened));
+        assert_eq!(h.held(), vec![(NodeId::new(0), 903, opened)]);
         drop(h);
         assert!(r.is_empty());
     }

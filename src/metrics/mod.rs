@@ -11,6 +11,7 @@
 //!
 //! The HTTP endpoint (`/metrics`, `/healthz`) is in [`http`].
 
+use crate::config::NodeId;
 pub mod auth;
 pub mod http;
 mod slots;
@@ -379,13 +380,15 @@ impl Metrics {
 
     /// A statement was sent to `node`. `kind` is one of [`KINDS`]; `read` also
     /// counts as the node's `select_cnt`. Unknown kinds and nodes are ignored.
-    pub fn statement_routed(&self, node: usize, kind: &'static str) {
-        let Some(children) = self.routed.get(node) else {
+    pub fn statement_routed(&self, node: NodeId, kind: &'static str) {
+        let Some(children) = self.routed.get(node.index()) else {
             return;
         };
         let i = match kind {
             "read" => {
-                self.counts[node].selects.fetch_add(1, Ordering::Relaxed);
+                self.counts[node.index()]
+                    .selects
+                    .fetch_add(1, Ordering::Relaxed);
                 0
             }
             "write" => 1,
@@ -422,8 +425,8 @@ impl Metrics {
     }
 
     /// A statement on `node` completed after `seconds`.
-    pub fn query_finished(&self, node: usize, seconds: f64) {
-        if let Some(h) = self.query_seconds.get(node) {
+    pub fn query_finished(&self, node: NodeId, seconds: f64) {
+        if let Some(h) = self.query_seconds.get(node.index()) {
             h.observe(seconds);
         }
     }
@@ -440,13 +443,16 @@ impl Metrics {
     }
 
     /// `node` sent an ErrorResponse of this severity (pgpool's error/fatal/panic counts).
-    pub fn node_error(&self, node: usize, severity: ErrorSeverity) {
+    pub fn node_error(&self, node: NodeId, severity: ErrorSeverity) {
         let i = match severity {
             ErrorSeverity::Error => 0,
             ErrorSeverity::Fatal => 1,
             ErrorSeverity::Panic => 2,
         };
-        if let (Some(c), Some(n)) = (self.counts.get(node), self.node_errors.get(node)) {
+        if let (Some(c), Some(n)) = (
+            self.counts.get(node.index()),
+            self.node_errors.get(node.index()),
+        ) {
             c.errors[i].fetch_add(1, Ordering::Relaxed);
             n[i].inc();
         }
@@ -455,7 +461,7 @@ impl Metrics {
     /// `node` completed a command with this CommandComplete tag (`INSERT 0 1`,
     /// `CREATE TABLE` …): feeds insert/update/delete/ddl/other counts. SELECT
     /// is not counted here (reads are counted when routed).
-    pub fn command_completed(&self, node: usize, tag: &[u8]) {
+    pub fn command_completed(&self, node: NodeId, tag: &[u8]) {
         let word = tag.split(|b| *b == b' ').next().unwrap_or_default();
         let i = match word {
             b"SELECT" => return,
@@ -465,7 +471,10 @@ impl Metrics {
             b"CREATE" | b"ALTER" | b"DROP" | b"TRUNCATE" | b"COMMENT" | b"GRANT" | b"REVOKE" => 3,
             _ => 4,
         };
-        if let (Some(c), Some(m)) = (self.counts.get(node), self.commands.get(node)) {
+        if let (Some(c), Some(m)) = (
+            self.counts.get(node.index()),
+            self.commands.get(node.index()),
+        ) {
             c.commands[i].fetch_add(1, Ordering::Relaxed);
             m[i].inc();
         }
@@ -483,25 +492,25 @@ impl Metrics {
     }
 
     /// One health-check attempt of `node` finished.
-    pub fn health_checked(&self, node: usize, took: Duration, ok: bool) {
-        if let Some(h) = self.health_seconds.get(node) {
+    pub fn health_checked(&self, node: NodeId, took: Duration, ok: bool) {
+        if let Some(h) = self.health_seconds.get(node.index()) {
             h.observe(took.as_secs_f64());
         }
-        if !ok && let Some(c) = self.health_failures.get(node) {
+        if !ok && let Some(c) = self.health_failures.get(node.index()) {
             c.inc();
         }
     }
 
     /// Reads routed to `node` since start (pgpool's `select_cnt`).
-    pub fn select_count(&self, node: usize) -> u64 {
+    pub fn select_count(&self, node: NodeId) -> u64 {
         self.counts
-            .get(node)
+            .get(node.index())
             .map_or(0, |c| c.selects.load(Ordering::Relaxed))
     }
 
     /// Per-node statement and error counts.
-    pub fn node_counts(&self, node: usize) -> NodeStatementCounts {
-        let Some(c) = self.counts.get(node) else {
+    pub fn node_counts(&self, node: NodeId) -> NodeStatementCounts {
+        let Some(c) = self.counts.get(node.index()) else {
             return NodeStatementCounts::default();
         };
         let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
@@ -743,7 +752,7 @@ impl ScrapeGauges {
                 &self.backend_opened.with_label_values(&[id]),
                 pool.opened_total,
             );
-            if let Some(s) = stats.get(n.id) {
+            if let Some(s) = stats.get(n.id.index()) {
                 sync_counter(
                     &self.health_checks.with_label_values(&[id, "success"]),
                     s.success_count,

@@ -13,6 +13,7 @@ use super::Session;
 use super::route::Step;
 use crate::cluster::ClusterSnapshot;
 use crate::config::ConsistencyMode;
+use crate::config::NodeId;
 use crate::router::chooser;
 
 /// Per-session read-your-writes state.
@@ -42,9 +43,9 @@ impl Session {
     /// primary — or a step to learn a position or wait for replay first.
     pub(super) fn fresh_read_node(
         &mut self,
-        node: usize,
+        node: NodeId,
         snapshot: &ClusterSnapshot,
-    ) -> Result<usize, Step> {
+    ) -> Result<NodeId, Step> {
         let Some(primary) = snapshot.primary else {
             return Ok(node);
         };
@@ -75,8 +76,11 @@ impl Session {
         }
         // Then another standby that has caught up: it becomes the session's.
         let weights = chooser::read_weights(snapshot, self.cfg.routing.primary_in_read_pool);
-        let caught_up = (0..weights.len()).find(|&n| {
-            weights[n] > 0.0 && n != primary && !self.shunned(n) && lsns.replayed(n) >= target
+        let caught_up = NodeId::all(weights.len()).find(|&n| {
+            weights[n.index()] > 0.0
+                && n != primary
+                && !self.shunned(n)
+                && lsns.replayed(n) >= target
         });
         if let Some(other) = caught_up {
             self.route.standby = Some(other);

@@ -381,7 +381,7 @@ impl Link {
         let metrics = cx.metrics;
         let node = self.conn.node;
         let n = self.st.scanner.scan(&self.conn.buf, events).map_err(|e| {
-            tracing::warn!(node, error = %e, "unframeable data from server");
+            tracing::warn!(%node, error = %e, "unframeable data from server");
             SessionError::BackendLost { node }
         })?;
         // Answers to pgpilot's own messages, cut from what the client gets

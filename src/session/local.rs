@@ -179,7 +179,7 @@ impl Session {
         if self.tx_aborted {
             return TxStatus::Failed;
         }
-        match self.links[self.active].as_ref() {
+        match self.links[self.active.index()].as_ref() {
             Some(l) if self.in_tx => l.conn.status,
             _ => TxStatus::Idle,
         }

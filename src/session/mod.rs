@@ -14,6 +14,7 @@
 //! ParameterStatus and ParseComplete from the servers. Everything else passes
 //! through as the bytes that arrived, batched per read.
 
+use crate::config::NodeId;
 mod catalog_io;
 mod clock;
 mod connect;
@@ -226,9 +227,9 @@ struct Session {
     server_reads: Vec<crate::net::ReadWatch>,
     /// The node whose answers the client is waiting for (the last one sent to);
     /// only it can have requests in flight.
-    active: usize,
+    active: NodeId,
     /// Node of the extended-protocol batch being forwarded (until its Sync).
-    batch: Option<usize>,
+    batch: Option<NodeId>,
     /// Settings and prepared statements shared by every connection of the session.
     state: SessionState,
     /// Routing state: the session's standby, sticky/forced primary, transaction node.
@@ -344,7 +345,7 @@ impl Session {
             startup.get("application_name").unwrap_or_default(),
             client.peer_addr().ok(),
         );
-        let pool_keys = (0..nodes)
+        let pool_keys = NodeId::all(nodes)
             .map(|n| crate::backend::PoolKey::new(n, &user, &database, &startup.params))
             .collect();
         Session {
@@ -366,7 +367,7 @@ impl Session {
             spare_link: None,
             client_reads: Default::default(),
             server_reads: (0..nodes).map(|_| Default::default()).collect(),
-            active: 0,
+            active: NodeId::new(0),
             batch: None,
             state: SessionState::default(),
             route: RouteState::default(),
@@ -404,7 +405,7 @@ impl Session {
     async fn run(&mut self, mut out: BytesMut, startup: &StartupMessage) {
         match self.attach_at_login().await {
             Ok(true) => {
-                if let Some(l) = &self.links[self.active] {
+                if let Some(l) = &self.links[self.active.index()] {
                     // What the server said while it started, as PostgreSQL
                     // sends it: after AuthenticationOk, before the parameters.
                     out.extend_from_slice(&l.conn.startup_notices);
@@ -462,17 +463,21 @@ impl Session {
     }
 
     /// Make `node` the one whose answers are awaited; cancels go to its server.
-    fn set_active(&mut self, node: usize) {
+    fn set_active(&mut self, node: NodeId) {
         let changed = self.active != node;
         self.active = node;
-        if changed || self.links[node].as_ref().is_some_and(|l| l.sent == 0) {
+        if changed
+            || self.links[node.index()]
+                .as_ref()
+                .is_some_and(|l| l.sent == 0)
+        {
             self.serving_now(node);
         }
     }
 
     /// Point cancels and the registry at the session's connection to `node`.
-    fn serving_now(&mut self, node: usize) {
-        if let Some(l) = &self.links[node] {
+    fn serving_now(&mut self, node: NodeId) {
+        if let Some(l) = &self.links[node.index()] {
             self.registration
                 .set_backend(node, l.conn.pid, l.conn.opened_ms);
             self.cancel.set(Some(CancelTarget {
@@ -484,15 +489,15 @@ impl Session {
     }
 
     /// The link to `node`, which routing made sure exists.
-    fn link_mut(&mut self, node: usize) -> Result<&mut Link, SessionError> {
+    fn link_mut(&mut self, node: NodeId) -> Result<&mut Link, SessionError> {
         self.links
-            .get_mut(node)
+            .get_mut(node.index())
             .and_then(Option::as_mut)
             .ok_or(SessionError::BackendLost { node })
     }
 
     /// Apply what the response stream of `node` settled.
-    fn settle(&mut self, node: usize) {
+    fn settle(&mut self, node: NodeId) {
         let mut done = std::mem::take(&mut self.done);
         for d in done.drain(..) {
             match d {
@@ -567,8 +572,8 @@ impl Session {
     /// A client's Parse of `name` failed on `node`: the statement does not exist.
     #[cold]
     #[inline(never)]
-    fn parse_failed(&mut self, node: usize, name: &[u8]) {
-        if let Some(l) = self.links[node].as_mut() {
+    fn parse_failed(&mut self, node: NodeId, name: &[u8]) {
+        if let Some(l) = self.links[node.index()].as_mut() {
             l.statements.remove(name);
         }
         if let Some(state::Stmt {
@@ -582,7 +587,7 @@ impl Session {
 
     /// A request's effects, confirmed by the server.
     #[inline(never)]
-    fn apply_effects(&mut self, node: usize, e: state::Effects) {
+    fn apply_effects(&mut self, node: NodeId, e: state::Effects) {
         use crate::router::classify::TxControl;
         let c = &e.class;
         if let Some(ro) = c.sets_read_only_default {
@@ -604,7 +609,7 @@ impl Session {
             if !self.state.sql_names.contains(&name) {
                 self.state.sql_names.push(name.clone());
             }
-            if let Some(l) = self.links[node].as_mut() {
+            if let Some(l) = self.links[node.index()].as_mut() {
                 l.statements.insert(name);
             }
         }
@@ -634,13 +639,13 @@ impl Session {
             logged.append(&mut self.state.take_committed());
         }
         for q in logged {
-            let was_current = self.links[node]
+            let was_current = self.links[node.index()]
                 .as_ref()
                 .is_some_and(|l| l.applied == self.state.log_end());
             let text = std::str::from_utf8(route::query_sql(&q)).unwrap_or("");
             let resets = crate::router::session_cmd::resets_all(text);
             self.state.log_setting(q, resets);
-            if was_current && let Some(l) = self.links[node].as_mut() {
+            if was_current && let Some(l) = self.links[node.index()].as_mut() {
                 l.applied = self.state.log_end();
             }
         }
@@ -702,7 +707,7 @@ impl Session {
                     match reset {
                         Ok(()) => ctx.pool.put_idle(conn, std::time::Instant::now()),
                         Err(e) => {
-                            tracing::info!(node = conn.node, error = %e, "reset failed; closing the connection")
+                            tracing::info!(node = %conn.node, error = %e, "reset failed; closing the connection")
                         }
                     }
                 });

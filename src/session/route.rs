@@ -20,6 +20,7 @@
 //! primary) is returned as a [`Step`] for the relay loop to await; the request is
 //! then routed again from scratch.
 
+use crate::config::NodeId;
 use std::sync::Arc;
 
 use super::state::StmtSource;
@@ -45,7 +46,7 @@ pub enum Step {
     /// Connect to / bring up to date this node, with these statements prepared.
     Prepare {
         /// Node id.
-        node: usize,
+        node: NodeId,
         /// Statements the request uses.
         needs: Needs,
     },
@@ -66,7 +67,7 @@ pub enum Step {
     /// Wait until one of `nodes` has replayed `target`, or `deadline`.
     WaitReplay {
         /// Standbys that may serve the read.
-        nodes: Vec<usize>,
+        nodes: Vec<NodeId>,
         /// WAL position the read must see.
         target: u64,
         /// Give up (read on the primary) then.
@@ -75,10 +76,10 @@ pub enum Step {
 }
 
 /// A request's route, or why it cannot be sent yet.
-type Planned = Result<usize, Step>;
+type Planned = Result<NodeId, Step>;
 
 /// The batch "node" of an extended batch pgpilot answers itself.
-pub const LOCAL: usize = usize::MAX;
+pub const LOCAL: NodeId = NodeId::new(usize::MAX);
 
 /// The classification of a FunctionCall message (it runs a function by OID: assume
 /// it writes and leaves state).
@@ -129,7 +130,7 @@ impl Session {
         let buf = std::mem::take(&mut self.cbuf);
         let mut pos = 0;
         // Frames [start, pos) not yet written, all for `node`.
-        let mut span: Option<(usize, usize)> = None;
+        let mut span: Option<(NodeId, usize)> = None;
         let result = self.route_frames(&buf, &mut pos, &mut span);
         let flushed = self.flush_span(&buf, span, pos);
         // What arrives of a batch still open was not there when it was routed.
@@ -152,11 +153,11 @@ impl Session {
     #[inline(never)]
     fn supply_unseen(
         &mut self,
-        node: usize,
+        node: NodeId,
         frame: &[u8],
         buf: &[u8],
         pos: usize,
-        span: &mut Option<(usize, usize)>,
+        span: &mut Option<(NodeId, usize)>,
     ) -> Result<bool, SessionError> {
         if self.shape_wait {
             return Ok(true);
@@ -174,7 +175,7 @@ impl Session {
     pub(super) fn flush_span(
         &mut self,
         buf: &[u8],
-        span: Option<(usize, usize)>,
+        span: Option<(NodeId, usize)>,
         end: usize,
     ) -> Result<(), SessionError> {
         match span {
@@ -187,7 +188,7 @@ impl Session {
         &mut self,
         buf: &[u8],
         pos: &mut usize,
-        span: &mut Option<(usize, usize)>,
+        span: &mut Option<(NodeId, usize)>,
     ) -> Result<Step, SessionError> {
         let max = self.cfg.max_message_size;
         while let Some(f) = peek_frame(&buf[*pos..], max)? {
@@ -590,7 +591,7 @@ impl Session {
             Decision::NoPrimary => return Err(Step::NeedPrimary),
         };
         tracing::trace!(
-            node,
+            %node,
             access = ?class.access,
             tx = ?class.tx,
             in_tx = self.in_tx,
@@ -645,14 +646,20 @@ impl Session {
         let weights: Vec<f64> = chooser::read_weights(snapshot, include_primary)
             .iter()
             .enumerate()
-            .map(|(i, w)| if self.shunned(i) { 0.0 } else { *w })
+            .map(|(i, w)| {
+                if self.shunned(NodeId::new(i)) {
+                    0.0
+                } else {
+                    *w
+                }
+            })
             .collect();
-        self.route.standby = chooser::pick(&weights, rand::random::<f64>());
+        self.route.standby = chooser::pick(&weights, rand::random::<f64>()).map(NodeId::new);
     }
 
     /// Whether `node` can take a request now: no other node has one in flight, and
     /// the connection exists, is healthy and carries the session's state.
-    fn check_ready(&mut self, node: usize, needs: &Needs) -> Result<(), Step> {
+    fn check_ready(&mut self, node: NodeId, needs: &Needs) -> Result<(), Step> {
         let with_sql;
         let needs = match self.sql_statements_needed(node, needs) {
             Some(n) => {
@@ -665,8 +672,8 @@ impl Session {
             .links
             .iter()
             .enumerate()
-            .any(|(i, l)| i != node && l.as_ref().is_some_and(|l| l.busy()));
-        let busy_here = self.links[node].as_ref().is_some_and(|l| l.busy());
+            .any(|(i, l)| i != node.index() && l.as_ref().is_some_and(|l| l.busy()));
+        let busy_here = self.links[node.index()].as_ref().is_some_and(|l| l.busy());
         if others_busy || (self.tx_uncertain && busy_here) {
             return Err(Step::Blocked);
         }
@@ -674,13 +681,13 @@ impl Session {
             node,
             needs: needs.clone(),
         };
-        if self.links[node].is_none() {
+        if self.links[node.index()].is_none() {
             // Transaction pooling: a connection given back a moment ago is
             // taken now, without an I/O step (nothing to replay on it).
             self.adopt_recent_connection(node);
         }
         self.recognise_statements(node, needs);
-        let Some(link) = &self.links[node] else {
+        let Some(link) = &self.links[node.index()] else {
             return Err(prepare());
         };
         let stale = link.applied < self.state.log_end()

@@ -26,6 +26,7 @@
 //! again without a check (its rows are those of the new parse, as its
 //! description would have been).
 
+use crate::config::NodeId;
 use bytes::{BufMut, BytesMut};
 
 use super::link::PendingClose;
@@ -97,10 +98,10 @@ impl Session {
     #[inline(never)]
     pub(super) fn fail_broken_use(
         &mut self,
-        node: usize,
+        node: NodeId,
         buf: &[u8],
         pos: usize,
-        span: &mut Option<(usize, usize)>,
+        span: &mut Option<(NodeId, usize)>,
     ) -> Result<(), SessionError> {
         self.flush_span(buf, *span, pos)?;
         *span = None;
