@@ -240,7 +240,7 @@ impl Session {
             bytes::Buf::advance(&mut self.cbuf, f.wire_len);
             messages::ready_for_query(&mut out, self.client_status());
         } else {
-            self.batch = Some(super::route::LOCAL);
+            self.batch = Some(super::route::Target::Local);
             self.local.failed = true;
         }
         self.send_local(&out)

@@ -228,8 +228,8 @@ struct Session {
     /// The node whose answers the client is waiting for (the last one sent to);
     /// only it can have requests in flight.
     active: NodeId,
-    /// Node of the extended-protocol batch being forwarded (until its Sync).
-    batch: Option<NodeId>,
+    /// Where the extended-protocol batch being forwarded goes (until its Sync).
+    batch: Option<route::Target>,
     /// Settings and prepared statements shared by every connection of the session.
     state: SessionState,
     /// Routing state: the session's standby, sticky/forced primary, transaction node.

@@ -78,8 +78,15 @@ pub enum Step {
 /// A request's route, or why it cannot be sent yet.
 type Planned = Result<NodeId, Step>;
 
-/// The batch "node" of an extended batch pgpilot answers itself.
-pub const LOCAL: NodeId = NodeId::new(usize::MAX);
+/// Where the extended-protocol batch being forwarded goes, until its Sync.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target {
+    /// A node's server connection.
+    Node(NodeId),
+    /// No node: pgpilot answers the batch itself (its own commands, or a
+    /// batch refused inside a failed transaction).
+    Local,
+}
 
 /// The classification of a FunctionCall message (it runs a function by OID: assume
 /// it writes and leaves state).
@@ -134,7 +141,7 @@ impl Session {
         let result = self.route_frames(&buf, &mut pos, &mut span);
         let flushed = self.flush_span(&buf, span, pos);
         // What arrives of a batch still open was not there when it was routed.
-        self.batch_unseen = self.batch.is_some_and(|n| n != LOCAL);
+        self.batch_unseen = matches!(self.batch, Some(Target::Node(_)));
         self.cbuf = buf;
         bytes::Buf::advance(&mut self.cbuf, pos);
         let need = crate::protocol::frame::missing_bytes(&self.cbuf);
@@ -259,7 +266,10 @@ impl Session {
                 tag::QUERY | tag::FUNCTION_CALL => {
                     let planned = match self.batch {
                         // A Query inside an open batch goes with the batch.
-                        Some(n) => Ok(n),
+                        Some(Target::Node(n)) => Ok(n),
+                        // No server connection to send it to: a batch pgpilot
+                        // answers itself takes only extended-protocol messages.
+                        Some(Target::Local) => return Err(SessionError::UnexpectedMessage(f.tag)),
                         None => self.plan_simple(f.tag, frame)?,
                     };
                     match planned {
@@ -274,17 +284,17 @@ impl Session {
                 | tag::CLOSE
                 | tag::FLUSH
                 | tag::SYNC => {
-                    let node = match self.batch {
-                        Some(n) => n,
+                    let target = match self.batch {
+                        Some(t) => t,
                         None if self.tx_aborted
                             && !self.batch_ends_aborted_tx(f.tag, &frame[5..]) =>
                         {
                             if self.links.iter().flatten().any(|l| l.busy()) {
                                 return Ok(Step::Blocked);
                             }
-                            self.batch = Some(LOCAL);
+                            self.batch = Some(Target::Local);
                             self.start_refused_batch()?;
-                            LOCAL
+                            Target::Local
                         }
                         None if self.starts_local_batch(f.tag, &frame[5..]) => {
                             if self.links.iter().flatten().any(|l| l.busy()) {
@@ -293,8 +303,8 @@ impl Session {
                             if self.local_wants_lsn() {
                                 return Ok(Step::FetchLsn);
                             }
-                            self.batch = Some(LOCAL);
-                            LOCAL
+                            self.batch = Some(Target::Local);
+                            Target::Local
                         }
                         None if self.batch_moves_fresh_tx(&buf[*pos..]) => {
                             if self.links.iter().flatten().any(|l| l.busy()) {
@@ -305,19 +315,19 @@ impl Session {
                         None => match self.plan_batch(&buf[*pos..])? {
                             Ok(n) => {
                                 self.arm_retry(n, &buf[*pos..], false);
-                                self.batch = Some(n);
+                                self.batch = Some(Target::Node(n));
                                 self.batch_unseen = false;
                                 self.fresh_request_sent();
-                                n
+                                Target::Node(n)
                             }
                             Err(step) => return Ok(step),
                         },
                     };
-                    if node == LOCAL {
+                    let Target::Node(node) = target else {
                         self.local_extended(f.tag, frame)?;
                         *pos += f.wire_len;
                         continue;
-                    }
+                    };
                     if self.state.any_broken && self.uses_broken(f.tag, frame) {
                         self.fail_broken_use(node, buf, *pos, span)?;
                         *pos += f.wire_len;
