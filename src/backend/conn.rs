@@ -23,7 +23,7 @@ use super::BackendError;
 use crate::protocol::auth::{ScramKeyClient, ScramKeys};
 use crate::protocol::frame::{ErrorFields, next_frame};
 use crate::protocol::shape::{Shape, ShapeHasher};
-use crate::protocol::{TxStatus, tag};
+use crate::protocol::{CancelKey, TxStatus, tag};
 
 /// Largest message accepted from a node during startup.
 const MAX_STARTUP_MESSAGE: usize = 1 << 20;
@@ -85,10 +85,9 @@ pub struct BackendConn {
     pub user: String,
     /// Server address, for CancelRequest.
     pub addr: SocketAddr,
-    /// Server process id (BackendKeyData), for CancelRequest and for logs.
-    pub pid: i32,
-    /// Server cancel secret (BackendKeyData).
-    pub secret: i32,
+    /// Server process id and cancel secret (BackendKeyData): the pid names the
+    /// connection in logs and views, the key goes into CancelRequests.
+    pub cancel_key: CancelKey,
     /// Current ParameterStatus values, replayed to each new client of this connection.
     pub params: Vec<(String, String)>,
     /// Transaction status from the last ReadyForQuery; only `Idle` connections are pooled.
@@ -167,8 +166,7 @@ impl BackendConn {
                 .map(|(_, v)| v.clone())
                 .unwrap_or_default(),
             addr,
-            pid: 0,
-            secret: 0,
+            cancel_key: CancelKey { pid: 0, secret: 0 },
             params: Vec::new(),
             status: TxStatus::Idle,
             opened_ms: epoch_ms(SystemTime::now()),
@@ -212,8 +210,7 @@ impl BackendConn {
                     self.set_param(k, v);
                 }
                 tag::BACKEND_KEY_DATA if body.len() >= 8 => {
-                    self.pid = i32::from_be_bytes([body[0], body[1], body[2], body[3]]);
-                    self.secret = i32::from_be_bytes([body[4], body[5], body[6], body[7]]);
+                    self.cancel_key = CancelKey::from_wire(&body).unwrap_or(self.cancel_key);
                 }
                 tag::READY_FOR_QUERY => {
                     self.status = TxStatus::from_byte(body.first().copied().unwrap_or(b'T'));
@@ -584,12 +581,13 @@ pub fn set_keepalive(stream: &TcpStream) {
     let _ = socket2::SockRef::from(stream).set_tcp_keepalive(&ka);
 }
 
-/// Send a CancelRequest for (`pid`, `secret`) to the server at `addr`.
-pub async fn send_cancel(addr: SocketAddr, pid: i32, secret: i32, limit: Duration) {
+/// Send a CancelRequest for `key` to the server at `addr`.
+pub async fn send_cancel(addr: SocketAddr, key: CancelKey, limit: Duration) {
+    let pid = key.pid;
     let work = async {
         let mut s = TcpStream::connect(addr).await?;
         let mut buf = BytesMut::new();
-        frontend::cancel_request(pid, secret, &mut buf);
+        frontend::cancel_request(key.pid, key.secret, &mut buf);
         s.write_all(&buf).await?;
         // The server closes the connection when done; wait for that briefly.
         let mut sink = [0u8; 16];

@@ -383,7 +383,7 @@ impl Pool {
                 Next::Idle(c) => {
                     tracing::debug!(
                         node = %key.node,
-                        pid = c.pid,
+                        pid = c.cancel_key.pid,
                         "dropping a dead idle connection"
                     );
                 }
@@ -415,7 +415,7 @@ impl Pool {
         };
         // On failure the slot is dropped: it passes to the next waiter.
         let conn = BackendConn::connect(&params).await?;
-        tracing::debug!(node = %key.node, pid = conn.pid, "opened backend connection");
+        tracing::debug!(node = %key.node, pid = conn.cancel_key.pid, "opened backend connection");
         np.opened_total.fetch_add(1, Ordering::Relaxed);
         if let Some(c) = &self.cluster {
             c.note_backend_connected(key.node);
@@ -580,7 +580,7 @@ impl Pool {
                         node: key.node,
                         user: key.user().to_string(),
                         database: key.startup.get(1).map(|p| p.1.clone()).unwrap_or_default(),
-                        pid: c.pid,
+                        pid: c.cancel_key.pid,
                         opened: super::conn::from_epoch_ms(c.opened_ms),
                         last_used: c.last_used,
                     });

@@ -24,6 +24,7 @@ use crate::consistency::Consistency;
 use crate::context::cancel::{CancelRegistry, CancelSlot};
 use crate::context::registry::SessionRegistry;
 use crate::metrics::Metrics;
+use crate::protocol::CancelKey;
 use crate::router::cache::ClassifyCache;
 use crate::router::catalog::FunctionCatalog;
 use crate::router::classify::{FunctionPolicy, SqlParserClassifier};
@@ -119,16 +120,19 @@ impl ProxyContext {
         self.config.store(Arc::new(new));
     }
 
-    /// A fresh (pid, secret) for a client's BackendKeyData, registered for
-    /// cancels, and the slot that says where its cancels go.
-    pub fn new_client_key(&self) -> (i32, i32, CancelSlot) {
+    /// A fresh key for a client's BackendKeyData, registered for cancels, and
+    /// the slot that says where its cancels go.
+    pub fn new_client_key(&self) -> (CancelKey, CancelSlot) {
         loop {
             let pid = self.next_pid.fetch_add(1, Ordering::Relaxed) & 0x3fff_ffff;
-            let secret: i32 = rand::random();
+            let key = CancelKey {
+                pid,
+                secret: rand::random(),
+            };
             if pid != 0
-                && let Some(slot) = self.cancels.register(pid, secret)
+                && let Some(slot) = self.cancels.register(key)
             {
-                return (pid, secret, slot);
+                return (key, slot);
             }
         }
     }

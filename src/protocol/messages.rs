@@ -14,7 +14,7 @@ use pgwire::messages::response::{
 };
 use pgwire::messages::startup::{Authentication, BackendKeyData, ParameterStatus, SecretKey};
 
-use super::TxStatus;
+use super::{CancelKey, TxStatus};
 
 /// Severity of an error pgpilot reports.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -172,8 +172,11 @@ pub fn parameter_status(buf: &mut BytesMut, name: &str, value: &str) {
 }
 
 /// BackendKeyData with pgpilot's own key for this client (not a server's).
-pub fn backend_key_data(buf: &mut BytesMut, pid: i32, secret: i32) {
-    encode(buf, &BackendKeyData::new(pid, SecretKey::I32(secret)));
+pub fn backend_key_data(buf: &mut BytesMut, key: CancelKey) {
+    encode(
+        buf,
+        &BackendKeyData::new(key.pid, SecretKey::I32(key.secret)),
+    );
 }
 
 /// ReadyForQuery.

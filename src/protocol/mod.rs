@@ -13,6 +13,8 @@ pub mod messages;
 pub mod shape;
 pub mod startup;
 
+pub use startup::CancelKey;
+
 /// Message type bytes used by pgpilot (frontend and backend share one space).
 pub mod tag {
     /// Frontend: simple Query.

@@ -303,7 +303,9 @@ impl Session {
     pub(super) fn install_link(&mut self, node: NodeId, link: Option<Link>) {
         self.server_reads[node.index()].forget();
         match &link {
-            Some(l) => self.registration.hold(node, l.conn.pid, l.conn.opened_ms),
+            Some(l) => self
+                .registration
+                .hold(node, l.conn.cancel_key.pid, l.conn.opened_ms),
             None => self.registration.release(node),
         }
         let serving = link.is_some() && node == self.active;

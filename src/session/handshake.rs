@@ -22,7 +22,9 @@ use crate::protocol::auth::{
 };
 use crate::protocol::frame::next_frame;
 use crate::protocol::messages::{self, PgError};
-use crate::protocol::startup::{InitialPacket, MAX_STARTUP_PACKET, StartupMessage, parse_initial};
+use crate::protocol::startup::{
+    CancelKey, InitialPacket, MAX_STARTUP_PACKET, StartupMessage, parse_initial,
+};
 use crate::protocol::tag;
 
 /// What a new connection asked for.
@@ -31,12 +33,7 @@ pub enum Opening {
     /// A v3 startup: go on to authentication.
     Startup(StartupMessage),
     /// A CancelRequest: forward it and close.
-    Cancel {
-        /// Key pid.
-        pid: i32,
-        /// Key secret.
-        secret: i32,
-    },
+    Cancel(CancelKey),
 }
 
 fn io_err(e: std::io::Error) -> PgError {
@@ -60,8 +57,8 @@ pub async fn read_opening(stream: &mut TcpStream) -> Result<Opening, PgError> {
                 // TLS/GSS not configured: the client may go on in the clear.
                 stream.write_all(b"N").await.map_err(io_err)?;
             }
-            Ok(InitialPacket::Cancel { pid, secret }) => {
-                return Ok(Opening::Cancel { pid, secret });
+            Ok(InitialPacket::Cancel(key)) => {
+                return Ok(Opening::Cancel(key));
             }
             Ok(InitialPacket::Startup(m)) => return Ok(Opening::Startup(m)),
             Ok(InitialPacket::Unsupported { major, minor }) => {

@@ -611,7 +611,7 @@ impl Link {
     #[cold]
     #[inline(never)]
     fn notified_by(&mut self, pid: i32, at: usize, cx: &Relaying<'_>) {
-        let client = if pid == self.conn.pid {
+        let client = if pid == self.conn.cancel_key.pid {
             Some(cx.own_pid)
         } else {
             cx.sessions.client_pid_of(self.conn.node, pid)

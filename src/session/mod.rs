@@ -49,10 +49,10 @@ use crate::context::{ClientSlot, ProxyContext};
 use crate::error::ToPgError;
 use crate::error::sqlstate::*;
 use crate::net::{Outbox, WriteError, write_all_timeout};
-use crate::protocol::TxStatus;
 use crate::protocol::frame::Scanned;
 use crate::protocol::messages::{self, PgError};
 use crate::protocol::startup::StartupMessage;
+use crate::protocol::{CancelKey, TxStatus};
 use crate::router::classify::Classification;
 use crate::router::policy::{Policy, RouteState};
 use handshake::Opening;
@@ -86,8 +86,8 @@ pub async fn serve(ctx: Arc<ProxyContext>, mut stream: TcpStream) {
         }
     };
     let startup = match opening {
-        Opening::Cancel { pid, secret } => {
-            ctx.cancels.cancel(pid, secret, cfg.timeouts.connect).await;
+        Opening::Cancel(key) => {
+            ctx.cancels.cancel(key, cfg.timeouts.connect).await;
             return;
         }
         Opening::Startup(m) => m,
@@ -205,10 +205,9 @@ struct Session {
     /// startup parameters sent to every node the session uses. Built once,
     /// since transaction pooling acquires a connection per request.
     pool_keys: Vec<crate::backend::PoolKey>,
-    /// pgpilot's BackendKeyData pid for this client (key of the cancel registry).
-    key_pid: i32,
-    /// pgpilot's BackendKeyData secret for this client.
-    key_secret: i32,
+    /// pgpilot's BackendKeyData key for this client (its pid keys the cancel
+    /// registry and names the session in the admin views).
+    cancel_key: CancelKey,
     /// The time of the current relay turn, read once per turn (see [`clock`]).
     clock: clock::TurnClock,
     /// Where this client's cancels go: the registry reads it, the session
@@ -330,7 +329,7 @@ impl Session {
         startup: &StartupMessage,
         slot: ClientSlot,
     ) -> Session {
-        let (key_pid, key_secret, cancel) = ctx.new_client_key();
+        let (cancel_key, cancel) = ctx.new_client_key();
         let nodes = cfg.backends.len();
         let database = startup.get("database").unwrap_or(&user).to_string();
         let policy = Policy {
@@ -339,7 +338,7 @@ impl Session {
         };
         let registration = ctx.sessions.register(
             nodes,
-            key_pid,
+            cancel_key.pid,
             &user,
             startup.get("database").unwrap_or(&user),
             startup.get("application_name").unwrap_or_default(),
@@ -359,8 +358,7 @@ impl Session {
             user,
             scram_keys: None,
             database,
-            key_pid,
-            key_secret,
+            cancel_key,
             cancel,
             clock: clock::TurnClock::default(),
             links: (0..nodes).map(|_| None).collect(),
@@ -430,7 +428,7 @@ impl Session {
                 return;
             }
         }
-        messages::backend_key_data(&mut out, self.key_pid, self.key_secret);
+        messages::backend_key_data(&mut out, self.cancel_key);
         messages::ready_for_query(&mut out, TxStatus::Idle);
         let end = match self.write_client(&out).await {
             Ok(()) => self.relay().await,
@@ -479,11 +477,10 @@ impl Session {
     fn serving_now(&mut self, node: NodeId) {
         if let Some(l) = &self.links[node.index()] {
             self.registration
-                .set_backend(node, l.conn.pid, l.conn.opened_ms);
+                .set_backend(node, l.conn.cancel_key.pid, l.conn.opened_ms);
             self.cancel.set(Some(CancelTarget {
                 addr: l.conn.addr,
-                pid: l.conn.pid,
-                secret: l.conn.secret,
+                key: l.conn.cancel_key,
             }));
         }
     }
@@ -670,7 +667,7 @@ impl Session {
 
     /// Give each server connection back (reset if needed) or discard it.
     fn cleanup(&mut self) {
-        self.ctx.cancels.unregister(self.key_pid);
+        self.ctx.cancels.unregister(self.cancel_key);
         self.end_retiring();
         for link in self.links.iter_mut().filter_map(Option::take) {
             let ctx = self.ctx.clone();
@@ -713,10 +710,9 @@ impl Session {
                 });
             } else if link.busy() {
                 // Mid-request: never pooled. Cancel what runs, then close.
-                let (addr, pid, secret) = (link.conn.addr, link.conn.pid, link.conn.secret);
+                let (addr, key) = (link.conn.addr, link.conn.cancel_key);
                 tokio::spawn(async move {
-                    crate::backend::conn::send_cancel(addr, pid, secret, cfg.timeouts.connect)
-                        .await;
+                    crate::backend::conn::send_cancel(addr, key, cfg.timeouts.connect).await;
                 });
             }
         }

@@ -269,7 +269,7 @@ impl Session {
             patch,
             &super::link::Relaying {
                 metrics: &self.ctx.metrics,
-                own_pid: self.key_pid,
+                own_pid: self.cancel_key.pid,
                 sessions: &self.ctx.sessions,
             },
         )?;
