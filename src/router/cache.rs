@@ -53,8 +53,14 @@ thread_local! {
 /// or not UTF-8 (never classified). `plain`: the plain-statement fast path
 /// built the key (and found the literals).
 enum Keyed {
-    Hit(Arc<Classification>, bool),
-    Miss(Option<(u64, Arc<[u8]>)>, bool),
+    Hit {
+        class: Arc<Classification>,
+        plain: bool,
+    },
+    Miss {
+        entry: Option<(u64, Arc<[u8]>)>,
+        plain: bool,
+    },
     NotUtf8,
 }
 
@@ -145,11 +151,14 @@ impl ClassifyCache {
         // Run once, with the thread's buffers or (rarely) fresh ones.
         let mut keyed = |(key, literals): &mut Buffers| {
             let keyed = self.key_and_lookup(sql, key, literals);
-            let plain = matches!(keyed, Keyed::Hit(_, true) | Keyed::Miss(_, true));
+            let plain = matches!(
+                keyed,
+                Keyed::Hit { plain: true, .. } | Keyed::Miss { plain: true, .. }
+            );
             let class = match keyed {
                 Keyed::NotUtf8 => return None,
-                Keyed::Hit(class, _) => class,
-                Keyed::Miss(entry, _) => {
+                Keyed::Hit { class, .. } => class,
+                Keyed::Miss { entry, .. } => {
                     let text = std::str::from_utf8(sql).ok()?;
                     let classifier = classifier.take()?;
                     let class = Arc::new(classifier().classify(text));
@@ -203,8 +212,8 @@ impl ClassifyCache {
             *key = k.into_bytes();
         }
         match self.lookup(key) {
-            Ok(hit) => Keyed::Hit(hit, plain),
-            Err(entry) => Keyed::Miss(entry, plain),
+            Ok(class) => Keyed::Hit { class, plain },
+            Err(entry) => Keyed::Miss { entry, plain },
         }
     }
 

@@ -28,8 +28,14 @@ use crate::router::classify::TxControl;
 /// Something the response stream settled, for the session to apply.
 #[derive(Debug)]
 pub enum Done {
-    /// The effects of a request, and whether it succeeded.
-    Effects(Box<Effects>, bool),
+    /// The effects of a request.
+    Effects {
+        /// What the request changes in the session's state.
+        effects: Box<Effects>,
+        /// Whether it took effect: its batch succeeded, and a COMMIT did
+        /// not turn into a rollback.
+        succeeded: bool,
+    },
     /// A client Parse of this statement name failed or was skipped.
     ParseFailed(Vec<u8>),
     /// The server reported a new parameter value.
@@ -664,7 +670,10 @@ impl Link {
         {
             if let Some((_, e)) = self.st.effects.pop_front() {
                 let commit = matches!(e.class.tx, Some(TxControl::Commit));
-                done.push(Done::Effects(e, ok && !(commit && rolled_back)));
+                done.push(Done::Effects {
+                    effects: e,
+                    succeeded: ok && !(commit && rolled_back),
+                });
             }
         }
         while self

@@ -498,9 +498,9 @@ impl Session {
         let mut done = std::mem::take(&mut self.done);
         for d in done.drain(..) {
             match d {
-                Done::Effects(e, ok) => {
-                    if ok {
-                        self.apply_effects(node, *e);
+                Done::Effects { effects, succeeded } => {
+                    if succeeded {
+                        self.apply_effects(node, *effects);
                     }
                 }
                 Done::ParseFailed(name) => self.parse_failed(node, &name),
