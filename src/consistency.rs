@@ -105,7 +105,7 @@ use crate::config::Config;
 use crate::protocol::lsn::parse_lsn;
 
 /// Replay positions are refreshed this often when no session waits.
-pub const IDLE_POLL: Duration = Duration::from_millis(50);
+pub(crate) const IDLE_POLL: Duration = Duration::from_millis(50);
 
 /// Pause between polls while a session waits (keeps a busy standby's load bounded).
 const BUSY_POLL: Duration = Duration::from_micros(500);
@@ -114,7 +114,7 @@ const BUSY_POLL: Duration = Duration::from_micros(500);
 pub const DORMANT_AFTER: Duration = Duration::from_secs(5);
 
 /// Shared LSN state; one per proxy.
-pub struct Consistency {
+pub(crate) struct Consistency {
     /// Last seen `pg_last_wal_replay_lsn()` per node (0 = unknown / not a standby).
     replayed: Vec<AtomicU64>,
     /// Woken when a replay position advances.
@@ -149,7 +149,7 @@ pub struct Consistency {
 
 /// Why a fresh primary position could not be had.
 #[derive(Debug, thiserror::Error)]
-pub enum LsnError {
+pub(crate) enum LsnError {
     /// No answer within the wait.
     #[error("no primary WAL position within {0:?}")]
     Timeout(Duration),
@@ -160,7 +160,7 @@ pub enum LsnError {
 
 impl Consistency {
     /// State for `nodes` nodes, nothing known yet.
-    pub fn new(nodes: usize) -> Consistency {
+    pub(crate) fn new(nodes: usize) -> Consistency {
         Consistency {
             replayed: (0..nodes).map(|_| AtomicU64::new(0)).collect(),
             replay_changed: Notify::new(),
@@ -179,7 +179,7 @@ impl Consistency {
     }
 
     /// The replay position last seen on `node`.
-    pub fn replayed(&self, node: NodeId) -> u64 {
+    pub(crate) fn replayed(&self, node: NodeId) -> u64 {
         self.replayed
             .get(node.index())
             .map_or(0, |a| a.load(Ordering::Acquire))
@@ -188,7 +188,7 @@ impl Consistency {
     /// A session is about to compare a position with [`Self::replayed`]: the
     /// poller must keep them fresh. (A plain load first: the flag is usually
     /// set already, and a store on every read would bounce the cache line.)
-    pub fn note_demand(&self) {
+    pub(crate) fn note_demand(&self) {
         if !self.demand.load(Ordering::Relaxed) {
             self.demand.store(true, Ordering::Relaxed);
         }
@@ -197,7 +197,7 @@ impl Consistency {
     /// Record `node`'s replay position as last polled. It replaces the old one
     /// even when lower: a standby that restarted (or was rebuilt) replays from
     /// an earlier point, and believing the old figure would serve stale reads.
-    pub fn set_replayed(&self, node: NodeId, lsn: u64) {
+    pub(crate) fn set_replayed(&self, node: NodeId, lsn: u64) {
         if let Some(a) = self.replayed.get(node.index())
             && a.swap(lsn, Ordering::AcqRel) < lsn
         {
@@ -206,13 +206,13 @@ impl Consistency {
     }
 
     /// A write was acknowledged to a client (counts for `global` mode).
-    pub fn write_acknowledged(&self) {
+    pub(crate) fn write_acknowledged(&self) {
         self.acked_writes.fetch_add(1, Ordering::AcqRel);
     }
 
     /// In `global` mode: the position covering every write acknowledged so far,
     /// or `None` if a fetch is needed first.
-    pub fn global_lsn(&self) -> Option<u64> {
+    pub(crate) fn global_lsn(&self) -> Option<u64> {
         let acked = self.acked_writes.load(Ordering::Acquire);
         (self.covered_writes.load(Ordering::Acquire) >= acked)
             .then(|| self.primary_lsn.load(Ordering::Acquire))
@@ -220,7 +220,7 @@ impl Consistency {
 
     /// A primary WAL position taken after this call began (so at or past every
     /// commit acknowledged before it), waiting at most `limit`.
-    pub async fn fresh_primary_lsn(&self, limit: Duration) -> Result<u64, LsnError> {
+    pub(crate) async fn fresh_primary_lsn(&self, limit: Duration) -> Result<u64, LsnError> {
         // The ticket is a read-modify-write the fetcher must *read* before
         // a fetch answers it: that read happens after this call began, and
         // the fetcher asks the primary after the read. A fetch already in
@@ -250,7 +250,7 @@ impl Consistency {
 
     /// Wait until one of `nodes` has replayed `target`, or `deadline`; returns the
     /// first node that has (in the order given).
-    pub async fn wait_replay(
+    pub(crate) async fn wait_replay(
         &self,
         nodes: &[NodeId],
         target: u64,
@@ -279,7 +279,7 @@ impl Consistency {
 }
 
 /// Keep every standby's replay position fresh until shutdown.
-pub async fn run_replay_poller(
+pub(crate) async fn run_replay_poller(
     lsns: Arc<Consistency>,
     cluster: Arc<Cluster>,
     config: Arc<ArcSwap<Config>>,
@@ -394,7 +394,7 @@ async fn ask_lsn(
 }
 
 /// Answer requests for a fresh primary position until shutdown.
-pub async fn run_primary_fetcher(
+pub(crate) async fn run_primary_fetcher(
     lsns: Arc<Consistency>,
     cluster: Arc<Cluster>,
     config: Arc<ArcSwap<Config>>,

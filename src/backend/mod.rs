@@ -4,12 +4,11 @@
 //! Nothing here knows about client sockets.
 
 use crate::config::NodeId;
-pub mod conn;
-pub mod pool;
-pub mod statements;
+pub(crate) mod conn;
+pub(crate) mod pool;
+pub(crate) mod statements;
 
-pub use conn::BackendConn;
-pub use pool::{Pool, PoolKey};
+pub(crate) use pool::{Pool, PoolKey};
 
 use std::time::Duration;
 
@@ -17,7 +16,7 @@ use crate::protocol::frame::ErrorFields;
 
 /// What went wrong talking to a node. `node` is the node id (position in `backends`).
 #[derive(Debug, thiserror::Error)]
-pub enum BackendError {
+pub(crate) enum BackendError {
     /// TCP connect failed (refused, unreachable).
     #[error("could not connect to node {node} ({addr}): {source}")]
     Connect {
@@ -84,18 +83,9 @@ pub enum BackendError {
 }
 
 impl BackendError {
-    /// Whether trying again (another connection, a little later) may succeed.
-    /// Used by callers that decide to retry; login refusals are final.
-    pub fn retryable(&self) -> bool {
-        !matches!(
-            self,
-            BackendError::Server { .. } | BackendError::Auth { .. }
-        )
-    }
-
     /// Whether this error says something about the node's health (as opposed to the
     /// client's request): only connection-level failures do.
-    pub fn is_connection_failure(&self) -> bool {
+    pub(crate) fn is_connection_failure(&self) -> bool {
         matches!(
             self,
             BackendError::Connect { .. } | BackendError::Timeout { .. } | BackendError::Io { .. }

@@ -43,12 +43,12 @@ const RETIRE_WINDOW: Duration = Duration::from_secs(60);
 /// is computed once, when the session builds its key, and the parameters are
 /// shared: the copies the pool keeps compare by pointer first.
 #[derive(Debug, Clone)]
-pub struct PoolKey {
+pub(crate) struct PoolKey {
     /// Node id.
-    pub node: NodeId,
+    pub(crate) node: NodeId,
     /// Startup parameters sent to the node, in a canonical order (user and database
     /// first, then the rest sorted by name).
-    pub startup: Arc<[(String, String)]>,
+    pub(crate) startup: Arc<[(String, String)]>,
     /// Hash of `node` and `startup` (with a per-process random key: clients
     /// choose the parameters).
     hash: u64,
@@ -56,7 +56,12 @@ pub struct PoolKey {
 
 impl PoolKey {
     /// Build the key (and the startup parameters) for a client's parameters on a node.
-    pub fn new(node: NodeId, user: &str, database: &str, extra: &[(String, String)]) -> PoolKey {
+    pub(crate) fn new(
+        node: NodeId,
+        user: &str,
+        database: &str,
+        extra: &[(String, String)],
+    ) -> PoolKey {
         static SEED: std::sync::OnceLock<std::collections::hash_map::RandomState> =
             std::sync::OnceLock::new();
         let mut rest: Vec<(String, String)> = extra
@@ -81,12 +86,12 @@ impl PoolKey {
     }
 
     /// The user name in the key.
-    pub fn user(&self) -> &str {
+    pub(crate) fn user(&self) -> &str {
         &self.startup[0].1
     }
 
     /// The database name in the key.
-    pub fn database(&self) -> &str {
+    pub(crate) fn database(&self) -> &str {
         &self.startup[1].1
     }
 }
@@ -115,26 +120,26 @@ pub struct NodePoolStats {
     /// Idle connections waiting in the pool.
     pub idle: usize,
     /// Connections opened since start (a counter, for metrics).
-    pub opened_total: u64,
+    pub(crate) opened_total: u64,
     /// Sessions queued for a connection.
     pub waiting: usize,
 }
 
 /// One idle pooled connection, for `SHOW POOL_POOLS`.
 #[derive(Debug, Clone)]
-pub struct IdleConnInfo {
+pub(crate) struct IdleConnInfo {
     /// Node id.
-    pub node: NodeId,
+    pub(crate) node: NodeId,
     /// User it is logged in as.
-    pub user: String,
+    pub(crate) user: String,
     /// Database it is connected to.
-    pub database: String,
+    pub(crate) database: String,
     /// The server process id.
-    pub pid: i32,
+    pub(crate) pid: i32,
     /// When it was opened (wall clock).
-    pub opened: std::time::SystemTime,
+    pub(crate) opened: std::time::SystemTime,
     /// When it was last returned to the pool.
-    pub last_used: Instant,
+    pub(crate) last_used: Instant,
 }
 
 /// Mutable state of one node's pool.
@@ -225,12 +230,12 @@ impl Drop for Slot {
 }
 
 /// A connection checked out of (or belonging to) the pool.
-pub struct PooledConn {
+pub(crate) struct PooledConn {
     /// The connection itself (boxed: under transaction pooling a connection
     /// moves between the pool and sessions on every transaction).
-    pub conn: Box<BackendConn>,
+    pub(crate) conn: Box<BackendConn>,
     /// The key it was opened with; where it returns.
-    pub key: PoolKey,
+    pub(crate) key: PoolKey,
     /// Its slot in the node's cap: dropping the connection frees it.
     _slot: Slot,
 }
@@ -250,23 +255,23 @@ impl std::ops::DerefMut for PooledConn {
 
 /// Limits and login settings the pool needs for one acquisition.
 #[derive(Debug, Clone)]
-pub struct AcquireSettings<'a> {
+pub(crate) struct AcquireSettings<'a> {
     /// Node host.
-    pub host: &'a str,
+    pub(crate) host: &'a str,
     /// Node port.
-    pub port: u16,
+    pub(crate) port: u16,
     /// Password for the user.
-    pub password: Option<&'a str>,
+    pub(crate) password: Option<&'a str>,
     /// Without a password: the keys of the client's SCRAM login.
-    pub scram_keys: Option<&'a ScramKeys>,
+    pub(crate) scram_keys: Option<&'a ScramKeys>,
     /// Per-node cap.
-    pub max_per_node: usize,
+    pub(crate) max_per_node: usize,
     /// How long to wait for a slot.
-    pub acquire_timeout: Duration,
+    pub(crate) acquire_timeout: Duration,
     /// TCP connect timeout.
-    pub connect_timeout: Duration,
+    pub(crate) connect_timeout: Duration,
     /// Login timeout.
-    pub auth_timeout: Duration,
+    pub(crate) auth_timeout: Duration,
 }
 
 /// Databases whose connections are not pooled for a while
@@ -325,7 +330,7 @@ pub struct Pool {
 
 impl Pool {
     /// A pool for `nodes` nodes.
-    pub fn new(nodes: usize) -> Pool {
+    pub(crate) fn new(nodes: usize) -> Pool {
         Pool {
             nodes: (0..nodes).map(|_| Arc::new(NodePool::default())).collect(),
             retiring: Retiring::default(),
@@ -335,7 +340,7 @@ impl Pool {
 
     /// A pool that reports opened connections to `cluster` (so a node's status
     /// turns from `waiting` to `up` on first use).
-    pub fn with_cluster(nodes: usize, cluster: Arc<Cluster>) -> Pool {
+    pub(crate) fn with_cluster(nodes: usize, cluster: Arc<Cluster>) -> Pool {
         Pool {
             cluster: Some(cluster),
             ..Pool::new(nodes)
@@ -345,7 +350,7 @@ impl Pool {
     /// Get a connection for `key`: an idle one if any is healthy, else a new
     /// one, else the next one given back (or slot freed) after the sessions
     /// already waiting, within `acquire_timeout`.
-    pub async fn acquire(
+    pub(crate) async fn acquire(
         &self,
         key: &PoolKey,
         s: &AcquireSettings<'_>,
@@ -430,7 +435,7 @@ impl Pool {
     /// An idle connection for `key` given back under [`RECENTLY_USED`] ago, if
     /// the most recently given back one is that: no waiting, no liveness check.
     /// The common case under transaction pooling.
-    pub fn take_recent(&self, key: &PoolKey, now: Instant) -> Option<PooledConn> {
+    pub(crate) fn take_recent(&self, key: &PoolKey, now: Instant) -> Option<PooledConn> {
         let np = self.nodes.get(key.node.index())?;
         let mut st = np.lock();
         let conns = st.idle.get_mut(key)?;
@@ -444,7 +449,7 @@ impl Pool {
     /// Return an idle, reset connection to the pool: to the longest waiter for
     /// its key if there is one; closed, so its slot goes to the longest waiter,
     /// if only sessions of other keys wait; otherwise idle.
-    pub fn put_idle(&self, mut conn: PooledConn, now: Instant) {
+    pub(crate) fn put_idle(&self, mut conn: PooledConn, now: Instant) {
         let Some(np) = self.nodes.get(conn.key.node.index()) else {
             return;
         };
@@ -490,7 +495,7 @@ impl Pool {
     }
 
     /// Close idle connections unused for longer than `idle_timeout`. Returns how many.
-    pub fn expire_idle(&self, idle_timeout: Duration) -> usize {
+    pub(crate) fn expire_idle(&self, idle_timeout: Duration) -> usize {
         let mut closed = 0;
         for np in &self.nodes {
             let mut expired = Vec::new();
@@ -511,7 +516,7 @@ impl Pool {
     }
 
     /// Close every idle connection of one node (e.g. when it went down).
-    pub fn close_idle(&self, node: NodeId) {
+    pub(crate) fn close_idle(&self, node: NodeId) {
         if let Some(np) = self.nodes.get(node.index()) {
             let idle = std::mem::take(&mut np.lock().idle);
             drop(idle);
@@ -524,7 +529,7 @@ impl Pool {
     /// needs the database without other sessions (`DROP DATABASE` …) is
     /// about to run, and PostgreSQL lets it wait a few seconds for them to
     /// leave. Connections in use stay. Returns how many were closed.
-    pub fn close_idle_database(&self, database: &str, now: Instant) -> usize {
+    pub(crate) fn close_idle_database(&self, database: &str, now: Instant) -> usize {
         self.retiring.start(database, now);
         let mut closed = Vec::new();
         for np in &self.nodes {
@@ -544,7 +549,7 @@ impl Pool {
 
     /// The statement that retired `database` ended: its connections are
     /// pooled again (unless another statement retired it too).
-    pub fn end_retiring(&self, database: &str) {
+    pub(crate) fn end_retiring(&self, database: &str) {
         self.retiring.end(database);
     }
 
@@ -570,7 +575,7 @@ impl Pool {
     }
 
     /// Every idle connection of every node (for `SHOW POOL_POOLS`).
-    pub fn idle_connections(&self) -> Vec<IdleConnInfo> {
+    pub(crate) fn idle_connections(&self) -> Vec<IdleConnInfo> {
         let mut out = Vec::new();
         for np in &self.nodes {
             let st = np.lock();

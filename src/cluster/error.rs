@@ -21,7 +21,7 @@ use super::health::describe;
 /// SQLSTATE when the node sent one, and never a password: it is shown in
 /// `SHOW PGPILOT_FAILOVER` and in hold reasons.
 #[derive(Debug, thiserror::Error)]
-pub enum NodeQueryError {
+pub(crate) enum NodeQueryError {
     /// No backend has that id.
     #[error("no node {node}")]
     NoSuchNode {
@@ -66,7 +66,7 @@ pub enum NodeQueryError {
 /// the transition moved on without it. Never a fault of the step itself; the
 /// caller logs it and stops working on that transition.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum StepError {
+pub(crate) enum StepError {
     /// Another transition replaced it, or it ended (cancelled, failed,
     /// finished) while the step ran.
     #[error("transition {id} is no longer in progress")]
@@ -93,7 +93,7 @@ pub enum StepError {
 /// An operator's node command (`ATTACH NODE`, `DETACH NODE`,
 /// `PROMOTE NODE`) was refused; nothing changed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum CommandError {
+pub(crate) enum CommandError {
     /// No backend has that id.
     #[error("there is no node {node}")]
     NoSuchNode {

@@ -61,7 +61,7 @@ const CONFIRM_PAUSE: Duration = Duration::from_millis(500);
 const SEARCH_PAUSE: Duration = Duration::from_millis(100);
 
 /// Run the coordinator until shutdown.
-pub async fn run(
+pub(crate) async fn run(
     cluster: Arc<Cluster>,
     config: Arc<ArcSwap<Config>>,
     mut shutdown: watch::Receiver<bool>,
@@ -253,7 +253,7 @@ async fn run_failover(cluster: &Arc<Cluster>, cfg: &Arc<Config>, t: TransitionSt
 
 /// Why the search for the new primary ended without one.
 #[derive(Debug, thiserror::Error)]
-pub enum SearchError {
+pub(crate) enum SearchError {
     /// The transition moved on while the search ran.
     #[error(transparent)]
     Step(#[from] StepError),

@@ -64,12 +64,12 @@ use super::{Cluster, ClusterSnapshot, PgStatus, Role};
 use crate::config::{Config, FailoverMode};
 
 /// How often standbys that returned after a failover are looked for.
-pub const RETURNING_PERIOD: Duration = Duration::from_secs(2);
+pub(crate) const RETURNING_PERIOD: Duration = Duration::from_secs(2);
 
 /// Why a standby cannot follow the new primary. The text is the reason its
 /// hold shows (`SHOW PGPILOT_NODES`), so it says how to bring it back.
 #[derive(Debug, thiserror::Error)]
-pub enum FollowError {
+pub(crate) enum FollowError {
     /// `follow_primary_command` failed.
     #[error(transparent)]
     Hook(#[from] HookError),
@@ -156,7 +156,7 @@ impl FollowError {
 /// Re-point every reachable standby except `new` (and `old`, unless
 /// `include_old`) at `new`, each in its own task. `switch_lsn` is where the
 /// new primary's timeline forked, when known.
-pub fn spawn_all(
+pub(crate) fn spawn_all(
     cluster: Arc<Cluster>,
     cfg: Arc<Config>,
     new: NodeId,
@@ -201,7 +201,7 @@ pub fn spawn_all(
 
 /// Re-point standbys that returned after a failover (see the module docs),
 /// until shutdown.
-pub async fn watch_returning(
+pub(crate) async fn watch_returning(
     cluster: Arc<Cluster>,
     config: Arc<ArcSwap<Config>>,
     mut shutdown: watch::Receiver<bool>,
@@ -483,7 +483,12 @@ async fn wait_streaming(
 /// `conninfo` with `host`/`port` replaced (and `hostaddr` dropped, as it
 /// would win over `host`); `application_name` added when missing and
 /// configured. `None` for a URI or an unparsable string.
-pub fn repointed_conninfo(conninfo: &str, host: &str, port: u16, app: &str) -> Option<String> {
+pub(crate) fn repointed_conninfo(
+    conninfo: &str,
+    host: &str,
+    port: u16,
+    app: &str,
+) -> Option<String> {
     let t = conninfo.trim_start();
     if t.starts_with("postgres://") || t.starts_with("postgresql://") {
         return None;

@@ -28,7 +28,7 @@ use crate::config::Config;
 
 /// Why a hook did not succeed; each text starts with the hook's name.
 #[derive(Debug, thiserror::Error)]
-pub enum HookError {
+pub(crate) enum HookError {
     /// `sh` could not be started.
     #[error("{name}: cannot run sh: {source}")]
     Spawn {
@@ -69,17 +69,17 @@ pub enum HookError {
 
 /// The nodes a hook is about.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct HookNodes {
+pub(crate) struct HookNodes {
     /// `%d %h %p %D`: the failed node, or the standby a follow hook re-points.
-    pub failed: Option<NodeId>,
+    pub(crate) failed: Option<NodeId>,
     /// `%m %H %r %R`: the new primary (the candidate, for failover_command).
-    pub new_primary: Option<NodeId>,
+    pub(crate) new_primary: Option<NodeId>,
     /// `%M %P %N %S`: the old primary.
-    pub old_primary: Option<NodeId>,
+    pub(crate) old_primary: Option<NodeId>,
 }
 
 /// `template` with pgpool's placeholders replaced for `nodes`.
-pub fn expand(template: &str, cfg: &Config, nodes: HookNodes) -> String {
+pub(crate) fn expand(template: &str, cfg: &Config, nodes: HookNodes) -> String {
     let id = |n: Option<NodeId>| n.map_or("-1".to_string(), |n| n.to_string());
     let field = |n: Option<NodeId>, f: fn(&crate::config::Backend) -> String| {
         n.and_then(|n| cfg.backends.get(n.index()))
@@ -122,7 +122,11 @@ pub fn expand(template: &str, cfg: &Config, nodes: HookNodes) -> String {
 
 /// Run `command` through `sh -c` within `limit`; `name` labels the logs.
 /// `Ok` with a summary on exit status 0, `Err` with the reason otherwise.
-pub async fn run(name: &'static str, command: &str, limit: Duration) -> Result<String, HookError> {
+pub(crate) async fn run(
+    name: &'static str,
+    command: &str,
+    limit: Duration,
+) -> Result<String, HookError> {
     tracing::info!(hook = name, %command, "running hook");
     let started = std::time::Instant::now();
     let mut cmd = tokio::process::Command::new("sh");

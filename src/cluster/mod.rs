@@ -33,19 +33,19 @@
 //! it is unit-tested without a network.
 
 use crate::config::NodeId;
-pub mod error;
+pub(crate) mod error;
 pub mod events;
-pub mod failover;
-pub mod follow;
-pub mod health;
-pub mod hooks;
-pub mod lag;
-pub mod monitor_conn;
-pub mod promote;
+pub(crate) mod failover;
+pub(crate) mod follow;
+pub(crate) mod health;
+pub(crate) mod hooks;
+pub(crate) mod lag;
+pub(crate) mod monitor_conn;
+pub(crate) mod promote;
 pub mod replication;
-pub mod slots;
+pub(crate) mod slots;
 mod state;
-pub mod switchover;
+pub(crate) mod switchover;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -55,10 +55,10 @@ use arc_swap::ArcSwap;
 use tokio::sync::{Notify, watch};
 
 use crate::config::{Backend, Config, Monitor};
-pub use error::{CommandError, StepError};
-pub use events::FailoverReport;
-pub use health::HealthStats;
-pub use lag::LagPolicy;
+pub(crate) use error::{CommandError, StepError};
+pub(crate) use events::FailoverReport;
+pub(crate) use health::HealthStats;
+pub(crate) use lag::LagPolicy;
 pub(crate) use state::HoldKind;
 use state::{Admission, Owner};
 
@@ -85,7 +85,7 @@ impl NodeStatus {
 
     /// pgpool's spelling: `up`, `waiting`, `down` (`Unknown` shows as `down`:
     /// it gets no traffic).
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             NodeStatus::Up => "up",
             NodeStatus::Waiting => "waiting",
@@ -97,7 +97,7 @@ impl NodeStatus {
 /// Live reachability: the result of the latest health-check attempt
 /// (pgpool's `pg_status`). Unlike [`NodeStatus`] it has no hysteresis.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PgStatus {
+pub(crate) enum PgStatus {
     /// Never checked.
     Unknown,
     /// The latest attempt connected and got an answer.
@@ -108,7 +108,7 @@ pub enum PgStatus {
 
 impl PgStatus {
     /// `up`, `down` or `unknown`.
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             PgStatus::Up => "up",
             PgStatus::Down => "down",
@@ -119,7 +119,7 @@ impl PgStatus {
 
 /// Role as reported by `pg_is_in_recovery()` (the node's own claim).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Role {
+pub(crate) enum Role {
     /// Not known (never reached).
     Unknown,
     /// Not in recovery.
@@ -130,7 +130,7 @@ pub enum Role {
 
 impl Role {
     /// `primary`, `standby` or `unknown`.
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Role::Primary => "primary",
             Role::Standby => "standby",
@@ -144,38 +144,38 @@ impl Role {
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct ReplicationView {
     /// When this node was last asked (wall clock, for display).
-    pub checked_at: Option<SystemTime>,
+    pub(crate) checked_at: Option<SystemTime>,
     /// Primary: `pg_current_wal_lsn()`. Standby: `pg_last_wal_replay_lsn()`.
-    pub lsn: Option<u64>,
+    pub(crate) lsn: Option<u64>,
     /// Standby: `pg_last_wal_receive_lsn()` (received, maybe not replayed).
-    pub receive_lsn: Option<u64>,
+    pub(crate) receive_lsn: Option<u64>,
     /// Standby: primary LSN − replay LSN (0 for the primary).
     pub lag_bytes: Option<u64>,
     /// Standby: how far behind in time (0 for the primary; see
     /// `replication.rs` for how it is estimated).
-    pub lag_seconds: Option<f64>,
+    pub(crate) lag_seconds: Option<f64>,
     /// Standby: `pg_is_wal_replay_paused()`.
     pub replay_paused: Option<bool>,
     /// Standby: `pg_last_xact_replay_timestamp()`.
-    pub last_replay_at: Option<SystemTime>,
+    pub(crate) last_replay_at: Option<SystemTime>,
     /// `pg_stat_replication.state` for this standby on the primary
     /// (`streaming`, `catchup` …), matched by application name; empty if none.
     pub state: String,
     /// `pg_stat_replication.sync_state` (`async`, `sync`, `potential`, `quorum`).
-    pub sync_state: String,
+    pub(crate) sync_state: String,
     /// Timeline: the primary's current one, or the standby's received one.
-    pub timeline: Option<u32>,
+    pub(crate) timeline: Option<u32>,
     /// The name the standby shows in `pg_stat_replication` (configured
     /// `application_name`, else detected from its WAL receiver).
-    pub application_name: String,
+    pub(crate) application_name: String,
     /// Whether the primary shows this standby streaming (auto_failback needs it).
-    pub streaming_from_primary: bool,
+    pub(crate) streaming_from_primary: bool,
     /// The standby is on another timeline than the primary: it diverged and
     /// gets no reads.
     pub timeline_mismatch: bool,
     /// Why the data is missing or suspicious (query error, role or timeline
     /// mismatch); shown in `SHOW PGPILOT_NODES`.
-    pub issue: Option<String>,
+    pub(crate) issue: Option<String>,
 }
 
 /// One node as of a snapshot.
@@ -184,22 +184,22 @@ pub struct NodeView {
     /// Position in `backends`.
     pub id: NodeId,
     /// Configured host.
-    pub host: String,
+    pub(crate) host: String,
     /// Configured port.
-    pub port: u16,
+    pub(crate) port: u16,
     /// Configured weight.
-    pub weight: f64,
+    pub(crate) weight: f64,
     /// pgpilot's view: does the node get traffic (with hysteresis).
     pub status: NodeStatus,
     /// Live reachability from the latest health-check attempt.
-    pub pg_status: PgStatus,
+    pub(crate) pg_status: PgStatus,
     /// Live role from the latest successful health check (the node's claim;
     /// the chosen primary is [`ClusterSnapshot::primary`]).
-    pub role: Role,
+    pub(crate) role: Role,
     /// When `status` or `role` last changed.
-    pub last_change: SystemTime,
+    pub(crate) last_change: SystemTime,
     /// Latest health-check error, shown to operators (cleared on success).
-    pub last_error: Option<String>,
+    pub(crate) last_error: Option<String>,
     /// Why a reachable node is kept out of service (false primary, waiting for
     /// auto_failback); `None` when it is not held out.
     pub held_out: Option<String>,
@@ -218,9 +218,9 @@ pub struct ClusterSnapshot {
     /// The node writes go to, if one is known and in service.
     pub primary: Option<NodeId>,
     /// The lag curve and thresholds the weights were computed with.
-    pub lag_policy: LagPolicy,
+    pub(crate) lag_policy: LagPolicy,
     /// Increases with every published snapshot.
-    pub generation: u64,
+    pub(crate) generation: u64,
 }
 
 impl ClusterSnapshot {
@@ -298,7 +298,7 @@ const VERDICT_WAIT: Duration = Duration::from_secs(1);
 
 impl Cluster {
     /// State for the configured backends, all unknown.
-    pub fn new(backends: &[Backend]) -> Cluster {
+    pub(crate) fn new(backends: &[Backend]) -> Cluster {
         let snap = ClusterSnapshot::initial(backends);
         Cluster {
             snapshot: ArcSwap::from_pointee(snap.clone()),
@@ -317,7 +317,7 @@ impl Cluster {
 
     /// The primary's physical replication slots, with the standby using each
     /// and whether it is stale (see [`slots`]).
-    pub fn replication_slots(&self) -> Arc<Vec<slots::SlotInfo>> {
+    pub(crate) fn replication_slots(&self) -> Arc<Vec<slots::SlotInfo>> {
         self.slots.load_full()
     }
 
@@ -329,7 +329,7 @@ impl Cluster {
     /// The primary's id, waiting up to `normal` for one — or up to
     /// `during_failover` (`failover.client_wait_timeout`) while a failover
     /// or switchover is in progress, re-judged on every change.
-    pub async fn wait_primary_for(
+    pub(crate) async fn wait_primary_for(
         &self,
         normal: Duration,
         during_failover: Duration,
@@ -360,7 +360,7 @@ impl Cluster {
     /// primary and `detect_on_session_error` is on, waits (≤ 1 s) for the
     /// coordinator's direct probe. Returns whether a failover is in progress,
     /// so the session can tell its client so.
-    pub async fn session_lost(&self, node: NodeId) -> bool {
+    pub(crate) async fn session_lost(&self, node: NodeId) -> bool {
         if self.failover_in_progress() {
             self.report_session_error(node);
             return true;
@@ -396,14 +396,14 @@ impl Cluster {
 
     /// `ATTACH NODE n`: lift the node's hold (detached, fenced, cannot
     /// follow) and admit it. The message says what happened.
-    pub fn attach(&self, node: NodeId, config: &Config) -> Result<String, CommandError> {
+    pub(crate) fn attach(&self, node: NodeId, config: &Config) -> Result<String, CommandError> {
         let adm = Admission::from(config);
         self.update_with(|o| o.attach(node, &adm))
     }
 
     /// `DETACH NODE n`: no traffic to the node until `ATTACH NODE n`.
     /// Refused for the primary (use `PROMOTE NODE` to move it first).
-    pub fn detach(&self, node: NodeId, config: &Config) -> Result<String, CommandError> {
+    pub(crate) fn detach(&self, node: NodeId, config: &Config) -> Result<String, CommandError> {
         let adm = Admission::from(config);
         self.update_with(|o| o.detach(node, &adm))
     }
@@ -414,7 +414,7 @@ impl Cluster {
     }
 
     /// Changes whenever a snapshot is published.
-    pub fn subscribe(&self) -> watch::Receiver<u64> {
+    pub(crate) fn subscribe(&self) -> watch::Receiver<u64> {
         self.generation.subscribe()
     }
 
@@ -423,7 +423,7 @@ impl Cluster {
     /// Never a verdict by itself: the node goes down only if the probe (with
     /// its retries) fails, so a client killing its own backend, a FATAL from a
     /// statement or a vanished client cannot take a healthy node down.
-    pub fn report_session_error(&self, node: NodeId) {
+    pub(crate) fn report_session_error(&self, node: NodeId) {
         tracing::debug!(%node, "session reported a connection error; probing early");
         self.request_probe(node);
         if self.snapshot.load().primary == Some(node) {
@@ -440,7 +440,7 @@ impl Cluster {
 
     /// The pool opened a connection to `node`: a `waiting` node is now `up`.
     /// Cheap when the node is already up (one snapshot load).
-    pub fn note_backend_connected(&self, node: NodeId) {
+    pub(crate) fn note_backend_connected(&self, node: NodeId) {
         let waiting = self
             .snapshot
             .load()
@@ -582,7 +582,7 @@ impl Cluster {
 
 /// tokio-postgres settings for connecting to `backend` as the monitor role,
 /// with `monitor.timeout` as the connect timeout.
-pub fn monitor_conn_config(
+pub(crate) fn monitor_conn_config(
     backend: &Backend,
     monitor: &Monitor,
     application_name: &str,

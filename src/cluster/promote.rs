@@ -39,7 +39,7 @@ use crate::config::{Config, FailoverMode};
 /// Why a standby cannot be promoted, or its promotion failed. The texts
 /// become a failover's detail (`SHOW PGPILOT_FAILOVER`) and log lines.
 #[derive(Debug, thiserror::Error)]
-pub enum PromoteError {
+pub(crate) enum PromoteError {
     /// Asking the node failed.
     #[error(transparent)]
     Query(#[from] NodeQueryError),
@@ -124,13 +124,13 @@ fn join_errors(errors: &[(NodeId, PromoteError)]) -> String {
 
 /// Where one standby stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Position {
+pub(crate) struct Position {
     /// Node id.
-    pub node: NodeId,
+    pub(crate) node: NodeId,
     /// `max(receive, replay)`: what it will have replayed once promoted.
-    pub lsn: u64,
+    pub(crate) lsn: u64,
     /// `pg_last_wal_replay_lsn()`.
-    pub replay: u64,
+    pub(crate) replay: u64,
 }
 
 /// Run one simple query on `node` as the monitor role (new connection,
@@ -173,7 +173,7 @@ pub(super) async fn monitor_query(
 
 /// The position of standby `node`, asked now; an error if it is not in
 /// recovery or does not answer.
-pub async fn position(
+pub(crate) async fn position(
     cfg: &Config,
     node: NodeId,
     limit: Duration,
@@ -195,7 +195,7 @@ pub async fn position(
 
 /// The standby to promote in place of `old` (see the module docs), or why
 /// there is none.
-pub async fn choose_candidate(
+pub(crate) async fn choose_candidate(
     cluster: &Cluster,
     cfg: &Config,
     old: Option<NodeId>,
@@ -262,7 +262,7 @@ pub async fn choose_candidate(
 
 /// Promote `candidate` by `failover.mode`. `old` is the primary it
 /// replaces (for the command's placeholders).
-pub async fn promote(
+pub(crate) async fn promote(
     cfg: &Config,
     candidate: NodeId,
     old: Option<NodeId>,

@@ -31,7 +31,7 @@ use super::promote::monitor_query;
 use crate::config::Config;
 
 /// How often the slots are looked at.
-pub const CHECK_PERIOD: Duration = Duration::from_secs(2);
+pub(crate) const CHECK_PERIOD: Duration = Duration::from_secs(2);
 
 /// The primary's physical slots, with the `application_name` of the WAL
 /// sender using each; nothing while it is in recovery (where
@@ -44,21 +44,21 @@ SELECT s.slot_name::text, s.active::text, (pg_current_wal_lsn() - s.restart_lsn)
 
 /// One physical slot on the primary.
 #[derive(Debug, Clone, PartialEq)]
-pub struct SlotInfo {
+pub(crate) struct SlotInfo {
     /// `slot_name`.
-    pub name: String,
+    pub(crate) name: String,
     /// A WAL sender streams through it.
-    pub active: bool,
+    pub(crate) active: bool,
     /// WAL the slot makes the primary keep (NULL `restart_lsn`: none).
-    pub retained_bytes: Option<u64>,
+    pub(crate) retained_bytes: Option<u64>,
     /// The in-service standby whose `primary_slot_name` it is.
-    pub standby: Option<NodeId>,
+    pub(crate) standby: Option<NodeId>,
     /// Since when it is stale (inactive, used by no in-service standby).
-    pub stale_since: Option<Instant>,
+    pub(crate) stale_since: Option<Instant>,
 }
 
 /// Look at the slots until shutdown.
-pub async fn run(
+pub(crate) async fn run(
     cluster: Arc<Cluster>,
     config: Arc<ArcSwap<Config>>,
     mut shutdown: watch::Receiver<bool>,

@@ -46,28 +46,28 @@ const HISTORY_CAP: usize = 4096;
 #[derive(Debug, Clone, PartialEq)]
 pub(super) struct NodeSettings {
     /// `backends[].weight`: base of the effective weight.
-    pub weight: f64,
+    pub(crate) weight: f64,
     /// `backends[].host`: matched against a standby's WAL sender host, the
     /// fallback evidence that it streams from the primary.
-    pub host: String,
+    pub(crate) host: String,
     /// `backends[].port`: likewise.
-    pub port: u16,
+    pub(crate) port: u16,
     /// `backends[].application_name`: finds the standby's row in the primary's
     /// `pg_stat_replication` (detected from the standby when empty).
-    pub application_name: String,
+    pub(crate) application_name: String,
 }
 
 /// The configuration the state machine needs, taken from `Config` per update.
 #[derive(Debug, Clone, PartialEq)]
 pub(super) struct Admission {
     /// `health_check.auto_failback`.
-    pub auto_failback: bool,
+    pub(crate) auto_failback: bool,
     /// `sr_check.period > 0`: auto_failback then waits for streaming evidence.
-    pub sr_enabled: bool,
+    pub(crate) sr_enabled: bool,
     /// The lag curve.
-    pub policy: LagPolicy,
+    pub(crate) policy: LagPolicy,
     /// Per node.
-    pub nodes: Vec<NodeSettings>,
+    pub(crate) nodes: Vec<NodeSettings>,
 }
 
 impl From<&Config> for Admission {
@@ -137,9 +137,9 @@ pub(crate) enum HoldKind {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) struct Hold {
     /// What kind of hold.
-    pub kind: HoldKind,
+    pub(crate) kind: HoldKind,
     /// Shown in `SHOW PGPILOT_NODES` (`held_out`).
-    pub reason: String,
+    pub(crate) reason: String,
 }
 
 /// The chosen primary's LSN over time: when did it first pass a given LSN?
@@ -210,7 +210,7 @@ pub(super) struct Owner {
 
 impl Owner {
     /// State for a fresh snapshot (every node unknown).
-    pub fn new(snap: ClusterSnapshot) -> Owner {
+    pub(crate) fn new(snap: ClusterSnapshot) -> Owner {
         let books = snap.nodes.iter().map(|_| NodeBook::default()).collect();
         Owner {
             snap,
@@ -227,25 +227,25 @@ impl Owner {
     }
 
     /// The next snapshot to publish.
-    pub fn publishable(&mut self) -> ClusterSnapshot {
+    pub(crate) fn publishable(&mut self) -> ClusterSnapshot {
         self.snap.generation += 1;
         self.snap.clone()
     }
 
     /// The last WAL position seen on `node` while it was the primary.
-    pub fn last_primary_lsn(&self, node: NodeId) -> Option<u64> {
+    pub(crate) fn last_primary_lsn(&self, node: NodeId) -> Option<u64> {
         self.last_primary_lsn
             .filter(|(p, _)| *p == node)
             .map(|(_, lsn)| lsn)
     }
 
     /// Health-check counters per node.
-    pub fn health_stats(&self) -> Vec<HealthStats> {
+    pub(crate) fn health_stats(&self) -> Vec<HealthStats> {
         self.books.iter().map(|b| b.stats.clone()).collect()
     }
 
     /// One attempt failed; a retry follows. Live status only.
-    pub fn attempt_failed(&mut self, node: NodeId, error: &str) {
+    pub(crate) fn attempt_failed(&mut self, node: NodeId, error: &str) {
         if let Some(n) = self.snap.nodes.get_mut(node.index()) {
             n.pg_status = PgStatus::Down;
             n.last_error = Some(error.to_string());
@@ -254,7 +254,13 @@ impl Owner {
     }
 
     /// A health round finished.
-    pub fn round_finished(&mut self, node: NodeId, round: Round, now: SystemTime, adm: Admission) {
+    pub(crate) fn round_finished(
+        &mut self,
+        node: NodeId,
+        round: Round,
+        now: SystemTime,
+        adm: Admission,
+    ) {
         let Some(n) = self.snap.nodes.get_mut(node.index()) else {
             return;
         };
@@ -306,7 +312,7 @@ impl Owner {
     }
 
     /// The pool opened a connection to `node`: `waiting` → `up`.
-    pub fn backend_connected(&mut self, node: NodeId) {
+    pub(crate) fn backend_connected(&mut self, node: NodeId) {
         if let Some(n) = self.snap.nodes.get_mut(node.index())
             && n.status == NodeStatus::Waiting
         {
@@ -316,7 +322,7 @@ impl Owner {
     }
 
     /// Replication checks are off: forget lag.
-    pub fn clear_replication(&mut self, adm: Admission) {
+    pub(crate) fn clear_replication(&mut self, adm: Admission) {
         self.history.clear();
         for (i, n) in self.snap.nodes.iter_mut().enumerate() {
             n.repl = ReplicationView {
@@ -333,7 +339,7 @@ impl Owner {
 
     /// Apply a replication round. Returns nodes whose role looked different
     /// from the health check's view (to be probed now).
-    pub fn apply_replication(
+    pub(crate) fn apply_replication(
         &mut self,
         round: &SrRound,
         adm: Admission,

@@ -52,7 +52,7 @@ const OPEN_TRANSACTIONS: &str = "FROM pg_stat_activity WHERE backend_type = 'cli
 /// old primary is published again). The text ends up in the transition's
 /// detail as `switchover aborted: …`.
 #[derive(Debug, thiserror::Error)]
-pub enum SwitchoverError {
+pub(crate) enum SwitchoverError {
     /// Asking or configuring the old primary failed.
     #[error(transparent)]
     Query(#[from] NodeQueryError),
@@ -89,7 +89,7 @@ pub enum SwitchoverError {
 
 /// Validate `PROMOTE NODE target` and start it; the switchover continues in
 /// the background. The message says what was started.
-pub fn start(
+pub(crate) fn start(
     cluster: Arc<Cluster>,
     config: Arc<ArcSwap<Config>>,
     target: NodeId,

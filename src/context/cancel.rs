@@ -20,11 +20,11 @@ use crate::protocol::CancelKey;
 
 /// The server process a cancel should reach.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct CancelTarget {
+pub(crate) struct CancelTarget {
     /// Server address.
-    pub addr: SocketAddr,
+    pub(crate) addr: SocketAddr,
     /// The server connection's BackendKeyData key.
-    pub key: CancelKey,
+    pub(crate) key: CancelKey,
 }
 
 #[derive(Debug)]
@@ -37,12 +37,12 @@ struct Entry {
 
 /// Where one client's cancels go, set by its session (cheap to clone: shared).
 #[derive(Debug, Clone, Default)]
-pub struct CancelSlot(Arc<Mutex<Option<CancelTarget>>>);
+pub(crate) struct CancelSlot(Arc<Mutex<Option<CancelTarget>>>);
 
 impl CancelSlot {
     /// Point the client's cancels at `target` (`None`: nowhere, between
     /// transactions under transaction pooling).
-    pub fn set(&self, target: Option<CancelTarget>) {
+    pub(crate) fn set(&self, target: Option<CancelTarget>) {
         *self.0.lock().unwrap_or_else(|p| p.into_inner()) = target;
     }
 
@@ -53,7 +53,7 @@ impl CancelSlot {
 
 /// Client key → current server connection.
 #[derive(Debug, Default)]
-pub struct CancelRegistry {
+pub(crate) struct CancelRegistry {
     entries: Mutex<HashMap<i32, Entry, foldhash::fast::RandomState>>,
 }
 
@@ -64,7 +64,7 @@ impl CancelRegistry {
 
     /// Register a new client key and return the slot its session sets; `None`
     /// if the pid is already in use.
-    pub fn register(&self, key: CancelKey) -> Option<CancelSlot> {
+    pub(crate) fn register(&self, key: CancelKey) -> Option<CancelSlot> {
         let mut m = self.lock();
         if m.contains_key(&key.pid) {
             return None;
@@ -81,12 +81,12 @@ impl CancelRegistry {
     }
 
     /// Forget a client key (session ended).
-    pub fn unregister(&self, key: CancelKey) {
+    pub(crate) fn unregister(&self, key: CancelKey) {
         self.lock().remove(&key.pid);
     }
 
     /// Handle a CancelRequest from a client: forward it if the key matches.
-    pub async fn cancel(&self, key: CancelKey, limit: Duration) {
+    pub(crate) async fn cancel(&self, key: CancelKey, limit: Duration) {
         let target = self
             .lock()
             .get(&key.pid)

@@ -33,7 +33,7 @@
 mod bindir;
 mod process;
 
-pub use bindir::find_bindir;
+pub(crate) use bindir::find_bindir;
 
 use std::collections::BTreeSet;
 use std::collections::hash_map::RandomState;
@@ -131,19 +131,19 @@ impl Default for ClusterSpec {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LocalNode {
     /// Index in [`LocalCluster::nodes`]: 0 is the primary at creation, 1.. standbys.
-    pub node_id: usize,
+    pub(crate) node_id: usize,
     /// TCP port the server listens on (127.0.0.1 only).
     pub port: u16,
     /// PGDATA of the server (`<base_dir>/nodeN/data`).
     pub data_dir: PathBuf,
     /// `nodeN`: the server's `cluster_name` and, for a standby, the
     /// `application_name` it shows in the primary's `pg_stat_replication`.
-    pub application_name: String,
+    pub(crate) application_name: String,
 }
 
 impl LocalNode {
     /// The node dir holding `data/`, the unix socket and the server log.
-    pub fn node_dir(&self) -> PathBuf {
+    pub(crate) fn node_dir(&self) -> PathBuf {
         self.data_dir
             .parent()
             .map(Path::to_path_buf)
@@ -151,7 +151,7 @@ impl LocalNode {
     }
 
     /// The server log, `<node dir>/postgres.log` (written via `pg_ctl -l`).
-    pub fn log_file(&self) -> PathBuf {
+    pub(crate) fn log_file(&self) -> PathBuf {
         self.node_dir().join("postgres.log")
     }
 }
@@ -163,7 +163,7 @@ pub struct LocalCluster {
     /// The servers, indexed by [`LocalNode::node_id`].
     pub nodes: Vec<LocalNode>,
     /// Private temporary directory holding every node; removed on shutdown.
-    pub base_dir: PathBuf,
+    pub(crate) base_dir: PathBuf,
     /// Directory of the PostgreSQL binaries in use (from [`find_bindir`]).
     pub bindir: PathBuf,
     /// How to launch binaries (directly, or as the `postgres` OS user when root).
@@ -215,7 +215,7 @@ pub enum ClusterError {
 /// running at once), checked to be bindable, never handed out twice by this
 /// process. It is free when returned, not reserved; [`LocalCluster::start`]
 /// moves a server whose port got taken meanwhile.
-pub fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     static HANDED_OUT: Mutex<BTreeSet<u16>> = Mutex::new(BTreeSet::new());
     let mut handed_out = HANDED_OUT.lock().unwrap_or_else(|e| e.into_inner());
     let bindable = |port: u16| TcpListener::bind(("127.0.0.1", port)).is_ok();
@@ -258,12 +258,12 @@ impl LocalCluster {
 
     /// The database superuser, `postgres`; it connects over 127.0.0.1 with trust
     /// (no password).
-    pub fn superuser(&self) -> &str {
+    pub(crate) fn superuser(&self) -> &str {
         SUPERUSER
     }
 
     /// A libpq key/value connection string for the superuser on `node`, database `db`.
-    pub fn conninfo(&self, node: usize, db: &str) -> String {
+    pub(crate) fn conninfo(&self, node: usize, db: &str) -> String {
         let db = db.replace('\\', "\\\\").replace('\'', "\\'");
         let port = self.node(node).port;
         format!("host=127.0.0.1 port={port} user={SUPERUSER} dbname='{db}' connect_timeout=10")
@@ -290,7 +290,7 @@ impl LocalCluster {
     /// The shell command that stops `node` with `pg_ctl stop -m <mode>`, as a
     /// person types it: this cluster's pg_ctl (whatever its version or
     /// installation), run as the `postgres` OS user when we are root.
-    pub fn stop_command_line(&self, node: usize, mode: &str) -> String {
+    pub(crate) fn stop_command_line(&self, node: usize, mode: &str) -> String {
         let exe = path_str(&self.bindir.join("pg_ctl"));
         let data = path_str(&self.node(node).data_dir);
         let args = ["stop", "-m", mode, "-D", &data];
@@ -313,8 +313,9 @@ impl LocalCluster {
         .map_err(|e| self.with_log(node, e))
     }
 
+    #[cfg(test)]
     /// True if `pg_ctl status` says the server of `node` is running.
-    pub fn is_running(&self, node: usize) -> bool {
+    pub(crate) fn is_running(&self, node: usize) -> bool {
         let data = path_str(&self.node(node).data_dir);
         self.run("pg_ctl", &["status", "-D", &data], POLL_TIMEOUT)
             .is_ok()
@@ -326,7 +327,7 @@ impl LocalCluster {
     }
 
     /// Index of a node that accepts connections and is not in recovery, if any.
-    pub fn primary_index(&self) -> Option<usize> {
+    pub(crate) fn primary_index(&self) -> Option<usize> {
         (0..self.nodes.len()).find(|&i| self.in_recovery(i) == Some(false))
     }
 
@@ -354,7 +355,7 @@ impl LocalCluster {
     }
 
     /// The last `max_lines` lines of the server log of `node` (empty if none).
-    pub fn log_tail(&self, node: usize, max_lines: usize) -> String {
+    pub(crate) fn log_tail(&self, node: usize, max_lines: usize) -> String {
         let text = fs::read(self.node(node).log_file()).unwrap_or_default();
         let text = String::from_utf8_lossy(&text);
         let lines: Vec<&str> = text.lines().collect();

@@ -4,7 +4,7 @@
 use super::frame::cstr;
 
 /// Largest startup packet accepted (PostgreSQL uses the same limit).
-pub const MAX_STARTUP_PACKET: usize = 10_000;
+pub(crate) const MAX_STARTUP_PACKET: usize = 10_000;
 
 const SSL_REQUEST: i32 = 80877103;
 const GSSENC_REQUEST: i32 = 80877104;
@@ -14,17 +14,17 @@ const CANCEL_REQUEST: i32 = 80877102;
 /// carry. pgpilot issues its own to each client and keeps each server
 /// connection's to forward cancels.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct CancelKey {
+pub(crate) struct CancelKey {
     /// Process id.
-    pub pid: i32,
+    pub(crate) pid: i32,
     /// Secret.
-    pub secret: i32,
+    pub(crate) secret: i32,
 }
 
 impl CancelKey {
     /// The key in the wire layout of BackendKeyData and CancelRequest: pid,
     /// then secret, both big-endian (`None` if shorter than 8 bytes).
-    pub fn from_wire(b: &[u8]) -> Option<CancelKey> {
+    pub(crate) fn from_wire(b: &[u8]) -> Option<CancelKey> {
         let b: &[u8; 8] = b.get(..8)?.try_into().ok()?;
         Some(CancelKey {
             pid: i32::from_be_bytes([b[0], b[1], b[2], b[3]]),
@@ -35,7 +35,7 @@ impl CancelKey {
 
 /// What the client opened with.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum InitialPacket {
+pub(crate) enum InitialPacket {
     /// SSLRequest: answered `N` until TLS is configured.
     Ssl,
     /// GSSENCRequest: answered `N`.
@@ -55,18 +55,18 @@ pub enum InitialPacket {
 
 /// A v3 StartupMessage.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct StartupMessage {
+pub(crate) struct StartupMessage {
     /// Requested minor version (pgpilot negotiates down to 0).
-    pub minor: u16,
+    pub(crate) minor: u16,
     /// Parameters in the order sent, excluding `_pq_.` protocol options.
-    pub params: Vec<(String, String)>,
+    pub(crate) params: Vec<(String, String)>,
     /// `_pq_.` options the client asked for; reported back as unrecognised.
-    pub protocol_options: Vec<String>,
+    pub(crate) protocol_options: Vec<String>,
 }
 
 impl StartupMessage {
     /// Value of a startup parameter.
-    pub fn get(&self, name: &str) -> Option<&str> {
+    pub(crate) fn get(&self, name: &str) -> Option<&str> {
         self.params
             .iter()
             .find(|(k, _)| k == name)
@@ -75,7 +75,7 @@ impl StartupMessage {
 }
 
 /// Parse the packet body (everything after the 4-byte length).
-pub fn parse_initial(body: &[u8]) -> Result<InitialPacket, &'static str> {
+pub(crate) fn parse_initial(body: &[u8]) -> Result<InitialPacket, &'static str> {
     if body.len() < 4 {
         return Err("startup packet too short");
     }

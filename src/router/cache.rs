@@ -33,7 +33,7 @@ use super::normalize::normalize;
 use super::normalize_fast::normalize_plain_literals;
 
 /// Normalised statements longer than this are not cached (bounds memory use).
-pub const MAX_KEY_BYTES: usize = 8 * 1024;
+pub(crate) const MAX_KEY_BYTES: usize = 8 * 1024;
 
 /// Number of independently locked shards (for capacities of at least 64).
 const SHARDS: usize = 16;
@@ -130,7 +130,7 @@ impl ClassifyCache {
     /// `memo` (a statement of the same shape as a recent one is answered
     /// without building its key), and teach it the statements it did not know.
     /// With caching off the memo is not used either.
-    pub fn classify_remembering<C, G>(
+    pub(crate) fn classify_remembering<C, G>(
         &self,
         memo: Option<&mut StatementMemo>,
         sql: &[u8],
@@ -239,7 +239,7 @@ impl ClassifyCache {
 
     /// Forget every cached classification (after the function lists changed on a
     /// reload). Counters keep counting; the capacity stays as built.
-    pub fn clear(&self) {
+    pub(crate) fn clear(&self) {
         self.generation.fetch_add(1, Ordering::SeqCst);
         for shard in self.shards.iter() {
             let mut lru = lock(shard);
@@ -252,25 +252,20 @@ impl ClassifyCache {
     }
 
     /// Lookups answered from the cache.
-    pub fn hits(&self) -> u64 {
+    pub(crate) fn hits(&self) -> u64 {
         let counted: u64 = self.shards.iter().map(|s| lock(s).hits).sum();
         counted + self.memo_hits.load(Ordering::Relaxed)
     }
 
     /// Lookups that had to classify.
-    pub fn misses(&self) -> u64 {
+    pub(crate) fn misses(&self) -> u64 {
         let counted: u64 = self.shards.iter().map(|s| lock(s).misses).sum();
         counted + self.uncached.load(Ordering::Relaxed)
     }
 
     /// Classifications currently cached.
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.shards.iter().map(|s| lock(s).map.len()).sum()
-    }
-
-    /// True if nothing is cached.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 }
 

@@ -22,7 +22,7 @@ pub fn read_weights(snapshot: &ClusterSnapshot, include_primary: bool) -> Vec<f6
 }
 
 /// The effective read weight of one node (see [`read_weights`]).
-pub fn read_weight(snapshot: &ClusterSnapshot, node: NodeId, include_primary: bool) -> f64 {
+pub(crate) fn read_weight(snapshot: &ClusterSnapshot, node: NodeId, include_primary: bool) -> f64 {
     let Some(n) = snapshot.nodes.get(node.index()) else {
         return 0.0;
     };
@@ -39,7 +39,7 @@ pub fn read_weight(snapshot: &ClusterSnapshot, node: NodeId, include_primary: bo
 }
 
 /// Pick a node by weight; `r` is a uniform random number in [0, 1).
-pub fn pick(weights: &[f64], r: f64) -> Option<usize> {
+pub(crate) fn pick(weights: &[f64], r: f64) -> Option<usize> {
     let total: f64 = weights.iter().sum();
     if total.is_nan() || total <= 0.0 {
         return None;
@@ -58,17 +58,22 @@ pub fn pick(weights: &[f64], r: f64) -> Option<usize> {
 }
 
 /// Whether `node` may still serve the session's reads.
-pub fn still_usable(snapshot: &ClusterSnapshot, node: NodeId, include_primary: bool) -> bool {
+pub(crate) fn still_usable(
+    snapshot: &ClusterSnapshot,
+    node: NodeId,
+    include_primary: bool,
+) -> bool {
     read_weight(snapshot, node, include_primary) > 0.0
 }
 
+#[cfg(test)]
 /// Where a read goes when the session's chosen node is no longer usable
 /// (pgpool's `prefer_lower_delay_standby`): with the setting on (default),
 /// another node picked by effective weight — lower lag weighs more — and the
 /// primary when none qualifies; with it off, straight to the primary. `None`
 /// only when there is no primary either. The session may adopt the result as
 /// its new load-balance node.
-pub fn reroute(snapshot: &ClusterSnapshot, include_primary: bool, r: f64) -> Option<NodeId> {
+pub(crate) fn reroute(snapshot: &ClusterSnapshot, include_primary: bool, r: f64) -> Option<NodeId> {
     if snapshot.lag_policy.prefer_lower_delay_standby
         && let Some(n) = pick(&read_weights(snapshot, include_primary), r)
     {

@@ -28,34 +28,34 @@ pub use crate::config::BalanceInTransaction;
 
 /// Routing knobs from the configuration.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Policy {
+pub(crate) struct Policy {
     /// Send reads to standbys at all.
-    pub load_balance: bool,
+    pub(crate) load_balance: bool,
     /// Balancing inside transactions.
-    pub in_transaction: BalanceInTransaction,
+    pub(crate) in_transaction: BalanceInTransaction,
 }
 
 /// Per-session routing state. Owned by the session, updated by it after each
 /// statement; the router only reads it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct RouteState {
+pub(crate) struct RouteState {
     /// The session's load-balance node (a standby, or the primary if it is in the read pool).
-    pub standby: Option<NodeId>,
+    pub(crate) standby: Option<NodeId>,
     /// The session must stay on the primary (temp table, LISTEN, advisory lock …).
-    pub sticky_primary: bool,
+    pub(crate) sticky_primary: bool,
     /// `SET pgpilot.route = 'primary'`.
-    pub forced_primary: bool,
+    pub(crate) forced_primary: bool,
     /// `default_transaction_read_only` is on for the session.
-    pub read_only_default: bool,
+    pub(crate) read_only_default: bool,
     /// The node the open transaction runs on, while the session is in one.
-    pub tx_node: Option<NodeId>,
+    pub(crate) tx_node: Option<NodeId>,
     /// The open transaction has sent a write (pgpool mode).
-    pub tx_wrote: bool,
+    pub(crate) tx_wrote: bool,
 }
 
 /// Where a statement goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Decision {
+pub(crate) enum Decision {
     /// A node id.
     Node(NodeId),
     /// The primary is needed but none is known.
@@ -65,7 +65,7 @@ pub enum Decision {
 /// Decide the node for one statement (or one extended-protocol batch).
 ///
 /// `in_tx` is true while the session's last ReadyForQuery said `T` or `E`.
-pub fn decide(
+pub(crate) fn decide(
     policy: &Policy,
     state: &RouteState,
     class: &Classification,

@@ -18,23 +18,23 @@ use crate::router::chooser;
 
 /// Per-session read-your-writes state.
 #[derive(Debug, Default)]
-pub struct Freshness {
+pub(crate) struct Freshness {
     /// Position the session's reads must see (its commits and tokens so far).
-    pub read_lsn: u64,
+    pub(crate) read_lsn: u64,
     /// `SET pgpilot.min_lsn`.
-    pub min_lsn: u64,
+    pub(crate) min_lsn: u64,
     /// The session's last commit position, as far as known (`SHOW pgpilot.last_commit_lsn`).
-    pub last_commit_lsn: u64,
+    pub(crate) last_commit_lsn: u64,
     /// A write was acknowledged whose position is not known yet.
-    pub lsn_unknown: bool,
+    pub(crate) lsn_unknown: bool,
     /// A write was sent and not yet acknowledged (its transaction is open).
-    pub write_pending: bool,
+    pub(crate) write_pending: bool,
     /// `global` mode: a primary position fetched for the request being routed.
-    pub request_lsn: Option<u64>,
+    pub(crate) request_lsn: Option<u64>,
     /// The request being routed waits for replay until then.
-    pub replay_deadline: Option<tokio::time::Instant>,
+    pub(crate) replay_deadline: Option<tokio::time::Instant>,
     /// The request being routed goes to the primary (waiting did not help).
-    pub to_primary_once: bool,
+    pub(crate) to_primary_once: bool,
 }
 
 impl Session {

@@ -26,7 +26,7 @@ use crate::router::session_cmd::{self, PgpilotCommand};
 
 /// A statement pgpilot answers itself.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum LocalCommand {
+pub(crate) enum LocalCommand {
     /// `SHOW POOL_NODES` and the other admin commands.
     Admin(AdminCommand),
     /// `SHOW pgpilot.last_commit_lsn`, `SET pgpilot.min_lsn` …
@@ -42,7 +42,7 @@ enum Outcome {
 }
 
 /// Recognise a local command in statement text (raw bytes, no NUL).
-pub fn parse_local(sql: &[u8]) -> Option<LocalCommand> {
+pub(crate) fn parse_local(sql: &[u8]) -> Option<LocalCommand> {
     // Every query passes here: first a cheap look at the first word, which
     // is all most statements need (admin commands start with one of
     // `admin::FIRST_WORDS`; pgpilot's own settings with SET, SHOW or RESET).
@@ -119,13 +119,13 @@ fn first_word(sql: &[u8]) -> Option<u64> {
 
 /// Admin statements and portals a client prepared through the extended protocol.
 #[derive(Debug, Default)]
-pub struct LocalStatements {
+pub(crate) struct LocalStatements {
     /// Prepared statement name → command.
-    pub stmts: HashMap<Vec<u8>, LocalCommand>,
+    pub(crate) stmts: HashMap<Vec<u8>, LocalCommand>,
     /// Portal name → command (until the batch's Sync).
     portals: HashMap<Vec<u8>, LocalCommand>,
     /// An error occurred in the current local batch: skip to Sync.
-    pub failed: bool,
+    pub(crate) failed: bool,
 }
 
 impl Session {
@@ -418,7 +418,7 @@ impl Session {
 }
 
 /// What to do with a request while the client's transaction is aborted.
-pub enum AbortedTx {
+pub(crate) enum AbortedTx {
     /// COMMIT: roll the transaction back instead, as PostgreSQL does.
     RollBack,
     /// Anything but ROLLBACK: 25P02.

@@ -20,7 +20,7 @@ mod clock;
 mod connect;
 mod detached;
 mod fresh;
-pub mod handshake;
+pub(crate) mod handshake;
 mod link;
 mod local;
 mod relay;
@@ -60,10 +60,10 @@ use link::{Done, Link};
 use state::SessionState;
 
 /// Why a session ended abnormally; defined beside its SQLSTATE mapping.
-pub use crate::error::SessionError;
+pub(crate) use crate::error::SessionError;
 
 /// Entry point for an accepted client connection.
-pub async fn serve(ctx: Arc<ProxyContext>, mut stream: TcpStream) {
+pub(crate) async fn serve(ctx: Arc<ProxyContext>, mut stream: TcpStream) {
     let _ = stream.set_nodelay(true);
     crate::backend::conn::set_keepalive(&stream);
     let cfg = ctx.config.load_full();

@@ -36,7 +36,7 @@ use crate::router::policy::{self, Decision};
 
 /// What the relay loop must do after client data was processed.
 #[derive(Debug)]
-pub enum Step {
+pub(crate) enum Step {
     /// Every complete request was forwarded; wait for more input.
     Idle,
     /// The next request waits until in-flight requests are answered.
@@ -80,7 +80,7 @@ type Planned = Result<NodeId, Step>;
 
 /// Where the extended-protocol batch being forwarded goes, until its Sync.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Target {
+pub(crate) enum Target {
     /// A node's server connection.
     Node(NodeId),
     /// No node: pgpilot answers the batch itself (its own commands, or a

@@ -34,24 +34,24 @@ use crate::protocol::shape::Shape;
 
 /// What a request needs of the connection it runs on, statement-wise.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Needs {
+pub(crate) struct Needs {
     /// Names the request uses (Bind, Describe, EXECUTE) or makes (a Parse of
     /// a name the session has not prepared): under each, the connection must
     /// hold the session's own statement, or none if the session has none.
-    pub names: Vec<Vec<u8>>,
+    pub(crate) names: Vec<Vec<u8>>,
     /// The request may reach statements by names pgpilot did not see: every
     /// statement of another session on the connection is closed first.
-    pub purge_others: bool,
+    pub(crate) purge_others: bool,
 }
 
 impl Needs {
     /// Needs of a request that names no statement.
-    pub fn none() -> Needs {
+    pub(crate) fn none() -> Needs {
         Needs::default()
     }
 
     /// Add `name` once.
-    pub fn add(&mut self, name: &[u8]) {
+    pub(crate) fn add(&mut self, name: &[u8]) {
         if !self.names.iter().any(|n| n == name) {
             self.names.push(name.to_vec());
         }
@@ -60,7 +60,7 @@ impl Needs {
 
 /// Whether SQL text may name a prepared statement (`EXECUTE`, `EXPLAIN
 /// EXECUTE`, `CREATE TABLE … AS EXECUTE` …): any mention of the word counts.
-pub fn mentions_execute(sql: &[u8]) -> bool {
+pub(crate) fn mentions_execute(sql: &[u8]) -> bool {
     // Look for the rare 'x' (every simple Query passes here), then around it.
     memchr::memchr2_iter(b'x', b'X', sql).any(|i| {
         i >= 1

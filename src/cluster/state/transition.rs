@@ -215,7 +215,7 @@ impl Owner {
     /// came. `PROMOTE NODE n` clears the time of the last attempt, so the
     /// forced candidate is tried at once; if that attempt fails, the next
     /// waits `retry` like any other (no busy loop on a node that refuses).
-    pub fn transition_due(&self, retry: std::time::Duration) -> Option<TransitionStatus> {
+    pub(crate) fn transition_due(&self, retry: std::time::Duration) -> Option<TransitionStatus> {
         let t = self.transition.as_ref()?;
         let due = t.kind == TransitionKind::Failover
             && match t.phase {
@@ -231,7 +231,7 @@ impl Owner {
     /// If an operator forced another candidate while that attempt ran, the
     /// next attempt is due at once (for that candidate); otherwise it waits
     /// the retry time.
-    pub fn candidate_refused(
+    pub(crate) fn candidate_refused(
         &mut self,
         id: u64,
         tried: Option<NodeId>,
@@ -250,7 +250,7 @@ impl Owner {
     /// before anything is promoted. `node` stays the remembered primary,
     /// down until a health round admits it again, and is failed over if
     /// a later round finds it unreachable.
-    pub fn primary_answers(
+    pub(crate) fn primary_answers(
         &mut self,
         id: u64,
         node: NodeId,
@@ -278,7 +278,12 @@ impl Owner {
     }
 
     /// Record the phase and detail of transition `id`.
-    pub fn set_phase(&mut self, id: u64, phase: Phase, detail: String) -> Result<(), StepError> {
+    pub(crate) fn set_phase(
+        &mut self,
+        id: u64,
+        phase: Phase,
+        detail: String,
+    ) -> Result<(), StepError> {
         let t = self.current(id)?;
         t.phase = phase;
         t.detail = detail;
@@ -288,7 +293,7 @@ impl Owner {
 
     /// The session-error fast path confirmed that the chosen primary cannot be
     /// reached: declare it down now (a failover starts in the same update).
-    pub fn primary_unreachable(&mut self, node: NodeId, reason: String, adm: &Admission) {
+    pub(crate) fn primary_unreachable(&mut self, node: NodeId, reason: String, adm: &Admission) {
         if self.snap.primary != Some(node) {
             return;
         }
@@ -306,7 +311,7 @@ impl Owner {
 
     /// The coordinator asked `node` directly: record its role now, so older
     /// health rounds do not overwrite it.
-    pub fn observe_role(&mut self, node: NodeId, in_recovery: bool) {
+    pub(crate) fn observe_role(&mut self, node: NodeId, in_recovery: bool) {
         let Some(n) = self.snap.nodes.get_mut(node.index()) else {
             return;
         };
@@ -333,7 +338,11 @@ impl Owner {
 
     /// The point of no return: `candidate` is about to be promoted. Fences
     /// the old primary first (rule 3 of the module docs).
-    pub fn promotion_started(&mut self, id: u64, candidate: NodeId) -> Result<(), StepError> {
+    pub(crate) fn promotion_started(
+        &mut self,
+        id: u64,
+        candidate: NodeId,
+    ) -> Result<(), StepError> {
         let now = SystemTime::now();
         let t = self.current(id)?;
         t.promoted = true;
@@ -360,7 +369,12 @@ impl Owner {
 
     /// Publish `new` as the primary: the coordinator saw it, and no other
     /// non-held node, report not-in-recovery (rule 4).
-    pub fn finish(&mut self, id: u64, new: NodeId, adm: &Admission) -> Result<(), StepError> {
+    pub(crate) fn finish(
+        &mut self,
+        id: u64,
+        new: NodeId,
+        adm: &Admission,
+    ) -> Result<(), StepError> {
         let now = SystemTime::now();
         if self.books[new.index()].hold.is_some() {
             return Err(StepError::Held { node: new });
@@ -396,7 +410,12 @@ impl Owner {
     /// retry loop; pgpilot keeps watching: a node that reports primary is
     /// admitted by the usual rules); an aborted switchover leaves the old
     /// primary as it was (chosen again if healthy, failed over if not).
-    pub fn fail(&mut self, id: u64, reason: String, adm: &Admission) -> Result<(), StepError> {
+    pub(crate) fn fail(
+        &mut self,
+        id: u64,
+        reason: String,
+        adm: &Admission,
+    ) -> Result<(), StepError> {
         let now = SystemTime::now();
         let kind = self.current(id)?.kind;
         tracing::error!(kind = kind.as_str(), %reason, "transition failed");
@@ -414,7 +433,7 @@ impl Owner {
 
     /// Start a switchover from the current primary to `target`: publishes no
     /// primary (new writes wait) until [`Owner::finish`] or [`Owner::fail`].
-    pub fn begin_switchover(
+    pub(crate) fn begin_switchover(
         &mut self,
         target: NodeId,
         adm: &Admission,
@@ -440,7 +459,7 @@ impl Owner {
     }
 
     /// `PROMOTE NODE n` while a failover waits for a candidate: use `n`.
-    pub fn force_candidate(&mut self, node: NodeId) -> Result<(), CommandError> {
+    pub(crate) fn force_candidate(&mut self, node: NodeId) -> Result<(), CommandError> {
         match self.transition.as_mut() {
             Some(t)
                 if t.kind == TransitionKind::Failover
@@ -462,7 +481,7 @@ impl Owner {
     }
 
     /// A standby could not follow the new primary: hold it with `reason`.
-    pub fn cannot_follow(&mut self, node: NodeId, reason: String) {
+    pub(crate) fn cannot_follow(&mut self, node: NodeId, reason: String) {
         let now = SystemTime::now();
         tracing::error!(%node, %reason, "standby cannot follow the new primary");
         self.books[node.index()].hold = Some(Hold {
@@ -475,13 +494,13 @@ impl Owner {
     }
 
     /// Count an event the coordinator observed.
-    pub fn count(&mut self, e: Event) {
+    pub(crate) fn count(&mut self, e: Event) {
         self.counts.add(e);
     }
 
     /// `ATTACH NODE n`: lift any hold, forget a false-primary mark and admit
     /// the node as a standby without waiting for streaming evidence.
-    pub fn attach(&mut self, node: NodeId, adm: &Admission) -> Result<String, CommandError> {
+    pub(crate) fn attach(&mut self, node: NodeId, adm: &Admission) -> Result<String, CommandError> {
         let now = SystemTime::now();
         let n = self
             .snap
@@ -521,7 +540,7 @@ impl Owner {
     }
 
     /// `DETACH NODE n`: keep a standby out of service until `ATTACH NODE n`.
-    pub fn detach(&mut self, node: NodeId, adm: &Admission) -> Result<String, CommandError> {
+    pub(crate) fn detach(&mut self, node: NodeId, adm: &Admission) -> Result<String, CommandError> {
         let now = SystemTime::now();
         if node.index() >= self.snap.nodes.len() {
             return Err(CommandError::NoSuchNode { node });
@@ -551,14 +570,14 @@ impl Owner {
     }
 
     /// Whether a hold keeps `node` out (the coordinator skips such nodes).
-    pub fn is_held(&self, node: NodeId) -> bool {
+    pub(crate) fn is_held(&self, node: NodeId) -> bool {
         self.books
             .get(node.index())
             .is_some_and(|b| b.hold.is_some())
     }
 
     /// Each node's hold, by node id (`None`: not held).
-    pub fn holds(&self) -> Vec<Option<HoldKind>> {
+    pub(crate) fn holds(&self) -> Vec<Option<HoldKind>> {
         self.books
             .iter()
             .map(|b| b.hold.as_ref().map(|h| h.kind))
@@ -566,7 +585,7 @@ impl Owner {
     }
 
     /// What `SHOW PGPILOT_FAILOVER` and metrics show.
-    pub fn report(&self) -> FailoverReport {
+    pub(crate) fn report(&self) -> FailoverReport {
         FailoverReport {
             current: self.transition.clone(),
             last: self.last_transition.clone(),
@@ -576,7 +595,7 @@ impl Owner {
     }
 
     /// Whether a failover or switchover is in progress.
-    pub fn in_transition(&self) -> bool {
+    pub(crate) fn in_transition(&self) -> bool {
         self.transition.is_some()
     }
 }
