@@ -90,7 +90,6 @@
 //! its WAL, so the write position may still be short of it for up to
 //! `wal_writer_delay` (and no standby has it yet).
 
-use crate::config::NodeId;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
@@ -101,7 +100,7 @@ use tokio::time::Instant;
 
 use crate::cluster::monitor_conn::MonitorConn;
 use crate::cluster::{Cluster, Role};
-use crate::config::Config;
+use crate::config::{Config, NodeId};
 use crate::protocol::lsn::parse_lsn;
 
 /// Replay positions are refreshed this often when no session waits.

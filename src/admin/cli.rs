@@ -9,12 +9,11 @@
 //! the admin session logs in to the primary, so during a failover its login
 //! waits for the new primary (`failover.client_wait_timeout`).
 
-use crate::config::NodeId;
 use std::time::{Duration, Instant};
 
 use tokio_postgres::SimpleQueryMessage;
 
-use crate::config::{Config, ConfigError};
+use crate::config::{Config, ConfigError, NodeId};
 
 /// Why a command sent to a running pgpilot failed; the CLI prints the text
 /// after `pgpilot: `.

@@ -28,7 +28,6 @@
 //! protocol's Parse/Describe/Execute); this module only parses and builds
 //! result sets. Column meanings are in `views.rs` and docs/monitoring.md.
 
-use crate::config::NodeId;
 pub mod cli;
 mod failover;
 pub(crate) mod format;
@@ -36,6 +35,7 @@ mod views;
 
 use bytes::BytesMut;
 
+use crate::config::NodeId;
 use crate::context::ProxyContext;
 use crate::protocol::messages::{self, PgError};
 

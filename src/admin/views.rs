@@ -18,13 +18,12 @@
 //! `pool_pid` and `client_connection_time` of the session using it (empty
 //! when idle), `idle_duration` (seconds in the pool; empty when in use).
 
-use crate::config::NodeId;
 use std::time::Instant;
 
 use super::format::{delay_seconds, f6, local_time, millis, opt_local_time};
 use super::{AdminCaller, ResultSet};
 use crate::cluster::{ClusterSnapshot, HoldKind, NodeView, PgStatus};
-use crate::config::Config;
+use crate::config::{Config, NodeId};
 use crate::context::ProxyContext;
 use crate::protocol::lsn::format_lsn;
 use crate::protocol::messages::PgError;

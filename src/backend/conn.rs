@@ -6,7 +6,6 @@
 //! ParameterStatus values and BackendKeyData. Afterwards the session relays
 //! raw frames through [`BackendConn::stream`].
 
-use crate::config::NodeId;
 use std::mem::MaybeUninit;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -20,6 +19,7 @@ use tokio::net::TcpStream;
 use tokio::time::timeout;
 
 use super::BackendError;
+use crate::config::NodeId;
 use crate::protocol::auth::{ScramKeyClient, ScramKeys};
 use crate::protocol::frame::{ErrorFields, next_frame};
 use crate::protocol::shape::{Shape, ShapeHasher};

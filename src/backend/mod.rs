@@ -3,7 +3,6 @@
 //! ([`pool`]), and what prepared statements each holds ([`statements`]).
 //! Nothing here knows about client sockets.
 
-use crate::config::NodeId;
 pub(crate) mod conn;
 pub(crate) mod pool;
 pub(crate) mod statements;
@@ -12,6 +11,7 @@ pub(crate) use pool::{Pool, PoolKey};
 
 use std::time::Duration;
 
+use crate::config::NodeId;
 use crate::protocol::frame::ErrorFields;
 
 /// What went wrong talking to a node. `node` is the node id (position in `backends`).

@@ -10,7 +10,6 @@
 //! a freed slot to the longest waiter of any key, so no newcomer overtakes
 //! them and a release wakes one session, not all.
 
-use crate::config::NodeId;
 use std::collections::{HashMap, VecDeque};
 use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -22,6 +21,7 @@ use tokio::sync::oneshot;
 use super::BackendError;
 use super::conn::{BackendConn, ConnectParams};
 use crate::cluster::Cluster;
+use crate::config::NodeId;
 use crate::protocol::auth::ScramKeys;
 
 /// A connection given back less than this long ago is handed out again

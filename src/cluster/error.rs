@@ -10,11 +10,12 @@
 //! and what to do. A refused command reaches its client as an
 //! ErrorResponse; that mapping (SQLSTATE 55000) and its test are in `crate::error`.
 
-use crate::config::NodeId;
 use std::time::Duration;
 
 use super::events::{Phase, TransitionKind};
 use super::health::describe;
+
+use crate::config::NodeId;
 
 /// A query the coordinator ran on a node as the `[monitor]` role (its own
 /// connection, closed after) failed. Its text is one line, with the server's

@@ -3,8 +3,9 @@
 //! `pgpilot promote`, and event counters exported as
 //! `pgpilot_failover_events_total{event}`.
 
-use crate::config::NodeId;
 use std::time::{Duration, Instant, SystemTime};
+
+use crate::config::NodeId;
 
 /// A primary change pgpilot drives.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

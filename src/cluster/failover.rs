@@ -34,7 +34,6 @@
 //! when a standby fails (with `%d` the standby), as pgpool does; scripts
 //! usually exit early in that case.
 
-use crate::config::NodeId;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -47,7 +46,7 @@ use super::events::{Event, Phase, TransitionStatus};
 use super::health::probe_once;
 use super::hooks::{self, HookNodes};
 use super::{Cluster, NodeStatus, PgStatus, Role, follow, promote};
-use crate::config::{Config, FailoverMode};
+use crate::config::{Config, FailoverMode, NodeId};
 
 /// How often a waiting failover retries its candidate choice.
 const RETRY: Duration = Duration::from_secs(1);

@@ -46,7 +46,6 @@
 //! the lag-weighted balancing keeps reads off them while their timeline
 //! differs from the primary's.
 
-use crate::config::NodeId;
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -61,7 +60,7 @@ use super::promote::monitor_query;
 use super::replication::{format_lsn, parse_lsn};
 use super::state::HoldKind;
 use super::{Cluster, ClusterSnapshot, PgStatus, Role};
-use crate::config::{Config, FailoverMode};
+use crate::config::{Config, FailoverMode, NodeId};
 
 /// How often standbys that returned after a failover are looked for.
 pub(crate) const RETURNING_PERIOD: Duration = Duration::from_secs(2);

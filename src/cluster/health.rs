@@ -16,7 +16,6 @@
 //! killing its own backends in a loop cannot turn checks into a flood. Settings
 //! are re-read every round, so a reload applies at the next one.
 
-use crate::config::NodeId;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -26,7 +25,7 @@ use tokio::sync::watch;
 use super::Cluster;
 use super::monitor_conn::MonitorConn;
 use super::state::Admission;
-use crate::config::{Backend, Config, Monitor};
+use crate::config::{Backend, Config, Monitor, NodeId};
 
 /// Longest spacing between two session-triggered rounds of one node.
 pub(crate) const MIN_EARLY_GAP: Duration = Duration::from_millis(500);

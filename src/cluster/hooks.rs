@@ -17,14 +17,13 @@
 //! its whole process group is killed. Its output is logged line by line, its
 //! exit status decides success.
 
-use crate::config::NodeId;
 use std::process::{ExitStatus, Stdio};
 use std::time::Duration;
 
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 
-use crate::config::Config;
+use crate::config::{Config, NodeId};
 
 /// Why a hook did not succeed; each text starts with the hook's name.
 #[derive(Debug, thiserror::Error)]

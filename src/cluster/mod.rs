@@ -32,7 +32,6 @@
 //! auto_failback, weights) lives in `state.rs` as plain functions over data, so
 //! it is unit-tested without a network.
 
-use crate::config::NodeId;
 pub(crate) mod error;
 pub mod events;
 pub(crate) mod failover;
@@ -54,7 +53,7 @@ use std::time::{Duration, SystemTime};
 use arc_swap::ArcSwap;
 use tokio::sync::{Notify, watch};
 
-use crate::config::{Backend, Config, Monitor};
+use crate::config::{Backend, Config, Monitor, NodeId};
 pub(crate) use error::{CommandError, StepError};
 pub(crate) use events::FailoverReport;
 pub(crate) use health::HealthStats;

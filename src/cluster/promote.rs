@@ -23,7 +23,6 @@
 //! * `command`: `failover.command` with pgpool's placeholders (`%d` the old
 //!   primary, `%m`/`%H`/`%R` the candidate).
 
-use crate::config::NodeId;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -34,7 +33,7 @@ use super::error::NodeQueryError;
 use super::hooks::{self, HookError, HookNodes};
 use super::monitor_conn::MonitorConn;
 use super::replication::{format_lsn, parse_lsn};
-use crate::config::{Config, FailoverMode};
+use crate::config::{Config, FailoverMode, NodeId};
 
 /// Why a standby cannot be promoted, or its promotion failed. The texts
 /// become a failover's detail (`SHOW PGPILOT_FAILOVER`) and log lines.

@@ -18,7 +18,6 @@
 //! (`follow.rs`). Dropping needs the `[monitor]` role to have REPLICATION
 //! (or be superuser).
 
-use crate::config::NodeId;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -28,7 +27,7 @@ use tokio::sync::watch;
 
 use super::Cluster;
 use super::promote::monitor_query;
-use crate::config::Config;
+use crate::config::{Config, NodeId};
 
 /// How often the slots are looked at.
 pub(crate) const CHECK_PERIOD: Duration = Duration::from_secs(2);

@@ -26,7 +26,6 @@
 //!   losing the chosen primary starts a failover (see `state/transition.rs`,
 //!   which also holds the reasoning why writes never reach two primaries).
 
-use crate::config::NodeId;
 use std::collections::VecDeque;
 use std::time::{Instant, SystemTime};
 
@@ -34,7 +33,7 @@ use super::events::{EventCounts, TransitionStatus};
 use super::health::{HealthStats, Round};
 use super::replication::{NodeCheck, SrRound};
 use super::{ClusterSnapshot, LagPolicy, NodeStatus, PgStatus, ReplicationView, Role};
-use crate::config::Config;
+use crate::config::{Config, NodeId};
 
 mod transition;
 

@@ -24,7 +24,6 @@
 //! is reset and the old primary is published again (or failed over, if it
 //! is gone).
 
-use crate::config::NodeId;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -35,7 +34,7 @@ use super::events::{Event, Phase};
 use super::promote::{self, PromoteError, monitor_query};
 use super::replication::format_lsn;
 use super::{Cluster, CommandError, Role, failover, follow};
-use crate::config::{Config, FailoverMode};
+use crate::config::{Config, FailoverMode, NodeId};
 
 /// Let sessions that routed a write just before the switch deliver it.
 const GRACE: Duration = Duration::from_millis(50);

@@ -7,7 +7,6 @@
 //! and state on every statement without a lock; only register/unregister and
 //! admin listings take the registry's mutex.
 
-use crate::config::NodeId;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicI32, AtomicI64, AtomicU8, AtomicU64, Ordering};
@@ -17,6 +16,7 @@ use std::time::SystemTime;
 use futures_util::task::AtomicWaker;
 
 use crate::backend::conn::from_epoch_ms;
+use crate::config::NodeId;
 
 /// What a session is doing (pgpool's process status).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

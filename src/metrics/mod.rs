@@ -11,7 +11,6 @@
 //!
 //! The HTTP endpoint (`/metrics`, `/healthz`) is in [`http`].
 
-use crate::config::NodeId;
 pub(crate) mod auth;
 pub(crate) mod http;
 mod slots;
@@ -27,6 +26,7 @@ use prometheus::{
 
 use crate::backend::Pool;
 use crate::cluster::{Cluster, Role};
+use crate::config::NodeId;
 use crate::router::cache::ClassifyCache;
 
 /// What a scrape reads besides the counters. The proxy's shared state

@@ -21,6 +21,7 @@
 
 use super::classify::{Access, Classification, TxControl};
 use super::normalize::Hint;
+
 use crate::config::NodeId;
 
 /// The setting is read from the configuration; the router only follows it.

@@ -5,7 +5,6 @@
 //! transaction defaults read. A standby that cannot serve the session is shunned for a while; the
 //! request is then routed again and reads go elsewhere.
 
-use crate::config::NodeId;
 use bytes::BytesMut;
 
 use super::link::Link;
@@ -14,7 +13,7 @@ use super::{SHUN, SHUN_REFUSED, Session, SessionError, state};
 use crate::backend::BackendError;
 use crate::backend::conn::Unnamed;
 use crate::backend::pool::AcquireSettings;
-use crate::config::PoolMode;
+use crate::config::{NodeId, PoolMode};
 
 impl Session {
     /// Open the session's connection to the current primary. During a

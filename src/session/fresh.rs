@@ -12,8 +12,7 @@
 use super::Session;
 use super::route::Step;
 use crate::cluster::ClusterSnapshot;
-use crate::config::ConsistencyMode;
-use crate::config::NodeId;
+use crate::config::{ConsistencyMode, NodeId};
 use crate::router::chooser;
 
 /// Per-session read-your-writes state.

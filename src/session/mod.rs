@@ -14,7 +14,6 @@
 //! ParameterStatus and ParseComplete from the servers. Everything else passes
 //! through as the bytes that arrived, batched per read.
 
-use crate::config::NodeId;
 mod catalog_io;
 mod clock;
 mod connect;
@@ -42,7 +41,7 @@ use tokio::net::TcpStream;
 use tokio::time::timeout;
 
 use crate::backend::conn::Unnamed;
-use crate::config::Config;
+use crate::config::{Config, NodeId};
 use crate::context::cancel::{CancelSlot, CancelTarget};
 use crate::context::registry::{self, SessionHandle};
 use crate::context::{ClientSlot, ProxyContext};

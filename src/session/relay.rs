@@ -13,7 +13,6 @@
 //! I/O before a request can be routed (connecting, replaying settings, catalog
 //! lookups, waiting for a primary) are awaited here, between turns.
 
-use crate::config::NodeId;
 use std::time::Duration;
 
 use std::future::Future;
@@ -25,6 +24,7 @@ use tokio_util::io::poll_read_buf;
 use super::route::Step;
 use super::{End, Session, SessionError};
 use crate::backend::BackendError;
+use crate::config::NodeId;
 use crate::net::ReadWatch;
 use crate::protocol::TxStatus;
 

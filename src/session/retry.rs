@@ -27,11 +27,11 @@
 //! has reached the client at that point (the refusal came before any row), and a statement that failed on a standby had no
 //! effect there.
 
-use crate::config::NodeId;
 use std::sync::Arc;
 
 use super::link::Link;
 use super::{Session, SessionError};
+use crate::config::NodeId;
 use crate::net::Outbox;
 use crate::protocol::frame::{ErrorFields, peek_frame};
 use crate::protocol::tag;

@@ -20,13 +20,12 @@
 //! primary) is returned as a [`Step`] for the relay loop to await; the request is
 //! then routed again from scratch.
 
-use crate::config::NodeId;
 use std::sync::Arc;
 
 use super::state::StmtSource;
 use super::statements::{Needs, mentions_execute};
 use super::{Session, SessionError};
-use crate::config::UnknownFunctions;
+use crate::config::{NodeId, UnknownFunctions};
 use crate::protocol::frame::{cstr, peek_frame};
 use crate::protocol::tag;
 use crate::router::chooser;

@@ -26,11 +26,11 @@
 //! again without a check (its rows are those of the new parse, as its
 //! description would have been).
 
-use crate::config::NodeId;
 use bytes::{BufMut, BytesMut};
 
 use super::link::PendingClose;
 use super::{Session, SessionError};
+use crate::config::NodeId;
 use crate::protocol::frame::cstr;
 use crate::protocol::shape::Shape;
 use crate::protocol::tag;

@@ -24,12 +24,12 @@
 //! So one client never runs another's statement, and named statements do not
 //! pin a session to its connection under transaction pooling.
 
-use crate::config::NodeId;
 use bytes::{Bytes, BytesMut};
 
 use super::state::{self, StmtSource};
 use super::{Session, SessionError};
 use crate::backend::conn::Unnamed;
+use crate::config::NodeId;
 use crate::protocol::shape::Shape;
 
 /// What a request needs of the connection it runs on, statement-wise.

@@ -12,8 +12,7 @@
 //! their own and close otherwise ([`super::statements`]); it needs no reset.
 
 use super::Session;
-use crate::config::NodeId;
-use crate::config::PoolMode;
+use crate::config::{NodeId, PoolMode};
 
 impl Session {
     /// In transaction pooling, give every server connection back if the

@@ -44,12 +44,13 @@
 //! primary *directly* can still write there (fence it at the network or with
 //! STONITH if that matters).
 
-use crate::config::NodeId;
 use std::time::{Instant, SystemTime};
 
 use super::super::error::{CommandError, StepError};
 use super::super::events::{Event, FailoverReport, Phase, TransitionKind, TransitionStatus};
 use super::{Admission, Hold, HoldKind, NodeStatus, Owner, PgStatus, Role};
+
+use crate::config::NodeId;
 
 impl Owner {
     /// Whether node `i` is held (and keep it out of service if so). A
