@@ -193,21 +193,66 @@ pub enum ClusterError {
     )]
     NoServerUser,
     /// An external command failed.
-    #[error("command `{cmd}` failed ({status}):\n{output}")]
-    Command {
-        /// The command line that was run.
-        cmd: String,
-        /// Its exit status, or why it could not run.
-        status: String,
-        /// Its stderr and stdout, plus the tail of the node's server log if relevant.
-        output: String,
-    },
+    #[error(transparent)]
+    Command(Box<CommandFailed>),
     /// Filesystem or process I/O failed.
     #[error("I/O error: {0}")]
     Io(#[from] io::Error),
     /// Something did not happen in time; the message says what (and shows logs).
     #[error("timed out: {0}")]
     Timeout(String),
+}
+
+/// An external command that failed, and what it said.
+#[derive(Debug, thiserror::Error)]
+#[error("command `{cmd}` failed ({outcome}):\n{stderr}{stdout}{}", LogTail::suffix(.server_log))]
+pub struct CommandFailed {
+    /// The command line that was run.
+    pub cmd: String,
+    /// Why it failed: it could not start, or it exited unsuccessfully.
+    pub outcome: CommandOutcome,
+    /// Its standard error.
+    pub stderr: String,
+    /// Its standard output.
+    pub stdout: String,
+    /// The tail of the node's server log, when the command was about a node.
+    pub server_log: Option<LogTail>,
+}
+
+/// How a failed external command ended.
+#[derive(Debug)]
+pub enum CommandOutcome {
+    /// It could not be started.
+    NotStarted(io::Error),
+    /// It ran and exited unsuccessfully (or was killed by a signal).
+    Exited(std::process::ExitStatus),
+}
+
+impl std::fmt::Display for CommandOutcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CommandOutcome::NotStarted(_) => f.write_str("could not be started"),
+            CommandOutcome::Exited(status) => status.fmt(f),
+        }
+    }
+}
+
+/// The last lines of a node's server log, attached to an error about it.
+#[derive(Debug)]
+pub struct LogTail {
+    /// The log file.
+    pub path: PathBuf,
+    /// Its last lines.
+    pub lines: String,
+}
+
+impl LogTail {
+    /// The text an error message ends with: the tail under a header, if any.
+    fn suffix(tail: &Option<LogTail>) -> String {
+        tail.as_ref().map_or_else(String::new, |t| {
+            format!("\n--- last lines of {} ---\n{}", t.path.display(), t.lines)
+        })
+    }
 }
 
 /// Picks a free TCP port on 127.0.0.1: drawn at random from 20000..32768 (below
@@ -614,13 +659,18 @@ impl LocalCluster {
 
     /// Appends the tail of `node`'s server log to a command or timeout error.
     fn with_log(&self, node: usize, mut err: ClusterError) -> ClusterError {
-        let tail = self.log_tail(node, 30);
-        if !tail.is_empty()
-            && let ClusterError::Command { output: text, .. } | ClusterError::Timeout(text) =
-                &mut err
-        {
-            let log = self.node(node).log_file().display().to_string();
-            text.push_str(&format!("\n--- last lines of {log} ---\n{tail}"));
+        let lines = self.log_tail(node, 30);
+        if lines.is_empty() {
+            return err;
+        }
+        let tail = LogTail {
+            path: self.node(node).log_file(),
+            lines,
+        };
+        match &mut err {
+            ClusterError::Command(failed) => failed.server_log = Some(tail),
+            ClusterError::Timeout(text) => text.push_str(&LogTail::suffix(&Some(tail))),
+            _ => {}
         }
         err
     }

@@ -155,6 +155,15 @@ pub(crate) fn savepoint_op(sql: &str) -> Option<SavepointOp> {
     None
 }
 
+/// A `SET pgpilot.min_lsn` whose value is not a WAL position (`X/Y`, hex), or
+/// whose form is not `SET pgpilot.min_lsn = <value>`: `text` is what is wrong.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid input syntax for type pg_lsn: \"{text}\"")]
+pub(crate) struct InvalidLsn {
+    /// The value, or the whole statement when its form is wrong.
+    pub(crate) text: String,
+}
+
 /// pgpilot's own session commands, answered by pgpilot (never sent to a node).
 /// Every one is about an LSN; the names follow the SQL they answer.
 #[allow(clippy::enum_variant_names)]
@@ -164,9 +173,9 @@ pub(crate) enum PgpilotCommand {
     ShowLastCommitLsn,
     /// `SHOW pgpilot.min_lsn`.
     ShowMinLsn,
-    /// `SET pgpilot.min_lsn = '<lsn>'`: reads must see this position. `Err` holds
-    /// the text that is not an LSN.
-    SetMinLsn(Result<u64, String>),
+    /// `SET pgpilot.min_lsn = '<lsn>'`: reads must see this position, or the
+    /// value (or statement) that is not one.
+    SetMinLsn(Result<u64, InvalidLsn>),
     /// `RESET pgpilot.min_lsn` / `SET pgpilot.min_lsn TO DEFAULT`.
     ResetMinLsn,
 }
@@ -200,7 +209,9 @@ pub(crate) fn pgpilot_command(sql: &str) -> Option<PgpilotCommand> {
     let assign = t[i + 3].is_some_and(|t| (t.kind == Kind::Op && t.text == "=") || t.is_word("to"));
     let value = t.get(i + 4).copied().flatten();
     if !assign || !ends_at(i + 5) {
-        return Some(PgpilotCommand::SetMinLsn(Err(sql.trim().to_string())));
+        return Some(PgpilotCommand::SetMinLsn(Err(InvalidLsn {
+            text: sql.trim().to_string(),
+        })));
     }
     let value = value?;
     if value.is_word("default") {
@@ -211,7 +222,9 @@ pub(crate) fn pgpilot_command(sql: &str) -> Option<PgpilotCommand> {
         _ => value.text,
     };
     Some(PgpilotCommand::SetMinLsn(
-        crate::protocol::lsn::parse_lsn(text).ok_or_else(|| text.to_string()),
+        crate::protocol::lsn::parse_lsn(text).ok_or_else(|| InvalidLsn {
+            text: text.to_string(),
+        }),
     ))
 }
 
@@ -293,7 +306,9 @@ mod tests {
         );
         assert_eq!(
             pgpilot_command("SET pgpilot.min_lsn = 'banana'"),
-            Some(SetMinLsn(Err("banana".into())))
+            Some(SetMinLsn(Err(InvalidLsn {
+                text: "banana".into()
+            })))
         );
         assert_eq!(pgpilot_command("RESET pgpilot.min_lsn"), Some(ResetMinLsn));
         assert_eq!(

@@ -153,9 +153,9 @@ impl Session {
                 self.fresh.min_lsn = *lsn;
                 Ok(Outcome::Done("SET"))
             }
-            LocalCommand::Session(PgpilotCommand::SetMinLsn(Err(text))) => Err(PgError::error(
+            LocalCommand::Session(PgpilotCommand::SetMinLsn(Err(e))) => Err(PgError::error(
                 INVALID_TEXT_REPRESENTATION,
-                format!("invalid input syntax for type pg_lsn: \"{text}\""),
+                e.to_string(),
             )
             .with_hint("write a WAL position as returned by SHOW pgpilot.last_commit_lsn, e.g. '0/16B3748'")),
             LocalCommand::Session(PgpilotCommand::ResetMinLsn) => {
