@@ -58,7 +58,7 @@ use super::events::Event;
 use super::hooks::{self, HookError, HookNodes};
 use super::promote::monitor_query;
 use super::replication::{format_lsn, parse_lsn};
-use super::state::HoldKind;
+use super::state_machine::HoldKind;
 use super::{Cluster, ClusterSnapshot, PgStatus, Role};
 use crate::config::{Config, FailoverMode, NodeId};
 

@@ -24,7 +24,7 @@ use tokio::sync::watch;
 
 use super::Cluster;
 use super::monitor_conn::MonitorConn;
-use super::state::Admission;
+use super::state_machine::Admission;
 use crate::config::{Backend, Config, Monitor, NodeId};
 
 /// Longest spacing between two session-triggered rounds of one node.

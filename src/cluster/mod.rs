@@ -25,11 +25,11 @@
 //!   re-points the other standbys ([`follow`]); the old primary is fenced.
 //!   [`switchover`] runs `PROMOTE NODE` (planned), and admin commands attach
 //!   and detach nodes. Why this never publishes two primaries is written
-//!   down in `state/transition.rs`.
+//!   down in `state_machine/transition.rs`.
 //!
 //! Sessions, the router, admin commands and metrics only read snapshots (an
 //! `Arc` load, no lock). The state machine itself (admission, false primaries,
-//! auto_failback, weights) lives in `state.rs` as plain functions over data, so
+//! auto_failback, weights) lives in `state_machine/mod.rs` as plain functions over data, so
 //! it is unit-tested without a network.
 
 pub(crate) mod error;
@@ -43,7 +43,7 @@ pub(crate) mod monitor_conn;
 pub(crate) mod promote;
 pub mod replication;
 pub(crate) mod slots;
-mod state;
+mod state_machine;
 pub(crate) mod switchover;
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -58,8 +58,8 @@ pub(crate) use error::{CommandError, StepError};
 pub(crate) use events::FailoverReport;
 pub(crate) use health::HealthStats;
 pub(crate) use lag::LagPolicy;
-pub(crate) use state::HoldKind;
-use state::{Admission, Owner};
+pub(crate) use state_machine::HoldKind;
+use state_machine::{Admission, Owner};
 
 /// pgpilot's own view of a node: does it get traffic?
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -451,7 +451,7 @@ impl Cluster {
         }
     }
 
-    // ---- steps of the failover coordinator (see `state/transition.rs`) ----
+    // ---- steps of the failover coordinator (see `state_machine/transition.rs`) ----
 
     /// The failover step that is due, if any.
     fn transition_due(&self, retry: Duration) -> Option<events::TransitionStatus> {

@@ -32,7 +32,7 @@ use tokio::sync::watch;
 
 use super::health::describe;
 use super::monitor_conn::MonitorConn;
-use super::state::Admission;
+use super::state_machine::Admission;
 use super::{Cluster, PgStatus};
 use crate::config::{Backend, Config};
 pub(crate) use crate::protocol::lsn::format_lsn;

@@ -119,7 +119,7 @@ pub(crate) fn start(
             "the failover in progress will promote node {target}"
         ));
     }
-    let adm = super::state::Admission::from(&*cfg);
+    let adm = super::state_machine::Admission::from(&*cfg);
     let (id, old) = cluster.update_with(|o| o.begin_switchover(target, &adm))?;
     tokio::spawn(async move {
         let _one_at_a_time = cluster.transition_lock.lock().await;

@@ -1,4 +1,4 @@
-//! Unit tests of the cluster state machine (`state.rs`).
+//! Unit tests of the cluster state machine (`state_machine/mod.rs`).
 
 use std::time::{Duration, Instant, SystemTime};
 

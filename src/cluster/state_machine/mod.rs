@@ -23,7 +23,7 @@
 //!   standby that could not follow a new primary) gets no traffic and is
 //!   never chosen as primary; `ATTACH NODE` lifts the hold.
 //! * While a failover or switchover is in progress no primary is published;
-//!   losing the chosen primary starts a failover (see `state/transition.rs`,
+//!   losing the chosen primary starts a failover (see `state_machine/transition.rs`,
 //!   which also holds the reasoning why writes never reach two primaries).
 
 use std::collections::VecDeque;
@@ -644,5 +644,4 @@ impl Owner {
 }
 
 #[cfg(test)]
-#[path = "state_tests.rs"]
 mod tests;

@@ -32,15 +32,11 @@ use super::normalize::split_statements;
 use super::relations::RelationName;
 use lexical::{fallback, lexical_sticky, may_read};
 
-#[path = "classify_ast.rs"]
 mod ast;
 #[cfg(test)]
-#[path = "classify_fuzz_tests.rs"]
 mod fuzz_tests;
-#[path = "classify_lexical.rs"]
 mod lexical;
 #[cfg(test)]
-#[path = "classify_tests.rs"]
 mod tests;
 
 /// Where a statement may run.

@@ -589,5 +589,4 @@ fn field_name(i: usize) -> &'static str {
 }
 
 #[cfg(test)]
-#[path = "hba_tests.rs"]
 mod tests;
