@@ -9,7 +9,7 @@ use bytes::BytesMut;
 
 use super::link::Link;
 use super::statements::Needs;
-use super::{SHUN, SHUN_REFUSED, Session, SessionError, state};
+use super::{SHUN, SHUN_REFUSED, Session, SessionError, client_view};
 use crate::backend::BackendError;
 use crate::backend::conn::Unnamed;
 use crate::backend::pool::AcquireSettings;
@@ -133,8 +133,8 @@ impl Session {
         let mut msgs = BytesMut::new();
         let mut rfqs = 0;
         let mut discards = false;
-        let replayed = !self.state.log_since(link.applied).is_empty();
-        for q in self.state.log_since(link.applied) {
+        let replayed = !self.client_view.log_since(link.applied).is_empty();
+        for q in self.client_view.log_since(link.applied) {
             msgs.extend_from_slice(q);
             rfqs += 1;
             discards |= crate::router::session_cmd::is_discard_all(
@@ -144,9 +144,9 @@ impl Session {
         let closes = std::mem::take(&mut link.pending_close);
         if !closes.is_empty() {
             for name in &closes {
-                state::close_statement_message(&mut msgs, name);
+                client_view::close_statement_message(&mut msgs, name);
             }
-            state::sync_message(&mut msgs);
+            client_view::sync_message(&mut msgs);
             rfqs += 1;
         }
         if rfqs > 0 {
@@ -155,7 +155,7 @@ impl Session {
             for name in &closes {
                 link.conn.held.closed(name);
             }
-            link.applied = self.state.log_end();
+            link.applied = self.client_view.log_end();
             if replayed {
                 // Settings are replayed as simple Queries, which drop the
                 // server's unnamed statement.
@@ -167,7 +167,7 @@ impl Session {
             }
             if let Some(e) = errors.first() {
                 tracing::warn!(%node, error = %e.message, "replaying the session's settings failed; the session stays on the primary");
-                self.state.overflowed = true;
+                self.client_view.overflowed = true;
             }
         }
         // 2. Statements the request uses.
@@ -192,8 +192,8 @@ impl Session {
                 tx_here
                     || self.dirty
                     || self.route.sticky_primary
-                    || self.state.overflowed
-                    || !self.state.pending_tx.is_empty()
+                    || self.client_view.overflowed
+                    || !self.client_view.pending_tx.is_empty()
             }
         }
     }
@@ -232,7 +232,7 @@ impl Session {
         };
         let limit = self.cfg.timeouts.reset;
         if let Some(link) = self.links[standby.index()].as_mut() {
-            let rollback = state::query_message(b"ROLLBACK");
+            let rollback = client_view::query_message(b"ROLLBACK");
             link.conn.exchange_discarding(&rollback, 1, limit).await?;
             link.unnamed = Unnamed::Absent;
         }

@@ -4,30 +4,30 @@
 //! A session holds at most one server connection per node ([`link`]): the
 //! primary's, opened at login, and a standby's, opened when the first read is
 //! routed there. [`route`] decides the node of each request and [`track`]
-//! records what sending it did; [`state`] keeps the settings and prepared
+//! records what sending it did; [`client_view`] keeps the settings and prepared
 //! statements every connection must share; [`relay`] is the loop. [`txpool`]
 //! gives connections back between transactions (transaction pooling), and
-//! [`detached`] lets an admin in while no primary can be reached.
+//! [`no_primary_login`] lets an admin in while no primary can be reached.
 //!
 //! The session decodes only what it must: frame boundaries, Query and Parse
 //! text, Bind/Close names from the client; ReadyForQuery, ErrorResponse,
 //! ParameterStatus and ParseComplete from the servers. Everything else passes
 //! through as the bytes that arrived, batched per read.
 
+mod answered_here;
 mod catalog_io;
+mod client_view;
 mod clock;
 mod connect;
-mod detached;
-mod fresh;
 pub(crate) mod handshake;
 mod link;
-mod local;
+mod no_primary_login;
+mod read_your_writes;
 mod relay;
 mod retry;
 mod route;
 mod shape_check;
 mod sql_prepare;
-mod state;
 mod statements;
 mod track;
 mod txpool;
@@ -54,9 +54,9 @@ use crate::protocol::startup::StartupMessage;
 use crate::protocol::{CancelKey, TxStatus};
 use crate::router::classify::Classification;
 use crate::router::policy::{Policy, RouteState};
+use client_view::ClientView;
 use handshake::Opening;
 use link::{Done, Link};
-use state::SessionState;
 
 /// Why a session ended abnormally; defined beside its SQLSTATE mapping.
 pub(crate) use crate::error::SessionError;
@@ -229,7 +229,7 @@ struct Session {
     /// Where the extended-protocol batch being forwarded goes (until its Sync).
     batch: Option<route::Target>,
     /// Settings and prepared statements shared by every connection of the session.
-    state: SessionState,
+    client_view: ClientView,
     /// Routing state: the session's standby, sticky/forced primary, transaction node.
     route: RouteState,
     /// Inside a transaction block, as predicted from what was sent and corrected
@@ -287,16 +287,16 @@ struct Session {
     /// This session in `ctx.sessions` (SHOW POOL_PROCESSES); unregisters on drop.
     registration: SessionHandle,
     /// Admin statements prepared through the extended protocol.
-    local: local::LocalStatements,
+    answered_here: answered_here::LocalStatements,
     /// Read-your-writes state: what the session's reads must see.
-    fresh: fresh::Freshness,
+    read_your_writes: read_your_writes::ReadYourWrites,
     /// The open transaction was begun on a standby by this Query and has run
     /// nothing else: a `SET TRANSACTION` only the primary can take moves it
     /// there ([`route::Step::MoveTxToPrimary`]).
     fresh_tx_begin: Option<bytes::Bytes>,
     /// Logged in without a server connection (an admin user while no primary
     /// could be reached): the session may hold none until a request needs one.
-    detached: bool,
+    no_primary_login: bool,
     /// Databases whose connections the pool closes rather than keeps until
     /// the statement sent for them (`DROP DATABASE` …) is answered.
     retiring: Vec<String>,
@@ -366,7 +366,7 @@ impl Session {
             server_reads: (0..nodes).map(|_| Default::default()).collect(),
             active: NodeId::new(0),
             batch: None,
-            state: SessionState::default(),
+            client_view: ClientView::default(),
             route: RouteState::default(),
             in_tx: false,
             tx_uncertain: false,
@@ -389,10 +389,10 @@ impl Session {
             done: Vec::with_capacity(8),
             dirty: false,
             registration,
-            local: local::LocalStatements::default(),
-            fresh: fresh::Freshness::default(),
+            answered_here: answered_here::LocalStatements::default(),
+            read_your_writes: read_your_writes::ReadYourWrites::default(),
             fresh_tx_begin: None,
-            detached: false,
+            no_primary_login: false,
             retiring: Vec::new(),
             _slot: slot,
         }
@@ -527,11 +527,11 @@ impl Session {
                     }
                     if tx_link && status == TxStatus::Idle {
                         self.catalog_settled();
-                        self.state.pending_tx.clear();
+                        self.client_view.pending_tx.clear();
                         self.tx_aborted = false;
                     }
                     if status == TxStatus::Idle
-                        && self.fresh.write_pending
+                        && self.read_your_writes.write_pending
                         && Some(node) == self.ctx.cluster.snapshot().primary
                     {
                         self.writes_acknowledged();
@@ -554,9 +554,9 @@ impl Session {
                         // (with none waiting, there is nothing to route).
                         self.recheck |= !self.cbuf.is_empty();
                         self.registration.set_state(match status {
-                            TxStatus::Idle => registry::SessionState::Idle,
-                            TxStatus::InTransaction => registry::SessionState::IdleInTransaction,
-                            TxStatus::Failed => registry::SessionState::FailedTransaction,
+                            TxStatus::Idle => registry::SessionActivity::Idle,
+                            TxStatus::InTransaction => registry::SessionActivity::IdleInTransaction,
+                            TxStatus::Failed => registry::SessionActivity::FailedTransaction,
                         });
                     }
                 }
@@ -572,18 +572,18 @@ impl Session {
         if let Some(l) = self.links[node.index()].as_mut() {
             l.statements.remove(name);
         }
-        if let Some(state::Stmt {
-            source: state::StmtSource::Parse(_),
+        if let Some(client_view::Stmt {
+            source: client_view::StmtSource::Parse(_),
             ..
-        }) = self.state.stmts.get(name)
+        }) = self.client_view.stmts.get(name)
         {
-            self.state.stmts.remove(name);
+            self.client_view.stmts.remove(name);
         }
     }
 
     /// A request's effects, confirmed by the server.
     #[inline(never)]
-    fn apply_effects(&mut self, node: NodeId, e: state::Effects) {
+    fn apply_effects(&mut self, node: NodeId, e: client_view::Effects) {
         use crate::router::classify::TxControl;
         let c = &e.class;
         if let Some(ro) = c.sets_read_only_default {
@@ -598,12 +598,16 @@ impl Session {
             inner.prepare = None;
             inner.session_state = false;
             let name = name.as_bytes().to_vec();
-            self.state.stmts.insert(
+            self.client_view.stmts.insert(
                 name.clone(),
-                state::Stmt::new(state::StmtSource::Sql(q.clone()), Arc::new(inner), None),
+                client_view::Stmt::new(
+                    client_view::StmtSource::Sql(q.clone()),
+                    Arc::new(inner),
+                    None,
+                ),
             );
-            if !self.state.sql_names.contains(&name) {
-                self.state.sql_names.push(name.clone());
+            if !self.client_view.sql_names.contains(&name) {
+                self.client_view.sql_names.push(name.clone());
             }
             if let Some(l) = self.links[node.index()].as_mut() {
                 l.statements.insert(name);
@@ -618,7 +622,7 @@ impl Session {
             self.forget_all_statements(node);
         }
         if let Some(op) = &e.savepoint {
-            self.state.savepoint(op);
+            self.client_view.savepoint(op);
             if matches!(op, crate::router::session_cmd::SavepointOp::RollbackTo(_)) {
                 self.tx_aborted = false;
             }
@@ -626,26 +630,28 @@ impl Session {
         let mut logged = Vec::new();
         if let Some(q) = e.replay {
             if e.in_tx_block {
-                self.state.pending_tx.push(state::Pending::Setting(q));
+                self.client_view
+                    .pending_tx
+                    .push(client_view::Pending::Setting(q));
             } else {
                 logged.push(q);
             }
         }
         if matches!(c.tx, Some(TxControl::Commit)) {
-            logged.append(&mut self.state.take_committed());
+            logged.append(&mut self.client_view.take_committed());
         }
         for q in logged {
             let was_current = self.links[node.index()]
                 .as_ref()
-                .is_some_and(|l| l.applied == self.state.log_end());
+                .is_some_and(|l| l.applied == self.client_view.log_end());
             let text = std::str::from_utf8(route::query_sql(&q)).unwrap_or("");
             let resets = crate::router::session_cmd::resets_all(text);
-            self.state.log_setting(q, resets);
+            self.client_view.log_setting(q, resets);
             if was_current && let Some(l) = self.links[node.index()].as_mut() {
-                l.applied = self.state.log_end();
+                l.applied = self.client_view.log_end();
             }
         }
-        if self.state.overflowed {
+        if self.client_view.overflowed {
             self.route.sticky_primary = true;
         }
     }

@@ -282,7 +282,7 @@ impl Session {
         // on another runtime thread, and that read must find the count
         // raised (the ordering argument is in `crate::consistency`).
         if chunk.tells_commit
-            && self.fresh.write_pending
+            && self.read_your_writes.write_pending
             && self.ctx.cluster.snapshot().primary == Some(node)
         {
             self.ctx.lsns.write_acknowledged();

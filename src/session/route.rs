@@ -22,7 +22,7 @@
 
 use std::sync::Arc;
 
-use super::state::StmtSource;
+use super::client_view::StmtSource;
 use super::statements::{Needs, mentions_execute};
 use super::{Session, SessionError};
 use crate::config::{NodeId, UnknownFunctions};
@@ -216,18 +216,18 @@ impl Session {
                             Ok(n) => n,
                             Err(step) => return Ok(step),
                         },
-                        Some(super::local::AbortedTx::Refuse) => {
+                        Some(super::answered_here::AbortedTx::Refuse) => {
                             self.refuse_in_aborted_tx(true)?;
                             *pos += f.wire_len;
                             continue;
                         }
-                        Some(super::local::AbortedTx::RollBack) => {
+                        Some(super::answered_here::AbortedTx::RollBack) => {
                             // The client's COMMIT ends an aborted transaction:
                             // the primary gets ROLLBACK (answered "ROLLBACK").
                             let node = self.route.tx_node.unwrap_or(self.active);
                             self.flush_span(buf, *span, *pos)?;
                             *span = None;
-                            let rollback = super::state::query_message(b"ROLLBACK");
+                            let rollback = super::client_view::query_message(b"ROLLBACK");
                             self.track_simple(node, tag::QUERY, &rollback)?;
                             self.set_active(node);
                             self.link_mut(node)?.send(&rollback)?;
@@ -237,7 +237,7 @@ impl Session {
                     }
                 }
                 tag::QUERY if self.batch.is_none() => {
-                    if let Some(cmd) = super::local::parse_local(query_sql(frame)) {
+                    if let Some(cmd) = super::answered_here::parse_local(query_sql(frame)) {
                         if self.links.iter().flatten().any(|l| l.busy()) {
                             return Ok(Step::Blocked);
                         }
@@ -327,7 +327,7 @@ impl Session {
                         *pos += f.wire_len;
                         continue;
                     };
-                    if self.state.any_broken && self.uses_broken(f.tag, frame) {
+                    if self.client_view.any_broken && self.uses_broken(f.tag, frame) {
                         self.fail_broken_use(node, buf, *pos, span)?;
                         *pos += f.wire_len;
                         continue;
@@ -374,7 +374,7 @@ impl Session {
         let mut force_write = false;
         let mut hint = hint;
         if let Some(name) = &class.execute {
-            match self.state.stmts.get(name.as_bytes()) {
+            match self.client_view.stmts.get(name.as_bytes()) {
                 Some(st) => {
                     force_write = st.class.access == Access::Write;
                     hint = hint.or(st.hint);
@@ -439,7 +439,7 @@ impl Session {
                     parsed.push_back((class.clone(), h));
                     classes.push(class);
                     if !name.is_empty()
-                        && !self.state.stmts.contains_key(name)
+                        && !self.client_view.stmts.contains_key(name)
                         && !defined.contains(&name)
                     {
                         // Another session's statement of that name may be on
@@ -451,7 +451,7 @@ impl Session {
                 tag::BIND | tag::DESCRIBE => {
                     let name = used_statement(f.tag, body);
                     if let Some(name) = name.filter(|n| !defined.contains(n)) {
-                        match self.state.stmts.get(name) {
+                        match self.client_view.stmts.get(name) {
                             Some(st) => {
                                 if f.tag == tag::BIND {
                                     classes.push(st.class.clone());
@@ -519,7 +519,7 @@ impl Session {
     fn batch_ends_aborted_tx(&self, t: u8, body: &[u8]) -> bool {
         let query: &[u8] = match t {
             tag::PARSE => parse_fields(body).1,
-            tag::BIND => match self.state.stmts.get(bind_statement(body)) {
+            tag::BIND => match self.client_view.stmts.get(bind_statement(body)) {
                 Some(st) => match &st.source {
                     StmtSource::Parse(f) => parse_fields(&f[5..]).1,
                     StmtSource::Sql(_) => return false,
@@ -584,7 +584,7 @@ impl Session {
         let snapshot = self.ctx.cluster.snapshot();
         self.refresh_standby(&snapshot);
         let mut route = self.route.clone();
-        route.sticky_primary |= self.state.overflowed;
+        route.sticky_primary |= self.client_view.overflowed;
         if std::mem::take(&mut self.avoid_standby_once) {
             route.standby = None;
         }
@@ -699,7 +699,7 @@ impl Session {
         let Some(link) = &self.links[node.index()] else {
             return Err(prepare());
         };
-        let stale = link.applied < self.state.log_end()
+        let stale = link.applied < self.client_view.log_end()
             || !link.pending_close.is_empty()
             || self.statements_stale(node, needs)
             || (node != self.active && !busy_here && !link.conn.is_healthy_idle());

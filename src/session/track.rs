@@ -4,8 +4,8 @@
 //! completes, and per-node statement counts. [`super::route`] decides where a
 //! request goes; this module remembers what sending it did.
 
+use super::client_view::{ClientView, StmtSource};
 use super::route::{bind_statement, function_call_class, parse_fields, query_sql};
-use super::state::{SessionState, StmtSource};
 use super::{Session, SessionError};
 use crate::backend::conn::Unnamed;
 use crate::config::NodeId;
@@ -21,7 +21,8 @@ impl Session {
     /// The record is shared, not copied, so its address identifies it (and
     /// cannot be reused while the connection still refers to it).
     pub(super) fn recognise_unnamed(&mut self, node: NodeId) {
-        let Some(StmtSource::Parse(own)) = self.state.stmts.get(&b""[..]).map(|s| &s.source) else {
+        let Some(StmtSource::Parse(own)) = self.client_view.stmts.get(&b""[..]).map(|s| &s.source)
+        else {
             return;
         };
         if let Some(l) = self.links[node.index()].as_mut()
@@ -47,7 +48,7 @@ impl Session {
             self.free_databases(query_sql(frame));
         }
         let effects = if t == tag::QUERY {
-            SessionState::effects_for(&class, query_sql(frame), Some(frame), self.in_tx)
+            ClientView::effects_for(&class, query_sql(frame), Some(frame), self.in_tx)
         } else {
             self.dirty = true;
             None
@@ -126,7 +127,7 @@ impl Session {
                     let name = bind_statement(body);
                     match parsed.iter().rev().find(|(n, _)| *n == name) {
                         Some((_, q)) => Some(*q),
-                        None => match self.state.stmts.get(name).map(|s| &s.source) {
+                        None => match self.client_view.stmts.get(name).map(|s| &s.source) {
                             Some(StmtSource::Parse(f)) => Some(parse_fields(&f[5..]).1),
                             _ => None,
                         },
@@ -178,8 +179,8 @@ impl Session {
                 // before any setting changed (see backend::statements).
                 let shareable = !self.dirty;
                 let frame = source.clone();
-                let stmt = super::state::Stmt::new(StmtSource::Parse(source), class, hint);
-                self.state.stmts.insert(name.to_vec(), stmt);
+                let stmt = super::client_view::Stmt::new(StmtSource::Parse(source), class, hint);
+                self.client_view.stmts.insert(name.to_vec(), stmt);
                 let link = self.link_mut(node)?;
                 link.statements.insert(name.to_vec());
                 let request = link.sent + 1;
@@ -193,12 +194,12 @@ impl Session {
             }
             tag::BIND => {
                 let name = bind_statement(body);
-                if let Some(st) = self.state.stmts.get(name) {
+                if let Some(st) = self.client_view.stmts.get(name) {
                     let class = st.class.clone();
                     let effects = match &st.source {
                         StmtSource::Parse(f) => {
                             let (_, query) = parse_fields(&f[5..]);
-                            SessionState::effects_for(&class, query, None, self.in_tx)
+                            ClientView::effects_for(&class, query, None, self.in_tx)
                         }
                         StmtSource::Sql(_) => None,
                     };
@@ -227,7 +228,7 @@ impl Session {
                     self.note_sent(node, &class);
                     if let Some(parse) = begin {
                         self.note_fresh_begin(node, &class, || {
-                            super::state::query_message(parse_fields(&parse[5..]).1)
+                            super::client_view::query_message(parse_fields(&parse[5..]).1)
                         });
                     }
                 }
@@ -237,7 +238,7 @@ impl Session {
                     Some((b'S', rest)) => {
                         let name = cstr(rest).map(|(n, _)| n).unwrap_or_default();
                         self.forget_statement(node, name);
-                        self.local.stmts.remove(name);
+                        self.answered_here.stmts.remove(name);
                         Some(name.to_vec())
                     }
                     _ => None,
@@ -338,7 +339,7 @@ impl Session {
             "write"
         };
         self.ctx.metrics.statement_routed(node, kind);
-        if SessionState::pins_primary(class) {
+        if ClientView::pins_primary(class) {
             self.route.sticky_primary = true;
         }
         self.dirty |= class.session_state
@@ -366,18 +367,18 @@ impl Session {
             self.route.tx_wrote = true;
         }
         if class.access == Access::Write {
-            self.fresh.write_pending = true;
+            self.read_your_writes.write_pending = true;
         }
         self.registration
-            .set_state(crate::context::registry::SessionState::Active);
+            .set_state(crate::context::registry::SessionActivity::Active);
     }
 
     /// The client closed statement `name` (or DEALLOCATE'd it) on `node`: forget
     /// it, and close it later on the other connections that have it.
     pub(super) fn forget_statement(&mut self, node: NodeId, name: &[u8]) {
-        self.state.stmts.remove(name);
-        if !self.state.sql_names.is_empty() {
-            self.state.sql_names.retain(|n| n != name);
+        self.client_view.stmts.remove(name);
+        if !self.client_view.sql_names.is_empty() {
+            self.client_view.sql_names.retain(|n| n != name);
         }
         if name.is_empty()
             && let Some(l) = self.links[node.index()].as_mut()
@@ -397,8 +398,8 @@ impl Session {
 
     /// DEALLOCATE ALL / DISCARD ALL ran on `node`: every statement is gone there.
     pub(super) fn forget_all_statements(&mut self, node: NodeId) {
-        self.state.stmts.clear();
-        self.state.sql_names.clear();
+        self.client_view.stmts.clear();
+        self.client_view.sql_names.clear();
         if let Some(l) = self.links[node.index()].as_mut() {
             l.conn.held.clear();
         }

@@ -144,13 +144,13 @@ impl Session {
             }
             LocalCommand::Session(PgpilotCommand::ShowLastCommitLsn) => Ok(one(
                 "last_commit_lsn",
-                format_lsn(self.fresh.last_commit_lsn),
+                format_lsn(self.read_your_writes.last_commit_lsn),
             )),
             LocalCommand::Session(PgpilotCommand::ShowMinLsn) => {
-                Ok(one("min_lsn", format_lsn(self.fresh.min_lsn)))
+                Ok(one("min_lsn", format_lsn(self.read_your_writes.min_lsn)))
             }
             LocalCommand::Session(PgpilotCommand::SetMinLsn(Ok(lsn))) => {
-                self.fresh.min_lsn = *lsn;
+                self.read_your_writes.min_lsn = *lsn;
                 Ok(Outcome::Done("SET"))
             }
             LocalCommand::Session(PgpilotCommand::SetMinLsn(Err(e))) => Err(PgError::error(
@@ -159,7 +159,7 @@ impl Session {
             )
             .with_hint("write a WAL position as returned by SHOW pgpilot.last_commit_lsn, e.g. '0/16B3748'")),
             LocalCommand::Session(PgpilotCommand::ResetMinLsn) => {
-                self.fresh.min_lsn = 0;
+                self.read_your_writes.min_lsn = 0;
                 Ok(Outcome::Done("RESET"))
             }
         }
@@ -241,7 +241,7 @@ impl Session {
             messages::ready_for_query(&mut out, self.client_status());
         } else {
             self.batch = Some(super::route::Target::Local);
-            self.local.failed = true;
+            self.answered_here.failed = true;
         }
         self.send_local(&out)
     }
@@ -250,7 +250,7 @@ impl Session {
     #[cold]
     #[inline(never)]
     pub(super) fn start_refused_batch(&mut self) -> Result<(), SessionError> {
-        self.local.failed = true;
+        self.answered_here.failed = true;
         self.refuse_in_aborted_tx(false)
     }
 
@@ -293,12 +293,12 @@ impl Session {
             tag::BIND => {
                 let rest = cstr(body).map(|(_, r)| r).unwrap_or_default();
                 let stmt = cstr(rest).map(|(s, _)| s).unwrap_or_default();
-                self.local.stmts.contains_key(stmt)
+                self.answered_here.stmts.contains_key(stmt)
             }
             tag::DESCRIBE => match body.split_first() {
                 Some((b'S', rest)) => {
                     let name = cstr(rest).map(|(n, _)| n).unwrap_or_default();
-                    self.local.stmts.contains_key(name)
+                    self.answered_here.stmts.contains_key(name)
                 }
                 _ => false,
             },
@@ -313,13 +313,13 @@ impl Session {
         let body = &frame[5..];
         let mut out = BytesMut::new();
         if t == tag::SYNC {
-            self.local.portals.clear();
-            self.local.failed = false;
+            self.answered_here.portals.clear();
+            self.answered_here.failed = false;
             self.batch = None;
             messages::ready_for_query(&mut out, self.client_status());
             return self.send_local(&out);
         }
-        if self.local.failed {
+        if self.answered_here.failed {
             return Ok(());
         }
         let result = match t {
@@ -328,7 +328,7 @@ impl Session {
                 let query = cstr(rest).map(|(q, _)| q).unwrap_or_default();
                 match parse_local(query) {
                     Some(cmd) => {
-                        self.local.stmts.insert(name.to_vec(), cmd);
+                        self.answered_here.stmts.insert(name.to_vec(), cmd);
                         messages::empty_message(&mut out, b'1');
                         Ok(())
                     }
@@ -338,9 +338,9 @@ impl Session {
             tag::BIND => {
                 let (portal, rest) = cstr(body).unwrap_or_default();
                 let stmt = cstr(rest).map(|(s, _)| s).unwrap_or_default();
-                match self.local.stmts.get(stmt).cloned() {
+                match self.answered_here.stmts.get(stmt).cloned() {
                     Some(cmd) => {
-                        self.local.portals.insert(portal.to_vec(), cmd);
+                        self.answered_here.portals.insert(portal.to_vec(), cmd);
                         messages::empty_message(&mut out, b'2');
                         Ok(())
                     }
@@ -351,8 +351,8 @@ impl Session {
                 let (kind, rest) = body.split_first().unwrap_or((&0, &[]));
                 let name = cstr(rest).map(|(n, _)| n).unwrap_or_default();
                 let cmd = match kind {
-                    b'S' => self.local.stmts.get(name).cloned(),
-                    _ => self.local.portals.get(name).cloned(),
+                    b'S' => self.answered_here.stmts.get(name).cloned(),
+                    _ => self.answered_here.portals.get(name).cloned(),
                 };
                 let described = match &cmd {
                     // Describing a SET must not run it.
@@ -381,7 +381,7 @@ impl Session {
             }
             tag::EXECUTE => {
                 let name = cstr(body).map(|(n, _)| n).unwrap_or_default();
-                let cmd = self.local.portals.get(name).cloned();
+                let cmd = self.answered_here.portals.get(name).cloned();
                 match cmd.map(|c| self.run_local(&c)) {
                     Some(Ok(Outcome::Rows(rs))) => {
                         rs.encode_rows_and_complete(&mut out);
@@ -399,9 +399,9 @@ impl Session {
                 let (kind, rest) = body.split_first().unwrap_or((&0, &[]));
                 let name = cstr(rest).map(|(n, _)| n).unwrap_or_default();
                 if *kind == b'S' {
-                    self.local.stmts.remove(name);
+                    self.answered_here.stmts.remove(name);
                 } else {
-                    self.local.portals.remove(name);
+                    self.answered_here.portals.remove(name);
                 }
                 messages::empty_message(&mut out, b'3');
                 Ok(())
@@ -410,7 +410,7 @@ impl Session {
             _ => Ok(()),
         };
         if let Err(e) = result {
-            self.local.failed = true;
+            self.answered_here.failed = true;
             e.encode(&mut out);
         }
         self.send_local(&out)
