@@ -176,11 +176,11 @@ impl Session {
     }
 
     fn client_status(&self) -> TxStatus {
-        if self.tx_aborted {
+        if self.tx.client_aborted() {
             return TxStatus::Failed;
         }
         match self.links[self.active.index()].as_ref() {
-            Some(l) if self.in_tx => l.conn.status,
+            Some(l) if self.tx.in_block() => l.conn.status,
             _ => TxStatus::Idle,
         }
     }

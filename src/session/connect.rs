@@ -89,7 +89,8 @@ impl Session {
         needs: Needs,
     ) -> Result<(), SessionError> {
         let primary = self.ctx.cluster.snapshot().primary;
-        let must_use = Some(node) == primary || (self.in_tx && self.route.tx_node == Some(node));
+        let must_use =
+            Some(node) == primary || (self.tx.in_block() && self.route.tx_node == Some(node));
         let fresh = match &self.links[node.index()] {
             Some(l) => !l.busy() && node != self.active && !l.conn.is_healthy_idle(),
             None => true,
@@ -185,7 +186,8 @@ impl Session {
     /// session with no session state outside a transaction has nothing to
     /// lose.
     fn lost_link_ends_session(&self, node: NodeId, primary: Option<NodeId>) -> bool {
-        let tx_here = (self.in_tx || self.tx_aborted) && self.route.tx_node == Some(node);
+        let tx_here =
+            (self.tx.in_block() || self.tx.client_aborted()) && self.route.tx_node == Some(node);
         match self.cfg.pool.mode {
             PoolMode::Session => tx_here || primary == Some(node),
             PoolMode::Transaction => {

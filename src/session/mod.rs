@@ -30,6 +30,7 @@ mod shape_check;
 mod sql_prepare;
 mod statements;
 mod track;
+mod tx_state;
 mod txpool;
 mod unlogged;
 
@@ -232,15 +233,10 @@ struct Session {
     client_view: ClientView,
     /// Routing state: the session's standby, sticky/forced primary, transaction node.
     route: RouteState,
-    /// Inside a transaction block, as predicted from what was sent and corrected
-    /// by every ReadyForQuery of the transaction's node.
-    in_tx: bool,
-    /// The prediction is unreliable until in-flight requests are answered.
-    tx_uncertain: bool,
-    /// pgpool mode: a read balanced off the transaction's node failed, so the
-    /// client's transaction is aborted although the primary's is not: pgpilot
-    /// refuses statements (25P02) until ROLLBACK, and turns COMMIT into ROLLBACK.
-    tx_aborted: bool,
+    /// The client's transaction: the block as predicted from what was sent and
+    /// corrected by the transaction node's ReadyForQuery, pgpilot's abort of
+    /// it in pgpool mode, and whether the prediction is certain ([`tx_state`]).
+    tx: tx_state::Tx,
     /// Classification of the request just routed (reused when it is sent).
     pending_class: Option<Arc<Classification>>,
     /// Classifications of the Parses of the batch just routed, in order (reused
@@ -368,9 +364,7 @@ impl Session {
             batch: None,
             client_view: ClientView::default(),
             route: RouteState::default(),
-            in_tx: false,
-            tx_uncertain: false,
-            tx_aborted: false,
+            tx: tx_state::Tx::default(),
             pending_class: None,
             parsed_ahead: std::collections::VecDeque::new(),
             memo: Default::default(),
@@ -520,15 +514,15 @@ impl Session {
                     failed,
                 } => {
                     let tx_link = self.route.tx_node.is_none_or(|t| t == node);
-                    if failed && !tx_link && self.in_tx {
+                    if failed && !tx_link && self.tx.in_block() {
                         // A read balanced off the transaction's node failed: in
                         // PostgreSQL the transaction would now be aborted.
-                        self.tx_aborted = true;
+                        self.tx.abort_client();
                     }
                     if tx_link && status == TxStatus::Idle {
                         self.catalog_settled();
                         self.client_view.pending_tx.clear();
-                        self.tx_aborted = false;
+                        self.tx.clear_abort();
                     }
                     if status == TxStatus::Idle
                         && self.read_your_writes.write_pending
@@ -543,13 +537,13 @@ impl Session {
                             self.end_retiring();
                         }
                         if tx_link {
-                            self.in_tx = status != TxStatus::Idle;
-                            self.route.tx_node = self.in_tx.then_some(node);
-                            if !self.in_tx {
+                            self.tx.correct(status != TxStatus::Idle);
+                            self.route.tx_node = self.tx.in_block().then_some(node);
+                            if !self.tx.in_block() {
                                 self.route.tx_wrote = false;
                             }
                         }
-                        self.tx_uncertain = false;
+                        self.tx.uncertain = false;
                         // Requests held back while the node was busy can go now
                         // (with none waiting, there is nothing to route).
                         self.recheck |= !self.cbuf.is_empty();
@@ -624,7 +618,7 @@ impl Session {
         if let Some(op) = &e.savepoint {
             self.client_view.savepoint(op);
             if matches!(op, crate::router::session_cmd::SavepointOp::RollbackTo(_)) {
-                self.tx_aborted = false;
+                self.tx.clear_abort();
             }
         }
         let mut logged = Vec::new();

@@ -207,7 +207,7 @@ impl Session {
                     self.link_mut(node)?.copy_in = false;
                     node
                 }
-                tag::QUERY if self.batch.is_none() && self.tx_aborted => {
+                tag::QUERY if self.batch.is_none() && self.tx.client_aborted() => {
                     if self.links.iter().flatten().any(|l| l.busy()) {
                         return Ok(Step::Blocked);
                     }
@@ -285,7 +285,7 @@ impl Session {
                 | tag::SYNC => {
                     let target = match self.batch {
                         Some(t) => t,
-                        None if self.tx_aborted
+                        None if self.tx.client_aborted()
                             && !self.batch_ends_aborted_tx(f.tag, &frame[5..]) =>
                         {
                             if self.links.iter().flatten().any(|l| l.busy()) {
@@ -493,7 +493,7 @@ impl Session {
                 let node = self
                     .route
                     .tx_node
-                    .filter(|_| self.in_tx)
+                    .filter(|_| self.tx.in_block())
                     .unwrap_or(self.active);
                 return Ok(self.check_ready(node, &needs).map(|()| node));
             }
@@ -593,7 +593,7 @@ impl Session {
             &route,
             class,
             hint,
-            self.in_tx,
+            self.tx.in_block(),
             snapshot.primary,
         ) {
             Decision::Node(n) => n,
@@ -603,12 +603,12 @@ impl Session {
             %node,
             access = ?class.access,
             tx = ?class.tx,
-            in_tx = self.in_tx,
+            in_tx = self.tx.in_block(),
             standby = ?route.standby,
             "routed"
         );
         self.check_ready(node, needs)?;
-        let in_tx_here = self.in_tx && self.route.tx_node == Some(node);
+        let in_tx_here = self.tx.in_block() && self.route.tx_node == Some(node);
         if Some(node) != snapshot.primary && !self.defaults_probed {
             return Err(Step::ProbeDefaults);
         }
@@ -643,7 +643,7 @@ impl Session {
         {
             return;
         }
-        if self.route.tx_node.is_some() && self.in_tx {
+        if self.route.tx_node.is_some() && self.tx.in_block() {
             return;
         }
         let first_pick = !self.standby_picked;
@@ -683,7 +683,7 @@ impl Session {
             .enumerate()
             .any(|(i, l)| i != node.index() && l.as_ref().is_some_and(|l| l.busy()));
         let busy_here = self.links[node.index()].as_ref().is_some_and(|l| l.busy());
-        if others_busy || (self.tx_uncertain && busy_here) {
+        if others_busy || (self.tx.uncertain && busy_here) {
             return Err(Step::Blocked);
         }
         let prepare = || Step::Prepare {

@@ -48,7 +48,7 @@ impl Session {
             self.free_databases(query_sql(frame));
         }
         let effects = if t == tag::QUERY {
-            ClientView::effects_for(&class, query_sql(frame), Some(frame), self.in_tx)
+            ClientView::effects_for(&class, query_sql(frame), Some(frame), self.tx.in_block())
         } else {
             self.dirty = true;
             None
@@ -87,7 +87,7 @@ impl Session {
     ) {
         if matches!(class.tx, Some(TxControl::Begin { .. }))
             && class.statements == 1
-            && self.in_tx
+            && self.tx.in_block()
             && self.route.tx_node == Some(node)
             && self.ctx.cluster.snapshot().primary != Some(node)
         {
@@ -100,7 +100,7 @@ impl Session {
     /// on the primary would accept it, so the transaction moves there.
     pub(super) fn moves_fresh_tx(&self, frame: &[u8]) -> bool {
         self.fresh_tx_begin.is_some()
-            && self.in_tx
+            && self.tx.in_block()
             && std::str::from_utf8(query_sql(frame))
                 .is_ok_and(crate::router::session_cmd::tx_mode_needs_primary)
     }
@@ -110,7 +110,7 @@ impl Session {
     /// in the batch or before).
     #[inline(never)]
     pub(super) fn batch_moves_fresh_tx(&self, rest: &[u8]) -> bool {
-        if self.fresh_tx_begin.is_none() || !self.in_tx {
+        if self.fresh_tx_begin.is_none() || !self.tx.in_block() {
             return false;
         }
         let max = self.cfg.max_message_size;
@@ -199,7 +199,7 @@ impl Session {
                     let effects = match &st.source {
                         StmtSource::Parse(f) => {
                             let (_, query) = parse_fields(&f[5..]);
-                            ClientView::effects_for(&class, query, None, self.in_tx)
+                            ClientView::effects_for(&class, query, None, self.tx.in_block())
                         }
                         StmtSource::Sql(_) => None,
                     };
@@ -347,13 +347,13 @@ impl Session {
             || class.prepare.is_some()
             || class.parse_failed;
         match class.tx {
-            Some(TxControl::Begin { .. }) if !self.in_tx => {
-                self.in_tx = true;
+            Some(TxControl::Begin { .. }) if !self.tx.in_block() => {
+                self.tx.begin();
                 self.route.tx_node = Some(node);
                 self.route.tx_wrote = false;
             }
             Some(TxControl::Commit | TxControl::Rollback | TxControl::PrepareTransaction) => {
-                self.in_tx = false;
+                self.tx.end_sent();
                 self.route.tx_node = None;
                 self.route.tx_wrote = false;
             }
@@ -361,9 +361,9 @@ impl Session {
         }
         if class.tx.is_some() && class.statements > 1 {
             // "COMMIT; BEGIN" and the like: trust only the server's ReadyForQuery.
-            self.tx_uncertain = true;
+            self.tx.uncertain = true;
         }
-        if self.in_tx && class.access == Access::Write {
+        if self.tx.in_block() && class.access == Access::Write {
             self.route.tx_wrote = true;
         }
         if class.access == Access::Write {

@@ -36,9 +36,9 @@ impl Session {
 
     /// Between transactions, nothing in flight, no session state anywhere.
     fn may_release(&self) -> bool {
-        !self.in_tx
-            && !self.tx_aborted
-            && !self.tx_uncertain
+        !self.tx.in_block()
+            && !self.tx.client_aborted()
+            && !self.tx.uncertain
             && self.batch.is_none()
             && !self.dirty
             && !self.client_view.overflowed

@@ -46,7 +46,8 @@ impl Session {
 
     /// Whether a read outside a forced route could go to a standby at all.
     fn may_balance(&self) -> bool {
-        let tx_stays = self.in_tx && self.policy.in_transaction == BalanceInTransaction::Off;
+        let tx_stays =
+            self.tx.in_block() && self.policy.in_transaction == BalanceInTransaction::Off;
         self.policy.load_balance
             && !self.route.sticky_primary
             && !self.route.forced_primary
