@@ -246,8 +246,6 @@ struct Session {
     /// The shapes of the statements the session sent last: most statements
     /// are classified by recognising one of them (see [`crate::router::memo`]).
     memo: crate::router::memo::StatementMemo,
-    /// Route the next read to the primary: preparing it on the standby failed.
-    avoid_standby_once: bool,
     /// The open batch was routed in an earlier read: its messages arriving
     /// now were not seen then, so the statements they use are supplied as
     /// they come ([`Session::supply_statement`]).
@@ -256,10 +254,8 @@ struct Session {
     /// the answer to pgpilot's Describe of it: the batch's next messages wait
     /// ([`Session::supply_statement`]).
     shape_wait: bool,
-    /// The last `pg_proc` lookup failed: judge the next request's functions volatile.
-    lookup_failed: bool,
-    /// The last unlogged-relation lookup failed: the next read goes to the primary.
-    relations_failed: bool,
+    /// One-shot fallbacks a failure leaves for the next request.
+    next: route::NextRequest,
     /// The request that may run again on the primary if a standby refuses it.
     retry: retry::RetryNet,
     /// A request that may change the catalog was sent since the session was
@@ -368,11 +364,9 @@ impl Session {
             pending_class: None,
             parsed_ahead: std::collections::VecDeque::new(),
             memo: Default::default(),
-            avoid_standby_once: false,
             batch_unseen: false,
             shape_wait: false,
-            lookup_failed: false,
-            relations_failed: false,
+            next: route::NextRequest::default(),
             catalog_changed: false,
             retry: retry::RetryNet::default(),
             shunned_until: vec![None; nodes],

@@ -247,7 +247,7 @@ impl Session {
                     .await
                     && self.ctx.catalog.cached(&self.database, &names).is_none()
                 {
-                    self.lookup_failed = true;
+                    self.next.functions_volatile = true;
                 }
                 Ok(())
             }

@@ -150,7 +150,7 @@ impl Session {
             cbuf.extend_from_slice(&self.retry.frames);
             cbuf.extend_from_slice(&self.cbuf);
             self.cbuf = cbuf;
-            self.avoid_standby_once = true;
+            self.next.avoid_standby = true;
             self.recheck = true;
         } else {
             self.to_client

@@ -74,6 +74,22 @@ pub(crate) enum Step {
     },
 }
 
+/// Fallbacks a failure leaves for the next request, each taken once: the
+/// next request that would use it is routed safely and the flag is cleared.
+/// Independent of each other (different failures, different requests).
+#[derive(Debug, Default)]
+pub(super) struct NextRequest {
+    /// Preparing a statement on the standby failed, or a standby refused a
+    /// read: the next read goes to the primary.
+    pub(super) avoid_standby: bool,
+    /// The last `pg_proc` lookup failed: the next request's unknown functions
+    /// are judged volatile.
+    pub(super) functions_volatile: bool,
+    /// The last unlogged-relation lookup failed: the next read that names
+    /// relations goes to the primary.
+    pub(super) relations_to_primary: bool,
+}
+
 /// A request's route, or why it cannot be sent yet.
 type Planned = Result<NodeId, Step>;
 
@@ -557,7 +573,7 @@ impl Session {
         if class.access == Access::Write || class.unknown_functions.is_empty() {
             return Ok(false);
         }
-        if std::mem::take(&mut self.lookup_failed) {
+        if std::mem::take(&mut self.next.functions_volatile) {
             return Ok(true);
         }
         match self.cfg.routing.unknown_functions {
@@ -585,7 +601,7 @@ impl Session {
         self.refresh_standby(&snapshot);
         let mut route = self.route.clone();
         route.sticky_primary |= self.client_view.overflowed;
-        if std::mem::take(&mut self.avoid_standby_once) {
+        if std::mem::take(&mut self.next.avoid_standby) {
             route.standby = None;
         }
         let node = match policy::decide(

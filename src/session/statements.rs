@@ -289,7 +289,7 @@ impl Session {
         } else {
             // E.g. a table created on the primary has not reached this standby.
             tracing::debug!(%node, error = %errors[0].message, "statement not preparable here; using the primary");
-            self.avoid_standby_once = true;
+            self.next.avoid_standby = true;
         }
         for name in &broken {
             self.mark_broken(name);

@@ -28,7 +28,7 @@ impl Session {
         {
             return Ok(false);
         }
-        if std::mem::take(&mut self.relations_failed) {
+        if std::mem::take(&mut self.next.relations_to_primary) {
             return Ok(true);
         }
         let now = self.clock.now();
@@ -74,7 +74,7 @@ impl Session {
             .await
         {
             tracing::warn!(error = %e, "unlogged-relation lookup failed; routing to the primary");
-            self.relations_failed = true;
+            self.next.relations_to_primary = true;
         }
         Ok(())
     }
