@@ -258,7 +258,7 @@ impl Session {
         // The request is answered here, not sent: its one-shot routing state
         // (a primary position fetched for it, above all) must not serve the
         // next request, which may arrive after other sessions' commits.
-        self.fresh_request_sent();
+        self.read_your_writes_request_sent();
         self.to_client
             .send(&self.client, out)
             .map_err(SessionError::ClientIo)

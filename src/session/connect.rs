@@ -225,8 +225,9 @@ impl Session {
     /// BEGIN (so it has no snapshot yet), to the primary: ROLLBACK there,
     /// the same BEGIN here, both answered to pgpilot alone. Without a primary
     /// the transaction stays (its next statement gets the standby's error).
-    pub(super) async fn move_fresh_tx_to_primary(&mut self) -> Result<(), SessionError> {
-        let (Some(begin), Some(standby)) = (self.fresh_tx_begin.take(), self.route.tx_node) else {
+    pub(super) async fn move_untouched_tx_to_primary(&mut self) -> Result<(), SessionError> {
+        let (Some(begin), Some(standby)) = (self.untouched_tx_begin.take(), self.route.tx_node)
+        else {
             return Ok(());
         };
         let Some(primary) = self.ctx.cluster.snapshot().primary else {

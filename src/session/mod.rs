@@ -285,7 +285,7 @@ struct Session {
     /// The open transaction was begun on a standby by this Query and has run
     /// nothing else: a `SET TRANSACTION` only the primary can take moves it
     /// there ([`route::Step::MoveTxToPrimary`]).
-    fresh_tx_begin: Option<bytes::Bytes>,
+    untouched_tx_begin: Option<bytes::Bytes>,
     /// Logged in without a server connection (an admin user while no primary
     /// could be reached): the session may hold none until a request needs one.
     no_primary_login: bool,
@@ -379,7 +379,7 @@ impl Session {
             registration,
             answered_here: answered_here::LocalStatements::default(),
             read_your_writes: read_your_writes::ReadYourWrites::default(),
-            fresh_tx_begin: None,
+            untouched_tx_begin: None,
             no_primary_login: false,
             retiring: Vec::new(),
             _slot: slot,

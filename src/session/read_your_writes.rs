@@ -40,7 +40,7 @@ impl Session {
     /// The node a read decided for `node` (a standby) should run on, given what
     /// the session must see: `node`, another standby that is caught up, or the
     /// primary — or a step to learn a position or wait for replay first.
-    pub(super) fn fresh_read_node(
+    pub(super) fn read_your_writes_node(
         &mut self,
         node: NodeId,
         snapshot: &ClusterSnapshot,
@@ -138,7 +138,7 @@ impl Session {
 
     /// The request being routed was sent (or answered by pgpilot itself): its
     /// one-shot routing state ends.
-    pub(super) fn fresh_request_sent(&mut self) {
+    pub(super) fn read_your_writes_request_sent(&mut self) {
         let f = &mut self.read_your_writes;
         f.request_lsn = None;
         f.replay_deadline = None;

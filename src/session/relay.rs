@@ -205,7 +205,7 @@ impl Session {
                     None => Err(SessionError::Backend(BackendError::NoPrimary)),
                 }
             }
-            Step::MoveTxToPrimary => self.move_fresh_tx_to_primary().await,
+            Step::MoveTxToPrimary => self.move_untouched_tx_to_primary().await,
             Step::ProbeDefaults => self.probe_defaults().await,
             Step::FetchLsn => {
                 let limit = self.cfg.monitor.timeout;

@@ -264,7 +264,7 @@ impl Session {
                         *pos += f.wire_len;
                         continue;
                     }
-                    if self.moves_fresh_tx(frame) {
+                    if self.moves_untouched_tx(frame) {
                         if self.links.iter().flatten().any(|l| l.busy()) {
                             return Ok(Step::Blocked);
                         }
@@ -321,7 +321,7 @@ impl Session {
                             self.batch = Some(Target::Local);
                             Target::Local
                         }
-                        None if self.batch_moves_fresh_tx(&buf[*pos..]) => {
+                        None if self.batch_moves_untouched_tx(&buf[*pos..]) => {
                             if self.links.iter().flatten().any(|l| l.busy()) {
                                 return Ok(Step::Blocked);
                             }
@@ -332,7 +332,7 @@ impl Session {
                                 self.arm_retry(n, &buf[*pos..], false);
                                 self.batch = Some(Target::Node(n));
                                 self.batch_unseen = false;
-                                self.fresh_request_sent();
+                                self.read_your_writes_request_sent();
                                 Target::Node(n)
                             }
                             Err(step) => return Ok(step),
@@ -629,11 +629,11 @@ impl Session {
             return Err(Step::ProbeDefaults);
         }
         let node = if Some(node) != snapshot.primary && !in_tx_here {
-            let fresh = self.fresh_read_node(node, &snapshot)?;
-            if fresh != node {
-                self.check_ready(fresh, needs)?;
+            let caught_up = self.read_your_writes_node(node, &snapshot)?;
+            if caught_up != node {
+                self.check_ready(caught_up, needs)?;
             }
-            fresh
+            caught_up
         } else {
             node
         };

@@ -53,7 +53,7 @@ impl Session {
             self.dirty = true;
             None
         };
-        self.fresh_request_sent();
+        self.read_your_writes_request_sent();
         let now = self.clock.now();
         let link = self.link_mut(node)?;
         link.begin_request(now);
@@ -70,7 +70,7 @@ impl Session {
         }
         self.note_sent(node, &class);
         if t == tag::QUERY {
-            self.note_fresh_begin(node, &class, || bytes::Bytes::copy_from_slice(frame));
+            self.note_untouched_tx_begin(node, &class, || bytes::Bytes::copy_from_slice(frame));
         }
         Ok(())
     }
@@ -78,8 +78,8 @@ impl Session {
     /// After a lone BEGIN was sent to a standby, remember it (a Query
     /// message to run on the primary) in case the transaction's first
     /// statement is a `SET TRANSACTION` only the primary can take
-    /// ([`Session::moves_fresh_tx`]).
-    fn note_fresh_begin(
+    /// ([`Session::moves_untouched_tx`]).
+    fn note_untouched_tx_begin(
         &mut self,
         node: NodeId,
         class: &Classification,
@@ -91,15 +91,15 @@ impl Session {
             && self.route.tx_node == Some(node)
             && self.ctx.cluster.snapshot().primary != Some(node)
         {
-            self.fresh_tx_begin = Some(begin());
+            self.untouched_tx_begin = Some(begin());
         }
     }
 
     /// Whether this Query is a `SET TRANSACTION` a standby cannot take, sent
     /// as the first statement of a transaction begun on a standby: PostgreSQL
     /// on the primary would accept it, so the transaction moves there.
-    pub(super) fn moves_fresh_tx(&self, frame: &[u8]) -> bool {
-        self.fresh_tx_begin.is_some()
+    pub(super) fn moves_untouched_tx(&self, frame: &[u8]) -> bool {
+        self.untouched_tx_begin.is_some()
             && self.tx.in_block()
             && std::str::from_utf8(query_sql(frame))
                 .is_ok_and(crate::router::session_cmd::tx_mode_needs_primary)
@@ -109,8 +109,8 @@ impl Session {
     /// `rest`: whether one of its Binds runs such a `SET TRANSACTION` (parsed
     /// in the batch or before).
     #[inline(never)]
-    pub(super) fn batch_moves_fresh_tx(&self, rest: &[u8]) -> bool {
-        if self.fresh_tx_begin.is_none() || !self.tx.in_block() {
+    pub(super) fn batch_moves_untouched_tx(&self, rest: &[u8]) -> bool {
+        if self.untouched_tx_begin.is_none() || !self.tx.in_block() {
             return false;
         }
         let max = self.cfg.max_message_size;
@@ -227,7 +227,7 @@ impl Session {
                     }
                     self.note_sent(node, &class);
                     if let Some(parse) = begin {
-                        self.note_fresh_begin(node, &class, || {
+                        self.note_untouched_tx_begin(node, &class, || {
                             super::client_view::query_message(parse_fields(&parse[5..]).1)
                         });
                     }
@@ -327,7 +327,7 @@ impl Session {
     /// Routing state after a statement of class `class` was sent to `node`.
     pub(super) fn note_sent(&mut self, node: NodeId, class: &Classification) {
         // Whatever runs now, the transaction has run more than its BEGIN.
-        self.fresh_tx_begin = None;
+        self.untouched_tx_begin = None;
         self.catalog_may_change(class);
         let kind = if class.tx.is_some() {
             "transaction"
