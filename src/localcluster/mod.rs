@@ -280,8 +280,8 @@ impl LocalCluster {
         .map_err(|e| self.with_log(node, e))
     }
 
-    #[cfg(test)]
     /// True if `pg_ctl status` says the server of `node` is running.
+    #[cfg(test)]
     pub(crate) fn is_running(&self, node: usize) -> bool {
         let data = path_str(&self.node(node).data_dir);
         self.run("pg_ctl", &["status", "-D", &data], POLL_TIMEOUT)

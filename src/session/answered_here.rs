@@ -2,9 +2,10 @@
 //! (`SHOW POOL_NODES` and friends, see [`crate::admin`]) and the session's
 //! `pgpilot.*` commands (`SHOW pgpilot.last_commit_lsn`, `SET pgpilot.min_lsn`),
 //! through the simple protocol and through the extended protocol (Parse / Bind
-//! / Describe / Execute / Close / Sync, as drivers send them).
+//! / Describe / Execute / Close / Sync, as drivers send them). These are
+//! pgpilot's *own* commands ([`OwnCommand`]).
 //!
-//! A local answer is written straight to the client, so it is only given when no
+//! Pgpilot's own answer is written straight to the client, so it is only given when no
 //! request is in flight on any node (the router waits otherwise): answers stay
 //! in request order.
 
@@ -26,14 +27,14 @@ use crate::router::session_cmd::{self, PgpilotCommand};
 
 /// A statement pgpilot answers itself.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum LocalCommand {
+pub(crate) enum OwnCommand {
     /// `SHOW POOL_NODES` and the other admin commands.
     Admin(AdminCommand),
     /// `SHOW pgpilot.last_commit_lsn`, `SET pgpilot.min_lsn` …
     Session(PgpilotCommand),
 }
 
-/// What a local command produced.
+/// What an own command produced.
 enum Outcome {
     /// A result set.
     Rows(ResultSet),
@@ -41,8 +42,8 @@ enum Outcome {
     Done(&'static str),
 }
 
-/// Recognise a local command in statement text (raw bytes, no NUL).
-pub(crate) fn parse_local(sql: &[u8]) -> Option<LocalCommand> {
+/// Recognise an own command in statement text (raw bytes, no NUL).
+pub(crate) fn parse_own_command(sql: &[u8]) -> Option<OwnCommand> {
     // Every query passes here: first a cheap look at the first word, which
     // is all most statements need (admin commands start with one of
     // `admin::FIRST_WORDS`; pgpilot's own settings with SET, SHOW or RESET).
@@ -50,13 +51,13 @@ pub(crate) fn parse_local(sql: &[u8]) -> Option<LocalCommand> {
     if matches!(word, SHOW | PGPOOL | ATTACH | DETACH | PROMOTE)
         && let Some(cmd) = admin::parse_bytes(sql)
     {
-        return Some(LocalCommand::Admin(cmd));
+        return Some(OwnCommand::Admin(cmd));
     }
     if !matches!(word, SET | SHOW | RESET) {
         return None;
     }
     let text = std::str::from_utf8(sql).ok()?;
-    session_cmd::pgpilot_command(text).map(LocalCommand::Session)
+    session_cmd::pgpilot_command(text).map(OwnCommand::Session)
 }
 
 /// A word of up to 8 ASCII letters, lowercased, packed into an integer (so
@@ -98,9 +99,9 @@ const fn first3(mut code: u64) -> u64 {
     code
 }
 
-/// The statement's first word ([`pack`]ed) if it may start a local command:
+/// The statement's first word ([`pack`]ed) if it may start an own command:
 /// the run of ASCII letters after leading whitespace. `None` when there is
-/// none, it is longer than 8, or its first three letters start no local
+/// none, it is longer than 8, or its first three letters start no own
 /// command (so `SELECT`, `INSERT`, `BEGIN` … are turned away early).
 fn first_word(sql: &[u8]) -> Option<u64> {
     let start = sql.iter().position(|b| !b.is_ascii_whitespace())?;
@@ -108,7 +109,7 @@ fn first_word(sql: &[u8]) -> Option<u64> {
     if !PREFIXES.contains(&pack(rest.get(..3).unwrap_or(rest))) {
         return None;
     }
-    // Nine letters (or more) make no local command.
+    // Nine letters (or more) make no own command.
     let len = rest
         .iter()
         .take(9)
@@ -119,22 +120,22 @@ fn first_word(sql: &[u8]) -> Option<u64> {
 
 /// Admin statements and portals a client prepared through the extended protocol.
 #[derive(Debug, Default)]
-pub(crate) struct LocalStatements {
+pub(crate) struct OwnStatements {
     /// Prepared statement name → command.
-    pub(crate) stmts: HashMap<Vec<u8>, LocalCommand>,
+    pub(crate) stmts: HashMap<Vec<u8>, OwnCommand>,
     /// Portal name → command (until the batch's Sync).
-    portals: HashMap<Vec<u8>, LocalCommand>,
-    /// An error occurred in the current local batch: skip to Sync.
+    portals: HashMap<Vec<u8>, OwnCommand>,
+    /// An error occurred in the current own batch: skip to Sync.
     pub(crate) failed: bool,
 }
 
 impl Session {
     /// Run `cmd` for this session (or say what error to send).
-    fn run_local(&mut self, cmd: &LocalCommand) -> Result<Outcome, PgError> {
+    fn run_own_command(&mut self, cmd: &OwnCommand) -> Result<Outcome, PgError> {
         let one =
             |name: &str, value: String| Outcome::Rows(ResultSet::new(&[name], vec![vec![value]]));
         match cmd {
-            LocalCommand::Admin(cmd) => {
+            OwnCommand::Admin(cmd) => {
                 let who = AdminCaller {
                     user: self.user.clone(),
                     load_balance_node: self.route.standby,
@@ -142,23 +143,23 @@ impl Session {
                 self.ctx.metrics.statement_routed(self.active, "admin");
                 admin::execute(&self.ctx, cmd, &who).map(Outcome::Rows)
             }
-            LocalCommand::Session(PgpilotCommand::ShowLastCommitLsn) => Ok(one(
+            OwnCommand::Session(PgpilotCommand::ShowLastCommitLsn) => Ok(one(
                 "last_commit_lsn",
                 format_lsn(self.read_your_writes.last_commit_lsn),
             )),
-            LocalCommand::Session(PgpilotCommand::ShowMinLsn) => {
+            OwnCommand::Session(PgpilotCommand::ShowMinLsn) => {
                 Ok(one("min_lsn", format_lsn(self.read_your_writes.min_lsn)))
             }
-            LocalCommand::Session(PgpilotCommand::SetMinLsn(Ok(lsn))) => {
+            OwnCommand::Session(PgpilotCommand::SetMinLsn(Ok(lsn))) => {
                 self.read_your_writes.min_lsn = *lsn;
                 Ok(Outcome::Done("SET"))
             }
-            LocalCommand::Session(PgpilotCommand::SetMinLsn(Err(e))) => Err(PgError::error(
+            OwnCommand::Session(PgpilotCommand::SetMinLsn(Err(e))) => Err(PgError::error(
                 INVALID_TEXT_REPRESENTATION,
                 e.to_string(),
             )
             .with_hint("write a WAL position as returned by SHOW pgpilot.last_commit_lsn, e.g. '0/16B3748'")),
-            LocalCommand::Session(PgpilotCommand::ResetMinLsn) => {
+            OwnCommand::Session(PgpilotCommand::ResetMinLsn) => {
                 self.read_your_writes.min_lsn = 0;
                 Ok(Outcome::Done("RESET"))
             }
@@ -222,7 +223,7 @@ impl Session {
         if ready {
             messages::ready_for_query(&mut out, TxStatus::Failed);
         }
-        self.send_local(&out)
+        self.send_own_answer(&out)
     }
 
     /// Answer the request at the front of the client's buffer with `err`
@@ -243,10 +244,10 @@ impl Session {
             self.batch = Some(super::route::Target::Local);
             self.answered_here.failed = true;
         }
-        self.send_local(&out)
+        self.send_own_answer(&out)
     }
 
-    /// Start a local batch that only reports the aborted transaction.
+    /// Start an own batch that only reports the aborted transaction.
     #[cold]
     #[inline(never)]
     pub(super) fn start_refused_batch(&mut self) -> Result<(), SessionError> {
@@ -254,7 +255,7 @@ impl Session {
         self.refuse_in_aborted_tx(false)
     }
 
-    fn send_local(&mut self, out: &[u8]) -> Result<(), SessionError> {
+    fn send_own_answer(&mut self, out: &[u8]) -> Result<(), SessionError> {
         // The request is answered here, not sent: its one-shot routing state
         // (a primary position fetched for it, above all) must not serve the
         // next request, which may arrive after other sessions' commits.
@@ -267,9 +268,9 @@ impl Session {
     /// Answer a simple Query carrying `cmd`: result (or error), ReadyForQuery.
     #[cold]
     #[inline(never)]
-    pub(super) fn answer_local_query(&mut self, cmd: &LocalCommand) -> Result<(), SessionError> {
+    pub(super) fn answer_own_query(&mut self, cmd: &OwnCommand) -> Result<(), SessionError> {
         let mut out = BytesMut::new();
-        match self.run_local(cmd) {
+        match self.run_own_command(cmd) {
             Ok(Outcome::Rows(rs)) => {
                 rs.encode_row_description(&mut out);
                 rs.encode_rows_and_complete(&mut out);
@@ -278,17 +279,17 @@ impl Session {
             Err(e) => e.encode(&mut out),
         }
         messages::ready_for_query(&mut out, self.client_status());
-        self.send_local(&out)
+        self.send_own_answer(&out)
     }
 
     /// Whether an extended batch starting with this message is for pgpilot itself.
     #[inline(never)]
-    pub(super) fn starts_local_batch(&self, t: u8, body: &[u8]) -> bool {
+    pub(super) fn starts_own_batch(&self, t: u8, body: &[u8]) -> bool {
         match t {
             tag::PARSE => {
                 let (_, rest) = cstr(body).unwrap_or_default();
                 let query = cstr(rest).map(|(q, _)| q).unwrap_or_default();
-                parse_local(query).is_some()
+                parse_own_command(query).is_some()
             }
             tag::BIND => {
                 let rest = cstr(body).map(|(_, r)| r).unwrap_or_default();
@@ -306,10 +307,10 @@ impl Session {
         }
     }
 
-    /// Answer one message of a local extended batch.
+    /// Answer one message of an own extended batch.
     #[cold]
     #[inline(never)]
-    pub(super) fn local_extended(&mut self, t: u8, frame: &[u8]) -> Result<(), SessionError> {
+    pub(super) fn own_extended(&mut self, t: u8, frame: &[u8]) -> Result<(), SessionError> {
         let body = &frame[5..];
         let mut out = BytesMut::new();
         if t == tag::SYNC {
@@ -317,7 +318,7 @@ impl Session {
             self.answered_here.failed = false;
             self.batch = None;
             messages::ready_for_query(&mut out, self.client_status());
-            return self.send_local(&out);
+            return self.send_own_answer(&out);
         }
         if self.answered_here.failed {
             return Ok(());
@@ -326,7 +327,7 @@ impl Session {
             tag::PARSE => {
                 let (name, rest) = cstr(body).unwrap_or_default();
                 let query = cstr(rest).map(|(q, _)| q).unwrap_or_default();
-                match parse_local(query) {
+                match parse_own_command(query) {
                     Some(cmd) => {
                         self.answered_here.stmts.insert(name.to_vec(), cmd);
                         messages::empty_message(&mut out, b'1');
@@ -356,12 +357,12 @@ impl Session {
                 };
                 let described = match &cmd {
                     // Describing a SET must not run it.
-                    Some(LocalCommand::Session(
+                    Some(OwnCommand::Session(
                         PgpilotCommand::SetMinLsn(_) | PgpilotCommand::ResetMinLsn,
                     )) => Some(Ok(Outcome::Done("SET"))),
                     // ATTACH / DETACH / PROMOTE NODE run only at Execute.
-                    Some(LocalCommand::Admin(a)) => Some(self.describe_admin(a).map(Outcome::Rows)),
-                    Some(c) => Some(self.run_local(c)),
+                    Some(OwnCommand::Admin(a)) => Some(self.describe_admin(a).map(Outcome::Rows)),
+                    Some(c) => Some(self.run_own_command(c)),
                     None => None,
                 };
                 match described {
@@ -382,7 +383,7 @@ impl Session {
             tag::EXECUTE => {
                 let name = cstr(body).map(|(n, _)| n).unwrap_or_default();
                 let cmd = self.answered_here.portals.get(name).cloned();
-                match cmd.map(|c| self.run_local(&c)) {
+                match cmd.map(|c| self.run_own_command(&c)) {
                     Some(Ok(Outcome::Rows(rs))) => {
                         rs.encode_rows_and_complete(&mut out);
                         Ok(())
@@ -413,7 +414,7 @@ impl Session {
             self.answered_here.failed = true;
             e.encode(&mut out);
         }
-        self.send_local(&out)
+        self.send_own_answer(&out)
     }
 }
 
@@ -440,7 +441,7 @@ mod tests {
 
     #[test]
     fn first_word_is_the_leading_run_of_letters_lowercased() {
-        // Words that start no local command are turned away.
+        // Words that start no own command are turned away.
         assert_eq!(first_word(b"  SELECT 1"), None);
         assert_eq!(first_word(b"select"), None);
         assert_eq!(first_word(b"se"), None);
@@ -453,7 +454,7 @@ mod tests {
         assert_eq!(first_word(b"   "), None);
         assert_eq!(first_word(b""), None);
         assert_eq!(first_word(b"(select 1)"), None);
-        // Longer than 8 letters: no local command starts so.
+        // Longer than 8 letters: no own command starts so.
         assert_eq!(first_word(b"checkpoint"), None);
         assert_eq!(first_word(b"showxxxx y"), Some(pack(b"showxxxx")));
     }
@@ -482,15 +483,15 @@ mod tests {
             b"showx",
             b"",
         ] {
-            assert_eq!(parse_local(q), None, "{}", String::from_utf8_lossy(q));
+            assert_eq!(parse_own_command(q), None, "{}", String::from_utf8_lossy(q));
         }
         assert!(matches!(
-            parse_local(b"show pool_nodes"),
-            Some(LocalCommand::Admin(_))
+            parse_own_command(b"show pool_nodes"),
+            Some(OwnCommand::Admin(_))
         ));
         assert!(matches!(
-            parse_local(b"  SHOW pgpilot.last_commit_lsn"),
-            Some(LocalCommand::Session(_))
+            parse_own_command(b"  SHOW pgpilot.last_commit_lsn"),
+            Some(OwnCommand::Session(_))
         ));
     }
 }

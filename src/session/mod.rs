@@ -279,7 +279,7 @@ struct Session {
     /// This session in `ctx.sessions` (SHOW POOL_PROCESSES); unregisters on drop.
     registration: SessionHandle,
     /// Admin statements prepared through the extended protocol.
-    answered_here: answered_here::LocalStatements,
+    answered_here: answered_here::OwnStatements,
     /// Read-your-writes state: what the session's reads must see.
     read_your_writes: read_your_writes::ReadYourWrites,
     /// The open transaction was begun on a standby by this Query and has run
@@ -377,7 +377,7 @@ impl Session {
             done: Vec::with_capacity(8),
             dirty: false,
             registration,
-            answered_here: answered_here::LocalStatements::default(),
+            answered_here: answered_here::OwnStatements::default(),
             read_your_writes: read_your_writes::ReadYourWrites::default(),
             untouched_tx_begin: None,
             no_primary_login: false,

@@ -111,11 +111,11 @@ impl Session {
         Ok(target)
     }
 
-    /// A local command (admin or `pgpilot.*`) should first learn the session's
+    /// An own command (admin or `pgpilot.*`) should first learn the session's
     /// commit position, so `SHOW pgpilot.last_commit_lsn` is exact. Not again
     /// after a failed fetch (no primary, e.g. during a failover): the command is
     /// answered with what is known rather than asking in a loop.
-    pub(super) fn local_wants_lsn(&self) -> bool {
+    pub(super) fn own_command_wants_lsn(&self) -> bool {
         self.read_your_writes.lsn_unknown && !self.read_your_writes.to_primary_once
     }
 

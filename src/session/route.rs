@@ -253,14 +253,14 @@ impl Session {
                     }
                 }
                 tag::QUERY if self.batch.is_none() => {
-                    if let Some(cmd) = super::answered_here::parse_local(query_sql(frame)) {
+                    if let Some(cmd) = super::answered_here::parse_own_command(query_sql(frame)) {
                         if self.links.iter().flatten().any(|l| l.busy()) {
                             return Ok(Step::Blocked);
                         }
-                        if self.local_wants_lsn() {
+                        if self.own_command_wants_lsn() {
                             return Ok(Step::FetchLsn);
                         }
-                        self.answer_local_query(&cmd)?;
+                        self.answer_own_query(&cmd)?;
                         *pos += f.wire_len;
                         continue;
                     }
@@ -311,11 +311,11 @@ impl Session {
                             self.start_refused_batch()?;
                             Target::Local
                         }
-                        None if self.starts_local_batch(f.tag, &frame[5..]) => {
+                        None if self.starts_own_batch(f.tag, &frame[5..]) => {
                             if self.links.iter().flatten().any(|l| l.busy()) {
                                 return Ok(Step::Blocked);
                             }
-                            if self.local_wants_lsn() {
+                            if self.own_command_wants_lsn() {
                                 return Ok(Step::FetchLsn);
                             }
                             self.batch = Some(Target::Local);
@@ -339,7 +339,7 @@ impl Session {
                         },
                     };
                     let Target::Node(node) = target else {
-                        self.local_extended(f.tag, frame)?;
+                        self.own_extended(f.tag, frame)?;
                         *pos += f.wire_len;
                         continue;
                     };

@@ -1,7 +1,7 @@
 //! Making a server connection hold the prepared statements a request uses.
 //!
 //! A session keeps its own record of every statement it prepared (the client's
-//! Parse frames, [`super::state`]); a server connection knows which statements
+//! Parse frames, [`super::client_view`]); a server connection knows which statements
 //! its server holds, whoever made them
 //! ([`HeldStatements`](crate::backend::statements::HeldStatements)). Before a
 //! request runs on a connection, each name it uses must be the session's own
