@@ -9,6 +9,13 @@
 //! gives connections back between transactions (transaction pooling), and
 //! [`no_primary_login`] lets an admin in while no primary can be reached.
 //!
+//! The session's state is grouped by concern: the client's transaction
+//! ([`tx_state`], with its transitions), what the client has been told
+//! ([`client_view`]), the routing state (`route`), read-your-writes
+//! ([`read_your_writes`]), and the one-shot fallbacks a failure leaves for the
+//! next request ([`route::NextRequest`]). The few bools left on [`Session`] are
+//! independent flags, each documented at its field.
+//!
 //! The session decodes only what it must: frame boundaries, Query and Parse
 //! text, Bind/Close names from the client; ReadyForQuery, ErrorResponse,
 //! ParameterStatus and ParseComplete from the servers. Everything else passes
