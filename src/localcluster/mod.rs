@@ -31,6 +31,7 @@
 //! from a plain thread or `tokio::task::spawn_blocking`.
 
 mod bindir;
+pub mod etcd;
 mod process;
 
 pub use bindir::find_bindir;

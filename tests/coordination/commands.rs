@@ -1,0 +1,88 @@
+//! Admin commands given to any instance take effect on all; every instance
+//! lists its peers; a 3-member etcd keeps working with one member gone.
+
+use super::*;
+
+/// Whether node `n` is kept out of service on `s`.
+fn detached(s: &pgpilot::cluster::ClusterSnapshot, n: usize) -> bool {
+    !s.nodes[n].status.is_usable()
+        && s.nodes[n]
+            .held_out
+            .as_deref()
+            .is_some_and(|h| h.contains("detached"))
+}
+
+#[tokio::test]
+async fn detach_on_one_instance_is_applied_on_the_other() {
+    let _serial = SERIAL.lock().await;
+    let cluster = new_cluster(2, false).await;
+    let etcd = new_etcd(&cluster, 1).await;
+    let a = start_instance(&cluster, "a", &etcd.endpoints(), 0).await;
+    let b = start_instance(&cluster, "b", &etcd.endpoints(), 0).await;
+    let leader = one_leader(&[&a, &b]).await;
+    let (lead, follow) = if leader == 0 { (&a, &b) } else { (&b, &a) };
+
+    // Both list both, and agree on the leader.
+    for p in [&a, &b] {
+        let addr = p.addr;
+        wait_until("both peers listed", Duration::from_secs(30), async || {
+            let rows = peers(addr).await;
+            rows.len() == 2 && rows.iter().filter(|(_, l)| l == "true").count() == 1
+        })
+        .await;
+    }
+
+    // DETACH on the follower: forwarded to the leader, applied on both.
+    let rows = admin(follow.addr, "DETACH NODE 2").await;
+    assert!(rows[0][1].contains("leading pgpilot"), "{rows:?}");
+    until_on(lead, "node 2 detached on the leader", |s| detached(s, 2)).await;
+    until_on(follow, "node 2 detached on the follower", |s| {
+        detached(s, 2)
+    })
+    .await;
+
+    // ATTACH on the leader: applied on both.
+    admin(lead.addr, "ATTACH NODE 2").await;
+    for p in [lead, follow] {
+        until_on(p, "node 2 back in service", |s| {
+            s.nodes[2].status.is_usable()
+        })
+        .await;
+    }
+
+    // DETACH on the leader: applied on the follower.
+    admin(lead.addr, "DETACH NODE 1").await;
+    until_on(follow, "node 1 detached on the follower", |s| {
+        detached(s, 1)
+    })
+    .await;
+    drop((a, b, etcd));
+}
+
+#[tokio::test]
+async fn three_member_etcd_survives_one_member_lost() {
+    let _serial = SERIAL.lock().await;
+    let cluster = new_cluster(1, false).await;
+    let mut etcd = new_etcd(&cluster, 3).await;
+    let a = start_instance(&cluster, "a", &etcd.endpoints(), 0).await;
+    let b = start_instance(&cluster, "b", &etcd.endpoints(), 0).await;
+    one_leader(&[&a, &b]).await;
+    // One member of three gone: the other two keep a quorum.
+    etcd.kill(0);
+    admin(a.addr, "DETACH NODE 1").await;
+    for p in [&a, &b] {
+        until_on(p, "node 1 detached with one etcd member down", |s| {
+            !s.nodes[1].status.is_usable()
+        })
+        .await;
+    }
+    one_leader(&[&a, &b]).await;
+    admin(b.addr, "ATTACH NODE 1").await;
+    for p in [&a, &b] {
+        until_on(p, "node 1 attached again", |s| {
+            s.nodes[1].status.is_usable()
+        })
+        .await;
+    }
+    drop((a, b, etcd));
+}
