@@ -69,7 +69,8 @@ async fn three_member_etcd_survives_one_member_lost() {
     one_leader(&[&a, &b]).await;
     // One member of three gone: the other two keep a quorum.
     etcd.kill(0);
-    admin(a.addr, "DETACH NODE 1").await;
+    one_leader(&[&a, &b]).await;
+    admin_ok(a.addr, "DETACH NODE 1").await;
     for p in [&a, &b] {
         until_on(p, "node 1 detached with one etcd member down", |s| {
             !s.nodes[1].status.is_usable()
@@ -77,7 +78,7 @@ async fn three_member_etcd_survives_one_member_lost() {
         .await;
     }
     one_leader(&[&a, &b]).await;
-    admin(b.addr, "ATTACH NODE 1").await;
+    admin_ok(b.addr, "ATTACH NODE 1").await;
     for p in [&a, &b] {
         until_on(p, "node 1 attached again", |s| {
             s.nodes[1].status.is_usable()

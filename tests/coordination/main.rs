@@ -236,6 +236,20 @@ async fn admin(addr: SocketAddr, sql: &str) -> Vec<Vec<String>> {
     show(&c, sql).await.1
 }
 
+/// Run admin command `sql` through `addr` until it is accepted (an
+/// election may be in progress).
+async fn admin_ok(addr: SocketAddr, sql: &str) {
+    wait_until(
+        &format!("{sql} accepted"),
+        Duration::from_secs(30),
+        async || {
+            let c = connect(addr, "").await;
+            c.simple_query(sql).await.is_ok()
+        },
+    )
+    .await;
+}
+
 /// Wait until `cond` holds on `p`'s snapshot.
 async fn until_on(
     p: &StoppableProxy,

@@ -90,6 +90,24 @@ impl Session {
                 if mine {
                     return self.become_leader().await;
                 }
+                if name == self.handle.name {
+                    // Our own key from a session that ended (this instance
+                    // stopped deciding then): free it instead of waiting
+                    // for its lease to expire, then campaign again.
+                    let stale = Txn::new()
+                        .when([Compare::lease(
+                            self.keys.leader.clone(),
+                            CompareOp::Equal,
+                            kv.lease(),
+                        )])
+                        .and_then([TxnOp::delete(self.keys.leader.clone(), None)]);
+                    if call(&self.handle, self.client.txn(stale))
+                        .await?
+                        .succeeded()
+                    {
+                        return Box::pin(self.campaign()).await;
+                    }
+                }
                 tracing::info!(leader = %name, "etcd coordination: following");
             }
         }

@@ -115,6 +115,8 @@ pub struct Handle {
     rtt_micros: AtomicU64,
     /// etcd calls that failed.
     errors: AtomicU64,
+    /// Which endpoint to connect to next.
+    next_endpoint: std::sync::atomic::AtomicUsize,
     /// To the etcd task.
     tx: mpsc::UnboundedSender<Request>,
 }
@@ -303,6 +305,7 @@ pub fn start(
         applied_epoch: AtomicU64::new(0),
         rtt_micros: AtomicU64::new(0),
         errors: AtomicU64::new(0),
+        next_endpoint: Default::default(),
         tx,
     });
     if cluster.coord.set(handle.clone()).is_err() {
@@ -411,15 +414,49 @@ impl Session {
         handle: &Arc<Handle>,
     ) -> Result<Session, CoordError> {
         let cfg = config.load_full();
-        let opts = ConnectOptions::new()
-            .with_connect_timeout(CALL_TIMEOUT)
-            .with_timeout(CALL_TIMEOUT);
-        let client = call(
-            handle,
-            Client::connect(&cfg.coordination.etcd_endpoints, Some(opts)),
-        )
-        .await?;
-        Ok(Session {
+        let endpoints = &cfg.coordination.etcd_endpoints;
+        // One member at a time, starting after the last one that failed:
+        // a balanced channel over every endpoint keeps sending calls to a
+        // dead member, so the session ends and the next member is tried.
+        let mut last = None;
+        for _ in 0..endpoints.len() {
+            let i = handle.next_endpoint.fetch_add(1, Ordering::Relaxed) % endpoints.len();
+            let opts = ConnectOptions::new()
+                .with_connect_timeout(CALL_TIMEOUT)
+                .with_timeout(CALL_TIMEOUT);
+            let attempt = async {
+                let mut client =
+                    call(handle, Client::connect([endpoints[i].as_str()], Some(opts))).await?;
+                call(
+                    handle,
+                    client.get(format!("{}/leader", handle.prefix), None),
+                )
+                .await?;
+                Ok::<_, CoordError>(client)
+            };
+            match attempt.await {
+                Ok(client) => {
+                    // Stay on this member until it fails.
+                    handle.next_endpoint.fetch_sub(1, Ordering::Relaxed);
+                    return Ok(Session::new(cluster, config, handle, client));
+                }
+                Err(e) => {
+                    handle.note_error();
+                    tracing::debug!(endpoint = %endpoints[i], error = %e, "etcd member unreachable");
+                    last = Some(e);
+                }
+            }
+        }
+        Err(last.unwrap_or(CoordError::Timeout(CALL_TIMEOUT)))
+    }
+
+    fn new(
+        cluster: &Arc<Cluster>,
+        config: &Arc<ArcSwap<Config>>,
+        handle: &Arc<Handle>,
+        client: Client,
+    ) -> Session {
+        Session {
             cluster: cluster.clone(),
             config: config.clone(),
             handle: handle.clone(),
@@ -428,7 +465,7 @@ impl Session {
             lease: 0,
             state: SharedState::default(),
             state_rev: 0,
-        })
+        }
     }
 
     /// Lease, registration, campaign, then react to renewals, watch events,
