@@ -9,6 +9,11 @@
 //! the session ([`CancelSlot`]): under transaction pooling the session points it
 //! at a new server connection at every transaction, and that must not take the
 //! registry-wide lock (every runtime thread's sessions would contend on it).
+//!
+//! With coordination through etcd, bits 22–29 of the pid are the instance's
+//! cancel tag (claimed in etcd, unique among live instances), so an
+//! instance that receives a cancel for another instance's client forwards
+//! it there ([`tagged_pid`], `ProxyContext::cancel`).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -16,6 +21,17 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::backend::conn::send_cancel;
+
+/// The pid handed to a client by the instance with cancel tag `tag`
+/// (non-zero): the tag in bits 22–29, `n` in the 22 bits below.
+pub fn tagged_pid(tag: u8, n: i32) -> i32 {
+    (i32::from(tag) << 22) | (n & 0x3f_ffff)
+}
+
+/// The cancel tag a pid carries (0: none).
+pub fn pid_tag(pid: i32) -> u8 {
+    ((pid >> 22) & 0xff) as u8
+}
 
 /// The server process a cancel should reach.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

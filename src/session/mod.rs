@@ -86,7 +86,7 @@ pub async fn serve(ctx: Arc<ProxyContext>, mut stream: TcpStream) {
     };
     let startup = match opening {
         Opening::Cancel { pid, secret } => {
-            ctx.cancels.cancel(pid, secret, cfg.timeouts.connect).await;
+            ctx.cancel(pid, secret, cfg.timeouts.connect).await;
             return;
         }
         Opening::Startup(m) => m,

@@ -87,3 +87,61 @@ async fn three_member_etcd_survives_one_member_lost() {
     }
     drop((a, b, etcd));
 }
+
+#[tokio::test]
+async fn a_cancel_sent_to_another_instance_reaches_the_session() {
+    use common::raw::{login_raw_with, read_msg, send_query, sqlstate_of};
+    use tokio::io::AsyncWriteExt;
+    let _serial = SERIAL.lock().await;
+    let cluster = new_cluster(1, false).await;
+    let etcd = new_etcd(&cluster, 1).await;
+    let a = start_instance(&cluster, "a", &etcd.endpoints(), 0).await;
+    let b = start_instance(&cluster, "b", &etcd.endpoints(), 0).await;
+    one_leader(&[&a, &b]).await;
+    // Both registered with their cancel tags.
+    wait_until(
+        "both peers listed on b",
+        Duration::from_secs(30),
+        async || peers(b.addr).await.len() == 2,
+    )
+    .await;
+
+    // A session on a, cancelled through b.
+    let (mut s, after_auth) = login_raw_with(a.addr, &[]).await;
+    let key = after_auth
+        .iter()
+        .find(|(t, _)| *t == b'K')
+        .map(|(_, body)| body.clone())
+        .expect("BackendKeyData");
+    send_query(&mut s, "SELECT pg_sleep(60)").await;
+    // The query runs on a server connection before the cancel is sent.
+    wait_until(
+        "the sleep is running",
+        Duration::from_secs(30),
+        async || {
+            let q = "SELECT count(*) FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(60)'";
+            psql(&cluster, 0, q).await == "1" || psql(&cluster, 1, q).await == "1"
+        },
+    )
+    .await;
+    let mut cancel = Vec::with_capacity(16);
+    cancel.extend_from_slice(&16i32.to_be_bytes());
+    cancel.extend_from_slice(&80877102i32.to_be_bytes());
+    cancel.extend_from_slice(&key[..8]);
+    let mut c = tokio::net::TcpStream::connect(b.addr)
+        .await
+        .expect("connect to b");
+    c.write_all(&cancel).await.expect("send the cancel");
+    let code = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            let (t, body) = read_msg(&mut s).await.expect("read");
+            if t == b'E' {
+                return sqlstate_of(&body);
+            }
+        }
+    })
+    .await
+    .expect("the query was cancelled through the other instance");
+    assert_eq!(code, "57014");
+    drop((a, b, etcd));
+}
