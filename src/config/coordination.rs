@@ -107,3 +107,48 @@ impl Coordination {
 pub(super) fn default_cluster_name() -> String {
     "default".into()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::Config;
+
+    fn with(section: &str) -> Result<Config, super::ConfigError> {
+        Config::from_toml(&format!("{section}\n[[backends]]\nhost = \"127.0.0.1\"\n"))
+    }
+
+    #[test]
+    fn off_by_default_with_the_documented_defaults() {
+        let c = with("").unwrap();
+        assert!(!c.coordination.enabled());
+        assert_eq!(
+            c.coordination.prefix_for(&c.cluster_name),
+            "/pgpilot/default"
+        );
+        assert_eq!(c.coordination.ttl_seconds(), 5);
+    }
+
+    #[test]
+    fn bad_values_name_their_key() {
+        for (section, key) in [
+            (
+                "[coordination]\netcd_endpoints = [\"localhost:2379\"]",
+                "coordination.etcd_endpoints[0]",
+            ),
+            (
+                "[coordination]\netcd_endpoints = [\"http://127.0.0.1:2379\"]\nlease_ttl = \"1s\"",
+                "coordination.lease_ttl",
+            ),
+            (
+                "[coordination]\netcd_endpoints = [\"http://127.0.0.1:2379\"]\nprefix = \"x\"",
+                "coordination.prefix",
+            ),
+            ("cluster_name = \"a/b\"", "cluster_name"),
+        ] {
+            let e = with(section).unwrap_err().to_string();
+            assert!(e.contains(key), "{section}: {e}");
+        }
+        let c = with("cluster_name = \"main\"\n[coordination]\netcd_endpoints = [\"http://127.0.0.1:2379\"]\nprefix = \"/x/\"").unwrap();
+        assert!(c.coordination.enabled());
+        assert_eq!(c.coordination.prefix_for(&c.cluster_name), "/x");
+    }
+}

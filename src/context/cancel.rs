@@ -115,3 +115,19 @@ impl CancelRegistry {
         }
     }
 }
+
+#[cfg(test)]
+mod tag_tests {
+    use super::{pid_tag, tagged_pid};
+
+    #[test]
+    fn the_tag_survives_the_round_trip_and_pids_stay_positive() {
+        for tag in [1u8, 7, 128, 255] {
+            for n in [0, 1, 0x3f_ffff, i32::MAX] {
+                let pid = tagged_pid(tag, n);
+                assert!(pid > 0, "{tag} {n}");
+                assert_eq!(pid_tag(pid), tag);
+            }
+        }
+    }
+}

@@ -12,6 +12,7 @@
 //! The HTTP endpoint (`/metrics`, `/healthz`) is in [`http`].
 
 pub mod auth;
+mod coordination;
 pub mod http;
 mod slots;
 
@@ -196,6 +197,7 @@ struct ScrapeGauges {
     failover_in_progress: IntGauge,
     failover_last_duration: Gauge,
     slots: slots::SlotMetrics,
+    coordination: coordination::CoordinationMetrics,
 }
 
 fn opts(name: &str, help: &str) -> Opts {
@@ -676,6 +678,7 @@ impl ScrapeGauges {
                 "Duration of the last finished failover or switchover (detection to new primary in service)."
             ),
             slots: slots::SlotMetrics::new(r),
+            coordination: coordination::CoordinationMetrics::new(r),
         }
     }
 
@@ -771,6 +774,7 @@ impl ScrapeGauges {
             self.failover_last_duration.set(d.as_secs_f64());
         }
         self.slots.fill(&ctx.cluster().replication_slots());
+        self.coordination.fill(ctx.cluster());
     }
 }
 

@@ -32,6 +32,20 @@ async fn detach_on_one_instance_is_applied_on_the_other() {
         .await;
     }
 
+    // Metrics say who leads.
+    for (p, want) in [(lead, 1.0), (follow, 0.0)] {
+        let (code, body) = common::http_get(p.metrics.expect("metrics on"), "/metrics").await;
+        assert_eq!(code, 200);
+        let m = common::parse_metrics(&body);
+        assert_eq!(
+            m.get("pgpilot_coordination_leader"),
+            Some(&want),
+            "{}",
+            p.addr
+        );
+        assert!(m.contains_key("pgpilot_coordination_etcd_rtt_seconds"));
+    }
+
     // DETACH on the follower: forwarded to the leader, applied on both.
     let rows = admin(follow.addr, "DETACH NODE 2").await;
     assert!(rows[0][1].contains("leading pgpilot"), "{rows:?}");
