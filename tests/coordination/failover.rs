@@ -27,11 +27,35 @@ async fn killing_the_primary_under_writes_through_two_instances_promotes_once() 
     .await;
     kill_primary(&cluster).await;
 
-    let ctx_a = a.ctx.clone();
-    let new = wait_for("a new primary on a", Duration::from_secs(30), || {
-        ctx_a.cluster.snapshot().primary.filter(|&n| n != 0)
-    })
-    .await;
+    // When each instance switched: the leader when it decided, the
+    // follower when etcd's watch told it (polled every millisecond).
+    let leader_is_a = leads(&a);
+    let (mut at_a, mut at_b) = (None, None);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while at_a.is_none() || at_b.is_none() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no new primary on both in 30s"
+        );
+        let now = std::time::Instant::now();
+        if at_a.is_none() && a.ctx.cluster.snapshot().primary.is_some_and(|n| n != 0) {
+            at_a = Some(now);
+        }
+        if at_b.is_none() && b.ctx.cluster.snapshot().primary.is_some_and(|n| n != 0) {
+            at_b = Some(now);
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let (decided, followed) = if leader_is_a {
+        (at_a, at_b)
+    } else {
+        (at_b, at_a)
+    };
+    let lag = followed
+        .unwrap()
+        .saturating_duration_since(decided.unwrap());
+    eprintln!("leader decision -> follower switch: {lag:?}");
+    let new = a.ctx.cluster.snapshot().primary.expect("a new primary");
     routes_to(&b, new).await;
     let port = cluster.nodes[new].port;
     wait_until(
