@@ -136,6 +136,10 @@ impl Session {
             None => {
                 self.take_over();
                 self.publish().await?;
+                // Commands forwarded while no leader decided.
+                for kv in self.list(self.keys.requests.clone()).await? {
+                    self.on_request(&kv).await?;
+                }
             }
         }
         Ok(())
