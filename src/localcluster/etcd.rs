@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use super::{ClusterError, free_port};
+use super::{ClusterError, CommandFailed, CommandOutcome, LocalCluster, free_port};
 
 /// The etcd binary: `PGPILOT_ETCD` or `etcd` on the `PATH`.
 fn etcd_binary() -> PathBuf {
@@ -83,6 +83,12 @@ impl EtcdCluster {
         Ok(c)
     }
 
+    /// [`EtcdCluster::start`] with the data in `cluster`'s temporary
+    /// directory (drop the etcd before the cluster).
+    pub fn start_for(members: usize, cluster: &LocalCluster) -> Result<EtcdCluster, ClusterError> {
+        EtcdCluster::start(members, &cluster.base_dir)
+    }
+
     /// Every member's client URL.
     pub fn endpoints(&self) -> Vec<String> {
         self.members.iter().map(EtcdMember::endpoint).collect()
@@ -119,10 +125,14 @@ impl EtcdCluster {
             .stdout(log.try_clone()?)
             .stderr(log)
             .spawn()
-            .map_err(|e| ClusterError::Command {
-                cmd: "etcd".into(),
-                status: e.to_string(),
-                output: "is etcd installed? (Debian: apt-get install etcd-server)".into(),
+            .map_err(|e| {
+                ClusterError::Command(Box::new(CommandFailed {
+                    cmd: "etcd (is it installed? Debian: apt-get install etcd-server)".into(),
+                    outcome: CommandOutcome::NotStarted(e),
+                    stderr: String::new(),
+                    stdout: String::new(),
+                    server_log: None,
+                }))
             })?;
         m.child = Some(child);
         Ok(())

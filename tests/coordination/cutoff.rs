@@ -26,14 +26,19 @@ async fn an_instance_cut_off_from_etcd_neither_promotes_nor_writes_elsewhere() {
     kill_primary(&cluster).await;
     let ctx_a = a.ctx.clone();
     let new = wait_for("a new primary on a", Duration::from_secs(30), || {
-        ctx_a.cluster.snapshot().primary.filter(|&n| n != 0)
+        ctx_a
+            .cluster
+            .snapshot()
+            .primary
+            .map(NodeId::index)
+            .filter(|&n| n != 0)
     })
     .await;
     // b had its chance: several health rounds after a's failover.
     common::health_rounds(&b.ctx, 3).await;
     let s = b.ctx.cluster.snapshot();
     assert!(
-        s.primary.is_none_or(|p| p == 0),
+        s.primary.is_none_or(|p| p.index() == 0),
         "b routes to {:?}",
         s.primary
     );

@@ -38,10 +38,22 @@ async fn killing_the_primary_under_writes_through_two_instances_promotes_once() 
             "no new primary on both in 30s"
         );
         let now = std::time::Instant::now();
-        if at_a.is_none() && a.ctx.cluster.snapshot().primary.is_some_and(|n| n != 0) {
+        if at_a.is_none()
+            && a.ctx
+                .cluster
+                .snapshot()
+                .primary
+                .is_some_and(|n| n.index() != 0)
+        {
             at_a = Some(now);
         }
-        if at_b.is_none() && b.ctx.cluster.snapshot().primary.is_some_and(|n| n != 0) {
+        if at_b.is_none()
+            && b.ctx
+                .cluster
+                .snapshot()
+                .primary
+                .is_some_and(|n| n.index() != 0)
+        {
             at_b = Some(now);
         }
         tokio::time::sleep(Duration::from_millis(1)).await;
@@ -55,7 +67,13 @@ async fn killing_the_primary_under_writes_through_two_instances_promotes_once() 
         .unwrap()
         .saturating_duration_since(decided.unwrap());
     eprintln!("leader decision -> follower switch: {lag:?}");
-    let new = a.ctx.cluster.snapshot().primary.expect("a new primary");
+    let new = a
+        .ctx
+        .cluster
+        .snapshot()
+        .primary
+        .expect("a new primary")
+        .index();
     routes_to(&b, new).await;
     let port = cluster.nodes[new].port;
     wait_until(

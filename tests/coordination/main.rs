@@ -24,7 +24,7 @@ use common::{
     DB, PASSWORD, StoppableProxy, USER, connect, show, spawn_proxy_stoppable, wait_for, wait_until,
 };
 use pgpilot::cluster::events::Event;
-use pgpilot::config::Config;
+use pgpilot::config::{Config, NodeId};
 use pgpilot::localcluster::etcd::EtcdCluster;
 use pgpilot::localcluster::{ClusterSpec, LocalCluster};
 use tokio::io::AsyncWriteExt;
@@ -64,8 +64,8 @@ async fn new_cluster(standbys: usize, synchronous: bool) -> Arc<LocalCluster> {
 
 /// An etcd of `members` members with its data beside the cluster's.
 async fn new_etcd(c: &Arc<LocalCluster>, members: usize) -> EtcdCluster {
-    let dir = c.base_dir.clone();
-    blocking(move || EtcdCluster::start(members, &dir))
+    let c = c.clone();
+    blocking(move || EtcdCluster::start_for(members, &c))
         .await
         .expect("start etcd")
 }
@@ -107,7 +107,7 @@ async fn routes_to(p: &StoppableProxy, primary: usize) {
     wait_for(
         &format!("{} routing to node {primary}", p.addr),
         Duration::from_secs(30),
-        || (ctx.cluster.snapshot().primary == Some(primary)).then_some(()),
+        || (ctx.cluster.snapshot().primary == Some(NodeId::new(primary))).then_some(()),
     )
     .await;
 }

@@ -147,7 +147,7 @@ impl Session {
 
     /// Decide locally from here on, starting from the recorded state.
     pub(super) fn take_over(&self) {
-        let adm = crate::cluster::state::Admission::from(&**self.config.load());
+        let adm = crate::cluster::state_machine::Admission::from(&**self.config.load());
         self.cluster.update(|o| o.release_external(&adm));
     }
 }

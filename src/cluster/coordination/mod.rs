@@ -42,7 +42,7 @@
 //!
 //! Followers watch the prefix and apply each state write to their
 //! [`super::Cluster`] within one watch round trip
-//! (`state/shared.rs` says why routing then never follows a decision of its
+//! (`state_machine/shared.rs` says why routing then never follows a decision of its
 //! own). Losing etcd (lease lost, etcd unreachable) keeps the last applied
 //! state: writes go to the last confirmed primary only while it answers as
 //! a primary on a timeline not older than the recorded one, and to no other
@@ -70,7 +70,7 @@ use etcd_client::{Client, ConnectOptions, EventType, WatchOptions};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::{Cluster, CommandError};
-use crate::config::Config;
+use crate::config::{Config, NodeId};
 pub use peers::PeerView;
 use requests::AdminRequest;
 use shared_state::{Keys, SharedState};
@@ -239,7 +239,7 @@ impl Cluster {
     pub(super) fn forward_if_follower(
         &self,
         command: &'static str,
-        node: usize,
+        node: NodeId,
     ) -> Option<Result<String, CommandError>> {
         let h = self.coord.get()?;
         if h.decides() {
@@ -253,7 +253,7 @@ impl Cluster {
         }
         let req = AdminRequest {
             command: command.to_string(),
-            node,
+            node: node.index(),
             from: h.name.clone(),
         };
         Some(match h.tx.send(Request::Forward(req)) {
@@ -312,7 +312,7 @@ pub fn start(
         return None;
     }
     // Nothing is routed until etcd's state is read.
-    let adm = super::state::Admission::from(&*cfg);
+    let adm = super::state_machine::Admission::from(&*cfg);
     cluster.update(|o| o.apply_external(Default::default(), o.holds_with_reasons(), &adm));
     let cluster = cluster.clone();
     Some(run(cluster, config, handle, rx, shutdown))
@@ -559,7 +559,7 @@ impl Session {
     }
 
     /// Not the leader any more: keep the last state etcd confirmed, decide
-    /// nothing (see `state/shared.rs`).
+    /// nothing (see `state_machine/shared.rs`).
     fn step_down(&mut self) {
         let was = self.handle.leader.swap(false, Ordering::AcqRel);
         self.handle.set_lease_until(None);

@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{CoordError, Session, call};
 use crate::cluster::switchover;
+use crate::config::NodeId;
 
 /// Distinguishes the requests of one instance.
 static NEXT: AtomicU64 = AtomicU64::new(1);
@@ -51,7 +52,7 @@ impl Session {
         match serde_json::from_slice::<AdminRequest>(kv.value()) {
             Ok(req) => {
                 let cfg = self.config.load_full();
-                let n = req.node;
+                let n = NodeId::new(req.node);
                 let r = match req.command.as_str() {
                     "attach" => self.cluster.attach(n, &cfg),
                     "detach" => self.cluster.detach(n, &cfg),
@@ -60,10 +61,10 @@ impl Session {
                 };
                 match r {
                     Ok(msg) => {
-                        tracing::warn!(from = %req.from, command = %req.command, node = n, "forwarded command: {msg}")
+                        tracing::warn!(from = %req.from, command = %req.command, node = %n, "forwarded command: {msg}")
                     }
                     Err(e) => {
-                        tracing::warn!(from = %req.from, command = %req.command, node = n, error = %e, "forwarded command refused")
+                        tracing::warn!(from = %req.from, command = %req.command, node = %n, error = %e, "forwarded command refused")
                     }
                 }
             }

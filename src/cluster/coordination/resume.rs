@@ -25,9 +25,9 @@ use tokio::sync::oneshot;
 use super::shared_state::FailoverRecord;
 use super::{Handle, Request};
 use crate::cluster::health::probe_once;
-use crate::cluster::state::{Admission, External, Hold};
+use crate::cluster::state_machine::{Admission, External, Hold};
 use crate::cluster::{Cluster, promote};
-use crate::config::Config;
+use crate::config::{Config, NodeId};
 
 /// Pause between two looks at the candidate.
 const PAUSE: Duration = Duration::from_millis(250);
@@ -41,8 +41,9 @@ pub(super) fn spawn(
     holds: Vec<Option<Hold>>,
 ) {
     tokio::spawn(async move {
-        let c = record.candidate;
-        tracing::warn!(candidate = c, old = ?record.old_primary, "finishing the failover the previous leader recorded");
+        let c = NodeId::new(record.candidate);
+        let old = record.old_primary.map(NodeId::new);
+        tracing::warn!(candidate = %c, old = ?record.old_primary, "finishing the failover the previous leader recorded");
         let mut promoted = false;
         loop {
             if !handle.leader.load(Ordering::Acquire) {
@@ -52,9 +53,9 @@ pub(super) fn spawn(
                 return;
             }
             let cfg = config.load_full();
-            let Some(b) = cfg.backends.get(c) else {
+            let Some(b) = cfg.backends.get(c.index()) else {
                 tracing::error!(
-                    candidate = c,
+                    candidate = %c,
                     "the recorded candidate is not configured; waiting for an operator"
                 );
                 return;
@@ -62,17 +63,17 @@ pub(super) fn spawn(
             match probe_once(b, &cfg.monitor, cfg.health_check.timeout).await {
                 Ok(false) => break,
                 Ok(true) if !promoted => {
-                    match promote::promote(&cfg, c, record.old_primary).await {
-                        Ok(msg) => tracing::warn!(node = c, "{msg}"),
+                    match promote::promote(&cfg, c, old).await {
+                        Ok(msg) => tracing::warn!(node = %c, "{msg}"),
                         Err(e) => {
-                            tracing::error!(node = c, error = %e, "promoting the recorded candidate failed; retrying")
+                            tracing::error!(node = %c, error = %e, "promoting the recorded candidate failed; retrying")
                         }
                     }
                     promoted = true;
                 }
                 Ok(true) => {}
                 Err(e) => {
-                    tracing::info!(node = c, error = %e, "recorded candidate unreachable; waiting (no other standby is promoted)")
+                    tracing::info!(node = %c, error = %e, "recorded candidate unreachable; waiting (no other standby is promoted)")
                 }
             }
             tokio::time::sleep(PAUSE).await;
@@ -91,7 +92,7 @@ pub(super) fn spawn(
         });
         handle.resuming.store(false, Ordering::Release);
         tracing::warn!(
-            node = c,
+            node = %c,
             "the recorded failover is finished: node {c} is the primary"
         );
         let (tx, rx) = oneshot::channel();

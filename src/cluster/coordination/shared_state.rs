@@ -8,8 +8,9 @@ use etcd_client::{Compare, CompareOp, GetOptions, PutOptions, Txn, TxnOp, TxnOpR
 use serde::{Deserialize, Serialize};
 
 use super::{CoordError, Session, call};
-use crate::cluster::state::{Admission, External, Hold};
+use crate::cluster::state_machine::{Admission, External, Hold};
 use crate::cluster::{Cluster, HoldKind};
+use crate::config::NodeId;
 
 /// The keys of one cluster.
 pub(super) struct Keys {
@@ -111,16 +112,17 @@ impl SharedState {
         };
         let primary = snap.primary;
         let seen_tl = primary
-            .and_then(|p| snap.nodes.get(p))
+            .and_then(|p| snap.nodes.get(p.index()))
             .and_then(|n| n.repl.timeline);
+        let primary = primary.map(NodeId::index);
         let timeline = match (prev.timeline, seen_tl) {
             (Some(a), Some(b)) => Some(a.max(b)),
             (a, b) => a.or(b),
         };
         let failover = promotion.map(|(old, candidate, kind)| FailoverRecord {
             kind: kind.to_string(),
-            old_primary: old,
-            candidate,
+            old_primary: old.map(NodeId::index),
+            candidate: candidate.index(),
         });
         let holds = holds
             .into_iter()
@@ -175,7 +177,7 @@ impl SharedState {
     /// What a follower's owner applies.
     pub(super) fn external(&self) -> External {
         External {
-            primary: self.primary,
+            primary: self.primary.map(NodeId::new),
             timeline: self.timeline,
             failover: self.failover.is_some(),
         }

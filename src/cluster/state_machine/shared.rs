@@ -23,12 +23,13 @@
 use std::time::{Instant, SystemTime};
 
 use super::{Admission, Hold, NodeStatus, Owner, PgStatus, Role};
+use crate::config::NodeId;
 
 /// The state etcd recorded, as this follower applies it.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub(in crate::cluster) struct External {
     /// The primary the leader published (`None`: none, e.g. during a failover).
-    pub primary: Option<usize>,
+    pub primary: Option<NodeId>,
     /// The highest timeline recorded for the primary.
     pub timeline: Option<u32>,
     /// A failover or switchover is recorded in progress (sessions wait for
@@ -39,10 +40,10 @@ pub(in crate::cluster) struct External {
 impl Owner {
     /// The primary etcd recorded, if this instance's own view still
     /// accepts it (rules 1–3 of the module docs).
-    pub(super) fn external_primary(&self, e: &External) -> Option<usize> {
+    pub(super) fn external_primary(&self, e: &External) -> Option<NodeId> {
         let p = e.primary?;
-        let n = self.snap.nodes.get(p)?;
-        let b = &self.books[p];
+        let n = self.snap.nodes.get(p.index())?;
+        let b = &self.books[p.index()];
         let timeline_ok = match (n.repl.timeline, e.timeline) {
             (Some(seen), Some(recorded)) => seen == recorded,
             _ => true,
@@ -55,7 +56,12 @@ impl Owner {
     /// timeline. The leader saw the named primary report not-in-recovery,
     /// so it is taken as a primary now (a health round started earlier must
     /// not undo that); this instance's next checks still confirm it.
-    pub fn apply_external(&mut self, e: External, holds: Vec<Option<Hold>>, adm: &Admission) {
+    pub(crate) fn apply_external(
+        &mut self,
+        e: External,
+        holds: Vec<Option<Hold>>,
+        adm: &Admission,
+    ) {
         let now = SystemTime::now();
         for (i, h) in holds.into_iter().enumerate().take(self.books.len()) {
             if self.books[i].hold != h {
@@ -69,12 +75,12 @@ impl Owner {
             }
         }
         if let Some(p) = e.primary
-            && let Some(n) = self.snap.nodes.get_mut(p)
-            && self.books[p].hold.is_none()
+            && let Some(n) = self.snap.nodes.get_mut(p.index())
+            && self.books[p.index()].hold.is_none()
             && n.pg_status != PgStatus::Down
         {
             if n.role != Role::Primary {
-                tracing::info!(node = p, "primary recorded in etcd; taken as the primary");
+                tracing::info!(node = %p, "primary recorded in etcd; taken as the primary");
                 n.role = Role::Primary;
                 n.last_change = now;
             }
@@ -82,8 +88,8 @@ impl Owner {
                 n.status = NodeStatus::Waiting;
                 n.held_out = None;
             }
-            self.books[p].false_primary = false;
-            self.books[p].role_seen_at = Some(Instant::now());
+            self.books[p.index()].false_primary = false;
+            self.books[p.index()].role_seen_at = Some(Instant::now());
         }
         // A follower runs no transition of its own.
         if self.transition.is_some() {
@@ -99,7 +105,7 @@ impl Owner {
 
     /// This instance became the leader: decide locally again, starting
     /// from the primary etcd recorded (losing it starts a failover).
-    pub fn release_external(&mut self, adm: &Admission) {
+    pub(crate) fn release_external(&mut self, adm: &Admission) {
         let Some(e) = self.external.take() else {
             return;
         };
@@ -110,13 +116,13 @@ impl Owner {
     }
 
     /// Each node's hold with its reason (what the leader records).
-    pub fn holds_with_reasons(&self) -> Vec<Option<Hold>> {
+    pub(crate) fn holds_with_reasons(&self) -> Vec<Option<Hold>> {
         self.books.iter().map(|b| b.hold.clone()).collect()
     }
 
     /// The transition in progress once its promotion was recorded:
     /// (old primary, candidate, kind), for the leader's record in etcd.
-    pub fn promotion_in_progress(&self) -> Option<(Option<usize>, usize, &'static str)> {
+    pub(crate) fn promotion_in_progress(&self) -> Option<(Option<NodeId>, NodeId, &'static str)> {
         let t = self.transition.as_ref()?;
         if !t.promoted {
             return None;
