@@ -17,11 +17,14 @@
 //! | `ATTACH NODE n` | lift node n's hold (detached, fenced old primary, cannot follow) |
 //! | `DETACH NODE n` | no traffic to standby n until `ATTACH NODE n` |
 //! | `PROMOTE NODE n` | switchover to standby n (or the candidate of a waiting failover) |
+//! | `REJOIN NODE n` | rejoin fenced old primary (or diverged standby) n as a standby (`failover.rejoin`) |
 //!
-//! `ATTACH`/`DETACH`/`PROMOTE` answer one row (`node_id`, `result`); a
+//! `ATTACH`/`DETACH`/`PROMOTE`/`REJOIN` answer one row (`node_id`, `result`); a
 //! refusal is an error with SQLSTATE 55000 and the reason. `PROMOTE NODE`
 //! returns once the switchover has started; `SHOW PGPILOT_FAILOVER` (or
-//! `pgpilot promote`, which polls it) follows it to the end.
+//! `pgpilot promote`, which polls it) follows it to the end. `REJOIN NODE`
+//! returns once the rejoin has started; the node's `held_out` in `SHOW
+//! PGPILOT_NODES` (or `pgpilot rejoin`, which polls it) follows it.
 //!
 //! Only users listed in `admin_users` may run them; others get SQLSTATE
 //! 42501. The session decides *when* to answer (simple Query, or the extended
@@ -70,6 +73,8 @@ pub enum AdminCommand {
     DetachNode(usize),
     /// `PROMOTE NODE n`.
     PromoteNode(usize),
+    /// `REJOIN NODE n`.
+    RejoinNode(usize),
 }
 
 impl AdminCommand {
@@ -90,6 +95,7 @@ impl AdminCommand {
             AdminCommand::AttachNode(n) => format!("ATTACH NODE {n}"),
             AdminCommand::DetachNode(n) => format!("DETACH NODE {n}"),
             AdminCommand::PromoteNode(n) => format!("PROMOTE NODE {n}"),
+            AdminCommand::RejoinNode(n) => format!("REJOIN NODE {n}"),
         }
     }
 
@@ -101,6 +107,7 @@ impl AdminCommand {
             AdminCommand::AttachNode(_)
                 | AdminCommand::DetachNode(_)
                 | AdminCommand::PromoteNode(_)
+                | AdminCommand::RejoinNode(_)
         )
     }
 }
@@ -159,7 +166,9 @@ pub fn parse(sql: &str) -> Option<AdminCommand> {
 }
 
 /// The words an admin command can start with (lower case).
-pub const FIRST_WORDS: [&[u8]; 5] = [b"show", b"pgpool", b"attach", b"detach", b"promote"];
+pub const FIRST_WORDS: [&[u8]; 6] = [
+    b"show", b"pgpool", b"attach", b"detach", b"promote", b"rejoin",
+];
 
 /// [`parse`] on raw query bytes (as in a Query message, with or without the
 /// terminating NUL). Rejects ordinary SQL after looking at its first word,
@@ -201,6 +210,7 @@ pub fn parse_bytes(sql: &[u8]) -> Option<AdminCommand> {
                 "attach" => AdminCommand::AttachNode(n),
                 "detach" => AdminCommand::DetachNode(n),
                 "promote" => AdminCommand::PromoteNode(n),
+                "rejoin" => AdminCommand::RejoinNode(n),
                 _ => return None,
             }
         }
@@ -214,7 +224,8 @@ pub fn parse_bytes(sql: &[u8]) -> Option<AdminCommand> {
 /// Run an admin command for `who`: 42501 unless the user is in
 /// `admin_users`. Never blocks: `SHOW` reads snapshots and counters;
 /// `ATTACH`/`DETACH` change node state under the cluster's lock;
-/// `PROMOTE NODE` validates and starts a switchover task.
+/// `PROMOTE NODE` validates and starts a switchover task, `REJOIN NODE` a
+/// rejoin task.
 pub fn execute(
     ctx: &ProxyContext,
     cmd: &AdminCommand,
@@ -238,6 +249,10 @@ pub fn execute(
         AdminCommand::PromoteNode(n) => failover::node_result(
             *n,
             crate::cluster::switchover::start(ctx.cluster.clone(), ctx.config.clone(), *n),
+        ),
+        AdminCommand::RejoinNode(n) => failover::node_result(
+            *n,
+            crate::cluster::rejoin::start(ctx.cluster.clone(), ctx.config.clone(), *n),
         ),
     }
 }
@@ -301,6 +316,7 @@ mod tests {
             ("attach node 2", AdminCommand::AttachNode(2)),
             ("DETACH  NODE 1;", AdminCommand::DetachNode(1)),
             ("Promote Node 0", AdminCommand::PromoteNode(0)),
+            ("REJOIN NODE 0;", AdminCommand::RejoinNode(0)),
             (
                 "pgpool show Health_Check_Period;",
                 AdminCommand::PgpoolShow(Some("health_check_period".into())),
@@ -333,6 +349,7 @@ mod tests {
             "DETACH NODE -1",
             "PROMOTE NODE 1 2",
             "promote node1",
+            "REJOIN NODE",
             "ATTACH PARTITION p FOR VALUES IN (1)",
         ] {
             assert_eq!(parse(sql), None, "{sql:?}");

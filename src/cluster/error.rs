@@ -171,6 +171,28 @@ pub enum CommandError {
     /// A candidate was forced with no failover in progress.
     #[error("no failover is waiting for a candidate")]
     NoFailoverWaiting,
+    /// `REJOIN NODE` with `failover.rejoin = "off"`.
+    #[error(
+        "failover.rejoin = \"off\": rebuild node {node} as a standby yourself (pg_rewind or pg_basebackup), then ATTACH NODE {node}"
+    )]
+    RejoinOff {
+        /// The node.
+        node: usize,
+    },
+    /// `REJOIN NODE` of a node that is neither fenced nor diverged.
+    #[error(
+        "node {node} is neither a fenced old primary nor a diverged standby: nothing to rejoin"
+    )]
+    NotRejoinable {
+        /// The node.
+        node: usize,
+    },
+    /// A rejoin of the node runs already.
+    #[error("a rejoin of node {node} is already running (SHOW PGPILOT_NODES shows its progress)")]
+    RejoinRunning {
+        /// The node.
+        node: usize,
+    },
 }
 
 impl StepError {

@@ -132,10 +132,14 @@ pub enum Event {
     Attach,
     /// `DETACH NODE`.
     Detach,
+    /// An old primary (or a diverged standby) rejoined as a standby.
+    Rejoin,
+    /// A rejoin failed or was refused.
+    RejoinFailed,
 }
 
 /// Every event, in counter order.
-pub const EVENTS: [Event; 14] = [
+pub const EVENTS: [Event; 16] = [
     Event::FailoverStarted,
     Event::FailoverFinished,
     Event::FailoverFailed,
@@ -150,6 +154,8 @@ pub const EVENTS: [Event; 14] = [
     Event::Fenced,
     Event::Attach,
     Event::Detach,
+    Event::Rejoin,
+    Event::RejoinFailed,
 ];
 
 impl Event {
@@ -170,6 +176,8 @@ impl Event {
             Event::Fenced => "fenced",
             Event::Attach => "attach",
             Event::Detach => "detach",
+            Event::Rejoin => "rejoin",
+            Event::RejoinFailed => "rejoin_failed",
         }
     }
 

@@ -40,11 +40,15 @@ pub mod health;
 pub mod hooks;
 pub mod lag;
 pub mod monitor_conn;
+pub mod pgbin;
 pub mod promote;
+pub mod rejoin;
 pub mod replication;
+pub mod returning;
 pub mod slots;
 mod state;
 pub mod switchover;
+pub mod timeline;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -288,6 +292,8 @@ pub struct Cluster {
     transition_lock: tokio::sync::Mutex<()>,
     /// The primary's physical replication slots, as `slots::run` last saw them.
     slots: ArcSwap<Vec<slots::SlotInfo>>,
+    /// Nodes a rejoin runs for (`REJOIN NODE`, `auto_rejoin`): one at a time each.
+    rejoining: std::sync::Mutex<std::collections::HashSet<usize>>,
 }
 
 /// How long a session whose primary connection broke waits for the
@@ -311,6 +317,7 @@ impl Cluster {
             fast_detect: AtomicBool::new(false),
             transition_lock: tokio::sync::Mutex::new(()),
             slots: ArcSwap::from_pointee(Vec::new()),
+            rejoining: std::sync::Mutex::new(std::collections::HashSet::new()),
         }
     }
 
@@ -528,9 +535,20 @@ impl Cluster {
         self.lock().last_primary_lsn(node)
     }
 
-    /// A standby could not follow the new primary.
-    fn cannot_follow(&self, node: usize, reason: String) {
-        self.update(|o| o.cannot_follow(node, reason));
+    /// A standby could not follow the new primary (`diverged`: its
+    /// timeline did).
+    fn cannot_follow(&self, node: usize, reason: String, diverged: bool) {
+        self.update(|o| o.cannot_follow(node, reason, diverged));
+    }
+
+    /// A rejoin of `node` reports progress (false: not held for it any more).
+    fn rejoin_progress(&self, node: usize, reason: String) -> bool {
+        self.update_with(|o| o.rejoin_progress(node, reason))
+    }
+
+    /// `node` rejoined as a standby (see `Owner::rejoined`).
+    fn rejoined(&self, node: usize, reason: String) {
+        self.update(|o| o.rejoined(node, reason));
     }
 
     /// Why each node is held out of service, by node id (`None`: not held):

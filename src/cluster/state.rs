@@ -129,7 +129,12 @@ pub(crate) enum HoldKind {
     Fenced,
     /// A standby that could not follow the new primary; lifted when it is
     /// seen streaming from the primary on its timeline (or by `ATTACH NODE`).
+    /// Also a node rejoined as a standby, until it is seen streaming.
     CannotFollow,
+    /// A standby whose WAL went past the point where the primary's timeline
+    /// forked: it cannot follow until it is rewound or rebuilt (`REJOIN
+    /// NODE`); lifted like `CannotFollow` once it streams from the primary.
+    Diverged,
 }
 
 /// A hold and the reason shown to operators.

@@ -23,7 +23,7 @@ mod routing;
 mod units;
 
 pub use checks::{HealthCheck, MetricsConfig, SrCheck};
-pub use failover::{Failover, FailoverMode};
+pub use failover::{Failover, FailoverMode, RejoinMode};
 pub use routing::{BalanceInTransaction, ConsistencyMode, Routing, UnknownFunctions};
 use units::{byte_size, duration};
 pub use units::{parse_byte_size, parse_duration};

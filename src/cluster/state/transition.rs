@@ -59,7 +59,7 @@ impl Owner {
             return false;
         };
         let n = &self.snap.nodes[i];
-        if h.kind == HoldKind::CannotFollow
+        if matches!(h.kind, HoldKind::CannotFollow | HoldKind::Diverged)
             && n.role == Role::Standby
             && n.repl.streaming_from_primary
             && !n.repl.timeline_mismatch
@@ -460,17 +460,55 @@ impl Owner {
         }
     }
 
-    /// A standby could not follow the new primary: hold it with `reason`.
-    pub fn cannot_follow(&mut self, node: usize, reason: String) {
+    /// A standby could not follow the new primary: hold it with `reason`
+    /// (as [`HoldKind::Diverged`] when its timeline diverged).
+    pub fn cannot_follow(&mut self, node: usize, reason: String, diverged: bool) {
         let now = SystemTime::now();
         tracing::error!(node, %reason, "standby cannot follow the new primary");
+        let kind = if diverged {
+            HoldKind::Diverged
+        } else {
+            HoldKind::CannotFollow
+        };
         self.books[node].hold = Some(Hold {
-            kind: HoldKind::CannotFollow,
+            kind,
             reason: reason.clone(),
         });
         self.hold(node, reason, now);
         self.counts.add(Event::FollowFailed);
         self.recompute_weights();
+    }
+
+    /// A rejoin of `node` (fenced or diverged) says where it stands: the
+    /// hold keeps its kind, `reason` is shown. False when the node is no
+    /// longer held so (an operator attached it meanwhile).
+    pub fn rejoin_progress(&mut self, node: usize, reason: String) -> bool {
+        let now = SystemTime::now();
+        let Some(h) = self.books.get_mut(node).and_then(|b| b.hold.as_mut()) else {
+            return false;
+        };
+        if !matches!(h.kind, HoldKind::Fenced | HoldKind::Diverged) {
+            return false;
+        }
+        h.reason = reason.clone();
+        self.hold(node, reason, now);
+        true
+    }
+
+    /// `node` was rejoined and streams from the primary as a standby on its
+    /// timeline: it is no old primary any more. It is held as a standby
+    /// that must still show it streams, so the usual evidence (a
+    /// replication check seeing it stream from the primary) admits it.
+    pub fn rejoined(&mut self, node: usize, reason: String) {
+        let now = SystemTime::now();
+        let b = &mut self.books[node];
+        b.false_primary = false;
+        b.hold = Some(Hold {
+            kind: HoldKind::CannotFollow,
+            reason: reason.clone(),
+        });
+        self.hold(node, reason, now);
+        self.counts.add(Event::Rejoin);
     }
 
     /// Count an event the coordinator observed.
