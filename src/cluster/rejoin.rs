@@ -90,6 +90,19 @@ pub enum RejoinError {
         /// The node.
         node: usize,
     },
+    /// Its WAL still went past the fork after the rejoin.
+    #[error(
+        "node {node} streams, but its WAL on timeline {timeline} still reaches {} past the primary's fork",
+        format_lsn(*.lsn)
+    )]
+    StillDiverged {
+        /// The node.
+        node: usize,
+        /// Its timeline.
+        timeline: u32,
+        /// How far its WAL reaches.
+        lsn: u64,
+    },
     /// The primary changed meanwhile.
     #[error("the primary changed during the rejoin")]
     PrimaryChanged,
@@ -467,6 +480,17 @@ async fn by_rewind(
         )?;
         ensure_slot(cfg, node, primary, slot).await?;
     }
+    // pg_rewind reads the source's timeline from its control file, which
+    // keeps the old timeline until the first checkpoint after a promotion:
+    // without one it finds "no rewind required" and leaves the divergent
+    // WAL in place. (Needs superuser or pg_checkpoint.)
+    step(
+        cluster,
+        node,
+        MODE,
+        &format!("CHECKPOINT on node {primary}"),
+    )?;
+    monitor_query(cfg, primary, "CHECKPOINT", f.rejoin_timeout).await?;
     step(
         cluster,
         node,
@@ -529,7 +553,7 @@ async fn by_rewind(
         &format!("waiting until it streams from node {primary}"),
     )?;
     wait_streaming(cfg, node, primary, f.rejoin_timeout).await?;
-    Ok(())
+    still_diverged(cfg, node, primary).await
 }
 
 /// The `command` mode (see the module docs).
@@ -563,7 +587,22 @@ async fn by_command(
         &format!("waiting until it streams from node {primary}"),
     )?;
     wait_streaming(cfg, node, primary, f.rejoin_timeout).await?;
-    Ok(())
+    still_diverged(cfg, node, primary).await
+}
+
+/// After a rejoin: an error if the node's WAL still does not fit the
+/// primary's history (a WAL receiver may report `streaming` for a moment
+/// before the primary refuses its start point).
+async fn still_diverged(cfg: &Config, node: usize, primary: usize) -> Result<(), RejoinError> {
+    let h = timeline::history(cfg, primary).await?;
+    match timeline::standby_fit(cfg, node, &h).await? {
+        Fit::Follows => Ok(()),
+        Fit::Diverged { timeline, lsn, .. } => Err(RejoinError::StillDiverged {
+            node,
+            timeline,
+            lsn,
+        }),
+    }
 }
 
 /// A physical slot name for the node: its `application_name` made a valid

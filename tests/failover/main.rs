@@ -10,13 +10,14 @@
 //! initdb.
 //!
 //! The tests are grouped by what they exercise (`under_load.rs`, `modes.rs`,
-//! `operator.rs`, `safety.rs`, `slots.rs`); this file holds the shared helpers.
+//! `operator.rs`, `safety.rs`, `slots.rs`, `rejoin.rs`); this file holds the shared helpers.
 
 #[path = "../common/mod.rs"]
 mod common;
 
 mod modes;
 mod operator;
+mod rejoin;
 mod safety;
 mod sessions;
 mod slots;
