@@ -135,6 +135,11 @@ impl Proxy {
             ctx.config.clone(),
             ctx.shutdown.clone(),
         ));
+        tasks.spawn(cluster::at_start::promote_at_start(
+            ctx.cluster.clone(),
+            ctx.config.clone(),
+            ctx.shutdown.clone(),
+        ));
         tasks.spawn(cluster::rejoin::watch_fenced(
             ctx.cluster.clone(),
             ctx.config.clone(),

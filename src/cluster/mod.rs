@@ -32,6 +32,7 @@
 //! auto_failback, weights) lives in `state.rs` as plain functions over data, so
 //! it is unit-tested without a network.
 
+pub mod at_start;
 pub mod error;
 pub mod events;
 pub mod failover;
@@ -539,6 +540,11 @@ impl Cluster {
     /// timeline did).
     fn cannot_follow(&self, node: usize, reason: String, diverged: bool) {
         self.update(|o| o.cannot_follow(node, reason, diverged));
+    }
+
+    /// `failover.promote_at_start` (see `Owner::failover_at_start`).
+    fn failover_at_start(&self, reason: String) -> bool {
+        self.update_with(|o| o.failover_at_start(reason))
     }
 
     /// A rejoin of `node` reports progress (false: not held for it any more).

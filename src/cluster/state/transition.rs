@@ -147,7 +147,7 @@ impl Owner {
         tracing::warn!(node = old, %reason, "failover started");
         self.start_transition(
             TransitionKind::Failover,
-            old,
+            Some(old),
             None,
             search_only,
             reason,
@@ -159,7 +159,7 @@ impl Owner {
     fn start_transition(
         &mut self,
         kind: TransitionKind,
-        old: usize,
+        old: Option<usize>,
         target: Option<usize>,
         search_only: bool,
         detail: String,
@@ -176,7 +176,7 @@ impl Owner {
             } else {
                 Phase::Detected
             },
-            old_primary: Some(old),
+            old_primary: old,
             target,
             forced: None,
             search_only,
@@ -411,6 +411,21 @@ impl Owner {
         Ok(())
     }
 
+    /// `failover.promote_at_start`: no primary was ever seen, and none is
+    /// now: start a failover that replaces nobody (nothing to fence), so
+    /// the coordinator promotes the most advanced standby. False when a
+    /// primary is (or was) known or a transition runs.
+    pub fn failover_at_start(&mut self, reason: String) -> bool {
+        if self.transition.is_some() || self.snap.primary.is_some() || self.last_primary.is_some() {
+            return false;
+        }
+        let now = SystemTime::now();
+        tracing::warn!(%reason, "failover started");
+        self.start_transition(TransitionKind::Failover, None, None, false, reason, now);
+        self.counts.add(Event::FailoverStarted);
+        true
+    }
+
     /// Start a switchover from the current primary to `target`: publishes no
     /// primary (new writes wait) until [`Owner::finish`] or [`Owner::fail`].
     pub fn begin_switchover(
@@ -427,7 +442,7 @@ impl Owner {
         tracing::warn!(old, target, "switchover started");
         let id = self.start_transition(
             TransitionKind::Switchover,
-            old,
+            Some(old),
             Some(target),
             false,
             detail,
