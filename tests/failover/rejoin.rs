@@ -2,7 +2,9 @@
 //! (`failover.rejoin = "pg_rewind"`): after it wrote transactions no standby
 //! received (asynchronous replication), it is rewound, streams from the new
 //! primary through its own slot, and has the new rows, not the lost ones.
-//! With synchronous replication and an unknown end of WAL it is refused.
+//! With synchronous replication and an unknown end of WAL it is refused. A
+//! standby that returns ahead of the new primary on the old timeline is held
+//! as diverged at once, and rewound the same way.
 
 use pgpilot::config::RejoinMode;
 
@@ -195,4 +197,102 @@ async fn a_rejoin_that_could_lose_acknowledged_writes_is_refused() {
         m["pgpilot_failover_events_total{event=\"rejoin_failed\"}"],
         1.0
     );
+}
+
+#[tokio::test]
+async fn a_standby_ahead_on_the_old_timeline_is_held_as_diverged_then_rewound() {
+    let _serial = SERIAL.lock().await;
+    let cluster = new_cluster_with(2, false, &["wal_log_hints = on"], true).await;
+    create_table(&cluster).await;
+    let mut cfg = config_for(&cluster);
+    cfg.failover.rejoin = RejoinMode::PgRewind;
+    let p = spawn_proxy_stoppable(cfg);
+    all_in_service(&p, 0).await;
+    let ctx = p.ctx.clone();
+
+    // Node 1 stops receiving; node 2 receives rows node 1 never gets, then
+    // is stopped; node 0 dies, so node 1 (the only candidate) is promoted
+    // behind node 2.
+    let conninfo = psql_in(&cluster, 1, "postgres", "SHOW primary_conninfo").await;
+    psql_in(
+        &cluster,
+        1,
+        "postgres",
+        "ALTER SYSTEM SET primary_conninfo = ''",
+    )
+    .await;
+    psql_in(&cluster, 1, "postgres", "SELECT pg_reload_conf()").await;
+    wait_until(
+        "node 1's WAL receiver stopped",
+        Duration::from_secs(20),
+        async || {
+            try_psql(&cluster, 1, "SELECT count(*) FROM pg_stat_wal_receiver")
+                .await
+                .as_deref()
+                == Some("0")
+        },
+    )
+    .await;
+    psql(&cluster, 0, "INSERT INTO t VALUES ('only-on-node2')").await;
+    replicated_to(&cluster, 2, "only-on-node2").await;
+    let c = cluster.clone();
+    blocking(move || c.stop_node(2, "fast"))
+        .await
+        .expect("stop node 2");
+    let killed = kill_primary(&cluster, &p).await;
+    new_primary(&p, 1, killed, Duration::from_secs(30)).await;
+    let set = format!(
+        "ALTER SYSTEM SET primary_conninfo = '{}'",
+        conninfo.replace('\'', "''")
+    );
+    psql_in(&cluster, 1, "postgres", &set).await;
+    write_lands_on(&p, cluster.nodes[1].port, "after-failover").await;
+    let follows = ctx.cluster.failover_report().counts.get(Event::Follow);
+
+    // Node 2 returns: recognised as diverged up front, not re-pointed.
+    let c = cluster.clone();
+    blocking(move || c.start_node(2))
+        .await
+        .expect("restart node 2");
+    let why = wait_for("node 2 held as diverged", Duration::from_secs(30), || {
+        ctx.cluster.snapshot().nodes[2]
+            .held_out
+            .clone()
+            .filter(|h| h.contains("diverged"))
+    })
+    .await;
+    assert!(why.starts_with("cannot follow: diverged"), "{why}");
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(
+        ctx.cluster.failover_report().counts.get(Event::Follow),
+        follows
+    );
+    assert!(!ctx.cluster.snapshot().nodes[2].status.is_usable());
+
+    // REJOIN NODE 2 rewinds it: it streams from node 1, without the row.
+    let admin = connect(p.addr, "").await;
+    show(&admin, "REJOIN NODE 2").await;
+    let streaming = format!("streaming from {}", cluster.nodes[1].port);
+    wait_until(
+        "node 2 streaming from node 1",
+        Duration::from_secs(90),
+        async || {
+            try_psql(
+                &cluster,
+                2,
+                "SELECT status || ' from ' || sender_port FROM pg_stat_wal_receiver",
+            )
+            .await
+            .as_deref()
+                == Some(streaming.as_str())
+        },
+    )
+    .await;
+    replicated_to(&cluster, 2, "after-failover").await;
+    assert!(!keys_on(&cluster, 2).await.contains("only-on-node2"));
+    wait_for("node 2 back in service", Duration::from_secs(30), || {
+        let n = &ctx.cluster.snapshot().nodes[2];
+        (n.status.is_usable() && n.held_out.is_none()).then_some(())
+    })
+    .await;
 }
