@@ -102,8 +102,8 @@ struct NodeBook {
     false_primary: bool,
     /// Health-check counters.
     stats: HealthStats,
-    /// Kept out of service until an operator (or, for `CannotFollow`,
-    /// streaming evidence) lifts it.
+    /// Kept out of service until an operator (or, for `CannotFollow` and
+    /// `Diverged`, streaming evidence) lifts it.
     hold: Option<Hold>,
     /// `ATTACH NODE` vouched for it: a returning standby is admitted without
     /// waiting for streaming evidence (the operator rebuilt it).

@@ -1,5 +1,5 @@
 //! Failover and switchover as state: when a transition starts, what it may
-//! change, and the holds (detached, fenced, cannot follow) that keep nodes
+//! change, and the holds (detached, fenced, cannot follow, diverged) that keep nodes
 //! out of service. The I/O (probes, promotion, re-pointing) is in
 //! `failover.rs`, `promote.rs`, `follow.rs` and `switchover.rs`; they report
 //! each step here, tagged with the transition's id.
@@ -22,7 +22,10 @@
 //!    coordinator makes *before* it sends `pg_promote`, touches the trigger
 //!    file or runs the command. From then on it can come back only through
 //!    `ATTACH NODE`, which refuses while it claims to be a primary next to
-//!    another one. Before that point nothing was promoted, so the old
+//!    another one, or through a rejoin ([`Owner::rejoined`], `rejoin.rs`),
+//!    which turns the fence into a standby's hold only after the node was
+//!    seen streaming from the primary, and which is lifted only by seeing it
+//!    again as a standby streaming on the primary's timeline. Before that point nothing was promoted, so the old
 //!    primary returning simply cancels the failover
 //!    ([`Owner::watch_primary`]).
 //! 4. `finish` publishes the new primary only after the coordinator saw
