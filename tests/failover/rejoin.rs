@@ -177,8 +177,12 @@ async fn a_rejoin_that_could_lose_acknowledged_writes_is_refused() {
     let killed = kill_primary(&cluster, &p).await;
     new_primary(&p, 1, killed, Duration::from_secs(30)).await;
 
-    let admin = connect(p.addr, "").await;
-    show(&admin, "REJOIN NODE 0").await;
+    // `pgpilot rejoin 0` follows it to the refusal and fails with it.
+    let dir = tempfile::tempdir().unwrap();
+    let ports: Vec<u16> = cluster.nodes.iter().map(|n| n.port).collect();
+    let conf = cli_config(dir.path(), &p, &ports);
+    let (ok, out) = cli(&["rejoin", "0", "--config", conf.to_str().unwrap()]).await;
+    assert!(!ok && out.contains("rejoin refused"), "{out}");
     let ctx = p.ctx.clone();
     let why = wait_for("the rejoin refused", Duration::from_secs(60), || {
         let n = &ctx.cluster.snapshot().nodes[0];
