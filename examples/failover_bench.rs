@@ -66,7 +66,8 @@ async fn main() {
                     r.lost,
                     r.acked,
                     ms(r.follow),
-                    ms(r.rejoin),
+                    r.rejoin
+                        .map_or_else(|| format!("never: {}", r.old_held), |d| ms(Some(d))),
                 );
                 downtimes.push(r.downtime);
                 losses.push(r.lost);
@@ -111,6 +112,8 @@ struct Round {
     follow: Option<Duration>,
     /// Kill → the old primary streams from the new primary.
     rejoin: Option<Duration>,
+    /// Why the old primary is held, when it did not rejoin.
+    old_held: String,
 }
 
 /// How long after `since` every node of `nodes` streams from `port`
@@ -256,6 +259,10 @@ async fn run_round(sync: bool, writers: usize, fast: bool) -> Result<Round, Stri
     let lost = acks.iter().filter(|(k, _, _)| !present.contains(k)).count();
     let follow = follow.await.map_err(|e| e.to_string())?;
     let rejoin = rejoin.await.map_err(|e| e.to_string())?;
+    let old_held = ctx.cluster.snapshot().nodes[0]
+        .held_out
+        .clone()
+        .unwrap_or_default();
     let _ = stop_tx.send(());
     let _ = server.await;
     let mut cluster = Arc::try_unwrap(cluster).map_err(|_| "cluster still shared")?;
@@ -268,6 +275,7 @@ async fn run_round(sync: bool, writers: usize, fast: bool) -> Result<Round, Stri
         acked: acks.len(),
         follow,
         rejoin,
+        old_held,
     })
 }
 
