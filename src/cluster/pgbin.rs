@@ -231,6 +231,25 @@ impl DataDir {
         Ok(())
     }
 
+    /// The `port` set in the directory's postgresql.conf or
+    /// postgresql.auto.conf (the last one wins; include files are not
+    /// followed), if any.
+    pub fn configured_port(&self) -> Option<u16> {
+        let mut port = None;
+        for name in ["postgresql.conf", "postgresql.auto.conf"] {
+            let text = std::fs::read_to_string(self.path.join(name)).unwrap_or_default();
+            for line in text.lines() {
+                let line = line.split('#').next().unwrap_or_default();
+                if let Some((k, v)) = line.split_once('=')
+                    && k.trim() == "port"
+                {
+                    port = v.trim().trim_matches('\'').parse().ok().or(port);
+                }
+            }
+        }
+        port
+    }
+
     /// Whether a server runs on the directory (`pg_ctl status`: 0 running,
     /// 3 not running).
     pub async fn running(&self) -> Result<bool, PgBinError> {
@@ -308,6 +327,26 @@ fn find_bindir(configured: &str, version: &str) -> Result<PathBuf, PgBinError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_configured_port_is_the_last_one_set() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = DataDir {
+            path: tmp.path().to_path_buf(),
+            bindir: PathBuf::new(),
+            run_as: None,
+            owner: (0, 0),
+        };
+        assert_eq!(dir.configured_port(), None);
+        std::fs::write(
+            tmp.path().join("postgresql.conf"),
+            "#port = 1\nport = 5433 # mine\n",
+        )
+        .unwrap();
+        assert_eq!(dir.configured_port(), Some(5433));
+        std::fs::write(tmp.path().join("postgresql.auto.conf"), "port = '6000'\n").unwrap();
+        assert_eq!(dir.configured_port(), Some(6000));
+    }
 
     #[test]
     fn controldata_fields_are_split_at_the_first_colon() {

@@ -71,6 +71,9 @@ pub enum RejoinError {
         /// Where this was read.
         source_of_truth: &'static str,
     },
+    /// The directory at `data_directory` on pgpilot's host is not the node's.
+    #[error("{0}")]
+    OtherNode(String),
     /// The node has no `data_directory`.
     #[error(
         "backends[{node}].data_directory is not set: pg_rewind needs the node's data directory"
@@ -140,6 +143,7 @@ impl RejoinError {
             RejoinError::Unsafe(_)
                 | RejoinError::NoHints { .. }
                 | RejoinError::NoDataDir { .. }
+                | RejoinError::OtherNode(_)
                 | RejoinError::Unreachable { .. }
         )
     }
@@ -249,6 +253,52 @@ fn step(cluster: &Cluster, node: usize, mode: &str, what: &str) -> Result<(), Re
         Ok(())
     } else {
         Err(RejoinError::Abandoned { node })
+    }
+}
+
+/// Make sure the directory found at the node's `data_directory` on
+/// pgpilot's host is that node's, not another node's that happens to use the
+/// same path (pgpilot running on one database host, the node on another):
+/// rewinding the wrong directory would destroy a healthy node. A running
+/// node must report that directory itself; a stopped one must be on an
+/// address of this host, and the port in the directory's configuration (if
+/// set) must be the node's.
+async fn same_node(cfg: &Config, node: usize, dir: &DataDir) -> Result<(), RejoinError> {
+    let b = &cfg.backends[node];
+    let canonical = |p: &str| std::fs::canonicalize(p).ok();
+    let sql = "SELECT current_setting('data_directory')";
+    if let Ok(rows) = monitor_query(cfg, node, sql, cfg.health_check.timeout).await {
+        let theirs = rows.first().and_then(|r| r.first().cloned().flatten());
+        return match theirs {
+            Some(t) if canonical(&t).is_some() && canonical(&t) == canonical(&dir.arg()) => Ok(()),
+            other => Err(RejoinError::OtherNode(format!(
+                "node {node} reports data_directory {other:?}, not {} on pgpilot's host: pg_rewind needs the node's own directory (use rejoin = \"command\" for nodes on other hosts)",
+                dir.arg()
+            ))),
+        };
+    }
+    let local = tokio::net::lookup_host((b.host.as_str(), 0))
+        .await
+        .map(|addrs| {
+            addrs
+                .into_iter()
+                .any(|a| std::net::UdpSocket::bind((a.ip(), 0)).is_ok())
+        })
+        .unwrap_or(false);
+    if !local {
+        return Err(RejoinError::OtherNode(format!(
+            "node {node} ({}) is not on pgpilot's host, so {} here is not its data directory: use rejoin = \"command\"",
+            b.host,
+            dir.arg()
+        )));
+    }
+    match dir.configured_port() {
+        Some(port) if port != b.port => Err(RejoinError::OtherNode(format!(
+            "{} is configured for port {port}, node {node} listens on {}: not its data directory",
+            dir.arg(),
+            b.port
+        ))),
+        _ => Ok(()),
     }
 }
 
@@ -403,6 +453,7 @@ async fn by_rewind(
     }
     step(cluster, node, MODE, "checking it")?;
     let dir = DataDir::open(&b.data_directory, &f.pg_bindir)?;
+    same_node(cfg, node, &dir).await?;
     let h = timeline::history(cfg, primary).await?;
     let w = match ask_running(cfg, node, &h).await {
         Ok(w) => w,
