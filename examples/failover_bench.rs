@@ -24,6 +24,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use pgpilot::config::NodeId;
 use pgpilot::localcluster::{ClusterSpec, LocalCluster};
 use pgpilot::server::Proxy;
 use tokio_postgres::SimpleQueryMessage;
@@ -186,7 +187,7 @@ async fn run_round(sync: bool, writers: usize, fast: bool) -> Result<Round, Stri
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let s = ctx.cluster.snapshot();
-        let ready = s.primary == Some(0)
+        let ready = s.primary == Some(NodeId::new(0))
             && s.nodes.iter().all(|n| n.status.is_usable())
             && s.nodes[1..].iter().all(|n| n.repl.state == "streaming");
         if ready {
@@ -210,7 +211,12 @@ async fn run_round(sync: bool, writers: usize, fast: bool) -> Result<Round, Stri
         .map_err(|e| e.to_string())?;
     let deadline = Instant::now() + Duration::from_secs(30);
     let new = loop {
-        if let Some(p) = ctx.cluster.snapshot().primary.filter(|&p| p != 0) {
+        if let Some(p) = ctx
+            .cluster
+            .snapshot()
+            .primary
+            .filter(|&p| p != NodeId::new(0))
+        {
             break p;
         }
         if Instant::now() > deadline {
@@ -218,8 +224,10 @@ async fn run_round(sync: bool, writers: usize, fast: bool) -> Result<Round, Stri
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
-    let new_port = cluster.nodes[new].port;
-    let others: Vec<usize> = (1..cluster.nodes.len()).filter(|&n| n != new).collect();
+    let new_port = cluster.nodes[new.index()].port;
+    let others: Vec<usize> = (1..cluster.nodes.len())
+        .filter(|&n| n != new.index())
+        .collect();
     let limit = Duration::from_secs(60);
     let follow = tokio::spawn(streaming_from(
         cluster.clone(),
@@ -249,7 +257,7 @@ async fn run_round(sync: bool, writers: usize, fast: bool) -> Result<Round, Stri
         .ok_or("writes did not resume")?;
     let c = cluster.clone();
     let present: HashSet<String> =
-        tokio::task::spawn_blocking(move || c.psql_db(new, USER, "SELECT k FROM t"))
+        tokio::task::spawn_blocking(move || c.psql_db(new.index(), USER, "SELECT k FROM t"))
             .await
             .map_err(|e| e.to_string())?
             .map_err(|e| e.to_string())?

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use tokio_postgres::SimpleQueryMessage;
 
-use crate::config::{Config, ConfigError};
+use crate::config::{Config, ConfigError, NodeId};
 
 /// Why a command sent to a running pgpilot failed; the CLI prints the text
 /// after `pgpilot: `.
@@ -89,15 +89,15 @@ pub enum Action {
     /// `SHOW POOL_NODES`.
     Nodes,
     /// `ATTACH NODE n`.
-    Attach(usize),
+    Attach(NodeId),
     /// `DETACH NODE n`.
-    Detach(usize),
+    Detach(NodeId),
     /// `PROMOTE NODE n`, then follow `SHOW PGPILOT_FAILOVER` until it ends
     /// (unless `wait` is `None`).
-    Promote(usize, Option<Duration>),
+    Promote(NodeId, Option<Duration>),
     /// `REJOIN NODE n`, then follow the node's `held_out` in `SHOW
     /// PGPILOT_NODES` until the rejoin ends (unless `wait` is `None`).
-    Rejoin(usize, Option<Duration>),
+    Rejoin(NodeId, Option<Duration>),
 }
 
 /// A result set: columns and rows.
@@ -161,7 +161,7 @@ pub async fn run(cfg: &Config, target: &Target, action: Action) -> Result<(), Cl
 /// refused.
 async fn follow_rejoin(
     client: &tokio_postgres::Client,
-    n: usize,
+    n: NodeId,
     limit: Duration,
 ) -> Result<(), CliError> {
     let deadline = Instant::now() + limit;

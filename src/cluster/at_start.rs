@@ -22,14 +22,14 @@ use tokio::sync::watch;
 
 use super::promote::monitor_query;
 use super::{Cluster, PgStatus, Role};
-use crate::config::{Config, FailoverMode};
+use crate::config::{Config, FailoverMode, NodeId};
 
 /// How often the start-up situation is looked at.
 const PERIOD: Duration = Duration::from_secs(1);
 
 /// Watch the start (see the module docs) until a primary is seen, the
 /// failover started, or shutdown.
-pub async fn promote_at_start(
+pub(crate) async fn promote_at_start(
     cluster: Arc<Cluster>,
     config: Arc<ArcSwap<Config>>,
     mut shutdown: watch::Receiver<bool>,
@@ -60,7 +60,7 @@ pub async fn promote_at_start(
         {
             continue;
         }
-        let standbys: Vec<usize> = snap
+        let standbys: Vec<NodeId> = snap
             .nodes
             .iter()
             .filter(|n| n.role == Role::Standby && n.status.is_usable())

@@ -47,12 +47,12 @@ use super::hooks::{self, HookError, HookNodes};
 use super::promote::monitor_query;
 use super::replication::{format_lsn, parse_lsn};
 use super::{Cluster, PgStatus};
-use crate::config::Config;
+use crate::config::{Config, NodeId};
 
 /// Why a standby cannot follow the new primary. The text is the reason its
 /// hold shows (`SHOW PGPILOT_NODES`), so it says how to bring it back.
 #[derive(Debug, thiserror::Error)]
-pub enum FollowError {
+pub(crate) enum FollowError {
     /// `follow_primary_command` failed.
     #[error(transparent)]
     Hook(#[from] HookError),
@@ -63,7 +63,7 @@ pub enum FollowError {
     #[error("node {node} is not in recovery: it cannot follow")]
     NotInRecovery {
         /// The node.
-        node: usize,
+        node: NodeId,
     },
     /// It replayed past the point where the new primary's timeline forked.
     #[error(
@@ -73,7 +73,7 @@ pub enum FollowError {
     )]
     Diverged {
         /// The node.
-        node: usize,
+        node: NodeId,
         /// Its replay position.
         replay: u64,
         /// Where the new timeline forked.
@@ -111,9 +111,9 @@ pub enum FollowError {
     )]
     NotStreaming {
         /// The standby.
-        node: usize,
+        node: NodeId,
         /// The new primary.
-        new: usize,
+        new: NodeId,
         /// `failover.follow_timeout`.
         limit: Duration,
         /// What the last look saw.
@@ -126,7 +126,7 @@ impl FollowError {
     /// reason to hold it out. It is re-pointed when it returns
     /// ([`super::returning`]); a health check that has not yet noticed it
     /// down must not make it "cannot follow" for good.
-    pub(super) fn standby_unreachable(&self, standby: usize) -> bool {
+    pub(super) fn standby_unreachable(&self, standby: NodeId) -> bool {
         matches!(
             self,
             FollowError::Query(
@@ -144,11 +144,11 @@ impl FollowError {
 /// Re-point every reachable standby except `new` (and `old`, unless
 /// `include_old`) at `new`, each in its own task. `switch_lsn` is where the
 /// new primary's timeline forked, when known.
-pub fn spawn_all(
+pub(crate) fn spawn_all(
     cluster: Arc<Cluster>,
     cfg: Arc<Config>,
-    new: usize,
-    old: Option<usize>,
+    new: NodeId,
+    old: Option<NodeId>,
     switch_lsn: Option<u64>,
     include_old: bool,
 ) {
@@ -160,7 +160,7 @@ pub fn spawn_all(
         }
         if n.pg_status != PgStatus::Up {
             tracing::info!(
-                node = n.id,
+                node = %n.id,
                 "standby unreachable; not re-pointed (it will not be re-admitted until it streams from the new primary)"
             );
             continue;
@@ -170,14 +170,14 @@ pub fn spawn_all(
         tokio::spawn(async move {
             match follow_one(&cfg, node, new, old, switch_lsn).await {
                 Ok(()) => {
-                    tracing::warn!(node, primary = new, "standby follows the new primary");
+                    tracing::warn!(%node, primary = %new, "standby follows the new primary");
                     cluster.count(Event::Follow);
                 }
                 Err(why) if is_old => {
-                    tracing::warn!(node, reason = %why, "old primary not re-pointed; it stays fenced")
+                    tracing::warn!(%node, reason = %why, "old primary not re-pointed; it stays fenced")
                 }
                 Err(why) if why.standby_unreachable(node) => tracing::warn!(
-                    node,
+                    %node,
                     reason = %why,
                     "standby unreachable; re-pointed when it returns"
                 ),
@@ -190,9 +190,9 @@ pub fn spawn_all(
 /// Re-point standby `node` at `new`, then wait until it streams from it.
 pub(super) async fn follow_one(
     cfg: &Config,
-    node: usize,
-    new: usize,
-    old: Option<usize>,
+    node: NodeId,
+    new: NodeId,
+    old: Option<NodeId>,
     switch_lsn: Option<u64>,
 ) -> Result<(), FollowError> {
     let f = &cfg.failover;
@@ -217,8 +217,8 @@ pub(super) async fn follow_one(
 /// The built-in re-pointing (see the module docs).
 async fn repoint(
     cfg: &Config,
-    node: usize,
-    new: usize,
+    node: NodeId,
+    new: NodeId,
     switch_lsn: Option<u64>,
 ) -> Result<(), FollowError> {
     let limit = cfg.health_check.timeout;
@@ -248,8 +248,8 @@ async fn repoint(
     // WAL on the new primary.
     ensure_slot(cfg, node, new, &col(4)).await?;
     let current = col(1);
-    let b = &cfg.backends[new];
-    let app = &cfg.backends[node].application_name;
+    let b = &cfg.backends[new.index()];
+    let app = &cfg.backends[node.index()].application_name;
     let wanted = repointed_conninfo(&current, &b.host, b.port, app).ok_or_else(|| {
         FollowError::Conninfo {
             conninfo: current.clone(),
@@ -263,8 +263,8 @@ async fn repoint(
         monitor_query(cfg, node, &alter, limit).await?;
         monitor_query(cfg, node, "SELECT pg_reload_conf()", limit).await?;
         tracing::info!(
-            node,
-            primary = new,
+            %node,
+            primary = %new,
             "primary_conninfo re-pointed and reloaded"
         );
     }
@@ -276,8 +276,8 @@ async fn repoint(
 /// standby streams on without a gap.
 pub(super) async fn ensure_slot(
     cfg: &Config,
-    node: usize,
-    new: usize,
+    node: NodeId,
+    new: NodeId,
     slot: &str,
 ) -> Result<(), FollowError> {
     if slot.is_empty() {
@@ -308,15 +308,15 @@ pub(super) async fn ensure_slot(
     };
     if rows.is_empty() {
         tracing::info!(
-            node,
-            primary = new,
+            %node,
+            primary = %new,
             slot,
             "replication slot already on the new primary"
         );
     } else {
         tracing::warn!(
-            node,
-            primary = new,
+            %node,
+            primary = %new,
             slot,
             "replication slot created on the new primary"
         );
@@ -327,12 +327,12 @@ pub(super) async fn ensure_slot(
 /// Wait until `node`'s WAL receiver streams from `new`.
 pub(super) async fn wait_streaming(
     cfg: &Config,
-    node: usize,
-    new: usize,
+    node: NodeId,
+    new: NodeId,
     limit: Duration,
 ) -> Result<(), FollowError> {
     let deadline = Instant::now() + limit;
-    let b = &cfg.backends[new];
+    let b = &cfg.backends[new.index()];
     let sql = "SELECT status, sender_host, sender_port FROM pg_stat_wal_receiver";
     loop {
         let last = match monitor_query(cfg, node, sql, Duration::from_secs(2)).await {
@@ -363,7 +363,12 @@ pub(super) async fn wait_streaming(
 /// `conninfo` with `host`/`port` replaced (and `hostaddr` dropped, as it
 /// would win over `host`); `application_name` added when missing and
 /// configured. `None` for a URI or an unparsable string.
-pub fn repointed_conninfo(conninfo: &str, host: &str, port: u16, app: &str) -> Option<String> {
+pub(crate) fn repointed_conninfo(
+    conninfo: &str,
+    host: &str,
+    port: u16,
+    app: &str,
+) -> Option<String> {
     let t = conninfo.trim_start();
     if t.starts_with("postgres://") || t.starts_with("postgresql://") {
         return None;

@@ -21,7 +21,7 @@ use nix::unistd::{Uid, User, geteuid};
 
 /// Why a tool could not be run, or failed.
 #[derive(Debug, thiserror::Error)]
-pub enum PgBinError {
+pub(crate) enum PgBinError {
     /// The data directory is not readable here.
     #[error("data directory {dir}: {source} (pgpilot must run on the node's host)")]
     DataDir {
@@ -82,22 +82,22 @@ pub enum PgBinError {
 
 /// A node's data directory and the tools to work on it.
 #[derive(Debug, Clone)]
-pub struct DataDir {
+pub(crate) struct DataDir {
     /// The directory.
-    pub path: PathBuf,
+    pub(crate) path: PathBuf,
     /// Where pg_ctl, pg_rewind and pg_controldata are.
-    pub bindir: PathBuf,
+    pub(crate) bindir: PathBuf,
     /// Its owner (name), when pgpilot is root and must switch to it.
     run_as: Option<String>,
     /// Its owner's `(uid, gid)`, to give it the files pgpilot writes.
-    pub owner: (u32, u32),
+    pub(crate) owner: (u32, u32),
 }
 
 impl DataDir {
     /// `dir` checked for use: readable here, owned by pgpilot's user (or
     /// pgpilot is root), with the tools found (`bindir`: configured, or
     /// empty to find them).
-    pub fn open(dir: &str, bindir: &str) -> Result<DataDir, PgBinError> {
+    pub(crate) fn open(dir: &str, bindir: &str) -> Result<DataDir, PgBinError> {
         let path = PathBuf::from(dir);
         let meta = std::fs::metadata(&path).map_err(|source| PgBinError::DataDir {
             dir: dir.to_string(),
@@ -136,13 +136,13 @@ impl DataDir {
     }
 
     /// The data directory as a string argument.
-    pub fn arg(&self) -> String {
+    pub(crate) fn arg(&self) -> String {
         self.path.to_string_lossy().into_owned()
     }
 
     /// Run `tool args…` as the directory's owner within `limit`, with
     /// `envs` set; its output (stdout and stderr) on success.
-    pub async fn run(
+    pub(crate) async fn run(
         &self,
         tool: &str,
         args: &[&str],
@@ -222,7 +222,7 @@ impl DataDir {
     }
 
     /// Write `text` to `name` in the directory, owned by its owner.
-    pub fn write(&self, name: &str, text: &str) -> std::io::Result<()> {
+    pub(crate) fn write(&self, name: &str, text: &str) -> std::io::Result<()> {
         let p = self.path.join(name);
         std::fs::write(&p, text)?;
         if geteuid().is_root() {
@@ -234,7 +234,7 @@ impl DataDir {
     /// The `port` set in the directory's postgresql.conf or
     /// postgresql.auto.conf (the last one wins; include files are not
     /// followed), if any.
-    pub fn configured_port(&self) -> Option<u16> {
+    pub(crate) fn configured_port(&self) -> Option<u16> {
         let mut port = None;
         for name in ["postgresql.conf", "postgresql.auto.conf"] {
             let text = std::fs::read_to_string(self.path.join(name)).unwrap_or_default();
@@ -252,7 +252,7 @@ impl DataDir {
 
     /// Whether a server runs on the directory (`pg_ctl status`: 0 running,
     /// 3 not running).
-    pub async fn running(&self) -> Result<bool, PgBinError> {
+    pub(crate) async fn running(&self) -> Result<bool, PgBinError> {
         match self
             .run("pg_ctl", &["status", "-D", &self.arg()], &[], STATUS_LIMIT)
             .await
@@ -264,7 +264,7 @@ impl DataDir {
     }
 
     /// `pg_controldata` as `field: value` pairs.
-    pub async fn controldata(&self) -> Result<Vec<(String, String)>, PgBinError> {
+    pub(crate) async fn controldata(&self) -> Result<Vec<(String, String)>, PgBinError> {
         let out = self
             .run("pg_controldata", &["-D", &self.arg()], &[], STATUS_LIMIT)
             .await?;
@@ -276,7 +276,7 @@ impl DataDir {
 const STATUS_LIMIT: Duration = Duration::from_secs(30);
 
 /// `pg_controldata`'s output as `field: value` pairs.
-pub fn parse_controldata(out: &str) -> Vec<(String, String)> {
+pub(crate) fn parse_controldata(out: &str) -> Vec<(String, String)> {
     out.lines()
         .filter_map(|l| {
             let (k, v) = l.split_once(':')?;

@@ -39,25 +39,25 @@ use super::hooks::{self, HookError, HookNodes};
 use super::pgbin::{DataDir, PgBinError};
 use super::promote::monitor_query;
 use super::replication::{format_lsn, parse_lsn};
-use super::state::HoldKind;
+use super::state_machine::HoldKind;
 use super::timeline::{self, Fit, History};
 use standby_conf::{restore_files, save_files, slot_name};
 
 mod standby_conf;
 use super::{Cluster, PgStatus};
-use crate::config::{Config, RejoinMode};
+use crate::config::{Config, NodeId, RejoinMode};
 
 /// How often `auto_rejoin` looks for fenced nodes.
-pub const AUTO_PERIOD: Duration = Duration::from_secs(2);
+pub(crate) const AUTO_PERIOD: Duration = Duration::from_secs(2);
 /// First pause after an automatic rejoin failed or was refused.
-pub const AUTO_RETRY_FIRST: Duration = Duration::from_secs(30);
+pub(crate) const AUTO_RETRY_FIRST: Duration = Duration::from_secs(30);
 /// Longest such pause.
-pub const AUTO_RETRY_MAX: Duration = Duration::from_secs(600);
+pub(crate) const AUTO_RETRY_MAX: Duration = Duration::from_secs(600);
 
 /// Why a rejoin did not happen. The text follows "rejoin failed:" or
 /// "rejoin refused:" in the node's `held_out`.
 #[derive(Debug, thiserror::Error)]
-pub enum RejoinError {
+pub(crate) enum RejoinError {
     /// Safety: the node may hold the only copy of acknowledged writes.
     #[error("{0}")]
     Unsafe(String),
@@ -67,7 +67,7 @@ pub enum RejoinError {
     )]
     NoHints {
         /// The node.
-        node: usize,
+        node: NodeId,
         /// Where this was read.
         source_of_truth: &'static str,
     },
@@ -80,7 +80,7 @@ pub enum RejoinError {
     )]
     NoDataDir {
         /// The node.
-        node: usize,
+        node: NodeId,
     },
     /// `rejoin = "command"` and the node cannot be asked.
     #[error(
@@ -88,13 +88,13 @@ pub enum RejoinError {
     )]
     Unreachable {
         /// The node.
-        node: usize,
+        node: NodeId,
     },
     /// An operator changed the node meanwhile (ATTACH NODE).
     #[error("node {node} is no longer fenced or diverged; rejoin abandoned")]
     Abandoned {
         /// The node.
-        node: usize,
+        node: NodeId,
     },
     /// Its WAL still went past the fork after the rejoin.
     #[error(
@@ -103,7 +103,7 @@ pub enum RejoinError {
     )]
     StillDiverged {
         /// The node.
-        node: usize,
+        node: NodeId,
         /// Its timeline.
         timeline: u32,
         /// How far its WAL reaches.
@@ -150,10 +150,10 @@ impl RejoinError {
 }
 
 /// `REJOIN NODE n`: check it may start, then run it in the background.
-pub fn start(
+pub(crate) fn start(
     cluster: Arc<Cluster>,
     config: Arc<ArcSwap<Config>>,
-    node: usize,
+    node: NodeId,
 ) -> Result<String, CommandError> {
     let cfg = config.load_full();
     let kind = startable(&cluster, &cfg, node)?;
@@ -167,8 +167,8 @@ pub fn start(
 }
 
 /// The node's hold when a rejoin may start now, or why not.
-fn startable(cluster: &Cluster, cfg: &Config, node: usize) -> Result<HoldKind, CommandError> {
-    if node >= cfg.backends.len() {
+fn startable(cluster: &Cluster, cfg: &Config, node: NodeId) -> Result<HoldKind, CommandError> {
+    if node.index() >= cfg.backends.len() {
         return Err(CommandError::NoSuchNode { node });
     }
     if cfg.failover.rejoin == RejoinMode::Off {
@@ -180,14 +180,14 @@ fn startable(cluster: &Cluster, cfg: &Config, node: usize) -> Result<HoldKind, C
     if cluster.snapshot().primary.is_none() {
         return Err(CommandError::NoPrimary);
     }
-    match cluster.holds().get(node).copied().flatten() {
+    match cluster.holds().get(node.index()).copied().flatten() {
         Some(k @ (HoldKind::Fenced | HoldKind::Diverged)) => Ok(k),
         _ => Err(CommandError::NotRejoinable { node }),
     }
 }
 
 /// Mark `node` as being rejoined (one rejoin per node at a time).
-fn claim(cluster: &Cluster, node: usize) -> Result<(), CommandError> {
+fn claim(cluster: &Cluster, node: NodeId) -> Result<(), CommandError> {
     let mut set = cluster.rejoining.lock().unwrap_or_else(|e| e.into_inner());
     if !set.insert(node) {
         return Err(CommandError::RejoinRunning { node });
@@ -196,7 +196,7 @@ fn claim(cluster: &Cluster, node: usize) -> Result<(), CommandError> {
 }
 
 /// Run one rejoin to its end and record the outcome; true on success.
-async fn run(cluster: Arc<Cluster>, cfg: Arc<Config>, node: usize, kind: HoldKind) -> bool {
+async fn run(cluster: Arc<Cluster>, cfg: Arc<Config>, node: NodeId, kind: HoldKind) -> bool {
     let primary = cluster.snapshot().primary;
     let result = match primary {
         Some(p) => match cfg.failover.rejoin {
@@ -208,7 +208,7 @@ async fn run(cluster: Arc<Cluster>, cfg: Arc<Config>, node: usize, kind: HoldKin
     };
     let ok = match (result, primary) {
         (Ok(()), Some(p)) if cluster.snapshot().primary == Some(p) => {
-            tracing::warn!(node, primary = p, "node rejoined as a standby");
+            tracing::warn!(%node, primary = %p, "node rejoined as a standby");
             cluster.rejoined(
                 node,
                 format!(
@@ -229,13 +229,13 @@ async fn run(cluster: Arc<Cluster>, cfg: Arc<Config>, node: usize, kind: HoldKin
 }
 
 /// Record a failed or refused rejoin: the node stays held, with the reason.
-fn fail(cluster: &Cluster, node: usize, kind: HoldKind, e: RejoinError) -> bool {
+fn fail(cluster: &Cluster, node: NodeId, kind: HoldKind, e: RejoinError) -> bool {
     let what = if e.refused() { "refused" } else { "failed" };
     let held = match kind {
         HoldKind::Diverged => "cannot follow: diverged",
         _ => "fenced: old primary",
     };
-    tracing::error!(node, error = %e, "rejoin {what}");
+    tracing::error!(%node, error = %e, "rejoin {what}");
     cluster.count(Event::RejoinFailed);
     cluster.rejoin_progress(
         node,
@@ -247,8 +247,8 @@ fn fail(cluster: &Cluster, node: usize, kind: HoldKind, e: RejoinError) -> bool 
 }
 
 /// Show a step; an error when an operator took the node over meanwhile.
-fn step(cluster: &Cluster, node: usize, mode: &str, what: &str) -> Result<(), RejoinError> {
-    tracing::warn!(node, "rejoin ({mode}): {what}");
+fn step(cluster: &Cluster, node: NodeId, mode: &str, what: &str) -> Result<(), RejoinError> {
+    tracing::warn!(%node, "rejoin ({mode}): {what}");
     if cluster.rejoin_progress(node, format!("rejoining ({mode}): {what}")) {
         Ok(())
     } else {
@@ -263,8 +263,8 @@ fn step(cluster: &Cluster, node: usize, mode: &str, what: &str) -> Result<(), Re
 /// node must report that directory itself; a stopped one must be on an
 /// address of this host, and the port in the directory's configuration (if
 /// set) must be the node's.
-async fn same_node(cfg: &Config, node: usize, dir: &DataDir) -> Result<(), RejoinError> {
-    let b = &cfg.backends[node];
+async fn same_node(cfg: &Config, node: NodeId, dir: &DataDir) -> Result<(), RejoinError> {
+    let b = &cfg.backends[node.index()];
     let canonical = |p: &str| std::fs::canonicalize(p).ok();
     let sql = "SELECT current_setting('data_directory')";
     if let Ok(rows) = monitor_query(cfg, node, sql, cfg.health_check.timeout).await {
@@ -317,7 +317,7 @@ struct NodeWal {
 }
 
 /// Ask the running `node` where its WAL stands.
-async fn ask_running(cfg: &Config, node: usize, h: &History) -> Result<NodeWal, NodeQueryError> {
+async fn ask_running(cfg: &Config, node: NodeId, h: &History) -> Result<NodeWal, NodeQueryError> {
     let sql = "SELECT pg_is_in_recovery()::text, \
                CASE WHEN pg_is_in_recovery() THEN NULL ELSE ('x' || substr(pg_walfile_name(\
                pg_current_wal_lsn()), 1, 8))::bit(32)::int::text END, \
@@ -408,7 +408,12 @@ fn synchronous_in_files(dir: &DataDir) -> bool {
 /// end of WAL is unknown (it stopped without a clean shutdown), is not
 /// rejoined: it stays fenced, untouched, for an operator to compare and
 /// salvage before rebuilding it.
-fn check_safety(node: usize, w: &NodeWal, h: &History, primary: usize) -> Result<(), RejoinError> {
+fn check_safety(
+    node: NodeId,
+    w: &NodeWal,
+    h: &History,
+    primary: NodeId,
+) -> Result<(), RejoinError> {
     let fit = w.end.map(|(tli, lsn)| (h.fit(tli, lsn), tli, lsn));
     match (w.synchronous, fit) {
         (_, Some((Fit::Follows, _, _))) => Ok(()),
@@ -416,8 +421,7 @@ fn check_safety(node: usize, w: &NodeWal, h: &History, primary: usize) -> Result
             let past = fit.map_or("an unknown amount".into(), |(_, tli, lsn)| {
                 format!("WAL up to {} on timeline {tli}", format_lsn(lsn))
             });
-            tracing::warn!(
-                node,
+            tracing::warn!(%node,
                 "rejoin discards {past} past the fork of node {primary}'s timeline {} (asynchronous replication: transactions there were lost at the failover)",
                 h.timeline
             );
@@ -442,12 +446,12 @@ fn check_safety(node: usize, w: &NodeWal, h: &History, primary: usize) -> Result
 async fn by_rewind(
     cluster: &Cluster,
     cfg: &Config,
-    node: usize,
-    primary: usize,
+    node: NodeId,
+    primary: NodeId,
 ) -> Result<(), RejoinError> {
     const MODE: &str = "pg_rewind";
     let f = &cfg.failover;
-    let b = &cfg.backends[node];
+    let b = &cfg.backends[node.index()];
     if b.data_directory.is_empty() {
         return Err(RejoinError::NoDataDir { node });
     }
@@ -482,7 +486,7 @@ async fn by_rewind(
             .and_then(|r| r.get(i).cloned().flatten())
             .unwrap_or_default()
     };
-    let p = &cfg.backends[primary];
+    let p = &cfg.backends[primary.index()];
     let template = match col(0) {
         t if t.trim().is_empty() => format!("user={}", cfg.monitor.user),
         t => t,
@@ -596,8 +600,8 @@ async fn by_rewind(
 async fn by_command(
     cluster: &Cluster,
     cfg: &Config,
-    node: usize,
-    primary: usize,
+    node: NodeId,
+    primary: NodeId,
 ) -> Result<(), RejoinError> {
     const MODE: &str = "command";
     let f = &cfg.failover;
@@ -629,7 +633,7 @@ async fn by_command(
 /// After a rejoin: an error if the node's WAL still does not fit the
 /// primary's history (a WAL receiver may report `streaming` for a moment
 /// before the primary refuses its start point).
-async fn still_diverged(cfg: &Config, node: usize, primary: usize) -> Result<(), RejoinError> {
+async fn still_diverged(cfg: &Config, node: NodeId, primary: NodeId) -> Result<(), RejoinError> {
     let h = timeline::history(cfg, primary).await?;
     match timeline::standby_fit(cfg, node, &h).await? {
         Fit::Follows => Ok(()),
@@ -642,12 +646,12 @@ async fn still_diverged(cfg: &Config, node: usize, primary: usize) -> Result<(),
 }
 
 /// `auto_rejoin` (see the module docs), until shutdown.
-pub async fn watch_fenced(
+pub(crate) async fn watch_fenced(
     cluster: Arc<Cluster>,
     config: Arc<ArcSwap<Config>>,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let mut next_try: HashMap<usize, (Instant, Duration)> = HashMap::new();
+    let mut next_try: HashMap<NodeId, (Instant, Duration)> = HashMap::new();
     loop {
         tokio::select! {
             _ = tokio::time::sleep(AUTO_PERIOD) => {}
@@ -662,7 +666,7 @@ pub async fn watch_fenced(
         let holds = cluster.holds();
         next_try.retain(|n, _| {
             matches!(
-                holds.get(*n).copied().flatten(),
+                holds.get(n.index()).copied().flatten(),
                 Some(HoldKind::Fenced | HoldKind::Diverged)
             )
         });
@@ -673,8 +677,8 @@ pub async fn watch_fenced(
             };
             let back = n.pg_status == PgStatus::Up
                 || (f.rejoin == RejoinMode::PgRewind
-                    && !cfg.backends[n.id].data_directory.is_empty()
-                    && std::path::Path::new(&cfg.backends[n.id].data_directory)
+                    && !cfg.backends[n.id.index()].data_directory.is_empty()
+                    && std::path::Path::new(&cfg.backends[n.id.index()].data_directory)
                         .join("PG_VERSION")
                         .exists());
             if !back || next_try.get(&n.id).is_some_and(|(t, _)| now < *t) {
@@ -684,7 +688,7 @@ pub async fn watch_fenced(
                 continue;
             }
             tracing::warn!(
-                node = n.id,
+                node = %n.id,
                 mode = f.rejoin.as_str(),
                 "auto_rejoin: rejoining a fenced node"
             );
@@ -715,14 +719,36 @@ mod tests {
             running: false,
         };
         // At or before the fork: nothing to lose, either way.
-        assert!(check_safety(0, &wal(Some((1, 0x3000000)), true), &h, 1).is_ok());
+        assert!(
+            check_safety(
+                NodeId::new(0),
+                &wal(Some((1, 0x3000000)), true),
+                &h,
+                NodeId::new(1)
+            )
+            .is_ok()
+        );
         // Past the fork: lost at the failover with async, kept with sync.
-        assert!(check_safety(0, &wal(Some((1, 0x3000100)), false), &h, 1).is_ok());
-        let e = check_safety(0, &wal(Some((1, 0x3000100)), true), &h, 1).unwrap_err();
+        assert!(
+            check_safety(
+                NodeId::new(0),
+                &wal(Some((1, 0x3000100)), false),
+                &h,
+                NodeId::new(1)
+            )
+            .is_ok()
+        );
+        let e = check_safety(
+            NodeId::new(0),
+            &wal(Some((1, 0x3000100)), true),
+            &h,
+            NodeId::new(1),
+        )
+        .unwrap_err();
         assert!(e.to_string().contains("acknowledged writes"), "{e}");
         assert!(e.refused());
         // Unknown end (crashed): only refused with sync.
-        assert!(check_safety(0, &wal(None, false), &h, 1).is_ok());
-        assert!(check_safety(0, &wal(None, true), &h, 1).is_err());
+        assert!(check_safety(NodeId::new(0), &wal(None, false), &h, NodeId::new(1)).is_ok());
+        assert!(check_safety(NodeId::new(0), &wal(None, true), &h, NodeId::new(1)).is_err());
     }
 }

@@ -44,17 +44,17 @@ use super::events::Event;
 use super::follow::follow_one;
 use super::promote::monitor_query;
 use super::replication::format_lsn;
-use super::state::HoldKind;
+use super::state_machine::HoldKind;
 use super::timeline::{self, Fit, History};
 use super::{Cluster, ClusterSnapshot, PgStatus, Role};
-use crate::config::{Config, FailoverMode};
+use crate::config::{Config, FailoverMode, NodeId};
 
 /// How often returning standbys are looked for.
-pub const RETURNING_PERIOD: Duration = Duration::from_secs(2);
+pub(crate) const RETURNING_PERIOD: Duration = Duration::from_secs(2);
 /// First pause before a standby whose re-pointing failed is tried again.
-pub const RETRY_FIRST: Duration = Duration::from_secs(4);
+pub(crate) const RETRY_FIRST: Duration = Duration::from_secs(4);
 /// Longest pause between two such tries.
-pub const RETRY_MAX: Duration = Duration::from_secs(60);
+pub(crate) const RETRY_MAX: Duration = Duration::from_secs(60);
 
 /// When a held-out standby is tried again.
 #[derive(Debug, Clone, Copy)]
@@ -84,14 +84,14 @@ impl Retry {
 
 /// Re-point returning and held-out standbys (see the module docs), until
 /// shutdown.
-pub async fn watch_returning(
+pub(crate) async fn watch_returning(
     cluster: Arc<Cluster>,
     config: Arc<ArcSwap<Config>>,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let mut seen_before: HashSet<usize> = HashSet::new();
-    let mut running: HashMap<usize, tokio::task::JoinHandle<()>> = HashMap::new();
-    let mut retries: HashMap<usize, Retry> = HashMap::new();
+    let mut seen_before: HashSet<NodeId> = HashSet::new();
+    let mut running: HashMap<NodeId, tokio::task::JoinHandle<()>> = HashMap::new();
+    let mut retries: HashMap<NodeId, Retry> = HashMap::new();
     loop {
         tokio::select! {
             _ = tokio::time::sleep(RETURNING_PERIOD) => {}
@@ -109,7 +109,7 @@ pub async fn watch_returning(
             }
         };
         let holds = cluster.holds();
-        retries.retain(|n, _| holds.get(*n) == Some(&Some(HoldKind::CannotFollow)));
+        retries.retain(|n, _| holds.get(n.index()) == Some(&Some(HoldKind::CannotFollow)));
         let now = Instant::now();
         let mut seen_now = HashSet::new();
         let mut history: Option<Option<History>> = None;
@@ -122,7 +122,7 @@ pub async fn watch_returning(
             {
                 continue;
             }
-            let why = match holds.get(n.id).copied().flatten() {
+            let why = match holds.get(n.id.index()).copied().flatten() {
                 None => {
                     let Some(why) = not_following(&cluster, &cfg, &snap, n.id, primary).await
                     else {
@@ -150,7 +150,7 @@ pub async fn watch_returning(
                 history = Some(match timeline::history(&cfg, primary).await {
                     Ok(h) => Some(h),
                     Err(e) => {
-                        tracing::debug!(node = primary, error = %e, "cannot read the primary's timeline history; divergence not checked");
+                        tracing::debug!(node = %primary, error = %e, "cannot read the primary's timeline history; divergence not checked");
                         None
                     }
                 });
@@ -161,16 +161,16 @@ pub async fn watch_returning(
                 cluster.cannot_follow(n.id, reason, true);
                 continue;
             }
-            tracing::warn!(node = n.id, primary, reason = %why, "standby returned; re-pointing it");
+            tracing::warn!(node = %n.id, %primary, reason = %why, "standby returned; re-pointing it");
             let (cluster, cfg, node) = (cluster.clone(), cfg.clone(), n.id);
             let task = tokio::spawn(async move {
                 match follow_one(&cfg, node, primary, None, None).await {
                     Ok(()) => {
-                        tracing::warn!(node, primary, "returned standby follows the primary");
+                        tracing::warn!(%node, %primary, "returned standby follows the primary");
                         cluster.count(Event::Follow);
                     }
                     Err(why) if why.standby_unreachable(node) => {
-                        tracing::info!(node, reason = %why, "returned standby unreachable again")
+                        tracing::info!(%node, reason = %why, "returned standby unreachable again")
                     }
                     Err(why) => cluster.cannot_follow(node, why.to_string(), why.is_diverged()),
                 }
@@ -184,7 +184,7 @@ pub async fn watch_returning(
 /// The reason standby `node` cannot follow `primary` because its WAL went
 /// past the fork of the primary's timeline history `h`; `None` when it fits
 /// or cannot be asked.
-async fn diverged(cfg: &Config, node: usize, primary: usize, h: &History) -> Option<String> {
+async fn diverged(cfg: &Config, node: NodeId, primary: NodeId, h: &History) -> Option<String> {
     match timeline::standby_fit(cfg, node, h).await {
         Ok(Fit::Follows) => None,
         Ok(Fit::Diverged {
@@ -210,7 +210,7 @@ async fn diverged(cfg: &Config, node: usize, primary: usize, h: &History) -> Opt
             ))
         }
         Err(e) => {
-            tracing::debug!(node, error = %e, "cannot compare the standby's timeline");
+            tracing::debug!(%node, error = %e, "cannot compare the standby's timeline");
             None
         }
     }
@@ -223,8 +223,8 @@ async fn not_following(
     cluster: &Cluster,
     cfg: &Config,
     snap: &ClusterSnapshot,
-    node: usize,
-    primary: usize,
+    node: NodeId,
+    primary: NodeId,
 ) -> Option<String> {
     let sql = "SELECT pg_is_in_recovery()::text, r.status::text, r.sender_host::text, \
                r.sender_port::text, r.received_tli::text \
@@ -249,7 +249,10 @@ async fn not_following(
     if let Some((i, _)) = fenced {
         return Some(format!("it streams from node {i}, a fenced old primary"));
     }
-    let primary_tli = snap.nodes.get(primary).and_then(|p| p.repl.timeline);
+    let primary_tli = snap
+        .nodes
+        .get(primary.index())
+        .and_then(|p| p.repl.timeline);
     match (col(4).parse::<u32>().ok(), primary_tli) {
         (Some(own), Some(p)) if own < p => Some(format!(
             "it streams on timeline {own}, the primary is on timeline {p}"

@@ -14,22 +14,22 @@
 use super::error::NodeQueryError;
 use super::promote::monitor_query;
 use super::replication::parse_lsn;
-use crate::config::Config;
+use crate::config::{Config, NodeId};
 
 /// The primary's current timeline and its history.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct History {
+pub(crate) struct History {
     /// The primary's timeline (`pg_control_checkpoint()`'s, after promotion
     /// the new one once the end-of-recovery checkpoint is written; the
     /// history file decides either way).
-    pub timeline: u32,
+    pub(crate) timeline: u32,
     /// `(parent timeline, LSN where it ended)`, oldest first.
-    pub forks: Vec<(u32, u64)>,
+    pub(crate) forks: Vec<(u32, u64)>,
 }
 
 /// Whether a node's WAL fits the primary's history.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Fit {
+pub(crate) enum Fit {
     /// Same timeline, or an older one left at or before its switch point.
     Follows,
     /// Its WAL on `timeline` reaches `lsn`, past `switch` where the primary's
@@ -47,7 +47,7 @@ pub enum Fit {
 
 impl History {
     /// Parse a history file's text for a primary on `timeline`.
-    pub fn parse(timeline: u32, text: &str) -> History {
+    pub(crate) fn parse(timeline: u32, text: &str) -> History {
         let forks = text
             .lines()
             .filter_map(|l| {
@@ -61,12 +61,12 @@ impl History {
     }
 
     /// Where the history left timeline `tli` (`None`: not in it).
-    pub fn switch_point(&self, tli: u32) -> Option<u64> {
+    pub(crate) fn switch_point(&self, tli: u32) -> Option<u64> {
         self.forks.iter().find(|(t, _)| *t == tli).map(|(_, l)| *l)
     }
 
     /// Whether WAL on timeline `tli` reaching `lsn` fits this history.
-    pub fn fit(&self, tli: u32, lsn: u64) -> Fit {
+    pub(crate) fn fit(&self, tli: u32, lsn: u64) -> Fit {
         if tli == self.timeline {
             return Fit::Follows;
         }
@@ -85,7 +85,7 @@ impl History {
 /// Read the history of the primary `node` (a fresh query). Its timeline
 /// comes from the name of its current WAL file: `pg_control_checkpoint()`
 /// keeps the old one until the first checkpoint after a promotion.
-pub async fn history(cfg: &Config, node: usize) -> Result<History, NodeQueryError> {
+pub(crate) async fn history(cfg: &Config, node: NodeId) -> Result<History, NodeQueryError> {
     let sql = "SELECT t::text, CASE WHEN t > 1 THEN \
                pg_read_file('pg_wal/' || lpad(upper(to_hex(t)), 8, '0') || '.history') \
                ELSE '' END FROM (SELECT ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))\
@@ -109,9 +109,9 @@ pub async fn history(cfg: &Config, node: usize) -> Result<History, NodeQueryErro
 /// still looks as if on the old one, so WAL files of a later timeline in
 /// its `pg_wal` (`pg_ls_waldir()`, granted by pg_monitor) count as proof
 /// that it followed: a diverged standby never receives any.
-pub async fn standby_fit(
+pub(crate) async fn standby_fit(
     cfg: &Config,
-    node: usize,
+    node: NodeId,
     history: &History,
 ) -> Result<Fit, NodeQueryError> {
     let sql = "SELECT coalesce((SELECT received_tli FROM pg_stat_wal_receiver \

@@ -22,21 +22,18 @@ use crate::protocol::auth::{
 };
 use crate::protocol::frame::next_frame;
 use crate::protocol::messages::{self, PgError};
-use crate::protocol::startup::{InitialPacket, MAX_STARTUP_PACKET, StartupMessage, parse_initial};
+use crate::protocol::startup::{
+    CancelKey, InitialPacket, MAX_STARTUP_PACKET, StartupMessage, parse_initial,
+};
 use crate::protocol::tag;
 
 /// What a new connection asked for.
 #[derive(Debug)]
-pub enum Opening {
+pub(crate) enum Opening {
     /// A v3 startup: go on to authentication.
     Startup(StartupMessage),
     /// A CancelRequest: forward it and close.
-    Cancel {
-        /// Key pid.
-        pid: i32,
-        /// Key secret.
-        secret: i32,
-    },
+    Cancel(CancelKey),
 }
 
 fn io_err(e: std::io::Error) -> PgError {
@@ -44,7 +41,7 @@ fn io_err(e: std::io::Error) -> PgError {
 }
 
 /// Read the first packet(s): refuse SSL/GSS encryption with `N` and read on.
-pub async fn read_opening(stream: &mut TcpStream) -> Result<Opening, PgError> {
+pub(crate) async fn read_opening(stream: &mut TcpStream) -> Result<Opening, PgError> {
     loop {
         let len = stream.read_i32().await.map_err(io_err)?;
         if !(8..=MAX_STARTUP_PACKET as i32).contains(&len) {
@@ -60,8 +57,8 @@ pub async fn read_opening(stream: &mut TcpStream) -> Result<Opening, PgError> {
                 // TLS/GSS not configured: the client may go on in the clear.
                 stream.write_all(b"N").await.map_err(io_err)?;
             }
-            Ok(InitialPacket::Cancel { pid, secret }) => {
-                return Ok(Opening::Cancel { pid, secret });
+            Ok(InitialPacket::Cancel(key)) => {
+                return Ok(Opening::Cancel(key));
             }
             Ok(InitialPacket::Startup(m)) => return Ok(Opening::Startup(m)),
             Ok(InitialPacket::Unsupported { major, minor }) => {
@@ -120,15 +117,15 @@ fn map_auth(e: AuthError, user: &str) -> PgError {
 
 /// Who is logging in, from where, and over what.
 #[derive(Debug, Clone, Copy)]
-pub struct Login<'a> {
+pub(crate) struct Login<'a> {
     /// Role name from the startup packet.
-    pub user: &'a str,
+    pub(crate) user: &'a str,
     /// Database from the startup packet (the user name when absent).
-    pub database: &'a str,
+    pub(crate) database: &'a str,
     /// The client's address.
-    pub addr: IpAddr,
+    pub(crate) addr: IpAddr,
     /// Whether the client connection is TLS-encrypted (never, yet).
-    pub tls: bool,
+    pub(crate) tls: bool,
 }
 
 /// What the client is asked for.
@@ -251,7 +248,7 @@ fn challenge<'a>(
 /// beyond the exchange itself; the caller sends AuthenticationOk. A SCRAM (or
 /// clear-text, against a verifier) login returns what it proved: the keys
 /// log in to nodes for a user configured without a password.
-pub async fn authenticate(
+pub(crate) async fn authenticate(
     stream: &mut TcpStream,
     config: &Config,
     login: &Login<'_>,

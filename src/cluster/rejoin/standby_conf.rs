@@ -4,6 +4,7 @@
 
 use super::RejoinError;
 use crate::cluster::pgbin::DataDir;
+use crate::config::NodeId;
 
 /// The configuration files pg_rewind replaces with the primary's copies.
 const OWN_FILES: [&str; 4] = [
@@ -25,7 +26,7 @@ const REPLACED: [&str; 3] = [
 
 /// A physical slot name for the node: its `application_name` made a valid
 /// slot name (lower-case letters, digits, `_`), else `pgpilot_node<n>`.
-pub(super) fn slot_name(app: &str, node: usize) -> String {
+pub(super) fn slot_name(app: &str, node: NodeId) -> String {
     let name: String = app
         .chars()
         .map(|c| match c.to_ascii_lowercase() {
@@ -121,7 +122,7 @@ mod tests {
             standby_auto_conf(auto, "host=p port=1 user=o'k", Some("node0")),
             "# Do not edit\nport = 5433\nprimary_conninfo = 'host=p port=1 user=o''k'\nprimary_slot_name = 'node0'\n"
         );
-        assert_eq!(slot_name("Node-0", 0), "node_0");
-        assert_eq!(slot_name("", 3), "pgpilot_node3");
+        assert_eq!(slot_name("Node-0", NodeId::new(0)), "node_0");
+        assert_eq!(slot_name("", NodeId::new(3)), "pgpilot_node3");
     }
 }
