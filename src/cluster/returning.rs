@@ -260,3 +260,25 @@ async fn not_following(
         _ => None,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retries_back_off_up_to_a_bound() {
+        let t0 = Instant::now();
+        let mut r = Retry::new(t0);
+        assert!(!r.take(t0));
+        assert!(!r.take(t0 + RETRY_FIRST - Duration::from_millis(1)));
+        let mut at = t0 + RETRY_FIRST;
+        let mut pauses = Vec::new();
+        for _ in 0..6 {
+            assert!(r.take(at));
+            assert!(!r.take(at));
+            pauses.push(r.pause.as_secs());
+            at = r.next;
+        }
+        assert_eq!(pauses, [8, 16, 32, 60, 60, 60]);
+    }
+}
