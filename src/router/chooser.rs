@@ -6,7 +6,8 @@
 //! lag changes routing without touching the session. A session picks its node
 //! once ([`pick`] over [`read_weights`]), checks it before each read
 //! ([`still_usable`]) and, when it no longer qualifies (down, or over a delay
-//! threshold), asks [`reroute`] where the read goes instead.
+//! threshold), picks again by weight or reads on the primary (the session's
+//! `refresh_standby`, pgpool's `prefer_lower_delay_standby`).
 
 use crate::cluster::{ClusterSnapshot, Role};
 use crate::config::NodeId;
@@ -66,13 +67,13 @@ pub(crate) fn still_usable(
     read_weight(snapshot, node, include_primary) > 0.0
 }
 
-#[cfg(test)]
 /// Where a read goes when the session's chosen node is no longer usable
 /// (pgpool's `prefer_lower_delay_standby`): with the setting on (default),
 /// another node picked by effective weight — lower lag weighs more — and the
 /// primary when none qualifies; with it off, straight to the primary. `None`
-/// only when there is no primary either. The session may adopt the result as
-/// its new load-balance node.
+/// only when there is no primary either. Only the unit tests call it: the
+/// session applies the rule in its own `refresh_standby`.
+#[cfg(test)]
 pub(crate) fn reroute(snapshot: &ClusterSnapshot, include_primary: bool, r: f64) -> Option<NodeId> {
     if snapshot.lag_policy.prefer_lower_delay_standby
         && let Some(n) = pick(&read_weights(snapshot, include_primary), r)
