@@ -4,9 +4,13 @@
 # with default settings. Each round builds a fresh primary + 2 standbys (real
 # PostgreSQL on loopback), runs WRITERS autocommit clients inserting through
 # pgpilot, stops the primary with `pg_ctl stop -m immediate`, and measures the
-# write downtime (kill -> first write acknowledged by the new primary) and the
-# acknowledged writes missing on the new primary. Prints each round and the
-# medians.
+# write downtime (kill -> first write acknowledged by the new primary), the
+# acknowledged writes missing on the new primary, the time until every
+# surviving standby streams from the new primary (target <= 5 s) and, with
+# failover.auto_rejoin and rejoin = "pg_rewind", until the old primary streams
+# from it again (target <= 30 s; refused with synchronous replication, as the
+# old primary stopped uncleanly). Clusters use replication slots and
+# wal_log_hints = on. Prints each round and the medians.
 #
 #   ROUNDS=5 WRITERS=4 MODES="sync async" DETECT=session benches/failover.sh
 # DETECT=health turns failover.detect_on_session_error off (detection by the

@@ -4,7 +4,15 @@
 //! autocommit clients inserting through pgpilot, stop the primary with
 //! `pg_ctl stop -m immediate`, and measure
 //! * downtime: the kill → the first write acknowledged by the new primary;
-//! * lost writes: acknowledged writes missing on the new primary.
+//! * lost writes: acknowledged writes missing on the new primary;
+//! * follow: the kill → every surviving standby streams from the new primary;
+//! * rejoin: the kill → the old primary streams from the new primary again
+//!   (`failover.rejoin = "pg_rewind"`, `auto_rejoin = true`; with synchronous
+//!   replication the rejoin is refused: the old primary stopped uncleanly and
+//!   could hold acknowledged writes).
+//!
+//! The cluster is built as in production: each standby streams through a
+//! physical replication slot, `wal_log_hints = on`.
 //!
 //! Prints one line per round and the medians. Usage:
 //! `cargo run --release --example failover_bench -- [sync|async] [rounds] [writers] [session|health]`
@@ -43,15 +51,29 @@ async fn main() {
     };
     let mut downtimes = Vec::new();
     let mut losses = Vec::new();
+    let mut follows = Vec::new();
+    let mut rejoins = Vec::new();
+    let ms = |d: Option<Duration>| {
+        d.map_or("not within 60 s".to_string(), |d| {
+            format!("{:.0} ms", d.as_secs_f64() * 1000.0)
+        })
+    };
     for round in 1..=rounds {
         match run_round(sync, writers, fast).await {
-            Ok((downtime, lost, acked)) => {
+            Ok(r) => {
                 println!(
-                    "{label} round {round}: downtime {:.0} ms, {lost} of {acked} acknowledged writes lost",
-                    downtime.as_secs_f64() * 1000.0
+                    "{label} round {round}: downtime {:.0} ms, {} of {} acknowledged writes lost; standbys stream from the new primary after {}; old primary streams again after {}",
+                    r.downtime.as_secs_f64() * 1000.0,
+                    r.lost,
+                    r.acked,
+                    ms(r.follow),
+                    r.rejoin
+                        .map_or_else(|| format!("never: {}", r.old_held), |d| ms(Some(d))),
                 );
-                downtimes.push(downtime);
-                losses.push(lost);
+                downtimes.push(r.downtime);
+                losses.push(r.lost);
+                follows.extend(r.follow);
+                rejoins.extend(r.rejoin);
             }
             Err(e) => println!("{label} round {round}: failed: {e}"),
         }
@@ -71,20 +93,66 @@ async fn main() {
             downtimes.len()
         );
     }
+    follows.sort();
+    rejoins.sort();
+    println!(
+        "{label}: median time until every surviving standby streams from the new primary: {} ({} rounds); until the old primary streams again (auto_rejoin): {} ({} rounds)",
+        ms(follows.get(follows.len() / 2).copied()),
+        follows.len(),
+        ms(rejoins.get(rejoins.len() / 2).copied()),
+        rejoins.len()
+    );
 }
 
-async fn run_round(
-    sync: bool,
-    writers: usize,
-    fast: bool,
-) -> Result<(Duration, usize, usize), String> {
+/// What one round measured.
+struct Round {
+    downtime: Duration,
+    lost: usize,
+    acked: usize,
+    /// Kill → every surviving standby streams from the new primary.
+    follow: Option<Duration>,
+    /// Kill → the old primary streams from the new primary.
+    rejoin: Option<Duration>,
+    /// Why the old primary is held, when it did not rejoin.
+    old_held: String,
+}
+
+/// How long after `since` every node of `nodes` streams from `port`
+/// (`None`: not within `limit`).
+async fn streaming_from(
+    cluster: Arc<LocalCluster>,
+    nodes: Vec<usize>,
+    port: u16,
+    since: Instant,
+    limit: Duration,
+) -> Option<Duration> {
+    let sql = "SELECT sender_port FROM pg_stat_wal_receiver WHERE status = 'streaming'";
+    while since.elapsed() < limit {
+        let c = cluster.clone();
+        let nodes = nodes.clone();
+        let all = tokio::task::spawn_blocking(move || {
+            nodes
+                .iter()
+                .all(|&n| c.psql_db(n, "postgres", sql).ok() == Some(port.to_string()))
+        })
+        .await
+        .unwrap_or(false);
+        if all {
+            return Some(since.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    None
+}
+
+async fn run_round(sync: bool, writers: usize, fast: bool) -> Result<Round, String> {
     let spec = ClusterSpec {
         standbys: 2,
         users: vec![(USER.into(), PASSWORD.into())],
         databases: vec![(USER.into(), USER.into())],
-        extra_conf: Vec::new(),
+        extra_conf: vec!["wal_log_hints = on".into()],
         synchronous: sync,
-        slots: false,
+        slots: true,
     };
     let cluster = Arc::new(
         tokio::task::spawn_blocking(move || LocalCluster::start(spec))
@@ -106,6 +174,8 @@ async fn run_round(
     let mut cfg = pgpilot::demo::config_for(&cluster, "127.0.0.1:0", &[(USER, PASSWORD)]);
     cfg.metrics.listen = String::new();
     cfg.failover.detect_on_session_error = fast;
+    cfg.failover.rejoin = pgpilot::config::RejoinMode::PgRewind;
+    cfg.failover.auto_rejoin = true;
     let proxy = Proxy::bind(cfg).await.map_err(|e| e.to_string())?;
     let addr = proxy.local_addr();
     let ctx = proxy.context();
@@ -154,13 +224,31 @@ async fn run_round(
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
+    let new_port = cluster.nodes[new.index()].port;
+    let others: Vec<usize> = (1..cluster.nodes.len())
+        .filter(|&n| n != new.index())
+        .collect();
+    let limit = Duration::from_secs(60);
+    let follow = tokio::spawn(streaming_from(
+        cluster.clone(),
+        others,
+        new_port,
+        killed,
+        limit,
+    ));
+    let rejoin = tokio::spawn(streaming_from(
+        cluster.clone(),
+        vec![0],
+        new_port,
+        killed,
+        if sync { Duration::from_secs(15) } else { limit },
+    ));
     tokio::time::sleep(Duration::from_millis(1500)).await;
     stop.store(true, Ordering::Relaxed);
     let mut acks: Vec<Ack> = Vec::new();
     for t in tasks {
         acks.extend(t.await.map_err(|e| e.to_string())?);
     }
-    let new_port = cluster.nodes[new.index()].port;
     let first = acks
         .iter()
         .filter(|(_, port, at)| *port == new_port && *at > killed)
@@ -177,13 +265,26 @@ async fn run_round(
             .map(str::to_string)
             .collect();
     let lost = acks.iter().filter(|(k, _, _)| !present.contains(k)).count();
+    let follow = follow.await.map_err(|e| e.to_string())?;
+    let rejoin = rejoin.await.map_err(|e| e.to_string())?;
+    let old_held = ctx.cluster.snapshot().nodes[0]
+        .held_out
+        .clone()
+        .unwrap_or_default();
     let _ = stop_tx.send(());
     let _ = server.await;
     let mut cluster = Arc::try_unwrap(cluster).map_err(|_| "cluster still shared")?;
     tokio::task::spawn_blocking(move || cluster.shutdown())
         .await
         .map_err(|e| e.to_string())?;
-    Ok((first - killed, lost, acks.len()))
+    Ok(Round {
+        downtime: first - killed,
+        lost,
+        acked: acks.len(),
+        follow,
+        rejoin,
+        old_held,
+    })
 }
 
 /// Insert rows until stopped, reconnecting after errors as applications do.

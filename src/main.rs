@@ -1,6 +1,6 @@
 //! The `pgpilot` command line: run the proxy, check a config, run a demo, or
 //! send admin commands to a running pgpilot (`nodes`, `attach`, `detach`,
-//! `promote`).
+//! `promote`, `rejoin`).
 
 #![forbid(unsafe_code)]
 
@@ -74,6 +74,20 @@ enum Command {
         no_wait: bool,
         /// Give up following the switchover after this many seconds.
         #[arg(long, default_value_t = 300)]
+        timeout: u64,
+        #[command(flatten)]
+        to: Connect,
+    },
+    /// Rejoin fenced old primary N as a standby (REJOIN NODE N, by
+    /// failover.rejoin) and follow it to the end.
+    Rejoin {
+        /// Node id.
+        node: usize,
+        /// Return once the rejoin has started.
+        #[arg(long)]
+        no_wait: bool,
+        /// Give up following the rejoin after this many seconds.
+        #[arg(long, default_value_t = 600)]
         timeout: u64,
         #[command(flatten)]
         to: Connect,
@@ -164,6 +178,15 @@ fn main() -> ExitCode {
         } => {
             let wait = (!no_wait).then(|| Duration::from_secs(timeout));
             admin(cli.config, to, Action::Promote(NodeId::new(node), wait))
+        }
+        Command::Rejoin {
+            node,
+            no_wait,
+            timeout,
+            to,
+        } => {
+            let wait = (!no_wait).then(|| Duration::from_secs(timeout));
+            admin(cli.config, to, Action::Rejoin(NodeId::new(node), wait))
         }
         Command::Demo {
             listen,

@@ -143,7 +143,17 @@ impl Proxy {
             ctx.config.clone(),
             ctx.shutdown.clone(),
         ));
-        tasks.spawn(cluster::follow::watch_returning(
+        tasks.spawn(cluster::returning::watch_returning(
+            ctx.cluster.clone(),
+            ctx.config.clone(),
+            ctx.shutdown.clone(),
+        ));
+        tasks.spawn(cluster::at_start::promote_at_start(
+            ctx.cluster.clone(),
+            ctx.config.clone(),
+            ctx.shutdown.clone(),
+        ));
+        tasks.spawn(cluster::rejoin::watch_fenced(
             ctx.cluster.clone(),
             ctx.config.clone(),
             ctx.shutdown.clone(),

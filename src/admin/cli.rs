@@ -1,4 +1,4 @@
-//! `pgpilot nodes | attach N | detach N | promote N`: admin commands sent to a
+//! `pgpilot nodes | attach N | detach N | promote N | rejoin N`: admin commands sent to a
 //! running pgpilot over its client port, as an admin user, with the simple
 //! query protocol (tokio-postgres `simple_query`), printed as a table.
 //!
@@ -56,6 +56,12 @@ pub enum CliError {
         /// Why, as `SHOW PGPILOT_FAILOVER` says.
         detail: String,
     },
+    /// The rejoin `pgpilot rejoin` followed failed or was refused.
+    #[error("{held_out}")]
+    RejoinEnded {
+        /// The node's `held_out`, which says why.
+        held_out: String,
+    },
     /// `--wait` ran out before the switchover ended.
     #[error("still in progress after {limit:?}")]
     StillInProgress {
@@ -89,6 +95,9 @@ pub enum Action {
     /// `PROMOTE NODE n`, then follow `SHOW PGPILOT_FAILOVER` until it ends
     /// (unless `wait` is `None`).
     Promote(NodeId, Option<Duration>),
+    /// `REJOIN NODE n`, then follow the node's `held_out` in `SHOW
+    /// PGPILOT_NODES` until the rejoin ends (unless `wait` is `None`).
+    Rejoin(NodeId, Option<Duration>),
 }
 
 /// A result set: columns and rows.
@@ -102,6 +111,11 @@ pub async fn run(cfg: &Config, target: &Target, action: Action) -> Result<(), Cl
         Action::Nodes => print_table(&query(&client, "SHOW POOL_NODES").await?),
         Action::Attach(n) => print_table(&query(&client, &format!("ATTACH NODE {n}")).await?),
         Action::Detach(n) => print_table(&query(&client, &format!("DETACH NODE {n}")).await?),
+        Action::Rejoin(n, wait) => {
+            print_table(&query(&client, &format!("REJOIN NODE {n}")).await?);
+            let Some(limit) = wait else { return Ok(()) };
+            follow_rejoin(&client, n, limit).await?;
+        }
         Action::Promote(n, wait) => {
             let before = query(&client, "SHOW PGPILOT_FAILOVER").await?;
             let finished_before = column(&before, "finished");
@@ -140,6 +154,47 @@ pub async fn run(cfg: &Config, target: &Target, action: Action) -> Result<(), Cl
         }
     }
     Ok(())
+}
+
+/// Print node `n`'s `held_out` as it changes until the rejoin ends: done
+/// once it is rejoined (or in service), an error once it failed or was
+/// refused.
+async fn follow_rejoin(
+    client: &tokio_postgres::Client,
+    n: NodeId,
+    limit: Duration,
+) -> Result<(), CliError> {
+    let deadline = Instant::now() + limit;
+    let mut shown = String::new();
+    loop {
+        let (cols, rows) = query(client, "SHOW PGPILOT_NODES").await?;
+        let at = |name: &str| cols.iter().position(|c| c == name);
+        let held = match (at("node_id"), at("held_out")) {
+            (Some(id), Some(h)) => rows
+                .iter()
+                .find(|r| r[id] == n.to_string())
+                .map(|r| r[h].clone())
+                .unwrap_or_default(),
+            _ => String::new(),
+        };
+        if held != shown {
+            println!(
+                "node {n}: {}",
+                if held.is_empty() { "in service" } else { &held }
+            );
+            shown = held.clone();
+        }
+        if held.contains("rejoin failed") || held.contains("rejoin refused") {
+            return Err(CliError::RejoinEnded { held_out: held });
+        }
+        if held.is_empty() || held.starts_with("rejoined") {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            return Err(CliError::StillInProgress { limit });
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
 }
 
 async fn connect(cfg: &Config, t: &Target) -> Result<tokio_postgres::Client, CliError> {

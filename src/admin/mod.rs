@@ -18,11 +18,14 @@
 //! | `ATTACH NODE n` | lift node n's hold (detached, fenced old primary, cannot follow) |
 //! | `DETACH NODE n` | no traffic to standby n until `ATTACH NODE n` |
 //! | `PROMOTE NODE n` | switchover to standby n (or the candidate of a waiting failover) |
+//! | `REJOIN NODE n` | rejoin fenced old primary (or diverged standby) n as a standby (`failover.rejoin`) |
 //!
-//! `ATTACH`/`DETACH`/`PROMOTE` answer one row (`node_id`, `result`); a
+//! `ATTACH`/`DETACH`/`PROMOTE`/`REJOIN` answer one row (`node_id`, `result`); a
 //! refusal is an error with SQLSTATE 55000 and the reason. `PROMOTE NODE`
 //! returns once the switchover has started; `SHOW PGPILOT_FAILOVER` (or
-//! `pgpilot promote`, which polls it) follows it to the end.
+//! `pgpilot promote`, which polls it) follows it to the end. `REJOIN NODE`
+//! returns once the rejoin has started; the node's `held_out` in `SHOW
+//! PGPILOT_NODES` (or `pgpilot rejoin`, which polls it) follows it.
 //!
 //! Only users listed in `admin_users` may run them; others get SQLSTATE
 //! 42501. The session decides *when* to answer (simple Query, or the extended
@@ -75,6 +78,8 @@ pub(crate) enum AdminCommand {
     DetachNode(NodeId),
     /// `PROMOTE NODE n`.
     PromoteNode(NodeId),
+    /// `REJOIN NODE n`.
+    RejoinNode(NodeId),
 }
 
 impl AdminCommand {
@@ -96,6 +101,7 @@ impl AdminCommand {
             AdminCommand::AttachNode(n) => format!("ATTACH NODE {n}"),
             AdminCommand::DetachNode(n) => format!("DETACH NODE {n}"),
             AdminCommand::PromoteNode(n) => format!("PROMOTE NODE {n}"),
+            AdminCommand::RejoinNode(n) => format!("REJOIN NODE {n}"),
         }
     }
 
@@ -107,6 +113,7 @@ impl AdminCommand {
             AdminCommand::AttachNode(_)
                 | AdminCommand::DetachNode(_)
                 | AdminCommand::PromoteNode(_)
+                | AdminCommand::RejoinNode(_)
         )
     }
 }
@@ -164,7 +171,9 @@ pub(crate) fn parse(sql: &str) -> Option<AdminCommand> {
 }
 
 /// The words an admin command can start with (lower case).
-pub(crate) const FIRST_WORDS: [&[u8]; 5] = [b"show", b"pgpool", b"attach", b"detach", b"promote"];
+pub(crate) const FIRST_WORDS: [&[u8]; 6] = [
+    b"show", b"pgpool", b"attach", b"detach", b"promote", b"rejoin",
+];
 
 /// Recognise an admin command in raw query bytes (as in a Query message, with
 /// or without the terminating NUL): case-insensitive, any whitespace between
@@ -210,6 +219,7 @@ pub(crate) fn parse_bytes(sql: &[u8]) -> Option<AdminCommand> {
                 "attach" => AdminCommand::AttachNode(n),
                 "detach" => AdminCommand::DetachNode(n),
                 "promote" => AdminCommand::PromoteNode(n),
+                "rejoin" => AdminCommand::RejoinNode(n),
                 _ => return None,
             }
         }
@@ -223,7 +233,8 @@ pub(crate) fn parse_bytes(sql: &[u8]) -> Option<AdminCommand> {
 /// Run an admin command for `who`: 42501 unless the user is in
 /// `admin_users`. Never blocks: `SHOW` reads snapshots and counters;
 /// `ATTACH`/`DETACH` change node state under the cluster's lock;
-/// `PROMOTE NODE` validates and starts a switchover task.
+/// `PROMOTE NODE` validates and starts a switchover task, `REJOIN NODE` a
+/// rejoin task.
 pub(crate) fn execute(
     ctx: &ProxyContext,
     cmd: &AdminCommand,
@@ -248,6 +259,10 @@ pub(crate) fn execute(
         AdminCommand::PromoteNode(n) => failover::node_result(
             *n,
             crate::cluster::switchover::start(ctx.cluster.clone(), ctx.config.clone(), *n),
+        ),
+        AdminCommand::RejoinNode(n) => failover::node_result(
+            *n,
+            crate::cluster::rejoin::start(ctx.cluster.clone(), ctx.config.clone(), *n),
         ),
     }
 }
@@ -311,6 +326,7 @@ mod tests {
             ("attach node 2", AdminCommand::AttachNode(NodeId::new(2))),
             ("DETACH  NODE 1;", AdminCommand::DetachNode(NodeId::new(1))),
             ("Promote Node 0", AdminCommand::PromoteNode(NodeId::new(0))),
+            ("REJOIN NODE 0;", AdminCommand::RejoinNode(NodeId::new(0))),
             (
                 "pgpool show Health_Check_Period;",
                 AdminCommand::PgpoolShow(Some("health_check_period".into())),
@@ -343,6 +359,7 @@ mod tests {
             "DETACH NODE -1",
             "PROMOTE NODE 1 2",
             "promote node1",
+            "REJOIN NODE",
             "ATTACH PARTITION p FOR VALUES IN (1)",
         ] {
             assert_eq!(parse(sql), None, "{sql:?}");

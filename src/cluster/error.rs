@@ -180,6 +180,28 @@ pub(crate) enum CommandError {
         /// Why.
         message: String,
     },
+    /// `REJOIN NODE` with `failover.rejoin = "off"`.
+    #[error(
+        "failover.rejoin = \"off\": rebuild node {node} as a standby yourself (pg_rewind or pg_basebackup), then ATTACH NODE {node}"
+    )]
+    RejoinOff {
+        /// The node.
+        node: NodeId,
+    },
+    /// `REJOIN NODE` of a node that is neither fenced nor diverged.
+    #[error(
+        "node {node} is neither a fenced old primary nor a diverged standby: nothing to rejoin"
+    )]
+    NotRejoinable {
+        /// The node.
+        node: NodeId,
+    },
+    /// A rejoin of the node runs already.
+    #[error("a rejoin of node {node} is already running (SHOW PGPILOT_NODES shows its progress)")]
+    RejoinRunning {
+        /// The node.
+        node: NodeId,
+    },
 }
 
 impl StepError {

@@ -134,10 +134,14 @@ pub enum Event {
     Attach,
     /// `DETACH NODE`.
     Detach,
+    /// An old primary (or a diverged standby) rejoined as a standby.
+    Rejoin,
+    /// A rejoin failed or was refused.
+    RejoinFailed,
 }
 
 /// Every event, in counter order.
-pub(crate) const EVENTS: [Event; 14] = [
+pub(crate) const EVENTS: [Event; 16] = [
     Event::FailoverStarted,
     Event::FailoverFinished,
     Event::FailoverFailed,
@@ -152,6 +156,8 @@ pub(crate) const EVENTS: [Event; 14] = [
     Event::Fenced,
     Event::Attach,
     Event::Detach,
+    Event::Rejoin,
+    Event::RejoinFailed,
 ];
 
 impl Event {
@@ -172,6 +178,8 @@ impl Event {
             Event::Fenced => "fenced",
             Event::Attach => "attach",
             Event::Detach => "detach",
+            Event::Rejoin => "rejoin",
+            Event::RejoinFailed => "rejoin_failed",
         }
     }
 

@@ -25,16 +25,8 @@
 //! once per standby, with pgpool's placeholders (`%d` the standby); the
 //! standby's slot is created first all the same.
 //!
-//! Standbys that return after a failover ([`watch_returning`]): one that
-//! was down while the others were re-pointed (or that is restarted with an
-//! old `primary_conninfo`) is found every [`RETURNING_PERIOD`]: in
-//! recovery, not held, not streaming from the primary, and, asked itself,
-//! its WAL receiver streams from nobody, or from a fenced node, or on an
-//! older timeline than the primary's. Seen so twice in a row (so a WAL
-//! receiver restarting for a moment is left alone), it is re-pointed as
-//! above, its slot created first. A standby cascading from another standby
-//! is left alone. Nothing is done before pgpilot's first failover or
-//! switchover, or in mode `none`.
+//! Standbys that return after a failover are re-pointed the same way by
+//! [`super::returning`].
 //!
 //! Either way the standby must then be seen streaming from the new primary
 //! (`pg_stat_wal_receiver`) within `failover.follow_timeout`. A standby that
@@ -46,24 +38,16 @@
 //! the lag-weighted balancing keeps reads off them while their timeline
 //! differs from the primary's.
 
-use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-use arc_swap::ArcSwap;
-use tokio::sync::watch;
 
 use super::error::NodeQueryError;
 use super::events::Event;
 use super::hooks::{self, HookError, HookNodes};
 use super::promote::monitor_query;
 use super::replication::{format_lsn, parse_lsn};
-use super::state_machine::HoldKind;
-use super::{Cluster, ClusterSnapshot, PgStatus, Role};
-use crate::config::{Config, FailoverMode, NodeId};
-
-/// How often standbys that returned after a failover are looked for.
-pub(crate) const RETURNING_PERIOD: Duration = Duration::from_secs(2);
+use super::{Cluster, PgStatus};
+use crate::config::{Config, NodeId};
 
 /// Why a standby cannot follow the new primary. The text is the reason its
 /// hold shows (`SHOW PGPILOT_NODES`), so it says how to bring it back.
@@ -140,15 +124,20 @@ pub(crate) enum FollowError {
 impl FollowError {
     /// The standby itself could not be reached (down, or restarting): not a
     /// reason to hold it out. It is re-pointed when it returns
-    /// ([`watch_returning`]); a health check that has not yet noticed it
+    /// ([`super::returning`]); a health check that has not yet noticed it
     /// down must not make it "cannot follow" for good.
-    fn standby_unreachable(&self, standby: NodeId) -> bool {
+    pub(super) fn standby_unreachable(&self, standby: NodeId) -> bool {
         matches!(
             self,
             FollowError::Query(
                 NodeQueryError::Connect { node, .. } | NodeQueryError::Timeout { node, .. }
             ) if *node == standby
         )
+    }
+
+    /// Its timeline diverged (it needs pg_rewind or a rebuild).
+    pub(super) fn is_diverged(&self) -> bool {
+        matches!(self, FollowError::Diverged { .. })
     }
 }
 
@@ -192,127 +181,14 @@ pub(crate) fn spawn_all(
                     reason = %why,
                     "standby unreachable; re-pointed when it returns"
                 ),
-                Err(why) => cluster.cannot_follow(node, why.to_string()),
+                Err(why) => cluster.cannot_follow(node, why.to_string(), why.is_diverged()),
             }
         });
     }
 }
 
-/// Re-point standbys that returned after a failover (see the module docs),
-/// until shutdown.
-pub(crate) async fn watch_returning(
-    cluster: Arc<Cluster>,
-    config: Arc<ArcSwap<Config>>,
-    mut shutdown: watch::Receiver<bool>,
-) {
-    let mut seen_before: HashSet<NodeId> = HashSet::new();
-    let mut running: HashMap<NodeId, tokio::task::JoinHandle<()>> = HashMap::new();
-    loop {
-        tokio::select! {
-            _ = tokio::time::sleep(RETURNING_PERIOD) => {}
-            _ = shutdown.changed() => return,
-        }
-        running.retain(|_, task| !task.is_finished());
-        let cfg = config.load_full();
-        let snap = cluster.snapshot();
-        let report = cluster.failover_report();
-        let primary = match (snap.primary, &report.current, &report.last) {
-            // With coordination through etcd only the leader re-points.
-            (Some(p), None, Some(_))
-                if cfg.failover.mode != FailoverMode::None && cluster.may_decide() =>
-            {
-                p
-            }
-            _ => {
-                seen_before.clear();
-                continue;
-            }
-        };
-        let mut seen_now = HashSet::new();
-        for n in &snap.nodes {
-            if n.id == primary
-                || n.pg_status != PgStatus::Up
-                || n.role != Role::Standby
-                || n.repl.streaming_from_primary
-                || running.contains_key(&n.id)
-                || cluster.is_held(n.id)
-            {
-                continue;
-            }
-            let Some(why) = not_following(&cluster, &cfg, &snap, n.id, primary).await else {
-                continue;
-            };
-            if !seen_before.contains(&n.id) {
-                seen_now.insert(n.id);
-                continue;
-            }
-            tracing::warn!(node = %n.id, %primary, reason = %why, "standby returned; re-pointing it");
-            let (cluster, cfg, node) = (cluster.clone(), cfg.clone(), n.id);
-            let task = tokio::spawn(async move {
-                match follow_one(&cfg, node, primary, None, None).await {
-                    Ok(()) => {
-                        tracing::warn!(%node, %primary, "returned standby follows the primary");
-                        cluster.count(Event::Follow);
-                    }
-                    Err(why) if why.standby_unreachable(node) => {
-                        tracing::info!(%node, reason = %why, "returned standby unreachable again")
-                    }
-                    Err(why) => cluster.cannot_follow(node, why.to_string()),
-                }
-            });
-            running.insert(node, task);
-        }
-        seen_before = seen_now;
-    }
-}
-
-/// Why standby `node` does not follow `primary` (its WAL receiver streams
-/// from nobody, from a fenced node, or on an older timeline), or `None`
-/// when it does or cannot be asked (then nothing is done).
-async fn not_following(
-    cluster: &Cluster,
-    cfg: &Config,
-    snap: &ClusterSnapshot,
-    node: NodeId,
-    primary: NodeId,
-) -> Option<String> {
-    let sql = "SELECT pg_is_in_recovery()::text, r.status::text, r.sender_host::text, \
-               r.sender_port::text, r.received_tli::text \
-               FROM (SELECT) AS one LEFT JOIN pg_stat_wal_receiver AS r ON true";
-    let rows = monitor_query(cfg, node, sql, cfg.health_check.timeout)
-        .await
-        .ok()?;
-    let row = rows.first()?;
-    let col = |i: usize| row.get(i).cloned().flatten().unwrap_or_default();
-    if col(0) != "true" {
-        return None;
-    }
-    if col(1) != "streaming" {
-        return Some("its WAL receiver streams from nobody".into());
-    }
-    let holds = cluster.holds();
-    let fenced = cfg.backends.iter().enumerate().find(|(i, b)| {
-        holds.get(*i) == Some(&Some(HoldKind::Fenced))
-            && b.host == col(2)
-            && b.port.to_string() == col(3)
-    });
-    if let Some((i, _)) = fenced {
-        return Some(format!("it streams from node {i}, a fenced old primary"));
-    }
-    let primary_tli = snap
-        .nodes
-        .get(primary.index())
-        .and_then(|p| p.repl.timeline);
-    match (col(4).parse::<u32>().ok(), primary_tli) {
-        (Some(own), Some(p)) if own < p => Some(format!(
-            "it streams on timeline {own}, the primary is on timeline {p}"
-        )),
-        _ => None,
-    }
-}
-
 /// Re-point standby `node` at `new`, then wait until it streams from it.
-async fn follow_one(
+pub(super) async fn follow_one(
     cfg: &Config,
     node: NodeId,
     new: NodeId,
@@ -398,7 +274,7 @@ async fn repoint(
 /// Create physical slot `slot` (standby `node`'s `primary_slot_name`; empty:
 /// none) on `new` unless it exists there, reserving WAL at once so the
 /// standby streams on without a gap.
-async fn ensure_slot(
+pub(super) async fn ensure_slot(
     cfg: &Config,
     node: NodeId,
     new: NodeId,
@@ -449,7 +325,7 @@ async fn ensure_slot(
 }
 
 /// Wait until `node`'s WAL receiver streams from `new`.
-async fn wait_streaming(
+pub(super) async fn wait_streaming(
     cfg: &Config,
     node: NodeId,
     new: NodeId,
@@ -521,6 +397,24 @@ pub(crate) fn repointed_conninfo(
     )
 }
 
+/// `template` (another standby's `primary_conninfo`) for standby `app`
+/// streaming from `host:port`: host and port replaced, `hostaddr` dropped,
+/// `application_name` set to `app` (dropped when `app` is empty).
+pub(super) fn conninfo_for(template: &str, host: &str, port: u16, app: &str) -> Option<String> {
+    let t = template.trim_start();
+    if t.starts_with("postgres://") || t.starts_with("postgresql://") {
+        return None;
+    }
+    let mut pairs = parse_conninfo(template)?;
+    pairs.retain(|(k, _)| k != "application_name");
+    let rest = pairs
+        .iter()
+        .map(|(k, v)| format!("{k}={}", quote_value(v)))
+        .collect::<Vec<_>>()
+        .join(" ");
+    repointed_conninfo(&rest, host, port, app)
+}
+
 /// libpq key/value pairs: `key = value`, values bare or single-quoted with
 /// backslash escapes.
 fn parse_conninfo(s: &str) -> Option<Vec<(String, String)>> {
@@ -590,5 +484,19 @@ mod tests {
         assert_eq!(repointed_conninfo("postgresql://h:1/db", "n", 2, ""), None);
         assert_eq!(repointed_conninfo("host", "n", 2, ""), None);
         assert_eq!(repointed_conninfo("a='unterminated", "n", 2, ""), None);
+        assert_eq!(
+            conninfo_for(
+                "host=a port=1 user=rep application_name=node1 hostaddr=1.2.3.4",
+                "b",
+                2,
+                "node0"
+            )
+            .unwrap(),
+            "host=b port=2 user=rep application_name=node0"
+        );
+        assert_eq!(
+            conninfo_for("host=a application_name=x", "b", 2, "").unwrap(),
+            "host=b port=2"
+        );
     }
 }

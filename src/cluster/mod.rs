@@ -32,6 +32,7 @@
 //! auto_failback, weights) lives in `state_machine/mod.rs` as plain functions over data, so
 //! it is unit-tested without a network.
 
+pub(crate) mod at_start;
 pub mod coordination;
 pub(crate) mod error;
 pub mod events;
@@ -41,11 +42,15 @@ pub(crate) mod health;
 pub(crate) mod hooks;
 pub(crate) mod lag;
 pub(crate) mod monitor_conn;
+pub(crate) mod pgbin;
 pub(crate) mod promote;
+pub(crate) mod rejoin;
 pub mod replication;
+pub(crate) mod returning;
 pub(crate) mod slots;
 mod state_machine;
 pub(crate) mod switchover;
+pub(crate) mod timeline;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
@@ -291,6 +296,8 @@ pub struct Cluster {
     slots: ArcSwap<Vec<slots::SlotInfo>>,
     /// Coordination through etcd, when `[coordination]` is on: who decides.
     coord: OnceLock<Arc<coordination::Handle>>,
+    /// Nodes a rejoin runs for (`REJOIN NODE`, `auto_rejoin`): one at a time each.
+    rejoining: std::sync::Mutex<std::collections::HashSet<NodeId>>,
 }
 
 /// How long a session whose primary connection broke waits for the
@@ -315,6 +322,7 @@ impl Cluster {
             transition_lock: tokio::sync::Mutex::new(()),
             slots: ArcSwap::from_pointee(Vec::new()),
             coord: OnceLock::new(),
+            rejoining: std::sync::Mutex::new(std::collections::HashSet::new()),
         }
     }
 
@@ -538,9 +546,25 @@ impl Cluster {
         self.lock().last_primary_lsn(node)
     }
 
-    /// A standby could not follow the new primary.
-    fn cannot_follow(&self, node: NodeId, reason: String) {
-        self.update(|o| o.cannot_follow(node, reason));
+    /// A standby could not follow the new primary (`diverged`: its
+    /// timeline did).
+    fn cannot_follow(&self, node: NodeId, reason: String, diverged: bool) {
+        self.update(|o| o.cannot_follow(node, reason, diverged));
+    }
+
+    /// `failover.promote_at_start` (see `Owner::failover_at_start`).
+    fn failover_at_start(&self, reason: String) -> bool {
+        self.update_with(|o| o.failover_at_start(reason))
+    }
+
+    /// A rejoin of `node` reports progress (false: not held for it any more).
+    fn rejoin_progress(&self, node: NodeId, reason: String) -> bool {
+        self.update_with(|o| o.rejoin_progress(node, reason))
+    }
+
+    /// `node` rejoined as a standby (see `Owner::rejoined`).
+    fn rejoined(&self, node: NodeId, reason: String) {
+        self.update(|o| o.rejoined(node, reason));
     }
 
     /// Why each node is held out of service, by node id (`None`: not held):

@@ -42,6 +42,34 @@ impl FailoverMode {
     }
 }
 
+/// How a fenced old primary (or a diverged standby) is rejoined as a
+/// standby of the current primary (`REJOIN NODE`, `auto_rejoin`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum RejoinMode {
+    /// Never: an operator rebuilds it and runs `ATTACH NODE`.
+    #[default]
+    Off,
+    /// pgpilot stops it, runs `pg_rewind` against the primary, configures it
+    /// as a standby and starts it (its `data_directory` must be on
+    /// pgpilot's host).
+    PgRewind,
+    /// Run `failover.rejoin_command` (pgpool's placeholders), then wait for
+    /// it to stream.
+    Command,
+}
+
+impl RejoinMode {
+    /// The spelling used in the configuration file and in messages.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RejoinMode::Off => "off",
+            RejoinMode::PgRewind => "pg_rewind",
+            RejoinMode::Command => "command",
+        }
+    }
+}
+
 /// `[failover]`: detection, promotion, following, client waits.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -92,6 +120,28 @@ pub struct Failover {
     /// keep WAL without bound; 0 = never (stale slots are only reported).
     #[serde(deserialize_with = "duration")]
     pub drop_stale_slots_after: Duration,
+    /// How a fenced old primary is rejoined as a standby: `off` (an
+    /// operator does it), `pg_rewind` or `command`.
+    pub rejoin: RejoinMode,
+    /// Rejoin a fenced old primary without an operator once it is reachable
+    /// again (or found stopped with its data directory reachable).
+    pub auto_rejoin: bool,
+    /// `rejoin = "command"`: run through `sh -c` with pgpool's placeholders
+    /// (`%d` the node to rejoin, `%m`/`%H`/`%r`/`%R` the primary), like
+    /// pgpool's `recovery_1st_stage_command`; it must leave the node running
+    /// as a standby of the primary.
+    pub rejoin_command: String,
+    /// Limit for a rejoin's steps: pg_rewind (or the command), then the
+    /// node streaming from the primary.
+    #[serde(deserialize_with = "duration")]
+    pub rejoin_timeout: Duration,
+    /// Where pg_ctl, pg_rewind and pg_controldata are; empty: the
+    /// `/usr/lib/postgresql/<version>/bin` of the data directory's version,
+    /// else `pg_config --bindir`, else `PATH`.
+    pub pg_bindir: String,
+    /// At start, with no primary but standbys that were streaming, promote
+    /// the most advanced standby after `search_primary_timeout`.
+    pub promote_at_start: bool,
 }
 
 impl Default for Failover {
@@ -108,6 +158,12 @@ impl Default for Failover {
             follow_timeout: Duration::from_secs(30),
             switchover_timeout: Duration::from_secs(30),
             drop_stale_slots_after: Duration::ZERO,
+            rejoin: RejoinMode::Off,
+            auto_rejoin: false,
+            rejoin_command: String::new(),
+            rejoin_timeout: Duration::from_secs(300),
+            pg_bindir: String::new(),
+            promote_at_start: false,
         }
     }
 }
@@ -140,6 +196,7 @@ impl super::Config {
             ("failover.promote_timeout", f.promote_timeout),
             ("failover.follow_timeout", f.follow_timeout),
             ("failover.switchover_timeout", f.switchover_timeout),
+            ("failover.rejoin_timeout", f.rejoin_timeout),
         ] {
             if d.is_zero() {
                 return Err(invalid(key, "must be greater than 0"));
@@ -151,6 +208,7 @@ impl super::Config {
         for (key, cmd) in [
             ("failover.command", &f.command),
             ("failover.follow_primary_command", &f.follow_primary_command),
+            ("failover.rejoin_command", &f.rejoin_command),
         ] {
             if let Some(p) = bad_placeholder(cmd) {
                 return Err(invalid(
@@ -165,6 +223,18 @@ impl super::Config {
             return Err(invalid(
                 "failover.command",
                 "mode = \"command\" needs a command (pgpool's failover_command)",
+            ));
+        }
+        if f.rejoin == RejoinMode::Command && f.rejoin_command.trim().is_empty() {
+            return Err(invalid(
+                "failover.rejoin_command",
+                "rejoin = \"command\" needs a command (like pgpool's recovery_1st_stage_command)",
+            ));
+        }
+        if f.auto_rejoin && f.rejoin == RejoinMode::Off {
+            return Err(invalid(
+                "failover.auto_rejoin",
+                "needs failover.rejoin = \"pg_rewind\" or \"command\"",
             ));
         }
         for (i, b) in self.backends.iter().enumerate() {
@@ -228,6 +298,9 @@ mod tests {
         assert_eq!(f.max_lag_bytes, 0);
         assert_eq!(f.client_wait_timeout, Duration::from_secs(30));
         assert_eq!(f.drop_stale_slots_after, Duration::ZERO);
+        assert_eq!(f.rejoin, RejoinMode::Off);
+        assert!(!f.auto_rejoin && !f.promote_at_start);
+        assert_eq!(f.rejoin_timeout, Duration::from_secs(300));
         assert!(!c.backends[0].no_failover);
         assert_eq!(c.backends[0].trigger_path(), None);
         assert_eq!(
@@ -267,6 +340,16 @@ mod tests {
                 "backends[0].trigger_file",
             ),
             ("[failover]\nbogus = 1", "bogus"),
+            (
+                "[failover]\nrejoin = \"command\"",
+                "failover.rejoin_command",
+            ),
+            ("[failover]\nauto_rejoin = true", "failover.auto_rejoin"),
+            ("[failover]\nrejoin = \"rsync\"", "rejoin"),
+            (
+                "[failover]\nrejoin_command = \"r %x\"",
+                "failover.rejoin_command",
+            ),
         ] {
             let e = Config::from_toml(&format!("{BASE}\n{extra}")).unwrap_err();
             assert!(e.to_string().contains(key), "{extra}: {e}");

@@ -26,7 +26,7 @@ mod units;
 
 pub use checks::{HealthCheck, MetricsConfig, SrCheck};
 pub use coordination::Coordination;
-pub use failover::{Failover, FailoverMode};
+pub use failover::{Failover, FailoverMode, RejoinMode};
 pub use node_id::NodeId;
 pub use routing::{BalanceInTransaction, ConsistencyMode, Routing, UnknownFunctions};
 use units::{byte_size, duration};

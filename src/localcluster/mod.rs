@@ -113,12 +113,14 @@ pub struct ClusterSpec {
     pub synchronous: bool,
     /// When true, each standby streams through a physical replication slot
     /// named after it (`pg_basebackup -R -C -S nodeN`, so `primary_slot_name
-    /// = 'nodeN'`), as production clusters are usually built.
+    /// = 'nodeN'`), as production clusters are usually built. The default;
+    /// false builds standbys that stream without a slot.
     pub slots: bool,
 }
 
 impl Default for ClusterSpec {
-    /// Two asynchronous standbys; no extra roles, databases or settings.
+    /// Two asynchronous standbys streaming through slots; no extra roles,
+    /// databases or settings.
     fn default() -> Self {
         ClusterSpec {
             standbys: 2,
@@ -126,7 +128,7 @@ impl Default for ClusterSpec {
             databases: Vec::new(),
             extra_conf: Vec::new(),
             synchronous: false,
-            slots: false,
+            slots: true,
         }
     }
 }

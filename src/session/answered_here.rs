@@ -48,7 +48,7 @@ pub(crate) fn parse_own_command(sql: &[u8]) -> Option<OwnCommand> {
     // is all most statements need (admin commands start with one of
     // `admin::FIRST_WORDS`; pgpilot's own settings with SET, SHOW or RESET).
     let word = first_word(sql)?;
-    if matches!(word, SHOW | PGPOOL | ATTACH | DETACH | PROMOTE)
+    if matches!(word, SHOW | PGPOOL | ATTACH | DETACH | PROMOTE | REJOIN)
         && let Some(cmd) = admin::parse_bytes(sql)
     {
         return Some(OwnCommand::Admin(cmd));
@@ -79,8 +79,9 @@ const PGPOOL: u64 = pack(b"pgpool");
 const ATTACH: u64 = pack(b"attach");
 const DETACH: u64 = pack(b"detach");
 const PROMOTE: u64 = pack(b"promote");
+const REJOIN: u64 = pack(b"rejoin");
 /// The first three letters of each of those words, derived from them.
-const PREFIXES: [u64; 7] = [
+const PREFIXES: [u64; 8] = [
     first3(SHOW),
     first3(SET),
     first3(RESET),
@@ -88,6 +89,7 @@ const PREFIXES: [u64; 7] = [
     first3(ATTACH),
     first3(DETACH),
     first3(PROMOTE),
+    first3(REJOIN),
 ];
 
 /// The first three letters of a [`pack`]ed word (its letters are non-zero
@@ -465,7 +467,7 @@ mod tests {
             assert!(
                 matches!(
                     first_word(w),
-                    Some(SHOW | PGPOOL | ATTACH | DETACH | PROMOTE)
+                    Some(SHOW | PGPOOL | ATTACH | DETACH | PROMOTE | REJOIN)
                 ),
                 "{}",
                 String::from_utf8_lossy(w)

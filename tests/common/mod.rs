@@ -56,7 +56,7 @@ pub fn harness() -> &'static Harness {
             databases: vec![(DB.into(), USER.into())],
             extra_conf: vec!["max_connections = 150".into()],
             synchronous: false,
-            slots: false,
+            slots: true,
         };
         let cluster = LocalCluster::start(spec).expect("start a local PostgreSQL cluster");
         // SAFETY: registering a plain extern "C" fn with no captured state.

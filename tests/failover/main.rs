@@ -10,13 +10,14 @@
 //! initdb.
 //!
 //! The tests are grouped by what they exercise (`under_load.rs`, `modes.rs`,
-//! `operator.rs`, `safety.rs`, `slots.rs`); this file holds the shared helpers.
+//! `operator.rs`, `safety.rs`, `slots.rs`, `rejoin.rs`); this file holds the shared helpers.
 
 #[path = "../common/mod.rs"]
 mod common;
 
 mod modes;
 mod operator;
+mod rejoin;
 mod safety;
 mod sessions;
 mod slots;
@@ -43,9 +44,10 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
     tokio::task::spawn_blocking(f).await.expect("blocking task")
 }
 
-/// A primary and `standbys` standbys with the test role and database.
+/// A primary and `standbys` standbys with the test role and database, each
+/// standby streaming through its own replication slot, as in production.
 async fn new_cluster(standbys: usize, synchronous: bool, extra: &[&str]) -> Arc<LocalCluster> {
-    new_cluster_with(standbys, synchronous, extra, false).await
+    new_cluster_with(standbys, synchronous, extra, true).await
 }
 
 /// Like [`new_cluster`]; with `slots`, each standby streams through its own

@@ -1,5 +1,6 @@
 //! The failover modes other than `pg_promote`: a trigger file, a
-//! pgpool-style `failover_command`, and `none` (an outside promotion).
+//! pgpool-style `failover_command`, and `none` (an outside promotion); and
+//! `promote_at_start`, when pgpilot starts with no primary.
 
 use super::*;
 
@@ -217,4 +218,70 @@ async fn none_mode_waits_for_an_outside_promotion_and_clients_wait_too() {
     )
     .await;
     assert_eq!(rows[0][0], port);
+}
+
+#[tokio::test]
+async fn promote_at_start_promotes_the_most_advanced_standby() {
+    let _serial = SERIAL.lock().await;
+    let cluster = new_cluster_with(2, false, &[], true).await;
+    create_table(&cluster).await;
+    psql(&cluster, 0, "INSERT INTO t VALUES ('before')").await;
+    let c = cluster.clone();
+    blocking(move || c.wait_replayed())
+        .await
+        .expect("standbys replay");
+    // The primary is gone before pgpilot starts.
+    let c = cluster.clone();
+    blocking(move || c.stop_node(0, "immediate"))
+        .await
+        .expect("stop the primary");
+    let mut cfg = config_for(&cluster);
+    cfg.failover.promote_at_start = true;
+    cfg.failover.search_primary_timeout = Duration::from_secs(3);
+    let p = spawn_proxy_stoppable(cfg);
+    let started = Instant::now();
+    let ctx = p.ctx.clone();
+    let new = wait_for(
+        "a primary promoted at start",
+        Duration::from_secs(40),
+        || ctx.cluster.snapshot().primary,
+    )
+    .await;
+    let new = new.index();
+    assert!(new == 1 || new == 2, "{new}");
+    assert!(
+        started.elapsed() >= Duration::from_secs(3),
+        "promoted after {:?}, before search_primary_timeout",
+        started.elapsed()
+    );
+    write_lands_on(&p, cluster.nodes[new].port, "after-start").await;
+    let other = 3 - new;
+    replicated_to(&cluster, other, "after-start").await;
+    let report = ctx.cluster.failover_report();
+    let last = report.last.expect("a failover happened");
+    assert_eq!(
+        (last.old_primary, last.target),
+        (None, Some(NodeId::new(new)))
+    );
+}
+
+#[tokio::test]
+async fn without_promote_at_start_nothing_is_promoted() {
+    let _serial = SERIAL.lock().await;
+    let cluster = new_cluster_with(1, false, &[], false).await;
+    let c = cluster.clone();
+    blocking(move || c.stop_node(0, "immediate"))
+        .await
+        .expect("stop the primary");
+    let mut cfg = config_for(&cluster);
+    cfg.failover.search_primary_timeout = Duration::from_secs(1);
+    let p = spawn_proxy_stoppable(cfg);
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let s = p.ctx.cluster.snapshot();
+    assert_eq!(s.primary, None);
+    assert!(p.ctx.cluster.failover_report().last.is_none());
+    assert_eq!(
+        psql_in(&cluster, 1, "postgres", "SELECT pg_is_in_recovery()").await,
+        "t"
+    );
 }

@@ -89,6 +89,7 @@ fn kind_str(k: HoldKind) -> &'static str {
         HoldKind::Detached => "detached",
         HoldKind::Fenced => "fenced",
         HoldKind::CannotFollow => "cannot_follow",
+        HoldKind::Diverged => "diverged",
     }
 }
 
@@ -96,6 +97,7 @@ fn kind_from(s: &str) -> HoldKind {
     match s {
         "detached" => HoldKind::Detached,
         "cannot_follow" => HoldKind::CannotFollow,
+        "diverged" => HoldKind::Diverged,
         // Unknown kinds are the strictest: only ATTACH NODE lifts them.
         _ => HoldKind::Fenced,
     }

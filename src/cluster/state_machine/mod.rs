@@ -105,8 +105,8 @@ struct NodeBook {
     false_primary: bool,
     /// Health-check counters.
     stats: HealthStats,
-    /// Kept out of service until an operator (or, for `CannotFollow`,
-    /// streaming evidence) lifts it.
+    /// Kept out of service until an operator (or, for `CannotFollow` and
+    /// `Diverged`, streaming evidence) lifts it.
     hold: Option<Hold>,
     /// `ATTACH NODE` vouched for it: a returning standby is admitted without
     /// waiting for streaming evidence (the operator rebuilt it).
@@ -132,7 +132,12 @@ pub(crate) enum HoldKind {
     Fenced,
     /// A standby that could not follow the new primary; lifted when it is
     /// seen streaming from the primary on its timeline (or by `ATTACH NODE`).
+    /// Also a node rejoined as a standby, until it is seen streaming.
     CannotFollow,
+    /// A standby whose WAL went past the point where the primary's timeline
+    /// forked: it cannot follow until it is rewound or rebuilt (`REJOIN
+    /// NODE`); lifted like `CannotFollow` once it streams from the primary.
+    Diverged,
 }
 
 /// A hold and the reason shown to operators.

@@ -656,7 +656,11 @@ fn a_switchover_holds_writes_and_an_abort_restores_the_primary() {
 #[test]
 fn a_standby_that_cannot_follow_is_held_until_it_streams() {
     let mut o = started();
-    o.cannot_follow(NodeId::new(2), "cannot follow node 0: diverged".into());
+    o.cannot_follow(
+        NodeId::new(2),
+        "cannot follow node 0: diverged".into(),
+        true,
+    );
     assert_eq!(o.snap.nodes[2].status, NodeStatus::Down);
     o.round_finished(NodeId::new(2), ok(true), SystemTime::now(), adm(3));
     assert_eq!(o.snap.nodes[2].status, NodeStatus::Down);

@@ -1,5 +1,5 @@
 //! Failover and switchover as state: when a transition starts, what it may
-//! change, and the holds (detached, fenced, cannot follow) that keep nodes
+//! change, and the holds (detached, fenced, cannot follow, diverged) that keep nodes
 //! out of service. The I/O (probes, promotion, re-pointing) is in
 //! `failover.rs`, `promote.rs`, `follow.rs` and `switchover.rs`; they report
 //! each step here, tagged with the transition's id.
@@ -22,7 +22,10 @@
 //!    coordinator makes *before* it sends `pg_promote`, touches the trigger
 //!    file or runs the command. From then on it can come back only through
 //!    `ATTACH NODE`, which refuses while it claims to be a primary next to
-//!    another one. Before that point nothing was promoted, so the old
+//!    another one, or through a rejoin ([`Owner::rejoined`], `rejoin.rs`),
+//!    which turns the fence into a standby's hold only after the node was
+//!    seen streaming from the primary, and which is lifted only by seeing it
+//!    again as a standby streaming on the primary's timeline. Before that point nothing was promoted, so the old
 //!    primary returning simply cancels the failover
 //!    ([`Owner::watch_primary`]).
 //! 4. `finish` publishes the new primary only after the coordinator saw
@@ -61,7 +64,7 @@ impl Owner {
             return false;
         };
         let n = &self.snap.nodes[i.index()];
-        if h.kind == HoldKind::CannotFollow
+        if matches!(h.kind, HoldKind::CannotFollow | HoldKind::Diverged)
             && n.role == Role::Standby
             && n.repl.streaming_from_primary
             && !n.repl.timeline_mismatch
@@ -153,7 +156,7 @@ impl Owner {
         tracing::warn!(node = %old, %reason, "failover started");
         self.start_transition(
             TransitionKind::Failover,
-            old,
+            Some(old),
             None,
             search_only,
             reason,
@@ -165,7 +168,7 @@ impl Owner {
     fn start_transition(
         &mut self,
         kind: TransitionKind,
-        old: NodeId,
+        old: Option<NodeId>,
         target: Option<NodeId>,
         search_only: bool,
         detail: String,
@@ -182,7 +185,7 @@ impl Owner {
             } else {
                 Phase::Detected
             },
-            old_primary: Some(old),
+            old_primary: old,
             target,
             forced: None,
             search_only,
@@ -436,6 +439,21 @@ impl Owner {
         Ok(())
     }
 
+    /// `failover.promote_at_start`: no primary was ever seen, and none is
+    /// now: start a failover that replaces nobody (nothing to fence), so
+    /// the coordinator promotes the most advanced standby. False when a
+    /// primary is (or was) known or a transition runs.
+    pub(crate) fn failover_at_start(&mut self, reason: String) -> bool {
+        if self.transition.is_some() || self.snap.primary.is_some() || self.last_primary.is_some() {
+            return false;
+        }
+        let now = SystemTime::now();
+        tracing::warn!(%reason, "failover started");
+        self.start_transition(TransitionKind::Failover, None, None, false, reason, now);
+        self.counts.add(Event::FailoverStarted);
+        true
+    }
+
     /// Start a switchover from the current primary to `target`: publishes no
     /// primary (new writes wait) until [`Owner::finish`] or [`Owner::fail`].
     pub(crate) fn begin_switchover(
@@ -452,7 +470,7 @@ impl Owner {
         tracing::warn!(%old, %target, "switchover started");
         let id = self.start_transition(
             TransitionKind::Switchover,
-            old,
+            Some(old),
             Some(target),
             false,
             detail,
@@ -485,17 +503,59 @@ impl Owner {
         }
     }
 
-    /// A standby could not follow the new primary: hold it with `reason`.
-    pub(crate) fn cannot_follow(&mut self, node: NodeId, reason: String) {
+    /// A standby could not follow the new primary: hold it with `reason`
+    /// (as [`HoldKind::Diverged`] when its timeline diverged).
+    pub(crate) fn cannot_follow(&mut self, node: NodeId, reason: String, diverged: bool) {
         let now = SystemTime::now();
         tracing::error!(%node, %reason, "standby cannot follow the new primary");
+        let kind = if diverged {
+            HoldKind::Diverged
+        } else {
+            HoldKind::CannotFollow
+        };
         self.books[node.index()].hold = Some(Hold {
-            kind: HoldKind::CannotFollow,
+            kind,
             reason: reason.clone(),
         });
         self.hold(node, reason, now);
         self.counts.add(Event::FollowFailed);
         self.recompute_weights();
+    }
+
+    /// A rejoin of `node` (fenced or diverged) says where it stands: the
+    /// hold keeps its kind, `reason` is shown. False when the node is no
+    /// longer held so (an operator attached it meanwhile).
+    pub(crate) fn rejoin_progress(&mut self, node: NodeId, reason: String) -> bool {
+        let now = SystemTime::now();
+        let Some(h) = self
+            .books
+            .get_mut(node.index())
+            .and_then(|b| b.hold.as_mut())
+        else {
+            return false;
+        };
+        if !matches!(h.kind, HoldKind::Fenced | HoldKind::Diverged) {
+            return false;
+        }
+        h.reason = reason.clone();
+        self.hold(node, reason, now);
+        true
+    }
+
+    /// `node` was rejoined and streams from the primary as a standby on its
+    /// timeline: it is no old primary any more. It is held as a standby
+    /// that must still show it streams, so the usual evidence (a
+    /// replication check seeing it stream from the primary) admits it.
+    pub(crate) fn rejoined(&mut self, node: NodeId, reason: String) {
+        let now = SystemTime::now();
+        let b = &mut self.books[node.index()];
+        b.false_primary = false;
+        b.hold = Some(Hold {
+            kind: HoldKind::CannotFollow,
+            reason: reason.clone(),
+        });
+        self.hold(node, reason, now);
+        self.counts.add(Event::Rejoin);
     }
 
     /// Count an event the coordinator observed.
