@@ -20,6 +20,7 @@ mod checks;
 mod failover;
 pub mod hba;
 mod routing;
+pub mod tls;
 mod units;
 
 pub use checks::{HealthCheck, MetricsConfig, SrCheck};
@@ -53,6 +54,9 @@ pub enum ConfigError {
     /// `hba_file` could not be read or has a line pgpilot cannot use.
     #[error("invalid `hba_file`: {0}")]
     Hba(#[from] HbaError),
+    /// A `[tls]` file could not be read or used.
+    #[error("invalid `[tls]`: {0}")]
+    Tls(String),
 }
 
 fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
@@ -129,6 +133,13 @@ pub struct Config {
     /// The rules read from `hba_file` at load.
     #[serde(skip)]
     pub hba: Option<Arc<HbaRules>>,
+    /// TLS towards clients.
+    #[serde(default)]
+    pub tls: tls::TlsSettings,
+    /// The `[tls]` files, read at load (so SIGHUP re-reads them); `None`
+    /// when TLS is off.
+    #[serde(skip)]
+    pub tls_server: Option<Arc<tls::TlsServer>>,
 }
 
 /// Backend connection pool settings.
@@ -377,6 +388,9 @@ impl Config {
         {
             cfg.hba_file = Some(dir.join(hba));
         }
+        if let Some(dir) = path.parent() {
+            cfg.tls.resolve(dir);
+        }
         cfg.validate()?;
         Ok(cfg)
     }
@@ -408,6 +422,7 @@ impl Config {
     /// Check every value, and derive what is derived at load (SCRAM verifiers).
     pub fn validate(&mut self) -> Result<(), ConfigError> {
         self.listen_addr()?;
+        self.tls_server = self.tls.load().map_err(ConfigError::Tls)?;
         if self.max_client_conn == 0 {
             return Err(invalid("max_client_conn", "must be at least 1"));
         }

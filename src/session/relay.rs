@@ -99,7 +99,9 @@ impl Session {
                 && (self.cbuf.len() < HIGH_WATER
                     || crate::protocol::frame::missing_bytes(&self.cbuf) > 0);
             let read_server = self.to_client.len() < HIGH_WATER;
-            let client_pending = !self.to_client.is_empty();
+            // TLS records rustls holds wait for writability too (a lost
+            // wake-up otherwise: nothing else would flush them).
+            let client_pending = !self.to_client.is_empty() || self.client.backlog();
             let server_pending = link.as_ref().is_some_and(|l| !l.out.is_empty());
             let client = &mut self.client;
             let cbuf = &mut self.cbuf;
@@ -138,13 +140,13 @@ impl Session {
             .await;
             match woke {
                 Wake::ClientWritable => {
-                    if let Err(e) = self.to_client.flush(&self.client) {
+                    if let Err(e) = self.to_client.flush(&mut self.client) {
                         return End::Error(SessionError::ClientIo(e));
                     }
                 }
                 Wake::ServerWritable => {
                     let flushed = match self.links[node].as_mut() {
-                        Some(l) => l.st.out.flush(&l.conn.conn.stream),
+                        Some(l) => l.st.out.flush(&mut l.conn.conn.stream),
                         None => Ok(()),
                     };
                     if flushed.is_err() {
@@ -286,7 +288,7 @@ impl Session {
         {
             self.ctx.lsns.write_acknowledged();
         }
-        link.forward(&self.client, &mut self.to_client, chunk)?;
+        link.forward(&mut self.client, &mut self.to_client, chunk)?;
         self.settle(node);
         if self.links[node]
             .as_ref()

@@ -1,0 +1,307 @@
+//! A connection that is plain TCP or TLS over TCP, driven the same way.
+//!
+//! The relay polls sockets by hand with non-blocking reads and writes; a TLS
+//! connection keeps that shape: the handshake is done by tokio-rustls, then
+//! its rustls state is driven over the socket's `try_read`/`try_write`
+//! inside the same polls. Plaintext pays one enum branch.
+//!
+//! Two rules keep TLS from losing a wake-up:
+//! - a read first hands out plaintext rustls has already decrypted, and
+//!   waits on the socket only when there is none;
+//! - TLS records rustls holds (written while the socket was full, or
+//!   produced by a read, e.g. a KeyUpdate answer) are its *backlog*: the
+//!   owner waits for writability while [`Stream::backlog`] is true, and
+//!   every write flushes it first.
+
+use std::io::{self, Read, Write};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, ready};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+
+/// Most plaintext handed out by one read (one TLS record's worth).
+const READ_CHUNK: usize = 16 * 1024;
+
+/// A client or server connection.
+pub enum Stream {
+    /// Plain TCP.
+    Plain(TcpStream),
+    /// TLS over TCP (boxed: rustls state is large).
+    Tls(Box<TlsIo>),
+    /// Taken apart by a failed upgrade: every operation fails.
+    Closed,
+}
+
+/// A socket and its rustls state, after the handshake.
+pub struct TlsIo {
+    tcp: TcpStream,
+    conn: rustls::Connection,
+}
+
+/// `std::io` over a tokio socket's non-blocking calls.
+struct TryIo<'a>(&'a TcpStream);
+
+impl Read for TryIo<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.0.try_read(buf)
+    }
+}
+
+impl Write for TryIo<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0.try_write(buf)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+fn closed() -> io::Error {
+    io::Error::new(io::ErrorKind::NotConnected, "connection closed")
+}
+
+fn would_block(e: &io::Error) -> bool {
+    e.kind() == io::ErrorKind::WouldBlock
+}
+
+impl TlsIo {
+    /// Wrap a socket whose handshake is done.
+    pub fn new(tcp: TcpStream, conn: impl Into<rustls::Connection>) -> TlsIo {
+        TlsIo {
+            tcp,
+            conn: conn.into(),
+        }
+    }
+
+    /// Write held TLS records until they are all out (`Ok(true)`) or the
+    /// socket is full (`Ok(false)`).
+    fn flush_tls(&mut self) -> io::Result<bool> {
+        while self.conn.wants_write() {
+            match self.conn.write_tls(&mut TryIo(&self.tcp)) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(_) => {}
+                Err(e) if would_block(&e) => return Ok(false),
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(true)
+    }
+
+    /// Read TLS records the socket has and decrypt them. `WouldBlock` when
+    /// it has none; `Ok(0)` at end of stream.
+    fn read_tls(&mut self) -> io::Result<usize> {
+        let n = self.conn.read_tls(&mut TryIo(&self.tcp))?;
+        if let Err(e) = self.conn.process_new_packets() {
+            // Send the alert rustls prepared, if the socket takes it.
+            let _ = self.flush_tls();
+            return Err(io::Error::new(io::ErrorKind::InvalidData, e));
+        }
+        // Handshake-level answers (KeyUpdate): out now, or held as backlog.
+        self.flush_tls()?;
+        Ok(n)
+    }
+
+    fn poll_read(&mut self, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        if buf.remaining() == 0 {
+            return Poll::Ready(Ok(()));
+        }
+        loop {
+            let room = buf.initialize_unfilled_to(buf.remaining().min(READ_CHUNK));
+            match self.conn.reader().read(room) {
+                Ok(n) => {
+                    // 0: the peer closed with close_notify.
+                    buf.advance(n);
+                    return Poll::Ready(Ok(()));
+                }
+                Err(e) if would_block(&e) => {}
+                // Closed without close_notify: an end of stream all the same
+                // (as PostgreSQL takes it).
+                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                    return Poll::Ready(Ok(()));
+                }
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+            match self.read_tls() {
+                Ok(_) => {}
+                Err(e) if would_block(&e) => {
+                    ready!(self.tcp.poll_read_ready(cx))?;
+                }
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+    }
+
+    /// Accept as much plaintext as the backlog allows, without blocking.
+    fn write_now(&mut self, bytes: &[u8]) -> io::Result<usize> {
+        if !self.flush_tls()? {
+            return Ok(0);
+        }
+        let n = self.conn.writer().write(bytes)?;
+        self.flush_tls()?;
+        Ok(n)
+    }
+
+    fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while !self.flush_tls()? {
+            ready!(self.tcp.poll_write_ready(cx))?;
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_write(&mut self, cx: &mut Context<'_>, bytes: &[u8]) -> Poll<io::Result<usize>> {
+        ready!(self.poll_flush(cx))?;
+        let n = self.conn.writer().write(bytes)?;
+        self.flush_tls()?;
+        Poll::Ready(Ok(n))
+    }
+}
+
+impl Stream {
+    /// The socket underneath.
+    pub fn tcp(&self) -> Option<&TcpStream> {
+        match self {
+            Stream::Plain(s) => Some(s),
+            Stream::Tls(t) => Some(&t.tcp),
+            Stream::Closed => None,
+        }
+    }
+
+    /// Whether the connection is TLS.
+    pub fn is_tls(&self) -> bool {
+        matches!(self, Stream::Tls(_))
+    }
+
+    /// The rustls state of a TLS connection.
+    pub fn tls(&self) -> Option<&rustls::Connection> {
+        match self {
+            Stream::Tls(t) => Some(&t.conn),
+            _ => None,
+        }
+    }
+
+    /// The peer's address.
+    pub fn peer_addr(&self) -> io::Result<std::net::SocketAddr> {
+        self.tcp().ok_or_else(closed)?.peer_addr()
+    }
+
+    /// Upgrade a plain stream with a TLS server handshake. On failure the
+    /// stream is left [`Stream::Closed`].
+    pub async fn accept_tls(&mut self, config: Arc<rustls::ServerConfig>) -> io::Result<()> {
+        let Stream::Plain(tcp) = std::mem::replace(self, Stream::Closed) else {
+            return Err(closed());
+        };
+        let tls = tokio_rustls::TlsAcceptor::from(config).accept(tcp).await?;
+        let (tcp, conn) = tls.into_inner();
+        *self = Stream::Tls(Box::new(TlsIo::new(tcp, conn)));
+        Ok(())
+    }
+
+    /// Upgrade a plain stream with a TLS client handshake. On failure the
+    /// stream is left [`Stream::Closed`].
+    pub async fn connect_tls(
+        &mut self,
+        config: Arc<rustls::ClientConfig>,
+        name: rustls::pki_types::ServerName<'static>,
+    ) -> io::Result<()> {
+        let Stream::Plain(tcp) = std::mem::replace(self, Stream::Closed) else {
+            return Err(closed());
+        };
+        let tls = tokio_rustls::TlsConnector::from(config)
+            .connect(name, tcp)
+            .await?;
+        let (tcp, conn) = tls.into_inner();
+        *self = Stream::Tls(Box::new(TlsIo::new(tcp, conn)));
+        Ok(())
+    }
+
+    /// TLS records wait to be written: wait for writability and flush.
+    #[inline]
+    pub fn backlog(&self) -> bool {
+        match self {
+            Stream::Plain(_) => false,
+            Stream::Tls(t) => t.conn.wants_write(),
+            Stream::Closed => false,
+        }
+    }
+
+    /// Ready when the socket can take bytes.
+    #[inline]
+    pub fn poll_write_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self {
+            Stream::Plain(s) => s.poll_write_ready(cx),
+            Stream::Tls(t) => t.tcp.poll_write_ready(cx),
+            Stream::Closed => Poll::Ready(Err(closed())),
+        }
+    }
+
+    /// Write as much as the connection accepts without blocking (for TLS:
+    /// plaintext taken by rustls once held records are out).
+    #[inline]
+    pub fn write_now(&mut self, bytes: &[u8]) -> io::Result<usize> {
+        match self {
+            Stream::Plain(s) => super::write_now(s, bytes),
+            Stream::Tls(t) => t.write_now(bytes),
+            Stream::Closed => Err(closed()),
+        }
+    }
+
+    /// Write held TLS records the socket takes now.
+    #[inline]
+    pub fn flush_backlog(&mut self) -> io::Result<()> {
+        match self {
+            Stream::Tls(t) => t.flush_tls().map(drop),
+            _ => Ok(()),
+        }
+    }
+}
+
+impl AsyncRead for Stream {
+    #[inline]
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Tls(t) => t.poll_read(cx, buf),
+            Stream::Closed => Poll::Ready(Err(closed())),
+        }
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Stream::Tls(t) => t.poll_write(cx, buf),
+            Stream::Closed => Poll::Ready(Err(closed())),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_flush(cx),
+            Stream::Tls(t) => t.poll_flush(cx),
+            Stream::Closed => Poll::Ready(Err(closed())),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::Tls(t) => {
+                t.conn.send_close_notify();
+                ready!(t.poll_flush(cx))?;
+                Pin::new(&mut t.tcp).poll_shutdown(cx)
+            }
+            Stream::Closed => Poll::Ready(Ok(())),
+        }
+    }
+}
