@@ -4,7 +4,11 @@
 
 use std::time::Duration;
 
+mod cert;
+mod pg_tls;
 mod stream;
+pub use cert::{common_name, end_point_hash};
+pub use pg_tls::PgTls;
 pub use stream::{Stream, TlsIo};
 
 use tokio::io::AsyncWriteExt;

@@ -32,8 +32,10 @@
 
 mod bindir;
 mod process;
+mod tls;
 
 pub use bindir::find_bindir;
+pub use tls::{Issued, TestCa, TlsFiles, TlsSpec};
 
 use std::collections::BTreeSet;
 use std::collections::hash_map::RandomState;
@@ -172,6 +174,8 @@ pub struct LocalCluster {
     owner: Option<(u32, u32)>,
     /// Set once shutdown ran, so it is idempotent (explicit call, then Drop).
     shut_down: bool,
+    /// The certificates of a cluster started by [`LocalCluster::start_tls`].
+    pub tls: Option<TlsFiles>,
 }
 
 /// Errors from building or driving a [`LocalCluster`].
@@ -239,6 +243,19 @@ impl LocalCluster {
     /// [`ClusterSpec::slots`], each through its slot `nodeN`). On error
     /// everything created so far is stopped and removed.
     pub fn start(spec: ClusterSpec) -> Result<LocalCluster, ClusterError> {
+        Self::start_inner(spec, None)
+    }
+
+    /// Like [`LocalCluster::start`], with `ssl = on` on every node: a test CA,
+    /// a server and a client certificate are written under `<base_dir>/tls/`
+    /// ([`LocalCluster::tls`]); with [`TlsSpec::hostssl_only`] the nodes
+    /// accept TCP connections over TLS only (the harness's own psql calls
+    /// and the standbys' streaming use TLS, as libpq prefers it).
+    pub fn start_tls(spec: ClusterSpec, tls: TlsSpec) -> Result<LocalCluster, ClusterError> {
+        Self::start_inner(spec, Some(tls))
+    }
+
+    fn start_inner(spec: ClusterSpec, tls: Option<TlsSpec>) -> Result<LocalCluster, ClusterError> {
         let bindir = find_bindir()?;
         let (run_as, owner) = RunAs::detect()?;
         let base_dir = create_base_dir(owner)?;
@@ -250,9 +267,10 @@ impl LocalCluster {
             run_as,
             owner,
             shut_down: false,
+            tls: None,
         };
         // On error `cluster` is dropped here, which stops servers and removes base_dir.
-        cluster.build(&spec)?;
+        cluster.build(&spec, tls.as_ref())?;
         Ok(cluster)
     }
 
@@ -381,7 +399,7 @@ impl LocalCluster {
     }
 
     /// Creates the primary and the standbys described by `spec`.
-    fn build(&mut self, spec: &ClusterSpec) -> Result<(), ClusterError> {
+    fn build(&mut self, spec: &ClusterSpec, tls: Option<&TlsSpec>) -> Result<(), ClusterError> {
         self.add_node(0)?;
         let data_dir = self.nodes[0].data_dir.clone();
         let data = path_str(&data_dir);
@@ -390,12 +408,19 @@ impl LocalCluster {
              --no-sync"
         );
         self.run("initdb", &words(&initdb), COMMAND_TIMEOUT)?;
-        self.write_file(&data_dir.join("pg_hba.conf"), HBA_CONF, false)?;
-        let extra: String = spec
+        let mut hba = HBA_CONF.to_string();
+        let mut extra: String = spec
             .extra_conf
             .iter()
             .map(|line| format!("{line}\n"))
             .collect();
+        if let Some(tls) = tls {
+            extra.push_str(&self.make_tls(tls)?);
+            if tls.hostssl_only {
+                hba = tls::hostssl_only(&hba);
+            }
+        }
+        self.write_file(&data_dir.join("pg_hba.conf"), &hba, false)?;
         let conf = format!("{COMMON_CONF}{extra}{}", self.node_conf(0));
         self.write_file(&data_dir.join("postgresql.conf"), &conf, true)?;
         self.start_new_node(0)?;
@@ -604,6 +629,28 @@ impl LocalCluster {
             .truncate(!append);
         options.open(path)?.write_all(text.as_bytes())?;
         Ok(self.chown(path)?)
+    }
+
+    /// Write the certificates of a TLS cluster; returns the postgresql.conf
+    /// lines that use them.
+    fn make_tls(&mut self, spec: &TlsSpec) -> Result<String, ClusterError> {
+        let dir = self.base_dir.join("tls");
+        fs::create_dir(&dir)?;
+        self.chown(&dir)?;
+        let files = tls::make_files(&dir, spec, |path, text| {
+            fs::write(path, text)?;
+            // PostgreSQL refuses a key others may read.
+            fs::set_permissions(path, fs::Permissions::from_mode(0o600))?;
+            self.chown(path)
+        })?;
+        let conf = format!(
+            "ssl = on\nssl_cert_file = {}\nssl_key_file = {}\nssl_ca_file = {}\n",
+            quote_literal(&path_str(&files.server_cert)),
+            quote_literal(&path_str(&files.server_key)),
+            quote_literal(&path_str(&files.ca_cert)),
+        );
+        self.tls = Some(files);
+        Ok(conf)
     }
 
     /// Gives `path` to the `postgres` OS user when we are root.

@@ -136,20 +136,22 @@ pub async fn serve(ctx: Arc<ProxyContext>, tcp: TcpStream) {
     let Ok(peer) = stream.peer_addr() else {
         return;
     };
+    // Channel binding data of the certificate this client was served.
+    let end_point = tls
+        .filter(|_| stream.is_tls())
+        .and_then(|t| crate::net::end_point_hash(&t.leaf));
     let cert_name = stream
         .tls()
         .and_then(|c| c.peer_certificates())
         .and_then(|certs| certs.first())
-        .and_then(|c| crate::config::tls::common_name(c));
+        .and_then(|c| crate::net::common_name(c));
     let login = handshake::Login {
         user: &user,
         database: startup.get("database").unwrap_or(&user),
         addr: peer.ip(),
         tls: stream.is_tls(),
         cert_name: cert_name.as_deref(),
-        channel_binding: tls
-            .and_then(|t| t.end_point.as_deref())
-            .filter(|_| stream.is_tls()),
+        channel_binding: end_point.as_deref(),
     };
     let deadline = tokio::time::Instant::now() + cfg.timeouts.auth;
     let auth = handshake::authenticate(&mut stream, &cfg, &login, &ctx.server_secret);
