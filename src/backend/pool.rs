@@ -266,6 +266,8 @@ pub struct AcquireSettings<'a> {
     pub connect_timeout: Duration,
     /// Login timeout.
     pub auth_timeout: Duration,
+    /// TLS towards the node, unless disabled.
+    pub tls: Option<&'a crate::config::tls::BackendTls>,
 }
 
 /// Databases whose connections are not pooled for a while
@@ -408,6 +410,7 @@ impl Pool {
             scram_keys: s.scram_keys,
             connect_timeout: s.connect_timeout,
             auth_timeout: s.auth_timeout,
+            tls: s.tls,
         };
         // On failure the slot is dropped: it passes to the next waiter.
         let conn = BackendConn::connect(&params).await?;

@@ -54,8 +54,8 @@ pub enum ConfigError {
     /// `hba_file` could not be read or has a line pgpilot cannot use.
     #[error("invalid `hba_file`: {0}")]
     Hba(#[from] HbaError),
-    /// A `[tls]` file could not be read or used.
-    #[error("invalid `[tls]`: {0}")]
+    /// A `[tls]` or `[backend_tls]` setting or file could not be used.
+    #[error("invalid TLS settings: {0}")]
     Tls(String),
 }
 
@@ -140,6 +140,12 @@ pub struct Config {
     /// when TLS is off.
     #[serde(skip)]
     pub tls_server: Option<Arc<tls::TlsServer>>,
+    /// TLS towards the nodes (pooled connections and the monitor role's).
+    #[serde(default)]
+    pub backend_tls: tls::BackendTlsSettings,
+    /// The `[backend_tls]` files, read at load; `None` when disabled.
+    #[serde(skip)]
+    pub backend_tls_client: Option<Arc<tls::BackendTls>>,
 }
 
 /// Backend connection pool settings.
@@ -334,6 +340,10 @@ pub struct Monitor {
     /// Health and replication checks have their own timeouts.
     #[serde(deserialize_with = "duration")]
     pub timeout: Duration,
+    /// `[backend_tls]` as loaded (a copy, for the monitor role's
+    /// connections, which get `Monitor` alone).
+    #[serde(skip)]
+    pub tls: Option<Arc<tls::BackendTls>>,
 }
 
 impl std::fmt::Debug for Monitor {
@@ -352,6 +362,7 @@ impl Default for Monitor {
             password: String::new(),
             database: "postgres".into(),
             timeout: Duration::from_secs(3),
+            tls: None,
         }
     }
 }
@@ -390,6 +401,7 @@ impl Config {
         }
         if let Some(dir) = path.parent() {
             cfg.tls.resolve(dir);
+            cfg.backend_tls.resolve(dir);
         }
         cfg.validate()?;
         Ok(cfg)
@@ -423,6 +435,8 @@ impl Config {
     pub fn validate(&mut self) -> Result<(), ConfigError> {
         self.listen_addr()?;
         self.tls_server = self.tls.load().map_err(ConfigError::Tls)?;
+        self.backend_tls_client = self.backend_tls.load().map_err(ConfigError::Tls)?;
+        self.monitor.tls = self.backend_tls_client.clone();
         if self.max_client_conn == 0 {
             return Err(invalid("max_client_conn", "must be at least 1"));
         }

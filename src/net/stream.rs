@@ -247,12 +247,36 @@ impl Stream {
         }
     }
 
+    /// Read what is there without waiting (`WouldBlock` if nothing). Polls
+    /// the socket with a waker that is never woken: a read watch on it must
+    /// be forgotten after.
+    pub fn try_read_buf(&mut self, buf: &mut bytes::BytesMut) -> io::Result<usize> {
+        if let Stream::Plain(s) = self {
+            return s.try_read_buf(buf);
+        }
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        match tokio_util::io::poll_read_buf(Pin::new(self), &mut cx, buf) {
+            Poll::Ready(r) => r,
+            Poll::Pending => Err(io::ErrorKind::WouldBlock.into()),
+        }
+    }
+
     /// Write held TLS records the socket takes now.
     #[inline]
     pub fn flush_backlog(&mut self) -> io::Result<()> {
         match self {
             Stream::Tls(t) => t.flush_tls().map(drop),
             _ => Ok(()),
+        }
+    }
+}
+
+impl std::fmt::Debug for Stream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Stream::Plain(s) => f.debug_tuple("Plain").field(s).finish(),
+            Stream::Tls(t) => f.debug_tuple("Tls").field(&t.tcp).finish(),
+            Stream::Closed => f.write_str("Closed"),
         }
     }
 }

@@ -102,7 +102,9 @@ impl Session {
             // TLS records rustls holds wait for writability too (a lost
             // wake-up otherwise: nothing else would flush them).
             let client_pending = !self.to_client.is_empty() || self.client.backlog();
-            let server_pending = link.as_ref().is_some_and(|l| !l.out.is_empty());
+            let server_pending = link
+                .as_ref()
+                .is_some_and(|l| !l.out.is_empty() || l.conn.conn.stream.backlog());
             let client = &mut self.client;
             let cbuf = &mut self.cbuf;
             let mut server = link.map(|l| &mut l.conn.conn);

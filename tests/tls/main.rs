@@ -9,6 +9,7 @@
 #[path = "../common/mod.rs"]
 mod common;
 
+mod backend;
 mod client;
 
 use std::net::SocketAddr;
