@@ -292,6 +292,20 @@ impl BackendTlsSettings {
     }
 }
 
+/// A client configuration that accepts any server certificate (libpq's
+/// `sslmode=require`): for `pgpilot`'s admin subcommands, which talk to the
+/// pgpilot the same file configures, usually over loopback.
+pub fn unverified_client() -> Result<Arc<rustls::ClientConfig>, String> {
+    let provider = provider();
+    let config = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS12, &rustls::version::TLS13])
+        .map_err(|e| e.to_string())?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(verify::Unverified(provider)))
+        .with_no_client_auth();
+    Ok(Arc::new(config))
+}
+
 /// The certificate checks of `require` and `verify-ca`, which libpq makes
 /// and rustls does not offer as such.
 mod verify {

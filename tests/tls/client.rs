@@ -88,6 +88,20 @@ async fn mode_require_refuses_plaintext_with_28000() {
         .expect("TLS login");
     let v: i32 = c.query_one("SELECT 7", &[]).await.unwrap().get(0);
     assert_eq!(v, 7);
+    // The admin subcommands (`pgpilot nodes` ...) read the same file and
+    // connect over TLS.
+    let cfg = {
+        let cluster = h.cluster.lock().unwrap();
+        let tls = tls_section(&h.files, "mode = \"require\"");
+        Config::from_toml(&toml_for(&cluster, &tls)).unwrap()
+    };
+    let target = pgpilot::admin::cli::Target {
+        port: Some(addr.port()),
+        ..Default::default()
+    };
+    pgpilot::admin::cli::run(&cfg, &target, pgpilot::admin::cli::Action::Nodes)
+        .await
+        .expect("pgpilot nodes over TLS");
 }
 
 /// Write `text` to `dir/name` readable by its owner only (libpq insists for
