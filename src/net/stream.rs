@@ -329,3 +329,120 @@ impl AsyncWrite for Stream {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::net::{Outbox, ReadWatch};
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+
+    /// A connected TLS pair over loopback: (client side, server side).
+    async fn tls_pair() -> (Stream, Stream) {
+        #[allow(deprecated)]
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let key = rcgen::KeyPair::generate().unwrap();
+        let params = rcgen::CertificateParams::new(vec!["localhost".into()]).unwrap();
+        let cert: CertificateDer<'static> = params.self_signed(&key).unwrap().der().clone();
+        let server = rustls::ServerConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(
+                vec![cert.clone()],
+                PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+            )
+            .unwrap();
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(cert).unwrap();
+        let client = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (a, b) = tokio::join!(TcpStream::connect(addr), listener.accept());
+        let (mut a, mut b) = (Stream::Plain(a.unwrap()), Stream::Plain(b.unwrap().0));
+        let name = ServerName::try_from("localhost").unwrap();
+        let (ra, rb) = tokio::join!(
+            a.connect_tls(Arc::new(client), name),
+            b.accept_tls(Arc::new(server))
+        );
+        ra.unwrap();
+        rb.unwrap();
+        (a, b)
+    }
+
+    /// Read through `watch` until `buf` holds `n` bytes.
+    async fn read_to(s: &mut Stream, watch: &mut ReadWatch, buf: &mut bytes::BytesMut, n: usize) {
+        while buf.len() < n {
+            let r = std::future::poll_fn(|cx| {
+                watch.poll(cx, |cx| {
+                    tokio_util::io::poll_read_buf(Pin::new(&mut *s), cx, buf)
+                })
+            })
+            .await
+            .unwrap();
+            assert!(r > 0, "end of stream after {} of {n} bytes", buf.len());
+        }
+    }
+
+    /// Send `bytes` the relay's way: an outbox, flushed when the socket is
+    /// writable while anything (queued bytes or TLS records) waits.
+    async fn send_all(s: &mut Stream, out: &mut Outbox, bytes: &[u8]) {
+        out.send(s, bytes).unwrap();
+        while !out.is_empty() || s.backlog() {
+            std::future::poll_fn(|cx| s.poll_write_ready(cx))
+                .await
+                .unwrap();
+            out.flush(s).unwrap();
+        }
+    }
+
+    /// Bulk data past the socket buffers (TLS records held as backlog while
+    /// the reader is slow), then ping-pong through read watches on a
+    /// multi-threaded runtime: a lost wake-up or a record left unflushed
+    /// shows as a stall.
+    #[test]
+    fn tls_streams_flush_their_backlog_and_lose_no_wake_up() {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let (mut client, mut server) = tls_pair().await;
+            const BULK: usize = 8 << 20;
+            const ROUNDS: usize = 5_000;
+            let echo = tokio::spawn(async move {
+                let (mut watch, mut out) = (ReadWatch::default(), Outbox::default());
+                let mut buf = bytes::BytesMut::new();
+                let chunk: Vec<u8> = (0..BULK).map(|i| (i % 251) as u8).collect();
+                send_all(&mut server, &mut out, &chunk).await;
+                for _ in 0..ROUNDS {
+                    read_to(&mut server, &mut watch, &mut buf, 1).await;
+                    let byte = buf.split_to(1);
+                    send_all(&mut server, &mut out, &byte).await;
+                }
+            });
+            let work = async {
+                let (mut watch, mut out) = (ReadWatch::default(), Outbox::default());
+                let mut buf = bytes::BytesMut::new();
+                // A slow reader: the sender's socket fills first.
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                read_to(&mut client, &mut watch, &mut buf, BULK).await;
+                assert!(buf.iter().enumerate().all(|(i, &b)| b == (i % 251) as u8));
+                buf.clear();
+                for i in 0..ROUNDS {
+                    send_all(&mut client, &mut out, &[i as u8]).await;
+                    read_to(&mut client, &mut watch, &mut buf, 1).await;
+                    assert_eq!(buf.split_to(1)[0], i as u8);
+                }
+            };
+            tokio::time::timeout(std::time::Duration::from_secs(60), work)
+                .await
+                .expect("a TLS transfer stalled: a wake-up or a record was lost");
+            echo.await.unwrap();
+        });
+    }
+}
