@@ -631,28 +631,6 @@ impl LocalCluster {
         Ok(self.chown(path)?)
     }
 
-    /// Write the certificates of a TLS cluster; returns the postgresql.conf
-    /// lines that use them.
-    fn make_tls(&mut self, spec: &TlsSpec) -> Result<String, ClusterError> {
-        let dir = self.base_dir.join("tls");
-        fs::create_dir(&dir)?;
-        self.chown(&dir)?;
-        let files = tls::make_files(&dir, spec, |path, text| {
-            fs::write(path, text)?;
-            // PostgreSQL refuses a key others may read.
-            fs::set_permissions(path, fs::Permissions::from_mode(0o600))?;
-            self.chown(path)
-        })?;
-        let conf = format!(
-            "ssl = on\nssl_cert_file = {}\nssl_key_file = {}\nssl_ca_file = {}\n",
-            quote_literal(&path_str(&files.server_cert)),
-            quote_literal(&path_str(&files.server_key)),
-            quote_literal(&path_str(&files.ca_cert)),
-        );
-        self.tls = Some(files);
-        Ok(conf)
-    }
-
     /// Gives `path` to the `postgres` OS user when we are root.
     fn chown(&self, path: &Path) -> io::Result<()> {
         chown_to(path, self.owner)

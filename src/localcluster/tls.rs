@@ -5,7 +5,11 @@
 //! [`LocalCluster::start_tls`](super::LocalCluster::start_tls) writes one set
 //! under `<base_dir>/tls/` and turns `ssl = on` on every node with it.
 
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+
+use super::{ClusterError, path_str, quote_literal};
 
 use rcgen::{
     BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
@@ -111,6 +115,30 @@ impl TestCa {
             cert_pem: cert.pem(),
             key_pem: key.serialize_pem(),
         })
+    }
+}
+
+impl super::LocalCluster {
+    /// Write the certificates of a TLS cluster; returns the postgresql.conf
+    /// lines that use them.
+    pub(super) fn make_tls(&mut self, spec: &TlsSpec) -> Result<String, ClusterError> {
+        let dir = self.base_dir.join("tls");
+        fs::create_dir(&dir)?;
+        self.chown(&dir)?;
+        let files = make_files(&dir, spec, |path, text| {
+            fs::write(path, text)?;
+            // PostgreSQL refuses a key others may read.
+            fs::set_permissions(path, fs::Permissions::from_mode(0o600))?;
+            self.chown(path)
+        })?;
+        let conf = format!(
+            "ssl = on\nssl_cert_file = {}\nssl_key_file = {}\nssl_ca_file = {}\n",
+            quote_literal(&path_str(&files.server_cert)),
+            quote_literal(&path_str(&files.server_key)),
+            quote_literal(&path_str(&files.ca_cert)),
+        );
+        self.tls = Some(files);
+        Ok(conf)
     }
 }
 
