@@ -114,4 +114,49 @@ async fn backend_tls_verify_full_reaches_hostssl_only_nodes() {
         !serves_queries(wrong.addr).await,
         "a node certificate from an untrusted CA was accepted"
     );
+    cert_auth_at_the_node(&strict.0, &files).await;
+}
+
+/// The primary takes the application role by certificate only
+/// (`hostssl ... cert`): pgpilot logs in with `[backend_tls]`'s client
+/// certificate (common name = the role), without a valid password.
+async fn cert_auth_at_the_node(cluster: &LocalCluster, files: &TlsFiles) {
+    let hba = cluster.nodes[0].data_dir.join("pg_hba.conf");
+    let text = std::fs::read_to_string(&hba).unwrap();
+    let text = format!("hostssl all {USER} 127.0.0.1/32 cert\n{text}");
+    std::fs::write(&hba, text).unwrap();
+    cluster.psql(0, "SELECT pg_reload_conf()").unwrap();
+    let show = |v: &std::path::PathBuf| format!("{:?}", v.display().to_string());
+    let verify = format!(
+        "[backend_tls]\nmode = \"verify-full\"\nroot_cert_file = {}\n",
+        show(&files.ca_cert)
+    );
+    // The node no longer takes the password: without a certificate, no login.
+    let p = common::spawn_proxy_full(Config::from_toml(&toml_for(cluster, &verify)).unwrap());
+    common::nodes_in_service(&p).await;
+    assert!(
+        !serves_queries(p.addr).await,
+        "the node's cert line let a login without a certificate in"
+    );
+    // With the client certificate, in; the password pgpilot holds is not
+    // even the right one for the node.
+    let with_cert = format!(
+        "{verify}cert_file = {}\nkey_file = {}\n",
+        show(&files.client_cert),
+        show(&files.client_key)
+    );
+    let mut cfg = Config::from_toml(&toml_for(cluster, &with_cert)).unwrap();
+    cfg.users[0].password = Some("not-the-nodes-password".into());
+    cfg.validate().unwrap();
+    let p = common::spawn_proxy_full(cfg);
+    common::nodes_in_service(&p).await;
+    let c = common::try_connect(p.addr, "password=not-the-nodes-password")
+        .await
+        .expect("login to pgpilot");
+    let who: String = c
+        .query_one("/* pgpilot:primary */ SELECT current_user", &[])
+        .await
+        .expect("the node took pgpilot's client certificate")
+        .get(0);
+    assert_eq!(who, USER);
 }
