@@ -7,16 +7,17 @@ use std::time::Duration;
 mod cert;
 mod pg_tls;
 mod stream;
-pub use cert::{common_name, end_point_hash};
-pub use pg_tls::PgTls;
-pub use stream::{Stream, TlsIo};
+pub(crate) use cert::{common_name, end_point_hash};
+// Public: tokio-postgres over rustls, for embedders and the tests.
+pub use pg_tls::{Io, PgTls, PgTlsConnect, PgTlsStream};
+pub(crate) use stream::Stream;
 
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 /// Why a bounded write failed.
 #[derive(Debug, thiserror::Error)]
-pub enum WriteError {
+pub(crate) enum WriteError {
     /// The peer is gone or the socket failed.
     #[error("write failed: {0}")]
     Io(#[from] std::io::Error),
@@ -30,7 +31,7 @@ pub enum WriteError {
 /// The common case (the socket buffer has room) completes with non-blocking
 /// writes and never touches the timer wheel; only a write that would block pays
 /// for a timeout.
-pub async fn write_all_timeout<S: Transport + tokio::io::AsyncWrite + Unpin>(
+pub(crate) async fn write_all_timeout<S: Transport + tokio::io::AsyncWrite + Unpin>(
     stream: &mut S,
     bytes: &[u8],
     limit: Duration,
@@ -52,7 +53,7 @@ pub async fn write_all_timeout<S: Transport + tokio::io::AsyncWrite + Unpin>(
 
 /// What an [`Outbox`] writes to: a socket, or a [`Stream`] that may hold
 /// TLS records of its own.
-pub trait Transport {
+pub(crate) trait Transport {
     /// Write as much of `bytes` as is accepted without blocking.
     fn write_now(&mut self, bytes: &[u8]) -> std::io::Result<usize>;
     /// Write what the transport itself holds (TLS records), without blocking.
@@ -89,7 +90,7 @@ impl Transport for Stream {
 
 /// Write as much of `bytes` as the socket accepts without blocking; returns how
 /// many bytes were written.
-pub fn write_now(stream: &TcpStream, bytes: &[u8]) -> std::io::Result<usize> {
+pub(crate) fn write_now(stream: &TcpStream, bytes: &[u8]) -> std::io::Result<usize> {
     let mut done = 0;
     while done < bytes.len() {
         match stream.try_write(&bytes[done..]) {
@@ -107,7 +108,7 @@ pub fn write_now(stream: &TcpStream, bytes: &[u8]) -> std::io::Result<usize> {
 /// The relay never blocks on a write: it queues what the peer cannot take and
 /// keeps reading the other direction, so neither side can deadlock the other.
 #[derive(Debug, Default)]
-pub struct Outbox {
+pub(crate) struct Outbox {
     /// Bytes accepted for sending but not yet written.
     pending: bytes::BytesMut,
     /// When the queue last stopped making progress (for the write timeout).
@@ -116,7 +117,11 @@ pub struct Outbox {
 
 impl Outbox {
     /// Send `bytes` after whatever is queued; writes immediately when possible.
-    pub fn send(&mut self, stream: &mut impl Transport, bytes: &[u8]) -> std::io::Result<()> {
+    pub(crate) fn send(
+        &mut self,
+        stream: &mut impl Transport,
+        bytes: &[u8],
+    ) -> std::io::Result<()> {
         if self.pending.is_empty() {
             let n = stream.write_now(bytes)?;
             if n < bytes.len() {
@@ -132,7 +137,7 @@ impl Outbox {
 
     /// Write queued bytes (and what the transport holds) that the socket
     /// accepts now.
-    pub fn flush(&mut self, stream: &mut impl Transport) -> std::io::Result<()> {
+    pub(crate) fn flush(&mut self, stream: &mut impl Transport) -> std::io::Result<()> {
         if self.pending.is_empty() {
             return stream.flush_backlog();
         }
@@ -145,22 +150,22 @@ impl Outbox {
     }
 
     /// Bytes waiting.
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.pending.len()
     }
 
     /// Nothing waiting.
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.pending.is_empty()
     }
 
     /// Since when the queue has been stuck, if it is non-empty.
-    pub fn stalled_since(&self) -> Option<tokio::time::Instant> {
+    pub(crate) fn stalled_since(&self) -> Option<tokio::time::Instant> {
         self.stalled_since.filter(|_| !self.pending.is_empty())
     }
 
     /// Drain the queue with a blocking write bounded by `limit` (used before closing).
-    pub async fn drain<S: Transport + tokio::io::AsyncWrite + Unpin>(
+    pub(crate) async fn drain<S: Transport + tokio::io::AsyncWrite + Unpin>(
         &mut self,
         stream: &mut S,
         limit: Duration,
@@ -183,7 +188,7 @@ impl Outbox {
 /// Sound only while nothing else polls the socket's read side: whoever does
 /// replaces the watch's waker, so the owner calls [`ReadWatch::forget`]
 /// after any such use.
-pub struct ReadWatch {
+pub(crate) struct ReadWatch {
     /// Shared with the waker the socket holds.
     inner: std::sync::Arc<WatchInner>,
     /// That waker (built once: the socket keeps it while it stays the same).
@@ -245,7 +250,7 @@ impl Default for ReadWatch {
 impl ReadWatch {
     /// Run `read` (a poll of the socket's read side) with the watch's waker,
     /// unless the socket is known to have nothing: then `Pending` at once.
-    pub fn poll<T>(
+    pub(crate) fn poll<T>(
         &mut self,
         cx: &mut std::task::Context<'_>,
         read: impl FnOnce(&mut std::task::Context<'_>) -> std::task::Poll<T>,
@@ -276,7 +281,7 @@ impl ReadWatch {
 
     /// Something else may have polled the socket (or it is a new one): poll
     /// it next time.
-    pub fn forget(&mut self) {
+    pub(crate) fn forget(&mut self) {
         self.armed = false;
     }
 }

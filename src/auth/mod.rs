@@ -8,5 +8,5 @@
 //! throttle's delay before it answers a failed login. The password exchanges
 //! themselves are in `protocol::auth`.
 
-pub use crate::config::hba;
-pub mod throttle;
+pub(crate) use crate::config::hba;
+pub(crate) mod throttle;

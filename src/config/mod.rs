@@ -18,13 +18,15 @@ use hba::{HbaError, HbaRules};
 mod access;
 mod checks;
 mod failover;
-pub mod hba;
+pub(crate) mod hba;
+mod node_id;
 mod routing;
 pub mod tls;
 mod units;
 
 pub use checks::{HealthCheck, MetricsConfig, SrCheck};
 pub use failover::{Failover, FailoverMode};
+pub use node_id::NodeId;
 pub use routing::{BalanceInTransaction, ConsistencyMode, Routing, UnknownFunctions};
 use units::{byte_size, duration};
 pub use units::{parse_byte_size, parse_duration};
@@ -185,7 +187,7 @@ impl Default for PoolConfig {
 
 impl MetricsConfig {
     /// `listen`, parsed; `None` when it is empty (metrics off).
-    pub fn addr(&self) -> Result<Option<SocketAddr>, ConfigError> {
+    pub(crate) fn addr(&self) -> Result<Option<SocketAddr>, ConfigError> {
         let l = self.listen.trim();
         if l.is_empty() {
             return Ok(None);
@@ -417,7 +419,7 @@ impl Config {
     }
 
     /// The listen address, parsed.
-    pub fn listen_addr(&self) -> Result<SocketAddr, ConfigError> {
+    pub(crate) fn listen_addr(&self) -> Result<SocketAddr, ConfigError> {
         self.listen.parse().map_err(|e| {
             invalid(
                 "listen",
@@ -427,7 +429,7 @@ impl Config {
     }
 
     /// Look a user up by name.
-    pub fn user(&self, name: &str) -> Option<&User> {
+    pub(crate) fn user(&self, name: &str) -> Option<&User> {
         self.users.iter().find(|u| u.name == name)
     }
 
@@ -601,12 +603,12 @@ impl Config {
     }
 
     /// The metrics listen address, parsed; `None` when `metrics.listen` is empty.
-    pub fn metrics_addr(&self) -> Result<Option<SocketAddr>, ConfigError> {
+    pub(crate) fn metrics_addr(&self) -> Result<Option<SocketAddr>, ConfigError> {
         self.metrics.addr()
     }
 
     /// Whether `user` may run admin commands (`admin_users`, `"*"` = everyone).
-    pub fn is_admin(&self, user: &str) -> bool {
+    pub(crate) fn is_admin(&self, user: &str) -> bool {
         self.admin_users.iter().any(|u| u == "*" || u == user)
     }
 }

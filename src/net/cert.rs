@@ -28,7 +28,7 @@ const OID: u8 = 0x06;
 /// RFC 5929 `tls-server-end-point`: the certificate's hash with its signature
 /// algorithm's hash, SHA-256 for MD5 and SHA-1; `None` for algorithms that
 /// name none (Ed25519, RSA-PSS), as PostgreSQL then offers no channel binding.
-pub fn end_point_hash(cert: &[u8]) -> Option<Vec<u8>> {
+pub(crate) fn end_point_hash(cert: &[u8]) -> Option<Vec<u8>> {
     let (SEQUENCE, body, _) = der(cert)? else {
         return None;
     };
@@ -74,7 +74,7 @@ pub fn end_point_hash(cert: &[u8]) -> Option<Vec<u8>> {
 
 /// The subject's common name (the last CN attribute, as PostgreSQL takes
 /// it), for `cert` authentication.
-pub fn common_name(cert: &[u8]) -> Option<String> {
+pub(crate) fn common_name(cert: &[u8]) -> Option<String> {
     let (SEQUENCE, body, _) = der(cert)? else {
         return None;
     };

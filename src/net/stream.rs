@@ -25,7 +25,7 @@ use tokio::net::TcpStream;
 const READ_CHUNK: usize = 16 * 1024;
 
 /// A client or server connection.
-pub enum Stream {
+pub(crate) enum Stream {
     /// Plain TCP.
     Plain(TcpStream),
     /// TLS over TCP (boxed: rustls state is large).
@@ -35,7 +35,7 @@ pub enum Stream {
 }
 
 /// A socket and its rustls state, after the handshake.
-pub struct TlsIo {
+pub(crate) struct TlsIo {
     tcp: TcpStream,
     conn: rustls::Connection,
 }
@@ -68,7 +68,7 @@ fn would_block(e: &io::Error) -> bool {
 
 impl TlsIo {
     /// Wrap a socket whose handshake is done.
-    pub fn new(tcp: TcpStream, conn: impl Into<rustls::Connection>) -> TlsIo {
+    pub(crate) fn new(tcp: TcpStream, conn: impl Into<rustls::Connection>) -> TlsIo {
         TlsIo {
             tcp,
             conn: conn.into(),
@@ -160,7 +160,7 @@ impl TlsIo {
 
 impl Stream {
     /// The socket underneath.
-    pub fn tcp(&self) -> Option<&TcpStream> {
+    pub(crate) fn tcp(&self) -> Option<&TcpStream> {
         match self {
             Stream::Plain(s) => Some(s),
             Stream::Tls(t) => Some(&t.tcp),
@@ -169,12 +169,12 @@ impl Stream {
     }
 
     /// Whether the connection is TLS.
-    pub fn is_tls(&self) -> bool {
+    pub(crate) fn is_tls(&self) -> bool {
         matches!(self, Stream::Tls(_))
     }
 
     /// The rustls state of a TLS connection.
-    pub fn tls(&self) -> Option<&rustls::Connection> {
+    pub(crate) fn tls(&self) -> Option<&rustls::Connection> {
         match self {
             Stream::Tls(t) => Some(&t.conn),
             _ => None,
@@ -182,13 +182,13 @@ impl Stream {
     }
 
     /// The peer's address.
-    pub fn peer_addr(&self) -> io::Result<std::net::SocketAddr> {
+    pub(crate) fn peer_addr(&self) -> io::Result<std::net::SocketAddr> {
         self.tcp().ok_or_else(closed)?.peer_addr()
     }
 
     /// Upgrade a plain stream with a TLS server handshake. On failure the
     /// stream is left [`Stream::Closed`].
-    pub async fn accept_tls(&mut self, config: Arc<rustls::ServerConfig>) -> io::Result<()> {
+    pub(crate) async fn accept_tls(&mut self, config: Arc<rustls::ServerConfig>) -> io::Result<()> {
         let Stream::Plain(tcp) = std::mem::replace(self, Stream::Closed) else {
             return Err(closed());
         };
@@ -200,7 +200,7 @@ impl Stream {
 
     /// Upgrade a plain stream with a TLS client handshake. On failure the
     /// stream is left [`Stream::Closed`].
-    pub async fn connect_tls(
+    pub(crate) async fn connect_tls(
         &mut self,
         config: Arc<rustls::ClientConfig>,
         name: rustls::pki_types::ServerName<'static>,
@@ -218,7 +218,7 @@ impl Stream {
 
     /// TLS records wait to be written: wait for writability and flush.
     #[inline]
-    pub fn backlog(&self) -> bool {
+    pub(crate) fn backlog(&self) -> bool {
         match self {
             Stream::Plain(_) => false,
             Stream::Tls(t) => t.conn.wants_write(),
@@ -228,7 +228,7 @@ impl Stream {
 
     /// Ready when the socket can take bytes.
     #[inline]
-    pub fn poll_write_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+    pub(crate) fn poll_write_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self {
             Stream::Plain(s) => s.poll_write_ready(cx),
             Stream::Tls(t) => t.tcp.poll_write_ready(cx),
@@ -239,7 +239,7 @@ impl Stream {
     /// Write as much as the connection accepts without blocking (for TLS:
     /// plaintext taken by rustls once held records are out).
     #[inline]
-    pub fn write_now(&mut self, bytes: &[u8]) -> io::Result<usize> {
+    pub(crate) fn write_now(&mut self, bytes: &[u8]) -> io::Result<usize> {
         match self {
             Stream::Plain(s) => super::write_now(s, bytes),
             Stream::Tls(t) => t.write_now(bytes),
@@ -250,7 +250,7 @@ impl Stream {
     /// Read what is there without waiting (`WouldBlock` if nothing). Polls
     /// the socket with a waker that is never woken: a read watch on it must
     /// be forgotten after.
-    pub fn try_read_buf(&mut self, buf: &mut bytes::BytesMut) -> io::Result<usize> {
+    pub(crate) fn try_read_buf(&mut self, buf: &mut bytes::BytesMut) -> io::Result<usize> {
         if let Stream::Plain(s) = self {
             return s.try_read_buf(buf);
         }
@@ -263,7 +263,7 @@ impl Stream {
 
     /// Write held TLS records the socket takes now.
     #[inline]
-    pub fn flush_backlog(&mut self) -> io::Result<()> {
+    pub(crate) fn flush_backlog(&mut self) -> io::Result<()> {
         match self {
             Stream::Tls(t) => t.flush_tls().map(drop),
             _ => Ok(()),

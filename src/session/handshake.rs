@@ -23,21 +23,18 @@ use crate::protocol::auth::{
 };
 use crate::protocol::frame::next_frame;
 use crate::protocol::messages::{self, PgError};
-use crate::protocol::startup::{InitialPacket, MAX_STARTUP_PACKET, StartupMessage, parse_initial};
+use crate::protocol::startup::{
+    CancelKey, InitialPacket, MAX_STARTUP_PACKET, StartupMessage, parse_initial,
+};
 use crate::protocol::tag;
 
 /// What a new connection asked for.
 #[derive(Debug)]
-pub enum Opening {
+pub(crate) enum Opening {
     /// A v3 startup: go on to authentication.
     Startup(StartupMessage),
     /// A CancelRequest: forward it and close.
-    Cancel {
-        /// Key pid.
-        pid: i32,
-        /// Key secret.
-        secret: i32,
-    },
+    Cancel(CancelKey),
 }
 
 fn io_err(e: std::io::Error) -> PgError {
@@ -60,7 +57,7 @@ const TLS_HANDSHAKE: u8 = 0x16;
 /// `tls`, a connection that opens with a TLS record is direct TLS, which must
 /// name ALPN `postgresql` (as PostgreSQL requires). The stream is TLS
 /// afterwards if either happened.
-pub async fn read_opening(
+pub(crate) async fn read_opening(
     stream: &mut Stream,
     tls: Option<&TlsServer>,
 ) -> Result<Opening, PgError> {
@@ -110,8 +107,8 @@ pub async fn read_opening(
             Ok(InitialPacket::GssEnc) => {
                 stream.write_all(b"N").await.map_err(io_err)?;
             }
-            Ok(InitialPacket::Cancel { pid, secret }) => {
-                return Ok(Opening::Cancel { pid, secret });
+            Ok(InitialPacket::Cancel(key)) => {
+                return Ok(Opening::Cancel(key));
             }
             Ok(InitialPacket::Startup(m)) => return Ok(Opening::Startup(m)),
             Ok(InitialPacket::Unsupported { major, minor }) => {
@@ -170,22 +167,22 @@ fn map_auth(e: AuthError, user: &str) -> PgError {
 
 /// Who is logging in, from where, and over what.
 #[derive(Debug, Clone, Copy)]
-pub struct Login<'a> {
+pub(crate) struct Login<'a> {
     /// Role name from the startup packet.
-    pub user: &'a str,
+    pub(crate) user: &'a str,
     /// Database from the startup packet (the user name when absent).
-    pub database: &'a str,
+    pub(crate) database: &'a str,
     /// The client's address.
-    pub addr: IpAddr,
+    pub(crate) addr: IpAddr,
     /// Whether the client connection is TLS-encrypted.
-    pub tls: bool,
+    pub(crate) tls: bool,
     /// The common name of the client certificate rustls verified (TLS with
     /// `ca_file` only).
-    pub cert_name: Option<&'a str>,
+    pub(crate) cert_name: Option<&'a str>,
     /// `tls-server-end-point` data of the certificate served, when the
     /// client is TLS and the certificate defines it: SCRAM-SHA-256-PLUS is
     /// offered.
-    pub channel_binding: Option<&'a [u8]>,
+    pub(crate) channel_binding: Option<&'a [u8]>,
 }
 
 /// What the client is asked for.
@@ -318,7 +315,7 @@ fn challenge<'a>(
 /// beyond the exchange itself; the caller sends AuthenticationOk. A SCRAM (or
 /// clear-text, against a verifier) login returns what it proved: the keys
 /// log in to nodes for a user configured without a password.
-pub async fn authenticate(
+pub(crate) async fn authenticate(
     stream: &mut Stream,
     config: &Config,
     login: &Login<'_>,

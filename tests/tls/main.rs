@@ -83,7 +83,7 @@ fn toml_for(cluster: &LocalCluster, extra: &str) -> String {
     toml.push_str(&format!(
         "[[users]]\nname = \"{USER}\"\npassword = \"{PASSWORD}\"\n\
          [monitor]\nuser = \"{}\"\n[metrics]\nlisten = \"\"\n",
-        cluster.superuser()
+        "postgres"
     ));
     toml
 }

@@ -2,6 +2,7 @@
 //! panic it, and no write among them reaches a standby.
 
 use super::*;
+use crate::config::NodeId;
 use crate::router::cache::ClassifyCache;
 use crate::router::normalize::{Hint, Kind, split_statements};
 use crate::router::policy::{BalanceInTransaction, Decision, Policy, RouteState, decide};
@@ -118,7 +119,7 @@ fn random_sql_never_panics_and_write_starts_are_write() {
             // Outside a transaction, no session state or hint routes a write
             // to the standby (node 1; the primary is node 0).
             let state = RouteState {
-                standby: Some(1),
+                standby: Some(NodeId::new(1)),
                 sticky_primary: rng.usize(..4) == 0,
                 forced_primary: rng.usize(..4) == 0,
                 read_only_default: rng.bool(),
@@ -126,16 +127,24 @@ fn random_sql_never_panics_and_write_starts_are_write() {
             };
             let hint = [None, Some(Hint::Primary), Some(Hint::Standby)][rng.usize(..3)];
             for policy in [BALANCED, PGPOOL] {
-                let node = decide(&policy, &state, &cached, hint, false, Some(0));
-                assert_eq!(node, Decision::Node(0), "{sql:?} {state:?} {hint:?}");
+                let node = decide(&policy, &state, &cached, hint, false, Some(NodeId::new(0)));
+                assert_eq!(
+                    node,
+                    Decision::Node(NodeId::new(0)),
+                    "{sql:?} {state:?} {hint:?}"
+                );
                 // Nor inside a read-write transaction (on the primary), even
                 // before its first write in pgpool mode.
                 let in_tx = RouteState {
-                    tx_node: Some(0),
+                    tx_node: Some(NodeId::new(0)),
                     ..state.clone()
                 };
-                let node = decide(&policy, &in_tx, &cached, hint, true, Some(0));
-                assert_eq!(node, Decision::Node(0), "{sql:?} in a transaction");
+                let node = decide(&policy, &in_tx, &cached, hint, true, Some(NodeId::new(0)));
+                assert_eq!(
+                    node,
+                    Decision::Node(NodeId::new(0)),
+                    "{sql:?} in a transaction"
+                );
             }
         }
     }
