@@ -13,6 +13,7 @@
 //! | `SHOW PGPILOT_NODES` | what pgpool lacks: effective weight, lag in bytes and seconds, replay paused, timeline, LSNs, last error |
 //! | `PGPOOL SHOW name` / `PGPOOL SHOW ALL` | pgpool-named settings and their values |
 //! | `SHOW PGPILOT_FAILOVER` | the failover or switchover in progress, or the last one |
+//! | `SHOW PGPILOT_PEERS` | the pgpilot instances coordinating through etcd: leader, heartbeat, applied epoch |
 //! | `SHOW PGPILOT_SLOTS` | the primary's physical replication slots: standby using each, retained WAL, stale ones |
 //! | `ATTACH NODE n` | lift node n's hold (detached, fenced old primary, cannot follow) |
 //! | `DETACH NODE n` | no traffic to standby n until `ATTACH NODE n` |
@@ -31,6 +32,7 @@
 pub mod cli;
 mod failover;
 pub(crate) mod format;
+mod peers;
 mod views;
 
 use bytes::BytesMut;
@@ -65,6 +67,8 @@ pub(crate) enum AdminCommand {
     PgpilotFailover,
     /// `SHOW PGPILOT_SLOTS`.
     PgpilotSlots,
+    /// `SHOW PGPILOT_PEERS`.
+    PgpilotPeers,
     /// `ATTACH NODE n`.
     AttachNode(NodeId),
     /// `DETACH NODE n`.
@@ -88,6 +92,7 @@ impl AdminCommand {
             AdminCommand::PgpoolShow(Some(n)) => format!("PGPOOL SHOW {n}"),
             AdminCommand::PgpilotFailover => "SHOW PGPILOT_FAILOVER".into(),
             AdminCommand::PgpilotSlots => "SHOW PGPILOT_SLOTS".into(),
+            AdminCommand::PgpilotPeers => "SHOW PGPILOT_PEERS".into(),
             AdminCommand::AttachNode(n) => format!("ATTACH NODE {n}"),
             AdminCommand::DetachNode(n) => format!("DETACH NODE {n}"),
             AdminCommand::PromoteNode(n) => format!("PROMOTE NODE {n}"),
@@ -152,10 +157,8 @@ impl ResultSet {
     }
 }
 
+/// [`parse_bytes`] on a string (the unit tests' entry point).
 #[cfg(test)]
-/// Recognise an admin command in a query string: case-insensitive, any
-/// whitespace between words, optional trailing `;`. Anything else (including
-/// several statements) is `None` and goes to PostgreSQL as usual.
 pub(crate) fn parse(sql: &str) -> Option<AdminCommand> {
     parse_bytes(sql.as_bytes())
 }
@@ -163,9 +166,12 @@ pub(crate) fn parse(sql: &str) -> Option<AdminCommand> {
 /// The words an admin command can start with (lower case).
 pub(crate) const FIRST_WORDS: [&[u8]; 5] = [b"show", b"pgpool", b"attach", b"detach", b"promote"];
 
-/// [`parse`] on raw query bytes (as in a Query message, with or without the
-/// terminating NUL). Rejects ordinary SQL after looking at its first word,
-/// before any UTF-8 check, so it is cheap on the hot path.
+/// Recognise an admin command in raw query bytes (as in a Query message, with
+/// or without the terminating NUL): case-insensitive, any whitespace between
+/// words, optional trailing `;`. Anything else (including several statements)
+/// is `None` and goes to PostgreSQL as usual. Rejects ordinary SQL after
+/// looking at its first word, before any UTF-8 check, so it is cheap on the
+/// hot path.
 pub(crate) fn parse_bytes(sql: &[u8]) -> Option<AdminCommand> {
     let sql = sql.strip_suffix(b"\0").unwrap_or(sql);
     let start = sql.iter().position(|b| !b.is_ascii_whitespace())?;
@@ -195,6 +201,7 @@ pub(crate) fn parse_bytes(sql: &[u8]) -> Option<AdminCommand> {
             "pgpilot_nodes" => AdminCommand::PgpilotNodes,
             "pgpilot_failover" => AdminCommand::PgpilotFailover,
             "pgpilot_slots" => AdminCommand::PgpilotSlots,
+            "pgpilot_peers" => AdminCommand::PgpilotPeers,
             _ => return None,
         },
         [verb, "node", n] => {
@@ -235,6 +242,7 @@ pub(crate) fn execute(
         AdminCommand::PgpoolShow(name) => views::pgpool_show(&cfg, name.as_deref()),
         AdminCommand::PgpilotFailover => Ok(failover::status(ctx)),
         AdminCommand::PgpilotSlots => Ok(failover::slots(ctx)),
+        AdminCommand::PgpilotPeers => Ok(peers::peers(ctx)),
         AdminCommand::AttachNode(n) => failover::node_result(*n, ctx.cluster.attach(*n, &cfg)),
         AdminCommand::DetachNode(n) => failover::node_result(*n, ctx.cluster.detach(*n, &cfg)),
         AdminCommand::PromoteNode(n) => failover::node_result(

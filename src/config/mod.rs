@@ -17,6 +17,7 @@ use hba::{HbaError, HbaRules};
 
 mod access;
 mod checks;
+mod coordination;
 mod failover;
 pub(crate) mod hba;
 mod node_id;
@@ -25,6 +26,7 @@ pub mod tls;
 mod units;
 
 pub use checks::{HealthCheck, MetricsConfig, SrCheck};
+pub use coordination::Coordination;
 pub use failover::{Failover, FailoverMode};
 pub use node_id::NodeId;
 pub use routing::{BalanceInTransaction, ConsistencyMode, Routing, UnknownFunctions};
@@ -117,6 +119,13 @@ pub struct Config {
     /// Replacing a failed primary: detection, promotion, following, client waits.
     #[serde(default)]
     pub failover: Failover,
+    /// The cluster's name: the default etcd key prefix is
+    /// `/pgpilot/<cluster_name>`.
+    #[serde(default = "coordination::default_cluster_name")]
+    pub cluster_name: String,
+    /// Several pgpilots agreeing through etcd; off by default.
+    #[serde(default)]
+    pub coordination: Coordination,
     /// Client authentication rules in pg_hba.conf format, relative to the
     /// config file's directory. Absent: every listed user, from anywhere, by
     /// its `auth`.
@@ -439,6 +448,7 @@ impl Config {
         self.tls_server = self.tls.load().map_err(ConfigError::Tls)?;
         self.backend_tls_client = self.backend_tls.load().map_err(ConfigError::Tls)?;
         self.monitor.tls = self.backend_tls_client.clone();
+        self.coordination.validate(&self.cluster_name)?;
         if self.max_client_conn == 0 {
             return Err(invalid("max_client_conn", "must be at least 1"));
         }
