@@ -31,6 +31,11 @@
 #   RACE=1 ROUNDS=5 TARGETS="pgpilot-tx" benches/e2e.sh   # head to head with PgBouncer (see RACE below)
 #   BASE_BIN=/path/to/old/pgpilot benches/e2e.sh   # before/after: adds base-primary, base-tx
 #                     and base (the old binary as pgpilot-primary, pgpilot-tx, pgpilot)
+#   TLS=1 ROUNDS=5 benches/e2e.sh       # clients over TLS: pgpilot-tx vs PgBouncer
+#                     (transaction pooling, client_tls_sslmode = require), the same
+#                     certificate, pgbench with sslmode=require; select-only, then a
+#                     connect storm (pgbench -C: a TLS handshake and a login per
+#                     transaction); per-round ratios and their medians (see TLS below)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -112,6 +117,7 @@ default_pool_size = $CLIENTS
 max_client_conn = 200
 logfile = $WORK/$1.log
 pidfile = $WORK/$1.pid
+${BOUNCER_EXTRA:-}
 INI
     chown -R postgres "$WORK" 2>/dev/null || true
     if [ "$(id -u)" = 0 ]; then
@@ -180,6 +186,58 @@ bouncer_pid() { # name -> PgBouncer's own pid (for its CPU time)
 }
 BOUNCER_REAL_PID=$(bouncer_pid pgbouncer)
 SESSION_BOUNCER_REAL_PID=$(bouncer_pid pgbouncer-session)
+median() { tr ' ' '\n' | grep -v '^$' | sort -g | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
+
+# TLS=1: clients connect over TLS (sslmode=require) to pgpilot-tx-tls and to
+# pgbouncer-tls, both serving the same self-signed certificate (ECDSA P-256),
+# both pooling per transaction; the nodes are reached in plaintext as in the
+# other runs. Interleaved rounds of select-only, then of a connect storm
+# (pgbench -C). Prints each run and the median ratio to PgBouncer.
+if [ "${TLS:-0}" = 1 ]; then
+    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 \
+        -subj /CN=127.0.0.1 -addext subjectAltName=IP:127.0.0.1 \
+        -keyout "$WORK/tls.key" -out "$WORK/tls.pem" >/dev/null 2>&1
+    chmod 600 "$WORK/tls.key"
+    TLS_PILOT_PORT=$(free_port)
+    { proxy_config "$TLS_PILOT_PORT" transaction "$WORKERS"
+      printf '[tls]\ncert_file = "%s"\nkey_file = "%s"\n' "$WORK/tls.pem" "$WORK/tls.key"; } >"$WORK/pgpilot-tx-tls.toml"
+    PGPILOT_LOG=warn setsid ./target/release/pgpilot run --config "$WORK/pgpilot-tx-tls.toml" >"$WORK/pgpilot-tx-tls.log" 2>&1 &
+    PROXY_PIDS="$PROXY_PIDS $!"
+    TLS_PILOT_PID=$!
+    TLS_BOUNCER_PORT=$(free_port)
+    chown -R postgres "$WORK" 2>/dev/null || true
+    BOUNCER_EXTRA="client_tls_sslmode = require
+client_tls_cert_file = $WORK/tls.pem
+client_tls_key_file = $WORK/tls.key" start_bouncer pgbouncer-tls transaction "$TLS_BOUNCER_PORT"
+    TLS_BOUNCER_PID=$(bouncer_pid pgbouncer-tls)
+    sleep 1
+    export PGSSLMODE=require
+    for storm in "" "-C"; do
+        label=${storm:+connect storm (-C)}; label=${label:-select-only}
+        declare -A TLS_TPS=()
+        for r in $(seq 1 "$ROUNDS"); do
+            order="pgpilot-tx-tls pgbouncer-tls"; ((r % 2)) || order="pgbouncer-tls pgpilot-tx-tls"
+            for target in $order; do
+                if [ "$target" = pgbouncer-tls ]; then port=$TLS_BOUNCER_PORT; pid=$TLS_BOUNCER_PID
+                else port=$TLS_PILOT_PORT; pid=$TLS_PILOT_PID; fi
+                EXTRA_SAVED=$EXTRA; EXTRA="$EXTRA $storm"
+                out=$(run "$target" "$port" "$pid"); EXTRA=$EXTRA_SAVED
+                if [ -z "$out" ]; then echo "pgbench through $target failed:"; cat "$WORK/$target.last"; exit 1; fi
+                grep -q "number of failed transactions: 0 " "$WORK/$target.last" || { echo "$target had failed transactions"; cat "$WORK/$target.last"; exit 1; }
+                read -r tps cpu pg machine steal <<<"$out"
+                TLS_TPS[$target]="${TLS_TPS[$target]:-} $tps"
+                printf 'TLS %-22s round %d  %-15s %8.0f tps   proxy CPU %6.1f us/transaction   steal %4.1f%%\n' "$label" "$r" "$target" "$tps" "$cpu" "$steal"
+            done
+        done
+        ratios=$(paste -d' ' <(echo "${TLS_TPS[pgpilot-tx-tls]}" | tr ' ' '\n' | grep -v '^$') \
+            <(echo "${TLS_TPS[pgbouncer-tls]}" | tr ' ' '\n' | grep -v '^$') | awk '{ printf "%.3f ", $1 / $2 }')
+        printf 'TLS %s: pgpilot-tx-tls %.0f tps, pgbouncer-tls %.0f tps (medians); per round x pgbouncer: %s median %s\n' \
+            "$label" "$(echo "${TLS_TPS[pgpilot-tx-tls]}" | median)" "$(echo "${TLS_TPS[pgbouncer-tls]}" | median)" \
+            "$ratios" "$(echo "$ratios" | median)"
+    done
+    exit 0
+fi
+
 # TARGETS: a subset for a longer focused run; direct and pgbouncer are the
 # baselines of the ratios and always run.
 TARGETS=${TARGETS:-"direct direct-split pgbouncer pgbouncer-session pgpilot-primary pgpilot-tx pgpilot$BASE_TARGETS"}
@@ -208,7 +266,6 @@ locate() { # target -> sets port (where pgbench connects) and pid (the proxy's; 
         base) port=$BASE_PORT; pid=$BASE_PID ;;
     esac
 }
-median() { tr ' ' '\n' | grep -v '^$' | sort -g | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
 
 # RACE=1: each proxy target runs at the same time as PgBouncer, CLIENTS/2
 # clients each, instead of one target after another. Both then see the same

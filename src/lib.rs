@@ -33,7 +33,7 @@ pub mod demo;
 pub(crate) mod error;
 pub mod localcluster;
 pub(crate) mod metrics;
-pub(crate) mod net;
+pub mod net;
 pub mod protocol;
 pub mod router;
 pub mod server;

@@ -1,6 +1,16 @@
-//! Socket helpers shared by the client and server sides.
+//! Socket helpers shared by the client and server sides: bounded writes,
+//! the per-direction outbox, the readiness watch, and [`Stream`], a
+//! connection that is plain TCP or TLS.
 
 use std::time::Duration;
+
+mod cert;
+mod pg_tls;
+mod stream;
+pub(crate) use cert::{common_name, end_point_hash};
+// Public: tokio-postgres over rustls, for embedders and the tests.
+pub use pg_tls::{Io, PgTls, PgTlsConnect, PgTlsStream};
+pub(crate) use stream::Stream;
 
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
@@ -21,24 +31,60 @@ pub(crate) enum WriteError {
 /// The common case (the socket buffer has room) completes with non-blocking
 /// writes and never touches the timer wheel; only a write that would block pays
 /// for a timeout.
-pub(crate) async fn write_all_timeout(
-    stream: &mut TcpStream,
-    mut bytes: &[u8],
+pub(crate) async fn write_all_timeout<S: Transport + tokio::io::AsyncWrite + Unpin>(
+    stream: &mut S,
+    bytes: &[u8],
     limit: Duration,
 ) -> Result<(), WriteError> {
-    while !bytes.is_empty() {
-        match stream.try_write(bytes) {
-            Ok(n) => bytes = &bytes[n..],
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
-            Err(e) => return Err(e.into()),
-        }
-    }
-    if bytes.is_empty() {
+    let n = stream.write_now(bytes)?;
+    let bytes = &bytes[n..];
+    if bytes.is_empty() && !stream.backlog() {
         return Ok(());
     }
-    match tokio::time::timeout(limit, stream.write_all(bytes)).await {
+    let write = async {
+        stream.write_all(bytes).await?;
+        stream.flush().await
+    };
+    match tokio::time::timeout(limit, write).await {
         Ok(r) => r.map_err(WriteError::Io),
         Err(_) => Err(WriteError::Timeout),
+    }
+}
+
+/// What an [`Outbox`] writes to: a socket, or a [`Stream`] that may hold
+/// TLS records of its own.
+pub(crate) trait Transport {
+    /// Write as much of `bytes` as is accepted without blocking.
+    fn write_now(&mut self, bytes: &[u8]) -> std::io::Result<usize>;
+    /// Write what the transport itself holds (TLS records), without blocking.
+    fn flush_backlog(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+    /// Whether the transport itself holds bytes to write.
+    fn backlog(&self) -> bool {
+        false
+    }
+}
+
+impl Transport for TcpStream {
+    #[inline]
+    fn write_now(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        write_now(self, bytes)
+    }
+}
+
+impl Transport for Stream {
+    #[inline]
+    fn write_now(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        Stream::write_now(self, bytes)
+    }
+    #[inline]
+    fn flush_backlog(&mut self) -> std::io::Result<()> {
+        Stream::flush_backlog(self)
+    }
+    #[inline]
+    fn backlog(&self) -> bool {
+        Stream::backlog(self)
     }
 }
 
@@ -71,9 +117,13 @@ pub(crate) struct Outbox {
 
 impl Outbox {
     /// Send `bytes` after whatever is queued; writes immediately when possible.
-    pub(crate) fn send(&mut self, stream: &TcpStream, bytes: &[u8]) -> std::io::Result<()> {
+    pub(crate) fn send(
+        &mut self,
+        stream: &mut impl Transport,
+        bytes: &[u8],
+    ) -> std::io::Result<()> {
         if self.pending.is_empty() {
-            let n = write_now(stream, bytes)?;
+            let n = stream.write_now(bytes)?;
             if n < bytes.len() {
                 self.pending.extend_from_slice(&bytes[n..]);
                 self.stalled_since = Some(tokio::time::Instant::now());
@@ -85,12 +135,13 @@ impl Outbox {
         }
     }
 
-    /// Write queued bytes the socket accepts now.
-    pub(crate) fn flush(&mut self, stream: &TcpStream) -> std::io::Result<()> {
+    /// Write queued bytes (and what the transport holds) that the socket
+    /// accepts now.
+    pub(crate) fn flush(&mut self, stream: &mut impl Transport) -> std::io::Result<()> {
         if self.pending.is_empty() {
-            return Ok(());
+            return stream.flush_backlog();
         }
-        let n = write_now(stream, &self.pending)?;
+        let n = stream.write_now(&self.pending)?;
         if n > 0 {
             bytes::Buf::advance(&mut self.pending, n);
             self.stalled_since = (!self.pending.is_empty()).then(tokio::time::Instant::now);
@@ -114,9 +165,9 @@ impl Outbox {
     }
 
     /// Drain the queue with a blocking write bounded by `limit` (used before closing).
-    pub(crate) async fn drain(
+    pub(crate) async fn drain<S: Transport + tokio::io::AsyncWrite + Unpin>(
         &mut self,
-        stream: &mut TcpStream,
+        stream: &mut S,
         limit: Duration,
     ) -> Result<(), WriteError> {
         let pending = std::mem::take(&mut self.pending);

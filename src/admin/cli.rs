@@ -235,23 +235,40 @@ async fn connect(cfg: &Config, t: &Target) -> Result<tokio_postgres::Client, Cli
     if let Some(p) = &password {
         pg.password(p);
     }
-    let (client, conn) = match pg.connect(tokio_postgres::NoTls).await {
-        Ok(c) => c,
-        Err(source) => {
-            return Err(CliError::Connect {
-                host,
-                port,
-                user,
-                source,
-            });
-        }
+    let failed = |source| CliError::Connect {
+        host: host.clone(),
+        port,
+        user: user.clone(),
+        source,
     };
-    tokio::spawn(async move {
-        // A broken connection fails the next query, which reports it.
-        if let Err(e) = conn.await {
+    // A broken connection fails the next query, which reports it.
+    let drive = |r: Result<(), tokio_postgres::Error>| {
+        if let Err(e) = r {
             tracing::debug!(error = %e, "connection to pgpilot ended with an error");
         }
-    });
+    };
+    // With [tls] on, TLS when pgpilot offers it (under mode = "require" it
+    // must); the certificate is not checked, as libpq's sslmode=require.
+    let tls = cfg
+        .tls_server
+        .as_ref()
+        .and_then(|_| crate::config::tls::unverified_client().ok());
+    let client = match tls {
+        Some(tls) => {
+            pg.ssl_mode(tokio_postgres::config::SslMode::Prefer);
+            let (client, conn) = pg
+                .connect(crate::net::PgTls::new(tls))
+                .await
+                .map_err(failed)?;
+            tokio::spawn(async move { drive(conn.await) });
+            client
+        }
+        None => {
+            let (client, conn) = pg.connect(tokio_postgres::NoTls).await.map_err(failed)?;
+            tokio::spawn(async move { drive(conn.await) });
+            client
+        }
+    };
     Ok(client)
 }
 

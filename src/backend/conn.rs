@@ -20,6 +20,8 @@ use tokio::time::timeout;
 
 use super::BackendError;
 use crate::config::NodeId;
+use crate::config::tls::{BackendTls, BackendTlsMode};
+use crate::net::Stream;
 use crate::protocol::auth::{ScramKeyClient, ScramKeys};
 use crate::protocol::frame::{ErrorFields, next_frame};
 use crate::protocol::shape::{Shape, ShapeHasher};
@@ -48,6 +50,8 @@ pub(crate) struct ConnectParams<'a> {
     pub(crate) connect_timeout: Duration,
     /// Timeout for the whole authentication exchange.
     pub(crate) auth_timeout: Duration,
+    /// TLS towards the node (`[backend_tls]`), unless disabled.
+    pub(crate) tls: Option<&'a BackendTls>,
 }
 
 /// A SCRAM-SHA-256 login in progress: with the password, or with the keys
@@ -77,8 +81,9 @@ pub(crate) fn from_epoch_ms(ms: u64) -> SystemTime {
 pub(crate) struct BackendConn {
     /// Node id this connection belongs to.
     pub(crate) node: NodeId,
-    /// The socket. The session reads and writes raw frames on it.
-    pub(crate) stream: TcpStream,
+    /// The connection (plain or TLS). The session reads and writes raw
+    /// frames on it.
+    pub(crate) stream: Stream,
     /// Read buffer; bytes received but not yet forwarded.
     pub(crate) buf: BytesMut,
     /// Role this connection logs in as (the MD5 response mixes it in).
@@ -155,6 +160,18 @@ impl BackendConn {
         let addr = stream
             .peer_addr()
             .map_err(|source| BackendError::Io { node, source })?;
+        let mut stream = Stream::Plain(stream);
+        if let Some(tls) = p.tls {
+            match timeout(p.auth_timeout, start_tls(&mut stream, tls, p.host, node)).await {
+                Ok(r) => r?,
+                Err(_) => {
+                    return Err(BackendError::Timeout {
+                        node,
+                        what: "starting TLS with",
+                    });
+                }
+            }
+        }
         let mut conn = BackendConn {
             node,
             stream,
@@ -544,7 +561,12 @@ impl BackendConn {
         // A peek (recv with MSG_PEEK) leaves any bytes for the relay. Tokio's
         // sockets are non-blocking, so "nothing to read" is WouldBlock, and
         // Ok(0) (closed) or Ok(1) (bytes waiting) mean not healthy.
-        let peeked = socket2::SockRef::from(&self.stream).peek(&mut byte);
+        let Some(tcp) = self.stream.tcp() else {
+            return false;
+        };
+        // (Under TLS a peeked byte may be a record without data, e.g. a
+        // KeyUpdate: the connection is then dropped, which is only wasteful.)
+        let peeked = socket2::SockRef::from(tcp).peek(&mut byte);
         matches!(peeked, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
     }
 }
@@ -575,6 +597,42 @@ fn decode_data_row(body: &[u8]) -> Vec<Option<String>> {
         rest = &rest[len as usize..];
     }
     out
+}
+
+/// Ask the node for TLS (SSLRequest) and handshake, as `[backend_tls]` says.
+async fn start_tls(
+    stream: &mut Stream,
+    tls: &BackendTls,
+    host: &str,
+    node: NodeId,
+) -> Result<(), BackendError> {
+    let io = |source| BackendError::Io { node, source };
+    let refused = |message: String| BackendError::Auth { node, message };
+    let mut req = BytesMut::new();
+    frontend::ssl_request(&mut req);
+    stream.write_all(&req).await.map_err(io)?;
+    // One byte, not more: what follows an 'S' is the TLS handshake.
+    let mut answer = [0u8; 1];
+    stream.read_exact(&mut answer).await.map_err(io)?;
+    match answer[0] {
+        b'S' => {
+            let name = rustls::pki_types::ServerName::try_from(host.to_string())
+                .map_err(|e| refused(format!("TLS: {host:?} is not a server name: {e}")))?;
+            stream
+                .connect_tls(tls.config.clone(), name)
+                .await
+                .map_err(|e| refused(format!("TLS handshake failed: {e}")))
+        }
+        b'N' if tls.mode == BackendTlsMode::Prefer => Ok(()),
+        b'N' => Err(refused(format!(
+            "the server does not support TLS, but backend_tls mode is {}",
+            tls.mode.sslmode()
+        ))),
+        other => Err(BackendError::Protocol {
+            node,
+            message: format!("unexpected answer {other:#04x} to SSLRequest"),
+        }),
+    }
 }
 
 /// Turn on TCP keepalive so a silently vanished peer is noticed.

@@ -272,6 +272,8 @@ pub(crate) struct AcquireSettings<'a> {
     pub(crate) connect_timeout: Duration,
     /// Login timeout.
     pub(crate) auth_timeout: Duration,
+    /// TLS towards the node, unless disabled.
+    pub(crate) tls: Option<&'a crate::config::tls::BackendTls>,
 }
 
 /// Databases whose connections are not pooled for a while
@@ -417,6 +419,7 @@ impl Pool {
             scram_keys: s.scram_keys,
             connect_timeout: s.connect_timeout,
             auth_timeout: s.auth_timeout,
+            tls: s.tls,
         };
         // On failure the slot is dropped: it passes to the next waiter.
         let conn = BackendConn::connect(&params).await?;

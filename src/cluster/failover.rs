@@ -362,11 +362,12 @@ impl StandbyWatch {
                 let line = hooks::expand(&cfg.failover.command, cfg, nodes);
                 let limit = cfg.failover.promote_timeout;
                 let node = n.id;
+                let env = hooks::tls_env(cfg);
                 tokio::spawn(async move {
                     // A standby's failure changes no primary: the hook's
                     // outcome is only reported.
                     if let Err(e) =
-                        hooks::run("failover_command (standby down)", &line, limit).await
+                        hooks::run("failover_command (standby down)", &line, limit, &env).await
                     {
                         tracing::warn!(%node, error = %e, "failover_command for a failed standby did not succeed");
                     }

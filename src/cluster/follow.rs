@@ -207,7 +207,13 @@ pub(super) async fn follow_one(
             old_primary: old,
         };
         let line = hooks::expand(&f.follow_primary_command, cfg, nodes);
-        hooks::run("follow_primary_command", &line, f.follow_timeout).await?;
+        hooks::run(
+            "follow_primary_command",
+            &line,
+            f.follow_timeout,
+            &hooks::tls_env(cfg),
+        )
+        .await?;
     } else {
         repoint(cfg, node, new, switch_lsn).await?;
     }

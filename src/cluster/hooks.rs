@@ -119,16 +119,40 @@ pub(crate) fn expand(template: &str, cfg: &Config, nodes: HookNodes) -> String {
     out
 }
 
-/// Run `command` through `sh -c` within `limit`; `name` labels the logs.
-/// `Ok` with a summary on exit status 0, `Err` with the reason otherwise.
+/// libpq's environment for `[backend_tls]` (`PGSSLMODE`, `PGSSLROOTCERT`,
+/// `PGSSLCERT`, `PGSSLKEY`), so that a hook's psql or pg_rewind reaches the
+/// nodes as pgpilot does. Empty when backend TLS is off.
+pub(crate) fn tls_env(cfg: &Config) -> Vec<(&'static str, String)> {
+    let t = &cfg.backend_tls;
+    if t.mode == crate::config::tls::BackendTlsMode::Disable {
+        return Vec::new();
+    }
+    let mut env = vec![("PGSSLMODE", t.mode.sslmode().to_string())];
+    for (key, path) in [
+        ("PGSSLROOTCERT", &t.root_cert_file),
+        ("PGSSLCERT", &t.cert_file),
+        ("PGSSLKEY", &t.key_file),
+    ] {
+        if let Some(p) = path {
+            env.push((key, p.display().to_string()));
+        }
+    }
+    env
+}
+
+/// Run `command` through `sh -c` within `limit`, with `env` added to
+/// pgpilot's environment; `name` labels the logs. `Ok` with a summary on
+/// exit status 0, `Err` with the reason otherwise.
 pub(crate) async fn run(
     name: &'static str,
     command: &str,
     limit: Duration,
+    env: &[(&'static str, String)],
 ) -> Result<String, HookError> {
     tracing::info!(hook = name, %command, "running hook");
     let started = std::time::Instant::now();
     let mut cmd = tokio::process::Command::new("sh");
+    cmd.envs(env.iter().map(|(k, v)| (k, v)));
     cmd.arg("-c")
         .arg(command)
         .stdin(Stdio::null())
@@ -224,16 +248,34 @@ mod tests {
         );
     }
 
+    /// A hook reaches the nodes as pgpilot does: libpq's TLS variables
+    /// follow `[backend_tls]`.
+    #[tokio::test]
+    async fn hooks_get_libpq_tls_variables_from_backend_tls() {
+        assert!(tls_env(&cfg()).is_empty());
+        let with_tls = Config::from_toml(
+            "[[backends]]\nhost = \"h\"\n\
+             [backend_tls]\nmode = \"require\"\n",
+        )
+        .unwrap();
+        let env = tls_env(&with_tls);
+        assert_eq!(env, vec![("PGSSLMODE", "require".to_string())]);
+        let check = "test \"$PGSSLMODE\" = require && test -z \"$PGSSLROOTCERT\"";
+        assert!(run("t", check, Duration::from_secs(5), &env).await.is_ok());
+        assert!(run("t", check, Duration::from_secs(5), &[]).await.is_err());
+    }
+
     #[tokio::test]
     async fn runs_through_sh_with_status_and_timeout() {
         let ok = run(
             "t",
             "echo hi; echo warn >&2; exit 0",
             Duration::from_secs(5),
+            &[],
         )
         .await;
         assert!(ok.is_ok(), "{ok:?}");
-        let e = run("t", "echo oops >&2; exit 3", Duration::from_secs(5))
+        let e = run("t", "echo oops >&2; exit 3", Duration::from_secs(5), &[])
             .await
             .unwrap_err();
         assert!(
@@ -242,7 +284,7 @@ mod tests {
         );
         assert_eq!(e.to_string(), "t failed (exit status: 3): oops");
         let t0 = std::time::Instant::now();
-        let e = run("t", "sleep 30", Duration::from_millis(200))
+        let e = run("t", "sleep 30", Duration::from_millis(200), &[])
             .await
             .unwrap_err();
         assert!(matches!(e, HookError::Timeout { name: "t", .. }), "{e}");

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use tokio::task::JoinHandle;
 
+use crate::config::tls::{BackendTls, BackendTlsMode};
 use crate::config::{Backend, Monitor};
 
 /// How long a dropped connection's driver may take to finish before it is aborted.
@@ -38,7 +39,7 @@ impl MonitorConn {
         application_name: &str,
     ) -> Result<MonitorConn, tokio_postgres::Error> {
         let pg = super::monitor_conn_config(backend, monitor, application_name);
-        let (client, conn) = pg.connect(tokio_postgres::NoTls).await?;
+        let (client, conn) = connect(&pg, monitor.tls.as_deref()).await?;
         let driver = tokio::spawn(async move {
             // The query that was waiting fails with the same error and is
             // reported by its caller; this only leaves a trace for debugging.
@@ -80,6 +81,34 @@ impl MonitorConn {
             tracing::debug!("monitor connection did not close in time");
         }
     }
+}
+
+/// A tokio-postgres connection's driver, whichever its TLS.
+pub(crate) type Driver =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), tokio_postgres::Error>> + Send>>;
+
+/// Connect with tokio-postgres to a node, over TLS as `[backend_tls]` says
+/// (rustls verifies as the mode asks; tokio-postgres only knows whether TLS
+/// is optional).
+pub(crate) async fn connect(
+    pg: &tokio_postgres::Config,
+    tls: Option<&BackendTls>,
+) -> Result<(tokio_postgres::Client, Driver), tokio_postgres::Error> {
+    use tokio_postgres::config::SslMode;
+    let Some(tls) = tls else {
+        let (client, conn) = pg.connect(tokio_postgres::NoTls).await?;
+        return Ok((client, Box::pin(conn)));
+    };
+    let mut pg = pg.clone();
+    pg.ssl_mode(match tls.mode {
+        BackendTlsMode::Disable => SslMode::Disable,
+        BackendTlsMode::Prefer => SslMode::Prefer,
+        _ => SslMode::Require,
+    });
+    let (client, conn) = pg
+        .connect(crate::net::PgTls::new(tls.config.clone()))
+        .await?;
+    Ok((client, Box::pin(conn)))
 }
 
 impl Drop for MonitorConn {

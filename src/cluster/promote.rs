@@ -316,7 +316,8 @@ pub(crate) async fn promote(
                 old_primary: old,
             };
             let line = hooks::expand(&f.command, cfg, nodes);
-            Ok(hooks::run("failover_command", &line, f.promote_timeout).await?)
+            let env = hooks::tls_env(cfg);
+            Ok(hooks::run("failover_command", &line, f.promote_timeout, &env).await?)
         }
         FailoverMode::None => Err(PromoteError::Disabled),
     }

@@ -22,6 +22,7 @@ mod failover;
 pub(crate) mod hba;
 mod node_id;
 mod routing;
+pub mod tls;
 mod units;
 
 pub use checks::{HealthCheck, MetricsConfig, SrCheck};
@@ -57,6 +58,9 @@ pub enum ConfigError {
     /// `hba_file` could not be read or has a line pgpilot cannot use.
     #[error("invalid `hba_file`: {0}")]
     Hba(#[from] HbaError),
+    /// A `[tls]` or `[backend_tls]` setting or file could not be used.
+    #[error("invalid TLS settings: {0}")]
+    Tls(String),
 }
 
 fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
@@ -140,6 +144,19 @@ pub struct Config {
     /// The rules read from `hba_file` at load.
     #[serde(skip)]
     pub hba: Option<Arc<HbaRules>>,
+    /// TLS towards clients.
+    #[serde(default)]
+    pub tls: tls::TlsSettings,
+    /// The `[tls]` files, read at load (so SIGHUP re-reads them); `None`
+    /// when TLS is off.
+    #[serde(skip)]
+    pub tls_server: Option<Arc<tls::TlsServer>>,
+    /// TLS towards the nodes (pooled connections and the monitor role's).
+    #[serde(default)]
+    pub backend_tls: tls::BackendTlsSettings,
+    /// The `[backend_tls]` files, read at load; `None` when disabled.
+    #[serde(skip)]
+    pub backend_tls_client: Option<Arc<tls::BackendTls>>,
 }
 
 /// Backend connection pool settings.
@@ -334,6 +351,10 @@ pub struct Monitor {
     /// Health and replication checks have their own timeouts.
     #[serde(deserialize_with = "duration")]
     pub timeout: Duration,
+    /// `[backend_tls]` as loaded (a copy, for the monitor role's
+    /// connections, which get `Monitor` alone).
+    #[serde(skip)]
+    pub tls: Option<Arc<tls::BackendTls>>,
 }
 
 impl std::fmt::Debug for Monitor {
@@ -352,6 +373,7 @@ impl Default for Monitor {
             password: String::new(),
             database: "postgres".into(),
             timeout: Duration::from_secs(3),
+            tls: None,
         }
     }
 }
@@ -388,6 +410,10 @@ impl Config {
         {
             cfg.hba_file = Some(dir.join(hba));
         }
+        if let Some(dir) = path.parent() {
+            cfg.tls.resolve(dir);
+            cfg.backend_tls.resolve(dir);
+        }
         cfg.validate()?;
         Ok(cfg)
     }
@@ -419,6 +445,9 @@ impl Config {
     /// Check every value, and derive what is derived at load (SCRAM verifiers).
     pub fn validate(&mut self) -> Result<(), ConfigError> {
         self.listen_addr()?;
+        self.tls_server = self.tls.load().map_err(ConfigError::Tls)?;
+        self.backend_tls_client = self.backend_tls.load().map_err(ConfigError::Tls)?;
+        self.monitor.tls = self.backend_tls_client.clone();
         self.coordination.validate(&self.cluster_name)?;
         if self.max_client_conn == 0 {
             return Err(invalid("max_client_conn", "must be at least 1"));

@@ -34,8 +34,10 @@ mod bindir;
 mod error;
 pub mod etcd;
 mod process;
+mod tls;
 
 pub(crate) use bindir::find_bindir;
+pub use tls::{Issued, TestCa, TlsFiles, TlsSpec};
 
 pub use error::{ClusterError, CommandFailed, CommandOutcome, LogTail};
 
@@ -178,6 +180,8 @@ pub struct LocalCluster {
     owner: Option<(u32, u32)>,
     /// Set once shutdown ran, so it is idempotent (explicit call, then Drop).
     shut_down: bool,
+    /// The certificates of a cluster started by [`LocalCluster::start_tls`].
+    pub tls: Option<TlsFiles>,
 }
 
 /// Picks a free TCP port on 127.0.0.1: drawn at random from 20000..32768 (below
@@ -209,6 +213,19 @@ impl LocalCluster {
     /// [`ClusterSpec::slots`], each through its slot `nodeN`). On error
     /// everything created so far is stopped and removed.
     pub fn start(spec: ClusterSpec) -> Result<LocalCluster, ClusterError> {
+        Self::start_inner(spec, None)
+    }
+
+    /// Like [`LocalCluster::start`], with `ssl = on` on every node: a test CA,
+    /// a server and a client certificate are written under `<base_dir>/tls/`
+    /// ([`LocalCluster::tls`]); with [`TlsSpec::hostssl_only`] the nodes
+    /// accept TCP connections over TLS only (the harness's own psql calls
+    /// and the standbys' streaming use TLS, as libpq prefers it).
+    pub fn start_tls(spec: ClusterSpec, tls: TlsSpec) -> Result<LocalCluster, ClusterError> {
+        Self::start_inner(spec, Some(tls))
+    }
+
+    fn start_inner(spec: ClusterSpec, tls: Option<TlsSpec>) -> Result<LocalCluster, ClusterError> {
         let bindir = find_bindir()?;
         let (run_as, owner) = RunAs::detect()?;
         let base_dir = create_base_dir(owner)?;
@@ -220,9 +237,10 @@ impl LocalCluster {
             run_as,
             owner,
             shut_down: false,
+            tls: None,
         };
         // On error `cluster` is dropped here, which stops servers and removes base_dir.
-        cluster.build(&spec)?;
+        cluster.build(&spec, tls.as_ref())?;
         Ok(cluster)
     }
 
@@ -352,7 +370,7 @@ impl LocalCluster {
     }
 
     /// Creates the primary and the standbys described by `spec`.
-    fn build(&mut self, spec: &ClusterSpec) -> Result<(), ClusterError> {
+    fn build(&mut self, spec: &ClusterSpec, tls: Option<&TlsSpec>) -> Result<(), ClusterError> {
         self.add_node(0)?;
         let data_dir = self.nodes[0].data_dir.clone();
         let data = path_str(&data_dir);
@@ -361,12 +379,19 @@ impl LocalCluster {
              --no-sync"
         );
         self.run("initdb", &words(&initdb), COMMAND_TIMEOUT)?;
-        self.write_file(&data_dir.join("pg_hba.conf"), HBA_CONF, false)?;
-        let extra: String = spec
+        let mut hba = HBA_CONF.to_string();
+        let mut extra: String = spec
             .extra_conf
             .iter()
             .map(|line| format!("{line}\n"))
             .collect();
+        if let Some(tls) = tls {
+            extra.push_str(&self.make_tls(tls)?);
+            if tls.hostssl_only {
+                hba = tls::hostssl_only(&hba);
+            }
+        }
+        self.write_file(&data_dir.join("pg_hba.conf"), &hba, false)?;
         let conf = format!("{COMMON_CONF}{extra}{}", self.node_conf(0));
         self.write_file(&data_dir.join("postgresql.conf"), &conf, true)?;
         self.start_new_node(0)?;

@@ -1,5 +1,6 @@
 //! Server-side password checks for clients: SCRAM-SHA-256 (RFC 5802/7677 as
-//! PostgreSQL uses it, without channel binding) and MD5.
+//! PostgreSQL uses it), SCRAM-SHA-256-PLUS with `tls-server-end-point`
+//! channel binding (RFC 5929) for TLS clients, and MD5.
 //!
 //! The client side (pgpilot logging in to a PostgreSQL node) lives in
 //! `backend::conn` and uses `postgres-protocol` when pgpilot has the user's
@@ -230,6 +231,12 @@ pub(crate) struct ScramServer {
     server_first: String,
     /// GS2 header the client sent; echoed base64-encoded in `c=`.
     gs2_header: String,
+    /// `tls-server-end-point` data when SCRAM-SHA-256-PLUS was offered (a
+    /// TLS client): the client must bind to it, or say it could not (`y`)
+    /// only at the price of a refusal.
+    channel_binding: Option<Vec<u8>>,
+    /// The client chose channel binding (`p=tls-server-end-point`).
+    bound: bool,
 }
 
 impl ScramServer {
@@ -242,15 +249,28 @@ impl ScramServer {
             client_first_bare: String::new(),
             server_first: String::new(),
             gs2_header: String::new(),
+            channel_binding: None,
+            bound: false,
+        }
+    }
+
+    /// Start an exchange that offered SCRAM-SHA-256-PLUS, bound to the
+    /// server certificate's `tls-server-end-point` data.
+    pub(crate) fn with_channel_binding(verifier: ScramVerifier, end_point: Vec<u8>) -> ScramServer {
+        ScramServer {
+            channel_binding: Some(end_point),
+            ..ScramServer::new(verifier)
         }
     }
 
     /// Handle the SASLInitialResponse body; returns the server-first-message.
     pub(crate) fn client_first(&mut self, body: &[u8]) -> Result<Vec<u8>, AuthError> {
         let (mechanism, rest) = cstr(body).ok_or(AuthError::Malformed("no mechanism"))?;
-        if mechanism != b"SCRAM-SHA-256" {
-            return Err(AuthError::Malformed("unsupported SASL mechanism"));
-        }
+        let plus = match mechanism {
+            b"SCRAM-SHA-256" => false,
+            b"SCRAM-SHA-256-PLUS" if self.channel_binding.is_some() => true,
+            _ => return Err(AuthError::Malformed("unsupported SASL mechanism")),
+        };
         if rest.len() < 4 {
             return Err(AuthError::Malformed("missing SASL data length"));
         }
@@ -260,12 +280,32 @@ impl ScramServer {
             return Err(AuthError::Malformed("bad SASL data length"));
         }
         let msg = std::str::from_utf8(data).map_err(|_| AuthError::Malformed("not UTF-8"))?;
-        // gs2-header: "n,," or "y,," (no channel binding); "p=" asks for binding we lack.
+        // gs2-header: "n,," (no binding), "y,," (the client could bind but
+        // thinks the server cannot), "p=tls-server-end-point,," (bound).
         let (cbind, rest) = msg
             .split_once(',')
             .ok_or(AuthError::Malformed("no gs2 header"))?;
-        if cbind != "n" && cbind != "y" {
-            return Err(AuthError::Malformed("channel binding is not supported"));
+        match (cbind, plus) {
+            ("n", false) => {}
+            // PostgreSQL's downgrade protection: PLUS was offered, so a
+            // client saying the server cannot bind was tampered with.
+            ("y", false) if self.channel_binding.is_some() => {
+                return Err(AuthError::Malformed(
+                    "SCRAM channel binding negotiation error: the client supports channel binding but thinks the server does not, although it does",
+                ));
+            }
+            ("y", false) => {}
+            ("p=tls-server-end-point", true) => self.bound = true,
+            (_, true) => {
+                return Err(AuthError::Malformed(
+                    "SCRAM-SHA-256-PLUS needs channel binding type tls-server-end-point",
+                ));
+            }
+            (_, false) => {
+                return Err(AuthError::Malformed(
+                    "the client selected SCRAM-SHA-256 without channel binding, but the message includes channel binding data",
+                ));
+            }
         }
         let (_authzid, bare) = rest
             .split_once(',')
@@ -304,7 +344,12 @@ impl ScramServer {
                 nonce = Some(v);
             }
         }
-        if binding != Some(B64.encode(self.gs2_header.as_bytes()).as_str()) {
+        // c= is base64(gs2-header + the channel binding data, when bound).
+        let mut expected = self.gs2_header.as_bytes().to_vec();
+        if self.bound {
+            expected.extend_from_slice(self.channel_binding.as_deref().unwrap_or_default());
+        }
+        if binding.map(|b| B64.decode(b)).and_then(Result::ok) != Some(expected) {
             return Err(AuthError::Malformed("channel binding mismatch"));
         }
         if nonce != Some(self.nonce.as_str()) {
@@ -398,6 +443,60 @@ mod tests {
         assert_eq!(exchange(v, "wrong"), Err(AuthError::Failed));
         let mock = ScramVerifier::mock("nobody", b"k");
         assert_eq!(exchange(mock, ""), Err(AuthError::Failed));
+    }
+
+    /// One exchange with `mechanism` and the client's `binding`, against a
+    /// server that offered PLUS bound to `end_point` (or did not: `None`).
+    fn bound_exchange(
+        mechanism: &str,
+        binding: ChannelBinding,
+        end_point: Option<&[u8]>,
+    ) -> Result<(), AuthError> {
+        let v = ScramVerifier::from_password("secret");
+        let mut client = ScramSha256::new(b"secret", binding);
+        let mut server = match end_point {
+            Some(e) => ScramServer::with_channel_binding(v, e.to_vec()),
+            None => ScramServer::new(v),
+        };
+        let mut initial = format!("{mechanism}\0").into_bytes();
+        initial.extend_from_slice(&(client.message().len() as i32).to_be_bytes());
+        initial.extend_from_slice(client.message());
+        client
+            .update(&server.client_first(&initial)?)
+            .map_err(|_| AuthError::Failed)?;
+        let last = server.client_final(client.message())?;
+        client.finish(&last).map_err(|_| AuthError::Failed)
+    }
+
+    #[test]
+    fn channel_binding_is_checked_and_cannot_be_downgraded() {
+        let ep: &[u8] = &[7u8; 32];
+        let bound = || ChannelBinding::tls_server_end_point(ep.to_vec());
+        // PLUS with the certificate's hash: in.
+        assert_eq!(
+            bound_exchange("SCRAM-SHA-256-PLUS", bound(), Some(ep)),
+            Ok(())
+        );
+        // Bound to another certificate (a man in the middle's): refused.
+        let other = ChannelBinding::tls_server_end_point(vec![8u8; 32]);
+        assert!(bound_exchange("SCRAM-SHA-256-PLUS", other, Some(ep)).is_err());
+        // PLUS not offered (no TLS): the mechanism is unknown.
+        assert!(bound_exchange("SCRAM-SHA-256-PLUS", bound(), None).is_err());
+        // Plain SCRAM over TLS by a client that cannot bind ("n"): in.
+        let none = ChannelBinding::unsupported();
+        assert_eq!(bound_exchange("SCRAM-SHA-256", none, Some(ep)), Ok(()));
+        // "y" (it could bind, but thinks the server cannot) while PLUS was
+        // offered: a downgrade, refused; without the offer it is fine.
+        let y = || ChannelBinding::unrequested();
+        assert_eq!(
+            bound_exchange("SCRAM-SHA-256", y(), Some(ep)),
+            Err(AuthError::Malformed(
+                "SCRAM channel binding negotiation error: the client supports channel binding but thinks the server does not, although it does"
+            ))
+        );
+        assert_eq!(bound_exchange("SCRAM-SHA-256", y(), None), Ok(()));
+        // Binding data under the plain mechanism: refused.
+        assert!(bound_exchange("SCRAM-SHA-256", bound(), Some(ep)).is_err());
     }
 
     #[test]

@@ -132,8 +132,16 @@ pub(crate) fn auth_md5(buf: &mut BytesMut, salt: [u8; 4]) {
 }
 
 /// AuthenticationSASL offering SCRAM-SHA-256.
-pub(crate) fn auth_sasl(buf: &mut BytesMut) {
-    encode(buf, &Authentication::SASL(vec!["SCRAM-SHA-256".into()]));
+///
+/// SCRAM-SHA-256-PLUS comes first when `plus` (a TLS client, a certificate
+/// whose signature names a hash), as PostgreSQL lists it.
+pub(crate) fn auth_sasl(buf: &mut BytesMut, plus: bool) {
+    let mut mechanisms = Vec::with_capacity(2);
+    if plus {
+        mechanisms.push("SCRAM-SHA-256-PLUS".into());
+    }
+    mechanisms.push("SCRAM-SHA-256".into());
+    encode(buf, &Authentication::SASL(mechanisms));
 }
 
 /// AuthenticationSASLContinue.

@@ -263,7 +263,7 @@ impl Session {
         // next request, which may arrive after other sessions' commits.
         self.read_your_writes_request_sent();
         self.to_client
-            .send(&self.client, out)
+            .send(&mut self.client, out)
             .map_err(SessionError::ClientIo)
     }
 

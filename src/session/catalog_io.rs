@@ -68,7 +68,8 @@ impl PrimaryCatalog<'_> {
             crate::cluster::monitor_conn_config(self.primary, self.monitor, "pgpilot-catalog");
         cfg.dbname(database);
         let work = async {
-            let (client, conn) = cfg.connect(tokio_postgres::NoTls).await?;
+            let tls = self.monitor.tls.as_deref();
+            let (client, conn) = crate::cluster::monitor_conn::connect(&cfg, tls).await?;
             let task = tokio::spawn(conn);
             let rows = client.query(sql, params).await;
             drop(client);

@@ -72,6 +72,7 @@ impl Session {
             acquire_timeout: self.cfg.pool.acquire_timeout,
             connect_timeout: self.cfg.timeouts.connect,
             auth_timeout: self.cfg.timeouts.auth,
+            tls: self.cfg.backend_tls_client.as_deref(),
         };
         // Callers report a connection failure to the cluster (once each).
         let conn = self.ctx.pool.acquire(key, &settings).await?;

@@ -1,7 +1,7 @@
-//! The client's side of connection start: the first packet (SSL/GSS refusal,
-//! cancel, protocol version) and client authentication: the `hba_file` line
-//! the client matches (or, without rules, the user's configured `auth`)
-//! decides the exchange.
+//! The client's side of connection start: the first packet (TLS by
+//! SSLRequest or direct, GSS refusal, cancel, protocol version) and client
+//! authentication: the `hba_file` line the client matches (or, without
+//! rules, the user's configured `auth`) decides the exchange.
 //!
 //! Failures come back as a ready-to-send [`PgError`]; the caller writes it and
 //! closes. Unknown users go through the same SCRAM exchange as known ones and
@@ -11,12 +11,13 @@ use std::net::IpAddr;
 
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 
 use crate::auth::hba::{Method, Peer};
+use crate::config::tls::{ALPN, TlsServer};
 use crate::config::{AuthMethod, Config};
 use crate::error::ToPgError;
 use crate::error::sqlstate::*;
+use crate::net::Stream;
 use crate::protocol::auth::{
     AuthError, ScramKeys, ScramServer, ScramVerifier, md5_check, scram_password_check,
 };
@@ -40,8 +41,41 @@ fn io_err(e: std::io::Error) -> PgError {
     PgError::fatal(CONNECTION_FAILURE, format!("client connection failed: {e}"))
 }
 
-/// Read the first packet(s): refuse SSL/GSS encryption with `N` and read on.
-pub(crate) async fn read_opening(stream: &mut TcpStream) -> Result<Opening, PgError> {
+/// A TLS handshake failed (a bad client certificate, no common version):
+/// rustls has sent its alert; nothing more can reach the client.
+fn tls_err(e: std::io::Error) -> PgError {
+    PgError::fatal(CONNECTION_FAILURE, format!("TLS handshake failed: {e}"))
+}
+
+/// The first byte of a TLS handshake record: a client using direct TLS
+/// (PostgreSQL 17's `sslnegotiation=direct`) starts with it, where a
+/// startup packet starts with its length's high byte, 0.
+const TLS_HANDSHAKE: u8 = 0x16;
+
+/// Read the first packet(s): answer SSLRequest with `S` and a TLS handshake
+/// when `tls` is set (else `N`), GSSENCRequest with `N`, and read on. With
+/// `tls`, a connection that opens with a TLS record is direct TLS, which must
+/// name ALPN `postgresql` (as PostgreSQL requires). The stream is TLS
+/// afterwards if either happened.
+pub(crate) async fn read_opening(
+    stream: &mut Stream,
+    tls: Option<&TlsServer>,
+) -> Result<Opening, PgError> {
+    if let (Some(tls), Stream::Plain(tcp)) = (tls, &*stream) {
+        let mut first = [0u8; 1];
+        if tcp.peek(&mut first).await.map_err(io_err)? == 1 && first[0] == TLS_HANDSHAKE {
+            stream
+                .accept_tls(tls.config.clone())
+                .await
+                .map_err(tls_err)?;
+            if stream.tls().and_then(|c| c.alpn_protocol()) != Some(ALPN) {
+                return Err(PgError::fatal(
+                    PROTOCOL_VIOLATION,
+                    "direct TLS connection without ALPN protocol \"postgresql\"",
+                ));
+            }
+        }
+    }
     loop {
         let len = stream.read_i32().await.map_err(io_err)?;
         if !(8..=MAX_STARTUP_PACKET as i32).contains(&len) {
@@ -53,8 +87,24 @@ pub(crate) async fn read_opening(stream: &mut TcpStream) -> Result<Opening, PgEr
         let mut body = vec![0u8; len as usize - 4];
         stream.read_exact(&mut body).await.map_err(io_err)?;
         match parse_initial(&body) {
-            Ok(InitialPacket::Ssl) | Ok(InitialPacket::GssEnc) => {
-                // TLS/GSS not configured: the client may go on in the clear.
+            Ok(InitialPacket::Ssl) => match tls {
+                _ if stream.is_tls() => {
+                    return Err(PgError::fatal(
+                        PROTOCOL_VIOLATION,
+                        "SSLRequest on a connection that is already TLS",
+                    ));
+                }
+                Some(tls) => {
+                    stream.write_all(b"S").await.map_err(io_err)?;
+                    stream
+                        .accept_tls(tls.config.clone())
+                        .await
+                        .map_err(tls_err)?;
+                }
+                // Not configured: the client may go on in the clear.
+                None => stream.write_all(b"N").await.map_err(io_err)?,
+            },
+            Ok(InitialPacket::GssEnc) => {
                 stream.write_all(b"N").await.map_err(io_err)?;
             }
             Ok(InitialPacket::Cancel(key)) => {
@@ -76,7 +126,7 @@ pub(crate) async fn read_opening(stream: &mut TcpStream) -> Result<Opening, PgEr
 
 /// Read one password-family message ('p') during authentication.
 async fn read_password_message(
-    stream: &mut TcpStream,
+    stream: &mut Stream,
     buf: &mut BytesMut,
 ) -> Result<Vec<u8>, PgError> {
     loop {
@@ -124,8 +174,15 @@ pub(crate) struct Login<'a> {
     pub(crate) database: &'a str,
     /// The client's address.
     pub(crate) addr: IpAddr,
-    /// Whether the client connection is TLS-encrypted (never, yet).
+    /// Whether the client connection is TLS-encrypted.
     pub(crate) tls: bool,
+    /// The common name of the client certificate rustls verified (TLS with
+    /// `ca_file` only).
+    pub(crate) cert_name: Option<&'a str>,
+    /// `tls-server-end-point` data of the certificate served, when the
+    /// client is TLS and the certificate defines it: SCRAM-SHA-256-PLUS is
+    /// offered.
+    pub(crate) channel_binding: Option<&'a [u8]>,
 }
 
 /// What the client is asked for.
@@ -214,13 +271,23 @@ fn challenge<'a>(
                 ),
             ));
         }
-        // pgpilot checks no client certificates (and no connection is TLS yet).
-        Method::Cert => {
-            return Err(PgError::fatal(
-                INVALID_AUTHORIZATION,
-                "connection requires a valid client certificate",
-            ));
-        }
+        // rustls verified the certificate against `ca_file` during the
+        // handshake; as PostgreSQL, its common name must be the user's.
+        Method::Cert => match login.cert_name {
+            None => {
+                return Err(PgError::fatal(
+                    INVALID_AUTHORIZATION,
+                    "connection requires a valid client certificate",
+                ));
+            }
+            Some(cn) if cn != user || known.is_none() => {
+                return Err(PgError::fatal(
+                    INVALID_AUTHORIZATION,
+                    format!("certificate authentication failed for user \"{user}\""),
+                ));
+            }
+            Some(_) => Challenge::Trust,
+        },
         Method::Trust if known.is_none() => {
             return Err(PgError::fatal(
                 INVALID_AUTHORIZATION,
@@ -249,7 +316,7 @@ fn challenge<'a>(
 /// clear-text, against a verifier) login returns what it proved: the keys
 /// log in to nodes for a user configured without a password.
 pub(crate) async fn authenticate(
-    stream: &mut TcpStream,
+    stream: &mut Stream,
     config: &Config,
     login: &Login<'_>,
     server_secret: &[u8],
@@ -298,8 +365,11 @@ pub(crate) async fn authenticate(
             }
         }
         Challenge::Scram { verifier, known } => {
-            let mut scram = ScramServer::new(verifier);
-            messages::auth_sasl(&mut out);
+            let mut scram = match login.channel_binding {
+                Some(end_point) => ScramServer::with_channel_binding(verifier, end_point.to_vec()),
+                None => ScramServer::new(verifier),
+            };
+            messages::auth_sasl(&mut out, login.channel_binding.is_some());
             stream.write_all(&out).await.map_err(io_err)?;
             out.clear();
             let first = read_password_message(stream, &mut inbuf).await?;
@@ -366,6 +436,8 @@ mod tests {
             database: "db",
             addr: "10.0.0.1".parse().unwrap(),
             tls: false,
+            cert_name: None,
+            channel_binding: None,
         };
         Ok(match challenge(cfg, &login, b"secret")? {
             Challenge::Trust => "trust",
@@ -456,17 +528,33 @@ mod tests {
             e.message,
             "no pg_hba.conf entry for host \"10.0.0.1\", user \"plain\", database \"db\", no encryption"
         );
-        // With TLS the cert line matches, and refuses: pgpilot checks no certificates.
-        let login = Login {
+        // With TLS the cert line matches: without a certificate, or with
+        // another name's, it refuses; with the user's, it lets in.
+        let mut login = Login {
             user: "plain",
             database: "db",
             addr: "10.0.0.1".parse().unwrap(),
             tls: true,
+            cert_name: None,
+            channel_binding: None,
         };
         let Err(e) = challenge(&cfg, &login, b"secret") else {
-            panic!("a cert line let a client in");
+            panic!("a cert line let a client without a certificate in");
         };
         assert_eq!(e.message, "connection requires a valid client certificate");
+        login.cert_name = Some("verified");
+        let Err(e) = challenge(&cfg, &login, b"secret") else {
+            panic!("a cert line let another user's certificate in");
+        };
+        assert_eq!(
+            e.message,
+            "certificate authentication failed for user \"plain\""
+        );
+        login.cert_name = Some("plain");
+        assert!(matches!(
+            challenge(&cfg, &login, b"secret"),
+            Ok(Challenge::Trust)
+        ));
     }
 
     #[test]

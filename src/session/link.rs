@@ -11,7 +11,7 @@ use std::collections::{HashSet, VecDeque};
 
 use std::time::Instant;
 
-use tokio::net::TcpStream;
+use crate::net::Stream;
 
 use super::SessionError;
 use super::client_view::Effects;
@@ -367,7 +367,7 @@ impl Link {
         let node = self.conn.node;
         self.st
             .out
-            .send(&self.conn.stream, bytes)
+            .send(&mut self.conn.stream, bytes)
             .map_err(|_| SessionError::BackendLost { node })
     }
 
@@ -490,7 +490,7 @@ impl Link {
     /// hold it while the request is watched for a standby's refusal).
     pub(crate) fn forward(
         &mut self,
-        client: &TcpStream,
+        client: &mut Stream,
         to_client: &mut Outbox,
         chunk: Chunk,
     ) -> Result<(), SessionError> {
@@ -741,7 +741,7 @@ fn shape_error() -> &'static [u8] {
 #[cold]
 #[inline(never)]
 fn forward_cut(
-    client: &TcpStream,
+    client: &mut Stream,
     to_client: &mut Outbox,
     bytes: &[u8],
     cuts: &[Cut],

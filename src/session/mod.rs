@@ -49,13 +49,14 @@ use tokio::net::TcpStream;
 use tokio::time::timeout;
 
 use crate::backend::conn::Unnamed;
+use crate::config::tls::TlsMode;
 use crate::config::{Config, NodeId};
 use crate::context::cancel::{CancelSlot, CancelTarget};
 use crate::context::registry::{self, SessionHandle};
 use crate::context::{ClientSlot, ProxyContext};
 use crate::error::ToPgError;
 use crate::error::sqlstate::*;
-use crate::net::{Outbox, WriteError, write_all_timeout};
+use crate::net::{Outbox, Stream, WriteError, write_all_timeout};
 use crate::protocol::frame::Scanned;
 use crate::protocol::messages::{self, PgError};
 use crate::protocol::startup::StartupMessage;
@@ -70,19 +71,28 @@ use link::{Done, Link};
 pub(crate) use crate::error::SessionError;
 
 /// Entry point for an accepted client connection.
-pub(crate) async fn serve(ctx: Arc<ProxyContext>, mut stream: TcpStream) {
-    let _ = stream.set_nodelay(true);
-    crate::backend::conn::set_keepalive(&stream);
+pub(crate) async fn serve(ctx: Arc<ProxyContext>, tcp: TcpStream) {
+    let _ = tcp.set_nodelay(true);
+    crate::backend::conn::set_keepalive(&tcp);
+    let mut stream = Stream::Plain(tcp);
+    // The certificates of the configuration in force at accept (a SIGHUP
+    // changes them for later connections only).
     let cfg = ctx.config.load_full();
+    let tls = cfg.tls_server.as_deref();
     // A stop does not wait for a connection that has not sent its first
     // packet: it holds no client slot and gets no goodbye.
     let mut stop = ctx.shutdown.clone();
     let opening = tokio::select! {
-        r = timeout(cfg.timeouts.auth, handshake::read_opening(&mut stream)) => r,
+        r = timeout(cfg.timeouts.auth, handshake::read_opening(&mut stream, tls)) => r,
         _ = stop.wait_for(|stopping| *stopping) => return,
     };
     let opening = match opening {
         Ok(Ok(o)) => o,
+        Ok(Err(e)) if stream.tcp().is_none() => {
+            // A failed TLS handshake: rustls sent its alert.
+            tracing::info!(message = %e.message, "client TLS handshake failed");
+            return;
+        }
         Ok(Err(e)) => return send_fatal(&mut stream, &e, &cfg).await,
         Err(_) => {
             let e = PgError::fatal(
@@ -99,6 +109,14 @@ pub(crate) async fn serve(ctx: Arc<ProxyContext>, mut stream: TcpStream) {
         }
         Opening::Startup(m) => m,
     };
+    if !stream.is_tls() && tls.is_some_and(|t| t.mode == TlsMode::Require) {
+        let e = PgError::fatal(
+            INVALID_AUTHORIZATION,
+            "TLS is required: pgpilot's [tls] mode is \"require\"",
+        )
+        .with_hint("connect with sslmode=require (or stronger)");
+        return send_fatal(&mut stream, &e, &cfg).await;
+    }
     let Some(slot) = ClientSlot::try_acquire(&ctx, cfg.max_client_conn) else {
         let e = PgError::fatal(TOO_MANY_CONNECTIONS, "sorry, too many clients already")
             .with_hint("raise max_client_conn or reduce the number of client connections");
@@ -126,12 +144,22 @@ pub(crate) async fn serve(ctx: Arc<ProxyContext>, mut stream: TcpStream) {
     let Ok(peer) = stream.peer_addr() else {
         return;
     };
+    // Channel binding data of the certificate this client was served.
+    let end_point = tls
+        .filter(|_| stream.is_tls())
+        .and_then(|t| crate::net::end_point_hash(&t.leaf));
+    let cert_name = stream
+        .tls()
+        .and_then(|c| c.peer_certificates())
+        .and_then(|certs| certs.first())
+        .and_then(|c| crate::net::common_name(c));
     let login = handshake::Login {
         user: &user,
         database: startup.get("database").unwrap_or(&user),
         addr: peer.ip(),
-        // No client connection is TLS yet; a TLS listener sets this.
-        tls: false,
+        tls: stream.is_tls(),
+        cert_name: cert_name.as_deref(),
+        channel_binding: end_point.as_deref(),
     };
     let deadline = tokio::time::Instant::now() + cfg.timeouts.auth;
     let auth = handshake::authenticate(&mut stream, &cfg, &login, &ctx.server_secret);
@@ -176,7 +204,7 @@ async fn throttle_failure(
 }
 
 /// Write a FATAL error and close, bounded by the write timeout.
-async fn send_fatal(stream: &mut TcpStream, e: &PgError, cfg: &Config) {
+async fn send_fatal(stream: &mut Stream, e: &PgError, cfg: &Config) {
     let mut buf = BytesMut::new();
     e.encode(&mut buf);
     let _ = timeout(cfg.timeouts.write, async {
@@ -195,7 +223,7 @@ struct Session {
     /// Routing knobs from `cfg`.
     policy: Policy,
     /// The client socket.
-    client: TcpStream,
+    client: Stream,
     /// Bytes read from the client and not yet forwarded: at most one partial frame,
     /// or requests waiting for their node ([`route::Step::Blocked`]).
     cbuf: BytesMut,
@@ -322,7 +350,7 @@ impl Session {
     fn new(
         ctx: Arc<ProxyContext>,
         cfg: Arc<Config>,
-        client: TcpStream,
+        client: Stream,
         user: String,
         startup: &StartupMessage,
         slot: ClientSlot,

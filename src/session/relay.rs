@@ -100,8 +100,12 @@ impl Session {
                 && (self.cbuf.len() < HIGH_WATER
                     || crate::protocol::frame::missing_bytes(&self.cbuf) > 0);
             let read_server = self.to_client.len() < HIGH_WATER;
-            let client_pending = !self.to_client.is_empty();
-            let server_pending = link.as_ref().is_some_and(|l| !l.out.is_empty());
+            // TLS records rustls holds wait for writability too (a lost
+            // wake-up otherwise: nothing else would flush them).
+            let client_pending = !self.to_client.is_empty() || self.client.backlog();
+            let server_pending = link
+                .as_ref()
+                .is_some_and(|l| !l.out.is_empty() || l.conn.conn.stream.backlog());
             let client = &mut self.client;
             let cbuf = &mut self.cbuf;
             let mut server = link.map(|l| &mut l.conn.conn);
@@ -139,13 +143,13 @@ impl Session {
             .await;
             match woke {
                 Wake::ClientWritable => {
-                    if let Err(e) = self.to_client.flush(&self.client) {
+                    if let Err(e) = self.to_client.flush(&mut self.client) {
                         return End::Error(SessionError::ClientIo(e));
                     }
                 }
                 Wake::ServerWritable => {
                     let flushed = match self.links[node.index()].as_mut() {
-                        Some(l) => l.st.out.flush(&l.conn.conn.stream),
+                        Some(l) => l.st.out.flush(&mut l.conn.conn.stream),
                         None => Ok(()),
                     };
                     if flushed.is_err() {
@@ -287,7 +291,7 @@ impl Session {
         {
             self.ctx.lsns.write_acknowledged();
         }
-        link.forward(&self.client, &mut self.to_client, chunk)?;
+        link.forward(&mut self.client, &mut self.to_client, chunk)?;
         self.settle(node);
         if self.links[node.index()]
             .as_ref()

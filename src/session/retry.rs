@@ -154,7 +154,7 @@ impl Session {
             self.recheck = true;
         } else {
             self.to_client
-                .send(&self.client, &held)
+                .send(&mut self.client, &held)
                 .map_err(SessionError::ClientIo)?;
         }
         held.clear();
@@ -170,7 +170,7 @@ impl Link {
     #[inline(never)]
     pub(super) fn forward_watched(
         &mut self,
-        client: &tokio::net::TcpStream,
+        client: &mut crate::net::Stream,
         to_client: &mut Outbox,
         n: usize,
     ) -> Result<(), SessionError> {
