@@ -546,7 +546,9 @@ async fn by_rewind(
         "host={} port={} user={} dbname={} connect_timeout=10",
         p.host, p.port, cfg.monitor.user, cfg.monitor.database
     );
-    let mut envs = Vec::new();
+    // pg_rewind connects like libpq: [backend_tls] reaches it as PGSSL*.
+    let tls = hooks::tls_env(cfg);
+    let mut envs: Vec<(&str, &str)> = tls.iter().map(|(k, v)| (*k, v.as_str())).collect();
     if !cfg.monitor.password.is_empty() {
         envs.push(("PGPASSWORD", cfg.monitor.password.as_str()));
     }
@@ -624,7 +626,13 @@ async fn by_command(
         old_primary: old,
     };
     let line = hooks::expand(&f.rejoin_command, cfg, nodes);
-    hooks::run("rejoin_command", &line, f.rejoin_timeout).await?;
+    hooks::run(
+        "rejoin_command",
+        &line,
+        f.rejoin_timeout,
+        &hooks::tls_env(cfg),
+    )
+    .await?;
     step(
         cluster,
         node,
