@@ -258,6 +258,8 @@ pub struct AcquireSettings<'a> {
     pub password: Option<&'a str>,
     /// Without a password: the keys of the client's SCRAM login.
     pub scram_keys: Option<&'a ScramKeys>,
+    /// Without a password: the user's stored MD5 hash.
+    pub md5_stored: Option<&'a str>,
     /// Per-node cap.
     pub max_per_node: usize,
     /// How long to wait for a slot.
@@ -406,6 +408,7 @@ impl Pool {
             startup: &key.startup,
             password: s.password,
             scram_keys: s.scram_keys,
+            md5_stored: s.md5_stored,
             connect_timeout: s.connect_timeout,
             auth_timeout: s.auth_timeout,
         };

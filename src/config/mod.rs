@@ -16,12 +16,14 @@ use serde::Deserialize;
 use hba::{HbaError, HbaRules};
 
 mod access;
+mod auth_query;
 mod checks;
 mod failover;
 pub mod hba;
 mod routing;
 mod units;
 
+pub use auth_query::{AuthQuery, DEFAULT_AUTH_QUERY};
 pub use checks::{HealthCheck, MetricsConfig, SrCheck};
 pub use failover::{Failover, FailoverMode};
 pub use routing::{BalanceInTransaction, ConsistencyMode, Routing, UnknownFunctions};
@@ -126,6 +128,9 @@ pub struct Config {
         deserialize_with = "duration"
     )]
     pub auth_failure_max_delay: Duration,
+    /// Users not in `[[users]]` looked up on the primary.
+    #[serde(default)]
+    pub auth_query: AuthQuery,
     /// The rules read from `hba_file` at load.
     #[serde(skip)]
     pub hba: Option<Arc<HbaRules>>,

@@ -61,6 +61,8 @@ pub struct ProxyContext {
     pub clients: AtomicUsize,
     /// Failed logins per client address (`auth_failure_limit`).
     pub login_throttle: crate::auth::throttle::LoginThrottle,
+    /// `auth_query` lookups and their cached answers.
+    pub auth_lookup: crate::auth::query::AuthLookup,
     /// Random per-process secret: mock SCRAM salts for unknown users.
     pub server_secret: [u8; 32],
     /// The last primary connection's server-wide ParameterStatus values, for
@@ -95,6 +97,7 @@ impl ProxyContext {
             cancels: CancelRegistry::default(),
             clients: AtomicUsize::new(0),
             login_throttle: Default::default(),
+            auth_lookup: Default::default(),
             server_secret: rand::random(),
             server_params: ServerParams::default(),
             next_pid: AtomicI32::new(rand::random_range(1..1 << 20)),
@@ -117,6 +120,8 @@ impl ProxyContext {
             self.catalog.clear();
         }
         self.config.store(Arc::new(new));
+        // Passwords may have changed: the next login of each user looks again.
+        self.auth_lookup.clear();
     }
 
     /// A fresh (pid, secret) for a client's BackendKeyData, registered for
