@@ -27,6 +27,7 @@ pub mod consistency;
 pub mod context;
 pub mod demo;
 pub mod error;
+pub mod fuzzing;
 pub mod localcluster;
 pub mod metrics;
 pub mod net;
