@@ -318,25 +318,3 @@ pub fn classify(data: &[u8]) {
         .fold(0u64, |h, b| h.rotate_left(5) ^ u64::from(*b));
     check_classification(classifier, cache, sql, bits);
 }
-#[cfg(test)]
-mod tmp_tests {
-    use super::*;
-    #[test]
-    fn tmp_repro() {
-        let c = SqlParserClassifier::default();
-        let cache = ClassifyCache::new(16);
-        for sql in [
-            "select * from t where id = $1 date",
-            "select * from t where id = $1 for update",
-        ] {
-            let d = c.classify(sql);
-            let k = cache.classify(sql.as_bytes(), || &c).unwrap();
-            let mut key = String::new();
-            crate::router::normalize::normalize(sql, &mut key);
-            eprintln!(
-                "{sql:?}: direct {:?} cached {:?} key {key:?}",
-                d.access, k.access
-            );
-        }
-    }
-}

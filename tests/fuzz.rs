@@ -93,6 +93,11 @@ fn seeds(target: &str) -> Vec<Vec<u8>> {
             b"SELECT 1''''''".to_vec(),
             b"SELECT 1?".to_vec(),
             b"SELECT 1 1".to_vec(),
+            // Found by this target: sqlparser read the comment glued to an
+            // operator as more operator (and `SELECT 'x' ~~` as a read).
+            b"SELECT 'x' ~~-- a".to_vec(),
+            b"SELECT 'x' ~~".to_vec(),
+            b"SELECT 2 ~~--'\n 3, nextval($$s$$) --'".to_vec(),
             b"SELECT '{}'::jsonb ? 'a', x ?| y".to_vec(),
             b"select * from t where id = $1 for update".to_vec(),
             b"WITH x AS (DELETE FROM t RETURNING *) SELECT * FROM x".to_vec(),

@@ -30,7 +30,7 @@ use std::collections::HashSet;
 
 use super::normalize::split_statements;
 use super::relations::RelationName;
-use lexical::{fallback, lexical_sticky, may_read};
+use lexical::{comment_glued_to_operator, fallback, lexical_sticky, may_read};
 
 #[path = "classify_ast.rs"]
 mod ast;
@@ -481,7 +481,7 @@ impl Classifier for SqlParserClassifier {
             } else {
                 self.classify_piece(&piece)
             };
-            if !may_read(&piece) {
+            if !may_read(&piece) || comment_glued_to_operator(piece.text) {
                 part.write = true;
             }
             lexical_sticky(&piece, &mut part);
