@@ -98,6 +98,10 @@ fn seeds(target: &str) -> Vec<Vec<u8>> {
             b"SELECT 'x' ~~-- a".to_vec(),
             b"SELECT 'x' ~~".to_vec(),
             b"SELECT 2 ~~--'\n 3, nextval($$s$$) --'".to_vec(),
+            // Found by this target: a comment that never closes was dropped
+            // from the key (`SELECT 1_000, 0xaa` and the same with `/* /* */`).
+            b"SELECT 1_000, 0xaaaaaa".to_vec(),
+            b"SELECT 1_000, 0xaaaaaa/* /* */".to_vec(),
             b"SELECT '{}'::jsonb ? 'a', x ?| y".to_vec(),
             b"select * from t where id = $1 for update".to_vec(),
             b"WITH x AS (DELETE FROM t RETURNING *) SELECT * FROM x".to_vec(),
