@@ -16,6 +16,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use pgpilot::config::NodeId;
 use pgpilot::localcluster::{ClusterSpec, LocalCluster};
 use pgpilot::server::Proxy;
 use tokio_postgres::SimpleQueryMessage;
@@ -116,7 +117,7 @@ async fn run_round(
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let s = ctx.cluster.snapshot();
-        let ready = s.primary == Some(0)
+        let ready = s.primary == Some(NodeId::new(0))
             && s.nodes.iter().all(|n| n.status.is_usable())
             && s.nodes[1..].iter().all(|n| n.repl.state == "streaming");
         if ready {
@@ -140,7 +141,12 @@ async fn run_round(
         .map_err(|e| e.to_string())?;
     let deadline = Instant::now() + Duration::from_secs(30);
     let new = loop {
-        if let Some(p) = ctx.cluster.snapshot().primary.filter(|&p| p != 0) {
+        if let Some(p) = ctx
+            .cluster
+            .snapshot()
+            .primary
+            .filter(|&p| p != NodeId::new(0))
+        {
             break p;
         }
         if Instant::now() > deadline {
@@ -154,7 +160,7 @@ async fn run_round(
     for t in tasks {
         acks.extend(t.await.map_err(|e| e.to_string())?);
     }
-    let new_port = cluster.nodes[new].port;
+    let new_port = cluster.nodes[new.index()].port;
     let first = acks
         .iter()
         .filter(|(_, port, at)| *port == new_port && *at > killed)
@@ -163,7 +169,7 @@ async fn run_round(
         .ok_or("writes did not resume")?;
     let c = cluster.clone();
     let present: HashSet<String> =
-        tokio::task::spawn_blocking(move || c.psql_db(new, USER, "SELECT k FROM t"))
+        tokio::task::spawn_blocking(move || c.psql_db(new.index(), USER, "SELECT k FROM t"))
             .await
             .map_err(|e| e.to_string())?
             .map_err(|e| e.to_string())?

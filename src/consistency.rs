@@ -100,11 +100,11 @@ use tokio::time::Instant;
 
 use crate::cluster::monitor_conn::MonitorConn;
 use crate::cluster::{Cluster, Role};
-use crate::config::Config;
+use crate::config::{Config, NodeId};
 use crate::protocol::lsn::parse_lsn;
 
 /// Replay positions are refreshed this often when no session waits.
-pub const IDLE_POLL: Duration = Duration::from_millis(50);
+pub(crate) const IDLE_POLL: Duration = Duration::from_millis(50);
 
 /// Pause between polls while a session waits (keeps a busy standby's load bounded).
 const BUSY_POLL: Duration = Duration::from_micros(500);
@@ -113,7 +113,7 @@ const BUSY_POLL: Duration = Duration::from_micros(500);
 pub const DORMANT_AFTER: Duration = Duration::from_secs(5);
 
 /// Shared LSN state; one per proxy.
-pub struct Consistency {
+pub(crate) struct Consistency {
     /// Last seen `pg_last_wal_replay_lsn()` per node (0 = unknown / not a standby).
     replayed: Vec<AtomicU64>,
     /// Woken when a replay position advances.
@@ -148,7 +148,7 @@ pub struct Consistency {
 
 /// Why a fresh primary position could not be had.
 #[derive(Debug, thiserror::Error)]
-pub enum LsnError {
+pub(crate) enum LsnError {
     /// No answer within the wait.
     #[error("no primary WAL position within {0:?}")]
     Timeout(Duration),
@@ -159,7 +159,7 @@ pub enum LsnError {
 
 impl Consistency {
     /// State for `nodes` nodes, nothing known yet.
-    pub fn new(nodes: usize) -> Consistency {
+    pub(crate) fn new(nodes: usize) -> Consistency {
         Consistency {
             replayed: (0..nodes).map(|_| AtomicU64::new(0)).collect(),
             replay_changed: Notify::new(),
@@ -178,16 +178,16 @@ impl Consistency {
     }
 
     /// The replay position last seen on `node`.
-    pub fn replayed(&self, node: usize) -> u64 {
+    pub(crate) fn replayed(&self, node: NodeId) -> u64 {
         self.replayed
-            .get(node)
+            .get(node.index())
             .map_or(0, |a| a.load(Ordering::Acquire))
     }
 
     /// A session is about to compare a position with [`Self::replayed`]: the
     /// poller must keep them fresh. (A plain load first: the flag is usually
     /// set already, and a store on every read would bounce the cache line.)
-    pub fn note_demand(&self) {
+    pub(crate) fn note_demand(&self) {
         if !self.demand.load(Ordering::Relaxed) {
             self.demand.store(true, Ordering::Relaxed);
         }
@@ -196,8 +196,8 @@ impl Consistency {
     /// Record `node`'s replay position as last polled. It replaces the old one
     /// even when lower: a standby that restarted (or was rebuilt) replays from
     /// an earlier point, and believing the old figure would serve stale reads.
-    pub fn set_replayed(&self, node: usize, lsn: u64) {
-        if let Some(a) = self.replayed.get(node)
+    pub(crate) fn set_replayed(&self, node: NodeId, lsn: u64) {
+        if let Some(a) = self.replayed.get(node.index())
             && a.swap(lsn, Ordering::AcqRel) < lsn
         {
             self.replay_changed.notify_waiters();
@@ -205,13 +205,13 @@ impl Consistency {
     }
 
     /// A write was acknowledged to a client (counts for `global` mode).
-    pub fn write_acknowledged(&self) {
+    pub(crate) fn write_acknowledged(&self) {
         self.acked_writes.fetch_add(1, Ordering::AcqRel);
     }
 
     /// In `global` mode: the position covering every write acknowledged so far,
     /// or `None` if a fetch is needed first.
-    pub fn global_lsn(&self) -> Option<u64> {
+    pub(crate) fn global_lsn(&self) -> Option<u64> {
         let acked = self.acked_writes.load(Ordering::Acquire);
         (self.covered_writes.load(Ordering::Acquire) >= acked)
             .then(|| self.primary_lsn.load(Ordering::Acquire))
@@ -219,7 +219,7 @@ impl Consistency {
 
     /// A primary WAL position taken after this call began (so at or past every
     /// commit acknowledged before it), waiting at most `limit`.
-    pub async fn fresh_primary_lsn(&self, limit: Duration) -> Result<u64, LsnError> {
+    pub(crate) async fn fresh_primary_lsn(&self, limit: Duration) -> Result<u64, LsnError> {
         // The ticket is a read-modify-write the fetcher must *read* before
         // a fetch answers it: that read happens after this call began, and
         // the fetcher asks the primary after the read. A fetch already in
@@ -249,12 +249,12 @@ impl Consistency {
 
     /// Wait until one of `nodes` has replayed `target`, or `deadline`; returns the
     /// first node that has (in the order given).
-    pub async fn wait_replay(
+    pub(crate) async fn wait_replay(
         &self,
-        nodes: &[usize],
+        nodes: &[NodeId],
         target: u64,
         deadline: Instant,
-    ) -> Option<usize> {
+    ) -> Option<NodeId> {
         let caught_up = || nodes.iter().copied().find(|n| self.replayed(*n) >= target);
         if let Some(n) = caught_up() {
             return Some(n);
@@ -278,7 +278,7 @@ impl Consistency {
 }
 
 /// Keep every standby's replay position fresh until shutdown.
-pub async fn run_replay_poller(
+pub(crate) async fn run_replay_poller(
     lsns: Arc<Consistency>,
     cluster: Arc<Cluster>,
     config: Arc<ArcSwap<Config>>,
@@ -291,10 +291,10 @@ pub async fn run_replay_poller(
         conns.resize_with(cfg.backends.len(), || None);
         let snapshot = cluster.snapshot();
         let mut polls = Vec::new();
-        for (node, conn) in conns.iter_mut().enumerate() {
+        for (node, conn) in NodeId::all(conns.len()).zip(conns.iter_mut()) {
             let standby = snapshot
                 .nodes
-                .get(node)
+                .get(node.index())
                 .is_some_and(|n| n.role == Role::Standby && n.status.is_usable());
             if !standby {
                 // Not a usable standby (down, promoted, held): nothing known
@@ -313,7 +313,7 @@ pub async fn run_replay_poller(
             // Nobody needs positions: forget them (unpolled, they would turn
             // stale) and sleep until a session waits for one. The connections
             // stay open: reopening costs the standby a backend start-up.
-            for node in 0..conns.len() {
+            for node in NodeId::all(conns.len()) {
                 lsns.set_replayed(node, 0);
             }
             tracing::debug!("replay positions unused; poller dormant");
@@ -334,7 +334,7 @@ pub async fn run_replay_poller(
 }
 
 /// Ask one standby its replay position on the poller's own connection.
-async fn poll_one(node: usize, conn: &mut Option<MonitorConn>, cfg: &Config, lsns: &Consistency) {
+async fn poll_one(node: NodeId, conn: &mut Option<MonitorConn>, cfg: &Config, lsns: &Consistency) {
     if let Some(lsn) = ask_lsn(conn, node, cfg, "SELECT pg_last_wal_replay_lsn()").await {
         lsns.set_replayed(node, lsn);
     }
@@ -345,12 +345,12 @@ async fn poll_one(node: usize, conn: &mut Option<MonitorConn>, cfg: &Config, lsn
 /// drops it. Every step is bounded by `monitor.timeout`.
 async fn ask_lsn(
     conn: &mut Option<MonitorConn>,
-    node: usize,
+    node: NodeId,
     cfg: &Config,
     sql: &str,
 ) -> Option<u64> {
     let limit = cfg.monitor.timeout;
-    let backend = cfg.backends.get(node)?;
+    let backend = cfg.backends.get(node.index())?;
     if !conn.as_ref().is_some_and(|c| c.serves(backend)) {
         *conn = None;
         let open = MonitorConn::open(backend, &cfg.monitor, "pgpilot-lsn");
@@ -359,12 +359,12 @@ async fn ask_lsn(
         match tokio::time::timeout(limit, open).await {
             Ok(Ok(c)) => *conn = Some(c),
             Ok(Err(e)) => {
-                tracing::debug!(node, error = %e, "cannot connect to ask the WAL position");
+                tracing::debug!(%node, error = %e, "cannot connect to ask the WAL position");
                 return None;
             }
             Err(_) => {
                 tracing::debug!(
-                    node,
+                    %node,
                     ?limit,
                     "no connection to ask the WAL position in time"
                 );
@@ -376,12 +376,12 @@ async fn ask_lsn(
     let msgs = match tokio::time::timeout(limit, client.simple_query(sql)).await {
         Ok(Ok(msgs)) => msgs,
         Ok(Err(e)) => {
-            tracing::debug!(node, error = %e, "asking the WAL position failed");
+            tracing::debug!(%node, error = %e, "asking the WAL position failed");
             *conn = None;
             return None;
         }
         Err(_) => {
-            tracing::debug!(node, ?limit, "no WAL position in time");
+            tracing::debug!(%node, ?limit, "no WAL position in time");
             *conn = None;
             return None;
         }
@@ -393,7 +393,7 @@ async fn ask_lsn(
 }
 
 /// Answer requests for a fresh primary position until shutdown.
-pub async fn run_primary_fetcher(
+pub(crate) async fn run_primary_fetcher(
     lsns: Arc<Consistency>,
     cluster: Arc<Cluster>,
     config: Arc<ArcSwap<Config>>,
@@ -449,17 +449,24 @@ mod tests {
     #[tokio::test]
     async fn wait_replay_returns_the_first_node_caught_up() {
         let c = Consistency::new(3);
-        c.set_replayed(1, 100);
-        c.set_replayed(2, 300);
+        c.set_replayed(NodeId::new(1), 100);
+        c.set_replayed(NodeId::new(2), 300);
         let soon = Instant::now() + Duration::from_millis(50);
-        assert_eq!(c.wait_replay(&[1, 2], 200, soon).await, Some(2));
-        assert_eq!(c.wait_replay(&[1], 200, soon).await, None);
+        assert_eq!(
+            c.wait_replay(&[NodeId::new(1), NodeId::new(2)], 200, soon)
+                .await,
+            Some(NodeId::new(2))
+        );
+        assert_eq!(c.wait_replay(&[NodeId::new(1)], 200, soon).await, None);
         // A position that went back (the standby restarted) is believed.
-        c.set_replayed(2, 10);
-        assert_eq!(c.replayed(2), 10);
+        c.set_replayed(NodeId::new(2), 10);
+        assert_eq!(c.replayed(NodeId::new(2)), 10);
         let soon = Instant::now() + Duration::from_millis(50);
-        assert_eq!(c.wait_replay(&[2], 200, soon).await, None);
-        assert_eq!(c.wait_replay(&[2], 5, soon).await, Some(2));
+        assert_eq!(c.wait_replay(&[NodeId::new(2)], 200, soon).await, None);
+        assert_eq!(
+            c.wait_replay(&[NodeId::new(2)], 5, soon).await,
+            Some(NodeId::new(2))
+        );
     }
 
     #[test]

@@ -29,9 +29,9 @@ pub enum DemoError {
 }
 
 /// Demo user, password and database.
-pub const DEMO_USER: &str = "demo";
+pub(crate) const DEMO_USER: &str = "demo";
 /// Demo password.
-pub const DEMO_PASSWORD: &str = "demo";
+pub(crate) const DEMO_PASSWORD: &str = "demo";
 
 /// Build the pgpilot configuration for a running local cluster, with `users`
 /// (name, password) allowed through and allowed to run admin commands.

@@ -9,13 +9,14 @@
 
 use crate::backend::BackendError;
 use crate::cluster::CommandError;
+use crate::config::NodeId;
 use crate::protocol::auth::AuthError;
 use crate::protocol::frame::FrameError;
 use crate::protocol::messages::{PgError, Severity};
 
 /// Why a session ended abnormally.
 #[derive(Debug, thiserror::Error)]
-pub enum SessionError {
+pub(crate) enum SessionError {
     /// The client's stream could not be framed.
     #[error(transparent)]
     Frame(#[from] FrameError),
@@ -26,7 +27,7 @@ pub enum SessionError {
     #[error("server connection to node {node} lost")]
     BackendLost {
         /// Node id.
-        node: usize,
+        node: NodeId,
     },
     /// The client connection broke.
     #[error("client connection error: {0}")]
@@ -49,38 +50,38 @@ pub enum SessionError {
 }
 
 /// SQLSTATE codes pgpilot itself raises.
-pub mod sqlstate {
+pub(crate) mod sqlstate {
     /// Feature not supported (e.g. protocol 2).
-    pub const FEATURE_NOT_SUPPORTED: &str = "0A000";
+    pub(crate) const FEATURE_NOT_SUPPORTED: &str = "0A000";
     /// Client could not get a connection established.
-    pub const CONNECTION_FAILURE: &str = "08006";
+    pub(crate) const CONNECTION_FAILURE: &str = "08006";
     /// Server unable to establish a connection.
-    pub const SQLCLIENT_UNABLE_TO_ESTABLISH: &str = "08001";
+    pub(crate) const SQLCLIENT_UNABLE_TO_ESTABLISH: &str = "08001";
     /// Protocol violation (bad framing, oversized message).
-    pub const PROTOCOL_VIOLATION: &str = "08P01";
+    pub(crate) const PROTOCOL_VIOLATION: &str = "08P01";
     /// Invalid authorization specification (no user name, ...).
-    pub const INVALID_AUTHORIZATION: &str = "28000";
+    pub(crate) const INVALID_AUTHORIZATION: &str = "28000";
     /// Wrong password or unknown user.
-    pub const INVALID_PASSWORD: &str = "28P01";
+    pub(crate) const INVALID_PASSWORD: &str = "28P01";
     /// Too many connections (client limit or pool exhausted).
-    pub const TOO_MANY_CONNECTIONS: &str = "53300";
+    pub(crate) const TOO_MANY_CONNECTIONS: &str = "53300";
     /// Cannot connect now (no primary known).
-    pub const CANNOT_CONNECT_NOW: &str = "57P03";
+    pub(crate) const CANNOT_CONNECT_NOW: &str = "57P03";
     /// Administrator shutdown (pgpilot stopping).
-    pub const ADMIN_SHUTDOWN: &str = "57P01";
+    pub(crate) const ADMIN_SHUTDOWN: &str = "57P01";
     /// Idle-session / idle-in-transaction timeouts.
-    pub const IDLE_SESSION_TIMEOUT: &str = "57P05";
+    pub(crate) const IDLE_SESSION_TIMEOUT: &str = "57P05";
     /// Idle in transaction timeout.
-    pub const IDLE_IN_TRANSACTION_TIMEOUT: &str = "25P03";
+    pub(crate) const IDLE_IN_TRANSACTION_TIMEOUT: &str = "25P03";
     /// Invalid text representation (a bad `pgpilot.min_lsn`).
-    pub const INVALID_TEXT_REPRESENTATION: &str = "22P02";
+    pub(crate) const INVALID_TEXT_REPRESENTATION: &str = "22P02";
     /// In failed SQL transaction (pgpool mode: a balanced read failed).
-    pub const IN_FAILED_SQL_TRANSACTION: &str = "25P02";
+    pub(crate) const IN_FAILED_SQL_TRANSACTION: &str = "25P02";
     /// Object not in prerequisite state (a refused `ATTACH` / `DETACH` /
     /// `PROMOTE NODE`).
-    pub const NOT_IN_PREREQUISITE_STATE: &str = "55000";
+    pub(crate) const NOT_IN_PREREQUISITE_STATE: &str = "55000";
     /// Internal error.
-    pub const INTERNAL: &str = "XX000";
+    pub(crate) const INTERNAL: &str = "XX000";
 }
 
 use sqlstate::*;
@@ -88,7 +89,7 @@ use sqlstate::*;
 /// What a session whose server connection died during a failover tells its
 /// client: 57P01, like a server shut down under it, so drivers and poolers
 /// reconnect; new connections wait for the new primary.
-pub fn failover_in_progress(node: usize) -> PgError {
+pub(crate) fn failover_in_progress(node: NodeId) -> PgError {
     PgError::fatal(
         ADMIN_SHUTDOWN,
         format!(
@@ -99,7 +100,7 @@ pub fn failover_in_progress(node: usize) -> PgError {
 }
 
 /// Convert a layer error into the ErrorResponse the client receives.
-pub trait ToPgError {
+pub(crate) trait ToPgError {
     /// The client-facing error.
     fn to_pg_error(&self) -> PgError;
 }
@@ -202,9 +203,11 @@ mod tests {
     #[test]
     fn refused_node_commands_map_to_55000_with_their_text() {
         for e in [
-            CommandError::NoSuchNode { node: 7 },
+            CommandError::NoSuchNode {
+                node: NodeId::new(7),
+            },
             CommandError::PartOfTransition {
-                node: 1,
+                node: NodeId::new(1),
                 kind: TransitionKind::Failover,
             },
             CommandError::PromotionDisabled,

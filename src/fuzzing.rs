@@ -22,9 +22,8 @@ use crate::protocol::auth::{
 use crate::protocol::frame::{BackendScanner, ErrorFields, cstr, missing_bytes, next_frame};
 use crate::protocol::startup::{InitialPacket, MAX_STARTUP_PACKET, parse_initial};
 use crate::router::cache::ClassifyCache;
-use crate::router::classify::{Access, Classifier, SqlParserClassifier};
-use crate::router::normalize::{Hint, Kind, split_statements};
-use crate::router::policy::{BalanceInTransaction, Decision, Policy, RouteState, decide};
+use crate::router::classify::SqlParserClassifier;
+use crate::router::classify::check::check_classification;
 
 /// A fuzz target: any bytes in, a panic on a broken invariant.
 pub type Target = fn(&[u8]);
@@ -116,7 +115,10 @@ pub fn startup(data: &[u8]) {
 /// A verifier (4096 iterations, derived once).
 fn verifier() -> &'static ScramVerifier {
     static V: OnceLock<ScramVerifier> = OnceLock::new();
-    V.get_or_init(|| ScramVerifier::from_password("fuzz"))
+    V.get_or_init(|| {
+        ScramVerifier::parse(&postgres_protocol::password::scram_sha_256(b"fuzz"))
+            .expect("postgres-protocol makes valid verifiers")
+    })
 }
 
 /// The client's SASL messages to pgpilot's SCRAM server, the nodes' messages
@@ -203,105 +205,6 @@ pub fn hba(data: &[u8]) {
             }
         }
     }
-}
-
-/// Statement-starting keywords that always make a write.
-pub(crate) const WRITE_STARTS: &[&str] = &[
-    "insert",
-    "update",
-    "delete",
-    "merge",
-    "truncate",
-    "create",
-    "alter",
-    "drop",
-    "grant",
-    "revoke",
-    "vacuum",
-    "analyze",
-    "call",
-    "do",
-    "lock",
-    "listen",
-    "unlisten",
-    "notify",
-    "refresh",
-    "cluster",
-    "reindex",
-    "checkpoint",
-    "comment",
-    "declare",
-    "fetch",
-    "move",
-    "close",
-    "security",
-    "import",
-    "reassign",
-    "load",
-];
-
-/// The write keyword starting one of the statements of `sql` (split at
-/// top-level `;` as PostgreSQL splits them), if any.
-pub(crate) fn write_start(sql: &str) -> Option<String> {
-    split_statements(sql).iter().find_map(|st| {
-        let t = st.head.first()?;
-        let w = t.text.to_ascii_lowercase();
-        (t.kind == Kind::Word && WRITE_STARTS.contains(&w.as_str())).then_some(w)
-    })
-}
-
-const BALANCED: Policy = Policy {
-    load_balance: true,
-    in_transaction: BalanceInTransaction::Off,
-};
-const PGPOOL: Policy = Policy {
-    load_balance: true,
-    in_transaction: BalanceInTransaction::Transaction,
-};
-
-/// Classify `sql` directly and through `cache` and check what routing relies
-/// on: a statement starting with a write keyword is a write, the cache never
-/// turns a write into a read, and no session state (`bits` chooses it) or
-/// hint sends a write to a standby, inside a read-write transaction or not.
-/// Returns whether `sql` starts a statement with a write keyword.
-pub(crate) fn check_classification(
-    classifier: &SqlParserClassifier,
-    cache: &ClassifyCache,
-    sql: &str,
-    bits: u64,
-) -> bool {
-    let direct = classifier.classify(sql);
-    let cached = cache
-        .classify(sql.as_bytes(), || classifier)
-        .expect("UTF-8");
-    let starts_write = write_start(sql);
-    if let Some(w) = &starts_write {
-        assert_eq!(direct.access, Access::Write, "{w}: {sql:?}");
-        assert_eq!(cached.access, Access::Write, "{w}: {sql:?}");
-    }
-    if direct.access == Access::Write {
-        assert_eq!(cached.access, Access::Write, "{sql:?}");
-        // The primary is node 0, the session's standby node 1.
-        let state = RouteState {
-            standby: Some(1),
-            sticky_primary: bits & 3 == 0,
-            forced_primary: (bits >> 2) & 3 == 0,
-            read_only_default: (bits >> 4) & 1 == 1,
-            ..RouteState::default()
-        };
-        let hint = [None, Some(Hint::Primary), Some(Hint::Standby)][(bits >> 5) as usize % 3];
-        for policy in [BALANCED, PGPOOL] {
-            let node = decide(&policy, &state, &cached, hint, false, Some(0));
-            assert_eq!(node, Decision::Node(0), "{sql:?} {state:?} {hint:?}");
-            let in_tx = RouteState {
-                tx_node: Some(0),
-                ..state.clone()
-            };
-            let node = decide(&policy, &in_tx, &cached, hint, true, Some(0));
-            assert_eq!(node, Decision::Node(0), "{sql:?} in a transaction");
-        }
-    }
-    starts_write.is_some()
 }
 
 /// SQL as a client sends it (any bytes: the cache refuses what is not UTF-8).

@@ -17,21 +17,22 @@
 //! No `unsafe` here: system calls go through safe wrappers (`nix`, `socket2`).
 
 #![forbid(unsafe_code)]
+#![warn(unreachable_pub)]
 
 pub mod admin;
-pub mod auth;
-pub mod backend;
+pub(crate) mod auth;
+pub(crate) mod backend;
 pub mod cluster;
 pub mod config;
 pub mod consistency;
 pub mod context;
 pub mod demo;
-pub mod error;
+pub(crate) mod error;
 pub mod fuzzing;
 pub mod localcluster;
-pub mod metrics;
-pub mod net;
+pub(crate) mod metrics;
+pub(crate) mod net;
 pub mod protocol;
 pub mod router;
 pub mod server;
-pub mod session;
+pub(crate) mod session;

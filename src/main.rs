@@ -11,7 +11,7 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 use pgpilot::admin::cli::{Action, Target};
-use pgpilot::config::Config;
+use pgpilot::config::{Config, NodeId};
 use pgpilot::server::Proxy;
 
 /// A PostgreSQL-aware proxy and connection pooler for a primary with hot standbys.
@@ -154,8 +154,8 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command.unwrap_or(Command::Run) {
         Command::Nodes { to } => admin(cli.config, to, Action::Nodes),
-        Command::Attach { node, to } => admin(cli.config, to, Action::Attach(node)),
-        Command::Detach { node, to } => admin(cli.config, to, Action::Detach(node)),
+        Command::Attach { node, to } => admin(cli.config, to, Action::Attach(NodeId::new(node))),
+        Command::Detach { node, to } => admin(cli.config, to, Action::Detach(NodeId::new(node))),
         Command::Promote {
             node,
             no_wait,
@@ -163,7 +163,7 @@ fn main() -> ExitCode {
             to,
         } => {
             let wait = (!no_wait).then(|| Duration::from_secs(timeout));
-            admin(cli.config, to, Action::Promote(node, wait))
+            admin(cli.config, to, Action::Promote(NodeId::new(node), wait))
         }
         Command::Demo {
             listen,

@@ -7,7 +7,7 @@ use tokio::net::TcpStream;
 
 /// Why a bounded write failed.
 #[derive(Debug, thiserror::Error)]
-pub enum WriteError {
+pub(crate) enum WriteError {
     /// The peer is gone or the socket failed.
     #[error("write failed: {0}")]
     Io(#[from] std::io::Error),
@@ -21,7 +21,7 @@ pub enum WriteError {
 /// The common case (the socket buffer has room) completes with non-blocking
 /// writes and never touches the timer wheel; only a write that would block pays
 /// for a timeout.
-pub async fn write_all_timeout(
+pub(crate) async fn write_all_timeout(
     stream: &mut TcpStream,
     mut bytes: &[u8],
     limit: Duration,
@@ -44,7 +44,7 @@ pub async fn write_all_timeout(
 
 /// Write as much of `bytes` as the socket accepts without blocking; returns how
 /// many bytes were written.
-pub fn write_now(stream: &TcpStream, bytes: &[u8]) -> std::io::Result<usize> {
+pub(crate) fn write_now(stream: &TcpStream, bytes: &[u8]) -> std::io::Result<usize> {
     let mut done = 0;
     while done < bytes.len() {
         match stream.try_write(&bytes[done..]) {
@@ -62,7 +62,7 @@ pub fn write_now(stream: &TcpStream, bytes: &[u8]) -> std::io::Result<usize> {
 /// The relay never blocks on a write: it queues what the peer cannot take and
 /// keeps reading the other direction, so neither side can deadlock the other.
 #[derive(Debug, Default)]
-pub struct Outbox {
+pub(crate) struct Outbox {
     /// Bytes accepted for sending but not yet written.
     pending: bytes::BytesMut,
     /// When the queue last stopped making progress (for the write timeout).
@@ -71,7 +71,7 @@ pub struct Outbox {
 
 impl Outbox {
     /// Send `bytes` after whatever is queued; writes immediately when possible.
-    pub fn send(&mut self, stream: &TcpStream, bytes: &[u8]) -> std::io::Result<()> {
+    pub(crate) fn send(&mut self, stream: &TcpStream, bytes: &[u8]) -> std::io::Result<()> {
         if self.pending.is_empty() {
             let n = write_now(stream, bytes)?;
             if n < bytes.len() {
@@ -86,7 +86,7 @@ impl Outbox {
     }
 
     /// Write queued bytes the socket accepts now.
-    pub fn flush(&mut self, stream: &TcpStream) -> std::io::Result<()> {
+    pub(crate) fn flush(&mut self, stream: &TcpStream) -> std::io::Result<()> {
         if self.pending.is_empty() {
             return Ok(());
         }
@@ -99,22 +99,22 @@ impl Outbox {
     }
 
     /// Bytes waiting.
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.pending.len()
     }
 
     /// Nothing waiting.
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.pending.is_empty()
     }
 
     /// Since when the queue has been stuck, if it is non-empty.
-    pub fn stalled_since(&self) -> Option<tokio::time::Instant> {
+    pub(crate) fn stalled_since(&self) -> Option<tokio::time::Instant> {
         self.stalled_since.filter(|_| !self.pending.is_empty())
     }
 
     /// Drain the queue with a blocking write bounded by `limit` (used before closing).
-    pub async fn drain(
+    pub(crate) async fn drain(
         &mut self,
         stream: &mut TcpStream,
         limit: Duration,
@@ -137,7 +137,7 @@ impl Outbox {
 /// Sound only while nothing else polls the socket's read side: whoever does
 /// replaces the watch's waker, so the owner calls [`ReadWatch::forget`]
 /// after any such use.
-pub struct ReadWatch {
+pub(crate) struct ReadWatch {
     /// Shared with the waker the socket holds.
     inner: std::sync::Arc<WatchInner>,
     /// That waker (built once: the socket keeps it while it stays the same).
@@ -199,7 +199,7 @@ impl Default for ReadWatch {
 impl ReadWatch {
     /// Run `read` (a poll of the socket's read side) with the watch's waker,
     /// unless the socket is known to have nothing: then `Pending` at once.
-    pub fn poll<T>(
+    pub(crate) fn poll<T>(
         &mut self,
         cx: &mut std::task::Context<'_>,
         read: impl FnOnce(&mut std::task::Context<'_>) -> std::task::Poll<T>,
@@ -230,7 +230,7 @@ impl ReadWatch {
 
     /// Something else may have polled the socket (or it is a new one): poll
     /// it next time.
-    pub fn forget(&mut self) {
+    pub(crate) fn forget(&mut self) {
         self.armed = false;
     }
 }

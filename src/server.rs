@@ -14,7 +14,7 @@ use tokio::sync::watch;
 use tokio_util::task::TaskTracker;
 
 use crate::cluster::{self, NodeStatus, health::CheckObserver};
-use crate::config::{Config, ConfigError};
+use crate::config::{Config, ConfigError, NodeId};
 use crate::context::ProxyContext;
 use crate::session;
 
@@ -116,7 +116,7 @@ impl Proxy {
         // Know the primary before the first client arrives.
         cluster::health::initial_check(&ctx.cluster, &ctx.config.load(), &observer).await;
         let mut tasks = tokio::task::JoinSet::new();
-        for node in 0..ctx.config.load().backends.len() {
+        for node in NodeId::all(ctx.config.load().backends.len()) {
             tasks.spawn(cluster::health::run_node(
                 node,
                 ctx.cluster.clone(),
@@ -219,14 +219,14 @@ async fn close_idle_of_down_nodes(ctx: Arc<ProxyContext>) {
         usable.resize(snap.nodes.len(), true);
         for n in &snap.nodes {
             let now = n.status.is_usable() || n.status == NodeStatus::Unknown;
-            if usable[n.id] && !now {
+            if usable[n.id.index()] && !now {
                 tracing::info!(
-                    node = n.id,
+                    node = %n.id,
                     "node out of service; closing its idle connections"
                 );
                 ctx.pool.close_idle(n.id);
             }
-            usable[n.id] = now;
+            usable[n.id.index()] = now;
         }
         if changes.changed().await.is_err() {
             return;

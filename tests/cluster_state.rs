@@ -16,7 +16,7 @@ use common::{
     DB, PASSWORD, Spawned, USER, connect, harness, http_get, nodes_in_service, parse_metrics, show,
     spawn_proxy_full, sqlstate, wait_for, wait_until,
 };
-use pgpilot::config::Config;
+use pgpilot::config::{Config, NodeId};
 use pgpilot::localcluster::{ClusterSpec, LocalCluster};
 use pgpilot::router::chooser::read_weights;
 
@@ -50,7 +50,7 @@ fn fast(mut c: Config) -> Config {
 
 fn assert_no_node_went_down(p: &Spawned) {
     let s = p.ctx.cluster.snapshot();
-    assert_eq!(s.primary, Some(0));
+    assert_eq!(s.primary, Some(NodeId::new(0)));
     for n in &s.nodes {
         assert!(n.status.is_usable(), "node {} is {:?}", n.id, n.status);
     }
@@ -501,7 +501,8 @@ async fn a_stopped_standby_goes_down_within_the_bound_and_comes_back() {
     let ctx = p.ctx.clone();
     wait_for("both nodes in service", Duration::from_secs(30), || {
         let s = ctx.cluster.snapshot();
-        (s.primary == Some(0) && s.nodes.iter().all(|n| n.status.is_usable())).then_some(())
+        (s.primary == Some(NodeId::new(0)) && s.nodes.iter().all(|n| n.status.is_usable()))
+            .then_some(())
     })
     .await;
     let c = connect(p.addr, "").await;

@@ -15,7 +15,7 @@ use common::{
     Spawned, connect, harness, result_set, running, spawn_proxy, spawn_proxy_full, sqlstate,
     superusers, wait_until,
 };
-use pgpilot::config::{Config, PoolMode};
+use pgpilot::config::{Config, NodeId, PoolMode};
 
 /// A transaction-pooling pgpilot with `per_node` server connections per node,
 /// everything on the primary (so every statement shares one pool).
@@ -30,7 +30,7 @@ fn tx_config(per_node: usize, acquire: Duration) -> Config {
 
 /// Sessions of `p` queued for a server connection to the primary.
 fn queued(p: &Spawned) -> usize {
-    p.ctx.pool.stats(0).waiting
+    p.ctx.pool.stats(NodeId::new(0)).waiting
 }
 
 /// The first column of the first row of a simple query.

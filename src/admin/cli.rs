@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use tokio_postgres::SimpleQueryMessage;
 
-use crate::config::{Config, ConfigError};
+use crate::config::{Config, ConfigError, NodeId};
 
 /// Why a command sent to a running pgpilot failed; the CLI prints the text
 /// after `pgpilot: `.
@@ -83,12 +83,12 @@ pub enum Action {
     /// `SHOW POOL_NODES`.
     Nodes,
     /// `ATTACH NODE n`.
-    Attach(usize),
+    Attach(NodeId),
     /// `DETACH NODE n`.
-    Detach(usize),
+    Detach(NodeId),
     /// `PROMOTE NODE n`, then follow `SHOW PGPILOT_FAILOVER` until it ends
     /// (unless `wait` is `None`).
-    Promote(usize, Option<Duration>),
+    Promote(NodeId, Option<Duration>),
 }
 
 /// A result set: columns and rows.

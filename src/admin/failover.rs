@@ -21,6 +21,7 @@ use super::format::opt_local_time;
 use super::{ResultSet, views::opt};
 use crate::cluster::CommandError;
 use crate::cluster::events::{Event, TransitionStatus};
+use crate::config::NodeId;
 use crate::context::ProxyContext;
 use crate::error::ToPgError;
 use crate::protocol::messages::PgError;
@@ -35,7 +36,7 @@ pub(super) fn node_columns() -> ResultSet {
 /// A node command's outcome: one row, or the refusal (55000, see
 /// `crate::error`).
 pub(super) fn node_result(
-    node: usize,
+    node: NodeId,
     r: Result<String, CommandError>,
 ) -> Result<ResultSet, PgError> {
     match r {

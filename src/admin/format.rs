@@ -8,12 +8,12 @@ use jiff::tz::TimeZone;
 /// Local time as `YYYY-MM-DD HH:MM:SS` (pgpool's `%F %T`, in the server's time
 /// zone: `TZ`, else `/etc/localtime`, as `localtime(3)` finds it). UTC if the
 /// time zone cannot be found.
-pub fn local_time(t: SystemTime) -> String {
+pub(crate) fn local_time(t: SystemTime) -> String {
     time_in(t, &TimeZone::system())
 }
 
 /// [`local_time`], or an empty string for "never".
-pub fn opt_local_time(t: Option<SystemTime>) -> String {
+pub(crate) fn opt_local_time(t: Option<SystemTime>) -> String {
     t.map(local_time).unwrap_or_default()
 }
 
@@ -28,18 +28,18 @@ fn time_in(t: SystemTime, tz: &TimeZone) -> String {
 }
 
 /// Milliseconds, as an integer (pgpool's `max_duration`, `min_duration`).
-pub fn millis(d: Duration) -> String {
+pub(crate) fn millis(d: Duration) -> String {
     d.as_millis().to_string()
 }
 
 /// pgpool's `%f`: six decimals.
-pub fn f6(x: f64) -> String {
+pub(crate) fn f6(x: f64) -> String {
     format!("{x:.6}")
 }
 
 /// `replication_delay` in time: `%.6f second` below 2 s, `seconds` from 2 s,
 /// as pgpool prints it.
-pub fn delay_seconds(secs: f64) -> String {
+pub(crate) fn delay_seconds(secs: f64) -> String {
     let unit = if secs >= 2.0 { "seconds" } else { "second" };
     format!("{secs:.6} {unit}")
 }

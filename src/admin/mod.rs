@@ -30,20 +30,21 @@
 
 pub mod cli;
 mod failover;
-pub mod format;
+pub(crate) mod format;
 mod views;
 
 use bytes::BytesMut;
 
+use crate::config::NodeId;
 use crate::context::ProxyContext;
 use crate::protocol::messages::{self, PgError};
 
 /// SQLSTATE for a user not allowed to run admin commands.
-pub const INSUFFICIENT_PRIVILEGE: &str = "42501";
+pub(crate) const INSUFFICIENT_PRIVILEGE: &str = "42501";
 
 /// An admin command pgpilot answers itself.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum AdminCommand {
+pub(crate) enum AdminCommand {
     /// `SHOW POOL_NODES`.
     PoolNodes,
     /// `SHOW POOL_VERSION`.
@@ -65,16 +66,16 @@ pub enum AdminCommand {
     /// `SHOW PGPILOT_SLOTS`.
     PgpilotSlots,
     /// `ATTACH NODE n`.
-    AttachNode(usize),
+    AttachNode(NodeId),
     /// `DETACH NODE n`.
-    DetachNode(usize),
+    DetachNode(NodeId),
     /// `PROMOTE NODE n`.
-    PromoteNode(usize),
+    PromoteNode(NodeId),
 }
 
 impl AdminCommand {
     /// The command as a user would write it (for messages).
-    pub fn name(&self) -> String {
+    pub(crate) fn name(&self) -> String {
         match self {
             AdminCommand::PoolNodes => "SHOW POOL_NODES".into(),
             AdminCommand::PoolVersion => "SHOW POOL_VERSION".into(),
@@ -95,7 +96,7 @@ impl AdminCommand {
 
     /// Whether running the command changes something (so describing it
     /// through the extended protocol must not run it).
-    pub fn has_effects(&self) -> bool {
+    pub(crate) fn has_effects(&self) -> bool {
         matches!(
             self,
             AdminCommand::AttachNode(_)
@@ -108,27 +109,27 @@ impl AdminCommand {
 /// Who asks: the session's user, and its load-balance node (for the
 /// `load_balance_node` column of `SHOW POOL_NODES`).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct AdminCaller {
+pub(crate) struct AdminCaller {
     /// The client's user name.
-    pub user: String,
+    pub(crate) user: String,
     /// The node the session balances reads to, if it has one.
-    pub load_balance_node: Option<usize>,
+    pub(crate) load_balance_node: Option<NodeId>,
 }
 
 /// A result set of text columns.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ResultSet {
+pub(crate) struct ResultSet {
     /// Column names, in order.
-    pub columns: Vec<String>,
+    pub(crate) columns: Vec<String>,
     /// Rows; every row has one value per column (empty string for "none").
-    pub rows: Vec<Vec<String>>,
+    pub(crate) rows: Vec<Vec<String>>,
     /// CommandComplete tag, e.g. `SELECT 3`.
-    pub command_tag: String,
+    pub(crate) command_tag: String,
 }
 
 impl ResultSet {
     /// A result set with tag `SELECT <rows>`.
-    pub fn new(columns: &[&str], rows: Vec<Vec<String>>) -> ResultSet {
+    pub(crate) fn new(columns: &[&str], rows: Vec<Vec<String>>) -> ResultSet {
         ResultSet {
             columns: columns.iter().map(|c| c.to_string()).collect(),
             command_tag: format!("SELECT {}", rows.len()),
@@ -137,13 +138,13 @@ impl ResultSet {
     }
 
     /// Append the RowDescription (every column `text`).
-    pub fn encode_row_description(&self, buf: &mut BytesMut) {
+    pub(crate) fn encode_row_description(&self, buf: &mut BytesMut) {
         let cols: Vec<&str> = self.columns.iter().map(String::as_str).collect();
         messages::row_description_text(buf, &cols);
     }
 
     /// Append one DataRow per row, then CommandComplete.
-    pub fn encode_rows_and_complete(&self, buf: &mut BytesMut) {
+    pub(crate) fn encode_rows_and_complete(&self, buf: &mut BytesMut) {
         for row in &self.rows {
             messages::data_row_text(buf, row);
         }
@@ -151,20 +152,21 @@ impl ResultSet {
     }
 }
 
+#[cfg(test)]
 /// Recognise an admin command in a query string: case-insensitive, any
 /// whitespace between words, optional trailing `;`. Anything else (including
 /// several statements) is `None` and goes to PostgreSQL as usual.
-pub fn parse(sql: &str) -> Option<AdminCommand> {
+pub(crate) fn parse(sql: &str) -> Option<AdminCommand> {
     parse_bytes(sql.as_bytes())
 }
 
 /// The words an admin command can start with (lower case).
-pub const FIRST_WORDS: [&[u8]; 5] = [b"show", b"pgpool", b"attach", b"detach", b"promote"];
+pub(crate) const FIRST_WORDS: [&[u8]; 5] = [b"show", b"pgpool", b"attach", b"detach", b"promote"];
 
 /// [`parse`] on raw query bytes (as in a Query message, with or without the
 /// terminating NUL). Rejects ordinary SQL after looking at its first word,
 /// before any UTF-8 check, so it is cheap on the hot path.
-pub fn parse_bytes(sql: &[u8]) -> Option<AdminCommand> {
+pub(crate) fn parse_bytes(sql: &[u8]) -> Option<AdminCommand> {
     let sql = sql.strip_suffix(b"\0").unwrap_or(sql);
     let start = sql.iter().position(|b| !b.is_ascii_whitespace())?;
     let head = &sql[start..];
@@ -196,7 +198,7 @@ pub fn parse_bytes(sql: &[u8]) -> Option<AdminCommand> {
             _ => return None,
         },
         [verb, "node", n] => {
-            let n: usize = n.parse().ok()?;
+            let n = NodeId::new(n.parse().ok()?);
             match *verb {
                 "attach" => AdminCommand::AttachNode(n),
                 "detach" => AdminCommand::DetachNode(n),
@@ -215,7 +217,7 @@ pub fn parse_bytes(sql: &[u8]) -> Option<AdminCommand> {
 /// `admin_users`. Never blocks: `SHOW` reads snapshots and counters;
 /// `ATTACH`/`DETACH` change node state under the cluster's lock;
 /// `PROMOTE NODE` validates and starts a switchover task.
-pub fn execute(
+pub(crate) fn execute(
     ctx: &ProxyContext,
     cmd: &AdminCommand,
     who: &AdminCaller,
@@ -245,7 +247,7 @@ pub fn execute(
 /// The result set `cmd` would return, for the extended protocol's Describe:
 /// like [`execute`] for `SHOW` commands, the columns only (no effect) for
 /// `ATTACH`/`DETACH`/`PROMOTE`.
-pub fn describe(
+pub(crate) fn describe(
     ctx: &ProxyContext,
     cmd: &AdminCommand,
     who: &AdminCaller,
@@ -298,9 +300,9 @@ mod tests {
             ("PGPOOL SHOW ALL", AdminCommand::PgpoolShow(None)),
             ("SHOW PGPILOT_FAILOVER", AdminCommand::PgpilotFailover),
             ("show pgpilot_slots;", AdminCommand::PgpilotSlots),
-            ("attach node 2", AdminCommand::AttachNode(2)),
-            ("DETACH  NODE 1;", AdminCommand::DetachNode(1)),
-            ("Promote Node 0", AdminCommand::PromoteNode(0)),
+            ("attach node 2", AdminCommand::AttachNode(NodeId::new(2))),
+            ("DETACH  NODE 1;", AdminCommand::DetachNode(NodeId::new(1))),
+            ("Promote Node 0", AdminCommand::PromoteNode(NodeId::new(0))),
             (
                 "pgpool show Health_Check_Period;",
                 AdminCommand::PgpoolShow(Some("health_check_period".into())),

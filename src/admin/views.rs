@@ -23,7 +23,7 @@ use std::time::Instant;
 use super::format::{delay_seconds, f6, local_time, millis, opt_local_time};
 use super::{AdminCaller, ResultSet};
 use crate::cluster::{ClusterSnapshot, HoldKind, NodeView, PgStatus};
-use crate::config::Config;
+use crate::config::{Config, NodeId};
 use crate::context::ProxyContext;
 use crate::protocol::lsn::format_lsn;
 use crate::protocol::messages::PgError;
@@ -140,7 +140,7 @@ pub(super) fn health_check_stats(ctx: &ProxyContext) -> ResultSet {
         .nodes
         .iter()
         .map(|n| {
-            let h = stats.get(n.id).cloned().unwrap_or_default();
+            let h = stats.get(n.id.index()).cloned().unwrap_or_default();
             vec![
                 n.id.to_string(),
                 n.host.clone(),
@@ -281,9 +281,9 @@ pub(super) fn pool_processes(ctx: &ProxyContext) -> ResultSet {
 /// `SHOW POOL_POOLS`: one row per server connection (see the module docs).
 pub(super) fn pool_pools(ctx: &ProxyContext) -> ResultSet {
     let s = ctx.cluster.snapshot();
-    let node_addr = |node: usize| {
+    let node_addr = |node: NodeId| {
         s.nodes
-            .get(node)
+            .get(node.index())
             .map(|n| (n.host.clone(), n.port.to_string()))
             .unwrap_or_default()
     };
@@ -355,7 +355,7 @@ pub(super) fn pgpilot_nodes(ctx: &ProxyContext) -> ResultSet {
         .iter()
         .map(|n| {
             let r = &n.repl;
-            let hold = holds.get(n.id).copied().flatten();
+            let hold = holds.get(n.id.index()).copied().flatten();
             vec![
                 n.id.to_string(),
                 n.host.clone(),
@@ -377,7 +377,7 @@ pub(super) fn pgpilot_nodes(ctx: &ProxyContext) -> ResultSet {
                 r.sync_state.clone(),
                 r.application_name.clone(),
                 local_time(n.last_change),
-                opt_local_time(stats.get(n.id).and_then(|h| h.last_health_check)),
+                opt_local_time(stats.get(n.id.index()).and_then(|h| h.last_health_check)),
                 opt_local_time(r.checked_at),
                 n.held_out.clone().unwrap_or_default(),
                 r.issue.clone().unwrap_or_default(),
@@ -630,8 +630,12 @@ mod tests {
             repl: ReplicationView::default(),
         };
         let s = ClusterSnapshot {
-            nodes: vec![node(0), node(1), node(2)],
-            primary: Some(1),
+            nodes: vec![
+                node(NodeId::new(0)),
+                node(NodeId::new(1)),
+                node(NodeId::new(2)),
+            ],
+            primary: Some(NodeId::new(1)),
             lag_policy: LagPolicy::default(),
             generation: 1,
         };

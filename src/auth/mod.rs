@@ -11,6 +11,6 @@
 //! The lookup is the one part that talks to a node (as the monitor role). The
 //! password exchanges themselves are in `protocol::auth`.
 
-pub use crate::config::hba;
-pub mod query;
-pub mod throttle;
+pub(crate) use crate::config::hba;
+pub(crate) mod query;
+pub(crate) mod throttle;

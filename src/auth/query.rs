@@ -35,21 +35,21 @@ const CONNECT_BACKOFF: Duration = Duration::from_secs(1);
 
 /// A role as the primary stores it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct StoredRole {
+pub(crate) struct StoredRole {
     /// Role name as returned by the query.
-    pub name: String,
+    pub(crate) name: String,
     /// Its password.
-    pub password: StoredPassword,
+    pub(crate) password: StoredPassword,
     /// `rolvaliduntil` in microseconds since 2000-01-01 UTC (PostgreSQL's
     /// own count; `i64::MAX` is `infinity`); `None`: no expiry.
-    pub valid_until: Option<i64>,
+    pub(crate) valid_until: Option<i64>,
     /// `rolcanlogin`.
-    pub can_login: bool,
+    pub(crate) can_login: bool,
 }
 
 /// A stored password, in the forms PostgreSQL keeps.
 #[derive(Clone, PartialEq, Eq)]
-pub enum StoredPassword {
+pub(crate) enum StoredPassword {
     /// A SCRAM-SHA-256 verifier (`SCRAM-SHA-256$…`).
     Scram(String),
     /// An MD5 hash, `md5` followed by 32 hex digits of md5(password + user).
@@ -71,7 +71,7 @@ impl std::fmt::Debug for StoredPassword {
 
 impl StoredPassword {
     /// Read `rolpassword`.
-    pub fn from_stored(text: Option<&str>) -> StoredPassword {
+    pub(crate) fn from_stored(text: Option<&str>) -> StoredPassword {
         match text {
             Some(v) if crate::protocol::auth::ScramVerifier::parse(v).is_some() => {
                 StoredPassword::Scram(v.to_string())
@@ -94,7 +94,7 @@ const PG_EPOCH_US: i64 = 946_684_800_000_000;
 impl StoredRole {
     /// Whether the password has expired at `now` (`rolvaliduntil` in the
     /// past: PostgreSQL then refuses it as a wrong password).
-    pub fn expired(&self, now: SystemTime) -> bool {
+    pub(crate) fn expired(&self, now: SystemTime) -> bool {
         let Some(until) = self.valid_until else {
             return false;
         };
@@ -108,7 +108,7 @@ impl StoredRole {
 
 /// What the primary said about a user name.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Answer {
+pub(crate) enum Answer {
     /// The role exists.
     Role(Arc<StoredRole>),
     /// No such role (the query returned no row).
@@ -118,7 +118,7 @@ pub enum Answer {
 /// Why a lookup could not be answered: the client is told the lookup failed,
 /// never that its password was wrong.
 #[derive(Debug, Clone, thiserror::Error)]
-pub enum LookupError {
+pub(crate) enum LookupError {
     /// No node is the primary now.
     #[error("no primary to look the user up on")]
     NoPrimary,
@@ -187,7 +187,7 @@ struct Slot {
 
 /// The lookups and their cache; one per running proxy.
 #[derive(Default)]
-pub struct AuthLookup {
+pub(crate) struct AuthLookup {
     /// User name → its answer (or the lookup in flight).
     slots: Mutex<HashMap<String, Arc<Slot>>>,
     /// The lookup connection (one opening at a time).
@@ -199,19 +199,19 @@ pub struct AuthLookup {
 }
 
 /// Where and how a lookup runs.
-pub struct LookupTarget<'a> {
+pub(crate) struct LookupTarget<'a> {
     /// The primary now.
-    pub primary: Option<&'a Backend>,
+    pub(crate) primary: Option<&'a Backend>,
     /// The role it runs as.
-    pub monitor: &'a Monitor,
+    pub(crate) monitor: &'a Monitor,
     /// The query, its database and cache times.
-    pub settings: &'a AuthQuery,
+    pub(crate) settings: &'a AuthQuery,
 }
 
 impl AuthLookup {
     /// The answer for `user`: cached, or looked up (once, for every login
     /// waiting for it), within `monitor.timeout`.
-    pub async fn lookup(
+    pub(crate) async fn lookup(
         &self,
         target: &LookupTarget<'_>,
         user: &str,
@@ -231,12 +231,12 @@ impl AuthLookup {
     }
 
     /// Forget every answer (a reload: passwords may have changed).
-    pub fn clear(&self) {
+    pub(crate) fn clear(&self) {
         self.slots.lock().unwrap_or_else(|p| p.into_inner()).clear();
     }
 
     /// How many lookups reached the primary.
-    pub fn queries_sent(&self) -> u64 {
+    pub(crate) fn queries_sent(&self) -> u64 {
         self.queries.load(std::sync::atomic::Ordering::Relaxed)
     }
 

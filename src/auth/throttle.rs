@@ -24,7 +24,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 /// Most addresses tracked at once (about 3 MB at most).
-pub const CAPACITY: usize = 65_536;
+pub(crate) const CAPACITY: usize = 65_536;
 
 /// The delay of the first failure over the limit; each next one doubles it.
 const FIRST_DELAY: Duration = Duration::from_millis(100);
@@ -68,7 +68,7 @@ impl Bucket {
 
 /// Failed logins per client address, shared by every session.
 #[derive(Debug)]
-pub struct LoginThrottle {
+pub(crate) struct LoginThrottle {
     buckets: Mutex<HashMap<Key, Bucket>>,
     capacity: usize,
 }
@@ -81,7 +81,7 @@ impl Default for LoginThrottle {
 
 impl LoginThrottle {
     /// A throttle tracking at most `capacity` addresses.
-    pub fn with_capacity(capacity: usize) -> LoginThrottle {
+    pub(crate) fn with_capacity(capacity: usize) -> LoginThrottle {
         LoginThrottle {
             buckets: Mutex::new(HashMap::new()),
             capacity: capacity.max(1),
@@ -90,7 +90,13 @@ impl LoginThrottle {
 
     /// Record a failed login from `addr` at `now`; returns how long its
     /// answer waits (zero within the limit, or when `limit` is 0: off).
-    pub fn failed(&self, addr: IpAddr, limit: u32, max_delay: Duration, now: Instant) -> Duration {
+    pub(crate) fn failed(
+        &self,
+        addr: IpAddr,
+        limit: u32,
+        max_delay: Duration,
+        now: Instant,
+    ) -> Duration {
         if limit == 0 {
             return Duration::ZERO;
         }
@@ -126,8 +132,9 @@ impl LoginThrottle {
             .min(max_delay)
     }
 
+    #[cfg(test)]
     /// Addresses tracked now (for tests and diagnostics).
-    pub fn tracked(&self) -> usize {
+    pub(crate) fn tracked(&self) -> usize {
         self.buckets.lock().map(|b| b.len()).unwrap_or_default()
     }
 }

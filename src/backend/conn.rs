@@ -19,37 +19,38 @@ use tokio::net::TcpStream;
 use tokio::time::timeout;
 
 use super::BackendError;
+use crate::config::NodeId;
 use crate::protocol::auth::{ScramKeyClient, ScramKeys, md5_salted_from_stored};
 use crate::protocol::frame::{ErrorFields, next_frame};
 use crate::protocol::shape::{Shape, ShapeHasher};
-use crate::protocol::{TxStatus, tag};
+use crate::protocol::{CancelKey, TxStatus, tag};
 
 /// Largest message accepted from a node during startup.
 const MAX_STARTUP_MESSAGE: usize = 1 << 20;
 
 /// Where and as whom to connect.
 #[derive(Debug, Clone)]
-pub struct ConnectParams<'a> {
+pub(crate) struct ConnectParams<'a> {
     /// Node id (for errors and metrics).
-    pub node: usize,
+    pub(crate) node: NodeId,
     /// Host name or address.
-    pub host: &'a str,
+    pub(crate) host: &'a str,
     /// Port.
-    pub port: u16,
+    pub(crate) port: u16,
     /// Startup parameters (must include `user` and `database`).
-    pub startup: &'a [(String, String)],
+    pub(crate) startup: &'a [(String, String)],
     /// Password for the user, if the server asks for one.
-    pub password: Option<&'a str>,
+    pub(crate) password: Option<&'a str>,
     /// Without a password: the keys of the client's SCRAM login, for a server
     /// that asks for SCRAM and stores the same verifier (pass-through).
-    pub scram_keys: Option<&'a ScramKeys>,
+    pub(crate) scram_keys: Option<&'a ScramKeys>,
     /// Without a password: the user's stored MD5 hash (`auth_query`), which
     /// answers a server's MD5 challenge as the password would.
-    pub md5_stored: Option<&'a str>,
+    pub(crate) md5_stored: Option<&'a str>,
     /// TCP connect timeout.
-    pub connect_timeout: Duration,
+    pub(crate) connect_timeout: Duration,
     /// Timeout for the whole authentication exchange.
-    pub auth_timeout: Duration,
+    pub(crate) auth_timeout: Duration,
 }
 
 /// A SCRAM-SHA-256 login in progress: with the password, or with the keys
@@ -64,63 +65,62 @@ enum Scram {
 /// A wall-clock time as milliseconds since the epoch (0 before it): how a
 /// connection's opening time is kept and shared (one atomic word in the
 /// session registry).
-pub fn epoch_ms(t: SystemTime) -> u64 {
+pub(crate) fn epoch_ms(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// The inverse of [`epoch_ms`].
-pub fn from_epoch_ms(ms: u64) -> SystemTime {
+pub(crate) fn from_epoch_ms(ms: u64) -> SystemTime {
     UNIX_EPOCH + Duration::from_millis(ms)
 }
 
 /// An open, authenticated connection to one node.
 #[derive(Debug)]
-pub struct BackendConn {
+pub(crate) struct BackendConn {
     /// Node id this connection belongs to.
-    pub node: usize,
+    pub(crate) node: NodeId,
     /// The socket. The session reads and writes raw frames on it.
-    pub stream: TcpStream,
+    pub(crate) stream: TcpStream,
     /// Read buffer; bytes received but not yet forwarded.
-    pub buf: BytesMut,
+    pub(crate) buf: BytesMut,
     /// Role this connection logs in as (the MD5 response mixes it in).
-    pub user: String,
+    pub(crate) user: String,
     /// Server address, for CancelRequest.
-    pub addr: SocketAddr,
-    /// Server process id (BackendKeyData), for CancelRequest and for logs.
-    pub pid: i32,
-    /// Server cancel secret (BackendKeyData).
-    pub secret: i32,
+    pub(crate) addr: SocketAddr,
+    /// Server process id and cancel secret (BackendKeyData): the pid names the
+    /// connection in logs and views, the key goes into CancelRequests.
+    pub(crate) cancel_key: CancelKey,
     /// Current ParameterStatus values, replayed to each new client of this connection.
-    pub params: Vec<(String, String)>,
+    pub(crate) params: Vec<(String, String)>,
     /// Transaction status from the last ReadyForQuery; only `Idle` connections are pooled.
-    pub status: TxStatus,
+    pub(crate) status: TxStatus,
     /// When the connection was opened, by the wall clock, in milliseconds
     /// since the epoch (the admin views show it; a session reports it at
     /// every transaction under transaction pooling, so it is taken and
     /// converted once, here).
-    pub opened_ms: u64,
+    pub(crate) opened_ms: u64,
     /// When it was last returned to the pool (idle expiry).
-    pub last_used: Instant,
+    pub(crate) last_used: Instant,
     /// The unnamed prepared statement it holds between two sessions'
     /// transactions (transaction pooling gives connections back with one).
-    pub unnamed: Unnamed,
+    pub(crate) unnamed: Unnamed,
     /// The named prepared statements the server holds, whoever made them
     /// (transaction pooling passes connections between sessions with them).
-    pub held: super::statements::HeldStatements,
+    pub(crate) held: super::statements::HeldStatements,
     /// The NoticeResponse messages the server sent while the connection
     /// started (a truncated `application_name`, ...), whole: every client
     /// that logs in on this connection gets them, as from a direct login.
     /// Bounded by [`MAX_STARTUP_NOTICES`].
-    pub startup_notices: Vec<u8>,
+    pub(crate) startup_notices: Vec<u8>,
 }
 
 /// At most this many bytes of start-up notices are kept per connection.
-pub const MAX_STARTUP_NOTICES: usize = 16 * 1024;
+pub(crate) const MAX_STARTUP_NOTICES: usize = 16 * 1024;
 
 /// What a pooled connection's unnamed prepared statement is.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub enum Unnamed {
+pub(crate) enum Unnamed {
     /// None (or none that anyone can use).
     #[default]
     Absent,
@@ -134,7 +134,7 @@ pub enum Unnamed {
 
 impl BackendConn {
     /// Open and authenticate a connection.
-    pub async fn connect(p: &ConnectParams<'_>) -> Result<BackendConn, BackendError> {
+    pub(crate) async fn connect(p: &ConnectParams<'_>) -> Result<BackendConn, BackendError> {
         let node = p.node;
         let addr_str = format!("{}:{}", p.host, p.port);
         let stream = match timeout(p.connect_timeout, TcpStream::connect(&addr_str)).await {
@@ -169,8 +169,7 @@ impl BackendConn {
                 .map(|(_, v)| v.clone())
                 .unwrap_or_default(),
             addr,
-            pid: 0,
-            secret: 0,
+            cancel_key: CancelKey { pid: 0, secret: 0 },
             params: Vec::new(),
             status: TxStatus::Idle,
             opened_ms: epoch_ms(SystemTime::now()),
@@ -214,8 +213,7 @@ impl BackendConn {
                     self.set_param(k, v);
                 }
                 tag::BACKEND_KEY_DATA if body.len() >= 8 => {
-                    self.pid = i32::from_be_bytes([body[0], body[1], body[2], body[3]]);
-                    self.secret = i32::from_be_bytes([body[4], body[5], body[6], body[7]]);
+                    self.cancel_key = CancelKey::from_wire(&body).unwrap_or(self.cancel_key);
                 }
                 tag::READY_FOR_QUERY => {
                     self.status = TxStatus::from_byte(body.first().copied().unwrap_or(b'T'));
@@ -380,7 +378,7 @@ impl BackendConn {
     }
 
     /// Read one whole message (type, body) into memory. Used for startup and reset only.
-    pub async fn read_message(&mut self) -> Result<(u8, Vec<u8>), BackendError> {
+    pub(crate) async fn read_message(&mut self) -> Result<(u8, Vec<u8>), BackendError> {
         let node = self.node;
         loop {
             match next_frame(&mut self.buf, MAX_STARTUP_MESSAGE) {
@@ -412,7 +410,7 @@ impl BackendConn {
     }
 
     /// Record a ParameterStatus value.
-    pub fn set_param(&mut self, name: String, value: String) {
+    pub(crate) fn set_param(&mut self, name: String, value: String) {
         match self.params.iter_mut().find(|(k, _)| *k == name) {
             Some(slot) => slot.1 = value,
             None => self.params.push((name, value)),
@@ -421,7 +419,11 @@ impl BackendConn {
 
     /// Run a simple query whose results are discarded (used for the reset between
     /// sessions). Succeeds only if the server ends idle without an error.
-    pub async fn run_discarding(&mut self, sql: &str, limit: Duration) -> Result<(), BackendError> {
+    pub(crate) async fn run_discarding(
+        &mut self,
+        sql: &str,
+        limit: Duration,
+    ) -> Result<(), BackendError> {
         let node = self.node;
         let mut out = BytesMut::new();
         frontend::query(sql, &mut out).map_err(|source| BackendError::Io { node, source })?;
@@ -439,7 +441,7 @@ impl BackendConn {
     /// Run a simple query returning one row of text values and return them
     /// (`None` for NULL). Used for pgpilot's own small questions on a session's
     /// idle connection.
-    pub async fn query_row(
+    pub(crate) async fn query_row(
         &mut self,
         sql: &str,
         limit: Duration,
@@ -481,7 +483,7 @@ impl BackendConn {
     /// the answers up to the last ReadyForQuery, discarding them. Returns the errors
     /// the server reported. Used to bring a connection up to a session's state
     /// (replayed SETs, prepared statements) before the session uses it.
-    pub async fn exchange_discarding(
+    pub(crate) async fn exchange_discarding(
         &mut self,
         messages: &[u8],
         rfqs: usize,
@@ -493,7 +495,7 @@ impl BackendConn {
 
     /// [`Self::exchange_discarding`], keeping in `shapes` the shape of each
     /// statement a Describe among `messages` described, in order.
-    pub async fn exchange_describing(
+    pub(crate) async fn exchange_describing(
         &mut self,
         messages: &[u8],
         rfqs: usize,
@@ -543,7 +545,7 @@ impl BackendConn {
 
     /// True if the socket is still open and has no unread bytes (an idle server sends
     /// nothing; bytes mean e.g. a FATAL from pg_terminate_backend).
-    pub fn is_healthy_idle(&self) -> bool {
+    pub(crate) fn is_healthy_idle(&self) -> bool {
         if !self.buf.is_empty() {
             return false;
         }
@@ -585,19 +587,20 @@ fn decode_data_row(body: &[u8]) -> Vec<Option<String>> {
 }
 
 /// Turn on TCP keepalive so a silently vanished peer is noticed.
-pub fn set_keepalive(stream: &TcpStream) {
+pub(crate) fn set_keepalive(stream: &TcpStream) {
     let ka = socket2::TcpKeepalive::new()
         .with_time(Duration::from_secs(30))
         .with_interval(Duration::from_secs(10));
     let _ = socket2::SockRef::from(stream).set_tcp_keepalive(&ka);
 }
 
-/// Send a CancelRequest for (`pid`, `secret`) to the server at `addr`.
-pub async fn send_cancel(addr: SocketAddr, pid: i32, secret: i32, limit: Duration) {
+/// Send a CancelRequest for `key` to the server at `addr`.
+pub(crate) async fn send_cancel(addr: SocketAddr, key: CancelKey, limit: Duration) {
+    let pid = key.pid;
     let work = async {
         let mut s = TcpStream::connect(addr).await?;
         let mut buf = BytesMut::new();
-        frontend::cancel_request(pid, secret, &mut buf);
+        frontend::cancel_request(key.pid, key.secret, &mut buf);
         s.write_all(&buf).await?;
         // The server closes the connection when done; wait for that briefly.
         let mut sink = [0u8; 16];

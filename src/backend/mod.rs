@@ -3,25 +3,25 @@
 //! ([`pool`]), and what prepared statements each holds ([`statements`]).
 //! Nothing here knows about client sockets.
 
-pub mod conn;
-pub mod pool;
-pub mod statements;
+pub(crate) mod conn;
+pub(crate) mod pool;
+pub(crate) mod statements;
 
-pub use conn::BackendConn;
-pub use pool::{Pool, PoolKey};
+pub(crate) use pool::{Pool, PoolKey};
 
 use std::time::Duration;
 
+use crate::config::NodeId;
 use crate::protocol::frame::ErrorFields;
 
 /// What went wrong talking to a node. `node` is the node id (position in `backends`).
 #[derive(Debug, thiserror::Error)]
-pub enum BackendError {
+pub(crate) enum BackendError {
     /// TCP connect failed (refused, unreachable).
     #[error("could not connect to node {node} ({addr}): {source}")]
     Connect {
         /// Node id.
-        node: usize,
+        node: NodeId,
         /// host:port tried.
         addr: String,
         /// Underlying error.
@@ -31,7 +31,7 @@ pub enum BackendError {
     #[error("timed out while {what} node {node}")]
     Timeout {
         /// Node id.
-        node: usize,
+        node: NodeId,
         /// The step, e.g. "connecting to".
         what: &'static str,
     },
@@ -39,7 +39,7 @@ pub enum BackendError {
     #[error("node {node} refused the connection: {}", fields.message)]
     Server {
         /// Node id.
-        node: usize,
+        node: NodeId,
         /// The node's error.
         fields: ErrorFields,
     },
@@ -47,7 +47,7 @@ pub enum BackendError {
     #[error("cannot log in to node {node}: {message}")]
     Auth {
         /// Node id.
-        node: usize,
+        node: NodeId,
         /// Why.
         message: String,
     },
@@ -55,7 +55,7 @@ pub enum BackendError {
     #[error("protocol error from node {node}: {message}")]
     Protocol {
         /// Node id.
-        node: usize,
+        node: NodeId,
         /// What.
         message: String,
     },
@@ -63,7 +63,7 @@ pub enum BackendError {
     #[error("connection to node {node} lost: {source}")]
     Io {
         /// Node id.
-        node: usize,
+        node: NodeId,
         /// Underlying error.
         source: std::io::Error,
     },
@@ -73,7 +73,7 @@ pub enum BackendError {
     )]
     PoolTimeout {
         /// Node id.
-        node: usize,
+        node: NodeId,
         /// How long the session waited.
         waited: Duration,
     },
@@ -83,18 +83,9 @@ pub enum BackendError {
 }
 
 impl BackendError {
-    /// Whether trying again (another connection, a little later) may succeed.
-    /// Used by callers that decide to retry; login refusals are final.
-    pub fn retryable(&self) -> bool {
-        !matches!(
-            self,
-            BackendError::Server { .. } | BackendError::Auth { .. }
-        )
-    }
-
     /// Whether this error says something about the node's health (as opposed to the
     /// client's request): only connection-level failures do.
-    pub fn is_connection_failure(&self) -> bool {
+    pub(crate) fn is_connection_failure(&self) -> bool {
         matches!(
             self,
             BackendError::Connect { .. } | BackendError::Timeout { .. } | BackendError::Io { .. }

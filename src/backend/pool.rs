@@ -21,6 +21,7 @@ use tokio::sync::oneshot;
 use super::BackendError;
 use super::conn::{BackendConn, ConnectParams};
 use crate::cluster::Cluster;
+use crate::config::NodeId;
 use crate::protocol::auth::ScramKeys;
 
 /// A connection given back less than this long ago is handed out again
@@ -42,12 +43,12 @@ const RETIRE_WINDOW: Duration = Duration::from_secs(60);
 /// is computed once, when the session builds its key, and the parameters are
 /// shared: the copies the pool keeps compare by pointer first.
 #[derive(Debug, Clone)]
-pub struct PoolKey {
+pub(crate) struct PoolKey {
     /// Node id.
-    pub node: usize,
+    pub(crate) node: NodeId,
     /// Startup parameters sent to the node, in a canonical order (user and database
     /// first, then the rest sorted by name).
-    pub startup: Arc<[(String, String)]>,
+    pub(crate) startup: Arc<[(String, String)]>,
     /// Hash of `node` and `startup` (with a per-process random key: clients
     /// choose the parameters).
     hash: u64,
@@ -55,7 +56,12 @@ pub struct PoolKey {
 
 impl PoolKey {
     /// Build the key (and the startup parameters) for a client's parameters on a node.
-    pub fn new(node: usize, user: &str, database: &str, extra: &[(String, String)]) -> PoolKey {
+    pub(crate) fn new(
+        node: NodeId,
+        user: &str,
+        database: &str,
+        extra: &[(String, String)],
+    ) -> PoolKey {
         static SEED: std::sync::OnceLock<std::collections::hash_map::RandomState> =
             std::sync::OnceLock::new();
         let mut rest: Vec<(String, String)> = extra
@@ -80,12 +86,12 @@ impl PoolKey {
     }
 
     /// The user name in the key.
-    pub fn user(&self) -> &str {
+    pub(crate) fn user(&self) -> &str {
         &self.startup[0].1
     }
 
     /// The database name in the key.
-    pub fn database(&self) -> &str {
+    pub(crate) fn database(&self) -> &str {
         &self.startup[1].1
     }
 }
@@ -114,26 +120,26 @@ pub struct NodePoolStats {
     /// Idle connections waiting in the pool.
     pub idle: usize,
     /// Connections opened since start (a counter, for metrics).
-    pub opened_total: u64,
+    pub(crate) opened_total: u64,
     /// Sessions queued for a connection.
     pub waiting: usize,
 }
 
 /// One idle pooled connection, for `SHOW POOL_POOLS`.
 #[derive(Debug, Clone)]
-pub struct IdleConnInfo {
+pub(crate) struct IdleConnInfo {
     /// Node id.
-    pub node: usize,
+    pub(crate) node: NodeId,
     /// User it is logged in as.
-    pub user: String,
+    pub(crate) user: String,
     /// Database it is connected to.
-    pub database: String,
+    pub(crate) database: String,
     /// The server process id.
-    pub pid: i32,
+    pub(crate) pid: i32,
     /// When it was opened (wall clock).
-    pub opened: std::time::SystemTime,
+    pub(crate) opened: std::time::SystemTime,
     /// When it was last returned to the pool.
-    pub last_used: Instant,
+    pub(crate) last_used: Instant,
 }
 
 /// Mutable state of one node's pool.
@@ -224,12 +230,12 @@ impl Drop for Slot {
 }
 
 /// A connection checked out of (or belonging to) the pool.
-pub struct PooledConn {
+pub(crate) struct PooledConn {
     /// The connection itself (boxed: under transaction pooling a connection
     /// moves between the pool and sessions on every transaction).
-    pub conn: Box<BackendConn>,
+    pub(crate) conn: Box<BackendConn>,
     /// The key it was opened with; where it returns.
-    pub key: PoolKey,
+    pub(crate) key: PoolKey,
     /// Its slot in the node's cap: dropping the connection frees it.
     _slot: Slot,
 }
@@ -249,25 +255,25 @@ impl std::ops::DerefMut for PooledConn {
 
 /// Limits and login settings the pool needs for one acquisition.
 #[derive(Debug, Clone)]
-pub struct AcquireSettings<'a> {
+pub(crate) struct AcquireSettings<'a> {
     /// Node host.
-    pub host: &'a str,
+    pub(crate) host: &'a str,
     /// Node port.
-    pub port: u16,
+    pub(crate) port: u16,
     /// Password for the user.
-    pub password: Option<&'a str>,
+    pub(crate) password: Option<&'a str>,
     /// Without a password: the keys of the client's SCRAM login.
-    pub scram_keys: Option<&'a ScramKeys>,
+    pub(crate) scram_keys: Option<&'a ScramKeys>,
     /// Without a password: the user's stored MD5 hash.
-    pub md5_stored: Option<&'a str>,
+    pub(crate) md5_stored: Option<&'a str>,
     /// Per-node cap.
-    pub max_per_node: usize,
+    pub(crate) max_per_node: usize,
     /// How long to wait for a slot.
-    pub acquire_timeout: Duration,
+    pub(crate) acquire_timeout: Duration,
     /// TCP connect timeout.
-    pub connect_timeout: Duration,
+    pub(crate) connect_timeout: Duration,
     /// Login timeout.
-    pub auth_timeout: Duration,
+    pub(crate) auth_timeout: Duration,
 }
 
 /// Databases whose connections are not pooled for a while
@@ -326,7 +332,7 @@ pub struct Pool {
 
 impl Pool {
     /// A pool for `nodes` nodes.
-    pub fn new(nodes: usize) -> Pool {
+    pub(crate) fn new(nodes: usize) -> Pool {
         Pool {
             nodes: (0..nodes).map(|_| Arc::new(NodePool::default())).collect(),
             retiring: Retiring::default(),
@@ -336,7 +342,7 @@ impl Pool {
 
     /// A pool that reports opened connections to `cluster` (so a node's status
     /// turns from `waiting` to `up` on first use).
-    pub fn with_cluster(nodes: usize, cluster: Arc<Cluster>) -> Pool {
+    pub(crate) fn with_cluster(nodes: usize, cluster: Arc<Cluster>) -> Pool {
         Pool {
             cluster: Some(cluster),
             ..Pool::new(nodes)
@@ -346,12 +352,15 @@ impl Pool {
     /// Get a connection for `key`: an idle one if any is healthy, else a new
     /// one, else the next one given back (or slot freed) after the sessions
     /// already waiting, within `acquire_timeout`.
-    pub async fn acquire(
+    pub(crate) async fn acquire(
         &self,
         key: &PoolKey,
         s: &AcquireSettings<'_>,
     ) -> Result<PooledConn, BackendError> {
-        let np = self.nodes.get(key.node).ok_or(BackendError::NoPrimary)?;
+        let np = self
+            .nodes
+            .get(key.node.index())
+            .ok_or(BackendError::NoPrimary)?;
         if let Some(c) = self.take_recent(key, Instant::now()) {
             return Ok(c);
         }
@@ -380,8 +389,8 @@ impl Pool {
                 Next::Idle(c) if c.is_healthy_idle() => return Ok(c),
                 Next::Idle(c) => {
                     tracing::debug!(
-                        node = key.node,
-                        pid = c.pid,
+                        node = %key.node,
+                        pid = c.cancel_key.pid,
                         "dropping a dead idle connection"
                     );
                 }
@@ -414,7 +423,7 @@ impl Pool {
         };
         // On failure the slot is dropped: it passes to the next waiter.
         let conn = BackendConn::connect(&params).await?;
-        tracing::debug!(node = key.node, pid = conn.pid, "opened backend connection");
+        tracing::debug!(node = %key.node, pid = conn.cancel_key.pid, "opened backend connection");
         np.opened_total.fetch_add(1, Ordering::Relaxed);
         if let Some(c) = &self.cluster {
             c.note_backend_connected(key.node);
@@ -429,8 +438,8 @@ impl Pool {
     /// An idle connection for `key` given back under [`RECENTLY_USED`] ago, if
     /// the most recently given back one is that: no waiting, no liveness check.
     /// The common case under transaction pooling.
-    pub fn take_recent(&self, key: &PoolKey, now: Instant) -> Option<PooledConn> {
-        let np = self.nodes.get(key.node)?;
+    pub(crate) fn take_recent(&self, key: &PoolKey, now: Instant) -> Option<PooledConn> {
+        let np = self.nodes.get(key.node.index())?;
         let mut st = np.lock();
         let conns = st.idle.get_mut(key)?;
         if now.saturating_duration_since(conns.last()?.last_used) < RECENTLY_USED {
@@ -443,8 +452,8 @@ impl Pool {
     /// Return an idle, reset connection to the pool: to the longest waiter for
     /// its key if there is one; closed, so its slot goes to the longest waiter,
     /// if only sessions of other keys wait; otherwise idle.
-    pub fn put_idle(&self, mut conn: PooledConn, now: Instant) {
-        let Some(np) = self.nodes.get(conn.key.node) else {
+    pub(crate) fn put_idle(&self, mut conn: PooledConn, now: Instant) {
+        let Some(np) = self.nodes.get(conn.key.node.index()) else {
             return;
         };
         if self.retiring.contains(conn.key.database(), now) {
@@ -489,7 +498,7 @@ impl Pool {
     }
 
     /// Close idle connections unused for longer than `idle_timeout`. Returns how many.
-    pub fn expire_idle(&self, idle_timeout: Duration) -> usize {
+    pub(crate) fn expire_idle(&self, idle_timeout: Duration) -> usize {
         let mut closed = 0;
         for np in &self.nodes {
             let mut expired = Vec::new();
@@ -510,8 +519,8 @@ impl Pool {
     }
 
     /// Close every idle connection of one node (e.g. when it went down).
-    pub fn close_idle(&self, node: usize) {
-        if let Some(np) = self.nodes.get(node) {
+    pub(crate) fn close_idle(&self, node: NodeId) {
+        if let Some(np) = self.nodes.get(node.index()) {
             let idle = std::mem::take(&mut np.lock().idle);
             drop(idle);
         }
@@ -523,7 +532,7 @@ impl Pool {
     /// needs the database without other sessions (`DROP DATABASE` …) is
     /// about to run, and PostgreSQL lets it wait a few seconds for them to
     /// leave. Connections in use stay. Returns how many were closed.
-    pub fn close_idle_database(&self, database: &str, now: Instant) -> usize {
+    pub(crate) fn close_idle_database(&self, database: &str, now: Instant) -> usize {
         self.retiring.start(database, now);
         let mut closed = Vec::new();
         for np in &self.nodes {
@@ -543,14 +552,14 @@ impl Pool {
 
     /// The statement that retired `database` ended: its connections are
     /// pooled again (unless another statement retired it too).
-    pub fn end_retiring(&self, database: &str) {
+    pub(crate) fn end_retiring(&self, database: &str) {
         self.retiring.end(database);
     }
 
     /// Open and idle counts for a node.
-    pub fn stats(&self, node: usize) -> NodePoolStats {
+    pub fn stats(&self, node: NodeId) -> NodePoolStats {
         self.nodes
-            .get(node)
+            .get(node.index())
             .map(|np| {
                 let st = np.lock();
                 NodePoolStats {
@@ -569,7 +578,7 @@ impl Pool {
     }
 
     /// Every idle connection of every node (for `SHOW POOL_POOLS`).
-    pub fn idle_connections(&self) -> Vec<IdleConnInfo> {
+    pub(crate) fn idle_connections(&self) -> Vec<IdleConnInfo> {
         let mut out = Vec::new();
         for np in &self.nodes {
             let st = np.lock();
@@ -579,7 +588,7 @@ impl Pool {
                         node: key.node,
                         user: key.user().to_string(),
                         database: key.startup.get(1).map(|p| p.1.clone()).unwrap_or_default(),
-                        pid: c.pid,
+                        pid: c.cancel_key.pid,
                         opened: super::conn::from_epoch_ms(c.opened_ms),
                         last_used: c.last_used,
                     });
@@ -637,6 +646,7 @@ fn evict_one(st: &mut NodeState) -> Option<PooledConn> {
 #[cfg(test)]
 mod tests {
     use super::{PoolKey, RETIRE_WINDOW, Retiring};
+    use crate::config::NodeId;
     use std::hash::BuildHasher;
     use std::time::Instant;
 
@@ -668,14 +678,14 @@ mod tests {
     #[test]
     fn keys_are_equal_exactly_when_their_parameters_are() {
         let a = PoolKey::new(
-            0,
+            NodeId::new(0),
             "app",
             "db",
             &[p("TimeZone", "UTC"), p("application_name", "x")],
         );
         // Same parameters in another order, built separately (not shared).
         let b = PoolKey::new(
-            0,
+            NodeId::new(0),
             "app",
             "db",
             &[p("application_name", "x"), p("TimeZone", "UTC")],
@@ -686,37 +696,37 @@ mod tests {
         assert_eq!(h.hash_one(&a), h.hash_one(&b));
         for other in [
             PoolKey::new(
-                1,
+                NodeId::new(1),
                 "app",
                 "db",
                 &[p("TimeZone", "UTC"), p("application_name", "x")],
             ),
             PoolKey::new(
-                0,
+                NodeId::new(0),
                 "bob",
                 "db",
                 &[p("TimeZone", "UTC"), p("application_name", "x")],
             ),
             PoolKey::new(
-                0,
+                NodeId::new(0),
                 "app",
                 "db2",
                 &[p("TimeZone", "UTC"), p("application_name", "x")],
             ),
             PoolKey::new(
-                0,
+                NodeId::new(0),
                 "app",
                 "db",
                 &[p("TimeZone", "UTC"), p("application_name", "y")],
             ),
-            PoolKey::new(0, "app", "db", &[p("TimeZone", "UTC")]),
+            PoolKey::new(NodeId::new(0), "app", "db", &[p("TimeZone", "UTC")]),
         ] {
             assert_ne!(a, other, "{other:?}");
         }
         // A user/database given again among the extras does not count twice.
         assert_eq!(a.user(), "app");
         let c = PoolKey::new(
-            0,
+            NodeId::new(0),
             "app",
             "db",
             &[

@@ -42,7 +42,7 @@ struct HeldStmt {
 /// Named prepared statements on one server connection (the unnamed statement
 /// is tracked apart, see [`super::conn::Unnamed`]).
 #[derive(Debug, Clone, Default)]
-pub struct HeldStatements {
+pub(crate) struct HeldStatements {
     /// Name → what the server holds under it.
     map: HashMap<Vec<u8>, HeldStmt>,
     /// Use counter (a logical clock for least-recently-used order).
@@ -51,32 +51,38 @@ pub struct HeldStatements {
 
 impl HeldStatements {
     /// Number of names that may exist on the server.
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.map.len()
     }
 
     /// Whether no named statement may exist on the server.
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.map.is_empty()
     }
 
     /// The names may still exist, but what they hold is no longer known (a
     /// reset query other than DISCARD ALL ran): each is closed before use.
-    pub fn forget_contents(&mut self) {
+    pub(crate) fn forget_contents(&mut self) {
         for h in self.map.values_mut() {
             h.made_by = None;
         }
     }
 
     /// Whether a statement may exist under `name`.
-    pub fn contains(&self, name: &[u8]) -> bool {
+    pub(crate) fn contains(&self, name: &[u8]) -> bool {
         self.map.contains_key(name)
     }
 
     /// The server made `name` from `frame` (its ParseComplete came, or an
     /// exchange that parsed it succeeded), of `shape` if that exchange
     /// described it.
-    pub fn made(&mut self, name: &[u8], frame: Bytes, shareable: bool, shape: Option<Shape>) {
+    pub(crate) fn made(
+        &mut self,
+        name: &[u8],
+        frame: Bytes,
+        shareable: bool,
+        shape: Option<Shape>,
+    ) {
         self.clock += 1;
         self.map.insert(
             name.to_vec(),
@@ -90,14 +96,14 @@ impl HeldStatements {
     }
 
     /// A Describe of `name` answered here with `shape`.
-    pub fn described(&mut self, name: &[u8], shape: Shape) {
+    pub(crate) fn described(&mut self, name: &[u8], shape: Shape) {
         if let Some(h) = self.map.get_mut(name) {
             h.shape = Some(shape);
         }
     }
 
     /// Something under `name` may exist, content unknown: closed before use.
-    pub fn unknown(&mut self, name: &[u8]) {
+    pub(crate) fn unknown(&mut self, name: &[u8]) {
         self.clock += 1;
         let clock = self.clock;
         self.map
@@ -115,12 +121,12 @@ impl HeldStatements {
     }
 
     /// The server no longer holds `name` (a Close of it succeeded).
-    pub fn closed(&mut self, name: &[u8]) {
+    pub(crate) fn closed(&mut self, name: &[u8]) {
         self.map.remove(name);
     }
 
     /// The server holds no named statement (DISCARD ALL, DEALLOCATE ALL).
-    pub fn clear(&mut self) {
+    pub(crate) fn clear(&mut self) {
         self.map.clear();
     }
 
@@ -132,7 +138,13 @@ impl HeldStatements {
     /// described it), the one here must be known to have it too, unless it
     /// is the session's own record without a known shape (the client parsed
     /// it here itself, and the server keeps its result fixed). Counts as a use.
-    pub fn is(&mut self, name: &[u8], own: &Bytes, clean: bool, own_shape: Option<Shape>) -> bool {
+    pub(crate) fn is(
+        &mut self,
+        name: &[u8],
+        own: &Bytes,
+        clean: bool,
+        own_shape: Option<Shape>,
+    ) -> bool {
         self.clock += 1;
         let clock = self.clock;
         let Some(h) = self.map.get_mut(name) else {
@@ -157,7 +169,7 @@ impl HeldStatements {
 
     /// Names to close to get back to `cap` entries, least recently used first,
     /// never one of `keep`.
-    pub fn excess(&self, cap: usize, keep: &[Vec<u8>]) -> Vec<Vec<u8>> {
+    pub(crate) fn excess(&self, cap: usize, keep: &[Vec<u8>]) -> Vec<Vec<u8>> {
         let over = self.map.len().saturating_sub(cap);
         if over == 0 {
             return Vec::new();
@@ -178,7 +190,7 @@ impl HeldStatements {
 
     /// Names that may exist here other than `own` (statements of other
     /// sessions, or unknown ones).
-    pub fn others(&self, own: &std::collections::HashSet<Vec<u8>>) -> Vec<Vec<u8>> {
+    pub(crate) fn others(&self, own: &std::collections::HashSet<Vec<u8>>) -> Vec<Vec<u8>> {
         self.map
             .keys()
             .filter(|n| !own.contains(*n))
@@ -187,7 +199,7 @@ impl HeldStatements {
     }
 
     /// Whether a name other than `own` may exist here.
-    pub fn has_others(&self, own: &std::collections::HashSet<Vec<u8>>) -> bool {
+    pub(crate) fn has_others(&self, own: &std::collections::HashSet<Vec<u8>>) -> bool {
         self.map.keys().any(|n| !own.contains(n))
     }
 }

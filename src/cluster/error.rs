@@ -15,23 +15,25 @@ use std::time::Duration;
 use super::events::{Phase, TransitionKind};
 use super::health::describe;
 
+use crate::config::NodeId;
+
 /// A query the coordinator ran on a node as the `[monitor]` role (its own
 /// connection, closed after) failed. Its text is one line, with the server's
 /// SQLSTATE when the node sent one, and never a password: it is shown in
 /// `SHOW PGPILOT_FAILOVER` and in hold reasons.
 #[derive(Debug, thiserror::Error)]
-pub enum NodeQueryError {
+pub(crate) enum NodeQueryError {
     /// No backend has that id.
     #[error("no node {node}")]
     NoSuchNode {
         /// The id asked for.
-        node: usize,
+        node: NodeId,
     },
     /// Connecting (or logging in) failed.
     #[error("{}", describe(.source))]
     Connect {
         /// The node.
-        node: usize,
+        node: NodeId,
         /// What tokio-postgres reported.
         #[source]
         source: tokio_postgres::Error,
@@ -40,7 +42,7 @@ pub enum NodeQueryError {
     #[error("{}", describe(.source))]
     Query {
         /// The node.
-        node: usize,
+        node: NodeId,
         /// What tokio-postgres reported.
         #[source]
         source: tokio_postgres::Error,
@@ -49,7 +51,7 @@ pub enum NodeQueryError {
     #[error("node {node}: no answer within {limit:?}")]
     Timeout {
         /// The node.
-        node: usize,
+        node: NodeId,
         /// The limit.
         limit: Duration,
     },
@@ -57,7 +59,7 @@ pub enum NodeQueryError {
     #[error("no row")]
     NoRow {
         /// The node.
-        node: usize,
+        node: NodeId,
     },
 }
 
@@ -65,7 +67,7 @@ pub enum NodeQueryError {
 /// the transition moved on without it. Never a fault of the step itself; the
 /// caller logs it and stops working on that transition.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum StepError {
+pub(crate) enum StepError {
     /// Another transition replaced it, or it ended (cancelled, failed,
     /// finished) while the step ran.
     #[error("transition {id} is no longer in progress")]
@@ -85,26 +87,26 @@ pub enum StepError {
     #[error("node {node} is held out of service")]
     Held {
         /// The node.
-        node: usize,
+        node: NodeId,
     },
 }
 
 /// An operator's node command (`ATTACH NODE`, `DETACH NODE`,
 /// `PROMOTE NODE`) was refused; nothing changed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum CommandError {
+pub(crate) enum CommandError {
     /// No backend has that id.
     #[error("there is no node {node}")]
     NoSuchNode {
         /// The id given.
-        node: usize,
+        node: NodeId,
     },
     /// The node is the old primary or the target of the transition in
     /// progress.
     #[error("node {node} is part of the {} in progress", .kind.as_str())]
     PartOfTransition {
         /// The node.
-        node: usize,
+        node: NodeId,
         /// The transition in progress.
         kind: TransitionKind,
     },
@@ -115,15 +117,15 @@ pub enum CommandError {
     )]
     SecondPrimary {
         /// The node to attach.
-        node: usize,
+        node: NodeId,
         /// The published primary.
-        primary: usize,
+        primary: NodeId,
     },
     /// `DETACH NODE` of the primary.
     #[error("node {node} is the primary: move the primary first with PROMOTE NODE <standby>")]
     DetachPrimary {
         /// The node.
-        node: usize,
+        node: NodeId,
     },
     /// `PROMOTE NODE` with `failover.mode = "none"`.
     #[error(
@@ -134,7 +136,7 @@ pub enum CommandError {
     #[error("node {node} is already the primary")]
     AlreadyPrimary {
         /// The node.
-        node: usize,
+        node: NodeId,
     },
     /// `PROMOTE NODE` of a node that is not an in-service standby.
     #[error(
@@ -144,7 +146,7 @@ pub enum CommandError {
     )]
     NotStandby {
         /// The node.
-        node: usize,
+        node: NodeId,
         /// Its status.
         status: super::NodeStatus,
         /// Its role.
@@ -181,7 +183,7 @@ impl StepError {
     pub(super) fn log(&self, step: &'static str) {
         match self {
             StepError::Held { node } => {
-                tracing::warn!(node, step, error = %self, "transition step refused")
+                tracing::warn!(%node, step, error = %self, "transition step refused")
             }
             StepError::Superseded { id } | StepError::AlreadyPromoted { id } => {
                 tracing::info!(transition = id, step, error = %self, "transition step not applied")
@@ -198,17 +200,22 @@ mod tests {
     #[test]
     fn refusals_keep_the_texts_operators_see() {
         let cases = [
-            (CommandError::NoSuchNode { node: 7 }, "there is no node 7"),
+            (
+                CommandError::NoSuchNode {
+                    node: NodeId::new(7),
+                },
+                "there is no node 7",
+            ),
             (
                 CommandError::PartOfTransition {
-                    node: 1,
+                    node: NodeId::new(1),
                     kind: TransitionKind::Failover,
                 },
                 "node 1 is part of the failover in progress",
             ),
             (
                 CommandError::NotStandby {
-                    node: 2,
+                    node: NodeId::new(2),
                     status: NodeStatus::Down,
                     role: Role::Unknown,
                 },
@@ -241,14 +248,19 @@ mod tests {
         use crate::cluster::promote::PromoteError;
         use crate::cluster::switchover::SwitchoverError;
         let timeout = NodeQueryError::Timeout {
-            node: 2,
+            node: NodeId::new(2),
             limit: Duration::from_secs(1),
         };
         assert_eq!(timeout.to_string(), "node 2: no answer within 1s");
         let none = PromoteError::NoneAnswered {
             errors: vec![
-                (1, PromoteError::NotInRecovery { node: 1 }),
-                (2, PromoteError::Query(timeout)),
+                (
+                    NodeId::new(1),
+                    PromoteError::NotInRecovery {
+                        node: NodeId::new(1),
+                    },
+                ),
+                (NodeId::new(2), PromoteError::Query(timeout)),
             ],
         };
         assert_eq!(
@@ -256,7 +268,7 @@ mod tests {
             "no candidate answered: node 1: node 1 is not in recovery; node 2: node 2: no answer within 1s"
         );
         let far = PromoteError::TooFarBehind {
-            node: 1,
+            node: NodeId::new(1),
             lsn: 0x1_0000_0000,
             reference: 0x1_0000_0100,
             behind: 256,
@@ -267,7 +279,7 @@ mod tests {
             "refused: the most advanced standby, node 1, is at 1/0, 256 bytes behind the failed primary's last known position 1/100 (failover.max_lag_bytes = 16); waiting (PROMOTE NODE 1 forces it)"
         );
         let diverged = FollowError::Diverged {
-            node: 2,
+            node: NodeId::new(2),
             replay: 0x30,
             switch: 0x20,
         };
@@ -275,7 +287,7 @@ mod tests {
             "diverged: replayed up to 0/30 past the new primary's timeline switch at 0/20;"
         ));
         let behind = SwitchoverError::NotCaughtUp {
-            node: 1,
+            node: NodeId::new(1),
             at: 0x10,
             wanted: 0x20,
         };

@@ -5,6 +5,8 @@
 
 use std::time::{Duration, Instant, SystemTime};
 
+use crate::config::NodeId;
+
 /// A primary change pgpilot drives.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TransitionKind {
@@ -69,36 +71,36 @@ impl Phase {
 pub struct TransitionStatus {
     /// Identifies the transition: every step the coordinator reports carries
     /// it, so a step of a cancelled transition cannot change a newer one.
-    pub id: u64,
+    pub(crate) id: u64,
     /// Failover or switchover.
     pub kind: TransitionKind,
     /// Current phase.
     pub phase: Phase,
     /// The primary being replaced.
-    pub old_primary: Option<usize>,
+    pub old_primary: Option<NodeId>,
     /// The node being promoted (candidate), then the new primary.
-    pub target: Option<usize>,
+    pub target: Option<NodeId>,
     /// A node an operator chose with `PROMOTE NODE` while the failover
     /// waited: promoted without the lag check.
-    pub forced: Option<usize>,
+    pub(crate) forced: Option<NodeId>,
     /// The old primary was demoted or replaced by someone else: no
     /// promotion, only the search for the new primary.
-    pub search_only: bool,
+    pub(crate) search_only: bool,
     /// A promotion was attempted: the old primary is fenced and the
     /// failover can no longer be cancelled by its return.
-    pub promoted: bool,
+    pub(crate) promoted: bool,
     /// When it started (wall clock, for display).
-    pub started: SystemTime,
+    pub(crate) started: SystemTime,
     /// When it started (for durations).
-    pub started_at: Instant,
+    pub(crate) started_at: Instant,
     /// When it ended.
-    pub finished: Option<SystemTime>,
+    pub(crate) finished: Option<SystemTime>,
     /// From start to the new primary being published.
-    pub duration: Option<Duration>,
+    pub(crate) duration: Option<Duration>,
     /// The latest step or the reason it waits / failed.
     pub detail: String,
     /// When the coordinator last tried this phase (Waiting retries).
-    pub attempted_at: Option<Instant>,
+    pub(crate) attempted_at: Option<Instant>,
 }
 
 /// Events counted for metrics (`pgpilot_failover_events_total{event}`).
@@ -135,7 +137,7 @@ pub enum Event {
 }
 
 /// Every event, in counter order.
-pub const EVENTS: [Event; 14] = [
+pub(crate) const EVENTS: [Event; 14] = [
     Event::FailoverStarted,
     Event::FailoverFinished,
     Event::FailoverFailed,
@@ -154,7 +156,7 @@ pub const EVENTS: [Event; 14] = [
 
 impl Event {
     /// The `event` label value.
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Event::FailoverStarted => "failover_started",
             Event::FailoverFinished => "failover_finished",
@@ -184,7 +186,7 @@ pub struct EventCounts([u64; EVENTS.len()]);
 
 impl EventCounts {
     /// Count one.
-    pub fn add(&mut self, e: Event) {
+    pub(crate) fn add(&mut self, e: Event) {
         self.0[e.index()] += 1;
     }
 
@@ -194,7 +196,7 @@ impl EventCounts {
     }
 
     /// (label, count) for every event.
-    pub fn all(&self) -> Vec<(&'static str, u64)> {
+    pub(crate) fn all(&self) -> Vec<(&'static str, u64)> {
         EVENTS.iter().map(|e| (e.as_str(), self.get(*e))).collect()
     }
 }

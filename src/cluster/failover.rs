@@ -46,7 +46,7 @@ use super::events::{Event, Phase, TransitionStatus};
 use super::health::probe_once;
 use super::hooks::{self, HookNodes};
 use super::{Cluster, NodeStatus, PgStatus, Role, follow, promote};
-use crate::config::{Config, FailoverMode};
+use crate::config::{Config, FailoverMode, NodeId};
 
 /// How often a waiting failover retries its candidate choice.
 const RETRY: Duration = Duration::from_secs(1);
@@ -60,7 +60,7 @@ const CONFIRM_PAUSE: Duration = Duration::from_millis(500);
 const SEARCH_PAUSE: Duration = Duration::from_millis(100);
 
 /// Run the coordinator until shutdown.
-pub async fn run(
+pub(crate) async fn run(
     cluster: Arc<Cluster>,
     config: Arc<ArcSwap<Config>>,
     mut shutdown: watch::Receiver<bool>,
@@ -115,7 +115,7 @@ async fn confirm_primary_failure(cluster: &Cluster, cfg: &Config) {
     let Some(p) = cluster.snapshot().primary else {
         return;
     };
-    let Some(backend) = cfg.backends.get(p) else {
+    let Some(backend) = cfg.backends.get(p.index()) else {
         return;
     };
     let hc = &cfg.health_check;
@@ -124,14 +124,14 @@ async fn confirm_primary_failure(cluster: &Cluster, cfg: &Config) {
         match probe_once(backend, &cfg.monitor, hc.timeout).await {
             Err(e) if !e.alive && e.timed_out && retries < hc.max_retries => {
                 retries += 1;
-                tracing::info!(node = p, attempt = retries, error = %e, "sessions lost the primary and a direct probe timed out; probing again");
+                tracing::info!(node = %p, attempt = retries, error = %e, "sessions lost the primary and a direct probe timed out; probing again");
                 tokio::time::sleep(hc.retry_delay.min(CONFIRM_PAUSE)).await;
                 if cluster.snapshot().primary != Some(p) {
                     return;
                 }
             }
             Err(e) if !e.alive => {
-                tracing::warn!(node = p, retries, error = %e, "sessions lost the primary and a direct probe cannot reach it");
+                tracing::warn!(node = %p, retries, error = %e, "sessions lost the primary and a direct probe cannot reach it");
                 cluster.primary_unreachable(
                     p,
                     format!("sessions lost their connections and a direct probe failed: {e}"),
@@ -140,12 +140,12 @@ async fn confirm_primary_failure(cluster: &Cluster, cfg: &Config) {
                 return;
             }
             Err(e) => {
-                tracing::info!(node = p, error = %e, "primary answers (alive); no failover");
+                tracing::info!(node = %p, error = %e, "primary answers (alive); no failover");
                 return;
             }
             Ok(_) => {
                 tracing::debug!(
-                    node = p,
+                    node = %p,
                     "session error, but the primary answers; no failover"
                 );
                 return;
@@ -185,7 +185,7 @@ async fn run_failover(cluster: &Arc<Cluster>, cfg: &Arc<Config>, t: TransitionSt
         };
         // The last look: an answering primary is never failed over.
         if let Some(o) = old
-            && let Some(b) = cfg.backends.get(o)
+            && let Some(b) = cfg.backends.get(o.index())
         {
             match probe_once(b, &cfg.monitor, cfg.health_check.timeout).await {
                 Ok(false) => {
@@ -206,12 +206,12 @@ async fn run_failover(cluster: &Arc<Cluster>, cfg: &Arc<Config>, t: TransitionSt
                 }
                 Ok(true) => {
                     tracing::info!(
-                        node = o,
+                        node = %o,
                         "last look: the old primary is in recovery now; promoting"
                     )
                 }
                 Err(e) => {
-                    tracing::info!(node = o, error = %e, "last look: the old primary is still unreachable; promoting")
+                    tracing::info!(node = %o, error = %e, "last look: the old primary is still unreachable; promoting")
                 }
             }
         }
@@ -221,17 +221,17 @@ async fn run_failover(cluster: &Arc<Cluster>, cfg: &Arc<Config>, t: TransitionSt
         }
         switch_lsn = Some(candidate.lsn);
         tracing::warn!(
-            node = candidate.node,
+            node = %candidate.node,
             mode = cfg.failover.mode.as_str(),
             "promoting"
         );
         match promote::promote(cfg, candidate.node, old).await {
             Ok(msg) => {
-                tracing::warn!(node = candidate.node, "{msg}");
+                tracing::warn!(node = %candidate.node, "{msg}");
                 cluster.count(Event::Promotion);
             }
             Err(e) => {
-                tracing::error!(node = candidate.node, error = %e, "promotion failed; still searching for a primary");
+                tracing::error!(node = %candidate.node, error = %e, "promotion failed; still searching for a primary");
                 cluster.count(Event::PromotionFailed);
             }
         }
@@ -252,7 +252,7 @@ async fn run_failover(cluster: &Arc<Cluster>, cfg: &Arc<Config>, t: TransitionSt
 
 /// Why the search for the new primary ended without one.
 #[derive(Debug, thiserror::Error)]
-pub enum SearchError {
+pub(crate) enum SearchError {
     /// The transition moved on while the search ran.
     #[error(transparent)]
     Step(#[from] StepError),
@@ -275,14 +275,14 @@ pub(super) async fn search(
     cfg: &Config,
     id: u64,
     timeout: Duration,
-) -> Result<usize, SearchError> {
+) -> Result<NodeId, SearchError> {
     let deadline = Instant::now() + timeout;
     let limit = cfg.health_check.timeout.min(Duration::from_secs(2));
     loop {
-        let asks: Vec<_> = (0..cfg.backends.len())
+        let asks: Vec<_> = NodeId::all(cfg.backends.len())
             .filter(|&n| !cluster.is_held(n))
             .map(|n| {
-                let b = cfg.backends[n].clone();
+                let b = cfg.backends[n.index()].clone();
                 let m = cfg.monitor.clone();
                 (
                     n,
@@ -300,8 +300,8 @@ pub(super) async fn search(
                     }
                 }
                 // Expected while nodes restart; the detail says what is missing.
-                Ok(Err(e)) => tracing::debug!(node = n, error = %e, "search: node did not answer"),
-                Err(e) => tracing::warn!(node = n, error = %e, "search: probe task failed"),
+                Ok(Err(e)) => tracing::debug!(node = %n, error = %e, "search: node did not answer"),
+                Err(e) => tracing::warn!(node = %n, error = %e, "search: probe task failed"),
             }
         }
         let detail = match primaries.as_slice() {
@@ -336,11 +336,11 @@ impl StandbyWatch {
         self.serving.resize(snap.nodes.len(), false);
         for n in &snap.nodes {
             let serving = n.status.is_usable() && n.role == Role::Standby;
-            let failed = self.serving[n.id]
+            let failed = self.serving[n.id.index()]
                 && n.status == NodeStatus::Down
                 && n.pg_status == PgStatus::Down
                 && Some(n.id) != snap.primary;
-            self.serving[n.id] = serving;
+            self.serving[n.id.index()] = serving;
             if failed && cfg.failover.mode == FailoverMode::Command {
                 let nodes = HookNodes {
                     failed: Some(n.id),
@@ -356,7 +356,7 @@ impl StandbyWatch {
                     if let Err(e) =
                         hooks::run("failover_command (standby down)", &line, limit).await
                     {
-                        tracing::warn!(node, error = %e, "failover_command for a failed standby did not succeed");
+                        tracing::warn!(%node, error = %e, "failover_command for a failed standby did not succeed");
                     }
                 });
             }

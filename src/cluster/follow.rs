@@ -58,17 +58,17 @@ use super::events::Event;
 use super::hooks::{self, HookError, HookNodes};
 use super::promote::monitor_query;
 use super::replication::{format_lsn, parse_lsn};
-use super::state::HoldKind;
+use super::state_machine::HoldKind;
 use super::{Cluster, ClusterSnapshot, PgStatus, Role};
-use crate::config::{Config, FailoverMode};
+use crate::config::{Config, FailoverMode, NodeId};
 
 /// How often standbys that returned after a failover are looked for.
-pub const RETURNING_PERIOD: Duration = Duration::from_secs(2);
+pub(crate) const RETURNING_PERIOD: Duration = Duration::from_secs(2);
 
 /// Why a standby cannot follow the new primary. The text is the reason its
 /// hold shows (`SHOW PGPILOT_NODES`), so it says how to bring it back.
 #[derive(Debug, thiserror::Error)]
-pub enum FollowError {
+pub(crate) enum FollowError {
     /// `follow_primary_command` failed.
     #[error(transparent)]
     Hook(#[from] HookError),
@@ -79,7 +79,7 @@ pub enum FollowError {
     #[error("node {node} is not in recovery: it cannot follow")]
     NotInRecovery {
         /// The node.
-        node: usize,
+        node: NodeId,
     },
     /// It replayed past the point where the new primary's timeline forked.
     #[error(
@@ -89,7 +89,7 @@ pub enum FollowError {
     )]
     Diverged {
         /// The node.
-        node: usize,
+        node: NodeId,
         /// Its replay position.
         replay: u64,
         /// Where the new timeline forked.
@@ -127,9 +127,9 @@ pub enum FollowError {
     )]
     NotStreaming {
         /// The standby.
-        node: usize,
+        node: NodeId,
         /// The new primary.
-        new: usize,
+        new: NodeId,
         /// `failover.follow_timeout`.
         limit: Duration,
         /// What the last look saw.
@@ -142,7 +142,7 @@ impl FollowError {
     /// reason to hold it out. It is re-pointed when it returns
     /// ([`watch_returning`]); a health check that has not yet noticed it
     /// down must not make it "cannot follow" for good.
-    fn standby_unreachable(&self, standby: usize) -> bool {
+    fn standby_unreachable(&self, standby: NodeId) -> bool {
         matches!(
             self,
             FollowError::Query(
@@ -155,11 +155,11 @@ impl FollowError {
 /// Re-point every reachable standby except `new` (and `old`, unless
 /// `include_old`) at `new`, each in its own task. `switch_lsn` is where the
 /// new primary's timeline forked, when known.
-pub fn spawn_all(
+pub(crate) fn spawn_all(
     cluster: Arc<Cluster>,
     cfg: Arc<Config>,
-    new: usize,
-    old: Option<usize>,
+    new: NodeId,
+    old: Option<NodeId>,
     switch_lsn: Option<u64>,
     include_old: bool,
 ) {
@@ -171,7 +171,7 @@ pub fn spawn_all(
         }
         if n.pg_status != PgStatus::Up {
             tracing::info!(
-                node = n.id,
+                node = %n.id,
                 "standby unreachable; not re-pointed (it will not be re-admitted until it streams from the new primary)"
             );
             continue;
@@ -181,14 +181,14 @@ pub fn spawn_all(
         tokio::spawn(async move {
             match follow_one(&cfg, node, new, old, switch_lsn).await {
                 Ok(()) => {
-                    tracing::warn!(node, primary = new, "standby follows the new primary");
+                    tracing::warn!(%node, primary = %new, "standby follows the new primary");
                     cluster.count(Event::Follow);
                 }
                 Err(why) if is_old => {
-                    tracing::warn!(node, reason = %why, "old primary not re-pointed; it stays fenced")
+                    tracing::warn!(%node, reason = %why, "old primary not re-pointed; it stays fenced")
                 }
                 Err(why) if why.standby_unreachable(node) => tracing::warn!(
-                    node,
+                    %node,
                     reason = %why,
                     "standby unreachable; re-pointed when it returns"
                 ),
@@ -200,13 +200,13 @@ pub fn spawn_all(
 
 /// Re-point standbys that returned after a failover (see the module docs),
 /// until shutdown.
-pub async fn watch_returning(
+pub(crate) async fn watch_returning(
     cluster: Arc<Cluster>,
     config: Arc<ArcSwap<Config>>,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let mut seen_before: HashSet<usize> = HashSet::new();
-    let mut running: HashMap<usize, tokio::task::JoinHandle<()>> = HashMap::new();
+    let mut seen_before: HashSet<NodeId> = HashSet::new();
+    let mut running: HashMap<NodeId, tokio::task::JoinHandle<()>> = HashMap::new();
     loop {
         tokio::select! {
             _ = tokio::time::sleep(RETURNING_PERIOD) => {}
@@ -241,16 +241,16 @@ pub async fn watch_returning(
                 seen_now.insert(n.id);
                 continue;
             }
-            tracing::warn!(node = n.id, primary, reason = %why, "standby returned; re-pointing it");
+            tracing::warn!(node = %n.id, %primary, reason = %why, "standby returned; re-pointing it");
             let (cluster, cfg, node) = (cluster.clone(), cfg.clone(), n.id);
             let task = tokio::spawn(async move {
                 match follow_one(&cfg, node, primary, None, None).await {
                     Ok(()) => {
-                        tracing::warn!(node, primary, "returned standby follows the primary");
+                        tracing::warn!(%node, %primary, "returned standby follows the primary");
                         cluster.count(Event::Follow);
                     }
                     Err(why) if why.standby_unreachable(node) => {
-                        tracing::info!(node, reason = %why, "returned standby unreachable again")
+                        tracing::info!(%node, reason = %why, "returned standby unreachable again")
                     }
                     Err(why) => cluster.cannot_follow(node, why.to_string()),
                 }
@@ -268,8 +268,8 @@ async fn not_following(
     cluster: &Cluster,
     cfg: &Config,
     snap: &ClusterSnapshot,
-    node: usize,
-    primary: usize,
+    node: NodeId,
+    primary: NodeId,
 ) -> Option<String> {
     let sql = "SELECT pg_is_in_recovery()::text, r.status::text, r.sender_host::text, \
                r.sender_port::text, r.received_tli::text \
@@ -294,7 +294,10 @@ async fn not_following(
     if let Some((i, _)) = fenced {
         return Some(format!("it streams from node {i}, a fenced old primary"));
     }
-    let primary_tli = snap.nodes.get(primary).and_then(|p| p.repl.timeline);
+    let primary_tli = snap
+        .nodes
+        .get(primary.index())
+        .and_then(|p| p.repl.timeline);
     match (col(4).parse::<u32>().ok(), primary_tli) {
         (Some(own), Some(p)) if own < p => Some(format!(
             "it streams on timeline {own}, the primary is on timeline {p}"
@@ -306,9 +309,9 @@ async fn not_following(
 /// Re-point standby `node` at `new`, then wait until it streams from it.
 async fn follow_one(
     cfg: &Config,
-    node: usize,
-    new: usize,
-    old: Option<usize>,
+    node: NodeId,
+    new: NodeId,
+    old: Option<NodeId>,
     switch_lsn: Option<u64>,
 ) -> Result<(), FollowError> {
     let f = &cfg.failover;
@@ -333,8 +336,8 @@ async fn follow_one(
 /// The built-in re-pointing (see the module docs).
 async fn repoint(
     cfg: &Config,
-    node: usize,
-    new: usize,
+    node: NodeId,
+    new: NodeId,
     switch_lsn: Option<u64>,
 ) -> Result<(), FollowError> {
     let limit = cfg.health_check.timeout;
@@ -364,8 +367,8 @@ async fn repoint(
     // WAL on the new primary.
     ensure_slot(cfg, node, new, &col(4)).await?;
     let current = col(1);
-    let b = &cfg.backends[new];
-    let app = &cfg.backends[node].application_name;
+    let b = &cfg.backends[new.index()];
+    let app = &cfg.backends[node.index()].application_name;
     let wanted = repointed_conninfo(&current, &b.host, b.port, app).ok_or_else(|| {
         FollowError::Conninfo {
             conninfo: current.clone(),
@@ -379,8 +382,8 @@ async fn repoint(
         monitor_query(cfg, node, &alter, limit).await?;
         monitor_query(cfg, node, "SELECT pg_reload_conf()", limit).await?;
         tracing::info!(
-            node,
-            primary = new,
+            %node,
+            primary = %new,
             "primary_conninfo re-pointed and reloaded"
         );
     }
@@ -390,7 +393,12 @@ async fn repoint(
 /// Create physical slot `slot` (standby `node`'s `primary_slot_name`; empty:
 /// none) on `new` unless it exists there, reserving WAL at once so the
 /// standby streams on without a gap.
-async fn ensure_slot(cfg: &Config, node: usize, new: usize, slot: &str) -> Result<(), FollowError> {
+async fn ensure_slot(
+    cfg: &Config,
+    node: NodeId,
+    new: NodeId,
+    slot: &str,
+) -> Result<(), FollowError> {
     if slot.is_empty() {
         return Ok(());
     }
@@ -419,15 +427,15 @@ async fn ensure_slot(cfg: &Config, node: usize, new: usize, slot: &str) -> Resul
     };
     if rows.is_empty() {
         tracing::info!(
-            node,
-            primary = new,
+            %node,
+            primary = %new,
             slot,
             "replication slot already on the new primary"
         );
     } else {
         tracing::warn!(
-            node,
-            primary = new,
+            %node,
+            primary = %new,
             slot,
             "replication slot created on the new primary"
         );
@@ -438,12 +446,12 @@ async fn ensure_slot(cfg: &Config, node: usize, new: usize, slot: &str) -> Resul
 /// Wait until `node`'s WAL receiver streams from `new`.
 async fn wait_streaming(
     cfg: &Config,
-    node: usize,
-    new: usize,
+    node: NodeId,
+    new: NodeId,
     limit: Duration,
 ) -> Result<(), FollowError> {
     let deadline = Instant::now() + limit;
-    let b = &cfg.backends[new];
+    let b = &cfg.backends[new.index()];
     let sql = "SELECT status, sender_host, sender_port FROM pg_stat_wal_receiver";
     loop {
         let last = match monitor_query(cfg, node, sql, Duration::from_secs(2)).await {
@@ -474,7 +482,12 @@ async fn wait_streaming(
 /// `conninfo` with `host`/`port` replaced (and `hostaddr` dropped, as it
 /// would win over `host`); `application_name` added when missing and
 /// configured. `None` for a URI or an unparsable string.
-pub fn repointed_conninfo(conninfo: &str, host: &str, port: u16, app: &str) -> Option<String> {
+pub(crate) fn repointed_conninfo(
+    conninfo: &str,
+    host: &str,
+    port: u16,
+    app: &str,
+) -> Option<String> {
     let t = conninfo.trim_start();
     if t.starts_with("postgres://") || t.starts_with("postgresql://") {
         return None;

@@ -24,15 +24,15 @@ use tokio::sync::watch;
 
 use super::Cluster;
 use super::monitor_conn::MonitorConn;
-use super::state::Admission;
-use crate::config::{Backend, Config, Monitor};
+use super::state_machine::Admission;
+use crate::config::{Backend, Config, Monitor, NodeId};
 
 /// Longest spacing between two session-triggered rounds of one node.
-pub const MIN_EARLY_GAP: Duration = Duration::from_millis(500);
+pub(crate) const MIN_EARLY_GAP: Duration = Duration::from_millis(500);
 
 /// Called after every attempt with (node, attempt duration, success): how the
 /// metrics layer observes checks without the cluster depending on it.
-pub type CheckObserver = Arc<dyn Fn(usize, Duration, bool) + Send + Sync>;
+pub(crate) type CheckObserver = Arc<dyn Fn(NodeId, Duration, bool) + Send + Sync>;
 
 /// Counters of one node's health checks, with pgpool's meanings: a *check* is a
 /// round (first attempt plus retries).
@@ -41,29 +41,29 @@ pub struct HealthStats {
     /// Rounds run.
     pub total_count: u64,
     /// Rounds that ended with an answer.
-    pub success_count: u64,
+    pub(crate) success_count: u64,
     /// Rounds where every attempt failed (each one a `down` verdict).
     pub fail_count: u64,
     /// Rounds skipped (pgpilot never skips: always 0, kept for pgpool's column).
-    pub skip_count: u64,
+    pub(crate) skip_count: u64,
     /// Retries, all rounds together.
-    pub retry_count: u64,
+    pub(crate) retry_count: u64,
     /// Most retries in one round.
-    pub max_retry_count: u32,
+    pub(crate) max_retry_count: u32,
     /// Sum of round durations (for the average).
-    pub total_duration: Duration,
+    pub(crate) total_duration: Duration,
     /// Longest round.
-    pub max_duration: Duration,
+    pub(crate) max_duration: Duration,
     /// Shortest round (`None` before the first).
-    pub min_duration: Option<Duration>,
+    pub(crate) min_duration: Option<Duration>,
     /// When the latest round ended.
-    pub last_health_check: Option<SystemTime>,
+    pub(crate) last_health_check: Option<SystemTime>,
     /// When the latest successful round ended.
-    pub last_successful_health_check: Option<SystemTime>,
+    pub(crate) last_successful_health_check: Option<SystemTime>,
     /// When the latest failed round ended.
-    pub last_failed_health_check: Option<SystemTime>,
+    pub(crate) last_failed_health_check: Option<SystemTime>,
     /// When a round was last skipped (never).
-    pub last_skip_health_check: Option<SystemTime>,
+    pub(crate) last_skip_health_check: Option<SystemTime>,
 }
 
 impl HealthStats {
@@ -86,7 +86,7 @@ impl HealthStats {
     }
 
     /// Mean retries per round.
-    pub fn average_retry_count(&self) -> f64 {
+    pub(crate) fn average_retry_count(&self) -> f64 {
         let n = self.total_count - self.skip_count;
         if n == 0 {
             0.0
@@ -96,7 +96,7 @@ impl HealthStats {
     }
 
     /// Mean round duration.
-    pub fn average_duration(&self) -> Duration {
+    pub(crate) fn average_duration(&self) -> Duration {
         let n = self.total_count - self.skip_count;
         if n == 0 {
             Duration::ZERO
@@ -112,34 +112,34 @@ pub(super) struct Round {
     /// `Ok(in_recovery)` or the last attempt's error (whose
     /// [`ProbeError::alive`] says whether a running server answered it: such
     /// a primary is not failed over).
-    pub outcome: Result<bool, ProbeError>,
+    pub(crate) outcome: Result<bool, ProbeError>,
     /// Attempts after the first.
-    pub retries: u32,
+    pub(crate) retries: u32,
     /// From the first attempt's start to the end.
-    pub duration: Duration,
+    pub(crate) duration: Duration,
     /// When the last attempt started: a role it reports is older than any
     /// direct observation made after this instant.
-    pub started: Instant,
+    pub(crate) started: Instant,
 }
 
 /// A failed probe. Plain data (it is kept in the cluster state and compared
 /// in tests), so the tokio-postgres error is kept as its one-line text.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{message}")]
-pub struct ProbeError {
+pub(crate) struct ProbeError {
     /// One line, without passwords.
-    pub message: String,
+    pub(crate) message: String,
     /// The node answered with an error that shows a server running and
     /// serving (too many connections, authentication, missing database …),
     /// as opposed to no answer, or `57P0x` (shutting down, starting up,
     /// recovering from a crash) and `08xxx`. Why it matters: a client can
     /// make a healthy primary refuse connections (exhaust `max_connections`);
     /// that must never start a failover.
-    pub alive: bool,
+    pub(crate) alive: bool,
     /// No answer within the limit (the connect or the whole probe timed
     /// out): the node may be merely busy, so one such failure is not
     /// decisive. A refused or reset connection is not a timeout.
-    pub timed_out: bool,
+    pub(crate) timed_out: bool,
 }
 
 impl ProbeError {
@@ -166,12 +166,12 @@ impl ProbeError {
 
 impl Cluster {
     /// An attempt failed and will be retried: live status only, no verdict.
-    fn record_attempt_failure(&self, node: usize, error: &str) {
+    fn record_attempt_failure(&self, node: NodeId, error: &str) {
         self.update(|o| o.attempt_failed(node, error));
     }
 
     /// A round finished: update status (with admission rules) and statistics.
-    fn record_round(&self, node: usize, round: Round, config: &Config) {
+    fn record_round(&self, node: NodeId, round: Round, config: &Config) {
         let adm = Admission::from(config);
         self.update(|o| o.round_finished(node, round, SystemTime::now(), adm));
     }
@@ -180,7 +180,7 @@ impl Cluster {
 /// One attempt on a new connection, closed afterwards: connect and ask
 /// `pg_is_in_recovery()`, all within `limit`. Returns the answer or a one-line
 /// error (no password in it). Failover uses it for its last looks.
-pub async fn probe_once(
+pub(crate) async fn probe_once(
     backend: &Backend,
     monitor: &Monitor,
     limit: Duration,
@@ -274,7 +274,7 @@ pub(super) fn describe(e: &tokio_postgres::Error) -> String {
 
 /// One round: first attempt plus up to `max_retries` retries.
 async fn run_round(
-    node: usize,
+    node: NodeId,
     kept: &mut Option<MonitorConn>,
     cluster: &Cluster,
     cfg: &Config,
@@ -282,12 +282,12 @@ async fn run_round(
     shutdown: &mut watch::Receiver<bool>,
 ) -> Option<Round> {
     let hc = &cfg.health_check;
-    let backend = cfg.backends.get(node)?;
+    let backend = cfg.backends.get(node.index())?;
     // A node already down fails every round: keep the log quiet about it.
     let was_down = cluster
         .snapshot()
         .nodes
-        .get(node)
+        .get(node.index())
         .is_some_and(|n| !n.status.is_usable());
     let started = Instant::now();
     let mut retries = 0;
@@ -313,9 +313,9 @@ async fn run_round(
             }
             Err(e) if retries < hc.max_retries => {
                 if was_down {
-                    tracing::debug!(node, attempt = retries + 1, error = %e, "health check failed; retrying");
+                    tracing::debug!(%node, attempt = retries + 1, error = %e, "health check failed; retrying");
                 } else {
-                    tracing::info!(node, attempt = retries + 1, error = %e, "health check failed; retrying");
+                    tracing::info!(%node, attempt = retries + 1, error = %e, "health check failed; retrying");
                 }
                 cluster.record_attempt_failure(node, &e.message);
                 retries += 1;
@@ -337,8 +337,8 @@ async fn run_round(
 }
 
 /// Check `node` every `health_check.period` (or early on request) until shutdown.
-pub async fn run_node(
-    node: usize,
+pub(crate) async fn run_node(
+    node: NodeId,
     cluster: Arc<Cluster>,
     config: Arc<ArcSwap<Config>>,
     observer: CheckObserver,
@@ -363,7 +363,7 @@ pub async fn run_node(
         let was_usable = cluster
             .snapshot()
             .nodes
-            .get(node)
+            .get(node.index())
             .is_some_and(|n| n.status.is_usable());
         let Some(round) =
             run_round(node, &mut kept, &cluster, &cfg, &observer, &mut shutdown).await
@@ -372,9 +372,9 @@ pub async fn run_node(
         };
         if let Err(e) = &round.outcome {
             if was_usable {
-                tracing::warn!(node, retries = round.retries, error = %e, "health check failed after all retries");
+                tracing::warn!(%node, retries = round.retries, error = %e, "health check failed after all retries");
             } else {
-                tracing::debug!(node, error = %e, "node still unreachable");
+                tracing::debug!(%node, error = %e, "node still unreachable");
             }
         }
         cluster.record_round(node, round, &cfg);
@@ -387,7 +387,7 @@ pub async fn run_node(
 /// accepted, so the primary is known from the start. A node that does not
 /// answer is marked down at once (it never was in service); its health task
 /// re-admits it when it answers.
-pub async fn initial_check(cluster: &Cluster, config: &Config, observer: &CheckObserver) {
+pub(crate) async fn initial_check(cluster: &Cluster, config: &Config, observer: &CheckObserver) {
     let tasks: Vec<_> = config
         .backends
         .iter()
@@ -402,7 +402,7 @@ pub async fn initial_check(cluster: &Cluster, config: &Config, observer: &CheckO
             })
         })
         .collect();
-    for (node, t) in tasks.into_iter().enumerate() {
+    for (node, t) in NodeId::all(tasks.len()).zip(tasks) {
         let (outcome, t0, duration) = t.await.unwrap_or_else(|e| {
             let e = ProbeError {
                 message: format!("check task failed: {e}"),
@@ -413,7 +413,7 @@ pub async fn initial_check(cluster: &Cluster, config: &Config, observer: &CheckO
         });
         observer(node, duration, outcome.is_ok());
         if let Err(e) = &outcome {
-            tracing::warn!(node, error = %e, "node did not answer the initial health check");
+            tracing::warn!(%node, error = %e, "node did not answer the initial health check");
         }
         let round = Round {
             outcome,

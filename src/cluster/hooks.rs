@@ -23,11 +23,11 @@ use std::time::Duration;
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 
-use crate::config::Config;
+use crate::config::{Config, NodeId};
 
 /// Why a hook did not succeed; each text starts with the hook's name.
 #[derive(Debug, thiserror::Error)]
-pub enum HookError {
+pub(crate) enum HookError {
     /// `sh` could not be started.
     #[error("{name}: cannot run sh: {source}")]
     Spawn {
@@ -68,20 +68,20 @@ pub enum HookError {
 
 /// The nodes a hook is about.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct HookNodes {
+pub(crate) struct HookNodes {
     /// `%d %h %p %D`: the failed node, or the standby a follow hook re-points.
-    pub failed: Option<usize>,
+    pub(crate) failed: Option<NodeId>,
     /// `%m %H %r %R`: the new primary (the candidate, for failover_command).
-    pub new_primary: Option<usize>,
+    pub(crate) new_primary: Option<NodeId>,
     /// `%M %P %N %S`: the old primary.
-    pub old_primary: Option<usize>,
+    pub(crate) old_primary: Option<NodeId>,
 }
 
 /// `template` with pgpool's placeholders replaced for `nodes`.
-pub fn expand(template: &str, cfg: &Config, nodes: HookNodes) -> String {
-    let id = |n: Option<usize>| n.map_or("-1".to_string(), |n| n.to_string());
-    let field = |n: Option<usize>, f: fn(&crate::config::Backend) -> String| {
-        n.and_then(|n| cfg.backends.get(n))
+pub(crate) fn expand(template: &str, cfg: &Config, nodes: HookNodes) -> String {
+    let id = |n: Option<NodeId>| n.map_or("-1".to_string(), |n| n.to_string());
+    let field = |n: Option<NodeId>, f: fn(&crate::config::Backend) -> String| {
+        n.and_then(|n| cfg.backends.get(n.index()))
             .map(f)
             .unwrap_or_default()
     };
@@ -121,7 +121,11 @@ pub fn expand(template: &str, cfg: &Config, nodes: HookNodes) -> String {
 
 /// Run `command` through `sh -c` within `limit`; `name` labels the logs.
 /// `Ok` with a summary on exit status 0, `Err` with the reason otherwise.
-pub async fn run(name: &'static str, command: &str, limit: Duration) -> Result<String, HookError> {
+pub(crate) async fn run(
+    name: &'static str,
+    command: &str,
+    limit: Duration,
+) -> Result<String, HookError> {
     tracing::info!(hook = name, %command, "running hook");
     let started = std::time::Instant::now();
     let mut cmd = tokio::process::Command::new("sh");
@@ -197,9 +201,9 @@ mod tests {
     #[test]
     fn expands_every_pgpool_placeholder() {
         let nodes = HookNodes {
-            failed: Some(0),
-            new_primary: Some(2),
-            old_primary: Some(0),
+            failed: Some(NodeId::new(0)),
+            new_primary: Some(NodeId::new(2)),
+            old_primary: Some(NodeId::new(0)),
         };
         let got = expand(
             "f %d %h %p %D %m %H %M %P %r %R %N %S %% %%d",
@@ -208,9 +212,9 @@ mod tests {
         );
         assert_eq!(got, "f 0 db0 5432 /pg/0 2 db2 0 0 5434 /pg/2 db0 5432 % %d");
         let none = HookNodes {
-            failed: Some(1),
+            failed: Some(NodeId::new(1)),
             new_primary: None,
-            old_primary: Some(0),
+            old_primary: Some(NodeId::new(0)),
         };
         assert_eq!(expand("%m|%H|%R|%d", &cfg(), none), "-1|||1");
         // The seed article's failover_command.

@@ -20,18 +20,18 @@ use crate::config::SrCheck;
 /// The knobs of the curve, copied from `[sr_check]` each round (so a reload
 /// applies at the next round) and published in every snapshot.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct LagPolicy {
+pub(crate) struct LagPolicy {
     /// Byte lag above which a standby gets weight 0; 0 = no limit.
-    pub delay_threshold_bytes: u64,
+    pub(crate) delay_threshold_bytes: u64,
     /// Time lag above which a standby gets weight 0; zero = no limit.
-    pub delay_threshold_time: Duration,
+    pub(crate) delay_threshold_time: Duration,
     /// Byte lag that halves the weight; 0 = bytes do not lower the weight.
-    pub half_weight_lag_bytes: u64,
+    pub(crate) half_weight_lag_bytes: u64,
     /// Time lag that halves the weight; zero = time does not lower the weight.
-    pub half_weight_lag: Duration,
+    pub(crate) half_weight_lag: Duration,
     /// Move a session whose standby crossed a threshold to another standby
     /// (rather than to the primary): pgpool's `prefer_lower_delay_standby`.
-    pub prefer_lower_delay_standby: bool,
+    pub(crate) prefer_lower_delay_standby: bool,
 }
 
 impl Default for LagPolicy {
@@ -55,12 +55,12 @@ impl From<&SrCheck> for LagPolicy {
 impl LagPolicy {
     /// Whether replication delay is judged in time (pgpool shows
     /// `replication_delay` in seconds then).
-    pub fn by_time(&self) -> bool {
+    pub(crate) fn by_time(&self) -> bool {
         !self.delay_threshold_time.is_zero()
     }
 
     /// The factor (0..=1) a standby's weight is multiplied by for its lag.
-    pub fn factor(&self, lag_bytes: Option<u64>, lag_seconds: Option<f64>) -> f64 {
+    pub(crate) fn factor(&self, lag_bytes: Option<u64>, lag_seconds: Option<f64>) -> f64 {
         let mut f = 1.0;
         if let Some(b) = lag_bytes {
             if self.delay_threshold_bytes > 0 && b > self.delay_threshold_bytes {

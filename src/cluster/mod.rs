@@ -25,26 +25,26 @@
 //!   re-points the other standbys ([`follow`]); the old primary is fenced.
 //!   [`switchover`] runs `PROMOTE NODE` (planned), and admin commands attach
 //!   and detach nodes. Why this never publishes two primaries is written
-//!   down in `state/transition.rs`.
+//!   down in `state_machine/transition.rs`.
 //!
 //! Sessions, the router, admin commands and metrics only read snapshots (an
 //! `Arc` load, no lock). The state machine itself (admission, false primaries,
-//! auto_failback, weights) lives in `state.rs` as plain functions over data, so
+//! auto_failback, weights) lives in `state_machine/mod.rs` as plain functions over data, so
 //! it is unit-tested without a network.
 
-pub mod error;
+pub(crate) mod error;
 pub mod events;
-pub mod failover;
-pub mod follow;
-pub mod health;
-pub mod hooks;
-pub mod lag;
-pub mod monitor_conn;
-pub mod promote;
+pub(crate) mod failover;
+pub(crate) mod follow;
+pub(crate) mod health;
+pub(crate) mod hooks;
+pub(crate) mod lag;
+pub(crate) mod monitor_conn;
+pub(crate) mod promote;
 pub mod replication;
-pub mod slots;
-mod state;
-pub mod switchover;
+pub(crate) mod slots;
+mod state_machine;
+pub(crate) mod switchover;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -53,13 +53,13 @@ use std::time::{Duration, SystemTime};
 use arc_swap::ArcSwap;
 use tokio::sync::{Notify, watch};
 
-use crate::config::{Backend, Config, Monitor};
-pub use error::{CommandError, StepError};
-pub use events::FailoverReport;
-pub use health::HealthStats;
-pub use lag::LagPolicy;
-pub(crate) use state::HoldKind;
-use state::{Admission, Owner};
+use crate::config::{Backend, Config, Monitor, NodeId};
+pub(crate) use error::{CommandError, StepError};
+pub(crate) use events::FailoverReport;
+pub(crate) use health::HealthStats;
+pub(crate) use lag::LagPolicy;
+pub(crate) use state_machine::HoldKind;
+use state_machine::{Admission, Owner};
 
 /// pgpilot's own view of a node: does it get traffic?
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -84,7 +84,7 @@ impl NodeStatus {
 
     /// pgpool's spelling: `up`, `waiting`, `down` (`Unknown` shows as `down`:
     /// it gets no traffic).
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             NodeStatus::Up => "up",
             NodeStatus::Waiting => "waiting",
@@ -96,7 +96,7 @@ impl NodeStatus {
 /// Live reachability: the result of the latest health-check attempt
 /// (pgpool's `pg_status`). Unlike [`NodeStatus`] it has no hysteresis.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PgStatus {
+pub(crate) enum PgStatus {
     /// Never checked.
     Unknown,
     /// The latest attempt connected and got an answer.
@@ -107,7 +107,7 @@ pub enum PgStatus {
 
 impl PgStatus {
     /// `up`, `down` or `unknown`.
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             PgStatus::Up => "up",
             PgStatus::Down => "down",
@@ -118,7 +118,7 @@ impl PgStatus {
 
 /// Role as reported by `pg_is_in_recovery()` (the node's own claim).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Role {
+pub(crate) enum Role {
     /// Not known (never reached).
     Unknown,
     /// Not in recovery.
@@ -129,7 +129,7 @@ pub enum Role {
 
 impl Role {
     /// `primary`, `standby` or `unknown`.
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Role::Primary => "primary",
             Role::Standby => "standby",
@@ -143,62 +143,62 @@ impl Role {
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct ReplicationView {
     /// When this node was last asked (wall clock, for display).
-    pub checked_at: Option<SystemTime>,
+    pub(crate) checked_at: Option<SystemTime>,
     /// Primary: `pg_current_wal_lsn()`. Standby: `pg_last_wal_replay_lsn()`.
-    pub lsn: Option<u64>,
+    pub(crate) lsn: Option<u64>,
     /// Standby: `pg_last_wal_receive_lsn()` (received, maybe not replayed).
-    pub receive_lsn: Option<u64>,
+    pub(crate) receive_lsn: Option<u64>,
     /// Standby: primary LSN − replay LSN (0 for the primary).
     pub lag_bytes: Option<u64>,
     /// Standby: how far behind in time (0 for the primary; see
     /// `replication.rs` for how it is estimated).
-    pub lag_seconds: Option<f64>,
+    pub(crate) lag_seconds: Option<f64>,
     /// Standby: `pg_is_wal_replay_paused()`.
     pub replay_paused: Option<bool>,
     /// Standby: `pg_last_xact_replay_timestamp()`.
-    pub last_replay_at: Option<SystemTime>,
+    pub(crate) last_replay_at: Option<SystemTime>,
     /// `pg_stat_replication.state` for this standby on the primary
     /// (`streaming`, `catchup` …), matched by application name; empty if none.
     pub state: String,
     /// `pg_stat_replication.sync_state` (`async`, `sync`, `potential`, `quorum`).
-    pub sync_state: String,
+    pub(crate) sync_state: String,
     /// Timeline: the primary's current one, or the standby's received one.
-    pub timeline: Option<u32>,
+    pub(crate) timeline: Option<u32>,
     /// The name the standby shows in `pg_stat_replication` (configured
     /// `application_name`, else detected from its WAL receiver).
-    pub application_name: String,
+    pub(crate) application_name: String,
     /// Whether the primary shows this standby streaming (auto_failback needs it).
-    pub streaming_from_primary: bool,
+    pub(crate) streaming_from_primary: bool,
     /// The standby is on another timeline than the primary: it diverged and
     /// gets no reads.
     pub timeline_mismatch: bool,
     /// Why the data is missing or suspicious (query error, role or timeline
     /// mismatch); shown in `SHOW PGPILOT_NODES`.
-    pub issue: Option<String>,
+    pub(crate) issue: Option<String>,
 }
 
 /// One node as of a snapshot.
 #[derive(Debug, Clone)]
 pub struct NodeView {
     /// Position in `backends`.
-    pub id: usize,
+    pub id: NodeId,
     /// Configured host.
-    pub host: String,
+    pub(crate) host: String,
     /// Configured port.
-    pub port: u16,
+    pub(crate) port: u16,
     /// Configured weight.
-    pub weight: f64,
+    pub(crate) weight: f64,
     /// pgpilot's view: does the node get traffic (with hysteresis).
     pub status: NodeStatus,
     /// Live reachability from the latest health-check attempt.
-    pub pg_status: PgStatus,
+    pub(crate) pg_status: PgStatus,
     /// Live role from the latest successful health check (the node's claim;
     /// the chosen primary is [`ClusterSnapshot::primary`]).
-    pub role: Role,
+    pub(crate) role: Role,
     /// When `status` or `role` last changed.
-    pub last_change: SystemTime,
+    pub(crate) last_change: SystemTime,
     /// Latest health-check error, shown to operators (cleared on success).
-    pub last_error: Option<String>,
+    pub(crate) last_error: Option<String>,
     /// Why a reachable node is kept out of service (false primary, waiting for
     /// auto_failback); `None` when it is not held out.
     pub held_out: Option<String>,
@@ -215,11 +215,11 @@ pub struct ClusterSnapshot {
     /// All configured nodes, by id.
     pub nodes: Vec<NodeView>,
     /// The node writes go to, if one is known and in service.
-    pub primary: Option<usize>,
+    pub primary: Option<NodeId>,
     /// The lag curve and thresholds the weights were computed with.
-    pub lag_policy: LagPolicy,
+    pub(crate) lag_policy: LagPolicy,
     /// Increases with every published snapshot.
-    pub generation: u64,
+    pub(crate) generation: u64,
 }
 
 impl ClusterSnapshot {
@@ -228,8 +228,8 @@ impl ClusterSnapshot {
             nodes: backends
                 .iter()
                 .enumerate()
-                .map(|(id, b)| NodeView {
-                    id,
+                .map(|(i, b)| NodeView {
+                    id: NodeId::new(i),
                     host: b.host.clone(),
                     port: b.port,
                     weight: b.weight,
@@ -255,7 +255,7 @@ impl ClusterSnapshot {
     /// Whether a primary is known and in service (what `/healthz` reports).
     pub fn has_primary(&self) -> bool {
         self.primary
-            .and_then(|p| self.nodes.get(p))
+            .and_then(|p| self.nodes.get(p.index()))
             .is_some_and(|n| n.status.is_usable())
     }
 }
@@ -297,7 +297,7 @@ const VERDICT_WAIT: Duration = Duration::from_secs(1);
 
 impl Cluster {
     /// State for the configured backends, all unknown.
-    pub fn new(backends: &[Backend]) -> Cluster {
+    pub(crate) fn new(backends: &[Backend]) -> Cluster {
         let snap = ClusterSnapshot::initial(backends);
         Cluster {
             snapshot: ArcSwap::from_pointee(snap.clone()),
@@ -316,7 +316,7 @@ impl Cluster {
 
     /// The primary's physical replication slots, with the standby using each
     /// and whether it is stale (see [`slots`]).
-    pub fn replication_slots(&self) -> Arc<Vec<slots::SlotInfo>> {
+    pub(crate) fn replication_slots(&self) -> Arc<Vec<slots::SlotInfo>> {
         self.slots.load_full()
     }
 
@@ -328,11 +328,11 @@ impl Cluster {
     /// The primary's id, waiting up to `normal` for one — or up to
     /// `during_failover` (`failover.client_wait_timeout`) while a failover
     /// or switchover is in progress, re-judged on every change.
-    pub async fn wait_primary_for(
+    pub(crate) async fn wait_primary_for(
         &self,
         normal: Duration,
         during_failover: Duration,
-    ) -> Option<usize> {
+    ) -> Option<NodeId> {
         let start = tokio::time::Instant::now();
         loop {
             let notified = self.changed.notified();
@@ -359,7 +359,7 @@ impl Cluster {
     /// primary and `detect_on_session_error` is on, waits (≤ 1 s) for the
     /// coordinator's direct probe. Returns whether a failover is in progress,
     /// so the session can tell its client so.
-    pub async fn session_lost(&self, node: usize) -> bool {
+    pub(crate) async fn session_lost(&self, node: NodeId) -> bool {
         if self.failover_in_progress() {
             self.report_session_error(node);
             return true;
@@ -395,14 +395,14 @@ impl Cluster {
 
     /// `ATTACH NODE n`: lift the node's hold (detached, fenced, cannot
     /// follow) and admit it. The message says what happened.
-    pub fn attach(&self, node: usize, config: &Config) -> Result<String, CommandError> {
+    pub(crate) fn attach(&self, node: NodeId, config: &Config) -> Result<String, CommandError> {
         let adm = Admission::from(config);
         self.update_with(|o| o.attach(node, &adm))
     }
 
     /// `DETACH NODE n`: no traffic to the node until `ATTACH NODE n`.
     /// Refused for the primary (use `PROMOTE NODE` to move it first).
-    pub fn detach(&self, node: usize, config: &Config) -> Result<String, CommandError> {
+    pub(crate) fn detach(&self, node: NodeId, config: &Config) -> Result<String, CommandError> {
         let adm = Admission::from(config);
         self.update_with(|o| o.detach(node, &adm))
     }
@@ -413,7 +413,7 @@ impl Cluster {
     }
 
     /// Changes whenever a snapshot is published.
-    pub fn subscribe(&self) -> watch::Receiver<u64> {
+    pub(crate) fn subscribe(&self) -> watch::Receiver<u64> {
         self.generation.subscribe()
     }
 
@@ -422,8 +422,8 @@ impl Cluster {
     /// Never a verdict by itself: the node goes down only if the probe (with
     /// its retries) fails, so a client killing its own backend, a FATAL from a
     /// statement or a vanished client cannot take a healthy node down.
-    pub fn report_session_error(&self, node: usize) {
-        tracing::debug!(node, "session reported a connection error; probing early");
+    pub(crate) fn report_session_error(&self, node: NodeId) {
+        tracing::debug!(%node, "session reported a connection error; probing early");
         self.request_probe(node);
         if self.snapshot.load().primary == Some(node) {
             self.suspect.notify_one();
@@ -431,27 +431,27 @@ impl Cluster {
     }
 
     /// Ask `node`'s health task for a round now (coalesced).
-    fn request_probe(&self, node: usize) {
-        if let Some(n) = self.probe_requests.get(node) {
+    fn request_probe(&self, node: NodeId) {
+        if let Some(n) = self.probe_requests.get(node.index()) {
             n.notify_one();
         }
     }
 
     /// The pool opened a connection to `node`: a `waiting` node is now `up`.
     /// Cheap when the node is already up (one snapshot load).
-    pub fn note_backend_connected(&self, node: usize) {
+    pub(crate) fn note_backend_connected(&self, node: NodeId) {
         let waiting = self
             .snapshot
             .load()
             .nodes
-            .get(node)
+            .get(node.index())
             .is_some_and(|n| n.status == NodeStatus::Waiting);
         if waiting {
             self.update(|o| o.backend_connected(node));
         }
     }
 
-    // ---- steps of the failover coordinator (see `state/transition.rs`) ----
+    // ---- steps of the failover coordinator (see `state_machine/transition.rs`) ----
 
     /// The failover step that is due, if any.
     fn transition_due(&self, retry: Duration) -> Option<events::TransitionStatus> {
@@ -467,7 +467,7 @@ impl Cluster {
     fn candidate_refused(
         &self,
         id: u64,
-        tried: Option<usize>,
+        tried: Option<NodeId>,
         why: String,
     ) -> Result<(), StepError> {
         self.update_with(|o| o.candidate_refused(id, tried, why))
@@ -477,7 +477,7 @@ impl Cluster {
     fn primary_answers(
         &self,
         id: u64,
-        node: usize,
+        node: NodeId,
         error: String,
         config: &Config,
     ) -> Result<(), StepError> {
@@ -486,23 +486,23 @@ impl Cluster {
     }
 
     /// The direct probe confirmed the primary cannot be reached.
-    fn primary_unreachable(&self, node: usize, reason: String, config: &Config) {
+    fn primary_unreachable(&self, node: NodeId, reason: String, config: &Config) {
         let adm = Admission::from(config);
         self.update(|o| o.primary_unreachable(node, reason, &adm));
     }
 
     /// A role seen directly by the coordinator.
-    fn observe_role(&self, node: usize, in_recovery: bool) {
+    fn observe_role(&self, node: NodeId, in_recovery: bool) {
         self.update(|o| o.observe_role(node, in_recovery));
     }
 
     /// The point of no return of transition `id` (fences the old primary).
-    fn promotion_started(&self, id: u64, candidate: usize) -> Result<(), StepError> {
+    fn promotion_started(&self, id: u64, candidate: NodeId) -> Result<(), StepError> {
         self.update_with(|o| o.promotion_started(id, candidate))
     }
 
     /// Publish `new` as the primary, ending transition `id`.
-    fn finish(&self, id: u64, new: usize, config: &Config) -> Result<(), StepError> {
+    fn finish(&self, id: u64, new: NodeId, config: &Config) -> Result<(), StepError> {
         let adm = Admission::from(config);
         self.update_with(|o| o.finish(id, new, &adm))
     }
@@ -519,17 +519,17 @@ impl Cluster {
     }
 
     /// Whether `node` is held out (detached, fenced, cannot follow).
-    fn is_held(&self, node: usize) -> bool {
+    fn is_held(&self, node: NodeId) -> bool {
         self.lock().is_held(node)
     }
 
     /// The last WAL position seen on `node` while it was the primary.
-    fn last_primary_lsn(&self, node: usize) -> Option<u64> {
+    fn last_primary_lsn(&self, node: NodeId) -> Option<u64> {
         self.lock().last_primary_lsn(node)
     }
 
     /// A standby could not follow the new primary.
-    fn cannot_follow(&self, node: usize, reason: String) {
+    fn cannot_follow(&self, node: NodeId, reason: String) {
         self.update(|o| o.cannot_follow(node, reason));
     }
 
@@ -545,8 +545,8 @@ impl Cluster {
     }
 
     /// Wait until a session asks for an early probe of `node`.
-    pub(crate) async fn probe_requested(&self, node: usize) {
-        match self.probe_requests.get(node) {
+    pub(crate) async fn probe_requested(&self, node: NodeId) {
+        match self.probe_requests.get(node.index()) {
             Some(n) => n.notified().await,
             None => std::future::pending().await,
         }
@@ -581,7 +581,7 @@ impl Cluster {
 
 /// tokio-postgres settings for connecting to `backend` as the monitor role,
 /// with `monitor.timeout` as the connect timeout.
-pub fn monitor_conn_config(
+pub(crate) fn monitor_conn_config(
     backend: &Backend,
     monitor: &Monitor,
     application_name: &str,

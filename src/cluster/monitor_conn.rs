@@ -18,7 +18,7 @@ use crate::config::{Backend, Monitor};
 const CLOSE_GRACE: Duration = Duration::from_secs(1);
 
 /// An open connection to one node as the monitor role.
-pub struct MonitorConn {
+pub(crate) struct MonitorConn {
     /// The query handle.
     client: tokio_postgres::Client,
     /// Drives the connection; aborted shortly after the client is dropped.
@@ -32,7 +32,7 @@ pub struct MonitorConn {
 impl MonitorConn {
     /// Connect to `backend` as the monitor role, naming the connection
     /// `application_name`. The caller bounds the time.
-    pub async fn open(
+    pub(crate) async fn open(
         backend: &Backend,
         monitor: &Monitor,
         application_name: &str,
@@ -55,23 +55,23 @@ impl MonitorConn {
     }
 
     /// The query handle.
-    pub fn client(&self) -> &tokio_postgres::Client {
+    pub(crate) fn client(&self) -> &tokio_postgres::Client {
         &self.client
     }
 
     /// Still open, and to `backend`'s address.
-    pub fn serves(&self, backend: &Backend) -> bool {
+    pub(crate) fn serves(&self, backend: &Backend) -> bool {
         self.addr.0 == backend.host && self.addr.1 == backend.port && !self.client.is_closed()
     }
 
     /// Time since the connection was opened.
-    pub fn age(&self) -> Duration {
+    pub(crate) fn age(&self) -> Duration {
         self.opened.elapsed()
     }
 
     /// Close politely: Terminate, then wait (up to a second) for the server to
     /// end the connection, so the node does not log an unexpected EOF.
-    pub async fn close(mut self) {
+    pub(crate) async fn close(mut self) {
         let driver = self.driver.take();
         drop(self);
         if let Some(driver) = driver

@@ -33,12 +33,12 @@ use super::error::NodeQueryError;
 use super::hooks::{self, HookError, HookNodes};
 use super::monitor_conn::MonitorConn;
 use super::replication::{format_lsn, parse_lsn};
-use crate::config::{Config, FailoverMode};
+use crate::config::{Config, FailoverMode, NodeId};
 
 /// Why a standby cannot be promoted, or its promotion failed. The texts
 /// become a failover's detail (`SHOW PGPILOT_FAILOVER`) and log lines.
 #[derive(Debug, thiserror::Error)]
-pub enum PromoteError {
+pub(crate) enum PromoteError {
     /// Asking the node failed.
     #[error(transparent)]
     Query(#[from] NodeQueryError),
@@ -46,7 +46,7 @@ pub enum PromoteError {
     #[error("node {node} is not in recovery")]
     NotInRecovery {
         /// The node.
-        node: usize,
+        node: NodeId,
     },
     /// A task asking one candidate panicked or was cancelled.
     #[error("{0}")]
@@ -60,7 +60,7 @@ pub enum PromoteError {
     #[error("no candidate answered: {}", join_errors(.errors))]
     NoneAnswered {
         /// Each standby asked, with its error.
-        errors: Vec<(usize, PromoteError)>,
+        errors: Vec<(NodeId, PromoteError)>,
     },
     /// `failover.max_lag_bytes` refuses the most advanced standby.
     #[error(
@@ -70,7 +70,7 @@ pub enum PromoteError {
     )]
     TooFarBehind {
         /// The best standby.
-        node: usize,
+        node: NodeId,
         /// Its position.
         lsn: u64,
         /// The failed primary's last known position.
@@ -84,7 +84,7 @@ pub enum PromoteError {
     #[error("pg_promote on node {node} returned {answer:?}: not promoted within {secs}s")]
     NotPromoted {
         /// The candidate.
-        node: usize,
+        node: NodeId,
         /// Its answer (`None`: no row or NULL).
         answer: Option<String>,
         /// The `wait_seconds` given.
@@ -94,7 +94,7 @@ pub enum PromoteError {
     #[error("backends[{node}].trigger_file is not set")]
     NoTriggerFile {
         /// The candidate.
-        node: usize,
+        node: NodeId,
     },
     /// The trigger file could not be created.
     #[error("cannot create {}: {source}", .path.display())]
@@ -113,7 +113,7 @@ pub enum PromoteError {
     Disabled,
 }
 
-fn join_errors(errors: &[(usize, PromoteError)]) -> String {
+fn join_errors(errors: &[(NodeId, PromoteError)]) -> String {
     errors
         .iter()
         .map(|(n, e)| format!("node {n}: {e}"))
@@ -123,26 +123,26 @@ fn join_errors(errors: &[(usize, PromoteError)]) -> String {
 
 /// Where one standby stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Position {
+pub(crate) struct Position {
     /// Node id.
-    pub node: usize,
+    pub(crate) node: NodeId,
     /// `max(receive, replay)`: what it will have replayed once promoted.
-    pub lsn: u64,
+    pub(crate) lsn: u64,
     /// `pg_last_wal_replay_lsn()`.
-    pub replay: u64,
+    pub(crate) replay: u64,
 }
 
 /// Run one simple query on `node` as the monitor role (new connection,
 /// closed after), within `limit`; returns the rows' text columns.
 pub(super) async fn monitor_query(
     cfg: &Config,
-    node: usize,
+    node: NodeId,
     sql: &str,
     limit: Duration,
 ) -> Result<Vec<Vec<Option<String>>>, NodeQueryError> {
     let backend = cfg
         .backends
-        .get(node)
+        .get(node.index())
         .ok_or(NodeQueryError::NoSuchNode { node })?;
     let work = async {
         let conn = MonitorConn::open(backend, &cfg.monitor, "pgpilot-failover")
@@ -172,9 +172,9 @@ pub(super) async fn monitor_query(
 
 /// The position of standby `node`, asked now; an error if it is not in
 /// recovery or does not answer.
-pub async fn position(
+pub(crate) async fn position(
     cfg: &Config,
-    node: usize,
+    node: NodeId,
     limit: Duration,
 ) -> Result<Position, PromoteError> {
     let sql = "SELECT pg_is_in_recovery(), pg_last_wal_receive_lsn(), pg_last_wal_replay_lsn()";
@@ -194,20 +194,23 @@ pub async fn position(
 
 /// The standby to promote in place of `old` (see the module docs), or why
 /// there is none.
-pub async fn choose_candidate(
+pub(crate) async fn choose_candidate(
     cluster: &Cluster,
     cfg: &Config,
-    old: Option<usize>,
+    old: Option<NodeId>,
 ) -> Result<Position, PromoteError> {
     let snap = cluster.snapshot();
-    let eligible: Vec<usize> = snap
+    let eligible: Vec<NodeId> = snap
         .nodes
         .iter()
         .filter(|n| {
             Some(n.id) != old
                 && n.status.is_usable()
                 && n.role == super::Role::Standby
-                && !cfg.backends.get(n.id).is_some_and(|b| b.no_failover)
+                && !cfg
+                    .backends
+                    .get(n.id.index())
+                    .is_some_and(|b| b.no_failover)
                 && !cluster.is_held(n.id)
         })
         .map(|n| n.id)
@@ -228,7 +231,7 @@ pub async fn choose_candidate(
     for (n, ask) in eligible.iter().zip(asks) {
         match ask.await.unwrap_or_else(|e| Err(e.into())) {
             Ok(p) => {
-                tracing::info!(node = n, lsn = %format_lsn(p.lsn), "failover candidate position");
+                tracing::info!(node = %n, lsn = %format_lsn(p.lsn), "failover candidate position");
                 // Highest LSN; on a tie the lower id (asked in id order).
                 if best.is_none_or(|b| p.lsn > b.lsn) {
                     best = Some(p);
@@ -258,10 +261,10 @@ pub async fn choose_candidate(
 
 /// Promote `candidate` by `failover.mode`. `old` is the primary it
 /// replaces (for the command's placeholders).
-pub async fn promote(
+pub(crate) async fn promote(
     cfg: &Config,
-    candidate: usize,
-    old: Option<usize>,
+    candidate: NodeId,
+    old: Option<NodeId>,
 ) -> Result<String, PromoteError> {
     let f = &cfg.failover;
     match f.mode {
@@ -288,7 +291,7 @@ pub async fn promote(
         FailoverMode::TriggerFile => {
             let path = cfg
                 .backends
-                .get(candidate)
+                .get(candidate.index())
                 .and_then(|b| b.trigger_path())
                 .ok_or(PromoteError::NoTriggerFile { node: candidate })?;
             let p = path.clone();

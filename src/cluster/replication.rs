@@ -32,10 +32,11 @@ use tokio::sync::watch;
 
 use super::health::describe;
 use super::monitor_conn::MonitorConn;
-use super::state::Admission;
+use super::state_machine::Admission;
 use super::{Cluster, PgStatus};
 use crate::config::{Backend, Config};
-pub use crate::protocol::lsn::{format_lsn, parse_lsn};
+pub(crate) use crate::protocol::lsn::format_lsn;
+pub use crate::protocol::lsn::parse_lsn;
 
 /// A node's own state; every column as text (so one parser reads them).
 /// One scan of `pg_stat_wal_receiver`, joined to a single row.
@@ -59,49 +60,49 @@ SELECT application_name::text, state::text, sync_state::text, \
 
 /// What one node answered in a round.
 #[derive(Debug, Clone, Default, PartialEq)]
-pub struct NodeSample {
+pub(crate) struct NodeSample {
     /// `pg_is_in_recovery()`.
-    pub in_recovery: bool,
+    pub(crate) in_recovery: bool,
     /// Primary: `pg_current_wal_lsn()`.
-    pub current_lsn: Option<u64>,
+    pub(crate) current_lsn: Option<u64>,
     /// Standby: `pg_last_wal_receive_lsn()`.
-    pub receive_lsn: Option<u64>,
+    pub(crate) receive_lsn: Option<u64>,
     /// Standby: `pg_last_wal_replay_lsn()`.
-    pub replay_lsn: Option<u64>,
+    pub(crate) replay_lsn: Option<u64>,
     /// Standby: `pg_last_xact_replay_timestamp()`.
-    pub last_replay_at: Option<SystemTime>,
+    pub(crate) last_replay_at: Option<SystemTime>,
     /// Standby: `pg_is_wal_replay_paused()`.
-    pub replay_paused: Option<bool>,
+    pub(crate) replay_paused: Option<bool>,
     /// Primary: current timeline; standby: the WAL receiver's received timeline.
-    pub timeline: Option<u32>,
+    pub(crate) timeline: Option<u32>,
     /// Standby: `pg_stat_wal_receiver.status` (`streaming` …).
-    pub receiver_status: Option<String>,
+    pub(crate) receiver_status: Option<String>,
     /// Standby: where the WAL receiver is connected (`sender_host`, `sender_port`).
-    pub sender: Option<(String, u16)>,
+    pub(crate) sender: Option<(String, u16)>,
     /// Standby: the application name its WAL receiver reports to the primary
     /// (`application_name` in its conninfo, else `cluster_name`).
-    pub receiver_application_name: Option<String>,
+    pub(crate) receiver_application_name: Option<String>,
     /// `pg_stat_replication` rows (meaningful on the primary).
-    pub replication: Vec<ReplicationRow>,
+    pub(crate) replication: Vec<ReplicationRow>,
 }
 
 /// One row of the primary's `pg_stat_replication`.
 #[derive(Debug, Clone, Default, PartialEq)]
-pub struct ReplicationRow {
+pub(crate) struct ReplicationRow {
     /// `application_name`.
-    pub application_name: String,
+    pub(crate) application_name: String,
     /// `state`.
-    pub state: String,
+    pub(crate) state: String,
     /// `sync_state`.
-    pub sync_state: String,
+    pub(crate) sync_state: String,
     /// `replay_lag` in seconds (NULL when caught up and idle).
-    pub replay_lag: Option<f64>,
+    pub(crate) replay_lag: Option<f64>,
 }
 
 /// Why asking one node failed. Its text becomes the node's replication
 /// `issue` in `SHOW PGPILOT_NODES`.
 #[derive(Debug, thiserror::Error)]
-pub enum SrCheckError {
+pub(crate) enum SrCheckError {
     /// Connecting, or preparing the queries, failed.
     #[error("{}", describe(.0))]
     Connect(#[source] tokio_postgres::Error),
@@ -130,7 +131,7 @@ pub enum SrCheckError {
 
 /// The result of asking one node.
 #[derive(Debug, Clone, PartialEq)]
-pub enum NodeCheck {
+pub(crate) enum NodeCheck {
     /// Not asked: the latest health check could not reach it.
     Skipped,
     /// Asked; the query or connection failed (the [`SrCheckError`]'s text:
@@ -142,11 +143,11 @@ pub enum NodeCheck {
 
 /// A whole round, indexed by node id.
 #[derive(Debug, Clone)]
-pub struct SrRound {
+pub(crate) struct SrRound {
     /// When the round's answers were collected.
-    pub at: Instant,
+    pub(crate) at: Instant,
     /// Per node.
-    pub checks: Vec<NodeCheck>,
+    pub(crate) checks: Vec<NodeCheck>,
 }
 
 impl Cluster {
@@ -230,7 +231,7 @@ async fn check_node(
 }
 
 /// Run replication checks until shutdown.
-pub async fn run(
+pub(crate) async fn run(
     cluster: Arc<Cluster>,
     config: Arc<ArcSwap<Config>>,
     mut shutdown: watch::Receiver<bool>,

@@ -27,10 +27,10 @@ use tokio::sync::watch;
 
 use super::Cluster;
 use super::promote::monitor_query;
-use crate::config::Config;
+use crate::config::{Config, NodeId};
 
 /// How often the slots are looked at.
-pub const CHECK_PERIOD: Duration = Duration::from_secs(2);
+pub(crate) const CHECK_PERIOD: Duration = Duration::from_secs(2);
 
 /// The primary's physical slots, with the `application_name` of the WAL
 /// sender using each; nothing while it is in recovery (where
@@ -43,21 +43,21 @@ SELECT s.slot_name::text, s.active::text, (pg_current_wal_lsn() - s.restart_lsn)
 
 /// One physical slot on the primary.
 #[derive(Debug, Clone, PartialEq)]
-pub struct SlotInfo {
+pub(crate) struct SlotInfo {
     /// `slot_name`.
-    pub name: String,
+    pub(crate) name: String,
     /// A WAL sender streams through it.
-    pub active: bool,
+    pub(crate) active: bool,
     /// WAL the slot makes the primary keep (NULL `restart_lsn`: none).
-    pub retained_bytes: Option<u64>,
+    pub(crate) retained_bytes: Option<u64>,
     /// The in-service standby whose `primary_slot_name` it is.
-    pub standby: Option<usize>,
+    pub(crate) standby: Option<NodeId>,
     /// Since when it is stale (inactive, used by no in-service standby).
-    pub stale_since: Option<Instant>,
+    pub(crate) stale_since: Option<Instant>,
 }
 
 /// Look at the slots until shutdown.
-pub async fn run(
+pub(crate) async fn run(
     cluster: Arc<Cluster>,
     config: Arc<ArcSwap<Config>>,
     mut shutdown: watch::Receiver<bool>,
@@ -90,7 +90,7 @@ async fn check(
     let rows = match monitor_query(cfg, primary, SLOTS_QUERY, limit).await {
         Ok(rows) => rows,
         Err(e) => {
-            tracing::debug!(node = primary, error = %e, "could not list replication slots");
+            tracing::debug!(node = %primary, error = %e, "could not list replication slots");
             return Vec::new();
         }
     };
@@ -98,7 +98,7 @@ async fn check(
     // Each in-service standby's slot; `None` when one did not answer. An
     // active slot's standby is known from its WAL sender; standbys are only
     // asked when a slot is inactive (the usual state asks nothing of them).
-    let mut used: Option<HashMap<String, usize>> = Some(HashMap::new());
+    let mut used: Option<HashMap<String, NodeId>> = Some(HashMap::new());
     for r in &rows {
         let app = col(r, 3);
         let node = snap
@@ -110,8 +110,8 @@ async fn check(
         }
     }
     let any_inactive = rows.iter().any(|r| col(r, 1) != "true");
-    let streaming: Vec<usize> = used.iter().flat_map(|u| u.values().copied()).collect();
-    let asked: Vec<usize> = snap
+    let streaming: Vec<NodeId> = used.iter().flat_map(|u| u.values().copied()).collect();
+    let asked: Vec<NodeId> = snap
         .nodes
         .iter()
         .filter(|n| n.id != primary && n.status.is_usable() && !streaming.contains(&n.id))
@@ -128,7 +128,7 @@ async fn check(
                 }
             }
             Err(e) => {
-                tracing::debug!(node = id, error = %e, "could not read primary_slot_name");
+                tracing::debug!(node = %id, error = %e, "could not read primary_slot_name");
                 used = None;
             }
         }
@@ -168,7 +168,7 @@ async fn check(
             Ok(rows) if rows.is_empty() => {} // in use again meanwhile
             Ok(_) => {
                 tracing::warn!(
-                    node = primary,
+                    node = %primary,
                     slot = %s.name,
                     stale_for = ?now.duration_since(since),
                     retained_bytes = ?s.retained_bytes,
@@ -177,7 +177,7 @@ async fn check(
                 dropped.push(s.name.clone());
             }
             Err(e) => tracing::warn!(
-                node = primary,
+                node = %primary,
                 slot = %s.name,
                 error = %e,
                 "could not drop a stale replication slot (the monitor role needs REPLICATION or superuser)"
@@ -195,7 +195,7 @@ async fn check(
 /// slots keep their time) and this returns false.
 fn mark_stale(
     slots: &mut [SlotInfo],
-    used: Option<&HashMap<String, usize>>,
+    used: Option<&HashMap<String, NodeId>>,
     stale_since: &mut HashMap<String, Instant>,
     now: Instant,
 ) -> bool {
@@ -230,10 +230,10 @@ mod tests {
     #[test]
     fn a_slot_is_stale_while_inactive_and_used_by_no_in_service_standby() {
         let t0 = Instant::now();
-        let used: HashMap<String, usize> = [("node2".to_string(), 2)].into();
+        let used: HashMap<String, NodeId> = [("node2".to_string(), NodeId::new(2))].into();
         let mut since = HashMap::new();
         let round =
-            |active: [bool; 3], used: Option<&HashMap<String, usize>>, since: &mut _, at| {
+            |active: [bool; 3], used: Option<&HashMap<String, NodeId>>, since: &mut _, at| {
                 let mut slots = vec![
                     slot("node1", active[0]),
                     slot("node2", active[1]),

@@ -34,7 +34,7 @@ use super::events::{Event, Phase};
 use super::promote::{self, PromoteError, monitor_query};
 use super::replication::format_lsn;
 use super::{Cluster, CommandError, Role, failover, follow};
-use crate::config::{Config, FailoverMode};
+use crate::config::{Config, FailoverMode, NodeId};
 
 /// Let sessions that routed a write just before the switch deliver it.
 const GRACE: Duration = Duration::from_millis(50);
@@ -51,7 +51,7 @@ const OPEN_TRANSACTIONS: &str = "FROM pg_stat_activity WHERE backend_type = 'cli
 /// old primary is published again). The text ends up in the transition's
 /// detail as `switchover aborted: …`.
 #[derive(Debug, thiserror::Error)]
-pub enum SwitchoverError {
+pub(crate) enum SwitchoverError {
     /// Asking or configuring the old primary failed.
     #[error(transparent)]
     Query(#[from] NodeQueryError),
@@ -65,7 +65,7 @@ pub enum SwitchoverError {
     #[error("transactions on node {node} were terminated but did not end")]
     NotDrained {
         /// The old primary.
-        node: usize,
+        node: NodeId,
     },
     /// `pg_current_wal_insert_lsn()` gave no readable answer.
     #[error("cannot read the old primary's WAL position")]
@@ -78,7 +78,7 @@ pub enum SwitchoverError {
     )]
     NotCaughtUp {
         /// The target.
-        node: usize,
+        node: NodeId,
         /// Where it got to.
         at: u64,
         /// The old primary's final position.
@@ -88,10 +88,10 @@ pub enum SwitchoverError {
 
 /// Validate `PROMOTE NODE target` and start it; the switchover continues in
 /// the background. The message says what was started.
-pub fn start(
+pub(crate) fn start(
     cluster: Arc<Cluster>,
     config: Arc<ArcSwap<Config>>,
-    target: usize,
+    target: NodeId,
 ) -> Result<String, CommandError> {
     let cfg = config.load_full();
     if cfg.failover.mode == FailoverMode::None {
@@ -100,7 +100,7 @@ pub fn start(
     let snap = cluster.snapshot();
     let n = snap
         .nodes
-        .get(target)
+        .get(target.index())
         .ok_or(CommandError::NoSuchNode { node: target })?;
     if snap.primary == Some(target) {
         return Err(CommandError::AlreadyPrimary { node: target });
@@ -119,7 +119,7 @@ pub fn start(
             "the failover in progress will promote node {target}"
         ));
     }
-    let adm = super::state::Admission::from(&*cfg);
+    let adm = super::state_machine::Admission::from(&*cfg);
     let (id, old) = cluster.update_with(|o| o.begin_switchover(target, &adm))?;
     tokio::spawn(async move {
         let _one_at_a_time = cluster.transition_lock.lock().await;
@@ -131,14 +131,14 @@ pub fn start(
 }
 
 /// Steps 2–5 of the module docs.
-async fn run(cluster: &Arc<Cluster>, cfg: &Arc<Config>, id: u64, old: usize, target: usize) {
+async fn run(cluster: &Arc<Cluster>, cfg: &Arc<Config>, id: u64, old: NodeId, target: NodeId) {
     let mut read_only = false;
     let result = prepare(cluster, cfg, id, old, target, &mut read_only).await;
     let switch_lsn = match result {
         Ok(lsn) => lsn,
         Err(why) => {
             if read_only && let Err(e) = set_read_only(cfg, old, false).await {
-                tracing::error!(node = old, error = %e, "could not reset default_transaction_read_only");
+                tracing::error!(node = %old, error = %e, "could not reset default_transaction_read_only");
             }
             if let Err(e) = cluster.fail(id, format!("switchover aborted: {why}"), cfg) {
                 e.log("abort the switchover");
@@ -152,11 +152,11 @@ async fn run(cluster: &Arc<Cluster>, cfg: &Arc<Config>, id: u64, old: usize, tar
     }
     match promote::promote(cfg, target, Some(old)).await {
         Ok(msg) => {
-            tracing::warn!(node = target, "{msg}");
+            tracing::warn!(node = %target, "{msg}");
             cluster.count(Event::Promotion);
         }
         Err(e) => {
-            tracing::error!(node = target, error = %e, "promotion failed; still searching for a primary");
+            tracing::error!(node = %target, error = %e, "promotion failed; still searching for a primary");
             cluster.count(Event::PromotionFailed);
         }
     }
@@ -188,8 +188,8 @@ async fn prepare(
     cluster: &Cluster,
     cfg: &Config,
     id: u64,
-    old: usize,
-    target: usize,
+    old: NodeId,
+    target: NodeId,
     read_only: &mut bool,
 ) -> Result<u64, SwitchoverError> {
     let limit = cfg.health_check.timeout;
@@ -218,7 +218,7 @@ async fn prepare(
             // streaming from the old primary would be ahead of the target).
             let kill = format!("SELECT count(pg_terminate_backend(pid)) {OPEN_TRANSACTIONS}");
             let killed = first_value(monitor_query(cfg, old, &kill, limit).await?);
-            tracing::warn!(node = old, terminated = ?killed, "open transactions did not finish in time; terminated");
+            tracing::warn!(node = %old, terminated = ?killed, "open transactions did not finish in time; terminated");
             terminated = true;
             deadline = Instant::now() + limit;
         }
@@ -267,7 +267,7 @@ async fn prepare(
 }
 
 /// `ALTER SYSTEM SET default_transaction_read_only` (or RESET) and reload.
-async fn set_read_only(cfg: &Config, node: usize, on: bool) -> Result<(), NodeQueryError> {
+async fn set_read_only(cfg: &Config, node: NodeId, on: bool) -> Result<(), NodeQueryError> {
     let limit = cfg.health_check.timeout;
     let sql = if on {
         "ALTER SYSTEM SET default_transaction_read_only = on"
@@ -277,7 +277,7 @@ async fn set_read_only(cfg: &Config, node: usize, on: bool) -> Result<(), NodeQu
     monitor_query(cfg, node, sql, limit).await?;
     monitor_query(cfg, node, "SELECT pg_reload_conf()", limit).await?;
     tracing::info!(
-        node,
+        %node,
         on,
         "default_transaction_read_only set on the old primary"
     );

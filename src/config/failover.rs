@@ -32,7 +32,7 @@ pub enum FailoverMode {
 
 impl FailoverMode {
     /// The spelling used in the configuration file and in messages.
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             FailoverMode::PgPromote => "pg_promote",
             FailoverMode::TriggerFile => "trigger_file",
@@ -113,7 +113,7 @@ impl Default for Failover {
 }
 
 /// The placeholder letters pgpool defines for its hooks.
-pub const PLACEHOLDERS: &str = "dhpDmHMPrRNS%";
+pub(crate) const PLACEHOLDERS: &str = "dhpDmHMPrRNS%";
 
 /// The first `%x` in `command` whose `x` is not a pgpool placeholder.
 fn bad_placeholder(command: &str) -> Option<String> {

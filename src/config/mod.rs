@@ -19,13 +19,15 @@ mod access;
 mod auth_query;
 mod checks;
 mod failover;
-pub mod hba;
+pub(crate) mod hba;
+mod node_id;
 mod routing;
 mod units;
 
 pub use auth_query::{AuthQuery, DEFAULT_AUTH_QUERY};
 pub use checks::{HealthCheck, MetricsConfig, SrCheck};
 pub use failover::{Failover, FailoverMode};
+pub use node_id::NodeId;
 pub use routing::{BalanceInTransaction, ConsistencyMode, Routing, UnknownFunctions};
 use units::{byte_size, duration};
 pub use units::{parse_byte_size, parse_duration};
@@ -173,7 +175,7 @@ impl Default for PoolConfig {
 
 impl MetricsConfig {
     /// `listen`, parsed; `None` when it is empty (metrics off).
-    pub fn addr(&self) -> Result<Option<SocketAddr>, ConfigError> {
+    pub(crate) fn addr(&self) -> Result<Option<SocketAddr>, ConfigError> {
         let l = self.listen.trim();
         if l.is_empty() {
             return Ok(None);
@@ -396,7 +398,7 @@ impl Config {
     }
 
     /// The listen address, parsed.
-    pub fn listen_addr(&self) -> Result<SocketAddr, ConfigError> {
+    pub(crate) fn listen_addr(&self) -> Result<SocketAddr, ConfigError> {
         self.listen.parse().map_err(|e| {
             invalid(
                 "listen",
@@ -406,7 +408,7 @@ impl Config {
     }
 
     /// Look a user up by name.
-    pub fn user(&self, name: &str) -> Option<&User> {
+    pub(crate) fn user(&self, name: &str) -> Option<&User> {
         self.users.iter().find(|u| u.name == name)
     }
 
@@ -577,12 +579,12 @@ impl Config {
     }
 
     /// The metrics listen address, parsed; `None` when `metrics.listen` is empty.
-    pub fn metrics_addr(&self) -> Result<Option<SocketAddr>, ConfigError> {
+    pub(crate) fn metrics_addr(&self) -> Result<Option<SocketAddr>, ConfigError> {
         self.metrics.addr()
     }
 
     /// Whether `user` may run admin commands (`admin_users`, `"*"` = everyone).
-    pub fn is_admin(&self, user: &str) -> bool {
+    pub(crate) fn is_admin(&self, user: &str) -> bool {
         self.admin_users.iter().any(|u| u == "*" || u == user)
     }
 }

@@ -1,6 +1,6 @@
 //! CancelRequest routing.
 //!
-//! Each client gets pgpilot's own (pid, secret) in BackendKeyData. The registry maps
+//! Each client gets pgpilot's own [`CancelKey`] in BackendKeyData. The registry maps
 //! that key to the server connection currently serving the client, so a cancel
 //! arriving on a fresh connection is forwarded to the right server process. A
 //! wrong secret is ignored silently, as PostgreSQL does.
@@ -16,16 +16,15 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::backend::conn::send_cancel;
+use crate::protocol::CancelKey;
 
 /// The server process a cancel should reach.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct CancelTarget {
+pub(crate) struct CancelTarget {
     /// Server address.
-    pub addr: SocketAddr,
-    /// Server process id.
-    pub pid: i32,
-    /// Server cancel secret.
-    pub secret: i32,
+    pub(crate) addr: SocketAddr,
+    /// The server connection's BackendKeyData key.
+    pub(crate) key: CancelKey,
 }
 
 #[derive(Debug)]
@@ -38,12 +37,12 @@ struct Entry {
 
 /// Where one client's cancels go, set by its session (cheap to clone: shared).
 #[derive(Debug, Clone, Default)]
-pub struct CancelSlot(Arc<Mutex<Option<CancelTarget>>>);
+pub(crate) struct CancelSlot(Arc<Mutex<Option<CancelTarget>>>);
 
 impl CancelSlot {
     /// Point the client's cancels at `target` (`None`: nowhere, between
     /// transactions under transaction pooling).
-    pub fn set(&self, target: Option<CancelTarget>) {
+    pub(crate) fn set(&self, target: Option<CancelTarget>) {
         *self.0.lock().unwrap_or_else(|p| p.into_inner()) = target;
     }
 
@@ -54,7 +53,7 @@ impl CancelSlot {
 
 /// Client key → current server connection.
 #[derive(Debug, Default)]
-pub struct CancelRegistry {
+pub(crate) struct CancelRegistry {
     entries: Mutex<HashMap<i32, Entry, foldhash::fast::RandomState>>,
 }
 
@@ -65,16 +64,16 @@ impl CancelRegistry {
 
     /// Register a new client key and return the slot its session sets; `None`
     /// if the pid is already in use.
-    pub fn register(&self, pid: i32, secret: i32) -> Option<CancelSlot> {
+    pub(crate) fn register(&self, key: CancelKey) -> Option<CancelSlot> {
         let mut m = self.lock();
-        if m.contains_key(&pid) {
+        if m.contains_key(&key.pid) {
             return None;
         }
         let target = CancelSlot::default();
         m.insert(
-            pid,
+            key.pid,
             Entry {
-                secret,
+                secret: key.secret,
                 target: target.clone(),
             },
         );
@@ -82,20 +81,20 @@ impl CancelRegistry {
     }
 
     /// Forget a client key (session ended).
-    pub fn unregister(&self, pid: i32) {
-        self.lock().remove(&pid);
+    pub(crate) fn unregister(&self, key: CancelKey) {
+        self.lock().remove(&key.pid);
     }
 
     /// Handle a CancelRequest from a client: forward it if the key matches.
-    pub async fn cancel(&self, pid: i32, secret: i32, limit: Duration) {
+    pub(crate) async fn cancel(&self, key: CancelKey, limit: Duration) {
         let target = self
             .lock()
-            .get(&pid)
-            .filter(|e| e.secret == secret)
+            .get(&key.pid)
+            .filter(|e| e.secret == key.secret)
             .and_then(|e| e.target.get());
         match target {
-            Some(t) => send_cancel(t.addr, t.pid, t.secret, limit).await,
-            None => tracing::debug!(pid, "cancel request with an unknown key ignored"),
+            Some(t) => send_cancel(t.addr, t.key, limit).await,
+            None => tracing::debug!(pid = key.pid, "cancel request with an unknown key ignored"),
         }
     }
 }

@@ -6,9 +6,9 @@
 //! It sits below `session` and `admin`, which both read it, and above the
 //! layers whose parts it holds; it imports neither of the two.
 
-pub mod cancel;
-pub mod registry;
-pub mod server_params;
+pub(crate) mod cancel;
+pub(crate) mod registry;
+pub(crate) mod server_params;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI32, AtomicUsize, Ordering};
@@ -24,6 +24,7 @@ use crate::consistency::Consistency;
 use crate::context::cancel::{CancelRegistry, CancelSlot};
 use crate::context::registry::SessionRegistry;
 use crate::metrics::Metrics;
+use crate::protocol::CancelKey;
 use crate::router::cache::ClassifyCache;
 use crate::router::catalog::FunctionCatalog;
 use crate::router::classify::{FunctionPolicy, SqlParserClassifier};
@@ -33,7 +34,7 @@ use server_params::ServerParams;
 /// Everything sessions and background tasks share.
 pub struct ProxyContext {
     /// Current configuration; replaced on reload (SIGHUP). Sessions take a snapshot at start.
-    pub config: Arc<ArcSwap<Config>>,
+    pub(crate) config: Arc<ArcSwap<Config>>,
     /// Node state (roles, reachability, lag, weights); read via snapshots.
     pub cluster: Arc<Cluster>,
     /// Prometheus metrics and the counters behind `SHOW POOL_*`.
@@ -41,42 +42,42 @@ pub struct ProxyContext {
     /// Logged-in client sessions, for `SHOW POOL_PROCESSES` / `POOL_POOLS`.
     pub sessions: SessionRegistry,
     /// When the proxy started (uptime metric).
-    pub started: Instant,
+    pub(crate) started: Instant,
     /// Backend connection pool.
     pub pool: Pool,
     /// WAL positions for read-your-writes routing.
-    pub lsns: Arc<Consistency>,
+    pub(crate) lsns: Arc<Consistency>,
     /// The statement classifier; rebuilt when a reload changes the function lists.
-    pub classifier: ArcSwap<SqlParserClassifier>,
+    pub(crate) classifier: ArcSwap<SqlParserClassifier>,
     /// Classifications by normalised statement text, shared by all sessions (hit
     /// and miss counters are exported at scrape time).
-    pub classify_cache: ClassifyCache,
+    pub(crate) classify_cache: ClassifyCache,
     /// `pg_proc` volatility of functions on no list, looked up once each.
-    pub catalog: FunctionCatalog,
+    pub(crate) catalog: FunctionCatalog,
     /// Whether relations named by reads are unlogged, looked up on the primary.
-    pub relations: RelationCatalog,
+    pub(crate) relations: RelationCatalog,
     /// Client cancel keys → server connections.
-    pub cancels: CancelRegistry,
+    pub(crate) cancels: CancelRegistry,
     /// Connected, logged-in clients (bounded by `max_client_conn`).
-    pub clients: AtomicUsize,
+    pub(crate) clients: AtomicUsize,
     /// Failed logins per client address (`auth_failure_limit`).
-    pub login_throttle: crate::auth::throttle::LoginThrottle,
+    pub(crate) login_throttle: crate::auth::throttle::LoginThrottle,
     /// `auth_query` lookups and their cached answers.
-    pub auth_lookup: crate::auth::query::AuthLookup,
+    pub(crate) auth_lookup: crate::auth::query::AuthLookup,
     /// Random per-process secret: mock SCRAM salts for unknown users.
-    pub server_secret: [u8; 32],
+    pub(crate) server_secret: [u8; 32],
     /// The last primary connection's server-wide ParameterStatus values, for
     /// admin logins while no primary can be reached.
-    pub server_params: ServerParams,
+    pub(crate) server_params: ServerParams,
     /// Next BackendKeyData pid to hand out.
     next_pid: AtomicI32,
     /// Turns true when the proxy stops; sessions end.
-    pub shutdown: watch::Receiver<bool>,
+    pub(crate) shutdown: watch::Receiver<bool>,
 }
 
 impl ProxyContext {
     /// Build the shared state for `config`.
-    pub fn new(config: Config, shutdown: watch::Receiver<bool>) -> ProxyContext {
+    pub(crate) fn new(config: Config, shutdown: watch::Receiver<bool>) -> ProxyContext {
         let nodes = config.backends.len();
         let cluster = Arc::new(Cluster::new(&config.backends));
         let pool = Pool::with_cluster(nodes, cluster.clone());
@@ -107,7 +108,7 @@ impl ProxyContext {
 
     /// Apply a reloaded configuration: new sessions see it; a change of the function
     /// lists rebuilds the classifier and empties the caches that depend on it.
-    pub fn reload(&self, new: Config) {
+    pub(crate) fn reload(&self, new: Config) {
         let old = self.config.load();
         let lists_changed = old.routing.write_functions != new.routing.write_functions
             || old.routing.read_only_functions != new.routing.read_only_functions
@@ -124,16 +125,25 @@ impl ProxyContext {
         self.auth_lookup.clear();
     }
 
-    /// A fresh (pid, secret) for a client's BackendKeyData, registered for
-    /// cancels, and the slot that says where its cancels go.
-    pub fn new_client_key(&self) -> (i32, i32, CancelSlot) {
+    /// How many `auth_query` lookups reached the primary (one per user name
+    /// and cache period, however many logins wait for it).
+    pub fn auth_lookups_sent(&self) -> u64 {
+        self.auth_lookup.queries_sent()
+    }
+
+    /// A fresh key for a client's BackendKeyData, registered for cancels, and
+    /// the slot that says where its cancels go.
+    pub(crate) fn new_client_key(&self) -> (CancelKey, CancelSlot) {
         loop {
             let pid = self.next_pid.fetch_add(1, Ordering::Relaxed) & 0x3fff_ffff;
-            let secret: i32 = rand::random();
+            let key = CancelKey {
+                pid,
+                secret: rand::random(),
+            };
             if pid != 0
-                && let Some(slot) = self.cancels.register(pid, secret)
+                && let Some(slot) = self.cancels.register(key)
             {
-                return (pid, secret, slot);
+                return (key, slot);
             }
         }
     }
@@ -161,11 +171,11 @@ impl crate::metrics::Scrape for ProxyContext {
 }
 
 /// One client counted against `max_client_conn`; released on drop.
-pub struct ClientSlot(Arc<ProxyContext>);
+pub(crate) struct ClientSlot(Arc<ProxyContext>);
 
 impl ClientSlot {
     /// Take a slot if fewer than `max` clients are connected.
-    pub fn try_acquire(ctx: &Arc<ProxyContext>, max: usize) -> Option<ClientSlot> {
+    pub(crate) fn try_acquire(ctx: &Arc<ProxyContext>, max: usize) -> Option<ClientSlot> {
         let mut cur = ctx.clients.load(Ordering::Relaxed);
         loop {
             if cur >= max {

@@ -16,11 +16,12 @@ use std::time::SystemTime;
 use futures_util::task::AtomicWaker;
 
 use crate::backend::conn::from_epoch_ms;
+use crate::config::NodeId;
 
 /// What a session is doing (pgpool's process status).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
-pub enum SessionState {
+pub(crate) enum SessionState {
     /// Logged in, waiting for its first server connection.
     Connecting = 0,
     /// Idle between transactions.
@@ -45,7 +46,7 @@ impl SessionState {
     }
 
     /// pgpool's wording (`Idle`, `Execute command`, `Idle in transaction` …).
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             SessionState::Connecting => "Connecting",
             SessionState::Idle => "Idle",
@@ -58,19 +59,19 @@ impl SessionState {
 
 /// One client session, as admin commands see it.
 #[derive(Debug)]
-pub struct SessionInfo {
+pub(crate) struct SessionInfo {
     /// pgpilot's BackendKeyData pid for this client (its `pool_pid`).
-    pub pid: i32,
+    pub(crate) pid: i32,
     /// User name from the startup packet.
-    pub user: String,
+    pub(crate) user: String,
     /// Database from the startup packet.
-    pub database: String,
+    pub(crate) database: String,
     /// `application_name` from the startup packet (empty if none).
-    pub application_name: String,
+    pub(crate) application_name: String,
     /// The client's address.
-    pub client_addr: Option<SocketAddr>,
+    pub(crate) client_addr: Option<SocketAddr>,
     /// When the session logged in.
-    pub started: SystemTime,
+    pub(crate) started: SystemTime,
     /// Node of the server connection currently serving the session; -1 = none.
     node: AtomicI64,
     /// That connection's server process id; 0 = none.
@@ -100,44 +101,44 @@ struct HeldSlot {
 impl SessionInfo {
     /// The session now uses the server connection `pid` on `node`, opened at
     /// `opened_ms` (`BackendConn::opened_ms`).
-    pub fn set_backend(&self, node: usize, pid: i32, opened_ms: u64) {
-        self.node.store(node as i64, Ordering::Relaxed);
+    pub(crate) fn set_backend(&self, node: NodeId, pid: i32, opened_ms: u64) {
+        self.node.store(node.index() as i64, Ordering::Relaxed);
         self.backend_pid.store(pid, Ordering::Relaxed);
         self.backend_opened_ms.store(opened_ms, Ordering::Relaxed);
     }
 
     /// The session holds no server connection now.
-    pub fn clear_backend(&self) {
+    pub(crate) fn clear_backend(&self) {
         self.node.store(-1, Ordering::Relaxed);
         self.backend_pid.store(0, Ordering::Relaxed);
         self.backend_opened_ms.store(0, Ordering::Relaxed);
     }
 
     /// Report what the session is doing.
-    pub fn set_state(&self, s: SessionState) {
+    pub(crate) fn set_state(&self, s: SessionState) {
         self.state.store(s as u8, Ordering::Relaxed);
     }
 
     /// Current node, backend pid and when that connection was opened, if any.
-    pub fn backend(&self) -> Option<(usize, i32, SystemTime)> {
+    pub(crate) fn backend(&self) -> Option<(NodeId, i32, SystemTime)> {
         let node = self.node.load(Ordering::Relaxed);
         let pid = self.backend_pid.load(Ordering::Relaxed);
         let opened = self.backend_opened_ms.load(Ordering::Relaxed);
-        (node >= 0).then(|| (node as usize, pid, from_epoch_ms(opened)))
+        (node >= 0).then(|| (NodeId::new(node as usize), pid, from_epoch_ms(opened)))
     }
 
     /// The session now holds server connection `pid` on `node`, opened at
     /// `opened_ms` ([`epoch_ms`]).
-    pub fn hold(&self, node: usize, pid: i32, opened_ms: u64) {
-        if let Some(slot) = self.held.get(node) {
+    pub(crate) fn hold(&self, node: NodeId, pid: i32, opened_ms: u64) {
+        if let Some(slot) = self.held.get(node.index()) {
             slot.opened_ms.store(opened_ms, Ordering::Relaxed);
             slot.pid.store(pid, Ordering::Release);
         }
     }
 
     /// The session no longer holds a connection to `node`.
-    pub fn release(&self, node: usize) {
-        if let Some(slot) = self.held.get(node) {
+    pub(crate) fn release(&self, node: NodeId) {
+        if let Some(slot) = self.held.get(node.index()) {
             slot.pid.store(0, Ordering::Release);
         }
     }
@@ -145,14 +146,14 @@ impl SessionInfo {
     /// The server connections the session holds: (node, pid, opened). A
     /// listing taken while the session swaps connections may pair a new pid
     /// with the previous one's opening time, which a view can live with.
-    pub fn held(&self) -> Vec<(usize, i32, SystemTime)> {
+    pub(crate) fn held(&self) -> Vec<(NodeId, i32, SystemTime)> {
         self.held
             .iter()
             .enumerate()
             .filter_map(|(node, slot)| {
                 let pid = slot.pid.load(Ordering::Acquire);
                 let opened = from_epoch_ms(slot.opened_ms.load(Ordering::Relaxed));
-                (pid != 0).then_some((node, pid, opened))
+                (pid != 0).then_some((NodeId::new(node), pid, opened))
             })
             .collect()
     }
@@ -163,7 +164,7 @@ impl SessionInfo {
     /// That is sound because only `wake_all` takes a registered waker, and it
     /// runs after the stop is visible to `stopped()` (which is checked every
     /// time), so a taken waker is never needed again.
-    pub fn poll_stopping(
+    pub(crate) fn poll_stopping(
         &self,
         cx: &mut std::task::Context<'_>,
         registered: &mut Option<std::task::Waker>,
@@ -183,7 +184,7 @@ impl SessionInfo {
     }
 
     /// What the session is doing.
-    pub fn state(&self) -> SessionState {
+    pub(crate) fn state(&self) -> SessionState {
         SessionState::from_u8(self.state.load(Ordering::Relaxed))
     }
 }
@@ -200,7 +201,7 @@ pub struct SessionRegistry {
 /// A session's registration; unregisters when dropped. Derefs to its
 /// [`SessionInfo`] for the atomic setters.
 #[derive(Debug)]
-pub struct SessionHandle {
+pub(crate) struct SessionHandle {
     id: u64,
     info: Arc<SessionInfo>,
     entries: Entries,
@@ -208,7 +209,7 @@ pub struct SessionHandle {
 
 impl SessionHandle {
     /// The registered entry, shared.
-    pub fn info(&self) -> Arc<SessionInfo> {
+    pub(crate) fn info(&self) -> Arc<SessionInfo> {
         self.info.clone()
     }
 }
@@ -232,7 +233,7 @@ fn lock(e: &Entries) -> MutexGuard<'_, HashMap<u64, Arc<SessionInfo>>> {
 
 impl SessionRegistry {
     /// Register a logged-in session of a cluster of `nodes` nodes.
-    pub fn register(
+    pub(crate) fn register(
         &self,
         nodes: usize,
         pid: i32,
@@ -265,7 +266,7 @@ impl SessionRegistry {
     }
 
     /// Every registered session, oldest first.
-    pub fn list(&self) -> Vec<Arc<SessionInfo>> {
+    pub(crate) fn list(&self) -> Vec<Arc<SessionInfo>> {
         let mut v: Vec<_> = lock(&self.entries).values().cloned().collect();
         v.sort_by_key(|s| (s.started, s.pid));
         v
@@ -274,7 +275,7 @@ impl SessionRegistry {
     /// Wake every session waiting in [`SessionInfo::poll_stopping`] (pgpilot
     /// stops). Call it only once the stop is visible to their `stopped()`
     /// checks: it takes their wakers, which they do not register again.
-    pub fn wake_all(&self) {
+    pub(crate) fn wake_all(&self) {
         for s in lock(&self.entries).values() {
             s.stop.wake();
         }
@@ -283,12 +284,12 @@ impl SessionRegistry {
     /// pgpilot's PID for the client whose session holds server process `pid`
     /// on `node` (a NotificationResponse names the notifying server process;
     /// its client knows pgpilot's PID from BackendKeyData).
-    pub fn client_pid_of(&self, node: usize, pid: i32) -> Option<i32> {
+    pub(crate) fn client_pid_of(&self, node: NodeId, pid: i32) -> Option<i32> {
         lock(&self.entries)
             .values()
             .find(|s| {
                 s.held
-                    .get(node)
+                    .get(node.index())
                     .is_some_and(|h| h.pid.load(Ordering::Acquire) == pid)
             })
             .map(|s| s.pid)
@@ -318,22 +319,28 @@ mod tests {
         assert_eq!(r.len(), 1);
         assert_eq!(h.state(), SessionState::Connecting);
         assert_eq!(h.backend(), None);
-        h.set_backend(1, 777, epoch_ms(SystemTime::now()));
+        h.set_backend(NodeId::new(1), 777, epoch_ms(SystemTime::now()));
         h.set_state(SessionState::Active);
         let listed = r.list();
         assert_eq!(listed[0].pid, 42);
-        assert_eq!(listed[0].backend().map(|b| (b.0, b.1)), Some((1, 777)));
+        assert_eq!(
+            listed[0].backend().map(|b| (b.0, b.1)),
+            Some((NodeId::new(1), 777))
+        );
         assert_eq!(listed[0].state().as_str(), "Execute command");
         h.clear_backend();
         assert_eq!(h.backend(), None);
         let opened = UNIX_EPOCH + Duration::from_millis(1_700_000_000_123);
-        h.hold(2, 900, epoch_ms(opened));
-        h.hold(0, 901, epoch_ms(opened));
-        h.hold(7, 902, epoch_ms(opened)); // no such node: ignored
-        assert_eq!(h.held(), vec![(0, 901, opened), (2, 900, opened)]);
-        h.release(2);
-        h.hold(0, 903, epoch_ms(opened));
-        assert_eq!(h.held(), vec![(0, 903, opened)]);
+        h.hold(NodeId::new(2), 900, epoch_ms(opened));
+        h.hold(NodeId::new(0), 901, epoch_ms(opened));
+        h.hold(NodeId::new(7), 902, epoch_ms(opened)); // no such node: ignored
+        assert_eq!(
+            h.held(),
+            vec![(NodeId::new(0), 901, opened), (NodeId::new(2), 900, opened)]
+        );
+        h.release(NodeId::new(2));
+        h.hold(NodeId::new(0), 903, epoch_ms(opened));
+        assert_eq!(h.held(), vec![(NodeId::new(0), 903, opened)]);
         drop(h);
         assert!(r.is_empty());
     }

@@ -11,7 +11,7 @@ use crate::protocol::startup::StartupMessage;
 /// them. Session-specific ones (`application_name`, `is_superuser`,
 /// `session_authorization`) are not kept.
 #[derive(Default)]
-pub struct ServerParams(Mutex<Vec<(String, String)>>);
+pub(crate) struct ServerParams(Mutex<Vec<(String, String)>>);
 
 /// Reported per session, never taken from another session's connection.
 const PER_SESSION: [&str; 3] = ["application_name", "is_superuser", "session_authorization"];
@@ -27,7 +27,7 @@ const ECHOED: [&str; 5] = [
 
 impl ServerParams {
     /// Keep `params` (a fresh primary connection's), if they differ.
-    pub fn remember(&self, params: &[(String, String)]) {
+    pub(crate) fn remember(&self, params: &[(String, String)]) {
         let mut kept = self.0.lock().unwrap_or_else(|e| e.into_inner());
         let wanted = params
             .iter()
@@ -40,7 +40,7 @@ impl ServerParams {
     /// What a login without a server reports: the kept values (or, before any
     /// primary connection, PostgreSQL's defaults), the client's own startup
     /// settings, and the session's user.
-    pub fn for_login(&self, startup: &StartupMessage, user: &str) -> Vec<(String, String)> {
+    pub(crate) fn for_login(&self, startup: &StartupMessage, user: &str) -> Vec<(String, String)> {
         let mut params = self.0.lock().unwrap_or_else(|e| e.into_inner()).clone();
         if params.is_empty() {
             params = [

@@ -22,7 +22,7 @@ pub(super) const REQUIRED_BINARIES: [&str; 5] =
 /// `pg_config --bindir`, else the highest version of `/usr/lib/postgresql/*/bin`,
 /// else a directory on `PATH`. A directory counts only if it holds initdb,
 /// pg_ctl, pg_basebackup, postgres and psql.
-pub fn find_bindir() -> Result<PathBuf, ClusterError> {
+pub(crate) fn find_bindir() -> Result<PathBuf, ClusterError> {
     if let Some(dir) = std::env::var_os("PGPILOT_PG_BINDIR").filter(|d| !d.is_empty()) {
         let dir = PathBuf::from(dir);
         let missing = missing_binaries(&dir);

@@ -33,7 +33,7 @@
 mod bindir;
 mod process;
 
-pub use bindir::find_bindir;
+pub(crate) use bindir::find_bindir;
 
 use std::collections::BTreeSet;
 use std::collections::hash_map::RandomState;
@@ -131,19 +131,19 @@ impl Default for ClusterSpec {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LocalNode {
     /// Index in [`LocalCluster::nodes`]: 0 is the primary at creation, 1.. standbys.
-    pub node_id: usize,
+    pub(crate) node_id: usize,
     /// TCP port the server listens on (127.0.0.1 only).
     pub port: u16,
     /// PGDATA of the server (`<base_dir>/nodeN/data`).
     pub data_dir: PathBuf,
     /// `nodeN`: the server's `cluster_name` and, for a standby, the
     /// `application_name` it shows in the primary's `pg_stat_replication`.
-    pub application_name: String,
+    pub(crate) application_name: String,
 }
 
 impl LocalNode {
     /// The node dir holding `data/`, the unix socket and the server log.
-    pub fn node_dir(&self) -> PathBuf {
+    pub(crate) fn node_dir(&self) -> PathBuf {
         self.data_dir
             .parent()
             .map(Path::to_path_buf)
@@ -151,7 +151,7 @@ impl LocalNode {
     }
 
     /// The server log, `<node dir>/postgres.log` (written via `pg_ctl -l`).
-    pub fn log_file(&self) -> PathBuf {
+    pub(crate) fn log_file(&self) -> PathBuf {
         self.node_dir().join("postgres.log")
     }
 }
@@ -163,7 +163,7 @@ pub struct LocalCluster {
     /// The servers, indexed by [`LocalNode::node_id`].
     pub nodes: Vec<LocalNode>,
     /// Private temporary directory holding every node; removed on shutdown.
-    pub base_dir: PathBuf,
+    pub(crate) base_dir: PathBuf,
     /// Directory of the PostgreSQL binaries in use (from [`find_bindir`]).
     pub bindir: PathBuf,
     /// How to launch binaries (directly, or as the `postgres` OS user when root).
@@ -193,15 +193,8 @@ pub enum ClusterError {
     )]
     NoServerUser,
     /// An external command failed.
-    #[error("command `{cmd}` failed ({status}):\n{output}")]
-    Command {
-        /// The command line that was run.
-        cmd: String,
-        /// Its exit status, or why it could not run.
-        status: String,
-        /// Its stderr and stdout, plus the tail of the node's server log if relevant.
-        output: String,
-    },
+    #[error(transparent)]
+    Command(Box<CommandFailed>),
     /// Filesystem or process I/O failed.
     #[error("I/O error: {0}")]
     Io(#[from] io::Error),
@@ -210,12 +203,64 @@ pub enum ClusterError {
     Timeout(String),
 }
 
+/// An external command that failed, and what it said.
+#[derive(Debug, thiserror::Error)]
+#[error("command `{cmd}` failed ({outcome}):\n{stderr}{stdout}{}", LogTail::suffix(.server_log))]
+pub struct CommandFailed {
+    /// The command line that was run.
+    pub cmd: String,
+    /// Why it failed: it could not start, or it exited unsuccessfully.
+    pub outcome: CommandOutcome,
+    /// Its standard error.
+    pub stderr: String,
+    /// Its standard output.
+    pub stdout: String,
+    /// The tail of the node's server log, when the command was about a node.
+    pub server_log: Option<LogTail>,
+}
+
+/// How a failed external command ended.
+#[derive(Debug)]
+pub enum CommandOutcome {
+    /// It could not be started.
+    NotStarted(io::Error),
+    /// It ran and exited unsuccessfully (or was killed by a signal).
+    Exited(std::process::ExitStatus),
+}
+
+impl std::fmt::Display for CommandOutcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CommandOutcome::NotStarted(_) => f.write_str("could not be started"),
+            CommandOutcome::Exited(status) => status.fmt(f),
+        }
+    }
+}
+
+/// The last lines of a node's server log, attached to an error about it.
+#[derive(Debug)]
+pub struct LogTail {
+    /// The log file.
+    pub path: PathBuf,
+    /// Its last lines.
+    pub lines: String,
+}
+
+impl LogTail {
+    /// The text an error message ends with: the tail under a header, if any.
+    fn suffix(tail: &Option<LogTail>) -> String {
+        tail.as_ref().map_or_else(String::new, |t| {
+            format!("\n--- last lines of {} ---\n{}", t.path.display(), t.lines)
+        })
+    }
+}
+
 /// Picks a free TCP port on 127.0.0.1: drawn at random from 20000..32768 (below
 /// Linux's ephemeral range; randomness limits collisions between test binaries
 /// running at once), checked to be bindable, never handed out twice by this
 /// process. It is free when returned, not reserved; [`LocalCluster::start`]
 /// moves a server whose port got taken meanwhile.
-pub fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     static HANDED_OUT: Mutex<BTreeSet<u16>> = Mutex::new(BTreeSet::new());
     let mut handed_out = HANDED_OUT.lock().unwrap_or_else(|e| e.into_inner());
     let bindable = |port: u16| TcpListener::bind(("127.0.0.1", port)).is_ok();
@@ -258,12 +303,12 @@ impl LocalCluster {
 
     /// The database superuser, `postgres`; it connects over 127.0.0.1 with trust
     /// (no password).
-    pub fn superuser(&self) -> &str {
+    pub(crate) fn superuser(&self) -> &str {
         SUPERUSER
     }
 
     /// A libpq key/value connection string for the superuser on `node`, database `db`.
-    pub fn conninfo(&self, node: usize, db: &str) -> String {
+    pub(crate) fn conninfo(&self, node: usize, db: &str) -> String {
         let db = db.replace('\\', "\\\\").replace('\'', "\\'");
         let port = self.node(node).port;
         format!("host=127.0.0.1 port={port} user={SUPERUSER} dbname='{db}' connect_timeout=10")
@@ -290,7 +335,7 @@ impl LocalCluster {
     /// The shell command that stops `node` with `pg_ctl stop -m <mode>`, as a
     /// person types it: this cluster's pg_ctl (whatever its version or
     /// installation), run as the `postgres` OS user when we are root.
-    pub fn stop_command_line(&self, node: usize, mode: &str) -> String {
+    pub(crate) fn stop_command_line(&self, node: usize, mode: &str) -> String {
         let exe = path_str(&self.bindir.join("pg_ctl"));
         let data = path_str(&self.node(node).data_dir);
         let args = ["stop", "-m", mode, "-D", &data];
@@ -313,8 +358,9 @@ impl LocalCluster {
         .map_err(|e| self.with_log(node, e))
     }
 
+    #[cfg(test)]
     /// True if `pg_ctl status` says the server of `node` is running.
-    pub fn is_running(&self, node: usize) -> bool {
+    pub(crate) fn is_running(&self, node: usize) -> bool {
         let data = path_str(&self.node(node).data_dir);
         self.run("pg_ctl", &["status", "-D", &data], POLL_TIMEOUT)
             .is_ok()
@@ -326,7 +372,7 @@ impl LocalCluster {
     }
 
     /// Index of a node that accepts connections and is not in recovery, if any.
-    pub fn primary_index(&self) -> Option<usize> {
+    pub(crate) fn primary_index(&self) -> Option<usize> {
         (0..self.nodes.len()).find(|&i| self.in_recovery(i) == Some(false))
     }
 
@@ -354,7 +400,7 @@ impl LocalCluster {
     }
 
     /// The last `max_lines` lines of the server log of `node` (empty if none).
-    pub fn log_tail(&self, node: usize, max_lines: usize) -> String {
+    pub(crate) fn log_tail(&self, node: usize, max_lines: usize) -> String {
         let text = fs::read(self.node(node).log_file()).unwrap_or_default();
         let text = String::from_utf8_lossy(&text);
         let lines: Vec<&str> = text.lines().collect();
@@ -613,13 +659,18 @@ impl LocalCluster {
 
     /// Appends the tail of `node`'s server log to a command or timeout error.
     fn with_log(&self, node: usize, mut err: ClusterError) -> ClusterError {
-        let tail = self.log_tail(node, 30);
-        if !tail.is_empty()
-            && let ClusterError::Command { output: text, .. } | ClusterError::Timeout(text) =
-                &mut err
-        {
-            let log = self.node(node).log_file().display().to_string();
-            text.push_str(&format!("\n--- last lines of {log} ---\n{tail}"));
+        let lines = self.log_tail(node, 30);
+        if lines.is_empty() {
+            return err;
+        }
+        let tail = LogTail {
+            path: self.node(node).log_file(),
+            lines,
+        };
+        match &mut err {
+            ClusterError::Command(failed) => failed.server_log = Some(tail),
+            ClusterError::Timeout(text) => text.push_str(&LogTail::suffix(&Some(tail))),
+            _ => {}
         }
         err
     }

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{Signal, kill, killpg};
 use nix::unistd::{Pid, User, geteuid};
 
-use super::{ClusterError, SUPERUSER};
+use super::{ClusterError, CommandFailed, CommandOutcome, SUPERUSER};
 
 /// How server binaries are launched.
 #[derive(Debug, Clone)]
@@ -183,10 +183,14 @@ pub(super) fn run_command(
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .process_group(0);
-    let mut child = cmd.spawn().map_err(|e| ClusterError::Command {
-        cmd: label.to_string(),
-        status: "could not be started".into(),
-        output: e.to_string(),
+    let mut child = cmd.spawn().map_err(|e| {
+        ClusterError::Command(Box::new(CommandFailed {
+            cmd: label.to_string(),
+            stderr: e.to_string(),
+            outcome: CommandOutcome::NotStarted(e),
+            stdout: String::new(),
+            server_log: None,
+        }))
     })?;
     // Drain both pipes on threads so a chatty child cannot block on a full pipe.
     let (tx, rx) = mpsc::channel();
@@ -245,12 +249,13 @@ pub(super) fn run_command(
     if status.success() {
         return Ok(stdout);
     }
-    let (cmd, status) = (label.to_string(), status.to_string());
-    Err(ClusterError::Command {
-        cmd,
-        status,
-        output: stderr + &stdout,
-    })
+    Err(ClusterError::Command(Box::new(CommandFailed {
+        cmd: label.to_string(),
+        outcome: CommandOutcome::Exited(status),
+        stderr,
+        stdout,
+        server_log: None,
+    })))
 }
 
 /// POSIX shell single-quoting, for the `su -c` fallback.

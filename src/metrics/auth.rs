@@ -25,7 +25,7 @@ impl AuthMetrics {
     }
 
     /// A failed login's answer is being delayed.
-    pub fn failure_delayed(&self) {
+    pub(crate) fn failure_delayed(&self) {
         self.delayed.inc();
     }
 

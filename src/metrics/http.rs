@@ -21,14 +21,14 @@ use super::Scrape;
 use crate::cluster::ClusterSnapshot;
 
 /// Largest request head accepted.
-pub const MAX_HEAD: usize = 8 * 1024;
+pub(crate) const MAX_HEAD: usize = 8 * 1024;
 /// Requests served at once.
-pub const MAX_CONNECTIONS: usize = 16;
+pub(crate) const MAX_CONNECTIONS: usize = 16;
 /// Limit for reading the request and for writing the response.
 const IO_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Serve `/metrics` and `/healthz` on `listener` until the task is dropped.
-pub async fn serve(listener: TcpListener, ctx: Arc<impl Scrape>) {
+pub(crate) async fn serve(listener: TcpListener, ctx: Arc<impl Scrape>) {
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     let mut shutdown = ctx.shutdown();
     loop {
@@ -58,7 +58,7 @@ pub async fn serve(listener: TcpListener, ctx: Arc<impl Scrape>) {
 }
 
 /// What `/healthz` answers for a snapshot: status code and body.
-pub fn healthz(snapshot: &ClusterSnapshot) -> (u16, &'static str) {
+pub(crate) fn healthz(snapshot: &ClusterSnapshot) -> (u16, &'static str) {
     if snapshot.has_primary() {
         (200, "ok: primary available\n")
     } else {

@@ -11,8 +11,8 @@
 //!
 //! The HTTP endpoint (`/metrics`, `/healthz`) is in [`http`].
 
-pub mod auth;
-pub mod http;
+pub(crate) mod auth;
+pub(crate) mod http;
 mod slots;
 
 use std::sync::Mutex;
@@ -26,6 +26,7 @@ use prometheus::{
 
 use crate::backend::Pool;
 use crate::cluster::{Cluster, Role};
+use crate::config::NodeId;
 use crate::router::cache::ClassifyCache;
 
 /// What a scrape reads besides the counters. The proxy's shared state
@@ -68,10 +69,10 @@ impl<T: Scrape> Scrape for std::sync::Arc<T> {
 }
 
 /// Statement kinds sessions report, in counter order.
-pub const KINDS: [&str; 5] = ["read", "write", "transaction", "session", "admin"];
+pub(crate) const KINDS: [&str; 5] = ["read", "write", "transaction", "session", "admin"];
 
 /// Events of `pgpilot_prepared_statements_total`.
-pub const STATEMENT_EVENTS: [&str; 4] = ["reused", "prepared", "closed", "evicted"];
+pub(crate) const STATEMENT_EVENTS: [&str; 4] = ["reused", "prepared", "closed", "evicted"];
 
 /// Command kinds counted from CommandComplete tags (pgpool's backend stats).
 const COMMANDS: [&str; 5] = ["insert", "update", "delete", "ddl", "other"];
@@ -99,35 +100,38 @@ struct NodeCounts {
 
 /// Per-node counts for `SHOW POOL_BACKEND_STATS`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct NodeStatementCounts {
+pub(crate) struct NodeStatementCounts {
     /// Reads routed to the node.
-    pub select: u64,
+    pub(crate) select: u64,
     /// INSERT commands completed.
-    pub insert: u64,
+    pub(crate) insert: u64,
     /// UPDATE commands completed.
-    pub update: u64,
+    pub(crate) update: u64,
     /// DELETE commands completed.
-    pub delete: u64,
+    pub(crate) delete: u64,
     /// CREATE/ALTER/DROP/… commands completed.
-    pub ddl: u64,
+    pub(crate) ddl: u64,
     /// Other commands completed.
-    pub other: u64,
+    pub(crate) other: u64,
     /// ErrorResponses with severity PANIC.
-    pub panic: u64,
+    pub(crate) panic: u64,
     /// ErrorResponses with severity FATAL.
-    pub fatal: u64,
+    pub(crate) fatal: u64,
     /// ErrorResponses with severity ERROR.
-    pub error: u64,
+    pub(crate) error: u64,
 }
 
 /// Severity of an ErrorResponse a node sent, for [`Metrics::node_error`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ErrorSeverity {
+pub(crate) enum ErrorSeverity {
     /// ERROR: the statement failed.
     Error,
     /// FATAL: the server closes the connection.
     Fatal,
-    /// PANIC: the server restarts.
+    /// PANIC: the server restarts. Never reported today: the response scanner
+    /// tells only fatal from not (a PANIC counts as FATAL); the variant keeps
+    /// the exported `panic` series, which stays 0.
+    #[allow(dead_code)]
     Panic,
 }
 
@@ -228,7 +232,7 @@ macro_rules! metric {
 
 impl Metrics {
     /// Metrics for a cluster of `nodes` nodes.
-    pub fn new(nodes: usize) -> Metrics {
+    pub(crate) fn new(nodes: usize) -> Metrics {
         let r = Registry::new();
         let routed_vec = metric!(
             &r,
@@ -379,13 +383,15 @@ impl Metrics {
 
     /// A statement was sent to `node`. `kind` is one of [`KINDS`]; `read` also
     /// counts as the node's `select_cnt`. Unknown kinds and nodes are ignored.
-    pub fn statement_routed(&self, node: usize, kind: &'static str) {
-        let Some(children) = self.routed.get(node) else {
+    pub(crate) fn statement_routed(&self, node: NodeId, kind: &'static str) {
+        let Some(children) = self.routed.get(node.index()) else {
             return;
         };
         let i = match kind {
             "read" => {
-                self.counts[node].selects.fetch_add(1, Ordering::Relaxed);
+                self.counts[node.index()]
+                    .selects
+                    .fetch_add(1, Ordering::Relaxed);
                 0
             }
             "write" => 1,
@@ -399,37 +405,37 @@ impl Metrics {
 
     /// `n` named prepared statements had `event` (one of [`STATEMENT_EVENTS`])
     /// on a server connection. Unknown events are ignored.
-    pub fn prepared_statements(&self, event: &'static str, n: usize) {
+    pub(crate) fn prepared_statements(&self, event: &'static str, n: usize) {
         if let Some(i) = STATEMENT_EVENTS.iter().position(|e| *e == event) {
             self.prepared[i].inc_by(n as u64);
         }
     }
 
     /// A read went to the primary for read-your-writes consistency.
-    pub fn consistency_routed_to_primary(&self) {
+    pub(crate) fn consistency_routed_to_primary(&self) {
         self.consistency_primary.inc();
     }
 
     /// A read waited `seconds` for a standby to catch up.
-    pub fn consistency_waited(&self, seconds: f64) {
+    pub(crate) fn consistency_waited(&self, seconds: f64) {
         self.consistency_waits.inc();
         self.consistency_wait_seconds.observe(seconds);
     }
 
     /// A read a standby refused was run again on the primary.
-    pub fn refusal_retried(&self) {
+    pub(crate) fn refusal_retried(&self) {
         self.refusals_retried.inc();
     }
 
     /// A statement on `node` completed after `seconds`.
-    pub fn query_finished(&self, node: usize, seconds: f64) {
-        if let Some(h) = self.query_seconds.get(node) {
+    pub(crate) fn query_finished(&self, node: NodeId, seconds: f64) {
+        if let Some(h) = self.query_seconds.get(node.index()) {
             h.observe(seconds);
         }
     }
 
     /// An ErrorResponse with this SQLSTATE reached a client (counted by class).
-    pub fn server_error(&self, sqlstate: &[u8; 5]) {
+    pub(crate) fn server_error(&self, sqlstate: &[u8; 5]) {
         let class = [sqlstate[0], sqlstate[1]];
         let class = if class.iter().all(u8::is_ascii_alphanumeric) {
             std::str::from_utf8(&class).unwrap_or("XX")
@@ -440,13 +446,16 @@ impl Metrics {
     }
 
     /// `node` sent an ErrorResponse of this severity (pgpool's error/fatal/panic counts).
-    pub fn node_error(&self, node: usize, severity: ErrorSeverity) {
+    pub(crate) fn node_error(&self, node: NodeId, severity: ErrorSeverity) {
         let i = match severity {
             ErrorSeverity::Error => 0,
             ErrorSeverity::Fatal => 1,
             ErrorSeverity::Panic => 2,
         };
-        if let (Some(c), Some(n)) = (self.counts.get(node), self.node_errors.get(node)) {
+        if let (Some(c), Some(n)) = (
+            self.counts.get(node.index()),
+            self.node_errors.get(node.index()),
+        ) {
             c.errors[i].fetch_add(1, Ordering::Relaxed);
             n[i].inc();
         }
@@ -455,7 +464,7 @@ impl Metrics {
     /// `node` completed a command with this CommandComplete tag (`INSERT 0 1`,
     /// `CREATE TABLE` …): feeds insert/update/delete/ddl/other counts. SELECT
     /// is not counted here (reads are counted when routed).
-    pub fn command_completed(&self, node: usize, tag: &[u8]) {
+    pub(crate) fn command_completed(&self, node: NodeId, tag: &[u8]) {
         let word = tag.split(|b| *b == b' ').next().unwrap_or_default();
         let i = match word {
             b"SELECT" => return,
@@ -465,43 +474,46 @@ impl Metrics {
             b"CREATE" | b"ALTER" | b"DROP" | b"TRUNCATE" | b"COMMENT" | b"GRANT" | b"REVOKE" => 3,
             _ => 4,
         };
-        if let (Some(c), Some(m)) = (self.counts.get(node), self.commands.get(node)) {
+        if let (Some(c), Some(m)) = (
+            self.counts.get(node.index()),
+            self.commands.get(node.index()),
+        ) {
             c.commands[i].fetch_add(1, Ordering::Relaxed);
             m[i].inc();
         }
     }
 
     /// A client logged in (maintained by `context::ClientSlot`).
-    pub fn client_connected(&self) {
+    pub(crate) fn client_connected(&self) {
         self.clients.inc();
         self.clients_total.inc();
     }
 
     /// A client left.
-    pub fn client_disconnected(&self) {
+    pub(crate) fn client_disconnected(&self) {
         self.clients.dec();
     }
 
     /// One health-check attempt of `node` finished.
-    pub fn health_checked(&self, node: usize, took: Duration, ok: bool) {
-        if let Some(h) = self.health_seconds.get(node) {
+    pub(crate) fn health_checked(&self, node: NodeId, took: Duration, ok: bool) {
+        if let Some(h) = self.health_seconds.get(node.index()) {
             h.observe(took.as_secs_f64());
         }
-        if !ok && let Some(c) = self.health_failures.get(node) {
+        if !ok && let Some(c) = self.health_failures.get(node.index()) {
             c.inc();
         }
     }
 
     /// Reads routed to `node` since start (pgpool's `select_cnt`).
-    pub fn select_count(&self, node: usize) -> u64 {
+    pub(crate) fn select_count(&self, node: NodeId) -> u64 {
         self.counts
-            .get(node)
+            .get(node.index())
             .map_or(0, |c| c.selects.load(Ordering::Relaxed))
     }
 
     /// Per-node statement and error counts.
-    pub fn node_counts(&self, node: usize) -> NodeStatementCounts {
-        let Some(c) = self.counts.get(node) else {
+    pub(crate) fn node_counts(&self, node: NodeId) -> NodeStatementCounts {
+        let Some(c) = self.counts.get(node.index()) else {
             return NodeStatementCounts::default();
         };
         let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
@@ -743,7 +755,7 @@ impl ScrapeGauges {
                 &self.backend_opened.with_label_values(&[id]),
                 pool.opened_total,
             );
-            if let Some(s) = stats.get(n.id) {
+            if let Some(s) = stats.get(n.id.index()) {
                 sync_counter(
                     &self.health_checks.with_label_values(&[id, "success"]),
                     s.success_count,

@@ -5,24 +5,24 @@ use super::*;
 #[test]
 fn hot_path_counters_feed_admin_counts() {
     let m = Metrics::new(2);
-    m.statement_routed(1, "read");
-    m.statement_routed(1, "read");
-    m.statement_routed(0, "write");
-    m.statement_routed(7, "read"); // unknown node: ignored
-    m.statement_routed(0, "bogus");
-    assert_eq!(m.select_count(1), 2);
-    assert_eq!(m.select_count(0), 0);
-    m.command_completed(0, b"INSERT 0 1");
-    m.command_completed(0, b"CREATE TABLE");
-    m.command_completed(0, b"SELECT 3");
-    m.command_completed(0, b"VACUUM");
-    m.node_error(0, ErrorSeverity::Fatal);
-    let c = m.node_counts(0);
+    m.statement_routed(NodeId::new(1), "read");
+    m.statement_routed(NodeId::new(1), "read");
+    m.statement_routed(NodeId::new(0), "write");
+    m.statement_routed(NodeId::new(7), "read"); // unknown node: ignored
+    m.statement_routed(NodeId::new(0), "bogus");
+    assert_eq!(m.select_count(NodeId::new(1)), 2);
+    assert_eq!(m.select_count(NodeId::new(0)), 0);
+    m.command_completed(NodeId::new(0), b"INSERT 0 1");
+    m.command_completed(NodeId::new(0), b"CREATE TABLE");
+    m.command_completed(NodeId::new(0), b"SELECT 3");
+    m.command_completed(NodeId::new(0), b"VACUUM");
+    m.node_error(NodeId::new(0), ErrorSeverity::Fatal);
+    let c = m.node_counts(NodeId::new(0));
     assert_eq!((c.insert, c.ddl, c.other, c.fatal), (1, 1, 1, 1));
     m.server_error(b"23505");
     m.server_error(b"\0\0\0\0\0");
-    m.query_finished(0, 0.002);
-    m.health_checked(1, Duration::from_millis(3), false);
+    m.query_finished(NodeId::new(0), 0.002);
+    m.health_checked(NodeId::new(1), Duration::from_millis(3), false);
     m.client_connected();
     let text = String::from_utf8({
         let mut out = Vec::new();

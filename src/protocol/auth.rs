@@ -21,7 +21,7 @@ type HmacSha256 = Hmac<Sha256>;
 /// Why a client could not be authenticated. Every variant is reported to the
 /// client as the same 28P01 message so that user names cannot be probed.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
-pub enum AuthError {
+pub(crate) enum AuthError {
     /// Wrong password, unknown user, or a proof that does not verify.
     #[error("password authentication failed")]
     Failed,
@@ -38,15 +38,15 @@ pub enum AuthError {
 
 /// A parsed SCRAM-SHA-256 verifier (`SCRAM-SHA-256$iter:salt$StoredKey:ServerKey`).
 #[derive(Clone, PartialEq, Eq)]
-pub struct ScramVerifier {
+pub(crate) struct ScramVerifier {
     /// PBKDF2 iteration count announced to the client.
-    pub iterations: u32,
+    pub(crate) iterations: u32,
     /// Salt announced to the client.
-    pub salt: Vec<u8>,
+    pub(crate) salt: Vec<u8>,
     /// H(ClientKey): checks the client's proof.
-    pub stored_key: [u8; 32],
+    pub(crate) stored_key: [u8; 32],
     /// Signs the server-final message so the client knows we hold the verifier.
-    pub server_key: [u8; 32],
+    pub(crate) server_key: [u8; 32],
 }
 
 impl std::fmt::Debug for ScramVerifier {
@@ -58,7 +58,7 @@ impl std::fmt::Debug for ScramVerifier {
 
 impl ScramVerifier {
     /// Parse PostgreSQL's verifier format, as stored in `pg_authid.rolpassword`.
-    pub fn parse(s: &str) -> Option<ScramVerifier> {
+    pub(crate) fn parse(s: &str) -> Option<ScramVerifier> {
         let rest = s.strip_prefix("SCRAM-SHA-256$")?;
         let (params, keys) = rest.split_once('$')?;
         let (iter, salt) = params.split_once(':')?;
@@ -75,15 +75,16 @@ impl ScramVerifier {
         })
     }
 
+    #[cfg(test)]
     /// Derive a verifier from a plain password (random salt, 4096 iterations).
-    pub fn from_password(password: &str) -> ScramVerifier {
+    pub(crate) fn from_password(password: &str) -> ScramVerifier {
         let v = postgres_protocol::password::scram_sha_256(password.as_bytes());
         ScramVerifier::parse(&v).expect("postgres-protocol produces valid verifiers")
     }
 
     /// A verifier no password matches, with a salt that is stable per user name, so
     /// that an unknown user goes through the same exchange as a known one.
-    pub fn mock(user: &str, server_secret: &[u8]) -> ScramVerifier {
+    pub(crate) fn mock(user: &str, server_secret: &[u8]) -> ScramVerifier {
         let salt = hmac(server_secret, user.as_bytes())[..16].to_vec();
         ScramVerifier {
             iterations: 4096,
@@ -118,12 +119,12 @@ fn ct_eq(a: &[u8], b: &[u8]) -> bool {
 /// verifier it matched. A server that stores the same verifier for the user
 /// accepts a login with these keys (SCRAM pass-through), no password needed.
 #[derive(Clone, PartialEq, Eq)]
-pub struct ScramKeys {
+pub(crate) struct ScramKeys {
     /// The client's ClientKey (H(ClientKey) is the verifier's StoredKey).
-    pub client_key: [u8; 32],
+    pub(crate) client_key: [u8; 32],
     /// The verifier the login matched: its salt and iteration count must be
     /// what the server announces, its ServerKey checks the server.
-    pub verifier: ScramVerifier,
+    pub(crate) verifier: ScramVerifier,
 }
 
 impl std::fmt::Debug for ScramKeys {
@@ -135,7 +136,7 @@ impl std::fmt::Debug for ScramKeys {
 
 /// Client state of one SCRAM-SHA-256 login with [`ScramKeys`] instead of a
 /// password.
-pub struct ScramKeyClient {
+pub(crate) struct ScramKeyClient {
     /// The keys that make the proof.
     keys: ScramKeys,
     /// Our nonce; the server's extends it.
@@ -149,7 +150,7 @@ pub struct ScramKeyClient {
 impl ScramKeyClient {
     /// Start a login; also returns the client-first message (for
     /// SASLInitialResponse).
-    pub fn new(keys: ScramKeys) -> (ScramKeyClient, Vec<u8>) {
+    pub(crate) fn new(keys: ScramKeys) -> (ScramKeyClient, Vec<u8>) {
         let mut raw = [0u8; 18];
         rand::fill(&mut raw);
         let nonce = B64.encode(raw);
@@ -166,7 +167,7 @@ impl ScramKeyClient {
     }
 
     /// Handle the server-first message; returns the client-final message.
-    pub fn server_first(&mut self, data: &[u8]) -> Result<Vec<u8>, AuthError> {
+    pub(crate) fn server_first(&mut self, data: &[u8]) -> Result<Vec<u8>, AuthError> {
         let msg = std::str::from_utf8(data).map_err(|_| AuthError::Malformed("not UTF-8"))?;
         let (mut nonce, mut salt, mut iterations) = (None, None, None);
         for attr in msg.split(',') {
@@ -200,7 +201,7 @@ impl ScramKeyClient {
     }
 
     /// Check the server-final message: the server holds the verifier.
-    pub fn server_final(&self, data: &[u8]) -> Result<(), AuthError> {
+    pub(crate) fn server_final(&self, data: &[u8]) -> Result<(), AuthError> {
         let msg = std::str::from_utf8(data).map_err(|_| AuthError::Malformed("not UTF-8"))?;
         let signature = msg
             .split(',')
@@ -216,7 +217,7 @@ impl ScramKeyClient {
 }
 
 /// Server state of one SCRAM-SHA-256 exchange.
-pub struct ScramServer {
+pub(crate) struct ScramServer {
     /// The verifier the proof is checked against.
     verifier: ScramVerifier,
     /// The client's key, once its proof verified.
@@ -233,7 +234,7 @@ pub struct ScramServer {
 
 impl ScramServer {
     /// Start an exchange against `verifier`.
-    pub fn new(verifier: ScramVerifier) -> ScramServer {
+    pub(crate) fn new(verifier: ScramVerifier) -> ScramServer {
         ScramServer {
             verifier,
             client_key: None,
@@ -245,7 +246,7 @@ impl ScramServer {
     }
 
     /// Handle the SASLInitialResponse body; returns the server-first-message.
-    pub fn client_first(&mut self, body: &[u8]) -> Result<Vec<u8>, AuthError> {
+    pub(crate) fn client_first(&mut self, body: &[u8]) -> Result<Vec<u8>, AuthError> {
         let (mechanism, rest) = cstr(body).ok_or(AuthError::Malformed("no mechanism"))?;
         if mechanism != b"SCRAM-SHA-256" {
             return Err(AuthError::Malformed("unsupported SASL mechanism"));
@@ -289,7 +290,7 @@ impl ScramServer {
     }
 
     /// Handle the SASLResponse body; returns the server-final-message when the proof verifies.
-    pub fn client_final(&mut self, body: &[u8]) -> Result<Vec<u8>, AuthError> {
+    pub(crate) fn client_final(&mut self, body: &[u8]) -> Result<Vec<u8>, AuthError> {
         let msg = std::str::from_utf8(body).map_err(|_| AuthError::Malformed("not UTF-8"))?;
         let (without_proof, proof) = msg
             .rsplit_once(",p=")
@@ -333,7 +334,7 @@ impl ScramServer {
     }
 
     /// What the client proved, once [`ScramServer::client_final`] succeeded.
-    pub fn proven_keys(&self) -> Option<ScramKeys> {
+    pub(crate) fn proven_keys(&self) -> Option<ScramKeys> {
         self.client_key.map(|client_key| ScramKeys {
             client_key,
             verifier: self.verifier.clone(),
@@ -346,7 +347,7 @@ impl ScramServer {
 /// exchange run in memory, so the password gets exactly a SCRAM client's
 /// SASLprep and salting; returns the keys the password proves (SCRAM
 /// pass-through to the nodes needs them when no password is configured).
-pub fn scram_password_check(verifier: &ScramVerifier, password: &[u8]) -> Option<ScramKeys> {
+pub(crate) fn scram_password_check(verifier: &ScramVerifier, password: &[u8]) -> Option<ScramKeys> {
     use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
     let mut client = ScramSha256::new(password, ChannelBinding::unsupported());
     let mut server = ScramServer::new(verifier.clone());
@@ -362,7 +363,7 @@ pub fn scram_password_check(verifier: &ScramVerifier, password: &[u8]) -> Option
 
 /// Check a client's MD5 PasswordMessage body: libpq's response for `user` and
 /// `password` with `salt` (`"md5" + md5(md5(password + user) + salt)`).
-pub fn md5_check(user: &str, password: &str, salt: [u8; 4], body: &[u8]) -> bool {
+pub(crate) fn md5_check(user: &str, password: &str, salt: [u8; 4], body: &[u8]) -> bool {
     let Some((response, _)) = cstr(body) else {
         return false;
     };
@@ -374,7 +375,7 @@ pub fn md5_check(user: &str, password: &str, salt: [u8; 4], body: &[u8]) -> bool
 /// hash (`"md5"` + hex md5(password + user), as in `pg_authid`) instead of
 /// the password: `"md5" + md5(hex + salt)`. What a node needs for a user
 /// whose password pgpilot knows only as that hash.
-pub fn md5_salted_from_stored(stored: &str, salt: [u8; 4]) -> String {
+pub(crate) fn md5_salted_from_stored(stored: &str, salt: [u8; 4]) -> String {
     use md5::{Digest, Md5};
     let hex = stored.strip_prefix("md5").unwrap_or(stored);
     let mut h = Md5::new();
@@ -389,7 +390,7 @@ pub fn md5_salted_from_stored(stored: &str, salt: [u8; 4]) -> String {
 }
 
 /// Check a client's MD5 PasswordMessage body against a stored MD5 hash.
-pub fn md5_check_stored(stored: &str, salt: [u8; 4], body: &[u8]) -> bool {
+pub(crate) fn md5_check_stored(stored: &str, salt: [u8; 4], body: &[u8]) -> bool {
     let Some((response, _)) = cstr(body) else {
         return false;
     };
@@ -397,7 +398,7 @@ pub fn md5_check_stored(stored: &str, salt: [u8; 4], body: &[u8]) -> bool {
 }
 
 /// Whether a clear-text password matches a stored MD5 hash of `user`.
-pub fn md5_password_check(user: &str, stored: &str, password: &[u8]) -> bool {
+pub(crate) fn md5_password_check(user: &str, stored: &str, password: &[u8]) -> bool {
     let hashed = postgres_protocol::password::md5(password, user);
     ct_eq(hashed.as_bytes(), stored.as_bytes())
 }

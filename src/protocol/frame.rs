@@ -17,7 +17,7 @@ use super::tag;
 
 /// Why a byte stream could not be framed.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
-pub enum FrameError {
+pub(crate) enum FrameError {
     /// The length prefix exceeds the configured maximum.
     #[error("message length {len} exceeds the limit of {max} bytes")]
     TooLarge {
@@ -33,23 +33,23 @@ pub enum FrameError {
 
 /// A complete frontend message located in a buffer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Frame {
+pub(crate) struct Frame {
     /// Message type byte.
-    pub tag: u8,
+    pub(crate) tag: u8,
     /// Total size on the wire: type byte + length field + body.
-    pub wire_len: usize,
+    pub(crate) wire_len: usize,
 }
 
 impl Frame {
     /// The message body (after the 5-byte header) within `buf`, which must start at the frame.
-    pub fn body<'a>(&self, buf: &'a [u8]) -> &'a [u8] {
+    pub(crate) fn body<'a>(&self, buf: &'a [u8]) -> &'a [u8] {
         &buf[5..self.wire_len]
     }
 }
 
 /// Look at the front of `buf` and return the first complete frame, `Ok(None)` when
 /// more bytes are needed, or an error when the length is invalid or too large.
-pub fn peek_frame(buf: &[u8], max: usize) -> Result<Option<Frame>, FrameError> {
+pub(crate) fn peek_frame(buf: &[u8], max: usize) -> Result<Option<Frame>, FrameError> {
     if buf.len() < 5 {
         return Ok(None);
     }
@@ -74,7 +74,7 @@ pub fn peek_frame(buf: &[u8], max: usize) -> Result<Option<Frame>, FrameError> {
 }
 
 /// Bytes still missing from an incomplete (but valid) frame at the front of `buf`.
-pub fn missing_bytes(buf: &[u8]) -> usize {
+pub(crate) fn missing_bytes(buf: &[u8]) -> usize {
     if buf.len() < 5 {
         return 5 - buf.len();
     }
@@ -84,7 +84,7 @@ pub fn missing_bytes(buf: &[u8]) -> usize {
 
 /// [`peek_frame`] on a read buffer, reserving room for the rest of an incomplete
 /// frame so the next read can complete it.
-pub fn next_frame(buf: &mut BytesMut, max: usize) -> Result<Option<Frame>, FrameError> {
+pub(crate) fn next_frame(buf: &mut BytesMut, max: usize) -> Result<Option<Frame>, FrameError> {
     let f = peek_frame(buf, max)?;
     if f.is_none() {
         buf.reserve(missing_bytes(buf));
@@ -94,7 +94,7 @@ pub fn next_frame(buf: &mut BytesMut, max: usize) -> Result<Option<Frame>, Frame
 
 /// Something in the server's stream that pgpilot acts on.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum BackendEvent {
+pub(crate) enum BackendEvent {
     /// ReadyForQuery with its transaction status byte.
     ReadyForQuery(u8),
     /// ErrorResponse: SQLSTATE and whether severity was FATAL or PANIC.
@@ -126,13 +126,13 @@ pub enum BackendEvent {
 
 /// A decoded server message and where it lies in the scanned buffer.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Scanned {
+pub(crate) struct Scanned {
     /// What it says.
-    pub event: BackendEvent,
+    pub(crate) event: BackendEvent,
     /// Offset of its type byte.
-    pub start: usize,
+    pub(crate) start: usize,
     /// Offset just past its end.
-    pub end: usize,
+    pub(crate) end: usize,
 }
 
 /// Incremental scanner for the server → client stream.
@@ -141,7 +141,7 @@ pub struct Scanned {
 /// bytes form whole messages or pass-through parts of messages, which may be
 /// forwarded as they are. Messages pgpilot decodes are small and held until complete.
 #[derive(Debug, Default)]
-pub struct BackendScanner {
+pub(crate) struct BackendScanner {
     /// Bytes of the current pass-through message body not yet seen. Lets huge
     /// DataRow/CopyData messages flow without being buffered whole.
     remaining: usize,
@@ -174,14 +174,18 @@ const MAX_DECODED_LEN: usize = 1 << 20;
 
 impl BackendScanner {
     /// True when the scanner sits on a message boundary (nothing half-forwarded).
-    pub fn at_boundary(&self) -> bool {
+    pub(crate) fn at_boundary(&self) -> bool {
         self.remaining == 0
     }
 
     /// Scan `buf` from the start, pushing events (with their offsets in `buf`), and
     /// return the number of bytes that can be forwarded now. Bytes after that are an
     /// incomplete decoded message.
-    pub fn scan(&mut self, buf: &[u8], events: &mut Vec<Scanned>) -> Result<usize, FrameError> {
+    pub(crate) fn scan(
+        &mut self,
+        buf: &[u8],
+        events: &mut Vec<Scanned>,
+    ) -> Result<usize, FrameError> {
         let mut pos = 0;
         loop {
             if self.remaining > 0 {
@@ -293,7 +297,7 @@ fn decode_event(t: u8, body: &[u8]) -> BackendEvent {
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct ErrorFields {
     /// `V` (non-localized severity) or else `S`.
-    pub severity: String,
+    pub(crate) severity: String,
     /// `C`: SQLSTATE.
     pub code: String,
     /// `M`: primary message.
@@ -329,7 +333,7 @@ impl ErrorFields {
 }
 
 /// Read a NUL-terminated string from the front of `buf`, returning it and the rest.
-pub fn cstr(buf: &[u8]) -> Option<(&[u8], &[u8])> {
+pub(crate) fn cstr(buf: &[u8]) -> Option<(&[u8], &[u8])> {
     let end = buf.iter().position(|b| *b == 0)?;
     Some((&buf[..end], &buf[end + 1..]))
 }

@@ -10,7 +10,7 @@ pub fn parse_lsn(s: &str) -> Option<u64> {
 }
 
 /// Format a byte position as `pg_lsn` text.
-pub fn format_lsn(lsn: u64) -> String {
+pub(crate) fn format_lsn(lsn: u64) -> String {
     format!("{:X}/{:X}", lsn >> 32, lsn & 0xffff_ffff)
 }
 

@@ -10,15 +10,15 @@ use bytes::{BufMut, Bytes, BytesMut};
 use pgwire::messages::Message;
 use pgwire::messages::data::{DataRow, FieldDescription, RowDescription};
 use pgwire::messages::response::{
-    CommandComplete, ErrorResponse, NoticeResponse, ReadyForQuery, TransactionStatus,
+    CommandComplete, ErrorResponse, ReadyForQuery, TransactionStatus,
 };
 use pgwire::messages::startup::{Authentication, BackendKeyData, ParameterStatus, SecretKey};
 
-use super::TxStatus;
+use super::{CancelKey, TxStatus};
 
 /// Severity of an error pgpilot reports.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Severity {
+pub(crate) enum Severity {
     /// The statement failed; the session goes on.
     Error,
     /// The session ends after this message.
@@ -36,22 +36,22 @@ impl Severity {
 
 /// An error as the client will see it: severity, SQLSTATE, message, optional detail/hint.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PgError {
+pub(crate) struct PgError {
     /// ERROR or FATAL.
-    pub severity: Severity,
+    pub(crate) severity: Severity,
     /// Five-character SQLSTATE (borrowed for pgpilot's own codes, owned when relayed).
-    pub code: Cow<'static, str>,
+    pub(crate) code: Cow<'static, str>,
     /// Primary human-readable message.
-    pub message: String,
+    pub(crate) message: String,
     /// Optional DETAIL line.
-    pub detail: Option<String>,
+    pub(crate) detail: Option<String>,
     /// Optional HINT line.
-    pub hint: Option<String>,
+    pub(crate) hint: Option<String>,
 }
 
 impl PgError {
     /// An ERROR-severity message.
-    pub fn error(code: &'static str, message: impl Into<String>) -> PgError {
+    pub(crate) fn error(code: &'static str, message: impl Into<String>) -> PgError {
         PgError {
             severity: Severity::Error,
             code: Cow::Borrowed(code),
@@ -62,7 +62,7 @@ impl PgError {
     }
 
     /// A FATAL-severity message (the connection closes after it).
-    pub fn fatal(code: &'static str, message: impl Into<String>) -> PgError {
+    pub(crate) fn fatal(code: &'static str, message: impl Into<String>) -> PgError {
         PgError {
             severity: Severity::Fatal,
             ..PgError::error(code, message)
@@ -70,14 +70,8 @@ impl PgError {
     }
 
     /// Attach a HINT.
-    pub fn with_hint(mut self, hint: impl Into<String>) -> PgError {
+    pub(crate) fn with_hint(mut self, hint: impl Into<String>) -> PgError {
         self.hint = Some(hint.into());
-        self
-    }
-
-    /// Attach a DETAIL.
-    pub fn with_detail(mut self, detail: impl Into<String>) -> PgError {
-        self.detail = Some(detail.into());
         self
     }
 
@@ -98,16 +92,8 @@ impl PgError {
     }
 
     /// Append this error as an ErrorResponse.
-    pub fn encode(&self, buf: &mut BytesMut) {
+    pub(crate) fn encode(&self, buf: &mut BytesMut) {
         encode(buf, &ErrorResponse::new(self.fields()));
-    }
-
-    /// Append this error as a NoticeResponse (severity is forced to WARNING).
-    pub fn encode_notice(&self, buf: &mut BytesMut) {
-        let mut fields = self.fields();
-        fields[0].1 = "WARNING".into();
-        fields[1].1 = "WARNING".into();
-        encode(buf, &NoticeResponse::new(fields));
     }
 }
 
@@ -131,27 +117,27 @@ fn encode<M: Message>(buf: &mut BytesMut, m: &M) {
 }
 
 /// AuthenticationOk.
-pub fn auth_ok(buf: &mut BytesMut) {
+pub(crate) fn auth_ok(buf: &mut BytesMut) {
     encode(buf, &Authentication::Ok);
 }
 
 /// AuthenticationCleartextPassword.
-pub fn auth_cleartext(buf: &mut BytesMut) {
+pub(crate) fn auth_cleartext(buf: &mut BytesMut) {
     encode(buf, &Authentication::CleartextPassword);
 }
 
 /// AuthenticationMD5Password with a 4-byte salt.
-pub fn auth_md5(buf: &mut BytesMut, salt: [u8; 4]) {
+pub(crate) fn auth_md5(buf: &mut BytesMut, salt: [u8; 4]) {
     encode(buf, &Authentication::MD5Password(salt.to_vec()));
 }
 
 /// AuthenticationSASL offering SCRAM-SHA-256.
-pub fn auth_sasl(buf: &mut BytesMut) {
+pub(crate) fn auth_sasl(buf: &mut BytesMut) {
     encode(buf, &Authentication::SASL(vec!["SCRAM-SHA-256".into()]));
 }
 
 /// AuthenticationSASLContinue.
-pub fn auth_sasl_continue(buf: &mut BytesMut, data: &[u8]) {
+pub(crate) fn auth_sasl_continue(buf: &mut BytesMut, data: &[u8]) {
     encode(
         buf,
         &Authentication::SASLContinue(Bytes::copy_from_slice(data)),
@@ -159,7 +145,7 @@ pub fn auth_sasl_continue(buf: &mut BytesMut, data: &[u8]) {
 }
 
 /// AuthenticationSASLFinal.
-pub fn auth_sasl_final(buf: &mut BytesMut, data: &[u8]) {
+pub(crate) fn auth_sasl_final(buf: &mut BytesMut, data: &[u8]) {
     encode(
         buf,
         &Authentication::SASLFinal(Bytes::copy_from_slice(data)),
@@ -167,17 +153,20 @@ pub fn auth_sasl_final(buf: &mut BytesMut, data: &[u8]) {
 }
 
 /// ParameterStatus.
-pub fn parameter_status(buf: &mut BytesMut, name: &str, value: &str) {
+pub(crate) fn parameter_status(buf: &mut BytesMut, name: &str, value: &str) {
     encode(buf, &ParameterStatus::new(name.into(), value.into()));
 }
 
 /// BackendKeyData with pgpilot's own key for this client (not a server's).
-pub fn backend_key_data(buf: &mut BytesMut, pid: i32, secret: i32) {
-    encode(buf, &BackendKeyData::new(pid, SecretKey::I32(secret)));
+pub(crate) fn backend_key_data(buf: &mut BytesMut, key: CancelKey) {
+    encode(
+        buf,
+        &BackendKeyData::new(key.pid, SecretKey::I32(key.secret)),
+    );
 }
 
 /// ReadyForQuery.
-pub fn ready_for_query(buf: &mut BytesMut, status: TxStatus) {
+pub(crate) fn ready_for_query(buf: &mut BytesMut, status: TxStatus) {
     let s = match status {
         TxStatus::Idle => TransactionStatus::Idle,
         TxStatus::InTransaction => TransactionStatus::Transaction,
@@ -187,7 +176,7 @@ pub fn ready_for_query(buf: &mut BytesMut, status: TxStatus) {
 }
 
 /// NegotiateProtocolVersion: pgpilot speaks 3.0 and recognises no `_pq_` options.
-pub fn negotiate_protocol_version(buf: &mut BytesMut, unrecognized: &[String]) {
+pub(crate) fn negotiate_protocol_version(buf: &mut BytesMut, unrecognized: &[String]) {
     let len = 4 + 4 + 4 + unrecognized.iter().map(|o| o.len() + 1).sum::<usize>();
     buf.put_u8(b'v');
     buf.put_i32(len as i32);
@@ -200,7 +189,7 @@ pub fn negotiate_protocol_version(buf: &mut BytesMut, unrecognized: &[String]) {
 }
 
 /// RowDescription for columns that are all `text`.
-pub fn row_description_text(buf: &mut BytesMut, columns: &[&str]) {
+pub(crate) fn row_description_text(buf: &mut BytesMut, columns: &[&str]) {
     const TEXT_OID: u32 = 25;
     let fields = columns
         .iter()
@@ -210,7 +199,7 @@ pub fn row_description_text(buf: &mut BytesMut, columns: &[&str]) {
 }
 
 /// DataRow of text values (no NULLs).
-pub fn data_row_text<S: AsRef<str>>(buf: &mut BytesMut, values: &[S]) {
+pub(crate) fn data_row_text<S: AsRef<str>>(buf: &mut BytesMut, values: &[S]) {
     let mut data = BytesMut::new();
     for v in values {
         let v = v.as_ref().as_bytes();
@@ -222,20 +211,20 @@ pub fn data_row_text<S: AsRef<str>>(buf: &mut BytesMut, values: &[S]) {
 
 /// A message with no body (ParseComplete `1`, BindComplete `2`, CloseComplete
 /// `3`, NoData `n`).
-pub fn empty_message(buf: &mut BytesMut, tag: u8) {
+pub(crate) fn empty_message(buf: &mut BytesMut, tag: u8) {
     buf.put_u8(tag);
     buf.put_i32(4);
 }
 
 /// ParameterDescription for a statement without parameters.
-pub fn no_parameters(buf: &mut BytesMut) {
+pub(crate) fn no_parameters(buf: &mut BytesMut) {
     buf.put_u8(b't');
     buf.put_i32(6);
     buf.put_i16(0);
 }
 
 /// CommandComplete with the given tag (e.g. `SELECT 3`).
-pub fn command_complete(buf: &mut BytesMut, tag: &str) {
+pub(crate) fn command_complete(buf: &mut BytesMut, tag: &str) {
     encode(buf, &CommandComplete::new(tag.into()));
 }
 

@@ -6,84 +6,86 @@
 //! Client SQL is never decoded into a different encoding or re-encoded: frames
 //! are forwarded as the raw bytes that arrived.
 
-pub mod auth;
+pub(crate) mod auth;
 pub mod frame;
-pub mod lsn;
-pub mod messages;
-pub mod shape;
-pub mod startup;
+pub(crate) mod lsn;
+pub(crate) mod messages;
+pub(crate) mod shape;
+pub(crate) mod startup;
+
+pub(crate) use startup::CancelKey;
 
 /// Message type bytes used by pgpilot (frontend and backend share one space).
-pub mod tag {
+pub(crate) mod tag {
     /// Frontend: simple Query.
-    pub const QUERY: u8 = b'Q';
+    pub(crate) const QUERY: u8 = b'Q';
     /// Frontend: Parse (extended protocol).
-    pub const PARSE: u8 = b'P';
+    pub(crate) const PARSE: u8 = b'P';
     /// Frontend: Bind.
-    pub const BIND: u8 = b'B';
+    pub(crate) const BIND: u8 = b'B';
     /// Frontend: Execute. Backend: ErrorResponse.
-    pub const EXECUTE: u8 = b'E';
+    pub(crate) const EXECUTE: u8 = b'E';
     /// Frontend: Describe. Backend: DataRow.
-    pub const DESCRIBE: u8 = b'D';
+    pub(crate) const DESCRIBE: u8 = b'D';
     /// Frontend: Close. Backend: CommandComplete.
-    pub const CLOSE: u8 = b'C';
+    pub(crate) const CLOSE: u8 = b'C';
     /// Frontend: Flush.
-    pub const FLUSH: u8 = b'H';
+    pub(crate) const FLUSH: u8 = b'H';
     /// Frontend: Sync. Backend: ParameterStatus.
-    pub const SYNC: u8 = b'S';
+    pub(crate) const SYNC: u8 = b'S';
     /// Frontend: FunctionCall.
-    pub const FUNCTION_CALL: u8 = b'F';
+    pub(crate) const FUNCTION_CALL: u8 = b'F';
     /// Frontend: Terminate.
-    pub const TERMINATE: u8 = b'X';
+    pub(crate) const TERMINATE: u8 = b'X';
     /// Both directions: CopyData.
-    pub const COPY_DATA: u8 = b'd';
+    pub(crate) const COPY_DATA: u8 = b'd';
     /// Both directions: CopyDone.
-    pub const COPY_DONE: u8 = b'c';
+    pub(crate) const COPY_DONE: u8 = b'c';
     /// Frontend: CopyFail.
-    pub const COPY_FAIL: u8 = b'f';
+    pub(crate) const COPY_FAIL: u8 = b'f';
     /// Frontend: password / SASL messages.
-    pub const PASSWORD: u8 = b'p';
+    pub(crate) const PASSWORD: u8 = b'p';
     /// Backend: ReadyForQuery.
-    pub const READY_FOR_QUERY: u8 = b'Z';
+    pub(crate) const READY_FOR_QUERY: u8 = b'Z';
     /// Backend: ErrorResponse.
-    pub const ERROR_RESPONSE: u8 = b'E';
+    pub(crate) const ERROR_RESPONSE: u8 = b'E';
     /// Backend: NoticeResponse.
-    pub const NOTICE_RESPONSE: u8 = b'N';
+    pub(crate) const NOTICE_RESPONSE: u8 = b'N';
     /// Backend: ParameterStatus.
-    pub const PARAMETER_STATUS: u8 = b'S';
+    pub(crate) const PARAMETER_STATUS: u8 = b'S';
     /// Backend: BackendKeyData.
-    pub const BACKEND_KEY_DATA: u8 = b'K';
+    pub(crate) const BACKEND_KEY_DATA: u8 = b'K';
     /// Backend: Authentication*.
-    pub const AUTHENTICATION: u8 = b'R';
+    pub(crate) const AUTHENTICATION: u8 = b'R';
     /// Backend: CopyInResponse.
-    pub const COPY_IN_RESPONSE: u8 = b'G';
+    pub(crate) const COPY_IN_RESPONSE: u8 = b'G';
     /// Backend: CopyOutResponse.
-    pub const COPY_OUT_RESPONSE: u8 = b'H';
+    pub(crate) const COPY_OUT_RESPONSE: u8 = b'H';
     /// Backend: CopyBothResponse.
-    pub const COPY_BOTH_RESPONSE: u8 = b'W';
+    pub(crate) const COPY_BOTH_RESPONSE: u8 = b'W';
     /// Backend: ParseComplete.
-    pub const PARSE_COMPLETE: u8 = b'1';
+    pub(crate) const PARSE_COMPLETE: u8 = b'1';
     /// Backend: DataRow (same byte as frontend Describe).
-    pub const DATA_ROW: u8 = b'D';
+    pub(crate) const DATA_ROW: u8 = b'D';
     /// Backend: CommandComplete (same byte as frontend Close).
-    pub const COMMAND_COMPLETE: u8 = b'C';
+    pub(crate) const COMMAND_COMPLETE: u8 = b'C';
     /// Backend: CloseComplete.
-    pub const CLOSE_COMPLETE: u8 = b'3';
+    pub(crate) const CLOSE_COMPLETE: u8 = b'3';
     /// Backend: ParameterDescription (answers a Describe of a statement).
-    pub const PARAMETER_DESCRIPTION: u8 = b't';
+    pub(crate) const PARAMETER_DESCRIPTION: u8 = b't';
     /// Backend: RowDescription.
-    pub const ROW_DESCRIPTION: u8 = b'T';
+    pub(crate) const ROW_DESCRIPTION: u8 = b'T';
     /// Backend: NoData.
-    pub const NO_DATA: u8 = b'n';
+    pub(crate) const NO_DATA: u8 = b'n';
     /// Backend: NotificationResponse.
-    pub const NOTIFICATION_RESPONSE: u8 = b'A';
+    pub(crate) const NOTIFICATION_RESPONSE: u8 = b'A';
     /// Backend: NegotiateProtocolVersion.
-    pub const NEGOTIATE_PROTOCOL_VERSION: u8 = b'v';
+    pub(crate) const NEGOTIATE_PROTOCOL_VERSION: u8 = b'v';
 }
 
 /// Transaction status as reported by ReadyForQuery.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum TxStatus {
+pub(crate) enum TxStatus {
     /// `I`: not in a transaction block.
     Idle,
     /// `T`: in a transaction block.
@@ -95,7 +97,7 @@ pub enum TxStatus {
 impl TxStatus {
     /// Decode the ReadyForQuery status byte; unknown bytes are treated as in-transaction
     /// (the conservative answer: such a connection is never reused).
-    pub fn from_byte(b: u8) -> TxStatus {
+    pub(crate) fn from_byte(b: u8) -> TxStatus {
         match b {
             b'I' => TxStatus::Idle,
             b'E' => TxStatus::Failed,
@@ -104,7 +106,7 @@ impl TxStatus {
     }
 
     /// The status byte as sent on the wire.
-    pub fn as_byte(self) -> u8 {
+    pub(crate) fn as_byte(self) -> u8 {
         match self {
             TxStatus::Idle => b'I',
             TxStatus::InTransaction => b'T',

@@ -14,7 +14,7 @@
 
 /// A hash of a statement's ParameterDescription and RowDescription/NoData.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct Shape(u64);
+pub(crate) struct Shape(u64);
 
 impl Shape {
     /// A shape from a raw hash value (tests).
@@ -26,7 +26,7 @@ impl Shape {
 
 /// FNV-1a, 64 bits: a few dozen bytes per statement, on a rare path.
 #[derive(Debug, Clone, Copy)]
-pub struct ShapeHasher(u64);
+pub(crate) struct ShapeHasher(u64);
 
 const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
 const FNV_PRIME: u64 = 0x0000_0100_0000_01b3;
@@ -41,7 +41,7 @@ impl ShapeHasher {
 
     /// Start with a ParameterDescription body (the whole body: count and
     /// type OIDs).
-    pub fn params(body: &[u8]) -> ShapeHasher {
+    pub(crate) fn params(body: &[u8]) -> ShapeHasher {
         let mut h = ShapeHasher(FNV_OFFSET);
         h.feed(b"t");
         h.feed(body);
@@ -50,7 +50,7 @@ impl ShapeHasher {
 
     /// Finish with the RowDescription body (`Some`) or NoData (`None`).
     /// A malformed RowDescription hashes what could be read of it.
-    pub fn finish(mut self, row_description: Option<&[u8]>) -> Shape {
+    pub(crate) fn finish(mut self, row_description: Option<&[u8]>) -> Shape {
         let Some(body) = row_description else {
             self.feed(b"n");
             return Shape(self.0);

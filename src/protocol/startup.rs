@@ -4,26 +4,44 @@
 use super::frame::cstr;
 
 /// Largest startup packet accepted (PostgreSQL uses the same limit).
-pub const MAX_STARTUP_PACKET: usize = 10_000;
+pub(crate) const MAX_STARTUP_PACKET: usize = 10_000;
 
 const SSL_REQUEST: i32 = 80877103;
 const GSSENC_REQUEST: i32 = 80877104;
 const CANCEL_REQUEST: i32 = 80877102;
 
+/// A BackendKeyData key: the process id and secret a CancelRequest must
+/// carry. pgpilot issues its own to each client and keeps each server
+/// connection's to forward cancels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) struct CancelKey {
+    /// Process id.
+    pub(crate) pid: i32,
+    /// Secret.
+    pub(crate) secret: i32,
+}
+
+impl CancelKey {
+    /// The key in the wire layout of BackendKeyData and CancelRequest: pid,
+    /// then secret, both big-endian (`None` if shorter than 8 bytes).
+    pub(crate) fn from_wire(b: &[u8]) -> Option<CancelKey> {
+        let b: &[u8; 8] = b.get(..8)?.try_into().ok()?;
+        Some(CancelKey {
+            pid: i32::from_be_bytes([b[0], b[1], b[2], b[3]]),
+            secret: i32::from_be_bytes([b[4], b[5], b[6], b[7]]),
+        })
+    }
+}
+
 /// What the client opened with.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum InitialPacket {
+pub(crate) enum InitialPacket {
     /// SSLRequest: answered `N` until TLS is configured.
     Ssl,
     /// GSSENCRequest: answered `N`.
     GssEnc,
     /// CancelRequest carrying the key pgpilot issued.
-    Cancel {
-        /// Process id from BackendKeyData.
-        pid: i32,
-        /// Secret from BackendKeyData.
-        secret: i32,
-    },
+    Cancel(CancelKey),
     /// StartupMessage, protocol 3.x.
     Startup(StartupMessage),
     /// A protocol version pgpilot does not speak (e.g. 2.0).
@@ -37,18 +55,18 @@ pub enum InitialPacket {
 
 /// A v3 StartupMessage.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct StartupMessage {
+pub(crate) struct StartupMessage {
     /// Requested minor version (pgpilot negotiates down to 0).
-    pub minor: u16,
+    pub(crate) minor: u16,
     /// Parameters in the order sent, excluding `_pq_.` protocol options.
-    pub params: Vec<(String, String)>,
+    pub(crate) params: Vec<(String, String)>,
     /// `_pq_.` options the client asked for; reported back as unrecognised.
-    pub protocol_options: Vec<String>,
+    pub(crate) protocol_options: Vec<String>,
 }
 
 impl StartupMessage {
     /// Value of a startup parameter.
-    pub fn get(&self, name: &str) -> Option<&str> {
+    pub(crate) fn get(&self, name: &str) -> Option<&str> {
         self.params
             .iter()
             .find(|(k, _)| k == name)
@@ -57,7 +75,7 @@ impl StartupMessage {
 }
 
 /// Parse the packet body (everything after the 4-byte length).
-pub fn parse_initial(body: &[u8]) -> Result<InitialPacket, &'static str> {
+pub(crate) fn parse_initial(body: &[u8]) -> Result<InitialPacket, &'static str> {
     if body.len() < 4 {
         return Err("startup packet too short");
     }
@@ -67,13 +85,9 @@ pub fn parse_initial(body: &[u8]) -> Result<InitialPacket, &'static str> {
         SSL_REQUEST => return Ok(InitialPacket::Ssl),
         GSSENC_REQUEST => return Ok(InitialPacket::GssEnc),
         CANCEL_REQUEST => {
-            if rest.len() < 8 {
-                return Err("cancel request too short");
-            }
-            return Ok(InitialPacket::Cancel {
-                pid: i32::from_be_bytes([rest[0], rest[1], rest[2], rest[3]]),
-                secret: i32::from_be_bytes([rest[4], rest[5], rest[6], rest[7]]),
-            });
+            return CancelKey::from_wire(rest)
+                .map(InitialPacket::Cancel)
+                .ok_or("cancel request too short");
         }
         _ => {}
     }
@@ -136,7 +150,7 @@ mod tests {
         );
         assert_eq!(
             parse_initial(&packet(CANCEL_REQUEST, &[0, 0, 0, 7, 0, 0, 0, 9])),
-            Ok(InitialPacket::Cancel { pid: 7, secret: 9 })
+            Ok(InitialPacket::Cancel(CancelKey { pid: 7, secret: 9 }))
         );
         assert_eq!(
             parse_initial(&packet(2 << 16, b"")),

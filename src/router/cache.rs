@@ -33,7 +33,7 @@ use super::normalize::normalize;
 use super::normalize_fast::normalize_plain_literals;
 
 /// Normalised statements longer than this are not cached (bounds memory use).
-pub const MAX_KEY_BYTES: usize = 8 * 1024;
+pub(crate) const MAX_KEY_BYTES: usize = 8 * 1024;
 
 /// Number of independently locked shards (for capacities of at least 64).
 const SHARDS: usize = 16;
@@ -53,8 +53,14 @@ thread_local! {
 /// or not UTF-8 (never classified). `plain`: the plain-statement fast path
 /// built the key (and found the literals).
 enum Keyed {
-    Hit(Arc<Classification>, bool),
-    Miss(Option<(u64, Arc<[u8]>)>, bool),
+    Hit {
+        class: Arc<Classification>,
+        plain: bool,
+    },
+    Miss {
+        entry: Option<(u64, Arc<[u8]>)>,
+        plain: bool,
+    },
     NotUtf8,
 }
 
@@ -124,7 +130,7 @@ impl ClassifyCache {
     /// `memo` (a statement of the same shape as a recent one is answered
     /// without building its key), and teach it the statements it did not know.
     /// With caching off the memo is not used either.
-    pub fn classify_remembering<C, G>(
+    pub(crate) fn classify_remembering<C, G>(
         &self,
         memo: Option<&mut StatementMemo>,
         sql: &[u8],
@@ -145,11 +151,14 @@ impl ClassifyCache {
         // Run once, with the thread's buffers or (rarely) fresh ones.
         let mut keyed = |(key, literals): &mut Buffers| {
             let keyed = self.key_and_lookup(sql, key, literals);
-            let plain = matches!(keyed, Keyed::Hit(_, true) | Keyed::Miss(_, true));
+            let plain = matches!(
+                keyed,
+                Keyed::Hit { plain: true, .. } | Keyed::Miss { plain: true, .. }
+            );
             let class = match keyed {
                 Keyed::NotUtf8 => return None,
-                Keyed::Hit(class, _) => class,
-                Keyed::Miss(entry, _) => {
+                Keyed::Hit { class, .. } => class,
+                Keyed::Miss { entry, .. } => {
                     let text = std::str::from_utf8(sql).ok()?;
                     let classifier = classifier.take()?;
                     let class = Arc::new(classifier().classify(text));
@@ -203,8 +212,8 @@ impl ClassifyCache {
             *key = k.into_bytes();
         }
         match self.lookup(key) {
-            Ok(hit) => Keyed::Hit(hit, plain),
-            Err(entry) => Keyed::Miss(entry, plain),
+            Ok(class) => Keyed::Hit { class, plain },
+            Err(entry) => Keyed::Miss { entry, plain },
         }
     }
 
@@ -230,7 +239,7 @@ impl ClassifyCache {
 
     /// Forget every cached classification (after the function lists changed on a
     /// reload). Counters keep counting; the capacity stays as built.
-    pub fn clear(&self) {
+    pub(crate) fn clear(&self) {
         self.generation.fetch_add(1, Ordering::SeqCst);
         for shard in self.shards.iter() {
             let mut lru = lock(shard);
@@ -243,25 +252,20 @@ impl ClassifyCache {
     }
 
     /// Lookups answered from the cache.
-    pub fn hits(&self) -> u64 {
+    pub(crate) fn hits(&self) -> u64 {
         let counted: u64 = self.shards.iter().map(|s| lock(s).hits).sum();
         counted + self.memo_hits.load(Ordering::Relaxed)
     }
 
     /// Lookups that had to classify.
-    pub fn misses(&self) -> u64 {
+    pub(crate) fn misses(&self) -> u64 {
         let counted: u64 = self.shards.iter().map(|s| lock(s).misses).sum();
         counted + self.uncached.load(Ordering::Relaxed)
     }
 
     /// Classifications currently cached.
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.shards.iter().map(|s| lock(s).map.len()).sum()
-    }
-
-    /// True if nothing is cached.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 }
 

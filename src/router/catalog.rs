@@ -19,7 +19,7 @@ use super::relations::RelationName;
 /// The catalog queries the router's caches ([`FunctionCatalog`],
 /// [`RelationCatalog`](super::relations::RelationCatalog)) need answered on
 /// the primary, in the session's database.
-pub trait CatalogQueries: Sync {
+pub(crate) trait CatalogQueries: Sync {
     /// Of `names`, the functions `pg_proc` knows, and whether any function of
     /// that name is volatile. A name it does not know is absent.
     fn volatile_functions(
@@ -41,7 +41,7 @@ pub trait CatalogQueries: Sync {
 /// A catalog lookup on the primary failed; the caller routes to the primary
 /// (and logs this).
 #[derive(Debug, thiserror::Error)]
-pub enum CatalogError {
+pub(crate) enum CatalogError {
     /// Connecting or the query failed (the client library's error).
     #[error("{0}")]
     Query(Box<dyn std::error::Error + Send + Sync>),
@@ -65,7 +65,7 @@ const MAX_ENTRIES: usize = 10_000;
 
 /// Cache of `pg_proc.provolatile = 'v'` per (database, function name).
 #[derive(Debug, Default)]
-pub struct FunctionCatalog {
+pub(crate) struct FunctionCatalog {
     volatile: Mutex<Answers>,
 }
 
@@ -114,7 +114,7 @@ impl FunctionCatalog {
 
     /// True if any of `names` is volatile (or unknown to the catalog, or the lookup
     /// failed): then the statement must run on the primary.
-    pub async fn any_volatile(
+    pub(crate) async fn any_volatile(
         &self,
         database: &str,
         names: &[String],
@@ -156,23 +156,13 @@ impl FunctionCatalog {
 
     /// The cached answer for `names`: `Some(true)` if any is known volatile,
     /// `Some(false)` if all are known not to be, `None` if a lookup is needed.
-    pub fn cached(&self, database: &str, names: &[String]) -> Option<bool> {
+    pub(crate) fn cached(&self, database: &str, names: &[String]) -> Option<bool> {
         self.answers().verdict(database, names)
     }
 
     /// Forget every answer (after a configuration reload).
-    pub fn clear(&self) {
+    pub(crate) fn clear(&self) {
         *self.answers() = Answers::default();
-    }
-
-    /// Cached entries (for tests and admin views).
-    pub fn len(&self) -> usize {
-        self.answers().entries
-    }
-
-    /// No cached entries.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 }
 

@@ -9,20 +9,21 @@
 //! threshold), asks [`reroute`] where the read goes instead.
 
 use crate::cluster::{ClusterSnapshot, Role};
+use crate::config::NodeId;
 
 /// The effective read weight of each node (0 = not eligible): the lag-adjusted
 /// weight of in-service standbys; the primary's weight only when
 /// `include_primary` is set. Down nodes, held-out nodes, standbys over a delay
 /// threshold or on another timeline get 0.
 pub fn read_weights(snapshot: &ClusterSnapshot, include_primary: bool) -> Vec<f64> {
-    (0..snapshot.nodes.len())
+    NodeId::all(snapshot.nodes.len())
         .map(|i| read_weight(snapshot, i, include_primary))
         .collect()
 }
 
 /// The effective read weight of one node (see [`read_weights`]).
-pub fn read_weight(snapshot: &ClusterSnapshot, node: usize, include_primary: bool) -> f64 {
-    let Some(n) = snapshot.nodes.get(node) else {
+pub(crate) fn read_weight(snapshot: &ClusterSnapshot, node: NodeId, include_primary: bool) -> f64 {
+    let Some(n) = snapshot.nodes.get(node.index()) else {
         return 0.0;
     };
     let eligible = if Some(n.id) == snapshot.primary {
@@ -38,7 +39,7 @@ pub fn read_weight(snapshot: &ClusterSnapshot, node: usize, include_primary: boo
 }
 
 /// Pick a node by weight; `r` is a uniform random number in [0, 1).
-pub fn pick(weights: &[f64], r: f64) -> Option<usize> {
+pub(crate) fn pick(weights: &[f64], r: f64) -> Option<usize> {
     let total: f64 = weights.iter().sum();
     if total.is_nan() || total <= 0.0 {
         return None;
@@ -57,21 +58,26 @@ pub fn pick(weights: &[f64], r: f64) -> Option<usize> {
 }
 
 /// Whether `node` may still serve the session's reads.
-pub fn still_usable(snapshot: &ClusterSnapshot, node: usize, include_primary: bool) -> bool {
+pub(crate) fn still_usable(
+    snapshot: &ClusterSnapshot,
+    node: NodeId,
+    include_primary: bool,
+) -> bool {
     read_weight(snapshot, node, include_primary) > 0.0
 }
 
+#[cfg(test)]
 /// Where a read goes when the session's chosen node is no longer usable
 /// (pgpool's `prefer_lower_delay_standby`): with the setting on (default),
 /// another node picked by effective weight — lower lag weighs more — and the
 /// primary when none qualifies; with it off, straight to the primary. `None`
 /// only when there is no primary either. The session may adopt the result as
 /// its new load-balance node.
-pub fn reroute(snapshot: &ClusterSnapshot, include_primary: bool, r: f64) -> Option<usize> {
+pub(crate) fn reroute(snapshot: &ClusterSnapshot, include_primary: bool, r: f64) -> Option<NodeId> {
     if snapshot.lag_policy.prefer_lower_delay_standby
         && let Some(n) = pick(&read_weights(snapshot, include_primary), r)
     {
-        return Some(n);
+        return Some(NodeId::new(n));
     }
     snapshot.primary
 }
@@ -99,11 +105,11 @@ mod tests {
         };
         ClusterSnapshot {
             nodes: vec![
-                node(0, Role::Primary, 1.0),
-                node(1, Role::Standby, 1.0),
-                node(2, Role::Standby, 3.0),
+                node(NodeId::new(0), Role::Primary, 1.0),
+                node(NodeId::new(1), Role::Standby, 1.0),
+                node(NodeId::new(2), Role::Standby, 3.0),
             ],
-            primary: Some(0),
+            primary: Some(NodeId::new(0)),
             lag_policy: LagPolicy::default(),
             generation: 1,
         }
@@ -118,7 +124,7 @@ mod tests {
         assert_eq!(read_weights(&s, false), vec![0.0, 1.0, 3.0]);
         s.nodes[2].status = NodeStatus::Down;
         assert_eq!(read_weights(&s, false), vec![0.0, 1.0, 0.0]);
-        assert!(!still_usable(&s, 2, false));
+        assert!(!still_usable(&s, NodeId::new(2), false));
         // The owner lowered node 1's weight for lag.
         s.nodes[2].status = NodeStatus::Up;
         s.nodes[1].effective_weight = 0.25;
@@ -144,13 +150,13 @@ mod tests {
     fn reroute_prefers_another_standby_then_the_primary() {
         let mut s = snap();
         s.nodes[2].effective_weight = 0.0; // over a threshold
-        assert!(!still_usable(&s, 2, false));
-        assert_eq!(reroute(&s, false, 0.9), Some(1));
+        assert!(!still_usable(&s, NodeId::new(2), false));
+        assert_eq!(reroute(&s, false, 0.9), Some(NodeId::new(1)));
         s.nodes[1].effective_weight = 0.0;
-        assert_eq!(reroute(&s, false, 0.9), Some(0));
+        assert_eq!(reroute(&s, false, 0.9), Some(NodeId::new(0)));
         s.nodes[1].effective_weight = 1.0;
         s.lag_policy.prefer_lower_delay_standby = false;
-        assert_eq!(reroute(&s, false, 0.9), Some(0));
+        assert_eq!(reroute(&s, false, 0.9), Some(NodeId::new(0)));
         s.primary = None;
         assert_eq!(reroute(&s, false, 0.9), None);
     }

@@ -25,7 +25,7 @@ pub(crate) fn is_exclusive(statement: &str) -> bool {
 
 /// The databases the statements of `sql` need without other sessions, folded
 /// as PostgreSQL folds names (unquoted: lower case).
-pub fn exclusive_databases(sql: &str) -> Vec<String> {
+pub(crate) fn exclusive_databases(sql: &str) -> Vec<String> {
     split_statements(sql)
         .iter()
         .filter_map(|s| exclusive_database(s.text))

@@ -51,7 +51,7 @@ struct Shape {
 
 /// The statement shapes one session sent last (see the module docs).
 #[derive(Debug, Default)]
-pub struct StatementMemo {
+pub(crate) struct StatementMemo {
     /// At most [`SHAPES`], the most recently found or added first.
     shapes: Vec<Shape>,
 }
@@ -59,7 +59,7 @@ pub struct StatementMemo {
 impl StatementMemo {
     /// The classification of `sql` if it has the shape of a remembered
     /// statement classified under `generation` (the cache's current one).
-    pub fn find(&mut self, sql: &[u8], generation: u64) -> Option<Arc<Classification>> {
+    pub(crate) fn find(&mut self, sql: &[u8], generation: u64) -> Option<Arc<Classification>> {
         let i = self
             .shapes
             .iter()
@@ -73,7 +73,7 @@ impl StatementMemo {
 
     /// Remember `sql` (with its literals where the plain-statement fast path
     /// found them), replacing the least recently used shape when full.
-    pub fn remember(
+    pub(crate) fn remember(
         &mut self,
         sql: &[u8],
         literals: &[(usize, usize)],

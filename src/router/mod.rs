@@ -12,13 +12,13 @@
 //! checks that the router names no client library, socket or task).
 
 pub mod cache;
-pub mod catalog;
+pub(crate) mod catalog;
 pub mod chooser;
 pub mod classify;
-pub mod database_cmd;
-pub mod memo;
+pub(crate) mod database_cmd;
+pub(crate) mod memo;
 pub mod normalize;
 pub mod normalize_fast;
 pub mod policy;
-pub mod relations;
-pub mod session_cmd;
+pub(crate) mod relations;
+pub(crate) mod session_cmd;

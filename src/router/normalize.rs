@@ -23,7 +23,7 @@
 
 /// A routing hint given by the client in a leading comment.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Hint {
+pub(crate) enum Hint {
     /// `/* pgpilot:primary */`: run on the primary.
     Primary,
     /// `/* pgpilot:standby */`: a standby may run it (writes still go to the primary).
@@ -33,7 +33,7 @@ pub enum Hint {
 /// The hint carried by a leading `/* pgpilot:primary */` or `/* pgpilot:standby */`
 /// comment, if the comment is the first token of `sql` (whitespace around the words
 /// and any letter case are accepted).
-pub fn hint(sql: &[u8]) -> Option<Hint> {
+pub(crate) fn hint(sql: &[u8]) -> Option<Hint> {
     let body = trim_space(sql).strip_prefix(b"/*")?;
     let inner = &body[..body.windows(2).position(|w| w == b"*/")?];
     let colon = inner.iter().position(|&c| c == b':')?;
@@ -126,7 +126,7 @@ pub fn normalize(sql: &str, out: &mut String) {
 
 /// The kind of a [`Token`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Kind {
+pub(crate) enum Kind {
     /// An unquoted identifier or keyword.
     Word,
     /// A `"quoted"` (or `U&"..."`) identifier, quotes included.
@@ -147,41 +147,41 @@ pub enum Kind {
 
 /// One token of SQL text.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Token<'a> {
+pub(crate) struct Token<'a> {
     /// What the token is.
-    pub kind: Kind,
+    pub(crate) kind: Kind,
     /// The token's text, exactly as in the input.
-    pub text: &'a str,
+    pub(crate) text: &'a str,
     /// Byte offset of the token in the input.
-    pub start: usize,
+    pub(crate) start: usize,
     /// A literal whose extent depends on escaping rules (contains a backslash) or
     /// that is unterminated, or a number with trailing identifier characters: it
     /// must not be folded into `?`.
-    pub verbatim: bool,
+    pub(crate) verbatim: bool,
 }
 
 impl Token<'_> {
     /// True if this is the unquoted word `w` (ASCII case-insensitive; `w` lower case).
-    pub fn is_word(&self, w: &str) -> bool {
+    pub(crate) fn is_word(&self, w: &str) -> bool {
         self.kind == Kind::Word && self.text.eq_ignore_ascii_case(w)
     }
 
     /// True if this is the punctuation `p`.
-    pub fn is_punct(&self, p: &str) -> bool {
+    pub(crate) fn is_punct(&self, p: &str) -> bool {
         self.kind == Kind::Punct && self.text == p
     }
 }
 
 /// A single-pass SQL tokenizer that skips whitespace and comments.
 #[derive(Debug, Clone)]
-pub struct Lexer<'a> {
+pub(crate) struct Lexer<'a> {
     src: &'a str,
     pos: usize,
 }
 
 impl<'a> Lexer<'a> {
     /// Tokenize `src`.
-    pub fn new(src: &'a str) -> Self {
+    pub(crate) fn new(src: &'a str) -> Self {
         Self { src, pos: 0 }
     }
 
@@ -334,7 +334,7 @@ impl<'a> Iterator for Lexer<'a> {
 }
 
 /// How many leading tokens [`Statement::head`] keeps.
-pub const HEAD_TOKENS: usize = 16;
+pub(crate) const HEAD_TOKENS: usize = 16;
 
 /// Words that build left-deep expression chains in a parser (see [`Statement::chain`]).
 #[rustfmt::skip]
@@ -345,19 +345,19 @@ const CHAIN_WORDS: &[&str] = &[
 
 /// One statement of a query string, as split by [`split_statements`].
 #[derive(Debug, Clone)]
-pub struct Statement<'a> {
+pub(crate) struct Statement<'a> {
     /// The statement's text, from its first token up to (not including) its `;`.
-    pub text: &'a str,
+    pub(crate) text: &'a str,
     /// Its first [`HEAD_TOKENS`] tokens.
-    pub head: Vec<Token<'a>>,
+    pub(crate) head: Vec<Token<'a>>,
     /// Number of operator-like tokens (operators, `::`, `[`, AND/OR/UNION/...):
     /// a bound on how deep a parser's expression tree for it can get.
-    pub chain: usize,
+    pub(crate) chain: usize,
 }
 
 impl Statement<'_> {
     /// True if the first token is the word `w` (lower case).
-    pub fn starts_with_word(&self, w: &str) -> bool {
+    pub(crate) fn starts_with_word(&self, w: &str) -> bool {
         self.head.first().is_some_and(|t| t.is_word(w))
     }
 }
@@ -366,7 +366,7 @@ impl Statement<'_> {
 /// psql does: `;` inside literals, quoted identifiers, comments, or the
 /// `BEGIN ATOMIC ... END` body of `CREATE [OR REPLACE] FUNCTION|PROCEDURE` does
 /// not end a statement.
-pub fn split_statements(sql: &str) -> Vec<Statement<'_>> {
+pub(crate) fn split_statements(sql: &str) -> Vec<Statement<'_>> {
     let mut out = Vec::new();
     let mut cur: Option<Statement<'_>> = None;
     let mut depth = 0usize;

@@ -30,7 +30,7 @@ pub fn normalize_plain(b: &[u8], out: &mut Vec<u8>) -> bool {
 /// literals it replaced by `?` are in `b`, as `[start, end)` byte ranges: what
 /// a [`super::memo::StatementMemo`] needs to recognise a statement of the same
 /// shape without building its key.
-pub fn normalize_plain_literals(
+pub(crate) fn normalize_plain_literals(
     b: &[u8],
     out: &mut Vec<u8>,
     mut literals: Option<&mut Vec<(usize, usize)>>,

@@ -22,41 +22,43 @@
 use super::classify::{Access, Classification, TxControl};
 use super::normalize::Hint;
 
+use crate::config::NodeId;
+
 /// The setting is read from the configuration; the router only follows it.
 pub use crate::config::BalanceInTransaction;
 
 /// Routing knobs from the configuration.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Policy {
+pub(crate) struct Policy {
     /// Send reads to standbys at all.
-    pub load_balance: bool,
+    pub(crate) load_balance: bool,
     /// Balancing inside transactions.
-    pub in_transaction: BalanceInTransaction,
+    pub(crate) in_transaction: BalanceInTransaction,
 }
 
 /// Per-session routing state. Owned by the session, updated by it after each
 /// statement; the router only reads it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct RouteState {
+pub(crate) struct RouteState {
     /// The session's load-balance node (a standby, or the primary if it is in the read pool).
-    pub standby: Option<usize>,
+    pub(crate) standby: Option<NodeId>,
     /// The session must stay on the primary (temp table, LISTEN, advisory lock …).
-    pub sticky_primary: bool,
+    pub(crate) sticky_primary: bool,
     /// `SET pgpilot.route = 'primary'`.
-    pub forced_primary: bool,
+    pub(crate) forced_primary: bool,
     /// `default_transaction_read_only` is on for the session.
-    pub read_only_default: bool,
+    pub(crate) read_only_default: bool,
     /// The node the open transaction runs on, while the session is in one.
-    pub tx_node: Option<usize>,
+    pub(crate) tx_node: Option<NodeId>,
     /// The open transaction has sent a write (pgpool mode).
-    pub tx_wrote: bool,
+    pub(crate) tx_wrote: bool,
 }
 
 /// Where a statement goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Decision {
+pub(crate) enum Decision {
     /// A node id.
-    Node(usize),
+    Node(NodeId),
     /// The primary is needed but none is known.
     NoPrimary,
 }
@@ -64,13 +66,13 @@ pub enum Decision {
 /// Decide the node for one statement (or one extended-protocol batch).
 ///
 /// `in_tx` is true while the session's last ReadyForQuery said `T` or `E`.
-pub fn decide(
+pub(crate) fn decide(
     policy: &Policy,
     state: &RouteState,
     class: &Classification,
     hint: Option<Hint>,
     in_tx: bool,
-    primary: Option<usize>,
+    primary: Option<NodeId>,
 ) -> Decision {
     let to_primary = || primary.map_or(Decision::NoPrimary, Decision::Node);
     let to_standby = || state.standby.map_or_else(to_primary, Decision::Node);
@@ -140,7 +142,7 @@ mod tests {
 
     fn st() -> RouteState {
         RouteState {
-            standby: Some(2),
+            standby: Some(NodeId::new(2)),
             ..Default::default()
         }
     }
@@ -148,12 +150,26 @@ mod tests {
     #[test]
     fn reads_to_standby_writes_to_primary() {
         assert_eq!(
-            decide(&P, &st(), &class(Access::Read), None, false, Some(0)),
-            Decision::Node(2)
+            decide(
+                &P,
+                &st(),
+                &class(Access::Read),
+                None,
+                false,
+                Some(NodeId::new(0))
+            ),
+            Decision::Node(NodeId::new(2))
         );
         assert_eq!(
-            decide(&P, &st(), &class(Access::Write), None, false, Some(0)),
-            Decision::Node(0)
+            decide(
+                &P,
+                &st(),
+                &class(Access::Write),
+                None,
+                false,
+                Some(NodeId::new(0))
+            ),
+            Decision::Node(NodeId::new(0))
         );
         assert_eq!(
             decide(&P, &st(), &class(Access::Write), None, false, None),
@@ -161,16 +177,30 @@ mod tests {
         );
         let no_standby = RouteState::default();
         assert_eq!(
-            decide(&P, &no_standby, &class(Access::Read), None, false, Some(0)),
-            Decision::Node(0)
+            decide(
+                &P,
+                &no_standby,
+                &class(Access::Read),
+                None,
+                false,
+                Some(NodeId::new(0))
+            ),
+            Decision::Node(NodeId::new(0))
         );
         let off = Policy {
             load_balance: false,
             ..P
         };
         assert_eq!(
-            decide(&off, &st(), &class(Access::Read), None, false, Some(0)),
-            Decision::Node(0)
+            decide(
+                &off,
+                &st(),
+                &class(Access::Read),
+                None,
+                false,
+                Some(NodeId::new(0))
+            ),
+            Decision::Node(NodeId::new(0))
         );
     }
 
@@ -179,53 +209,74 @@ mod tests {
         let mut begin = class(Access::Read);
         begin.tx = Some(TxControl::Begin { read_only: false });
         assert_eq!(
-            decide(&P, &st(), &begin, None, false, Some(0)),
-            Decision::Node(0)
+            decide(&P, &st(), &begin, None, false, Some(NodeId::new(0))),
+            Decision::Node(NodeId::new(0))
         );
         let mut ro = begin.clone();
         ro.tx = Some(TxControl::Begin { read_only: true });
         assert_eq!(
-            decide(&P, &st(), &ro, None, false, Some(0)),
-            Decision::Node(2)
+            decide(&P, &st(), &ro, None, false, Some(NodeId::new(0))),
+            Decision::Node(NodeId::new(2))
         );
         // A read-only BEGIN classified Write (SERIALIZABLE, READ WRITE) needs the
         // primary, also in a session whose default is read-only.
         let mut serializable = class(Access::Write);
         serializable.tx = Some(TxControl::Begin { read_only: true });
         assert_eq!(
-            decide(&P, &st(), &serializable, None, false, Some(0)),
-            Decision::Node(0)
+            decide(&P, &st(), &serializable, None, false, Some(NodeId::new(0))),
+            Decision::Node(NodeId::new(0))
         );
         let mut ro_session = st();
         ro_session.read_only_default = true;
         let mut read_write = class(Access::Write);
         read_write.tx = Some(TxControl::Begin { read_only: false });
         assert_eq!(
-            decide(&P, &ro_session, &read_write, None, false, Some(0)),
-            Decision::Node(0)
+            decide(
+                &P,
+                &ro_session,
+                &read_write,
+                None,
+                false,
+                Some(NodeId::new(0))
+            ),
+            Decision::Node(NodeId::new(0))
         );
         assert_eq!(
-            decide(&P, &ro_session, &begin, None, false, Some(0)),
-            Decision::Node(2)
+            decide(&P, &ro_session, &begin, None, false, Some(NodeId::new(0))),
+            Decision::Node(NodeId::new(2))
         );
         let mut in_tx = st();
-        in_tx.tx_node = Some(0);
+        in_tx.tx_node = Some(NodeId::new(0));
         assert_eq!(
-            decide(&P, &in_tx, &class(Access::Read), None, true, Some(0)),
-            Decision::Node(0)
+            decide(
+                &P,
+                &in_tx,
+                &class(Access::Read),
+                None,
+                true,
+                Some(NodeId::new(0))
+            ),
+            Decision::Node(NodeId::new(0))
         );
-        in_tx.tx_node = Some(2);
+        in_tx.tx_node = Some(NodeId::new(2));
         // A write in a READ ONLY transaction goes where the transaction is: the
         // server rejects it exactly as PostgreSQL would.
         assert_eq!(
-            decide(&P, &in_tx, &class(Access::Write), None, true, Some(0)),
-            Decision::Node(2)
+            decide(
+                &P,
+                &in_tx,
+                &class(Access::Write),
+                None,
+                true,
+                Some(NodeId::new(0))
+            ),
+            Decision::Node(NodeId::new(2))
         );
         let mut rodefault = st();
         rodefault.read_only_default = true;
         assert_eq!(
-            decide(&P, &rodefault, &begin, None, false, Some(0)),
-            Decision::Node(2)
+            decide(&P, &rodefault, &begin, None, false, Some(NodeId::new(0))),
+            Decision::Node(NodeId::new(2))
         );
     }
 
@@ -236,19 +287,40 @@ mod tests {
             ..P
         };
         let mut s = st();
-        s.tx_node = Some(0);
+        s.tx_node = Some(NodeId::new(0));
         assert_eq!(
-            decide(&pool, &s, &class(Access::Read), None, true, Some(0)),
-            Decision::Node(2)
+            decide(
+                &pool,
+                &s,
+                &class(Access::Read),
+                None,
+                true,
+                Some(NodeId::new(0))
+            ),
+            Decision::Node(NodeId::new(2))
         );
         assert_eq!(
-            decide(&pool, &s, &class(Access::Write), None, true, Some(0)),
-            Decision::Node(0)
+            decide(
+                &pool,
+                &s,
+                &class(Access::Write),
+                None,
+                true,
+                Some(NodeId::new(0))
+            ),
+            Decision::Node(NodeId::new(0))
         );
         s.tx_wrote = true;
         assert_eq!(
-            decide(&pool, &s, &class(Access::Read), None, true, Some(0)),
-            Decision::Node(0)
+            decide(
+                &pool,
+                &s,
+                &class(Access::Read),
+                None,
+                true,
+                Some(NodeId::new(0))
+            ),
+            Decision::Node(NodeId::new(0))
         );
     }
 
@@ -256,8 +328,15 @@ mod tests {
     fn hints_sticky_and_forced() {
         let r = class(Access::Read);
         assert_eq!(
-            decide(&P, &st(), &r, Some(Hint::Primary), false, Some(0)),
-            Decision::Node(0)
+            decide(
+                &P,
+                &st(),
+                &r,
+                Some(Hint::Primary),
+                false,
+                Some(NodeId::new(0))
+            ),
+            Decision::Node(NodeId::new(0))
         );
         // The standby hint never sends a write to a standby.
         assert_eq!(
@@ -267,27 +346,34 @@ mod tests {
                 &class(Access::Write),
                 Some(Hint::Standby),
                 false,
-                Some(0)
+                Some(NodeId::new(0))
             ),
-            Decision::Node(0)
+            Decision::Node(NodeId::new(0))
         );
         let mut sticky_read = st();
         sticky_read.sticky_primary = true;
         assert_eq!(
-            decide(&P, &sticky_read, &r, Some(Hint::Standby), false, Some(0)),
-            Decision::Node(2)
+            decide(
+                &P,
+                &sticky_read,
+                &r,
+                Some(Hint::Standby),
+                false,
+                Some(NodeId::new(0))
+            ),
+            Decision::Node(NodeId::new(2))
         );
         let mut sticky = st();
         sticky.sticky_primary = true;
         assert_eq!(
-            decide(&P, &sticky, &r, None, false, Some(0)),
-            Decision::Node(0)
+            decide(&P, &sticky, &r, None, false, Some(NodeId::new(0))),
+            Decision::Node(NodeId::new(0))
         );
         let mut forced = st();
         forced.forced_primary = true;
         assert_eq!(
-            decide(&P, &forced, &r, None, false, Some(0)),
-            Decision::Node(0)
+            decide(&P, &forced, &r, None, false, Some(NodeId::new(0))),
+            Decision::Node(NodeId::new(0))
         );
     }
 }

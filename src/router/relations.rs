@@ -41,11 +41,11 @@ const MAX_ENTRIES: usize = 10_000;
 
 /// A relation as a statement names it, folded as PostgreSQL folds identifiers.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct RelationName {
+pub(crate) struct RelationName {
     /// The schema, if the name is qualified.
-    pub schema: Option<String>,
+    pub(crate) schema: Option<String>,
     /// The relation's name.
-    pub name: String,
+    pub(crate) name: String,
 }
 
 /// One database's answers.
@@ -67,13 +67,13 @@ struct Answers {
 
 /// Cache of "reads an unlogged relation" per (database, relation name).
 #[derive(Debug, Default)]
-pub struct RelationCatalog {
+pub(crate) struct RelationCatalog {
     answers: RwLock<Answers>,
 }
 
 /// A cached verdict on a statement's relations.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Verdict {
+pub(crate) enum Verdict {
     /// Some relation is unlogged: the primary must run the read.
     Unlogged,
     /// Every relation is known to be logged.
@@ -93,7 +93,7 @@ impl RelationCatalog {
 
     /// The cached verdict on `names` in `database` at `now` (answers older than
     /// `ttl` count as missing).
-    pub fn cached(
+    pub(crate) fn cached(
         &self,
         database: &str,
         names: &[RelationName],
@@ -121,7 +121,7 @@ impl RelationCatalog {
     /// Look up the names of `names` not answered (or expired), on `primary`,
     /// and remember the answers. Errors are returned (and logged by the
     /// caller); the names count as logged until the TTL ends then.
-    pub async fn look_up(
+    pub(crate) async fn look_up(
         &self,
         database: &str,
         names: &[RelationName],
@@ -185,7 +185,7 @@ impl RelationCatalog {
 
     /// Forget `database`'s answers: a statement that may change the catalog
     /// ran (or is about to) there.
-    pub fn invalidate(&self, database: &str) {
+    pub(crate) fn invalidate(&self, database: &str) {
         let mut answers = self.write();
         let Answers { by_db, entries } = &mut *answers;
         if let Some(db) = by_db.get_mut(database) {
@@ -195,24 +195,10 @@ impl RelationCatalog {
         }
     }
 
-    /// Forget every answer (after a configuration reload).
-    pub fn clear(&self) {
-        let mut answers = self.write();
-        for db in answers.by_db.values_mut() {
-            db.generation += 1;
-            db.by_name.clear();
-        }
-        answers.entries = 0;
-    }
-
+    #[cfg(test)]
     /// Cached answers (for tests and admin views).
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.read().entries
-    }
-
-    /// No cached answers.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 }
 

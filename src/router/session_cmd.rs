@@ -27,7 +27,7 @@ fn word(t: &Option<Token<'_>>, w: &str) -> bool {
 
 /// `SET LOCAL …` or `SET TRANSACTION …`: lasts only until the end of the
 /// transaction, so it is never replayed on other connections.
-pub fn is_transaction_scoped_set(sql: &str) -> bool {
+pub(crate) fn is_transaction_scoped_set(sql: &str) -> bool {
     let (t, _) = head::<2>(sql);
     word(&t[0], "set") && (word(&t[1], "local") || word(&t[1], "transaction"))
 }
@@ -35,7 +35,7 @@ pub fn is_transaction_scoped_set(sql: &str) -> bool {
 /// `SET TRANSACTION` asking for what a hot standby cannot give: `ISOLATION
 /// LEVEL SERIALIZABLE` or `READ WRITE` (a single statement; later statements
 /// in the same string are not looked at, they run where it runs).
-pub fn tx_mode_needs_primary(sql: &str) -> bool {
+pub(crate) fn tx_mode_needs_primary(sql: &str) -> bool {
     let mut toks = Lexer::new(sql);
     let (set, tx) = (toks.next(), toks.next());
     if !word(&set, "set") || !word(&tx, "transaction") {
@@ -52,14 +52,14 @@ pub fn tx_mode_needs_primary(sql: &str) -> bool {
 }
 
 /// `DISCARD ALL` or `RESET ALL`: every earlier setting is void afterwards.
-pub fn resets_all(sql: &str) -> bool {
+pub(crate) fn resets_all(sql: &str) -> bool {
     let (t, n) = head::<3>(sql);
     let end = |i: usize| n == i || t[i].is_some_and(|t| t.is_punct(";"));
     (word(&t[0], "discard") || word(&t[0], "reset")) && word(&t[1], "all") && end(2)
 }
 
 /// `DISCARD ALL` (which also drops prepared statements, temp tables, listeners).
-pub fn is_discard_all(sql: &str) -> bool {
+pub(crate) fn is_discard_all(sql: &str) -> bool {
     let (t, _) = head::<2>(sql);
     word(&t[0], "discard") && word(&t[1], "all")
 }
@@ -69,7 +69,7 @@ pub fn is_discard_all(sql: &str) -> bool {
 /// any other value, `DEFAULT`, `RESET pgpilot.route`, `RESET ALL` and `DISCARD ALL`;
 /// `None` when the statement does not touch it. The setting itself is a
 /// PostgreSQL placeholder variable, so the server accepts and reports it too.
-pub fn route_setting(sql: &str) -> Option<bool> {
+pub(crate) fn route_setting(sql: &str) -> Option<bool> {
     if resets_all(sql) {
         return Some(false);
     }
@@ -111,7 +111,7 @@ pub fn route_setting(sql: &str) -> Option<bool> {
 
 /// A savepoint command and its (folded) name.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum SavepointOp {
+pub(crate) enum SavepointOp {
     /// `SAVEPOINT name`.
     Set(String),
     /// `ROLLBACK [WORK | TRANSACTION] TO [SAVEPOINT] name`.
@@ -121,7 +121,7 @@ pub enum SavepointOp {
 }
 
 /// Recognise a savepoint command.
-pub fn savepoint_op(sql: &str) -> Option<SavepointOp> {
+pub(crate) fn savepoint_op(sql: &str) -> Option<SavepointOp> {
     let (t, _) = head::<6>(sql);
     let name = |i: usize| -> Option<String> {
         let tok = t.get(i).copied().flatten()?;
@@ -155,22 +155,33 @@ pub fn savepoint_op(sql: &str) -> Option<SavepointOp> {
     None
 }
 
+/// A `SET pgpilot.min_lsn` whose value is not a WAL position (`X/Y`, hex), or
+/// whose form is not `SET pgpilot.min_lsn = <value>`: `text` is what is wrong.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid input syntax for type pg_lsn: \"{text}\"")]
+pub(crate) struct InvalidLsn {
+    /// The value, or the whole statement when its form is wrong.
+    pub(crate) text: String,
+}
+
 /// pgpilot's own session commands, answered by pgpilot (never sent to a node).
+/// Every one is about an LSN; the names follow the SQL they answer.
+#[allow(clippy::enum_variant_names)]
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum PgpilotCommand {
+pub(crate) enum PgpilotCommand {
     /// `SHOW pgpilot.last_commit_lsn`: the session's last commit position.
     ShowLastCommitLsn,
     /// `SHOW pgpilot.min_lsn`.
     ShowMinLsn,
-    /// `SET pgpilot.min_lsn = '<lsn>'`: reads must see this position. `Err` holds
-    /// the text that is not an LSN.
-    SetMinLsn(Result<u64, String>),
+    /// `SET pgpilot.min_lsn = '<lsn>'`: reads must see this position, or the
+    /// value (or statement) that is not one.
+    SetMinLsn(Result<u64, InvalidLsn>),
     /// `RESET pgpilot.min_lsn` / `SET pgpilot.min_lsn TO DEFAULT`.
     ResetMinLsn,
 }
 
 /// Recognise one of [`PgpilotCommand`] (a single statement, `;` allowed at the end).
-pub fn pgpilot_command(sql: &str) -> Option<PgpilotCommand> {
+pub(crate) fn pgpilot_command(sql: &str) -> Option<PgpilotCommand> {
     let (t, n) = head::<8>(sql);
     let name_at = |i: usize, name: &str| {
         word(&t[i], "pgpilot") && t[i + 1].is_some_and(|t| t.is_punct(".")) && word(&t[i + 2], name)
@@ -198,7 +209,9 @@ pub fn pgpilot_command(sql: &str) -> Option<PgpilotCommand> {
     let assign = t[i + 3].is_some_and(|t| (t.kind == Kind::Op && t.text == "=") || t.is_word("to"));
     let value = t.get(i + 4).copied().flatten();
     if !assign || !ends_at(i + 5) {
-        return Some(PgpilotCommand::SetMinLsn(Err(sql.trim().to_string())));
+        return Some(PgpilotCommand::SetMinLsn(Err(InvalidLsn {
+            text: sql.trim().to_string(),
+        })));
     }
     let value = value?;
     if value.is_word("default") {
@@ -209,7 +222,9 @@ pub fn pgpilot_command(sql: &str) -> Option<PgpilotCommand> {
         _ => value.text,
     };
     Some(PgpilotCommand::SetMinLsn(
-        crate::protocol::lsn::parse_lsn(text).ok_or_else(|| text.to_string()),
+        crate::protocol::lsn::parse_lsn(text).ok_or_else(|| InvalidLsn {
+            text: text.to_string(),
+        }),
     ))
 }
 
@@ -291,7 +306,9 @@ mod tests {
         );
         assert_eq!(
             pgpilot_command("SET pgpilot.min_lsn = 'banana'"),
-            Some(SetMinLsn(Err("banana".into())))
+            Some(SetMinLsn(Err(InvalidLsn {
+                text: "banana".into()
+            })))
         );
         assert_eq!(pgpilot_command("RESET pgpilot.min_lsn"), Some(ResetMinLsn));
         assert_eq!(

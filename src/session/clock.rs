@@ -10,16 +10,16 @@ use std::time::Instant;
 
 /// `Instant::now()`, cached until [`TurnClock::tick`].
 #[derive(Debug, Default)]
-pub struct TurnClock(Option<Instant>);
+pub(crate) struct TurnClock(Option<Instant>);
 
 impl TurnClock {
     /// The time of this turn (read on first use).
-    pub fn now(&mut self) -> Instant {
+    pub(crate) fn now(&mut self) -> Instant {
         *self.0.get_or_insert_with(Instant::now)
     }
 
     /// A new turn: the next [`now`](Self::now) reads the clock again.
-    pub fn tick(&mut self) {
+    pub(crate) fn tick(&mut self) {
         self.0 = None;
     }
 }

@@ -13,7 +13,7 @@ use super::{SHUN, SHUN_REFUSED, Session, SessionError, state};
 use crate::backend::BackendError;
 use crate::backend::conn::Unnamed;
 use crate::backend::pool::AcquireSettings;
-use crate::config::PoolMode;
+use crate::config::{NodeId, PoolMode};
 
 impl Session {
     /// Open the session's connection to the current primary. During a
@@ -57,9 +57,9 @@ impl Session {
     }
 
     /// A new (or pooled) connection to `node` for this session's user and database.
-    pub(super) async fn open_link(&self, node: usize) -> Result<Link, BackendError> {
-        let key = &self.pool_keys[node];
-        let b = &self.cfg.backends[node];
+    pub(super) async fn open_link(&self, node: NodeId) -> Result<Link, BackendError> {
+        let key = &self.pool_keys[node.index()];
+        let b = &self.cfg.backends[node.index()];
         let settings = AcquireSettings {
             host: &b.host,
             port: b.port,
@@ -86,21 +86,21 @@ impl Session {
     /// elsewhere); failing to reach the primary ends the session.
     pub(super) async fn prepare_node(
         &mut self,
-        node: usize,
+        node: NodeId,
         needs: Needs,
     ) -> Result<(), SessionError> {
         let primary = self.ctx.cluster.snapshot().primary;
         let must_use = Some(node) == primary || (self.in_tx && self.route.tx_node == Some(node));
-        let fresh = match &self.links[node] {
+        let fresh = match &self.links[node.index()] {
             Some(l) => !l.busy() && node != self.active && !l.conn.is_healthy_idle(),
             None => true,
         };
         if fresh {
-            if self.links[node].is_some() {
+            if self.links[node.index()].is_some() {
                 if self.lost_link_ends_session(node, primary) {
                     return Err(self.end_with_lost_link(node));
                 }
-                tracing::debug!(node, "idle server connection went away; reconnecting");
+                tracing::debug!(%node, "idle server connection went away; reconnecting");
                 self.install_link(node, None);
             }
             match self.open_link(node).await {
@@ -109,7 +109,7 @@ impl Session {
                     // A standby that refuses the login (a database or role created
                     // on the primary that it has not replayed yet) or cannot be
                     // reached: this session reads elsewhere for a while.
-                    tracing::info!(node, error = %e, "standby unusable for this session; reads go elsewhere");
+                    tracing::info!(%node, error = %e, "standby unusable for this session; reads go elsewhere");
                     let (pause, report) = if e.is_connection_failure() {
                         (SHUN, true)
                     } else {
@@ -127,7 +127,7 @@ impl Session {
             }
         }
         let limit = self.cfg.timeouts.reset;
-        let Some(link) = self.links[node].as_mut() else {
+        let Some(link) = self.links[node.index()].as_mut() else {
             return Ok(());
         };
         // 1. Settings and closes: failure means this connection's state differs.
@@ -167,7 +167,7 @@ impl Session {
                 link.conn.held.clear();
             }
             if let Some(e) = errors.first() {
-                tracing::warn!(node, error = %e.message, "replaying the session's settings failed; the session stays on the primary");
+                tracing::warn!(%node, error = %e.message, "replaying the session's settings failed; the session stays on the primary");
                 self.state.overflowed = true;
             }
         }
@@ -185,7 +185,7 @@ impl Session {
     /// settings and statements pgpilot replays. Under transaction pooling, a
     /// session with no session state outside a transaction has nothing to
     /// lose.
-    fn lost_link_ends_session(&self, node: usize, primary: Option<usize>) -> bool {
+    fn lost_link_ends_session(&self, node: NodeId, primary: Option<NodeId>) -> bool {
         let tx_here = (self.in_tx || self.tx_aborted) && self.route.tx_node == Some(node);
         match self.cfg.pool.mode {
             PoolMode::Session => tx_here || primary == Some(node),
@@ -205,9 +205,9 @@ impl Session {
     /// then its connection is closed.
     #[cold]
     #[inline(never)]
-    fn end_with_lost_link(&mut self, node: usize) -> SessionError {
-        tracing::info!(node, user = %self.user, "the session's server connection ended; ending the session");
-        if let Some(link) = self.links[node].as_mut() {
+    fn end_with_lost_link(&mut self, node: NodeId) -> SessionError {
+        tracing::info!(%node, user = %self.user, "the session's server connection ended; ending the session");
+        if let Some(link) = self.links[node.index()].as_mut() {
             // What the server sent before it closed, read without waiting.
             let conn = &mut link.conn.conn;
             while let Ok(1..) = conn.stream.try_read_buf(&mut conn.buf) {}
@@ -232,7 +232,7 @@ impl Session {
             return Ok(());
         };
         let limit = self.cfg.timeouts.reset;
-        if let Some(link) = self.links[standby].as_mut() {
+        if let Some(link) = self.links[standby.index()].as_mut() {
             let rollback = state::query_message(b"ROLLBACK");
             link.conn.exchange_discarding(&rollback, 1, limit).await?;
             link.unnamed = Unnamed::Absent;
@@ -247,8 +247,8 @@ impl Session {
             return Err(SessionError::BackendLost { node: primary });
         }
         tracing::debug!(
-            standby,
-            primary,
+            %standby,
+            %primary,
             "read-only transaction moved to the primary for SET TRANSACTION"
         );
         self.route.tx_node = Some(primary);
@@ -264,13 +264,13 @@ impl Session {
     pub(super) async fn probe_defaults(&mut self) -> Result<(), SessionError> {
         let primary = self.ctx.cluster.snapshot().primary;
         if let Some(p) = primary
-            && self.links[p].is_none()
+            && self.links[p.index()].is_none()
         {
             // Transaction pooling gave it back between transactions.
             self.prepare_node(p, Needs::none()).await?;
         }
         self.defaults_probed = true;
-        let Some(link) = primary.and_then(|p| self.links[p].as_mut()) else {
+        let Some(link) = primary.and_then(|p| self.links[p.index()].as_mut()) else {
             return Ok(());
         };
         let sql = "SELECT current_setting('default_transaction_isolation'), \
@@ -300,14 +300,16 @@ impl Session {
 
     /// Hold `link` as the session's connection to `node` (or drop it), and say so
     /// in the session registry (SHOW POOL_POOLS).
-    pub(super) fn install_link(&mut self, node: usize, link: Option<Link>) {
-        self.server_reads[node].forget();
+    pub(super) fn install_link(&mut self, node: NodeId, link: Option<Link>) {
+        self.server_reads[node.index()].forget();
         match &link {
-            Some(l) => self.registration.hold(node, l.conn.pid, l.conn.opened_ms),
+            Some(l) => self
+                .registration
+                .hold(node, l.conn.cancel_key.pid, l.conn.opened_ms),
             None => self.registration.release(node),
         }
         let serving = link.is_some() && node == self.active;
-        self.links[node] = link;
+        self.links[node.index()] = link;
         if serving {
             // A new connection for the active node (transaction pooling took
             // the last one back): cancels go to it from now on.
@@ -317,8 +319,8 @@ impl Session {
 
     /// Leave standby `node` alone for `pause`: reads go to another node.
     /// `report`: the failure was connection-level (the cluster probes the node).
-    pub(super) fn shun(&mut self, node: usize, pause: std::time::Duration, report: bool) {
-        self.shunned_until[node] = Some(tokio::time::Instant::now() + pause);
+    pub(super) fn shun(&mut self, node: NodeId, pause: std::time::Duration, report: bool) {
+        self.shunned_until[node.index()] = Some(tokio::time::Instant::now() + pause);
         if self.route.standby == Some(node) {
             self.route.standby = None;
         }
@@ -329,7 +331,7 @@ impl Session {
     }
 
     /// Whether this session currently avoids node `node`.
-    pub(super) fn shunned(&self, node: usize) -> bool {
-        self.shunned_until[node].is_some_and(|t| tokio::time::Instant::now() < t)
+    pub(super) fn shunned(&self, node: NodeId) -> bool {
+        self.shunned_until[node.index()].is_some_and(|t| tokio::time::Instant::now() < t)
     }
 }

@@ -33,7 +33,7 @@ impl Session {
                 Ok(true)
             }
             Err(e) if e.is_connection_failure() => {
-                tracing::info!(user = %self.user, node, error = %e, "admin login without a primary connection");
+                tracing::info!(user = %self.user, %node, error = %e, "admin login without a primary connection");
                 // An early health probe decides whether the primary is down.
                 self.ctx.cluster.report_session_error(node);
                 self.detached = true;

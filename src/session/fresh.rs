@@ -12,28 +12,28 @@
 use super::Session;
 use super::route::Step;
 use crate::cluster::ClusterSnapshot;
-use crate::config::ConsistencyMode;
+use crate::config::{ConsistencyMode, NodeId};
 use crate::router::chooser;
 
 /// Per-session read-your-writes state.
 #[derive(Debug, Default)]
-pub struct Freshness {
+pub(crate) struct Freshness {
     /// Position the session's reads must see (its commits and tokens so far).
-    pub read_lsn: u64,
+    pub(crate) read_lsn: u64,
     /// `SET pgpilot.min_lsn`.
-    pub min_lsn: u64,
+    pub(crate) min_lsn: u64,
     /// The session's last commit position, as far as known (`SHOW pgpilot.last_commit_lsn`).
-    pub last_commit_lsn: u64,
+    pub(crate) last_commit_lsn: u64,
     /// A write was acknowledged whose position is not known yet.
-    pub lsn_unknown: bool,
+    pub(crate) lsn_unknown: bool,
     /// A write was sent and not yet acknowledged (its transaction is open).
-    pub write_pending: bool,
+    pub(crate) write_pending: bool,
     /// `global` mode: a primary position fetched for the request being routed.
-    pub request_lsn: Option<u64>,
+    pub(crate) request_lsn: Option<u64>,
     /// The request being routed waits for replay until then.
-    pub replay_deadline: Option<tokio::time::Instant>,
+    pub(crate) replay_deadline: Option<tokio::time::Instant>,
     /// The request being routed goes to the primary (waiting did not help).
-    pub to_primary_once: bool,
+    pub(crate) to_primary_once: bool,
 }
 
 impl Session {
@@ -42,9 +42,9 @@ impl Session {
     /// primary — or a step to learn a position or wait for replay first.
     pub(super) fn fresh_read_node(
         &mut self,
-        node: usize,
+        node: NodeId,
         snapshot: &ClusterSnapshot,
-    ) -> Result<usize, Step> {
+    ) -> Result<NodeId, Step> {
         let Some(primary) = snapshot.primary else {
             return Ok(node);
         };
@@ -75,8 +75,11 @@ impl Session {
         }
         // Then another standby that has caught up: it becomes the session's.
         let weights = chooser::read_weights(snapshot, self.cfg.routing.primary_in_read_pool);
-        let caught_up = (0..weights.len()).find(|&n| {
-            weights[n] > 0.0 && n != primary && !self.shunned(n) && lsns.replayed(n) >= target
+        let caught_up = NodeId::all(weights.len()).find(|&n| {
+            weights[n.index()] > 0.0
+                && n != primary
+                && !self.shunned(n)
+                && lsns.replayed(n) >= target
         });
         if let Some(other) = caught_up {
             self.route.standby = Some(other);

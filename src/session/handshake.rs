@@ -22,7 +22,7 @@ use tokio::net::TcpStream;
 
 use crate::auth::hba::{Method, Peer};
 use crate::auth::query::{Answer, AuthLookup, LookupTarget, StoredPassword, StoredRole};
-use crate::config::{AuthMethod, Config, User};
+use crate::config::{AuthMethod, Config, NodeId, User};
 use crate::error::ToPgError;
 use crate::error::sqlstate::*;
 use crate::protocol::auth::{
@@ -31,21 +31,18 @@ use crate::protocol::auth::{
 };
 use crate::protocol::frame::next_frame;
 use crate::protocol::messages::{self, PgError};
-use crate::protocol::startup::{InitialPacket, MAX_STARTUP_PACKET, StartupMessage, parse_initial};
+use crate::protocol::startup::{
+    CancelKey, InitialPacket, MAX_STARTUP_PACKET, StartupMessage, parse_initial,
+};
 use crate::protocol::tag;
 
 /// What a new connection asked for.
 #[derive(Debug)]
-pub enum Opening {
+pub(crate) enum Opening {
     /// A v3 startup: go on to authentication.
     Startup(StartupMessage),
     /// A CancelRequest: forward it and close.
-    Cancel {
-        /// Key pid.
-        pid: i32,
-        /// Key secret.
-        secret: i32,
-    },
+    Cancel(CancelKey),
 }
 
 fn io_err(e: std::io::Error) -> PgError {
@@ -53,7 +50,7 @@ fn io_err(e: std::io::Error) -> PgError {
 }
 
 /// Read the first packet(s): refuse SSL/GSS encryption with `N` and read on.
-pub async fn read_opening(stream: &mut TcpStream) -> Result<Opening, PgError> {
+pub(crate) async fn read_opening(stream: &mut TcpStream) -> Result<Opening, PgError> {
     loop {
         let len = stream.read_i32().await.map_err(io_err)?;
         if !(8..=MAX_STARTUP_PACKET as i32).contains(&len) {
@@ -69,8 +66,8 @@ pub async fn read_opening(stream: &mut TcpStream) -> Result<Opening, PgError> {
                 // TLS/GSS not configured: the client may go on in the clear.
                 stream.write_all(b"N").await.map_err(io_err)?;
             }
-            Ok(InitialPacket::Cancel { pid, secret }) => {
-                return Ok(Opening::Cancel { pid, secret });
+            Ok(InitialPacket::Cancel(key)) => {
+                return Ok(Opening::Cancel(key));
             }
             Ok(InitialPacket::Startup(m)) => return Ok(Opening::Startup(m)),
             Ok(InitialPacket::Unsupported { major, minor }) => {
@@ -129,15 +126,15 @@ fn map_auth(e: AuthError, user: &str) -> PgError {
 
 /// Who is logging in, from where, and over what.
 #[derive(Debug, Clone, Copy)]
-pub struct Login<'a> {
+pub(crate) struct Login<'a> {
     /// Role name from the startup packet.
-    pub user: &'a str,
+    pub(crate) user: &'a str,
     /// Database from the startup packet (the user name when absent).
-    pub database: &'a str,
+    pub(crate) database: &'a str,
     /// The client's address.
-    pub addr: IpAddr,
+    pub(crate) addr: IpAddr,
     /// Whether the client connection is TLS-encrypted (never, yet).
-    pub tls: bool,
+    pub(crate) tls: bool,
 }
 
 /// Look a user who is not in `[[users]]` up by `auth_query`, when it is on:
@@ -145,17 +142,17 @@ pub struct Login<'a> {
 /// expired comes back as no role: PostgreSQL refuses it as a wrong password.
 /// A lookup that fails is not a wrong password: the client is told that its
 /// login could not be checked now (57P03), and may retry.
-pub async fn look_up(
+pub(crate) async fn look_up(
     lookups: &AuthLookup,
     config: &Config,
-    primary: Option<usize>,
+    primary: Option<NodeId>,
     user: &str,
 ) -> Result<Option<Arc<StoredRole>>, PgError> {
     if !config.auth_query.enabled || config.user(user).is_some() {
         return Ok(None);
     }
     let target = LookupTarget {
-        primary: primary.and_then(|p| config.backends.get(p)),
+        primary: primary.and_then(|p| config.backends.get(p.index())),
         monitor: &config.monitor,
         settings: &config.auth_query,
     };
@@ -191,11 +188,11 @@ enum Account<'a> {
 /// What a successful login proved, for logging in to the nodes as the user
 /// when pgpilot holds no password for it.
 #[derive(Debug, Default)]
-pub struct Proven {
+pub(crate) struct Proven {
     /// The keys of a SCRAM (or clear-text, against a verifier) login.
-    pub scram_keys: Option<ScramKeys>,
+    pub(crate) scram_keys: Option<ScramKeys>,
     /// The stored MD5 hash a login was checked against (`auth_query`).
-    pub md5_stored: Option<String>,
+    pub(crate) md5_stored: Option<String>,
 }
 
 /// What the client is asked for.
@@ -344,7 +341,7 @@ fn challenge<'a>(
 /// beyond the exchange itself; the caller sends AuthenticationOk. A SCRAM (or
 /// clear-text, against a verifier) login returns what it proved: the keys
 /// log in to nodes for a user configured without a password.
-pub async fn authenticate(
+pub(crate) async fn authenticate(
     stream: &mut TcpStream,
     config: &Config,
     login: &Login<'_>,

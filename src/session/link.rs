@@ -27,9 +27,15 @@ use crate::router::classify::TxControl;
 
 /// Something the response stream settled, for the session to apply.
 #[derive(Debug)]
-pub enum Done {
-    /// The effects of a request, and whether it succeeded.
-    Effects(Box<Effects>, bool),
+pub(crate) enum Done {
+    /// The effects of a request.
+    Effects {
+        /// What the request changes in the session's state.
+        effects: Box<Effects>,
+        /// Whether it took effect: its batch succeeded, and a COMMIT did
+        /// not turn into a rollback.
+        succeeded: bool,
+    },
     /// A client Parse of this statement name failed or was skipped.
     ParseFailed(Vec<u8>),
     /// The server reported a new parameter value.
@@ -88,72 +94,72 @@ pub(crate) struct Chunk {
 /// What reading a response stream needs beyond the link: the metrics, and
 /// the PIDs clients know sessions by (pgpilot's, from BackendKeyData) for the
 /// server PID a NotificationResponse names.
-pub struct Relaying<'a> {
+pub(crate) struct Relaying<'a> {
     /// The registry of counters.
-    pub metrics: &'a Metrics,
+    pub(crate) metrics: &'a Metrics,
     /// The session's own PID.
-    pub own_pid: i32,
+    pub(crate) own_pid: i32,
     /// Every session's, by the server connections they hold.
-    pub sessions: &'a crate::context::registry::SessionRegistry,
+    pub(crate) sessions: &'a crate::context::registry::SessionRegistry,
 }
 
 /// A client Parse sent on a connection, awaiting its ParseComplete.
 #[derive(Debug)]
-pub struct PendingParse {
+pub(crate) struct PendingParse {
     /// Number of the request (Sync) it belongs to.
-    pub request: u64,
+    pub(crate) request: u64,
     /// Statement name (empty: the unnamed statement).
-    pub name: Vec<u8>,
+    pub(crate) name: Vec<u8>,
     /// The Parse frame (the session's record of the statement).
-    pub frame: bytes::Bytes,
+    pub(crate) frame: bytes::Bytes,
     /// Sent by a session that had changed no setting (see
     /// [`HeldStatements`](crate::backend::statements::HeldStatements)).
-    pub shareable: bool,
+    pub(crate) shareable: bool,
     /// pgpilot's own, put in front of a message that uses the statement
     /// ([`Session::supply_statement`](super::Session)): its ParseComplete is
     /// not forwarded, and its failure leaves the session's record alone.
-    pub injected: bool,
+    pub(crate) injected: bool,
 }
 
 /// A Close sent on a connection, awaiting its CloseComplete.
 #[derive(Debug)]
-pub struct PendingClose {
+pub(crate) struct PendingClose {
     /// Number of the request (Sync) it belongs to.
-    pub request: u64,
+    pub(crate) request: u64,
     /// The statement's name; `None` for a portal.
-    pub statement: Option<Vec<u8>>,
+    pub(crate) statement: Option<Vec<u8>>,
     /// pgpilot's own (see [`PendingParse::injected`]): its CloseComplete is
     /// not forwarded.
-    pub injected: bool,
+    pub(crate) injected: bool,
     /// pgpilot's marker in front of the message it sent to fail in place of
     /// a use of a [broken](super::state::Stmt::broken) statement: the error
     /// that follows its CloseComplete is replaced by PostgreSQL's `0A000`.
-    pub marks_shape_error: bool,
+    pub(crate) marks_shape_error: bool,
 }
 
 /// A Describe of a statement sent on a connection, awaiting its answer.
 #[derive(Debug)]
-pub struct PendingDescribe {
+pub(crate) struct PendingDescribe {
     /// Number of the request (Sync) it belongs to.
-    pub request: u64,
+    pub(crate) request: u64,
     /// Statement name.
-    pub name: Vec<u8>,
+    pub(crate) name: Vec<u8>,
     /// pgpilot's own check of a statement it parsed again, against the shape
     /// the client knows: its answer is not forwarded. `None`: the client's.
-    pub check: Option<Shape>,
+    pub(crate) check: Option<Shape>,
 }
 
 /// A session's connection to one node: the pooled server connection and the
 /// session's bookkeeping of it. Reads of the bookkeeping go through `Deref`
 /// (`link.outstanding`); code that also borrows `conn` names `link.st`.
-pub struct Link {
+pub(crate) struct Link {
     /// The pooled server connection (socket, read buffer, parameters).
-    pub conn: PooledConn,
+    pub(crate) conn: PooledConn,
     /// The session's bookkeeping of the connection. Boxed and recycled: under
     /// transaction pooling a link is made and unmade at every transaction, and
     /// the session keeps the box of the last one for the next
     /// ([`Link::new`], [`Link::into_parts`]).
-    pub st: Box<LinkState>,
+    pub(crate) st: Box<LinkState>,
 }
 
 impl std::ops::Deref for Link {
@@ -171,19 +177,19 @@ impl std::ops::DerefMut for Link {
 
 /// What a session knows of the server connection it holds: where the response
 /// stream is, what is in flight, which of its statements the server holds.
-pub struct LinkState {
+pub(crate) struct LinkState {
     /// Position in the server's message stream.
-    pub scanner: BackendScanner,
+    pub(crate) scanner: BackendScanner,
     /// Bytes for the server its socket has not taken yet.
-    pub out: Outbox,
+    pub(crate) out: Outbox,
     /// Requests sent (Query, Sync, FunctionCall) whose ReadyForQuery has not come.
-    pub outstanding: usize,
+    pub(crate) outstanding: usize,
     /// Extended-protocol messages sent since the last Sync.
-    pub in_batch: bool,
+    pub(crate) in_batch: bool,
     /// Requests sent so far; request `k` ends with the `k`-th ReadyForQuery.
-    pub sent: u64,
+    pub(crate) sent: u64,
     /// ReadyForQuery messages received so far.
-    pub received: u64,
+    pub(crate) received: u64,
     /// The request being answered has reported an error: its effects do not apply.
     batch_error: bool,
     /// The request being answered completed a command tagged `ROLLBACK` (a
@@ -191,41 +197,41 @@ pub struct LinkState {
     /// not apply.
     rolled_back: bool,
     /// Client Parses awaiting ParseComplete.
-    pub parses: VecDeque<PendingParse>,
+    pub(crate) parses: VecDeque<PendingParse>,
     /// Closes awaiting CloseComplete.
-    pub closes: VecDeque<PendingClose>,
+    pub(crate) closes: VecDeque<PendingClose>,
     /// Describes of statements awaiting their answer.
-    pub describes: VecDeque<PendingDescribe>,
+    pub(crate) describes: VecDeque<PendingDescribe>,
     /// A shape-error marker's CloseComplete came: the next error is replaced.
     shape_error_next: bool,
     /// Effects awaiting the end of their request: (request number, effects).
-    pub effects: VecDeque<(u64, Box<Effects>)>,
+    pub(crate) effects: VecDeque<(u64, Box<Effects>)>,
     /// The session's prepared statements that exist on this connection as the
     /// session made them.
-    pub statements: HashSet<Vec<u8>>,
+    pub(crate) statements: HashSet<Vec<u8>>,
     /// Statements the session forgot that still exist here (closed before next use).
-    pub pending_close: Vec<Vec<u8>>,
+    pub(crate) pending_close: Vec<Vec<u8>>,
     /// The unnamed prepared statement the server holds, whoever made it (this
     /// session, or one that used the connection before). `statements` has the
     /// empty name only while it is the session's own current one.
-    pub unnamed: Unnamed,
+    pub(crate) unnamed: Unnamed,
     /// How much of the session's settings log this connection has applied.
-    pub applied: u64,
+    pub(crate) applied: u64,
     /// The server sent FATAL: it is about to close the connection.
-    pub saw_fatal: bool,
+    pub(crate) saw_fatal: bool,
     /// The server is in COPY FROM STDIN mode (CopyInResponse seen, the client's
     /// CopyDone/CopyFail not yet forwarded): it ignores Syncs until then.
-    pub copy_in: bool,
+    pub(crate) copy_in: bool,
     /// Syncs forwarded since the last Execute or Query. If that Execute turns out
     /// to start a COPY FROM STDIN, the server ignored them (no ReadyForQuery).
-    pub syncs_since_execute: usize,
+    pub(crate) syncs_since_execute: usize,
     /// When the first request now in flight was sent (query duration metric).
     started: Option<Instant>,
     /// Whether an armed request's response is being watched for a refusal
     /// ([`super::retry`]).
-    pub watch: Watch,
+    pub(crate) watch: Watch,
     /// What the watch holds back from the client (reused).
-    pub held: Vec<u8>,
+    pub(crate) held: Vec<u8>,
 }
 
 impl LinkState {
@@ -314,7 +320,7 @@ impl LinkState {
 impl Link {
     /// Wrap a freshly acquired connection (it has applied none of the
     /// session's log), in `spare` if the session kept one from its last link.
-    pub fn new(mut conn: PooledConn, spare: Option<Box<LinkState>>) -> Link {
+    pub(crate) fn new(mut conn: PooledConn, spare: Option<Box<LinkState>>) -> Link {
         let unnamed = std::mem::take(&mut conn.unnamed);
         let st = match spare {
             Some(mut st) => {
@@ -328,7 +334,7 @@ impl Link {
 
     /// The connection, to give back to the pool (knowing what unnamed statement
     /// it holds), and the bookkeeping's box, for the session's next link.
-    pub fn into_parts(self) -> (PooledConn, Box<LinkState>) {
+    pub(crate) fn into_parts(self) -> (PooledConn, Box<LinkState>) {
         let Link { mut conn, mut st } = self;
         conn.unnamed = std::mem::take(&mut st.unnamed);
         (conn, st)
@@ -336,19 +342,19 @@ impl Link {
 
     /// The client starts a request on this connection at `now` (timed until
     /// idle again).
-    pub fn begin_request(&mut self, now: Instant) {
+    pub(crate) fn begin_request(&mut self, now: Instant) {
         if self.st.started.is_none() && !self.busy() {
             self.st.started = Some(now);
         }
     }
 
     /// A request is in flight (its answer has not fully arrived).
-    pub fn busy(&self) -> bool {
+    pub(crate) fn busy(&self) -> bool {
         self.st.outstanding > 0 || self.st.in_batch || !self.st.out.is_empty()
     }
 
     /// Safe to give back to the pool: idle, nothing in flight or half-read.
-    pub fn reusable(&self) -> bool {
+    pub(crate) fn reusable(&self) -> bool {
         !self.busy()
             && self.conn.status == TxStatus::Idle
             && self.st.scanner.at_boundary()
@@ -357,7 +363,7 @@ impl Link {
     }
 
     /// Send `bytes` to the server (queued if its socket is full).
-    pub fn send(&mut self, bytes: &[u8]) -> Result<(), SessionError> {
+    pub(crate) fn send(&mut self, bytes: &[u8]) -> Result<(), SessionError> {
         let node = self.conn.node;
         self.st
             .out
@@ -381,7 +387,7 @@ impl Link {
         let metrics = cx.metrics;
         let node = self.conn.node;
         let n = self.st.scanner.scan(&self.conn.buf, events).map_err(|e| {
-            tracing::warn!(node, error = %e, "unframeable data from server");
+            tracing::warn!(%node, error = %e, "unframeable data from server");
             SessionError::BackendLost { node }
         })?;
         // Answers to pgpilot's own messages, cut from what the client gets
@@ -611,7 +617,7 @@ impl Link {
     #[cold]
     #[inline(never)]
     fn notified_by(&mut self, pid: i32, at: usize, cx: &Relaying<'_>) {
-        let client = if pid == self.conn.pid {
+        let client = if pid == self.conn.cancel_key.pid {
             Some(cx.own_pid)
         } else {
             cx.sessions.client_pid_of(self.conn.node, pid)
@@ -664,7 +670,10 @@ impl Link {
         {
             if let Some((_, e)) = self.st.effects.pop_front() {
                 let commit = matches!(e.class.tx, Some(TxControl::Commit));
-                done.push(Done::Effects(e, ok && !(commit && rolled_back)));
+                done.push(Done::Effects {
+                    effects: e,
+                    succeeded: ok && !(commit && rolled_back),
+                });
             }
         }
         while self

@@ -26,7 +26,7 @@ use crate::router::session_cmd::{self, PgpilotCommand};
 
 /// A statement pgpilot answers itself.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum LocalCommand {
+pub(crate) enum LocalCommand {
     /// `SHOW POOL_NODES` and the other admin commands.
     Admin(AdminCommand),
     /// `SHOW pgpilot.last_commit_lsn`, `SET pgpilot.min_lsn` …
@@ -42,7 +42,7 @@ enum Outcome {
 }
 
 /// Recognise a local command in statement text (raw bytes, no NUL).
-pub fn parse_local(sql: &[u8]) -> Option<LocalCommand> {
+pub(crate) fn parse_local(sql: &[u8]) -> Option<LocalCommand> {
     // Every query passes here: first a cheap look at the first word, which
     // is all most statements need (admin commands start with one of
     // `admin::FIRST_WORDS`; pgpilot's own settings with SET, SHOW or RESET).
@@ -119,13 +119,13 @@ fn first_word(sql: &[u8]) -> Option<u64> {
 
 /// Admin statements and portals a client prepared through the extended protocol.
 #[derive(Debug, Default)]
-pub struct LocalStatements {
+pub(crate) struct LocalStatements {
     /// Prepared statement name → command.
-    pub stmts: HashMap<Vec<u8>, LocalCommand>,
+    pub(crate) stmts: HashMap<Vec<u8>, LocalCommand>,
     /// Portal name → command (until the batch's Sync).
     portals: HashMap<Vec<u8>, LocalCommand>,
     /// An error occurred in the current local batch: skip to Sync.
-    pub failed: bool,
+    pub(crate) failed: bool,
 }
 
 impl Session {
@@ -153,9 +153,9 @@ impl Session {
                 self.fresh.min_lsn = *lsn;
                 Ok(Outcome::Done("SET"))
             }
-            LocalCommand::Session(PgpilotCommand::SetMinLsn(Err(text))) => Err(PgError::error(
+            LocalCommand::Session(PgpilotCommand::SetMinLsn(Err(e))) => Err(PgError::error(
                 INVALID_TEXT_REPRESENTATION,
-                format!("invalid input syntax for type pg_lsn: \"{text}\""),
+                e.to_string(),
             )
             .with_hint("write a WAL position as returned by SHOW pgpilot.last_commit_lsn, e.g. '0/16B3748'")),
             LocalCommand::Session(PgpilotCommand::ResetMinLsn) => {
@@ -179,7 +179,7 @@ impl Session {
         if self.tx_aborted {
             return TxStatus::Failed;
         }
-        match self.links[self.active].as_ref() {
+        match self.links[self.active.index()].as_ref() {
             Some(l) if self.in_tx => l.conn.status,
             _ => TxStatus::Idle,
         }
@@ -240,7 +240,7 @@ impl Session {
             bytes::Buf::advance(&mut self.cbuf, f.wire_len);
             messages::ready_for_query(&mut out, self.client_status());
         } else {
-            self.batch = Some(super::route::LOCAL);
+            self.batch = Some(super::route::Target::Local);
             self.local.failed = true;
         }
         self.send_local(&out)
@@ -418,7 +418,7 @@ impl Session {
 }
 
 /// What to do with a request while the client's transaction is aborted.
-pub enum AbortedTx {
+pub(crate) enum AbortedTx {
     /// COMMIT: roll the transaction back instead, as PostgreSQL does.
     RollBack,
     /// Anything but ROLLBACK: 25P02.

@@ -19,7 +19,7 @@ mod clock;
 mod connect;
 mod detached;
 mod fresh;
-pub mod handshake;
+pub(crate) mod handshake;
 mod link;
 mod local;
 mod relay;
@@ -41,17 +41,17 @@ use tokio::net::TcpStream;
 use tokio::time::timeout;
 
 use crate::backend::conn::Unnamed;
-use crate::config::Config;
+use crate::config::{Config, NodeId};
 use crate::context::cancel::{CancelSlot, CancelTarget};
 use crate::context::registry::{self, SessionHandle};
 use crate::context::{ClientSlot, ProxyContext};
 use crate::error::ToPgError;
 use crate::error::sqlstate::*;
 use crate::net::{Outbox, WriteError, write_all_timeout};
-use crate::protocol::TxStatus;
 use crate::protocol::frame::Scanned;
 use crate::protocol::messages::{self, PgError};
 use crate::protocol::startup::StartupMessage;
+use crate::protocol::{CancelKey, TxStatus};
 use crate::router::classify::Classification;
 use crate::router::policy::{Policy, RouteState};
 use handshake::Opening;
@@ -59,10 +59,10 @@ use link::{Done, Link};
 use state::SessionState;
 
 /// Why a session ended abnormally; defined beside its SQLSTATE mapping.
-pub use crate::error::SessionError;
+pub(crate) use crate::error::SessionError;
 
 /// Entry point for an accepted client connection.
-pub async fn serve(ctx: Arc<ProxyContext>, mut stream: TcpStream) {
+pub(crate) async fn serve(ctx: Arc<ProxyContext>, mut stream: TcpStream) {
     let _ = stream.set_nodelay(true);
     crate::backend::conn::set_keepalive(&stream);
     let cfg = ctx.config.load_full();
@@ -85,8 +85,8 @@ pub async fn serve(ctx: Arc<ProxyContext>, mut stream: TcpStream) {
         }
     };
     let startup = match opening {
-        Opening::Cancel { pid, secret } => {
-            ctx.cancels.cancel(pid, secret, cfg.timeouts.connect).await;
+        Opening::Cancel(key) => {
+            ctx.cancels.cancel(key, cfg.timeouts.connect).await;
             return;
         }
         Opening::Startup(m) => m,
@@ -219,10 +219,9 @@ struct Session {
     /// startup parameters sent to every node the session uses. Built once,
     /// since transaction pooling acquires a connection per request.
     pool_keys: Vec<crate::backend::PoolKey>,
-    /// pgpilot's BackendKeyData pid for this client (key of the cancel registry).
-    key_pid: i32,
-    /// pgpilot's BackendKeyData secret for this client.
-    key_secret: i32,
+    /// pgpilot's BackendKeyData key for this client (its pid keys the cancel
+    /// registry and names the session in the admin views).
+    cancel_key: CancelKey,
     /// The time of the current relay turn, read once per turn (see [`clock`]).
     clock: clock::TurnClock,
     /// Where this client's cancels go: the registry reads it, the session
@@ -241,9 +240,9 @@ struct Session {
     server_reads: Vec<crate::net::ReadWatch>,
     /// The node whose answers the client is waiting for (the last one sent to);
     /// only it can have requests in flight.
-    active: usize,
-    /// Node of the extended-protocol batch being forwarded (until its Sync).
-    batch: Option<usize>,
+    active: NodeId,
+    /// Where the extended-protocol batch being forwarded goes (until its Sync).
+    batch: Option<route::Target>,
     /// Settings and prepared statements shared by every connection of the session.
     state: SessionState,
     /// Routing state: the session's standby, sticky/forced primary, transaction node.
@@ -344,7 +343,7 @@ impl Session {
         startup: &StartupMessage,
         slot: ClientSlot,
     ) -> Session {
-        let (key_pid, key_secret, cancel) = ctx.new_client_key();
+        let (cancel_key, cancel) = ctx.new_client_key();
         let nodes = cfg.backends.len();
         let database = startup.get("database").unwrap_or(&user).to_string();
         let policy = Policy {
@@ -353,13 +352,13 @@ impl Session {
         };
         let registration = ctx.sessions.register(
             nodes,
-            key_pid,
+            cancel_key.pid,
             &user,
             startup.get("database").unwrap_or(&user),
             startup.get("application_name").unwrap_or_default(),
             client.peer_addr().ok(),
         );
-        let pool_keys = (0..nodes)
+        let pool_keys = NodeId::all(nodes)
             .map(|n| crate::backend::PoolKey::new(n, &user, &database, &startup.params))
             .collect();
         Session {
@@ -374,15 +373,14 @@ impl Session {
             scram_keys: None,
             md5_stored: None,
             database,
-            key_pid,
-            key_secret,
+            cancel_key,
             cancel,
             clock: clock::TurnClock::default(),
             links: (0..nodes).map(|_| None).collect(),
             spare_link: None,
             client_reads: Default::default(),
             server_reads: (0..nodes).map(|_| Default::default()).collect(),
-            active: 0,
+            active: NodeId::new(0),
             batch: None,
             state: SessionState::default(),
             route: RouteState::default(),
@@ -420,7 +418,7 @@ impl Session {
     async fn run(&mut self, mut out: BytesMut, startup: &StartupMessage) {
         match self.attach_at_login().await {
             Ok(true) => {
-                if let Some(l) = &self.links[self.active] {
+                if let Some(l) = &self.links[self.active.index()] {
                     // What the server said while it started, as PostgreSQL
                     // sends it: after AuthenticationOk, before the parameters.
                     out.extend_from_slice(&l.conn.startup_notices);
@@ -445,7 +443,7 @@ impl Session {
                 return;
             }
         }
-        messages::backend_key_data(&mut out, self.key_pid, self.key_secret);
+        messages::backend_key_data(&mut out, self.cancel_key);
         messages::ready_for_query(&mut out, TxStatus::Idle);
         let end = match self.write_client(&out).await {
             Ok(()) => self.relay().await,
@@ -478,43 +476,46 @@ impl Session {
     }
 
     /// Make `node` the one whose answers are awaited; cancels go to its server.
-    fn set_active(&mut self, node: usize) {
+    fn set_active(&mut self, node: NodeId) {
         let changed = self.active != node;
         self.active = node;
-        if changed || self.links[node].as_ref().is_some_and(|l| l.sent == 0) {
+        if changed
+            || self.links[node.index()]
+                .as_ref()
+                .is_some_and(|l| l.sent == 0)
+        {
             self.serving_now(node);
         }
     }
 
     /// Point cancels and the registry at the session's connection to `node`.
-    fn serving_now(&mut self, node: usize) {
-        if let Some(l) = &self.links[node] {
+    fn serving_now(&mut self, node: NodeId) {
+        if let Some(l) = &self.links[node.index()] {
             self.registration
-                .set_backend(node, l.conn.pid, l.conn.opened_ms);
+                .set_backend(node, l.conn.cancel_key.pid, l.conn.opened_ms);
             self.cancel.set(Some(CancelTarget {
                 addr: l.conn.addr,
-                pid: l.conn.pid,
-                secret: l.conn.secret,
+                key: l.conn.cancel_key,
             }));
         }
     }
 
     /// The link to `node`, which routing made sure exists.
-    fn link_mut(&mut self, node: usize) -> Result<&mut Link, SessionError> {
+    fn link_mut(&mut self, node: NodeId) -> Result<&mut Link, SessionError> {
         self.links
-            .get_mut(node)
+            .get_mut(node.index())
             .and_then(Option::as_mut)
             .ok_or(SessionError::BackendLost { node })
     }
 
     /// Apply what the response stream of `node` settled.
-    fn settle(&mut self, node: usize) {
+    fn settle(&mut self, node: NodeId) {
         let mut done = std::mem::take(&mut self.done);
         for d in done.drain(..) {
             match d {
-                Done::Effects(e, ok) => {
-                    if ok {
-                        self.apply_effects(node, *e);
+                Done::Effects { effects, succeeded } => {
+                    if succeeded {
+                        self.apply_effects(node, *effects);
                     }
                 }
                 Done::ParseFailed(name) => self.parse_failed(node, &name),
@@ -583,8 +584,8 @@ impl Session {
     /// A client's Parse of `name` failed on `node`: the statement does not exist.
     #[cold]
     #[inline(never)]
-    fn parse_failed(&mut self, node: usize, name: &[u8]) {
-        if let Some(l) = self.links[node].as_mut() {
+    fn parse_failed(&mut self, node: NodeId, name: &[u8]) {
+        if let Some(l) = self.links[node.index()].as_mut() {
             l.statements.remove(name);
         }
         if let Some(state::Stmt {
@@ -598,7 +599,7 @@ impl Session {
 
     /// A request's effects, confirmed by the server.
     #[inline(never)]
-    fn apply_effects(&mut self, node: usize, e: state::Effects) {
+    fn apply_effects(&mut self, node: NodeId, e: state::Effects) {
         use crate::router::classify::TxControl;
         let c = &e.class;
         if let Some(ro) = c.sets_read_only_default {
@@ -620,7 +621,7 @@ impl Session {
             if !self.state.sql_names.contains(&name) {
                 self.state.sql_names.push(name.clone());
             }
-            if let Some(l) = self.links[node].as_mut() {
+            if let Some(l) = self.links[node.index()].as_mut() {
                 l.statements.insert(name);
             }
         }
@@ -650,13 +651,13 @@ impl Session {
             logged.append(&mut self.state.take_committed());
         }
         for q in logged {
-            let was_current = self.links[node]
+            let was_current = self.links[node.index()]
                 .as_ref()
                 .is_some_and(|l| l.applied == self.state.log_end());
             let text = std::str::from_utf8(route::query_sql(&q)).unwrap_or("");
             let resets = crate::router::session_cmd::resets_all(text);
             self.state.log_setting(q, resets);
-            if was_current && let Some(l) = self.links[node].as_mut() {
+            if was_current && let Some(l) = self.links[node.index()].as_mut() {
                 l.applied = self.state.log_end();
             }
         }
@@ -681,7 +682,7 @@ impl Session {
 
     /// Give each server connection back (reset if needed) or discard it.
     fn cleanup(&mut self) {
-        self.ctx.cancels.unregister(self.key_pid);
+        self.ctx.cancels.unregister(self.cancel_key);
         self.end_retiring();
         for link in self.links.iter_mut().filter_map(Option::take) {
             let ctx = self.ctx.clone();
@@ -718,16 +719,15 @@ impl Session {
                     match reset {
                         Ok(()) => ctx.pool.put_idle(conn, std::time::Instant::now()),
                         Err(e) => {
-                            tracing::info!(node = conn.node, error = %e, "reset failed; closing the connection")
+                            tracing::info!(node = %conn.node, error = %e, "reset failed; closing the connection")
                         }
                     }
                 });
             } else if link.busy() {
                 // Mid-request: never pooled. Cancel what runs, then close.
-                let (addr, pid, secret) = (link.conn.addr, link.conn.pid, link.conn.secret);
+                let (addr, key) = (link.conn.addr, link.conn.cancel_key);
                 tokio::spawn(async move {
-                    crate::backend::conn::send_cancel(addr, pid, secret, cfg.timeouts.connect)
-                        .await;
+                    crate::backend::conn::send_cancel(addr, key, cfg.timeouts.connect).await;
                 });
             }
         }

@@ -24,6 +24,7 @@ use tokio_util::io::poll_read_buf;
 use super::route::Step;
 use super::{End, Session, SessionError};
 use crate::backend::BackendError;
+use crate::config::NodeId;
 use crate::net::ReadWatch;
 use crate::protocol::TxStatus;
 
@@ -78,10 +79,10 @@ impl Session {
             let node = self.active;
             // Between transactions under transaction pooling the session holds
             // no server connection: the turn waits on the client only.
-            if self.links[node].is_none() && !self.released() {
+            if self.links[node.index()].is_none() && !self.released() {
                 return End::Error(SessionError::BackendLost { node });
             }
-            let link = self.links[node].as_mut();
+            let link = self.links[node.index()].as_mut();
             let server_stalled = link.as_ref().and_then(|l| l.out.stalled_since());
             let stalled = match (self.to_client.stalled_since(), server_stalled) {
                 (Some(a), Some(b)) => Some(a.min(b)),
@@ -105,7 +106,7 @@ impl Session {
             let cbuf = &mut self.cbuf;
             let mut server = link.map(|l| &mut l.conn.conn);
             let client_reads = &mut self.client_reads;
-            let server_reads = &mut self.server_reads[node];
+            let server_reads = &mut self.server_reads[node.index()];
             // Whatever wakes the wait starts a new turn (nothing reads the
             // clock between here and the await).
             self.clock.tick();
@@ -143,7 +144,7 @@ impl Session {
                     }
                 }
                 Wake::ServerWritable => {
-                    let flushed = match self.links[node].as_mut() {
+                    let flushed = match self.links[node.index()].as_mut() {
                         Some(l) => l.st.out.flush(&l.conn.conn.stream),
                         None => Ok(()),
                     };
@@ -152,7 +153,7 @@ impl Session {
                     }
                 }
                 Wake::ServerRead(Ok(0) | Err(_)) => {
-                    tracing::info!(node, user = %self.user, "server closed the session's connection");
+                    tracing::info!(%node, user = %self.user, "server closed the session's connection");
                     return End::Error(SessionError::BackendLost { node });
                 }
                 Wake::ServerRead(Ok(_)) => {
@@ -234,7 +235,7 @@ impl Session {
                 let snapshot = self.ctx.cluster.snapshot();
                 let primary = snapshot.primary.unwrap_or(self.active);
                 let catalog = super::catalog_io::PrimaryCatalog {
-                    primary: &self.cfg.backends[primary],
+                    primary: &self.cfg.backends[primary.index()],
                     monitor: &self.cfg.monitor,
                 };
                 // Cached on success; on failure the answer is "volatile" (primary),
@@ -254,12 +255,12 @@ impl Session {
     }
 
     /// Scan what `node` sent, settle bookkeeping, pass it on in one write.
-    pub(super) fn on_backend_data(&mut self, node: usize) -> Result<(), SessionError> {
+    pub(super) fn on_backend_data(&mut self, node: NodeId) -> Result<(), SessionError> {
         // A read balanced off the transaction's node must not end the client's
         // transaction in its eyes.
         let patch = (self.in_tx && self.route.tx_node.is_some_and(|t| t != node))
             .then_some(TxStatus::InTransaction.as_byte());
-        let Some(link) = self.links[node].as_mut() else {
+        let Some(link) = self.links[node.index()].as_mut() else {
             return Ok(());
         };
         let chunk = link.scan(
@@ -268,7 +269,7 @@ impl Session {
             patch,
             &super::link::Relaying {
                 metrics: &self.ctx.metrics,
-                own_pid: self.key_pid,
+                own_pid: self.cancel_key.pid,
                 sessions: &self.ctx.sessions,
             },
         )?;
@@ -288,7 +289,7 @@ impl Session {
         }
         link.forward(&self.client, &mut self.to_client, chunk)?;
         self.settle(node);
-        if self.links[node]
+        if self.links[node.index()]
             .as_ref()
             .is_some_and(|l| l.watch == super::retry::Watch::Refused)
         {

@@ -31,6 +31,7 @@ use std::sync::Arc;
 
 use super::link::Link;
 use super::{Session, SessionError};
+use crate::config::NodeId;
 use crate::net::Outbox;
 use crate::protocol::frame::{ErrorFields, peek_frame};
 use crate::protocol::tag;
@@ -63,7 +64,7 @@ pub(super) struct RetryNet {
     /// The armed request's bytes, as the client sent them.
     frames: Vec<u8>,
     /// The node it went to and its classification, while armed.
-    armed: Option<(usize, Arc<Classification>)>,
+    armed: Option<(NodeId, Arc<Classification>)>,
     /// The request just routed goes to a node other than the primary (set
     /// with the routing decision, from the snapshot it used).
     pub(super) off_primary: bool,
@@ -73,7 +74,7 @@ impl Session {
     /// A request is about to be sent to `node`, starting at the front of
     /// `rest` (a simple Query if `simple`, else an extended batch): arm the
     /// safety net if it may run again on the primary.
-    pub(super) fn arm_retry(&mut self, node: usize, rest: &[u8], simple: bool) {
+    pub(super) fn arm_retry(&mut self, node: NodeId, rest: &[u8], simple: bool) {
         self.retry.armed = None;
         let Some(class) = self.pending_class.as_ref() else {
             return;
@@ -88,7 +89,7 @@ impl Session {
             && class.deallocate.is_none()
             && !self.in_tx
             && self.retry.off_primary
-            && self.links[node].as_ref().is_some_and(|l| !l.busy());
+            && self.links[node.index()].as_ref().is_some_and(|l| !l.busy());
         if !eligible {
             return;
         }
@@ -100,7 +101,7 @@ impl Session {
         } else {
             self.single_read_batch(rest)
         };
-        let (Some(len), Some(link)) = (len, self.links[node].as_mut()) else {
+        let (Some(len), Some(link)) = (len, self.links[node.index()].as_mut()) else {
             return;
         };
         let class = class.clone();
@@ -133,7 +134,7 @@ impl Session {
 
     /// `node`'s link holds a refused response: run the request again on the
     /// primary if that is still safe, else give the client the response.
-    pub(super) fn on_refused(&mut self, node: usize) -> Result<(), SessionError> {
+    pub(super) fn on_refused(&mut self, node: NodeId) -> Result<(), SessionError> {
         let armed = self.retry.armed.take();
         let link = self.link_mut(node)?;
         link.st.watch = Watch::Off;
@@ -143,7 +144,7 @@ impl Session {
         if let (true, Some((_, class))) = (retry, armed) {
             class.primary_only.set();
             self.ctx.metrics.refusal_retried();
-            tracing::debug!(node, "a standby refused a read; running it on the primary");
+            tracing::debug!(%node, "a standby refused a read; running it on the primary");
             let mut cbuf =
                 bytes::BytesMut::with_capacity(self.retry.frames.len() + self.cbuf.len());
             cbuf.extend_from_slice(&self.retry.frames);

@@ -25,7 +25,7 @@ use std::sync::Arc;
 use super::state::StmtSource;
 use super::statements::{Needs, mentions_execute};
 use super::{Session, SessionError};
-use crate::config::UnknownFunctions;
+use crate::config::{NodeId, UnknownFunctions};
 use crate::protocol::frame::{cstr, peek_frame};
 use crate::protocol::tag;
 use crate::router::chooser;
@@ -35,7 +35,7 @@ use crate::router::policy::{self, Decision};
 
 /// What the relay loop must do after client data was processed.
 #[derive(Debug)]
-pub enum Step {
+pub(crate) enum Step {
     /// Every complete request was forwarded; wait for more input.
     Idle,
     /// The next request waits until in-flight requests are answered.
@@ -45,7 +45,7 @@ pub enum Step {
     /// Connect to / bring up to date this node, with these statements prepared.
     Prepare {
         /// Node id.
-        node: usize,
+        node: NodeId,
         /// Statements the request uses.
         needs: Needs,
     },
@@ -66,7 +66,7 @@ pub enum Step {
     /// Wait until one of `nodes` has replayed `target`, or `deadline`.
     WaitReplay {
         /// Standbys that may serve the read.
-        nodes: Vec<usize>,
+        nodes: Vec<NodeId>,
         /// WAL position the read must see.
         target: u64,
         /// Give up (read on the primary) then.
@@ -75,10 +75,17 @@ pub enum Step {
 }
 
 /// A request's route, or why it cannot be sent yet.
-type Planned = Result<usize, Step>;
+type Planned = Result<NodeId, Step>;
 
-/// The batch "node" of an extended batch pgpilot answers itself.
-pub const LOCAL: usize = usize::MAX;
+/// Where the extended-protocol batch being forwarded goes, until its Sync.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Target {
+    /// A node's server connection.
+    Node(NodeId),
+    /// No node: pgpilot answers the batch itself (its own commands, or a
+    /// batch refused inside a failed transaction).
+    Local,
+}
 
 /// The classification of a FunctionCall message (it runs a function by OID: assume
 /// it writes and leaves state).
@@ -129,11 +136,11 @@ impl Session {
         let buf = std::mem::take(&mut self.cbuf);
         let mut pos = 0;
         // Frames [start, pos) not yet written, all for `node`.
-        let mut span: Option<(usize, usize)> = None;
+        let mut span: Option<(NodeId, usize)> = None;
         let result = self.route_frames(&buf, &mut pos, &mut span);
         let flushed = self.flush_span(&buf, span, pos);
         // What arrives of a batch still open was not there when it was routed.
-        self.batch_unseen = self.batch.is_some_and(|n| n != LOCAL);
+        self.batch_unseen = matches!(self.batch, Some(Target::Node(_)));
         self.cbuf = buf;
         bytes::Buf::advance(&mut self.cbuf, pos);
         let need = crate::protocol::frame::missing_bytes(&self.cbuf);
@@ -152,11 +159,11 @@ impl Session {
     #[inline(never)]
     fn supply_unseen(
         &mut self,
-        node: usize,
+        node: NodeId,
         frame: &[u8],
         buf: &[u8],
         pos: usize,
-        span: &mut Option<(usize, usize)>,
+        span: &mut Option<(NodeId, usize)>,
     ) -> Result<bool, SessionError> {
         if self.shape_wait {
             return Ok(true);
@@ -174,7 +181,7 @@ impl Session {
     pub(super) fn flush_span(
         &mut self,
         buf: &[u8],
-        span: Option<(usize, usize)>,
+        span: Option<(NodeId, usize)>,
         end: usize,
     ) -> Result<(), SessionError> {
         match span {
@@ -187,7 +194,7 @@ impl Session {
         &mut self,
         buf: &[u8],
         pos: &mut usize,
-        span: &mut Option<(usize, usize)>,
+        span: &mut Option<(NodeId, usize)>,
     ) -> Result<Step, SessionError> {
         let max = self.cfg.max_message_size;
         while let Some(f) = peek_frame(&buf[*pos..], max)? {
@@ -258,7 +265,10 @@ impl Session {
                 tag::QUERY | tag::FUNCTION_CALL => {
                     let planned = match self.batch {
                         // A Query inside an open batch goes with the batch.
-                        Some(n) => Ok(n),
+                        Some(Target::Node(n)) => Ok(n),
+                        // No server connection to send it to: a batch pgpilot
+                        // answers itself takes only extended-protocol messages.
+                        Some(Target::Local) => return Err(SessionError::UnexpectedMessage(f.tag)),
                         None => self.plan_simple(f.tag, frame)?,
                     };
                     match planned {
@@ -273,17 +283,17 @@ impl Session {
                 | tag::CLOSE
                 | tag::FLUSH
                 | tag::SYNC => {
-                    let node = match self.batch {
-                        Some(n) => n,
+                    let target = match self.batch {
+                        Some(t) => t,
                         None if self.tx_aborted
                             && !self.batch_ends_aborted_tx(f.tag, &frame[5..]) =>
                         {
                             if self.links.iter().flatten().any(|l| l.busy()) {
                                 return Ok(Step::Blocked);
                             }
-                            self.batch = Some(LOCAL);
+                            self.batch = Some(Target::Local);
                             self.start_refused_batch()?;
-                            LOCAL
+                            Target::Local
                         }
                         None if self.starts_local_batch(f.tag, &frame[5..]) => {
                             if self.links.iter().flatten().any(|l| l.busy()) {
@@ -292,8 +302,8 @@ impl Session {
                             if self.local_wants_lsn() {
                                 return Ok(Step::FetchLsn);
                             }
-                            self.batch = Some(LOCAL);
-                            LOCAL
+                            self.batch = Some(Target::Local);
+                            Target::Local
                         }
                         None if self.batch_moves_fresh_tx(&buf[*pos..]) => {
                             if self.links.iter().flatten().any(|l| l.busy()) {
@@ -304,19 +314,19 @@ impl Session {
                         None => match self.plan_batch(&buf[*pos..])? {
                             Ok(n) => {
                                 self.arm_retry(n, &buf[*pos..], false);
-                                self.batch = Some(n);
+                                self.batch = Some(Target::Node(n));
                                 self.batch_unseen = false;
                                 self.fresh_request_sent();
-                                n
+                                Target::Node(n)
                             }
                             Err(step) => return Ok(step),
                         },
                     };
-                    if node == LOCAL {
+                    let Target::Node(node) = target else {
                         self.local_extended(f.tag, frame)?;
                         *pos += f.wire_len;
                         continue;
-                    }
+                    };
                     if self.state.any_broken && self.uses_broken(f.tag, frame) {
                         self.fail_broken_use(node, buf, *pos, span)?;
                         *pos += f.wire_len;
@@ -590,7 +600,7 @@ impl Session {
             Decision::NoPrimary => return Err(Step::NeedPrimary),
         };
         tracing::trace!(
-            node,
+            %node,
             access = ?class.access,
             tx = ?class.tx,
             in_tx = self.in_tx,
@@ -645,14 +655,20 @@ impl Session {
         let weights: Vec<f64> = chooser::read_weights(snapshot, include_primary)
             .iter()
             .enumerate()
-            .map(|(i, w)| if self.shunned(i) { 0.0 } else { *w })
+            .map(|(i, w)| {
+                if self.shunned(NodeId::new(i)) {
+                    0.0
+                } else {
+                    *w
+                }
+            })
             .collect();
-        self.route.standby = chooser::pick(&weights, rand::random::<f64>());
+        self.route.standby = chooser::pick(&weights, rand::random::<f64>()).map(NodeId::new);
     }
 
     /// Whether `node` can take a request now: no other node has one in flight, and
     /// the connection exists, is healthy and carries the session's state.
-    fn check_ready(&mut self, node: usize, needs: &Needs) -> Result<(), Step> {
+    fn check_ready(&mut self, node: NodeId, needs: &Needs) -> Result<(), Step> {
         let with_sql;
         let needs = match self.sql_statements_needed(node, needs) {
             Some(n) => {
@@ -665,8 +681,8 @@ impl Session {
             .links
             .iter()
             .enumerate()
-            .any(|(i, l)| i != node && l.as_ref().is_some_and(|l| l.busy()));
-        let busy_here = self.links[node].as_ref().is_some_and(|l| l.busy());
+            .any(|(i, l)| i != node.index() && l.as_ref().is_some_and(|l| l.busy()));
+        let busy_here = self.links[node.index()].as_ref().is_some_and(|l| l.busy());
         if others_busy || (self.tx_uncertain && busy_here) {
             return Err(Step::Blocked);
         }
@@ -674,13 +690,13 @@ impl Session {
             node,
             needs: needs.clone(),
         };
-        if self.links[node].is_none() {
+        if self.links[node.index()].is_none() {
             // Transaction pooling: a connection given back a moment ago is
             // taken now, without an I/O step (nothing to replay on it).
             self.adopt_recent_connection(node);
         }
         self.recognise_statements(node, needs);
-        let Some(link) = &self.links[node] else {
+        let Some(link) = &self.links[node.index()] else {
             return Err(prepare());
         };
         let stale = link.applied < self.state.log_end()

@@ -30,6 +30,7 @@ use bytes::{BufMut, BytesMut};
 
 use super::link::PendingClose;
 use super::{Session, SessionError};
+use crate::config::NodeId;
 use crate::protocol::frame::cstr;
 use crate::protocol::shape::Shape;
 use crate::protocol::tag;
@@ -97,10 +98,10 @@ impl Session {
     #[inline(never)]
     pub(super) fn fail_broken_use(
         &mut self,
-        node: usize,
+        node: NodeId,
         buf: &[u8],
         pos: usize,
-        span: &mut Option<(usize, usize)>,
+        span: &mut Option<(NodeId, usize)>,
     ) -> Result<(), SessionError> {
         self.flush_span(buf, *span, pos)?;
         *span = None;

@@ -21,6 +21,7 @@
 use super::Session;
 use super::state::{Stmt, StmtSource};
 use super::statements::Needs;
+use crate::config::NodeId;
 use crate::router::classify::Classification;
 
 /// Whether the statement string prepares or deallocates an SQL statement: it
@@ -33,7 +34,7 @@ impl Session {
     /// `needs` with the session's SQL-prepared statements the connection to
     /// `node` lacks, if `node` is the primary and it lacks some.
     #[inline]
-    pub(super) fn sql_statements_needed(&self, node: usize, needs: &Needs) -> Option<Needs> {
+    pub(super) fn sql_statements_needed(&self, node: NodeId, needs: &Needs) -> Option<Needs> {
         if self.state.sql_names.is_empty() {
             return None;
         }
@@ -42,11 +43,11 @@ impl Session {
 
     #[cold]
     #[inline(never)]
-    fn missing_sql_statements(&self, node: usize, needs: &Needs) -> Option<Needs> {
+    fn missing_sql_statements(&self, node: NodeId, needs: &Needs) -> Option<Needs> {
         if self.ctx.cluster.snapshot().primary != Some(node) {
             return None;
         }
-        let link = self.links[node].as_ref();
+        let link = self.links[node.index()].as_ref();
         let mut missing = self.state.sql_names.iter().filter(|n| {
             matches!(
                 self.state.stmts.get(*n),

@@ -32,11 +32,11 @@ use crate::router::session_cmd;
 
 /// The most settings a session may log; past it the session stays on the primary
 /// (its state could no longer be replayed faithfully elsewhere).
-pub const MAX_LOG: usize = 10_000;
+pub(crate) const MAX_LOG: usize = 10_000;
 
 /// How a prepared statement is created on a node that lacks it.
 #[derive(Debug, Clone)]
-pub enum StmtSource {
+pub(crate) enum StmtSource {
     /// The client's Parse message, whole, as it arrived.
     Parse(Bytes),
     /// A Query message carrying the client's SQL `PREPARE`.
@@ -45,25 +45,25 @@ pub enum StmtSource {
 
 /// A prepared statement of the session.
 #[derive(Debug, Clone)]
-pub struct Stmt {
+pub(crate) struct Stmt {
     /// How to create it elsewhere.
-    pub source: StmtSource,
+    pub(crate) source: StmtSource,
     /// What executing it needs (routes Bind and `EXECUTE`).
-    pub class: Arc<Classification>,
+    pub(crate) class: Arc<Classification>,
     /// A routing hint in its text, which applies to every execution.
-    pub hint: Option<Hint>,
+    pub(crate) hint: Option<Hint>,
     /// What the client was told of it by its first Describe: checked where
     /// pgpilot parses it again.
-    pub shape: Option<Shape>,
+    pub(crate) shape: Option<Shape>,
     /// Parsed again elsewhere, it no longer has that shape: every use fails as
     /// PostgreSQL's cached statement would (`0A000`), until the client closes
     /// or parses it again.
-    pub broken: bool,
+    pub(crate) broken: bool,
 }
 
 impl Stmt {
     /// A statement as the client just made it (no shape known yet).
-    pub fn new(source: StmtSource, class: Arc<Classification>, hint: Option<Hint>) -> Stmt {
+    pub(crate) fn new(source: StmtSource, class: Arc<Classification>, hint: Option<Hint>) -> Stmt {
         Stmt {
             source,
             class,
@@ -76,28 +76,28 @@ impl Stmt {
 
 /// What a request does to the session once the server confirms it.
 #[derive(Debug)]
-pub struct Effects {
+pub(crate) struct Effects {
     /// The request's classification.
-    pub class: Arc<Classification>,
+    pub(crate) class: Arc<Classification>,
     /// A Query message that replays the request's setting on other connections
     /// (`None` if there is nothing to replay).
-    pub replay: Option<Bytes>,
+    pub(crate) replay: Option<Bytes>,
     /// The request was sent inside a transaction block (settings wait for COMMIT).
-    pub in_tx_block: bool,
+    pub(crate) in_tx_block: bool,
     /// The Query message of an SQL `PREPARE`, to create the statement elsewhere.
-    pub sql_prepare: Option<Bytes>,
+    pub(crate) sql_prepare: Option<Bytes>,
     /// `SET pgpilot.route`: `Some(true)` = primary only, `Some(false)` = automatic.
-    pub route: Option<bool>,
+    pub(crate) route: Option<bool>,
     /// `DISCARD ALL`: prepared statements are gone too.
-    pub discard_all: bool,
+    pub(crate) discard_all: bool,
     /// `SAVEPOINT` / `ROLLBACK TO` / `RELEASE`: which settings of the open
     /// transaction survive.
-    pub savepoint: Option<session_cmd::SavepointOp>,
+    pub(crate) savepoint: Option<session_cmd::SavepointOp>,
 }
 
 /// A setting made inside the open transaction block, or a savepoint marker.
 #[derive(Debug, Clone)]
-pub enum Pending {
+pub(crate) enum Pending {
     /// A setting (Query message), logged if the transaction commits.
     Setting(Bytes),
     /// A savepoint: `ROLLBACK TO` it drops the settings made after it.
@@ -106,40 +106,40 @@ pub enum Pending {
 
 /// The session-wide state replayed on, or tracked per, connection.
 #[derive(Debug, Default)]
-pub struct SessionState {
+pub(crate) struct SessionState {
     /// Prepared statements by name (the unnamed one under the empty name).
-    pub stmts: HashMap<Vec<u8>, Stmt>,
+    pub(crate) stmts: HashMap<Vec<u8>, Stmt>,
     /// Names of the SQL-prepared ones among them (a superset: a name is
     /// checked against `stmts` before use).
-    pub sql_names: Vec<Vec<u8>>,
+    pub(crate) sql_names: Vec<Vec<u8>>,
     /// Settings to replay, oldest first: Query messages. `log_base` is the sequence
     /// number of `log[0]`; a connection has applied all entries below its own mark.
-    pub log: Vec<Bytes>,
+    pub(crate) log: Vec<Bytes>,
     /// Sequence number of `log[0]` (grows when `DISCARD ALL`/`RESET ALL` voids the past).
-    pub log_base: u64,
+    pub(crate) log_base: u64,
     /// Settings made inside the open transaction block (with savepoint markers),
     /// logged if it commits.
-    pub pending_tx: Vec<Pending>,
+    pub(crate) pending_tx: Vec<Pending>,
     /// The log overflowed or a setting could not be replayed: stay on the primary.
-    pub overflowed: bool,
+    pub(crate) overflowed: bool,
     /// Some statement may be [`Stmt::broken`] (a cheap test before a lookup).
-    pub any_broken: bool,
+    pub(crate) any_broken: bool,
 }
 
 impl SessionState {
     /// Sequence number the next log entry gets (a connection at this mark is current).
-    pub fn log_end(&self) -> u64 {
+    pub(crate) fn log_end(&self) -> u64 {
         self.log_base + self.log.len() as u64
     }
 
     /// The entries a connection at mark `applied` has not seen.
-    pub fn log_since(&self, applied: u64) -> &[Bytes] {
+    pub(crate) fn log_since(&self, applied: u64) -> &[Bytes] {
         let from = applied.saturating_sub(self.log_base) as usize;
         self.log.get(from..).unwrap_or_default()
     }
 
     /// Append a confirmed setting. `DISCARD ALL`/`RESET ALL` void the earlier entries.
-    pub fn log_setting(&mut self, query: Bytes, resets_all: bool) {
+    pub(crate) fn log_setting(&mut self, query: Bytes, resets_all: bool) {
         if resets_all {
             self.log_base = self.log_end();
             self.log.clear();
@@ -154,7 +154,7 @@ impl SessionState {
     /// The effects to record for a request, or `None` if it has none.
     /// `sql` is the statement text, `frame` the Query message that carried it (for
     /// extended-protocol statements, `None`: a Query is built from `sql`).
-    pub fn effects_for(
+    pub(crate) fn effects_for(
         class: &Arc<Classification>,
         sql: &[u8],
         frame: Option<&[u8]>,
@@ -196,7 +196,7 @@ impl SessionState {
     }
 
     /// Apply a confirmed savepoint command to the open transaction's settings.
-    pub fn savepoint(&mut self, op: &session_cmd::SavepointOp) {
+    pub(crate) fn savepoint(&mut self, op: &session_cmd::SavepointOp) {
         use session_cmd::SavepointOp::*;
         let find = |name: &str, p: &[Pending]| {
             p.iter()
@@ -223,7 +223,7 @@ impl SessionState {
     }
 
     /// The settings of a committed transaction, in order.
-    pub fn take_committed(&mut self) -> Vec<Bytes> {
+    pub(crate) fn take_committed(&mut self) -> Vec<Bytes> {
         std::mem::take(&mut self.pending_tx)
             .into_iter()
             .filter_map(|p| match p {
@@ -235,13 +235,13 @@ impl SessionState {
 
     /// A statement string whose session effects cannot be replayed elsewhere: it
     /// pins the session to the primary when it succeeds.
-    pub fn pins_primary(class: &Classification) -> bool {
+    pub(crate) fn pins_primary(class: &Classification) -> bool {
         class.sticky_primary || (class.session_state && class.statements > 1)
     }
 }
 
 /// A Query message for `sql` (bytes as given: no re-encoding).
-pub fn query_message(sql: &[u8]) -> Bytes {
+pub(crate) fn query_message(sql: &[u8]) -> Bytes {
     let mut b = BytesMut::with_capacity(sql.len() + 6);
     b.put_u8(tag::QUERY);
     b.put_i32((sql.len() + 5) as i32);
@@ -251,7 +251,7 @@ pub fn query_message(sql: &[u8]) -> Bytes {
 }
 
 /// Append a Describe of prepared statement `name`.
-pub fn describe_statement_message(out: &mut BytesMut, name: &[u8]) {
+pub(crate) fn describe_statement_message(out: &mut BytesMut, name: &[u8]) {
     out.put_u8(tag::DESCRIBE);
     out.put_i32((4 + 1 + name.len() + 1) as i32);
     out.put_u8(b'S');
@@ -260,7 +260,7 @@ pub fn describe_statement_message(out: &mut BytesMut, name: &[u8]) {
 }
 
 /// Append a Close of prepared statement `name`.
-pub fn close_statement_message(out: &mut BytesMut, name: &[u8]) {
+pub(crate) fn close_statement_message(out: &mut BytesMut, name: &[u8]) {
     out.put_u8(tag::CLOSE);
     out.put_i32((name.len() + 6) as i32);
     out.put_u8(b'S');
@@ -269,13 +269,13 @@ pub fn close_statement_message(out: &mut BytesMut, name: &[u8]) {
 }
 
 /// Append a Flush.
-pub fn flush_message(out: &mut BytesMut) {
+pub(crate) fn flush_message(out: &mut BytesMut) {
     out.put_u8(tag::FLUSH);
     out.put_i32(4);
 }
 
 /// The Sync message.
-pub fn sync_message(out: &mut BytesMut) {
+pub(crate) fn sync_message(out: &mut BytesMut) {
     out.put_u8(tag::SYNC);
     out.put_i32(4);
 }

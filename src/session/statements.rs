@@ -29,28 +29,29 @@ use bytes::{Bytes, BytesMut};
 use super::state::{self, StmtSource};
 use super::{Session, SessionError};
 use crate::backend::conn::Unnamed;
+use crate::config::NodeId;
 use crate::protocol::shape::Shape;
 
 /// What a request needs of the connection it runs on, statement-wise.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Needs {
+pub(crate) struct Needs {
     /// Names the request uses (Bind, Describe, EXECUTE) or makes (a Parse of
     /// a name the session has not prepared): under each, the connection must
     /// hold the session's own statement, or none if the session has none.
-    pub names: Vec<Vec<u8>>,
+    pub(crate) names: Vec<Vec<u8>>,
     /// The request may reach statements by names pgpilot did not see: every
     /// statement of another session on the connection is closed first.
-    pub purge_others: bool,
+    pub(crate) purge_others: bool,
 }
 
 impl Needs {
     /// Needs of a request that names no statement.
-    pub fn none() -> Needs {
+    pub(crate) fn none() -> Needs {
         Needs::default()
     }
 
     /// Add `name` once.
-    pub fn add(&mut self, name: &[u8]) {
+    pub(crate) fn add(&mut self, name: &[u8]) {
         if !self.names.iter().any(|n| n == name) {
             self.names.push(name.to_vec());
         }
@@ -59,7 +60,7 @@ impl Needs {
 
 /// Whether SQL text may name a prepared statement (`EXECUTE`, `EXPLAIN
 /// EXECUTE`, `CREATE TABLE … AS EXECUTE` …): any mention of the word counts.
-pub fn mentions_execute(sql: &[u8]) -> bool {
+pub(crate) fn mentions_execute(sql: &[u8]) -> bool {
     // Look for the rare 'x' (every simple Query passes here), then around it.
     memchr::memchr2_iter(b'x', b'X', sql).any(|i| {
         i >= 1
@@ -84,7 +85,7 @@ impl Session {
     /// this session made them (or as an identical Parse from another session
     /// in the same clean context) as there: no Parse needed. The unnamed one
     /// only by identity ([`Session::recognise_unnamed`]).
-    pub(super) fn recognise_statements(&mut self, node: usize, needs: &Needs) {
+    pub(super) fn recognise_statements(&mut self, node: NodeId, needs: &Needs) {
         if needs.names.is_empty() {
             return;
         }
@@ -92,7 +93,7 @@ impl Session {
             self.recognise_unnamed(node);
         }
         let clean = !self.dirty;
-        let Some(link) = self.links[node].as_mut() else {
+        let Some(link) = self.links[node.index()].as_mut() else {
             return;
         };
         let mut reused = 0;
@@ -118,8 +119,8 @@ impl Session {
 
     /// Whether the connection to `node` must be brought up to date,
     /// statement-wise, before the request runs there.
-    pub(super) fn statements_stale(&self, node: usize, needs: &Needs) -> bool {
-        let Some(link) = &self.links[node] else {
+    pub(super) fn statements_stale(&self, node: NodeId, needs: &Needs) -> bool {
+        let Some(link) = &self.links[node.index()] else {
             return true;
         };
         let held = &link.conn.held;
@@ -150,7 +151,7 @@ impl Session {
     /// error); otherwise a failure sends it elsewhere.
     pub(super) async fn prepare_statements(
         &mut self,
-        node: usize,
+        node: NodeId,
         needs: &Needs,
         must_use: bool,
     ) -> Result<(), SessionError> {
@@ -159,7 +160,7 @@ impl Session {
         let limit = self.cfg.timeouts.reset;
         let cap = self.cfg.pool.max_prepared_statements;
         let clean = !self.dirty;
-        let Some(link) = self.links[node].as_mut() else {
+        let Some(link) = self.links[node.index()].as_mut() else {
             return Ok(());
         };
         let mut closes: Vec<Vec<u8>> = Vec::new();
@@ -287,7 +288,7 @@ impl Session {
             link.statements.extend(names);
         } else {
             // E.g. a table created on the primary has not reached this standby.
-            tracing::debug!(node, error = %errors[0].message, "statement not preparable here; using the primary");
+            tracing::debug!(%node, error = %errors[0].message, "statement not preparable here; using the primary");
             self.avoid_standby_once = true;
         }
         for name in &broken {
@@ -312,7 +313,7 @@ impl Session {
     /// its batch, as for a Parse of its own.
     pub(super) fn supply_statement(
         &mut self,
-        node: usize,
+        node: NodeId,
         name: &[u8],
     ) -> Result<Option<BytesMut>, SessionError> {
         let shape = self.state.stmts.get(name).and_then(|s| s.shape);

@@ -8,6 +8,7 @@ use super::route::{bind_statement, function_call_class, parse_fields, query_sql}
 use super::state::{SessionState, StmtSource};
 use super::{Session, SessionError};
 use crate::backend::conn::Unnamed;
+use crate::config::NodeId;
 use crate::protocol::frame::cstr;
 use crate::protocol::tag;
 use crate::router::classify::{Access, Classification, TxControl};
@@ -19,11 +20,11 @@ impl Session {
     /// mean something else (a search_path set by its role, a changed table).
     /// The record is shared, not copied, so its address identifies it (and
     /// cannot be reused while the connection still refers to it).
-    pub(super) fn recognise_unnamed(&mut self, node: usize) {
+    pub(super) fn recognise_unnamed(&mut self, node: NodeId) {
         let Some(StmtSource::Parse(own)) = self.state.stmts.get(&b""[..]).map(|s| &s.source) else {
             return;
         };
-        if let Some(l) = self.links[node].as_mut()
+        if let Some(l) = self.links[node.index()].as_mut()
             && matches!(&l.unnamed, Unnamed::Parsed(b) if b.as_ptr() == own.as_ptr() && b.len() == own.len())
         {
             l.statements.insert(Vec::new());
@@ -33,7 +34,7 @@ impl Session {
     /// Bookkeeping for a Query or FunctionCall sent to `node`.
     pub(super) fn track_simple(
         &mut self,
-        node: usize,
+        node: NodeId,
         t: u8,
         frame: &[u8],
     ) -> Result<(), SessionError> {
@@ -79,7 +80,7 @@ impl Session {
     /// ([`Session::moves_fresh_tx`]).
     fn note_fresh_begin(
         &mut self,
-        node: usize,
+        node: NodeId,
         class: &Classification,
         begin: impl FnOnce() -> bytes::Bytes,
     ) {
@@ -149,7 +150,7 @@ impl Session {
     #[inline(never)]
     pub(super) fn track_extended(
         &mut self,
-        node: usize,
+        node: NodeId,
         t: u8,
         frame: &[u8],
     ) -> Result<(), SessionError> {
@@ -323,7 +324,7 @@ impl Session {
     }
 
     /// Routing state after a statement of class `class` was sent to `node`.
-    pub(super) fn note_sent(&mut self, node: usize, class: &Classification) {
+    pub(super) fn note_sent(&mut self, node: NodeId, class: &Classification) {
         // Whatever runs now, the transaction has run more than its BEGIN.
         self.fresh_tx_begin = None;
         self.catalog_may_change(class);
@@ -373,17 +374,17 @@ impl Session {
 
     /// The client closed statement `name` (or DEALLOCATE'd it) on `node`: forget
     /// it, and close it later on the other connections that have it.
-    pub(super) fn forget_statement(&mut self, node: usize, name: &[u8]) {
+    pub(super) fn forget_statement(&mut self, node: NodeId, name: &[u8]) {
         self.state.stmts.remove(name);
         if !self.state.sql_names.is_empty() {
             self.state.sql_names.retain(|n| n != name);
         }
         if name.is_empty()
-            && let Some(l) = self.links[node].as_mut()
+            && let Some(l) = self.links[node.index()].as_mut()
         {
             l.unnamed = Unnamed::Absent;
         }
-        for (i, l) in self.links.iter_mut().enumerate() {
+        for (i, l) in NodeId::all(self.links.len()).zip(self.links.iter_mut()) {
             if let Some(l) = l
                 && l.statements.remove(name)
                 && i != node
@@ -395,13 +396,13 @@ impl Session {
     }
 
     /// DEALLOCATE ALL / DISCARD ALL ran on `node`: every statement is gone there.
-    pub(super) fn forget_all_statements(&mut self, node: usize) {
+    pub(super) fn forget_all_statements(&mut self, node: NodeId) {
         self.state.stmts.clear();
         self.state.sql_names.clear();
-        if let Some(l) = self.links[node].as_mut() {
+        if let Some(l) = self.links[node.index()].as_mut() {
             l.conn.held.clear();
         }
-        for (i, l) in self.links.iter_mut().enumerate() {
+        for (i, l) in NodeId::all(self.links.len()).zip(self.links.iter_mut()) {
             if let Some(l) = l {
                 let names = std::mem::take(&mut l.statements);
                 if i != node {

@@ -12,7 +12,7 @@
 //! their own and close otherwise ([`super::statements`]); it needs no reset.
 
 use super::Session;
-use crate::config::PoolMode;
+use crate::config::{NodeId, PoolMode};
 
 impl Session {
     /// In transaction pooling, give every server connection back if the
@@ -21,8 +21,8 @@ impl Session {
         if self.cfg.pool.mode != PoolMode::Transaction || !self.may_release() {
             return;
         }
-        for node in 0..self.links.len() {
-            if let Some(link) = self.links[node].take() {
+        for node in NodeId::all(self.links.len()) {
+            if let Some(link) = self.links[node.index()].take() {
                 self.install_link(node, None);
                 let (conn, st) = link.into_parts();
                 self.spare_link = Some(st);
@@ -56,19 +56,19 @@ impl Session {
     /// Take an idle connection to `node` given back a moment ago, if there is
     /// one (transaction pooling only; otherwise the request's I/O step opens or
     /// waits for a connection).
-    pub(super) fn adopt_recent_connection(&mut self, node: usize) {
+    pub(super) fn adopt_recent_connection(&mut self, node: NodeId) {
         if self.cfg.pool.mode != PoolMode::Transaction {
             return;
         }
         if let Some(conn) = self
             .ctx
             .pool
-            .take_recent(&self.pool_keys[node], self.clock.now())
+            .take_recent(&self.pool_keys[node.index()], self.clock.now())
         {
             // An equal key: take its copy of the parameters, which the pool
             // shares (see `PoolKey`), so later lookups compare pointers.
-            if !std::sync::Arc::ptr_eq(&self.pool_keys[node].startup, &conn.key.startup) {
-                self.pool_keys[node] = conn.key.clone();
+            if !std::sync::Arc::ptr_eq(&self.pool_keys[node.index()].startup, &conn.key.startup) {
+                self.pool_keys[node.index()] = conn.key.clone();
             }
             let spare = self.spare_link.take();
             self.install_link(node, Some(super::link::Link::new(conn, spare)));

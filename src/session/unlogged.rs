@@ -62,7 +62,7 @@ impl Session {
         let snapshot = self.ctx.cluster.snapshot();
         let primary = snapshot.primary.unwrap_or(self.active);
         let catalog = super::catalog_io::PrimaryCatalog {
-            primary: &self.cfg.backends[primary],
+            primary: &self.cfg.backends[primary.index()],
             monitor: &self.cfg.monitor,
         };
         let ttl = self.cfg.routing.unlogged_cache_ttl;

@@ -13,7 +13,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
-use pgpilot::config::Config;
+use pgpilot::config::{Config, NodeId};
 use pgpilot::context::ProxyContext;
 use pgpilot::localcluster::{ClusterSpec, LocalCluster};
 use pgpilot::server::Proxy;
@@ -258,7 +258,7 @@ pub async fn nodes_in_service(p: &Spawned) {
         Duration::from_secs(30),
         async || {
             let s = p.ctx.cluster.snapshot();
-            s.primary == Some(0) && s.nodes.iter().all(|n| n.status.is_usable())
+            s.primary == Some(NodeId::new(0)) && s.nodes.iter().all(|n| n.status.is_usable())
         },
     )
     .await;

@@ -33,7 +33,7 @@ use common::{
     show, spawn_proxy_stoppable, sqlstate, wait_for, wait_until,
 };
 use pgpilot::cluster::events::Event;
-use pgpilot::config::{Config, ConsistencyMode, FailoverMode};
+use pgpilot::config::{Config, ConsistencyMode, FailoverMode, NodeId};
 use pgpilot::localcluster::{ClusterSpec, LocalCluster};
 
 /// One destructive test at a time in this binary.
@@ -106,11 +106,11 @@ async fn all_in_service(p: &StoppableProxy, primary: usize) {
         Duration::from_secs(30),
         || {
             let s = ctx.cluster.snapshot();
-            let ok = s.primary == Some(primary)
+            let ok = s.primary == Some(NodeId::new(primary))
                 && s.nodes.iter().all(|n| n.status.is_usable())
                 && s.nodes
                     .iter()
-                    .filter(|n| n.id != primary)
+                    .filter(|n| n.id != NodeId::new(primary))
                     .all(|n| n.repl.state == "streaming");
             ok.then_some(())
         },
@@ -177,7 +177,7 @@ async fn kill_primary(c: &Arc<LocalCluster>, p: &StoppableProxy) -> Instant {
 async fn new_primary(p: &StoppableProxy, node: usize, since: Instant, limit: Duration) -> Duration {
     let ctx = p.ctx.clone();
     wait_for(&format!("node {node} as the primary"), limit, || {
-        (ctx.cluster.snapshot().primary == Some(node)).then_some(())
+        (ctx.cluster.snapshot().primary == Some(NodeId::new(node))).then_some(())
     })
     .await;
     since.elapsed()
@@ -197,10 +197,13 @@ async fn fail_primary_over(
         .expect("stop the primary");
     let ctx = p.ctx.clone();
     let new = wait_for("a new primary", Duration::from_secs(30), || {
-        ctx.cluster.snapshot().primary.filter(|&n| n != 0)
+        ctx.cluster
+            .snapshot()
+            .primary
+            .filter(|&n| n != NodeId::new(0))
     })
     .await;
-    (killed, new, killed.elapsed())
+    (killed, new.index(), killed.elapsed())
 }
 
 /// A write through pgpilot lands on `port`.

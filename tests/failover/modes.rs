@@ -62,27 +62,30 @@ async fn command_mode_runs_pgpool_scripts_with_placeholders_expanded() {
     let killed = kill_primary(&cluster, &p).await;
     let ctx = p.ctx.clone();
     let new = wait_for("a new primary", Duration::from_secs(30), || {
-        ctx.cluster.snapshot().primary.filter(|&n| n != 0)
+        ctx.cluster
+            .snapshot()
+            .primary
+            .filter(|&n| n != NodeId::new(0))
     })
     .await;
     eprintln!(
         "command mode: node {new} primary {:?} after the kill",
         killed.elapsed()
     );
-    assert_eq!(new, 2, "node 1 has no_failover = true");
+    assert_eq!(new, NodeId::new(2), "node 1 has no_failover = true");
     let n = |i: usize| &cluster.nodes[i];
     let args = std::fs::read_to_string(dir.path().join("failover.args")).unwrap();
     let want = format!(
         "0 127.0.0.1 {} {} {new} 127.0.0.1 0 0 {} {} 127.0.0.1 {} %",
         n(0).port,
         n(0).data_dir.display(),
-        n(new).port,
-        n(new).data_dir.display(),
+        n(new.index()).port,
+        n(new.index()).data_dir.display(),
         n(0).port
     );
     assert_eq!(args.trim(), want);
     // The remaining standby was re-pointed by follow_primary_command.
-    let other = 3 - new;
+    let other = 3 - new.index();
     wait_for(
         "follow_primary_command to finish",
         Duration::from_secs(30),
@@ -97,11 +100,11 @@ async fn command_mode_runs_pgpool_scripts_with_placeholders_expanded() {
         "{other} 127.0.0.1 {} {} {new} 127.0.0.1 0 0 {} {}",
         n(other).port,
         n(other).data_dir.display(),
-        n(new).port,
-        n(new).data_dir.display()
+        n(new.index()).port,
+        n(new.index()).data_dir.display()
     );
     assert_eq!(follow.trim(), want);
-    write_lands_on(&p, n(new).port, "via-command").await;
+    write_lands_on(&p, n(new.index()).port, "via-command").await;
     replicated_to(&cluster, other, "via-command").await;
 }
 
@@ -203,7 +206,10 @@ async fn none_mode_waits_for_an_outside_promotion_and_clients_wait_too() {
         assert!(waited > Duration::from_secs(2), "{what} waited {waited:?}");
     }
     let last = ctx.cluster.failover_report().last.unwrap();
-    assert_eq!((last.old_primary, last.target), (Some(0), Some(1)));
+    assert_eq!(
+        (last.old_primary, last.target),
+        (Some(NodeId::new(0)), Some(NodeId::new(1)))
+    );
     // The admin who logged in without a server writes on the new primary.
     let (_, rows) = show(
         &late_admin,

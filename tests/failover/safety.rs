@@ -53,7 +53,7 @@ async fn nothing_a_client_does_fails_over_a_healthy_primary() {
     assert_eq!(r.counts.get(Event::FailoverStarted), 0, "{r:?}");
     assert!(r.current.is_none() && r.blocked.is_none());
     let s = p.ctx.cluster.snapshot();
-    assert_eq!(s.primary, Some(0));
+    assert_eq!(s.primary, Some(NodeId::new(0)));
     assert!(s.nodes.iter().all(|n| n.status.is_usable()));
     let c = connect(p.addr, "").await;
     let (_, rows) = show(&c, &format!("{primary} SELECT inet_server_port()")).await;
@@ -130,5 +130,5 @@ async fn a_lagging_candidate_is_refused_until_an_operator_promotes_it() {
     write_lands_on(&p, cluster.nodes[1].port, "after-forced").await;
     let r = ctx.cluster.failover_report();
     assert!(r.counts.get(Event::CandidateRefused) >= 1);
-    assert_eq!(r.last.unwrap().target, Some(1));
+    assert_eq!(r.last.unwrap().target, Some(NodeId::new(1)));
 }

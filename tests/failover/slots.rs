@@ -267,5 +267,5 @@ async fn a_standby_down_during_a_failover_follows_the_new_primary_when_it_return
         },
     )
     .await;
-    assert_eq!(ctx.cluster.snapshot().primary, Some(1));
+    assert_eq!(ctx.cluster.snapshot().primary, Some(NodeId::new(1)));
 }

@@ -103,7 +103,7 @@ async fn killing_the_primary_under_write_load_promotes_the_most_advanced_standby
     // complete; ties go to the lower id) was promoted; the other follows.
     let other = 3 - new;
     let s = p.ctx.cluster.snapshot();
-    assert_eq!(s.primary, Some(new));
+    assert_eq!(s.primary, Some(NodeId::new(new)));
     let c = connect(p.addr, "").await;
     c.simple_query("INSERT INTO t VALUES ('after-failover')")
         .await

@@ -209,32 +209,55 @@ async fn expired_and_nologin_roles_are_refused_as_postgresql_does() {
 }
 
 #[tokio::test]
-async fn a_changed_password_is_used_after_the_cache_time_or_a_reload() {
+async fn a_changed_password_is_used_after_the_cache_time_or_on_sighup() {
+    use tokio::signal::unix::{SignalKind, signal};
+    // Handle SIGHUP in this process before sending any: its default kills.
+    let _hup = signal(SignalKind::hangup()).unwrap();
     let h = harness();
+    lookup_function(h);
     on_every_node(h, "CREATE ROLE aq_change LOGIN PASSWORD 'one'", "aq_change").await;
-    let cfg = config(h, Duration::from_secs(3600), Duration::from_secs(5));
-    let long = spawn_proxy_full(cfg.clone());
-    let short = spawn_proxy_full(config(h, Duration::from_secs(1), Duration::from_secs(1)));
-    for p in [&long, &short] {
-        login(p.addr, "aq_change", "one", "postgres")
+    // A pgpilot reading its file, with an hour's cache, reloaded by SIGHUP.
+    let base = h.config();
+    let dir = tempfile::tempdir().unwrap();
+    let mut toml = String::from("listen = \"127.0.0.1:0\"\n");
+    for b in &base.backends {
+        toml.push_str(&format!(
+            "[[backends]]\nhost = \"{}\"\nport = {}\n",
+            b.host, b.port
+        ));
+    }
+    toml.push_str(&format!(
+        "[monitor]\nuser = \"{}\"\n[metrics]\nlisten = \"\"\n\
+         [auth_query]\nenabled = true\ncache = \"1h\"\n",
+        base.monitor.user
+    ));
+    let conf = dir.path().join("pgpilot.toml");
+    std::fs::write(&conf, toml).unwrap();
+    let long = super::hba::spawn_reloading(conf);
+    let short = spawn_proxy_full(config(h, Duration::from_secs(1), Duration::from_secs(1))).addr;
+    for addr in [long, short] {
+        login(addr, "aq_change", "one", "postgres")
             .await
             .expect("first password");
     }
     on_every_node(h, "ALTER ROLE aq_change PASSWORD 'two'", "aq_change").await;
     // The long cache still checks the old verifier; the new password fails.
-    let (code, _) = refused(login(long.addr, "aq_change", "two", "postgres").await);
+    let (code, _) = refused(login(long, "aq_change", "two", "postgres").await);
     assert_eq!(code, "28P01");
     // The short one looks again once its answer is a second old.
     tokio::time::sleep(Duration::from_millis(1100)).await;
-    login(short.addr, "aq_change", "two", DB)
+    login(short, "aq_change", "two", DB)
         .await
         .expect("new password after the cache time");
-    // A reload (what SIGHUP does) forgets every answer.
-    long.ctx.reload(cfg);
-    login(long.addr, "aq_change", "two", DB)
-        .await
-        .expect("new password after a reload");
-    let (code, _) = refused(login(long.addr, "aq_change", "one", DB).await);
+    // SIGHUP reloads the file, which forgets every answer.
+    super::hba::sighup();
+    wait_until(
+        "the new password after SIGHUP",
+        Duration::from_secs(30),
+        async || login(long, "aq_change", "two", DB).await.is_ok(),
+    )
+    .await;
+    let (code, _) = refused(login(long, "aq_change", "one", DB).await);
     assert_eq!(code, "28P01");
 }
 
@@ -305,12 +328,12 @@ async fn lookups_are_shared_and_failures_are_not_wrong_passwords() {
     for r in futures_util::future::join_all(logins).await {
         r.expect("concurrent logins of one role");
     }
-    assert_eq!(p.ctx.auth_lookup.queries_sent(), 1);
+    assert_eq!(p.ctx.auth_lookups_sent(), 1);
     let unknown = (0..40).map(|i| login(p.addr, format!("aq_ghost{}", i % 10).leak(), "pw", DB));
     for r in futures_util::future::join_all(unknown).await {
         assert_eq!(refused(r).0, "28P01");
     }
-    assert_eq!(p.ctx.auth_lookup.queries_sent(), 11);
+    assert_eq!(p.ctx.auth_lookups_sent(), 11);
     let connections = h.psql(
         0,
         &format!(

@@ -20,6 +20,7 @@ use common::{
     sqlstate, superusers, try_connect, wait_until,
 };
 use futures_util::{SinkExt, StreamExt, TryStreamExt};
+use pgpilot::config::NodeId;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -433,7 +434,7 @@ async fn pool_exhaustion_gives_53300_after_the_wait() {
             let pool = &p.ctx.pool;
             p.ctx.sessions.len() == 1
                 && (0..pool.nodes()).all(|n| {
-                    let st = pool.stats(n);
+                    let st = pool.stats(NodeId::new(n));
                     st.open - st.idle <= 1
                 })
         },

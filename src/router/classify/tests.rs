@@ -1,5 +1,5 @@
 //! Tests of the classifier, one per rule (the randomised robustness test is
-//! in `classify_fuzz_tests.rs`).
+//! in `fuzz_tests.rs`).
 
 use super::*;
 use crate::router::relations::RelationName;

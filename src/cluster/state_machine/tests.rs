@@ -1,4 +1,4 @@
-//! Unit tests of the cluster state machine (`state.rs`).
+//! Unit tests of the cluster state machine (`state_machine/mod.rs`).
 
 use std::time::{Duration, Instant, SystemTime};
 
@@ -76,9 +76,9 @@ fn failed() -> Round {
 fn started() -> Owner {
     let mut o = Owner::new(ClusterSnapshot::initial(&backends(3)));
     let now = SystemTime::now();
-    o.round_finished(0, ok(false), now, adm(3));
-    o.round_finished(1, ok(true), now, adm(3));
-    o.round_finished(2, ok(true), now, adm(3));
+    o.round_finished(NodeId::new(0), ok(false), now, adm(3));
+    o.round_finished(NodeId::new(1), ok(true), now, adm(3));
+    o.round_finished(NodeId::new(2), ok(true), now, adm(3));
     o
 }
 
@@ -123,7 +123,7 @@ fn weights(o: &Owner) -> Vec<f64> {
 #[test]
 fn startup_admits_primary_and_standbys_as_waiting() {
     let mut o = started();
-    assert_eq!(o.snap.primary, Some(0));
+    assert_eq!(o.snap.primary, Some(NodeId::new(0)));
     assert!(o.snap.has_primary());
     for n in &o.snap.nodes {
         assert_eq!(n.status, NodeStatus::Waiting);
@@ -131,7 +131,7 @@ fn startup_admits_primary_and_standbys_as_waiting() {
     }
     assert_eq!(o.snap.nodes[1].role, Role::Standby);
     assert_eq!(weights(&o), vec![1.0, 1.0, 1.0]);
-    o.backend_connected(0);
+    o.backend_connected(NodeId::new(0));
     assert_eq!(o.snap.nodes[0].status, NodeStatus::Up);
     assert_eq!(o.health_stats()[0].success_count, 1);
 }
@@ -139,22 +139,22 @@ fn startup_admits_primary_and_standbys_as_waiting() {
 #[test]
 fn failed_attempts_are_not_a_verdict_only_a_failed_round_is() {
     let mut o = started();
-    o.attempt_failed(1, "connection refused");
+    o.attempt_failed(NodeId::new(1), "connection refused");
     assert_eq!(o.snap.nodes[1].pg_status, PgStatus::Down);
     assert_eq!(o.snap.nodes[1].status, NodeStatus::Waiting);
     assert_eq!(weights(&o), vec![1.0, 1.0, 1.0]);
     // The retry succeeds: nothing happened.
-    o.round_finished(1, ok(true), SystemTime::now(), adm(3));
+    o.round_finished(NodeId::new(1), ok(true), SystemTime::now(), adm(3));
     assert_eq!(o.snap.nodes[1].status, NodeStatus::Waiting);
     assert_eq!(o.snap.nodes[1].last_error, None);
     // Every retry fails: down.
-    o.round_finished(1, failed(), SystemTime::now(), adm(3));
+    o.round_finished(NodeId::new(1), failed(), SystemTime::now(), adm(3));
     assert_eq!(o.snap.nodes[1].status, NodeStatus::Down);
     assert_eq!(weights(&o), vec![1.0, 0.0, 1.0]);
     assert_eq!(o.health_stats()[1].fail_count, 1);
     assert_eq!(o.health_stats()[1].retry_count, 2);
     // A failed primary leaves no primary.
-    o.round_finished(0, failed(), SystemTime::now(), adm(3));
+    o.round_finished(NodeId::new(0), failed(), SystemTime::now(), adm(3));
     assert_eq!(o.snap.primary, None);
     assert!(!o.snap.has_primary());
 }
@@ -162,8 +162,8 @@ fn failed_attempts_are_not_a_verdict_only_a_failed_round_is() {
 #[test]
 fn returning_standby_needs_streaming_evidence_newer_than_its_recovery() {
     let mut o = started();
-    o.round_finished(2, failed(), SystemTime::now(), adm(3));
-    o.round_finished(2, ok(true), SystemTime::now(), adm(3));
+    o.round_finished(NodeId::new(2), failed(), SystemTime::now(), adm(3));
+    o.round_finished(NodeId::new(2), ok(true), SystemTime::now(), adm(3));
     assert_eq!(o.snap.nodes[2].status, NodeStatus::Down);
     assert!(o.snap.nodes[2].held_out.is_some());
     assert_eq!(o.snap.nodes[2].effective_weight, 0.0);
@@ -203,8 +203,8 @@ fn auto_failback_off_keeps_a_returning_standby_down_and_sr_off_admits_at_once() 
     let mut off = adm(3);
     off.auto_failback = false;
     let mut o = started();
-    o.round_finished(1, failed(), SystemTime::now(), off.clone());
-    o.round_finished(1, ok(true), SystemTime::now(), off.clone());
+    o.round_finished(NodeId::new(1), failed(), SystemTime::now(), off.clone());
+    o.round_finished(NodeId::new(1), ok(true), SystemTime::now(), off.clone());
     assert_eq!(o.snap.nodes[1].status, NodeStatus::Down);
     assert!(
         o.snap.nodes[1]
@@ -217,8 +217,8 @@ fn auto_failback_off_keeps_a_returning_standby_down_and_sr_off_admits_at_once() 
     let mut no_sr = adm(3);
     no_sr.sr_enabled = false;
     let mut o = started();
-    o.round_finished(1, failed(), SystemTime::now(), no_sr.clone());
-    o.round_finished(1, ok(true), SystemTime::now(), no_sr);
+    o.round_finished(NodeId::new(1), failed(), SystemTime::now(), no_sr.clone());
+    o.round_finished(NodeId::new(1), ok(true), SystemTime::now(), no_sr);
     assert_eq!(o.snap.nodes[1].status, NodeStatus::Waiting);
 }
 
@@ -226,8 +226,8 @@ fn auto_failback_off_keeps_a_returning_standby_down_and_sr_off_admits_at_once() 
 fn a_second_primary_is_never_admitted() {
     let mut o = started();
     // Standby 2 is promoted behind pgpilot's back.
-    o.round_finished(2, ok(false), SystemTime::now(), adm(3));
-    assert_eq!(o.snap.primary, Some(0));
+    o.round_finished(NodeId::new(2), ok(false), SystemTime::now(), adm(3));
+    assert_eq!(o.snap.primary, Some(NodeId::new(0)));
     assert_eq!(o.snap.nodes[2].status, NodeStatus::Down);
     assert!(
         o.snap.nodes[2]
@@ -238,35 +238,38 @@ fn a_second_primary_is_never_admitted() {
     );
     assert_eq!(o.snap.nodes[2].effective_weight, 0.0);
     // Even when the real primary goes away, the false one stays out.
-    o.round_finished(0, failed(), SystemTime::now(), adm(3));
-    o.round_finished(2, ok(false), SystemTime::now(), adm(3));
+    o.round_finished(NodeId::new(0), failed(), SystemTime::now(), adm(3));
+    o.round_finished(NodeId::new(2), ok(false), SystemTime::now(), adm(3));
     assert_eq!(o.snap.primary, None);
     assert_eq!(o.snap.nodes[2].status, NodeStatus::Down);
     // The old primary comes back: it is the primary again.
-    o.round_finished(0, ok(false), SystemTime::now(), adm(3));
-    assert_eq!(o.snap.primary, Some(0));
+    o.round_finished(NodeId::new(0), ok(false), SystemTime::now(), adm(3));
+    assert_eq!(o.snap.primary, Some(NodeId::new(0)));
     assert_eq!(o.snap.nodes[0].status, NodeStatus::Waiting);
 }
 
 #[test]
 fn promoted_standby_becomes_primary_only_when_the_failover_publishes_it() {
     let mut o = started();
-    o.round_finished(0, failed(), SystemTime::now(), adm(3));
+    o.round_finished(NodeId::new(0), failed(), SystemTime::now(), adm(3));
     let t = o
         .transition_due(Duration::from_secs(1))
         .expect("a failover started");
-    assert_eq!((t.old_primary, t.phase), (Some(0), Phase::Detected));
+    assert_eq!(
+        (t.old_primary, t.phase),
+        (Some(NodeId::new(0)), Phase::Detected)
+    );
     assert!(o.in_transition());
     // A node claiming primary is not published behind the coordinator's back.
-    o.round_finished(1, ok(false), SystemTime::now(), adm(3));
+    o.round_finished(NodeId::new(1), ok(false), SystemTime::now(), adm(3));
     assert_eq!(o.snap.primary, None);
-    o.promotion_started(t.id, 1).unwrap();
-    o.finish(t.id, 1, &adm(3)).unwrap();
-    assert_eq!(o.snap.primary, Some(1));
+    o.promotion_started(t.id, NodeId::new(1)).unwrap();
+    o.finish(t.id, NodeId::new(1), &adm(3)).unwrap();
+    assert_eq!(o.snap.primary, Some(NodeId::new(1)));
     assert!(!o.in_transition());
     // The old primary returning as a primary is fenced: a false primary.
-    o.round_finished(0, ok(false), SystemTime::now(), adm(3));
-    assert_eq!(o.snap.primary, Some(1));
+    o.round_finished(NodeId::new(0), ok(false), SystemTime::now(), adm(3));
+    assert_eq!(o.snap.primary, Some(NodeId::new(1)));
     assert_eq!(o.snap.nodes[0].status, NodeStatus::Down);
     let why = o.snap.nodes[0].held_out.clone().unwrap();
     assert!(
@@ -369,7 +372,7 @@ fn timeline_and_role_mismatches_are_recorded() {
         ],
     );
     let recheck = o.apply_replication(&r, adm(3), SystemTime::now());
-    assert_eq!(recheck, vec![1]);
+    assert_eq!(recheck, vec![NodeId::new(1)]);
     assert!(
         o.snap.nodes[1]
             .repl
@@ -434,14 +437,14 @@ fn application_name_is_detected_when_not_configured() {
 fn history_finds_when_the_primary_passed_an_lsn() {
     let mut h = LsnHistory::default();
     let t = Instant::now();
-    h.push(0, t, 10);
-    h.push(0, t + Duration::from_secs(1), 10);
-    h.push(0, t + Duration::from_secs(2), 20);
+    h.push(NodeId::new(0), t, 10);
+    h.push(NodeId::new(0), t + Duration::from_secs(1), 10);
+    h.push(NodeId::new(0), t + Duration::from_secs(2), 20);
     assert_eq!(h.behind_since(5), Some(t));
     assert_eq!(h.behind_since(10), Some(t + Duration::from_secs(2)));
     assert_eq!(h.behind_since(20), None);
     // A new primary starts a new history.
-    h.push(1, t + Duration::from_secs(3), 5);
+    h.push(NodeId::new(1), t + Duration::from_secs(3), 5);
     assert_eq!(h.samples.len(), 1);
 }
 
@@ -453,34 +456,34 @@ fn a_primary_that_answers_with_errors_is_not_failed_over() {
         "FATAL 53300: sorry, too many clients already",
         true,
     ));
-    o.round_finished(0, r, SystemTime::now(), adm(3));
+    o.round_finished(NodeId::new(0), r, SystemTime::now(), adm(3));
     assert_eq!(o.snap.primary, None);
     assert!(!o.in_transition());
     assert!(o.report().blocked.unwrap().contains("not failed over"));
     // Back to normal: it is the primary again, nothing was promoted.
-    o.round_finished(0, ok(false), SystemTime::now(), adm(3));
-    assert_eq!(o.snap.primary, Some(0));
+    o.round_finished(NodeId::new(0), ok(false), SystemTime::now(), adm(3));
+    assert_eq!(o.snap.primary, Some(NodeId::new(0)));
     assert!(o.report().blocked.is_none());
 }
 
 #[test]
 fn the_old_primary_back_before_promotion_cancels_the_failover() {
     let mut o = started();
-    o.primary_unreachable(0, "connection refused".into(), &adm(3));
+    o.primary_unreachable(NodeId::new(0), "connection refused".into(), &adm(3));
     let t = o.transition_due(Duration::from_secs(1)).unwrap();
     o.set_phase(t.id, Phase::Waiting, "refused: lag".into())
         .unwrap();
-    o.round_finished(0, ok(false), SystemTime::now(), adm(3));
-    assert_eq!(o.snap.primary, Some(0));
+    o.round_finished(NodeId::new(0), ok(false), SystemTime::now(), adm(3));
+    assert_eq!(o.snap.primary, Some(NodeId::new(0)));
     assert!(!o.in_transition());
     let last = o.report().last.unwrap();
     assert_eq!(last.phase, Phase::Failed);
     assert!(last.detail.contains("cancelled"));
     // A step of the cancelled failover changes nothing.
     let gone = Err(StepError::Superseded { id: t.id });
-    assert_eq!(o.promotion_started(t.id, 1), gone);
-    assert_eq!(o.finish(t.id, 1, &adm(3)), gone);
-    assert_eq!(o.snap.primary, Some(0));
+    assert_eq!(o.promotion_started(t.id, NodeId::new(1)), gone);
+    assert_eq!(o.finish(t.id, NodeId::new(1), &adm(3)), gone);
+    assert_eq!(o.snap.primary, Some(NodeId::new(0)));
     assert!(o.books[0].hold.is_none());
 }
 
@@ -488,37 +491,40 @@ fn the_old_primary_back_before_promotion_cancels_the_failover() {
 fn a_forced_candidate_is_tried_at_once_then_waits_like_any_attempt() {
     let retry = Duration::from_secs(1);
     let mut o = started();
-    o.primary_unreachable(0, "connection refused".into(), &adm(3));
+    o.primary_unreachable(NodeId::new(0), "connection refused".into(), &adm(3));
     let t = o.transition_due(retry).unwrap();
     o.candidate_refused(t.id, None, "refused: lag".into())
         .unwrap();
     assert!(o.transition_due(retry).is_none());
     // PROMOTE NODE 1: due at once.
-    o.force_candidate(1).unwrap();
+    o.force_candidate(NodeId::new(1)).unwrap();
     let t = o.transition_due(retry).unwrap();
-    assert_eq!(t.forced, Some(1));
+    assert_eq!(t.forced, Some(NodeId::new(1)));
     // Node 1 refuses: the next attempt waits the retry time (no busy loop),
     // still for node 1.
-    o.candidate_refused(t.id, Some(1), "connection refused".into())
+    o.candidate_refused(t.id, Some(NodeId::new(1)), "connection refused".into())
         .unwrap();
     assert!(o.transition_due(retry).is_none());
-    assert_eq!(o.report().current.unwrap().forced, Some(1));
+    assert_eq!(o.report().current.unwrap().forced, Some(NodeId::new(1)));
     assert!(o.transition_due(Duration::ZERO).is_some());
     // Forced again while an attempt for node 1 runs: node 2 is due at once.
-    o.force_candidate(2).unwrap();
-    o.candidate_refused(t.id, Some(1), "connection refused".into())
+    o.force_candidate(NodeId::new(2)).unwrap();
+    o.candidate_refused(t.id, Some(NodeId::new(1)), "connection refused".into())
         .unwrap();
-    assert_eq!(o.transition_due(retry).unwrap().forced, Some(2));
+    assert_eq!(
+        o.transition_due(retry).unwrap().forced,
+        Some(NodeId::new(2))
+    );
 }
 
 #[test]
 fn an_old_primary_that_answers_at_the_last_look_cancels_the_failover() {
     let mut o = started();
-    o.primary_unreachable(0, "connection refused".into(), &adm(3));
+    o.primary_unreachable(NodeId::new(0), "connection refused".into(), &adm(3));
     let t = o.transition_due(Duration::from_secs(1)).unwrap();
     o.primary_answers(
         t.id,
-        0,
+        NodeId::new(0),
         "FATAL 53300: sorry, too many clients already".into(),
         &adm(3),
     )
@@ -530,59 +536,69 @@ fn an_old_primary_that_answers_at_the_last_look_cancels_the_failover() {
     assert!(last.detail.contains("cancelled"), "{}", last.detail);
     assert!(o.report().blocked.unwrap().contains("not failed over"));
     assert_eq!(
-        o.promotion_started(t.id, 1),
+        o.promotion_started(t.id, NodeId::new(1)),
         Err(StepError::Superseded { id: t.id })
     );
     // Answers normally again: the primary, nothing was promoted.
-    o.round_finished(0, ok(false), SystemTime::now(), adm(3));
-    assert_eq!(o.snap.primary, Some(0));
+    o.round_finished(NodeId::new(0), ok(false), SystemTime::now(), adm(3));
+    assert_eq!(o.snap.primary, Some(NodeId::new(0)));
     // Unreachable later: failed over after all.
-    o.round_finished(0, failed(), SystemTime::now(), adm(3));
+    o.round_finished(NodeId::new(0), failed(), SystemTime::now(), adm(3));
     assert!(o.in_transition());
 }
 
 #[test]
 fn after_promotion_the_old_primary_cannot_come_back_by_itself() {
     let mut o = started();
-    o.primary_unreachable(0, "connection refused".into(), &adm(3));
+    o.primary_unreachable(NodeId::new(0), "connection refused".into(), &adm(3));
     let t = o.transition_due(Duration::from_secs(1)).unwrap();
-    o.promotion_started(t.id, 1).unwrap();
+    o.promotion_started(t.id, NodeId::new(1)).unwrap();
     // It answers again while the search runs: fenced, never published.
-    o.round_finished(0, ok(false), SystemTime::now(), adm(3));
+    o.round_finished(NodeId::new(0), ok(false), SystemTime::now(), adm(3));
     assert_eq!(o.snap.primary, None);
     assert_eq!(o.snap.nodes[0].status, NodeStatus::Down);
-    o.finish(t.id, 1, &adm(3)).unwrap();
-    assert_eq!(o.snap.primary, Some(1));
+    o.finish(t.id, NodeId::new(1), &adm(3)).unwrap();
+    assert_eq!(o.snap.primary, Some(NodeId::new(1)));
     // Rebuilt as a standby: still held until an operator attaches it.
-    o.round_finished(0, ok(true), SystemTime::now(), adm(3));
+    o.round_finished(NodeId::new(0), ok(true), SystemTime::now(), adm(3));
     assert_eq!(o.snap.nodes[0].status, NodeStatus::Down);
-    let e = o.finish(t.id, 0, &adm(3)).unwrap_err();
-    assert_eq!(e, StepError::Held { node: 0 });
-    let msg = o.attach(0, &adm(3)).unwrap();
+    let e = o.finish(t.id, NodeId::new(0), &adm(3)).unwrap_err();
+    assert_eq!(
+        e,
+        StepError::Held {
+            node: NodeId::new(0)
+        }
+    );
+    let msg = o.attach(NodeId::new(0), &adm(3)).unwrap();
     assert!(msg.contains("in service"), "{msg}");
     assert!(o.snap.nodes[0].status.is_usable());
-    assert_eq!(o.snap.primary, Some(1));
+    assert_eq!(o.snap.primary, Some(NodeId::new(1)));
 }
 
 #[test]
 fn attach_refuses_a_second_primary_and_detach_refuses_the_primary() {
     let mut o = started();
-    o.round_finished(2, ok(false), SystemTime::now(), adm(3));
-    let e = o.attach(2, &adm(3)).unwrap_err();
+    o.round_finished(NodeId::new(2), ok(false), SystemTime::now(), adm(3));
+    let e = o.attach(NodeId::new(2), &adm(3)).unwrap_err();
     assert_eq!(
         e,
         CommandError::SecondPrimary {
-            node: 2,
-            primary: 0
+            node: NodeId::new(2),
+            primary: NodeId::new(0)
         }
     );
     assert!(e.to_string().contains("rebuild it as a standby"), "{e}");
-    let e = o.detach(0, &adm(3)).unwrap_err();
-    assert_eq!(e, CommandError::DetachPrimary { node: 0 });
+    let e = o.detach(NodeId::new(0), &adm(3)).unwrap_err();
+    assert_eq!(
+        e,
+        CommandError::DetachPrimary {
+            node: NodeId::new(0)
+        }
+    );
     assert!(e.to_string().contains("PROMOTE NODE"), "{e}");
     // Detach a standby: no traffic, reason shown; attach brings it back.
     let mut o = started();
-    o.detach(1, &adm(3)).unwrap();
+    o.detach(NodeId::new(1), &adm(3)).unwrap();
     assert_eq!(o.snap.nodes[1].status, NodeStatus::Down);
     assert_eq!(o.snap.nodes[1].effective_weight, 0.0);
     assert!(
@@ -592,9 +608,9 @@ fn attach_refuses_a_second_primary_and_detach_refuses_the_primary() {
             .unwrap()
             .contains("detached")
     );
-    o.round_finished(1, ok(true), SystemTime::now(), adm(3));
+    o.round_finished(NodeId::new(1), ok(true), SystemTime::now(), adm(3));
     assert_eq!(o.snap.nodes[1].status, NodeStatus::Down, "stays detached");
-    o.attach(1, &adm(3)).unwrap();
+    o.attach(NodeId::new(1), &adm(3)).unwrap();
     assert_eq!(o.snap.nodes[1].status, NodeStatus::Waiting);
     let c = o.report().counts;
     assert_eq!((c.get(Event::Detach), c.get(Event::Attach)), (1, 1));
@@ -603,16 +619,16 @@ fn attach_refuses_a_second_primary_and_detach_refuses_the_primary() {
 #[test]
 fn stale_health_rounds_do_not_undo_a_role_seen_directly() {
     let mut o = started();
-    o.primary_unreachable(0, "refused".into(), &adm(3));
+    o.primary_unreachable(NodeId::new(0), "refused".into(), &adm(3));
     let t = o.transition_due(Duration::from_secs(1)).unwrap();
     let mut stale = ok(true);
     stale.started = Instant::now();
-    o.promotion_started(t.id, 1).unwrap();
-    o.observe_role(1, false);
-    o.finish(t.id, 1, &adm(3)).unwrap();
+    o.promotion_started(t.id, NodeId::new(1)).unwrap();
+    o.observe_role(NodeId::new(1), false);
+    o.finish(t.id, NodeId::new(1), &adm(3)).unwrap();
     // A round that started before the promotion was seen reports "standby".
-    o.round_finished(1, stale, SystemTime::now(), adm(3));
-    assert_eq!(o.snap.primary, Some(1));
+    o.round_finished(NodeId::new(1), stale, SystemTime::now(), adm(3));
+    assert_eq!(o.snap.primary, Some(NodeId::new(1)));
     assert_eq!(o.snap.nodes[1].role, Role::Primary);
     assert!(!o.in_transition());
 }
@@ -620,11 +636,11 @@ fn stale_health_rounds_do_not_undo_a_role_seen_directly() {
 #[test]
 fn a_switchover_holds_writes_and_an_abort_restores_the_primary() {
     let mut o = started();
-    let (id, old) = o.begin_switchover(1, &adm(3)).unwrap();
-    assert_eq!(old, 0);
+    let (id, old) = o.begin_switchover(NodeId::new(1), &adm(3)).unwrap();
+    assert_eq!(old, NodeId::new(0));
     assert_eq!(o.snap.primary, None);
     assert_eq!(
-        o.begin_switchover(2, &adm(3)),
+        o.begin_switchover(NodeId::new(2), &adm(3)),
         Err(CommandError::Busy {
             kind: TransitionKind::Switchover
         })
@@ -633,16 +649,16 @@ fn a_switchover_holds_writes_and_an_abort_restores_the_primary() {
     assert!(o.transition_due(Duration::ZERO).is_none());
     o.fail(id, "target did not catch up".into(), &adm(3))
         .unwrap();
-    assert_eq!(o.snap.primary, Some(0));
+    assert_eq!(o.snap.primary, Some(NodeId::new(0)));
     assert_eq!(o.report().counts.get(Event::SwitchoverFailed), 1);
 }
 
 #[test]
 fn a_standby_that_cannot_follow_is_held_until_it_streams() {
     let mut o = started();
-    o.cannot_follow(2, "cannot follow node 0: diverged".into());
+    o.cannot_follow(NodeId::new(2), "cannot follow node 0: diverged".into());
     assert_eq!(o.snap.nodes[2].status, NodeStatus::Down);
-    o.round_finished(2, ok(true), SystemTime::now(), adm(3));
+    o.round_finished(NodeId::new(2), ok(true), SystemTime::now(), adm(3));
     assert_eq!(o.snap.nodes[2].status, NodeStatus::Down);
     let t = Instant::now() + Duration::from_millis(5);
     let r = round(

@@ -23,7 +23,7 @@
 //!   standby that could not follow a new primary) gets no traffic and is
 //!   never chosen as primary; `ATTACH NODE` lifts the hold.
 //! * While a failover or switchover is in progress no primary is published;
-//!   losing the chosen primary starts a failover (see `state/transition.rs`,
+//!   losing the chosen primary starts a failover (see `state_machine/transition.rs`,
 //!   which also holds the reasoning why writes never reach two primaries).
 
 use std::collections::VecDeque;
@@ -33,7 +33,7 @@ use super::events::{EventCounts, TransitionStatus};
 use super::health::{HealthStats, Round};
 use super::replication::{NodeCheck, SrRound};
 use super::{ClusterSnapshot, LagPolicy, NodeStatus, PgStatus, ReplicationView, Role};
-use crate::config::Config;
+use crate::config::{Config, NodeId};
 
 mod transition;
 
@@ -45,28 +45,28 @@ const HISTORY_CAP: usize = 4096;
 #[derive(Debug, Clone, PartialEq)]
 pub(super) struct NodeSettings {
     /// `backends[].weight`: base of the effective weight.
-    pub weight: f64,
+    pub(crate) weight: f64,
     /// `backends[].host`: matched against a standby's WAL sender host, the
     /// fallback evidence that it streams from the primary.
-    pub host: String,
+    pub(crate) host: String,
     /// `backends[].port`: likewise.
-    pub port: u16,
+    pub(crate) port: u16,
     /// `backends[].application_name`: finds the standby's row in the primary's
     /// `pg_stat_replication` (detected from the standby when empty).
-    pub application_name: String,
+    pub(crate) application_name: String,
 }
 
 /// The configuration the state machine needs, taken from `Config` per update.
 #[derive(Debug, Clone, PartialEq)]
 pub(super) struct Admission {
     /// `health_check.auto_failback`.
-    pub auto_failback: bool,
+    pub(crate) auto_failback: bool,
     /// `sr_check.period > 0`: auto_failback then waits for streaming evidence.
-    pub sr_enabled: bool,
+    pub(crate) sr_enabled: bool,
     /// The lag curve.
-    pub policy: LagPolicy,
+    pub(crate) policy: LagPolicy,
     /// Per node.
-    pub nodes: Vec<NodeSettings>,
+    pub(crate) nodes: Vec<NodeSettings>,
 }
 
 impl From<&Config> for Admission {
@@ -136,22 +136,22 @@ pub(crate) enum HoldKind {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) struct Hold {
     /// What kind of hold.
-    pub kind: HoldKind,
+    pub(crate) kind: HoldKind,
     /// Shown in `SHOW PGPILOT_NODES` (`held_out`).
-    pub reason: String,
+    pub(crate) reason: String,
 }
 
 /// The chosen primary's LSN over time: when did it first pass a given LSN?
 #[derive(Debug, Default)]
 struct LsnHistory {
     /// The primary the samples belong to (cleared when it changes).
-    primary: Option<usize>,
+    primary: Option<NodeId>,
     /// (when first seen, LSN), both increasing.
     samples: VecDeque<(Instant, u64)>,
 }
 
 impl LsnHistory {
-    fn push(&mut self, primary: usize, at: Instant, lsn: u64) {
+    fn push(&mut self, primary: NodeId, at: Instant, lsn: u64) {
         let went_back = self.samples.back().is_some_and(|&(_, l)| lsn < l);
         if self.primary != Some(primary) || went_back {
             self.samples.clear();
@@ -195,7 +195,7 @@ pub(super) struct Owner {
     last_transition: Option<TransitionStatus>,
     /// The most recently chosen primary, kept after it is lost until a
     /// failover settles what replaces it: losing it is what starts one.
-    last_primary: Option<usize>,
+    last_primary: Option<NodeId>,
     /// Why the lost primary is not failed over (it answers: alive).
     blocked: Option<String>,
     /// Failover event counters.
@@ -204,12 +204,12 @@ pub(super) struct Owner {
     next_id: u64,
     /// The latest `pg_current_wal_lsn()` of the chosen primary, kept after
     /// it is lost: `failover.max_lag_bytes` measures candidates against it.
-    last_primary_lsn: Option<(usize, u64)>,
+    last_primary_lsn: Option<(NodeId, u64)>,
 }
 
 impl Owner {
     /// State for a fresh snapshot (every node unknown).
-    pub fn new(snap: ClusterSnapshot) -> Owner {
+    pub(crate) fn new(snap: ClusterSnapshot) -> Owner {
         let books = snap.nodes.iter().map(|_| NodeBook::default()).collect();
         Owner {
             snap,
@@ -226,38 +226,44 @@ impl Owner {
     }
 
     /// The next snapshot to publish.
-    pub fn publishable(&mut self) -> ClusterSnapshot {
+    pub(crate) fn publishable(&mut self) -> ClusterSnapshot {
         self.snap.generation += 1;
         self.snap.clone()
     }
 
     /// The last WAL position seen on `node` while it was the primary.
-    pub fn last_primary_lsn(&self, node: usize) -> Option<u64> {
+    pub(crate) fn last_primary_lsn(&self, node: NodeId) -> Option<u64> {
         self.last_primary_lsn
             .filter(|(p, _)| *p == node)
             .map(|(_, lsn)| lsn)
     }
 
     /// Health-check counters per node.
-    pub fn health_stats(&self) -> Vec<HealthStats> {
+    pub(crate) fn health_stats(&self) -> Vec<HealthStats> {
         self.books.iter().map(|b| b.stats.clone()).collect()
     }
 
     /// One attempt failed; a retry follows. Live status only.
-    pub fn attempt_failed(&mut self, node: usize, error: &str) {
-        if let Some(n) = self.snap.nodes.get_mut(node) {
+    pub(crate) fn attempt_failed(&mut self, node: NodeId, error: &str) {
+        if let Some(n) = self.snap.nodes.get_mut(node.index()) {
             n.pg_status = PgStatus::Down;
             n.last_error = Some(error.to_string());
-            self.books[node].healthy_since = None;
+            self.books[node.index()].healthy_since = None;
         }
     }
 
     /// A health round finished.
-    pub fn round_finished(&mut self, node: usize, round: Round, now: SystemTime, adm: Admission) {
-        let Some(n) = self.snap.nodes.get_mut(node) else {
+    pub(crate) fn round_finished(
+        &mut self,
+        node: NodeId,
+        round: Round,
+        now: SystemTime,
+        adm: Admission,
+    ) {
+        let Some(n) = self.snap.nodes.get_mut(node.index()) else {
             return;
         };
-        let book = &mut self.books[node];
+        let book = &mut self.books[node.index()];
         book.stats
             .record(round.outcome.is_ok(), round.retries, round.duration, now);
         match round.outcome {
@@ -276,7 +282,7 @@ impl Owner {
                 let stale = book.role_seen_at.is_some_and(|t| round.started < t);
                 if role != n.role && !stale {
                     tracing::info!(
-                        node,
+                        %node,
                         from = n.role.as_str(),
                         to = role.as_str(),
                         "node role changed"
@@ -293,7 +299,7 @@ impl Owner {
                 book.failure_alive = e.alive;
                 if n.status != NodeStatus::Down {
                     tracing::warn!(
-                        node,
+                        %node,
                         "node is down: no answer after all health-check retries"
                     );
                     n.status = NodeStatus::Down;
@@ -305,17 +311,17 @@ impl Owner {
     }
 
     /// The pool opened a connection to `node`: `waiting` → `up`.
-    pub fn backend_connected(&mut self, node: usize) {
-        if let Some(n) = self.snap.nodes.get_mut(node)
+    pub(crate) fn backend_connected(&mut self, node: NodeId) {
+        if let Some(n) = self.snap.nodes.get_mut(node.index())
             && n.status == NodeStatus::Waiting
         {
-            tracing::debug!(node, "first backend connection; node is up");
+            tracing::debug!(%node, "first backend connection; node is up");
             n.status = NodeStatus::Up;
         }
     }
 
     /// Replication checks are off: forget lag.
-    pub fn clear_replication(&mut self, adm: Admission) {
+    pub(crate) fn clear_replication(&mut self, adm: Admission) {
         self.history.clear();
         for (i, n) in self.snap.nodes.iter_mut().enumerate() {
             n.repl = ReplicationView {
@@ -332,15 +338,15 @@ impl Owner {
 
     /// Apply a replication round. Returns nodes whose role looked different
     /// from the health check's view (to be probed now).
-    pub fn apply_replication(
+    pub(crate) fn apply_replication(
         &mut self,
         round: &SrRound,
         adm: Admission,
         now: SystemTime,
-    ) -> Vec<usize> {
+    ) -> Vec<NodeId> {
         let mut recheck = Vec::new();
         let primary = self.snap.primary;
-        let primary_sample = primary.and_then(|p| match round.checks.get(p) {
+        let primary_sample = primary.and_then(|p| match round.checks.get(p.index()) {
             Some(NodeCheck::Sample(s)) if !s.in_recovery => Some(s),
             _ => None,
         });
@@ -354,11 +360,11 @@ impl Owner {
             (None, _) => self.history.clear(),
             _ => {}
         }
-        for (i, check) in round.checks.iter().enumerate() {
-            let Some(n) = self.snap.nodes.get(i) else {
+        for (i, check) in NodeId::all(round.checks.len()).zip(&round.checks) {
+            let Some(n) = self.snap.nodes.get(i.index()) else {
                 continue;
             };
-            let configured = adm.nodes.get(i);
+            let configured = adm.nodes.get(i.index());
             let mut v = ReplicationView {
                 application_name: configured
                     .map(|s| s.application_name.clone())
@@ -374,7 +380,7 @@ impl Owner {
                 }
                 NodeCheck::Sample(s) => {
                     v.checked_at = Some(now);
-                    self.books[i].sr_seen_at = Some(round.at);
+                    self.books[i.index()].sr_seen_at = Some(round.at);
                     let claimed = if s.in_recovery {
                         Role::Standby
                     } else {
@@ -415,7 +421,7 @@ impl Owner {
                             v.sync_state = r.sync_state.clone();
                         }
                         let sender_is_primary = primary
-                            .and_then(|p| adm.nodes.get(p))
+                            .and_then(|p| adm.nodes.get(p.index()))
                             .zip(s.sender.as_ref())
                             .is_some_and(|(p, (h, port))| &p.host == h && p.port == *port);
                         v.streaming_from_primary = row.is_some_and(|r| r.state == "streaming")
@@ -459,11 +465,11 @@ impl Owner {
             if !issues.is_empty() {
                 v.issue = Some(issues.join("; "));
             }
-            let old = &self.snap.nodes[i].repl;
+            let old = &self.snap.nodes[i.index()].repl;
             if old.replay_paused != v.replay_paused && v.replay_paused.is_some() {
-                tracing::info!(node = i, paused = ?v.replay_paused, "standby replay pause state");
+                tracing::info!(node = %i, paused = ?v.replay_paused, "standby replay pause state");
             }
-            self.snap.nodes[i].repl = v;
+            self.snap.nodes[i.index()].repl = v;
         }
         self.settle(&adm, now);
         recheck
@@ -477,14 +483,14 @@ impl Owner {
         }
         self.snap.lag_policy = adm.policy;
         self.snap.primary = self.choose_primary();
-        for i in 0..self.snap.nodes.len() {
+        for i in NodeId::all(self.snap.nodes.len()) {
             self.try_admit(i, adm, now);
             self.snap.primary = self.choose_primary();
         }
         if self.snap.primary != before {
             tracing::info!(old = ?before, new = ?self.snap.primary, "primary changed");
             if let Some(p) = self.snap.primary {
-                self.snap.nodes[p].last_change = now;
+                self.snap.nodes[p.index()].last_change = now;
             }
         }
         self.watch_primary(now);
@@ -495,53 +501,53 @@ impl Owner {
     /// not held: the current one if it still qualifies, else the lowest id.
     /// None at all while a failover or switchover is in progress: the
     /// coordinator alone decides the next primary (see `transition.rs`).
-    fn choose_primary(&self) -> Option<usize> {
+    fn choose_primary(&self) -> Option<NodeId> {
         if self.transition.is_some() {
             return None;
         }
-        let claims = |i: &usize| {
-            let n = &self.snap.nodes[*i];
-            let b = &self.books[*i];
+        let claims = |i: &NodeId| {
+            let n = &self.snap.nodes[i.index()];
+            let b = &self.books[i.index()];
             n.status.is_usable() && n.role == Role::Primary && !b.false_primary && b.hold.is_none()
         };
         match self.snap.primary {
-            Some(c) if c < self.snap.nodes.len() && claims(&c) => Some(c),
-            _ => (0..self.snap.nodes.len()).find(claims),
+            Some(c) if c.index() < self.snap.nodes.len() && claims(&c) => Some(c),
+            _ => NodeId::all(self.snap.nodes.len()).find(claims),
         }
     }
 
-    fn try_admit(&mut self, i: usize, adm: &Admission, now: SystemTime) {
-        let n = &self.snap.nodes[i];
+    fn try_admit(&mut self, i: NodeId, adm: &Admission, now: SystemTime) {
+        let n = &self.snap.nodes[i.index()];
         if n.pg_status != PgStatus::Up {
             return;
         }
         if self.held(i, now) {
             return;
         }
-        let n = &self.snap.nodes[i];
+        let n = &self.snap.nodes[i.index()];
         let in_service = n.status.is_usable();
         match n.role {
             Role::Primary => {
                 let other = self
                     .snap
                     .primary
-                    .filter(|&p| p != i && self.snap.nodes[p].status.is_usable());
+                    .filter(|&p| p != i && self.snap.nodes[p.index()].status.is_usable());
                 if let Some(p) = other {
-                    if !self.books[i].false_primary {
+                    if !self.books[i.index()].false_primary {
                         self.counts.add(super::events::Event::Fenced);
                         tracing::warn!(
-                            node = i,
-                            primary = p,
+                            node = %i,
+                            primary = %p,
                             "node is not in recovery but is not the primary: false primary, kept out of service"
                         );
                     }
-                    self.books[i].false_primary = true;
+                    self.books[i.index()].false_primary = true;
                     self.hold(
                         i,
                         format!("false primary: not in recovery, but node {p} is the primary"),
                         now,
                     );
-                } else if self.books[i].false_primary {
+                } else if self.books[i.index()].false_primary {
                     self.hold(
                         i,
                         "false primary: kept out of service until it is a standby again".into(),
@@ -552,18 +558,18 @@ impl Owner {
                 }
             }
             Role::Standby => {
-                self.books[i].false_primary = false;
+                self.books[i.index()].false_primary = false;
                 if in_service {
                     return;
                 }
-                let b = &self.books[i];
+                let b = &self.books[i.index()];
                 let fresh_streaming = n.repl.streaming_from_primary
                     && matches!((b.sr_seen_at, b.healthy_since), (Some(s), Some(h)) if s >= h);
                 if n.status == NodeStatus::Unknown
                     || b.attached
                     || (adm.auto_failback && (!adm.sr_enabled || fresh_streaming))
                 {
-                    self.books[i].attached = false;
+                    self.books[i.index()].attached = false;
                     self.admit(i, now);
                 } else if !adm.auto_failback {
                     self.hold(
@@ -584,10 +590,10 @@ impl Owner {
         }
     }
 
-    fn admit(&mut self, i: usize, now: SystemTime) {
-        let n = &mut self.snap.nodes[i];
+    fn admit(&mut self, i: NodeId, now: SystemTime) {
+        let n = &mut self.snap.nodes[i.index()];
         tracing::info!(
-            node = i,
+            node = %i,
             role = n.role.as_str(),
             "node admitted (waiting for traffic)"
         );
@@ -596,10 +602,10 @@ impl Owner {
         n.last_change = now;
     }
 
-    fn hold(&mut self, i: usize, reason: String, now: SystemTime) {
-        let n = &mut self.snap.nodes[i];
+    fn hold(&mut self, i: NodeId, reason: String, now: SystemTime) {
+        let n = &mut self.snap.nodes[i.index()];
         if n.status != NodeStatus::Down || n.held_out.as_deref() != Some(reason.as_str()) {
-            tracing::info!(node = i, %reason, "node kept out of service");
+            tracing::info!(node = %i, %reason, "node kept out of service");
         }
         if n.status != NodeStatus::Down {
             n.status = NodeStatus::Down;
@@ -627,9 +633,9 @@ impl Owner {
                 && n.repl.checked_at.is_some()
             {
                 if w == 0.0 && n.effective_weight > 0.0 {
-                    tracing::info!(node = n.id, lag_bytes = ?n.repl.lag_bytes, lag_seconds = ?n.repl.lag_seconds, "standby over a delay threshold: no reads");
+                    tracing::info!(node = %n.id, lag_bytes = ?n.repl.lag_bytes, lag_seconds = ?n.repl.lag_seconds, "standby over a delay threshold: no reads");
                 } else if w > 0.0 && n.effective_weight == 0.0 {
-                    tracing::info!(node = n.id, "standby takes reads again");
+                    tracing::info!(node = %n.id, "standby takes reads again");
                 }
             }
             n.effective_weight = w;
@@ -638,5 +644,4 @@ impl Owner {
 }
 
 #[cfg(test)]
-#[path = "state_tests.rs"]
 mod tests;

@@ -50,15 +50,17 @@ use super::super::error::{CommandError, StepError};
 use super::super::events::{Event, FailoverReport, Phase, TransitionKind, TransitionStatus};
 use super::{Admission, Hold, HoldKind, NodeStatus, Owner, PgStatus, Role};
 
+use crate::config::NodeId;
+
 impl Owner {
     /// Whether node `i` is held (and keep it out of service if so). A
     /// `CannotFollow` hold is lifted by fresh evidence that the standby
     /// streams from the primary on its timeline.
-    pub(super) fn held(&mut self, i: usize, now: SystemTime) -> bool {
-        let Some(h) = self.books[i].hold.clone() else {
+    pub(super) fn held(&mut self, i: NodeId, now: SystemTime) -> bool {
+        let Some(h) = self.books[i.index()].hold.clone() else {
             return false;
         };
-        let n = &self.snap.nodes[i];
+        let n = &self.snap.nodes[i.index()];
         if h.kind == HoldKind::CannotFollow
             && n.role == Role::Standby
             && n.repl.streaming_from_primary
@@ -66,10 +68,10 @@ impl Owner {
             && self.snap.primary.is_some()
         {
             tracing::info!(
-                node = i,
+                node = %i,
                 "standby streams from the primary again; hold lifted"
             );
-            self.books[i].hold = None;
+            self.books[i.index()].hold = None;
             return false;
         }
         let reason = match (h.kind, n.role, self.snap.primary) {
@@ -96,11 +98,11 @@ impl Owner {
         if let Some(t) = &self.transition {
             let Some(old) = t.old_primary else { return };
             let back = {
-                let n = &self.snap.nodes[old];
+                let n = &self.snap.nodes[old.index()];
                 n.status.is_usable()
                     && n.pg_status == PgStatus::Up
                     && n.role == Role::Primary
-                    && self.books[old].hold.is_none()
+                    && self.books[old.index()].hold.is_none()
             };
             let cancellable = t.kind == TransitionKind::Failover
                 && !t.promoted
@@ -110,7 +112,7 @@ impl Owner {
                 let msg = format!(
                     "cancelled: node {old} answers as a primary again before anything was promoted"
                 );
-                tracing::warn!(node = old, "{msg}");
+                tracing::warn!(node = %old, "{msg}");
                 self.close_transition(Phase::Failed, msg, now);
                 self.counts.add(Event::FailoverFailed);
                 self.snap.primary = self.choose_primary();
@@ -121,7 +123,7 @@ impl Owner {
             return;
         }
         let Some(p) = self.last_primary else { return };
-        let n = &self.snap.nodes[p];
+        let n = &self.snap.nodes[p.index()];
         if n.pg_status == PgStatus::Up && n.role == Role::Standby {
             let reason = format!(
                 "node {p} now reports pg_is_in_recovery() = true: demoted by someone else; searching for the new primary"
@@ -129,12 +131,12 @@ impl Owner {
             self.begin_failover(p, true, reason, now);
         } else if n.status == NodeStatus::Down && n.pg_status == PgStatus::Down {
             let err = n.last_error.clone().unwrap_or_default();
-            if self.books[p].failure_alive {
+            if self.books[p.index()].failure_alive {
                 let reason = format!(
                     "node {p} answers but refuses health checks ({err}); a running primary is not failed over automatically (PROMOTE NODE n forces a switchover)"
                 );
                 if self.blocked.as_deref() != Some(reason.as_str()) {
-                    tracing::warn!(node = p, "{reason}");
+                    tracing::warn!(node = %p, "{reason}");
                 }
                 self.blocked = Some(reason);
             } else {
@@ -143,8 +145,8 @@ impl Owner {
         }
     }
 
-    fn begin_failover(&mut self, old: usize, search_only: bool, reason: String, now: SystemTime) {
-        tracing::warn!(node = old, %reason, "failover started");
+    fn begin_failover(&mut self, old: NodeId, search_only: bool, reason: String, now: SystemTime) {
+        tracing::warn!(node = %old, %reason, "failover started");
         self.start_transition(
             TransitionKind::Failover,
             old,
@@ -159,8 +161,8 @@ impl Owner {
     fn start_transition(
         &mut self,
         kind: TransitionKind,
-        old: usize,
-        target: Option<usize>,
+        old: NodeId,
+        target: Option<NodeId>,
         search_only: bool,
         detail: String,
         now: SystemTime,
@@ -214,7 +216,7 @@ impl Owner {
     /// came. `PROMOTE NODE n` clears the time of the last attempt, so the
     /// forced candidate is tried at once; if that attempt fails, the next
     /// waits `retry` like any other (no busy loop on a node that refuses).
-    pub fn transition_due(&self, retry: std::time::Duration) -> Option<TransitionStatus> {
+    pub(crate) fn transition_due(&self, retry: std::time::Duration) -> Option<TransitionStatus> {
         let t = self.transition.as_ref()?;
         let due = t.kind == TransitionKind::Failover
             && match t.phase {
@@ -230,10 +232,10 @@ impl Owner {
     /// If an operator forced another candidate while that attempt ran, the
     /// next attempt is due at once (for that candidate); otherwise it waits
     /// the retry time.
-    pub fn candidate_refused(
+    pub(crate) fn candidate_refused(
         &mut self,
         id: u64,
-        tried: Option<usize>,
+        tried: Option<NodeId>,
         why: String,
     ) -> Result<(), StepError> {
         let t = self.current(id)?;
@@ -249,10 +251,10 @@ impl Owner {
     /// before anything is promoted. `node` stays the remembered primary,
     /// down until a health round admits it again, and is failed over if
     /// a later round finds it unreachable.
-    pub fn primary_answers(
+    pub(crate) fn primary_answers(
         &mut self,
         id: u64,
-        node: usize,
+        node: NodeId,
         error: String,
         adm: &Admission,
     ) -> Result<(), StepError> {
@@ -264,12 +266,12 @@ impl Owner {
         let msg = format!(
             "cancelled: node {node} answers ({error}); a running primary is not failed over, nothing was promoted"
         );
-        tracing::warn!(node, "{msg}");
+        tracing::warn!(%node, "{msg}");
         self.close_transition(Phase::Failed, msg, now);
         self.counts.add(Event::FailoverFailed);
-        if let Some(n) = self.snap.nodes.get_mut(node) {
+        if let Some(n) = self.snap.nodes.get_mut(node.index()) {
             n.last_error = Some(error);
-            self.books[node].failure_alive = true;
+            self.books[node.index()].failure_alive = true;
             self.last_primary = Some(node);
         }
         self.settle(adm, now);
@@ -277,7 +279,12 @@ impl Owner {
     }
 
     /// Record the phase and detail of transition `id`.
-    pub fn set_phase(&mut self, id: u64, phase: Phase, detail: String) -> Result<(), StepError> {
+    pub(crate) fn set_phase(
+        &mut self,
+        id: u64,
+        phase: Phase,
+        detail: String,
+    ) -> Result<(), StepError> {
         let t = self.current(id)?;
         t.phase = phase;
         t.detail = detail;
@@ -287,17 +294,17 @@ impl Owner {
 
     /// The session-error fast path confirmed that the chosen primary cannot be
     /// reached: declare it down now (a failover starts in the same update).
-    pub fn primary_unreachable(&mut self, node: usize, reason: String, adm: &Admission) {
+    pub(crate) fn primary_unreachable(&mut self, node: NodeId, reason: String, adm: &Admission) {
         if self.snap.primary != Some(node) {
             return;
         }
         let now = SystemTime::now();
-        let n = &mut self.snap.nodes[node];
+        let n = &mut self.snap.nodes[node.index()];
         n.pg_status = PgStatus::Down;
         n.status = NodeStatus::Down;
         n.last_change = now;
         n.last_error = Some(reason);
-        let b = &mut self.books[node];
+        let b = &mut self.books[node.index()];
         b.failure_alive = false;
         b.healthy_since = None;
         self.settle(adm, now);
@@ -305,8 +312,8 @@ impl Owner {
 
     /// The coordinator asked `node` directly: record its role now, so older
     /// health rounds do not overwrite it.
-    pub fn observe_role(&mut self, node: usize, in_recovery: bool) {
-        let Some(n) = self.snap.nodes.get_mut(node) else {
+    pub(crate) fn observe_role(&mut self, node: NodeId, in_recovery: bool) {
+        let Some(n) = self.snap.nodes.get_mut(node.index()) else {
             return;
         };
         let role = if in_recovery {
@@ -316,7 +323,7 @@ impl Owner {
         };
         if n.role != role {
             tracing::info!(
-                node,
+                %node,
                 to = role.as_str(),
                 "node role changed (seen by the failover coordinator)"
             );
@@ -324,15 +331,19 @@ impl Owner {
             n.last_change = SystemTime::now();
         }
         if n.pg_status != PgStatus::Up {
-            self.books[node].healthy_since = Some(Instant::now());
+            self.books[node.index()].healthy_since = Some(Instant::now());
         }
         n.pg_status = PgStatus::Up;
-        self.books[node].role_seen_at = Some(Instant::now());
+        self.books[node.index()].role_seen_at = Some(Instant::now());
     }
 
     /// The point of no return: `candidate` is about to be promoted. Fences
     /// the old primary first (rule 3 of the module docs).
-    pub fn promotion_started(&mut self, id: u64, candidate: usize) -> Result<(), StepError> {
+    pub(crate) fn promotion_started(
+        &mut self,
+        id: u64,
+        candidate: NodeId,
+    ) -> Result<(), StepError> {
         let now = SystemTime::now();
         let t = self.current(id)?;
         t.promoted = true;
@@ -345,12 +356,12 @@ impl Owner {
                 "fenced: old primary, replaced by node {candidate} in a {}; rebuild it as a standby of the new primary (pg_rewind or pg_basebackup), then ATTACH NODE {old}",
                 kind.as_str()
             );
-            tracing::warn!(node = old, "{reason}");
-            self.books[old].hold = Some(Hold {
+            tracing::warn!(node = %old, "{reason}");
+            self.books[old.index()].hold = Some(Hold {
                 kind: HoldKind::Fenced,
                 reason: reason.clone(),
             });
-            self.books[old].attached = false;
+            self.books[old.index()].attached = false;
             self.hold(old, reason, now);
             self.counts.add(Event::Fenced);
         }
@@ -359,9 +370,14 @@ impl Owner {
 
     /// Publish `new` as the primary: the coordinator saw it, and no other
     /// non-held node, report not-in-recovery (rule 4).
-    pub fn finish(&mut self, id: u64, new: usize, adm: &Admission) -> Result<(), StepError> {
+    pub(crate) fn finish(
+        &mut self,
+        id: u64,
+        new: NodeId,
+        adm: &Admission,
+    ) -> Result<(), StepError> {
         let now = SystemTime::now();
-        if self.books[new].hold.is_some() {
+        if self.books[new.index()].hold.is_some() {
             return Err(StepError::Held { node: new });
         }
         let t = self.current(id)?;
@@ -373,7 +389,7 @@ impl Owner {
             TransitionKind::Failover => Event::FailoverFinished,
             TransitionKind::Switchover => Event::SwitchoverFinished,
         });
-        let n = &mut self.snap.nodes[new];
+        let n = &mut self.snap.nodes[new.index()];
         n.role = Role::Primary;
         n.pg_status = PgStatus::Up;
         n.last_change = now;
@@ -381,12 +397,12 @@ impl Owner {
             n.status = NodeStatus::Waiting;
             n.held_out = None;
         }
-        let b = &mut self.books[new];
+        let b = &mut self.books[new.index()];
         b.false_primary = false;
         b.role_seen_at = Some(Instant::now());
         self.snap.primary = Some(new);
         self.last_primary = Some(new);
-        tracing::warn!(node = new, kind = kind.as_str(), "new primary in service");
+        tracing::warn!(node = %new, kind = kind.as_str(), "new primary in service");
         self.settle(adm, now);
         Ok(())
     }
@@ -395,7 +411,12 @@ impl Owner {
     /// retry loop; pgpilot keeps watching: a node that reports primary is
     /// admitted by the usual rules); an aborted switchover leaves the old
     /// primary as it was (chosen again if healthy, failed over if not).
-    pub fn fail(&mut self, id: u64, reason: String, adm: &Admission) -> Result<(), StepError> {
+    pub(crate) fn fail(
+        &mut self,
+        id: u64,
+        reason: String,
+        adm: &Admission,
+    ) -> Result<(), StepError> {
         let now = SystemTime::now();
         let kind = self.current(id)?.kind;
         tracing::error!(kind = kind.as_str(), %reason, "transition failed");
@@ -413,18 +434,18 @@ impl Owner {
 
     /// Start a switchover from the current primary to `target`: publishes no
     /// primary (new writes wait) until [`Owner::finish`] or [`Owner::fail`].
-    pub fn begin_switchover(
+    pub(crate) fn begin_switchover(
         &mut self,
-        target: usize,
+        target: NodeId,
         adm: &Admission,
-    ) -> Result<(u64, usize), CommandError> {
+    ) -> Result<(u64, NodeId), CommandError> {
         let now = SystemTime::now();
         if let Some(t) = &self.transition {
             return Err(CommandError::Busy { kind: t.kind });
         }
         let old = self.snap.primary.ok_or(CommandError::NoPrimary)?;
         let detail = format!("switchover from node {old} to node {target}: holding new writes");
-        tracing::warn!(old, target, "switchover started");
+        tracing::warn!(%old, %target, "switchover started");
         let id = self.start_transition(
             TransitionKind::Switchover,
             old,
@@ -439,7 +460,7 @@ impl Owner {
     }
 
     /// `PROMOTE NODE n` while a failover waits for a candidate: use `n`.
-    pub fn force_candidate(&mut self, node: usize) -> Result<(), CommandError> {
+    pub(crate) fn force_candidate(&mut self, node: NodeId) -> Result<(), CommandError> {
         match self.transition.as_mut() {
             Some(t)
                 if t.kind == TransitionKind::Failover
@@ -461,10 +482,10 @@ impl Owner {
     }
 
     /// A standby could not follow the new primary: hold it with `reason`.
-    pub fn cannot_follow(&mut self, node: usize, reason: String) {
+    pub(crate) fn cannot_follow(&mut self, node: NodeId, reason: String) {
         let now = SystemTime::now();
-        tracing::error!(node, %reason, "standby cannot follow the new primary");
-        self.books[node].hold = Some(Hold {
+        tracing::error!(%node, %reason, "standby cannot follow the new primary");
+        self.books[node.index()].hold = Some(Hold {
             kind: HoldKind::CannotFollow,
             reason: reason.clone(),
         });
@@ -474,18 +495,18 @@ impl Owner {
     }
 
     /// Count an event the coordinator observed.
-    pub fn count(&mut self, e: Event) {
+    pub(crate) fn count(&mut self, e: Event) {
         self.counts.add(e);
     }
 
     /// `ATTACH NODE n`: lift any hold, forget a false-primary mark and admit
     /// the node as a standby without waiting for streaming evidence.
-    pub fn attach(&mut self, node: usize, adm: &Admission) -> Result<String, CommandError> {
+    pub(crate) fn attach(&mut self, node: NodeId, adm: &Admission) -> Result<String, CommandError> {
         let now = SystemTime::now();
         let n = self
             .snap
             .nodes
-            .get(node)
+            .get(node.index())
             .ok_or(CommandError::NoSuchNode { node })?;
         if let Some(t) = &self.transition
             && (t.old_primary == Some(node) || t.target == Some(node))
@@ -499,14 +520,14 @@ impl Owner {
         {
             return Err(CommandError::SecondPrimary { node, primary: p });
         }
-        let b = &mut self.books[node];
+        let b = &mut self.books[node.index()];
         let lifted = b.hold.take();
         b.false_primary = false;
         b.attached = true;
         self.counts.add(Event::Attach);
-        tracing::warn!(node, lifted = ?lifted.map(|h| h.reason), "node attached by operator");
+        tracing::warn!(%node, lifted = ?lifted.map(|h| h.reason), "node attached by operator");
         self.settle(adm, now);
-        let n = &self.snap.nodes[node];
+        let n = &self.snap.nodes[node.index()];
         Ok(if n.status.is_usable() {
             format!("node {node} attached: in service as {}", n.role.as_str())
         } else if n.pg_status != PgStatus::Up {
@@ -520,9 +541,9 @@ impl Owner {
     }
 
     /// `DETACH NODE n`: keep a standby out of service until `ATTACH NODE n`.
-    pub fn detach(&mut self, node: usize, adm: &Admission) -> Result<String, CommandError> {
+    pub(crate) fn detach(&mut self, node: NodeId, adm: &Admission) -> Result<String, CommandError> {
         let now = SystemTime::now();
-        if node >= self.snap.nodes.len() {
+        if node.index() >= self.snap.nodes.len() {
             return Err(CommandError::NoSuchNode { node });
         }
         if self.snap.primary == Some(node) {
@@ -534,7 +555,7 @@ impl Owner {
             return Err(CommandError::PartOfTransition { node, kind: t.kind });
         }
         let reason = format!("detached by operator; ATTACH NODE {node} brings it back");
-        let b = &mut self.books[node];
+        let b = &mut self.books[node.index()];
         b.attached = false;
         b.hold = Some(Hold {
             kind: HoldKind::Detached,
@@ -542,7 +563,7 @@ impl Owner {
         });
         self.hold(node, reason, now);
         self.counts.add(Event::Detach);
-        tracing::warn!(node, "node detached by operator");
+        tracing::warn!(%node, "node detached by operator");
         self.settle(adm, now);
         Ok(format!(
             "node {node} detached: no traffic until ATTACH NODE {node}"
@@ -550,12 +571,14 @@ impl Owner {
     }
 
     /// Whether a hold keeps `node` out (the coordinator skips such nodes).
-    pub fn is_held(&self, node: usize) -> bool {
-        self.books.get(node).is_some_and(|b| b.hold.is_some())
+    pub(crate) fn is_held(&self, node: NodeId) -> bool {
+        self.books
+            .get(node.index())
+            .is_some_and(|b| b.hold.is_some())
     }
 
     /// Each node's hold, by node id (`None`: not held).
-    pub fn holds(&self) -> Vec<Option<HoldKind>> {
+    pub(crate) fn holds(&self) -> Vec<Option<HoldKind>> {
         self.books
             .iter()
             .map(|b| b.hold.as_ref().map(|h| h.kind))
@@ -563,7 +586,7 @@ impl Owner {
     }
 
     /// What `SHOW PGPILOT_FAILOVER` and metrics show.
-    pub fn report(&self) -> FailoverReport {
+    pub(crate) fn report(&self) -> FailoverReport {
         FailoverReport {
             current: self.transition.clone(),
             last: self.last_transition.clone(),
@@ -573,7 +596,7 @@ impl Owner {
     }
 
     /// Whether a failover or switchover is in progress.
-    pub fn in_transition(&self) -> bool {
+    pub(crate) fn in_transition(&self) -> bool {
         self.transition.is_some()
     }
 }

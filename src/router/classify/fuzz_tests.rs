@@ -1,10 +1,10 @@
 //! The classifier's randomised robustness test: random SQL-ish strings never
 //! panic it, and no write among them reaches a standby. The checks are the
-//! classifier fuzz target's (`crate::fuzzing`); this generator feeds them
+//! classifier fuzz target's (`check.rs`, shared with `crate::fuzzing`); this generator feeds them
 //! SQL-shaped input that random bytes rarely reach.
 
+use super::check::{WRITE_STARTS, check_classification};
 use super::*;
-use crate::fuzzing::{WRITE_STARTS, check_classification};
 use crate::router::cache::ClassifyCache;
 
 /// One of `items`, chosen by `rng`.

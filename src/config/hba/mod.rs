@@ -32,7 +32,7 @@ use std::path::{Path, PathBuf};
 
 /// How a matching line says the client authenticates.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Method {
+pub(crate) enum Method {
     /// Let the client in without a password.
     Trust,
     /// Refuse the client (28000).
@@ -114,7 +114,7 @@ pub struct HbaRules {
 
 /// A client asking to log in.
 #[derive(Debug, Clone, Copy)]
-pub struct Peer<'a> {
+pub(crate) struct Peer<'a> {
     /// The client's address as the socket reports it.
     pub addr: IpAddr,
     /// Whether the client connection is TLS-encrypted.
@@ -127,7 +127,7 @@ pub struct Peer<'a> {
 
 /// The line a client matched.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Verdict {
+pub(crate) struct Verdict {
     /// How the client authenticates.
     pub method: Method,
     /// The line's number in the file, for logs.
@@ -206,7 +206,7 @@ type Field = Vec<(String, bool)>;
 
 impl HbaRules {
     /// Read and parse `path`.
-    pub fn load(path: &Path) -> Result<HbaRules, HbaError> {
+    pub(crate) fn load(path: &Path) -> Result<HbaRules, HbaError> {
         let text = std::fs::read_to_string(path).map_err(|source| HbaError::Read {
             path: path.to_path_buf(),
             source,
@@ -226,7 +226,7 @@ impl HbaRules {
     }
 
     /// Parse the text of a file; an error gives the line number and text.
-    pub fn parse(text: &str) -> Result<HbaRules, (usize, String, LineError)> {
+    pub(crate) fn parse(text: &str) -> Result<HbaRules, (usize, String, LineError)> {
         let mut rules = Vec::new();
         let mut pending = String::new();
         let mut first_line = 0;
@@ -271,13 +271,13 @@ impl HbaRules {
     }
 
     /// Whether the text holds no rule ([`HbaRules::load`] refuses that).
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.rules.is_empty()
     }
 
     /// The first line `peer` matches, as PostgreSQL looks it up; `None`
     /// means no line matches and the client is refused.
-    pub fn lookup(&self, peer: &Peer<'_>) -> Option<Verdict> {
+    pub(crate) fn lookup(&self, peer: &Peer<'_>) -> Option<Verdict> {
         // An IPv4 client of a dual-stack socket shows as ::ffff:a.b.c.d;
         // PostgreSQL matches it against IPv4 lines too.
         let addr = peer.addr.to_canonical();
@@ -589,5 +589,4 @@ fn field_name(i: usize) -> &'static str {
 }
 
 #[cfg(test)]
-#[path = "hba_tests.rs"]
 mod tests;

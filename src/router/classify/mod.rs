@@ -32,20 +32,18 @@ use super::normalize::split_statements;
 use super::relations::RelationName;
 use lexical::{comment_glued_to_operator, fallback, lexical_sticky, may_read};
 
-#[path = "classify_ast.rs"]
 mod ast;
+#[doc(hidden)]
+pub mod check;
 #[cfg(test)]
-#[path = "classify_fuzz_tests.rs"]
 mod fuzz_tests;
-#[path = "classify_lexical.rs"]
 mod lexical;
 #[cfg(test)]
-#[path = "classify_tests.rs"]
 mod tests;
 
 /// Where a statement may run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Access {
+pub(crate) enum Access {
     /// A standby may run it.
     Read,
     /// Only the primary may run it.
@@ -54,7 +52,7 @@ pub enum Access {
 
 /// Transaction control carried by a statement.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub enum TxControl {
+pub(crate) enum TxControl {
     /// `BEGIN` / `START TRANSACTION` with any modes; `read_only` only if `READ ONLY` is given.
     /// A BEGIN giving `READ WRITE` or `ISOLATION LEVEL SERIALIZABLE` is also a write:
     /// a hot standby can start neither.
@@ -78,11 +76,11 @@ pub enum TxControl {
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Classification {
     /// Read only if EVERY statement is a read.
-    pub access: Access,
+    pub(crate) access: Access,
     /// The statement(s) change session state that must be applied to every backend
     /// connection the session uses: SET (incl. SET LOCAL, SET TRANSACTION,
     /// SET SESSION CHARACTERISTICS), RESET, DISCARD, DEALLOCATE.
-    pub session_state: bool,
+    pub(crate) session_state: bool,
     /// After this statement the session must stay on the primary for its life:
     /// temporary objects, LISTEN, session-level advisory locks, `set_config` (unless
     /// `is_local` is literally `true`), DECLARE ... WITH HOLD, SET/RESET of
@@ -90,50 +88,50 @@ pub struct Classification {
     /// `default_transaction_read_only` set to off (or to an unknown value), and a
     /// serializable default isolation (`default_transaction_isolation`, `SET SESSION
     /// CHARACTERISTICS`), since a hot standby cannot run serializable transactions.
-    pub sticky_primary: bool,
+    pub(crate) sticky_primary: bool,
     /// `SET default_transaction_read_only = on` or `SET SESSION CHARACTERISTICS AS
     /// TRANSACTION READ ONLY`: `Some(true)`; set to off, to DEFAULT, RESET, RESET ALL,
     /// DISCARD ALL: `Some(false)`; else `None`. The last such statement wins.
-    pub sets_read_only_default: Option<bool>,
+    pub(crate) sets_read_only_default: Option<bool>,
     /// Transaction control of the FIRST statement that has one.
-    pub tx: Option<TxControl>,
+    pub(crate) tx: Option<TxControl>,
     /// SQL `PREPARE name AS stmt`: the name (lowercased unless quoted) and the inner
     /// statement's access (Write if the inner statement calls unknown functions).
-    pub prepare: Option<(String, Access)>,
+    pub(crate) prepare: Option<(String, Access)>,
     /// SQL `EXECUTE name`: the name (lowercased unless quoted).
-    pub execute: Option<String>,
+    pub(crate) execute: Option<String>,
     /// SQL `DEALLOCATE [PREPARE] name` → `Some(Some(name))`; `DEALLOCATE ALL` → `Some(None)`.
-    pub deallocate: Option<Option<String>>,
+    pub(crate) deallocate: Option<Option<String>>,
     /// Number of statements in the string (0 for an empty query).
-    pub statements: usize,
+    pub(crate) statements: usize,
     /// True if sqlparser failed on some statement (then access = Write).
-    pub parse_failed: bool,
+    pub(crate) parse_failed: bool,
     /// Some statement fails while other sessions use a database it names
     /// (`DROP DATABASE`, `CREATE DATABASE`, `ALTER DATABASE … RENAME`; see
     /// [`super::database_cmd`], which reads the name from the text).
-    pub exclusive_database: bool,
+    pub(crate) exclusive_database: bool,
     /// Functions called by read statements that are on neither the write list nor a
     /// read-only list: folded as PostgreSQL folds identifiers (unquoted → lower case,
     /// quoted → verbatim), schema stripped, deduplicated, sorted. The caller may
     /// resolve them in pg_proc (volatile → write). When non-empty and the policy is
     /// [`UnknownIs::Write`] (or allow-list mode), access is already Write.
-    pub unknown_functions: Vec<String>,
+    pub(crate) unknown_functions: Vec<String>,
     /// Relations named by read statements (tables, views, sequences, and
     /// anything else in a FROM clause, CTE names included), folded as
     /// PostgreSQL folds identifiers, deduplicated, sorted. The caller checks
     /// them for unlogged relations ([`super::relations`]).
-    pub relations: Vec<RelationName>,
+    pub(crate) relations: Vec<RelationName>,
     /// Some statement may change which relations are unlogged (any statement
     /// other than a query or plain DML, including ones that did not parse):
     /// cached relation answers are forgotten when it runs.
-    pub catalog_change: bool,
+    pub(crate) catalog_change: bool,
     /// A standby refused a statement of this shape as only recovery would:
     /// it runs on the primary from now on (see [`Learned`]).
-    pub primary_only: Learned,
+    pub(crate) primary_only: Learned,
     /// Some statement reads `pg_prepared_statements`: the session's own
     /// prepared statements (all of them, and no other session's) must be on
     /// the connection that runs it.
-    pub lists_statements: bool,
+    pub(crate) lists_statements: bool,
 }
 
 /// A fact learned about a cached statement shape after it was classified,
@@ -141,16 +139,16 @@ pub struct Classification {
 /// part of what a classification says of the text: it never makes two
 /// classifications differ (equality and hashing ignore it).
 #[derive(Debug, Default)]
-pub struct Learned(std::sync::atomic::AtomicBool);
+pub(crate) struct Learned(std::sync::atomic::AtomicBool);
 
 impl Learned {
     /// Whether it was learned.
-    pub fn get(&self) -> bool {
+    pub(crate) fn get(&self) -> bool {
         self.0.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Learn it.
-    pub fn set(&self) {
+    pub(crate) fn set(&self) {
         self.0.store(true, std::sync::atomic::Ordering::Relaxed);
     }
 }
@@ -175,7 +173,7 @@ impl std::hash::Hash for Learned {
 
 impl Classification {
     /// The classification of an empty query string.
-    pub fn empty() -> Self {
+    pub(crate) fn empty() -> Self {
         Self {
             access: Access::Read,
             session_state: false,
@@ -198,12 +196,12 @@ impl Classification {
 }
 
 /// Inputs longer than this are not parsed: they are classified lexically (Write).
-pub const MAX_PARSE_BYTES: usize = 1 << 20;
+pub(crate) const MAX_PARSE_BYTES: usize = 1 << 20;
 
 /// A statement with more operator-like tokens than this is not parsed (it would
 /// build a syntax tree too deep to drop safely on a small thread stack): it is
 /// classified lexically (Write).
-pub const MAX_CHAIN_TOKENS: usize = 4000;
+pub(crate) const MAX_CHAIN_TOKENS: usize = 4000;
 
 /// Functions that write or need the primary's session by default (a call → Write).
 ///
@@ -211,7 +209,7 @@ pub const MAX_CHAIN_TOKENS: usize = 4000;
 /// which ran on the primary. The advisory-lock family is here because a lock taken
 /// on a standby does not exclude anyone on the primary.
 #[rustfmt::skip]
-pub const DEFAULT_WRITE_FUNCTIONS: &[&str] = &[
+pub(crate) const DEFAULT_WRITE_FUNCTIONS: &[&str] = &[
     "brin_desummarize_range", "brin_summarize_new_values", "brin_summarize_range",
     "currval", "dblink_exec", "gin_clean_pending_list", "lastval", "lo_creat", "lo_create",
     "lo_export", "lo_from_bytea", "lo_import", "lo_open", "lo_put", "lo_truncate",
@@ -241,7 +239,7 @@ pub const DEFAULT_WRITE_FUNCTIONS: &[&str] = &[
 /// parses as functions (`current_timestamp`, `current_user`, `coalesce`, ...) too.
 /// Kept sorted (binary search).
 #[rustfmt::skip]
-pub const READ_ONLY_FUNCTIONS: &[&str] = &[
+pub(crate) const READ_ONLY_FUNCTIONS: &[&str] = &[
     "abs", "acos", "age", "any_value", "array_agg", "array_append", "array_cat",
     "array_dims", "array_fill", "array_length", "array_lower", "array_ndims",
     "array_position", "array_positions", "array_prepend", "array_remove", "array_replace",
@@ -324,7 +322,7 @@ pub const READ_ONLY_FUNCTIONS: &[&str] = &[
 /// (when named unqualified or as `pg_catalog.x`). `routing.primary_relations`
 /// adds more. Kept sorted (binary search).
 #[rustfmt::skip]
-pub const NODE_LOCAL_RELATIONS: &[&str] = &[
+pub(crate) const NODE_LOCAL_RELATIONS: &[&str] = &[
     "pg_backend_memory_contexts", "pg_cursors", "pg_locks", "pg_prepared_statements",
     "pg_prepared_xacts", "pg_replication_origin_status", "pg_replication_slots",
     "pg_shmem_allocations",
@@ -335,7 +333,7 @@ pub const NODE_LOCAL_RELATIONS: &[&str] = &[
 /// [`NODE_LOCAL_PREFIXES`]: a call sends the statement to the primary. Kept
 /// sorted (binary search).
 #[rustfmt::skip]
-pub const NODE_LOCAL_FUNCTIONS: &[&str] = &[
+pub(crate) const NODE_LOCAL_FUNCTIONS: &[&str] = &[
     "pg_backend_pid", "pg_blocking_pids", "pg_current_wal_flush_lsn",
     "pg_current_wal_insert_lsn", "pg_current_wal_lsn", "pg_current_xact_id_if_assigned",
     "pg_safe_snapshot_blocking_pids", "txid_current_if_assigned",
@@ -343,10 +341,10 @@ pub const NODE_LOCAL_FUNCTIONS: &[&str] = &[
 
 /// Name prefixes of node-local views (`pg_stat_*`, `pg_statio_*`) and
 /// functions (`pg_stat_get_*` and the rest of `pg_stat_`).
-pub const NODE_LOCAL_PREFIXES: &[&str] = &["pg_stat_", "pg_statio_"];
+pub(crate) const NODE_LOCAL_PREFIXES: &[&str] = &["pg_stat_", "pg_statio_"];
 
 /// Whether a built-in relation or function name describes the answering node.
-pub fn node_local(name: &str, list: &[&str]) -> bool {
+pub(crate) fn node_local(name: &str, list: &[&str]) -> bool {
     NODE_LOCAL_PREFIXES.iter().any(|p| name.starts_with(p)) || list.binary_search(&name).is_ok()
 }
 
@@ -377,7 +375,7 @@ const MAY_READ_STARTS: &[&str] = &[
 
 /// What to do with a function on no list.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum UnknownIs {
+pub(crate) enum UnknownIs {
     /// Assume it does not write.
     Read,
     /// Assume it writes.
@@ -390,16 +388,16 @@ pub enum UnknownIs {
 #[derive(Debug, Clone)]
 pub struct FunctionPolicy {
     /// Functions that write (call → Write), lower case.
-    pub write_functions: HashSet<String>,
+    pub(crate) write_functions: HashSet<String>,
     /// If `Some`, allow-list mode: only these functions (plus [`READ_ONLY_FUNCTIONS`])
     /// may run on a standby; every other function → Write.
-    pub read_only_functions: Option<HashSet<String>>,
+    pub(crate) read_only_functions: Option<HashSet<String>>,
     /// What to do with a function on no list.
-    pub unknown: UnknownIs,
+    pub(crate) unknown: UnknownIs,
     /// Relations whose reads run on the primary beyond the built-in node-local
     /// views (`routing.primary_relations`): `name` (any schema) or
     /// `schema.name`, as PostgreSQL folds them.
-    pub primary_relations: HashSet<String>,
+    pub(crate) primary_relations: HashSet<String>,
 }
 
 impl Default for FunctionPolicy {
@@ -422,7 +420,7 @@ impl FunctionPolicy {
     /// optional allow-list of read-only functions, and the unknown-function rule.
     /// Names are matched in lower case (write list) or as given (read-only list;
     /// write them as PostgreSQL folds them, i.e. lower case unless created quoted).
-    pub fn with_lists(
+    pub(crate) fn with_lists(
         write: impl IntoIterator<Item = String>,
         read_only: Option<Vec<String>>,
         unknown: UnknownIs,
@@ -437,7 +435,7 @@ impl FunctionPolicy {
     }
 
     /// The policy the `[routing]` settings ask for.
-    pub fn from_config(routing: &crate::config::Routing) -> Self {
+    pub(crate) fn from_config(routing: &crate::config::Routing) -> Self {
         use crate::config::UnknownFunctions;
         let unknown = match routing.unknown_functions {
             UnknownFunctions::Lookup => UnknownIs::Lookup,
