@@ -102,6 +102,10 @@ fn seeds(target: &str) -> Vec<Vec<u8>> {
             // from the key (`SELECT 1_000, 0xaa` and the same with `/* /* */`).
             b"SELECT 1_000, 0xaaaaaa".to_vec(),
             b"SELECT 1_000, 0xaaaaaa/* /* */".to_vec(),
+            // Found by this target: `0o2r` (junk after an octal number) was
+            // one number.
+            b"select 0o2 u".to_vec(),
+            b"select  0o2r u\x0c\x0c".to_vec(),
             b"SELECT '{}'::jsonb ? 'a', x ?| y".to_vec(),
             b"select * from t where id = $1 for update".to_vec(),
             b"WITH x AS (DELETE FROM t RETURNING *) SELECT * FROM x".to_vec(),

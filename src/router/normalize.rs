@@ -500,9 +500,16 @@ pub(super) fn number_end(b: &[u8], start: usize) -> (usize, bool) {
         i
     };
     let mut i = start;
-    let radix_prefix = at(i) == b'0' && matches!(at(i + 1) | 0x20, b'x' | b'o' | b'b');
-    if radix_prefix && at(i + 2).is_ascii_alphanumeric() {
-        i = run(i + 2, u8::is_ascii_alphanumeric);
+    // Only the radix's own digits: `0o2r` is `0o2` and junk.
+    let radix: Option<fn(&u8) -> bool> = match at(i + 1) | 0x20 {
+        _ if at(i) != b'0' => None,
+        b'x' => Some(u8::is_ascii_hexdigit),
+        b'o' => Some(|c| (b'0'..=b'7').contains(c)),
+        b'b' => Some(|c| matches!(c, b'0' | b'1')),
+        _ => None,
+    };
+    if let Some(digit) = radix.filter(|digit| digit(&at(i + 2))) {
+        i = run(i + 2, digit);
     } else {
         i = run(i, u8::is_ascii_digit);
         if at(i) == b'.' && at(i + 1) != b'.' {
@@ -704,6 +711,13 @@ mod tests {
         assert_eq!(key("SELECT 1_"), "select 1_");
         assert_eq!(key("SELECT 1__0, 0x_1"), "select 1__0 , 0x_1");
         assert_eq!(key("SELECT 1_0, 0x1_f"), "select ? , ?");
+        // Only the radix's digits (found by the classify fuzz target:
+        // `select 0o2r u` shared the key of `select 0o2 u`).
+        assert_eq!(
+            key("SELECT 0o2r u, 0b12, 0xfg"),
+            "select 0o2r u , 0b12 , 0xfg"
+        );
+        assert_eq!(key("SELECT 0o17, 0b1_0, 0xFF"), "select ? , ? , ?");
         // An operator's `?` is not a literal's placeholder (found by the
         // classify fuzz target: `SELECT 1?` shared the key of `SELECT 1''`).
         assert_ne!(key("SELECT 1?"), key("SELECT 1''"));
