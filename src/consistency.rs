@@ -79,7 +79,7 @@
 //!    and a node that stops being a usable standby (down, promoted), whose
 //!    position the poller forgets (0) at its next turn. This holds whichever
 //!    standby R ends up on: each is compared with the target for itself
-//!    (`Session::fresh_read_node`).
+//!    (`Session::read_your_writes_node`).
 //!
 //! The same chain covers transaction pooling (the session, not the pooled
 //! connection, keeps the positions) and a session whose standby changes.

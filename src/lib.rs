@@ -18,6 +18,9 @@
 
 #![forbid(unsafe_code)]
 #![warn(unreachable_pub)]
+// The module docs are for whoever works on pgpilot and link internals freely;
+// read them with `cargo doc --document-private-items`.
+#![allow(rustdoc::private_intra_doc_links)]
 
 pub mod admin;
 pub(crate) mod auth;

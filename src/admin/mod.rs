@@ -152,10 +152,8 @@ impl ResultSet {
     }
 }
 
+/// [`parse_bytes`] on a string (the unit tests' entry point).
 #[cfg(test)]
-/// Recognise an admin command in a query string: case-insensitive, any
-/// whitespace between words, optional trailing `;`. Anything else (including
-/// several statements) is `None` and goes to PostgreSQL as usual.
 pub(crate) fn parse(sql: &str) -> Option<AdminCommand> {
     parse_bytes(sql.as_bytes())
 }
@@ -163,9 +161,12 @@ pub(crate) fn parse(sql: &str) -> Option<AdminCommand> {
 /// The words an admin command can start with (lower case).
 pub(crate) const FIRST_WORDS: [&[u8]; 5] = [b"show", b"pgpool", b"attach", b"detach", b"promote"];
 
-/// [`parse`] on raw query bytes (as in a Query message, with or without the
-/// terminating NUL). Rejects ordinary SQL after looking at its first word,
-/// before any UTF-8 check, so it is cheap on the hot path.
+/// Recognise an admin command in raw query bytes (as in a Query message, with
+/// or without the terminating NUL): case-insensitive, any whitespace between
+/// words, optional trailing `;`. Anything else (including several statements)
+/// is `None` and goes to PostgreSQL as usual. Rejects ordinary SQL after
+/// looking at its first word, before any UTF-8 check, so it is cheap on the
+/// hot path.
 pub(crate) fn parse_bytes(sql: &[u8]) -> Option<AdminCommand> {
     let sql = sql.strip_suffix(b"\0").unwrap_or(sql);
     let start = sql.iter().position(|b| !b.is_ascii_whitespace())?;

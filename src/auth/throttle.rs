@@ -132,8 +132,8 @@ impl LoginThrottle {
             .min(max_delay)
     }
 
-    #[cfg(test)]
     /// Addresses tracked now (for tests and diagnostics).
+    #[cfg(test)]
     pub(crate) fn tracked(&self) -> usize {
         self.buckets.lock().map(|b| b.len()).unwrap_or_default()
     }

@@ -21,7 +21,7 @@ use crate::config::NodeId;
 /// What a session is doing (pgpool's process status).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
-pub(crate) enum SessionState {
+pub(crate) enum SessionActivity {
     /// Logged in, waiting for its first server connection.
     Connecting = 0,
     /// Idle between transactions.
@@ -34,25 +34,25 @@ pub(crate) enum SessionState {
     FailedTransaction = 4,
 }
 
-impl SessionState {
-    fn from_u8(v: u8) -> SessionState {
+impl SessionActivity {
+    fn from_u8(v: u8) -> SessionActivity {
         match v {
-            1 => SessionState::Idle,
-            2 => SessionState::Active,
-            3 => SessionState::IdleInTransaction,
-            4 => SessionState::FailedTransaction,
-            _ => SessionState::Connecting,
+            1 => SessionActivity::Idle,
+            2 => SessionActivity::Active,
+            3 => SessionActivity::IdleInTransaction,
+            4 => SessionActivity::FailedTransaction,
+            _ => SessionActivity::Connecting,
         }
     }
 
     /// pgpool's wording (`Idle`, `Execute command`, `Idle in transaction` …).
     pub(crate) fn as_str(self) -> &'static str {
         match self {
-            SessionState::Connecting => "Connecting",
-            SessionState::Idle => "Idle",
-            SessionState::Active => "Execute command",
-            SessionState::IdleInTransaction => "Idle in transaction",
-            SessionState::FailedTransaction => "Idle in transaction (aborted)",
+            SessionActivity::Connecting => "Connecting",
+            SessionActivity::Idle => "Idle",
+            SessionActivity::Active => "Execute command",
+            SessionActivity::IdleInTransaction => "Idle in transaction",
+            SessionActivity::FailedTransaction => "Idle in transaction (aborted)",
         }
     }
 }
@@ -78,7 +78,7 @@ pub(crate) struct SessionInfo {
     backend_pid: AtomicI32,
     /// When that connection was opened (ms since the epoch); 0 = none.
     backend_opened_ms: AtomicU64,
-    /// [`SessionState`] as a byte.
+    /// [`SessionActivity`] as a byte.
     state: AtomicU8,
     /// The server connection the session holds on each node, if any. Under
     /// transaction pooling it changes twice per transaction, so it takes no lock.
@@ -115,7 +115,7 @@ impl SessionInfo {
     }
 
     /// Report what the session is doing.
-    pub(crate) fn set_state(&self, s: SessionState) {
+    pub(crate) fn set_state(&self, s: SessionActivity) {
         self.state.store(s as u8, Ordering::Relaxed);
     }
 
@@ -184,8 +184,8 @@ impl SessionInfo {
     }
 
     /// What the session is doing.
-    pub(crate) fn state(&self) -> SessionState {
-        SessionState::from_u8(self.state.load(Ordering::Relaxed))
+    pub(crate) fn state(&self) -> SessionActivity {
+        SessionActivity::from_u8(self.state.load(Ordering::Relaxed))
     }
 }
 
@@ -253,7 +253,7 @@ impl SessionRegistry {
             node: AtomicI64::new(-1),
             backend_pid: AtomicI32::new(0),
             backend_opened_ms: AtomicU64::new(0),
-            state: AtomicU8::new(SessionState::Connecting as u8),
+            state: AtomicU8::new(SessionActivity::Connecting as u8),
             held: (0..nodes).map(|_| HeldSlot::default()).collect(),
             stop: AtomicWaker::new(),
         });
@@ -317,10 +317,10 @@ mod tests {
         let r = SessionRegistry::default();
         let h = r.register(3, 42, "app", "db", "psql", "127.0.0.1:5000".parse().ok());
         assert_eq!(r.len(), 1);
-        assert_eq!(h.state(), SessionState::Connecting);
+        assert_eq!(h.state(), SessionActivity::Connecting);
         assert_eq!(h.backend(), None);
         h.set_backend(NodeId::new(1), 777, epoch_ms(SystemTime::now()));
-        h.set_state(SessionState::Active);
+        h.set_state(SessionActivity::Active);
         let listed = r.list();
         assert_eq!(listed[0].pid, 42);
         assert_eq!(

@@ -1,6 +1,6 @@
 //! The server-wide ParameterStatus values of the last primary connection,
 //! kept for admin logins while no primary can be reached
-//! (`session/detached.rs`): such a login reports them, overridden by what the
+//! (`session/no_primary_login.rs`): such a login reports them, overridden by what the
 //! client's startup packet asked for.
 
 use std::sync::Mutex;
@@ -94,7 +94,7 @@ mod tests {
     }
 
     #[test]
-    fn a_detached_login_reports_the_last_primary_values_and_its_own_settings() {
+    fn a_login_without_a_primary_reports_the_last_primary_values_and_its_own_settings() {
         let kept = ServerParams::default();
         let before = kept.for_login(&startup(&[("user", "ops")]), "ops");
         assert_eq!(get(&before, "server_encoding"), Some("UTF8"));

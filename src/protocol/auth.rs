@@ -75,8 +75,8 @@ impl ScramVerifier {
         })
     }
 
-    #[cfg(test)]
     /// Derive a verifier from a plain password (random salt, 4096 iterations).
+    #[cfg(test)]
     pub(crate) fn from_password(password: &str) -> ScramVerifier {
         let v = postgres_protocol::password::scram_sha_256(password.as_bytes());
         ScramVerifier::parse(&v).expect("postgres-protocol produces valid verifiers")

@@ -6,7 +6,8 @@
 //! lag changes routing without touching the session. A session picks its node
 //! once ([`pick`] over [`read_weights`]), checks it before each read
 //! ([`still_usable`]) and, when it no longer qualifies (down, or over a delay
-//! threshold), asks [`reroute`] where the read goes instead.
+//! threshold), picks again by weight or reads on the primary (the session's
+//! `refresh_standby`, pgpool's `prefer_lower_delay_standby`).
 
 use crate::cluster::{ClusterSnapshot, Role};
 use crate::config::NodeId;
@@ -64,22 +65,6 @@ pub(crate) fn still_usable(
     include_primary: bool,
 ) -> bool {
     read_weight(snapshot, node, include_primary) > 0.0
-}
-
-#[cfg(test)]
-/// Where a read goes when the session's chosen node is no longer usable
-/// (pgpool's `prefer_lower_delay_standby`): with the setting on (default),
-/// another node picked by effective weight — lower lag weighs more — and the
-/// primary when none qualifies; with it off, straight to the primary. `None`
-/// only when there is no primary either. The session may adopt the result as
-/// its new load-balance node.
-pub(crate) fn reroute(snapshot: &ClusterSnapshot, include_primary: bool, r: f64) -> Option<NodeId> {
-    if snapshot.lag_policy.prefer_lower_delay_standby
-        && let Some(n) = pick(&read_weights(snapshot, include_primary), r)
-    {
-        return Some(NodeId::new(n));
-    }
-    snapshot.primary
 }
 
 #[cfg(test)]
@@ -147,17 +132,10 @@ mod tests {
     }
 
     #[test]
-    fn reroute_prefers_another_standby_then_the_primary() {
+    fn a_node_over_a_threshold_is_no_longer_usable() {
         let mut s = snap();
+        assert!(still_usable(&s, NodeId::new(2), false));
         s.nodes[2].effective_weight = 0.0; // over a threshold
         assert!(!still_usable(&s, NodeId::new(2), false));
-        assert_eq!(reroute(&s, false, 0.9), Some(NodeId::new(1)));
-        s.nodes[1].effective_weight = 0.0;
-        assert_eq!(reroute(&s, false, 0.9), Some(NodeId::new(0)));
-        s.nodes[1].effective_weight = 1.0;
-        s.lag_policy.prefer_lower_delay_standby = false;
-        assert_eq!(reroute(&s, false, 0.9), Some(NodeId::new(0)));
-        s.primary = None;
-        assert_eq!(reroute(&s, false, 0.9), None);
     }
 }

@@ -195,8 +195,8 @@ impl RelationCatalog {
         }
     }
 
-    #[cfg(test)]
     /// Cached answers (for tests and admin views).
+    #[cfg(test)]
     pub(crate) fn len(&self) -> usize {
         self.read().entries
     }

@@ -9,7 +9,7 @@ use bytes::BytesMut;
 
 use super::link::Link;
 use super::statements::Needs;
-use super::{SHUN, SHUN_REFUSED, Session, SessionError, state};
+use super::{SHUN, SHUN_REFUSED, Session, SessionError, client_view};
 use crate::backend::BackendError;
 use crate::backend::conn::Unnamed;
 use crate::backend::pool::AcquireSettings;
@@ -90,7 +90,8 @@ impl Session {
         needs: Needs,
     ) -> Result<(), SessionError> {
         let primary = self.ctx.cluster.snapshot().primary;
-        let must_use = Some(node) == primary || (self.in_tx && self.route.tx_node == Some(node));
+        let must_use =
+            Some(node) == primary || (self.tx.in_block() && self.route.tx_node == Some(node));
         let fresh = match &self.links[node.index()] {
             Some(l) => !l.busy() && node != self.active && !l.conn.is_healthy_idle(),
             None => true,
@@ -134,8 +135,8 @@ impl Session {
         let mut msgs = BytesMut::new();
         let mut rfqs = 0;
         let mut discards = false;
-        let replayed = !self.state.log_since(link.applied).is_empty();
-        for q in self.state.log_since(link.applied) {
+        let replayed = !self.client_view.log_since(link.applied).is_empty();
+        for q in self.client_view.log_since(link.applied) {
             msgs.extend_from_slice(q);
             rfqs += 1;
             discards |= crate::router::session_cmd::is_discard_all(
@@ -145,9 +146,9 @@ impl Session {
         let closes = std::mem::take(&mut link.pending_close);
         if !closes.is_empty() {
             for name in &closes {
-                state::close_statement_message(&mut msgs, name);
+                client_view::close_statement_message(&mut msgs, name);
             }
-            state::sync_message(&mut msgs);
+            client_view::sync_message(&mut msgs);
             rfqs += 1;
         }
         if rfqs > 0 {
@@ -156,7 +157,7 @@ impl Session {
             for name in &closes {
                 link.conn.held.closed(name);
             }
-            link.applied = self.state.log_end();
+            link.applied = self.client_view.log_end();
             if replayed {
                 // Settings are replayed as simple Queries, which drop the
                 // server's unnamed statement.
@@ -168,7 +169,7 @@ impl Session {
             }
             if let Some(e) = errors.first() {
                 tracing::warn!(%node, error = %e.message, "replaying the session's settings failed; the session stays on the primary");
-                self.state.overflowed = true;
+                self.client_view.overflowed = true;
             }
         }
         // 2. Statements the request uses.
@@ -186,15 +187,16 @@ impl Session {
     /// session with no session state outside a transaction has nothing to
     /// lose.
     fn lost_link_ends_session(&self, node: NodeId, primary: Option<NodeId>) -> bool {
-        let tx_here = (self.in_tx || self.tx_aborted) && self.route.tx_node == Some(node);
+        let tx_here =
+            (self.tx.in_block() || self.tx.client_aborted()) && self.route.tx_node == Some(node);
         match self.cfg.pool.mode {
             PoolMode::Session => tx_here || primary == Some(node),
             PoolMode::Transaction => {
                 tx_here
                     || self.dirty
                     || self.route.sticky_primary
-                    || self.state.overflowed
-                    || !self.state.pending_tx.is_empty()
+                    || self.client_view.overflowed
+                    || !self.client_view.pending_tx.is_empty()
             }
         }
     }
@@ -224,8 +226,9 @@ impl Session {
     /// BEGIN (so it has no snapshot yet), to the primary: ROLLBACK there,
     /// the same BEGIN here, both answered to pgpilot alone. Without a primary
     /// the transaction stays (its next statement gets the standby's error).
-    pub(super) async fn move_fresh_tx_to_primary(&mut self) -> Result<(), SessionError> {
-        let (Some(begin), Some(standby)) = (self.fresh_tx_begin.take(), self.route.tx_node) else {
+    pub(super) async fn move_untouched_tx_to_primary(&mut self) -> Result<(), SessionError> {
+        let (Some(begin), Some(standby)) = (self.untouched_tx_begin.take(), self.route.tx_node)
+        else {
             return Ok(());
         };
         let Some(primary) = self.ctx.cluster.snapshot().primary else {
@@ -233,7 +236,7 @@ impl Session {
         };
         let limit = self.cfg.timeouts.reset;
         if let Some(link) = self.links[standby.index()].as_mut() {
-            let rollback = state::query_message(b"ROLLBACK");
+            let rollback = client_view::query_message(b"ROLLBACK");
             link.conn.exchange_discarding(&rollback, 1, limit).await?;
             link.unnamed = Unnamed::Absent;
         }

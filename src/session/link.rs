@@ -14,8 +14,8 @@ use std::time::Instant;
 use tokio::net::TcpStream;
 
 use super::SessionError;
+use super::client_view::Effects;
 use super::retry::Watch;
-use super::state::Effects;
 use crate::backend::conn::Unnamed;
 use crate::backend::pool::PooledConn;
 use crate::metrics::{ErrorSeverity, Metrics};
@@ -132,7 +132,7 @@ pub(crate) struct PendingClose {
     /// not forwarded.
     pub(crate) injected: bool,
     /// pgpilot's marker in front of the message it sent to fail in place of
-    /// a use of a [broken](super::state::Stmt::broken) statement: the error
+    /// a use of a [broken](super::client_view::Stmt::broken) statement: the error
     /// that follows its CloseComplete is replaced by PostgreSQL's `0A000`.
     pub(crate) marks_shape_error: bool,
 }

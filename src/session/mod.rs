@@ -4,32 +4,40 @@
 //! A session holds at most one server connection per node ([`link`]): the
 //! primary's, opened at login, and a standby's, opened when the first read is
 //! routed there. [`route`] decides the node of each request and [`track`]
-//! records what sending it did; [`state`] keeps the settings and prepared
+//! records what sending it did; [`client_view`] keeps the settings and prepared
 //! statements every connection must share; [`relay`] is the loop. [`txpool`]
 //! gives connections back between transactions (transaction pooling), and
-//! [`detached`] lets an admin in while no primary can be reached.
+//! [`no_primary_login`] lets an admin in while no primary can be reached.
+//!
+//! The session's state is grouped by concern: the client's transaction
+//! ([`tx_state`], with its transitions), what the client has been told
+//! ([`client_view`]), the routing state (`route`), read-your-writes
+//! ([`read_your_writes`]), and the one-shot fallbacks a failure leaves for the
+//! next request ([`route::NextRequest`]). The few bools left on [`Session`] are
+//! independent flags, each documented at its field.
 //!
 //! The session decodes only what it must: frame boundaries, Query and Parse
 //! text, Bind/Close names from the client; ReadyForQuery, ErrorResponse,
 //! ParameterStatus and ParseComplete from the servers. Everything else passes
 //! through as the bytes that arrived, batched per read.
 
+mod answered_here;
 mod catalog_io;
+mod client_view;
 mod clock;
 mod connect;
-mod detached;
-mod fresh;
 pub(crate) mod handshake;
 mod link;
-mod local;
+mod no_primary_login;
+mod read_your_writes;
 mod relay;
 mod retry;
 mod route;
 mod shape_check;
 mod sql_prepare;
-mod state;
 mod statements;
 mod track;
+mod tx_state;
 mod txpool;
 mod unlogged;
 
@@ -54,9 +62,9 @@ use crate::protocol::startup::StartupMessage;
 use crate::protocol::{CancelKey, TxStatus};
 use crate::router::classify::Classification;
 use crate::router::policy::{Policy, RouteState};
+use client_view::ClientView;
 use handshake::Opening;
 use link::{Done, Link};
-use state::SessionState;
 
 /// Why a session ended abnormally; defined beside its SQLSTATE mapping.
 pub(crate) use crate::error::SessionError;
@@ -244,18 +252,13 @@ struct Session {
     /// Where the extended-protocol batch being forwarded goes (until its Sync).
     batch: Option<route::Target>,
     /// Settings and prepared statements shared by every connection of the session.
-    state: SessionState,
+    client_view: ClientView,
     /// Routing state: the session's standby, sticky/forced primary, transaction node.
     route: RouteState,
-    /// Inside a transaction block, as predicted from what was sent and corrected
-    /// by every ReadyForQuery of the transaction's node.
-    in_tx: bool,
-    /// The prediction is unreliable until in-flight requests are answered.
-    tx_uncertain: bool,
-    /// pgpool mode: a read balanced off the transaction's node failed, so the
-    /// client's transaction is aborted although the primary's is not: pgpilot
-    /// refuses statements (25P02) until ROLLBACK, and turns COMMIT into ROLLBACK.
-    tx_aborted: bool,
+    /// The client's transaction: the block as predicted from what was sent and
+    /// corrected by the transaction node's ReadyForQuery, pgpilot's abort of
+    /// it in pgpool mode, and whether the prediction is certain ([`tx_state`]).
+    tx: tx_state::Tx,
     /// Classification of the request just routed (reused when it is sent).
     pending_class: Option<Arc<Classification>>,
     /// Classifications of the Parses of the batch just routed, in order (reused
@@ -265,8 +268,6 @@ struct Session {
     /// The shapes of the statements the session sent last: most statements
     /// are classified by recognising one of them (see [`crate::router::memo`]).
     memo: crate::router::memo::StatementMemo,
-    /// Route the next read to the primary: preparing it on the standby failed.
-    avoid_standby_once: bool,
     /// The open batch was routed in an earlier read: its messages arriving
     /// now were not seen then, so the statements they use are supplied as
     /// they come ([`Session::supply_statement`]).
@@ -275,10 +276,8 @@ struct Session {
     /// the answer to pgpilot's Describe of it: the batch's next messages wait
     /// ([`Session::supply_statement`]).
     shape_wait: bool,
-    /// The last `pg_proc` lookup failed: judge the next request's functions volatile.
-    lookup_failed: bool,
-    /// The last unlogged-relation lookup failed: the next read goes to the primary.
-    relations_failed: bool,
+    /// One-shot fallbacks a failure leaves for the next request.
+    next: route::NextRequest,
     /// The request that may run again on the primary if a standby refuses it.
     retry: retry::RetryNet,
     /// A request that may change the catalog was sent since the session was
@@ -302,16 +301,16 @@ struct Session {
     /// This session in `ctx.sessions` (SHOW POOL_PROCESSES); unregisters on drop.
     registration: SessionHandle,
     /// Admin statements prepared through the extended protocol.
-    local: local::LocalStatements,
+    answered_here: answered_here::OwnStatements,
     /// Read-your-writes state: what the session's reads must see.
-    fresh: fresh::Freshness,
+    read_your_writes: read_your_writes::ReadYourWrites,
     /// The open transaction was begun on a standby by this Query and has run
     /// nothing else: a `SET TRANSACTION` only the primary can take moves it
     /// there ([`route::Step::MoveTxToPrimary`]).
-    fresh_tx_begin: Option<bytes::Bytes>,
+    untouched_tx_begin: Option<bytes::Bytes>,
     /// Logged in without a server connection (an admin user while no primary
     /// could be reached): the session may hold none until a request needs one.
-    detached: bool,
+    no_primary_login: bool,
     /// Databases whose connections the pool closes rather than keeps until
     /// the statement sent for them (`DROP DATABASE` …) is answered.
     retiring: Vec<String>,
@@ -382,19 +381,15 @@ impl Session {
             server_reads: (0..nodes).map(|_| Default::default()).collect(),
             active: NodeId::new(0),
             batch: None,
-            state: SessionState::default(),
+            client_view: ClientView::default(),
             route: RouteState::default(),
-            in_tx: false,
-            tx_uncertain: false,
-            tx_aborted: false,
+            tx: tx_state::Tx::default(),
             pending_class: None,
             parsed_ahead: std::collections::VecDeque::new(),
             memo: Default::default(),
-            avoid_standby_once: false,
             batch_unseen: false,
             shape_wait: false,
-            lookup_failed: false,
-            relations_failed: false,
+            next: route::NextRequest::default(),
             catalog_changed: false,
             retry: retry::RetryNet::default(),
             shunned_until: vec![None; nodes],
@@ -405,10 +400,10 @@ impl Session {
             done: Vec::with_capacity(8),
             dirty: false,
             registration,
-            local: local::LocalStatements::default(),
-            fresh: fresh::Freshness::default(),
-            fresh_tx_begin: None,
-            detached: false,
+            answered_here: answered_here::OwnStatements::default(),
+            read_your_writes: read_your_writes::ReadYourWrites::default(),
+            untouched_tx_begin: None,
+            no_primary_login: false,
             retiring: Vec::new(),
             _slot: slot,
         }
@@ -536,18 +531,18 @@ impl Session {
                     failed,
                 } => {
                     let tx_link = self.route.tx_node.is_none_or(|t| t == node);
-                    if failed && !tx_link && self.in_tx {
+                    if failed && !tx_link && self.tx.in_block() {
                         // A read balanced off the transaction's node failed: in
                         // PostgreSQL the transaction would now be aborted.
-                        self.tx_aborted = true;
+                        self.tx.abort_client();
                     }
                     if tx_link && status == TxStatus::Idle {
                         self.catalog_settled();
-                        self.state.pending_tx.clear();
-                        self.tx_aborted = false;
+                        self.client_view.pending_tx.clear();
+                        self.tx.clear_abort();
                     }
                     if status == TxStatus::Idle
-                        && self.fresh.write_pending
+                        && self.read_your_writes.write_pending
                         && Some(node) == self.ctx.cluster.snapshot().primary
                     {
                         self.writes_acknowledged();
@@ -559,20 +554,20 @@ impl Session {
                             self.end_retiring();
                         }
                         if tx_link {
-                            self.in_tx = status != TxStatus::Idle;
-                            self.route.tx_node = self.in_tx.then_some(node);
-                            if !self.in_tx {
+                            self.tx.correct(status != TxStatus::Idle);
+                            self.route.tx_node = self.tx.in_block().then_some(node);
+                            if !self.tx.in_block() {
                                 self.route.tx_wrote = false;
                             }
                         }
-                        self.tx_uncertain = false;
+                        self.tx.uncertain = false;
                         // Requests held back while the node was busy can go now
                         // (with none waiting, there is nothing to route).
                         self.recheck |= !self.cbuf.is_empty();
                         self.registration.set_state(match status {
-                            TxStatus::Idle => registry::SessionState::Idle,
-                            TxStatus::InTransaction => registry::SessionState::IdleInTransaction,
-                            TxStatus::Failed => registry::SessionState::FailedTransaction,
+                            TxStatus::Idle => registry::SessionActivity::Idle,
+                            TxStatus::InTransaction => registry::SessionActivity::IdleInTransaction,
+                            TxStatus::Failed => registry::SessionActivity::FailedTransaction,
                         });
                     }
                 }
@@ -588,18 +583,18 @@ impl Session {
         if let Some(l) = self.links[node.index()].as_mut() {
             l.statements.remove(name);
         }
-        if let Some(state::Stmt {
-            source: state::StmtSource::Parse(_),
+        if let Some(client_view::Stmt {
+            source: client_view::StmtSource::Parse(_),
             ..
-        }) = self.state.stmts.get(name)
+        }) = self.client_view.stmts.get(name)
         {
-            self.state.stmts.remove(name);
+            self.client_view.stmts.remove(name);
         }
     }
 
     /// A request's effects, confirmed by the server.
     #[inline(never)]
-    fn apply_effects(&mut self, node: NodeId, e: state::Effects) {
+    fn apply_effects(&mut self, node: NodeId, e: client_view::Effects) {
         use crate::router::classify::TxControl;
         let c = &e.class;
         if let Some(ro) = c.sets_read_only_default {
@@ -614,12 +609,16 @@ impl Session {
             inner.prepare = None;
             inner.session_state = false;
             let name = name.as_bytes().to_vec();
-            self.state.stmts.insert(
+            self.client_view.stmts.insert(
                 name.clone(),
-                state::Stmt::new(state::StmtSource::Sql(q.clone()), Arc::new(inner), None),
+                client_view::Stmt::new(
+                    client_view::StmtSource::Sql(q.clone()),
+                    Arc::new(inner),
+                    None,
+                ),
             );
-            if !self.state.sql_names.contains(&name) {
-                self.state.sql_names.push(name.clone());
+            if !self.client_view.sql_names.contains(&name) {
+                self.client_view.sql_names.push(name.clone());
             }
             if let Some(l) = self.links[node.index()].as_mut() {
                 l.statements.insert(name);
@@ -634,34 +633,36 @@ impl Session {
             self.forget_all_statements(node);
         }
         if let Some(op) = &e.savepoint {
-            self.state.savepoint(op);
+            self.client_view.savepoint(op);
             if matches!(op, crate::router::session_cmd::SavepointOp::RollbackTo(_)) {
-                self.tx_aborted = false;
+                self.tx.clear_abort();
             }
         }
         let mut logged = Vec::new();
         if let Some(q) = e.replay {
             if e.in_tx_block {
-                self.state.pending_tx.push(state::Pending::Setting(q));
+                self.client_view
+                    .pending_tx
+                    .push(client_view::Pending::Setting(q));
             } else {
                 logged.push(q);
             }
         }
         if matches!(c.tx, Some(TxControl::Commit)) {
-            logged.append(&mut self.state.take_committed());
+            logged.append(&mut self.client_view.take_committed());
         }
         for q in logged {
             let was_current = self.links[node.index()]
                 .as_ref()
-                .is_some_and(|l| l.applied == self.state.log_end());
+                .is_some_and(|l| l.applied == self.client_view.log_end());
             let text = std::str::from_utf8(route::query_sql(&q)).unwrap_or("");
             let resets = crate::router::session_cmd::resets_all(text);
-            self.state.log_setting(q, resets);
+            self.client_view.log_setting(q, resets);
             if was_current && let Some(l) = self.links[node.index()].as_mut() {
-                l.applied = self.state.log_end();
+                l.applied = self.client_view.log_end();
             }
         }
-        if self.state.overflowed {
+        if self.client_view.overflowed {
             self.route.sticky_primary = true;
         }
     }

@@ -70,7 +70,7 @@ impl Session {
             let busy = self.links.iter().flatten().any(|l| l.busy());
             let idle_limit = if busy {
                 Duration::ZERO
-            } else if !self.in_tx {
+            } else if !self.tx.in_block() {
                 self.cfg.timeouts.client_idle
             } else {
                 self.cfg.timeouts.idle_in_transaction
@@ -166,7 +166,7 @@ impl Session {
                 Wake::ClientRead(Err(e)) => return End::Error(SessionError::ClientIo(e)),
                 Wake::WriteStalled => return End::Error(SessionError::WriteTimeout),
                 Wake::Idle => {
-                    return End::Error(if !self.in_tx {
+                    return End::Error(if !self.tx.in_block() {
                         SessionError::IdleTimeout
                     } else {
                         SessionError::IdleInTransactionTimeout
@@ -198,14 +198,14 @@ impl Session {
                     // A session that holds no server connection (between
                     // transactions under transaction pooling, or an admin who
                     // logged in without a primary) loses only this request.
-                    None if !self.in_tx && self.links.iter().all(Option::is_none) => {
+                    None if !self.tx.in_block() && self.links.iter().all(Option::is_none) => {
                         let e = crate::error::ToPgError::to_pg_error(&BackendError::NoPrimary);
                         self.refuse_request(e)
                     }
                     None => Err(SessionError::Backend(BackendError::NoPrimary)),
                 }
             }
-            Step::MoveTxToPrimary => self.move_fresh_tx_to_primary().await,
+            Step::MoveTxToPrimary => self.move_untouched_tx_to_primary().await,
             Step::ProbeDefaults => self.probe_defaults().await,
             Step::FetchLsn => {
                 let limit = self.cfg.monitor.timeout;
@@ -247,7 +247,7 @@ impl Session {
                     .await
                     && self.ctx.catalog.cached(&self.database, &names).is_none()
                 {
-                    self.lookup_failed = true;
+                    self.next.functions_volatile = true;
                 }
                 Ok(())
             }
@@ -258,7 +258,7 @@ impl Session {
     pub(super) fn on_backend_data(&mut self, node: NodeId) -> Result<(), SessionError> {
         // A read balanced off the transaction's node must not end the client's
         // transaction in its eyes.
-        let patch = (self.in_tx && self.route.tx_node.is_some_and(|t| t != node))
+        let patch = (self.tx.in_block() && self.route.tx_node.is_some_and(|t| t != node))
             .then_some(TxStatus::InTransaction.as_byte());
         let Some(link) = self.links[node.index()].as_mut() else {
             return Ok(());
@@ -282,7 +282,7 @@ impl Session {
         // on another runtime thread, and that read must find the count
         // raised (the ordering argument is in `crate::consistency`).
         if chunk.tells_commit
-            && self.fresh.write_pending
+            && self.read_your_writes.write_pending
             && self.ctx.cluster.snapshot().primary == Some(node)
         {
             self.ctx.lsns.write_acknowledged();

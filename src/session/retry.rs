@@ -87,7 +87,7 @@ impl Session {
             && class.prepare.is_none()
             && class.execute.is_none()
             && class.deallocate.is_none()
-            && !self.in_tx
+            && !self.tx.in_block()
             && self.retry.off_primary
             && self.links[node.index()].as_ref().is_some_and(|l| !l.busy());
         if !eligible {
@@ -140,7 +140,7 @@ impl Session {
         link.st.watch = Watch::Off;
         let mut held = std::mem::take(&mut link.st.held);
         let alone = !link.busy();
-        let retry = alone && !self.in_tx && armed.as_ref().is_some_and(|(n, _)| *n == node);
+        let retry = alone && !self.tx.in_block() && armed.as_ref().is_some_and(|(n, _)| *n == node);
         if let (true, Some((_, class))) = (retry, armed) {
             class.primary_only.set();
             self.ctx.metrics.refusal_retried();
@@ -150,7 +150,7 @@ impl Session {
             cbuf.extend_from_slice(&self.retry.frames);
             cbuf.extend_from_slice(&self.cbuf);
             self.cbuf = cbuf;
-            self.avoid_standby_once = true;
+            self.next.avoid_standby = true;
             self.recheck = true;
         } else {
             self.to_client

@@ -22,7 +22,7 @@
 
 use std::sync::Arc;
 
-use super::state::StmtSource;
+use super::client_view::StmtSource;
 use super::statements::{Needs, mentions_execute};
 use super::{Session, SessionError};
 use crate::config::{NodeId, UnknownFunctions};
@@ -72,6 +72,22 @@ pub(crate) enum Step {
         /// Give up (read on the primary) then.
         deadline: tokio::time::Instant,
     },
+}
+
+/// Fallbacks a failure leaves for the next request, each taken once: the
+/// next request that would use it is routed safely and the flag is cleared.
+/// Independent of each other (different failures, different requests).
+#[derive(Debug, Default)]
+pub(super) struct NextRequest {
+    /// Preparing a statement on the standby failed, or a standby refused a
+    /// read: the next read goes to the primary.
+    pub(super) avoid_standby: bool,
+    /// The last `pg_proc` lookup failed: the next request's unknown functions
+    /// are judged volatile.
+    pub(super) functions_volatile: bool,
+    /// The last unlogged-relation lookup failed: the next read that names
+    /// relations goes to the primary.
+    pub(super) relations_to_primary: bool,
 }
 
 /// A request's route, or why it cannot be sent yet.
@@ -207,7 +223,7 @@ impl Session {
                     self.link_mut(node)?.copy_in = false;
                     node
                 }
-                tag::QUERY if self.batch.is_none() && self.tx_aborted => {
+                tag::QUERY if self.batch.is_none() && self.tx.client_aborted() => {
                     if self.links.iter().flatten().any(|l| l.busy()) {
                         return Ok(Step::Blocked);
                     }
@@ -216,18 +232,18 @@ impl Session {
                             Ok(n) => n,
                             Err(step) => return Ok(step),
                         },
-                        Some(super::local::AbortedTx::Refuse) => {
+                        Some(super::answered_here::AbortedTx::Refuse) => {
                             self.refuse_in_aborted_tx(true)?;
                             *pos += f.wire_len;
                             continue;
                         }
-                        Some(super::local::AbortedTx::RollBack) => {
+                        Some(super::answered_here::AbortedTx::RollBack) => {
                             // The client's COMMIT ends an aborted transaction:
                             // the primary gets ROLLBACK (answered "ROLLBACK").
                             let node = self.route.tx_node.unwrap_or(self.active);
                             self.flush_span(buf, *span, *pos)?;
                             *span = None;
-                            let rollback = super::state::query_message(b"ROLLBACK");
+                            let rollback = super::client_view::query_message(b"ROLLBACK");
                             self.track_simple(node, tag::QUERY, &rollback)?;
                             self.set_active(node);
                             self.link_mut(node)?.send(&rollback)?;
@@ -237,18 +253,18 @@ impl Session {
                     }
                 }
                 tag::QUERY if self.batch.is_none() => {
-                    if let Some(cmd) = super::local::parse_local(query_sql(frame)) {
+                    if let Some(cmd) = super::answered_here::parse_own_command(query_sql(frame)) {
                         if self.links.iter().flatten().any(|l| l.busy()) {
                             return Ok(Step::Blocked);
                         }
-                        if self.local_wants_lsn() {
+                        if self.own_command_wants_lsn() {
                             return Ok(Step::FetchLsn);
                         }
-                        self.answer_local_query(&cmd)?;
+                        self.answer_own_query(&cmd)?;
                         *pos += f.wire_len;
                         continue;
                     }
-                    if self.moves_fresh_tx(frame) {
+                    if self.moves_untouched_tx(frame) {
                         if self.links.iter().flatten().any(|l| l.busy()) {
                             return Ok(Step::Blocked);
                         }
@@ -285,7 +301,7 @@ impl Session {
                 | tag::SYNC => {
                     let target = match self.batch {
                         Some(t) => t,
-                        None if self.tx_aborted
+                        None if self.tx.client_aborted()
                             && !self.batch_ends_aborted_tx(f.tag, &frame[5..]) =>
                         {
                             if self.links.iter().flatten().any(|l| l.busy()) {
@@ -295,17 +311,17 @@ impl Session {
                             self.start_refused_batch()?;
                             Target::Local
                         }
-                        None if self.starts_local_batch(f.tag, &frame[5..]) => {
+                        None if self.starts_own_batch(f.tag, &frame[5..]) => {
                             if self.links.iter().flatten().any(|l| l.busy()) {
                                 return Ok(Step::Blocked);
                             }
-                            if self.local_wants_lsn() {
+                            if self.own_command_wants_lsn() {
                                 return Ok(Step::FetchLsn);
                             }
                             self.batch = Some(Target::Local);
                             Target::Local
                         }
-                        None if self.batch_moves_fresh_tx(&buf[*pos..]) => {
+                        None if self.batch_moves_untouched_tx(&buf[*pos..]) => {
                             if self.links.iter().flatten().any(|l| l.busy()) {
                                 return Ok(Step::Blocked);
                             }
@@ -316,18 +332,18 @@ impl Session {
                                 self.arm_retry(n, &buf[*pos..], false);
                                 self.batch = Some(Target::Node(n));
                                 self.batch_unseen = false;
-                                self.fresh_request_sent();
+                                self.read_your_writes_request_sent();
                                 Target::Node(n)
                             }
                             Err(step) => return Ok(step),
                         },
                     };
                     let Target::Node(node) = target else {
-                        self.local_extended(f.tag, frame)?;
+                        self.own_extended(f.tag, frame)?;
                         *pos += f.wire_len;
                         continue;
                     };
-                    if self.state.any_broken && self.uses_broken(f.tag, frame) {
+                    if self.client_view.any_broken && self.uses_broken(f.tag, frame) {
                         self.fail_broken_use(node, buf, *pos, span)?;
                         *pos += f.wire_len;
                         continue;
@@ -374,7 +390,7 @@ impl Session {
         let mut force_write = false;
         let mut hint = hint;
         if let Some(name) = &class.execute {
-            match self.state.stmts.get(name.as_bytes()) {
+            match self.client_view.stmts.get(name.as_bytes()) {
                 Some(st) => {
                     force_write = st.class.access == Access::Write;
                     hint = hint.or(st.hint);
@@ -439,7 +455,7 @@ impl Session {
                     parsed.push_back((class.clone(), h));
                     classes.push(class);
                     if !name.is_empty()
-                        && !self.state.stmts.contains_key(name)
+                        && !self.client_view.stmts.contains_key(name)
                         && !defined.contains(&name)
                     {
                         // Another session's statement of that name may be on
@@ -451,7 +467,7 @@ impl Session {
                 tag::BIND | tag::DESCRIBE => {
                     let name = used_statement(f.tag, body);
                     if let Some(name) = name.filter(|n| !defined.contains(n)) {
-                        match self.state.stmts.get(name) {
+                        match self.client_view.stmts.get(name) {
                             Some(st) => {
                                 if f.tag == tag::BIND {
                                     classes.push(st.class.clone());
@@ -493,7 +509,7 @@ impl Session {
                 let node = self
                     .route
                     .tx_node
-                    .filter(|_| self.in_tx)
+                    .filter(|_| self.tx.in_block())
                     .unwrap_or(self.active);
                 return Ok(self.check_ready(node, &needs).map(|()| node));
             }
@@ -519,7 +535,7 @@ impl Session {
     fn batch_ends_aborted_tx(&self, t: u8, body: &[u8]) -> bool {
         let query: &[u8] = match t {
             tag::PARSE => parse_fields(body).1,
-            tag::BIND => match self.state.stmts.get(bind_statement(body)) {
+            tag::BIND => match self.client_view.stmts.get(bind_statement(body)) {
                 Some(st) => match &st.source {
                     StmtSource::Parse(f) => parse_fields(&f[5..]).1,
                     StmtSource::Sql(_) => return false,
@@ -557,7 +573,7 @@ impl Session {
         if class.access == Access::Write || class.unknown_functions.is_empty() {
             return Ok(false);
         }
-        if std::mem::take(&mut self.lookup_failed) {
+        if std::mem::take(&mut self.next.functions_volatile) {
             return Ok(true);
         }
         match self.cfg.routing.unknown_functions {
@@ -584,8 +600,8 @@ impl Session {
         let snapshot = self.ctx.cluster.snapshot();
         self.refresh_standby(&snapshot);
         let mut route = self.route.clone();
-        route.sticky_primary |= self.state.overflowed;
-        if std::mem::take(&mut self.avoid_standby_once) {
+        route.sticky_primary |= self.client_view.overflowed;
+        if std::mem::take(&mut self.next.avoid_standby) {
             route.standby = None;
         }
         let node = match policy::decide(
@@ -593,7 +609,7 @@ impl Session {
             &route,
             class,
             hint,
-            self.in_tx,
+            self.tx.in_block(),
             snapshot.primary,
         ) {
             Decision::Node(n) => n,
@@ -603,21 +619,21 @@ impl Session {
             %node,
             access = ?class.access,
             tx = ?class.tx,
-            in_tx = self.in_tx,
+            in_tx = self.tx.in_block(),
             standby = ?route.standby,
             "routed"
         );
         self.check_ready(node, needs)?;
-        let in_tx_here = self.in_tx && self.route.tx_node == Some(node);
+        let in_tx_here = self.tx.in_block() && self.route.tx_node == Some(node);
         if Some(node) != snapshot.primary && !self.defaults_probed {
             return Err(Step::ProbeDefaults);
         }
         let node = if Some(node) != snapshot.primary && !in_tx_here {
-            let fresh = self.fresh_read_node(node, &snapshot)?;
-            if fresh != node {
-                self.check_ready(fresh, needs)?;
+            let caught_up = self.read_your_writes_node(node, &snapshot)?;
+            if caught_up != node {
+                self.check_ready(caught_up, needs)?;
             }
-            fresh
+            caught_up
         } else {
             node
         };
@@ -643,7 +659,7 @@ impl Session {
         {
             return;
         }
-        if self.route.tx_node.is_some() && self.in_tx {
+        if self.route.tx_node.is_some() && self.tx.in_block() {
             return;
         }
         let first_pick = !self.standby_picked;
@@ -683,7 +699,7 @@ impl Session {
             .enumerate()
             .any(|(i, l)| i != node.index() && l.as_ref().is_some_and(|l| l.busy()));
         let busy_here = self.links[node.index()].as_ref().is_some_and(|l| l.busy());
-        if others_busy || (self.tx_uncertain && busy_here) {
+        if others_busy || (self.tx.uncertain && busy_here) {
             return Err(Step::Blocked);
         }
         let prepare = || Step::Prepare {
@@ -699,7 +715,7 @@ impl Session {
         let Some(link) = &self.links[node.index()] else {
             return Err(prepare());
         };
-        let stale = link.applied < self.state.log_end()
+        let stale = link.applied < self.client_view.log_end()
             || !link.pending_close.is_empty()
             || self.statements_stale(node, needs)
             || (node != self.active && !busy_here && !link.conn.is_healthy_idle());

@@ -46,7 +46,7 @@ impl Session {
     /// The client's Describe of `name` was answered with `shape`: the first
     /// such answer is what the client knows of the statement.
     pub(super) fn on_described(&mut self, name: &[u8], shape: Shape) {
-        if let Some(st) = self.state.stmts.get_mut(name) {
+        if let Some(st) = self.client_view.stmts.get_mut(name) {
             st.shape.get_or_insert(shape);
         }
     }
@@ -64,16 +64,16 @@ impl Session {
 
     /// Statement `name` no longer has the shape the client knows.
     pub(super) fn mark_broken(&mut self, name: &[u8]) {
-        if let Some(st) = self.state.stmts.get_mut(name) {
+        if let Some(st) = self.client_view.stmts.get_mut(name) {
             tracing::debug!(statement = %String::from_utf8_lossy(name), "statement's result changed: its uses fail with 0A000");
             st.broken = true;
-            self.state.any_broken = true;
+            self.client_view.any_broken = true;
         }
     }
 
     /// Whether statement `name` is broken for the session.
     pub(super) fn is_broken(&self, name: &[u8]) -> bool {
-        self.state.any_broken && self.state.stmts.get(name).is_some_and(|s| s.broken)
+        self.client_view.any_broken && self.client_view.stmts.get(name).is_some_and(|s| s.broken)
     }
 
     /// Whether this message (a Bind, or a Describe of a statement) uses a
@@ -113,7 +113,7 @@ impl Session {
         out.put_u8(b'P');
         out.put_slice(MARKER_PORTAL);
         out.put_u8(0);
-        super::state::describe_statement_message(&mut out, ABSENT_STATEMENT);
+        super::client_view::describe_statement_message(&mut out, ABSENT_STATEMENT);
         let link = self.link_mut(node)?;
         link.begin_request(now);
         let request = link.sent + 1;

@@ -19,7 +19,7 @@
 //!   counts the view as the primary's).
 
 use super::Session;
-use super::state::{Stmt, StmtSource};
+use super::client_view::{Stmt, StmtSource};
 use super::statements::Needs;
 use crate::config::NodeId;
 use crate::router::classify::Classification;
@@ -35,7 +35,7 @@ impl Session {
     /// `node` lacks, if `node` is the primary and it lacks some.
     #[inline]
     pub(super) fn sql_statements_needed(&self, node: NodeId, needs: &Needs) -> Option<Needs> {
-        if self.state.sql_names.is_empty() {
+        if self.client_view.sql_names.is_empty() {
             return None;
         }
         self.missing_sql_statements(node, needs)
@@ -48,9 +48,9 @@ impl Session {
             return None;
         }
         let link = self.links[node.index()].as_ref();
-        let mut missing = self.state.sql_names.iter().filter(|n| {
+        let mut missing = self.client_view.sql_names.iter().filter(|n| {
             matches!(
-                self.state.stmts.get(*n),
+                self.client_view.stmts.get(*n),
                 Some(Stmt {
                     source: StmtSource::Sql(_),
                     ..

@@ -1,7 +1,7 @@
 //! Making a server connection hold the prepared statements a request uses.
 //!
 //! A session keeps its own record of every statement it prepared (the client's
-//! Parse frames, [`super::state`]); a server connection knows which statements
+//! Parse frames, [`super::client_view`]); a server connection knows which statements
 //! its server holds, whoever made them
 //! ([`HeldStatements`](crate::backend::statements::HeldStatements)). Before a
 //! request runs on a connection, each name it uses must be the session's own
@@ -26,7 +26,7 @@
 
 use bytes::{Bytes, BytesMut};
 
-use super::state::{self, StmtSource};
+use super::client_view::{self, StmtSource};
 use super::{Session, SessionError};
 use crate::backend::conn::Unnamed;
 use crate::config::NodeId;
@@ -76,7 +76,7 @@ impl Session {
     /// of another session's.
     pub(super) fn need_all_statements(&self, needs: &mut Needs) {
         needs.purge_others = true;
-        for name in self.state.stmts.keys().filter(|n| !n.is_empty()) {
+        for name in self.client_view.stmts.keys().filter(|n| !n.is_empty()) {
             needs.add(name);
         }
     }
@@ -101,11 +101,11 @@ impl Session {
             if name.is_empty() || link.statements.contains(name) {
                 continue;
             }
-            if let Some(state::Stmt {
+            if let Some(client_view::Stmt {
                 source: StmtSource::Parse(own),
                 shape,
                 ..
-            }) = self.state.stmts.get(name)
+            }) = self.client_view.stmts.get(name)
                 && link.conn.held.is(name, own, clean, *shape)
             {
                 link.statements.insert(name.clone());
@@ -128,7 +128,7 @@ impl Session {
             !link.statements.contains(n)
                 // A broken statement's uses never reach the server.
                 && !self.is_broken(n)
-                && (self.state.stmts.contains_key(n)
+                && (self.client_view.stmts.contains_key(n)
                     || if n.is_empty() {
                         link.unnamed != Unnamed::Absent
                     } else {
@@ -184,7 +184,7 @@ impl Session {
         let mut unnamed = None;
         for name in &needs.names {
             if link.statements.contains(name)
-                || self.state.stmts.get(name).is_some_and(|s| s.broken)
+                || self.client_view.stmts.get(name).is_some_and(|s| s.broken)
             {
                 continue;
             }
@@ -192,11 +192,11 @@ impl Session {
             if held_here && !closes.contains(name) {
                 closes.push(name.clone());
             }
-            match self.state.stmts.get(name).map(|s| &s.source) {
+            match self.client_view.stmts.get(name).map(|s| &s.source) {
                 Some(StmtSource::Parse(f)) => {
                     msgs.extend_from_slice(f);
-                    if let Some(shape) = self.state.stmts.get(name).and_then(|s| s.shape) {
-                        state::describe_statement_message(&mut msgs, name);
+                    if let Some(shape) = self.client_view.stmts.get(name).and_then(|s| s.shape) {
+                        client_view::describe_statement_message(&mut msgs, name);
                         checks.push((name.clone(), shape));
                     }
                     parses = true;
@@ -214,7 +214,7 @@ impl Session {
                     // The request uses an unnamed statement the session has not
                     // made: close the one left here (another session's), so the
                     // server reports it missing rather than running it.
-                    state::close_statement_message(&mut msgs, b"");
+                    client_view::close_statement_message(&mut msgs, b"");
                     parses = true;
                     unnamed = Some(Unnamed::Absent);
                 }
@@ -223,14 +223,14 @@ impl Session {
         }
         let mut out = BytesMut::new();
         for name in &closes {
-            state::close_statement_message(&mut out, name);
+            client_view::close_statement_message(&mut out, name);
         }
         if !closes.is_empty() {
-            state::sync_message(&mut out);
+            client_view::sync_message(&mut out);
             rfqs += 1;
         }
         if parses {
-            state::sync_message(&mut msgs);
+            client_view::sync_message(&mut msgs);
             rfqs += 1;
         }
         if rfqs == 0 {
@@ -289,7 +289,7 @@ impl Session {
         } else {
             // E.g. a table created on the primary has not reached this standby.
             tracing::debug!(%node, error = %errors[0].message, "statement not preparable here; using the primary");
-            self.avoid_standby_once = true;
+            self.next.avoid_standby = true;
         }
         for name in &broken {
             self.mark_broken(name);
@@ -316,8 +316,8 @@ impl Session {
         node: NodeId,
         name: &[u8],
     ) -> Result<Option<BytesMut>, SessionError> {
-        let shape = self.state.stmts.get(name).and_then(|s| s.shape);
-        let own = match self.state.stmts.get(name).map(|s| &s.source) {
+        let shape = self.client_view.stmts.get(name).and_then(|s| s.shape);
+        let own = match self.client_view.stmts.get(name).map(|s| &s.source) {
             Some(StmtSource::Parse(f)) => Some(f.clone()),
             // An SQL PREPARE keeps the session on its connections.
             Some(StmtSource::Sql(_)) => return Ok(None),
@@ -343,7 +343,7 @@ impl Session {
         let mut out = BytesMut::new();
         // An unnamed Parse replaces whatever was there: no Close needed.
         if held && (own.is_none() || !name.is_empty()) {
-            state::close_statement_message(&mut out, name);
+            client_view::close_statement_message(&mut out, name);
             if name.is_empty() {
                 link.unnamed = Unnamed::Absent;
             } else {
@@ -360,8 +360,8 @@ impl Session {
             out.extend_from_slice(&f);
             if let Some(expected) = shape {
                 // The message waits for this answer (Flush: now, not at Sync).
-                state::describe_statement_message(&mut out, name);
-                state::flush_message(&mut out);
+                client_view::describe_statement_message(&mut out, name);
+                client_view::flush_message(&mut out);
                 link.describes.push_back(super::link::PendingDescribe {
                     request,
                     name: name.to_vec(),

@@ -4,8 +4,8 @@
 //! completes, and per-node statement counts. [`super::route`] decides where a
 //! request goes; this module remembers what sending it did.
 
+use super::client_view::{ClientView, StmtSource};
 use super::route::{bind_statement, function_call_class, parse_fields, query_sql};
-use super::state::{SessionState, StmtSource};
 use super::{Session, SessionError};
 use crate::backend::conn::Unnamed;
 use crate::config::NodeId;
@@ -21,7 +21,8 @@ impl Session {
     /// The record is shared, not copied, so its address identifies it (and
     /// cannot be reused while the connection still refers to it).
     pub(super) fn recognise_unnamed(&mut self, node: NodeId) {
-        let Some(StmtSource::Parse(own)) = self.state.stmts.get(&b""[..]).map(|s| &s.source) else {
+        let Some(StmtSource::Parse(own)) = self.client_view.stmts.get(&b""[..]).map(|s| &s.source)
+        else {
             return;
         };
         if let Some(l) = self.links[node.index()].as_mut()
@@ -47,12 +48,12 @@ impl Session {
             self.free_databases(query_sql(frame));
         }
         let effects = if t == tag::QUERY {
-            SessionState::effects_for(&class, query_sql(frame), Some(frame), self.in_tx)
+            ClientView::effects_for(&class, query_sql(frame), Some(frame), self.tx.in_block())
         } else {
             self.dirty = true;
             None
         };
-        self.fresh_request_sent();
+        self.read_your_writes_request_sent();
         let now = self.clock.now();
         let link = self.link_mut(node)?;
         link.begin_request(now);
@@ -69,7 +70,7 @@ impl Session {
         }
         self.note_sent(node, &class);
         if t == tag::QUERY {
-            self.note_fresh_begin(node, &class, || bytes::Bytes::copy_from_slice(frame));
+            self.note_untouched_tx_begin(node, &class, || bytes::Bytes::copy_from_slice(frame));
         }
         Ok(())
     }
@@ -77,8 +78,8 @@ impl Session {
     /// After a lone BEGIN was sent to a standby, remember it (a Query
     /// message to run on the primary) in case the transaction's first
     /// statement is a `SET TRANSACTION` only the primary can take
-    /// ([`Session::moves_fresh_tx`]).
-    fn note_fresh_begin(
+    /// ([`Session::moves_untouched_tx`]).
+    fn note_untouched_tx_begin(
         &mut self,
         node: NodeId,
         class: &Classification,
@@ -86,20 +87,20 @@ impl Session {
     ) {
         if matches!(class.tx, Some(TxControl::Begin { .. }))
             && class.statements == 1
-            && self.in_tx
+            && self.tx.in_block()
             && self.route.tx_node == Some(node)
             && self.ctx.cluster.snapshot().primary != Some(node)
         {
-            self.fresh_tx_begin = Some(begin());
+            self.untouched_tx_begin = Some(begin());
         }
     }
 
     /// Whether this Query is a `SET TRANSACTION` a standby cannot take, sent
     /// as the first statement of a transaction begun on a standby: PostgreSQL
     /// on the primary would accept it, so the transaction moves there.
-    pub(super) fn moves_fresh_tx(&self, frame: &[u8]) -> bool {
-        self.fresh_tx_begin.is_some()
-            && self.in_tx
+    pub(super) fn moves_untouched_tx(&self, frame: &[u8]) -> bool {
+        self.untouched_tx_begin.is_some()
+            && self.tx.in_block()
             && std::str::from_utf8(query_sql(frame))
                 .is_ok_and(crate::router::session_cmd::tx_mode_needs_primary)
     }
@@ -108,8 +109,8 @@ impl Session {
     /// `rest`: whether one of its Binds runs such a `SET TRANSACTION` (parsed
     /// in the batch or before).
     #[inline(never)]
-    pub(super) fn batch_moves_fresh_tx(&self, rest: &[u8]) -> bool {
-        if self.fresh_tx_begin.is_none() || !self.in_tx {
+    pub(super) fn batch_moves_untouched_tx(&self, rest: &[u8]) -> bool {
+        if self.untouched_tx_begin.is_none() || !self.tx.in_block() {
             return false;
         }
         let max = self.cfg.max_message_size;
@@ -126,7 +127,7 @@ impl Session {
                     let name = bind_statement(body);
                     match parsed.iter().rev().find(|(n, _)| *n == name) {
                         Some((_, q)) => Some(*q),
-                        None => match self.state.stmts.get(name).map(|s| &s.source) {
+                        None => match self.client_view.stmts.get(name).map(|s| &s.source) {
                             Some(StmtSource::Parse(f)) => Some(parse_fields(&f[5..]).1),
                             _ => None,
                         },
@@ -178,8 +179,8 @@ impl Session {
                 // before any setting changed (see backend::statements).
                 let shareable = !self.dirty;
                 let frame = source.clone();
-                let stmt = super::state::Stmt::new(StmtSource::Parse(source), class, hint);
-                self.state.stmts.insert(name.to_vec(), stmt);
+                let stmt = super::client_view::Stmt::new(StmtSource::Parse(source), class, hint);
+                self.client_view.stmts.insert(name.to_vec(), stmt);
                 let link = self.link_mut(node)?;
                 link.statements.insert(name.to_vec());
                 let request = link.sent + 1;
@@ -193,12 +194,12 @@ impl Session {
             }
             tag::BIND => {
                 let name = bind_statement(body);
-                if let Some(st) = self.state.stmts.get(name) {
+                if let Some(st) = self.client_view.stmts.get(name) {
                     let class = st.class.clone();
                     let effects = match &st.source {
                         StmtSource::Parse(f) => {
                             let (_, query) = parse_fields(&f[5..]);
-                            SessionState::effects_for(&class, query, None, self.in_tx)
+                            ClientView::effects_for(&class, query, None, self.tx.in_block())
                         }
                         StmtSource::Sql(_) => None,
                     };
@@ -226,8 +227,8 @@ impl Session {
                     }
                     self.note_sent(node, &class);
                     if let Some(parse) = begin {
-                        self.note_fresh_begin(node, &class, || {
-                            super::state::query_message(parse_fields(&parse[5..]).1)
+                        self.note_untouched_tx_begin(node, &class, || {
+                            super::client_view::query_message(parse_fields(&parse[5..]).1)
                         });
                     }
                 }
@@ -237,7 +238,7 @@ impl Session {
                     Some((b'S', rest)) => {
                         let name = cstr(rest).map(|(n, _)| n).unwrap_or_default();
                         self.forget_statement(node, name);
-                        self.local.stmts.remove(name);
+                        self.answered_here.stmts.remove(name);
                         Some(name.to_vec())
                     }
                     _ => None,
@@ -326,7 +327,7 @@ impl Session {
     /// Routing state after a statement of class `class` was sent to `node`.
     pub(super) fn note_sent(&mut self, node: NodeId, class: &Classification) {
         // Whatever runs now, the transaction has run more than its BEGIN.
-        self.fresh_tx_begin = None;
+        self.untouched_tx_begin = None;
         self.catalog_may_change(class);
         let kind = if class.tx.is_some() {
             "transaction"
@@ -338,7 +339,7 @@ impl Session {
             "write"
         };
         self.ctx.metrics.statement_routed(node, kind);
-        if SessionState::pins_primary(class) {
+        if ClientView::pins_primary(class) {
             self.route.sticky_primary = true;
         }
         self.dirty |= class.session_state
@@ -346,13 +347,13 @@ impl Session {
             || class.prepare.is_some()
             || class.parse_failed;
         match class.tx {
-            Some(TxControl::Begin { .. }) if !self.in_tx => {
-                self.in_tx = true;
+            Some(TxControl::Begin { .. }) if !self.tx.in_block() => {
+                self.tx.begin();
                 self.route.tx_node = Some(node);
                 self.route.tx_wrote = false;
             }
             Some(TxControl::Commit | TxControl::Rollback | TxControl::PrepareTransaction) => {
-                self.in_tx = false;
+                self.tx.end_sent();
                 self.route.tx_node = None;
                 self.route.tx_wrote = false;
             }
@@ -360,24 +361,24 @@ impl Session {
         }
         if class.tx.is_some() && class.statements > 1 {
             // "COMMIT; BEGIN" and the like: trust only the server's ReadyForQuery.
-            self.tx_uncertain = true;
+            self.tx.uncertain = true;
         }
-        if self.in_tx && class.access == Access::Write {
+        if self.tx.in_block() && class.access == Access::Write {
             self.route.tx_wrote = true;
         }
         if class.access == Access::Write {
-            self.fresh.write_pending = true;
+            self.read_your_writes.write_pending = true;
         }
         self.registration
-            .set_state(crate::context::registry::SessionState::Active);
+            .set_state(crate::context::registry::SessionActivity::Active);
     }
 
     /// The client closed statement `name` (or DEALLOCATE'd it) on `node`: forget
     /// it, and close it later on the other connections that have it.
     pub(super) fn forget_statement(&mut self, node: NodeId, name: &[u8]) {
-        self.state.stmts.remove(name);
-        if !self.state.sql_names.is_empty() {
-            self.state.sql_names.retain(|n| n != name);
+        self.client_view.stmts.remove(name);
+        if !self.client_view.sql_names.is_empty() {
+            self.client_view.sql_names.retain(|n| n != name);
         }
         if name.is_empty()
             && let Some(l) = self.links[node.index()].as_mut()
@@ -397,8 +398,8 @@ impl Session {
 
     /// DEALLOCATE ALL / DISCARD ALL ran on `node`: every statement is gone there.
     pub(super) fn forget_all_statements(&mut self, node: NodeId) {
-        self.state.stmts.clear();
-        self.state.sql_names.clear();
+        self.client_view.stmts.clear();
+        self.client_view.sql_names.clear();
         if let Some(l) = self.links[node.index()].as_mut() {
             l.conn.held.clear();
         }

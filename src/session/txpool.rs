@@ -36,13 +36,13 @@ impl Session {
 
     /// Between transactions, nothing in flight, no session state anywhere.
     fn may_release(&self) -> bool {
-        !self.in_tx
-            && !self.tx_aborted
-            && !self.tx_uncertain
+        !self.tx.in_block()
+            && !self.tx.client_aborted()
+            && !self.tx.uncertain
             && self.batch.is_none()
             && !self.dirty
-            && !self.state.overflowed
-            && self.state.pending_tx.is_empty()
+            && !self.client_view.overflowed
+            && self.client_view.pending_tx.is_empty()
             && !self.route.sticky_primary
             && !self.route.forced_primary
             && self.links.iter().any(Option::is_some)
@@ -76,9 +76,9 @@ impl Session {
     }
 
     /// Whether the session holds no server connection because it gave them
-    /// back, or logged in without one ([`super::detached`]).
+    /// back, or logged in without one ([`super::no_primary_login`]).
     pub(super) fn released(&self) -> bool {
-        (self.cfg.pool.mode == PoolMode::Transaction || self.detached)
+        (self.cfg.pool.mode == PoolMode::Transaction || self.no_primary_login)
             && self.links.iter().all(Option::is_none)
     }
 }

@@ -28,7 +28,7 @@ impl Session {
         {
             return Ok(false);
         }
-        if std::mem::take(&mut self.relations_failed) {
+        if std::mem::take(&mut self.next.relations_to_primary) {
             return Ok(true);
         }
         let now = self.clock.now();
@@ -46,7 +46,8 @@ impl Session {
 
     /// Whether a read outside a forced route could go to a standby at all.
     fn may_balance(&self) -> bool {
-        let tx_stays = self.in_tx && self.policy.in_transaction == BalanceInTransaction::Off;
+        let tx_stays =
+            self.tx.in_block() && self.policy.in_transaction == BalanceInTransaction::Off;
         self.policy.load_balance
             && !self.route.sticky_primary
             && !self.route.forced_primary
@@ -73,7 +74,7 @@ impl Session {
             .await
         {
             tracing::warn!(error = %e, "unlogged-relation lookup failed; routing to the primary");
-            self.relations_failed = true;
+            self.next.relations_to_primary = true;
         }
         Ok(())
     }

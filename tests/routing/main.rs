@@ -22,7 +22,7 @@
 //! randomised mixed workload (`balancing.rs`); 5., the randomised classifier
 //! test, is a unit test of the library
 //! (`random_sql_never_panics_and_write_starts_are_write` in
-//! `src/router/classify_tests.rs`). This file holds the shared helpers.
+//! `src/router/classify/tests.rs`). This file holds the shared helpers.
 
 #[path = "../common/mod.rs"]
 mod common;

@@ -106,7 +106,7 @@ pub(crate) enum Pending {
 
 /// The session-wide state replayed on, or tracked per, connection.
 #[derive(Debug, Default)]
-pub(crate) struct SessionState {
+pub(crate) struct ClientView {
     /// Prepared statements by name (the unnamed one under the empty name).
     pub(crate) stmts: HashMap<Vec<u8>, Stmt>,
     /// Names of the SQL-prepared ones among them (a superset: a name is
@@ -126,7 +126,7 @@ pub(crate) struct SessionState {
     pub(crate) any_broken: bool,
 }
 
-impl SessionState {
+impl ClientView {
     /// Sequence number the next log entry gets (a connection at this mark is current).
     pub(crate) fn log_end(&self) -> u64 {
         self.log_base + self.log.len() as u64
@@ -286,7 +286,7 @@ mod tests {
 
     #[test]
     fn log_replays_from_a_mark_and_resets_void_the_past() {
-        let mut s = SessionState::default();
+        let mut s = ClientView::default();
         s.log_setting(query_message(b"SET a = 1"), false);
         s.log_setting(query_message(b"SET b = 2"), false);
         assert_eq!(s.log_since(0).len(), 2);
@@ -303,7 +303,7 @@ mod tests {
     #[test]
     fn savepoints_decide_which_settings_commit() {
         use session_cmd::SavepointOp::*;
-        let mut s = SessionState::default();
+        let mut s = ClientView::default();
         let set = |q: &[u8]| Pending::Setting(query_message(q));
         s.pending_tx.push(set(b"SET a = 1"));
         s.savepoint(&Set("x".into()));

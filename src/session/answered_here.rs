@@ -2,9 +2,10 @@
 //! (`SHOW POOL_NODES` and friends, see [`crate::admin`]) and the session's
 //! `pgpilot.*` commands (`SHOW pgpilot.last_commit_lsn`, `SET pgpilot.min_lsn`),
 //! through the simple protocol and through the extended protocol (Parse / Bind
-//! / Describe / Execute / Close / Sync, as drivers send them).
+//! / Describe / Execute / Close / Sync, as drivers send them). These are
+//! pgpilot's *own* commands ([`OwnCommand`]).
 //!
-//! A local answer is written straight to the client, so it is only given when no
+//! Pgpilot's own answer is written straight to the client, so it is only given when no
 //! request is in flight on any node (the router waits otherwise): answers stay
 //! in request order.
 
@@ -26,14 +27,14 @@ use crate::router::session_cmd::{self, PgpilotCommand};
 
 /// A statement pgpilot answers itself.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum LocalCommand {
+pub(crate) enum OwnCommand {
     /// `SHOW POOL_NODES` and the other admin commands.
     Admin(AdminCommand),
     /// `SHOW pgpilot.last_commit_lsn`, `SET pgpilot.min_lsn` …
     Session(PgpilotCommand),
 }
 
-/// What a local command produced.
+/// What an own command produced.
 enum Outcome {
     /// A result set.
     Rows(ResultSet),
@@ -41,8 +42,8 @@ enum Outcome {
     Done(&'static str),
 }
 
-/// Recognise a local command in statement text (raw bytes, no NUL).
-pub(crate) fn parse_local(sql: &[u8]) -> Option<LocalCommand> {
+/// Recognise an own command in statement text (raw bytes, no NUL).
+pub(crate) fn parse_own_command(sql: &[u8]) -> Option<OwnCommand> {
     // Every query passes here: first a cheap look at the first word, which
     // is all most statements need (admin commands start with one of
     // `admin::FIRST_WORDS`; pgpilot's own settings with SET, SHOW or RESET).
@@ -50,13 +51,13 @@ pub(crate) fn parse_local(sql: &[u8]) -> Option<LocalCommand> {
     if matches!(word, SHOW | PGPOOL | ATTACH | DETACH | PROMOTE)
         && let Some(cmd) = admin::parse_bytes(sql)
     {
-        return Some(LocalCommand::Admin(cmd));
+        return Some(OwnCommand::Admin(cmd));
     }
     if !matches!(word, SET | SHOW | RESET) {
         return None;
     }
     let text = std::str::from_utf8(sql).ok()?;
-    session_cmd::pgpilot_command(text).map(LocalCommand::Session)
+    session_cmd::pgpilot_command(text).map(OwnCommand::Session)
 }
 
 /// A word of up to 8 ASCII letters, lowercased, packed into an integer (so
@@ -98,9 +99,9 @@ const fn first3(mut code: u64) -> u64 {
     code
 }
 
-/// The statement's first word ([`pack`]ed) if it may start a local command:
+/// The statement's first word ([`pack`]ed) if it may start an own command:
 /// the run of ASCII letters after leading whitespace. `None` when there is
-/// none, it is longer than 8, or its first three letters start no local
+/// none, it is longer than 8, or its first three letters start no own
 /// command (so `SELECT`, `INSERT`, `BEGIN` … are turned away early).
 fn first_word(sql: &[u8]) -> Option<u64> {
     let start = sql.iter().position(|b| !b.is_ascii_whitespace())?;
@@ -108,7 +109,7 @@ fn first_word(sql: &[u8]) -> Option<u64> {
     if !PREFIXES.contains(&pack(rest.get(..3).unwrap_or(rest))) {
         return None;
     }
-    // Nine letters (or more) make no local command.
+    // Nine letters (or more) make no own command.
     let len = rest
         .iter()
         .take(9)
@@ -119,22 +120,22 @@ fn first_word(sql: &[u8]) -> Option<u64> {
 
 /// Admin statements and portals a client prepared through the extended protocol.
 #[derive(Debug, Default)]
-pub(crate) struct LocalStatements {
+pub(crate) struct OwnStatements {
     /// Prepared statement name → command.
-    pub(crate) stmts: HashMap<Vec<u8>, LocalCommand>,
+    pub(crate) stmts: HashMap<Vec<u8>, OwnCommand>,
     /// Portal name → command (until the batch's Sync).
-    portals: HashMap<Vec<u8>, LocalCommand>,
-    /// An error occurred in the current local batch: skip to Sync.
+    portals: HashMap<Vec<u8>, OwnCommand>,
+    /// An error occurred in the current own batch: skip to Sync.
     pub(crate) failed: bool,
 }
 
 impl Session {
     /// Run `cmd` for this session (or say what error to send).
-    fn run_local(&mut self, cmd: &LocalCommand) -> Result<Outcome, PgError> {
+    fn run_own_command(&mut self, cmd: &OwnCommand) -> Result<Outcome, PgError> {
         let one =
             |name: &str, value: String| Outcome::Rows(ResultSet::new(&[name], vec![vec![value]]));
         match cmd {
-            LocalCommand::Admin(cmd) => {
+            OwnCommand::Admin(cmd) => {
                 let who = AdminCaller {
                     user: self.user.clone(),
                     load_balance_node: self.route.standby,
@@ -142,24 +143,24 @@ impl Session {
                 self.ctx.metrics.statement_routed(self.active, "admin");
                 admin::execute(&self.ctx, cmd, &who).map(Outcome::Rows)
             }
-            LocalCommand::Session(PgpilotCommand::ShowLastCommitLsn) => Ok(one(
+            OwnCommand::Session(PgpilotCommand::ShowLastCommitLsn) => Ok(one(
                 "last_commit_lsn",
-                format_lsn(self.fresh.last_commit_lsn),
+                format_lsn(self.read_your_writes.last_commit_lsn),
             )),
-            LocalCommand::Session(PgpilotCommand::ShowMinLsn) => {
-                Ok(one("min_lsn", format_lsn(self.fresh.min_lsn)))
+            OwnCommand::Session(PgpilotCommand::ShowMinLsn) => {
+                Ok(one("min_lsn", format_lsn(self.read_your_writes.min_lsn)))
             }
-            LocalCommand::Session(PgpilotCommand::SetMinLsn(Ok(lsn))) => {
-                self.fresh.min_lsn = *lsn;
+            OwnCommand::Session(PgpilotCommand::SetMinLsn(Ok(lsn))) => {
+                self.read_your_writes.min_lsn = *lsn;
                 Ok(Outcome::Done("SET"))
             }
-            LocalCommand::Session(PgpilotCommand::SetMinLsn(Err(e))) => Err(PgError::error(
+            OwnCommand::Session(PgpilotCommand::SetMinLsn(Err(e))) => Err(PgError::error(
                 INVALID_TEXT_REPRESENTATION,
                 e.to_string(),
             )
             .with_hint("write a WAL position as returned by SHOW pgpilot.last_commit_lsn, e.g. '0/16B3748'")),
-            LocalCommand::Session(PgpilotCommand::ResetMinLsn) => {
-                self.fresh.min_lsn = 0;
+            OwnCommand::Session(PgpilotCommand::ResetMinLsn) => {
+                self.read_your_writes.min_lsn = 0;
                 Ok(Outcome::Done("RESET"))
             }
         }
@@ -176,11 +177,11 @@ impl Session {
     }
 
     fn client_status(&self) -> TxStatus {
-        if self.tx_aborted {
+        if self.tx.client_aborted() {
             return TxStatus::Failed;
         }
         match self.links[self.active.index()].as_ref() {
-            Some(l) if self.in_tx => l.conn.status,
+            Some(l) if self.tx.in_block() => l.conn.status,
             _ => TxStatus::Idle,
         }
     }
@@ -222,7 +223,7 @@ impl Session {
         if ready {
             messages::ready_for_query(&mut out, TxStatus::Failed);
         }
-        self.send_local(&out)
+        self.send_own_answer(&out)
     }
 
     /// Answer the request at the front of the client's buffer with `err`
@@ -241,24 +242,24 @@ impl Session {
             messages::ready_for_query(&mut out, self.client_status());
         } else {
             self.batch = Some(super::route::Target::Local);
-            self.local.failed = true;
+            self.answered_here.failed = true;
         }
-        self.send_local(&out)
+        self.send_own_answer(&out)
     }
 
-    /// Start a local batch that only reports the aborted transaction.
+    /// Start an own batch that only reports the aborted transaction.
     #[cold]
     #[inline(never)]
     pub(super) fn start_refused_batch(&mut self) -> Result<(), SessionError> {
-        self.local.failed = true;
+        self.answered_here.failed = true;
         self.refuse_in_aborted_tx(false)
     }
 
-    fn send_local(&mut self, out: &[u8]) -> Result<(), SessionError> {
+    fn send_own_answer(&mut self, out: &[u8]) -> Result<(), SessionError> {
         // The request is answered here, not sent: its one-shot routing state
         // (a primary position fetched for it, above all) must not serve the
         // next request, which may arrive after other sessions' commits.
-        self.fresh_request_sent();
+        self.read_your_writes_request_sent();
         self.to_client
             .send(&self.client, out)
             .map_err(SessionError::ClientIo)
@@ -267,9 +268,9 @@ impl Session {
     /// Answer a simple Query carrying `cmd`: result (or error), ReadyForQuery.
     #[cold]
     #[inline(never)]
-    pub(super) fn answer_local_query(&mut self, cmd: &LocalCommand) -> Result<(), SessionError> {
+    pub(super) fn answer_own_query(&mut self, cmd: &OwnCommand) -> Result<(), SessionError> {
         let mut out = BytesMut::new();
-        match self.run_local(cmd) {
+        match self.run_own_command(cmd) {
             Ok(Outcome::Rows(rs)) => {
                 rs.encode_row_description(&mut out);
                 rs.encode_rows_and_complete(&mut out);
@@ -278,27 +279,27 @@ impl Session {
             Err(e) => e.encode(&mut out),
         }
         messages::ready_for_query(&mut out, self.client_status());
-        self.send_local(&out)
+        self.send_own_answer(&out)
     }
 
     /// Whether an extended batch starting with this message is for pgpilot itself.
     #[inline(never)]
-    pub(super) fn starts_local_batch(&self, t: u8, body: &[u8]) -> bool {
+    pub(super) fn starts_own_batch(&self, t: u8, body: &[u8]) -> bool {
         match t {
             tag::PARSE => {
                 let (_, rest) = cstr(body).unwrap_or_default();
                 let query = cstr(rest).map(|(q, _)| q).unwrap_or_default();
-                parse_local(query).is_some()
+                parse_own_command(query).is_some()
             }
             tag::BIND => {
                 let rest = cstr(body).map(|(_, r)| r).unwrap_or_default();
                 let stmt = cstr(rest).map(|(s, _)| s).unwrap_or_default();
-                self.local.stmts.contains_key(stmt)
+                self.answered_here.stmts.contains_key(stmt)
             }
             tag::DESCRIBE => match body.split_first() {
                 Some((b'S', rest)) => {
                     let name = cstr(rest).map(|(n, _)| n).unwrap_or_default();
-                    self.local.stmts.contains_key(name)
+                    self.answered_here.stmts.contains_key(name)
                 }
                 _ => false,
             },
@@ -306,29 +307,29 @@ impl Session {
         }
     }
 
-    /// Answer one message of a local extended batch.
+    /// Answer one message of an own extended batch.
     #[cold]
     #[inline(never)]
-    pub(super) fn local_extended(&mut self, t: u8, frame: &[u8]) -> Result<(), SessionError> {
+    pub(super) fn own_extended(&mut self, t: u8, frame: &[u8]) -> Result<(), SessionError> {
         let body = &frame[5..];
         let mut out = BytesMut::new();
         if t == tag::SYNC {
-            self.local.portals.clear();
-            self.local.failed = false;
+            self.answered_here.portals.clear();
+            self.answered_here.failed = false;
             self.batch = None;
             messages::ready_for_query(&mut out, self.client_status());
-            return self.send_local(&out);
+            return self.send_own_answer(&out);
         }
-        if self.local.failed {
+        if self.answered_here.failed {
             return Ok(());
         }
         let result = match t {
             tag::PARSE => {
                 let (name, rest) = cstr(body).unwrap_or_default();
                 let query = cstr(rest).map(|(q, _)| q).unwrap_or_default();
-                match parse_local(query) {
+                match parse_own_command(query) {
                     Some(cmd) => {
-                        self.local.stmts.insert(name.to_vec(), cmd);
+                        self.answered_here.stmts.insert(name.to_vec(), cmd);
                         messages::empty_message(&mut out, b'1');
                         Ok(())
                     }
@@ -338,9 +339,9 @@ impl Session {
             tag::BIND => {
                 let (portal, rest) = cstr(body).unwrap_or_default();
                 let stmt = cstr(rest).map(|(s, _)| s).unwrap_or_default();
-                match self.local.stmts.get(stmt).cloned() {
+                match self.answered_here.stmts.get(stmt).cloned() {
                     Some(cmd) => {
-                        self.local.portals.insert(portal.to_vec(), cmd);
+                        self.answered_here.portals.insert(portal.to_vec(), cmd);
                         messages::empty_message(&mut out, b'2');
                         Ok(())
                     }
@@ -351,17 +352,17 @@ impl Session {
                 let (kind, rest) = body.split_first().unwrap_or((&0, &[]));
                 let name = cstr(rest).map(|(n, _)| n).unwrap_or_default();
                 let cmd = match kind {
-                    b'S' => self.local.stmts.get(name).cloned(),
-                    _ => self.local.portals.get(name).cloned(),
+                    b'S' => self.answered_here.stmts.get(name).cloned(),
+                    _ => self.answered_here.portals.get(name).cloned(),
                 };
                 let described = match &cmd {
                     // Describing a SET must not run it.
-                    Some(LocalCommand::Session(
+                    Some(OwnCommand::Session(
                         PgpilotCommand::SetMinLsn(_) | PgpilotCommand::ResetMinLsn,
                     )) => Some(Ok(Outcome::Done("SET"))),
                     // ATTACH / DETACH / PROMOTE NODE run only at Execute.
-                    Some(LocalCommand::Admin(a)) => Some(self.describe_admin(a).map(Outcome::Rows)),
-                    Some(c) => Some(self.run_local(c)),
+                    Some(OwnCommand::Admin(a)) => Some(self.describe_admin(a).map(Outcome::Rows)),
+                    Some(c) => Some(self.run_own_command(c)),
                     None => None,
                 };
                 match described {
@@ -381,8 +382,8 @@ impl Session {
             }
             tag::EXECUTE => {
                 let name = cstr(body).map(|(n, _)| n).unwrap_or_default();
-                let cmd = self.local.portals.get(name).cloned();
-                match cmd.map(|c| self.run_local(&c)) {
+                let cmd = self.answered_here.portals.get(name).cloned();
+                match cmd.map(|c| self.run_own_command(&c)) {
                     Some(Ok(Outcome::Rows(rs))) => {
                         rs.encode_rows_and_complete(&mut out);
                         Ok(())
@@ -399,9 +400,9 @@ impl Session {
                 let (kind, rest) = body.split_first().unwrap_or((&0, &[]));
                 let name = cstr(rest).map(|(n, _)| n).unwrap_or_default();
                 if *kind == b'S' {
-                    self.local.stmts.remove(name);
+                    self.answered_here.stmts.remove(name);
                 } else {
-                    self.local.portals.remove(name);
+                    self.answered_here.portals.remove(name);
                 }
                 messages::empty_message(&mut out, b'3');
                 Ok(())
@@ -410,10 +411,10 @@ impl Session {
             _ => Ok(()),
         };
         if let Err(e) = result {
-            self.local.failed = true;
+            self.answered_here.failed = true;
             e.encode(&mut out);
         }
-        self.send_local(&out)
+        self.send_own_answer(&out)
     }
 }
 
@@ -440,7 +441,7 @@ mod tests {
 
     #[test]
     fn first_word_is_the_leading_run_of_letters_lowercased() {
-        // Words that start no local command are turned away.
+        // Words that start no own command are turned away.
         assert_eq!(first_word(b"  SELECT 1"), None);
         assert_eq!(first_word(b"select"), None);
         assert_eq!(first_word(b"se"), None);
@@ -453,7 +454,7 @@ mod tests {
         assert_eq!(first_word(b"   "), None);
         assert_eq!(first_word(b""), None);
         assert_eq!(first_word(b"(select 1)"), None);
-        // Longer than 8 letters: no local command starts so.
+        // Longer than 8 letters: no own command starts so.
         assert_eq!(first_word(b"checkpoint"), None);
         assert_eq!(first_word(b"showxxxx y"), Some(pack(b"showxxxx")));
     }
@@ -482,15 +483,15 @@ mod tests {
             b"showx",
             b"",
         ] {
-            assert_eq!(parse_local(q), None, "{}", String::from_utf8_lossy(q));
+            assert_eq!(parse_own_command(q), None, "{}", String::from_utf8_lossy(q));
         }
         assert!(matches!(
-            parse_local(b"show pool_nodes"),
-            Some(LocalCommand::Admin(_))
+            parse_own_command(b"show pool_nodes"),
+            Some(OwnCommand::Admin(_))
         ));
         assert!(matches!(
-            parse_local(b"  SHOW pgpilot.last_commit_lsn"),
-            Some(LocalCommand::Session(_))
+            parse_own_command(b"  SHOW pgpilot.last_commit_lsn"),
+            Some(OwnCommand::Session(_))
         ));
     }
 }

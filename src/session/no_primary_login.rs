@@ -23,7 +23,7 @@ impl Session {
         let cluster = &self.ctx.cluster;
         let primary = cluster.snapshot().primary;
         let Some(node) = primary.filter(|_| !cluster.failover_in_progress()) else {
-            self.detached = true;
+            self.no_primary_login = true;
             return Ok(false);
         };
         match self.open_link(node).await {
@@ -36,7 +36,7 @@ impl Session {
                 tracing::info!(user = %self.user, %node, error = %e, "admin login without a primary connection");
                 // An early health probe decides whether the primary is down.
                 self.ctx.cluster.report_session_error(node);
-                self.detached = true;
+                self.no_primary_login = true;
                 Ok(false)
             }
             Err(e) => Err(e),

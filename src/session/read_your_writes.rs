@@ -17,7 +17,7 @@ use crate::router::chooser;
 
 /// Per-session read-your-writes state.
 #[derive(Debug, Default)]
-pub(crate) struct Freshness {
+pub(crate) struct ReadYourWrites {
     /// Position the session's reads must see (its commits and tokens so far).
     pub(crate) read_lsn: u64,
     /// `SET pgpilot.min_lsn`.
@@ -40,7 +40,7 @@ impl Session {
     /// The node a read decided for `node` (a standby) should run on, given what
     /// the session must see: `node`, another standby that is caught up, or the
     /// primary — or a step to learn a position or wait for replay first.
-    pub(super) fn fresh_read_node(
+    pub(super) fn read_your_writes_node(
         &mut self,
         node: NodeId,
         snapshot: &ClusterSnapshot,
@@ -48,7 +48,7 @@ impl Session {
         let Some(primary) = snapshot.primary else {
             return Ok(node);
         };
-        if self.fresh.to_primary_once {
+        if self.read_your_writes.to_primary_once {
             self.ctx.metrics.consistency_routed_to_primary();
             return Ok(primary);
         }
@@ -65,7 +65,10 @@ impl Session {
         // catches up, usually within a millisecond), for up to consistency_wait.
         let wait = self.cfg.routing.consistency_wait;
         let now = tokio::time::Instant::now();
-        let deadline = *self.fresh.replay_deadline.get_or_insert(now + wait);
+        let deadline = *self
+            .read_your_writes
+            .replay_deadline
+            .get_or_insert(now + wait);
         if now < deadline {
             return Err(Step::WaitReplay {
                 nodes: vec![node],
@@ -91,7 +94,7 @@ impl Session {
 
     /// The position the next read must see, or the step that learns it.
     fn read_target(&self) -> Result<u64, Step> {
-        let f = &self.fresh;
+        let f = &self.read_your_writes;
         let mut target = f.min_lsn.max(f.read_lsn);
         match self.cfg.routing.consistency {
             ConsistencyMode::Eventual => {}
@@ -108,18 +111,18 @@ impl Session {
         Ok(target)
     }
 
-    /// A local command (admin or `pgpilot.*`) should first learn the session's
+    /// An own command (admin or `pgpilot.*`) should first learn the session's
     /// commit position, so `SHOW pgpilot.last_commit_lsn` is exact. Not again
     /// after a failed fetch (no primary, e.g. during a failover): the command is
     /// answered with what is known rather than asking in a loop.
-    pub(super) fn local_wants_lsn(&self) -> bool {
-        self.fresh.lsn_unknown && !self.fresh.to_primary_once
+    pub(super) fn own_command_wants_lsn(&self) -> bool {
+        self.read_your_writes.lsn_unknown && !self.read_your_writes.to_primary_once
     }
 
     /// A fresh primary position arrived (`Step::FetchLsn`), or `None` if it could
     /// not be had: then this request's read goes to the primary.
     pub(super) fn primary_lsn_fetched(&mut self, lsn: Option<u64>) {
-        let f = &mut self.fresh;
+        let f = &mut self.read_your_writes;
         match lsn {
             Some(lsn) => {
                 if f.lsn_unknown {
@@ -135,8 +138,8 @@ impl Session {
 
     /// The request being routed was sent (or answered by pgpilot itself): its
     /// one-shot routing state ends.
-    pub(super) fn fresh_request_sent(&mut self) {
-        let f = &mut self.fresh;
+    pub(super) fn read_your_writes_request_sent(&mut self) {
+        let f = &mut self.read_your_writes;
         f.request_lsn = None;
         f.replay_deadline = None;
         f.to_primary_once = false;
@@ -147,8 +150,8 @@ impl Session {
     /// next read must see it. (The proxy-wide count of acknowledged writes went
     /// up before the client got the answer: `Session::on_backend_data`.)
     pub(super) fn writes_acknowledged(&mut self) {
-        if std::mem::take(&mut self.fresh.write_pending) {
-            self.fresh.lsn_unknown = true;
+        if std::mem::take(&mut self.read_your_writes.write_pending) {
+            self.read_your_writes.lsn_unknown = true;
         }
     }
 }
