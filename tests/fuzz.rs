@@ -106,6 +106,9 @@ fn seeds(target: &str) -> Vec<Vec<u8>> {
             // one number.
             b"select 0o2 u".to_vec(),
             b"select  0o2r u\x0c\x0c".to_vec(),
+            // Found by this target: a `--` comment ran past a carriage
+            // return, where PostgreSQL ends it.
+            b"SELECT 1; -- c\rDELETE FROM t".to_vec(),
             b"SELECT '{}'::jsonb ? 'a', x ?| y".to_vec(),
             b"select * from t where id = $1 for update".to_vec(),
             b"WITH x AS (DELETE FROM t RETURNING *) SELECT * FROM x".to_vec(),

@@ -442,7 +442,8 @@ pub(super) fn trivia_end(b: &[u8], mut i: usize) -> usize {
         if i < b.len() && is_space(b[i]) {
             i += 1;
         } else if at(i) == b'-' && at(i + 1) == b'-' {
-            i = match b[i..].iter().position(|&c| c == b'\n') {
+            // PostgreSQL ends a `--` comment at a carriage return too.
+            i = match b[i..].iter().position(|&c| c == b'\n' || c == b'\r') {
                 Some(n) => i + n + 1,
                 None => b.len(),
             };
@@ -718,6 +719,12 @@ mod tests {
             "select 0o2r u , 0b12 , 0xfg"
         );
         assert_eq!(key("SELECT 0o17, 0b1_0, 0xFF"), "select ? , ? , ?");
+        // A `--` comment ends at a carriage return, as in PostgreSQL (found
+        // by the classify fuzz target).
+        assert_eq!(
+            key("SELECT 1; -- c\rDELETE FROM t"),
+            "select ? ; delete from t"
+        );
         // An operator's `?` is not a literal's placeholder (found by the
         // classify fuzz target: `SELECT 1?` shared the key of `SELECT 1''`).
         assert_ne!(key("SELECT 1?"), key("SELECT 1''"));

@@ -772,3 +772,9 @@ fn a_comment_glued_to_an_operator_is_a_doubt() {
     read("SELECT 2 * /* c */ 3");
     read("SELECT '--' ~~ '/*', x->>'a' FROM t");
 }
+
+/// PostgreSQL ends a `--` comment at a carriage return: what follows runs.
+#[test]
+fn a_line_comment_ends_at_a_carriage_return() {
+    write("SELECT 1; -- c\rDELETE FROM t");
+}
