@@ -113,9 +113,22 @@ impl Proxy {
             let ctx = ctx.clone();
             Arc::new(move |node, took, ok| ctx.metrics.health_checked(node, took, ok))
         };
+        // With `[coordination]`: no primary is published until etcd's state
+        // is read (see `cluster::coordination`).
+        let coordination = listener.local_addr().ok().and_then(|addr| {
+            cluster::coordination::start(
+                &ctx.cluster,
+                ctx.config.clone(),
+                addr,
+                ctx.shutdown.clone(),
+            )
+        });
         // Know the primary before the first client arrives.
         cluster::health::initial_check(&ctx.cluster, &ctx.config.load(), &observer).await;
         let mut tasks = tokio::task::JoinSet::new();
+        if let Some(task) = coordination {
+            tasks.spawn(task);
+        }
         for node in NodeId::all(ctx.config.load().backends.len()) {
             tasks.spawn(cluster::health::run_node(
                 node,

@@ -13,6 +13,7 @@
 //! | `SHOW PGPILOT_NODES` | what pgpool lacks: effective weight, lag in bytes and seconds, replay paused, timeline, LSNs, last error |
 //! | `PGPOOL SHOW name` / `PGPOOL SHOW ALL` | pgpool-named settings and their values |
 //! | `SHOW PGPILOT_FAILOVER` | the failover or switchover in progress, or the last one |
+//! | `SHOW PGPILOT_PEERS` | the pgpilot instances coordinating through etcd: leader, heartbeat, applied epoch |
 //! | `SHOW PGPILOT_SLOTS` | the primary's physical replication slots: standby using each, retained WAL, stale ones |
 //! | `ATTACH NODE n` | lift node n's hold (detached, fenced old primary, cannot follow) |
 //! | `DETACH NODE n` | no traffic to standby n until `ATTACH NODE n` |
@@ -31,6 +32,7 @@
 pub mod cli;
 mod failover;
 pub(crate) mod format;
+mod peers;
 mod views;
 
 use bytes::BytesMut;
@@ -65,6 +67,8 @@ pub(crate) enum AdminCommand {
     PgpilotFailover,
     /// `SHOW PGPILOT_SLOTS`.
     PgpilotSlots,
+    /// `SHOW PGPILOT_PEERS`.
+    PgpilotPeers,
     /// `ATTACH NODE n`.
     AttachNode(NodeId),
     /// `DETACH NODE n`.
@@ -88,6 +92,7 @@ impl AdminCommand {
             AdminCommand::PgpoolShow(Some(n)) => format!("PGPOOL SHOW {n}"),
             AdminCommand::PgpilotFailover => "SHOW PGPILOT_FAILOVER".into(),
             AdminCommand::PgpilotSlots => "SHOW PGPILOT_SLOTS".into(),
+            AdminCommand::PgpilotPeers => "SHOW PGPILOT_PEERS".into(),
             AdminCommand::AttachNode(n) => format!("ATTACH NODE {n}"),
             AdminCommand::DetachNode(n) => format!("DETACH NODE {n}"),
             AdminCommand::PromoteNode(n) => format!("PROMOTE NODE {n}"),
@@ -196,6 +201,7 @@ pub(crate) fn parse_bytes(sql: &[u8]) -> Option<AdminCommand> {
             "pgpilot_nodes" => AdminCommand::PgpilotNodes,
             "pgpilot_failover" => AdminCommand::PgpilotFailover,
             "pgpilot_slots" => AdminCommand::PgpilotSlots,
+            "pgpilot_peers" => AdminCommand::PgpilotPeers,
             _ => return None,
         },
         [verb, "node", n] => {
@@ -236,6 +242,7 @@ pub(crate) fn execute(
         AdminCommand::PgpoolShow(name) => views::pgpool_show(&cfg, name.as_deref()),
         AdminCommand::PgpilotFailover => Ok(failover::status(ctx)),
         AdminCommand::PgpilotSlots => Ok(failover::slots(ctx)),
+        AdminCommand::PgpilotPeers => Ok(peers::peers(ctx)),
         AdminCommand::AttachNode(n) => failover::node_result(*n, ctx.cluster.attach(*n, &cfg)),
         AdminCommand::DetachNode(n) => failover::node_result(*n, ctx.cluster.detach(*n, &cfg)),
         AdminCommand::PromoteNode(n) => failover::node_result(

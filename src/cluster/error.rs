@@ -173,6 +173,13 @@ pub(crate) enum CommandError {
     /// A candidate was forced with no failover in progress.
     #[error("no failover is waiting for a candidate")]
     NoFailoverWaiting,
+    /// Coordination through etcd is on and the command could not be handed
+    /// to the leader (etcd unreachable, no leader).
+    #[error("not sent to the leading pgpilot: {message}")]
+    Coordination {
+        /// Why.
+        message: String,
+    },
 }
 
 impl StepError {

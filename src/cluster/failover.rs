@@ -73,9 +73,13 @@ pub(crate) async fn run(
         cluster
             .fast_detect
             .store(cfg.failover.detect_on_session_error, Ordering::Relaxed);
-        if cluster.transition_due(RETRY).is_some() {
+        // Coordination through etcd: only the leader with a live lease
+        // decides (see `coordination/mod.rs`).
+        if cluster.may_decide() && cluster.transition_due(RETRY).is_some() {
             let _one_at_a_time = cluster.transition_lock.lock().await;
-            if let Some(t) = cluster.transition_due(RETRY) {
+            if cluster.may_decide()
+                && let Some(t) = cluster.transition_due(RETRY)
+            {
                 run_failover(&cluster, &cfg, t).await;
             }
             continue;
@@ -217,6 +221,14 @@ async fn run_failover(cluster: &Arc<Cluster>, cfg: &Arc<Config>, t: TransitionSt
         }
         if let Err(e) = cluster.promotion_started(id, candidate.node) {
             e.log("promotion");
+            return;
+        }
+        // Coordination: the promotion is recorded in etcd before it is sent.
+        if let Err(why) = cluster.record_promotion().await {
+            let why = format!("not promoted: the promotion could not be recorded in etcd ({why})");
+            if let Err(e) = cluster.fail(id, why, cfg) {
+                e.log("promotion not recorded");
+            }
             return;
         }
         switch_lsn = Some(candidate.lsn);

@@ -217,7 +217,12 @@ pub(crate) async fn watch_returning(
         let snap = cluster.snapshot();
         let report = cluster.failover_report();
         let primary = match (snap.primary, &report.current, &report.last) {
-            (Some(p), None, Some(_)) if cfg.failover.mode != FailoverMode::None => p,
+            // With coordination through etcd only the leader re-points.
+            (Some(p), None, Some(_))
+                if cfg.failover.mode != FailoverMode::None && cluster.may_decide() =>
+            {
+                p
+            }
             _ => {
                 seen_before.clear();
                 continue;

@@ -32,6 +32,7 @@
 //! auto_failback, weights) lives in `state_machine/mod.rs` as plain functions over data, so
 //! it is unit-tested without a network.
 
+pub mod coordination;
 pub(crate) mod error;
 pub mod events;
 pub(crate) mod failover;
@@ -47,7 +48,7 @@ mod state_machine;
 pub(crate) mod switchover;
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
@@ -288,6 +289,8 @@ pub struct Cluster {
     transition_lock: tokio::sync::Mutex<()>,
     /// The primary's physical replication slots, as `slots::run` last saw them.
     slots: ArcSwap<Vec<slots::SlotInfo>>,
+    /// Coordination through etcd, when `[coordination]` is on: who decides.
+    coord: OnceLock<Arc<coordination::Handle>>,
 }
 
 /// How long a session whose primary connection broke waits for the
@@ -311,6 +314,7 @@ impl Cluster {
             fast_detect: AtomicBool::new(false),
             transition_lock: tokio::sync::Mutex::new(()),
             slots: ArcSwap::from_pointee(Vec::new()),
+            coord: OnceLock::new(),
         }
     }
 
@@ -396,6 +400,9 @@ impl Cluster {
     /// `ATTACH NODE n`: lift the node's hold (detached, fenced, cannot
     /// follow) and admit it. The message says what happened.
     pub(crate) fn attach(&self, node: NodeId, config: &Config) -> Result<String, CommandError> {
+        if let Some(r) = self.forward_if_follower("attach", node) {
+            return r;
+        }
         let adm = Admission::from(config);
         self.update_with(|o| o.attach(node, &adm))
     }
@@ -403,6 +410,9 @@ impl Cluster {
     /// `DETACH NODE n`: no traffic to the node until `ATTACH NODE n`.
     /// Refused for the primary (use `PROMOTE NODE` to move it first).
     pub(crate) fn detach(&self, node: NodeId, config: &Config) -> Result<String, CommandError> {
+        if let Some(r) = self.forward_if_follower("detach", node) {
+            return r;
+        }
         let adm = Admission::from(config);
         self.update_with(|o| o.detach(node, &adm))
     }

@@ -151,7 +151,8 @@ async fn check(
         return slots;
     }
     let after = cfg.failover.drop_stale_slots_after;
-    if after.is_zero() {
+    // With coordination through etcd only the leader drops slots.
+    if after.is_zero() || !cluster.may_decide() {
         return slots;
     }
     let mut dropped = Vec::new();

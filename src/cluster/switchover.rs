@@ -97,6 +97,10 @@ pub(crate) fn start(
     if cfg.failover.mode == FailoverMode::None {
         return Err(CommandError::PromotionDisabled);
     }
+    // Coordination through etcd: only the leader switches over.
+    if let Some(r) = cluster.forward_if_follower("promote", target) {
+        return r;
+    }
     let snap = cluster.snapshot();
     let n = snap
         .nodes
@@ -148,6 +152,14 @@ async fn run(cluster: &Arc<Cluster>, cfg: &Arc<Config>, id: u64, old: NodeId, ta
     };
     if let Err(e) = cluster.promotion_started(id, target) {
         e.log("promotion");
+        return;
+    }
+    // Coordination: the promotion is recorded in etcd before it is sent.
+    if let Err(why) = cluster.record_promotion().await {
+        let why = format!("switchover aborted: not recorded in etcd ({why})");
+        if let Err(e) = cluster.fail(id, why, cfg) {
+            e.log("promotion not recorded");
+        }
         return;
     }
     match promote::promote(cfg, target, Some(old)).await {

@@ -18,6 +18,7 @@ use hba::{HbaError, HbaRules};
 mod access;
 mod auth_query;
 mod checks;
+mod coordination;
 mod failover;
 pub(crate) mod hba;
 mod node_id;
@@ -26,6 +27,7 @@ mod units;
 
 pub use auth_query::{AuthQuery, DEFAULT_AUTH_QUERY};
 pub use checks::{HealthCheck, MetricsConfig, SrCheck};
+pub use coordination::Coordination;
 pub use failover::{Failover, FailoverMode};
 pub use node_id::NodeId;
 pub use routing::{BalanceInTransaction, ConsistencyMode, Routing, UnknownFunctions};
@@ -115,6 +117,13 @@ pub struct Config {
     /// Replacing a failed primary: detection, promotion, following, client waits.
     #[serde(default)]
     pub failover: Failover,
+    /// The cluster's name: the default etcd key prefix is
+    /// `/pgpilot/<cluster_name>`.
+    #[serde(default = "coordination::default_cluster_name")]
+    pub cluster_name: String,
+    /// Several pgpilots agreeing through etcd; off by default.
+    #[serde(default)]
+    pub coordination: Coordination,
     /// Client authentication rules in pg_hba.conf format, relative to the
     /// config file's directory. Absent: every listed user, from anywhere, by
     /// its `auth`.
@@ -415,6 +424,7 @@ impl Config {
     /// Check every value, and derive what is derived at load (SCRAM verifiers).
     pub fn validate(&mut self) -> Result<(), ConfigError> {
         self.listen_addr()?;
+        self.coordination.validate(&self.cluster_name)?;
         if self.max_client_conn == 0 {
             return Err(invalid("max_client_conn", "must be at least 1"));
         }

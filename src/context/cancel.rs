@@ -9,6 +9,11 @@
 //! the session ([`CancelSlot`]): under transaction pooling the session points it
 //! at a new server connection at every transaction, and that must not take the
 //! registry-wide lock (every runtime thread's sessions would contend on it).
+//!
+//! With coordination through etcd, bits 22–29 of the pid are the instance's
+//! cancel tag (claimed in etcd, unique among live instances), so an
+//! instance that receives a cancel for another instance's client forwards
+//! it there ([`tagged_pid`], `ProxyContext::cancel`).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -17,6 +22,17 @@ use std::time::Duration;
 
 use crate::backend::conn::send_cancel;
 use crate::protocol::CancelKey;
+
+/// The pid handed to a client by the instance with cancel tag `tag`
+/// (non-zero): the tag in bits 22–29, `n` in the 22 bits below.
+pub(crate) fn tagged_pid(tag: u8, n: i32) -> i32 {
+    (i32::from(tag) << 22) | (n & 0x3f_ffff)
+}
+
+/// The cancel tag a pid carries (0: none).
+pub(crate) fn pid_tag(pid: i32) -> u8 {
+    ((pid >> 22) & 0xff) as u8
+}
 
 /// The server process a cancel should reach.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -95,6 +111,22 @@ impl CancelRegistry {
         match target {
             Some(t) => send_cancel(t.addr, t.key, limit).await,
             None => tracing::debug!(pid = key.pid, "cancel request with an unknown key ignored"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tag_tests {
+    use super::{pid_tag, tagged_pid};
+
+    #[test]
+    fn the_tag_survives_the_round_trip_and_pids_stay_positive() {
+        for tag in [1u8, 7, 128, 255] {
+            for n in [0, 1, 0x3f_ffff, i32::MAX] {
+                let pid = tagged_pid(tag, n);
+                assert!(pid > 0, "{tag} {n}");
+                assert_eq!(pid_tag(pid), tag);
+            }
         }
     }
 }

@@ -134,8 +134,14 @@ impl ProxyContext {
     /// A fresh key for a client's BackendKeyData, registered for cancels, and
     /// the slot that says where its cancels go.
     pub(crate) fn new_client_key(&self) -> (CancelKey, CancelSlot) {
+        let tag = self.cancel_tag();
         loop {
-            let pid = self.next_pid.fetch_add(1, Ordering::Relaxed) & 0x3fff_ffff;
+            let n = self.next_pid.fetch_add(1, Ordering::Relaxed);
+            let pid = if tag == 0 {
+                n & 0x3fff_ffff
+            } else {
+                cancel::tagged_pid(tag, n)
+            };
             let key = CancelKey {
                 pid,
                 secret: rand::random(),
@@ -145,6 +151,35 @@ impl ProxyContext {
             {
                 return (key, slot);
             }
+        }
+    }
+}
+
+impl ProxyContext {
+    /// This instance's cancel tag among its peers (0: coordination off or
+    /// not registered yet).
+    fn cancel_tag(&self) -> u8 {
+        self.cluster.coordination().map_or(0, |h| h.tag())
+    }
+
+    /// A CancelRequest from a client: run here when the key is this
+    /// instance's, else forwarded to the peer whose tag the pid carries
+    /// (clients behind a load balancer may cancel through another
+    /// instance than the one holding their session).
+    pub(crate) async fn cancel(&self, key: CancelKey, limit: std::time::Duration) {
+        let own = self.cancel_tag();
+        let tag = cancel::pid_tag(key.pid);
+        let peer = self
+            .cluster
+            .coordination()
+            .filter(|_| own != 0 && tag != 0 && tag != own)
+            .and_then(|h| h.peer_address_for_tag(tag));
+        match peer {
+            Some(addr) => {
+                tracing::debug!(pid = key.pid, %addr, "cancel request forwarded to the peer holding the session");
+                crate::backend::conn::send_cancel(addr, key, limit).await;
+            }
+            None => self.cancels.cancel(key, limit).await,
         }
     }
 }

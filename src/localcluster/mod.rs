@@ -32,6 +32,7 @@
 
 mod bindir;
 mod error;
+pub mod etcd;
 mod process;
 
 pub(crate) use bindir::find_bindir;

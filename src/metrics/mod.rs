@@ -12,6 +12,7 @@
 //! The HTTP endpoint (`/metrics`, `/healthz`) is in [`http`].
 
 pub(crate) mod auth;
+mod coordination;
 pub(crate) mod http;
 mod slots;
 
@@ -200,6 +201,7 @@ struct ScrapeGauges {
     failover_in_progress: IntGauge,
     failover_last_duration: Gauge,
     slots: slots::SlotMetrics,
+    coordination: coordination::CoordinationMetrics,
 }
 
 fn opts(name: &str, help: &str) -> Opts {
@@ -688,6 +690,7 @@ impl ScrapeGauges {
                 "Duration of the last finished failover or switchover (detection to new primary in service)."
             ),
             slots: slots::SlotMetrics::new(r),
+            coordination: coordination::CoordinationMetrics::new(r),
         }
     }
 
@@ -783,6 +786,7 @@ impl ScrapeGauges {
             self.failover_last_duration.set(d.as_secs_f64());
         }
         self.slots.fill(&ctx.cluster().replication_slots());
+        self.coordination.fill(ctx.cluster());
     }
 }
 

@@ -94,7 +94,7 @@ pub(crate) async fn serve(ctx: Arc<ProxyContext>, mut stream: TcpStream) {
     };
     let startup = match opening {
         Opening::Cancel(key) => {
-            ctx.cancels.cancel(key, cfg.timeouts.connect).await;
+            ctx.cancel(key, cfg.timeouts.connect).await;
             return;
         }
         Opening::Startup(m) => m,

@@ -49,6 +49,15 @@ impl Load {
         })
     }
 
+    /// Like [`Load::writers`], the writers numbered from `first` (so loads
+    /// through several pgpilots write distinct keys).
+    #[allow(dead_code)]
+    pub fn writers_from(addr: SocketAddr, first: usize, writers: usize, pause: Duration) -> Load {
+        Load::start(writers, |w, stop, seen| {
+            write_loop(addr, first + w, pause, true, stop, seen)
+        })
+    }
+
     /// One client reading in autocommit every 20 ms on one connection.
     pub fn reader(addr: SocketAddr) -> Load {
         Load::start(1, |_, stop, seen| read_loop(addr, stop, seen))

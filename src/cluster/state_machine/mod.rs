@@ -35,7 +35,10 @@ use super::replication::{NodeCheck, SrRound};
 use super::{ClusterSnapshot, LagPolicy, NodeStatus, PgStatus, ReplicationView, Role};
 use crate::config::{Config, NodeId};
 
+mod shared;
 mod transition;
+
+pub(super) use shared::External;
 
 /// Primary LSN samples kept for time-lag estimates (about an hour at 1 s).
 const HISTORY_CAP: usize = 4096;
@@ -134,7 +137,7 @@ pub(crate) enum HoldKind {
 
 /// A hold and the reason shown to operators.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(super) struct Hold {
+pub(in crate::cluster) struct Hold {
     /// What kind of hold.
     pub(crate) kind: HoldKind,
     /// Shown in `SHOW PGPILOT_NODES` (`held_out`).
@@ -205,6 +208,10 @@ pub(super) struct Owner {
     /// The latest `pg_current_wal_lsn()` of the chosen primary, kept after
     /// it is lost: `failover.max_lag_bytes` measures candidates against it.
     last_primary_lsn: Option<(NodeId, u64)>,
+    /// Coordination through etcd, while another instance leads: the state
+    /// etcd recorded, which alone names the primary (see
+    /// `state_machine/shared.rs`).
+    external: Option<External>,
 }
 
 impl Owner {
@@ -222,6 +229,7 @@ impl Owner {
             counts: EventCounts::default(),
             next_id: 1,
             last_primary_lsn: None,
+            external: None,
         }
     }
 
@@ -504,6 +512,9 @@ impl Owner {
     fn choose_primary(&self) -> Option<NodeId> {
         if self.transition.is_some() {
             return None;
+        }
+        if let Some(e) = &self.external {
+            return self.external_primary(e);
         }
         let claims = |i: &NodeId| {
             let n = &self.snap.nodes[i.index()];

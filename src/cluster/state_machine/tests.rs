@@ -679,3 +679,60 @@ fn a_standby_that_cannot_follow_is_held_until_it_streams() {
         o.snap.nodes[2].held_out
     );
 }
+
+// ---- coordination: a follower applies what etcd recorded (shared.rs) ----
+
+fn external(primary: Option<usize>, timeline: Option<u32>) -> External {
+    External {
+        primary: primary.map(NodeId::new),
+        timeline,
+        failover: false,
+    }
+}
+
+#[test]
+fn a_follower_starts_no_failover_and_publishes_only_the_recorded_primary() {
+    let mut o = started();
+    let holds = o.holds_with_reasons();
+    o.apply_external(external(Some(0), None), holds.clone(), &adm(3));
+    assert_eq!(o.snap.primary, Some(NodeId::new(0)));
+    // The primary fails: no failover of its own, no primary.
+    o.round_finished(NodeId::new(0), failed(), SystemTime::now(), adm(3));
+    assert_eq!(o.snap.primary, None);
+    assert!(!o.in_transition());
+    // Node 1 claims primary (promoted by the leader): not routed to until
+    // etcd says so.
+    o.round_finished(NodeId::new(1), ok(false), SystemTime::now(), adm(3));
+    assert_eq!(o.snap.primary, None);
+    o.apply_external(external(Some(1), None), holds, &adm(3));
+    assert_eq!(o.snap.primary, Some(NodeId::new(1)));
+}
+
+#[test]
+fn a_follower_never_routes_to_a_node_on_an_older_timeline_than_recorded() {
+    let mut o = started();
+    let holds = o.holds_with_reasons();
+    o.snap.nodes[0].repl.timeline = Some(1);
+    o.apply_external(external(Some(0), Some(2)), holds.clone(), &adm(3));
+    assert_eq!(o.snap.primary, None);
+    o.snap.nodes[0].repl.timeline = Some(2);
+    o.apply_external(external(Some(0), Some(2)), holds, &adm(3));
+    assert_eq!(o.snap.primary, Some(NodeId::new(0)));
+}
+
+#[test]
+fn recorded_holds_apply_and_the_leader_decides_again_after_release() {
+    let mut o = started();
+    let mut holds = o.holds_with_reasons();
+    holds[2] = Some(Hold {
+        kind: HoldKind::Detached,
+        reason: "detached by operator".into(),
+    });
+    o.apply_external(external(Some(0), None), holds, &adm(3));
+    assert!(!o.snap.nodes[2].status.is_usable());
+    assert_eq!(o.holds()[2], Some(HoldKind::Detached));
+    // Becoming the leader: losing the primary starts a failover again.
+    o.release_external(&adm(3));
+    o.round_finished(NodeId::new(0), failed(), SystemTime::now(), adm(3));
+    assert!(o.in_transition());
+}

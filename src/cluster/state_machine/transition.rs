@@ -95,6 +95,10 @@ impl Owner {
             self.blocked = None;
             return;
         }
+        if self.external.is_some() {
+            // Another pgpilot leads: it alone starts failovers (shared.rs).
+            return;
+        }
         if let Some(t) = &self.transition {
             let Some(old) = t.old_primary else { return };
             let back = {
@@ -194,7 +198,7 @@ impl Owner {
     }
 
     /// End the transition in progress (it moves to `last_transition`).
-    fn close_transition(&mut self, phase: Phase, detail: String, now: SystemTime) {
+    pub(super) fn close_transition(&mut self, phase: Phase, detail: String, now: SystemTime) {
         if let Some(mut t) = self.transition.take() {
             t.phase = phase;
             t.detail = detail;
@@ -597,6 +601,6 @@ impl Owner {
 
     /// Whether a failover or switchover is in progress.
     pub(crate) fn in_transition(&self) -> bool {
-        self.transition.is_some()
+        self.transition.is_some() || self.external.as_ref().is_some_and(|e| e.failover)
     }
 }

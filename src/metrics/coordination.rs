@@ -1,0 +1,58 @@
+//! Coordination metrics, filled at scrape time from the cluster's etcd
+//! handle:
+//! `pgpilot_coordination_leader` (1 while this instance leads with a live
+//! lease), `pgpilot_coordination_epoch` (epoch of the shared state applied
+//! here), `pgpilot_coordination_etcd_rtt_seconds` (latest etcd round trip),
+//! `pgpilot_coordination_etcd_errors_total` (failed etcd calls). All are 0
+//! while coordination is off.
+
+use prometheus::{Gauge, IntCounter, IntGauge, Registry};
+
+use super::{opts, reg, sync_counter};
+use crate::cluster::Cluster;
+
+/// Gauges and counters of coordination through etcd.
+pub(super) struct CoordinationMetrics {
+    leader: IntGauge,
+    epoch: IntGauge,
+    rtt: Gauge,
+    errors: IntCounter,
+}
+
+impl CoordinationMetrics {
+    pub(super) fn new(r: &Registry) -> CoordinationMetrics {
+        CoordinationMetrics {
+            leader: reg(r, IntGauge::with_opts(opts(
+                "pgpilot_coordination_leader",
+                "1 while this pgpilot leads (holds the etcd leader key with a live lease), else 0.",
+            ))
+            .expect("valid metric")),
+            epoch: reg(r, IntGauge::with_opts(opts(
+                "pgpilot_coordination_epoch",
+                "Epoch of the shared cluster state last applied or written by this pgpilot.",
+            ))
+            .expect("valid metric")),
+            rtt: reg(r, Gauge::with_opts(opts(
+                "pgpilot_coordination_etcd_rtt_seconds",
+                "Round-trip time of the latest etcd call.",
+            ))
+            .expect("valid metric")),
+            errors: reg(r, IntCounter::with_opts(opts(
+                "pgpilot_coordination_etcd_errors_total",
+                "etcd calls that failed or timed out (each ends the etcd session; it is reopened).",
+            ))
+            .expect("valid metric")),
+        }
+    }
+
+    /// Fill from the cluster's handle.
+    pub(super) fn fill(&self, cluster: &Cluster) {
+        let Some(h) = cluster.coordination() else {
+            return;
+        };
+        self.leader.set(h.is_leader().into());
+        self.epoch.set(h.applied_epoch() as i64);
+        self.rtt.set(h.rtt_seconds());
+        sync_counter(&self.errors, h.errors());
+    }
+}
