@@ -31,6 +31,7 @@ pub mod consistency;
 pub mod context;
 pub mod demo;
 pub(crate) mod error;
+pub mod fuzzing;
 pub mod localcluster;
 pub(crate) mod metrics;
 pub mod net;

@@ -15,8 +15,8 @@ use std::path::{Path, PathBuf};
 /// module may import the modules of the layers below its own, never its own
 /// layer's or those above. Keep in step with `docs/architecture.md`.
 const LAYERS: &[&[&str]] = &[
-    // `pgpilot demo`: a local cluster with a proxy in front.
-    &["demo"],
+    // `pgpilot demo`: a local cluster with a proxy in front; the fuzz targets.
+    &["demo", "fuzzing"],
     // The listener.
     &["server"],
     // One task per client.

@@ -22,7 +22,7 @@ use super::BackendError;
 use crate::config::NodeId;
 use crate::config::tls::{BackendTls, BackendTlsMode};
 use crate::net::Stream;
-use crate::protocol::auth::{ScramKeyClient, ScramKeys};
+use crate::protocol::auth::{ScramKeyClient, ScramKeys, md5_salted_from_stored};
 use crate::protocol::frame::{ErrorFields, next_frame};
 use crate::protocol::shape::{Shape, ShapeHasher};
 use crate::protocol::{CancelKey, TxStatus, tag};
@@ -46,6 +46,9 @@ pub(crate) struct ConnectParams<'a> {
     /// Without a password: the keys of the client's SCRAM login, for a server
     /// that asks for SCRAM and stores the same verifier (pass-through).
     pub(crate) scram_keys: Option<&'a ScramKeys>,
+    /// Without a password: the user's stored MD5 hash (`auth_query`), which
+    /// answers a server's MD5 challenge as the password would.
+    pub(crate) md5_stored: Option<&'a str>,
     /// TCP connect timeout.
     pub(crate) connect_timeout: Duration,
     /// Timeout for the whole authentication exchange.
@@ -278,7 +281,11 @@ impl BackendConn {
         let need_password = || {
             password.ok_or_else(|| BackendError::Auth {
                 node,
-                message: if p.scram_keys.is_some() {
+                message: if p.md5_stored.is_some() {
+                    "the server asks for a SCRAM or cleartext password, but pgpilot has only \
+                     this user's MD5 hash (from auth_query), which answers MD5 only"
+                        .into()
+                } else if p.scram_keys.is_some() {
                     "the server asks for an MD5 or cleartext password, but this user has only a \
                      scram_verifier (which logs in to servers that ask for SCRAM-SHA-256)"
                         .into()
@@ -299,8 +306,10 @@ impl BackendConn {
                         message: "short MD5 salt".into(),
                     },
                 )?;
-                let password = need_password()?;
-                let hashed = md5_hash(self.user.as_bytes(), password.as_bytes(), salt);
+                let hashed = match (password, p.md5_stored) {
+                    (None, Some(stored)) => md5_salted_from_stored(stored, salt),
+                    _ => md5_hash(self.user.as_bytes(), need_password()?.as_bytes(), salt),
+                };
                 frontend::password_message(hashed.as_bytes(), &mut out).map_err(io)?;
             }
             10 => {

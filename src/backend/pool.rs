@@ -264,6 +264,8 @@ pub(crate) struct AcquireSettings<'a> {
     pub(crate) password: Option<&'a str>,
     /// Without a password: the keys of the client's SCRAM login.
     pub(crate) scram_keys: Option<&'a ScramKeys>,
+    /// Without a password: the user's stored MD5 hash.
+    pub(crate) md5_stored: Option<&'a str>,
     /// Per-node cap.
     pub(crate) max_per_node: usize,
     /// How long to wait for a slot.
@@ -417,6 +419,7 @@ impl Pool {
             startup: &key.startup,
             password: s.password,
             scram_keys: s.scram_keys,
+            md5_stored: s.md5_stored,
             connect_timeout: s.connect_timeout,
             auth_timeout: s.auth_timeout,
             tls: s.tls,

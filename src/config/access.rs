@@ -1,5 +1,6 @@
 //! The keys that decide who may try to log in, and how fast: `hba_file`,
-//! `auth_failure_limit` and `auth_failure_max_delay` (top level).
+//! `auth_failure_limit` and `auth_failure_max_delay` (top level), and the
+//! `[auth_query]` section (checked in `auth_query`).
 //!
 //! The rules file is read as part of loading the configuration, so a reload
 //! (SIGHUP) re-reads it, `pgpilot check` validates it, and a broken file
@@ -28,6 +29,7 @@ impl Config {
                 "must be at least 100ms (the first delay); turn throttling off with auth_failure_limit = 0",
             ));
         }
+        self.auth_query.validate()?;
         self.hba = match &self.hba_file {
             None => None,
             Some(p) if p.as_os_str().is_empty() => {

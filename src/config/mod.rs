@@ -16,6 +16,7 @@ use serde::Deserialize;
 use hba::{HbaError, HbaRules};
 
 mod access;
+mod auth_query;
 mod checks;
 mod coordination;
 mod failover;
@@ -25,6 +26,7 @@ mod routing;
 pub mod tls;
 mod units;
 
+pub use auth_query::{AuthQuery, DEFAULT_AUTH_QUERY};
 pub use checks::{HealthCheck, MetricsConfig, SrCheck};
 pub use coordination::Coordination;
 pub use failover::{Failover, FailoverMode, RejoinMode};
@@ -141,6 +143,9 @@ pub struct Config {
         deserialize_with = "duration"
     )]
     pub auth_failure_max_delay: Duration,
+    /// Users not in `[[users]]` looked up on the primary.
+    #[serde(default)]
+    pub auth_query: AuthQuery,
     /// The rules read from `hba_file` at load.
     #[serde(skip)]
     pub hba: Option<Arc<HbaRules>>,

@@ -62,6 +62,8 @@ pub struct ProxyContext {
     pub(crate) clients: AtomicUsize,
     /// Failed logins per client address (`auth_failure_limit`).
     pub(crate) login_throttle: crate::auth::throttle::LoginThrottle,
+    /// `auth_query` lookups and their cached answers.
+    pub(crate) auth_lookup: crate::auth::query::AuthLookup,
     /// Random per-process secret: mock SCRAM salts for unknown users.
     pub(crate) server_secret: [u8; 32],
     /// The last primary connection's server-wide ParameterStatus values, for
@@ -96,6 +98,7 @@ impl ProxyContext {
             cancels: CancelRegistry::default(),
             clients: AtomicUsize::new(0),
             login_throttle: Default::default(),
+            auth_lookup: Default::default(),
             server_secret: rand::random(),
             server_params: ServerParams::default(),
             next_pid: AtomicI32::new(rand::random_range(1..1 << 20)),
@@ -118,6 +121,14 @@ impl ProxyContext {
             self.catalog.clear();
         }
         self.config.store(Arc::new(new));
+        // Passwords may have changed: the next login of each user looks again.
+        self.auth_lookup.clear();
+    }
+
+    /// How many `auth_query` lookups reached the primary (one per user name
+    /// and cache period, however many logins wait for it).
+    pub fn auth_lookups_sent(&self) -> u64 {
+        self.auth_lookup.queries_sent()
     }
 
     /// A fresh key for a client's BackendKeyData, registered for cancels, and

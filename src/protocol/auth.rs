@@ -416,6 +416,38 @@ pub(crate) fn md5_check(user: &str, password: &str, salt: [u8; 4], body: &[u8]) 
     ct_eq(expected.as_bytes(), response)
 }
 
+/// libpq's answer to an MD5 challenge with `salt`, computed from the stored
+/// hash (`"md5"` + hex md5(password + user), as in `pg_authid`) instead of
+/// the password: `"md5" + md5(hex + salt)`. What a node needs for a user
+/// whose password pgpilot knows only as that hash.
+pub(crate) fn md5_salted_from_stored(stored: &str, salt: [u8; 4]) -> String {
+    use md5::{Digest, Md5};
+    let hex = stored.strip_prefix("md5").unwrap_or(stored);
+    let mut h = Md5::new();
+    h.update(hex.as_bytes());
+    h.update(salt);
+    let mut out = String::with_capacity(35);
+    out.push_str("md5");
+    for b in h.finalize() {
+        out.push_str(&format!("{b:02x}"));
+    }
+    out
+}
+
+/// Check a client's MD5 PasswordMessage body against a stored MD5 hash.
+pub(crate) fn md5_check_stored(stored: &str, salt: [u8; 4], body: &[u8]) -> bool {
+    let Some((response, _)) = cstr(body) else {
+        return false;
+    };
+    ct_eq(md5_salted_from_stored(stored, salt).as_bytes(), response)
+}
+
+/// Whether a clear-text password matches a stored MD5 hash of `user`.
+pub(crate) fn md5_password_check(user: &str, stored: &str, password: &[u8]) -> bool {
+    let hashed = postgres_protocol::password::md5(password, user);
+    ct_eq(hashed.as_bytes(), stored.as_bytes())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -571,8 +603,15 @@ mod tests {
             [0x2a, 0x3d, 0x8f, 0xe1],
             &body
         ));
+        // The same answer from the stored hash, without the password.
+        let stored = postgres_protocol::password::md5(b"password", "md5_user");
+        assert!(md5_check_stored(&stored, salt, &body));
+        assert!(!md5_check_stored(&stored, [0; 4], &body));
+        assert!(md5_password_check("md5_user", &stored, b"password"));
+        assert!(!md5_password_check("md5_user", &stored, b"passwore"));
         body[5] ^= 1;
         assert!(!md5_check("md5_user", "password", salt, &body));
+        assert!(!md5_check_stored(&stored, salt, &body));
         assert!(!md5_check("md5_user", "password", salt, b"no terminator"));
     }
 }

@@ -67,6 +67,8 @@ pub(crate) fn hint(sql: &[u8]) -> Option<Hint> {
 ///   extent depends on escaping rules, so they are never folded together);
 /// * numbers immediately followed by identifier characters (`123abc`).
 ///
+/// A number becomes `?`, a string `'?'`; a `?` of an operator is written `??`.
+///
 /// Comments are dropped: apply [`hint`] to the raw text separately.
 pub fn normalize(sql: &str, out: &mut String) {
     out.clear();
@@ -90,8 +92,22 @@ pub fn normalize(sql: &str, out: &mut String) {
             Kind::Number | Kind::Str | Kind::Dollar => {
                 if keep_literals || tok.verbatim {
                     out.push_str(tok.text);
-                } else {
+                } else if tok.kind == Kind::Number {
                     out.push('?');
+                } else {
+                    // Of another kind than a number's: `SELECT 1 1` and
+                    // `SELECT 1 'a'` do not parse alike.
+                    out.push_str("'?'");
+                }
+            }
+            // `?` is the placeholder: in an operator (jsonb's `?`, `?|`) it is
+            // doubled, so `1 ?` and `1 ''` do not share a key.
+            Kind::Op if tok.text.contains('?') => {
+                for c in tok.text.chars() {
+                    out.push(c);
+                    if c == '?' {
+                        out.push('?');
+                    }
                 }
             }
             Kind::QuotedIdent | Kind::Param | Kind::Op | Kind::Punct => out.push_str(tok.text),
@@ -426,12 +442,19 @@ pub(super) fn trivia_end(b: &[u8], mut i: usize) -> usize {
         if i < b.len() && is_space(b[i]) {
             i += 1;
         } else if at(i) == b'-' && at(i + 1) == b'-' {
-            i = match b[i..].iter().position(|&c| c == b'\n') {
+            // PostgreSQL ends a `--` comment at a carriage return too.
+            i = match b[i..].iter().position(|&c| c == b'\n' || c == b'\r') {
                 Some(n) => i + n + 1,
                 None => b.len(),
             };
         } else if at(i) == b'/' && at(i + 1) == b'*' {
-            i = block_comment_end(b, i);
+            // PostgreSQL refuses a comment that never closes: its text is
+            // kept as tokens, so the key is not that of the statement
+            // without it (found by the classify fuzz target).
+            match block_comment_end(b, i) {
+                Some(end) => i = end,
+                None => return i,
+            }
         } else {
             return i;
         }
@@ -467,22 +490,31 @@ pub(super) fn quoted_end(b: &[u8], q: usize, quote: u8, backslash_escapes: bool)
 /// (`123abc`) are swallowed and make it one verbatim token.
 pub(super) fn number_end(b: &[u8], start: usize) -> (usize, bool) {
     let at = |i: usize| b.get(i).copied().unwrap_or(0);
+    // Digits with `_` only between two of them, as PostgreSQL 16 reads
+    // `1_000`: `1_` or `1__0` is a number followed by junk, a statement that
+    // must not share the key (and the classification) of `1`.
+    let run = |mut i: usize, digit: fn(&u8) -> bool| {
+        let first = i;
+        while digit(&at(i)) || (at(i) == b'_' && i > first && digit(&at(i + 1))) {
+            i += 1;
+        }
+        i
+    };
     let mut i = start;
-    let radix_prefix = at(i) == b'0' && matches!(at(i + 1) | 0x20, b'x' | b'o' | b'b');
-    if radix_prefix && at(i + 2).is_ascii_alphanumeric() {
-        i += 2;
-        while at(i).is_ascii_alphanumeric() || at(i) == b'_' {
-            i += 1;
-        }
+    // Only the radix's own digits: `0o2r` is `0o2` and junk.
+    let radix: Option<fn(&u8) -> bool> = match at(i + 1) | 0x20 {
+        _ if at(i) != b'0' => None,
+        b'x' => Some(u8::is_ascii_hexdigit),
+        b'o' => Some(|c| (b'0'..=b'7').contains(c)),
+        b'b' => Some(|c| matches!(c, b'0' | b'1')),
+        _ => None,
+    };
+    if let Some(digit) = radix.filter(|digit| digit(&at(i + 2))) {
+        i = run(i + 2, digit);
     } else {
-        while at(i).is_ascii_digit() || at(i) == b'_' {
-            i += 1;
-        }
+        i = run(i, u8::is_ascii_digit);
         if at(i) == b'.' && at(i + 1) != b'.' {
-            i += 1;
-            while at(i).is_ascii_digit() || at(i) == b'_' {
-                i += 1;
-            }
+            i = run(i + 1, u8::is_ascii_digit);
         }
         if at(i) | 0x20 == b'e' {
             let mut j = i + 1;
@@ -505,9 +537,9 @@ pub(super) fn number_end(b: &[u8], start: usize) -> (usize, bool) {
     (i, junk)
 }
 
-/// End of the (nested) block comment opening at `start`, or the end of `b` if
-/// it never closes.
-fn block_comment_end(b: &[u8], start: usize) -> usize {
+/// End of the (nested) block comment opening at `start`, or `None` if it
+/// never closes.
+fn block_comment_end(b: &[u8], start: usize) -> Option<usize> {
     let at = |i: usize| b.get(i).copied().unwrap_or(0);
     let mut depth = 0usize;
     let mut i = start;
@@ -519,13 +551,13 @@ fn block_comment_end(b: &[u8], start: usize) -> usize {
             depth -= 1;
             i += 2;
             if depth == 0 {
-                return i;
+                return Some(i);
             }
         } else {
             i += 1;
         }
     }
-    b.len()
+    None
 }
 
 /// Character classes of bytes, as PostgreSQL's lexer sees them.
@@ -607,12 +639,12 @@ mod tests {
         assert_eq!(key("WHERE aid = 17"), "where aid = ?");
         assert_eq!(
             key("x = 'a''b' AND y = E'\\n' AND z = $f$ ; $f$"),
-            "x = ? and y = E'\\n' and z = ?"
+            "x = '?' and y = E'\\n' and z = '?'"
         );
         assert_eq!(key("a = 1.5e-3 + .5 + 0x1F + 1_000"), "a = ? + ? + ? + ?");
         assert_eq!(
             key("b = B'0101' OR c = X'ff' OR d = U&'x'"),
-            "b = ? or c = ? or d = ?"
+            "b = '?' or c = '?' or d = '?'"
         );
     }
 
@@ -643,10 +675,10 @@ mod tests {
     fn classification_relevant_tokens_are_kept() {
         assert_eq!(
             key("SELECT nextval('s') FROM t FOR UPDATE"),
-            "select nextval ( ? ) from t for update"
+            "select nextval ( '?' ) from t for update"
         );
         assert_eq!(key("SELECT $1::int, $2"), "select $1 :: int , $2");
-        assert_eq!(key("a <= b AND c->>'k'"), "a <= b and c ->> ?");
+        assert_eq!(key("a <= b AND c->>'k'"), "a <= b and c ->> '?'");
     }
 
     #[test]
@@ -672,8 +704,34 @@ mod tests {
         assert_eq!(key("SELECT 'abc"), "select 'abc");
         assert_eq!(key("SELECT $q$abc"), "select $q$abc");
         assert_eq!(key("SELECT \"abc"), "select \"abc");
-        assert_eq!(key("SELECT 1 /* open"), "select ?");
+        assert_eq!(key("SELECT 1 /* open"), "select ? /* open");
+        assert_ne!(key("SELECT 1, 2 /* /* */"), key("SELECT 1, 2"));
         assert_eq!(key("SELECT 123abc"), "select 123abc");
+        // A misplaced `_` is junk too (found by the classify fuzz target:
+        // `SELECT 1_` shared the key of `SELECT 1`).
+        assert_eq!(key("SELECT 1_"), "select 1_");
+        assert_eq!(key("SELECT 1__0, 0x_1"), "select 1__0 , 0x_1");
+        assert_eq!(key("SELECT 1_0, 0x1_f"), "select ? , ?");
+        // Only the radix's digits (found by the classify fuzz target:
+        // `select 0o2r u` shared the key of `select 0o2 u`).
+        assert_eq!(
+            key("SELECT 0o2r u, 0b12, 0xfg"),
+            "select 0o2r u , 0b12 , 0xfg"
+        );
+        assert_eq!(key("SELECT 0o17, 0b1_0, 0xFF"), "select ? , ? , ?");
+        // A `--` comment ends at a carriage return, as in PostgreSQL (found
+        // by the classify fuzz target).
+        assert_eq!(
+            key("SELECT 1; -- c\rDELETE FROM t"),
+            "select ? ; delete from t"
+        );
+        // An operator's `?` is not a literal's placeholder (found by the
+        // classify fuzz target: `SELECT 1?` shared the key of `SELECT 1''`).
+        assert_ne!(key("SELECT 1?"), key("SELECT 1''"));
+        // Nor are a number and a string (`SELECT 1 1` fails to parse where
+        // `SELECT 1 'a'` parses).
+        assert_ne!(key("SELECT 1 1"), key("SELECT 1 'a'"));
+        assert_eq!(key("SELECT j ? 'a', j ?| b"), "select j ?? '?' , j ??| b");
     }
 
     #[test]

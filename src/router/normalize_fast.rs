@@ -94,7 +94,7 @@ pub(crate) fn normalize_plain_literals(
                 let Some(end) = plain_literal(b, i) else {
                     return false;
                 };
-                out.push(b'?');
+                out.extend_from_slice(if c == b'\'' { b"'?'" } else { b"?" });
                 if let Some(l) = literals.as_deref_mut() {
                     l.push((start, end));
                 }
@@ -126,7 +126,11 @@ pub(crate) fn normalize_plain_literals(
                 i += 2;
             }
             _ if is_op_char(c) => {
+                // An operator's `?` is doubled: `?` alone is a literal.
                 out.push(c);
+                if c == b'?' {
+                    out.push(c);
+                }
                 i += 1;
                 while i < len && is_op_char(b[i]) {
                     let (x, y) = (b[i], at(i + 1));
@@ -134,6 +138,9 @@ pub(crate) fn normalize_plain_literals(
                         break;
                     }
                     out.push(x);
+                    if x == b'?' {
+                        out.push(x);
+                    }
                     i += 1;
                 }
             }

@@ -68,6 +68,7 @@ impl Session {
                 .user(&self.user)
                 .and_then(|u| u.password.as_deref()),
             scram_keys: self.scram_keys.as_ref(),
+            md5_stored: self.md5_stored.as_deref(),
             max_per_node: self.cfg.pool.max_connections_per_node,
             acquire_timeout: self.cfg.pool.acquire_timeout,
             connect_timeout: self.cfg.timeouts.connect,

@@ -6,20 +6,29 @@
 //! Failures come back as a ready-to-send [`PgError`]; the caller writes it and
 //! closes. Unknown users go through the same SCRAM exchange as known ones and
 //! fail with the same 28P01 message, so user names cannot be probed.
+//!
+//! A user not in `[[users]]` may be a role found by `auth_query`
+//! ([`look_up`]): its stored SCRAM verifier or MD5 hash is checked as
+//! PostgreSQL would, an expired one (`rolvaliduntil`) like a wrong password,
+//! and a role that may not log in is refused after its password proved right,
+//! with PostgreSQL's 28000.
 
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::auth::hba::{Method, Peer};
+use crate::auth::query::{Answer, AuthLookup, LookupTarget, StoredPassword, StoredRole};
 use crate::config::tls::{ALPN, TlsServer};
-use crate::config::{AuthMethod, Config};
+use crate::config::{AuthMethod, Config, NodeId, User};
 use crate::error::ToPgError;
 use crate::error::sqlstate::*;
 use crate::net::Stream;
 use crate::protocol::auth::{
-    AuthError, ScramKeys, ScramServer, ScramVerifier, md5_check, scram_password_check,
+    AuthError, ScramKeys, ScramServer, ScramVerifier, md5_check, md5_check_stored,
+    md5_password_check, scram_password_check,
 };
 use crate::protocol::frame::next_frame;
 use crate::protocol::messages::{self, PgError};
@@ -185,6 +194,64 @@ pub(crate) struct Login<'a> {
     pub(crate) channel_binding: Option<&'a [u8]>,
 }
 
+/// Look a user who is not in `[[users]]` up by `auth_query`, when it is on:
+/// `None` when it is off or the user is listed. A role whose password has
+/// expired comes back as no role: PostgreSQL refuses it as a wrong password.
+/// A lookup that fails is not a wrong password: the client is told that its
+/// login could not be checked now (57P03), and may retry.
+pub(crate) async fn look_up(
+    lookups: &AuthLookup,
+    config: &Config,
+    primary: Option<NodeId>,
+    user: &str,
+) -> Result<Option<Arc<StoredRole>>, PgError> {
+    if !config.auth_query.enabled || config.user(user).is_some() {
+        return Ok(None);
+    }
+    let target = LookupTarget {
+        primary: primary.and_then(|p| config.backends.get(p.index())),
+        monitor: &config.monitor,
+        settings: &config.auth_query,
+    };
+    match lookups.lookup(&target, user).await {
+        Ok(Answer::Role(role)) if role.expired(std::time::SystemTime::now()) => {
+            tracing::info!(
+                user,
+                "auth_query: the role's password has expired (VALID UNTIL)"
+            );
+            Ok(None)
+        }
+        Ok(Answer::Role(role)) => Ok(Some(role)),
+        Ok(Answer::NoSuchRole) => Ok(None),
+        Err(e) => {
+            tracing::warn!(user, error = %e, "auth_query: cannot look the user up");
+            Err(PgError::fatal(
+                CANNOT_CONNECT_NOW,
+                format!("cannot check the password of user \"{user}\" now: {e}"),
+            ))
+        }
+    }
+}
+
+/// What pgpilot knows of the user logging in.
+#[derive(Clone, Copy)]
+enum Account<'a> {
+    /// Listed in `[[users]]`.
+    Listed(&'a User),
+    /// Found by `auth_query` (password not expired).
+    Stored(&'a StoredRole),
+}
+
+/// What a successful login proved, for logging in to the nodes as the user
+/// when pgpilot holds no password for it.
+#[derive(Debug, Default)]
+pub(crate) struct Proven {
+    /// The keys of a SCRAM (or clear-text, against a verifier) login.
+    pub(crate) scram_keys: Option<ScramKeys>,
+    /// The stored MD5 hash a login was checked against (`auth_query`).
+    pub(crate) md5_stored: Option<String>,
+}
+
 /// What the client is asked for.
 enum Challenge<'a> {
     /// Nothing: it is in.
@@ -192,6 +259,8 @@ enum Challenge<'a> {
     /// An MD5 challenge, checked against this clear-text password (none: no
     /// answer matches).
     Md5(Option<&'a str>),
+    /// An MD5 challenge, checked against this stored hash (`auth_query`).
+    Md5Stored(&'a str),
     /// A SCRAM-SHA-256 exchange; `known` is false for the mock verifier of a
     /// user who cannot log in, whose exchange fails at its end.
     Scram {
@@ -219,16 +288,33 @@ fn encryption(login: &Login<'_>) -> &'static str {
 fn challenge<'a>(
     config: &'a Config,
     login: &Login<'_>,
+    stored: Option<&'a StoredRole>,
     server_secret: &[u8],
 ) -> Result<Challenge<'a>, PgError> {
     let user = login.user;
+    let account = config
+        .user(user)
+        .map(Account::Listed)
+        .or(stored.map(Account::Stored));
     let known = config.user(user);
+    let verifier = match account {
+        Some(Account::Listed(u)) => u.verifier.as_deref(),
+        Some(Account::Stored(StoredRole {
+            password: StoredPassword::Scram(v),
+            ..
+        })) => Some(v.as_str()),
+        Some(Account::Stored(_)) | None => None,
+    };
+    let md5_stored = match stored {
+        Some(StoredRole {
+            password: StoredPassword::Md5(h),
+            ..
+        }) if known.is_none() => Some(h.as_str()),
+        _ => None,
+    };
     // Unknown users and users without a password go through the same SCRAM
     // exchange as others and fail at its end, so names cannot be probed.
-    let scram = || match known
-        .and_then(|u| u.verifier.as_deref())
-        .and_then(ScramVerifier::parse)
-    {
+    let scram = || match verifier.and_then(ScramVerifier::parse) {
         Some(verifier) => Challenge::Scram {
             verifier,
             known: true,
@@ -239,10 +325,13 @@ fn challenge<'a>(
         },
     };
     let Some(rules) = &config.hba else {
-        return Ok(match known.map(|u| u.auth) {
-            Some(AuthMethod::Trust) => Challenge::Trust,
-            Some(AuthMethod::Md5) => Challenge::Md5(known.and_then(|u| u.password.as_deref())),
-            Some(AuthMethod::ScramSha256) | None => scram(),
+        return Ok(match (known.map(|u| u.auth), md5_stored) {
+            (Some(AuthMethod::Trust), _) => Challenge::Trust,
+            (Some(AuthMethod::Md5), _) => Challenge::Md5(known.and_then(|u| u.password.as_deref())),
+            // A role found by auth_query: the method its stored password
+            // allows, as a PostgreSQL `md5` line chooses.
+            (None, Some(h)) => Challenge::Md5Stored(h),
+            (Some(AuthMethod::ScramSha256) | None, _) => scram(),
         });
     };
     let peer = Peer {
@@ -280,7 +369,7 @@ fn challenge<'a>(
                     "connection requires a valid client certificate",
                 ));
             }
-            Some(cn) if cn != user || known.is_none() => {
+            Some(cn) if cn != user || account.is_none() => {
                 return Err(PgError::fatal(
                     INVALID_AUTHORIZATION,
                     format!("certificate authentication failed for user \"{user}\""),
@@ -288,7 +377,7 @@ fn challenge<'a>(
             }
             Some(_) => Challenge::Trust,
         },
-        Method::Trust if known.is_none() => {
+        Method::Trust if account.is_none() => {
             return Err(PgError::fatal(
                 INVALID_AUTHORIZATION,
                 format!("role \"{user}\" does not exist"),
@@ -300,9 +389,13 @@ fn challenge<'a>(
         // text, which MD5 can check (as PgBouncer does with its auth_file).
         // Users without a password, and unknown ones, get the MD5 challenge
         // that the common case gets, and fail it: the method tells nothing.
-        Method::Md5 => match known {
-            Some(u) if u.scram_verifier.is_some() => scram(),
-            Some(u) => Challenge::Md5(u.password.as_deref()),
+        Method::Md5 => match account {
+            Some(Account::Listed(u)) if u.scram_verifier.is_some() => scram(),
+            Some(Account::Listed(u)) => Challenge::Md5(u.password.as_deref()),
+            Some(Account::Stored(_)) if verifier.is_some() => scram(),
+            Some(Account::Stored(_)) => {
+                md5_stored.map_or(Challenge::Md5(None), Challenge::Md5Stored)
+            }
             None => Challenge::Md5(None),
         },
         Method::ScramSha256 => scram(),
@@ -319,21 +412,62 @@ pub(crate) async fn authenticate(
     stream: &mut Stream,
     config: &Config,
     login: &Login<'_>,
+    stored: Option<&StoredRole>,
     server_secret: &[u8],
-) -> Result<Option<ScramKeys>, PgError> {
+) -> Result<Proven, PgError> {
+    let proven = exchange(stream, config, login, stored, server_secret).await?;
+    // PostgreSQL checks the login right once the password proved right.
+    if let Some(role) = stored
+        && config.user(login.user).is_none()
+        && !role.can_login
+    {
+        return Err(PgError::fatal(
+            INVALID_AUTHORIZATION,
+            format!("role \"{}\" is not permitted to log in", login.user),
+        ));
+    }
+    Ok(proven)
+}
+
+/// The exchange the matching line or the user's method asks for.
+async fn exchange(
+    stream: &mut Stream,
+    config: &Config,
+    login: &Login<'_>,
+    stored: Option<&StoredRole>,
+    server_secret: &[u8],
+) -> Result<Proven, PgError> {
     let user = login.user;
     let mut inbuf = BytesMut::new();
     let mut out = BytesMut::new();
     let known = config.user(user);
-    match challenge(config, login, server_secret)? {
-        Challenge::Trust => Ok(None),
+    let keys = |scram_keys| Proven {
+        scram_keys,
+        md5_stored: None,
+    };
+    match challenge(config, login, stored, server_secret)? {
+        Challenge::Trust => Ok(Proven::default()),
         Challenge::Md5(password) => {
             let salt: [u8; 4] = rand::random();
             messages::auth_md5(&mut out, salt);
             stream.write_all(&out).await.map_err(io_err)?;
             let body = read_password_message(stream, &mut inbuf).await?;
             if password.is_some_and(|p| md5_check(user, p, salt, &body)) {
-                Ok(None)
+                Ok(Proven::default())
+            } else {
+                Err(failed(user))
+            }
+        }
+        Challenge::Md5Stored(hash) => {
+            let salt: [u8; 4] = rand::random();
+            messages::auth_md5(&mut out, salt);
+            stream.write_all(&out).await.map_err(io_err)?;
+            let body = read_password_message(stream, &mut inbuf).await?;
+            if md5_check_stored(hash, salt, &body) {
+                Ok(Proven {
+                    scram_keys: None,
+                    md5_stored: Some(hash.to_string()),
+                })
             } else {
                 Err(failed(user))
             }
@@ -349,7 +483,7 @@ pub(crate) async fn authenticate(
                 Some(u) if u.password.is_some() => {
                     let stored = u.password.as_deref().unwrap_or_default().as_bytes();
                     if ct_eq(stored, given) {
-                        Ok(None)
+                        Ok(Proven::default())
                     } else {
                         Err(failed(user))
                     }
@@ -359,9 +493,21 @@ pub(crate) async fn authenticate(
                     .as_deref()
                     .and_then(ScramVerifier::parse)
                     .and_then(|v| scram_password_check(&v, given))
-                    .map(Some)
+                    .map(|k| keys(Some(k)))
                     .ok_or_else(|| failed(user)),
-                None => Err(failed(user)),
+                None => match stored.map(|r| &r.password) {
+                    Some(StoredPassword::Scram(v)) => ScramVerifier::parse(v)
+                        .and_then(|v| scram_password_check(&v, given))
+                        .map(|k| keys(Some(k)))
+                        .ok_or_else(|| failed(user)),
+                    Some(StoredPassword::Md5(h)) if md5_password_check(user, h, given) => {
+                        Ok(Proven {
+                            scram_keys: None,
+                            md5_stored: Some(h.clone()),
+                        })
+                    }
+                    _ => Err(failed(user)),
+                },
             }
         }
         Challenge::Scram { verifier, known } => {
@@ -384,7 +530,7 @@ pub(crate) async fn authenticate(
             }
             messages::auth_sasl_final(&mut out, &server_final);
             stream.write_all(&out).await.map_err(io_err)?;
-            Ok(scram.proven_keys())
+            Ok(keys(scram.proven_keys()))
         }
     }
 }
@@ -439,10 +585,10 @@ mod tests {
             cert_name: None,
             channel_binding: None,
         };
-        Ok(match challenge(cfg, &login, b"secret")? {
+        Ok(match challenge(cfg, &login, None, b"secret")? {
             Challenge::Trust => "trust",
             Challenge::Md5(None) => "md5 (fails)",
-            Challenge::Md5(_) => "md5",
+            Challenge::Md5(_) | Challenge::Md5Stored(_) => "md5",
             Challenge::Scram { known: true, .. } => "scram",
             Challenge::Scram { known: false, .. } => "scram (fails)",
             Challenge::Cleartext => "password",
@@ -538,12 +684,12 @@ mod tests {
             cert_name: None,
             channel_binding: None,
         };
-        let Err(e) = challenge(&cfg, &login, b"secret") else {
+        let Err(e) = challenge(&cfg, &login, None, b"secret") else {
             panic!("a cert line let a client without a certificate in");
         };
         assert_eq!(e.message, "connection requires a valid client certificate");
         login.cert_name = Some("verified");
-        let Err(e) = challenge(&cfg, &login, b"secret") else {
+        let Err(e) = challenge(&cfg, &login, None, b"secret") else {
             panic!("a cert line let another user's certificate in");
         };
         assert_eq!(
@@ -552,9 +698,66 @@ mod tests {
         );
         login.cert_name = Some("plain");
         assert!(matches!(
-            challenge(&cfg, &login, b"secret"),
+            challenge(&cfg, &login, None, b"secret"),
             Ok(Challenge::Trust)
         ));
+    }
+
+    /// A role found by auth_query gets the method its stored password
+    /// allows; one without a usable password the challenge an unknown user
+    /// gets; a listed user of the same name wins over the lookup.
+    #[test]
+    fn roles_found_by_auth_query_are_challenged_by_their_stored_password() {
+        let dir = tempfile::tempdir().unwrap();
+        let role = |name: &str, password| StoredRole {
+            name: name.into(),
+            password,
+            valid_until: None,
+            can_login: true,
+        };
+        let scram =
+            StoredPassword::from_stored(Some(&postgres_protocol::password::scram_sha_256(b"pw")));
+        let md5 = StoredPassword::from_stored(Some(&postgres_protocol::password::md5(b"pw", "r")));
+        let decide = |cfg: &Config, r: &StoredRole| {
+            let login = Login {
+                user: &r.name,
+                database: "db",
+                addr: "10.0.0.1".parse().unwrap(),
+                tls: false,
+                cert_name: None,
+                channel_binding: None,
+            };
+            match challenge(cfg, &login, Some(r), b"secret") {
+                Ok(Challenge::Trust) => "trust",
+                Ok(Challenge::Md5(None)) => "md5 (fails)",
+                Ok(Challenge::Md5(Some(_))) => "md5 (listed)",
+                Ok(Challenge::Md5Stored(_)) => "md5",
+                Ok(Challenge::Scram { known: true, .. }) => "scram",
+                Ok(Challenge::Scram { known: false, .. }) => "scram (fails)",
+                Ok(Challenge::Cleartext) => "password",
+                Err(_) => "refused",
+            }
+        };
+        let cfg = config(None, dir.path());
+        assert_eq!(decide(&cfg, &role("r", scram.clone())), "scram");
+        assert_eq!(decide(&cfg, &role("r", md5.clone())), "md5");
+        assert_eq!(
+            decide(&cfg, &role("r", StoredPassword::Unusable)),
+            "scram (fails)"
+        );
+        // The configuration's user of that name decides, not the lookup.
+        assert_eq!(decide(&cfg, &role("trusted", md5.clone())), "trust");
+        let cfg = config(Some("host all all all md5\n"), dir.path());
+        assert_eq!(decide(&cfg, &role("r", scram.clone())), "scram");
+        assert_eq!(decide(&cfg, &role("r", md5.clone())), "md5");
+        assert_eq!(
+            decide(&cfg, &role("r", StoredPassword::Unusable)),
+            "md5 (fails)"
+        );
+        let cfg = config(Some("host all all all scram-sha-256\n"), dir.path());
+        assert_eq!(decide(&cfg, &role("r", md5.clone())), "scram (fails)");
+        let cfg = config(Some("host all all all trust\n"), dir.path());
+        assert_eq!(decide(&cfg, &role("r", md5)), "trust");
     }
 
     #[test]

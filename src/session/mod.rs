@@ -162,9 +162,20 @@ pub(crate) async fn serve(ctx: Arc<ProxyContext>, tcp: TcpStream) {
         channel_binding: end_point.as_deref(),
     };
     let deadline = tokio::time::Instant::now() + cfg.timeouts.auth;
-    let auth = handshake::authenticate(&mut stream, &cfg, &login, &ctx.server_secret);
-    let scram_keys = match timeout(cfg.timeouts.auth, auth).await {
-        Ok(Ok(keys)) => keys,
+    let auth = async {
+        let primary = ctx.cluster.snapshot().primary;
+        let stored = handshake::look_up(&ctx.auth_lookup, &cfg, primary, &user).await?;
+        handshake::authenticate(
+            &mut stream,
+            &cfg,
+            &login,
+            stored.as_deref(),
+            &ctx.server_secret,
+        )
+        .await
+    };
+    let proven = match timeout(cfg.timeouts.auth, auth).await {
+        Ok(Ok(proven)) => proven,
         Ok(Err(e)) => {
             tracing::info!(user = %user, client = %peer.ip(), code = %e.code, message = %e.message, "client authentication failed");
             if e.code == INVALID_PASSWORD {
@@ -179,7 +190,8 @@ pub(crate) async fn serve(ctx: Arc<ProxyContext>, tcp: TcpStream) {
     };
     messages::auth_ok(&mut out);
     let mut session = Session::new(ctx, cfg, stream, user, &startup, slot);
-    session.scram_keys = scram_keys;
+    session.scram_keys = proven.scram_keys;
+    session.md5_stored = proven.md5_stored;
     session.run(out, &startup).await;
 }
 
@@ -234,6 +246,9 @@ struct Session {
     /// What the client's SCRAM login proved: how pgpilot logs in to nodes as
     /// this user when its config has a `scram_verifier` but no `password`.
     scram_keys: Option<crate::protocol::auth::ScramKeys>,
+    /// The user's stored MD5 hash (`auth_query`): how pgpilot answers a
+    /// node's MD5 challenge for a user it has no password for.
+    md5_stored: Option<String>,
     /// Database from the startup packet (defaults to the user name).
     database: String,
     /// The pool key of each node for this session: user, database and the
@@ -383,6 +398,7 @@ impl Session {
             to_client: Outbox::default(),
             user,
             scram_keys: None,
+            md5_stored: None,
             database,
             cancel_key,
             cancel,

@@ -210,7 +210,7 @@ async fn hba_lines_choose_the_method_by_address_database_and_user() {
 }
 
 /// A pgpilot reading its configuration from `path` and reloading it on SIGHUP.
-fn spawn_reloading(path: std::path::PathBuf) -> SocketAddr {
+pub(super) fn spawn_reloading(path: std::path::PathBuf) -> SocketAddr {
     let config = Config::load(&path).expect("valid config");
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
@@ -228,7 +228,7 @@ fn spawn_reloading(path: std::path::PathBuf) -> SocketAddr {
     rx.recv_timeout(Duration::from_secs(30)).unwrap()
 }
 
-fn sighup() {
+pub(super) fn sighup() {
     // SAFETY: kill(2) on our own pid with a signal this process handles
     // (the test installs a handler first).
     unsafe {

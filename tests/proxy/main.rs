@@ -6,6 +6,7 @@
 mod common;
 
 mod auth;
+mod auth_query;
 mod databases;
 mod hba;
 mod identity;

@@ -1,69 +1,16 @@
 //! The classifier's randomised robustness test: random SQL-ish strings never
-//! panic it, and no write among them reaches a standby.
+//! panic it, and no write among them reaches a standby. The checks are the
+//! classifier fuzz target's (`check.rs`, shared with `crate::fuzzing`); this generator feeds them
+//! SQL-shaped input that random bytes rarely reach.
 
+use super::check::{WRITE_STARTS, check_classification};
 use super::*;
-use crate::config::NodeId;
 use crate::router::cache::ClassifyCache;
-use crate::router::normalize::{Hint, Kind, split_statements};
-use crate::router::policy::{BalanceInTransaction, Decision, Policy, RouteState, decide};
 
 /// One of `items`, chosen by `rng`.
 fn pick<'a>(rng: &mut fastrand::Rng, items: &[&'a str]) -> &'a str {
     items[rng.usize(..items.len())]
 }
-
-const WRITE_STARTS: &[&str] = &[
-    "insert",
-    "update",
-    "delete",
-    "merge",
-    "truncate",
-    "create",
-    "alter",
-    "drop",
-    "grant",
-    "revoke",
-    "vacuum",
-    "analyze",
-    "call",
-    "do",
-    "lock",
-    "listen",
-    "unlisten",
-    "notify",
-    "refresh",
-    "cluster",
-    "reindex",
-    "checkpoint",
-    "comment",
-    "declare",
-    "fetch",
-    "move",
-    "close",
-    "security",
-    "import",
-    "reassign",
-    "load",
-];
-
-/// The write keyword starting one of the statements of `sql` (split at top-level
-/// `;` as PostgreSQL splits them), if any.
-fn write_start(sql: &str) -> Option<String> {
-    split_statements(sql).iter().find_map(|st| {
-        let t = st.head.first()?;
-        let w = t.text.to_ascii_lowercase();
-        (t.kind == Kind::Word && WRITE_STARTS.contains(&w.as_str())).then_some(w)
-    })
-}
-
-const BALANCED: Policy = Policy {
-    load_balance: true,
-    in_transaction: BalanceInTransaction::Off,
-};
-const PGPOOL: Policy = Policy {
-    load_balance: true,
-    in_transaction: BalanceInTransaction::Transaction,
-};
 
 /// Random SQL-ish strings: the classifier never panics, a string with a write
 /// keyword at the start of any of its statements is a write (cached or not),
@@ -104,48 +51,8 @@ fn random_sql_never_panics_and_write_starts_are_write() {
             sql.push_str(pick(&mut rng, WRITE_STARTS));
             sql.push_str(pick(&mut rng, &[" t", " (", "", " 'x' $$"]));
         }
-        let direct = classifier.classify(&sql);
-        let cached = cache
-            .classify(sql.as_bytes(), || &classifier)
-            .expect("UTF-8");
-        if let Some(w) = write_start(&sql) {
+        if check_classification(&classifier, &cache, &sql, rng.u64(..)) {
             writes += 1;
-            assert_eq!(direct.access, Access::Write, "{w}: {sql:?}");
-            assert_eq!(cached.access, Access::Write, "{w}: {sql:?}");
-        }
-        if direct.access == Access::Write {
-            // The cache never turns a write into a read.
-            assert_eq!(cached.access, Access::Write, "{sql:?}");
-            // Outside a transaction, no session state or hint routes a write
-            // to the standby (node 1; the primary is node 0).
-            let state = RouteState {
-                standby: Some(NodeId::new(1)),
-                sticky_primary: rng.usize(..4) == 0,
-                forced_primary: rng.usize(..4) == 0,
-                read_only_default: rng.bool(),
-                ..RouteState::default()
-            };
-            let hint = [None, Some(Hint::Primary), Some(Hint::Standby)][rng.usize(..3)];
-            for policy in [BALANCED, PGPOOL] {
-                let node = decide(&policy, &state, &cached, hint, false, Some(NodeId::new(0)));
-                assert_eq!(
-                    node,
-                    Decision::Node(NodeId::new(0)),
-                    "{sql:?} {state:?} {hint:?}"
-                );
-                // Nor inside a read-write transaction (on the primary), even
-                // before its first write in pgpool mode.
-                let in_tx = RouteState {
-                    tx_node: Some(NodeId::new(0)),
-                    ..state.clone()
-                };
-                let node = decide(&policy, &in_tx, &cached, hint, true, Some(NodeId::new(0)));
-                assert_eq!(
-                    node,
-                    Decision::Node(NodeId::new(0)),
-                    "{sql:?} in a transaction"
-                );
-            }
         }
     }
     // The generator does produce statement-starting write keywords.

@@ -30,9 +30,11 @@ use std::collections::HashSet;
 
 use super::normalize::split_statements;
 use super::relations::RelationName;
-use lexical::{fallback, lexical_sticky, may_read};
+use lexical::{comment_glued_to_operator, fallback, lexical_sticky, may_read};
 
 mod ast;
+#[doc(hidden)]
+pub mod check;
 #[cfg(test)]
 mod fuzz_tests;
 mod lexical;
@@ -477,7 +479,7 @@ impl Classifier for SqlParserClassifier {
             } else {
                 self.classify_piece(&piece)
             };
-            if !may_read(&piece) {
+            if !may_read(&piece) || comment_glued_to_operator(piece.text) {
                 part.write = true;
             }
             lexical_sticky(&piece, &mut part);

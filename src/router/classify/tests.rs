@@ -759,3 +759,22 @@ fn node_local_views_and_functions_need_the_primary() {
         assert_eq!(with(p.clone(), sql).access, access, "{sql}");
     }
 }
+
+/// PostgreSQL ends an operator where a comment starts; sqlparser may read
+/// the comment as more operator, and so parse another statement than the
+/// one PostgreSQL runs (found by the classify fuzz target). A doubt: write.
+#[test]
+fn a_comment_glued_to_an_operator_is_a_doubt() {
+    write("SELECT 'x' ~~-- a");
+    write("SELECT 2 ~~--'\n 3, nextval($$s$$) --'");
+    write("SELECT 2 */* c */ 3");
+    read("SELECT 2 * 3 -- c");
+    read("SELECT 2 * /* c */ 3");
+    read("SELECT '--' ~~ '/*', x->>'a' FROM t");
+}
+
+/// PostgreSQL ends a `--` comment at a carriage return: what follows runs.
+#[test]
+fn a_line_comment_ends_at_a_carriage_return() {
+    write("SELECT 1; -- c\rDELETE FROM t");
+}
