@@ -593,13 +593,25 @@ async fn by_rewind(
         f.rejoin_timeout,
     )
     .await?;
+    streams_from(cluster, cfg, node, primary, MODE).await
+}
+
+/// The last step of both modes: wait until the node streams from the
+/// primary, then check that its WAL fits the primary's history.
+async fn streams_from(
+    cluster: &Cluster,
+    cfg: &Config,
+    node: NodeId,
+    primary: NodeId,
+    mode: &str,
+) -> Result<(), RejoinError> {
     step(
         cluster,
         node,
-        MODE,
+        mode,
         &format!("waiting until it streams from node {primary}"),
     )?;
-    wait_streaming(cfg, node, primary, f.rejoin_timeout).await?;
+    wait_streaming(cfg, node, primary, cfg.failover.rejoin_timeout).await?;
     still_diverged(cfg, node, primary).await
 }
 
@@ -633,14 +645,7 @@ async fn by_command(
         &hooks::tls_env(cfg),
     )
     .await?;
-    step(
-        cluster,
-        node,
-        MODE,
-        &format!("waiting until it streams from node {primary}"),
-    )?;
-    wait_streaming(cfg, node, primary, f.rejoin_timeout).await?;
-    still_diverged(cfg, node, primary).await
+    streams_from(cluster, cfg, node, primary, MODE).await
 }
 
 /// After a rejoin: an error if the node's WAL still does not fit the
