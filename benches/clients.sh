@@ -82,7 +82,9 @@ pidfile = $WORK/pgbouncer.pid
 INI
 chown -R postgres "$WORK" 2>/dev/null || true
 if [ "$(id -u)" = 0 ]; then
-    setsid runuser -u postgres -- pgbouncer "$WORK/pgbouncer.ini" >/dev/null 2>&1 &
+    # setpriv, not runuser: runuser's PAM session would lower the open-file
+    # limit this script raised, and PgBouncer would refuse clients past it.
+    setsid setpriv --reuid=postgres --regid=postgres --init-groups pgbouncer "$WORK/pgbouncer.ini" >/dev/null 2>&1 &
 else
     setsid pgbouncer "$WORK/pgbouncer.ini" >/dev/null 2>&1 &
 fi
