@@ -175,19 +175,21 @@ fn main() -> ExitCode {
             no_wait,
             timeout,
             to,
-        } => {
-            let wait = (!no_wait).then(|| Duration::from_secs(timeout));
-            admin(cli.config, to, Action::Promote(NodeId::new(node), wait))
-        }
+        } => admin(
+            cli.config,
+            to,
+            Action::Promote(NodeId::new(node), follow(no_wait, timeout)),
+        ),
         Command::Rejoin {
             node,
             no_wait,
             timeout,
             to,
-        } => {
-            let wait = (!no_wait).then(|| Duration::from_secs(timeout));
-            admin(cli.config, to, Action::Rejoin(NodeId::new(node), wait))
-        }
+        } => admin(
+            cli.config,
+            to,
+            Action::Rejoin(NodeId::new(node), follow(no_wait, timeout)),
+        ),
         Command::Demo {
             listen,
             metrics_listen,
@@ -293,4 +295,10 @@ async fn stop_signal() {
             }
         }
     }
+}
+
+/// How long `promote` / `rejoin` follow the command to its end: not at all
+/// with `--no-wait`, else up to `timeout` seconds.
+fn follow(no_wait: bool, timeout: u64) -> Option<Duration> {
+    (!no_wait).then(|| Duration::from_secs(timeout))
 }
