@@ -123,10 +123,17 @@ impl Proxy {
                 ctx.shutdown.clone(),
             )
         });
+        // Patroni mode: the primary is Patroni's leader key, read and
+        // confirmed before it is published (see `cluster::patroni`).
+        let patroni =
+            cluster::patroni::start(&ctx.cluster, ctx.config.clone(), ctx.shutdown.clone());
         // Know the primary before the first client arrives.
         cluster::health::initial_check(&ctx.cluster, &ctx.config.load(), &observer).await;
         let mut tasks = tokio::task::JoinSet::new();
         if let Some(task) = coordination {
+            tasks.spawn(task);
+        }
+        if let Some(task) = patroni {
             tasks.spawn(task);
         }
         for node in NodeId::all(ctx.config.load().backends.len()) {

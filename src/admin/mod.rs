@@ -47,6 +47,8 @@ use crate::protocol::messages::{self, PgError};
 /// SQLSTATE for a user not allowed to run admin commands.
 pub(crate) const INSUFFICIENT_PRIVILEGE: &str = "42501";
 
+pub(crate) use failover::node_result;
+
 /// An admin command pgpilot answers itself.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum AdminCommand {

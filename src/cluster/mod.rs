@@ -42,6 +42,7 @@ pub(crate) mod health;
 pub(crate) mod hooks;
 pub(crate) mod lag;
 pub(crate) mod monitor_conn;
+pub mod patroni;
 pub(crate) mod pgbin;
 pub(crate) mod promote;
 pub(crate) mod rejoin;
@@ -296,6 +297,8 @@ pub struct Cluster {
     slots: ArcSwap<Vec<slots::SlotInfo>>,
     /// Coordination through etcd, when `[coordination]` is on: who decides.
     coord: OnceLock<Arc<coordination::Handle>>,
+    /// Patroni mode (`failover.mode = "patroni"`): Patroni decides.
+    patroni: OnceLock<Arc<patroni::Handle>>,
     /// Nodes a rejoin runs for (`REJOIN NODE`, `auto_rejoin`): one at a time each.
     rejoining: std::sync::Mutex<std::collections::HashSet<NodeId>>,
 }
@@ -322,6 +325,7 @@ impl Cluster {
             transition_lock: tokio::sync::Mutex::new(()),
             slots: ArcSwap::from_pointee(Vec::new()),
             coord: OnceLock::new(),
+            patroni: OnceLock::new(),
             rejoining: std::sync::Mutex::new(std::collections::HashSet::new()),
         }
     }

@@ -20,6 +20,15 @@ impl Session {
     /// failover (or when the primary's connection is refused and the
     /// failover starts) wait up to `failover.client_wait_timeout` for the
     /// new one instead of failing the login.
+    /// The error for "no primary", with the cluster layer's reason when it
+    /// has one (Patroni mode).
+    pub(super) fn no_primary(&self) -> BackendError {
+        match self.ctx.cluster.no_primary_reason() {
+            Some(why) => BackendError::NoPrimaryBecause(why),
+            None => BackendError::NoPrimary,
+        }
+    }
+
     pub(super) async fn connect_primary(&mut self) -> Result<(), BackendError> {
         let (wait, failover) = (
             self.cfg.pool.acquire_timeout,
@@ -32,7 +41,7 @@ impl Session {
                 .cluster
                 .wait_primary_for(wait, failover)
                 .await
-                .ok_or(BackendError::NoPrimary)?;
+                .ok_or_else(|| self.no_primary())?;
             match self.open_link(node).await {
                 Ok(link) => {
                     self.install_link(node, Some(link));
