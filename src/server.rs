@@ -278,7 +278,8 @@ async fn reap_idle(ctx: Arc<ProxyContext>) {
 }
 
 /// Re-read the config file on SIGHUP. Settings apply to new sessions; a change of
-/// `listen` or `backends` needs a restart and is reported, not applied.
+/// `listen`, `backends` or Patroni mode needs a restart and is reported, not
+/// applied.
 async fn reload_on_sighup(ctx: Arc<ProxyContext>, path: PathBuf) {
     use tokio::signal::unix::{SignalKind, signal};
     let Ok(mut hup) = signal(SignalKind::hangup()) else {
@@ -299,6 +300,17 @@ async fn reload_on_sighup(ctx: Arc<ProxyContext>, path: PathBuf) {
                 if restart_needed {
                     tracing::warn!(
                         "config reload: `listen` or the backend list changed; restart pgpilot to apply; nothing reloaded"
+                    );
+                    continue;
+                }
+                // Patroni mode is set up at start (see `cluster::patroni`).
+                let patroni = |c: &Config| {
+                    (c.failover.mode == crate::config::FailoverMode::Patroni)
+                        .then(|| c.patroni.prefix())
+                };
+                if patroni(&new) != patroni(&old) {
+                    tracing::warn!(
+                        "config reload: failover.mode = \"patroni\" (or its scope or namespace) changed; restart pgpilot to apply; nothing reloaded"
                     );
                     continue;
                 }

@@ -21,7 +21,7 @@ use crate::config::{Config, NodeId};
 /// Pause before reconnecting to etcd after an error.
 const BACKOFF: Duration = Duration::from_millis(250);
 /// Pause between two probes of a new leader that is not a primary yet.
-const CONFIRM_PAUSE: Duration = Duration::from_millis(50);
+const CONFIRM_PAUSE: Duration = Duration::from_millis(20);
 
 /// Why a session with etcd ended.
 #[derive(Debug, thiserror::Error)]
