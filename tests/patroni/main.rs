@@ -249,6 +249,27 @@ async fn pgpilot_follows_patroni() {
         assert!(r != ports[first] && ports.contains(&r), "read on port {r}");
     }
 
+    // DETACH / ATTACH NODE only change pgpilot's routing.
+    let (r1, r2) = ((first + 1) % 3, (first + 2) % 3);
+    let c = connect(p.addr, "").await;
+    show(&c, &format!("DETACH NODE {r1}")).await;
+    for _ in 0..4 {
+        assert_eq!(read_port(p.addr).await, ports[r2], "node {r1} is detached");
+    }
+    show(&c, &format!("ATTACH NODE {r1}")).await;
+    {
+        let ctx = p.ctx.clone();
+        wait_for(
+            "the attached node in service",
+            Duration::from_secs(30),
+            || {
+                let s = ctx.cluster.snapshot();
+                s.nodes[r1].status.is_usable().then_some(())
+            },
+        )
+        .await;
+    }
+
     // (c) PROMOTE NODE n is a Patroni switchover.
     let target = (first + 1) % 3;
     let c = connect(p.addr, "").await;
