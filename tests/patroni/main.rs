@@ -126,12 +126,14 @@ async fn read_port(addr: SocketAddr) -> u16 {
     rows[0][0].parse().expect("a port")
 }
 
-/// Promotions pgpilot itself ran, and failovers it finished.
-fn own_promotions(p: &StoppableProxy) -> (u64, u64) {
+/// Promotions pgpilot itself ran, failovers and switchovers it finished,
+/// standbys it re-pointed.
+fn own_promotions(p: &StoppableProxy) -> (u64, u64, u64) {
     let r = p.ctx.cluster.failover_report();
     (
         r.counts.get(Event::Promotion),
         r.counts.get(Event::FailoverFinished) + r.counts.get(Event::SwitchoverFinished),
+        r.counts.get(Event::Follow),
     )
 }
 
@@ -294,7 +296,7 @@ async fn pgpilot_follows_patroni() {
         .await
         .expect_err("the leader cannot be promoted");
     assert_eq!(e.code().map(|c| c.code()), Some("55000"), "{e:?}");
-    assert_eq!(own_promotions(&p), (0, 0), "pgpilot promoted by itself");
+    assert_eq!(own_promotions(&p), (0, 0, 0), "pgpilot promoted by itself");
 
     // (b) The leader dies under writes: Patroni fails over, pgpilot follows.
     let old = target;
@@ -384,7 +386,7 @@ async fn pgpilot_follows_patroni() {
             }
         }
     }
-    assert_eq!(own_promotions(&p), (0, 0), "pgpilot promoted by itself");
+    assert_eq!(own_promotions(&p), (0, 0, 0), "pgpilot promoted by itself");
     let (_, rows) = show(&connect(p.addr, "").await, "SHOW PGPILOT_FAILOVER").await;
     assert_eq!(
         rows[0][11], "0",
@@ -436,6 +438,6 @@ async fn pgpilot_follows_patroni() {
     let r = read_port(p.addr).await;
     assert!(r != ports[new] && r != ports[old], "read on port {r}");
     assert_eq!(p.ctx.cluster.snapshot().primary, None);
-    assert_eq!(own_promotions(&p), (0, 0), "pgpilot promoted by itself");
+    assert_eq!(own_promotions(&p), (0, 0, 0), "pgpilot promoted by itself");
     drop(p);
 }

@@ -45,6 +45,8 @@ struct Pending {
     node: NodeId,
     /// When the leader key said so.
     since: Instant,
+    /// Probes so far.
+    probes: u32,
 }
 
 /// Follow Patroni until shutdown; reconnect on any error.
@@ -223,6 +225,7 @@ impl Follower {
             name: name.clone(),
             node,
             since: changed_at.unwrap_or_else(Instant::now),
+            probes: 0,
         });
         self.publish(
             None,
@@ -236,9 +239,11 @@ impl Follower {
 
     /// Probe the pending leader; publish it once it is not in recovery.
     async fn confirm(&mut self) {
-        let Some(p) = self.pending.clone() else {
+        let Some(p) = self.pending.as_mut() else {
             return;
         };
+        p.probes += 1;
+        let p = p.clone();
         let cfg = self.config.load_full();
         let Some(b) = cfg.backends.get(p.node.index()) else {
             return;
@@ -248,10 +253,16 @@ impl Follower {
                 self.pending = None;
                 self.publish(Some(p.node), false, None, &cfg);
                 let primary = self.cluster.snapshot().primary;
+                if primary != Some(p.node) {
+                    // Its last health round failed (Patroni restarted it):
+                    // published once a round sees it up, asked for now.
+                    self.cluster.request_probe(p.node);
+                }
                 tracing::warn!(
                     leader = %p.name,
                     node = %p.node,
                     published = primary == Some(p.node),
+                    probes = p.probes,
                     elapsed_ms = p.since.elapsed().as_millis() as u64,
                     "Patroni's leader answers as a primary: writes go to it"
                 );
