@@ -26,6 +26,9 @@
 //!   [`switchover`] runs `PROMOTE NODE` (planned), and admin commands attach
 //!   and detach nodes. Why this never publishes two primaries is written
 //!   down in `state_machine/transition.rs`.
+//! * [`patroni`]: with `failover.mode = "patroni"`, the task that follows
+//!   Patroni's leader key in etcd; the coordinator then decides nothing
+//!   (see `patroni/mod.rs`).
 //!
 //! Sessions, the router, admin commands and metrics only read snapshots (an
 //! `Arc` load, no lock). The state machine itself (admission, false primaries,

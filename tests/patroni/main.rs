@@ -288,14 +288,16 @@ async fn pgpilot_follows_patroni() {
     );
     routes_to(&p, target).await;
     assert_eq!(write_through(p.addr, "c1").await, Ok(ports[target]));
-    // A refusal is the command's error (a new session: the one above was
-    // on the old primary, which Patroni restarted).
+    // A refusal is the command's error, through the extended protocol too
+    // (a new session: the one above was on the old primary, which Patroni
+    // restarted).
     let e = connect(p.addr, "")
         .await
-        .simple_query(&format!("PROMOTE NODE {target}"))
+        .query(&format!("PROMOTE NODE {target}"), &[])
         .await
         .expect_err("the leader cannot be promoted");
     assert_eq!(e.code().map(|c| c.code()), Some("55000"), "{e:?}");
+    assert!(error_text(&e).contains("already the primary"), "{e:?}");
     assert_eq!(own_promotions(&p), (0, 0, 0), "pgpilot promoted by itself");
 
     // (b) The leader dies under writes: Patroni fails over, pgpilot follows.
