@@ -197,6 +197,37 @@ fn published_at(p: &StoppableProxy, n: usize) -> tokio::task::JoinHandle<Option<
     })
 }
 
+/// When the server on `port` first answers `pg_is_in_recovery() = false`,
+/// asked directly (no pgpilot) every 5 ms for up to 90 s.
+fn out_of_recovery_at(port: u16) -> tokio::task::JoinHandle<Option<Instant>> {
+    tokio::spawn(async move {
+        let conninfo = format!("host=127.0.0.1 port={port} user=postgres dbname=postgres");
+        let deadline = Instant::now() + Duration::from_secs(90);
+        let mut client = None;
+        while Instant::now() < deadline {
+            if client.is_none()
+                && let Ok((c, conn)) =
+                    tokio_postgres::connect(&conninfo, tokio_postgres::NoTls).await
+            {
+                tokio::spawn(conn);
+                client = Some(c);
+            }
+            if let Some(c) = &client {
+                match c.simple_query("SELECT pg_is_in_recovery()::text").await {
+                    Ok(msgs) if common::result_set(&msgs).1[0][0] == "false" => {
+                        return Some(Instant::now());
+                    }
+                    Ok(_) => {}
+                    // Restarted (Patroni re-points replicas): connect again.
+                    Err(_) => client = None,
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        None
+    })
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pgpilot_follows_patroni() {
     common::init_logs();
@@ -303,6 +334,9 @@ async fn pgpilot_follows_patroni() {
     // (b) The leader dies under writes: Patroni fails over, pgpilot follows.
     let old = target;
     let mut leader_events = watch_leader(endpoints.clone()).await;
+    let promoted: Vec<_> = (0..3)
+        .map(|i| (i != old).then(|| out_of_recovery_at(ports[i])))
+        .collect();
     let writer = {
         let addr = p.addr;
         let ports = ports.clone();
@@ -363,16 +397,33 @@ async fn pgpilot_follows_patroni() {
         .find(|(_, r)| *r == Ok(ports[new]))
         .map(|(t, _)| *t)
         .expect("writes reach the new leader");
+    let mut promoted_at = None;
+    for (i, h) in promoted.into_iter().enumerate() {
+        if let Some(h) = h {
+            if i == new {
+                promoted_at = h.await.expect("join");
+            } else {
+                h.abort();
+            }
+        }
+    }
+    let promoted_at = promoted_at.expect("the new leader leaves recovery");
     let switch_ms = published.saturating_duration_since(changed_at).as_millis();
     let write_ms = first_new.saturating_duration_since(changed_at).as_millis();
+    let promote_ms = promoted_at
+        .saturating_duration_since(changed_at)
+        .as_millis();
+    let own_ms = published.saturating_duration_since(promoted_at).as_millis();
     tracing::warn!(
         killed_to_key_change_ms = changed_at.duration_since(killed_at).as_millis() as u64,
         key_change_to_pgpilot_primary_ms = switch_ms as u64,
+        key_change_to_out_of_recovery_ms = promote_ms as u64,
+        out_of_recovery_to_pgpilot_primary_ms = own_ms as u64,
         key_change_to_first_write_acknowledged_ms = write_ms as u64,
         "Patroni failover followed"
     );
     eprintln!(
-        "Patroni failover: leader key m{old} -> {new_name} {} ms after the kill; pgpilot routed writes to it {switch_ms} ms after the key changed (first write acknowledged there after {write_ms} ms)",
+        "Patroni failover: leader key m{old} -> {new_name} {} ms after the kill; pgpilot routed writes to it {switch_ms} ms after the key changed ({promote_ms} ms until the new leader left recovery, then {own_ms} ms); first write acknowledged there after {write_ms} ms",
         changed_at.duration_since(killed_at).as_millis()
     );
     // No acknowledged write went anywhere but a Patroni leader, and every
