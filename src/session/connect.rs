@@ -16,10 +16,6 @@ use crate::backend::pool::AcquireSettings;
 use crate::config::{NodeId, PoolMode};
 
 impl Session {
-    /// Open the session's connection to the current primary. During a
-    /// failover (or when the primary's connection is refused and the
-    /// failover starts) wait up to `failover.client_wait_timeout` for the
-    /// new one instead of failing the login.
     /// The error for "no primary", with the cluster layer's reason when it
     /// has one (Patroni mode).
     pub(super) fn no_primary(&self) -> BackendError {
@@ -29,6 +25,10 @@ impl Session {
         }
     }
 
+    /// Open the session's connection to the current primary. During a
+    /// failover (or when the primary's connection is refused and the
+    /// failover starts) wait up to `failover.client_wait_timeout` for the
+    /// new one instead of failing the login.
     pub(super) async fn connect_primary(&mut self) -> Result<(), BackendError> {
         let (wait, failover) = (
             self.cfg.pool.acquire_timeout,
