@@ -213,6 +213,11 @@ pub fn start(
     if cluster.patroni.set(handle.clone()).is_err() {
         return None;
     }
+    if cfg.coordination.enabled() {
+        tracing::info!(
+            "Patroni mode: [coordination] is not run; every pgpilot follows Patroni's leader key itself"
+        );
+    }
     cluster.apply_patroni(None, false, &cfg);
     Some(watch::run(cluster.clone(), config, handle, shutdown))
 }
