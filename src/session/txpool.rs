@@ -24,9 +24,7 @@ impl Session {
         for node in NodeId::all(self.links.len()) {
             if let Some(link) = self.links[node.index()].take() {
                 self.install_link(node, None);
-                let (conn, st) = link.into_parts();
-                self.spare_link = Some(st);
-                self.ctx.pool.put_idle(conn, self.clock.now());
+                self.ctx.pool.put_idle(link.into_conn(), self.clock.now());
             }
         }
         // A cancel must never reach a connection now serving someone else.
@@ -70,8 +68,7 @@ impl Session {
             if !std::sync::Arc::ptr_eq(&self.pool_keys[node.index()].startup, &conn.key.startup) {
                 self.pool_keys[node.index()] = conn.key.clone();
             }
-            let spare = self.spare_link.take();
-            self.install_link(node, Some(super::link::Link::new(conn, spare)));
+            self.install_link(node, Some(super::link::Link::new(conn)));
         }
     }
 
