@@ -58,7 +58,7 @@ impl Session {
 
     /// A new (or pooled) connection to `node` for this session's user and database.
     pub(super) async fn open_link(&self, node: NodeId) -> Result<Link, BackendError> {
-        let key = &self.pool_keys[node.index()];
+        let key = self.pool_key(node);
         let b = &self.cfg.backends[node.index()];
         let settings = AcquireSettings {
             host: &b.host,

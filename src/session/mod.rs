@@ -327,7 +327,9 @@ struct Session {
     /// The pool key of each node for this session: user, database and the
     /// startup parameters sent to every node the session uses. Built once,
     /// since transaction pooling acquires a connection per request.
-    pool_keys: Vec<crate::backend::PoolKey>,
+    /// Built for the primary at login, for another node the first time the
+    /// session uses it ([`Session::pool_key`]): most sessions use one node.
+    pool_keys: Vec<std::sync::OnceLock<crate::backend::PoolKey>>,
     /// pgpilot's BackendKeyData key for this client (its pid keys the cancel
     /// registry and names the session in the admin views).
     cancel_key: CancelKey,
@@ -449,9 +451,14 @@ impl Session {
             startup.get("application_name").unwrap_or_default(),
             client.peer_addr().ok(),
         );
-        let pool_keys = NodeId::all(nodes)
-            .map(|n| crate::backend::PoolKey::new(n, &user, &database, &startup.params))
-            .collect();
+        let pool_keys: Vec<std::sync::OnceLock<_>> =
+            (0..nodes).map(|_| Default::default()).collect();
+        let first = ctx.cluster.snapshot().primary.unwrap_or(NodeId::new(0));
+        if let Some(key) = pool_keys.get(first.index()) {
+            key.get_or_init(|| {
+                crate::backend::PoolKey::new(first, &user, &database, &startup.params)
+            });
+        }
         Session {
             ctx,
             cfg,
@@ -575,6 +582,20 @@ impl Session {
             }
         }
         self.cleanup();
+    }
+
+    /// The pool key of `node`, built from another node's the first time:
+    /// the same user, database and startup parameters.
+    fn pool_key(&self, node: NodeId) -> &crate::backend::PoolKey {
+        self.pool_keys[node.index()].get_or_init(|| {
+            let built = self
+                .pool_keys
+                .iter()
+                .find_map(std::sync::OnceLock::get)
+                .expect("a pool key is built at login");
+            // `startup` is user, database, then the rest in order.
+            crate::backend::PoolKey::new(node, built.user(), built.database(), &built.startup[2..])
+        })
     }
 
     /// Make `node` the one whose answers are awaited; cancels go to its server.

@@ -58,15 +58,12 @@ impl Session {
         if self.cfg.pool.mode != PoolMode::Transaction {
             return;
         }
-        if let Some(conn) = self
-            .ctx
-            .pool
-            .take_recent(&self.pool_keys[node.index()], self.clock.now())
-        {
+        let now = self.clock.now();
+        if let Some(conn) = self.ctx.pool.take_recent(self.pool_key(node), now) {
             // An equal key: take its copy of the parameters, which the pool
             // shares (see `PoolKey`), so later lookups compare pointers.
-            if !std::sync::Arc::ptr_eq(&self.pool_keys[node.index()].startup, &conn.key.startup) {
-                self.pool_keys[node.index()] = conn.key.clone();
+            if !std::sync::Arc::ptr_eq(&self.pool_key(node).startup, &conn.key.startup) {
+                self.pool_keys[node.index()] = conn.key.clone().into();
             }
             self.install_link(node, Some(super::link::Link::new(conn)));
         }
