@@ -328,3 +328,10 @@ async fn reload_on_sighup(ctx: Arc<ProxyContext>, path: PathBuf) {
         }
     }
 }
+
+/// The sizes of a client session's task and state, for
+/// `benches/idle_session.rs`: (what, bytes).
+#[doc(hidden)]
+pub fn session_sizes() -> Vec<(&'static str, usize)> {
+    session::sizes()
+}

@@ -162,8 +162,13 @@ impl Session {
         self.batch_unseen = matches!(self.batch, Some(Target::Node(_)));
         self.cbuf = buf;
         bytes::Buf::advance(&mut self.cbuf, pos);
-        let need = crate::protocol::frame::missing_bytes(&self.cbuf);
-        self.cbuf.reserve(need.max(4096));
+        if !self.cbuf.is_empty() {
+            // Room for the rest of a partial frame, or for what follows
+            // requests that wait. An empty buffer gets none: the relay
+            // gives it back while the session is idle.
+            let need = crate::protocol::frame::missing_bytes(&self.cbuf);
+            self.cbuf.reserve(need.max(4096));
+        }
         let step = result?;
         flushed?;
         Ok(step)
