@@ -14,6 +14,14 @@ use pgpilot::admin::cli::{Action, Target};
 use pgpilot::config::{Config, NodeId};
 use pgpilot::server::Proxy;
 
+/// mimalloc rather than glibc's malloc: with many clients connecting and
+/// leaving, glibc keeps what they freed in its arenas (the process stays at
+/// its peak), where mimalloc returns it to the system; an idle client also
+/// costs less, and select-only throughput measured the same
+/// (docs/benchmarks.md, "Many clients").
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// A PostgreSQL-aware proxy and connection pooler for a primary with hot standbys.
 #[derive(Parser)]
 #[command(version, about)]
