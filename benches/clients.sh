@@ -13,6 +13,8 @@
 #     server connections per pooler, ROUNDS interleaved rounds.
 # Ratios are pgpilot / PgBouncer per round; the median and the range of the
 # rounds are printed.
+# The heap one idle session keeps, exactly and by allocation site, is
+# measured in process by `cargo bench --bench idle_session` (dhat).
 #
 #   benches/clients.sh                          # NS="1000 10000", 3 rounds x 10 s
 #   NS="1000 10000 100000" ROUNDS=5 benches/clients.sh

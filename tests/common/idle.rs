@@ -46,6 +46,8 @@ impl Setup {
         .expect("start a local PostgreSQL cluster");
         let mut config = pgpilot::demo::config_for(&cluster, "127.0.0.1:0", &[(USER, PASSWORD)]);
         config.pool.mode = mode;
+        // Room for every client a measurement opens.
+        config.max_client_conn = 100_000;
         config.routing.load_balance = false;
         let proxy = super::spawn_proxy_stoppable(config);
         wait(
