@@ -16,6 +16,16 @@ use crate::backend::pool::AcquireSettings;
 use crate::config::{NodeId, PoolMode};
 
 impl Session {
+    /// Why no primary could be had: an instance cut off from etcd says so
+    /// (it refuses writes rather than guess the primary, see
+    /// `cluster::coordination`), others that there is none.
+    pub(super) fn no_primary(&self) -> BackendError {
+        match self.ctx.cluster.coordination() {
+            Some(h) if h.cut_off() => BackendError::EtcdLeaseLost,
+            _ => BackendError::NoPrimary,
+        }
+    }
+
     /// Open the session's connection to the current primary. During a
     /// failover (or when the primary's connection is refused and the
     /// failover starts) wait up to `failover.client_wait_timeout` for the
@@ -32,7 +42,7 @@ impl Session {
                 .cluster
                 .wait_primary_for(wait, failover)
                 .await
-                .ok_or(BackendError::NoPrimary)?;
+                .ok_or_else(|| self.no_primary())?;
             match self.open_link(node).await {
                 Ok(link) => {
                     self.install_link(node, Some(link));

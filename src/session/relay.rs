@@ -23,7 +23,6 @@ use tokio_util::io::poll_read_buf;
 
 use super::route::Step;
 use super::{End, Session, SessionError};
-use crate::backend::BackendError;
 use crate::config::NodeId;
 use crate::net::ReadWatch;
 use crate::protocol::TxStatus;
@@ -203,13 +202,22 @@ impl Session {
                     // transactions under transaction pooling, or an admin who
                     // logged in without a primary) loses only this request.
                     None if !self.tx.in_block() && self.links.iter().all(Option::is_none) => {
-                        let e = crate::error::ToPgError::to_pg_error(&BackendError::NoPrimary);
+                        let e = crate::error::ToPgError::to_pg_error(&self.no_primary());
                         self.refuse_request(e)
                     }
-                    None => Err(SessionError::Backend(BackendError::NoPrimary)),
+                    None => Err(SessionError::Backend(self.no_primary())),
                 }
             }
             Step::MoveTxToPrimary => self.move_untouched_tx_to_primary().await,
+            Step::ForwardAdmin(cmd) => {
+                let who = crate::admin::AdminCaller {
+                    user: self.user.clone(),
+                    load_balance_node: self.route.standby,
+                };
+                let r = crate::admin::execute_forwarded(&self.ctx, &cmd, &who).await;
+                self.answered_here.forwarded = Some((cmd, r));
+                Ok(())
+            }
             Step::ProbeDefaults => self.probe_defaults().await,
             Step::FetchLsn => {
                 let limit = self.cfg.monitor.timeout;

@@ -63,6 +63,10 @@ pub(crate) enum Step {
     /// Move the read-only transaction just begun on a standby to the primary:
     /// its next statement is a `SET TRANSACTION` only the primary can take.
     MoveTxToPrimary,
+    /// Run this node command through the leading pgpilot (coordination
+    /// through etcd, this instance does not decide) and keep its outcome
+    /// for the answer.
+    ForwardAdmin(crate::admin::AdminCommand),
     /// Wait until one of `nodes` has replayed `target`, or `deadline`.
     WaitReplay {
         /// Standbys that may serve the read.
@@ -260,6 +264,9 @@ impl Session {
                         if self.own_command_wants_lsn() {
                             return Ok(Step::FetchLsn);
                         }
+                        if let Some(step) = self.own_command_step(&cmd) {
+                            return Ok(step);
+                        }
                         self.answer_own_query(&cmd)?;
                         *pos += f.wire_len;
                         continue;
@@ -339,6 +346,9 @@ impl Session {
                         },
                     };
                     let Target::Node(node) = target else {
+                        if let Some(step) = self.own_execute_step(f.tag, frame) {
+                            return Ok(step);
+                        }
                         self.own_extended(f.tag, frame)?;
                         *pos += f.wire_len;
                         continue;
