@@ -517,6 +517,10 @@ pub(super) struct Session {
     state_rev: i64,
     /// The epoch whose primary this instance last routed writes to.
     routed_epoch: u64,
+    /// A forwarded request arrived while this instance did not decide (a
+    /// follower, or a leader finishing its predecessor's failover): look
+    /// for requests again once it decides.
+    unrun_requests: bool,
 }
 
 impl Session {
@@ -578,6 +582,7 @@ impl Session {
             state: SharedState::default(),
             state_rev: 0,
             routed_epoch: 0,
+            unrun_requests: false,
         }
     }
 
@@ -632,6 +637,11 @@ impl Session {
                     }
                     if self.handle.decides() {
                         self.publish().await?;
+                        if std::mem::take(&mut self.unrun_requests) {
+                            for kv in self.list(self.keys.requests.clone()).await? {
+                                self.on_request(&kv).await?;
+                            }
+                        }
                     }
                     self.note_routed();
                 }

@@ -82,6 +82,7 @@ impl Session {
         kv: &etcd_client::KeyValue,
     ) -> Result<(), CoordError> {
         if !self.handle.decides() {
+            self.unrun_requests = true;
             return Ok(());
         }
         let key = kv.key().to_vec();
