@@ -80,12 +80,10 @@ pub(crate) enum BackendError {
     /// No node is currently known to be the primary.
     #[error("no primary node is available")]
     NoPrimary,
-    /// No primary, and this instance coordinates through etcd but holds no
-    /// live lease: it cannot learn which node etcd records as the primary.
-    #[error(
-        "pgpilot lost its etcd lease and cannot confirm the primary: writes are refused until etcd is reachable again (the leading pgpilot decides)"
-    )]
-    EtcdLeaseLost,
+    /// No primary, and the cluster layer knows why (Patroni mode names
+    /// Patroni's state).
+    #[error("no primary node is available: {0}")]
+    NoPrimaryBecause(String),
 }
 
 impl BackendError {

@@ -16,6 +16,8 @@ use bytes::BytesMut;
 use super::route::Step;
 use super::{Session, SessionError};
 use crate::admin::{self, AdminCaller, AdminCommand, ResultSet};
+use crate::cluster::CommandError;
+use crate::config::NodeId;
 use crate::error::sqlstate::{
     FEATURE_NOT_SUPPORTED, IN_FAILED_SQL_TRANSACTION, INVALID_TEXT_REPRESENTATION,
 };
@@ -133,6 +135,9 @@ pub(crate) struct OwnStatements {
     /// A node command the leading pgpilot ran for this session
     /// ([`Step::ForwardAdmin`]), and its answer, until it is sent.
     pub(crate) forwarded: Option<(AdminCommand, Result<ResultSet, PgError>)>,
+    /// Patroni's answer to the `PROMOTE NODE` being answered
+    /// (`Step::Switchover`), for that node.
+    pub(crate) switchover: Option<(NodeId, Result<String, CommandError>)>,
 }
 
 impl Session {
@@ -156,10 +161,40 @@ impl Session {
         self.own_command_step(self.answered_here.portals.get(name)?)
     }
 
+    /// `PROMOTE NODE n` by an admin user in Patroni mode, whose switchover
+    /// was not asked of Patroni yet: `n` (the command then waits for
+    /// `Step::Switchover`, which does it).
+    pub(super) fn own_command_wants_switchover(&self, cmd: &OwnCommand) -> Option<NodeId> {
+        let OwnCommand::Admin(AdminCommand::PromoteNode(n)) = cmd else {
+            return None;
+        };
+        let asked = self.ctx.cluster.patroni().is_some()
+            && self.answered_here.switchover.is_none()
+            && self.ctx.config.load().is_admin(&self.user);
+        asked.then_some(*n)
+    }
+
+    /// [`Session::own_command_wants_switchover`] for an Execute of an own
+    /// batch.
+    pub(super) fn own_execute_wants_switchover(&self, t: u8, frame: &[u8]) -> Option<NodeId> {
+        if t != tag::EXECUTE || self.answered_here.failed {
+            return None;
+        }
+        let name = cstr(&frame[5..]).map(|(n, _)| n).unwrap_or_default();
+        let cmd = self.answered_here.portals.get(name)?;
+        self.own_command_wants_switchover(cmd)
+    }
+
     /// Run `cmd` for this session (or say what error to send).
     fn run_own_command(&mut self, cmd: &OwnCommand) -> Result<Outcome, PgError> {
         let one =
             |name: &str, value: String| Outcome::Rows(ResultSet::new(&[name], vec![vec![value]]));
+        if let OwnCommand::Admin(AdminCommand::PromoteNode(n)) = cmd
+            && let Some((asked, r)) = self.answered_here.switchover.take()
+            && asked == *n
+        {
+            return admin::node_result(*n, r).map(Outcome::Rows);
+        }
         match cmd {
             OwnCommand::Admin(cmd) => {
                 let who = AdminCaller {

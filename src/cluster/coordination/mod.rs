@@ -159,6 +159,14 @@ impl Handle {
         !self.lease_live()
     }
 
+    /// Why no primary is published, when this instance is [cut
+    /// off](Handle::cut_off) (the 57P03 message names etcd).
+    pub fn no_primary_reason(&self) -> Option<String> {
+        self.cut_off().then(|| {
+            "pgpilot lost its etcd lease and cannot confirm the primary; writes are refused until etcd is reachable again (the leading pgpilot decides)".to_string()
+        })
+    }
+
     /// Unix time (seconds) at which this instance, leading, sent the write
     /// that started the current epoch; 0 if it wrote none.
     pub fn epoch_recorded_at(&self) -> f64 {
@@ -251,10 +259,11 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Cluster {
-    /// Whether this instance may make decisions (always, without
-    /// coordination).
+    /// Whether this instance may make decisions: always without
+    /// coordination, only as the leader with it, never in Patroni mode
+    /// (Patroni decides; see `cluster::patroni`).
     pub fn may_decide(&self) -> bool {
-        self.coord.get().is_none_or(|h| h.decides())
+        self.patroni.get().is_none() && self.coord.get().is_none_or(|h| h.decides())
     }
 
     /// The coordination handle, when coordination is on.
@@ -380,7 +389,8 @@ pub fn start(
 ) -> Option<impl std::future::Future<Output = ()> + Send + 'static> {
     let cfg = config.load_full();
     let c = &cfg.coordination;
-    if !c.enabled() {
+    // In Patroni mode every instance follows Patroni's leader key itself.
+    if !c.enabled() || cfg.failover.mode == crate::config::FailoverMode::Patroni {
         return None;
     }
     let address = if c.advertise_address.is_empty() {
