@@ -148,7 +148,9 @@ impl ToPgError for BackendError {
             }
             BackendError::PoolTimeout { .. } => PgError::error(TOO_MANY_CONNECTIONS, self.to_string())
                 .with_hint("raise pool.max_connections_per_node or pool.acquire_timeout, or reduce concurrent sessions"),
-            BackendError::NoPrimary => PgError::error(CANNOT_CONNECT_NOW, self.to_string()),
+            BackendError::NoPrimary | BackendError::NoPrimaryBecause(_) => {
+                PgError::error(CANNOT_CONNECT_NOW, self.to_string())
+            }
             BackendError::Connect { .. } | BackendError::Timeout { .. } => {
                 PgError::error(SQLCLIENT_UNABLE_TO_ESTABLISH, self.to_string())
             }

@@ -51,6 +51,30 @@ pub(crate) async fn write_all_timeout<S: Transport + tokio::io::AsyncWrite + Unp
     }
 }
 
+/// The most one read into a buffer without room takes: what the client
+/// buffer of a session that was idle gets when bytes arrive (one TLS
+/// record's worth, as a read of a TLS stream hands out at most).
+const LAZY_READ: usize = 16 * 1024;
+
+/// Read into `buf`, which may hold no memory: an idle session keeps no read
+/// buffer (as PgBouncer's sbuf gives its buffer back between packets). A
+/// buffer without room is read into on the stack first and then given just
+/// the room those bytes take; a buffer with room is read into directly.
+pub(crate) fn poll_read_lazy<R: tokio::io::AsyncRead + Unpin>(
+    r: std::pin::Pin<&mut R>,
+    cx: &mut std::task::Context<'_>,
+    buf: &mut bytes::BytesMut,
+) -> std::task::Poll<std::io::Result<usize>> {
+    if buf.capacity() > buf.len() {
+        return tokio_util::io::poll_read_buf(r, cx, buf);
+    }
+    let mut chunk = [std::mem::MaybeUninit::<u8>::uninit(); LAZY_READ];
+    let mut read = tokio::io::ReadBuf::uninit(&mut chunk);
+    std::task::ready!(r.poll_read(cx, &mut read))?;
+    buf.extend_from_slice(read.filled());
+    std::task::Poll::Ready(Ok(read.filled().len()))
+}
+
 /// What an [`Outbox`] writes to: a socket, or a [`Stream`] that may hold
 /// TLS records of its own.
 pub(crate) trait Transport {
@@ -145,6 +169,11 @@ impl Outbox {
         if n > 0 {
             bytes::Buf::advance(&mut self.pending, n);
             self.stalled_since = (!self.pending.is_empty()).then(tokio::time::Instant::now);
+            if self.pending.is_empty() {
+                // An empty queue keeps no memory (a stall is rare; the
+                // next one allocates again).
+                self.pending = bytes::BytesMut::new();
+            }
         }
         Ok(())
     }
@@ -282,6 +311,18 @@ impl ReadWatch {
     /// Something else may have polled the socket (or it is a new one): poll
     /// it next time.
     pub(crate) fn forget(&mut self) {
+        self.armed = false;
+    }
+
+    /// Let go of the task's waker (the watch is kept for another socket):
+    /// a wake-up from the old socket then wakes nobody and only makes the
+    /// next poll look, as after [`ReadWatch::forget`], which this implies.
+    pub(crate) fn release(&mut self) {
+        let noop = std::task::Waker::noop();
+        let mut task = self.inner.task.lock().unwrap_or_else(|e| e.into_inner());
+        task.clone_from(noop);
+        drop(task);
+        self.task.clone_from(noop);
         self.armed = false;
     }
 }

@@ -123,10 +123,17 @@ impl Proxy {
                 ctx.shutdown.clone(),
             )
         });
+        // Patroni mode: the primary is Patroni's leader key, read and
+        // confirmed before it is published (see `cluster::patroni`).
+        let patroni =
+            cluster::patroni::start(&ctx.cluster, ctx.config.clone(), ctx.shutdown.clone());
         // Know the primary before the first client arrives.
         cluster::health::initial_check(&ctx.cluster, &ctx.config.load(), &observer).await;
         let mut tasks = tokio::task::JoinSet::new();
         if let Some(task) = coordination {
+            tasks.spawn(task);
+        }
+        if let Some(task) = patroni {
             tasks.spawn(task);
         }
         for node in NodeId::all(ctx.config.load().backends.len()) {
@@ -271,7 +278,8 @@ async fn reap_idle(ctx: Arc<ProxyContext>) {
 }
 
 /// Re-read the config file on SIGHUP. Settings apply to new sessions; a change of
-/// `listen` or `backends` needs a restart and is reported, not applied.
+/// `listen`, `backends` or Patroni mode needs a restart and is reported, not
+/// applied.
 async fn reload_on_sighup(ctx: Arc<ProxyContext>, path: PathBuf) {
     use tokio::signal::unix::{SignalKind, signal};
     let Ok(mut hup) = signal(SignalKind::hangup()) else {
@@ -295,6 +303,17 @@ async fn reload_on_sighup(ctx: Arc<ProxyContext>, path: PathBuf) {
                     );
                     continue;
                 }
+                // Patroni mode is set up at start (see `cluster::patroni`).
+                let patroni = |c: &Config| {
+                    (c.failover.mode == crate::config::FailoverMode::Patroni)
+                        .then(|| c.patroni.prefix())
+                };
+                if patroni(&new) != patroni(&old) {
+                    tracing::warn!(
+                        "config reload: failover.mode = \"patroni\" (or its scope or namespace) changed; restart pgpilot to apply; nothing reloaded"
+                    );
+                    continue;
+                }
                 if new.metrics.listen != old.metrics.listen {
                     tracing::warn!(
                         "config reload: `metrics.listen` changed; the endpoint moves only after a restart"
@@ -308,4 +327,11 @@ async fn reload_on_sighup(ctx: Arc<ProxyContext>, path: PathBuf) {
             }
         }
     }
+}
+
+/// The sizes of a client session's task and state, for
+/// `benches/idle_session.rs`: (what, bytes).
+#[doc(hidden)]
+pub fn session_sizes() -> Vec<(&'static str, usize)> {
+    session::sizes()
 }

@@ -119,7 +119,12 @@ pub async fn run(cfg: &Config, target: &Target, action: Action) -> Result<(), Cl
         Action::Promote(n, wait) => {
             let before = query(&client, "SHOW PGPILOT_FAILOVER").await?;
             let finished_before = column(&before, "finished");
-            print_table(&query(&client, &format!("PROMOTE NODE {n}")).await?);
+            let answer = query(&client, &format!("PROMOTE NODE {n}")).await?;
+            print_table(&answer);
+            // Patroni mode: the answer is Patroni's outcome; nothing to follow.
+            if column(&answer, "result").starts_with("Patroni switchover") {
+                return Ok(());
+            }
             let Some(limit) = wait else { return Ok(()) };
             let deadline = Instant::now() + limit;
             let mut shown = String::new();

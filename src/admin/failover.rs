@@ -35,7 +35,7 @@ pub(super) fn node_columns() -> ResultSet {
 
 /// A node command's outcome: one row, or the refusal (55000, see
 /// `crate::error`).
-pub(super) fn node_result(
+pub(crate) fn node_result(
     node: NodeId,
     r: Result<String, CommandError>,
 ) -> Result<ResultSet, PgError> {

@@ -25,7 +25,10 @@
 //! returns once the switchover has started; `SHOW PGPILOT_FAILOVER` (or
 //! `pgpilot promote`, which polls it) follows it to the end. `REJOIN NODE`
 //! returns once the rejoin has started; the node's `held_out` in `SHOW
-//! PGPILOT_NODES` (or `pgpilot rejoin`, which polls it) follows it.
+//! PGPILOT_NODES` (or `pgpilot rejoin`, which polls it) follows it. With
+//! `failover.mode = "patroni"`, `PROMOTE NODE n` is a Patroni switchover
+//! (`cluster::patroni`): it answers once Patroni has done it, with Patroni's
+//! answer, or fails with Patroni's refusal; `REJOIN NODE` is refused.
 //!
 //! Only users listed in `admin_users` may run them; others get SQLSTATE
 //! 42501. The session decides *when* to answer (simple Query, or the extended
@@ -46,6 +49,8 @@ use crate::protocol::messages::{self, PgError};
 
 /// SQLSTATE for a user not allowed to run admin commands.
 pub(crate) const INSUFFICIENT_PRIVILEGE: &str = "42501";
+
+pub(crate) use failover::node_result;
 
 /// An admin command pgpilot answers itself.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -80,6 +80,10 @@ pub(crate) enum BackendError {
     /// No node is currently known to be the primary.
     #[error("no primary node is available")]
     NoPrimary,
+    /// No primary, and the cluster layer knows why (Patroni mode names
+    /// Patroni's state).
+    #[error("no primary node is available: {0}")]
+    NoPrimaryBecause(String),
 }
 
 impl BackendError {

@@ -48,7 +48,7 @@ pub(crate) async fn promote_at_start(
         }
         let f = &cfg.failover;
         if !f.promote_at_start
-            || f.mode == FailoverMode::None
+            || matches!(f.mode, FailoverMode::None | FailoverMode::Patroni)
             || started.elapsed() < f.search_primary_timeout
         {
             continue;

@@ -180,6 +180,13 @@ pub(crate) enum CommandError {
         /// Why.
         message: String,
     },
+    /// `failover.mode = "patroni"`: Patroni refused or failed the
+    /// switchover, or could not be asked.
+    #[error("Patroni: {message}")]
+    Patroni {
+        /// Patroni's answer, or why it could not be asked.
+        message: String,
+    },
     /// `REJOIN NODE` with `failover.rejoin = "off"`.
     #[error(
         "failover.rejoin = \"off\": rebuild node {node} as a standby yourself (pg_rewind or pg_basebackup), then ATTACH NODE {node}"

@@ -26,6 +26,9 @@
 //!   [`switchover`] runs `PROMOTE NODE` (planned), and admin commands attach
 //!   and detach nodes. Why this never publishes two primaries is written
 //!   down in `state_machine/transition.rs`.
+//! * [`patroni`]: with `failover.mode = "patroni"`, the task that follows
+//!   Patroni's leader key in etcd; the coordinator then decides nothing
+//!   (see `patroni/mod.rs`).
 //!
 //! Sessions, the router, admin commands and metrics only read snapshots (an
 //! `Arc` load, no lock). The state machine itself (admission, false primaries,
@@ -42,6 +45,7 @@ pub(crate) mod health;
 pub(crate) mod hooks;
 pub(crate) mod lag;
 pub(crate) mod monitor_conn;
+pub mod patroni;
 pub(crate) mod pgbin;
 pub(crate) mod promote;
 pub(crate) mod rejoin;
@@ -296,6 +300,8 @@ pub struct Cluster {
     slots: ArcSwap<Vec<slots::SlotInfo>>,
     /// Coordination through etcd, when `[coordination]` is on: who decides.
     coord: OnceLock<Arc<coordination::Handle>>,
+    /// Patroni mode (`failover.mode = "patroni"`): Patroni decides.
+    patroni: OnceLock<Arc<patroni::Handle>>,
     /// Nodes a rejoin runs for (`REJOIN NODE`, `auto_rejoin`): one at a time each.
     rejoining: std::sync::Mutex<std::collections::HashSet<NodeId>>,
 }
@@ -322,6 +328,7 @@ impl Cluster {
             transition_lock: tokio::sync::Mutex::new(()),
             slots: ArcSwap::from_pointee(Vec::new()),
             coord: OnceLock::new(),
+            patroni: OnceLock::new(),
             rejoining: std::sync::Mutex::new(std::collections::HashSet::new()),
         }
     }

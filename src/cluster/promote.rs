@@ -108,8 +108,8 @@ pub(crate) enum PromoteError {
     /// `failover.command` failed.
     #[error(transparent)]
     Hook(#[from] HookError),
-    /// `failover.mode = "none"`.
-    #[error("failover.mode = \"none\": pgpilot promotes nothing")]
+    /// `failover.mode = "none"` or `"patroni"`.
+    #[error("failover.mode = \"none\" or \"patroni\": pgpilot promotes nothing")]
     Disabled,
 }
 
@@ -319,6 +319,7 @@ pub(crate) async fn promote(
             let env = hooks::tls_env(cfg);
             Ok(hooks::run("failover_command", &line, f.promote_timeout, &env).await?)
         }
-        FailoverMode::None => Err(PromoteError::Disabled),
+        // Patroni mode never gets here (nothing decides); refused anyway.
+        FailoverMode::None | FailoverMode::Patroni => Err(PromoteError::Disabled),
     }
 }

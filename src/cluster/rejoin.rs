@@ -174,6 +174,11 @@ fn startable(cluster: &Cluster, cfg: &Config, node: NodeId) -> Result<HoldKind, 
     if cfg.failover.rejoin == RejoinMode::Off {
         return Err(CommandError::RejoinOff { node });
     }
+    if cluster.patroni().is_some() {
+        return Err(CommandError::Patroni {
+            message: "Patroni rejoins its own members (pg_rewind, reinit); pgpilot rejoins nothing in Patroni mode".into(),
+        });
+    }
     if !cluster.may_decide() {
         return Err(CommandError::Coordination {
             message: "REJOIN NODE runs on the leading pgpilot (SHOW PGPILOT_PEERS names it)".into(),

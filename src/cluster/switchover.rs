@@ -97,6 +97,20 @@ pub(crate) fn start(
     if cfg.failover.mode == FailoverMode::None {
         return Err(CommandError::PromotionDisabled);
     }
+    // Patroni mode: the switchover is Patroni's. Sessions run it and wait
+    // for Patroni's answer (`Step::Switchover`); anything else asks in the
+    // background.
+    if cluster.patroni().is_some() {
+        tokio::spawn(async move {
+            match super::patroni::switchover(&cluster, &cfg, target).await {
+                Ok(m) => tracing::warn!(node = %target, "{m}"),
+                Err(e) => tracing::error!(node = %target, error = %e, "PROMOTE NODE"),
+            }
+        });
+        return Ok(format!(
+            "Patroni switchover to node {target} requested; SHOW PGPILOT_NODES shows the primary once Patroni's leader changes"
+        ));
+    }
     // Coordination through etcd: only the leader switches over.
     if let Some(r) = cluster.forward_if_follower("promote", target) {
         return r;

@@ -28,6 +28,10 @@ pub enum FailoverMode {
     /// Promote nothing: another agent (Patroni …) does; pgpilot only waits
     /// for exactly one node to report `pg_is_in_recovery() = false`.
     None,
+    /// Follow Patroni (`[patroni]`): the primary is Patroni's leader key;
+    /// pgpilot never promotes, follows, fences or rejoins, and `PROMOTE
+    /// NODE` is a Patroni switchover (see `cluster::patroni`).
+    Patroni,
 }
 
 impl FailoverMode {
@@ -38,6 +42,7 @@ impl FailoverMode {
             FailoverMode::TriggerFile => "trigger_file",
             FailoverMode::Command => "command",
             FailoverMode::None => "none",
+            FailoverMode::Patroni => "patroni",
         }
     }
 }

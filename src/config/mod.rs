@@ -22,6 +22,7 @@ mod coordination;
 mod failover;
 pub(crate) mod hba;
 mod node_id;
+mod patroni;
 mod routing;
 pub mod tls;
 mod units;
@@ -31,6 +32,7 @@ pub use checks::{HealthCheck, MetricsConfig, SrCheck};
 pub use coordination::Coordination;
 pub use failover::{Failover, FailoverMode, RejoinMode};
 pub use node_id::NodeId;
+pub use patroni::Patroni;
 pub use routing::{BalanceInTransaction, ConsistencyMode, Routing, UnknownFunctions};
 use units::{byte_size, duration};
 pub use units::{parse_byte_size, parse_duration};
@@ -128,6 +130,9 @@ pub struct Config {
     /// Several pgpilots agreeing through etcd; off by default.
     #[serde(default)]
     pub coordination: Coordination,
+    /// A Patroni-managed cluster followed (`failover.mode = "patroni"`).
+    #[serde(default)]
+    pub patroni: Patroni,
     /// Client authentication rules in pg_hba.conf format, relative to the
     /// config file's directory. Absent: every listed user, from anywhere, by
     /// its `auth`.
@@ -613,6 +618,7 @@ impl Config {
         }
         self.metrics_addr()?;
         self.validate_failover()?;
+        self.validate_patroni()?;
         self.validate_access()?;
         Ok(())
     }

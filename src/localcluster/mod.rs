@@ -33,6 +33,7 @@
 mod bindir;
 mod error;
 pub mod etcd;
+pub mod patroni;
 mod process;
 mod tls;
 

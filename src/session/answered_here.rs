@@ -15,6 +15,8 @@ use bytes::BytesMut;
 
 use super::{Session, SessionError};
 use crate::admin::{self, AdminCaller, AdminCommand, ResultSet};
+use crate::cluster::CommandError;
+use crate::config::NodeId;
 use crate::error::sqlstate::{
     FEATURE_NOT_SUPPORTED, IN_FAILED_SQL_TRANSACTION, INVALID_TEXT_REPRESENTATION,
 };
@@ -129,13 +131,46 @@ pub(crate) struct OwnStatements {
     portals: HashMap<Vec<u8>, OwnCommand>,
     /// An error occurred in the current own batch: skip to Sync.
     pub(crate) failed: bool,
+    /// Patroni's answer to the `PROMOTE NODE` being answered
+    /// (`Step::Switchover`), for that node.
+    pub(crate) switchover: Option<(NodeId, Result<String, CommandError>)>,
 }
 
 impl Session {
+    /// `PROMOTE NODE n` by an admin user in Patroni mode, whose switchover
+    /// was not asked of Patroni yet: `n` (the command then waits for
+    /// `Step::Switchover`, which does it).
+    pub(super) fn own_command_wants_switchover(&self, cmd: &OwnCommand) -> Option<NodeId> {
+        let OwnCommand::Admin(AdminCommand::PromoteNode(n)) = cmd else {
+            return None;
+        };
+        let asked = self.ctx.cluster.patroni().is_some()
+            && self.answered_here.switchover.is_none()
+            && self.ctx.config.load().is_admin(&self.user);
+        asked.then_some(*n)
+    }
+
+    /// [`Session::own_command_wants_switchover`] for an Execute of an own
+    /// batch.
+    pub(super) fn own_execute_wants_switchover(&self, t: u8, frame: &[u8]) -> Option<NodeId> {
+        if t != tag::EXECUTE || self.answered_here.failed {
+            return None;
+        }
+        let name = cstr(&frame[5..]).map(|(n, _)| n).unwrap_or_default();
+        let cmd = self.answered_here.portals.get(name)?;
+        self.own_command_wants_switchover(cmd)
+    }
+
     /// Run `cmd` for this session (or say what error to send).
     fn run_own_command(&mut self, cmd: &OwnCommand) -> Result<Outcome, PgError> {
         let one =
             |name: &str, value: String| Outcome::Rows(ResultSet::new(&[name], vec![vec![value]]));
+        if let OwnCommand::Admin(AdminCommand::PromoteNode(n)) = cmd
+            && let Some((asked, r)) = self.answered_here.switchover.take()
+            && asked == *n
+        {
+            return admin::node_result(*n, r).map(Outcome::Rows);
+        }
         match cmd {
             OwnCommand::Admin(cmd) => {
                 let who = AdminCaller {

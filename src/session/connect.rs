@@ -16,6 +16,15 @@ use crate::backend::pool::AcquireSettings;
 use crate::config::{NodeId, PoolMode};
 
 impl Session {
+    /// The error for "no primary", with the cluster layer's reason when it
+    /// has one (Patroni mode).
+    pub(super) fn no_primary(&self) -> BackendError {
+        match self.ctx.cluster.no_primary_reason() {
+            Some(why) => BackendError::NoPrimaryBecause(why),
+            None => BackendError::NoPrimary,
+        }
+    }
+
     /// Open the session's connection to the current primary. During a
     /// failover (or when the primary's connection is refused and the
     /// failover starts) wait up to `failover.client_wait_timeout` for the
@@ -32,7 +41,7 @@ impl Session {
                 .cluster
                 .wait_primary_for(wait, failover)
                 .await
-                .ok_or(BackendError::NoPrimary)?;
+                .ok_or_else(|| self.no_primary())?;
             match self.open_link(node).await {
                 Ok(link) => {
                     self.install_link(node, Some(link));
@@ -58,16 +67,13 @@ impl Session {
 
     /// A new (or pooled) connection to `node` for this session's user and database.
     pub(super) async fn open_link(&self, node: NodeId) -> Result<Link, BackendError> {
-        let key = &self.pool_keys[node.index()];
+        let key = self.pool_key(node);
         let b = &self.cfg.backends[node.index()];
         let settings = AcquireSettings {
             host: &b.host,
             port: b.port,
-            password: self
-                .cfg
-                .user(&self.user)
-                .and_then(|u| u.password.as_deref()),
-            scram_keys: self.scram_keys.as_ref(),
+            password: super::cfg_password(&self.cfg, &self.user),
+            scram_keys: self.scram_keys.as_deref(),
             md5_stored: self.md5_stored.as_deref(),
             max_per_node: self.cfg.pool.max_connections_per_node,
             acquire_timeout: self.cfg.pool.acquire_timeout,
@@ -77,7 +83,7 @@ impl Session {
         };
         // Callers report a connection failure to the cluster (once each).
         let conn = self.ctx.pool.acquire(key, &settings).await?;
-        Ok(Link::new(conn, None))
+        Ok(Link::new(conn))
     }
 
     /// Connect to `node` if needed, and bring its connection up to the session's
@@ -304,8 +310,10 @@ impl Session {
 
     /// Hold `link` as the session's connection to `node` (or drop it), and say so
     /// in the session registry (SHOW POOL_POOLS).
-    pub(super) fn install_link(&mut self, node: NodeId, link: Option<Link>) {
-        self.server_reads[node.index()].forget();
+    pub(super) fn install_link(&mut self, node: NodeId, mut link: Option<Link>) {
+        if let Some(l) = &mut link {
+            l.reads.forget();
+        }
         match &link {
             Some(l) => self
                 .registration
@@ -324,6 +332,10 @@ impl Session {
     /// Leave standby `node` alone for `pause`: reads go to another node.
     /// `report`: the failure was connection-level (the cluster probes the node).
     pub(super) fn shun(&mut self, node: NodeId, pause: std::time::Duration, report: bool) {
+        // Allocated at the first shun: most sessions never shun a node.
+        if self.shunned_until.is_empty() {
+            self.shunned_until = vec![None; self.links.len()];
+        }
         self.shunned_until[node.index()] = Some(tokio::time::Instant::now() + pause);
         if self.route.standby == Some(node) {
             self.route.standby = None;
@@ -336,6 +348,10 @@ impl Session {
 
     /// Whether this session currently avoids node `node`.
     pub(super) fn shunned(&self, node: NodeId) -> bool {
-        self.shunned_until[node.index()].is_some_and(|t| tokio::time::Instant::now() < t)
+        self.shunned_until
+            .get(node.index())
+            .copied()
+            .flatten()
+            .is_some_and(|t| tokio::time::Instant::now() < t)
     }
 }

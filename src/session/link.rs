@@ -156,10 +156,27 @@ pub(crate) struct Link {
     /// The pooled server connection (socket, read buffer, parameters).
     pub(crate) conn: PooledConn,
     /// The session's bookkeeping of the connection. Boxed and recycled: under
-    /// transaction pooling a link is made and unmade at every transaction, and
-    /// the session keeps the box of the last one for the next
-    /// ([`Link::new`], [`Link::into_parts`]).
+    /// transaction pooling a link is made and unmade at every transaction;
+    /// the box of a link given up waits in its thread's [`SPARE`] for the
+    /// next link made there ([`Link::new`], [`Link::into_conn`]), so an idle
+    /// session keeps none.
     pub(crate) st: Box<LinkState>,
+}
+
+/// The most bookkeeping boxes a runtime thread keeps for its next links:
+/// more than the links its sessions hold at once in the common case (the
+/// pool's cap per node), few enough to be no memory worth counting.
+const SPARE_MAX: usize = 64;
+
+thread_local! {
+    /// Bookkeeping boxes of links given up on this thread, for the next
+    /// links made here (shared by the thread's sessions, as PgBouncer
+    /// shares its buffers: an idle session holds none). Boxes, not values:
+    /// a link holds its box, which moves in and out without a copy.
+    #[allow(clippy::vec_box)]
+    static SPARE: std::cell::RefCell<Vec<Box<LinkState>>> = const {
+        std::cell::RefCell::new(Vec::new())
+    };
 }
 
 impl std::ops::Deref for Link {
@@ -232,6 +249,9 @@ pub(crate) struct LinkState {
     pub(crate) watch: Watch,
     /// What the watch holds back from the client (reused).
     pub(crate) held: Vec<u8>,
+    /// Read wake-ups of the connection's socket (forgotten when the box
+    /// serves a new connection, or a step did I/O on it).
+    pub(crate) reads: crate::net::ReadWatch,
 }
 
 impl LinkState {
@@ -260,6 +280,7 @@ impl LinkState {
             started: None,
             watch: Watch::Off,
             held: Vec::new(),
+            reads: Default::default(),
         }
     }
 
@@ -290,6 +311,7 @@ impl LinkState {
             started,
             watch,
             held,
+            reads,
         } = self;
         *scanner = BackendScanner::default();
         *out = Outbox::default();
@@ -314,15 +336,17 @@ impl LinkState {
         *started = None;
         *watch = Watch::Off;
         held.clear();
+        reads.forget();
     }
 }
 
 impl Link {
     /// Wrap a freshly acquired connection (it has applied none of the
-    /// session's log), in `spare` if the session kept one from its last link.
-    pub(crate) fn new(mut conn: PooledConn, spare: Option<Box<LinkState>>) -> Link {
+    /// session's log), in a bookkeeping box of the thread's spares if there
+    /// is one.
+    pub(crate) fn new(mut conn: PooledConn) -> Link {
         let unnamed = std::mem::take(&mut conn.unnamed);
-        let st = match spare {
+        let st = match SPARE.with_borrow_mut(Vec::pop) {
             Some(mut st) => {
                 st.reset(unnamed);
                 st
@@ -332,12 +356,20 @@ impl Link {
         Link { conn, st }
     }
 
-    /// The connection, to give back to the pool (knowing what unnamed statement
-    /// it holds), and the bookkeeping's box, for the session's next link.
-    pub(crate) fn into_parts(self) -> (PooledConn, Box<LinkState>) {
+    /// The connection, to give back to the pool (knowing what unnamed
+    /// statement it holds); the bookkeeping's box goes to the thread's spares.
+    pub(crate) fn into_conn(self) -> PooledConn {
         let Link { mut conn, mut st } = self;
         conn.unnamed = std::mem::take(&mut st.unnamed);
-        (conn, st)
+        // The task's waker goes: a spare box must not keep a session's task
+        // (and its memory) alive.
+        st.reads.release();
+        SPARE.with_borrow_mut(|spare| {
+            if spare.len() < SPARE_MAX {
+                spare.push(st);
+            }
+        });
+        conn
     }
 
     /// The client starts a request on this connection at `now` (timed until

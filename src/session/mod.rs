@@ -57,7 +57,6 @@ use crate::context::{ClientSlot, ProxyContext};
 use crate::error::ToPgError;
 use crate::error::sqlstate::*;
 use crate::net::{Outbox, Stream, WriteError, write_all_timeout};
-use crate::protocol::frame::Scanned;
 use crate::protocol::messages::{self, PgError};
 use crate::protocol::startup::StartupMessage;
 use crate::protocol::{CancelKey, TxStatus};
@@ -71,7 +70,21 @@ use link::{Done, Link};
 pub(crate) use crate::error::SessionError;
 
 /// Entry point for an accepted client connection.
+///
+/// The login's futures (TLS handshake, authentication, the first server
+/// connection) are large and done with at login: they run boxed, so the
+/// task keeps for the session's life only the session and its relay loop.
 pub(crate) async fn serve(ctx: Arc<ProxyContext>, tcp: TcpStream) {
+    let mut session = None;
+    Box::pin(log_in(ctx, tcp, &mut session)).await;
+    if let Some(session) = &mut session {
+        session.relay_to_end().await;
+    }
+}
+
+/// From the first packet to the first ReadyForQuery: `logged_in` gets the
+/// session if the client got in.
+async fn log_in(ctx: Arc<ProxyContext>, tcp: TcpStream, logged_in: &mut Option<Session>) {
     let _ = tcp.set_nodelay(true);
     crate::backend::conn::set_keepalive(&tcp);
     let mut stream = Stream::Plain(tcp);
@@ -190,9 +203,67 @@ pub(crate) async fn serve(ctx: Arc<ProxyContext>, tcp: TcpStream) {
     };
     messages::auth_ok(&mut out);
     let mut session = Session::new(ctx, cfg, stream, user, &startup, slot);
-    session.scram_keys = proven.scram_keys;
+    // The keys log in to nodes only as a user with no password here (the
+    // session's configuration stays the one it started with).
+    if cfg_password(&session.cfg, &session.user).is_none() {
+        session.scram_keys = proven.scram_keys.map(Box::new);
+    }
     session.md5_stored = proven.md5_stored;
-    session.run(out, &startup).await;
+    if session.start(out, &startup).await {
+        *logged_in = Some(session);
+    }
+}
+
+/// The sizes of a session's task and state: (what, bytes), for
+/// `benches/idle_session.rs`.
+pub(crate) fn sizes() -> Vec<(&'static str, usize)> {
+    /// The size of what `f` returns, without calling it.
+    fn returned<A, B, F>(_: impl Fn(A, B) -> F) -> usize {
+        std::mem::size_of::<F>()
+    }
+    fn returned1<A, F>(_: impl Fn(A) -> F) -> usize {
+        std::mem::size_of::<F>()
+    }
+    vec![
+        ("the task's future (serve)", returned(serve)),
+        ("Session", std::mem::size_of::<Session>()),
+        ("relay future", returned1(Session::relay)),
+        ("relay_to_end future", returned1(Session::relay_to_end)),
+        ("perform future", returned(Session::perform)),
+        ("Link", std::mem::size_of::<Link>()),
+        ("LinkState", std::mem::size_of::<link::LinkState>()),
+        ("ClientView", std::mem::size_of::<ClientView>()),
+        ("Stream", std::mem::size_of::<Stream>()),
+        ("Outbox", std::mem::size_of::<Outbox>()),
+        (
+            "OwnStatements",
+            std::mem::size_of::<answered_here::OwnStatements>(),
+        ),
+        (
+            "ReadYourWrites",
+            std::mem::size_of::<read_your_writes::ReadYourWrites>(),
+        ),
+        ("RetryNet", std::mem::size_of::<retry::RetryNet>()),
+        ("RouteState", std::mem::size_of::<RouteState>()),
+        ("Tx", std::mem::size_of::<tx_state::Tx>()),
+        ("TurnClock", std::mem::size_of::<clock::TurnClock>()),
+        ("ReadWatch", std::mem::size_of::<crate::net::ReadWatch>()),
+        ("SessionHandle", std::mem::size_of::<SessionHandle>()),
+        ("Policy", std::mem::size_of::<Policy>()),
+        (
+            "memo",
+            std::mem::size_of::<crate::router::memo::StatementMemo>(),
+        ),
+        (
+            "ScramKeys",
+            std::mem::size_of::<Option<crate::protocol::auth::ScramKeys>>(),
+        ),
+    ]
+}
+
+/// The password `cfg` has for `user`, if any.
+fn cfg_password<'a>(cfg: &'a Config, user: &str) -> Option<&'a str> {
+    cfg.user(user).and_then(|u| u.password.as_deref())
 }
 
 /// Hold the answer to a failed login while its address is over
@@ -245,7 +316,9 @@ struct Session {
     user: String,
     /// What the client's SCRAM login proved: how pgpilot logs in to nodes as
     /// this user when its config has a `scram_verifier` but no `password`.
-    scram_keys: Option<crate::protocol::auth::ScramKeys>,
+    /// Boxed: most users have a password in the configuration, and every
+    /// idle session would carry the room.
+    scram_keys: Option<Box<crate::protocol::auth::ScramKeys>>,
     /// The user's stored MD5 hash (`auth_query`): how pgpilot answers a
     /// node's MD5 challenge for a user it has no password for.
     md5_stored: Option<String>,
@@ -254,7 +327,9 @@ struct Session {
     /// The pool key of each node for this session: user, database and the
     /// startup parameters sent to every node the session uses. Built once,
     /// since transaction pooling acquires a connection per request.
-    pool_keys: Vec<crate::backend::PoolKey>,
+    /// Built for the primary at login, for another node the first time the
+    /// session uses it ([`Session::pool_key`]): most sessions use one node.
+    pool_keys: Vec<std::sync::OnceLock<crate::backend::PoolKey>>,
     /// pgpilot's BackendKeyData key for this client (its pid keys the cancel
     /// registry and names the session in the admin views).
     cancel_key: CancelKey,
@@ -265,15 +340,9 @@ struct Session {
     cancel: CancelSlot,
     /// Server connections by node id (at most one per node).
     links: Vec<Option<Link>>,
-    /// The bookkeeping box of the last link given up, for the next
-    /// (transaction pooling makes and unmakes a link at every transaction).
-    spare_link: Option<Box<link::LinkState>>,
     /// Read wake-ups of the client socket: a relay turn woken by a server
     /// skips re-polling a client that is known to be quiet.
     client_reads: crate::net::ReadWatch,
-    /// The same for each node's server connection (forgotten when the
-    /// connection changes or a step did I/O on it).
-    server_reads: Vec<crate::net::ReadWatch>,
     /// The node whose answers the client is waiting for (the last one sent to);
     /// only it can have requests in flight.
     active: NodeId,
@@ -311,7 +380,8 @@ struct Session {
     /// A request that may change the catalog was sent since the session was
     /// last idle ([`Session::catalog_settled`]).
     catalog_changed: bool,
-    /// Standbys this session failed to use, not retried before the instant.
+    /// Standbys this session failed to use, not retried before the instant
+    /// (empty until the first).
     shunned_until: Vec<Option<tokio::time::Instant>>,
     /// The session has picked a load-balance node once (later picks are moves).
     standby_picked: bool,
@@ -319,10 +389,6 @@ struct Session {
     defaults_probed: bool,
     /// Client data may be routable now (new bytes, or a node became free).
     recheck: bool,
-    /// Scratch space for scanner events (reused to avoid allocation).
-    events: Vec<Scanned>,
-    /// Scratch space for settled response bookkeeping.
-    done: Vec<Done>,
     /// Whether the session may have left state (SET, PREPARE, temp tables...) that
     /// must be reset before another client reuses its connections.
     dirty: bool,
@@ -385,16 +451,21 @@ impl Session {
             startup.get("application_name").unwrap_or_default(),
             client.peer_addr().ok(),
         );
-        let pool_keys = NodeId::all(nodes)
-            .map(|n| crate::backend::PoolKey::new(n, &user, &database, &startup.params))
-            .collect();
+        let pool_keys: Vec<std::sync::OnceLock<_>> =
+            (0..nodes).map(|_| Default::default()).collect();
+        let first = ctx.cluster.snapshot().primary.unwrap_or(NodeId::new(0));
+        if let Some(key) = pool_keys.get(first.index()) {
+            key.get_or_init(|| {
+                crate::backend::PoolKey::new(first, &user, &database, &startup.params)
+            });
+        }
         Session {
             ctx,
             cfg,
             policy,
             client,
             pool_keys,
-            cbuf: BytesMut::with_capacity(16 * 1024),
+            cbuf: BytesMut::new(),
             to_client: Outbox::default(),
             user,
             scram_keys: None,
@@ -404,9 +475,7 @@ impl Session {
             cancel,
             clock: clock::TurnClock::default(),
             links: (0..nodes).map(|_| None).collect(),
-            spare_link: None,
             client_reads: Default::default(),
-            server_reads: (0..nodes).map(|_| Default::default()).collect(),
             active: NodeId::new(0),
             batch: None,
             client_view: ClientView::default(),
@@ -420,12 +489,10 @@ impl Session {
             next: route::NextRequest::default(),
             catalog_changed: false,
             retry: retry::RetryNet::default(),
-            shunned_until: vec![None; nodes],
+            shunned_until: Vec::new(),
             standby_picked: false,
             defaults_probed: false,
             recheck: false,
-            events: Vec::with_capacity(8),
-            done: Vec::with_capacity(8),
             dirty: false,
             registration,
             answered_here: answered_here::OwnStatements::default(),
@@ -437,8 +504,10 @@ impl Session {
         }
     }
 
-    /// Finish startup (primary connection, parameters, key), relay, then clean up.
-    async fn run(&mut self, mut out: BytesMut, startup: &StartupMessage) {
+    /// Finish startup (primary connection, parameters, key): true when the
+    /// client got its ReadyForQuery; otherwise it was told why and the
+    /// session is cleaned up.
+    async fn start(&mut self, mut out: BytesMut, startup: &StartupMessage) -> bool {
         match self.attach_at_login().await {
             Ok(true) => {
                 if let Some(l) = &self.links[self.active.index()] {
@@ -463,15 +532,32 @@ impl Session {
                 fatal.encode(&mut out);
                 let _ = self.write_client(&out).await;
                 self.cleanup();
-                return;
+                return false;
             }
         }
         messages::backend_key_data(&mut out, self.cancel_key);
         messages::ready_for_query(&mut out, TxStatus::Idle);
-        let end = match self.write_client(&out).await {
-            Ok(()) => self.relay().await,
-            Err(e) => End::Error(e),
-        };
+        match self.write_client(&out).await {
+            Ok(()) => true,
+            Err(e) => {
+                self.end(End::Error(e)).await;
+                false
+            }
+        }
+    }
+
+    /// Relay until the client leaves, an error occurs or pgpilot stops,
+    /// then clean up.
+    async fn relay_to_end(&mut self) {
+        let end = self.relay().await;
+        // Boxed: the goodbye's futures would otherwise size the task's
+        // future for the whole session.
+        Box::pin(self.end(end)).await;
+    }
+
+    /// Tell the client why the session ends (if it is still there and no
+    /// server told it), then give the server connections back.
+    async fn end(&mut self, end: End) {
         if let End::Error(e) = &end {
             // A lost server connection asks for an early health probe of that
             // node; the probe, not this error, decides whether it is down
@@ -496,6 +582,20 @@ impl Session {
             }
         }
         self.cleanup();
+    }
+
+    /// The pool key of `node`, built from another node's the first time:
+    /// the same user, database and startup parameters.
+    fn pool_key(&self, node: NodeId) -> &crate::backend::PoolKey {
+        self.pool_keys[node.index()].get_or_init(|| {
+            let built = self
+                .pool_keys
+                .iter()
+                .find_map(std::sync::OnceLock::get)
+                .expect("a pool key is built at login");
+            // `startup` is user, database, then the rest in order.
+            crate::backend::PoolKey::new(node, built.user(), built.database(), &built.startup[2..])
+        })
     }
 
     /// Make `node` the one whose answers are awaited; cancels go to its server.
@@ -532,8 +632,7 @@ impl Session {
     }
 
     /// Apply what the response stream of `node` settled.
-    fn settle(&mut self, node: NodeId) {
-        let mut done = std::mem::take(&mut self.done);
+    fn settle(&mut self, node: NodeId, done: &mut Vec<Done>) {
         for d in done.drain(..) {
             match d {
                 Done::Effects { effects, succeeded } => {
@@ -601,7 +700,6 @@ impl Session {
                 }
             }
         }
-        self.done = done;
     }
 
     /// A client's Parse of `name` failed on `node`: the statement does not exist.
@@ -725,7 +823,7 @@ impl Session {
                     || (cfg.pool.mode == crate::config::PoolMode::Session
                         && !link.conn.held.is_empty());
                 tokio::spawn(async move {
-                    let (mut conn, _) = link.into_parts();
+                    let mut conn = link.into_conn();
                     // The reset (a simple Query) drops an unnamed statement.
                     if dirty {
                         conn.unnamed = Unnamed::Absent;

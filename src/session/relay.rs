@@ -23,9 +23,8 @@ use tokio_util::io::poll_read_buf;
 
 use super::route::Step;
 use super::{End, Session, SessionError};
-use crate::backend::BackendError;
 use crate::config::NodeId;
-use crate::net::ReadWatch;
+use crate::net::poll_read_lazy;
 use crate::protocol::TxStatus;
 
 /// Stop reading a side while this many bytes wait to be written to the other.
@@ -52,11 +51,16 @@ impl Session {
                 match self.on_client_data() {
                     Ok(Step::Idle | Step::Blocked) => {}
                     Ok(Step::Terminate) => return End::ClientGone,
-                    Ok(step) => match self.perform(step).await {
+                    // Boxed: a step's future (connecting, waiting for a
+                    // primary …) is large, and the relay's own must stay
+                    // small, as every idle session keeps it.
+                    Ok(step) => match Box::pin(self.perform(step)).await {
                         Ok(()) => {
                             // The step may have read from the sockets itself.
                             self.client_reads.forget();
-                            self.server_reads.iter_mut().for_each(ReadWatch::forget);
+                            for l in self.links.iter_mut().flatten() {
+                                l.reads.forget();
+                            }
                             self.clock.tick();
                             self.recheck = true;
                             continue;
@@ -68,6 +72,11 @@ impl Session {
             }
             self.release_between_transactions();
             let busy = self.links.iter().flatten().any(|l| l.busy());
+            if !busy && self.cbuf.is_empty() {
+                // Nothing to route and no answer awaited: the read buffer
+                // goes back (the next read brings its own, `poll_read_lazy`).
+                self.cbuf = bytes::BytesMut::new();
+            }
             let idle_limit = if busy {
                 Duration::ZERO
             } else if !self.tx.in_block() {
@@ -108,9 +117,8 @@ impl Session {
                 .is_some_and(|l| !l.out.is_empty() || l.conn.conn.stream.backlog());
             let client = &mut self.client;
             let cbuf = &mut self.cbuf;
-            let mut server = link.map(|l| &mut l.conn.conn);
+            let mut server = link.map(|l| (&mut l.conn.conn, &mut l.st.reads));
             let client_reads = &mut self.client_reads;
-            let server_reads = &mut self.server_reads[node.index()];
             // Whatever wakes the wait starts a new turn (nothing reads the
             // clock between here and the await).
             self.clock.tick();
@@ -120,7 +128,7 @@ impl Session {
                 if client_pending && client.poll_write_ready(cx).is_ready() {
                     return Poll::Ready(Wake::ClientWritable);
                 }
-                if let Some(server) = server.as_deref_mut() {
+                if let Some((server, server_reads)) = &mut server {
                     if server_pending && server.stream.poll_write_ready(cx).is_ready() {
                         return Poll::Ready(Wake::ServerWritable);
                     }
@@ -134,7 +142,7 @@ impl Session {
                 }
                 if read_client
                     && let Poll::Ready(r) =
-                        client_reads.poll(cx, |cx| poll_read_buf(Pin::new(&mut *client), cx, cbuf))
+                        client_reads.poll(cx, |cx| poll_read_lazy(Pin::new(&mut *client), cx, cbuf))
                 {
                     return Poll::Ready(Wake::ClientRead(r));
                 }
@@ -183,7 +191,7 @@ impl Session {
 
     /// Perform a step routing asked for (I/O before a request can be routed);
     /// then the client's data is routed again.
-    async fn perform(&mut self, step: Step) -> Result<(), SessionError> {
+    pub(super) async fn perform(&mut self, step: Step) -> Result<(), SessionError> {
         match step {
             // Not I/O steps: the relay loop handles them before calling this.
             Step::Idle | Step::Blocked | Step::Terminate => {
@@ -203,13 +211,21 @@ impl Session {
                     // transactions under transaction pooling, or an admin who
                     // logged in without a primary) loses only this request.
                     None if !self.tx.in_block() && self.links.iter().all(Option::is_none) => {
-                        let e = crate::error::ToPgError::to_pg_error(&BackendError::NoPrimary);
+                        let e = crate::error::ToPgError::to_pg_error(&self.no_primary());
                         self.refuse_request(e)
                     }
-                    None => Err(SessionError::Backend(BackendError::NoPrimary)),
+                    None => Err(SessionError::Backend(self.no_primary())),
                 }
             }
             Step::MoveTxToPrimary => self.move_untouched_tx_to_primary().await,
+            Step::Switchover(node) => {
+                // Patroni mode: the switchover is Patroni's; its outcome
+                // answers the PROMOTE NODE routed again after this step.
+                let cfg = self.ctx.config.load_full();
+                let r = crate::cluster::patroni::switchover(&self.ctx.cluster, &cfg, node).await;
+                self.answered_here.switchover = Some((node, r));
+                Ok(())
+            }
             Step::ProbeDefaults => self.probe_defaults().await,
             Step::FetchLsn => {
                 let limit = self.cfg.monitor.timeout;
@@ -267,9 +283,11 @@ impl Session {
         let Some(link) = self.links[node.index()].as_mut() else {
             return Ok(());
         };
+        // Scratch space of the thread (a session keeps none between reads).
+        let (mut events, mut done) = SCRATCH.take();
         let chunk = link.scan(
-            &mut self.events,
-            &mut self.done,
+            &mut events,
+            &mut done,
             patch,
             &super::link::Relaying {
                 metrics: &self.ctx.metrics,
@@ -292,7 +310,9 @@ impl Session {
             self.ctx.lsns.write_acknowledged();
         }
         link.forward(&mut self.client, &mut self.to_client, chunk)?;
-        self.settle(node);
+        self.settle(node, &mut done);
+        events.clear();
+        SCRATCH.set((events, done));
         if self.links[node.index()]
             .as_ref()
             .is_some_and(|l| l.watch == super::retry::Watch::Refused)
@@ -301,6 +321,14 @@ impl Session {
         }
         Ok(())
     }
+}
+
+thread_local! {
+    /// The scanner's scratch space: the events of one read of a server
+    /// connection and what they settled, taken and given back around each
+    /// read, so sessions share it and keep none.
+    static SCRATCH: std::cell::Cell<(Vec<crate::protocol::frame::Scanned>, Vec<super::link::Done>)> =
+        const { std::cell::Cell::new((Vec::new(), Vec::new())) };
 }
 
 /// What ended a relay turn's wait.

@@ -63,6 +63,9 @@ pub(crate) enum Step {
     /// Move the read-only transaction just begun on a standby to the primary:
     /// its next statement is a `SET TRANSACTION` only the primary can take.
     MoveTxToPrimary,
+    /// `PROMOTE NODE n` in Patroni mode: ask Patroni for the switchover
+    /// (it answers once it is over), then answer the command.
+    Switchover(NodeId),
     /// Wait until one of `nodes` has replayed `target`, or `deadline`.
     WaitReplay {
         /// Standbys that may serve the read.
@@ -159,8 +162,13 @@ impl Session {
         self.batch_unseen = matches!(self.batch, Some(Target::Node(_)));
         self.cbuf = buf;
         bytes::Buf::advance(&mut self.cbuf, pos);
-        let need = crate::protocol::frame::missing_bytes(&self.cbuf);
-        self.cbuf.reserve(need.max(4096));
+        if !self.cbuf.is_empty() {
+            // Room for the rest of a partial frame, or for what follows
+            // requests that wait. An empty buffer gets none: the relay
+            // gives it back while the session is idle.
+            let need = crate::protocol::frame::missing_bytes(&self.cbuf);
+            self.cbuf.reserve(need.max(4096));
+        }
         let step = result?;
         flushed?;
         Ok(step)
@@ -260,6 +268,9 @@ impl Session {
                         if self.own_command_wants_lsn() {
                             return Ok(Step::FetchLsn);
                         }
+                        if let Some(n) = self.own_command_wants_switchover(&cmd) {
+                            return Ok(Step::Switchover(n));
+                        }
                         self.answer_own_query(&cmd)?;
                         *pos += f.wire_len;
                         continue;
@@ -339,6 +350,9 @@ impl Session {
                         },
                     };
                     let Target::Node(node) = target else {
+                        if let Some(n) = self.own_execute_wants_switchover(f.tag, frame) {
+                            return Ok(Step::Switchover(n));
+                        }
                         self.own_extended(f.tag, frame)?;
                         *pos += f.wire_len;
                         continue;

@@ -24,9 +24,7 @@ impl Session {
         for node in NodeId::all(self.links.len()) {
             if let Some(link) = self.links[node.index()].take() {
                 self.install_link(node, None);
-                let (conn, st) = link.into_parts();
-                self.spare_link = Some(st);
-                self.ctx.pool.put_idle(conn, self.clock.now());
+                self.ctx.pool.put_idle(link.into_conn(), self.clock.now());
             }
         }
         // A cancel must never reach a connection now serving someone else.
@@ -60,18 +58,14 @@ impl Session {
         if self.cfg.pool.mode != PoolMode::Transaction {
             return;
         }
-        if let Some(conn) = self
-            .ctx
-            .pool
-            .take_recent(&self.pool_keys[node.index()], self.clock.now())
-        {
+        let now = self.clock.now();
+        if let Some(conn) = self.ctx.pool.take_recent(self.pool_key(node), now) {
             // An equal key: take its copy of the parameters, which the pool
             // shares (see `PoolKey`), so later lookups compare pointers.
-            if !std::sync::Arc::ptr_eq(&self.pool_keys[node.index()].startup, &conn.key.startup) {
-                self.pool_keys[node.index()] = conn.key.clone();
+            if !std::sync::Arc::ptr_eq(&self.pool_key(node).startup, &conn.key.startup) {
+                self.pool_keys[node.index()] = conn.key.clone().into();
             }
-            let spare = self.spare_link.take();
-            self.install_link(node, Some(super::link::Link::new(conn, spare)));
+            self.install_link(node, Some(super::link::Link::new(conn)));
         }
     }
 

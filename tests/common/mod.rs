@@ -6,6 +6,7 @@
 //! the test process exits, through an `atexit` hook: Rust never drops statics.
 #![allow(dead_code)]
 
+pub mod idle;
 pub mod load;
 pub mod raw;
 

@@ -204,10 +204,11 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Cluster {
-    /// Whether this instance may make decisions (always, without
-    /// coordination).
+    /// Whether this instance may make decisions: always without
+    /// coordination, only as the leader with it, never in Patroni mode
+    /// (Patroni decides; see `cluster::patroni`).
     pub fn may_decide(&self) -> bool {
-        self.coord.get().is_none_or(|h| h.decides())
+        self.patroni.get().is_none() && self.coord.get().is_none_or(|h| h.decides())
     }
 
     /// The coordination handle, when coordination is on.
@@ -278,7 +279,8 @@ pub fn start(
 ) -> Option<impl std::future::Future<Output = ()> + Send + 'static> {
     let cfg = config.load_full();
     let c = &cfg.coordination;
-    if !c.enabled() {
+    // In Patroni mode every instance follows Patroni's leader key itself.
+    if !c.enabled() || cfg.failover.mode == crate::config::FailoverMode::Patroni {
         return None;
     }
     let address = if c.advertise_address.is_empty() {

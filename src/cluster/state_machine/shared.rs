@@ -19,6 +19,10 @@
 //!    answers as a primary on the same timeline, and never to another node;
 //! 3. a node whose timeline is older than the recorded one is never the
 //!    published primary (a primary that was failed over and came back).
+//!
+//! Patroni mode (`cluster::patroni`) is a follower of the same kind whose
+//! "etcd state" is Patroni's leader key: it applies the leader's node here
+//! once that node answers as a primary, with no timeline recorded.
 
 use std::time::{Instant, SystemTime};
 
