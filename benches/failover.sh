@@ -15,14 +15,23 @@
 #   ROUNDS=5 WRITERS=4 MODES="sync async" DETECT=session benches/failover.sh
 # DETECT=health turns failover.detect_on_session_error off (detection by the
 # health checks' retries alone: period 1s, 2 retries 1s apart).
+#
+# INSTANCES=2: two pgpilots coordinating through a real etcd (Debian's
+# etcd-server, started on loopback each round) in front of the cluster, the
+# writers split between them. Reports the write downtime through each, the
+# time from the leader's decision (it records the new primary in etcd) to
+# the follower's switch (it routes writes there; target <= 100 ms on
+# loopback), lost acknowledged writes, promotions and the new timeline
+# (examples/failover_bench/two.rs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROUNDS=${ROUNDS:-5}
 WRITERS=${WRITERS:-4}
 MODES=${MODES:-"sync async"}
 DETECT=${DETECT:-session}
+INSTANCES=${INSTANCES:-1}
 cargo build --release --quiet --example failover_bench
 for mode in $MODES; do
-    echo "== $mode replication, $ROUNDS rounds, $WRITERS writers, detection: $DETECT"
-    PGPILOT_LOG=${PGPILOT_LOG:-error} target/release/examples/failover_bench "$mode" "$ROUNDS" "$WRITERS" "$DETECT"
+    echo "== $mode replication, $ROUNDS rounds, $WRITERS writers, detection: $DETECT, $INSTANCES instance(s)"
+    PGPILOT_LOG=${PGPILOT_LOG:-error} target/release/examples/failover_bench "$mode" "$ROUNDS" "$WRITERS" "$DETECT" "$INSTANCES"
 done

@@ -15,9 +15,13 @@
 //! physical replication slot, `wal_log_hints = on`.
 //!
 //! Prints one line per round and the medians. Usage:
-//! `cargo run --release --example failover_bench -- [sync|async] [rounds] [writers] [session|health]`
+//! `cargo run --release --example failover_bench -- [sync|async] [rounds] [writers] [session|health] [1|2]`
 //! (`health`: `failover.detect_on_session_error = false`, detection by the
-//! health checks' retries alone).
+//! health checks' retries alone; `2`: two pgpilots coordinating through
+//! etcd, see `failover_bench/two.rs`).
+
+#[path = "failover_bench/two.rs"]
+mod two;
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -43,12 +47,16 @@ async fn main() {
     let rounds: usize = args.get(1).and_then(|a| a.parse().ok()).unwrap_or(5);
     let writers: usize = args.get(2).and_then(|a| a.parse().ok()).unwrap_or(4);
     let fast = args.get(3).is_none_or(|a| a != "health");
+    let instances: usize = args.get(4).and_then(|a| a.parse().ok()).unwrap_or(1);
     let label = match (sync, fast) {
         (true, true) => "sync",
         (false, true) => "async",
         (true, false) => "sync, health-check detection",
         (false, false) => "async, health-check detection",
     };
+    if instances == 2 {
+        return two::run(sync, rounds, writers, fast, label).await;
+    }
     let mut downtimes = Vec::new();
     let mut losses = Vec::new();
     let mut follows = Vec::new();
@@ -145,7 +153,9 @@ async fn streaming_from(
     None
 }
 
-async fn run_round(sync: bool, writers: usize, fast: bool) -> Result<Round, String> {
+/// A fresh cluster (primary + 2 standbys streaming through slots,
+/// `wal_log_hints = on`) with table `t` owned by the bench user.
+async fn start_cluster(sync: bool) -> Result<Arc<LocalCluster>, String> {
     let spec = ClusterSpec {
         standbys: 2,
         users: vec![(USER.into(), PASSWORD.into())],
@@ -171,6 +181,11 @@ async fn run_round(sync: bool, writers: usize, fast: bool) -> Result<Round, Stri
     .await
     .map_err(|e| e.to_string())?
     .map_err(|e| e.to_string())?;
+    Ok(cluster)
+}
+
+async fn run_round(sync: bool, writers: usize, fast: bool) -> Result<Round, String> {
+    let cluster = start_cluster(sync).await?;
     let mut cfg = pgpilot::demo::config_for(&cluster, "127.0.0.1:0", &[(USER, PASSWORD)]);
     cfg.metrics.listen = String::new();
     cfg.failover.detect_on_session_error = fast;

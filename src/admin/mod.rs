@@ -30,6 +30,13 @@
 //! (`cluster::patroni`): it answers once Patroni has done it, with Patroni's
 //! answer, or fails with Patroni's refusal; `REJOIN NODE` is refused.
 //!
+//! With coordination through etcd, `ATTACH`/`DETACH`/`PROMOTE` on an
+//! instance that does not lead go to the leading pgpilot
+//! ([`goes_to_leader`], [`execute_forwarded`]): the answer waits until the
+//! leader has run the command and this instance has applied its effect, and
+//! is the leader's (its result, or its refusal as 55000); a leader silent
+//! for twice the lease TTL is an error saying so.
+//!
 //! Only users listed in `admin_users` may run them; others get SQLSTATE
 //! 42501. The session decides *when* to answer (simple Query, or the extended
 //! protocol's Parse/Describe/Execute); this module only parses and builds
@@ -270,6 +277,41 @@ pub(crate) fn execute(
             crate::cluster::rejoin::start(ctx.cluster.clone(), ctx.config.clone(), *n),
         ),
     }
+}
+
+/// Whether `cmd` is a node command this instance hands to the leading
+/// pgpilot (coordination on, this instance does not decide): the session
+/// then awaits [`execute_forwarded`] instead of calling [`execute`].
+pub(crate) fn goes_to_leader(ctx: &ProxyContext, cmd: &AdminCommand) -> bool {
+    matches!(
+        cmd,
+        AdminCommand::AttachNode(_) | AdminCommand::DetachNode(_) | AdminCommand::PromoteNode(_)
+    ) && ctx.cluster.forwards_commands()
+}
+
+/// Run a node command through the leading pgpilot (see [`goes_to_leader`]):
+/// waits for the leader's outcome, at most twice the lease TTL.
+pub(crate) async fn execute_forwarded(
+    ctx: &ProxyContext,
+    cmd: &AdminCommand,
+    who: &AdminCaller,
+) -> Result<ResultSet, PgError> {
+    let cfg = ctx.config.load_full();
+    check_admin(&cfg, cmd, who)?;
+    let (command, n) = match cmd {
+        AdminCommand::AttachNode(n) => ("attach", *n),
+        AdminCommand::DetachNode(n) => ("detach", *n),
+        AdminCommand::PromoteNode(n) => {
+            // Refused here as the leader would (its mode is this one's).
+            if cfg.failover.mode == crate::config::FailoverMode::None {
+                let refused = Err(crate::cluster::CommandError::PromotionDisabled);
+                return failover::node_result(*n, refused);
+            }
+            ("promote", *n)
+        }
+        _ => return execute(ctx, cmd, who),
+    };
+    failover::node_result(n, ctx.cluster.forward_to_leader(command, n).await)
 }
 
 /// The result set `cmd` would return, for the extended protocol's Describe:

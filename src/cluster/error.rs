@@ -180,6 +180,25 @@ pub(crate) enum CommandError {
         /// Why.
         message: String,
     },
+    /// The leading pgpilot ran a command forwarded to it and refused it.
+    #[error("the leading pgpilot {leader} refused it: {message}")]
+    RefusedByLeader {
+        /// The leader's name.
+        leader: String,
+        /// Its refusal, as it would have answered it.
+        message: String,
+    },
+    /// The leading pgpilot did not confirm a forwarded command in time.
+    #[error(
+        "the leading pgpilot {leader} did not confirm within {} s; the command may still be applied (SHOW PGPILOT_NODES shows it)",
+        .waited.as_secs()
+    )]
+    LeaderSilent {
+        /// The leader's name when the command was sent.
+        leader: String,
+        /// How long this instance waited.
+        waited: std::time::Duration,
+    },
     /// `failover.mode = "patroni"`: Patroni refused or failed the
     /// switchover, or could not be asked.
     #[error("Patroni: {message}")]

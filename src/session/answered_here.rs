@@ -13,6 +13,7 @@ use std::collections::HashMap;
 
 use bytes::BytesMut;
 
+use super::route::Step;
 use super::{Session, SessionError};
 use crate::admin::{self, AdminCaller, AdminCommand, ResultSet};
 use crate::cluster::CommandError;
@@ -131,12 +132,35 @@ pub(crate) struct OwnStatements {
     portals: HashMap<Vec<u8>, OwnCommand>,
     /// An error occurred in the current own batch: skip to Sync.
     pub(crate) failed: bool,
+    /// A node command the leading pgpilot ran for this session
+    /// ([`Step::ForwardAdmin`]), and its answer, until it is sent.
+    pub(crate) forwarded: Option<(AdminCommand, Result<ResultSet, PgError>)>,
     /// Patroni's answer to the `PROMOTE NODE` being answered
     /// (`Step::Switchover`), for that node.
     pub(crate) switchover: Option<(NodeId, Result<String, CommandError>)>,
 }
 
 impl Session {
+    /// The step an own command needs before it is answered: a node command
+    /// on an instance that does not lead goes to the leading pgpilot, and is
+    /// answered with its outcome once that has come.
+    pub(super) fn own_command_step(&self, cmd: &OwnCommand) -> Option<Step> {
+        let OwnCommand::Admin(a) = cmd else {
+            return None;
+        };
+        let answered = matches!(&self.answered_here.forwarded, Some((c, _)) if c == a);
+        (!answered && admin::goes_to_leader(&self.ctx, a)).then(|| Step::ForwardAdmin(a.clone()))
+    }
+
+    /// [`Session::own_command_step`] for an Execute in an own batch.
+    pub(super) fn own_execute_step(&self, t: u8, frame: &[u8]) -> Option<Step> {
+        if t != tag::EXECUTE || self.answered_here.failed {
+            return None;
+        }
+        let name = cstr(&frame[5..]).map(|(n, _)| n).unwrap_or_default();
+        self.own_command_step(self.answered_here.portals.get(name)?)
+    }
+
     /// `PROMOTE NODE n` by an admin user in Patroni mode, whose switchover
     /// was not asked of Patroni yet: `n` (the command then waits for
     /// `Step::Switchover`, which does it).
@@ -178,6 +202,9 @@ impl Session {
                     load_balance_node: self.route.standby,
                 };
                 self.ctx.metrics.statement_routed(self.active, "admin");
+                if let Some((_, r)) = self.answered_here.forwarded.take_if(|(c, _)| c == cmd) {
+                    return r.map(Outcome::Rows);
+                }
                 admin::execute(&self.ctx, cmd, &who).map(Outcome::Rows)
             }
             OwnCommand::Session(PgpilotCommand::ShowLastCommitLsn) => Ok(one(
@@ -353,6 +380,7 @@ impl Session {
         if t == tag::SYNC {
             self.answered_here.portals.clear();
             self.answered_here.failed = false;
+            self.answered_here.forwarded = None;
             self.batch = None;
             messages::ready_for_query(&mut out, self.client_status());
             return self.send_own_answer(&out);

@@ -17,9 +17,13 @@ use crate::config::{NodeId, PoolMode};
 
 impl Session {
     /// The error for "no primary", with the cluster layer's reason when it
-    /// has one (Patroni mode).
+    /// has one: Patroni mode's, or, coordinating through etcd, that this
+    /// instance has no live lease (it refuses writes rather than guess the
+    /// primary, see `cluster::coordination`).
     pub(super) fn no_primary(&self) -> BackendError {
-        match self.ctx.cluster.no_primary_reason() {
+        let cluster = &self.ctx.cluster;
+        let etcd = || cluster.coordination().and_then(|h| h.no_primary_reason());
+        match cluster.no_primary_reason().or_else(etcd) {
             Some(why) => BackendError::NoPrimaryBecause(why),
             None => BackendError::NoPrimary,
         }

@@ -63,6 +63,10 @@ pub(crate) enum Step {
     /// Move the read-only transaction just begun on a standby to the primary:
     /// its next statement is a `SET TRANSACTION` only the primary can take.
     MoveTxToPrimary,
+    /// Run this node command through the leading pgpilot (coordination
+    /// through etcd, this instance does not decide) and keep its outcome
+    /// for the answer.
+    ForwardAdmin(crate::admin::AdminCommand),
     /// `PROMOTE NODE n` in Patroni mode: ask Patroni for the switchover
     /// (it answers once it is over), then answer the command.
     Switchover(NodeId),
@@ -271,6 +275,9 @@ impl Session {
                         if let Some(n) = self.own_command_wants_switchover(&cmd) {
                             return Ok(Step::Switchover(n));
                         }
+                        if let Some(step) = self.own_command_step(&cmd) {
+                            return Ok(step);
+                        }
                         self.answer_own_query(&cmd)?;
                         *pos += f.wire_len;
                         continue;
@@ -352,6 +359,9 @@ impl Session {
                     let Target::Node(node) = target else {
                         if let Some(n) = self.own_execute_wants_switchover(f.tag, frame) {
                             return Ok(Step::Switchover(n));
+                        }
+                        if let Some(step) = self.own_execute_step(f.tag, frame) {
+                            return Ok(step);
                         }
                         self.own_extended(f.tag, frame)?;
                         *pos += f.wire_len;

@@ -1,7 +1,29 @@
-//! Admin commands given to any instance take effect on all; every instance
-//! lists its peers; a 3-member etcd keeps working with one member gone.
+//! Admin commands given to any instance take effect on all, and a
+//! follower answers one only once the leader has run it (with the leader's
+//! outcome); every instance lists its peers; a 3-member etcd keeps working
+//! with one member gone.
+
+use etcd_client::{Client, PutOptions};
 
 use super::*;
+
+/// Node `n`'s `status` in `SHOW POOL_NODES` on `c`.
+async fn pool_status(c: &tokio_postgres::Client, n: usize) -> String {
+    let (cols, rows) = show(c, "SHOW POOL_NODES").await;
+    let status = cols.iter().position(|c| c == "status").expect("status");
+    rows[n][status].clone()
+}
+
+/// Run `sql` through `c` and return its error: (SQLSTATE, message).
+async fn refused(c: &tokio_postgres::Client, sql: &str) -> (String, String) {
+    match c.simple_query(sql).await {
+        Ok(m) => panic!("{sql} was accepted: {:?}", common::result_set(&m).1),
+        Err(e) => {
+            let db = e.as_db_error().expect("an error from pgpilot");
+            (db.code().code().to_string(), db.message().to_string())
+        }
+    }
+}
 
 /// Whether node `n` is kept out of service on `s`.
 fn detached(s: &pgpilot::cluster::ClusterSnapshot, n: usize) -> bool {
@@ -46,14 +68,15 @@ async fn detach_on_one_instance_is_applied_on_the_other() {
         assert!(m.contains_key("pgpilot_coordination_etcd_rtt_seconds"));
     }
 
-    // DETACH on the follower: forwarded to the leader, applied on both.
-    let rows = admin(follow.addr, "DETACH NODE 2").await;
+    // DETACH on the follower: forwarded to the leader, applied on both;
+    // answered once the follower itself shows it.
+    let c = connect(follow.addr, "").await;
+    assert_ne!(pool_status(&c, 2).await, "down");
+    let (_, rows) = show(&c, "DETACH NODE 2").await;
     assert!(rows[0][1].contains("leading pgpilot"), "{rows:?}");
-    until_on(lead, "node 2 detached on the leader", |s| detached(s, 2)).await;
-    until_on(follow, "node 2 detached on the follower", |s| {
-        detached(s, 2)
-    })
-    .await;
+    assert_eq!(pool_status(&c, 2).await, "down", "answered before applied");
+    assert!(detached(&follow.ctx.cluster.snapshot(), 2));
+    assert!(detached(&lead.ctx.cluster.snapshot(), 2));
 
     // ATTACH on the leader: applied on both.
     admin(lead.addr, "ATTACH NODE 2").await;
@@ -71,6 +94,80 @@ async fn detach_on_one_instance_is_applied_on_the_other() {
     })
     .await;
     drop((a, b, etcd));
+}
+
+#[tokio::test]
+async fn a_command_through_the_follower_answers_the_leaders_outcome() {
+    let _serial = SERIAL.lock().await;
+    let cluster = new_cluster(2, false).await;
+    let etcd = new_etcd(&cluster, 1).await;
+    let a = start_instance(&cluster, "a", &etcd.endpoints(), 0).await;
+    let b = start_instance(&cluster, "b", &etcd.endpoints(), 0).await;
+    let leader = one_leader(&[&a, &b]).await;
+    let (lead_name, follow) = if leader == 0 { ("a", &b) } else { ("b", &a) };
+    let c = connect(follow.addr, "").await;
+
+    // The leader's refusals, as the leader words them.
+    for (sql, why) in [
+        ("PROMOTE NODE 0", "node 0 is already the primary"),
+        ("PROMOTE NODE 7", "there is no node 7"),
+        ("DETACH NODE 0", "node 0 is the primary"),
+    ] {
+        let (code, message) = refused(&c, sql).await;
+        assert_eq!(code, "55000", "{sql}: {message}");
+        let want = format!("the leading pgpilot {lead_name} refused it: {why}");
+        assert!(message.contains(&want), "{sql}: {message}");
+    }
+    assert_eq!(promotions(&a) + promotions(&b), 0);
+
+    // Through the extended protocol too, answered once applied here.
+    let rows = c.query("DETACH NODE 1", &[]).await.expect("DETACH NODE 1");
+    let result: String = rows[0].get(1);
+    assert!(result.contains(lead_name), "{result}");
+    assert_eq!(pool_status(&c, 1).await, "down", "answered before applied");
+    drop((a, b, etcd));
+}
+
+#[tokio::test]
+async fn a_leader_that_does_not_answer_is_reported_after_twice_the_lease_ttl() {
+    let _serial = SERIAL.lock().await;
+    let cluster = new_cluster(1, false).await;
+    let etcd = new_etcd(&cluster, 1).await;
+    // A leader that never runs anything: its key and a state naming node 0.
+    let prefix = format!("/pgpilot/test{}", std::process::id());
+    let mut client = Client::connect(etcd.endpoints(), None).await.expect("etcd");
+    let lease = client.lease_grant(300, None).await.expect("lease").id();
+    let opts = PutOptions::new().with_lease(lease);
+    client
+        .put(format!("{prefix}/leader"), "ghost", Some(opts))
+        .await
+        .expect("leader key");
+    let state =
+        r#"{"epoch":1,"primary":0,"timeline":null,"holds":[],"failover":null,"leader":"ghost"}"#;
+    client
+        .put(format!("{prefix}/state"), state, None)
+        .await
+        .expect("state key");
+    let a = start_instance(&cluster, "a", &etcd.endpoints(), 0).await;
+    assert!(!leads(&a));
+
+    let c = connect(a.addr, "").await;
+    let t0 = std::time::Instant::now();
+    let (code, message) = refused(&c, "DETACH NODE 1").await;
+    let waited = t0.elapsed();
+    assert_eq!(code, "55000", "{message}");
+    // lease_ttl is 2 s in these tests: the wait is 4 s.
+    assert!(
+        message.contains("the leading pgpilot ghost did not confirm within 4 s"),
+        "{message}"
+    );
+    assert!(message.contains("may still be applied"), "{message}");
+    assert!(
+        waited >= Duration::from_secs(4) && waited < Duration::from_secs(15),
+        "{waited:?}"
+    );
+    assert!(a.ctx.cluster.snapshot().nodes[1].status.is_usable());
+    drop((a, etcd));
 }
 
 #[tokio::test]

@@ -47,6 +47,27 @@ async fn an_instance_cut_off_from_etcd_neither_promotes_nor_writes_elsewhere() {
         Ok(port) => panic!("a write through the cut-off instance landed on port {port}"),
         Err(code) => assert_eq!(code, "57P03", "refused as 'cannot connect now'"),
     }
+    // The refusal names the cause.
+    let message = match tokio_postgres::connect(
+        &common::Harness::conninfo(b.addr, ""),
+        tokio_postgres::NoTls,
+    )
+    .await
+    {
+        Ok((client, conn)) => {
+            tokio::spawn(conn);
+            let e = client
+                .simple_query("INSERT INTO t VALUES ('after-cut-2')")
+                .await
+                .expect_err("a write through the cut-off instance");
+            e.as_db_error().expect("from pgpilot").message().to_string()
+        }
+        Err(e) => e.as_db_error().expect("from pgpilot").message().to_string(),
+    };
+    assert!(
+        message.contains("pgpilot lost its etcd lease and cannot confirm the primary"),
+        "{message}"
+    );
     assert_eq!(primaries(&cluster).await, vec![new]);
     assert_eq!(promotions(&a), 1);
     drop((a, b, fwd, etcd));

@@ -67,6 +67,18 @@ async fn killing_the_primary_under_writes_through_two_instances_promotes_once() 
         .unwrap()
         .saturating_duration_since(decided.unwrap());
     eprintln!("leader decision -> follower switch: {lag:?}");
+    // The same two instants, as the instances expose them: the leader's
+    // write naming the new primary, the follower's first write routed there.
+    let (lead, follow) = if leader_is_a { (&a, &b) } else { (&b, &a) };
+    let (recorded, routed) = wait_for_metrics(lead, follow).await;
+    eprintln!(
+        "from /metrics: leader decision -> follower switch {:.1} ms",
+        (routed - recorded) * 1000.0
+    );
+    assert!(
+        routed >= recorded && routed - recorded < 5.0,
+        "recorded {recorded}, routed {routed}"
+    );
     let new = a
         .ctx
         .cluster
@@ -122,6 +134,33 @@ async fn killing_the_primary_under_writes_through_two_instances_promotes_once() 
         }
     }
     drop((a, b, etcd));
+}
+
+/// Once `lead` and `follow` report the same epoch, with both instants of
+/// it set: the leader's recorded and the follower's routed timestamps.
+async fn wait_for_metrics(lead: &StoppableProxy, follow: &StoppableProxy) -> (f64, f64) {
+    let scrape = async |p: &StoppableProxy| {
+        let (code, body) = common::http_get(p.metrics.expect("metrics on"), "/metrics").await;
+        assert_eq!(code, 200);
+        common::parse_metrics(&body)
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let (l, f) = (scrape(lead).await, scrape(follow).await);
+        let epoch = "pgpilot_coordination_epoch";
+        let recorded = l["pgpilot_coordination_epoch_recorded_timestamp_seconds"];
+        let routed = f["pgpilot_coordination_epoch_routed_timestamp_seconds"];
+        if l[epoch] == f[epoch] && l[epoch] > 0.0 && recorded > 0.0 && routed > 0.0 {
+            return (recorded, routed);
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "epochs {} / {}, recorded {recorded}, routed {routed}",
+            l[epoch],
+            f[epoch]
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
 }
 
 #[tokio::test]

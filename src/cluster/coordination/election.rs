@@ -125,6 +125,8 @@ impl Session {
         match self.state.failover.clone() {
             Some(record) => {
                 self.handle.resuming.store(true, Ordering::Release);
+                // Commands forwarded meanwhile run once it is finished.
+                self.unrun_requests = true;
                 super::resume::spawn(
                     self.cluster.clone(),
                     self.config.clone(),

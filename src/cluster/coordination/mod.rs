@@ -11,6 +11,7 @@
 //! | `members/<name>` | [`peers::Member`] (JSON): address, cancel tag, heartbeat, applied epoch | its lease |
 //! | `tags/<n>` | the name holding cancel tag `n` | its lease |
 //! | `requests/<id>` | an admin command sent by a follower | none (the leader deletes it) |
+//! | `results/<id>` | the leader's outcome of that command ([`requests::Outcome`]) | the follower's (it deletes it) |
 //!
 //! # Who decides
 //!
@@ -61,6 +62,7 @@ mod requests;
 mod resume;
 pub mod shared_state;
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
@@ -72,7 +74,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use super::{Cluster, CommandError};
 use crate::config::{Config, NodeId};
 pub use peers::PeerView;
-use requests::AdminRequest;
+use requests::{AdminRequest, Outcome};
 use shared_state::{Keys, SharedState};
 
 /// Longest wait for one etcd call before it counts as an error.
@@ -85,8 +87,9 @@ enum Request {
     /// Write the cluster's current state now; the answer says whether etcd
     /// took it (the promotion record must be written before promoting).
     Publish(oneshot::Sender<Result<(), String>>),
-    /// An admin command on a follower, for the leader.
-    Forward(AdminRequest),
+    /// An admin command on a follower, for the leader, under this id; the
+    /// outcome is awaited through [`Handle`]'s pending answers.
+    Forward(String, AdminRequest),
 }
 
 /// The coordination state the rest of pgpilot reads (cheap: atomics and
@@ -111,6 +114,16 @@ pub struct Handle {
     peers: Mutex<Vec<peers::Member>>,
     /// Epoch of the state last applied or written here.
     applied_epoch: AtomicU64,
+    /// When (µs since the Unix epoch) this instance, leading, sent the state
+    /// write that started the current epoch (0: none).
+    recorded_at_us: AtomicU64,
+    /// When (µs since the Unix epoch) this instance first published, as its
+    /// primary, the primary the current epoch names (0: not yet).
+    routed_at_us: AtomicU64,
+    /// The lease TTL (how long a forwarded command is waited for follows it).
+    lease_ttl: Duration,
+    /// Forwarded commands waiting for the leader's outcome, by request id.
+    pending: Mutex<HashMap<String, oneshot::Sender<Outcome>>>,
     /// Round-trip time of the latest etcd call, in microseconds.
     rtt_micros: AtomicU64,
     /// etcd calls that failed.
@@ -137,6 +150,41 @@ impl Handle {
 
     fn lease_live(&self) -> bool {
         lock(&self.lease_until).is_some_and(|t| Instant::now() < t)
+    }
+
+    /// Whether this instance holds no live etcd lease (cut off from etcd,
+    /// or not connected yet): it cannot confirm that the primary it knows
+    /// is still the one etcd records.
+    pub fn cut_off(&self) -> bool {
+        !self.lease_live()
+    }
+
+    /// Why no primary is published, when this instance is [cut
+    /// off](Handle::cut_off) (the 57P03 message names etcd).
+    pub fn no_primary_reason(&self) -> Option<String> {
+        self.cut_off().then(|| {
+            "pgpilot lost its etcd lease and cannot confirm the primary; writes are refused until etcd is reachable again (the leading pgpilot decides)".to_string()
+        })
+    }
+
+    /// Unix time (seconds) at which this instance, leading, sent the write
+    /// that started the current epoch; 0 if it wrote none.
+    pub fn epoch_recorded_at(&self) -> f64 {
+        self.recorded_at_us.load(Ordering::Relaxed) as f64 / 1e6
+    }
+
+    /// Unix time (seconds) at which this instance first routed writes to the
+    /// primary the current epoch names; 0 if not yet.
+    pub fn epoch_routed_at(&self) -> f64 {
+        self.routed_at_us.load(Ordering::Relaxed) as f64 / 1e6
+    }
+
+    /// How long a follower waits for the leader to confirm a forwarded
+    /// command: twice the lease TTL, so a leader lost meanwhile is replaced
+    /// (its lease expires, a successor is elected and runs the commands
+    /// still recorded) within the wait; at least twice an etcd call's limit.
+    pub fn confirm_limit(&self) -> Duration {
+        (self.lease_ttl * 2).max(CALL_TIMEOUT * 2)
     }
 
     /// The cancel tag of this instance (0 until claimed).
@@ -199,6 +247,13 @@ impl Handle {
     }
 }
 
+/// Microseconds since the Unix epoch.
+fn unix_micros() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
+}
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -235,36 +290,91 @@ impl Cluster {
         }
     }
 
-    /// An admin command on an instance that does not decide: hand it to the
-    /// leader through etcd. `None`: this instance decides; run it here.
+    /// Whether an admin command (`ATTACH`, `DETACH`, `PROMOTE NODE`) given
+    /// here must go to the leading pgpilot: coordination is on and this
+    /// instance does not decide. Then [`Cluster::forward_to_leader`] runs it.
+    pub fn forwards_commands(&self) -> bool {
+        self.coord.get().is_some_and(|h| !h.decides())
+    }
+
+    /// Reached by a command that [`Cluster::forwards_commands`] sent here
+    /// while this instance decided, and it stopped deciding since: refused
+    /// (the caller retries and it is forwarded). `None`: run it here.
     pub(super) fn forward_if_follower(
         &self,
-        command: &'static str,
-        node: NodeId,
+        _command: &'static str,
+        _node: NodeId,
     ) -> Option<Result<String, CommandError>> {
         let h = self.coord.get()?;
         if h.decides() {
             return None;
         }
+        Some(Err(CommandError::Coordination {
+            message: "this pgpilot stopped leading as the command arrived; retry (it then goes to the leading pgpilot)".into(),
+        }))
+    }
+
+    /// An admin command on an instance that does not decide: hand it to the
+    /// leader through etcd (`requests/<id>`) and wait until the leader has
+    /// run it and recorded its effect, and this instance has applied that
+    /// record, or [`Handle::confirm_limit`]. The answer is the leader's:
+    /// its message, or its refusal ([`CommandError::RefusedByLeader`]);
+    /// silence within the limit is [`CommandError::LeaderSilent`].
+    ///
+    /// Why the effect is visible here when the answer comes: the leader
+    /// writes the state before the outcome (`requests.rs`), etcd's watch
+    /// delivers them in revision order, and the etcd task applies a state
+    /// write before it reads the next event.
+    pub(crate) async fn forward_to_leader(
+        &self,
+        command: &'static str,
+        node: NodeId,
+    ) -> Result<String, CommandError> {
+        let Some(h) = self.coord.get() else {
+            return Err(CommandError::Coordination {
+                message: "coordination through etcd is off".into(),
+            });
+        };
         let leader = lock(&h.leader_name).clone();
         if leader.is_empty() || leader == h.name {
-            return Some(Err(CommandError::Coordination {
+            return Err(CommandError::Coordination {
                 message: "no leading pgpilot is known (etcd unreachable or an election in progress); retry".into(),
-            }));
+            });
         }
+        let id = requests::new_id(&h.name);
         let req = AdminRequest {
             command: command.to_string(),
             node: node.index(),
             from: h.name.clone(),
+            lease: 0,
         };
-        Some(match h.tx.send(Request::Forward(req)) {
-            Ok(()) => Ok(format!(
-                "sent through etcd to the leading pgpilot {leader}; it applies to every instance (SHOW PGPILOT_NODES shows it)"
-            )),
-            Err(_) => Err(CommandError::Coordination {
+        let (tx, rx) = oneshot::channel();
+        lock(&h.pending).insert(id.clone(), tx);
+        if h.tx.send(Request::Forward(id.clone(), req)).is_err() {
+            lock(&h.pending).remove(&id);
+            return Err(CommandError::Coordination {
                 message: "the etcd task has ended".into(),
+            });
+        }
+        let waited = h.confirm_limit();
+        match tokio::time::timeout(waited, rx).await {
+            Ok(Ok(o)) if o.ok => Ok(format!(
+                "{} (run by the leading pgpilot {})",
+                o.message, o.leader
+            )),
+            Ok(Ok(o)) => Err(CommandError::RefusedByLeader {
+                leader: o.leader,
+                message: o.message,
             }),
-        })
+            Ok(Err(_)) => Err(CommandError::Coordination {
+                message: "etcd could not be told (it is unreachable); the command was not sent"
+                    .into(),
+            }),
+            Err(_) => {
+                lock(&h.pending).remove(&id);
+                Err(CommandError::LeaderSilent { leader, waited })
+            }
+        }
     }
 }
 
@@ -305,6 +415,10 @@ pub fn start(
         leader_name: Mutex::new(String::new()),
         peers: Mutex::new(Vec::new()),
         applied_epoch: AtomicU64::new(0),
+        recorded_at_us: AtomicU64::new(0),
+        routed_at_us: AtomicU64::new(0),
+        lease_ttl: Duration::from_secs(c.ttl_seconds() as u64),
+        pending: Mutex::new(HashMap::new()),
         rtt_micros: AtomicU64::new(0),
         errors: AtomicU64::new(0),
         next_endpoint: Default::default(),
@@ -350,8 +464,12 @@ async fn run(
         }
         // Requests made meanwhile cannot be honoured.
         while let Ok(req) = rx.try_recv() {
-            if let Request::Publish(reply) = req {
-                let _ = reply.send(Err("etcd is unreachable".into()));
+            match req {
+                Request::Publish(reply) => {
+                    let _ = reply.send(Err("etcd is unreachable".into()));
+                }
+                // Dropping its answer tells the waiting command it was not sent.
+                Request::Forward(id, _) => drop(lock(&handle.pending).remove(&id)),
             }
         }
         tokio::select! {
@@ -407,6 +525,12 @@ pub(super) struct Session {
     state: SharedState,
     /// Its `mod_revision` (0: the key does not exist).
     state_rev: i64,
+    /// The epoch whose primary this instance last routed writes to.
+    routed_epoch: u64,
+    /// A forwarded request arrived while this instance did not decide (a
+    /// follower, or a leader finishing its predecessor's failover): look
+    /// for requests again once it decides.
+    unrun_requests: bool,
 }
 
 impl Session {
@@ -467,6 +591,8 @@ impl Session {
             lease: 0,
             state: SharedState::default(),
             state_rev: 0,
+            routed_epoch: 0,
+            unrun_requests: false,
         }
     }
 
@@ -490,6 +616,10 @@ impl Session {
         .split();
         self.read_state().await?;
         self.refresh_peers().await?;
+        // Outcomes written while this instance was not watching.
+        for kv in self.list(self.keys.results.clone()).await? {
+            self.on_result(&kv).await?;
+        }
         self.campaign().await?;
         let mut renew = tokio::time::interval(Duration::from_secs(ttl as u64) / 3);
         renew.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -517,7 +647,13 @@ impl Session {
                     }
                     if self.handle.decides() {
                         self.publish().await?;
+                        if std::mem::take(&mut self.unrun_requests) {
+                            for kv in self.list(self.keys.requests.clone()).await? {
+                                self.on_request(&kv).await?;
+                            }
+                        }
                     }
+                    self.note_routed();
                 }
                 Some(req) = rx.recv() => match req {
                     Request::Publish(reply) => {
@@ -530,7 +666,7 @@ impl Session {
                         let _ = reply.send(answer);
                         r?;
                     }
-                    Request::Forward(req) => self.forward(req).await?,
+                    Request::Forward(id, req) => self.forward(id, req).await?,
                 },
                 _ = shutdown.changed() => return Ok(()),
             }
@@ -556,8 +692,29 @@ impl Session {
             self.refresh_peers().await?;
         } else if put && key.starts_with(self.keys.requests.as_bytes()) {
             self.on_request(kv).await?;
+        } else if put && key.starts_with(self.keys.results.as_bytes()) {
+            self.on_result(kv).await?;
         }
         Ok(())
+    }
+
+    /// If this instance now publishes, as its primary, the primary the
+    /// current epoch names, for the first time in that epoch: note when
+    /// (`pgpilot_coordination_epoch_routed_timestamp_seconds`). Called after
+    /// each applied or written state and each published snapshot, since a
+    /// follower's own checks may confirm the node a little later.
+    fn note_routed(&mut self) {
+        let epoch = self.state.epoch;
+        if epoch <= self.routed_epoch || self.handle.applied_epoch() != epoch {
+            return;
+        }
+        let Some(p) = self.state.primary else { return };
+        if self.cluster.snapshot().primary == Some(NodeId::new(p)) {
+            self.routed_epoch = epoch;
+            self.handle
+                .routed_at_us
+                .store(unix_micros(), Ordering::Relaxed);
+        }
     }
 
     /// Not the leader any more: keep the last state etcd confirmed, decide

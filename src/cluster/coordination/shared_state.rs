@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering;
 use etcd_client::{Compare, CompareOp, GetOptions, PutOptions, Txn, TxnOp, TxnOpResponse};
 use serde::{Deserialize, Serialize};
 
-use super::{CoordError, Session, call};
+use super::{CoordError, Session, call, unix_micros};
 use crate::cluster::state_machine::{Admission, External, Hold};
 use crate::cluster::{Cluster, HoldKind};
 use crate::config::NodeId;
@@ -25,6 +25,8 @@ pub(super) struct Keys {
     pub tags: String,
     /// Prefix of forwarded admin requests.
     pub requests: String,
+    /// Prefix of the leader's outcomes of those requests.
+    pub results: String,
 }
 
 impl Keys {
@@ -36,6 +38,7 @@ impl Keys {
             members: format!("{prefix}/members/"),
             tags: format!("{prefix}/tags/"),
             requests: format!("{prefix}/requests/"),
+            results: format!("{prefix}/results/"),
         }
     }
 
@@ -213,6 +216,7 @@ impl Session {
         self.state = parsed;
         if !self.handle.leader.load(Ordering::Acquire) {
             self.apply(self.state.clone());
+            self.note_routed();
         }
     }
 
@@ -237,6 +241,9 @@ impl Session {
             return Ok(true);
         }
         let value = serde_json::to_vec(&next).expect("the state serialises");
+        // The decision is taken when its record is sent (etcd's commit time
+        // is part of the delay until followers switch).
+        let sent_at = unix_micros();
         let txn = Txn::new()
             .when([
                 Compare::mod_revision(self.keys.state.clone(), CompareOp::Equal, self.state_rev),
@@ -254,11 +261,15 @@ impl Session {
                 .map(|h| h.revision())
                 .unwrap_or(self.state_rev + 1);
             tracing::info!(epoch = next.epoch, primary = ?next.primary, failover = ?next.failover, "state written to etcd");
+            if next.epoch != self.state.epoch {
+                self.handle.recorded_at_us.store(sent_at, Ordering::Relaxed);
+            }
             self.state = next;
             self.state_rev = rev;
             self.handle
                 .applied_epoch
                 .store(self.state.epoch, Ordering::Relaxed);
+            self.note_routed();
             return Ok(true);
         }
         tracing::warn!(
