@@ -18,6 +18,14 @@
 #
 #   benches/clients.sh                          # NS="1000 10000", 3 rounds x 10 s
 #   NS="1000 10000 100000" ROUNDS=5 benches/clients.sh
+#   PARTS=active ROUNDS=5 benches/clients.sh    # only part 3
+#
+# PARTS (default "idle storm active") picks the parts to run; "race" runs
+# part 3 with half the clients through pgpilot and half through its rival
+# at the same time. PILOT_BIN (default target/release/pgpilot, built here)
+# and BASE_BIN (another pgpilot build, e.g. main's) choose the pgpilot
+# binaries: with BASE_BIN set, the ratio parts run it too, as "base", in the
+# same interleaved rounds, and "race" races pgpilot against it.
 #
 # N above the open-file limit (raised here to the hard limit) is skipped
 # with a note: each idle client holds one descriptor in the pooler and one
@@ -30,6 +38,10 @@ ROUNDS=${ROUNDS:-3}
 DURATION=${DURATION:-10}
 ACTIVE=${ACTIVE:-1000}
 POOL=${POOL:-20}
+PARTS=${PARTS:-"idle storm active"}
+PILOT_BIN=${PILOT_BIN:-./target/release/pgpilot}
+BASE_BIN=${BASE_BIN:-}
+has_part() { case " $PARTS " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
 
 command -v pgbouncer >/dev/null || { echo "installing pgbouncer"; apt-get install -y -qq pgbouncer >/dev/null; }
 PGBIN=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1)
@@ -55,15 +67,26 @@ start_demo "$WORK/demo.log" --workers 1 --listen "127.0.0.1:$(free_port)" --metr
 PRIMARY_PORT=$(node_port 0)
 MAX_CLIENTS=$((FD_LIMIT + ACTIVE + 100))
 
+# start_pilot BIN PORT: a pgpilot (BIN) on PORT, transaction pooling, POOL
+# server connections per node; its process id in STARTED_PID.
+start_pilot() {
+    {
+        echo "max_client_conn = $MAX_CLIENTS"
+        proxy_config "$2" transaction 1 false
+        echo "max_connections_per_node = $POOL"
+    } >"$WORK/pgpilot-$2.toml"
+    PGPILOT_LOG=warn setsid "$1" run --config "$WORK/pgpilot-$2.toml" >"$WORK/pgpilot-$2.log" 2>&1 &
+    STARTED_PID=$!
+    PIDS="$PIDS $STARTED_PID"
+}
 PILOT_PORT=$(free_port)
-{
-    echo "max_client_conn = $MAX_CLIENTS"
-    proxy_config "$PILOT_PORT" transaction 1 false
-    echo "max_connections_per_node = $POOL"
-} >"$WORK/pgpilot.toml"
-PGPILOT_LOG=warn setsid ./target/release/pgpilot run --config "$WORK/pgpilot.toml" >"$WORK/pgpilot.log" 2>&1 &
-PILOT_PID=$!
-PIDS="$PIDS $PILOT_PID"
+start_pilot "$PILOT_BIN" "$PILOT_PORT"
+PILOT_PID=$STARTED_PID
+BASE_PORT=""
+if [ -n "$BASE_BIN" ]; then
+    BASE_PORT=$(free_port)
+    start_pilot "$BASE_BIN" "$BASE_PORT"
+fi
 
 BOUNCER_PORT=$(free_port)
 echo '"demo" "demo"' >"$WORK/userlist.txt"
@@ -97,7 +120,7 @@ PIDS="$PIDS $BOUNCER_PID"
 
 export PGPASSWORD=demo
 "$PGBENCH" -i -q -s 10 -h 127.0.0.1 -p "$PRIMARY_PORT" -U demo demo >/dev/null 2>&1
-for port in "$PILOT_PORT" "$BOUNCER_PORT"; do
+for port in "$PILOT_PORT" "$BOUNCER_PORT" $BASE_PORT; do
     for _ in $(seq 1 100); do
         "$PGBIN/psql" -qAt -h 127.0.0.1 -p "$port" -U demo -c 'select 1' demo >/dev/null 2>&1 && break
         sleep 0.1
@@ -131,15 +154,17 @@ idle() {
     grep -q 'errors 0' "$WORK/idle.out" || sed -n '1,2p' "$WORK/idle.out"
 }
 
-echo "== idle clients (SCRAM login, select 1, then idle; open-file limit $FD_LIMIT)"
-for n in $NS; do
-    if [ "$n" -gt $((FD_LIMIT - 200)) ]; then
-        echo "  N=$n skipped: the open-file limit here is $FD_LIMIT (raise the hard limit to run it)"
-        continue
-    fi
-    idle pgbouncer "$BOUNCER_PORT" "$BOUNCER_PID" "$n"
-    idle pgpilot "$PILOT_PORT" "$PILOT_PID" "$n"
-done
+if has_part idle; then
+    echo "== idle clients (SCRAM login, select 1, then idle; open-file limit $FD_LIMIT)"
+    for n in $NS; do
+        if [ "$n" -gt $((FD_LIMIT - 200)) ]; then
+            echo "  N=$n skipped: the open-file limit here is $FD_LIMIT (raise the hard limit to run it)"
+            continue
+        fi
+        idle pgbouncer "$BOUNCER_PORT" "$BOUNCER_PID" "$n"
+        idle pgpilot "$PILOT_PORT" "$PILOT_PID" "$n"
+    done
+fi
 
 # bench NAME PORT CLIENTS FLAGS -> TPS
 bench() {
@@ -147,26 +172,75 @@ bench() {
     sed -n 's/^tps = \([0-9.]*\).*/\1/p' "$WORK/$1.last" | head -1
 }
 
-# rounds LABEL CLIENTS FLAGS: interleaved rounds, alternating who goes first
+# rounds LABEL CLIENTS FLAGS: interleaved rounds, the order rotated each
+# round; ratios to PgBouncer within each round.
 rounds() {
-    local label=$1 clients=$2 flags=$3 ratios="" p b r
+    local label=$1 clients=$2 flags=$3 ratios="" base_ratios="" r t p b x names
+    names="pgbouncer pgpilot"
+    [ -n "$BASE_PORT" ] && names="$names base"
     for r in $(seq 1 "$ROUNDS"); do
-        if [ $((r % 2)) = 1 ]; then
-            b=$(bench pgbouncer "$BOUNCER_PORT" "$clients" "$flags"); p=$(bench pgpilot "$PILOT_PORT" "$clients" "$flags")
-        else
-            p=$(bench pgpilot "$PILOT_PORT" "$clients" "$flags"); b=$(bench pgbouncer "$BOUNCER_PORT" "$clients" "$flags")
-        fi
-        if [ -z "$p" ] || [ -z "$b" ]; then
-            echo "  round $r: a run failed"; tail -3 "$WORK/pgpilot.last" "$WORK/pgbouncer.last"; continue
+        # rotate the order by the round number
+        set -- $names
+        for _ in $(seq 2 "$r"); do set -- "$@" "$1"; shift; done
+        p=""; b=""; x=""
+        for t in "$@"; do
+            case $t in
+                pgbouncer) b=$(bench pgbouncer "$BOUNCER_PORT" "$clients" "$flags") ;;
+                pgpilot) p=$(bench pgpilot "$PILOT_PORT" "$clients" "$flags") ;;
+                base) x=$(bench base "$BASE_PORT" "$clients" "$flags") ;;
+            esac
+        done
+        if [ -z "$p" ] || [ -z "$b" ] || { [ -n "$BASE_PORT" ] && [ -z "$x" ]; }; then
+            echo "  round $r: a run failed"
+            tail -3 "$WORK/pgpilot.last" "$WORK/pgbouncer.last" 2>/dev/null
+            continue
         fi
         ratio=$(awk -v p="$p" -v b="$b" 'BEGIN { printf "%.3f", p / b }')
-        printf '  round %d  pgpilot %9.1f tps   pgbouncer %9.1f tps   %s x pgbouncer\n' "$r" "$p" "$b" "$ratio"
+        printf '  round %d  pgpilot %9.1f tps   pgbouncer %9.1f tps   %s x pgbouncer' "$r" "$p" "$b" "$ratio"
         ratios="$ratios $ratio"
+        if [ -n "$BASE_PORT" ]; then
+            xr=$(awk -v p="$x" -v b="$b" 'BEGIN { printf "%.3f", p / b }')
+            printf '   base %9.1f tps   %s x pgbouncer' "$x" "$xr"
+            base_ratios="$base_ratios $xr"
+        fi
+        echo
     done
-    [ -n "$ratios" ] && printf '  %s: median %s x pgbouncer, rounds %s\n' "$label" "$(echo "$ratios" | median)" "$(echo "$ratios" | range)"
+    [ -n "$ratios" ] && printf '  %s: pgpilot median %s x pgbouncer, rounds %s\n' "$label" "$(echo "$ratios" | median)" "$(echo "$ratios" | range)"
+    [ -n "$base_ratios" ] && printf '  %s: base    median %s x pgbouncer, rounds %s\n' "$label" "$(echo "$base_ratios" | median)" "$(echo "$base_ratios" | range)"
+    return 0
 }
 
-echo "== connect storm: pgbench -S -C -c 8, $ROUNDS rounds x $DURATION s"
-rounds "connect storm" 8 "-C"
-echo "== $ACTIVE active clients: pgbench -S -c $ACTIVE, $POOL server connections, $ROUNDS rounds x $DURATION s"
-rounds "$ACTIVE clients" "$ACTIVE" ""
+# race LABEL CLIENTS FLAGS: pgpilot and a rival (BASE_BIN's pgpilot if set,
+# else PgBouncer) at the same time, half the clients each, so the machine's
+# swings hit both alike; ratio pgpilot / rival per round.
+race() {
+    local label=$1 clients=$2 flags=$3 ratios="" r p x rival rival_port
+    rival=pgbouncer; rival_port=$BOUNCER_PORT
+    [ -n "$BASE_PORT" ] && { rival=base; rival_port=$BASE_PORT; }
+    for r in $(seq 1 "$ROUNDS"); do
+        bench pgpilot "$PILOT_PORT" $((clients / 2)) "$flags" >"$WORK/p.tps" &
+        local one=$!
+        bench "$rival" "$rival_port" $((clients / 2)) "$flags" >"$WORK/x.tps" &
+        wait "$one" $!
+        p=$(cat "$WORK/p.tps"); x=$(cat "$WORK/x.tps")
+        if [ -z "$p" ] || [ -z "$x" ]; then echo "  round $r: a run failed"; continue; fi
+        ratio=$(awk -v p="$p" -v b="$x" 'BEGIN { printf "%.3f", p / b }')
+        printf '  round %d  pgpilot %9.1f tps   %s %9.1f tps   %s x %s\n' "$r" "$p" "$rival" "$x" "$ratio" "$rival"
+        ratios="$ratios $ratio"
+    done
+    [ -n "$ratios" ] && printf '  %s, at the same time: pgpilot median %s x %s, rounds %s\n' "$label" "$(echo "$ratios" | median)" "$rival" "$(echo "$ratios" | range)"
+    return 0
+}
+
+if has_part storm; then
+    echo "== connect storm: pgbench -S -C -c 8, $ROUNDS rounds x $DURATION s"
+    rounds "connect storm" 8 "-C"
+fi
+if has_part active; then
+    echo "== $ACTIVE active clients: pgbench -S -c $ACTIVE, $POOL server connections, $ROUNDS rounds x $DURATION s"
+    rounds "$ACTIVE clients" "$ACTIVE" ""
+fi
+if has_part race; then
+    echo "== $ACTIVE active clients, half through each pooler at the same time, $ROUNDS rounds x $DURATION s"
+    race "$ACTIVE clients" "$ACTIVE" ""
+fi

@@ -151,24 +151,29 @@ struct NodeState {
     /// Never holds a key some waiter wants: a given-back connection goes to it.
     idle: HashMap<PoolKey, Vec<PooledConn>, foldhash::fast::RandomState>,
     /// Sessions waiting for a connection, longest first. Only queued while
-    /// every slot is taken; a waiter that gave up is skipped (its receiver is
-    /// closed) and pruned.
+    /// every slot is taken. A session that stops waiting (timed out, or gone)
+    /// takes itself out ([`Queued`]), so a hand-over looks at the front only:
+    /// with a thousand sessions queued it stays O(1).
     waiters: VecDeque<Waiter>,
+    /// The number the next waiter gets (names it in `waiters`).
+    next_seq: u64,
 }
 
 /// A session queued for a connection.
 struct Waiter {
     /// The connection it can use.
     key: PoolKey,
+    /// Its number, for taking itself out of the queue.
+    seq: u64,
     /// Where its grant goes.
     tx: oneshot::Sender<Grant>,
 }
 
 /// What a queued session is handed.
 enum Grant {
-    /// A connection of its key, given back by the session it served (boxed:
-    /// the grant is moved through a channel).
-    Conn(Box<PooledConn>),
+    /// A connection of its key, given back by the session it served (not
+    /// boxed: a connection is small, and a hand-over allocates nothing).
+    Conn(PooledConn),
     /// A freed slot: the waiter opens a new connection in it.
     Slot(Slot),
 }
@@ -380,11 +385,19 @@ impl Pool {
                     Next::Evicted(victim)
                 } else {
                     let (tx, rx) = oneshot::channel();
+                    let seq = st.next_seq;
+                    st.next_seq += 1;
                     st.waiters.push_back(Waiter {
                         key: key.clone(),
+                        seq,
                         tx,
                     });
-                    Next::Wait(rx)
+                    Next::Wait(Queued {
+                        np: np.clone(),
+                        seq,
+                        rx,
+                        done: false,
+                    })
                 }
             };
             match next {
@@ -400,8 +413,8 @@ impl Pool {
                 // Full of idle connections of other keys: one is closed (its
                 // slot goes to a session queued earlier, if any), then retry.
                 Next::Evicted(victim) => drop(victim),
-                Next::Wait(rx) => match wait_for_grant(rx, deadline).await {
-                    Some(Grant::Conn(c)) => return Ok(*c),
+                Next::Wait(q) => match wait_for_grant(q, deadline).await {
+                    Some(Grant::Conn(c)) => return Ok(c),
                     Some(Grant::Slot(slot)) => break slot,
                     None => {
                         return Err(BackendError::PoolTimeout {
@@ -473,20 +486,26 @@ impl Pool {
         }
     }
 
-    /// [`Pool::put_idle`] while sessions wait (rare, and kept out of the
-    /// common path's code).
-    #[cold]
+    /// [`Pool::put_idle`] while sessions wait (with many more clients than
+    /// connections, on every transaction; kept out of the idle path's code).
     #[inline(never)]
     fn hand_over(&self, mut st: MutexGuard<'_, NodeState>, conn: PooledConn, now: Instant) {
-        st.waiters.retain(|w| !w.tx.is_closed());
-        if let Some(i) = st.waiters.iter().position(|w| w.key == conn.key) {
+        while st.waiters.front().is_some_and(|w| w.tx.is_closed()) {
+            st.waiters.pop_front();
+        }
+        // Nearly always the front one: sessions of one key.
+        if let Some(i) = st
+            .waiters
+            .iter()
+            .position(|w| w.key == conn.key && !w.tx.is_closed())
+        {
             let waiter = st.waiters.remove(i);
             drop(st);
             if let Some(w) = waiter
-                && let Err(Grant::Conn(unsent)) = w.tx.send(Grant::Conn(Box::new(conn)))
+                && let Err(Grant::Conn(unsent)) = w.tx.send(Grant::Conn(conn))
             {
                 // It gave up just now: the next waiter, or idle.
-                self.put_idle(*unsent, now);
+                self.put_idle(unsent, now);
             }
             return;
         }
@@ -612,20 +631,63 @@ enum Next {
     /// Close this idle connection of another key, then look again.
     Evicted(PooledConn),
     /// Queued: wait for a grant.
-    Wait(oneshot::Receiver<Grant>),
+    Wait(Queued),
+}
+
+/// A session's place in a node's queue. It leaves the queue when it stops
+/// waiting: served, timed out, or dropped (the session went away while
+/// queued), so the queue holds no one who gave up.
+struct Queued {
+    /// The node whose queue it is in.
+    np: Arc<NodePool>,
+    /// Its number there.
+    seq: u64,
+    /// Where its grant comes.
+    rx: oneshot::Receiver<Grant>,
+    /// Served or out of the queue already: nothing to do when dropped.
+    done: bool,
+}
+
+impl Queued {
+    /// Leave the queue (if a grant has not taken it out already). Taken
+    /// out here, no grant can be sent to it any more.
+    fn leave(&mut self) {
+        self.done = true;
+        let removed = {
+            let mut st = self.np.lock();
+            // Searched from the back: a session gives up after those queued
+            // before it, so it is usually among the last.
+            let i = st.waiters.iter().rposition(|w| w.seq == self.seq);
+            i.and_then(|i| st.waiters.remove(i))
+        };
+        drop(removed);
+    }
+}
+
+impl Drop for Queued {
+    fn drop(&mut self) {
+        if !self.done {
+            self.leave();
+        }
+        // A grant still in `rx` is dropped with it, after the node's lock was
+        // let go: a slot or connection dropped there takes the lock itself.
+    }
 }
 
 /// A queued session's grant, or `None` when `deadline` passed first. A grant
 /// sent in the instant the deadline passed is still taken (not lost).
-async fn wait_for_grant(
-    mut rx: oneshot::Receiver<Grant>,
-    deadline: tokio::time::Instant,
-) -> Option<Grant> {
-    match tokio::time::timeout_at(deadline, &mut rx).await {
-        Ok(grant) => grant.ok(),
+async fn wait_for_grant(mut q: Queued, deadline: tokio::time::Instant) -> Option<Grant> {
+    match tokio::time::timeout_at(deadline, &mut q.rx).await {
+        Ok(grant) => {
+            // Taken out of the queue by whoever sent it (or the pool is gone).
+            q.done = true;
+            grant.ok()
+        }
         Err(_) => {
-            rx.close();
-            rx.try_recv().ok()
+            // Out of the queue first: then no grant can come after the close.
+            q.leave();
+            q.rx.close();
+            q.rx.try_recv().ok()
         }
     }
 }
@@ -647,97 +709,5 @@ fn evict_one(st: &mut NodeState) -> Option<PooledConn> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::{PoolKey, RETIRE_WINDOW, Retiring};
-    use crate::config::NodeId;
-    use std::hash::BuildHasher;
-    use std::time::Instant;
-
-    #[test]
-    fn a_database_retires_until_each_statement_ends_or_the_window_passes() {
-        let r = Retiring::default();
-        let now = Instant::now();
-        assert!(!r.contains("d", now));
-        // Two statements retire it: pooled again after both ended.
-        r.start("d", now);
-        r.start("d", now);
-        assert!(r.contains("d", now));
-        assert!(!r.contains("e", now));
-        r.end("d");
-        assert!(r.contains("d", now));
-        r.end("d");
-        assert!(!r.contains("d", now));
-        // One never ended: over after the window.
-        r.start("d", now);
-        assert!(r.contains("d", now + RETIRE_WINDOW / 2));
-        assert!(!r.contains("d", now + RETIRE_WINDOW));
-        assert!(!r.any.load(std::sync::atomic::Ordering::Relaxed));
-    }
-
-    fn p(k: &str, v: &str) -> (String, String) {
-        (k.to_string(), v.to_string())
-    }
-
-    #[test]
-    fn keys_are_equal_exactly_when_their_parameters_are() {
-        let a = PoolKey::new(
-            NodeId::new(0),
-            "app",
-            "db",
-            &[p("TimeZone", "UTC"), p("application_name", "x")],
-        );
-        // Same parameters in another order, built separately (not shared).
-        let b = PoolKey::new(
-            NodeId::new(0),
-            "app",
-            "db",
-            &[p("application_name", "x"), p("TimeZone", "UTC")],
-        );
-        assert!(!std::sync::Arc::ptr_eq(&a.startup, &b.startup));
-        assert_eq!(a, b);
-        let h = foldhash::fast::RandomState::default();
-        assert_eq!(h.hash_one(&a), h.hash_one(&b));
-        for other in [
-            PoolKey::new(
-                NodeId::new(1),
-                "app",
-                "db",
-                &[p("TimeZone", "UTC"), p("application_name", "x")],
-            ),
-            PoolKey::new(
-                NodeId::new(0),
-                "bob",
-                "db",
-                &[p("TimeZone", "UTC"), p("application_name", "x")],
-            ),
-            PoolKey::new(
-                NodeId::new(0),
-                "app",
-                "db2",
-                &[p("TimeZone", "UTC"), p("application_name", "x")],
-            ),
-            PoolKey::new(
-                NodeId::new(0),
-                "app",
-                "db",
-                &[p("TimeZone", "UTC"), p("application_name", "y")],
-            ),
-            PoolKey::new(NodeId::new(0), "app", "db", &[p("TimeZone", "UTC")]),
-        ] {
-            assert_ne!(a, other, "{other:?}");
-        }
-        // A user/database given again among the extras does not count twice.
-        assert_eq!(a.user(), "app");
-        let c = PoolKey::new(
-            NodeId::new(0),
-            "app",
-            "db",
-            &[
-                p("user", "z"),
-                p("TimeZone", "UTC"),
-                p("application_name", "x"),
-            ],
-        );
-        assert_eq!(a, c);
-    }
-}
+#[path = "pool_tests.rs"]
+mod tests;
