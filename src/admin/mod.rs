@@ -57,8 +57,6 @@ use crate::protocol::messages::{self, PgError};
 /// SQLSTATE for a user not allowed to run admin commands.
 pub(crate) const INSUFFICIENT_PRIVILEGE: &str = "42501";
 
-pub(crate) use failover::node_result;
-
 /// An admin command pgpilot answers itself.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum AdminCommand {
@@ -289,9 +287,34 @@ pub(crate) fn goes_to_leader(ctx: &ProxyContext, cmd: &AdminCommand) -> bool {
     ) && ctx.cluster.forwards_commands()
 }
 
+/// Whether `cmd` is answered only once another party has run it: a node
+/// command on a pgpilot that does not lead (the leading pgpilot runs it), or
+/// `PROMOTE NODE` in Patroni mode (Patroni's switchover).
+pub(crate) fn waits_elsewhere(ctx: &ProxyContext, cmd: &AdminCommand) -> bool {
+    goes_to_leader(ctx, cmd)
+        || (matches!(cmd, AdminCommand::PromoteNode(_)) && ctx.cluster.patroni().is_some())
+}
+
+/// Run a command [`waits_elsewhere`] names and wait for its outcome.
+pub(crate) async fn execute_elsewhere(
+    ctx: &ProxyContext,
+    cmd: &AdminCommand,
+    who: &AdminCaller,
+) -> Result<ResultSet, PgError> {
+    if let AdminCommand::PromoteNode(n) = cmd
+        && ctx.cluster.patroni().is_some()
+    {
+        let cfg = ctx.config.load_full();
+        check_admin(&cfg, cmd, who)?;
+        let r = crate::cluster::patroni::switchover(&ctx.cluster, &cfg, *n).await;
+        return failover::node_result(*n, r);
+    }
+    execute_forwarded(ctx, cmd, who).await
+}
+
 /// Run a node command through the leading pgpilot (see [`goes_to_leader`]):
 /// waits for the leader's outcome, at most twice the lease TTL.
-pub(crate) async fn execute_forwarded(
+async fn execute_forwarded(
     ctx: &ProxyContext,
     cmd: &AdminCommand,
     who: &AdminCaller,

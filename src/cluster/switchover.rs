@@ -98,7 +98,7 @@ pub(crate) fn start(
         return Err(CommandError::PromotionDisabled);
     }
     // Patroni mode: the switchover is Patroni's. Sessions run it and wait
-    // for Patroni's answer (`Step::Switchover`); anything else asks in the
+    // for Patroni's answer (`Step::AdminElsewhere`); anything else asks in the
     // background.
     if cluster.patroni().is_some() {
         tokio::spawn(async move {

@@ -16,8 +16,6 @@ use bytes::BytesMut;
 use super::route::Step;
 use super::{Session, SessionError};
 use crate::admin::{self, AdminCaller, AdminCommand, ResultSet};
-use crate::cluster::CommandError;
-use crate::config::NodeId;
 use crate::error::sqlstate::{
     FEATURE_NOT_SUPPORTED, IN_FAILED_SQL_TRANSACTION, INVALID_TEXT_REPRESENTATION,
 };
@@ -132,24 +130,22 @@ pub(crate) struct OwnStatements {
     portals: HashMap<Vec<u8>, OwnCommand>,
     /// An error occurred in the current own batch: skip to Sync.
     pub(crate) failed: bool,
-    /// A node command the leading pgpilot ran for this session
-    /// ([`Step::ForwardAdmin`]), and its answer, until it is sent.
-    pub(crate) forwarded: Option<(AdminCommand, Result<ResultSet, PgError>)>,
-    /// Patroni's answer to the `PROMOTE NODE` being answered
-    /// (`Step::Switchover`), for that node.
-    pub(crate) switchover: Option<(NodeId, Result<String, CommandError>)>,
+    /// A command another party ran for this session (the leading pgpilot,
+    /// or Patroni: [`Step::AdminElsewhere`]), and its answer, until it is
+    /// sent.
+    pub(crate) awaited: Option<(AdminCommand, Result<ResultSet, PgError>)>,
 }
 
 impl Session {
-    /// The step an own command needs before it is answered: a node command
-    /// on an instance that does not lead goes to the leading pgpilot, and is
-    /// answered with its outcome once that has come.
+    /// The step an own command needs before it is answered: one run
+    /// elsewhere ([`admin::waits_elsewhere`]) is answered with its outcome
+    /// once that has come.
     pub(super) fn own_command_step(&self, cmd: &OwnCommand) -> Option<Step> {
         let OwnCommand::Admin(a) = cmd else {
             return None;
         };
-        let answered = matches!(&self.answered_here.forwarded, Some((c, _)) if c == a);
-        (!answered && admin::goes_to_leader(&self.ctx, a)).then(|| Step::ForwardAdmin(a.clone()))
+        let answered = matches!(&self.answered_here.awaited, Some((c, _)) if c == a);
+        (!answered && admin::waits_elsewhere(&self.ctx, a)).then(|| Step::AdminElsewhere(a.clone()))
     }
 
     /// [`Session::own_command_step`] for an Execute in an own batch.
@@ -161,40 +157,10 @@ impl Session {
         self.own_command_step(self.answered_here.portals.get(name)?)
     }
 
-    /// `PROMOTE NODE n` by an admin user in Patroni mode, whose switchover
-    /// was not asked of Patroni yet: `n` (the command then waits for
-    /// `Step::Switchover`, which does it).
-    pub(super) fn own_command_wants_switchover(&self, cmd: &OwnCommand) -> Option<NodeId> {
-        let OwnCommand::Admin(AdminCommand::PromoteNode(n)) = cmd else {
-            return None;
-        };
-        let asked = self.ctx.cluster.patroni().is_some()
-            && self.answered_here.switchover.is_none()
-            && self.ctx.config.load().is_admin(&self.user);
-        asked.then_some(*n)
-    }
-
-    /// [`Session::own_command_wants_switchover`] for an Execute of an own
-    /// batch.
-    pub(super) fn own_execute_wants_switchover(&self, t: u8, frame: &[u8]) -> Option<NodeId> {
-        if t != tag::EXECUTE || self.answered_here.failed {
-            return None;
-        }
-        let name = cstr(&frame[5..]).map(|(n, _)| n).unwrap_or_default();
-        let cmd = self.answered_here.portals.get(name)?;
-        self.own_command_wants_switchover(cmd)
-    }
-
     /// Run `cmd` for this session (or say what error to send).
     fn run_own_command(&mut self, cmd: &OwnCommand) -> Result<Outcome, PgError> {
         let one =
             |name: &str, value: String| Outcome::Rows(ResultSet::new(&[name], vec![vec![value]]));
-        if let OwnCommand::Admin(AdminCommand::PromoteNode(n)) = cmd
-            && let Some((asked, r)) = self.answered_here.switchover.take()
-            && asked == *n
-        {
-            return admin::node_result(*n, r).map(Outcome::Rows);
-        }
         match cmd {
             OwnCommand::Admin(cmd) => {
                 let who = AdminCaller {
@@ -202,7 +168,7 @@ impl Session {
                     load_balance_node: self.route.standby,
                 };
                 self.ctx.metrics.statement_routed(self.active, "admin");
-                if let Some((_, r)) = self.answered_here.forwarded.take_if(|(c, _)| c == cmd) {
+                if let Some((_, r)) = self.answered_here.awaited.take_if(|(c, _)| c == cmd) {
                     return r.map(Outcome::Rows);
                 }
                 admin::execute(&self.ctx, cmd, &who).map(Outcome::Rows)
@@ -380,7 +346,7 @@ impl Session {
         if t == tag::SYNC {
             self.answered_here.portals.clear();
             self.answered_here.failed = false;
-            self.answered_here.forwarded = None;
+            self.answered_here.awaited = None;
             self.batch = None;
             messages::ready_for_query(&mut out, self.client_status());
             return self.send_own_answer(&out);

@@ -218,21 +218,15 @@ impl Session {
                 }
             }
             Step::MoveTxToPrimary => self.move_untouched_tx_to_primary().await,
-            Step::ForwardAdmin(cmd) => {
+            Step::AdminElsewhere(cmd) => {
+                // Its outcome answers the command routed again after this
+                // step.
                 let who = crate::admin::AdminCaller {
                     user: self.user.clone(),
                     load_balance_node: self.route.standby,
                 };
-                let r = crate::admin::execute_forwarded(&self.ctx, &cmd, &who).await;
-                self.answered_here.forwarded = Some((cmd, r));
-                Ok(())
-            }
-            Step::Switchover(node) => {
-                // Patroni mode: the switchover is Patroni's; its outcome
-                // answers the PROMOTE NODE routed again after this step.
-                let cfg = self.ctx.config.load_full();
-                let r = crate::cluster::patroni::switchover(&self.ctx.cluster, &cfg, node).await;
-                self.answered_here.switchover = Some((node, r));
+                let r = crate::admin::execute_elsewhere(&self.ctx, &cmd, &who).await;
+                self.answered_here.awaited = Some((cmd, r));
                 Ok(())
             }
             Step::ProbeDefaults => self.probe_defaults().await,

@@ -63,13 +63,10 @@ pub(crate) enum Step {
     /// Move the read-only transaction just begun on a standby to the primary:
     /// its next statement is a `SET TRANSACTION` only the primary can take.
     MoveTxToPrimary,
-    /// Run this node command through the leading pgpilot (coordination
-    /// through etcd, this instance does not decide) and keep its outcome
-    /// for the answer.
-    ForwardAdmin(crate::admin::AdminCommand),
-    /// `PROMOTE NODE n` in Patroni mode: ask Patroni for the switchover
-    /// (it answers once it is over), then answer the command.
-    Switchover(NodeId),
+    /// Have this admin command run where it is decided (the leading
+    /// pgpilot under coordination, Patroni for `PROMOTE NODE` in Patroni
+    /// mode) and keep its outcome for the answer.
+    AdminElsewhere(crate::admin::AdminCommand),
     /// Wait until one of `nodes` has replayed `target`, or `deadline`.
     WaitReplay {
         /// Standbys that may serve the read.
@@ -272,9 +269,6 @@ impl Session {
                         if self.own_command_wants_lsn() {
                             return Ok(Step::FetchLsn);
                         }
-                        if let Some(n) = self.own_command_wants_switchover(&cmd) {
-                            return Ok(Step::Switchover(n));
-                        }
                         if let Some(step) = self.own_command_step(&cmd) {
                             return Ok(step);
                         }
@@ -357,9 +351,6 @@ impl Session {
                         },
                     };
                     let Target::Node(node) = target else {
-                        if let Some(n) = self.own_execute_wants_switchover(f.tag, frame) {
-                            return Ok(Step::Switchover(n));
-                        }
                         if let Some(step) = self.own_execute_step(f.tag, frame) {
                             return Ok(step);
                         }
