@@ -5,8 +5,10 @@
 #
 #  1. Idle clients: for each N in NS, open N clients (each logs in and runs
 #     `select 1`, then stays idle; examples/idle_clients.rs), and report the
-#     pooler's RSS before, with the N clients, and after they all left, the
-#     RSS per idle client and the time to open them.
+#     pooler's RSS before, with the N clients (read IDLE_SETTLE seconds,
+#     default 3, after the last one logged in: pgpilot parks clients idle
+#     past pool.park_idle_after), and after they all left, the RSS per idle
+#     client and the time to open them.
 #  2. Connect storm: `pgbench -S -C -c 8` (a new connection per
 #     transaction), ROUNDS interleaved rounds of DURATION seconds.
 #  3. Many active clients: `pgbench -S -c ACTIVE` (default 1,000), 20
@@ -37,6 +39,7 @@ NS=${NS:-"1000 10000"}
 ROUNDS=${ROUNDS:-3}
 DURATION=${DURATION:-10}
 ACTIVE=${ACTIVE:-1000}
+IDLE_SETTLE=${IDLE_SETTLE:-3} # seconds idle clients wait before the RSS reading
 POOL=${POOL:-20}
 PARTS=${PARTS:-"idle storm active"}
 PILOT_BIN=${PILOT_BIN:-./target/release/pgpilot}
@@ -140,6 +143,9 @@ idle() {
     local idle_pid=$!
     exec 9>"$WORK/hold"
     for _ in $(seq 1 3000); do grep -qs '^ready' "$WORK/idle.out" && break; kill -0 "$idle_pid" 2>/dev/null || break; sleep 0.1; done
+    # Idle a while before the reading, past pgpilot's pool.park_idle_after
+    # (1 s by default): an idle client's cost is what it keeps once parked.
+    sleep "$IDLE_SETTLE"
     with=$(rss_kb "$pid")
     read -r opened secs < <(sed -n 's/^opened \([0-9]*\) in \([0-9.]*\) s.*/\1 \2/p' "$WORK/idle.out")
     exec 9>&-
