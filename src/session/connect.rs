@@ -134,6 +134,16 @@ impl Session {
         })
     }
 
+    /// The node whose connection has the front request's first bytes
+    /// already (written when it was handed over, [`Session::prepare_node`]).
+    pub(super) fn written_ahead_node(&self) -> Option<NodeId> {
+        self.links
+            .iter()
+            .flatten()
+            .find(|l| !l.ahead.is_empty())
+            .map(|l| l.conn.node)
+    }
+
     /// The step routing asked for ([`super::route::Step::Prepare`]) before
     /// the request at the front of the client buffer can go to `node`
     /// ([`Session::bring_up`]). If the session must queue for a connection,

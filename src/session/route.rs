@@ -172,24 +172,12 @@ impl Session {
         }
         let step = result?;
         flushed?;
-        if let Some(node) = self.written_ahead_node() {
-            // Its request was written on the connection it was handed but
-            // not routed there again (`plan_simple` makes sure it is): the
-            // server runs what the session cannot account for.
-            tracing::warn!(%node, "a request written ahead was not sent there; ending the session");
-            return Err(SessionError::BackendLost { node });
+        // A request written ahead but not sent where it went (`plan_simple`
+        // sends it there): the server runs what the session cannot account for.
+        match self.written_ahead_node() {
+            Some(node) => Err(SessionError::BackendLost { node }),
+            None => Ok(step),
         }
-        Ok(step)
-    }
-
-    /// The node whose connection has the front request's first bytes
-    /// already (written when it was handed over, [`Session::prepare_node`]).
-    fn written_ahead_node(&self) -> Option<NodeId> {
-        self.links
-            .iter()
-            .flatten()
-            .find(|l| !l.ahead.is_empty())
-            .map(|l| l.conn.node)
     }
 
     /// `frame`, at `pos` in `buf`, is a message of a batch routed before it
@@ -408,9 +396,8 @@ impl Session {
     /// The node for a simple Query or FunctionCall (not inside a batch).
     fn plan_simple(&mut self, t: u8, frame: &[u8]) -> Result<Planned, SessionError> {
         if let Some(node) = self.written_ahead_node() {
-            // Routed to the primary when it queued for a connection, and
-            // its bytes are there already: it goes where they went, whatever
-            // changed since (as a request sent a moment earlier would have).
+            // Routed to the primary when it queued, its bytes are there
+            // already: it goes where they went, as if sent a moment earlier.
             self.pending_class = Some(self.classify(query_sql(frame)).0);
             self.retry.off_primary = false;
             return Ok(Ok(node));
