@@ -11,7 +11,6 @@ use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tokio_util::task::TaskTracker;
 
 use crate::cluster::{self, NodeStatus, health::CheckObserver};
 use crate::config::{Config, ConfigError, NodeId};
@@ -197,8 +196,9 @@ impl Proxy {
             tasks.spawn(reload_on_sighup(ctx.clone(), path));
         }
         tracing::info!(addr = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "pgpilot listening");
-        // One task per client; a stop waits for these tasks themselves.
-        let sessions = TaskTracker::new();
+        // One task per client; a stop waits for these tasks themselves
+        // (and for the parking lot, which wakes the clients parked there).
+        let sessions = ctx.session_tasks.clone();
         tokio::pin!(stop);
         loop {
             tokio::select! {

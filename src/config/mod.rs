@@ -189,6 +189,12 @@ pub struct PoolConfig {
     /// Most named prepared statements one server connection keeps; past this
     /// the least recently used are closed (they cost server memory per connection).
     pub max_prepared_statements: usize,
+    /// Under transaction pooling, a client idle this long between
+    /// transactions (no server connection, plain TCP) is parked: its session
+    /// shrinks to what it must keep and waits in the runtime's parking lot
+    /// rather than in a task of its own. 0 = never.
+    #[serde(deserialize_with = "duration")]
+    pub park_idle_after: Duration,
 }
 
 impl Default for PoolConfig {
@@ -200,6 +206,7 @@ impl Default for PoolConfig {
             acquire_timeout: Duration::from_secs(5),
             reset_query: "DISCARD ALL".into(),
             max_prepared_statements: 200,
+            park_idle_after: Duration::from_secs(1),
         }
     }
 }

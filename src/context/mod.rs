@@ -73,6 +73,13 @@ pub struct ProxyContext {
     next_pid: AtomicI32,
     /// Turns true when the proxy stops; sessions end.
     pub(crate) shutdown: watch::Receiver<bool>,
+    /// The client sessions' tasks (and the parking lot's): a stop waits for
+    /// them to send their goodbye.
+    pub(crate) session_tasks: tokio_util::task::TaskTracker,
+    /// Where sessions idle past `pool.park_idle_after` wait without a task
+    /// (`session::park`), made at the first parking. Its type belongs to the
+    /// session layer above, hence `Any`; `None` when it could not be made.
+    pub(crate) parking: std::sync::OnceLock<Option<Arc<dyn std::any::Any + Send + Sync>>>,
 }
 
 impl ProxyContext {
@@ -103,6 +110,8 @@ impl ProxyContext {
             server_params: ServerParams::default(),
             next_pid: AtomicI32::new(rand::random_range(1..1 << 20)),
             shutdown,
+            session_tasks: tokio_util::task::TaskTracker::new(),
+            parking: std::sync::OnceLock::new(),
         }
     }
 

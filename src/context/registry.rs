@@ -6,8 +6,13 @@
 //! mutable fields are atomics, so a session can report its current backend
 //! and state on every statement without a lock; only register/unregister and
 //! admin listings take the registry's mutex.
+//!
+//! User, database and application names are interned: the sessions of one
+//! user and database share one copy of each, so a registered client costs
+//! its entry and nothing per name (thousands of idle clients of one
+//! application are the common case).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicI32, AtomicI64, AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -63,11 +68,11 @@ pub(crate) struct SessionInfo {
     /// pgpilot's BackendKeyData pid for this client (its `pool_pid`).
     pub(crate) pid: i32,
     /// User name from the startup packet.
-    pub(crate) user: String,
+    pub(crate) user: Arc<str>,
     /// Database from the startup packet.
-    pub(crate) database: String,
+    pub(crate) database: Arc<str>,
     /// `application_name` from the startup packet (empty if none).
-    pub(crate) application_name: String,
+    pub(crate) application_name: Arc<str>,
     /// The client's address.
     pub(crate) client_addr: Option<SocketAddr>,
     /// When the session logged in.
@@ -183,13 +188,57 @@ impl SessionInfo {
         }
     }
 
+    /// Drop the waker [`SessionInfo::poll_stopping`] registered: the task
+    /// it wakes has ended (the session was parked), and a waker keeps its
+    /// task's memory allocated.
+    pub(crate) fn forget_waker(&self) {
+        drop(self.stop.take());
+    }
+
     /// What the session is doing.
     pub(crate) fn state(&self) -> SessionActivity {
         SessionActivity::from_u8(self.state.load(Ordering::Relaxed))
     }
 }
 
-type Entries = Arc<Mutex<HashMap<u64, Arc<SessionInfo>>>>;
+type Entries = Arc<Mutex<Table>>;
+
+/// The registered sessions and the names they share.
+#[derive(Debug, Default)]
+struct Table {
+    sessions: HashMap<u64, Arc<SessionInfo>>,
+    /// One copy of each user, database and application name in use.
+    names: HashSet<Arc<str>>,
+}
+
+impl Table {
+    /// The shared copy of `name`.
+    fn intern(&mut self, name: &str) -> Arc<str> {
+        if let Some(n) = self.names.get(name) {
+            return n.clone();
+        }
+        let n: Arc<str> = name.into();
+        self.names.insert(n.clone());
+        n
+    }
+
+    /// Forget session `id`, and the names only it used.
+    fn remove(&mut self, id: u64) {
+        let Some(info) = self.sessions.remove(&id) else {
+            return;
+        };
+        let names = [&info.user, &info.database, &info.application_name];
+        for name in names {
+            // Only the table's copy and this entry's: nobody else uses it.
+            // (An entry an admin listing still holds keeps its names here
+            // until a later session of the same names leaves.)
+            let here = names.iter().filter(|n| Arc::ptr_eq(n, name)).count();
+            if Arc::strong_count(name) <= 1 + here {
+                self.names.remove(name);
+            }
+        }
+    }
+}
 
 /// All connected client sessions.
 #[derive(Debug, Default)]
@@ -223,11 +272,11 @@ impl std::ops::Deref for SessionHandle {
 
 impl Drop for SessionHandle {
     fn drop(&mut self) {
-        lock(&self.entries).remove(&self.id);
+        lock(&self.entries).remove(self.id);
     }
 }
 
-fn lock(e: &Entries) -> MutexGuard<'_, HashMap<u64, Arc<SessionInfo>>> {
+fn lock(e: &Entries) -> MutexGuard<'_, Table> {
     e.lock().unwrap_or_else(|p| p.into_inner())
 }
 
@@ -243,11 +292,12 @@ impl SessionRegistry {
         client_addr: Option<SocketAddr>,
     ) -> SessionHandle {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let mut table = lock(&self.entries);
         let info = Arc::new(SessionInfo {
             pid,
-            user: user.to_string(),
-            database: database.to_string(),
-            application_name: application_name.to_string(),
+            user: table.intern(user),
+            database: table.intern(database),
+            application_name: table.intern(application_name),
             client_addr,
             started: SystemTime::now(),
             node: AtomicI64::new(-1),
@@ -257,7 +307,8 @@ impl SessionRegistry {
             held: (0..nodes).map(|_| HeldSlot::default()).collect(),
             stop: AtomicWaker::new(),
         });
-        lock(&self.entries).insert(id, info.clone());
+        table.sessions.insert(id, info.clone());
+        drop(table);
         SessionHandle {
             id,
             info,
@@ -267,7 +318,7 @@ impl SessionRegistry {
 
     /// Every registered session, oldest first.
     pub(crate) fn list(&self) -> Vec<Arc<SessionInfo>> {
-        let mut v: Vec<_> = lock(&self.entries).values().cloned().collect();
+        let mut v: Vec<_> = lock(&self.entries).sessions.values().cloned().collect();
         v.sort_by_key(|s| (s.started, s.pid));
         v
     }
@@ -276,7 +327,7 @@ impl SessionRegistry {
     /// stops). Call it only once the stop is visible to their `stopped()`
     /// checks: it takes their wakers, which they do not register again.
     pub(crate) fn wake_all(&self) {
-        for s in lock(&self.entries).values() {
+        for s in lock(&self.entries).sessions.values() {
             s.stop.wake();
         }
     }
@@ -286,6 +337,7 @@ impl SessionRegistry {
     /// its client knows pgpilot's PID from BackendKeyData).
     pub(crate) fn client_pid_of(&self, node: NodeId, pid: i32) -> Option<i32> {
         lock(&self.entries)
+            .sessions
             .values()
             .find(|s| {
                 s.held
@@ -297,7 +349,7 @@ impl SessionRegistry {
 
     /// Number of registered sessions.
     pub fn len(&self) -> usize {
-        lock(&self.entries).len()
+        lock(&self.entries).sessions.len()
     }
 
     /// Whether no session is registered.
@@ -343,5 +395,19 @@ mod tests {
         assert_eq!(h.held(), vec![(NodeId::new(0), 903, opened)]);
         drop(h);
         assert!(r.is_empty());
+    }
+
+    #[test]
+    fn names_are_shared_and_forgotten_with_their_last_session() {
+        let r = SessionRegistry::default();
+        let a = r.register(1, 1, "app", "app", "", None);
+        let b = r.register(1, 2, "app", "db", "", None);
+        assert!(Arc::ptr_eq(&a.user, &b.user));
+        assert!(Arc::ptr_eq(&a.user, &a.database));
+        assert_eq!(lock(&r.entries).names.len(), 3);
+        drop(a);
+        assert_eq!(lock(&r.entries).names.len(), 3, "app, db, '' still used");
+        drop(b);
+        assert!(lock(&r.entries).names.is_empty());
     }
 }

@@ -154,6 +154,8 @@ pub struct Metrics {
     clients: IntGauge,
     /// `pgpilot_client_connections_total`.
     clients_total: IntCounter,
+    /// `pgpilot_clients_parked`.
+    parked: IntGauge,
     /// `pgpilot_health_check_duration_seconds{node}`.
     health_seconds: Vec<Histogram>,
     /// `pgpilot_health_check_failures_total{node}` (failed attempts).
@@ -368,6 +370,12 @@ impl Metrics {
                 "pgpilot_client_connections_total",
                 "Client connections accepted past the connection limit since start."
             ),
+            parked: metric!(
+                &r,
+                IntGauge,
+                "pgpilot_clients_parked",
+                "Logged-in clients idle past pool.park_idle_after, parked without a task (counted in pgpilot_client_connections too)."
+            ),
             health_seconds: ids
                 .iter()
                 .map(|id| health_vec.with_label_values(&[id]))
@@ -494,6 +502,20 @@ impl Metrics {
     /// A client left.
     pub(crate) fn client_disconnected(&self) {
         self.clients.dec();
+    }
+
+    /// A client was parked (`parked`) or woken from the parking lot.
+    pub(crate) fn client_parked(&self, parked: bool) {
+        if parked {
+            self.parked.inc();
+        } else {
+            self.parked.dec();
+        }
+    }
+
+    /// Clients parked now.
+    pub fn clients_parked(&self) -> i64 {
+        self.parked.get()
     }
 
     /// One health-check attempt of `node` finished.

@@ -136,6 +136,13 @@ pub(crate) struct OwnStatements {
     pub(crate) awaited: Option<(AdminCommand, Result<ResultSet, PgError>)>,
 }
 
+impl OwnStatements {
+    /// Nothing prepared, no portal, no batch state, no answer awaited.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.stmts.is_empty() && self.portals.is_empty() && !self.failed && self.awaited.is_none()
+    }
+}
+
 impl Session {
     /// The step an own command needs before it is answered: one run
     /// elsewhere ([`admin::waits_elsewhere`]) is answered with its outcome

@@ -29,9 +29,7 @@ use crate::protocol::messages::{self, PgError};
 pub(crate) async fn serve(ctx: Arc<ProxyContext>, tcp: TcpStream) {
     let mut session = None;
     Box::pin(log_in(ctx, tcp, &mut session)).await;
-    if let Some(session) = &mut session {
-        session.relay_to_end().await;
-    }
+    super::park::relay(&mut session).await;
 }
 
 /// From the first packet to the first ReadyForQuery: `logged_in` gets the
@@ -179,6 +177,7 @@ pub(crate) fn sizes() -> Vec<(&'static str, usize)> {
     vec![
         ("the task's future (serve)", returned(serve)),
         ("Session", std::mem::size_of::<Session>()),
+        ("Parked", super::park::parked_size()),
         ("relay future", returned1(Session::relay)),
         ("relay_to_end future", returned1(Session::relay_to_end)),
         ("perform future", returned(Session::perform)),

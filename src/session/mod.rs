@@ -31,6 +31,7 @@ pub(crate) mod handshake;
 mod link;
 mod login;
 mod no_primary_login;
+mod park;
 mod read_your_writes;
 mod relay;
 mod retry;
@@ -192,6 +193,9 @@ enum End {
     ClientGone,
     /// An error; the client is told (if still there) and the server connections dropped.
     Error(SessionError),
+    /// Idle past `pool.park_idle_after` and parkable ([`park`]): idle since
+    /// then.
+    Park(std::time::Instant),
 }
 
 /// How long a standby that failed a session is left alone by that session.
@@ -321,12 +325,16 @@ impl Session {
     }
 
     /// Relay until the client leaves, an error occurs or pgpilot stops,
-    /// then clean up.
-    async fn relay_to_end(&mut self) {
+    /// then clean up; or until the session may be parked: `Some(idle since)`.
+    async fn relay_to_end(&mut self) -> Option<std::time::Instant> {
         let end = self.relay().await;
+        if let End::Park(since) = end {
+            return Some(since);
+        }
         // Boxed: the goodbye's futures would otherwise size the task's
         // future for the whole session.
         Box::pin(self.end(end)).await;
+        None
     }
 
     /// Tell the client why the session ends (if it is still there and no

@@ -16,7 +16,7 @@ use crate::config::{ConsistencyMode, NodeId};
 use crate::router::chooser;
 
 /// Per-session read-your-writes state.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, PartialEq, Eq)]
 pub(crate) struct ReadYourWrites {
     /// Position the session's reads must see (its commits and tokens so far).
     pub(crate) read_lsn: u64,

@@ -84,6 +84,12 @@ impl Session {
             } else {
                 self.cfg.timeouts.idle_in_transaction
             };
+            // Idle and parkable: parked after `pool.park_idle_after`.
+            let park_after = if busy {
+                Duration::ZERO
+            } else {
+                self.park_after()
+            };
             let write_limit = self.cfg.timeouts.write;
             let node = self.active;
             // Between transactions under transaction pooling the session holds
@@ -100,6 +106,7 @@ impl Session {
             timers.arm(
                 stalled.map(|t| t + write_limit),
                 idle_limit,
+                park_after,
                 &mut self.clock,
             );
             // A frame not yet whole is always read to its end (its length was
@@ -185,6 +192,7 @@ impl Session {
                     });
                 }
                 Wake::Stop => return End::Error(SessionError::Shutdown),
+                Wake::Park => return End::Park(timers.idle_since),
             }
         }
     }
@@ -350,12 +358,13 @@ enum Wake {
     Idle,
     /// pgpilot is stopping.
     Stop,
+    /// The client has been idle for `pool.park_idle_after`: park the session.
+    Park,
 }
 
 /// The relay loop's timers, kept across turns: a turn re-arms them only when
 /// a limit applies, so a busy session with the idle timeouts off (the
 /// default) touches no timer at all.
-#[derive(Default)]
 struct Timers {
     /// Fires when a write queue has been stuck for `timeouts.write`.
     stall: Option<Pin<Box<tokio::time::Sleep>>>,
@@ -368,6 +377,29 @@ struct Timers {
     /// The task waker last registered for the stop signal (registered again
     /// only when it changes).
     stop_waker: Option<std::task::Waker>,
+    /// Fires when the session may park. A turn moves `park_at`, not the
+    /// timer: when it fires early it is reset to `park_at` then, so a busy
+    /// client touches it about once per `park_idle_after`, not per turn.
+    park: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// When the session parks, if it may this turn.
+    park_at: Option<tokio::time::Instant>,
+    /// The start of the turn the idle timers count from.
+    idle_since: std::time::Instant,
+}
+
+impl Default for Timers {
+    fn default() -> Timers {
+        Timers {
+            stall: None,
+            stall_armed: false,
+            idle: None,
+            idle_armed: false,
+            stop_waker: None,
+            park: None,
+            park_at: None,
+            idle_since: std::time::Instant::now(),
+        }
+    }
 }
 
 impl Timers {
@@ -377,6 +409,7 @@ impl Timers {
         &mut self,
         stall_deadline: Option<tokio::time::Instant>,
         idle_limit: Duration,
+        park_after: Duration,
         clock: &mut super::clock::TurnClock,
     ) {
         self.stall_armed = stall_deadline.is_some();
@@ -387,6 +420,15 @@ impl Timers {
         if self.idle_armed {
             let deadline = tokio::time::Instant::from_std(clock.now()) + idle_limit;
             set_deadline(&mut self.idle, deadline);
+        }
+        self.park_at = None;
+        if !park_after.is_zero() {
+            self.idle_since = clock.now();
+            let at = tokio::time::Instant::from_std(self.idle_since) + park_after;
+            self.park_at = Some(at);
+            if self.park.is_none() {
+                self.park = Some(Box::pin(tokio::time::sleep_until(at)));
+            }
         }
     }
 
@@ -408,6 +450,14 @@ impl Timers {
             && t.as_mut().poll(cx).is_ready()
         {
             return Poll::Ready(Wake::Idle);
+        }
+        if let (Some(at), Some(t)) = (self.park_at, &mut self.park) {
+            while t.as_mut().poll(cx).is_ready() {
+                if t.deadline() >= at {
+                    return Poll::Ready(Wake::Park);
+                }
+                t.as_mut().reset(at);
+            }
         }
         info.poll_stopping(cx, &mut self.stop_waker, stopped)
             .map(|()| Wake::Stop)

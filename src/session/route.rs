@@ -81,7 +81,7 @@ pub(crate) enum Step {
 /// Fallbacks a failure leaves for the next request, each taken once: the
 /// next request that would use it is routed safely and the flag is cleared.
 /// Independent of each other (different failures, different requests).
-#[derive(Debug, Default)]
+#[derive(Debug, Default, PartialEq, Eq)]
 pub(super) struct NextRequest {
     /// Preparing a statement on the standby failed, or a standby refused a
     /// read: the next read goes to the primary.

@@ -31,11 +31,20 @@ pub struct Setup {
     /// The cluster.
     pub cluster: LocalCluster,
     mode: PoolMode,
+    /// Sessions park (`pool.park_idle_after`): quiet once all are parked.
+    parking: bool,
 }
 
 impl Setup {
-    /// Start a primary and `standbys` standbys, and pgpilot in front.
+    /// Start a primary and `standbys` standbys, and pgpilot in front;
+    /// sessions never park.
     pub fn start(standbys: usize, mode: PoolMode) -> Setup {
+        Setup::start_parking(standbys, mode, Duration::ZERO)
+    }
+
+    /// [`Setup::start`] with `pool.park_idle_after = park_after` (zero:
+    /// never).
+    pub fn start_parking(standbys: usize, mode: PoolMode, park_after: Duration) -> Setup {
         super::init_logs();
         let cluster = LocalCluster::start(ClusterSpec {
             standbys,
@@ -49,6 +58,7 @@ impl Setup {
         // Room for every client a measurement opens.
         config.max_client_conn = 100_000;
         config.routing.load_balance = false;
+        config.pool.park_idle_after = park_after;
         let proxy = super::spawn_proxy_stoppable(config);
         wait(
             || {
@@ -61,17 +71,19 @@ impl Setup {
             proxy,
             cluster,
             mode,
+            parking: !park_after.is_zero() && mode == PoolMode::Transaction,
         }
     }
 
     /// Whether `sessions` sessions are logged in and, under transaction
     /// pooling, every server connection of the primary's pool is idle in it
-    /// (none held by a session).
+    /// (none held by a session); with parking, every session parked.
     pub fn quiet(&self, sessions: usize) -> bool {
         let ctx = &self.proxy.ctx;
         let pool = ctx.pool.stats(NodeId::new(0));
         ctx.sessions.len() == sessions
             && (self.mode != PoolMode::Transaction || pool.idle == pool.open)
+            && (!self.parking || ctx.metrics.clients_parked() == sessions as i64)
     }
 }
 

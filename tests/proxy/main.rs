@@ -11,6 +11,7 @@ mod databases;
 mod hba;
 mod identity;
 mod limits;
+mod park;
 
 use std::time::{Duration, Instant};
 
