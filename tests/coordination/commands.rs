@@ -1,7 +1,7 @@
 //! Admin commands given to any instance take effect on all, and a
 //! follower answers one only once the leader has run it (with the leader's
 //! outcome); every instance lists its peers; a 3-member etcd keeps working
-//! with one member gone.
+//! with one member gone, and an instance whose member dies keeps following.
 
 use etcd_client::{Client, PutOptions};
 
@@ -196,6 +196,48 @@ async fn three_member_etcd_survives_one_member_lost() {
         })
         .await;
     }
+    drop((a, b, etcd));
+}
+
+/// The etcd member a follower's lease and watch are on is killed: every
+/// instance on it moves to another member, and the follower then follows
+/// the leader's next decision within a few seconds (lease TTL 2 s here).
+#[tokio::test]
+async fn a_follower_whose_etcd_member_dies_follows_within_seconds() {
+    let _serial = SERIAL.lock().await;
+    let cluster = new_cluster(1, false).await;
+    let mut etcd = new_etcd(&cluster, 3).await;
+    let a = start_instance(&cluster, "a", &etcd.endpoints(), 0).await;
+    let b = start_instance(&cluster, "b", &etcd.endpoints(), 0).await;
+    let leader = one_leader(&[&a, &b]).await;
+    let handles = [&a, &b].map(|p| p.ctx.cluster.coordination().expect("coordination").clone());
+    let on = handles[1 - leader].endpoint();
+    let member = etcd
+        .endpoints()
+        .iter()
+        .position(|e| *e == on)
+        .unwrap_or_else(|| panic!("the follower's endpoint {on:?} is a member"));
+    etcd.kill(member);
+    wait_until(
+        "both instances on a live etcd member",
+        Duration::from_secs(10),
+        async || {
+            handles
+                .iter()
+                .all(|h| !h.endpoint().is_empty() && h.endpoint() != on)
+        },
+    )
+    .await;
+    let leader = one_leader(&[&a, &b]).await;
+    let (lead, follow) = if leader == 0 { (&a, &b) } else { (&b, &a) };
+    admin_ok(lead.addr, "DETACH NODE 1").await;
+    let ctx = follow.ctx.clone();
+    wait_until(
+        "node 1 detached on the follower",
+        Duration::from_secs(6),
+        async || !ctx.cluster.snapshot().nodes[1].status.is_usable(),
+    )
+    .await;
     drop((a, b, etcd));
 }
 

@@ -87,8 +87,23 @@ impl Session {
                 let name = String::from_utf8_lossy(kv.value()).into_owned();
                 let mine = kv.lease() == self.lease;
                 *lock(&self.handle.leader_name) = name.clone();
+                let leading = self.handle.leader.load(Ordering::Acquire);
+                if mine && leading {
+                    // Already leading on this lease: nothing to take over.
+                    // This is the watch delivering, after this session won,
+                    // the deletion of a key it freed below (the events
+                    // queued while it campaigned). Taking over again would
+                    // re-apply etcd's state over the decisions made since
+                    // and not written yet: a DETACH just answered would be
+                    // undone here and never reach the followers.
+                    return Ok(());
+                }
                 if mine {
                     return self.become_leader().await;
+                }
+                if leading {
+                    // etcd names another holder: this instance does not lead.
+                    self.step_down();
                 }
                 if name == self.handle.name {
                     // Our own key from a session that ended (this instance

@@ -57,10 +57,13 @@
 //! standby while the record stands.
 
 pub mod election;
+mod liveness;
 pub mod peers;
 mod requests;
 mod resume;
 pub mod shared_state;
+#[cfg(test)]
+mod tests;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
@@ -130,6 +133,8 @@ pub struct Handle {
     errors: AtomicU64,
     /// Which endpoint to connect to next.
     next_endpoint: std::sync::atomic::AtomicUsize,
+    /// The member the lease and the watch are on ("" between sessions).
+    endpoint: Mutex<String>,
     /// To the etcd task.
     tx: mpsc::UnboundedSender<Request>,
 }
@@ -205,6 +210,12 @@ impl Handle {
     /// etcd calls that failed so far.
     pub fn errors(&self) -> u64 {
         self.errors.load(Ordering::Relaxed)
+    }
+
+    /// The etcd endpoint this instance's lease and watch are on; empty
+    /// while it has no working session.
+    pub fn endpoint(&self) -> String {
+        lock(&self.endpoint).clone()
     }
 
     /// The client address of the peer holding cancel tag `tag`.
@@ -422,6 +433,7 @@ pub fn start(
         rtt_micros: AtomicU64::new(0),
         errors: AtomicU64::new(0),
         next_endpoint: Default::default(),
+        endpoint: Mutex::new(String::new()),
         tx,
     });
     if cluster.coord.set(handle.clone()).is_err() {
@@ -431,7 +443,13 @@ pub fn start(
     let adm = super::state_machine::Admission::from(&*cfg);
     cluster.update(|o| o.apply_external(Default::default(), o.holds_with_reasons(), &adm));
     let cluster = cluster.clone();
-    Some(run(cluster, config, handle, rx, shutdown))
+    // Several instances may log to one place (the tests run two in one
+    // process): each line of the etcd task names its instance.
+    let span = tracing::info_span!("coordination", instance = %handle.name);
+    Some(tracing::Instrument::instrument(
+        run(cluster, config, handle, rx, shutdown),
+        span,
+    ))
 }
 
 /// The etcd task: connect, hold a lease, campaign, watch; on any error
@@ -458,9 +476,10 @@ async fn run(
             }
             Err(e) => Err(e),
         };
+        let endpoint = std::mem::take(&mut *lock(&handle.endpoint));
         if let Err(e) = r {
             handle.note_error();
-            tracing::warn!(error = %e, "etcd coordination: no working connection; this pgpilot decides nothing until it is back");
+            tracing::warn!(error = %e, endpoint, "etcd coordination: no working connection; this pgpilot decides nothing until it is back");
         }
         // Requests made meanwhile cannot be honoured.
         while let Ok(req) = rx.try_recv() {
@@ -494,6 +513,11 @@ pub(super) enum CoordError {
     /// The watch stream ended.
     #[error("the watch stream ended")]
     WatchEnded,
+    /// A write of this instance did not come back through the watch.
+    #[error(
+        "the watch delivered nothing for {0:?} (this instance's own heartbeat did not come back)"
+    )]
+    WatchStalled(Duration),
 }
 
 /// Run one etcd call within [`CALL_TIMEOUT`], timing it.
@@ -564,6 +588,8 @@ impl Session {
                 Ok(client) => {
                     // Stay on this member until it fails.
                     handle.next_endpoint.fetch_sub(1, Ordering::Relaxed);
+                    tracing::info!(endpoint = %endpoints[i], "etcd coordination: connected; the lease and the watch are on this member");
+                    *lock(&handle.endpoint) = endpoints[i].clone();
                     return Ok(Session::new(cluster, config, handle, client));
                 }
                 Err(e) => {
@@ -607,6 +633,9 @@ impl Session {
         let (mut keeper, mut renewals) = self.grant_lease(ttl).await?;
         self.claim_tag().await?;
         self.heartbeat().await?;
+        // Watched from here on: this session's writes under the prefix
+        // must come back through it (`liveness.rs`).
+        let mut echo = liveness::Echo::default();
         let (_watcher, mut events) = call(
             &self.handle,
             self.client
@@ -627,14 +656,21 @@ impl Session {
         loop {
             tokio::select! {
                 _ = renew.tick() => {
+                    let limit = Duration::from_secs(ttl as u64);
+                    if let Some(late) = echo.stalled(Instant::now(), limit) {
+                        return Err(CoordError::WatchStalled(late));
+                    }
                     self.renew(&mut keeper, &mut renewals, ttl).await?;
-                    self.heartbeat().await?;
+                    let rev = self.heartbeat().await?;
+                    echo.sent(rev, Instant::now());
                 }
                 m = events.message() => {
                     let Some(resp) = m? else { return Err(CoordError::WatchEnded) };
                     if resp.canceled() {
                         return Err(CoordError::WatchEnded);
                     }
+                    let delivered = resp.events().iter().filter_map(|ev| ev.kv()).map(|kv| kv.mod_revision());
+                    echo.seen(delivered.chain(resp.header().map(|h| h.revision())).max().unwrap_or(0));
                     for ev in resp.events() {
                         let Some(kv) = ev.kv() else { continue };
                         let put = ev.event_type() == EventType::Put;

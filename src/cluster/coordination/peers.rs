@@ -78,8 +78,10 @@ impl Session {
         Ok(())
     }
 
-    /// Register (again) under the lease with a fresh heartbeat.
-    pub(super) async fn heartbeat(&mut self) -> Result<(), CoordError> {
+    /// Register (again) under the lease with a fresh heartbeat; the
+    /// revision it was written at (its event must come back through the
+    /// watch, see `liveness.rs`).
+    pub(super) async fn heartbeat(&mut self) -> Result<i64, CoordError> {
         let m = Member {
             name: self.handle.name.clone(),
             address: self.handle.address.clone(),

@@ -40,7 +40,8 @@ pub(super) fn spawn(
     record: FailoverRecord,
     holds: Vec<Option<Hold>>,
 ) {
-    tokio::spawn(async move {
+    // In the etcd task's span: its lines name the instance.
+    let task = async move {
         let c = NodeId::new(record.candidate);
         let old = record.old_primary.map(NodeId::new);
         tracing::warn!(candidate = %c, old = ?record.old_primary, "finishing the failover the previous leader recorded");
@@ -101,5 +102,6 @@ pub(super) fn spawn(
         {
             tracing::warn!(error = %e, "could not record the finished failover yet");
         }
-    });
+    };
+    tokio::spawn(tracing::Instrument::in_current_span(task));
 }

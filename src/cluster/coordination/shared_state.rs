@@ -290,15 +290,16 @@ impl Session {
         Ok(false)
     }
 
-    /// Put `value` under `key` bound to this session's lease.
+    /// Put `value` under `key` bound to this session's lease; the revision
+    /// etcd wrote it at.
     pub(super) async fn put_leased(
         &mut self,
         key: String,
         value: Vec<u8>,
-    ) -> Result<(), CoordError> {
+    ) -> Result<i64, CoordError> {
         let opts = PutOptions::new().with_lease(self.lease);
-        call(&self.handle, self.client.put(key, value, Some(opts))).await?;
-        Ok(())
+        let r = call(&self.handle, self.client.put(key, value, Some(opts))).await?;
+        Ok(r.header().map_or(0, |h| h.revision()))
     }
 
     /// Every key under `prefix`.

@@ -3,9 +3,13 @@
 //! a transaction keeps its connection, session state pins one, a cancel never
 //! reaches a connection that now serves someone else, waiting sessions are
 //! served in arrival order, prepared statements (unnamed and named) are shared
-//! but never cross sessions, and pgbench completes.
+//! but never cross sessions, and pgbench completes; with many clients per
+//! server connection, each gets exactly its own answers ([`handover`]).
 
+#[path = "../common/mod.rs"]
 mod common;
+
+mod handover;
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
