@@ -685,6 +685,7 @@ mod tests {
         let c = Config::from_toml(MINIMAL).unwrap();
         assert_eq!(c.backends[0].weight, 1.0);
         assert_eq!(c.pool.acquire_timeout, Duration::from_secs(5));
+        assert_eq!(c.pool.park_idle_after, Duration::from_secs(1));
         assert!(c.users[0].verifier.is_some());
         assert_eq!(c.monitor.user, "postgres");
     }
@@ -700,6 +701,9 @@ mod tests {
         ))
         .unwrap_err();
         assert!(e.to_string().contains("acquire_timeout"), "{e}");
+        let e = Config::from_toml(&format!("{MINIMAL}\n[pool]\npark_idle_after = \"soon\""))
+            .unwrap_err();
+        assert!(e.to_string().contains("park_idle_after"), "{e}");
         let e = Config::from_toml(&MINIMAL.replace("password = \"secret\"", "")).unwrap_err();
         assert!(e.to_string().contains("users[0].password"), "{e}");
     }
