@@ -295,6 +295,34 @@ pub fn sqlstate(e: &tokio_postgres::Error) -> Option<String> {
     e.as_db_error().map(|d| d.code().code().to_string())
 }
 
+/// A tokio-postgres error as "SQLSTATE: message" when the server (or
+/// pgpilot) sent one, else the client's own text.
+pub fn error_text(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => format!("{}: {}", db.code().code(), db.message()),
+        None => e.to_string(),
+    }
+}
+
+/// A write through `addr` on a new connection: the port of the node that
+/// took it, or the error as [`error_text`] puts it. The table `t` (one text
+/// column) must exist.
+pub async fn write_through(addr: SocketAddr, key: &str) -> Result<u16, String> {
+    let (client, conn) =
+        tokio_postgres::connect(&Harness::conninfo(addr, ""), tokio_postgres::NoTls)
+            .await
+            .map_err(|e| error_text(&e))?;
+    tokio::spawn(conn);
+    let sql = format!("INSERT INTO t VALUES ('{key}') RETURNING inet_server_port()::text");
+    match client.simple_query(&sql).await {
+        Ok(msgs) => {
+            let (_, rows) = result_set(&msgs);
+            Ok(rows[0][0].parse().expect("a port"))
+        }
+        Err(e) => Err(error_text(&e)),
+    }
+}
+
 /// What a client can do to its own server connections through pgpilot at
 /// `addr`, each step checked: terminate its backend (57P01), provoke a FATAL
 /// (`idle_session_timeout`), and vanish in the middle of a query. `prefix`

@@ -22,6 +22,7 @@ use std::time::Duration;
 
 use common::{
     DB, PASSWORD, StoppableProxy, USER, connect, show, spawn_proxy_stoppable, wait_for, wait_until,
+    write_through,
 };
 use pgpilot::cluster::events::Event;
 use pgpilot::config::{Config, NodeId};
@@ -150,24 +151,6 @@ async fn kill_primary(c: &Arc<LocalCluster>) {
     blocking(move || c.stop_node(0, "immediate"))
         .await
         .expect("stop the primary");
-}
-
-/// A write through `addr`: the port of the node that took it, or the
-/// SQLSTATE of the error.
-async fn write_through(addr: SocketAddr, key: &str) -> Result<u16, String> {
-    let (client, conn) =
-        tokio_postgres::connect(&common::Harness::conninfo(addr, ""), tokio_postgres::NoTls)
-            .await
-            .map_err(|e| common::sqlstate(&e).unwrap_or_else(|| e.to_string()))?;
-    tokio::spawn(conn);
-    let sql = format!("INSERT INTO t VALUES ('{key}') RETURNING inet_server_port()::text");
-    match client.simple_query(&sql).await {
-        Ok(msgs) => {
-            let (_, rows) = common::result_set(&msgs);
-            Ok(rows[0][0].parse().expect("a port"))
-        }
-        Err(e) => Err(common::sqlstate(&e).unwrap_or_else(|| e.to_string())),
-    }
 }
 
 /// A TCP forwarder on loopback to `to`, closed (listener and every

@@ -13,7 +13,10 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{DB, PASSWORD, StoppableProxy, USER, connect, show, spawn_proxy_stoppable, wait_for};
+use common::{
+    DB, PASSWORD, StoppableProxy, USER, connect, error_text, show, spawn_proxy_stoppable, wait_for,
+    write_through,
+};
 use etcd_client::{Client, EventType, WatchOptions};
 use pgpilot::cluster::events::Event;
 use pgpilot::config::{Config, NodeId};
@@ -88,31 +91,6 @@ async fn routes_to(p: &StoppableProxy, n: usize) {
         || (ctx.cluster.snapshot().primary == Some(NodeId::new(n))).then_some(()),
     )
     .await;
-}
-
-/// A write through `addr`: the port of the node that took it, or the
-/// SQLSTATE and message of the error.
-async fn write_through(addr: SocketAddr, key: &str) -> Result<u16, String> {
-    let (client, conn) =
-        tokio_postgres::connect(&common::Harness::conninfo(addr, ""), tokio_postgres::NoTls)
-            .await
-            .map_err(|e| error_text(&e))?;
-    tokio::spawn(conn);
-    let sql = format!("INSERT INTO t VALUES ('{key}') RETURNING inet_server_port()::text");
-    match client.simple_query(&sql).await {
-        Ok(msgs) => {
-            let (_, rows) = common::result_set(&msgs);
-            Ok(rows[0][0].parse().expect("a port"))
-        }
-        Err(e) => Err(error_text(&e)),
-    }
-}
-
-fn error_text(e: &tokio_postgres::Error) -> String {
-    match e.as_db_error() {
-        Some(db) => format!("{}: {}", db.code().code(), db.message()),
-        None => e.to_string(),
-    }
 }
 
 /// The port a read through a new session of `addr` runs on.
