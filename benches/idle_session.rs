@@ -52,15 +52,7 @@ fn main() {
             .build(),
         None => dhat::Profiler::builder().testing().build(),
     });
-    let heap = || {
-        let s = dhat::HeapStats::get();
-        common::idle::Heap {
-            curr_bytes: s.curr_bytes as u64,
-            curr_blocks: s.curr_blocks as u64,
-            total_bytes: s.total_bytes,
-            total_blocks: s.total_blocks,
-        }
-    };
+    let heap = common::idle::Heap::from_dhat;
     let alive = std::cell::Cell::new(true);
     let mut at_peak = || {
         if out.is_some() {

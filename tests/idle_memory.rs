@@ -49,15 +49,7 @@ fn idle_and_parked_sessions_keep_little_memory() {
 /// What 300 idle sessions keep, parked after `park_after` (zero: never).
 fn measure(park_after: std::time::Duration) -> common::idle::Report {
     let setup = common::idle::Setup::start_parking(2, PoolMode::Transaction, park_after);
-    let heap = || {
-        let s = dhat::HeapStats::get();
-        common::idle::Heap {
-            curr_bytes: s.curr_bytes as u64,
-            curr_blocks: s.curr_blocks as u64,
-            total_bytes: s.total_bytes,
-            total_blocks: s.total_blocks,
-        }
-    };
+    let heap = common::idle::Heap::from_dhat;
     let report = common::idle::measure(
         setup.proxy.addr,
         300,

@@ -100,6 +100,20 @@ pub struct Heap {
     pub total_blocks: u64,
 }
 
+impl Heap {
+    /// dhat's counts now; the binary's global allocator must be
+    /// `dhat::Alloc`, with a profiler running.
+    pub fn from_dhat() -> Heap {
+        let s = dhat::HeapStats::get();
+        Heap {
+            curr_bytes: s.curr_bytes as u64,
+            curr_blocks: s.curr_blocks as u64,
+            total_bytes: s.total_bytes,
+            total_blocks: s.total_blocks,
+        }
+    }
+}
+
 /// What N idle sessions cost, per session.
 #[derive(Debug, Clone, Copy)]
 pub struct Report {
