@@ -118,11 +118,6 @@ pub(crate) struct BackendConn {
     /// that logs in on this connection gets them, as from a direct login.
     /// Bounded by [`MAX_STARTUP_NOTICES`].
     pub(crate) startup_notices: Vec<u8>,
-    /// The first bytes of its next user's request, already written to the
-    /// socket by the session that gave the connection back (see
-    /// [`Pool::put_idle`](super::pool::Pool::put_idle)): that user sends
-    /// the rest only. Empty otherwise.
-    pub(crate) written_ahead: bytes::Bytes,
 }
 
 /// At most this many bytes of start-up notices are kept per connection.
@@ -199,7 +194,6 @@ impl BackendConn {
             unnamed: Unnamed::Absent,
             held: Default::default(),
             startup_notices: Vec::new(),
-            written_ahead: bytes::Bytes::new(),
         };
         match timeout(p.auth_timeout, conn.startup(p)).await {
             Ok(r) => r.map(|()| conn),

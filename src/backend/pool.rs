@@ -9,14 +9,6 @@
 //! connection given back goes straight to the longest waiter for its key, and
 //! a freed slot to the longest waiter of any key, so no newcomer overtakes
 //! them and a release wakes one session, not all.
-//!
-//! A queued session may leave its request with its place in the queue
-//! ([`Ahead`]): the session that gives a connection back to it writes that
-//! request to the server at once, before the woken session runs, so the
-//! server does not sit idle while the woken session waits for its turn on
-//! the runtime (with a thousand clients, behind hundreds of ready tasks).
-//! The woken session sends only what was not written yet
-//! ([`BackendConn::written_ahead`]).
 
 use std::collections::{HashMap, VecDeque};
 use std::hash::BuildHasher;
@@ -131,9 +123,6 @@ pub struct NodePoolStats {
     pub(crate) opened_total: u64,
     /// Sessions queued for a connection.
     pub waiting: usize,
-    /// Requests written on a connection for the session it was handed to
-    /// ([`Ahead`]), since start (a counter).
-    pub written_ahead_total: u64,
 }
 
 /// One idle pooled connection, for `SHOW POOL_POOLS`.
@@ -178,8 +167,6 @@ struct Waiter {
     seq: u64,
     /// Where its grant goes.
     tx: oneshot::Sender<Grant>,
-    /// Its request, to write on the connection it is handed, if it left one.
-    ahead: Option<Request>,
 }
 
 /// What a queued session is handed.
@@ -197,8 +184,6 @@ struct NodePool {
     state: Mutex<NodeState>,
     /// Connections opened since start (exported as a metric).
     opened_total: AtomicU64,
-    /// Requests written ahead since start.
-    written_ahead_total: AtomicU64,
 }
 
 /// Keep `conn` idle under its key, the most recently used last.
@@ -296,8 +281,6 @@ pub(crate) struct AcquireSettings<'a> {
     pub(crate) auth_timeout: Duration,
     /// TLS towards the node, unless disabled.
     pub(crate) tls: Option<&'a crate::config::tls::BackendTls>,
-    /// The request to write on a connection handed over while queued.
-    pub(crate) ahead: Option<Ahead<'a>>,
 }
 
 /// Databases whose connections are not pooled for a while
@@ -408,10 +391,6 @@ impl Pool {
                         key: key.clone(),
                         seq,
                         tx,
-                        ahead: s.ahead.map(|a| Request {
-                            bytes: bytes::Bytes::copy_from_slice(a.request),
-                            max_held: a.max_held,
-                        }),
                     });
                     Next::Wait(Queued {
                         np: np.clone(),
@@ -487,9 +466,8 @@ impl Pool {
     }
 
     /// Return an idle, reset connection to the pool: to the longest waiter for
-    /// its key if there is one (with that waiter's request written on it
-    /// first, if it left one, [`Ahead`]); closed, so its slot goes to the
-    /// longest waiter, if only sessions of other keys wait; otherwise idle.
+    /// its key if there is one; closed, so its slot goes to the longest waiter,
+    /// if only sessions of other keys wait; otherwise idle.
     pub(crate) fn put_idle(&self, mut conn: PooledConn, now: Instant) {
         let Some(np) = self.nodes.get(conn.key.node.index()) else {
             return;
@@ -521,12 +499,13 @@ impl Pool {
             .iter()
             .position(|w| w.key == conn.key && !w.tx.is_closed())
         {
-            // Out of the queue under the lock: from here the waiter can no
-            // longer leave it, so its request is this connection's to write.
             let waiter = st.waiters.remove(i);
             drop(st);
-            if let Some(w) = waiter {
-                self.deliver(w, conn, now);
+            if let Some(w) = waiter
+                && let Err(Grant::Conn(unsent)) = w.tx.send(Grant::Conn(conn))
+            {
+                // It gave up just now: the next waiter, or idle.
+                self.put_idle(unsent, now);
             }
             return;
         }
@@ -610,7 +589,6 @@ impl Pool {
                     idle: st.idle.values().map(Vec::len).sum(),
                     opened_total: np.opened_total.load(Ordering::Relaxed),
                     waiting: st.waiters.iter().filter(|w| !w.tx.is_closed()).count(),
-                    written_ahead_total: np.written_ahead_total.load(Ordering::Relaxed),
                 }
             })
             .unwrap_or_default()
@@ -672,10 +650,8 @@ struct Queued {
 
 impl Queued {
     /// Leave the queue (if a grant has not taken it out already). Taken
-    /// out here, no grant can be sent to it any more (true); otherwise
-    /// (false) one is being sent: whoever took it out of the queue sends it
-    /// without waiting on anything.
-    fn leave(&mut self) -> bool {
+    /// out here, no grant can be sent to it any more.
+    fn leave(&mut self) {
         self.done = true;
         let removed = {
             let mut st = self.np.lock();
@@ -684,9 +660,7 @@ impl Queued {
             let i = st.waiters.iter().rposition(|w| w.seq == self.seq);
             i.and_then(|i| st.waiters.remove(i))
         };
-        let left = removed.is_some();
         drop(removed);
-        left
     }
 }
 
@@ -701,8 +675,7 @@ impl Drop for Queued {
 }
 
 /// A queued session's grant, or `None` when `deadline` passed first. A grant
-/// being sent in the instant the deadline passed is still taken (not lost:
-/// it may carry the session's request, already written).
+/// sent in the instant the deadline passed is still taken (not lost).
 async fn wait_for_grant(mut q: Queued, deadline: tokio::time::Instant) -> Option<Grant> {
     match tokio::time::timeout_at(deadline, &mut q.rx).await {
         Ok(grant) => {
@@ -711,13 +684,10 @@ async fn wait_for_grant(mut q: Queued, deadline: tokio::time::Instant) -> Option
             grant.ok()
         }
         Err(_) => {
-            if q.leave() {
-                // Out of the queue before anyone took it out: no grant.
-                None
-            } else {
-                // Taken out just now: the grant is on its way.
-                (&mut q.rx).await.ok()
-            }
+            // Out of the queue first: then no grant can come after the close.
+            q.leave();
+            q.rx.close();
+            q.rx.try_recv().ok()
         }
     }
 }
@@ -737,11 +707,6 @@ fn evict_one(st: &mut NodeState) -> Option<PooledConn> {
     }
     Some(c)
 }
-
-#[path = "write_ahead.rs"]
-mod write_ahead;
-pub(crate) use write_ahead::Ahead;
-use write_ahead::Request;
 
 #[cfg(test)]
 #[path = "pool_tests.rs"]

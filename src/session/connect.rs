@@ -12,7 +12,7 @@ use super::statements::Needs;
 use super::{SHUN, SHUN_REFUSED, Session, SessionError, client_view};
 use crate::backend::BackendError;
 use crate::backend::conn::Unnamed;
-use crate::backend::pool::{AcquireSettings, Ahead};
+use crate::backend::pool::AcquireSettings;
 use crate::config::{NodeId, PoolMode};
 
 impl Session {
@@ -71,16 +71,6 @@ impl Session {
 
     /// A new (or pooled) connection to `node` for this session's user and database.
     pub(super) async fn open_link(&self, node: NodeId) -> Result<Link, BackendError> {
-        self.open_link_ahead(node, None).await
-    }
-
-    /// [`Session::open_link`]; `ahead`: the request to write on the
-    /// connection if it is handed over while the session is queued ([`Ahead`]).
-    async fn open_link_ahead(
-        &self,
-        node: NodeId,
-        ahead: Option<Ahead<'_>>,
-    ) -> Result<Link, BackendError> {
         let key = self.pool_key(node);
         let b = &self.cfg.backends[node.index()];
         let settings = AcquireSettings {
@@ -94,80 +84,21 @@ impl Session {
             connect_timeout: self.cfg.timeouts.connect,
             auth_timeout: self.cfg.timeouts.auth,
             tls: self.cfg.backend_tls_client.as_deref(),
-            ahead,
         };
         // Callers report a connection failure to the cluster (once each).
         let conn = self.ctx.pool.acquire(key, &settings).await?;
         Ok(Link::new(conn))
     }
 
-    /// The request at the front of the client buffer, routed to `node`, if
-    /// it may be written on a connection before the session runs again: a
-    /// simple Query to the primary, on a connection that needs nothing
-    /// before it (the session is not yet linked to the node, has no setting
-    /// to replay, the request names no statement; the pool checks the
-    /// connection's own). Then, once routed again, it goes where its bytes
-    /// went (`route.rs`, `plan_simple`).
-    fn request_ahead(
-        &self,
-        node: NodeId,
-        needs: &Needs,
-        primary: Option<NodeId>,
-    ) -> Option<Ahead<'_>> {
-        if self.links[node.index()].is_some()
-            || !needs.names.is_empty()
-            || needs.purge_others
-            || self.batch.is_some()
-            || self.tx.in_block()
-            || self.tx.client_aborted()
-            || !self.client_view.log_since(0).is_empty()
-            || primary != Some(node)
-        {
-            return None;
-        }
-        let f = crate::protocol::frame::peek_frame(&self.cbuf, self.cfg.max_message_size)
-            .ok()
-            .flatten()?;
-        (f.tag == crate::protocol::tag::QUERY).then(|| Ahead {
-            request: &self.cbuf[..f.wire_len],
-            max_held: self.cfg.pool.max_prepared_statements,
-        })
-    }
-
-    /// The node whose connection has the front request's first bytes
-    /// already (written when it was handed over, [`Session::prepare_node`]).
-    pub(super) fn written_ahead_node(&self) -> Option<NodeId> {
-        self.links
-            .iter()
-            .flatten()
-            .find(|l| !l.ahead.is_empty())
-            .map(|l| l.conn.node)
-    }
-
-    /// The step routing asked for ([`super::route::Step::Prepare`]) before
-    /// the request at the front of the client buffer can go to `node`
-    /// ([`Session::bring_up`]). If the session must queue for a connection,
-    /// the request may go with it ([`Session::request_ahead`]).
-    pub(super) async fn prepare_node(
-        &mut self,
-        node: NodeId,
-        needs: Needs,
-    ) -> Result<(), SessionError> {
-        self.bring_up(node, needs, true).await
-    }
-
     /// Connect to `node` if needed, and bring its connection up to the session's
     /// state: replay settings it has not seen, close statements the session
     /// forgot, prepare the statements in `needs`. A standby that cannot be used is
     /// shunned for a while and the request is routed again (reads then go
-    /// elsewhere); failing to reach the primary ends the session. `ahead`:
-    /// the request at the front of the client buffer may be written on a
-    /// connection handed over while the session is queued.
-    async fn bring_up(
+    /// elsewhere); failing to reach the primary ends the session.
+    pub(super) async fn prepare_node(
         &mut self,
         node: NodeId,
         needs: Needs,
-        ahead: bool,
     ) -> Result<(), SessionError> {
         let primary = self.ctx.cluster.snapshot().primary;
         let must_use =
@@ -184,18 +115,7 @@ impl Session {
                 tracing::debug!(%node, "idle server connection went away; reconnecting");
                 self.install_link(node, None);
             }
-            let ahead = if ahead {
-                self.request_ahead(node, &needs, primary)
-            } else {
-                None
-            };
-            match self.open_link_ahead(node, ahead).await {
-                Ok(l) if !l.ahead.is_empty() => {
-                    // The request is on its way: nothing may precede it, and
-                    // nothing needs to (`request_ahead`, `Pool::put_idle`).
-                    self.install_link(node, Some(l));
-                    return Ok(());
-                }
+            match self.open_link(node).await {
                 Ok(l) => self.install_link(node, Some(l)),
                 Err(e) if !must_use => {
                     // A standby that refuses the login (a database or role created
@@ -331,7 +251,7 @@ impl Session {
             link.conn.exchange_discarding(&rollback, 1, limit).await?;
             link.unnamed = Unnamed::Absent;
         }
-        self.bring_up(primary, Needs::none(), false).await?;
+        self.prepare_node(primary, Needs::none()).await?;
         let link = self.link_mut(primary)?;
         let errors = link.conn.exchange_discarding(&begin, 1, limit).await?;
         link.unnamed = Unnamed::Absent;
@@ -361,7 +281,7 @@ impl Session {
             && self.links[p.index()].is_none()
         {
             // Transaction pooling gave it back between transactions.
-            self.bring_up(p, Needs::none(), false).await?;
+            self.prepare_node(p, Needs::none()).await?;
         }
         self.defaults_probed = true;
         let Some(link) = primary.and_then(|p| self.links[p.index()].as_mut()) else {

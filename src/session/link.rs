@@ -252,11 +252,6 @@ pub(crate) struct LinkState {
     /// Read wake-ups of the connection's socket (forgotten when the box
     /// serves a new connection, or a step did I/O on it).
     pub(crate) reads: crate::net::ReadWatch,
-    /// The first bytes of the session's next request, written to the socket
-    /// already by the session that handed the connection over
-    /// ([`BackendConn::written_ahead`](crate::backend::conn::BackendConn)):
-    /// [`Link::send`] skips them. The connection is busy until then.
-    pub(crate) ahead: bytes::Bytes,
 }
 
 impl LinkState {
@@ -286,7 +281,6 @@ impl LinkState {
             watch: Watch::Off,
             held: Vec::new(),
             reads: Default::default(),
-            ahead: bytes::Bytes::new(),
         }
     }
 
@@ -318,7 +312,6 @@ impl LinkState {
             watch,
             held,
             reads,
-            ahead,
         } = self;
         *scanner = BackendScanner::default();
         *out = Outbox::default();
@@ -344,7 +337,6 @@ impl LinkState {
         *watch = Watch::Off;
         held.clear();
         reads.forget();
-        *ahead = bytes::Bytes::new();
     }
 }
 
@@ -354,14 +346,13 @@ impl Link {
     /// is one.
     pub(crate) fn new(mut conn: PooledConn) -> Link {
         let unnamed = std::mem::take(&mut conn.unnamed);
-        let mut st = match SPARE.with_borrow_mut(Vec::pop) {
+        let st = match SPARE.with_borrow_mut(Vec::pop) {
             Some(mut st) => {
                 st.reset(unnamed);
                 st
             }
             None => Box::new(LinkState::new(unnamed)),
         };
-        st.ahead = std::mem::take(&mut conn.written_ahead);
         Link { conn, st }
     }
 
@@ -384,19 +375,13 @@ impl Link {
     /// The client starts a request on this connection at `now` (timed until
     /// idle again).
     pub(crate) fn begin_request(&mut self, now: Instant) {
-        if self.st.started.is_none() && !self.in_flight() {
+        if self.st.started.is_none() && !self.busy() {
             self.st.started = Some(now);
         }
     }
 
-    /// A request is in flight (its answer has not fully arrived), or one
-    /// was written ahead of its sending ([`LinkState::ahead`]).
+    /// A request is in flight (its answer has not fully arrived).
     pub(crate) fn busy(&self) -> bool {
-        self.in_flight() || !self.st.ahead.is_empty()
-    }
-
-    /// A request sent is not fully answered, or not fully written.
-    fn in_flight(&self) -> bool {
         self.st.outstanding > 0 || self.st.in_batch || !self.st.out.is_empty()
     }
 
@@ -412,31 +397,10 @@ impl Link {
     /// Send `bytes` to the server (queued if its socket is full).
     pub(crate) fn send(&mut self, bytes: &[u8]) -> Result<(), SessionError> {
         let node = self.conn.node;
-        let bytes = if self.st.ahead.is_empty() {
-            bytes
-        } else {
-            self.skip_written(bytes)?
-        };
         self.st
             .out
             .send(&mut self.conn.stream, bytes)
             .map_err(|_| SessionError::BackendLost { node })
-    }
-
-    /// What of `bytes` is not on the socket yet: they must begin with what
-    /// was written ahead ([`LinkState::ahead`]), or the connection is
-    /// useless (its server runs a request the session did not send here).
-    #[cold]
-    #[inline(never)]
-    fn skip_written<'b>(&mut self, bytes: &'b [u8]) -> Result<&'b [u8], SessionError> {
-        let n = self.st.ahead.len().min(bytes.len());
-        if bytes[..n] != self.st.ahead[..n] {
-            let node = self.conn.node;
-            tracing::warn!(%node, "a request written ahead is not the one sent; closing the connection");
-            return Err(SessionError::BackendLost { node });
-        }
-        bytes::Buf::advance(&mut self.st.ahead, n);
-        Ok(&bytes[n..])
     }
 
     /// Scan what the server sent and settle bookkeeping into `done`; the
@@ -771,6 +735,61 @@ impl Link {
     }
 }
 
-#[path = "link_cut.rs"]
-mod cut;
-use cut::{Cut, SHAPE_ERROR_SQLSTATE, forward_cut, shape_error};
+/// A range of the server's bytes the client does not get, and what it gets
+/// instead (usually nothing).
+type Cut = (usize, usize, &'static [u8]);
+
+/// SQLSTATE of PostgreSQL's error for a cached statement whose result changed.
+const SHAPE_ERROR_SQLSTATE: &[u8; 5] = b"0A000";
+
+/// The ErrorResponse PostgreSQL sends when a cached statement's result type
+/// would change (`RevalidateCachedQuery`).
+fn shape_error() -> &'static [u8] {
+    static ERROR: std::sync::LazyLock<Vec<u8>> = std::sync::LazyLock::new(|| {
+        let mut body = Vec::new();
+        for (code, value) in [
+            (b'S', &b"ERROR"[..]),
+            (b'V', b"ERROR"),
+            (b'C', SHAPE_ERROR_SQLSTATE),
+            (b'M', b"cached plan must not change result type"),
+            (b'R', b"RevalidateCachedQuery"),
+        ] {
+            body.push(code);
+            body.extend_from_slice(value);
+            body.push(0);
+        }
+        body.push(0);
+        let mut msg = vec![crate::protocol::tag::ERROR_RESPONSE];
+        msg.extend_from_slice(&((body.len() + 4) as i32).to_be_bytes());
+        msg.extend_from_slice(&body);
+        msg
+    });
+    &ERROR
+}
+
+/// Forward `bytes` to the client without the ranges `cuts` (answers to
+/// messages pgpilot put in the client's stream), or with their replacements,
+/// in one write.
+#[cold]
+#[inline(never)]
+fn forward_cut(
+    client: &mut Stream,
+    to_client: &mut Outbox,
+    bytes: &[u8],
+    cuts: &[Cut],
+) -> Result<(), SessionError> {
+    let mut kept = Vec::with_capacity(bytes.len());
+    let mut from = 0;
+    for &(start, end, instead) in cuts {
+        kept.extend_from_slice(&bytes[from..start]);
+        kept.extend_from_slice(instead);
+        from = end;
+    }
+    kept.extend_from_slice(&bytes[from..]);
+    if kept.is_empty() {
+        return Ok(());
+    }
+    to_client
+        .send(client, &kept)
+        .map_err(SessionError::ClientIo)
+}

@@ -172,12 +172,7 @@ impl Session {
         }
         let step = result?;
         flushed?;
-        // A request written ahead but not sent where it went (`plan_simple`
-        // sends it there): the server runs what the session cannot account for.
-        match self.written_ahead_node() {
-            Some(node) => Err(SessionError::BackendLost { node }),
-            None => Ok(step),
-        }
+        Ok(step)
     }
 
     /// `frame`, at `pos` in `buf`, is a message of a batch routed before it
@@ -395,13 +390,6 @@ impl Session {
 
     /// The node for a simple Query or FunctionCall (not inside a batch).
     fn plan_simple(&mut self, t: u8, frame: &[u8]) -> Result<Planned, SessionError> {
-        if let Some(node) = self.written_ahead_node() {
-            // Routed to the primary when it queued, its bytes are there
-            // already: it goes where they went, as if sent a moment earlier.
-            self.pending_class = Some(self.classify(query_sql(frame)).0);
-            self.retry.off_primary = false;
-            return Ok(Ok(node));
-        }
         if t == tag::FUNCTION_CALL {
             return Ok(self.decide_and_check(&function_call_class(), None, &Needs::none()));
         }

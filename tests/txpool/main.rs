@@ -4,12 +4,12 @@
 //! reaches a connection that now serves someone else, waiting sessions are
 //! served in arrival order, prepared statements (unnamed and named) are shared
 //! but never cross sessions, and pgbench completes; with many clients per
-//! server connection, each gets exactly its own answers ([`handover`]).
+//! server connection, each gets exactly its own answers ([`many_waiters`]).
 
 #[path = "../common/mod.rs"]
 mod common;
 
-mod handover;
+mod many_waiters;
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
