@@ -383,6 +383,9 @@ struct Timers {
     park: Option<Pin<Box<tokio::time::Sleep>>>,
     /// When the session parks, if it may this turn.
     park_at: Option<tokio::time::Instant>,
+    /// `park` holds this task's waker (it was polled since it was made or
+    /// last fired).
+    park_registered: bool,
     /// The start of the turn the idle timers count from.
     idle_since: std::time::Instant,
 }
@@ -397,6 +400,7 @@ impl Default for Timers {
             stop_waker: None,
             park: None,
             park_at: None,
+            park_registered: false,
             idle_since: std::time::Instant::now(),
         }
     }
@@ -451,7 +455,13 @@ impl Timers {
         {
             return Poll::Ready(Wake::Idle);
         }
-        if let (Some(at), Some(t)) = (self.park_at, &mut self.park) {
+        // Polled only when it has fired or has not registered this task's
+        // waker yet: once registered, the timer wakes the task itself, and a
+        // poll per turn is most of what parking would cost a busy client.
+        if let (Some(at), Some(t)) = (self.park_at, &mut self.park)
+            && (!self.park_registered || t.is_elapsed())
+        {
+            self.park_registered = true;
             while t.as_mut().poll(cx).is_ready() {
                 if t.deadline() >= at {
                     return Poll::Ready(Wake::Park);
