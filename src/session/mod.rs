@@ -72,6 +72,14 @@ fn cfg_password<'a>(cfg: &'a Config, user: &str) -> Option<&'a str> {
     cfg.user(user).and_then(|u| u.password.as_deref())
 }
 
+/// The routing knobs of `cfg`, as a session (new or resumed) keeps them.
+fn policy(cfg: &Config) -> Policy {
+    Policy {
+        load_balance: cfg.routing.load_balance,
+        in_transaction: cfg.routing.disable_load_balance_on_write,
+    }
+}
+
 /// A logged-in client.
 struct Session {
     /// Proxy-wide state (pool, cluster, cancels, classifier).
@@ -217,10 +225,7 @@ impl Session {
         let (cancel_key, cancel) = ctx.new_client_key();
         let nodes = cfg.backends.len();
         let database = startup.get("database").unwrap_or(&user).to_string();
-        let policy = Policy {
-            load_balance: cfg.routing.load_balance,
-            in_transaction: cfg.routing.disable_load_balance_on_write,
-        };
+        let policy = policy(&cfg);
         let registration = ctx.sessions.register(
             nodes,
             cancel_key.pid,

@@ -28,7 +28,7 @@ use crate::context::registry::SessionHandle;
 use crate::context::{ClientSlot, ProxyContext};
 use crate::net::Stream;
 use crate::protocol::CancelKey;
-use crate::router::policy::{Policy, RouteState};
+use crate::router::policy::RouteState;
 
 /// A session waiting in the parking lot: what an idle client without a
 /// server connection must keep, and nothing else.
@@ -55,6 +55,7 @@ pub(super) struct Parked {
 
 /// What the client was told, the routing state and pgpilot's own session
 /// state; the large parts boxed again, only when not at their default.
+#[derive(Default)]
 struct Kept {
     route: RouteState,
     next: route::NextRequest,
@@ -269,18 +270,7 @@ impl Parked {
             answered_here,
             scram_keys,
             md5_stored,
-        } = kept.map_or_else(
-            || Kept {
-                route: RouteState::default(),
-                next: route::NextRequest::default(),
-                client_view: None,
-                read_your_writes: None,
-                answered_here: None,
-                scram_keys: None,
-                md5_stored: None,
-            },
-            |k| *k,
-        );
+        } = kept.map(|k| *k).unwrap_or_default();
         let client = match tokio::net::TcpStream::from_std(client) {
             Ok(tcp) => Stream::Plain(tcp),
             Err(e) => {
@@ -297,10 +287,7 @@ impl Parked {
             let _ = k.set(pool_key);
         }
         Session {
-            policy: Policy {
-                load_balance: cfg.routing.load_balance,
-                in_transaction: cfg.routing.disable_load_balance_on_write,
-            },
+            policy: super::policy(&cfg),
             ctx,
             cfg,
             client,
